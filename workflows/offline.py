@@ -1,0 +1,78 @@
+"""Closed-network defaults for every component.
+
+Hospitals run closed networks: no process of this project may open a
+connection off loopback. Each library below phones home unless told not to;
+this module is the one place that knows how to silence each of them. The
+stack passes these variables to every child it starts, the ``cxr`` CLI
+applies them to itself, and the test suite applies them at session start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+# A TTF that ultralytics accepts in place of Arial.ttf, which it would otherwise
+# download on first plot. DejaVu ships with matplotlib, a dependency already.
+_FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
+
+
+def _bundled_font() -> Path | None:
+    try:
+        import matplotlib
+    except ImportError:  # pragma: no cover - matplotlib is a hard dependency of ultralytics
+        return None
+    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    return font if font.exists() else None
+
+
+def prepare_yolo_config_dir(config_dir: Path) -> Path:
+    """Create ultralytics' config dir with fonts and offline settings, idempotently."""
+    target = config_dir / "Ultralytics"
+    target.mkdir(parents=True, exist_ok=True)
+    font = _bundled_font()
+    if font is not None:
+        for name in _FONT_NAMES:
+            dest = target / name
+            if not dest.exists():
+                shutil.copyfile(font, dest)
+    settings = target / "settings.json"
+    if not settings.exists():
+        settings.write_text('{"sync": false, "raytune": false, "hub": false, "mlflow": false}\n')
+    return config_dir
+
+
+def offline_env(state_dir: Path) -> dict[str, str]:
+    """Environment variables that switch off telemetry and online checks."""
+    yolo_dir = prepare_yolo_config_dir(state_dir / "yolo")
+    return {
+        "YOLO_OFFLINE": "1",
+        "YOLO_CONFIG_DIR": str(yolo_dir),
+        "YOLO_VERBOSE": os.environ.get("YOLO_VERBOSE", "False"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "GIT_PYTHON_REFRESH": "quiet",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+
+
+def ensure_ray_bootstrap_marker(home: Path | None = None) -> None:
+    """Ray's dashboard probes cloud metadata (169.254.169.254) unless this file exists."""
+    marker = (home or Path.home()) / "ray_bootstrap_config.yaml"
+    if not marker.exists():
+        marker.write_text("# created by cxr: tells Ray it is not on a cloud VM (no metadata probes)\n")
+
+
+def apply_offline_env(state_dir: Path) -> dict[str, str]:
+    """Apply :func:`offline_env` to this process without overriding explicit settings."""
+    env = offline_env(state_dir)
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    ensure_ray_bootstrap_marker()
+    return env
