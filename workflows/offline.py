@@ -9,6 +9,7 @@ applies them to itself, and the test suite applies them at session start.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -39,7 +40,28 @@ def prepare_yolo_config_dir(config_dir: Path) -> Path:
                 shutil.copyfile(font, dest)
     settings = target / "settings.json"
     if not settings.exists():
-        settings.write_text('{"sync": false, "raytune": false, "hub": false, "mlflow": false}\n')
+        # Every key of ultralytics' settings schema (v0.0.8), so it never rewrites the
+        # file with its defaults (sync and the third-party loggers on).
+        values = {
+            "settings_version": "0.0.8",
+            "datasets_dir": str(config_dir / "datasets"),
+            "weights_dir": str(config_dir / "weights"),
+            "runs_dir": str(config_dir / "runs"),
+            "uuid": "cxr-offline",
+            "sync": False,
+            "api_key": "",
+            "openai_api_key": "",
+            "clearml": False,
+            "comet": False,
+            "dvc": False,
+            "mlflow": False,  # our own tracking logs to MLflow; ultralytics' callback would duplicate it
+            "raytune": False,
+            "tensorboard": False,
+            "wandb": False,
+            "vscode_msg": False,
+            "openvino_msg": False,
+        }
+        settings.write_text(json.dumps(values, indent=2) + "\n")
     return config_dir
 
 
@@ -74,5 +96,7 @@ def apply_offline_env(state_dir: Path) -> dict[str, str]:
     env = offline_env(state_dir)
     for key, value in env.items():
         os.environ.setdefault(key, value)
+    # A caller's own YOLO_CONFIG_DIR wins, so make sure that one is prepared too.
+    prepare_yolo_config_dir(Path(os.environ["YOLO_CONFIG_DIR"]))
     ensure_ray_bootstrap_marker()
     return env

@@ -1,0 +1,97 @@
+# CXR Detect — one Makefile for the one-machine loop. `make help` lists the targets.
+SHELL = /usr/bin/env bash -o pipefail
+.SHELLFLAGS = -ec
+.DEFAULT_GOAL := help
+
+##@ Settings (override on the command line: make up GATEWAY_PORT=9080)
+PYTHON_BOOT ?= python3.11
+VENV ?= .venv
+TRITON_VENV ?= .venv-triton
+PY := $(VENV)/bin/python
+CXR := $(VENV)/bin/cxr
+PYTEST_ARGS ?=
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+TRITON_PINS := nvidia-pytriton==0.7.0 "numpy<2" onnxruntime==1.32.0
+LOCUST_USERS ?= 16
+LOCUST_SPAWN_RATE ?= 4
+LOCUST_TIME ?= 5m
+export CXR_TRITON_VENV := $(abspath $(TRITON_VENV))
+
+##@ General
+.PHONY: help
+help: ## Show this help.
+	@awk 'BEGIN {FS = ":.*##"; printf "\nUsage: make \033[36m<target>\033[0m\n"} /^[a-zA-Z_-]+:.*?##/ { printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Environment
+.PHONY: venv
+venv: $(VENV)/.installed $(TRITON_VENV)/.installed ## Create both environments (idempotent).
+
+$(VENV)/.installed: pyproject.toml requirements/lock.txt
+	@command -v $(PYTHON_BOOT) >/dev/null || { echo "Python 3.11 is required ($(PYTHON_BOOT) not found)"; exit 1; }
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24" setuptools wheel
+	$(PY) -m pip install --quiet $(TORCH_PINS) -c requirements/lock.txt
+	$(PY) -m pip install --quiet -e '.[dev]' -c requirements/lock.txt
+	touch $@
+
+# Triton's Python-backend stub returns EMPTY outputs with numpy 2, so Triton gets its own env.
+$(TRITON_VENV)/.installed:
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON_BOOT) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet $(TRITON_PINS)
+	touch $@
+
+##@ Stack
+.PHONY: up
+up: venv ## Start the one-machine stack (S3, MLflow, 3 Tritons, gateway, Prometheus) and serve a model.
+	$(CXR) stack up
+
+.PHONY: down
+down: ## Stop every stack process.
+	@test -x $(CXR) && $(CXR) stack down || echo "no environment: nothing to stop"
+
+.PHONY: status
+status: ## Show each stack component's state and health.
+	$(CXR) stack status
+
+.PHONY: logs
+logs: ## Tail the stack's logs (make logs C=gateway for one component).
+	$(CXR) stack logs $(C)
+
+##@ Development
+.PHONY: test
+test: venv ## Run the whole test suite (unit, integration, e2e, browser).
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: test-fast
+test-fast: venv ## Unit tests only (under a minute).
+	$(PY) -m pytest -m unit -q $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: venv ## ruff and mypy on the packages.
+	$(VENV)/bin/ruff check data_pipeline training serving workflows tests benchmarks
+	$(VENV)/bin/ruff format --check data_pipeline training serving workflows tests benchmarks
+	$(VENV)/bin/mypy data_pipeline training serving workflows
+
+.PHONY: bench
+bench: venv ## Measure side-by-side ratios; prints a table and writes benchmarks/results.json.
+	$(PY) -m benchmarks.run
+
+.PHONY: demo
+demo: venv ## Send synthetic studies through the running stack; outputs in demo-out/.
+	$(CXR) demo --out demo-out
+
+.PHONY: pipeline
+pipeline: venv ## Run the retrain DAG's steps in order against the running stack.
+	$(CXR) pipeline run
+
+.PHONY: loadtest
+loadtest: venv ## Locust load test against the running stack (LOCUST_USERS, LOCUST_TIME).
+	$(VENV)/bin/locust -f tests/load/locustfile.py --headless -u $(LOCUST_USERS) -r $(LOCUST_SPAWN_RATE) -t $(LOCUST_TIME) --host http://127.0.0.1:8080 --csv benchmarks/locust --html benchmarks/locust.html
+
+.PHONY: clean
+clean: down ## Stop the stack and remove its state and caches (keeps the environments).
+	rm -rf .stack demo-out .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+.PHONY: distclean
+distclean: clean ## clean, and remove both environments.
+	rm -rf $(VENV) $(TRITON_VENV)

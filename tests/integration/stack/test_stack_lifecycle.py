@@ -1,0 +1,194 @@
+"""`cxr stack up | status | down` on free loopback ports, under the network audit.
+
+One stack is started for the module (it takes ~20 s); the tests then prove it
+is healthy, that ``up`` is idempotent, that nothing it or a short pipeline does
+leaves loopback, and that ``down`` leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.fixtures.servers import REPO_ROOT, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+AUDIT_DIR = REPO_ROOT / "tests" / "network_audit"
+CXR = [sys.executable, "-m", "workflows.cli"]
+
+
+@dataclass
+class StackRun:
+    env: dict[str, str]
+    state: Path
+    audit_log: Path
+    remote_connections: list[str]
+
+    def cxr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [*CXR, *args], env=self.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"cxr {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+
+def stack_env(state: Path, audit_log: Path) -> dict[str, str]:
+    ports = {
+        "CXR_S3_PORT": free_port(),
+        "CXR_WEED_MASTER_PORT": free_port(),
+        "CXR_WEED_VOLUME_PORT": free_port(),
+        "CXR_WEED_FILER_PORT": free_port(),
+        "CXR_MLFLOW_PORT": free_port(),
+        "CXR_GATEWAY_PORT": free_port(),
+        "CXR_PROMETHEUS_PORT": free_port(),
+        "CXR_TRITON_PRODUCTION_PORT": free_port(3),
+        "CXR_TRITON_CANARY_PORT": free_port(3),
+        "CXR_TRITON_STAGING_PORT": free_port(3),
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    env.update({k: str(v) for k, v in ports.items()})
+    env.update(
+        {
+            "CXR_STACK_DIR": str(state),
+            "CXR_TRITON_VENV": str(REPO_ROOT / ".venv-triton"),
+            "CXR_BOOTSTRAP": "false",
+            "CXR_NET_AUDIT_LOG": str(audit_log),
+            "PYTHONPATH": os.pathsep.join([str(AUDIT_DIR), str(REPO_ROOT)]),
+        }
+    )
+    return env
+
+
+def _watch_remote_connections(stop: threading.Event, found: list[str]) -> None:
+    """Non-Python servers (weed, tritonserver, prometheus) are outside the audit hook:
+    sample every socket on the machine instead and note any remote end off loopback."""
+    while not stop.is_set():
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.raddr and not conn.raddr.ip.startswith("127.") and conn.raddr.ip != "::1":
+                found.append(f"pid={conn.pid} {conn.laddr} -> {conn.raddr}")
+        stop.wait(0.5)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRun]:
+    state = tmp_path_factory.mktemp("stack")
+    audit = state / "net-audit.jsonl"
+    run = StackRun(stack_env(state / "state", audit), state / "state", audit, [])
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_remote_connections, args=(stop, run.remote_connections))
+    watcher.start()
+    try:
+        run.cxr("stack", "up", "--no-bootstrap")
+        yield run
+    finally:
+        run.cxr("stack", "down", check=False)
+        stop.set()
+        watcher.join()
+
+
+def _stack_pids(state: Path) -> list[int]:
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if str(state) in cmd:
+            pids.append(proc.pid)
+            pids += [child.pid for child in proc.children(recursive=True)]
+    return pids
+
+
+def test_up_reports_every_component_healthy(stack: StackRun) -> None:
+    result = stack.cxr("stack", "status")
+    for name in ("s3", "mlflow", "triton-production", "triton-canary", "triton-staging", "gateway"):
+        assert name in result.stdout, result.stdout
+    assert "FATAL" not in result.stdout
+    creds = stack.state / "credentials.json"
+    assert creds.stat().st_mode & 0o777 == 0o600
+    keys = json.loads(creds.read_text())["api_keys"]
+    assert set(keys) == {"pacs", "radiologist", "operator", "admin"}
+
+
+def test_up_again_is_idempotent_and_keeps_the_same_processes(stack: StackRun) -> None:
+    before = sorted(_stack_pids(stack.state))
+    stack.cxr("stack", "up", "--no-bootstrap")
+    after = sorted(_stack_pids(stack.state))
+    assert before and before == after
+
+
+def test_short_pipeline_work_opens_no_connection_off_loopback(stack: StackRun) -> None:
+    # The libraries that phone home by default, each exercised in a child process
+    # that inherits the audit hook and the stack's closed-network settings.
+    script = (
+        "import mlflow, os, ray\n"
+        "from ultralytics import YOLO\n"
+        "from workflows.offline import apply_offline_env\n"
+        "from pathlib import Path\n"
+        "apply_offline_env(Path(os.environ['CXR_STACK_DIR']))\n"
+        "mlflow.set_tracking_uri(os.environ['CXR_MLFLOW_URI'])\n"
+        "with mlflow.start_run():\n"
+        "    mlflow.log_metric('x', 1.0)\n"
+        "YOLO('yolo11n.yaml')\n"
+        "ray.init(num_cpus=1, include_dashboard=False, _node_ip_address='127.0.0.1')\n"
+        "ray.get(ray.remote(lambda: 1).remote())\n"
+        "ray.shutdown()\n"
+    )
+    env = dict(stack.env)
+    env.update({k: v for k, v in _client_env(stack.state).items() if k not in env})
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    time.sleep(1.0)  # one more sample of the connection watcher after the run
+    attempts = stack.audit_log.read_text().splitlines() if stack.audit_log.exists() else []
+    assert attempts == [], "connections off loopback:\n" + "\n".join(attempts)
+    assert stack.remote_connections == []
+
+
+def _client_env(state: Path) -> dict[str, str]:
+    env = {}
+    for line in (state / "stack.env").read_text().splitlines():
+        key, _, value = line.partition("=")
+        env[key] = value
+    return env
+
+
+def test_up_fails_naming_the_component_whose_port_is_taken(tmp_path: Path) -> None:
+    env = stack_env(tmp_path / "state", tmp_path / "audit.jsonl")
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", int(env["CXR_MLFLOW_PORT"])))
+    blocker.listen()
+    try:
+        result = subprocess.run(
+            [*CXR, "stack", "up", "--no-bootstrap"],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        blocker.close()
+        subprocess.run([*CXR, "stack", "down"], env=env, cwd=REPO_ROOT, capture_output=True, timeout=120)
+    assert result.returncode != 0
+    assert "mlflow" in result.stdout and env["CXR_MLFLOW_PORT"] in result.stdout
+
+
+def test_down_leaves_no_process_behind(tmp_path_factory: pytest.TempPathFactory, stack: StackRun) -> None:
+    pids = _stack_pids(stack.state)
+    assert pids
+    stack.cxr("stack", "down")
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+    assert stack.cxr("stack", "status", check=False).returncode == 3

@@ -1,0 +1,63 @@
+"""The stack's generated files: supervisord config, secrets, closed-network env."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from workflows.offline import offline_env
+from workflows.stack.components import Component, prometheus_config
+from workflows.stack.config import StackSettings
+from workflows.stack.credentials import ROLES, hash_key, load_or_create
+from workflows.stack.supervisor import render_config
+
+pytestmark = pytest.mark.unit
+
+
+def test_supervisord_config_restarts_children_and_escapes_percent_signs(tmp_path: Path) -> None:
+    comp = Component("gateway", ["/bin/echo", "50%", "two words"], "http://x", env={"K": "a%b"})
+    text = render_config(tmp_path, [comp])
+    assert "[program:gateway]" in text
+    assert "autorestart=true" in text and "killasgroup=true" in text
+    assert 'command=/bin/echo 50%% "two words"' in text
+    assert 'environment=K="a%%b"' in text
+
+
+def test_credentials_are_private_stable_and_only_hashes_reach_the_gateway(tmp_path: Path) -> None:
+    creds_file, keys_file = tmp_path / "credentials.json", tmp_path / "api_keys.json"
+    first = load_or_create(creds_file, keys_file)
+    second = load_or_create(creds_file, keys_file)
+    assert first == second
+    assert set(first.api_keys) == set(ROLES)
+    assert os.stat(creds_file).st_mode & 0o777 == 0o600
+    assert os.stat(keys_file).st_mode & 0o777 == 0o600
+    hashed = json.loads(keys_file.read_text())["keys"]
+    assert {k["role"]: k["sha256"] for k in hashed} == {r: hash_key(k) for r, k in first.api_keys.items()}
+    assert first.api_keys["pacs"] not in keys_file.read_text()
+
+
+def test_offline_env_switches_off_every_known_phone_home(tmp_path: Path) -> None:
+    env = offline_env(tmp_path)
+    assert env["YOLO_OFFLINE"] == "1"
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    font_dir = Path(env["YOLO_CONFIG_DIR"]) / "Ultralytics"
+    assert (font_dir / "Arial.ttf").stat().st_size > 10_000  # a real TTF, so no download
+    assert json.loads((font_dir / "settings.json").read_text())["sync"] is False
+
+
+def test_triton_ports_follow_the_design_contract() -> None:
+    settings = StackSettings()
+    assert [settings.triton_http_port(s) for s in ("production", "canary", "staging")] == [8000, 8100, 8200]
+    with pytest.raises(ValueError, match="unknown stage"):
+        settings.triton_http_port("prod")
+
+
+def test_prometheus_config_scrapes_each_job_and_loads_rules(tmp_path: Path) -> None:
+    rules = tmp_path / "r.yaml"
+    config = json.loads(prometheus_config({"gateway": ["127.0.0.1:8080"]}, [rules]))
+    assert config["scrape_configs"][0]["static_configs"][0]["targets"] == ["127.0.0.1:8080"]
+    assert config["rule_files"] == [str(rules)]
