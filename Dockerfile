@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1.7
+# The project image: gateway, `cxr` CLI and training in one image (non-root, no build tools).
+# NOTE: not built on the development machines (no Docker engine there); see README.
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential git \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md LICENSE ./
+COPY requirements/ requirements/
+COPY data_pipeline/ data_pipeline/
+COPY training/ training/
+COPY serving/ serving/
+COPY workflows/ workflows/
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 -c requirements/lock.txt \
+ && /opt/venv/bin/pip install --no-cache-dir . -c requirements/lock.txt
+
+FROM ${PYTHON_IMAGE} AS runtime
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 git \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --uid 10001 --create-home --shell /usr/sbin/nologin cxr
+COPY --from=build /opt/venv /opt/venv
+COPY k8s/ /app/k8s/
+WORKDIR /app
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    YOLO_OFFLINE=1 \
+    YOLO_CONFIG_DIR=/tmp/ultralytics \
+    RAY_USAGE_STATS_ENABLED=0 \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    CXR_GITOPS_DIR=/app
+USER 10001
+EXPOSE 8080
+ENTRYPOINT ["cxr"]
+CMD ["serve", "--backend", "triton", "--host", "0.0.0.0", "--port", "8080"]
