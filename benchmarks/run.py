@@ -49,7 +49,10 @@ def main(selected: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s level=%(levelname)s %(message)s")
     apply_offline_env(Path(os.environ.get("CXR_STACK_DIR", ".stack")))
     console = Console()
-    results: dict[str, Any] = {"machine": machine(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
     failures = 0
     for name, module, func in SUITES:
         if selected and name not in selected:

@@ -12,7 +12,9 @@ from rich.table import Table
 from workflows.stack import manager
 from workflows.stack.config import StackSettings
 
-stack_app = typer.Typer(help="The one-machine stack (S3, MLflow, 3 Tritons, gateway, Prometheus).", no_args_is_help=True)
+stack_app = typer.Typer(
+    help="The one-machine stack (S3, MLflow, 3 Tritons, gateway, Prometheus).", no_args_is_help=True
+)
 console = Console()
 
 
@@ -48,7 +50,9 @@ def up(
         rows = manager.status(settings)
     _print_status(rows, settings)
     if not any(r.name == "prometheus" for r in rows):
-        console.print("[yellow]prometheus is not on PATH: metrics scraping skipped (apt-get install prometheus)[/]")
+        console.print(
+            "[yellow]prometheus is not on PATH: metrics scraping skipped (apt-get install prometheus)[/]"
+        )
     creds = json.loads(settings.credentials_file.read_text())
     console.print(
         f"gateway  http://{settings.host}:{settings.gateway_port}/  (review page; API docs at /docs)\n"
@@ -82,7 +86,9 @@ def status() -> None:
 
 @stack_app.command()
 def logs(
-    component: Annotated[str | None, typer.Argument(help="s3, mlflow, triton-production, gateway, ...")] = None,
+    component: Annotated[
+        str | None, typer.Argument(help="s3, mlflow, triton-production, gateway, ...")
+    ] = None,
     lines: Annotated[int, typer.Option("--lines", "-n")] = 40,
 ) -> None:
     """Print the last lines of a component's log (all logs when none is named)."""

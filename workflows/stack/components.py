@@ -9,7 +9,6 @@ the tests exercise exactly the flags the stack uses.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import sysconfig
@@ -57,8 +56,12 @@ class WeedPorts:
 
     def all(self) -> tuple[int, ...]:
         # gRPC twins are the HTTP ports + 10000 (SeaweedFS' convention); set explicitly below.
-        return (self.s3, self.master, self.volume, self.filer) + tuple(
-            p + 10000 for p in (self.s3, self.master, self.volume, self.filer)
+        return (
+            self.s3,
+            self.master,
+            self.volume,
+            self.filer,
+            *tuple(p + 10000 for p in (self.s3, self.master, self.volume, self.filer)),
         )
 
 
@@ -289,6 +292,16 @@ def gateway_component(host: str, port: int, python: Path, env: dict[str, str]) -
     )
 
 
+def reconcile_component(python: Path, env: dict[str, str]) -> Component:
+    """The local twin of ArgoCD: keeps each stage's Triton on the version its file names.
+
+    ``git revert`` of a promote commit changes only the file; this watcher is what
+    makes the one-machine stack follow it, as ArgoCD's sync does in the cluster.
+    """
+    command = [str(python), "-m", "serving.gitops", "reconcile", "--watch"]
+    return Component(name="reconcile", command=command, health_url=None, env=env)
+
+
 def prometheus_config(targets: dict[str, list[str]], rule_files: list[Path], interval: str = "5s") -> str:
     """A scrape config with one job per component kind (YAML is a superset of JSON)."""
     config = {
@@ -302,7 +315,12 @@ def prometheus_config(targets: dict[str, list[str]], rule_files: list[Path], int
 
 
 def prometheus_component(
-    state: Path, host: str, port: int, targets: dict[str, list[str]], rule_files: list[Path]
+    state: Path,
+    host: str,
+    port: int,
+    targets: dict[str, list[str]],
+    rule_files: list[Path],
+    interval: str = "5s",
 ) -> Component | None:
     binary = shutil.which("prometheus")
     if binary is None:
@@ -310,7 +328,7 @@ def prometheus_component(
     data = state / "prometheus"
     data.mkdir(parents=True, exist_ok=True)
     config = data / "prometheus.yml"
-    config.write_text(prometheus_config(targets, rule_files))
+    config.write_text(prometheus_config(targets, rule_files, interval))
     command = [
         binary,
         f"--config.file={config}",
@@ -324,7 +342,9 @@ def prometheus_component(
     )
 
 
-def ensure_buckets(endpoint: str, creds: S3Credentials, buckets: tuple[str, ...], timeout: float = 60.0) -> None:
+def ensure_buckets(
+    endpoint: str, creds: S3Credentials, buckets: tuple[str, ...], timeout: float = 60.0
+) -> None:
     """Create the buckets once the S3 API (not just the process) answers with our keys.
 
     ``weed mini`` reports ``/status`` before its filer takes writes, so this polls a

@@ -54,10 +54,14 @@ def load_or_create(credentials_file: Path, api_keys_file: Path) -> StackCredenti
     creds = StackCredentials(
         s3_access_key=str(s3.get("access_key") or "cxr" + secrets.token_hex(8)),
         s3_secret_key=str(s3.get("secret_key") or secrets.token_urlsafe(30)),
-        api_keys={role: str(keys_raw.get(role) or f"cxr_{role}_{secrets.token_urlsafe(24)}") for role in ROLES},
+        api_keys={
+            role: str(keys_raw.get(role) or f"cxr_{role}_{secrets.token_urlsafe(24)}") for role in ROLES
+        },
     )
     _write_private(credentials_file, json.dumps(creds.to_json(), indent=2) + "\n")
-    hashed = {"keys": [{"id": role, "role": role, "sha256": hash_key(key)} for role, key in creds.api_keys.items()]}
+    hashed = {
+        "keys": [{"id": role, "role": role, "sha256": hash_key(key)} for role, key in creds.api_keys.items()]
+    }
     _write_private(api_keys_file, json.dumps(hashed, indent=2) + "\n")
     return creds
 

@@ -31,6 +31,7 @@ from workflows.stack.components import (
     log_tail,
     mlflow_component,
     prometheus_component,
+    reconcile_component,
     s3_component,
     triton_component,
     wait_healthy,
@@ -111,9 +112,9 @@ def build_components(settings: StackSettings, creds: StackCredentials) -> list[C
         triton_component(state, stage, host, settings.triton_http_port(stage), settings.triton_venv)
         for stage in STAGES
     ]
-    components.append(
-        gateway_component(host, settings.gateway_port, settings.python, {**offline_env(state), **clients})
-    )
+    service_env = {**offline_env(state), **clients}
+    components.append(gateway_component(host, settings.gateway_port, settings.python, service_env))
+    components.append(reconcile_component(settings.python, service_env))
     targets = {
         "gateway": [f"{host}:{settings.gateway_port}"],
         "triton": [f"{host}:{settings.triton_http_port(stage) + 2}" for stage in STAGES],
@@ -195,10 +196,13 @@ def status(settings: StackSettings) -> list[ComponentStatus]:
         return []
     creds = load_or_create(settings.credentials_file, settings.api_keys_file)
     urls = {c.name: c.health_url or "" for c in build_components(settings, creds)}
-    return [
-        ComponentStatus(p.name, p.state, p.pid, bool(urls.get(p.name)) and http_ok(urls[p.name]), urls.get(p.name, ""))
-        for p in supervisor.processes()
-    ]
+    rows = []
+    for proc in supervisor.processes():
+        url = urls.get(proc.name, "")
+        # A component without a health endpoint (the reconcile watcher) is healthy while running.
+        healthy = http_ok(url) if url else proc.state == "RUNNING"
+        rows.append(ComponentStatus(proc.name, proc.state, proc.pid, healthy, url))
+    return rows
 
 
 def down(settings: StackSettings) -> list[int]:

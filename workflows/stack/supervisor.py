@@ -7,6 +7,7 @@ talk to it through its XML-RPC interface rather than parsing ``supervisorctl``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -144,10 +145,8 @@ class Supervisor:
         rpc = self._rpc()
         added, changed, removed = rpc.supervisor.reloadConfig()[0]
         for name in removed + changed:
-            try:
+            with contextlib.suppress(xmlrpc.client.Fault):
                 rpc.supervisor.stopProcessGroup(name)
-            except xmlrpc.client.Fault:
-                pass
             rpc.supervisor.removeProcessGroup(name)
         for name in added + changed:
             rpc.supervisor.addProcessGroup(name)

@@ -63,11 +63,18 @@ def test_images_are_pinned_and_the_project_image_is_non_root_multi_stage(compose
     assert "python:3.11" in dockerfile and ":latest" not in dockerfile
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed (apt-get install docker-compose)")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="docker-compose not installed (apt-get install docker-compose)",
+)
 def test_docker_compose_accepts_the_file() -> None:
     env = {**os.environ, "CXR_S3_ACCESS_KEY": "k", "CXR_S3_SECRET_KEY": "s"}
     result = subprocess.run(
         ["docker-compose", "-f", str(ROOT / "docker-compose.yaml"), "config", "-q"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
