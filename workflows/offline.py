@@ -75,6 +75,10 @@ def offline_env(state_dir: Path) -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "disabled",
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        # One-machine Ray: every Ray process binds and advertises 127.0.0.1 instead of
+        # the address it would otherwise discover with a UDP "connect" to 8.8.8.8.
+        # (KubeRay pods in the cluster do not get this variable.)
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "DO_NOT_TRACK": "1",

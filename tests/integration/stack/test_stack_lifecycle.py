@@ -7,6 +7,8 @@ leaves loopback, and that ``down`` leaves no process behind.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
 import socket
@@ -72,14 +74,24 @@ def stack_env(state: Path, audit_log: Path) -> dict[str, str]:
     return env
 
 
-def _watch_remote_connections(stop: threading.Event, found: list[str]) -> None:
+def _watch_remote_connections(stop: threading.Event, found: list[str], state: Path) -> None:
     """Non-Python servers (weed, tritonserver, prometheus) are outside the audit hook:
-    sample every socket on the machine instead and note any remote end off loopback."""
+    sample the sockets of the stack's processes and of this test's children instead,
+    and note any remote end off loopback (other processes on a shared machine are not ours)."""
+    me = psutil.Process()
     while not stop.is_set():
+        ours = set(_stack_pids(state)) | {p.pid for p in me.children(recursive=True)}
         for conn in psutil.net_connections(kind="inet"):
-            if conn.raddr and not conn.raddr.ip.startswith("127.") and conn.raddr.ip != "::1":
+            if conn.pid in ours and conn.raddr and not _loopback(conn.raddr.ip):
                 found.append(f"pid={conn.pid} {conn.laddr} -> {conn.raddr}")
         stop.wait(0.5)
+
+
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +100,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRun]:
     audit = state / "net-audit.jsonl"
     run = StackRun(stack_env(state / "state", audit), state / "state", audit, [])
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch_remote_connections, args=(stop, run.remote_connections))
+    watcher = threading.Thread(
+        target=_watch_remote_connections, args=(stop, run.remote_connections, run.state)
+    )
     watcher.start()
     try:
         run.cxr("stack", "up", "--no-bootstrap")
@@ -105,7 +119,8 @@ def _stack_pids(state: Path) -> list[int]:
         cmd = " ".join(proc.info["cmdline"] or [])
         if str(state) in cmd:
             pids.append(proc.pid)
-            pids += [child.pid for child in proc.children(recursive=True)]
+            with contextlib.suppress(psutil.NoSuchProcess):
+                pids += [child.pid for child in proc.children(recursive=True)]
     return pids
 
 
@@ -140,7 +155,7 @@ def test_short_pipeline_work_opens_no_connection_off_loopback(stack: StackRun) -
         "with mlflow.start_run():\n"
         "    mlflow.log_metric('x', 1.0)\n"
         "YOLO('yolo11n.yaml')\n"
-        "ray.init(num_cpus=1, include_dashboard=False, _node_ip_address='127.0.0.1')\n"
+        "ray.init(num_cpus=1, include_dashboard=False)\n"
         "ray.get(ray.remote(lambda: 1).remote())\n"
         "ray.shutdown()\n"
     )
