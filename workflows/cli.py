@@ -17,6 +17,8 @@ from dotenv import dotenv_values
 
 from data_pipeline.cli import app as data_app
 from serving.gitops import cli as gitops_cli
+from serving.observability.cli import app as observability_app
+from training.cli import app as train_app
 from workflows.offline import apply_offline_env
 from workflows.pipeline_cli import app as pipeline_app
 from workflows.stack.cli import stack_app
@@ -24,6 +26,8 @@ from workflows.stack.cli import stack_app
 app = typer.Typer(help="CXR Detect: chest X-ray detection platform.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+app.add_typer(observability_app, name="observability")
 app.add_typer(pipeline_app, name="pipeline")
 app.command("promote")(gitops_cli.promote)
 app.command("rollback")(gitops_cli.rollback)

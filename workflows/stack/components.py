@@ -302,6 +302,28 @@ def reconcile_component(python: Path, env: dict[str, str]) -> Component:
     return Component(name="reconcile", command=command, health_url=None, env=env)
 
 
+def mlflow_exporter_component(host: str, port: int, python: Path, env: dict[str, str]) -> Component:
+    """Training runs and registry versions from MLflow as Prometheus metrics (for the
+    training dashboard and the model-stale alert)."""
+    command = [
+        str(python),
+        "-m",
+        "serving.observability",
+        "mlflow-exporter",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    return Component(
+        name="mlflow-exporter",
+        command=command,
+        health_url=f"http://{host}:{port}/metrics",
+        env=env,
+        ports=(port,),
+    )
+
+
 def prometheus_config(targets: dict[str, list[str]], rule_files: list[Path], interval: str = "5s") -> str:
     """A scrape config with one job per component kind (YAML is a superset of JSON)."""
     config = {

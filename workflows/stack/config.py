@@ -32,6 +32,7 @@ class StackSettings(BaseSettings):
     mlflow_port: int = 5000
     gateway_port: int = 8080
     prometheus_port: int = 9090
+    mlflow_exporter_port: int = 9105
     triton_production_port: int = 8000
     triton_canary_port: int = 8100
     triton_staging_port: int = 8200

@@ -30,6 +30,7 @@ from workflows.stack.components import (
     http_ok,
     log_tail,
     mlflow_component,
+    mlflow_exporter_component,
     prometheus_component,
     reconcile_component,
     s3_component,
@@ -115,9 +116,13 @@ def build_components(settings: StackSettings, creds: StackCredentials) -> list[C
     service_env = {**offline_env(state), **clients}
     components.append(gateway_component(host, settings.gateway_port, settings.python, service_env))
     components.append(reconcile_component(settings.python, service_env))
+    components.append(
+        mlflow_exporter_component(host, settings.mlflow_exporter_port, settings.python, service_env)
+    )
     targets = {
         "gateway": [f"{host}:{settings.gateway_port}"],
         "triton": [f"{host}:{settings.triton_http_port(stage) + 2}" for stage in STAGES],
+        "mlflow-exporter": [f"{host}:{settings.mlflow_exporter_port}"],
     }
     rules = sorted(p.resolve() for p in RULES_DIR.glob("*.yaml")) if RULES_DIR.is_dir() else []
     prometheus = prometheus_component(state, host, settings.prometheus_port, targets, rules)

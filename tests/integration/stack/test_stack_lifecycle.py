@@ -56,6 +56,7 @@ def stack_env(state: Path, audit_log: Path) -> dict[str, str]:
         "CXR_MLFLOW_PORT": free_port(),
         "CXR_GATEWAY_PORT": free_port(),
         "CXR_PROMETHEUS_PORT": free_port(),
+        "CXR_MLFLOW_EXPORTER_PORT": free_port(),
         "CXR_TRITON_PRODUCTION_PORT": free_port(3),
         "CXR_TRITON_CANARY_PORT": free_port(3),
         "CXR_TRITON_STAGING_PORT": free_port(3),
@@ -126,7 +127,17 @@ def _stack_pids(state: Path) -> list[int]:
 
 def test_up_reports_every_component_healthy(stack: StackRun) -> None:
     result = stack.cxr("stack", "status")
-    for name in ("s3", "mlflow", "triton-production", "triton-canary", "triton-staging", "gateway"):
+    for name in (
+        "s3",
+        "mlflow",
+        "triton-production",
+        "triton-canary",
+        "triton-staging",
+        "gateway",
+        "reconcile",
+        "mlflow-exporter",
+        "prometheus",
+    ):
         assert name in result.stdout, result.stdout
     assert "FATAL" not in result.stdout
     creds = stack.state / "credentials.json"

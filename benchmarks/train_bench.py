@@ -1,0 +1,136 @@
+"""Training benchmarks for ``make bench``: Ray data-parallel speed-up and a quality sanity check.
+
+``ray_epoch_ratio_2w_1w``: the same dataset, recipe and GLOBAL batch trained
+with 1 and with 2 Ray workers in this process, one after the other; the ratio
+of their median epoch times (2 workers / 1 worker; the goal on 2 cores is
+<= 0.7). Epoch times come from ultralytics' own results.csv, skipping the first
+epoch (warm-up) and the last (it validates).
+
+``train_quality_map50``: ``training/configs/cpu-small.yaml`` on the default
+synthetic dataset (300 phantoms), evaluated on its test split with the same
+code as ``cxr train evaluate``; the goal is mAP@0.5 >= 0.5. It takes ~15 min on
+2 cores: set ``CXR_BENCH_TRAIN_QUALITY=0`` to skip it.
+
+Checkpoints go to a local folder here (not S3) so the figures measure compute,
+not the object store.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from training.config import TrainConfig, TrainSettings, load_config
+from training.dataset import DatasetRef, open_dataset_dir
+
+log = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+
+
+def build_synthetic_dataset(root: Path, n_images: int, size: int, max_side: int) -> DatasetRef:
+    """The data pipeline's own phantoms -> a versioned YOLO dataset (no S3 needed)."""
+    from data_pipeline.config import DataSettings
+    from data_pipeline.ingest import build_dataset
+    from data_pipeline.synth import SynthConfig, generate
+
+    synth = generate(SynthConfig(n_images=n_images, seed=0, size=size), root / "synth")
+    build = build_dataset(
+        synth.dicom_dir,
+        synth.annotations_csv,
+        root / "datasets",
+        settings=DataSettings(stack_dir=root / "stack", max_side=max_side),
+        store=None,
+        feedback=False,
+    )
+    return open_dataset_dir(build.path, root / "work")
+
+
+def _epoch_seconds(results_csv: Path) -> list[float]:
+    """Per-epoch durations from ultralytics' cumulative ``time`` column."""
+    with results_csv.open() as handle:
+        times = [float(row["time"]) for row in csv.DictReader(handle)]
+    return [b - a for a, b in zip([0.0, *times[:-1]], times, strict=True)]
+
+
+def _median_epoch(config: TrainConfig, dataset: DatasetRef, settings: TrainSettings, label: str) -> float:
+    from training.ray_trainer import fit_distributed
+
+    run = fit_distributed(config, dataset, run_name=f"bench-{label}-{int(time.time())}", settings=settings)
+    epochs = _epoch_seconds(run.results_csv)
+    steady = epochs[1:-1] or epochs
+    log.info("event=bench_epochs label=%s epochs=%s", label, [round(e, 2) for e in epochs])
+    return statistics.median(steady)
+
+
+def ray_epoch_ratio(root: Path, *, n_images: int = 96, imgsz: int = 256, epochs: int = 4) -> dict[str, Any]:
+    """Median epoch time with 2 workers / with 1 worker, same global batch, measured back to back."""
+    dataset = build_synthetic_dataset(root / "ratio", n_images, size=512, max_side=512)
+    settings = TrainSettings(stack_dir=root / "stack", ray_storage_dir=root / "ray")
+    base = {
+        "name": "bench",
+        "imgsz": imgsz,
+        "epochs": epochs,
+        "val_every_epoch": False,
+        "optim": {"nbs": 16, "warmup_epochs": 1},
+        "augment": {"close_mosaic": 1},
+    }
+    one = TrainConfig.model_validate({**base, "batch_per_worker": 16}).with_workers(1)
+    two = TrainConfig.model_validate({**base, "batch_per_worker": 8}).with_workers(2)
+    assert one.global_batch == two.global_batch
+    t1 = _median_epoch(one, dataset, settings, "1w")
+    t2 = _median_epoch(two, dataset, settings, "2w")
+    return {
+        "ray_epoch_ratio_2w_1w": round(t2 / t1, 3),
+        "ray_epoch_seconds_1w": round(t1, 2),
+        "ray_epoch_seconds_2w": round(t2, 2),
+        "ray_bench_train_images": len(dataset.images("train")),
+        "ray_bench_imgsz": imgsz,
+        "ray_bench_global_batch": one.global_batch,
+    }
+
+
+def train_quality(root: Path, n_images: int = 300) -> dict[str, Any]:
+    """The CPU recipe on the default synthetic dataset: test-split mAP and per-class AP."""
+    from training.evaluate import evaluate
+    from training.predictors import TorchPredictor
+    from training.ray_trainer import fit_distributed
+
+    config = load_config(CONFIGS / "cpu-small.yaml")
+    dataset = build_synthetic_dataset(root / "quality", n_images, size=1024, max_side=1024)
+    settings = TrainSettings(stack_dir=root / "stack", ray_storage_dir=root / "ray")
+    started = time.perf_counter()
+    run = fit_distributed(config, dataset, run_name=f"bench-quality-{int(time.time())}", settings=settings)
+    train_seconds = time.perf_counter() - started
+    report = evaluate(TorchPredictor.load(run.best_weights), dataset, config.eval, split="test")
+    return {
+        "train_quality_map50": round(report.map50, 4),
+        "train_quality_map40": round(report.map40, 4),
+        "train_quality_map50_95": round(report.map50_95, 4),
+        "train_quality_seconds": round(train_seconds, 1),
+        "train_quality_per_class_ap50": {c.class_name: round(c.ap50, 3) for c in report.per_class},
+    }
+
+
+def run_training_benchmarks() -> dict[str, Any]:
+    """Entry point called by ``benchmarks/run.py``."""
+    with tempfile.TemporaryDirectory(prefix="cxr-train-bench-") as tmp:
+        root = Path(tmp)
+        results = ray_epoch_ratio(root)
+        if os.environ.get("CXR_BENCH_TRAIN_QUALITY", "1") != "0":
+            results.update(train_quality(root))
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from workflows.offline import apply_offline_env
+
+    apply_offline_env(Path(os.environ.get("CXR_STACK_DIR", ".stack")))
+    print(run_training_benchmarks())

@@ -1,0 +1,56 @@
+"""Where delivery finds things: built once from the serving package's settings.
+
+Delivery is part of ``serving`` and so reads ``serving.config.ServingSettings`` (the package's one
+settings object) instead of its own environment; fields the gateway does not need yet (the
+Prometheus URL) are read with a default so this keeps working while that class grows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.config import ServingSettings
+from serving.gitops.model_file import DEFAULT_MODEL_NAME, Stage
+
+DEFAULT_PROMETHEUS_URL = "http://127.0.0.1:9090"
+
+
+@dataclass(frozen=True)
+class DeliveryContext:
+    """Addresses and folders one delivery command works with."""
+
+    gitops_dir: Path
+    mlflow_uri: str
+    prometheus_url: str
+    stack_dir: Path
+    model_name: str = DEFAULT_MODEL_NAME
+    triton_urls: tuple[tuple[Stage, str], ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: ServingSettings | None = None, **overrides: object) -> DeliveryContext:
+        s = settings or ServingSettings()
+        values: dict[str, object] = {
+            "gitops_dir": Path(s.gitops_dir),
+            "mlflow_uri": s.mlflow_uri,
+            "prometheus_url": str(getattr(s, "prometheus_url", DEFAULT_PROMETHEUS_URL)),
+            "stack_dir": Path(s.stack_dir),
+            "model_name": s.model_name,
+            "triton_urls": tuple(
+                (stage, s.triton_url(stage)) for stage in ("staging", "canary", "production")
+            ),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    def triton_url(self, stage: Stage) -> str | None:
+        return dict(self.triton_urls).get(stage)
+
+    @property
+    def local_repo_root(self) -> Path:
+        """The one-machine stack's Triton repositories: ``<stack>/triton/<stage>`` (workflows.stack)."""
+        return self.stack_dir.resolve() / "triton"
+
+    @property
+    def onnx_cache(self) -> Path:
+        return self.stack_dir.resolve() / "gitops" / "onnx"

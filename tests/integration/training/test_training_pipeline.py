@@ -1,0 +1,96 @@
+"""`train_and_register` end to end on real S3 + MLflow: Ray data parallelism, lineage, artifacts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from training.cli import app
+from training.config import TrainConfig, TrainSettings
+from training.export import file_sha256
+from training.registry import LineageTags, download_onnx
+from training.run import train_and_register
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_two_workers_train_in_sync_on_disjoint_shards_and_register_a_traceable_version(
+    tiny_dataset_dir: Path,
+    tiny_recipe: Callable[..., TrainConfig],
+    train_settings: Callable[..., TrainSettings],
+    mlflow_server: Any,
+    s3_store: Any,
+    ray_session: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = train_settings(mlflow_server.uri)
+    outcome = train_and_register(tiny_recipe(), tiny_dataset_dir, workers=2, settings=settings)
+
+    # [1] data parallelism, read back from the checkpoint Ray wrote to S3
+    prefix = outcome.checkpoint_uri.removeprefix(f"s3://{s3_store.bucket}/")
+    ckpt = tmp_path / "ckpt"
+    s3_store.store().download_prefix(prefix, ckpt)
+    audits = [json.loads(p.read_text()) for p in sorted(ckpt.rglob("rank_*.json"))]
+    assert [a["rank"] for a in audits] == [0, 1]
+    assert audits[0]["parameters_sha256"] == audits[1]["parameters_sha256"]
+    shard0, shard1 = (set(a["samples"]) for a in audits)
+    assert shard0 and shard1 and not shard0 & shard1
+    train_images = {p.name for p in (tiny_dataset_dir / "images" / "train").iterdir()}
+    assert {Path(s).name for s in shard0 | shard1} == train_images
+    assert any(ckpt.rglob("last.pt"))
+
+    # [2] the MLflow run: per-epoch metrics from rank 0, lineage, artifacts
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.run_name == outcome.run_name and run.info.status == "FINISHED"
+    history = client.get_metric_history(outcome.run_id, "train/box_loss")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert run.data.params["batch_per_worker"] == "4" and run.data.params["global_batch"] == "8"
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"onnx", "weights", "eval", "plots", "model_card.md"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(outcome.run_id, "plots")}
+    assert {"PR_curve.png", "confusion_matrix_normalized.png", "results.png"} <= plots
+
+    # [3] the registered version: every lineage tag, the card, the ONNX that passed parity, no alias
+    version = client.get_model_version("cxr-detector", outcome.model_version)
+    for tag in LineageTags.model_fields:
+        assert version.tags.get(tag), f"missing lineage tag {tag}"
+    assert version.tags["dataset_version"] == outcome.dataset_version
+    assert version.tags["imgsz"] == "64" and version.tags["classes"] == "14"
+    assert float(version.tags["parity_max_abs_diff"]) <= 1e-3
+    assert "not a medical device" in version.description and "SYNTHETIC" in version.description
+    onnx_file = download_onnx(outcome.model_version, tmp_path / "dl", settings)
+    assert file_sha256(onnx_file) == version.tags["onnx_sha256"]
+    assert client.get_registered_model("cxr-detector").aliases == {}
+
+    # [4] `cxr train evaluate` reads the registered ONNX back and scores it like training did
+    for key, value in {
+        **s3_store.env,
+        "CXR_MLFLOW_URI": mlflow_server.uri,
+        "CXR_STACK_DIR": str(tmp_path),
+    }.items():
+        monkeypatch.setenv(key, value)
+    report = tmp_path / "eval.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--model-version",
+            outcome.model_version,
+            "--dataset",
+            str(tiny_dataset_dir),
+            "--out",
+            str(report),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(report.read_text())
+    assert evaluated["backend"] == "onnx" and evaluated["images"] == 8
+    assert evaluated["map50"] == pytest.approx(float(version.tags["map50"]), abs=1e-6)

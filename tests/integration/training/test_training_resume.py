@@ -1,0 +1,82 @@
+"""Fault tolerance: kill a Ray worker process mid-run; Ray restarts the group from the S3 checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from training.config import TrainConfig, TrainSettings
+from training.dataset import open_dataset_dir
+from training.ray_trainer import fit_distributed
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _train_workers() -> list[psutil.Process]:
+    """This test's Ray Train worker processes (descendants titled ``ray::RayTrainWorker...``)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _kill_after_second_checkpoint(store: Any, prefix: str, killed: list[int], deadline: float) -> None:
+    """Kill one worker once epoch 2's files reach S3.
+
+    ``ray.train.report`` is a barrier, so epoch 2 being written means every rank
+    reported epoch 1: that checkpoint is registered and must be resumed from.
+    """
+    while time.monotonic() < deadline and not killed:
+        if any(name.endswith("epoch_0001/state.json") for name in store.list_prefix(prefix)):
+            workers = _train_workers()
+            if workers:
+                victim = workers[-1]
+                os.kill(victim.pid, signal.SIGKILL)
+                killed.append(victim.pid)
+                return
+        time.sleep(0.2)
+
+
+def test_killed_worker_resumes_from_s3_checkpoint_with_epoch_count_intact(
+    tiny_dataset_dir: Path,
+    tiny_recipe: Callable[..., TrainConfig],
+    train_settings: Callable[..., TrainSettings],
+    s3_store: Any,
+    ray_session: None,
+) -> None:
+    settings = train_settings()
+    config = tiny_recipe(epochs=4, checkpoint={"max_failures": 2}).with_workers(2)
+    dataset = open_dataset_dir(tiny_dataset_dir, settings.work_dir)
+    run_name = f"resume-{int(time.time())}"
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=_kill_after_second_checkpoint,
+        args=(s3_store.store(), f"checkpoints/{run_name}/", killed, time.monotonic() + 300),
+        daemon=True,
+    )
+    killer.start()
+
+    run = fit_distributed(config, dataset, run_name=run_name, settings=settings)
+    killer.join(timeout=5)
+
+    assert killed, "no worker was killed: the test did not exercise a failure"
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+    assert run.epochs_completed == 4
+    assert run.metrics["resumed_from_epoch"] >= 1  # the last attempt started from a checkpoint, not epoch 0
+    epochs = [line.split(",")[0].strip() for line in run.results_csv.read_text().splitlines()[1:]]
+    assert [int(float(e)) for e in epochs] == [1, 2, 3, 4]
+    state = json.loads((run.checkpoint_dir / "state.json").read_text())
+    assert state["epoch"] + 1 == state["epochs"] == 4

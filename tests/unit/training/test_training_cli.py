@@ -1,0 +1,40 @@
+"""`cxr train` command line: errors a person can act on, the per-epoch table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from training.cli import app, epoch_table
+
+pytestmark = pytest.mark.unit
+
+
+def test_missing_config_exits_2_with_a_message_not_a_traceback(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_dataset_directory_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_MLFLOW_URI", "http://127.0.0.1:9")  # never reached: the dataset check comes first
+    config = tmp_path / "c.yaml"
+    config.write_text("name: t\n")
+    result = CliRunner().invoke(
+        app, ["run", "--config", str(config), "--dataset", str(tmp_path / "no" / "data")]
+    )
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def test_epoch_table_shows_one_row_per_epoch(tmp_path: Path) -> None:
+    csv = tmp_path / "results.csv"
+    csv.write_text(
+        "epoch,time,train/box_loss,metrics/mAP50(B)\n1,2.5,1.9,0.01\n2,5.0,1.7,0.02\n3,7.5,1.5,0.05\n"
+    )
+    table = epoch_table(csv)
+    assert table.row_count == 3
+    assert [c.header for c in table.columns] == ["epoch", "box", "mAP50", "s"]

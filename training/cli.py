@@ -1,0 +1,150 @@
+"""``cxr train``: run a training job, evaluate a registered version.
+
+Mounted by the root ``cxr`` command; also ``python -m training``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from training.config import TrainSettings, load_config
+from training.errors import TrainingError
+
+app = typer.Typer(help="Train, evaluate and register the chest X-ray detector.", no_args_is_help=True)
+console = Console()
+
+
+def _setup(settings: TrainSettings) -> None:
+    from workflows.offline import apply_offline_env
+
+    apply_offline_env(settings.stack_dir)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def epoch_table(results_csv: Path) -> Table:
+    """Ultralytics' per-epoch CSV as a rich table (losses and validation metrics)."""
+    table = Table(title="epochs")
+    with results_csv.open() as handle:
+        rows = list(csv.DictReader(handle))
+    wanted = [
+        ("epoch", "epoch"),
+        ("train/box_loss", "box"),
+        ("train/cls_loss", "cls"),
+        ("train/dfl_loss", "dfl"),
+        ("metrics/precision(B)", "P"),
+        ("metrics/recall(B)", "R"),
+        ("metrics/mAP50(B)", "mAP50"),
+        ("metrics/mAP50-95(B)", "mAP50-95"),
+        ("time", "s"),
+    ]
+    columns = [(key, label) for key, label in wanted if rows and key in rows[0]]
+    for _, label in columns:
+        table.add_column(label, justify="right")
+    for row in rows:
+        table.add_row(*(f"{float(row[key]):.4g}" for key, _ in columns))
+    return table
+
+
+def _fail(exc: TrainingError) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="recipe YAML, e.g. training/configs/cpu-small.yaml")
+    ],
+    workers: Annotated[
+        int | None, typer.Option("--workers", "-w", min=1, help="Ray workers (data parallel)")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", "-d", help="dataset version or directory")
+    ] = None,
+) -> None:
+    """Train with Ray, evaluate, export ONNX with parity, and register a cxr-detector version."""
+    settings = TrainSettings()
+    _setup(settings)
+    from training.run import train_and_register
+
+    try:
+        recipe = load_config(config)
+        outcome = train_and_register(recipe, dataset, workers, settings=settings)
+    except TrainingError as exc:
+        raise _fail(exc) from exc
+    if outcome.results_csv is not None and outcome.results_csv.exists():
+        console.print(epoch_table(outcome.results_csv))
+    summary = Table(title="registered", show_header=False)
+    summary.add_column("what", no_wrap=True)
+    summary.add_column("value", overflow="fold")
+    summary.add_row("run id", outcome.run_id)
+    summary.add_row("run name (Ray = MLflow)", outcome.run_name)
+    summary.add_row("model", f"{settings.registered_model} version {outcome.model_version}")
+    summary.add_row("dataset", outcome.dataset_version)
+    for key in ("test/map50", "test/map40", "test/map50_95", "parity_max_abs_diff", "ort_latency_ms_b1"):
+        summary.add_row(key, f"{outcome.metrics.get(key, float('nan')):.4g}")
+    summary.add_row("MLflow artifacts", outcome.artifact_uri)
+    summary.add_row("Ray checkpoint", outcome.checkpoint_uri)
+    summary.add_row("ONNX (local)", str(outcome.onnx_path))
+    console.print(summary)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model_version: Annotated[
+        str, typer.Option("--model-version", "-m", help="registered cxr-detector version")
+    ],
+    split: Annotated[str, typer.Option("--split", help="train | val | test")] = "test",
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", "-d", help="default: the version's dataset_version tag")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write the report JSON here")] = None,
+) -> None:
+    """Evaluate a registered version's ONNX model (mAP@0.5, VinDr mAP@0.4, per class, latency)."""
+    settings = TrainSettings()
+    _setup(settings)
+    from training.config import EvalConfig
+    from training.dataset import resolve_dataset
+    from training.evaluate import evaluate
+    from training.predictors import OrtPredictor
+    from training.registry import download_onnx, get_version
+
+    work = settings.work_dir / f"evaluate-v{model_version}"
+    try:
+        version = get_version(settings, model_version)
+        ref = dataset or version.tags.get("dataset_version")
+        if not ref:
+            raise TrainingError(f"version {model_version} has no dataset_version tag; pass --dataset")
+        data = resolve_dataset(ref, work, settings.dataset_cache)
+        onnx_path = download_onnx(model_version, work / "model", settings)
+        report = evaluate(
+            OrtPredictor.load(onnx_path), data, EvalConfig(), split=split, plots_dir=work / "plots"
+        )
+    except TrainingError as exc:
+        raise _fail(exc) from exc
+    table = Table(title=f"{settings.registered_model} v{model_version} on {data.version}/{split}")
+    for col in ("finding", "boxes", "AP50", "AP40", "AP50-95", "P", "R"):
+        table.add_column(col, justify="right")
+    for c in report.per_class:
+        table.add_row(
+            c.class_name,
+            str(c.instances),
+            *(f"{v:.3f}" for v in (c.ap50, c.ap40, c.ap50_95, c.precision, c.recall)),
+        )
+    console.print(table)
+    console.print(
+        f"mAP@0.5 {report.map50:.4f}  mAP@0.4 {report.map40:.4f}  mAP@0.5:0.95 {report.map50_95:.4f}  "
+        f"P {report.precision:.3f} R {report.recall:.3f} @ conf {report.conf_threshold}  "
+        f"ORT {report.latency_ms_b1:.2f} ms/img (b1), {report.latency_ms_b8:.2f} ms/img (b8)"
+    )
+    if out is not None:
+        out.write_text(json.dumps(report.model_dump(mode="json"), indent=2))
+        console.print(f"report: {out}")

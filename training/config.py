@@ -1,0 +1,236 @@
+"""Training configuration: the YAML recipe (``TrainConfig``) and the environment (``TrainSettings``).
+
+Two objects because they change for different reasons: the recipe is
+versioned with the code and hashed into every run's lineage
+(``config_sha256``), while the settings say where this machine's servers are
+(S3, MLflow) and never influence the trained weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from training.errors import ConfigError
+
+ModelSize = Literal["yolo11n", "yolo11s", "yolo11m", "yolo11l", "yolo11x"]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are typos in a recipe; refuse them instead of silently ignoring them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimConfig(_Strict):
+    """Optimizer and schedule, passed through to ultralytics' own recipe."""
+
+    optimizer: Literal["SGD", "AdamW", "Adam", "auto"] = "SGD"
+    lr0: float = Field(default=0.01, gt=0)
+    lrf: float = Field(default=0.01, gt=0, le=1)
+    momentum: float = Field(default=0.937, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0005, ge=0)
+    cos_lr: bool = False
+    warmup_epochs: float = Field(default=3.0, ge=0)
+    warmup_momentum: float = Field(default=0.8, ge=0, lt=1)
+    warmup_bias_lr: float = Field(default=0.1, ge=0)
+    nbs: int = Field(default=64, ge=1, description="nominal batch size: gradients accumulate up to it")
+    patience: int = Field(default=100, ge=1)
+
+
+class AugmentConfig(_Strict):
+    """Augmentations suited to radiographs.
+
+    Vertical flips never happen (a chest upside down is not a chest), and
+    horizontal flips are off by default because they move the heart to the
+    right, which is itself a finding (dextrocardia). Colour jitter is limited
+    to brightness: radiographs have no hue or saturation.
+    """
+
+    mosaic: float = Field(default=1.0, ge=0, le=1)
+    close_mosaic: int = Field(default=2, ge=0, description="last N epochs train without mosaic")
+    fliplr: float = Field(default=0.0, ge=0, le=1)
+    hsv_v: float = Field(default=0.3, ge=0, le=1)
+    degrees: float = Field(default=3.0, ge=0, le=45)
+    translate: float = Field(default=0.1, ge=0, le=0.5)
+    scale: float = Field(default=0.3, ge=0, le=0.9)
+    mixup: float = Field(default=0.0, ge=0, le=1)
+
+
+class ScalingConfig(_Strict):
+    """Ray Train scaling: N data-parallel workers, each with its own shard."""
+
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    torch_threads: int = Field(default=1, ge=1, description="intra-op threads per CPU worker")
+
+
+class CheckpointConfig(_Strict):
+    """Where Ray keeps checkpoints and how many failures a run survives."""
+
+    s3_prefix: str = "checkpoints"
+    num_to_keep: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=2, ge=1)
+
+
+class EvalConfig(_Strict):
+    """Evaluation and export gates."""
+
+    conf_threshold: float = Field(default=0.25, gt=0, lt=1, description="operating threshold for P/R")
+    nms_iou: float = Field(default=0.7, gt=0, lt=1)
+    parity_images: int = Field(default=8, ge=1)
+    parity_max_abs_diff: float = Field(default=1e-3, gt=0)
+    parity_max_map_diff: float = Field(default=0.005, ge=0)
+    latency_repeats: int = Field(default=10, ge=1)
+    opset: int | None = Field(default=None, description="ONNX opset; None lets ultralytics choose")
+
+
+class TrainConfig(_Strict):
+    """One training recipe, loaded from ``training/configs/*.yaml``."""
+
+    name: str = Field(default="cxr-yolo11n", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: ModelSize = "yolo11n"
+    imgsz: int = Field(default=320, ge=32)
+    epochs: int = Field(default=30, ge=1)
+    batch_per_worker: int = Field(default=8, ge=1)
+    seed: int = 0
+    deterministic: bool = True
+    val_every_epoch: bool = True
+    base_model_version: str | None = Field(
+        default=None, description="a registered cxr-detector version to fine-tune from (e.g. on feedback)"
+    )
+    dataset: str | None = Field(default=None, description="dataset version or folder; --dataset overrides")
+    optim: OptimConfig = OptimConfig()
+    augment: AugmentConfig = AugmentConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("imgsz")
+    @classmethod
+    def _stride_multiple(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"imgsz must be a multiple of 32 (the model's largest stride), got {value}")
+        return value
+
+    @property
+    def global_batch(self) -> int:
+        """Effective batch per optimizer step: per-worker batch x number of workers."""
+        return self.batch_per_worker * self.scaling.num_workers
+
+    def with_workers(self, workers: int) -> TrainConfig:
+        """The same recipe at another scale (the per-worker batch stays, so the global batch grows)."""
+        return self.model_copy(update={"scaling": self.scaling.model_copy(update={"num_workers": workers})})
+
+    def sha256(self) -> str:
+        """Content hash of the recipe, the lineage tag ``config_sha256`` (key order independent)."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def ultralytics_overrides(self) -> dict[str, object]:
+        """Arguments for ultralytics' trainer; ``batch`` is GLOBAL: ultralytics divides it by world size."""
+        aug = self.augment
+        opt = self.optim
+        return {
+            "model": f"{self.model}.yaml",
+            "imgsz": self.imgsz,
+            "epochs": self.epochs,
+            "batch": self.global_batch,
+            "seed": self.seed,
+            "deterministic": self.deterministic,
+            "pretrained": False,
+            "optimizer": opt.optimizer,
+            "lr0": opt.lr0,
+            "lrf": opt.lrf,
+            "momentum": opt.momentum,
+            "weight_decay": opt.weight_decay,
+            "cos_lr": opt.cos_lr,
+            "warmup_epochs": opt.warmup_epochs,
+            "warmup_momentum": opt.warmup_momentum,
+            "warmup_bias_lr": opt.warmup_bias_lr,
+            "nbs": opt.nbs,
+            "patience": opt.patience,
+            "mosaic": aug.mosaic,
+            "close_mosaic": aug.close_mosaic,
+            "fliplr": aug.fliplr,
+            "flipud": 0.0,
+            "hsv_h": 0.0,
+            "hsv_s": 0.0,
+            "hsv_v": aug.hsv_v,
+            "degrees": aug.degrees,
+            "translate": aug.translate,
+            "scale": aug.scale,
+            "mixup": aug.mixup,
+            "val": self.val_every_epoch,
+            "amp": self.scaling.use_gpu,
+            "plots": False,
+            "verbose": False,
+            "workers": 0,
+        }
+
+
+def load_config(path: Path) -> TrainConfig:
+    """Read a recipe YAML; a missing file or a wrong key is a :class:`ConfigError` naming the problem."""
+    if not path.is_file():
+        raise ConfigError(f"training config {path} does not exist (see training/configs/ for examples)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"training config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"training config {path} must be a mapping, got {type(raw).__name__}")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"training config {path} is invalid:\n{exc}") from exc
+
+
+class TrainSettings(BaseSettings):
+    """Where this machine's servers are; read from ``CXR_*`` variables once per command."""
+
+    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
+
+    stack_dir: Path = Path(".stack")
+    s3_endpoint: str = "http://127.0.0.1:8333"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "cxr"
+    mlflow_uri: str = "http://127.0.0.1:5000"
+    mlflow_experiment: str = "cxr-detector"
+    registered_model: str = "cxr-detector"
+    train_work_dir: Path | None = None
+    dataset_cache_dir: Path | None = None
+    ray_address: str | None = None
+    #: checkpoints on a local/shared filesystem instead of S3 (benchmarks, laptops without the stack)
+    ray_storage_dir: Path | None = None
+
+    @property
+    def work_dir(self) -> Path:
+        """Local scratch for ultralytics' run folders, exports and evaluation plots."""
+        return self.train_work_dir or self.stack_dir / "training"
+
+    @property
+    def dataset_cache(self) -> Path:
+        return self.dataset_cache_dir or self.stack_dir / "datasets"
+
+    def s3_credentials(self) -> tuple[str, str]:
+        """S3 keys from ``CXR_S3_*``, else from the stack's ``credentials.json`` (like data_pipeline)."""
+        access, secret = self.s3_access_key, self.s3_secret_key
+        creds_file = self.stack_dir / "credentials.json"
+        if not (access and secret) and creds_file.exists():
+            try:
+                s3 = json.loads(creds_file.read_text()).get("s3", {})
+            except (OSError, ValueError, AttributeError) as exc:
+                raise ConfigError(f"{creds_file} is unreadable ({exc}); re-run `cxr stack up`") from exc
+            access = access or str(s3.get("access_key", ""))
+            secret = secret or str(s3.get("secret_key", ""))
+        return access, secret

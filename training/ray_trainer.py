@@ -1,0 +1,341 @@
+"""Ray Train launcher: N data-parallel ultralytics ranks, checkpoints in S3, resume after failures.
+
+The driver only builds a ``TorchTrainer``; each worker runs
+:func:`train_loop_per_worker`, which hands one rank of the process group to
+ultralytics' own trainer (see :mod:`training.ultralytics_ddp` for why the
+trainer and not a hand-written loop). Each epoch every rank reports to Ray:
+rank 0 with ultralytics' ``last.pt``/``best.pt`` (weights, EMA, optimizer,
+epoch) and the metrics CSV, every rank with an audit file naming the images
+it trained on and the hash of its parameters. Ray merges them into one
+checkpoint directory in the object store; after a worker dies, Ray restarts
+the group (``FailureConfig``) and each rank resumes from that checkpoint
+through ultralytics' own ``resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training.config import TrainConfig, TrainSettings
+from training.dataset import DatasetRef
+from training.errors import DistributedTrainingError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+AUDIT_PATTERN = "rank_{rank}.json"
+
+
+@dataclass(frozen=True)
+class DistributedRun:
+    """What the driver gets back: the final checkpoint on local disk and its summary."""
+
+    run_name: str
+    checkpoint_dir: Path
+    checkpoint_uri: str
+    epochs_completed: int
+    world_size: int
+    metrics: dict[str, float]
+    seconds: float
+
+    @property
+    def best_weights(self) -> Path:
+        best = self.checkpoint_dir / "best.pt"
+        return best if best.exists() else self.checkpoint_dir / "last.pt"
+
+    @property
+    def results_csv(self) -> Path:
+        return self.checkpoint_dir / "results.csv"
+
+    def audits(self) -> list[dict[str, Any]]:
+        """Per-rank audit records of the final epoch (images seen, parameter hash)."""
+        return [json.loads(p.read_text()) for p in sorted(self.checkpoint_dir.glob("rank_*.json"))]
+
+
+def metric_name(key: str) -> str:
+    """Ultralytics' metric keys to MLflow-safe names: ``metrics/mAP50(B)`` -> ``val/mAP50``."""
+    return key.replace("metrics/", "val/").replace("(B)", "").replace(" ", "_")
+
+
+def s3_filesystem(settings: TrainSettings) -> Any:
+    """A pyarrow S3 filesystem on the project's store (SeaweedFS locally, MinIO in the cluster)."""
+    from pyarrow import fs
+
+    endpoint = settings.s3_endpoint
+    scheme = "https" if endpoint.startswith("https://") else "http"
+    host = endpoint.split("://", 1)[-1].rstrip("/")
+    access, secret = settings.s3_credentials()
+    return fs.S3FileSystem(
+        access_key=access or None,
+        secret_key=secret or None,
+        endpoint_override=host,
+        scheme=scheme,
+        region=settings.s3_region,
+        allow_bucket_creation=False,
+    )
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _restore_from_checkpoint(checkpoint: Any, save_dir: Path) -> tuple[Path | None, dict[str, Any]]:
+    """Copy the latest checkpoint's weights and CSV into this rank's run folder; return last.pt and state."""
+    with checkpoint.as_directory() as ckpt_dir:
+        ckpt = Path(ckpt_dir)
+        state_file = ckpt / STATE_FILE
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        if not (ckpt / "last.pt").exists():
+            return None, state
+        weights = save_dir / "weights"
+        weights.mkdir(parents=True, exist_ok=True)
+        for name in ("last.pt", "best.pt"):
+            if (ckpt / name).exists():
+                shutil.copyfile(ckpt / name, weights / name)
+        if (ckpt / "results.csv").exists():
+            shutil.copyfile(ckpt / "results.csv", save_dir / "results.csv")
+    return weights / "last.pt", state
+
+
+def _epoch_metrics(trainer: Any, resumed_from: int, world_size: int) -> dict[str, float]:
+    metrics: dict[str, float] = {"epoch": float(trainer.epoch + 1), "resumed_from_epoch": float(resumed_from)}
+    if trainer.tloss is not None:
+        metrics.update({metric_name(k): float(v) for k, v in trainer.label_loss_items(trainer.tloss).items()})
+    for key, value in (trainer.metrics or {}).items():
+        metrics[metric_name(key)] = float(value)
+    for key, value in (getattr(trainer, "lr", None) or {}).items():
+        metrics[metric_name(key)] = float(value)
+    if trainer.fitness is not None:
+        metrics["fitness"] = float(trainer.fitness)
+    metrics["epoch_seconds"] = float(trainer.epoch_time or 0.0)
+    metrics["world_size"] = float(world_size)
+    return metrics
+
+
+def _log_epoch_to_mlflow(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Per-epoch metrics from rank 0 into the driver's run; an MLflow outage must not stop training."""
+    if not run_id:
+        return
+    try:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        MlflowClient(tracking_uri=uri).log_batch(
+            run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()]
+        )
+    except Exception as exc:  # tracking is best effort while the weights keep going to S3
+        log.warning("event=mlflow_epoch_log_failed run_id=%s error=%s", run_id, exc)
+
+
+def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resumed_from: int) -> Any:
+    """The ``on_fit_epoch_end`` callback: audit, checkpoint and report to Ray (all ranks), log (rank 0)."""
+    import ray.train
+
+    from training.ultralytics_ddp import parameters_sha256
+
+    def report(trainer: Any) -> None:
+        metrics = _epoch_metrics(trainer, resumed_from, world_size)
+        audit = {
+            "rank": rank,
+            "world_size": world_size,
+            "epoch": trainer.epoch,
+            "parameters_sha256": parameters_sha256(trainer.model),
+            "samples": sorted(trainer.seen_files),
+        }
+        trainer.seen_files.clear()
+        with tempfile.TemporaryDirectory(prefix="cxr-ckpt-") as tmp:
+            out = Path(tmp)
+            (out / AUDIT_PATTERN.format(rank=rank)).write_text(json.dumps(audit))
+            if rank == 0:
+                for src in (trainer.last, trainer.best, trainer.csv):
+                    if Path(src).exists():
+                        shutil.copyfile(src, out / Path(src).name)
+                state = {"epoch": trainer.epoch, "epochs": trainer.epochs, "metrics": metrics}
+                (out / STATE_FILE).write_text(json.dumps(state))
+                log.info(
+                    "event=epoch_end epoch=%d/%d world_size=%d %s",
+                    trainer.epoch + 1,
+                    trainer.epochs,
+                    world_size,
+                    " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" in k),
+                )
+                _log_epoch_to_mlflow(cfg["mlflow_uri"], cfg["mlflow_run_id"], metrics, trainer.epoch)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(str(out)),
+                checkpoint_dir_name=f"epoch_{trainer.epoch:04d}",
+            )
+
+    return report
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """One Ray Train worker = one DDP rank running ultralytics' trainer."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ctx = ray.train.get_context()
+    rank, local_rank, world_size = ctx.get_world_rank(), ctx.get_local_rank(), ctx.get_world_size()
+
+    # [1] ultralytics in DDP-rank mode, bound to Ray's rank (env for new imports, constants for loaded ones)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size)})
+    from training.ultralytics_ddp import RayDetectionTrainer, bind_ultralytics_rank
+
+    bind_ultralytics_rank(rank, local_rank, world_size)
+    torch.set_num_threads(int(cfg["torch_threads"]))
+    device = ray.train.torch.get_device() if cfg["use_gpu"] else torch.device("cpu")
+
+    # [2] resume from the latest checkpoint Ray has (after a failure), else start fresh
+    save_dir = Path(cfg["work_dir"]) / f"rank{rank}"
+    overrides = dict(cfg["overrides"])
+    overrides.update(
+        {
+            "data": cfg["data_yaml"],
+            "project": str(save_dir.parent),
+            "name": save_dir.name,
+            "exist_ok": True,
+            "device": "cpu" if device.type == "cpu" else str(device.index or 0),
+        }
+    )
+    resumed_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        last, state = _restore_from_checkpoint(checkpoint, save_dir)
+        done_epoch = int(state.get("epoch", -1))
+        if done_epoch + 1 >= int(state.get("epochs", cfg["overrides"]["epochs"])):
+            log.info("event=already_complete rank=%d epoch=%d", rank, done_epoch + 1)
+            return
+        if last is not None:
+            overrides["resume"] = str(last)
+            resumed_from = done_epoch + 1
+            log.info("event=resume rank=%d from_epoch=%d", rank, resumed_from)
+
+    # [3] train; every epoch ends in the reporter (checkpoint + metrics to Ray, MLflow on rank 0)
+    trainer = RayDetectionTrainer(overrides, world_size=world_size, device=device)
+    trainer.add_callback("on_fit_epoch_end", _make_epoch_reporter(cfg, rank, world_size, resumed_from))
+    trainer.train()
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def _ray_init(settings: TrainSettings, cpus_needed: float) -> bool:
+    """Start (or join) Ray; returns whether this call started it and must shut it down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=max(int(cpus_needed + 0.999), os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
+    return True
+
+
+def fit_distributed(
+    config: TrainConfig,
+    dataset: DatasetRef,
+    *,
+    run_name: str,
+    settings: TrainSettings,
+    mlflow_run_id: str = "",
+    base_weights: Path | None = None,
+) -> DistributedRun:
+    """Train ``config`` on ``dataset`` with ``config.scaling.num_workers`` Ray workers; block until done."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import ScalingConfig as RayScaling
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # pyarrow must never probe cloud metadata
+    scaling = config.scaling
+    work_dir = (settings.work_dir / run_name).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    overrides = config.ultralytics_overrides()
+    if base_weights is not None:
+        overrides["pretrained"] = str(base_weights)
+    loop_config = {
+        "overrides": overrides,
+        "data_yaml": str(dataset.data_yaml.resolve()),
+        "work_dir": str(work_dir),
+        "mlflow_uri": settings.mlflow_uri,
+        "mlflow_run_id": mlflow_run_id,
+        "torch_threads": scaling.torch_threads,
+        "use_gpu": scaling.use_gpu,
+    }
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker or 1.0
+    if settings.ray_storage_dir is not None:
+        storage_path, filesystem, scheme = str(settings.ray_storage_dir.resolve()), None, "file://"
+    else:
+        storage_path = f"{settings.s3_bucket}/{config.checkpoint.s3_prefix.strip('/')}"
+        filesystem, scheme = s3_filesystem(settings), "s3://"
+    started = _ray_init(settings, scaling.cpus_per_worker * scaling.num_workers)
+    t0 = time.perf_counter()
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+            scaling_config=RayScaling(
+                num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
+                failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
+            ),
+        )
+        log.info(
+            "event=ray_fit_start run=%s workers=%d global_batch=%d storage=%s%s/%s",
+            run_name,
+            scaling.num_workers,
+            config.global_batch,
+            scheme,
+            storage_path,
+            run_name,
+        )
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # Ray wraps the worker's exception; keep its message for the person
+            raise DistributedTrainingError(
+                f"Ray Train run {run_name} failed (max_failures={config.checkpoint.max_failures}): {exc}"
+            ) from exc
+        if result.checkpoint is None:
+            raise DistributedTrainingError(f"Ray Train run {run_name} finished without a checkpoint")
+        local = work_dir / "final_checkpoint"
+        if local.exists():
+            shutil.rmtree(local)
+        result.checkpoint.to_directory(str(local))
+    finally:
+        if started:
+            ray.shutdown()
+    state = json.loads((local / STATE_FILE).read_text())
+    return DistributedRun(
+        run_name=run_name,
+        checkpoint_dir=local,
+        checkpoint_uri=f"{scheme}{storage_path}/{run_name}/{Path(result.checkpoint.path).name}",
+        epochs_completed=int(state["epoch"]) + 1,
+        world_size=scaling.num_workers,
+        metrics={k: float(v) for k, v in state.get("metrics", {}).items()},
+        seconds=time.perf_counter() - t0,
+    )
