@@ -7,15 +7,19 @@ SHELL = /usr/bin/env bash -o pipefail
 PYTHON_BOOT ?= python3.11
 VENV ?= .venv
 TRITON_VENV ?= .venv-triton
+LINT_VENV ?= .venv-lint
 PY := $(VENV)/bin/python
 CXR := $(VENV)/bin/cxr
 PYTEST_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 TRITON_PINS := nvidia-pytriton==0.7.0 "numpy<2" onnxruntime==1.32.0
+# checkov and ansible-lint pin versions of boto3/networkx/packaging the main env cannot take.
+LINT_PINS := checkov==3.3.30 ansible-lint==26.10.1 ansible-core==2.19.14
 LOCUST_USERS ?= 16
 LOCUST_SPAWN_RATE ?= 4
 LOCUST_TIME ?= 5m
 export CXR_TRITON_VENV := $(abspath $(TRITON_VENV))
+export CXR_LINT_VENV := $(abspath $(LINT_VENV))
 
 ##@ General
 .PHONY: help
@@ -24,7 +28,7 @@ help: ## Show this help.
 
 ##@ Environment
 .PHONY: venv
-venv: $(VENV)/.installed $(TRITON_VENV)/.installed ## Create both environments (idempotent).
+venv: $(VENV)/.installed $(TRITON_VENV)/.installed $(LINT_VENV)/.installed ## Create the environments (idempotent).
 
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	@command -v $(PYTHON_BOOT) >/dev/null || { echo "Python 3.11 is required ($(PYTHON_BOOT) not found)"; exit 1; }
@@ -38,6 +42,11 @@ $(VENV)/.installed: pyproject.toml requirements/lock.txt
 $(TRITON_VENV)/.installed:
 	test -x $(TRITON_VENV)/bin/python || $(PYTHON_BOOT) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/python -m pip install --quiet $(TRITON_PINS)
+	touch $@
+
+$(LINT_VENV)/.installed:
+	test -x $(LINT_VENV)/bin/python || $(PYTHON_BOOT) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/python -m pip install --quiet $(LINT_PINS)
 	touch $@
 
 ##@ Stack
@@ -94,4 +103,4 @@ clean: down ## Stop the stack and remove its state and caches (keeps the environ
 
 .PHONY: distclean
 distclean: clean ## clean, and remove both environments.
-	rm -rf $(VENV) $(TRITON_VENV)
+	rm -rf $(VENV) $(TRITON_VENV) $(LINT_VENV)

@@ -1,7 +1,7 @@
 """Checkov's Kubernetes security checks pass on every rendered kustomization, with k8s/.checkov.yaml's skips.
 
 Checkov pins versions of boto3/networkx/packaging that clash with the project's environment, so it
-lives in its own virtualenv (.venv-checkov, or CXR_CHECKOV=/path/to/checkov).
+lives in its own virtualenv (.venv-lint, made by `make venv`, or CXR_CHECKOV=/path/to/checkov).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ REPO = Path(__file__).resolve().parents[3]
 def checkov_binary() -> str:
     candidates = [
         os.environ.get("CXR_CHECKOV", ""),
-        str(REPO / ".venv-checkov" / "bin" / "checkov"),
+        str(Path(os.environ.get("CXR_LINT_VENV", str(REPO / ".venv-lint"))) / "bin" / "checkov"),
         shutil.which("checkov") or "",
     ]
     for candidate in candidates:
         if candidate and Path(candidate).exists():
             return candidate
     pytest.skip(
-        "checkov not installed: python3 -m venv .venv-checkov && .venv-checkov/bin/pip install checkov"
+        "checkov not installed: `make venv` puts it in .venv-lint (it conflicts with the main env)"
     )
 
 
