@@ -1,0 +1,32 @@
+# The dev cluster: one CPU control plane and a small GPU worker group.
+# Credentials come from the environment (AWS_PROFILE / AWS_ACCESS_KEY_ID ...),
+# never from this folder.
+
+provider "aws" {
+  region = var.region
+
+  default_tags {
+    tags = {
+      Environment = var.environment
+    }
+  }
+}
+
+module "cluster" {
+  source = "../../modules/cluster"
+
+  name               = "cxr-${var.environment}"
+  availability_zones = var.availability_zones
+  admin_cidrs        = var.admin_cidrs
+  ami_id             = var.ami_id
+  ssh_public_key     = var.ssh_public_key
+
+  control_plane_instance_type = var.control_plane_instance_type
+  gpu_worker_instance_type    = var.gpu_worker_instance_type
+  gpu_worker_count            = var.gpu_worker_count
+  gpu_worker_data_volume_gb   = var.gpu_worker_data_volume_gb
+
+  tags = {
+    Owner = var.owner
+  }
+}

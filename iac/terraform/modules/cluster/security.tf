@@ -1,0 +1,90 @@
+# Least privilege on the wire:
+# - from outside: only SSH (22) and the Kubernetes API (6443) on the control
+#   plane, and only from var.admin_cidrs;
+# - inside: nodes talk to each other freely (kubelet, CNI overlay, NodePorts,
+#   NCCL between Ray workers) through one self-referencing "nodes" group;
+# - out: HTTPS/HTTP to fetch packages, images and drivers (through the NAT for
+#   private nodes) and anything inside the VPC. DNS and NTP go to the VPC
+#   resolver / Amazon Time Sync, which security groups do not filter.
+
+resource "aws_security_group" "nodes" {
+  name        = "${var.name}-nodes"
+  description = "Every cluster node: node-to-node traffic and outbound package/image pulls"
+  vpc_id      = aws_vpc.this.id
+
+  tags = merge(local.tags, { Name = "${var.name}-nodes" })
+}
+
+resource "aws_vpc_security_group_ingress_rule" "nodes_from_nodes" {
+  security_group_id            = aws_security_group.nodes.id
+  description                  = "Node-to-node: kubelet, CNI overlay, NodePorts, NCCL"
+  referenced_security_group_id = aws_security_group.nodes.id
+  ip_protocol                  = "-1"
+
+  tags = local.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "nodes_https" {
+  security_group_id = aws_security_group.nodes.id
+  description       = "HTTPS: container registries, apt repositories, NVIDIA, S3"
+  cidr_ipv4         = "0.0.0.0/0"
+  ip_protocol       = "tcp"
+  from_port         = 443
+  to_port           = 443
+
+  tags = local.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "nodes_http" {
+  security_group_id = aws_security_group.nodes.id
+  description       = "HTTP: Ubuntu apt mirrors (packages are signed)"
+  cidr_ipv4         = "0.0.0.0/0"
+  ip_protocol       = "tcp"
+  from_port         = 80
+  to_port           = 80
+
+  tags = local.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "nodes_vpc" {
+  security_group_id = aws_security_group.nodes.id
+  description       = "Anything inside the VPC"
+  cidr_ipv4         = var.vpc_cidr
+  ip_protocol       = "-1"
+
+  tags = local.tags
+}
+
+resource "aws_security_group" "control_plane_admin" {
+  name        = "${var.name}-control-plane-admin"
+  description = "Control plane: SSH and the Kubernetes API from the admin CIDRs only"
+  vpc_id      = aws_vpc.this.id
+
+  tags = merge(local.tags, { Name = "${var.name}-control-plane-admin" })
+}
+
+resource "aws_vpc_security_group_ingress_rule" "admin_ssh" {
+  for_each = toset(var.admin_cidrs)
+
+  security_group_id = aws_security_group.control_plane_admin.id
+  description       = "SSH from an admin network (also the jump host to the private GPU workers)"
+  cidr_ipv4         = each.value
+  ip_protocol       = "tcp"
+  from_port         = 22
+  to_port           = 22
+
+  tags = local.tags
+}
+
+resource "aws_vpc_security_group_ingress_rule" "admin_kube_api" {
+  for_each = toset(var.admin_cidrs)
+
+  security_group_id = aws_security_group.control_plane_admin.id
+  description       = "Kubernetes API from an admin network"
+  cidr_ipv4         = each.value
+  ip_protocol       = "tcp"
+  from_port         = 6443
+  to_port           = 6443
+
+  tags = local.tags
+}

@@ -1,0 +1,174 @@
+################################################################################
+# General
+################################################################################
+
+variable "name" {
+  description = "Name prefix for every resource (also the value of the `Cluster` tag)."
+  type        = string
+  default     = "cxr"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,20}$", var.name))
+    error_message = "name must be 2-21 characters of lowercase letters, digits and '-', starting with a letter."
+  }
+}
+
+variable "tags" {
+  description = "Extra tags added to every resource."
+  type        = map(string)
+  default     = {}
+}
+
+################################################################################
+# Network
+################################################################################
+
+variable "vpc_cidr" {
+  description = "CIDR block of the VPC. Public and private subnets are carved out of it (/20 each)."
+  type        = string
+  default     = "10.42.0.0/16"
+
+  validation {
+    condition     = can(cidrhost(var.vpc_cidr, 0)) && tonumber(split("/", var.vpc_cidr)[1]) <= 18
+    error_message = "vpc_cidr must be a valid IPv4 CIDR of /18 or larger (it is split into /20 subnets)."
+  }
+}
+
+variable "availability_zones" {
+  description = "Availability zones to spread subnets over (named explicitly so that `plan` never asks AWS)."
+  type        = list(string)
+  default     = ["eu-central-1a", "eu-central-1b"]
+
+  validation {
+    condition     = length(var.availability_zones) >= 1 && length(var.availability_zones) <= 4
+    error_message = "Give between 1 and 4 availability zones."
+  }
+}
+
+variable "admin_cidrs" {
+  description = "CIDRs allowed to reach SSH (22) and the Kubernetes API (6443) on the control plane. Nothing else is open from outside."
+  type        = list(string)
+
+  validation {
+    condition     = length(var.admin_cidrs) > 0 && alltrue([for c in var.admin_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
+    error_message = "admin_cidrs must hold at least one valid CIDR, and never 0.0.0.0/0 (SSH and the API server would face the internet)."
+  }
+}
+
+################################################################################
+# Compute
+################################################################################
+
+variable "ami_id" {
+  description = "AMI for every node (Ubuntu 22.04/24.04 LTS amd64 recommended). Given explicitly: no AMI lookup, so plans are reproducible and work offline."
+  type        = string
+
+  validation {
+    condition     = can(regex("^ami-[0-9a-f]{8,17}$", var.ami_id))
+    error_message = "ami_id must look like ami-0123456789abcdef0."
+  }
+}
+
+variable "ssh_public_key" {
+  description = "OpenSSH public key installed for the nodes' login user (the private half stays with the operator and Ansible)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+", var.ssh_public_key))
+    error_message = "ssh_public_key must be an OpenSSH public key line (ssh-ed25519 AAAA... or ssh-rsa AAAA...)."
+  }
+}
+
+variable "ssh_user" {
+  description = "Login user of the AMI (ubuntu for Ubuntu AMIs); written to the outputs for the Ansible inventory."
+  type        = string
+  default     = "ubuntu"
+}
+
+variable "control_plane_instance_type" {
+  description = "Instance type of the (CPU) Kubernetes control-plane node."
+  type        = string
+  default     = "m6i.xlarge"
+}
+
+variable "gpu_worker_instance_type" {
+  description = "Instance type of the GPU workers (training, Triton). g5.xlarge = 1x NVIDIA A10G 24 GB."
+  type        = string
+  default     = "g5.xlarge"
+
+  validation {
+    condition     = can(regex("^(g4dn|g5|g6|g6e|gr6|p3|p4d|p4de|p5)\\.", var.gpu_worker_instance_type))
+    error_message = "gpu_worker_instance_type must be an NVIDIA GPU family (g4dn, g5, g6, g6e, gr6, p3, p4d, p4de, p5)."
+  }
+}
+
+variable "gpu_worker_count" {
+  description = "Number of GPU workers (Ray training workers and Triton replicas are scheduled on them)."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.gpu_worker_count >= 0 && var.gpu_worker_count <= 32 && floor(var.gpu_worker_count) == var.gpu_worker_count
+    error_message = "gpu_worker_count must be a whole number between 0 and 32."
+  }
+}
+
+################################################################################
+# Storage
+################################################################################
+
+variable "control_plane_root_volume_gb" {
+  description = "Root EBS volume size of the control plane (etcd, images), GiB."
+  type        = number
+  default     = 80
+
+  validation {
+    condition     = var.control_plane_root_volume_gb >= 30
+    error_message = "control_plane_root_volume_gb must be at least 30 GiB."
+  }
+}
+
+variable "gpu_worker_root_volume_gb" {
+  description = "Root EBS volume size of each GPU worker (OS, NVIDIA driver, container images such as Triton ~15 GB), GiB."
+  type        = number
+  default     = 150
+
+  validation {
+    condition     = var.gpu_worker_root_volume_gb >= 60
+    error_message = "gpu_worker_root_volume_gb must be at least 60 GiB (the Triton and CUDA images alone take ~20 GiB)."
+  }
+}
+
+variable "gpu_worker_data_volume_gb" {
+  description = "Extra EBS volume per GPU worker for datasets, Ray spill and MinIO data (local-path volumes), GiB. 0 = none."
+  type        = number
+  default     = 200
+
+  validation {
+    condition     = var.gpu_worker_data_volume_gb >= 0
+    error_message = "gpu_worker_data_volume_gb must be 0 or more."
+  }
+}
+
+variable "artifact_bucket_name" {
+  description = "Name of the S3 bucket for MinIO backups and model artifacts. Empty = AWS picks a unique name starting with \"<name>-artifacts-\"."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.artifact_bucket_name == "" || can(regex("^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", var.artifact_bucket_name))
+    error_message = "artifact_bucket_name must be a valid S3 bucket name (3-63 lowercase letters, digits, '.', '-')."
+  }
+}
+
+variable "artifact_noncurrent_days" {
+  description = "Days a replaced (noncurrent) object version is kept in the artifact bucket before expiry."
+  type        = number
+  default     = 90
+}
+
+variable "flow_log_retention_days" {
+  description = "Days VPC flow logs are kept in CloudWatch Logs."
+  type        = number
+  default     = 365
+}

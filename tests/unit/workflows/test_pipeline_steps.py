@@ -1,0 +1,134 @@
+"""Step functions' own logic (source layout, base model, metrics, validation) and the runner's failures."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from workflows import steps
+from workflows.errors import PipelineError, SourceNotFound, StepFailed
+from workflows.pipeline_cli import app
+from workflows.retrain import STEP_ORDER
+
+pytestmark = pytest.mark.unit
+
+HEADER = "image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max\n"
+
+
+def _source(
+    root: Path, dicom: str = "dicom", csv: str = "annotations.csv", ids: tuple[str, ...] = ("a", "b")
+) -> Path:
+    (root / dicom).mkdir(parents=True)
+    for i in ids:
+        (root / dicom / f"{i}.dicom").write_bytes(b"DICM")
+    rows = "".join(f"{i},No finding,14,R1,,,,\n" for i in ids)
+    (root / csv).write_text(HEADER + rows + "a,Nodule/Mass,8,R2,10,10,40,40\n")
+    return root
+
+
+def _trained(metrics: dict[str, float]) -> steps.TrainResult:
+    return steps.TrainResult(
+        run_name="r",
+        run_id="id",
+        model_version="2",
+        dataset_version="d",
+        base_model_version=None,
+        metrics=metrics,
+    )
+
+
+def test_staged_data_accepts_the_synth_and_the_vindr_layouts(tmp_path: Path) -> None:
+    synth = steps.StagedData.from_dir(_source(tmp_path / "s"))
+    assert synth.dicom_dir.name == "dicom" and synth.annotations_csv.name == "annotations.csv"
+    vindr = steps.StagedData.from_dir(_source(tmp_path / "v", dicom="train", csv="train.csv"))
+    assert vindr.dicom_dir.name == "train" and vindr.annotations_csv.name == "train.csv"
+
+
+def test_a_folder_without_images_or_csv_is_refused_with_the_layout_to_use(tmp_path: Path) -> None:
+    (tmp_path / "dicom").mkdir()
+    with pytest.raises(SourceNotFound, match="cxr data synth"):
+        steps.StagedData.from_dir(tmp_path)
+    with pytest.raises(SourceNotFound, match="not a directory"):
+        steps.StagedData.from_dir(tmp_path / "missing")
+
+
+def test_local_source_is_copied_only_when_a_destination_is_given(tmp_path: Path) -> None:
+    source = _source(tmp_path / "src")
+    in_place = steps.ingest(str(source), dest=None, include_feedback=False, store=None)  # type: ignore[arg-type]
+    assert in_place.staged.root == source and in_place.n_images == 2
+    copied = steps.ingest(str(source), dest=tmp_path / "out", include_feedback=False, store=None)  # type: ignore[arg-type]
+    assert copied.staged.root == tmp_path / "out" and (tmp_path / "out" / "dicom" / "a.dicom").exists()
+
+
+def test_validate_counts_rows_and_images(tmp_path: Path) -> None:
+    result = steps.validate(steps.StagedData.from_dir(_source(tmp_path)))
+    assert (result.total_rows, result.bad_rows, result.n_images) == (3, 0, 2)
+
+
+def test_validate_fails_when_an_annotated_image_has_no_file(tmp_path: Path) -> None:
+    root = _source(tmp_path)
+    (root / "dicom" / "b.dicom").unlink()
+    with pytest.raises(StepFailed, match=r"1 annotated images have no file .*first: b"):
+        steps.validate(steps.StagedData.from_dir(root))
+
+
+def test_validate_fails_above_the_bad_row_limit_naming_the_lines(tmp_path: Path) -> None:
+    root = _source(tmp_path)
+    with (root / "annotations.csv").open("a") as f:
+        f.write("b,Nodule/Mass,8,R2,50,50,10,10\n")  # x_max < x_min
+    with pytest.raises(StepFailed, match="line"):
+        steps.validate(steps.StagedData.from_dir(root))
+
+
+def test_base_model_production_means_the_version_in_productions_stage_file(tmp_path: Path) -> None:
+    from serving.gitops.model_file import StageFile, write_stage_file
+
+    write_stage_file(tmp_path, StageFile(stage="production", model_name="cxr-detector", model_version=""))
+    assert steps.resolve_base_model("production", tmp_path) is None  # nothing in production: from scratch
+    write_stage_file(tmp_path, StageFile(stage="production", model_name="cxr-detector", model_version="5"))
+    assert steps.resolve_base_model("production", tmp_path) == "5"
+    assert steps.resolve_base_model("none", tmp_path) is None
+    assert steps.resolve_base_model("7", tmp_path) == "7"
+    with pytest.raises(PipelineError, match="'production', 'none' or a version"):
+        steps.resolve_base_model("latest", tmp_path)
+
+
+def test_evaluate_reads_the_runs_test_metrics() -> None:
+    result = steps.evaluate(_trained({"test/map50": 0.61, "test/map40": 0.66, "test/recall": 0.5}))
+    assert (result.map50, result.map40) == (0.61, 0.66)
+
+
+@pytest.mark.parametrize("metrics", [{"test/map50": 0.5}, {"test/map50": math.nan, "test/map40": 0.4}])
+def test_evaluate_fails_without_finite_map50_and_map40(metrics: dict[str, float]) -> None:
+    with pytest.raises(StepFailed, match="evaluate"):
+        steps.evaluate(_trained(metrics))
+
+
+@pytest.mark.parametrize(("text", "value"), [("true", True), ("False", False), ("1", True), (" no ", False)])
+def test_argo_boolean_parameters_are_parsed(text: str, value: bool) -> None:
+    assert steps.parse_bool(text) is value
+
+
+def test_argo_boolean_parameters_reject_anything_else() -> None:
+    with pytest.raises(PipelineError, match="expected true or false"):
+        steps.parse_bool("maybe")
+
+
+def test_run_stops_at_the_failing_step_and_says_which_and_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
+    work = tmp_path / "work"
+    result = CliRunner().invoke(
+        app, ["run", "--source", str(tmp_path / "nowhere"), "--no-feedback", "--work-dir", str(work)]
+    )
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "failed step" in result.output and "nowhere" in result.output
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["failed_step"] == "ingest" and not summary["succeeded"]
+    assert [s["status"] for s in summary["steps"]] == ["failed"] + ["pending"] * (len(STEP_ORDER) - 1)

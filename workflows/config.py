@@ -1,0 +1,84 @@
+"""Settings of the retrain pipeline, read once from ``CXR_*`` environment variables.
+
+Two audiences read this object: the Hera definitions (what the cluster runs:
+image, namespace, schedules, resources) and the step functions (where the
+local stack is: state dir, MLflow, the GitOps checkout). Keeping both here
+means a rendered WorkflowTemplate and a local ``cxr pipeline run`` cannot
+disagree about, say, the feedback threshold.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkflowSettings(BaseSettings):
+    """Every setting of ``workflows``; env prefix ``CXR_`` (e.g. ``CXR_FEEDBACK_THRESHOLD=100``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
+
+    # --- shared stack contract -----------------------------------------------------
+    stack_dir: Path = Path(".stack")
+    s3_bucket: str = "cxr"
+    mlflow_uri: str = "http://127.0.0.1:5000"
+    registered_model: str = Field(default="cxr-detector", description="MLflow model training registers into")
+    gitops_dir: Path = Field(
+        default=Path("."), description="git checkout holding k8s/overlays (promote commits here)"
+    )
+
+    # --- pipeline defaults (local runner and the WorkflowTemplate's parameters) ----
+    training_config: str = Field(
+        default="training/configs/cpu-small.yaml", description="training config for `cxr pipeline run`"
+    )
+    cluster_training_config: str = Field(
+        default="training/configs/gpu-large.yaml", description="training config the Argo template defaults to"
+    )
+    base_model: str = Field(
+        default="production",
+        description="fine-tune from: 'production' (that stage's version, if any), 'none', or a version",
+    )
+    feedback_threshold: int = Field(
+        default=50, ge=1, description="feedback items since the last dataset version that trigger a retrain"
+    )
+    incoming_prefix: str = Field(
+        default="incoming/",
+        description="store prefix where new studies (dicom/ + annotations.csv) are dropped",
+    )
+    pipeline_prefix: str = Field(
+        default="pipelines/", description="store prefix for hand-offs between cluster steps and run records"
+    )
+
+    # --- cluster rendering (Hera) ---------------------------------------------------------
+    image: str = Field(default="ghcr.io/cxr-detect/cxr:0.1.0", description="project image every step runs")
+    namespace: str = Field(default="cxr", description="namespace Argo Workflows watches (k8s/platform)")
+    service_account: str = "cxr-pipeline"
+    gitops_repo_url: str = "git@git.hospital.example:radiology/cxr-detect.git"
+    gitops_deploy_key_secret: str = Field(
+        default="cxr-gitops-deploy-key",
+        description="Secret with ssh-privatekey + known_hosts for promote's push",
+    )
+    s3_credentials_secret: str = Field(
+        default="cxr-s3",
+        description="Secret with access_key/secret_key of the in-cluster MinIO (k8s/base/secrets)",
+    )
+    cluster_s3_endpoint: str = "http://minio.cxr.svc.cluster.local:9000"
+    cluster_mlflow_uri: str = "http://mlflow.cxr.svc.cluster.local:5000"
+    weekly_schedule: str = Field(
+        default="0 3 * * 1", description="cron of the weekly retrain (Mondays 03:00)"
+    )
+    feedback_check_schedule: str = Field(
+        default="17 * * * *", description="cron of the hourly feedback check"
+    )
+    schedule_timezone: str = "Europe/Berlin"
+    ray_gpu_workers: int = Field(default=2, ge=1, description="RayJob GPU workers (Argo parameter default)")
+    ray_version: str = "2.60.0"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> WorkflowSettings:
+    """The process-wide settings, built on first use (never at import time)."""
+    return WorkflowSettings()

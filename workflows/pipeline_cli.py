@@ -1,0 +1,372 @@
+"""``cxr pipeline``: run the retrain DAG locally, run one of its steps (what Argo does), render it.
+
+- ``cxr pipeline run``: every step in order on this machine, against the
+  one-machine stack, with a progress row per step and a summary table.
+- ``cxr pipeline step <name>``: one step, as each Argo container runs it; output
+  parameters are written as files under ``--outputs`` for Argo to read.
+- ``cxr pipeline render [--check]``: write ``workflows/argo/*.yaml`` from the Hera
+  definitions, or fail when the committed files drifted from them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+
+from workflows.config import WorkflowSettings, get_settings
+from workflows.errors import PipelineError
+
+console = Console(highlight=False)
+app = typer.Typer(
+    help="The retrain pipeline: run it locally, run one step (as Argo does), render it.", no_args_is_help=True
+)
+step_app = typer.Typer(
+    help="Run one step of the retrain DAG (what each Argo container runs).", no_args_is_help=True
+)
+app.add_typer(step_app, name="step")
+
+OutputsOpt = Annotated[
+    Path | None,
+    typer.Option("--outputs", help="folder to write output parameters into, one file each (Argo)"),
+]
+RunNameOpt = Annotated[str, typer.Option("--run-name", help="the workflow's name; keys the hand-off records")]
+
+
+def _setup(settings: WorkflowSettings) -> None:
+    """Closed-network environment and structured logging, before any heavy import."""
+    from workflows.offline import apply_offline_env
+
+    apply_offline_env(settings.stack_dir)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """A pipeline or store error ends the command with one readable line and exit code 1."""
+    from data_pipeline.errors import DataPipelineError
+
+    try:
+        yield
+    except (PipelineError, DataPipelineError) as exc:
+        console.print(f"error: {exc}", style="bold red", markup=False)
+        raise typer.Exit(1) from exc
+
+
+def _write_outputs(outputs: Path | None, values: dict[str, object], record: BaseModel | None = None) -> None:
+    """Each value as its own file (Argo's valueFrom.path), plus the whole record as result.json."""
+    if outputs is None:
+        return
+    outputs.mkdir(parents=True, exist_ok=True)
+    for name, value in values.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        (outputs / name).write_text(text)
+    if record is not None:
+        (outputs / "result.json").write_text(record.model_dump_json(indent=2))
+
+
+# --------------------------------------------------------------------------- run
+
+
+@app.command("run")
+def run(
+    source: Annotated[
+        str,
+        typer.Option(
+            "--source",
+            help="folder with dicom/ + annotations.csv, s3://bucket/prefix, or 'latest' (the folder the "
+            "latest dataset version was built from: same studies + new feedback)",
+        ),
+    ] = "latest",
+    config: Annotated[
+        Path | None, typer.Option("--config", help="training config (default: CXR_TRAINING_CONFIG)")
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="'production' (fine-tune), 'none', or a version")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="override the config's epochs (0 = keep)")] = 0,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Ray Train workers")] = 2,
+    include_feedback: Annotated[
+        bool, typer.Option("--feedback/--no-feedback", help="merge radiologists' feedback from the store")
+    ] = True,
+    promote: Annotated[
+        bool, typer.Option("--promote/--no-promote", help="promote the new version to staging")
+    ] = True,
+    run_name: Annotated[str | None, typer.Option("--run-name", help="default: local-<UTC timestamp>")] = None,
+    work_dir: Annotated[
+        Path | None, typer.Option("--work-dir", help="default: <stack>/pipeline/<run name>")
+    ] = None,
+) -> None:
+    """Run every step of the retrain DAG on this machine, in the DAG's order, against the stack."""
+    from workflows.runner import RunOptions, run_pipeline, summary_table
+
+    settings = get_settings()
+    _setup(settings)
+    name = run_name or f"local-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    options = RunOptions(
+        source=source,
+        training_config=config or Path(settings.training_config),
+        base_model=base_model or settings.base_model,
+        epochs=epochs,
+        workers=workers,
+        include_feedback=include_feedback,
+        promote=promote,
+        run_name=name,
+        work_dir=work_dir or settings.stack_dir / "pipeline" / name,
+    )
+    with _errors():
+        summary = run_pipeline(options, settings, console=console)
+    console.print(summary_table(summary))
+    console.print(f"summary: {options.work_dir / 'summary.json'}", markup=False)
+    if not summary.succeeded:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- render
+
+
+@app.command("render")
+def render(
+    check: Annotated[
+        bool, typer.Option("--check", help="only compare; exit 1 when the YAML drifted")
+    ] = False,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="default: workflows/argo")] = None,
+) -> None:
+    """Render the Hera definitions to workflows/argo/*.yaml (or check they are up to date)."""
+    from workflows.render import ARGO_DIR, drifted_files, write_all
+
+    settings = get_settings()
+    target = out_dir or ARGO_DIR
+    if check:
+        drifted = drifted_files(settings, target)
+        if drifted:
+            console.print(
+                f"out of date in {target}: {', '.join(drifted)}; run `cxr pipeline render`", style="red"
+            )
+            raise typer.Exit(1)
+        console.print(f"{target} matches workflows/retrain.py", markup=False)
+        return
+    for path in write_all(settings, target):
+        console.print(f"wrote {path}", markup=False)
+
+
+# --------------------------------------------------------------------------- steps (Argo)
+
+
+@step_app.command("ingest")
+def step_ingest(
+    source: Annotated[str, typer.Option("--source")],
+    dest: Annotated[Path | None, typer.Option("--dest", help="copy/download the studies here")] = None,
+    include_feedback: Annotated[str, typer.Option("--include-feedback")] = "true",
+    outputs: OutputsOpt = None,
+) -> None:
+    """Stage new studies and count waiting feedback."""
+    from workflows import steps
+
+    settings = get_settings()
+    _setup(settings)
+    with _errors():
+        result = steps.ingest(
+            source,
+            dest=dest,
+            include_feedback=steps.parse_bool(include_feedback),
+            store=steps.default_store(),
+        )
+    _write_outputs(outputs, {"n-images": result.n_images, "n-feedback-rows": result.n_feedback_items}, result)
+
+
+@step_app.command("validate")
+def step_validate(
+    staged: Annotated[Path, typer.Option("--staged", help="folder with dicom/ + annotations.csv")],
+    outputs: OutputsOpt = None,
+) -> None:
+    """Schema-check the staged annotations and their images."""
+    from workflows import steps
+
+    settings = get_settings()
+    _setup(settings)
+    with _errors():
+        result = steps.validate(steps.StagedData.from_dir(staged))
+    _write_outputs(outputs, {"bad-rows": result.bad_rows}, result)
+
+
+@step_app.command("build-dataset")
+def step_build_dataset(
+    staged: Annotated[Path, typer.Option("--staged")],
+    out: Annotated[Path, typer.Option("--out", help="local folder for the dataset version")],
+    include_feedback: Annotated[str, typer.Option("--include-feedback")] = "true",
+    outputs: OutputsOpt = None,
+) -> None:
+    """Build the content-hashed dataset version and upload it to the store."""
+    from workflows import steps
+
+    settings = get_settings()
+    _setup(settings)
+    with _errors():
+        result = steps.build_dataset(
+            steps.StagedData.from_dir(staged),
+            out_dir=out,
+            include_feedback=steps.parse_bool(include_feedback),
+            store=steps.default_store(),
+            settings=settings,
+        )
+    _write_outputs(outputs, {"dataset-version": result.version, "n-images": result.n_images}, result)
+
+
+@step_app.command("train")
+def step_train(
+    dataset_version: Annotated[str, typer.Option("--dataset-version")],
+    config: Annotated[Path, typer.Option("--config")],
+    run_name: RunNameOpt,
+    base_model: Annotated[str, typer.Option("--base-model")] = "production",
+    epochs: Annotated[int, typer.Option("--epochs")] = 0,
+    workers: Annotated[int, typer.Option("--workers", min=1)] = 2,
+    outputs: OutputsOpt = None,
+) -> None:
+    """Train (inside the RayJob) and leave the result for the next steps in the store."""
+    from workflows import steps
+
+    settings = get_settings()
+    _setup(settings)
+    with _errors():
+        store = steps.default_store()
+        result = steps.train(
+            dataset_version,
+            config_path=config,
+            base_model=base_model,
+            epochs=epochs,
+            workers=workers,
+            run_name=run_name,
+            settings=settings,
+        )
+        steps.save_handoff(store, settings, run_name, "train", result)
+    _write_outputs(outputs, {"run-id": result.run_id, "model-version": result.model_version}, result)
+
+
+@step_app.command("evaluate")
+def step_evaluate(run_name: RunNameOpt, outputs: OutputsOpt = None) -> None:
+    """Check the run's test metrics (mAP@0.5, VinDr mAP@0.4)."""
+    from workflows import steps
+
+    settings = get_settings()
+    _setup(settings)
+    with _errors():
+        trained = steps.load_train_handoff(steps.default_store(), settings, run_name)
+        result = steps.evaluate(trained)
+    _write_outputs(outputs, {"map50": result.map50, "map40": result.map40}, result)
+    if outputs is not None:
+        (outputs / "evaluation.json").write_text(result.model_dump_json(indent=2))
+
+
+@step_app.command("export")
+def step_export(run_name: RunNameOpt, outputs: OutputsOpt = None) -> None:
+    """Check the ONNX artifact's checksum and parity."""
+    from workflows import steps
+
+    settings = get_settings()
+    _setup(settings)
+    with _errors():
+        trained = steps.load_train_handoff(steps.default_store(), settings, run_name)
+        result = steps.export(trained, mlflow_uri=settings.mlflow_uri, model_name=settings.registered_model)
+    _write_outputs(
+        outputs,
+        {"onnx-sha256": result.onnx_sha256, "parity-max-abs-diff": result.parity_max_abs_diff},
+        result,
+    )
+
+
+@step_app.command("register")
+def step_register(run_name: RunNameOpt, outputs: OutputsOpt = None) -> None:
+    """Check the registered version and its lineage tags; output its number."""
+    from workflows import steps
+
+    settings = get_settings()
+    _setup(settings)
+    with _errors():
+        trained = steps.load_train_handoff(steps.default_store(), settings, run_name)
+        result = steps.register(trained, mlflow_uri=settings.mlflow_uri, model_name=settings.registered_model)
+    _write_outputs(outputs, {"model-version": result.model_version}, result)
+
+
+@step_app.command("promote-to-staging")
+def step_promote(
+    model_version: Annotated[str, typer.Option("--model-version")],
+    stage: Annotated[str, typer.Option("--stage")] = "staging",
+    git_url: Annotated[
+        str | None, typer.Option("--git-url", help="clone this GitOps repo first (cluster)")
+    ] = None,
+    push: Annotated[bool, typer.Option("--push", help="push the promotion commit")] = False,
+    outputs: OutputsOpt = None,
+) -> None:
+    """Promote the version (gates, alias, stage file, commit); a refused gate is reported, not an error."""
+    from workflows import steps
+
+    settings = get_settings()
+    _setup(settings)
+    if stage not in ("staging", "canary", "production"):
+        console.print(f"error: unknown stage {stage!r}; use staging, canary or production", style="bold red")
+        raise typer.Exit(2)
+    with _errors():
+        result = steps.promote(
+            model_version,
+            stage=stage,  # type: ignore[arg-type]
+            gitops_dir=settings.gitops_dir,
+            git_url=git_url,
+            push=push,
+        )
+    _write_outputs(outputs, {"promoted": result.promoted, "reason": result.reason}, result)
+    console.print(("promoted: " if result.promoted else "not promoted: ") + result.reason, markup=False)
+
+
+@step_app.command("check-feedback")
+def step_check_feedback(
+    threshold: Annotated[
+        int | None, typer.Option("--threshold", min=1, help="default: CXR_FEEDBACK_THRESHOLD")
+    ] = None,
+    outputs: OutputsOpt = None,
+) -> None:
+    """Count feedback newer than the last dataset version; say whether to retrain."""
+    from workflows import steps
+
+    settings = get_settings()
+    _setup(settings)
+    with _errors():
+        result = steps.check_feedback(
+            threshold=threshold or settings.feedback_threshold, store=steps.default_store(), settings=settings
+        )
+    _write_outputs(
+        outputs, {"new-feedback": result.new_items, "should-retrain": result.should_retrain}, result
+    )
+    console.print(
+        f"{result.new_items} new feedback items (threshold {result.threshold}): "
+        + ("retrain" if result.should_retrain else "wait"),
+        markup=False,
+    )
+
+
+@step_app.command("record-exit")
+def step_record_exit(
+    run_name: RunNameOpt,
+    status: Annotated[str, typer.Option("--status")],
+    failures: Annotated[str, typer.Option("--failures")] = "",
+) -> None:
+    """onExit handler: store how the workflow ended next to its records."""
+    from workflows import steps
+
+    settings = get_settings()
+    _setup(settings)
+    with _errors():
+        steps.record_exit(
+            run_name=run_name,
+            status=status,
+            failures=failures,
+            store=steps.default_store(),
+            settings=settings,
+        )

@@ -1,0 +1,618 @@
+"""The retrain pipeline as Argo Workflows objects, written with Hera.
+
+Three objects, rendered to ``workflows/argo/`` by :mod:`workflows.render` and
+synced into the cluster by ArgoCD:
+
+- WorkflowTemplate ``cxr-retrain``: the DAG
+  ``ingest >> validate >> build-dataset >> train >> evaluate >> export >> register >> promote-to-staging``.
+  Every step is the project image running ``cxr pipeline step <name>``, i.e. the
+  same function of :mod:`workflows.steps` that ``cxr pipeline run`` calls on one
+  machine. ``train`` is a KubeRay ``RayJob`` created as a resource template (N
+  GPU workers) that Argo watches until it succeeds or fails.
+- CronWorkflow ``cxr-retrain-weekly``: submits the template every week.
+- CronWorkflow ``cxr-retrain-on-feedback``: every hour counts radiologists'
+  feedback items newer than the last dataset version and submits the template
+  when there are at least N.
+
+Hand-offs: the staged raw data travels as an S3 artifact (the cluster's default
+artifact repository); the dataset version and model version as parameters; the
+train step's result (the RayJob cannot write Argo output files) as a small JSON
+record in the store under ``pipelines/<workflow name>/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from hera.workflows import (
+    DAG,
+    Artifact,
+    Container,
+    CronWorkflow,
+    EmptyDirVolume,
+    Env,
+    Parameter,
+    Resource,
+    Resources,
+    RetryStrategy,
+    SecretEnv,
+    SecretVolume,
+    Task,
+    WorkflowTemplate,
+)
+from hera.workflows import models as m
+
+from workflows.config import WorkflowSettings
+
+TEMPLATE_NAME = "cxr-retrain"
+WEEKLY_NAME = "cxr-retrain-weekly"
+FEEDBACK_NAME = "cxr-retrain-on-feedback"
+OUTPUTS_DIR = "/tmp/outputs"
+STAGED_DIR = "/work/staged"
+DEPLOY_KEY_MOUNT = "/etc/cxr/git"
+LABELS = {"app.kubernetes.io/part-of": "cxr-detect", "app.kubernetes.io/component": "retrain"}
+
+# The order of the DAG; the local runner (workflows.pipeline_cli) walks the same list.
+STEP_ORDER = (
+    "ingest",
+    "validate",
+    "build-dataset",
+    "train",
+    "evaluate",
+    "export",
+    "register",
+    "promote-to-staging",
+)
+
+
+def _infra_retry(limit: int = 3) -> RetryStrategy:
+    """Retries for steps that only fail for infrastructure reasons (store, MLflow, git remote).
+
+    ``Always`` because a store outage surfaces as a non-zero exit, not a pod error;
+    exponential backoff so a restarting MinIO gets minutes, not a burst of retries.
+    """
+    return RetryStrategy(
+        limit=limit,
+        retry_policy="Always",
+        backoff=m.Backoff(duration="30s", factor=m.IntOrString(2), max_duration="15m"),
+    )
+
+
+def _pod_error_retry() -> RetryStrategy:
+    """Retry only when the pod itself was lost (node gone, eviction): a real failure must stay failed."""
+    return RetryStrategy(
+        limit=2, retry_policy="OnError", backoff=m.Backoff(duration="1m", factor=m.IntOrString(2))
+    )
+
+
+def _env(settings: WorkflowSettings) -> list[Env | SecretEnv]:
+    """What every step needs to find the store and MLflow in the cluster."""
+    return [
+        Env(name="CXR_S3_ENDPOINT", value=settings.cluster_s3_endpoint),
+        Env(name="CXR_S3_BUCKET", value=settings.s3_bucket),
+        Env(name="CXR_MLFLOW_URI", value=settings.cluster_mlflow_uri),
+        Env(name="CXR_STACK_DIR", value="/work/state"),
+        SecretEnv(
+            name="CXR_S3_ACCESS_KEY", secret_name=settings.s3_credentials_secret, secret_key="access_key"
+        ),
+        SecretEnv(
+            name="CXR_S3_SECRET_KEY", secret_name=settings.s3_credentials_secret, secret_key="secret_key"
+        ),
+    ]
+
+
+def _env_models(settings: WorkflowSettings) -> list[dict[str, Any]]:
+    """The same environment as plain Kubernetes dicts, for the RayJob's pods."""
+    return [e.build().model_dump(by_alias=True, exclude_none=True) for e in _env(settings)]
+
+
+def _step(
+    settings: WorkflowSettings,
+    name: str,
+    args: list[str],
+    *,
+    inputs: list[Parameter | Artifact] | None = None,
+    outputs: list[Parameter | Artifact] | None = None,
+    retry: RetryStrategy | None = None,
+    deadline_s: int,
+    cpu: str = "1",
+    memory: str = "2Gi",
+    volume_mounts: list[m.VolumeMount] | None = None,
+    extra_env: list[Env] | None = None,
+) -> Container:
+    """One DAG step: the project image running ``cxr pipeline step <name> ...``."""
+    return Container(
+        name=name,
+        image=settings.image,
+        command=["cxr", "pipeline", "step", name],
+        args=args,
+        inputs=inputs or [],
+        outputs=outputs or [],
+        env=[*_env(settings), *(extra_env or [])],
+        resources=Resources(cpu_request=cpu, memory_request=memory, memory_limit=memory),
+        retry_strategy=retry,
+        active_deadline_seconds=deadline_s,
+        volume_mounts=[*_SCRATCH_MOUNTS, *(volume_mounts or [])],
+        security_context=m.SecurityContext(
+            run_as_non_root=True,
+            read_only_root_filesystem=True,
+            allow_privilege_escalation=False,
+            capabilities=m.Capabilities(drop=["ALL"]),
+        ),
+    )
+
+
+# Writable scratch for a read-only root filesystem: staged data and datasets
+# under /work, Argo output files and library caches under /tmp.
+_SCRATCH_MOUNTS = [
+    m.VolumeMount(name="work", mount_path="/work"),
+    m.VolumeMount(name="tmp", mount_path="/tmp"),
+]
+
+
+def _scratch_volumes() -> list[EmptyDirVolume]:
+    """Per-pod emptyDir volumes backing :data:`_SCRATCH_MOUNTS`."""
+    return [
+        EmptyDirVolume(name="work", size_limit=m.Quantity("100Gi")),
+        EmptyDirVolume(name="tmp", size_limit=m.Quantity("10Gi")),
+    ]
+
+
+def _task(template: Container | Resource, **kwargs: Any) -> Task:
+    """Call ``template`` inside a DAG context; Hera types that as ``Step | Task | None``."""
+    task = template(**kwargs)
+    if not isinstance(task, Task):
+        raise TypeError(f"{template.name} must be called inside a DAG context")
+    return task
+
+
+def _out(name: str) -> Parameter:
+    """An output parameter read from the file the step wrote under OUTPUTS_DIR."""
+    return Parameter(name=name, value_from=m.ValueFrom(path=f"{OUTPUTS_DIR}/{name}"))
+
+
+def rayjob_manifest(settings: WorkflowSettings) -> str:
+    """The KubeRay RayJob the ``train`` step creates: one CPU head, N GPU workers.
+
+    Returned as text because Argo substitutes ``{{...}}`` in the manifest before
+    parsing it; ``replicas`` must end up an integer, so that placeholder is
+    written unquoted (invalid YAML until Argo fills it in, by design).
+    """
+    train_cmd = (
+        "cxr pipeline step train"
+        " --dataset-version {{inputs.parameters.dataset-version}}"
+        " --config {{inputs.parameters.training-config}}"
+        " --base-model {{inputs.parameters.base-model}}"
+        " --epochs {{inputs.parameters.epochs}}"
+        " --workers {{inputs.parameters.workers}}"
+        " --run-name {{workflow.name}}"
+    )
+    env = _env_models(settings)
+    container_security = {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    manifest = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {
+            "generateName": "cxr-train-",
+            "namespace": settings.namespace,
+            "labels": {**LABELS, "workflows.argoproj.io/workflow": "{{workflow.name}}"},
+        },
+        "spec": {
+            "entrypoint": train_cmd,
+            "submissionMode": "K8sJobMode",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 3600,
+            "activeDeadlineSeconds": 86400,
+            "backoffLimit": 0,
+            "rayClusterSpec": {
+                "rayVersion": settings.ray_version,
+                "headGroupSpec": {
+                    "rayStartParams": {"num-gpus": "0"},
+                    "template": {
+                        "spec": {
+                            "serviceAccountName": settings.service_account,
+                            "containers": [
+                                {
+                                    "name": "ray-head",
+                                    "image": settings.image,
+                                    "env": env,
+                                    "resources": {
+                                        "requests": {"cpu": "2", "memory": "8Gi"},
+                                        "limits": {"memory": "8Gi"},
+                                    },
+                                    "securityContext": container_security,
+                                }
+                            ],
+                        }
+                    },
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "gpu",
+                        "replicas": "__WORKERS__",
+                        "minReplicas": 1,
+                        "maxReplicas": 16,
+                        "rayStartParams": {},
+                        "template": {
+                            "spec": {
+                                "serviceAccountName": settings.service_account,
+                                "tolerations": [
+                                    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+                                ],
+                                "containers": [
+                                    {
+                                        "name": "ray-worker",
+                                        "image": settings.image,
+                                        "env": env,
+                                        "resources": {
+                                            "requests": {"cpu": "3", "memory": "12Gi", "nvidia.com/gpu": "1"},
+                                            "limits": {"memory": "12Gi", "nvidia.com/gpu": "1"},
+                                        },
+                                        "securityContext": container_security,
+                                        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+                                    }
+                                ],
+                                # PyTorch DataLoader workers and NCCL need more than 64 MiB of shm.
+                                "volumes": [
+                                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "4Gi"}}
+                                ],
+                            }
+                        },
+                    }
+                ],
+            },
+        },
+    }
+    text = yaml.safe_dump(manifest, sort_keys=False, width=1000)
+    return text.replace("__WORKERS__", "{{inputs.parameters.workers}}")
+
+
+def _parameters(settings: WorkflowSettings) -> list[Parameter]:
+    """The template's parameters and their defaults (what a weekly run uses)."""
+    return [
+        Parameter(
+            name="dataset-source",
+            value=f"s3://{settings.s3_bucket}/{settings.incoming_prefix}",
+            description="new studies (dicom/ + annotations.csv): s3://bucket/prefix or a path",
+        ),
+        Parameter(
+            name="training-config",
+            value=settings.cluster_training_config,
+            description="training config file inside the image",
+        ),
+        Parameter(
+            name="base-model",
+            value=settings.base_model,
+            description="fine-tune from: 'production' (its version), 'none', or a registered version",
+        ),
+        Parameter(
+            name="epochs", value="0", description="override the config's epochs (0 = keep the config's)"
+        ),
+        Parameter(name="workers", value=str(settings.ray_gpu_workers), description="Ray GPU workers"),
+        Parameter(name="include-feedback", value="true", description="merge radiologists' feedback"),
+    ]
+
+
+def build_retrain_template(settings: WorkflowSettings) -> WorkflowTemplate:
+    """WorkflowTemplate ``cxr-retrain``: the whole retrain DAG."""
+    with WorkflowTemplate(
+        name=TEMPLATE_NAME,
+        namespace=settings.namespace,
+        labels=LABELS,
+        annotations={
+            "workflows.argoproj.io/description": (
+                "Retrain the CXR detector on new data + feedback and promote it to staging."
+            ),
+            "cxr-detect/generated-by": "workflows/retrain.py (cxr pipeline render)",
+        },
+        entrypoint="retrain",
+        on_exit="exit-handler",
+        service_account_name=settings.service_account,
+        arguments=_parameters(settings),
+        active_deadline_seconds=36 * 3600,
+        synchronization=m.Synchronization(mutexes=[m.Mutex(name=TEMPLATE_NAME)]),
+        pod_gc=m.PodGC(strategy="OnPodSuccess"),
+        ttl_strategy=m.TTLStrategy(seconds_after_success=7 * 24 * 3600, seconds_after_failure=14 * 24 * 3600),
+        volumes=[
+            *_scratch_volumes(),
+            SecretVolume(
+                name="git-deploy-key", secret_name=settings.gitops_deploy_key_secret, default_mode=0o400
+            ),
+        ],
+        security_context=m.PodSecurityContext(run_as_non_root=True, run_as_user=10001, fs_group=10001),
+    ) as wt:
+        ingest = _step(
+            settings,
+            "ingest",
+            [
+                "--source",
+                "{{inputs.parameters.dataset-source}}",
+                "--include-feedback",
+                "{{inputs.parameters.include-feedback}}",
+                "--dest",
+                STAGED_DIR,
+                "--outputs",
+                OUTPUTS_DIR,
+            ],
+            inputs=[Parameter(name="dataset-source"), Parameter(name="include-feedback")],
+            outputs=[_out("n-images"), _out("n-feedback-rows"), Artifact(name="staged", path=STAGED_DIR)],
+            retry=_infra_retry(),
+            deadline_s=2 * 3600,
+            memory="4Gi",
+        )
+        validate = _step(
+            settings,
+            "validate",
+            ["--staged", STAGED_DIR, "--outputs", OUTPUTS_DIR],
+            inputs=[Artifact(name="staged", path=STAGED_DIR)],
+            outputs=[_out("bad-rows")],
+            retry=_pod_error_retry(),
+            deadline_s=3600,
+            memory="4Gi",
+        )
+        build = _step(
+            settings,
+            "build-dataset",
+            [
+                "--staged",
+                STAGED_DIR,
+                "--out",
+                "/work/datasets",
+                "--include-feedback",
+                "{{inputs.parameters.include-feedback}}",
+                "--outputs",
+                OUTPUTS_DIR,
+            ],
+            inputs=[Parameter(name="include-feedback"), Artifact(name="staged", path=STAGED_DIR)],
+            outputs=[_out("dataset-version"), _out("n-images")],
+            retry=_infra_retry(),
+            deadline_s=4 * 3600,
+            cpu="4",
+            memory="8Gi",
+        )
+        train = Resource(
+            name="train",
+            action="create",
+            set_owner_reference=True,
+            manifest=rayjob_manifest(settings),
+            success_condition="status.jobStatus == SUCCEEDED",
+            failure_condition="status.jobStatus in (FAILED,STOPPED)",
+            inputs=[
+                Parameter(name="dataset-version"),
+                Parameter(name="training-config"),
+                Parameter(name="base-model"),
+                Parameter(name="epochs"),
+                Parameter(name="workers"),
+            ],
+            outputs=[Parameter(name="rayjob-name", value_from=m.ValueFrom(json_path="{.metadata.name}"))],
+            retry_strategy=_pod_error_retry(),
+            active_deadline_seconds=24 * 3600,
+        )
+        run_args = ["--run-name", "{{workflow.name}}", "--outputs", OUTPUTS_DIR]
+        evaluate = _step(
+            settings,
+            "evaluate",
+            run_args,
+            outputs=[
+                _out("map50"),
+                _out("map40"),
+                Artifact(name="evaluation", path=f"{OUTPUTS_DIR}/evaluation.json"),
+            ],
+            retry=_infra_retry(2),
+            deadline_s=3600,
+            memory="8Gi",
+        )
+        export = _step(
+            settings,
+            "export",
+            run_args,
+            outputs=[_out("onnx-sha256"), _out("parity-max-abs-diff")],
+            retry=_infra_retry(2),
+            deadline_s=3600,
+            memory="8Gi",
+        )
+        register = _step(
+            settings,
+            "register",
+            run_args,
+            outputs=[_out("model-version")],
+            retry=_infra_retry(),
+            deadline_s=900,
+        )
+        promote = _step(
+            settings,
+            "promote-to-staging",
+            [
+                "--model-version",
+                "{{inputs.parameters.model-version}}",
+                "--stage",
+                "staging",
+                "--git-url",
+                settings.gitops_repo_url,
+                "--push",
+                "--outputs",
+                OUTPUTS_DIR,
+            ],
+            inputs=[Parameter(name="model-version")],
+            outputs=[_out("promoted"), _out("reason")],
+            retry=_infra_retry(),
+            deadline_s=900,
+            volume_mounts=[m.VolumeMount(name="git-deploy-key", mount_path=DEPLOY_KEY_MOUNT, read_only=True)],
+            extra_env=[
+                Env(
+                    name="GIT_SSH_COMMAND",
+                    value=(
+                        f"ssh -i {DEPLOY_KEY_MOUNT}/ssh-privatekey"
+                        f" -o UserKnownHostsFile={DEPLOY_KEY_MOUNT}/known_hosts -o StrictHostKeyChecking=yes"
+                    ),
+                ),
+                Env(name="GIT_AUTHOR_NAME", value="cxr-retrain"),
+                Env(name="GIT_AUTHOR_EMAIL", value="cxr-retrain@cxr-detect.invalid"),
+                Env(name="GIT_COMMITTER_NAME", value="cxr-retrain"),
+                Env(name="GIT_COMMITTER_EMAIL", value="cxr-retrain@cxr-detect.invalid"),
+            ],
+        )
+        record_exit = _step(
+            settings,
+            "record-exit",
+            [
+                "--run-name",
+                "{{workflow.name}}",
+                "--status",
+                "{{inputs.parameters.status}}",
+                "--failures",
+                "{{inputs.parameters.failures}}",
+            ],
+            inputs=[Parameter(name="status"), Parameter(name="failures", default="[]")],
+            retry=_infra_retry(2),
+            deadline_s=300,
+            cpu="100m",
+            memory="512Mi",
+        )
+        # onExit: {{workflow.failures}} exists only when something failed, so it is read only then.
+        with DAG(name="exit-handler"):
+            _task(
+                record_exit,
+                name="record-failure",
+                arguments={"status": "{{workflow.status}}", "failures": "{{workflow.failures}}"},
+                when="{{workflow.status}} != Succeeded",
+            )
+            _task(
+                record_exit,
+                name="record-success",
+                arguments={"status": "{{workflow.status}}"},
+                when="{{workflow.status}} == Succeeded",
+            )
+
+        with DAG(name="retrain"):
+            t_ingest = _task(
+                ingest,
+                arguments={
+                    "dataset-source": "{{workflow.parameters.dataset-source}}",
+                    "include-feedback": "{{workflow.parameters.include-feedback}}",
+                },
+            )
+            t_validate = _task(validate, arguments=[t_ingest.get_artifact("staged").with_name("staged")])
+            t_build = _task(
+                build,
+                arguments=[
+                    t_ingest.get_artifact("staged").with_name("staged"),
+                    Parameter(name="include-feedback", value="{{workflow.parameters.include-feedback}}"),
+                ],
+            )
+            t_train = _task(
+                train,
+                arguments={
+                    "dataset-version": t_build.get_parameter("dataset-version").value,
+                    "training-config": "{{workflow.parameters.training-config}}",
+                    "base-model": "{{workflow.parameters.base-model}}",
+                    "epochs": "{{workflow.parameters.epochs}}",
+                    "workers": "{{workflow.parameters.workers}}",
+                },
+            )
+            t_evaluate = _task(evaluate)
+            t_export = _task(export)
+            t_register = _task(register)
+            t_promote = _task(
+                promote, arguments={"model-version": t_register.get_parameter("model-version").value}
+            )
+            # Hera types `a >> b` as `Task | list[Task]`, which mypy will not chain.
+            t_ingest >> t_validate >> t_build >> t_train >> t_evaluate >> t_export >> t_register >> t_promote  # type: ignore[operator]
+    return wt
+
+
+def build_weekly_cron(settings: WorkflowSettings) -> CronWorkflow:
+    """CronWorkflow ``cxr-retrain-weekly``: the template with its defaults, once a week."""
+    return CronWorkflow(
+        name=WEEKLY_NAME,
+        namespace=settings.namespace,
+        labels=LABELS,
+        schedules=[settings.weekly_schedule],
+        timezone=settings.schedule_timezone,
+        concurrency_policy="Forbid",
+        starting_deadline_seconds=3600,
+        successful_jobs_history_limit=4,
+        failed_jobs_history_limit=4,
+        workflow_template_ref=m.WorkflowTemplateRef(name=TEMPLATE_NAME),
+    )
+
+
+def submitted_workflow_manifest(settings: WorkflowSettings) -> str:
+    """The Workflow object the feedback trigger creates: the retrain template, by reference."""
+    manifest = {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {
+            "generateName": f"{TEMPLATE_NAME}-feedback-",
+            "namespace": settings.namespace,
+            "labels": {**LABELS, "cxr-detect/trigger": "feedback"},
+        },
+        "spec": {
+            "workflowTemplateRef": {"name": TEMPLATE_NAME},
+            "arguments": {"parameters": [{"name": "include-feedback", "value": "true"}]},
+        },
+    }
+    return yaml.safe_dump(manifest, sort_keys=False)
+
+
+def build_feedback_cron(settings: WorkflowSettings) -> CronWorkflow:
+    """CronWorkflow ``cxr-retrain-on-feedback``: hourly, submit a retrain once N feedback items waited."""
+    with CronWorkflow(
+        name=FEEDBACK_NAME,
+        namespace=settings.namespace,
+        labels=LABELS,
+        schedules=[settings.feedback_check_schedule],
+        timezone=settings.schedule_timezone,
+        concurrency_policy="Forbid",
+        starting_deadline_seconds=600,
+        successful_jobs_history_limit=3,
+        failed_jobs_history_limit=3,
+        entrypoint="check-and-submit",
+        service_account_name=settings.service_account,
+        active_deadline_seconds=1800,
+        arguments=[
+            Parameter(
+                name="threshold",
+                value=str(settings.feedback_threshold),
+                description="feedback items since the last dataset version that trigger a retrain",
+            )
+        ],
+        volumes=_scratch_volumes(),
+        security_context=m.PodSecurityContext(run_as_non_root=True, run_as_user=10001, fs_group=10001),
+    ) as cw:
+        check = _step(
+            settings,
+            "check-feedback",
+            ["--threshold", "{{inputs.parameters.threshold}}", "--outputs", OUTPUTS_DIR],
+            inputs=[Parameter(name="threshold")],
+            outputs=[_out("new-feedback"), _out("should-retrain")],
+            retry=_infra_retry(2),
+            deadline_s=600,
+            cpu="100m",
+            memory="512Mi",
+        )
+        submit = Resource(
+            name="submit-retrain",
+            action="create",
+            manifest=submitted_workflow_manifest(settings),
+            outputs=[Parameter(name="workflow-name", value_from=m.ValueFrom(json_path="{.metadata.name}"))],
+        )
+        with DAG(name="check-and-submit"):
+            t_check = _task(check, arguments={"threshold": "{{workflow.parameters.threshold}}"})
+            t_submit = _task(submit, when=f"{t_check.get_parameter('should-retrain').value} == true")
+            t_check >> t_submit
+    return cw
+
+
+def build_all(settings: WorkflowSettings) -> dict[str, WorkflowTemplate | CronWorkflow]:
+    """Every object to render, keyed by the file name it is committed under."""
+    return {
+        f"{TEMPLATE_NAME}.yaml": build_retrain_template(settings),
+        f"{WEEKLY_NAME}.yaml": build_weekly_cron(settings),
+        f"{FEEDBACK_NAME}.yaml": build_feedback_cron(settings),
+    }

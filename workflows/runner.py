@@ -1,0 +1,251 @@
+"""The local runner: the retrain DAG's steps, in the DAG's order, on one machine.
+
+``cxr pipeline run`` calls :func:`run_pipeline`. It walks
+:data:`workflows.retrain.STEP_ORDER` and calls the same functions of
+:mod:`workflows.steps` that the Argo steps call, passing records in memory
+instead of through artifacts, so the one-machine loop and the cluster cannot
+drift apart. Each step prints a numbered start and end line ([i/8], time,
+outcome) and logs one structured line; the result is a :class:`PipelineSummary`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from workflows import steps
+from workflows.config import WorkflowSettings
+from workflows.errors import PipelineError
+from workflows.retrain import STEP_ORDER
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What ``cxr pipeline run`` was asked to do (the WorkflowTemplate's parameters)."""
+
+    source: str
+    training_config: Path
+    base_model: str
+    epochs: int
+    workers: int
+    include_feedback: bool
+    promote: bool
+    run_name: str
+    work_dir: Path
+
+
+class StepRecord(BaseModel):
+    name: str
+    status: str = "pending"  # pending | ok | failed | skipped
+    seconds: float = 0.0
+    detail: str = ""
+
+
+class PipelineSummary(BaseModel):
+    """What a person (or the e2e test) wants to know after a run."""
+
+    run_name: str
+    succeeded: bool = False
+    failed_step: str | None = None
+    error: str | None = None
+    dataset_version: str | None = None
+    n_images: int | None = None
+    feedback_items: int | None = None
+    run_id: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    base_model_version: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    promoted: bool = False
+    promotion_reason: str = ""
+    commit: str | None = None
+    steps: list[StepRecord] = Field(default_factory=list)
+
+
+class _StepLines:
+    """One line when a step starts and one when it ends, numbered ``[i/n]``.
+
+    Deliberately not a rich live display: the steps run other packages' own
+    progress bars (a live display cannot nest) and fork process pools (a
+    refresh thread running across ``fork`` can leave a child holding a lock).
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.total = len(STEP_ORDER)
+
+    def start(self, index: int, name: str) -> None:
+        self.console.print(f"[bold cyan]▶ [{index}/{self.total}] {name}[/]")
+
+    def finish(self, index: int, record: StepRecord) -> None:
+        mark = {"ok": "[green]✓", "skipped": "[yellow]-", "failed": "[bold red]✗"}[record.status]
+        head = f"{mark} [{index}/{self.total}] {record.name}[/] ({record.seconds:.1f} s)"
+        self.console.print(f"{head} {escape(record.detail)}", highlight=False)
+
+
+def run_pipeline(
+    options: RunOptions,
+    settings: WorkflowSettings,
+    *,
+    store: Any | None = None,
+    console: Console | None = None,
+) -> PipelineSummary:
+    """Run every step; stops at the first failure and says which step failed and why."""
+    console = console or Console()
+    store = store if store is not None else steps.default_store()
+    summary = PipelineSummary(run_name=options.run_name, steps=[StepRecord(name=n) for n in STEP_ORDER])
+    records = {r.name: r for r in summary.steps}
+    state: dict[str, Any] = {}
+
+    def do_ingest() -> str:
+        dest = options.work_dir / "staged" if options.source.startswith("s3://") else None
+        result = steps.ingest(
+            options.source, dest=dest, include_feedback=options.include_feedback, store=store
+        )
+        state["staged"] = result.staged
+        summary.feedback_items = result.n_feedback_items
+        return f"{result.n_images} images, {result.n_feedback_items} feedback items"
+
+    def do_validate() -> str:
+        result = steps.validate(state["staged"])
+        return f"{result.total_rows} rows, {result.bad_rows} quarantined, {result.n_images} images"
+
+    def do_build() -> str:
+        result = steps.build_dataset(
+            state["staged"],
+            out_dir=options.work_dir / "datasets",
+            include_feedback=options.include_feedback,
+            store=store,
+            settings=settings,
+        )
+        summary.dataset_version, summary.n_images = result.version, result.n_images
+        return f"version {result.version[:12]} ({result.n_images} images)"
+
+    def do_train() -> str:
+        trained = steps.train(
+            summary.dataset_version or "",
+            config_path=options.training_config,
+            base_model=options.base_model,
+            epochs=options.epochs,
+            workers=options.workers,
+            run_name=options.run_name,
+            settings=settings,
+        )
+        steps.save_handoff(store, settings, options.run_name, "train", trained)
+        state["trained"] = trained
+        summary.run_id, summary.base_model_version = trained.run_id, trained.base_model_version
+        base = (
+            f"fine-tuned from v{trained.base_model_version}" if trained.base_model_version else "from scratch"
+        )
+        return f"run {trained.run_id[:12]} ({base})"
+
+    def do_evaluate() -> str:
+        result = steps.evaluate(state["trained"])
+        summary.metrics = {"map50": result.map50, "map40": result.map40, **result.metrics}
+        return f"mAP@0.5 {result.map50:.3f}  mAP@0.4 {result.map40:.3f}"
+
+    def do_export() -> str:
+        result = steps.export(
+            state["trained"], mlflow_uri=settings.mlflow_uri, model_name=settings.registered_model
+        )
+        return f"onnx {result.onnx_sha256[:12]}, parity {result.parity_max_abs_diff:.1e}"
+
+    def do_register() -> str:
+        result = steps.register(
+            state["trained"], mlflow_uri=settings.mlflow_uri, model_name=settings.registered_model
+        )
+        summary.model_name, summary.model_version = settings.registered_model, result.model_version
+        return f"{settings.registered_model} v{result.model_version}"
+
+    def do_promote() -> str:
+        if not options.promote:
+            summary.promotion_reason = "not asked (--no-promote)"
+            raise _Skipped(summary.promotion_reason)
+        result = steps.promote(summary.model_version or "", stage="staging", gitops_dir=settings.gitops_dir)
+        summary.promoted, summary.promotion_reason, summary.commit = (
+            result.promoted,
+            result.reason,
+            result.commit,
+        )
+        return ("promoted: " if result.promoted else "not promoted: ") + result.reason
+
+    actions: dict[str, Callable[[], str]] = {
+        "ingest": do_ingest,
+        "validate": do_validate,
+        "build-dataset": do_build,
+        "train": do_train,
+        "evaluate": do_evaluate,
+        "export": do_export,
+        "register": do_register,
+        "promote-to-staging": do_promote,
+    }
+    options.work_dir.mkdir(parents=True, exist_ok=True)
+    lines = _StepLines(console)
+    for index, name in enumerate(STEP_ORDER, start=1):
+        record = records[name]
+        lines.start(index, name)
+        started = time.perf_counter()
+        try:
+            record.detail = actions[name]()
+            record.status = "ok"
+        except _Skipped as skip:
+            record.status, record.detail = "skipped", str(skip)
+        except PipelineError as exc:
+            record.status, record.detail = "failed", str(exc)
+            summary.failed_step, summary.error = name, str(exc)
+        except Exception as exc:  # another package's error: still end the run naming the step
+            log.exception("event=step_error step=%s", name)
+            record.status, record.detail = "failed", f"{type(exc).__name__}: {exc}"
+            summary.failed_step, summary.error = name, record.detail
+        record.seconds = round(time.perf_counter() - started, 2)
+        lines.finish(index, record)
+        log.info("event=step_done step=%s status=%s seconds=%.2f", name, record.status, record.seconds)
+        if record.status == "failed":
+            break
+    summary.succeeded = summary.failed_step is None
+    (options.work_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
+    return summary
+
+
+class _Skipped(Exception):
+    """A step that was not asked for (promotion with --no-promote)."""
+
+
+def summary_table(summary: PipelineSummary) -> Table:
+    """The end-of-run table: dataset, run, model, metrics, promotion and why."""
+    table = Table(title=f"retrain {summary.run_name}: {'succeeded' if summary.succeeded else 'FAILED'}")
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    rows = [
+        ("dataset version", summary.dataset_version or "-"),
+        ("images", str(summary.n_images) if summary.n_images is not None else "-"),
+        ("feedback items", str(summary.feedback_items) if summary.feedback_items is not None else "-"),
+        ("MLflow run id", summary.run_id or "-"),
+        (
+            "base model",
+            f"v{summary.base_model_version}" if summary.base_model_version else "none (from scratch)",
+        ),
+        ("model version", f"{summary.model_name} v{summary.model_version}" if summary.model_version else "-"),
+        ("mAP@0.5", f"{summary.metrics['map50']:.4f}" if "map50" in summary.metrics else "-"),
+        ("mAP@0.4 (VinDr)", f"{summary.metrics['map40']:.4f}" if "map40" in summary.metrics else "-"),
+        ("promoted to staging", "yes" if summary.promoted else "no"),
+        ("why", summary.promotion_reason or (summary.error or "-")),
+    ]
+    if summary.commit:
+        rows.append(("commit", summary.commit[:12]))
+    if summary.failed_step:
+        rows.append(("failed step", f"{summary.failed_step}: {summary.error}"))
+    for what, value in rows:
+        table.add_row(what, value)
+    return table
