@@ -68,5 +68,10 @@ class StackSettings(BaseSettings):
         return self.state / "stack.env"
 
     @property
+    def gitops_checkout(self) -> Path:
+        """The stack's own clone of the GitOps repository (see gitops_checkout.py)."""
+        return self.state / "gitops-checkout"
+
+    @property
     def api_keys_file(self) -> Path:
         return self.state / "api_keys.json"

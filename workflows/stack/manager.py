@@ -39,6 +39,7 @@ from workflows.stack.components import (
 )
 from workflows.stack.config import STAGES, StackSettings
 from workflows.stack.credentials import StackCredentials, load_or_create, write_env_file
+from workflows.stack.gitops_checkout import ensure_checkout
 from workflows.stack.supervisor import Supervisor
 
 log = logging.getLogger("cxr.stack")
@@ -80,7 +81,7 @@ def client_env(settings: StackSettings, creds: StackCredentials) -> dict[str, st
         "CXR_S3_BUCKET": settings.s3_bucket,
         "CXR_MLFLOW_URI": f"http://{host}:{settings.mlflow_port}",
         "CXR_API_KEYS_FILE": str(settings.api_keys_file),
-        "CXR_GITOPS_DIR": str(Path.cwd()),
+        "CXR_GITOPS_DIR": str(settings.gitops_checkout),
         "CXR_GATEWAY_URL": f"http://{host}:{settings.gateway_port}",
         "CXR_PROMETHEUS_URL": f"http://{host}:{settings.prometheus_port}",
     }
@@ -158,6 +159,7 @@ def up(settings: StackSettings) -> list[ComponentStatus]:
     apply_offline_env(state)
     creds = load_or_create(settings.credentials_file, settings.api_keys_file)
     write_env_file(settings.env_file, client_env(settings, creds))
+    ensure_checkout(Path.cwd(), settings.gitops_checkout)
     try:
         components = build_components(settings, creds)
     except ComponentFailed as exc:

@@ -1,0 +1,230 @@
+"""``cxr data``: synth | ingest | validate | fetch.
+
+Thin wrappers: parse options, call the library, print a summary table, and
+turn the package's typed errors into one red line and exit code 1 (never a
+traceback for bad input).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from data_pipeline.config import DataSettings
+from data_pipeline.errors import DataPipelineError, StoreError
+
+app = typer.Typer(
+    help="Data pipeline: synthetic phantoms, dataset builds, annotation checks.", no_args_is_help=True
+)
+console = Console(stderr=True)
+log = logging.getLogger(__name__)
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log key=value lines")] = False,
+) -> None:
+    from workflows.offline import apply_offline_env
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s %(message)s"
+    )
+    apply_offline_env(_settings().stack_dir)
+
+
+def _settings(**overrides: object) -> DataSettings:
+    """Settings from CXR_* plus command-line overrides; a bad value is one red line, not a traceback."""
+    try:
+        return DataSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        console.print(f"[bold red]error:[/] invalid setting (CXR_* variable or option): {problems}")
+        raise typer.Exit(2) from exc
+
+
+@contextmanager
+def _friendly_errors() -> Iterator[None]:
+    try:
+        yield
+    except DataPipelineError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="output folder (gets dicom/, annotations.csv, truth.csv)")],
+    n_images: Annotated[int, typer.Option(min=1, help="number of radiographs")] = 200,
+    seed: Annotated[int, typer.Option(help="same seed, same files")] = 0,
+    readers: Annotated[int, typer.Option(min=1, help="simulated radiologists per image")] = 3,
+    size: Annotated[
+        int | None, typer.Option(min=64, help="square side in px (default: 1800-3000 random)")
+    ] = None,
+    no_finding_fraction: Annotated[float, typer.Option(min=0, max=1)] = 0.35,
+    compressed_fraction: Annotated[float, typer.Option(min=0, max=1, help="share RLE/JPEG-LS/J2K")] = 0.2,
+    workers: Annotated[int, typer.Option(min=0, help="processes; 0 = all CPUs")] = 0,
+) -> None:
+    """Generate synthetic chest radiographs (DICOM) with findings and reader annotations (VinDr layout)."""
+    from data_pipeline.synth import SynthConfig, generate
+
+    config = SynthConfig(
+        n_images=n_images,
+        seed=seed,
+        size=size,
+        readers=readers,
+        no_finding_fraction=no_finding_fraction,
+        compressed_fraction=compressed_fraction,
+        workers=workers,
+    )
+    started = time.perf_counter()
+    with _friendly_errors(), _progress() as progress:
+        task = progress.add_task("synthesize", total=n_images)
+        result = generate(config, out, progress=lambda n: progress.advance(task, n))
+    seconds = time.perf_counter() - started
+    syntaxes: dict[str, int] = {}
+    for case in result.cases:
+        syntaxes[case.transfer_syntax] = syntaxes.get(case.transfer_syntax, 0) + 1
+    table = Table(title=f"synthetic set in {out}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("images", str(len(result.cases)))
+    table.add_row("images with findings", str(sum(1 for c in result.cases if c.findings)))
+    table.add_row("patients", str(len({c.patient_id for c in result.cases})))
+    table.add_row("MONOCHROME1", str(sum(1 for c in result.cases if c.photometric == "MONOCHROME1")))
+    for uid, n in sorted(syntaxes.items()):
+        table.add_row(f"transfer syntax {_uid_name(uid)}", str(n))
+    table.add_row("seconds", f"{seconds:.1f}")
+    Console().print(table)
+    typer.echo(str(result.annotations_csv))
+
+
+def _uid_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    return UID(uid).name
+
+
+@contextmanager
+def _progress() -> Iterator[Progress]:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        yield progress
+
+
+@app.command()
+def ingest(
+    dicom_dir: Annotated[Path, typer.Option(help="folder of <image_id>.dicom (or .dcm/.png/.jpg) files")],
+    annotations: Annotated[Path, typer.Option(help="VinDr-CXR CSV")],
+    out: Annotated[Path, typer.Option(help="datasets root; the version goes to <out>/<version>/")],
+    upload: Annotated[
+        str, typer.Option(help="auto: publish to S3 when reachable; yes: must publish; no: local only")
+    ] = "auto",
+    feedback: Annotated[
+        bool, typer.Option(help="merge radiologists' feedback rows from S3 feedback/")
+    ] = True,
+    max_side: Annotated[int | None, typer.Option(help="longer side of exported PNGs (CXR_MAX_SIDE)")] = None,
+    workers: Annotated[int | None, typer.Option(help="processes (CXR_WORKERS; 0 = all CPUs)")] = None,
+) -> None:
+    """Decode, fuse readers, check, split by patient, export YOLO, version, publish."""
+    from data_pipeline.ingest import build_dataset
+    from data_pipeline.store import ObjectStore
+
+    if upload not in ("auto", "yes", "no"):
+        raise typer.BadParameter("--upload must be auto, yes or no")
+    overrides = {k: v for k, v in {"max_side": max_side, "workers": workers}.items() if v is not None}
+    settings = _settings(**overrides)
+    with _friendly_errors():
+        store = None
+        if upload != "no":
+            try:
+                store = ObjectStore.from_env(settings)
+                store.ensure_bucket()
+            except StoreError as exc:
+                if upload == "yes":
+                    raise
+                console.print(f"[yellow]S3 not reachable, building locally only:[/] {exc}")
+                store = None
+        build = build_dataset(
+            dicom_dir, annotations, out, settings=settings, store=store, feedback=feedback, console=console
+        )
+    assert build.quality is not None
+    build.quality.render(Console())
+    counts = build.manifest["counts"]
+    table = Table(title=f"dataset {build.version}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for split_name, n in counts["images"].items():
+        table.add_row(f"images {split_name}", str(n))
+    table.add_row("path", str(build.path))
+    table.add_row(
+        "published to S3", f"{settings.s3_bucket}/datasets/{build.version}/" if build.published else "no"
+    )
+    table.add_row("reused existing build", str(build.reused))
+    table.add_row("seconds", f"{build.seconds:.1f}")
+    table.add_row("images/s", f"{build.images_per_second:.1f}")
+    Console().print(table)
+    typer.echo(build.version)
+
+
+@app.command()
+def validate(
+    annotations: Annotated[Path, typer.Option(help="VinDr-CXR CSV")],
+    dicom_dir: Annotated[
+        Path | None, typer.Option(help="check boxes against image sizes (headers only)")
+    ] = None,
+) -> None:
+    """Check an annotation CSV (and optionally boxes against image sizes); exit 1 above the bad-row limit."""
+    from data_pipeline.annotations import check_inside_images, load_annotations
+    from data_pipeline.export import read_sizes
+
+    settings = _settings()
+    with _friendly_errors():
+        table = load_annotations(annotations)
+        if dicom_dir is not None:
+            table = check_inside_images(table, read_sizes(dicom_dir, table.image_ids()))
+        summary = Table(title=f"{annotations}")
+        summary.add_column("item")
+        summary.add_column("value", justify="right")
+        summary.add_row("rows", str(table.total_rows))
+        summary.add_row("images", str(len(table.image_ids())))
+        summary.add_row("quarantined rows", str(len(table.quarantine)))
+        Console().print(summary)
+        if len(table.quarantine):
+            bad = Table(title="quarantined rows (first 20)")
+            bad.add_column("line", justify="right")
+            bad.add_column("image_id")
+            bad.add_column("reason")
+            for row in table.quarantine.head(20).itertuples(index=False):
+                bad.add_row(str(row.line), str(getattr(row, "image_id", ""))[:16], str(row.reason))
+            Console().print(bad)
+        table.enforce(settings.max_bad_row_fraction)
+    typer.echo("ok" if not len(table.quarantine) else f"ok with {len(table.quarantine)} quarantined rows")
+
+
+@app.command()
+def fetch(
+    version: Annotated[str, typer.Argument(help="dataset version, or 'latest'")],
+    cache_dir: Annotated[Path | None, typer.Option(help="default <stack>/datasets")] = None,
+) -> None:
+    """Download a dataset version from S3 into the local cache (verified) and print its path."""
+    from data_pipeline.versioning import fetch_dataset
+
+    settings = _settings()
+    with _friendly_errors():
+        path = fetch_dataset(version, cache_dir or settings.cache_dir())
+    typer.echo(str(path))

@@ -1,0 +1,135 @@
+"""Settings of the data pipeline, read once from ``CXR_*`` environment variables.
+
+One object so that a dataset version can hash "the pipeline's own config"
+(see :meth:`DataSettings.version_config`): every knob that changes the bytes
+of a dataset lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class QualityThresholds(BaseModel):
+    """Limits for the image and label checks of :mod:`data_pipeline.quality`."""
+
+    min_std: float = Field(
+        default=0.01, description="below this pixel std (0..1 scale) an image is blank/constant"
+    )
+    max_saturated_fraction: float = Field(
+        default=0.5, description="share of pixels at 0 or 1 above which it fails"
+    )
+    min_side: int = Field(default=256, description="shorter side in pixels below which an image is too small")
+    max_aspect_ratio: float = Field(default=3.0, description="longer/shorter side above which it fails")
+    duplicate_max_distance: int = Field(
+        default=12, description="Hamming distance of 256-bit perceptual hashes counting as near duplicate"
+    )
+    min_box_side_px: float = Field(
+        default=4.0, description="boxes with a side below this (original pixels) are tiny"
+    )
+
+
+class DataSettings(BaseSettings):
+    """Every setting of ``data_pipeline``; env prefix ``CXR_``.
+
+    Examples: ``CXR_MAX_SIDE=768``; nested thresholds use ``__``: ``CXR_QUALITY__MIN_SIDE=512``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CXR_", env_nested_delimiter="__", extra="ignore")
+
+    # --- shared stack contract -------------------------------------------------
+    stack_dir: Path = Path(".stack")
+    s3_endpoint: str = "http://127.0.0.1:8333"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "cxr"
+
+    # --- privacy ---------------------------------------------------------------
+    patient_salt: str = Field(
+        default="cxr-detect-default-salt",
+        description="salt for hashing PatientID; set a secret one per site so hashes cannot be reversed",
+    )
+
+    # --- export ------------------------------------------------------------------
+    max_side: int = Field(default=1024, ge=32, description="longer side of exported PNGs")
+    png_compression: int = Field(
+        default=1, ge=0, le=9, description="zlib level; 1 is 3x faster than 6, 10% larger"
+    )
+
+    # --- annotations / fusion -------------------------------------------------------
+    max_bad_row_fraction: float = Field(default=0.05, ge=0, le=1, description="fail the run above this share")
+    wbf_iou_thr: float = Field(default=0.4, gt=0, le=1)
+    wbf_skip_box_thr: float = Field(default=0.0, ge=0, le=1)
+    min_readers: int = Field(default=1, ge=1, description="fused boxes drawn by fewer readers are dropped")
+
+    # --- split ------------------------------------------------------------------------
+    split_seed: int = 42
+    val_fraction: float = Field(default=0.15, ge=0, lt=1)
+    test_fraction: float = Field(default=0.15, ge=0, lt=1)
+
+    # --- checks -----------------------------------------------------------------------------
+    quality: QualityThresholds = QualityThresholds()
+    exclude_failed_images: bool = Field(
+        default=True, description="drop blank/saturated/tiny images from the dataset"
+    )
+
+    # --- execution ---------------------------------------------------------------------------
+    workers: int = Field(default=0, ge=0, description="process-pool size; 0 = number of CPUs")
+    executor: Literal["process", "ray"] = Field(
+        default="process", description="where per-image work runs: a local process pool or Ray Data"
+    )
+    dataset_cache_dir: Path | None = Field(
+        default=None, description="where fetched datasets go; default <stack>/datasets"
+    )
+
+    @model_validator(mode="after")
+    def _fractions_leave_a_train_split(self) -> DataSettings:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must stay below 0.9 so a train split remains")
+        return self
+
+    def cache_dir(self) -> Path:
+        """Local cache for fetched dataset versions."""
+        return self.dataset_cache_dir or (self.stack_dir / "datasets")
+
+    def version_config(self) -> dict[str, Any]:
+        """The settings that change a dataset's bytes; hashed into its version.
+
+        Credentials, paths and worker counts are left out on purpose: the same
+        inputs built on another machine must give the same version.
+        """
+        keys = (
+            "max_side",
+            "max_bad_row_fraction",
+            "wbf_iou_thr",
+            "wbf_skip_box_thr",
+            "min_readers",
+            "split_seed",
+            "val_fraction",
+            "test_fraction",
+            "exclude_failed_images",
+            "patient_salt",
+        )
+        cfg = {k: getattr(self, k) for k in keys}
+        cfg["quality"] = self.quality.model_dump()
+        # the salt changes patient grouping, so it counts, but only as a hash
+        cfg["patient_salt"] = _short_hash(self.patient_salt)
+        return json.loads(json.dumps(cfg, sort_keys=True))
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> DataSettings:
+    """The process-wide settings, read from the environment on first use."""
+    return DataSettings()

@@ -1,0 +1,336 @@
+"""Build one versioned YOLO dataset: decode, validate, fuse, check, split, export, version, publish.
+
+The order matters: images are decoded first (in a process pool) because
+validating boxes needs image sizes; annotations are then checked against
+those sizes, fused, and only images that decoded, passed the checks and have
+labels enter the split. Everything is written to a staging folder and renamed
+into ``<out>/<version>/`` at the end, so a crash never leaves a half version
+and a second identical build finds the first one and reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+
+from data_pipeline.annotations import (
+    COORDS,
+    AnnotationTable,
+    check_inside_images,
+    load_annotations,
+    merge_tables,
+)
+from data_pipeline.classes import ALL_LABELS, CLASS_NAMES, NO_FINDING_ID
+from data_pipeline.config import DataSettings
+from data_pipeline.drift import build_reference
+from data_pipeline.errors import AnnotationError, EmptyDatasetError
+from data_pipeline.executors import run_images
+from data_pipeline.export import ImageJob, ImageResult, find_images, write_data_yaml, yolo_label_text
+from data_pipeline.feedback import collect_feedback
+from data_pipeline.fusion import FusionConfig, fuse_annotations
+from data_pipeline.quality import QualityReport, check_images, check_labels, near_duplicate_groups
+from data_pipeline.split import SPLITS, SplitConfig, merge_groups, split_groups
+from data_pipeline.store import ObjectStore, file_sha256
+from data_pipeline.versioning import MANIFEST, compute_version, file_listing, publish, sha256_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DatasetBuild:
+    """Result of :func:`build_dataset`: the version, its local folder and manifest, and how it went."""
+
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+    reused: bool = False
+    published: bool = False
+    quality: QualityReport | None = None
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        n = sum(self.manifest.get("counts", {}).get("images", {}).values())
+        return n / self.seconds if self.seconds else 0.0
+
+
+def _workers(settings: DataSettings) -> int:
+    if settings.workers:
+        return settings.workers
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def _staging(out_dir: Path) -> Iterator[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def build_dataset(
+    dicom_dir: Path,
+    annotations_csv: Path,
+    out_dir: Path,
+    *,
+    settings: DataSettings,
+    store: ObjectStore | None = None,
+    feedback: bool = True,
+    console: Console | None = None,
+) -> DatasetBuild:
+    """Turn a VinDr-layout folder (+ feedback from S3) into ``<out_dir>/<version>/`` and publish it.
+
+    ``store``: when given, feedback rows are merged from ``feedback/`` (if
+    ``feedback``) and the version is uploaded to ``datasets/<version>/``.
+    """
+    started = time.perf_counter()
+    dicom_dir, annotations_csv, out_dir = Path(dicom_dir), Path(annotations_csv), Path(out_dir)
+    if not dicom_dir.is_dir():
+        raise AnnotationError(f"image folder {dicom_dir} does not exist")
+    table = load_annotations(annotations_csv)
+    images = find_images(dicom_dir)
+    feedback_objects: list[str] = []
+
+    with _staging(out_dir) as staging:
+        if store is not None and feedback:
+            batch = collect_feedback(store, staging)
+            if batch is not None:
+                table = merge_tables(table, batch.table)
+                for image_id, path in batch.images.items():
+                    images.setdefault(image_id, path)
+                feedback_objects = batch.objects
+
+        annotated = set(table.image_ids())
+        unannotated = sorted(set(images) - annotated)
+        all_dir = staging / "_all"
+        all_dir.mkdir()
+        jobs = [
+            ImageJob(
+                i,
+                str(images[i]),
+                str(all_dir / f"{i}.png"),
+                settings.max_side,
+                settings.png_compression,
+                settings.patient_salt,
+            )
+            for i in sorted(annotated & set(images))
+        ]
+        t_images = time.perf_counter()
+        results = run_images(jobs, _workers(settings), console, executor=settings.executor)
+        images_wall = time.perf_counter() - t_images
+        ok = {r.image_id: r for r in results if r.error is None}
+        sizes = {i: (r.width, r.height) for i, r in ok.items()}
+
+        table = check_inside_images(table, sizes)
+        table.enforce(settings.max_bad_row_fraction)
+        fusion_config = FusionConfig(settings.wbf_iou_thr, settings.min_readers, settings.wbf_skip_box_thr)
+        fused = fuse_annotations(table.frame, fusion_config, sizes)
+
+        report = _quality(settings, results, ok, fused, sizes, table, unannotated)
+        keep = sorted(set(ok) - set(report.excluded) & set(fused["image_id"]))
+        if not keep:
+            raise EmptyDatasetError(
+                f"no usable image in {dicom_dir}: {len(jobs)} annotated files, "
+                f"{len(report.decode_failures)} undecodable, {len(report.excluded)} excluded by the quality "
+                "checks (see thresholds CXR_QUALITY__*); nothing to build"
+            )
+        fused = fused[fused["image_id"].isin(set(keep))].reset_index(drop=True)
+        labels = _labels_by_image(fused)
+        groups = merge_groups({i: ok[i].patient_hash or f"image:{i}" for i in keep}, report.duplicate_groups)
+        split = split_groups(
+            groups, labels, SplitConfig(settings.val_fraction, settings.test_fraction, settings.split_seed)
+        )
+        entries, image_meta = _write_split(staging, all_dir, keep, split, fused, ok)
+        shutil.rmtree(all_dir)
+        version = compute_version(entries, settings.version_config())
+
+        reference = _reference(keep, ok, fused)
+        (staging / "quality_report.json").write_text(json.dumps(report.to_dict(), indent=1, sort_keys=True))
+        (staging / "reference_stats.json").write_text(json.dumps(reference, sort_keys=True))
+        fused.to_csv(staging / "annotations_fused.csv", index=False, float_format="%.2f")
+        write_data_yaml(staging)
+
+        manifest = {
+            "version": version,
+            "format": "yolo",
+            "classes": list(CLASS_NAMES),
+            "config": settings.version_config(),
+            "source": {
+                "dicom_dir": str(dicom_dir.resolve()),
+                "annotations": str(annotations_csv.resolve()),
+                "annotations_sha256": file_sha256(annotations_csv),
+                "annotation_rows": table.total_rows,
+                "feedback_objects": feedback_objects,
+            },
+            "counts": _counts(split, fused),
+            "images": image_meta,
+            "quality": report.summary(),
+            "reference_stats": "reference_stats.json",
+            "quality_report": "quality_report.json",
+        }
+        manifest["files"] = file_listing(staging)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+        target = out_dir / version
+        reused = (target / MANIFEST).exists()
+        if not reused:
+            if target.exists():
+                shutil.rmtree(target)  # a partial folder from an older crash
+            staging.rename(target)
+            write_data_yaml(target)  # data.yaml's path now points at the final folder
+            staging.mkdir()  # so the context manager has something to remove
+    build = DatasetBuild(
+        version=version,
+        path=target,
+        manifest=json.loads((target / MANIFEST).read_text()),
+        reused=reused,
+        quality=report,
+        stage_seconds=_stage_totals(results, images_wall),
+    )
+    if store is not None:
+        publish(target, version, store)
+        build.published = True
+    build.seconds = time.perf_counter() - started
+    log.info(
+        "event=dataset_built version=%s images=%d reused=%s published=%s seconds=%.1f",
+        version,
+        len(keep),
+        reused,
+        build.published,
+        build.seconds,
+    )
+    return build
+
+
+def _labels_by_image(fused: pd.DataFrame) -> dict[str, set[int]]:
+    labels: dict[str, set[int]] = {}
+    for image_id, cid in zip(fused["image_id"], fused["class_id"], strict=True):
+        labels.setdefault(str(image_id), set()).add(int(cid))
+    return labels
+
+
+def _quality(
+    settings: DataSettings,
+    results: list[ImageResult],
+    ok: dict[str, ImageResult],
+    fused: pd.DataFrame,
+    sizes: dict[str, tuple[int, int]],
+    table: AnnotationTable,
+    unannotated: list[str],
+) -> QualityReport:
+    stats = [r.stats for r in ok.values() if r.stats is not None]
+    image_failures = check_images(stats, settings.quality)
+    report = QualityReport(
+        thresholds=settings.quality.model_dump(),
+        n_images=len(results),
+        image_failures=image_failures,
+        duplicate_groups=near_duplicate_groups(stats, settings.quality.duplicate_max_distance),
+        decode_failures={r.image_id: r.error or "" for r in results if r.error is not None},
+        label_failures=check_labels(fused, sizes, settings.quality),
+        quarantined_rows=json.loads(table.quarantine.to_json(orient="records")),
+        unannotated_images=unannotated,
+    )
+    excluded = set(report.decode_failures)
+    if settings.exclude_failed_images:
+        for ids in image_failures.values():
+            excluded.update(ids)
+    report.excluded = sorted(excluded)
+    return report
+
+
+def _write_split(
+    staging: Path,
+    all_dir: Path,
+    keep: list[str],
+    split: dict[str, str],
+    fused: pd.DataFrame,
+    ok: dict[str, ImageResult],
+) -> tuple[list[tuple[str, str, str]], dict[str, dict[str, Any]]]:
+    for name in SPLITS:
+        (staging / "images" / name).mkdir(parents=True, exist_ok=True)
+        (staging / "labels" / name).mkdir(parents=True, exist_ok=True)
+    by_image = {str(k): g for k, g in fused.groupby("image_id", sort=False)}
+    entries: list[tuple[str, str, str]] = []
+    meta: dict[str, dict[str, Any]] = {}
+    for image_id in keep:
+        name = split[image_id]
+        result = ok[image_id]
+        rows = by_image[image_id]
+        boxes = rows[rows["class_id"] != NO_FINDING_ID]
+        text = yolo_label_text(
+            boxes["class_id"].to_numpy(dtype=int),
+            boxes[COORDS].to_numpy(dtype=np.float64),
+            result.width,
+            result.height,
+        )
+        (staging / "labels" / name / f"{image_id}.txt").write_text(text)
+        (all_dir / f"{image_id}.png").rename(staging / "images" / name / f"{image_id}.png")
+        label_sha = sha256_text(text)
+        entries.append((name, result.png_sha256, label_sha))
+        meta[image_id] = {
+            "split": name,
+            "width": result.width,
+            "height": result.height,
+            "out_width": result.out_width,
+            "out_height": result.out_height,
+            "sha256": result.png_sha256,
+            "label_sha256": label_sha,
+            "patient": result.patient_hash,
+        }
+    return entries, meta
+
+
+def _counts(split: dict[str, str], fused: pd.DataFrame) -> dict[str, Any]:
+    images = Counter(split.values())
+    per_class: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
+    split_of = fused["image_id"].map(split)
+    for (s, cid), n in Counter(zip(split_of, fused["class_id"], strict=True)).items():
+        per_class[str(s)][ALL_LABELS[int(cid)]] = int(n)
+    return {"images": {s: int(images.get(s, 0)) for s in SPLITS}, "boxes_per_class": per_class}
+
+
+def _reference(keep: list[str], ok: dict[str, ImageResult], fused: pd.DataFrame) -> dict[str, Any]:
+    boxes = fused[fused["class_id"] != NO_FINDING_ID]
+    w = boxes["image_id"].map(lambda i: ok[i].width).to_numpy(dtype=np.float64)
+    h = boxes["image_id"].map(lambda i: ok[i].height).to_numpy(dtype=np.float64)
+    coords = boxes[COORDS].to_numpy(dtype=np.float64)
+    norm = coords / np.stack([w, h, w, h], axis=1) if len(boxes) else np.zeros((0, 4))
+    hist: list[int] = np.sum([ok[i].histogram for i in keep], axis=0).tolist() if keep else [0] * 64
+    return build_reference(
+        intensity_means=[ok[i].stats.mean for i in keep if ok[i].stats is not None],  # type: ignore[union-attr]
+        intensity_stds=[ok[i].stats.std for i in keep if ok[i].stats is not None],  # type: ignore[union-attr]
+        widths=[ok[i].width for i in keep],
+        heights=[ok[i].height for i in keep],
+        class_ids=boxes["class_id"].astype(int).tolist(),
+        boxes_norm=norm,
+        pixel_histogram=hist,
+        n_images=len(keep),
+    )
+
+
+def _stage_totals(results: list[ImageResult], wall: float) -> dict[str, float]:
+    totals: dict[str, float] = {"wall": wall}
+    for r in results:
+        for k, v in r.timings.items():
+            totals[k] = totals.get(k, 0.0) + v
+    return totals

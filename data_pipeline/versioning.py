@@ -1,0 +1,154 @@
+"""Content-hashed dataset versions: compute, publish to S3, fetch into a local cache.
+
+A version is the sha256 (first 16 hex) of the sorted (split, image content
+hash, label hash) triples plus the pipeline's own configuration, so the same
+inputs give the same version on any machine and any change of pixels,
+labels, split or settings gives a new one. ``manifest.json`` is uploaded
+LAST: its presence in S3 means the version is complete, and fetching checks
+every file against the hashes it lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_pipeline.errors import DatasetIntegrityError, DatasetNotFound, StoreError
+from data_pipeline.store import ObjectStore, file_sha256
+
+log = logging.getLogger(__name__)
+
+DATASETS_PREFIX = "datasets/"
+MANIFEST = "manifest.json"
+LATEST = "datasets/LATEST"
+#: Files that are rewritten per machine and so are not hash-checked on fetch.
+MACHINE_LOCAL = frozenset({"data.yaml"})
+
+
+def compute_version(entries: Iterable[tuple[str, str, str]], config: Mapping[str, Any]) -> str:
+    """sha256 over sorted (split, image_sha256, label_sha256) and the config; 16 hex chars."""
+    payload = json.dumps(
+        {"entries": sorted(list(e) for e in entries), "config": config}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_listing(dataset_dir: Path) -> dict[str, dict[str, Any]]:
+    """relative path -> {sha256, size} for every file except the manifest itself."""
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in dataset_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(dataset_dir).as_posix()
+        if rel == MANIFEST:
+            continue
+        files[rel] = {"sha256": file_sha256(path), "size": path.stat().st_size}
+    return files
+
+
+def version_prefix(version: str) -> str:
+    return f"{DATASETS_PREFIX}{version}/"
+
+
+def publish(dataset_dir: Path, version: str, store: ObjectStore) -> int:
+    """Upload a built version (idempotent; manifest last) and point ``datasets/LATEST`` at it."""
+    store.ensure_bucket()
+    prefix = version_prefix(version)
+    sent = store.upload_dir(dataset_dir, prefix, skip={MANIFEST})
+    store.put_file(prefix + MANIFEST, dataset_dir / MANIFEST, content_type="application/json")
+    store.put_bytes(LATEST, version.encode(), content_type="text/plain")
+    log.info("event=dataset_published version=%s files_sent=%d prefix=%s", version, sent, prefix)
+    return sent + 1
+
+
+def list_versions(store: ObjectStore) -> list[str]:
+    """Complete versions (those with a manifest) in the store."""
+    names = store.list_prefix(DATASETS_PREFIX)
+    return sorted({n.split("/")[1] for n in names if n.endswith("/" + MANIFEST) and n.count("/") == 2})
+
+
+def latest_version(store: ObjectStore) -> str:
+    """The version the last ingest published."""
+    try:
+        return store.get_bytes(LATEST).decode().strip()
+    except StoreError as exc:
+        raise DatasetNotFound(
+            f"no dataset published yet in {store.endpoint} (run `cxr data ingest`)"
+        ) from exc
+
+
+def fetch_dataset(version: str, cache_dir: Path, store: ObjectStore | None = None) -> Path:
+    """Local folder of ``version`` (download once, verify against the manifest, reuse afterwards).
+
+    ``version`` may be ``"latest"``. The returned folder's ``data.yaml`` points
+    at itself, ready for ultralytics.
+    """
+    store = store or ObjectStore.from_env()
+    if version == "latest":
+        version = latest_version(store)
+    cache_dir = Path(cache_dir)
+    target = cache_dir / version
+    if (target / MANIFEST).exists():
+        _rewrite_data_yaml(target)
+        return target
+    prefix = version_prefix(version)
+    if not store.exists(prefix + MANIFEST):
+        known = ", ".join(list_versions(store)[-5:]) or "none"
+        raise DatasetNotFound(f"dataset version {version} is not in {store.endpoint} (recent: {known})")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=cache_dir))
+    try:
+        store.download_prefix(prefix, staging)
+        verify(staging)
+        if target.exists():  # another process finished first; theirs is as good as ours
+            shutil.rmtree(staging)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _rewrite_data_yaml(target)
+    log.info("event=dataset_fetched version=%s path=%s", version, target)
+    return target
+
+
+def verify(dataset_dir: Path) -> dict[str, Any]:
+    """Check every file against the manifest; raises :class:`DatasetIntegrityError` listing mismatches."""
+    manifest = json.loads((dataset_dir / MANIFEST).read_text())
+    problems = []
+    for rel, meta in manifest["files"].items():
+        if rel in MACHINE_LOCAL:
+            continue
+        path = dataset_dir / rel
+        if not path.exists():
+            problems.append(f"{rel}: missing")
+        elif file_sha256(path) != meta["sha256"]:
+            problems.append(f"{rel}: sha256 differs")
+    if problems:
+        raise DatasetIntegrityError(
+            f"dataset {manifest.get('version')} at {dataset_dir} is damaged ({len(problems)} files): "
+            + "; ".join(problems[:5])
+            + ". Delete the folder and fetch again."
+        )
+    return manifest
+
+
+def _rewrite_data_yaml(dataset_dir: Path) -> None:
+    path = dataset_dir / "data.yaml"
+    if not path.exists():
+        return
+    data = yaml.safe_load(path.read_text())
+    resolved = str(dataset_dir.resolve())
+    if data.get("path") != resolved:
+        data["path"] = resolved
+        path.write_text(yaml.safe_dump(data, sort_keys=False))

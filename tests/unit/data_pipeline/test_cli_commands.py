@@ -1,0 +1,67 @@
+"""``cxr data`` commands: exit codes and messages a person can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from data_pipeline.cli import app
+
+pytestmark = pytest.mark.unit
+
+
+def _text(output: str) -> str:
+    """Rich wraps long lines at the terminal width; compare words, not line breaks."""
+    return " ".join(output.split())
+
+
+HEADER = "image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max\n"
+
+
+def test_validate_passes_a_clean_file_and_fails_a_bad_one_with_line_numbers(tmp_path: Path) -> None:
+    runner = CliRunner()
+    env = {"CXR_STACK_DIR": str(tmp_path / "stack")}
+    good = tmp_path / "good.csv"
+    good.write_text(HEADER + "a,Cardiomegaly,3,R1,10,20,100,200\na,No finding,14,R2,,,,\n")
+    result = runner.invoke(app, ["validate", "--annotations", str(good)], env=env)
+    assert result.exit_code == 0, result.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text(HEADER + "a,Cardiomegaly,3,R1,10,20,100,200\nb,Bogus,3,R1,1,2,3,4\n")
+    result = runner.invoke(app, ["validate", "--annotations", str(bad)], env=env)
+    assert result.exit_code == 1
+    assert "line 3" in _text(result.output)
+    assert "class_name does not match class_id" in _text(result.output)
+
+
+def test_invalid_setting_is_reported_without_a_traceback(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["validate", "--annotations", str(tmp_path / "x.csv")],
+        env={"CXR_WORKERS": "many", "CXR_STACK_DIR": str(tmp_path)},
+    )
+    assert result.exit_code == 2
+    assert "workers" in _text(result.output) and "Traceback" not in result.output
+
+
+def test_ingest_of_a_missing_folder_is_one_error_line(tmp_path: Path) -> None:
+    csv = tmp_path / "a.csv"
+    csv.write_text(HEADER)
+    result = CliRunner().invoke(
+        app,
+        [
+            "ingest",
+            "--dicom-dir",
+            str(tmp_path / "nope"),
+            "--annotations",
+            str(csv),
+            "--out",
+            str(tmp_path / "o"),
+            "--upload",
+            "no",
+        ],
+        env={"CXR_STACK_DIR": str(tmp_path / "stack")},
+    )
+    assert result.exit_code == 1
+    assert "does not exist" in _text(result.output)

@@ -1,0 +1,116 @@
+"""Dataset build end to end on tiny phantoms: same inputs give the same version, layout is YOLO."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from data_pipeline.classes import CLASS_NAMES
+from data_pipeline.config import DataSettings
+from data_pipeline.ingest import build_dataset
+from data_pipeline.synth import SynthConfig, generate
+from data_pipeline.versioning import verify
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate(SynthConfig(n_images=14, seed=7, size=256, compressed_fraction=0.3, workers=1), out)
+    return out
+
+
+def _settings(**kw: object) -> DataSettings:
+    base: dict[str, object] = {"max_side": 128, "workers": 1}
+    base.update(kw)
+    return DataSettings(**base)  # type: ignore[arg-type]
+
+
+def test_building_twice_gives_the_same_version_and_bytes(phantoms: Path, tmp_path: Path) -> None:
+    a = build_dataset(phantoms / "dicom", phantoms / "annotations.csv", tmp_path / "a", settings=_settings())
+    b = build_dataset(
+        phantoms / "dicom", phantoms / "annotations.csv", tmp_path / "b", settings=_settings(workers=2)
+    )
+    assert a.version == b.version
+    files_a = {k: v for k, v in a.manifest["files"].items() if k != "data.yaml"}
+    files_b = {k: v for k, v in b.manifest["files"].items() if k != "data.yaml"}
+    assert files_a == files_b
+    again = build_dataset(
+        phantoms / "dicom", phantoms / "annotations.csv", tmp_path / "a", settings=_settings()
+    )
+    assert again.version == a.version and again.reused
+
+
+def test_a_changed_setting_gives_a_new_version(phantoms: Path, tmp_path: Path) -> None:
+    a = build_dataset(phantoms / "dicom", phantoms / "annotations.csv", tmp_path / "a", settings=_settings())
+    b = build_dataset(
+        phantoms / "dicom", phantoms / "annotations.csv", tmp_path / "b", settings=_settings(max_side=96)
+    )
+    assert a.version != b.version
+
+
+def test_layout_is_a_valid_yolo_dataset_with_manifest_and_reports(phantoms: Path, tmp_path: Path) -> None:
+    build = build_dataset(phantoms / "dicom", phantoms / "annotations.csv", tmp_path, settings=_settings())
+    root = build.path
+    assert root == tmp_path / build.version
+    data = yaml.safe_load((root / "data.yaml").read_text())
+    assert Path(data["path"]) == root.resolve()
+    assert [data["names"][i] for i in range(14)] == list(CLASS_NAMES)
+    for name in ("manifest.json", "quality_report.json", "reference_stats.json", "annotations_fused.csv"):
+        assert (root / name).exists(), name
+    n_images = 0
+    for split in ("train", "val", "test"):
+        for png in (root / "images" / split).glob("*.png"):
+            n_images += 1
+            label = root / "labels" / split / f"{png.stem}.txt"
+            assert label.exists()
+            for line in label.read_text().splitlines():
+                parts = line.split()
+                assert 0 <= int(parts[0]) <= 13
+                values = np.array([float(v) for v in parts[1:]])
+                assert ((values >= 0) & (values <= 1)).all()
+    assert n_images == 14 == sum(build.manifest["counts"]["images"].values())
+    verify(root)
+    meta = next(iter(build.manifest["images"].values()))
+    assert meta["width"] == 256 and max(meta["out_width"], meta["out_height"]) == 128
+
+
+def test_patients_never_cross_splits_in_a_build(phantoms: Path, tmp_path: Path) -> None:
+    build = build_dataset(phantoms / "dicom", phantoms / "annotations.csv", tmp_path, settings=_settings())
+    splits: dict[str, set[str]] = {}
+    for meta in build.manifest["images"].values():
+        splits.setdefault(meta["patient"], set()).add(meta["split"])
+    assert all(len(s) == 1 for s in splits.values())
+
+
+def test_blank_and_undecodable_images_are_reported_and_left_out(phantoms: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import pydicom
+
+    dicom_dir = tmp_path / "dicom"
+    shutil.copytree(phantoms / "dicom", dicom_dir)
+    first = sorted(dicom_dir.iterdir())[0]
+    ds = pydicom.dcmread(first)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()
+    ds.PixelData = np.full((ds.Rows, ds.Columns), 1000, np.uint16).tobytes()
+    ds.save_as(dicom_dir / "blank0000.dicom")
+    (dicom_dir / "broken0000.dicom").write_bytes(first.read_bytes()[:3000])
+    csv = tmp_path / "ann.csv"
+    csv.write_text(
+        (phantoms / "annotations.csv").read_text()
+        + "blank0000,No finding,14,R1,,,,\nbroken0000,No finding,14,R1,,,,\n"
+    )
+    build = build_dataset(dicom_dir, csv, tmp_path / "out", settings=_settings(max_bad_row_fraction=0.5))
+    report = json.loads((build.path / "quality_report.json").read_text())
+    assert "blank0000" in report["image_failures"]["blank"]
+    assert "broken0000" in report["decode_failures"]
+    assert {"blank0000", "broken0000"} <= set(report["excluded"])
+    assert "blank0000" not in build.manifest["images"]
+    assert any(r["image_id"] == "broken0000" for r in report["quarantined_rows"])
