@@ -134,6 +134,8 @@ def build_components(settings: StackSettings, creds: StackCredentials) -> list[C
 
 def _port_in_use(host: str, port: int) -> bool:
     with socket.socket() as probe:
+        # Like the servers themselves, ignore connections lingering in TIME_WAIT.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
