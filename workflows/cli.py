@@ -19,6 +19,7 @@ from data_pipeline.cli import app as data_app
 from serving.gitops import cli as gitops_cli
 from serving.observability.cli import app as observability_app
 from training.cli import app as train_app
+from workflows.demo import demo
 from workflows.offline import apply_offline_env
 from workflows.pipeline_cli import app as pipeline_app
 from workflows.stack.cli import stack_app
@@ -29,6 +30,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(observability_app, name="observability")
 app.add_typer(pipeline_app, name="pipeline")
+app.command("demo")(demo)
 app.command("promote")(gitops_cli.promote)
 app.command("rollback")(gitops_cli.rollback)
 app.add_typer(gitops_cli.canary_app, name="canary")

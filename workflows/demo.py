@@ -1,0 +1,141 @@
+"""``cxr demo`` / ``make demo``: a guided walk through the running stack, as a PACS would use it.
+
+Generates a few synthetic studies, sends them through ``POST /v1/detect`` and
+STOW-RS (``dicomweb-client``, the client a PACS integration would use), and
+writes what a person wants to look at: one DICOM SR per image, the image with
+its boxes drawn on it, and a table of findings. It ends with the review page's
+address and a radiologist key to use there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+class DemoError(RuntimeError):
+    """The demo could not talk to the stack; the message says what to start."""
+
+
+@dataclass(frozen=True)
+class StackAccess:
+    gateway: str
+    pacs_key: str
+    radiologist_key: str
+
+    @classmethod
+    def from_stack(cls) -> StackAccess:
+        stack = Path(os.environ.get("CXR_STACK_DIR", ".stack"))
+        creds_file = stack / "credentials.json"
+        if not creds_file.exists():
+            raise DemoError(f"{creds_file} not found: start the stack with `make up` first")
+        keys = json.loads(creds_file.read_text())["api_keys"]
+        gateway = os.environ.get("CXR_GATEWAY_URL", "http://127.0.0.1:8080")
+        return cls(gateway, keys["pacs"], keys["radiologist"])
+
+
+def draw_overlay(source_png: bytes, detections: list[dict[str, Any]], out: Path) -> None:
+    """The preview image with each box, its class and its confidence drawn on it."""
+    import io
+
+    image = Image.open(io.BytesIO(source_png)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    width = max(2, image.width // 400)
+    for det in detections:
+        x0, y0, x1, y1 = det["box"]
+        draw.rectangle((x0, y0, x1, y1), outline=(255, 64, 64), width=width)
+        draw.text(
+            (x0 + 4, max(0, y0 - 14)), f"{det['class_name']} {det['confidence']:.2f}", fill=(255, 255, 0)
+        )
+    image.save(out)
+
+
+def run_demo(out: Path, n_images: int, conf: float, seed: int) -> list[dict[str, Any]]:
+    from dicomweb_client.api import DICOMwebClient
+
+    from data_pipeline.synth import SynthConfig, generate
+
+    access = StackAccess.from_stack()
+    out.mkdir(parents=True, exist_ok=True)
+    studies = out / "studies"
+    generate(SynthConfig(n_images=n_images, seed=seed, size=1024, workers=1), studies)
+    files = sorted((studies / "dicom").glob("*.dicom"))
+    headers = {"Authorization": f"Bearer {access.pacs_key}"}
+    rows: list[dict[str, Any]] = []
+    with httpx.Client(base_url=access.gateway, headers=headers, timeout=60) as client:
+        try:
+            client.get("/healthz").raise_for_status()
+        except httpx.HTTPError as exc:
+            raise DemoError(
+                f"the gateway at {access.gateway} does not answer ({exc}): run `make up`"
+            ) from exc
+        for path in files:
+            resp = client.post(
+                "/v1/detect",
+                params={"conf": conf},
+                files={"file": (path.name, path.read_bytes(), "application/dicom")},
+            )
+            if resp.status_code != 200:
+                raise DemoError(f"/v1/detect answered {resp.status_code}: {resp.text[:300]}")
+            result = resp.json()
+            rid = result["request_id"]
+            sr = client.get(f"/v1/results/{rid}/sr")
+            sr.raise_for_status()
+            (out / f"{path.stem}-sr.dcm").write_bytes(sr.content)
+            preview = client.get(
+                f"/v1/results/{rid}/preview.png",
+                headers={"Authorization": f"Bearer {access.radiologist_key}"},
+            )
+            preview.raise_for_status()
+            draw_overlay(preview.content, result["detections"], out / f"{path.stem}-overlay.png")
+            (out / f"{path.stem}.json").write_text(json.dumps(result, indent=2))
+            rows.append({"image": path.stem, "via": "detect", **result})
+    stow = DICOMwebClient(url=f"{access.gateway}/dicomweb", headers=headers)
+    import pydicom
+
+    stored = stow.store_instances([pydicom.dcmread(p) for p in files[:2]])
+    for ref in stored.ReferencedSOPSequence:
+        rows.append({"image": ref.ReferencedSOPInstanceUID[-16:], "via": "STOW-RS", "url": ref.RetrieveURL})
+    return rows
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="where SRs, overlays and JSON results go")] = Path("demo-out"),
+    n_images: Annotated[int, typer.Option(min=1, max=50)] = 4,
+    conf: Annotated[float, typer.Option(min=0.0, max=1.0, help="confidence threshold")] = 0.1,
+    seed: Annotated[int, typer.Option()] = 2026,
+) -> None:
+    """Send synthetic studies through the running stack; write SRs and overlays to OUT."""
+    try:
+        rows = run_demo(out, n_images, conf, seed)
+    except DemoError as exc:
+        console.print(f"[red]demo failed:[/] {exc}")
+        raise typer.Exit(1) from exc
+    table = Table(title="Findings per image")
+    for col in ("image", "via", "model", "findings"):
+        table.add_column(col)
+    for row in rows:
+        if row["via"] == "STOW-RS":
+            table.add_row(row["image"], "STOW-RS", "", f"stored; SR at {row['url']}")
+            continue
+        model = f"{row['model']['name']} v{row['model']['version']} ({row['model']['stage']})"
+        dets = row["detections"]
+        findings = ", ".join(f"{d['class_name']} {d['confidence']:.2f}" for d in dets) or "no finding"
+        table.add_row(row["image"][:16], "detect", model, findings)
+    console.print(table)
+    access = StackAccess.from_stack()
+    console.print(
+        f"wrote SRs, overlays and JSON to {out}/\n"
+        f"review page: {access.gateway}/  — radiologist key: {access.radiologist_key}"
+    )
