@@ -16,6 +16,7 @@ import typer
 from dotenv import dotenv_values
 
 from data_pipeline.cli import app as data_app
+from serving.cli import serve
 from serving.gitops import cli as gitops_cli
 from serving.observability.cli import app as observability_app
 from training.cli import app as train_app
@@ -28,6 +29,7 @@ app = typer.Typer(help="CXR Detect: chest X-ray detection platform.", no_args_is
 app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+app.command("serve")(serve)
 app.add_typer(observability_app, name="observability")
 app.add_typer(pipeline_app, name="pipeline")
 app.command("demo")(demo)

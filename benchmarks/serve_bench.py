@@ -1,0 +1,437 @@
+"""Serving benchmarks, measured side by side in one run (``make bench`` calls :func:`run_serving_benchmarks`).
+
+1. ``gateway_overhead_ratio``: p50 of ``POST /v1/detect`` end to end (HTTP, auth,
+   routing, decode, letterbox, ONNX Runtime, NMS, response) for a 2048x2048
+   16-bit DICOM, divided by p50(decode) + p50(ORT run) of the same image
+   measured in this process in the same run.
+2. ``throughput_vs_naive_16c``: requests/s of the gateway at 16 concurrent clients
+   divided by that of a naive server (FastAPI + ``ultralytics.YOLO(model).predict``
+   per request, the way reference projects serve) on the same model file and image.
+
+Both servers run as separate uvicorn processes on loopback, started together;
+measurements alternate between them (and the in-process baseline) so that load
+from other processes on a shared machine hits every side alike. The model is
+YOLO11n (untrained, 14 classes) exported to ONNX at 640.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import UploadFile  # module level: FastAPI resolves the route's string annotations here
+
+REPO = Path(__file__).resolve().parents[1]
+IMGSZ = 640
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def export_model(out_dir: Path, imgsz: int = IMGSZ) -> Path:
+    """YOLO11n with 14 classes exported to ONNX (dynamic batch) plus the cxr_contract metadata."""
+    import onnx
+    import yaml
+    from ultralytics import YOLO
+    from ultralytics.utils import ROOT
+
+    from data_pipeline.classes import CLASS_NAMES
+    from serving.contract import ModelContract
+
+    cfg = yaml.safe_load((ROOT / "cfg" / "models" / "11" / "yolo11.yaml").read_text())
+    cfg["nc"] = len(CLASS_NAMES)
+    cfg_path = out_dir / "yolo11n-cxr.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    model = YOLO(str(cfg_path))
+    model.model.names = dict(enumerate(CLASS_NAMES))  # type: ignore[union-attr]
+    exported = Path(model.export(format="onnx", imgsz=imgsz, dynamic=True, simplify=True, verbose=False))
+    proto = onnx.load(str(exported))
+    entry = proto.metadata_props.add()
+    entry.key = "cxr_contract"
+    entry.value = ModelContract(imgsz=(imgsz, imgsz), class_names=tuple(CLASS_NAMES)).to_json()
+    target = out_dir / "model.onnx"
+    onnx.save(proto, str(target))
+    return target
+
+
+def make_dicom_2048() -> bytes:
+    """A 2048x2048 16-bit DX DICOM with a window, as a detector would send."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:2048, 0:2048].astype(np.float32)
+    img = 30000 + 8000 * np.sin(xx / 650) + rng.normal(0, 900, (2048, 2048))
+    for cx in (700, 1350):
+        img[((xx - cx) / 300) ** 2 + ((yy - 1000) / 620) ** 2 < 1] -= 15000
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1.1")
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("bench.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID = "DX", "BENCH"
+    ds.Rows = ds.Columns = 2048
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.WindowCenter, ds.WindowWidth = 28000, 30000
+    ds.PixelData = np.clip(img, 0, 65535).astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- naive server
+
+
+def naive_app() -> Any:
+    """FastAPI + ``YOLO.predict`` per request: the baseline (``NAIVE_MODEL`` = ONNX path)."""
+    import pydicom
+    from fastapi import FastAPI
+    from pydicom.pixels import apply_voi_lut
+    from ultralytics import YOLO
+
+    model = YOLO(os.environ["NAIVE_MODEL"], task="detect")
+    app = FastAPI()
+
+    @app.post("/predict")
+    async def predict(file: UploadFile) -> dict[str, Any]:
+        ds = pydicom.dcmread(io.BytesIO(await file.read()))
+        arr = apply_voi_lut(ds.pixel_array, ds).astype(np.float32)
+        arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6) * 255
+        img = np.stack([arr.astype(np.uint8)] * 3, axis=-1)
+        result: Any = next(iter(model.predict(img, imgsz=IMGSZ, verbose=False)))
+        return {"boxes": result.boxes.xyxy.tolist(), "classes": result.boxes.cls.tolist()}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def percentiles(values_s: list[float]) -> dict[str, float]:
+    if not values_s:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
+    arr = np.asarray(values_s) * 1000
+    return {f"p{q}": round(float(np.percentile(arr, q)), 2) for q in (50, 95, 99)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """A uvicorn process on loopback, waited for by polling its health route."""
+
+    def __init__(self, target: str, env: dict[str, str], health: str, log: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", target, "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--no-access-log", "--log-level", "warning"]
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self._wait(health)
+
+    def _wait(self, health: str, timeout: float = 120.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early; see {self._log.name}")
+            try:
+                if httpx.get(self.url + health, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not healthy after {timeout} s; see {self._log.name}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+async def _load(send: Callable[[Any], Any], clients: int, duration_s: float) -> dict[str, Any]:
+    """``clients`` concurrent loops for ``duration_s``: latencies, errors and elapsed time."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.monotonic() + duration_s
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                try:
+                    response = await send(client)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    return {"errors": errors, "elapsed_s": elapsed, "latencies_s": latencies}
+
+
+def _merge(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One figure from several load windows: total requests over total time."""
+    latencies = [x for w in windows for x in w["latencies_s"]]
+    elapsed = sum(w["elapsed_s"] for w in windows)
+    return {
+        "rps": round(len(latencies) / elapsed, 3) if elapsed else 0.0,
+        "requests": len(latencies),
+        "errors": sum(w["errors"] for w in windows),
+        **percentiles(latencies),
+    }
+
+
+def _sequential(send: Callable[[], Any], n: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        send()
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        response = send()
+        if response.status_code != 200:
+            raise RuntimeError(f"benchmark request failed: {response.status_code} {response.text[:200]}")
+        out.append(time.perf_counter() - start)
+    return out
+
+
+class InProcessBaseline:
+    """Decode + ORT of the image in this process: the denominator of the overhead ratio.
+
+    ORT is timed with both its defaults and the gateway's settings; the faster
+    one counts, so the ratio never flatters the gateway.
+    """
+
+    def __init__(self, data: bytes, model: Path) -> None:
+        import onnxruntime as ort
+
+        from data_pipeline.dicom_io import decode_bytes
+        from serving.contract import contract_from_metadata, read_onnx_metadata
+        from serving.preprocess import prepare
+
+        self._decode = decode_bytes
+        self.data = data
+        contract = contract_from_metadata(read_onnx_metadata(model))
+        self.tensor = prepare(decode_bytes(data).to_uint8(), contract, 1024).tensor[None].copy()
+        lean = ort.SessionOptions()
+        lean.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.sessions = [
+            ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]),
+            ort.InferenceSession(str(model), sess_options=lean, providers=["CPUExecutionProvider"]),
+        ]
+        for session in self.sessions:
+            session.run(None, {"images": self.tensor})
+        self.decode_s: list[float] = []
+        self.ort_s: list[list[float]] = [[] for _ in self.sessions]
+
+    def sample(self) -> None:
+        start = time.perf_counter()
+        self._decode(self.data).to_uint8()
+        self.decode_s.append(time.perf_counter() - start)
+        for i, session in enumerate(self.sessions):
+            start = time.perf_counter()
+            session.run(None, {"images": self.tensor})
+            self.ort_s[i].append(time.perf_counter() - start)
+
+    @property
+    def best_ort_s(self) -> list[float]:
+        return min(self.ort_s, key=statistics.median)
+
+
+def run_serving_benchmarks(
+    *, requests: int = 20, clients: int = 16, duration_s: float = 20.0, workdir: Path | None = None
+) -> dict[str, Any]:
+    """Run both measurements and return the figures (keys per DESIGN.md plus details)."""
+    if workdir is None:  # a throwaway folder for the model, keys and server logs
+        with tempfile.TemporaryDirectory(prefix="cxr-serve-bench-") as tmpdir:
+            return run_serving_benchmarks(
+                requests=requests, clients=clients, duration_s=duration_s, workdir=Path(tmpdir)
+            )
+    import httpx
+    from rich.console import Console
+
+    from serving.auth import write_keys_file
+    from serving.gitops.model_file import StageFile, write_stage_file
+    from workflows.offline import apply_offline_env
+
+    console = Console(stderr=True)
+    tmp = Path(workdir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    offline = apply_offline_env(tmp / "state")
+    console.log("exporting YOLO11n @640 to ONNX")
+    model = export_model(tmp)
+    data = make_dicom_2048()
+    key = write_keys_file(tmp / "api_keys.json", ["pacs"])["pacs"]
+    write_stage_file(tmp / "gitops", StageFile(stage="production", model_version="1"))
+    env = {
+        **offline,
+        "CXR_BACKEND": "onnx",
+        "CXR_ONNX_MODEL": str(model),
+        "CXR_API_KEYS_FILE": str(tmp / "api_keys.json"),
+        "CXR_GITOPS_DIR": str(tmp / "gitops"),
+        "CXR_STACK_DIR": str(tmp / "state"),
+        "CXR_STORE_RESULTS": "false",  # measure serving, not the object store
+        "CXR_RATE_LIMIT_PER_S": "100000",
+        "CXR_RATE_LIMIT_BURST": "100000",
+        "CXR_MAX_INFLIGHT_PER_STAGE": str(clients * 2),
+    }
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/dicom"}
+    results: dict[str, Any] = {}
+
+    # Both servers stay up and every measurement alternates between them (and the
+    # in-process baseline), so load from other processes hits all sides alike.
+    console.log("starting the gateway and the naive server")
+    gateway = Server("serving.app:create_app", env, "/readyz", tmp / "gateway.log")
+    naive = Server(
+        "benchmarks.serve_bench:naive_app",
+        {**offline, "NAIVE_MODEL": str(model)},
+        "/healthz",
+        tmp / "naive.log",
+    )
+    files = {"file": ("x.dcm", data, "application/dicom")}
+    try:
+        baseline_run = InProcessBaseline(data, model)
+        console.log(f"latency: {requests} rounds of gateway / in-process / naive, one request each")
+        e2e: list[float] = []
+        naive_seq: list[float] = []
+        with httpx.Client(timeout=120) as client:
+            gw_send = lambda: client.post(gateway.url + "/v1/detect", content=data, headers=headers)  # noqa: E731
+            naive_send = lambda: client.post(naive.url + "/predict", files=files)  # noqa: E731
+            _sequential(gw_send, 0, warmup=3)
+            _sequential(naive_send, 0, warmup=2)
+            for _ in range(requests):
+                e2e += _sequential(gw_send, 1, warmup=0)
+                baseline_run.sample()
+                naive_seq += _sequential(naive_send, 1, warmup=0)
+        rounds = 3
+        console.log(
+            f"throughput: {rounds} alternating windows of {duration_s / rounds:.0f} s, {clients} clients"
+        )
+        gw_windows, naive_windows = [], []
+        for _ in range(rounds):
+            gw_windows.append(
+                asyncio.run(
+                    _load(
+                        lambda c: c.post(gateway.url + "/v1/detect", content=data, headers=headers),
+                        clients,
+                        duration_s / rounds,
+                    )
+                )
+            )
+            naive_windows.append(
+                asyncio.run(
+                    _load(lambda c: c.post(naive.url + "/predict", files=files), clients, duration_s / rounds)
+                )
+            )
+    finally:
+        gateway.stop()
+        naive.stop()
+    gw_load = _merge(gw_windows)
+    naive_load = _merge(naive_windows)
+    decode_s, ort_s = baseline_run.decode_s, baseline_run.best_ort_s
+
+    baseline = statistics.median(decode_s) + statistics.median(ort_s)
+    results["gateway_overhead_ratio"] = round(statistics.median(e2e) / baseline, 3)
+    results["throughput_vs_naive_16c"] = (
+        round(gw_load["rps"] / naive_load["rps"], 3) if naive_load["rps"] else None
+    )
+    results["serving"] = {
+        "image": "2048x2048 16-bit DICOM (8 MiB)",
+        "model": f"yolo11n 14 classes, ONNX @{IMGSZ}, onnxruntime CPU",
+        "gateway_e2e_ms": percentiles(e2e),
+        "decode_ms": percentiles(decode_s),
+        "ort_ms": percentiles(ort_s),
+        "gateway_16c": gw_load,
+        "naive_sequential_ms": percentiles(naive_seq),
+        "naive_16c": naive_load,
+        "clients": clients,
+        "duration_s": duration_s,
+    }
+    results["machine"] = {"cores": os.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version()}
+    results["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return results
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = results["serving"]
+    table = Table(title=f"serving ({s['image']}, {s['model']})")
+    for col in ("measure", "p50 ms", "p95 ms", "p99 ms", "req/s", "errors"):
+        table.add_column(col)
+    for name, row in (
+        ("gateway POST /v1/detect (1 client)", s["gateway_e2e_ms"]),
+        ("decode (in-process)", s["decode_ms"]),
+        ("ORT run (in-process)", s["ort_ms"]),
+        ("naive predict (1 client)", s["naive_sequential_ms"]),
+        (f"gateway, {s['clients']} clients", s["gateway_16c"]),
+        (f"naive, {s['clients']} clients", s["naive_16c"]),
+    ):
+        table.add_row(name, *(str(row.get(k, "")) for k in ("p50", "p95", "p99", "rps", "errors")))
+    console = Console()
+    console.print(table)
+    console.print(
+        f"gateway_overhead_ratio = {results['gateway_overhead_ratio']}  (target <= 1.3)   "
+        f"throughput_vs_naive_16c = {results['throughput_vs_naive_16c']}  (target >= 3)"
+    )
+
+
+if __name__ == "__main__":
+    figures = run_serving_benchmarks()
+    print_table(figures)
+    out = REPO / "benchmarks" / "results.json"
+    merged = json.loads(out.read_text()) if out.exists() else {}
+    merged.update(figures)
+    out.write_text(json.dumps(merged, indent=2) + "\n")

@@ -1,0 +1,42 @@
+"""What the pipeline needs from an inference backend, whichever it is.
+
+The Triton client and the in-process ONNX Runtime session both satisfy this
+protocol, so routes, metrics and tests are the same for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from serving.config import Stage
+from serving.contract import ModelContract
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The model a stage serves right now: its contract and registry identity."""
+
+    name: str
+    version: str
+    contract: ModelContract
+
+
+class InferenceBackend(Protocol):
+    async def model(self, stage: Stage) -> ServedModel:
+        """The stage's model; raises ModelNotReady when none is loaded or reachable."""
+        ...
+
+    async def infer(self, stage: Stage, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, S, S) float32 -> (N, 4 + classes, anchors) float32."""
+        ...
+
+    async def ready(self, stage: Stage) -> bool: ...
+
+    def forget(self, stage: Stage) -> None:
+        """Drop cached model info (after a promotion changed what the stage serves)."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,81 @@
+"""``cxr serve``: run the gateway under uvicorn.
+
+A plain function (the root ``cxr`` command mounts it as a command) plus a Typer
+``app`` so ``python -m serving`` works alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from workflows.offline import apply_offline_env
+
+
+class BackendName(StrEnum):
+    triton = "triton"
+    onnx = "onnx"
+
+
+def serve(
+    backend: Annotated[
+        BackendName, typer.Option(help="triton: per-stage Triton servers; onnx: in-process ORT")
+    ] = BackendName.triton,
+    model: Annotated[Path | None, typer.Option(help="ONNX file for --backend onnx")] = None,
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8080,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve the detection gateway (REST, DICOMweb STOW-RS, review page, /metrics)."""
+    import uvicorn
+
+    from serving.config import ServingSettings
+
+    console = Console(stderr=True)
+    os.environ["CXR_BACKEND"] = backend.value
+    if model is not None:
+        if not model.is_file():
+            console.print(f"[red]ONNX model {model} does not exist[/red]")
+            raise typer.Exit(2)
+        os.environ["CXR_ONNX_MODEL"] = str(model.resolve())
+    elif backend is BackendName.onnx and not os.environ.get("CXR_ONNX_MODEL"):
+        console.print("[red]--backend onnx needs --model PATH (or CXR_ONNX_MODEL)[/red]")
+        raise typer.Exit(2)
+    try:
+        settings = ServingSettings()
+    except ValueError as exc:
+        console.print(f"[red]invalid gateway settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    apply_offline_env(settings.stack_dir)
+    keys_file = settings.resolved_api_keys_file
+    if settings.auth_enabled and not keys_file.exists():
+        console.print(
+            f"[red]API keys file {keys_file} is missing:[/red] run `cxr stack up` or set CXR_API_KEYS_FILE"
+        )
+        raise typer.Exit(2)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    console.print(f"gateway on http://{host}:{port} backend={backend.value}")
+    uvicorn.run(
+        "serving.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+app = typer.Typer(help="CXR Detect serving gateway", no_args_is_help=True, add_completion=False)
+app.command("serve")(serve)
+
+
+@app.callback()
+def main() -> None:
+    """CXR Detect serving gateway."""

@@ -1,0 +1,116 @@
+"""Gateway settings: the one place the serving package reads its environment.
+
+Every knob a hospital operator may turn lives here, validated once at start-up,
+so a typo in an environment variable fails the launch instead of a request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Stage = Literal["production", "canary", "staging"]
+STAGES: tuple[Stage, ...] = ("production", "canary", "staging")
+
+
+class ServingSettings(BaseSettings):
+    """Configuration of the FastAPI gateway (env prefix ``CXR_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
+
+    # --- state and stores -------------------------------------------------------
+    stack_dir: Path = Path(".stack")
+    s3_endpoint: str = "http://127.0.0.1:8333"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "cxr"
+    mlflow_uri: str = "http://127.0.0.1:5000"
+    gitops_dir: Path = Path(".")
+
+    # --- backends ---------------------------------------------------------------
+    backend: Literal["triton", "onnx"] = "triton"
+    onnx_model: Path | None = Field(default=None, description="ONNX file for the in-process backend")
+    onnx_threads: int = Field(default=0, description="ORT intra-op threads per run (0: all cores)")
+    onnx_workers: int = Field(default=0, description="concurrent ORT runs (0: one per core)")
+    model_name: str = "cxr-detector"
+    triton_production_url: str = "127.0.0.1:8000"
+    triton_canary_url: str = "127.0.0.1:8100"
+    triton_staging_url: str = "127.0.0.1:8200"
+    serving_stages: list[Stage] = Field(
+        default_factory=lambda: list[Stage](["production"]),
+        description="stages whose Triton must hold a model before /readyz says ready",
+    )
+    triton_timeout_s: float = 10.0
+
+    # --- auth and limits --------------------------------------------------------
+    api_keys_file: Path | None = None
+    auth_enabled: bool = True
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 100_000_000
+    request_timeout_s: float = 30.0
+    rate_limit_per_s: float = 200.0
+    rate_limit_burst: int = 400
+    max_inflight_per_stage: int = 32
+    overload_retry_after_s: int = 1
+    worker_threads: int = 4
+
+    # --- inference ---------------------------------------------------------------
+    max_side: int = Field(
+        default=1024,
+        description="shrink longer images to this side first, as the dataset builder does (CXR_MAX_SIDE)",
+    )
+    max_backend_batch: int = Field(
+        default=8, description="images per inference call (the model's max_batch_size)"
+    )
+    conf_threshold: float = 0.25
+    iou_threshold: float = 0.7
+    max_detections: int = 300
+
+    # --- routing -----------------------------------------------------------------
+    shadow_fraction: float = 0.0
+    routing_poll_s: float = 2.0
+
+    # --- results, feedback, drift --------------------------------------------------
+    store_results: bool = True
+    results_cache_items: int = 256
+    results_cache_bytes: int = 512 * 1024 * 1024
+    results_retention_days: int = 30
+    spool_dir: Path | None = None
+    spool_retry_s: float = 5.0
+    deid_salt: str = "cxr-feedback"
+    drift_window: int = 200
+    drift_min_samples: int = 20
+    reference_stats: Path | None = None
+    audit_log: Path | None = None
+    public_base_url: str = ""
+
+    @field_validator("shadow_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError("CXR_SHADOW_FRACTION must be between 0 and 1")
+        return value
+
+    def triton_url(self, stage: Stage) -> str:
+        """HTTP host:port of the stage's Triton (the contract names HTTP; gRPC is port + 1)."""
+        return {
+            "production": self.triton_production_url,
+            "canary": self.triton_canary_url,
+            "staging": self.triton_staging_url,
+        }[stage]
+
+    def triton_grpc_url(self, stage: Stage) -> str:
+        host, _, port = self.triton_url(stage).rpartition(":")
+        return f"{host}:{int(port) + 1}"
+
+    @property
+    def resolved_spool_dir(self) -> Path:
+        return self.spool_dir or self.stack_dir / "serving" / "spool"
+
+    @property
+    def resolved_api_keys_file(self) -> Path:
+        return self.api_keys_file or self.stack_dir / "api_keys.json"

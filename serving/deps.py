@@ -1,0 +1,58 @@
+"""FastAPI dependencies as named ``Annotated`` aliases; route handlers stay thin."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from serving.auth import Principal, Role, extract_key
+from serving.config import ServingSettings
+from serving.state import GatewayState
+
+
+def get_state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.cxr
+    return state
+
+
+StateDep = Annotated[GatewayState, Depends(get_state)]
+
+
+def get_settings(state: StateDep) -> ServingSettings:
+    return state.settings
+
+
+SettingsDep = Annotated[ServingSettings, Depends(get_settings)]
+
+
+def get_principal(
+    request: Request,
+    state: StateDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Principal:
+    """Authenticate the API key, then charge the key's rate limit."""
+    if state.keys is None:
+        principal = Principal(key_id="anonymous", role=Role.admin)
+    else:
+        principal = state.keys.authenticate(extract_key(authorization, x_api_key))
+    request.state.principal = principal
+    state.limiter.check(principal.key_id)
+    return principal
+
+
+def require(role: Role) -> Callable[[Principal], Principal]:
+    def dependency(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+        principal.require(role)
+        return principal
+
+    dependency.__name__ = f"require_{role.name}"
+    return dependency
+
+
+PacsDep = Annotated[Principal, Depends(require(Role.pacs))]
+RadiologistDep = Annotated[Principal, Depends(require(Role.radiologist))]
+OperatorDep = Annotated[Principal, Depends(require(Role.operator))]
+AdminDep = Annotated[Principal, Depends(require(Role.admin))]

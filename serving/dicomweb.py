@@ -1,0 +1,140 @@
+"""DICOMweb STOW-RS (PS3.18 10.5): parse ``multipart/related`` uploads, answer with a status dataset.
+
+The body is split with python-multipart's generic ``MultipartParser`` (the
+same parser FastAPI uses for forms, which works for any boundary-delimited
+body); the response is a DICOM JSON dataset listing each instance under
+ReferencedSOPSequence (with a RetrieveURL to its detection SR) or
+FailedSOPSequence (with a FailureReason), as a PACS or ``dicomweb-client`` expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from serving.errors import InvalidRequest, UnsupportedMediaType
+
+# PS3.18 Table I.2-1 failure reasons
+FAILURE_PROCESSING = 0x0110
+FAILURE_NOT_SUPPORTED = 0xC122
+FAILURE_CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass
+class _Part:
+    headers: dict[str, str] = field(default_factory=dict)
+    chunks: list[bytes] = field(default_factory=list)
+
+
+def split_related(content_type: str, body: bytes, *, max_parts: int = 64) -> list[bytes]:
+    """The DICOM parts of a ``multipart/related; type="application/dicom"`` body."""
+    media, options = parse_options_header(content_type or "")
+    if media != b"multipart/related":
+        raise UnsupportedMediaType(
+            f"STOW-RS takes multipart/related; type=\"application/dicom\", got '{content_type or 'none'}'"
+        )
+    part_type = options.get(b"type", b"application/dicom").decode("latin-1").lower()
+    if part_type != "application/dicom":
+        raise UnsupportedMediaType(
+            f"STOW-RS part type '{part_type}' is not supported; send application/dicom"
+        )
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise InvalidRequest("multipart/related body without a boundary parameter")
+    parts: list[_Part] = []
+    header_field: list[bytes] = []
+    header_value: list[bytes] = []
+
+    def on_part_begin() -> None:
+        if len(parts) >= max_parts:
+            raise InvalidRequest(f"too many parts (more than {max_parts}) in one STOW-RS request")
+        parts.append(_Part())
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1].chunks.append(data[start:end])
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header_field.append(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header_value.append(data[start:end])
+
+    def on_header_end() -> None:
+        name = b"".join(header_field).decode("latin-1").strip().lower()
+        parts[-1].headers[name] = b"".join(header_value).decode("latin-1").strip()
+        header_field.clear()
+        header_value.clear()
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_part_data": on_part_data,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+        },
+    )
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise InvalidRequest(f"malformed multipart/related body: {exc}") from exc
+    instances = []
+    for i, part in enumerate(parts):
+        ctype = part.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+        if ctype != "application/dicom":
+            raise UnsupportedMediaType(
+                f"part {i + 1} has Content-Type '{ctype}'; STOW-RS parts must be application/dicom"
+            )
+        data = b"".join(part.chunks)
+        if data:
+            instances.append(data)
+    if not instances:
+        raise InvalidRequest("the STOW-RS request holds no DICOM instances (check the multipart boundary)")
+    return instances
+
+
+@dataclass(frozen=True)
+class StowOutcome:
+    sop_class_uid: str
+    sop_instance_uid: str
+    retrieve_url: str | None = None
+    failure_reason: int | None = None
+
+
+def stow_response(outcomes: list[StowOutcome], study_url: str | None) -> dict[str, Any]:
+    """DICOM JSON of the Store Instances Response Module."""
+    ds = Dataset()
+    if study_url:
+        ds.RetrieveURL = study_url
+    ok, failed = [], []
+    for o in outcomes:
+        item = Dataset()
+        item.ReferencedSOPClassUID = o.sop_class_uid or "1.2.840.10008.5.1.4.1.1.1"
+        item.ReferencedSOPInstanceUID = o.sop_instance_uid or "0.0"
+        if o.failure_reason is None:
+            if o.retrieve_url:
+                item.RetrieveURL = o.retrieve_url
+            ok.append(item)
+        else:
+            item.FailureReason = o.failure_reason
+            failed.append(item)
+    if ok:
+        ds.ReferencedSOPSequence = Sequence(ok)
+    if failed:
+        ds.FailedSOPSequence = Sequence(failed)
+    return ds.to_json_dict()
+
+
+def stow_status(outcomes: list[StowOutcome]) -> int:
+    """200 all stored, 202 some failed, 409 none stored (PS3.18 10.5.3)."""
+    failed = sum(o.failure_reason is not None for o in outcomes)
+    if failed == 0:
+        return 200
+    return 409 if failed == len(outcomes) else 202

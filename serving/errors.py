@@ -1,0 +1,112 @@
+"""Domain exceptions of the gateway, each naming its HTTP status.
+
+Following KServe's errors module: route code raises what went wrong in domain
+terms and one handler turns it into the JSON body every client parses,
+``{"error": {"code", "message", "request_id"}}``. Nothing a client sends may
+end in a bare 500 with a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base class; ``status`` is the HTTP status, ``code`` the stable machine-readable name."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class InvalidImage(ServingError):
+    """422: the upload is not a usable radiograph (corrupt, no pixels, multi-frame, too small/large)."""
+
+    status = 422
+    code = "invalid_image"
+
+
+class InvalidRequest(ServingError):
+    """400: the request itself is malformed (multipart, parameters, feedback body)."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class UnsupportedMediaType(ServingError):
+    """415: neither DICOM, PNG nor JPEG, or a Content-Type the route does not take."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(ServingError):
+    """413: the body exceeds CXR_MAX_BODY_BYTES."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class Unauthorized(ServingError):
+    """401: no API key, or one that is not known."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ServingError):
+    """403: a known key whose role does not include this route."""
+
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ServingError):
+    """404: no such result / model / stage."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ServingError):
+    """409: the request conflicts with what is stored (e.g. SR of a non-DICOM input)."""
+
+    status = 409
+    code = "conflict"
+
+
+class RateLimited(ServingError):
+    """429 + Retry-After: this key sent more than its share."""
+
+    status = 429
+    code = "rate_limited"
+
+
+class Overloaded(ServingError):
+    """503 + Retry-After: the stage has too many requests in flight or Triton's queue is full."""
+
+    status = 503
+    code = "overloaded"
+
+
+class ModelNotReady(ServingError):
+    """503: the stage's inference server has no model loaded or cannot be reached."""
+
+    status = 503
+    code = "model_not_ready"
+
+
+class GatewayTimeout(ServingError):
+    """504: inference did not finish within CXR_REQUEST_TIMEOUT_S."""
+
+    status = 504
+    code = "timeout"
+
+
+class BackendError(ServingError):
+    """502: the inference server answered with an error that is not the client's fault."""
+
+    status = 502
+    code = "backend_error"

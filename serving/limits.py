@@ -1,0 +1,69 @@
+"""Per-key rate limit and per-stage in-flight bound.
+
+Both are a few lines over the event loop's single thread (no locks needed), so
+a library (e.g. slowapi, which wraps limits + Redis) would add a dependency and
+a store for what a dict of token buckets does here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from serving.errors import Overloaded, RateLimited
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+class RateLimiter:
+    """Token bucket per API key id: ``rate`` requests/s sustained, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, _Bucket] = {}
+
+    def check(self, key_id: str, cost: float = 1.0) -> None:
+        now = time.monotonic()
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            bucket = self._buckets[key_id] = _Bucket(tokens=float(self.burst), stamp=now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
+        bucket.stamp = now
+        if bucket.tokens < cost:
+            wait = math.ceil((cost - bucket.tokens) / self.rate) if self.rate > 0 else 60
+            raise RateLimited(
+                f"rate limit of {self.rate:g} requests/s for key '{key_id}' exceeded; retry in {wait} s",
+                retry_after_s=max(1, wait),
+            )
+        bucket.tokens -= cost
+
+
+class InflightGate:
+    """Refuses work beyond ``limit`` concurrent inferences per stage instead of queueing without bound."""
+
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.current: dict[str, int] = {}
+
+    @contextmanager
+    def enter(self, stage: str, weight: int = 1) -> Iterator[None]:
+        now = self.current.get(stage, 0)
+        if now + weight > self.limit:
+            raise Overloaded(
+                f"stage '{stage}' has {now} requests in flight (limit {self.limit}); retry later",
+                retry_after_s=self.retry_after_s,
+            )
+        self.current[stage] = now + weight
+        try:
+            yield
+        finally:
+            self.current[stage] -= weight

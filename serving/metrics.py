@@ -1,0 +1,104 @@
+"""Prometheus metrics of the gateway, under the exact names observability builds on.
+
+Each app owns its registry (not prometheus-client's global one) so several
+apps in one test process never collide and ``/metrics`` shows only this gateway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+_PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+_UNIT_BUCKETS = tuple(round(i / 20, 2) for i in range(1, 21))
+
+
+@dataclass
+class GatewayMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "cxr_gateway_requests_total",
+            "Requests by route, status and stage",
+            ["route", "status", "stage"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "cxr_gateway_request_duration_seconds",
+            "End-to-end request latency",
+            ["route", "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.phase_duration = Histogram(
+            "cxr_gateway_phase_duration_seconds",
+            "Latency of one pipeline phase (decode|preprocess|infer|postprocess)",
+            ["phase", "stage"],
+            buckets=_PHASE_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge("cxr_gateway_inflight_requests", "Inferences in flight", ["stage"], registry=r)
+        self.rejected = Counter(
+            "cxr_gateway_rejected_total", "Requests refused before inference", ["stage", "reason"], registry=r
+        )
+        self.images = Counter(
+            "cxr_images_processed_total", "Images run through a model", ["stage", "model_version"], registry=r
+        )
+        self.detections = Counter(
+            "cxr_detections_total",
+            "Detections returned",
+            ["stage", "model_version", "class_name"],
+            registry=r,
+        )
+        self.confidence = Histogram(
+            "cxr_detection_confidence",
+            "Confidence of returned detections",
+            ["stage"],
+            buckets=_UNIT_BUCKETS,
+            registry=r,
+        )
+        self.intensity = Histogram(
+            "cxr_input_intensity_mean",
+            "Mean input intensity (0..1) per image",
+            ["stage"],
+            buckets=_UNIT_BUCKETS,
+            registry=r,
+        )
+        self.drift = Gauge(
+            "cxr_drift_score", "Input drift vs the model's training data", ["stage"], registry=r
+        )
+        self.shadow_agreement = Histogram(
+            "cxr_shadow_agreement",
+            "Agreement (F1 at IoU 0.5) of the shadow stage with the served answer",
+            ["stage"],
+            buckets=_UNIT_BUCKETS,
+            registry=r,
+        )
+        self.feedback = Counter(
+            "cxr_feedback_total", "Feedback submissions by outcome", ["action"], registry=r
+        )
+        self.spool_depth = Gauge(
+            "cxr_feedback_spool_depth", "Feedback items waiting on local disk", registry=r
+        )
+        self.model_info = Gauge(
+            "cxr_model_info",
+            "Model each stage serves (value 1)",
+            ["stage", "model_name", "model_version"],
+            registry=r,
+        )
+        self.stage_ready = Gauge(
+            "cxr_stage_ready", "1 when the stage's backend has its model loaded", ["stage"], registry=r
+        )
+        self.canary_weight = Gauge(
+            "cxr_routing_canary_weight", "Percent of production traffic sent to canary", registry=r
+        )
+
+    def set_model_info(self, stage: str, name: str, version: str) -> None:
+        for sample in next(iter(self.model_info.collect())).samples:
+            if sample.labels.get("stage") == stage and sample.labels.get("model_version") != version:
+                self.model_info.remove(stage, sample.labels["model_name"], sample.labels["model_version"])
+        self.model_info.labels(stage, name, version).set(1)

@@ -1,0 +1,110 @@
+"""Raw model output -> detections in the ORIGINAL image's pixels.
+
+NMS runs here, in the gateway, not in the graph (the model contract says
+``nms: gateway``), so thresholds change per request without re-exporting.
+The steps mirror ``ultralytics.utils.nms.non_max_suppression`` (best class per
+anchor, confidence filter, top-30000, class-offset NMS, max_det) using
+torchvision's ``batched_nms``; a test checks both give the same boxes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from data_pipeline.geometry import LetterboxParams, boxes_to_source
+
+MAX_NMS_CANDIDATES = 30000
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One finding: VinDr class id/name, confidence and [x_min, y_min, x_max, y_max] in source pixels."""
+
+    class_id: int
+    class_name: str
+    confidence: float
+    box: tuple[float, float, float, float]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "class_id": self.class_id,
+            "class_name": self.class_name,
+            "confidence": round(self.confidence, 5),
+            "box": [round(v, 2) for v in self.box],
+        }
+
+
+def nms_one(
+    pred: np.ndarray, conf_threshold: float, iou_threshold: float, max_det: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(4+nc, A) output of one image -> (boxes xyxy in model input px, confidences, class ids)."""
+    import torch
+    from torchvision.ops import batched_nms
+
+    scores_all = pred[4:]
+    cls = scores_all.argmax(axis=0)
+    conf = scores_all[cls, np.arange(scores_all.shape[1])]
+    keep = conf > conf_threshold
+    if not keep.any():
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    xywh = pred[:4, keep].T
+    conf, cls = conf[keep], cls[keep]
+    boxes = np.empty_like(xywh)
+    half_w, half_h = xywh[:, 2] / 2, xywh[:, 3] / 2
+    boxes[:, 0] = xywh[:, 0] - half_w
+    boxes[:, 1] = xywh[:, 1] - half_h
+    boxes[:, 2] = xywh[:, 0] + half_w
+    boxes[:, 3] = xywh[:, 1] + half_h
+    if len(conf) > MAX_NMS_CANDIDATES:
+        top = np.argsort(-conf, kind="stable")[:MAX_NMS_CANDIDATES]
+        boxes, conf, cls = boxes[top], conf[top], cls[top]
+    with torch.inference_mode():
+        kept = batched_nms(
+            torch.from_numpy(boxes), torch.from_numpy(conf), torch.from_numpy(cls), iou_threshold
+        )
+    idx = kept[:max_det].numpy()
+    return boxes[idx], conf[idx], cls[idx]
+
+
+def to_detections(
+    pred: np.ndarray,
+    params: LetterboxParams,
+    class_names: tuple[str, ...],
+    *,
+    conf_threshold: float,
+    iou_threshold: float,
+    max_det: int,
+    source_size: tuple[int, int] | None = None,
+) -> list[Detection]:
+    """NMS on one image's output and map the kept boxes back through the letterbox.
+
+    ``source_size`` is the original (width, height) when the letterboxed image
+    was a shrunk copy (see ``preprocess.prepare``); boxes are scaled up to it.
+    """
+    boxes, conf, cls = nms_one(pred.astype(np.float32, copy=False), conf_threshold, iou_threshold, max_det)
+    if len(conf) == 0:
+        return []
+    source = np.asarray(boxes_to_source(boxes, params), dtype=np.float64)
+    if source_size is not None and source_size != (params.src_w, params.src_h):
+        width, height = source_size
+        source[:, [0, 2]] = (source[:, [0, 2]] * (width / params.src_w)).clip(0, width)
+        source[:, [1, 3]] = (source[:, [1, 3]] * (height / params.src_h)).clip(0, height)
+    return [
+        Detection(
+            class_id=int(c),
+            class_name=class_names[int(c)] if int(c) < len(class_names) else str(int(c)),
+            confidence=float(s),
+            box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+        )
+        for b, s, c in zip(source, conf, cls, strict=True)
+    ]
+
+
+def warm_up() -> None:
+    """Import torch/torchvision and run one NMS now, so the first request does not pay ~2 s for it."""
+    pred = np.zeros((5, 2), np.float32)
+    pred[:4] = [[10, 20], [10, 20], [4, 4], [4, 4]]
+    pred[4] = [0.9, 0.8]
+    nms_one(pred, 0.5, 0.5, 10)

@@ -1,0 +1,125 @@
+"""Everything one gateway instance holds, built once at start-up.
+
+Kept on ``app.state.cxr`` and reached through the dependencies in
+:mod:`serving.deps`, so tests can build an app with a different backend or
+store without patching modules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving.audit import AuditLog
+from serving.auth import KeyStore
+from serving.backend import InferenceBackend
+from serving.config import ServingSettings
+from serving.detector import DetectionService
+from serving.drift import DriftMonitor
+from serving.feedback import FeedbackService, FeedbackSpool
+from serving.limits import RateLimiter
+from serving.metrics import GatewayMetrics
+from serving.results import BlobStore, ResultStore
+from serving.routing import Router
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayState:
+    settings: ServingSettings
+    keys: KeyStore | None
+    backend: InferenceBackend
+    store: BlobStore | None
+    metrics: GatewayMetrics
+    router: Router
+    results: ResultStore
+    detector: DetectionService
+    feedback: FeedbackService
+    limiter: RateLimiter
+    audit: AuditLog
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def make_store(settings: ServingSettings) -> BlobStore | None:
+    """The S3 store named by the settings (keys from credentials.json when unset), or None if unconfigured."""
+    from data_pipeline.store import ObjectStore
+
+    access, secret = settings.s3_access_key, settings.s3_secret_key
+    creds = settings.stack_dir / "credentials.json"
+    if not (access and secret) and creds.exists():
+        s3 = json.loads(creds.read_text()).get("s3", {})
+        access, secret = str(s3.get("access_key", "")), str(s3.get("secret_key", ""))
+    return ObjectStore(
+        settings.s3_endpoint, access, secret, settings.s3_bucket, settings.s3_region, timeout_s=5.0, retries=0
+    )
+
+
+def make_backend(settings: ServingSettings) -> InferenceBackend:
+    if settings.backend == "onnx":
+        from serving.backend_onnx import OnnxBackend
+
+        if settings.onnx_model is None:
+            raise ValueError("the onnx backend needs a model: pass --model PATH or set CXR_ONNX_MODEL")
+        return OnnxBackend(
+            settings.onnx_model,
+            name=settings.model_name,
+            threads=settings.onnx_threads,
+            workers=settings.onnx_workers,
+        )
+    from serving.backend_triton import TritonBackend
+
+    return TritonBackend(settings)
+
+
+def build_state(
+    settings: ServingSettings,
+    *,
+    backend: InferenceBackend | None = None,
+    store: BlobStore | None = None,
+    use_store: bool = True,
+) -> GatewayState:
+    metrics = GatewayMetrics()
+    keys = KeyStore.from_file(settings.resolved_api_keys_file) if settings.auth_enabled else None
+    backend = backend or make_backend(settings)
+    if store is None and use_store:
+        store = make_store(settings)
+    router = Router(
+        settings.gitops_dir, shadow_fraction=settings.shadow_fraction, poll_s=settings.routing_poll_s
+    )
+    results = ResultStore(
+        store,
+        cache_items=settings.results_cache_items,
+        cache_bytes=settings.results_cache_bytes,
+        retention_days=settings.results_retention_days,
+    )
+
+    def load_reference(dataset_version: str) -> dict[str, Any] | None:
+        if store is None:
+            return None
+        return dict(json.loads(store.get_bytes(f"datasets/{dataset_version}/reference_stats.json")))
+
+    drift = DriftMonitor(
+        window=settings.drift_window,
+        min_samples=settings.drift_min_samples,
+        on_score=lambda stage, score: metrics.drift.labels(stage).set(score),
+        reference_file=settings.reference_stats,
+        reference_loader=load_reference,
+    )
+    detector = DetectionService(settings, backend, router, metrics, results, drift)
+    feedback = FeedbackService(store, FeedbackSpool(settings.resolved_spool_dir), settings.deid_salt)
+    return GatewayState(
+        settings=settings,
+        keys=keys,
+        backend=backend,
+        store=store,
+        metrics=metrics,
+        router=router,
+        results=results,
+        detector=detector,
+        feedback=feedback,
+        limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+        audit=AuditLog(settings.audit_log),
+    )

@@ -1,0 +1,157 @@
+// Review page: detect -> show boxes on the server-rendered preview -> accept/reject/draw -> /v1/feedback.
+"use strict";
+
+const CLASS_NAMES = [
+  "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Consolidation", "ILD",
+  "Infiltration", "Lung Opacity", "Nodule/Mass", "Other lesion", "Pleural effusion",
+  "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis",
+];
+const COLORS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0",
+  "#f032e6", "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8"];
+
+const $ = (id) => document.getElementById(id);
+const state = { result: null, image: null, scale: 1, verdicts: [], newBoxes: [], drag: null };
+
+function apiKey() { return $("api-key").value.trim(); }
+function headers(extra = {}) { return { Authorization: `Bearer ${apiKey()}`, ...extra }; }
+function setStatus(id, text, kind = "") { const el = $(id); el.textContent = text; el.className = kind; }
+
+async function errorText(resp) {
+  try { const body = await resp.json(); return `${resp.status}: ${body.error.message}`; }
+  catch { return `${resp.status} ${resp.statusText}`; }
+}
+
+function init() {
+  $("api-key").value = sessionStorage.getItem("cxr-key") || "";
+  $("api-key").addEventListener("change", () => sessionStorage.setItem("cxr-key", apiKey()));
+  CLASS_NAMES.forEach((name, i) => $("new-class").add(new Option(`${i} ${name}`, String(i))));
+  $("upload-form").addEventListener("submit", (e) => { e.preventDefault(); detect(); });
+  $("submit").addEventListener("click", submitFeedback);
+  $("no-finding").addEventListener("change", draw);
+  const canvas = $("view");
+  canvas.addEventListener("mousedown", startDrag);
+  canvas.addEventListener("mousemove", moveDrag);
+  canvas.addEventListener("mouseup", endDrag);
+}
+
+async function detect() {
+  const file = $("file").files[0];
+  if (!file) { setStatus("status", "choose a DICOM, PNG or JPEG file first", "error"); return; }
+  setStatus("status", "detecting…");
+  setStatus("feedback-status", "");
+  const form = new FormData();
+  form.append("file", file);
+  const resp = await fetch("/v1/detect", { method: "POST", headers: headers(), body: form });
+  if (!resp.ok) { setStatus("status", await errorText(resp), "error"); return; }
+  const result = await resp.json();
+  const preview = await fetch(`/v1/results/${result.request_id}/preview.png`, { headers: headers() });
+  if (!preview.ok) { setStatus("status", await errorText(preview), "error"); return; }
+  const img = new Image();
+  img.src = URL.createObjectURL(await preview.blob());
+  await img.decode();
+  Object.assign(state, { result, image: img, verdicts: result.detections.map(() => "accept"), newBoxes: [] });
+  state.scale = img.naturalWidth / result.image.width;
+  const canvas = $("view");
+  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  $("model-info").textContent = `model ${result.model.name} v${result.model.version} (${result.model.stage}) · ` +
+    `${result.image.width}×${result.image.height} · ${result.timings_ms.total.toFixed(0)} ms`;
+  $("no-finding").checked = false;
+  $("submit").disabled = false;
+  setStatus("status", `${result.detections.length} finding(s) · request ${result.request_id}`);
+  renderLists(); draw();
+}
+
+function renderLists() {
+  const list = $("detections"); list.innerHTML = "";
+  state.result.detections.forEach((d, i) => {
+    const li = document.createElement("li");
+    li.dataset.index = String(i);
+    li.className = state.verdicts[i] === "reject" ? "rejected detection" : "detection";
+    li.innerHTML = `<span class="label" style="color:${COLORS[d.class_id]}">${d.class_name} ${(d.confidence * 100).toFixed(0)}%</span>`;
+    const accept = document.createElement("button");
+    accept.textContent = "Accept"; accept.className = "accept";
+    accept.onclick = () => { state.verdicts[i] = "accept"; renderLists(); draw(); };
+    const reject = document.createElement("button");
+    reject.textContent = "Reject"; reject.className = "reject";
+    reject.onclick = () => { state.verdicts[i] = "reject"; renderLists(); draw(); };
+    li.append(accept, reject);
+    list.append(li);
+  });
+  const added = $("new-boxes"); added.innerHTML = "";
+  state.newBoxes.forEach((b, i) => {
+    const li = document.createElement("li");
+    li.className = "new-box";
+    li.innerHTML = `<span class="label">${CLASS_NAMES[b.class_id]} [${b.box.map((v) => v.toFixed(0)).join(", ")}]</span>`;
+    const remove = document.createElement("button");
+    remove.textContent = "Remove";
+    remove.onclick = () => { state.newBoxes.splice(i, 1); renderLists(); draw(); };
+    li.append(remove);
+    added.append(li);
+  });
+}
+
+function strokeBox(ctx, box, color, dashed) {
+  const s = state.scale;
+  ctx.setLineDash(dashed ? [6, 4] : []);
+  ctx.strokeStyle = color; ctx.lineWidth = 2;
+  ctx.strokeRect(box[0] * s, box[1] * s, (box[2] - box[0]) * s, (box[3] - box[1]) * s);
+}
+
+function draw() {
+  if (!state.image) return;
+  const ctx = $("view").getContext("2d");
+  ctx.drawImage(state.image, 0, 0);
+  const noFinding = $("no-finding").checked;
+  state.result.detections.forEach((d, i) => {
+    if (state.verdicts[i] === "reject" || noFinding) return;
+    strokeBox(ctx, d.box, COLORS[d.class_id], false);
+    ctx.fillStyle = COLORS[d.class_id]; ctx.font = "12px sans-serif";
+    ctx.fillText(`${d.class_name} ${(d.confidence * 100).toFixed(0)}%`, d.box[0] * state.scale + 2, d.box[1] * state.scale + 12);
+  });
+  state.newBoxes.forEach((b) => strokeBox(ctx, b.box, "#ffffff", true));
+  if (state.drag && state.drag.current) strokeBox(ctx, dragBox(), "#ffffff", true);
+}
+
+function toImage(event) {
+  const canvas = $("view"); const rect = canvas.getBoundingClientRect();
+  const x = (event.clientX - rect.left) * (canvas.width / rect.width) / state.scale;
+  const y = (event.clientY - rect.top) * (canvas.height / rect.height) / state.scale;
+  return [Math.max(0, Math.min(x, state.result.image.width)), Math.max(0, Math.min(y, state.result.image.height))];
+}
+function dragBox() {
+  const [a, b] = [state.drag.start, state.drag.current];
+  return [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]), Math.max(a[1], b[1])];
+}
+function startDrag(e) { if (state.result) state.drag = { start: toImage(e), current: null }; }
+function moveDrag(e) { if (state.drag) { state.drag.current = toImage(e); draw(); } }
+function endDrag(e) {
+  if (!state.drag) return;
+  state.drag.current = toImage(e);
+  const box = dragBox();
+  state.drag = null;
+  if (box[2] - box[0] >= 2 && box[3] - box[1] >= 2) {
+    state.newBoxes.push({ class_id: Number($("new-class").value), box });
+    $("no-finding").checked = false;
+  }
+  renderLists(); draw();
+}
+
+async function submitFeedback() {
+  const noFinding = $("no-finding").checked;
+  const body = {
+    request_id: state.result.request_id,
+    feedback_id: `${state.result.request_id}-${Date.now()}`,
+    reviews: state.verdicts.map((action, index) => ({ index, action: noFinding ? "reject" : action })),
+    new_boxes: noFinding ? [] : state.newBoxes,
+    no_finding: noFinding,
+    comment: $("comment").value,
+  };
+  const resp = await fetch("/v1/feedback", {
+    method: "POST", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify(body),
+  });
+  if (!resp.ok) { setStatus("feedback-status", await errorText(resp), "error"); return; }
+  const receipt = await resp.json();
+  setStatus("feedback-status", `feedback ${receipt.status}: ${receipt.feedback_id} (${receipt.rows} rows)`, "ok");
+}
+
+init();

@@ -1,0 +1,115 @@
+"""The review page in Debian's Chromium: upload, see boxes, reject one, draw one, submit -> feedback in S3."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serving.app import create_app
+from serving.config import ServingSettings
+from tests.unit.serving.serving_support import (
+    LiveServer,
+    export_test_model,
+    free_port,
+    make_dicom,
+    write_keys,
+    write_stage_files,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def _wait_for(predicate: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_radiologist_rejects_a_box_draws_one_and_submits_feedback_that_lands_in_s3(
+    tmp_path: Path, s3_store: Any
+) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package")
+    from playwright.sync_api import sync_playwright
+
+    model = export_test_model(tmp_path / "model")
+    keys = write_keys(tmp_path / "keys.json")
+    write_stage_files(tmp_path / "gitops", production="1")
+    settings = ServingSettings(
+        backend="onnx",
+        onnx_model=model,
+        api_keys_file=tmp_path / "keys.json",
+        gitops_dir=tmp_path / "gitops",
+        stack_dir=tmp_path / "state",
+        conf_threshold=0.6,
+    )
+    store = s3_store.store()
+    app = create_app(settings, store=store)
+    upload = tmp_path / "chest.dcm"
+    upload.write_bytes(make_dicom(320, 256, seed=7))
+
+    with LiveServer(app, free_port()) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server.url + "/")
+        page.fill("#api-key", keys["radiologist"])
+        page.set_input_files("#file", str(upload))
+        page.click("#detect")
+        page.wait_for_selector("#detections li.detection")
+        detections = page.locator("#detections li.detection")
+        n_boxes = detections.count()
+        assert n_boxes >= 1
+        status = page.text_content("#status") or ""
+        request_id = status.rsplit("request ", 1)[-1].strip()
+
+        detections.nth(0).locator("button.reject").click()
+        assert "rejected" in (detections.nth(0).get_attribute("class") or "")
+
+        page.select_option("#new-class", "3")
+        box = page.locator("#view").bounding_box()
+        assert box is not None
+        page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.3)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.6, steps=5)
+        page.mouse.up()
+        assert page.locator("#new-boxes li.new-box").count() == 1
+
+        page.fill("#comment", "one false positive, one missed cardiomegaly")
+        page.click("#submit")
+        page.wait_for_selector("#feedback-status.ok")
+        receipt = page.text_content("#feedback-status") or ""
+        page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
+        browser.close()
+
+    feedback_id = receipt.split(": ", 1)[1].split(" ", 1)[0]
+    assert _wait_for(lambda: store.exists(f"feedback/{feedback_id}/feedback.json"))
+    meta = json.loads(store.get_bytes(f"feedback/{feedback_id}/feedback.json"))
+    assert meta["request_id"] == request_id
+    rows = list(
+        csv.DictReader(io.StringIO(store.get_bytes(f"feedback/{feedback_id}/annotations.csv").decode()))
+    )
+    assert len(rows) == n_boxes  # one rejected, one drawn
+    drawn = [r for r in rows if r["class_name"] == "Cardiomegaly" and float(r["x_min"]) < 100]
+    assert drawn, rows
+    x0, y0, x1, y1 = (float(drawn[-1][k]) for k in ("x_min", "y_min", "x_max", "y_max"))
+    assert 50 <= x0 < x1 <= 180 and 60 <= y0 < y1 <= 170  # 20%..50% of 320 wide, 30%..60% of 256 high
+    assert (tmp_path / "review.png").stat().st_size > 10_000

@@ -1,0 +1,140 @@
+"""Feedback -> VinDr rows, de-identification, idempotency and the disk spool (no store)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydantic import ValidationError
+
+from serving.errors import InvalidRequest
+from serving.feedback import (
+    FeedbackIn,
+    FeedbackService,
+    FeedbackSpool,
+    build_objects,
+    feedback_id_for,
+    rows_for,
+)
+from serving.results import ResultRecord
+from tests.unit.serving.serving_support import make_dicom, make_png
+
+pytestmark = pytest.mark.unit
+
+
+def _record(source: bytes, fmt: str = "dicom") -> ResultRecord:
+    response = {
+        "request_id": "r1",
+        "model": {"name": "cxr-detector", "version": "3", "stage": "production"},
+        "image": {"width": 96, "height": 80},
+        "detections": [
+            {"class_id": 3, "class_name": "Cardiomegaly", "confidence": 0.9, "box": [10, 10, 50, 40]},
+            {"class_id": 10, "class_name": "Pleural effusion", "confidence": 0.7, "box": [60, 40, 90, 79]},
+        ],
+        "timings_ms": {},
+    }
+    return ResultRecord("r1", response, fmt, source)
+
+
+def test_rows_keep_accepted_adjusted_and_new_boxes_and_drop_rejected() -> None:
+    fb = FeedbackIn(
+        request_id="r1",
+        reviews=[
+            {"index": 0, "action": "adjust", "box": [12, 11, 52, 44], "class_id": 4},
+            {"index": 1, "action": "reject"},
+        ],
+        new_boxes=[{"class_id": 8, "box": [1, 2, 20, 30]}],
+    )
+    rows = rows_for(fb, _record(make_dicom()), "img", "rad-7")
+    assert [(r["class_id"], r["x_min"], r["y_max"]) for r in rows] == [(4, 12.0, 44.0), (8, 1.0, 30.0)]
+    assert {r["rad_id"] for r in rows} == {"rad-7"}
+    assert rows[0]["class_name"] == "Consolidation"
+
+
+def test_all_rejected_or_no_finding_gives_one_no_finding_row() -> None:
+    for fb in (
+        FeedbackIn(request_id="r1", no_finding=True),
+        FeedbackIn(
+            request_id="r1", reviews=[{"index": 0, "action": "reject"}, {"index": 1, "action": "reject"}]
+        ),
+    ):
+        rows = rows_for(fb, _record(make_dicom()), "img", "rad")
+        assert len(rows) == 1
+        assert rows[0]["class_id"] == 14 and rows[0]["class_name"] == "No finding" and rows[0]["x_min"] == ""
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"request_id": "r1", "new_boxes": [{"class_id": 3, "box": [10, 10, 5, 20]}]},
+        {"request_id": "r1", "new_boxes": [{"class_id": 14, "box": [1, 1, 5, 5]}]},
+        {"request_id": "r1", "no_finding": True, "new_boxes": [{"class_id": 1, "box": [1, 1, 5, 5]}]},
+        {"request_id": "r1", "reviews": [{"index": 0, "action": "adjust"}]},
+        {"request_id": "r1", "feedback_id": "../../etc"},
+    ],
+    ids=["inverted-box", "class-14-box", "no-finding-plus-box", "adjust-without-change", "path-in-id"],
+)
+def test_inconsistent_feedback_is_refused(body: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        FeedbackIn.model_validate(body)
+
+
+def test_review_index_beyond_the_detections_is_a_400() -> None:
+    fb = FeedbackIn(request_id="r1", reviews=[{"index": 5, "action": "reject"}])
+    with pytest.raises(InvalidRequest):
+        rows_for(fb, _record(make_dicom()), "img", "rad")
+
+
+def test_dicom_image_is_deidentified_with_remapped_uids_and_csv_uses_its_id() -> None:
+    source = make_dicom()
+    fb = FeedbackIn(request_id="r1")
+    objects = build_objects(fb, _record(source), rad_id="rad", seed="salt", feedback_id="f1")
+    dcm_key = next(k for k in objects if k.endswith(".dcm"))
+    deid = pydicom.dcmread(io.BytesIO(objects[dcm_key]))
+    original = pydicom.dcmread(io.BytesIO(source))
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+    ):
+        assert str(deid.get(keyword, "")) != str(original.get(keyword)), keyword
+    assert deid.StudyInstanceUID != original.StudyInstanceUID
+    assert deid.PatientIdentityRemoved == "YES"
+    again = build_objects(fb, _record(source), rad_id="rad", seed="salt", feedback_id="f1")
+    assert pydicom.dcmread(io.BytesIO(again[dcm_key])).StudyInstanceUID == deid.StudyInstanceUID  # consistent
+    rows = list(csv.DictReader(io.StringIO(objects["feedback/f1/annotations.csv"].decode())))
+    assert {r["image_id"] for r in rows} == {Path(dcm_key).stem}
+
+
+def test_png_feedback_is_reencoded_from_pixels() -> None:
+    objects = build_objects(
+        FeedbackIn(request_id="r1"), _record(make_png(), "png"), rad_id="r", seed="s", feedback_id="f2"
+    )
+    png_key = next(k for k in objects if k.endswith(".png"))
+    assert objects[png_key][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_submission_gets_the_same_feedback_id() -> None:
+    fb = FeedbackIn(request_id="r1", comment="x")
+    assert feedback_id_for(fb, "rad") == feedback_id_for(FeedbackIn(request_id="r1", comment="x"), "rad")
+    assert feedback_id_for(fb, "rad") != feedback_id_for(fb, "other-rad")
+
+
+def test_without_a_store_feedback_is_spooled_once_and_survives_a_new_service(tmp_path: Path) -> None:
+    spool = FeedbackSpool(tmp_path / "spool")
+    service = FeedbackService(None, spool, "salt")
+    fb = FeedbackIn(request_id="r1", feedback_id="fb1")
+    source = make_dicom()
+    assert service.submit(fb, _record(source), "rad").status == "spooled"
+    assert service.submit(fb, _record(source), "rad").status == "duplicate"
+    reopened = FeedbackSpool(tmp_path / "spool")
+    assert reopened.pending() == ["fb1"]
+    expected = build_objects(fb, _record(source), rad_id="rad", seed="salt", feedback_id="fb1")
+    loaded = reopened.load("fb1")
+    assert set(loaded) == set(expected)
+    assert loaded["feedback/fb1/annotations.csv"] == expected["feedback/fb1/annotations.csv"]

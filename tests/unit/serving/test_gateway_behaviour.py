@@ -1,0 +1,139 @@
+"""App-level behaviour with the in-process backend: canary routing, shadow, drift, audit, SR, metrics."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+
+from data_pipeline.drift import build_reference
+from serving.app import create_app
+from serving.config import ServingSettings
+from tests.unit.serving.serving_support import make_dicom, write_stage_files
+
+pytestmark = pytest.mark.unit
+
+
+def _settings(
+    onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path, **extra: object
+) -> ServingSettings:
+    return ServingSettings(
+        backend="onnx",
+        onnx_model=onnx_model,
+        api_keys_file=api_keys[0],
+        gitops_dir=tmp_path / "gitops",
+        stack_dir=tmp_path / "state",
+        conf_threshold=0.6,
+        routing_poll_s=0.0,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def test_full_canary_weight_routes_every_study_to_canary_and_metrics_say_so(
+    onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    write_stage_files(tmp_path / "gitops", production="3", canary="4", weight=100)
+    app = create_app(_settings(onnx_model, api_keys, tmp_path), use_store=False)
+    h = {"Authorization": f"Bearer {api_keys[1]['pacs']}", "Content-Type": "application/dicom"}
+    with TestClient(app) as client:
+        r = client.post("/v1/detect", content=make_dicom(), headers=h)
+        assert r.status_code == 200
+        assert r.json()["model"]["stage"] == "canary" and r.headers["X-CXR-Stage"] == "canary"
+        metrics = client.get("/metrics").text
+        assert "cxr_routing_canary_weight 100.0" in metrics
+        assert 'cxr_gateway_requests_total{route="/v1/detect",stage="canary",status="200"} 1.0' in metrics
+
+
+def test_shadow_requests_record_agreement_without_changing_the_answer(
+    onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    write_stage_files(tmp_path / "gitops", production="3", staging="5")
+    app = create_app(_settings(onnx_model, api_keys, tmp_path, shadow_fraction=1.0), use_store=False)
+    h = {"Authorization": f"Bearer {api_keys[1]['pacs']}", "Content-Type": "application/dicom"}
+    with TestClient(app) as client:
+        for seed in range(3):
+            r = client.post("/v1/detect", content=make_dicom(seed=seed), headers=h)
+            assert r.status_code == 200 and r.json()["model"]["stage"] == "production"
+        # same model in both stages: the shadow agrees perfectly once its tasks have run
+        for _ in range(50):
+            metrics = client.get("/metrics").text
+            if 'cxr_shadow_agreement_count{stage="staging"} 3.0' in metrics:
+                break
+        assert 'cxr_shadow_agreement_count{stage="staging"} 3.0' in metrics
+        assert 'cxr_shadow_agreement_sum{stage="staging"} 3.0' in metrics
+
+
+def test_drift_score_is_exported_once_the_window_is_full(
+    onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    write_stage_files(tmp_path / "gitops", production="3")
+    reference = build_reference(
+        intensity_means=[0.8 + 0.001 * i for i in range(50)],  # bright training images: uploads are darker
+        intensity_stds=[0.2] * 50,
+        widths=[96] * 50,
+        heights=[80] * 50,
+        class_ids=[],
+        boxes_norm=__import__("numpy").zeros((0, 4)),
+        pixel_histogram=[1] * 64,
+        n_images=50,
+    )
+    ref_file = tmp_path / "reference_stats.json"
+    ref_file.write_text(json.dumps(reference))
+    settings = _settings(
+        onnx_model, api_keys, tmp_path, reference_stats=ref_file, drift_min_samples=4, drift_window=8
+    )
+    app = create_app(settings, use_store=False)
+    h = {"Authorization": f"Bearer {api_keys[1]['pacs']}", "Content-Type": "application/dicom"}
+    with TestClient(app) as client:
+        for seed in range(8):
+            assert client.post("/v1/detect", content=make_dicom(seed=seed), headers=h).status_code == 200
+        for _ in range(50):
+            metrics = client.get("/metrics").text
+            if 'cxr_drift_score{stage="production"}' in metrics:
+                break
+    line = next(x for x in metrics.splitlines() if x.startswith('cxr_drift_score{stage="production"}'))
+    assert float(line.split()[-1]) > 0.1
+
+
+def test_audit_log_has_one_line_per_request_and_no_phi(onnx_client: TestClient, keys: dict[str, str]) -> None:
+    source = make_dicom(seed=42)
+    ds = pydicom.dcmread(io.BytesIO(source))
+    r = onnx_client.post(
+        "/v1/detect",
+        content=source,
+        headers={"Authorization": f"Bearer {keys['pacs']}", "Content-Type": "application/dicom"},
+    )
+    assert r.status_code == 200
+    audit = onnx_client.app.state.cxr.settings.audit_log.read_text()  # type: ignore[attr-defined]
+    entry = next(
+        json.loads(x) for x in audit.splitlines() if json.loads(x)["request_id"] == r.json()["request_id"]
+    )
+    assert entry["key_id"] == "pacs-1" and entry["role"] == "pacs" and entry["status"] == 200
+    assert entry["detections"] == len(r.json()["detections"]) and entry["study_hash"]
+    for phi in (str(ds.PatientName), ds.PatientID, ds.StudyInstanceUID, ds.SOPInstanceUID, keys["pacs"]):
+        assert phi not in audit
+
+
+def test_detect_with_format_sr_returns_a_tid1500_report_of_the_boxes(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    source = make_dicom(seed=8)
+    r = onnx_client.post(
+        "/v1/detect?format=sr",
+        content=source,
+        headers={"Authorization": f"Bearer {keys['pacs']}", "Content-Type": "application/dicom"},
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom"
+    sr = hd.sr.srread(io.BytesIO(r.content))
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert groups, "the test model yields boxes"
+    region = groups[0].roi
+    assert region is not None
+    selected_from = region.ContentSequence[0]  # the IMAGE item the SCOORD was drawn on
+    source_uid = pydicom.dcmread(io.BytesIO(source)).SOPInstanceUID
+    assert selected_from.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source_uid

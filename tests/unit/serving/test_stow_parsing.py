@@ -1,0 +1,49 @@
+"""STOW-RS multipart/related parsing and the Store Instances response dataset."""
+
+from __future__ import annotations
+
+import pydicom
+import pytest
+
+from serving.dicomweb import StowOutcome, split_related, stow_response, stow_status
+from serving.errors import InvalidRequest, UnsupportedMediaType
+
+pytestmark = pytest.mark.unit
+
+CT = 'multipart/related; type="application/dicom"; boundary=XyZ'
+
+
+def _body(*parts: bytes, ctype: str = "application/dicom") -> bytes:
+    out = b""
+    for p in parts:
+        out += b"--XyZ\r\nContent-Type: " + ctype.encode() + b"\r\n\r\n" + p + b"\r\n"
+    return out + b"--XyZ--\r\n"
+
+
+def test_binary_parts_come_back_byte_for_byte() -> None:
+    parts = [bytes(range(256)) * 10 + b"\r\n--X", b"\r\n\r\nsecond"]
+    assert split_related(CT, _body(*parts)) == parts
+
+
+@pytest.mark.parametrize(
+    ("ctype", "body", "error"),
+    [
+        ("application/dicom", _body(b"x"), UnsupportedMediaType),
+        ('multipart/related; type="application/dicom"', _body(b"x"), InvalidRequest),
+        (CT, b"no boundary in here", InvalidRequest),
+        (CT, _body(b"x", ctype="text/plain"), UnsupportedMediaType),
+        ('multipart/related; type="application/dicom+json"; boundary=XyZ', _body(b"x"), UnsupportedMediaType),
+    ],
+)
+def test_malformed_requests_raise_typed_errors(ctype: str, body: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        split_related(ctype, body)
+
+
+def test_response_lists_stored_and_failed_instances_with_status() -> None:
+    ok = StowOutcome("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3", retrieve_url="http://gw/v1/results/a/sr")
+    bad = StowOutcome("1.2.840.10008.5.1.4.1.1.1.1", "1.2.4", failure_reason=0xC000)
+    ds = pydicom.Dataset.from_json(stow_response([ok, bad], "http://gw/dicomweb/studies/9"))
+    assert ds.ReferencedSOPSequence[0].RetrieveURL == "http://gw/v1/results/a/sr"
+    assert ds.FailedSOPSequence[0].FailureReason == 0xC000
+    assert (stow_status([ok]), stow_status([ok, bad]), stow_status([bad])) == (200, 202, 409)
