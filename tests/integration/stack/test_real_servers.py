@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import pytest
@@ -27,7 +28,10 @@ def test_mlflow_server_answers_health_and_search(mlflow_server) -> None:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
-    assert client.search_registered_models() == []
+    experiment_id = client.create_experiment(f"fixture-check-{time.time_ns()}")
+    run = client.create_run(experiment_id)
+    client.log_metric(run.info.run_id, "answer", 42.0)
+    assert client.get_run(run.info.run_id).data.metrics == {"answer": 42.0}
 
 
 def test_triton_starts_in_explicit_mode_with_an_empty_repository(triton_factory) -> None:
