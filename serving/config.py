@@ -29,6 +29,9 @@ class ServingSettings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_bucket: str = "cxr"
     mlflow_uri: str = "http://127.0.0.1:5000"
+    prometheus_url: str = Field(
+        default="http://127.0.0.1:9090", description="Prometheus that canary analysis queries"
+    )
     gitops_dir: Path = Path(".")
 
     # --- backends ---------------------------------------------------------------

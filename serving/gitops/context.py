@@ -1,8 +1,7 @@
 """Where delivery finds things: built once from the serving package's settings.
 
 Delivery is part of ``serving`` and so reads ``serving.config.ServingSettings`` (the package's one
-settings object) instead of its own environment; fields the gateway does not need yet (the
-Prometheus URL) are read with a default so this keeps working while that class grows.
+settings object) instead of its own environment.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ from pathlib import Path
 
 from serving.config import ServingSettings
 from serving.gitops.model_file import DEFAULT_MODEL_NAME, Stage
-
-DEFAULT_PROMETHEUS_URL = "http://127.0.0.1:9090"
 
 
 @dataclass(frozen=True)
@@ -33,7 +30,7 @@ class DeliveryContext:
         values: dict[str, object] = {
             "gitops_dir": Path(s.gitops_dir),
             "mlflow_uri": s.mlflow_uri,
-            "prometheus_url": str(getattr(s, "prometheus_url", DEFAULT_PROMETHEUS_URL)),
+            "prometheus_url": s.prometheus_url,
             "stack_dir": Path(s.stack_dir),
             "model_name": s.model_name,
             "triton_urls": tuple(

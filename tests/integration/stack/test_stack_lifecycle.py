@@ -10,69 +10,21 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.fixtures.servers import REPO_ROOT, free_port
+from tests.fixtures.servers import REPO_ROOT
+from tests.fixtures.stack import CXR, StackRun, client_env, stack_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-AUDIT_DIR = REPO_ROOT / "tests" / "network_audit"
-CXR = [sys.executable, "-m", "workflows.cli"]
-
-
-@dataclass
-class StackRun:
-    env: dict[str, str]
-    state: Path
-    audit_log: Path
-    remote_connections: list[str]
-
-    def cxr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [*CXR, *args], env=self.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"cxr {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-        return result
-
-
-def stack_env(state: Path, audit_log: Path) -> dict[str, str]:
-    ports = {
-        "CXR_S3_PORT": free_port(),
-        "CXR_WEED_MASTER_PORT": free_port(),
-        "CXR_WEED_VOLUME_PORT": free_port(),
-        "CXR_WEED_FILER_PORT": free_port(),
-        "CXR_MLFLOW_PORT": free_port(),
-        "CXR_GATEWAY_PORT": free_port(),
-        "CXR_PROMETHEUS_PORT": free_port(),
-        "CXR_MLFLOW_EXPORTER_PORT": free_port(),
-        "CXR_TRITON_PRODUCTION_PORT": free_port(3),
-        "CXR_TRITON_CANARY_PORT": free_port(3),
-        "CXR_TRITON_STAGING_PORT": free_port(3),
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update({k: str(v) for k, v in ports.items()})
-    env.update(
-        {
-            "CXR_STACK_DIR": str(state),
-            "CXR_TRITON_VENV": str(REPO_ROOT / ".venv-triton"),
-            "CXR_BOOTSTRAP": "false",
-            "CXR_NET_AUDIT_LOG": str(audit_log),
-            "PYTHONPATH": os.pathsep.join([str(AUDIT_DIR), str(REPO_ROOT)]),
-        }
-    )
-    return env
 
 
 def _watch_remote_connections(stop: threading.Event, found: list[str], state: Path) -> None:
@@ -171,7 +123,7 @@ def test_short_pipeline_work_opens_no_connection_off_loopback(stack: StackRun) -
         "ray.shutdown()\n"
     )
     env = dict(stack.env)
-    env.update({k: v for k, v in _client_env(stack.state).items() if k not in env})
+    env.update({k: v for k, v in client_env(stack.state).items() if k not in env})
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
@@ -180,14 +132,6 @@ def test_short_pipeline_work_opens_no_connection_off_loopback(stack: StackRun) -
     attempts = stack.audit_log.read_text().splitlines() if stack.audit_log.exists() else []
     assert attempts == [], "connections off loopback:\n" + "\n".join(attempts)
     assert stack.remote_connections == []
-
-
-def _client_env(state: Path) -> dict[str, str]:
-    env = {}
-    for line in (state / "stack.env").read_text().splitlines():
-        key, _, value = line.partition("=")
-        env[key] = value
-    return env
 
 
 def test_up_fails_naming_the_component_whose_port_is_taken(tmp_path: Path) -> None:
