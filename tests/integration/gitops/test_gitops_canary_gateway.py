@@ -36,10 +36,13 @@ from workflows.stack.components import gateway_component
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+# Latency is not what this test judges (test_gitops_canary_prometheus fails a slow canary at
+# ratio > 10): on a shared 2-core machine one canary p95 can exceed production's by 1.5x by chance.
 POLICY_YAML = """\
 canary:
   window: 30s
   min_requests: 10
+  max_p95_ratio: 5.0
   weights: [10, 50, 100]
 """
 
@@ -181,8 +184,10 @@ def test_bad_canary_is_rolled_back_and_good_canary_reaches_production(
         head = git(root, "rev-parse", "HEAD").strip()
         answers = send_until_prometheus_sees(base, 2000, fresh.url, 10)
         assert all(d > 0 for _, d in answers)
-        actions = [step(ctx_good, publish=False, **quiet).action for _ in range(3)]
-        assert actions == ["increase", "increase", "promote"]
+        outcomes = [step(ctx_good, publish=False, **quiet) for _ in range(3)]
+        assert [o.action for o in outcomes] == ["increase", "increase", "promote"], [
+            (o.action, o.message, o.analysis.lines() if o.analysis else None) for o in outcomes
+        ]
         assert read_stage_file(root, "production").model_version == better
         assert read_stage_file(root, "canary").canary_weight == 0
         subjects = git(root, "log", "--format=%s", f"{head}..HEAD").splitlines()
