@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import httpx
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -26,6 +27,17 @@ class ModelRegistry:
         self.tracking_uri = tracking_uri
         self.model_name = model_name
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self._reachable = False
+
+    def _ensure_reachable(self, what: str) -> None:
+        """Fail in seconds, not after MLflow's client has retried with backoff for minutes."""
+        if self._reachable or not self.tracking_uri.startswith("http"):
+            return
+        try:
+            httpx.get(f"{self.tracking_uri.rstrip('/')}/health", timeout=5.0).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc, what) from exc
+        self._reachable = True
 
     def _unreachable(self, exc: Exception, what: str) -> RegistryError:
         return RegistryError(
@@ -35,6 +47,7 @@ class ModelRegistry:
 
     def facts(self, version: str) -> VersionFacts:
         """Lineage tags of a registered version; an unknown version is a clear error."""
+        self._ensure_reachable(f"reading version {version}")
         try:
             mv = self._client.get_model_version(self.model_name, version)
         except MlflowException as exc:
@@ -51,6 +64,7 @@ class ModelRegistry:
 
     def set_alias(self, stage: str, version: str) -> None:
         """Point the stage's alias at ``version``, or remove it when the stage serves nothing."""
+        self._ensure_reachable(f"setting alias {stage}")
         try:
             if version:
                 self._client.set_registered_model_alias(self.model_name, stage, version)

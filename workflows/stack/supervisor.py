@@ -163,6 +163,13 @@ class Supervisor:
     def process_state(self, name: str) -> ProcessState | None:
         return next((p for p in self.processes() if p.name == name), None)
 
+    def stop_process(self, name: str) -> None:
+        """Stop one component (it stays stopped until :meth:`start_process`)."""
+        self._rpc().supervisor.stopProcess(name, True)
+
+    def start_process(self, name: str) -> None:
+        self._rpc().supervisor.startProcess(name, True)
+
     def shutdown(self, timeout: float = 60.0) -> list[int]:
         """Stop every child, then supervisord; return child PIDs that were running."""
         pids = [p.pid for p in self.processes() if p.pid]
