@@ -30,9 +30,7 @@ def checkov_binary() -> str:
     for candidate in candidates:
         if candidate and Path(candidate).exists():
             return candidate
-    pytest.skip(
-        "checkov not installed: `make venv` puts it in .venv-lint (it conflicts with the main env)"
-    )
+    pytest.skip("checkov not installed: `make venv` puts it in .venv-lint (it conflicts with the main env)")
 
 
 def test_skip_list_is_explicit_and_every_skip_is_commented() -> None:
