@@ -34,13 +34,14 @@ def _train_workers() -> list[psutil.Process]:
 
 
 def _kill_after_second_checkpoint(store: Any, prefix: str, killed: list[int], deadline: float) -> None:
-    """Kill one worker once epoch 2's files reach S3.
+    """Kill one worker once epoch 3's files reach S3.
 
-    ``ray.train.report`` is a barrier, so epoch 2 being written means every rank
-    reported epoch 1: that checkpoint is registered and must be resumed from.
+    ``ray.train.report`` is a barrier, so epoch 3 being written means every rank
+    reported epoch 2: at least one checkpoint is registered for certain (waiting for
+    epoch 2's files only was racy on a loaded machine: the run restarted from scratch).
     """
     while time.monotonic() < deadline and not killed:
-        if any(name.endswith("epoch_0001/state.json") for name in store.list_prefix(prefix)):
+        if any(name.endswith("epoch_0002/state.json") for name in store.list_prefix(prefix)):
             workers = _train_workers()
             if workers:
                 victim = workers[-1]
