@@ -134,8 +134,13 @@ def analyze(
     ] = None,
     gitops_dir: GitopsDirOpt = None,
 ) -> None:
-    """Compare canary with production now; exit 0 pass, 3 fail, 4 inconclusive."""
+    """Compare canary with production now; exit 0 pass, 3 fail, 4 inconclusive.
+
+    Without --window the policy's window is cut to the time the current canary version has
+    been serving (its overlay commit), so a previous canary's samples never count.
+    """
     from serving.gitops.canary import analyze as run_analysis
+    from serving.gitops.canary_window import current_window
     from serving.gitops.policy import load_policy
 
     with _delivery_errors():
@@ -143,6 +148,8 @@ def analyze(
         policy = load_policy(ctx.gitops_dir).canary
         if window:
             policy = policy.model_copy(update={"window": window})
+        else:
+            policy = current_window(policy, ctx.gitops_dir)
         result = run_analysis(ctx.prometheus_url, policy)
         for line in result.lines():
             _echo(line)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import git
@@ -28,6 +29,7 @@ class HistoryEntry:
     sha: str
     content: StageFile
     record: DeliveryRecord | None
+    committed_at: datetime
 
 
 class GitOpsRepo:
@@ -102,4 +104,5 @@ class GitOpsRepo:
                 sha=commit.hexsha,
                 content=parse_stage_file(text, stage, f"{rel}@{commit.hexsha[:12]}"),
                 record=parse_record(message),
+                committed_at=commit.committed_datetime,
             )

@@ -23,10 +23,12 @@ from PIL import Image
 
 from serving.gitops.canary import PrometheusClient, build_queries
 from serving.gitops.canary_step import step
+from serving.gitops.canary_window import current_window
 from serving.gitops.context import DeliveryContext
 from serving.gitops.git_repo import GitOpsRepo
 from serving.gitops.messages import DeliveryRecord, parse_record
 from serving.gitops.model_file import StageFile, read_stage_file, write_stage_file
+from serving.gitops.policy import load_policy
 from serving.gitops.promote import PromotionRequest, promote_version
 from serving.gitops.registry import ModelRegistry
 from serving.triton_repo import TritonAdmin
@@ -67,14 +69,15 @@ def send(gateway: str, seeds: range) -> list[tuple[str, int]]:
 
 
 def send_until_prometheus_sees(
-    gateway: str, first_seed: int, prometheus_url: str, minimum: float, timeout_s: float = 90
+    gateway: str, first_seed: int, prometheus_url: str, minimum: float, gitops: Path, timeout_s: float = 90
 ) -> list[tuple[str, int]]:
-    """Traffic in small batches until Prometheus' canary-requests query reaches ``minimum``.
+    """Traffic in small batches until the canary-requests query ``canary step`` runs reaches ``minimum``.
 
     Traffic must span several scrapes: increase() does not count a series' first sample, so a
-    burst that ends before the second scrape would look like no traffic at all.
+    burst that ends before the second scrape would look like no traffic at all. The window is
+    the one step uses: the policy's, cut to the current canary version's age.
     """
-    query = build_queries("30s")["canary-requests"]
+    policy = load_policy(gitops).canary
     client = PrometheusClient(prometheus_url)
     answers: list[tuple[str, int]] = []
     deadline = time.monotonic() + timeout_s
@@ -82,7 +85,7 @@ def send_until_prometheus_sees(
     while time.monotonic() < deadline:
         answers += send(gateway, range(seed, seed + 10))
         seed += 10
-        value = client.scalar(query)
+        value = client.scalar(build_queries(current_window(policy, gitops).window)["canary-requests"])
         if value is not None and value >= minimum:
             return answers
         time.sleep(0.5)
@@ -160,14 +163,14 @@ def test_bad_canary_is_rolled_back_and_good_canary_reaches_production(
             ),
         )
         prometheus = prometheus_factory([f"{HOST}:{port}"])
-        ctx_bad = DeliveryContext(**{**ctx.__dict__, "prometheus_url": prometheus.url})
-        answers = send_until_prometheus_sees(base, 0, prometheus.url, 10)
+        ctx_live = DeliveryContext(**{**ctx.__dict__, "prometheus_url": prometheus.url})
+        answers = send_until_prometheus_sees(base, 0, prometheus.url, 10, root)
         canary_answers = [d for s, d in answers if s == "canary"]
         assert 0.25 < len(canary_answers) / len(answers) < 0.75  # weight 50, sticky by image hash
         assert set(canary_answers) == {0}
         assert all(d > 0 for s, d in answers if s == "production")
 
-        outcome = step(ctx_bad, publish=False, **quiet)
+        outcome = step(ctx_live, publish=False, **quiet)
         assert outcome.action == "rollback", outcome.message
         assert read_stage_file(root, "canary").canary_weight == 0
         assert read_stage_file(root, "production").model_version == good
@@ -179,12 +182,12 @@ def test_bad_canary_is_rolled_back_and_good_canary_reaches_production(
 
         # [4] a healthy canary climbs 10 -> 50 -> 100 and becomes production, one commit per move
         promote_version(ctx, PromotionRequest(better, "canary", publish=False), **quiet)
-        fresh = prometheus_factory([f"{HOST}:{port}"])  # a window free of the blind canary's samples
-        ctx_good = DeliveryContext(**{**ctx.__dict__, "prometheus_url": fresh.url})
+        # the same Prometheus still holds the blind canary's samples in a 30 s window: step
+        # judges only what this version served since its promote commit (canary_window)
         head = git(root, "rev-parse", "HEAD").strip()
-        answers = send_until_prometheus_sees(base, 2000, fresh.url, 10)
+        answers = send_until_prometheus_sees(base, 2000, prometheus.url, 10, root)
         assert all(d > 0 for _, d in answers)
-        outcomes = [step(ctx_good, publish=False, **quiet) for _ in range(3)]
+        outcomes = [step(ctx_live, publish=False, **quiet) for _ in range(3)]
         assert [o.action for o in outcomes] == ["increase", "increase", "promote"], [
             (o.action, o.message, o.analysis.lines() if o.analysis else None) for o in outcomes
         ]

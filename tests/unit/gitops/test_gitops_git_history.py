@@ -8,17 +8,20 @@ the integration tests cover those against real servers).
 from __future__ import annotations
 
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from serving.gitops.canary import CanaryAnalysis, Check
 from serving.gitops.canary_step import step
+from serving.gitops.canary_window import current_window, window_seconds
 from serving.gitops.context import DeliveryContext
 from serving.gitops.errors import GitOpsRepoError, NoPreviousVersion
 from serving.gitops.git_repo import GitOpsRepo
 from serving.gitops.messages import DeliveryRecord, parse_record
 from serving.gitops.model_file import Stage, StageFile, read_stage_file, write_stage_file
+from serving.gitops.policy import CanaryPolicy
 from serving.gitops.rollback import rollback_stage
 
 pytestmark = pytest.mark.unit
@@ -197,3 +200,26 @@ def test_push_sends_the_commit_to_the_remote_argocd_watches(repo: Path, tmp_path
 def test_not_a_git_repository_is_an_actionable_error(tmp_path: Path) -> None:
     with pytest.raises(GitOpsRepoError, match="CXR_GITOPS_DIR"):
         GitOpsRepo(tmp_path)
+
+
+def test_canary_window_starts_at_the_commit_that_made_this_version_canary(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new canary is judged on its own samples only: the window never reaches past its commit."""
+    t0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+
+    def at(offset_s: int) -> None:
+        monkeypatch.setenv("GIT_COMMITTER_DATE", (t0 + timedelta(seconds=offset_s)).isoformat())
+
+    policy = CanaryPolicy(window="5m")
+    assert current_window(policy, repo, now=t0) == policy  # no canary yet: the policy as is
+    at(0)
+    commit_version(repo, "canary", "1", weight=10)
+    at(60)
+    commit_version(repo, "canary", "1", weight=50)  # a weight step keeps the version's start
+    assert current_window(policy, repo, now=t0 + timedelta(seconds=100)).window == "100s"
+    assert current_window(policy, repo, now=t0 + timedelta(seconds=400)).window == "5m"
+    at(200)
+    commit_version(repo, "canary", "2", weight=10)  # v1's samples must not judge v2
+    assert current_window(policy, repo, now=t0 + timedelta(seconds=230)).window == "30s"
+    assert window_seconds("30s") == 30 and window_seconds("5m") == 300 and window_seconds("1h") == 3600
