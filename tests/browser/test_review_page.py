@@ -13,6 +13,7 @@ import pytest
 
 from serving.app import create_app
 from serving.config import ServingSettings
+from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from tests.unit.serving.serving_support import (
     LiveServer,
     export_test_model,
@@ -23,16 +24,6 @@ from tests.unit.serving.serving_support import (
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 def _wait_for(predicate: Any, timeout: float = 20.0) -> bool:
@@ -47,8 +38,7 @@ def _wait_for(predicate: Any, timeout: float = 20.0) -> bool:
 def test_radiologist_rejects_a_box_draws_one_and_submits_feedback_that_lands_in_s3(
     tmp_path: Path, s3_store: Any
 ) -> None:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package")
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     model = export_test_model(tmp_path / "model")

@@ -1,5 +1,6 @@
 """The loop closes on one machine: data → training → GitOps promotion → canary → production
-→ radiologist feedback → retrain fine-tuned from production → the new version in staging.
+→ radiologist feedback (API and review page) → retrain fine-tuned from production → the new
+version in staging.
 
 Everything runs through the `cxr` command against a real stack (`cxr stack up` on free
 loopback ports: SeaweedFS, MLflow, three tritonservers, the gateway, Prometheus, the
@@ -28,6 +29,7 @@ from git import Repo
 from mlflow import MlflowClient
 from pydicom.uid import generate_uid
 
+from tests.fixtures.browser import draw_box_and_submit
 from tests.fixtures.stack import StackRun, api_keys, client_env, stack_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -194,6 +196,16 @@ def test_data_to_production_to_feedback_to_retrained_staging(stack: StackRun, tm
     )
     assert feedback.status_code in (200, 201), feedback.text
     assert feedback.json()["status"] == "stored"
+    # ... and another one on the review page, in Chromium, as radiologists do
+    dicom_files = sorted((synth / "dicom").glob("*.dicom"))
+    _, page_feedback = draw_box_and_submit(
+        gateway,
+        keys["radiologist"],
+        dicom_files[1],
+        class_id=3,
+        comment="cardiomegaly missed (review page)",
+        screenshot=tmp_path / "review.png",
+    )
 
     # [5] the retrain DAG locally: feedback merged into a new dataset version, fine-tuned
     #     from production's weights, registered, promoted to staging by the pipeline itself
@@ -219,11 +231,15 @@ def test_data_to_production_to_feedback_to_retrained_staging(stack: StackRun, tm
     assert summary["succeeded"] and summary["promoted"], summary
     assert summary["base_model_version"] == v1.version
     assert summary["dataset_version"] != first_dataset
-    assert summary["feedback_items"] >= 1
+    assert summary["feedback_items"] >= 2
     v2 = str(summary["model_version"])
     assert v2 != v1.version
     manifest = json.loads(_s3_manifest(env, summary["dataset_version"]))
-    assert any("e2e-feedback-1" in obj for obj in manifest["source"]["feedback_objects"]), manifest["source"]
+    for feedback_id in ("e2e-feedback-1", page_feedback):
+        assert any(feedback_id in obj for obj in manifest["source"]["feedback_objects"]), (
+            feedback_id,
+            manifest["source"],
+        )
     assert f"promote {MODEL} {v2} to staging (was {v1.version})" in _subjects(checkout)
     assert mlflow.get_model_version_by_alias(MODEL, "staging").version == v2
 
