@@ -24,6 +24,20 @@ from serving.errors import Conflict
 _SCHEME = "99CXR"
 _CONFIDENCE = hd.sr.CodedConcept(value="CONF", scheme_designator=_SCHEME, meaning="Detection confidence")
 _PROCEDURE = hd.sr.CodedConcept(value="36643-5", scheme_designator="LN", meaning="XR Chest 2 Views")
+#: Type 2 attributes of the Patient and General Study modules the SR copies from its evidence.
+#: DICOM requires them present (maybe empty), but de-identified exports such as VinDr-CXR
+#: drop them; the SR then carries them empty, as the standard allows, instead of failing.
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def source_header(data: bytes) -> Dataset:
@@ -34,6 +48,9 @@ def source_header(data: bytes) -> Dataset:
     ]
     if missing:
         raise Conflict(f"the source DICOM lacks {', '.join(missing)}, so an SR cannot reference it")
+    for keyword in _TYPE2_COPIED:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
     return ds
 
 

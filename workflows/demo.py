@@ -41,7 +41,16 @@ class StackAccess:
         if not creds_file.exists():
             raise DemoError(f"{creds_file} not found: start the stack with `make up` first")
         keys = json.loads(creds_file.read_text())["api_keys"]
-        gateway = os.environ.get("CXR_GATEWAY_URL", "http://127.0.0.1:8080")
+        # the stack's own address book (written by `cxr stack up`), so a stack on other ports works
+        written = stack / "stack.env"
+        stack_env = (
+            dict(line.partition("=")[::2] for line in written.read_text().splitlines() if "=" in line)
+            if written.exists()
+            else {}
+        )
+        gateway = os.environ.get("CXR_GATEWAY_URL") or stack_env.get(
+            "CXR_GATEWAY_URL", "http://127.0.0.1:8080"
+        )
         return cls(gateway, keys["pacs"], keys["radiologist"])
 
 
@@ -100,7 +109,7 @@ def run_demo(out: Path, n_images: int, conf: float, seed: int) -> list[dict[str,
             preview.raise_for_status()
             draw_overlay(preview.content, result["detections"], out / f"{path.stem}-overlay.png")
             (out / f"{path.stem}.json").write_text(json.dumps(result, indent=2))
-            rows.append({"image": path.stem, "via": "detect", **result})
+            rows.append({**result, "image": path.stem, "via": "detect"})  # the reply has its own "image"
     stow = DICOMwebClient(url=f"{access.gateway}/dicomweb", headers=headers)
     import pydicom
 

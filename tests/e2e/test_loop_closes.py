@@ -274,7 +274,20 @@ def test_data_to_production_to_feedback_to_retrained_staging(stack: StackRun, tm
         timeout=60,
     )
 
-    # [7] nothing left loopback during the whole loop
+    # [7] `make demo` against this stack: a table of findings, SRs referencing their sources, overlays
+    demo_out = tmp_path / "demo"
+    shown = stack.cxr("demo", "--out", str(demo_out), "--n-images", "2").stdout
+    assert "Findings per image" in shown and "STOW-RS" in shown and f"v{v2} (production)" in shown, shown
+    srs = sorted(demo_out.glob("*-sr.dcm"))
+    assert len(srs) == 2 and len(list(demo_out.glob("*-overlay.png"))) == 2
+    sources = {pydicom.dcmread(p).SOPInstanceUID for p in (demo_out / "studies" / "dicom").glob("*.dicom")}
+    for sr_file in srs:
+        evidence = pydicom.dcmread(sr_file).CurrentRequestedProcedureEvidenceSequence[0]
+        assert (
+            evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in sources
+        )
+
+    # [8] nothing left loopback during the whole loop
     attempts = stack.audit_log.read_text().splitlines() if stack.audit_log.exists() else []
     assert attempts == [], attempts
 

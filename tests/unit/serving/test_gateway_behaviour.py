@@ -137,3 +137,21 @@ def test_detect_with_format_sr_returns_a_tid1500_report_of_the_boxes(
     selected_from = region.ContentSequence[0]  # the IMAGE item the SCOORD was drawn on
     source_uid = pydicom.dcmread(io.BytesIO(source)).SOPInstanceUID
     assert selected_from.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source_uid
+
+
+def test_sr_of_a_deidentified_dicom_without_type2_patient_attributes(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """VinDr-style exports drop PatientBirthDate, PatientSex, ...: the SR carries them empty."""
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(seed=9)))
+    for keyword in ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "AccessionNumber", "StudyTime"):
+        delattr(ds, keyword)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    headers = {"Authorization": f"Bearer {keys['pacs']}", "Content-Type": "application/dicom"}
+    r = onnx_client.post("/v1/detect", content=buf.getvalue(), headers=headers)
+    assert r.status_code == 200, r.text
+    sr_reply = onnx_client.get(f"/v1/results/{r.json()['request_id']}/sr", headers=headers)
+    assert sr_reply.status_code == 200, sr_reply.text
+    sr = hd.sr.srread(io.BytesIO(sr_reply.content))
+    assert sr.StudyInstanceUID == ds.StudyInstanceUID and sr.PatientBirthDate == ""
