@@ -144,7 +144,8 @@ def test_sr_of_a_deidentified_dicom_without_type2_patient_attributes(
 ) -> None:
     """VinDr-style exports drop PatientBirthDate, PatientSex, ...: the SR carries them empty."""
     ds = pydicom.dcmread(io.BytesIO(make_dicom(seed=9)))
-    for keyword in ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "AccessionNumber", "StudyTime"):
+    dropped = ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "AccessionNumber", "StudyTime")
+    for keyword in dropped:
         delattr(ds, keyword)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
