@@ -41,16 +41,8 @@ class StackAccess:
         if not creds_file.exists():
             raise DemoError(f"{creds_file} not found: start the stack with `make up` first")
         keys = json.loads(creds_file.read_text())["api_keys"]
-        # the stack's own address book (written by `cxr stack up`), so a stack on other ports works
-        written = stack / "stack.env"
-        stack_env = (
-            dict(line.partition("=")[::2] for line in written.read_text().splitlines() if "=" in line)
-            if written.exists()
-            else {}
-        )
-        gateway = os.environ.get("CXR_GATEWAY_URL") or stack_env.get(
-            "CXR_GATEWAY_URL", "http://127.0.0.1:8080"
-        )
+        # `cxr` has loaded the stack's stack.env (its callback), so this is the running stack's
+        gateway = os.environ.get("CXR_GATEWAY_URL", "http://127.0.0.1:8080")
         return cls(gateway, keys["pacs"], keys["radiologist"])
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from serving.gitops import canary as canary_analysis
-from serving.gitops.canary_window import current_window
+from serving.gitops.canary_window import analyze_current_canary
 from serving.gitops.context import DeliveryContext
 from serving.gitops.errors import DeliveryError
 from serving.gitops.git_repo import GitOpsRepo
@@ -78,8 +78,7 @@ def step(
     if weight == 0:
         return StepOutcome("idle", f"canary v{canary.model_version} gets no traffic (weight 0)")
 
-    # judge only what this canary version served, not the previous canary's samples
-    result = analysis or canary_analysis.analyze(ctx.prometheus_url, current_window(policy.canary, repo.root))
+    result = analysis or analyze_current_canary(ctx.prometheus_url, policy.canary, repo.root)
     for line in result.lines():
         echo(line)
     if result.verdict == "inconclusive":

@@ -13,6 +13,7 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+from serving.gitops.canary import CanaryAnalysis, analyze
 from serving.gitops.git_repo import GitOpsRepo
 from serving.gitops.model_file import read_stage_file
 from serving.gitops.policy import CanaryPolicy
@@ -51,3 +52,8 @@ def current_window(policy: CanaryPolicy, gitops_dir: Path, now: datetime | None 
     if age >= window_seconds(policy.window):
         return policy
     return policy.model_copy(update={"window": f"{max(int(age), 1)}s"})
+
+
+def analyze_current_canary(prometheus_url: str, policy: CanaryPolicy, gitops_dir: Path) -> CanaryAnalysis:
+    """The analysis every delivery step runs: over the window this canary version has served."""
+    return analyze(prometheus_url, current_window(policy, gitops_dir))

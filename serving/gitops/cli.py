@@ -140,17 +140,16 @@ def analyze(
     been serving (its overlay commit), so a previous canary's samples never count.
     """
     from serving.gitops.canary import analyze as run_analysis
-    from serving.gitops.canary_window import current_window
+    from serving.gitops.canary_window import analyze_current_canary
     from serving.gitops.policy import load_policy
 
     with _delivery_errors():
         ctx = _context(gitops_dir, prometheus_url=prometheus_url)
         policy = load_policy(ctx.gitops_dir).canary
         if window:
-            policy = policy.model_copy(update={"window": window})
+            result = run_analysis(ctx.prometheus_url, policy.model_copy(update={"window": window}))
         else:
-            policy = current_window(policy, ctx.gitops_dir)
-        result = run_analysis(ctx.prometheus_url, policy)
+            result = analyze_current_canary(ctx.prometheus_url, policy, ctx.gitops_dir)
         for line in result.lines():
             _echo(line)
         raise typer.Exit({"pass": 0, "fail": GATE_EXIT, "inconclusive": 4}[result.verdict])

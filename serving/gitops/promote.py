@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.gitops import canary as canary_analysis
-from serving.gitops.canary_window import current_window
+from serving.gitops.canary_window import analyze_current_canary
 from serving.gitops.context import DeliveryContext
 from serving.gitops.errors import DeliveryError, GateFailed
 from serving.gitops.gates import (
@@ -107,9 +107,7 @@ def evaluate_gates(
     canary_version = read_stage_file(ctx.gitops_dir, "canary").model_version
 
     def from_analysis() -> list[GateResult]:
-        result = analysis or canary_analysis.analyze(
-            ctx.prometheus_url, current_window(policy.canary, ctx.gitops_dir)
-        )
+        result = analysis or analyze_current_canary(ctx.prometheus_url, policy.canary, ctx.gitops_dir)
         return production_gates(version, canary_version, result.verdict, result.summary())
 
     return GateReport(stage, version, _guarded("canary analysis", from_analysis))
