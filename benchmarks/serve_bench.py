@@ -279,6 +279,52 @@ class InProcessBaseline:
         return min(self.ort_s, key=statistics.median)
 
 
+def ort_parallelism(model: Path, seconds: float = 6.0) -> dict[str, float]:
+    """ORT images/s here: one all-core session running images in turn vs one 1-thread session per core.
+
+    Why the gateway's in-process backend gives overlapping runs 1-thread
+    sessions (``serving/backend_onnx.py``): intra-op parallelism inside one
+    640 px run synchronises its threads per operator, side-by-side runs do not.
+    """
+    import threading
+
+    import onnxruntime as ort
+
+    cores = os.cpu_count() or 1
+    tensor = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+
+    def session(threads: int, spin: bool) -> Any:
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        made = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+        made.run(None, {"images": tensor})
+        return made
+
+    def rate(sessions: list[Any]) -> float:
+        counts = [0] * len(sessions)
+        stop = time.perf_counter() + seconds
+
+        def loop(i: int) -> None:
+            while time.perf_counter() < stop:
+                sessions[i].run(None, {"images": tensor})
+                counts[i] += 1
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(sessions))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return round(sum(counts) / (time.perf_counter() - start), 2)
+
+    return {
+        "ort_img_s_one_session_all_cores": rate([session(0, True)]),
+        "ort_img_s_one_thread_session_per_core": rate([session(1, False) for _ in range(cores)]),
+    }
+
+
 def run_serving_benchmarks(
     *, requests: int = 20, clients: int = 16, duration_s: float = 20.0, workdir: Path | None = None
 ) -> dict[str, Any]:
@@ -367,6 +413,8 @@ def run_serving_benchmarks(
     finally:
         gateway.stop()
         naive.stop()
+    console.log("ORT alone: one all-core session vs one 1-thread session per core")
+    parallelism = ort_parallelism(model)
     gw_load = _merge(gw_windows)
     naive_load = _merge(naive_windows)
     decode_s, ort_s = baseline_run.decode_s, baseline_run.best_ort_s
@@ -387,6 +435,7 @@ def run_serving_benchmarks(
         "naive_16c": naive_load,
         "clients": clients,
         "duration_s": duration_s,
+        **parallelism,
     }
     results["machine"] = {"cores": os.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version()}
     results["date"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -422,6 +471,10 @@ def print_table(results: dict[str, Any]) -> None:
         table.add_row(name, *(str(row.get(k, "")) for k in ("p50", "p95", "p99", "rps", "errors")))
     console = Console()
     console.print(table)
+    console.print(
+        f"ORT alone, {IMGSZ} px: {s['ort_img_s_one_session_all_cores']} img/s from one all-core session, "
+        f"{s['ort_img_s_one_thread_session_per_core']} img/s from one 1-thread session per core"
+    )
     console.print(
         f"gateway_overhead_ratio = {results['gateway_overhead_ratio']}  (target <= 1.3)   "
         f"throughput_vs_naive_16c = {results['throughput_vs_naive_16c']}  (target >= 3)"

@@ -69,6 +69,12 @@ class DataSettings(BaseSettings):
     wbf_iou_thr: float = Field(default=0.4, gt=0, le=1)
     wbf_skip_box_thr: float = Field(default=0.0, ge=0, le=1)
     min_readers: int = Field(default=1, ge=1, description="fused boxes drawn by fewer readers are dropped")
+    min_reader_share: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="fused boxes drawn by less than this share of the image's readers are dropped",
+    )
 
     # --- split ------------------------------------------------------------------------
     split_seed: int = 42
@@ -112,6 +118,7 @@ class DataSettings(BaseSettings):
             "wbf_iou_thr",
             "wbf_skip_box_thr",
             "min_readers",
+            "min_reader_share",
             "split_seed",
             "val_fraction",
             "test_fraction",

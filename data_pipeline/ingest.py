@@ -143,7 +143,9 @@ def build_dataset(
 
         table = check_inside_images(table, sizes)
         table.enforce(settings.max_bad_row_fraction)
-        fusion_config = FusionConfig(settings.wbf_iou_thr, settings.min_readers, settings.wbf_skip_box_thr)
+        fusion_config = FusionConfig(
+            settings.wbf_iou_thr, settings.min_readers, settings.wbf_skip_box_thr, settings.min_reader_share
+        )
         fused = fuse_annotations(table.frame, fusion_config, sizes)
 
         report = _quality(settings, results, ok, fused, sizes, table, unannotated)

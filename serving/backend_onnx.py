@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,24 +30,25 @@ class OnnxBackend:
         if not model_path.is_file():
             raise FileNotFoundError(f"ONNX model {model_path} does not exist (pass --model PATH)")
 
-        # Two sessions over the same file: ORT's idle threads spin-wait by default, which gives
-        # the lowest latency for a lone request but, when runs overlap, steals the CPU that
-        # decoding the next upload needs (measured on 2 cores: 2x slower under load with
-        # spinning on; and 52 vs 79 ms for a single 640 px run with it off). A run that starts
-        # alone uses the spinning session; runs that overlap use the sleeping one.
-        def session(spin: bool) -> ort.InferenceSession:
+        # Two sessions over the same file. A run that starts alone uses every core and lets
+        # ORT's idle threads spin-wait: the lowest latency (measured on 2 cores: 52 vs 79 ms
+        # for a 640 px run with spinning off). Runs that overlap use a session with ONE
+        # non-spinning thread each, so concurrent requests run side by side, one per core:
+        # on 2 cores that computes 23 img/s against 15.5 for one 2-thread session running
+        # them in turn (`ort_parallelism` in benchmarks/serve_bench.py), and no spinning
+        # thread steals the CPU that decoding the next upload needs.
+        def session(spin: bool, intra_threads: int) -> ort.InferenceSession:
             options = ort.SessionOptions()
-            if threads:
-                options.intra_op_num_threads = threads
+            if intra_threads:
+                options.intra_op_num_threads = intra_threads
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
             return ort.InferenceSession(
                 str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
             )
 
-        self._session = session(spin=False)
-        self._solo_session = session(spin=True)
+        self._session = session(spin=False, intra_threads=threads or 1)
+        self._solo_session = session(spin=True, intra_threads=threads)
         self._inflight = 0
-        self._inflight_lock = threading.Lock()
         meta = dict(self._session.get_modelmeta().custom_metadata_map)
         contract = contract_from_metadata(meta)
         digest = hashlib.sha256(model_path.read_bytes()).hexdigest()[:12]
@@ -60,24 +60,22 @@ class OnnxBackend:
     async def model(self, stage: Stage) -> ServedModel:
         return self._model
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray, alone: bool) -> np.ndarray:
         c = self._model.contract
-        with self._inflight_lock:
-            self._inflight += 1
-            alone = self._inflight == 1
-        try:
-            session = self._solo_session if alone else self._session
-            out = session.run([c.output_name], {c.input_name: batch})[0]
-        finally:
-            with self._inflight_lock:
-                self._inflight -= 1
-        return np.asarray(out, dtype=np.float32)
+        session = self._solo_session if alone else self._session
+        return np.asarray(session.run([c.output_name], {c.input_name: batch})[0], dtype=np.float32)
 
     async def infer(self, stage: Stage, batch: np.ndarray) -> np.ndarray:
+        # "alone" counts runs submitted, queued ones included: under load the next run is
+        # usually already waiting, and a spinning all-core run would then compete with it.
+        self._inflight += 1  # only the event loop's thread touches it
+        alone = self._inflight == 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, batch)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, batch, alone)
         except Exception as exc:  # ORT raises its own untyped errors
             raise ModelNotReady(f"onnxruntime failed: {exc}") from exc
+        finally:
+            self._inflight -= 1
 
     async def ready(self, stage: Stage) -> bool:
         return True

@@ -37,7 +37,10 @@ class ServingSettings(BaseSettings):
     # --- backends ---------------------------------------------------------------
     backend: Literal["triton", "onnx"] = "triton"
     onnx_model: Path | None = Field(default=None, description="ONNX file for the in-process backend")
-    onnx_threads: int = Field(default=0, description="ORT intra-op threads per run (0: all cores)")
+    onnx_threads: int = Field(
+        default=0,
+        description="ORT intra-op threads per run (0: all cores for a lone run, 1 for overlapping runs)",
+    )
     onnx_workers: int = Field(default=0, description="concurrent ORT runs (0: one per core)")
     model_name: str = "cxr-detector"
     triton_production_url: str = "127.0.0.1:8000"

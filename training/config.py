@@ -104,6 +104,13 @@ class TrainConfig(_Strict):
     seed: int = 0
     deterministic: bool = True
     val_every_epoch: bool = True
+    cache_images: Literal["ram", "disk", "none"] = Field(
+        default="none",
+        description=(
+            "ultralytics' image cache: 'ram' keeps every image already resized to imgsz, so an "
+            "epoch stops decoding full-size PNGs (mosaic reads four per sample)"
+        ),
+    )
     base_model_version: str | None = Field(
         default=None, description="a registered cxr-detector version to fine-tune from (e.g. on feedback)"
     )
@@ -174,6 +181,7 @@ class TrainConfig(_Strict):
             "plots": False,
             "verbose": False,
             "workers": 0,
+            "cache": False if self.cache_images == "none" else self.cache_images,
         }
 
 

@@ -92,6 +92,25 @@ def test_min_readers_drops_single_reader_boxes_and_image_becomes_no_finding() ->
     assert fused["score"].iloc[0] == pytest.approx(2 / 3)
 
 
+def test_by_default_a_box_needs_half_of_the_images_readers() -> None:
+    """2 of 3 readers agree on one finding; one reader alone drew another: only the first is truth."""
+    agreed = (8, 100.0, 100.0, 300.0, 300.0)
+    rows = _rows([agreed, (3, 600.0, 600.0, 700.0, 700.0)], "R1") + _rows([agreed], "R2")
+    rows.append(("img", NO_FINDING, NO_FINDING_ID, "R3", None, None, None, None))
+    fused = fuse_annotations(_frame(rows), FusionConfig(), {"img": (W, H)})
+    assert fused["class_id"].tolist() == [8]
+    assert fused["n_readers"].tolist() == [2]
+    kept_all = fuse_annotations(_frame(rows), FusionConfig(min_reader_share=0.0), {"img": (W, H)})
+    assert sorted(kept_all["class_id"].tolist()) == [3, 8]
+
+
+@pytest.mark.parametrize(
+    ("readers", "share", "needed"), [(1, 0.5, 1), (2, 0.5, 1), (3, 0.5, 2), (5, 0.5, 3), (3, 0.0, 1)]
+)
+def test_required_readers(readers: int, share: float, needed: int) -> None:
+    assert FusionConfig(min_reader_share=share).required_readers(readers) == needed
+
+
 def test_vindr_sized_file_fuses_in_seconds() -> None:
     """The real train.csv has ~68k rows for 15k images; fusion must stay well under 30 s here."""
     raw = vindr_like_annotations(15_000, seed=1).astype(str).replace({"nan": ""})
