@@ -148,3 +148,58 @@ def evaluate_cmd(
     if out is not None:
         out.write_text(json.dumps(report.model_dump(mode="json"), indent=2))
         console.print(f"report: {out}")
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model_version: Annotated[
+        str, typer.Option("--model-version", "-m", help="registered cxr-detector version")
+    ],
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", "-d", help="default: the version's dataset_version tag")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="where the INT8 ONNX goes")] = None,
+    calibration_images: Annotated[int, typer.Option("--calibration-images", min=1)] = 32,
+) -> None:
+    """INT8-quantize a registered version's ONNX, calibrated on val; print its drop. Never registered."""
+    settings = TrainSettings()
+    _setup(settings)
+    from training.config import EvalConfig
+    from training.dataset import resolve_dataset
+    from training.evaluate import evaluate
+    from training.predictors import OrtPredictor
+    from training.quantize import quantize_int8
+    from training.registry import download_onnx, get_version
+
+    work = settings.work_dir / f"quantize-v{model_version}"
+    target = out or work / "model.int8.onnx"
+    try:
+        version = get_version(settings, model_version)
+        ref = dataset or version.tags.get("dataset_version")
+        if not ref:
+            raise TrainingError(f"version {model_version} has no dataset_version tag; pass --dataset")
+        data = resolve_dataset(ref, work, settings.dataset_cache)
+        onnx_path = download_onnx(model_version, work / "model", settings)
+        images = (data.images("val") or data.images("test"))[:calibration_images]
+        result = quantize_int8(onnx_path, target, images)
+        reports = {
+            "fp32": evaluate(OrtPredictor.load(onnx_path), data, EvalConfig()),
+            "int8": evaluate(OrtPredictor.load(result.onnx_path), data, EvalConfig()),
+        }
+    except TrainingError as exc:
+        raise _fail(exc) from exc
+    table = Table(title=f"{settings.registered_model} v{model_version}: fp32 vs INT8 on {data.version}/test")
+    for col in ("model", "mAP@0.5", "mAP@0.4", "mAP@0.5:0.95", "ms/img b1", "ms/img b8"):
+        table.add_column(col, justify="right")
+    for name, r in reports.items():
+        table.add_row(
+            name,
+            *(f"{v:.4f}" for v in (r.map50, r.map40, r.map50_95)),
+            *(f"{v:.2f}" if v is not None else "-" for v in (r.latency_ms_b1, r.latency_ms_b8)),
+        )
+    console.print(table)
+    console.print(
+        f"INT8: mAP@0.5 drop {reports['fp32'].map50 - reports['int8'].map50:+.4f}, "
+        f"max |fp32 - int8| {result.max_abs_diff:.4g} on {result.calibration_images} calibration images. "
+        f"Written to {result.onnx_path}; NOT registered (the registry serves the fp32 export)."
+    )

@@ -91,6 +91,10 @@ class EvalConfig(_Strict):
     parity_max_map_diff: float = Field(default=0.005, ge=0)
     latency_repeats: int = Field(default=10, ge=1)
     opset: int | None = Field(default=None, description="ONNX opset; None lets ultralytics choose")
+    int8: bool = Field(
+        default=False, description="also quantize the export to INT8 and report its drop (never registered)"
+    )
+    int8_calibration_images: int = Field(default=32, ge=1, description="val images that calibrate INT8")
 
 
 class TrainConfig(_Strict):

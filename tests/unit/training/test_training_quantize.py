@@ -1,0 +1,88 @@
+"""Optional INT8 export: calibrated on dataset images, contract kept, head decoding in float, never silent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from training.config import EvalConfig
+from training.dataset import DatasetRef, open_dataset_dir
+from training.errors import TrainingError
+from training.evaluate import evaluate, preprocess
+from training.export import export_onnx
+from training.predictors import OrtPredictor
+from training.quantize import quantize_int8
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DatasetRef:
+    return open_dataset_dir(tiny_dataset_dir, tmp_path_factory.mktemp("work"))
+
+
+def _images(dataset: DatasetRef) -> list[Path]:
+    return (dataset.images("val") + dataset.images("test"))[:4]
+
+
+def test_int8_model_is_quantized_keeps_the_contract_and_scores_in_float(
+    exported: Path, dataset: DatasetRef, tmp_path: Path
+) -> None:
+    images = _images(dataset)
+    result = quantize_int8(exported, tmp_path / "model.int8.onnx", images)
+
+    proto = onnx.load(str(result.onnx_path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    meta = {p.key: p.value for p in proto.metadata_props}
+    source_meta = {p.key: p.value for p in onnx.load(str(exported)).metadata_props}
+    assert meta["cxr_contract"] == source_meta["cxr_contract"]
+    assert meta["cxr_quantization"] == "int8-static-qdq"
+    # the output comes straight from a float node of the head, not from a DequantizeLinear
+    producer = next(n for n in proto.graph.node if proto.graph.output[0].name in n.output)
+    assert producer.op_type != "DequantizeLinear"
+    assert result.float_nodes > 0
+
+    fp32, int8 = OrtPredictor.load(exported), OrtPredictor.load(result.onnx_path)
+    assert int8.imgsz == fp32.imgsz and int8.class_names == fp32.class_names
+    batch = np.stack([preprocess(p, fp32.imgsz)[0] for p in images])
+    a, b = fp32(batch), int8(batch)
+    assert a.shape == b.shape
+    assert result.max_abs_diff == pytest.approx(float(np.abs(a - b).max()), rel=1e-5)
+    # class scores (rows 4..) stay float sigmoids: int8 moves them, not by a uint8 step over 0..imgsz
+    assert float(np.abs(a[:, 4:] - b[:, 4:]).max()) < 0.2
+
+    report = evaluate(int8, dataset, EvalConfig(), split="test", latency=False)
+    assert 0.0 <= report.map50 <= 1.0
+
+
+def test_int8_without_calibration_images_is_a_clear_error(exported: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="calibration needs at least one image"):
+        quantize_int8(exported, tmp_path / "model.int8.onnx", [])
+
+
+def test_training_run_reports_int8_only_when_asked_and_never_registers_it(
+    exported: Path, dataset: DatasetRef, tmp_path: Path
+) -> None:
+    from training.config import TrainConfig
+    from training.export import ExportResult, file_sha256
+    from training.run import _quantize_and_evaluate
+
+    export = ExportResult(exported, file_sha256(exported), 17, 64, 0.0, 1)
+    fp32_report = evaluate(OrtPredictor.load(exported), dataset, EvalConfig(), split="test")
+    off = TrainConfig()
+    assert _quantize_and_evaluate(off, dataset, export, fp32_report, tmp_path) is None
+    on = TrainConfig.model_validate({"eval": {"int8": True, "int8_calibration_images": 3}})
+    got = _quantize_and_evaluate(on, dataset, export, fp32_report, tmp_path)
+    assert got is not None
+    assert got["registered"] is False and got["calibration_images"] == 3
+    assert got["map50_drop"] == pytest.approx(fp32_report.map50 - float(got["map50"]))  # type: ignore[arg-type]
+    assert Path(str(got["path"])).is_file() and got["onnx_sha256"] != export.sha256

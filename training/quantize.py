@@ -1,0 +1,129 @@
+"""Optional INT8 post-training quantization of the exported ONNX, reported and never registered.
+
+ONNX Runtime's static quantization (``onnxruntime.quantization``, QDQ format,
+per-channel int8 weights, uint8 activations) calibrated on validation images.
+The result is an artifact of the training run, with its numbers in
+``evaluation.json`` and MLflow: max |fp32 ORT - int8 ORT| on raw outputs, the
+mAP of the same evaluation code, and the drop against the fp32 export. It is
+never registered: the registry's ``onnx_sha256`` stays the fp32 file whose
+parity with PyTorch passed, so an INT8 model can only be served by someone who
+read its drop and chose it.
+
+The detection head's decoding (DFL softmax, sigmoid, the concat of pixel boxes
+with 0..1 class scores) stays in float: one uint8 scale over an output whose
+values run from 0 to the input size would round every class score to zero.
+Its convolutions are quantized like the rest of the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.errors import TrainingError
+from training.evaluate import preprocess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Int8Result:
+    """The quantized file and how far it moved from the fp32 export."""
+
+    onnx_path: Path
+    sha256: str
+    calibration_images: int
+    max_abs_diff: float  # raw outputs, fp32 ORT vs int8 ORT, on the calibration images
+    float_nodes: int  # head-decoding nodes kept in float
+
+
+def _head_decode_nodes(model: object) -> list[str]:
+    """Non-convolution nodes of the layer that produces the graph's output (the Detect head)."""
+    graph = model.graph  # type: ignore[attr-defined]
+    output = graph.output[0].name
+    producer = next((n for n in graph.node if output in n.output), None)
+    if producer is None or producer.name.count("/") < 2:  # not ultralytics' naming: quantize as is
+        return []
+    prefix = "/".join(producer.name.split("/")[:2]) + "/"  # e.g. "/model.23/"
+    return [n.name for n in graph.node if n.name.startswith(prefix) and n.op_type != "Conv"]
+
+
+def _calibration_reader(images: list[Path], imgsz: int, input_name: str) -> object:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        """One letterboxed image per call, exactly as evaluation and serving prepare it."""
+
+        def __init__(self) -> None:
+            self._items: Iterator[Path] = iter(images)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            path = next(self._items, None)
+            if path is None:
+                return None
+            return {input_name: preprocess(path, imgsz)[0][None]}
+
+    return _Reader()
+
+
+def quantize_int8(onnx_path: Path, out_path: Path, calibration_images: list[Path]) -> Int8Result:
+    """fp32 ``onnx_path`` -> int8 ``out_path`` calibrated on ``calibration_images``; contract kept."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from training.export import file_sha256
+    from training.predictors import OrtPredictor
+
+    if not calibration_images:
+        raise TrainingError("INT8 calibration needs at least one image; the val and test splits are empty")
+    fp32 = OrtPredictor.load(onnx_path)
+    source = onnx.load(str(onnx_path))
+    keep_float = _head_decode_nodes(source)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cxr-int8-") as tmp:
+        # calibration writes an augmented copy of the model next to it: keep that out of the run folder
+        staged = Path(tmp) / "model.onnx"
+        shutil.copyfile(onnx_path, staged)
+        quantize_static(
+            str(staged),
+            str(out_path),
+            _calibration_reader(calibration_images, fp32.imgsz, fp32.input_name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=keep_float,
+        )
+    quantized = onnx.load(str(out_path))
+    del quantized.metadata_props[:]
+    quantized.metadata_props.extend(source.metadata_props)  # the serving contract travels with the file
+    entry = quantized.metadata_props.add()
+    entry.key, entry.value = "cxr_quantization", "int8-static-qdq"
+    onnx.save(quantized, str(out_path))
+
+    int8 = OrtPredictor.load(out_path)
+    batch = np.stack([preprocess(p, fp32.imgsz)[0] for p in calibration_images])
+    diff = float(np.abs(fp32(batch) - int8(batch)).max())
+    if not np.isfinite(diff):
+        raise TrainingError(f"INT8 model {out_path} produces NaN/Inf outputs; the quantization is broken")
+    log.info(
+        "event=int8_quantized path=%s calibration_images=%d max_abs_diff=%.4g float_nodes=%d",
+        out_path,
+        len(calibration_images),
+        diff,
+        len(keep_float),
+    )
+    return Int8Result(
+        onnx_path=out_path,
+        sha256=file_sha256(out_path),
+        calibration_images=len(calibration_images),
+        max_abs_diff=diff,
+        float_nodes=len(keep_float),
+    )
