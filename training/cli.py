@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from training.config import TrainSettings, load_config
+from training.dataset import DatasetRef
 from training.errors import TrainingError
 
 app = typer.Typer(help="Train, evaluate and register the chest X-ray detector.", no_args_is_help=True)
@@ -97,6 +98,21 @@ def run(
     console.print(summary)
 
 
+def _registered_onnx(
+    settings: TrainSettings, model_version: str, dataset: str | None, work: Path
+) -> tuple[DatasetRef, Path]:
+    """A registered version's ONNX file and its dataset (``--dataset`` or its dataset_version tag)."""
+    from training.dataset import resolve_dataset
+    from training.registry import download_onnx, get_version
+
+    version = get_version(settings, model_version)
+    ref = dataset or version.tags.get("dataset_version")
+    if not ref:
+        raise TrainingError(f"version {model_version} has no dataset_version tag; pass --dataset")
+    data = resolve_dataset(ref, work, settings.dataset_cache)
+    return data, download_onnx(model_version, work / "model", settings)
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     model_version: Annotated[
@@ -112,19 +128,12 @@ def evaluate_cmd(
     settings = TrainSettings()
     _setup(settings)
     from training.config import EvalConfig
-    from training.dataset import resolve_dataset
     from training.evaluate import evaluate
     from training.predictors import OrtPredictor
-    from training.registry import download_onnx, get_version
 
     work = settings.work_dir / f"evaluate-v{model_version}"
     try:
-        version = get_version(settings, model_version)
-        ref = dataset or version.tags.get("dataset_version")
-        if not ref:
-            raise TrainingError(f"version {model_version} has no dataset_version tag; pass --dataset")
-        data = resolve_dataset(ref, work, settings.dataset_cache)
-        onnx_path = download_onnx(model_version, work / "model", settings)
+        data, onnx_path = _registered_onnx(settings, model_version, dataset, work)
         report = evaluate(
             OrtPredictor.load(onnx_path), data, EvalConfig(), split=split, plots_dir=work / "plots"
         )
@@ -165,21 +174,14 @@ def quantize_cmd(
     settings = TrainSettings()
     _setup(settings)
     from training.config import EvalConfig
-    from training.dataset import resolve_dataset
     from training.evaluate import evaluate
     from training.predictors import OrtPredictor
     from training.quantize import quantize_int8
-    from training.registry import download_onnx, get_version
 
     work = settings.work_dir / f"quantize-v{model_version}"
     target = out or work / "model.int8.onnx"
     try:
-        version = get_version(settings, model_version)
-        ref = dataset or version.tags.get("dataset_version")
-        if not ref:
-            raise TrainingError(f"version {model_version} has no dataset_version tag; pass --dataset")
-        data = resolve_dataset(ref, work, settings.dataset_cache)
-        onnx_path = download_onnx(model_version, work / "model", settings)
+        data, onnx_path = _registered_onnx(settings, model_version, dataset, work)
         images = (data.images("val") or data.images("test"))[:calibration_images]
         result = quantize_int8(onnx_path, target, images)
         reports = {

@@ -94,3 +94,24 @@ def test_two_workers_train_in_sync_on_disjoint_shards_and_register_a_traceable_v
     evaluated = json.loads(report.read_text())
     assert evaluated["backend"] == "onnx" and evaluated["images"] == 8
     assert evaluated["map50"] == pytest.approx(float(version.tags["map50"]), abs=1e-6)
+
+    # [5] `cxr train quantize`: an INT8 file next to the run, its drop printed, the registry untouched
+    int8_file = tmp_path / "model.int8.onnx"
+    versions_before = len(client.search_model_versions("name='cxr-detector'"))
+    result = CliRunner().invoke(
+        app,
+        [
+            "quantize",
+            "--model-version",
+            outcome.model_version,
+            "--dataset",
+            str(tiny_dataset_dir),
+            "--out",
+            str(int8_file),
+            "--calibration-images",
+            "4",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert int8_file.is_file() and "NOT registered" in " ".join(result.output.split())  # rich wraps
+    assert len(client.search_model_versions("name='cxr-detector'")) == versions_before

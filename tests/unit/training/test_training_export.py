@@ -16,20 +16,10 @@ from training.config import EvalConfig
 from training.dataset import DatasetRef, open_dataset_dir
 from training.errors import ParityError
 from training.evaluate import detections, evaluate, preprocess
-from training.export import check_parity, export_onnx
+from training.export import check_parity
 from training.predictors import OrtPredictor, TorchPredictor
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx"))
-
-
-@pytest.fixture(scope="module")
-def dataset(tiny_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DatasetRef:
-    return open_dataset_dir(tiny_dataset_dir, tmp_path_factory.mktemp("work"))
 
 
 def test_export_records_the_serving_contract(exported: Path) -> None:

@@ -9,24 +9,13 @@ import onnx
 import pytest
 
 from training.config import EvalConfig
-from training.dataset import DatasetRef, open_dataset_dir
+from training.dataset import DatasetRef
 from training.errors import TrainingError
 from training.evaluate import evaluate, preprocess
-from training.export import export_onnx
 from training.predictors import OrtPredictor
 from training.quantize import quantize_int8
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx"))
-
-
-@pytest.fixture(scope="module")
-def dataset(tiny_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DatasetRef:
-    return open_dataset_dir(tiny_dataset_dir, tmp_path_factory.mktemp("work"))
 
 
 def _images(dataset: DatasetRef) -> list[Path]:
