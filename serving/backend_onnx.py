@@ -34,7 +34,7 @@ class OnnxBackend:
         # ORT's idle threads spin-wait: the lowest latency (measured on 2 cores: 52 vs 79 ms
         # for a 640 px run with spinning off). Runs that overlap use a session with ONE
         # non-spinning thread each, so concurrent requests run side by side, one per core:
-        # on 2 cores that computes 23 img/s against 15.5 for one 2-thread session running
+        # on 2 cores that computed 22.2 img/s against 14.4 for one 2-thread session running
         # them in turn (`ort_parallelism` in benchmarks/serve_bench.py), and no spinning
         # thread steals the CPU that decoding the next upload needs.
         def session(spin: bool, intra_threads: int) -> ort.InferenceSession:
