@@ -244,9 +244,8 @@ class InProcessBaseline:
     """
 
     def __init__(self, data: bytes, model: Path) -> None:
-        import onnxruntime as ort
-
         from data_pipeline.dicom_io import decode_bytes
+        from serving.backend_onnx import ort_session
         from serving.contract import contract_from_metadata, read_onnx_metadata
         from serving.preprocess import prepare
 
@@ -254,11 +253,9 @@ class InProcessBaseline:
         self.data = data
         contract = contract_from_metadata(read_onnx_metadata(model))
         self.tensor = prepare(decode_bytes(data).to_uint8(), contract, 1024).tensor[None].copy()
-        lean = ort.SessionOptions()
-        lean.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.sessions = [
-            ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]),
-            ort.InferenceSession(str(model), sess_options=lean, providers=["CPUExecutionProvider"]),
+        self.sessions = [  # ORT's defaults (spinning) and the gateway's non-spinning setting
+            ort_session(model, threads=0, spin=True),
+            ort_session(model, threads=0, spin=False),
         ]
         for session in self.sessions:
             session.run(None, {"images": self.tensor})
@@ -288,18 +285,14 @@ def ort_parallelism(model: Path, seconds: float = 6.0) -> dict[str, float]:
     """
     import threading
 
-    import onnxruntime as ort
+    from serving.backend_onnx import ort_session
 
     cores = os.cpu_count() or 1
     tensor = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
 
     def session(threads: int, spin: bool) -> Any:
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        made = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
-        made.run(None, {"images": tensor})
+        made = ort_session(model, threads=threads, spin=spin)
+        made.run(None, {"images": tensor})  # warm up outside the timed window
         return made
 
     def rate(sessions: list[Any]) -> float:

@@ -18,9 +18,11 @@ not the object store.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,13 +104,26 @@ def ray_epoch_ratio(root: Path, *, n_images: int = 192, imgsz: int = 256, epochs
     }
 
 
-def train_quality(root: Path, n_images: int = 300) -> dict[str, Any]:
-    """The CPU recipe on the default synthetic dataset: test-split mAP and per-class AP."""
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def train_quality(root: Path, n_images: int = 300, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The CPU recipe (``overrides`` merged into it) on the default synthetic dataset: test mAP, per-class AP.
+
+    The dataset builder reads ``CXR_*`` settings from the environment, so e.g.
+    ``CXR_MIN_READER_SHARE=0`` builds the labels with every reader's box.
+    """
     from training.evaluate import evaluate
     from training.predictors import TorchPredictor
     from training.ray_trainer import fit_distributed
 
     config = load_config(CONFIGS / "cpu-small.yaml")
+    if overrides:
+        config = TrainConfig.model_validate(_merged(config.model_dump(), overrides))
     dataset = build_synthetic_dataset(root / "quality", n_images, size=1024, max_side=1024)
     settings = TrainSettings(stack_dir=root / "stack", ray_storage_dir=root / "ray")
     started = time.perf_counter()
@@ -139,4 +154,10 @@ if __name__ == "__main__":
     from workflows.offline import apply_offline_env
 
     apply_offline_env(Path(os.environ.get("CXR_STACK_DIR", ".stack")))
-    print(run_training_benchmarks())
+    # `python -m benchmarks.train_bench quality '{"epochs": 35}'`: the quality run alone, recipe overridden
+    if len(sys.argv) > 1 and sys.argv[1] == "quality":
+        with tempfile.TemporaryDirectory(prefix="cxr-train-quality-") as tmp:
+            extra = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
+            print(json.dumps(train_quality(Path(tmp), overrides=extra), indent=2))
+    else:
+        print(run_training_benchmarks())

@@ -215,6 +215,9 @@ def _minmax(arr: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- DICOM
 
 
+_NOT_AN_IMAGE = "not a DICOM, PNG or JPEG file (unrecognised content)"
+
+
 def _starts_like_a_dataset(data: bytes) -> bool:
     """Whether bytes without the 128-byte preamble + "DICM" can be a DICOM stream at all.
 
@@ -238,7 +241,7 @@ def _at_command_group(tag: BaseTag, vr: str | None, length: int) -> bool:
     read as one empty (0000,0000) element per 8 bytes. ``dcmread`` is
     ``read_partial`` without this hook.
     """
-    return bool(tag.group == 0)
+    return tag.group == 0
 
 
 def _check_stream_start(data: bytes, sniffed: bool) -> None:
@@ -252,7 +255,7 @@ def _check_stream_start(data: bytes, sniffed: bool) -> None:
     """
     if not sniffed:
         if not _starts_like_a_dataset(data):
-            raise UnsupportedImage("not a DICOM, PNG or JPEG file (unrecognised content)")
+            raise UnsupportedImage(_NOT_AN_IMAGE)
         return
     if data[132:134] != b"\x02\x00":
         raise CorruptImage("DICOM file has no File Meta Information after 'DICM' (PS3.10 7.1)")
@@ -273,14 +276,14 @@ def _read_dataset(data: bytes, sniffed: bool) -> Dataset:
             ds = read_partial(io.BytesIO(data), stop_when=_at_command_group, force=True)
         except Exception as exc:
             if not sniffed:
-                raise UnsupportedImage("not a DICOM, PNG or JPEG file (unrecognised content)") from exc
+                raise UnsupportedImage(_NOT_AN_IMAGE) from exc
             raise CorruptImage(
                 f"DICOM header cannot be parsed ({exc}); the file is probably truncated"
             ) from exc
     if "PixelData" not in ds:
         looks_dicom = sniffed or any(k in ds for k in ("SOPClassUID", "Rows", "StudyInstanceUID"))
         if not looks_dicom:
-            raise UnsupportedImage("not a DICOM, PNG or JPEG file (unrecognised content)")
+            raise UnsupportedImage(_NOT_AN_IMAGE)
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise UnsupportedImage("float pixel data (parametric maps) is not a radiograph")
         raise CorruptImage(

@@ -12,6 +12,7 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,13 +21,25 @@ from serving.config import Stage
 from serving.contract import contract_from_metadata
 from serving.errors import ModelNotReady
 
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+
+def ort_session(model_path: Path, *, threads: int, spin: bool) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads (0: ORT's default, all cores), spin-waiting or not."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+
 
 class OnnxBackend:
     def __init__(
         self, model_path: Path, *, name: str = "cxr-detector", threads: int = 0, workers: int = 0
     ) -> None:
-        import onnxruntime as ort
-
         if not model_path.is_file():
             raise FileNotFoundError(f"ONNX model {model_path} does not exist (pass --model PATH)")
 
@@ -37,17 +50,8 @@ class OnnxBackend:
         # on 2 cores that computed 22.2 img/s against 14.4 for one 2-thread session running
         # them in turn (`ort_parallelism` in benchmarks/serve_bench.py), and no spinning
         # thread steals the CPU that decoding the next upload needs.
-        def session(spin: bool, intra_threads: int) -> ort.InferenceSession:
-            options = ort.SessionOptions()
-            if intra_threads:
-                options.intra_op_num_threads = intra_threads
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-            return ort.InferenceSession(
-                str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-
-        self._session = session(spin=False, intra_threads=threads or 1)
-        self._solo_session = session(spin=True, intra_threads=threads)
+        self._session = ort_session(model_path, threads=threads or 1, spin=False)
+        self._solo_session = ort_session(model_path, threads=threads, spin=True)
         self._inflight = 0
         meta = dict(self._session.get_modelmeta().custom_metadata_map)
         contract = contract_from_metadata(meta)

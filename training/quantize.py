@@ -23,11 +23,15 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from training.errors import TrainingError
-from training.evaluate import preprocess
+from training.evaluate import EvalReport, preprocess
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +47,44 @@ class Int8Result:
     float_nodes: int  # head-decoding nodes kept in float
 
 
-def _head_decode_nodes(model: object) -> list[str]:
+@dataclass(frozen=True)
+class Int8Outcome:
+    """An INT8 export evaluated like the fp32 one it came from."""
+
+    result: Int8Result
+    report: EvalReport
+    fp32_report: EvalReport
+
+    def summary(self) -> dict[str, object]:
+        """The ``int8`` section of evaluation.json (the fp32 figures are in its ``onnx`` section)."""
+        return {
+            "onnx_sha256": self.result.sha256,
+            "calibration_images": self.result.calibration_images,
+            "max_abs_diff_vs_fp32": self.result.max_abs_diff,
+            "float_head_nodes": self.result.float_nodes,
+            "map50": self.report.map50,
+            "map40": self.report.map40,
+            "map50_95": self.report.map50_95,
+            "map50_drop": self.fp32_report.map50 - self.report.map50,
+            "latency_ms_b1": self.report.latency_ms_b1,
+            "latency_ms_b8": self.report.latency_ms_b8,
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """MLflow metrics under ``int8/``."""
+        values = {
+            "map50": self.report.map50,
+            "map40": self.report.map40,
+            "map50_drop": self.fp32_report.map50 - self.report.map50,
+            "max_abs_diff_vs_fp32": self.result.max_abs_diff,
+            "latency_ms_b1": self.report.latency_ms_b1,
+        }
+        return {f"int8/{k}": float(v) for k, v in values.items() if v is not None}
+
+
+def _head_decode_nodes(model: onnx.ModelProto) -> list[str]:
     """Non-convolution nodes of the layer that produces the graph's output (the Detect head)."""
-    graph = model.graph  # type: ignore[attr-defined]
+    graph = model.graph
     output = graph.output[0].name
     producer = next((n for n in graph.node if output in n.output), None)
     if producer is None or producer.name.count("/") < 2:  # not ultralytics' naming: quantize as is
@@ -54,20 +93,18 @@ def _head_decode_nodes(model: object) -> list[str]:
     return [n.name for n in graph.node if n.name.startswith(prefix) and n.op_type != "Conv"]
 
 
-def _calibration_reader(images: list[Path], imgsz: int, input_name: str) -> object:
+def _calibration_reader(tensors: list[np.ndarray], input_name: str) -> object:
     from onnxruntime.quantization import CalibrationDataReader
 
     class _Reader(CalibrationDataReader):
-        """One letterboxed image per call, exactly as evaluation and serving prepare it."""
+        """One letterboxed image per call, as evaluation and serving prepare it."""
 
         def __init__(self) -> None:
-            self._items: Iterator[Path] = iter(images)
+            self._items: Iterator[np.ndarray] = iter(tensors)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            path = next(self._items, None)
-            if path is None:
-                return None
-            return {input_name: preprocess(path, imgsz)[0][None]}
+            tensor = next(self._items, None)
+            return None if tensor is None else {input_name: tensor[None]}
 
     return _Reader()
 
@@ -83,6 +120,7 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration_images: list[Path
     if not calibration_images:
         raise TrainingError("INT8 calibration needs at least one image; the val and test splits are empty")
     fp32 = OrtPredictor.load(onnx_path)
+    tensors = [preprocess(p, fp32.imgsz)[0] for p in calibration_images]  # read once: calibration and diff
     source = onnx.load(str(onnx_path))
     keep_float = _head_decode_nodes(source)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +131,7 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration_images: list[Path
         quantize_static(
             str(staged),
             str(out_path),
-            _calibration_reader(calibration_images, fp32.imgsz, fp32.input_name),
+            _calibration_reader(tensors, fp32.input_name),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
@@ -109,7 +147,7 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration_images: list[Path
     onnx.save(quantized, str(out_path))
 
     int8 = OrtPredictor.load(out_path)
-    batch = np.stack([preprocess(p, fp32.imgsz)[0] for p in calibration_images])
+    batch = np.stack(tensors)
     diff = float(np.abs(fp32(batch) - int8(batch)).max())
     if not np.isfinite(diff):
         raise TrainingError(f"INT8 model {out_path} produces NaN/Inf outputs; the quantization is broken")

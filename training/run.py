@@ -23,7 +23,7 @@ from training.evaluate import EvalReport, evaluate
 from training.export import ExportResult, export_with_parity
 from training.model_card import render_model_card
 from training.predictors import OrtPredictor, TorchPredictor
-from training.quantize import quantize_int8
+from training.quantize import Int8Outcome, quantize_int8
 from training.ray_trainer import DistributedRun, fit_distributed
 from training.registry import LineageTags, download_weights, register_version
 from training.tracking import Tracker, git_commit
@@ -98,29 +98,14 @@ def _evaluate_and_export(
 
 def _quantize_and_evaluate(
     config: TrainConfig, dataset: DatasetRef, export: ExportResult, onnx_report: EvalReport, out: Path
-) -> dict[str, object] | None:
+) -> Int8Outcome | None:
     """The optional INT8 export, evaluated like the fp32 one; reported, never registered."""
     if not config.eval.int8:
         return None
     images = (dataset.images("val") or dataset.images("test"))[: config.eval.int8_calibration_images]
     int8 = quantize_int8(export.onnx_path, out / "onnx_int8" / "model.int8.onnx", images)
     report = evaluate(OrtPredictor.load(int8.onnx_path), dataset, config.eval)
-    return {
-        "onnx_sha256": int8.sha256,
-        "calibration_images": int8.calibration_images,
-        "max_abs_diff_vs_fp32": int8.max_abs_diff,
-        "float_head_nodes": int8.float_nodes,
-        "map50": report.map50,
-        "map40": report.map40,
-        "map50_95": report.map50_95,
-        "map50_drop": onnx_report.map50 - report.map50,
-        "latency_ms_b1": report.latency_ms_b1,
-        "latency_ms_b8": report.latency_ms_b8,
-        "fp32_latency_ms_b1": onnx_report.latency_ms_b1,
-        "fp32_latency_ms_b8": onnx_report.latency_ms_b8,
-        "registered": False,
-        "path": str(int8.onnx_path),
-    }
+    return Int8Outcome(int8, report, onnx_report)
 
 
 def train_and_register(
@@ -164,7 +149,7 @@ def train_and_register(
             "pytorch": torch_report.model_dump(mode="json"),
             "onnx": onnx_report.model_dump(mode="json"),
             "parity": {"max_abs_diff": export.parity_max_abs_diff, "images": export.parity_images},
-            **({"int8": int8} if int8 else {}),
+            **({"int8": int8.summary()} if int8 else {}),
         }
         (eval_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
         card = render_model_card(
@@ -192,10 +177,7 @@ def train_and_register(
             "train_seconds": dist.seconds,
         }
         if int8:
-            for key in ("map50", "map40", "map50_drop", "max_abs_diff_vs_fp32", "latency_ms_b1"):
-                value = int8[key]
-                if isinstance(value, int | float):
-                    final[f"int8/{key}"] = float(value)
+            final.update(int8.metrics())
         tracker.log_metrics(final, step=dist.epochs_completed)
         tracker.log_artifacts([dist.best_weights.with_name("best.pt")], "weights")
         tracker.log_artifacts([export.onnx_path], "onnx")
@@ -205,7 +187,7 @@ def train_and_register(
         )
         tracker.log_artifacts([out / "model_card.md"], "")
         if int8:
-            tracker.log_artifacts([Path(str(int8["path"]))], "onnx_int8")
+            tracker.log_artifacts([int8.result.onnx_path], "onnx_int8")
         tracker.set_tags({"checkpoint_uri": dist.checkpoint_uri, "onnx_sha256": export.sha256})
         lineage = LineageTags(
             dataset_version=data.version,

@@ -72,6 +72,8 @@ def test_training_run_reports_int8_only_when_asked_and_never_registers_it(
     on = TrainConfig.model_validate({"eval": {"int8": True, "int8_calibration_images": 3}})
     got = _quantize_and_evaluate(on, dataset, export, fp32_report, tmp_path)
     assert got is not None
-    assert got["registered"] is False and got["calibration_images"] == 3
-    assert got["map50_drop"] == pytest.approx(fp32_report.map50 - float(got["map50"]))  # type: ignore[arg-type]
-    assert Path(str(got["path"])).is_file() and got["onnx_sha256"] != export.sha256
+    assert got.result.calibration_images == 3 and got.result.onnx_path.is_file()
+    assert got.result.sha256 != export.sha256
+    assert got.report.backend == "onnx" and got.fp32_report is fp32_report
+    summary, metrics = got.summary(), got.metrics()
+    assert summary["map50"] == got.report.map50 and "int8/map50_drop" in metrics
