@@ -26,6 +26,7 @@ from rich.table import Table
 from data_pipeline.annotations import COORDS
 from data_pipeline.classes import NO_FINDING_ID
 from data_pipeline.config import QualityThresholds
+from data_pipeline.drift import intensity_mean_std, level_histogram
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,9 @@ class ImageStats:
 def image_stats(image_id: str, pixels_u8: np.ndarray, width: int, height: int) -> ImageStats:
     """Statistics of an 8-bit (after VOI) image; ``width``/``height`` are the ORIGINAL sizes."""
     # one histogram pass gives mean, std, saturation and the drift histogram
-    hist = cv2.calcHist([pixels_u8], [0], None, [256], [0, 256]).ravel().astype(np.float64)
-    levels = np.arange(256, dtype=np.float64)
-    n = max(hist.sum(), 1.0)
-    mean = float(hist @ levels) / n
-    std = float(np.sqrt(max(float(hist @ (levels - mean) ** 2) / n, 0.0)))
-    saturated = float(hist[0] + hist[255]) / n
+    hist = level_histogram(pixels_u8)
+    mean, std = intensity_mean_std(hist)
+    saturated = float(hist[0] + hist[255]) / max(float(hist.sum()), 1.0)
     # 256 bits, not imagehash's default 64: chest radiographs look alike at 8x8 and would all "match".
     # Hashing a 256 px copy gives the same DCT signs 5x faster than letting PIL shrink 1024 px.
     h, w = pixels_u8.shape[:2]
@@ -68,8 +66,8 @@ def image_stats(image_id: str, pixels_u8: np.ndarray, width: int, height: int) -
         image_id=image_id,
         width=width,
         height=height,
-        mean=mean / 255.0,
-        std=std / 255.0,
+        mean=mean,
+        std=std,
         saturated_fraction=saturated,
         phash=phash,
         histogram=hist.reshape(64, 4).sum(axis=1).astype(int).tolist(),

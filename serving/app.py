@@ -1,7 +1,8 @@
 """The gateway application: ``uvicorn --factory serving.app:create_app``.
 
-Wires state, middleware (request id, size limit, audit, request metrics),
-the JSON error contract and the routes. Nothing happens at import time.
+Wires state, the middleware (request id, size limit, audit, request metrics:
+``serving/middleware.py``), the JSON error contract and the routes. Nothing
+happens at import time.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,10 +21,10 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.audit import AuditEntry, now_iso, uid_hash
 from serving.backend import InferenceBackend
 from serving.config import ServingSettings
-from serving.errors import PayloadTooLarge, ServingError
+from serving.errors import ServingError
+from serving.middleware import INTERNAL_ERROR, ObserveMiddleware, error_body
 from serving.postprocess import warm_up
 from serving.results import BlobStore
 from serving.routes import admin, detect, dicomweb, feedback, health, results, review
@@ -32,12 +32,6 @@ from serving.routes.review import STATIC_DIR
 from serving.state import GatewayState, build_state
 
 log = logging.getLogger(__name__)
-
-_UNTRACKED = {"/metrics", "/healthz", "/readyz"}
-
-
-def error_body(code: str, message: str, request_id: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "request_id": request_id}}
 
 
 def _request_id(request: Request) -> str:
@@ -79,9 +73,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled_error request_id=%s", _request_id(request))
         return JSONResponse(
-            error_body(
-                "internal_error", "internal error; the request id is in the gateway log", _request_id(request)
-            ),
+            error_body("internal_error", INTERNAL_ERROR, _request_id(request)),
             status_code=500,
         )
 
@@ -89,59 +81,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
-
-
-def _install_middleware(app: FastAPI, state: GatewayState) -> None:
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        incoming = request.headers.get("x-request-id", "")
-        rid = (
-            incoming if 0 < len(incoming) <= 64 and incoming.replace("-", "").isalnum() else uuid.uuid4().hex
-        )
-        request.state.request_id = rid
-        start = time.perf_counter()
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > state.settings.max_body_bytes:
-            exc = PayloadTooLarge(
-                f"body of {declared} bytes exceeds the {state.settings.max_body_bytes}-byte limit "
-                "(CXR_MAX_BODY_BYTES)"
-            )
-            response: Response = JSONResponse(error_body(exc.code, exc.message, rid), status_code=exc.status)
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:  # handlers cover everything; this keeps the audit line for the impossible case
-                log.exception("middleware_unhandled request_id=%s", rid)
-                response = JSONResponse(error_body("internal_error", "internal error", rid), status_code=500)
-        response.headers["X-Request-ID"] = rid
-        elapsed = time.perf_counter() - start
-        route = request.scope.get("route")
-        path = getattr(route, "path", None) or "unmatched"
-        if path in _UNTRACKED:
-            return response
-        stage = getattr(request.state, "stage", None) or "none"
-        state.metrics.requests.labels(path, str(response.status_code), stage).inc()
-        state.metrics.request_duration.labels(path, stage).observe(elapsed)
-        principal = getattr(request.state, "principal", None)
-        salt = state.settings.deid_salt
-        state.audit.write(
-            AuditEntry(
-                time=now_iso(),
-                request_id=rid,
-                key_id=getattr(principal, "key_id", None),
-                role=principal.role.name if principal else None,
-                route=path,
-                method=request.method,
-                status=response.status_code,
-                study_hash=uid_hash(getattr(request.state, "study_uid", None), salt),
-                sop_hash=uid_hash(getattr(request.state, "sop_uid", None), salt),
-                model_version=getattr(request.state, "model_version", None),
-                stage=getattr(request.state, "stage", None),
-                detections=getattr(request.state, "detections", None),
-                duration_ms=round(elapsed * 1000, 2),
-            )
-        )
-        return response
 
 
 async def _housekeeping(state: GatewayState) -> None:
@@ -198,7 +137,7 @@ def create_app(
     )
     app.state.cxr = state
     _install_error_handlers(app)
-    _install_middleware(app, state)
+    app.add_middleware(ObserveMiddleware, state=state)
     for module in (detect, results, feedback, admin, dicomweb, health, review):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline.drift import image_intensity_mean
+from data_pipeline.drift import intensity_mean_std, level_histogram
 from data_pipeline.geometry import LetterboxParams, letterbox, resize_longest
 from serving.contract import ModelContract
 
@@ -45,11 +45,12 @@ def prepare(gray_uint8: np.ndarray, contract: ModelContract, max_side: int = 0) 
     boxed, params = letterbox(gray_uint8, contract.size, pad_value=contract.pad_value)
     plane = boxed.astype(np.float32) / np.float32(255.0)  # divide, as ultralytics does: bit-identical
     tensor = np.broadcast_to(plane, (3, *plane.shape))
+    mean, std = intensity_mean_std(level_histogram(gray_uint8))
     return PreparedImage(
         tensor=tensor,
         params=params,
-        intensity_mean=image_intensity_mean(gray_uint8),
-        intensity_std=float(gray_uint8.std()) / 255.0,
+        intensity_mean=mean,
+        intensity_std=std,
         source_size=source_size,
     )
 

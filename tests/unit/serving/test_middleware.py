@@ -1,0 +1,66 @@
+"""The gateway's ASGI middleware: request ids, the audit line of every outcome, the 500 of last resort."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from serving.middleware import ObserveMiddleware
+
+
+def _audit_entry(client: TestClient, request_id: str) -> dict[str, Any]:
+    audit = client.app.state.cxr.settings.audit_log.read_text()  # type: ignore[attr-defined]
+    return next(json.loads(x) for x in audit.splitlines() if json.loads(x)["request_id"] == request_id)
+
+
+def test_a_plain_client_request_id_is_kept_and_anything_else_replaced(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    auth = {"Authorization": f"Bearer {keys['operator']}"}
+    kept = onnx_client.get("/v1/models", headers={**auth, "X-Request-ID": "pacs-4711-a"})
+    assert kept.status_code == 200 and kept.headers["X-Request-ID"] == "pacs-4711-a"
+    assert _audit_entry(onnx_client, "pacs-4711-a")["route"] == "/v1/models"
+    for bad in ("x" * 65, "a b", "<script>"):
+        replaced = onnx_client.get("/v1/models", headers={**auth, "X-Request-ID": bad})
+        rid = replaced.headers["X-Request-ID"]
+        assert rid != bad and len(rid) == 32 and rid.isalnum()
+
+
+def test_refusals_are_audited_with_their_status_and_role(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    unknown = onnx_client.post("/v1/detect", content=b"x", headers={"Authorization": "Bearer nope"})
+    assert unknown.status_code == 401
+    entry = _audit_entry(onnx_client, unknown.headers["X-Request-ID"])
+    assert entry["status"] == 401 and entry["route"] == "/v1/detect" and entry["role"] is None
+
+    too_big = onnx_client.post(
+        "/v1/detect",
+        content=b"\0" * 16,
+        headers={"Authorization": f"Bearer {keys['pacs']}", "Content-Length": str(10**12)},
+    )
+    assert too_big.status_code == 413
+    assert too_big.json()["error"]["request_id"] == too_big.headers["X-Request-ID"]
+    assert _audit_entry(onnx_client, too_big.headers["X-Request-ID"])["status"] == 413
+
+
+def test_an_unexpected_error_is_a_json_500_with_its_request_id_and_audited(onnx_client: TestClient) -> None:
+    state = onnx_client.app.state.cxr  # type: ignore[attr-defined]
+    app = FastAPI()
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_middleware(ObserveMiddleware, state=state)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/boom")
+    assert r.status_code == 500
+    body = r.json()["error"]
+    assert body["code"] == "internal_error" and body["request_id"] == r.headers["X-Request-ID"]
+    assert "a bug" not in r.text  # no internals leak to the client
+    entry = _audit_entry(onnx_client, body["request_id"])
+    assert entry["status"] == 500 and entry["route"] == "/boom"
