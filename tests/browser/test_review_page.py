@@ -14,10 +14,10 @@ import pytest
 from serving.app import create_app
 from serving.config import ServingSettings
 from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+from tests.fixtures.servers import free_port
 from tests.unit.serving.serving_support import (
     LiveServer,
     export_test_model,
-    free_port,
     make_dicom,
     write_keys,
     write_stage_files,

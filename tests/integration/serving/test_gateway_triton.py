@@ -128,7 +128,7 @@ def test_results_older_than_retention_are_purged_from_the_store(s3_store: Any) -
 def test_dead_triton_gives_503_json_quickly_instead_of_hanging(
     gateway_settings: Any, serving_keys: tuple[Path, dict[str, str]]
 ) -> None:
-    from tests.unit.serving.serving_support import free_port
+    from tests.fixtures.servers import free_port
 
     settings = gateway_settings.model_copy(update={"triton_production_url": f"127.0.0.1:{free_port()}"})
     app = create_app(settings, use_store=False)
@@ -145,7 +145,8 @@ def test_dead_triton_gives_503_json_quickly_instead_of_hanging(
 def test_studies_routed_to_a_dead_canary_are_served_by_production(
     gateway_settings: Any, serving_keys: tuple[Path, dict[str, str]]
 ) -> None:
-    from tests.unit.serving.serving_support import free_port, write_stage_files
+    from tests.fixtures.servers import free_port
+    from tests.unit.serving.serving_support import write_stage_files
 
     write_stage_files(gateway_settings.gitops_dir, production="7", canary="8", weight=100)
     settings = gateway_settings.model_copy(update={"triton_canary_url": f"127.0.0.1:{free_port()}"})

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from serving.app import create_app
-from tests.unit.serving.serving_support import LiveServer, free_port
+from tests.fixtures.servers import free_port
+from tests.unit.serving.serving_support import LiveServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LOCUSTFILE = Path(__file__).resolve().parents[2] / "load" / "locustfile.py"

@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.app import create_app
-from tests.unit.serving.serving_support import LiveServer, free_port, make_dicom
+from tests.fixtures.servers import free_port
+from tests.unit.serving.serving_support import LiveServer, make_dicom
 
 pytestmark = pytest.mark.integration
 
