@@ -58,13 +58,6 @@ def intensity_mean_std(hist: np.ndarray) -> tuple[float, float]:
     return mean / 255.0, std / 255.0
 
 
-def image_intensity_mean(pixels: np.ndarray) -> float:
-    """Mean of a decoded image in 0..1 (float pixels) or of 8-bit pixels scaled to 0..1."""
-    if pixels.dtype == np.uint8:
-        return intensity_mean_std(level_histogram(pixels))[0]
-    return float(np.mean(pixels))
-
-
 def _histogram(values: Sequence[float], edges: Sequence[float]) -> list[float]:
     counts, _ = np.histogram(np.asarray(values, dtype=np.float64), bins=np.asarray(edges))
     total = counts.sum()

@@ -176,24 +176,22 @@ def quantize_cmd(
     from training.config import EvalConfig
     from training.evaluate import evaluate
     from training.predictors import OrtPredictor
-    from training.quantize import quantize_int8
+    from training.quantize import quantize_and_evaluate
 
     work = settings.work_dir / f"quantize-v{model_version}"
     target = out or work / "model.int8.onnx"
     try:
         data, onnx_path = _registered_onnx(settings, model_version, dataset, work)
-        images = (data.images("val") or data.images("test"))[:calibration_images]
-        result = quantize_int8(onnx_path, target, images)
-        reports = {
-            "fp32": evaluate(OrtPredictor.load(onnx_path), data, EvalConfig()),
-            "int8": evaluate(OrtPredictor.load(result.onnx_path), data, EvalConfig()),
-        }
+        eval_config = EvalConfig()
+        fp32 = evaluate(OrtPredictor.load(onnx_path), data, eval_config)
+        outcome = quantize_and_evaluate(onnx_path, target, data, eval_config, calibration_images, fp32)
     except TrainingError as exc:
         raise _fail(exc) from exc
+    result = outcome.result
     table = Table(title=f"{settings.registered_model} v{model_version}: fp32 vs INT8 on {data.version}/test")
     for col in ("model", "mAP@0.5", "mAP@0.4", "mAP@0.5:0.95", "ms/img b1", "ms/img b8"):
         table.add_column(col, justify="right")
-    for name, r in reports.items():
+    for name, r in (("fp32", outcome.fp32_report), ("int8", outcome.report)):
         table.add_row(
             name,
             *(f"{v:.4f}" for v in (r.map50, r.map40, r.map50_95)),
@@ -201,7 +199,7 @@ def quantize_cmd(
         )
     console.print(table)
     console.print(
-        f"INT8: mAP@0.5 drop {reports['fp32'].map50 - reports['int8'].map50:+.4f}, "
+        f"INT8: mAP@0.5 drop {outcome.map50_drop:+.4f}, "
         f"max |fp32 - int8| {result.max_abs_diff:.4g} on {result.calibration_images} calibration images. "
         f"Written to {result.onnx_path}; NOT registered (the registry serves the fp32 export)."
     )

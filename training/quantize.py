@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from training.config import EvalConfig
+from training.dataset import DatasetRef
 from training.errors import TrainingError
-from training.evaluate import EvalReport, preprocess
+from training.evaluate import EvalReport, evaluate, preprocess
 
 if TYPE_CHECKING:
     import onnx
@@ -55,6 +57,10 @@ class Int8Outcome:
     report: EvalReport
     fp32_report: EvalReport
 
+    @property
+    def map50_drop(self) -> float:
+        return self.fp32_report.map50 - self.report.map50
+
     def summary(self) -> dict[str, object]:
         """The ``int8`` section of evaluation.json (the fp32 figures are in its ``onnx`` section)."""
         return {
@@ -65,7 +71,7 @@ class Int8Outcome:
             "map50": self.report.map50,
             "map40": self.report.map40,
             "map50_95": self.report.map50_95,
-            "map50_drop": self.fp32_report.map50 - self.report.map50,
+            "map50_drop": self.map50_drop,
             "latency_ms_b1": self.report.latency_ms_b1,
             "latency_ms_b8": self.report.latency_ms_b8,
         }
@@ -75,7 +81,7 @@ class Int8Outcome:
         values = {
             "map50": self.report.map50,
             "map40": self.report.map40,
-            "map50_drop": self.fp32_report.map50 - self.report.map50,
+            "map50_drop": self.map50_drop,
             "max_abs_diff_vs_fp32": self.result.max_abs_diff,
             "latency_ms_b1": self.report.latency_ms_b1,
         }
@@ -165,3 +171,24 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration_images: list[Path
         max_abs_diff=diff,
         float_nodes=len(keep_float),
     )
+
+
+def quantize_and_evaluate(
+    onnx_path: Path,
+    out_path: Path,
+    dataset: DatasetRef,
+    eval_config: EvalConfig,
+    calibration_images: int,
+    fp32_report: EvalReport,
+) -> Int8Outcome:
+    """INT8 of ``onnx_path`` calibrated on the first val images (test ones when val is empty),
+    evaluated with the same code and settings as the fp32 export whose report is ``fp32_report``.
+
+    The training run (``eval.int8``) and ``cxr train quantize`` both go through here.
+    """
+    from training.predictors import OrtPredictor
+
+    images = (dataset.images("val") or dataset.images("test"))[:calibration_images]
+    result = quantize_int8(onnx_path, out_path, images)
+    report = evaluate(OrtPredictor.load(result.onnx_path), dataset, eval_config)
+    return Int8Outcome(result, report, fp32_report)

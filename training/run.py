@@ -23,7 +23,7 @@ from training.evaluate import EvalReport, evaluate
 from training.export import ExportResult, export_with_parity
 from training.model_card import render_model_card
 from training.predictors import OrtPredictor, TorchPredictor
-from training.quantize import Int8Outcome, quantize_int8
+from training.quantize import Int8Outcome, quantize_and_evaluate
 from training.ray_trainer import DistributedRun, fit_distributed
 from training.registry import LineageTags, download_weights, register_version
 from training.tracking import Tracker, git_commit
@@ -102,10 +102,14 @@ def _quantize_and_evaluate(
     """The optional INT8 export, evaluated like the fp32 one; reported, never registered."""
     if not config.eval.int8:
         return None
-    images = (dataset.images("val") or dataset.images("test"))[: config.eval.int8_calibration_images]
-    int8 = quantize_int8(export.onnx_path, out / "onnx_int8" / "model.int8.onnx", images)
-    report = evaluate(OrtPredictor.load(int8.onnx_path), dataset, config.eval)
-    return Int8Outcome(int8, report, onnx_report)
+    return quantize_and_evaluate(
+        export.onnx_path,
+        out / "onnx_int8" / "model.int8.onnx",
+        dataset,
+        config.eval,
+        config.eval.int8_calibration_images,
+        onnx_report,
+    )
 
 
 def train_and_register(

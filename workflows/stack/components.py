@@ -37,6 +37,8 @@ class Component:
     cwd: Path | None = None
     ports: tuple[int, ...] = ()
     stop_signal: str = "TERM"
+    # endpoints that start listening after ``health_url`` answers and must be up too
+    also_listening: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,14 @@ def wait_healthy(
         time.sleep(delay)
         delay = min(delay * 1.5, 0.5)
     raise ComponentFailed(f"{name} not healthy after {timeout:.0f} s ({url}).{log_tail(log_file)}")
+
+
+def wait_component(
+    comp: Component, *, timeout: float, alive: Callable[[], bool], log_file: Path | None = None
+) -> float:
+    """Wait for ``comp.health_url`` and then every ``comp.also_listening`` URL; seconds waited in all."""
+    urls = [u for u in (comp.health_url, *comp.also_listening) if u]
+    return sum(wait_healthy(comp.name, u, timeout=timeout, alive=alive, log_file=log_file) for u in urls)
 
 
 def log_tail(log_file: Path | None, lines: int = 15) -> str:
@@ -268,6 +278,8 @@ def triton_component(
         health_url=f"http://{host}:{http_port}/v2/health/live",
         env=triton_env(triton_venv),
         ports=(http_port, http_port + 1, http_port + 2),
+        # the metrics service listens ~40 ms after the server reports live (Prometheus scrapes it)
+        also_listening=(f"http://{host}:{http_port + 2}/metrics",),
     )
 
 

@@ -35,7 +35,7 @@ from workflows.stack.components import (
     reconcile_component,
     s3_component,
     triton_component,
-    wait_healthy,
+    wait_component,
 )
 from workflows.stack.config import STAGES, StackSettings
 from workflows.stack.credentials import StackCredentials, load_or_create, write_env_file
@@ -184,9 +184,7 @@ def up(settings: StackSettings) -> list[ComponentStatus]:
             return proc is not None and proc.state not in {"FATAL", "EXITED", "STOPPED"}
 
         try:
-            waited = wait_healthy(
-                comp.name, comp.health_url, timeout=settings.health_timeout_s, alive=alive, log_file=log_file
-            )
+            waited = wait_component(comp, timeout=settings.health_timeout_s, alive=alive, log_file=log_file)
         except ComponentFailed as exc:
             raise StackError(f"component {exc}") from exc
         log.info("component=%s healthy=true waited_s=%.2f", comp.name, waited)

@@ -96,11 +96,11 @@ def _reference_stats(path: Path) -> Path:
     """The dataset reference the served model 'was trained on': normal images, as data_pipeline builds it."""
     import json
 
-    from data_pipeline.drift import build_reference, image_intensity_mean
+    from data_pipeline.drift import build_reference, intensity_mean_std, level_histogram
 
     images = [normal_image(seed) for seed in range(100, 160)]
     ref = build_reference(
-        intensity_means=[image_intensity_mean(img) for img in images],
+        intensity_means=[intensity_mean_std(level_histogram(img))[0] for img in images],
         widths=[img.shape[1] for img in images],
         heights=[img.shape[0] for img in images],
         class_ids=[],

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.drift import DriftWindow, build_reference, compare_to_reference, psi
+from data_pipeline.drift import (
+    DriftWindow,
+    build_reference,
+    compare_to_reference,
+    intensity_mean_std,
+    level_histogram,
+    psi,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -85,3 +92,16 @@ def test_compare_accepts_the_stats_as_a_plain_dict() -> None:
     stats = _window(rng, 0.5, 2400).stats()
     as_dict = {k: getattr(stats, k) for k in stats.__dataclass_fields__}
     assert compare_to_reference(reference, as_dict).score == compare_to_reference(reference, stats).score
+
+
+def test_mean_and_std_from_the_level_histogram_match_numpy_on_the_pixels() -> None:
+    """The gateway and the dataset builder take intensity statistics from one histogram: same numbers."""
+    rng = np.random.default_rng(3)
+    for image in (
+        rng.integers(0, 256, (301, 257), dtype=np.uint8),
+        np.full((64, 64), 200, np.uint8),
+        (rng.normal(60, 25, (128, 96)).clip(0, 255)).astype(np.uint8),
+    ):
+        mean, std = intensity_mean_std(level_histogram(image))
+        assert mean == pytest.approx(float(image.mean()) / 255.0, abs=1e-9)
+        assert std == pytest.approx(float(image.std()) / 255.0, abs=1e-9)

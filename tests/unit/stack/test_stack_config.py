@@ -61,3 +61,47 @@ def test_prometheus_config_scrapes_each_job_and_loads_rules(tmp_path: Path) -> N
     config = json.loads(prometheus_config({"gateway": ["127.0.0.1:8080"]}, [rules]))
     assert config["scrape_configs"][0]["static_configs"][0]["targets"] == ["127.0.0.1:8080"]
     assert config["rule_files"] == [str(rules)]
+
+
+def test_a_component_is_up_only_when_its_later_endpoints_listen_too() -> None:
+    """Triton reports live before its metrics service listens: waiting returns only once both answer."""
+    import http.server
+    import threading
+    import time
+
+    from tests.fixtures.servers import HOST, free_port
+    from workflows.stack.components import ComponentFailed, wait_component
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    live_port, metrics_port = free_port(), free_port()
+    servers = [http.server.ThreadingHTTPServer((HOST, live_port), Ok)]
+    threading.Thread(target=servers[0].serve_forever, daemon=True).start()
+    comp = Component(
+        "late",
+        ["true"],
+        f"http://{HOST}:{live_port}/",
+        also_listening=(f"http://{HOST}:{metrics_port}/metrics",),
+    )
+    try:
+        with pytest.raises(ComponentFailed, match="not healthy"):
+            wait_component(comp, timeout=0.3, alive=lambda: True)
+
+        def start_metrics_later() -> None:
+            time.sleep(0.5)
+            servers.append(http.server.ThreadingHTTPServer((HOST, metrics_port), Ok))
+            servers[-1].serve_forever()
+
+        threading.Thread(target=start_metrics_later, daemon=True).start()
+        waited = wait_component(comp, timeout=10, alive=lambda: True)
+        assert waited >= 0.4
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
