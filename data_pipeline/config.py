@@ -16,6 +16,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from data_pipeline.dicom_guard import DicomLimits
+from data_pipeline.install_secret import resolve_install_secret
+
 
 class QualityThresholds(BaseModel):
     """Limits for the image and label checks of :mod:`data_pipeline.quality`."""
@@ -54,8 +57,21 @@ class DataSettings(BaseSettings):
 
     # --- privacy ---------------------------------------------------------------
     patient_salt: str = Field(
-        default="cxr-detect-default-salt",
-        description="salt for hashing PatientID; set a secret one per site so hashes cannot be reversed",
+        default="",
+        description="secret for hashing PatientID (CXR_PATIENT_SALT); empty: the install's own "
+        "(credentials.json 'deid_secret', else generated into <stack_dir>/install_secret); never a default",
+    )
+
+    # --- the guarded DICOM reader (data_pipeline/dicom_guard.py) -------------------
+    dicom_max_depth: int = Field(default=8, ge=1, description="deepest sequence nesting accepted")
+    dicom_max_elements: int = Field(default=10_000, ge=16, description="elements in one DICOM, all levels")
+    dicom_max_text_bytes: int = Field(default=1 << 20, ge=64, description="largest non-bulk element value")
+    dicom_max_pixels: int = Field(default=50_000_000, ge=64, description="declared Rows x Columns")
+    dicom_max_pixel_bytes: int = Field(
+        default=200 * 1024 * 1024, ge=1024, description="declared decoded pixel bytes, before decoding"
+    )
+    dicom_max_inflated_bytes: int = Field(
+        default=128 * 1024 * 1024, ge=1024, description="output cap when inflating deflated datasets"
     )
 
     # --- export ------------------------------------------------------------------
@@ -102,6 +118,21 @@ class DataSettings(BaseSettings):
             raise ValueError("val_fraction + test_fraction must stay below 0.9 so a train split remains")
         return self
 
+    def dicom_limits(self) -> DicomLimits:
+        """The bounds every DICOM from outside is read under (gateway, CLI, ingest)."""
+        return DicomLimits(
+            max_depth=self.dicom_max_depth,
+            max_elements=self.dicom_max_elements,
+            max_text_bytes=self.dicom_max_text_bytes,
+            max_pixels=self.dicom_max_pixels,
+            max_pixel_bytes=self.dicom_max_pixel_bytes,
+            max_inflated_bytes=self.dicom_max_inflated_bytes,
+        )
+
+    def resolved_patient_salt(self) -> str:
+        """``patient_salt``, else the install's secret: stable for one install, so are dataset versions."""
+        return _install_secret(self.patient_salt, self.stack_dir)
+
     def cache_dir(self) -> Path:
         """Local cache for fetched dataset versions."""
         return self.dataset_cache_dir or (self.stack_dir / "datasets")
@@ -128,8 +159,13 @@ class DataSettings(BaseSettings):
         cfg = {k: getattr(self, k) for k in keys}
         cfg["quality"] = self.quality.model_dump()
         # the salt changes patient grouping, so it counts, but only as a hash
-        cfg["patient_salt"] = _short_hash(self.patient_salt)
+        cfg["patient_salt"] = _short_hash(self.resolved_patient_salt())
         return json.loads(json.dumps(cfg, sort_keys=True))
+
+
+@lru_cache(maxsize=16)
+def _install_secret(explicit: str, stack_dir: Path) -> str:
+    return resolve_install_secret(explicit, stack_dir)
 
 
 def _short_hash(text: str) -> str:

@@ -32,15 +32,12 @@ import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_partial
-from pydicom.tag import BaseTag
 
+from data_pipeline.dicom_guard import DicomLimits, read_guarded
 from data_pipeline.errors import CorruptImage, ImageDecodeError, UnsupportedImage
 
 log = logging.getLogger(__name__)
 
-#: Larger images are refused: no radiograph is this big, a header that says so is broken or hostile.
-MAX_PIXELS = 50_000_000
 _MONO = ("MONOCHROME1", "MONOCHROME2")
 _COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
 # ITU-R BT.601 luma: the same weights Pillow's convert("L") uses, so color DICOM and color PNG agree.
@@ -125,7 +122,11 @@ def sniff_format(data: bytes) -> SourceFormat | None:
 
 
 def decode_file(
-    path: str | Path, *, salt: str | None = None, timer: StageTimer | None = None
+    path: str | Path,
+    *,
+    salt: str | None = None,
+    timer: StageTimer | None = None,
+    limits: DicomLimits | None = None,
 ) -> DecodedImage:
     """Read and decode one file; see :func:`decode_bytes`."""
     try:
@@ -136,43 +137,63 @@ def decode_file(
     except OSError as exc:
         raise CorruptImage(f"{path}: cannot be read ({exc.strerror})") from exc
     try:
-        return decode_bytes(data, salt=salt, timer=timer)
+        return decode_bytes(data, salt=salt, timer=timer, limits=limits)
     except ImageDecodeError as exc:
-        raise type(exc)(f"{Path(path).name}: {exc}") from exc
+        exc.args = (f"{Path(path).name}: {exc}",)  # in place: subclasses keep their fields (limit)
+        raise
 
 
-def decode_bytes(data: bytes, *, salt: str | None = None, timer: StageTimer | None = None) -> DecodedImage:
+def decode_bytes(
+    data: bytes,
+    *,
+    salt: str | None = None,
+    timer: StageTimer | None = None,
+    limits: DicomLimits | None = None,
+) -> DecodedImage:
     """Decode DICOM (any common transfer syntax), PNG or JPEG bytes.
 
     ``salt`` hashes PatientID; default: ``CXR_PATIENT_SALT`` from the settings.
+    ``limits`` bound what a hostile file may cost (default: the ``CXR_DICOM_*``
+    settings); DICOM is read only through :func:`~data_pipeline.dicom_guard.read_guarded`.
     Raises :class:`UnsupportedImage` or :class:`CorruptImage` only.
     """
+    if limits is None:
+        from data_pipeline.config import get_settings
+
+        limits = get_settings().dicom_limits()
     if not data:
         raise CorruptImage("empty file: upload a DICOM, PNG or JPEG radiograph")
     kind = sniff_format(data)
     try:
         if kind in ("png", "jpeg"):
-            return _decode_pillow(data, kind, timer)
-        return _decode_dicom(data, salt, timer, sniffed=kind == "dicom")
+            return _decode_pillow(data, kind, timer, limits.max_pixels)
+        return _decode_dicom(data, salt, timer, sniffed=kind == "dicom", limits=limits)
     except ImageDecodeError:
         raise
     except MemoryError as exc:
         raise UnsupportedImage("image too large to decode in memory") from exc
+    except RecursionError as exc:
+        raise CorruptImage("image structure is nested too deeply to decode") from exc
     except Exception as exc:  # the last line of defence: libraries raise anything on hostile input
-        log.warning("event=decode_failed error_type=%s error=%s", type(exc).__name__, exc)
+        # the type only: library messages may quote element values (patient data)
+        log.warning("event=decode_failed error_type=%s", type(exc).__name__)
         raise CorruptImage(f"could not decode image ({type(exc).__name__}: {exc})") from exc
 
 
 # ---------------------------------------------------------------------------- PNG / JPEG
 
 
-def _decode_pillow(data: bytes, kind: SourceFormat, timer: StageTimer | None) -> DecodedImage:
+def _decode_pillow(
+    data: bytes, kind: SourceFormat, timer: StageTimer | None, max_pixels: int
+) -> DecodedImage:
     with _maybe(timer, "decode"):
         try:
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            if width * height > MAX_PIXELS:
-                raise UnsupportedImage(f"{width}x{height} exceeds the {MAX_PIXELS // 1_000_000} MP limit")
+            if width * height > max_pixels:
+                raise UnsupportedImage(
+                    f"{width}x{height} exceeds the {max_pixels} pixel limit (CXR_DICOM_MAX_PIXELS)"
+                )
             img.load()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise CorruptImage(f"broken {kind.upper()} file: {exc}") from exc
@@ -234,16 +255,6 @@ def _starts_like_a_dataset(data: bytes) -> bool:
     return group in (0x0002, 0x0008)
 
 
-def _at_command_group(tag: BaseTag, vr: str | None, length: int) -> bool:
-    """Stop reading at a group-0000 tag inside the dataset: command elements never occur there.
-
-    Zero fill after real elements (a truncated, zero-padded file) would else be
-    read as one empty (0000,0000) element per 8 bytes. ``dcmread`` is
-    ``read_partial`` without this hook.
-    """
-    return tag.group == 0
-
-
 def _check_stream_start(data: bytes, sniffed: bool) -> None:
     """Refuse from the first bytes what pydicom would otherwise read element by element.
 
@@ -268,18 +279,18 @@ def _check_stream_start(data: bytes, sniffed: bool) -> None:
             )
 
 
-def _read_dataset(data: bytes, sniffed: bool) -> Dataset:
+def _read_dataset(data: bytes, sniffed: bool, limits: DicomLimits) -> Dataset:
     _check_stream_start(data, sniffed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            ds = read_partial(io.BytesIO(data), stop_when=_at_command_group, force=True)
-        except Exception as exc:
-            if not sniffed:
-                raise UnsupportedImage(_NOT_AN_IMAGE) from exc
-            raise CorruptImage(
-                f"DICOM header cannot be parsed ({exc}); the file is probably truncated"
-            ) from exc
+    try:
+        ds = read_guarded(data, sniffed=sniffed, limits=limits).dataset
+    except ImageDecodeError:
+        raise
+    except Exception as exc:
+        if not sniffed:
+            raise UnsupportedImage(_NOT_AN_IMAGE) from exc
+        raise CorruptImage(
+            f"DICOM header cannot be parsed ({type(exc).__name__}); the file is probably truncated"
+        ) from exc
     if "PixelData" not in ds:
         looks_dicom = sniffed or any(k in ds for k in ("SOPClassUID", "Rows", "StudyInstanceUID"))
         if not looks_dicom:
@@ -292,15 +303,15 @@ def _read_dataset(data: bytes, sniffed: bool) -> Dataset:
     return ds
 
 
-def _check_header(ds: Dataset) -> tuple[int, int, str]:
+def _check_header(ds: Dataset, max_pixels: int) -> tuple[int, int, str]:
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError) as exc:
         raise CorruptImage("DICOM lacks valid Rows/Columns") from exc
     if rows <= 0 or cols <= 0:
         raise CorruptImage(f"DICOM says the image is {cols}x{rows} pixels")
-    if rows * cols > MAX_PIXELS:
-        raise UnsupportedImage(f"{cols}x{rows} exceeds the {MAX_PIXELS // 1_000_000} MP limit")
+    if rows * cols > max_pixels:
+        raise UnsupportedImage(f"{cols}x{rows} exceeds the {max_pixels} pixel limit (CXR_DICOM_MAX_PIXELS)")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric not in _MONO + _COLOR:
         raise UnsupportedImage(f"photometric interpretation {photometric!r} is not supported")
@@ -319,10 +330,12 @@ def _int_or(value: object, default: int) -> int:
         return default
 
 
-def _decode_dicom(data: bytes, salt: str | None, timer: StageTimer | None, sniffed: bool) -> DecodedImage:
+def _decode_dicom(
+    data: bytes, salt: str | None, timer: StageTimer | None, sniffed: bool, limits: DicomLimits
+) -> DecodedImage:
     with _maybe(timer, "decode"):
-        ds = _read_dataset(data, sniffed)
-        rows, cols, photometric = _check_header(ds)
+        ds = _read_dataset(data, sniffed, limits)
+        rows, cols, photometric = _check_header(ds, limits.max_pixels)
         raw = _pixel_array(ds, photometric)
     with _maybe(timer, "voi"):
         color = photometric not in _MONO
@@ -330,7 +343,7 @@ def _decode_dicom(data: bytes, salt: str | None, timer: StageTimer | None, sniff
     if salt is None:
         from data_pipeline.config import get_settings
 
-        salt = get_settings().patient_salt
+        salt = get_settings().resolved_patient_salt()
     spacing = _pixel_spacing(ds)
     bits_stored = _int_or(ds.get("BitsStored"), 8)
     del ds.PixelData  # the object keeps the header only; pixel bytes would double memory
@@ -484,21 +497,52 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
     return values
 
 
-def read_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) from the header only (DICOM Rows/Columns, PNG/JPEG header): no pixel decoding."""
-    path = Path(path)
+def read_header(data: bytes, limits: DicomLimits | None = None) -> Dataset:
+    """The header of DICOM bytes (no pixel data), read through the guarded reader.
+
+    For every caller that needs attributes and not pixels (SR references,
+    STOW-RS status, de-identification re-reads): the same limits as decoding,
+    the same typed errors.
+    """
+    if limits is None:
+        from data_pipeline.config import get_settings
+
+        limits = get_settings().dicom_limits()
+    sniffed = sniff_format(data[:132]) == "dicom"
     try:
-        with path.open("rb") as handle:
-            head = handle.read(132)
-        kind = sniff_format(head)
+        _check_stream_start(data, sniffed)
+        return read_guarded(data, sniffed=sniffed, limits=limits, stop_before_pixels=True).dataset
+    except ImageDecodeError:
+        raise
+    except RecursionError as exc:
+        raise CorruptImage("DICOM structure is nested too deeply to read") from exc
+    except Exception as exc:  # pydicom raises many types on garbage headers; the type only (values are PHI)
+        raise CorruptImage(f"DICOM header cannot be parsed ({type(exc).__name__})") from exc
+
+
+def read_size(path: str | Path, limits: DicomLimits | None = None) -> tuple[int, int]:
+    """(width, height) from the header only (DICOM Rows/Columns, PNG/JPEG header): no pixel decoding.
+
+    DICOM goes through the guarded reader like every other entry point.
+    """
+    path = Path(path)
+    if limits is None:
+        from data_pipeline.config import get_settings
+
+        limits = get_settings().dicom_limits()
+    try:
+        data = path.read_bytes()
+        kind = sniff_format(data[:132])
         if kind in ("png", "jpeg"):
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 return int(img.size[0]), int(img.size[1])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["Rows", "Columns"])
+        _check_stream_start(data, kind == "dicom")
+        ds = read_guarded(data, sniffed=kind == "dicom", limits=limits, stop_before_pixels=True).dataset
         return int(ds.Columns), int(ds.Rows)
+    except ImageDecodeError as exc:
+        exc.args = (f"{path.name}: {exc}",)
+        raise
     except (OSError, AttributeError, TypeError, ValueError, UnidentifiedImageError) as exc:
-        raise CorruptImage(f"{path.name}: cannot read image size ({exc})") from exc
+        raise CorruptImage(f"{path.name}: cannot read image size ({type(exc).__name__})") from exc
     except Exception as exc:  # pydicom raises many types on garbage headers
-        raise CorruptImage(f"{path.name}: cannot read image size ({type(exc).__name__}: {exc})") from exc
+        raise CorruptImage(f"{path.name}: cannot read image size ({type(exc).__name__})") from exc

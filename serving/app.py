@@ -21,9 +21,10 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving import logsafe
 from serving.backend import InferenceBackend
 from serving.config import ServingSettings
-from serving.errors import ServingError
+from serving.errors import InputLimitExceeded, ServingError
 from serving.middleware import INTERNAL_ERROR, ObserveMiddleware, error_body
 from serving.postprocess import warm_up
 from serving.results import BlobStore
@@ -44,9 +45,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
         if exc.status >= 500:
             log.warning("request_failed code=%s message=%s", exc.code, exc.message)
-        return JSONResponse(
-            error_body(exc.code, exc.message, _request_id(request)), status_code=exc.status, headers=headers
-        )
+        body = error_body(exc.code, exc.message, _request_id(request))
+        if isinstance(exc, InputLimitExceeded):
+            # RFC 9457 problem details beside the project's error object: the limit is machine-readable
+            problem = {
+                "type": f"https://cxr-detect.invalid/problems/{exc.code}",
+                "title": "DICOM refused by a limit of the guarded reader",
+                "status": exc.status,
+                "detail": exc.message,
+                "limit": exc.limit,
+            }
+            return JSONResponse(
+                {**problem, **body},
+                status_code=exc.status,
+                headers=headers,
+                media_type="application/problem+json",
+            )
+        return JSONResponse(body, status_code=exc.status, headers=headers)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -113,6 +128,7 @@ def create_app(
 ) -> FastAPI:
     """Build the gateway; with no arguments everything comes from ``CXR_*`` variables."""
     settings = settings or ServingSettings()
+    logsafe.install()  # before anything reads a DICOM: pydicom's warnings quote element values
     state = build_state(settings, backend=backend, store=store, use_store=use_store)
 
     @asynccontextmanager
@@ -128,6 +144,7 @@ def create_app(
                 await task
             await state.detector.close()
             await state.backend.close()
+            state.audit.close()
 
     app = FastAPI(
         title="CXR Detect gateway",

@@ -3,6 +3,11 @@
 Hospitals must show who sent what to the model and what came back. Study and
 SOP UIDs are identifiers of a patient's exam, so only salted hashes of them are
 written; the key id (not the key) names the caller.
+
+The file is on by default (``<stack_dir>/serving/audit.jsonl``) and rotated by
+size through a :class:`logging.handlers.RotatingFileHandler` on a logger of its
+own that does not propagate, so audit lines never mix with ``gateway.log``.
+One gateway process writes it (rotation is not safe across processes).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
+import logging.handlers
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +32,8 @@ class AuditEntry:
     route: str
     method: str
     status: int
+    result_id: str | None = None
+    tenant: str | None = None
     study_hash: str | None = None
     sop_hash: str | None = None
     model_version: str | None = None
@@ -42,20 +49,33 @@ def uid_hash(uid: str | None, salt: str) -> str | None:
 
 
 class AuditLog:
-    """Appends JSON lines to a file (if configured) and to the ``cxr.audit`` logger."""
+    """Appends JSON lines to a size-rotated file (when a path is given) and, at debug, to ``cxr.audit``."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, *, max_bytes: int = 50 * 1024 * 1024, backups: int = 10) -> None:
         self.path = path
-        self._lock = threading.Lock()
+        # Not registered with logging.getLogger: one logger per instance, outside the
+        # hierarchy, so nothing configured on the root (or a second app) ever sees it.
+        self._logger = logging.Logger(f"cxr.audit.file:{path}", logging.INFO)
+        self._logger.propagate = False
+        self._handler: logging.Handler | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.handlers.RotatingFileHandler(
+                path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+            )
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            self._logger.addHandler(handler)
+            self._handler = handler
 
     def write(self, entry: AuditEntry) -> None:
         line = json.dumps(asdict(entry), separators=(",", ":"))
-        log.info(line)
-        if self.path is not None:
-            with self._lock, self.path.open("a", encoding="utf-8") as handle:
-                handle.write(line + "\n")
+        log.debug(line)
+        if self._handler is not None:
+            self._logger.info(line)
+
+    def close(self) -> None:
+        if self._handler is not None:
+            self._handler.close()
 
 
 def now_iso() -> str:

@@ -34,6 +34,9 @@ class KeyEntry(BaseModel):
     id: str
     role: Role
     sha256: str
+    # results are visible to the keys of one tenant only (a site or department); the
+    # one-machine stack is one site, so its keys share the default tenant
+    tenant: str = "default"
 
     model_config = {"use_enum_values": False}
 
@@ -44,10 +47,11 @@ class KeyFile(BaseModel):
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the key id (safe to log) and its role."""
+    """Who is calling: the key id (safe to log), its role and the tenant whose results it sees."""
 
     key_id: str
     role: Role
+    tenant: str = "default"
 
     def require(self, needed: Role) -> None:
         if self.role < needed:
@@ -100,7 +104,7 @@ class KeyStore:
         digest = hash_key(key)
         for entry in self._entries:
             if hmac.compare_digest(entry.sha256, digest):
-                return Principal(key_id=entry.id, role=entry.role)
+                return Principal(key_id=entry.id, role=entry.role, tenant=entry.tenant)
         raise Unauthorized("unknown API key")
 
 

@@ -56,13 +56,28 @@ class ServingSettings(BaseSettings):
     api_keys_file: Path | None = None
     auth_enabled: bool = True
     max_body_bytes: int = 64 * 1024 * 1024
+    max_feedback_bytes: int = Field(
+        default=1024 * 1024, description="largest POST /v1/feedback body (CXR_MAX_FEEDBACK_BYTES)"
+    )
     max_pixels: int = 100_000_000
     request_timeout_s: float = 30.0
     rate_limit_per_s: float = 200.0
     rate_limit_burst: int = 400
+    auth_fail_rate_per_s: float = Field(
+        default=1.0, description="failed authentications refilled per second, per client address"
+    )
+    auth_fail_burst: int = Field(
+        default=20, description="failed authentications a client address may make before getting 429s"
+    )
     max_inflight_per_stage: int = 32
     overload_retry_after_s: int = 1
     worker_threads: int = 4
+    decode_timeout_s: float = Field(
+        default=10.0, gt=0, description="a DICOM that takes longer to decode is refused (422)"
+    )
+    max_decode_queue: int = Field(
+        default=64, ge=1, description="decodes waiting for a worker beyond this get 503 + Retry-After"
+    )
 
     # --- inference ---------------------------------------------------------------
     max_side: int = Field(
@@ -85,13 +100,38 @@ class ServingSettings(BaseSettings):
     results_cache_items: int = 256
     results_cache_bytes: int = 512 * 1024 * 1024
     results_retention_days: int = 30
+    source_retention_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="identified source images (for SR and feedback) are deleted after this many hours",
+    )
+    results_dir: Path | None = Field(
+        default=None, description="local result journal; default <stack>/serving/results"
+    )
+    housekeeping_interval_s: float = Field(
+        default=600.0, gt=0, description="how often the retention job runs"
+    )
     spool_dir: Path | None = None
     spool_retry_s: float = 5.0
-    deid_salt: str = "cxr-feedback"
+    deid_secret: str = Field(
+        default="",
+        description="secret behind feedback pseudonyms and audit hashes (CXR_DEID_SECRET); empty: the "
+        "install's own (credentials.json, else generated into <stack_dir>/install_secret)",
+    )
     drift_window: int = 200
     drift_min_samples: int = 20
     reference_stats: Path | None = None
-    audit_log: Path | None = None
+    audit_log: Path | None = Field(
+        default=None, description="audit JSON lines (CXR_AUDIT_LOG); default <stack_dir>/serving/audit.jsonl"
+    )
+    audit_max_bytes: int = Field(
+        default=50 * 1024 * 1024,
+        ge=1024,
+        description="rotate the audit log at this size (CXR_AUDIT_MAX_BYTES)",
+    )
+    audit_backups: int = Field(
+        default=10, ge=1, description="rotated audit files kept: audit.jsonl.1 ... .N (CXR_AUDIT_BACKUPS)"
+    )
     public_base_url: str = ""
 
     @field_validator("shadow_fraction")
@@ -114,8 +154,16 @@ class ServingSettings(BaseSettings):
         return f"{host}:{int(port) + 1}"
 
     @property
+    def resolved_results_dir(self) -> Path:
+        return self.results_dir or self.stack_dir / "serving" / "results"
+
+    @property
     def resolved_spool_dir(self) -> Path:
         return self.spool_dir or self.stack_dir / "serving" / "spool"
+
+    @property
+    def resolved_audit_log(self) -> Path:
+        return self.audit_log or self.stack_dir / "serving" / "audit.jsonl"
 
     @property
     def resolved_api_keys_file(self) -> Path:

@@ -7,6 +7,7 @@ and a sha256 of the key. Nothing here may block.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -14,6 +15,7 @@ from fastapi import Depends, Header, Request
 
 from serving.auth import Principal, Role, extract_key
 from serving.config import ServingSettings
+from serving.errors import RateLimited, Unauthorized
 from serving.state import GatewayState
 
 
@@ -38,11 +40,31 @@ async def get_principal(
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
     x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Principal:
-    """Authenticate the API key, then charge the key's rate limit."""
+    """Authenticate the API key, then charge the key's rate limit.
+
+    Each missing or unknown key costs the client address a token of its own
+    bucket (CXR_AUTH_FAIL_RATE_PER_S, CXR_AUTH_FAIL_BURST); once it is empty
+    every request from there is a 429 before its key is even looked at, so
+    guessing keys is no faster than the refill.
+    """
     if state.keys is None:
         principal = Principal(key_id="anonymous", role=Role.admin)
     else:
-        principal = state.keys.authenticate(extract_key(authorization, x_api_key))
+        address = request.client.host if request.client else "unknown"
+        try:
+            state.auth_failures.check(address, charge=False)
+        except RateLimited as exc:
+            raise RateLimited(
+                f"too many requests with a missing or unknown API key from {address}; "
+                f"retry in {exc.retry_after_s} s",
+                retry_after_s=exc.retry_after_s,
+            ) from None
+        try:
+            principal = state.keys.authenticate(extract_key(authorization, x_api_key))
+        except Unauthorized:
+            with contextlib.suppress(RateLimited):
+                state.auth_failures.check(address)
+            raise
     request.state.principal = principal
     state.limiter.check(principal.key_id)
     return principal

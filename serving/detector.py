@@ -16,7 +16,7 @@ from typing import Any
 from serving.backend import InferenceBackend, ServedModel
 from serving.config import ServingSettings, Stage
 from serving.drift import DriftMonitor
-from serving.errors import BackendError, GatewayTimeout, ModelNotReady, ServingError
+from serving.errors import BackendError, GatewayTimeout, InputLimitExceeded, ModelNotReady, ServingError
 from serving.limits import InflightGate
 from serving.metrics import GatewayMetrics
 from serving.pipeline import DecodedUpload, InferenceOutcome, Pipeline
@@ -37,6 +37,7 @@ class DetectionReply:
 
 
 def new_request_id() -> str:
+    """A result's id: made here, never taken from the client (X-Request-ID only correlates logs)."""
     return uuid.uuid4().hex
 
 
@@ -125,26 +126,41 @@ class DetectionService:
         *,
         conf: float | None = None,
         forced: Stage | None = None,
-        request_id: str | None = None,
+        tenant: str = "default",
     ) -> list[DetectionReply]:
-        """Detect on one or more images; one backend call per stage for all of them."""
+        """Detect on one or more images; one backend call per stage for all of them.
+
+        Each result gets a server-made id and is journalled to disk under the
+        caller's tenant before this returns, so the answer survives a crash.
+        """
         try:
-            return await asyncio.wait_for(
-                self._detect(payloads, conf, forced, request_id), timeout=self.settings.request_timeout_s
+            replies = await asyncio.wait_for(
+                self._detect(payloads, conf, forced), timeout=self.settings.request_timeout_s
             )
         except TimeoutError as exc:
             raise GatewayTimeout(
                 f"detection did not finish within {self.settings.request_timeout_s:g} s; retry later"
             ) from exc
+        for reply in replies:
+            reply.record.tenant = tenant
+        await asyncio.gather(*(self.pipeline.offload(self.results.journal, r.record) for r in replies))
+        if self.settings.store_results:
+            for reply in replies:
+                self.spawn(self.pipeline.offload(self.results.persist, reply.record))
+        return replies
 
     async def _detect(
-        self, payloads: list[bytes], conf: float | None, forced: Stage | None, request_id: str | None
+        self, payloads: list[bytes], conf: float | None, forced: Stage | None
     ) -> list[DetectionReply]:
         self.refresh_routing()
         threshold = self.settings.conf_threshold if conf is None else conf
         first_stage: Stage = forced or "production"
         first_model = await self._model(first_stage)
-        uploads = await asyncio.gather(*(self.pipeline.decode(p, first_model) for p in payloads))
+        try:
+            uploads = await asyncio.gather(*(self.pipeline.decode(p, first_model) for p in payloads))
+        except InputLimitExceeded as exc:
+            self.metrics.input_refused.labels(exc.limit).inc()
+            raise
         for up in uploads:
             self.metrics.phase_duration.labels("decode", first_stage).observe(up.timings_ms["decode"] / 1000)
             self.metrics.phase_duration.labels("preprocess", first_stage).observe(
@@ -165,9 +181,7 @@ class DetectionService:
                 outcomes[i] = outcome
         replies = []
         for i, up in enumerate(uploads):
-            outcome = outcomes[i]
-            rid = request_id if (request_id and len(payloads) == 1) else new_request_id()
-            replies.append(self._record(rid, up, outcome))
+            replies.append(self._record(new_request_id(), up, outcomes[i]))
         for i in shadows:
             self.spawn(self._shadow(uploads[i], outcomes[i], threshold))
         return replies
@@ -260,9 +274,6 @@ class DetectionService:
             timings_ms=timings,
         )
         record = ResultRecord(request_id, response, up.image.source_format, up.data)
-        self.results.remember(record)
-        if self.settings.store_results:
-            self.spawn(self.pipeline.offload(self.results.persist, record))
         return DetectionReply(record, outcome, up.image.study_uid, up.image.sop_uid)
 
     async def _shadow(self, upload: DecodedUpload, served: InferenceOutcome, conf: float) -> None:

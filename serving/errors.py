@@ -28,6 +28,16 @@ class InvalidImage(ServingError):
     code = "invalid_image"
 
 
+class InputLimitExceeded(InvalidImage):
+    """422 (problem+json): a DICOM broke one of the guarded reader's limits; ``limit`` names the setting."""
+
+    code = "input_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 class InvalidRequest(ServingError):
     """400: the request itself is malformed (multipart, parameters, feedback body)."""
 

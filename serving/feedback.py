@@ -158,10 +158,14 @@ def to_csv(rows: list[dict[str, Any]]) -> bytes:
 
 
 def feedback_id_for(fb: FeedbackIn, rad_id: str) -> str:
-    """Explicit id, else a content hash: the same submission twice is one feedback."""
-    if fb.feedback_id:
-        return fb.feedback_id
-    digest = hashlib.sha256(f"{rad_id}\x00{fb.model_dump_json()}".encode()).hexdigest()
+    """The stored item's id, made here: a hash of the caller's key id and its idempotency key.
+
+    The client's ``feedback_id`` (else the submission's content) only makes a
+    retry idempotent for the same key; it is never a storage name, so another
+    key reusing it cannot shadow or overwrite anyone's feedback.
+    """
+    token = f"id\x00{fb.feedback_id}" if fb.feedback_id else f"body\x00{fb.model_dump_json()}"
+    digest = hashlib.sha256(f"{rad_id}\x00{token}".encode()).hexdigest()
     return f"fb-{digest[:32]}"
 
 
@@ -185,9 +189,9 @@ def build_objects(
         image_id = hashlib.sha256(seed.encode() + record.source).hexdigest()[:32]
         image_name = f"{image_id}.png"
     rows = rows_for(fb, record, image_id, rad_id)
+    # nothing that leads back to the identified source: no request id, no source UIDs, no free text
     meta = {
         "feedback_id": feedback_id,
-        "request_id": record.request_id,
         "rad_id": rad_id,
         "model": record.response.get("model"),
         "image_id": image_id,
@@ -195,7 +199,6 @@ def build_objects(
         "no_finding": fb.no_finding,
         "reviews": [r.model_dump() for r in fb.reviews],
         "new_boxes": [b.model_dump() for b in fb.new_boxes],
-        "comment": fb.comment,
         "received": datetime.now(UTC).isoformat(),
     }
     # feedback.json last: its presence marks a complete, delivered feedback

@@ -23,17 +23,26 @@ class _Bucket:
 
 
 class RateLimiter:
-    """Token bucket per API key id: ``rate`` requests/s sustained, ``burst`` at once."""
+    """Token bucket per API key id (or client address): ``rate`` requests/s sustained, ``burst`` at once.
 
-    def __init__(self, rate: float, burst: int) -> None:
+    At most ``max_keys`` buckets are kept: past that, buckets that have refilled
+    (the same as a new one) go first, then the oldest, so callers who invent
+    keys (client addresses) cannot grow it without bound.
+    """
+
+    def __init__(self, rate: float, burst: int, *, max_keys: int = 100_000) -> None:
         self.rate = rate
         self.burst = burst
+        self.max_keys = max_keys
         self._buckets: dict[str, _Bucket] = {}
 
-    def check(self, key_id: str, cost: float = 1.0) -> None:
+    def check(self, key_id: str, cost: float = 1.0, *, charge: bool = True) -> None:
+        """Take ``cost`` tokens or raise :class:`RateLimited`; ``charge=False`` only checks they are there."""
         now = time.monotonic()
         bucket = self._buckets.get(key_id)
         if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._prune(now)
             bucket = self._buckets[key_id] = _Bucket(tokens=float(self.burst), stamp=now)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
         bucket.stamp = now
@@ -43,7 +52,16 @@ class RateLimiter:
                 f"rate limit of {self.rate:g} requests/s for key '{key_id}' exceeded; retry in {wait} s",
                 retry_after_s=max(1, wait),
             )
-        bucket.tokens -= cost
+        if charge:
+            bucket.tokens -= cost
+
+    def _prune(self, now: float) -> None:
+        for key in [
+            k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * self.rate >= self.burst
+        ]:
+            del self._buckets[key]
+        while len(self._buckets) >= self.max_keys:
+            del self._buckets[next(iter(self._buckets))]
 
 
 class InflightGate:

@@ -45,6 +45,18 @@ class GatewayMetrics:
         self.rejected = Counter(
             "cxr_gateway_rejected_total", "Requests refused before inference", ["stage", "reason"], registry=r
         )
+        self.input_refused = Counter(
+            "cxr_gateway_input_refused_total",
+            "Uploads refused by a limit of the guarded DICOM reader, by the setting that bounds it",
+            ["limit"],
+            registry=r,
+        )
+        self.housekeeping_runs = Counter(
+            "cxr_gateway_retention_purged_total",
+            "Results and identified source images deleted by the retention job",
+            ["kind"],
+            registry=r,
+        )
         self.images = Counter(
             "cxr_images_processed_total", "Images run through a model", ["stage", "model_version"], registry=r
         )

@@ -18,11 +18,12 @@ from typing import TypeVar
 
 import numpy as np
 
+from data_pipeline.dicom_guard import DicomLimitExceeded, DicomLimits
 from data_pipeline.dicom_io import DecodedImage, decode_bytes
 from data_pipeline.errors import CorruptImage, ImageDecodeError, UnsupportedImage
 from serving.backend import InferenceBackend, ServedModel
 from serving.config import ServingSettings, Stage
-from serving.errors import InvalidImage, UnsupportedMediaType
+from serving.errors import InputLimitExceeded, InvalidImage, Overloaded, UnsupportedMediaType
 from serving.postprocess import Detection, to_detections
 from serving.preprocess import PreparedImage, prepare, stack
 
@@ -49,11 +50,15 @@ class InferenceOutcome:
     timings_ms: dict[str, float]
 
 
-def decode_upload(data: bytes, max_pixels: int, salt: str | None = None) -> tuple[DecodedImage, float]:
-    """Decode bytes, mapping the data pipeline's errors to the gateway's HTTP errors."""
+def decode_upload(
+    data: bytes, max_pixels: int, salt: str | None = None, limits: DicomLimits | None = None
+) -> tuple[DecodedImage, float]:
+    """Decode bytes (through the guarded reader), mapping the pipeline's errors to HTTP errors."""
     start = time.perf_counter()
     try:
-        image = decode_bytes(data, salt=salt)
+        image = decode_bytes(data, salt=salt, limits=limits)
+    except DicomLimitExceeded as exc:
+        raise InputLimitExceeded(str(exc), limit=exc.limit) from exc
     except UnsupportedImage as exc:
         text = str(exc)
         if "not a DICOM, PNG or JPEG" in text:
@@ -75,12 +80,16 @@ class Pipeline:
         self.settings = settings
         self.backend = backend
         self._pool = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="cxr-cpu")
+        from data_pipeline.config import get_settings
+
+        self.limits = get_settings().dicom_limits()  # CXR_DICOM_*: owned by the guarded reader's package
+        self._decoding = 0
 
     async def _offload(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _decode_and_prepare(self, data: bytes, model: ServedModel) -> DecodedUpload:
-        image, decode_ms = decode_upload(data, self.settings.max_pixels)
+        image, decode_ms = decode_upload(data, self.settings.max_pixels, limits=self.limits)
         start = time.perf_counter()
         prepared = prepare(image.to_uint8(), model.contract, self.settings.max_side)
         prep_ms = (time.perf_counter() - start) * 1000
@@ -94,7 +103,29 @@ class Pipeline:
         )
 
     async def decode(self, data: bytes, model: ServedModel) -> DecodedUpload:
-        return await self._offload(self._decode_and_prepare, data, model)
+        """Decode in the bounded pool: a full queue is a 503, a decode past its time a 422.
+
+        A thread cannot be killed, so a decode past CXR_DECODE_TIMEOUT_S finishes in
+        the background; the declared-size limits of the guarded reader are what
+        bound its cost, the timeout only frees the request.
+        """
+        if self._decoding >= self.settings.max_decode_queue:
+            raise Overloaded(
+                f"{self._decoding} uploads are waiting to be decoded (CXR_MAX_DECODE_QUEUE); retry later",
+                retry_after_s=self.settings.overload_retry_after_s,
+            )
+        self._decoding += 1
+        try:
+            return await asyncio.wait_for(
+                self._offload(self._decode_and_prepare, data, model), timeout=self.settings.decode_timeout_s
+            )
+        except TimeoutError as exc:
+            raise InputLimitExceeded(
+                f"decoding took longer than {self.settings.decode_timeout_s:g} s",
+                limit="CXR_DECODE_TIMEOUT_S",
+            ) from exc
+        finally:
+            self._decoding -= 1
 
     def _post(
         self, outputs: np.ndarray, uploads: list[DecodedUpload], model: ServedModel, conf: float

@@ -1,20 +1,32 @@
 """Detection results: the JSON a client gets, kept for the SR, the review page and feedback.
 
-Recent results stay in memory (the review page asks for the preview and SR
-right after detecting); every result is also written to the S3 store under
-``results/<request_id>/`` in the background, never delaying the response.
-The source image is kept beside it because feedback must ship the image a
-radiologist corrected, and the SR must reference the source header.
+A result is written to a local directory (temp file + rename) BEFORE its
+response goes out, so a gateway killed right after answering loses nothing;
+recent results also stay in memory (the review page asks for the preview and
+SR right after detecting), and a background copy goes to the S3 store under
+``results/<request_id>/`` for other replicas. The source image is kept beside
+it because feedback must ship the image a radiologist corrected and the SR
+must reference the source header; it is identified patient data, so it is
+deleted after ``CXR_SOURCE_RETENTION_HOURS`` while the result JSON stays for
+``CXR_RESULTS_RETENTION_DAYS``.
+
+Result ids are made by the server (UUIDv4) and every record names its
+tenant: a key of another tenant gets 404 for it, exactly as for an id that
+does not exist.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import threading
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from serving.errors import NotFound
@@ -46,6 +58,15 @@ class ResultRecord:
     source_format: str
     source: bytes | None = None
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
+    tenant: str = "default"
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "response": self.response,
+            "source_format": self.source_format,
+            "created": self.created.isoformat(),
+            "tenant": self.tenant,
+        }
 
     @property
     def detections(self) -> list[dict[str, Any]]:
@@ -77,23 +98,39 @@ def build_response(
     }
 
 
+@dataclass(frozen=True)
+class Retention:
+    """How long results and their identified source images are kept."""
+
+    results: timedelta = timedelta(days=30)
+    sources: timedelta = timedelta(hours=24)
+
+
+@dataclass
+class PurgeReport:
+    results: int = 0
+    sources: int = 0
+
+
 class ResultStore:
-    """Memory LRU in front of S3 ``results/``; S3 writes happen on a caller-supplied background path."""
+    """Local journal (durable, written before answering) + memory LRU + background S3 copy."""
 
     def __init__(
         self,
         store: BlobStore | None,
         *,
+        local_dir: Path | None = None,
         cache_items: int = 256,
         cache_bytes: int = 512 * 1024 * 1024,
-        retention_days: int = 30,
+        retention: Retention | None = None,
     ) -> None:
         self._store = store
+        self._local = local_dir
         self._cache: OrderedDict[str, ResultRecord] = OrderedDict()
         self._cache_items = cache_items
         self._cache_bytes = cache_bytes
         self._bytes = 0
-        self._retention = timedelta(days=retention_days)
+        self.retention = retention or Retention()
         self._lock = threading.Lock()
 
     def remember(self, record: ResultRecord) -> None:
@@ -110,69 +147,159 @@ class ResultStore:
                 _, evicted = self._cache.popitem(last=False)
                 self._bytes -= len(evicted.source or b"")
 
+    def journal(self, record: ResultRecord) -> None:
+        """Write the record to the local directory (blocking; call before the response goes out)."""
+        self.remember(record)
+        if self._local is None:
+            return
+        final = self._local / record.request_id
+        tmp = self._local / f".tmp-{record.request_id}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        if record.source is not None:
+            (tmp / f"source.{_EXT.get(record.source_format, 'bin')}").write_bytes(record.source)
+        (tmp / "result.json").write_text(json.dumps(record.meta()))
+        os.replace(tmp, final)  # ids are server-made UUIDs: the target never exists
+
     def persist(self, record: ResultRecord) -> None:
-        """Write to S3 (blocking: call from a worker thread). Failures are logged, not raised."""
+        """Copy to S3 (blocking: call from a worker thread). Failures are logged, not raised."""
         if self._store is None:
             return
         prefix = f"results/{record.request_id}"
         try:
-            meta = {
-                "response": record.response,
-                "source_format": record.source_format,
-                "created": record.created.isoformat(),
-            }
             if record.source is not None:
                 ext = _EXT.get(record.source_format, "bin")
                 self._store.put_bytes(f"{prefix}/source.{ext}", record.source)
-            self._store.put_bytes(f"{prefix}/result.json", json.dumps(meta).encode(), "application/json")
-        except Exception as exc:  # the store being down must not fail a detection already answered
-            log.warning("result_persist_failed request_id=%s error=%s", record.request_id, exc)
+            self._store.put_bytes(
+                f"{prefix}/result.json", json.dumps(record.meta()).encode(), "application/json"
+            )
+        except Exception as exc:  # the local journal holds it; the store being down fails nothing
+            log.warning(
+                "result_persist_failed request_id=%s error_type=%s", record.request_id, type(exc).__name__
+            )
 
-    def purge(self) -> int:
-        return purge_expired(self._store, self._retention) if self._store is not None else 0
+    def purge(self, now: datetime | None = None) -> PurgeReport:
+        """Delete sources past their retention and results past theirs, locally and in S3 (blocking)."""
+        now = now or datetime.now(UTC)
+        report = PurgeReport()
+        if self._local is not None and self._local.exists():
+            _purge_local(self._local, self.retention, now, report)
+        if self._store is not None:
+            purge_expired(self._store, self.retention, now, report)
+        with self._lock:
+            for rid, record in list(self._cache.items()):
+                if now - record.created > self.retention.results:
+                    self._cache.pop(rid)
+                    self._bytes -= len(record.source or b"")
+                elif record.source is not None and now - record.created > self.retention.sources:
+                    self._bytes -= len(record.source)
+                    record.source = None
+        if report.results or report.sources:
+            log.info("results_purged results=%d sources=%d", report.results, report.sources)
+        return report
 
-    def get(self, request_id: str) -> ResultRecord:
-        """From memory, else from S3 (blocking)."""
+    def get(self, request_id: str, tenant: str) -> ResultRecord:
+        """The caller's result, from memory, the local journal, else S3 (blocking)."""
+        missing = NotFound(f"no result with request_id '{request_id}' (expired, never stored or not yours)")
+        if not _safe_id(request_id):
+            raise missing
+        record = self._lookup(request_id)
+        if record is None or record.tenant != tenant:
+            raise missing
+        age = datetime.now(UTC) - record.created
+        if age > self.retention.results:
+            raise NotFound(f"result '{request_id}' is older than the retention period")
+        if age > self.retention.sources:
+            record.source = None
+        return record
+
+    def _lookup(self, request_id: str) -> ResultRecord | None:
         with self._lock:
             if request_id in self._cache:
                 return self._cache[request_id]
-        if self._store is None or not _safe_id(request_id):
-            raise NotFound(f"no result with request_id '{request_id}'")
+        record = self._read_local(request_id) or self._read_store(request_id)
+        if record is not None:
+            self.remember(record)
+        return record
+
+    def _read_local(self, request_id: str) -> ResultRecord | None:
+        if self._local is None:
+            return None
+        folder = self._local / request_id
+        try:
+            meta = json.loads((folder / "result.json").read_text())
+        except (OSError, ValueError):
+            return None
+        fmt = str(meta.get("source_format", "dicom"))
+        source_file = folder / f"source.{_EXT.get(fmt, 'bin')}"
+        source = source_file.read_bytes() if source_file.exists() else None
+        return _record(request_id, meta, source)
+
+    def _read_store(self, request_id: str) -> ResultRecord | None:
+        if self._store is None:
+            return None
         prefix = f"results/{request_id}"
         try:
             meta = json.loads(self._store.get_bytes(f"{prefix}/result.json"))
-        except Exception as exc:
-            raise NotFound(f"no result with request_id '{request_id}' (expired or never stored)") from exc
+        except Exception:
+            return None
         fmt = str(meta.get("source_format", "dicom"))
         try:
             source: bytes | None = self._store.get_bytes(f"{prefix}/source.{_EXT.get(fmt, 'bin')}")
         except Exception:
             source = None
-        created = datetime.fromisoformat(meta.get("created", datetime.now(UTC).isoformat()))
-        if datetime.now(UTC) - created > self._retention:
-            raise NotFound(f"result '{request_id}' is older than the retention period")
-        record = ResultRecord(request_id, meta["response"], fmt, source, created)
-        self.remember(record)
-        return record
+        return _record(request_id, meta, source)
 
 
-def purge_expired(store: BlobStore, retention: timedelta, now: datetime | None = None) -> int:
-    """Delete stored results older than the retention period; returns how many went (blocking)."""
+def _record(request_id: str, meta: dict[str, Any], source: bytes | None) -> ResultRecord:
+    created = datetime.fromisoformat(meta.get("created", datetime.now(UTC).isoformat()))
+    fmt = str(meta.get("source_format", "dicom"))
+    return ResultRecord(
+        request_id, meta["response"], fmt, source, created, str(meta.get("tenant", "default"))
+    )
+
+
+def _purge_local(root: Path, retention: Retention, now: datetime, report: PurgeReport) -> None:
+    for folder in root.iterdir():
+        if not folder.is_dir() or folder.name.startswith(".tmp-"):
+            continue
+        try:
+            created = datetime.fromisoformat(json.loads((folder / "result.json").read_text())["created"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if now - created > retention.results:
+            shutil.rmtree(folder, ignore_errors=True)
+            report.results += 1
+            continue
+        if now - created > retention.sources:
+            sources = list(folder.glob("source.*"))
+            for source in sources:
+                source.unlink(missing_ok=True)
+            report.sources += bool(sources)
+
+
+def purge_expired(
+    store: BlobStore, retention: Retention, now: datetime | None = None, report: PurgeReport | None = None
+) -> PurgeReport:
+    """Delete stored results and sources past their retention in S3 (blocking)."""
     now = now or datetime.now(UTC)
-    ids = sorted({name.split("/")[1] for name in store.list_prefix("results/") if name.count("/") >= 2})
-    purged = 0
+    report = report or PurgeReport()
+    names = store.list_prefix("results/")
+    ids = sorted({name.split("/")[1] for name in names if name.count("/") >= 2})
     for request_id in ids:
         try:
             meta = json.loads(store.get_bytes(f"results/{request_id}/result.json"))
             created = datetime.fromisoformat(meta["created"])
         except Exception:  # half-written or foreign objects: leave them for a person to look at
             continue
-        if now - created > retention:
+        if now - created > retention.results:
             store.delete_prefix(f"results/{request_id}/")
-            purged += 1
-    if purged:
-        log.info("results_purged count=%d retention_days=%d", purged, retention.days)
-    return purged
+            report.results += 1
+        elif now - created > retention.sources and any(
+            n.startswith(f"results/{request_id}/source.") for n in names
+        ):
+            store.delete_prefix(f"results/{request_id}/source.")
+            report.sources += 1
+    return report
 
 
 def _safe_id(request_id: str) -> bool:

@@ -13,7 +13,6 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -41,8 +40,14 @@ _TYPE2_COPIED = (
 
 
 def source_header(data: bytes) -> Dataset:
-    """Header of the source DICOM (no pixel data), as evidence for the SR."""
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    """Header of the source DICOM (no pixel data), as evidence for the SR (through the guarded reader)."""
+    from data_pipeline.dicom_io import read_header
+    from data_pipeline.errors import ImageDecodeError
+
+    try:
+        ds = read_header(data)
+    except ImageDecodeError as exc:
+        raise Conflict(f"the source DICOM cannot be read for an SR: {exc}") from exc
     missing = [
         k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID") if k not in ds
     ]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Any
 
+from data_pipeline.install_secret import resolve_install_secret
 from serving.audit import AuditLog
 from serving.auth import KeyStore
 from serving.backend import InferenceBackend
@@ -21,7 +23,7 @@ from serving.drift import DriftMonitor
 from serving.feedback import FeedbackService, FeedbackSpool
 from serving.limits import RateLimiter
 from serving.metrics import GatewayMetrics
-from serving.results import BlobStore, ResultStore
+from serving.results import BlobStore, ResultStore, Retention
 from serving.routing import Router
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,10 @@ class GatewayState:
     feedback: FeedbackService
     limiter: RateLimiter
     audit: AuditLog
+    # the install's secret behind feedback pseudonyms and audit hashes (data_pipeline/install_secret.py)
+    secret: str
+    # failed authentications per client address (CXR_AUTH_FAIL_*): guessing keys costs time
+    auth_failures: RateLimiter = field(default_factory=lambda: RateLimiter(1.0, 20))
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,9 +97,13 @@ def build_state(
     )
     results = ResultStore(
         store,
+        local_dir=settings.resolved_results_dir,
         cache_items=settings.results_cache_items,
         cache_bytes=settings.results_cache_bytes,
-        retention_days=settings.results_retention_days,
+        retention=Retention(
+            results=timedelta(days=settings.results_retention_days),
+            sources=timedelta(hours=settings.source_retention_hours),
+        ),
     )
 
     def load_reference(dataset_version: str) -> dict[str, Any] | None:
@@ -109,7 +119,8 @@ def build_state(
         reference_loader=load_reference,
     )
     detector = DetectionService(settings, backend, router, metrics, results, drift)
-    feedback = FeedbackService(store, FeedbackSpool(settings.resolved_spool_dir), settings.deid_salt)
+    secret = resolve_install_secret(settings.deid_secret, settings.stack_dir)
+    feedback = FeedbackService(store, FeedbackSpool(settings.resolved_spool_dir), secret)
     return GatewayState(
         settings=settings,
         keys=keys,
@@ -121,5 +132,9 @@ def build_state(
         detector=detector,
         feedback=feedback,
         limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
-        audit=AuditLog(settings.audit_log),
+        audit=AuditLog(
+            settings.resolved_audit_log, max_bytes=settings.audit_max_bytes, backups=settings.audit_backups
+        ),
+        secret=secret,
+        auth_failures=RateLimiter(settings.auth_fail_rate_per_s, settings.auth_fail_burst),
     )

@@ -15,13 +15,14 @@ from serving.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 RAW_IMAGE_TYPES = ("application/dicom", "image/png", "image/jpeg", "image/jpg", "application/octet-stream")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, setting: str = "CXR_MAX_BODY_BYTES") -> bytes:
+    """The whole body, refused with 413 past ``limit`` bytes; ``setting`` names the knob that sets it."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
             if int(declared) > limit:
                 raise PayloadTooLarge(
-                    f"body of {int(declared)} bytes exceeds the {limit}-byte limit (CXR_MAX_BODY_BYTES)"
+                    f"body of {int(declared)} bytes exceeds the {limit}-byte limit ({setting})"
                 )
         except ValueError as exc:
             raise InvalidRequest("Content-Length is not a number") from exc
@@ -31,7 +32,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLarge(f"body exceeds the {limit}-byte limit (CXR_MAX_BODY_BYTES)")
+                raise PayloadTooLarge(f"body exceeds the {limit}-byte limit ({setting})")
             chunks.append(chunk)
     except ClientDisconnect as exc:
         raise InvalidRequest("client disconnected before the body was complete") from exc

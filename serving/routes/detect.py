@@ -50,6 +50,7 @@ def _annotate(request: Request, reply: DetectionReply) -> None:
     request.state.study_uid = reply.study_uid
     request.state.sop_uid = reply.sop_uid
     request.state.detections = len(reply.outcome.detections)
+    request.state.result_id = reply.record.request_id
 
 
 @router.post("/detect", openapi_extra=_UPLOAD_DOC, summary="Detect findings on one radiograph")
@@ -63,9 +64,7 @@ async def detect(
 ) -> Response:
     forced = forced_stage(request, x_cxr_stage)
     [payload] = await image_payloads(request, state.settings.max_body_bytes)
-    [reply] = await state.detector.detect(
-        [payload], conf=conf, forced=forced, request_id=request.state.request_id
-    )
+    [reply] = await state.detector.detect([payload], conf=conf, forced=forced, tenant=principal.tenant)
     _annotate(request, reply)
     headers = {"X-CXR-Stage": reply.outcome.stage, "X-CXR-Model-Version": reply.outcome.model.version}
     if format == "sr":
@@ -86,7 +85,9 @@ async def detect_batch(
 ) -> JSONResponse:
     forced = forced_stage(request, x_cxr_stage)
     payloads = await image_payloads(request, state.settings.max_body_bytes, max_files=32)
-    replies = await state.detector.detect(payloads, conf=conf, forced=forced)
+    if len(payloads) > 1:  # one token per image: get_principal charged the first
+        state.limiter.check(principal.key_id, cost=min(len(payloads) - 1, state.limiter.burst))
+    replies = await state.detector.detect(payloads, conf=conf, forced=forced, tenant=principal.tenant)
     request.state.detections = sum(len(r.outcome.detections) for r in replies)
     request.state.stage = replies[0].outcome.stage if replies else None
     return JSONResponse({"results": [r.record.response for r in replies]})

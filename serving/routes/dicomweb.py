@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
-import pydicom
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from serving.auth import Principal
 from serving.deps import PacsDep, StateDep
 from serving.dicomweb import (
     FAILURE_CANNOT_UNDERSTAND,
@@ -21,6 +20,7 @@ from serving.dicomweb import (
     stow_status,
 )
 from serving.errors import InvalidImage, ServingError, UnsupportedMediaType
+from serving.state import GatewayState
 from serving.uploads import read_body
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
@@ -37,49 +37,63 @@ _STOW_DOC: dict[str, Any] = {
 
 
 def _uids(data: bytes) -> tuple[str, str, str]:
+    """SOP Class, SOP Instance and Study UIDs through the guarded reader (blocking: run in the pool)."""
+    from data_pipeline.dicom_io import read_header
+    from data_pipeline.errors import ImageDecodeError
+
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-        return (
-            str(ds.get("SOPClassUID", "")),
-            str(ds.get("SOPInstanceUID", "")),
-            str(ds.get("StudyInstanceUID", "")),
-        )
-    except Exception:
-        return "", "", ""
+        ds = read_header(data)
+    except ImageDecodeError:
+        return "", "", ""  # the detector refuses it with the reason; the status names no UIDs
+    return (
+        str(ds.get("SOPClassUID", "")),
+        str(ds.get("SOPInstanceUID", "")),
+        str(ds.get("StudyInstanceUID", "")),
+    )
 
 
 def base_url(request: Request, configured: str) -> str:
     """Where clients reach this gateway, for RetrieveURLs.
 
-    CXR_PUBLIC_BASE_URL wins (behind an ingress); else the Host header, except
-    that dicomweb-client sends Host without the port, so a port-less Host on a
-    non-default port is completed from the socket the request arrived on.
+    CXR_PUBLIC_BASE_URL wins (behind an ingress); else the address the server
+    socket accepted the connection on. Never the Host header: a client must not
+    choose the URL the gateway hands to other systems.
     """
     if configured:
         return configured.rstrip("/")
-    base = str(request.base_url).rstrip("/")
-    host = request.headers.get("host", "")
+    scheme = str(request.scope.get("scheme") or "http")
+    root = str(request.scope.get("root_path") or "").rstrip("/")  # the server's --root-path, not a header
     server = request.scope.get("server")
-    if host and ":" not in host and server and server[1] not in (80, 443):
-        base = f"{request.url.scheme}://{host}:{server[1]}"
-    return base
+    if not server:  # a unix socket: no address to name
+        return f"{scheme}://localhost{root}"
+    host, port = str(server[0]), server[1]
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or (scheme, port) in (("http", 80), ("https", 443)):
+        return f"{scheme}://{host}{root}"
+    return f"{scheme}://{host}:{port}{root}"
 
 
-async def _store(request: Request, state: Any, study: str | None) -> JSONResponse:
+async def _store(
+    request: Request, state: GatewayState, principal: Principal, study: str | None
+) -> JSONResponse:
     body = await read_body(request, state.settings.max_body_bytes)
-    instances = split_related(request.headers.get("content-type", ""), body)
+    offload = state.detector.pipeline.offload
+    # parsing 64 MiB of parts and every header runs in the worker pool: never on the event loop
+    instances = await offload(split_related, request.headers.get("content-type", ""), body)
+    del body
     base = base_url(request, state.settings.public_base_url)
     outcomes: list[StowOutcome] = []
     detections = 0
     for data in instances:
-        sop_class, sop_uid, study_uid = _uids(data)
+        sop_class, sop_uid, study_uid = await offload(_uids, data)
         if study and study_uid and study_uid != study:
             outcomes.append(StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_NOT_SUPPORTED))
             continue
         try:
-            [reply] = await state.detector.detect([data])
+            [reply] = await state.detector.detect([data], tenant=principal.tenant)
         except (InvalidImage, UnsupportedMediaType) as exc:
-            log.info("stow_instance_rejected reason=%s", exc.message)
+            log.info("stow_instance_rejected code=%s", exc.code)  # the message may quote the file
             outcomes.append(StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_CANNOT_UNDERSTAND))
             continue
         except ServingError as exc:
@@ -103,9 +117,9 @@ async def _store(request: Request, state: Any, study: str | None) -> JSONRespons
 
 @router.post("/studies", openapi_extra=_STOW_DOC, summary="STOW-RS: store (and detect on) instances")
 async def stow(request: Request, state: StateDep, principal: PacsDep) -> JSONResponse:
-    return await _store(request, state, None)
+    return await _store(request, state, principal, None)
 
 
 @router.post("/studies/{study}", openapi_extra=_STOW_DOC, summary="STOW-RS into one study")
 async def stow_study(study: str, request: Request, state: StateDep, principal: PacsDep) -> JSONResponse:
-    return await _store(request, state, study)
+    return await _store(request, state, principal, study)

@@ -24,13 +24,14 @@ router = APIRouter(prefix="/v1", tags=["feedback"])
     },
 )
 async def post_feedback(request: Request, state: StateDep, principal: RadiologistDep) -> JSONResponse:
-    body = await read_body(request, 1024 * 1024)
+    body = await read_body(request, state.settings.max_feedback_bytes, "CXR_MAX_FEEDBACK_BYTES")
     try:
         fb = FeedbackIn.model_validate_json(body or b"{}")
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise InvalidRequest(f"feedback body is invalid: {problems}") from exc
-    record = await state.detector.pipeline.offload(state.results.get, fb.request_id)
+    request.state.result_id = fb.request_id  # the audit line names the result this feedback is about
+    record = await state.detector.pipeline.offload(state.results.get, fb.request_id, principal.tenant)
     receipt = await state.detector.pipeline.offload(state.feedback.submit, fb, record, principal.key_id)
     state.metrics.feedback.labels(receipt.status).inc()
     state.metrics.spool_depth.set(state.feedback.spool.depth())

@@ -61,13 +61,22 @@ async function detect() {
   renderLists(); draw();
 }
 
+// Lists are built with createElement/textContent only: class names and numbers come from the server.
+function label(text, color) {
+  const span = document.createElement("span");
+  span.className = "label";
+  span.textContent = text;
+  if (color) span.style.color = color;
+  return span;
+}
+
 function renderLists() {
-  const list = $("detections"); list.innerHTML = "";
+  const list = $("detections"); list.replaceChildren();
   state.result.detections.forEach((d, i) => {
     const li = document.createElement("li");
     li.dataset.index = String(i);
     li.className = state.verdicts[i] === "reject" ? "rejected detection" : "detection";
-    li.innerHTML = `<span class="label" style="color:${COLORS[d.class_id]}">${d.class_name} ${(d.confidence * 100).toFixed(0)}%</span>`;
+    li.append(label(`${d.class_name} ${(d.confidence * 100).toFixed(0)}%`, COLORS[d.class_id]));
     const accept = document.createElement("button");
     accept.textContent = "Accept"; accept.className = "accept";
     accept.onclick = () => { state.verdicts[i] = "accept"; renderLists(); draw(); };
@@ -77,11 +86,11 @@ function renderLists() {
     li.append(accept, reject);
     list.append(li);
   });
-  const added = $("new-boxes"); added.innerHTML = "";
+  const added = $("new-boxes"); added.replaceChildren();
   state.newBoxes.forEach((b, i) => {
     const li = document.createElement("li");
     li.className = "new-box";
-    li.innerHTML = `<span class="label">${CLASS_NAMES[b.class_id]} [${b.box.map((v) => v.toFixed(0)).join(", ")}]</span>`;
+    li.append(label(`${CLASS_NAMES[b.class_id]} [${b.box.map((v) => v.toFixed(0)).join(", ")}]`));
     const remove = document.createElement("button");
     remove.textContent = "Remove";
     remove.onclick = () => { state.newBoxes.splice(i, 1); renderLists(); draw(); };

@@ -60,6 +60,8 @@ def test_radiologist_rejects_a_box_draws_one_and_submits_feedback_that_lands_in_
     with LiveServer(app, free_port()) as server, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        console_errors: list[str] = []  # a CSP violation is reported here ("Refused to ...")
+        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
         page.goto(server.url + "/")
         page.fill("#api-key", keys["radiologist"])
         page.set_input_files("#file", str(upload))
@@ -89,11 +91,13 @@ def test_radiologist_rejects_a_box_draws_one_and_submits_feedback_that_lands_in_
         receipt = page.text_content("#feedback-status") or ""
         page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
         browser.close()
+    assert not [m for m in console_errors if "Content Security Policy" in m], console_errors
 
     feedback_id = receipt.split(": ", 1)[1].split(" ", 1)[0]
     assert _wait_for(lambda: store.exists(f"feedback/{feedback_id}/feedback.json"))
     meta = json.loads(store.get_bytes(f"feedback/{feedback_id}/feedback.json"))
-    assert meta["request_id"] == request_id
+    assert meta["feedback_id"] == feedback_id
+    assert "request_id" not in meta and request_id not in json.dumps(meta)  # no link to the source
     rows = list(
         csv.DictReader(io.StringIO(store.get_bytes(f"feedback/{feedback_id}/annotations.csv").decode()))
     )

@@ -28,6 +28,23 @@ def _print_status(rows: list[manager.ComponentStatus], settings: StackSettings) 
     console.print(table)
 
 
+def audit_summary(settings: StackSettings) -> str:
+    """One line on the gateway's audit log: where it is, how big, how many lines, rotated files kept."""
+    from serving.config import ServingSettings
+
+    path = ServingSettings(stack_dir=settings.state).resolved_audit_log
+    if not path.exists():
+        return f"audit log {path}: not written yet"
+    lines = 0
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            lines += chunk.count(b"\n")
+    rotated = len(list(path.parent.glob(f"{path.name}.*")))
+    return f"audit log {path}: {path.stat().st_size / 1e6:.1f} MB, {lines} lines" + (
+        f" (+{rotated} rotated)" if rotated else ""
+    )
+
+
 @stack_app.command()
 def up(
     bootstrap: Annotated[bool, typer.Option(help="train and promote a first model when none exists")] = True,
@@ -80,6 +97,7 @@ def status() -> None:
         console.print("stack is not running (`make up` starts it)")
         raise typer.Exit(3)
     _print_status(rows, settings)
+    console.print(audit_summary(settings), highlight=False)
     if not all(r.healthy for r in rows):
         raise typer.Exit(1)
 

@@ -107,22 +107,26 @@ def test_unloaded_model_gives_503_then_reload_serves_again_without_restart(
     admin.close()
 
 
-def test_results_older_than_retention_are_purged_from_the_store(s3_store: Any) -> None:
+def test_results_and_sources_past_their_retention_are_purged_from_the_store(s3_store: Any) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from serving.results import ResultRecord, ResultStore, purge_expired
+    from serving.results import ResultRecord, ResultStore, Retention, purge_expired
 
     store = s3_store.store()
-    results = ResultStore(store, retention_days=30)
-    old = ResultRecord(
-        "old-result", {"request_id": "old-result"}, "png", b"png", datetime.now(UTC) - timedelta(days=31)
-    )
+    results = ResultStore(store, retention=Retention(results=timedelta(days=30), sources=timedelta(hours=24)))
+    now = datetime.now(UTC)
+    old = ResultRecord("old-result", {"request_id": "old-result"}, "png", b"png", now - timedelta(days=31))
+    day = ResultRecord("day-result", {"request_id": "day-result"}, "png", b"png", now - timedelta(hours=25))
     new = ResultRecord("new-result", {"request_id": "new-result"}, "png", b"png")
-    results.persist(old)
-    results.persist(new)
-    assert purge_expired(store, timedelta(days=30)) == 1
+    for record in (old, day, new):
+        results.persist(record)
+    report = purge_expired(store, results.retention)
+    assert (report.results, report.sources) == (1, 1)
     assert not store.exists("results/old-result/result.json")
-    assert store.exists("results/new-result/result.json")
+    assert store.exists("results/day-result/result.json") and not store.exists(
+        "results/day-result/source.png"
+    )
+    assert store.exists("results/new-result/source.png")
 
 
 def test_dead_triton_gives_503_json_quickly_instead_of_hanging(

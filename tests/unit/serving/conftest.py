@@ -48,6 +48,7 @@ def onnx_client(
         stack_dir=state_dir,
         rate_limit_per_s=1000,
         rate_limit_burst=1000,
+        auth_fail_burst=100_000,  # the role matrix sends ~50 bad keys from one address
         conf_threshold=0.6,
         audit_log=state_dir / "audit.jsonl",
     )

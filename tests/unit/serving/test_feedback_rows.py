@@ -125,6 +125,13 @@ def test_same_submission_gets_the_same_feedback_id() -> None:
     assert feedback_id_for(fb, "rad") != feedback_id_for(fb, "other-rad")
 
 
+def test_a_client_feedback_id_is_an_idempotency_key_per_caller_never_a_storage_name() -> None:
+    fb = FeedbackIn(request_id="r1", feedback_id="fb1")
+    mine, theirs = feedback_id_for(fb, "rad-a"), feedback_id_for(fb, "rad-b")
+    assert mine == feedback_id_for(FeedbackIn(request_id="r1", feedback_id="fb1"), "rad-a")
+    assert mine != theirs and "fb1" not in mine
+
+
 def test_without_a_store_feedback_is_spooled_once_and_survives_a_new_service(tmp_path: Path) -> None:
     spool = FeedbackSpool(tmp_path / "spool")
     service = FeedbackService(None, spool, "salt")
@@ -133,8 +140,10 @@ def test_without_a_store_feedback_is_spooled_once_and_survives_a_new_service(tmp
     assert service.submit(fb, _record(source), "rad").status == "spooled"
     assert service.submit(fb, _record(source), "rad").status == "duplicate"
     reopened = FeedbackSpool(tmp_path / "spool")
-    assert reopened.pending() == ["fb1"]
-    expected = build_objects(fb, _record(source), rad_id="rad", seed="salt", feedback_id="fb1")
-    loaded = reopened.load("fb1")
+    stored_id = feedback_id_for(fb, "rad")
+    assert reopened.pending() == [stored_id]
+    expected = build_objects(fb, _record(source), rad_id="rad", seed="salt", feedback_id=stored_id)
+    loaded = reopened.load(stored_id)
     assert set(loaded) == set(expected)
-    assert loaded["feedback/fb1/annotations.csv"] == expected["feedback/fb1/annotations.csv"]
+    key = f"feedback/{stored_id}/annotations.csv"
+    assert loaded[key] == expected[key]

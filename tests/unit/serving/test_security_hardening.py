@@ -1,0 +1,320 @@
+"""Issue 15, items 7 and 8: the audit log by default, no element values in logs, and the small holes.
+
+Each test here failed before its fix: an audit file only with CXR_AUDIT_LOG and
+never rotated, pydicom's warnings quoting UIDs and dates into the gateway log,
+a feedback 413 naming CXR_MAX_BODY_BYTES, a STOW RetrieveURL built from the
+Host header, no CSP/X-Frame-Options/nosniff, HTML built with innerHTML, a
+32-image batch costing one token, and unlimited guesses at API keys.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from httpx import Response
+
+from serving.audit import AuditEntry, AuditLog, now_iso
+from serving.config import ServingSettings
+from serving.limits import RateLimiter
+from serving.routes.review import STATIC_DIR
+from tests.unit.serving.serving_support import make_dicom, write_stage_files
+
+pytestmark = pytest.mark.unit
+
+
+def _settings(
+    onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path, **extra: Any
+) -> ServingSettings:
+    write_stage_files(tmp_path / "gitops", production="1")
+    return ServingSettings(
+        backend="onnx",
+        onnx_model=onnx_model,
+        api_keys_file=api_keys[0],
+        gitops_dir=tmp_path / "gitops",
+        stack_dir=tmp_path / "state",
+        conf_threshold=0.6,
+        **extra,
+    )
+
+
+def _audit(client: TestClient) -> list[dict[str, Any]]:
+    path = client.app.state.cxr.audit.path  # type: ignore[attr-defined]
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _audited(client: TestClient, response: Response) -> dict[str, Any]:
+    rid = response.headers["X-Request-ID"]
+    return next(e for e in _audit(client) if e["request_id"] == rid)
+
+
+def _stow_body(data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+# ------------------------------------------------------------------------------- audit log
+
+
+def test_audit_log_is_on_by_default_under_the_stack_dir(
+    onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serving.app import create_app
+
+    monkeypatch.delenv("CXR_AUDIT_LOG", raising=False)
+    settings = _settings(onnx_model, api_keys, tmp_path)
+    assert settings.resolved_audit_log == tmp_path / "state" / "serving" / "audit.jsonl"
+    assert (
+        ServingSettings(audit_log=tmp_path / "elsewhere.jsonl").resolved_audit_log
+        == tmp_path / "elsewhere.jsonl"
+    )
+    with TestClient(create_app(settings, use_store=False)) as client:
+        r = client.get("/v1/models", headers={"X-API-Key": api_keys[1]["operator"]})
+        assert r.status_code == 200
+    lines = (tmp_path / "state" / "serving" / "audit.jsonl").read_text().splitlines()
+    entry = json.loads(lines[-1])
+    assert entry["route"] == "/v1/models" and entry["key_id"] == "operator-1" and entry["status"] == 200
+    assert "result_id" in entry and "tenant" in entry
+
+
+def test_audit_log_rotates_by_size_and_keeps_the_configured_backups(tmp_path: Path) -> None:
+    path = tmp_path / "audit" / "audit.jsonl"
+    audit = AuditLog(path, max_bytes=2048, backups=2)
+    for i in range(200):
+        audit.write(AuditEntry(now_iso(), f"r{i}", "pacs-1", "pacs", "/v1/detect", "POST", 200))
+    audit.close()
+    files = sorted(p.name for p in path.parent.iterdir())
+    assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    for name in files:
+        text = (path.parent / name).read_text()
+        assert 0 < len(text.encode()) <= 2048 + 400
+        assert all(json.loads(line)["route"] == "/v1/detect" for line in text.splitlines())
+    assert json.loads(path.read_text().splitlines()[-1])["request_id"] == "r199"
+
+
+def test_two_audit_logs_do_not_write_into_each_other_or_the_root_logger(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = AuditLog(tmp_path / "a.jsonl"), AuditLog(tmp_path / "b.jsonl")
+    with caplog.at_level(logging.INFO):
+        a.write(AuditEntry(now_iso(), "only-a", None, None, "/x", "GET", 200))
+        b.write(AuditEntry(now_iso(), "only-b", None, None, "/x", "GET", 200))
+    a.close()
+    b.close()
+    assert "only-b" not in (tmp_path / "a.jsonl").read_text()
+    assert "only-a" not in (tmp_path / "b.jsonl").read_text()
+    assert "only-a" not in caplog.text  # audit lines stay out of gateway.log
+
+
+def test_every_access_to_a_result_is_audited_with_its_result_id(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    pacs = {"Authorization": f"Bearer {keys['pacs']}"}
+    radiologist = {"Authorization": f"Bearer {keys['radiologist']}"}
+    made = onnx_client.post(
+        "/v1/detect", content=make_dicom(seed=31), headers={**pacs, "Content-Type": "application/dicom"}
+    )
+    assert made.status_code == 200, made.text
+    result_id = made.json()["request_id"]
+    reads = [
+        onnx_client.get(f"/v1/results/{result_id}", headers=pacs),
+        onnx_client.get(f"/v1/results/{result_id}/sr", headers=pacs),
+        onnx_client.get(f"/v1/results/{result_id}/preview.png", headers=radiologist),
+        onnx_client.get("/v1/results/no-such-result", headers=pacs),
+        onnx_client.post(
+            "/v1/feedback",
+            json={"request_id": result_id, "feedback_id": uuid.uuid4().hex, "no_finding": True},
+            headers=radiologist,
+        ),
+    ]
+    assert [r.status_code for r in reads][:3] == [200, 200, 200] and reads[3].status_code == 404
+    assert reads[4].status_code in (200, 202), reads[4].text
+    entries = [_audited(onnx_client, r) for r in reads]
+    assert [e["result_id"] for e in entries] == [result_id] * 3 + ["no-such-result", result_id]
+    assert entries[2]["key_id"] == "radiologist-1" and entries[4]["route"] == "/v1/feedback"
+    principal_tenant = getattr(onnx_client.app.state.cxr.keys.authenticate(keys["pacs"]), "tenant", None)  # type: ignore[attr-defined]
+    assert all(e["tenant"] == principal_tenant for e in entries)
+
+
+def test_stack_status_names_the_audit_log_its_size_and_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workflows.stack.cli import audit_summary
+    from workflows.stack.config import StackSettings
+
+    monkeypatch.delenv("CXR_AUDIT_LOG", raising=False)
+    settings = StackSettings(stack_dir=tmp_path)
+    assert "not written yet" in audit_summary(settings)
+    path = tmp_path.resolve() / "serving" / "audit.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"a":1}\n' * 3)
+    (path.parent / "audit.jsonl.1").write_text("{}\n")
+    line = audit_summary(settings)
+    assert str(path) in line and "3 lines" in line and "MB" in line and "+1 rotated" in line
+
+
+# ------------------------------------------------------------------------------- no PHI in logs
+
+SECRETS = ("SECRETNAME", "DEADBEEF", "SECRETUID", "20231399")
+
+
+def _hostile_values_dicom() -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(seed=77)))
+    with pydicom.config.disable_value_validation():
+        ds.PatientName = "Doe^SECRETNAME"
+        ds.StudyDate = "PHI-0xDEADBEEF"
+        ds.SeriesDate = "20231399"
+        ds.StudyInstanceUID = "1.2.SECRETUID"  # not a UID: pydicom says so, quoting it
+        buf = io.BytesIO()
+        ds.save_as(buf)
+    return buf.getvalue()
+
+
+def test_pydicom_never_writes_element_values_into_the_gateway_log(
+    onnx_client: TestClient, keys: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _hostile_values_dicom()
+    pacs = {"Authorization": f"Bearer {keys['pacs']}"}
+    with caplog.at_level(logging.DEBUG):
+        onnx_client.post("/v1/detect", content=data, headers={**pacs, "Content-Type": "application/dicom"})
+        onnx_client.post(
+            "/v1/detect?format=sr", content=data, headers={**pacs, "Content-Type": "application/dicom"}
+        )
+        body, ctype = _stow_body(data)
+        onnx_client.post("/dicomweb/studies", content=body, headers={**pacs, "Content-Type": ctype})
+    logged = caplog.text + "".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    for value in SECRETS:
+        assert value not in logged, [r.getMessage() for r in caplog.records if value in r.getMessage()]
+
+
+def test_the_filter_keeps_origin_and_category_and_drops_text_and_traceback(
+    onnx_client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What an operator still sees: that pydicom warned, where, of what kind (the app installs the filter)."""
+    text = warnings.formatwarning(
+        "Invalid value for VR DA: 'PHI-0xDEADBEEF'", UserWarning, "/x/pydicom/valuerep.py", 440
+    )
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("py.warnings").warning("%s", text)
+        try:
+            raise ValueError("Unable to convert 'SECRETNAME' to 'PN'")
+        except ValueError:
+            logging.getLogger("pydicom.pixels.utils").exception("failed on %s", "SECRETUID")
+        logging.getLogger("pydicom").warning("Invalid value for VR UI: %r", "1.2.SECRETUID")
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith(("py.warnings", "pydicom"))]
+    assert messages[0].startswith("pydicom warning suppressed (UserWarning at pydicom/valuerep.py:440;")
+    assert messages[1].startswith("pydicom.pixels.utils error suppressed (ValueError")
+    assert messages[2].startswith("pydicom warning suppressed (message")
+    for value in SECRETS:
+        assert value not in caplog.text
+
+
+# ------------------------------------------------------------------------------- item 8
+
+
+def test_feedback_413_names_the_feedback_limit(onnx_client: TestClient, keys: dict[str, str]) -> None:
+    r = onnx_client.post(
+        "/v1/feedback",
+        content=b"{" + b" " * (1024 * 1024 + 1) + b"}",
+        headers={"Authorization": f"Bearer {keys['radiologist']}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 413
+    message = r.json()["error"]["message"]
+    assert "CXR_MAX_FEEDBACK_BYTES" in message and "CXR_MAX_BODY_BYTES" not in message
+
+
+def test_stow_retrieve_urls_never_echo_the_host_header(onnx_client: TestClient, keys: dict[str, str]) -> None:
+    body, ctype = _stow_body(make_dicom(seed=55))
+    r = onnx_client.post(
+        "/dicomweb/studies",
+        content=body,
+        headers={"Authorization": f"Bearer {keys['pacs']}", "Content-Type": ctype, "Host": "evil.example"},
+    )
+    assert r.status_code == 200, r.text
+    urls = [item["00081190"]["Value"][0] for item in r.json()["00081199"]["Value"]]
+    assert urls and all(u.startswith("http://testserver/v1/results/") for u in urls), urls
+    assert "evil" not in r.text
+
+
+def test_page_static_files_and_api_answers_carry_the_security_headers(onnx_client: TestClient) -> None:
+    for path in ("/", "/static/review.js", "/static/review.css", "/v1/models", "/healthz", "/nope"):
+        headers = onnx_client.get(path).headers
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert headers["X-Frame-Options"] == "DENY", path
+        csp = headers["Content-Security-Policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "object-src 'none'" in csp
+    assert "Content-Security-Policy" not in onnx_client.get("/docs").headers  # Swagger runs inline script
+
+
+def test_the_review_page_needs_no_inline_code_and_builds_no_html_from_data() -> None:
+    html = (STATIC_DIR / "index.html").read_text()
+    assert not re.search(r"<script(?![^>]*\bsrc=)", html), "inline <script> is blocked by the CSP"
+    assert "<style" not in html and not re.search(r"\sstyle=", html)
+    assert not re.search(r"\son[a-z]+=", html), "inline event handlers are blocked by the CSP"
+    js = (STATIC_DIR / "review.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"):
+        assert sink not in js, sink
+
+
+def test_a_batch_costs_one_rate_limit_token_per_image(onnx_client: TestClient, keys: dict[str, str]) -> None:
+    limiter = onnx_client.app.state.cxr.limiter  # type: ignore[attr-defined]
+    saved = (limiter.rate, limiter.burst)
+    h = {"Authorization": f"Bearer {keys['pacs']}"}
+
+    def batch(n: int) -> Response:
+        files = [("file", (f"{i}.dcm", make_dicom(seed=60 + i), "application/dicom")) for i in range(n)]
+        return onnx_client.post("/v1/detect/batch", files=files, headers=h)
+
+    limiter.rate, limiter.burst = 0.001, 3
+    limiter._buckets.clear()
+    try:
+        assert batch(3).status_code == 200  # exactly the burst
+        limiter._buckets.clear()
+        refused = batch(4)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
+        assert int(refused.headers["Retry-After"]) >= 1
+    finally:
+        limiter.rate, limiter.burst = saved
+        limiter._buckets.clear()
+
+
+def test_guessing_api_keys_gets_429_per_address_even_for_the_right_key_then(
+    onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    from serving.app import create_app
+
+    settings = _settings(onnx_model, api_keys, tmp_path)  # the defaults: burst 20, 1 per second
+    with TestClient(create_app(settings, use_store=False), raise_server_exceptions=False) as client:
+        answers = [client.get("/v1/models", headers={"X-API-Key": f"guess-{i}"}) for i in range(25)]
+        statuses = [r.status_code for r in answers]
+        assert statuses[:20] == [401] * 20 and 429 in statuses[20:], statuses
+        limited = next(r for r in answers if r.status_code == 429)
+        assert int(limited.headers["Retry-After"]) >= 1 and limited.json()["error"]["code"] == "rate_limited"
+        assert "API key" in limited.json()["error"]["message"]
+        right = client.get("/v1/models", headers={"X-API-Key": api_keys[1]["operator"]})
+        assert right.status_code == 429  # refused before the key is looked at: no oracle for guesses
+
+
+def test_rate_limiter_forgets_refilled_buckets_past_its_size_bound() -> None:
+    limiter = RateLimiter(rate=1000.0, burst=2, max_keys=10)
+    for i in range(50):
+        limiter.check(f"10.0.0.{i}")
+    assert len(limiter._buckets) <= 10
+    slow = RateLimiter(rate=0.0001, burst=2, max_keys=10)
+    for i in range(50):
+        slow.check(f"10.0.0.{i}")
+    assert len(slow._buckets) <= 10  # none refills: the oldest go
