@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +35,9 @@ from serving.routes.review import STATIC_DIR
 from serving.state import GatewayState, build_state
 
 log = logging.getLogger(__name__)
+
+#: the retention job's last run, beside the result journal (read by ``cxr stack status``)
+RETENTION_STATUS = "retention.json"
 
 
 def _request_id(request: Request) -> str:
@@ -98,17 +103,42 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
+def run_retention(state: GatewayState) -> None:
+    """The retention job: purge expired results and identified sources, record the run for ``make status``.
+
+    Blocking (the housekeeping loop runs it in a thread). The record is a small
+    JSON file beside the result journal, so ``cxr stack status`` shows when the
+    job last ran and what it deleted without asking the gateway.
+    """
+    started = datetime.now(UTC)
+    report = state.results.purge(started)
+    state.metrics.housekeeping_runs.labels("results").inc(report.results)
+    state.metrics.housekeeping_runs.labels("sources").inc(report.sources)
+    record = {
+        "last_run": started.isoformat(timespec="seconds"),
+        "results_deleted": report.results,
+        "sources_deleted": report.sources,
+        "source_retention_hours": state.settings.source_retention_hours,
+        "results_retention_days": state.settings.results_retention_days,
+        "interval_s": state.settings.housekeeping_interval_s,
+    }
+    path = state.settings.resolved_results_dir.parent / RETENTION_STATUS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+
+
 async def _housekeeping(state: GatewayState) -> None:
-    """Redeliver spooled feedback every CXR_SPOOL_RETRY_S seconds; purge expired results hourly."""
-    last_purge = 0.0
+    """Redeliver spooled feedback every CXR_SPOOL_RETRY_S; retention job every CXR_HOUSEKEEPING_INTERVAL_S."""
+    last_purge: float | None = None
     while True:
-        await asyncio.sleep(state.settings.spool_retry_s)
-        if state.settings.store_results and time.monotonic() - last_purge > 3600:
+        if last_purge is None or time.monotonic() - last_purge > state.settings.housekeeping_interval_s:
             last_purge = time.monotonic()
             try:
-                await asyncio.to_thread(state.results.purge)
+                await asyncio.to_thread(run_retention, state)
             except Exception as exc:
-                log.warning("results_purge_error error=%s", exc)
+                log.warning("retention_job_error error_type=%s", type(exc).__name__)
         try:
             if state.feedback.spool.depth():
                 delivered = await asyncio.to_thread(state.feedback.deliver_spooled)
@@ -117,6 +147,7 @@ async def _housekeeping(state: GatewayState) -> None:
             state.metrics.spool_depth.set(state.feedback.spool.depth())
         except Exception as exc:  # keep the loop alive whatever the store does
             log.warning("spool_delivery_error error=%s", exc)
+        await asyncio.sleep(state.settings.spool_retry_s)
 
 
 def create_app(

@@ -45,6 +45,24 @@ def audit_summary(settings: StackSettings) -> str:
     )
 
 
+def retention_summary(settings: StackSettings) -> str:
+    """One line on the gateway's retention job: when it last ran and what it deleted."""
+    import json
+
+    from serving.app import RETENTION_STATUS
+    from serving.config import ServingSettings
+
+    path = ServingSettings(stack_dir=settings.state).resolved_results_dir.parent / RETENTION_STATUS
+    if not path.exists():
+        return "retention job: has not run yet"
+    run = json.loads(path.read_text())
+    return (
+        f"retention job: last run {run['last_run']}, deleted {run['sources_deleted']} source images "
+        f"(kept {run['source_retention_hours']:g} h) and {run['results_deleted']} results "
+        f"(kept {run['results_retention_days']} d), every {run['interval_s']:g} s"
+    )
+
+
 @stack_app.command()
 def up(
     bootstrap: Annotated[bool, typer.Option(help="train and promote a first model when none exists")] = True,
@@ -98,6 +116,7 @@ def status() -> None:
         raise typer.Exit(3)
     _print_status(rows, settings)
     console.print(audit_summary(settings), highlight=False)
+    console.print(retention_summary(settings), highlight=False)
     if not all(r.healthy for r in rows):
         raise typer.Exit(1)
 

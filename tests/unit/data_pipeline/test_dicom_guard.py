@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -112,7 +113,11 @@ def _mutated(seed: int, flips: int, cut: int, family: int) -> bytes:
     return data[: max(132, len(data) - cut)]
 
 
-@settings(max_examples=150, deadline=None)
+#: CI runs a short fuzz; ``CXR_FUZZ_EXAMPLES=5000`` is the long run (docs/security.md)
+FUZZ_EXAMPLES = int(os.environ.get("CXR_FUZZ_EXAMPLES", "150"))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(
     seed=st.integers(0, 10**6),
     flips=st.integers(0, 12),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import threading
 import uuid
 from collections.abc import Iterator
@@ -10,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from data_pipeline import hostile
 from serving.auth import hash_key
@@ -113,6 +117,33 @@ def test_stow_parts_are_split_and_read_off_the_event_loop(
     )
     assert r.status_code == 202, r.text  # one stored, two failed
     assert len(threads) == 4 and all(name.startswith("cxr-cpu") for name in threads), threads
+
+
+#: CI runs a short fuzz; ``CXR_FUZZ_EXAMPLES=2000`` is the long run (docs/security.md)
+FUZZ_EXAMPLES = int(os.environ.get("CXR_FUZZ_EXAMPLES", "40")) // 4 or 1
+
+_FAMILIES = [
+    lambda n: hostile.deep_nesting(n % 40),
+    lambda n: hostile.many_elements(n * 500),
+    lambda n: hostile.giant_text(n * 50_000),
+    lambda n: hostile.jpeg_bomb(8 + n * 400, 8 + n * 7),
+    lambda n: hostile.j2k_bomb(8 + n * 900, 8 + n),
+    lambda n: hostile.huge_native(64 + n * 300, 64 + n * 300),
+    lambda n: hostile.valid(n),
+]
+
+
+@settings(
+    max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(family=st.integers(0, len(_FAMILIES) - 1), size=st.integers(0, 40), seed=st.integers(0, 10**6))
+def test_fuzzed_hostile_uploads_never_get_a_5xx(
+    onnx_client: TestClient, keys: dict[str, str], family: int, size: int, seed: int
+) -> None:
+    rng = random.Random(seed)
+    data = hostile.flipped(_FAMILIES[family](size), rng, rng.randrange(0, 4))
+    r = _detect(onnx_client, keys["pacs"], data)
+    assert r.status_code < 500, r.text  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------- tenants
