@@ -501,8 +501,18 @@ def read_header(data: bytes, limits: DicomLimits | None = None) -> Dataset:
     """The header of DICOM bytes (no pixel data), read through the guarded reader.
 
     For every caller that needs attributes and not pixels (SR references,
-    STOW-RS status, de-identification re-reads): the same limits as decoding,
-    the same typed errors.
+    STOW-RS status): the same limits as decoding, the same typed errors.
+    """
+    return read_dicom(data, limits, stop_before_pixels=True)
+
+
+def read_dicom(
+    data: bytes, limits: DicomLimits | None = None, *, stop_before_pixels: bool = False
+) -> Dataset:
+    """A whole DICOM dataset (pixel data left encoded) through the guarded reader.
+
+    For callers that write the dataset back (de-identification): nothing from
+    outside reaches pydicom but through :func:`~data_pipeline.dicom_guard.read_guarded`.
     """
     if limits is None:
         from data_pipeline.config import get_settings
@@ -511,13 +521,15 @@ def read_header(data: bytes, limits: DicomLimits | None = None) -> Dataset:
     sniffed = sniff_format(data[:132]) == "dicom"
     try:
         _check_stream_start(data, sniffed)
-        return read_guarded(data, sniffed=sniffed, limits=limits, stop_before_pixels=True).dataset
+        return read_guarded(
+            data, sniffed=sniffed, limits=limits, stop_before_pixels=stop_before_pixels
+        ).dataset
     except ImageDecodeError:
         raise
     except RecursionError as exc:
         raise CorruptImage("DICOM structure is nested too deeply to read") from exc
     except Exception as exc:  # pydicom raises many types on garbage headers; the type only (values are PHI)
-        raise CorruptImage(f"DICOM header cannot be parsed ({type(exc).__name__})") from exc
+        raise CorruptImage(f"DICOM cannot be parsed ({type(exc).__name__})") from exc
 
 
 def read_size(path: str | Path, limits: DicomLimits | None = None) -> tuple[int, int]:

@@ -131,7 +131,7 @@ def build_dataset(
                 str(all_dir / f"{i}.png"),
                 settings.max_side,
                 settings.png_compression,
-                settings.patient_salt,
+                settings.resolved_patient_salt(),
             )
             for i in sorted(annotated & set(images))
         ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -157,15 +158,18 @@ def to_csv(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue().encode()
 
 
-def feedback_id_for(fb: FeedbackIn, rad_id: str) -> str:
-    """The stored item's id, made here: a hash of the caller's key id and its idempotency key.
+def feedback_id_for(fb: FeedbackIn, rad_id: str, secret: str) -> str:
+    """The stored item's id, made here: an HMAC of the caller's key id and its idempotency key.
 
     The client's ``feedback_id`` (else the submission's content) only makes a
     retry idempotent for the same key; it is never a storage name, so another
-    key reusing it cannot shadow or overwrite anyone's feedback.
+    key reusing it cannot shadow or overwrite anyone's feedback. Keyed with the
+    install secret because the body names the result (``request_id``): an
+    unkeyed hash could be recomputed from the results store to link a
+    de-identified feedback back to its identified source.
     """
     token = f"id\x00{fb.feedback_id}" if fb.feedback_id else f"body\x00{fb.model_dump_json()}"
-    digest = hashlib.sha256(f"{rad_id}\x00{token}".encode()).hexdigest()
+    digest = hmac.new(secret.encode(), f"{rad_id}\x00{token}".encode(), hashlib.sha256).hexdigest()
     return f"fb-{digest[:32]}"
 
 
@@ -276,7 +280,7 @@ class FeedbackService:
 
     def submit(self, fb: FeedbackIn, record: ResultRecord, rad_id: str) -> FeedbackReceipt:
         """Blocking (run it in a worker thread)."""
-        feedback_id = feedback_id_for(fb, rad_id)
+        feedback_id = feedback_id_for(fb, rad_id, self.seed)
         if self.spool.contains(feedback_id):
             return FeedbackReceipt(feedback_id, "duplicate", 0)
         if self.store is not None:

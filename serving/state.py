@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import timedelta
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from data_pipeline.install_secret import resolve_install_secret

@@ -2,7 +2,9 @@
 
 ``credentials.json`` holds the S3 keys and one API key per gateway role in clear
 (for the person who ran ``make up``); the gateway only ever sees ``api_keys.json``,
-which holds SHA-256 hashes of those keys.
+which holds SHA-256 hashes of those keys. It also holds ``deid_secret``, the
+install's secret behind feedback pseudonyms and PatientID hashes, which the
+gateway and the pipeline read from here (:mod:`data_pipeline.install_secret`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipeline.install_secret import CREDENTIALS_KEY, SECRET_FILE
+
 ROLES: tuple[str, ...] = ("pacs", "radiologist", "operator", "admin")
 
 
@@ -22,11 +26,13 @@ class StackCredentials:
     s3_access_key: str
     s3_secret_key: str
     api_keys: dict[str, str]
+    deid_secret: str = ""
 
     def to_json(self) -> dict[str, object]:
         return {
             "s3": {"access_key": self.s3_access_key, "secret_key": self.s3_secret_key},
             "api_keys": dict(self.api_keys),
+            CREDENTIALS_KEY: self.deid_secret,
         }
 
 
@@ -51,12 +57,16 @@ def load_or_create(credentials_file: Path, api_keys_file: Path) -> StackCredenti
     assert isinstance(s3, dict)
     keys_raw = data.get("api_keys") if isinstance(data.get("api_keys"), dict) else {}
     assert isinstance(keys_raw, dict)
+    # an install that ran before this key existed keeps the secret its gateway generated
+    generated = credentials_file.parent / SECRET_FILE
+    earlier = generated.read_text().strip() if generated.exists() else ""
     creds = StackCredentials(
         s3_access_key=str(s3.get("access_key") or "cxr" + secrets.token_hex(8)),
         s3_secret_key=str(s3.get("secret_key") or secrets.token_urlsafe(30)),
         api_keys={
             role: str(keys_raw.get(role) or f"cxr_{role}_{secrets.token_urlsafe(24)}") for role in ROLES
         },
+        deid_secret=str(data.get(CREDENTIALS_KEY) or earlier or secrets.token_hex(32)),
     )
     _write_private(credentials_file, json.dumps(creds.to_json(), indent=2) + "\n")
     hashed = {

@@ -24,7 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from data_pipeline import dicom_guard, dicom_io
+from data_pipeline import dicom_guard
 from data_pipeline.dicom_io import decode_bytes, decode_file, hash_patient_id, read_size, window
 from data_pipeline.errors import CorruptImage, ImageDecodeError, UnsupportedImage
 

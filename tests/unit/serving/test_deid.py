@@ -48,14 +48,21 @@ CODE_MEANING = 0x00080104
 MASKED_SAMPLES = {0x50003000: "OB", 0x50020010: "US", 0x60003000: "OW", 0x60024000: "LT"}
 NUMERIC_VRS = {"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "AT", "IS"}
 BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+TEMPORAL = {
+    "DA": lambda i: f"18{i % 100:02d}0{1 + i % 9}{10 + i % 18}",
+    "TM": lambda i: f"{i % 24:02d}{i % 60:02d}{(7 * i) % 60:02d}.{i:04d}",
+    "DT": lambda i: f"18{i % 100:02d}0{1 + i % 9}{10 + i % 18}{i % 24:02d}{i % 60:02d}11",
+    "AS": lambda i: f"{i % 1000:03d}Y",
+}
 
 
 @dataclass
 class Planted:
     tag: int
     vr: str
-    marker: str  # text that must not appear anywhere in the output ("" for numbers)
+    marker: str  # text that must not appear anywhere in the output ("" for numbers, dates, times, ages)
     nested: bool
+    value: object = None  # without a marker: the value that must not be at its place in the output
 
 
 def _vr(tag: int) -> str:
@@ -85,8 +92,13 @@ def _element(tag: int, prefix: str, index: int, planted: list[Planted]) -> DataE
         planted.append(Planted(tag, vr, uid, nested))
         return DataElement(tag, vr, uid)
     if vr in NUMERIC_VRS:
-        planted.append(Planted(tag, vr, "", nested))
-        return DataElement(tag, vr, 4242 + index if vr != "AT" else 0x00100010)
+        number = 4242 + index if vr != "AT" else 0x00100010
+        planted.append(Planted(tag, vr, "", nested, number))
+        return DataElement(tag, vr, number)
+    if vr in TEMPORAL:  # valid values (another tool must not merely choke on them), checked in place
+        text = TEMPORAL[vr](index)
+        planted.append(Planted(tag, vr, "", nested, text))
+        return DataElement(tag, vr, text)
     if vr == "DS":  # pydicom refuses a DS it cannot parse, even when told to warn
         planted.append(Planted(tag, vr, f"{index}.987654", nested))
         return DataElement(tag, vr, f"{index}.987654")
@@ -94,7 +106,7 @@ def _element(tag: int, prefix: str, index: int, planted: list[Planted]) -> DataE
         planted.append(Planted(tag, vr, f"BIN{marker}", nested))
         return DataElement(tag, vr, f"BIN{marker}".encode())
     planted.append(Planted(tag, vr, marker, nested))
-    return DataElement(tag, vr, marker)  # dates, times, ages too: hostile values must not matter
+    return DataElement(tag, vr, marker)
 
 
 def _private(ds: Dataset, prefix: str, planted: list[Planted]) -> None:
@@ -119,7 +131,7 @@ def _every_attribute(ds: Dataset, prefix: str, planted: list[Planted]) -> None:
         marker = f"{prefix}{index:04d}XQ"
         value: object = 4242 if vr == "US" else marker if vr == "LT" else f"BIN{marker}".encode()
         ds.add(DataElement(tag, vr, value))
-        planted.append(Planted(tag, vr, "" if vr == "US" else marker, prefix == "N"))
+        planted.append(Planted(tag, vr, "" if vr == "US" else marker, prefix == "N", 4242))
     _private(ds, prefix, planted)
 
 
@@ -185,10 +197,10 @@ def test_no_value_of_any_table_attribute_survives_at_any_level() -> None:
             assert elem.is_empty, f"{tag:08X} should be empty (depth {depth})"
         if action == "U" and elem.VR == "UI":
             assert all(str(v).startswith("2.25.") for v in (elem.value if elem.VM > 1 else [elem.value]))
-    numeric = [p for p in planted if not p.marker]  # no text to search for: compare values
-    values = {(tag, depth >= 1): elem.value for tag, elem, depth in _walk(ds)}
-    for p in numeric:
-        assert values.get((p.tag, p.nested)) in (None, 0), f"{p.tag:08X} kept its value"
+    in_place = {(tag, depth >= 1): elem.value for tag, elem, depth in _walk(ds) if elem.VR != "SQ"}
+    for p in planted:
+        if not p.marker:  # nothing distinctive to search for: compare with what is at its place
+            assert in_place.get((p.tag, p.nested)) != p.value, f"{p.tag:08X} kept its value"
     container = ds[CONTAINER].value[0]  # the nested copy got the same treatment
     assert container.PatientName == container.PatientID != ds.PatientID and len(container.PatientID) == 16
 

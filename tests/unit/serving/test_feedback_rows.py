@@ -121,14 +121,17 @@ def test_png_feedback_is_reencoded_from_pixels() -> None:
 
 def test_same_submission_gets_the_same_feedback_id() -> None:
     fb = FeedbackIn(request_id="r1", comment="x")
-    assert feedback_id_for(fb, "rad") == feedback_id_for(FeedbackIn(request_id="r1", comment="x"), "rad")
-    assert feedback_id_for(fb, "rad") != feedback_id_for(fb, "other-rad")
+    assert feedback_id_for(fb, "rad", "k") == feedback_id_for(
+        FeedbackIn(request_id="r1", comment="x"), "rad", "k"
+    )
+    assert feedback_id_for(fb, "rad", "k") != feedback_id_for(fb, "other-rad", "k")
+    assert feedback_id_for(fb, "rad", "k") != feedback_id_for(fb, "rad", "another-install")
 
 
 def test_a_client_feedback_id_is_an_idempotency_key_per_caller_never_a_storage_name() -> None:
     fb = FeedbackIn(request_id="r1", feedback_id="fb1")
-    mine, theirs = feedback_id_for(fb, "rad-a"), feedback_id_for(fb, "rad-b")
-    assert mine == feedback_id_for(FeedbackIn(request_id="r1", feedback_id="fb1"), "rad-a")
+    mine, theirs = feedback_id_for(fb, "rad-a", "k"), feedback_id_for(fb, "rad-b", "k")
+    assert mine == feedback_id_for(FeedbackIn(request_id="r1", feedback_id="fb1"), "rad-a", "k")
     assert mine != theirs and "fb1" not in mine
 
 
@@ -140,7 +143,7 @@ def test_without_a_store_feedback_is_spooled_once_and_survives_a_new_service(tmp
     assert service.submit(fb, _record(source), "rad").status == "spooled"
     assert service.submit(fb, _record(source), "rad").status == "duplicate"
     reopened = FeedbackSpool(tmp_path / "spool")
-    stored_id = feedback_id_for(fb, "rad")
+    stored_id = feedback_id_for(fb, "rad", "salt")
     assert reopened.pending() == [stored_id]
     expected = build_objects(fb, _record(source), rad_id="rad", seed="salt", feedback_id=stored_id)
     loaded = reopened.load(stored_id)

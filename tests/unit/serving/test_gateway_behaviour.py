@@ -113,7 +113,9 @@ def test_audit_log_has_one_line_per_request_and_no_phi(onnx_client: TestClient, 
     entry = next(
         json.loads(x) for x in audit.splitlines() if json.loads(x)["request_id"] == r.headers["X-Request-ID"]
     )
-    assert entry["result_id"] == r.json()["request_id"]  # the server-made result id, beside the correlation id
+    assert (
+        entry["result_id"] == r.json()["request_id"]
+    )  # the server-made result id, beside the correlation id
     assert entry["key_id"] == "pacs-1" and entry["role"] == "pacs" and entry["status"] == 200
     assert entry["detections"] == len(r.json()["detections"]) and entry["study_hash"]
     for phi in (str(ds.PatientName), ds.PatientID, ds.StudyInstanceUID, ds.SOPInstanceUID, keys["pacs"]):
