@@ -85,6 +85,15 @@ lint: venv ## ruff and mypy on the packages.
 bench: venv ## Measure side-by-side ratios; prints a table and writes benchmarks/results.json.
 	$(PY) -m benchmarks.run
 
+GPU_WHEELS ?= .gpu-wheels
+.PHONY: bench-gpu
+bench-gpu: ## On a GPU machine: model-only, serving-path and training-step figures -> benchmarks/results-gpu.json (PY=python3 where there is no venv; wheels from GPU_WHEELS).
+	$(PY) -m benchmarks.gpu_bench --wheels $(GPU_WHEELS) --out benchmarks/results-gpu.json
+
+.PHONY: gpu-wheels
+gpu-wheels: venv ## Fetch the pure-Python wheels bench-gpu installs on a GPU machine (into GPU_WHEELS).
+	$(PY) -m pip download --quiet --no-deps -d $(GPU_WHEELS) ultralytics==8.4.190 ultralytics-thop==2.2.3 pydicom==3.0.2
+
 .PHONY: demo
 demo: venv ## Send synthetic studies through the running stack; outputs in demo-out/.
 	$(CXR) demo --out demo-out

@@ -196,6 +196,7 @@ def test_data_to_production_to_feedback_to_retrained_staging(stack: StackRun, tm
     )
     assert feedback.status_code in (200, 201), feedback.text
     assert feedback.json()["status"] == "stored"
+    stored_feedback = feedback.json()["feedback_id"]  # the server's id: "e2e-feedback-1" is only idempotency
     # ... and another one on the review page, in Chromium, as radiologists do
     dicom_files = sorted((synth / "dicom").glob("*.dicom"))
     _, page_feedback = draw_box_and_submit(
@@ -235,7 +236,7 @@ def test_data_to_production_to_feedback_to_retrained_staging(stack: StackRun, tm
     v2 = str(summary["model_version"])
     assert v2 != v1.version
     manifest = json.loads(_s3_manifest(env, summary["dataset_version"]))
-    for feedback_id in ("e2e-feedback-1", page_feedback):
+    for feedback_id in (stored_feedback, page_feedback):
         assert any(feedback_id in obj for obj in manifest["source"]["feedback_objects"]), (
             feedback_id,
             manifest["source"],
