@@ -109,7 +109,7 @@ class ServingSettings(BaseSettings):
         default=None, description="local result journal; default <stack>/serving/results"
     )
     housekeeping_interval_s: float = Field(
-        default=600.0, gt=0, description="how often the retention job runs"
+        default=3600.0, gt=0, description="how often the retention job runs"
     )
     spool_dir: Path | None = None
     spool_retry_s: float = 5.0
