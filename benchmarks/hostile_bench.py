@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.serve_bench import Server, export_model, make_dicom_2048
+from benchmarks.serve_bench import Server, export_model, gateway_env, make_dicom_2048
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -89,8 +89,6 @@ def run_hostile_benchmarks(*, seconds: float = 8.0, rounds: int = 2) -> dict[str
     from rich.console import Console
 
     from data_pipeline.hostile import corpus
-    from serving.auth import write_keys_file
-    from serving.gitops.model_file import StageFile, write_stage_file
     from workflows.offline import apply_offline_env
 
     console = Console(stderr=True)
@@ -98,19 +96,7 @@ def run_hostile_benchmarks(*, seconds: float = 8.0, rounds: int = 2) -> dict[str
         tmp = Path(tmpdir)
         offline = apply_offline_env(tmp / "state")
         model = export_model(tmp, imgsz=256)
-        key = write_keys_file(tmp / "api_keys.json", ["pacs"])["pacs"]
-        write_stage_file(tmp / "gitops", StageFile(stage="production", model_version="1"))
-        env = {
-            **offline,
-            "CXR_BACKEND": "onnx",
-            "CXR_ONNX_MODEL": str(model),
-            "CXR_API_KEYS_FILE": str(tmp / "api_keys.json"),
-            "CXR_GITOPS_DIR": str(tmp / "gitops"),
-            "CXR_STACK_DIR": str(tmp / "state"),
-            "CXR_STORE_RESULTS": "false",
-            "CXR_RATE_LIMIT_PER_S": "100000",
-            "CXR_RATE_LIMIT_BURST": "100000",
-        }
+        env, key = gateway_env(tmp, model, offline)
         cases = [c.data for c in corpus(seed=0)]
         valid = make_dicom_2048()
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/dicom"}

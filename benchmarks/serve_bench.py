@@ -344,6 +344,27 @@ def ort_parallelism(model: Path, seconds: float = 6.0) -> dict[str, float]:
     }
 
 
+def gateway_env(tmp: Path, model: Path, offline: dict[str, str]) -> tuple[dict[str, str], str]:
+    """The env of a benchmark gateway in ``tmp`` (keys, stage file, ONNX backend), and its pacs key."""
+    from serving.auth import write_keys_file
+    from serving.gitops.model_file import StageFile, write_stage_file
+
+    key = write_keys_file(tmp / "api_keys.json", ["pacs"])["pacs"]
+    write_stage_file(tmp / "gitops", StageFile(stage="production", model_version="1"))
+    env = {
+        **offline,
+        "CXR_BACKEND": "onnx",
+        "CXR_ONNX_MODEL": str(model),
+        "CXR_API_KEYS_FILE": str(tmp / "api_keys.json"),
+        "CXR_GITOPS_DIR": str(tmp / "gitops"),
+        "CXR_STACK_DIR": str(tmp / "state"),
+        "CXR_STORE_RESULTS": "false",  # measure serving, not the object store
+        "CXR_RATE_LIMIT_PER_S": "100000",
+        "CXR_RATE_LIMIT_BURST": "100000",
+    }
+    return env, key
+
+
 def run_serving_benchmarks(
     *,
     requests: int = 20,
@@ -365,8 +386,6 @@ def run_serving_benchmarks(
     import httpx
     from rich.console import Console
 
-    from serving.auth import write_keys_file
-    from serving.gitops.model_file import StageFile, write_stage_file
     from workflows.offline import apply_offline_env
 
     console = Console(stderr=True)
@@ -376,20 +395,8 @@ def run_serving_benchmarks(
     console.log("exporting YOLO11n @640 to ONNX")
     model = export_model(tmp)
     data = make_dicom_2048()
-    key = write_keys_file(tmp / "api_keys.json", ["pacs"])["pacs"]
-    write_stage_file(tmp / "gitops", StageFile(stage="production", model_version="1"))
-    env = {
-        **offline,
-        "CXR_BACKEND": "onnx",
-        "CXR_ONNX_MODEL": str(model),
-        "CXR_API_KEYS_FILE": str(tmp / "api_keys.json"),
-        "CXR_GITOPS_DIR": str(tmp / "gitops"),
-        "CXR_STACK_DIR": str(tmp / "state"),
-        "CXR_STORE_RESULTS": "false",  # measure serving, not the object store
-        "CXR_RATE_LIMIT_PER_S": "100000",
-        "CXR_RATE_LIMIT_BURST": "100000",
-        "CXR_MAX_INFLIGHT_PER_STAGE": str(clients * 2),
-    }
+    env, key = gateway_env(tmp, model, offline)
+    env["CXR_MAX_INFLIGHT_PER_STAGE"] = str(clients * 2)
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/dicom"}
     results: dict[str, Any] = {}
 
