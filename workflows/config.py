@@ -65,6 +65,10 @@ class WorkflowSettings(BaseSettings):
         default="cxr-s3",
         description="Secret with access_key/secret_key of the in-cluster MinIO (k8s/base/secrets)",
     )
+    install_secret: str = Field(
+        default="cxr-install-secret",
+        description="Secret with CXR_PATIENT_SALT, the install secret (k8s/base/secrets/install-secret.yaml)",
+    )
     cluster_s3_endpoint: str = "http://minio.cxr.svc.cluster.local:9000"
     cluster_mlflow_uri: str = "http://mlflow.cxr.svc.cluster.local:5000"
     weekly_schedule: str = Field(

@@ -99,6 +99,10 @@ def _env(settings: WorkflowSettings) -> list[Env | SecretEnv]:
         SecretEnv(
             name="CXR_S3_SECRET_KEY", secret_name=settings.s3_credentials_secret, secret_key="secret_key"
         ),
+        # the PatientID hash that keeps a patient in one split: one value per install, every run
+        SecretEnv(
+            name="CXR_PATIENT_SALT", secret_name=settings.install_secret, secret_key="CXR_PATIENT_SALT"
+        ),
     ]
 
 

@@ -50,6 +50,12 @@ def test_gateway_gets_every_setting_the_stack_gives_it(compose: dict) -> None:
     assert needed <= set(compose["services"]["gateway"]["environment"])
 
 
+def test_every_service_gets_the_install_secret_from_the_environment_never_a_default(compose: dict) -> None:
+    for name in ("gateway",):
+        env = compose["services"][name]["environment"]
+        assert env["CXR_DEID_SECRET"] == env["CXR_PATIENT_SALT"] == "${CXR_DEID_SECRET:?set CXR_DEID_SECRET}"
+
+
 def test_images_are_pinned_and_the_project_image_is_non_root_multi_stage(compose: dict) -> None:
     for name, service in compose["services"].items():
         image = service.get("image", "")
@@ -68,7 +74,7 @@ def test_images_are_pinned_and_the_project_image_is_non_root_multi_stage(compose
     reason="docker-compose not installed (apt-get install docker-compose)",
 )
 def test_docker_compose_accepts_the_file() -> None:
-    env = {**os.environ, "CXR_S3_ACCESS_KEY": "k", "CXR_S3_SECRET_KEY": "s"}
+    env = {**os.environ, "CXR_S3_ACCESS_KEY": "k", "CXR_S3_SECRET_KEY": "s", "CXR_DEID_SECRET": "d"}
     result = subprocess.run(
         ["docker-compose", "-f", str(ROOT / "docker-compose.yaml"), "config", "-q"],
         cwd=ROOT,

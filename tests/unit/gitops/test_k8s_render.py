@@ -208,3 +208,24 @@ def test_committed_analysis_template_matches_canary_queries_and_policy() -> None
     for name, metric in metrics.items():
         assert metric["provider"]["prometheus"]["query"] == queries[name]
     assert str(policy.max_error_rate) in metrics["error-rate"]["successCondition"]
+
+
+def test_every_gateway_and_pipeline_pod_gets_the_one_install_secret(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Without it each pod would generate its own: pseudonyms per pod, dataset versions per run."""
+    production = rendered["k8s/overlays/production"]
+    secrets = {  # the namespace-wide objects, secrets among them, are synced once from k8s/shared
+        o["spec"]["target"]["name"]: {d["secretKey"] for d in o["spec"]["data"]}
+        for o in rendered["k8s/shared"]
+        if o["kind"] == "ExternalSecret"
+    }
+    assert secrets.get("cxr-install-secret") == {"CXR_DEID_SECRET", "CXR_PATIENT_SALT"}
+    gateway = next(o for o in production if o["kind"] == "Deployment" and "gateway" in o["metadata"]["name"])
+    container = gateway["spec"]["template"]["spec"]["containers"][0]
+    assert {"secretRef": {"name": "cxr-install-secret"}} in container["envFrom"]
+    retrain = yaml.safe_load((REPO / "workflows/argo/cxr-retrain.yaml").read_text())
+    steps = [t for t in retrain["spec"]["templates"] if "container" in t]
+    assert steps and all(
+        any(e["name"] == "CXR_PATIENT_SALT" for e in t["container"].get("env", [])) for t in steps
+    )
