@@ -89,7 +89,7 @@ def run_hostile_benchmarks(*, seconds: float = 8.0, rounds: int = 2) -> dict[str
     from rich.console import Console
 
     from data_pipeline.hostile import corpus
-    from workflows.offline import apply_offline_env
+    from data_pipeline.offline import apply_offline_env
 
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="cxr-hostile-bench-") as tmpdir:

@@ -386,7 +386,7 @@ def run_serving_benchmarks(
     import httpx
     from rich.console import Console
 
-    from workflows.offline import apply_offline_env
+    from data_pipeline.offline import apply_offline_env
 
     console = Console(stderr=True)
     tmp = Path(workdir)

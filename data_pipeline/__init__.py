@@ -12,4 +12,7 @@ Modules, in the order a dataset is built:
 - ``synth``: synthetic chest phantoms with findings and simulated readers.
 - ``geometry``: letterbox and box mappings shared with training and serving; ``store``: S3 access.
 - ``ingest``: :func:`build_dataset`, the whole build; ``cli``: ``cxr data``.
+- ``dicom_guard``: the one guarded reader every DICOM from outside passes; ``hostile``: hostile
+  DICOMs for the fuzz tests and the ``hostile_corpus`` benchmark; ``install_secret``: the per-install
+  secret; ``offline``: the closed-network switches every component applies.
 """

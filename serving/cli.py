@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from workflows.offline import apply_offline_env
+from data_pipeline.offline import apply_offline_env
 
 
 class BackendName(StrEnum):

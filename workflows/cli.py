@@ -16,12 +16,12 @@ import typer
 from dotenv import dotenv_values
 
 from data_pipeline.cli import app as data_app
+from data_pipeline.offline import apply_offline_env
 from serving.cli import serve
 from serving.gitops import cli as gitops_cli
 from serving.observability.cli import app as observability_app
 from training.cli import app as train_app
 from workflows.demo import demo
-from workflows.offline import apply_offline_env
 from workflows.pipeline_cli import app as pipeline_app
 from workflows.stack.cli import stack_app
 

@@ -42,7 +42,7 @@ RunNameOpt = Annotated[str, typer.Option("--run-name", help="the workflow's name
 
 def _setup(settings: WorkflowSettings) -> None:
     """Closed-network environment and structured logging, before any heavy import."""
-    from workflows.offline import apply_offline_env
+    from data_pipeline.offline import apply_offline_env
 
     apply_offline_env(settings.stack_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

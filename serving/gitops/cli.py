@@ -66,8 +66,8 @@ def _delivery_errors() -> Iterator[None]:
 def _context(
     gitops_dir: Path | None, mlflow_uri: str | None = None, prometheus_url: str | None = None
 ) -> Any:
+    from data_pipeline.offline import apply_offline_env
     from serving.gitops.context import DeliveryContext
-    from workflows.offline import apply_offline_env
 
     ctx = DeliveryContext.from_settings(
         gitops_dir=gitops_dir, mlflow_uri=mlflow_uri, prometheus_url=prometheus_url

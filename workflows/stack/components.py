@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workflows.offline import offline_env
+from data_pipeline.offline import offline_env
 
 
 class ComponentFailed(RuntimeError):

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflows.offline import apply_offline_env, offline_env
+from data_pipeline.offline import apply_offline_env, offline_env
 from workflows.stack.components import (
     Component,
     ComponentFailed,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from workflows.offline import offline_env
+from data_pipeline.offline import offline_env
 from workflows.stack.components import Component, prometheus_config
 from workflows.stack.config import StackSettings
 from workflows.stack.credentials import ROLES, hash_key, load_or_create

@@ -5,6 +5,8 @@ connection off loopback. Each library below phones home unless told not to;
 this module is the one place that knows how to silence each of them. The
 stack passes these variables to every child it starts, the ``cxr`` CLI
 applies them to itself, and the test suite applies them at session start.
+It lives in the lowest package so that every CLI (data, training, serving,
+workflows) can import it without importing a package above its own.
 """
 
 from __future__ import annotations
