@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -150,6 +152,33 @@ def write_stage_files(
     write_stage_file(root, StageFile(stage="production", model_version=production))
     write_stage_file(root, StageFile(stage="canary", model_version=canary, canary_weight=weight))
     write_stage_file(root, StageFile(stage="staging", model_version=staging))
+
+
+def onnx_settings(onnx_model: Path, keys_file: Path, root: Path, **extra: Any) -> Any:
+    """Settings of an in-process gateway on the test model, its state and gitops folders under ``root``."""
+    from serving.config import ServingSettings
+
+    fields: dict[str, Any] = {
+        "backend": "onnx",
+        "onnx_model": onnx_model,
+        "api_keys_file": keys_file,
+        "gitops_dir": root / "gitops",
+        "stack_dir": root / "state",
+        "conf_threshold": 0.6,
+    }
+    return ServingSettings(**(fields | extra))
+
+
+def stow_body(*parts: bytes) -> tuple[bytes, str]:
+    """A STOW-RS ``multipart/related`` body of DICOM parts, and its Content-Type."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n" for p in parts
+    )
+    return (
+        body + f"--{boundary}--\r\n".encode(),
+        f'multipart/related; type="application/dicom"; boundary={boundary}',
+    )
 
 
 def dump(obj: object) -> str:

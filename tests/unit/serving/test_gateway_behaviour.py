@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from data_pipeline.drift import build_reference
 from serving.app import create_app
 from serving.config import ServingSettings
-from tests.unit.serving.serving_support import make_dicom, write_stage_files
+from tests.unit.serving.serving_support import make_dicom, onnx_settings, write_stage_files
 
 pytestmark = pytest.mark.unit
 
@@ -22,16 +22,8 @@ pytestmark = pytest.mark.unit
 def _settings(
     onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path, **extra: object
 ) -> ServingSettings:
-    return ServingSettings(
-        backend="onnx",
-        onnx_model=onnx_model,
-        api_keys_file=api_keys[0],
-        gitops_dir=tmp_path / "gitops",
-        stack_dir=tmp_path / "state",
-        conf_threshold=0.6,
-        routing_poll_s=0.0,
-        **extra,  # type: ignore[arg-type]
-    )
+    settings: ServingSettings = onnx_settings(onnx_model, api_keys[0], tmp_path, routing_poll_s=0.0, **extra)
+    return settings
 
 
 def test_full_canary_weight_routes_every_study_to_canary_and_metrics_say_so(

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from data_pipeline import hostile
 from serving.auth import hash_key
-from tests.unit.serving.serving_support import make_dicom, make_png
+from tests.unit.serving.serving_support import make_dicom, make_png, onnx_settings, stow_body
 
 pytestmark = pytest.mark.unit
 
@@ -99,20 +99,13 @@ def test_stow_parts_are_split_and_read_off_the_event_loop(
 
     monkeypatch.setattr(dicomweb, "_uids", uids)
     monkeypatch.setattr(dicomweb, "split_related", split)
-    boundary = uuid.uuid4().hex
-    parts = [make_dicom(seed=70), b"\0" * (4 << 20), hostile.deep_nesting(5000)]
-    body = (
-        b"".join(
-            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n" for p in parts
-        )
-        + f"--{boundary}--\r\n".encode()
-    )
+    body, ctype = stow_body(make_dicom(seed=70), b"\0" * (4 << 20), hostile.deep_nesting(5000))
     r = onnx_client.post(
         "/dicomweb/studies",
         content=body,
         headers={
             "Authorization": f"Bearer {keys['pacs']}",
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Content-Type": ctype,
         },
     )
     assert r.status_code == 202, r.text  # one stored, two failed
@@ -154,7 +147,6 @@ def two_tenants(
     onnx_model: Path, gitops_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[TestClient, dict[str, str]]]:
     from serving.app import create_app
-    from serving.config import ServingSettings
 
     root = tmp_path_factory.mktemp("tenants")
     plain = {name: f"cxr_{name}_{uuid.uuid4().hex}" for name in ("a-pacs", "a-rad", "b-pacs", "b-rad")}
@@ -164,14 +156,7 @@ def two_tenants(
         for name, key in plain.items()
     ]
     (root / "keys.json").write_text(json.dumps({"keys": entries}))
-    settings = ServingSettings(
-        backend="onnx",
-        onnx_model=onnx_model,
-        api_keys_file=root / "keys.json",
-        gitops_dir=gitops_dir,
-        stack_dir=root / "state",
-        conf_threshold=0.0,
-    )
+    settings = onnx_settings(onnx_model, root / "keys.json", root, gitops_dir=gitops_dir, conf_threshold=0.0)
     with TestClient(create_app(settings, use_store=False), raise_server_exceptions=False) as client:
         yield client, plain
 

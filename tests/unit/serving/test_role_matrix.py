@@ -11,25 +11,15 @@ from fastapi.testclient import TestClient
 from httpx import Response
 
 from serving.auth import Role
-from tests.unit.serving.serving_support import make_dicom
+from tests.unit.serving.serving_support import make_dicom, stow_body
 
 pytestmark = pytest.mark.unit
 
 Call = Callable[[TestClient, dict[str, str], str], Response]
 
 
-def _stow_body(data: bytes) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = (
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
-
-
 def _stow(c: TestClient, h: dict[str, str], rid: str) -> Response:
-    body, ctype = _stow_body(make_dicom(seed=5))
+    body, ctype = stow_body(make_dicom(seed=5))
     return c.post("/dicomweb/studies", content=body, headers={**h, "Content-Type": ctype})
 
 

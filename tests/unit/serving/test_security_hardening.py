@@ -27,7 +27,7 @@ from serving.audit import AuditEntry, AuditLog, now_iso
 from serving.config import ServingSettings
 from serving.limits import RateLimiter
 from serving.routes.review import STATIC_DIR
-from tests.unit.serving.serving_support import make_dicom, write_stage_files
+from tests.unit.serving.serving_support import make_dicom, onnx_settings, stow_body, write_stage_files
 
 pytestmark = pytest.mark.unit
 
@@ -36,15 +36,8 @@ def _settings(
     onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path, **extra: Any
 ) -> ServingSettings:
     write_stage_files(tmp_path / "gitops", production="1")
-    return ServingSettings(
-        backend="onnx",
-        onnx_model=onnx_model,
-        api_keys_file=api_keys[0],
-        gitops_dir=tmp_path / "gitops",
-        stack_dir=tmp_path / "state",
-        conf_threshold=0.6,
-        **extra,
-    )
+    settings: ServingSettings = onnx_settings(onnx_model, api_keys[0], tmp_path, **extra)
+    return settings
 
 
 def _audit(client: TestClient) -> list[dict[str, Any]]:
@@ -55,16 +48,6 @@ def _audit(client: TestClient) -> list[dict[str, Any]]:
 def _audited(client: TestClient, response: Response) -> dict[str, Any]:
     rid = response.headers["X-Request-ID"]
     return next(e for e in _audit(client) if e["request_id"] == rid)
-
-
-def _stow_body(data: bytes) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = (
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
 # ------------------------------------------------------------------------------- audit log
@@ -194,7 +177,7 @@ def test_pydicom_never_writes_element_values_into_the_gateway_log(
         onnx_client.post(
             "/v1/detect?format=sr", content=data, headers={**pacs, "Content-Type": "application/dicom"}
         )
-        body, ctype = _stow_body(data)
+        body, ctype = stow_body(data)
         onnx_client.post("/dicomweb/studies", content=body, headers={**pacs, "Content-Type": ctype})
     logged = caplog.text + "".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
     for value in SECRETS:
@@ -238,7 +221,7 @@ def test_feedback_413_names_the_feedback_limit(onnx_client: TestClient, keys: di
 
 
 def test_stow_retrieve_urls_never_echo_the_host_header(onnx_client: TestClient, keys: dict[str, str]) -> None:
-    body, ctype = _stow_body(make_dicom(seed=55))
+    body, ctype = stow_body(make_dicom(seed=55))
     r = onnx_client.post(
         "/dicomweb/studies",
         content=body,
