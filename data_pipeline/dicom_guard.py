@@ -32,6 +32,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.filereader import read_dataset, read_partial
 from pydicom.tag import BaseTag
@@ -117,8 +118,6 @@ def _implicit_is_sequence(tag: int, length: int) -> bool:
     """Implicit VR has no VR on the wire: the data dictionary (or an undefined length) says SQ."""
     if length == _UNDEFINED:
         return True
-    from pydicom.datadict import dictionary_VR
-
     try:
         return str(dictionary_VR(tag)) == "SQ"
     except KeyError:

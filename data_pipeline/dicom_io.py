@@ -303,23 +303,17 @@ def _read_dataset(data: bytes, sniffed: bool, limits: DicomLimits) -> Dataset:
     return ds
 
 
-def _check_header(ds: Dataset, max_pixels: int) -> tuple[int, int, str]:
+def _check_header(ds: Dataset) -> tuple[int, int, str]:
+    """Rows, Columns and photometric; sizes and frame counts were bounded by the guarded reader."""
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError) as exc:
         raise CorruptImage("DICOM lacks valid Rows/Columns") from exc
     if rows <= 0 or cols <= 0:
         raise CorruptImage(f"DICOM says the image is {cols}x{rows} pixels")
-    if rows * cols > max_pixels:
-        raise UnsupportedImage(f"{cols}x{rows} exceeds the {max_pixels} pixel limit (CXR_DICOM_MAX_PIXELS)")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric not in _MONO + _COLOR:
         raise UnsupportedImage(f"photometric interpretation {photometric!r} is not supported")
-    frames = _int_or(ds.get("NumberOfFrames"), 1)
-    if frames > 1:
-        raise UnsupportedImage(
-            f"multi-frame image with {frames} frames: send one radiograph per file (single-frame DICOM)"
-        )
     return rows, cols, photometric
 
 
@@ -335,7 +329,7 @@ def _decode_dicom(
 ) -> DecodedImage:
     with _maybe(timer, "decode"):
         ds = _read_dataset(data, sniffed, limits)
-        rows, cols, photometric = _check_header(ds, limits.max_pixels)
+        rows, cols, photometric = _check_header(ds)
         raw = _pixel_array(ds, photometric)
     with _maybe(timer, "voi"):
         color = photometric not in _MONO

@@ -59,7 +59,6 @@ class ServingSettings(BaseSettings):
     max_feedback_bytes: int = Field(
         default=1024 * 1024, description="largest POST /v1/feedback body (CXR_MAX_FEEDBACK_BYTES)"
     )
-    max_pixels: int = 100_000_000
     request_timeout_s: float = 30.0
     rate_limit_per_s: float = 200.0
     rate_limit_burst: int = 400

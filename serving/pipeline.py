@@ -51,7 +51,7 @@ class InferenceOutcome:
 
 
 def decode_upload(
-    data: bytes, max_pixels: int, salt: str | None = None, limits: DicomLimits | None = None
+    data: bytes, salt: str | None = None, limits: DicomLimits | None = None
 ) -> tuple[DecodedImage, float]:
     """Decode bytes (through the guarded reader), mapping the pipeline's errors to HTTP errors."""
     start = time.perf_counter()
@@ -68,8 +68,6 @@ def decode_upload(
         raise InvalidImage(str(exc)) from exc
     if image.pixels.ndim != 2:
         raise InvalidImage(f"expected one 2-D radiograph, got pixel array of shape {image.pixels.shape}")
-    if image.rows * image.cols > max_pixels:
-        raise InvalidImage(f"{image.cols}x{image.rows} exceeds the gateway's {max_pixels} pixel limit")
     if min(image.rows, image.cols) < 8:
         raise InvalidImage(f"{image.cols}x{image.rows} is too small to be a radiograph (min 8 px a side)")
     return image, (time.perf_counter() - start) * 1000
@@ -89,7 +87,7 @@ class Pipeline:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _decode_and_prepare(self, data: bytes, model: ServedModel) -> DecodedUpload:
-        image, decode_ms = decode_upload(data, self.settings.max_pixels, limits=self.limits)
+        image, decode_ms = decode_upload(data, limits=self.limits)
         start = time.perf_counter()
         prepared = prepare(image.to_uint8(), model.contract, self.settings.max_side)
         prep_ms = (time.perf_counter() - start) * 1000
