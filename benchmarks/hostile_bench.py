@@ -25,9 +25,10 @@ from typing import Any
 from benchmarks.serve_bench import Server, export_model, gateway_env, make_dicom_2048
 
 
-def _peak_rss_mib(pid: int) -> float:
+def _memory_mib(pid: int, field: str = "VmHWM") -> float:
+    """``VmHWM`` (peak resident set since start) or ``VmRSS`` (now) of a process, in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -104,16 +105,17 @@ def run_hostile_benchmarks(*, seconds: float = 8.0, rounds: int = 2) -> dict[str
             f"hostile corpus: {len(cases)} cases; {rounds} x ({seconds:g} s clean + {seconds:g} s hostile)"
         )
         gateway = Server("serving.app:create_app", env, "/readyz", tmp / "gateway.log")
+        idle = _memory_mib(gateway.proc.pid, "VmRSS")  # started and warmed up, nothing sent yet
         try:
             clean, mixed = [], []
             clean_peak = float("nan")
             for i in range(rounds):
                 clean.append(asyncio.run(_window(gateway.url, headers, valid, [], seconds)))
                 if i == 0:  # the high-water mark before any hostile byte arrived
-                    clean_peak = _peak_rss_mib(gateway.proc.pid)
+                    clean_peak = _memory_mib(gateway.proc.pid)
                 mixed.append(asyncio.run(_window(gateway.url, headers, valid, cases, seconds)))
             alive = gateway.proc.poll() is None
-            peak = _peak_rss_mib(gateway.proc.pid) if alive else float("nan")
+            peak = _memory_mib(gateway.proc.pid) if alive else float("nan")
         finally:
             gateway.stop()
     statuses: dict[int, int] = {}
@@ -128,6 +130,7 @@ def run_hostile_benchmarks(*, seconds: float = 8.0, rounds: int = 2) -> dict[str
         "ended_5xx": sum(n for code, n in statuses.items() if code >= 500),
         "gateway_killed": not alive,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "idle_rss_mib": round(idle, 1),
         "peak_rss_mib": round(peak, 1),
         "peak_rss_valid_only_mib": round(clean_peak, 1),
         "valid_rps_clean": round(clean_rps, 2),
