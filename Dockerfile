@@ -10,10 +10,14 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY requirements/ requirements/
+COPY core/ core/
 COPY data_pipeline/ data_pipeline/
 COPY training/ training/
 COPY serving/ serving/
+COPY delivery/ delivery/
 COPY workflows/ workflows/
+COPY stack/ stack/
+COPY cxr/ cxr/
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 -c requirements/lock.txt \
  && /opt/venv/bin/pip install --no-cache-dir . -c requirements/lock.txt

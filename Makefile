@@ -77,9 +77,9 @@ test-fast: venv ## Unit tests only (under a minute).
 
 .PHONY: lint
 lint: venv ## ruff and mypy on the packages.
-	$(VENV)/bin/ruff check data_pipeline training serving workflows tests benchmarks
-	$(VENV)/bin/ruff format --check data_pipeline training serving workflows tests benchmarks
-	$(VENV)/bin/mypy data_pipeline training serving workflows
+	$(VENV)/bin/ruff check core data_pipeline training serving delivery workflows stack cxr tests benchmarks
+	$(VENV)/bin/ruff format --check core data_pipeline training serving delivery workflows stack cxr tests benchmarks
+	$(VENV)/bin/mypy core data_pipeline training serving delivery workflows stack cxr
 
 .PHONY: bench
 bench: venv ## Measure side-by-side ratios; prints a table and writes benchmarks/results.json.

@@ -89,8 +89,8 @@ def run_hostile_benchmarks(*, seconds: float = 8.0, rounds: int = 2) -> dict[str
     """The ``hostile_corpus`` figures (see the module docstring)."""
     from rich.console import Console
 
+    from core.offline import apply_offline_env
     from data_pipeline.hostile import corpus
-    from data_pipeline.offline import apply_offline_env
 
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="cxr-hostile-bench-") as tmpdir:
@@ -104,7 +104,7 @@ def run_hostile_benchmarks(*, seconds: float = 8.0, rounds: int = 2) -> dict[str
         console.log(
             f"hostile corpus: {len(cases)} cases; {rounds} x ({seconds:g} s clean + {seconds:g} s hostile)"
         )
-        gateway = Server("serving.app:create_app", env, "/readyz", tmp / "gateway.log")
+        gateway = Server("serving.gateway.app:create_app", env, "/readyz", tmp / "gateway.log")
         idle = _memory_mib(gateway.proc.pid, "VmRSS")  # started and warmed up, nothing sent yet
         try:
             clean, mixed = [], []

@@ -23,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from data_pipeline.offline import apply_offline_env
+from core.offline import apply_offline_env
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 SUITES = (

@@ -259,9 +259,9 @@ class InProcessBaseline:
         from concurrent.futures import ThreadPoolExecutor
 
         from data_pipeline.dicom_io import decode_bytes
-        from serving.backend_onnx import ort_session
         from serving.contract import contract_from_metadata, read_onnx_metadata
-        from serving.preprocess import prepare
+        from serving.inference.backend_onnx import ort_session
+        from serving.inference.preprocess import prepare
 
         self._decode = decode_bytes
         self._worker = ThreadPoolExecutor(max_workers=1)
@@ -306,12 +306,12 @@ def ort_parallelism(model: Path, seconds: float = 6.0) -> dict[str, float]:
     """ORT images/s here: one all-core session running images in turn vs one 1-thread session per core.
 
     Why the gateway's in-process backend gives overlapping runs 1-thread
-    sessions (``serving/backend_onnx.py``): intra-op parallelism inside one
+    sessions (``serving/inference/backend_onnx.py``): intra-op parallelism inside one
     640 px run synchronises its threads per operator, side-by-side runs do not.
     """
     import threading
 
-    from serving.backend_onnx import ort_session
+    from serving.inference.backend_onnx import ort_session
 
     cores = os.cpu_count() or 1
     tensor = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
@@ -346,8 +346,8 @@ def ort_parallelism(model: Path, seconds: float = 6.0) -> dict[str, float]:
 
 def gateway_env(tmp: Path, model: Path, offline: dict[str, str]) -> tuple[dict[str, str], str]:
     """The env of a benchmark gateway in ``tmp`` (keys, stage file, ONNX backend), and its pacs key."""
-    from serving.auth import write_keys_file
-    from serving.gitops.model_file import StageFile, write_stage_file
+    from delivery.model_file import StageFile, write_stage_file
+    from serving.gateway.auth import write_keys_file
 
     key = write_keys_file(tmp / "api_keys.json", ["pacs"])["pacs"]
     write_stage_file(tmp / "gitops", StageFile(stage="production", model_version="1"))
@@ -386,7 +386,7 @@ def run_serving_benchmarks(
     import httpx
     from rich.console import Console
 
-    from data_pipeline.offline import apply_offline_env
+    from core.offline import apply_offline_env
 
     console = Console(stderr=True)
     tmp = Path(workdir)
@@ -403,7 +403,7 @@ def run_serving_benchmarks(
     # Both servers stay up and every measurement alternates between them (and the
     # in-process baseline), so load from other processes hits all sides alike.
     console.log("starting the gateway and the naive server")
-    gateway = Server("serving.app:create_app", env, "/readyz", tmp / "gateway.log")
+    gateway = Server("serving.gateway.app:create_app", env, "/readyz", tmp / "gateway.log")
     naive = Server(
         "benchmarks.serve_bench:naive_app",
         {**offline, "NAIVE_MODEL": str(model)},

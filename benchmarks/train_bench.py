@@ -151,7 +151,7 @@ def run_training_benchmarks() -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from data_pipeline.offline import apply_offline_env
+    from core.offline import apply_offline_env
 
     apply_offline_env(Path(os.environ.get("CXR_STACK_DIR", ".stack")))
     # `python -m benchmarks.train_bench quality '{"epochs": 35}'`: the quality run alone, recipe overridden

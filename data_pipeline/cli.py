@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log key=value lines")] = False,
 ) -> None:
-    from data_pipeline.offline import apply_offline_env
+    from core.offline import apply_offline_env
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s %(message)s"

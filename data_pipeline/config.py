@@ -16,8 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.install_secret import resolve_install_secret
 from data_pipeline.dicom_guard import DicomLimits
-from data_pipeline.install_secret import resolve_install_secret
 
 
 class QualityThresholds(BaseModel):

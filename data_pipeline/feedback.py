@@ -1,6 +1,6 @@
 """Radiologists' corrections from the gateway, stored in S3, merged into the next dataset version.
 
-Layout (written by the gateway, ``serving/feedback.py``; :func:`put_feedback` writes the same):
+Layout (written by the gateway, ``serving/feedback/service.py``; :func:`put_feedback` writes the same):
 
 - ``feedback/<feedback_id>/annotations.csv``: VinDr-schema rows, ``rad_id`` = the user;
 - ``feedback/<feedback_id>/<image_id>.<dcm|dicom|png|jpg>``: the (de-identified) image;

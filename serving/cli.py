@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from data_pipeline.offline import apply_offline_env
+from core.offline import apply_offline_env
 
 
 class BackendName(StrEnum):
@@ -62,7 +62,7 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     console.print(f"gateway on http://{host}:{port} backend={backend.value}")
     uvicorn.run(
-        "serving.app:create_app",
+        "serving.gateway.app:create_app",
         factory=True,
         host=host,
         port=port,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from serving.errors import NotFound
-from serving.postprocess import Detection
+from serving.inference.postprocess import Detection
 
 log = logging.getLogger(__name__)
 

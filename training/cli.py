@@ -24,7 +24,7 @@ console = Console()
 
 
 def _setup(settings: TrainSettings) -> None:
-    from data_pipeline.offline import apply_offline_env
+    from core.offline import apply_offline_env
 
     apply_offline_env(settings.stack_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

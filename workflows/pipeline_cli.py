@@ -4,7 +4,7 @@
   one-machine stack, with a progress row per step and a summary table.
 - ``cxr pipeline step <name>``: one step, as each Argo container runs it; output
   parameters are written as files under ``--outputs`` for Argo to read.
-- ``cxr pipeline render [--check]``: write ``workflows/argo/*.yaml`` from the Hera
+- ``cxr pipeline render [--check]``: write ``k8s/workflows/*.yaml`` from the Hera
   definitions, or fail when the committed files drifted from them.
 """
 
@@ -42,7 +42,7 @@ RunNameOpt = Annotated[str, typer.Option("--run-name", help="the workflow's name
 
 def _setup(settings: WorkflowSettings) -> None:
     """Closed-network environment and structured logging, before any heavy import."""
-    from data_pipeline.offline import apply_offline_env
+    from core.offline import apply_offline_env
 
     apply_offline_env(settings.stack_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -137,9 +137,9 @@ def render(
     check: Annotated[
         bool, typer.Option("--check", help="only compare; exit 1 when the YAML drifted")
     ] = False,
-    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="default: workflows/argo")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="default: k8s/workflows")] = None,
 ) -> None:
-    """Render the Hera definitions to workflows/argo/*.yaml (or check they are up to date)."""
+    """Render the Hera definitions to k8s/workflows/*.yaml (or check they are up to date)."""
     from workflows.render import ARGO_DIR, drifted_files, write_all
 
     settings = get_settings()

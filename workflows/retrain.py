@@ -1,6 +1,6 @@
 """The retrain pipeline as Argo Workflows objects, written with Hera.
 
-Three objects, rendered to ``workflows/argo/`` by :mod:`workflows.render` and
+Three objects, rendered to ``k8s/workflows/`` by :mod:`workflows.render` and
 synced into the cluster by ArgoCD:
 
 - WorkflowTemplate ``cxr-retrain``: the DAG

@@ -5,7 +5,7 @@ which calls the function of the same name here; ``cxr pipeline run`` calls the
 same functions in :data:`workflows.retrain.STEP_ORDER` on one machine. The
 functions stay thin: the work itself belongs to ``data_pipeline`` (staging,
 validation, dataset versions), ``training`` (Ray training, evaluation, ONNX
-export, registration) and ``serving.gitops`` (gates + promotion commit). What
+export, registration) and ``delivery`` (gates + promotion commit). What
 lives here is the glue: resolving the dataset source and the base model,
 turning each package's result into a small typed record, and the records the
 cluster steps hand to each other through the object store (the RayJob that
@@ -372,7 +372,7 @@ def resolve_base_model(base_model: str, gitops_dir: Path) -> str | None:
     if choice in {"", "none", "scratch"}:
         return None
     if choice == "production":
-        from serving.gitops.model_file import read_stage_file
+        from delivery.model_file import read_stage_file
 
         version = read_stage_file(gitops_dir, "production").model_version
         return version or None
@@ -540,9 +540,9 @@ def promote(
     A failed gate is an outcome, not an error: the model stays registered and
     the summary says which gate refused it.
     """
-    from serving.gitops.context import DeliveryContext
-    from serving.gitops.errors import DeliveryError, GateFailed
-    from serving.gitops.promote import PromotionRequest, promote_version
+    from delivery.context import DeliveryContext
+    from delivery.errors import DeliveryError, GateFailed
+    from delivery.promote import PromotionRequest, promote_version
 
     if git_url:
         gitops_dir = _clone(git_url, (work_dir or Path("/work")) / "gitops")

@@ -96,7 +96,7 @@ def mlflow_exporter(
     model_name: str = typer.Option("cxr-detector", help="Registered model name."),
 ) -> None:
     """Expose training runs and registry versions from MLflow as Prometheus metrics."""
-    from data_pipeline.offline import apply_offline_env
+    from core.offline import apply_offline_env
     from serving.config import ServingSettings
     from serving.observability.mlflow_exporter import serve
 

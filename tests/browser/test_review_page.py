@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from serving.app import create_app
 from serving.config import ServingSettings
+from serving.gateway.app import create_app
 from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from tests.fixtures.servers import free_port
 from tests.unit.serving.serving_support import (

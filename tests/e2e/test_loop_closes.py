@@ -39,7 +39,7 @@ MODEL = "cxr-detector"
 # The stack's delivery policy for this test: a 30 s window and few requests, because the
 # test drives tens of requests, not hours of hospital traffic; the shift limits are wide
 # because two 2-epoch models on 24 phantoms disagree by chance, and this test proves the
-# loop, not model quality (tests/integration/gitops proves a bad canary is rolled back).
+# loop, not model quality (tests/integration/delivery proves a bad canary is rolled back).
 TEST_POLICY = {
     "canary": {
         "window": "30s",

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from stack.supervisor import Supervisor
 from tests.fixtures.stack import StackRun, api_keys, client_env, stack_env
-from tests.integration.gitops.gitops_helpers import register_version, tiny_detector
+from tests.integration.delivery.gitops_helpers import register_version, tiny_detector
 from tests.unit.serving.serving_support import make_dicom
-from workflows.stack.supervisor import Supervisor
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

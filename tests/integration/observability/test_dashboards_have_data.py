@@ -32,9 +32,9 @@ from serving.observability.dashboards import DASHBOARDS, dashboard_json
 from serving.observability.panel_check import extract_queries, failures, run_queries
 from serving.observability.prometheus_api import PrometheusClient
 from serving.observability.rules import load_rule_file, rule_files
+from stack.components import Component, gateway_component
 from tests.fixtures.servers import HOST, RunningProcess, free_port
 from tests.unit.serving.serving_support import chest_like, export_test_model, make_dicom, write_keys
-from workflows.stack.components import Component, gateway_component
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -113,7 +113,7 @@ def _reference_stats(path: Path) -> Path:
 
 
 def _start_triton(triton_factory: Any, onnx: Path, stage: str, version: str, root: Path) -> Any:
-    from serving.triton_repo import TritonAdmin, build_repository
+    from serving.inference.triton_repo import TritonAdmin, build_repository
 
     repo = root / f"repo-{stage}"
     build_repository(onnx, repo, variant="python", model_version=version)
@@ -169,7 +169,7 @@ def observed_stack(
     s3_store: Any,
     mlflow_server: Any,
 ) -> Iterator[ObservedStack]:
-    from serving.gitops.model_file import StageFile, write_stage_file
+    from delivery.model_file import StageFile, write_stage_file
 
     root = tmp_path_factory.mktemp("observed")
     onnx = export_test_model(root / "model")

@@ -27,7 +27,7 @@ def production_triton(
     serving_model: Path, triton_factory: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     """tritonserver (explicit model control) with the python-backend variant of the model loaded."""
-    from serving.triton_repo import TritonAdmin, build_repository
+    from serving.inference.triton_repo import TritonAdmin, build_repository
 
     repo = tmp_path_factory.mktemp("serving-it-repo")
     build_repository(serving_model, repo, variant="python", version=1, model_version="7")

@@ -2,7 +2,7 @@
 and what it answered survives ``kill -9``.
 
 One gateway process per module (in-process ONNX backend, the test model), started
-like the stack starts it (``uvicorn --factory serving.app:create_app``).
+like the stack starts it (``uvicorn --factory serving.gateway.app:create_app``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from data_pipeline import hostile
+from stack.components import gateway_component
 from tests.fixtures.servers import RunningProcess, free_port
 from tests.unit.serving.serving_support import make_dicom, write_stage_files
-from workflows.stack.components import gateway_component
 
 pytestmark = pytest.mark.integration
 

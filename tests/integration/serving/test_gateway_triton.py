@@ -12,8 +12,8 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import create_app
-from serving.triton_repo import TritonAdmin
+from serving.gateway.app import create_app
+from serving.inference.triton_repo import TritonAdmin
 from tests.unit.serving.serving_support import make_dicom, make_png
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from serving.app import create_app
+from serving.gateway.app import create_app
 from tests.fixtures.servers import free_port
 from tests.unit.serving.serving_support import LiveServer
 

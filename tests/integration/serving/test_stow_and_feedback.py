@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import create_app
+from serving.gateway.app import create_app
 from tests.fixtures.servers import free_port
 from tests.unit.serving.serving_support import LiveServer, make_dicom
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import create_app
 from serving.config import ServingSettings
-from serving.triton_repo import RepositoryOptions, TritonAdmin, build_repository
+from serving.gateway.app import create_app
+from serving.inference.triton_repo import RepositoryOptions, TritonAdmin, build_repository
 from tests.unit.serving.serving_support import make_png, write_stage_files
 
 pytestmark = pytest.mark.integration

@@ -111,7 +111,7 @@ def test_short_pipeline_work_opens_no_connection_off_loopback(stack: StackRun) -
     script = (
         "import mlflow, os, ray\n"
         "from ultralytics import YOLO\n"
-        "from data_pipeline.offline import apply_offline_env\n"
+        "from core.offline import apply_offline_env\n"
         "from pathlib import Path\n"
         "apply_offline_env(Path(os.environ['CXR_STACK_DIR']))\n"
         "mlflow.set_tracking_uri(os.environ['CXR_MLFLOW_URI'])\n"

@@ -49,7 +49,7 @@ def pipeline_env(
 ) -> Iterator[dict[str, Any]]:
     """A private bucket, a private registered-model name and a temporary GitOps repo, set as CXR_* env."""
     from data_pipeline.config import get_settings as data_settings
-    from serving.gitops.model_file import StageFile, write_stage_file
+    from delivery.model_file import StageFile, write_stage_file
 
     bucket = f"pipeline-{secrets.token_hex(3)}"
     model_name = f"cxr-detector-pipeline-{secrets.token_hex(3)}"
@@ -90,7 +90,7 @@ def test_local_run_goes_from_synthetic_dicoms_to_a_staging_promotion(
     pipeline_env: dict[str, Any], tmp_path: Path
 ) -> None:
     from data_pipeline.versioning import latest_version
-    from serving.gitops.model_file import read_stage_file
+    from delivery.model_file import read_stage_file
     from workflows.runner import RunOptions, run_pipeline, summary_table
 
     source = tmp_path / "synth"

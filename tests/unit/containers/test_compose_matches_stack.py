@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from serving.config import ServingSettings
-from workflows.stack.config import STAGES, StackSettings
-from workflows.stack.credentials import StackCredentials
-from workflows.stack.manager import client_env
+from stack.config import STAGES, StackSettings
+from stack.credentials import StackCredentials
+from stack.manager import client_env
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[3]

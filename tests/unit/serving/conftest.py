@@ -36,8 +36,8 @@ def onnx_client(
     gitops_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[TestClient]:
-    from serving.app import create_app
     from serving.config import ServingSettings
+    from serving.gateway.app import create_app
 
     state_dir = tmp_path_factory.mktemp("serving-state")
     settings = ServingSettings(

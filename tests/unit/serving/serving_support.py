@@ -69,7 +69,7 @@ def export_test_model(out_dir: Path, imgsz: int = IMGSZ, seed: int = 0) -> Path:
 
 
 def write_keys(path: Path) -> dict[str, str]:
-    from serving.auth import write_keys_file
+    from serving.gateway.auth import write_keys_file
 
     return write_keys_file(path, list(ROLES))
 
@@ -147,7 +147,7 @@ def make_png(width: int = 96, height: int = 80, seed: int = 0) -> bytes:
 def write_stage_files(
     root: Path, production: str = "1", canary: str = "", weight: int = 0, staging: str = ""
 ) -> None:
-    from serving.gitops.model_file import StageFile, write_stage_file
+    from delivery.model_file import StageFile, write_stage_file
 
     write_stage_file(root, StageFile(stage="production", model_version=production))
     write_stage_file(root, StageFile(stage="canary", model_version=canary, canary_weight=weight))

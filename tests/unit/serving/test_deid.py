@@ -24,10 +24,10 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from core.install_secret import resolve_install_secret
 from data_pipeline.config import DataSettings
-from data_pipeline.install_secret import resolve_install_secret
 from serving.config import ServingSettings
-from serving.deid import (
+from serving.dicom.deid import (
     BASIC_PROFILE_CODE,
     DEIDENTIFICATION_METHOD,
     DeidentificationFailed,
@@ -305,7 +305,7 @@ def test_the_secret_is_generated_once_per_install_and_never_a_default(tmp_path: 
 
 
 def test_stack_credentials_hold_the_secret_and_keep_an_earlier_generated_one(tmp_path: Path) -> None:
-    from workflows.stack.credentials import load_or_create
+    from stack.credentials import load_or_create
 
     earlier = resolve_install_secret("", tmp_path)  # a gateway ran before the stack wrote the key
     creds = load_or_create(tmp_path / "credentials.json", tmp_path / "api_keys.json")

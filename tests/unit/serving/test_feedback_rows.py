@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from serving.errors import InvalidRequest
-from serving.feedback import (
+from serving.feedback.service import (
     FeedbackIn,
     FeedbackService,
     FeedbackSpool,

@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from data_pipeline.drift import build_reference
-from serving.app import create_app
 from serving.config import ServingSettings
+from serving.gateway.app import create_app
 from tests.unit.serving.serving_support import make_dicom, onnx_settings, write_stage_files
 
 pytestmark = pytest.mark.unit

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.routing import Router, bucket_of
+from serving.inference.routing import Router, bucket_of
 from tests.unit.serving.serving_support import write_stage_files
 
 pytestmark = pytest.mark.unit

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_pipeline import hostile
-from serving.auth import hash_key
+from serving.gateway.auth import hash_key
 from tests.unit.serving.serving_support import make_dicom, make_png, onnx_settings, stow_body
 
 pytestmark = pytest.mark.unit
@@ -84,7 +84,7 @@ def test_a_reused_x_request_id_never_names_or_overwrites_a_result(
 def test_stow_parts_are_split_and_read_off_the_event_loop(
     onnx_client: TestClient, keys: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from serving.routes import dicomweb
+    from serving.gateway.routes import dicomweb
 
     threads: list[str] = []
     real_uids, real_split = dicomweb._uids, dicomweb.split_related
@@ -146,7 +146,7 @@ def test_fuzzed_hostile_uploads_never_get_a_5xx(
 def two_tenants(
     onnx_model: Path, gitops_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[TestClient, dict[str, str]]]:
-    from serving.app import create_app
+    from serving.gateway.app import create_app
 
     root = tmp_path_factory.mktemp("tenants")
     plain = {name: f"cxr_{name}_{uuid.uuid4().hex}" for name in ("a-pacs", "a-rad", "b-pacs", "b-rad")}

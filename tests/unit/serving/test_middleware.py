@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from serving.middleware import ObserveMiddleware
+from serving.gateway.middleware import ObserveMiddleware
 
 
 def _audit_entry(client: TestClient, request_id: str) -> dict[str, Any]:

@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 
 from serving.contract import contract_from_metadata, read_onnx_metadata
-from serving.postprocess import to_detections
-from serving.preprocess import prepare
+from serving.inference.postprocess import to_detections
+from serving.inference.preprocess import prepare
 from tests.unit.serving.serving_support import chest_like
 
 pytestmark = pytest.mark.unit

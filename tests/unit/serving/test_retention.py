@@ -38,9 +38,9 @@ def test_local_journal_drops_sources_after_hours_and_results_after_days(tmp_path
 def test_the_retention_job_runs_at_start_and_stack_status_shows_it(
     onnx_client: TestClient, keys: dict[str, str]
 ) -> None:
-    from serving.app import run_retention
-    from workflows.stack.cli import retention_summary
-    from workflows.stack.config import StackSettings
+    from serving.gateway.app import run_retention
+    from stack.cli import retention_summary
+    from stack.config import StackSettings
 
     state = onnx_client.app.state.cxr  # type: ignore[attr-defined]
     r = onnx_client.post(

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
 
-from serving.auth import Role
+from serving.gateway.auth import Role
 from tests.unit.serving.serving_support import make_dicom, stow_body
 
 pytestmark = pytest.mark.unit

@@ -23,10 +23,10 @@ import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
 
-from serving.audit import AuditEntry, AuditLog, now_iso
 from serving.config import ServingSettings
-from serving.limits import RateLimiter
-from serving.routes.review import STATIC_DIR
+from serving.gateway.audit import AuditEntry, AuditLog, now_iso
+from serving.gateway.limits import RateLimiter
+from serving.gateway.routes.review import STATIC_DIR
 from tests.unit.serving.serving_support import make_dicom, onnx_settings, stow_body, write_stage_files
 
 pytestmark = pytest.mark.unit
@@ -56,7 +56,7 @@ def _audited(client: TestClient, response: Response) -> dict[str, Any]:
 def test_audit_log_is_on_by_default_under_the_stack_dir(
     onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from serving.app import create_app
+    from serving.gateway.app import create_app
 
     monkeypatch.delenv("CXR_AUDIT_LOG", raising=False)
     settings = _settings(onnx_model, api_keys, tmp_path)
@@ -136,8 +136,8 @@ def test_every_access_to_a_result_is_audited_with_its_result_id(
 def test_stack_status_names_the_audit_log_its_size_and_lines(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workflows.stack.cli import audit_summary
-    from workflows.stack.config import StackSettings
+    from stack.cli import audit_summary
+    from stack.config import StackSettings
 
     monkeypatch.delenv("CXR_AUDIT_LOG", raising=False)
     settings = StackSettings(stack_dir=tmp_path)
@@ -278,7 +278,7 @@ def test_a_batch_costs_one_rate_limit_token_per_image(onnx_client: TestClient, k
 def test_guessing_api_keys_gets_429_per_address_even_for_the_right_key_then(
     onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
-    from serving.app import create_app
+    from serving.gateway.app import create_app
 
     settings = _settings(onnx_model, api_keys, tmp_path)  # the defaults: burst 20, 1 per second
     with TestClient(create_app(settings, use_store=False), raise_server_exceptions=False) as client:

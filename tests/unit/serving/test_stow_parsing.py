@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from serving.dicomweb import StowOutcome, split_related, stow_response, stow_status
+from serving.dicom.stow import StowOutcome, split_related, stow_response, stow_status
 from serving.errors import InvalidRequest, UnsupportedMediaType
 
 pytestmark = pytest.mark.unit

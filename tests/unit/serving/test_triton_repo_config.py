@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.triton_repo import RepositoryOptions, build_repository
+from serving.inference.triton_repo import RepositoryOptions, build_repository
 
 pytestmark = pytest.mark.unit
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.offline import offline_env
-from workflows.stack.components import Component, prometheus_config
-from workflows.stack.config import StackSettings
-from workflows.stack.credentials import ROLES, hash_key, load_or_create
-from workflows.stack.supervisor import render_config
+from core.offline import offline_env
+from stack.components import Component, prometheus_config
+from stack.config import StackSettings
+from stack.credentials import ROLES, hash_key, load_or_create
+from stack.supervisor import render_config
 
 pytestmark = pytest.mark.unit
 
@@ -69,8 +69,8 @@ def test_a_component_is_up_only_when_its_later_endpoints_listen_too() -> None:
     import threading
     import time
 
+    from stack.components import ComponentFailed, wait_component
     from tests.fixtures.servers import HOST, free_port
-    from workflows.stack.components import ComponentFailed, wait_component
 
     class Ok(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:

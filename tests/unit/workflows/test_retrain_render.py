@@ -46,7 +46,7 @@ def _template(obj: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def test_committed_yaml_equals_a_fresh_render(settings: WorkflowSettings) -> None:
-    assert drifted_files(settings) == [], "run `cxr pipeline render` and commit workflows/argo/"
+    assert drifted_files(settings) == [], "run `cxr pipeline render` and commit k8s/workflows/"
 
 
 def test_drift_is_detected_when_a_committed_file_is_edited(

@@ -1,0 +1,5 @@
+"""``python -m cxr`` runs the root command."""
+
+from cxr.cli import main
+
+main()

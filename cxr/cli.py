@@ -1,0 +1,62 @@
+"""The ``cxr`` command: one Typer app assembled from each package's own CLI.
+
+Before any sub-command runs, the stack's ``CXR_*`` variables (``.stack/stack.env``,
+written by ``cxr stack up``) are loaded without overriding the caller's
+environment, and the closed-network defaults are applied, so every command talks
+to the local stack and nothing phones home.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import typer
+from dotenv import dotenv_values
+
+from core.offline import apply_offline_env
+from cxr.demo import demo
+from data_pipeline.cli import app as data_app
+from delivery import cli as gitops_cli
+from serving.cli import serve
+from serving.observability.cli import app as observability_app
+from stack.cli import stack_app
+from training.cli import app as train_app
+from workflows.pipeline_cli import app as pipeline_app
+
+app = typer.Typer(help="CXR Detect: chest X-ray detection platform.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+app.command("serve")(serve)
+app.add_typer(observability_app, name="observability")
+app.add_typer(pipeline_app, name="pipeline")
+app.command("demo")(demo)
+app.command("promote")(gitops_cli.promote)
+app.command("rollback")(gitops_cli.rollback)
+app.add_typer(gitops_cli.canary_app, name="canary")
+app.add_typer(gitops_cli.app, name="gitops")
+
+
+@app.callback()
+def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+    stack_dir = Path(os.environ.get("CXR_STACK_DIR", ".stack"))
+    env_file = stack_dir / "stack.env"
+    if env_file.exists():
+        for key, value in dotenv_values(env_file).items():
+            if value is not None:
+                os.environ.setdefault(key, value)
+    apply_offline_env(stack_dir)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

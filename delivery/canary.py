@@ -1,0 +1,223 @@
+"""Canary analysis: canary against production over a window, with real PromQL against Prometheus.
+
+The queries here are the only copy: ``k8s/base/canary/analysis-template.yaml`` (Argo Rollouts)
+is rendered from :func:`build_queries`, and a test fails when the two drift. Each comparison
+is judged separately, so the verdict always comes with the numbers that produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import httpx
+
+from delivery.errors import PrometheusError
+from delivery.policy import CanaryPolicy
+
+log = logging.getLogger(__name__)
+
+Verdict = Literal["pass", "fail", "inconclusive"]
+CANARY = "canary"
+PRODUCTION = "production"
+
+
+def _sum_increase(metric: str, selector: str, window: str) -> str:
+    # `or vector(0)`: a stage that never produced a series (no detections at all) counts as 0,
+    # not as "no data" -- an ONNX returning nothing must fail, not be skipped.
+    return f"(sum(increase({metric}{{{selector}}}[{window}])) or vector(0))"
+
+
+def _mean(histogram: str, stage: str, window: str) -> str:
+    return (
+        f'sum(rate({histogram}_sum{{stage="{stage}"}}[{window}])) / '
+        f'sum(rate({histogram}_count{{stage="{stage}"}}[{window}]))'
+    )
+
+
+def _p95(stage: str, window: str) -> str:
+    return (
+        "histogram_quantile(0.95, sum by (le) "
+        f'(rate(cxr_gateway_request_duration_seconds_bucket{{stage="{stage}"}}[{window}])))'
+    )
+
+
+def _detections_per_image(stage: str, window: str) -> str:
+    detections = _sum_increase("cxr_detections_total", f'stage="{stage}"', window)
+    images = f'sum(increase(cxr_images_processed_total{{stage="{stage}"}}[{window}]))'
+    return f"({detections} / {images})"
+
+
+def build_queries(window: str) -> dict[str, str]:
+    """The PromQL of every comparison, keyed by metric name (shared with the AnalysisTemplate)."""
+    c, p = CANARY, PRODUCTION
+    c_dpi, p_dpi = _detections_per_image(c, window), _detections_per_image(p, window)
+    c_5xx = _sum_increase("cxr_gateway_requests_total", f'stage="{c}",status=~"5.."', window)
+    p_5xx = _sum_increase("cxr_gateway_requests_total", f'stage="{p}",status=~"5.."', window)
+    return {
+        "canary-requests": f'sum(increase(cxr_gateway_requests_total{{stage="{c}"}}[{window}]))',
+        "production-requests": f'sum(increase(cxr_gateway_requests_total{{stage="{p}"}}[{window}]))',
+        "error-rate": (f'{c_5xx} / sum(increase(cxr_gateway_requests_total{{stage="{c}"}}[{window}]))'),
+        "production-error-rate": (
+            f'{p_5xx} / sum(increase(cxr_gateway_requests_total{{stage="{p}"}}[{window}]))'
+        ),
+        "p95-latency-ratio": f"{_p95(c, window)} / {_p95(p, window)}",
+        "detection-shift": f"abs({c_dpi} - {p_dpi}) / clamp_min({p_dpi}, 0.1)",
+        "confidence-shift": (
+            f"abs(({_mean('cxr_detection_confidence', c, window)}) - "
+            f"({_mean('cxr_detection_confidence', p, window)}))"
+        ),
+        "agreement": _mean("cxr_shadow_agreement", c, window),
+    }
+
+
+@dataclass(frozen=True)
+class Check:
+    """One comparison: its value (None = no data), the limit, and its verdict."""
+
+    name: str
+    value: float | None
+    limit: str
+    passed: bool | None  # None: not judged (no data and not required)
+
+    def line(self) -> str:
+        shown = "no data" if self.value is None else f"{self.value:.4g}"
+        verdict = {True: "pass", False: "FAIL", None: "n/a"}[self.passed]
+        return f"- {self.name}: {verdict} ({shown}; limit {self.limit})"
+
+
+@dataclass(frozen=True)
+class CanaryAnalysis:
+    """The verdict of one analysis and the numbers behind it."""
+
+    verdict: Verdict
+    window: str
+    canary_requests: float
+    production_requests: float
+    checks: list[Check]
+    reason: str
+
+    def lines(self) -> list[str]:
+        head = (
+            f"Canary analysis over {self.window}: {self.verdict} ({self.reason}; "
+            f"canary {self.canary_requests:.0f} requests, production {self.production_requests:.0f})"
+        )
+        return [head, *(c.line() for c in self.checks)]
+
+    def summary(self) -> str:
+        failed = [c.name for c in self.checks if c.passed is False]
+        return self.reason if not failed else f"{self.reason}: {', '.join(failed)}"
+
+
+class PrometheusClient:
+    """Instant queries over Prometheus' HTTP API (``/api/v1/query``)."""
+
+    def __init__(self, url: str, timeout_s: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def scalar(self, query: str) -> float | None:
+        """The query's single value; None when the result is empty or not a number (0/0)."""
+        try:
+            response = httpx.get(f"{self.url}/api/v1/query", params={"query": query}, timeout=self.timeout_s)
+        except httpx.HTTPError as exc:
+            raise PrometheusError(
+                f"Prometheus at {self.url} is unreachable ({exc}); is the stack up (`cxr stack status`)?"
+            ) from exc
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise PrometheusError(
+                f"Prometheus at {self.url} answered {response.status_code} without JSON"
+            ) from exc
+        if body.get("status") != "success":
+            raise PrometheusError(
+                f"Prometheus rejected the query: {body.get('error', body)}\n  query: {query}"
+            )
+        result = body["data"]["result"]
+        if not result:
+            return None
+        if len(result) > 1:
+            raise PrometheusError(f"query returned {len(result)} series, expected one: {query}")
+        value = float(result[0]["value"][1])
+        return None if math.isnan(value) or math.isinf(value) else value
+
+
+def _upper(name: str, value: float | None, limit: float, required: bool) -> Check:
+    if value is None:
+        return Check(name, None, f"<= {limit:g}", False if required else None)
+    return Check(name, value, f"<= {limit:g}", value <= limit)
+
+
+def judge(values: dict[str, float | None], policy: CanaryPolicy) -> CanaryAnalysis:
+    """Turn the query results into a verdict (pure: unit-tested without Prometheus)."""
+    canary_requests = values.get("canary-requests") or 0.0
+    production_requests = values.get("production-requests") or 0.0
+    error_rate = values.get("error-rate")
+    production_errors = values.get("production-error-rate")
+    agreement = values.get("agreement")
+    checks = [
+        _upper("5xx rate", error_rate, policy.max_error_rate, required=True),
+        _upper("p95 latency canary/production", values.get("p95-latency-ratio"), policy.max_p95_ratio, False),
+        _upper(
+            "detections per image shift", values.get("detection-shift"), policy.max_detection_shift, False
+        ),
+        _upper("mean confidence shift", values.get("confidence-shift"), policy.max_confidence_shift, False),
+        Check(
+            "shadow/online agreement",
+            agreement,
+            f">= {policy.min_agreement:g}",
+            None if agreement is None else agreement >= policy.min_agreement,
+        ),
+    ]
+    if production_errors is not None:
+        checks.append(Check("production 5xx rate (context)", production_errors, "informational", None))
+    window = policy.window
+    if canary_requests < policy.min_requests:
+        return CanaryAnalysis(
+            "inconclusive",
+            window,
+            canary_requests,
+            production_requests,
+            checks,
+            f"too little canary traffic ({canary_requests:.0f} < {policy.min_requests} requests)",
+        )
+    if any(c.passed is False for c in checks):
+        return CanaryAnalysis(
+            "fail", window, canary_requests, production_requests, checks, "thresholds exceeded"
+        )
+    if (
+        production_requests < policy.min_requests
+        and error_rate is not None
+        and error_rate <= policy.max_error_rate
+    ):
+        # Without production traffic the comparisons are empty; only the absolute checks were judged.
+        return CanaryAnalysis(
+            "inconclusive",
+            window,
+            canary_requests,
+            production_requests,
+            checks,
+            f"too little production traffic to compare ({production_requests:.0f} requests)",
+        )
+    return CanaryAnalysis(
+        "pass", window, canary_requests, production_requests, checks, "all checks within limits"
+    )
+
+
+def analyze(prometheus_url: str, policy: CanaryPolicy) -> CanaryAnalysis:
+    """Run every query against Prometheus now and judge the canary."""
+    client = PrometheusClient(prometheus_url)
+    values = {name: client.scalar(query) for name, query in build_queries(policy.window).items()}
+    result = judge(values, policy)
+    log.info(
+        "canary_analysis verdict=%s window=%s canary_requests=%.0f production_requests=%.0f %s",
+        result.verdict,
+        result.window,
+        result.canary_requests,
+        result.production_requests,
+        " ".join(f"{c.name.replace(' ', '_').replace('/', '_')}={c.value}" for c in result.checks),
+    )
+    return result

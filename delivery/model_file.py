@@ -1,0 +1,134 @@
+"""The stage model files: ``k8s/overlays/<stage>/model.yaml``, the GitOps truth of what each stage serves.
+
+Only ``promote``/``rollback``/``canary step`` write them, always followed by one git commit, so a
+promotion is a one-line diff a reviewer reads in seconds and ``git revert`` undoes it. The gateway
+and the reconciler read them; Kustomize turns each into the stage's ConfigMap in the cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from delivery.errors import StageFileError
+
+Stage = Literal["staging", "canary", "production"]
+# The order a model moves through; also the order files are listed in messages.
+PROMOTION_ORDER: tuple[Stage, ...] = ("staging", "canary", "production")
+DEFAULT_MODEL_NAME = "cxr-detector"
+
+_HEADER = (
+    "# Model served by the {stage} stage: the only file `cxr promote` / `cxr rollback` edit.\n"
+    "# Change it through a commit (ArgoCD syncs it; the one-machine stack follows it).\n"
+)
+
+
+class StageFile(BaseModel):
+    """Contents of one stage's ``model.yaml``; ``canary_weight`` exists in the canary file only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: Stage
+    model_name: str = DEFAULT_MODEL_NAME
+    model_version: str = Field(default="", description='registry version, "" when the stage serves nothing')
+    canary_weight: int | None = Field(default=None, ge=0, le=100, description="% of production traffic")
+
+    @field_validator("model_version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: object) -> object:
+        # YAML reads an unquoted 3 as int; the registry's versions are strings.
+        if value is None:
+            return ""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("model_version")
+    @classmethod
+    def _version_is_number(cls, value: str) -> str:
+        if value and not value.isdigit():
+            raise ValueError(f"model_version must be an MLflow version number or empty, got {value!r}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canary_weight_defaults_to_zero(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("stage") == "canary" and data.get("canary_weight") is None:
+            return {**data, "canary_weight": 0}
+        return data
+
+    @model_validator(mode="after")
+    def _weight_only_on_canary(self) -> StageFile:
+        if self.stage != "canary" and self.canary_weight is not None:
+            raise ValueError(f"canary_weight belongs in the canary file only, not in {self.stage}")
+        return self
+
+    @property
+    def serves(self) -> bool:
+        """Whether the stage names a model version at all."""
+        return bool(self.model_version)
+
+
+def as_stage(text: str) -> Stage:
+    """Validate a stage name typed by a person (CLI option) into a :data:`Stage`."""
+    for stage in PROMOTION_ORDER:
+        if text == stage:
+            return stage
+    raise StageFileError(f"unknown stage {text!r}; use one of {', '.join(PROMOTION_ORDER)}")
+
+
+def stage_file_path(gitops_dir: Path, stage: Stage) -> Path:
+    """Where a stage's model file lives inside the GitOps repository."""
+    if stage not in PROMOTION_ORDER:
+        raise StageFileError(f"unknown stage {stage!r}; use one of {', '.join(PROMOTION_ORDER)}")
+    return Path(gitops_dir) / "k8s" / "overlays" / stage / "model.yaml"
+
+
+def parse_stage_file(text: str, stage: Stage, source: str = "model.yaml") -> StageFile:
+    """Validate a stage file's YAML text (from disk or from ``git show``)."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise StageFileError(f"{source} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise StageFileError(f"{source} must be a mapping with stage/model_name/model_version")
+    try:
+        parsed = StageFile.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in exc.errors())
+        raise StageFileError(f"{source} is invalid: {problems}") from exc
+    if parsed.stage != stage:
+        raise StageFileError(f"{source} says stage {parsed.stage!r} but lives in the {stage!r} overlay")
+    return parsed
+
+
+def read_stage_file(gitops_dir: Path, stage: Stage) -> StageFile:
+    """Read and validate a stage's model file; a missing file means the stage serves nothing."""
+    path = stage_file_path(gitops_dir, stage)
+    if not path.exists():
+        return StageFile(stage=stage)
+    return parse_stage_file(path.read_text(encoding="utf-8"), stage, str(path))
+
+
+def render_stage_file(content: StageFile) -> str:
+    """The file's text: fixed key order and a quoted version, so each change is a one-line diff."""
+    lines = [
+        _HEADER.format(stage=content.stage),
+        f"stage: {content.stage}\n",
+        f"model_name: {content.model_name}\n",
+        f'model_version: "{content.model_version}"\n',
+    ]
+    if content.stage == "canary":
+        lines.append(f"canary_weight: {content.canary_weight or 0}\n")
+    return "".join(lines)
+
+
+def write_stage_file(gitops_dir: Path, content: StageFile) -> Path:
+    """Write a stage's model file atomically (readers polling it never see half a file)."""
+    path = stage_file_path(gitops_dir, content.stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(render_stage_file(content), encoding="utf-8")
+    tmp.replace(path)
+    return path

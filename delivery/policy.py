@@ -1,0 +1,72 @@
+"""Delivery policy: gate floors and canary thresholds, read from ``k8s/delivery-policy.yaml``.
+
+The thresholds that decide whether a model reaches patients are reviewed like code: they live
+in the GitOps repository beside the overlays (and the Argo Rollouts AnalysisTemplate is rendered
+from the same values), not in an environment variable someone set on one machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from delivery.errors import DeliveryError
+
+POLICY_FILE = Path("k8s") / "delivery-policy.yaml"
+
+
+class GatePolicy(BaseModel):
+    """Floors a model version must clear before each stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_parity_abs_diff: float = Field(1e-3, gt=0, description="ONNX vs PyTorch max |diff|")
+    min_map50: float = Field(0.0, ge=0, le=1, description="mAP@0.5 floor on the held-out test set")
+    min_map40: float = Field(0.0, ge=0, le=1, description="VinDr mAP@0.4 floor")
+    max_map50_drop: float = Field(0.02, ge=0, le=1, description="delta: allowed mAP@0.5 loss vs production")
+    latency_budget_ms: float = Field(250.0, gt=0, description="p95 of one batch-1 ONNX Runtime call")
+    latency_runs: int = Field(20, ge=3, le=1000)
+
+
+class CanaryPolicy(BaseModel):
+    """How canary traffic is judged against production, and how its weight grows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window: str = Field("5m", pattern=r"^\d+[smh]$", description="PromQL range of the comparison")
+    min_requests: int = Field(50, ge=1, description="fewer canary requests in the window: inconclusive")
+    max_error_rate: float = Field(0.02, ge=0, le=1, description="5xx share of canary requests")
+    max_p95_ratio: float = Field(1.5, gt=0, description="canary p95 latency / production p95 latency")
+    max_detection_shift: float = Field(0.5, ge=0, description="relative change of detections per image")
+    max_confidence_shift: float = Field(0.15, ge=0, le=1, description="absolute change of mean confidence")
+    min_agreement: float = Field(0.5, ge=0, le=1, description="mean shadow/online agreement, when measured")
+    weights: list[int] = Field(default_factory=lambda: [10, 50, 100])
+
+    @field_validator("weights")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if not value or value != sorted(set(value)) or value[0] <= 0 or value[-1] != 100:
+            raise ValueError("weights must increase strictly from above 0 up to 100, e.g. [10, 50, 100]")
+        return value
+
+
+class DeliveryPolicy(BaseModel):
+    """The whole policy file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gates: GatePolicy = Field(default_factory=GatePolicy)  # type: ignore[arg-type]
+    canary: CanaryPolicy = Field(default_factory=CanaryPolicy)  # type: ignore[arg-type]
+
+
+def load_policy(gitops_dir: Path) -> DeliveryPolicy:
+    """The policy committed in the GitOps repo; defaults when the file does not exist."""
+    path = Path(gitops_dir) / POLICY_FILE
+    if not path.exists():
+        return DeliveryPolicy()
+    try:
+        return DeliveryPolicy.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise DeliveryError(f"{path} is invalid, fix it before promoting: {exc}") from exc

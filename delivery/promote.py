@@ -1,0 +1,220 @@
+"""``promote``: gates, then the MLflow alias, the published repository, the stage file and one commit.
+
+Every side effect that can fail on someone else's server (registry, store) happens before the
+commit, so a failed promotion leaves git untouched; the commit is last because ArgoCD (and the
+one-machine reconciler) act on it. The local Triton is reconciled after the commit: if it is
+down the commit still stands and ``python -m delivery reconcile`` catches up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from delivery import canary as canary_analysis
+from delivery.canary_window import analyze_current_canary
+from delivery.context import DeliveryContext
+from delivery.errors import DeliveryError, GateFailed
+from delivery.gates import (
+    GateReport,
+    GateResult,
+    VersionFacts,
+    canary_gates,
+    production_gates,
+    staging_gates,
+)
+from delivery.git_repo import GitOpsRepo
+from delivery.latency import measure_onnx_latency
+from delivery.messages import DeliveryRecord
+from delivery.model_file import PROMOTION_ORDER, Stage, StageFile, read_stage_file, write_stage_file
+from delivery.policy import DeliveryPolicy, load_policy
+from delivery.reconcile import ReconcileResult, fetch_onnx, publish_repository, reconcile_stage
+from delivery.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PromotionRequest:
+    """What the operator asked for."""
+
+    version: str
+    to: Stage
+    force: bool = False
+    reason: str = ""
+    push: bool = False
+    remote: str = "origin"
+    publish: bool = True  # upload the stage's Triton repository to the object store
+    apply_local: bool = True  # make the one-machine stack's Triton follow at once
+
+
+@dataclass
+class PromotionOutcome:
+    """What happened: the gates, the commit (None when nothing changed) and follow-up notes."""
+
+    report: GateReport
+    commit: str | None
+    record: DeliveryRecord | None
+    applied: ReconcileResult | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _check_request(request: PromotionRequest) -> None:
+    if request.to not in PROMOTION_ORDER:
+        raise DeliveryError(f"unknown stage {request.to!r}; use one of {', '.join(PROMOTION_ORDER)}")
+    if not request.version.isdigit():
+        raise DeliveryError(f"version must be an MLflow version number like 3, got {request.version!r}")
+    if request.force and not request.reason.strip():
+        raise DeliveryError("--force needs --reason TEXT: the reason goes into the commit for reviewers")
+
+
+def _guarded(name: str, compute: Callable[[], list[GateResult]]) -> list[GateResult]:
+    """A gate whose inputs cannot be fetched fails with the reason (so --force can still override)."""
+    try:
+        return compute()
+    except DeliveryError as exc:
+        return [GateResult(name, False, f"could not evaluate: {exc}", "its inputs")]
+
+
+def evaluate_gates(
+    ctx: DeliveryContext,
+    registry: ModelRegistry,
+    policy: DeliveryPolicy,
+    version: str,
+    stage: Stage,
+    *,
+    onnx_path: Callable[[], Path],
+    analysis: canary_analysis.CanaryAnalysis | None = None,
+) -> GateReport:
+    """The gates of ``stage`` for ``version``, each with its numbers."""
+    if stage == "staging":
+        return GateReport(stage, version, staging_gates(registry.facts(version), policy.gates))
+    if stage == "canary":
+        candidate = registry.facts(version)
+        production_version = read_stage_file(ctx.gitops_dir, "production").model_version
+        production: VersionFacts | None = registry.facts(production_version) if production_version else None
+
+        def with_latency() -> list[GateResult]:
+            measured = measure_onnx_latency(onnx_path(), runs=policy.gates.latency_runs)
+            return canary_gates(candidate, production, measured.p95_ms, policy.gates)
+
+        results = _guarded("latency budget", with_latency)
+        if len(results) == 1:  # the ONNX could not be fetched: still show the other gates
+            results = [*canary_gates(candidate, production, None, policy.gates)[:-1], *results]
+        return GateReport(stage, version, results)
+    canary_version = read_stage_file(ctx.gitops_dir, "canary").model_version
+
+    def from_analysis() -> list[GateResult]:
+        result = analysis or analyze_current_canary(ctx.prometheus_url, policy.canary, ctx.gitops_dir)
+        return production_gates(version, canary_version, result.verdict, result.summary())
+
+    return GateReport(stage, version, _guarded("canary analysis", from_analysis))
+
+
+def _next_files(ctx: DeliveryContext, request: PromotionRequest, policy: DeliveryPolicy) -> list[StageFile]:
+    """The stage files after the promotion (production also takes the canary's traffic back)."""
+    current = read_stage_file(ctx.gitops_dir, request.to)
+    if request.to == "canary":
+        return [
+            current.model_copy(
+                update={"model_version": request.version, "canary_weight": policy.canary.weights[0]}
+            )
+        ]
+    files = [current.model_copy(update={"model_version": request.version})]
+    if request.to == "production":
+        canary = read_stage_file(ctx.gitops_dir, "canary")
+        if canary.model_version == request.version and canary.canary_weight:
+            files.append(canary.model_copy(update={"canary_weight": 0}))
+    return files
+
+
+def promote_version(
+    ctx: DeliveryContext,
+    request: PromotionRequest,
+    *,
+    registry: ModelRegistry | None = None,
+    store: object | None = None,
+    analysis: canary_analysis.CanaryAnalysis | None = None,
+    echo: Callable[[str], None] = print,
+) -> PromotionOutcome:
+    """Run the whole promotion; raises :class:`GateFailed` (nothing changed) when a gate fails unforced."""
+    _check_request(request)
+    repo = GitOpsRepo(ctx.gitops_dir)
+    policy = load_policy(repo.root)
+    ctx = DeliveryContext(**{**ctx.__dict__, "gitops_dir": repo.root})
+    current = read_stage_file(ctx.gitops_dir, request.to)
+    reg = registry or ModelRegistry(ctx.mlflow_uri, current.model_name)
+
+    onnx_cache: dict[str, Path] = {}
+
+    def onnx_path() -> Path:
+        if "path" not in onnx_cache:
+            onnx_cache["path"] = fetch_onnx(reg, request.version, ctx.onnx_cache)
+        return onnx_cache["path"]
+
+    report = evaluate_gates(
+        ctx, reg, policy, request.version, request.to, onnx_path=onnx_path, analysis=analysis
+    )
+    for line in report.lines():
+        echo(line)
+    if not report.passed and not request.force:
+        raise GateFailed(
+            f"{len(report.failed)} gate(s) failed for {current.model_name} v{request.version} "
+            f"-> {request.to}: "
+            + "; ".join(r.name for r in report.failed)
+            + ". Fix the model, or override with --force --reason TEXT"
+        )
+    files = _next_files(ctx, request, policy)
+    if all(f == read_stage_file(ctx.gitops_dir, f.stage) for f in files):
+        echo(f"{request.to} already serves v{request.version}: nothing to commit")
+        return PromotionOutcome(report, None, None)
+
+    # [1] registry alias, [2] published repository: before the commit, so a failure changes nothing
+    reg.set_alias(request.to, request.version)
+    if request.publish:
+        if store is None:
+            from data_pipeline.store import ObjectStore
+
+            store = ObjectStore.from_env()
+        publish_repository(onnx_path(), request.to, request.version, current.model_name, store)
+
+    # [3] the stage file(s) and one commit
+    record = DeliveryRecord(
+        action="promote",
+        model_name=current.model_name,
+        stage=request.to,
+        from_version=current.model_version,
+        to_version=request.version,
+        canary_weight=files[0].canary_weight if request.to == "canary" else None,
+        forced=request.force and not report.passed,
+        reason=request.reason,
+        details=report.lines()
+        + ([f"Canary weight reset to 0 (v{request.version} now in production)."] if len(files) > 1 else []),
+    )
+    paths = [write_stage_file(ctx.gitops_dir, f) for f in files]
+    sha = repo.commit(paths, record)
+    echo(f"committed {sha[:12]}: {record.subject()}")
+    outcome = PromotionOutcome(report, sha, record)
+    if request.push:
+        repo.push(request.remote)
+        echo(f"pushed to {request.remote}")
+
+    # [4] the one-machine stack follows the file (in the cluster ArgoCD + the PostSync hook do this)
+    if request.apply_local:
+        try:
+            outcome.applied = reconcile_stage(ctx, request.to, registry=reg)
+            echo(f"{request.to} Triton now serves v{request.version} ({outcome.applied.seconds:.1f} s)")
+        except DeliveryError as exc:
+            outcome.warnings.append(f"local stack not updated: {exc}")
+            echo(f"warning: local stack not updated ({exc}); run `python -m delivery reconcile`")
+    log.info(
+        "promoted model=%s version=%s stage=%s commit=%s forced=%s",
+        current.model_name,
+        request.version,
+        request.to,
+        sha[:12],
+        record.forced,
+    )
+    return outcome

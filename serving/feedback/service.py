@@ -1,0 +1,325 @@
+"""Radiologists' corrections -> VinDr CSV rows + de-identified image in S3 ``feedback/``.
+
+Feedback is what the next dataset version is built from, so losing it is
+worse than delaying it: when the store is down, each submission is written to
+a local spool directory (atomically: a temp dir renamed into place) and a
+background loop delivers it once the store answers again. The feedback id
+makes every submission idempotent, whether it is retried by the browser or
+redelivered from the spool.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+import json
+import logging
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from data_pipeline.classes import CLASS_NAMES, NO_FINDING, NO_FINDING_ID
+from serving.dicom.deid import deidentify_dicom, reencode_png
+from serving.errors import InvalidRequest
+from serving.results import BlobStore, ResultRecord
+
+log = logging.getLogger(__name__)
+
+VINDR_COLUMNS = ("image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max")
+
+
+class BoxReview(BaseModel):
+    """The radiologist's verdict on one returned detection (by its index in the response)."""
+
+    index: int = Field(ge=0)
+    action: Literal["accept", "reject", "adjust"]
+    box: list[float] | None = Field(default=None, description="new [x_min, y_min, x_max, y_max] for 'adjust'")
+    class_id: int | None = Field(default=None, ge=0, lt=NO_FINDING_ID)
+
+    @model_validator(mode="after")
+    def _adjust_has_box(self) -> BoxReview:
+        if self.action == "adjust" and self.box is None and self.class_id is None:
+            raise ValueError("an 'adjust' needs a new box and/or class_id")
+        return self
+
+
+class NewBox(BaseModel):
+    class_id: int = Field(ge=0, lt=NO_FINDING_ID)
+    box: list[float]
+
+
+class FeedbackIn(BaseModel):
+    """Body of ``POST /v1/feedback``."""
+
+    request_id: str = Field(min_length=1, max_length=64)
+    feedback_id: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    reviews: list[BoxReview] = Field(default_factory=list)
+    new_boxes: list[NewBox] = Field(default_factory=list)
+    no_finding: bool = False
+    comment: str = Field(default="", max_length=4000)
+
+    @field_validator("new_boxes")
+    @classmethod
+    def _boxes_valid(cls, boxes: list[NewBox]) -> list[NewBox]:
+        for b in boxes:
+            _check_box(b.box)
+        return boxes
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeedbackIn:
+        if self.no_finding and (self.new_boxes or any(r.action != "reject" for r in self.reviews)):
+            raise ValueError("'no_finding' cannot be combined with accepted, adjusted or new boxes")
+        for r in self.reviews:
+            if r.box is not None:
+                _check_box(r.box)
+        return self
+
+
+def _check_box(box: list[float]) -> None:
+    if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]) or min(box) < 0:
+        raise ValueError(
+            f"box {box} must be [x_min, y_min, x_max, y_max] with x_min < x_max, y_min < y_max, >= 0"
+        )
+
+
+@dataclass(frozen=True)
+class FeedbackReceipt:
+    feedback_id: str
+    status: Literal["stored", "spooled", "duplicate"]
+    rows: int
+
+
+def rows_for(fb: FeedbackIn, record: ResultRecord, image_id: str, rad_id: str) -> list[dict[str, Any]]:
+    """VinDr rows: accepted + adjusted + new boxes; a single 'No finding' row when none remain."""
+    dets = record.detections
+    by_index = {r.index: r for r in fb.reviews}
+    for idx in by_index:
+        if idx >= len(dets):
+            raise InvalidRequest(f"review index {idx} is out of range: the result has {len(dets)} detections")
+    rows: list[dict[str, Any]] = []
+    width = float(record.response["image"]["width"])
+    height = float(record.response["image"]["height"])
+
+    def add(class_id: int, box: list[float]) -> None:
+        x0, y0 = min(box[0], width), min(box[1], height)
+        x1, y1 = min(box[2], width), min(box[3], height)
+        rows.append(
+            {
+                "image_id": image_id,
+                "class_name": CLASS_NAMES[class_id],
+                "class_id": class_id,
+                "rad_id": rad_id,
+                "x_min": round(x0, 1),
+                "y_min": round(y0, 1),
+                "x_max": round(x1, 1),
+                "y_max": round(y1, 1),
+            }
+        )
+
+    if not fb.no_finding:
+        for i, det in enumerate(dets):
+            review = by_index.get(i)
+            if review is None or review.action == "accept":
+                # unreviewed boxes count as accepted: the radiologist saw them and did not object
+                add(int(det["class_id"]), [float(v) for v in det["box"]])
+            elif review.action == "adjust":
+                cid = review.class_id if review.class_id is not None else int(det["class_id"])
+                add(cid, review.box if review.box is not None else [float(v) for v in det["box"]])
+        for nb in fb.new_boxes:
+            add(nb.class_id, nb.box)
+    if not rows:
+        rows.append(
+            {
+                "image_id": image_id,
+                "class_name": NO_FINDING,
+                "class_id": NO_FINDING_ID,
+                "rad_id": rad_id,
+                "x_min": "",
+                "y_min": "",
+                "x_max": "",
+                "y_max": "",
+            }
+        )
+    return rows
+
+
+def to_csv(rows: list[dict[str, Any]]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=VINDR_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def feedback_id_for(fb: FeedbackIn, rad_id: str, secret: str) -> str:
+    """The stored item's id, made here: an HMAC of the caller's key id and its idempotency key.
+
+    The client's ``feedback_id`` (else the submission's content) only makes a
+    retry idempotent for the same key; it is never a storage name, so another
+    key reusing it cannot shadow or overwrite anyone's feedback. Keyed with the
+    install secret because the body names the result (``request_id``): an
+    unkeyed hash could be recomputed from the results store to link a
+    de-identified feedback back to its identified source.
+    """
+    token = f"id\x00{fb.feedback_id}" if fb.feedback_id else f"body\x00{fb.model_dump_json()}"
+    digest = hmac.new(secret.encode(), f"{rad_id}\x00{token}".encode(), hashlib.sha256).hexdigest()
+    return f"fb-{digest[:32]}"
+
+
+def build_objects(
+    fb: FeedbackIn, record: ResultRecord, *, rad_id: str, seed: str, feedback_id: str
+) -> dict[str, bytes]:
+    """Every object of one feedback, keyed by its S3 name (CSV, de-identified image, metadata)."""
+    if record.source is None:
+        raise InvalidRequest(
+            f"the source image of '{record.request_id}' is no longer available; detect again"
+        )
+    prefix = f"feedback/{feedback_id}"
+    if record.source_format == "dicom":
+        image, new_uid = deidentify_dicom(record.source, seed)
+        image_id = hashlib.sha256(new_uid.encode()).hexdigest()[:32]
+        image_name = f"{image_id}.dcm"
+    else:
+        from data_pipeline.dicom_io import decode_bytes
+
+        image = reencode_png(decode_bytes(record.source).to_uint8())
+        image_id = hashlib.sha256(seed.encode() + record.source).hexdigest()[:32]
+        image_name = f"{image_id}.png"
+    rows = rows_for(fb, record, image_id, rad_id)
+    # nothing that leads back to the identified source: no request id, no source UIDs, no free text
+    meta = {
+        "feedback_id": feedback_id,
+        "rad_id": rad_id,
+        "model": record.response.get("model"),
+        "image_id": image_id,
+        "image": image_name,
+        "no_finding": fb.no_finding,
+        "reviews": [r.model_dump() for r in fb.reviews],
+        "new_boxes": [b.model_dump() for b in fb.new_boxes],
+        "received": datetime.now(UTC).isoformat(),
+    }
+    # feedback.json last: its presence marks a complete, delivered feedback
+    return {
+        f"{prefix}/{image_name}": image,
+        f"{prefix}/annotations.csv": to_csv(rows),
+        f"{prefix}/feedback.json": json.dumps(meta, indent=2).encode(),
+    }
+
+
+class FeedbackSpool:
+    """Local directory of feedback the store did not take yet; one folder per feedback id."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _dir(self, feedback_id: str) -> Path:
+        return self.root / feedback_id
+
+    def contains(self, feedback_id: str) -> bool:
+        return (self._dir(feedback_id) / "objects.json").exists()
+
+    def put(self, feedback_id: str, objects: dict[str, bytes]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{feedback_id}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        index = {}
+        for i, (key, data) in enumerate(objects.items()):
+            name = f"{i:03d}.bin"
+            (tmp / name).write_bytes(data)
+            index[key] = name
+        (tmp / "objects.json").write_text(json.dumps(index))
+        target = self._dir(feedback_id)
+        if target.exists():
+            shutil.rmtree(tmp)
+            return
+        tmp.rename(target)
+
+    def pending(self) -> list[str]:
+        if not self.root.exists():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / "objects.json").exists())
+
+    def load(self, feedback_id: str) -> dict[str, bytes]:
+        folder = self._dir(feedback_id)
+        index = json.loads((folder / "objects.json").read_text())
+        return {key: (folder / name).read_bytes() for key, name in index.items()}
+
+    def remove(self, feedback_id: str) -> None:
+        shutil.rmtree(self._dir(feedback_id), ignore_errors=True)
+
+    def depth(self) -> int:
+        return len(self.pending())
+
+
+def upload(store: BlobStore, objects: dict[str, bytes]) -> None:
+    for key, data in objects.items():
+        ctype = (
+            "text/csv"
+            if key.endswith(".csv")
+            else "application/json"
+            if key.endswith(".json")
+            else ("application/dicom" if key.endswith(".dcm") else "image/png")
+        )
+        store.put_bytes(key, data, ctype)
+
+
+class FeedbackService:
+    """Store-or-spool, and the redelivery pass the app runs periodically."""
+
+    def __init__(self, store: BlobStore | None, spool: FeedbackSpool, seed: str) -> None:
+        self.store = store
+        self.spool = spool
+        self.seed = seed
+
+    def submit(self, fb: FeedbackIn, record: ResultRecord, rad_id: str) -> FeedbackReceipt:
+        """Blocking (run it in a worker thread)."""
+        feedback_id = feedback_id_for(fb, rad_id, self.seed)
+        if self.spool.contains(feedback_id):
+            return FeedbackReceipt(feedback_id, "duplicate", 0)
+        if self.store is not None:
+            try:
+                if self.store.exists(f"feedback/{feedback_id}/feedback.json"):
+                    return FeedbackReceipt(feedback_id, "duplicate", 0)
+            except Exception as exc:
+                log.warning("feedback_store_unreachable feedback_id=%s error=%s", feedback_id, exc)
+        objects = build_objects(fb, record, rad_id=rad_id, seed=self.seed, feedback_id=feedback_id)
+        rows = to_csv_rows_count(objects)
+        if self.store is not None:
+            try:
+                upload(self.store, objects)
+                log.info("feedback_stored feedback_id=%s rows=%d", feedback_id, rows)
+                return FeedbackReceipt(feedback_id, "stored", rows)
+            except Exception as exc:
+                log.warning("feedback_spooled feedback_id=%s reason=%s", feedback_id, exc)
+        self.spool.put(feedback_id, objects)
+        return FeedbackReceipt(feedback_id, "spooled", rows)
+
+    def deliver_spooled(self) -> int:
+        """Upload what the spool holds; stops at the first failure (the store is still down)."""
+        if self.store is None:
+            return 0
+        delivered = 0
+        for feedback_id in self.spool.pending():
+            try:
+                upload(self.store, self.spool.load(feedback_id))
+            except Exception as exc:
+                log.info("feedback_spool_retry_later pending=%d error=%s", self.spool.depth(), exc)
+                break
+            self.spool.remove(feedback_id)
+            delivered += 1
+            log.info("feedback_delivered_from_spool feedback_id=%s", feedback_id)
+        return delivered
+
+
+def to_csv_rows_count(objects: dict[str, bytes]) -> int:
+    for key, data in objects.items():
+        if key.endswith("annotations.csv"):
+            return max(0, data.decode().count("\n") - 1)
+    return 0

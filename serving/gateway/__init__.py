@@ -1,0 +1,1 @@
+"""The HTTP gateway: the FastAPI app, its routes, dependencies, middleware, auth, limits and audit log."""

@@ -1,0 +1,192 @@
+"""The gateway application: ``uvicorn --factory serving.gateway.app:create_app``.
+
+Wires state, the middleware (request id, size limit, audit, request metrics:
+``serving/gateway/middleware.py``), the JSON error contract and the routes. Nothing
+happens at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.config import ServingSettings
+from serving.errors import InputLimitExceeded, ServingError
+from serving.gateway import logsafe
+from serving.gateway.middleware import INTERNAL_ERROR, ObserveMiddleware, error_body
+from serving.gateway.routes import admin, detect, dicomweb, feedback, health, results, review
+from serving.gateway.routes.review import STATIC_DIR
+from serving.gateway.state import GatewayState, build_state
+from serving.inference.backend import InferenceBackend
+from serving.inference.postprocess import warm_up
+from serving.results import BlobStore
+
+log = logging.getLogger(__name__)
+
+#: the retention job's last run, beside the result journal (read by ``cxr stack status``)
+RETENTION_STATUS = "retention.json"
+
+
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or uuid.uuid4().hex
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def serving_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServingError)
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        if exc.status >= 500:
+            log.warning("request_failed code=%s message=%s", exc.code, exc.message)
+        body = error_body(exc.code, exc.message, _request_id(request))
+        if isinstance(exc, InputLimitExceeded):
+            # RFC 9457 problem details beside the project's error object: the limit is machine-readable
+            problem = {
+                "type": f"https://cxr-detect.invalid/problems/{exc.code}",
+                "title": "DICOM refused by a limit of the guarded reader",
+                "status": exc.status,
+                "detail": exc.message,
+                "limit": exc.limit,
+            }
+            return JSONResponse(
+                {**problem, **body},
+                status_code=exc.status,
+                headers=headers,
+                media_type="application/problem+json",
+            )
+        return JSONResponse(body, status_code=exc.status, headers=headers)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())) or 'request'}: {e.get('msg', '')}"
+            for e in exc.errors()
+        )
+        return JSONResponse(
+            error_body("invalid_request", f"request is invalid: {problems}", _request_id(request)),
+            status_code=422,
+        )
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed", 400: "invalid_request"}.get(
+            exc.status_code, "http_error"
+        )
+        return JSONResponse(
+            error_body(code, str(exc.detail), _request_id(request)),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled_error request_id=%s", _request_id(request))
+        return JSONResponse(
+            error_body("internal_error", INTERNAL_ERROR, _request_id(request)),
+            status_code=500,
+        )
+
+    app.add_exception_handler(ServingError, serving_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def run_retention(state: GatewayState) -> None:
+    """The retention job: purge expired results and identified sources, record the run for ``make status``.
+
+    Blocking (the housekeeping loop runs it in a thread). The record is a small
+    JSON file beside the result journal, so ``cxr stack status`` shows when the
+    job last ran and what it deleted without asking the gateway.
+    """
+    started = datetime.now(UTC)
+    report = state.results.purge(started)
+    state.metrics.housekeeping_runs.labels("results").inc(report.results)
+    state.metrics.housekeeping_runs.labels("sources").inc(report.sources)
+    record = {
+        "last_run": started.isoformat(timespec="seconds"),
+        "results_deleted": report.results,
+        "sources_deleted": report.sources,
+        "source_retention_hours": state.settings.source_retention_hours,
+        "results_retention_days": state.settings.results_retention_days,
+        "interval_s": state.settings.housekeeping_interval_s,
+    }
+    path = state.settings.resolved_results_dir.parent / RETENTION_STATUS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+
+
+async def _housekeeping(state: GatewayState) -> None:
+    """Redeliver spooled feedback every CXR_SPOOL_RETRY_S; retention job every CXR_HOUSEKEEPING_INTERVAL_S."""
+    last_purge: float | None = None
+    while True:
+        if last_purge is None or time.monotonic() - last_purge > state.settings.housekeeping_interval_s:
+            last_purge = time.monotonic()
+            try:
+                await asyncio.to_thread(run_retention, state)
+            except Exception as exc:
+                log.warning("retention_job_error error_type=%s", type(exc).__name__)
+        try:
+            if state.feedback.spool.depth():
+                delivered = await asyncio.to_thread(state.feedback.deliver_spooled)
+                if delivered:
+                    state.metrics.feedback.labels("delivered_from_spool").inc(delivered)
+            state.metrics.spool_depth.set(state.feedback.spool.depth())
+        except Exception as exc:  # keep the loop alive whatever the store does
+            log.warning("spool_delivery_error error=%s", exc)
+        await asyncio.sleep(state.settings.spool_retry_s)
+
+
+def create_app(
+    settings: ServingSettings | None = None,
+    *,
+    backend: InferenceBackend | None = None,
+    store: BlobStore | None = None,
+    use_store: bool = True,
+) -> FastAPI:
+    """Build the gateway; with no arguments everything comes from ``CXR_*`` variables."""
+    settings = settings or ServingSettings()
+    logsafe.install()  # before anything reads a DICOM: pydicom's warnings quote element values
+    state = build_state(settings, backend=backend, store=store, use_store=use_store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.detector.refresh_routing(force=True)
+        await asyncio.to_thread(warm_up)
+        task = asyncio.create_task(_housekeeping(state))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await state.detector.close()
+            await state.backend.close()
+            state.audit.close()
+
+    app = FastAPI(
+        title="CXR Detect gateway",
+        version="0.1.0",
+        description="Chest X-ray findings: DICOM/PNG/JPEG in; boxes in original pixels and DICOM SR out.",
+        lifespan=lifespan,
+    )
+    app.state.cxr = state
+    _install_error_handlers(app)
+    app.add_middleware(ObserveMiddleware, state=state)
+    for module in (detect, results, feedback, admin, dicomweb, health, review):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

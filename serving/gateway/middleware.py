@@ -1,0 +1,146 @@
+"""The gateway's one middleware: request id, security headers, declared-size check, metrics, audit line.
+
+Written as a plain ASGI middleware, not with ``@app.middleware("http")``:
+Starlette's ``BaseHTTPMiddleware`` runs every request's app in a second task
+behind memory streams and re-wraps ``receive``, which an 8 MiB upload then
+crosses chunk by chunk on the event loop. Here the body goes straight from
+uvicorn to the route; this class only watches ``http.response.start``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.errors import PayloadTooLarge
+from serving.gateway.audit import AuditEntry, now_iso, uid_hash
+from serving.gateway.state import GatewayState
+
+log = logging.getLogger(__name__)
+
+UNTRACKED = {"/metrics", "/healthz", "/readyz"}
+INTERNAL_ERROR = "internal error; the request id is in the gateway log"
+
+# On every response (API answers too: none is meant to be framed, sniffed or run as a page).
+# The review page loads only its own /static files; previews are blob: URLs.
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+        "frame-ancestors 'none'; form-action 'self'"
+    ),
+}
+# FastAPI's Swagger/ReDoc pages run an inline script and load their assets from a CDN.
+DOCS_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc"}
+
+
+def error_body(code: str, message: str, request_id: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "request_id": request_id}}
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return ""
+
+
+def _request_id(incoming: str) -> str:
+    """The client's ``X-Request-ID`` when it is a plain token (<= 64 chars), else a new one."""
+    if 0 < len(incoming) <= 64 and incoming.replace("-", "").isalnum():
+        return incoming
+    return uuid.uuid4().hex
+
+
+class ObserveMiddleware:
+    """Tags each request with an id, refuses declared oversize bodies, then counts and audits it."""
+
+    def __init__(self, app: ASGIApp, state: GatewayState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = _request_id(_header(scope, b"x-request-id"))
+        request_state: dict[str, Any] = scope.setdefault("state", {})  # what request.state reads and writes
+        request_state["request_id"] = rid
+        start = time.perf_counter()
+        status = 500
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = int(message["status"])
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = rid
+                for name, value in SECURITY_HEADERS.items():
+                    if name != "Content-Security-Policy" or scope.get("path") not in DOCS_PATHS:
+                        headers.setdefault(name, value)
+            await send(message)
+
+        limit = self.state.settings.max_body_bytes
+        declared = _header(scope, b"content-length")
+        try:
+            if declared.isdigit() and int(declared) > limit:
+                exc = PayloadTooLarge(
+                    f"body of {declared} bytes exceeds the {limit}-byte limit (CXR_MAX_BODY_BYTES)"
+                )
+                await JSONResponse(error_body(exc.code, exc.message, rid), status_code=exc.status)(
+                    scope, receive, send_with_id
+                )
+            else:
+                await self.app(scope, receive, send_with_id)
+        except Exception:  # the handlers cover everything; this keeps the audit line for the impossible case
+            log.exception("middleware_unhandled request_id=%s", rid)
+            if started:
+                raise
+            response = JSONResponse(error_body("internal_error", INTERNAL_ERROR, rid), status_code=500)
+            await response(scope, receive, send_with_id)
+        finally:
+            self._observe(scope, request_state, rid, status, time.perf_counter() - start)
+
+    def _observe(
+        self, scope: Scope, request_state: dict[str, Any], rid: str, status: int, elapsed: float
+    ) -> None:
+        route = scope.get("route")
+        path = getattr(route, "path", None) or "unmatched"
+        if path in UNTRACKED:
+            return
+        state = self.state
+        stage = request_state.get("stage") or "none"
+        state.metrics.requests.labels(path, str(status), stage).inc()
+        state.metrics.request_duration.labels(path, stage).observe(elapsed)
+        principal = request_state.get("principal")
+        salt = state.secret
+        # every access to a result names it: the route's {request_id}, or what the route set
+        result_id = request_state.get("result_id") or scope.get("path_params", {}).get("request_id")
+        state.audit.write(
+            AuditEntry(
+                time=now_iso(),
+                request_id=rid,
+                key_id=getattr(principal, "key_id", None),
+                role=principal.role.name if principal else None,
+                route=path,
+                method=scope.get("method", ""),
+                status=status,
+                result_id=result_id,
+                tenant=getattr(principal, "tenant", None),
+                study_hash=uid_hash(request_state.get("study_uid"), salt),
+                sop_hash=uid_hash(request_state.get("sop_uid"), salt),
+                model_version=request_state.get("model_version"),
+                stage=request_state.get("stage"),
+                detections=request_state.get("detections"),
+                duration_ms=round(elapsed * 1000, 2),
+            )
+        )

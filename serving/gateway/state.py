@@ -1,0 +1,140 @@
+"""Everything one gateway instance holds, built once at start-up.
+
+Kept on ``app.state.cxr`` and reached through the dependencies in
+:mod:`serving.gateway.deps`, so tests can build an app with a different backend or
+store without patching modules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from core.install_secret import resolve_install_secret
+from serving.config import ServingSettings
+from serving.feedback.service import FeedbackService, FeedbackSpool
+from serving.gateway.audit import AuditLog
+from serving.gateway.auth import KeyStore
+from serving.gateway.limits import RateLimiter
+from serving.inference.backend import InferenceBackend
+from serving.inference.detector import DetectionService
+from serving.inference.drift import DriftMonitor
+from serving.inference.routing import Router
+from serving.metrics import GatewayMetrics
+from serving.results import BlobStore, ResultStore, Retention
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayState:
+    settings: ServingSettings
+    keys: KeyStore | None
+    backend: InferenceBackend
+    store: BlobStore | None
+    metrics: GatewayMetrics
+    router: Router
+    results: ResultStore
+    detector: DetectionService
+    feedback: FeedbackService
+    limiter: RateLimiter
+    audit: AuditLog
+    # the install's secret behind feedback pseudonyms and audit hashes (core/install_secret.py)
+    secret: str
+    # failed authentications per client address (CXR_AUTH_FAIL_*): guessing keys costs time
+    auth_failures: RateLimiter = field(default_factory=lambda: RateLimiter(1.0, 20))
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def make_store(settings: ServingSettings) -> BlobStore | None:
+    """The S3 store named by the settings (keys from credentials.json when unset), or None if unconfigured."""
+    from data_pipeline.store import ObjectStore
+
+    access, secret = settings.s3_access_key, settings.s3_secret_key
+    creds = settings.stack_dir / "credentials.json"
+    if not (access and secret) and creds.exists():
+        s3 = json.loads(creds.read_text()).get("s3", {})
+        access, secret = str(s3.get("access_key", "")), str(s3.get("secret_key", ""))
+    return ObjectStore(
+        settings.s3_endpoint, access, secret, settings.s3_bucket, settings.s3_region, timeout_s=5.0, retries=0
+    )
+
+
+def make_backend(settings: ServingSettings) -> InferenceBackend:
+    if settings.backend == "onnx":
+        from serving.inference.backend_onnx import OnnxBackend
+
+        if settings.onnx_model is None:
+            raise ValueError("the onnx backend needs a model: pass --model PATH or set CXR_ONNX_MODEL")
+        return OnnxBackend(
+            settings.onnx_model,
+            name=settings.model_name,
+            threads=settings.onnx_threads,
+            workers=settings.onnx_workers,
+        )
+    from serving.inference.backend_triton import TritonBackend
+
+    return TritonBackend(settings)
+
+
+def build_state(
+    settings: ServingSettings,
+    *,
+    backend: InferenceBackend | None = None,
+    store: BlobStore | None = None,
+    use_store: bool = True,
+) -> GatewayState:
+    metrics = GatewayMetrics()
+    keys = KeyStore.from_file(settings.resolved_api_keys_file) if settings.auth_enabled else None
+    backend = backend or make_backend(settings)
+    if store is None and use_store:
+        store = make_store(settings)
+    router = Router(
+        settings.gitops_dir, shadow_fraction=settings.shadow_fraction, poll_s=settings.routing_poll_s
+    )
+    results = ResultStore(
+        store,
+        local_dir=settings.resolved_results_dir,
+        cache_items=settings.results_cache_items,
+        cache_bytes=settings.results_cache_bytes,
+        retention=Retention(
+            results=timedelta(days=settings.results_retention_days),
+            sources=timedelta(hours=settings.source_retention_hours),
+        ),
+    )
+
+    def load_reference(dataset_version: str) -> dict[str, Any] | None:
+        if store is None:
+            return None
+        return dict(json.loads(store.get_bytes(f"datasets/{dataset_version}/reference_stats.json")))
+
+    drift = DriftMonitor(
+        window=settings.drift_window,
+        min_samples=settings.drift_min_samples,
+        on_score=lambda stage, score: metrics.drift.labels(stage).set(score),
+        reference_file=settings.reference_stats,
+        reference_loader=load_reference,
+    )
+    detector = DetectionService(settings, backend, router, metrics, results, drift)
+    secret = resolve_install_secret(settings.deid_secret, settings.stack_dir)
+    feedback = FeedbackService(store, FeedbackSpool(settings.resolved_spool_dir), secret)
+    return GatewayState(
+        settings=settings,
+        keys=keys,
+        backend=backend,
+        store=store,
+        metrics=metrics,
+        router=router,
+        results=results,
+        detector=detector,
+        feedback=feedback,
+        limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+        audit=AuditLog(
+            settings.resolved_audit_log, max_bytes=settings.audit_max_bytes, backups=settings.audit_backups
+        ),
+        secret=secret,
+        auth_failures=RateLimiter(settings.auth_fail_rate_per_s, settings.auth_fail_burst),
+    )

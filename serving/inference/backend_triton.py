@@ -1,0 +1,119 @@
+"""Triton backend: KServe v2 over gRPC with tritonclient's asyncio client.
+
+A small pool of clients per stage (each its own HTTP/2 channel) spreads
+concurrent requests; Triton's dynamic batcher merges them server-side. The
+model contract and version come from the model config's ``parameters``, written
+by :mod:`serving.inference.triton_repo`, so a re-load picks up a new model without a
+gateway restart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import numpy as np
+
+from serving.config import ServingSettings, Stage
+from serving.contract import ModelContract
+from serving.errors import BackendError, GatewayTimeout, ModelNotReady, Overloaded
+from serving.inference.backend import ServedModel
+
+log = logging.getLogger(__name__)
+
+
+def _map_error(stage: Stage, exc: Exception, retry_after_s: int) -> Exception:
+    text = str(exc)
+    status = str(getattr(exc, "status", lambda: "")() or "")
+    if "queue" in text.lower() and ("exceed" in text.lower() or "full" in text.lower()):
+        return Overloaded(
+            f"stage '{stage}' inference queue is full; retry later", retry_after_s=retry_after_s
+        )
+    if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in text:
+        return GatewayTimeout(f"stage '{stage}' inference timed out")
+    if "UNAVAILABLE" in status or "not ready" in text.lower() or "unknown model" in text.lower():
+        return ModelNotReady(f"stage '{stage}' has no model ready: {text}", retry_after_s=retry_after_s)
+    return BackendError(f"stage '{stage}' inference failed: {text}")
+
+
+class TritonBackend:
+    def __init__(self, settings: ServingSettings, *, pool_size: int = 2) -> None:
+        self._settings = settings
+        self._pool_size = pool_size
+        self._clients: dict[Stage, list[Any]] = {}
+        self._cycle: dict[Stage, itertools.cycle[Any]] = {}
+        self._models: dict[Stage, ServedModel] = {}
+
+    def _client(self, stage: Stage) -> Any:
+        if stage not in self._clients:
+            from tritonclient.grpc.aio import InferenceServerClient
+
+            url = self._settings.triton_grpc_url(stage)
+            self._clients[stage] = [InferenceServerClient(url) for _ in range(self._pool_size)]
+            self._cycle[stage] = itertools.cycle(self._clients[stage])
+        return next(self._cycle[stage])
+
+    async def model(self, stage: Stage) -> ServedModel:
+        if stage in self._models:
+            return self._models[stage]
+        name = self._settings.model_name
+        try:
+            cfg = await self._client(stage).get_model_config(
+                name, as_json=True, client_timeout=self._settings.triton_timeout_s
+            )
+        except Exception as exc:
+            raise _map_error(stage, exc, self._settings.overload_retry_after_s) from exc
+        params = {
+            k: v.get("string_value", "") for k, v in cfg.get("config", {}).get("parameters", {}).items()
+        }
+        contract = (
+            ModelContract.from_json(params["cxr_contract"], extra=params)
+            if "cxr_contract" in params
+            else ModelContract()
+        )
+        served = ServedModel(name=name, version=params.get("cxr_model_version", ""), contract=contract)
+        self._models[stage] = served
+        log.info(
+            "triton_model stage=%s name=%s version=%s imgsz=%s", stage, name, served.version, contract.imgsz
+        )
+        return served
+
+    async def infer(self, stage: Stage, batch: np.ndarray) -> np.ndarray:
+        from tritonclient.grpc import InferInput, InferRequestedOutput
+
+        served = await self.model(stage)
+        c = served.contract
+        inp = InferInput(c.input_name, list(batch.shape), "FP32")
+        inp.set_data_from_numpy(batch)
+        try:
+            result = await self._client(stage).infer(
+                served.name,
+                [inp],
+                outputs=[InferRequestedOutput(c.output_name)],
+                client_timeout=self._settings.triton_timeout_s,
+            )
+        except Exception as exc:
+            self._models.pop(stage, None)
+            raise _map_error(stage, exc, self._settings.overload_retry_after_s) from exc
+        out = result.as_numpy(c.output_name)
+        if out is None or out.shape[0] != batch.shape[0]:
+            raise BackendError(f"stage '{stage}' returned no '{c.output_name}' output for the batch")
+        return np.asarray(out, dtype=np.float32)
+
+    async def ready(self, stage: Stage) -> bool:
+        try:
+            return bool(
+                await self._client(stage).is_model_ready(self._settings.model_name, client_timeout=2.0)
+            )
+        except Exception:
+            return False
+
+    def forget(self, stage: Stage) -> None:
+        self._models.pop(stage, None)
+
+    async def close(self) -> None:
+        for clients in self._clients.values():
+            for client in clients:
+                await client.close()
+        self._clients.clear()

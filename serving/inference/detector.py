@@ -1,0 +1,293 @@
+"""The detection use case: route, bound, run, record, shadow.
+
+Routes stay thin; everything a detection request does beyond HTTP lives here,
+so ``/v1/detect``, ``/v1/detect/batch`` and STOW-RS behave identically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from serving.config import ServingSettings, Stage
+from serving.errors import BackendError, GatewayTimeout, InputLimitExceeded, ModelNotReady, ServingError
+from serving.gateway.limits import InflightGate
+from serving.inference.backend import InferenceBackend, ServedModel
+from serving.inference.drift import DriftMonitor
+from serving.inference.pipeline import DecodedUpload, InferenceOutcome, Pipeline
+from serving.inference.postprocess import Detection
+from serving.inference.preprocess import prepare
+from serving.inference.routing import Router
+from serving.metrics import GatewayMetrics
+from serving.results import ResultRecord, ResultStore, build_response
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectionReply:
+    record: ResultRecord
+    outcome: InferenceOutcome
+    study_uid: str | None
+    sop_uid: str | None
+
+
+def new_request_id() -> str:
+    """A result's id: made here, never taken from the client (X-Request-ID only correlates logs)."""
+    return uuid.uuid4().hex
+
+
+def agreement(a: list[Detection], b: list[Detection], iou_threshold: float = 0.5) -> float:
+    """F1 of two detection sets matched greedily by class and IoU (1.0 when both are empty)."""
+    if not a and not b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    used: set[int] = set()
+    matches = 0
+    for da in sorted(a, key=lambda d: -d.confidence):
+        best, best_iou = -1, iou_threshold
+        for j, db in enumerate(b):
+            if j in used or db.class_id != da.class_id:
+                continue
+            iou = _iou(da.box, db.box)
+            if iou >= best_iou:
+                best, best_iou = j, iou
+        if best >= 0:
+            used.add(best)
+            matches += 1
+    return 2 * matches / (len(a) + len(b))
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class DetectionService:
+    def __init__(
+        self,
+        settings: ServingSettings,
+        backend: InferenceBackend,
+        router: Router,
+        metrics: GatewayMetrics,
+        results: ResultStore,
+        drift: DriftMonitor,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.router = router
+        self.metrics = metrics
+        self.results = results
+        self.drift = drift
+        self.pipeline = Pipeline(settings, backend)
+        self.gate = InflightGate(settings.max_inflight_per_stage, settings.overload_retry_after_s)
+        self._background: set[asyncio.Task[Any]] = set()
+        self._versions: dict[str, str] = {}
+
+    # ----------------------------------------------------------------- routing state
+
+    def refresh_routing(self, force: bool = False) -> None:
+        if force:
+            self.router.reload()
+        changed = force or self.router.maybe_reload()
+        if changed:
+            for stage, entry in self.router.table.stages.items():
+                if self._versions.get(stage) != entry.model_version:
+                    self.backend.forget(stage)
+                    self._versions[stage] = entry.model_version
+        self.metrics.canary_weight.set(self.router.table.canary_weight)
+
+    async def _model(self, stage: Stage) -> ServedModel:
+        served = await self.backend.model(stage)
+        version = served.version or self.router.table.version(stage)
+        if version != served.version:
+            served = ServedModel(name=served.name, version=version, contract=served.contract)
+        self.metrics.set_model_info(stage, served.name, served.version)
+        return served
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ----------------------------------------------------------------- detection
+
+    async def detect(
+        self,
+        payloads: list[bytes],
+        *,
+        conf: float | None = None,
+        forced: Stage | None = None,
+        tenant: str = "default",
+    ) -> list[DetectionReply]:
+        """Detect on one or more images; one backend call per stage for all of them.
+
+        Each result gets a server-made id and is journalled to disk under the
+        caller's tenant before this returns, so the answer survives a crash.
+        """
+        try:
+            replies = await asyncio.wait_for(
+                self._detect(payloads, conf, forced), timeout=self.settings.request_timeout_s
+            )
+        except TimeoutError as exc:
+            raise GatewayTimeout(
+                f"detection did not finish within {self.settings.request_timeout_s:g} s; retry later"
+            ) from exc
+        for reply in replies:
+            reply.record.tenant = tenant
+        await asyncio.gather(*(self.pipeline.offload(self.results.journal, r.record) for r in replies))
+        if self.settings.store_results:
+            for reply in replies:
+                self.spawn(self.pipeline.offload(self.results.persist, reply.record))
+        return replies
+
+    async def _detect(
+        self, payloads: list[bytes], conf: float | None, forced: Stage | None
+    ) -> list[DetectionReply]:
+        self.refresh_routing()
+        threshold = self.settings.conf_threshold if conf is None else conf
+        first_stage: Stage = forced or "production"
+        first_model = await self._model(first_stage)
+        try:
+            uploads = await asyncio.gather(*(self.pipeline.decode(p, first_model) for p in payloads))
+        except InputLimitExceeded as exc:
+            self.metrics.input_refused.labels(exc.limit).inc()
+            raise
+        for up in uploads:
+            self.metrics.phase_duration.labels("decode", first_stage).observe(up.timings_ms["decode"] / 1000)
+            self.metrics.phase_duration.labels("preprocess", first_stage).observe(
+                up.timings_ms["preprocess"] / 1000
+            )
+        groups: dict[Stage, list[int]] = {}
+        shadows: list[int] = []
+        for i, up in enumerate(uploads):
+            decision = self.router.decide(up.sticky_key, forced)
+            groups.setdefault(decision.stage, []).append(i)
+            if decision.shadow:
+                shadows.append(i)
+        outcomes: dict[int, InferenceOutcome] = {}
+        for stage, idxs in groups.items():
+            stage_uploads = [uploads[i] for i in idxs]
+            results = await self._run_stage(stage, stage_uploads, first_model, threshold, forced)
+            for i, outcome in zip(idxs, results, strict=True):
+                outcomes[i] = outcome
+        replies = []
+        for i, up in enumerate(uploads):
+            replies.append(self._record(new_request_id(), up, outcomes[i]))
+        for i in shadows:
+            self.spawn(self._shadow(uploads[i], outcomes[i], threshold))
+        return replies
+
+    async def _run_stage(
+        self,
+        stage: Stage,
+        uploads: list[DecodedUpload],
+        first_model: ServedModel,
+        conf: float,
+        forced: Stage | None,
+    ) -> list[InferenceOutcome]:
+        """Infer on the routed stage; a failing canary falls back to production instead of failing."""
+        routed_away = stage != (forced or "production")
+        if routed_away:
+            try:
+                model = await self._model(stage)
+                return await self._infer_bounded(stage, model, uploads, conf)
+            except (ModelNotReady, BackendError) as exc:
+                # the canary is down: serve the study from production rather than fail it
+                log.warning("route_fallback from=%s to=production reason=%s", stage, exc.message)
+                self.metrics.rejected.labels(stage, "stage_unavailable").inc()
+                stage = "production"
+        return await self._infer_bounded(stage, first_model, uploads, conf)
+
+    async def _infer_bounded(
+        self, stage: Stage, model: ServedModel, uploads: list[DecodedUpload], conf: float
+    ) -> list[InferenceOutcome]:
+        uploads = await self._reprepare(uploads, model)
+        try:
+            with self.gate.enter(stage, len(uploads)):
+                self.metrics.inflight.labels(stage).inc(len(uploads))
+                try:
+                    return await self.pipeline.infer(stage, model, uploads, conf)
+                finally:
+                    self.metrics.inflight.labels(stage).dec(len(uploads))
+        except ServingError as exc:
+            self.metrics.rejected.labels(stage, exc.code).inc()
+            if isinstance(exc, ModelNotReady):
+                self.backend.forget(stage)
+            raise
+
+    async def _reprepare(self, uploads: list[DecodedUpload], model: ServedModel) -> list[DecodedUpload]:
+        """Letterbox again only when the stage's model takes another input size."""
+        if all(u.prepared.params.dst == model.contract.size for u in uploads):
+            return uploads
+        out = []
+        for up in uploads:
+            prepared = await self.pipeline.offload(
+                prepare, up.image.to_uint8(), model.contract, self.settings.max_side
+            )
+            out.append(DecodedUpload(up.data, up.image, prepared, up.sticky_key, dict(up.timings_ms)))
+        return out
+
+    def _record(self, request_id: str, up: DecodedUpload, outcome: InferenceOutcome) -> DetectionReply:
+        stage, model = outcome.stage, outcome.model
+        m = self.metrics
+        for phase in ("infer", "postprocess"):
+            m.phase_duration.labels(phase, stage).observe(outcome.timings_ms[phase] / 1000)
+        m.images.labels(stage, model.version).inc()
+        for det in outcome.detections:
+            m.detections.labels(stage, model.version, det.class_name).inc()
+            m.confidence.labels(stage).observe(det.confidence)
+        m.intensity.labels(stage).observe(up.prepared.intensity_mean)
+        dataset_version = model.contract.extra.get("cxr_dataset_version", "")
+        self.spawn(
+            self.pipeline.offload(
+                functools.partial(
+                    self.drift.observe,
+                    stage,
+                    mean=up.prepared.intensity_mean,
+                    std=up.prepared.intensity_std,
+                    width=up.image.cols,
+                    height=up.image.rows,
+                    dataset_version=dataset_version,
+                )
+            )
+        )
+        timings = dict(outcome.timings_ms)
+        timings["total"] = sum(timings.values())
+        response = build_response(
+            request_id,
+            model_name=model.name,
+            model_version=model.version,
+            stage=stage,
+            width=up.image.cols,
+            height=up.image.rows,
+            sop_instance_uid=up.image.sop_uid,
+            detections=outcome.detections,
+            timings_ms=timings,
+        )
+        record = ResultRecord(request_id, response, up.image.source_format, up.data)
+        return DetectionReply(record, outcome, up.image.study_uid, up.image.sop_uid)
+
+    async def _shadow(self, upload: DecodedUpload, served: InferenceOutcome, conf: float) -> None:
+        """Mirror to staging; the answer is discarded, only its agreement is recorded."""
+        try:
+            model = await self._model("staging")
+            [up] = await self._reprepare([upload], model)
+            [outcome] = await self.pipeline.infer("staging", model, [up], conf)
+            score = agreement(served.detections, outcome.detections)
+            self.metrics.shadow_agreement.labels("staging").observe(score)
+        except Exception as exc:  # a broken shadow must never affect anyone
+            log.info("shadow_failed error=%s", exc)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        self.pipeline.close()

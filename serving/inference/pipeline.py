@@ -1,0 +1,170 @@
+"""decode -> preprocess -> infer -> postprocess, each phase timed.
+
+CPU work (decoding, letterbox, NMS) runs in a thread pool so the event loop
+only waits: numpy, OpenCV, pydicom's decoders and ONNX Runtime release the GIL
+for their heavy parts, so threads overlap on both cores. Inference goes to the
+backend of the stage the router picked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from data_pipeline.dicom_guard import DicomLimitExceeded, DicomLimits
+from data_pipeline.dicom_io import DecodedImage, decode_bytes
+from data_pipeline.errors import CorruptImage, ImageDecodeError, UnsupportedImage
+from serving.config import ServingSettings, Stage
+from serving.errors import InputLimitExceeded, InvalidImage, Overloaded, UnsupportedMediaType
+from serving.inference.backend import InferenceBackend, ServedModel
+from serving.inference.postprocess import Detection, to_detections
+from serving.inference.preprocess import PreparedImage, prepare, stack
+
+T = TypeVar("T")
+
+
+@dataclass
+class DecodedUpload:
+    """One upload after decode and letterbox, before inference."""
+
+    data: bytes
+    image: DecodedImage
+    prepared: PreparedImage
+    sticky_key: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class InferenceOutcome:
+    upload: DecodedUpload
+    detections: list[Detection]
+    model: ServedModel
+    stage: Stage
+    timings_ms: dict[str, float]
+
+
+def decode_upload(
+    data: bytes, salt: str | None = None, limits: DicomLimits | None = None
+) -> tuple[DecodedImage, float]:
+    """Decode bytes (through the guarded reader), mapping the pipeline's errors to HTTP errors."""
+    start = time.perf_counter()
+    try:
+        image = decode_bytes(data, salt=salt, limits=limits)
+    except DicomLimitExceeded as exc:
+        raise InputLimitExceeded(str(exc), limit=exc.limit) from exc
+    except UnsupportedImage as exc:
+        text = str(exc)
+        if "not a DICOM, PNG or JPEG" in text:
+            raise UnsupportedMediaType(f"{text}; send application/dicom, image/png or image/jpeg") from exc
+        raise InvalidImage(text) from exc
+    except (CorruptImage, ImageDecodeError) as exc:
+        raise InvalidImage(str(exc)) from exc
+    if image.pixels.ndim != 2:
+        raise InvalidImage(f"expected one 2-D radiograph, got pixel array of shape {image.pixels.shape}")
+    if min(image.rows, image.cols) < 8:
+        raise InvalidImage(f"{image.cols}x{image.rows} is too small to be a radiograph (min 8 px a side)")
+    return image, (time.perf_counter() - start) * 1000
+
+
+class Pipeline:
+    def __init__(self, settings: ServingSettings, backend: InferenceBackend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self._pool = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="cxr-cpu")
+        from data_pipeline.config import get_settings
+
+        self.limits = get_settings().dicom_limits()  # CXR_DICOM_*: owned by the guarded reader's package
+        self._decoding = 0
+
+    async def _offload(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _decode_and_prepare(self, data: bytes, model: ServedModel) -> DecodedUpload:
+        image, decode_ms = decode_upload(data, limits=self.limits)
+        start = time.perf_counter()
+        prepared = prepare(image.to_uint8(), model.contract, self.settings.max_side)
+        prep_ms = (time.perf_counter() - start) * 1000
+        key = image.study_uid or hashlib.sha256(data).hexdigest()
+        return DecodedUpload(
+            data=data,
+            image=image,
+            prepared=prepared,
+            sticky_key=key,
+            timings_ms={"decode": decode_ms, "preprocess": prep_ms},
+        )
+
+    async def decode(self, data: bytes, model: ServedModel) -> DecodedUpload:
+        """Decode in the bounded pool: a full queue is a 503, a decode past its time a 422.
+
+        A thread cannot be killed, so a decode past CXR_DECODE_TIMEOUT_S finishes in
+        the background; the declared-size limits of the guarded reader are what
+        bound its cost, the timeout only frees the request.
+        """
+        if self._decoding >= self.settings.max_decode_queue:
+            raise Overloaded(
+                f"{self._decoding} uploads are waiting to be decoded (CXR_MAX_DECODE_QUEUE); retry later",
+                retry_after_s=self.settings.overload_retry_after_s,
+            )
+        self._decoding += 1
+        try:
+            return await asyncio.wait_for(
+                self._offload(self._decode_and_prepare, data, model), timeout=self.settings.decode_timeout_s
+            )
+        except TimeoutError as exc:
+            raise InputLimitExceeded(
+                f"decoding took longer than {self.settings.decode_timeout_s:g} s",
+                limit="CXR_DECODE_TIMEOUT_S",
+            ) from exc
+        finally:
+            self._decoding -= 1
+
+    def _post(
+        self, outputs: np.ndarray, uploads: list[DecodedUpload], model: ServedModel, conf: float
+    ) -> tuple[list[list[Detection]], float]:
+        start = time.perf_counter()
+        result = [
+            to_detections(
+                outputs[i],
+                up.prepared.params,
+                model.contract.class_names,
+                conf_threshold=conf,
+                iou_threshold=self.settings.iou_threshold,
+                max_det=self.settings.max_detections,
+                source_size=up.prepared.source_size,
+            )
+            for i, up in enumerate(uploads)
+        ]
+        return result, (time.perf_counter() - start) * 1000
+
+    async def infer(
+        self, stage: Stage, model: ServedModel, uploads: list[DecodedUpload], conf: float
+    ) -> list[InferenceOutcome]:
+        """One backend call for all uploads (the batch route sends N images as one tensor)."""
+        size = max(1, self.settings.max_backend_batch)
+        chunks = [uploads[i : i + size] for i in range(0, len(uploads), size)]
+        start = time.perf_counter()
+        # copying a 640 px image into a batch tensor is ~5 MB of memory traffic: not on the event loop
+        batches = await asyncio.gather(*(self._offload(stack, [u.prepared for u in c]) for c in chunks))
+        # Triton refuses batches above the model's max_batch_size: send chunks, concurrently
+        parts = await asyncio.gather(*(self.backend.infer(stage, batch) for batch in batches))
+        outputs = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        infer_ms = (time.perf_counter() - start) * 1000
+        detections, post_ms = await self._offload(self._post, outputs, uploads, model, conf)
+        outcomes = []
+        for up, dets in zip(uploads, detections, strict=True):
+            timings = {**up.timings_ms, "infer": infer_ms, "postprocess": post_ms / len(uploads)}
+            outcomes.append(InferenceOutcome(up, dets, model, stage, timings))
+        return outcomes
+
+    async def offload(self, fn: Callable[..., T], *args: object) -> T:
+        return await self._offload(fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,133 @@
+"""Which stage answers a request: canary weight, stickiness, shadow, override.
+
+The stage files under ``k8s/overlays/<stage>/model.yaml`` are the GitOps truth
+(written only by ``promote``); the gateway re-reads them when they change on
+disk, so a promotion or rollback commit takes effect without a restart.
+Assignment is sticky by StudyInstanceUID so one study never mixes models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from delivery.errors import StageFileError
+from delivery.model_file import read_stage_file
+from serving.config import STAGES, Stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageModel:
+    stage: Stage
+    model_name: str
+    model_version: str
+    canary_weight: int = 0
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """Snapshot of the three stage files."""
+
+    stages: dict[Stage, StageModel] = field(default_factory=dict)
+
+    @property
+    def canary_weight(self) -> int:
+        canary = self.stages.get("canary")
+        if canary is None or not canary.model_version:
+            return 0
+        return max(0, min(100, canary.canary_weight))
+
+    def version(self, stage: Stage) -> str:
+        entry = self.stages.get(stage)
+        return entry.model_version if entry else ""
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    stage: Stage
+    shadow: bool
+    reason: str
+
+
+def _read_stage(gitops_dir: Path, stage: Stage) -> StageModel | None:
+    """The delivery package's validated reader; a stage without a file serves nothing."""
+    data = read_stage_file(gitops_dir, stage)
+    return StageModel(
+        stage=stage,
+        model_name=data.model_name,
+        model_version=data.model_version,
+        canary_weight=int(data.canary_weight or 0),
+    )
+
+
+def bucket_of(key: str) -> int:
+    """0..99, stable across processes and restarts (unlike Python's salted hash())."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % 100
+
+
+class Router:
+    def __init__(self, gitops_dir: Path, *, shadow_fraction: float = 0.0, poll_s: float = 2.0) -> None:
+        self.gitops_dir = gitops_dir
+        self.shadow_fraction = shadow_fraction
+        self.poll_s = poll_s
+        self._mtimes: dict[str, float] = {}
+        self._checked = 0.0
+        self.table = RoutingTable()
+        self.reload()
+
+    def _files(self) -> list[Path]:
+        return [self.gitops_dir / "k8s" / "overlays" / s / "model.yaml" for s in STAGES]
+
+    def _stamp(self) -> dict[str, float]:
+        return {str(p): p.stat().st_mtime if p.exists() else -1.0 for p in self._files()}
+
+    def reload(self) -> RoutingTable:
+        stages: dict[Stage, StageModel] = {}
+        for stage in STAGES:
+            try:
+                entry = _read_stage(self.gitops_dir, stage)
+            except (OSError, StageFileError) as exc:
+                log.warning("routing_file_unreadable stage=%s error=%s", stage, exc)
+                entry = self.table.stages.get(stage)
+            if entry is not None:
+                stages[stage] = entry
+        self.table = RoutingTable(stages=stages)
+        self._mtimes = self._stamp()
+        self._checked = time.monotonic()
+        log.info(
+            "routing_reloaded production=%s canary=%s weight=%d staging=%s",
+            self.table.version("production"),
+            self.table.version("canary"),
+            self.table.canary_weight,
+            self.table.version("staging"),
+        )
+        return self.table
+
+    def maybe_reload(self) -> bool:
+        """Re-read the files when any changed; cheap enough per request (stats at most every poll_s)."""
+        now = time.monotonic()
+        if now - self._checked < self.poll_s:
+            return False
+        self._checked = now
+        if self._stamp() != self._mtimes:
+            self.reload()
+            return True
+        return False
+
+    def decide(self, sticky_key: str, forced: Stage | None = None) -> RouteDecision:
+        if forced is not None:
+            return RouteDecision(stage=forced, shadow=False, reason="override")
+        bucket = bucket_of(sticky_key)
+        weight = self.table.canary_weight
+        stage: Stage = "canary" if bucket < weight else "production"
+        shadow = (
+            self.shadow_fraction > 0
+            and bool(self.table.version("staging"))
+            and bucket_of("shadow:" + sticky_key) < round(self.shadow_fraction * 100)
+        )
+        return RouteDecision(stage=stage, shadow=shadow, reason=f"bucket={bucket} weight={weight}")

@@ -1,0 +1,194 @@
+"""Triton model repositories and the repository API.
+
+Two variants of one model, identical to the gateway (name, tensors, batching,
+queue policy, contract parameters):
+
+- ``onnxruntime``: the cluster's ``platform: "onnxruntime_onnx"`` with dynamic
+  batching, ``timeout_action: REJECT`` so overload is refused instead of queued
+  forever, and an optional TensorRT FP16 accelerator for GPU nodes;
+- ``python``: ``backend: "python"`` with :mod:`serving.inference.triton_python.model`
+  running the very same ONNX file in onnxruntime (the only backend the
+  tritonserver in the nvidia-pytriton wheel carries).
+
+Models are loaded and unloaded with explicit model control, so changing what a
+stage serves needs no server restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from serving.contract import ModelContract, contract_from_metadata, read_onnx_metadata
+
+log = logging.getLogger(__name__)
+
+Variant = Literal["python", "onnxruntime"]
+_PYTHON_MODEL = Path(__file__).parent / "triton_python" / "model.py"
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    """Batching and queueing knobs shared by both variants."""
+
+    max_batch_size: int = 8
+    max_queue_delay_us: int = 2000
+    max_queue_size: int = 64
+    queue_timeout_us: int = 10_000_000
+    instance_count: int = 1
+    gpu: bool = False
+    tensorrt_fp16: bool = False
+    ort_threads: int = 0
+
+
+def _pbtxt_string(value: str) -> str:
+    return json.dumps(value, ensure_ascii=True)
+
+
+def render_config(
+    contract: ModelContract,
+    *,
+    variant: Variant,
+    model_name: str,
+    model_version: str,
+    options: RepositoryOptions,
+    extra_parameters: dict[str, str] | None = None,
+) -> str:
+    """config.pbtxt text (protobuf text format) for one variant."""
+    outputs = 4 + len(contract.class_names)
+    head = 'backend: "python"' if variant == "python" else 'platform: "onnxruntime_onnx"'
+    kind = "KIND_GPU" if options.gpu else "KIND_CPU"
+    params = {
+        "cxr_contract": contract.to_json(),
+        "cxr_model_version": model_version,
+        **(extra_parameters or {}),
+    }
+    if options.ort_threads:
+        params["ort_threads"] = str(options.ort_threads)
+    lines = [
+        f"name: {_pbtxt_string(model_name)}",
+        head,
+        f"max_batch_size: {options.max_batch_size}",
+        "input [",
+        f"  {{ name: {_pbtxt_string(contract.input_name)} data_type: TYPE_FP32 dims: [ 3, -1, -1 ] }}",
+        "]",
+        "output [",
+        f"  {{ name: {_pbtxt_string(contract.output_name)} data_type: TYPE_FP32 dims: [ {outputs}, -1 ] }}",
+        "]",
+        "dynamic_batching {",
+        f"  preferred_batch_size: [ {options.max_batch_size} ]",
+        f"  max_queue_delay_microseconds: {options.max_queue_delay_us}",
+        "  default_queue_policy {",
+        "    timeout_action: REJECT",
+        f"    default_timeout_microseconds: {options.queue_timeout_us}",
+        "    allow_timeout_override: true",
+        f"    max_queue_size: {options.max_queue_size}",
+        "  }",
+        "}",
+        f"instance_group [ {{ kind: {kind} count: {options.instance_count} }} ]",
+        "version_policy: { latest: { num_versions: 1 } }",
+    ]
+    if variant == "onnxruntime" and options.gpu and options.tensorrt_fp16:
+        lines += [
+            "optimization { execution_accelerators {",
+            '  gpu_execution_accelerator : [ { name : "tensorrt"',
+            '    parameters { key: "precision_mode" value: "FP16" }',
+            '    parameters { key: "max_workspace_size_bytes" value: "1073741824" } } ]',
+            "} }",
+        ]
+    for key, value in params.items():
+        lines.append(
+            f"parameters {{ key: {_pbtxt_string(key)} value: {{ string_value: {_pbtxt_string(value)} }} }}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def build_repository(
+    onnx_path: Path,
+    repo_dir: Path,
+    *,
+    variant: Variant = "python",
+    model_name: str = "cxr-detector",
+    version: int = 1,
+    max_batch_size: int = 8,
+    model_version: str | None = None,
+    options: RepositoryOptions | None = None,
+    dataset_version: str | None = None,
+) -> Path:
+    """Write ``<repo_dir>/<model_name>/{config.pbtxt,<version>/model.onnx[,model.py]}``; return the model dir.
+
+    ``version`` is Triton's numeric directory; ``model_version`` is the registry
+    version reported to clients (defaults to ``version``). ``dataset_version`` (the
+    model's training data) lets the gateway's drift monitor find its reference statistics.
+    """
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"ONNX model {onnx_path} does not exist")
+    opts = options or RepositoryOptions(max_batch_size=max_batch_size)  # explicit options win
+    contract = contract_from_metadata(read_onnx_metadata(onnx_path))
+    model_dir = repo_dir / model_name
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    version_dir = model_dir / str(version)
+    version_dir.mkdir(parents=True)
+    shutil.copyfile(onnx_path, version_dir / "model.onnx")
+    if variant == "python":
+        shutil.copyfile(_PYTHON_MODEL, version_dir / "model.py")
+    (model_dir / "config.pbtxt").write_text(
+        render_config(
+            contract,
+            variant=variant,
+            model_name=model_name,
+            model_version=model_version or str(version),
+            options=opts,
+            extra_parameters={"cxr_dataset_version": dataset_version} if dataset_version else None,
+        )
+    )
+    log.info("triton_repo_built model=%s variant=%s dir=%s", model_name, variant, model_dir)
+    return model_dir
+
+
+def upload_repository(repo_dir: Path, stage: str, store: object) -> str:
+    """Upload a built repository to ``triton/<stage>/`` (what a Triton ``s3://`` repository reads)."""
+    prefix = f"triton/{stage}"
+    store.upload_dir(repo_dir, prefix)  # type: ignore[attr-defined]
+    return prefix
+
+
+class TritonAdmin:
+    """Repository API of one Triton (HTTP host:port): load, unload, readiness."""
+
+    def __init__(self, url: str, *, timeout_s: float = 60.0) -> None:
+        from tritonclient.http import InferenceServerClient
+
+        self.url = url
+        self._client = InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+
+    def load(self, model_name: str = "cxr-detector") -> None:
+        self._client.load_model(model_name)
+        log.info("triton_load url=%s model=%s", self.url, model_name)
+
+    def unload(self, model_name: str = "cxr-detector") -> None:
+        self._client.unload_model(model_name)
+        log.info("triton_unload url=%s model=%s", self.url, model_name)
+
+    def is_ready(self, model_name: str = "cxr-detector") -> bool:
+        try:
+            return bool(self._client.is_model_ready(model_name))
+        except Exception:
+            return False
+
+    def wait_ready(self, model_name: str = "cxr-detector", timeout_s: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.is_ready(model_name):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def close(self) -> None:
+        self._client.close()

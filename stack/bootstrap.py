@@ -1,0 +1,121 @@
+"""First-run bootstrap: make sure a newcomer's first ``make up`` serves a model.
+
+When no version of ``cxr-detector`` is registered yet, run the small default
+pipeline against the stack that just came up: synthetic phantoms → dataset
+version → short Ray training → ONNX export with parity → registration →
+promote to staging, canary and production with ``--force`` and a stated reason
+(the floors are for real data, a fresh stack has no production model to compare
+with and no canary traffic to analyse). Every promotion is a commit in
+the stack's GitOps checkout, exactly as later promotions are. Each step runs as
+a ``cxr`` sub-process so its progress shows and its memory is returned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+from stack.components import http_ok
+from stack.config import StackSettings
+
+log = logging.getLogger("cxr.stack.bootstrap")
+
+MODEL_NAME = "cxr-detector"
+BOOTSTRAP_CONFIG = Path("training") / "configs" / "bootstrap.yaml"
+BOOTSTRAP_IMAGES = 96
+REASON = "bootstrap: first model of a new one-machine stack (no production model or canary traffic yet)"
+
+
+class BootstrapFailed(RuntimeError):
+    """A bootstrap step failed; the message names the step and the command to rerun it."""
+
+
+def _env(settings: StackSettings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({k: v for k, v in dotenv_values(settings.env_file).items() if v is not None})
+    return env
+
+
+def _cxr(settings: StackSettings, step: str, *args: str) -> None:
+    command = [str(settings.python), "-m", "cxr.cli", *args]
+    log.info("bootstrap_step=%s command=%r", step, " ".join(command))
+    result = subprocess.run(command, env=_env(settings), check=False)
+    if result.returncode != 0:
+        raise BootstrapFailed(
+            f"bootstrap step {step!r} failed (exit {result.returncode}); rerun it with: cxr {' '.join(args)}"
+        )
+
+
+def registered_versions(mlflow_uri: str) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    return [v.version for v in client.search_model_versions(f"name='{MODEL_NAME}'")]
+
+
+def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> str | None:
+    """Run the bootstrap pipeline when the registry is empty; return the served version."""
+    env = _env(settings)
+    versions = registered_versions(env["CXR_MLFLOW_URI"])
+    if versions:
+        log.info("bootstrap=skipped reason=registry-has-versions versions=%s", ",".join(versions))
+        return None
+    work = settings.state / "bootstrap"
+    synth = work / "synth"
+    if not (synth / "annotations.csv").exists():
+        _cxr(
+            settings,
+            "synth",
+            "data",
+            "synth",
+            "--out",
+            str(synth),
+            "--n-images",
+            str(BOOTSTRAP_IMAGES),
+            "--seed",
+            "1",
+            "--size",
+            "1024",
+        )
+    summary_dir = work / "pipeline"
+    _cxr(
+        settings,
+        "pipeline",
+        "pipeline",
+        "run",
+        "--source",
+        str(synth),
+        "--config",
+        str(BOOTSTRAP_CONFIG),
+        "--base-model",
+        "none",
+        "--no-feedback",
+        "--no-promote",
+        "--run-name",
+        "bootstrap",
+        "--work-dir",
+        str(summary_dir),
+    )
+    summary = json.loads((summary_dir / "summary.json").read_text())
+    version = str(summary["model_version"])
+    for stage in ("staging", "canary", "production"):
+        _cxr(settings, f"promote-{stage}", "promote", version, "--to", stage, "--force", "--reason", REASON)
+    wait_ready(env["CXR_GATEWAY_URL"], timeout_s)
+    log.info("bootstrap=done model_version=%s", version)
+    return version
+
+
+def wait_ready(gateway_url: str, timeout_s: float) -> None:
+    """Poll the gateway's /readyz: ready once production's Triton has the model loaded."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if http_ok(f"{gateway_url}/readyz"):
+            return
+        time.sleep(0.5)
+    raise BootstrapFailed(f"the gateway did not report ready within {timeout_s:.0f} s ({gateway_url}/readyz)")

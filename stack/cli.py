@@ -1,0 +1,136 @@
+"""``cxr stack``: bring the one-machine stack up and down, show its state and logs."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stack import manager
+from stack.config import StackSettings
+
+stack_app = typer.Typer(
+    help="The one-machine stack (S3, MLflow, 3 Tritons, gateway, Prometheus).", no_args_is_help=True
+)
+console = Console()
+
+
+def _print_status(rows: list[manager.ComponentStatus], settings: StackSettings) -> None:
+    table = Table(title=f"CXR Detect stack ({settings.state})")
+    for col in ("component", "state", "pid", "healthy", "url"):
+        table.add_column(col)
+    for row in rows:
+        mark = "[green]yes[/]" if row.healthy else "[red]no[/]"
+        table.add_row(row.name, row.state, str(row.pid or ""), mark, row.url)
+    console.print(table)
+
+
+def audit_summary(settings: StackSettings) -> str:
+    """One line on the gateway's audit log: where it is, how big, how many lines, rotated files kept."""
+    from serving.config import ServingSettings
+
+    path = ServingSettings(stack_dir=settings.state).resolved_audit_log
+    if not path.exists():
+        return f"audit log {path}: not written yet"
+    lines = 0
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            lines += chunk.count(b"\n")
+    rotated = len(list(path.parent.glob(f"{path.name}.*")))
+    return f"audit log {path}: {path.stat().st_size / 1e6:.1f} MB, {lines} lines" + (
+        f" (+{rotated} rotated)" if rotated else ""
+    )
+
+
+def retention_summary(settings: StackSettings) -> str:
+    """One line on the gateway's retention job: when it last ran and what it deleted."""
+    import json
+
+    from serving.config import ServingSettings
+    from serving.gateway.app import RETENTION_STATUS
+
+    path = ServingSettings(stack_dir=settings.state).resolved_results_dir.parent / RETENTION_STATUS
+    if not path.exists():
+        return "retention job: has not run yet"
+    run = json.loads(path.read_text())
+    return (
+        f"retention job: last run {run['last_run']}, deleted {run['sources_deleted']} source images "
+        f"(kept {run['source_retention_hours']:g} h) and {run['results_deleted']} results "
+        f"(kept {run['results_retention_days']} d), every {run['interval_s']:g} s"
+    )
+
+
+@stack_app.command()
+def up(
+    bootstrap: Annotated[bool, typer.Option(help="train and promote a first model when none exists")] = True,
+) -> None:
+    """Start every component (idempotent) and wait until each is healthy."""
+    settings = StackSettings()
+    try:
+        rows = manager.up(settings)
+    except manager.StackError as exc:
+        console.print(f"[red]stack up failed:[/] {exc}")
+        raise typer.Exit(1) from exc
+    if bootstrap and settings.bootstrap:
+        from stack.bootstrap import ensure_served_model
+
+        try:
+            ensure_served_model(settings)
+        except manager.StackError as exc:
+            console.print(f"[red]bootstrap failed:[/] {exc}")
+            raise typer.Exit(1) from exc
+        rows = manager.status(settings)
+    _print_status(rows, settings)
+    if not any(r.name == "prometheus" for r in rows):
+        console.print(
+            "[yellow]prometheus is not on PATH: metrics scraping skipped (apt-get install prometheus)[/]"
+        )
+    creds = json.loads(settings.credentials_file.read_text())
+    console.print(
+        f"gateway  http://{settings.host}:{settings.gateway_port}/  (review page; API docs at /docs)\n"
+        f"MLflow   http://{settings.host}:{settings.mlflow_port}/\n"
+        f"S3       http://{settings.host}:{settings.s3_port}/\n"
+        f"API keys and S3 keys: {settings.credentials_file} (mode 0600); e.g. radiologist key "
+        f"{creds['api_keys']['radiologist']}"
+    )
+
+
+@stack_app.command()
+def down() -> None:
+    """Stop every component by PID and clean Triton's leftovers."""
+    settings = StackSettings()
+    killed = manager.down(settings)
+    console.print("stack stopped" + (f" (had to kill {killed})" if killed else ""))
+
+
+@stack_app.command()
+def status() -> None:
+    """Show each component's process state and health."""
+    settings = StackSettings()
+    rows = manager.status(settings)
+    if not rows:
+        console.print("stack is not running (`make up` starts it)")
+        raise typer.Exit(3)
+    _print_status(rows, settings)
+    console.print(audit_summary(settings), highlight=False)
+    console.print(retention_summary(settings), highlight=False)
+    if not all(r.healthy for r in rows):
+        raise typer.Exit(1)
+
+
+@stack_app.command()
+def logs(
+    component: Annotated[
+        str | None, typer.Argument(help="s3, mlflow, triton-production, gateway, ...")
+    ] = None,
+    lines: Annotated[int, typer.Option("--lines", "-n")] = 40,
+) -> None:
+    """Print the last lines of a component's log (all logs when none is named)."""
+    try:
+        console.print(manager.logs(StackSettings(), component, lines), markup=False, highlight=False)
+    except manager.StackError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from exc

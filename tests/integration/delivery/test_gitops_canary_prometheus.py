@@ -1,0 +1,162 @@
+"""canary.py's PromQL against a real Prometheus scraping a real exporter of the contract metrics.
+
+The exporter is prometheus_client in this process, emitting exactly the gateway's metric names
+and labels while a thread plays traffic for both stages; Prometheus (Debian's binary, from the
+shared fixture) scrapes it. Three canaries run side by side, each with its own Prometheus: a
+healthy one, one that never detects anything, and one that is slow.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from delivery.canary import analyze
+from delivery.policy import CanaryPolicy
+from tests.fixtures.servers import free_port
+
+pytestmark = [pytest.mark.integration]
+
+POLICY = CanaryPolicy(window="30s", min_requests=20)
+BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How the canary stage answers, compared with a production that finds 2 boxes at 0.6 in 50 ms."""
+
+    detections: int = 2
+    confidence: float = 0.6
+    latency_s: float = 0.05
+
+
+class FakeGatewayTraffic:
+    """Real metrics, simulated requests: the contract names, labels and histogram buckets."""
+
+    def __init__(self, canary: Behaviour) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("cxr_gateway_requests", "", ["route", "status", "stage"], registry=r)
+        self.duration = Histogram(
+            "cxr_gateway_request_duration_seconds", "", ["route", "stage"], buckets=BUCKETS, registry=r
+        )
+        self.images = Counter("cxr_images_processed", "", ["stage", "model_version"], registry=r)
+        self.detections = Counter("cxr_detections", "", ["stage", "model_version", "class_name"], registry=r)
+        self.confidence = Histogram("cxr_detection_confidence", "", ["stage"], registry=r)
+        self.behaviours = {"production": Behaviour(), "canary": canary}
+        self.port = free_port()
+        self.server, self.thread = start_http_server(self.port, addr="127.0.0.1", registry=r)
+        self._stop = threading.Event()
+        self._player = threading.Thread(target=self._play, daemon=True)
+        self._player.start()
+
+    def _one(self, stage: str) -> None:
+        b = self.behaviours[stage]
+        version = "2" if stage == "canary" else "1"
+        self.requests.labels("/v1/detect", "200", stage).inc()
+        self.duration.labels("/v1/detect", stage).observe(b.latency_s)
+        self.images.labels(stage, version).inc()
+        for _ in range(b.detections):
+            self.detections.labels(stage, version, "Cardiomegaly").inc()
+            self.confidence.labels(stage).observe(b.confidence)
+
+    def _play(self) -> None:
+        while not self._stop.is_set():  # 50 % canary: the weight-50 step of the issue
+            self._one("production")
+            self._one("canary")
+            self._stop.wait(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.server.shutdown()
+
+
+def wait_for_samples(url: str, minimum: int, timeout_s: float = 60.0) -> None:
+    """Poll Prometheus until the window holds enough scrapes for rate() (no fixed sleep)."""
+    query = 'count_over_time(cxr_gateway_requests_total{stage="canary"}[30s])'
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = httpx.get(f"{url}/api/v1/query", params={"query": query}, timeout=5).json()["data"]["result"]
+        if result and float(result[0]["value"][1]) >= minimum:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"Prometheus at {url} did not collect {minimum} scrapes in {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def scenarios(prometheus_factory: Any) -> Iterator[dict[str, Any]]:
+    canaries = {
+        "healthy": Behaviour(detections=2, confidence=0.62, latency_s=0.05),
+        "blind": Behaviour(detections=0),
+        "slow": Behaviour(latency_s=2.0),
+    }
+    traffic = {name: FakeGatewayTraffic(b) for name, b in canaries.items()}
+    servers = {name: prometheus_factory([f"127.0.0.1:{t.port}"]) for name, t in traffic.items()}
+    for server in servers.values():
+        wait_for_samples(server.url, minimum=3)
+    yield {name: server.url for name, server in servers.items()}
+    for t in traffic.values():
+        t.stop()
+
+
+def test_healthy_canary_passes_with_real_numbers(scenarios: dict[str, str]) -> None:
+    result = analyze(scenarios["healthy"], POLICY)
+    assert result.verdict == "pass", result.lines()
+    assert result.canary_requests >= POLICY.min_requests
+    checks = {c.name: c for c in result.checks}
+    assert checks["5xx rate"].value == 0.0
+    assert checks["detections per image shift"].value == pytest.approx(0.0, abs=0.05)
+    assert checks["mean confidence shift"].value == pytest.approx(0.02, abs=0.01)
+
+
+def test_canary_that_detects_nothing_fails_on_detections_per_image(scenarios: dict[str, str]) -> None:
+    result = analyze(scenarios["blind"], POLICY)
+    assert result.verdict == "fail"
+    checks = {c.name: c for c in result.checks}
+    assert checks["detections per image shift"].value == pytest.approx(1.0, abs=0.01)
+    assert checks["detections per image shift"].passed is False
+
+
+def test_slow_canary_fails_on_p95_latency_ratio(scenarios: dict[str, str]) -> None:
+    result = analyze(scenarios["slow"], POLICY)
+    assert result.verdict == "fail"
+    ratio = next(c for c in result.checks if c.name == "p95 latency canary/production")
+    assert ratio.value is not None and ratio.value > 10
+
+
+def test_too_much_required_traffic_is_inconclusive(scenarios: dict[str, str]) -> None:
+    result = analyze(scenarios["healthy"], POLICY.model_copy(update={"min_requests": 10**9}))
+    assert result.verdict == "inconclusive"
+
+
+def test_cli_analyze_exits_3_on_a_failing_canary(scenarios: dict[str, str], tmp_path: Any) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "delivery",
+            "canary",
+            "analyze",
+            "--prometheus-url",
+            scenarios["blind"],
+            "--window",
+            "30s",
+            "--gitops-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "CXR_STACK_DIR": str(tmp_path)},
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "detections per image shift: FAIL" in proc.stdout

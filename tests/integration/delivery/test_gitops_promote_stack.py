@@ -1,0 +1,163 @@
+"""promote / rollback / git revert against real MLflow, S3 and Triton, in a temporary git repo.
+
+Proves: each promotion is one structured commit touching the stage file only; the MLflow alias
+and the s3:// Triton repository follow; the canary stage's real Triton loads the promoted
+version; ``rollback`` and ``git revert`` bring the previous version back and the Triton follows
+the file; a failed gate changes nothing; ``--force --reason`` goes into the commit.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+from tritonclient.http import InferenceServerClient
+
+from data_pipeline.store import ObjectStore
+from delivery.context import DeliveryContext
+from delivery.errors import GateFailed
+from delivery.messages import parse_record
+from delivery.model_file import StageFile, read_stage_file, write_stage_file
+from delivery.promote import PromotionRequest, promote_version
+from delivery.reconcile import reconcile_stage
+from delivery.registry import ModelRegistry
+from delivery.rollback import rollback_stage
+from tests.integration.delivery.gitops_helpers import git, register_version, tiny_detector
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture
+def gitops_repo(tmp_path: Path) -> tuple[Path, str]:
+    root = tmp_path / "gitops"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "user.name", "Promotion Test")
+    git(root, "config", "user.email", "promote@example.org")
+    model_name = f"cxr-detector-gitops-{secrets.token_hex(3)}"
+    for stage in ("staging", "canary", "production"):
+        write_stage_file(root, StageFile(stage=stage, model_name=model_name))  # type: ignore[arg-type]
+    git(root, "add", ".")
+    git(root, "commit", "-q", "-m", "initial stage files")
+    return root, model_name
+
+
+@pytest.fixture
+def private_store(s3_store: Any) -> Iterator[ObjectStore]:
+    """A bucket of its own, so publishing triton/<stage>/ never touches other tests' objects."""
+    store = ObjectStore(
+        s3_store.endpoint,
+        s3_store.access_key,
+        s3_store.secret_key,
+        f"gitops-{secrets.token_hex(3)}",
+        s3_store.region,
+    )
+    store.ensure_bucket()
+    yield store
+    store.delete_prefix("")
+
+
+def model_version_in_triton(url: str, model_name: str) -> str:
+    client = InferenceServerClient(url)
+    try:
+        config = client.get_model_config(model_name)
+        return str(config["parameters"]["cxr_model_version"]["string_value"])
+    finally:
+        client.close()
+
+
+def test_promote_rollback_and_revert_drive_registry_store_git_and_triton(
+    gitops_repo: tuple[Path, str],
+    mlflow_server: Any,
+    private_store: ObjectStore,
+    triton_factory: Any,
+    tmp_path: Path,
+) -> None:
+    root, model_name = gitops_repo
+    v1 = register_version(
+        mlflow_server.uri, model_name, tiny_detector(tmp_path / "v1" / "model.onnx", score=0.9)
+    )
+    v2 = register_version(
+        mlflow_server.uri, model_name, tiny_detector(tmp_path / "v2" / "model.onnx", score=0.8)
+    )
+    weak = register_version(
+        mlflow_server.uri, model_name, tiny_detector(tmp_path / "v3" / "model.onnx", score=0.7), map50="0.05"
+    )
+    stack = tmp_path / "stack"
+    canary_triton = triton_factory("canary", stack.resolve() / "triton" / "canary")
+    ctx = DeliveryContext(
+        gitops_dir=root,
+        mlflow_uri=mlflow_server.uri,
+        prometheus_url="http://127.0.0.1:9",
+        stack_dir=stack,
+        model_name=model_name,
+        triton_urls=(("canary", canary_triton.http_url),),
+    )
+    registry = ModelRegistry(mlflow_server.uri, model_name)
+    lines: list[str] = []
+
+    def promote(version: str, to: str, **kw: Any) -> Any:
+        request = PromotionRequest(version=version, to=to, apply_local=(to == "canary"), **kw)  # type: ignore[arg-type]
+        return promote_version(ctx, request, registry=registry, store=private_store, echo=lines.append)
+
+    # [1] v1 through staging and canary; production by force (no canary traffic exists in this test)
+    promote(v1, "staging")
+    out = promote(v1, "canary")
+    assert out.applied is not None and out.applied.action == "loaded"
+    assert model_version_in_triton(canary_triton.http_url, model_name) == v1
+    assert any(line.startswith("- latency budget: pass") for line in lines)
+    out = promote(v1, "production", force=True, reason="first model, approved in change ticket CX-1")
+    body = git(root, "log", "-1", "--format=%B")
+    assert "Cxr-Forced: true" in body and "Cxr-Reason: first model, approved in change ticket CX-1" in body
+    assert "canary analysis: FAIL" in body  # the overridden gate is on record
+    assert read_stage_file(root, "canary").canary_weight == 0  # production took the traffic back
+
+    # [2] one commit per promotion, each touching only its stage file(s)
+    subjects = git(root, "log", "--format=%s").splitlines()
+    assert subjects[:3] == [
+        f"promote {model_name} {v1} to production (was none)",
+        f"promote {model_name} {v1} to canary (was none)",
+        f"promote {model_name} {v1} to staging (was none)",
+    ]
+    assert git(root, "show", "--name-only", "--format=", "HEAD~2").split() == [
+        "k8s/overlays/staging/model.yaml"
+    ]
+
+    # [3] v2 to canary: registry alias, s3:// repository and the canary Triton follow
+    promote(v2, "canary")
+    assert read_stage_file(root, "canary") == StageFile(
+        stage="canary", model_name=model_name, model_version=v2, canary_weight=10
+    )
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    assert client.get_model_version_by_alias(model_name, "canary").version == v2
+    keys = private_store.list_prefix("triton/canary/")
+    assert f"triton/canary/{model_name}/{v2}/model.onnx" in keys
+    assert f"triton/canary/{model_name}/config.pbtxt" in keys
+    assert not any(f"/{v1}/" in k for k in keys)  # no stale older version beside it
+    assert model_version_in_triton(canary_triton.http_url, model_name) == v2
+
+    # [4] a failing gate refuses and changes nothing
+    head = git(root, "rev-parse", "HEAD")
+    with pytest.raises(GateFailed, match=r"mAP@0\.5"):
+        promote(weak, "canary")
+    assert git(root, "rev-parse", "HEAD") == head
+
+    # [5] rollback: v1 back in the file, in a new commit, and in the Triton
+    rolled = rollback_stage(ctx, "canary", reason="test rollback", registry=registry, echo=lines.append)
+    assert (rolled.from_version, rolled.to_version) == (v2, v1)
+    record = parse_record(git(root, "log", "-1", "--format=%B"))
+    assert record is not None and record.action == "rollback"
+    assert model_version_in_triton(canary_triton.http_url, model_name) == v1
+    assert client.get_model_version_by_alias(model_name, "canary").version == v1
+
+    # [6] git revert of the rollback: the file says v2 again and the stack follows the file
+    git(root, "revert", "--no-edit", "HEAD")
+    assert read_stage_file(root, "canary").model_version == v2
+    result = reconcile_stage(ctx, "canary", registry=registry)
+    assert result.action == "loaded"
+    assert model_version_in_triton(canary_triton.http_url, model_name) == v2
+    assert reconcile_stage(ctx, "canary", registry=registry).action == "unchanged"

@@ -1,0 +1,93 @@
+"""Canary verdicts from query results, and the weight ladder."""
+
+from __future__ import annotations
+
+import pytest
+
+from delivery.canary import build_queries, judge
+from delivery.canary_step import next_weight
+from delivery.policy import CanaryPolicy
+
+pytestmark = pytest.mark.unit
+
+POLICY = CanaryPolicy(window="1m", min_requests=20)
+
+
+def healthy(**overrides: float | None) -> dict[str, float | None]:
+    values: dict[str, float | None] = {
+        "canary-requests": 100.0,
+        "production-requests": 400.0,
+        "error-rate": 0.0,
+        "production-error-rate": 0.0,
+        "p95-latency-ratio": 1.05,
+        "detection-shift": 0.1,
+        "confidence-shift": 0.02,
+        "agreement": None,
+    }
+    values.update(overrides)
+    return values
+
+
+def test_similar_canary_passes_with_every_number_reported() -> None:
+    result = judge(healthy(), POLICY)
+    assert result.verdict == "pass"
+    text = "\n".join(result.lines())
+    assert "1.05" in text and "canary 100 requests" in text
+
+
+def test_too_little_canary_traffic_is_inconclusive_not_pass() -> None:
+    result = judge(healthy(**{"canary-requests": 5.0}), POLICY)
+    assert result.verdict == "inconclusive"
+    assert "5 < 20" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("metric", "value", "check"),
+    [
+        ("error-rate", 0.2, "5xx rate"),
+        ("p95-latency-ratio", 4.0, "p95 latency canary/production"),
+        ("detection-shift", 1.0, "detections per image shift"),  # a canary that finds nothing
+        ("confidence-shift", 0.4, "mean confidence shift"),
+        ("agreement", 0.1, "shadow/online agreement"),
+    ],
+)
+def test_each_threshold_alone_fails_the_canary(metric: str, value: float, check: str) -> None:
+    result = judge(healthy(**{metric: value}), POLICY)
+    assert result.verdict == "fail"
+    assert check in result.summary()
+
+
+def test_missing_error_rate_fails_because_it_is_required() -> None:
+    assert judge(healthy(**{"error-rate": None}), POLICY).verdict == "fail"
+
+
+def test_no_production_traffic_to_compare_is_inconclusive() -> None:
+    values = healthy(
+        **{
+            "production-requests": 0.0,
+            "p95-latency-ratio": None,
+            "detection-shift": None,
+            "confidence-shift": None,
+        }
+    )
+    assert judge(values, POLICY).verdict == "inconclusive"
+
+
+def test_queries_count_absent_detection_series_as_zero_and_use_the_window() -> None:
+    queries = build_queries("7m")
+    assert "or vector(0)" in queries["detection-shift"]
+    assert all("[7m]" in q for q in queries.values())
+    assert 'status=~"5.."' in queries["error-rate"]
+
+
+def test_weight_ladder_climbs_then_stops_at_100() -> None:
+    weights = [10, 50, 100]
+    assert next_weight(0, weights) == 10
+    assert next_weight(10, weights) == 50
+    assert next_weight(50, weights) == 100
+    assert next_weight(100, weights) is None
+
+
+def test_policy_rejects_a_ladder_that_never_reaches_100() -> None:
+    with pytest.raises(ValueError, match="up to 100"):
+        CanaryPolicy(weights=[10, 50])

@@ -1,0 +1,225 @@
+"""Commits in a temporary git repository: one per move, structured, and reversible.
+
+Runs the real ``git`` binary on a throw-away repository; the registry and the stack are not
+involved here (rollback/step are called with the alias update and the local apply switched off;
+the integration tests cover those against real servers).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from delivery.canary import CanaryAnalysis, Check
+from delivery.canary_step import step
+from delivery.canary_window import current_window, window_seconds
+from delivery.context import DeliveryContext
+from delivery.errors import GitOpsRepoError, NoPreviousVersion
+from delivery.git_repo import GitOpsRepo
+from delivery.messages import DeliveryRecord, parse_record
+from delivery.model_file import Stage, StageFile, read_stage_file, write_stage_file
+from delivery.policy import CanaryPolicy
+from delivery.rollback import rollback_stage
+
+pytestmark = pytest.mark.unit
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "gitops"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "user.name", "Test Promoter")
+    git(root, "config", "user.email", "promoter@example.org")
+    for stage in ("staging", "canary", "production"):
+        write_stage_file(root, StageFile(stage=stage))  # type: ignore[arg-type]
+    (root / "README").write_text("gitops test repo\n")
+    git(root, "add", ".")
+    git(root, "commit", "-q", "-m", "initial")
+    return root
+
+
+def ctx_for(root: Path) -> DeliveryContext:
+    return DeliveryContext(
+        gitops_dir=root,
+        mlflow_uri="http://127.0.0.1:9",
+        prometheus_url="http://127.0.0.1:9",
+        stack_dir=root / ".stack",
+    )
+
+
+def commit_version(root: Path, stage: Stage, version: str, weight: int | None = None) -> str:
+    """What promote does after its gates: write the file, commit it with a structured message."""
+    before = read_stage_file(root, stage)
+    content = before.model_copy(
+        update={"model_version": version, **({"canary_weight": weight} if weight else {})}
+    )
+    path = write_stage_file(root, content)
+    record = DeliveryRecord(
+        action="promote",
+        model_name="cxr-detector",
+        stage=stage,
+        from_version=before.model_version,
+        to_version=version,
+        canary_weight=weight,
+    )
+    return GitOpsRepo(root).commit([path], record)
+
+
+def analysis(verdict: str) -> CanaryAnalysis:
+    return CanaryAnalysis(
+        verdict,
+        "1m",
+        120.0,
+        480.0,
+        [Check("5xx rate", 0.5 if verdict == "fail" else 0.0, "<= 0.02", verdict != "fail")],
+        "test",
+    )  # type: ignore[arg-type]
+
+
+def changed_files(root: Path, rev: str = "HEAD") -> list[str]:
+    return git(root, "show", "--name-only", "--format=", rev).split()
+
+
+def test_commit_touches_only_the_stage_file_even_with_other_staged_work(repo: Path) -> None:
+    (repo / "README").write_text("someone's unrelated edit\n")
+    git(repo, "add", "README")
+    commit_version(repo, "staging", "4")
+    assert changed_files(repo) == ["k8s/overlays/staging/model.yaml"]
+    assert "README" in git(repo, "diff", "--cached", "--name-only")  # their work is still staged
+
+
+def test_each_promotion_is_one_commit_with_parsable_trailers(repo: Path) -> None:
+    for stage in ("staging", "canary", "production"):
+        commit_version(repo, stage, "5", 10 if stage == "canary" else None)  # type: ignore[arg-type]
+    log = git(repo, "log", "--format=%s").splitlines()
+    assert log[:3] == [
+        "promote cxr-detector 5 to production (was none)",
+        "promote cxr-detector 5 to canary (was none)",
+        "promote cxr-detector 5 to staging (was none)",
+    ]
+    trailers = git(repo, "log", "-1", "--format=%(trailers:key=Cxr-Stage,valueonly)").strip()
+    assert trailers == "production"
+
+
+def test_rollback_writes_the_previous_version_back_as_a_new_commit(repo: Path) -> None:
+    commit_version(repo, "production", "1")
+    commit_version(repo, "production", "2")
+    head_before = git(repo, "rev-parse", "HEAD").strip()
+    outcome = rollback_stage(
+        ctx_for(repo),
+        "production",
+        reason="alerts",
+        apply_local=False,
+        update_alias=False,
+        echo=lambda _: None,
+    )
+    assert (outcome.from_version, outcome.to_version) == ("2", "1")
+    assert read_stage_file(repo, "production").model_version == "1"
+    assert git(repo, "rev-parse", "HEAD~1").strip() == head_before  # history kept, not rewritten
+    record = parse_record(git(repo, "log", "-1", "--format=%B"))
+    assert record is not None and record.action == "rollback" and record.rolled_back_version == "2"
+    assert record.reason == "alerts"
+
+
+def test_second_rollback_walks_further_back_instead_of_bouncing(repo: Path) -> None:
+    for version in ("1", "2", "3"):
+        commit_version(repo, "production", version)
+    quiet = {"apply_local": False, "update_alias": False, "echo": lambda _: None}
+    assert rollback_stage(ctx_for(repo), "production", **quiet).to_version == "2"  # type: ignore[arg-type]
+    assert rollback_stage(ctx_for(repo), "production", **quiet).to_version == "1"  # type: ignore[arg-type]
+
+
+def test_rollback_of_first_canary_leaves_no_canary_at_weight_zero(repo: Path) -> None:
+    commit_version(repo, "canary", "4", weight=50)
+    rollback_stage(ctx_for(repo), "canary", apply_local=False, update_alias=False, echo=lambda _: None)
+    assert read_stage_file(repo, "canary") == StageFile(stage="canary", model_version="", canary_weight=0)
+
+
+def test_rollback_with_nothing_served_is_a_clear_error(repo: Path) -> None:
+    with pytest.raises(NoPreviousVersion, match="serves nothing"):
+        rollback_stage(ctx_for(repo), "production", apply_local=False, update_alias=False)
+
+
+def test_git_revert_of_a_promotion_restores_the_previous_file(repo: Path) -> None:
+    commit_version(repo, "production", "1")
+    sha = commit_version(repo, "production", "2")
+    git(repo, "revert", "--no-edit", sha)
+    assert read_stage_file(repo, "production").model_version == "1"
+
+
+def test_canary_step_raises_weight_on_pass_one_commit_per_step(repo: Path) -> None:
+    commit_version(repo, "production", "1")
+    commit_version(repo, "canary", "2", weight=10)
+    weights = []
+    for _ in range(2):
+        outcome = step(ctx_for(repo), analysis=analysis("pass"), apply_local=False, echo=lambda _: None)
+        assert outcome.action == "increase" and outcome.commit == git(repo, "rev-parse", "HEAD").strip()
+        weights.append(read_stage_file(repo, "canary").canary_weight)
+    assert weights == [50, 100]
+    assert read_stage_file(repo, "production").model_version == "1"
+
+
+def test_canary_step_on_fail_sets_weight_zero_and_commits_the_rollback(repo: Path) -> None:
+    commit_version(repo, "production", "1")
+    commit_version(repo, "canary", "2", weight=50)
+    outcome = step(
+        ctx_for(repo), analysis=analysis("fail"), apply_local=False, update_alias=False, echo=lambda _: None
+    )
+    assert outcome.action == "rollback"
+    canary = read_stage_file(repo, "canary")
+    assert canary.canary_weight == 0 and canary.model_version == ""
+    assert read_stage_file(repo, "production").model_version == "1"
+    assert "canary analysis failed" in git(repo, "log", "-1", "--format=%B")
+
+
+def test_canary_step_inconclusive_changes_nothing(repo: Path) -> None:
+    commit_version(repo, "canary", "2", weight=10)
+    head = git(repo, "rev-parse", "HEAD")
+    outcome = step(ctx_for(repo), analysis=analysis("inconclusive"), apply_local=False, echo=lambda _: None)
+    assert outcome.action == "wait"
+    assert git(repo, "rev-parse", "HEAD") == head
+
+
+def test_push_sends_the_commit_to_the_remote_argocd_watches(repo: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "remote.git"
+    git(tmp_path, "init", "-q", "--bare", str(remote))
+    git(repo, "remote", "add", "origin", str(remote))
+    commit_version(repo, "staging", "9")
+    GitOpsRepo(repo).push("origin")
+    assert git(remote, "rev-parse", "main") == git(repo, "rev-parse", "HEAD")
+
+
+def test_not_a_git_repository_is_an_actionable_error(tmp_path: Path) -> None:
+    with pytest.raises(GitOpsRepoError, match="CXR_GITOPS_DIR"):
+        GitOpsRepo(tmp_path)
+
+
+def test_canary_window_starts_at_the_commit_that_made_this_version_canary(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new canary is judged on its own samples only: the window never reaches past its commit."""
+    t0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+
+    def at(offset_s: int) -> None:
+        monkeypatch.setenv("GIT_COMMITTER_DATE", (t0 + timedelta(seconds=offset_s)).isoformat())
+
+    policy = CanaryPolicy(window="5m")
+    assert current_window(policy, repo, now=t0) == policy  # no canary yet: the policy as is
+    at(0)
+    commit_version(repo, "canary", "1", weight=10)
+    at(60)
+    commit_version(repo, "canary", "1", weight=50)  # a weight step keeps the version's start
+    assert current_window(policy, repo, now=t0 + timedelta(seconds=100)).window == "100s"
+    assert current_window(policy, repo, now=t0 + timedelta(seconds=400)).window == "5m"
+    at(200)
+    commit_version(repo, "canary", "2", weight=10)  # v1's samples must not judge v2
+    assert current_window(policy, repo, now=t0 + timedelta(seconds=230)).window == "30s"
+    assert window_seconds("30s") == 30 and window_seconds("5m") == 300 and window_seconds("1h") == 3600
