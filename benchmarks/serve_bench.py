@@ -346,7 +346,7 @@ def ort_parallelism(model: Path, seconds: float = 6.0) -> dict[str, float]:
 
 def gateway_env(tmp: Path, model: Path, offline: dict[str, str]) -> tuple[dict[str, str], str]:
     """The env of a benchmark gateway in ``tmp`` (keys, stage file, ONNX backend), and its pacs key."""
-    from delivery.model_file import StageFile, write_stage_file
+    from core.stage_file import StageFile, write_stage_file
     from serving.gateway.auth import write_keys_file
 
     key = write_keys_file(tmp / "api_keys.json", ["pacs"])["pacs"]

@@ -18,23 +18,22 @@ versions stay deterministic); another install, other pseudonyms.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from pathlib import Path
 
-CREDENTIALS_KEY = "deid_secret"
+from core.credentials import read_credentials
+from core.errors import CredentialsError
+
 SECRET_FILE = "install_secret"
 
 
 def _from_credentials(stack_dir: Path) -> str:
-    path = stack_dir / "credentials.json"
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        creds = read_credentials(stack_dir)
+    except CredentialsError:  # a garbled file must not stop a gateway that has its own secret file
         return ""
-    value = data.get(CREDENTIALS_KEY) if isinstance(data, dict) else None
-    return value.strip() if isinstance(value, str) else ""
+    return creds.deid_secret if creds else ""
 
 
 def _read_file(path: Path) -> str:

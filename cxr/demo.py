@@ -21,6 +21,9 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
+from core.credentials import credentials_path, read_credentials
+from core.settings import CoreSettings
+
 console = Console()
 
 
@@ -36,11 +39,11 @@ class StackAccess:
 
     @classmethod
     def from_stack(cls) -> StackAccess:
-        stack = Path(os.environ.get("CXR_STACK_DIR", ".stack"))
-        creds_file = stack / "credentials.json"
-        if not creds_file.exists():
-            raise DemoError(f"{creds_file} not found: start the stack with `make up` first")
-        keys = json.loads(creds_file.read_text())["api_keys"]
+        stack = CoreSettings().stack_dir
+        creds = read_credentials(stack)
+        if creds is None or not {"pacs", "radiologist"} <= set(creds.api_keys):
+            raise DemoError(f"{credentials_path(stack)} not found: start the stack with `make up` first")
+        keys = creds.api_keys
         # `cxr` has loaded the stack's stack.env (its callback), so this is the running stack's
         gateway = os.environ.get("CXR_GATEWAY_URL", "http://127.0.0.1:8080")
         return cls(gateway, keys["pacs"], keys["radiologist"])

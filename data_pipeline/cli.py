@@ -20,8 +20,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from core.errors import CxrError
 from data_pipeline.config import DataSettings
-from data_pipeline.errors import DataPipelineError, StoreError
+from data_pipeline.errors import StoreError
 
 app = typer.Typer(
     help="Data pipeline: synthetic phantoms, dataset builds, annotation checks.", no_args_is_help=True
@@ -56,7 +57,7 @@ def _settings(**overrides: object) -> DataSettings:
 def _friendly_errors() -> Iterator[None]:
     try:
         yield
-    except DataPipelineError as exc:
+    except CxrError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from exc
 

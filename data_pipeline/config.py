@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from core.install_secret import resolve_install_secret
+from core.settings import CoreSettings
 from data_pipeline.dicom_guard import DicomLimits
 
 
@@ -39,21 +40,13 @@ class QualityThresholds(BaseModel):
     )
 
 
-class DataSettings(BaseSettings):
-    """Every setting of ``data_pipeline``; env prefix ``CXR_``.
+class DataSettings(CoreSettings):
+    """Every setting of ``data_pipeline``; env prefix ``CXR_``; the stack fields come from core.
 
     Examples: ``CXR_MAX_SIDE=768``; nested thresholds use ``__``: ``CXR_QUALITY__MIN_SIDE=512``.
     """
 
     model_config = SettingsConfigDict(env_prefix="CXR_", env_nested_delimiter="__", extra="ignore")
-
-    # --- shared stack contract -------------------------------------------------
-    stack_dir: Path = Path(".stack")
-    s3_endpoint: str = "http://127.0.0.1:8333"
-    s3_access_key: str = ""
-    s3_secret_key: str = ""
-    s3_region: str = "us-east-1"
-    s3_bucket: str = "cxr"
 
     # --- privacy ---------------------------------------------------------------
     patient_salt: str = Field(

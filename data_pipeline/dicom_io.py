@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset
 
 from data_pipeline.dicom_guard import DicomLimits, read_guarded
-from data_pipeline.errors import CorruptImage, ImageDecodeError, UnsupportedImage
+from data_pipeline.errors import CorruptImage, ImageDecodeError, UnrecognisedImage, UnsupportedImage
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def _check_stream_start(data: bytes, sniffed: bool) -> None:
     """
     if not sniffed:
         if not _starts_like_a_dataset(data):
-            raise UnsupportedImage(_NOT_AN_IMAGE)
+            raise UnrecognisedImage(_NOT_AN_IMAGE)
         return
     if data[132:134] != b"\x02\x00":
         raise CorruptImage("DICOM file has no File Meta Information after 'DICM' (PS3.10 7.1)")
@@ -287,14 +287,14 @@ def _read_dataset(data: bytes, sniffed: bool, limits: DicomLimits) -> Dataset:
         raise
     except Exception as exc:
         if not sniffed:
-            raise UnsupportedImage(_NOT_AN_IMAGE) from exc
+            raise UnrecognisedImage(_NOT_AN_IMAGE) from exc
         raise CorruptImage(
             f"DICOM header cannot be parsed ({type(exc).__name__}); the file is probably truncated"
         ) from exc
     if "PixelData" not in ds:
         looks_dicom = sniffed or any(k in ds for k in ("SOPClassUID", "Rows", "StudyInstanceUID"))
         if not looks_dicom:
-            raise UnsupportedImage(_NOT_AN_IMAGE)
+            raise UnrecognisedImage(_NOT_AN_IMAGE)
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise UnsupportedImage("float pixel data (parametric maps) is not a radiograph")
         raise CorruptImage(

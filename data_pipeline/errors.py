@@ -7,8 +7,10 @@ we handle" without parsing messages; every message says what to do next.
 
 from __future__ import annotations
 
+from core.errors import CxrError
 
-class DataPipelineError(Exception):
+
+class DataPipelineError(CxrError):
     """Base of every error this package raises on purpose."""
 
 
@@ -18,6 +20,10 @@ class ImageDecodeError(DataPipelineError):
 
 class UnsupportedImage(ImageDecodeError):
     """A valid file of a kind we refuse: color-only modality, multi-frame series, > 50 MP, no decoder."""
+
+
+class UnrecognisedImage(UnsupportedImage):
+    """Bytes that are no DICOM, PNG or JPEG at all (the gateway answers 415, not 422)."""
 
 
 class CorruptImage(ImageDecodeError):

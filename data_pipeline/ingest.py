@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 
+from core.hashing import file_sha256
 from data_pipeline.annotations import (
     COORDS,
     AnnotationTable,
@@ -44,7 +45,7 @@ from data_pipeline.feedback import collect_feedback
 from data_pipeline.fusion import FusionConfig, fuse_annotations
 from data_pipeline.quality import QualityReport, check_images, check_labels, near_duplicate_groups
 from data_pipeline.split import SPLITS, SplitConfig, merge_groups, split_groups
-from data_pipeline.store import ObjectStore, file_sha256
+from data_pipeline.store import ObjectStore
 from data_pipeline.versioning import MANIFEST, compute_version, file_listing, publish, sha256_text
 
 log = logging.getLogger(__name__)
@@ -107,117 +108,215 @@ def build_dataset(
     dicom_dir, annotations_csv, out_dir = Path(dicom_dir), Path(annotations_csv), Path(out_dir)
     if not dicom_dir.is_dir():
         raise AnnotationError(f"image folder {dicom_dir} does not exist")
+    # [1] the new studies: annotation rows and the images they may refer to
     table = load_annotations(annotations_csv)
     images = find_images(dicom_dir)
     feedback_objects: list[str] = []
 
     with _staging(out_dir) as staging:
+        # [2] radiologists' feedback (rows and images) joins them when there is a store to read it from
         if store is not None and feedback:
-            batch = collect_feedback(store, staging)
-            if batch is not None:
-                table = merge_tables(table, batch.table)
-                for image_id, path in batch.images.items():
-                    images.setdefault(image_id, path)
-                feedback_objects = batch.objects
-
+            table, feedback_objects = _merge_feedback(store, staging, table, images)
+        # [3] decode the annotated images (box checks need their sizes), then check and fuse the boxes
         annotated = set(table.image_ids())
-        unannotated = sorted(set(images) - annotated)
         all_dir = staging / "_all"
-        all_dir.mkdir()
-        jobs = [
-            ImageJob(
-                i,
-                str(images[i]),
-                str(all_dir / f"{i}.png"),
-                settings.max_side,
-                settings.png_compression,
-                settings.resolved_patient_salt(),
-            )
-            for i in sorted(annotated & set(images))
-        ]
-        t_images = time.perf_counter()
-        results = run_images(jobs, _workers(settings), console, executor=settings.executor)
-        images_wall = time.perf_counter() - t_images
-        ok = {r.image_id: r for r in results if r.error is None}
-        sizes = {i: (r.width, r.height) for i, r in ok.items()}
-
-        table = check_inside_images(table, sizes)
-        table.enforce(settings.max_bad_row_fraction)
-        fusion_config = FusionConfig(
-            settings.wbf_iou_thr, settings.min_readers, settings.wbf_skip_box_thr, settings.min_reader_share
-        )
-        fused = fuse_annotations(table.frame, fusion_config, sizes)
-
-        report = _quality(settings, results, ok, fused, sizes, table, unannotated)
-        keep = sorted(set(ok) - set(report.excluded) & set(fused["image_id"]))
-        if not keep:
-            raise EmptyDatasetError(
-                f"no usable image in {dicom_dir}: {len(jobs)} annotated files, "
-                f"{len(report.decode_failures)} undecodable, {len(report.excluded)} excluded by the quality "
-                "checks (see thresholds CXR_QUALITY__*); nothing to build"
-            )
-        fused = fused[fused["image_id"].isin(set(keep))].reset_index(drop=True)
-        labels = _labels_by_image(fused)
-        groups = merge_groups({i: ok[i].patient_hash or f"image:{i}" for i in keep}, report.duplicate_groups)
-        split = split_groups(
-            groups, labels, SplitConfig(settings.val_fraction, settings.test_fraction, settings.split_seed)
-        )
-        entries, image_meta = _write_split(staging, all_dir, keep, split, fused, ok)
+        decoded = _decode_annotated(sorted(annotated & set(images)), images, all_dir, settings, console)
+        table, fused = _check_and_fuse(table, decoded.sizes, settings)
+        # [4] the quality checks decide which images enter the dataset
+        unannotated = sorted(set(images) - annotated)
+        report = _quality(settings, decoded.results, decoded.ok, fused, decoded.sizes, table, unannotated)
+        keep, fused = _usable_images(decoded, report, fused, dicom_dir)
+        # [5] split by patient, move images + labels into their split, derive the content version
+        split = _split(keep, fused, decoded.ok, report, settings)
+        entries, image_meta = _write_split(staging, all_dir, keep, split, fused, decoded.ok)
         shutil.rmtree(all_dir)
         version = compute_version(entries, settings.version_config())
-
-        reference = _reference(keep, ok, fused)
-        (staging / "quality_report.json").write_text(json.dumps(report.to_dict(), indent=1, sort_keys=True))
-        (staging / "reference_stats.json").write_text(json.dumps(reference, sort_keys=True))
-        fused.to_csv(staging / "annotations_fused.csv", index=False, float_format="%.2f")
-        write_data_yaml(staging)
-
-        manifest = {
-            "version": version,
-            "format": "yolo",
-            "classes": list(CLASS_NAMES),
-            "config": settings.version_config(),
-            "source": {
-                "dicom_dir": str(dicom_dir.resolve()),
-                "annotations": str(annotations_csv.resolve()),
-                "annotations_sha256": file_sha256(annotations_csv),
-                "annotation_rows": table.total_rows,
-                "feedback_objects": feedback_objects,
-            },
-            "counts": _counts(split, fused),
-            "images": image_meta,
-            "quality": report.summary(),
-            "reference_stats": "reference_stats.json",
-            "quality_report": "quality_report.json",
-        }
-        manifest["files"] = file_listing(staging)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-
-        target = out_dir / version
-        reused = (target / MANIFEST).exists()
-        if not reused:
-            if target.exists():
-                shutil.rmtree(target)  # a partial folder from an older crash
-            staging.rename(target)
-            write_data_yaml(target)  # data.yaml's path now points at the final folder
-            staging.mkdir()  # so the context manager has something to remove
+        # [6] the files that ship with every version, the manifest (which lists them) last
+        _write_side_files(staging, keep, decoded.ok, fused, report)
+        source = _source(dicom_dir, annotations_csv, table, feedback_objects)
+        _write_manifest(staging, version, settings, source, _counts(split, fused), image_meta, report)
+        # [7] into <out>/<version>/ in one rename, unless an identical build is already there
+        target, reused = _move_into_place(staging, out_dir / version)
     build = DatasetBuild(
         version=version,
         path=target,
         manifest=json.loads((target / MANIFEST).read_text()),
         reused=reused,
         quality=report,
-        stage_seconds=_stage_totals(results, images_wall),
+        stage_seconds=_stage_totals(decoded.results, decoded.wall),
     )
+    # [8] publish to the store, then time and log the whole build
+    return _publish_and_log(build, store, started, len(keep))
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """The image pool's output, split the ways the later steps need it."""
+
+    n_jobs: int
+    results: list[ImageResult]
+    ok: dict[str, ImageResult]
+    sizes: dict[str, tuple[int, int]]
+    wall: float
+
+
+def _merge_feedback(
+    store: ObjectStore, staging: Path, table: AnnotationTable, images: dict[str, Path]
+) -> tuple[AnnotationTable, list[str]]:
+    """Radiologists' corrections enter like new studies: rows into the table, images into ``images``."""
+    batch = collect_feedback(store, staging)
+    if batch is None:
+        return table, []
+    table = merge_tables(table, batch.table)
+    for image_id, path in batch.images.items():
+        images.setdefault(image_id, path)
+    return table, batch.objects
+
+
+def _decode_annotated(
+    image_ids: list[str],
+    images: dict[str, Path],
+    all_dir: Path,
+    settings: DataSettings,
+    console: Console | None,
+) -> _Decoded:
+    """Decode ``image_ids`` to PNGs under ``all_dir`` in a process pool: the slow step, so it is timed."""
+    all_dir.mkdir()
+    jobs = [
+        ImageJob(
+            i,
+            str(images[i]),
+            str(all_dir / f"{i}.png"),
+            settings.max_side,
+            settings.png_compression,
+            settings.resolved_patient_salt(),
+        )
+        for i in image_ids
+    ]
+    t_images = time.perf_counter()
+    results = run_images(jobs, _workers(settings), console, executor=settings.executor)
+    wall = time.perf_counter() - t_images
+    ok = {r.image_id: r for r in results if r.error is None}
+    sizes = {i: (r.width, r.height) for i, r in ok.items()}
+    return _Decoded(len(jobs), results, ok, sizes, wall)
+
+
+def _check_and_fuse(
+    table: AnnotationTable, sizes: dict[str, tuple[int, int]], settings: DataSettings
+) -> tuple[AnnotationTable, pd.DataFrame]:
+    """Quarantine boxes outside their image, stop on too many bad rows, fuse the readers' boxes (WBF)."""
+    table = check_inside_images(table, sizes)
+    table.enforce(settings.max_bad_row_fraction)
+    fusion_config = FusionConfig(
+        settings.wbf_iou_thr, settings.min_readers, settings.wbf_skip_box_thr, settings.min_reader_share
+    )
+    return table, fuse_annotations(table.frame, fusion_config, sizes)
+
+
+def _usable_images(
+    decoded: _Decoded, report: QualityReport, fused: pd.DataFrame, dicom_dir: Path
+) -> tuple[list[str], pd.DataFrame]:
+    """Keep images that decoded, passed the checks and have labels; an empty dataset is an error."""
+    keep = sorted(set(decoded.ok) - set(report.excluded) & set(fused["image_id"]))
+    if not keep:
+        raise EmptyDatasetError(
+            f"no usable image in {dicom_dir}: {decoded.n_jobs} annotated files, "
+            f"{len(report.decode_failures)} undecodable, {len(report.excluded)} excluded by the quality "
+            "checks (see thresholds CXR_QUALITY__*); nothing to build"
+        )
+    return keep, fused[fused["image_id"].isin(set(keep))].reset_index(drop=True)
+
+
+def _split(
+    keep: list[str],
+    fused: pd.DataFrame,
+    ok: dict[str, ImageResult],
+    report: QualityReport,
+    settings: DataSettings,
+) -> dict[str, str]:
+    """Image id -> split, by patient and near-duplicate group, so no patient is in two splits."""
+    labels = _labels_by_image(fused)
+    groups = merge_groups({i: ok[i].patient_hash or f"image:{i}" for i in keep}, report.duplicate_groups)
+    return split_groups(
+        groups, labels, SplitConfig(settings.val_fraction, settings.test_fraction, settings.split_seed)
+    )
+
+
+def _write_side_files(
+    staging: Path, keep: list[str], ok: dict[str, ImageResult], fused: pd.DataFrame, report: QualityReport
+) -> None:
+    """The quality report, drift reference, fused annotations and data.yaml that ship with a version."""
+    reference = _reference(keep, ok, fused)
+    (staging / "quality_report.json").write_text(json.dumps(report.to_dict(), indent=1, sort_keys=True))
+    (staging / "reference_stats.json").write_text(json.dumps(reference, sort_keys=True))
+    fused.to_csv(staging / "annotations_fused.csv", index=False, float_format="%.2f")
+    write_data_yaml(staging)
+
+
+def _source(
+    dicom_dir: Path, annotations_csv: Path, table: AnnotationTable, feedback_objects: list[str]
+) -> dict[str, Any]:
+    """The manifest's lineage: where the images and annotations came from, and which feedback objects."""
+    return {
+        "dicom_dir": str(dicom_dir.resolve()),
+        "annotations": str(annotations_csv.resolve()),
+        "annotations_sha256": file_sha256(annotations_csv),
+        "annotation_rows": table.total_rows,
+        "feedback_objects": feedback_objects,
+    }
+
+
+def _write_manifest(
+    staging: Path,
+    version: str,
+    settings: DataSettings,
+    source: dict[str, Any],
+    counts: dict[str, Any],
+    image_meta: dict[str, dict[str, Any]],
+    report: QualityReport,
+) -> None:
+    """The version's manifest, written last so its file listing covers everything else."""
+    manifest = {
+        "version": version,
+        "format": "yolo",
+        "classes": list(CLASS_NAMES),
+        "config": settings.version_config(),
+        "source": source,
+        "counts": counts,
+        "images": image_meta,
+        "quality": report.summary(),
+        "reference_stats": "reference_stats.json",
+        "quality_report": "quality_report.json",
+    }
+    manifest["files"] = file_listing(staging)
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def _move_into_place(staging: Path, target: Path) -> tuple[Path, bool]:
+    """Rename staging to ``target`` so a crash never leaves half a version; reuse an identical one."""
+    reused = (target / MANIFEST).exists()
+    if not reused:
+        if target.exists():
+            shutil.rmtree(target)  # a partial folder from an older crash
+        staging.rename(target)
+        write_data_yaml(target)  # data.yaml's path now points at the final folder
+        staging.mkdir()  # so the context manager has something to remove
+    return target, reused
+
+
+def _publish_and_log(
+    build: DatasetBuild, store: ObjectStore | None, started: float, n_images: int
+) -> DatasetBuild:
+    """Upload to ``datasets/<version>/`` when there is a store, then time the build and log one line."""
     if store is not None:
-        publish(target, version, store)
+        publish(build.path, build.version, store)
         build.published = True
     build.seconds = time.perf_counter() - started
     log.info(
         "event=dataset_built version=%s images=%d reused=%s published=%s seconds=%.1f",
-        version,
-        len(keep),
-        reused,
+        build.version,
+        n_images,
+        build.reused,
         build.published,
         build.seconds,
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,21 +22,13 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
 
+from core.hashing import file_sha256
 from data_pipeline.config import DataSettings, get_settings
 from data_pipeline.errors import StoreError
 
 log = logging.getLogger(__name__)
 
 _SHA_META = "sha256"  # stored as x-amz-meta-sha256
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 hex of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -92,16 +83,7 @@ class ObjectStore:
     def from_env(cls, settings: DataSettings | None = None) -> ObjectStore:
         """Build from ``CXR_S3_*``; keys missing there are read from ``<stack>/credentials.json``."""
         settings = settings or get_settings()
-        access, secret = settings.s3_access_key, settings.s3_secret_key
-        if not (access and secret):
-            creds_file = settings.stack_dir / "credentials.json"
-            if creds_file.exists():
-                try:
-                    s3 = json.loads(creds_file.read_text()).get("s3", {})
-                    access = access or str(s3.get("access_key", ""))
-                    secret = secret or str(s3.get("secret_key", ""))
-                except (OSError, ValueError, AttributeError) as exc:
-                    raise StoreError(f"{creds_file} is unreadable ({exc}); re-run `cxr stack up`") from exc
+        access, secret = settings.s3_keys()
         return cls(settings.s3_endpoint, access, secret, settings.s3_bucket, settings.s3_region)
 
     # ------------------------------------------------------------------ errors

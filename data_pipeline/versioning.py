@@ -21,8 +21,9 @@ from typing import Any
 
 import yaml
 
+from core.hashing import file_sha256
 from data_pipeline.errors import DatasetIntegrityError, DatasetNotFound, StoreError
-from data_pipeline.store import ObjectStore, file_sha256
+from data_pipeline.store import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -13,18 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from core.errors import CxrError
+from core.stage_file import StageFile, read_stage_file, write_stage_file
 from delivery import canary as canary_analysis
 from delivery.canary_window import analyze_current_canary
 from delivery.context import DeliveryContext
-from delivery.errors import DeliveryError
 from delivery.git_repo import GitOpsRepo
 from delivery.messages import DeliveryRecord
-from delivery.model_file import read_stage_file, write_stage_file
 from delivery.policy import load_policy
 from delivery.promote import PromotionRequest, promote_version
 from delivery.reconcile import reconcile_stage
-from delivery.registry import ModelRegistry
 from delivery.rollback import rollback_stage
+from training.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,20 @@ def next_weight(current: int, weights: list[int]) -> int | None:
     return next((w for w in weights if w > current), None)
 
 
+@dataclass(frozen=True)
+class _Options:
+    """How the chosen move is made: pushed or not, which stack follows, where progress goes."""
+
+    push: bool
+    remote: str
+    publish: bool
+    apply_local: bool
+    update_alias: bool
+    registry: ModelRegistry | None
+    store: object | None
+    echo: Callable[[str], None]
+
+
 def step(
     ctx: DeliveryContext,
     *,
@@ -60,24 +74,18 @@ def step(
     echo: Callable[[str], None] = print,
 ) -> StepOutcome:
     """Analyse the running canary and make the one move the verdict calls for."""
+    opts = _Options(push, remote, publish, apply_local, update_alias, registry, store, echo)
+    # [1] what the stage files say now
     repo = GitOpsRepo(ctx.gitops_dir)
     ctx = DeliveryContext(**{**ctx.__dict__, "gitops_dir": repo.root})
     policy = load_policy(repo.root)
     canary = read_stage_file(repo.root, "canary")
     production = read_stage_file(repo.root, "production")
     weight = int(canary.canary_weight or 0)
-    if not canary.model_version:
-        return StepOutcome("idle", "no canary: promote a version with `cxr promote V --to canary`")
-    if canary.model_version == production.model_version:
-        return StepOutcome(
-            "idle",
-            f"v{canary.model_version} is already in production",
-            weight_before=weight,
-            weight_after=weight,
-        )
-    if weight == 0:
-        return StepOutcome("idle", f"canary v{canary.model_version} gets no traffic (weight 0)")
-
+    idle = _nothing_to_analyse(canary, production, weight)
+    if idle is not None:
+        return idle
+    # [2] the verdict on the canary's traffic
     result = analysis or analyze_current_canary(ctx.prometheus_url, policy.canary, repo.root)
     for line in result.lines():
         echo(line)
@@ -89,74 +97,119 @@ def step(
             weight_before=weight,
             weight_after=weight,
         )
+    # [3] the one move it calls for
     if result.verdict == "fail":
-        outcome = rollback_stage(
-            ctx,
-            "canary",
-            reason=f"canary analysis failed: {result.summary()}",
-            push=push,
-            remote=remote,
-            apply_local=apply_local,
-            update_alias=update_alias,
-            registry=registry,
-            details=result.lines(),
-            action="canary step",
-            echo=echo,
-        )
-        return StepOutcome(
-            "rollback",
-            f"canary v{outcome.from_version} failed; rolled back to "
-            f"v{outcome.to_version or 'none'} at weight 0",
-            result,
-            outcome.commit,
-            weight,
-            0,
-        )
-
+        return _roll_back(ctx, result, weight, opts)
     target = next_weight(weight, policy.canary.weights)
     if target is not None:
-        new = canary.model_copy(update={"canary_weight": target})
-        record = DeliveryRecord(
-            action="canary-step",
-            model_name=canary.model_name,
-            stage="canary",
-            from_version=canary.model_version,
-            to_version=canary.model_version,
-            canary_weight=target,
-            details=[f"Canary weight {weight}% -> {target}%.", *result.lines()],
-        )
-        sha = repo.commit([write_stage_file(repo.root, new)], record)
-        echo(f"committed {sha[:12]}: {record.subject()}")
-        if push:
-            repo.push(remote)
-        if apply_local:
-            try:  # the weight lives in the gateway's routing; the Triton only needs to hold the model
-                reconcile_stage(ctx, "canary", registry=registry)
-            except DeliveryError as exc:
-                echo(f"warning: canary Triton not checked ({exc})")
-        return StepOutcome(
-            "increase",
-            f"canary v{canary.model_version} weight {weight}% -> {target}%",
-            result,
-            sha,
-            weight,
-            target,
-        )
+        return _increase(ctx, repo, canary, result, weight, target, opts)
+    return _promote(ctx, canary, result, weight, opts)
 
+
+def _nothing_to_analyse(canary: StageFile, production: StageFile, weight: int) -> StepOutcome | None:
+    """An idle outcome when no canary takes traffic of its own, else None."""
+    if not canary.model_version:
+        return StepOutcome("idle", "no canary: promote a version with `cxr promote V --to canary`")
+    if canary.model_version == production.model_version:
+        return StepOutcome(
+            "idle",
+            f"v{canary.model_version} is already in production",
+            weight_before=weight,
+            weight_after=weight,
+        )
+    if weight == 0:
+        return StepOutcome("idle", f"canary v{canary.model_version} gets no traffic (weight 0)")
+    return None
+
+
+def _roll_back(
+    ctx: DeliveryContext, result: canary_analysis.CanaryAnalysis, weight: int, opts: _Options
+) -> StepOutcome:
+    """A failed analysis: the canary goes back to its previous version at weight 0."""
+    outcome = rollback_stage(
+        ctx,
+        "canary",
+        reason=f"canary analysis failed: {result.summary()}",
+        push=opts.push,
+        remote=opts.remote,
+        apply_local=opts.apply_local,
+        update_alias=opts.update_alias,
+        registry=opts.registry,
+        details=result.lines(),
+        action="canary step",
+        echo=opts.echo,
+    )
+    return StepOutcome(
+        "rollback",
+        f"canary v{outcome.from_version} failed; rolled back to v{outcome.to_version or 'none'} at weight 0",
+        result,
+        outcome.commit,
+        weight,
+        0,
+    )
+
+
+def _increase(
+    ctx: DeliveryContext,
+    repo: GitOpsRepo,
+    canary: StageFile,
+    result: canary_analysis.CanaryAnalysis,
+    weight: int,
+    target: int,
+    opts: _Options,
+) -> StepOutcome:
+    """A passing analysis below the last weight: one commit raises the canary's share."""
+    new = canary.model_copy(update={"canary_weight": target})
+    record = DeliveryRecord(
+        action="canary-step",
+        model_name=canary.model_name,
+        stage="canary",
+        from_version=canary.model_version,
+        to_version=canary.model_version,
+        canary_weight=target,
+        details=[f"Canary weight {weight}% -> {target}%.", *result.lines()],
+    )
+    sha = repo.commit([write_stage_file(repo.root, new)], record)
+    opts.echo(f"committed {sha[:12]}: {record.subject()}")
+    if opts.push:
+        repo.push(opts.remote)
+    if opts.apply_local:
+        try:  # the weight lives in the gateway's routing; the Triton only needs to hold the model
+            reconcile_stage(ctx, "canary", registry=opts.registry)
+        except CxrError as exc:
+            opts.echo(f"warning: canary Triton not checked ({exc})")
+    return StepOutcome(
+        "increase",
+        f"canary v{canary.model_version} weight {weight}% -> {target}%",
+        result,
+        sha,
+        weight,
+        target,
+    )
+
+
+def _promote(
+    ctx: DeliveryContext,
+    canary: StageFile,
+    result: canary_analysis.CanaryAnalysis,
+    weight: int,
+    opts: _Options,
+) -> StepOutcome:
+    """A passing analysis at the last weight: the canary's version goes to production."""
     promoted = promote_version(
         ctx,
         PromotionRequest(
             canary.model_version,
             "production",
-            push=push,
-            remote=remote,
-            publish=publish,
-            apply_local=apply_local,
+            push=opts.push,
+            remote=opts.remote,
+            publish=opts.publish,
+            apply_local=opts.apply_local,
         ),
-        registry=registry,
-        store=store,
+        registry=opts.registry,
+        store=opts.store,
         analysis=result,
-        echo=echo,
+        echo=opts.echo,
     )
     return StepOutcome(
         "promote", f"v{canary.model_version} promoted to production", result, promoted.commit, weight, 0

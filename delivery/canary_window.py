@@ -13,9 +13,9 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+from core.stage_file import read_stage_file
 from delivery.canary import CanaryAnalysis, analyze
 from delivery.git_repo import GitOpsRepo
-from delivery.model_file import read_stage_file
 from delivery.policy import CanaryPolicy
 
 _UNIT_S = {"s": 1, "m": 60, "h": 3600}

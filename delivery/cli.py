@@ -17,8 +17,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from delivery.errors import DeliveryError, GateFailed
-from delivery.model_file import as_stage
+from core.errors import CxrError
+from core.stage_file import as_stage
+from core.stages import PROMOTION_ORDER
+from delivery.errors import GateFailed
 
 console = Console(highlight=False)
 canary_app = typer.Typer(
@@ -52,13 +54,13 @@ def _echo(line: str) -> None:
 
 @contextmanager
 def _delivery_errors() -> Iterator[None]:
-    """Turn delivery errors into one readable line and an exit code."""
+    """Turn expected failures (delivery, registry, stage files) into one readable line and an exit code."""
     try:
         yield
     except GateFailed as exc:
         console.print(f"promotion refused: {exc}", style="bold red", markup=False)
         raise typer.Exit(GATE_EXIT) from exc
-    except DeliveryError as exc:
+    except CxrError as exc:
         console.print(f"error: {exc}", style="bold red", markup=False)
         raise typer.Exit(1) from exc
 
@@ -196,7 +198,7 @@ def reconcile(
         if watch:
             rec.watch(ctx, poll_s=poll_s)
             return
-        for name in stage or ["staging", "canary", "production"]:
+        for name in stage or PROMOTION_ORDER:
             if publish:
                 _publish_stage(ctx, name)
             result = rec.reconcile_stage(ctx, as_stage(name), build_local=not publish, force=publish)
@@ -206,10 +208,10 @@ def reconcile(
 
 
 def _publish_stage(ctx: Any, stage: str) -> None:
+    from core.stage_file import read_stage_file
     from data_pipeline.store import ObjectStore
-    from delivery.model_file import read_stage_file
     from delivery.reconcile import fetch_onnx, publish_repository
-    from delivery.registry import ModelRegistry
+    from training.registry import ModelRegistry
 
     wanted = read_stage_file(ctx.gitops_dir, as_stage(stage))
     if not wanted.model_version:

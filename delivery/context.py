@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from delivery.model_file import DEFAULT_MODEL_NAME, Stage
+from core.stage_file import DEFAULT_MODEL_NAME
+from core.stages import PROMOTION_ORDER, Stage
 from serving.config import ServingSettings
 
 
@@ -33,9 +34,7 @@ class DeliveryContext:
             "prometheus_url": s.prometheus_url,
             "stack_dir": Path(s.stack_dir),
             "model_name": s.model_name,
-            "triton_urls": tuple(
-                (stage, s.triton_url(stage)) for stage in ("staging", "canary", "production")
-            ),
+            "triton_urls": tuple((stage, s.triton_url(stage)) for stage in PROMOTION_ORDER),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -1,26 +1,21 @@
 """Typed delivery errors: each carries a message that tells the operator what to do next.
 
-The CLI turns any :class:`DeliveryError` into a one-line message and a non-zero exit code
+The CLI turns any :class:`DeliveryError` (and any other :class:`core.errors.CxrError`, such as
+the registry's or a stage file's) into a one-line message and a non-zero exit code
 instead of a traceback.
 """
 
 from __future__ import annotations
 
+from core.errors import CxrError
 
-class DeliveryError(Exception):
+
+class DeliveryError(CxrError):
     """Base class of every error raised by :mod:`delivery`."""
-
-
-class StageFileError(DeliveryError):
-    """A stage model file is missing or does not match the schema."""
 
 
 class GitOpsRepoError(DeliveryError):
     """The GitOps directory is not a usable git repository (missing, no identity, push refused)."""
-
-
-class RegistryError(DeliveryError):
-    """The MLflow registry does not know the model version, or cannot be reached."""
 
 
 class GateFailed(DeliveryError):

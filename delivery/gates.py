@@ -7,10 +7,11 @@ into the promotion commit as it was decided.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from delivery.model_file import Stage
+from core.stages import Stage
 from delivery.policy import GatePolicy
+from training.registry import VersionFacts
 
 
 @dataclass(frozen=True)
@@ -25,23 +26,6 @@ class GateResult:
     def line(self) -> str:
         verdict = "pass" if self.passed else "FAIL"
         return f"- {self.name}: {verdict} ({self.observed}; needs {self.expected})"
-
-
-@dataclass(frozen=True)
-class VersionFacts:
-    """What the registry says about one model version (its lineage tags)."""
-
-    version: str
-    tags: dict[str, str] = field(default_factory=dict)
-
-    def number(self, key: str) -> float | None:
-        raw = self.tags.get(key)
-        if raw is None or raw == "":
-            return None
-        try:
-            return float(raw)
-        except ValueError:
-            return None
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import git
 
+from core.stage_file import StageFile, parse_stage_file, stage_file_path
+from core.stages import Stage
 from delivery.errors import GitOpsRepoError
 from delivery.messages import DeliveryRecord, parse_record
-from delivery.model_file import Stage, StageFile, parse_stage_file, stage_file_path
 
 log = logging.getLogger(__name__)
 

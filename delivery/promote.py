@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import CxrError
+from core.stage_file import StageFile, read_stage_file, write_stage_file
+from core.stages import PROMOTION_ORDER, Stage
 from delivery import canary as canary_analysis
 from delivery.canary_window import analyze_current_canary
 from delivery.context import DeliveryContext
@@ -28,10 +31,9 @@ from delivery.gates import (
 from delivery.git_repo import GitOpsRepo
 from delivery.latency import measure_onnx_latency
 from delivery.messages import DeliveryRecord
-from delivery.model_file import PROMOTION_ORDER, Stage, StageFile, read_stage_file, write_stage_file
 from delivery.policy import DeliveryPolicy, load_policy
 from delivery.reconcile import ReconcileResult, fetch_onnx, publish_repository, reconcile_stage
-from delivery.registry import ModelRegistry
+from training.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def _guarded(name: str, compute: Callable[[], list[GateResult]]) -> list[GateRes
     """A gate whose inputs cannot be fetched fails with the reason (so --force can still override)."""
     try:
         return compute()
-    except DeliveryError as exc:
+    except CxrError as exc:
         return [GateResult(name, False, f"could not evaluate: {exc}", "its inputs")]
 
 
@@ -206,7 +208,7 @@ def promote_version(
         try:
             outcome.applied = reconcile_stage(ctx, request.to, registry=reg)
             echo(f"{request.to} Triton now serves v{request.version} ({outcome.applied.seconds:.1f} s)")
-        except DeliveryError as exc:
+        except CxrError as exc:
             outcome.warnings.append(f"local stack not updated: {exc}")
             echo(f"warning: local stack not updated ({exc}); run `python -m delivery reconcile`")
     log.info(

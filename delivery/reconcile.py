@@ -15,10 +15,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import CxrError
+from core.stage_file import read_stage_file
+from core.stages import PROMOTION_ORDER, Stage
 from delivery.context import DeliveryContext
-from delivery.errors import DeliveryError, ReconcileError
-from delivery.model_file import PROMOTION_ORDER, Stage, read_stage_file
-from delivery.registry import ModelRegistry
+from delivery.errors import ReconcileError
+from training.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ def reconcile_stage(
             if not admin.wait_ready(wanted.model_name, timeout_s=120.0):
                 raise ReconcileError(f"Triton {url} did not report {wanted.model_name} ready within 120 s")
             action = "loaded"
-    except DeliveryError:
+    except CxrError:
         raise
     except Exception as exc:  # tritonclient raises its own exception types, and socket errors
         raise ReconcileError(
@@ -158,7 +160,7 @@ def reconcile_all(ctx: DeliveryContext, *, registry: ModelRegistry | None = None
     for stage in PROMOTION_ORDER:
         try:
             results.append(reconcile_stage(ctx, stage, registry=registry))
-        except DeliveryError as exc:
+        except CxrError as exc:
             log.warning("reconcile_failed stage=%s error=%s", stage, exc)
     return results
 

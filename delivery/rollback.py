@@ -12,13 +12,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from core.errors import CxrError
+from core.stage_file import read_stage_file, write_stage_file
+from core.stages import PROMOTION_ORDER, Stage
 from delivery.context import DeliveryContext
 from delivery.errors import DeliveryError, NoPreviousVersion
 from delivery.git_repo import GitOpsRepo
 from delivery.messages import DeliveryRecord
-from delivery.model_file import PROMOTION_ORDER, Stage, read_stage_file, write_stage_file
 from delivery.reconcile import ReconcileResult, reconcile_stage
-from delivery.registry import ModelRegistry
+from training.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +106,12 @@ def rollback_stage(
     if update_alias:
         try:  # the alias follows the file ("" removes it); the commit stands either way
             (registry or ModelRegistry(ctx.mlflow_uri, current.model_name)).set_alias(stage, target)
-        except DeliveryError as exc:
+        except CxrError as exc:
             outcome.warnings = [*(outcome.warnings or []), f"MLflow alias not moved: {exc}"]
     if apply_local:
         try:
             outcome.applied = reconcile_stage(ctx, stage, registry=registry)
-        except DeliveryError as exc:
+        except CxrError as exc:
             outcome.warnings = [*(outcome.warnings or []), f"local stack not updated: {exc}"]
             echo(f"warning: local stack not updated ({exc}); run `python -m delivery reconcile`")
     log.info("rolled_back stage=%s from=%s to=%s commit=%s", stage, current.model_version, target, sha[:12])

@@ -7,7 +7,6 @@ A plain function (the root ``cxr`` command mounts it as a command) plus a Typer
 from __future__ import annotations
 
 import logging
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -36,22 +35,24 @@ def serve(
     import uvicorn
 
     from serving.config import ServingSettings
+    from serving.gateway.app import create_app
 
     console = Console(stderr=True)
-    os.environ["CXR_BACKEND"] = backend.value
-    if model is not None:
-        if not model.is_file():
-            console.print(f"[red]ONNX model {model} does not exist[/red]")
-            raise typer.Exit(2)
-        os.environ["CXR_ONNX_MODEL"] = str(model.resolve())
-    elif backend is BackendName.onnx and not os.environ.get("CXR_ONNX_MODEL"):
-        console.print("[red]--backend onnx needs --model PATH (or CXR_ONNX_MODEL)[/red]")
+    if model is not None and not model.is_file():
+        console.print(f"[red]ONNX model {model} does not exist[/red]")
         raise typer.Exit(2)
+    # the options override their CXR_* variables; everything else comes from the environment
+    overrides: dict[str, object] = {"backend": backend.value}
+    if model is not None:
+        overrides["onnx_model"] = model.resolve()
     try:
-        settings = ServingSettings()
+        settings = ServingSettings(**overrides)  # type: ignore[arg-type]
     except ValueError as exc:
         console.print(f"[red]invalid gateway settings:[/red] {exc}")
         raise typer.Exit(2) from exc
+    if settings.backend == "onnx" and settings.onnx_model is None:
+        console.print("[red]--backend onnx needs --model PATH (or CXR_ONNX_MODEL)[/red]")
+        raise typer.Exit(2)
     apply_offline_env(settings.stack_dir)
     keys_file = settings.resolved_api_keys_file
     if settings.auth_enabled and not keys_file.exists():
@@ -61,9 +62,9 @@ def serve(
         raise typer.Exit(2)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     console.print(f"gateway on http://{host}:{port} backend={backend.value}")
+    # the app gets this settings object itself, not environment variables to read again
     uvicorn.run(
-        "serving.gateway.app:create_app",
-        factory=True,
+        create_app(settings),
         host=host,
         port=port,
         log_level=log_level,

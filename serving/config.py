@@ -10,29 +10,18 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Stage = Literal["production", "canary", "staging"]
-STAGES: tuple[Stage, ...] = ("production", "canary", "staging")
+from core.settings import CoreSettings
+from core.stages import Stage
 
 
-class ServingSettings(BaseSettings):
-    """Configuration of the FastAPI gateway (env prefix ``CXR_``)."""
+class ServingSettings(CoreSettings):
+    """Configuration of the FastAPI gateway (env prefix ``CXR_``); the stack fields come from core."""
 
-    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
-
-    # --- state and stores -------------------------------------------------------
-    stack_dir: Path = Path(".stack")
-    s3_endpoint: str = "http://127.0.0.1:8333"
-    s3_access_key: str = ""
-    s3_secret_key: str = ""
-    s3_region: str = "us-east-1"
-    s3_bucket: str = "cxr"
-    mlflow_uri: str = "http://127.0.0.1:5000"
+    # --- stores -----------------------------------------------------------------
     prometheus_url: str = Field(
         default="http://127.0.0.1:9090", description="Prometheus that canary analysis queries"
     )
-    gitops_dir: Path = Path(".")
 
     # --- backends ---------------------------------------------------------------
     backend: Literal["triton", "onnx"] = "triton"

@@ -89,3 +89,21 @@ def contract_from_metadata(meta: dict[str, str]) -> ModelContract:
         parsed = ast.literal_eval(meta["names"])  # ultralytics writes a Python dict repr
         names = tuple(parsed[i] for i in sorted(parsed))
     return ModelContract(imgsz=(int(imgsz[0]), int(imgsz[1])), class_names=names, extra=meta)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One finding: VinDr class id/name, confidence and [x_min, y_min, x_max, y_max] in source pixels."""
+
+    class_id: int
+    class_name: str
+    confidence: float
+    box: tuple[float, float, float, float]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "class_id": self.class_id,
+            "class_name": self.class_name,
+            "confidence": round(self.confidence, 5),
+            "box": [round(v, 2) for v in self.box],
+        }

@@ -29,8 +29,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from serving.contract import Detection
 from serving.errors import NotFound
-from serving.inference.postprocess import Detection
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from core.stages import PROMOTION_ORDER
 from stack.components import http_ok
 from stack.config import StackSettings
 
@@ -104,7 +105,7 @@ def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> st
     )
     summary = json.loads((summary_dir / "summary.json").read_text())
     version = str(summary["model_version"])
-    for stage in ("staging", "canary", "production"):
+    for stage in PROMOTION_ORDER:
         _cxr(settings, f"promote-{stage}", "promote", version, "--to", stage, "--force", "--reason", REASON)
     wait_ready(env["CXR_GATEWAY_URL"], timeout_s)
     log.info("bootstrap=done model_version=%s", version)

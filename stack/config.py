@@ -1,8 +1,9 @@
 """Settings of the one-machine stack: where its state lives and which loopback ports it uses.
 
-The stack is its own sub-package of ``workflows`` (orchestration on one machine), so
-it owns this one settings object; every port in DESIGN.md's stack contract is a
-field here and can be overridden with a ``CXR_`` environment variable.
+The stack is its own package (orchestration on one machine), so it owns this one
+settings object (the stack fields every package shares come from ``core``); every
+port in DESIGN.md's stack contract is a field here and can be overridden with a
+``CXR_`` environment variable.
 """
 
 from __future__ import annotations
@@ -11,17 +12,15 @@ import sys
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-STAGES: tuple[str, ...] = ("production", "canary", "staging")
+from core.credentials import credentials_path
+from core.settings import CoreSettings
+from core.stages import STAGES
 
 
-class StackSettings(BaseSettings):
+class StackSettings(CoreSettings):
     """Ports, folders and names of the one-machine stack (all bound to loopback)."""
 
-    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
-
-    stack_dir: Path = Field(default=Path(".stack"), description="all state of the stack lives here")
     host: str = "127.0.0.1"
     s3_port: int = 8333
     # SeaweedFS' own internal servers (master, volume, filer) each need a port; kept
@@ -36,9 +35,7 @@ class StackSettings(BaseSettings):
     triton_production_port: int = 8000
     triton_canary_port: int = 8100
     triton_staging_port: int = 8200
-    s3_bucket: str = "cxr"
     mlflow_bucket: str = "mlflow"
-    s3_region: str = "us-east-1"
     triton_venv: Path = Field(default=Path(".venv-triton"), description="Triton's own env (numpy<2)")
     python: Path = Field(default=Path(sys.executable), description="interpreter of the main env")
     health_timeout_s: float = 90.0
@@ -61,7 +58,7 @@ class StackSettings(BaseSettings):
 
     @property
     def credentials_file(self) -> Path:
-        return self.state / "credentials.json"
+        return credentials_path(self.state)
 
     @property
     def env_file(self) -> Path:

@@ -13,27 +13,12 @@ import hashlib
 import json
 import os
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 
-from core.install_secret import CREDENTIALS_KEY, SECRET_FILE
+from core.credentials import StackCredentials, parse_credentials
+from core.install_secret import SECRET_FILE
 
 ROLES: tuple[str, ...] = ("pacs", "radiologist", "operator", "admin")
-
-
-@dataclass(frozen=True)
-class StackCredentials:
-    s3_access_key: str
-    s3_secret_key: str
-    api_keys: dict[str, str]
-    deid_secret: str = ""
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "s3": {"access_key": self.s3_access_key, "secret_key": self.s3_secret_key},
-            "api_keys": dict(self.api_keys),
-            CREDENTIALS_KEY: self.deid_secret,
-        }
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -50,23 +35,17 @@ def hash_key(key: str) -> str:
 
 def load_or_create(credentials_file: Path, api_keys_file: Path) -> StackCredentials:
     """Read the stack's secrets, generating any that are missing (idempotent)."""
-    data: dict[str, object] = {}
-    if credentials_file.exists():
-        data = json.loads(credentials_file.read_text())
-    s3 = data.get("s3") if isinstance(data.get("s3"), dict) else {}
-    assert isinstance(s3, dict)
-    keys_raw = data.get("api_keys") if isinstance(data.get("api_keys"), dict) else {}
-    assert isinstance(keys_raw, dict)
+    old = parse_credentials(json.loads(credentials_file.read_text()) if credentials_file.exists() else {})
     # an install that ran before this key existed keeps the secret its gateway generated
     generated = credentials_file.parent / SECRET_FILE
     earlier = generated.read_text().strip() if generated.exists() else ""
     creds = StackCredentials(
-        s3_access_key=str(s3.get("access_key") or "cxr" + secrets.token_hex(8)),
-        s3_secret_key=str(s3.get("secret_key") or secrets.token_urlsafe(30)),
+        s3_access_key=old.s3_access_key or "cxr" + secrets.token_hex(8),
+        s3_secret_key=old.s3_secret_key or secrets.token_urlsafe(30),
         api_keys={
-            role: str(keys_raw.get(role) or f"cxr_{role}_{secrets.token_urlsafe(24)}") for role in ROLES
+            role: old.api_keys.get(role) or f"cxr_{role}_{secrets.token_urlsafe(24)}" for role in ROLES
         },
-        deid_secret=str(data.get(CREDENTIALS_KEY) or earlier or secrets.token_hex(32)),
+        deid_secret=old.deid_secret or earlier or secrets.token_hex(32),
     )
     _write_private(credentials_file, json.dumps(creds.to_json(), indent=2) + "\n")
     hashed = {

@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.credentials import StackCredentials
 from core.offline import apply_offline_env, offline_env
+from core.stages import STAGES
 from stack.components import (
     Component,
     ComponentFailed,
@@ -37,8 +39,8 @@ from stack.components import (
     triton_component,
     wait_component,
 )
-from stack.config import STAGES, StackSettings
-from stack.credentials import StackCredentials, load_or_create, write_env_file
+from stack.config import StackSettings
+from stack.credentials import load_or_create, write_env_file
 from stack.gitops_checkout import ensure_checkout
 from stack.supervisor import Supervisor
 

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import CxrError
 from training.config import TrainSettings, load_config
 from training.dataset import DatasetRef
 from training.errors import TrainingError
@@ -54,7 +55,7 @@ def epoch_table(results_csv: Path) -> Table:
     return table
 
 
-def _fail(exc: TrainingError) -> typer.Exit:
+def _fail(exc: CxrError) -> typer.Exit:
     console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
     return typer.Exit(code=2)
 
@@ -79,7 +80,7 @@ def run(
     try:
         recipe = load_config(config)
         outcome = train_and_register(recipe, dataset, workers, settings=settings)
-    except TrainingError as exc:
+    except CxrError as exc:
         raise _fail(exc) from exc
     if outcome.results_csv is not None and outcome.results_csv.exists():
         console.print(epoch_table(outcome.results_csv))
@@ -137,7 +138,7 @@ def evaluate_cmd(
         report = evaluate(
             OrtPredictor.load(onnx_path), data, EvalConfig(), split=split, plots_dir=work / "plots"
         )
-    except TrainingError as exc:
+    except CxrError as exc:
         raise _fail(exc) from exc
     table = Table(title=f"{settings.registered_model} v{model_version} on {data.version}/{split}")
     for col in ("finding", "boxes", "AP50", "AP40", "AP50-95", "P", "R"):
@@ -185,7 +186,7 @@ def quantize_cmd(
         eval_config = EvalConfig()
         fp32 = evaluate(OrtPredictor.load(onnx_path), data, eval_config)
         outcome = quantize_and_evaluate(onnx_path, target, data, eval_config, calibration_images, fp32)
-    except TrainingError as exc:
+    except CxrError as exc:
         raise _fail(exc) from exc
     result = outcome.result
     table = Table(title=f"{settings.registered_model} v{model_version}: fp32 vs INT8 on {data.version}/test")

@@ -15,8 +15,8 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.settings import CoreSettings
 from training.errors import ConfigError
 
 ModelSize = Literal["yolo11n", "yolo11s", "yolo11m", "yolo11l", "yolo11x"]
@@ -205,20 +205,10 @@ def load_config(path: Path) -> TrainConfig:
         raise ConfigError(f"training config {path} is invalid:\n{exc}") from exc
 
 
-class TrainSettings(BaseSettings):
-    """Where this machine's servers are; read from ``CXR_*`` variables once per command."""
+class TrainSettings(CoreSettings):
+    """Where this machine's servers are (the stack fields come from core); read once per command."""
 
-    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
-
-    stack_dir: Path = Path(".stack")
-    s3_endpoint: str = "http://127.0.0.1:8333"
-    s3_access_key: str = ""
-    s3_secret_key: str = ""
-    s3_region: str = "us-east-1"
-    s3_bucket: str = "cxr"
-    mlflow_uri: str = "http://127.0.0.1:5000"
     mlflow_experiment: str = "cxr-detector"
-    registered_model: str = "cxr-detector"
     train_work_dir: Path | None = None
     dataset_cache_dir: Path | None = None
     ray_address: str | None = None
@@ -233,16 +223,3 @@ class TrainSettings(BaseSettings):
     @property
     def dataset_cache(self) -> Path:
         return self.dataset_cache_dir or self.stack_dir / "datasets"
-
-    def s3_credentials(self) -> tuple[str, str]:
-        """S3 keys from ``CXR_S3_*``, else from the stack's ``credentials.json`` (like data_pipeline)."""
-        access, secret = self.s3_access_key, self.s3_secret_key
-        creds_file = self.stack_dir / "credentials.json"
-        if not (access and secret) and creds_file.exists():
-            try:
-                s3 = json.loads(creds_file.read_text()).get("s3", {})
-            except (OSError, ValueError, AttributeError) as exc:
-                raise ConfigError(f"{creds_file} is unreadable ({exc}); re-run `cxr stack up`") from exc
-            access = access or str(s3.get("access_key", ""))
-            secret = secret or str(s3.get("secret_key", ""))
-        return access, secret

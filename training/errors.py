@@ -6,8 +6,10 @@ instead of a traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from core.errors import CxrError
 
-class TrainingError(Exception):
+
+class TrainingError(CxrError):
     """Base class: an expected failure with an actionable message."""
 
 

@@ -11,7 +11,6 @@ comparison sees raw scores.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.hashing import file_sha256
 from training.errors import ParityError, TrainingError
 from training.evaluate import preprocess
 from training.predictors import OrtPredictor, TorchPredictor
@@ -55,14 +55,6 @@ def contract(imgsz: int, class_names: tuple[str, ...]) -> dict[str, object]:
         "nms": "gateway",
         "class_names": list(class_names),
     }
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_graph(path: Path, n_classes: int) -> int:

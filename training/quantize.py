@@ -120,7 +120,7 @@ def quantize_int8(onnx_path: Path, out_path: Path, calibration_images: list[Path
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from training.export import file_sha256
+    from core.hashing import file_sha256
     from training.predictors import OrtPredictor
 
     if not calibration_images:

@@ -72,7 +72,7 @@ def s3_filesystem(settings: TrainSettings) -> Any:
     endpoint = settings.s3_endpoint
     scheme = "https" if endpoint.startswith("https://") else "http"
     host = endpoint.split("://", 1)[-1].rstrip("/")
-    access, secret = settings.s3_credentials()
+    access, secret = settings.s3_keys()
     return fs.S3FileSystem(
         access_key=access or None,
         secret_key=secret or None,

@@ -1,16 +1,21 @@
-"""The MLflow model registry entry of each trained model: ``cxr-detector`` versions with lineage tags.
+"""The MLflow model registry: the one client training, delivery and the pipeline steps use.
 
-Training only ever CREATES versions. Aliases (``staging``, ``canary``,
-``production``) are the delivery pipeline's decision (``cxr promote``), made
-after gates and review; a training job that set them would bypass both.
+Training only ever CREATES versions (:meth:`ModelRegistry.register`). Aliases (``staging``,
+``canary``, ``production``) are the delivery pipeline's decision (``cxr promote``), made after
+gates and review; they mirror the overlay files so the MLflow UI shows what serves where, and the
+files stay the truth (a ``git revert`` wins; the next promote, rollback or reconcile re-points the
+alias). It lives in ``training`` because training writes the versions and sits below
+``delivery`` in the import graph, so both import it from here.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import BaseModel
 
 from training.config import TrainSettings
@@ -21,6 +26,7 @@ log = logging.getLogger(__name__)
 ONNX_ARTIFACT_DIR = "onnx"
 ONNX_FILE = "model.onnx"
 WEIGHTS_ARTIFACT = "weights/best.pt"
+MODEL_DESCRIPTION = "Chest X-ray finding detector (YOLO11, 14 VinDr-CXR classes), ONNX for Triton."
 
 
 class LineageTags(BaseModel):
@@ -40,10 +46,173 @@ class LineageTags(BaseModel):
         return {key: str(value) for key, value in self.model_dump().items()}
 
 
-def _client(settings: TrainSettings) -> Any:
-    from mlflow.tracking import MlflowClient
+#: the tag names every registered version must carry (the fields of :class:`LineageTags`)
+REQUIRED_TAGS: tuple[str, ...] = tuple(LineageTags.model_fields)
 
-    return MlflowClient(tracking_uri=settings.mlflow_uri)
+
+@dataclass(frozen=True)
+class VersionFacts:
+    """What the registry says about one model version (its lineage tags)."""
+
+    version: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def number(self, key: str) -> float | None:
+        raw = self.tags.get(key)
+        if raw is None or raw == "":
+            return None
+        try:
+            return float(raw)
+        except ValueError:
+            return None
+
+    @property
+    def missing_tags(self) -> list[str]:
+        """Lineage tags this version lacks."""
+        return [t for t in REQUIRED_TAGS if t not in self.tags]
+
+
+class ModelRegistry:
+    """Registry calls against one tracking server (the URI is explicit: no global MLflow state)."""
+
+    def __init__(self, tracking_uri: str, model_name: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.model_name = model_name
+        self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self._reachable = False
+
+    @classmethod
+    def from_settings(cls, settings: TrainSettings | None = None) -> ModelRegistry:
+        s = settings or TrainSettings()
+        return cls(s.mlflow_uri, s.registered_model)
+
+    # ------------------------------------------------------------------ errors
+
+    def _ensure_reachable(self, what: str) -> None:
+        """Fail in seconds, not after MLflow's client has retried with backoff for minutes."""
+        if self._reachable or not self.tracking_uri.startswith("http"):
+            return
+        try:
+            httpx.get(f"{self.tracking_uri.rstrip('/')}/health", timeout=5.0).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc, what) from exc
+        self._reachable = True
+
+    def _unreachable(self, exc: Exception, what: str) -> RegistryError:
+        return RegistryError(
+            f"MLflow at {self.tracking_uri} failed while {what}: {exc}. "
+            "Is the stack up (`cxr stack status`) and CXR_MLFLOW_URI right?"
+        )
+
+    # ------------------------------------------------------------------ versions
+
+    def register(
+        self, run_id: str, tags: LineageTags, model_card: str, run_tags: dict[str, str] | None = None
+    ) -> str:
+        """Register the run's ONNX artifact as a new version; returns the version number."""
+        from mlflow.exceptions import MlflowException
+
+        name = self.model_name
+        try:
+            if not self._client.search_registered_models(filter_string=f"name='{name}'"):
+                self._client.create_registered_model(name, description=MODEL_DESCRIPTION)
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc):  # a parallel run created it first: fine
+                raise RegistryError(f"cannot create registered model {name}: {exc}") from exc
+        try:
+            run = self._client.get_run(run_id)
+            version = self._client.create_model_version(
+                name,
+                source=f"{run.info.artifact_uri}/{ONNX_ARTIFACT_DIR}",
+                run_id=run_id,
+                tags={**tags.as_tags(), **(run_tags or {})},
+                description=model_card,
+            )
+        except MlflowException as exc:
+            raise RegistryError(f"cannot register a version of {name} from run {run_id}: {exc}") from exc
+        log.info("event=model_registered name=%s version=%s run_id=%s", name, version.version, run_id)
+        return str(version.version)
+
+    def _model_version(self, version: str) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        self._ensure_reachable(f"reading version {version}")
+        try:
+            return self._client.get_model_version(self.model_name, str(version))
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+                raise RegistryError(
+                    f"{self.model_name} version {version} is not registered in MLflow at "
+                    f"{self.tracking_uri}; list versions in the MLflow UI or with `cxr train evaluate`"
+                ) from exc
+            raise self._unreachable(exc, f"reading version {version}") from exc
+        except Exception as exc:  # connection errors surface as requests/urllib3 exceptions
+            raise self._unreachable(exc, f"reading version {version}") from exc
+
+    def facts(self, version: str) -> VersionFacts:
+        """Lineage tags of a registered version; an unknown version is a clear error."""
+        mv = self._model_version(version)
+        return VersionFacts(version=str(mv.version), tags=dict(mv.tags or {}))
+
+    # ------------------------------------------------------------------ aliases
+
+    def set_alias(self, stage: str, version: str) -> None:
+        """Point the stage's alias at ``version``, or remove it when the stage serves nothing."""
+        from mlflow.exceptions import MlflowException
+
+        self._ensure_reachable(f"setting alias {stage}")
+        try:
+            if version:
+                self._client.set_registered_model_alias(self.model_name, stage, version)
+            else:
+                self._client.delete_registered_model_alias(self.model_name, stage)
+        except MlflowException as exc:
+            if not version and "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
+                return
+            raise self._unreachable(exc, f"setting alias {stage}") from exc
+        except Exception as exc:
+            raise self._unreachable(exc, f"setting alias {stage}") from exc
+        log.info("registry_alias model=%s alias=%s version=%s", self.model_name, stage, version or "none")
+
+    def alias_version(self, stage: str) -> str:
+        """Version the alias points at, "" if none."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self._client.get_model_version_by_alias(self.model_name, stage).version)
+        except MlflowException:
+            return ""
+
+    # ------------------------------------------------------------------ artifacts
+
+    def _download(self, version: str, artifact: str, dest: Path) -> Path:
+        import mlflow.artifacts
+
+        mv = self._model_version(version)
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path=artifact, dst_path=str(dest), tracking_uri=self.tracking_uri
+            )
+        except Exception as exc:  # MlflowException or an S3 error behind the proxy
+            raise RegistryError(
+                f"cannot download {artifact} of {self.model_name} v{version} "
+                f"(MLflow at {self.tracking_uri}): {exc}"
+            ) from exc
+        return Path(local)
+
+    def download_onnx(self, version: str, dest: Path) -> Path:
+        """The ONNX file of a registered version (artifact ``onnx/model.onnx`` of its run) under ``dest``."""
+        return self._download(version, f"{ONNX_ARTIFACT_DIR}/{ONNX_FILE}", dest)
+
+    def download_weights(self, version: str, dest: Path) -> Path:
+        """The PyTorch checkpoint of a registered version, the starting point for fine-tuning."""
+        return self._download(version, WEIGHTS_ARTIFACT, dest)
+
+
+# ---------------------------------------------------------------------- training's shorthands
 
 
 def register_version(
@@ -53,69 +222,18 @@ def register_version(
     model_card: str,
     run_tags: dict[str, str] | None = None,
 ) -> str:
-    """Register the run's ONNX artifact as a new version of ``cxr-detector``; returns the version number."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client(settings)
-    name = settings.registered_model
-    try:
-        if not client.search_registered_models(filter_string=f"name='{name}'"):
-            client.create_registered_model(
-                name,
-                description="Chest X-ray finding detector (YOLO11, 14 VinDr-CXR classes), ONNX for Triton.",
-            )
-    except MlflowException as exc:
-        if "RESOURCE_ALREADY_EXISTS" not in str(exc):  # a parallel run created it first: fine
-            raise RegistryError(f"cannot create registered model {name}: {exc}") from exc
-    try:
-        run = client.get_run(run_id)
-        source = f"{run.info.artifact_uri}/{ONNX_ARTIFACT_DIR}"
-        version = client.create_model_version(
-            name,
-            source=source,
-            run_id=run_id,
-            tags={**tags.as_tags(), **(run_tags or {})},
-            description=model_card,
-        )
-    except MlflowException as exc:
-        raise RegistryError(f"cannot register a version of {name} from run {run_id}: {exc}") from exc
-    log.info("event=model_registered name=%s version=%s run_id=%s", name, version.version, run_id)
-    return str(version.version)
+    """Register a training run's ONNX as a new version of the settings' registered model."""
+    return ModelRegistry.from_settings(settings).register(run_id, tags, model_card, run_tags)
 
 
-def get_version(settings: TrainSettings, version: str) -> Any:
-    """The MLflow ModelVersion, or a :class:`RegistryError` naming what exists."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return _client(settings).get_model_version(settings.registered_model, str(version))
-    except MlflowException as exc:
-        raise RegistryError(
-            f"{settings.registered_model} version {version} not found at {settings.mlflow_uri}: {exc}"
-        ) from exc
-
-
-def _download(settings: TrainSettings, version: str, artifact: str, dest: Path) -> Path:
-    import mlflow.artifacts
-
-    mv = get_version(settings, version)
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=mv.run_id, artifact_path=artifact, dst_path=str(dest), tracking_uri=settings.mlflow_uri
-        )
-    except Exception as exc:  # MlflowException or an S3 error behind the proxy
-        raise RegistryError(
-            f"cannot download {artifact} of {settings.registered_model} v{version}: {exc}"
-        ) from exc
-    return Path(local)
+def get_version(settings: TrainSettings, version: str) -> VersionFacts:
+    """A registered version's facts, or a :class:`RegistryError` naming what exists."""
+    return ModelRegistry.from_settings(settings).facts(version)
 
 
 def download_onnx(version: str, dest: Path, settings: TrainSettings | None = None) -> Path:
-    """The ONNX file of a registered version (artifact ``onnx/model.onnx`` of its run) under ``dest``."""
-    return _download(settings or TrainSettings(), version, f"{ONNX_ARTIFACT_DIR}/{ONNX_FILE}", dest)
+    return ModelRegistry.from_settings(settings).download_onnx(version, dest)
 
 
 def download_weights(version: str, dest: Path, settings: TrainSettings | None = None) -> Path:
-    """The PyTorch checkpoint of a registered version, the starting point for fine-tuning."""
-    return _download(settings or TrainSettings(), version, WEIGHTS_ARTIFACT, dest)
+    return ModelRegistry.from_settings(settings).download_weights(version, dest)

@@ -112,6 +112,141 @@ def _quantize_and_evaluate(
     )
 
 
+@dataclass(frozen=True)
+class _Results:
+    """Everything training and its checks produced, read by the reports, the metrics and the registration."""
+
+    dist: DistributedRun
+    torch_report: EvalReport
+    onnx_report: EvalReport
+    export: ExportResult
+    int8: Int8Outcome | None
+
+
+def _dataset_ref(config: TrainConfig, dataset: str | Path | None) -> str:
+    """The dataset to train on: the caller's beats the config's, and having neither is an error."""
+    ref = str(dataset) if dataset is not None else config.dataset
+    if not ref:
+        raise DatasetError("no dataset given: pass --dataset VERSION|DIR or set `dataset:` in the config")
+    return ref
+
+
+def _fit(
+    config: TrainConfig, data: DatasetRef, run_name: str, settings: TrainSettings, run_id: str, out: Path
+) -> DistributedRun:
+    """Fetch the base model's weights when fine-tuning, then train with Ray, epochs logged to ``run_id``."""
+    base = None
+    if config.base_model_version:
+        base = download_weights(config.base_model_version, out / "base", settings)
+    return fit_distributed(
+        config,
+        data,
+        run_name=run_name,
+        settings=settings,
+        mlflow_run_id=run_id,
+        base_weights=base,
+    )
+
+
+def _check_trained(config: TrainConfig, data: DatasetRef, dist: DistributedRun, out: Path) -> _Results:
+    """Test-split evaluation, ONNX export with parity, the optional INT8 model, and training curves."""
+    torch_report, onnx_report, export = _evaluate_and_export(config, data, dist, out)
+    int8 = _quantize_and_evaluate(config, data, export, onnx_report, out)
+    _plot_results(dist.results_csv, out / "plots")
+    return _Results(dist, torch_report, onnx_report, export, int8)
+
+
+def _write_reports(
+    config: TrainConfig, data: DatasetRef, run_name: str, commit: str, r: _Results, out: Path
+) -> str:
+    """Write ``eval/evaluation.json`` and ``model_card.md``; the card is also what the registry shows."""
+    eval_dir = out / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    evaluation = {
+        "pytorch": r.torch_report.model_dump(mode="json"),
+        "onnx": r.onnx_report.model_dump(mode="json"),
+        "parity": {"max_abs_diff": r.export.parity_max_abs_diff, "images": r.export.parity_images},
+        **({"int8": r.int8.summary()} if r.int8 else {}),
+    }
+    (eval_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    card = render_model_card(
+        config=config,
+        dataset=data,
+        run_name=run_name,
+        git_commit=commit,
+        epochs_completed=r.dist.epochs_completed,
+        torch_report=r.torch_report,
+        onnx_report=r.onnx_report,
+        export=r.export,
+    )
+    (out / "model_card.md").write_text(card)
+    return card
+
+
+def _final_metrics(r: _Results) -> dict[str, float]:
+    """The run's headline metrics: the ONNX model's (what is served), parity, latency, training time."""
+    final = {
+        "test/map50": r.onnx_report.map50,
+        "test/map40": r.onnx_report.map40,
+        "test/map50_95": r.onnx_report.map50_95,
+        "test/precision": r.onnx_report.precision,
+        "test/recall": r.onnx_report.recall,
+        "test/pytorch_map50": r.torch_report.map50,
+        "parity_max_abs_diff": r.export.parity_max_abs_diff,
+        "ort_latency_ms_b1": r.onnx_report.latency_ms_b1 or 0.0,
+        "ort_latency_ms_b8": r.onnx_report.latency_ms_b8 or 0.0,
+        "epochs_completed": float(r.dist.epochs_completed),
+        "train_seconds": r.dist.seconds,
+    }
+    if r.int8:
+        final.update(r.int8.metrics())
+    return final
+
+
+def _log_run(tracker: Tracker, r: _Results, final: dict[str, float], out: Path) -> None:
+    """Metrics, weights, ONNX, evaluation, plots and card into the MLflow run, so a run explains itself."""
+    tracker.log_metrics(final, step=r.dist.epochs_completed)
+    tracker.log_artifacts([r.dist.best_weights.with_name("best.pt")], "weights")
+    tracker.log_artifacts([r.export.onnx_path], "onnx")
+    tracker.log_artifacts([out / "eval" / "evaluation.json"], "eval")
+    tracker.log_artifacts([*sorted((out / "plots").glob("*.png")), out / "plots" / "results.csv"], "plots")
+    tracker.log_artifacts([out / "model_card.md"], "")
+    if r.int8:
+        tracker.log_artifacts([r.int8.result.onnx_path], "onnx_int8")
+    tracker.set_tags({"checkpoint_uri": r.dist.checkpoint_uri, "onnx_sha256": r.export.sha256})
+
+
+def _register(
+    settings: TrainSettings,
+    run_id: str,
+    config: TrainConfig,
+    data: DatasetRef,
+    commit: str,
+    r: _Results,
+    card: str,
+    run_name: str,
+) -> str:
+    """Register the version with its card and lineage tags (dataset, commit, config/ONNX hashes, mAP)."""
+    lineage = LineageTags(
+        dataset_version=data.version,
+        git_commit=commit,
+        config_sha256=config.sha256(),
+        onnx_sha256=r.export.sha256,
+        map50=round(r.onnx_report.map50, 6),
+        map40=round(r.onnx_report.map40, 6),
+        parity_max_abs_diff=r.export.parity_max_abs_diff,
+        imgsz=r.export.imgsz,
+        classes=len(TorchPredictor.load(r.dist.best_weights).class_names),
+    )
+    return register_version(
+        settings,
+        run_id,
+        lineage,
+        card,
+        run_tags={"run_name": run_name, "dataset_synthetic": str(data.synthetic)},
+    )
+
+
 def train_and_register(
     config: TrainConfig,
     dataset: str | Path | None = None,
@@ -121,96 +256,26 @@ def train_and_register(
 ) -> TrainOutcome:
     """Train ``config`` (with ``workers`` Ray workers if given) on ``dataset`` and register the result."""
     settings = settings or TrainSettings()
+    # [1] the job: recipe (with the workers override), dataset, one run name for Ray and MLflow
     if workers is not None:
         config = config.with_workers(workers)
-    ref = str(dataset) if dataset is not None else config.dataset
-    if not ref:
-        raise DatasetError("no dataset given: pass --dataset VERSION|DIR or set `dataset:` in the config")
+    ref = _dataset_ref(config, dataset)
     run_name = make_run_name(config)
     out = (settings.work_dir / run_name).resolve()
     data = resolve_dataset(ref, out, settings.dataset_cache)
     commit = git_commit()
+    # [2] the MLflow run: any failure below marks it FAILED and nothing is registered
     tracker = Tracker(settings)
     tracker.start(run_name, config, data, commit)
     try:
-        base = None
-        if config.base_model_version:
-            base = download_weights(config.base_model_version, out / "base", settings)
-        dist = fit_distributed(
-            config,
-            data,
-            run_name=run_name,
-            settings=settings,
-            mlflow_run_id=tracker.run_id,
-            base_weights=base,
-        )
-        torch_report, onnx_report, export = _evaluate_and_export(config, data, dist, out)
-        int8 = _quantize_and_evaluate(config, data, export, onnx_report, out)
-        _plot_results(dist.results_csv, out / "plots")
-        eval_dir = out / "eval"
-        eval_dir.mkdir(parents=True, exist_ok=True)
-        evaluation = {
-            "pytorch": torch_report.model_dump(mode="json"),
-            "onnx": onnx_report.model_dump(mode="json"),
-            "parity": {"max_abs_diff": export.parity_max_abs_diff, "images": export.parity_images},
-            **({"int8": int8.summary()} if int8 else {}),
-        }
-        (eval_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
-        card = render_model_card(
-            config=config,
-            dataset=data,
-            run_name=run_name,
-            git_commit=commit,
-            epochs_completed=dist.epochs_completed,
-            torch_report=torch_report,
-            onnx_report=onnx_report,
-            export=export,
-        )
-        (out / "model_card.md").write_text(card)
-        final = {
-            "test/map50": onnx_report.map50,
-            "test/map40": onnx_report.map40,
-            "test/map50_95": onnx_report.map50_95,
-            "test/precision": onnx_report.precision,
-            "test/recall": onnx_report.recall,
-            "test/pytorch_map50": torch_report.map50,
-            "parity_max_abs_diff": export.parity_max_abs_diff,
-            "ort_latency_ms_b1": onnx_report.latency_ms_b1 or 0.0,
-            "ort_latency_ms_b8": onnx_report.latency_ms_b8 or 0.0,
-            "epochs_completed": float(dist.epochs_completed),
-            "train_seconds": dist.seconds,
-        }
-        if int8:
-            final.update(int8.metrics())
-        tracker.log_metrics(final, step=dist.epochs_completed)
-        tracker.log_artifacts([dist.best_weights.with_name("best.pt")], "weights")
-        tracker.log_artifacts([export.onnx_path], "onnx")
-        tracker.log_artifacts([eval_dir / "evaluation.json"], "eval")
-        tracker.log_artifacts(
-            [*sorted((out / "plots").glob("*.png")), out / "plots" / "results.csv"], "plots"
-        )
-        tracker.log_artifacts([out / "model_card.md"], "")
-        if int8:
-            tracker.log_artifacts([int8.result.onnx_path], "onnx_int8")
-        tracker.set_tags({"checkpoint_uri": dist.checkpoint_uri, "onnx_sha256": export.sha256})
-        lineage = LineageTags(
-            dataset_version=data.version,
-            git_commit=commit,
-            config_sha256=config.sha256(),
-            onnx_sha256=export.sha256,
-            map50=round(onnx_report.map50, 6),
-            map40=round(onnx_report.map40, 6),
-            parity_max_abs_diff=export.parity_max_abs_diff,
-            imgsz=export.imgsz,
-            classes=len(TorchPredictor.load(dist.best_weights).class_names),
-        )
-        version = register_version(
-            settings,
-            tracker.run_id,
-            lineage,
-            card,
-            run_tags={"run_name": run_name, "dataset_synthetic": str(data.synthetic)},
-        )
+        # [3] train with Ray, then evaluate, export with parity, quantize and plot
+        dist = _fit(config, data, run_name, settings, tracker.run_id, out)
+        results = _check_trained(config, data, dist, out)
+        # [4] reports and metrics into the run, then the registered version with its lineage
+        card = _write_reports(config, data, run_name, commit, results, out)
+        final = _final_metrics(results)
+        _log_run(tracker, results, final, out)
+        version = _register(settings, tracker.run_id, config, data, commit, results, card, run_name)
         artifact_uri = tracker.artifact_uri()
         tracker.end("FINISHED")
     except BaseException:
@@ -220,11 +285,11 @@ def train_and_register(
         run_id=tracker.run_id,
         model_version=version,
         metrics={**dist.metrics, **final},
-        onnx_path=export.onnx_path,
+        onnx_path=results.export.onnx_path,
         run_name=run_name,
         dataset_version=data.version,
         checkpoint_uri=dist.checkpoint_uri,
         artifact_uri=artifact_uri,
         results_csv=out / "plots" / "results.csv",
-        eval_report=onnx_report,
+        eval_report=results.onnx_report,
     )

@@ -10,25 +10,17 @@ disagree about, say, the feedback threshold.
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.settings import CoreSettings
 
 
-class WorkflowSettings(BaseSettings):
-    """Every setting of ``workflows``; env prefix ``CXR_`` (e.g. ``CXR_FEEDBACK_THRESHOLD=100``)."""
+class WorkflowSettings(CoreSettings):
+    """Every setting of ``workflows``; env prefix ``CXR_`` (e.g. ``CXR_FEEDBACK_THRESHOLD=100``).
 
-    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
-
-    # --- shared stack contract -----------------------------------------------------
-    stack_dir: Path = Path(".stack")
-    s3_bucket: str = "cxr"
-    mlflow_uri: str = "http://127.0.0.1:5000"
-    registered_model: str = Field(default="cxr-detector", description="MLflow model training registers into")
-    gitops_dir: Path = Field(
-        default=Path("."), description="git checkout holding k8s/overlays (promote commits here)"
-    )
+    The stack fields (state dir, S3, MLflow) come from :class:`core.settings.CoreSettings`.
+    """
 
     # --- pipeline defaults (local runner and the WorkflowTemplate's parameters) ----
     training_config: str = Field(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from core.errors import CxrError
 
-class PipelineError(Exception):
+
+class PipelineError(CxrError):
     """Base class: the CLI prints the message and exits non-zero, never a traceback."""
 
 

@@ -21,8 +21,9 @@ import typer
 from pydantic import BaseModel
 from rich.console import Console
 
+from core.errors import CxrError
+from core.stages import as_stage
 from workflows.config import WorkflowSettings, get_settings
-from workflows.errors import PipelineError
 
 console = Console(highlight=False)
 app = typer.Typer(
@@ -51,11 +52,10 @@ def _setup(settings: WorkflowSettings) -> None:
 @contextmanager
 def _errors() -> Iterator[None]:
     """A pipeline or store error ends the command with one readable line and exit code 1."""
-    from data_pipeline.errors import DataPipelineError
 
     try:
         yield
-    except (PipelineError, DataPipelineError) as exc:
+    except CxrError as exc:
         console.print(f"error: {exc}", style="bold red", markup=False)
         raise typer.Exit(1) from exc
 
@@ -310,13 +310,15 @@ def step_promote(
 
     settings = get_settings()
     _setup(settings)
-    if stage not in ("staging", "canary", "production"):
-        console.print(f"error: unknown stage {stage!r}; use staging, canary or production", style="bold red")
-        raise typer.Exit(2)
+    try:
+        target = as_stage(stage)
+    except ValueError as exc:
+        console.print(f"error: {exc}", style="bold red")
+        raise typer.Exit(2) from exc
     with _errors():
         result = steps.promote(
             model_version,
-            stage=stage,  # type: ignore[arg-type]
+            stage=target,
             gitops_dir=settings.gitops_dir,
             git_url=git_url,
             push=push,

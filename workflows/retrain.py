@@ -22,7 +22,7 @@ record in the store under ``pipelines/<workflow name>/``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from hera.workflows import (
@@ -176,6 +176,66 @@ def _out(name: str) -> Parameter:
     return Parameter(name=name, value_from=m.ValueFrom(path=f"{OUTPUTS_DIR}/{name}"))
 
 
+def _ray_head_group(
+    settings: WorkflowSettings, env: list[dict[str, Any]], security: dict[str, Any]
+) -> dict[str, Any]:
+    """The CPU-only head: it schedules the job and must never take a GPU from the workers."""
+    return {
+        "rayStartParams": {"num-gpus": "0"},
+        "template": {
+            "spec": {
+                "serviceAccountName": settings.service_account,
+                "containers": [
+                    {
+                        "name": "ray-head",
+                        "image": settings.image,
+                        "env": env,
+                        "resources": {
+                            "requests": {"cpu": "2", "memory": "8Gi"},
+                            "limits": {"memory": "8Gi"},
+                        },
+                        "securityContext": security,
+                    }
+                ],
+            }
+        },
+    }
+
+
+def _ray_worker_group(
+    settings: WorkflowSettings, env: list[dict[str, Any]], security: dict[str, Any]
+) -> dict[str, Any]:
+    """The GPU workers, one DDP rank each; ``replicas`` is a placeholder Argo fills from ``workers``."""
+    return {
+        "groupName": "gpu",
+        "replicas": "__WORKERS__",
+        "minReplicas": 1,
+        "maxReplicas": 16,
+        "rayStartParams": {},
+        "template": {
+            "spec": {
+                "serviceAccountName": settings.service_account,
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "containers": [
+                    {
+                        "name": "ray-worker",
+                        "image": settings.image,
+                        "env": env,
+                        "resources": {
+                            "requests": {"cpu": "3", "memory": "12Gi", "nvidia.com/gpu": "1"},
+                            "limits": {"memory": "12Gi", "nvidia.com/gpu": "1"},
+                        },
+                        "securityContext": security,
+                        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+                    }
+                ],
+                # PyTorch DataLoader workers and NCCL need more than 64 MiB of shm.
+                "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "4Gi"}}],
+            }
+        },
+    }
+
+
 def rayjob_manifest(settings: WorkflowSettings) -> str:
     """The KubeRay RayJob the ``train`` step creates: one CPU head, N GPU workers.
 
@@ -192,6 +252,8 @@ def rayjob_manifest(settings: WorkflowSettings) -> str:
         " --workers {{inputs.parameters.workers}}"
         " --run-name {{workflow.name}}"
     )
+    # One env list and one securityContext shared by head and workers: the dump writes them once
+    # (as YAML anchors) and the rendered template depends on that.
     env = _env_models(settings)
     container_security = {
         "runAsNonRoot": True,
@@ -215,60 +277,8 @@ def rayjob_manifest(settings: WorkflowSettings) -> str:
             "backoffLimit": 0,
             "rayClusterSpec": {
                 "rayVersion": settings.ray_version,
-                "headGroupSpec": {
-                    "rayStartParams": {"num-gpus": "0"},
-                    "template": {
-                        "spec": {
-                            "serviceAccountName": settings.service_account,
-                            "containers": [
-                                {
-                                    "name": "ray-head",
-                                    "image": settings.image,
-                                    "env": env,
-                                    "resources": {
-                                        "requests": {"cpu": "2", "memory": "8Gi"},
-                                        "limits": {"memory": "8Gi"},
-                                    },
-                                    "securityContext": container_security,
-                                }
-                            ],
-                        }
-                    },
-                },
-                "workerGroupSpecs": [
-                    {
-                        "groupName": "gpu",
-                        "replicas": "__WORKERS__",
-                        "minReplicas": 1,
-                        "maxReplicas": 16,
-                        "rayStartParams": {},
-                        "template": {
-                            "spec": {
-                                "serviceAccountName": settings.service_account,
-                                "tolerations": [
-                                    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-                                ],
-                                "containers": [
-                                    {
-                                        "name": "ray-worker",
-                                        "image": settings.image,
-                                        "env": env,
-                                        "resources": {
-                                            "requests": {"cpu": "3", "memory": "12Gi", "nvidia.com/gpu": "1"},
-                                            "limits": {"memory": "12Gi", "nvidia.com/gpu": "1"},
-                                        },
-                                        "securityContext": container_security,
-                                        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-                                    }
-                                ],
-                                # PyTorch DataLoader workers and NCCL need more than 64 MiB of shm.
-                                "volumes": [
-                                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "4Gi"}}
-                                ],
-                            }
-                        },
-                    }
-                ],
+                "headGroupSpec": _ray_head_group(settings, env, container_security),
+                "workerGroupSpecs": [_ray_worker_group(settings, env, container_security)],
             },
         },
     }
@@ -302,9 +312,22 @@ def _parameters(settings: WorkflowSettings) -> list[Parameter]:
     ]
 
 
-def build_retrain_template(settings: WorkflowSettings) -> WorkflowTemplate:
-    """WorkflowTemplate ``cxr-retrain``: the whole retrain DAG."""
-    with WorkflowTemplate(
+class _RetrainSteps(NamedTuple):
+    """The DAG's step templates in :data:`STEP_ORDER`, so the wiring can name each one."""
+
+    ingest: Container
+    validate: Container
+    build: Container
+    train: Resource
+    evaluate: Container
+    export: Container
+    register: Container
+    promote: Container
+
+
+def _retrain_workflow(settings: WorkflowSettings) -> WorkflowTemplate:
+    """The workflow-level spec: parameters, one run at a time, deadline, pod GC, TTL and volumes."""
+    return WorkflowTemplate(
         name=TEMPLATE_NAME,
         namespace=settings.namespace,
         labels=LABELS,
@@ -329,204 +352,260 @@ def build_retrain_template(settings: WorkflowSettings) -> WorkflowTemplate:
             ),
         ],
         security_context=m.PodSecurityContext(run_as_non_root=True, run_as_user=10001, fs_group=10001),
-    ) as wt:
-        ingest = _step(
-            settings,
-            "ingest",
-            [
-                "--source",
-                "{{inputs.parameters.dataset-source}}",
-                "--include-feedback",
-                "{{inputs.parameters.include-feedback}}",
-                "--dest",
-                STAGED_DIR,
-                "--outputs",
-                OUTPUTS_DIR,
-            ],
-            inputs=[Parameter(name="dataset-source"), Parameter(name="include-feedback")],
-            outputs=[_out("n-images"), _out("n-feedback-rows"), Artifact(name="staged", path=STAGED_DIR)],
-            retry=_infra_retry(),
-            deadline_s=2 * 3600,
-            memory="4Gi",
-        )
-        validate = _step(
-            settings,
-            "validate",
-            ["--staged", STAGED_DIR, "--outputs", OUTPUTS_DIR],
-            inputs=[Artifact(name="staged", path=STAGED_DIR)],
-            outputs=[_out("bad-rows")],
-            retry=_pod_error_retry(),
-            deadline_s=3600,
-            memory="4Gi",
-        )
-        build = _step(
-            settings,
-            "build-dataset",
-            [
-                "--staged",
-                STAGED_DIR,
-                "--out",
-                "/work/datasets",
-                "--include-feedback",
-                "{{inputs.parameters.include-feedback}}",
-                "--outputs",
-                OUTPUTS_DIR,
-            ],
-            inputs=[Parameter(name="include-feedback"), Artifact(name="staged", path=STAGED_DIR)],
-            outputs=[_out("dataset-version"), _out("n-images")],
-            retry=_infra_retry(),
-            deadline_s=4 * 3600,
-            cpu="4",
-            memory="8Gi",
-        )
-        train = Resource(
-            name="train",
-            action="create",
-            set_owner_reference=True,
-            manifest=rayjob_manifest(settings),
-            success_condition="status.jobStatus == SUCCEEDED",
-            failure_condition="status.jobStatus in (FAILED,STOPPED)",
-            inputs=[
-                Parameter(name="dataset-version"),
-                Parameter(name="training-config"),
-                Parameter(name="base-model"),
-                Parameter(name="epochs"),
-                Parameter(name="workers"),
-            ],
-            outputs=[Parameter(name="rayjob-name", value_from=m.ValueFrom(json_path="{.metadata.name}"))],
-            retry_strategy=_pod_error_retry(),
-            active_deadline_seconds=24 * 3600,
-        )
-        run_args = ["--run-name", "{{workflow.name}}", "--outputs", OUTPUTS_DIR]
-        evaluate = _step(
-            settings,
-            "evaluate",
-            run_args,
-            outputs=[
-                _out("map50"),
-                _out("map40"),
-                Artifact(name="evaluation", path=f"{OUTPUTS_DIR}/evaluation.json"),
-            ],
-            retry=_infra_retry(2),
-            deadline_s=3600,
-            memory="8Gi",
-        )
-        export = _step(
-            settings,
-            "export",
-            run_args,
-            outputs=[_out("onnx-sha256"), _out("parity-max-abs-diff")],
-            retry=_infra_retry(2),
-            deadline_s=3600,
-            memory="8Gi",
-        )
-        register = _step(
-            settings,
-            "register",
-            run_args,
-            outputs=[_out("model-version")],
-            retry=_infra_retry(),
-            deadline_s=900,
-        )
-        promote = _step(
-            settings,
-            "promote-to-staging",
-            [
-                "--model-version",
-                "{{inputs.parameters.model-version}}",
-                "--stage",
-                "staging",
-                "--git-url",
-                settings.gitops_repo_url,
-                "--push",
-                "--outputs",
-                OUTPUTS_DIR,
-            ],
-            inputs=[Parameter(name="model-version")],
-            outputs=[_out("promoted"), _out("reason")],
-            retry=_infra_retry(),
-            deadline_s=900,
-            volume_mounts=[m.VolumeMount(name="git-deploy-key", mount_path=DEPLOY_KEY_MOUNT, read_only=True)],
-            extra_env=[
-                Env(
-                    name="GIT_SSH_COMMAND",
-                    value=(
-                        f"ssh -i {DEPLOY_KEY_MOUNT}/ssh-privatekey"
-                        f" -o UserKnownHostsFile={DEPLOY_KEY_MOUNT}/known_hosts -o StrictHostKeyChecking=yes"
-                    ),
-                ),
-                Env(name="GIT_AUTHOR_NAME", value="cxr-retrain"),
-                Env(name="GIT_AUTHOR_EMAIL", value="cxr-retrain@cxr-detect.invalid"),
-                Env(name="GIT_COMMITTER_NAME", value="cxr-retrain"),
-                Env(name="GIT_COMMITTER_EMAIL", value="cxr-retrain@cxr-detect.invalid"),
-            ],
-        )
-        record_exit = _step(
-            settings,
-            "record-exit",
-            [
-                "--run-name",
-                "{{workflow.name}}",
-                "--status",
-                "{{inputs.parameters.status}}",
-                "--failures",
-                "{{inputs.parameters.failures}}",
-            ],
-            inputs=[Parameter(name="status"), Parameter(name="failures", default="[]")],
-            retry=_infra_retry(2),
-            deadline_s=300,
-            cpu="100m",
-            memory="512Mi",
-        )
-        # onExit: {{workflow.failures}} exists only when something failed, so it is read only then.
-        with DAG(name="exit-handler"):
-            _task(
-                record_exit,
-                name="record-failure",
-                arguments={"status": "{{workflow.status}}", "failures": "{{workflow.failures}}"},
-                when="{{workflow.status}} != Succeeded",
-            )
-            _task(
-                record_exit,
-                name="record-success",
-                arguments={"status": "{{workflow.status}}"},
-                when="{{workflow.status}} == Succeeded",
-            )
+    )
 
-        with DAG(name="retrain"):
-            t_ingest = _task(
-                ingest,
-                arguments={
-                    "dataset-source": "{{workflow.parameters.dataset-source}}",
-                    "include-feedback": "{{workflow.parameters.include-feedback}}",
-                },
-            )
-            t_validate = _task(validate, arguments=[t_ingest.get_artifact("staged").with_name("staged")])
-            t_build = _task(
-                build,
-                arguments=[
-                    t_ingest.get_artifact("staged").with_name("staged"),
-                    Parameter(name="include-feedback", value="{{workflow.parameters.include-feedback}}"),
-                ],
-            )
-            t_train = _task(
-                train,
-                arguments={
-                    "dataset-version": t_build.get_parameter("dataset-version").value,
-                    "training-config": "{{workflow.parameters.training-config}}",
-                    "base-model": "{{workflow.parameters.base-model}}",
-                    "epochs": "{{workflow.parameters.epochs}}",
-                    "workers": "{{workflow.parameters.workers}}",
-                },
-            )
-            t_evaluate = _task(evaluate)
-            t_export = _task(export)
-            t_register = _task(register)
-            t_promote = _task(
-                promote, arguments={"model-version": t_register.get_parameter("model-version").value}
-            )
-            # Hera types `a >> b` as `Task | list[Task]`, which mypy will not chain.
-            t_ingest >> t_validate >> t_build >> t_train >> t_evaluate >> t_export >> t_register >> t_promote  # type: ignore[operator]
+
+def _ingest_step(settings: WorkflowSettings) -> Container:
+    """Stage the new studies (+ feedback) and hand them on as the ``staged`` S3 artifact."""
+    return _step(
+        settings,
+        "ingest",
+        [
+            "--source",
+            "{{inputs.parameters.dataset-source}}",
+            "--include-feedback",
+            "{{inputs.parameters.include-feedback}}",
+            "--dest",
+            STAGED_DIR,
+            "--outputs",
+            OUTPUTS_DIR,
+        ],
+        inputs=[Parameter(name="dataset-source"), Parameter(name="include-feedback")],
+        outputs=[_out("n-images"), _out("n-feedback-rows"), Artifact(name="staged", path=STAGED_DIR)],
+        retry=_infra_retry(),
+        deadline_s=2 * 3600,
+        memory="4Gi",
+    )
+
+
+def _validate_step(settings: WorkflowSettings) -> Container:
+    """Check the staged annotations; only a lost pod is retried, bad data must stay failed."""
+    return _step(
+        settings,
+        "validate",
+        ["--staged", STAGED_DIR, "--outputs", OUTPUTS_DIR],
+        inputs=[Artifact(name="staged", path=STAGED_DIR)],
+        outputs=[_out("bad-rows")],
+        retry=_pod_error_retry(),
+        deadline_s=3600,
+        memory="4Gi",
+    )
+
+
+def _build_dataset_step(settings: WorkflowSettings) -> Container:
+    """Build and publish the versioned dataset; its version is the ``train`` step's input."""
+    return _step(
+        settings,
+        "build-dataset",
+        [
+            "--staged",
+            STAGED_DIR,
+            "--out",
+            "/work/datasets",
+            "--include-feedback",
+            "{{inputs.parameters.include-feedback}}",
+            "--outputs",
+            OUTPUTS_DIR,
+        ],
+        inputs=[Parameter(name="include-feedback"), Artifact(name="staged", path=STAGED_DIR)],
+        outputs=[_out("dataset-version"), _out("n-images")],
+        retry=_infra_retry(),
+        deadline_s=4 * 3600,
+        cpu="4",
+        memory="8Gi",
+    )
+
+
+def _train_step(settings: WorkflowSettings) -> Resource:
+    """Create the RayJob (see :func:`rayjob_manifest`) and let Argo watch it to success or failure."""
+    return Resource(
+        name="train",
+        action="create",
+        set_owner_reference=True,
+        manifest=rayjob_manifest(settings),
+        success_condition="status.jobStatus == SUCCEEDED",
+        failure_condition="status.jobStatus in (FAILED,STOPPED)",
+        inputs=[
+            Parameter(name="dataset-version"),
+            Parameter(name="training-config"),
+            Parameter(name="base-model"),
+            Parameter(name="epochs"),
+            Parameter(name="workers"),
+        ],
+        outputs=[Parameter(name="rayjob-name", value_from=m.ValueFrom(json_path="{.metadata.name}"))],
+        retry_strategy=_pod_error_retry(),
+        active_deadline_seconds=24 * 3600,
+    )
+
+
+def _post_train_steps(settings: WorkflowSettings) -> tuple[Container, Container, Container]:
+    """Evaluate, export and register: each finds the train result by the workflow's name."""
+    run_args = ["--run-name", "{{workflow.name}}", "--outputs", OUTPUTS_DIR]
+    evaluate = _step(
+        settings,
+        "evaluate",
+        run_args,
+        outputs=[
+            _out("map50"),
+            _out("map40"),
+            Artifact(name="evaluation", path=f"{OUTPUTS_DIR}/evaluation.json"),
+        ],
+        retry=_infra_retry(2),
+        deadline_s=3600,
+        memory="8Gi",
+    )
+    export = _step(
+        settings,
+        "export",
+        run_args,
+        outputs=[_out("onnx-sha256"), _out("parity-max-abs-diff")],
+        retry=_infra_retry(2),
+        deadline_s=3600,
+        memory="8Gi",
+    )
+    register = _step(
+        settings,
+        "register",
+        run_args,
+        outputs=[_out("model-version")],
+        retry=_infra_retry(),
+        deadline_s=900,
+    )
+    return evaluate, export, register
+
+
+def _git_env() -> list[Env]:
+    """SSH with the mounted deploy key (pinned host keys) and a bot identity for the promotion commit."""
+    return [
+        Env(
+            name="GIT_SSH_COMMAND",
+            value=(
+                f"ssh -i {DEPLOY_KEY_MOUNT}/ssh-privatekey"
+                f" -o UserKnownHostsFile={DEPLOY_KEY_MOUNT}/known_hosts -o StrictHostKeyChecking=yes"
+            ),
+        ),
+        Env(name="GIT_AUTHOR_NAME", value="cxr-retrain"),
+        Env(name="GIT_AUTHOR_EMAIL", value="cxr-retrain@cxr-detect.invalid"),
+        Env(name="GIT_COMMITTER_NAME", value="cxr-retrain"),
+        Env(name="GIT_COMMITTER_EMAIL", value="cxr-retrain@cxr-detect.invalid"),
+    ]
+
+
+def _promote_step(settings: WorkflowSettings) -> Container:
+    """Push the new version to the GitOps repo's staging overlay; the only step that writes to git."""
+    return _step(
+        settings,
+        "promote-to-staging",
+        [
+            "--model-version",
+            "{{inputs.parameters.model-version}}",
+            "--stage",
+            "staging",
+            "--git-url",
+            settings.gitops_repo_url,
+            "--push",
+            "--outputs",
+            OUTPUTS_DIR,
+        ],
+        inputs=[Parameter(name="model-version")],
+        outputs=[_out("promoted"), _out("reason")],
+        retry=_infra_retry(),
+        deadline_s=900,
+        volume_mounts=[m.VolumeMount(name="git-deploy-key", mount_path=DEPLOY_KEY_MOUNT, read_only=True)],
+        extra_env=_git_env(),
+    )
+
+
+def _exit_handler(settings: WorkflowSettings) -> None:
+    """The onExit DAG: record how the run ended (and what failed) whatever happened."""
+    record_exit = _step(
+        settings,
+        "record-exit",
+        [
+            "--run-name",
+            "{{workflow.name}}",
+            "--status",
+            "{{inputs.parameters.status}}",
+            "--failures",
+            "{{inputs.parameters.failures}}",
+        ],
+        inputs=[Parameter(name="status"), Parameter(name="failures", default="[]")],
+        retry=_infra_retry(2),
+        deadline_s=300,
+        cpu="100m",
+        memory="512Mi",
+    )
+    # {{workflow.failures}} exists only when something failed, so it is read only then.
+    with DAG(name="exit-handler"):
+        _task(
+            record_exit,
+            name="record-failure",
+            arguments={"status": "{{workflow.status}}", "failures": "{{workflow.failures}}"},
+            when="{{workflow.status}} != Succeeded",
+        )
+        _task(
+            record_exit,
+            name="record-success",
+            arguments={"status": "{{workflow.status}}"},
+            when="{{workflow.status}} == Succeeded",
+        )
+
+
+def _retrain_dag(steps: _RetrainSteps) -> None:
+    """The ``retrain`` DAG: call each step with its hand-offs and chain them in :data:`STEP_ORDER`."""
+    with DAG(name="retrain"):
+        t_ingest = _task(
+            steps.ingest,
+            arguments={
+                "dataset-source": "{{workflow.parameters.dataset-source}}",
+                "include-feedback": "{{workflow.parameters.include-feedback}}",
+            },
+        )
+        t_validate = _task(steps.validate, arguments=[t_ingest.get_artifact("staged").with_name("staged")])
+        t_build = _task(
+            steps.build,
+            arguments=[
+                t_ingest.get_artifact("staged").with_name("staged"),
+                Parameter(name="include-feedback", value="{{workflow.parameters.include-feedback}}"),
+            ],
+        )
+        t_train = _task(
+            steps.train,
+            arguments={
+                "dataset-version": t_build.get_parameter("dataset-version").value,
+                "training-config": "{{workflow.parameters.training-config}}",
+                "base-model": "{{workflow.parameters.base-model}}",
+                "epochs": "{{workflow.parameters.epochs}}",
+                "workers": "{{workflow.parameters.workers}}",
+            },
+        )
+        t_evaluate = _task(steps.evaluate)
+        t_export = _task(steps.export)
+        t_register = _task(steps.register)
+        t_promote = _task(
+            steps.promote, arguments={"model-version": t_register.get_parameter("model-version").value}
+        )
+        # Hera types `a >> b` as `Task | list[Task]`, which mypy will not chain.
+        t_ingest >> t_validate >> t_build >> t_train >> t_evaluate >> t_export >> t_register >> t_promote  # type: ignore[operator]
+
+
+def build_retrain_template(settings: WorkflowSettings) -> WorkflowTemplate:
+    """WorkflowTemplate ``cxr-retrain``: the whole retrain DAG."""
+    # [1] the workflow-level spec; each template made inside it registers itself, in this order
+    with _retrain_workflow(settings) as wt:
+        # [2] the step templates in STEP_ORDER: data, train (a KubeRay RayJob), model, promotion
+        steps = _RetrainSteps(
+            _ingest_step(settings),
+            _validate_step(settings),
+            _build_dataset_step(settings),
+            _train_step(settings),
+            *_post_train_steps(settings),
+            _promote_step(settings),
+        )
+        # [3] the onExit handler that records how the run ended
+        _exit_handler(settings)
+        # [4] the retrain DAG: each step's hand-offs, chained in STEP_ORDER
+        _retrain_dag(steps)
     return wt
 
 

@@ -94,6 +94,148 @@ class _StepLines:
         self.console.print(f"{head} {escape(record.detail)}", highlight=False)
 
 
+class _StepActions:
+    """The DAG's steps as calls to :mod:`workflows.steps`, handing records on in memory, not as artifacts."""
+
+    def __init__(
+        self, options: RunOptions, settings: WorkflowSettings, store: Any, summary: PipelineSummary
+    ) -> None:
+        self.options = options
+        self.settings = settings
+        self.store = store
+        self.summary = summary
+        self.state: dict[str, Any] = {}
+
+    def by_name(self) -> dict[str, Callable[[], str]]:
+        """Each step of :data:`STEP_ORDER` and the action that runs it."""
+        return {
+            "ingest": self.ingest,
+            "validate": self.validate,
+            "build-dataset": self.build,
+            "train": self.train,
+            "evaluate": self.evaluate,
+            "export": self.export,
+            "register": self.register,
+            "promote-to-staging": self.promote,
+        }
+
+    def ingest(self) -> str:
+        """Stage the source (an S3 source is downloaded under the work dir) for the next two steps."""
+        options = self.options
+        dest = options.work_dir / "staged" if options.source.startswith("s3://") else None
+        result = steps.ingest(
+            options.source, dest=dest, include_feedback=options.include_feedback, store=self.store
+        )
+        self.state["staged"] = result.staged
+        self.summary.feedback_items = result.n_feedback_items
+        return f"{result.n_images} images, {result.n_feedback_items} feedback items"
+
+    def validate(self) -> str:
+        """Check the staged annotations before any dataset is built from them."""
+        result = steps.validate(self.state["staged"])
+        return f"{result.total_rows} rows, {result.bad_rows} quarantined, {result.n_images} images"
+
+    def build(self) -> str:
+        """Build (or reuse) the versioned dataset the train step reads by version."""
+        result = steps.build_dataset(
+            self.state["staged"],
+            out_dir=self.options.work_dir / "datasets",
+            include_feedback=self.options.include_feedback,
+            store=self.store,
+            settings=self.settings,
+        )
+        self.summary.dataset_version, self.summary.n_images = result.version, result.n_images
+        return f"version {result.version[:12]} ({result.n_images} images)"
+
+    def train(self) -> str:
+        """Train, and save the hand-off record where the cluster's evaluate step would look for it."""
+        options, summary = self.options, self.summary
+        trained = steps.train(
+            summary.dataset_version or "",
+            config_path=options.training_config,
+            base_model=options.base_model,
+            epochs=options.epochs,
+            workers=options.workers,
+            run_name=options.run_name,
+            settings=self.settings,
+        )
+        steps.save_handoff(self.store, self.settings, options.run_name, "train", trained)
+        self.state["trained"] = trained
+        summary.run_id, summary.base_model_version = trained.run_id, trained.base_model_version
+        base = (
+            f"fine-tuned from v{trained.base_model_version}" if trained.base_model_version else "from scratch"
+        )
+        return f"run {trained.run_id[:12]} ({base})"
+
+    def evaluate(self) -> str:
+        """Evaluate the trained model; its metrics go into the summary."""
+        result = steps.evaluate(self.state["trained"])
+        self.summary.metrics = {"map50": result.map50, "map40": result.map40, **result.metrics}
+        return f"mAP@0.5 {result.map50:.3f}  mAP@0.4 {result.map40:.3f}"
+
+    def export(self) -> str:
+        """Export ONNX and prove parity with the PyTorch weights."""
+        result = steps.export(
+            self.state["trained"],
+            mlflow_uri=self.settings.mlflow_uri,
+            model_name=self.settings.registered_model,
+        )
+        return f"onnx {result.onnx_sha256[:12]}, parity {result.parity_max_abs_diff:.1e}"
+
+    def register(self) -> str:
+        """Register the model version the promotion step will propose."""
+        settings = self.settings
+        result = steps.register(
+            self.state["trained"], mlflow_uri=settings.mlflow_uri, model_name=settings.registered_model
+        )
+        self.summary.model_name, self.summary.model_version = settings.registered_model, result.model_version
+        return f"{settings.registered_model} v{result.model_version}"
+
+    def promote(self) -> str:
+        """Promote to staging through the GitOps folder, unless the run was told not to (a skip)."""
+        summary = self.summary
+        if not self.options.promote:
+            summary.promotion_reason = "not asked (--no-promote)"
+            raise _Skipped(summary.promotion_reason)
+        result = steps.promote(
+            summary.model_version or "", stage="staging", gitops_dir=self.settings.gitops_dir
+        )
+        summary.promoted, summary.promotion_reason, summary.commit = (
+            result.promoted,
+            result.reason,
+            result.commit,
+        )
+        return ("promoted: " if result.promoted else "not promoted: ") + result.reason
+
+
+def _run_step(
+    index: int,
+    record: StepRecord,
+    action: Callable[[], str],
+    summary: PipelineSummary,
+    lines: _StepLines,
+) -> None:
+    """Run one step and turn how it ended (ok, skipped, failed and why) into its record and the summary."""
+    name = record.name
+    lines.start(index, name)
+    started = time.perf_counter()
+    try:
+        record.detail = action()
+        record.status = "ok"
+    except _Skipped as skip:
+        record.status, record.detail = "skipped", str(skip)
+    except PipelineError as exc:
+        record.status, record.detail = "failed", str(exc)
+        summary.failed_step, summary.error = name, str(exc)
+    except Exception as exc:  # another package's error: still end the run naming the step
+        log.exception("event=step_error step=%s", name)
+        record.status, record.detail = "failed", f"{type(exc).__name__}: {exc}"
+        summary.failed_step, summary.error = name, record.detail
+    record.seconds = round(time.perf_counter() - started, 2)
+    lines.finish(index, record)
+    log.info("event=step_done step=%s status=%s seconds=%.2f", name, record.status, record.seconds)
+
+
 def run_pipeline(
     options: RunOptions,
     settings: WorkflowSettings,
@@ -106,113 +248,17 @@ def run_pipeline(
     store = store if store is not None else steps.default_store()
     summary = PipelineSummary(run_name=options.run_name, steps=[StepRecord(name=n) for n in STEP_ORDER])
     records = {r.name: r for r in summary.steps}
-    state: dict[str, Any] = {}
-
-    def do_ingest() -> str:
-        dest = options.work_dir / "staged" if options.source.startswith("s3://") else None
-        result = steps.ingest(
-            options.source, dest=dest, include_feedback=options.include_feedback, store=store
-        )
-        state["staged"] = result.staged
-        summary.feedback_items = result.n_feedback_items
-        return f"{result.n_images} images, {result.n_feedback_items} feedback items"
-
-    def do_validate() -> str:
-        result = steps.validate(state["staged"])
-        return f"{result.total_rows} rows, {result.bad_rows} quarantined, {result.n_images} images"
-
-    def do_build() -> str:
-        result = steps.build_dataset(
-            state["staged"],
-            out_dir=options.work_dir / "datasets",
-            include_feedback=options.include_feedback,
-            store=store,
-            settings=settings,
-        )
-        summary.dataset_version, summary.n_images = result.version, result.n_images
-        return f"version {result.version[:12]} ({result.n_images} images)"
-
-    def do_train() -> str:
-        trained = steps.train(
-            summary.dataset_version or "",
-            config_path=options.training_config,
-            base_model=options.base_model,
-            epochs=options.epochs,
-            workers=options.workers,
-            run_name=options.run_name,
-            settings=settings,
-        )
-        steps.save_handoff(store, settings, options.run_name, "train", trained)
-        state["trained"] = trained
-        summary.run_id, summary.base_model_version = trained.run_id, trained.base_model_version
-        base = (
-            f"fine-tuned from v{trained.base_model_version}" if trained.base_model_version else "from scratch"
-        )
-        return f"run {trained.run_id[:12]} ({base})"
-
-    def do_evaluate() -> str:
-        result = steps.evaluate(state["trained"])
-        summary.metrics = {"map50": result.map50, "map40": result.map40, **result.metrics}
-        return f"mAP@0.5 {result.map50:.3f}  mAP@0.4 {result.map40:.3f}"
-
-    def do_export() -> str:
-        result = steps.export(
-            state["trained"], mlflow_uri=settings.mlflow_uri, model_name=settings.registered_model
-        )
-        return f"onnx {result.onnx_sha256[:12]}, parity {result.parity_max_abs_diff:.1e}"
-
-    def do_register() -> str:
-        result = steps.register(
-            state["trained"], mlflow_uri=settings.mlflow_uri, model_name=settings.registered_model
-        )
-        summary.model_name, summary.model_version = settings.registered_model, result.model_version
-        return f"{settings.registered_model} v{result.model_version}"
-
-    def do_promote() -> str:
-        if not options.promote:
-            summary.promotion_reason = "not asked (--no-promote)"
-            raise _Skipped(summary.promotion_reason)
-        result = steps.promote(summary.model_version or "", stage="staging", gitops_dir=settings.gitops_dir)
-        summary.promoted, summary.promotion_reason, summary.commit = (
-            result.promoted,
-            result.reason,
-            result.commit,
-        )
-        return ("promoted: " if result.promoted else "not promoted: ") + result.reason
-
-    actions: dict[str, Callable[[], str]] = {
-        "ingest": do_ingest,
-        "validate": do_validate,
-        "build-dataset": do_build,
-        "train": do_train,
-        "evaluate": do_evaluate,
-        "export": do_export,
-        "register": do_register,
-        "promote-to-staging": do_promote,
-    }
+    # [1] one action per DAG step, sharing the run's hand-offs in memory
+    actions = _StepActions(options, settings, store, summary).by_name()
     options.work_dir.mkdir(parents=True, exist_ok=True)
+    # [2] the steps in the DAG's order; the first failure ends the run
     lines = _StepLines(console)
     for index, name in enumerate(STEP_ORDER, start=1):
         record = records[name]
-        lines.start(index, name)
-        started = time.perf_counter()
-        try:
-            record.detail = actions[name]()
-            record.status = "ok"
-        except _Skipped as skip:
-            record.status, record.detail = "skipped", str(skip)
-        except PipelineError as exc:
-            record.status, record.detail = "failed", str(exc)
-            summary.failed_step, summary.error = name, str(exc)
-        except Exception as exc:  # another package's error: still end the run naming the step
-            log.exception("event=step_error step=%s", name)
-            record.status, record.detail = "failed", f"{type(exc).__name__}: {exc}"
-            summary.failed_step, summary.error = name, record.detail
-        record.seconds = round(time.perf_counter() - started, 2)
-        lines.finish(index, record)
-        log.info("event=step_done step=%s status=%s seconds=%.2f", name, record.status, record.seconds)
+        _run_step(index, record, actions[name], summary, lines)
         if record.status == "failed":
             break
+    # [3] the outcome, also written beside the run's files
     summary.succeeded = summary.failed_step is None
     (options.work_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
     return summary

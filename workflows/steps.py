@@ -23,15 +23,18 @@ import shutil
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from core.errors import CxrError
+from core.stages import Stage
 from workflows.config import WorkflowSettings
 from workflows.errors import HandoffMissing, PipelineError, SourceNotFound, StepFailed
 
 if TYPE_CHECKING:
     from data_pipeline.store import ObjectStore
+    from training.registry import VersionFacts
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +375,7 @@ def resolve_base_model(base_model: str, gitops_dir: Path) -> str | None:
     if choice in {"", "none", "scratch"}:
         return None
     if choice == "production":
-        from delivery.model_file import read_stage_file
+        from core.stage_file import read_stage_file
 
         version = read_stage_file(gitops_dir, "production").model_version
         return version or None
@@ -455,28 +458,25 @@ def evaluate(trained: TrainResult) -> EvaluationResult:
     return EvaluationResult(map50=map50, map40=map40, metrics=trained.metrics)
 
 
-def _version_tags(model_name: str, model_version: str, mlflow_uri: str) -> dict[str, str]:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+def _version_facts(model_name: str, model_version: str, mlflow_uri: str) -> VersionFacts:
+    from training.errors import TrainingError
+    from training.registry import ModelRegistry
 
     try:
-        mv = MlflowClient(tracking_uri=mlflow_uri).get_model_version(model_name, model_version)
-    except MlflowException as exc:
-        raise StepFailed(
-            "register", f"MLflow at {mlflow_uri} has no {model_name} v{model_version}: {exc}"
-        ) from exc
-    return dict(mv.tags or {})
+        return ModelRegistry(mlflow_uri, model_name).facts(model_version)
+    except TrainingError as exc:
+        raise StepFailed("register", str(exc)) from exc
 
 
 def export(trained: TrainResult, *, mlflow_uri: str, model_name: str = MODEL_NAME) -> ExportResult:
     """The registered ONNX's checksum and its recorded PyTorch-vs-ORT parity (the export refuses > 1e-3)."""
-    tags = _version_tags(model_name, trained.model_version, mlflow_uri)
+    tags = _version_facts(model_name, trained.model_version, mlflow_uri).tags
     sha = tags.get("onnx_sha256", "")
     parity = tags.get("parity_max_abs_diff")
     if not sha or parity is None:
         raise StepFailed("export", f"{model_name} v{trained.model_version} lacks onnx_sha256/parity tags")
     if trained.onnx_path is not None and trained.onnx_path.exists():
-        from data_pipeline.store import file_sha256
+        from core.hashing import file_sha256
 
         local = file_sha256(trained.onnx_path)
         if local != sha:
@@ -485,23 +485,11 @@ def export(trained: TrainResult, *, mlflow_uri: str, model_name: str = MODEL_NAM
     return ExportResult(onnx_sha256=sha, parity_max_abs_diff=float(parity))
 
 
-REQUIRED_TAGS = (
-    "dataset_version",
-    "git_commit",
-    "config_sha256",
-    "onnx_sha256",
-    "map50",
-    "map40",
-    "parity_max_abs_diff",
-    "imgsz",
-    "classes",
-)
-
-
 def register(trained: TrainResult, *, mlflow_uri: str, model_name: str = MODEL_NAME) -> RegisterResult:
     """The registered version, checked to carry every lineage tag and this run's dataset version."""
-    tags = _version_tags(model_name, trained.model_version, mlflow_uri)
-    missing = [t for t in REQUIRED_TAGS if t not in tags]
+    facts = _version_facts(model_name, trained.model_version, mlflow_uri)
+    tags = facts.tags
+    missing = facts.missing_tags
     if missing:
         raise StepFailed("register", f"{model_name} v{trained.model_version} lacks lineage tags {missing}")
     if tags["dataset_version"] != trained.dataset_version:
@@ -529,7 +517,7 @@ def _clone(git_url: str, dest: Path) -> Path:
 def promote(
     model_version: str,
     *,
-    stage: Literal["staging", "canary", "production"] = "staging",
+    stage: Stage = "staging",
     gitops_dir: Path,
     git_url: str | None = None,
     push: bool = False,
@@ -541,7 +529,7 @@ def promote(
     the summary says which gate refused it.
     """
     from delivery.context import DeliveryContext
-    from delivery.errors import DeliveryError, GateFailed
+    from delivery.errors import GateFailed
     from delivery.promote import PromotionRequest, promote_version
 
     if git_url:
@@ -554,7 +542,7 @@ def promote(
     except GateFailed as exc:
         log.warning("event=promote_refused version=%s stage=%s reason=%s", model_version, stage, exc)
         return PromoteResult(stage=stage, model_version=model_version, promoted=False, reason=str(exc))
-    except DeliveryError as exc:
+    except CxrError as exc:  # the stage files', the registry's and git's failures alike
         raise StepFailed("promote-to-staging", str(exc)) from exc
     if outcome.commit is None:
         reason = f"{stage} already serves v{model_version}; nothing to commit"

@@ -1,14 +1,17 @@
-"""DICOMweb STOW-RS (PS3.18 10.5): parse ``multipart/related`` uploads, answer with a status dataset.
+"""DICOMweb STOW-RS (PS3.18 10.5): parse ``multipart/related`` uploads, detect on each, answer.
 
 The body is split with python-multipart's generic ``MultipartParser`` (the
 same parser FastAPI uses for forms, which works for any boundary-delimited
-body); the response is a DICOM JSON dataset listing each instance under
+body); :class:`StowService` runs each instance through the detector; the
+response is a DICOM JSON dataset listing each instance under
 ReferencedSOPSequence (with a RetrieveURL to its detection SR) or
 FailedSOPSequence (with a FailureReason), as a PACS or ``dicomweb-client`` expects.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +20,11 @@ from pydicom.sequence import Sequence
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from serving.errors import InvalidRequest, UnsupportedMediaType
+from serving.errors import InvalidImage, InvalidRequest, ServingError, UnsupportedMediaType
+from serving.inference.cpu_pool import CpuPool
+from serving.inference.detector import DetectionReply, DetectionService
+
+log = logging.getLogger(__name__)
 
 # PS3.18 Table I.2-1 failure reasons
 FAILURE_PROCESSING = 0x0110
@@ -138,3 +145,88 @@ def stow_status(outcomes: list[StowOutcome]) -> int:
     if failed == 0:
         return 200
     return 409 if failed == len(outcomes) else 202
+
+
+def instance_uids(data: bytes) -> tuple[str, str, str]:
+    """SOP Class, SOP Instance and Study UIDs through the guarded reader (blocking: run in the pool)."""
+    from data_pipeline.dicom_io import read_header
+    from data_pipeline.errors import ImageDecodeError
+
+    try:
+        ds = read_header(data)
+    except ImageDecodeError:
+        return "", "", ""  # the detector refuses it with the reason; the status names no UIDs
+    return (
+        str(ds.get("SOPClassUID", "")),
+        str(ds.get("SOPInstanceUID", "")),
+        str(ds.get("StudyInstanceUID", "")),
+    )
+
+
+@dataclass
+class StowResult:
+    """What one STOW-RS request stored and refused, and the response that says so."""
+
+    outcomes: list[StowOutcome]
+    detections: int
+    study_url: str | None
+
+    @property
+    def status(self) -> int:
+        return stow_status(self.outcomes)
+
+    def body(self) -> dict[str, Any]:
+        return stow_response(self.outcomes, self.study_url)
+
+
+class StowService:
+    """Store Instances: each DICOM instance of a request goes through the detector on its own.
+
+    An instance the detector cannot read fails alone (FailureReason C000), one of another
+    study is refused (C122), any other refusal fails it (0110); an overload or timeout
+    (503/504) fails the whole request so the sender retries it later.
+    """
+
+    def __init__(self, detector: DetectionService, cpu: CpuPool) -> None:
+        self.detector = detector
+        self.cpu = cpu
+
+    async def split(self, content_type: str, body: bytes) -> list[bytes]:
+        """The request's DICOM instances; parsing 64 MiB of parts and every header runs in the pool."""
+        return await self.cpu.run(split_related, content_type, body)
+
+    async def store(
+        self,
+        instances: list[bytes],
+        *,
+        study: str | None,
+        tenant: str,
+        base_url: str,
+        on_stored: Callable[[DetectionReply], None] | None = None,
+    ) -> StowResult:
+        """Detect on each instance in turn; ``on_stored`` sees each reply as it is stored."""
+        outcomes: list[StowOutcome] = []
+        detections = 0
+        for data in instances:
+            sop_class, sop_uid, study_uid = await self.cpu.run(instance_uids, data)
+            if study and study_uid and study_uid != study:
+                outcomes.append(StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_NOT_SUPPORTED))
+                continue
+            try:
+                [reply] = await self.detector.detect([data], tenant=tenant)
+            except (InvalidImage, UnsupportedMediaType) as exc:
+                log.info("stow_instance_rejected code=%s", exc.code)  # the message may quote the file
+                outcomes.append(StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_CANNOT_UNDERSTAND))
+                continue
+            except ServingError as exc:
+                if exc.status in (503, 504):
+                    raise  # the whole request should be retried later, not reported as a bad instance
+                outcomes.append(StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_PROCESSING))
+                continue
+            detections += len(reply.outcome.detections)
+            if on_stored is not None:
+                on_stored(reply)
+            rid = reply.record.request_id
+            outcomes.append(StowOutcome(sop_class, sop_uid, retrieve_url=f"{base_url}/v1/results/{rid}/sr"))
+        study_url = f"{base_url}/dicomweb/studies/{study}" if study else None
+        return StowResult(outcomes, detections, study_url)

@@ -15,14 +15,16 @@ from typing import Any
 
 from core.install_secret import resolve_install_secret
 from serving.config import ServingSettings
+from serving.dicom.stow import StowService
 from serving.feedback.service import FeedbackService, FeedbackSpool
 from serving.gateway.audit import AuditLog
 from serving.gateway.auth import KeyStore
-from serving.gateway.limits import RateLimiter
 from serving.inference.backend import InferenceBackend
+from serving.inference.cpu_pool import CpuPool
 from serving.inference.detector import DetectionService
 from serving.inference.drift import DriftMonitor
 from serving.inference.routing import Router
+from serving.limits import RateLimiter
 from serving.metrics import GatewayMetrics
 from serving.results import BlobStore, ResultStore, Retention
 
@@ -39,6 +41,9 @@ class GatewayState:
     router: Router
     results: ResultStore
     detector: DetectionService
+    # the one worker pool for blocking work (decode, parsing, SR, disk): routes await ``cpu.run``
+    cpu: CpuPool
+    stow: StowService
     feedback: FeedbackService
     limiter: RateLimiter
     audit: AuditLog
@@ -53,11 +58,7 @@ def make_store(settings: ServingSettings) -> BlobStore | None:
     """The S3 store named by the settings (keys from credentials.json when unset), or None if unconfigured."""
     from data_pipeline.store import ObjectStore
 
-    access, secret = settings.s3_access_key, settings.s3_secret_key
-    creds = settings.stack_dir / "credentials.json"
-    if not (access and secret) and creds.exists():
-        s3 = json.loads(creds.read_text()).get("s3", {})
-        access, secret = str(s3.get("access_key", "")), str(s3.get("secret_key", ""))
+    access, secret = settings.s3_keys()
     return ObjectStore(
         settings.s3_endpoint, access, secret, settings.s3_bucket, settings.s3_region, timeout_s=5.0, retries=0
     )
@@ -118,7 +119,8 @@ def build_state(
         reference_file=settings.reference_stats,
         reference_loader=load_reference,
     )
-    detector = DetectionService(settings, backend, router, metrics, results, drift)
+    cpu = CpuPool(settings.worker_threads)
+    detector = DetectionService(settings, backend, router, metrics, results, drift, cpu=cpu)
     secret = resolve_install_secret(settings.deid_secret, settings.stack_dir)
     feedback = FeedbackService(store, FeedbackSpool(settings.resolved_spool_dir), secret)
     return GatewayState(
@@ -130,6 +132,8 @@ def build_state(
         router=router,
         results=results,
         detector=detector,
+        cpu=cpu,
+        stow=StowService(detector, cpu),
         feedback=feedback,
         limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
         audit=AuditLog(

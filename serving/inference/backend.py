@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.config import Stage
+from core.stages import Stage
 from serving.contract import ModelContract
 
 
@@ -30,7 +30,11 @@ class InferenceBackend(Protocol):
         ...
 
     async def infer(self, stage: Stage, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32 -> (N, 4 + classes, anchors) float32."""
+        """(N, 3, S, S) float32 -> (N, 4 + classes, anchors) float32.
+
+        Failures are typed :mod:`serving.errors`: Overloaded, GatewayTimeout, ModelNotReady
+        or BackendError; callers never read their messages to tell them apart.
+        """
         ...
 
     async def ready(self, stage: Stage) -> bool: ...

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from serving.config import Stage
+from core.stages import Stage
 from serving.contract import contract_from_metadata
 from serving.errors import ModelNotReady
 from serving.inference.backend import ServedModel

@@ -13,26 +13,50 @@ import itertools
 import logging
 from typing import Any
 
+import grpc
 import numpy as np
+from tritonclient.utils import InferenceServerException
 
-from serving.config import ServingSettings, Stage
+from core.stages import Stage
+from serving.config import ServingSettings
 from serving.contract import ModelContract
-from serving.errors import BackendError, GatewayTimeout, ModelNotReady, Overloaded
+from serving.errors import BackendError, GatewayTimeout, ModelNotReady, Overloaded, ServingError
 from serving.inference.backend import ServedModel
 
 log = logging.getLogger(__name__)
 
 
-def _map_error(stage: Stage, exc: Exception, retry_after_s: int) -> Exception:
+#: grpc.StatusCode by the name tritonclient reports (``InferenceServerException.status()`` is ``str(code)``)
+_STATUS_CODES = {str(code): code for code in grpc.StatusCode}
+
+#: Triton's scheduler refuses a request past ``max_queue_size`` with UNAVAILABLE and this message
+#: (core ``PriorityQueue::PolicyQueue::Enqueue``); UNAVAILABLE alone also means "cannot connect"
+TRITON_QUEUE_FULL = "Exceeds maximum queue size"
+
+
+def grpc_status(exc: Exception) -> tuple[grpc.StatusCode | None, str]:
+    """The gRPC status and server message of a tritonclient error; (None, text) for any other error."""
+    if isinstance(exc, InferenceServerException):
+        return _STATUS_CODES.get(str(exc.status())), str(exc.message())
+    return None, str(exc)
+
+
+def _map_error(stage: Stage, exc: Exception, retry_after_s: int) -> ServingError:
+    """A failed Triton call as the gateway's error, by its gRPC status.
+
+    DEADLINE_EXCEEDED: the call outlived CXR_TRITON_TIMEOUT_S. NOT_FOUND: no such model
+    loaded. UNAVAILABLE: the server cannot be reached, the model version is not ready, or its
+    queue is full; Triton has no status of its own for the last, only its fixed message.
+    """
     text = str(exc)
-    status = str(getattr(exc, "status", lambda: "")() or "")
-    if "queue" in text.lower() and ("exceed" in text.lower() or "full" in text.lower()):
+    code, message = grpc_status(exc)
+    if code is grpc.StatusCode.UNAVAILABLE and message.endswith(TRITON_QUEUE_FULL):
         return Overloaded(
             f"stage '{stage}' inference queue is full; retry later", retry_after_s=retry_after_s
         )
-    if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in text:
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return GatewayTimeout(f"stage '{stage}' inference timed out")
-    if "UNAVAILABLE" in status or "not ready" in text.lower() or "unknown model" in text.lower():
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
         return ModelNotReady(f"stage '{stage}' has no model ready: {text}", retry_after_s=retry_after_s)
     return BackendError(f"stage '{stage}' inference failed: {text}")
 

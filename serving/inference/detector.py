@@ -13,15 +13,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from serving.config import ServingSettings, Stage
+from core.stages import Stage
+from serving.config import ServingSettings
+from serving.contract import Detection
 from serving.errors import BackendError, GatewayTimeout, InputLimitExceeded, ModelNotReady, ServingError
-from serving.gateway.limits import InflightGate
 from serving.inference.backend import InferenceBackend, ServedModel
+from serving.inference.cpu_pool import CpuPool
 from serving.inference.drift import DriftMonitor
 from serving.inference.pipeline import DecodedUpload, InferenceOutcome, Pipeline
-from serving.inference.postprocess import Detection
-from serving.inference.preprocess import prepare
 from serving.inference.routing import Router
+from serving.limits import InflightGate
 from serving.metrics import GatewayMetrics
 from serving.results import ResultRecord, ResultStore, build_response
 
@@ -80,14 +81,17 @@ class DetectionService:
         metrics: GatewayMetrics,
         results: ResultStore,
         drift: DriftMonitor,
+        cpu: CpuPool | None = None,
     ) -> None:
+        """``cpu``: the gateway's worker pool (one of its own when None); :meth:`close` shuts it down."""
         self.settings = settings
         self.backend = backend
         self.router = router
         self.metrics = metrics
         self.results = results
         self.drift = drift
-        self.pipeline = Pipeline(settings, backend)
+        self.cpu = cpu or CpuPool(settings.worker_threads)
+        self.pipeline = Pipeline(settings, backend, metrics, self.cpu)
         self.gate = InflightGate(settings.max_inflight_per_stage, settings.overload_retry_after_s)
         self._background: set[asyncio.Task[Any]] = set()
         self._versions: dict[str, str] = {}
@@ -143,10 +147,10 @@ class DetectionService:
             ) from exc
         for reply in replies:
             reply.record.tenant = tenant
-        await asyncio.gather(*(self.pipeline.offload(self.results.journal, r.record) for r in replies))
+        await asyncio.gather(*(self.cpu.run(self.results.journal, r.record) for r in replies))
         if self.settings.store_results:
             for reply in replies:
-                self.spawn(self.pipeline.offload(self.results.persist, reply.record))
+                self.spawn(self.cpu.run(self.results.persist, reply.record))
         return replies
 
     async def _detect(
@@ -157,15 +161,10 @@ class DetectionService:
         first_stage: Stage = forced or "production"
         first_model = await self._model(first_stage)
         try:
-            uploads = await asyncio.gather(*(self.pipeline.decode(p, first_model) for p in payloads))
+            uploads = await self.pipeline.decode(payloads, first_model, first_stage)
         except InputLimitExceeded as exc:
             self.metrics.input_refused.labels(exc.limit).inc()
             raise
-        for up in uploads:
-            self.metrics.phase_duration.labels("decode", first_stage).observe(up.timings_ms["decode"] / 1000)
-            self.metrics.phase_duration.labels("preprocess", first_stage).observe(
-                up.timings_ms["preprocess"] / 1000
-            )
         groups: dict[Stage, list[int]] = {}
         shadows: list[int] = []
         for i, up in enumerate(uploads):
@@ -210,7 +209,7 @@ class DetectionService:
     async def _infer_bounded(
         self, stage: Stage, model: ServedModel, uploads: list[DecodedUpload], conf: float
     ) -> list[InferenceOutcome]:
-        uploads = await self._reprepare(uploads, model)
+        uploads = await self.pipeline.reprepare(uploads, model)
         try:
             with self.gate.enter(stage, len(uploads)):
                 self.metrics.inflight.labels(stage).inc(len(uploads))
@@ -224,23 +223,9 @@ class DetectionService:
                 self.backend.forget(stage)
             raise
 
-    async def _reprepare(self, uploads: list[DecodedUpload], model: ServedModel) -> list[DecodedUpload]:
-        """Letterbox again only when the stage's model takes another input size."""
-        if all(u.prepared.params.dst == model.contract.size for u in uploads):
-            return uploads
-        out = []
-        for up in uploads:
-            prepared = await self.pipeline.offload(
-                prepare, up.image.to_uint8(), model.contract, self.settings.max_side
-            )
-            out.append(DecodedUpload(up.data, up.image, prepared, up.sticky_key, dict(up.timings_ms)))
-        return out
-
     def _record(self, request_id: str, up: DecodedUpload, outcome: InferenceOutcome) -> DetectionReply:
         stage, model = outcome.stage, outcome.model
         m = self.metrics
-        for phase in ("infer", "postprocess"):
-            m.phase_duration.labels(phase, stage).observe(outcome.timings_ms[phase] / 1000)
         m.images.labels(stage, model.version).inc()
         for det in outcome.detections:
             m.detections.labels(stage, model.version, det.class_name).inc()
@@ -248,7 +233,7 @@ class DetectionService:
         m.intensity.labels(stage).observe(up.prepared.intensity_mean)
         dataset_version = model.contract.extra.get("cxr_dataset_version", "")
         self.spawn(
-            self.pipeline.offload(
+            self.cpu.run(
                 functools.partial(
                     self.drift.observe,
                     stage,
@@ -280,8 +265,8 @@ class DetectionService:
         """Mirror to staging; the answer is discarded, only its agreement is recorded."""
         try:
             model = await self._model("staging")
-            [up] = await self._reprepare([upload], model)
-            [outcome] = await self.pipeline.infer("staging", model, [up], conf)
+            [up] = await self.pipeline.reprepare([upload], model)
+            [outcome] = await self.pipeline.infer("staging", model, [up], conf, observe=False)
             score = agreement(served.detections, outcome.detections)
             self.metrics.shadow_agreement.labels("staging").observe(score)
         except Exception as exc:  # a broken shadow must never affect anyone
@@ -290,4 +275,4 @@ class DetectionService:
     async def close(self) -> None:
         for task in list(self._background):
             task.cancel()
-        self.pipeline.close()
+        self.cpu.close()

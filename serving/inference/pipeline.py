@@ -1,9 +1,9 @@
-"""decode -> preprocess -> infer -> postprocess, each phase timed.
+"""decode -> preprocess -> infer -> postprocess: each phase timed and recorded here.
 
-CPU work (decoding, letterbox, NMS) runs in a thread pool so the event loop
-only waits: numpy, OpenCV, pydicom's decoders and ONNX Runtime release the GIL
-for their heavy parts, so threads overlap on both cores. Inference goes to the
-backend of the stage the router picked.
+CPU work (decoding, letterbox, NMS) runs in the gateway's worker pool so the
+event loop only waits. Inference goes to the backend of the stage the router
+picked. The pipeline measures every phase and records it in
+``cxr_gateway_phase_duration_seconds`` itself: nothing else observes phases.
 """
 
 from __future__ import annotations
@@ -11,21 +11,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
 
+from core.stages import Stage
 from data_pipeline.dicom_guard import DicomLimitExceeded, DicomLimits
 from data_pipeline.dicom_io import DecodedImage, decode_bytes
-from data_pipeline.errors import CorruptImage, ImageDecodeError, UnsupportedImage
-from serving.config import ServingSettings, Stage
+from data_pipeline.errors import CorruptImage, ImageDecodeError, UnrecognisedImage, UnsupportedImage
+from serving.config import ServingSettings
+from serving.contract import Detection
 from serving.errors import InputLimitExceeded, InvalidImage, Overloaded, UnsupportedMediaType
 from serving.inference.backend import InferenceBackend, ServedModel
-from serving.inference.postprocess import Detection, to_detections
+from serving.inference.cpu_pool import CpuPool
+from serving.inference.postprocess import to_detections
 from serving.inference.preprocess import PreparedImage, prepare, stack
+from serving.metrics import GatewayMetrics
 
 T = TypeVar("T")
 
@@ -59,11 +61,10 @@ def decode_upload(
         image = decode_bytes(data, salt=salt, limits=limits)
     except DicomLimitExceeded as exc:
         raise InputLimitExceeded(str(exc), limit=exc.limit) from exc
+    except UnrecognisedImage as exc:  # no image format at all: 415, not 422
+        raise UnsupportedMediaType(f"{exc}; send application/dicom, image/png or image/jpeg") from exc
     except UnsupportedImage as exc:
-        text = str(exc)
-        if "not a DICOM, PNG or JPEG" in text:
-            raise UnsupportedMediaType(f"{text}; send application/dicom, image/png or image/jpeg") from exc
-        raise InvalidImage(text) from exc
+        raise InvalidImage(str(exc)) from exc
     except (CorruptImage, ImageDecodeError) as exc:
         raise InvalidImage(str(exc)) from exc
     if image.pixels.ndim != 2:
@@ -74,17 +75,22 @@ def decode_upload(
 
 
 class Pipeline:
-    def __init__(self, settings: ServingSettings, backend: InferenceBackend) -> None:
+    def __init__(
+        self, settings: ServingSettings, backend: InferenceBackend, metrics: GatewayMetrics, cpu: CpuPool
+    ) -> None:
         self.settings = settings
         self.backend = backend
-        self._pool = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="cxr-cpu")
+        self.metrics = metrics
+        self.cpu = cpu
         from data_pipeline.config import get_settings
 
         self.limits = get_settings().dicom_limits()  # CXR_DICOM_*: owned by the guarded reader's package
         self._decoding = 0
 
-    async def _offload(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    def _observe(self, phase: str, stage: Stage, ms: float) -> None:
+        self.metrics.phase_duration.labels(phase, stage).observe(ms / 1000)
+
+    # ----------------------------------------------------------------- decode + preprocess
 
     def _decode_and_prepare(self, data: bytes, model: ServedModel) -> DecodedUpload:
         image, decode_ms = decode_upload(data, limits=self.limits)
@@ -100,7 +106,7 @@ class Pipeline:
             timings_ms={"decode": decode_ms, "preprocess": prep_ms},
         )
 
-    async def decode(self, data: bytes, model: ServedModel) -> DecodedUpload:
+    async def _decode_one(self, data: bytes, model: ServedModel) -> DecodedUpload:
         """Decode in the bounded pool: a full queue is a 503, a decode past its time a 422.
 
         A thread cannot be killed, so a decode past CXR_DECODE_TIMEOUT_S finishes in
@@ -115,7 +121,7 @@ class Pipeline:
         self._decoding += 1
         try:
             return await asyncio.wait_for(
-                self._offload(self._decode_and_prepare, data, model), timeout=self.settings.decode_timeout_s
+                self.cpu.run(self._decode_and_prepare, data, model), timeout=self.settings.decode_timeout_s
             )
         except TimeoutError as exc:
             raise InputLimitExceeded(
@@ -124,6 +130,27 @@ class Pipeline:
             ) from exc
         finally:
             self._decoding -= 1
+
+    async def decode(self, payloads: list[bytes], model: ServedModel, stage: Stage) -> list[DecodedUpload]:
+        """Decode and letterbox every payload for ``model``; the phases are recorded under ``stage``."""
+        uploads = await asyncio.gather(*(self._decode_one(p, model) for p in payloads))
+        for up in uploads:
+            self._observe("decode", stage, up.timings_ms["decode"])
+            self._observe("preprocess", stage, up.timings_ms["preprocess"])
+        return list(uploads)
+
+    async def reprepare(self, uploads: list[DecodedUpload], model: ServedModel) -> list[DecodedUpload]:
+        """Letterbox again only when ``model`` takes another input size than the uploads were prepared for."""
+        if all(u.prepared.params.dst == model.contract.size for u in uploads):
+            return uploads
+        out = []
+        for up in uploads:
+            image = up.image.to_uint8()
+            prepared = await self.cpu.run(prepare, image, model.contract, self.settings.max_side)
+            out.append(DecodedUpload(up.data, up.image, prepared, up.sticky_key, dict(up.timings_ms)))
+        return out
+
+    # ----------------------------------------------------------------- infer + postprocess
 
     def _post(
         self, outputs: np.ndarray, uploads: list[DecodedUpload], model: ServedModel, conf: float
@@ -144,27 +171,34 @@ class Pipeline:
         return result, (time.perf_counter() - start) * 1000
 
     async def infer(
-        self, stage: Stage, model: ServedModel, uploads: list[DecodedUpload], conf: float
+        self,
+        stage: Stage,
+        model: ServedModel,
+        uploads: list[DecodedUpload],
+        conf: float,
+        *,
+        observe: bool = True,
     ) -> list[InferenceOutcome]:
-        """One backend call for all uploads (the batch route sends N images as one tensor)."""
+        """One backend call for all uploads (the batch route sends N images as one tensor).
+
+        ``observe=False`` (the shadow mirror, which serves no one) leaves the phase
+        histogram alone; the outcomes carry their timings either way.
+        """
         size = max(1, self.settings.max_backend_batch)
         chunks = [uploads[i : i + size] for i in range(0, len(uploads), size)]
         start = time.perf_counter()
         # copying a 640 px image into a batch tensor is ~5 MB of memory traffic: not on the event loop
-        batches = await asyncio.gather(*(self._offload(stack, [u.prepared for u in c]) for c in chunks))
+        batches = await asyncio.gather(*(self.cpu.run(stack, [u.prepared for u in c]) for c in chunks))
         # Triton refuses batches above the model's max_batch_size: send chunks, concurrently
         parts = await asyncio.gather(*(self.backend.infer(stage, batch) for batch in batches))
         outputs = np.concatenate(parts) if len(parts) > 1 else parts[0]
         infer_ms = (time.perf_counter() - start) * 1000
-        detections, post_ms = await self._offload(self._post, outputs, uploads, model, conf)
+        detections, post_ms = await self.cpu.run(self._post, outputs, uploads, model, conf)
         outcomes = []
         for up, dets in zip(uploads, detections, strict=True):
             timings = {**up.timings_ms, "infer": infer_ms, "postprocess": post_ms / len(uploads)}
             outcomes.append(InferenceOutcome(up, dets, model, stage, timings))
+            if observe:
+                self._observe("infer", stage, timings["infer"])
+                self._observe("postprocess", stage, timings["postprocess"])
         return outcomes
-
-    async def offload(self, fn: Callable[..., T], *args: object) -> T:
-        return await self._offload(fn, *args)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)

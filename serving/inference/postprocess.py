@@ -9,31 +9,12 @@ torchvision's ``batched_nms``; a test checks both give the same boxes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from data_pipeline.geometry import LetterboxParams, boxes_to_source
+from serving.contract import Detection
 
 MAX_NMS_CANDIDATES = 30000
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One finding: VinDr class id/name, confidence and [x_min, y_min, x_max, y_max] in source pixels."""
-
-    class_id: int
-    class_name: str
-    confidence: float
-    box: tuple[float, float, float, float]
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "class_id": self.class_id,
-            "class_name": self.class_name,
-            "confidence": round(self.confidence, 5),
-            "box": [round(v, 2) for v in self.box],
-        }
 
 
 def nms_one(

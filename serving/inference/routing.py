@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from delivery.errors import StageFileError
-from delivery.model_file import read_stage_file
-from serving.config import STAGES, Stage
+from core.errors import StageFileError
+from core.stage_file import read_stage_file
+from core.stages import STAGES, Stage
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import httpx
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from serving.config import STAGES
+from core.stages import STAGES
 from serving.errors import ServingError
 from serving.gateway.deps import AdminDep, OperatorDep, StateDep
 
@@ -63,7 +63,7 @@ async def list_models(state: StateDep, principal: OperatorDep) -> JSONResponse:
             info["served_version"] = None
             info["error"] = exc.message
         version = info.get("served_version") or info["routing_version"]
-        info["lineage"] = await state.detector.pipeline.offload(
+        info["lineage"] = await state.cpu.run(
             lineage_tags, state.settings.mlflow_uri, info["model_name"], version
         )
         out["stages"][stage] = info

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from serving.config import STAGES, Stage
+from core.stages import STAGES, Stage
 from serving.dicom.sr import sr_bytes
 from serving.errors import Conflict, InvalidRequest
 from serving.gateway.auth import Role
@@ -70,7 +70,7 @@ async def detect(
     if format == "sr":
         if reply.record.source_format != "dicom":
             raise Conflict("format=sr needs a DICOM input: an SR must reference a DICOM source image")
-        body = await state.detector.pipeline.offload(sr_bytes, payload, reply.record.response)
+        body = await state.cpu.run(sr_bytes, payload, reply.record.response)
         return Response(body, media_type="application/dicom", headers=headers)
     return JSONResponse(reply.record.response, headers=headers)
 

@@ -31,8 +31,8 @@ async def post_feedback(request: Request, state: StateDep, principal: Radiologis
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise InvalidRequest(f"feedback body is invalid: {problems}") from exc
     request.state.result_id = fb.request_id  # the audit line names the result this feedback is about
-    record = await state.detector.pipeline.offload(state.results.get, fb.request_id, principal.tenant)
-    receipt = await state.detector.pipeline.offload(state.feedback.submit, fb, record, principal.key_id)
+    record = await state.cpu.run(state.results.get, fb.request_id, principal.tenant)
+    receipt = await state.cpu.run(state.feedback.submit, fb, record, principal.key_id)
     state.metrics.feedback.labels(receipt.status).inc()
     state.metrics.spool_depth.set(state.feedback.spool.depth())
     status = 202 if receipt.status == "spooled" else 200

@@ -31,7 +31,7 @@ def render_preview(source: bytes) -> bytes:
 
 @router.get("/{request_id}")
 async def get_result(request_id: str, state: StateDep, principal: PacsDep) -> JSONResponse:
-    record = await state.detector.pipeline.offload(state.results.get, request_id, principal.tenant)
+    record = await state.cpu.run(state.results.get, request_id, principal.tenant)
     return JSONResponse(record.response)
 
 
@@ -39,7 +39,7 @@ async def get_result(request_id: str, state: StateDep, principal: PacsDep) -> JS
     "/{request_id}/sr", response_class=Response, responses={200: {"content": {"application/dicom": {}}}}
 )
 async def get_sr(request_id: str, state: StateDep, principal: PacsDep) -> Response:
-    record = await state.detector.pipeline.offload(state.results.get, request_id, principal.tenant)
+    record = await state.cpu.run(state.results.get, request_id, principal.tenant)
     if record.source_format != "dicom":
         raise Conflict(
             f"result '{request_id}' came from a {record.source_format.upper()} upload; SRs need DICOM"
@@ -48,7 +48,7 @@ async def get_sr(request_id: str, state: StateDep, principal: PacsDep) -> Respon
         raise NotFound(
             f"the source DICOM of '{request_id}' is no longer kept (CXR_SOURCE_RETENTION_HOURS); detect again"
         )
-    body = await state.detector.pipeline.offload(sr_bytes, record.source, record.response)
+    body = await state.cpu.run(sr_bytes, record.source, record.response)
     return Response(
         body,
         media_type="application/dicom",
@@ -60,10 +60,10 @@ async def get_sr(request_id: str, state: StateDep, principal: PacsDep) -> Respon
     "/{request_id}/preview.png", response_class=Response, responses={200: {"content": {"image/png": {}}}}
 )
 async def get_preview(request_id: str, state: StateDep, principal: RadiologistDep) -> Response:
-    record = await state.detector.pipeline.offload(state.results.get, request_id, principal.tenant)
+    record = await state.cpu.run(state.results.get, request_id, principal.tenant)
     if record.source is None:
         raise NotFound(
             f"the source image of '{request_id}' is no longer kept (CXR_SOURCE_RETENTION_HOURS); detect again"
         )
-    png = await state.detector.pipeline.offload(render_preview, record.source)
+    png = await state.cpu.run(render_preview, record.source)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})

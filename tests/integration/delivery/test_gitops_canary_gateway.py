@@ -21,20 +21,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.stage_file import StageFile, read_stage_file, write_stage_file
 from delivery.canary import PrometheusClient, build_queries
 from delivery.canary_step import step
 from delivery.canary_window import current_window
 from delivery.context import DeliveryContext
 from delivery.git_repo import GitOpsRepo
 from delivery.messages import DeliveryRecord, parse_record
-from delivery.model_file import StageFile, read_stage_file, write_stage_file
 from delivery.policy import load_policy
 from delivery.promote import PromotionRequest, promote_version
-from delivery.registry import ModelRegistry
 from serving.inference.triton_repo import TritonAdmin
 from stack.components import gateway_component
 from tests.fixtures.servers import HOST, RunningProcess, free_port
 from tests.integration.delivery.gitops_helpers import git, register_version, tiny_detector
+from training.registry import ModelRegistry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -17,16 +17,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 from tritonclient.http import InferenceServerClient
 
+from core.stage_file import StageFile, read_stage_file, write_stage_file
 from data_pipeline.store import ObjectStore
 from delivery.context import DeliveryContext
 from delivery.errors import GateFailed
 from delivery.messages import parse_record
-from delivery.model_file import StageFile, read_stage_file, write_stage_file
 from delivery.promote import PromotionRequest, promote_version
 from delivery.reconcile import reconcile_stage
-from delivery.registry import ModelRegistry
 from delivery.rollback import rollback_stage
 from tests.integration.delivery.gitops_helpers import git, register_version, tiny_detector
+from training.registry import ModelRegistry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

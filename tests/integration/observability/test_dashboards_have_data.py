@@ -169,7 +169,7 @@ def observed_stack(
     s3_store: Any,
     mlflow_server: Any,
 ) -> Iterator[ObservedStack]:
-    from delivery.model_file import StageFile, write_stage_file
+    from core.stage_file import StageFile, write_stage_file
 
     root = tmp_path_factory.mktemp("observed")
     onnx = export_test_model(root / "model")

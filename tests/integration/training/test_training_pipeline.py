@@ -11,9 +11,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from core.hashing import file_sha256
 from training.cli import app
 from training.config import TrainConfig, TrainSettings
-from training.export import file_sha256
 from training.registry import LineageTags, download_onnx
 from training.run import train_and_register
 

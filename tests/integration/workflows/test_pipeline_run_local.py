@@ -48,8 +48,8 @@ def pipeline_env(
     s3_store: Any, mlflow_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[dict[str, Any]]:
     """A private bucket, a private registered-model name and a temporary GitOps repo, set as CXR_* env."""
+    from core.stage_file import StageFile, write_stage_file
     from data_pipeline.config import get_settings as data_settings
-    from delivery.model_file import StageFile, write_stage_file
 
     bucket = f"pipeline-{secrets.token_hex(3)}"
     model_name = f"cxr-detector-pipeline-{secrets.token_hex(3)}"
@@ -89,8 +89,8 @@ def pipeline_env(
 def test_local_run_goes_from_synthetic_dicoms_to_a_staging_promotion(
     pipeline_env: dict[str, Any], tmp_path: Path
 ) -> None:
+    from core.stage_file import read_stage_file
     from data_pipeline.versioning import latest_version
-    from delivery.model_file import read_stage_file
     from workflows.runner import RunOptions, run_pipeline, summary_table
 
     source = tmp_path / "synth"

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.credentials import StackCredentials
+from core.stages import STAGES
 from serving.config import ServingSettings
-from stack.config import STAGES, StackSettings
-from stack.credentials import StackCredentials
+from stack.config import StackSettings
 from stack.manager import client_env
 
 pytestmark = pytest.mark.unit

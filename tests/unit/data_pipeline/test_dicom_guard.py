@@ -98,7 +98,8 @@ def test_the_fixed_corpus_ends_in_typed_errors_only() -> None:
             outcomes[case.name] = type(exc).__name__
     assert outcomes["invalid-dates"] == "decoded"
     assert all(
-        v in ("decoded", "CorruptImage", "UnsupportedImage", "DicomLimitExceeded") for v in outcomes.values()
+        v in ("decoded", "CorruptImage", "UnsupportedImage", "UnrecognisedImage", "DicomLimitExceeded")
+        for v in outcomes.values()
     )
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from core.stage_file import StageFile, read_stage_file, write_stage_file
+from core.stages import Stage
 from delivery.canary import CanaryAnalysis, Check
 from delivery.canary_step import step
 from delivery.canary_window import current_window, window_seconds
@@ -20,7 +22,6 @@ from delivery.context import DeliveryContext
 from delivery.errors import GitOpsRepoError, NoPreviousVersion
 from delivery.git_repo import GitOpsRepo
 from delivery.messages import DeliveryRecord, parse_record
-from delivery.model_file import Stage, StageFile, read_stage_file, write_stage_file
 from delivery.policy import CanaryPolicy
 from delivery.rollback import rollback_stage
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from delivery.errors import StageFileError
-from delivery.model_file import (
+from core.errors import StageFileError
+from core.stage_file import (
     Stage,
     StageFile,
     as_stage,

@@ -147,7 +147,7 @@ def make_png(width: int = 96, height: int = 80, seed: int = 0) -> bytes:
 def write_stage_files(
     root: Path, production: str = "1", canary: str = "", weight: int = 0, staging: str = ""
 ) -> None:
-    from delivery.model_file import StageFile, write_stage_file
+    from core.stage_file import StageFile, write_stage_file
 
     write_stage_file(root, StageFile(stage="production", model_version=production))
     write_stage_file(root, StageFile(stage="canary", model_version=canary, canary_weight=weight))

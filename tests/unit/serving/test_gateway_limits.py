@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving.errors import Overloaded, RateLimited
-from serving.gateway.limits import InflightGate, RateLimiter
+from serving.limits import InflightGate, RateLimiter
 
 pytestmark = pytest.mark.unit
 

@@ -84,10 +84,10 @@ def test_a_reused_x_request_id_never_names_or_overwrites_a_result(
 def test_stow_parts_are_split_and_read_off_the_event_loop(
     onnx_client: TestClient, keys: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from serving.gateway.routes import dicomweb
+    from serving.dicom import stow
 
     threads: list[str] = []
-    real_uids, real_split = dicomweb._uids, dicomweb.split_related
+    real_uids, real_split = stow.instance_uids, stow.split_related
 
     def uids(data: bytes) -> tuple[str, str, str]:
         threads.append(threading.current_thread().name)
@@ -97,8 +97,8 @@ def test_stow_parts_are_split_and_read_off_the_event_loop(
         threads.append(threading.current_thread().name)
         return real_split(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(dicomweb, "_uids", uids)
-    monkeypatch.setattr(dicomweb, "split_related", split)
+    monkeypatch.setattr(stow, "instance_uids", uids)
+    monkeypatch.setattr(stow, "split_related", split)
     body, ctype = stow_body(make_dicom(seed=70), b"\0" * (4 << 20), hostile.deep_nesting(5000))
     r = onnx_client.post(
         "/dicomweb/studies",

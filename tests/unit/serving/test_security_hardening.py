@@ -25,8 +25,8 @@ from httpx import Response
 
 from serving.config import ServingSettings
 from serving.gateway.audit import AuditEntry, AuditLog, now_iso
-from serving.gateway.limits import RateLimiter
 from serving.gateway.routes.review import STATIC_DIR
+from serving.limits import RateLimiter
 from tests.unit.serving.serving_support import make_dicom, onnx_settings, stow_body, write_stage_files
 
 pytestmark = pytest.mark.unit

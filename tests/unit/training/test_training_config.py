@@ -69,9 +69,9 @@ def test_s3_keys_fall_back_to_the_stack_credentials_file(tmp_path: Path) -> None
     from training.config import TrainSettings
 
     (tmp_path / "credentials.json").write_text('{"s3": {"access_key": "AK", "secret_key": "SK"}}')
-    assert TrainSettings(stack_dir=tmp_path, s3_access_key="", s3_secret_key="").s3_credentials() == (
+    assert TrainSettings(stack_dir=tmp_path, s3_access_key="", s3_secret_key="").s3_keys() == (
         "AK",
         "SK",
     )
     explicit = TrainSettings(stack_dir=tmp_path, s3_access_key="env-ak", s3_secret_key="env-sk")
-    assert explicit.s3_credentials() == ("env-ak", "env-sk")
+    assert explicit.s3_keys() == ("env-ak", "env-sk")

@@ -61,8 +61,9 @@ def test_int8_without_calibration_images_is_a_clear_error(exported: Path, tmp_pa
 def test_training_run_reports_int8_only_when_asked_and_never_registers_it(
     exported: Path, dataset: DatasetRef, tmp_path: Path
 ) -> None:
+    from core.hashing import file_sha256
     from training.config import TrainConfig
-    from training.export import ExportResult, file_sha256
+    from training.export import ExportResult
     from training.run import _quantize_and_evaluate
 
     export = ExportResult(exported, file_sha256(exported), 17, 64, 0.0, 1)

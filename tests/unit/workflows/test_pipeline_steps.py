@@ -85,7 +85,7 @@ def test_validate_fails_above_the_bad_row_limit_naming_the_lines(tmp_path: Path)
 
 
 def test_base_model_production_means_the_version_in_productions_stage_file(tmp_path: Path) -> None:
-    from delivery.model_file import StageFile, write_stage_file
+    from core.stage_file import StageFile, write_stage_file
 
     write_stage_file(tmp_path, StageFile(stage="production", model_name="cxr-detector", model_version=""))
     assert steps.resolve_base_model("production", tmp_path) is None  # nothing in production: from scratch

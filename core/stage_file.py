@@ -8,16 +8,14 @@ and the reconciler read them; Kustomize turns each into the stage's ConfigMap in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from delivery.errors import StageFileError
+from core.errors import StageFileError
+from core.stages import PROMOTION_ORDER, Stage
+from core.stages import as_stage as _as_stage
 
-Stage = Literal["staging", "canary", "production"]
-# The order a model moves through; also the order files are listed in messages.
-PROMOTION_ORDER: tuple[Stage, ...] = ("staging", "canary", "production")
 DEFAULT_MODEL_NAME = "cxr-detector"
 
 _HEADER = (
@@ -72,10 +70,10 @@ class StageFile(BaseModel):
 
 def as_stage(text: str) -> Stage:
     """Validate a stage name typed by a person (CLI option) into a :data:`Stage`."""
-    for stage in PROMOTION_ORDER:
-        if text == stage:
-            return stage
-    raise StageFileError(f"unknown stage {text!r}; use one of {', '.join(PROMOTION_ORDER)}")
+    try:
+        return _as_stage(text)
+    except ValueError as exc:
+        raise StageFileError(str(exc)) from exc
 
 
 def stage_file_path(gitops_dir: Path, stage: Stage) -> Path:
