@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1.7
 # The project image: gateway, `cxr` CLI and training in one image (non-root, no build tools).
-# NOTE: not built on the development machines (no Docker engine there); see README.
+# Built by `make image` and .github/workflows/image.yml as ghcr.io/cxr-detect/cxr-detect:<IMAGE_TAG>;
+# not on the development machines (no Docker engine there). openssh-client: promote pushes to the
+# GitOps repository over SSH; the `cluster` extra: MLflow's PostgreSQL driver (psycopg).
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -20,11 +22,11 @@ COPY stack/ stack/
 COPY cxr/ cxr/
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 -c requirements/lock.txt \
- && /opt/venv/bin/pip install --no-cache-dir . -c requirements/lock.txt
+ && /opt/venv/bin/pip install --no-cache-dir ".[cluster]" -c requirements/lock.txt
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 git \
+ && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 git openssh-client \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 10001 --create-home --shell /usr/sbin/nologin cxr
 COPY --from=build /opt/venv /opt/venv

@@ -15,6 +15,11 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 TRITON_PINS := nvidia-pytriton==0.7.0 "numpy<2" onnxruntime==1.32.0
 # checkov and ansible-lint pin versions of boto3/networkx/packaging the main env cannot take.
 LINT_PINS := checkov==3.3.30 ansible-lint==26.10.1 ansible-core==2.19.14
+# The one project image every pod, workflow step and compose service runs (k8s/, workflows/config.py,
+# docker-compose.yaml); the cluster-fit check (cxr cluster check) holds them to this name.
+IMAGE ?= ghcr.io/cxr-detect/cxr-detect
+IMAGE_TAG ?= 0.1.0
+DOCKER ?= docker
 LOCUST_USERS ?= 16
 LOCUST_SPAWN_RATE ?= 4
 LOCUST_TIME ?= 5m
@@ -65,6 +70,15 @@ status: ## Show each stack component's state and health.
 .PHONY: logs
 logs: ## Tail the stack's logs (make logs C=gateway for one component).
 	$(CXR) stack logs $(C)
+
+##@ Image (needs a Docker engine: CI, or an operator's machine; none on the development machines)
+.PHONY: image
+image: ## Build the project image $(IMAGE):$(IMAGE_TAG).
+	$(DOCKER) build --pull -t $(IMAGE):$(IMAGE_TAG) .
+
+.PHONY: image-push
+image-push: image ## Build and push the project image (log in to the registry first).
+	$(DOCKER) push $(IMAGE):$(IMAGE_TAG)
 
 ##@ Development
 .PHONY: test

@@ -19,6 +19,7 @@ from core.offline import apply_offline_env
 from cxr.demo import demo
 from data_pipeline.cli import app as data_app
 from delivery import cli as gitops_cli
+from delivery.cluster_fit.cli import app as cluster_app
 from serving.cli import serve
 from serving.observability.cli import app as observability_app
 from stack.cli import stack_app
@@ -37,6 +38,7 @@ app.command("promote")(gitops_cli.promote)
 app.command("rollback")(gitops_cli.rollback)
 app.add_typer(gitops_cli.canary_app, name="canary")
 app.add_typer(gitops_cli.app, name="gitops")
+app.add_typer(cluster_app, name="cluster")
 
 
 @app.callback()

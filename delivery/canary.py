@@ -1,8 +1,8 @@
 """Canary analysis: canary against production over a window, with real PromQL against Prometheus.
 
-The queries here are the only copy: ``k8s/base/canary/analysis-template.yaml`` (Argo Rollouts)
-is rendered from :func:`build_queries`, and a test fails when the two drift. Each comparison
-is judged separately, so the verdict always comes with the numbers that produced it.
+The queries here are the only copy (the canary CronJob runs ``cxr canary step``, which calls
+them; there is no Argo Rollouts AnalysisTemplate). Each comparison is judged separately, so the
+verdict always comes with the numbers that produced it.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _detections_per_image(stage: str, window: str) -> str:
 
 
 def build_queries(window: str) -> dict[str, str]:
-    """The PromQL of every comparison, keyed by metric name (shared with the AnalysisTemplate)."""
+    """The PromQL of every comparison, keyed by metric name."""
     c, p = CANARY, PRODUCTION
     c_dpi, p_dpi = _detections_per_image(c, window), _detections_per_image(p, window)
     c_5xx = _sum_increase("cxr_gateway_requests_total", f'stage="{c}",status=~"5.."', window)

@@ -65,7 +65,7 @@ def step(
     *,
     push: bool = False,
     remote: str = "origin",
-    publish: bool = True,
+    publish: bool = False,
     apply_local: bool = True,
     update_alias: bool = True,
     registry: ModelRegistry | None = None,

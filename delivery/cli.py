@@ -1,9 +1,9 @@
 """Command line of delivery: ``cxr promote``, ``cxr rollback``, ``cxr canary analyze|step``.
 
 The root ``cxr`` command mounts ``promote`` and ``rollback`` as plain commands and ``canary_app``
-as a group; ``python -m delivery`` offers the same plus ``reconcile`` (the ArgoCD PostSync
-hook and the one-machine stack's follower). A :class:`DeliveryError` ends the command with its
-message and exit code 1 (a failed gate or a failed canary: 3), never a traceback.
+as a group; ``python -m delivery`` offers the same plus ``reconcile`` (with ``--publish`` the ArgoCD
+Sync hook, without it the one-machine stack's follower). A :class:`DeliveryError` ends the command
+with its message and exit code 1 (a failed gate or a failed canary: 3), never a traceback.
 """
 
 from __future__ import annotations
@@ -43,7 +43,11 @@ ApplyOpt = Annotated[
 ]
 PublishOpt = Annotated[
     bool,
-    typer.Option("--publish/--no-publish", help="upload the stage's Triton repository to the object store"),
+    typer.Option(
+        "--publish/--no-publish",
+        help="also upload the stage's Triton repository before the commit (the cluster's Sync hook does "
+        "it after the commit is synced)",
+    ),
 ]
 
 
@@ -85,7 +89,7 @@ def promote(
     push: PushOpt = False,
     force: Annotated[bool, typer.Option("--force", help="override failed gates (needs --reason)")] = False,
     reason: Annotated[str, typer.Option("--reason", help="why; goes into the commit message")] = "",
-    publish: PublishOpt = True,
+    publish: PublishOpt = False,
     apply: ApplyOpt = True,
     gitops_dir: GitopsDirOpt = None,
     mlflow_uri: MlflowOpt = None,
@@ -160,7 +164,7 @@ def analyze(
 @canary_app.command("step")
 def step(
     push: PushOpt = False,
-    publish: PublishOpt = True,
+    publish: PublishOpt = False,
     apply: ApplyOpt = True,
     gitops_dir: GitopsDirOpt = None,
     mlflow_uri: MlflowOpt = None,
@@ -184,7 +188,9 @@ def reconcile(
     publish: Annotated[
         bool,
         typer.Option(
-            "--publish", help="also publish the stage's s3:// repository (the cluster's PostSync hook)"
+            "--publish",
+            help="cluster: only publish the stage's s3:// repository (the ArgoCD Sync hook); "
+            "its Tritons poll it, no load call",
         ),
     ] = False,
     gitops_dir: GitopsDirOpt = None,
@@ -196,46 +202,16 @@ def reconcile(
     with _delivery_errors():
         ctx = _context(gitops_dir, mlflow_uri)
         if watch:
-            rec.watch(ctx, poll_s=poll_s)
+            rec.watch(ctx, poll_s=poll_s, publish=publish)
             return
         for name in stage or PROMOTION_ORDER:
             if publish:
-                _publish_stage(ctx, name)
-            result = rec.reconcile_stage(ctx, as_stage(name), build_local=not publish, force=publish)
+                result = rec.publish_stage(ctx, as_stage(name))
+            else:
+                result = rec.reconcile_stage(ctx, as_stage(name))
             _echo(
                 f"{result.stage}: v{result.model_version or 'none'} {result.action} ({result.seconds:.1f} s)"
             )
-
-
-def _publish_stage(ctx: Any, stage: str) -> None:
-    from core.stage_file import read_stage_file
-    from data_pipeline.store import ObjectStore
-    from delivery.reconcile import fetch_onnx, publish_repository
-    from training.registry import ModelRegistry
-
-    wanted = read_stage_file(ctx.gitops_dir, as_stage(stage))
-    if not wanted.model_version:
-        return
-    registry = ModelRegistry(ctx.mlflow_uri, wanted.model_name)
-    onnx = fetch_onnx(registry, wanted.model_version, ctx.onnx_cache)
-    publish_repository(onnx, wanted.stage, wanted.model_version, wanted.model_name, ObjectStore.from_env())
-
-
-def render_analysis_template(
-    out: Annotated[
-        Path | None, typer.Option("--out", help="default: k8s/base/canary/analysis-template.yaml")
-    ] = None,
-    gitops_dir: GitopsDirOpt = None,
-) -> None:
-    """Re-render the Argo Rollouts AnalysisTemplate from canary.py's PromQL and the policy file."""
-    from delivery.analysis_template import render_yaml
-    from delivery.policy import load_policy
-
-    with _delivery_errors():
-        root = Path(gitops_dir) if gitops_dir else Path(".")
-        target = out or root / "k8s" / "base" / "canary" / "analysis-template.yaml"
-        target.write_text(render_yaml(load_policy(root).canary), encoding="utf-8")
-        _echo(f"wrote {target}")
 
 
 def _register(target: typer.Typer) -> None:
@@ -243,7 +219,6 @@ def _register(target: typer.Typer) -> None:
         ("promote", promote),
         ("rollback", rollback),
         ("reconcile", reconcile),
-        ("render-analysis-template", render_analysis_template),
     ]
     for name, fn in commands:
         target.command(name)(fn)

@@ -1,8 +1,8 @@
 """Delivery policy: gate floors and canary thresholds, read from ``k8s/delivery-policy.yaml``.
 
 The thresholds that decide whether a model reaches patients are reviewed like code: they live
-in the GitOps repository beside the overlays (and the Argo Rollouts AnalysisTemplate is rendered
-from the same values), not in an environment variable someone set on one machine.
+in the GitOps repository beside the overlays, not in an environment variable someone set on one
+machine; ``cxr canary step`` (the CronJob in k8s/base/canary) reads the canary section.
 """
 
 from __future__ import annotations

@@ -48,7 +48,10 @@ class PromotionRequest:
     reason: str = ""
     push: bool = False
     remote: str = "origin"
-    publish: bool = True  # upload the stage's Triton repository to the object store
+    # Upload the stage's Triton repository to the object store before the commit. Off by default:
+    # in the cluster the Sync hook publishes what the synced stage file names (Tritons poll it), so
+    # publishing here would make a version live that git does not (yet) name.
+    publish: bool = False
     apply_local: bool = True  # make the one-machine stack's Triton follow at once
 
 
@@ -203,7 +206,7 @@ def promote_version(
         repo.push(request.remote)
         echo(f"pushed to {request.remote}")
 
-    # [4] the one-machine stack follows the file (in the cluster ArgoCD + the PostSync hook do this)
+    # [4] the one-machine stack follows the file (in the cluster ArgoCD + the Sync hook do this)
     if request.apply_local:
         try:
             outcome.applied = reconcile_stage(ctx, request.to, registry=reg)

@@ -1,10 +1,16 @@
 """Make what runs follow the stage files: the local Triton per stage, and the store's repositories.
 
 The overlay file is the truth, not a database: after a promote, a rollback or a plain
-``git revert``, :func:`reconcile_stage` fetches the named version's ONNX from MLflow, rebuilds
-the stage's Triton repository and (re)loads it, or unloads the model when the stage names none.
-In the cluster the same function runs as the overlay's ArgoCD PostSync hook against the
-``s3://`` repository.
+``git revert``, the stage's Triton must serve the version its file names (or nothing).
+
+- One machine: :func:`reconcile_stage` fetches the named version's ONNX from MLflow, rebuilds the
+  stage's local repository (Python-backend variant, CPU) and (re)loads it through Triton's
+  repository API (explicit model control), or unloads the model when the stage names none.
+- Cluster: :func:`publish_stage` runs as each overlay's ArgoCD ``Sync`` hook and only *publishes*
+  the cluster variant (ONNX Runtime on the GPU with TensorRT FP16) to ``s3://<bucket>/triton/<stage>/``.
+  It calls no Triton: every replica of the stage polls that repository
+  (``--model-control-mode=poll``) and loads what appears there, so all replicas follow, not just
+  the one a Service would pick.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from core.errors import CxrError
 from core.stage_file import read_stage_file
@@ -29,7 +36,7 @@ log = logging.getLogger(__name__)
 class ReconcileResult:
     stage: Stage
     model_version: str
-    action: str  # "loaded" | "unloaded" | "unchanged"
+    action: str  # one machine: "loaded" | "unloaded" | "unchanged"; cluster: "published" | "unpublished"
     seconds: float
 
 
@@ -44,30 +51,94 @@ def fetch_onnx(registry: ModelRegistry, version: str, cache: Path) -> Path:
     return target
 
 
-def publish_repository(onnx_path: Path, stage: Stage, version: str, model_name: str, store: object) -> str:
-    """Put the stage's cluster repository (ONNX Runtime platform) at ``s3://<bucket>/triton/<stage>/``.
+def _stage_prefix(stage: str) -> str:
+    return f"triton/{stage}/"
 
-    The prefix is emptied first: Triton serves the highest version directory it finds, so an older
-    version published by a rollback must not sit beside a newer leftover.
-    """
+
+def _publish(onnx_path: Path, stage: Stage, version: str, model_name: str, store: Any) -> tuple[str, int]:
+    """Publish the cluster variant; returns the prefix and how many objects were written or deleted."""
     import tempfile
 
-    from serving.inference.triton_repo import build_repository, upload_repository
+    from serving.inference.triton_repo import CLUSTER, build_repository
 
+    prefix = _stage_prefix(stage)
     with tempfile.TemporaryDirectory(prefix="cxr-publish-") as tmp:
         repo = Path(tmp)
         build_repository(
             onnx_path,
             repo,
-            variant="onnxruntime",
+            variant=CLUSTER,
             model_name=model_name,
             version=int(version),
             model_version=version,
         )
-        store.delete_prefix(f"triton/{stage}/")  # type: ignore[attr-defined]
-        prefix = upload_repository(repo, stage, store)
-    log.info("triton_repo_published stage=%s version=%s prefix=%s", stage, version, prefix)
-    return prefix
+        files = {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()}
+        config = f"{model_name}/config.pbtxt"
+        # Every replica polls this prefix, so no poll may see a half-published model: the version
+        # directory first, then the config naming it, then the stale objects go. Unchanged files
+        # are not re-sent (upload_dir compares hashes), so a re-run changes no timestamp and no
+        # Triton reloads: the Sync hook runs on every sync and must be idempotent.
+        changed = store.upload_dir(repo, prefix, skip={config})  # the version directory
+        changed += store.upload_dir(repo, prefix, skip=files - {config})  # then the config naming it
+        wanted = {prefix + f for f in files}
+    # Triton serves the highest version directory it finds: an older version published by a
+    # rollback must not keep a newer leftover beside it.
+    for key in store.list_prefix(prefix):
+        if key not in wanted and not any(w.startswith(key) for w in wanted):
+            changed += store.delete_prefix(key)
+    return prefix, changed
+
+
+def publish_repository(onnx_path: Path, stage: Stage, version: str, model_name: str, store: object) -> str:
+    """Put the stage's cluster repository (ONNX Runtime on the GPU) at ``s3://<bucket>/triton/<stage>/``.
+
+    What the stage's Tritons serve from their next poll on (within ``--repository-poll-secs``).
+    """
+    prefix, changed = _publish(onnx_path, stage, version, model_name, store)
+    log.info(
+        "triton_repo_published stage=%s version=%s prefix=%s changed=%d", stage, version, prefix, changed
+    )
+    return prefix.rstrip("/")
+
+
+def publish_stage(
+    ctx: DeliveryContext,
+    stage: Stage,
+    *,
+    registry: ModelRegistry | None = None,
+    store: object | None = None,
+) -> ReconcileResult:
+    """The cluster's reconcile (each overlay's ArgoCD Sync hook): publish what the stage file names.
+
+    Calls no Triton and waits for none (the Tritons poll the repository), so it also works for the
+    very first model, while nothing is ready yet. A stage that names no version gets an empty
+    prefix, which its Tritons answer by unloading the model. Idempotent: publishing what is
+    already there writes nothing.
+    """
+    start = time.monotonic()
+    wanted = read_stage_file(ctx.gitops_dir, stage)
+    if store is None:
+        from data_pipeline.store import ObjectStore
+
+        store = ObjectStore.from_env()
+    target: Any = store
+    if not wanted.model_version:
+        removed = target.delete_prefix(_stage_prefix(stage))
+        action = "unpublished" if removed else "unchanged"
+    else:
+        reg = registry or ModelRegistry(ctx.mlflow_uri, wanted.model_name)
+        onnx = fetch_onnx(reg, wanted.model_version, ctx.onnx_cache)
+        _, changed = _publish(onnx, stage, wanted.model_version, wanted.model_name, target)
+        action = "published" if changed else "unchanged"
+    seconds = time.monotonic() - start
+    log.info(
+        "published stage=%s version=%s action=%s seconds=%.2f",
+        stage,
+        wanted.model_version or "none",
+        action,
+        seconds,
+    )
+    return ReconcileResult(stage, wanted.model_version, action, seconds)
 
 
 def _applied_file(ctx: DeliveryContext, stage: Stage, url: str) -> Path:
@@ -96,10 +167,11 @@ def reconcile_stage(
     force: bool = False,
     build_local: bool = True,
 ) -> ReconcileResult:
-    """Make the stage's Triton serve the version its file names (no-op when it already does).
+    """Make the stage's one-machine Triton serve the version its file names (no-op when it already does).
 
     ``build_local``: write the repository into the one-machine stack's folder (Python-backend
-    variant). Off in the cluster, where Triton reads the ``s3://`` repository just published.
+    variant, CPU); off when that Triton reads a repository someone else writes. The cluster does
+    not come here: :func:`publish_stage` publishes and the Tritons poll.
     """
     from serving.inference.triton_repo import TritonAdmin, build_repository
 
@@ -154,20 +226,28 @@ def reconcile_stage(
     return ReconcileResult(stage, wanted.model_version, action, seconds)
 
 
-def reconcile_all(ctx: DeliveryContext, *, registry: ModelRegistry | None = None) -> list[ReconcileResult]:
-    """Every stage once; a stage whose Triton is down is logged and skipped, the others still follow."""
+def reconcile_all(
+    ctx: DeliveryContext, *, registry: ModelRegistry | None = None, publish: bool = False
+) -> list[ReconcileResult]:
+    """Every stage once; a stage whose Triton (or store) is down is logged and skipped, the others follow.
+
+    ``publish``: only publish each stage's repository for Tritons in poll mode (compose, cluster).
+    """
     results = []
     for stage in PROMOTION_ORDER:
         try:
-            results.append(reconcile_stage(ctx, stage, registry=registry))
+            follow = publish_stage if publish else reconcile_stage
+            results.append(follow(ctx, stage, registry=registry))
         except CxrError as exc:
             log.warning("reconcile_failed stage=%s error=%s", stage, exc)
     return results
 
 
-def watch(ctx: DeliveryContext, poll_s: float = 2.0, stop_after_s: float | None = None) -> None:
-    """Follow the files forever (the one-machine stack's stand-in for ArgoCD + the PostSync hook)."""
+def watch(
+    ctx: DeliveryContext, poll_s: float = 2.0, stop_after_s: float | None = None, *, publish: bool = False
+) -> None:
+    """Follow the files forever (the one-machine stack's stand-in for ArgoCD + the Sync hook + polling)."""
     deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
     while deadline is None or time.monotonic() < deadline:
-        reconcile_all(ctx)
+        reconcile_all(ctx, publish=publish)
         time.sleep(poll_s)

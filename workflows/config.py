@@ -45,7 +45,10 @@ class WorkflowSettings(CoreSettings):
     )
 
     # --- cluster rendering (Hera) ---------------------------------------------------------
-    image: str = Field(default="ghcr.io/cxr-detect/cxr:0.1.0", description="project image every step runs")
+    image: str = Field(
+        default="ghcr.io/cxr-detect/cxr-detect:0.1.0",
+        description="project image every step runs (the one `make image` builds, as k8s/ uses)",
+    )
     namespace: str = Field(default="cxr", description="namespace Argo Workflows watches (k8s/platform)")
     service_account: str = "cxr-pipeline"
     gitops_repo_url: str = "git@git.hospital.example:radiology/cxr-detect.git"
@@ -62,6 +65,10 @@ class WorkflowSettings(CoreSettings):
         description="Secret with CXR_PATIENT_SALT, the install secret (k8s/base/secrets/install-secret.yaml)",
     )
     cluster_s3_endpoint: str = "http://minio.cxr.svc.cluster.local:9000"
+    artifact_key_prefix: str = Field(
+        default="argo-artifacts/",
+        description="key prefix of Argo's artifact repository in the bucket (the ingest step's `staged`)",
+    )
     cluster_mlflow_uri: str = "http://mlflow.cxr.svc.cluster.local:5000"
     weekly_schedule: str = Field(
         default="0 3 * * 1", description="cron of the weekly retrain (Mondays 03:00)"
@@ -72,6 +79,11 @@ class WorkflowSettings(CoreSettings):
     schedule_timezone: str = "Europe/Berlin"
     ray_gpu_workers: int = Field(default=2, ge=1, description="RayJob GPU workers (Argo parameter default)")
     ray_version: str = "2.60.0"
+    train_deadline_s: int = Field(
+        default=12 * 3600,
+        ge=600,
+        description="RayJob activeDeadlineSeconds: KubeRay fails (and frees the GPUs of) a longer training",
+    )
 
 
 @lru_cache(maxsize=1)

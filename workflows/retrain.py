@@ -14,15 +14,26 @@ synced into the cluster by ArgoCD:
   feedback items newer than the last dataset version and submits the template
   when there are at least N.
 
-Hand-offs: the staged raw data travels as an S3 artifact (the cluster's default
-artifact repository); the dataset version and model version as parameters; the
+Plus the ConfigMap ``artifact-repositories``: the namespace's default Argo artifact
+repository (the in-cluster MinIO), which the S3 artifacts below need.
+
+Hand-offs: the staged raw data travels as an S3 artifact (that artifact
+repository); the dataset version and model version as parameters; the
 train step's result (the RayJob cannot write Argo output files) as a small JSON
 record in the store under ``pipelines/<workflow name>/``.
+
+Cluster fit (docs/cluster.md): every pod runs as ServiceAccount ``cxr-pipeline``
+(k8s/base/rbac, its rights listed in workflows/permissions.yaml), meets Pod
+Security "restricted", and carries the labels the NetworkPolicies of
+k8s/base/network select (:data:`POD_LABELS`, :data:`RAY_LABELS`).
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import yaml
 from hera.workflows import (
@@ -52,6 +63,47 @@ OUTPUTS_DIR = "/tmp/outputs"
 STAGED_DIR = "/work/staged"
 DEPLOY_KEY_MOUNT = "/etc/cxr/git"
 LABELS = {"app.kubernetes.io/part-of": "cxr-detect", "app.kubernetes.io/component": "retrain"}
+ARTIFACT_REPOSITORIES = "artifact-repositories"  # the ConfigMap name Argo looks up by default
+ARTIFACT_REPOSITORY_KEY = "minio"
+# Labels of every workflow pod (podMetadata). k8s/base/network selects them: part-of cxr-training may
+# reach MinIO and MLflow, name cxr-pipeline the API server (the executor's WorkflowTaskResults).
+POD_LABELS = {
+    "app.kubernetes.io/name": "cxr-pipeline",
+    "app.kubernetes.io/part-of": "cxr-training",
+    "app.kubernetes.io/component": "retrain-step",
+}
+# ... and the one step that pushes to git gets SSH egress to the git server (NetworkPolicy cxr-pipeline-git)
+GIT_EGRESS_LABELS = {"cxr.io/egress": "git"}
+# Labels of the RayJob's pods (plus app.kubernetes.io/component: ray-head|ray-worker|ray-submitter):
+# they talk to each other on any TCP port (NetworkPolicy cxr-ray) and to MinIO and MLflow.
+RAY_LABELS = {"app.kubernetes.io/name": "cxr-ray", "app.kubernetes.io/part-of": "cxr-training"}
+RUN_AS = 10001  # the image's user (Dockerfile: useradd --uid 10001)
+# Pod Security "restricted" (namespace cxr enforces it): these at pod level, and per container
+# allowPrivilegeEscalation: false + capabilities.drop [ALL]; the Argo executor's containers get the
+# same from the controller's `executor.securityContext` (k8s/platform/argo-workflows.yaml).
+POD_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS,
+    "runAsGroup": RUN_AS,
+    "fsGroup": RUN_AS,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+# The RayJob: fail on either status (a job KubeRay gave up on, e.g. past its deadline or with a
+# failed submitter, has jobDeploymentStatus Failed while jobStatus may never reach FAILED).
+# Argo fails the step when ANY comma-separated failure requirement holds.
+RAYJOB_SUCCESS = "status.jobStatus == SUCCEEDED"
+RAYJOB_FAILURE = "status.jobStatus in (FAILED,STOPPED),status.jobDeploymentStatus == Failed"
+# the train step outlives the RayJob's own deadline by this much, so KubeRay's DeadlineExceeded
+# (which also tears the Ray cluster down) is what normally ends an overlong training
+TRAIN_STEP_GRACE_S = 1800
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 # The order of the DAG; the local runner (workflows.pipeline_cli) walks the same list.
 STEP_ORDER = (
@@ -124,8 +176,13 @@ def _step(
     memory: str = "2Gi",
     volume_mounts: list[m.VolumeMount] | None = None,
     extra_env: list[Env] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> Container:
-    """One DAG step: the project image running ``cxr pipeline step <name> ...``."""
+    """One DAG step: the project image running ``cxr pipeline step <name> ...``.
+
+    Requests are what the step needs to make progress (the capacity check sums them); the CPU
+    limit lets it burst to twice that, memory is capped at the request (no overcommit).
+    """
     return Container(
         name=name,
         image=settings.image,
@@ -134,17 +191,37 @@ def _step(
         inputs=inputs or [],
         outputs=outputs or [],
         env=[*_env(settings), *(extra_env or [])],
-        resources=Resources(cpu_request=cpu, memory_request=memory, memory_limit=memory),
+        resources=Resources(
+            cpu_request=cpu, cpu_limit=_twice(cpu), memory_request=memory, memory_limit=memory
+        ),
         retry_strategy=retry,
         active_deadline_seconds=deadline_s,
         volume_mounts=[*_SCRATCH_MOUNTS, *(volume_mounts or [])],
+        labels=labels,
         security_context=m.SecurityContext(
             run_as_non_root=True,
             read_only_root_filesystem=True,
             allow_privilege_escalation=False,
             capabilities=m.Capabilities(drop=["ALL"]),
+            seccomp_profile=m.SeccompProfile(type="RuntimeDefault"),
         ),
     )
+
+
+def _twice(cpu: str) -> str:
+    """Twice a CPU quantity ("500m" -> "1", "1" -> "2")."""
+    millis = int(cpu[:-1]) if cpu.endswith("m") else int(float(cpu) * 1000)
+    return f"{millis * 2 // 1000}" if millis * 2 % 1000 == 0 else f"{millis * 2}m"
+
+
+def _pod_security() -> m.PodSecurityContext:
+    """:data:`POD_SECURITY` as Hera's model, for the workflow-level ``securityContext``."""
+    return m.PodSecurityContext.model_validate(POD_SECURITY)
+
+
+def _pod_metadata() -> m.Metadata:
+    """Every workflow pod's labels (:data:`POD_LABELS`): the NetworkPolicies' selectors."""
+    return m.Metadata(labels=dict(POD_LABELS))
 
 
 # Writable scratch for a read-only root filesystem: staged data and datasets
@@ -176,68 +253,101 @@ def _out(name: str) -> Parameter:
     return Parameter(name=name, value_from=m.ValueFrom(path=f"{OUTPUTS_DIR}/{name}"))
 
 
-def _ray_head_group(
-    settings: WorkflowSettings, env: list[dict[str, Any]], security: dict[str, Any]
+def _ray_pod(
+    settings: WorkflowSettings,
+    component: str,
+    containers: list[dict[str, Any]],
+    security: dict[str, Any],
+    **spec: Any,
 ) -> dict[str, Any]:
-    """The CPU-only head: it schedules the job and must never take a GPU from the workers."""
+    """A pod template of the RayJob: labelled for the NetworkPolicies, restricted, without an API token.
+
+    The Ray pods never call the Kubernetes API (no autoscaler), so the ServiceAccount's token is
+    not mounted; ``security`` is the pod-level context shared by every Ray pod (one YAML anchor).
+    """
     return {
-        "rayStartParams": {"num-gpus": "0"},
-        "template": {
-            "spec": {
-                "serviceAccountName": settings.service_account,
-                "containers": [
-                    {
-                        "name": "ray-head",
-                        "image": settings.image,
-                        "env": env,
-                        "resources": {
-                            "requests": {"cpu": "2", "memory": "8Gi"},
-                            "limits": {"memory": "8Gi"},
-                        },
-                        "securityContext": security,
-                    }
-                ],
-            }
+        "metadata": {"labels": {**RAY_LABELS, "app.kubernetes.io/component": component}},
+        "spec": {
+            "serviceAccountName": settings.service_account,
+            "automountServiceAccountToken": False,
+            "securityContext": security,
+            **spec,
+            "containers": containers,
         },
     }
 
 
+def _ray_head_group(
+    settings: WorkflowSettings, env: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any]
+) -> dict[str, Any]:
+    """The CPU-only head: it schedules the job and must never take a GPU (nor tolerate the GPU taint)."""
+    head = {
+        "name": "ray-head",
+        "image": settings.image,
+        "env": env,
+        "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+        "securityContext": container,
+    }
+    return {"rayStartParams": {"num-gpus": "0"}, "template": _ray_pod(settings, "ray-head", [head], pod)}
+
+
 def _ray_worker_group(
-    settings: WorkflowSettings, env: list[dict[str, Any]], security: dict[str, Any]
+    settings: WorkflowSettings, env: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any]
 ) -> dict[str, Any]:
     """The GPU workers, one DDP rank each; ``replicas`` is a placeholder Argo fills from ``workers``."""
+    worker = {
+        "name": "ray-worker",
+        "image": settings.image,
+        "env": env,
+        "resources": {
+            "requests": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
+            "limits": {"cpu": "3", "memory": "8Gi", "nvidia.com/gpu": "1"},
+        },
+        "securityContext": container,
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    template = _ray_pod(
+        settings,
+        "ray-worker",
+        [worker],
+        pod,
+        # only the GPU nodes, whose NoSchedule taint only these pods tolerate
+        nodeSelector=dict(GPU_NODE_SELECTOR),
+        tolerations=[dict(GPU_TOLERATION)],
+        # PyTorch DataLoader workers and NCCL need more than 64 MiB of shm.
+        volumes=[{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "4Gi"}}],
+    )
     return {
         "groupName": "gpu",
         "replicas": "__WORKERS__",
         "minReplicas": 1,
         "maxReplicas": 16,
         "rayStartParams": {},
-        "template": {
-            "spec": {
-                "serviceAccountName": settings.service_account,
-                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                "containers": [
-                    {
-                        "name": "ray-worker",
-                        "image": settings.image,
-                        "env": env,
-                        "resources": {
-                            "requests": {"cpu": "3", "memory": "12Gi", "nvidia.com/gpu": "1"},
-                            "limits": {"memory": "12Gi", "nvidia.com/gpu": "1"},
-                        },
-                        "securityContext": security,
-                        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-                    }
-                ],
-                # PyTorch DataLoader workers and NCCL need more than 64 MiB of shm.
-                "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "4Gi"}}],
-            }
-        },
+        "template": template,
     }
 
 
+def _ray_submitter(
+    settings: WorkflowSettings, pod: dict[str, Any], container: dict[str, Any]
+) -> dict[str, Any]:
+    """The pod of KubeRay's submitter Job (K8sJobMode): without it KubeRay's default is not restricted.
+
+    No command: KubeRay fills in ``ray job submit ...`` against the head's dashboard (8265).
+    """
+    submitter = {
+        "name": "ray-job-submitter",
+        "image": settings.image,
+        "resources": {
+            "requests": {"cpu": "200m", "memory": "256Mi"},
+            "limits": {"cpu": "500m", "memory": "512Mi"},
+        },
+        "securityContext": container,
+    }
+    return _ray_pod(settings, "ray-submitter", [submitter], pod, restartPolicy="Never")
+
+
 def rayjob_manifest(settings: WorkflowSettings) -> str:
-    """The KubeRay RayJob the ``train`` step creates: one CPU head, N GPU workers.
+    """The KubeRay RayJob the ``train`` step creates: one CPU head, N GPU workers, a submitter pod.
 
     Returned as text because Argo substitutes ``{{...}}`` in the manifest before
     parsing it; ``replicas`` must end up an integer, so that placeholder is
@@ -252,14 +362,11 @@ def rayjob_manifest(settings: WorkflowSettings) -> str:
         " --workers {{inputs.parameters.workers}}"
         " --run-name {{workflow.name}}"
     )
-    # One env list and one securityContext shared by head and workers: the dump writes them once
-    # (as YAML anchors) and the rendered template depends on that.
+    # One env list and one pod and container securityContext shared by every pod: the dump writes
+    # each once (as YAML anchors) and the rendered template depends on that.
     env = _env_models(settings)
-    container_security = {
-        "runAsNonRoot": True,
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-    }
+    pod_security = copy.deepcopy(POD_SECURITY)
+    container_security = copy.deepcopy(CONTAINER_SECURITY)
     manifest = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -273,12 +380,14 @@ def rayjob_manifest(settings: WorkflowSettings) -> str:
             "submissionMode": "K8sJobMode",
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 3600,
-            "activeDeadlineSeconds": 86400,
+            # KubeRay marks the job Failed (reason DeadlineExceeded) and deletes its cluster after this
+            "activeDeadlineSeconds": settings.train_deadline_s,
             "backoffLimit": 0,
+            "submitterPodTemplate": _ray_submitter(settings, pod_security, container_security),
             "rayClusterSpec": {
                 "rayVersion": settings.ray_version,
-                "headGroupSpec": _ray_head_group(settings, env, container_security),
-                "workerGroupSpecs": [_ray_worker_group(settings, env, container_security)],
+                "headGroupSpec": _ray_head_group(settings, env, pod_security, container_security),
+                "workerGroupSpecs": [_ray_worker_group(settings, env, pod_security, container_security)],
             },
         },
     }
@@ -326,7 +435,8 @@ class _RetrainSteps(NamedTuple):
 
 
 def _retrain_workflow(settings: WorkflowSettings) -> WorkflowTemplate:
-    """The workflow-level spec: parameters, one run at a time, deadline, pod GC, TTL and volumes."""
+    """The workflow-level spec: parameters, one run at a time, deadline, pod GC, TTL, volumes, and
+    what every pod gets (ServiceAccount, labels, Pod Security context, the artifact repository)."""
     return WorkflowTemplate(
         name=TEMPLATE_NAME,
         namespace=settings.namespace,
@@ -340,6 +450,10 @@ def _retrain_workflow(settings: WorkflowSettings) -> WorkflowTemplate:
         entrypoint="retrain",
         on_exit="exit-handler",
         service_account_name=settings.service_account,
+        pod_metadata=_pod_metadata(),
+        artifact_repository_ref=m.ArtifactRepositoryRef(
+            config_map=ARTIFACT_REPOSITORIES, key=ARTIFACT_REPOSITORY_KEY
+        ),
         arguments=_parameters(settings),
         active_deadline_seconds=36 * 3600,
         synchronization=m.Synchronization(mutexes=[m.Mutex(name=TEMPLATE_NAME)]),
@@ -351,7 +465,7 @@ def _retrain_workflow(settings: WorkflowSettings) -> WorkflowTemplate:
                 name="git-deploy-key", secret_name=settings.gitops_deploy_key_secret, default_mode=0o400
             ),
         ],
-        security_context=m.PodSecurityContext(run_as_non_root=True, run_as_user=10001, fs_group=10001),
+        security_context=_pod_security(),
     )
 
 
@@ -374,7 +488,6 @@ def _ingest_step(settings: WorkflowSettings) -> Container:
         outputs=[_out("n-images"), _out("n-feedback-rows"), Artifact(name="staged", path=STAGED_DIR)],
         retry=_infra_retry(),
         deadline_s=2 * 3600,
-        memory="4Gi",
     )
 
 
@@ -388,7 +501,6 @@ def _validate_step(settings: WorkflowSettings) -> Container:
         outputs=[_out("bad-rows")],
         retry=_pod_error_retry(),
         deadline_s=3600,
-        memory="4Gi",
     )
 
 
@@ -411,7 +523,7 @@ def _build_dataset_step(settings: WorkflowSettings) -> Container:
         outputs=[_out("dataset-version"), _out("n-images")],
         retry=_infra_retry(),
         deadline_s=4 * 3600,
-        cpu="4",
+        cpu="2",  # decodes every DICOM of the version in a process pool
         memory="8Gi",
     )
 
@@ -423,8 +535,8 @@ def _train_step(settings: WorkflowSettings) -> Resource:
         action="create",
         set_owner_reference=True,
         manifest=rayjob_manifest(settings),
-        success_condition="status.jobStatus == SUCCEEDED",
-        failure_condition="status.jobStatus in (FAILED,STOPPED)",
+        success_condition=RAYJOB_SUCCESS,
+        failure_condition=RAYJOB_FAILURE,
         inputs=[
             Parameter(name="dataset-version"),
             Parameter(name="training-config"),
@@ -434,7 +546,7 @@ def _train_step(settings: WorkflowSettings) -> Resource:
         ],
         outputs=[Parameter(name="rayjob-name", value_from=m.ValueFrom(json_path="{.metadata.name}"))],
         retry_strategy=_pod_error_retry(),
-        active_deadline_seconds=24 * 3600,
+        active_deadline_seconds=settings.train_deadline_s + TRAIN_STEP_GRACE_S,
     )
 
 
@@ -452,7 +564,6 @@ def _post_train_steps(settings: WorkflowSettings) -> tuple[Container, Container,
         ],
         retry=_infra_retry(2),
         deadline_s=3600,
-        memory="8Gi",
     )
     export = _step(
         settings,
@@ -461,7 +572,6 @@ def _post_train_steps(settings: WorkflowSettings) -> tuple[Container, Container,
         outputs=[_out("onnx-sha256"), _out("parity-max-abs-diff")],
         retry=_infra_retry(2),
         deadline_s=3600,
-        memory="8Gi",
     )
     register = _step(
         settings,
@@ -470,6 +580,8 @@ def _post_train_steps(settings: WorkflowSettings) -> tuple[Container, Container,
         outputs=[_out("model-version")],
         retry=_infra_retry(),
         deadline_s=900,
+        cpu="500m",
+        memory="1Gi",
     )
     return evaluate, export, register
 
@@ -511,8 +623,11 @@ def _promote_step(settings: WorkflowSettings) -> Container:
         outputs=[_out("promoted"), _out("reason")],
         retry=_infra_retry(),
         deadline_s=900,
+        cpu="500m",
+        memory="1Gi",
         volume_mounts=[m.VolumeMount(name="git-deploy-key", mount_path=DEPLOY_KEY_MOUNT, read_only=True)],
         extra_env=_git_env(),
+        labels=dict(GIT_EGRESS_LABELS),
     )
 
 
@@ -532,8 +647,8 @@ def _exit_handler(settings: WorkflowSettings) -> None:
         inputs=[Parameter(name="status"), Parameter(name="failures", default="[]")],
         retry=_infra_retry(2),
         deadline_s=300,
-        cpu="100m",
-        memory="512Mi",
+        cpu="500m",
+        memory="1Gi",
     )
     # {{workflow.failures}} exists only when something failed, so it is read only then.
     with DAG(name="exit-handler"):
@@ -657,6 +772,7 @@ def build_feedback_cron(settings: WorkflowSettings) -> CronWorkflow:
         failed_jobs_history_limit=3,
         entrypoint="check-and-submit",
         service_account_name=settings.service_account,
+        pod_metadata=_pod_metadata(),
         active_deadline_seconds=1800,
         arguments=[
             Parameter(
@@ -666,7 +782,7 @@ def build_feedback_cron(settings: WorkflowSettings) -> CronWorkflow:
             )
         ],
         volumes=_scratch_volumes(),
-        security_context=m.PodSecurityContext(run_as_non_root=True, run_as_user=10001, fs_group=10001),
+        security_context=_pod_security(),
     ) as cw:
         check = _step(
             settings,
@@ -676,8 +792,8 @@ def build_feedback_cron(settings: WorkflowSettings) -> CronWorkflow:
             outputs=[_out("new-feedback"), _out("should-retrain")],
             retry=_infra_retry(2),
             deadline_s=600,
-            cpu="100m",
-            memory="512Mi",
+            cpu="500m",
+            memory="1Gi",
         )
         submit = Resource(
             name="submit-retrain",
@@ -692,10 +808,74 @@ def build_feedback_cron(settings: WorkflowSettings) -> CronWorkflow:
     return cw
 
 
-def build_all(settings: WorkflowSettings) -> dict[str, WorkflowTemplate | CronWorkflow]:
+class _LiteralDumper(yaml.SafeDumper):
+    """Writes multi-line strings as ``|`` blocks, so a ConfigMap's embedded YAML reads as YAML."""
+
+
+def _str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_LiteralDumper.add_representer(str, _str_presenter)
+
+
+@dataclass(frozen=True)
+class PlainObject:
+    """A plain Kubernetes object rendered beside the Argo ones, with Hera's ``to_dict``/``to_yaml``."""
+
+    manifest: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.manifest)
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.manifest, Dumper=_LiteralDumper, sort_keys=False)
+
+
+def artifact_repository(settings: WorkflowSettings) -> dict[str, Any]:
+    """Argo's S3 artifact repository on the in-cluster MinIO, with the keys the steps use for S3."""
+    endpoint = urlsplit(settings.cluster_s3_endpoint)
+    prefix = settings.artifact_key_prefix.strip("/")
+    return {
+        "s3": {
+            "endpoint": endpoint.netloc,
+            "bucket": settings.s3_bucket,
+            "insecure": endpoint.scheme == "http",  # in-cluster MinIO speaks plain HTTP
+            "keyFormat": f"{prefix}/{{{{workflow.name}}}}/{{{{pod.name}}}}",
+            "accessKeySecret": {"name": settings.s3_credentials_secret, "key": "access_key"},
+            "secretKeySecret": {"name": settings.s3_credentials_secret, "key": "secret_key"},
+        }
+    }
+
+
+def build_artifact_repositories(settings: WorkflowSettings) -> PlainObject:
+    """ConfigMap ``artifact-repositories``: the namespace's default artifact repository.
+
+    The annotation makes it the default for every workflow in the namespace; the retrain template
+    also names it (``artifactRepositoryRef``). The executor reads the S3 keys from the Secret,
+    which Argo mounts into the pod: no Secret access for the ServiceAccount.
+    """
+    return PlainObject(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": ARTIFACT_REPOSITORIES,
+                "namespace": settings.namespace,
+                "labels": dict(LABELS),
+                "annotations": {"workflows.argoproj.io/default-artifact-repository": ARTIFACT_REPOSITORY_KEY},
+            },
+            "data": {ARTIFACT_REPOSITORY_KEY: yaml.safe_dump(artifact_repository(settings), sort_keys=False)},
+        }
+    )
+
+
+def build_all(settings: WorkflowSettings) -> dict[str, WorkflowTemplate | CronWorkflow | PlainObject]:
     """Every object to render, keyed by the file name it is committed under."""
     return {
         f"{TEMPLATE_NAME}.yaml": build_retrain_template(settings),
         f"{WEEKLY_NAME}.yaml": build_weekly_cron(settings),
         f"{FEEDBACK_NAME}.yaml": build_feedback_cron(settings),
+        f"{ARTIFACT_REPOSITORIES}.yaml": build_artifact_repositories(settings),
     }

@@ -4,7 +4,11 @@ Argo accepts a WorkflowTemplate whose DAG names a missing template or reads
 an output nobody declares, and fails only when that node runs (hours into a
 retrain). These checks find such mistakes at render time: every object is
 parsed back through Hera's generated models, then its references are
-resolved by hand.
+resolved by hand. The namespace enforces Pod Security "restricted", which
+Argo learns of only when a pod is refused at creation: every pod a template
+makes (steps, and the RayJob's head, workers and submitter) is checked for it
+too. The default artifact repository ConfigMap is checked for a repository
+under the key its annotation names.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any
 
 import yaml
 from hera.workflows import models as m
+
+from delivery.cluster_fit.pod_security import restricted_problems
 
 _MODELS: dict[str, Any] = {
     "WorkflowTemplate": m.WorkflowTemplate,
@@ -25,6 +31,9 @@ _WF_PARAM_REF = re.compile(r"\{\{workflow\.parameters\.([A-Za-z0-9_-]+)\}\}")
 _TASK_OUT_REF = re.compile(
     r"\{\{tasks\.([A-Za-z0-9_-]+)\.outputs\.(parameters|artifacts)\.([A-Za-z0-9_-]+)\}\}"
 )
+_PLACEHOLDER = re.compile(r"\{\{[^}]+\}\}")
+DEFAULT_REPOSITORY_ANNOTATION = "workflows.argoproj.io/default-artifact-repository"
+_REPOSITORY_KINDS = {"s3", "gcs", "azure", "oss", "hdfs", "artifactory", "http", "git", "raw"}
 
 
 def _names(items: list[dict[str, Any]] | None) -> set[str]:
@@ -39,6 +48,8 @@ def _workflow_spec(obj: dict[str, Any]) -> dict[str, Any]:
 def check_object(obj: dict[str, Any]) -> list[str]:
     """Problems of one rendered object (empty when it is sound)."""
     kind = obj.get("kind", "")
+    if kind == "ConfigMap":
+        return _check_artifact_repositories(obj)
     model = _MODELS.get(kind)
     if model is None:
         return [f"unexpected kind {kind!r}"]
@@ -66,6 +77,89 @@ def check_object(obj: dict[str, Any]) -> list[str]:
     wf_params = _names(spec.get("arguments", {}).get("parameters"))
     for tname, template in templates.items():
         problems += _check_template(tname, template, templates, wf_params)
+    problems += _check_pod_security(obj)
+    return problems
+
+
+def _check_artifact_repositories(obj: dict[str, Any]) -> list[str]:
+    """A ConfigMap is rendered only as the artifact repository: its default key must hold one."""
+    annotations = obj.get("metadata", {}).get("annotations") or {}
+    key = annotations.get(DEFAULT_REPOSITORY_ANNOTATION)
+    if not key:
+        return [f"ConfigMap lacks the {DEFAULT_REPOSITORY_ANNOTATION} annotation"]
+    text = (obj.get("data") or {}).get(key)
+    if text is None:
+        return [f"ConfigMap has no data key {key!r} (named by its annotation)"]
+    repo = yaml.safe_load(text)
+    if not isinstance(repo, dict) or not set(repo) & _REPOSITORY_KINDS:
+        return [f"data key {key!r} holds no artifact repository"]
+    return []
+
+
+def parse_manifest(text: str) -> Any:
+    """A resource template's manifest as Argo parses it, ``{{...}}`` placeholders filled with 1."""
+    return yaml.safe_load(_PLACEHOLDER.sub("1", text))
+
+
+def rayjob_pod_templates(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The pod templates a RayJob makes, by role: head, each worker group, the submitter."""
+    spec = manifest.get("spec", {})
+    cluster = spec.get("rayClusterSpec", {})
+    pods = {"head": cluster.get("headGroupSpec", {}).get("template", {})}
+    for group in cluster.get("workerGroupSpecs", []):
+        pods[f"worker {group.get('groupName', '')}"] = group.get("template", {})
+    if spec.get("submissionMode", "K8sJobMode") == "K8sJobMode":
+        # absent, KubeRay's default submitter pod sets no securityContext at all
+        pods["submitter"] = spec.get("submitterPodTemplate", {})
+    return pods
+
+
+def workflow_pod_templates(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every pod a rendered WorkflowTemplate/CronWorkflow makes, as pod templates by name.
+
+    A step's pod: the workflow's ``podMetadata`` labels with the template's own over them, the
+    workflow's (or template's) ServiceAccount, pod securityContext and scheduling, and its main
+    container (a resource template's pod runs only the executor: no main container here). The
+    RayJob a resource template creates adds its head, workers and submitter (``<template> RayJob
+    <role>``). The executor's init/wait containers are the controller's (its ``executor`` config).
+    """
+    spec = _workflow_spec(obj)
+    pod_labels = (spec.get("podMetadata") or {}).get("labels") or {}
+    pods: dict[str, dict[str, Any]] = {}
+    for template in spec.get("templates", []):
+        tname = template.get("name", "?")
+        main = template.get("container") or template.get("script")
+        manifest = template.get("resource", {}).get("manifest")
+        if main is None and manifest is None:
+            continue  # dag/steps/suspend templates run no pod
+        labels = {**pod_labels, **((template.get("metadata") or {}).get("labels") or {})}
+        pod_spec = {
+            key: template.get(key) or spec.get(key)
+            for key in ("serviceAccountName", "securityContext", "nodeSelector", "tolerations")
+            if template.get(key) or spec.get(key)
+        }
+        pod_spec["containers"] = [{"name": "main", **main}] if main is not None else []
+        pods[tname] = {"metadata": {"labels": labels}, "spec": pod_spec}
+        if manifest:
+            doc = parse_manifest(manifest)
+            if isinstance(doc, dict) and doc.get("kind") == "RayJob":
+                for role, pod in rayjob_pod_templates(doc).items():
+                    pods[f"{tname} RayJob {role}"] = pod
+    return pods
+
+
+def _check_pod_security(obj: dict[str, Any]) -> list[str]:
+    """Pod Security "restricted" of each pod the templates make (but the executor's containers)."""
+    try:
+        pods = workflow_pod_templates(obj)
+    except yaml.YAMLError as exc:
+        return [f"a resource manifest does not parse once its parameters are filled in: {exc}"]
+    problems = []
+    for name, pod in pods.items():
+        spec = pod.get("spec") or {}
+        if not spec.get("containers") and " RayJob " not in name:
+            continue  # a resource template's pod: only the executor, which the controller configures
+        problems += [f"pod {name!r}: {problem}" for problem in restricted_problems(spec)]
     return problems
 
 

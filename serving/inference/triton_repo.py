@@ -1,17 +1,18 @@
 """Triton model repositories and the repository API.
 
-Two variants of one model, identical to the gateway (name, tensors, batching,
-queue policy, contract parameters):
+Two variants of one model, identical to the gateway (name, tensors, batching with
+``timeout_action: REJECT`` so overload is refused instead of queued forever, queue
+policy, contract parameters):
 
-- ``onnxruntime``: the cluster's ``platform: "onnxruntime_onnx"`` with dynamic
-  batching, ``timeout_action: REJECT`` so overload is refused instead of queued
-  forever, and an optional TensorRT FP16 accelerator for GPU nodes;
-- ``python``: ``backend: "python"`` with :mod:`serving.inference.triton_python.model`
-  running the very same ONNX file in onnxruntime (the only backend the
-  tritonserver in the nvidia-pytriton wheel carries).
+- ``onnxruntime`` (:data:`CLUSTER`): ``platform: "onnxruntime_onnx"`` on the GPU
+  (``KIND_GPU``) with the TensorRT execution accelerator in FP16; what
+  ``delivery.reconcile.publish_repository`` puts in each stage's ``s3://`` repository;
+- ``python`` (:data:`ONE_MACHINE`): ``backend: "python"`` on the CPU with
+  :mod:`serving.inference.triton_python.model` running the very same ONNX file in
+  onnxruntime (the only backend the tritonserver in the nvidia-pytriton wheel carries).
 
-Models are loaded and unloaded with explicit model control, so changing what a
-stage serves needs no server restart.
+The one-machine stack loads and unloads with explicit model control (:class:`TritonAdmin`);
+the cluster's Tritons poll their repository and load whatever the reconcile hook publishes.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from serving.contract import ModelContract, contract_from_metadata, read_onnx_me
 log = logging.getLogger(__name__)
 
 Variant = Literal["python", "onnxruntime"]
+ONE_MACHINE: Variant = "python"
+CLUSTER: Variant = "onnxruntime"
 _PYTHON_MODEL = Path(__file__).parent / "triton_python" / "model.py"
 
 
 @dataclass(frozen=True)
 class RepositoryOptions:
-    """Batching and queueing knobs shared by both variants."""
+    """Batching and queueing knobs shared by both variants, and where the model runs."""
 
     max_batch_size: int = 8
     max_queue_delay_us: int = 2000
@@ -44,6 +47,15 @@ class RepositoryOptions:
     gpu: bool = False
     tensorrt_fp16: bool = False
     ort_threads: int = 0
+    tensorrt_workspace_bytes: int = 1 << 30  # TensorRT's scratch memory while building/running engines
+    tensorrt_cache_dir: str = "/tmp"  # a writable emptyDir in the cluster's Triton pod
+
+    @classmethod
+    def for_variant(cls, variant: Variant, max_batch_size: int = 8) -> RepositoryOptions:
+        """A variant's defaults: the one-machine one on the CPU, the cluster one on the GPU with TensorRT."""
+        if variant == CLUSTER:
+            return cls(max_batch_size=max_batch_size, gpu=True, tensorrt_fp16=True)
+        return cls(max_batch_size=max_batch_size)
 
 
 def _pbtxt_string(value: str) -> str:
@@ -94,13 +106,38 @@ def render_config(
         "version_policy: { latest: { num_versions: 1 } }",
     ]
     if variant == "onnxruntime" and options.gpu and options.tensorrt_fp16:
+        # ONNX Runtime backend: TensorRT takes the subgraphs it can build an FP16 engine for;
+        # with KIND_GPU the CUDA execution provider is always registered behind it, so any node
+        # TensorRT rejects runs on CUDA (no CPU fallback needed, no extra config). Engines are
+        # cached in tensorrt_cache_dir so a container restart does not rebuild them.
         lines += [
             "optimization { execution_accelerators {",
             '  gpu_execution_accelerator : [ { name : "tensorrt"',
-            '    parameters { key: "precision_mode" value: "FP16" }',
-            '    parameters { key: "max_workspace_size_bytes" value: "1073741824" } } ]',
-            "} }",
         ]
+        accelerator = {
+            "precision_mode": "FP16",
+            "max_workspace_size_bytes": str(options.tensorrt_workspace_bytes),
+            "trt_engine_cache_enable": "1",
+            "trt_engine_cache_path": options.tensorrt_cache_dir,
+        }
+        lines += [
+            f"    parameters {{ key: {_pbtxt_string(k)} value: {_pbtxt_string(v)} }}"
+            for k, v in accelerator.items()
+        ]
+        lines += ["  } ]", "} }"]
+        # TensorRT builds an engine per input-shape range on first use (minutes, not milliseconds):
+        # warm up with the smallest and the largest batch at the contract's size while the version
+        # loads, so the range is [1, max] before the first request and the old version keeps
+        # serving meanwhile.
+        height, width = contract.imgsz
+        warmups = sorted({1, options.max_batch_size})
+        sample = f"data_type: TYPE_FP32 dims: [ 3, {height}, {width} ] zero_data: true"
+        entries = [
+            f'  {{ name: "tensorrt-batch-{b}" batch_size: {b} count: 1 '
+            f"inputs {{ key: {_pbtxt_string(contract.input_name)} value: {{ {sample} }} }} }}"
+            for b in warmups
+        ]
+        lines += ["model_warmup [", ",\n".join(entries), "]"]
     for key, value in params.items():
         lines.append(
             f"parameters {{ key: {_pbtxt_string(key)} value: {{ string_value: {_pbtxt_string(value)} }} }}"
@@ -125,10 +162,11 @@ def build_repository(
     ``version`` is Triton's numeric directory; ``model_version`` is the registry
     version reported to clients (defaults to ``version``). ``dataset_version`` (the
     model's training data) lets the gateway's drift monitor find its reference statistics.
+    Without ``options`` the variant's defaults apply (:meth:`RepositoryOptions.for_variant`).
     """
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model {onnx_path} does not exist")
-    opts = options or RepositoryOptions(max_batch_size=max_batch_size)  # explicit options win
+    opts = options or RepositoryOptions.for_variant(variant, max_batch_size)  # explicit options win
     contract = contract_from_metadata(read_onnx_metadata(onnx_path))
     model_dir = repo_dir / model_name
     if model_dir.exists():
@@ -152,15 +190,8 @@ def build_repository(
     return model_dir
 
 
-def upload_repository(repo_dir: Path, stage: str, store: object) -> str:
-    """Upload a built repository to ``triton/<stage>/`` (what a Triton ``s3://`` repository reads)."""
-    prefix = f"triton/{stage}"
-    store.upload_dir(repo_dir, prefix)  # type: ignore[attr-defined]
-    return prefix
-
-
 class TritonAdmin:
-    """Repository API of one Triton (HTTP host:port): load, unload, readiness."""
+    """Repository API of one Triton (HTTP host:port): load, unload, readiness (one-machine stack)."""
 
     def __init__(self, url: str, *, timeout_s: float = 60.0) -> None:
         from tritonclient.http import InferenceServerClient

@@ -7,9 +7,13 @@ from the cluster. This reads `terraform output -json` (or a saved copy of it)
 and prints the inventory Ansible asks for:
 
 - group ``control_plane``: the control-plane node, reached on its public IP;
-- group ``gpu_workers``: GPU workers, reached on their private IPs through the
-  control plane as SSH jump host (they have no public address);
-- group ``k8s_cluster``: both, the target of the common roles.
+- group ``system_workers``: untainted CPU workers (pool "system");
+- group ``gpu_workers``: GPU workers (pool "gpu");
+- group ``k8s_cluster``: all three, the target of the common roles.
+
+Workers are reached on their private IPs through the control plane as SSH jump
+host (they have no public address). Each group's labels, taints and capacity
+are in ``group_vars/<group>.yml`` (node_labels, node_taints, node_capacity).
 
 Where the outputs come from (first match wins):
   CXR_TF_OUTPUTS_JSON  a file holding `terraform output -json` (CI, or a laptop without state access)
@@ -30,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_TF_DIR = Path(__file__).resolve().parents[2] / "terraform" / "envs" / "dev"
+# Terraform output name == Ansible group name, one per worker pool (system first: it joins first).
+WORKER_GROUPS = ("system_workers", "gpu_workers")
 
 
 class InventoryError(Exception):
@@ -76,7 +82,7 @@ def build_inventory(outputs: dict[str, Any]) -> dict[str, Any]:
     """The JSON inventory (`--list` format, with `_meta.hostvars`) for these outputs."""
     user = _value(outputs, "ssh_user")
     control = _value(outputs, "control_plane")
-    workers = _value(outputs, "gpu_workers") or []
+    pools = {group: _value(outputs, group) or [] for group in WORKER_GROUPS}
     api = _value(outputs, "kubernetes_api_endpoint")
     if not control.get("public_ip"):
         raise InventoryError("the control plane has no public IP yet; wait for `terraform apply` to finish")
@@ -89,15 +95,16 @@ def build_inventory(outputs: dict[str, Any]) -> dict[str, Any]:
             "node_public_ip": control["public_ip"],
         }
     }
-    for worker in workers:
+    for worker in (w for workers in pools.values() for w in workers):
         hostvars[worker["name"]] = {
             "ansible_host": worker["private_ip"],
             "ansible_user": user,
             "node_private_ip": worker["private_ip"],
-            "gpu_instance_type": worker.get("instance_type", ""),
+            "node_instance_type": worker.get("instance_type", ""),
             # private subnet: reach it through the control plane (the only host open to the admin CIDRs)
             "ansible_ssh_common_args": f"-o ProxyJump={jump}",
         }
+    groups = {group: {"hosts": [w["name"] for w in workers]} for group, workers in pools.items()}
     return {
         "_meta": {"hostvars": hostvars},
         "all": {
@@ -107,9 +114,9 @@ def build_inventory(outputs: dict[str, Any]) -> dict[str, Any]:
                 "artifact_bucket": _value(outputs, "artifact_bucket") if "artifact_bucket" in outputs else "",
             },
         },
-        "k8s_cluster": {"children": ["control_plane", "gpu_workers"]},
+        "k8s_cluster": {"children": ["control_plane", *WORKER_GROUPS]},
         "control_plane": {"hosts": [control["name"]]},
-        "gpu_workers": {"hosts": [w["name"] for w in workers]},
+        **groups,
     }
 
 

@@ -101,7 +101,9 @@ def test_promote_rollback_and_revert_drive_registry_store_git_and_triton(
     lines: list[str] = []
 
     def promote(version: str, to: str, **kw: Any) -> Any:
-        request = PromotionRequest(version=version, to=to, apply_local=(to == "canary"), **kw)  # type: ignore[arg-type]
+        request = PromotionRequest(  # type: ignore[arg-type]
+            version=version, to=to, apply_local=(to == "canary"), publish=True, **kw
+        )
         return promote_version(ctx, request, registry=registry, store=private_store, echo=lines.append)
 
     # [1] v1 through staging and canary; production by force (no canary traffic exists in this test)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[3]
+PERMISSIONS = REPO / "workflows" / "permissions.yaml"
+REACHABILITY = REPO / "k8s" / "base" / "network" / "reachability.yaml"
 SECRETISH = re.compile(r"(PASSWORD|SECRET|TOKEN|_KEY$|ACCESS_KEY|PRIVATE)", re.IGNORECASE)
 PINNED_IMAGE = re.compile(r"^[\w.\-/:]+:(?!latest$)[\w.\-]+(@sha256:[0-9a-f]{64})?$")
 
@@ -144,11 +148,119 @@ def test_namespace_default_denies_and_every_workload_has_an_allow_rule(
     assert workload_names <= selected, workload_names - selected
 
 
-def test_only_the_workflow_executor_gets_kubernetes_api_rights(
+def test_only_the_pipeline_gets_kubernetes_api_rights_and_exactly_its_table(
     all_objects: list[tuple[str, dict[str, Any]]],
 ) -> None:
-    roles = [o for _, o in all_objects if o["kind"] in ("Role", "ClusterRole")]
-    assert [r["metadata"]["name"] for r in roles] == ["cxr-workflow-executor"]
+    """Namespace cxr: one Role, for ServiceAccount cxr-pipeline, granting exactly workflows/permissions.yaml.
+
+    (The platform's own roles, e.g. External Secrets' reader, live in their namespaces.)
+    """
+    cxr = [o for _, o in all_objects if o["metadata"].get("namespace", "cxr") == "cxr"]
+    roles = [o for o in cxr if o["kind"] in ("Role", "ClusterRole")]
+    assert [r["metadata"]["name"] for r in roles] == ["cxr-pipeline"]
+    granted = set()
     for rule in roles[0]["rules"]:
-        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
-        assert set(rule["verbs"]) <= {"create", "patch", "get", "list", "watch"}
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+        granted |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    table = yaml.safe_load(PERMISSIONS.read_text())["serviceAccounts"]
+    wanted = {(row["apiGroup"], row["resource"], v) for row in table["cxr-pipeline"] for v in row["verbs"]}
+    assert granted == wanted, {"not granted": wanted - granted, "not in the table": granted - wanted}
+    bindings = [o for o in cxr if o["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert [(b["roleRef"]["name"], [s["name"] for s in b["subjects"]]) for b in bindings] == [
+        ("cxr-pipeline", ["cxr-pipeline"])
+    ]
+    accounts = {o["metadata"]["name"]: o for o in cxr if o["kind"] == "ServiceAccount"}
+    assert set(table) <= set(accounts)
+    # the delivery jobs need no API: no token, no row
+    assert table["cxr-delivery"] == [] and accounts["cxr-delivery"]["automountServiceAccountToken"] is False
+
+
+def _policies(all_objects: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for _, o in all_objects if o["kind"] == "NetworkPolicy"}
+
+
+def _ip_blocks(policy: dict[str, Any], port: int) -> list[dict[str, Any]]:
+    return [
+        peer["ipBlock"]
+        for rule in policy["spec"].get("egress", [])
+        if any(p.get("port") == port for p in rule.get("ports", []))
+        for peer in rule.get("to", [])
+        if "ipBlock" in peer
+    ]
+
+
+def test_promotions_reach_the_git_server_over_ssh_from_one_configured_block(
+    all_objects: list[tuple[str, dict[str, Any]]],
+) -> None:
+    """The on-prem git server sits in a private range: both pushers reach the same block on 22."""
+    policies = _policies(all_objects)
+    delivery, promote = _ip_blocks(policies["cxr-delivery"], 22), _ip_blocks(policies["cxr-pipeline-git"], 22)
+    assert delivery and delivery == promote
+    git_server = ipaddress.ip_address("10.20.30.40")  # reachability.yaml's stand-in
+    assert all(git_server in ipaddress.ip_network(b["cidr"]) for b in delivery)
+    assert policies["cxr-pipeline-git"]["spec"]["podSelector"]["matchLabels"]["cxr.io/egress"] == "git"
+
+
+def test_workflow_pods_reach_the_api_server(all_objects: list[tuple[str, dict[str, Any]]]) -> None:
+    policy = _policies(all_objects)["cxr-pipeline-api"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "cxr-pipeline"}}
+    assert _ip_blocks(policy, 443) and _ip_blocks(policy, 6443)
+
+
+def _workflow_pod_labels() -> list[dict[str, str]]:
+    from workflows.render import ARGO_DIR
+    from workflows.template_checks import workflow_pod_templates
+
+    docs = [yaml.safe_load(p.read_text()) for p in sorted(ARGO_DIR.glob("*.yaml"))]
+    return [
+        pod["metadata"]["labels"]
+        for doc in docs
+        if doc["kind"] in ("WorkflowTemplate", "CronWorkflow")
+        for pod in workflow_pod_templates(doc).values()
+    ]
+
+
+def _pod_labels(all_objects: list[tuple[str, dict[str, Any]]]) -> list[dict[str, str]]:
+    labels = []
+    for _, obj in all_objects:
+        spec = obj.get("spec", {})
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
+            labels.append(spec["template"]["metadata"]["labels"])
+        elif obj["kind"] == "CronJob":
+            labels.append(spec["jobTemplate"]["spec"]["template"]["metadata"]["labels"])
+    return labels + _workflow_pod_labels()
+
+
+def test_every_pod_selector_of_the_policies_selects_some_pod(
+    all_objects: list[tuple[str, dict[str, Any]]],
+) -> None:
+    """A rule whose labels no pod carries (issue 17: part-of cxr-training) opens nothing."""
+    pods = _pod_labels(all_objects)
+    selectors = []
+    for policy in _policies(all_objects).values():
+        selectors.append(policy["spec"]["podSelector"])
+        for rule in [*policy["spec"].get("ingress", []), *policy["spec"].get("egress", [])]:
+            for peer in [*rule.get("from", []), *rule.get("to", [])]:
+                if "podSelector" in peer and "namespaceSelector" not in peer:
+                    selectors.append(peer["podSelector"])
+    dead = [
+        sel
+        for sel in selectors
+        if not any(sel.get("matchLabels", {}).items() <= labels.items() for labels in pods)
+    ]
+    assert not dead, dead
+
+
+def test_the_reachability_table_names_pods_that_render(all_objects: list[tuple[str, dict[str, Any]]]) -> None:
+    table = yaml.safe_load(REACHABILITY.read_text())
+    pods = _pod_labels(all_objects)
+    assert len(table["must_allow"]) >= 10 and len(table["must_deny"]) >= 3
+    for edge in [*table["must_allow"], *table["must_deny"]]:
+        assert {"name", "from", "to", "port"} <= set(edge), edge
+        for end in (edge["from"], edge["to"]):
+            if "ip" in end:
+                ipaddress.ip_address(end["ip"])
+            elif end["namespace"] == "cxr":
+                assert any(end["labels"].items() <= labels.items() for labels in pods), (edge["name"], end)
+    kustomization = yaml.safe_load((REACHABILITY.parent / "kustomization.yaml").read_text())
+    assert REACHABILITY.name not in kustomization["resources"]

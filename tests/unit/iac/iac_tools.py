@@ -5,12 +5,36 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TERRAFORM_DIR = REPO_ROOT / "iac" / "terraform"
 ANSIBLE_DIR = REPO_ROOT / "iac" / "ansible"
+
+# The shape `terraform output -json` prints for iac/terraform/envs/dev (see its outputs.tf).
+TF_OUTPUTS: dict[str, Any] = {
+    "ssh_user": {"value": "ubuntu", "type": "string", "sensitive": False},
+    "control_plane": {
+        "value": {"name": "cxr-dev-control-plane", "public_ip": "203.0.113.20", "private_ip": "10.42.0.10"}
+    },
+    "system_workers": {
+        "value": [
+            {"name": "cxr-dev-system-worker-0", "private_ip": "10.42.128.21", "instance_type": "m6i.2xlarge"},
+            {"name": "cxr-dev-system-worker-1", "private_ip": "10.42.144.22", "instance_type": "m6i.2xlarge"},
+        ]
+    },
+    "gpu_workers": {
+        "value": [
+            {"name": "cxr-dev-gpu-worker-0", "private_ip": "10.42.128.11", "instance_type": "g5.2xlarge"},
+            {"name": "cxr-dev-gpu-worker-1", "private_ip": "10.42.144.12", "instance_type": "g5.2xlarge"},
+        ]
+    },
+    "kubernetes_api_endpoint": {"value": "https://203.0.113.20:6443"},
+    "artifact_bucket": {"value": "cxr-dev-artifacts-20260101"},
+    "region": {"value": "eu-central-1"},
+}
 
 
 def plugin_dir() -> Path:

@@ -8,34 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 import yaml
 
-from tests.unit.iac.iac_tools import ANSIBLE_DIR, lint_tool, offline_tool_env, venv_tool
+from tests.unit.iac.iac_tools import ANSIBLE_DIR, TF_OUTPUTS, lint_tool, offline_tool_env, venv_tool
 
 pytestmark = pytest.mark.unit
 
 INVENTORY_SCRIPT = ANSIBLE_DIR / "inventory" / "terraform_inventory.py"
 PLAYBOOKS = sorted(p.name for p in ANSIBLE_DIR.glob("*.yml"))
-
-# The shape `terraform output -json` prints for iac/terraform/envs/dev (see its outputs.tf).
-TF_OUTPUTS: dict[str, Any] = {
-    "ssh_user": {"value": "ubuntu", "type": "string", "sensitive": False},
-    "control_plane": {
-        "value": {"name": "cxr-dev-control-plane", "public_ip": "203.0.113.20", "private_ip": "10.42.0.10"}
-    },
-    "gpu_workers": {
-        "value": [
-            {"name": "cxr-dev-gpu-worker-0", "private_ip": "10.42.128.11", "instance_type": "g5.xlarge"},
-            {"name": "cxr-dev-gpu-worker-1", "private_ip": "10.42.144.12", "instance_type": "g5.xlarge"},
-        ]
-    },
-    "kubernetes_api_endpoint": {"value": "https://203.0.113.20:6443"},
-    "artifact_bucket": {"value": "cxr-dev-artifacts-20260101"},
-    "region": {"value": "eu-central-1"},
-}
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +50,17 @@ def test_inventory_groups_nodes_and_reaches_workers_through_the_control_plane(
 ) -> None:
     inv = inventory_module.build_inventory(TF_OUTPUTS)
     assert inv["control_plane"]["hosts"] == ["cxr-dev-control-plane"]
+    assert inv["system_workers"]["hosts"] == ["cxr-dev-system-worker-0", "cxr-dev-system-worker-1"]
     assert inv["gpu_workers"]["hosts"] == ["cxr-dev-gpu-worker-0", "cxr-dev-gpu-worker-1"]
-    assert inv["k8s_cluster"]["children"] == ["control_plane", "gpu_workers"]
+    assert inv["k8s_cluster"]["children"] == ["control_plane", "system_workers", "gpu_workers"]
     cp = inv["_meta"]["hostvars"]["cxr-dev-control-plane"]
     assert (cp["ansible_host"], cp["node_private_ip"]) == ("203.0.113.20", "10.42.0.10")
     worker = inv["_meta"]["hostvars"]["cxr-dev-gpu-worker-1"]
     assert worker["ansible_host"] == "10.42.144.12"
     assert worker["ansible_ssh_common_args"] == "-o ProxyJump=ubuntu@203.0.113.20"
+    assert worker["node_instance_type"] == "g5.2xlarge"
+    system = inv["_meta"]["hostvars"]["cxr-dev-system-worker-0"]
+    assert system["ansible_host"] == "10.42.128.21" and "ProxyJump" in system["ansible_ssh_common_args"]
     assert inv["all"]["vars"]["kubernetes_api_endpoint"] == "https://203.0.113.20:6443"
 
 
@@ -102,6 +88,10 @@ def test_ansible_reads_the_script_and_the_group_vars(ansible_env: dict[str, str]
     inv = json.loads(proc.stdout)
     worker = inv["_meta"]["hostvars"]["cxr-dev-gpu-worker-0"]
     assert worker["kubernetes_role"] == "worker" and worker["nvidia_driver_branch"]
+    assert worker["node_pool"] == "gpu" and worker["common_containerd_nvidia_runtime"] is True
+    system = inv["_meta"]["hostvars"]["cxr-dev-system-worker-1"]
+    assert system["kubernetes_role"] == "worker" and system["node_pool"] == "system"
+    assert "nvidia_driver_branch" not in system and system["node_taints"] == []
     control = inv["_meta"]["hostvars"]["cxr-dev-control-plane"]
     assert control["kubernetes_role"] == "control-plane"
     assert control["kubernetes_package_version"].startswith(control["kubernetes_minor"])

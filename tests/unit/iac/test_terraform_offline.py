@@ -15,9 +15,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hcl2
 import pytest
+import yaml
 
-from tests.unit.iac.iac_tools import TERRAFORM_DIR, lint_tool, offline_tool_env, plugin_dir, require_terraform
+from tests.unit.iac.iac_tools import (
+    ANSIBLE_DIR,
+    REPO_ROOT,
+    TERRAFORM_DIR,
+    lint_tool,
+    offline_tool_env,
+    plugin_dir,
+    require_terraform,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +38,7 @@ PLAN_VARS = {
     "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITestKeyOnlyForPlans test@ci",
 }
 
-# What `terraform plan` must create for 2 AZs and 2 GPU workers, by resource type.
+# What `terraform plan` must create for 2 AZs, 2 system workers and 2 GPU workers, by resource type.
 EXPECTED_RESOURCES = {
     "aws_vpc": 1,
     "aws_default_security_group": 1,
@@ -42,12 +52,12 @@ EXPECTED_RESOURCES = {
     "aws_cloudwatch_log_group": 1,
     "aws_flow_log": 1,
     "aws_security_group": 2,
-    "aws_vpc_security_group_ingress_rule": 3,
-    "aws_vpc_security_group_egress_rule": 3,
+    "aws_vpc_security_group_ingress_rule": 4,
+    "aws_vpc_security_group_egress_rule": 4,
     "aws_key_pair": 1,
-    "aws_instance": 3,
-    "aws_ebs_volume": 2,
-    "aws_volume_attachment": 2,
+    "aws_instance": 5,
+    "aws_ebs_volume": 4,
+    "aws_volume_attachment": 4,
     "aws_kms_key": 1,
     "aws_kms_alias": 1,
     "aws_s3_bucket": 1,
@@ -147,8 +157,15 @@ def test_root_and_module_validate_with_the_real_s3_backend_config(
     copy = tmp_path / "terraform"
     shutil.copytree(TERRAFORM_DIR, copy, ignore=shutil.ignore_patterns(".terraform", "*.tfstate*"))
     for folder in (copy / "envs" / "dev",):  # validating the root validates the module it calls
-        _run(
-            ["terraform", "init", "-backend=false", "-input=false", f"-plugin-dir={plugin_dir()}"],
+        _run(  # readonly: the committed lock file must already pin what the mirror holds
+            [
+                "terraform",
+                "init",
+                "-backend=false",
+                "-input=false",
+                "-lockfile=readonly",
+                f"-plugin-dir={plugin_dir()}",
+            ],
             folder,
             tf_env,
         )
@@ -172,22 +189,33 @@ def test_plan_gpu_worker_count_and_type_follow_the_variables(plan: Callable[...,
     instances = _after(scaled, "aws_instance")
     gpu = [i for i in instances if i["tags"]["Role"] == "gpu-worker"]
     assert len(gpu) == 3 and {i["instance_type"] for i in gpu} == {"g6.2xlarge"}
-    assert len(_after(scaled, "aws_ebs_volume")) == 3
+    assert len(_after(scaled, "aws_ebs_volume")) == 3 + 2  # GPU + system workers' data disks
     assert [i["tags"]["Role"] for i in instances].count("control-plane") == 1
+    cpu = plan(system_worker_count="3", system_worker_instance_type="m6i.4xlarge")
+    system = [i for i in _after(cpu, "aws_instance") if i["tags"]["Role"] == "system-worker"]
+    assert len(system) == 3 and {i["instance_type"] for i in system} == {"m6i.4xlarge"}
+    assert all(not i["associate_public_ip_address"] for i in system)
 
 
 def test_only_ssh_and_the_kube_api_are_open_and_only_to_the_admin_cidr(default_plan: dict[str, Any]) -> None:
+    """From outside: admins reach SSH and the API; the hospital network only the gateway's HTTPS NodePort."""
     ingress = _after(default_plan, "aws_vpc_security_group_ingress_rule")
     external = [r for r in ingress if r.get("cidr_ipv4")]
-    assert sorted((r["from_port"], r["to_port"], r["cidr_ipv4"]) for r in external) == [
-        (22, 22, ADMIN_CIDR),
-        (6443, 6443, ADMIN_CIDR),
-    ]
+    clients = default_plan["variables"]["client_cidrs"]["value"]
+    https = default_plan["variables"]["ingress_https_node_port"]["value"]
+    assert sorted((r["from_port"], r["to_port"], r["cidr_ipv4"]) for r in external) == sorted(
+        [(22, 22, ADMIN_CIDR), (6443, 6443, ADMIN_CIDR), *[(https, https, c) for c in clients]]
+    )
+    assert "0.0.0.0/0" not in clients and https == 30443  # ingress-nginx's nodePorts.https
     internal = [r for r in ingress if not r.get("cidr_ipv4")]
     assert len(internal) == 1 and internal[0]["ip_protocol"] == "-1"  # node-to-node, by security group
     egress = _after(default_plan, "aws_vpc_security_group_egress_rule")
     open_egress = {(r["from_port"], r["to_port"]) for r in egress if r.get("cidr_ipv4") == "0.0.0.0/0"}
     assert open_egress == {(80, 80), (443, 443)}
+    # SSH out only to the git server (ArgoCD pulls, promotions push), never to the internet
+    ssh_out = [(r["from_port"], r["to_port"], r["cidr_ipv4"]) for r in egress if r.get("from_port") == 22]
+    assert ssh_out == [(22, 22, default_plan["variables"]["git_ssh_cidrs"]["value"][0])]
+    assert ssh_out[0][2] != "0.0.0.0/0"
 
 
 def test_nodes_are_hardened_and_gpu_workers_stay_private(default_plan: dict[str, Any]) -> None:
@@ -196,8 +224,9 @@ def test_nodes_are_hardened_and_gpu_workers_stay_private(default_plan: dict[str,
         assert instance["root_block_device"][0]["encrypted"] is True
         public = instance["associate_public_ip_address"]
         assert public is (instance["tags"]["Role"] == "control-plane")
-    for volume in _after(default_plan, "aws_ebs_volume"):
-        assert volume["encrypted"] is True and volume["size"] == 200
+    sizes = sorted(volume["size"] for volume in _after(default_plan, "aws_ebs_volume"))
+    assert sizes == [100, 100, 200, 200]  # system workers (MinIO, Postgres), GPU workers (datasets)
+    assert all(volume["encrypted"] is True for volume in _after(default_plan, "aws_ebs_volume"))
 
 
 def test_artifact_bucket_is_versioned_encrypted_and_never_public(default_plan: dict[str, Any]) -> None:
@@ -214,9 +243,77 @@ def test_artifact_bucket_is_versioned_encrypted_and_never_public(default_plan: d
     assert key["enable_key_rotation"] is True
 
 
+# Ansible group -> the Role tag its instances carry
+POOL_ROLES = {
+    "control_plane": "control-plane",
+    "system_workers": "system-worker",
+    "gpu_workers": "gpu-worker",
+}
+LOCK_FILE = TERRAFORM_DIR / "envs" / "dev" / ".terraform.lock.hcl"
+
+
+def _hcl_defaults(path: Path) -> dict[str, Any]:
+    """Variable defaults of a .tf file, with python-hcl2's quotes around strings removed."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.strip('"')
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    found = {}
+    for block in hcl2.load(path.open()).get("variable", []):
+        for name, body in block.items():
+            if "default" in body:
+                found[name.strip('"')] = plain(body["default"])
+    return found
+
+
+def test_the_default_plan_makes_the_node_pools_the_group_vars_describe(default_plan: dict[str, Any]) -> None:
+    instances = _after(default_plan, "aws_instance")
+    variables = {k: v["value"] for k, v in default_plan["variables"].items()}
+    for group, role in POOL_ROLES.items():
+        layout = yaml.safe_load((ANSIBLE_DIR / "inventory" / "group_vars" / f"{group}.yml").read_text())
+        nodes = [i for i in instances if i["tags"]["Role"] == role]
+        count_variable = layout["node_terraform"]["count_variable"]
+        assert len(nodes) == (1 if count_variable is None else variables[count_variable]) >= 1, group
+        instance_type = variables[layout["node_terraform"]["instance_type_variable"]]
+        assert {i["instance_type"] for i in nodes} == {instance_type}, group
+        assert layout["node_capacity"]["instance_type"] == instance_type, group
+
+
+def test_the_root_passes_the_module_defaults_on_unchanged() -> None:
+    module = _hcl_defaults(TERRAFORM_DIR / "modules" / "cluster" / "variables.tf")
+    root = _hcl_defaults(TERRAFORM_DIR / "envs" / "dev" / "variables.tf")
+    shared = sorted(set(module) & set(root) - {"availability_zones"})
+    assert "gpu_worker_count" in shared and "system_worker_instance_type" in shared
+    assert {k: root[k] for k in shared} == {k: module[k] for k in shared}
+
+
+def test_the_provider_lock_file_is_committed_with_the_mirrors_hashes(
+    planned_root: Path, tf_env: dict[str, str]
+) -> None:
+    assert LOCK_FILE.is_file(), "run terraform init -backend=false -plugin-dir=<mirror> in envs/dev"
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(LOCK_FILE)], cwd=REPO_ROOT, capture_output=True, check=False
+    )
+    assert ignored.returncode == 1, "envs/dev/.terraform.lock.hcl is git-ignored"
+    (provider,) = hcl2.load(LOCK_FILE.open())["provider"]
+    (name, pin) = next(iter(provider.items()))
+    assert name.strip('"') == "registry.terraform.io/hashicorp/aws"
+    version = pin["version"].strip('"')
+    assert (plugin_dir() / "registry.terraform.io" / "hashicorp" / "aws" / version).is_dir()
+    hashes = [h.strip('"') for h in pin["hashes"]]
+    assert hashes and all(h.startswith("h1:") for h in hashes)  # what a local mirror can vouch for
+    # `terraform init` against the mirror (planned_root) found nothing to add or change
+    assert (planned_root / ".terraform.lock.hcl").read_text() == LOCK_FILE.read_text()
+
+
 def test_outputs_carry_what_the_ansible_inventory_reads(default_plan: dict[str, Any]) -> None:
     outputs = set(default_plan["planned_values"]["outputs"])
-    assert {"ssh_user", "control_plane", "gpu_workers", "kubernetes_api_endpoint"} <= outputs
+    wanted = {"ssh_user", "control_plane", "system_workers", "gpu_workers", "kubernetes_api_endpoint"}
+    assert wanted <= outputs
 
 
 def test_unsafe_or_malformed_variables_are_refused_with_readable_messages(
@@ -226,17 +323,21 @@ def test_unsafe_or_malformed_variables_are_refused_with_readable_messages(
         "admin_cidrs": ('["0.0.0.0/0"]', "never 0.0.0.0/0"),
         "gpu_worker_instance_type": ("m6i.large", "NVIDIA GPU family"),
         "ami_id": ("ubuntu-latest", "ami-0123456789abcdef0"),
+        "system_worker_instance_type": ("g5.2xlarge", "must be a CPU instance type"),
+        "system_worker_count": ("0", "need an untainted node"),
+        "git_ssh_cidrs": ('["0.0.0.0/0"]', "SSH egress to the whole internet"),
     }
     variables = {**PLAN_VARS, **{k: v for k, (v, _) in bad.items()}}
     args = [a for k, v in variables.items() for a in ("-var", f"{k}={v}")]
     proc = _run(
-        ["terraform", "plan", "-input=false", "-lock=false", "-refresh=false", *args],
+        ["terraform", "plan", "-input=false", "-lock=false", "-refresh=false", "-no-color", *args],
         planned_root,
         tf_env,
         ok=False,
     )
     assert proc.returncode != 0
-    said = " ".join((proc.stdout + proc.stderr).split())
+    # messages wrap inside the diagnostic box: drop its border before joining the lines
+    said = " ".join((proc.stdout + proc.stderr).replace("│", " ").split())
     for variable, (_, message) in bad.items():  # every bad variable is named, not just the first
         assert message in said, variable
 

@@ -1,4 +1,9 @@
-"""The committed Argo YAML is exactly what workflows/retrain.py renders, and it is sound."""
+"""The committed Argo YAML is exactly what workflows/retrain.py renders, and it is sound.
+
+Sound for Argo (references resolve) and for the cluster it runs in: every pod it makes passes
+Pod Security "restricted", runs as a ServiceAccount k8s/base/rbac creates with the rights
+workflows/permissions.yaml lists, and the artifact repository the S3 artifacts need exists.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +22,31 @@ from typer.testing import CliRunner
 from workflows.config import WorkflowSettings
 from workflows.pipeline_cli import app, step_app
 from workflows.render import ARGO_DIR, drifted_files, render_all
-from workflows.retrain import STEP_ORDER, build_all, rayjob_manifest
-from workflows.template_checks import check_object
+from workflows.retrain import (
+    ARTIFACT_REPOSITORIES,
+    GIT_EGRESS_LABELS,
+    POD_LABELS,
+    RAY_LABELS,
+    STEP_ORDER,
+    build_all,
+    rayjob_manifest,
+)
+from workflows.template_checks import (
+    DEFAULT_REPOSITORY_ANNOTATION,
+    check_object,
+    parse_manifest,
+    rayjob_pod_templates,
+    restricted_problems,
+    workflow_pod_templates,
+)
 
 pytestmark = pytest.mark.unit
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+WORKFLOW_KINDS = ("WorkflowTemplate", "CronWorkflow")
+PERMISSIONS = REPO_ROOT / "workflows" / "permissions.yaml"
+RBAC_DIR = REPO_ROOT / "k8s" / "base" / "rbac"
+ARGO_APPLICATION = REPO_ROOT / "k8s" / "platform" / "argo-workflows.yaml"
 
 
 @pytest.fixture
@@ -38,6 +62,27 @@ def settings(monkeypatch: pytest.MonkeyPatch) -> WorkflowSettings:
 
 def _objects() -> dict[str, dict[str, Any]]:
     return {p.name: yaml.safe_load(p.read_text()) for p in sorted(ARGO_DIR.glob("*.yaml"))}
+
+
+def _workflows() -> dict[str, dict[str, Any]]:
+    return {name: obj for name, obj in _objects().items() if obj["kind"] in WORKFLOW_KINDS}
+
+
+def _pods() -> dict[str, dict[str, Any]]:
+    """Every pod the rendered workflows make (steps, RayJob head/workers/submitter), by file and name."""
+    return {
+        f"{name}: {pod}": template
+        for name, obj in _workflows().items()
+        for pod, template in workflow_pod_templates(obj).items()
+    }
+
+
+def _rayjob() -> dict[str, Any]:
+    return parse_manifest(_template(_objects()["cxr-retrain.yaml"], "train")["resource"]["manifest"])
+
+
+def _documents(folder: Path) -> list[dict[str, Any]]:
+    return [d for p in sorted(folder.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
 
 
 def _template(obj: dict[str, Any], name: str) -> dict[str, Any]:
@@ -73,9 +118,7 @@ def test_render_check_command_fails_on_drift_and_passes_after_render(
 
 def test_every_object_parses_through_heras_models_and_round_trips(settings: WorkflowSettings) -> None:
     loaders = {"WorkflowTemplate": WorkflowTemplate, "CronWorkflow": CronWorkflow}
-    for name, obj in _objects().items():
-        if obj["kind"] == "Kustomization":
-            continue
+    for name, obj in _workflows().items():
         again = loaders[obj["kind"]].from_dict(obj)
         assert again.to_dict() == obj, name
 
@@ -122,8 +165,8 @@ def test_retrain_dag_runs_the_steps_in_the_local_runners_order() -> None:
 def test_every_container_step_runs_an_existing_cxr_pipeline_step_command() -> None:
     commands = {c.name for c in step_app.registered_commands}
     seen = set()
-    for name, obj in _objects().items():
-        if obj["kind"] == "Kustomization" or "workflowTemplateRef" in obj["spec"].get("workflowSpec", {}):
+    for name, obj in _workflows().items():
+        if "workflowTemplateRef" in obj["spec"].get("workflowSpec", {}):
             continue
         spec = obj["spec"].get("workflowSpec", obj["spec"])
         for template in spec["templates"]:
@@ -196,7 +239,6 @@ def test_train_step_creates_a_rayjob_with_n_gpu_workers_and_waits_for_its_status
     train = _template(obj, "train")
     assert train["resource"]["action"] == "create"
     assert train["resource"]["successCondition"] == "status.jobStatus == SUCCEEDED"
-    assert "FAILED" in train["resource"]["failureCondition"]
     # Argo substitutes parameters before parsing: do the same and read the RayJob
     text = train["resource"]["manifest"]
     for placeholder in re.findall(r"\{\{[^}]+\}\}", text):
@@ -259,7 +301,200 @@ def test_kustomize_builds_the_folder_argocd_syncs() -> None:
     ).stdout
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(out))
     assert kinds == [
+        ("ConfigMap", ARTIFACT_REPOSITORIES),
         ("CronWorkflow", "cxr-retrain-on-feedback"),
         ("CronWorkflow", "cxr-retrain-weekly"),
         ("WorkflowTemplate", "cxr-retrain"),
     ]
+
+
+# ------------------------------------------------------------------ fit with the cluster (issue 17)
+
+
+def test_workflows_run_the_image_the_cluster_runs(settings: WorkflowSettings) -> None:
+    """One project image: the steps and Ray pods run what the k8s jobs run."""
+    cronjob = yaml.safe_load((REPO_ROOT / "k8s/base/canary/cronjob.yaml").read_text())
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    k8s_image = next(c["image"] for c in pod["containers"] if c["image"].startswith("ghcr.io/cxr-detect/"))
+    assert settings.image == k8s_image
+    images = {c["image"] for pod in _pods().values() for c in pod["spec"].get("containers", [])}
+    assert images == {k8s_image}
+
+
+def test_every_service_account_exists_in_rbac_and_has_a_row_in_the_permissions_table() -> None:
+    accounts = {d["metadata"]["name"] for d in _documents(RBAC_DIR) if d["kind"] == "ServiceAccount"}
+    table = yaml.safe_load(PERMISSIONS.read_text())["serviceAccounts"]
+    used = {pod["spec"].get("serviceAccountName", "default") for pod in _pods().values()}
+    used |= {
+        obj["spec"].get("workflowSpec", obj["spec"]).get("serviceAccountName")
+        for obj in _workflows().values()
+    }
+    used.discard(None)  # the weekly cron names none: its workflow runs the template's
+    assert used == {"cxr-pipeline"}
+    assert used <= accounts, used - accounts
+    assert used <= set(table), used - set(table)
+    assert set(table) <= accounts, set(table) - accounts
+
+
+def _verbs_needed(template: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) a resource template's executor does with its manifest."""
+    resource = template["resource"]
+    manifest = parse_manifest(resource["manifest"])
+    group = manifest["apiVersion"].rpartition("/")[0] if "/" in manifest["apiVersion"] else ""
+    plural = manifest["kind"].lower() + "s"
+    verbs = {resource["action"]}
+    reads = [
+        p for p in template.get("outputs", {}).get("parameters", []) if "jsonPath" in p.get("valueFrom", {})
+    ]
+    if resource.get("successCondition") or resource.get("failureCondition") or reads:
+        verbs.add("get")
+    return {(group, plural, verb) for verb in verbs}
+
+
+def test_the_permissions_table_covers_what_each_step_does() -> None:
+    table = yaml.safe_load(PERMISSIONS.read_text())["serviceAccounts"]
+    granted = {
+        (row["apiGroup"], row["resource"], verb) for row in table["cxr-pipeline"] for verb in row["verbs"]
+    }
+    needed = {
+        ("argoproj.io", "workflowtaskresults", "create"),
+        ("argoproj.io", "workflowtaskresults", "patch"),
+    }
+    for obj in _workflows().values():
+        spec = obj["spec"].get("workflowSpec", obj["spec"])
+        for template in spec.get("templates", []):
+            if "resource" in template:
+                needed |= _verbs_needed(template)
+    assert ("ray.io", "rayjobs", "create") in needed and ("argoproj.io", "workflows", "create") in needed
+    assert needed == granted, {"missing": needed - granted, "more than needed": granted - needed}
+    assert all(row["why"] for rows in table.values() for row in rows or [])
+
+
+def test_every_pod_the_workflows_make_is_pod_security_restricted() -> None:
+    pods = _pods()
+    assert any("RayJob head" in n for n in pods) and any("RayJob worker" in n for n in pods)
+    assert any("RayJob submitter" in n for n in pods)
+    problems = {
+        name: restricted_problems(pod["spec"])
+        for name, pod in pods.items()
+        if pod["spec"].get("containers") or "RayJob" in name
+    }
+    assert not any(problems.values()), {n: p for n, p in problems.items() if p}
+
+
+def test_the_argo_executor_is_pod_security_restricted() -> None:
+    """init/wait of every step (and main of resource templates) get the controller's executor config."""
+    app = yaml.safe_load(ARGO_APPLICATION.read_text())
+    executor = app["spec"]["source"]["helm"]["valuesObject"]["executor"]
+    pod_security = _objects()["cxr-retrain.yaml"]["spec"]["securityContext"]
+    for name in ("init", "wait", "main"):
+        container = {"name": name, "securityContext": executor["securityContext"]}
+        assert restricted_problems({"securityContext": pod_security}, [container]) == []
+        # ... and on its own, for pods whose workflow sets no pod securityContext
+        assert restricted_problems({}, [container]) == []
+    assert executor["resources"]["requests"]["cpu"] and executor["resources"]["requests"]["memory"]
+
+
+def test_pod_security_check_catches_a_seeded_defect() -> None:
+    obj = _objects()["cxr-retrain.yaml"]
+    _template(obj, "export")["container"]["securityContext"].pop("allowPrivilegeEscalation")
+    train = _template(obj, "train")["resource"]
+    train["manifest"] = train["manifest"].replace("submitterPodTemplate:", "unusedPodTemplate:")
+    problems = check_object(obj)
+    assert any("'export'" in p and "allowPrivilegeEscalation" in p for p in problems), problems
+    assert any("RayJob submitter" in p and "no containers" in p for p in problems), problems
+
+
+def test_argo_server_authenticates_with_kubernetes_tokens() -> None:
+    app = yaml.safe_load(ARGO_APPLICATION.read_text())
+    server = app["spec"]["source"]["helm"]["valuesObject"]["server"]
+    assert server["authModes"] == ["client"] or ("sso" in server["authModes"] and server.get("sso"))
+
+
+def test_rayjob_fails_on_either_status_and_within_its_deadline(settings: WorkflowSettings) -> None:
+    train = _template(_objects()["cxr-retrain.yaml"], "train")
+    failure = train["resource"]["failureCondition"]
+    # Argo fails the step when any comma-separated requirement holds (commas inside () are a set)
+    requirements = [r.strip() for r in re.split(r",(?![^(]*\))", failure)]
+    assert "status.jobStatus in (FAILED,STOPPED)" in requirements
+    assert "status.jobDeploymentStatus == Failed" in requirements
+    rayjob = _rayjob()
+    assert rayjob["spec"]["activeDeadlineSeconds"] == settings.train_deadline_s
+    # KubeRay's deadline ends the job (and frees the GPUs) first; the step's deadline is the backstop
+    assert rayjob["spec"]["activeDeadlineSeconds"] < train["activeDeadlineSeconds"] < 24 * 3600
+
+
+def test_pods_carry_the_labels_the_network_policies_select() -> None:
+    for name, pod in _pods().items():
+        labels = pod["metadata"]["labels"]
+        if "RayJob" in name:
+            assert RAY_LABELS.items() <= labels.items(), name
+            assert labels["app.kubernetes.io/component"] in {"ray-head", "ray-worker", "ray-submitter"}
+        else:
+            assert POD_LABELS.items() <= labels.items(), name
+        assert labels["app.kubernetes.io/part-of"] == "cxr-training", name
+    git = [n for n, pod in _pods().items() if GIT_EGRESS_LABELS.items() <= pod["metadata"]["labels"].items()]
+    assert git == ["cxr-retrain.yaml: promote-to-staging"]
+
+
+def test_pods_request_modest_resources_and_only_ray_workers_take_gpus() -> None:
+    for name, pod in _pods().items():
+        spec = pod["spec"]
+        tolerates_gpu = any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", []))
+        for c in spec.get("containers", []):
+            requests = c["resources"]["requests"]
+            assert requests["cpu"] and requests["memory"], name
+            gpu = "nvidia.com/gpu" in requests
+            assert gpu == ("RayJob worker" in name), name
+            assert tolerates_gpu == gpu, f"{name}: only GPU pods tolerate the GPU nodes' taint"
+            if gpu:
+                assert requests["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+                assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+            elif "RayJob head" in name:
+                assert (requests["cpu"], requests["memory"]) == ("1", "4Gi")
+            elif "build-dataset" in name:  # decodes every DICOM of the version: the one big step
+                assert (requests["cpu"], requests["memory"]) == ("2", "8Gi"), name
+            elif "RayJob" not in name:
+                assert requests["cpu"] in ("500m", "1") and requests["memory"] in ("1Gi", "2Gi"), name
+
+
+def test_the_artifact_repository_exists_and_is_synced(settings: WorkflowSettings) -> None:
+    objects = _objects()
+    config_map = objects[f"{ARTIFACT_REPOSITORIES}.yaml"]
+    assert config_map["kind"] == "ConfigMap" and config_map["metadata"]["name"] == ARTIFACT_REPOSITORIES
+    key = config_map["metadata"]["annotations"][DEFAULT_REPOSITORY_ANNOTATION]
+    s3 = yaml.safe_load(config_map["data"][key])["s3"]
+    assert f"http://{s3['endpoint']}" == settings.cluster_s3_endpoint and s3["insecure"] is True
+    assert s3["bucket"] == settings.s3_bucket
+    assert s3["keyFormat"].startswith(settings.artifact_key_prefix)
+    # the same keys the steps read the store with
+    step_env = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in _template(objects["cxr-retrain.yaml"], "ingest")["container"]["env"]
+        if "valueFrom" in e
+    }
+    assert {"name": s3["accessKeySecret"]["name"], "key": s3["accessKeySecret"]["key"]} == step_env[
+        "CXR_S3_ACCESS_KEY"
+    ]
+    assert {"name": s3["secretKeySecret"]["name"], "key": s3["secretKeySecret"]["key"]} == step_env[
+        "CXR_S3_SECRET_KEY"
+    ]
+    # the template names it, Argo CD syncs it (k8s/workflows is an ApplicationSet element)
+    ref = objects["cxr-retrain.yaml"]["spec"]["artifactRepositoryRef"]
+    assert ref == {"configMap": ARTIFACT_REPOSITORIES, "key": key}
+    assert f"{ARTIFACT_REPOSITORIES}.yaml" in objects["kustomization.yaml"]["resources"]
+    appset = yaml.safe_load((REPO_ROOT / "k8s/argocd/applicationset.yaml").read_text())
+    paths = {e["path"] for g in appset["spec"]["generators"] for e in g.get("list", {}).get("elements", [])}
+    assert "k8s/workflows" in paths
+
+
+def test_artifact_repository_check_catches_a_missing_key() -> None:
+    config_map = _objects()[f"{ARTIFACT_REPOSITORIES}.yaml"]
+    config_map["data"] = {"elsewhere": config_map["data"].popitem()[1]}
+    assert any("no data key" in p for p in check_object(config_map))
+
+
+def test_rayjob_pod_templates_reads_every_pod_of_the_train_step() -> None:
+    pods = rayjob_pod_templates(_rayjob())
+    assert set(pods) == {"head", "worker gpu", "submitter"}
+    assert all(p["spec"]["automountServiceAccountToken"] is False for p in pods.values())

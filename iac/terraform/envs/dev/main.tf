@@ -1,4 +1,4 @@
-# The dev cluster: one CPU control plane and a small GPU worker group.
+# The dev cluster: one CPU control plane, two untainted CPU workers and two GPU workers.
 # Credentials come from the environment (AWS_PROFILE / AWS_ACCESS_KEY_ID ...),
 # never from this folder.
 
@@ -21,10 +21,18 @@ module "cluster" {
   ami_id             = var.ami_id
   ssh_public_key     = var.ssh_public_key
 
-  control_plane_instance_type = var.control_plane_instance_type
-  gpu_worker_instance_type    = var.gpu_worker_instance_type
-  gpu_worker_count            = var.gpu_worker_count
-  gpu_worker_data_volume_gb   = var.gpu_worker_data_volume_gb
+  git_ssh_cidrs = var.git_ssh_cidrs
+  client_cidrs  = var.client_cidrs
+
+  ingress_https_node_port = var.ingress_https_node_port
+
+  control_plane_instance_type  = var.control_plane_instance_type
+  system_worker_instance_type  = var.system_worker_instance_type
+  system_worker_count          = var.system_worker_count
+  system_worker_data_volume_gb = var.system_worker_data_volume_gb
+  gpu_worker_instance_type     = var.gpu_worker_instance_type
+  gpu_worker_count             = var.gpu_worker_count
+  gpu_worker_data_volume_gb    = var.gpu_worker_data_volume_gb
 
   tags = {
     Owner = var.owner

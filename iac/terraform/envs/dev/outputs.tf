@@ -11,6 +11,11 @@ output "control_plane" {
   value       = module.cluster.control_plane
 }
 
+output "system_workers" {
+  description = "Untainted CPU workers (private IPs, reached through the control plane)."
+  value       = module.cluster.system_workers
+}
+
 output "gpu_workers" {
   description = "GPU workers (private IPs, reached through the control plane)."
   value       = module.cluster.gpu_workers

@@ -40,8 +40,15 @@ variable "ssh_public_key" {
   type        = string
 }
 
+variable "git_ssh_cidrs" {
+  description = "CIDRs of the git server (git.hospital.example) the nodes may reach on SSH (22): ArgoCD pulls, promotions push. Default: the hospital's private network behind the site VPN (narrow it per site)."
+  type        = list(string)
+  default     = ["10.0.0.0/8"]
+}
+
 ################################################################################
-# Nodes
+# Nodes: the defaults are the node layout of docs/cluster.md (labels, taints and
+# capacity per pool in iac/ansible/inventory/group_vars/).
 ################################################################################
 
 variable "ami_id" {
@@ -55,14 +62,32 @@ variable "control_plane_instance_type" {
   default     = "m6i.xlarge"
 }
 
-variable "gpu_worker_instance_type" {
-  description = "GPU worker instance type."
+variable "system_worker_instance_type" {
+  description = "Instance type of the untainted CPU workers (pool \"system\"): 8 vCPU, 32 GiB."
   type        = string
-  default     = "g5.xlarge"
+  default     = "m6i.2xlarge"
+}
+
+variable "system_worker_count" {
+  description = "Number of untainted CPU workers (pool \"system\")."
+  type        = number
+  default     = 2
+}
+
+variable "system_worker_data_volume_gb" {
+  description = "Data volume per system worker (MinIO, Postgres), GiB (0 = none)."
+  type        = number
+  default     = 100
+}
+
+variable "gpu_worker_instance_type" {
+  description = "GPU worker instance type (pool \"gpu\"): 8 vCPU, 32 GiB, 1x A10G time-sliced into 4 nvidia.com/gpu."
+  type        = string
+  default     = "g5.2xlarge"
 }
 
 variable "gpu_worker_count" {
-  description = "Number of GPU workers."
+  description = "Number of GPU workers (pool \"gpu\")."
   type        = number
   default     = 2
 }
@@ -71,4 +96,21 @@ variable "gpu_worker_data_volume_gb" {
   description = "Data volume per GPU worker, GiB (0 = none)."
   type        = number
   default     = 200
+}
+
+variable "client_cidrs" {
+  description = "CIDRs of the hospital network whose PACS and radiologists reach the gateway through the ingress controller's HTTPS NodePort (var.ingress_https_node_port) on the nodes. Default: the private network 10.0.0.0/8 behind the site VPN, as for git_ssh_cidrs. Empty = the gateway is reachable only from inside the VPC."
+  type        = list(string)
+  default     = ["10.0.0.0/8"]
+
+  validation {
+    condition     = alltrue([for c in var.client_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
+    error_message = "client_cidrs must be valid CIDRs of the hospital network, never 0.0.0.0/0 (patient images must not face the internet)."
+  }
+}
+
+variable "ingress_https_node_port" {
+  description = "The HTTPS NodePort of ingress-nginx (k8s/platform/ingress-nginx.yaml controller.service.nodePorts.https)."
+  type        = number
+  default     = 30443
 }

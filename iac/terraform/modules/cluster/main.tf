@@ -1,7 +1,8 @@
 # A small Kubernetes-ready AWS footprint for CXR Detect: one VPC, one CPU
 # control-plane node in a public subnet (the only thing reachable from the
-# admin CIDRs), GPU workers in private subnets behind a NAT gateway, an
-# encrypted artifact bucket and a node role that can touch only that bucket.
+# admin CIDRs), untainted CPU "system" workers and GPU workers in private
+# subnets behind a NAT gateway, an encrypted artifact bucket and a node role
+# that can touch only that bucket.
 #
 # Nodes are plain EC2 instances (not an autoscaling group) on purpose: Ansible
 # turns them into a kubeadm cluster and needs their addresses up front, which

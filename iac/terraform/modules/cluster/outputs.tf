@@ -13,7 +13,7 @@ output "public_subnet_ids" {
 }
 
 output "private_subnet_ids" {
-  description = "IDs of the private subnets (GPU workers)."
+  description = "IDs of the private subnets (system and GPU workers)."
   value       = aws_subnet.private[*].id
 }
 
@@ -38,6 +38,15 @@ output "control_plane" {
     public_ip  = aws_instance.control_plane.public_ip
     private_ip = aws_instance.control_plane.private_ip
   }
+}
+
+output "system_workers" {
+  description = "Untainted CPU workers (pool \"system\"): name, private IP and instance type (reached through the control plane as jump host)."
+  value = [for w in aws_instance.system_worker : {
+    name          = w.tags["Name"]
+    private_ip    = w.private_ip
+    instance_type = w.instance_type
+  }]
 }
 
 output "gpu_workers" {

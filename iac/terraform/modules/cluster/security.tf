@@ -1,11 +1,14 @@
 # Least privilege on the wire:
 # - from outside: only SSH (22) and the Kubernetes API (6443) on the control
-#   plane, and only from var.admin_cidrs;
+#   plane, and only from var.admin_cidrs; the gateway's HTTPS through the
+#   ingress controller's NodePort on the nodes, only from var.client_cidrs;
 # - inside: nodes talk to each other freely (kubelet, CNI overlay, NodePorts,
 #   NCCL between Ray workers) through one self-referencing "nodes" group;
 # - out: HTTPS/HTTP to fetch packages, images and drivers (through the NAT for
-#   private nodes) and anything inside the VPC. DNS and NTP go to the VPC
-#   resolver / Amazon Time Sync, which security groups do not filter.
+#   private nodes), SSH (22) to the git server only (var.git_ssh_cidrs: ArgoCD
+#   pulls and the promotion jobs push over SSH) and anything inside the VPC.
+#   DNS and NTP go to the VPC resolver / Amazon Time Sync, which security
+#   groups do not filter.
 
 resource "aws_security_group" "nodes" {
   name        = "${var.name}-nodes"
@@ -42,6 +45,19 @@ resource "aws_vpc_security_group_egress_rule" "nodes_http" {
   ip_protocol       = "tcp"
   from_port         = 80
   to_port           = 80
+
+  tags = local.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "nodes_git_ssh" {
+  for_each = toset(var.git_ssh_cidrs)
+
+  security_group_id = aws_security_group.nodes.id
+  description       = "SSH to the git server: ArgoCD pulls, promotions push the GitOps repository"
+  cidr_ipv4         = each.value
+  ip_protocol       = "tcp"
+  from_port         = 22
+  to_port           = 22
 
   tags = local.tags
 }
@@ -85,6 +101,19 @@ resource "aws_vpc_security_group_ingress_rule" "admin_kube_api" {
   ip_protocol       = "tcp"
   from_port         = 6443
   to_port           = 6443
+
+  tags = local.tags
+}
+
+resource "aws_vpc_security_group_ingress_rule" "clients_https" {
+  for_each = toset(var.client_cidrs)
+
+  security_group_id = aws_security_group.nodes.id
+  description       = "The gateway's HTTPS (ingress-nginx NodePort) from the hospital network"
+  cidr_ipv4         = each.value
+  ip_protocol       = "tcp"
+  from_port         = var.ingress_https_node_port
+  to_port           = var.ingress_https_node_port
 
   tags = local.tags
 }

@@ -55,6 +55,17 @@ variable "admin_cidrs" {
   }
 }
 
+variable "git_ssh_cidrs" {
+  description = "CIDRs of the git server holding the GitOps repository (git.hospital.example), reached on SSH (22) by ArgoCD (pull) and the promotion jobs (push). Default: the hospital's private network 10.0.0.0/8 behind the site VPN / Direct Connect (the route is the site's, not this module's; the same block the delivery NetworkPolicy allows). Narrow it to the server per site. Empty = no SSH egress."
+  type        = list(string)
+  default     = ["10.0.0.0/8"]
+
+  validation {
+    condition     = alltrue([for c in var.git_ssh_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
+    error_message = "git_ssh_cidrs must be valid CIDRs of the git server, never 0.0.0.0/0 (SSH egress to the whole internet)."
+  }
+}
+
 ################################################################################
 # Compute
 ################################################################################
@@ -85,16 +96,44 @@ variable "ssh_user" {
   default     = "ubuntu"
 }
 
+# The node layout (three pools; labels, taints and capacity per pool are in
+# iac/ansible/inventory/group_vars/<group>.yml, see docs/cluster.md):
+#   control-plane  1 x control_plane_instance_type, keeps kubeadm's NoSchedule taint
+#   system         system_worker_count x system_worker_instance_type, untainted (platform, CPU services)
+#   gpu            gpu_worker_count x gpu_worker_instance_type, tainted nvidia.com/gpu=present:NoSchedule
+
 variable "control_plane_instance_type" {
-  description = "Instance type of the (CPU) Kubernetes control-plane node."
+  description = "Instance type of the (CPU) Kubernetes control-plane node (one node; m6i.xlarge = 4 vCPU, 16 GiB). It keeps its NoSchedule taint."
   type        = string
   default     = "m6i.xlarge"
 }
 
-variable "gpu_worker_instance_type" {
-  description = "Instance type of the GPU workers (training, Triton). g5.xlarge = 1x NVIDIA A10G 24 GB."
+variable "system_worker_instance_type" {
+  description = "Instance type of the untainted CPU workers (pool \"system\": ArgoCD, Argo, Prometheus, MinIO, Postgres, MLflow, gateway, Ray head, workflow steps). m6i.2xlarge = 8 vCPU, 32 GiB."
   type        = string
-  default     = "g5.xlarge"
+  default     = "m6i.2xlarge"
+
+  validation {
+    condition     = !can(regex("^(g4dn|g5|g6|g6e|gr6|p3|p4d|p4de|p5)\\.", var.system_worker_instance_type))
+    error_message = "system_worker_instance_type must be a CPU instance type; GPU machines belong in gpu_worker_instance_type."
+  }
+}
+
+variable "system_worker_count" {
+  description = "Number of untainted CPU workers (pool \"system\"). At least one: nothing that asks for no GPU can run anywhere else."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.system_worker_count >= 1 && var.system_worker_count <= 32 && floor(var.system_worker_count) == var.system_worker_count
+    error_message = "system_worker_count must be a whole number between 1 and 32 (the platform and CPU services need an untainted node)."
+  }
+}
+
+variable "gpu_worker_instance_type" {
+  description = "Instance type of the GPU workers (pool \"gpu\": Triton, Ray workers). g5.2xlarge = 8 vCPU, 32 GiB, 1x NVIDIA A10G 24 GB, time-sliced into 4 nvidia.com/gpu by the GPU operator."
+  type        = string
+  default     = "g5.2xlarge"
 
   validation {
     condition     = can(regex("^(g4dn|g5|g6|g6e|gr6|p3|p4d|p4de|p5)\\.", var.gpu_worker_instance_type))
@@ -103,7 +142,7 @@ variable "gpu_worker_instance_type" {
 }
 
 variable "gpu_worker_count" {
-  description = "Number of GPU workers (Ray training workers and Triton replicas are scheduled on them)."
+  description = "Number of GPU workers (Ray training workers and Triton replicas are scheduled on them). 2 x 1 GPU x 4 time slices = 8 nvidia.com/gpu for 4 Tritons + 2 Ray workers."
   type        = number
   default     = 2
 
@@ -128,6 +167,28 @@ variable "control_plane_root_volume_gb" {
   }
 }
 
+variable "system_worker_root_volume_gb" {
+  description = "Root EBS volume size of each system worker (OS, platform and project images), GiB."
+  type        = number
+  default     = 100
+
+  validation {
+    condition     = var.system_worker_root_volume_gb >= 40
+    error_message = "system_worker_root_volume_gb must be at least 40 GiB."
+  }
+}
+
+variable "system_worker_data_volume_gb" {
+  description = "Extra EBS volume per system worker for MinIO and Postgres data (local-path volumes under /var/lib/cxr-data), GiB. 0 = none."
+  type        = number
+  default     = 100
+
+  validation {
+    condition     = var.system_worker_data_volume_gb >= 0
+    error_message = "system_worker_data_volume_gb must be 0 or more."
+  }
+}
+
 variable "gpu_worker_root_volume_gb" {
   description = "Root EBS volume size of each GPU worker (OS, NVIDIA driver, container images such as Triton ~15 GB), GiB."
   type        = number
@@ -140,7 +201,7 @@ variable "gpu_worker_root_volume_gb" {
 }
 
 variable "gpu_worker_data_volume_gb" {
-  description = "Extra EBS volume per GPU worker for datasets, Ray spill and MinIO data (local-path volumes), GiB. 0 = none."
+  description = "Extra EBS volume per GPU worker for datasets and Ray spill (mounted at /var/lib/cxr-data), GiB. 0 = none."
   type        = number
   default     = 200
 
@@ -171,4 +232,21 @@ variable "flow_log_retention_days" {
   description = "Days VPC flow logs are kept in CloudWatch Logs."
   type        = number
   default     = 365
+}
+
+variable "client_cidrs" {
+  description = "CIDRs of the hospital network whose PACS and radiologists reach the gateway through the ingress controller's HTTPS NodePort (var.ingress_https_node_port) on the nodes. Default: the private network 10.0.0.0/8 behind the site VPN, as for git_ssh_cidrs. Empty = the gateway is reachable only from inside the VPC."
+  type        = list(string)
+  default     = ["10.0.0.0/8"]
+
+  validation {
+    condition     = alltrue([for c in var.client_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
+    error_message = "client_cidrs must be valid CIDRs of the hospital network, never 0.0.0.0/0 (patient images must not face the internet)."
+  }
+}
+
+variable "ingress_https_node_port" {
+  description = "The HTTPS NodePort of ingress-nginx (k8s/platform/ingress-nginx.yaml controller.service.nodePorts.https)."
+  type        = number
+  default     = 30443
 }

@@ -1,0 +1,38 @@
+"""``cxr cluster check``: the cluster-fit check on this checkout, one line per misfit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from delivery.cluster_fit.run import CHECKS, check_tree
+from delivery.cluster_fit.scheduling import capacity
+from delivery.cluster_fit.tree import RenderError
+
+app = typer.Typer(help="Check the cluster path's parts against each other", no_args_is_help=True)
+console = Console()
+
+
+@app.command("check")
+def check_cmd(
+    root: Annotated[Path, typer.Option(help="repository checkout to check")] = Path("."),
+    only: Annotated[
+        list[str] | None, typer.Option(help=f"run only these checks: {', '.join(CHECKS)}")
+    ] = None,
+) -> None:
+    """Render k8s/, read iac/ and the tables, and report every part that does not fit another."""
+    try:
+        tree, findings = check_tree(root.resolve(), only)
+    except RenderError as exc:
+        console.print(f"error: {exc}", style="bold red", markup=False)
+        raise typer.Exit(2) from exc
+    for load in capacity(tree):
+        console.print(f"capacity {load.line()}", markup=False)
+    for finding in findings:
+        console.print(finding.line(), style="red", markup=False)
+    console.print(f"{len(tree.pods)} pod templates, {len(tree.objects)} objects, {len(findings)} misfits")
+    if findings:
+        raise typer.Exit(1)

