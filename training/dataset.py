@@ -37,6 +37,20 @@ class DatasetRef:
         folder = self.path / "images" / split
         return sorted(p for p in folder.glob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
 
+    def patients(self) -> dict[str, str]:
+        """Image id -> pseudonymous patient (the manifest's salted hash), for resampling by patient.
+
+        An image without one counts as a patient of its own (phantoms without PatientID).
+        """
+        meta = _read_manifest(self.path).get("images")
+        out = {}
+        for split in ("train", "val", "test"):
+            for image in self.images(split):
+                entry = meta.get(image.stem) if isinstance(meta, dict) else None
+                patient = entry.get("patient") if isinstance(entry, dict) else None
+                out[image.stem] = str(patient) if patient else f"image:{image.stem}"
+        return out
+
     def label_file(self, image: Path) -> Path:
         """The YOLO label file that belongs to an image (may be missing or empty: No finding)."""
         split = image.parent.name

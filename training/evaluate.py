@@ -28,6 +28,7 @@ from data_pipeline.geometry import LetterboxParams, boxes_to_source, letterbox, 
 from training.config import EvalConfig
 from training.dataset import DatasetRef
 from training.errors import DatasetError
+from training.paired import ImageResult
 from training.predictors import Predictor
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class _Sample:
     params: LetterboxParams
     gt_boxes: np.ndarray
     gt_cls: np.ndarray
+    image_id: str = ""
 
 
 def preprocess(image_path: Path, imgsz: int) -> tuple[np.ndarray, LetterboxParams]:
@@ -96,7 +98,7 @@ def _samples(dataset: DatasetRef, split: str, imgsz: int) -> Iterator[_Sample]:
     for image in dataset.images(split):
         tensor, params = preprocess(image, imgsz)
         boxes, cls = _read_labels(dataset.label_file(image), params.src_w, params.src_h)
-        yield _Sample(tensor, params, boxes, cls)
+        yield _Sample(tensor, params, boxes, cls, image.stem)
 
 
 def _batches(samples: Iterator[_Sample], size: int) -> Iterator[list[_Sample]]:
@@ -157,8 +159,13 @@ def evaluate(
     split: str = "test",
     plots_dir: Path | None = None,
     latency: bool = True,
+    results: list[ImageResult] | None = None,
 ) -> EvalReport:
-    """Run ``predictor`` on every image of ``split`` and compute the report."""
+    """Run ``predictor`` on every image of ``split`` and compute the report.
+
+    ``results``, when given, receives every image's matched detections at IoU 0.4 (in image
+    order) for a paired comparison with another model on the same images (training/paired.py).
+    """
     import torch
     from ultralytics.utils.metrics import ConfusionMatrix, ap_per_class
 
@@ -176,6 +183,10 @@ def evaluate(
             pred = pred.copy()
             pred[:, :4] = boxes_to_source(pred[:, :4], sample.params)
             correct = _match(pred, sample.gt_boxes, sample.gt_cls)
+            if results is not None:  # IOU_THRESHOLDS ends with 0.4, VinDr-CXR's IoU: the gate's column
+                results.append(
+                    ImageResult(sample.image_id, correct[:, -1], pred[:, 4], pred[:, 5], sample.gt_cls)
+                )
             tps.append(correct)
             confs.append(pred[:, 4])
             pcls.append(pred[:, 5])

@@ -59,6 +59,7 @@ def check(tree: Tree) -> list[Finding]:
         folder = kfile.parent.relative_to(root).as_posix()
         if folder not in synced and folder not in included and folder not in BOOTSTRAPPED:
             out.append(Finding(CHECK, folder, "is deployed by nothing: no Application syncs it"))
+    out += _repository(tree)
     for appset in tree.of_kind("ApplicationSet"):
         spec = appset.doc.get("spec", {})
         annotations = spec.get("template", {}).get("metadata", {}).get("annotations") or {}
@@ -68,4 +69,28 @@ def check(tree: Tree) -> list[Finding]:
             out.append(
                 Finding(CHECK, appset.ref(), "no RollingSync strategy: its Applications sync in no order")
             )
+    return out
+
+
+def _repository(tree: Tree) -> list[Finding]:
+    """The repository Argo CD is given credentials for is the one every Application syncs."""
+    group_vars = tree.root / "iac/ansible/inventory/group_vars/all.yml"
+    given = (
+        str((yaml.safe_load(group_vars.read_text()) or {}).get("argocd_repo_url", ""))
+        if group_vars.exists()
+        else ""
+    )
+    urls = [(o.ref(), str(o.doc["spec"]["source"].get("repoURL", ""))) for o in tree.of_kind("Application")]
+    urls += [
+        (o.ref(), str(o.doc["spec"]["template"]["spec"]["source"].get("repoURL", "")))
+        for o in tree.of_kind("ApplicationSet")
+    ]
+    out = [
+        Finding(CHECK, where, f"syncs {url}, but Ansible gives Argo CD credentials for {given}")
+        for where, url in urls
+        if url.rstrip("/").endswith(OWN_REPO) and url != given
+    ]
+    for project in tree.of_kind("AppProject"):
+        if given not in project.doc.get("spec", {}).get("sourceRepos", []):
+            out.append(Finding(CHECK, project.ref(), f"does not allow the repository {given}"))
     return out

@@ -86,6 +86,16 @@ SEEDS: dict[str, tuple[Seed, str, str]] = {
         "sync",
         "k8s/workflows: is deployed by nothing",
     ),
+    "an-https-repository-with-an-ssh-key": (
+        lambda r: _edit(
+            r,
+            "k8s/argocd/platform-app.yaml",
+            "git@git.hospital.example:radiology/cxr-detect.git",
+            "https://git.hospital.example/radiology/cxr-detect.git",
+        ),
+        "sync",
+        "but Ansible gives Argo CD credentials for git@",
+    ),
     "waves-without-rolling-sync": (
         lambda r: _edit(r, "k8s/argocd/applicationset.yaml", "type: RollingSync", "type: AllAtOnce"),
         "sync",

@@ -96,3 +96,31 @@ def test_empty_split_is_a_dataset_error(dataset: DatasetRef) -> None:
         evaluate(
             OraclePredictor(dataset, "val", 64), dataset, EvalConfig(), split="nosuchsplit", latency=False
         )
+
+
+def test_a_paired_comparison_on_the_same_images_sees_the_shifted_model_worse(dataset: DatasetRef) -> None:
+    """evaluate() hands out each image's matches; the paired bootstrap compares two models on them."""
+    from training.paired import non_inferior, paired_bootstrap
+
+    oracle, shifted = [], []
+    evaluate(
+        OraclePredictor(dataset, "test", 64),
+        dataset,
+        EvalConfig(),
+        split="test",
+        latency=False,
+        results=oracle,
+    )
+    # 60% of the width off: IoU below 0.4, every box a miss at the gate's threshold
+    evaluate(
+        OraclePredictor(dataset, "test", 64, shift=0.6),
+        dataset,
+        EvalConfig(),
+        split="test",
+        latency=False,
+        results=shifted,
+    )
+    assert [r.image_id for r in oracle] == [p.stem for p in dataset.images("test")]
+    comparison = paired_bootstrap(shifted, oracle, dataset.patients(), resamples=100, seed=0)
+    assert comparison.overall.diff < -0.5
+    assert not non_inferior(comparison, margin=0.0, min_instances=1).passed
