@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -23,6 +23,9 @@ from rich.table import Table
 from core.errors import CxrError
 from data_pipeline.config import DataSettings
 from data_pipeline.errors import StoreError
+
+if TYPE_CHECKING:
+    from data_pipeline.store import ObjectStore
 
 app = typer.Typer(
     help="Data pipeline: synthetic phantoms, dataset builds, annotation checks.", no_args_is_help=True
@@ -141,27 +144,26 @@ def ingest(
     max_side: Annotated[int | None, typer.Option(help="longer side of exported PNGs (CXR_MAX_SIDE)")] = None,
     workers: Annotated[int | None, typer.Option(help="processes (CXR_WORKERS; 0 = all CPUs)")] = None,
 ) -> None:
-    """Decode, fuse readers, check, split by patient, export YOLO, version, publish."""
-    from data_pipeline.ingest import build_dataset
-    from data_pipeline.store import ObjectStore
+    """Decode, fuse readers, check, split by patient, export YOLO, version, publish.
 
-    if upload not in ("auto", "yes", "no"):
-        raise typer.BadParameter("--upload must be auto, yes or no")
+    The pinned golden set's patients (training/golden.yaml) are kept out of every split.
+    """
+    from data_pipeline.golden import held_out_patients
+    from data_pipeline.ingest import build_dataset
+
     overrides = {k: v for k, v in {"max_side": max_side, "workers": workers}.items() if v is not None}
     settings = _settings(**overrides)
     with _friendly_errors():
-        store = None
-        if upload != "no":
-            try:
-                store = ObjectStore.from_env(settings)
-                store.ensure_bucket()
-            except StoreError as exc:
-                if upload == "yes":
-                    raise
-                console.print(f"[yellow]S3 not reachable, building locally only:[/] {exc}")
-                store = None
+        store = _store(settings, upload)
         build = build_dataset(
-            dicom_dir, annotations, out, settings=settings, store=store, feedback=feedback, console=console
+            dicom_dir,
+            annotations,
+            out,
+            settings=settings,
+            store=store,
+            feedback=feedback,
+            console=console,
+            exclude_patients=held_out_patients(settings, store),
         )
     assert build.quality is not None
     build.quality.render(Console())
@@ -180,6 +182,103 @@ def ingest(
     table.add_row("images/s", f"{build.images_per_second:.1f}")
     Console().print(table)
     typer.echo(build.version)
+
+
+def _store(settings: DataSettings, upload: str) -> ObjectStore | None:
+    """The S3 store to publish to: ``auto`` falls back to local only, ``yes`` insists, ``no`` skips."""
+    from data_pipeline.store import ObjectStore
+
+    if upload not in ("auto", "yes", "no"):
+        raise typer.BadParameter("--upload must be auto, yes or no")
+    if upload == "no":
+        return None
+    try:
+        store = ObjectStore.from_env(settings)
+        store.ensure_bucket()
+        return store
+    except StoreError as exc:
+        if upload == "yes":
+            raise
+        console.print(f"[yellow]S3 not reachable, building locally only:[/] {exc}")
+        return None
+
+
+golden_app = typer.Typer(help="The frozen evaluation set promotion gates compare on", no_args_is_help=True)
+app.add_typer(golden_app, name="golden")
+
+
+@golden_app.command("build")
+def golden_build(
+    dicom_dir: Annotated[Path, typer.Option(help="folder of <image_id>.dicom (or .dcm/.png/.jpg) files")],
+    annotations: Annotated[Path, typer.Option(help="VinDr-CXR CSV with the images' true findings")],
+    out: Annotated[Path, typer.Option(help="datasets root; the version goes to <out>/<version>/")],
+    upload: Annotated[str, typer.Option(help="auto | yes | no, as for ingest")] = "auto",
+    pin: Annotated[bool, typer.Option(help="write training/golden.yaml in CXR_GITOPS_DIR")] = True,
+) -> None:
+    """Build a golden set (every image in its test split, never LATEST) and pin it."""
+    from data_pipeline.golden import GoldenError, describe, pin_path, write_pin
+    from data_pipeline.ingest import build_dataset
+    from data_pipeline.versioning import publish
+
+    settings = _settings()
+    with _friendly_errors():
+        store = _store(settings, upload)
+        # built locally first: a refused set is published nowhere
+        build = build_dataset(
+            dicom_dir,
+            annotations,
+            out,
+            settings=settings,
+            store=None,
+            feedback=False,
+            console=console,
+            golden=True,
+        )
+        described = describe(build.path)
+        if described.images < settings.golden_min_images:
+            raise GoldenError(
+                f"golden set {build.version} has {described.images} images, fewer than "
+                f"CXR_GOLDEN_MIN_IMAGES={settings.golden_min_images}: too few to tell two models apart"
+            )
+        if store is not None:
+            publish(build.path, build.version, store, latest=False)  # never what training picks up
+        if pin:
+            write_pin(settings.gitops_dir, described)
+    _show_pin(described, pin_path(settings.gitops_dir) if pin else None)
+    typer.echo(build.version)
+
+
+@golden_app.command("show")
+def golden_show() -> None:
+    """Describe the pinned golden set (training/golden.yaml in CXR_GITOPS_DIR)."""
+    from data_pipeline.golden import GoldenError, pin_path, read_pin
+
+    settings = _settings()
+    with _friendly_errors():
+        pinned = read_pin(settings.gitops_dir)
+        if pinned is None:
+            raise GoldenError(
+                f"no golden set pinned ({pin_path(settings.gitops_dir)} is missing): "
+                "run `cxr data golden build`"
+            )
+    _show_pin(pinned, pin_path(settings.gitops_dir))
+
+
+def _show_pin(pin: object, path: Path | None) -> None:
+    from data_pipeline.golden import GoldenPin
+
+    assert isinstance(pin, GoldenPin)
+    table = Table(title=f"golden set {pin.version}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("images", str(pin.images))
+    table.add_row("patients", str(pin.patients))
+    table.add_row("no-finding images", str(pin.no_finding_images))
+    for name, n in sorted(pin.findings.items()):
+        table.add_row(f"boxes {name}", str(n))
+    table.add_row("pinned in", str(path) if path else "not pinned (--no-pin)")
+    table.add_row("pinned at", pin.pinned_at)
+    Console().print(table)
 
 
 @app.command()

@@ -101,6 +101,9 @@ class DataSettings(CoreSettings):
     executor: Literal["process", "ray"] = Field(
         default="process", description="where per-image work runs: a local process pool or Ray Data"
     )
+    golden_min_images: int = Field(
+        default=100, ge=1, description="a golden set smaller than this is refused (CXR_GOLDEN_MIN_IMAGES)"
+    )
     dataset_cache_dir: Path | None = Field(
         default=None, description="where fetched datasets go; default <stack>/datasets"
     )

@@ -98,11 +98,16 @@ def build_dataset(
     store: ObjectStore | None = None,
     feedback: bool = True,
     console: Console | None = None,
+    golden: bool = False,
+    exclude_patients: frozenset[str] = frozenset(),
 ) -> DatasetBuild:
     """Turn a VinDr-layout folder (+ feedback from S3) into ``<out_dir>/<version>/`` and publish it.
 
     ``store``: when given, feedback rows are merged from ``feedback/`` (if
     ``feedback``) and the version is uploaded to ``datasets/<version>/``.
+    ``golden``: every image goes to the test split (an evaluation-only set, data_pipeline/golden.py).
+    ``exclude_patients``: images of these (salted) patients enter no split: the golden set's
+    patients, so no model ever trains or is tuned on them.
     """
     started = time.perf_counter()
     dicom_dir, annotations_csv, out_dir = Path(dicom_dir), Path(annotations_csv), Path(out_dir)
@@ -126,14 +131,16 @@ def build_dataset(
         unannotated = sorted(set(images) - annotated)
         report = _quality(settings, decoded.results, decoded.ok, fused, decoded.sizes, table, unannotated)
         keep, fused = _usable_images(decoded, report, fused, dicom_dir)
+        keep, fused, held_out = _without_patients(keep, fused, decoded.ok, exclude_patients, dicom_dir)
         # [5] split by patient, move images + labels into their split, derive the content version
-        split = _split(keep, fused, decoded.ok, report, settings)
+        split = {i: "test" for i in keep} if golden else _split(keep, fused, decoded.ok, report, settings)
         entries, image_meta = _write_split(staging, all_dir, keep, split, fused, decoded.ok)
         shutil.rmtree(all_dir)
         version = compute_version(entries, settings.version_config())
         # [6] the files that ship with every version, the manifest (which lists them) last
         _write_side_files(staging, keep, decoded.ok, fused, report)
         source = _source(dicom_dir, annotations_csv, table, feedback_objects)
+        source.update({"golden": golden, "golden_patient_images_excluded": held_out})
         _write_manifest(staging, version, settings, source, _counts(split, fused), image_meta, report)
         # [7] into <out>/<version>/ in one rename, unless an identical build is already there
         target, reused = _move_into_place(staging, out_dir / version)
@@ -227,6 +234,25 @@ def _usable_images(
     return keep, fused[fused["image_id"].isin(set(keep))].reset_index(drop=True)
 
 
+def _without_patients(
+    keep: list[str],
+    fused: pd.DataFrame,
+    ok: dict[str, ImageResult],
+    patients: frozenset[str],
+    dicom_dir: Path,
+) -> tuple[list[str], pd.DataFrame, int]:
+    """Drop the images of held-out (golden) patients; returns what is left and how many went."""
+    if not patients:
+        return keep, fused, 0
+    left = [i for i in keep if ok[i].patient_hash not in patients]
+    if not left:
+        raise EmptyDatasetError(
+            f"every usable image in {dicom_dir} belongs to a golden-set patient ({len(keep)} images): "
+            "nothing may be trained on them"
+        )
+    return left, fused[fused["image_id"].isin(set(left))].reset_index(drop=True), len(keep) - len(left)
+
+
 def _split(
     keep: list[str],
     fused: pd.DataFrame,
@@ -309,7 +335,7 @@ def _publish_and_log(
 ) -> DatasetBuild:
     """Upload to ``datasets/<version>/`` when there is a store, then time the build and log one line."""
     if store is not None:
-        publish(build.path, build.version, store)
+        publish(build.path, build.version, store, latest=not build.manifest["source"].get("golden", False))
         build.published = True
     build.seconds = time.perf_counter() - started
     log.info(

@@ -61,13 +61,17 @@ def version_prefix(version: str) -> str:
     return f"{DATASETS_PREFIX}{version}/"
 
 
-def publish(dataset_dir: Path, version: str, store: ObjectStore) -> int:
-    """Upload a built version (idempotent; manifest last) and point ``datasets/LATEST`` at it."""
+def publish(dataset_dir: Path, version: str, store: ObjectStore, *, latest: bool = True) -> int:
+    """Upload a built version (idempotent; manifest last) and point ``datasets/LATEST`` at it.
+
+    ``latest=False`` for a golden set: it must never become what training picks up.
+    """
     store.ensure_bucket()
     prefix = version_prefix(version)
     sent = store.upload_dir(dataset_dir, prefix, skip={MANIFEST})
     store.put_file(prefix + MANIFEST, dataset_dir / MANIFEST, content_type="application/json")
-    store.put_bytes(LATEST, version.encode(), content_type="text/plain")
+    if latest:
+        store.put_bytes(LATEST, version.encode(), content_type="text/plain")
     log.info("event=dataset_published version=%s files_sent=%d prefix=%s", version, sent, prefix)
     return sent + 1
 

@@ -343,6 +343,7 @@ def build_dataset(
     """
     from data_pipeline.config import get_settings as data_settings
     from data_pipeline.errors import DataPipelineError
+    from data_pipeline.golden import held_out_patients
     from data_pipeline.ingest import build_dataset as build
 
     try:
@@ -353,6 +354,7 @@ def build_dataset(
             settings=data_settings(),
             store=store,
             feedback=include_feedback,
+            exclude_patients=held_out_patients(data_settings(), store),  # the golden set's patients
         )
     except DataPipelineError as exc:
         raise StepFailed("build-dataset", str(exc)) from exc

@@ -1,0 +1,126 @@
+"""The golden set: a frozen evaluation-only dataset version, pinned by a reviewed file.
+
+Gates that compare a candidate with production must measure both on the same images, and on
+images no model was trained or tuned on. The golden set is a dataset version like any other
+(content-hashed, published to ``datasets/<version>/``) whose images are all in its test split;
+its version is pinned in ``training/golden.yaml`` of the GitOps repository, so changing the
+yardstick is a reviewed commit. Every later ``ingest`` drops the golden patients' images from
+all splits (:func:`golden_patients`), so nothing leaks into training by patient.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from data_pipeline.errors import DataPipelineError, StoreError
+from data_pipeline.versioning import MANIFEST
+
+if TYPE_CHECKING:
+    from data_pipeline.config import DataSettings
+    from data_pipeline.store import ObjectStore
+
+PIN_FILE = Path("training") / "golden.yaml"
+
+
+class GoldenError(DataPipelineError):
+    """The golden pin is missing, unreadable, or names a version that is no golden set."""
+
+
+class GoldenPin(BaseModel):
+    """What ``training/golden.yaml`` holds: the version, and what it was when it was pinned."""
+
+    version: str
+    images: int = Field(ge=1)
+    patients: int = Field(ge=1)
+    findings: dict[str, int] = Field(default_factory=dict, description="boxes per class")
+    no_finding_images: int = 0
+    pinned_at: str = ""
+
+
+def pin_path(gitops_dir: Path) -> Path:
+    return Path(gitops_dir) / PIN_FILE
+
+
+def read_pin(gitops_dir: Path) -> GoldenPin | None:
+    """The pinned golden set, or None when the repository pins none yet."""
+    path = pin_path(gitops_dir)
+    if not path.exists():
+        return None
+    try:
+        return GoldenPin.model_validate(yaml.safe_load(path.read_text()) or {})
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise GoldenError(f"{path} is not a valid golden pin: {exc}") from exc
+
+
+def describe(dataset_dir: Path) -> GoldenPin:
+    """A pin for a built dataset version; refuses one whose images are not all in its test split."""
+    manifest = json.loads((Path(dataset_dir) / MANIFEST).read_text())
+    images = manifest.get("images") or {}
+    counts = manifest.get("counts", {})
+    splits = counts.get("images", {})
+    if not manifest.get("source", {}).get("golden") or splits.get("train") or splits.get("val"):
+        raise GoldenError(
+            f"dataset {manifest.get('version')} is no golden set (built without --golden: "
+            f"{splits.get('train', 0)} train / {splits.get('val', 0)} val images)"
+        )
+    findings = counts.get("boxes_per_class", {}).get("test", {})
+    return GoldenPin(
+        version=str(manifest["version"]),
+        images=len(images),
+        patients=len({meta.get("patient") or name for name, meta in images.items()}),
+        findings={k: int(v) for k, v in findings.items() if k != "No finding"},
+        no_finding_images=int(findings.get("No finding", 0)),
+        pinned_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def write_pin(gitops_dir: Path, pin: GoldenPin) -> Path:
+    """Write ``training/golden.yaml`` (commit it: changing the yardstick is a reviewed change)."""
+    path = pin_path(gitops_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        "# The golden set promotion gates evaluate candidate and production on (data_pipeline/golden.py).\n"
+        "# Changing it changes the yardstick: review it like a gate threshold.\n"
+    )
+    path.write_text(header + yaml.safe_dump(pin.model_dump(), sort_keys=False))
+    return path
+
+
+def golden_patients(dataset_dir: Path) -> frozenset[str]:
+    """The salted patient ids of a golden version: ingest keeps their images out of every split."""
+    manifest = json.loads((Path(dataset_dir) / MANIFEST).read_text())
+    return frozenset(
+        str(meta["patient"]) for meta in (manifest.get("images") or {}).values() if meta.get("patient")
+    )
+
+
+def held_out_patients(settings: DataSettings, store: ObjectStore | None) -> frozenset[str]:
+    """The pinned golden set's patients (none when nothing is pinned), fetched if not cached.
+
+    A pin whose version cannot be read is an error, not an empty set: building anyway could
+    put golden patients into training.
+    """
+    from data_pipeline.versioning import fetch_dataset
+
+    pin = read_pin(settings.gitops_dir)
+    if pin is None:
+        return frozenset()
+    cached = settings.cache_dir() / pin.version
+    try:
+        folder = (
+            cached
+            if (cached / MANIFEST).exists()
+            else fetch_dataset(pin.version, settings.cache_dir(), store)
+        )
+    except StoreError as exc:  # DatasetNotFound included
+        raise GoldenError(
+            f"{pin_path(settings.gitops_dir)} pins golden set {pin.version}, which cannot be read ({exc}); "
+            "its patients must be kept out of this dataset: make it reachable, or unpin it by a commit"
+        ) from exc
+    return golden_patients(folder)

@@ -1,0 +1,145 @@
+"""The golden set: built evaluation-only, pinned by a file, and its patients kept out of every later split."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from data_pipeline.cli import app
+from data_pipeline.config import DataSettings
+from data_pipeline.golden import (
+    GoldenError,
+    describe,
+    golden_patients,
+    held_out_patients,
+    read_pin,
+    write_pin,
+)
+from data_pipeline.ingest import build_dataset
+from data_pipeline.synth import SynthConfig, generate
+from data_pipeline.versioning import MANIFEST
+
+pytestmark = pytest.mark.unit
+
+
+def _settings(tmp: Path, **kw: object) -> DataSettings:
+    base: dict[str, object] = {"max_side": 128, "workers": 1, "stack_dir": tmp / "stack", "gitops_dir": tmp}
+    base.update(kw)
+    return DataSettings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A golden phantom set, a training set of other patients, and both together in one folder."""
+    root = tmp_path_factory.mktemp("golden")
+    golden, other, mixed = root / "golden", root / "other", root / "mixed"
+    generate(SynthConfig(n_images=12, seed=21, size=256, compressed_fraction=0.0, workers=1), golden)
+    generate(SynthConfig(n_images=14, seed=22, size=256, compressed_fraction=0.0, workers=1), other)
+    (mixed / "dicom").mkdir(parents=True)
+    for src in (golden, other):
+        for f in (src / "dicom").iterdir():
+            shutil.copy2(f, mixed / "dicom" / f.name)
+    pd.concat([pd.read_csv(golden / "annotations.csv"), pd.read_csv(other / "annotations.csv")]).to_csv(
+        mixed / "annotations.csv", index=False
+    )
+    return golden, other, mixed
+
+
+def _patients_by_split(dataset: Path) -> dict[str, set[str]]:
+    manifest = json.loads((dataset / MANIFEST).read_text())
+    out: dict[str, set[str]] = {}
+    for meta in manifest["images"].values():
+        out.setdefault(meta["split"], set()).add(meta["patient"])
+    return out
+
+
+def test_a_golden_set_is_test_only_and_its_patients_enter_no_later_split(
+    sets: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    golden_src, _, mixed = sets
+    settings = _settings(tmp_path)
+    golden = build_dataset(
+        golden_src / "dicom", golden_src / "annotations.csv", tmp_path / "ds", settings=settings, golden=True
+    )
+    assert set(_patients_by_split(golden.path)) == {"test"}
+    patients = golden_patients(golden.path)
+    assert patients and all(len(p) >= 16 for p in patients)  # salted hashes, not PatientIDs
+
+    built = build_dataset(
+        mixed / "dicom",
+        mixed / "annotations.csv",
+        tmp_path / "ds",
+        settings=settings,
+        exclude_patients=patients,
+    )
+    splits = _patients_by_split(built.path)
+    assert not set().union(*splits.values()) & patients, "a golden patient leaked into a split"
+    assert (
+        built.manifest["source"]["golden_patient_images_excluded"]
+        == golden.manifest["counts"]["images"]["test"]
+    )
+    assert built.version != golden.version
+
+
+def test_the_pin_round_trips_and_refuses_a_normal_dataset(
+    sets: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    golden_src, other, _ = sets
+    settings = _settings(tmp_path)
+    golden = build_dataset(
+        golden_src / "dicom", golden_src / "annotations.csv", tmp_path / "ds", settings=settings, golden=True
+    )
+    pin = describe(golden.path)
+    assert pin.images == 12 and pin.patients <= 12 and pin.version == golden.version
+    write_pin(tmp_path, pin)
+    assert read_pin(tmp_path) == pin
+    normal = build_dataset(other / "dicom", other / "annotations.csv", tmp_path / "ds", settings=settings)
+    with pytest.raises(GoldenError, match="no golden set"):
+        describe(normal.path)
+
+
+def test_a_pinned_golden_set_that_cannot_be_read_stops_the_build(
+    sets: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Building without knowing the golden patients could train on them: an error, not an empty set."""
+    golden_src, _, _ = sets
+    settings = _settings(tmp_path, s3_endpoint="http://127.0.0.1:9", dataset_cache_dir=tmp_path / "cache")
+    golden = build_dataset(
+        golden_src / "dicom", golden_src / "annotations.csv", tmp_path / "ds", settings=settings, golden=True
+    )
+    write_pin(tmp_path, describe(golden.path))
+    from data_pipeline.store import ObjectStore
+
+    unreachable = ObjectStore("http://127.0.0.1:9", "k", "s", timeout_s=1.0, retries=0)
+    with pytest.raises(GoldenError, match="cannot be read"):
+        held_out_patients(settings, unreachable)
+    shutil.copytree(golden.path, tmp_path / "cache" / golden.version)  # in the cache: readable
+    assert held_out_patients(settings, unreachable) == golden_patients(golden.path)
+
+
+def test_cli_builds_pins_and_shows_a_golden_set_and_refuses_a_tiny_one(
+    sets: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    golden_src, _, _ = sets
+    monkeypatch.setenv("CXR_GITOPS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
+    monkeypatch.setenv("CXR_MAX_SIDE", "128")
+    args = ["golden", "build", "--dicom-dir", str(golden_src / "dicom"), "--annotations"]
+    args += [str(golden_src / "annotations.csv"), "--out", str(tmp_path / "ds"), "--upload", "no"]
+    refused = CliRunner().invoke(app, args)  # CXR_GOLDEN_MIN_IMAGES defaults to 100
+    assert refused.exit_code == 1 and "fewer than CXR_GOLDEN_MIN_IMAGES=100" in " ".join(
+        refused.output.split()
+    )
+    assert read_pin(tmp_path) is None
+    monkeypatch.setenv("CXR_GOLDEN_MIN_IMAGES", "10")
+    built = CliRunner().invoke(app, args)
+    assert built.exit_code == 0, built.output
+    pin = read_pin(tmp_path)
+    assert pin is not None and pin.version in built.output
+    shown = CliRunner().invoke(app, ["golden", "show"])
+    assert shown.exit_code == 0 and pin.version in shown.output
