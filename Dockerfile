@@ -31,6 +31,7 @@ RUN apt-get update \
  && useradd --uid 10001 --create-home --shell /usr/sbin/nologin cxr
 COPY --from=build /opt/venv /opt/venv
 COPY k8s/ /app/k8s/
+COPY training/configs/ /app/training/configs/
 WORKDIR /app
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

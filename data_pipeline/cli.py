@@ -282,6 +282,22 @@ def _show_pin(pin: object, path: Path | None) -> None:
 
 
 @app.command()
+def buckets(
+    extra: Annotated[
+        list[str] | None, typer.Option("--bucket", help="more buckets besides CXR_S3_BUCKET (e.g. mlflow)")
+    ] = None,
+) -> None:
+    """Create the object store's buckets if missing (idempotent): the cluster's and compose's first step."""
+    from data_pipeline.store import ObjectStore
+
+    settings = _settings()
+    with _friendly_errors():
+        for name in [settings.s3_bucket, *(extra or [])]:
+            ObjectStore.from_env(settings.model_copy(update={"s3_bucket": name})).ensure_bucket()
+            typer.echo(f"bucket {name} ready at {settings.s3_endpoint}")
+
+
+@app.command()
 def validate(
     annotations: Annotated[Path, typer.Option(help="VinDr-CXR CSV")],
     dicom_dir: Annotated[

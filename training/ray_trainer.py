@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,32 @@ def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resume
     return report
 
 
+def _node_local_inputs(cfg: dict[str, Any], save_dir: Path) -> dict[str, str]:
+    """The overrides that name driver-side files, made valid on this worker's node.
+
+    The driver passes its own paths (data.yaml, base weights). On one machine they are there; a
+    worker in another pod (the RayJob's GPU workers share nothing with the head but S3 and MLflow)
+    fetches the dataset version and the base version's weights into its own ``CXR_STACK_DIR``.
+    """
+    updates: dict[str, str] = {}
+    if not Path(cfg["data_yaml"]).exists():
+        from training.dataset import resolve_dataset
+
+        settings = TrainSettings()
+        log.info("event=worker_dataset_fetch version=%s", cfg["dataset_version"])
+        updates["data"] = str(
+            resolve_dataset(cfg["dataset_version"], save_dir.parent, settings.dataset_cache).data_yaml
+        )
+    pretrained = cfg["overrides"].get("pretrained")
+    if cfg.get("base_model_version") and isinstance(pretrained, str) and not Path(pretrained).exists():
+        from training.registry import download_weights
+
+        log.info("event=worker_base_weights_fetch version=%s", cfg["base_model_version"])
+        dest = save_dir.parent / f"base-{save_dir.name}"
+        updates["pretrained"] = str(download_weights(cfg["base_model_version"], dest, TrainSettings()))
+    return updates
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """One Ray Train worker = one DDP rank running ultralytics' trainer."""
     import ray.train
@@ -207,6 +234,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             "device": "cpu" if device.type == "cpu" else str(device.index or 0),
         }
     )
+    overrides.update(_node_local_inputs(cfg, save_dir))
     resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -229,22 +257,45 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- driver side
 
 
+def ray_init_kwargs(
+    cpus_needed: float,
+    *,
+    configured_address: str | None,
+    environ: Mapping[str, str],
+    cpu_count: int | None,
+) -> dict[str, Any]:
+    """The arguments of ``ray.init``: join the cluster an address names, else start a local Ray.
+
+    An address comes from the settings (``CXR_RAY_ADDRESS``) or from ``RAY_ADDRESS``, which Ray
+    sets for a job's entrypoint (the RayJob's ``cxr pipeline step train`` on the head). Joining a
+    cluster takes no resource arguments (Ray raises ValueError for ``num_cpus``): the cluster's
+    nodes have theirs. ``RAY_ADDRESS=local`` means "start one here", as it does for Ray.
+    """
+    if configured_address:
+        return {"address": configured_address, "log_to_driver": True}
+    env_address = environ.get("RAY_ADDRESS", "").strip()
+    if env_address and env_address != "local":
+        return {"address": "auto", "log_to_driver": True}  # Ray reads RAY_ADDRESS itself
+    return {
+        "num_cpus": max(int(cpus_needed + 0.999), cpu_count or 1),
+        "include_dashboard": False,
+        "log_to_driver": True,
+        "configure_logging": True,
+        "logging_level": logging.WARNING,
+    }
+
+
 def _ray_init(settings: TrainSettings, cpus_needed: float) -> bool:
     """Start (or join) Ray; returns whether this call started it and must shut it down."""
     import ray
 
     if ray.is_initialized():
         return False
-    if settings.ray_address:
-        ray.init(address=settings.ray_address, log_to_driver=True)
-    else:
-        ray.init(
-            num_cpus=max(int(cpus_needed + 0.999), os.cpu_count() or 1),
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=True,
-            logging_level=logging.WARNING,
-        )
+    kwargs = ray_init_kwargs(
+        cpus_needed, configured_address=settings.ray_address, environ=os.environ, cpu_count=os.cpu_count()
+    )
+    log.info("event=ray_init address=%s", kwargs.get("address", "local"))
+    ray.init(**kwargs)
     return True
 
 
@@ -273,6 +324,8 @@ def fit_distributed(
     loop_config = {
         "overrides": overrides,
         "data_yaml": str(dataset.data_yaml.resolve()),
+        "dataset_version": dataset.version,
+        "base_model_version": config.base_model_version or "",
         "work_dir": str(work_dir),
         "mlflow_uri": settings.mlflow_uri,
         "mlflow_run_id": mlflow_run_id,

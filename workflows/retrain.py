@@ -104,6 +104,16 @@ RAYJOB_FAILURE = "status.jobStatus in (FAILED,STOPPED),status.jobDeploymentStatu
 TRAIN_STEP_GRACE_S = 1800
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+# The Ray pods' writable scratch: CXR_STACK_DIR (/work/state: dataset cache, ultralytics' run folders)
+# lies under /work, which the image does not have and its user cannot create.
+RAY_WORK_VOLUME = {"name": "work", "emptyDir": {"sizeLimit": "100Gi"}}
+RAY_WORK_MOUNT = {"name": "work", "mountPath": "/work"}
+# "Fine-tune from production" reads production's stage file on the Ray head (the RayJob's entrypoint,
+# `cxr pipeline step train`, runs there): the live one, from the ConfigMap k8s/overlays/production
+# generates, mounted where the GitOps repository keeps it (as the gateway does), not the image's copy.
+GITOPS_MOUNT = "/etc/cxr/gitops"
+PRODUCTION_STAGE_CONFIGMAP = "cxr-model-production"
+PRODUCTION_STAGE_DIR = f"{GITOPS_MOUNT}/k8s/overlays/production"
 
 # The order of the DAG; the local runner (workflows.pipeline_cli) walks the same list.
 STEP_ORDER = (
@@ -280,15 +290,38 @@ def _ray_pod(
 def _ray_head_group(
     settings: WorkflowSettings, env: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any]
 ) -> dict[str, Any]:
-    """The CPU-only head: it schedules the job and must never take a GPU (nor tolerate the GPU taint)."""
+    """The CPU-only head: it schedules the job and must never take a GPU (nor tolerate the GPU taint).
+
+    It runs the job's entrypoint, so it also gets production's stage file (the base model of a
+    fine-tune) under ``CXR_GITOPS_DIR``; the ConfigMap is optional: without a production release
+    yet the folder is empty, the stage serves nothing and training starts from scratch.
+    """
     head = {
         "name": "ray-head",
         "image": settings.image,
-        "env": env,
+        "env": [*copy.deepcopy(env), {"name": "CXR_GITOPS_DIR", "value": GITOPS_MOUNT}],
         "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
         "securityContext": container,
+        "volumeMounts": [
+            dict(RAY_WORK_MOUNT),
+            {"name": "production-stage-file", "mountPath": PRODUCTION_STAGE_DIR, "readOnly": True},
+        ],
     }
-    return {"rayStartParams": {"num-gpus": "0"}, "template": _ray_pod(settings, "ray-head", [head], pod)}
+    volumes = [
+        copy.deepcopy(RAY_WORK_VOLUME),
+        {
+            "name": "production-stage-file",
+            "configMap": {
+                "name": PRODUCTION_STAGE_CONFIGMAP,
+                "optional": True,
+                "items": [{"key": "model.yaml", "path": "model.yaml"}],
+            },
+        },
+    ]
+    return {
+        "rayStartParams": {"num-gpus": "0"},
+        "template": _ray_pod(settings, "ray-head", [head], pod, volumes=volumes),
+    }
 
 
 def _ray_worker_group(
@@ -304,7 +337,7 @@ def _ray_worker_group(
             "limits": {"cpu": "3", "memory": "8Gi", "nvidia.com/gpu": "1"},
         },
         "securityContext": container,
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [dict(RAY_WORK_MOUNT), {"name": "dshm", "mountPath": "/dev/shm"}],
     }
     template = _ray_pod(
         settings,
@@ -315,7 +348,10 @@ def _ray_worker_group(
         nodeSelector=dict(GPU_NODE_SELECTOR),
         tolerations=[dict(GPU_TOLERATION)],
         # PyTorch DataLoader workers and NCCL need more than 64 MiB of shm.
-        volumes=[{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "4Gi"}}],
+        volumes=[
+            copy.deepcopy(RAY_WORK_VOLUME),
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "4Gi"}},
+        ],
     )
     return {
         "groupName": "gpu",
@@ -362,8 +398,8 @@ def rayjob_manifest(settings: WorkflowSettings) -> str:
         " --workers {{inputs.parameters.workers}}"
         " --run-name {{workflow.name}}"
     )
-    # One env list and one pod and container securityContext shared by every pod: the dump writes
-    # each once (as YAML anchors) and the rendered template depends on that.
+    # One pod and one container securityContext shared by every pod: the dump writes each once (as
+    # YAML anchors). The env is the steps' (the head's copy adds CXR_GITOPS_DIR).
     env = _env_models(settings)
     pod_security = copy.deepcopy(POD_SECURITY)
     container_security = copy.deepcopy(CONTAINER_SECURITY)

@@ -86,6 +86,13 @@ def _runtime_contents(tree: Tree) -> list[Finding]:
         out.append(
             Finding(CHECK, "Dockerfile", "pods push to git over SSH, but the image has no openssh-client")
         )
+    # ssh exits "No user exists for uid" where the UID has no passwd entry: only our image has 10001
+    for pod in tree.pods:
+        for c in pod.containers():
+            uses_ssh = any(e.get("name") == "GIT_SSH_COMMAND" for e in c.get("env", []))
+            if uses_ssh and not str(c.get("image", "")).startswith(PROJECT_REGISTRY):
+                problem = f"runs ssh in {c.get('image')}, whose passwd lacks the pod's UID"
+                out.append(Finding(CHECK, pod.owner, problem))
     for text in texts:
         match = re.search(r"postgresql(?:\+(\w+))?://", text)
         if not match:

@@ -174,7 +174,9 @@ def test_data_to_production_to_feedback_to_retrained_staging(stack: StackRun, tm
     assert f"promote {MODEL} {v1.version} to production (was none)" in subjects
     assert mlflow.get_model_version_by_alias(MODEL, "production").version == v1.version
     gateway = env["CXR_GATEWAY_URL"]
-    _poll("the gateway to be ready", lambda: httpx.get(f"{gateway}/readyz").status_code == 200)
+    # the stack's reconcile watcher loads production (repository build + Triton load): minutes when the
+    # machine is busy; polling, so a long limit costs nothing when it is not
+    _poll("the gateway to be ready", lambda: httpx.get(f"{gateway}/readyz").status_code == 200, timeout=300.0)
 
     images = [p.read_bytes() for p in sorted((synth / "dicom").glob("*.dicom"))]
     pacs = httpx.Client(base_url=gateway, headers={"Authorization": f"Bearer {keys['pacs']}"}, timeout=60)

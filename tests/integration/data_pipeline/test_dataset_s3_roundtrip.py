@@ -172,3 +172,17 @@ def test_cli_synth_then_ingest_publishes_a_version(tmp_path: Path, s3_store: Any
     fetched = runner.invoke(app, ["fetch", version, "--cache-dir", str(tmp_path / "c")], env=env)
     assert fetched.exit_code == 0, fetched.output
     assert Path(fetched.output.strip().splitlines()[-1]).name == version
+
+
+def test_cli_buckets_creates_the_missing_buckets_and_is_idempotent(tmp_path: Path, s3_store: Any) -> None:
+    """The cluster's and compose's first step: MinIO starts without the buckets everything writes to."""
+    from data_pipeline.store import ObjectStore
+
+    env = {**s3_store.env, "CXR_S3_BUCKET": "fresh-cxr", "CXR_STACK_DIR": str(tmp_path / "stack")}
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["buckets", "--bucket", "fresh-mlflow"], env=env)
+        assert result.exit_code == 0, result.output
+    for name in ("fresh-cxr", "fresh-mlflow"):
+        store = ObjectStore(s3_store.endpoint, s3_store.access_key, s3_store.secret_key, name)
+        store.put_bytes("probe", b"ok")
+        assert store.get_bytes("probe") == b"ok"

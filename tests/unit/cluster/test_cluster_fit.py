@@ -143,6 +143,16 @@ SEEDS: dict[str, tuple[Seed, str, str]] = {
         "images",
         "but this repository builds",
     ),
+    "ssh-in-an-image-without-our-user": (
+        lambda r: _edit(
+            r,
+            "k8s/base/canary/cronjob.yaml",
+            "image: ghcr.io/cxr-detect/cxr-detect:0.1.0",
+            "image: alpine/git:v2.45.2",
+        ),
+        "images",
+        "whose passwd lacks the pod's UID",
+    ),
     "no-image-target": (
         lambda r: _edit(r, "Makefile", "IMAGE_TAG ?=", "IMAGE_VERSION ?="),
         "images",

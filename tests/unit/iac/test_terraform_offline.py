@@ -225,7 +225,7 @@ def test_nodes_are_hardened_and_gpu_workers_stay_private(default_plan: dict[str,
         public = instance["associate_public_ip_address"]
         assert public is (instance["tags"]["Role"] == "control-plane")
     sizes = sorted(volume["size"] for volume in _after(default_plan, "aws_ebs_volume"))
-    assert sizes == [100, 100, 200, 200]  # system workers (MinIO, Postgres), GPU workers (datasets)
+    assert sizes == [200, 200, 300, 300]  # GPU workers (datasets), system workers (MinIO 200Gi, Postgres)
     assert all(volume["encrypted"] is True for volume in _after(default_plan, "aws_ebs_volume"))
 
 

@@ -75,9 +75,9 @@ variable "system_worker_count" {
 }
 
 variable "system_worker_data_volume_gb" {
-  description = "Data volume per system worker (MinIO, Postgres), GiB (0 = none)."
+  description = "Data volume per system worker, GiB (0 = none): MinIO claims 200 GiB and PostgreSQL 20 GiB on it (k8s/base), local-path does not enforce sizes."
   type        = number
-  default     = 100
+  default     = 300
 }
 
 variable "gpu_worker_instance_type" {

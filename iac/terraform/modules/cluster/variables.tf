@@ -179,9 +179,9 @@ variable "system_worker_root_volume_gb" {
 }
 
 variable "system_worker_data_volume_gb" {
-  description = "Extra EBS volume per system worker for MinIO and Postgres data (local-path volumes under /var/lib/cxr-data), GiB. 0 = none."
+  description = "Extra EBS volume per system worker for MinIO and Postgres data (local-path volumes under /var/lib/cxr-data), GiB. 0 = none. MinIO claims 200 GiB and PostgreSQL 20 GiB on it (k8s/base); local-path does not enforce sizes."
   type        = number
-  default     = 100
+  default     = 300
 
   validation {
     condition     = var.system_worker_data_volume_gb >= 0
