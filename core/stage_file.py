@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core.errors import StageFileError
 from core.stages import PROMOTION_ORDER, Stage
-from core.stages import as_stage as _as_stage
 
 DEFAULT_MODEL_NAME = "cxr-detector"
 
@@ -66,14 +65,6 @@ class StageFile(BaseModel):
     def serves(self) -> bool:
         """Whether the stage names a model version at all."""
         return bool(self.model_version)
-
-
-def as_stage(text: str) -> Stage:
-    """Validate a stage name typed by a person (CLI option) into a :data:`Stage`."""
-    try:
-        return _as_stage(text)
-    except ValueError as exc:
-        raise StageFileError(str(exc)) from exc
 
 
 def stage_file_path(gitops_dir: Path, stage: Stage) -> Path:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from core.errors import StageFileError
+
 Stage = Literal["staging", "canary", "production"]
 PROMOTION_ORDER: tuple[Stage, ...] = ("staging", "canary", "production")
 STAGES: tuple[Stage, ...] = ("production", "canary", "staging")
@@ -17,9 +19,9 @@ STAGES: tuple[Stage, ...] = ("production", "canary", "staging")
 def as_stage(text: str) -> Stage:
     """Validate a stage name typed by a person (CLI option, header) into a :data:`Stage`.
 
-    Raises ``ValueError`` naming the stages; callers turn it into their own typed error.
+    Raises :class:`core.errors.StageFileError` naming the stages.
     """
     for stage in PROMOTION_ORDER:
         if text == stage:
             return stage
-    raise ValueError(f"unknown stage {text!r}; use one of {', '.join(PROMOTION_ORDER)}")
+    raise StageFileError(f"unknown stage {text!r}; use one of {', '.join(PROMOTION_ORDER)}")

@@ -25,6 +25,7 @@ from data_pipeline.config import DataSettings
 from data_pipeline.errors import StoreError
 
 if TYPE_CHECKING:
+    from data_pipeline.golden import GoldenPin
     from data_pipeline.store import ObjectStore
 
 app = typer.Typer(
@@ -264,10 +265,7 @@ def golden_show() -> None:
     _show_pin(pinned, pin_path(settings.gitops_dir))
 
 
-def _show_pin(pin: object, path: Path | None) -> None:
-    from data_pipeline.golden import GoldenPin
-
-    assert isinstance(pin, GoldenPin)
+def _show_pin(pin: GoldenPin, path: Path | None) -> None:
     table = Table(title=f"golden set {pin.version}")
     table.add_column("item")
     table.add_column("value", justify="right")

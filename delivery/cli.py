@@ -18,8 +18,7 @@ import typer
 from rich.console import Console
 
 from core.errors import CxrError
-from core.stage_file import as_stage
-from core.stages import PROMOTION_ORDER
+from core.stages import PROMOTION_ORDER, as_stage
 from delivery.errors import GateFailed
 
 console = Console(highlight=False)

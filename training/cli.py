@@ -104,14 +104,15 @@ def _registered_onnx(
 ) -> tuple[DatasetRef, Path]:
     """A registered version's ONNX file and its dataset (``--dataset`` or its dataset_version tag)."""
     from training.dataset import resolve_dataset
-    from training.registry import download_onnx, get_version
+    from training.registry import ModelRegistry
 
-    version = get_version(settings, model_version)
+    registry = ModelRegistry.from_settings(settings)  # one client, one reachability probe
+    version = registry.facts(model_version)
     ref = dataset or version.tags.get("dataset_version")
     if not ref:
         raise TrainingError(f"version {model_version} has no dataset_version tag; pass --dataset")
     data = resolve_dataset(ref, work, settings.dataset_cache)
-    return data, download_onnx(model_version, work / "model", settings)
+    return data, registry.download_onnx(model_version, work / "model")
 
 
 @app.command("evaluate")

@@ -226,11 +226,6 @@ def register_version(
     return ModelRegistry.from_settings(settings).register(run_id, tags, model_card, run_tags)
 
 
-def get_version(settings: TrainSettings, version: str) -> VersionFacts:
-    """A registered version's facts, or a :class:`RegistryError` naming what exists."""
-    return ModelRegistry.from_settings(settings).facts(version)
-
-
 def download_onnx(version: str, dest: Path, settings: TrainSettings | None = None) -> Path:
     return ModelRegistry.from_settings(settings).download_onnx(version, dest)
 

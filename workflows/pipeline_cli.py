@@ -21,7 +21,7 @@ import typer
 from pydantic import BaseModel
 from rich.console import Console
 
-from core.errors import CxrError
+from core.errors import CxrError, StageFileError
 from core.stages import as_stage
 from workflows.config import WorkflowSettings, get_settings
 
@@ -312,7 +312,7 @@ def step_promote(
     _setup(settings)
     try:
         target = as_stage(stage)
-    except ValueError as exc:
+    except StageFileError as exc:
         console.print(f"error: {exc}", style="bold red")
         raise typer.Exit(2) from exc
     with _errors():

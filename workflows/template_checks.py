@@ -20,6 +20,7 @@ import yaml
 from hera.workflows import models as m
 
 from delivery.cluster_fit.pod_security import restricted_problems
+from delivery.cluster_fit.tree import workflow_pod_templates
 
 _MODELS: dict[str, Any] = {
     "WorkflowTemplate": m.WorkflowTemplate,
@@ -31,18 +32,12 @@ _WF_PARAM_REF = re.compile(r"\{\{workflow\.parameters\.([A-Za-z0-9_-]+)\}\}")
 _TASK_OUT_REF = re.compile(
     r"\{\{tasks\.([A-Za-z0-9_-]+)\.outputs\.(parameters|artifacts)\.([A-Za-z0-9_-]+)\}\}"
 )
-_PLACEHOLDER = re.compile(r"\{\{[^}]+\}\}")
 DEFAULT_REPOSITORY_ANNOTATION = "workflows.argoproj.io/default-artifact-repository"
 _REPOSITORY_KINDS = {"s3", "gcs", "azure", "oss", "hdfs", "artifactory", "http", "git", "raw"}
 
 
 def _names(items: list[dict[str, Any]] | None) -> set[str]:
     return {i["name"] for i in items or []}
-
-
-def _workflow_spec(obj: dict[str, Any]) -> dict[str, Any]:
-    spec = obj.get("spec", {})
-    return spec.get("workflowSpec", {}) if obj.get("kind") == "CronWorkflow" else spec
 
 
 def check_object(obj: dict[str, Any]) -> list[str]:
@@ -61,7 +56,8 @@ def check_object(obj: dict[str, Any]) -> list[str]:
     name = obj.get("metadata", {}).get("name")
     if not name:
         problems.append("metadata.name is missing")
-    spec = _workflow_spec(obj)
+    spec = obj.get("spec", {})
+    spec = spec.get("workflowSpec", {}) if kind == "CronWorkflow" else spec
     if kind == "CronWorkflow" and not (obj["spec"].get("schedules") or obj["spec"].get("schedule")):
         problems.append("CronWorkflow has no schedule")
     if "workflowTemplateRef" in spec:
@@ -94,58 +90,6 @@ def _check_artifact_repositories(obj: dict[str, Any]) -> list[str]:
     if not isinstance(repo, dict) or not set(repo) & _REPOSITORY_KINDS:
         return [f"data key {key!r} holds no artifact repository"]
     return []
-
-
-def parse_manifest(text: str) -> Any:
-    """A resource template's manifest as Argo parses it, ``{{...}}`` placeholders filled with 1."""
-    return yaml.safe_load(_PLACEHOLDER.sub("1", text))
-
-
-def rayjob_pod_templates(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The pod templates a RayJob makes, by role: head, each worker group, the submitter."""
-    spec = manifest.get("spec", {})
-    cluster = spec.get("rayClusterSpec", {})
-    pods = {"head": cluster.get("headGroupSpec", {}).get("template", {})}
-    for group in cluster.get("workerGroupSpecs", []):
-        pods[f"worker {group.get('groupName', '')}"] = group.get("template", {})
-    if spec.get("submissionMode", "K8sJobMode") == "K8sJobMode":
-        # absent, KubeRay's default submitter pod sets no securityContext at all
-        pods["submitter"] = spec.get("submitterPodTemplate", {})
-    return pods
-
-
-def workflow_pod_templates(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every pod a rendered WorkflowTemplate/CronWorkflow makes, as pod templates by name.
-
-    A step's pod: the workflow's ``podMetadata`` labels with the template's own over them, the
-    workflow's (or template's) ServiceAccount, pod securityContext and scheduling, and its main
-    container (a resource template's pod runs only the executor: no main container here). The
-    RayJob a resource template creates adds its head, workers and submitter (``<template> RayJob
-    <role>``). The executor's init/wait containers are the controller's (its ``executor`` config).
-    """
-    spec = _workflow_spec(obj)
-    pod_labels = (spec.get("podMetadata") or {}).get("labels") or {}
-    pods: dict[str, dict[str, Any]] = {}
-    for template in spec.get("templates", []):
-        tname = template.get("name", "?")
-        main = template.get("container") or template.get("script")
-        manifest = template.get("resource", {}).get("manifest")
-        if main is None and manifest is None:
-            continue  # dag/steps/suspend templates run no pod
-        labels = {**pod_labels, **((template.get("metadata") or {}).get("labels") or {})}
-        pod_spec = {
-            key: template.get(key) or spec.get(key)
-            for key in ("serviceAccountName", "securityContext", "nodeSelector", "tolerations")
-            if template.get(key) or spec.get(key)
-        }
-        pod_spec["containers"] = [{"name": "main", **main}] if main is not None else []
-        pods[tname] = {"metadata": {"labels": labels}, "spec": pod_spec}
-        if manifest:
-            doc = parse_manifest(manifest)
-            if isinstance(doc, dict) and doc.get("kind") == "RayJob":
-                for role, pod in rayjob_pod_templates(doc).items():
-                    pods[f"{tname} RayJob {role}"] = pod
-    return pods
 
 
 def _check_pod_security(obj: dict[str, Any]) -> list[str]:

@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from delivery.cluster_fit.run import CHECKS, check_tree
-from delivery.cluster_fit.scheduling import capacity
+from delivery.cluster_fit.run import CHECKS, check_tree, report_lines
 from delivery.cluster_fit.tree import RenderError
 
 app = typer.Typer(help="Check the cluster path's parts against each other", no_args_is_help=True)
@@ -29,10 +28,7 @@ def check_cmd(
     except RenderError as exc:
         console.print(f"error: {exc}", style="bold red", markup=False)
         raise typer.Exit(2) from exc
-    for load in capacity(tree):
-        console.print(f"capacity {load.line()}", markup=False)
-    for finding in findings:
-        console.print(finding.line(), style="red", markup=False)
-    console.print(f"{len(tree.pods)} pod templates, {len(tree.objects)} objects, {len(findings)} misfits")
+    for line in report_lines(tree, findings):
+        console.print(line, style="red" if line.startswith("[") else None, markup=False)
     if findings:
         raise typer.Exit(1)

@@ -29,6 +29,17 @@ def run_checks(tree: Tree, only: list[str] | None = None) -> list[Finding]:
     return found
 
 
+def report_lines(tree: Tree, findings: list[Finding]) -> list[str]:
+    """What ``cxr cluster check`` prints: capacity per pool, each misfit, and a count line."""
+    from delivery.cluster_fit.scheduling import capacity
+
+    return [
+        *(f"capacity {load.line()}" for load in capacity(tree)),
+        *(finding.line() for finding in findings),
+        f"{len(tree.pods)} pod templates, {len(tree.objects)} objects, {len(findings)} misfits",
+    ]
+
+
 def check_tree(root: Path, only: list[str] | None = None) -> tuple[Tree, list[Finding]]:
     tree = load_tree(root)
     return tree, run_checks(tree, only)

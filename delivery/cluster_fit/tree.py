@@ -163,82 +163,112 @@ def _executor(values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _workflow_pods(obj: K8sObject, executor: dict[str, Any]) -> list[PodTemplate]:
-    spec = obj.doc.get("spec", {})
-    if obj.kind == "CronWorkflow":
-        spec = spec.get("workflowSpec", {})
-    pod_labels = dict(spec.get("podMetadata", {}).get("labels") or {})
-    pods = []
+_PLACEHOLDER = re.compile(r"\{\{\s*([^}]*?)\s*\}\}")
+_PARAMETER_PREFIXES = ("inputs.parameters.", "workflow.parameters.")
+
+
+def _workflow_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    spec = obj.get("spec", {})
+    return spec.get("workflowSpec", {}) if obj.get("kind") == "CronWorkflow" else spec
+
+
+def parameter_defaults(obj: dict[str, Any]) -> dict[str, str]:
+    """A WorkflowTemplate's / CronWorkflow's parameter defaults, as the default run fills them in."""
+    return {
+        p["name"]: str(p.get("value", p.get("default", "")))
+        for p in _workflow_spec(obj).get("arguments", {}).get("parameters", [])
+    }
+
+
+def parse_manifest(text: str, defaults: dict[str, str] | None = None) -> Any:
+    """A resource template's manifest as Argo will create it; raises ``yaml.YAMLError``.
+
+    ``{{inputs.parameters.x}}`` and ``{{workflow.parameters.x}}`` take the workflow's default
+    (the DAG passes each step the workflow parameter of the same name); anything else, and a
+    parameter without a default, becomes "1": a bare ``{{...}}`` is no valid YAML value.
+    """
+
+    def value(match: re.Match[str]) -> str:
+        ref = match.group(1)
+        for prefix in _PARAMETER_PREFIXES:
+            if ref.startswith(prefix):
+                return (defaults or {}).get(ref[len(prefix) :], "1")
+        return "1"
+
+    return yaml.safe_load(_PLACEHOLDER.sub(value, text))
+
+
+def rayjob_pod_templates(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The pod templates a RayJob makes, by role: head, each worker group, the submitter.
+
+    A worker group's template carries its ``replicas`` beside ``metadata`` and ``spec``.
+    """
+    spec = manifest.get("spec", {})
+    cluster = spec.get("rayClusterSpec", {})
+    pods = {"head": cluster.get("headGroupSpec", {}).get("template", {})}
+    for group in cluster.get("workerGroupSpecs", []):
+        replicas = int(group.get("replicas", group.get("minReplicas", 1)) or 1)
+        pods[f"worker {group.get('groupName', '')}"] = {**group.get("template", {}), "replicas": replicas}
+    if spec.get("submissionMode", "K8sJobMode") == "K8sJobMode":
+        # absent, KubeRay's default submitter pod sets no securityContext at all
+        pods["submitter"] = spec.get("submitterPodTemplate", {})
+    return pods
+
+
+def workflow_pod_templates(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every pod a rendered WorkflowTemplate/CronWorkflow makes, as pod templates by name.
+
+    A step's pod: the workflow's ``podMetadata`` labels with the template's own over them, the
+    workflow's (or template's) ServiceAccount, pod securityContext, scheduling and volumes, and
+    its main container (a resource template's pod runs only the executor: no main container
+    here). The RayJob a resource template creates adds its head, workers and submitter
+    (``<template> RayJob <role>``). The executor's containers are the controller's (its
+    ``executor`` config), added by :func:`pod_templates`. Raises ``yaml.YAMLError`` for a
+    manifest that does not parse.
+    """
+    spec = _workflow_spec(obj)
+    pod_labels = (spec.get("podMetadata") or {}).get("labels") or {}
+    defaults = parameter_defaults(obj)
+    pods: dict[str, dict[str, Any]] = {}
     for template in spec.get("templates", []):
+        tname = template.get("name", "?")
         main = template.get("container") or template.get("script")
         manifest = template.get("resource", {}).get("manifest")
         if main is None and manifest is None:
             continue  # dag/steps/suspend templates run no pod
-        pod_spec: dict[str, Any] = {
-            "serviceAccountName": template.get("serviceAccountName")
-            or spec.get("serviceAccountName", "default"),
-            "securityContext": template.get("securityContext") or spec.get("securityContext") or {},
-            "nodeSelector": template.get("nodeSelector") or spec.get("nodeSelector") or {},
-            "tolerations": template.get("tolerations") or spec.get("tolerations") or [],
-            "containers": ([{"name": "main", **main}] if main else []) + [executor],
-            "volumes": [*spec.get("volumes", []), *template.get("volumes", [])],
+        labels = {**pod_labels, **((template.get("metadata") or {}).get("labels") or {})}
+        pod_spec = {
+            key: template.get(key) or spec.get(key)
+            for key in ("serviceAccountName", "securityContext", "nodeSelector", "tolerations")
+            if template.get(key) or spec.get(key)
         }
-        labels = {**pod_labels, **(template.get("metadata", {}).get("labels") or {})}
-        owner = f"{obj.ref()} template {template.get('name')}"
-        pods.append(PodTemplate(owner, obj.namespace, labels, pod_spec, 1, False))
+        volumes = [*spec.get("volumes", []), *template.get("volumes", [])]
+        if volumes:
+            pod_spec["volumes"] = volumes
+        pod_spec["containers"] = [{"name": "main", **main}] if main is not None else []
+        pods[tname] = {"metadata": {"labels": labels}, "spec": pod_spec}
         if manifest:
-            pods.extend(_manifest_pods(owner, obj.namespace, _fill(manifest, _defaults(spec))))
+            doc = parse_manifest(manifest, defaults)
+            if isinstance(doc, dict) and doc.get("kind") == "RayJob":
+                for role, pod in rayjob_pod_templates(doc).items():
+                    pods[f"{tname} RayJob {role}"] = pod
     return pods
 
 
-def _defaults(spec: dict[str, Any]) -> dict[str, str]:
-    """The workflow's parameter defaults, as the default run would fill them in."""
-    found = {
-        p["name"]: str(p.get("value", p.get("default", "")))
-        for p in spec.get("arguments", {}).get("parameters", [])
-    }
-    return found
-
-
-def _fill(manifest: str, defaults: dict[str, str]) -> str:
-    """Argo's {{inputs.parameters.x}} / {{workflow.parameters.x}} with the defaults (else "1").
-
-    Input parameters of a template are passed the workflow's parameter of the same name by
-    the DAG, so both resolve to the workflow default; a bare {{...}} is no valid YAML value.
-    """
-
-    def value(match: re.Match[str]) -> str:
-        name = match.group(1).rsplit(".", 1)[-1]
-        return defaults.get(name, "1") if match.group(1).split(".")[0] in ("inputs", "workflow") else "1"
-
-    return re.sub(r"\{\{\s*([^}\s]*)\s*\}\}", value, manifest)
-
-
-def _manifest_pods(owner: str, namespace: str, manifest: str) -> list[PodTemplate]:
-    """The pods a resource template's manifest creates: a RayJob's head and worker groups."""
+def _workflow_pods(obj: K8sObject, executor: dict[str, Any]) -> list[PodTemplate]:
+    """The workflow's pods as the cluster runs them: each step with the Argo executor beside it."""
     try:
-        doc = yaml.safe_load(manifest)
+        templates = workflow_pod_templates(obj.doc)
     except yaml.YAMLError:
-        return []
-    if not isinstance(doc, dict) or doc.get("kind") != "RayJob":
-        return []
-    cluster = doc.get("spec", {}).get("rayClusterSpec", {})
-    groups = [("head", cluster.get("headGroupSpec", {}), 1)]
-    if doc.get("spec", {}).get("submitterPodTemplate"):  # K8sJobMode: the pod that submits the job
-        groups.append(("submitter", {"template": doc["spec"]["submitterPodTemplate"]}, 1))
-    groups += [
-        (f"worker {g.get('groupName', '')}", g, int(g.get("replicas", g.get("minReplicas", 1)) or 1))
-        for g in cluster.get("workerGroupSpecs", [])
-    ]
+        return []  # `cxr pipeline render` refuses such a template (workflows/template_checks.py)
     pods = []
-    for what, group, replicas in groups:
-        template = group.get("template", {})
-        labels = dict(template.get("metadata", {}).get("labels") or {})
-        pods.append(
-            PodTemplate(
-                f"{owner} RayJob {what}", namespace, labels, template.get("spec", {}), replicas, False
-            )
-        )
+    for name, template in templates.items():
+        spec = dict(template.get("spec", {}))
+        if " RayJob " not in name:
+            spec["containers"] = [*spec.get("containers", []), executor]
+        labels = dict((template.get("metadata") or {}).get("labels") or {})
+        owner = f"{obj.ref()} template {name}"
+        pods.append(PodTemplate(owner, obj.namespace, labels, spec, int(template.get("replicas", 1)), False))
     return pods
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from delivery.cluster_fit.findings import Finding
-from delivery.cluster_fit.run import check_tree
+from delivery.cluster_fit.run import check_tree, report_lines
 from delivery.cluster_fit.scheduling import capacity
 
 pytestmark = pytest.mark.unit
@@ -56,6 +56,14 @@ def test_the_default_deployment_fits_its_node_pools_with_headroom(
         assert load.cpu <= load.cpu_capacity and load.memory_gib <= load.memory_capacity, load.line()
         assert load.gpus <= load.gpu_capacity, load.line()
     assert sum(load.gpus for load in loads) > 0, "the default deployment should use GPUs (Triton, Ray)"
+
+
+def test_docs_cluster_quotes_what_the_check_prints(clean: tuple[object, list[Finding]]) -> None:
+    """docs/cluster.md shows the command's output; it must be today's, not an old run's."""
+    tree, findings = clean
+    doc = (REPO / "docs" / "cluster.md").read_text()
+    for line in report_lines(tree, findings):  # type: ignore[arg-type]
+        assert line in doc, f"docs/cluster.md does not quote `cxr cluster check`'s line {line!r}"
 
 
 def _copy_tree(dest: Path) -> Path:

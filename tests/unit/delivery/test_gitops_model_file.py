@@ -11,12 +11,12 @@ from core.errors import StageFileError
 from core.stage_file import (
     Stage,
     StageFile,
-    as_stage,
     read_stage_file,
     render_stage_file,
     stage_file_path,
     write_stage_file,
 )
+from core.stages import as_stage
 
 pytestmark = pytest.mark.unit
 

@@ -208,8 +208,8 @@ def test_workflow_pods_reach_the_api_server(all_objects: list[tuple[str, dict[st
 
 
 def _workflow_pod_labels() -> list[dict[str, str]]:
+    from delivery.cluster_fit.tree import workflow_pod_templates
     from workflows.render import ARGO_DIR
-    from workflows.template_checks import workflow_pod_templates
 
     docs = [yaml.safe_load(p.read_text()) for p in sorted(ARGO_DIR.glob("*.yaml"))]
     return [

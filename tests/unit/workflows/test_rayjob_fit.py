@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -17,10 +16,10 @@ from typing import Any
 import pytest
 
 from core.stage_file import stage_file_path
+from delivery.cluster_fit.tree import parse_manifest, rayjob_pod_templates
 from training.config import TrainConfig, load_config
 from workflows.config import WorkflowSettings
 from workflows.retrain import rayjob_manifest
-from workflows.template_checks import parse_manifest, rayjob_pod_templates
 
 pytestmark = pytest.mark.unit
 
@@ -30,15 +29,6 @@ GIB = 1024**3
 # optimizer state copied to the CPU at every checkpoint, decoded 1024 px images, CUDA's context.
 MIN_WORKER_MEMORY = 8 * GIB
 MIN_MEMORY_BESIDE_SHM = 4 * GIB  # /dev/shm is a tmpfs: it counts against the container's limit
-
-
-@pytest.fixture
-def settings(monkeypatch: pytest.MonkeyPatch) -> WorkflowSettings:
-    """Repository defaults: a developer's CXR_* variables must not change what is checked."""
-    for key in list(os.environ):
-        if key.startswith("CXR_"):
-            monkeypatch.delenv(key)
-    return WorkflowSettings()
 
 
 def _cpu(quantity: str) -> float:

@@ -19,6 +19,8 @@ import yaml
 from hera.workflows import CronWorkflow, WorkflowTemplate
 from typer.testing import CliRunner
 
+from delivery.cluster_fit.pod_security import restricted_problems
+from delivery.cluster_fit.tree import parse_manifest, rayjob_pod_templates, workflow_pod_templates
 from workflows.config import WorkflowSettings
 from workflows.pipeline_cli import app, step_app
 from workflows.render import ARGO_DIR, drifted_files, render_all
@@ -31,14 +33,7 @@ from workflows.retrain import (
     build_all,
     rayjob_manifest,
 )
-from workflows.template_checks import (
-    DEFAULT_REPOSITORY_ANNOTATION,
-    check_object,
-    parse_manifest,
-    rayjob_pod_templates,
-    restricted_problems,
-    workflow_pod_templates,
-)
+from workflows.template_checks import DEFAULT_REPOSITORY_ANNOTATION, check_object
 
 pytestmark = pytest.mark.unit
 
@@ -47,17 +42,6 @@ WORKFLOW_KINDS = ("WorkflowTemplate", "CronWorkflow")
 PERMISSIONS = REPO_ROOT / "workflows" / "permissions.yaml"
 RBAC_DIR = REPO_ROOT / "k8s" / "base" / "rbac"
 ARGO_APPLICATION = REPO_ROOT / "k8s" / "platform" / "argo-workflows.yaml"
-
-
-@pytest.fixture
-def settings(monkeypatch: pytest.MonkeyPatch) -> WorkflowSettings:
-    """Repository defaults: a developer's CXR_* variables must not leak into the rendered YAML."""
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("CXR_"):
-            monkeypatch.delenv(key)
-    return WorkflowSettings()
 
 
 def _objects() -> dict[str, dict[str, Any]]:
