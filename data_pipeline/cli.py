@@ -215,9 +215,10 @@ def golden_build(
     out: Annotated[Path, typer.Option(help="datasets root; the version goes to <out>/<version>/")],
     upload: Annotated[str, typer.Option(help="auto | yes | no, as for ingest")] = "auto",
     pin: Annotated[bool, typer.Option(help="write training/golden.yaml in CXR_GITOPS_DIR")] = True,
+    commit: Annotated[bool, typer.Option(help="commit the pin if CXR_GITOPS_DIR is a git repo")] = True,
 ) -> None:
     """Build a golden set (every image in its test split, never LATEST) and pin it."""
-    from data_pipeline.golden import GoldenError, describe, pin_path, write_pin
+    from data_pipeline.golden import GoldenError, commit_pin, describe, pin_path, write_pin
     from data_pipeline.ingest import build_dataset
     from data_pipeline.versioning import publish
 
@@ -245,6 +246,9 @@ def golden_build(
             publish(build.path, build.version, store, latest=False)  # never what training picks up
         if pin:
             write_pin(settings.gitops_dir, described)
+            sha = commit_pin(settings.gitops_dir, described) if commit else None
+            if sha:
+                console.print(f"committed the pin in {settings.gitops_dir}: {sha[:12]}")
     _show_pin(described, pin_path(settings.gitops_dir) if pin else None)
     typer.echo(build.version)
 

@@ -21,6 +21,7 @@ from data_pipeline.dicom_io import StageTimer, decode_file
 from data_pipeline.errors import ImageDecodeError
 from data_pipeline.geometry import resize_longest, xyxy_to_yolo
 from data_pipeline.quality import ImageStats, image_stats
+from data_pipeline.subgroups import subgroup_attributes
 
 HIST_BINS = 64
 IMAGE_SUFFIXES = (".dicom", ".dcm", ".png", ".jpg", ".jpeg")
@@ -50,6 +51,7 @@ class ImageResult:
     out_height: int = 0
     patient_hash: str | None = None
     study_uid: str | None = None
+    subgroups: dict[str, str] = field(default_factory=dict)  # sex, age band, manufacturer, view
     png_sha256: str = ""
     stats: ImageStats | None = None
     histogram: list[int] = field(default_factory=list)
@@ -103,6 +105,7 @@ def process_image(job: ImageJob) -> ImageResult:
         out_height=small.shape[0],
         patient_hash=decoded.patient_hash,
         study_uid=decoded.study_uid,
+        subgroups=subgroup_attributes(decoded.dataset),
         png_sha256=digest,
         stats=stats,
         histogram=stats.histogram,

@@ -92,6 +92,28 @@ def write_pin(gitops_dir: Path, pin: GoldenPin) -> Path:
     return path
 
 
+def commit_pin(gitops_dir: Path, pin: GoldenPin) -> str | None:
+    """Commit ``training/golden.yaml`` when the GitOps folder is a git repository; the new sha or None.
+
+    The pin is a reviewed change like a gate threshold: committing it here gives the review and
+    the history one place (push and open a merge request as for any promotion).
+    """
+    from git import InvalidGitRepositoryError, NoSuchPathError, Repo
+
+    try:
+        repo = Repo(gitops_dir)
+    except (InvalidGitRepositoryError, NoSuchPathError):
+        return None
+    repo.index.add([str(PIN_FILE)])
+    if repo.head.is_valid() and not repo.index.diff("HEAD"):
+        return None  # the same pin again: nothing to commit
+    commit = repo.index.commit(
+        f"pin golden set {pin.version} ({pin.images} images, {pin.patients} patients)\n\n"
+        "Promotion gates compare candidate and production on this set (data_pipeline/golden.py)."
+    )
+    return commit.hexsha
+
+
 def golden_patients(dataset_dir: Path) -> frozenset[str]:
     """The salted patient ids of a golden version: ingest keeps their images out of every split."""
     manifest = json.loads((Path(dataset_dir) / MANIFEST).read_text())

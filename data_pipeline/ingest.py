@@ -423,6 +423,9 @@ def _write_split(
             "sha256": result.png_sha256,
             "label_sha256": label_sha,
             "patient": result.patient_hash,
+            # sex, age BAND (not the age), manufacturer, view: PS3.15 Annex E's "Retain Patient
+            # Characteristics" option, narrowed (data_pipeline/subgroups.py); nothing else identifying
+            "subgroups": result.subgroups,
         }
     return entries, meta
 

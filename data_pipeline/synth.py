@@ -11,6 +11,16 @@ Speed: anatomy and findings are drawn on a canvas of at most 512 px (smooth
 structures gain nothing from more) and upsampled once; only the noise is made
 at full resolution. Each image is a pure function of (seed, index), so any
 number of worker processes gives identical files.
+
+Subgroups: every phantom carries PatientSex, PatientAge, Manufacturer (one of
+four fictional detector vendors) and ViewPosition (PA, or AP as from a bedside
+unit), so per-subgroup evaluation and its promotion gate run on something that
+really differs. ONE subgroup is harder on purpose: images from
+``HARD_MANUFACTURER`` (an "old CR reader") have findings drawn at a fraction of
+their contrast and a stronger quantum noise, so its lesions are fainter and a
+model detects fewer of them. That is the failure subgroup reporting exists to
+catch (a scanner the training set under-serves); a test checks the signal is
+weaker, and the gate tests check such a gap refuses a promotion.
 """
 
 from __future__ import annotations
@@ -47,6 +57,15 @@ _DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For
 _CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 _COMPRESSED = (RLELossless, JPEGLSLossless, JPEG2000Lossless)
 
+#: fictional detector vendors: no real company's name goes on a generated image
+MANUFACTURERS = ("Aurora Phantom DR", "Borealis Phantom DR", "Cirrus Phantom CR", "Dunmore Phantom CR")
+#: the subgroup made harder on purpose (module docstring): fainter findings, more noise
+HARD_MANUFACTURER = "Dunmore Phantom CR"
+HARD_FINDING_CONTRAST = 0.35  # share of a finding's density the hard vendor's images keep
+_NOISE = 0.012
+_HARD_NOISE = 0.035
+AP_FRACTION = 0.3  # share of AP (bedside) views; the rest are PA
+
 
 @dataclass(frozen=True)
 class SynthConfig:
@@ -64,6 +83,19 @@ class SynthConfig:
     omit_probability: float = 0.12
     extra_box_probability: float = 0.08
     workers: int = 0
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """Where and how a phantom was taken: the subgroup attributes besides sex and age."""
+
+    manufacturer: str
+    view_position: str
+
+    @property
+    def hard(self) -> bool:
+        """Whether this image belongs to the subgroup made harder on purpose."""
+        return self.manufacturer == HARD_MANUFACTURER
 
 
 @dataclass
@@ -384,13 +416,27 @@ def _case_rng(seed: int, index: int, stream: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+def acquisition_for(seed: int, index: int) -> Acquisition:
+    """Vendor and view of case ``index``: its own random stream, so the other draws (and thereby every
+    image of the other vendors) stay what they were before subgroups existed."""
+    rng = _case_rng(seed, index, "acquisition")
+    manufacturer = str(MANUFACTURERS[int(rng.integers(0, len(MANUFACTURERS)))])
+    return Acquisition(manufacturer, "AP" if rng.random() < AP_FRACTION else "PA")
+
+
 def image_id_for(seed: int, index: int) -> str:
     """VinDr-style 32-hex image id, deterministic in (seed, index)."""
     return hashlib.md5(f"cxr-synth:{seed}:{index}".encode(), usedforsecurity=False).hexdigest()
 
 
-def render_case(config: SynthConfig, index: int) -> tuple[np.ndarray, list[Finding], dict[str, object]]:
-    """Pixels (uint16, MONOCHROME2 sense), findings and DICOM attributes of case ``index``."""
+def render_case(
+    config: SynthConfig, index: int, acquisition: Acquisition | None = None
+) -> tuple[np.ndarray, list[Finding], dict[str, object]]:
+    """Pixels (uint16, MONOCHROME2 sense), findings and DICOM attributes of case ``index``.
+
+    ``acquisition`` renders the same patient and findings as taken on another vendor's detector
+    (default: the case's own, :func:`acquisition_for`), so a case can be compared across subgroups.
+    """
     rng = _case_rng(config.seed, index, "image")
     if config.size:
         width = height = int(config.size)
@@ -405,10 +451,14 @@ def render_case(config: SynthConfig, index: int) -> tuple[np.ndarray, list[Findi
         rng.choice(len(CLASS_NAMES), size=n_findings, replace=False).tolist() if n_findings else []
     )
     density, lungs = _draw_anatomy(anatomy, lw, lh)
+    hard = (acquisition or acquisition_for(config.seed, index)).hard
+    anatomy_only = density.copy() if hard else density
     for cid in sorted(int(c) for c in classes):
         box = _draw_finding(cid, rng, density, lungs, anatomy)
         if box is not None and (box[2] - box[0]) * width >= 8 and (box[3] - box[1]) * height >= 8:
             findings.append(Finding(cid, box))
+    if hard:  # the hard subgroup: each finding keeps only part of its contrast over the anatomy
+        density = anatomy_only + (density - anatomy_only) * np.float32(HARD_FINDING_CONTRAST)
     density, findings = _position(rng, density, findings)
     density = cv2.GaussianBlur(density, (0, 0), 1.2)
     full = cv2.resize(density, (width, height), interpolation=cv2.INTER_LINEAR)
@@ -422,7 +472,7 @@ def render_case(config: SynthConfig, index: int) -> tuple[np.ndarray, list[Findi
     noise_rng = _case_rng(config.seed, index, "noise")
     coarse_noise = noise_rng.standard_normal(size=(height // 2 + 1, width // 2 + 1), dtype=np.float32)
     noise = cv2.resize(coarse_noise, (width, height), interpolation=cv2.INTER_NEAREST)
-    full += noise * np.float32(0.012)
+    full += noise * np.float32(_HARD_NOISE if hard else _NOISE)
     lo_pct = float(rng.uniform(0.04, 0.1))
     hi_pct = float(rng.uniform(0.82, 0.95)) * anatomy.exposure
     full = (full * (hi_pct - lo_pct) + lo_pct) * top
@@ -500,14 +550,18 @@ def _dataset(
     ds.Modality = "CR" if cr else "DX"
     ds.PatientID = patient_id
     ds.PatientName = f"SYNTH^{patient_id}"
-    ds.PatientSex = str(rng.choice(["M", "F"]))
-    ds.PatientAge = f"{int(rng.integers(18, 90)):03d}Y"
+    rng.choice(["M", "F"]), rng.integers(18, 90)  # drawn as before sex and age became per patient
+    # per patient, not per image: a patient's two studies (same year) share sex and age
+    person = np.random.default_rng(int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:8], "little"))
+    ds.PatientSex = str(person.choice(["M", "F"]))
+    ds.PatientAge = f"{int(person.integers(18, 90)):03d}Y"
     ds.StudyDate = f"2024{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 28)):02d}"
     ds.StudyTime = "120000"
     ds.AccessionNumber = image_id[:16]
-    ds.Manufacturer = "CXR Detect phantom"
+    acquisition = acquisition_for(config.seed, index)
+    ds.Manufacturer = acquisition.manufacturer
     ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
+    ds.ViewPosition = acquisition.view_position
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel = 1

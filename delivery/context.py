@@ -50,3 +50,8 @@ class DeliveryContext:
     @property
     def onnx_cache(self) -> Path:
         return self.stack_dir.resolve() / "gitops" / "onnx"
+
+    @property
+    def golden_cache(self) -> Path:
+        """The fetched golden set and each model's per-image results on it (delivery/golden_gate.py)."""
+        return self.stack_dir.resolve() / "gitops" / "golden"

@@ -8,11 +8,13 @@ machine; ``cxr canary step`` (the CronJob in k8s/base/canary) reads the canary s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from delivery.errors import DeliveryError
+from training.subgroups import DEFAULT_MAX_GAP, DEFAULT_MIN_IMAGES
 
 POLICY_FILE = Path("k8s") / "delivery-policy.yaml"
 
@@ -28,6 +30,15 @@ class GatePolicy(BaseModel):
     max_map50_drop: float = Field(0.02, ge=0, le=1, description="delta: allowed mAP@0.5 loss vs production")
     latency_budget_ms: float = Field(250.0, gt=0, description="p95 of one batch-1 ONNX Runtime call")
     latency_runs: int = Field(20, ge=3, le=1000)
+    max_subgroup_gap: float = Field(
+        DEFAULT_MAX_GAP, ge=0, le=1, description="a subgroup's mAP@0.4 at most this far below overall"
+    )
+    min_subgroup_images: int = Field(
+        DEFAULT_MIN_IMAGES, ge=1, description="subgroups with fewer test images are reported, not judged"
+    )
+    subgroup_action: Literal["fail", "warn"] = Field(
+        "fail", description="a subgroup beyond the gap refuses the promotion, or passes it with a warning"
+    )
 
 
 class CanaryPolicy(BaseModel):
@@ -52,12 +63,28 @@ class CanaryPolicy(BaseModel):
         return value
 
 
+class GoldenPolicy(BaseModel):
+    """The paired golden-set comparison with production (canary and production promotions)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    required: bool = Field(
+        True, description="no golden set pinned: fail (true) or fall back to the mAP tag comparison (false)"
+    )
+    margin: float = Field(0.0, ge=0, le=1, description="non-inferiority margin: CI low >= -margin")
+    min_class_instances: int = Field(10, ge=1, description="classes with fewer golden boxes are not judged")
+    resamples: int = Field(1000, ge=100, le=100_000, description="bootstrap resamples over patients")
+    seed: int = 0
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+
+
 class DeliveryPolicy(BaseModel):
     """The whole policy file."""
 
     model_config = ConfigDict(extra="forbid")
 
     gates: GatePolicy = Field(default_factory=GatePolicy)  # type: ignore[arg-type]
+    golden: GoldenPolicy = Field(default_factory=GoldenPolicy)  # type: ignore[arg-type]
     canary: CanaryPolicy = Field(default_factory=CanaryPolicy)  # type: ignore[arg-type]
 
 

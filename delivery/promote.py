@@ -8,6 +8,7 @@ down the commit still stands and ``python -m delivery reconcile`` catches up.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from core.errors import CxrError
 from core.stage_file import StageFile, read_stage_file, write_stage_file
 from core.stages import PROMOTION_ORDER, Stage
+from data_pipeline.classes import CLASS_NAMES
 from delivery import canary as canary_analysis
 from delivery.canary_window import analyze_current_canary
 from delivery.context import DeliveryContext
@@ -24,11 +26,13 @@ from delivery.gates import (
     GateReport,
     GateResult,
     VersionFacts,
-    canary_gates,
+    latency_gate,
     production_gates,
+    regression_gate,
     staging_gates,
 )
 from delivery.git_repo import GitOpsRepo
+from delivery.golden_gate import GATE_NAME, GoldenVerdict, golden_gate
 from delivery.latency import measure_onnx_latency
 from delivery.messages import DeliveryRecord
 from delivery.policy import DeliveryPolicy, load_policy
@@ -83,6 +87,30 @@ def _guarded(name: str, compute: Callable[[], list[GateResult]]) -> list[GateRes
         return [GateResult(name, False, f"could not evaluate: {exc}", "its inputs")]
 
 
+def _golden(
+    ctx: DeliveryContext,
+    policy: DeliveryPolicy,
+    version: str,
+    production: str,
+    onnx_for: Callable[[str], Path],
+    store: object | None,
+) -> GoldenVerdict:
+    """The paired golden-set gate; inputs that cannot be fetched fail it with the reason."""
+    try:
+        return golden_gate(
+            gitops_dir=ctx.gitops_dir,
+            cache_dir=ctx.golden_cache,
+            policy=policy.golden,
+            candidate=version,
+            production=production,
+            onnx_for=onnx_for,
+            store=store,
+            class_names=dict(enumerate(CLASS_NAMES)),
+        )
+    except CxrError as exc:
+        return GoldenVerdict(GateResult(GATE_NAME, False, f"could not evaluate: {exc}", "its inputs"), [])
+
+
 def evaluate_gates(
     ctx: DeliveryContext,
     registry: ModelRegistry,
@@ -90,32 +118,43 @@ def evaluate_gates(
     version: str,
     stage: Stage,
     *,
-    onnx_path: Callable[[], Path],
+    onnx_for: Callable[[str], Path],
     analysis: canary_analysis.CanaryAnalysis | None = None,
-) -> GateReport:
-    """The gates of ``stage`` for ``version``, each with its numbers."""
+    store: object | None = None,
+) -> tuple[GateReport, GoldenVerdict | None]:
+    """The gates of ``stage`` for ``version``, each with its numbers, and the golden comparison if run.
+
+    Canary and production compare the candidate with the production model on the pinned golden
+    set (delivery/golden_gate.py). Only when no golden set is pinned AND the policy allows it
+    (``golden.required: false``) does the canary fall back to comparing registry mAP tags, which
+    were measured on different test splits and say much less.
+    """
     if stage == "staging":
-        return GateReport(stage, version, staging_gates(registry.facts(version), policy.gates))
+        return GateReport(stage, version, staging_gates(registry.facts(version), policy.gates)), None
+    production_version = read_stage_file(ctx.gitops_dir, "production").model_version
+    golden = _golden(ctx, policy, version, production_version, onnx_for, store)
     if stage == "canary":
         candidate = registry.facts(version)
-        production_version = read_stage_file(ctx.gitops_dir, "production").model_version
         production: VersionFacts | None = registry.facts(production_version) if production_version else None
+        comparison = [golden.result]
+        if golden.comparison is None and golden.result.passed and production is not None:
+            comparison.append(regression_gate(candidate, production, policy.gates))  # the weak fallback
 
         def with_latency() -> list[GateResult]:
-            measured = measure_onnx_latency(onnx_path(), runs=policy.gates.latency_runs)
-            return canary_gates(candidate, production, measured.p95_ms, policy.gates)
+            measured = measure_onnx_latency(onnx_for(version), runs=policy.gates.latency_runs)
+            return [latency_gate(measured.p95_ms, policy.gates)]
 
-        results = _guarded("latency budget", with_latency)
-        if len(results) == 1:  # the ONNX could not be fetched: still show the other gates
-            results = [*canary_gates(candidate, production, None, policy.gates)[:-1], *results]
-        return GateReport(stage, version, results)
+        latency = _guarded("latency budget", with_latency)
+        results = [*staging_gates(candidate, policy.gates), *comparison, *latency]
+        return GateReport(stage, version, results, golden.table), golden
     canary_version = read_stage_file(ctx.gitops_dir, "canary").model_version
 
     def from_analysis() -> list[GateResult]:
         result = analysis or analyze_current_canary(ctx.prometheus_url, policy.canary, ctx.gitops_dir)
         return production_gates(version, canary_version, result.verdict, result.summary())
 
-    return GateReport(stage, version, _guarded("canary analysis", from_analysis))
+    results = [*_guarded("canary analysis", from_analysis), golden.result]
+    return GateReport(stage, version, results, golden.table), golden
 
 
 def _next_files(ctx: DeliveryContext, request: PromotionRequest, policy: DeliveryPolicy) -> list[StageFile]:
@@ -135,6 +174,17 @@ def _next_files(ctx: DeliveryContext, request: PromotionRequest, policy: Deliver
     return files
 
 
+def _record_comparison(reg: ModelRegistry, request: PromotionRequest, golden: GoldenVerdict) -> None:
+    """The golden table into the version's model card (its registry description) and a tag."""
+    heading = f"## Golden set comparison (promotion to {request.to})"
+    reg.record_section(
+        request.version,
+        heading,
+        "\n".join([golden.result.line().removeprefix("- "), "", *golden.table]),
+        tags={f"golden_vs_production_{request.to}": json.dumps(golden.summary(), separators=(",", ":"))},
+    )
+
+
 def promote_version(
     ctx: DeliveryContext,
     request: PromotionRequest,
@@ -152,15 +202,11 @@ def promote_version(
     current = read_stage_file(ctx.gitops_dir, request.to)
     reg = registry or ModelRegistry(ctx.mlflow_uri, current.model_name)
 
-    onnx_cache: dict[str, Path] = {}
+    def onnx_for(version: str) -> Path:
+        return fetch_onnx(reg, version, ctx.onnx_cache)  # downloaded once per version into the cache
 
-    def onnx_path() -> Path:
-        if "path" not in onnx_cache:
-            onnx_cache["path"] = fetch_onnx(reg, request.version, ctx.onnx_cache)
-        return onnx_cache["path"]
-
-    report = evaluate_gates(
-        ctx, reg, policy, request.version, request.to, onnx_path=onnx_path, analysis=analysis
+    report, golden = evaluate_gates(
+        ctx, reg, policy, request.version, request.to, onnx_for=onnx_for, analysis=analysis, store=store
     )
     for line in report.lines():
         echo(line)
@@ -176,14 +222,17 @@ def promote_version(
         echo(f"{request.to} already serves v{request.version}: nothing to commit")
         return PromotionOutcome(report, None, None)
 
-    # [1] registry alias, [2] published repository: before the commit, so a failure changes nothing
+    # [1] registry alias and the golden comparison on the version (its tag and model card),
+    # [2] published repository: before the commit, so a failure changes nothing
     reg.set_alias(request.to, request.version)
+    if golden is not None and golden.comparison is not None:
+        _record_comparison(reg, request, golden)
     if request.publish:
         if store is None:
             from data_pipeline.store import ObjectStore
 
             store = ObjectStore.from_env()
-        publish_repository(onnx_path(), request.to, request.version, current.model_name, store)
+        publish_repository(onnx_for(request.version), request.to, request.version, current.model_name, store)
 
     # [3] the stage file(s) and one commit
     record = DeliveryRecord(

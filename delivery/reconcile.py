@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import CxrError
+from core.operating_points import OPERATING_POINTS_FILE
 from core.stage_file import read_stage_file
 from core.stages import PROMOTION_ORDER, Stage
 from delivery.context import DeliveryContext
@@ -41,14 +42,32 @@ class ReconcileResult:
 
 
 def fetch_onnx(registry: ModelRegistry, version: str, cache: Path) -> Path:
-    """The version's ONNX, downloaded once per version into the cache."""
+    """The version's ONNX, downloaded once per version into the cache, its operating points beside it.
+
+    The repository builder takes ``operating_points.json`` from beside the ONNX into the model
+    config, so every repository built from the cache carries the version's thresholds.
+    """
     target = cache / version / "model.onnx"
-    if target.exists():
-        return target
-    downloaded = registry.download_onnx(version, cache / version / "download")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    downloaded.replace(target)
+    if not target.exists():
+        downloaded = registry.download_onnx(version, cache / version / "download")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        downloaded.replace(target)
+    _fetch_operating_points(registry, version, target.parent)
     return target
+
+
+def _fetch_operating_points(registry: ModelRegistry, version: str, folder: Path) -> None:
+    """Once per version: its artifact, or a marker that it has none (trained before operating points)."""
+    path = folder / OPERATING_POINTS_FILE
+    absent = folder / f"{OPERATING_POINTS_FILE}.absent"
+    if path.exists() or absent.exists():
+        return
+    downloaded = registry.download_operating_points(version, folder / "download")
+    if downloaded is None:
+        log.info("operating_points_absent version=%s: global threshold, raw confidences", version)
+        absent.touch()
+    else:
+        downloaded.replace(path)
 
 
 def _stage_prefix(stage: str) -> str:

@@ -93,17 +93,26 @@ def contract_from_metadata(meta: dict[str, str]) -> ModelContract:
 
 @dataclass(frozen=True)
 class Detection:
-    """One finding: VinDr class id/name, confidence and [x_min, y_min, x_max, y_max] in source pixels."""
+    """One finding: VinDr class id/name, confidence and [x_min, y_min, x_max, y_max] in source pixels.
+
+    ``confidence`` is calibrated when the served version has a calibrator (its operating
+    points); ``raw_confidence`` then keeps the model's own score, an optional field clients
+    that only read the DESIGN.md response never see change shape for.
+    """
 
     class_id: int
     class_name: str
     confidence: float
     box: tuple[float, float, float, float]
+    raw_confidence: float | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "class_id": self.class_id,
             "class_name": self.class_name,
             "confidence": round(self.confidence, 5),
             "box": [round(v, 2) for v in self.box],
         }
+        if self.raw_confidence is not None:
+            out["raw_confidence"] = round(self.raw_confidence, 5)
+        return out

@@ -30,6 +30,8 @@ log = logging.getLogger("cxr.stack.bootstrap")
 MODEL_NAME = "cxr-detector"
 BOOTSTRAP_CONFIG = Path("training") / "configs" / "bootstrap.yaml"
 BOOTSTRAP_IMAGES = 96
+GOLDEN_IMAGES = 100  # CXR_GOLDEN_MIN_IMAGES' default: the smallest set that tells two models apart
+GOLDEN_SEED = 7  # not the training phantoms' seed: other patients, other images
 REASON = "bootstrap: first model of a new one-machine stack (no production model or canary traffic yet)"
 
 
@@ -68,6 +70,7 @@ def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> st
         log.info("bootstrap=skipped reason=registry-has-versions versions=%s", ",".join(versions))
         return None
     work = settings.state / "bootstrap"
+    ensure_golden_set(settings, env, work)
     synth = work / "synth"
     if not (synth / "annotations.csv").exists():
         _cxr(
@@ -110,6 +113,50 @@ def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> st
     wait_ready(env["CXR_GATEWAY_URL"], timeout_s)
     log.info("bootstrap=done model_version=%s", version)
     return version
+
+
+def ensure_golden_set(settings: StackSettings, env: dict[str, str], work: Path) -> None:
+    """Build, publish and pin (by a commit in the stack's checkout) a golden set of phantoms, once.
+
+    Its own seed gives it its own patients; it is built before the first training dataset, whose
+    ingest then keeps those patients out of every split. Later promotions to canary and
+    production compare candidate and production on it (delivery/golden_gate.py).
+    """
+    from data_pipeline.golden import read_pin
+
+    if read_pin(Path(env["CXR_GITOPS_DIR"])) is not None:
+        return
+    golden = work / "golden"
+    if not (golden / "annotations.csv").exists():
+        _cxr(
+            settings,
+            "golden-synth",
+            "data",
+            "synth",
+            "--out",
+            str(golden),
+            "--n-images",
+            str(GOLDEN_IMAGES),
+            "--seed",
+            str(GOLDEN_SEED),
+            "--size",
+            "1024",
+        )
+    _cxr(
+        settings,
+        "golden-build",
+        "data",
+        "golden",
+        "build",
+        "--dicom-dir",
+        str(golden / "dicom"),
+        "--annotations",
+        str(golden / "annotations.csv"),
+        "--out",
+        str(work / "datasets"),
+        "--upload",
+        "yes",
+    )
 
 
 def wait_ready(gateway_url: str, timeout_s: float) -> None:

@@ -95,6 +95,25 @@ class EvalConfig(_Strict):
         default=False, description="also quantize the export to INT8 and report its drop (never registered)"
     )
     int8_calibration_images: int = Field(default=32, ge=1, description="val images that calibrate INT8")
+    # operating points and confidence calibration, chosen on the val split (training/operating_points.py)
+    operating_point: Literal["sensitivity", "f1"] = Field(
+        default="sensitivity", description="per-class threshold: reach target_sensitivity, or maximise F1"
+    )
+    target_sensitivity: float = Field(default=0.9, gt=0, le=1, description="recall at IoU 0.4 per class")
+    calibration: Literal["temperature", "isotonic", "none"] = Field(
+        default="isotonic",
+        description=(
+            "calibrator of the returned confidence, fitted on val: isotonic also corrects a biased "
+            "detector (scores uniformly too low or high), which one temperature cannot"
+        ),
+    )
+    calibration_min_conf: float = Field(
+        default=0.01, ge=0, lt=1, description="detections below this raw score neither fit nor measure it"
+    )
+    calibration_min_samples: int = Field(
+        default=30, ge=2, description="a class gets its own calibrator from this many val detections"
+    )
+    ece_bins: int = Field(default=10, ge=2, description="equal-width bins of the calibration error")
 
 
 class TrainConfig(_Strict):

@@ -51,6 +51,22 @@ class DatasetRef:
                 out[image.stem] = str(patient) if patient else f"image:{image.stem}"
         return out
 
+    def subgroups(self) -> dict[str, dict[str, str]]:
+        """Image id -> subgroup attributes (sex, age band, manufacturer, view) from the manifest.
+
+        Only images whose manifest entry has them are listed: a dataset built before the data
+        pipeline recorded subgroups yields an empty mapping, and evaluation then reports none.
+        """
+        meta = _read_manifest(self.path).get("images")
+        if not isinstance(meta, dict):
+            return {}
+        out: dict[str, dict[str, str]] = {}
+        for image_id, entry in meta.items():
+            groups = entry.get("subgroups") if isinstance(entry, dict) else None
+            if isinstance(groups, dict) and groups:
+                out[str(image_id)] = {str(k): str(v) for k, v in groups.items()}
+        return out
+
     def label_file(self, image: Path) -> Path:
         """The YOLO label file that belongs to an image (may be missing or empty: No finding)."""
         split = image.parent.name
@@ -77,8 +93,12 @@ def _is_synthetic(manifest: dict[str, object]) -> bool:
     return "synth" in source or "phantom" in source
 
 
-def open_dataset_dir(path: Path, work_dir: Path) -> DatasetRef:
-    """Check a dataset folder's layout and write a resolved data.yaml under ``work_dir``."""
+def open_dataset_dir(path: Path, work_dir: Path, required: tuple[str, ...] = ("train", "val")) -> DatasetRef:
+    """Check a dataset folder's layout and write a resolved data.yaml under ``work_dir``.
+
+    ``required``: the splits that must exist; training needs train and val, a golden set (an
+    evaluation-only version, data_pipeline/golden.py) has only test.
+    """
     path = path.resolve()
     data_yaml = path / "data.yaml"
     if not data_yaml.is_file():
@@ -96,7 +116,7 @@ def open_dataset_dir(path: Path, work_dir: Path) -> DatasetRef:
             f"{data_yaml} names {names_list[:3]}... differ from the 14 VinDr findings; "
             "rebuild the dataset with the current data_pipeline"
         )
-    for split in ("train", "val"):
+    for split in required:
         if not (path / "images" / split).is_dir():
             raise DatasetError(f"{path} lacks images/{split}/: the dataset is incomplete")
     manifest = _read_manifest(path)

@@ -6,10 +6,13 @@ and the tags cannot disagree.
 
 from __future__ import annotations
 
+from core.operating_points import OperatingPoints
 from training.config import TrainConfig
 from training.dataset import DatasetRef
 from training.evaluate import EvalReport
 from training.export import ExportResult
+from training.operating_points import card_section as operating_section
+from training.subgroups import card_section as subgroup_section
 
 
 def render_model_card(
@@ -22,6 +25,7 @@ def render_model_card(
     torch_report: EvalReport,
     onnx_report: EvalReport,
     export: ExportResult,
+    operating_points: OperatingPoints | None = None,
 ) -> str:
     """Markdown model card for MLflow (version description and ``model_card.md`` artifact)."""
     data_kind = (
@@ -83,7 +87,8 @@ dataset images. ONNX Runtime CPU latency: {latency}.
 
 Classes absent from the table had no boxes in the evaluation split and are not measured.
 
-## Limitations
+{operating_section(operating_points)}
+{subgroup_section(onnx_report.subgroups)}## Limitations
 - Trained on one dataset version; performance on other scanners, paediatric or lateral views is unknown.
 - Rare findings have few training boxes; their AP is noisy and may be near zero.
 - "No finding" is image-level: an image without boxes is not a negative diagnosis.

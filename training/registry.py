@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
+from core.operating_points import OPERATING_POINTS_FILE
 from training.config import TrainSettings
 from training.errors import RegistryError
 
@@ -156,6 +157,29 @@ class ModelRegistry:
         mv = self._model_version(version)
         return VersionFacts(version=str(mv.version), tags=dict(mv.tags or {}))
 
+    def record_section(self, version: str, heading: str, body: str, tags: dict[str, str]) -> None:
+        """Add (or replace) a section of the version's model card, its registry description, and tags.
+
+        Delivery records its golden-set comparison here, so the card a reviewer opens in MLflow
+        shows what the promotion was decided on. A section with the same heading is replaced, so
+        a repeated promotion does not pile up copies.
+        """
+        from mlflow.exceptions import MlflowException
+
+        mv = self._model_version(version)
+        card = str(mv.description or "")
+        start = card.find(heading)
+        if start >= 0:
+            end = card.find("\n## ", start + len(heading))
+            card = card[:start].rstrip() + ("\n\n" + card[end + 1 :] if end >= 0 else "")
+        card = f"{card.rstrip()}\n\n{heading}\n{body.strip()}\n"
+        try:
+            self._client.update_model_version(self.model_name, str(version), description=card)
+            for key, value in tags.items():
+                self._client.set_model_version_tag(self.model_name, str(version), key, value[:5000])
+        except MlflowException as exc:
+            raise self._unreachable(exc, f"recording {heading!r} on version {version}") from exc
+
     # ------------------------------------------------------------------ aliases
 
     def set_alias(self, stage: str, version: str) -> None:
@@ -210,6 +234,20 @@ class ModelRegistry:
     def download_weights(self, version: str, dest: Path) -> Path:
         """The PyTorch checkpoint of a registered version, the starting point for fine-tuning."""
         return self._download(version, WEIGHTS_ARTIFACT, dest)
+
+    def download_operating_points(self, version: str, dest: Path) -> Path | None:
+        """The version's ``onnx/operating_points.json`` under ``dest``; None for one trained before them.
+
+        Absence is an answer, not an error: serving then keeps its global threshold and raw scores.
+        """
+        mv = self._model_version(version)
+        try:
+            listed = self._client.list_artifacts(mv.run_id, ONNX_ARTIFACT_DIR)
+        except Exception as exc:  # MlflowException or an S3 error behind the proxy
+            raise self._unreachable(exc, f"listing the artifacts of version {version}") from exc
+        if not any(Path(a.path).name == OPERATING_POINTS_FILE for a in listed):
+            return None
+        return self._download(version, f"{ONNX_ARTIFACT_DIR}/{OPERATING_POINTS_FILE}", dest)
 
 
 # ---------------------------------------------------------------------- training's shorthands

@@ -16,16 +16,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.operating_points import OPERATING_POINTS_FILE, OperatingPoints
 from training.config import TrainConfig, TrainSettings
 from training.dataset import DatasetRef, resolve_dataset
 from training.errors import DatasetError, ParityError
 from training.evaluate import EvalReport, evaluate
 from training.export import ExportResult, export_with_parity
 from training.model_card import render_model_card
+from training.operating_points import (
+    operating_point_metrics,
+    operating_point_tags,
+    operating_points_on_split,
+    write_operating_points,
+)
 from training.predictors import OrtPredictor, TorchPredictor
 from training.quantize import Int8Outcome, quantize_and_evaluate
 from training.ray_trainer import DistributedRun, fit_distributed
 from training.registry import LineageTags, download_weights, register_version
+from training.subgroups import run_metrics as subgroup_run_metrics
+from training.subgroups import version_tags as subgroup_tags
 from training.tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
@@ -121,6 +130,7 @@ class _Results:
     onnx_report: EvalReport
     export: ExportResult
     int8: Int8Outcome | None
+    operating_points: OperatingPoints | None = None  # chosen on val; None when val is empty
 
 
 def _dataset_ref(config: TrainConfig, dataset: str | Path | None) -> str:
@@ -153,7 +163,25 @@ def _check_trained(config: TrainConfig, data: DatasetRef, dist: DistributedRun, 
     torch_report, onnx_report, export = _evaluate_and_export(config, data, dist, out)
     int8 = _quantize_and_evaluate(config, data, export, onnx_report, out)
     _plot_results(dist.results_csv, out / "plots")
-    return _Results(dist, torch_report, onnx_report, export, int8)
+    ops = _operating_points(config, data, export)
+    return _Results(dist, torch_report, onnx_report, export, int8, operating_points=ops)
+
+
+def _operating_points(config: TrainConfig, data: DatasetRef, export: ExportResult) -> OperatingPoints | None:
+    """Per-class thresholds and calibrator of the EXPORTED model (what is served), chosen on val.
+
+    Written beside the ONNX, so the registered version's ``onnx/`` artifacts carry them to
+    serving. Never chosen on test, which stays the unbiased estimate; without val images there
+    are none, and the gateway keeps its global threshold for this version.
+    """
+    if not data.images("val"):
+        log.warning("event=operating_points_skipped reason=no_val_images dataset=%s", data.version)
+        return None
+    ops = operating_points_on_split(
+        OrtPredictor.load(export.onnx_path), data, config.eval, onnx_sha256=export.sha256
+    )
+    write_operating_points(ops, export.onnx_path.parent)
+    return ops
 
 
 def _write_reports(
@@ -167,6 +195,7 @@ def _write_reports(
         "onnx": r.onnx_report.model_dump(mode="json"),
         "parity": {"max_abs_diff": r.export.parity_max_abs_diff, "images": r.export.parity_images},
         **({"int8": r.int8.summary()} if r.int8 else {}),
+        **({"operating_points": r.operating_points.model_dump(mode="json")} if r.operating_points else {}),
     }
     (eval_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
     card = render_model_card(
@@ -178,6 +207,7 @@ def _write_reports(
         torch_report=r.torch_report,
         onnx_report=r.onnx_report,
         export=r.export,
+        operating_points=r.operating_points,
     )
     (out / "model_card.md").write_text(card)
     return card
@@ -200,6 +230,9 @@ def _final_metrics(r: _Results) -> dict[str, float]:
     }
     if r.int8:
         final.update(r.int8.metrics())
+    final.update(subgroup_run_metrics(r.onnx_report.subgroups))  # test/subgroup/<attr>/<value>/...
+    if r.operating_points:  # val/threshold/<class>, val/ece_{before,after}/<class>, val/ece_*_mean
+        final.update(operating_point_metrics(r.operating_points))
     return final
 
 
@@ -208,12 +241,20 @@ def _log_run(tracker: Tracker, r: _Results, final: dict[str, float], out: Path) 
     tracker.log_metrics(final, step=r.dist.epochs_completed)
     tracker.log_artifacts([r.dist.best_weights.with_name("best.pt")], "weights")
     tracker.log_artifacts([r.export.onnx_path], "onnx")
+    if r.operating_points:  # beside the ONNX: the registered version's source is the run's onnx/ folder
+        tracker.log_artifacts([r.export.onnx_path.parent / OPERATING_POINTS_FILE], "onnx")
     tracker.log_artifacts([out / "eval" / "evaluation.json"], "eval")
     tracker.log_artifacts([*sorted((out / "plots").glob("*.png")), out / "plots" / "results.csv"], "plots")
     tracker.log_artifacts([out / "model_card.md"], "")
     if r.int8:
         tracker.log_artifacts([r.int8.result.onnx_path], "onnx_int8")
-    tracker.set_tags({"checkpoint_uri": r.dist.checkpoint_uri, "onnx_sha256": r.export.sha256})
+    tracker.set_tags(
+        {
+            "checkpoint_uri": r.dist.checkpoint_uri,
+            "onnx_sha256": r.export.sha256,
+            **operating_point_tags(r.operating_points),
+        }
+    )
 
 
 def _register(
@@ -243,7 +284,12 @@ def _register(
         run_id,
         lineage,
         card,
-        run_tags={"run_name": run_name, "dataset_synthetic": str(data.synthetic)},
+        run_tags={
+            "run_name": run_name,
+            "dataset_synthetic": str(data.synthetic),
+            **subgroup_tags(r.onnx_report.subgroups),  # read by delivery's subgroup gate
+            **operating_point_tags(r.operating_points),  # the artifact beside the version's ONNX
+        },
     )
 
 

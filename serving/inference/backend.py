@@ -11,17 +11,22 @@ from typing import Protocol
 
 import numpy as np
 
+from core.operating_points import OperatingPoints
 from core.stages import Stage
 from serving.contract import ModelContract
 
 
 @dataclass(frozen=True)
 class ServedModel:
-    """The model a stage serves right now: its contract and registry identity."""
+    """The model a stage serves right now: its contract, registry identity and operating points.
+
+    ``operating_points`` None: a version trained before them (global threshold, raw scores).
+    """
 
     name: str
     version: str
     contract: ModelContract
+    operating_points: OperatingPoints | None = None
 
 
 class InferenceBackend(Protocol):

@@ -1,7 +1,8 @@
 """In-process ONNX Runtime backend: ``cxr serve --backend onnx --model model.onnx``.
 
 For a laptop or a site without Triton: the same ONNX file and the same
-pre/post-processing, run in this process. Every stage serves the one model.
+pre/post-processing, run in this process. Every stage serves the one model, with
+the ``operating_points.json`` training wrote beside it when it is there.
 Inference runs in a worker thread (ORT releases the GIL), never on the event loop.
 """
 
@@ -20,6 +21,7 @@ from core.stages import Stage
 from serving.contract import contract_from_metadata
 from serving.errors import ModelNotReady
 from serving.inference.backend import ServedModel
+from serving.inference.operating_points import beside as operating_points_beside
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -55,9 +57,11 @@ class OnnxBackend:
         self._inflight = 0
         meta = dict(self._session.get_modelmeta().custom_metadata_map)
         contract = contract_from_metadata(meta)
-        digest = hashlib.sha256(model_path.read_bytes()).hexdigest()[:12]
-        version = meta.get("cxr_model_version") or f"local-{digest}"
-        self._model = ServedModel(name=name, version=version, contract=contract)
+        digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+        version = meta.get("cxr_model_version") or f"local-{digest[:12]}"
+        # the thresholds and calibrator training chose for this very file, when they are beside it
+        ops = operating_points_beside(model_path, digest)
+        self._model = ServedModel(name=name, version=version, contract=contract, operating_points=ops)
         # InferenceSession.run is thread-safe: each worker runs one request at a time.
         self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="ort")
 

@@ -2,9 +2,9 @@
 
 A small pool of clients per stage (each its own HTTP/2 channel) spreads
 concurrent requests; Triton's dynamic batcher merges them server-side. The
-model contract and version come from the model config's ``parameters``, written
-by :mod:`serving.inference.triton_repo`, so a re-load picks up a new model without a
-gateway restart.
+model contract, version and operating points come from the model config's
+``parameters``, written by :mod:`serving.inference.triton_repo`, so a re-load picks up
+a new model (and its per-class thresholds) without a gateway restart.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from serving.config import ServingSettings
 from serving.contract import ModelContract
 from serving.errors import BackendError, GatewayTimeout, ModelNotReady, Overloaded, ServingError
 from serving.inference.backend import ServedModel
+from serving.inference.operating_points import from_parameters as operating_points_from
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,12 @@ class TritonBackend:
             if "cxr_contract" in params
             else ModelContract()
         )
-        served = ServedModel(name=name, version=params.get("cxr_model_version", ""), contract=contract)
+        served = ServedModel(
+            name=name,
+            version=params.get("cxr_model_version", ""),
+            contract=contract,
+            operating_points=operating_points_from(params),
+        )
         self._models[stage] = served
         log.info(
             "triton_model stage=%s name=%s version=%s imgsz=%s", stage, name, served.version, contract.imgsz

@@ -7,6 +7,7 @@ so ``/v1/detect``, ``/v1/detect/batch`` and STOW-RS behave identically.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import uuid
@@ -113,7 +114,7 @@ class DetectionService:
         served = await self.backend.model(stage)
         version = served.version or self.router.table.version(stage)
         if version != served.version:
-            served = ServedModel(name=served.name, version=version, contract=served.contract)
+            served = dataclasses.replace(served, version=version)
         self.metrics.set_model_info(stage, served.name, served.version)
         return served
 
@@ -157,7 +158,7 @@ class DetectionService:
         self, payloads: list[bytes], conf: float | None, forced: Stage | None
     ) -> list[DetectionReply]:
         self.refresh_routing()
-        threshold = self.settings.conf_threshold if conf is None else conf
+        # conf None: each stage's model applies its own per-class operating points (pipeline._post)
         first_stage: Stage = forced or "production"
         first_model = await self._model(first_stage)
         try:
@@ -175,14 +176,14 @@ class DetectionService:
         outcomes: dict[int, InferenceOutcome] = {}
         for stage, idxs in groups.items():
             stage_uploads = [uploads[i] for i in idxs]
-            results = await self._run_stage(stage, stage_uploads, first_model, threshold, forced)
+            results = await self._run_stage(stage, stage_uploads, first_model, conf, forced)
             for i, outcome in zip(idxs, results, strict=True):
                 outcomes[i] = outcome
         replies = []
         for i, up in enumerate(uploads):
             replies.append(self._record(new_request_id(), up, outcomes[i]))
         for i in shadows:
-            self.spawn(self._shadow(uploads[i], outcomes[i], threshold))
+            self.spawn(self._shadow(uploads[i], outcomes[i], conf))
         return replies
 
     async def _run_stage(
@@ -190,7 +191,7 @@ class DetectionService:
         stage: Stage,
         uploads: list[DecodedUpload],
         first_model: ServedModel,
-        conf: float,
+        conf: float | None,
         forced: Stage | None,
     ) -> list[InferenceOutcome]:
         """Infer on the routed stage; a failing canary falls back to production instead of failing."""
@@ -207,7 +208,7 @@ class DetectionService:
         return await self._infer_bounded(stage, first_model, uploads, conf)
 
     async def _infer_bounded(
-        self, stage: Stage, model: ServedModel, uploads: list[DecodedUpload], conf: float
+        self, stage: Stage, model: ServedModel, uploads: list[DecodedUpload], conf: float | None
     ) -> list[InferenceOutcome]:
         uploads = await self.pipeline.reprepare(uploads, model)
         try:
@@ -261,7 +262,7 @@ class DetectionService:
         record = ResultRecord(request_id, response, up.image.source_format, up.data)
         return DetectionReply(record, outcome, up.image.study_uid, up.image.sop_uid)
 
-    async def _shadow(self, upload: DecodedUpload, served: InferenceOutcome, conf: float) -> None:
+    async def _shadow(self, upload: DecodedUpload, served: InferenceOutcome, conf: float | None) -> None:
         """Mirror to staging; the answer is discarded, only its agreement is recorded."""
         try:
             model = await self._model("staging")

@@ -153,18 +153,25 @@ class Pipeline:
     # ----------------------------------------------------------------- infer + postprocess
 
     def _post(
-        self, outputs: np.ndarray, uploads: list[DecodedUpload], model: ServedModel, conf: float
+        self, outputs: np.ndarray, uploads: list[DecodedUpload], model: ServedModel, conf: float | None
     ) -> tuple[list[list[Detection]], float]:
+        """NMS and boxes back to source pixels; ``conf`` None: the version's operating points decide.
+
+        A version without operating points keeps the global CXR_CONF_THRESHOLD and raw scores.
+        """
         start = time.perf_counter()
+        ops = model.operating_points
+        threshold = self.settings.conf_threshold if conf is None and ops is None else conf
         result = [
             to_detections(
                 outputs[i],
                 up.prepared.params,
                 model.contract.class_names,
-                conf_threshold=conf,
+                conf_threshold=threshold,
                 iou_threshold=self.settings.iou_threshold,
                 max_det=self.settings.max_detections,
                 source_size=up.prepared.source_size,
+                operating_points=ops,
             )
             for i, up in enumerate(uploads)
         ]
@@ -175,11 +182,14 @@ class Pipeline:
         stage: Stage,
         model: ServedModel,
         uploads: list[DecodedUpload],
-        conf: float,
+        conf: float | None,
         *,
         observe: bool = True,
     ) -> list[InferenceOutcome]:
         """One backend call for all uploads (the batch route sends N images as one tensor).
+
+        ``conf``: the request's threshold on the returned confidence, or None for the model's
+        per-class operating points (the global threshold when it has none).
 
         ``observe=False`` (the shadow mirror, which serves no one) leaves the phase
         histogram alone; the outcomes carry their timings either way.

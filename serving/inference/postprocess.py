@@ -5,12 +5,18 @@ NMS runs here, in the gateway, not in the graph (the model contract says
 The steps mirror ``ultralytics.utils.nms.non_max_suppression`` (best class per
 anchor, confidence filter, top-30000, class-offset NMS, max_det) using
 torchvision's ``batched_nms``; a test checks both give the same boxes.
+
+With the served version's operating points (:mod:`core.operating_points`) the confidence
+filter is per class on the raw score by default, a request's own threshold filters the
+calibrated confidence it gets back, and every detection carries the calibrated confidence.
+NMS itself always ranks raw scores, so calibration never changes which boxes survive it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from core.operating_points import OperatingPoints
 from data_pipeline.geometry import LetterboxParams, boxes_to_source
 from serving.contract import Detection
 
@@ -18,16 +24,31 @@ MAX_NMS_CANDIDATES = 30000
 
 
 def nms_one(
-    pred: np.ndarray, conf_threshold: float, iou_threshold: float, max_det: int
+    pred: np.ndarray,
+    conf_threshold: float | np.ndarray,
+    iou_threshold: float,
+    max_det: int,
+    *,
+    calibrated_by: OperatingPoints | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(4+nc, A) output of one image -> (boxes xyxy in model input px, confidences, class ids)."""
+    """(4+nc, A) output of one image -> (boxes xyxy in model input px, raw confidences, class ids).
+
+    ``conf_threshold``: one threshold (kept when the score is above it), or one per class id
+    (kept when the raw score is at least its class's, the operating points' rule). With
+    ``calibrated_by`` a single threshold applies to the calibrated confidence instead.
+    """
     import torch
     from torchvision.ops import batched_nms
 
     scores_all = pred[4:]
     cls = scores_all.argmax(axis=0)
     conf = scores_all[cls, np.arange(scores_all.shape[1])]
-    keep = conf > conf_threshold
+    if isinstance(conf_threshold, np.ndarray):
+        keep = conf >= conf_threshold[cls]
+    elif calibrated_by is not None:
+        keep = calibrated_by.calibrate(conf, cls) > conf_threshold
+    else:
+        keep = conf > conf_threshold
     if not keep.any():
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
     xywh = pred[:4, keep].T
@@ -54,19 +75,37 @@ def to_detections(
     params: LetterboxParams,
     class_names: tuple[str, ...],
     *,
-    conf_threshold: float,
+    conf_threshold: float | None,
     iou_threshold: float,
     max_det: int,
     source_size: tuple[int, int] | None = None,
+    operating_points: OperatingPoints | None = None,
 ) -> list[Detection]:
     """NMS on one image's output and map the kept boxes back through the letterbox.
 
     ``source_size`` is the original (width, height) when the letterboxed image
     was a shrunk copy (see ``preprocess.prepare``); boxes are scaled up to it.
+    ``conf_threshold`` None means the ``operating_points``' per-class thresholds; a number
+    filters the returned confidence (calibrated when the operating points calibrate).
     """
-    boxes, conf, cls = nms_one(pred.astype(np.float32, copy=False), conf_threshold, iou_threshold, max_det)
+    threshold: float | np.ndarray
+    if conf_threshold is None:
+        if operating_points is None:
+            raise ValueError("no confidence threshold: pass one, or the model's operating points")
+        threshold = operating_points.thresholds(max(len(class_names), pred.shape[0] - 4))
+    else:
+        threshold = conf_threshold
+    calibrating = operating_points is not None and operating_points.calibrated
+    boxes, conf, cls = nms_one(
+        pred.astype(np.float32, copy=False),
+        threshold,
+        iou_threshold,
+        max_det,
+        calibrated_by=operating_points if calibrating else None,
+    )
     if len(conf) == 0:
         return []
+    shown = operating_points.calibrate(conf, cls) if operating_points is not None and calibrating else conf
     source = np.asarray(boxes_to_source(boxes, params), dtype=np.float64)
     if source_size is not None and source_size != (params.src_w, params.src_h):
         width, height = source_size
@@ -78,8 +117,9 @@ def to_detections(
             class_name=class_names[int(c)] if int(c) < len(class_names) else str(int(c)),
             confidence=float(s),
             box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+            raw_confidence=float(r) if calibrating else None,
         )
-        for b, s, c in zip(source, conf, cls, strict=True)
+        for b, s, r, c in zip(source, shown, conf, cls, strict=True)
     ]
 
 

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from core.operating_points import CONFIG_PARAMETER
 from serving.contract import ModelContract, contract_from_metadata, read_onnx_metadata
+from serving.inference.operating_points import beside as operating_points_beside
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,8 @@ def build_repository(
     ``version`` is Triton's numeric directory; ``model_version`` is the registry
     version reported to clients (defaults to ``version``). ``dataset_version`` (the
     model's training data) lets the gateway's drift monitor find its reference statistics.
+    ``operating_points.json`` beside the ONNX (measured on that file) goes into the config's
+    ``cxr_operating_points`` parameter, where the gateway finds the per-class thresholds.
     Without ``options`` the variant's defaults apply (:meth:`RepositoryOptions.for_variant`).
     """
     if not onnx_path.is_file():
@@ -176,6 +180,10 @@ def build_repository(
     shutil.copyfile(onnx_path, version_dir / "model.onnx")
     if variant == "python":
         shutil.copyfile(_PYTHON_MODEL, version_dir / "model.py")
+    extra = {"cxr_dataset_version": dataset_version} if dataset_version else {}
+    ops = operating_points_beside(onnx_path)
+    if ops is not None:  # the gateway reads them with the contract, per loaded version
+        extra[CONFIG_PARAMETER] = ops.to_json()
     (model_dir / "config.pbtxt").write_text(
         render_config(
             contract,
@@ -183,10 +191,16 @@ def build_repository(
             model_name=model_name,
             model_version=model_version or str(version),
             options=opts,
-            extra_parameters={"cxr_dataset_version": dataset_version} if dataset_version else None,
+            extra_parameters=extra or None,
         )
     )
-    log.info("triton_repo_built model=%s variant=%s dir=%s", model_name, variant, model_dir)
+    log.info(
+        "triton_repo_built model=%s variant=%s dir=%s operating_points=%s",
+        model_name,
+        variant,
+        model_dir,
+        "yes" if ops is not None else "none",
+    )
     return model_dir
 
 

@@ -50,7 +50,11 @@ TEST_POLICY = {
         "max_confidence_shift": 1.0,
         "min_agreement": 0.0,
         "weights": [10, 50, 100],
-    }
+    },
+    # the golden-set comparison runs on every canary and production promotion and its table goes
+    # into the commit; two 2-epoch models differ by chance, so the margin lets any pair through
+    # (tests/integration/delivery/test_golden_gate.py proves a worse model is refused)
+    "golden": {"required": True, "margin": 1.0, "resamples": 200},
 }
 
 
@@ -80,6 +84,7 @@ def _commit_policy(checkout: Path) -> None:
     policy_file = checkout / "k8s" / "delivery-policy.yaml"
     policy = yaml.safe_load(policy_file.read_text())
     policy["canary"].update(TEST_POLICY["canary"])
+    policy["golden"].update(TEST_POLICY["golden"])
     policy_file.write_text(yaml.safe_dump(policy, sort_keys=False))
     repo = Repo(checkout)
     repo.index.add([str(policy_file)])
@@ -131,6 +136,26 @@ def test_data_to_production_to_feedback_to_retrained_staging(stack: StackRun, tm
     keys = api_keys(stack.state)
     _commit_policy(checkout)
     config = _training_config(tmp_path / "e2e.yaml")
+
+    # [0] a golden set (other patients), pinned by a commit in the checkout before any dataset
+    golden = tmp_path / "golden"
+    stack.cxr("data", "synth", "--out", str(golden), "--n-images", "12", "--seed", "5", "--size", "512")
+    stack.env["CXR_GOLDEN_MIN_IMAGES"] = "12"
+    built = stack.cxr(
+        "data",
+        "golden",
+        "build",
+        "--dicom-dir",
+        str(golden / "dicom"),
+        "--annotations",
+        str(golden / "annotations.csv"),
+        "--out",
+        str(tmp_path / "golden-datasets"),
+        "--upload",
+        "yes",
+    )
+    golden_version = built.stdout.strip().splitlines()[-1]
+    assert _subjects(checkout)[0].startswith(f"pin golden set {golden_version}")
 
     # [1] data: synthetic DICOMs → fused, checked, split, versioned dataset in S3
     synth = tmp_path / "synth"
@@ -271,6 +296,13 @@ def test_data_to_production_to_feedback_to_retrained_staging(stack: StackRun, tm
     assert mlflow.get_model_version_by_alias(MODEL, "production").version == v2
     subjects = _subjects(checkout)
     assert any("canary" in s and "50" in s for s in subjects), subjects
+    promoted = next(
+        c
+        for c in Repo(checkout).iter_commits(max_count=30)
+        if c.summary.startswith(f"promote {MODEL} {v2} to production")
+    )
+    assert "- golden set vs production (paired): pass" in promoted.message, promoted.message
+    assert f"Golden set {golden_version}" in promoted.message
     # the production Triton loads v2 (the canary step's reconcile, or the stack's watcher after it):
     # one minute on a quiet machine was once not enough in CI; polling, so the longer limit is free
     _poll(

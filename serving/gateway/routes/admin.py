@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from core.stages import STAGES
 from serving.errors import ServingError
 from serving.gateway.deps import AdminDep, OperatorDep, StateDep
+from serving.inference.operating_points import describe as describe_operating_points
 
 router = APIRouter(prefix="/v1", tags=["operations"])
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ async def list_models(state: StateDep, principal: OperatorDep) -> JSONResponse:
             served = await state.backend.model(stage)
             info["served_version"] = served.version
             info["imgsz"] = list(served.contract.imgsz)
+            # the per-class thresholds /v1/detect applies by default, and the calibration it returns
+            info["operating_points"] = describe_operating_points(
+                served.operating_points, state.settings.conf_threshold
+            )
         except ServingError as exc:
             info["served_version"] = None
             info["error"] = exc.message

@@ -58,7 +58,15 @@ async def detect(
     request: Request,
     state: StateDep,
     principal: PacsDep,
-    conf: Annotated[float | None, Query(ge=0.0, le=1.0, description="confidence threshold")] = None,
+    conf: Annotated[
+        float | None,
+        Query(
+            ge=0.0,
+            le=1.0,
+            description="threshold on the returned (calibrated) confidence; "
+            "default: the served version's per-class operating points",
+        ),
+    ] = None,
     format: Annotated[Literal["json", "sr"], Query(description="json, or sr for a DICOM SR")] = "json",
     x_cxr_stage: Annotated[str | None, Header(description="operators: force a stage")] = None,
 ) -> Response:

@@ -22,12 +22,12 @@ from data_pipeline.classes import CLASS_NAMES
 IMGSZ = 64
 
 
-def tiny_detector(path: Path, *, score: float, imgsz: int = IMGSZ) -> Path:
-    """Every anchor predicts one centred box of class 0 with ``score`` (0 = no detections)."""
+def tiny_detector(path: Path, *, score: float, imgsz: int = IMGSZ, class_id: int = 0) -> Path:
+    """Every anchor predicts one centred box (a quarter of the input) of ``class_id`` with ``score``."""
     channels = 4 + len(CLASS_NAMES)
     bias = np.zeros(channels, dtype=np.float32)
     bias[:4] = [imgsz / 2, imgsz / 2, imgsz / 4, imgsz / 4]
-    bias[4] = score
+    bias[4 + class_id] = score
     nodes = [
         helper.make_node("AveragePool", ["images"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8]),
         helper.make_node("Conv", ["pooled", "w", "b"], ["maps"]),

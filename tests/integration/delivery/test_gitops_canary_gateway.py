@@ -46,6 +46,8 @@ canary:
   min_requests: 10
   max_p95_ratio: 5.0
   weights: [10, 50, 100]
+golden:
+  required: false  # this test judges canary traffic; test_golden_gate judges the golden-set comparison
 """
 
 

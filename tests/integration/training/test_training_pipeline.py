@@ -12,9 +12,10 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from core.hashing import file_sha256
+from core.operating_points import OPERATING_POINTS_FILE, OperatingPoints
 from training.cli import app
 from training.config import TrainConfig, TrainSettings
-from training.registry import LineageTags, download_onnx
+from training.registry import LineageTags, ModelRegistry, download_onnx
 from training.run import train_and_register
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -69,6 +70,17 @@ def test_two_workers_train_in_sync_on_disjoint_shards_and_register_a_traceable_v
     onnx_file = download_onnx(outcome.model_version, tmp_path / "dl", settings)
     assert file_sha256(onnx_file) == version.tags["onnx_sha256"]
     assert client.get_registered_model("cxr-detector").aliases == {}
+
+    # [3b] operating points: chosen on val, beside the ONNX in the version's source, tagged, carded
+    ops_file = ModelRegistry.from_settings(settings).download_operating_points(
+        outcome.model_version, tmp_path / "ops"
+    )
+    assert ops_file is not None and ops_file.name == OPERATING_POINTS_FILE
+    ops = OperatingPoints.from_json(ops_file.read_text())
+    assert ops.split == "val" and ops.onnx_sha256 == version.tags["onnx_sha256"]
+    assert version.tags["operating_points_sha256"] == ops.sha256()
+    assert "## Operating points and calibration" in version.description
+    assert "val/threshold/cardiomegaly" in run.data.metrics
 
     # [4] `cxr train evaluate` reads the registered ONNX back and scores it like training did
     for key, value in {

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from git import Repo
 from typer.testing import CliRunner
 
 from data_pipeline.cli import app
@@ -126,6 +127,10 @@ def test_cli_builds_pins_and_shows_a_golden_set_and_refuses_a_tiny_one(
     sets: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     golden_src, _, _ = sets
+    repo = Repo.init(tmp_path)  # a GitOps repository: the pin is committed there
+    with repo.config_writer() as config:
+        config.set_value("user", "name", "Golden Test")
+        config.set_value("user", "email", "golden@example.org")
     monkeypatch.setenv("CXR_GITOPS_DIR", str(tmp_path))
     monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
     monkeypatch.setenv("CXR_MAX_SIDE", "128")
@@ -141,5 +146,7 @@ def test_cli_builds_pins_and_shows_a_golden_set_and_refuses_a_tiny_one(
     assert built.exit_code == 0, built.output
     pin = read_pin(tmp_path)
     assert pin is not None and pin.version in built.output
+    assert repo.head.commit.message.startswith(f"pin golden set {pin.version}")
+    assert "training/golden.yaml" in repo.head.commit.stats.files
     shown = CliRunner().invoke(app, ["golden", "show"])
     assert shown.exit_code == 0 and pin.version in shown.output

@@ -85,11 +85,22 @@ class FakeStore:
 class FakeRegistry:
     def __init__(self, models: dict[str, Path]) -> None:
         self.models = models
+        self.operating_points: dict[str, str] = {}  # version -> artifact JSON (none: trained before them)
+        self.asked: list[str] = []
 
     def download_onnx(self, version: str, dest: Path) -> Path:
         dest.mkdir(parents=True, exist_ok=True)
         out = dest / "model.onnx"
         out.write_bytes(self.models[version].read_bytes())
+        return out
+
+    def download_operating_points(self, version: str, dest: Path) -> Path | None:
+        self.asked.append(version)
+        if version not in self.operating_points:
+            return None
+        dest.mkdir(parents=True, exist_ok=True)
+        out = dest / "operating_points.json"
+        out.write_text(self.operating_points[version])
         return out
 
 
@@ -174,6 +185,23 @@ def test_a_stage_that_names_no_version_is_emptied_so_its_tritons_unload(cluster:
     assert rec.publish_stage(ctx, "staging", registry=registry, store=store).action == "unpublished"
     assert store.list_prefix("triton/staging/") == []
     assert rec.publish_stage(ctx, "staging", registry=registry, store=store).action == "unchanged"
+
+
+def test_published_repository_carries_the_versions_operating_points(cluster: Any) -> None:
+    from core.hashing import file_sha256
+    from core.operating_points import CONFIG_PARAMETER, OperatingPoints
+
+    ctx, store, registry = cluster
+    ops = OperatingPoints(onnx_sha256=file_sha256(registry.models["5"]), fallback_threshold=0.3)
+    registry.operating_points["5"] = ops.to_json()
+    set_version(ctx, "production", "5")
+    rec.publish_stage(ctx, "production", registry=registry, store=store)
+    assert published_config(store, "production").parameters[CONFIG_PARAMETER].string_value == ops.to_json()
+    set_version(ctx, "canary", "3")  # a version trained before operating points: published without
+    rec.publish_stage(ctx, "canary", registry=registry, store=store)
+    assert CONFIG_PARAMETER not in published_config(store, "canary").parameters
+    rec.publish_stage(ctx, "canary", registry=registry, store=store)
+    assert registry.asked == ["5", "3"]  # the answer, absent included, is cached per version
 
 
 def test_promote_publish_writes_the_cluster_variant_too(cluster: Any) -> None:
