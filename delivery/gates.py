@@ -48,7 +48,9 @@ class GateReport:
         return [r for r in self.results if not r.passed]
 
     def lines(self) -> list[str]:
-        head = f"Gates for {self.stage} (version {self.version}): {'pass' if self.passed else 'FAIL'}"
+        warnings = sum(r.warning for r in self.results)
+        verdict = "FAIL" if not self.passed else f"pass with {warnings} WARN" if warnings else "pass"
+        head = f"Gates for {self.stage} (version {self.version}): {verdict}"
         return [head, *(r.line() for r in self.results), *(["", *self.notes] if self.notes else [])]
 
 

@@ -205,3 +205,88 @@ def quantize_cmd(
         f"max |fp32 - int8| {result.max_abs_diff:.4g} on {result.calibration_images} calibration images. "
         f"Written to {result.onnx_path}; NOT registered (the registry serves the fp32 export)."
     )
+
+
+def _positive_minutes(value: float) -> float:
+    """Typer's ``min`` is inclusive; a zero budget would end the search before its first trial."""
+    if not value > 0:
+        raise typer.BadParameter(f"must be above 0 minutes, got {value}")
+    return value
+
+
+@app.command("tune")
+def tune_cmd(
+    config: Annotated[
+        Path,
+        typer.Option("--config", "-c", help="recipe YAML whose lr, augmentation, imgsz, epochs are tuned"),
+    ],
+    trials: Annotated[
+        int, typer.Option("--trials", "-n", min=1, help="Tune trials (each a Ray Train run)")
+    ] = 8,
+    budget_minutes: Annotated[
+        float,
+        typer.Option("--budget-minutes", callback=_positive_minutes, help="wall-clock budget of the search"),
+    ] = 60.0,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", "-d", help="dataset version or directory")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", "-w", min=1, help="Ray workers per trial (default: recipe's)")
+    ] = None,
+    space: Annotated[
+        Path | None, typer.Option("--space", help="search-space YAML (fields of training.tune.TuneSpace)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="where the tuned recipe goes (default: the work dir)")
+    ] = None,
+) -> None:
+    """Search the recipe's hyper-parameters with Ray Tune (ASHA); write the best as a new recipe."""
+    settings = TrainSettings()
+    _setup(settings)
+    from training.tune import load_space, tune_search
+
+    try:
+        recipe = load_config(config)
+        search_space = load_space(space) if space is not None else None
+        outcome = tune_search(
+            recipe,
+            dataset,
+            trials=trials,
+            budget_minutes=budget_minutes,
+            workers=workers,
+            space=search_space,
+            out=out,
+            settings=settings,
+        )
+    except CxrError as exc:
+        raise _fail(exc) from exc
+    table = Table(title=f"trials of {outcome.search_name} ({outcome.metric}, {outcome.mode})")
+    table.add_column("", no_wrap=True)
+    for col in ("trial", "outcome", "lr0", "aug x", "imgsz", "epochs", "run", outcome.metric):
+        table.add_column(col, justify="right", no_wrap=col == "trial")
+    for t in outcome.trials:
+        best = t.trial_id == outcome.best.trial_id
+        table.add_row(
+            "*" if best else "",
+            t.trial_id,
+            t.outcome,
+            f"{t.lr0:.3g}",
+            f"{t.augment_strength:.2f}",
+            str(t.imgsz),
+            str(t.epochs),
+            str(t.epochs_run),
+            f"{t.metric:.4f}" if t.metric is not None else "-",
+            style="bold green" if best else None,
+        )
+    console.print(table)
+    summary = Table(title="best", show_header=False)
+    summary.add_column("what", no_wrap=True)
+    summary.add_column("value", overflow="fold")
+    summary.add_row("MLflow parent run", outcome.parent_run_id)
+    summary.add_row("best trial (child run)", f"{outcome.best.trial_id} ({outcome.best.child_run_id})")
+    summary.add_row(outcome.metric, f"{outcome.best.metric:.4f}" if outcome.best.metric is not None else "-")
+    summary.add_row("tuned recipe", str(outcome.config_path))
+    summary.add_row("Ray checkpoint", outcome.best.checkpoint or "-")
+    summary.add_row("seconds", f"{outcome.seconds:.0f}")
+    console.print(summary)
+    console.print(f"next: cxr train run --config {outcome.config_path}  (the search registered nothing)")

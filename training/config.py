@@ -233,6 +233,14 @@ class TrainSettings(CoreSettings):
     ray_address: str | None = None
     #: checkpoints on a local/shared filesystem instead of S3 (benchmarks, laptops without the stack)
     ray_storage_dir: Path | None = None
+    min_test_images: int = Field(
+        default=30,
+        ge=1,
+        description=(
+            "a dataset whose test split is smaller is refused before training (CXR_MIN_TEST_IMAGES): "
+            "an mAP on a handful of images is noise, and a registered 0.000 says nothing"
+        ),
+    )
 
     @property
     def work_dir(self) -> Path:

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -299,7 +299,27 @@ def _ray_init(settings: TrainSettings, cpus_needed: float) -> bool:
     return True
 
 
-def fit_distributed(
+@dataclass(frozen=True)
+class RayStorage:
+    """Where Ray keeps a run's checkpoints: S3 (the project's store) or a local/shared folder."""
+
+    path: str
+    filesystem: Any
+    scheme: str
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([f"{self.scheme}{self.path}", *parts])
+
+
+def ray_storage(config: TrainConfig, settings: TrainSettings) -> RayStorage:
+    """Checkpoints under ``CXR_RAY_STORAGE_DIR`` when set, else under the recipe's prefix in the bucket."""
+    if settings.ray_storage_dir is not None:
+        return RayStorage(str(settings.ray_storage_dir.resolve()), None, "file://")
+    path = f"{settings.s3_bucket}/{config.checkpoint.s3_prefix.strip('/')}"
+    return RayStorage(path, s3_filesystem(settings), "s3://")
+
+
+def make_trainer(
     config: TrainConfig,
     dataset: DatasetRef,
     *,
@@ -307,9 +327,15 @@ def fit_distributed(
     settings: TrainSettings,
     mlflow_run_id: str = "",
     base_weights: Path | None = None,
-) -> DistributedRun:
-    """Train ``config`` on ``dataset`` with ``config.scaling.num_workers`` Ray workers; block until done."""
-    import ray
+    callbacks: Sequence[Any] = (),
+    train_loop: Callable[[dict[str, Any]], None] | None = None,
+    loop_extras: Mapping[str, Any] | None = None,
+) -> tuple[Any, RayStorage]:
+    """The ``TorchTrainer`` of one run, not started: :func:`fit_distributed` and each Tune trial fit it.
+
+    A Tune trial passes Tune's report callback in ``callbacks``, and a ``train_loop`` that wraps
+    :func:`train_loop_per_worker` with ``loop_extras`` of its own (see :mod:`training.tune`).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -331,41 +357,63 @@ def fit_distributed(
         "mlflow_run_id": mlflow_run_id,
         "torch_threads": scaling.torch_threads,
         "use_gpu": scaling.use_gpu,
+        **(loop_extras or {}),
     }
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker or 1.0
-    if settings.ray_storage_dir is not None:
-        storage_path, filesystem, scheme = str(settings.ray_storage_dir.resolve()), None, "file://"
-    else:
-        storage_path = f"{settings.s3_bucket}/{config.checkpoint.s3_prefix.strip('/')}"
-        filesystem, scheme = s3_filesystem(settings), "s3://"
+    storage = ray_storage(config, settings)
+    trainer = TorchTrainer(
+        train_loop or train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=RayScaling(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
+            failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
+            callbacks=list(callbacks) or None,
+        ),
+    )
+    return trainer, storage
+
+
+def fit_distributed(
+    config: TrainConfig,
+    dataset: DatasetRef,
+    *,
+    run_name: str,
+    settings: TrainSettings,
+    mlflow_run_id: str = "",
+    base_weights: Path | None = None,
+) -> DistributedRun:
+    """Train ``config`` on ``dataset`` with ``config.scaling.num_workers`` Ray workers; block until done."""
+    import ray
+
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # before Ray starts: its workers inherit it
+    scaling = config.scaling
+    work_dir = (settings.work_dir / run_name).resolve()
     started = _ray_init(settings, scaling.cpus_per_worker * scaling.num_workers)
     t0 = time.perf_counter()
     try:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop_config,
-            torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-            scaling_config=RayScaling(
-                num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
-            ),
-            run_config=RunConfig(
-                name=run_name,
-                storage_path=storage_path,
-                storage_filesystem=filesystem,
-                failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
-            ),
+        trainer, storage = make_trainer(
+            config,
+            dataset,
+            run_name=run_name,
+            settings=settings,
+            mlflow_run_id=mlflow_run_id,
+            base_weights=base_weights,
         )
         log.info(
-            "event=ray_fit_start run=%s workers=%d global_batch=%d storage=%s%s/%s",
+            "event=ray_fit_start run=%s workers=%d global_batch=%d storage=%s",
             run_name,
             scaling.num_workers,
             config.global_batch,
-            scheme,
-            storage_path,
-            run_name,
+            storage.uri(run_name),
         )
         try:
             result = trainer.fit()
@@ -386,7 +434,7 @@ def fit_distributed(
     return DistributedRun(
         run_name=run_name,
         checkpoint_dir=local,
-        checkpoint_uri=f"{scheme}{storage_path}/{run_name}/{Path(result.checkpoint.path).name}",
+        checkpoint_uri=storage.uri(run_name, Path(result.checkpoint.path).name),
         epochs_completed=int(state["epoch"]) + 1,
         world_size=scaling.num_workers,
         metrics={k: float(v) for k, v in state.get("metrics", {}).items()},

@@ -293,6 +293,18 @@ def _register(
     )
 
 
+def check_test_split(data: DatasetRef, minimum: int) -> None:
+    """Refuse, before minutes of training, a dataset whose test split cannot measure anything."""
+    images = len(data.images("test"))
+    if images < minimum:
+        raise DatasetError(
+            f"dataset {data.version} has {images} test images, fewer than CXR_MIN_TEST_IMAGES={minimum}: "
+            "its mAP would be noise (a model registered with 0.000 says nothing). Build a larger dataset "
+            "(e.g. `cxr data synth --n-images 200` then `cxr data ingest`), or lower CXR_MIN_TEST_IMAGES "
+            "for a smoke run that is not meant to be promoted"
+        )
+
+
 def train_and_register(
     config: TrainConfig,
     dataset: str | Path | None = None,
@@ -309,6 +321,7 @@ def train_and_register(
     run_name = make_run_name(config)
     out = (settings.work_dir / run_name).resolve()
     data = resolve_dataset(ref, out, settings.dataset_cache)
+    check_test_split(data, settings.min_test_images)
     commit = git_commit()
     # [2] the MLflow run: any failure below marks it FAILED and nothing is registered
     tracker = Tracker(settings)
