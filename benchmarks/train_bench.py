@@ -36,13 +36,13 @@ log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
 
-def build_synthetic_dataset(root: Path, n_images: int, size: int, max_side: int) -> DatasetRef:
+def build_synthetic_dataset(root: Path, n_images: int, size: int, max_side: int, seed: int = 0) -> DatasetRef:
     """The data pipeline's own phantoms -> a versioned YOLO dataset (no S3 needed)."""
     from data_pipeline.config import DataSettings
     from data_pipeline.ingest import build_dataset
     from data_pipeline.synth import SynthConfig, generate
 
-    synth = generate(SynthConfig(n_images=n_images, seed=0, size=size), root / "synth")
+    synth = generate(SynthConfig(n_images=n_images, seed=seed, size=size), root / "synth")
     build = build_dataset(
         synth.dicom_dir,
         synth.annotations_csv,
@@ -111,20 +111,28 @@ def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def train_quality(root: Path, n_images: int = 300, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_quality(
+    root: Path,
+    n_images: int = 300,
+    overrides: dict[str, Any] | None = None,
+    *,
+    recipe: str = "cpu-small.yaml",
+    seed: int = 0,
+) -> dict[str, Any]:
     """The CPU recipe (``overrides`` merged into it) on the default synthetic dataset: test mAP, per-class AP.
 
     The dataset builder reads ``CXR_*`` settings from the environment, so e.g.
-    ``CXR_MIN_READER_SHARE=0`` builds the labels with every reader's box.
+    ``CXR_MIN_READER_SHARE=0`` builds the labels with every reader's box. ``recipe="bootstrap.yaml"``
+    with 230 phantoms of seed 1 is what ``make up`` trains first (``stack/bootstrap.py``).
     """
     from training.evaluate import evaluate
     from training.predictors import TorchPredictor
     from training.ray_trainer import fit_distributed
 
-    config = load_config(CONFIGS / "cpu-small.yaml")
+    config = load_config(CONFIGS / recipe)
     if overrides:
         config = TrainConfig.model_validate(_merged(config.model_dump(), overrides))
-    dataset = build_synthetic_dataset(root / "quality", n_images, size=1024, max_side=1024)
+    dataset = build_synthetic_dataset(root / "quality", n_images, size=1024, max_side=1024, seed=seed)
     settings = TrainSettings(stack_dir=root / "stack", ray_storage_dir=root / "ray")
     started = time.perf_counter()
     run = fit_distributed(config, dataset, run_name=f"bench-quality-{int(time.time())}", settings=settings)
@@ -135,6 +143,7 @@ def train_quality(root: Path, n_images: int = 300, overrides: dict[str, Any] | N
         "train_quality_map40": round(report.map40, 4),
         "train_quality_map50_95": round(report.map50_95, 4),
         "train_quality_seconds": round(train_seconds, 1),
+        "train_quality_test_images": report.images,
         "train_quality_per_class_ap50": {c.class_name: round(c.ap50, 3) for c in report.per_class},
     }
 
@@ -159,5 +168,15 @@ if __name__ == "__main__":
         with tempfile.TemporaryDirectory(prefix="cxr-train-quality-") as tmp:
             extra = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
             print(json.dumps(train_quality(Path(tmp), overrides=extra), indent=2))
+    # `python -m benchmarks.train_bench bootstrap '{"epochs": 16}'`: make up's first model, recipe overridden
+    elif len(sys.argv) > 1 and sys.argv[1] == "bootstrap":
+        from stack.bootstrap import BOOTSTRAP_IMAGES, BOOTSTRAP_SEED
+
+        with tempfile.TemporaryDirectory(prefix="cxr-train-bootstrap-") as tmp:
+            extra = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
+            found = train_quality(
+                Path(tmp), BOOTSTRAP_IMAGES, extra, recipe="bootstrap.yaml", seed=BOOTSTRAP_SEED
+            )
+            print(json.dumps(found, indent=2))
     else:
         print(run_training_benchmarks())

@@ -29,7 +29,8 @@ log = logging.getLogger("cxr.stack.bootstrap")
 
 MODEL_NAME = "cxr-detector"
 BOOTSTRAP_CONFIG = Path("training") / "configs" / "bootstrap.yaml"
-BOOTSTRAP_IMAGES = 96
+BOOTSTRAP_IMAGES = 230  # a test split of >= 30 (CXR_MIN_TEST_IMAGES) at the default 15 %
+BOOTSTRAP_SEED = 1
 GOLDEN_IMAGES = 100  # CXR_GOLDEN_MIN_IMAGES' default: the smallest set that tells two models apart
 GOLDEN_SEED = 7  # not the training phantoms' seed: other patients, other images
 REASON = "bootstrap: first model of a new one-machine stack (no production model or canary traffic yet)"
@@ -83,7 +84,7 @@ def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> st
             "--n-images",
             str(BOOTSTRAP_IMAGES),
             "--seed",
-            "1",
+            str(BOOTSTRAP_SEED),
             "--size",
             "1024",
         )
