@@ -144,6 +144,7 @@ def train_quality(
         "train_quality_map50_95": round(report.map50_95, 4),
         "train_quality_seconds": round(train_seconds, 1),
         "train_quality_test_images": report.images,
+        "train_quality_no_finding_auc": round(report.no_finding_auc or 0.0, 4),
         "train_quality_per_class_ap50": {c.class_name: round(c.ap50, 3) for c in report.per_class},
     }
 

@@ -65,6 +65,7 @@ class EvalReport(BaseModel):
     precision: float
     recall: float
     per_class: list[ClassMetrics]
+    no_finding_auc: float | None = None  # image level: finding vs "No finding" (no_finding_auc())
     latency_ms_b1: float | None = None
     latency_ms_b8: float | None = None
     plots: list[str] = []
@@ -149,6 +150,23 @@ def _match(pred: np.ndarray, gt_boxes: np.ndarray, gt_cls: np.ndarray) -> np.nda
         cast(Any, matcher), torch.from_numpy(pred[:, 5]).int(), torch.from_numpy(gt_cls).int(), iou
     )
     return correct.numpy()
+
+
+def no_finding_auc(per_image: list[ImageResult]) -> float | None:
+    """ROC AUC of "this image has a finding" scored by the image's highest detection confidence.
+
+    The image-level question a worklist asks (normal or not?), answered from the boxes alone:
+    an image's score is its most confident detection (0 without any), its truth whether any
+    reader's box survived fusion ("No finding" images have none). None when the split holds only
+    one kind of image (the AUC is undefined).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    truth = np.array([len(r.gt_cls) > 0 for r in per_image])
+    if truth.all() or not truth.any():
+        return None
+    score = np.array([float(r.conf.max()) if len(r.conf) else 0.0 for r in per_image])
+    return float(roc_auc_score(truth, score))
 
 
 def measure_latency(predictor: Predictor, sample: np.ndarray, batch: int, repeats: int) -> float:
@@ -264,6 +282,7 @@ def evaluate(
         per_class=per_class,
         plots=sorted(str(p) for p in plots_dir.glob("*.png")) if plots_dir is not None else [],
         subgroups=subgroup_metrics(per_image, dataset.subgroups()),
+        no_finding_auc=no_finding_auc(per_image),
     )
     if results is not None:
         results.extend(per_image)

@@ -15,6 +15,11 @@ from training.operating_points import card_section as operating_section
 from training.subgroups import card_section as subgroup_section
 
 
+def _auc(report: EvalReport) -> str:
+    """The image-level AUC (highest confidence per image) or why there is none."""
+    return f"{report.no_finding_auc:.4f}" if report.no_finding_auc is not None else "n/a (one kind of image)"
+
+
 def render_model_card(
     *,
     config: TrainConfig,
@@ -76,6 +81,7 @@ Dataset version `{dataset.version}`: {data_kind}. Split by patient into train / 
 | mAP@0.5:0.95 | {torch_report.map50_95:.4f} | {onnx_report.map50_95:.4f} |
 | precision @ conf {onnx_report.conf_threshold} | {torch_report.precision:.4f} | {onnx_report.precision:.4f} |
 | recall @ conf {onnx_report.conf_threshold} | {torch_report.recall:.4f} | {onnx_report.recall:.4f} |
+| image-level AUC, finding vs "No finding" | {_auc(torch_report)} | {_auc(onnx_report)} |
 
 Parity: max |PyTorch - ONNX| on raw outputs {export.parity_max_abs_diff:.2e} over {export.parity_images}
 dataset images. ONNX Runtime CPU latency: {latency}.

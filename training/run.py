@@ -221,6 +221,11 @@ def _final_metrics(r: _Results) -> dict[str, float]:
         "test/map50_95": r.onnx_report.map50_95,
         "test/precision": r.onnx_report.precision,
         "test/recall": r.onnx_report.recall,
+        **(
+            {"test/no_finding_auc": r.onnx_report.no_finding_auc}
+            if r.onnx_report.no_finding_auc is not None
+            else {}
+        ),
         "test/pytorch_map50": r.torch_report.map50,
         "parity_max_abs_diff": r.export.parity_max_abs_diff,
         "ort_latency_ms_b1": r.onnx_report.latency_ms_b1 or 0.0,
