@@ -56,6 +56,14 @@ def _cxr(settings: StackSettings, step: str, *args: str) -> None:
         )
 
 
+def _phantoms(settings: StackSettings, step: str, out: Path, n_images: int, seed: int) -> None:
+    """``cxr data synth`` into ``out`` unless an earlier (interrupted) bootstrap already made them."""
+    if (out / "annotations.csv").exists():
+        return
+    args = ["--out", str(out), "--n-images", str(n_images), "--seed", str(seed), "--size", "1024"]
+    _cxr(settings, step, "data", "synth", *args)
+
+
 def registered_versions(mlflow_uri: str) -> list[str]:
     from mlflow import MlflowClient
 
@@ -73,21 +81,7 @@ def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> st
     work = settings.state / "bootstrap"
     ensure_golden_set(settings, env, work)
     synth = work / "synth"
-    if not (synth / "annotations.csv").exists():
-        _cxr(
-            settings,
-            "synth",
-            "data",
-            "synth",
-            "--out",
-            str(synth),
-            "--n-images",
-            str(BOOTSTRAP_IMAGES),
-            "--seed",
-            str(BOOTSTRAP_SEED),
-            "--size",
-            "1024",
-        )
+    _phantoms(settings, "synth", synth, BOOTSTRAP_IMAGES, BOOTSTRAP_SEED)
     summary_dir = work / "pipeline"
     _cxr(
         settings,
@@ -128,21 +122,7 @@ def ensure_golden_set(settings: StackSettings, env: dict[str, str], work: Path) 
     if read_pin(Path(env["CXR_GITOPS_DIR"])) is not None:
         return
     golden = work / "golden"
-    if not (golden / "annotations.csv").exists():
-        _cxr(
-            settings,
-            "golden-synth",
-            "data",
-            "synth",
-            "--out",
-            str(golden),
-            "--n-images",
-            str(GOLDEN_IMAGES),
-            "--seed",
-            str(GOLDEN_SEED),
-            "--size",
-            "1024",
-        )
+    _phantoms(settings, "golden-synth", golden, GOLDEN_IMAGES, GOLDEN_SEED)
     _cxr(
         settings,
         "golden-build",

@@ -20,6 +20,12 @@ from training.config import TrainSettings, load_config
 from training.dataset import DatasetRef
 from training.errors import TrainingError
 
+# options several commands share, declared once
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="recipe YAML, e.g. training/configs/cpu-small.yaml")
+]
+DatasetOption = Annotated[str | None, typer.Option("--dataset", "-d", help="dataset version or directory")]
+
 app = typer.Typer(help="Train, evaluate and register the chest X-ray detector.", no_args_is_help=True)
 console = Console()
 
@@ -62,15 +68,11 @@ def _fail(exc: CxrError) -> typer.Exit:
 
 @app.command()
 def run(
-    config: Annotated[
-        Path, typer.Option("--config", "-c", help="recipe YAML, e.g. training/configs/cpu-small.yaml")
-    ],
+    config: ConfigOption,
     workers: Annotated[
         int | None, typer.Option("--workers", "-w", min=1, help="Ray workers (data parallel)")
     ] = None,
-    dataset: Annotated[
-        str | None, typer.Option("--dataset", "-d", help="dataset version or directory")
-    ] = None,
+    dataset: DatasetOption = None,
 ) -> None:
     """Train with Ray, evaluate, export ONNX with parity, and register a cxr-detector version."""
     settings = TrainSettings()
@@ -227,9 +229,7 @@ def tune_cmd(
         float,
         typer.Option("--budget-minutes", callback=_positive_minutes, help="wall-clock budget of the search"),
     ] = 60.0,
-    dataset: Annotated[
-        str | None, typer.Option("--dataset", "-d", help="dataset version or directory")
-    ] = None,
+    dataset: DatasetOption = None,
     workers: Annotated[
         int | None, typer.Option("--workers", "-w", min=1, help="Ray workers per trial (default: recipe's)")
     ] = None,
