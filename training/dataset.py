@@ -134,6 +134,14 @@ def open_dataset_dir(path: Path, work_dir: Path, required: tuple[str, ...] = ("t
     return DatasetRef(path=path, version=version, data_yaml=out, synthetic=_is_synthetic(manifest))
 
 
+def dataset_ref(configured: str | None, given: str | Path | None) -> str:
+    """The dataset to train on: the caller's beats the recipe's, and having neither is an error."""
+    ref = str(given) if given is not None else configured
+    if not ref:
+        raise DatasetError("no dataset given: pass --dataset VERSION|DIR or set `dataset:` in the config")
+    return ref
+
+
 def resolve_dataset(ref: str, work_dir: Path, cache_dir: Path) -> DatasetRef:
     """A directory is used as is; anything else is a dataset version fetched from the object store."""
     candidate = Path(ref).expanduser()

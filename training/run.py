@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core.operating_points import OPERATING_POINTS_FILE, OperatingPoints
 from training.config import TrainConfig, TrainSettings
-from training.dataset import DatasetRef, resolve_dataset
+from training.dataset import DatasetRef, dataset_ref, resolve_dataset
 from training.errors import DatasetError, ParityError
 from training.evaluate import EvalReport, evaluate
 from training.export import ExportResult, export_with_parity
@@ -131,14 +131,6 @@ class _Results:
     export: ExportResult
     int8: Int8Outcome | None
     operating_points: OperatingPoints | None = None  # chosen on val; None when val is empty
-
-
-def _dataset_ref(config: TrainConfig, dataset: str | Path | None) -> str:
-    """The dataset to train on: the caller's beats the config's, and having neither is an error."""
-    ref = str(dataset) if dataset is not None else config.dataset
-    if not ref:
-        raise DatasetError("no dataset given: pass --dataset VERSION|DIR or set `dataset:` in the config")
-    return ref
 
 
 def _fit(
@@ -322,7 +314,7 @@ def train_and_register(
     # [1] the job: recipe (with the workers override), dataset, one run name for Ray and MLflow
     if workers is not None:
         config = config.with_workers(workers)
-    ref = _dataset_ref(config, dataset)
+    ref = dataset_ref(config.dataset, dataset)
     run_name = make_run_name(config)
     out = (settings.work_dir / run_name).resolve()
     data = resolve_dataset(ref, out, settings.dataset_cache)

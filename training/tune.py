@@ -40,8 +40,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from training.config import AugmentConfig, TrainConfig, TrainSettings
-from training.dataset import DatasetRef, resolve_dataset
-from training.errors import ConfigError, DatasetError, TrainingError
+from training.dataset import DatasetRef, dataset_ref, resolve_dataset
+from training.errors import ConfigError, TrainingError
 from training.ray_trainer import ray_storage
 from training.tracking import Tracker, git_commit
 
@@ -529,13 +529,6 @@ def make_search_name(config: TrainConfig) -> str:
     return f"{config.name}-tune-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 
-def _dataset_ref(config: TrainConfig, dataset: str | Path | None) -> str:
-    ref = str(dataset) if dataset is not None else config.dataset
-    if not ref:
-        raise DatasetError("no dataset given: pass --dataset VERSION|DIR or set `dataset:` in the config")
-    return ref
-
-
 def check_budget(trials: int, budget_minutes: float) -> None:
     """A search needs at least one trial and some time; the CLI and the Python API both check."""
     if trials < 1:
@@ -719,7 +712,7 @@ def tune_search(
     resolved = (space or TuneSpace()).resolved(recipe)
     search_name = make_search_name(recipe)
     work = (settings.work_dir / search_name).resolve()
-    data = resolve_dataset(_dataset_ref(recipe, dataset), work, settings.dataset_cache)
+    data = resolve_dataset(dataset_ref(recipe.dataset, dataset), work, settings.dataset_cache)
     commit = git_commit()
     # [2] the parent run: any failure below marks it FAILED
     tracking = search_tracking(settings)
