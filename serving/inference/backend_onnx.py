@@ -9,7 +9,6 @@ Inference runs in a worker thread (ORT releases the GIL), never on the event loo
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from core.hashing import file_sha256
 from core.stages import Stage
 from serving.contract import contract_from_metadata
 from serving.errors import ModelNotReady
@@ -57,7 +57,7 @@ class OnnxBackend:
         self._inflight = 0
         meta = dict(self._session.get_modelmeta().custom_metadata_map)
         contract = contract_from_metadata(meta)
-        digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+        digest = file_sha256(model_path)
         version = meta.get("cxr_model_version") or f"local-{digest[:12]}"
         # the thresholds and calibrator training chose for this very file, when they are beside it
         ops = operating_points_beside(model_path, digest)
