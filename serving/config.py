@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 
 from core.settings import CoreSettings
 from core.stages import Stage
+from serving.pacs.destinations import PacsDestination
 
 
 class ServingSettings(CoreSettings):
@@ -122,6 +123,51 @@ class ServingSettings(CoreSettings):
     )
     public_base_url: str = ""
 
+    # --- PACS round trip: DIMSE in, results out, DICOMweb pull, triage ------------------
+    dimse_ae_title: str = Field(default="CXR", description="our storage SCP's AE title (CXR_DIMSE_AE_TITLE)")
+    dimse_host: str = Field(default="127.0.0.1", description="address the storage SCP listens on")
+    dimse_port: int = Field(default=11112, ge=1, le=65535, description="storage SCP port (CXR_DIMSE_PORT)")
+    dimse_allowed_aes: list[str] = Field(
+        default_factory=list,
+        description="calling AE titles the SCP accepts (CXR_DIMSE_ALLOWED_AES, JSON list); empty: any",
+    )
+    dimse_spool_dir: Path | None = Field(
+        default=None, description="received instances, written before C-STORE success; default <stack>/dimse"
+    )
+    dimse_max_associations: int = Field(default=8, ge=1, description="concurrent DIMSE associations")
+    study_settle_seconds: float = Field(
+        default=5.0, gt=0, description="a DIMSE study is analysed when no instance arrived for this long"
+    )
+    dimse_gateway_url: str = Field(
+        default="http://127.0.0.1:8080", description="the gateway the SCP hands settled studies to (STOW-RS)"
+    )
+    dimse_api_key: str = Field(
+        default="", description="the SCP's key for the gateway; empty: the pacs key of credentials.json"
+    )
+    pacs_destinations: list[PacsDestination] = Field(
+        default_factory=list, description="where SR + presentation states go back to (CXR_PACS_DESTINATIONS)"
+    )
+    pacs_secondary_capture: bool = Field(
+        default=False, description="also send a Secondary Capture with the boxes burned in (derived)"
+    )
+    pacs_dicomweb_url: str = Field(
+        default="",
+        description="the PACS studies are pulled from (QIDO-RS/WADO-RS root; CXR_PACS_DICOMWEB_URL)",
+    )
+    pacs_dicomweb_headers: dict[str, str] = Field(
+        default_factory=dict, description="headers for the pull PACS, e.g. Authorization (JSON object)"
+    )
+    pacs_max_study_instances: int = Field(default=64, ge=1, description="largest study a pull analyses")
+    outbox_dir: Path | None = Field(
+        default=None, description="results waiting for a PACS; default <stack>/outbox"
+    )
+    outbox_retry_s: float = Field(default=2.0, gt=0, description="first retry delay; doubles per failure")
+    outbox_max_backoff_s: float = Field(default=300.0, gt=0, description="longest delay between retries")
+    triage_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="a study with abnormality score >= this is flagged priority"
+    )
+    worklist_hours: float = Field(default=24.0, gt=0, description="GET /v1/worklist shows this many hours")
+
     @field_validator("shadow_fraction")
     @classmethod
     def _fraction(cls, value: float) -> float:
@@ -148,6 +194,18 @@ class ServingSettings(CoreSettings):
     @property
     def resolved_spool_dir(self) -> Path:
         return self.spool_dir or self.stack_dir / "serving" / "spool"
+
+    @property
+    def resolved_dimse_spool_dir(self) -> Path:
+        return self.dimse_spool_dir or self.stack_dir / "dimse"
+
+    @property
+    def resolved_outbox_dir(self) -> Path:
+        return self.outbox_dir or self.stack_dir / "serving" / "outbox"
+
+    @property
+    def resolved_worklist_db(self) -> Path:
+        return self.stack_dir / "serving" / "worklist.sqlite"
 
     @property
     def resolved_audit_log(self) -> Path:

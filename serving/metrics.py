@@ -96,6 +96,28 @@ class GatewayMetrics:
         self.spool_depth = Gauge(
             "cxr_feedback_spool_depth", "Feedback items waiting on local disk", registry=r
         )
+        self.outbox_depth = Gauge(
+            "cxr_pacs_outbox_depth",
+            "Result objects waiting to be sent to a PACS",
+            ["destination"],
+            registry=r,
+        )
+        self.outbox_sent = Counter(
+            "cxr_pacs_outbox_sent_total",
+            "Result objects sent to a PACS, by outcome (delivered|retry|rejected)",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.triage_score = Histogram(
+            "cxr_triage_study_score",
+            "Abnormality score of analysed studies",
+            ["stage"],
+            buckets=_UNIT_BUCKETS,
+            registry=r,
+        )
+        self.triage_studies = Counter(
+            "cxr_triage_studies_total", "Analysed studies by priority flag", ["priority"], registry=r
+        )
         self.model_info = Gauge(
             "cxr_model_info",
             "Model each stage serves (value 1)",

@@ -1,0 +1,1 @@
+"""The PACS round trip: where results go back to (destinations), the durable outbox, DICOMweb pull."""

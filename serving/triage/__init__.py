@@ -1,0 +1,1 @@
+"""Study-level triage: an abnormality score per study, a priority flag, and the worklist."""
