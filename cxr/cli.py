@@ -22,6 +22,7 @@ from delivery import cli as gitops_cli
 from delivery.cluster_fit.cli import app as cluster_app
 from serving.cli import serve
 from serving.observability.cli import app as observability_app
+from serving.pacs.cli import app as pacs_app
 from stack.cli import stack_app
 from training.cli import app as train_app
 from workflows.pipeline_cli import app as pipeline_app
@@ -39,6 +40,7 @@ app.command("rollback")(gitops_cli.rollback)
 app.add_typer(gitops_cli.canary_app, name="canary")
 app.add_typer(gitops_cli.app, name="gitops")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(pacs_app, name="pacs")
 
 
 @app.callback()

@@ -120,3 +120,10 @@ class BackendError(ServingError):
 
     status = 502
     code = "backend_error"
+
+
+class PacsUnavailable(ServingError):
+    """The configured PACS did not answer, or answered with an error: retry later."""
+
+    status = 502
+    code = "pacs_unavailable"

@@ -170,6 +170,7 @@ class StowResult:
     outcomes: list[StowOutcome]
     detections: int
     study_url: str | None
+    replies: list[DetectionReply] = field(default_factory=list)
 
     @property
     def status(self) -> int:
@@ -206,6 +207,7 @@ class StowService:
     ) -> StowResult:
         """Detect on each instance in turn; ``on_stored`` sees each reply as it is stored."""
         outcomes: list[StowOutcome] = []
+        replies: list[DetectionReply] = []
         detections = 0
         for data in instances:
             sop_class, sop_uid, study_uid = await self.cpu.run(instance_uids, data)
@@ -224,9 +226,10 @@ class StowService:
                 outcomes.append(StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_PROCESSING))
                 continue
             detections += len(reply.outcome.detections)
+            replies.append(reply)
             if on_stored is not None:
                 on_stored(reply)
             rid = reply.record.request_id
             outcomes.append(StowOutcome(sop_class, sop_uid, retrieve_url=f"{base_url}/v1/results/{rid}/sr"))
         study_url = f"{base_url}/dicomweb/studies/{study}" if study else None
-        return StowResult(outcomes, detections, study_url)
+        return StowResult(outcomes, detections, study_url, replies)

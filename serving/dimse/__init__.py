@@ -1,1 +1,1 @@
-"""DIMSE in: a C-STORE SCP (pynetdicom) that spools instances durably and hands settled studies to the gateway."""
+"""DIMSE in: a C-STORE SCP (pynetdicom) that spools instances durably and hands studies to the gateway."""

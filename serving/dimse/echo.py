@@ -8,7 +8,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 
-def c_echo(host: str, port: int, called_ae: str, *, calling_ae: str = "CXR-ECHO", timeout: float = 3.0) -> bool:
+def c_echo(
+    host: str, port: int, called_ae: str, *, calling_ae: str = "CXR-ECHO", timeout: float = 3.0
+) -> bool:
     """True when ``called_ae`` at host:port accepts an association and answers C-ECHO with Success."""
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(Verification)

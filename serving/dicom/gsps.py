@@ -1,0 +1,122 @@
+"""Grayscale Softcopy Presentation State (GSPS) of one image's detections.
+
+Every PACS viewer displays a GSPS over the image it references, while many
+ignore SR ROIs: the GSPS is how a radiologist actually sees the boxes, on the
+original pixels, switchable like any other annotation layer. One layer holds
+per box a closed outline and a "<finding> <confidence>" label, grouped so a
+viewer moves them together; an image without boxes still gets a GSPS that says
+so, so the reader can tell "looked and found nothing" from "never analysed".
+
+Only the header of the source is needed (Rows, Columns, SamplesPerPixel, UIDs,
+window): highdicom copies the VOI window from it, so the image opens with the
+same contrast as without the presentation state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+
+from serving.dicom.sr import (
+    check_pairing,
+    check_referencable,
+    closed_box,
+    finding_tracking_uid,
+    model_version,
+    with_study_attributes,
+)
+from serving.dicom.uids import derived_uid
+
+#: Series number of the presentation states: fixed so a PACS lists them in one place of every study.
+GSPS_SERIES_NUMBER = 991
+LAYER = "CXR_DETECT"
+NO_FINDING_TEXT = "No finding above threshold"
+_PIXEL = hd.pr.AnnotationUnitsValues.PIXEL
+
+
+def build_gsps(source: Dataset, response: dict[str, Any], *, manufacturer: str = "CXR Detect") -> Dataset:
+    """The GSPS drawing ``response``'s boxes (source pixel coordinates) over the ``source`` image."""
+    source = with_study_attributes(source)
+    check_referencable(source)
+    check_pairing(source, response)
+    model = response["model"]
+    version = model_version(response)
+    layer = hd.pr.GraphicLayer(layer_name=LAYER, order=1, description=f"{model['name']} v{version}"[:64])
+    groups, graphics, texts = _annotations(source, response)
+    if not texts:
+        texts.append(
+            hd.pr.TextObject(
+                text_value=NO_FINDING_TEXT,
+                units=hd.pr.AnnotationUnitsValues.DISPLAY,
+                bounding_box=(0.02, 0.02, 0.6, 0.07),
+                text_justification=hd.pr.TextJustificationValues.LEFT,
+            )
+        )
+    annotation = hd.pr.GraphicAnnotation(
+        referenced_images=[source],
+        graphic_layer=layer,
+        graphic_objects=graphics or None,
+        text_objects=texts,
+    )
+    sop_uid = str(source.SOPInstanceUID)
+    return hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[source],
+        series_instance_uid=derived_uid(str(source.StudyInstanceUID), version, "gsps-series"),
+        series_number=GSPS_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(sop_uid, version, "gsps"),
+        instance_number=int(source.get("InstanceNumber") or 1),
+        manufacturer=manufacturer,
+        manufacturer_model_name=str(model["name"])[:64],
+        software_versions=version[:64],
+        device_serial_number=version[:64],
+        content_label="CXR_DETECT",
+        content_description=f"CXR Detect {model['name']} v{version} boxes"[:64],
+        graphic_annotations=[annotation],
+        graphic_layers=[layer],
+        graphic_groups=groups or None,
+        series_description=f"CXR Detect boxes v{version}"[:64],
+    )
+
+
+def _annotations(
+    source: Dataset, response: dict[str, Any]
+) -> tuple[list[hd.pr.GraphicGroup], list[hd.pr.GraphicObject], list[hd.pr.TextObject]]:
+    """Per box: a group, its closed outline and its label, tracked by the same UID as the SR's ROI."""
+    columns, rows = float(source.Columns), float(source.Rows)
+    groups: list[hd.pr.GraphicGroup] = []
+    graphics: list[hd.pr.GraphicObject] = []
+    texts: list[hd.pr.TextObject] = []
+    for i, det in enumerate(response.get("detections", []), start=1):
+        # highdicom rejects points outside (0, 0)..(Columns, Rows); boxes from fusion can overshoot by a hair
+        outline = closed_box(det["box"])
+        outline[:, 0] = np.clip(outline[:, 0], 0.0, columns)
+        outline[:, 1] = np.clip(outline[:, 1], 0.0, rows)
+        label = f"{det['class_name']} {float(det['confidence']):.2f}"
+        group = hd.pr.GraphicGroup(graphic_group_id=i, label=label[:64])
+        tracking_id, tracking_uid = f"finding {i}", finding_tracking_uid(source, response, i)
+        groups.append(group)
+        graphics.append(
+            hd.pr.GraphicObject(
+                graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+                graphic_data=outline,
+                units=_PIXEL,
+                graphic_group=group,
+                tracking_id=tracking_id,
+                tracking_uid=tracking_uid,
+            )
+        )
+        texts.append(
+            hd.pr.TextObject(
+                text_value=label,
+                units=_PIXEL,
+                anchor_point=(float(outline[0, 0]), float(outline[0, 1])),
+                anchor_point_visible=False,
+                graphic_group=group,
+                tracking_id=tracking_id,
+                tracking_uid=tracking_uid,
+            )
+        )
+    return groups, graphics, texts

@@ -1,0 +1,145 @@
+"""Hands settled studies from the spool to the gateway's STOW-RS route, the one detection path.
+
+A study is analysed when no instance of it has arrived for ``CXR_STUDY_SETTLE_SECONDS``.
+It is then POSTed to ``/dicomweb/studies/{study}?send_back=true`` as ``multipart/related``,
+in as few requests as the gateway's limits allow (64 parts, ``CXR_MAX_BODY_BYTES``), so
+routing by StudyInstanceUID, metrics, audit, the worklist and the send-back to the PACS are
+exactly those of a STOW-RS upload: there is no second code path.
+
+The spool keeps a study until the gateway has answered for all of it. The gateway
+down, overloaded or refusing our key: the study stays and is retried with backoff (an
+operator sees it in ``make status``). The gateway answered (200, 202, or 409 when no
+instance could be analysed): the study leaves the spool; refused instances are named by
+count in the log, never by UID.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from serving.dimse.spool import InstanceSpool, SpooledStudy
+
+log = logging.getLogger("cxr.dimse")
+
+_MAX_PARTS = 64  # the gateway's STOW-RS parser takes at most this many parts per request
+
+
+def related_body(parts: list[bytes]) -> tuple[bytes, str]:
+    """A ``multipart/related; type="application/dicom"`` body and its content type.
+
+    Hand-written (a dozen lines): httpx and dicomweb-client only build this from parsed
+    pydicom datasets, and the spooled bytes must reach the gateway exactly as received.
+    """
+    boundary = uuid.uuid4().hex
+    chunks = []
+    for data in parts:
+        chunks.append(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+        chunks.append(data)
+        chunks.append(b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def batches(files: tuple[Path, ...], max_bytes: int, max_parts: int = _MAX_PARTS) -> list[list[Path]]:
+    """Files grouped into requests under the part and byte limits (one file per request at worst)."""
+    out: list[list[Path]] = []
+    current: list[Path] = []
+    size = 0
+    budget = max_bytes - 4096  # boundaries and part headers
+    for f in files:
+        n = f.stat().st_size
+        if current and (len(current) >= max_parts or size + n > budget):
+            out.append(current)
+            current, size = [], 0
+        current.append(f)
+        size += n + 128
+    if current:
+        out.append(current)
+    return out
+
+
+@dataclass
+class Forwarder:
+    spool: InstanceSpool
+    gateway_url: str
+    api_key: str
+    settle_s: float
+    max_body_bytes: int = 64 * 1024 * 1024
+    retry_s: float = 2.0
+    max_backoff_s: float = 60.0
+    timeout_s: float = 120.0
+    _failures: dict[str, int] = field(default_factory=dict)
+    _next_try: dict[str, float] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _post(self, client: httpx.Client, study: SpooledStudy, files: list[Path]) -> httpx.Response:
+        body, content_type = related_body([f.read_bytes() for f in files])
+        return client.post(
+            f"/dicomweb/studies/{study.study_uid}",
+            params={"send_back": "true"},
+            content=body,
+            headers={"Content-Type": content_type},
+        )
+
+    def forward(self, client: httpx.Client, study: SpooledStudy) -> bool:
+        """Send one study; True when the gateway answered for every instance (the spool may drop it)."""
+        stored = failed = 0
+        for files in batches(study.files, self.max_body_bytes):
+            try:
+                response = self._post(client, study, files)
+            except httpx.HTTPError as exc:
+                log.warning("dimse_forward_retry reason=unreachable error_type=%s", type(exc).__name__)
+                return False
+            if response.status_code not in (200, 202, 409):
+                log.warning("dimse_forward_retry reason=gateway_status status=%d", response.status_code)
+                return False
+            body = response.json()
+            stored += len(body.get("00081199", {}).get("Value", []))  # ReferencedSOPSequence
+            failed += len(body.get("00081198", {}).get("Value", []))  # FailedSOPSequence
+        log.info("dimse_study_forwarded instances=%d stored=%d failed=%d", len(study.files), stored, failed)
+        return True
+
+    def run_once(self, client: httpx.Client, now: float | None = None) -> int:
+        """Forward every settled study that is due; returns how many left the spool."""
+        now = time.time() if now is None else now
+        done = 0
+        for study in self.spool.settled(self.settle_s, now):
+            key = study.folder.name
+            if self._next_try.get(key, 0.0) > now:
+                continue
+            if self.forward(client, study):
+                self.spool.remove(study)
+                self._failures.pop(key, None)
+                self._next_try.pop(key, None)
+                done += 1
+            else:
+                n = self._failures[key] = self._failures.get(key, 0) + 1
+                self._next_try[key] = now + min(self.retry_s * 2 ** (n - 1), self.max_backoff_s)
+        return done
+
+    def _loop(self) -> None:
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        with httpx.Client(base_url=self.gateway_url, headers=headers, timeout=self.timeout_s) as client:
+            while not self._stop.is_set():
+                try:
+                    self.run_once(client)
+                except Exception as exc:  # the loop must outlive any one study
+                    log.warning("dimse_forward_error error_type=%s", type(exc).__name__)
+                self._stop.wait(min(0.5, self.settle_s / 4))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="dimse-forwarder", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

@@ -1,0 +1,140 @@
+"""The storage SCP: C-STORE and C-ECHO for the radiographs a modality or PACS pushes to us.
+
+pynetdicom does the protocol. What this module decides:
+
+- which calling AEs may associate (``CXR_DIMSE_ALLOWED_AES``; empty: any, as on the
+  one-machine stack) and that the called AE must be ours: both refused at association;
+- which SOP classes we analyse (CR, DX for presentation and for processing, single-frame
+  Secondary Capture). Every storage context is *accepted* at negotiation so that a sender
+  of anything else gets a DIMSE status it can log (0x0122 "SOP class not supported")
+  instead of an association it cannot use;
+- that an instance is only acknowledged once the guarded reader has parsed its header,
+  its UIDs match the request, and it is fsync'd in the spool (``spool.py``): Success means
+  "it cannot be lost". Analysis happens later, per study, in ``forwarder.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from serving.dimse.spool import InstanceSpool
+
+log = logging.getLogger("cxr.dimse")
+
+#: the storage SOP classes a chest radiograph arrives in (PS3.4 B.5)
+ACCEPTED_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR",
+    "1.2.840.10008.5.1.4.1.1.1.1": "DX for presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "DX for processing",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
+}
+
+# PS3.4 Annex B.2.3 / PS3.7 Annex C statuses
+SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass(frozen=True)
+class ScpConfig:
+    ae_title: str
+    host: str
+    port: int
+    allowed_aes: tuple[str, ...] = ()
+    max_associations: int = 8
+    max_instance_bytes: int = 64 * 1024 * 1024
+
+
+def check_instance(data: bytes, sop_class: str, sop_uid: str) -> tuple[int, str]:
+    """(status, study UID): the guarded reader's verdict on one received instance (blocking)."""
+    from data_pipeline.dicom_io import read_header
+    from data_pipeline.errors import ImageDecodeError
+
+    try:
+        ds = read_header(data)
+    except ImageDecodeError as exc:
+        log.info("dimse_store_refused reason=unreadable error_type=%s", type(exc).__name__)
+        return CANNOT_UNDERSTAND, ""
+    study = str(ds.get("StudyInstanceUID", ""))
+    if str(ds.get("SOPClassUID", "")) != sop_class or str(ds.get("SOPInstanceUID", "")) != sop_uid:
+        log.info("dimse_store_refused reason=uids_do_not_match_request")
+        return DOES_NOT_MATCH_SOP_CLASS, ""
+    if not study or not UID(study).is_valid:
+        log.info("dimse_store_refused reason=no_valid_study_uid")
+        return DOES_NOT_MATCH_SOP_CLASS, ""
+    return SUCCESS, study
+
+
+class StorageScp:
+    """The SCP bound to one spool; :meth:`start` serves in background threads until :meth:`stop`."""
+
+    def __init__(self, config: ScpConfig, spool: InstanceSpool) -> None:
+        self.config = config
+        self.spool = spool
+        self.ae = AE(ae_title=config.ae_title)
+        self.ae.maximum_associations = config.max_associations
+        self.ae.require_called_aet = True
+        if config.allowed_aes:
+            self.ae.require_calling_aet = list(config.allowed_aes)
+        self.ae.add_supported_context(Verification)
+        for context in StoragePresentationContexts:
+            assert context.abstract_syntax is not None
+            self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self._server: Any = None
+
+    def handle_store(self, event: Any) -> int:
+        """One C-STORE: refuse with a status, or spool durably and answer Success."""
+        try:
+            request = event.request
+            sop_class = str(request.AffectedSOPClassUID)
+            sop_uid = str(request.AffectedSOPInstanceUID)
+            if sop_class not in ACCEPTED_SOP_CLASSES:
+                log.info("dimse_store_refused reason=sop_class_not_supported sop_class=%s", sop_class[:64])
+                return SOP_CLASS_NOT_SUPPORTED
+            data = event.encoded_dataset(include_meta=True)
+            if len(data) > self.config.max_instance_bytes:
+                log.info("dimse_store_refused reason=too_large bytes=%d", len(data))
+                return OUT_OF_RESOURCES
+            status, study = check_instance(data, sop_class, sop_uid)
+            if status != SUCCESS:
+                return status
+            self.spool.write(study, sop_uid, data)
+        except OSError as exc:
+            log.warning("dimse_store_failed reason=spool_write error_type=%s", type(exc).__name__)
+            return OUT_OF_RESOURCES
+        except Exception as exc:  # a hostile dataset must cost one status, never the SCP
+            log.warning("dimse_store_failed reason=unexpected error_type=%s", type(exc).__name__)
+            return CANNOT_UNDERSTAND
+        log.info(
+            "dimse_store_ok calling_ae=%s sop_class=%s bytes=%d",
+            str(event.assoc.requestor.ae_title)[:16],
+            ACCEPTED_SOP_CLASSES[sop_class].replace(" ", "_"),
+            len(data),
+        )
+        return SUCCESS
+
+    def start(self) -> None:
+        handlers: list[Any] = [(evt.EVT_C_STORE, self.handle_store)]
+        self._server = self.ae.start_server(
+            (self.config.host, self.config.port), block=False, evt_handlers=handlers
+        )
+        log.info(
+            "dimse_scp_listening ae_title=%s host=%s port=%d allowed_aes=%s",
+            self.config.ae_title,
+            self.config.host,
+            self.config.port,
+            ",".join(self.config.allowed_aes) or "any",
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

@@ -1,0 +1,74 @@
+"""The DIMSE component of the stack: SCP + forwarder from the serving settings, until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from core.credentials import read_credentials
+from core.errors import CredentialsError
+from serving.config import ServingSettings
+from serving.dimse.forwarder import Forwarder
+from serving.dimse.scp import ScpConfig, StorageScp
+from serving.dimse.spool import InstanceSpool
+
+log = logging.getLogger("cxr.dimse")
+
+
+def gateway_key(settings: ServingSettings) -> str:
+    """The SCP's key for the gateway: CXR_DIMSE_API_KEY, else the stack's pacs key."""
+    if settings.dimse_api_key:
+        return settings.dimse_api_key
+    creds = read_credentials(settings.stack_dir)
+    key = creds.api_keys.get("pacs", "") if creds else ""
+    if not key:
+        raise CredentialsError(
+            "the DIMSE SCP needs a pacs API key for the gateway: set CXR_DIMSE_API_KEY "
+            f"or start it from a stack whose credentials.json (in {settings.stack_dir}) has one"
+        )
+    return key
+
+
+def build(settings: ServingSettings) -> tuple[StorageScp, Forwarder]:
+    spool = InstanceSpool(settings.resolved_dimse_spool_dir)
+    scp = StorageScp(
+        ScpConfig(
+            ae_title=settings.dimse_ae_title,
+            host=settings.dimse_host,
+            port=settings.dimse_port,
+            allowed_aes=tuple(settings.dimse_allowed_aes),
+            max_associations=settings.dimse_max_associations,
+            max_instance_bytes=settings.max_body_bytes,
+        ),
+        spool,
+    )
+    forwarder = Forwarder(
+        spool,
+        gateway_url=settings.dimse_gateway_url,
+        api_key=gateway_key(settings),
+        settle_s=settings.study_settle_seconds,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    return scp, forwarder
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines quote UIDs and AE data
+    from serving.gateway import logsafe
+
+    logsafe.install()
+    settings = ServingSettings()
+    scp, forwarder = build(settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    studies, instances = scp.spool.depth()
+    log.info("dimse_spool_recovered studies=%d instances=%d", studies, instances)
+    forwarder.start()
+    scp.start()
+    stop.wait()
+    scp.stop()
+    forwarder.stop()
+    log.info("dimse_scp_stopped")

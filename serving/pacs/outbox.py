@@ -1,0 +1,154 @@
+"""The durable outbox: result objects wait on disk until their PACS has them.
+
+The same pattern as the feedback spool (``serving/feedback/service.py``): an item is a
+folder (``object.dcm`` + ``meta.json``) written under a temp name and renamed into place
+before anything is sent, so a crash or a PACS outage loses nothing. An item's id is a
+hash of (destination, SOP Instance UID); the objects' UIDs are derived from their source
+and model version (``serving/dicom/uids.py``), so analysing the same study again, or a
+retry after a send whose answer was lost, never makes a second copy at the PACS.
+
+Delivery retries with exponential backoff per item (``CXR_OUTBOX_RETRY_S`` doubling up to
+``CXR_OUTBOX_MAX_BACKOFF_S``); nothing is ever dropped, and the depth per destination is a
+metric with an alert (``CXRPacsOutboxBacklog``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    item_id: str
+    folder: Path
+    destination: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    attempts: int
+    next_attempt: float
+    created: float
+
+    def data(self) -> bytes:
+        return (self.folder / "object.dcm").read_bytes()
+
+
+def item_id(destination: str, sop_instance_uid: str) -> str:
+    return hashlib.sha256(f"{destination}\0{sop_instance_uid}".encode()).hexdigest()[:40]
+
+
+class Outbox:
+    def __init__(self, root: Path, *, retry_s: float = 2.0, max_backoff_s: float = 300.0) -> None:
+        self.root = root
+        self.retry_s = retry_s
+        self.max_backoff_s = max_backoff_s
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        for tmp in self.root.glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def put(self, destination: str, sop_class_uid: str, sop_instance_uid: str, data: bytes) -> bool:
+        """Queue one object for one destination (blocking); False when it is already queued."""
+        iid = item_id(destination, sop_instance_uid)
+        final = self.root / iid
+        if final.exists():
+            return False
+        tmp = self.root / f".tmp-{iid}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        with open(tmp / "object.dcm", "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        now = time.time()
+        meta = {
+            "destination": destination,
+            "sop_class_uid": sop_class_uid,
+            "sop_instance_uid": sop_instance_uid,
+            "attempts": 0,
+            "next_attempt": now,
+            "created": now,
+        }
+        self._write_meta(tmp, meta)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # queued meanwhile by another request: the same object, keep one
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        return True
+
+    @staticmethod
+    def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
+        tmp = folder / "meta.json.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(meta, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / "meta.json")
+
+    def items(self) -> list[OutboxItem]:
+        out = []
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith(".tmp-") or not folder.is_dir():
+                continue
+            try:
+                meta = json.loads((folder / "meta.json").read_text())
+            except (OSError, ValueError):
+                continue
+            out.append(
+                OutboxItem(
+                    folder.name,
+                    folder,
+                    str(meta["destination"]),
+                    str(meta["sop_class_uid"]),
+                    str(meta["sop_instance_uid"]),
+                    int(meta["attempts"]),
+                    float(meta["next_attempt"]),
+                    float(meta["created"]),
+                )
+            )
+        return out
+
+    def due(self, now: float | None = None) -> list[OutboxItem]:
+        now = time.time() if now is None else now
+        return [i for i in self.items() if i.next_attempt <= now]
+
+    def next_due_in(self, now: float | None = None) -> float | None:
+        """Seconds until the next item is due (0 when one is), None when empty."""
+        now = time.time() if now is None else now
+        items = self.items()
+        return max(0.0, min(i.next_attempt for i in items) - now) if items else None
+
+    def delivered(self, item: OutboxItem) -> None:
+        with self._lock:
+            shutil.rmtree(item.folder, ignore_errors=True)
+
+    def failed(self, item: OutboxItem, now: float | None = None) -> float:
+        """Record a failed attempt; returns the delay before the next one."""
+        now = time.time() if now is None else now
+        delay = min(self.retry_s * 2**item.attempts, self.max_backoff_s)
+        meta = {
+            "destination": item.destination,
+            "sop_class_uid": item.sop_class_uid,
+            "sop_instance_uid": item.sop_instance_uid,
+            "attempts": item.attempts + 1,
+            "next_attempt": now + delay,
+            "created": item.created,
+        }
+        with self._lock:
+            if item.folder.exists():
+                self._write_meta(item.folder, meta)
+        return delay
+
+    def depth(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for item in self.items():
+            counts[item.destination] = counts.get(item.destination, 0) + 1
+        return counts

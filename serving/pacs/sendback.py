@@ -1,0 +1,206 @@
+"""Results back to the PACS: build a study's SR + presentation states, queue them, deliver them.
+
+Called by every path that analyses a study for a PACS (STOW-RS with ``send_back``, or a
+destination configured for the caller; the DIMSE SCP through STOW-RS; the DICOMweb pull).
+The objects are built and written to the outbox BEFORE the caller gets its answer, so an
+answered study always reaches its PACS eventually; delivery runs in the background
+(:meth:`SendBack.run`), woken as soon as something is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from serving.config import ServingSettings
+from serving.errors import ServingError
+from serving.inference.cpu_pool import CpuPool
+from serving.inference.detector import DetectionReply
+from serving.metrics import GatewayMetrics
+from serving.pacs.destinations import PacsDestination
+from serving.pacs.outbox import Outbox
+from serving.pacs.senders import Sender, group, make_sender
+from serving.results import ResultRecord, ResultStore
+
+log = logging.getLogger(__name__)
+
+_BATCH = 32  # objects per STOW-RS request / association
+
+
+class SendBack:
+    def __init__(
+        self,
+        settings: ServingSettings,
+        metrics: GatewayMetrics,
+        cpu: CpuPool,
+        *,
+        sender_factory: Callable[[PacsDestination], Sender] = make_sender,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.cpu = cpu
+        self.destinations = {d.name: d for d in settings.pacs_destinations}
+        self.outbox = Outbox(
+            settings.resolved_outbox_dir,
+            retry_s=settings.outbox_retry_s,
+            max_backoff_s=settings.outbox_max_backoff_s,
+        )
+        self._sender_factory = sender_factory
+        self._senders: dict[str, Sender] = {}
+        self._wake: asyncio.Event | None = None
+
+    # ----------------------------------------------------------------- choosing and queueing
+
+    def choose(self, tenant: str, send_back: bool | None) -> list[PacsDestination]:
+        """Destinations for one upload: all when asked, none when refused, else those serving the caller."""
+        if send_back is False:
+            return []
+        every = list(self.destinations.values())
+        return every if send_back else [d for d in every if d.serves(tenant)]
+
+    def build(self, records: list[ResultRecord], triage: dict[str, Any] | None) -> list[Any]:
+        """The study's objects (blocking): SR, one GSPS per image, burned-in captures when configured."""
+        from serving.dicom.sr import source_header
+        from serving.dicom.study_objects import study_objects
+
+        items = []
+        pixels = []
+        for record in records:
+            if record.source is None or record.source_format != "dicom":
+                continue  # past source retention, or not a DICOM: nothing a PACS object can reference
+            items.append((source_header(record.source), record.response))
+            if self.settings.pacs_secondary_capture:
+                from serving.inference.pipeline import decode_upload
+
+                image, _ = decode_upload(record.source)
+                pixels.append(image.to_uint8())
+        if not items:
+            return []
+        return study_objects(items, triage, capture_pixels=pixels or None)
+
+    def _queue(self, objects: list[Any], destinations: list[PacsDestination]) -> int:
+        from serving.dicom.study_objects import dataset_bytes
+
+        queued = 0
+        for ds in objects:
+            data = dataset_bytes(ds)
+            for dest in destinations:
+                queued += self.outbox.put(dest.name, str(ds.SOPClassUID), str(ds.SOPInstanceUID), data)
+        self._set_depth()
+        return queued
+
+    async def study(
+        self,
+        records: list[ResultRecord],
+        triage: dict[str, Any] | None,
+        destinations: list[PacsDestination],
+    ) -> int:
+        """Build and queue one study's objects for each destination; returns the objects queued."""
+        if not destinations or not records:
+            return 0
+        try:
+            objects = await self.cpu.run(self.build, records, triage)
+        except ServingError as exc:  # e.g. a source an SR cannot reference: the caller still gets its JSON
+            log.warning("pacs_sendback_skipped code=%s", exc.code)
+            return 0
+        queued = await self.cpu.run(self._queue, objects, destinations)
+        log.info("pacs_sendback_queued objects=%d destinations=%d", len(objects), len(destinations))
+        self.wake()
+        return queued
+
+    async def replies(
+        self,
+        replies: list[DetectionReply],
+        destinations: list[PacsDestination],
+        results: ResultStore,
+        tenant: str,
+    ) -> int:
+        """Send back what one request analysed, study by study.
+
+        The study's SR covers every image of it the worklist knows (earlier uploads of the
+        same study included, while their sources are retained), so the PACS gets one SR that
+        agrees with the study's triage score.
+        """
+        if not destinations:
+            return 0
+        by_study: dict[str, list[DetectionReply]] = {}
+        for reply in replies:
+            if reply.study_uid and reply.record.source_format == "dicom":
+                by_study.setdefault(reply.study_uid, []).append(reply)
+        queued = 0
+        for study_replies in by_study.values():
+            records = {r.record.request_id: r.record for r in study_replies}
+            triage = study_replies[-1].study
+            if triage is not None:
+                for rid in triage.result_ids:
+                    if rid not in records:
+                        try:
+                            records[rid] = await self.cpu.run(results.get, rid, tenant)
+                        except ServingError:
+                            continue  # expired: the SR covers the images still held
+            ordered = sorted(records.values(), key=lambda r: r.created)
+            queued += await self.study(ordered, triage.as_dict() if triage else None, destinations)
+        return queued
+
+    # ----------------------------------------------------------------- delivery
+
+    def _sender(self, name: str) -> Sender | None:
+        if name not in self._senders and name in self.destinations:
+            self._senders[name] = self._sender_factory(self.destinations[name])
+        return self._senders.get(name)
+
+    def _set_depth(self) -> None:
+        depth = self.outbox.depth()
+        for name in set(self.destinations) | set(depth):
+            self.metrics.outbox_depth.labels(name).set(depth.get(name, 0))
+
+    def deliver_due(self, now: float | None = None) -> int:
+        """One pass over the due items (blocking); returns how many were delivered."""
+        delivered = 0
+        for name, items in group(self.outbox.due(now)).items():
+            sender = self._sender(name)
+            if sender is None:  # a destination removed from the settings: keep its items, say so
+                log.warning("pacs_outbox_orphaned destination=%s items=%d", name, len(items))
+                continue
+            for start in range(0, len(items), _BATCH):
+                batch = items[start : start + _BATCH]
+                try:
+                    accepted = sender.send(batch)
+                except Exception as exc:  # a sender bug must not stop delivery to other PACS
+                    log.warning("pacs_send_error destination=%s error_type=%s", name, type(exc).__name__)
+                    accepted = set()
+                for item in batch:
+                    if item.item_id in accepted:
+                        self.outbox.delivered(item)
+                        self.metrics.outbox_sent.labels(name, "delivered").inc()
+                        delivered += 1
+                    else:
+                        self.outbox.failed(item)
+                        self.metrics.outbox_sent.labels(name, "retry").inc()
+        self._set_depth()
+        return delivered
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def run(self) -> None:
+        """The delivery loop: woken by :meth:`study`, else at the next item's retry time (at most 1 s)."""
+        self._wake = asyncio.Event()
+        self._set_depth()
+        while True:
+            try:
+                if self.outbox.due():
+                    await asyncio.to_thread(self.deliver_due)
+                wait = self.outbox.next_due_in(time.time())
+            except Exception as exc:  # keep the loop alive whatever the disk or a PACS does
+                log.warning("pacs_outbox_error error_type=%s", type(exc).__name__)
+                wait = 1.0
+            timeout = 1.0 if wait is None else min(1.0, max(wait, 0.05))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            self._wake.clear()

@@ -1,0 +1,107 @@
+"""The storage SCP against a real pynetdicom SCU: what it accepts, refuses, and that it keeps serving."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from serving.dimse.echo import c_echo
+from serving.dimse.scp import ScpConfig, StorageScp
+from serving.dimse.spool import InstanceSpool
+from tests.fixtures.servers import free_port
+from tests.unit.serving.serving_support import make_dicom
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageScp]:
+    spool = InstanceSpool(tmp_path_factory.mktemp("dimse-spool"))
+    server = StorageScp(
+        ScpConfig(
+            "CXR", "127.0.0.1", free_port(), allowed_aes=("MODALITY", "PACS"), max_instance_bytes=2_000_000
+        ),
+        spool,
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def _store(scp: StorageScp, ds: Dataset, *, calling: str = "MODALITY", called: str = "CXR") -> int | None:
+    """C-STORE one dataset; the status code, or None when the association was refused."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(str(ds.SOPClassUID), [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", scp.config.port, ae_title=called)
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_store(ds)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def _radiograph(study: str | None = None) -> Dataset:
+    return pydicom.dcmread(io.BytesIO(make_dicom(64, 64, study_uid=study)))
+
+
+def test_c_echo_answers(scp: StorageScp) -> None:
+    assert c_echo("127.0.0.1", scp.config.port, "CXR", calling_ae="PACS")
+    assert not c_echo(
+        "127.0.0.1", scp.config.port, "NOT-CXR", calling_ae="PACS"
+    )  # the called AE must be ours
+
+
+def test_a_radiograph_is_spooled_before_success(scp: StorageScp) -> None:
+    study = generate_uid()
+    ds = _radiograph(study)
+    assert _store(scp, ds) == 0x0000
+    [spooled] = [s for s in scp.spool.studies() if s.study_uid == study]
+    stored = pydicom.dcmread(spooled.files[0])
+    assert stored.SOPInstanceUID == ds.SOPInstanceUID
+    assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    scp.spool.remove(spooled)
+
+
+def test_calling_aes_not_listed_are_rejected_at_association(scp: StorageScp) -> None:
+    assert _store(scp, _radiograph(), calling="STRANGER") is None
+
+
+def test_non_image_and_malformed_datasets_get_failure_statuses_and_the_scp_keeps_serving(
+    scp: StorageScp, tmp_path: Path
+) -> None:
+    before = scp.spool.depth()
+    report = _radiograph()
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = (
+        "1.2.840.10008.5.1.4.1.1.88.11"  # Basic SR
+    )
+    assert _store(scp, report) == 0x0122  # SOP class not supported
+
+    deep = _radiograph()  # nesting far beyond the guarded reader's limit
+    inner = Dataset()
+    inner.CodeValue = "x"
+    for _ in range(200):
+        outer = Dataset()
+        outer.ContentSequence = Sequence([inner])
+        inner = outer
+    deep.ContentSequence = Sequence([inner])
+    status = _store(scp, deep)
+    assert status is not None and status >= 0xA700, hex(status or 0)
+
+    big = _radiograph()
+    big.PixelData = b"\0" * 2_500_000
+    big.Rows = big.Columns = 1118
+    assert _store(scp, big) == 0xA700  # over the per-instance byte limit
+
+    assert scp.spool.depth()[1] == before[1] + 1
+    assert c_echo("127.0.0.1", scp.config.port, "CXR", calling_ae="PACS")
+    assert _store(scp, _radiograph()) == 0x0000

@@ -1,0 +1,110 @@
+"""The SCP's spool and the results outbox: durable, idempotent, retried with backoff."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from serving.dicom.stow import split_related
+from serving.dimse.forwarder import batches, related_body
+from serving.dimse.spool import InstanceSpool
+from serving.pacs.destinations import PacsDestination
+from serving.pacs.outbox import Outbox
+
+pytestmark = pytest.mark.unit
+
+
+def test_spool_keeps_instances_per_study_and_settles_by_newest_arrival(tmp_path: Path) -> None:
+    spool = InstanceSpool(tmp_path)
+    a1 = spool.write("1.2.3", "1.2.3.1", b"one")
+    spool.write("1.2.3", "1.2.3.2", b"two")
+    spool.write("1.2.4", "1.2.4.1", b"three")
+    old = time.time() - 60
+    os.utime(a1, (old, old))
+    [study_a, study_b] = sorted(spool.studies(), key=lambda s: s.study_uid)
+    assert study_a.study_uid == "1.2.3" and len(study_a.files) == 2
+    assert spool.depth() == (2, 3)
+    # the second instance of 1.2.3 just arrived: neither study has settled for 5 s
+    assert spool.settled(5.0) == []
+    assert sorted(s.study_uid for s in spool.settled(5.0, now=time.time() + 10)) == ["1.2.3", "1.2.4"]
+    # a hostile UID never becomes a path
+    assert all(len(f.stem) == 32 for f in study_a.files)
+
+
+def test_spool_survives_a_restart_and_drops_unacknowledged_partial_writes(tmp_path: Path) -> None:
+    spool = InstanceSpool(tmp_path)
+    spool.write("1.2.3", "1.2.3.1", b"one")
+    partial = next(spool.studies_dir.iterdir()) / ".tmp-interrupted"
+    partial.write_bytes(b"half")
+    again = InstanceSpool(tmp_path)  # the restarted SCP
+    assert [s.study_uid for s in again.studies()] == ["1.2.3"]
+    assert not partial.exists()
+
+
+def test_spool_remove_keeps_an_instance_that_arrived_during_the_handover(tmp_path: Path) -> None:
+    spool = InstanceSpool(tmp_path)
+    spool.write("1.2.3", "1.2.3.1", b"one")
+    [snapshot] = spool.studies()
+    spool.write("1.2.3", "1.2.3.2", b"late")
+    spool.remove(snapshot)
+    [left] = spool.studies()
+    assert [f.read_bytes() for f in left.files] == [b"late"]
+    spool.remove(left)
+    assert spool.studies() == [] and spool.depth() == (0, 0)
+
+
+def test_related_body_round_trips_through_the_gateways_stow_parser(tmp_path: Path) -> None:
+    body, content_type = related_body([b"DICM-one", b"DICM-two\r\n--not-a-boundary"])
+    assert split_related(content_type, body) == [b"DICM-one", b"DICM-two\r\n--not-a-boundary"]
+
+
+def test_batches_respect_part_and_byte_limits(tmp_path: Path) -> None:
+    files = []
+    for i in range(5):
+        f = tmp_path / f"{i}.dcm"
+        f.write_bytes(b"x" * 3000)
+        files.append(f)
+    assert [len(b) for b in batches(tuple(files), max_bytes=1_000_000, max_parts=2)] == [2, 2, 1]
+    assert [len(b) for b in batches(tuple(files), max_bytes=4096 + 6500)] == [2, 2, 1]
+    assert [len(b) for b in batches(tuple(files), max_bytes=10)] == [1, 1, 1, 1, 1]  # never zero
+
+
+def test_outbox_is_idempotent_per_destination_and_object(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    assert box.put("orthanc", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr")
+    assert not box.put("orthanc", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr")  # a retry: no copy
+    assert box.put("other", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr")
+    assert box.depth() == {"orthanc": 1, "other": 1}
+    [item] = [i for i in box.due() if i.destination == "orthanc"]
+    assert item.data() == b"sr"
+    box.delivered(item)
+    assert box.depth() == {"other": 1}
+
+
+def test_outbox_backs_off_exponentially_and_keeps_items_across_restarts(tmp_path: Path) -> None:
+    box = Outbox(tmp_path, retry_s=2.0, max_backoff_s=5.0)
+    box.put("orthanc", "1.2.840.10008.5.1.4.1.1.11.1", "1.2.10", b"pr")
+    now = time.time()
+    [item] = box.due(now)
+    assert box.failed(item, now) == 2.0
+    assert box.due(now + 1) == []
+    [item] = box.due(now + 2.5)
+    assert box.failed(item, now) == 4.0
+    [item] = Outbox(tmp_path, retry_s=2.0, max_backoff_s=5.0).due(now + 10)  # restarted gateway
+    assert item.attempts == 2
+    assert box.failed(item, now) == 5.0  # capped
+
+
+def test_destinations_validate_and_choose_callers() -> None:
+    stow = PacsDestination(name="pacs", kind="stow", url="http://127.0.0.1:8042/dicom-web", callers=["west"])
+    assert stow.serves("west") and not stow.serves("east")
+    assert PacsDestination(name="all", kind="stow", url="https://p/dw", callers=["*"]).serves("east")
+    with pytest.raises(ValueError, match="needs an http"):
+        PacsDestination(name="x", kind="stow", url="ftp://p")
+    with pytest.raises(ValueError, match="needs ae_title"):
+        PacsDestination(name="x", kind="dimse", host="127.0.0.1")
+    with pytest.raises(ValueError, match="not a valid AE"):
+        PacsDestination(name="x", kind="dimse", ae_title="A" * 17, host="h", port=104)
