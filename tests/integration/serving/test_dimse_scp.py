@@ -102,6 +102,7 @@ def test_non_image_and_malformed_datasets_get_failure_statuses_and_the_scp_keeps
     big.Rows = big.Columns = 1118
     assert _store(scp, big) == 0xA700  # over the per-instance byte limit
 
-    assert scp.spool.depth()[1] == before[1] + 1
+    assert scp.spool.depth()[1] == before[1]  # nothing refused was spooled
     assert c_echo("127.0.0.1", scp.config.port, "CXR", calling_ae="PACS")
     assert _store(scp, _radiograph()) == 0x0000
+    assert scp.spool.depth()[1] == before[1] + 1

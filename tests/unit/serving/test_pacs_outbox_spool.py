@@ -24,7 +24,7 @@ def test_spool_keeps_instances_per_study_and_settles_by_newest_arrival(tmp_path:
     spool.write("1.2.4", "1.2.4.1", b"three")
     old = time.time() - 60
     os.utime(a1, (old, old))
-    [study_a, study_b] = sorted(spool.studies(), key=lambda s: s.study_uid)
+    [study_a, _] = sorted(spool.studies(), key=lambda s: s.study_uid)
     assert study_a.study_uid == "1.2.3" and len(study_a.files) == 2
     assert spool.depth() == (2, 3)
     # the second instance of 1.2.3 just arrived: neither study has settled for 5 s
