@@ -255,6 +255,16 @@ MODEL_DRIFT = DashboardSpec(
             (_q("sum(cxr_feedback_spool_depth)", "spool"),),
             kind="stat",
         ),
+        PanelSpec(
+            "Results waiting for the PACS",
+            "SR and presentation states in the outbox per destination (alert CxrPacsOutboxBacklog above 20).",
+            (_q("max by (destination) (cxr_pacs_outbox_depth)", "{{destination}}"),),
+        ),
+        PanelSpec(
+            "Priority studies",
+            "Analysed studies per hour by triage flag (score >= CXR_TRIAGE_THRESHOLD is priority).",
+            (_q("sum by (priority) (increase(cxr_triage_studies_total[1h]))", "priority={{priority}}"),),
+        ),
     ),
 )
 

@@ -198,6 +198,8 @@ def observed_stack(
         "CXR_DRIFT_MIN_SAMPLES": str(DRIFT_MIN_SAMPLES),
         "CXR_ROUTING_POLL_S": "0.5",
         "CXR_SPOOL_DIR": str(root / "spool"),
+        # a PACS that is never asked (no callers): its outbox depth series exists, at 0
+        "CXR_PACS_DESTINATIONS": '[{"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/dicom-web"}]',
         **{f"CXR_TRITON_{s.upper()}_URL": t.http_url for s, t in tritons.items()},
     }
     port = free_port()
