@@ -16,6 +16,8 @@ from core.errors import CredentialsError
 
 CREDENTIALS_FILE = "credentials.json"
 DEID_SECRET_KEY = "deid_secret"
+# Orthanc (the PACS twin) has one user; the name is fixed, only its password is a secret.
+ORTHANC_USERNAME = "cxr"
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,14 @@ class StackCredentials:
     s3_secret_key: str = ""
     api_keys: dict[str, str] = field(default_factory=dict)
     deid_secret: str = ""
+    orthanc_password: str = ""
 
     def to_json(self) -> dict[str, object]:
         return {
             "s3": {"access_key": self.s3_access_key, "secret_key": self.s3_secret_key},
             "api_keys": dict(self.api_keys),
             DEID_SECRET_KEY: self.deid_secret,
+            "orthanc": {"username": ORTHANC_USERNAME, "password": self.orthanc_password},
         }
 
 
@@ -49,12 +53,14 @@ def parse_credentials(data: object) -> StackCredentials:
         return StackCredentials()
     s3 = data.get("s3") if isinstance(data.get("s3"), dict) else {}
     keys = data.get("api_keys") if isinstance(data.get("api_keys"), dict) else {}
-    assert isinstance(s3, dict) and isinstance(keys, dict)
+    orthanc = data.get("orthanc") if isinstance(data.get("orthanc"), dict) else {}
+    assert isinstance(s3, dict) and isinstance(keys, dict) and isinstance(orthanc, dict)
     return StackCredentials(
         s3_access_key=_text(s3.get("access_key")),
         s3_secret_key=_text(s3.get("secret_key")),
         api_keys={str(role): _text(key) for role, key in keys.items() if _text(key)},
         deid_secret=_text(data.get(DEID_SECRET_KEY)),
+        orthanc_password=_text(orthanc.get("password")),
     )
 
 

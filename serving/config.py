@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 
 from core.settings import CoreSettings
 from core.stages import Stage
-from serving.pacs.destinations import PacsDestination
+from serving.pacs_destinations import PacsDestination
 
 
 class ServingSettings(CoreSettings):

@@ -84,18 +84,26 @@ def build_response(
     sop_instance_uid: str | None,
     detections: list[Detection],
     timings_ms: dict[str, float],
+    triage: tuple[float, bool] | None = None,
 ) -> dict[str, Any]:
-    """The DESIGN.md detection response, boxes in original pixels."""
+    """The DESIGN.md detection response, boxes in original pixels.
+
+    ``triage``: the image's abnormality score and priority flag (core/triage.py), an added key
+    ``"triage": {"score", "priority"}`` that clients reading only the DESIGN.md keys never miss.
+    """
     image: dict[str, Any] = {"width": width, "height": height}
     if sop_instance_uid:
         image["sop_instance_uid"] = sop_instance_uid
-    return {
+    response: dict[str, Any] = {
         "request_id": request_id,
         "model": {"name": model_name, "version": model_version, "stage": stage},
         "image": image,
         "detections": [d.to_json() for d in detections],
         "timings_ms": {k: round(v, 3) for k, v in timings_ms.items()},
     }
+    if triage is not None:
+        response["triage"] = {"score": round(triage[0], 4), "priority": bool(triage[1])}
+    return response
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from stack import manager
 from stack.config import StackSettings
 
 stack_app = typer.Typer(
-    help="The one-machine stack (S3, MLflow, 3 Tritons, gateway, Prometheus).", no_args_is_help=True
+    help="The one-machine stack (S3, MLflow, 3 Tritons, gateway, DIMSE SCP, Orthanc, Prometheus).",
+    no_args_is_help=True,
 )
 console = Console()
 
@@ -88,9 +89,23 @@ def up(
         console.print(
             "[yellow]prometheus is not on PATH: metrics scraping skipped (apt-get install prometheus)[/]"
         )
+    orthanc_skipped = manager.orthanc_skipped(settings)
+    if orthanc_skipped is not None and settings.orthanc:
+        console.print(
+            f"[yellow]Orthanc, the PACS twin, is not started: {orthanc_skipped}. The DIMSE SCP runs; "
+            "results have no local PACS to go back to (CXR_PACS_* unset).[/]"
+        )
     creds = json.loads(settings.credentials_file.read_text())
+    orthanc_line = (
+        f"Orthanc  http://{settings.host}:{settings.orthanc_http_port}/  DICOM ORTHANC@{settings.host}:"
+        f"{settings.orthanc_dicom_port}  (user {creds['orthanc']['username']}, password in credentials)\n"
+        if orthanc_skipped is None
+        else ""
+    )
     console.print(
         f"gateway  http://{settings.host}:{settings.gateway_port}/  (review page; API docs at /docs)\n"
+        f"DIMSE    {settings.dimse_ae_title}@{settings.host}:{settings.dimse_port}  (storage SCP)\n"
+        f"{orthanc_line}"
         f"MLflow   http://{settings.host}:{settings.mlflow_port}/\n"
         f"S3       http://{settings.host}:{settings.s3_port}/\n"
         f"API keys and S3 keys: {settings.credentials_file} (mode 0600); e.g. radiologist key "

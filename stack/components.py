@@ -8,6 +8,8 @@ the tests exercise exactly the flags the stack uses.
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import shutil
 import sys
@@ -39,6 +41,15 @@ class Component:
     stop_signal: str = "TERM"
     # endpoints that start listening after ``health_url`` answers and must be up too
     also_listening: tuple[str, ...] = ()
+    # How to ask ``health_url`` when a plain GET cannot (a C-ECHO, a login); ``health_url``
+    # then only names the endpoint for ``status`` and the logs.
+    probe: Callable[[], bool] | None = field(default=None, compare=False)
+
+    def healthy(self) -> bool:
+        """One health check now: the probe when there is one, else a GET of ``health_url``."""
+        if self.probe is not None:
+            return self.probe()
+        return self.health_url is not None and http_ok(self.health_url)
 
 
 @dataclass(frozen=True)
@@ -67,14 +78,26 @@ class WeedPorts:
         )
 
 
-def http_ok(url: str, timeout: float = 2.0) -> bool:
-    """True when ``url`` answers 2xx (a plain stdlib GET: no proxies, loopback only)."""
+def http_ok(url: str, timeout: float = 2.0, auth: tuple[str, str] | None = None) -> bool:
+    """True when ``url`` answers 2xx (a plain stdlib GET: no proxies, loopback only).
+
+    ``auth`` (user, password) sends HTTP Basic credentials, for servers such as Orthanc
+    that have no anonymous health endpoint.
+    """
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url)
+    if auth is not None:
+        request.add_header("Authorization", basic_auth(*auth))
     try:
-        with opener.open(url, timeout=timeout) as resp:
+        with opener.open(request, timeout=timeout) as resp:
             return 200 <= resp.status < 300
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
+
+
+def basic_auth(username: str, password: str) -> str:
+    """The value of an ``Authorization`` header for HTTP Basic."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
 def wait_healthy(
@@ -84,12 +107,15 @@ def wait_healthy(
     timeout: float,
     alive: Callable[[], bool] = lambda: True,
     log_file: Path | None = None,
+    probe: Callable[[], bool] | None = None,
 ) -> float:
-    """Poll ``url`` until healthy; return seconds waited or raise :class:`ComponentFailed`."""
+    """Poll ``url`` (through ``probe`` when given) until healthy; return seconds waited or raise
+    :class:`ComponentFailed`."""
+    check = probe or (lambda: http_ok(url))
     start = time.monotonic()
     delay = 0.05
     while time.monotonic() - start < timeout:
-        if http_ok(url):
+        if check():
             return time.monotonic() - start
         if not alive():
             raise ComponentFailed(f"{name} exited before becoming healthy ({url}).{log_tail(log_file)}")
@@ -101,9 +127,16 @@ def wait_healthy(
 def wait_component(
     comp: Component, *, timeout: float, alive: Callable[[], bool], log_file: Path | None = None
 ) -> float:
-    """Wait for ``comp.health_url`` and then every ``comp.also_listening`` URL; seconds waited in all."""
-    urls = [u for u in (comp.health_url, *comp.also_listening) if u]
-    return sum(wait_healthy(comp.name, u, timeout=timeout, alive=alive, log_file=log_file) for u in urls)
+    """Wait for ``comp.health_url`` (via its probe) and then every ``comp.also_listening`` URL;
+    seconds waited in all."""
+    waited = 0.0
+    if comp.health_url is not None:
+        waited += wait_healthy(
+            comp.name, comp.health_url, timeout=timeout, alive=alive, log_file=log_file, probe=comp.probe
+        )
+    for url in comp.also_listening:
+        waited += wait_healthy(comp.name, url, timeout=timeout, alive=alive, log_file=log_file)
+    return waited
 
 
 def log_tail(log_file: Path | None, lines: int = 15) -> str:
@@ -301,6 +334,29 @@ def gateway_component(host: str, port: int, python: Path, env: dict[str, str]) -
     ]
     return Component(
         name="gateway", command=command, health_url=f"http://{host}:{port}/healthz", env=env, ports=(port,)
+    )
+
+
+def dicom_echo_ok(host: str, port: int, ae_title: str) -> bool:
+    """C-ECHO as a health check (imported on use: only DIMSE components need pynetdicom)."""
+    from serving.dimse.echo import c_echo
+
+    return c_echo(host, port, ae_title, timeout=2.0)
+
+
+def dimse_component(host: str, port: int, ae_title: str, python: Path, env: dict[str, str]) -> Component:
+    """Our storage SCP (``python -m serving.dimse``), healthy when it answers C-ECHO.
+
+    A DICOM port speaks no HTTP, so the probe is the DICOM ping itself; ``health_url``
+    only names the endpoint (``dicom://AE@host:port``) for ``status``.
+    """
+    return Component(
+        name="dimse",
+        command=[str(python), "-m", "serving.dimse"],
+        health_url=f"dicom://{ae_title}@{host}:{port}",
+        env=env,
+        ports=(port,),
+        probe=functools.partial(dicom_echo_ok, host, port, ae_title),
     )
 
 

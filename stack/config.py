@@ -35,6 +35,13 @@ class StackSettings(CoreSettings):
     triton_production_port: int = 8000
     triton_canary_port: int = 8100
     triton_staging_port: int = 8200
+    # our storage SCP (serving.dimse); the same CXR_DIMSE_* variables configure the SCP itself
+    dimse_port: int = 11112
+    dimse_ae_title: str = "CXR"
+    # Orthanc, the PACS twin: started when installed (Debian's orthanc + orthanc-dicomweb)
+    orthanc: bool = Field(default=True, description="start Orthanc, the PACS twin, when it is installed")
+    orthanc_http_port: int = 8042
+    orthanc_dicom_port: int = 4242
     mlflow_bucket: str = "mlflow"
     triton_venv: Path = Field(default=Path(".venv-triton"), description="Triton's own env (numpy<2)")
     python: Path = Field(default=Path(sys.executable), description="interpreter of the main env")

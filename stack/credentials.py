@@ -4,7 +4,10 @@
 (for the person who ran ``make up``); the gateway only ever sees ``api_keys.json``,
 which holds SHA-256 hashes of those keys. It also holds ``deid_secret``, the
 install's secret behind feedback pseudonyms and PatientID hashes, which the
-gateway and the pipeline read from here (:mod:`core.install_secret`).
+gateway and the pipeline read from here (:mod:`core.install_secret`), and the
+password of Orthanc's one user: kept here rather than beside Orthanc so that the
+demo, the benchmark and a person find every generated secret in one file, read by
+one reader (:func:`core.credentials.read_credentials`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def load_or_create(credentials_file: Path, api_keys_file: Path) -> StackCredenti
             role: old.api_keys.get(role) or f"cxr_{role}_{secrets.token_urlsafe(24)}" for role in ROLES
         },
         deid_secret=old.deid_secret or earlier or secrets.token_hex(32),
+        orthanc_password=old.orthanc_password or secrets.token_urlsafe(24),
     )
     _write_private(credentials_file, json.dumps(creds.to_json(), indent=2) + "\n")
     hashed = {

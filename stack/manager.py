@@ -10,6 +10,7 @@ leftovers Triton's Python backend is known to leave behind.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.credentials import StackCredentials
+from core.credentials import ORTHANC_USERNAME, StackCredentials
 from core.offline import apply_offline_env, offline_env
 from core.stages import STAGES
 from stack.components import (
@@ -27,9 +28,10 @@ from stack.components import (
     ComponentFailed,
     S3Credentials,
     WeedPorts,
+    basic_auth,
+    dimse_component,
     ensure_buckets,
     gateway_component,
-    http_ok,
     log_tail,
     mlflow_component,
     mlflow_exporter_component,
@@ -42,6 +44,7 @@ from stack.components import (
 from stack.config import StackSettings
 from stack.credentials import load_or_create, write_env_file
 from stack.gitops_checkout import ensure_checkout
+from stack.orthanc import dicomweb_server_entry, orthanc_component, orthanc_missing
 from stack.supervisor import Supervisor
 
 log = logging.getLogger("cxr.stack")
@@ -92,6 +95,47 @@ def client_env(settings: StackSettings, creds: StackCredentials) -> dict[str, st
     return env
 
 
+def orthanc_skipped(settings: StackSettings) -> str | None:
+    """Why the stack runs without Orthanc (switched off, or not installed); ``None`` when it runs it."""
+    if not settings.orthanc:
+        return "switched off (CXR_ORTHANC=false)"
+    return orthanc_missing()
+
+
+def pacs_env(settings: StackSettings, creds: StackCredentials) -> dict[str, str]:
+    """The PACS round trip's ``CXR_*`` variables: our storage SCP, and Orthanc's side when it runs.
+
+    Orthanc is where results go back to (one STOW-RS destination for every caller) and
+    where ``cxr pacs analyze`` pulls studies from. Kept apart from :func:`client_env`
+    because the twin is optional and the container stack (docker-compose) has none.
+    """
+    host = settings.host
+    env = {
+        "CXR_DIMSE_HOST": host,
+        "CXR_DIMSE_PORT": str(settings.dimse_port),
+        "CXR_DIMSE_AE_TITLE": settings.dimse_ae_title,
+        "CXR_DIMSE_GATEWAY_URL": f"http://{host}:{settings.gateway_port}",
+    }
+    if orthanc_skipped(settings) is not None:
+        return env
+    dicomweb = f"http://{host}:{settings.orthanc_http_port}/dicom-web"
+    headers = {"Authorization": basic_auth(ORTHANC_USERNAME, creds.orthanc_password)}
+    destination = {"name": "orthanc", "kind": "stow", "url": dicomweb, "headers": headers, "callers": ["*"]}
+    env.update(
+        {
+            "CXR_PACS_DESTINATIONS": _compact_json([destination]),
+            "CXR_PACS_DICOMWEB_URL": dicomweb,
+            "CXR_PACS_DICOMWEB_HEADERS": _compact_json(headers),
+        }
+    )
+    return env
+
+
+def _compact_json(value: object) -> str:
+    """JSON without spaces, so each value stays one word in stack.env (read by python-dotenv)."""
+    return json.dumps(value, separators=(",", ":"))
+
+
 def build_components(settings: StackSettings, creds: StackCredentials) -> list[Component]:
     """Every component, in the order ``up`` waits for them."""
     state, host = settings.state, settings.host
@@ -116,8 +160,30 @@ def build_components(settings: StackSettings, creds: StackCredentials) -> list[C
         triton_component(state, stage, host, settings.triton_http_port(stage), settings.triton_venv)
         for stage in STAGES
     ]
-    service_env = {**offline_env(state), **clients}
+    if orthanc_skipped(settings) is None:
+        # Orthanc calls our SCP (modality cxr) and STOWs to our gateway (DICOMweb server cxr)
+        orthanc = orthanc_component(
+            state / "orthanc",
+            host=host,
+            http_port=settings.orthanc_http_port,
+            dicom_port=settings.orthanc_dicom_port,
+            username=ORTHANC_USERNAME,
+            password=creds.orthanc_password,
+            modalities={"cxr": (settings.dimse_ae_title, host, settings.dimse_port)},
+            dicomweb_servers={
+                "cxr": dicomweb_server_entry(
+                    f"http://{host}:{settings.gateway_port}/dicomweb",
+                    {"Authorization": f"Bearer {creds.api_keys.get('pacs', '')}"},
+                )
+            },
+        )
+        if orthanc is not None:
+            components.append(orthanc)
+    service_env = {**offline_env(state), **clients, **pacs_env(settings, creds)}
     components.append(gateway_component(host, settings.gateway_port, settings.python, service_env))
+    components.append(
+        dimse_component(host, settings.dimse_port, settings.dimse_ae_title, settings.python, service_env)
+    )
     components.append(reconcile_component(settings.python, service_env))
     components.append(
         mlflow_exporter_component(host, settings.mlflow_exporter_port, settings.python, service_env)
@@ -162,7 +228,7 @@ def up(settings: StackSettings) -> list[ComponentStatus]:
     state.mkdir(parents=True, exist_ok=True)
     apply_offline_env(state)
     creds = load_or_create(settings.credentials_file, settings.api_keys_file)
-    write_env_file(settings.env_file, client_env(settings, creds))
+    write_env_file(settings.env_file, {**client_env(settings, creds), **pacs_env(settings, creds)})
     ensure_checkout(Path.cwd(), settings.gitops_checkout)
     try:
         components = build_components(settings, creds)
@@ -204,12 +270,13 @@ def status(settings: StackSettings) -> list[ComponentStatus]:
     if not supervisor.running():
         return []
     creds = load_or_create(settings.credentials_file, settings.api_keys_file)
-    urls = {c.name: c.health_url or "" for c in build_components(settings, creds)}
+    components = {c.name: c for c in build_components(settings, creds)}
     rows = []
     for proc in supervisor.processes():
-        url = urls.get(proc.name, "")
+        comp = components.get(proc.name)
+        url = comp.health_url or "" if comp else ""
         # A component without a health endpoint (the reconcile watcher) is healthy while running.
-        healthy = http_ok(url) if url else proc.state == "RUNNING"
+        healthy = comp.healthy() if comp and url else proc.state == "RUNNING"
         rows.append(ComponentStatus(proc.name, proc.state, proc.pid, healthy, url))
     return rows
 

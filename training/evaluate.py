@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel
 
+from core.triage import image_score, study_score
 from data_pipeline.geometry import LetterboxParams, boxes_to_source, letterbox, yolo_to_xyxy
 from training.config import EvalConfig
 from training.dataset import DatasetRef
@@ -66,6 +67,7 @@ class EvalReport(BaseModel):
     recall: float
     per_class: list[ClassMetrics]
     no_finding_auc: float | None = None  # image level: finding vs "No finding" (no_finding_auc())
+    study_triage_auc: float | None = None  # study level: the worklist's score (study_triage_auc())
     latency_ms_b1: float | None = None
     latency_ms_b8: float | None = None
     plots: list[str] = []
@@ -156,17 +158,41 @@ def no_finding_auc(per_image: list[ImageResult]) -> float | None:
     """ROC AUC of "this image has a finding" scored by the image's highest detection confidence.
 
     The image-level question a worklist asks (normal or not?), answered from the boxes alone:
-    an image's score is its most confident detection (0 without any), its truth whether any
-    reader's box survived fusion ("No finding" images have none). None when the split holds only
-    one kind of image (the AUC is undefined).
+    an image's score is its most confident detection (0 without any; :func:`core.triage.image_score`,
+    the gateway's definition), its truth whether any reader's box survived fusion ("No finding"
+    images have none). None when the split holds only one kind of image (the AUC is undefined).
     """
     from sklearn.metrics import roc_auc_score
 
     truth = np.array([len(r.gt_cls) > 0 for r in per_image])
     if truth.all() or not truth.any():
         return None
-    score = np.array([float(r.conf.max()) if len(r.conf) else 0.0 for r in per_image])
+    score = np.array([image_score(r.conf) for r in per_image])
     return float(roc_auc_score(truth, score))
+
+
+def study_triage_auc(per_image: list[ImageResult], studies: Mapping[str, str] | None = None) -> float | None:
+    """ROC AUC of the worklist's study score (core/triage.py) against "the study has any finding".
+
+    A study's score is the maximum of its images' scores, its truth whether any of its images has
+    a box ("No finding" phantoms and VinDr images have none). ``studies`` maps image id -> study;
+    an image it does not name is a study of its own, which is what evaluation passes today: the
+    dataset manifest keeps no study UID, and VinDr-CXR and the phantoms have one radiograph per
+    study, so there the study AUC equals the image AUC computed through the study path. None when
+    the split holds only one kind of study.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    scores: dict[str, list[float]] = {}
+    truth: dict[str, bool] = {}
+    for r in per_image:
+        study = (studies or {}).get(r.image_id, r.image_id)
+        scores.setdefault(study, []).append(image_score(r.conf))
+        truth[study] = truth.get(study, False) or len(r.gt_cls) > 0
+    labels = np.array([truth[s] for s in scores])
+    if labels.all() or not labels.any():
+        return None
+    return float(roc_auc_score(labels, np.array([study_score(v) for v in scores.values()])))
 
 
 def measure_latency(predictor: Predictor, sample: np.ndarray, batch: int, repeats: int) -> float:
@@ -283,6 +309,7 @@ def evaluate(
         plots=sorted(str(p) for p in plots_dir.glob("*.png")) if plots_dir is not None else [],
         subgroups=subgroup_metrics(per_image, dataset.subgroups()),
         no_finding_auc=no_finding_auc(per_image),
+        study_triage_auc=study_triage_auc(per_image),
     )
     if results is not None:
         results.extend(per_image)

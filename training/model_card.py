@@ -20,6 +20,13 @@ def _auc(report: EvalReport) -> str:
     return f"{report.no_finding_auc:.4f}" if report.no_finding_auc is not None else "n/a (one kind of image)"
 
 
+def _study_auc(report: EvalReport) -> str:
+    """The study-level AUC of the worklist's triage score (core/triage.py: max over a study's images)."""
+    if report.study_triage_auc is None:
+        return "n/a (one kind of study)"
+    return f"{report.study_triage_auc:.4f}"
+
+
 def render_model_card(
     *,
     config: TrainConfig,
@@ -82,6 +89,7 @@ Dataset version `{dataset.version}`: {data_kind}. Split by patient into train / 
 | precision @ conf {onnx_report.conf_threshold} | {torch_report.precision:.4f} | {onnx_report.precision:.4f} |
 | recall @ conf {onnx_report.conf_threshold} | {torch_report.recall:.4f} | {onnx_report.recall:.4f} |
 | image-level AUC, finding vs "No finding" | {_auc(torch_report)} | {_auc(onnx_report)} |
+| study-level triage AUC (worklist score) | {_study_auc(torch_report)} | {_study_auc(onnx_report)} |
 
 Parity: max |PyTorch - ONNX| on raw outputs {export.parity_max_abs_diff:.2e} over {export.parity_images}
 dataset images. ONNX Runtime CPU latency: {latency}.

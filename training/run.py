@@ -218,6 +218,11 @@ def _final_metrics(r: _Results) -> dict[str, float]:
             if r.onnx_report.no_finding_auc is not None
             else {}
         ),
+        **(
+            {"test/study_triage_auc": r.onnx_report.study_triage_auc}
+            if r.onnx_report.study_triage_auc is not None
+            else {}
+        ),
         "test/pytorch_map50": r.torch_report.map50,
         "parity_max_abs_diff": r.export.parity_max_abs_diff,
         "ort_latency_ms_b1": r.onnx_report.latency_ms_b1 or 0.0,

@@ -23,17 +23,12 @@ from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from serving.dicom.sop_classes import RADIOGRAPH_SOP_CLASSES
 from serving.dimse.spool import InstanceSpool
 
 log = logging.getLogger("cxr.dimse")
 
-#: the storage SOP classes a chest radiograph arrives in (PS3.4 B.5)
-ACCEPTED_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1": "CR",
-    "1.2.840.10008.5.1.4.1.1.1.1": "DX for presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "DX for processing",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
-}
+ACCEPTED_SOP_CLASSES = RADIOGRAPH_SOP_CLASSES
 
 # PS3.4 Annex B.2.3 / PS3.7 Annex C statuses
 SUCCESS = 0x0000

@@ -56,7 +56,7 @@ def build(settings: ServingSettings) -> tuple[StorageScp, Forwarder]:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines quote UIDs and AE data
-    from serving.gateway import logsafe
+    from serving import logsafe
 
     logsafe.install()
     settings = ServingSettings()

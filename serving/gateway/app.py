@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,11 +23,11 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving import logsafe
 from serving.config import ServingSettings
 from serving.errors import InputLimitExceeded, ServingError
-from serving.gateway import logsafe
 from serving.gateway.middleware import INTERNAL_ERROR, ObserveMiddleware, error_body
-from serving.gateway.routes import admin, detect, dicomweb, feedback, health, results, review
+from serving.gateway.routes import admin, detect, dicomweb, feedback, health, pacs, results, review, worklist
 from serving.gateway.routes.review import STATIC_DIR
 from serving.gateway.state import GatewayState, build_state
 from serving.inference.backend import InferenceBackend
@@ -112,6 +112,8 @@ def run_retention(state: GatewayState) -> None:
     """
     started = datetime.now(UTC)
     report = state.results.purge(started)
+    if state.worklist is not None:  # a study leaves the worklist with its results
+        state.worklist.purge(started - timedelta(days=state.settings.results_retention_days))
     state.metrics.housekeeping_runs.labels("results").inc(report.results)
     state.metrics.housekeeping_runs.labels("sources").inc(report.sources)
     record = {
@@ -166,13 +168,17 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.detector.refresh_routing(force=True)
         await asyncio.to_thread(warm_up)
-        task = asyncio.create_task(_housekeeping(state))
+        tasks = [asyncio.create_task(_housekeeping(state))]
+        if state.sendback is not None:
+            tasks.append(asyncio.create_task(state.sendback.run()))
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await state.detector.close()
             await state.backend.close()
             state.audit.close()
@@ -186,7 +192,7 @@ def create_app(
     app.state.cxr = state
     _install_error_handlers(app)
     app.add_middleware(ObserveMiddleware, state=state)
-    for module in (detect, results, feedback, admin, dicomweb, health, review):
+    for module in (detect, results, feedback, admin, dicomweb, pacs, health, review, worklist):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -26,7 +26,9 @@ from serving.inference.drift import DriftMonitor
 from serving.inference.routing import Router
 from serving.limits import RateLimiter
 from serving.metrics import GatewayMetrics
+from serving.pacs.sendback import SendBack
 from serving.results import BlobStore, ResultStore, Retention
+from serving.triage.worklist import WorklistStore
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,10 @@ class GatewayState:
     secret: str
     # failed authentications per client address (CXR_AUTH_FAIL_*): guessing keys costs time
     auth_failures: RateLimiter = field(default_factory=lambda: RateLimiter(1.0, 20))
+    # analysed studies with their triage (GET /v1/worklist); None in a state built without one
+    worklist: WorklistStore | None = None
+    # SR + presentation states back to the PACS through the durable outbox (serving/pacs)
+    sendback: SendBack | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -120,7 +126,10 @@ def build_state(
         reference_loader=load_reference,
     )
     cpu = CpuPool(settings.worker_threads)
-    detector = DetectionService(settings, backend, router, metrics, results, drift, cpu=cpu)
+    worklist = WorklistStore(settings.resolved_worklist_db)
+    detector = DetectionService(
+        settings, backend, router, metrics, results, drift, cpu=cpu, worklist=worklist
+    )
     secret = resolve_install_secret(settings.deid_secret, settings.stack_dir)
     feedback = FeedbackService(store, FeedbackSpool(settings.resolved_spool_dir), secret)
     return GatewayState(
@@ -141,4 +150,6 @@ def build_state(
         ),
         secret=secret,
         auth_failures=RateLimiter(settings.auth_fail_rate_per_s, settings.auth_fail_burst),
+        worklist=worklist,
+        sendback=SendBack(settings, metrics, cpu),
     )

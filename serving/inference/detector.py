@@ -10,11 +10,13 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import sqlite3
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from core.stages import Stage
+from core.triage import is_priority
 from serving.config import ServingSettings
 from serving.contract import Detection
 from serving.errors import BackendError, GatewayTimeout, InputLimitExceeded, ModelNotReady, ServingError
@@ -26,6 +28,7 @@ from serving.inference.routing import Router
 from serving.limits import InflightGate
 from serving.metrics import GatewayMetrics
 from serving.results import ResultRecord, ResultStore, build_response
+from serving.triage.worklist import StudyTriage, WorklistStore
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ class DetectionReply:
     outcome: InferenceOutcome
     study_uid: str | None
     sop_uid: str | None
+    # the study's triage over every image seen so far (None: no study UID, or no worklist)
+    study: StudyTriage | None = None
 
 
 def new_request_id() -> str:
@@ -83,9 +88,14 @@ class DetectionService:
         results: ResultStore,
         drift: DriftMonitor,
         cpu: CpuPool | None = None,
+        worklist: WorklistStore | None = None,
     ) -> None:
-        """``cpu``: the gateway's worker pool (one of its own when None); :meth:`close` shuts it down."""
+        """``cpu``: the gateway's worker pool (one of its own when None); :meth:`close` shuts it down.
+
+        ``worklist``: where analysed studies are triaged (None: no worklist, replies carry no study).
+        """
         self.settings = settings
+        self.worklist = worklist
         self.backend = backend
         self.router = router
         self.metrics = metrics
@@ -152,7 +162,43 @@ class DetectionService:
         if self.settings.store_results:
             for reply in replies:
                 self.spawn(self.cpu.run(self.results.persist, reply.record))
+        if self.worklist is not None:
+            await self._triage(replies, tenant, self.worklist)
         return replies
+
+    async def _triage(self, replies: list[DetectionReply], tenant: str, worklist: WorklistStore) -> None:
+        """Merge each study's new images into the worklist and put the study's triage on its replies.
+
+        After the journal, so the worklist never names a result that is not stored. One
+        observation of the metrics per study in this call: a study sent one instance per request
+        (STOW-RS, DIMSE) is observed once per instance, with its score so far. A failing worklist
+        does not fail the detection (the results are already stored); it is logged without the UID.
+        """
+        studies: dict[str, list[DetectionReply]] = {}
+        for reply in replies:
+            if reply.study_uid:
+                studies.setdefault(reply.study_uid, []).append(reply)
+        threshold = self.settings.triage_threshold
+        for study_uid, group in studies.items():
+            last = group[-1].outcome
+            try:
+                study = await self.cpu.run(
+                    worklist.record,
+                    tenant,
+                    study_uid,
+                    [r.record.request_id for r in group],
+                    [r.outcome.image_score for r in group],
+                    last.model.version,
+                    last.stage,
+                    threshold,
+                )
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("worklist_record_failed error_type=%s error=%s", type(exc).__name__, exc)
+                continue
+            self.metrics.triage_score.labels(last.stage).observe(study.score)
+            self.metrics.triage_studies.labels(str(study.priority).lower()).inc()
+            for reply in group:
+                reply.study = study
 
     async def _detect(
         self, payloads: list[bytes], conf: float | None, forced: Stage | None
@@ -258,6 +304,7 @@ class DetectionService:
             sop_instance_uid=up.image.sop_uid,
             detections=outcome.detections,
             timings_ms=timings,
+            triage=(outcome.image_score, is_priority(outcome.image_score, self.settings.triage_threshold)),
         )
         record = ResultRecord(request_id, response, up.image.source_format, up.data)
         return DetectionReply(record, outcome, up.image.study_uid, up.image.sop_uid)

@@ -17,6 +17,7 @@ from typing import TypeVar
 import numpy as np
 
 from core.stages import Stage
+from core.triage import head_image_score
 from data_pipeline.dicom_guard import DicomLimitExceeded, DicomLimits
 from data_pipeline.dicom_io import DecodedImage, decode_bytes
 from data_pipeline.errors import CorruptImage, ImageDecodeError, UnrecognisedImage, UnsupportedImage
@@ -50,6 +51,8 @@ class InferenceOutcome:
     model: ServedModel
     stage: Stage
     timings_ms: dict[str, float]
+    # the triage image score (core/triage.py): best candidate before the operating points' thresholds
+    image_score: float = 0.0
 
 
 def decode_upload(
@@ -154,10 +157,13 @@ class Pipeline:
 
     def _post(
         self, outputs: np.ndarray, uploads: list[DecodedUpload], model: ServedModel, conf: float | None
-    ) -> tuple[list[list[Detection]], float]:
-        """NMS and boxes back to source pixels; ``conf`` None: the version's operating points decide.
+    ) -> tuple[list[list[Detection]], list[float], float]:
+        """NMS and boxes back to source pixels, plus each image's triage score; ``conf`` None: the
+        version's operating points decide.
 
-        A version without operating points keeps the global CXR_CONF_THRESHOLD and raw scores.
+        A version without operating points keeps the global CXR_CONF_THRESHOLD and raw scores. The
+        triage score (:func:`core.triage.head_image_score`) looks at every candidate, whatever
+        threshold drops boxes from the answer, and is calibrated like the confidences returned.
         """
         start = time.perf_counter()
         ops = model.operating_points
@@ -175,7 +181,8 @@ class Pipeline:
             )
             for i, up in enumerate(uploads)
         ]
-        return result, (time.perf_counter() - start) * 1000
+        scores = [head_image_score(outputs[i][4:], ops) for i in range(len(uploads))]
+        return result, scores, (time.perf_counter() - start) * 1000
 
     async def infer(
         self,
@@ -203,11 +210,11 @@ class Pipeline:
         parts = await asyncio.gather(*(self.backend.infer(stage, batch) for batch in batches))
         outputs = np.concatenate(parts) if len(parts) > 1 else parts[0]
         infer_ms = (time.perf_counter() - start) * 1000
-        detections, post_ms = await self.cpu.run(self._post, outputs, uploads, model, conf)
+        detections, scores, post_ms = await self.cpu.run(self._post, outputs, uploads, model, conf)
         outcomes = []
-        for up, dets in zip(uploads, detections, strict=True):
+        for up, dets, score in zip(uploads, detections, scores, strict=True):
             timings = {**up.timings_ms, "infer": infer_ms, "postprocess": post_ms / len(uploads)}
-            outcomes.append(InferenceOutcome(up, dets, model, stage, timings))
+            outcomes.append(InferenceOutcome(up, dets, model, stage, timings, image_score=score))
             if observe:
                 self._observe("infer", stage, timings["infer"])
                 self._observe("postprocess", stage, timings["postprocess"])

@@ -20,8 +20,8 @@ import requests
 from pydicom.uid import UID
 
 from serving.config import ServingSettings
+from serving.dicom.sop_classes import RADIOGRAPH_SOP_CLASSES
 from serving.dicom.stow import split_related
-from serving.dimse.scp import ACCEPTED_SOP_CLASSES
 from serving.errors import Conflict, InvalidRequest, NotFound, PacsUnavailable, PayloadTooLarge
 from serving.pacs.senders import dicomweb_session
 
@@ -80,7 +80,7 @@ class PacsPull:
         out = []
         for item in found:
             sop_class = _value(item, _CLASS)
-            if sop_class not in ACCEPTED_SOP_CLASSES:
+            if sop_class not in RADIOGRAPH_SOP_CLASSES:
                 continue
             series, sop = _value(item, _SERIES), _value(item, _SOP)
             if UID(series).is_valid and UID(sop).is_valid:

@@ -21,9 +21,9 @@ from serving.errors import ServingError
 from serving.inference.cpu_pool import CpuPool
 from serving.inference.detector import DetectionReply
 from serving.metrics import GatewayMetrics
-from serving.pacs.destinations import PacsDestination
 from serving.pacs.outbox import Outbox
 from serving.pacs.senders import Sender, group, make_sender
+from serving.pacs_destinations import PacsDestination
 from serving.results import ResultRecord, ResultStore
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,14 @@ class SendBack:
                             records[rid] = await self.cpu.run(results.get, rid, tenant)
                         except ServingError:
                             continue  # expired: the SR covers the images still held
-            ordered = sorted(records.values(), key=lambda r: r.created)
+            # an instance sent again (a PACS resend) has a newer result: one image, the latest answer,
+            # so the SR is the same object as before and the PACS keeps one copy
+            latest: dict[str, ResultRecord] = {}
+            for record in sorted(records.values(), key=lambda r: r.created):
+                latest[str(record.response.get("image", {}).get("sop_instance_uid") or record.request_id)] = (
+                    record
+                )
+            ordered = list(latest.values())
             queued += await self.study(ordered, triage.as_dict() if triage else None, destinations)
         return queued
 

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 import pydicom
 import requests
 
-from serving.pacs.destinations import PacsDestination
 from serving.pacs.outbox import OutboxItem
+from serving.pacs_destinations import PacsDestination
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from serving.gateway.auth import Principal
@@ -47,8 +47,14 @@ def base_url(request: Request, configured: str) -> str:
     return f"{scheme}://{host}:{port}{root}"
 
 
+_SEND_BACK = Query(
+    description="send the SR and presentation states back to every configured PACS (true), to none "
+    "(false); default: the destinations configured for this caller (CXR_PACS_DESTINATIONS callers)",
+)
+
+
 async def _store(
-    request: Request, state: GatewayState, principal: Principal, study: str | None
+    request: Request, state: GatewayState, principal: Principal, study: str | None, send_back: bool | None
 ) -> JSONResponse:
     body = await read_body(request, state.settings.max_body_bytes)
     instances = await state.stow.split(request.headers.get("content-type", ""), body)
@@ -66,14 +72,33 @@ async def _store(
         on_stored=stored,
     )
     request.state.detections = result.detections
-    return JSONResponse(result.body(), status_code=result.status, media_type="application/dicom+json")
+    headers = {}
+    if state.sendback is not None:
+        destinations = state.sendback.choose(principal.tenant, send_back)
+        if destinations and result.replies:
+            await state.sendback.replies(result.replies, destinations, state.results, principal.tenant)
+            headers["X-CXR-Sent-Back"] = ",".join(d.name for d in destinations)
+    return JSONResponse(
+        result.body(), status_code=result.status, media_type="application/dicom+json", headers=headers
+    )
 
 
 @router.post("/studies", openapi_extra=_STOW_DOC, summary="STOW-RS: store (and detect on) instances")
-async def stow(request: Request, state: StateDep, principal: PacsDep) -> JSONResponse:
-    return await _store(request, state, principal, None)
+async def stow(
+    request: Request,
+    state: StateDep,
+    principal: PacsDep,
+    send_back: Annotated[bool | None, _SEND_BACK] = None,
+) -> JSONResponse:
+    return await _store(request, state, principal, None, send_back)
 
 
 @router.post("/studies/{study}", openapi_extra=_STOW_DOC, summary="STOW-RS into one study")
-async def stow_study(study: str, request: Request, state: StateDep, principal: PacsDep) -> JSONResponse:
-    return await _store(request, state, principal, study)
+async def stow_study(
+    study: str,
+    request: Request,
+    state: StateDep,
+    principal: PacsDep,
+    send_back: Annotated[bool | None, _SEND_BACK] = None,
+) -> JSONResponse:
+    return await _store(request, state, principal, study, send_back)

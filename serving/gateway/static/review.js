@@ -1,4 +1,6 @@
 // Review page: detect -> show boxes on the server-rendered preview -> accept/reject/draw -> /v1/feedback.
+// The worklist panel (/v1/worklist) lists analysed studies, priority first; a click opens a study's
+// results one image at a time in the same viewer.
 "use strict";
 
 const CLASS_NAMES = [
@@ -10,7 +12,7 @@ const COLORS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4"
   "#f032e6", "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8"];
 
 const $ = (id) => document.getElementById(id);
-const state = { result: null, image: null, scale: 1, verdicts: [], newBoxes: [], drag: null };
+const state = { result: null, image: null, scale: 1, verdicts: [], newBoxes: [], drag: null, study: null };
 
 function apiKey() { return $("api-key").value.trim(); }
 function headers(extra = {}) { return { Authorization: `Bearer ${apiKey()}`, ...extra }; }
@@ -23,7 +25,7 @@ async function errorText(resp) {
 
 function init() {
   $("api-key").value = sessionStorage.getItem("cxr-key") || "";
-  $("api-key").addEventListener("change", () => sessionStorage.setItem("cxr-key", apiKey()));
+  $("api-key").addEventListener("change", () => { sessionStorage.setItem("cxr-key", apiKey()); loadWorklist(); });
   CLASS_NAMES.forEach((name, i) => $("new-class").add(new Option(`${i} ${name}`, String(i))));
   $("upload-form").addEventListener("submit", (e) => { e.preventDefault(); detect(); });
   $("submit").addEventListener("click", submitFeedback);
@@ -32,6 +34,10 @@ function init() {
   canvas.addEventListener("mousedown", startDrag);
   canvas.addEventListener("mousemove", moveDrag);
   canvas.addEventListener("mouseup", endDrag);
+  $("worklist-refresh").addEventListener("click", loadWorklist);
+  $("prev-image").addEventListener("click", () => stepStudy(-1));
+  $("next-image").addEventListener("click", () => stepStudy(1));
+  if (apiKey()) loadWorklist();
 }
 
 async function detect() {
@@ -44,6 +50,13 @@ async function detect() {
   const resp = await fetch("/v1/detect", { method: "POST", headers: headers(), body: form });
   if (!resp.ok) { setStatus("status", await errorText(resp), "error"); return; }
   const result = await resp.json();
+  state.study = null; renderStudyNav();
+  await showResult(result);
+  loadWorklist();
+}
+
+// Shows one result (fresh from /v1/detect or opened from the worklist) on its server-rendered preview.
+async function showResult(result) {
   const preview = await fetch(`/v1/results/${result.request_id}/preview.png`, { headers: headers() });
   if (!preview.ok) { setStatus("status", await errorText(preview), "error"); return; }
   const img = new Image();
@@ -53,12 +66,75 @@ async function detect() {
   state.scale = img.naturalWidth / result.image.width;
   const canvas = $("view");
   canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  const total = result.timings_ms.total === undefined ? "" : ` · ${result.timings_ms.total.toFixed(0)} ms`;
+  const triage = result.triage
+    ? ` · triage ${result.triage.score.toFixed(2)}${result.triage.priority ? " (priority)" : ""}` : "";
   $("model-info").textContent = `model ${result.model.name} v${result.model.version} (${result.model.stage}) · ` +
-    `${result.image.width}×${result.image.height} · ${result.timings_ms.total.toFixed(0)} ms`;
+    `${result.image.width}×${result.image.height}${total}${triage}`;
   $("no-finding").checked = false;
   $("submit").disabled = false;
   setStatus("status", `${result.detections.length} finding(s) · request ${result.request_id}`);
   renderLists(); draw();
+}
+
+// ----------------------------------------------------------------- worklist
+
+async function loadWorklist() {
+  if (!apiKey()) return;
+  const resp = await fetch("/v1/worklist", { headers: headers() });
+  if (!resp.ok) { setStatus("worklist-status", await errorText(resp), "error"); return; }
+  const body = await resp.json();
+  const list = $("worklist"); list.replaceChildren();
+  body.studies.forEach((study) => {
+    const li = document.createElement("li");
+    li.className = study.priority ? "study priority" : "study";
+    li.dataset.studyUid = study.study_uid;
+    li.tabIndex = 0;
+    li.title = `study ${study.study_uid}`;
+    const seen = new Date(study.first_seen).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    if (study.priority) li.append(label("PRIORITY"));
+    li.append(label(`${study.score.toFixed(2)} · ${study.images} image(s) · ${seen} · …${study.study_uid.slice(-8)}`));
+    li.addEventListener("click", () => openStudy(study));
+    li.addEventListener("keydown", (e) => { if (e.key === "Enter") openStudy(study); });
+    list.append(li);
+  });
+  setStatus("worklist-status",
+    `${body.studies.length} studies in the last ${body.hours} h · priority at score ≥ ${body.threshold}`);
+}
+
+async function openStudy(study) {
+  state.study = { uid: study.study_uid, ids: study.result_ids, index: 0 };
+  document.querySelectorAll("#worklist li.study").forEach((li) => {
+    li.classList.toggle("open", li.dataset.studyUid === study.study_uid);
+  });
+  await openResult(0);
+}
+
+async function stepStudy(delta) {
+  if (!state.study) return;
+  const next = state.study.index + delta;
+  if (next < 0 || next >= state.study.ids.length) return;
+  await openResult(next);
+}
+
+async function openResult(index) {
+  state.study.index = index;
+  renderStudyNav();
+  const id = state.study.ids[index];
+  setStatus("status", "loading…");
+  setStatus("feedback-status", "");
+  const resp = await fetch(`/v1/results/${encodeURIComponent(id)}`, { headers: headers() });
+  if (!resp.ok) { setStatus("status", await errorText(resp), "error"); return; }
+  await showResult(await resp.json());
+}
+
+function renderStudyNav() {
+  const nav = $("study-nav");
+  nav.hidden = !state.study;
+  if (!state.study) return;
+  $("study-position").textContent = `image ${state.study.index + 1} of ${state.study.ids.length}`;
+  $("prev-image").disabled = state.study.index === 0;
+  $("next-image").disabled = state.study.index >= state.study.ids.length - 1;
 }
 
 // Lists are built with createElement/textContent only: class names and numbers come from the server.

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from stack.orthanc import orthanc_missing
 from tests.fixtures.servers import REPO_ROOT
 from tests.fixtures.stack import CXR, StackRun, client_env, stack_env
 
@@ -28,7 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _watch_remote_connections(stop: threading.Event, found: list[str], state: Path) -> None:
-    """Non-Python servers (weed, tritonserver, prometheus) are outside the audit hook:
+    """Non-Python servers (weed, tritonserver, prometheus, Orthanc) are outside the audit hook:
     sample the sockets of the stack's processes and of this test's children instead,
     and note any remote end off loopback (other processes on a shared machine are not ours)."""
     me = psutil.Process()
@@ -86,9 +87,11 @@ def test_up_reports_every_component_healthy(stack: StackRun) -> None:
         "triton-canary",
         "triton-staging",
         "gateway",
+        "dimse",
         "reconcile",
         "mlflow-exporter",
         "prometheus",
+        *(["orthanc"] if orthanc_missing() is None else []),
     ):
         assert name in result.stdout, result.stdout
     assert "FATAL" not in result.stdout

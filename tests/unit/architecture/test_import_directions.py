@@ -31,14 +31,27 @@ ALLOWED: dict[str, set[str]] = {
 }
 
 # inside serving: the shared modules at its root, then the subpackages that build on them
-SERVING_ROOT = {"config", "errors", "contract", "metrics", "results", "limits", "__init__"}
+SERVING_ROOT = {
+    "config",
+    "errors",
+    "contract",
+    "metrics",
+    "results",
+    "limits",
+    "logsafe",
+    "pacs_destinations",
+    "__init__",
+}
 SERVING_ALLOWED: dict[str, set[str]] = {
     "<root>": {"<root>"},
-    "inference": {"<root>"},
+    "triage": {"<root>"},  # the worklist: inference records each analysed study in it
+    "inference": {"<root>", "triage"},
     "dicom": {"<root>", "inference"},  # the STOW use case runs each part through inference
     "feedback": {"<root>", "dicom"},
     "observability": {"<root>"},
-    "gateway": {"<root>", "dicom", "inference", "feedback"},
+    "pacs": {"<root>", "dicom", "inference"},  # send-back builds DICOM objects of detection replies
+    "dimse": {"<root>", "dicom"},  # its own process: hands studies to the gateway over HTTP
+    "gateway": {"<root>", "dicom", "inference", "feedback", "triage", "pacs"},
     "cli": {"<root>", "gateway"},
     "__main__": {"cli"},
 }

@@ -11,8 +11,8 @@ import pytest
 from serving.dicom.stow import split_related
 from serving.dimse.forwarder import batches, related_body
 from serving.dimse.spool import InstanceSpool
-from serving.pacs.destinations import PacsDestination
 from serving.pacs.outbox import Outbox
+from serving.pacs_destinations import PacsDestination
 
 pytestmark = pytest.mark.unit
 

@@ -293,6 +293,7 @@ def test_training_writes_them_beside_the_onnx_and_into_the_card(
         operating_points=ops,
     )
     assert "## Operating points and calibration (split `val`)" in card and ops.sha256() in card
+    assert "| study-level triage AUC (worklist score) |" in card
 
     class NoVal:
         version = dataset.version

@@ -67,6 +67,8 @@ def test_perfect_predictions_score_map_one_at_every_threshold(dataset: DatasetRe
     assert report.map40 == pytest.approx(1.0, abs=0.01)
     assert report.precision == pytest.approx(1.0) and report.recall == pytest.approx(1.0)
     assert {c.class_id for c in report.per_class} <= {3, 8, 10}
+    # the manifest keeps no study UID: each image is its own study, so both AUCs are one figure
+    assert report.study_triage_auc == report.no_finding_auc
 
 
 def test_vindr_map40_counts_boxes_that_miss_iou_half(dataset: DatasetRef) -> None:

@@ -1,0 +1,62 @@
+"""``POST /v1/studies/{study_uid}/analyze``: pull a study from the PACS, analyse it, send results back."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from serving.errors import InvalidImage
+from serving.gateway.deps import PacsDep, StateDep
+from serving.gateway.routes.dicomweb import base_url
+from serving.pacs.pull import PacsPull, check_uid
+
+router = APIRouter(prefix="/v1/studies", tags=["pacs"])
+
+
+@router.post("/{study_uid}/analyze", summary="DICOMweb pull: fetch a study from the PACS and analyse it")
+async def analyze_study(
+    study_uid: str,
+    request: Request,
+    state: StateDep,
+    principal: PacsDep,
+    send_back: Annotated[
+        bool, Query(description="send SR + presentation states to every configured PACS (default true)")
+    ] = True,
+) -> JSONResponse:
+    """QIDO-RS + WADO-RS from ``CXR_PACS_DICOMWEB_URL``, then the STOW-RS path for each radiograph."""
+    check_uid(study_uid, "the study UID")
+    pull = PacsPull(state.settings)
+    instances = await asyncio.to_thread(pull.fetch_study, study_uid)  # network: not the CPU pool
+    result = await state.stow.store(
+        instances,
+        study=study_uid,
+        tenant=principal.tenant,
+        base_url=base_url(request, state.settings.public_base_url),
+    )
+    del instances
+    replies = result.replies
+    if not replies:
+        raise InvalidImage(f"none of the study's {len(result.outcomes)} radiographs could be analysed")
+    request.state.study_uid = study_uid
+    request.state.detections = result.detections
+    request.state.stage = replies[-1].outcome.stage
+    request.state.model_version = replies[-1].outcome.model.version
+    sent_to: list[str] = []
+    queued = 0
+    if state.sendback is not None and send_back:
+        destinations = state.sendback.choose(principal.tenant, True)
+        queued = await state.sendback.replies(replies, destinations, state.results, principal.tenant)
+        sent_to = [d.name for d in destinations]
+    study = replies[-1].study
+    body = {
+        "study_uid": study_uid,
+        "triage": study.as_dict() if study else None,
+        "results": [r.record.response for r in replies],
+        "failed": sum(o.failure_reason is not None for o in result.outcomes),
+        "sent_to": sent_to,
+        "objects_queued": queued,
+    }
+    return JSONResponse(body)

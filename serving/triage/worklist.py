@@ -1,0 +1,228 @@
+"""The worklist: one row per analysed study, its abnormality score and priority flag, per tenant.
+
+A study arrives image by image (one STOW-RS part or one DIMSE instance per detection call) or all
+at once; :meth:`WorklistStore.record` merges each call into the study's row, so the row always
+holds the score over every image seen so far (core/triage.py: the maximum of the image scores).
+
+Stored with the standard library's sqlite3 in WAL mode beside the result journal: the worklist is
+small (one row per study and retention window), must survive a restart, and is written from the
+gateway's worker threads, so every call opens its own connection and a merge is one ``BEGIN
+IMMEDIATE`` transaction (two images of one study recorded at once cannot lose each other).
+
+Study UIDs identify a patient's examination: they are stored (the worklist must name the study)
+but never logged, and every query is scoped to the caller's tenant, so a key of another tenant
+never sees a study, exactly as for results.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from core.triage import is_priority, study_score
+
+#: the most studies one listing returns
+MAX_LIST = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    tenant TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    score REAL NOT NULL,
+    priority INTEGER NOT NULL,
+    threshold REAL NOT NULL,
+    result_ids TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (tenant, study_uid)
+);
+CREATE INDEX IF NOT EXISTS studies_by_time ON studies (tenant, last_seen);
+"""
+
+
+@dataclass(frozen=True)
+class StudyTriage:
+    """A study's triage so far: its score over every image seen, the flag, and where its results are."""
+
+    study_uid: str
+    score: float
+    priority: bool
+    threshold: float
+    result_ids: tuple[str, ...]
+    model_version: str = ""
+    stage: str = ""
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None
+
+    @property
+    def images(self) -> int:
+        """Analysed images (one result each) of the study."""
+        return len(self.result_ids)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The triage the SR and the PACS send-back carry: ``{"score", "priority", "threshold"}``."""
+        return {"score": round(self.score, 4), "priority": self.priority, "threshold": self.threshold}
+
+    def to_json(self) -> dict[str, Any]:
+        """One entry of ``GET /v1/worklist``."""
+        return {
+            "study_uid": self.study_uid,
+            "score": round(self.score, 4),
+            "priority": self.priority,
+            "images": self.images,
+            "result_ids": list(self.result_ids),
+            "model_version": self.model_version,
+            "stage": self.stage,
+            "first_seen": _iso(self.first_seen),
+            "last_seen": _iso(self.last_seen),
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value is not None else None
+
+
+def _epoch(value: datetime) -> float:
+    if value.tzinfo is None:  # naive times are UTC here, like every time the gateway makes
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+def _row(row: sqlite3.Row) -> StudyTriage:
+    return StudyTriage(
+        study_uid=row["study_uid"],
+        score=float(row["score"]),
+        priority=bool(row["priority"]),
+        threshold=float(row["threshold"]),
+        result_ids=tuple(json.loads(row["result_ids"])),
+        model_version=row["model_version"],
+        stage=row["stage"],
+        first_seen=datetime.fromtimestamp(row["first_seen"], UTC),
+        last_seen=datetime.fromtimestamp(row["last_seen"], UTC),
+    )
+
+
+class WorklistStore:
+    """Studies with their triage, in one SQLite file; safe to call from several threads."""
+
+    def __init__(self, path: Path) -> None:
+        """Nothing is created until the first call, so building a gateway touches no disk."""
+        self.path = path
+        self._ready = False
+        self._init_lock = threading.Lock()
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """One connection per call (sqlite3 connections must not cross threads), closed after it."""
+        if not self._ready:
+            with self._init_lock:
+                if not self._ready:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    with sqlite3.connect(self.path, timeout=30) as setup:
+                        setup.execute("PRAGMA journal_mode=WAL")
+                        setup.executescript(_SCHEMA)
+                    setup.close()
+                    self._ready = True
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def record(
+        self,
+        tenant: str,
+        study_uid: str,
+        result_ids: Sequence[str],
+        image_scores: Sequence[float],
+        model_version: str,
+        stage: str,
+        threshold: float,
+        *,
+        now: datetime | None = None,
+    ) -> StudyTriage:
+        """Merge newly analysed images into the study's row and return the study's triage.
+
+        The score is the maximum over the images seen so far (old and new), the result ids their
+        union in arrival order, the flag decided with ``threshold`` (the current setting), and
+        model version and stage are the latest call's.
+        """
+        seen = _epoch(now or datetime.now(UTC))
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                old = conn.execute(
+                    "SELECT * FROM studies WHERE tenant = ? AND study_uid = ?", (tenant, study_uid)
+                ).fetchone()
+                ids = list(json.loads(old["result_ids"])) if old is not None else []
+                ids += [r for r in result_ids if r not in ids]
+                previous = [float(old["score"])] if old is not None else []
+                score = study_score([*previous, *image_scores])
+                first = float(old["first_seen"]) if old is not None else seen
+                conn.execute(
+                    "INSERT OR REPLACE INTO studies (tenant, study_uid, score, priority, threshold, "
+                    "result_ids, model_version, stage, first_seen, last_seen) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        tenant,
+                        study_uid,
+                        score,
+                        int(is_priority(score, threshold)),
+                        threshold,
+                        json.dumps(ids),
+                        model_version,
+                        stage,
+                        first,
+                        max(seen, first),
+                    ),
+                )
+                row = conn.execute(
+                    "SELECT * FROM studies WHERE tenant = ? AND study_uid = ?", (tenant, study_uid)
+                ).fetchone()
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return _row(row)
+
+    def get(self, tenant: str, study_uid: str) -> StudyTriage | None:
+        """The study's triage, or None when this tenant has no such study."""
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT * FROM studies WHERE tenant = ? AND study_uid = ?", (tenant, study_uid)
+            ).fetchone()
+        return _row(row) if row is not None else None
+
+    def list(self, tenant: str, since: datetime, limit: int = 100) -> list[StudyTriage]:
+        """The tenant's studies analysed since ``since``: priority first, then oldest first.
+
+        Within a priority class the study waiting longest (earliest first image) comes first:
+        first come, first served, so a steady stream of new studies can never push an older one
+        down the list and leave it unread; the score only decides the class, not the order in it.
+        """
+        limit = max(1, min(int(limit), MAX_LIST))
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT * FROM studies WHERE tenant = ? AND last_seen >= ? "
+                "ORDER BY priority DESC, first_seen ASC, study_uid ASC LIMIT ?",
+                (tenant, _epoch(since), limit),
+            ).fetchall()
+        return [_row(r) for r in rows]
+
+    def purge(self, before: datetime) -> int:
+        """Delete studies last analysed before ``before`` (the results' retention); returns how many."""
+        if not self._ready and not self.path.exists():
+            return 0
+        with self._connect() as conn:
+            cursor = conn.execute("DELETE FROM studies WHERE last_seen < ?", (_epoch(before),))
+            return int(cursor.rowcount)

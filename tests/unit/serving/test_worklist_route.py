@@ -1,0 +1,155 @@
+"""Triage through the gateway: every response carries its image's score, studies reach GET /v1/worklist."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
+
+from serving.gateway.auth import hash_key
+from tests.unit.serving.serving_support import make_dicom, make_png, onnx_settings, stow_body
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    onnx_model: Path, gitops_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    """A gateway of its own (its worklist starts empty) with keys of two tenants."""
+    from serving.gateway.app import create_app
+
+    root = tmp_path_factory.mktemp("worklist")
+    plain = {name: f"cxr_{name}_{uuid.uuid4().hex}" for name in ("a-pacs", "a-rad", "b-rad")}
+    entries = [
+        {"id": name, "role": name.split("-")[1].replace("rad", "radiologist"), "sha256": hash_key(key)}
+        | {"tenant": f"hospital-{name[0]}"}
+        for name, key in plain.items()
+    ]
+    (root / "keys.json").write_text(json.dumps({"keys": entries}))
+    settings = onnx_settings(
+        onnx_model, root / "keys.json", root, gitops_dir=gitops_dir, triage_threshold=0.5, worklist_hours=2
+    )
+    with TestClient(create_app(settings, use_store=False), raise_server_exceptions=False) as client:
+        yield client, plain
+
+
+def _detect(
+    client: TestClient, key: str, data: bytes, query: str = "", kind: str = "dicom"
+) -> dict[str, Any]:
+    r = client.post(
+        f"/v1/detect{query}",
+        content=data,
+        headers={"X-API-Key": key, "Content-Type": f"application/{kind}" if kind == "dicom" else "image/png"},
+    )
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def _worklist(client: TestClient, key: str, query: str = "") -> Any:
+    return client.get(f"/v1/worklist{query}", headers={"X-API-Key": key})
+
+
+def test_every_response_carries_its_images_triage_and_keeps_the_contract_keys(
+    gateway: tuple[TestClient, dict[str, str]],
+) -> None:
+    client, keys = gateway
+    body = _detect(client, keys["a-pacs"], make_dicom(seed=3))
+    assert {"request_id", "model", "image", "detections", "timings_ms"} <= set(body)
+    triage = body["triage"]
+    assert set(triage) == {"score", "priority"} and 0.0 <= triage["score"] <= 1.0
+    assert triage["priority"] == (triage["score"] >= 0.5)
+    best = max((d["confidence"] for d in body["detections"]), default=0.0)
+    assert triage["score"] >= round(best, 4)
+    png = _detect(client, keys["a-pacs"], make_png(seed=3), kind="png")  # no study, still an image score
+    assert set(png["triage"]) == {"score", "priority"}
+
+
+def test_the_score_counts_boxes_the_threshold_drops(gateway: tuple[TestClient, dict[str, str]]) -> None:
+    client, keys = gateway
+    data = make_dicom(seed=4)
+    low = _detect(client, keys["a-pacs"], data, "?conf=0.01")
+    strict = _detect(client, keys["a-pacs"], data, "?conf=1.0")
+    assert strict["detections"] == [] and low["detections"]
+    assert strict["triage"]["score"] == low["triage"]["score"] > 0.0  # the threshold changes no score
+
+
+def test_a_studys_images_merge_into_one_worklist_entry_with_the_max_score(
+    gateway: tuple[TestClient, dict[str, str]],
+) -> None:
+    client, keys = gateway
+    study = generate_uid()
+    body, content_type = stow_body(make_dicom(seed=5, study_uid=study), make_dicom(seed=6, study_uid=study))
+    r = client.post(
+        f"/dicomweb/studies/{study}",
+        content=body,
+        headers={"X-API-Key": keys["a-pacs"], "Content-Type": content_type},
+    )
+    assert r.status_code == 200, r.text
+    third = _detect(client, keys["a-pacs"], make_dicom(seed=7, study_uid=study))
+    r = _worklist(client, keys["a-rad"])
+    assert r.status_code == 200, r.text
+    listing = r.json()
+    assert listing["threshold"] == 0.5 and listing["hours"] == 2
+    [entry] = [s for s in listing["studies"] if s["study_uid"] == study]
+    assert entry["images"] == 3 and third["request_id"] in entry["result_ids"]
+    assert set(entry) == {
+        "study_uid",
+        "score",
+        "priority",
+        "images",
+        "result_ids",
+        "model_version",
+        "stage",
+        "first_seen",
+        "last_seen",
+    }
+    scores = [
+        client.get(f"/v1/results/{rid}", headers={"X-API-Key": keys["a-rad"]}).json()
+        for rid in entry["result_ids"]
+    ]
+    assert entry["score"] == pytest.approx(max(s["triage"]["score"] for s in scores), abs=1e-4)
+    assert entry["priority"] == (entry["score"] >= 0.5)
+    assert entry["stage"] == "production"
+
+
+def test_worklist_orders_priority_first_then_oldest_and_is_scoped_to_the_tenant(
+    gateway: tuple[TestClient, dict[str, str]],
+) -> None:
+    client, keys = gateway
+    worklist = client.app.state.cxr.worklist  # type: ignore[attr-defined]
+    now = datetime.now(UTC)
+    worklist.record(
+        "hospital-b", "b-normal", ["r1"], [0.2], "1", "production", 0.5, now=now - timedelta(hours=1)
+    )
+    worklist.record("hospital-b", "b-urgent", ["r2"], [0.7], "1", "production", 0.5, now=now)
+    worklist.record(
+        "hospital-b", "b-stale", ["r3"], [0.9], "1", "production", 0.5, now=now - timedelta(hours=3)
+    )
+    listing = _worklist(client, keys["b-rad"]).json()
+    assert [s["study_uid"] for s in listing["studies"]] == ["b-urgent", "b-normal"]  # b-stale: outside 2 h
+    wide = _worklist(client, keys["b-rad"], "?hours=4&limit=2").json()
+    assert [s["study_uid"] for s in wide["studies"]] == ["b-stale", "b-urgent"] and wide["hours"] == 4
+    assert not {s["study_uid"] for s in _worklist(client, keys["a-rad"]).json()["studies"]} & {
+        "b-normal",
+        "b-urgent",
+    }
+
+
+def test_worklist_needs_a_radiologist_and_bounds_its_window(
+    gateway: tuple[TestClient, dict[str, str]],
+) -> None:
+    client, keys = gateway
+    assert _worklist(client, keys["a-pacs"]).status_code == 403
+    assert client.get("/v1/worklist").status_code == 401
+    for query in ("?hours=0", "?hours=100000", "?limit=0", "?limit=100000"):
+        r = _worklist(client, keys["a-rad"], query)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", query

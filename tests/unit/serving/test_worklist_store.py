@@ -1,0 +1,94 @@
+"""The worklist store: merges a study's images, orders priority then oldest, scoped by tenant, purged."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from serving.triage.worklist import StudyTriage, WorklistStore
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+
+
+def _at(minutes: float) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def _record(store: WorklistStore, study: str, score: float, minutes: float, tenant: str = "a") -> StudyTriage:
+    rid = f"{study}-{minutes}"
+    return store.record(tenant, study, [rid], [score], "7", "production", 0.5, now=_at(minutes))
+
+
+def test_record_merges_a_studys_images_keeping_the_max_score_and_every_result(tmp_path: Path) -> None:
+    store = WorklistStore(tmp_path / "w.sqlite")
+    first = store.record("a", "1.2.3", ["r1"], [0.3], "7", "production", 0.5, now=_at(0))
+    assert (first.score, first.priority, first.images) == (pytest.approx(0.3), False, 1)
+    second = store.record("a", "1.2.3", ["r2", "r3"], [0.8, 0.1], "8", "canary", 0.5, now=_at(5))
+    assert second.score == pytest.approx(0.8) and second.priority
+    assert second.result_ids == ("r1", "r2", "r3") and second.images == 3
+    assert (second.model_version, second.stage) == ("8", "canary")
+    assert second.first_seen == _at(0) and second.last_seen == _at(5)
+    third = store.record("a", "1.2.3", ["r2"], [0.2], "8", "canary", 0.5, now=_at(6))  # a resend
+    assert third.result_ids == ("r1", "r2", "r3") and third.score == pytest.approx(0.8)
+    assert store.get("a", "1.2.3") == third
+    assert third.as_dict() == {"score": 0.8, "priority": True, "threshold": 0.5}
+
+
+def test_list_puts_priority_first_then_the_longest_waiting(tmp_path: Path) -> None:
+    store = WorklistStore(tmp_path / "w.sqlite")
+    _record(store, "normal-old", 0.1, 0)
+    _record(store, "urgent-new", 0.95, 30)
+    _record(store, "urgent-old", 0.6, 10)
+    _record(store, "normal-new", 0.4, 40)
+    order = [s.study_uid for s in store.list("a", _at(-60))]
+    # within a class by arrival, not by score: 0.95 arrived later than 0.6 and waits its turn
+    assert order == ["urgent-old", "urgent-new", "normal-old", "normal-new"]
+    assert [s.study_uid for s in store.list("a", _at(-60), limit=2)] == ["urgent-old", "urgent-new"]
+
+
+def test_list_shows_only_the_hours_window(tmp_path: Path) -> None:
+    store = WorklistStore(tmp_path / "w.sqlite")
+    _record(store, "yesterday", 0.9, -24 * 60)
+    _record(store, "today", 0.2, 0)
+    assert [s.study_uid for s in store.list("a", _at(-60))] == ["today"]
+    _record(store, "yesterday", 0.1, 1)  # a new image brings the study back into the window
+    assert {s.study_uid for s in store.list("a", _at(-60))} == {"today", "yesterday"}
+
+
+def test_another_tenant_never_sees_a_study(tmp_path: Path) -> None:
+    store = WorklistStore(tmp_path / "w.sqlite")
+    _record(store, "1.2.3", 0.9, 0, tenant="a")
+    assert store.list("b", _at(-60)) == []
+    assert store.get("b", "1.2.3") is None
+    # the same UID from another tenant is another row: neither merges into the other
+    other = _record(store, "1.2.3", 0.1, 1, tenant="b")
+    assert other.images == 1 and other.score == pytest.approx(0.1)
+    assert store.get("a", "1.2.3").score == pytest.approx(0.9)  # type: ignore[union-attr]
+
+
+def test_purge_drops_studies_last_seen_before_the_cutoff(tmp_path: Path) -> None:
+    store = WorklistStore(tmp_path / "w.sqlite")
+    assert store.purge(_at(0)) == 0 and not (tmp_path / "w.sqlite").exists()  # nothing made to purge
+    _record(store, "old", 0.9, 0)
+    _record(store, "new", 0.9, 60)
+    assert store.purge(_at(30)) == 1
+    assert store.get("a", "old") is None and store.get("a", "new") is not None
+
+
+def test_concurrent_records_of_one_study_lose_no_image(tmp_path: Path) -> None:
+    store = WorklistStore(tmp_path / "w.sqlite")
+    threads = [
+        threading.Thread(target=store.record, args=("a", "s", [f"r{i}"], [i / 20], "7", "production", 0.5))
+        for i in range(12)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    study = store.get("a", "s")
+    assert study is not None and study.images == 12 and study.score == pytest.approx(11 / 20)
