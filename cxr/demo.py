@@ -114,6 +114,69 @@ def run_demo(out: Path, n_images: int, conf: float, seed: int) -> list[dict[str,
     return rows
 
 
+@dataclass(frozen=True)
+class RoundTripResult:
+    study_uid: str
+    images: int
+    srs: int
+    presentation_states: int
+    seconds: float
+    explorer: str
+
+
+def pacs_round_trip(files: list[Path], timeout_s: float = 180.0) -> RoundTripResult | None:
+    """One study from the PACS twin to us by C-STORE, and its SR + GSPS back into the twin.
+
+    None when the stack runs without Orthanc (``CXR_PACS_DICOMWEB_URL`` unset in stack.env).
+    The images become one two-image study (a new StudyInstanceUID), as a modality would send it.
+    """
+    import io
+    import time
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from core.credentials import ORTHANC_USERNAME
+    from stack.orthanc import OrthancClient
+
+    dicomweb = os.environ.get("CXR_PACS_DICOMWEB_URL", "")
+    creds = read_credentials(CoreSettings().stack_dir)
+    if not dicomweb or creds is None or not creds.orthanc_password:
+        return None
+    base = dicomweb.removesuffix("/").removesuffix("/dicom-web")
+    study = generate_uid()
+    with OrthancClient(base, ORTHANC_USERNAME, creds.orthanc_password) as orthanc:
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID = study
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            orthanc.upload(buf.getvalue())
+        [orthanc_study] = orthanc.find("Study", {"StudyInstanceUID": study})
+        start = time.monotonic()
+        orthanc.store_to_modality("cxr", [orthanc_study])  # Orthanc -> our SCP, over DIMSE
+        while True:
+            held = orthanc.study_instances(study)
+            srs = sum(i.modality == "SR" for i in held)
+            prs = sum(i.modality == "PR" for i in held)
+            if srs and prs >= len(files):
+                break
+            if time.monotonic() - start > timeout_s:
+                raise DemoError(
+                    f"Orthanc holds {srs} SR and {prs} presentation states after {timeout_s:.0f} s: "
+                    "see `make logs C=dimse` and `make logs C=gateway`"
+                )
+            time.sleep(0.5)
+    return RoundTripResult(
+        study,
+        len(files),
+        srs,
+        prs,
+        time.monotonic() - start,
+        f"{base}/app/explorer.html#study?uuid={orthanc_study}",
+    )
+
+
 def demo(
     out: Annotated[Path, typer.Option(help="where SRs, overlays and JSON results go")] = Path("demo-out"),
     n_images: Annotated[int, typer.Option(min=1, max=50)] = 4,
@@ -138,6 +201,24 @@ def demo(
         findings = ", ".join(f"{d['class_name']} {d['confidence']:.2f}" for d in dets) or "no finding"
         table.add_row(row["image"][:16], "detect", model, findings)
     console.print(table)
+    files = sorted((out / "studies" / "dicom").glob("*.dicom"))[:2]
+    try:
+        trip = pacs_round_trip(files)
+    except DemoError as exc:
+        console.print(f"[red]PACS round trip failed:[/] {exc}")
+        raise typer.Exit(1) from exc
+    if trip is None:
+        console.print(
+            "PACS round trip skipped: the stack runs without Orthanc "
+            "(apt-get install orthanc orthanc-dicomweb, then make up)"
+        )
+    else:
+        console.print(
+            f"PACS round trip: a {trip.images}-image study went from Orthanc to our SCP (C-STORE) and "
+            f"{trip.srs} SR + {trip.presentation_states} presentation states came back in "
+            f"{trip.seconds:.1f} s (settle time included).\nOpen it in Orthanc: {trip.explorer} "
+            "(user cxr, password in .stack/credentials.json under orthanc)"
+        )
     access = StackAccess.from_stack()
     console.print(
         f"wrote SRs, overlays and JSON to {out}/\n"

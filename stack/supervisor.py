@@ -31,9 +31,20 @@ class ProcessState:
 
 
 def _quote(value: str) -> str:
-    # supervisord expands %(name)s in values; a literal % must be doubled.
-    escaped = value.replace("%", "%%").replace('"', '\\"')
-    return f'"{escaped}"'
+    """One ``environment=`` value as supervisord reads it back.
+
+    supervisord splits the line with a non-POSIX shlex (no backslash escapes: a quote
+    ends the token) and then strips quotes from both ends; it expands %(name)s, so a
+    literal % is doubled. A value holding double quotes (JSON settings such as
+    CXR_PACS_DESTINATIONS) therefore goes in single quotes, and one that starts or ends
+    with a quote, or holds both kinds, cannot be passed at all: refuse it clearly.
+    """
+    escaped = value.replace("%", "%%")
+    if '"' not in value:
+        return f'"{escaped}"'
+    if "'" in value or value[:1] in "\"'" or value[-1:] in "\"'":
+        raise ValueError(f"supervisord cannot carry this environment value: {value[:40]}...")
+    return f"'{escaped}'"
 
 
 def render_config(state: Path, components: list[Component]) -> str:

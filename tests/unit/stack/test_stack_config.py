@@ -26,6 +26,24 @@ def test_supervisord_config_restarts_children_and_escapes_percent_signs(tmp_path
     assert 'environment=K="a%%b"' in text
 
 
+def test_json_settings_reach_the_child_exactly_as_supervisord_parses_them(tmp_path: Path) -> None:
+    """CXR_PACS_DESTINATIONS is JSON: supervisord's own parser must give it back unchanged."""
+    from supervisor.options import ServerOptions
+
+    destinations = json.dumps([{"name": "orthanc", "headers": {"Authorization": "Basic eA=="}}])
+    comp = Component("gateway", ["/bin/true"], None, env={"CXR_PACS_DESTINATIONS": destinations, "P": "5%"})
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(render_config(tmp_path, [comp]))
+    options = ServerOptions()
+    options.configfile = str(conf)
+    options.process_config(do_usage=False)
+    [group] = options.process_group_configs
+    [program] = group.process_configs
+    assert program.environment == {"CXR_PACS_DESTINATIONS": destinations, "P": "5%"}
+    with pytest.raises(ValueError, match="cannot carry"):
+        render_config(tmp_path, [Component("x", ["/bin/true"], None, env={"K": "'\"both\"'"})])
+
+
 def test_credentials_are_private_stable_and_only_hashes_reach_the_gateway(tmp_path: Path) -> None:
     creds_file, keys_file = tmp_path / "credentials.json", tmp_path / "api_keys.json"
     first = load_or_create(creds_file, keys_file)
