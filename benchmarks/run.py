@@ -1,8 +1,8 @@
 """``make bench``: every side-by-side measurement of the project, one table, one JSON.
 
 Each package owns its benchmark module (``data_bench``, ``train_bench``,
-``serve_bench``, ``hostile_bench``); this runner only calls them, adds the machine's description
-and the date, prints a table and writes ``benchmarks/results.json``. The figures
+``serve_bench``, ``hostile_bench``, ``pacs_bench``); this runner only calls them, adds the
+machine's description and the date, prints a table and writes ``benchmarks/results.json``. The figures
 are ratios of runs made in the same process on the same machine, because these
 machines are shared and absolute times drift.
 """
@@ -31,6 +31,7 @@ SUITES = (
     ("training", "benchmarks.train_bench", "run_training_benchmarks"),
     ("serving", "benchmarks.serve_bench", "run_serving_benchmarks"),
     ("hostile", "benchmarks.hostile_bench", "run_hostile_benchmarks"),
+    ("pacs", "benchmarks.pacs_bench", "run_pacs_benchmarks"),
 )
 
 

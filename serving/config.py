@@ -138,6 +138,9 @@ class ServingSettings(CoreSettings):
     study_settle_seconds: float = Field(
         default=5.0, gt=0, description="a DIMSE study is analysed when no instance arrived for this long"
     )
+    dimse_forward_concurrency: int = Field(
+        default=4, ge=1, le=32, description="settled DIMSE studies handed to the gateway at once"
+    )
     dimse_gateway_url: str = Field(
         default="http://127.0.0.1:8080", description="the gateway the SCP hands settled studies to (STOW-RS)"
     )

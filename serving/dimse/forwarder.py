@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,9 +76,12 @@ class Forwarder:
     retry_s: float = 2.0
     max_backoff_s: float = 60.0
     timeout_s: float = 120.0
+    # studies handed over at once: the gateway analyses them side by side as it does STOW-RS clients
+    concurrency: int = 4
     _failures: dict[str, int] = field(default_factory=dict)
     _next_try: dict[str, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
 
     def _post(self, client: httpx.Client, study: SpooledStudy, files: list[Path]) -> httpx.Response:
@@ -107,27 +111,36 @@ class Forwarder:
         log.info("dimse_study_forwarded instances=%d stored=%d failed=%d", len(study.files), stored, failed)
         return True
 
-    def run_once(self, client: httpx.Client, now: float | None = None) -> int:
-        """Forward every settled study that is due; returns how many left the spool."""
-        now = time.time() if now is None else now
-        done = 0
-        for study in self.spool.settled(self.settle_s, now):
-            key = study.folder.name
-            if self._next_try.get(key, 0.0) > now:
-                continue
-            if self.forward(client, study):
-                self.spool.remove(study)
+    def _attempt(self, client: httpx.Client, study: SpooledStudy, now: float) -> bool:
+        key = study.folder.name
+        if self.forward(client, study):
+            self.spool.remove(study)
+            with self._lock:
                 self._failures.pop(key, None)
                 self._next_try.pop(key, None)
-                done += 1
-            else:
-                n = self._failures[key] = self._failures.get(key, 0) + 1
-                self._next_try[key] = now + min(self.retry_s * 2 ** (n - 1), self.max_backoff_s)
-        return done
+            return True
+        with self._lock:
+            n = self._failures[key] = self._failures.get(key, 0) + 1
+            self._next_try[key] = now + min(self.retry_s * 2 ** (n - 1), self.max_backoff_s)
+        return False
+
+    def run_once(self, client: httpx.Client, now: float | None = None) -> int:
+        """Forward every settled study that is due, up to ``concurrency`` at once; how many left the spool."""
+        now = time.time() if now is None else now
+        due = [
+            s for s in self.spool.settled(self.settle_s, now) if self._next_try.get(s.folder.name, 0.0) <= now
+        ]
+        if not due:
+            return 0
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(due)))) as pool:
+            return sum(pool.map(lambda study: self._attempt(client, study, now), due))
 
     def _loop(self) -> None:
         headers = {"Authorization": f"Bearer {self.api_key}"}
-        with httpx.Client(base_url=self.gateway_url, headers=headers, timeout=self.timeout_s) as client:
+        limits = httpx.Limits(max_connections=self.concurrency)
+        with httpx.Client(
+            base_url=self.gateway_url, headers=headers, timeout=self.timeout_s, limits=limits, trust_env=False
+        ) as client:
             while not self._stop.is_set():
                 try:
                     self.run_once(client)

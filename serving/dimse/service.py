@@ -49,6 +49,7 @@ def build(settings: ServingSettings) -> tuple[StorageScp, Forwarder]:
         api_key=gateway_key(settings),
         settle_s=settings.study_settle_seconds,
         max_body_bytes=settings.max_body_bytes,
+        concurrency=settings.dimse_forward_concurrency,
     )
     return scp, forwarder
 

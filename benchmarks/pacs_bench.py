@@ -1,0 +1,234 @@
+"""``pacs_roundtrip_vs_detect``: images per second of the PACS round trip over ``/v1/detect``'s, same run.
+
+Three real servers on loopback: Orthanc (the PACS twin), our storage SCP
+(``python -m serving.dimse``) and the gateway (ONNX Runtime backend, YOLO11n @640, the
+model of ``serve_bench``), which sends SR + GSPS back to Orthanc by STOW-RS.
+
+- **detect**: the study images POSTed to ``/v1/detect`` by ``CLIENTS`` concurrent clients;
+  images / wall time.
+- **round trip**: the same images (fresh UIDs, so nothing is deduplicated) uploaded to
+  Orthanc beforehand, then Orthanc C-STOREs every study to our SCP in one job; timed
+  from that request until Orthanc holds one SR and one GSPS per image of every study.
+  Included: Orthanc's sending, the SCP's durable spool, the settle time
+  (``CXR_STUDY_SETTLE_SECONDS``, 1 s here), STOW-RS to the gateway, inference, building the
+  DICOM objects, the outbox and Orthanc storing them.
+
+The two alternate ``ROUNDS`` times; each figure is the sum of images over the sum of time.
+Run alone: ``python -m benchmarks.pacs_bench``; in ``make bench`` as the ``pacs`` suite.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("cxr.bench.pacs")
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = 12
+IMAGES_PER_STUDY = 2
+CLIENTS = 4
+ROUNDS = 2
+SETTLE_S = 1.0
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+
+
+class Proc:
+    """A component started for the benchmark, with its log file; stopped by :meth:`stop`."""
+
+    def __init__(self, component: Any, log_file: Path) -> None:
+        from stack.components import wait_component
+
+        self._log = log_file.open("wb")
+        self.proc = subprocess.Popen(
+            component.command,
+            env={**os.environ, **component.env},
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_component(component, timeout=120, alive=lambda: self.proc.poll() is None, log_file=log_file)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+def phantoms(out: Path) -> list[bytes]:
+    from data_pipeline.synth import SynthConfig, generate
+
+    generate(SynthConfig(n_images=STUDIES * IMAGES_PER_STUDY, seed=19, size=1024, workers=1), out)
+    return [p.read_bytes() for p in sorted((out / "dicom").glob("*.dicom"))]
+
+
+def as_studies(images: list[bytes]) -> list[list[bytes]]:
+    """The images grouped into studies with fresh Study/Series/SOP UIDs (a new round is new data)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    studies = []
+    for start in range(0, len(images), IMAGES_PER_STUDY):
+        study, series = generate_uid(), generate_uid()
+        group = []
+        for data in images[start : start + IMAGES_PER_STUDY]:
+            ds = pydicom.dcmread(io.BytesIO(data))
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            group.append(buf.getvalue())
+        studies.append(group)
+    return studies
+
+
+def detect_round(gateway: str, key: str, images: list[bytes]) -> tuple[int, float]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/dicom"}
+    with httpx.Client(timeout=120, trust_env=False, limits=httpx.Limits(max_connections=CLIENTS)) as client:
+
+        def send(data: bytes) -> None:
+            client.post(f"{gateway}/v1/detect", content=data, headers=headers).raise_for_status()
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            list(pool.map(send, images))
+        return len(images), time.perf_counter() - start
+
+
+def roundtrip_round(orthanc: Any, images: list[bytes], timeout_s: float = 600.0) -> tuple[int, float]:
+    import pydicom
+
+    studies = as_studies(images)
+    uids = []
+    for group in studies:
+        for data in group:
+            orthanc.upload(data)
+        uids.append(str(pydicom.dcmread(io.BytesIO(group[0]), stop_before_pixels=True).StudyInstanceUID))
+    ids = [orthanc.find("Study", {"StudyInstanceUID": uid})[0] for uid in uids]
+    start = time.perf_counter()
+    orthanc.store_to_modality("cxr", ids)
+    pending = set(uids)
+    while pending:
+        for uid in list(pending):
+            held = orthanc.study_instances(uid)
+            srs = sum(i.sop_class_uid == SR_CLASS for i in held)
+            prs = sum(i.sop_class_uid == GSPS_CLASS for i in held)
+            if srs >= 1 and prs >= IMAGES_PER_STUDY:
+                pending.discard(uid)
+        if time.perf_counter() - start > timeout_s:
+            raise RuntimeError(f"{len(pending)} studies not back in Orthanc after {timeout_s:.0f} s")
+        time.sleep(0.05)
+    return sum(len(g) for g in studies), time.perf_counter() - start
+
+
+def run_pacs_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="cxr-pacs-bench-") as tmp:
+            return run_pacs_benchmarks(Path(tmp))
+    from rich.console import Console
+
+    from benchmarks.serve_bench import Server, _free_port, export_model, gateway_env
+    from core.offline import apply_offline_env
+    from stack.components import basic_auth, dimse_component
+    from stack.orthanc import Modality, OrthancClient, orthanc_component, orthanc_missing
+
+    missing = orthanc_missing()
+    if missing is not None:
+        return {"pacs_roundtrip_vs_detect": None, "pacs": {"skipped": missing}}
+    console = Console(stderr=True)
+    offline = apply_offline_env(workdir / "state")
+    console.log("exporting YOLO11n @640 and rendering phantoms")
+    model = export_model(workdir)
+    images = phantoms(workdir / "phantoms")
+    password = secrets.token_urlsafe(16)
+    http_port, dicom_port, scp_port = _free_port(), _free_port(), _free_port()
+    orthanc_comp = orthanc_component(
+        workdir / "orthanc",
+        host="127.0.0.1",
+        http_port=http_port,
+        dicom_port=dicom_port,
+        username="cxr",
+        password=password,
+        modalities={"cxr": Modality("CXR", "127.0.0.1", scp_port)},
+    )
+    assert orthanc_comp is not None
+    orthanc_proc = Proc(orthanc_comp, workdir / "orthanc.log")
+    dicomweb = f"http://127.0.0.1:{http_port}/dicom-web"
+    destination = {
+        "name": "orthanc",
+        "kind": "stow",
+        "url": dicomweb,
+        "headers": {"Authorization": basic_auth("cxr", password)},
+        "callers": ["*"],
+    }
+    env, key = gateway_env(workdir, model, offline)
+    env["CXR_PACS_DESTINATIONS"] = json.dumps([destination])
+    env["CXR_MAX_INFLIGHT_PER_STAGE"] = "64"
+    procs: list[Any] = [orthanc_proc]
+    try:
+        console.log("starting the gateway and the storage SCP")
+        gateway = Server("serving.gateway.app:create_app", env, "/readyz", workdir / "gateway.log")
+        procs.append(gateway)
+        scp_env = {
+            **offline,
+            "CXR_STACK_DIR": str(workdir / "scp"),
+            "CXR_DIMSE_PORT": str(scp_port),
+            "CXR_DIMSE_GATEWAY_URL": gateway.url,
+            "CXR_DIMSE_API_KEY": key,
+            "CXR_STUDY_SETTLE_SECONDS": str(SETTLE_S),
+        }
+        procs.append(
+            Proc(
+                dimse_component("127.0.0.1", scp_port, "CXR", Path(sys.executable), scp_env),
+                workdir / "scp.log",
+            )
+        )
+        orthanc = OrthancClient(f"http://127.0.0.1:{http_port}", "cxr", password)
+        detect_round(gateway.url, key, images[:4])  # warm-up: model loaded, pools started
+        detect_n = detect_s = trip_n = trip_s = 0.0
+        for i in range(ROUNDS):
+            console.log(f"round {i + 1}/{ROUNDS}: /v1/detect, then Orthanc -> SCP -> gateway -> Orthanc")
+            n, s = detect_round(gateway.url, key, images)
+            detect_n, detect_s = detect_n + n, detect_s + s
+            n, s = roundtrip_round(orthanc, images)
+            trip_n, trip_s = trip_n + n, trip_s + s
+        orthanc.close()
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    detect_rate, trip_rate = detect_n / detect_s, trip_n / trip_s
+    return {
+        "pacs_roundtrip_vs_detect": round(trip_rate / detect_rate, 3),
+        "pacs": {
+            "images": len(images),
+            "studies": STUDIES,
+            "rounds": ROUNDS,
+            "clients_detect": CLIENTS,
+            "settle_s": SETTLE_S,
+            "detect_img_s": round(detect_rate, 2),
+            "roundtrip_img_s": round(trip_rate, 2),
+            "image": "1024x1024 phantom DICOM (data_pipeline.synth)",
+        },
+    }
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s level=%(levelname)s %(message)s")
+    print(json.dumps(run_pacs_benchmarks(), indent=2))
