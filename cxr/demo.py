@@ -10,6 +10,7 @@ address and a radiologist key to use there.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,7 @@ def pacs_round_trip(files: list[Path], timeout_s: float = 180.0) -> RoundTripRes
     from core.credentials import ORTHANC_USERNAME
     from stack.orthanc import OrthancClient
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll would bury the result
     dicomweb = os.environ.get("CXR_PACS_DICOMWEB_URL", "")
     creds = read_credentials(CoreSettings().stack_dir)
     if not dicomweb or creds is None or not creds.orthanc_password:
@@ -146,9 +148,13 @@ def pacs_round_trip(files: list[Path], timeout_s: float = 180.0) -> RoundTripRes
     base = dicomweb.removesuffix("/").removesuffix("/dicom-web")
     study = generate_uid()
     with OrthancClient(base, ORTHANC_USERNAME, creds.orthanc_password) as orthanc:
+        patient = pydicom.dcmread(files[0], stop_before_pixels=True)
         for path in files:
             ds = pydicom.dcmread(path)
-            ds.StudyInstanceUID = study
+            ds.StudyInstanceUID = study  # one study of one patient, as a modality sends it
+            for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex"):
+                if keyword in patient:
+                    setattr(ds, keyword, patient.data_element(keyword).value)
             buf = io.BytesIO()
             ds.save_as(buf, enforce_file_format=True)
             orthanc.upload(buf.getvalue())

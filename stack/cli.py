@@ -64,6 +64,19 @@ def retention_summary(settings: StackSettings) -> str:
     )
 
 
+def scheduler_summary(settings: StackSettings, *, running: bool) -> Table | str:
+    """The retrain schedules: each one's next run and how its last run ended (workflows/scheduler.py)."""
+    from workflows.scheduler import read_status, status_path, status_table
+
+    if not running:
+        return "retrain scheduler: not running (CXR_SCHEDULER=false at `make up`); retrains only by hand"
+    path = status_path(settings.state)
+    status = read_status(path)
+    if status is None:
+        return f"retrain scheduler: no status yet ({path}); see `cxr stack logs scheduler`"
+    return status_table(status)
+
+
 @stack_app.command()
 def up(
     bootstrap: Annotated[bool, typer.Option(help="train and promote a first model when none exists")] = True,
@@ -132,6 +145,7 @@ def status() -> None:
     _print_status(rows, settings)
     console.print(audit_summary(settings), highlight=False)
     console.print(retention_summary(settings), highlight=False)
+    console.print(scheduler_summary(settings, running=any(r.name == "scheduler" for r in rows)))
     if not all(r.healthy for r in rows):
         raise typer.Exit(1)
 

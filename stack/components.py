@@ -370,6 +370,17 @@ def reconcile_component(python: Path, env: dict[str, str]) -> Component:
     return Component(name="reconcile", command=command, health_url=None, env=env)
 
 
+def scheduler_component(python: Path, env: dict[str, str]) -> Component:
+    """The local twin of Argo's CronWorkflow controller: keeps the rendered retrain schedules.
+
+    Without it feedback piles up on one machine until someone types ``cxr pipeline run``;
+    it runs that same command when ``cxr-retrain-weekly`` fires or enough feedback waits
+    (workflows/scheduler.py). Healthy while running, like ``reconcile``.
+    """
+    command = [str(python), "-m", "workflows", "schedule"]
+    return Component(name="scheduler", command=command, health_url=None, env=env)
+
+
 def mlflow_exporter_component(host: str, port: int, python: Path, env: dict[str, str]) -> Component:
     """Training runs and registry versions from MLflow as Prometheus metrics (for the
     training dashboard and the model-stale alert)."""

@@ -38,6 +38,7 @@ from stack.components import (
     prometheus_component,
     reconcile_component,
     s3_component,
+    scheduler_component,
     triton_component,
     wait_component,
 )
@@ -46,6 +47,7 @@ from stack.credentials import load_or_create, write_env_file
 from stack.gitops_checkout import ensure_checkout
 from stack.orthanc import dicomweb_server_entry, orthanc_component, orthanc_missing
 from stack.supervisor import Supervisor
+from workflows.config import WorkflowSettings
 
 log = logging.getLogger("cxr.stack")
 
@@ -185,6 +187,8 @@ def build_components(settings: StackSettings, creds: StackCredentials) -> list[C
         dimse_component(host, settings.dimse_port, settings.dimse_ae_title, settings.python, service_env)
     )
     components.append(reconcile_component(settings.python, service_env))
+    if WorkflowSettings().scheduler:  # CXR_SCHEDULER=false: retrains only by hand
+        components.append(scheduler_component(settings.python, service_env))
     components.append(
         mlflow_exporter_component(host, settings.mlflow_exporter_port, settings.python, service_env)
     )

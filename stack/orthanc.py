@@ -287,8 +287,14 @@ class OrthancClient:
 
     def __init__(self, url: str, username: str, password: str, timeout: float = 60.0) -> None:
         # trust_env=False: no proxy from the environment stands between us and a loopback server
+        # no keep-alive: Orthanc closes an idle connection after about a second, and a request
+        # sent on it just then fails with "server disconnected" (seen in the round-trip tests)
         self._http = httpx.Client(
-            base_url=url.rstrip("/"), auth=(username, password), timeout=timeout, trust_env=False
+            base_url=url.rstrip("/"),
+            auth=(username, password),
+            timeout=timeout,
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
 
     def close(self) -> None:

@@ -56,7 +56,9 @@ def build(settings: ServingSettings) -> tuple[StorageScp, Forwarder]:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines quote UIDs and AE data
+    # their INFO lines quote UIDs (pynetdicom's requests, httpx's URLs with the study): not in our logs
+    for noisy in ("pynetdicom", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from serving import logsafe
 
     logsafe.install()

@@ -63,6 +63,7 @@ async def _store(
     def stored(reply: DetectionReply) -> None:
         request.state.stage = reply.outcome.stage
         request.state.model_version = reply.outcome.model.version
+        request.state.study_uid = reply.study_uid  # the audit line keeps its keyed hash, never the UID
 
     result = await state.stow.store(
         instances,

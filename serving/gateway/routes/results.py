@@ -1,4 +1,4 @@
-"""``GET /v1/results/{request_id}`` (JSON), ``.../sr`` (DICOM SR) and ``.../preview.png``."""
+"""``GET /v1/results/{request_id}`` (JSON), ``.../sr`` (DICOM SR), ``.../preview.png`` and ``.../pixels``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,35 @@ def render_preview(source: bytes) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def render_pixels(source: bytes) -> tuple[bytes, dict[str, str]]:
+    """The values behind the image for window/level in the review page: raw uint16 and their meaning.
+
+    Values after the Modality LUT, at most 1024 px a side, quantised to 16 bits over their range:
+    ``value = code * X-CXR-Value-Slope + X-CXR-Value-Intercept``. The ``X-CXR-Window-*`` headers
+    carry the source's own VOI window (:func:`~data_pipeline.dicom_io.decode_windowable`).
+    """
+    from data_pipeline.dicom_io import decode_windowable
+    from data_pipeline.geometry import resize_longest
+
+    image = decode_windowable(source)
+    values = resize_longest(image.values, PREVIEW_MAX_SIDE)
+    lo, hi = float(values.min()), float(values.max())
+    slope = (hi - lo) / 65535.0 if hi > lo else 1.0
+    codes = np.rint((values - np.float32(lo)) * np.float32(1.0 / slope)).clip(0, 65535).astype("<u2")
+    rows, cols = codes.shape
+    headers = {
+        "X-CXR-Columns": str(cols),
+        "X-CXR-Rows": str(rows),
+        "X-CXR-Value-Slope": repr(slope),
+        "X-CXR-Value-Intercept": repr(lo),
+        "X-CXR-Window-Center": repr(image.window.center),
+        "X-CXR-Window-Width": repr(image.window.width),
+        "X-CXR-Window-Function": image.window.function,
+        "X-CXR-Invert": "1" if image.invert else "0",
+    }
+    return codes.tobytes(), headers
 
 
 @router.get("/{request_id}")
@@ -67,3 +96,23 @@ async def get_preview(request_id: str, state: StateDep, principal: RadiologistDe
         )
     png = await state.cpu.run(render_preview, record.source)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+@router.get(
+    "/{request_id}/pixels",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+async def get_pixels(request_id: str, state: StateDep, principal: RadiologistDep) -> Response:
+    """Little-endian uint16 values (rows x cols) for window/level; their scale and VOI in X-CXR-* headers."""
+    record = await state.cpu.run(state.results.get, request_id, principal.tenant)
+    if record.source is None:
+        raise NotFound(
+            f"the source image of '{request_id}' is no longer kept (CXR_SOURCE_RETENTION_HOURS); detect again"
+        )
+    body, headers = await state.cpu.run(render_pixels, record.source)
+    return Response(
+        body,
+        media_type="application/octet-stream",
+        headers={**headers, "Cache-Control": "private, max-age=300"},
+    )

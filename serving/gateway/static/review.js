@@ -1,6 +1,11 @@
-// Review page: detect -> show boxes on the server-rendered preview -> accept/reject/draw -> /v1/feedback.
+// Review page: detect -> show boxes on the radiograph -> accept/reject/draw -> /v1/feedback.
 // The worklist panel (/v1/worklist) lists analysed studies, priority first; a click opens a study's
 // results one image at a time in the same viewer.
+//
+// The viewer: /v1/results/{id}/pixels gives the values behind the image (uint16, with their scale and
+// the DICOM's own VOI window in X-CXR-* headers); window/level is applied here on a canvas, so a drag
+// costs no round trip. The canvas and an SVG of the boxes sit in one "stage" sized in ORIGINAL image
+// pixels (the boxes' coordinates) and zoomed/panned by one CSS transform, so boxes stay on the image.
 "use strict";
 
 const CLASS_NAMES = [
@@ -10,9 +15,19 @@ const CLASS_NAMES = [
 ];
 const COLORS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0",
   "#f032e6", "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8"];
+const SVG_NS = "http://www.w3.org/2000/svg";
+const ZOOM_STEP = 1.25;
+const TOOLS = { window: "tool-window", pan: "tool-pan", draw: "tool-box" };
 
 const $ = (id) => document.getElementById(id);
-const state = { result: null, image: null, scale: 1, verdicts: [], newBoxes: [], drag: null, study: null };
+const state = {
+  result: null, verdicts: [], newBoxes: [], selected: -1, study: null,
+  pixels: null, // {codes, cols, rows, slope, intercept, range, invert, voi: {center, width, fn}}
+  win: null, // the window shown now: {center, width}
+  view: { scale: 1, x: 0, y: 0, fitted: true }, // screen = image px * scale + (x, y), in CSS px
+  tool: "window", toolBefore: "window", drag: null, renderQueued: false,
+  saliency: { route: null, shown: false, url: null, forId: null },
+};
 
 function apiKey() { return $("api-key").value.trim(); }
 function headers(extra = {}) { return { Authorization: `Bearer ${apiKey()}`, ...extra }; }
@@ -30,10 +45,21 @@ function init() {
   $("upload-form").addEventListener("submit", (e) => { e.preventDefault(); detect(); });
   $("submit").addEventListener("click", submitFeedback);
   $("no-finding").addEventListener("change", draw);
-  const canvas = $("view");
-  canvas.addEventListener("mousedown", startDrag);
-  canvas.addEventListener("mousemove", moveDrag);
-  canvas.addEventListener("mouseup", endDrag);
+  const viewport = $("viewport");
+  viewport.addEventListener("pointerdown", startDrag);
+  viewport.addEventListener("pointermove", moveDrag);
+  viewport.addEventListener("pointerup", endDrag);
+  viewport.addEventListener("pointercancel", () => { state.drag = null; draw(); });
+  viewport.addEventListener("wheel", wheelZoom, { passive: false });
+  viewport.addEventListener("contextmenu", (e) => e.preventDefault()); // right-drag pans
+  new ResizeObserver(() => { if (state.result) { if (state.view.fitted) fit(); else applyView(); } }).observe(viewport);
+  Object.entries(TOOLS).forEach(([tool, id]) => $(id).addEventListener("click", () => setTool(tool)));
+  $("zoom-in").addEventListener("click", () => zoomCentered(ZOOM_STEP));
+  $("zoom-out").addEventListener("click", () => zoomCentered(1 / ZOOM_STEP));
+  $("fit").addEventListener("click", fit);
+  $("window-reset").addEventListener("click", resetWindow);
+  $("saliency-toggle").addEventListener("click", toggleSaliency);
+  document.addEventListener("keydown", onKey);
   $("worklist-refresh").addEventListener("click", loadWorklist);
   $("prev-image").addEventListener("click", () => stepStudy(-1));
   $("next-image").addEventListener("click", () => stepStudy(1));
@@ -55,26 +81,311 @@ async function detect() {
   loadWorklist();
 }
 
-// Shows one result (fresh from /v1/detect or opened from the worklist) on its server-rendered preview.
+// Shows one result (fresh from /v1/detect or opened from the worklist), fitted to the viewer.
 async function showResult(result) {
-  const preview = await fetch(`/v1/results/${result.request_id}/preview.png`, { headers: headers() });
-  if (!preview.ok) { setStatus("status", await errorText(preview), "error"); return; }
-  const img = new Image();
-  img.src = URL.createObjectURL(await preview.blob());
-  await img.decode();
-  Object.assign(state, { result, image: img, verdicts: result.detections.map(() => "accept"), newBoxes: [] });
-  state.scale = img.naturalWidth / result.image.width;
+  const resp = await fetch(`/v1/results/${encodeURIComponent(result.request_id)}/pixels`, { headers: headers() });
+  if (!resp.ok) { setStatus("status", await errorText(resp), "error"); return; }
+  const pixels = readPixels(resp.headers, await resp.arrayBuffer());
+  hideSaliency();
+  Object.assign(state, {
+    result, pixels, verdicts: result.detections.map(() => "accept"), newBoxes: [], drag: null,
+    selected: result.detections.length ? 0 : -1, win: { center: pixels.voi.center, width: pixels.voi.width },
+  });
   const canvas = $("view");
-  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  canvas.width = pixels.cols; canvas.height = pixels.rows;
+  const { width, height } = result.image;
+  Object.assign($("stage").style, { width: `${width}px`, height: `${height}px` });
+  $("overlay").setAttribute("viewBox", `0 0 ${width} ${height}`);
   const total = result.timings_ms.total === undefined ? "" : ` · ${result.timings_ms.total.toFixed(0)} ms`;
   const triage = result.triage
     ? ` · triage ${result.triage.score.toFixed(2)}${result.triage.priority ? " (priority)" : ""}` : "";
   $("model-info").textContent = `model ${result.model.name} v${result.model.version} (${result.model.stage}) · ` +
-    `${result.image.width}×${result.image.height}${total}${triage}`;
+    `${width}×${height}${total}${triage}`;
   $("no-finding").checked = false;
   $("submit").disabled = false;
   setStatus("status", `${result.detections.length} finding(s) · request ${result.request_id}`);
+  renderImage(); renderLists(); fit();
+  showSaliencyButton();
+}
+
+// X-CXR-* headers of /pixels: value = code * slope + intercept; the window is the source's own VOI.
+function readPixels(h, buffer) {
+  const num = (name) => Number(h.get(`X-CXR-${name}`));
+  const cols = num("Columns"); const rows = num("Rows");
+  const codes = new Uint16Array(buffer); // little-endian, as every platform a browser runs on
+  if (codes.length !== cols * rows) throw new Error(`pixels: ${codes.length} values for ${cols}×${rows}`);
+  const slope = num("Value-Slope"); const intercept = num("Value-Intercept");
+  const voi = { center: num("Window-Center"), width: num("Window-Width"),
+    fn: (h.get("X-CXR-Window-Function") || "LINEAR").toUpperCase() };
+  return { codes, cols, rows, slope, intercept, range: slope * 65535 || 1, invert: h.get("X-CXR-Invert") === "1", voi };
+}
+
+// ------------------------------------------------------------------ window / level
+
+// One RGBA word per 16-bit code: the DICOM window (PS3.3 C.11.2.1.2), MONOCHROME1 inverted.
+function windowLut(p, center, width) {
+  const lut = new Uint32Array(65536);
+  for (let code = 0; code < 65536; code++) {
+    const v = code * p.slope + p.intercept;
+    let y;
+    if (p.voi.fn === "SIGMOID") y = 1 / (1 + Math.exp((-4 * (v - center)) / width));
+    else if (p.voi.fn === "LINEAR_EXACT") y = (v - (center - width / 2)) / width;
+    else if (width <= 1) y = v > center - 0.5 ? 1 : 0;
+    else y = (v - (center - 0.5)) / (width - 1) + 0.5;
+    y = Math.min(1, Math.max(0, y));
+    const g = Math.round((p.invert ? 1 - y : y) * 255);
+    lut[code] = (0xff000000 | (g << 16) | (g << 8) | g) >>> 0; // bytes R, G, B, A on little-endian
+  }
+  return lut;
+}
+
+function renderImage() {
+  const p = state.pixels;
+  if (!p) return;
+  const canvas = $("view");
+  const ctx = canvas.getContext("2d");
+  const img = ctx.createImageData(p.cols, p.rows);
+  const out = new Uint32Array(img.data.buffer);
+  const lut = windowLut(p, state.win.center, state.win.width);
+  for (let i = 0; i < p.codes.length; i++) out[i] = lut[p.codes[i]];
+  ctx.putImageData(img, 0, 0);
+  canvas.dataset.window = `${state.win.center} ${state.win.width}`;
+  const fmt = (v) => (p.range >= 100 ? Math.round(v).toString() : v.toPrecision(3));
+  const readout = $("window-level");
+  readout.textContent = `W ${fmt(state.win.width)} · L ${fmt(state.win.center)}`;
+  readout.dataset.center = String(state.win.center); readout.dataset.width = String(state.win.width);
+}
+
+function scheduleRender() {
+  if (state.renderQueued) return;
+  state.renderQueued = true;
+  requestAnimationFrame(() => { state.renderQueued = false; renderImage(); });
+}
+
+function minWidth() { return state.pixels.voi.fn === "LINEAR" ? 1 : state.pixels.range / 4096; }
+function resetWindow() { if (!state.pixels) return; state.win = { center: state.pixels.voi.center, width: state.pixels.voi.width }; renderImage(); }
+
+// ------------------------------------------------------------------ zoom / pan
+
+function viewportSize() { const vp = $("viewport"); return [vp.clientWidth, vp.clientHeight]; }
+function fitScale() {
+  const [w, h] = viewportSize();
+  return Math.min(w / state.result.image.width, h / state.result.image.height);
+}
+
+function fit() {
+  if (!state.result) return;
+  const [w, h] = viewportSize(); const s = fitScale();
+  const { width, height } = state.result.image;
+  state.view = { scale: s, x: (w - width * s) / 2, y: (h - height * s) / 2, fitted: true };
+  applyView();
+}
+
+// Zoom by ``factor`` keeping the image point under (cx, cy) (viewport CSS px) where it is.
+function zoomAt(factor, cx, cy) {
+  if (!state.result) return;
+  const v = state.view; const fs = fitScale();
+  const scale = Math.min(Math.max(v.scale * factor, fs / 2), Math.max(fs * 32, 8));
+  const k = scale / v.scale;
+  state.view = { scale, x: cx - (cx - v.x) * k, y: cy - (cy - v.y) * k, fitted: false };
+  applyView();
+}
+function zoomCentered(factor) { const [w, h] = viewportSize(); zoomAt(factor, w / 2, h / 2); }
+
+function wheelZoom(e) {
+  if (!state.result) return;
+  e.preventDefault();
+  const r = $("viewport").getBoundingClientRect();
+  zoomAt(Math.exp(-e.deltaY * 0.0015), e.clientX - r.left - $("viewport").clientLeft, e.clientY - r.top - $("viewport").clientTop);
+}
+
+function applyView() {
+  const v = state.view;
+  $("stage").style.transform = `translate(${v.x}px, ${v.y}px) scale(${v.scale})`;
+  $("zoom-level").textContent = `${Math.round(v.scale * 100)}%`;
+  draw(); // label sizes follow the zoom
+}
+
+// When the selected box is (partly) off screen, centre it without changing the zoom.
+function revealBox(box) {
+  const v = state.view; const [w, h] = viewportSize();
+  const x0 = box[0] * v.scale + v.x; const x1 = box[2] * v.scale + v.x;
+  const y0 = box[1] * v.scale + v.y; const y1 = box[3] * v.scale + v.y;
+  if (x0 >= 0 && y0 >= 0 && x1 <= w && y1 <= h) return;
+  const cx = ((box[0] + box[2]) / 2) * v.scale; const cy = ((box[1] + box[3]) / 2) * v.scale;
+  state.view = { ...v, x: w / 2 - cx, y: h / 2 - cy, fitted: false };
+  applyView();
+}
+
+// ------------------------------------------------------------------ mouse
+
+function setTool(tool) {
+  if (tool === "draw" && state.tool !== "draw") state.toolBefore = state.tool;
+  state.tool = tool;
+  Object.entries(TOOLS).forEach(([name, id]) => $(id).setAttribute("aria-pressed", String(name === tool)));
+  const vp = $("viewport");
+  ["window", "pan", "draw"].forEach((name) => vp.classList.toggle(name, name === tool));
+}
+
+function toImage(event) {
+  const r = $("view").getBoundingClientRect(); const { width, height } = state.result.image;
+  const x = ((event.clientX - r.left) / r.width) * width;
+  const y = ((event.clientY - r.top) / r.height) * height;
+  return [Math.max(0, Math.min(x, width)), Math.max(0, Math.min(y, height))];
+}
+function dragBox() {
+  const [a, b] = [state.drag.start, state.drag.current];
+  return [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]), Math.max(a[1], b[1])];
+}
+
+// Left button: the tool (window/level, pan or new box); right or middle button, or Shift: pan.
+function startDrag(e) {
+  if (!state.result) return;
+  const vp = $("viewport");
+  vp.focus({ preventScroll: true });
+  let mode = null;
+  if (e.button === 0) mode = e.shiftKey ? "pan" : state.tool;
+  else if (e.button === 1 || e.button === 2) mode = "pan";
+  if (!mode) return;
+  e.preventDefault();
+  try { vp.setPointerCapture(e.pointerId); } catch { /* a synthetic pointer may not be capturable */ }
+  state.drag = { mode, x0: e.clientX, y0: e.clientY, moved: false, view0: { ...state.view }, win0: { ...state.win },
+    start: toImage(e), current: null };
+  vp.classList.add("dragging", mode);
+}
+
+function moveDrag(e) {
+  const d = state.drag;
+  if (!d) return;
+  const dx = e.clientX - d.x0; const dy = e.clientY - d.y0;
+  if (Math.abs(dx) + Math.abs(dy) > 2) d.moved = true;
+  if (d.mode === "pan") {
+    state.view = { ...d.view0, x: d.view0.x + dx, y: d.view0.y + dy, fitted: false };
+    applyView();
+  } else if (d.mode === "window") {
+    const k = state.pixels.range / 512; // sideways: width, up/down: level
+    state.win = { center: d.win0.center + dy * k, width: Math.max(minWidth(), d.win0.width + dx * k) };
+    scheduleRender();
+  } else {
+    d.current = toImage(e);
+    draw();
+  }
+}
+
+function endDrag(e) {
+  const d = state.drag;
+  if (!d) return;
+  state.drag = null;
+  const vp = $("viewport");
+  vp.classList.remove("dragging");
+  if (d.mode !== state.tool) vp.classList.remove(d.mode);
+  if (d.mode === "draw") {
+    d.current = toImage(e);
+    const box = [Math.min(d.start[0], d.current[0]), Math.min(d.start[1], d.current[1]),
+      Math.max(d.start[0], d.current[0]), Math.max(d.start[1], d.current[1])];
+    if (box[2] - box[0] >= 2 && box[3] - box[1] >= 2) {
+      state.newBoxes.push({ class_id: Number($("new-class").value), box });
+      $("no-finding").checked = false;
+      setTool(state.toolBefore); // "new box" draws one box
+    }
+    renderLists(); draw();
+  } else if (!d.moved && e.button === 0) {
+    selectAt(toImage(e));
+  }
+}
+
+// A click selects the smallest shown box under the pointer.
+function selectAt([x, y]) {
+  if ($("no-finding").checked) return;
+  let best = -1; let bestArea = Infinity;
+  state.result.detections.forEach((d, i) => {
+    const [x0, y0, x1, y1] = d.box;
+    const area = (x1 - x0) * (y1 - y0);
+    if (x >= x0 && x <= x1 && y >= y0 && y <= y1 && area < bestArea) { best = i; bestArea = area; }
+  });
+  if (best >= 0) select(best);
+}
+
+// ------------------------------------------------------------------ keyboard
+
+const KEYS = {
+  n: () => selectStep(1), ArrowRight: () => selectStep(1), p: () => selectStep(-1), ArrowLeft: () => selectStep(-1),
+  a: () => setVerdict(state.selected, "accept"), r: () => setVerdict(state.selected, "reject"),
+  b: () => setTool("draw"), Escape: () => { state.drag = null; if (state.tool === "draw") setTool(state.toolBefore); draw(); },
+  "+": () => zoomCentered(ZOOM_STEP), "=": () => zoomCentered(ZOOM_STEP),
+  "-": () => zoomCentered(1 / ZOOM_STEP), _: () => zoomCentered(1 / ZOOM_STEP),
+  0: fit, w: resetWindow, s: () => toggleSaliency(),
+};
+
+function onKey(e) {
+  if (e.ctrlKey || e.metaKey || e.altKey || !state.result) return;
+  const t = e.target;
+  if (t instanceof HTMLElement && (t.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(t.tagName))) return;
+  const action = KEYS[e.key.length === 1 ? e.key.toLowerCase() : e.key];
+  if (!action) return;
+  e.preventDefault();
+  action();
+}
+
+function select(i) {
+  state.selected = i;
   renderLists(); draw();
+  const li = document.querySelector(`#detections li[data-index="${i}"]`);
+  if (li) li.scrollIntoView({ block: "nearest" });
+  if (i >= 0) revealBox(state.result.detections[i].box);
+}
+function selectStep(delta) {
+  const n = state.result.detections.length;
+  if (n) select(state.selected < 0 ? 0 : (state.selected + delta + n) % n);
+}
+function setVerdict(i, action) {
+  if (i < 0 || i >= state.verdicts.length) return;
+  state.verdicts[i] = action;
+  renderLists(); draw();
+}
+
+// ------------------------------------------------------------------ saliency hook
+// Another change adds a saliency route. The button stays hidden unless the gateway's /openapi.json
+// lists a GET path /v1/results/{request_id}/saliency…; that route must answer an image (PNG) of the
+// radiograph's aspect, laid over the radiograph (45 % opacity) and zoomed and panned with it.
+const SALIENCY_PATH = /^\/v1\/results\/\{request_id\}\/saliency[^/]*$/;
+let saliencyProbe = null;
+
+function findSaliencyRoute() {
+  saliencyProbe = saliencyProbe || fetch("/openapi.json")
+    .then((resp) => (resp.ok ? resp.json() : { paths: {} }))
+    .then((spec) => Object.keys(spec.paths || {}).find((p) => SALIENCY_PATH.test(p) && spec.paths[p].get) || null)
+    .catch(() => null);
+  return saliencyProbe;
+}
+
+async function showSaliencyButton() {
+  state.saliency.route = await findSaliencyRoute();
+  $("saliency-toggle").hidden = !state.saliency.route;
+}
+
+function hideSaliency() {
+  state.saliency.shown = false;
+  $("saliency").hidden = true;
+  $("saliency-toggle").setAttribute("aria-pressed", "false");
+}
+
+async function toggleSaliency() {
+  const sal = state.saliency;
+  if (!sal.route || !state.result) return;
+  if (sal.shown) { hideSaliency(); return; }
+  const id = state.result.request_id;
+  if (sal.forId !== id) {
+    const resp = await fetch(sal.route.replace("{request_id}", encodeURIComponent(id)), { headers: headers() });
+    if (!resp.ok) { setStatus("status", `saliency: ${await errorText(resp)}`, "error"); return; }
+    if (sal.url) URL.revokeObjectURL(sal.url);
+    sal.url = URL.createObjectURL(await resp.blob());
+    sal.forId = id;
+    $("saliency").src = sal.url;
+  }
+  sal.shown = true;
+  $("saliency").hidden = false;
+  $("saliency-toggle").setAttribute("aria-pressed", "true");
 }
 
 // ----------------------------------------------------------------- worklist
@@ -137,7 +448,8 @@ function renderStudyNav() {
   $("next-image").disabled = state.study.index >= state.study.ids.length - 1;
 }
 
-// Lists are built with createElement/textContent only: class names and numbers come from the server.
+// ------------------------------------------------------------------ lists and boxes
+// Built with createElement/textContent only: class names and numbers come from the server.
 function label(text, color) {
   const span = document.createElement("span");
   span.className = "label";
@@ -151,15 +463,17 @@ function renderLists() {
   state.result.detections.forEach((d, i) => {
     const li = document.createElement("li");
     li.dataset.index = String(i);
-    li.className = state.verdicts[i] === "reject" ? "rejected detection" : "detection";
+    li.className = [state.verdicts[i] === "reject" ? "rejected" : "", "detection", i === state.selected ? "selected" : ""]
+      .filter(Boolean).join(" ");
     li.append(label(`${d.class_name} ${(d.confidence * 100).toFixed(0)}%`, COLORS[d.class_id]));
     const accept = document.createElement("button");
-    accept.textContent = "Accept"; accept.className = "accept";
-    accept.onclick = () => { state.verdicts[i] = "accept"; renderLists(); draw(); };
+    accept.textContent = "Accept"; accept.className = "accept"; accept.type = "button";
+    accept.onclick = (e) => { e.stopPropagation(); state.selected = i; setVerdict(i, "accept"); };
     const reject = document.createElement("button");
-    reject.textContent = "Reject"; reject.className = "reject";
-    reject.onclick = () => { state.verdicts[i] = "reject"; renderLists(); draw(); };
+    reject.textContent = "Reject"; reject.className = "reject"; reject.type = "button";
+    reject.onclick = (e) => { e.stopPropagation(); state.selected = i; setVerdict(i, "reject"); };
     li.append(accept, reject);
+    li.addEventListener("click", () => select(i));
     list.append(li);
   });
   const added = $("new-boxes"); added.replaceChildren();
@@ -168,57 +482,53 @@ function renderLists() {
     li.className = "new-box";
     li.append(label(`${CLASS_NAMES[b.class_id]} [${b.box.map((v) => v.toFixed(0)).join(", ")}]`));
     const remove = document.createElement("button");
-    remove.textContent = "Remove";
+    remove.textContent = "Remove"; remove.type = "button";
     remove.onclick = () => { state.newBoxes.splice(i, 1); renderLists(); draw(); };
     li.append(remove);
     added.append(li);
   });
 }
 
-function strokeBox(ctx, box, color, dashed) {
-  const s = state.scale;
-  ctx.setLineDash(dashed ? [6, 4] : []);
-  ctx.strokeStyle = color; ctx.lineWidth = 2;
-  ctx.strokeRect(box[0] * s, box[1] * s, (box[2] - box[0]) * s, (box[3] - box[1]) * s);
+function svgBox(box, className, color) {
+  const rect = document.createElementNS(SVG_NS, "rect");
+  rect.setAttribute("class", className);
+  rect.setAttribute("x", String(box[0])); rect.setAttribute("y", String(box[1]));
+  rect.setAttribute("width", String(box[2] - box[0])); rect.setAttribute("height", String(box[3] - box[1]));
+  if (color) rect.setAttribute("stroke", color);
+  return rect;
 }
 
+function svgLabel(text, box, color) {
+  const s = state.view.scale;
+  const el = document.createElementNS(SVG_NS, "text");
+  el.setAttribute("x", String(box[0] + 4 / s)); el.setAttribute("y", String(box[1] + 16 / s));
+  el.setAttribute("font-size", String(13 / s)); el.setAttribute("stroke-width", String(3 / s));
+  el.setAttribute("fill", color);
+  el.textContent = text;
+  return el;
+}
+
+// The overlay, in original image pixels: the stage's transform zooms and pans it with the image.
 function draw() {
-  if (!state.image) return;
-  const ctx = $("view").getContext("2d");
-  ctx.drawImage(state.image, 0, 0);
-  const noFinding = $("no-finding").checked;
-  state.result.detections.forEach((d, i) => {
-    if (state.verdicts[i] === "reject" || noFinding) return;
-    strokeBox(ctx, d.box, COLORS[d.class_id], false);
-    ctx.fillStyle = COLORS[d.class_id]; ctx.font = "12px sans-serif";
-    ctx.fillText(`${d.class_name} ${(d.confidence * 100).toFixed(0)}%`, d.box[0] * state.scale + 2, d.box[1] * state.scale + 12);
-  });
-  state.newBoxes.forEach((b) => strokeBox(ctx, b.box, "#ffffff", true));
-  if (state.drag && state.drag.current) strokeBox(ctx, dragBox(), "#ffffff", true);
-}
-
-function toImage(event) {
-  const canvas = $("view"); const rect = canvas.getBoundingClientRect();
-  const x = (event.clientX - rect.left) * (canvas.width / rect.width) / state.scale;
-  const y = (event.clientY - rect.top) * (canvas.height / rect.height) / state.scale;
-  return [Math.max(0, Math.min(x, state.result.image.width)), Math.max(0, Math.min(y, state.result.image.height))];
-}
-function dragBox() {
-  const [a, b] = [state.drag.start, state.drag.current];
-  return [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]), Math.max(a[1], b[1])];
-}
-function startDrag(e) { if (state.result) state.drag = { start: toImage(e), current: null }; }
-function moveDrag(e) { if (state.drag) { state.drag.current = toImage(e); draw(); } }
-function endDrag(e) {
-  if (!state.drag) return;
-  state.drag.current = toImage(e);
-  const box = dragBox();
-  state.drag = null;
-  if (box[2] - box[0] >= 2 && box[3] - box[1] >= 2) {
-    state.newBoxes.push({ class_id: Number($("new-class").value), box });
-    $("no-finding").checked = false;
+  const svg = $("overlay");
+  svg.replaceChildren();
+  if (!state.result) return;
+  if (!$("no-finding").checked) {
+    state.result.detections.forEach((d, i) => {
+      const rejected = state.verdicts[i] === "reject";
+      const selected = i === state.selected;
+      const rect = svgBox(d.box, ["det", rejected ? "rejected" : "", selected ? "selected" : ""].filter(Boolean).join(" "),
+        rejected ? null : COLORS[d.class_id]);
+      rect.dataset.index = String(i);
+      svg.append(rect);
+      if (!rejected || selected) {
+        const text = `${i + 1} ${d.class_name} ${(d.confidence * 100).toFixed(0)}%${rejected ? " (rejected)" : ""}`;
+        svg.append(svgLabel(text, d.box, rejected ? "#bbb" : COLORS[d.class_id]));
+      }
+    });
   }
-  renderLists(); draw();
+  state.newBoxes.forEach((b) => { svg.append(svgBox(b.box, "new", null), svgLabel(CLASS_NAMES[b.class_id], b.box, "#fff")); });
+  if (state.drag && state.drag.mode === "draw" && state.drag.current) svg.append(svgBox(dragBox(), "new drawing", null));
 }
 
 async function submitFeedback() {

@@ -305,3 +305,8 @@ def test_a_study_acknowledged_before_a_crash_is_analysed_after_the_restart(pacs:
         _check_results(_results(pacs.orthanc.client, study, 2), sources)
     finally:
         second.stop()
+    # the SCP logs what it did, never which patient's study it did it to
+    for log in ("scp-crash.log", "scp-restarted.log"):
+        text = (pacs.root / log).read_text()
+        assert "dimse_store_ok" in text or "dimse_study_forwarded" in text
+        assert study not in text and not any(sop in text for sop in sources)
