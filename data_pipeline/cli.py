@@ -1,4 +1,4 @@
-"""``cxr data``: synth | ingest | validate | fetch.
+"""``cxr data``: synth | ingest | validate | fetch | report.
 
 Thin wrappers: parse options, call the library, print a summary table, and
 turn the package's typed errors into one red line and exit code 1 (never a
@@ -178,6 +178,7 @@ def ingest(
     table.add_row(
         "published to S3", f"{settings.s3_bucket}/datasets/{build.version}/" if build.published else "no"
     )
+    table.add_row("report", str(build.report) if build.report else "none (see the log)")
     table.add_row("reused existing build", str(build.reused))
     table.add_row("seconds", f"{build.seconds:.1f}")
     table.add_row("images/s", f"{build.images_per_second:.1f}")
@@ -346,3 +347,39 @@ def fetch(
     with _friendly_errors():
         path = fetch_dataset(version, cache_dir or settings.cache_dir())
     typer.echo(str(path))
+
+
+@app.command()
+def report(
+    version: Annotated[str, typer.Argument(help="dataset version, 'latest', or a version folder")],
+    out: Annotated[Path, typer.Option(help="folder for the PNGs, report.json and index.html")],
+    annotations: Annotated[
+        Path | None,
+        typer.Option(help="readers' VinDr CSV, for a version built before it kept annotations_readers.csv"),
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="default <stack>/datasets")] = None,
+) -> None:
+    """Draw a dataset version's report: class counts, box statistics, reader agreement, samples.
+
+    Ingest already writes one into the version (report/, uploaded with it); this redraws it from a
+    local folder or a version fetched from S3, e.g. for a version built before reports existed.
+    """
+    from data_pipeline.report import build_report, load_version
+    from data_pipeline.versioning import fetch_dataset
+
+    settings = _settings()
+    with _friendly_errors():
+        folder = Path(version)
+        if not folder.is_dir():
+            folder = fetch_dataset(version, cache_dir or settings.cache_dir())
+        summary = build_report(load_version(folder, annotations), out, console=console)
+    table = Table(title=f"dataset report {summary.version}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("images", str(summary.images))
+    table.add_row("fused finding boxes", str(summary.boxes))
+    agreement = summary.reader_agreement
+    table.add_row("reader agreement (mean IoU)", "n/a" if agreement is None else f"{agreement:.3f}")
+    table.add_row("seconds", f"{summary.seconds:.1f}")
+    Console().print(table)
+    typer.echo(str(summary.index))

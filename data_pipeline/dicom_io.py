@@ -417,19 +417,23 @@ def _color_to_gray(raw: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray
     return gray
 
 
+def _modality_values(raw: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values through the Modality LUT (or Rescale Slope/Intercept), float32."""
+    if "ModalityLUTSequence" in ds:
+        return np.asarray(pydicom.pixels.apply_modality_lut(raw, ds).astype(np.float32))
+    values = raw.astype(np.float32)
+    slope = _float_or(ds.get("RescaleSlope"), 1.0)
+    intercept = _float_or(ds.get("RescaleIntercept"), 0.0)
+    if slope != 1.0:
+        values *= np.float32(slope)
+    if intercept != 0.0:
+        values += np.float32(intercept)
+    return values
+
+
 def _display_pipeline(raw: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     """Modality LUT -> VOI LUT -> MONOCHROME1 inversion, to float32 0..1."""
-    if "ModalityLUTSequence" in ds:
-        values = pydicom.pixels.apply_modality_lut(raw, ds).astype(np.float32)
-    else:
-        values = raw.astype(np.float32)
-        slope = _float_or(ds.get("RescaleSlope"), 1.0)
-        intercept = _float_or(ds.get("RescaleIntercept"), 0.0)
-        if slope != 1.0:
-            values *= np.float32(slope)
-        if intercept != 0.0:
-            values += np.float32(intercept)
-    pixels = _apply_voi(values, ds)
+    pixels = _apply_voi(_modality_values(raw, ds), ds)
     if photometric == "MONOCHROME1":
         np.subtract(np.float32(1.0), pixels, out=pixels)
     return pixels
@@ -459,12 +463,27 @@ def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
         out *= np.float32(1.0 / (2**bits - 1))
         np.clip(out, 0.0, 1.0, out=out)
         return out
+    first = _first_window(ds)
+    if first is not None:
+        return window(values, first.center, first.width, first.function)
+    return _minmax(values)
+
+
+@dataclass(frozen=True)
+class VoiWindow:
+    """A DICOM VOI window (PS3.3 C.11.2.1.2): center, width and LINEAR / LINEAR_EXACT / SIGMOID."""
+
+    center: float
+    width: float
+    function: str = "LINEAR"
+
+
+def _first_window(ds: Dataset) -> VoiWindow | None:
     center = _float_or(ds.get("WindowCenter"), float("nan"))
     width = _float_or(ds.get("WindowWidth"), float("nan"))
     if np.isfinite(center) and np.isfinite(width) and width > 0:
-        function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
-        return window(values, center, width, function)
-    return _minmax(values)
+        return VoiWindow(center, width, str(ds.get("VOILUTFunction", "LINEAR")).strip().upper())
+    return None
 
 
 def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
@@ -489,6 +508,55 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
     values *= np.float32(scale)
     np.clip(values, 0.0, 1.0, out=values)
     return values
+
+
+@dataclass
+class WindowableImage:
+    """What a viewer windows itself: values after the Modality LUT and the window the source asks for.
+
+    ``values`` is float32 (rows, cols). ``window`` is the source's first VOI window, or its min..max
+    when it has none (what :func:`decode_bytes` shows). A source that is not windowed linearly (a VOI
+    LUT Sequence, colour, PNG or JPEG) gives the display values 0..1 of :func:`decode_bytes` with a
+    window that shows them unchanged. ``invert``: MONOCHROME1, shown as 1 - windowed value.
+    """
+
+    values: np.ndarray
+    window: VoiWindow
+    invert: bool
+
+
+_SHOW_AS_IS = VoiWindow(0.5, 1.0, "LINEAR_EXACT")
+
+
+def decode_windowable(data: bytes, *, limits: DicomLimits | None = None) -> WindowableImage:
+    """The values behind a radiograph and its own VOI, for window/level in a viewer.
+
+    Read through the same guarded reader as :func:`decode_bytes`; raises its typed errors only.
+    """
+    if limits is None:
+        from data_pipeline.config import get_settings
+
+        limits = get_settings().dicom_limits()
+    kind = sniff_format(data)
+    if kind not in ("png", "jpeg"):
+        try:
+            ds = _read_dataset(data, kind == "dicom", limits)
+            photometric = _check_header(ds)[2]
+            has_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
+            if photometric in _MONO and not has_lut:
+                values = _modality_values(_pixel_array(ds, photometric), ds)
+                voi = _first_window(ds)
+                if voi is None:
+                    lo, hi = float(values.min()), float(values.max())
+                    voi = VoiWindow((lo + hi) / 2.0, max(hi - lo, 1e-6), "LINEAR_EXACT")
+                return WindowableImage(values, voi, invert=photometric == "MONOCHROME1")
+        except ImageDecodeError:
+            raise
+        except MemoryError as exc:
+            raise UnsupportedImage("image too large to decode in memory") from exc
+        except Exception as exc:  # the type only: library messages may quote element values
+            raise CorruptImage(f"could not decode image ({type(exc).__name__})") from exc
+    return WindowableImage(decode_bytes(data, limits=limits).pixels, _SHOW_AS_IS, invert=False)
 
 
 def read_header(data: bytes, limits: DicomLimits | None = None) -> Dataset:

@@ -118,3 +118,20 @@ def resize_longest(img: np.ndarray, max_side: int) -> np.ndarray:
     scale = max_side / longest
     size = (max(round(w * scale), 1), max(round(h * scale), 1))
     return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def pairwise_iou(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
+    """(N, 4) x (M, 4) xyxy boxes -> (N, M) IoU, in numpy.
+
+    The only library versions (torchvision's ``box_iou``, ultralytics') take torch tensors, and
+    the data pipeline does not import torch for a few small matrices per image.
+    """
+    a = np.asarray(a_xyxy, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b_xyxy, dtype=np.float64).reshape(-1, 4)
+    w = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    h = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = w.clip(min=0) * h.clip(min=0)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)

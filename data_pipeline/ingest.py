@@ -44,6 +44,7 @@ from data_pipeline.export import ImageJob, ImageResult, find_images, write_data_
 from data_pipeline.feedback import collect_feedback
 from data_pipeline.fusion import FusionConfig, fuse_annotations
 from data_pipeline.quality import QualityReport, check_images, check_labels, near_duplicate_groups
+from data_pipeline.report import INDEX, READERS_CSV, REPORT_DIR, ReportInputs, build_report, readers_frame
 from data_pipeline.split import SPLITS, SplitConfig, merge_groups, split_groups
 from data_pipeline.store import ObjectStore
 from data_pipeline.versioning import MANIFEST, compute_version, file_listing, publish, sha256_text
@@ -63,6 +64,7 @@ class DatasetBuild:
     quality: QualityReport | None = None
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    report: Path | None = None  # the version's report page (data_pipeline/report.py)
 
     @property
     def images_per_second(self) -> float:
@@ -137,8 +139,10 @@ def build_dataset(
         entries, image_meta = _write_split(staging, all_dir, keep, split, fused, decoded.ok)
         shutil.rmtree(all_dir)
         version = compute_version(entries, settings.version_config())
-        # [6] the files that ship with every version, the manifest (which lists them) last
-        _write_side_files(staging, keep, decoded.ok, fused, report)
+        # [6] the files that ship with every version, its report, the manifest (which lists them) last
+        readers = readers_frame(table.frame, keep)
+        _write_side_files(staging, keep, decoded.ok, fused, report, readers)
+        report_seconds = _write_report(version, staging, image_meta, console)
         source = _source(dicom_dir, annotations_csv, table, feedback_objects)
         source.update({"golden": golden, "golden_patient_images_excluded": held_out})
         _write_manifest(staging, version, settings, source, _counts(split, fused), image_meta, report)
@@ -150,7 +154,8 @@ def build_dataset(
         manifest=json.loads((target / MANIFEST).read_text()),
         reused=reused,
         quality=report,
-        stage_seconds=_stage_totals(decoded.results, decoded.wall),
+        stage_seconds={**_stage_totals(decoded.results, decoded.wall), "report": report_seconds},
+        report=target / REPORT_DIR / INDEX if (target / REPORT_DIR / INDEX).is_file() else None,
     )
     # [8] publish to the store, then time and log the whole build
     return _publish_and_log(build, store, started, len(keep))
@@ -269,14 +274,41 @@ def _split(
 
 
 def _write_side_files(
-    staging: Path, keep: list[str], ok: dict[str, ImageResult], fused: pd.DataFrame, report: QualityReport
+    staging: Path,
+    keep: list[str],
+    ok: dict[str, ImageResult],
+    fused: pd.DataFrame,
+    report: QualityReport,
+    readers: pd.DataFrame,
 ) -> None:
-    """The quality report, drift reference, fused annotations and data.yaml that ship with a version."""
+    """The quality report, drift reference, fused and readers' annotations and data.yaml of a version.
+
+    The readers' rows (before fusion) are what the report's reader agreement is computed from,
+    kept so that ``cxr data report`` can redraw it from the version alone.
+    """
     reference = _reference(keep, ok, fused)
     (staging / "quality_report.json").write_text(json.dumps(report.to_dict(), indent=1, sort_keys=True))
     (staging / "reference_stats.json").write_text(json.dumps(reference, sort_keys=True))
     fused.to_csv(staging / "annotations_fused.csv", index=False, float_format="%.2f")
+    readers.to_csv(staging / READERS_CSV, index=False)
     write_data_yaml(staging)
+
+
+def _write_report(
+    version: str, staging: Path, image_meta: dict[str, dict[str, Any]], console: Console | None
+) -> float:
+    """The version's report into ``report/`` (so the manifest lists it); returns its seconds.
+
+    A figure that fails to draw must not fail a build of thousands of images: it is logged, and
+    the version ships without a report (``cxr data report`` can draw one later).
+    """
+    try:
+        inputs = ReportInputs.from_files(version, staging, image_meta)  # the CSVs as written (rounded)
+        return build_report(inputs, staging / REPORT_DIR, console=console).seconds
+    except Exception as exc:
+        log.warning("event=dataset_report_failed version=%s error=%r", version, exc)
+        shutil.rmtree(staging / REPORT_DIR, ignore_errors=True)
+        return 0.0
 
 
 def _source(
@@ -314,6 +346,8 @@ def _write_manifest(
         "reference_stats": "reference_stats.json",
         "quality_report": "quality_report.json",
     }
+    if (staging / REPORT_DIR / INDEX).is_file():
+        manifest["report"] = f"{REPORT_DIR}/{INDEX}"
     manifest["files"] = file_listing(staging)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 

@@ -6,6 +6,8 @@ and the tags cannot disagree.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from core.operating_points import OperatingPoints
 from training.config import TrainConfig
 from training.dataset import DatasetRef
@@ -13,6 +15,29 @@ from training.evaluate import EvalReport
 from training.export import ExportResult
 from training.operating_points import card_section as operating_section
 from training.subgroups import card_section as subgroup_section
+
+
+@dataclass(frozen=True)
+class DatasetReportLink:
+    """Where the training dataset's report (data_pipeline/report.py) can be read: two copies of one page.
+
+    ``mlflow``: the page in this run's artifacts (``runs:/<run_id>/dataset_report/index.html``, in
+    whichever artifact store MLflow writes to). ``s3``: the page beside the version in the object store.
+    """
+
+    mlflow: str
+    s3: str
+
+
+def _dataset_report(link: DatasetReportLink | None) -> str:
+    """The card's pointer to the dataset report, or why there is none."""
+    if link is None:
+        return "No dataset report: the version was built before ingest drew one (`cxr data report VERSION`)."
+    return (
+        "Dataset report (class counts per split, box sizes, reader agreement before fusion, sample "
+        f"images with their fused boxes): `{link.mlflow}` in this run's artifacts, and `{link.s3}` "
+        "beside the version in the object store."
+    )
 
 
 def _auc(report: EvalReport) -> str:
@@ -38,6 +63,7 @@ def render_model_card(
     onnx_report: EvalReport,
     export: ExportResult,
     operating_points: OperatingPoints | None = None,
+    dataset_report: DatasetReportLink | None = None,
 ) -> str:
     """Markdown model card for MLflow (version description and ``model_card.md`` artifact)."""
     data_kind = (
@@ -79,6 +105,7 @@ cleared for diagnosis, and must never report to a patient or replace a radiologi
 
 ## Training data
 Dataset version `{dataset.version}`: {data_kind}. Split by patient into train / val / test.
+{_dataset_report(dataset_report)}
 
 ## Evaluation (split `{onnx_report.split}`, {onnx_report.images} images, {onnx_report.instances} boxes)
 | metric | PyTorch | ONNX Runtime |

@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.operating_points import OPERATING_POINTS_FILE, OperatingPoints
+from data_pipeline.report import INDEX, REPORT_DIR
+from data_pipeline.versioning import version_prefix
 from training.config import TrainConfig, TrainSettings
 from training.dataset import DatasetRef, dataset_ref, resolve_dataset
 from training.errors import DatasetError, ParityError
 from training.evaluate import EvalReport, evaluate
 from training.export import ExportResult, export_with_parity
-from training.model_card import render_model_card
+from training.model_card import DatasetReportLink, render_model_card
 from training.operating_points import (
     operating_point_metrics,
     operating_point_tags,
@@ -38,6 +40,8 @@ from training.subgroups import version_tags as subgroup_tags
 from training.tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
+
+DATASET_REPORT_ARTIFACTS = "dataset_report"
 
 
 @dataclass(frozen=True)
@@ -176,8 +180,32 @@ def _operating_points(config: TrainConfig, data: DatasetRef, export: ExportResul
     return ops
 
 
+def _log_dataset_report(
+    tracker: Tracker, data: DatasetRef, settings: TrainSettings
+) -> DatasetReportLink | None:
+    """The version's report (drawn at ingest, data_pipeline/report.py) into the run's ``dataset_report/``.
+
+    Logged first, so even a failed run shows what it trained on; the model card links both copies.
+    """
+    folder = data.path / REPORT_DIR
+    if not (folder / INDEX).is_file():
+        log.info("event=dataset_report_missing dataset=%s path=%s", data.version, folder)
+        return None
+    tracker.log_artifacts(sorted(p for p in folder.iterdir() if p.is_file()), DATASET_REPORT_ARTIFACTS)
+    return DatasetReportLink(
+        mlflow=f"runs:/{tracker.run_id}/{DATASET_REPORT_ARTIFACTS}/{INDEX}",
+        s3=f"s3://{settings.s3_bucket}/{version_prefix(data.version)}{REPORT_DIR}/{INDEX}",
+    )
+
+
 def _write_reports(
-    config: TrainConfig, data: DatasetRef, run_name: str, commit: str, r: _Results, out: Path
+    config: TrainConfig,
+    data: DatasetRef,
+    run_name: str,
+    commit: str,
+    r: _Results,
+    out: Path,
+    dataset_report: DatasetReportLink | None = None,
 ) -> str:
     """Write ``eval/evaluation.json`` and ``model_card.md``; the card is also what the registry shows."""
     eval_dir = out / "eval"
@@ -200,6 +228,7 @@ def _write_reports(
         onnx_report=r.onnx_report,
         export=r.export,
         operating_points=r.operating_points,
+        dataset_report=dataset_report,
     )
     (out / "model_card.md").write_text(card)
     return card
@@ -329,11 +358,12 @@ def train_and_register(
     tracker = Tracker(settings)
     tracker.start(run_name, config, data, commit)
     try:
+        report_link = _log_dataset_report(tracker, data, settings)
         # [3] train with Ray, then evaluate, export with parity, quantize and plot
         dist = _fit(config, data, run_name, settings, tracker.run_id, out)
         results = _check_trained(config, data, dist, out)
         # [4] reports and metrics into the run, then the registered version with its lineage
-        card = _write_reports(config, data, run_name, commit, results, out)
+        card = _write_reports(config, data, run_name, commit, results, out, report_link)
         final = _final_metrics(results)
         _log_run(tracker, results, final, out)
         version = _register(settings, tracker.run_id, config, data, commit, results, card, run_name)

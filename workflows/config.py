@@ -10,6 +10,7 @@ disagree about, say, the feedback threshold.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field
 
@@ -83,6 +84,26 @@ class WorkflowSettings(CoreSettings):
         default=12 * 3600,
         ge=600,
         description="RayJob activeDeadlineSeconds: KubeRay fails (and frees the GPUs of) a longer training",
+    )
+
+    # --- the one-machine scheduler (keeps the rendered CronWorkflows: workflows/scheduler.py) ----
+    scheduler: bool = Field(
+        default=True,
+        description="`make up` starts the `scheduler` component (false: retrains only by hand)",
+    )
+    schedules_dir: Path | None = Field(
+        default=None, description="rendered CronWorkflows the scheduler keeps (default: k8s/workflows)"
+    )
+    scheduler_cron: dict[str, str] = Field(
+        default_factory=dict,
+        description='override crons by CronWorkflow name, "*" for all (tests, demos); a 6th field is seconds',
+    )
+    scheduler_command: list[str] = Field(
+        default_factory=list,
+        description="run this instead of `cxr pipeline run` when a schedule fires (tests: a quick command)",
+    )
+    scheduler_poll_s: float = Field(
+        default=5.0, gt=0, description="how often the scheduler looks at its running retrain and the clock"
     )
 
 

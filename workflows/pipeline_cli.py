@@ -6,11 +6,15 @@
   parameters are written as files under ``--outputs`` for Argo to read.
 - ``cxr pipeline render [--check]``: write ``k8s/workflows/*.yaml`` from the Hera
   definitions, or fail when the committed files drifted from them.
+- ``cxr pipeline schedule [--show]``: keep the rendered CronWorkflows' schedules on this
+  machine (the stack's ``scheduler`` component), or print them with their next fire times.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -105,6 +109,7 @@ def run(
     ] = None,
 ) -> None:
     """Run every step of the retrain DAG on this machine, in the DAG's order, against the stack."""
+    from workflows.run_lock import BUSY_EXIT_CODE, PipelineBusy, pipeline_lock
     from workflows.runner import RunOptions, run_pipeline, summary_table
 
     settings = get_settings()
@@ -121,8 +126,12 @@ def run(
         run_name=name,
         work_dir=work_dir or settings.stack_dir / "pipeline" / name,
     )
-    with _errors():
-        summary = run_pipeline(options, settings, console=console)
+    try:
+        with pipeline_lock(settings.stack_dir, name), _errors():
+            summary = run_pipeline(options, settings, console=console)
+    except PipelineBusy as exc:  # one retrain at a time (workflows/run_lock.py); the scheduler reads the code
+        console.print(f"error: {exc}", style="bold red", markup=False)
+        raise typer.Exit(BUSY_EXIT_CODE) from exc
     console.print(summary_table(summary))
     console.print(f"summary: {options.work_dir / 'summary.json'}", markup=False)
     if not summary.succeeded:
@@ -155,6 +164,35 @@ def render(
         return
     for path in write_all(settings, target):
         console.print(f"wrote {path}", markup=False)
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+@app.command("schedule")
+def schedule(
+    show: Annotated[
+        bool, typer.Option("--show", help="print the schedules and their next fire times, then exit")
+    ] = False,
+) -> None:
+    """Keep the CronWorkflows' schedules on this machine: start `cxr pipeline run` when one fires."""
+    from workflows.scheduler import build_scheduler, run_forever, status_table
+
+    settings = get_settings()
+    _setup(settings)
+    with _errors():
+        scheduler = build_scheduler(settings)
+    if show:
+        console.print(status_table(scheduler.snapshot()))
+        return
+    if not settings.scheduler:
+        console.print("scheduler switched off (CXR_SCHEDULER=false): retrains run only by hand", markup=False)
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with _errors():
+        run_forever(scheduler, settings.scheduler_poll_s, stop)
 
 
 # --------------------------------------------------------------------------- steps (Argo)

@@ -77,6 +77,7 @@ def test_radiologist_rejects_a_box_draws_one_and_submits_feedback_that_lands_in_
         assert "rejected" in (detections.nth(0).get_attribute("class") or "")
 
         page.select_option("#new-class", "3")
+        page.click("#tool-box")  # a plain drag adjusts the window; "New box" draws one box
         box = page.locator("#view").bounding_box()
         assert box is not None
         page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.3)

@@ -190,6 +190,12 @@ def test_data_to_production_to_feedback_to_retrained_staging(stack: StackRun, tm
     ):
         assert v1.tags.get(tag), f"lineage tag {tag} missing on version {v1.version}"
     assert v1.tags["dataset_version"] == first_dataset
+    # the dataset's report, drawn at ingest and published beside it, is in the run and on the card
+    card, run_id = v1.description or "", str(v1.run_id)
+    assert f"/datasets/{first_dataset}/report/index.html" in card
+    assert f"runs:/{run_id}/dataset_report/index.html" in card
+    report_files = {Path(a.path).name for a in mlflow.list_artifacts(run_id, "dataset_report")}
+    assert {"index.html", "report.json", "samples.png"} <= report_files
 
     # [3] a fresh stack: the first version goes to production by forced, reasoned commits
     stack.cxr("promote", v1.version, "--to", "staging")

@@ -60,6 +60,7 @@ function init() {
   $("window-reset").addEventListener("click", resetWindow);
   $("saliency-toggle").addEventListener("click", toggleSaliency);
   document.addEventListener("keydown", onKey);
+  setTool("window");
   $("worklist-refresh").addEventListener("click", loadWorklist);
   $("prev-image").addEventListener("click", () => stepStudy(-1));
   $("next-image").addEventListener("click", () => stepStudy(1));
@@ -523,7 +524,7 @@ function draw() {
       svg.append(rect);
       if (!rejected || selected) {
         const text = `${i + 1} ${d.class_name} ${(d.confidence * 100).toFixed(0)}%${rejected ? " (rejected)" : ""}`;
-        svg.append(svgLabel(text, d.box, rejected ? "#bbb" : COLORS[d.class_id]));
+        svg.append(svgLabel(text, d.box, rejected ? "#bbb" : "#fff")); // white on a black halo reads on any class colour
       }
     });
   }

@@ -89,6 +89,7 @@ def test_up_reports_every_component_healthy(stack: StackRun) -> None:
         "gateway",
         "dimse",
         "reconcile",
+        "scheduler",
         "mlflow-exporter",
         "prometheus",
         *(["orthanc"] if orthanc_missing() is None else []),

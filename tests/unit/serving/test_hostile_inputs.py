@@ -167,7 +167,12 @@ def test_another_tenants_key_cannot_read_a_result_its_sr_preview_or_send_feedbac
     client, keys = two_tenants
     rid = _detect(client, keys["a-pacs"], make_dicom(seed=80)).json()["request_id"]  # type: ignore[attr-defined]
     a_rad, b_rad = {"X-API-Key": keys["a-rad"]}, {"X-API-Key": keys["b-rad"]}
-    for path in (f"/v1/results/{rid}", f"/v1/results/{rid}/sr", f"/v1/results/{rid}/preview.png"):
+    for path in (
+        f"/v1/results/{rid}",
+        f"/v1/results/{rid}/sr",
+        f"/v1/results/{rid}/preview.png",
+        f"/v1/results/{rid}/pixels",
+    ):
         assert client.get(path, headers=a_rad).status_code == 200, path
         denied = client.get(path, headers=b_rad)
         assert denied.status_code == 404 and "not yours" in denied.json()["error"]["message"], path

@@ -117,6 +117,7 @@ def test_every_access_to_a_result_is_audited_with_its_result_id(
         onnx_client.get(f"/v1/results/{result_id}", headers=pacs),
         onnx_client.get(f"/v1/results/{result_id}/sr", headers=pacs),
         onnx_client.get(f"/v1/results/{result_id}/preview.png", headers=radiologist),
+        onnx_client.get(f"/v1/results/{result_id}/pixels", headers=radiologist),
         onnx_client.get("/v1/results/no-such-result", headers=pacs),
         onnx_client.post(
             "/v1/feedback",
@@ -124,11 +125,13 @@ def test_every_access_to_a_result_is_audited_with_its_result_id(
             headers=radiologist,
         ),
     ]
-    assert [r.status_code for r in reads][:3] == [200, 200, 200] and reads[3].status_code == 404
-    assert reads[4].status_code in (200, 202), reads[4].text
+    assert [r.status_code for r in reads][:4] == [200] * 4 and reads[4].status_code == 404
+    assert reads[5].status_code in (200, 202), reads[5].text
     entries = [_audited(onnx_client, r) for r in reads]
-    assert [e["result_id"] for e in entries] == [result_id] * 3 + ["no-such-result", result_id]
-    assert entries[2]["key_id"] == "radiologist-1" and entries[4]["route"] == "/v1/feedback"
+    assert [e["result_id"] for e in entries] == [result_id] * 4 + ["no-such-result", result_id]
+    assert entries[2]["key_id"] == "radiologist-1" and entries[5]["route"] == "/v1/feedback"
+    assert entries[3]["route"] == "/v1/results/{request_id}/pixels"
+    assert entries[3]["key_id"] == "radiologist-1"
     principal_tenant = getattr(onnx_client.app.state.cxr.keys.authenticate(keys["pacs"]), "tenant", None)  # type: ignore[attr-defined]
     assert all(e["tenant"] == principal_tenant for e in entries)
 
