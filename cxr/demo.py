@@ -154,7 +154,7 @@ def pacs_round_trip(files: list[Path], timeout_s: float = 180.0) -> RoundTripRes
             ds.StudyInstanceUID = study  # one study of one patient, as a modality sends it
             for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex"):
                 if keyword in patient:
-                    setattr(ds, keyword, patient.data_element(keyword).value)
+                    setattr(ds, keyword, getattr(patient, keyword))
             buf = io.BytesIO()
             ds.save_as(buf, enforce_file_format=True)
             orthanc.upload(buf.getvalue())
