@@ -335,6 +335,10 @@ class OrthancClient:
     def instances(self) -> list[str]:
         return list(self._call("GET", "/instances"))
 
+    def count_instances(self) -> int:
+        """How many instances Orthanc holds (``/statistics``: one cheap call, no listing)."""
+        return int(self._call("GET", "/statistics")["CountInstances"])
+
     def find(self, level: str, query: dict[str, str], expand: bool = False) -> list[Any]:
         """``/tools/find`` at ``level`` (Patient, Study, Series, Instance): ids, or objects if ``expand``."""
         return list(

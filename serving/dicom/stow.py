@@ -10,6 +10,7 @@ FailedSOPSequence (with a FailureReason), as a PACS or ``dicomweb-client`` expec
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,9 +189,10 @@ class StowService:
     (503/504) fails the whole request so the sender retries it later.
     """
 
-    def __init__(self, detector: DetectionService, cpu: CpuPool) -> None:
+    def __init__(self, detector: DetectionService, cpu: CpuPool, concurrency: int = 4) -> None:
         self.detector = detector
         self.cpu = cpu
+        self.concurrency = max(1, concurrency)
 
     async def split(self, content_type: str, body: bytes) -> list[bytes]:
         """The request's DICOM instances; parsing 64 MiB of parts and every header runs in the pool."""
@@ -205,31 +207,36 @@ class StowService:
         base_url: str,
         on_stored: Callable[[DetectionReply], None] | None = None,
     ) -> StowResult:
-        """Detect on each instance in turn; ``on_stored`` sees each reply as it is stored."""
-        outcomes: list[StowOutcome] = []
-        replies: list[DetectionReply] = []
-        detections = 0
-        for data in instances:
-            sop_class, sop_uid, study_uid = await self.cpu.run(instance_uids, data)
-            if study and study_uid and study_uid != study:
-                outcomes.append(StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_NOT_SUPPORTED))
-                continue
-            try:
-                [reply] = await self.detector.detect([data], tenant=tenant)
-            except (InvalidImage, UnsupportedMediaType) as exc:
-                log.info("stow_instance_rejected code=%s", exc.code)  # the message may quote the file
-                outcomes.append(StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_CANNOT_UNDERSTAND))
-                continue
-            except ServingError as exc:
-                if exc.status in (503, 504):
-                    raise  # the whole request should be retried later, not reported as a bad instance
-                outcomes.append(StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_PROCESSING))
-                continue
-            detections += len(reply.outcome.detections)
-            replies.append(reply)
+        """Detect on the instances, a few at a time; ``on_stored`` sees each reply as it is stored.
+
+        Up to ``concurrency`` instances of one request are analysed side by side (a study's
+        images overlap their decode and inference, as separate clients would), never more, so
+        one large study cannot take every in-flight slot of a stage.
+        """
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(data: bytes) -> tuple[StowOutcome, DetectionReply | None]:
+            async with gate:
+                sop_class, sop_uid, study_uid = await self.cpu.run(instance_uids, data)
+                if study and study_uid and study_uid != study:
+                    return StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_NOT_SUPPORTED), None
+                try:
+                    [reply] = await self.detector.detect([data], tenant=tenant)
+                except (InvalidImage, UnsupportedMediaType) as exc:
+                    log.info("stow_instance_rejected code=%s", exc.code)  # the message may quote the file
+                    return StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_CANNOT_UNDERSTAND), None
+                except ServingError as exc:
+                    if exc.status in (503, 504):
+                        raise  # the whole request should be retried later, not reported as a bad instance
+                    return StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_PROCESSING), None
             if on_stored is not None:
                 on_stored(reply)
             rid = reply.record.request_id
-            outcomes.append(StowOutcome(sop_class, sop_uid, retrieve_url=f"{base_url}/v1/results/{rid}/sr"))
+            return StowOutcome(sop_class, sop_uid, retrieve_url=f"{base_url}/v1/results/{rid}/sr"), reply
+
+        done = await asyncio.gather(*(one(data) for data in instances))
+        outcomes = [outcome for outcome, _ in done]
+        replies = [reply for _, reply in done if reply is not None]
+        detections = sum(len(r.outcome.detections) for r in replies)
         study_url = f"{base_url}/dicomweb/studies/{study}" if study else None
         return StowResult(outcomes, detections, study_url, replies)

@@ -134,7 +134,9 @@ class SendBack:
         queued = 0
         for study_replies in by_study.values():
             records = {r.record.request_id: r.record for r in study_replies}
-            triage = study_replies[-1].study
+            # images recorded side by side each see the study so far: the fullest view is the latest
+            seen = [r.study for r in study_replies if r.study is not None]
+            triage = max(seen, key=lambda t: (len(t.result_ids), t.score)) if seen else None
             if triage is not None:
                 for rid in triage.result_ids:
                     if rid not in records:

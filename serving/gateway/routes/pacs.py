@@ -50,7 +50,8 @@ async def analyze_study(
         destinations = state.sendback.choose(principal.tenant, True)
         queued = await state.sendback.replies(replies, destinations, state.results, principal.tenant)
         sent_to = [d.name for d in destinations]
-    study = replies[-1].study
+    seen = [r.study for r in replies if r.study is not None]
+    study = max(seen, key=lambda t: (len(t.result_ids), t.score)) if seen else None
     body = {
         "study_uid": study_uid,
         "triage": study.as_dict() if study else None,
