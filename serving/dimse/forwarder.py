@@ -83,6 +83,10 @@ class Forwarder:
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
+    # studies being forwarded now: a new settled study starts as soon as a slot frees, not when the
+    # slowest of a batch is done (a batch would hold three idle slots behind one big study)
+    _inflight: set[str] = field(default_factory=set)
+    _pool: ThreadPoolExecutor | None = None
 
     def _post(self, client: httpx.Client, study: SpooledStudy, files: list[Path]) -> httpx.Response:
         body, content_type = related_body([f.read_bytes() for f in files])
@@ -113,27 +117,49 @@ class Forwarder:
 
     def _attempt(self, client: httpx.Client, study: SpooledStudy, now: float) -> bool:
         key = study.folder.name
-        if self.forward(client, study):
-            self.spool.remove(study)
+        try:
+            try:
+                forwarded = self.forward(client, study)
+                if forwarded:
+                    self.spool.remove(study)
+            except Exception as exc:  # in the pool nobody would see it: say it, and retry later
+                log.warning("dimse_forward_error error_type=%s", type(exc).__name__)
+                forwarded = False
+            if forwarded:
+                with self._lock:
+                    self._failures.pop(key, None)
+                    self._next_try.pop(key, None)
+                return True
             with self._lock:
-                self._failures.pop(key, None)
-                self._next_try.pop(key, None)
-            return True
-        with self._lock:
-            n = self._failures[key] = self._failures.get(key, 0) + 1
-            self._next_try[key] = now + min(self.retry_s * 2 ** (n - 1), self.max_backoff_s)
-        return False
+                n = self._failures[key] = self._failures.get(key, 0) + 1
+                self._next_try[key] = now + min(self.retry_s * 2 ** (n - 1), self.max_backoff_s)
+            return False
+        finally:
+            with self._lock:
+                self._inflight.discard(key)
 
     def run_once(self, client: httpx.Client, now: float | None = None) -> int:
-        """Forward every settled study that is due, up to ``concurrency`` at once; how many left the spool."""
+        """Start forwarding settled, due studies into free slots (at most ``concurrency`` in flight).
+
+        Returns how many were started; they finish in the pool, each freeing its slot for the
+        next settled study at once.
+        """
         now = time.time() if now is None else now
-        due = [
-            s for s in self.spool.settled(self.settle_s, now) if self._next_try.get(s.folder.name, 0.0) <= now
-        ]
-        if not due:
-            return 0
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(due)))) as pool:
-            return sum(pool.map(lambda study: self._attempt(client, study, now), due))
+        if self._pool is None:
+            workers = max(1, self.concurrency)
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dimse-fwd")
+        started = 0
+        for study in self.spool.settled(self.settle_s, now):
+            key = study.folder.name
+            with self._lock:
+                if len(self._inflight) >= self.concurrency:
+                    break
+                if key in self._inflight or self._next_try.get(key, 0.0) > now:
+                    continue
+                self._inflight.add(key)
+            self._pool.submit(self._attempt, client, study, now)
+            started += 1
+        return started
 
     def _loop(self) -> None:
         headers = {"Authorization": f"Bearer {self.api_key}"}
@@ -146,7 +172,10 @@ class Forwarder:
                     self.run_once(client)
                 except Exception as exc:  # the loop must outlive any one study
                     log.warning("dimse_forward_error error_type=%s", type(exc).__name__)
-                self._stop.wait(min(0.5, self.settle_s / 4))
+                self._stop.wait(min(0.2, self.settle_s / 4))
+            if self._pool is not None:  # let forwards in flight finish before the client closes
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="dimse-forwarder", daemon=True)
