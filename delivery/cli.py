@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from core.errors import CxrError
+from core.progress import reporting
 from core.stages import PROMOTION_ORDER, as_stage
 from delivery.errors import GateFailed
 
@@ -108,7 +109,8 @@ def promote(
             publish=publish,
             apply_local=apply,
         )
-        promote_version(ctx, request, echo=_echo)
+        with reporting(console):  # each gate's verdict: live on a terminal, event lines in logs
+            promote_version(ctx, request, echo=_echo)
 
 
 def rollback(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import CxrError
+from core.progress import Reporter, reporting
 from core.stage_file import StageFile, read_stage_file, write_stage_file
 from core.stages import PROMOTION_ORDER, Stage
 from data_pipeline.classes import CLASS_NAMES
@@ -80,11 +81,17 @@ def _check_request(request: PromotionRequest) -> None:
 
 
 def _guarded(name: str, compute: Callable[[], list[GateResult]]) -> list[GateResult]:
-    """A gate whose inputs cannot be fetched fails with the reason (so --force can still override)."""
-    try:
-        return compute()
-    except CxrError as exc:
-        return [GateResult(name, False, f"could not evaluate: {exc}", "its inputs")]
+    """A gate whose inputs cannot be fetched fails with the reason (so --force can still override).
+
+    Its measurement (seconds: an ONNX latency run, a canary analysis) shows as a task in progress.
+    """
+    with reporting() as progress, progress.task("promote_check", name, check=name) as task:
+        try:
+            results = compute()
+        except CxrError as exc:
+            results = [GateResult(name, False, f"could not evaluate: {exc}", "its inputs")]
+        task.done("done" if all(r.passed for r in results) else "fail")
+        return results
 
 
 def _golden(
@@ -96,19 +103,24 @@ def _golden(
     store: object | None,
 ) -> GoldenVerdict:
     """The paired golden-set gate; inputs that cannot be fetched fail it with the reason."""
-    try:
-        return golden_gate(
-            gitops_dir=ctx.gitops_dir,
-            cache_dir=ctx.golden_cache,
-            policy=policy.golden,
-            candidate=version,
-            production=production,
-            onnx_for=onnx_for,
-            store=store,
-            class_names=dict(enumerate(CLASS_NAMES)),
-        )
-    except CxrError as exc:
-        return GoldenVerdict(GateResult(GATE_NAME, False, f"could not evaluate: {exc}", "its inputs"), [])
+    with reporting() as progress, progress.task("promote_check", GATE_NAME, check=GATE_NAME) as task:
+        try:
+            verdict = golden_gate(
+                gitops_dir=ctx.gitops_dir,
+                cache_dir=ctx.golden_cache,
+                policy=policy.golden,
+                candidate=version,
+                production=production,
+                onnx_for=onnx_for,
+                store=store,
+                class_names=dict(enumerate(CLASS_NAMES)),
+            )
+        except CxrError as exc:
+            verdict = GoldenVerdict(
+                GateResult(GATE_NAME, False, f"could not evaluate: {exc}", "its inputs"), []
+            )
+        task.done("done" if verdict.result.passed else "fail")
+        return verdict
 
 
 def evaluate_gates(
@@ -155,6 +167,40 @@ def evaluate_gates(
 
     results = [*_guarded("canary analysis", from_analysis), golden.result]
     return GateReport(stage, version, results, golden.table), golden
+
+
+def gate_verdict(result: GateResult) -> str:
+    """``pass``, ``warn`` (passed because the policy only warns) or ``fail``."""
+    return ("warn" if result.warning else "pass") if result.passed else "fail"
+
+
+def report_gates(progress: Reporter, report: GateReport) -> None:
+    """Each gate with its verdict as a ``promote_gate`` event, then the promotion's ``promote_gates`` one.
+
+    On a terminal the echoed report shows them (so these print nothing there); logs get one
+    structured line per gate.
+    """
+    for result in report.results:
+        progress.event(
+            "promote_gate",
+            "",
+            stage=report.stage,
+            version=report.version,
+            gate=result.name,
+            verdict=gate_verdict(result),
+            observed=result.observed,
+            expected=result.expected,
+        )
+    progress.event(
+        "promote_gates",
+        "",
+        stage=report.stage,
+        version=report.version,
+        verdict="pass" if report.passed else "fail",
+        gates=len(report.results),
+        failed=len(report.failed),
+        warnings=sum(r.warning for r in report.results),
+    )
 
 
 def _next_files(ctx: DeliveryContext, request: PromotionRequest, policy: DeliveryPolicy) -> list[StageFile]:
@@ -205,9 +251,11 @@ def promote_version(
     def onnx_for(version: str) -> Path:
         return fetch_onnx(reg, version, ctx.onnx_cache)  # downloaded once per version into the cache
 
-    report, golden = evaluate_gates(
-        ctx, reg, policy, request.version, request.to, onnx_for=onnx_for, analysis=analysis, store=store
-    )
+    with reporting() as progress:
+        report, golden = evaluate_gates(
+            ctx, reg, policy, request.version, request.to, onnx_for=onnx_for, analysis=analysis, store=store
+        )
+        report_gates(progress, report)
     for line in report.lines():
         echo(line)
     if not report.passed and not request.force:
@@ -258,7 +306,9 @@ def promote_version(
     # [4] the one-machine stack follows the file (in the cluster ArgoCD + the Sync hook do this)
     if request.apply_local:
         try:
-            outcome.applied = reconcile_stage(ctx, request.to, registry=reg)
+            label = f"{request.to} Triton loads v{request.version}"
+            with reporting() as progress, progress.task("promote_apply", label, stage=request.to):
+                outcome.applied = reconcile_stage(ctx, request.to, registry=reg)
             echo(f"{request.to} Triton now serves v{request.version} ({outcome.applied.seconds:.1f} s)")
         except CxrError as exc:
             outcome.warnings.append(f"local stack not updated: {exc}")

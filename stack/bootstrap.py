@@ -13,7 +13,6 @@ a ``cxr`` sub-process so its progress shows and its memory is returned.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import time
@@ -21,11 +20,10 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from core.progress import reporting
 from core.stages import PROMOTION_ORDER
 from stack.components import http_ok
 from stack.config import StackSettings
-
-log = logging.getLogger("cxr.stack.bootstrap")
 
 MODEL_NAME = "cxr-detector"
 BOOTSTRAP_CONFIG = Path("training") / "configs" / "bootstrap.yaml"
@@ -47,13 +45,17 @@ def _env(settings: StackSettings) -> dict[str, str]:
 
 
 def _cxr(settings: StackSettings, step: str, *args: str) -> None:
+    """One ``cxr`` sub-process as a ``bootstrap_step``: its own progress shows (no spinner over it)."""
     command = [str(settings.python), "-m", "cxr.cli", *args]
-    log.info("bootstrap_step=%s command=%r", step, " ".join(command))
-    result = subprocess.run(command, env=_env(settings), check=False)
-    if result.returncode != 0:
-        raise BootstrapFailed(
-            f"bootstrap step {step!r} failed (exit {result.returncode}); rerun it with: cxr {' '.join(args)}"
-        )
+    label = f"bootstrap {step}: cxr {' '.join(args[:2])}"
+    with reporting() as progress, progress.task("bootstrap_step", label, spinner=False, step=step) as task:
+        result = subprocess.run(command, env=_env(settings), check=False)
+        if result.returncode != 0:
+            task.done("failed", exit_code=result.returncode)
+            rerun = f"cxr {' '.join(args)}"
+            raise BootstrapFailed(
+                f"bootstrap step {step!r} failed (exit {result.returncode}); rerun it with: {rerun}"
+            )
 
 
 def _phantoms(settings: StackSettings, step: str, out: Path, n_images: int, seed: int) -> None:
@@ -76,7 +78,13 @@ def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> st
     env = _env(settings)
     versions = registered_versions(env["CXR_MLFLOW_URI"])
     if versions:
-        log.info("bootstrap=skipped reason=registry-has-versions versions=%s", ",".join(versions))
+        with reporting() as progress:
+            progress.event(
+                "bootstrap_skipped",
+                f"[yellow]-[/] bootstrap skipped: {MODEL_NAME} has versions {', '.join(versions)}",
+                reason="registry-has-versions",
+                versions=",".join(versions),
+            )
         return None
     work = settings.state / "bootstrap"
     ensure_golden_set(settings, env, work)
@@ -105,8 +113,9 @@ def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> st
     version = str(summary["model_version"])
     for stage in PROMOTION_ORDER:
         _cxr(settings, f"promote-{stage}", "promote", version, "--to", stage, "--force", "--reason", REASON)
-    wait_ready(env["CXR_GATEWAY_URL"], timeout_s)
-    log.info("bootstrap=done model_version=%s", version)
+    with reporting() as progress, progress.task("bootstrap_step", "gateway ready", step="ready") as task:
+        wait_ready(env["CXR_GATEWAY_URL"], timeout_s)
+        task.done("healthy", f"serving {MODEL_NAME} v{version}", model_version=version)
     return version
 
 

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from core.progress import reporting
 from stack import manager
 from stack.config import StackSettings
 
@@ -83,20 +85,21 @@ def up(
 ) -> None:
     """Start every component (idempotent) and wait until each is healthy."""
     settings = StackSettings()
-    try:
-        rows = manager.up(settings)
-    except manager.StackError as exc:
-        console.print(f"[red]stack up failed:[/] {exc}")
-        raise typer.Exit(1) from exc
-    if bootstrap and settings.bootstrap:
-        from stack.bootstrap import ensure_served_model
-
+    with reporting(console):  # each component as it turns healthy: live on a terminal, event lines in logs
         try:
-            ensure_served_model(settings)
+            rows = manager.up(settings)
         except manager.StackError as exc:
-            console.print(f"[red]bootstrap failed:[/] {exc}")
+            console.print(f"[red]stack up failed:[/] {escape(str(exc))}")
             raise typer.Exit(1) from exc
-        rows = manager.status(settings)
+        if bootstrap and settings.bootstrap:
+            from stack.bootstrap import BootstrapFailed, ensure_served_model
+
+            try:
+                ensure_served_model(settings)
+            except (manager.StackError, BootstrapFailed) as exc:
+                console.print(f"[red]bootstrap failed:[/] {escape(str(exc))}")
+                raise typer.Exit(1) from exc
+            rows = manager.status(settings)
     _print_status(rows, settings)
     if not any(r.name == "prometheus" for r in rows):
         console.print(

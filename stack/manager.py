@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from core.credentials import ORTHANC_USERNAME, StackCredentials
 from core.offline import apply_offline_env, offline_env
+from core.progress import reporting
 from core.stages import STAGES
 from stack.components import (
     Component,
@@ -48,8 +48,6 @@ from stack.gitops_checkout import ensure_checkout
 from stack.orthanc import dicomweb_server_entry, orthanc_component, orthanc_missing
 from stack.supervisor import Supervisor
 from workflows.config import WorkflowSettings
-
-log = logging.getLogger("cxr.stack")
 
 RULES_DIR = Path("k8s") / "monitoring" / "rules"
 
@@ -246,27 +244,46 @@ def up(settings: StackSettings) -> list[ComponentStatus]:
         _preflight(settings, components)
         supervisor.write_config(components)
         supervisor.start()
-    for comp in components:
-        if comp.health_url is None:
-            continue
-        log_file = state / "logs" / f"{comp.name}.log"
-
-        def alive(name: str = comp.name) -> bool:
-            proc = supervisor.process_state(name)
-            return proc is not None and proc.state not in {"FATAL", "EXITED", "STOPPED"}
-
-        try:
-            waited = wait_component(comp, timeout=settings.health_timeout_s, alive=alive, log_file=log_file)
-        except ComponentFailed as exc:
-            raise StackError(f"component {exc}") from exc
-        log.info("component=%s healthy=true waited_s=%.2f", comp.name, waited)
-        if comp.name == "s3":
-            ensure_buckets(
-                f"http://{settings.host}:{settings.s3_port}",
-                S3Credentials(creds.s3_access_key, creds.s3_secret_key),
-                (settings.s3_bucket, settings.mlflow_bucket),
-            )
+    wait_in_order(settings, components, supervisor, creds)
     return status(settings)
+
+
+def wait_in_order(
+    settings: StackSettings, components: list[Component], supervisor: Supervisor, creds: StackCredentials
+) -> None:
+    """Wait for each component in dependency order, reporting each as it turns healthy.
+
+    A ``stack_component`` task per component (a spinner on a terminal, ``event=stack_component_done
+    component=NAME state=healthy seconds=...`` in logs); one without a health endpoint is
+    ``started`` once supervisord runs it. The first that fails ends ``state=failed`` and raises
+    :class:`StackError` with its log tail.
+    """
+    with reporting() as progress:
+        for comp in components:
+            with progress.task("stack_component", comp.name, component=comp.name) as task:
+                if comp.health_url is None:
+                    task.done("started", "no health endpoint: running under supervisord")
+                    continue
+                log_file = settings.state / "logs" / f"{comp.name}.log"
+
+                def alive(name: str = comp.name) -> bool:
+                    proc = supervisor.process_state(name)
+                    return proc is not None and proc.state not in {"FATAL", "EXITED", "STOPPED"}
+
+                try:
+                    waited = wait_component(
+                        comp, timeout=settings.health_timeout_s, alive=alive, log_file=log_file
+                    )
+                except ComponentFailed as exc:
+                    task.done("failed", str(exc).splitlines()[0])
+                    raise StackError(f"component {exc}") from exc
+                if comp.name == "s3":
+                    ensure_buckets(
+                        f"http://{settings.host}:{settings.s3_port}",
+                        S3Credentials(creds.s3_access_key, creds.s3_secret_key),
+                        (settings.s3_bucket, settings.mlflow_bucket),
+                    )
+                task.done("healthy", f"after {waited:.1f} s of waiting", url=comp.health_url)
 
 
 def status(settings: StackSettings) -> list[ComponentStatus]:

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.errors import CxrError
+from core.progress import reporting
 from training.config import TrainSettings, load_config
 from training.dataset import DatasetRef
 from training.errors import TrainingError
@@ -81,7 +82,8 @@ def run(
 
     try:
         recipe = load_config(config)
-        outcome = train_and_register(recipe, dataset, workers, settings=settings)
+        with reporting(console):  # the epoch bar and each stage: live on a terminal, log lines elsewhere
+            outcome = train_and_register(recipe, dataset, workers, settings=settings)
     except CxrError as exc:
         raise _fail(exc) from exc
     if outcome.results_csv is not None and outcome.results_csv.exists():

@@ -19,12 +19,15 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.progress import BarHandle, FieldValue, reporting
 from training.config import TrainConfig, TrainSettings
 from training.dataset import DatasetRef
 from training.errors import DistributedTrainingError
@@ -33,6 +36,16 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 AUDIT_PATTERN = "rank_{rank}.json"
+PROGRESS_QUEUE = "progress_queue"  # the train loop's config key of the driver's epoch queue
+# the numbers of an epoch worth a progress line (Ray metric name -> field of the train_epoch event)
+EPOCH_FIELDS = {
+    "train/box_loss": "box_loss",
+    "train/cls_loss": "cls_loss",
+    "train/dfl_loss": "dfl_loss",
+    "val/mAP50": "map50",
+    "val/mAP50-95": "map50_95",
+    "epoch_seconds": "epoch_s",
+}
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,100 @@ def _log_epoch_to_mlflow(uri: str, run_id: str, metrics: dict[str, float], step:
         log.warning("event=mlflow_epoch_log_failed run_id=%s error=%s", run_id, exc)
 
 
+def epoch_message(epoch: int, epochs: int, metrics: Mapping[str, float]) -> dict[str, Any]:
+    """What rank 0 sends the driver at the end of an epoch: its number and the few numbers shown."""
+    numbers = {name: float(metrics[key]) for key, name in EPOCH_FIELDS.items() if key in metrics}
+    return {"epoch": epoch, "epochs": epochs, "metrics": numbers}
+
+
+def _post_epoch(queue: Any, message: dict[str, Any]) -> None:
+    """Hand one epoch to the driver's progress bar; a lost update must never stop training."""
+    if queue is None:
+        return
+    try:
+        queue.put_nowait(message)
+    except Exception as exc:  # the queue actor gone (driver interrupted) or full: the epoch goes on
+        log.warning("event=epoch_progress_lost epoch=%s error=%s", message.get("epoch"), exc)
+
+
+def show_epoch(bar: BarHandle, message: Mapping[str, Any]) -> None:
+    """One epoch on the driver's bar: ``loss`` (the sum of the three) and validation mAP beside it."""
+    numbers: dict[str, float] = dict(message.get("metrics") or {})
+    losses = [numbers[k] for k in ("box_loss", "cls_loss", "dfl_loss") if k in numbers]
+    fields: dict[str, FieldValue] = {"epoch": int(message["epoch"]), "epochs": bar.total}
+    if losses:
+        fields["loss"] = sum(losses)
+    fields.update(numbers)
+    shown = [f"loss {fields['loss']:.4g}"] if losses else []
+    shown += [
+        f"{label} {numbers[k]:.3f}"
+        for k, label in (("map50", "mAP50"), ("map50_95", "mAP50-95"))
+        if k in numbers
+    ]
+    bar.update(int(message["epoch"]), "  ".join(shown), **fields)
+
+
+def feed_bar(
+    take: Callable[[float], Mapping[str, Any] | None],
+    bar: BarHandle,
+    stop: threading.Event,
+) -> None:
+    """Move ``bar`` with each epoch ``take`` returns (``None``: none within the timeout) until ``stop``."""
+    while not stop.is_set():
+        message = take(0.5)
+        if message is not None:
+            show_epoch(bar, message)
+    while (message := take(0.0)) is not None:  # the epochs that arrived while stopping
+        show_epoch(bar, message)
+
+
+@contextmanager
+def epoch_progress(run_name: str, epochs: int, workers: int) -> Iterator[Any]:
+    """A bar of ``epochs`` on the command's reporter, fed by rank 0 through a Ray queue (yielded).
+
+    The queue is a zero-CPU actor of the driver's, so it works the same when the workers run on
+    other nodes (the RayJob's GPU pods); without one (a Ray that refuses it) the bar only ends.
+    """
+    from ray.util.queue import Empty, Queue
+
+    try:
+        queue: Any = Queue(actor_options={"num_cpus": 0})
+    except Exception as exc:  # progress is a nicety: train without it
+        log.warning("event=epoch_progress_unavailable error=%s", exc)
+        queue = None
+
+    stop = threading.Event()
+    lost: list[Exception] = []
+
+    def take(timeout: float) -> Mapping[str, Any] | None:
+        if queue is None or lost:  # the queue actor died: the run goes on without its bar
+            stop.wait(timeout)
+            return None
+        try:
+            item: Mapping[str, Any] = queue.get(block=timeout > 0, timeout=timeout or None)
+        except Empty:
+            return None
+        except Exception as exc:
+            lost.append(exc)
+            log.warning("event=epoch_progress_lost error=%s", exc)
+            return None
+        return item
+
+    with (
+        reporting() as progress,
+        progress.bar("train_epoch", f"train {run_name}", epochs, run=run_name, workers=workers) as bar,
+    ):
+        drain = threading.Thread(target=feed_bar, args=(take, bar, stop), daemon=True)
+        drain.start()
+        try:
+            yield queue
+        finally:
+            stop.set()
+            drain.join(timeout=5)
+            if queue is not None:
+                queue.shutdown()
+
+
 def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resumed_from: int) -> Any:
     """The ``on_fit_epoch_end`` callback: audit, checkpoint and report to Ray (all ranks), log (rank 0)."""
     import ray.train
@@ -169,6 +276,9 @@ def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resume
                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" in k),
                 )
                 _log_epoch_to_mlflow(cfg["mlflow_uri"], cfg["mlflow_run_id"], metrics, trainer.epoch)
+                _post_epoch(
+                    cfg.get(PROGRESS_QUEUE), epoch_message(trainer.epoch + 1, trainer.epochs, metrics)
+                )
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(str(out)),
@@ -400,27 +510,29 @@ def fit_distributed(
     started = _ray_init(settings, scaling.cpus_per_worker * scaling.num_workers)
     t0 = time.perf_counter()
     try:
-        trainer, storage = make_trainer(
-            config,
-            dataset,
-            run_name=run_name,
-            settings=settings,
-            mlflow_run_id=mlflow_run_id,
-            base_weights=base_weights,
-        )
-        log.info(
-            "event=ray_fit_start run=%s workers=%d global_batch=%d storage=%s",
-            run_name,
-            scaling.num_workers,
-            config.global_batch,
-            storage.uri(run_name),
-        )
-        try:
-            result = trainer.fit()
-        except Exception as exc:  # Ray wraps the worker's exception; keep its message for the person
-            raise DistributedTrainingError(
-                f"Ray Train run {run_name} failed (max_failures={config.checkpoint.max_failures}): {exc}"
-            ) from exc
+        with epoch_progress(run_name, config.epochs, scaling.num_workers) as queue:
+            trainer, storage = make_trainer(
+                config,
+                dataset,
+                run_name=run_name,
+                settings=settings,
+                mlflow_run_id=mlflow_run_id,
+                base_weights=base_weights,
+                loop_extras={PROGRESS_QUEUE: queue},
+            )
+            log.info(
+                "event=ray_fit_start run=%s workers=%d global_batch=%d storage=%s",
+                run_name,
+                scaling.num_workers,
+                config.global_batch,
+                storage.uri(run_name),
+            )
+            try:
+                result = trainer.fit()
+            except Exception as exc:  # Ray wraps the worker's exception; keep its message for the person
+                raise DistributedTrainingError(
+                    f"Ray Train run {run_name} failed (max_failures={config.checkpoint.max_failures}): {exc}"
+                ) from exc
         if result.checkpoint is None:
             raise DistributedTrainingError(f"Ray Train run {run_name} finished without a checkpoint")
         local = work_dir / "final_checkpoint"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.operating_points import OPERATING_POINTS_FILE, OperatingPoints
+from core.progress import reporting
 from data_pipeline.report import INDEX, REPORT_DIR
 from data_pipeline.versioning import version_prefix
 from training.config import TrainConfig, TrainSettings
@@ -358,16 +359,24 @@ def train_and_register(
     tracker = Tracker(settings)
     tracker.start(run_name, config, data, commit)
     try:
-        report_link = _log_dataset_report(tracker, data, settings)
-        # [3] train with Ray, then evaluate, export with parity, quantize and plot
-        dist = _fit(config, data, run_name, settings, tracker.run_id, out)
-        results = _check_trained(config, data, dist, out)
-        # [4] reports and metrics into the run, then the registered version with its lineage
-        card = _write_reports(config, data, run_name, commit, results, out, report_link)
-        final = _final_metrics(results)
-        _log_run(tracker, results, final, out)
-        version = _register(settings, tracker.run_id, config, data, commit, results, card, run_name)
-        artifact_uri = tracker.artifact_uri()
+        with reporting() as progress:  # the command's reporter: epochs as a bar, then each stage
+            report_link = _log_dataset_report(tracker, data, settings)
+            # [3] train with Ray (the epoch bar), then evaluate, export with parity, quantize and plot
+            dist = _fit(config, data, run_name, settings, tracker.run_id, out)
+            label = "evaluate on test, export ONNX with parity, operating points"
+            with progress.task("train_stage", label, spinner=False, stage="check", run=run_name) as check:
+                results = _check_trained(config, data, dist, out)
+                check.done("ok", f"mAP@0.5 {results.onnx_report.map50:.3f}", map50=results.onnx_report.map50)
+            # [4] reports and metrics into the run, then the registered version with its lineage
+            with progress.task(
+                "train_stage", "register", spinner=False, stage="register", run=run_name
+            ) as reg:
+                card = _write_reports(config, data, run_name, commit, results, out, report_link)
+                final = _final_metrics(results)
+                _log_run(tracker, results, final, out)
+                version = _register(settings, tracker.run_id, config, data, commit, results, card, run_name)
+                artifact_uri = tracker.artifact_uri()
+                reg.done("ok", f"{settings.registered_model} v{version}", model_version=version)
         tracker.end("FINISHED")
     except BaseException:
         tracker.end("FAILED")

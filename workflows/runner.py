@@ -4,14 +4,15 @@
 :data:`workflows.retrain.STEP_ORDER` and calls the same functions of
 :mod:`workflows.steps` that the Argo steps call, passing records in memory
 instead of through artifacts, so the one-machine loop and the cluster cannot
-drift apart. Each step prints a numbered start and end line ([i/8], time,
-outcome) and logs one structured line; the result is a :class:`PipelineSummary`.
+drift apart. Each step reports its start and its end (state, seconds, outcome) through the
+command's :mod:`core.progress` reporter: numbered lines (``▶ [i/8] name``, ``✓ [i/8] name
+(12.3 s) ...``) on a terminal, ``event=pipeline_step_start`` / ``event=pipeline_step_done``
+lines anywhere else; the result is a :class:`PipelineSummary`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from core.progress import Reporter, reporting
 from workflows import steps
 from workflows.config import WorkflowSettings
 from workflows.errors import PipelineError
@@ -71,27 +72,6 @@ class PipelineSummary(BaseModel):
     promotion_reason: str = ""
     commit: str | None = None
     steps: list[StepRecord] = Field(default_factory=list)
-
-
-class _StepLines:
-    """One line when a step starts and one when it ends, numbered ``[i/n]``.
-
-    Deliberately not a rich live display: the steps run other packages' own
-    progress bars (a live display cannot nest) and fork process pools (a
-    refresh thread running across ``fork`` can leave a child holding a lock).
-    """
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.total = len(STEP_ORDER)
-
-    def start(self, index: int, name: str) -> None:
-        self.console.print(f"[bold cyan]▶ [{index}/{self.total}] {name}[/]")
-
-    def finish(self, index: int, record: StepRecord) -> None:
-        mark = {"ok": "[green]✓", "skipped": "[yellow]-", "failed": "[bold red]✗"}[record.status]
-        head = f"{mark} [{index}/{self.total}] {record.name}[/] ({record.seconds:.1f} s)"
-        self.console.print(f"{head} {escape(record.detail)}", highlight=False)
 
 
 class _StepActions:
@@ -213,27 +193,32 @@ def _run_step(
     record: StepRecord,
     action: Callable[[], str],
     summary: PipelineSummary,
-    lines: _StepLines,
+    progress: Reporter,
 ) -> None:
-    """Run one step and turn how it ended (ok, skipped, failed and why) into its record and the summary."""
-    name = record.name
-    lines.start(index, name)
-    started = time.perf_counter()
-    try:
-        record.detail = action()
-        record.status = "ok"
-    except _Skipped as skip:
-        record.status, record.detail = "skipped", str(skip)
-    except PipelineError as exc:
-        record.status, record.detail = "failed", str(exc)
-        summary.failed_step, summary.error = name, str(exc)
-    except Exception as exc:  # another package's error: still end the run naming the step
-        log.exception("event=step_error step=%s", name)
-        record.status, record.detail = "failed", f"{type(exc).__name__}: {exc}"
-        summary.failed_step, summary.error = name, record.detail
-    record.seconds = round(time.perf_counter() - started, 2)
-    lines.finish(index, record)
-    log.info("event=step_done step=%s status=%s seconds=%.2f", name, record.status, record.seconds)
+    """Run one step and turn how it ended (ok, skipped, failed and why) into its record and the summary.
+
+    Its start and end go to ``progress`` as ``pipeline_step`` events. Never a spinner: the steps
+    run other packages' own progress bars (a live display cannot nest) and fork process pools (a
+    refresh thread running across ``fork`` can leave a child holding a lock); the train step draws
+    its epoch bar only while Ray trains.
+    """
+    name, total = record.name, len(STEP_ORDER)
+    label = f"[{index}/{total}] {name}"
+    with progress.task("pipeline_step", label, spinner=False, step=name, index=index, total=total) as task:
+        try:
+            record.detail = action()
+            record.status = "ok"
+        except _Skipped as skip:
+            record.status, record.detail = "skipped", str(skip)
+        except PipelineError as exc:
+            record.status, record.detail = "failed", str(exc)
+            summary.failed_step, summary.error = name, str(exc)
+        except Exception as exc:  # another package's error: still end the run naming the step
+            log.exception("event=step_error step=%s", name)
+            record.status, record.detail = "failed", f"{type(exc).__name__}: {exc}"
+            summary.failed_step, summary.error = name, record.detail
+        record.seconds = round(task.seconds, 2)
+        task.done(record.status, record.detail)
 
 
 def run_pipeline(
@@ -244,7 +229,7 @@ def run_pipeline(
     console: Console | None = None,
 ) -> PipelineSummary:
     """Run every step; stops at the first failure and says which step failed and why."""
-    console = console or Console()
+    console = console or Console(highlight=False)
     store = store if store is not None else steps.default_store()
     summary = PipelineSummary(run_name=options.run_name, steps=[StepRecord(name=n) for n in STEP_ORDER])
     records = {r.name: r for r in summary.steps}
@@ -252,12 +237,12 @@ def run_pipeline(
     actions = _StepActions(options, settings, store, summary).by_name()
     options.work_dir.mkdir(parents=True, exist_ok=True)
     # [2] the steps in the DAG's order; the first failure ends the run
-    lines = _StepLines(console)
-    for index, name in enumerate(STEP_ORDER, start=1):
-        record = records[name]
-        _run_step(index, record, actions[name], summary, lines)
-        if record.status == "failed":
-            break
+    with reporting(console) as progress:
+        for index, name in enumerate(STEP_ORDER, start=1):
+            record = records[name]
+            _run_step(index, record, actions[name], summary, progress)
+            if record.status == "failed":
+                break
     # [3] the outcome, also written beside the run's files
     summary.succeeded = summary.failed_step is None
     (options.work_dir / "summary.json").write_text(summary.model_dump_json(indent=2))

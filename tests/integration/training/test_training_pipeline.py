@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 from typer.testing import CliRunner
 
 from core.hashing import file_sha256
 from core.operating_points import OPERATING_POINTS_FILE, OperatingPoints
+from core.progress import reporting
 from training.cli import app
 from training.config import TrainConfig, TrainSettings
 from training.registry import LineageTags, ModelRegistry, download_onnx
@@ -32,7 +36,18 @@ def test_two_workers_train_in_sync_on_disjoint_shards_and_register_a_traceable_v
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = train_settings(mlflow_server.uri)
-    outcome = train_and_register(tiny_recipe(), tiny_dataset_dir, workers=2, settings=settings)
+    progress = io.StringIO()
+    with reporting(Console(file=progress), live=False):  # as `cxr train run` writes to a log
+        outcome = train_and_register(tiny_recipe(), tiny_dataset_dir, workers=2, settings=settings)
+
+    # [0] progress: one line per epoch from rank 0 through Ray's queue, then each stage after it
+    lines = progress.getvalue().splitlines()
+    epochs = [line for line in lines if line.startswith("event=train_epoch ")]
+    assert [re.search(r" epoch=(\d+) epochs=2 ", line)[1] for line in epochs] == ["1", "2"], lines  # type: ignore[index]
+    assert all(" loss=" in line and " map50=" in line and " workers=2 " in line for line in epochs)
+    assert any(
+        line.startswith("event=train_stage_done stage=register") and " state=ok " in line for line in lines
+    )
 
     # [1] data parallelism, read back from the checkpoint Ray wrote to S3
     prefix = outcome.checkpoint_uri.removeprefix(f"s3://{s3_store.bucket}/")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from delivery.cli import app, canary_app, promote, rollback
+from core.stage_file import StageFile, write_stage_file
+from delivery.cli import GATE_EXIT, app, canary_app, promote, rollback
+from training.registry import VersionFacts
 
 pytestmark = pytest.mark.unit
 
@@ -61,3 +64,65 @@ def test_contract_names_can_be_mounted_by_the_root_command() -> None:
         result = runner.invoke(root, args)
         assert result.exit_code == 0, result.output
     assert "--force" in runner.invoke(root, ["promote", "--help"]).output
+
+
+class _Registry:
+    """The registry calls a staging promotion makes, answered from memory (no MLflow)."""
+
+    tags: ClassVar[dict[str, str]] = {}
+    aliases: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, tracking_uri: str, model_name: str) -> None:
+        self.model_name = model_name
+
+    def facts(self, version: str) -> VersionFacts:
+        return VersionFacts(version, dict(self.tags))
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.aliases[alias] = version
+
+
+@pytest.fixture
+def stage_repo(repo: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A GitOps checkout with empty stage files, and a registry that knows version 4."""
+    for args in (["config", "user.name", "T"], ["config", "user.email", "t@example.org"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    for stage in ("staging", "canary", "production"):
+        write_stage_file(repo, StageFile(stage=stage))  # type: ignore[arg-type]
+    subprocess.run(["git", "add", "."], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "initial"], cwd=repo, check=True)
+    monkeypatch.setattr("delivery.promote.ModelRegistry", _Registry)
+    monkeypatch.setattr(_Registry, "aliases", {})
+    return repo
+
+
+def _gate_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("event=promote_gate")]
+
+
+def test_promote_reports_each_gate_with_its_verdict_as_a_log_line(stage_repo: Path) -> None:
+    _Registry.tags = {"parity_max_abs_diff": "1e-05", "map50": "0.5", "map40": "0.4"}
+    result = runner.invoke(
+        app, ["promote", "4", "--to", "staging", "--no-apply", "--gitops-dir", str(stage_repo)]
+    )
+    assert result.exit_code == 0, result.output
+    gates = _gate_lines(result.stdout)
+    assert gates[0].startswith('event=promote_gate stage=staging version=4 gate="onnx parity" verdict=pass ')
+    assert 'gate="mAP@0.5 floor" verdict=pass observed="map50=0.5" expected=">= 0"' in gates[1]
+    assert [g.split(" verdict=")[1].split()[0] for g in gates[:4]] == ["pass"] * 4
+    assert gates[4] == "event=promote_gates stage=staging version=4 verdict=pass gates=4 failed=0 warnings=0"
+    assert "- onnx parity: pass" in result.stdout  # the report a person reads is still printed
+    assert _Registry.aliases == {"staging": "4"}
+
+
+def test_promote_logs_the_failed_gate_before_refusing(stage_repo: Path) -> None:
+    _Registry.tags = {"parity_max_abs_diff": "0.5", "map50": "0.5", "map40": "0.4"}
+    result = runner.invoke(
+        app, ["promote", "4", "--to", "staging", "--no-apply", "--gitops-dir", str(stage_repo)]
+    )
+    assert result.exit_code == GATE_EXIT
+    gates = _gate_lines(result.stdout)
+    failed = 'gate="onnx parity" verdict=fail observed="parity_max_abs_diff=0.5" expected="<= 0.001"'
+    assert failed in gates[0]
+    assert gates[-1].startswith("event=promote_gates stage=staging version=4 verdict=fail gates=4 failed=1")
+    assert _Registry.aliases == {}

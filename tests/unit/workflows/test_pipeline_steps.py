@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from workflows import steps
+from workflows.config import WorkflowSettings
 from workflows.errors import PipelineError, SourceNotFound, StepFailed
 from workflows.pipeline_cli import app
 from workflows.retrain import STEP_ORDER
@@ -132,3 +137,58 @@ def test_run_stops_at_the_failing_step_and_says_which_and_why(
     summary = json.loads((work / "summary.json").read_text())
     assert summary["failed_step"] == "ingest" and not summary["succeeded"]
     assert [s["status"] for s in summary["steps"]] == ["failed"] + ["pending"] * (len(STEP_ORDER) - 1)
+    # no terminal here: the step's start and end are structured lines, the end with state and time
+    lines = result.stdout.splitlines()
+    total = len(STEP_ORDER)
+    assert f"event=pipeline_step_start step=ingest index=1 total={total}" in lines
+    done = next(line for line in lines if line.startswith("event=pipeline_step_done"))
+    assert done.startswith(
+        f"event=pipeline_step_done step=ingest index=1 total={total} state=failed seconds="
+    )
+    assert "nowhere" in done and not any("step=validate" in line for line in lines)
+
+
+def test_run_reports_each_step_with_its_state_and_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: WorkflowSettings
+) -> None:
+    from workflows import runner
+
+    def fine(name: str) -> Callable[[], str]:
+        def action() -> str:
+            if name == "promote-to-staging":
+                raise runner._Skipped("not asked (--no-promote)")
+            return f"{name} done"
+
+        return action
+
+    monkeypatch.setattr(runner._StepActions, "by_name", lambda self: {n: fine(n) for n in STEP_ORDER})
+    options = runner.RunOptions(
+        source="latest",
+        training_config=tmp_path / "c.yaml",
+        base_model="none",
+        epochs=0,
+        workers=1,
+        include_feedback=False,
+        promote=False,
+        run_name="r",
+        work_dir=tmp_path / "work",
+    )
+    out = io.StringIO()
+    summary = runner.run_pipeline(options, settings, store=object(), console=Console(file=out, width=120))
+    assert summary.succeeded
+    done = [line for line in out.getvalue().splitlines() if line.startswith("event=pipeline_step_done")]
+    assert [re.search(r" step=(\S+)", line)[1] for line in done] == list(STEP_ORDER)  # type: ignore[index]
+    states = [re.search(r" state=(\S+)", line)[1] for line in done]  # type: ignore[index]
+    assert states == ["ok"] * (len(STEP_ORDER) - 1) + ["skipped"]
+    assert all(re.search(r" seconds=\d+\.\d ", line) for line in done)
+    assert 'detail="ingest done"' in done[0]
+
+    # on a terminal: one line per step with its mark, number, name and time (no event= lines)
+    screen = io.StringIO()
+    runner.run_pipeline(
+        options, settings, store=object(), console=Console(file=screen, force_terminal=True, width=120)
+    )
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "event=" not in shown
+    assert re.search(r"✓ \[1/8\] ingest \(\d+\.\d s\) ingest done", shown), shown
+    assert re.search(r"- \[8/8\] promote-to-staging \(\d+\.\d s\) not asked", shown), shown

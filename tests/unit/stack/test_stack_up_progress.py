@@ -1,0 +1,121 @@
+"""``cxr stack up`` reports each component as it turns healthy (no servers: components answer a probe)."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from core.progress import reporting
+from stack import manager
+from stack.cli import stack_app
+from stack.components import Component
+from stack.config import StackSettings
+from stack.credentials import load_or_create
+
+pytestmark = pytest.mark.unit
+
+
+class _Supervisor:
+    """supervisord's answer for each program: RUNNING, or EXITED for the ones named ``dead``."""
+
+    def __init__(self, dead: set[str]) -> None:
+        self.dead = dead
+
+    def process_state(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(state="EXITED" if name in self.dead else "RUNNING")
+
+
+def _components(broken: str | None = None) -> list[Component]:
+    def probe(name: str) -> Component:
+        return Component(name, ["true"], f"probe://{name}", probe=lambda: name != broken)
+
+    return [probe("mlflow"), probe("gateway"), Component("reconcile", ["true"], None), probe("prometheus")]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StackSettings:
+    monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
+    monkeypatch.setenv("CXR_HEALTH_TIMEOUT_S", "5")
+    return StackSettings()
+
+
+def _fake_up(broken: str | None) -> object:
+    """``manager.up`` without supervisord: the same waiting and reporting, on probe components."""
+
+    def up(settings: StackSettings) -> list[manager.ComponentStatus]:
+        creds = load_or_create(settings.credentials_file, settings.api_keys_file)
+        comps = _components(broken)
+        manager.wait_in_order(settings, comps, _Supervisor({broken} if broken else set()), creds)  # type: ignore[arg-type]
+        return [manager.ComponentStatus(c.name, "RUNNING", 1, True, c.health_url or "") for c in comps]
+
+    return up
+
+
+def test_stack_up_logs_each_component_as_it_turns_healthy(
+    settings: StackSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager, "up", _fake_up(None))
+    result = CliRunner().invoke(stack_app, ["up", "--no-bootstrap"])
+    assert result.exit_code == 0, result.output
+    done = [line for line in result.stdout.splitlines() if line.startswith("event=stack_component_done")]
+    assert [re.search(r"component=(\S+) state=(\S+)", line).groups() for line in done] == [  # type: ignore[union-attr]
+        ("mlflow", "healthy"),
+        ("gateway", "healthy"),
+        ("reconcile", "started"),
+        ("prometheus", "healthy"),
+    ]
+    assert re.match(
+        r"event=stack_component_done component=mlflow state=healthy seconds=\d+\.\d url=probe://mlflow ",
+        done[0],
+    )
+    assert "event=stack_component_start component=mlflow" in result.stdout
+
+
+def test_stack_up_logs_the_component_that_failed_and_stops_there(
+    settings: StackSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager, "up", _fake_up("gateway"))
+    result = CliRunner().invoke(stack_app, ["up", "--no-bootstrap"])
+    assert result.exit_code == 1
+    assert "stack up failed" in result.stdout
+    failed = next(line for line in result.stdout.splitlines() if "state=failed" in line)
+    assert failed.startswith("event=stack_component_done component=gateway state=failed seconds=")
+    assert 'detail="gateway exited before becoming healthy (probe://gateway)."' in failed
+    assert "component=prometheus" not in result.stdout  # nothing after the first failure
+
+
+def test_on_a_terminal_each_component_gets_a_mark_and_its_time(settings: StackSettings) -> None:
+    out = io.StringIO()
+    creds = load_or_create(settings.credentials_file, settings.api_keys_file)
+    with reporting(Console(file=out, force_terminal=True, width=120)):
+        manager.wait_in_order(settings, _components(), _Supervisor(set()), creds)  # type: ignore[arg-type]
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    assert "event=" not in shown
+    for name in ("mlflow", "gateway", "reconcile", "prometheus"):
+        assert re.search(rf"✓ {name} \(\d+\.\d s\)", shown), shown
+
+
+def test_each_bootstrap_step_is_reported_with_its_outcome(
+    settings: StackSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stack import bootstrap
+
+    codes = iter([0, 3])
+    monkeypatch.setattr(bootstrap.subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=next(codes)))
+    out = io.StringIO()
+    with reporting(Console(file=out), live=False):
+        bootstrap._cxr(settings, "synth", "data", "synth", "--out", "x")
+        with pytest.raises(bootstrap.BootstrapFailed, match="rerun it with: cxr data golden build"):
+            bootstrap._cxr(settings, "golden-build", "data", "golden", "build")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "event=bootstrap_step_start step=synth"
+    assert re.fullmatch(r"event=bootstrap_step_done step=synth state=ok seconds=\d+\.\d", lines[1])
+    assert re.fullmatch(
+        r"event=bootstrap_step_done step=golden-build state=failed seconds=\d+\.\d exit_code=3", lines[3]
+    )
