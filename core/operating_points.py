@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import CxrError
+from core.prediction_reference import PredictionReference
 
 #: the artifact's file name, beside ``model.onnx`` in the run's ``onnx/`` artifacts and in the caches
 OPERATING_POINTS_FILE = "operating_points.json"
@@ -115,6 +116,9 @@ class OperatingPoints(BaseModel):
     classes: list[ClassOperatingPoint] = []
     ece_before: float | None = None  # mean over classes with samples
     ece_after: float | None = None
+    # how the model answered the split at these points (core/prediction_reference.py); optional, so
+    # an artifact written before it still reads, and such a version simply has no prediction drift
+    prediction_reference: PredictionReference | None = None
 
     # ------------------------------------------------------------------ reading
 
@@ -129,8 +133,15 @@ class OperatingPoints(BaseModel):
             ) from exc
 
     def to_json(self) -> str:
-        """Compact, key-sorted JSON: the same artifact always gives the same bytes (and hash)."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Compact, key-sorted JSON: the same artifact always gives the same bytes (and hash).
+
+        An artifact without a prediction reference leaves the key out, so the bytes (and the
+        sha256 registered with it) of every artifact written before the block existed stay the same.
+        """
+        data = self.model_dump(mode="json")
+        if data.get("prediction_reference") is None:
+            data.pop("prediction_reference", None)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()

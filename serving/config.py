@@ -79,6 +79,19 @@ class ServingSettings(CoreSettings):
     conf_threshold: float = 0.25
     iou_threshold: float = 0.7
     max_detections: int = 300
+    saliency_grid: int = Field(
+        default=12,
+        ge=3,
+        le=32,
+        description="occlusion saliency: cells per image side; (grid - 1)^2 + 1 inferences per result",
+    )
+    saliency_timeout_s: float = Field(
+        default=120.0, gt=0, description="a saliency map not computed within this is a 504"
+    )
+    saliency_concurrency: int = Field(
+        default=1, ge=1, description="saliency maps computed at once; the others wait their turn"
+    )
+    saliency_cache_items: int = Field(default=128, ge=1, description="saliency maps kept in memory")
 
     # --- routing -----------------------------------------------------------------
     shadow_fraction: float = 0.0
@@ -109,6 +122,17 @@ class ServingSettings(CoreSettings):
     )
     drift_window: int = 200
     drift_min_samples: int = 20
+    prediction_drift_window: int = Field(
+        default=500, ge=1, description="answers (images) per stage compared with the version's val split"
+    )
+    prediction_drift_min_samples: int = Field(
+        default=50, ge=1, description="prediction drift is scored once and then every this many images"
+    )
+    prediction_drift_min_detections: int = Field(
+        default=50,
+        ge=1,
+        description="a class's confidence PSI needs this many of its detections in the window",
+    )
     reference_stats: Path | None = None
     audit_log: Path | None = Field(
         default=None, description="audit JSON lines (CXR_AUDIT_LOG); default <stack_dir>/serving/audit.jsonl"

@@ -6,13 +6,45 @@ apps in one test process never collide and ``/metrics`` shows only this gateway.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 _PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 _UNIT_BUCKETS = tuple(round(i / 20, 2) for i in range(1, 21))
+
+
+class ClassDriftFigures(Protocol):
+    """One class of a prediction drift report (``serving.inference.prediction_drift.ClassDrift``).
+
+    A protocol, not an import: metrics sit below the inference package in the import map.
+    """
+
+    @property
+    def class_name(self) -> str: ...
+    @property
+    def count_psi(self) -> float: ...
+    @property
+    def confidence_psi(self) -> float | None: ...
+    @property
+    def detection_rate(self) -> float: ...
+    @property
+    def reference_rate(self) -> float: ...
+
+
+class DriftReportFigures(Protocol):
+    """A stage's prediction drift report (``serving.inference.prediction_drift.PredictionDriftReport``)."""
+
+    @property
+    def stage(self) -> str: ...
+    @property
+    def images(self) -> int: ...
+    @property
+    def classes(self) -> Sequence[ClassDriftFigures]: ...
 
 
 @dataclass
@@ -83,6 +115,31 @@ class GatewayMetrics:
         self.drift = Gauge(
             "cxr_drift_score", "Input drift vs the model's training data", ["stage"], registry=r
         )
+        self.prediction_drift = Gauge(
+            "cxr_prediction_drift_psi",
+            "PSI of the stage's recent answers vs the served version's validation split, per class "
+            "(kind: count = detections per image, confidence = returned confidences)",
+            ["stage", "class_name", "kind"],
+            registry=r,
+        )
+        self.prediction_rate = Gauge(
+            "cxr_prediction_detection_rate",
+            "Detections per image of each class in the stage's recent answers at the operating points",
+            ["stage", "class_name"],
+            registry=r,
+        )
+        self.prediction_reference_rate = Gauge(
+            "cxr_prediction_reference_detection_rate",
+            "Detections per image of each class on the served version's validation split",
+            ["stage", "class_name"],
+            registry=r,
+        )
+        self.prediction_window = Gauge(
+            "cxr_prediction_drift_window_images",
+            "Images in the stage's prediction drift window when it was last scored",
+            ["stage"],
+            registry=r,
+        )
         self.shadow_agreement = Histogram(
             "cxr_shadow_agreement",
             "Agreement (F1 at IoU 0.5) of the shadow stage with the served answer",
@@ -131,8 +188,38 @@ class GatewayMetrics:
             "cxr_routing_canary_weight", "Percent of production traffic sent to canary", registry=r
         )
 
+    def set_prediction_drift(self, report: DriftReportFigures) -> None:
+        """Publish one prediction drift report; a class without a confidence score loses that series."""
+        stage = report.stage
+        self.prediction_window.labels(stage).set(report.images)
+        for c in report.classes:
+            self.prediction_drift.labels(stage, c.class_name, "count").set(c.count_psi)
+            if c.confidence_psi is None:
+                _remove(self.prediction_drift, stage, c.class_name, "confidence")
+            else:
+                self.prediction_drift.labels(stage, c.class_name, "confidence").set(c.confidence_psi)
+            self.prediction_rate.labels(stage, c.class_name).set(c.detection_rate)
+            self.prediction_reference_rate.labels(stage, c.class_name).set(c.reference_rate)
+
+    def clear_prediction_drift(self, stage: str) -> None:
+        """Drop a stage's prediction drift series (new version, or one without a reference)."""
+        for gauge in (
+            self.prediction_drift,
+            self.prediction_rate,
+            self.prediction_reference_rate,
+            self.prediction_window,
+        ):
+            for sample in next(iter(gauge.collect())).samples:
+                if sample.labels.get("stage") == stage:
+                    _remove(gauge, *sample.labels.values())
+
     def set_model_info(self, stage: str, name: str, version: str) -> None:
         for sample in next(iter(self.model_info.collect())).samples:
             if sample.labels.get("stage") == stage and sample.labels.get("model_version") != version:
                 self.model_info.remove(stage, sample.labels["model_name"], sample.labels["model_version"])
         self.model_info.labels(stage, name, version).set(1)
+
+
+def _remove(gauge: Gauge, *labels: str) -> None:
+    with contextlib.suppress(KeyError):  # never set
+        gauge.remove(*labels)

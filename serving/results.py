@@ -8,7 +8,8 @@ SR right after detecting), and a background copy goes to the S3 store under
 it because feedback must ship the image a radiologist corrected and the SR
 must reference the source header; it is identified patient data, so it is
 deleted after ``CXR_SOURCE_RETENTION_HOURS`` while the result JSON stays for
-``CXR_RESULTS_RETENTION_DAYS``.
+``CXR_RESULTS_RETENTION_DAYS``. What is computed from the source later (a saliency map) is kept
+beside it as ``derived-<name>`` and deleted with it: it is derived from identified pixels.
 
 Result ids are made by the server (UUIDv4) and every record names its
 tenant: a key of another tenant gets 404 for it, exactly as for an id that
@@ -205,6 +206,31 @@ class ResultStore:
             log.info("results_purged results=%d sources=%d", report.results, report.sources)
         return report
 
+    def keep_derived(self, request_id: str, name: str, data: bytes) -> bool:
+        """Keep ``data`` computed from the source beside the journalled result (blocking).
+
+        Only where this gateway journalled the result (its ``result.json`` is here): a folder
+        without one would never be purged. False when not kept; the caller then recomputes later.
+        """
+        if self._local is None or not _safe_id(request_id) or not _safe_id(name):
+            return False
+        folder = self._local / request_id
+        if not (folder / "result.json").exists():
+            return False
+        tmp = folder / f".tmp-derived-{name}-{uuid.uuid4().hex[:8]}"
+        tmp.write_bytes(data)
+        os.replace(tmp, folder / f"derived-{name}")
+        return True
+
+    def derived(self, request_id: str, name: str) -> bytes | None:
+        """What :meth:`keep_derived` kept, or None (blocking; callers check the source is still kept)."""
+        if self._local is None or not _safe_id(request_id) or not _safe_id(name):
+            return None
+        try:
+            return (self._local / request_id / f"derived-{name}").read_bytes()
+        except OSError:
+            return None
+
     def get(self, request_id: str, tenant: str) -> ResultRecord:
         """The caller's result, from memory, the local journal, else S3 (blocking)."""
         missing = NotFound(f"no result with request_id '{request_id}' (expired, never stored or not yours)")
@@ -283,6 +309,9 @@ def _purge_local(root: Path, retention: Retention, now: datetime, report: PurgeR
             for source in sources:
                 source.unlink(missing_ok=True)
             report.sources += bool(sources)
+            # computed from the source: gone with it, also when written after the source went
+            for derived in [*folder.glob("derived-*"), *folder.glob(".tmp-derived-*")]:
+                derived.unlink(missing_ok=True)
 
 
 def purge_expired(

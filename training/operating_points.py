@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 
 from core.operating_points import OPERATING_POINTS_FILE, ClassOperatingPoint, OperatingPoints
+from core.prediction_reference import PredictionReference, build_prediction_reference
 from training.calibration import Detections, fit_calibration
 from training.config import EvalConfig
 from training.dataset import DatasetRef
@@ -166,7 +167,7 @@ def build_operating_points(
         if choice.rule == "fallback" or choice.target_met is False:
             log.warning("event=operating_point_fallback class=%s note=%s", class_names[cid], choice.note)
     measured = [p for p in points if p.ece_before is not None and p.ece_after is not None]
-    return OperatingPoints(
+    ops = OperatingPoints(
         onnx_sha256=onnx_sha256,
         dataset_version=dataset_version,
         split=split,
@@ -183,6 +184,35 @@ def build_operating_points(
         ece_before=float(np.mean([p.ece_before for p in measured])) if measured else None,
         ece_after=float(np.mean([p.ece_after for p in measured])) if measured else None,
     )
+    reference = prediction_reference(results, ops, class_names, split=split)
+    return ops.model_copy(update={"prediction_reference": reference})
+
+
+def prediction_reference(
+    results: Sequence[ImageResult],
+    ops: OperatingPoints,
+    class_names: Sequence[str],
+    *,
+    split: str = "val",
+) -> PredictionReference | None:
+    """How the model answers the split as the gateway would: the reference of prediction drift.
+
+    Each image keeps the detections whose raw score reaches its class's threshold and reports
+    them with the confidence the gateway returns (calibrated by ``ops``), exactly what
+    ``serving.inference.postprocess.to_detections`` does with these operating points; the
+    gateway's window of answers is then compared with like.
+    """
+    thresholds = ops.thresholds(len(class_names))
+    images: list[list[tuple[int, float]]] = []
+    for r in results:
+        cls = np.asarray(r.pred_cls).astype(np.int64)
+        conf = np.asarray(r.conf, dtype=np.float64)
+        known = (cls >= 0) & (cls < len(class_names))
+        keep = np.zeros(len(cls), dtype=bool)
+        keep[known] = conf[known] >= thresholds[cls[known]]
+        shown = np.clip(ops.calibrate(conf[keep], cls[keep]), 0.0, 1.0)
+        images.append(list(zip(cls[keep].tolist(), shown.tolist(), strict=True)))
+    return build_prediction_reference(images, class_names, split=split)
 
 
 def operating_points_on_split(

@@ -24,6 +24,7 @@ from serving.inference.backend import InferenceBackend, ServedModel
 from serving.inference.cpu_pool import CpuPool
 from serving.inference.drift import DriftMonitor
 from serving.inference.pipeline import DecodedUpload, InferenceOutcome, Pipeline
+from serving.inference.prediction_drift import PredictionDriftMonitor
 from serving.inference.routing import Router
 from serving.limits import InflightGate
 from serving.metrics import GatewayMetrics
@@ -89,10 +90,12 @@ class DetectionService:
         drift: DriftMonitor,
         cpu: CpuPool | None = None,
         worklist: WorklistStore | None = None,
+        prediction_drift: PredictionDriftMonitor | None = None,
     ) -> None:
         """``cpu``: the gateway's worker pool (one of its own when None); :meth:`close` shuts it down.
 
         ``worklist``: where analysed studies are triaged (None: no worklist, replies carry no study).
+        ``prediction_drift``: None builds one from the settings, publishing into ``metrics``.
         """
         self.settings = settings
         self.worklist = worklist
@@ -101,6 +104,13 @@ class DetectionService:
         self.metrics = metrics
         self.results = results
         self.drift = drift
+        self.prediction_drift = prediction_drift or PredictionDriftMonitor(
+            window=settings.prediction_drift_window,
+            min_samples=settings.prediction_drift_min_samples,
+            min_detections=settings.prediction_drift_min_detections,
+            on_report=metrics.set_prediction_drift,
+            on_reset=metrics.clear_prediction_drift,
+        )
         self.cpu = cpu or CpuPool(settings.worker_threads)
         self.pipeline = Pipeline(settings, backend, metrics, self.cpu)
         self.gate = InflightGate(settings.max_inflight_per_stage, settings.overload_retry_after_s)
@@ -127,6 +137,11 @@ class DetectionService:
             served = dataclasses.replace(served, version=version)
         self.metrics.set_model_info(stage, served.name, served.version)
         return served
+
+    async def served_model(self, stage: Stage) -> ServedModel:
+        """The model ``stage`` serves now, with the version a detection's response would name."""
+        self.refresh_routing()
+        return await self._model(stage)
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -227,7 +242,7 @@ class DetectionService:
                 outcomes[i] = outcome
         replies = []
         for i, up in enumerate(uploads):
-            replies.append(self._record(new_request_id(), up, outcomes[i]))
+            replies.append(self._record(new_request_id(), up, outcomes[i], at_operating_points=conf is None))
         for i in shadows:
             self.spawn(self._shadow(uploads[i], outcomes[i], conf))
         return replies
@@ -270,7 +285,14 @@ class DetectionService:
                 self.backend.forget(stage)
             raise
 
-    def _record(self, request_id: str, up: DecodedUpload, outcome: InferenceOutcome) -> DetectionReply:
+    def _record(
+        self,
+        request_id: str,
+        up: DecodedUpload,
+        outcome: InferenceOutcome,
+        *,
+        at_operating_points: bool = True,
+    ) -> DetectionReply:
         stage, model = outcome.stage, outcome.model
         m = self.metrics
         m.images.labels(stage, model.version).inc()
@@ -292,6 +314,19 @@ class DetectionService:
                 )
             )
         )
+        if at_operating_points:  # a request's own threshold changes the answer by design: not drift
+            ops = model.operating_points
+            self.spawn(
+                self.cpu.run(
+                    functools.partial(
+                        self.prediction_drift.observe,
+                        stage,
+                        model_version=model.version,
+                        reference=ops.prediction_reference if ops is not None else None,
+                        detections=[(d.class_id, d.confidence) for d in outcome.detections],
+                    )
+                )
+            )
         timings = dict(outcome.timings_ms)
         timings["total"] = sum(timings.values())
         response = build_response(

@@ -232,6 +232,25 @@ MODEL_DRIFT = DashboardSpec(
             (_q("max by (stage) (cxr_drift_score)", "{{stage}}"),),
         ),
         PanelSpec(
+            "Prediction drift by class (PSI)",
+            "Per stage and class, PSI of the recent answers (detections per image, returned confidences) "
+            "vs the served version's validation split: < 0.1 stable, > 0.25 drifted "
+            "(alert CxrPredictionDriftHigh). No series: the version has no prediction reference.",
+            (_q("max by (stage, class_name) (cxr_prediction_drift_psi)", "{{stage}} {{class_name}}"),),
+        ),
+        PanelSpec(
+            "Detection rate vs validation split",
+            "Detections per image of each class in the recent window, beside the same model's rate on "
+            "its validation split at the operating points.",
+            (
+                _q("max by (stage, class_name) (cxr_prediction_detection_rate)", "{{stage}} {{class_name}}"),
+                _q(
+                    "max by (stage, class_name) (cxr_prediction_reference_detection_rate)",
+                    "{{stage}} {{class_name}} (val)",
+                ),
+            ),
+        ),
+        PanelSpec(
             "Shadow agreement with the served answer",
             "F1 at IoU 0.5 of the shadow stage (staging) against what the client received.",
             (

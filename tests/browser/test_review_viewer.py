@@ -2,13 +2,13 @@
 
 Fit to window on load; zoom (+/-, wheel) and pan (right-drag, the Pan tool) with the boxes staying on
 the image; window/level by drag starting from the DICOM's own VOI, read back from the canvas; the keys
-n/p/arrows, a, r, b acting on the selected box and carried by the feedback; the saliency hook. The
-last test takes the README's screenshot (``CXR_UPDATE_DOCS_IMAGES=1`` writes docs/images/review-page.png).
+n/p/arrows, a, r, b acting on the selected box and carried by the feedback; the saliency map laid
+over the image through zoom and pan (no button on a gateway without the route). The last test takes
+the README's screenshot, saliency on (``CXR_UPDATE_DOCS_IMAGES=1`` writes docs/images/review-page.png).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -21,7 +21,6 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from fastapi.responses import Response
 from PIL import Image
 
 from data_pipeline.dicom_io import window
@@ -357,51 +356,74 @@ def test_keys_n_p_a_r_b_act_on_the_selected_box_and_the_feedback_carries_them(vi
     p.close()
 
 
-def _tiny_png() -> bytes:
-    buf = io.BytesIO()
-    ramp = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (80, 1))
-    Image.fromarray(np.stack([ramp, np.zeros_like(ramp), 255 - ramp], axis=-1)).save(buf, format="PNG")
-    return buf.getvalue()
+def test_saliency_button_is_hidden_without_a_saliency_route(viewer: Viewer) -> None:
+    from playwright.sync_api import expect
+
+    # a gateway whose /openapi.json lists no saliency route (an older one): no button, `s` does nothing
+    app = create_app(viewer.settings, use_store=False)
+    schema = app.openapi()
+    schema["paths"] = {path: v for path, v in schema["paths"].items() if "saliency" not in path}
+    app.openapi_schema = schema
+    with LiveServer(app, free_port()) as server:
+        p = Page(viewer.browser, server.url, viewer.keys["radiologist"], viewer.upload)
+        expect(p.page.locator("#saliency-toggle")).to_be_hidden()
+        p.page.focus("#viewport")
+        p.page.keyboard.press("s")
+        expect(p.page.locator("#saliency")).to_be_hidden()
+        p.close()
 
 
-def test_saliency_button_is_hidden_without_a_saliency_route_and_overlays_the_map_with_one(
-    viewer: Viewer,
-) -> None:
+def test_saliency_toggle_lays_the_served_map_over_the_image_through_zoom_and_pan(viewer: Viewer) -> None:
     from playwright.sync_api import expect
 
     p = Page(viewer.browser, viewer.url, viewer.keys["radiologist"], viewer.upload)
-    expect(p.page.locator("#saliency-toggle")).to_be_hidden()
-    p.page.focus("#viewport")
-    p.page.keyboard.press("s")  # nothing to toggle
-    expect(p.page.locator("#saliency")).to_be_hidden()
+    page = p.page
+    asked: list[str] = []
+    page.on(
+        "request", lambda r: asked.append(r.url.split("/v1/results/", 1)[-1]) if "saliency" in r.url else None
+    )
+    toggle = page.locator("#saliency-toggle")
+    expect(toggle).to_be_visible()
+    toggle.click()  # the selected box's map: the first box is selected on load
+    overlay = page.locator("#saliency")
+    expect(overlay).to_be_visible(timeout=60_000)
+    expect(toggle).to_have_attribute("aria-pressed", "true")
+    page.wait_for_function("() => document.getElementById('saliency').naturalWidth > 0")
+    natural = page.evaluate(
+        "() => [document.getElementById('saliency').naturalWidth, "
+        "document.getElementById('saliency').naturalHeight]"
+    )
+    w, h = p.result["image"]["width"], p.result["image"]["height"]
+    assert max(natural) == 1024 and natural[0] / natural[1] == pytest.approx(w / h, rel=0.005)
+
+    def assert_on_image() -> None:
+        shown, img = p.rect("#saliency"), p.rect("#view")
+        for k in ("x", "y", "width", "height"):
+            assert shown[k] == pytest.approx(img[k], abs=0.5), k
+
+    assert_on_image()
+    page.focus("#viewport")
+    page.keyboard.press("+")  # zoomed
+    assert_on_image()
+    port = p.rect("#viewport")
+    mx, my = round(port["x"] + port["width"] / 2), round(port["y"] + port["height"] / 2)
+    page.mouse.move(mx, my)
+    page.mouse.down(button="right")  # and panned
+    page.mouse.move(mx + 60, my - 40, steps=4)
+    page.mouse.up(button="right")
+    assert_on_image()
+    assert asked == [f"{p.request_id}/saliency.png?box=0"]
+    page.keyboard.press("n")  # the map follows the selection
+    expect(overlay).to_have_attribute("data-box", "1", timeout=60_000)
+    expect(overlay).to_be_visible()
+    assert asked[-1] == f"{p.request_id}/saliency.png?box=1"
+    page.keyboard.press("p")  # fetched once per box
+    expect(overlay).to_have_attribute("data-box", "0")
+    assert len(asked) == 2
+    page.keyboard.press("s")
+    expect(overlay).to_be_hidden()
+    expect(toggle).to_have_attribute("aria-pressed", "false")
     p.close()
-
-    # a gateway that has the route (a stand-in for the one another change adds)
-    app = create_app(viewer.settings, use_store=False)
-    png = _tiny_png()
-
-    async def saliency(request_id: str) -> Response:
-        return Response(png, media_type="image/png")
-
-    app.add_api_route("/v1/results/{request_id}/saliency.png", saliency, methods=["GET"])
-    with LiveServer(app, free_port()) as server:
-        q = Page(viewer.browser, server.url, viewer.keys["radiologist"], viewer.upload)
-        toggle = q.page.locator("#saliency-toggle")
-        expect(toggle).to_be_visible()
-        toggle.click()
-        expect(q.page.locator("#saliency")).to_be_visible()
-        expect(toggle).to_have_attribute("aria-pressed", "true")
-        shown, img = q.rect("#saliency"), q.rect("#view")
-        assert (shown["x"], shown["y"], shown["width"], shown["height"]) == (
-            pytest.approx(img["x"], abs=0.5),
-            pytest.approx(img["y"], abs=0.5),
-            pytest.approx(img["width"], abs=0.5),
-            pytest.approx(img["height"], abs=0.5),
-        )
-        q.page.focus("#viewport")
-        q.page.keyboard.press("s")
-        expect(q.page.locator("#saliency")).to_be_hidden()
-        q.close()
 
 
 def test_readme_screenshot_of_a_review_in_progress(viewer: Viewer, tmp_path: Path) -> None:
@@ -428,6 +450,9 @@ def test_readme_screenshot_of_a_review_in_progress(viewer: Viewer, tmp_path: Pat
     page.mouse.down()
     page.mouse.move(x - 200, y, steps=4)
     page.mouse.up()
+    page.click("#saliency-toggle")  # where the model looked for its boxes, over the image
+    expect(page.locator("#saliency")).to_be_visible(timeout=60_000)
+    page.wait_for_function("() => document.getElementById('saliency').naturalWidth > 0")
     page.mouse.move(5, 5)
     raw = tmp_path / "raw.png"
     page.screenshot(path=str(raw))  # the 1400x900 window, not the full page

@@ -1,17 +1,21 @@
-"""``GET /v1/results/{request_id}`` (JSON), ``.../sr`` (DICOM SR), ``.../preview.png`` and ``.../pixels``."""
+"""``GET /v1/results/{request_id}`` (JSON), ``.../sr`` (DICOM SR), ``.../preview.png``, ``.../pixels``
+and ``.../saliency.png`` (occlusion saliency of its boxes: :mod:`serving.inference.saliency`)."""
 
 from __future__ import annotations
 
 import io
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
 from serving.dicom.sr import sr_bytes
 from serving.errors import Conflict, NotFound
 from serving.gateway.deps import PacsDep, RadiologistDep, StateDep
+from serving.gateway.state import GatewayState
+from serving.inference.saliency import SaliencyService
 
 router = APIRouter(prefix="/v1/results", tags=["results"])
 
@@ -115,4 +119,38 @@ async def get_pixels(request_id: str, state: StateDep, principal: RadiologistDep
         body,
         media_type="application/octet-stream",
         headers={**headers, "Cache-Control": "private, max-age=300"},
+    )
+
+
+def saliency_service(state: GatewayState) -> SaliencyService:
+    """The gateway's one :class:`SaliencyService` (its cache and concurrency slots), made on first use."""
+    service = state.extras.get("saliency")
+    if not isinstance(service, SaliencyService):
+        service = SaliencyService(state.settings, state.detector, state.results, state.cpu)
+        state.extras["saliency"] = service
+    return service
+
+
+@router.get(
+    "/{request_id}/saliency.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+async def get_saliency(
+    request_id: str,
+    state: StateDep,
+    principal: RadiologistDep,
+    box: Annotated[int | None, Query(ge=0, description="explain this box only (index in detections)")] = None,
+) -> Response:
+    """Where the model looked for the result's boxes: an RGBA heat map at the image's aspect.
+
+    Occlusion on the served model (:mod:`serving.inference.saliency`), computed on first request
+    and then cached with the result; ``X-CXR-Saliency-Peak`` is the largest share of a box's score
+    one patch took away (the map itself is scaled to its peak).
+    """
+    image = await saliency_service(state).get(request_id, principal.tenant, box)
+    return Response(
+        image.png,
+        media_type="image/png",
+        headers={**image.headers(), "Cache-Control": "private, max-age=300"},
     )

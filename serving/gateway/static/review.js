@@ -26,7 +26,7 @@ const state = {
   win: null, // the window shown now: {center, width}
   view: { scale: 1, x: 0, y: 0, fitted: true }, // screen = image px * scale + (x, y), in CSS px
   tool: "window", toolBefore: "window", drag: null, renderQueued: false,
-  saliency: { route: null, shown: false, url: null, forId: null },
+  saliency: { route: null, shown: false, urls: new Map() }, // urls: "id|box" -> object URL of its map
 };
 
 function apiKey() { return $("api-key").value.trim(); }
@@ -87,7 +87,7 @@ async function showResult(result) {
   const resp = await fetch(`/v1/results/${encodeURIComponent(result.request_id)}/pixels`, { headers: headers() });
   if (!resp.ok) { setStatus("status", await errorText(resp), "error"); return; }
   const pixels = readPixels(resp.headers, await resp.arrayBuffer());
-  hideSaliency();
+  hideSaliency(); forgetSaliency();
   Object.assign(state, {
     result, pixels, verdicts: result.detections.map(() => "accept"), newBoxes: [], drag: null,
     selected: result.detections.length ? 0 : -1, win: { center: pixels.voi.center, width: pixels.voi.width },
@@ -334,6 +334,7 @@ function select(i) {
   const li = document.querySelector(`#detections li[data-index="${i}"]`);
   if (li) li.scrollIntoView({ block: "nearest" });
   if (i >= 0) revealBox(state.result.detections[i].box);
+  if (state.saliency.shown) showSaliencyMap();
 }
 function selectStep(delta) {
   const n = state.result.detections.length;
@@ -345,10 +346,12 @@ function setVerdict(i, action) {
   renderLists(); draw();
 }
 
-// ------------------------------------------------------------------ saliency hook
-// Another change adds a saliency route. The button stays hidden unless the gateway's /openapi.json
-// lists a GET path /v1/results/{request_id}/saliency…; that route must answer an image (PNG) of the
-// radiograph's aspect, laid over the radiograph (45 % opacity) and zoomed and panned with it.
+// ------------------------------------------------------------------ saliency
+// GET /v1/results/{id}/saliency.png?box=i: where the model looked for box i (occlusion on the served
+// model, computed on the gateway on first request, then cached), an RGBA PNG of the radiograph's
+// aspect laid over it (45 % opacity) in the stage, so it zooms and pans with the image. The map
+// follows the selected box; with no box selected it is all boxes' at once. The button stays hidden
+// unless the gateway's /openapi.json lists a GET /v1/results/{request_id}/saliency… path.
 const SALIENCY_PATH = /^\/v1\/results\/\{request_id\}\/saliency[^/]*$/;
 let saliencyProbe = null;
 
@@ -371,22 +374,48 @@ function hideSaliency() {
   $("saliency-toggle").setAttribute("aria-pressed", "false");
 }
 
+function forgetSaliency() {
+  state.saliency.urls.forEach((url) => URL.revokeObjectURL(url));
+  state.saliency.urls.clear();
+}
+
+// Shows the map of the selected box (fetched once per result and box); a selection or result that
+// changed while it was computed wins.
+async function showSaliencyMap() {
+  const sal = state.saliency;
+  const id = state.result.request_id;
+  const box = state.selected;
+  const key = `${id}|${box}`;
+  let url = sal.urls.get(key);
+  if (!url) {
+    $("saliency").hidden = true; // never another box's map meanwhile
+    const toggle = $("saliency-toggle");
+    toggle.classList.add("busy");
+    const query = box >= 0 ? `?box=${box}` : "";
+    const resp = await fetch(sal.route.replace("{request_id}", encodeURIComponent(id)) + query, { headers: headers() });
+    toggle.classList.remove("busy");
+    if (!resp.ok) {
+      setStatus("status", `saliency: ${await errorText(resp)}`, "error");
+      if (state.result && state.result.request_id === id && state.selected === box) hideSaliency();
+      return;
+    }
+    url = URL.createObjectURL(await resp.blob());
+    if (!state.result || state.result.request_id !== id) { URL.revokeObjectURL(url); return; }
+    sal.urls.set(key, url);
+  }
+  if (!sal.shown || state.result.request_id !== id || state.selected !== box) return;
+  $("saliency").src = url;
+  $("saliency").dataset.box = String(box);
+  $("saliency").hidden = false;
+}
+
 async function toggleSaliency() {
   const sal = state.saliency;
   if (!sal.route || !state.result) return;
   if (sal.shown) { hideSaliency(); return; }
-  const id = state.result.request_id;
-  if (sal.forId !== id) {
-    const resp = await fetch(sal.route.replace("{request_id}", encodeURIComponent(id)), { headers: headers() });
-    if (!resp.ok) { setStatus("status", `saliency: ${await errorText(resp)}`, "error"); return; }
-    if (sal.url) URL.revokeObjectURL(sal.url);
-    sal.url = URL.createObjectURL(await resp.blob());
-    sal.forId = id;
-    $("saliency").src = sal.url;
-  }
   sal.shown = true;
-  $("saliency").hidden = false;
   $("saliency-toggle").setAttribute("aria-pressed", "true");
+  await showSaliencyMap();
 }
 
 // ----------------------------------------------------------------- worklist

@@ -8,7 +8,8 @@ traffic (PNG and DICOM, batches, bad input, missing keys, feedback, an
 overload burst) is driven through the gateway; then every panel query of every
 dashboard must return at least one series, and every rule must evaluate
 without error. A second test feeds inverted images and watches the drift score
-cross the alert threshold.
+cross the alert threshold; a third watches prediction drift tell a stage that
+answers like its registered validation split from one that does not.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ MAX_INFLIGHT = 3  # one batch of 3 fits; two concurrent ones do not
 # names of our own so other tests sharing the session MLflow server are not disturbed
 EXPERIMENT, MODEL_NAME = "obs-test-training", "obs-test-detector"
 DRIFT_MIN_SAMPLES = 6
+PREDICTION_WINDOW, PREDICTION_MIN_SAMPLES, PREDICTION_MIN_DETECTIONS = 12, 4, 20
 
 
 @dataclass
@@ -112,6 +114,68 @@ def _reference_stats(path: Path) -> Path:
     return path
 
 
+def _answers(onnx: Path, images: list[np.ndarray], ops: Any) -> list[list[tuple[int, float]]]:
+    """What the gateway returns for each image at ``ops``' operating points: (class id, confidence).
+
+    The same decode, letterbox, ONNX Runtime and NMS the gateway runs, in this process: how a
+    registration measures the model's answers on its validation split.
+    """
+    from serving.config import ServingSettings
+    from serving.contract import contract_from_metadata
+    from serving.inference.backend_onnx import ort_session
+    from serving.inference.pipeline import decode_upload
+    from serving.inference.postprocess import to_detections
+    from serving.inference.preprocess import prepare, stack
+
+    settings = ServingSettings()
+    session = ort_session(onnx, threads=1, spin=False)
+    contract = contract_from_metadata(dict(session.get_modelmeta().custom_metadata_map))
+    out = []
+    for pixels in images:
+        image, _ = decode_upload(_png(pixels))
+        prepared = prepare(image.to_uint8(), contract, settings.max_side)
+        [pred] = session.run([contract.output_name], {contract.input_name: stack([prepared])})[0]
+        dets = to_detections(
+            pred,
+            prepared.params,
+            contract.class_names,
+            conf_threshold=None,
+            iou_threshold=settings.iou_threshold,
+            max_det=settings.max_detections,
+            source_size=prepared.source_size,
+            operating_points=ops,
+        )
+        out.append([(d.class_id, d.confidence) for d in dets])
+    return out
+
+
+def _registered(onnx: Path, root: Path, *, shifted: bool) -> Path:
+    """A copy of the model with operating points (one low threshold) and a prediction reference.
+
+    The reference is the model's own answers on normal images (a validation split), or, with
+    ``shifted``, answers of a split on which it found a fifth of the boxes at lower confidence:
+    what the model answers now is then a stream shifted from what was registered.
+    """
+    import shutil
+
+    from core.hashing import file_sha256
+    from core.operating_points import OPERATING_POINTS_FILE, OperatingPoints
+    from core.prediction_reference import build_prediction_reference
+    from data_pipeline.classes import CLASS_NAMES
+
+    target = root / "model.onnx"
+    root.mkdir(parents=True)
+    shutil.copyfile(onnx, target)
+    ops = OperatingPoints(onnx_sha256=file_sha256(target), fallback_threshold=0.01)
+    answers = _answers(target, [normal_image(seed) for seed in range(100, 130)], ops)
+    if shifted:
+        answers = [[(c, s * 0.6) for c, s in dets[::5]] for dets in answers]
+    reference = build_prediction_reference(answers, CLASS_NAMES)
+    ops = ops.model_copy(update={"prediction_reference": reference})
+    (root / OPERATING_POINTS_FILE).write_text(ops.to_json())
+    return target
+
+
 def _start_triton(triton_factory: Any, onnx: Path, stage: str, version: str, root: Path) -> Any:
     from serving.inference.triton_repo import TritonAdmin, build_repository
 
@@ -173,8 +237,13 @@ def observed_stack(
 
     root = tmp_path_factory.mktemp("observed")
     onnx = export_test_model(root / "model")
+    # canary's version was registered with a reference its answers do not match (prediction drift)
+    served = {
+        stage: _registered(onnx, root / f"model-{stage}", shifted=stage == "canary") for stage in STAGES
+    }
     tritons = {
-        stage: _start_triton(triton_factory, onnx, stage, str(i + 1), root) for i, stage in enumerate(STAGES)
+        stage: _start_triton(triton_factory, served[stage], stage, str(i + 1), root)
+        for i, stage in enumerate(STAGES)
     }
 
     gitops = root / "gitops"
@@ -196,6 +265,9 @@ def observed_stack(
         "CXR_REFERENCE_STATS": str(_reference_stats(root / "reference_stats.json")),
         "CXR_DRIFT_WINDOW": str(DRIFT_WINDOW),
         "CXR_DRIFT_MIN_SAMPLES": str(DRIFT_MIN_SAMPLES),
+        "CXR_PREDICTION_DRIFT_WINDOW": str(PREDICTION_WINDOW),
+        "CXR_PREDICTION_DRIFT_MIN_SAMPLES": str(PREDICTION_MIN_SAMPLES),
+        "CXR_PREDICTION_DRIFT_MIN_DETECTIONS": str(PREDICTION_MIN_DETECTIONS),
         "CXR_ROUTING_POLL_S": "0.5",
         "CXR_SPOOL_DIR": str(root / "spool"),
         # a PACS that is never asked (no callers): its outbox depth series exists, at 0
@@ -342,6 +414,44 @@ def test_inverted_images_raise_the_drift_score_past_the_alert_threshold(
         time.sleep(1)
     drifted = firing[0].value
     assert drifted > 0.25 and drifted > normal, (normal, drifted)
+
+
+def test_answers_unlike_the_registered_reference_make_the_prediction_drift_alert_expression_true(
+    observed_stack: ObservedStack,
+) -> None:
+    """Production answers like its validation split; canary's answers are shifted from its own.
+
+    The tiny test model answers every image alike (measured: normal, inverted, black and noise
+    images get the same boxes), so the shift is between what canary's version registered and what
+    it answers; tests/unit/serving/test_prediction_drift.py feeds shifted streams to the monitor.
+    """
+    prom = observed_stack.prometheus
+    alert_expr = next(
+        rule.expr
+        for p in rule_files(RULES_DIR)
+        for rule in load_rule_file(p).alerts
+        if rule.alert == "CxrPredictionDriftHigh"
+    )
+    for stage in ("production", "canary"):
+        for seed in range(PREDICTION_WINDOW + PREDICTION_MIN_SAMPLES):
+            reply = observed_stack.post_image(_png(normal_image(500 + seed)), role="operator", stage=stage)
+            assert reply.status_code == 200, reply.text
+            assert reply.headers["X-CXR-Stage"] == stage
+    deadline = time.monotonic() + 30
+    while not (firing := [s for s in prom.query(alert_expr) if s.labels.get("stage") == "canary"]):
+        assert time.monotonic() < deadline, "CxrPredictionDriftHigh's expression never became true for canary"
+        time.sleep(1)
+    assert all(s.value > 0.25 for s in firing)
+    production = prom.query('cxr_prediction_drift_psi{stage="production"}')
+    assert production, "production's prediction drift was never scored"
+    assert max(s.value for s in production) < 0.1, [(s.labels, s.value) for s in production]
+    assert not [s for s in prom.query(alert_expr) if s.labels.get("stage") == "production"]
+    # a drifted class finds about five times as many boxes per image as its reference says
+    for s in firing:
+        name = s.labels["class_name"]
+        now = prom.query(f'cxr_prediction_detection_rate{{stage="canary", class_name="{name}"}}')[0].value
+        then = prom.query(f'cxr_prediction_reference_detection_rate{{stage="canary", class_name="{name}"}}')
+        assert now > 3 * then[0].value > 0, (name, now, then[0].value)
 
 
 def test_a_training_run_failing_after_start_makes_the_training_alert_expression_true(

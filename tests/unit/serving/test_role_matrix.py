@@ -60,6 +60,10 @@ ROUTES: dict[str, tuple[Role, Call]] = {
         Role.radiologist,
         lambda c, h, rid: c.get(f"/v1/results/{rid}/pixels", headers=h),
     ),
+    "GET /v1/results/{id}/saliency.png": (
+        Role.radiologist,
+        lambda c, h, rid: c.get(f"/v1/results/{rid}/saliency.png", headers=h),
+    ),
     "POST /v1/feedback": (Role.radiologist, _feedback),
     "GET /v1/models": (Role.operator, lambda c, h, rid: c.get("/v1/models", headers=h)),
     "POST /v1/routing/reload": (Role.operator, lambda c, h, rid: c.post("/v1/routing/reload", headers=h)),
