@@ -152,6 +152,11 @@ def _log_epoch_to_mlflow(uri: str, run_id: str, metrics: dict[str, float], step:
 def epoch_message(epoch: int, epochs: int, metrics: Mapping[str, float]) -> dict[str, Any]:
     """What rank 0 sends the driver at the end of an epoch: its number and the few numbers shown."""
     numbers = {name: float(metrics[key]) for key, name in EPOCH_FIELDS.items() if key in metrics}
+    # an epoch without validation (``val_every_epoch: false``) reports zeros for every val/ number:
+    # showing "map50=0" would read as a model that finds nothing, so leave them out
+    if not any(float(v) for k, v in metrics.items() if k.startswith("val/")):
+        numbers.pop("map50", None)
+        numbers.pop("map50_95", None)
     return {"epoch": epoch, "epochs": epochs, "metrics": numbers}
 
 

@@ -230,3 +230,10 @@ def test_fit_distributed_moves_the_bar_with_each_epoch_rank_0_sends(
         for line in lines
     ] == ["1", "2"]  # type: ignore[index]
     assert queues and queues[0].closed  # the queue actor goes with the run
+
+
+def test_an_epoch_without_validation_shows_no_map() -> None:
+    skipped = {"train/box_loss": 2.7, "val/mAP50": 0.0, "val/mAP50-95": 0.0, "val/box_loss": 0.0}
+    assert "map50" not in epoch_message(3, 20, skipped)["metrics"]
+    validated = {**skipped, "val/mAP50": 0.0, "val/box_loss": 1.9}
+    assert epoch_message(3, 20, validated)["metrics"]["map50"] == 0.0
