@@ -23,7 +23,7 @@ from serving.config import ServingSettings
 from serving.dicom.sop_classes import RADIOGRAPH_SOP_CLASSES
 from serving.dicom.stow import split_related
 from serving.errors import Conflict, InvalidRequest, NotFound, PacsUnavailable, PayloadTooLarge
-from serving.pacs.senders import dicomweb_session
+from serving.pacs.senders import dicomweb_client
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,7 @@ class PacsPull:
 
     def instances(self, study_uid: str) -> list[RemoteInstance]:
         """The study's radiographs, by QIDO-RS (blocking)."""
-        from dicomweb_client.api import DICOMwebClient
-
-        client = DICOMwebClient(url=self.url, headers=self.headers, session=dicomweb_session(self.timeout_s))
+        client = dicomweb_client(self.url, self.headers, self.timeout_s)
         try:
             found = client.search_for_instances(
                 study_instance_uid=study_uid,

@@ -46,16 +46,25 @@ def dicomweb_session(timeout_s: float) -> requests.Session:
     return session
 
 
+def dicomweb_client(url: str, headers: dict[str, str], timeout_s: float) -> Any:
+    """A ``DICOMwebClient`` that fails fast: no proxy, a timeout, and no retries of its own.
+
+    dicomweb-client retries a failed call itself (5 attempts, waits doubling from 1 s), which
+    would hold the outbox's one delivery loop on a PACS that is down for half a minute per
+    batch. The outbox already retries durably with its own backoff, and a pull's caller gets a
+    clear error at once.
+    """
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=url, headers=headers, session=dicomweb_session(timeout_s))
+    client.set_http_retry_params(retry=False)
+    return client
+
+
 class StowSender:
     def __init__(self, destination: PacsDestination) -> None:
-        from dicomweb_client.api import DICOMwebClient
-
         self.destination = destination
-        self.client = DICOMwebClient(
-            url=destination.url,
-            headers=dict(destination.headers),
-            session=dicomweb_session(destination.timeout_s),
-        )
+        self.client = dicomweb_client(destination.url, dict(destination.headers), destination.timeout_s)
 
     def send(self, items: list[OutboxItem]) -> set[str]:
         datasets = [pydicom.dcmread(i.folder / "object.dcm") for i in items]  # our own objects

@@ -108,3 +108,38 @@ def test_destinations_validate_and_choose_callers() -> None:
         PacsDestination(name="x", kind="dimse", host="127.0.0.1")
     with pytest.raises(ValueError, match="not a valid AE"):
         PacsDestination(name="x", kind="dimse", ae_title="A" * 17, host="h", port=104)
+
+
+def test_a_stow_destination_that_fails_is_tried_once_per_delivery_pass(tmp_path: Path) -> None:
+    """The outbox owns the retries: dicomweb-client's own (5 attempts, ~15 s) would hold the loop."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serving.pacs.senders import StowSender
+    from tests.unit.serving.serving_support import make_dicom
+
+    hits: list[str] = []
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hits.append(self.path)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        sender = StowSender(PacsDestination(name="pacs", kind="stow", url=url))
+        box = Outbox(tmp_path)
+        box.put("pacs", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.11", make_dicom(32, 32, seed=1))
+        assert sender.send(box.due()) == set()
+        assert len(hits) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
