@@ -434,13 +434,13 @@ async function loadWorklist() {
     li.title = `study ${study.study_uid}`;
     const seen = new Date(study.first_seen).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
     if (study.priority) li.append(label("PRIORITY"));
-    li.append(label(`${study.score.toFixed(2)} · ${study.images} image(s) · ${seen} · …${study.study_uid.slice(-8)}`));
+    li.append(label(`${study.score.toFixed(2)} · ${study.images} image${study.images === 1 ? '' : 's'} · ${seen} · …${study.study_uid.slice(-8)}`));
     li.addEventListener("click", () => openStudy(study));
     li.addEventListener("keydown", (e) => { if (e.key === "Enter") openStudy(study); });
     list.append(li);
   });
   setStatus("worklist-status",
-    `${body.studies.length} studies in the last ${body.hours} h · priority at score ≥ ${body.threshold}`);
+    `${body.studies.length} ${body.studies.length === 1 ? 'study' : 'studies'} in the last ${body.hours} h · priority at score ≥ ${body.threshold}`);
 }
 
 async function openStudy(study) {
