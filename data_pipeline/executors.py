@@ -38,7 +38,8 @@ def pool_context() -> BaseContext:
     return context
 
 
-def _progress(console: Console | None) -> Progress:
+def progress_bar(console: Console | None) -> Progress:
+    """The pipeline's bar (description, bar, n/m, elapsed) on ``console``; off when it is None."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -61,7 +62,7 @@ def run_images(
     if executor == "ray":
         return run_images_ray(jobs, workers, console, description)
     results: list[ImageResult] = []
-    progress = _progress(console)
+    progress = progress_bar(console)
     if workers <= 1 or len(jobs) < 4:
         with progress:
             task = progress.add_task(description, total=len(jobs))
@@ -97,7 +98,7 @@ def run_images_ray(
         ray.init(num_cpus=workers or None, include_dashboard=False, log_to_driver=False)
     dataset = ray.data.from_items([asdict(job) for job in jobs]).map(_ray_row)
     results: list[ImageResult] = []
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task(description, total=len(jobs))
         for row in dataset.iter_rows():
             results.append(pickle.loads(row["result"]))

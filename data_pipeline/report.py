@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from data_pipeline.annotations import COLUMNS, COORDS, load_annotations
 from data_pipeline.classes import ALL_LABELS, CLASS_NAMES, NO_FINDING_ID
 from data_pipeline.errors import DatasetNotFound
+from data_pipeline.executors import progress_bar
 from data_pipeline.geometry import pairwise_iou
 from data_pipeline.split import SPLITS
 
@@ -578,7 +578,7 @@ def build_report(
     ]
     if agreement is not None and len(agreement.ious):
         steps.insert(4, ("reader_agreement.png", lambda p: _plot_agreement(agreement, p)))
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("dataset report", total=len(steps) + 1)
         for name, draw in steps:
             draw(out_dir / name)
@@ -613,14 +613,3 @@ def readers_frame(frame: pd.DataFrame, image_ids: list[str]) -> pd.DataFrame:
     """The checked readers' rows of ``image_ids`` in VinDr columns, sorted: the manifest hashes the file."""
     rows = frame[frame["image_id"].isin(set(image_ids))][list(COLUMNS)]
     return rows.sort_values(["image_id", "rad_id", "class_id", *COORDS], kind="stable").reset_index(drop=True)
-
-
-def _progress(console: Console | None) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console or Console(stderr=True),
-        disable=console is None,
-    )
