@@ -62,12 +62,9 @@ class Proc:
         wait_component(component, timeout=120, alive=lambda: self.proc.poll() is None, log_file=log_file)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
+        from benchmarks.serve_bench import stop_process
+
+        stop_process(self.proc, self._log)
 
 
 def phantoms(out: Path) -> list[bytes]:

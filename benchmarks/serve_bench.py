@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from fastapi import UploadFile  # module level: FastAPI resolves the route's string annotations here
@@ -173,12 +173,17 @@ class Server:
         raise RuntimeError(f"server not healthy after {timeout} s; see {self._log.name}")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
+        stop_process(self.proc, self._log)
+
+
+def stop_process(proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
+    """Terminate a benchmark's server (kill it after 20 s) and close its log."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
 
 
 async def _load(send: Callable[[Any], Any], clients: int, duration_s: float, ramp_s: float) -> dict[str, Any]:

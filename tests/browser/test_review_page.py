@@ -11,16 +11,12 @@ from typing import Any
 
 import pytest
 
-from serving.config import ServingSettings
 from serving.gateway.app import create_app
-from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium, review_gateway
 from tests.fixtures.servers import free_port
 from tests.unit.serving.serving_support import (
     LiveServer,
-    export_test_model,
     make_dicom,
-    write_keys,
-    write_stage_files,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
@@ -41,17 +37,7 @@ def test_radiologist_rejects_a_box_draws_one_and_submits_feedback_that_lands_in_
     require_chromium()
     from playwright.sync_api import sync_playwright
 
-    model = export_test_model(tmp_path / "model")
-    keys = write_keys(tmp_path / "keys.json")
-    write_stage_files(tmp_path / "gitops", production="1")
-    settings = ServingSettings(
-        backend="onnx",
-        onnx_model=model,
-        api_keys_file=tmp_path / "keys.json",
-        gitops_dir=tmp_path / "gitops",
-        stack_dir=tmp_path / "state",
-        conf_threshold=0.6,
-    )
+    settings, keys = review_gateway(tmp_path, conf_threshold=0.6)
     store = s3_store.store()
     app = create_app(settings, store=store)
     upload = tmp_path / "chest.dcm"

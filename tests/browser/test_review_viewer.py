@@ -27,9 +27,9 @@ from data_pipeline.dicom_io import window
 from data_pipeline.synth import SynthConfig, generate_case
 from serving.config import ServingSettings
 from serving.gateway.app import create_app
-from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium, review_gateway
 from tests.fixtures.servers import free_port
-from tests.unit.serving.serving_support import LiveServer, export_test_model, write_keys, write_stage_files
+from tests.unit.serving.serving_support import LiveServer
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -62,16 +62,7 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
     config = SynthConfig(seed=0, compressed_fraction=0.0, monochrome1_fraction=0.0)
     case = generate_case(config, 8, "PAT-VIEWER", tmp)
     assert case.height > case.width > 2000 and case.findings
-    settings = ServingSettings(
-        backend="onnx",
-        onnx_model=export_test_model(tmp / "model"),
-        api_keys_file=tmp / "keys.json",
-        gitops_dir=tmp / "gitops",
-        stack_dir=tmp / "state",
-        conf_threshold=CONF,
-    )
-    keys = write_keys(tmp / "keys.json")
-    write_stage_files(tmp / "gitops", production="1")
+    settings, keys = review_gateway(tmp, conf_threshold=CONF)
     app = create_app(settings, use_store=False)
     with LiveServer(app, free_port()) as server, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)

@@ -8,16 +8,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.config import ServingSettings
 from serving.gateway.app import create_app
-from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium, review_gateway
 from tests.fixtures.servers import free_port
 from tests.unit.serving.serving_support import (
     LiveServer,
-    export_test_model,
     make_png,
-    write_keys,
-    write_stage_files,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
@@ -29,18 +25,7 @@ def test_a_priority_study_is_listed_first_and_clicking_it_opens_its_images_in_th
     require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    model = export_test_model(tmp_path / "model")
-    keys = write_keys(tmp_path / "keys.json")
-    write_stage_files(tmp_path / "gitops", production="1")
-    settings = ServingSettings(
-        backend="onnx",
-        onnx_model=model,
-        api_keys_file=tmp_path / "keys.json",
-        gitops_dir=tmp_path / "gitops",
-        stack_dir=tmp_path / "state",
-        conf_threshold=0.6,
-        triage_threshold=0.5,
-    )
+    settings, keys = review_gateway(tmp_path, conf_threshold=0.6, triage_threshold=0.5)
     app = create_app(settings, use_store=False)
     with LiveServer(app, free_port()) as server, sync_playwright() as pw:
         # three real results (PNGs carry no study, so only the rows made below are listed) ...
