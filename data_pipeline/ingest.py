@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from data_pipeline.annotations import (
     load_annotations,
     merge_tables,
 )
-from data_pipeline.classes import ALL_LABELS, CLASS_NAMES, NO_FINDING_ID
+from data_pipeline.classes import CLASS_NAMES, NO_FINDING_ID
 from data_pipeline.config import DataSettings
 from data_pipeline.drift import build_reference
 from data_pipeline.errors import AnnotationError, EmptyDatasetError
@@ -44,7 +43,15 @@ from data_pipeline.export import ImageJob, ImageResult, find_images, write_data_
 from data_pipeline.feedback import collect_feedback
 from data_pipeline.fusion import FusionConfig, fuse_annotations
 from data_pipeline.quality import QualityReport, check_images, check_labels, near_duplicate_groups
-from data_pipeline.report import INDEX, READERS_CSV, REPORT_DIR, ReportInputs, build_report, readers_frame
+from data_pipeline.report import (
+    INDEX,
+    READERS_CSV,
+    REPORT_DIR,
+    ReportInputs,
+    build_report,
+    readers_frame,
+    split_counts,
+)
 from data_pipeline.split import SPLITS, SplitConfig, merge_groups, split_groups
 from data_pipeline.store import ObjectStore
 from data_pipeline.versioning import MANIFEST, compute_version, file_listing, publish, sha256_text
@@ -145,7 +152,7 @@ def build_dataset(
         report_seconds = _write_report(version, staging, image_meta, console)
         source = _source(dicom_dir, annotations_csv, table, feedback_objects)
         source.update({"golden": golden, "golden_patient_images_excluded": held_out})
-        _write_manifest(staging, version, settings, source, _counts(split, fused), image_meta, report)
+        _write_manifest(staging, version, settings, source, split_counts(split, fused), image_meta, report)
         # [7] into <out>/<version>/ in one rename, unless an identical build is already there
         target, reused = _move_into_place(staging, out_dir / version)
     build = DatasetBuild(
@@ -462,15 +469,6 @@ def _write_split(
             "subgroups": result.subgroups,
         }
     return entries, meta
-
-
-def _counts(split: dict[str, str], fused: pd.DataFrame) -> dict[str, Any]:
-    images = Counter(split.values())
-    per_class: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
-    split_of = fused["image_id"].map(split)
-    for (s, cid), n in Counter(zip(split_of, fused["class_id"], strict=True)).items():
-        per_class[str(s)][ALL_LABELS[int(cid)]] = int(n)
-    return {"images": {s: int(images.get(s, 0)) for s in SPLITS}, "boxes_per_class": per_class}
 
 
 def _reference(keep: list[str], ok: dict[str, ImageResult], fused: pd.DataFrame) -> dict[str, Any]:

@@ -194,15 +194,18 @@ def reader_agreement(readers: pd.DataFrame) -> ReaderAgreement:
 # ---------------------------------------------------------------------------------- numbers
 
 
-def _counts(inputs: ReportInputs) -> dict[str, Any]:
-    """Images per split and fused rows per split and label, in the manifest's ``counts`` layout."""
-    split_of = {i: str(m["split"]) for i, m in inputs.images.items()}
+def split_counts(split_of: Mapping[str, str], fused: pd.DataFrame) -> dict[str, Any]:
+    """Images per split and fused rows per split and label: the manifest's ``counts`` and the report's."""
     images = Counter(split_of.values())
     per_class: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
-    fused_split = inputs.fused["image_id"].map(split_of)
-    for (split, cid), n in Counter(zip(fused_split, inputs.fused["class_id"], strict=True)).items():
+    fused_split = fused["image_id"].map(split_of)
+    for (split, cid), n in Counter(zip(fused_split, fused["class_id"], strict=True)).items():
         per_class[str(split)][ALL_LABELS[int(cid)]] = int(n)
     return {"images": {s: int(images.get(s, 0)) for s in SPLITS}, "boxes_per_class": per_class}
+
+
+def _counts(inputs: ReportInputs) -> dict[str, Any]:
+    return split_counts({i: str(m["split"]) for i, m in inputs.images.items()}, inputs.fused)
 
 
 def _boxes(inputs: ReportInputs) -> pd.DataFrame:
@@ -240,6 +243,7 @@ def _quantiles(values: pd.Series | np.ndarray) -> dict[str, float]:
 
 def _numbers(
     inputs: ReportInputs,
+    counts: dict[str, Any],
     boxes: pd.DataFrame,
     per_image: np.ndarray,
     agreement: ReaderAgreement | None,
@@ -247,7 +251,6 @@ def _numbers(
     figures: list[str],
 ) -> dict[str, Any]:
     """``report.json``: every number the figures show, for a script or a later comparison."""
-    counts = _counts(inputs)
     histogram = Counter(per_image.tolist())
     return {
         "version": inputs.version,
@@ -584,7 +587,7 @@ def build_report(
             draw(out_dir / name)
             progress.advance(task)
         figures = [name for name, _ in steps]
-        numbers = _numbers(inputs, boxes, per_image, agreement, chosen, figures)
+        numbers = _numbers(inputs, counts, boxes, per_image, agreement, chosen, figures)
         (out_dir / REPORT_JSON).write_text(json.dumps(numbers, indent=1, sort_keys=True))
         _write_page(numbers, out_dir / INDEX)
         progress.advance(task)
