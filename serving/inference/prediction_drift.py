@@ -220,7 +220,10 @@ class PredictionDriftMonitor:
         report = score_window(
             ref, images, min_detections=self.min_detections, stage=stage, model_version=model_version
         )
-        self.on_report(report)
+        with self._lock:  # a new version may have reset the stage while this one was scored
+            if self._stages.get(stage) is not state:
+                return None
+            self.on_report(report)
         log.info(
             "prediction_drift_scored stage=%s version=%s score=%.4f window=%d",
             stage,

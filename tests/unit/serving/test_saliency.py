@@ -38,6 +38,7 @@ from serving.inference.preprocess import prepare
 from serving.inference.saliency import (
     Target,
     box_scores,
+    cell_edges,
     cell_map,
     occluded_batch,
     occlusion_maps,
@@ -209,8 +210,8 @@ def test_patches_cells_and_occlusion_cover_the_image_inside_the_letterbox() -> N
     assert cells[1:3, 1:3] == pytest.approx(np.full((2, 2), 0.25))  # every inner cell is under 4 patches
     assert cells.sum() == pytest.approx(1.0)
     params = letterbox_params(200, 100, 64)  # wide: padded top and bottom
-    xs = np.rint(np.linspace(params.pad_x, params.pad_x + params.new_w, 5)).astype(int)
-    ys = np.rint(np.linspace(params.pad_y, params.pad_y + params.new_h, 5)).astype(int)
+    xs, ys = cell_edges(params, 4)
+    assert len(xs) == len(ys) == 5 and xs[-1] == params.pad_x + params.new_w
     plane = np.ones((64, 64), np.float32)
     [hidden] = occluded_batch(plane, [(0, 0)], (xs, ys), 0.5)
     assert (hidden[:, ys[0] : ys[2], xs[0] : xs[2]] == 0.5).all()
