@@ -28,7 +28,6 @@ from serving.dimse.spool import InstanceSpool
 
 log = logging.getLogger("cxr.dimse")
 
-ACCEPTED_SOP_CLASSES = RADIOGRAPH_SOP_CLASSES
 
 # PS3.4 Annex B.2.3 / PS3.7 Annex C statuses
 SUCCESS = 0x0000
@@ -50,16 +49,13 @@ class ScpConfig:
 
 def check_instance(data: bytes, sop_class: str, sop_uid: str) -> tuple[int, str]:
     """(status, study UID): the guarded reader's verdict on one received instance (blocking)."""
-    from data_pipeline.dicom_io import read_header
-    from data_pipeline.errors import ImageDecodeError
+    from serving.dicom.stow import instance_uids  # the one guarded header read STOW-RS uses too
 
-    try:
-        ds = read_header(data)
-    except ImageDecodeError as exc:
-        log.info("dimse_store_refused reason=unreadable error_type=%s", type(exc).__name__)
+    read_class, read_uid, study = instance_uids(data)
+    if not (read_class or read_uid or study):
+        log.info("dimse_store_refused reason=unreadable")
         return CANNOT_UNDERSTAND, ""
-    study = str(ds.get("StudyInstanceUID", ""))
-    if str(ds.get("SOPClassUID", "")) != sop_class or str(ds.get("SOPInstanceUID", "")) != sop_uid:
+    if read_class != sop_class or read_uid != sop_uid:
         log.info("dimse_store_refused reason=uids_do_not_match_request")
         return DOES_NOT_MATCH_SOP_CLASS, ""
     if not study or not UID(study).is_valid:
@@ -91,7 +87,7 @@ class StorageScp:
             request = event.request
             sop_class = str(request.AffectedSOPClassUID)
             sop_uid = str(request.AffectedSOPInstanceUID)
-            if sop_class not in ACCEPTED_SOP_CLASSES:
+            if sop_class not in RADIOGRAPH_SOP_CLASSES:
                 log.info("dimse_store_refused reason=sop_class_not_supported sop_class=%s", sop_class[:64])
                 return SOP_CLASS_NOT_SUPPORTED
             data = event.encoded_dataset(include_meta=True)
@@ -111,7 +107,7 @@ class StorageScp:
         log.info(
             "dimse_store_ok calling_ae=%s sop_class=%s bytes=%d",
             str(event.assoc.requestor.ae_title)[:16],
-            ACCEPTED_SOP_CLASSES[sop_class].replace(" ", "_"),
+            RADIOGRAPH_SOP_CLASSES[sop_class].replace(" ", "_"),
             len(data),
         )
         return SUCCESS

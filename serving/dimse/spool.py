@@ -43,10 +43,6 @@ class SpooledStudy:
     files: tuple[Path, ...]
     last_arrival: float
 
-    @property
-    def size(self) -> int:
-        return sum(f.stat().st_size for f in self.files if f.exists())
-
 
 class InstanceSpool:
     def __init__(self, root: Path) -> None:

@@ -79,6 +79,17 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def study_triage(replies: list[DetectionReply]) -> StudyTriage | None:
+    """The study's triage as of the fullest view among ``replies``.
+
+    Images of one request are recorded side by side, and each reply sees the study as it was
+    when its image was recorded: the one that saw the most images (then the highest score) is
+    the study's triage, for the JSON answer and the SR alike.
+    """
+    seen = [r.study for r in replies if r.study is not None]
+    return max(seen, key=lambda t: (len(t.result_ids), t.score)) if seen else None
+
+
 class DetectionService:
     def __init__(
         self,

@@ -120,12 +120,6 @@ class Outbox:
         now = time.time() if now is None else now
         return [i for i in self.items() if i.next_attempt <= now]
 
-    def next_due_in(self, now: float | None = None) -> float | None:
-        """Seconds until the next item is due (0 when one is), None when empty."""
-        now = time.time() if now is None else now
-        items = self.items()
-        return max(0.0, min(i.next_attempt for i in items) - now) if items else None
-
     def delivered(self, item: OutboxItem) -> None:
         with self._lock:
             shutil.rmtree(item.folder, ignore_errors=True)

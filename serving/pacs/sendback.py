@@ -19,9 +19,9 @@ from typing import Any
 from serving.config import ServingSettings
 from serving.errors import ServingError
 from serving.inference.cpu_pool import CpuPool
-from serving.inference.detector import DetectionReply
+from serving.inference.detector import DetectionReply, study_triage
 from serving.metrics import GatewayMetrics
-from serving.pacs.outbox import Outbox
+from serving.pacs.outbox import Outbox, OutboxItem
 from serving.pacs.senders import Sender, group, make_sender
 from serving.pacs_destinations import PacsDestination
 from serving.results import ResultRecord, ResultStore
@@ -89,8 +89,10 @@ class SendBack:
         for ds in objects:
             data = dataset_bytes(ds)
             for dest in destinations:
-                queued += self.outbox.put(dest.name, str(ds.SOPClassUID), str(ds.SOPInstanceUID), data)
-        self._set_depth()
+                if self.outbox.put(dest.name, str(ds.SOPClassUID), str(ds.SOPInstanceUID), data):
+                    # counted, not re-read: listing the whole outbox per request grows with a backlog
+                    self.metrics.outbox_depth.labels(dest.name).inc()
+                    queued += 1
         return queued
 
     async def study(
@@ -134,9 +136,7 @@ class SendBack:
         queued = 0
         for study_replies in by_study.values():
             records = {r.record.request_id: r.record for r in study_replies}
-            # images recorded side by side each see the study so far: the fullest view is the latest
-            seen = [r.study for r in study_replies if r.study is not None]
-            triage = max(seen, key=lambda t: (len(t.result_ids), t.score)) if seen else None
+            triage = study_triage(study_replies)
             if triage is not None:
                 for rid in triage.result_ids:
                     if rid not in records:
@@ -167,10 +167,10 @@ class SendBack:
         for name in set(self.destinations) | set(depth):
             self.metrics.outbox_depth.labels(name).set(depth.get(name, 0))
 
-    def deliver_due(self, now: float | None = None) -> int:
-        """One pass over the due items (blocking); returns how many were delivered."""
+    def deliver_due(self, now: float | None = None, due: list[OutboxItem] | None = None) -> int:
+        """One pass over the due items (``due``, else read now; blocking); returns how many were delivered."""
         delivered = 0
-        for name, items in group(self.outbox.due(now)).items():
+        for name, items in group(self.outbox.due(now) if due is None else due).items():
             sender = self._sender(name)
             if sender is None:  # a destination removed from the settings: keep its items, say so
                 log.warning("pacs_outbox_orphaned destination=%s items=%d", name, len(items))
@@ -203,9 +203,14 @@ class SendBack:
         self._set_depth()
         while True:
             try:
-                if self.outbox.due():
-                    await asyncio.to_thread(self.deliver_due)
-                wait = self.outbox.next_due_in(time.time())
+                items = await asyncio.to_thread(self.outbox.items)  # one listing per pass, off the loop
+                now = time.time()
+                due = [i for i in items if i.next_attempt <= now]
+                if due:
+                    await asyncio.to_thread(self.deliver_due, now, due)
+                    wait: float | None = 0.0  # look again: what failed now has its next time
+                else:
+                    wait = max(0.0, min(i.next_attempt for i in items) - now) if items else None
             except Exception as exc:  # keep the loop alive whatever the disk or a PACS does
                 log.warning("pacs_outbox_error error_type=%s", type(exc).__name__)
                 wait = 1.0

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from serving.errors import InvalidImage
 from serving.gateway.deps import PacsDep, StateDep
 from serving.gateway.routes.dicomweb import base_url
+from serving.inference.detector import study_triage
 from serving.pacs.pull import PacsPull, check_uid
 
 router = APIRouter(prefix="/v1/studies", tags=["pacs"])
@@ -50,8 +51,7 @@ async def analyze_study(
         destinations = state.sendback.choose(principal.tenant, True)
         queued = await state.sendback.replies(replies, destinations, state.results, principal.tenant)
         sent_to = [d.name for d in destinations]
-    seen = [r.study for r in replies if r.study is not None]
-    study = max(seen, key=lambda t: (len(t.result_ids), t.score)) if seen else None
+    study = study_triage(replies)
     body = {
         "study_uid": study_uid,
         "triage": study.as_dict() if study else None,
