@@ -118,6 +118,9 @@ Dataset version `{dataset.version}`: {data_kind}. Split by patient into train / 
 | image-level AUC, finding vs "No finding" | {_auc(torch_report)} | {_auc(onnx_report)} |
 | study-level triage AUC (worklist score) | {_study_auc(torch_report)} | {_study_auc(onnx_report)} |
 
+Dataset versions keep no study UID, so each image is its own study here and the study-level AUC
+equals the image-level one; it differs once a split holds studies of several images.
+
 Parity: max |PyTorch - ONNX| on raw outputs {export.parity_max_abs_diff:.2e} over {export.parity_images}
 dataset images. ONNX Runtime CPU latency: {latency}.
 
