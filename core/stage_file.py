@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core.errors import StageFileError
 from core.stages import PROMOTION_ORDER, Stage
+from core.variants import DEFAULT_VARIANT, Variant
 
 DEFAULT_MODEL_NAME = "cxr-detector"
 
@@ -32,6 +33,8 @@ class StageFile(BaseModel):
     model_name: str = DEFAULT_MODEL_NAME
     model_version: str = Field(default="", description='registry version, "" when the stage serves nothing')
     canary_weight: int | None = Field(default=None, ge=0, le=100, description="% of production traffic")
+    # a file written before variants existed has no such line: it served the fp32 export
+    variant: Variant = Field(default=DEFAULT_VARIANT, description="serving precision (core/variants.py)")
 
     @field_validator("model_version", mode="before")
     @classmethod
@@ -107,6 +110,7 @@ def render_stage_file(content: StageFile) -> str:
         f"stage: {content.stage}\n",
         f"model_name: {content.model_name}\n",
         f'model_version: "{content.model_version}"\n',
+        f"variant: {content.variant}\n",
     ]
     if content.stage == "canary":
         lines.append(f"canary_weight: {content.canary_weight or 0}\n")

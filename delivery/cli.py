@@ -20,7 +20,8 @@ from rich.console import Console
 from core.errors import CxrError
 from core.progress import reporting
 from core.stages import PROMOTION_ORDER, as_stage
-from delivery.errors import GateFailed
+from core.variants import DEFAULT_VARIANT, VARIANTS, Variant, parse_variant
+from delivery.errors import DeliveryError, GateFailed
 
 console = Console(highlight=False)
 canary_app = typer.Typer(
@@ -86,6 +87,12 @@ def _context(
 def promote(
     version: Annotated[str, typer.Argument(help="MLflow version of cxr-detector, e.g. 3")],
     to: Annotated[str, typer.Option("--to", help="staging | canary | production")],
+    variant: Annotated[
+        str,
+        typer.Option(
+            "--variant", help=f"serving precision: {' | '.join(VARIANTS)} (non-fp32 ones are gated vs fp32)"
+        ),
+    ] = DEFAULT_VARIANT,
     push: PushOpt = False,
     force: Annotated[bool, typer.Option("--force", help="override failed gates (needs --reason)")] = False,
     reason: Annotated[str, typer.Option("--reason", help="why; goes into the commit message")] = "",
@@ -103,6 +110,7 @@ def promote(
         request = PromotionRequest(
             version=version,
             to=as_stage(to),
+            variant=_variant(variant),
             force=force,
             reason=reason,
             push=push,
@@ -111,6 +119,13 @@ def promote(
         )
         with reporting(console):  # each gate's verdict: live on a terminal, event lines in logs
             promote_version(ctx, request, echo=_echo)
+
+
+def _variant(value: str) -> Variant:
+    try:
+        return parse_variant(value)
+    except ValueError as exc:
+        raise DeliveryError(str(exc)) from exc
 
 
 def rollback(

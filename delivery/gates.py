@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from core.stages import Stage
-from delivery.policy import GatePolicy
+from core.variants import DEFAULT_VARIANT, VARIANTS_TAG, Variant, variant_tag
+from delivery.policy import GatePolicy, VariantPolicy
 from training.registry import VersionFacts
 from training.subgroups import SUBGROUP_TAG, SubgroupMetrics, decode_tag
 
@@ -185,3 +186,49 @@ def production_gates(version: str, canary_version: str, verdict: str, summary: s
         ),
         GateResult("canary analysis", verdict == "pass", f"{verdict}: {summary}", "pass"),
     ]
+
+
+def variant_gate(candidate: VersionFacts, variant: Variant, policy: VariantPolicy) -> GateResult:
+    """The serving variant is as good as the fp32 export it was built from, on the same test images.
+
+    fp32 is the export whose parity with PyTorch the staging gate already judged. Any other
+    variant must have been built and measured (``cxr train quantize``), lose at most
+    ``max_map_drop`` of mAP@0.5 and of mAP@0.4, and keep its class scores within
+    ``max_score_abs_diff`` of fp32's. Unlike the subgroup gate a missing figure fails: a
+    precision nobody measured never reaches patients.
+    """
+    name = f"variant {variant}"
+    if variant == DEFAULT_VARIANT:
+        return GateResult(name, True, "the fp32 export itself", "nothing to compare")
+    expected = (
+        f"mAP@0.5 and mAP@0.4 drop <= {policy.max_map_drop:g}, "
+        f"class-score parity <= {policy.max_score_abs_diff:g}"
+    )
+    carried = [v for v in candidate.tags.get(VARIANTS_TAG, "fp32").split(",") if v]
+    if variant not in carried:
+        how = "`cxr train quantize`" if variant == "int8" else "a GPU machine with TensorRT"
+        return GateResult(
+            name,
+            False,
+            f"version {candidate.version} carries {', '.join(carried)} only; build {variant} with {how}",
+            expected,
+        )
+    figures = {k: candidate.number(variant_tag(variant, k)) for k in ("map50_drop", "map40_drop")}
+    parity = candidate.number(variant_tag(variant, "score_max_abs_diff"))
+    missing = [
+        variant_tag(variant, k) for k, v in {**figures, "score_max_abs_diff": parity}.items() if v is None
+    ]
+    if missing:
+        return GateResult(name, False, f"tags {', '.join(missing)} missing on the version", expected)
+    drop50, drop40 = figures["map50_drop"] or 0.0, figures["map40_drop"] or 0.0
+    observed = (
+        f"mAP@0.5 drop {drop50:+.4f}, mAP@0.4 drop {drop40:+.4f}, "
+        f"on the test split; class-score parity {parity:.4f} on val images"
+    )
+    tolerance = 1e-9  # the figures are rounded to 6 digits in the tags
+    passed = (
+        drop50 <= policy.max_map_drop + tolerance
+        and drop40 <= policy.max_map_drop + tolerance
+        and (parity or 0.0) <= policy.max_score_abs_diff + tolerance
+    )
+    return GateResult(name, passed, observed, expected)

@@ -22,6 +22,7 @@ import numpy as np
 
 from core.errors import CxrError
 from core.hashing import file_sha256
+from core.variants import DEFAULT_VARIANT, Variant
 from data_pipeline.golden import pin_path, read_pin
 from delivery.errors import DeliveryError
 from delivery.gates import GateResult
@@ -151,6 +152,11 @@ def open_golden(gitops_dir: Path, cache_dir: Path, store: object | None) -> Data
     return open_dataset_dir(folder, cache_dir / "work", required=("test",))
 
 
+def _label(version: str, variant: Variant) -> str:
+    """``v3``, or ``v3 int8`` for a variant other than the fp32 export."""
+    return f"v{version}" if variant == DEFAULT_VARIANT else f"v{version} {variant}"
+
+
 def golden_gate(
     *,
     gitops_dir: Path,
@@ -158,15 +164,23 @@ def golden_gate(
     policy: GoldenPolicy,
     candidate: str,
     production: str,
-    onnx_for: Callable[[str], Path],
+    onnx_for: Callable[[str, Variant], Path],
     store: object | None = None,
     class_names: Mapping[int, str] | None = None,
+    candidate_variant: Variant = DEFAULT_VARIANT,
+    production_variant: Variant = DEFAULT_VARIANT,
 ) -> GoldenVerdict:
-    """Candidate vs production on the pinned golden set: the verdict, its table, the comparison."""
+    """Candidate vs production on the pinned golden set: the verdict, its table, the comparison.
+
+    Each side is a version AND the serving variant it is (or would be) served as: INT8 of the
+    version production serves in fp32 is a candidate like any other.
+    """
     if not production:
         return _skipped("no production model yet", "a production model to compare with", True)
-    if production == candidate:
-        return _skipped(f"v{candidate} already serves production", "a different production model", True)
+    mine_label = _label(candidate, candidate_variant)
+    theirs_label = _label(production, production_variant)
+    if (production, production_variant) == (candidate, candidate_variant):
+        return _skipped(f"{mine_label} already serves production", "a different production model", True)
     golden = open_golden(gitops_dir, cache_dir, store)
     if golden is None:
         where = pin_path(gitops_dir)
@@ -174,8 +188,10 @@ def golden_gate(
             need = "a pinned golden set: `cxr data golden build`"
             return _skipped(f"no golden set pinned ({where} missing)", need, False)
         return _skipped("no golden set pinned; policy golden.required=false", "nothing to compare", True)
-    mine = golden_results(onnx_for(candidate), golden, cache_dir / "results", candidate)
-    theirs = golden_results(onnx_for(production), golden, cache_dir / "results", production)
+    mine = golden_results(onnx_for(candidate, candidate_variant), golden, cache_dir / "results", candidate)
+    theirs = golden_results(
+        onnx_for(production, production_variant), golden, cache_dir / "results", production
+    )
     comparison = paired_bootstrap(
         mine,
         theirs,
@@ -187,7 +203,7 @@ def golden_gate(
     verdict = non_inferior(comparison, margin=policy.margin, min_instances=policy.min_class_instances)
     o = comparison.overall
     observed = (
-        f"mAP@0.4 v{candidate} - v{production} = {o.diff:+.4f}, {round(policy.confidence * 100)}% CI "
+        f"mAP@0.4 {mine_label} - {theirs_label} = {o.diff:+.4f}, {round(policy.confidence * 100)}% CI "
         f"[{o.low:+.4f}, {o.high:+.4f}] over {comparison.patients} patients of golden {golden.version[:12]}"
         + ("" if verdict.passed else "; " + "; ".join(verdict.reasons))
     )
@@ -196,7 +212,7 @@ def golden_gate(
     )
     table = [
         f"Golden set {golden.version} (paired bootstrap over patients, {comparison.resamples} resamples, "
-        f"seed {policy.seed}): candidate v{candidate} vs production v{production}",
+        f"seed {policy.seed}): candidate {mine_label} vs production {theirs_label}",
         "",
         *comparison.table(class_names),
     ]

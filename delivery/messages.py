@@ -23,6 +23,7 @@ class DeliveryRecord:
     stage: str
     from_version: str
     to_version: str
+    variant: str = ""  # the serving variant the stage now names ("" in records made before variants)
     canary_weight: int | None = None
     forced: bool = False
     reason: str = ""
@@ -33,7 +34,8 @@ class DeliveryRecord:
         before = self.from_version or "none"
         after = self.to_version or "none"
         if self.action == "promote":
-            return f"promote {self.model_name} {after} to {self.stage} (was {before})"
+            served = after if self.variant in ("", "fp32") else f"{after} ({self.variant})"
+            return f"promote {self.model_name} {served} to {self.stage} (was {before})"
         if self.action == "rollback":
             return f"rollback {self.stage}: {self.model_name} {before} -> {after}"
         return f"canary step: {self.model_name} {after} weight {self.canary_weight}%"
@@ -47,6 +49,8 @@ class DeliveryRecord:
             "To-Version": self.to_version or "none",
             "Forced": "true" if self.forced else "false",
         }
+        if self.variant:
+            values["Variant"] = self.variant
         if self.canary_weight is not None:
             values["Canary-Weight"] = str(self.canary_weight)
         if self.rolled_back_version:
@@ -91,6 +95,7 @@ def parse_record(message: str) -> DeliveryRecord | None:
         stage=t["Stage"],
         from_version=version("From-Version"),
         to_version=version("To-Version"),
+        variant=t.get("Variant", ""),
         canary_weight=int(weight) if weight is not None and weight.isdigit() else None,
         forced=t.get("Forced") == "true",
         reason=t.get("Reason", ""),

@@ -78,6 +78,20 @@ class GoldenPolicy(BaseModel):
     confidence: float = Field(0.95, gt=0.5, lt=1)
 
 
+class VariantPolicy(BaseModel):
+    """When a serving variant other than fp32 (INT8, FP16-TensorRT) may be served: it must stay
+    within these of the fp32 export it was built from, on the same test images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_map_drop: float = Field(
+        0.01, ge=0, le=1, description="mAP@0.5 and mAP@0.4 may each drop at most this much vs fp32"
+    )
+    max_score_abs_diff: float = Field(
+        0.1, gt=0, le=1, description="parity: max |fp32 - variant| class score (0..1) on val images"
+    )
+
+
 class DeliveryPolicy(BaseModel):
     """The whole policy file."""
 
@@ -86,6 +100,7 @@ class DeliveryPolicy(BaseModel):
     gates: GatePolicy = Field(default_factory=GatePolicy)  # type: ignore[arg-type]
     golden: GoldenPolicy = Field(default_factory=GoldenPolicy)  # type: ignore[arg-type]
     canary: CanaryPolicy = Field(default_factory=CanaryPolicy)  # type: ignore[arg-type]
+    variants: VariantPolicy = Field(default_factory=VariantPolicy)  # type: ignore[arg-type]
 
 
 def load_policy(gitops_dir: Path) -> DeliveryPolicy:

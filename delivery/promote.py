@@ -18,6 +18,7 @@ from core.errors import CxrError
 from core.progress import Reporter, reporting
 from core.stage_file import StageFile, read_stage_file, write_stage_file
 from core.stages import PROMOTION_ORDER, Stage
+from core.variants import DEFAULT_VARIANT, VARIANTS, Variant
 from data_pipeline.classes import CLASS_NAMES
 from delivery import canary as canary_analysis
 from delivery.canary_window import analyze_current_canary
@@ -31,6 +32,7 @@ from delivery.gates import (
     production_gates,
     regression_gate,
     staging_gates,
+    variant_gate,
 )
 from delivery.git_repo import GitOpsRepo
 from delivery.golden_gate import GATE_NAME, GoldenVerdict, golden_gate
@@ -42,6 +44,9 @@ from training.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
+#: the ONNX file of (version, serving variant), fetched once into the delivery cache
+OnnxFor = Callable[[str, Variant], Path]
+
 
 @dataclass(frozen=True)
 class PromotionRequest:
@@ -49,6 +54,7 @@ class PromotionRequest:
 
     version: str
     to: Stage
+    variant: Variant = DEFAULT_VARIANT  # the serving precision the stage file will name
     force: bool = False
     reason: str = ""
     push: bool = False
@@ -74,6 +80,8 @@ class PromotionOutcome:
 def _check_request(request: PromotionRequest) -> None:
     if request.to not in PROMOTION_ORDER:
         raise DeliveryError(f"unknown stage {request.to!r}; use one of {', '.join(PROMOTION_ORDER)}")
+    if request.variant not in VARIANTS:
+        raise DeliveryError(f"unknown variant {request.variant!r}; use one of {', '.join(VARIANTS)}")
     if not request.version.isdigit():
         raise DeliveryError(f"version must be an MLflow version number like 3, got {request.version!r}")
     if request.force and not request.reason.strip():
@@ -97,9 +105,9 @@ def _guarded(name: str, compute: Callable[[], list[GateResult]]) -> list[GateRes
 def _golden(
     ctx: DeliveryContext,
     policy: DeliveryPolicy,
-    version: str,
-    production: str,
-    onnx_for: Callable[[str], Path],
+    candidate: StageFile,
+    production: StageFile,
+    onnx_for: OnnxFor,
     store: object | None,
 ) -> GoldenVerdict:
     """The paired golden-set gate; inputs that cannot be fetched fail it with the reason."""
@@ -109,11 +117,13 @@ def _golden(
                 gitops_dir=ctx.gitops_dir,
                 cache_dir=ctx.golden_cache,
                 policy=policy.golden,
-                candidate=version,
-                production=production,
+                candidate=candidate.model_version,
+                production=production.model_version,
                 onnx_for=onnx_for,
                 store=store,
                 class_names=dict(enumerate(CLASS_NAMES)),
+                candidate_variant=candidate.variant,
+                production_variant=production.variant,
             )
         except CxrError as exc:
             verdict = GoldenVerdict(
@@ -130,21 +140,28 @@ def evaluate_gates(
     version: str,
     stage: Stage,
     *,
-    onnx_for: Callable[[str], Path],
+    onnx_for: OnnxFor,
     analysis: canary_analysis.CanaryAnalysis | None = None,
     store: object | None = None,
+    variant: Variant = DEFAULT_VARIANT,
 ) -> tuple[GateReport, GoldenVerdict | None]:
     """The gates of ``stage`` for ``version``, each with its numbers, and the golden comparison if run.
 
     Canary and production compare the candidate with the production model on the pinned golden
     set (delivery/golden_gate.py). Only when no golden set is pinned AND the policy allows it
     (``golden.required: false``) does the canary fall back to comparing registry mAP tags, which
-    were measured on different test splits and say much less.
+    were measured on different test splits and say much less. Every stage judges the serving
+    ``variant`` against the fp32 export it was built from (:func:`variant_gate`); the golden
+    comparison and the latency budget measure the variant's own file.
     """
     if stage == "staging":
-        return GateReport(stage, version, staging_gates(registry.facts(version), policy.gates)), None
-    production_version = read_stage_file(ctx.gitops_dir, "production").model_version
-    golden = _golden(ctx, policy, version, production_version, onnx_for, store)
+        facts = registry.facts(version)
+        results = [*staging_gates(facts, policy.gates), variant_gate(facts, variant, policy.variants)]
+        return GateReport(stage, version, results), None
+    production_file = read_stage_file(ctx.gitops_dir, "production")
+    production_version = production_file.model_version
+    candidate_file = StageFile(stage=stage, model_version=version, variant=variant)
+    golden = _golden(ctx, policy, candidate_file, production_file, onnx_for, store)
     if stage == "canary":
         candidate = registry.facts(version)
         production: VersionFacts | None = registry.facts(production_version) if production_version else None
@@ -153,11 +170,16 @@ def evaluate_gates(
             comparison.append(regression_gate(candidate, production, policy.gates))  # the weak fallback
 
         def with_latency() -> list[GateResult]:
-            measured = measure_onnx_latency(onnx_for(version), runs=policy.gates.latency_runs)
+            measured = measure_onnx_latency(onnx_for(version, variant), runs=policy.gates.latency_runs)
             return [latency_gate(measured.p95_ms, policy.gates)]
 
         latency = _guarded("latency budget", with_latency)
-        results = [*staging_gates(candidate, policy.gates), *comparison, *latency]
+        results = [
+            *staging_gates(candidate, policy.gates),
+            variant_gate(candidate, variant, policy.variants),
+            *comparison,
+            *latency,
+        ]
         return GateReport(stage, version, results, golden.table), golden
     canary_version = read_stage_file(ctx.gitops_dir, "canary").model_version
 
@@ -165,7 +187,11 @@ def evaluate_gates(
         result = analysis or analyze_current_canary(ctx.prometheus_url, policy.canary, ctx.gitops_dir)
         return production_gates(version, canary_version, result.verdict, result.summary())
 
-    results = [*_guarded("canary analysis", from_analysis), golden.result]
+    results = [
+        *_guarded("canary analysis", from_analysis),
+        variant_gate(registry.facts(version), variant, policy.variants),
+        golden.result,
+    ]
     return GateReport(stage, version, results, golden.table), golden
 
 
@@ -207,12 +233,13 @@ def _next_files(ctx: DeliveryContext, request: PromotionRequest, policy: Deliver
     """The stage files after the promotion (production also takes the canary's traffic back)."""
     current = read_stage_file(ctx.gitops_dir, request.to)
     if request.to == "canary":
-        return [
-            current.model_copy(
-                update={"model_version": request.version, "canary_weight": policy.canary.weights[0]}
-            )
-        ]
-    files = [current.model_copy(update={"model_version": request.version})]
+        update = {
+            "model_version": request.version,
+            "variant": request.variant,
+            "canary_weight": policy.canary.weights[0],
+        }
+        return [current.model_copy(update=update)]
+    files = [current.model_copy(update={"model_version": request.version, "variant": request.variant})]
     if request.to == "production":
         canary = read_stage_file(ctx.gitops_dir, "canary")
         if canary.model_version == request.version and canary.canary_weight:
@@ -248,12 +275,20 @@ def promote_version(
     current = read_stage_file(ctx.gitops_dir, request.to)
     reg = registry or ModelRegistry(ctx.mlflow_uri, current.model_name)
 
-    def onnx_for(version: str) -> Path:
-        return fetch_onnx(reg, version, ctx.onnx_cache)  # downloaded once per version into the cache
+    def onnx_for(version: str, variant: Variant) -> Path:
+        return fetch_onnx(reg, version, ctx.onnx_cache, variant)  # downloaded once into the cache
 
     with reporting() as progress:
         report, golden = evaluate_gates(
-            ctx, reg, policy, request.version, request.to, onnx_for=onnx_for, analysis=analysis, store=store
+            ctx,
+            reg,
+            policy,
+            request.version,
+            request.to,
+            onnx_for=onnx_for,
+            analysis=analysis,
+            store=store,
+            variant=request.variant,
         )
         report_gates(progress, report)
     for line in report.lines():
@@ -267,7 +302,7 @@ def promote_version(
         )
     files = _next_files(ctx, request, policy)
     if all(f == read_stage_file(ctx.gitops_dir, f.stage) for f in files):
-        echo(f"{request.to} already serves v{request.version}: nothing to commit")
+        echo(f"{request.to} already serves v{request.version} ({request.variant}): nothing to commit")
         return PromotionOutcome(report, None, None)
 
     # [1] registry alias and the golden comparison on the version (its tag and model card),
@@ -280,7 +315,14 @@ def promote_version(
             from data_pipeline.store import ObjectStore
 
             store = ObjectStore.from_env()
-        publish_repository(onnx_for(request.version), request.to, request.version, current.model_name, store)
+        publish_repository(
+            onnx_for(request.version, request.variant),
+            request.to,
+            request.version,
+            current.model_name,
+            store,
+            request.variant,
+        )
 
     # [3] the stage file(s) and one commit
     record = DeliveryRecord(
@@ -289,6 +331,7 @@ def promote_version(
         stage=request.to,
         from_version=current.model_version,
         to_version=request.version,
+        variant=request.variant,
         canary_weight=files[0].canary_weight if request.to == "canary" else None,
         forced=request.force and not report.passed,
         reason=request.reason,

@@ -26,6 +26,7 @@ from core.errors import CxrError
 from core.operating_points import OPERATING_POINTS_FILE
 from core.stage_file import read_stage_file
 from core.stages import PROMOTION_ORDER, Stage
+from core.variants import DEFAULT_VARIANT, Variant
 from delivery.context import DeliveryContext
 from delivery.errors import ReconcileError
 from training.registry import ModelRegistry
@@ -41,28 +42,31 @@ class ReconcileResult:
     seconds: float
 
 
-def fetch_onnx(registry: ModelRegistry, version: str, cache: Path) -> Path:
-    """The version's ONNX, downloaded once per version into the cache, its operating points beside it.
+def fetch_onnx(
+    registry: ModelRegistry, version: str, cache: Path, variant: Variant = DEFAULT_VARIANT
+) -> Path:
+    """The version's ONNX of ``variant``, downloaded once into the cache, its operating points beside it.
 
     The repository builder takes ``operating_points.json`` from beside the ONNX into the model
-    config, so every repository built from the cache carries the version's thresholds.
+    config, so every repository built from the cache carries the thresholds of that very file.
     """
-    target = cache / version / "model.onnx"
+    folder = cache / version if variant == DEFAULT_VARIANT else cache / version / variant
+    target = folder / "model.onnx"
     if not target.exists():
-        downloaded = registry.download_onnx(version, cache / version / "download")
+        downloaded = registry.download_onnx(version, folder / "download", variant)
         target.parent.mkdir(parents=True, exist_ok=True)
         downloaded.replace(target)
-    _fetch_operating_points(registry, version, target.parent)
+    _fetch_operating_points(registry, version, target.parent, variant)
     return target
 
 
-def _fetch_operating_points(registry: ModelRegistry, version: str, folder: Path) -> None:
+def _fetch_operating_points(registry: ModelRegistry, version: str, folder: Path, variant: Variant) -> None:
     """Once per version: its artifact, or a marker that it has none (trained before operating points)."""
     path = folder / OPERATING_POINTS_FILE
     absent = folder / f"{OPERATING_POINTS_FILE}.absent"
     if path.exists() or absent.exists():
         return
-    downloaded = registry.download_operating_points(version, folder / "download")
+    downloaded = registry.download_operating_points(version, folder / "download", variant)
     if downloaded is None:
         log.info("operating_points_absent version=%s: global threshold, raw confidences", version)
         absent.touch()
@@ -74,7 +78,9 @@ def _stage_prefix(stage: str) -> str:
     return f"triton/{stage}/"
 
 
-def _publish(onnx_path: Path, stage: Stage, version: str, model_name: str, store: Any) -> tuple[str, int]:
+def _publish(
+    onnx_path: Path, stage: Stage, version: str, model_name: str, store: Any, precision: Variant
+) -> tuple[str, int]:
     """Publish the cluster variant; returns the prefix and how many objects were written or deleted."""
     import tempfile
 
@@ -90,6 +96,7 @@ def _publish(onnx_path: Path, stage: Stage, version: str, model_name: str, store
             model_name=model_name,
             version=int(version),
             model_version=version,
+            precision=precision,
         )
         files = {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()}
         config = f"{model_name}/config.pbtxt"
@@ -108,12 +115,19 @@ def _publish(onnx_path: Path, stage: Stage, version: str, model_name: str, store
     return prefix, changed
 
 
-def publish_repository(onnx_path: Path, stage: Stage, version: str, model_name: str, store: object) -> str:
+def publish_repository(
+    onnx_path: Path,
+    stage: Stage,
+    version: str,
+    model_name: str,
+    store: object,
+    precision: Variant = DEFAULT_VARIANT,
+) -> str:
     """Put the stage's cluster repository (ONNX Runtime on the GPU) at ``s3://<bucket>/triton/<stage>/``.
 
     What the stage's Tritons serve from their next poll on (within ``--repository-poll-secs``).
     """
-    prefix, changed = _publish(onnx_path, stage, version, model_name, store)
+    prefix, changed = _publish(onnx_path, stage, version, model_name, store, precision)
     log.info(
         "triton_repo_published stage=%s version=%s prefix=%s changed=%d", stage, version, prefix, changed
     )
@@ -146,8 +160,8 @@ def publish_stage(
         action = "unpublished" if removed else "unchanged"
     else:
         reg = registry or ModelRegistry(ctx.mlflow_uri, wanted.model_name)
-        onnx = fetch_onnx(reg, wanted.model_version, ctx.onnx_cache)
-        _, changed = _publish(onnx, stage, wanted.model_version, wanted.model_name, target)
+        onnx = fetch_onnx(reg, wanted.model_version, ctx.onnx_cache, wanted.variant)
+        _, changed = _publish(onnx, stage, wanted.model_version, wanted.model_name, target, wanted.variant)
         action = "published" if changed else "unchanged"
     seconds = time.monotonic() - start
     log.info(
@@ -165,14 +179,15 @@ def _applied_file(ctx: DeliveryContext, stage: Stage, url: str) -> Path:
     return ctx.stack_dir.resolve() / "gitops" / f"applied-{stage}-{safe}.json"
 
 
-def applied_version(ctx: DeliveryContext, stage: Stage, url: str) -> str | None:
-    """The version this machine last made the stage's Triton at ``url`` serve (None: never)."""
+def applied_version(ctx: DeliveryContext, stage: Stage, url: str) -> tuple[str, str] | None:
+    """(version, variant) this machine last made the stage's Triton at ``url`` serve (None: never)."""
     path = _applied_file(ctx, stage, url)
     if not path.exists():
         return None
     try:
-        return str(json.loads(path.read_text())["model_version"])
-    except (ValueError, KeyError, OSError):
+        data = json.loads(path.read_text())
+        return str(data["model_version"]), str(data.get("variant", DEFAULT_VARIANT))
+    except (ValueError, KeyError, OSError, AttributeError):
         return None
 
 
@@ -202,7 +217,8 @@ def reconcile_stage(
     repo = repo_dir or ctx.local_repo_root / stage
     admin = TritonAdmin(url, timeout_s=60.0)
     try:
-        same = applied_version(ctx, stage, url) == wanted.model_version
+        # a new variant of the same version is a change too: its file differs
+        same = applied_version(ctx, stage, url) == (wanted.model_version, wanted.variant)
         # a restarted Triton forgets what it loaded: "unchanged" only while it still serves it
         if not force and same and (not wanted.model_version or admin.is_ready(wanted.model_name)):
             return ReconcileResult(stage, wanted.model_version, "unchanged", 0.0)
@@ -213,7 +229,7 @@ def reconcile_stage(
         else:
             if build_local:
                 reg = registry or ModelRegistry(ctx.mlflow_uri, wanted.model_name)
-                onnx = fetch_onnx(reg, wanted.model_version, ctx.onnx_cache)
+                onnx = fetch_onnx(reg, wanted.model_version, ctx.onnx_cache, wanted.variant)
                 build_repository(
                     onnx,
                     repo,
@@ -221,6 +237,7 @@ def reconcile_stage(
                     model_name=wanted.model_name,
                     version=int(wanted.model_version),
                     model_version=wanted.model_version,
+                    precision=wanted.variant,
                 )
             admin.load(wanted.model_name)
             if not admin.wait_ready(wanted.model_name, timeout_s=120.0):
@@ -237,7 +254,9 @@ def reconcile_stage(
         admin.close()
     path = _applied_file(ctx, stage, url)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"stage": stage, "model_version": wanted.model_version}))
+    path.write_text(
+        json.dumps({"stage": stage, "model_version": wanted.model_version, "variant": wanted.variant})
+    )
     seconds = time.monotonic() - start
     log.info(
         "reconciled stage=%s version=%s action=%s seconds=%.2f", stage, wanted.model_version, action, seconds

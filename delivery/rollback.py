@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from core.errors import CxrError
 from core.stage_file import read_stage_file, write_stage_file
 from core.stages import PROMOTION_ORDER, Stage
+from core.variants import DEFAULT_VARIANT, Variant
 from delivery.context import DeliveryContext
 from delivery.errors import DeliveryError, NoPreviousVersion
 from delivery.git_repo import GitOpsRepo
@@ -59,6 +60,14 @@ def previous_version(repo: GitOpsRepo, stage: Stage, current: str) -> str:
     )
 
 
+def _variant_served(repo: GitOpsRepo, stage: Stage, version: str) -> Variant:
+    """The serving variant the stage last named together with ``version`` (fp32 when none did)."""
+    for entry in repo.history(stage):
+        if version and entry.content.model_version == version:
+            return entry.content.variant
+    return DEFAULT_VARIANT
+
+
 def rollback_stage(
     ctx: DeliveryContext,
     stage: Stage,
@@ -82,7 +91,7 @@ def rollback_stage(
     if not current.model_version:
         raise NoPreviousVersion(f"{stage} serves nothing; there is nothing to roll back")
     target = previous_version(repo, stage, current.model_version)
-    update: dict[str, object] = {"model_version": target}
+    update: dict[str, object] = {"model_version": target, "variant": _variant_served(repo, stage, target)}
     if stage == "canary":
         update["canary_weight"] = 0  # no production traffic to a canary being rolled back
     new = current.model_copy(update=update)

@@ -86,18 +86,26 @@ def build_response(
     detections: list[Detection],
     timings_ms: dict[str, float],
     triage: tuple[float, bool] | None = None,
+    variant: str | None = None,
 ) -> dict[str, Any]:
     """The DESIGN.md detection response, boxes in original pixels.
 
     ``triage``: the image's abnormality score and priority flag (core/triage.py), an added key
     ``"triage": {"score", "priority"}`` that clients reading only the DESIGN.md keys never miss.
+    ``variant``: the serving precision that answered (fp32, int8, fp16-trt), an added key of the
+    model block.
     """
     image: dict[str, Any] = {"width": width, "height": height}
     if sop_instance_uid:
         image["sop_instance_uid"] = sop_instance_uid
     response: dict[str, Any] = {
         "request_id": request_id,
-        "model": {"name": model_name, "version": model_version, "stage": stage},
+        "model": {
+            "name": model_name,
+            "version": model_version,
+            "stage": stage,
+            **({"variant": variant} if variant else {}),
+        },
         "image": image,
         "detections": [d.to_json() for d in detections],
         "timings_ms": {k: round(v, 3) for k, v in timings_ms.items()},

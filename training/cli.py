@@ -17,6 +17,7 @@ from rich.table import Table
 
 from core.errors import CxrError
 from core.progress import reporting
+from core.variants import VARIANTS_TAG, artifact_dir
 from training.config import TrainSettings, load_config
 from training.dataset import DatasetRef
 from training.errors import TrainingError
@@ -173,29 +174,46 @@ def quantize_cmd(
     dataset: Annotated[
         str | None, typer.Option("--dataset", "-d", help="default: the version's dataset_version tag")
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="where the INT8 ONNX goes")] = None,
     calibration_images: Annotated[int, typer.Option("--calibration-images", min=1)] = 32,
+    register: Annotated[
+        bool,
+        typer.Option(
+            "--register/--no-register",
+            help="attach the INT8 file and its figures to the version (its int8 variant)",
+        ),
+    ] = True,
 ) -> None:
-    """INT8-quantize a registered version's ONNX, calibrated on val; print its drop. Never registered."""
+    """INT8-quantize a registered version's ONNX (calibrated on val), measure it beside fp32 on the
+    same test split, and attach it to the version as its ``int8`` serving variant.
+
+    Attaching serves nothing: a stage serves INT8 only after `cxr promote V --to STAGE --variant
+    int8`, whose variant gate reads the figures recorded here.
+    """
     settings = TrainSettings()
     _setup(settings)
     from training.config import EvalConfig
     from training.evaluate import evaluate
     from training.predictors import OrtPredictor
-    from training.quantize import quantize_and_evaluate
+    from training.registry import ModelRegistry
+    from training.variants import build_variant
 
     work = settings.work_dir / f"quantize-v{model_version}"
-    target = out or work / "model.int8.onnx"
     try:
         data, onnx_path = _registered_onnx(settings, model_version, dataset, work)
         eval_config = EvalConfig()
         fp32 = evaluate(OrtPredictor.load(onnx_path), data, eval_config)
-        outcome = quantize_and_evaluate(onnx_path, target, data, eval_config, calibration_images, fp32)
+        built = build_variant(
+            "int8", onnx_path, work / artifact_dir("int8"), data, eval_config, fp32, calibration_images
+        )
+        if register:
+            registry = ModelRegistry.from_settings(settings)
+            carried = registry.facts(model_version).tags.get(VARIANTS_TAG, "fp32")
+            registry.attach_variant(model_version, "int8", built.folder, built.figures.tags(carried))
     except CxrError as exc:
         raise _fail(exc) from exc
-    result = outcome.result
+    outcome, figures = built.outcome, built.figures
     table = Table(title=f"{settings.registered_model} v{model_version}: fp32 vs INT8 on {data.version}/test")
-    for col in ("model", "mAP@0.5", "mAP@0.4", "mAP@0.5:0.95", "ms/img b1", "ms/img b8"):
+    for col in ("variant", "mAP@0.5", "mAP@0.4", "mAP@0.5:0.95", "ms/img b1", "ms/img b8"):
         table.add_column(col, justify="right")
     for name, r in (("fp32", outcome.fp32_report), ("int8", outcome.report)):
         table.add_row(
@@ -205,10 +223,18 @@ def quantize_cmd(
         )
     console.print(table)
     console.print(
-        f"INT8: mAP@0.5 drop {outcome.map50_drop:+.4f}, "
-        f"max |fp32 - int8| {result.max_abs_diff:.4g} on {result.calibration_images} calibration images. "
-        f"Written to {result.onnx_path}; NOT registered (the registry serves the fp32 export)."
+        f"INT8: mAP@0.5 drop {figures.map50_drop:+.4f}, mAP@0.4 drop {figures.map40_drop:+.4f}, "
+        f"max |fp32 - int8| class score {figures.score_max_abs_diff:.4f} "
+        f"on {outcome.result.calibration_images} val images; file {built.folder / 'model.onnx'} "
+        f"(sha256 {figures.sha256[:12]})."
     )
+    if register:
+        console.print(
+            f"attached to v{model_version} as its int8 variant; serve it with "
+            f"`cxr promote {model_version} --to staging --variant int8` (the variant gate decides)"
+        )
+    else:
+        console.print("not attached (--no-register): no stage can serve this file")
 
 
 def _positive_minutes(value: float) -> float:

@@ -19,6 +19,7 @@ import httpx
 from pydantic import BaseModel
 
 from core.operating_points import OPERATING_POINTS_FILE
+from core.variants import DEFAULT_VARIANT, Variant, artifact_dir
 from training.config import TrainSettings
 from training.errors import RegistryError
 
@@ -227,27 +228,50 @@ class ModelRegistry:
             ) from exc
         return Path(local)
 
-    def download_onnx(self, version: str, dest: Path) -> Path:
-        """The ONNX file of a registered version (artifact ``onnx/model.onnx`` of its run) under ``dest``."""
-        return self._download(version, f"{ONNX_ARTIFACT_DIR}/{ONNX_FILE}", dest)
+    def download_onnx(self, version: str, dest: Path, variant: Variant = DEFAULT_VARIANT) -> Path:
+        """The ONNX file of a registered version's variant (``onnx/model.onnx`` for fp32) under ``dest``."""
+        return self._download(version, f"{artifact_dir(variant)}/{ONNX_FILE}", dest)
 
     def download_weights(self, version: str, dest: Path) -> Path:
         """The PyTorch checkpoint of a registered version, the starting point for fine-tuning."""
         return self._download(version, WEIGHTS_ARTIFACT, dest)
 
-    def download_operating_points(self, version: str, dest: Path) -> Path | None:
-        """The version's ``onnx/operating_points.json`` under ``dest``; None for one trained before them.
+    def download_operating_points(
+        self, version: str, dest: Path, variant: Variant = DEFAULT_VARIANT
+    ) -> Path | None:
+        """The variant's ``operating_points.json`` under ``dest``; None for a version trained before them.
 
         Absence is an answer, not an error: serving then keeps its global threshold and raw scores.
         """
         mv = self._model_version(version)
+        folder = artifact_dir(variant)
         try:
-            listed = self._client.list_artifacts(mv.run_id, ONNX_ARTIFACT_DIR)
+            listed = self._client.list_artifacts(mv.run_id, folder)
         except Exception as exc:  # MlflowException or an S3 error behind the proxy
             raise self._unreachable(exc, f"listing the artifacts of version {version}") from exc
         if not any(Path(a.path).name == OPERATING_POINTS_FILE for a in listed):
             return None
-        return self._download(version, f"{ONNX_ARTIFACT_DIR}/{OPERATING_POINTS_FILE}", dest)
+        return self._download(version, f"{folder}/{OPERATING_POINTS_FILE}", dest)
+
+    def attach_variant(self, version: str, variant: Variant, folder: Path, tags: dict[str, str]) -> None:
+        """Log ``folder``'s files as the variant's artifacts of the version's run, then its tags.
+
+        The artifacts go first: a version whose tags name a variant always has its file. A
+        rebuilt variant replaces the files and the tags (the same names are overwritten).
+        """
+        from mlflow.exceptions import MlflowException
+
+        if variant == DEFAULT_VARIANT:
+            raise RegistryError("fp32 is the version's own export; only other variants are attached")
+        mv = self._model_version(version)
+        try:
+            for path in sorted(p for p in folder.iterdir() if p.is_file()):
+                self._client.log_artifact(mv.run_id, str(path), artifact_path=artifact_dir(variant))
+            for key, value in tags.items():
+                self._client.set_model_version_tag(self.model_name, str(version), key, value)
+        except MlflowException as exc:
+            raise self._unreachable(exc, f"attaching the {variant} variant to version {version}") from exc
+        log.info("event=variant_attached name=%s version=%s variant=%s", self.model_name, version, variant)
 
 
 # ---------------------------------------------------------------------- training's shorthands
@@ -265,6 +289,7 @@ def register_version(
 
 
 def download_onnx(version: str, dest: Path, settings: TrainSettings | None = None) -> Path:
+    """The fp32 export of a registered version (the variants come through :class:`ModelRegistry`)."""
     return ModelRegistry.from_settings(settings).download_onnx(version, dest)
 
 

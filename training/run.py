@@ -18,6 +18,7 @@ from pathlib import Path
 
 from core.operating_points import OPERATING_POINTS_FILE, OperatingPoints
 from core.progress import reporting
+from core.variants import artifact_dir
 from data_pipeline.report import INDEX, REPORT_DIR
 from data_pipeline.versioning import version_prefix
 from training.config import TrainConfig, TrainSettings
@@ -33,12 +34,12 @@ from training.operating_points import (
     write_operating_points,
 )
 from training.predictors import OrtPredictor, TorchPredictor
-from training.quantize import Int8Outcome, quantize_and_evaluate
 from training.ray_trainer import DistributedRun, fit_distributed
 from training.registry import LineageTags, download_weights, register_version
 from training.subgroups import run_metrics as subgroup_run_metrics
 from training.subgroups import version_tags as subgroup_tags
 from training.tracking import Tracker, git_commit
+from training.variants import BuiltVariant, build_variant
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +113,19 @@ def _evaluate_and_export(
 
 def _quantize_and_evaluate(
     config: TrainConfig, dataset: DatasetRef, export: ExportResult, onnx_report: EvalReport, out: Path
-) -> Int8Outcome | None:
-    """The optional INT8 export, evaluated like the fp32 one; reported, never registered."""
+) -> BuiltVariant | None:
+    """The optional INT8 variant, evaluated like the fp32 export; registered as a variant of the
+    version (its figures as tags), served only where a stage file names it and its gate passed."""
     if not config.eval.int8:
         return None
-    return quantize_and_evaluate(
+    return build_variant(
+        "int8",
         export.onnx_path,
-        out / "onnx_int8" / "model.int8.onnx",
+        out / artifact_dir("int8"),
         dataset,
         config.eval,
-        config.eval.int8_calibration_images,
         onnx_report,
+        config.eval.int8_calibration_images,
     )
 
 
@@ -134,7 +137,7 @@ class _Results:
     torch_report: EvalReport
     onnx_report: EvalReport
     export: ExportResult
-    int8: Int8Outcome | None
+    int8: BuiltVariant | None
     operating_points: OperatingPoints | None = None  # chosen on val; None when val is empty
 
 
@@ -215,7 +218,7 @@ def _write_reports(
         "pytorch": r.torch_report.model_dump(mode="json"),
         "onnx": r.onnx_report.model_dump(mode="json"),
         "parity": {"max_abs_diff": r.export.parity_max_abs_diff, "images": r.export.parity_images},
-        **({"int8": r.int8.summary()} if r.int8 else {}),
+        **({"int8": r.int8.outcome.summary()} if r.int8 else {}),
         **({"operating_points": r.operating_points.model_dump(mode="json")} if r.operating_points else {}),
     }
     (eval_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
@@ -261,7 +264,7 @@ def _final_metrics(r: _Results) -> dict[str, float]:
         "train_seconds": r.dist.seconds,
     }
     if r.int8:
-        final.update(r.int8.metrics())
+        final.update(r.int8.outcome.metrics())
     final.update(subgroup_run_metrics(r.onnx_report.subgroups))  # test/subgroup/<attr>/<value>/...
     if r.operating_points:  # val/threshold/<class>, val/ece_{before,after}/<class>, val/ece_*_mean
         final.update(operating_point_metrics(r.operating_points))
@@ -278,8 +281,8 @@ def _log_run(tracker: Tracker, r: _Results, final: dict[str, float], out: Path) 
     tracker.log_artifacts([out / "eval" / "evaluation.json"], "eval")
     tracker.log_artifacts([*sorted((out / "plots").glob("*.png")), out / "plots" / "results.csv"], "plots")
     tracker.log_artifacts([out / "model_card.md"], "")
-    if r.int8:
-        tracker.log_artifacts([r.int8.result.onnx_path], "onnx_int8")
+    if r.int8:  # the variant's model.onnx and operating points, where the registry looks for them
+        tracker.log_artifacts(sorted(p for p in r.int8.folder.iterdir() if p.is_file()), artifact_dir("int8"))
     tracker.set_tags(
         {
             "checkpoint_uri": r.dist.checkpoint_uri,
@@ -321,6 +324,7 @@ def _register(
             "dataset_synthetic": str(data.synthetic),
             **subgroup_tags(r.onnx_report.subgroups),  # read by delivery's subgroup gate
             **operating_point_tags(r.operating_points),  # the artifact beside the version's ONNX
+            **(r.int8.figures.tags() if r.int8 else {}),  # read by delivery's variant gate
         },
     )
 

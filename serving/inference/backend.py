@@ -13,6 +13,7 @@ import numpy as np
 
 from core.operating_points import OperatingPoints
 from core.stages import Stage
+from core.variants import DEFAULT_VARIANT
 from serving.contract import ModelContract
 
 
@@ -27,6 +28,7 @@ class ServedModel:
     version: str
     contract: ModelContract
     operating_points: OperatingPoints | None = None
+    variant: str = DEFAULT_VARIANT  # serving precision (core/variants.py): fp32, int8, fp16-trt
 
 
 class InferenceBackend(Protocol):

@@ -18,6 +18,7 @@ import numpy as np
 
 from core.hashing import file_sha256
 from core.stages import Stage
+from core.variants import DEFAULT_VARIANT, VARIANT_METADATA_KEY
 from serving.contract import contract_from_metadata
 from serving.errors import ModelNotReady
 from serving.inference.backend import ServedModel
@@ -61,7 +62,11 @@ class OnnxBackend:
         version = meta.get("cxr_model_version") or f"local-{digest[:12]}"
         # the thresholds and calibrator training chose for this very file, when they are beside it
         ops = operating_points_beside(model_path, digest)
-        self._model = ServedModel(name=name, version=version, contract=contract, operating_points=ops)
+        # an INT8 file says so in its metadata (training/quantize.py); older ones are the fp32 export
+        variant = meta.get(VARIANT_METADATA_KEY) or DEFAULT_VARIANT
+        self._model = ServedModel(
+            name=name, version=version, contract=contract, operating_points=ops, variant=variant
+        )
         # InferenceSession.run is thread-safe: each worker runs one request at a time.
         self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="ort")
 

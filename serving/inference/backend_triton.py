@@ -18,6 +18,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from core.stages import Stage
+from core.variants import DEFAULT_VARIANT, VARIANT_METADATA_KEY
 from serving.config import ServingSettings
 from serving.contract import ModelContract
 from serving.errors import BackendError, GatewayTimeout, ModelNotReady, Overloaded, ServingError
@@ -102,6 +103,7 @@ class TritonBackend:
             version=params.get("cxr_model_version", ""),
             contract=contract,
             operating_points=operating_points_from(params),
+            variant=params.get(VARIANT_METADATA_KEY) or DEFAULT_VARIANT,
         )
         self._models[stage] = served
         log.info(

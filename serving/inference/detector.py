@@ -136,9 +136,10 @@ class DetectionService:
         changed = force or self.router.maybe_reload()
         if changed:
             for stage, entry in self.router.table.stages.items():
-                if self._versions.get(stage) != entry.model_version:
+                served = f"{entry.model_version}/{entry.variant}"  # a new variant is a new file
+                if self._versions.get(stage) != served:
                     self.backend.forget(stage)
-                    self._versions[stage] = entry.model_version
+                    self._versions[stage] = served
         self.metrics.canary_weight.set(self.router.table.canary_weight)
 
     async def _model(self, stage: Stage) -> ServedModel:
@@ -351,6 +352,7 @@ class DetectionService:
             detections=outcome.detections,
             timings_ms=timings,
             triage=(outcome.image_score, is_priority(outcome.image_score, self.settings.triage_threshold)),
+            variant=model.variant,
         )
         record = ResultRecord(request_id, response, up.image.source_format, up.data)
         return DetectionReply(record, outcome, up.image.study_uid, up.image.sop_uid)

@@ -17,6 +17,7 @@ from pathlib import Path
 from core.errors import StageFileError
 from core.stage_file import read_stage_file
 from core.stages import STAGES, Stage
+from core.variants import DEFAULT_VARIANT
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class StageModel:
     model_name: str
     model_version: str
     canary_weight: int = 0
+    variant: str = DEFAULT_VARIANT
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ def _read_stage(gitops_dir: Path, stage: Stage) -> StageModel | None:
         model_name=data.model_name,
         model_version=data.model_version,
         canary_weight=int(data.canary_weight or 0),
+        variant=data.variant,
     )
 
 

@@ -5,8 +5,9 @@ Two variants of one model, identical to the gateway (name, tensors, batching wit
 policy, contract parameters):
 
 - ``onnxruntime`` (:data:`CLUSTER`): ``platform: "onnxruntime_onnx"`` on the GPU
-  (``KIND_GPU``) with the TensorRT execution accelerator in FP16; what
-  ``delivery.reconcile.publish_repository`` puts in each stage's ``s3://`` repository;
+  (``KIND_GPU``), with the TensorRT execution accelerator in FP16 when the stage serves the
+  ``fp16-trt`` precision variant (``core/variants.py``; fp32 and int8 run on CUDA as they are);
+  what ``delivery.reconcile.publish_repository`` puts in each stage's ``s3://`` repository;
 - ``python`` (:data:`ONE_MACHINE`): ``backend: "python"`` on the CPU with
   :mod:`serving.inference.triton_python.model` running the very same ONNX file in
   onnxruntime (the only backend the tritonserver in the nvidia-pytriton wheel carries).
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Literal
 
 from core.operating_points import CONFIG_PARAMETER
+from core.variants import DEFAULT_VARIANT, VARIANT_METADATA_KEY
+from core.variants import Variant as Precision
 from serving.contract import ModelContract, contract_from_metadata, read_onnx_metadata
 from serving.inference.operating_points import beside as operating_points_beside
 
@@ -53,10 +56,16 @@ class RepositoryOptions:
     tensorrt_cache_dir: str = "/tmp"  # a writable emptyDir in the cluster's Triton pod
 
     @classmethod
-    def for_variant(cls, variant: Variant, max_batch_size: int = 8) -> RepositoryOptions:
-        """A variant's defaults: the one-machine one on the CPU, the cluster one on the GPU with TensorRT."""
+    def for_variant(
+        cls, variant: Variant, max_batch_size: int = 8, precision: Precision = DEFAULT_VARIANT
+    ) -> RepositoryOptions:
+        """A variant's defaults: the one-machine one on the CPU, the cluster one on the GPU.
+
+        TensorRT FP16 only for the ``fp16-trt`` precision: it changes the numbers the model
+        computes, so it is served only where a stage file names it and its gate passed.
+        """
         if variant == CLUSTER:
-            return cls(max_batch_size=max_batch_size, gpu=True, tensorrt_fp16=True)
+            return cls(max_batch_size=max_batch_size, gpu=True, tensorrt_fp16=precision == "fp16-trt")
         return cls(max_batch_size=max_batch_size)
 
 
@@ -158,6 +167,7 @@ def build_repository(
     model_version: str | None = None,
     options: RepositoryOptions | None = None,
     dataset_version: str | None = None,
+    precision: Precision = DEFAULT_VARIANT,
 ) -> Path:
     """Write ``<repo_dir>/<model_name>/{config.pbtxt,<version>/model.onnx[,model.py]}``; return the model dir.
 
@@ -167,10 +177,12 @@ def build_repository(
     ``operating_points.json`` beside the ONNX (measured on that file) goes into the config's
     ``cxr_operating_points`` parameter, where the gateway finds the per-class thresholds.
     Without ``options`` the variant's defaults apply (:meth:`RepositoryOptions.for_variant`).
+    ``precision``: the serving variant ``onnx_path`` is (fp32, int8, fp16-trt), named in the
+    config's ``cxr_variant`` parameter, which the gateway reports with each answer.
     """
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model {onnx_path} does not exist")
-    opts = options or RepositoryOptions.for_variant(variant, max_batch_size)  # explicit options win
+    opts = options or RepositoryOptions.for_variant(variant, max_batch_size, precision)  # explicit win
     contract = contract_from_metadata(read_onnx_metadata(onnx_path))
     model_dir = repo_dir / model_name
     if model_dir.exists():
@@ -180,7 +192,9 @@ def build_repository(
     shutil.copyfile(onnx_path, version_dir / "model.onnx")
     if variant == "python":
         shutil.copyfile(_PYTHON_MODEL, version_dir / "model.py")
-    extra = {"cxr_dataset_version": dataset_version} if dataset_version else {}
+    extra: dict[str, str] = {VARIANT_METADATA_KEY: precision}
+    if dataset_version:
+        extra["cxr_dataset_version"] = dataset_version
     ops = operating_points_beside(onnx_path)
     if ops is not None:  # the gateway reads them with the contract, per loaded version
         extra[CONFIG_PARAMETER] = ops.to_json()
@@ -191,13 +205,14 @@ def build_repository(
             model_name=model_name,
             model_version=model_version or str(version),
             options=opts,
-            extra_parameters=extra or None,
+            extra_parameters=extra,
         )
     )
     log.info(
-        "triton_repo_built model=%s variant=%s dir=%s operating_points=%s",
+        "triton_repo_built model=%s variant=%s precision=%s dir=%s operating_points=%s",
         model_name,
         variant,
+        precision,
         model_dir,
         "yes" if ops is not None else "none",
     )

@@ -51,6 +51,7 @@ async def list_models(state: StateDep, principal: OperatorDep) -> JSONResponse:
         info: dict[str, Any] = {
             "model_name": entry.model_name if entry else state.settings.model_name,
             "routing_version": entry.model_version if entry else "",
+            "routing_variant": entry.variant if entry else "",
             "weight": table.canary_weight
             if stage == "canary"
             else (100 - table.canary_weight if stage == "production" else 0),
@@ -59,6 +60,7 @@ async def list_models(state: StateDep, principal: OperatorDep) -> JSONResponse:
         try:
             served = await state.backend.model(stage)
             info["served_version"] = served.version
+            info["variant"] = served.variant
             info["imgsz"] = list(served.contract.imgsz)
             # the per-class thresholds /v1/detect applies by default, and the calibration it returns
             info["operating_points"] = describe_operating_points(

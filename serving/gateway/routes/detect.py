@@ -74,7 +74,12 @@ async def detect(
     [payload] = await image_payloads(request, state.settings.max_body_bytes)
     [reply] = await state.detector.detect([payload], conf=conf, forced=forced, tenant=principal.tenant)
     _annotate(request, reply)
-    headers = {"X-CXR-Stage": reply.outcome.stage, "X-CXR-Model-Version": reply.outcome.model.version}
+    model = reply.outcome.model
+    headers = {
+        "X-CXR-Stage": reply.outcome.stage,
+        "X-CXR-Model-Version": model.version,
+        "X-CXR-Model-Variant": model.variant,
+    }
     if format == "sr":
         if reply.record.source_format != "dicom":
             raise Conflict("format=sr needs a DICOM input: an SR must reference a DICOM source image")

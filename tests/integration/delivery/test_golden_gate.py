@@ -150,7 +150,7 @@ def test_without_a_pinned_golden_set_the_gate_fails_unless_the_policy_allows_it(
             policy=GoldenPolicy(required=required),
             candidate="2",
             production="1",
-            onnx_for=lambda v: tmp_path / f"{v}.onnx",
+            onnx_for=lambda v, _variant: tmp_path / f"{v}.onnx",
         )
 
     refused = gate(True)
@@ -162,6 +162,6 @@ def test_without_a_pinned_golden_set_the_gate_fails_unless_the_policy_allows_it(
         policy=GoldenPolicy(),
         candidate="1",
         production="",
-        onnx_for=lambda v: tmp_path,
+        onnx_for=lambda v, _variant: tmp_path,
     )
     assert first.result.passed and "no production model yet" in first.result.observed

@@ -122,8 +122,7 @@ def test_two_workers_train_in_sync_on_disjoint_shards_and_register_a_traceable_v
     assert evaluated["backend"] == "onnx" and evaluated["images"] == 8
     assert evaluated["map50"] == pytest.approx(float(version.tags["map50"]), abs=1e-6)
 
-    # [5] `cxr train quantize`: an INT8 file next to the run, its drop printed, the registry untouched
-    int8_file = tmp_path / "model.int8.onnx"
+    # [5] `cxr train quantize`: the INT8 variant attached to the same version, file and figures
     versions_before = len(client.search_model_versions("name='cxr-detector'"))
     result = CliRunner().invoke(
         app,
@@ -133,12 +132,19 @@ def test_two_workers_train_in_sync_on_disjoint_shards_and_register_a_traceable_v
             outcome.model_version,
             "--dataset",
             str(tiny_dataset_dir),
-            "--out",
-            str(int8_file),
             "--calibration-images",
             "4",
         ],
     )
     assert result.exit_code == 0, result.output
-    assert int8_file.is_file() and "NOT registered" in " ".join(result.output.split())  # rich wraps
-    assert len(client.search_model_versions("name='cxr-detector'")) == versions_before
+    assert "attached to v" in " ".join(result.output.split())  # rich wraps
+    assert len(client.search_model_versions("name='cxr-detector'")) == versions_before  # no new version
+    tags = client.get_model_version("cxr-detector", outcome.model_version).tags
+    assert tags["variants"] == "fp32,int8"
+    int8_file = ModelRegistry.from_settings(settings).download_onnx(
+        outcome.model_version, tmp_path / "int8", "int8"
+    )
+    assert file_sha256(int8_file) == tags["variant_int8_sha256"] != tags["onnx_sha256"]
+    drop = float(tags["variant_int8_map50"]) - float(tags["map50"])
+    assert float(tags["variant_int8_map50_drop"]) == pytest.approx(-drop, abs=1e-5)
+    assert 0.0 <= float(tags["variant_int8_score_max_abs_diff"]) < 1.0

@@ -87,14 +87,16 @@ class FakeRegistry:
         self.models = models
         self.operating_points: dict[str, str] = {}  # version -> artifact JSON (none: trained before them)
         self.asked: list[str] = []
+        self.variants: list[str] = []  # the serving variant of each ONNX download
 
-    def download_onnx(self, version: str, dest: Path) -> Path:
+    def download_onnx(self, version: str, dest: Path, variant: str = "fp32") -> Path:
+        self.variants.append(variant)
         dest.mkdir(parents=True, exist_ok=True)
         out = dest / "model.onnx"
         out.write_bytes(self.models[version].read_bytes())
         return out
 
-    def download_operating_points(self, version: str, dest: Path) -> Path | None:
+    def download_operating_points(self, version: str, dest: Path, variant: str = "fp32") -> Path | None:
         self.asked.append(version)
         if version not in self.operating_points:
             return None
@@ -126,9 +128,10 @@ def cluster(
     return ctx, FakeStore(), FakeRegistry(models)
 
 
-def set_version(ctx: DeliveryContext, stage: str, version: str) -> None:
+def set_version(ctx: DeliveryContext, stage: str, version: str, variant: str = "fp32") -> None:
     weight = {"canary_weight": 10} if stage == "canary" else {}
-    write_stage_file(ctx.gitops_dir, StageFile(stage=stage, model_version=version, **weight))  # type: ignore[arg-type]
+    content = StageFile(stage=stage, model_version=version, variant=variant, **weight)  # type: ignore[arg-type]
+    write_stage_file(ctx.gitops_dir, content)
 
 
 def published_config(store: FakeStore, stage: str) -> mc.ModelConfig:
@@ -151,9 +154,18 @@ def test_sync_hook_publishes_the_gpu_variant_version_first_and_loads_nothing(clu
     config = published_config(store, "production")
     assert config.platform == "onnxruntime_onnx"
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert config.parameters["cxr_model_version"].string_value == "5"
+    # fp32 is served as it was measured: no TensorRT FP16 unless the stage file names that variant
+    assert config.parameters["cxr_variant"].string_value == "fp32"
+    assert not config.optimization.execution_accelerators.gpu_execution_accelerator
+
+    set_version(ctx, "production", "5", variant="fp16-trt")
+    assert rec.publish_stage(ctx, "production", registry=registry, store=store).action == "published"
+    config = published_config(store, "production")
     trt = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert (trt.name, trt.parameters["precision_mode"]) == ("tensorrt", "FP16")
-    assert config.parameters["cxr_model_version"].string_value == "5"
+    assert config.parameters["cxr_variant"].string_value == "fp16-trt"
+    assert registry.variants == ["fp32", "fp16-trt"]  # each variant's own artifact
 
 
 def test_sync_hook_is_idempotent_and_a_rollback_replaces_the_newer_version(cluster: Any) -> None:

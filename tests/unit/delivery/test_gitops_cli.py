@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import typer
@@ -109,8 +109,9 @@ def test_promote_reports_each_gate_with_its_verdict_as_a_log_line(stage_repo: Pa
     gates = _gate_lines(result.stdout)
     assert gates[0].startswith('event=promote_gate stage=staging version=4 gate="onnx parity" verdict=pass ')
     assert 'gate="mAP@0.5 floor" verdict=pass observed="map50=0.5" expected=">= 0"' in gates[1]
-    assert [g.split(" verdict=")[1].split()[0] for g in gates[:4]] == ["pass"] * 4
-    assert gates[4] == "event=promote_gates stage=staging version=4 verdict=pass gates=4 failed=0 warnings=0"
+    assert [g.split(" verdict=")[1].split()[0] for g in gates[:5]] == ["pass"] * 5
+    assert 'gate="variant fp32" verdict=pass' in gates[4]
+    assert gates[5] == "event=promote_gates stage=staging version=4 verdict=pass gates=5 failed=0 warnings=0"
     assert "- onnx parity: pass" in result.stdout  # the report a person reads is still printed
     assert _Registry.aliases == {"staging": "4"}
 
@@ -124,5 +125,118 @@ def test_promote_logs_the_failed_gate_before_refusing(stage_repo: Path) -> None:
     gates = _gate_lines(result.stdout)
     failed = 'gate="onnx parity" verdict=fail observed="parity_max_abs_diff=0.5" expected="<= 0.001"'
     assert failed in gates[0]
-    assert gates[-1].startswith("event=promote_gates stage=staging version=4 verdict=fail gates=4 failed=1")
+    assert gates[-1].startswith("event=promote_gates stage=staging version=4 verdict=fail gates=5 failed=1")
     assert _Registry.aliases == {}
+
+
+def _promote_variant(repo: Path, variant: str) -> Any:
+    args = ["promote", "4", "--to", "staging", "--variant", variant, "--no-apply", "--gitops-dir", str(repo)]
+    return runner.invoke(app, args)
+
+
+def _head(repo: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
+
+
+_INT8 = {
+    "parity_max_abs_diff": "1e-05",
+    "map50": "0.5",
+    "map40": "0.4",
+    "variants": "fp32,int8",
+    "variant_int8_map50_drop": "0.004",
+    "variant_int8_map40_drop": "-0.002",
+    "variant_int8_score_max_abs_diff": "0.03",
+}
+
+
+def test_an_int8_variant_within_the_limits_is_promoted_and_named_in_the_stage_file(stage_repo: Path) -> None:
+    from core.stage_file import read_stage_file
+
+    _Registry.tags = dict(_INT8)
+    result = runner.invoke(
+        app,
+        [
+            "promote",
+            "4",
+            "--to",
+            "staging",
+            "--variant",
+            "int8",
+            "--no-apply",
+            "--gitops-dir",
+            str(stage_repo),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        'gate="variant int8" verdict=pass observed="mAP@0.5 drop +0.0040, mAP@0.4 drop -0.0020'
+        in result.stdout
+    )
+    staged = read_stage_file(stage_repo, "staging")
+    assert (staged.model_version, staged.variant) == ("4", "int8")
+    log = subprocess.run(["git", "log", "-1", "--format=%B"], cwd=stage_repo, capture_output=True, text=True)
+    assert log.stdout.startswith("promote cxr-detector 4 (int8) to staging (was none)")
+    assert "Cxr-Variant: int8" in log.stdout
+
+
+@pytest.mark.parametrize(
+    ("tags", "why"),
+    [
+        ({"variant_int8_map50_drop": "0.02"}, "mAP@0.5 drop +0.0200"),
+        ({"variant_int8_map40_drop": "0.011"}, "mAP@0.4 drop +0.0110"),
+        ({"variant_int8_score_max_abs_diff": "0.25"}, "class-score parity 0.2500"),
+        ({"variants": "fp32"}, "carries fp32 only; build int8 with `cxr train quantize`"),
+        ({"variant_int8_map50_drop": ""}, "variant_int8_map50_drop missing"),
+    ],
+)
+def test_a_variant_over_the_limit_or_never_measured_is_refused_with_its_figures(
+    stage_repo: Path, tags: dict[str, str], why: str
+) -> None:
+    from core.stage_file import read_stage_file
+
+    _Registry.tags = {**_INT8, **tags}
+    if tags.get("variant_int8_map50_drop") == "":
+        del _Registry.tags["variant_int8_map50_drop"]
+    head = _head(stage_repo)
+    result = runner.invoke(
+        app,
+        [
+            "promote",
+            "4",
+            "--to",
+            "staging",
+            "--variant",
+            "int8",
+            "--no-apply",
+            "--gitops-dir",
+            str(stage_repo),
+        ],
+    )
+    assert result.exit_code == GATE_EXIT
+    [line] = [g for g in _gate_lines(result.stdout) if 'gate="variant int8"' in g]
+    assert "verdict=fail" in line and why in line, line
+    assert "- variant int8: FAIL" in result.stdout  # the report a person reads names it too
+    assert read_stage_file(stage_repo, "staging").model_version == ""  # nothing changed
+    after = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=stage_repo, capture_output=True, text=True
+    ).stdout
+    assert after == head
+
+
+def test_an_unknown_variant_lists_the_valid_ones(stage_repo: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "promote",
+            "4",
+            "--to",
+            "staging",
+            "--variant",
+            "fp8",
+            "--no-apply",
+            "--gitops-dir",
+            str(stage_repo),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "unknown serving variant 'fp8'; use one of fp32, int8, fp16-trt" in result.output

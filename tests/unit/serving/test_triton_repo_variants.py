@@ -29,7 +29,9 @@ def params(config: mc.ModelConfig) -> dict[str, str]:
 def test_cluster_variant_runs_onnxruntime_on_the_gpu_with_tensorrt_fp16(
     onnx_model: Path, tmp_path: Path
 ) -> None:
-    model_dir = build_repository(onnx_model, tmp_path, variant=CLUSTER, version=4, model_version="4")
+    model_dir = build_repository(
+        onnx_model, tmp_path, variant=CLUSTER, version=4, model_version="4", precision="fp16-trt"
+    )
     config = parse(model_dir)
     assert config.platform == "onnxruntime_onnx" and config.backend in ("", "onnxruntime")
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1)]
@@ -46,10 +48,22 @@ def test_cluster_variant_runs_onnxruntime_on_the_gpu_with_tensorrt_fp16(
     contract = json.loads(params(config)["cxr_contract"])
     assert contract["imgsz"] == [128, 128] and len(contract["class_names"]) == 14
     assert params(config)["cxr_model_version"] == "4"
+    assert params(config)["cxr_variant"] == "fp16-trt"
     # TensorRT engines are built while the version loads, for batch 1 and the largest batch
     assert sorted(w.batch_size for w in config.model_warmup) == [1, 8]
     assert all(list(w.inputs["images"].dims) == [3, 128, 128] for w in config.model_warmup)
     assert sorted(p.name for p in model_dir.rglob("*") if p.is_file()) == ["config.pbtxt", "model.onnx"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_cluster_serves_fp32_and_int8_as_measured_without_tensorrt_fp16(
+    onnx_model: Path, tmp_path: Path, precision: str
+) -> None:
+    """TensorRT FP16 changes the numbers: only a stage file naming fp16-trt (gated) gets it."""
+    config = parse(build_repository(onnx_model, tmp_path, variant=CLUSTER, precision=precision))  # type: ignore[arg-type]
+    assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1)]
+    assert not config.HasField("optimization") and not config.model_warmup
+    assert params(config)["cxr_variant"] == precision
 
 
 def test_one_machine_variant_stays_the_python_backend_on_the_cpu(onnx_model: Path, tmp_path: Path) -> None:

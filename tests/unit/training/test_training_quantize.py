@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
+from core.operating_points import OPERATING_POINTS_FILE, OperatingPoints
 from training.config import EvalConfig
 from training.dataset import DatasetRef
 from training.errors import TrainingError
@@ -47,7 +48,9 @@ def test_int8_model_is_quantized_keeps_the_contract_and_scores_in_float(
     assert a.shape == b.shape
     assert result.max_abs_diff == pytest.approx(float(np.abs(a - b).max()), rel=1e-5)
     # class scores (rows 4..) stay float sigmoids: int8 moves them, not by a uint8 step over 0..imgsz
-    assert float(np.abs(a[:, 4:] - b[:, 4:]).max()) < 0.2
+    assert result.score_max_abs_diff == pytest.approx(float(np.abs(a[:, 4:] - b[:, 4:]).max()), abs=1e-6)
+    assert result.score_max_abs_diff < 0.2
+    assert meta["cxr_variant"] == "int8"  # the gateway names the variant that answered from this
 
     report = evaluate(int8, dataset, EvalConfig(), split="test", latency=False)
     assert 0.0 <= report.map50 <= 1.0
@@ -58,7 +61,7 @@ def test_int8_without_calibration_images_is_a_clear_error(exported: Path, tmp_pa
         quantize_int8(exported, tmp_path / "model.int8.onnx", [])
 
 
-def test_training_run_reports_int8_only_when_asked_and_never_registers_it(
+def test_training_run_builds_the_int8_variant_only_when_asked_with_its_figures_as_tags(
     exported: Path, dataset: DatasetRef, tmp_path: Path
 ) -> None:
     from core.hashing import file_sha256
@@ -73,8 +76,24 @@ def test_training_run_reports_int8_only_when_asked_and_never_registers_it(
     on = TrainConfig.model_validate({"eval": {"int8": True, "int8_calibration_images": 3}})
     got = _quantize_and_evaluate(on, dataset, export, fp32_report, tmp_path)
     assert got is not None
-    assert got.result.calibration_images == 3 and got.result.onnx_path.is_file()
-    assert got.result.sha256 != export.sha256
-    assert got.report.backend == "onnx" and got.fp32_report is fp32_report
-    summary, metrics = got.summary(), got.metrics()
-    assert summary["map50"] == got.report.map50 and "int8/map50_drop" in metrics
+    outcome = got.outcome
+    assert outcome.result.calibration_images == 3 and outcome.result.onnx_path == got.folder / "model.onnx"
+    assert outcome.result.sha256 != export.sha256
+    assert outcome.report.backend == "onnx" and outcome.fp32_report is fp32_report
+    summary, metrics = outcome.summary(), outcome.metrics()
+    assert summary["map50"] == outcome.report.map50 and "int8/map50_drop" in metrics
+    # the variant's own operating points, measured on the INT8 file (the gateway checks the sha256)
+    ops = OperatingPoints.from_json((got.folder / OPERATING_POINTS_FILE).read_text())
+    assert ops.onnx_sha256 == outcome.result.sha256
+    tags = got.figures.tags()
+    assert tags["variants"] == "fp32,int8" and tags["variant_int8_sha256"] == outcome.result.sha256
+    assert float(tags["variant_int8_map50_drop"]) == pytest.approx(
+        fp32_report.map50 - outcome.report.map50, abs=1e-6
+    )
+    assert float(tags["variant_int8_map40_drop"]) == pytest.approx(
+        fp32_report.map40 - outcome.report.map40, abs=1e-6
+    )
+    assert float(tags["variant_int8_score_max_abs_diff"]) == pytest.approx(
+        outcome.result.score_max_abs_diff, abs=1e-6
+    )
+    assert got.figures.tags(carried="fp32,int8")["variants"] == "fp32,int8"  # rebuilt: not listed twice
