@@ -177,8 +177,8 @@ class GatewayMetrics:
         )
         self.model_info = Gauge(
             "cxr_model_info",
-            "Model each stage serves (value 1)",
-            ["stage", "model_name", "model_version"],
+            "Model each stage serves (value 1), with its serving variant (fp32, int8, fp16-trt)",
+            ["stage", "model_name", "model_version", "variant"],
             registry=r,
         )
         self.stage_ready = Gauge(
@@ -213,11 +213,14 @@ class GatewayMetrics:
                 if sample.labels.get("stage") == stage:
                     _remove(gauge, *sample.labels.values())
 
-    def set_model_info(self, stage: str, name: str, version: str) -> None:
+    def set_model_info(self, stage: str, name: str, version: str, variant: str = "fp32") -> None:
+        """One series per stage: the previous version's (or variant's) is removed."""
+        keep = (stage, name, version, variant)
         for sample in next(iter(self.model_info.collect())).samples:
-            if sample.labels.get("stage") == stage and sample.labels.get("model_version") != version:
-                self.model_info.remove(stage, sample.labels["model_name"], sample.labels["model_version"])
-        self.model_info.labels(stage, name, version).set(1)
+            labels = tuple(sample.labels[k] for k in ("stage", "model_name", "model_version", "variant"))
+            if labels[0] == stage and labels != keep:
+                self.model_info.remove(*labels)
+        self.model_info.labels(*keep).set(1)
 
 
 def _remove(gauge: Gauge, *labels: str) -> None:

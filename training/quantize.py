@@ -1,13 +1,13 @@
-"""Optional INT8 post-training quantization of the exported ONNX, reported and never registered.
+"""INT8 post-training quantization of the exported ONNX: the ``int8`` serving variant's file.
 
 ONNX Runtime's static quantization (``onnxruntime.quantization``, QDQ format,
-per-channel int8 weights, uint8 activations) calibrated on validation images.
-The result is an artifact of the training run, with its numbers in
-``evaluation.json`` and MLflow: max |fp32 ORT - int8 ORT| on raw outputs, the
-mAP of the same evaluation code, and the drop against the fp32 export. It is
-never registered: the registry's ``onnx_sha256`` stays the fp32 file whose
-parity with PyTorch passed, so an INT8 model can only be served by someone who
-read its drop and chose it.
+per-channel int8 weights, uint8 activations) calibrated on validation images,
+with its numbers: max |fp32 ORT - int8 ORT| on raw outputs and on the class
+scores, the mAP of the same evaluation code, and the drop against the fp32
+export. The registry's ``onnx_sha256`` stays the fp32 file whose parity with
+PyTorch passed; :mod:`training.variants` attaches the INT8 file beside it as a
+variant, which a stage serves only when its file names it and the variant gate
+(delivery/gates.py) has read the drop.
 
 The detection head's decoding (DFL softmax, sigmoid, the concat of pixel boxes
 with 0..1 class scores) stays in float: one uint8 scale over an output whose

@@ -147,7 +147,7 @@ class DetectionService:
         version = served.version or self.router.table.version(stage)
         if version != served.version:
             served = dataclasses.replace(served, version=version)
-        self.metrics.set_model_info(stage, served.name, served.version)
+        self.metrics.set_model_info(stage, served.name, served.version, served.variant)
         return served
 
     async def served_model(self, stage: Stage) -> ServedModel:
