@@ -201,6 +201,7 @@ def _promote(
         PromotionRequest(
             canary.model_version,
             "production",
+            variant=canary.variant,  # production serves what the canary analysis judged
             push=opts.push,
             remote=opts.remote,
             publish=opts.publish,

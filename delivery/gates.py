@@ -175,14 +175,23 @@ def latency_gate(p95_ms: float | None, policy: GatePolicy) -> GateResult:
     )
 
 
-def production_gates(version: str, canary_version: str, verdict: str, summary: str) -> list[GateResult]:
-    """The canary analysis passed for exactly this version."""
+def production_gates(
+    version: str,
+    canary_version: str,
+    verdict: str,
+    summary: str,
+    *,
+    variant: Variant = DEFAULT_VARIANT,
+    canary_variant: Variant = DEFAULT_VARIANT,
+) -> list[GateResult]:
+    """The canary analysis passed for exactly this version, served as this variant."""
+    serves = f"{canary_version} ({canary_variant})" if canary_version else "nothing"
     return [
         GateResult(
             "serving as canary",
-            canary_version == version,
-            f"canary serves {canary_version or 'nothing'}",
-            f"version {version}",
+            (canary_version, canary_variant) == (version, variant),
+            f"canary serves {serves}",
+            f"version {version} ({variant})",
         ),
         GateResult("canary analysis", verdict == "pass", f"{verdict}: {summary}", "pass"),
     ]

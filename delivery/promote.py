@@ -181,11 +181,18 @@ def evaluate_gates(
             *latency,
         ]
         return GateReport(stage, version, results, golden.table), golden
-    canary_version = read_stage_file(ctx.gitops_dir, "canary").model_version
+    canary_file = read_stage_file(ctx.gitops_dir, "canary")
 
     def from_analysis() -> list[GateResult]:
         result = analysis or analyze_current_canary(ctx.prometheus_url, policy.canary, ctx.gitops_dir)
-        return production_gates(version, canary_version, result.verdict, result.summary())
+        return production_gates(
+            version,
+            canary_file.model_version,
+            result.verdict,
+            result.summary(),
+            variant=variant,
+            canary_variant=canary_file.variant,
+        )
 
     results = [
         *_guarded("canary analysis", from_analysis),

@@ -79,3 +79,11 @@ def test_production_gate_needs_this_version_in_canary_and_a_passed_analysis() ->
     assert all(r.passed for r in production_gates("3", "3", "pass", "ok"))
     assert not production_gates("3", "2", "pass", "ok")[0].passed
     assert not production_gates("3", "3", "inconclusive", "too little traffic")[1].passed
+
+
+def test_production_gate_needs_the_variant_the_canary_analysis_judged() -> None:
+    """An INT8 canary's traffic says nothing of fp32, and the other way round."""
+    assert production_gates("3", "3", "pass", "ok", variant="int8", canary_variant="int8")[0].passed
+    refused = production_gates("3", "3", "pass", "ok", variant="fp32", canary_variant="int8")[0]
+    assert not refused.passed
+    assert (refused.observed, refused.expected) == ("canary serves 3 (int8)", "version 3 (fp32)")
