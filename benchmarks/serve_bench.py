@@ -258,14 +258,14 @@ async def _load(send: Callable[[Any], Any], clients: int, duration_s: float, ram
     import httpx
 
     latencies: list[float] = []
-    errors = 0
+    errors = served = 0
     counted_from = time.perf_counter() + ramp_s
     deadline = counted_from + duration_s
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
 
         async def worker() -> None:
-            nonlocal errors
+            nonlocal errors, served
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
                 try:
@@ -274,25 +274,36 @@ async def _load(send: Callable[[Any], Any], clients: int, duration_s: float, ram
                 except httpx.HTTPError:
                     ok = False
                 end = time.perf_counter()
+                served += ok
                 if not ok:
                     errors += 1
                 elif counted_from <= end <= deadline:
                     latencies.append(end - start)
 
         await asyncio.gather(*(worker() for _ in range(clients)))
-    return {"errors": errors, "elapsed_s": duration_s, "latencies_s": latencies}
+    return {"errors": errors, "elapsed_s": duration_s, "latencies_s": latencies, "served": served}
 
 
 def _merge(windows: list[dict[str, Any]]) -> dict[str, Any]:
     """One figure from several load windows: requests finished in steady state over its time."""
     latencies = [x for w in windows for x in w["latencies_s"]]
     elapsed = sum(w["elapsed_s"] for w in windows)
-    return {
+    merged = {
         "rps": round(len(latencies) / elapsed, 3) if elapsed else 0.0,
         "requests": len(latencies),
         "errors": sum(w["errors"] for w in windows),
         **percentiles(latencies),
     }
+    served, cpu_s = sum(w.get("served", 0) for w in windows), sum(w.get("cpu_s", 0.0) for w in windows)
+    if served and cpu_s:  # the server process's own CPU (user + system) per answered request
+        merged["cpu_ms_per_request"] = round(1000 * cpu_s / served, 1)
+    return merged
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (its threads included), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _sequential(send: Callable[[], Any], n: int, warmup: int = 3) -> list[float]:
@@ -457,17 +468,25 @@ def alternating_windows(
     ramp_s: float,
     rounds: int,
     between: Callable[[], None] = lambda: None,
+    pids: dict[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``rounds`` load windows per server, every server once per round, merged per server.
 
     Round after round rather than one server's windows in a row, so that a burst of
     load from another process on a shared machine lands on every side alike;
-    ``between`` (the ORT-alone slices) runs once a round for the same reason.
+    ``between`` (the ORT-alone slices) runs once a round for the same reason. With
+    ``pids``, each server process's CPU time over its windows is counted too: CPU per
+    request, set beside ORT's CPU per image, is the per-request cost outside inference.
     """
     windows: dict[str, list[dict[str, Any]]] = {name: [] for name in senders}
     for _ in range(rounds):
         for name, send in senders.items():
-            windows[name].append(asyncio.run(_load(send, clients, window_s, ramp_s)))
+            pid = (pids or {}).get(name)
+            before = process_cpu_s(pid) if pid else 0.0
+            window = asyncio.run(_load(send, clients, window_s, ramp_s))
+            if pid:
+                window["cpu_s"] = process_cpu_s(pid) - before
+            windows[name].append(window)
         between()
     return {name: _merge(runs) for name, runs in windows.items()}
 
@@ -601,6 +620,7 @@ def run_serving_benchmarks(
             ramp_s,
             rounds,
             between=ort_slices,
+            pids={"fp32": gateway.proc.pid, "int8": gateway_int8.proc.pid, "naive": naive.proc.pid},
         )
     finally:
         for server in servers:
@@ -646,9 +666,31 @@ def run_serving_benchmarks(
         "ort_img_s_int8_one_thread_session_per_core": int8_ceiling,
         **variant_details,
     }
+    results["serving"]["cpu_account"] = {
+        "fp32": cpu_account(gw_load, ort_ceiling),
+        "int8": cpu_account(int8_load, int8_ceiling),
+        "naive": {"server_cpu_ms_per_request": naive_load.get("cpu_ms_per_request")},
+    }
     results["machine"] = {"cores": os.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version()}
     results["date"] = datetime.now(UTC).isoformat(timespec="seconds")
     return results
+
+
+def cpu_account(load: dict[str, Any], ort_img_s: float) -> dict[str, float | None]:
+    """Where a served request's CPU goes: the gateway's CPU per request beside ORT's per image.
+
+    ORT alone at ``ort_img_s`` with every core busy spends ``cores / ort_img_s`` core-seconds
+    an image; what the gateway spends beyond that per request (decode, letterbox, HTTP, the
+    journal, asyncio) is what keeps it below the ceiling.
+    """
+    served = load.get("cpu_ms_per_request")
+    ort = round(1000 * (os.cpu_count() or 1) / ort_img_s, 1) if ort_img_s else None
+    outside = round(served - ort, 1) if served is not None and ort is not None else None
+    return {
+        "gateway_cpu_ms_per_request": served,
+        "ort_cpu_ms_per_image": ort,
+        "outside_inference_ms": outside,
+    }
 
 
 def variant_figures(
@@ -724,6 +766,17 @@ def print_table(results: dict[str, Any]) -> None:
     console.print(
         f"ORT alone over the naive server (no decoding, no HTTP: the ceiling of the throughput ratio "
         f"with this model on this machine) = {s['ort_only_vs_naive_16c']}"
+    )
+    account = s["cpu_account"]
+    console.print(
+        "CPU per request (server process, user + system, over the load windows) vs ORT alone per image: "
+        + "; ".join(
+            f"{name} gateway {a['gateway_cpu_ms_per_request']} ms vs ORT {a['ort_cpu_ms_per_image']} ms "
+            f"(outside inference {a['outside_inference_ms']} ms)"
+            for name, a in account.items()
+            if name != "naive"
+        )
+        + f"; naive server {account['naive']['server_cpu_ms_per_request']} ms"
     )
     q = s["int8"]
     console.print(
