@@ -17,7 +17,7 @@ from rich.table import Table
 
 from core.errors import CxrError
 from core.progress import reporting
-from core.variants import VARIANTS_TAG, artifact_dir
+from core.variants import VARIANTS_TAG, artifact_dir, parse_variant
 from training.config import TrainSettings, load_config
 from training.dataset import DatasetRef
 from training.errors import TrainingError
@@ -174,7 +174,16 @@ def quantize_cmd(
     dataset: Annotated[
         str | None, typer.Option("--dataset", "-d", help="default: the version's dataset_version tag")
     ] = None,
-    calibration_images: Annotated[int, typer.Option("--calibration-images", min=1)] = 32,
+    calibration_images: Annotated[
+        int, typer.Option("--calibration-images", min=1, help="val images: INT8 calibration, parity check")
+    ] = 32,
+    variant: Annotated[
+        str,
+        typer.Option(
+            "--variant",
+            help="int8 (ONNX Runtime QDQ, any machine) or fp16-trt (needs onnxruntime-gpu with TensorRT)",
+        ),
+    ] = "int8",
     register: Annotated[
         bool,
         typer.Option(
@@ -183,11 +192,11 @@ def quantize_cmd(
         ),
     ] = True,
 ) -> None:
-    """INT8-quantize a registered version's ONNX (calibrated on val), measure it beside fp32 on the
-    same test split, and attach it to the version as its ``int8`` serving variant.
+    """Build a serving variant of a registered version (INT8 by default, calibrated on val), measure
+    it beside fp32 on the same test split, and attach it to the version.
 
-    Attaching serves nothing: a stage serves INT8 only after `cxr promote V --to STAGE --variant
-    int8`, whose variant gate reads the figures recorded here.
+    Attaching serves nothing: a stage serves it only after `cxr promote V --to STAGE --variant
+    NAME`, whose variant gate reads the figures recorded here.
     """
     settings = TrainSettings()
     _setup(settings)
@@ -199,39 +208,45 @@ def quantize_cmd(
 
     work = settings.work_dir / f"quantize-v{model_version}"
     try:
+        name = parse_variant(variant)
+    except ValueError as exc:
+        raise _fail(TrainingError(str(exc))) from exc
+    try:
+        if name == "fp32":
+            raise TrainingError("fp32 is the version's own export; build int8 or fp16-trt")
         data, onnx_path = _registered_onnx(settings, model_version, dataset, work)
         eval_config = EvalConfig()
         fp32 = evaluate(OrtPredictor.load(onnx_path), data, eval_config)
         built = build_variant(
-            "int8", onnx_path, work / artifact_dir("int8"), data, eval_config, fp32, calibration_images
+            name, onnx_path, work / artifact_dir(name), data, eval_config, fp32, calibration_images
         )
         if register:
             registry = ModelRegistry.from_settings(settings)
             carried = registry.facts(model_version).tags.get(VARIANTS_TAG, "fp32")
-            registry.attach_variant(model_version, "int8", built.folder, built.figures.tags(carried))
+            registry.attach_variant(model_version, name, built.folder, built.figures.tags(carried))
     except CxrError as exc:
         raise _fail(exc) from exc
-    outcome, figures = built.outcome, built.figures
-    table = Table(title=f"{settings.registered_model} v{model_version}: fp32 vs INT8 on {data.version}/test")
+    figures = built.figures
+    title = f"{settings.registered_model} v{model_version}: fp32 vs {name} on {data.version}/test"
+    table = Table(title=title)
     for col in ("variant", "mAP@0.5", "mAP@0.4", "mAP@0.5:0.95", "ms/img b1", "ms/img b8"):
         table.add_column(col, justify="right")
-    for name, r in (("fp32", outcome.fp32_report), ("int8", outcome.report)):
+    for label, r in (("fp32", built.fp32_report), (name, built.report)):
         table.add_row(
-            name,
+            label,
             *(f"{v:.4f}" for v in (r.map50, r.map40, r.map50_95)),
             *(f"{v:.2f}" if v is not None else "-" for v in (r.latency_ms_b1, r.latency_ms_b8)),
         )
     console.print(table)
     console.print(
-        f"INT8: mAP@0.5 drop {figures.map50_drop:+.4f}, mAP@0.4 drop {figures.map40_drop:+.4f}, "
-        f"max |fp32 - int8| class score {figures.score_max_abs_diff:.4f} "
-        f"on {outcome.result.calibration_images} val images; file {built.folder / 'model.onnx'} "
-        f"(sha256 {figures.sha256[:12]})."
+        f"{name}: mAP@0.5 drop {figures.map50_drop:+.4f}, mAP@0.4 drop {figures.map40_drop:+.4f}, "
+        f"max |fp32 - {name}| class score {figures.score_max_abs_diff:.4f} on up to "
+        f"{calibration_images} val images; file {built.folder / 'model.onnx'} (sha256 {figures.sha256[:12]})."
     )
     if register:
         console.print(
-            f"attached to v{model_version} as its int8 variant; serve it with "
-            f"`cxr promote {model_version} --to staging --variant int8` (the variant gate decides)"
+            f"attached to v{model_version} as its {name} variant; serve it with "
+            f"`cxr promote {model_version} --to staging --variant {name}` (the variant gate decides)"
         )
     else:
         console.print("not attached (--no-register): no stage can serve this file")

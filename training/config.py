@@ -92,7 +92,8 @@ class EvalConfig(_Strict):
     latency_repeats: int = Field(default=10, ge=1)
     opset: int | None = Field(default=None, description="ONNX opset; None lets ultralytics choose")
     int8: bool = Field(
-        default=False, description="also build the INT8 serving variant, measured vs fp32 (served only when promoted)"
+        default=False,
+        description="also build the INT8 serving variant, measured vs fp32 (served only when promoted)",
     )
     int8_calibration_images: int = Field(default=32, ge=1, description="val images that calibrate INT8")
     # operating points and confidence calibration, chosen on the val split (training/operating_points.py)

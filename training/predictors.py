@@ -70,14 +70,17 @@ class OrtPredictor:
     backend: str = "onnx"
 
     @classmethod
-    def load(cls, path: Path, threads: int = 0) -> OrtPredictor:
+    def load(cls, path: Path, threads: int = 0, providers: list[Any] | None = None) -> OrtPredictor:
+        """``providers``: ONNX Runtime's execution providers in order (default: the CPU, as served)."""
         import onnxruntime as ort
 
         if not path.is_file():
             raise TrainingError(f"ONNX file {path} does not exist")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+        )
         meta = session.get_modelmeta().custom_metadata_map
         imgsz, names = _contract_from_metadata(meta)
         return cls(session=session, imgsz=imgsz, class_names=names, input_name=session.get_inputs()[0].name)

@@ -218,7 +218,7 @@ def _write_reports(
         "pytorch": r.torch_report.model_dump(mode="json"),
         "onnx": r.onnx_report.model_dump(mode="json"),
         "parity": {"max_abs_diff": r.export.parity_max_abs_diff, "images": r.export.parity_images},
-        **({"int8": r.int8.outcome.summary()} if r.int8 else {}),
+        **({"int8": r.int8.outcome.summary()} if r.int8 and r.int8.outcome else {}),
         **({"operating_points": r.operating_points.model_dump(mode="json")} if r.operating_points else {}),
     }
     (eval_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
@@ -264,7 +264,7 @@ def _final_metrics(r: _Results) -> dict[str, float]:
         "train_seconds": r.dist.seconds,
     }
     if r.int8:
-        final.update(r.int8.outcome.metrics())
+        final.update(r.int8.outcome.metrics() if r.int8.outcome else {})
     final.update(subgroup_run_metrics(r.onnx_report.subgroups))  # test/subgroup/<attr>/<value>/...
     if r.operating_points:  # val/threshold/<class>, val/ece_{before,after}/<class>, val/ece_*_mean
         final.update(operating_point_metrics(r.operating_points))

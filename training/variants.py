@@ -1,9 +1,14 @@
 """Build a serving variant of a registered version and record its figures against fp32.
 
-Only ``int8`` can be built here (ONNX Runtime static QDQ on the CPU, :mod:`training.quantize`);
-``fp16-trt`` needs ONNX Runtime's TensorRT provider on a GPU machine and is refused with that
-said. The variant is evaluated with the same code, settings and test images as the fp32
-export, gets its own operating points chosen on val (thresholds and calibrator belong to one
+``int8`` is built anywhere (ONNX Runtime static QDQ on the CPU, :mod:`training.quantize`).
+``fp16-trt`` is the fp32 graph run by ONNX Runtime's TensorRT provider at FP16, as the cluster
+Triton runs it: it is measured only where that provider exists (onnxruntime-gpu with TensorRT
+on a GPU machine) and refused with that said elsewhere. No machine this project has had carries
+TensorRT, so that path has run here only up to its refusal and, with the CPU provider standing
+in, through :func:`measure_variant` in the unit tests.
+
+The variant is evaluated with the same code, settings and test images as the fp32 export,
+gets its own operating points chosen on val (thresholds and calibrator belong to one
 file: the gateway refuses points measured on another sha256), and its figures become version
 tags that delivery's variant gate reads (``core/variants.py`` names them).
 """
@@ -13,8 +18,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from core.variants import VARIANTS_TAG, Variant, variant_tag
+import numpy as np
+
+from core.variants import VARIANT_METADATA_KEY, VARIANTS_TAG, Variant, variant_tag
 from training.config import EvalConfig
 from training.dataset import DatasetRef
 from training.errors import TrainingError
@@ -41,18 +49,26 @@ class VariantFigures:
     latency_ms_b8: float | None
 
     @classmethod
-    def of_int8(cls, outcome: Int8Outcome) -> VariantFigures:
-        fp32, int8 = outcome.fp32_report, outcome.report
+    def measured(
+        cls, variant: Variant, sha256: str, report: EvalReport, fp32: EvalReport, score_diff: float
+    ) -> VariantFigures:
         return cls(
-            variant="int8",
-            sha256=outcome.result.sha256,
-            map50=int8.map50,
-            map40=int8.map40,
-            map50_drop=fp32.map50 - int8.map50,
-            map40_drop=fp32.map40 - int8.map40,
-            score_max_abs_diff=outcome.result.score_max_abs_diff,
-            latency_ms_b1=int8.latency_ms_b1,
-            latency_ms_b8=int8.latency_ms_b8,
+            variant=variant,
+            sha256=sha256,
+            map50=report.map50,
+            map40=report.map40,
+            map50_drop=fp32.map50 - report.map50,
+            map40_drop=fp32.map40 - report.map40,
+            score_max_abs_diff=score_diff,
+            latency_ms_b1=report.latency_ms_b1,
+            latency_ms_b8=report.latency_ms_b8,
+        )
+
+    @classmethod
+    def of_int8(cls, outcome: Int8Outcome) -> VariantFigures:
+        result = outcome.result
+        return cls.measured(
+            "int8", result.sha256, outcome.report, outcome.fp32_report, result.score_max_abs_diff
         )
 
     def tags(self, carried: str = "fp32") -> dict[str, str]:
@@ -82,7 +98,9 @@ class BuiltVariant:
 
     folder: Path
     figures: VariantFigures
-    outcome: Int8Outcome
+    report: EvalReport  # the variant on the test split, beside ``fp32_report``
+    fp32_report: EvalReport
+    outcome: Int8Outcome | None = None  # INT8's quantization details (evaluation.json, MLflow)
 
 
 def build_variant(
@@ -95,13 +113,19 @@ def build_variant(
     calibration_images: int = 32,
 ) -> BuiltVariant:
     """Build ``variant`` of ``fp32_onnx`` into ``folder`` and measure it like ``fp32_report`` was."""
-    if variant != "int8":
-        why = (
-            "it is fp32 itself"
-            if variant == "fp32"
-            else "it needs ONNX Runtime's TensorRT provider on a GPU machine, which this one lacks"
+    if variant == "fp32":
+        raise TrainingError("fp32 is the version's own export, not a variant to build")
+    if variant == "fp16-trt":
+        return measure_variant(
+            variant,
+            fp32_onnx,
+            folder,
+            dataset,
+            eval_config,
+            fp32_report,
+            providers=tensorrt_fp16_providers(folder / "trt-cache"),
+            parity_images=calibration_images,
         )
-        raise TrainingError(f"cannot build the {variant} variant here: {why}")
     folder.mkdir(parents=True, exist_ok=True)
     outcome = quantize_and_evaluate(
         fp32_onnx, folder / "model.onnx", dataset, eval_config, calibration_images, fp32_report
@@ -115,11 +139,81 @@ def build_variant(
         )
         write_operating_points(ops, folder)
     figures = VariantFigures.of_int8(outcome)
+    _log_built(figures)
+    return BuiltVariant(folder, figures, outcome.report, fp32_report, outcome)
+
+
+def tensorrt_fp16_providers(cache: Path) -> list[Any]:
+    """ONNX Runtime's TensorRT provider at FP16 with CUDA behind it, as the cluster Triton runs the
+    ``fp16-trt`` variant; a clear error where onnxruntime has no TensorRT (every CPU machine)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "TensorrtExecutionProvider" not in available:
+        raise TrainingError(
+            "the fp16-trt variant is measured with ONNX Runtime's TensorrtExecutionProvider, which this "
+            f"onnxruntime lacks (it has {', '.join(available)}): build it on a GPU machine with "
+            "onnxruntime-gpu and TensorRT, as the cluster Triton image has"
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    options = {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
+    return [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"]
+
+
+def measure_variant(
+    variant: Variant,
+    fp32_onnx: Path,
+    folder: Path,
+    dataset: DatasetRef,
+    eval_config: EvalConfig,
+    fp32_report: EvalReport,
+    *,
+    providers: list[Any],
+    parity_images: int = 32,
+) -> BuiltVariant:
+    """A variant that is the fp32 graph under other execution ``providers`` (TensorRT FP16).
+
+    The file is the fp32 export stamped with its variant (its own sha256, so its operating
+    points and caches never mix with fp32's); it is evaluated under ``providers`` with the
+    same code and test split as fp32, and its class scores compared with fp32's on the CPU on
+    the first val images.
+    """
+    import onnx
+
+    from core.hashing import file_sha256
+    from training.evaluate import evaluate, preprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "model.onnx"
+    model = onnx.load(str(fp32_onnx))
+    stamped = [p for p in model.metadata_props if p.key != VARIANT_METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(stamped)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = VARIANT_METADATA_KEY, variant
+    onnx.save(model, str(target))
+    sha256 = file_sha256(target)
+    predictor = OrtPredictor.load(target, providers=providers)
+    report = evaluate(predictor, dataset, eval_config)
+    images = (dataset.images("val") or dataset.images("test"))[:parity_images]
+    if not images:
+        raise TrainingError(f"the {variant} parity check needs val or test images; the dataset has none")
+    fp32 = OrtPredictor.load(fp32_onnx)
+    batch = np.stack([preprocess(p, fp32.imgsz)[0] for p in images])
+    score_diff = float(np.abs(fp32(batch)[:, 4:] - predictor(batch)[:, 4:]).max())
+    if dataset.images("val"):
+        ops = operating_points_on_split(predictor, dataset, eval_config, onnx_sha256=sha256)
+        write_operating_points(ops, folder)
+    figures = VariantFigures.measured(variant, sha256, report, fp32_report, score_diff)
+    _log_built(figures)
+    return BuiltVariant(folder, figures, report, fp32_report)
+
+
+def _log_built(figures: VariantFigures) -> None:
     log.info(
         "event=variant_built variant=%s map50_drop=%.4f map40_drop=%.4f score_max_abs_diff=%.4f",
-        variant,
+        figures.variant,
         figures.map50_drop,
         figures.map40_drop,
         figures.score_max_abs_diff,
     )
-    return BuiltVariant(folder, figures, outcome)
