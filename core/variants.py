@@ -34,6 +34,7 @@ VARIANT_FIGURES: tuple[str, ...] = (
     "map50_drop",
     "map40_drop",
     "score_max_abs_diff",
+    "finding_agreement",
     "latency_ms_b1",
     "latency_ms_b8",
 )

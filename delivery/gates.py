@@ -198,12 +198,13 @@ def production_gates(
 
 
 def variant_gate(candidate: VersionFacts, variant: Variant, policy: VariantPolicy) -> GateResult:
-    """The serving variant is as good as the fp32 export it was built from, on the same test images.
+    """The serving variant is as good as the fp32 export it was built from, on the same images.
 
     fp32 is the export whose parity with PyTorch the staging gate already judged. Any other
     variant must have been built and measured (``cxr train quantize``), lose at most
-    ``max_map_drop`` of mAP@0.5 and of mAP@0.4, and keep its class scores within
-    ``max_score_abs_diff`` of fp32's. Unlike the subgroup gate a missing figure fails: a
+    ``max_map_drop`` of mAP@0.5 and of mAP@0.4 on the test split, move no class score by more
+    than ``max_score_abs_diff`` (a broken conversion) and report the same findings as fp32 on
+    val images (``min_finding_agreement``). Unlike the subgroup gate a missing figure fails: a
     precision nobody measured never reaches patients.
     """
     name = f"variant {variant}"
@@ -211,7 +212,8 @@ def variant_gate(candidate: VersionFacts, variant: Variant, policy: VariantPolic
         return GateResult(name, True, "the fp32 export itself", "nothing to compare")
     expected = (
         f"mAP@0.5 and mAP@0.4 drop <= {policy.max_map_drop:g}, "
-        f"class-score parity <= {policy.max_score_abs_diff:g}"
+        f"class-score parity <= {policy.max_score_abs_diff:g}, "
+        f"finding agreement >= {policy.min_finding_agreement:g}"
     )
     carried = [v for v in candidate.tags.get(VARIANTS_TAG, "fp32").split(",") if v]
     if variant not in carried:
@@ -222,22 +224,21 @@ def variant_gate(candidate: VersionFacts, variant: Variant, policy: VariantPolic
             f"version {candidate.version} carries {', '.join(carried)} only; build {variant} with {how}",
             expected,
         )
-    figures = {k: candidate.number(variant_tag(variant, k)) for k in ("map50_drop", "map40_drop")}
-    parity = candidate.number(variant_tag(variant, "score_max_abs_diff"))
-    missing = [
-        variant_tag(variant, k) for k, v in {**figures, "score_max_abs_diff": parity}.items() if v is None
-    ]
+    keys = ("map50_drop", "map40_drop", "score_max_abs_diff", "finding_agreement")
+    figures = {k: candidate.number(variant_tag(variant, k)) for k in keys}
+    missing = [variant_tag(variant, k) for k, v in figures.items() if v is None]
     if missing:
         return GateResult(name, False, f"tags {', '.join(missing)} missing on the version", expected)
-    drop50, drop40 = figures["map50_drop"] or 0.0, figures["map40_drop"] or 0.0
+    drop50, drop40, parity, agreement = (figures[k] or 0.0 for k in keys)
     observed = (
-        f"mAP@0.5 drop {drop50:+.4f}, mAP@0.4 drop {drop40:+.4f}, "
-        f"on the test split; class-score parity {parity:.4f} on val images"
+        f"mAP@0.5 drop {drop50:+.4f}, mAP@0.4 drop {drop40:+.4f} on the test split; "
+        f"class-score parity {parity:.4f}, finding agreement {agreement:.3f} on val images"
     )
     tolerance = 1e-9  # the figures are rounded to 6 digits in the tags
     passed = (
         drop50 <= policy.max_map_drop + tolerance
         and drop40 <= policy.max_map_drop + tolerance
-        and (parity or 0.0) <= policy.max_score_abs_diff + tolerance
+        and parity <= policy.max_score_abs_diff + tolerance
+        and agreement >= policy.min_finding_agreement - tolerance
     )
     return GateResult(name, passed, observed, expected)

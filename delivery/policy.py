@@ -87,8 +87,13 @@ class VariantPolicy(BaseModel):
     max_map_drop: float = Field(
         0.01, ge=0, le=1, description="mAP@0.5 and mAP@0.4 may each drop at most this much vs fp32"
     )
+    # 0.2: twice what INT8 of the first real model moved one score (0.10-0.12) while reporting
+    # the same findings and losing no mAP (docs/benchmarks.md): a check for a broken conversion
     max_score_abs_diff: float = Field(
-        0.1, gt=0, le=1, description="parity: max |fp32 - variant| class score (0..1) on val images"
+        0.2, gt=0, le=1, description="parity: max |fp32 - variant| class score (0..1) on val images"
+    )
+    min_finding_agreement: float = Field(
+        0.9, ge=0, le=1, description="parity: share of findings both report at the serving threshold"
     )
 
 

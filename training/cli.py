@@ -240,8 +240,9 @@ def quantize_cmd(
     console.print(table)
     console.print(
         f"{name}: mAP@0.5 drop {figures.map50_drop:+.4f}, mAP@0.4 drop {figures.map40_drop:+.4f}, "
-        f"max |fp32 - {name}| class score {figures.score_max_abs_diff:.4f} on up to "
-        f"{calibration_images} val images; file {built.folder / 'model.onnx'} (sha256 {figures.sha256[:12]})."
+        f"max |fp32 - {name}| class score {figures.score_max_abs_diff:.4f}, finding agreement "
+        f"{figures.finding_agreement:.3f} on up to {calibration_images} val images; "
+        f"file {built.folder / 'model.onnx'} (sha256 {figures.sha256[:12]})."
     )
     if register:
         console.print(

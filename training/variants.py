@@ -35,6 +35,56 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Parity:
+    """How closely a variant's outputs follow fp32's on the same images."""
+
+    score_max_abs_diff: float  # the worst class score moved (0..1), over every anchor and class
+    finding_agreement: float  # min(share of fp32's findings the variant reports, and the reverse)
+    findings: int  # fp32's findings on those images (the agreement's sample size)
+    images: int
+
+
+def _same_findings(mine: np.ndarray, theirs: np.ndarray, iou: float) -> int:
+    """How many of ``mine`` (n, 6: box, conf, class) ``theirs`` also reports: same class, IoU >= ``iou``."""
+    if not len(mine) or not len(theirs):
+        return 0
+    lt = np.maximum(mine[:, None, :2], theirs[None, :, :2])
+    rb = np.minimum(mine[:, None, 2:4], theirs[None, :, 2:4])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+    ious = inter / (area(mine)[:, None] + area(theirs)[None, :] - inter + 1e-9)
+    same = (mine[:, None, 5] == theirs[None, :, 5]) & (ious >= iou)
+    return int(same.any(axis=1).sum())
+
+
+def parity(
+    fp32: OrtPredictor, variant: OrtPredictor, images: list[Path], cfg: EvalConfig, iou: float = 0.5
+) -> Parity:
+    """The variant's outputs against fp32's on ``images``: the worst class-score change, and whether
+    both report the same findings (same class, IoU >= 0.5) at the serving threshold.
+
+    The worst score change alone is a gross-breakage check: INT8 moves single high scores by
+    ~0.1 while reporting the same findings (measured: docs/benchmarks.md). Agreement is what a
+    reader of the report sees: each side's findings the other also reports, the smaller share.
+    """
+    from training.evaluate import detections, preprocess
+
+    if not images:
+        raise TrainingError("the variant parity check needs val or test images; the dataset has none")
+    batch = np.stack([preprocess(p, fp32.imgsz)[0] for p in images])
+    raw_fp32, raw_variant = fp32(batch), variant(batch)
+    score_diff = float(np.abs(raw_fp32[:, 4:] - raw_variant[:, 4:]).max())
+    found_fp32 = detections(raw_fp32, cfg, cfg.conf_threshold)
+    found_variant = detections(raw_variant, cfg, cfg.conf_threshold)
+    total_fp32 = sum(len(f) for f in found_fp32)
+    total_variant = sum(len(f) for f in found_variant)
+    kept = sum(_same_findings(a, b, iou) for a, b in zip(found_fp32, found_variant, strict=True))
+    gained = sum(_same_findings(b, a, iou) for a, b in zip(found_fp32, found_variant, strict=True))
+    shares = [kept / total_fp32 if total_fp32 else 1.0, gained / total_variant if total_variant else 1.0]
+    return Parity(score_diff, min(shares), total_fp32, len(images))
+
+
+@dataclass(frozen=True)
 class VariantFigures:
     """A variant measured beside its fp32 export on the same test images."""
 
@@ -44,13 +94,14 @@ class VariantFigures:
     map40: float
     map50_drop: float
     map40_drop: float
-    score_max_abs_diff: float  # parity: max |fp32 - variant| class score on the calibration (val) images
+    score_max_abs_diff: float  # parity: max |fp32 - variant| class score on the parity (val) images
+    finding_agreement: float  # parity: share of findings both report (see :func:`parity`)
     latency_ms_b1: float | None
     latency_ms_b8: float | None
 
     @classmethod
     def measured(
-        cls, variant: Variant, sha256: str, report: EvalReport, fp32: EvalReport, score_diff: float
+        cls, variant: Variant, sha256: str, report: EvalReport, fp32: EvalReport, parity: Parity
     ) -> VariantFigures:
         return cls(
             variant=variant,
@@ -59,16 +110,10 @@ class VariantFigures:
             map40=report.map40,
             map50_drop=fp32.map50 - report.map50,
             map40_drop=fp32.map40 - report.map40,
-            score_max_abs_diff=score_diff,
+            score_max_abs_diff=parity.score_max_abs_diff,
+            finding_agreement=parity.finding_agreement,
             latency_ms_b1=report.latency_ms_b1,
             latency_ms_b8=report.latency_ms_b8,
-        )
-
-    @classmethod
-    def of_int8(cls, outcome: Int8Outcome) -> VariantFigures:
-        result = outcome.result
-        return cls.measured(
-            "int8", result.sha256, outcome.report, outcome.fp32_report, result.score_max_abs_diff
         )
 
     def tags(self, carried: str = "fp32") -> dict[str, str]:
@@ -83,6 +128,7 @@ class VariantFigures:
             "map50_drop": round(self.map50_drop, 6),
             "map40_drop": round(self.map40_drop, 6),
             "score_max_abs_diff": round(self.score_max_abs_diff, 6),
+            "finding_agreement": round(self.finding_agreement, 6),
             "latency_ms_b1": self.latency_ms_b1,
             "latency_ms_b8": self.latency_ms_b8,
         }
@@ -130,15 +176,13 @@ def build_variant(
     outcome = quantize_and_evaluate(
         fp32_onnx, folder / "model.onnx", dataset, eval_config, calibration_images, fp32_report
     )
+    int8 = OrtPredictor.load(outcome.result.onnx_path)
     if dataset.images("val"):
-        ops = operating_points_on_split(
-            OrtPredictor.load(outcome.result.onnx_path),
-            dataset,
-            eval_config,
-            onnx_sha256=outcome.result.sha256,
-        )
+        ops = operating_points_on_split(int8, dataset, eval_config, onnx_sha256=outcome.result.sha256)
         write_operating_points(ops, folder)
-    figures = VariantFigures.of_int8(outcome)
+    images = (dataset.images("val") or dataset.images("test"))[:calibration_images]
+    checked = parity(OrtPredictor.load(fp32_onnx), int8, images, eval_config)
+    figures = VariantFigures.measured("int8", outcome.result.sha256, outcome.report, fp32_report, checked)
     _log_built(figures)
     return BuiltVariant(folder, figures, outcome.report, fp32_report, outcome)
 
@@ -181,7 +225,7 @@ def measure_variant(
     import onnx
 
     from core.hashing import file_sha256
-    from training.evaluate import evaluate, preprocess
+    from training.evaluate import evaluate
 
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.onnx"
@@ -196,24 +240,22 @@ def measure_variant(
     predictor = OrtPredictor.load(target, providers=providers)
     report = evaluate(predictor, dataset, eval_config)
     images = (dataset.images("val") or dataset.images("test"))[:parity_images]
-    if not images:
-        raise TrainingError(f"the {variant} parity check needs val or test images; the dataset has none")
-    fp32 = OrtPredictor.load(fp32_onnx)
-    batch = np.stack([preprocess(p, fp32.imgsz)[0] for p in images])
-    score_diff = float(np.abs(fp32(batch)[:, 4:] - predictor(batch)[:, 4:]).max())
+    checked = parity(OrtPredictor.load(fp32_onnx), predictor, images, eval_config)
     if dataset.images("val"):
         ops = operating_points_on_split(predictor, dataset, eval_config, onnx_sha256=sha256)
         write_operating_points(ops, folder)
-    figures = VariantFigures.measured(variant, sha256, report, fp32_report, score_diff)
+    figures = VariantFigures.measured(variant, sha256, report, fp32_report, checked)
     _log_built(figures)
     return BuiltVariant(folder, figures, report, fp32_report)
 
 
 def _log_built(figures: VariantFigures) -> None:
     log.info(
-        "event=variant_built variant=%s map50_drop=%.4f map40_drop=%.4f score_max_abs_diff=%.4f",
+        "event=variant_built variant=%s map50_drop=%.4f map40_drop=%.4f score_max_abs_diff=%.4f "
+        "finding_agreement=%.4f",
         figures.variant,
         figures.map50_drop,
         figures.map40_drop,
         figures.score_max_abs_diff,
+        figures.finding_agreement,
     )

@@ -30,9 +30,11 @@ from delivery.promote import PromotionRequest, promote_version
 from stack.components import gateway_component
 from tests.fixtures.servers import HOST, RunningProcess, free_port
 from tests.integration.delivery.gitops_helpers import IMGSZ, git, register_version, tiny_detector
+from training.config import EvalConfig
+from training.predictors import OrtPredictor
 from training.quantize import quantize_int8
 from training.registry import ModelRegistry
-from training.variants import VariantFigures
+from training.variants import VariantFigures, parity
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,6 +56,7 @@ def attach_int8(registry: ModelRegistry, version: str, fp32: Path, work: Path, m
         images.append(path)
     folder = work / "int8"
     result = quantize_int8(fp32, folder / "model.onnx", images)
+    measured = parity(OrtPredictor.load(fp32), OrtPredictor.load(result.onnx_path), images, EvalConfig())
     figures = VariantFigures(
         variant="int8",
         sha256=result.sha256,
@@ -61,7 +64,8 @@ def attach_int8(registry: ModelRegistry, version: str, fp32: Path, work: Path, m
         map40=0.35,
         map50_drop=map50_drop,
         map40_drop=0.0,
-        score_max_abs_diff=result.score_max_abs_diff,  # measured: the gate judges the real figure
+        score_max_abs_diff=measured.score_max_abs_diff,  # measured: the gate judges the real figures
+        finding_agreement=measured.finding_agreement,
         latency_ms_b1=None,
         latency_ms_b8=None,
     )

@@ -146,6 +146,7 @@ _INT8 = {
     "variant_int8_map50_drop": "0.004",
     "variant_int8_map40_drop": "-0.002",
     "variant_int8_score_max_abs_diff": "0.03",
+    "variant_int8_finding_agreement": "0.95",
 }
 
 
@@ -185,6 +186,7 @@ def test_an_int8_variant_within_the_limits_is_promoted_and_named_in_the_stage_fi
         ({"variant_int8_map50_drop": "0.02"}, "mAP@0.5 drop +0.0200"),
         ({"variant_int8_map40_drop": "0.011"}, "mAP@0.4 drop +0.0110"),
         ({"variant_int8_score_max_abs_diff": "0.25"}, "class-score parity 0.2500"),
+        ({"variant_int8_finding_agreement": "0.85"}, "finding agreement 0.850"),
         ({"variants": "fp32"}, "carries fp32 only; build int8 with `cxr train quantize`"),
         ({"variant_int8_map50_drop": ""}, "variant_int8_map50_drop missing"),
     ],

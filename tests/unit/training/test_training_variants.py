@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -46,7 +47,44 @@ def test_a_provider_variant_is_the_stamped_fp32_graph_measured_with_its_own_oper
     # reads on a GPU machine comes from TensorRT, not from this code
     assert built.figures.map50_drop == pytest.approx(0.0, abs=1e-9)
     assert built.figures.score_max_abs_diff == pytest.approx(0.0, abs=1e-6)
+    assert built.figures.finding_agreement == 1.0
     ops = OperatingPoints.from_json((built.folder / OPERATING_POINTS_FILE).read_text())
     assert ops.onnx_sha256 == built.figures.sha256
     tags = built.figures.tags()
     assert tags["variants"] == "fp32,fp16-trt" and tags["variant_fp16_trt_sha256"] == built.figures.sha256
+
+
+def test_finding_agreement_counts_what_each_side_reports_that_the_other_does_not() -> None:
+    from training.variants import _same_findings
+
+    fp32 = np.array([[0, 0, 10, 10, 0.9, 1], [20, 20, 30, 30, 0.8, 2]], dtype=np.float32)
+    moved = np.array([[1, 1, 11, 11, 0.7, 1], [20, 20, 30, 30, 0.6, 3]], dtype=np.float32)  # 2nd: other class
+    assert _same_findings(fp32, fp32, 0.5) == 2
+    assert _same_findings(fp32, moved, 0.5) == 1
+    assert _same_findings(fp32, moved[:0], 0.5) == 0
+    far = np.array([[5, 5, 15, 15, 0.9, 1]], dtype=np.float32)  # IoU 25/175 with the first
+    assert _same_findings(fp32[:1], far, 0.5) == 0
+
+
+def test_parity_of_a_model_with_itself_is_exact_and_of_a_blind_copy_is_zero_agreement(
+    exported: Path, dataset: DatasetRef
+) -> None:
+    from training.variants import parity
+
+    model = OrtPredictor.load(exported)
+    images = dataset.images("val")[:4]
+    same = parity(model, model, images, EvalConfig())
+    assert (same.score_max_abs_diff, same.finding_agreement, same.images) == (0.0, 1.0, 4)
+
+    class Blind:
+        imgsz = model.imgsz
+
+        def __call__(self, batch: np.ndarray) -> np.ndarray:
+            out = model(batch)
+            out[:, 4:] = 0.0  # a conversion that lost every score
+            return out
+
+    low = EvalConfig(conf_threshold=0.01)  # the tiny fixture model is unsure: count its weak findings
+    broken = parity(model, Blind(), images, low)  # type: ignore[arg-type]
+    assert broken.findings > 0 and broken.finding_agreement == 0.0
+    assert broken.score_max_abs_diff > 0.0
