@@ -9,7 +9,9 @@ never detects anything -- the "bad canary" of the issue.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,10 @@ import onnx
 from mlflow.tracking import MlflowClient
 from onnx import TensorProto, helper, numpy_helper
 
+from core.stage_file import StageFile, write_stage_file
 from data_pipeline.classes import CLASS_NAMES
+from stack.components import gateway_component
+from tests.fixtures.servers import HOST, RunningProcess, free_port
 
 IMGSZ = 64
 
@@ -97,3 +102,40 @@ def register_version(uri: str, model_name: str, onnx_path: Path, **tags: object)
 
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+def start_gateway(
+    gitops: Path, stack: Path, model_name: str, tritons: dict[str, str], mlflow_uri: str, log: Path
+) -> tuple[RunningProcess, str]:
+    """The real gateway process following ``gitops``' stage files, each stage on its Triton in
+    ``tritons`` (a stage without one points at a closed port); the caller stops it."""
+    port = free_port()
+    env = {
+        "CXR_GITOPS_DIR": str(gitops),
+        "CXR_STACK_DIR": str(stack),
+        "CXR_AUTH_ENABLED": "false",
+        "CXR_MODEL_NAME": model_name,
+        "CXR_ROUTING_POLL_S": "0.2",
+        "CXR_STORE_RESULTS": "false",
+        "CXR_MLFLOW_URI": mlflow_uri,
+    }
+    for stage in ("staging", "canary", "production"):
+        env[f"CXR_TRITON_{stage.upper()}_URL"] = tritons.get(stage) or f"{HOST}:{free_port()}"
+    gateway = RunningProcess(gateway_component(HOST, port, Path(sys.executable), {**os.environ, **env}), log)
+    gateway.start()
+    return gateway, f"http://{HOST}:{port}"
+
+
+def init_gitops_repo(root: Path, model_name: str, policy_yaml: str | None = None) -> Path:
+    """A GitOps repository at ``root``: empty stage files for ``model_name``, the policy, one commit."""
+    root.mkdir(parents=True)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "user.name", "Delivery Test")
+    git(root, "config", "user.email", "delivery@example.org")
+    for stage in ("staging", "canary", "production"):
+        write_stage_file(root, StageFile(stage=stage, model_name=model_name))  # type: ignore[arg-type]
+    if policy_yaml is not None:
+        (root / "k8s" / "delivery-policy.yaml").write_text(policy_yaml)
+    git(root, "add", ".")
+    git(root, "commit", "-q", "-m", "initial stage files")
+    return root

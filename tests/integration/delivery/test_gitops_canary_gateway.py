@@ -9,9 +9,7 @@ healthy canary then climbs 10 -> 50 -> 100 and becomes production, one commit pe
 from __future__ import annotations
 
 import io
-import os
 import secrets
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.stage_file import StageFile, read_stage_file, write_stage_file
+from core.stage_file import read_stage_file, write_stage_file
 from delivery.canary import PrometheusClient, build_queries
 from delivery.canary_step import step
 from delivery.canary_window import current_window
@@ -31,9 +29,13 @@ from delivery.messages import DeliveryRecord, parse_record
 from delivery.policy import load_policy
 from delivery.promote import PromotionRequest, promote_version
 from serving.inference.triton_repo import TritonAdmin
-from stack.components import gateway_component
-from tests.fixtures.servers import HOST, RunningProcess, free_port
-from tests.integration.delivery.gitops_helpers import git, register_version, tiny_detector
+from tests.integration.delivery.gitops_helpers import (
+    git,
+    init_gitops_repo,
+    register_version,
+    start_gateway,
+    tiny_detector,
+)
 from training.registry import ModelRegistry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -98,17 +100,8 @@ def test_bad_canary_is_rolled_back_and_good_canary_reaches_production(
     mlflow_server: Any, triton_factory: Any, prometheus_factory: Any, tmp_path: Path
 ) -> None:
     # [1] a GitOps repo, three registered models, the stage Tritons
-    root = tmp_path / "gitops"
-    root.mkdir()
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.name", "Canary Test")
-    git(root, "config", "user.email", "canary@example.org")
     name = f"cxr-detector-canary-{secrets.token_hex(3)}"
-    for stage in ("staging", "canary", "production"):
-        write_stage_file(root, StageFile(stage=stage, model_name=name))  # type: ignore[arg-type]
-    (root / "k8s" / "delivery-policy.yaml").write_text(POLICY_YAML)
-    git(root, "add", ".")
-    git(root, "commit", "-q", "-m", "initial")
+    root = init_gitops_repo(tmp_path / "gitops", name, POLICY_YAML)
     good = register_version(mlflow_server.uri, name, tiny_detector(tmp_path / "a" / "model.onnx", score=0.9))
     blind = register_version(mlflow_server.uri, name, tiny_detector(tmp_path / "b" / "model.onnx", score=0.0))
     better = register_version(
@@ -131,24 +124,8 @@ def test_bad_canary_is_rolled_back_and_good_canary_reaches_production(
     )
 
     # [2] the real gateway, following the stage files of that repo, scraped by Prometheus
-    port = free_port()
-    env = {
-        "CXR_GITOPS_DIR": str(root),
-        "CXR_STACK_DIR": str(stack),
-        "CXR_AUTH_ENABLED": "false",
-        "CXR_MODEL_NAME": name,
-        "CXR_ROUTING_POLL_S": "0.2",
-        "CXR_STORE_RESULTS": "false",
-        "CXR_TRITON_PRODUCTION_URL": tritons["production"].http_url,
-        "CXR_TRITON_CANARY_URL": tritons["canary"].http_url,
-        "CXR_TRITON_STAGING_URL": f"{HOST}:{free_port()}",
-        "CXR_MLFLOW_URI": mlflow_server.uri,
-    }
-    gateway = RunningProcess(
-        gateway_component(HOST, port, Path(sys.executable), {**os.environ, **env}), tmp_path / "gateway.log"
-    )
-    gateway.start()
-    base = f"http://{HOST}:{port}"
+    urls = {stage: triton.http_url for stage, triton in tritons.items()}
+    gateway, base = start_gateway(root, stack, name, urls, mlflow_server.uri, tmp_path / "gateway.log")
     try:
         # [3] the blind model as canary at weight 50 (promote sets 10; an operator's step commit sets 50)
         promote_version(ctx, PromotionRequest(blind, "canary", publish=False), **quiet)
@@ -164,7 +141,7 @@ def test_bad_canary_is_rolled_back_and_good_canary_reaches_production(
                 canary_weight=50,
             ),
         )
-        prometheus = prometheus_factory([f"{HOST}:{port}"])
+        prometheus = prometheus_factory([base.removeprefix("http://")])
         ctx_live = DeliveryContext(**{**ctx.__dict__, "prometheus_url": prometheus.url})
         answers = send_until_prometheus_sees(base, 0, prometheus.url, 10, root)
         canary_answers = [d for s, d in answers if s == "canary"]

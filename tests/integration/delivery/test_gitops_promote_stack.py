@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from tritonclient.http import InferenceServerClient
 
-from core.stage_file import StageFile, read_stage_file, write_stage_file
+from core.stage_file import StageFile, read_stage_file
 from data_pipeline.store import ObjectStore
 from delivery.context import DeliveryContext
 from delivery.errors import GateFailed
@@ -25,7 +25,7 @@ from delivery.messages import parse_record
 from delivery.promote import PromotionRequest, promote_version
 from delivery.reconcile import reconcile_stage
 from delivery.rollback import rollback_stage
-from tests.integration.delivery.gitops_helpers import git, register_version, tiny_detector
+from tests.integration.delivery.gitops_helpers import git, init_gitops_repo, register_version, tiny_detector
 from training.registry import ModelRegistry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -33,19 +33,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture
 def gitops_repo(tmp_path: Path) -> tuple[Path, str]:
-    root = tmp_path / "gitops"
-    root.mkdir()
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.name", "Promotion Test")
-    git(root, "config", "user.email", "promote@example.org")
     model_name = f"cxr-detector-gitops-{secrets.token_hex(3)}"
-    for stage in ("staging", "canary", "production"):
-        write_stage_file(root, StageFile(stage=stage, model_name=model_name))  # type: ignore[arg-type]
     # the mechanics of promotion are judged here with the weak mAP-tag fallback; the golden-set
     # comparison has its own test (test_golden_gate.py)
-    (root / "k8s" / "delivery-policy.yaml").write_text("golden:\n  required: false\n")
-    git(root, "add", ".")
-    git(root, "commit", "-q", "-m", "initial stage files")
+    root = init_gitops_repo(tmp_path / "gitops", model_name, "golden:\n  required: false\n")
     return root, model_name
 
 

@@ -10,9 +10,7 @@ than the policy allows is refused with its figures and changes nothing.
 from __future__ import annotations
 
 import io
-import os
 import secrets
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +21,18 @@ import pytest
 from PIL import Image
 
 from core.hashing import file_sha256
-from core.stage_file import StageFile, read_stage_file, write_stage_file
+from core.stage_file import read_stage_file
 from delivery.context import DeliveryContext
 from delivery.errors import GateFailed
 from delivery.promote import PromotionRequest, promote_version
-from stack.components import gateway_component
-from tests.fixtures.servers import HOST, RunningProcess, free_port
-from tests.integration.delivery.gitops_helpers import IMGSZ, git, register_version, tiny_detector
+from tests.integration.delivery.gitops_helpers import (
+    IMGSZ,
+    git,
+    init_gitops_repo,
+    register_version,
+    start_gateway,
+    tiny_detector,
+)
 from training.config import EvalConfig
 from training.predictors import OrtPredictor
 from training.quantize import quantize_int8
@@ -76,16 +79,8 @@ def attach_int8(registry: ModelRegistry, version: str, fp32: Path, work: Path, m
 def test_an_int8_variant_that_passes_is_served_and_named_and_one_over_the_limit_is_refused(
     mlflow_server: Any, triton_factory: Any, tmp_path: Path
 ) -> None:
-    root = tmp_path / "gitops"
-    root.mkdir()
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.name", "Variant Test")
-    git(root, "config", "user.email", "variant@example.org")
     name = f"cxr-detector-variant-{secrets.token_hex(3)}"
-    for stage in ("staging", "canary", "production"):
-        write_stage_file(root, StageFile(stage=stage, model_name=name))  # type: ignore[arg-type]
-    git(root, "add", ".")
-    git(root, "commit", "-q", "-m", "initial")
+    root = init_gitops_repo(tmp_path / "gitops", name)
     registry = ModelRegistry(mlflow_server.uri, name)
     fp32 = tiny_detector(tmp_path / "good" / "model.onnx", score=0.9)
     good = register_version(mlflow_server.uri, name, fp32)
@@ -123,25 +118,10 @@ def test_an_int8_variant_that_passes_is_served_and_named_and_one_over_the_limit_
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(served)).graph.node}
 
     # [2] the gateway says which variant answered: body, header and /v1/models
-    port = free_port()
-    env = {
-        "CXR_GITOPS_DIR": str(root),
-        "CXR_STACK_DIR": str(stack),
-        "CXR_AUTH_ENABLED": "false",
-        "CXR_MODEL_NAME": name,
-        "CXR_ROUTING_POLL_S": "0.2",
-        "CXR_STORE_RESULTS": "false",
-        "CXR_TRITON_STAGING_URL": triton.http_url,
-        "CXR_TRITON_PRODUCTION_URL": f"{HOST}:{free_port()}",
-        "CXR_TRITON_CANARY_URL": f"{HOST}:{free_port()}",
-        "CXR_MLFLOW_URI": mlflow_server.uri,
-    }
-    gateway = RunningProcess(
-        gateway_component(HOST, port, Path(sys.executable), {**os.environ, **env}), tmp_path / "gateway.log"
-    )
-    gateway.start()
+    tritons = {"staging": triton.http_url}
+    gateway, base = start_gateway(root, stack, name, tritons, mlflow_server.uri, tmp_path / "gateway.log")
     try:
-        with httpx.Client(base_url=f"http://{HOST}:{port}", timeout=60) as client:
+        with httpx.Client(base_url=base, timeout=60) as client:
 
             def detect(seed: int) -> httpx.Response:
                 headers = {"Content-Type": "image/png", "X-CXR-Stage": "staging"}

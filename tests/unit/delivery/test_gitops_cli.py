@@ -154,20 +154,7 @@ def test_an_int8_variant_within_the_limits_is_promoted_and_named_in_the_stage_fi
     from core.stage_file import read_stage_file
 
     _Registry.tags = dict(_INT8)
-    result = runner.invoke(
-        app,
-        [
-            "promote",
-            "4",
-            "--to",
-            "staging",
-            "--variant",
-            "int8",
-            "--no-apply",
-            "--gitops-dir",
-            str(stage_repo),
-        ],
-    )
+    result = _promote_variant(stage_repo, "int8")
     assert result.exit_code == 0, result.output
     assert (
         'gate="variant int8" verdict=pass observed="mAP@0.5 drop +0.0040, mAP@0.4 drop -0.0020'
@@ -200,20 +187,7 @@ def test_a_variant_over_the_limit_or_never_measured_is_refused_with_its_figures(
     if tags.get("variant_int8_map50_drop") == "":
         del _Registry.tags["variant_int8_map50_drop"]
     head = _head(stage_repo)
-    result = runner.invoke(
-        app,
-        [
-            "promote",
-            "4",
-            "--to",
-            "staging",
-            "--variant",
-            "int8",
-            "--no-apply",
-            "--gitops-dir",
-            str(stage_repo),
-        ],
-    )
+    result = _promote_variant(stage_repo, "int8")
     assert result.exit_code == GATE_EXIT
     [line] = [g for g in _gate_lines(result.stdout) if 'gate="variant int8"' in g]
     assert "verdict=fail" in line and why in line, line
