@@ -28,7 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,27 @@ class Proc:
         from benchmarks.serve_bench import stop_process
 
         stop_process(self.proc, self._log)
+
+
+class CpuAccount:
+    """CPU seconds each process spent over the phases measured with :meth:`measuring`."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.seconds = dict.fromkeys(pids, 0.0)
+
+    @contextmanager
+    def measuring(self) -> Iterator[None]:
+        from benchmarks.serve_bench import process_cpu_s
+
+        before = {name: process_cpu_s(pid) for name, pid in self.pids.items()}
+        yield
+        for name, pid in self.pids.items():
+            self.seconds[name] += process_cpu_s(pid) - before[name]
+
+    def per_item(self, items: float) -> dict[str, float]:
+        """Milliseconds of CPU per item, per process."""
+        return {name: round(1000 * s / items, 1) for name, s in self.seconds.items()} if items else {}
 
 
 def phantoms(out: Path) -> list[bytes]:
@@ -210,11 +233,15 @@ def run_pacs_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
         orthanc = OrthancClient(f"http://127.0.0.1:{http_port}", "cxr", password)
         detect_round(gateway.url, key, images[:4])  # warm-up: model loaded, pools started
         detect_n = detect_s = trip_n = trip_s = 0.0
+        pids = {"gateway": gateway.proc.pid, "scp": procs[-1].proc.pid, "orthanc": orthanc_proc.proc.pid}
+        cpu = {"detect": CpuAccount(pids), "roundtrip": CpuAccount(pids)}
         for i in range(ROUNDS):
             console.log(f"round {i + 1}/{ROUNDS}: /v1/detect, then Orthanc -> SCP -> gateway -> Orthanc")
-            n, s = detect_round(gateway.url, key, images)
+            with cpu["detect"].measuring():
+                n, s = detect_round(gateway.url, key, images)
             detect_n, detect_s = detect_n + n, detect_s + s
-            n, s = roundtrip_round(orthanc, images)
+            with cpu["roundtrip"].measuring():
+                n, s = roundtrip_round(orthanc, images)
             trip_n, trip_s = trip_n + n, trip_s + s
         orthanc.close()
     finally:
@@ -231,6 +258,12 @@ def run_pacs_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
             "settle_s": SETTLE_S,
             "detect_img_s": round(detect_rate, 2),
             "roundtrip_img_s": round(trip_rate, 2),
+            # each process's CPU (user + system) per image in each phase: where the round trip's
+            # cost beyond /v1/detect goes (the detect phase's SCP and Orthanc figures are idle noise)
+            "cpu_ms_per_image": {
+                "detect": cpu["detect"].per_item(detect_n),
+                "roundtrip": cpu["roundtrip"].per_item(trip_n),
+            },
             "image": "1024x1024 phantom DICOM (data_pipeline.synth)",
         },
     }

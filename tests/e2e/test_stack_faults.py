@@ -102,6 +102,7 @@ def test_killed_production_triton_fails_fast_with_503_then_heals_without_the_gat
                     "name": "cxr-detector",
                     "version": served.version,
                     "stage": "production",
+                    "variant": "fp32",
                 }
                 break
             else:

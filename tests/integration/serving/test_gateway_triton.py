@@ -40,7 +40,12 @@ def test_detect_through_triton_returns_boxes_in_original_pixels_and_stores_the_r
         r = client.post("/v1/detect", files={"file": ("x.dcm", source, "application/dicom")}, headers=h)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["model"] == {"name": "cxr-detector", "version": "7", "stage": "production"}
+        assert body["model"] == {
+            "name": "cxr-detector",
+            "version": "7",
+            "stage": "production",
+            "variant": "fp32",
+        }
         assert body["image"]["width"] == 300 and body["image"]["height"] == 200
         assert body["detections"], "the test model yields boxes at this threshold"
         for det in body["detections"]:
@@ -159,7 +164,12 @@ def test_studies_routed_to_a_dead_canary_are_served_by_production(
     with TestClient(app) as client:
         r = client.post("/v1/detect", content=make_dicom(seed=2), headers=h)
         assert r.status_code == 200, r.text
-        assert r.json()["model"] == {"name": "cxr-detector", "version": "7", "stage": "production"}
+        assert r.json()["model"] == {
+            "name": "cxr-detector",
+            "version": "7",
+            "stage": "production",
+            "variant": "fp32",
+        }
         assert (
             'cxr_gateway_rejected_total{reason="stage_unavailable",stage="canary"} 1.0'
             in client.get("/metrics").text
