@@ -50,6 +50,12 @@ def variant_tag(variant: Variant, figure: str) -> str:
     return f"variant_{variant.replace('-', '_')}_{figure}"
 
 
+def cpu_precision(variant: Variant) -> Variant:
+    """What a CPU computes for ``variant``: fp16-trt is the fp32 graph, which only TensorRT runs in
+    FP16, so a CPU backend answers in fp32 and must say so (a response names what computed it)."""
+    return DEFAULT_VARIANT if variant == "fp16-trt" else variant
+
+
 def parse_variant(value: str) -> Variant:
     """A variant name from outside (CLI, YAML, metadata), or a ValueError naming the valid ones."""
     if value not in VARIANTS:

@@ -18,7 +18,7 @@ import numpy as np
 
 from core.hashing import file_sha256
 from core.stages import Stage
-from core.variants import DEFAULT_VARIANT, VARIANT_METADATA_KEY
+from core.variants import DEFAULT_VARIANT, VARIANT_METADATA_KEY, cpu_precision, parse_variant
 from serving.contract import contract_from_metadata
 from serving.errors import ModelNotReady
 from serving.inference.backend import ServedModel
@@ -63,7 +63,8 @@ class OnnxBackend:
         # the thresholds and calibrator training chose for this very file, when they are beside it
         ops = operating_points_beside(model_path, digest)
         # an INT8 file says so in its metadata (training/quantize.py); older ones are the fp32 export
-        variant = meta.get(VARIANT_METADATA_KEY) or DEFAULT_VARIANT
+        # (an fp16-trt file is the fp32 graph: this CPU session computes it in fp32)
+        variant = cpu_precision(parse_variant(meta.get(VARIANT_METADATA_KEY) or DEFAULT_VARIANT))
         self._model = ServedModel(
             name=name, version=version, contract=contract, operating_points=ops, variant=variant
         )

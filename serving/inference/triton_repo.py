@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from core.operating_points import CONFIG_PARAMETER
-from core.variants import DEFAULT_VARIANT, VARIANT_METADATA_KEY
+from core.variants import DEFAULT_VARIANT, VARIANT_METADATA_KEY, cpu_precision
 from core.variants import Variant as Precision
 from serving.contract import ModelContract, contract_from_metadata, read_onnx_metadata
 from serving.inference.operating_points import beside as operating_points_beside
@@ -192,7 +192,12 @@ def build_repository(
     shutil.copyfile(onnx_path, version_dir / "model.onnx")
     if variant == "python":
         shutil.copyfile(_PYTHON_MODEL, version_dir / "model.py")
-    extra: dict[str, str] = {VARIANT_METADATA_KEY: precision}
+    answered = cpu_precision(precision) if not opts.gpu else precision
+    if answered != precision:
+        log.warning(
+            "triton_repo_precision requested=%s served=%s: no TensorRT on the CPU", precision, answered
+        )
+    extra: dict[str, str] = {VARIANT_METADATA_KEY: answered}
     if dataset_version:
         extra["cxr_dataset_version"] = dataset_version
     ops = operating_points_beside(onnx_path)

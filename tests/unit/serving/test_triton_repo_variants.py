@@ -90,3 +90,15 @@ def test_explicit_options_still_win_over_the_variant_defaults(onnx_model: Path, 
     config = parse(build_repository(onnx_model, tmp_path, variant=CLUSTER, options=cpu))
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert not config.HasField("optimization") and config.max_batch_size == 2
+
+
+def test_the_one_machine_triton_says_fp32_when_asked_for_fp16_trt(onnx_model: Path, tmp_path: Path) -> None:
+    """No TensorRT on the CPU: the response must name what computed it, not what the file asked."""
+    config = parse(build_repository(onnx_model, tmp_path, variant=ONE_MACHINE, precision="fp16-trt"))
+    assert params(config)["cxr_variant"] == "fp32"
+    assert (
+        params(parse(build_repository(onnx_model, tmp_path, variant=ONE_MACHINE, precision="int8")))[
+            "cxr_variant"
+        ]
+        == "int8"
+    )
