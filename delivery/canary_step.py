@@ -110,10 +110,10 @@ def _nothing_to_analyse(canary: StageFile, production: StageFile, weight: int) -
     """An idle outcome when no canary takes traffic of its own, else None."""
     if not canary.model_version:
         return StepOutcome("idle", "no canary: promote a version with `cxr promote V --to canary`")
-    if canary.model_version == production.model_version:
+    if (canary.model_version, canary.variant) == (production.model_version, production.variant):
         return StepOutcome(
             "idle",
-            f"v{canary.model_version} is already in production",
+            f"v{canary.model_version} ({canary.variant}) is already in production",
             weight_before=weight,
             weight_after=weight,
         )

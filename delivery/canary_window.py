@@ -30,14 +30,19 @@ def window_seconds(window: str) -> int:
 
 
 def canary_since(gitops_dir: Path) -> datetime | None:
-    """When the canary file last took its current model version (None: no history, no canary)."""
+    """When the canary file last took its current model version and variant (None: no canary).
+
+    A new variant of the same version is a new model to judge: its window starts there, so INT8
+    is never judged on traffic its fp32 predecessor served.
+    """
     repo = GitOpsRepo(gitops_dir)
-    version = read_stage_file(repo.root, "canary").model_version
-    if not version:
+    current = read_stage_file(repo.root, "canary")
+    if not current.model_version:
         return None
+    served = (current.model_version, current.variant)
     since: datetime | None = None
-    for entry in repo.history("canary"):  # newest first: walk back while the version is the same
-        if entry.content.model_version != version:
+    for entry in repo.history("canary"):  # newest first: walk back while the same model serves
+        if (entry.content.model_version, entry.content.variant) != served:
             break
         since = entry.committed_at
     return since

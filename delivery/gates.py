@@ -204,7 +204,7 @@ def variant_gate(candidate: VersionFacts, variant: Variant, policy: VariantPolic
     variant must have been built and measured (``cxr train quantize``), lose at most
     ``max_map_drop`` of mAP@0.5 and of mAP@0.4 on the test split, move no class score by more
     than ``max_score_abs_diff`` (a broken conversion) and report the same findings as fp32 on
-    val images (``min_finding_agreement``). Unlike the subgroup gate a missing figure fails: a
+    test images (``min_finding_agreement``). Unlike the subgroup gate a missing figure fails: a
     precision nobody measured never reaches patients.
     """
     name = f"variant {variant}"
@@ -232,7 +232,7 @@ def variant_gate(candidate: VersionFacts, variant: Variant, policy: VariantPolic
     drop50, drop40, parity, agreement = (figures[k] or 0.0 for k in keys)
     observed = (
         f"mAP@0.5 drop {drop50:+.4f}, mAP@0.4 drop {drop40:+.4f} on the test split; "
-        f"class-score parity {parity:.4f}, finding agreement {agreement:.3f} on val images"
+        f"class-score parity {parity:.4f}, finding agreement {agreement:.3f} on test images"
     )
     tolerance = 1e-9  # the figures are rounded to 6 digits in the tags
     passed = (

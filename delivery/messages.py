@@ -37,6 +37,7 @@ class DeliveryRecord:
             served = after if self.variant in ("", "fp32") else f"{after} ({self.variant})"
             return f"promote {self.model_name} {served} to {self.stage} (was {before})"
         if self.action == "rollback":
+            after = after if self.variant in ("", "fp32") else f"{after} ({self.variant})"
             return f"rollback {self.stage}: {self.model_name} {before} -> {after}"
         return f"canary step: {self.model_name} {after} weight {self.canary_weight}%"
 

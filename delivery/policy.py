@@ -90,10 +90,10 @@ class VariantPolicy(BaseModel):
     # 0.2: twice what INT8 of the first real model moved one score (0.10-0.12) while reporting
     # the same findings and losing no mAP (docs/benchmarks.md): a check for a broken conversion
     max_score_abs_diff: float = Field(
-        0.2, gt=0, le=1, description="parity: max |fp32 - variant| class score (0..1) on val images"
+        0.2, gt=0, le=1, description="parity: max |fp32 - variant| class score (0..1) on test images"
     )
     min_finding_agreement: float = Field(
-        0.9, ge=0, le=1, description="parity: share of findings both report at the serving threshold"
+        0.9, ge=0, le=1, description="parity: share of findings both report at conf_threshold, on test images"
     )
 
 

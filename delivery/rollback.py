@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from core.errors import CxrError
-from core.stage_file import read_stage_file, write_stage_file
+from core.stage_file import StageFile, read_stage_file, write_stage_file
 from core.stages import PROMOTION_ORDER, Stage
 from core.variants import DEFAULT_VARIANT, Variant
 from delivery.context import DeliveryContext
@@ -36,36 +36,41 @@ class RollbackOutcome:
     warnings: list[str] | None = None
 
 
-def previous_version(repo: GitOpsRepo, stage: Stage, current: str) -> str:
-    """The newest version in the file's history that differs from ``current`` and was not rolled back.
+def served_label(version: str, variant: Variant) -> str:
+    """``3``, or ``3 int8`` for another variant: how a rollback record names what it rolled back."""
+    return version if variant == DEFAULT_VARIANT else f"{version} {variant}"
 
-    Returns "" when the stage served nothing before (a first canary rolls back to no canary).
+
+def _served(label: str) -> tuple[str, str]:
+    version, _, variant = label.partition(" ")
+    return version, variant or DEFAULT_VARIANT
+
+
+def previous_served(repo: GitOpsRepo, stage: Stage, current: StageFile) -> tuple[str, Variant]:
+    """The newest (version, variant) in the file's history that differs from ``current``'s and was
+    not rolled back; a variant change of one version counts as a model of its own.
+
+    Returns ("", fp32) when the stage served nothing before (a first canary rolls back to none).
     """
-    rejected = {current}
+    now: tuple[str, str] = (current.model_version, current.variant)
+    rejected: set[tuple[str, str]] = {now}
     seen_current = False
     for entry in repo.history(stage):
         if entry.record and entry.record.action == "rollback" and entry.record.rolled_back_version:
-            rejected.add(entry.record.rolled_back_version)
-        version = entry.content.model_version
-        if version == current:
+            rejected.add(_served(entry.record.rolled_back_version))
+        served = (entry.content.model_version, entry.content.variant)
+        if served == now:
             seen_current = True
             continue
-        if seen_current and version not in rejected:
-            return version
+        if seen_current and served not in rejected:
+            return entry.content.model_version, entry.content.variant
     if seen_current:
-        return ""
+        return "", DEFAULT_VARIANT
     raise NoPreviousVersion(
-        f"the git history of k8s/overlays/{stage}/model.yaml never held v{current or 'none'}; "
+        f"the git history of k8s/overlays/{stage}/model.yaml never held "
+        f"v{served_label(current.model_version, current.variant) or 'none'}; "
         "nothing to roll back to (use `cxr promote VERSION --to {stage}` instead)"
     )
-
-
-def _variant_served(repo: GitOpsRepo, stage: Stage, version: str) -> Variant:
-    """The serving variant the stage last named together with ``version`` (fp32 when none did)."""
-    for entry in repo.history(stage):
-        if version and entry.content.model_version == version:
-            return entry.content.variant
-    return DEFAULT_VARIANT
 
 
 def rollback_stage(
@@ -90,8 +95,8 @@ def rollback_stage(
     current = read_stage_file(repo.root, stage)
     if not current.model_version:
         raise NoPreviousVersion(f"{stage} serves nothing; there is nothing to roll back")
-    target = previous_version(repo, stage, current.model_version)
-    update: dict[str, object] = {"model_version": target, "variant": _variant_served(repo, stage, target)}
+    target, variant = previous_served(repo, stage, current)
+    update: dict[str, object] = {"model_version": target, "variant": variant}
     if stage == "canary":
         update["canary_weight"] = 0  # no production traffic to a canary being rolled back
     new = current.model_copy(update=update)
@@ -101,10 +106,15 @@ def rollback_stage(
         stage=stage,
         from_version=current.model_version,
         to_version=target,
+        variant=variant if target else "",
         canary_weight=new.canary_weight if stage == "canary" else None,
         reason=reason,
-        rolled_back_version=current.model_version,
-        details=details or [f"Rolled back by {action}: v{current.model_version} -> v{target or 'none'}."],
+        rolled_back_version=served_label(current.model_version, current.variant),
+        details=details
+        or [
+            f"Rolled back by {action}: v{served_label(current.model_version, current.variant)} -> "
+            f"v{served_label(target, variant) if target else 'none'}."
+        ],
     )
     path = write_stage_file(repo.root, new)
     sha = repo.commit([path], record)

@@ -175,7 +175,8 @@ def quantize_cmd(
         str | None, typer.Option("--dataset", "-d", help="default: the version's dataset_version tag")
     ] = None,
     calibration_images: Annotated[
-        int, typer.Option("--calibration-images", min=1, help="val images: INT8 calibration, parity check")
+        int,
+        typer.Option("--calibration-images", min=1, help="INT8 calibration (val) and parity (test) images"),
     ] = 32,
     variant: Annotated[
         str,
@@ -241,7 +242,7 @@ def quantize_cmd(
     console.print(
         f"{name}: mAP@0.5 drop {figures.map50_drop:+.4f}, mAP@0.4 drop {figures.map40_drop:+.4f}, "
         f"max |fp32 - {name}| class score {figures.score_max_abs_diff:.4f}, finding agreement "
-        f"{figures.finding_agreement:.3f} on up to {calibration_images} val images; "
+        f"{figures.finding_agreement:.3f} on up to {calibration_images} test images; "
         f"file {built.folder / 'model.onnx'} (sha256 {figures.sha256[:12]})."
     )
     if register:

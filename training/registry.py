@@ -19,7 +19,7 @@ import httpx
 from pydantic import BaseModel
 
 from core.operating_points import OPERATING_POINTS_FILE
-from core.variants import DEFAULT_VARIANT, Variant, artifact_dir
+from core.variants import DEFAULT_VARIANT, Variant, artifact_dir, variant_tag
 from training.config import TrainSettings
 from training.errors import RegistryError
 
@@ -256,20 +256,28 @@ class ModelRegistry:
     def attach_variant(self, version: str, variant: Variant, folder: Path, tags: dict[str, str]) -> None:
         """Log ``folder``'s files as the variant's artifacts of the version's run, then its tags.
 
-        The artifacts go first: a version whose tags name a variant always has its file. A
-        rebuilt variant replaces the files and the tags (the same names are overwritten).
+        The artifacts go first: a version whose tags name a variant always has its file. Variant
+        files are immutable like the version: delivery caches them per (version, variant) and a
+        stage that serves one must keep serving those bytes, so attaching a DIFFERENT file under
+        a variant the version already carries is refused; the same file again is a no-op rewrite.
         """
-        from mlflow.exceptions import MlflowException
-
         if variant == DEFAULT_VARIANT:
             raise RegistryError("fp32 is the version's own export; only other variants are attached")
         mv = self._model_version(version)
+        key = variant_tag(variant, "sha256")
+        held, new = (mv.tags or {}).get(key), tags.get(key)
+        if held and new and held != new:
+            raise RegistryError(
+                f"{self.model_name} v{version} already carries a {variant} variant (sha256 {held[:12]}) and "
+                f"this build is another file ({new[:12]}); a version's files are immutable: register a "
+                "new version (`cxr train run`) to serve a different one"
+            )
         try:
             for path in sorted(p for p in folder.iterdir() if p.is_file()):
                 self._client.log_artifact(mv.run_id, str(path), artifact_path=artifact_dir(variant))
-            for key, value in tags.items():
-                self._client.set_model_version_tag(self.model_name, str(version), key, value)
-        except MlflowException as exc:
+            for name, value in tags.items():
+                self._client.set_model_version_tag(self.model_name, str(version), name, value)
+        except Exception as exc:  # MlflowException or an S3 error behind the proxy
             raise self._unreachable(exc, f"attaching the {variant} variant to version {version}") from exc
         log.info("event=variant_attached name=%s version=%s variant=%s", self.model_name, version, variant)
 

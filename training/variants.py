@@ -46,22 +46,26 @@ class Parity:
 
 def _same_findings(mine: np.ndarray, theirs: np.ndarray, iou: float) -> int:
     """How many of ``mine`` (n, 6: box, conf, class) ``theirs`` also reports: same class, IoU >= ``iou``."""
+    from data_pipeline.geometry import pairwise_iou
+
     if not len(mine) or not len(theirs):
         return 0
-    lt = np.maximum(mine[:, None, :2], theirs[None, :, :2])
-    rb = np.minimum(mine[:, None, 2:4], theirs[None, :, 2:4])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
-    ious = inter / (area(mine)[:, None] + area(theirs)[None, :] - inter + 1e-9)
-    same = (mine[:, None, 5] == theirs[None, :, 5]) & (ious >= iou)
+    same = (mine[:, None, 5] == theirs[None, :, 5]) & (pairwise_iou(mine[:, :4], theirs[:, :4]) >= iou)
     return int(same.any(axis=1).sum())
+
+
+def parity_images(dataset: DatasetRef, count: int) -> list[Path]:
+    """The images parity is judged on: test ones, never the val images INT8 was calibrated on
+    (an in-sample agreement would flatter it); val when the test split is empty."""
+    return (dataset.images("test") or dataset.images("val"))[:count]
 
 
 def parity(
     fp32: OrtPredictor, variant: OrtPredictor, images: list[Path], cfg: EvalConfig, iou: float = 0.5
 ) -> Parity:
     """The variant's outputs against fp32's on ``images``: the worst class-score change, and whether
-    both report the same findings (same class, IoU >= 0.5) at the serving threshold.
+    both report the same findings (same class, IoU >= 0.5) at the global confidence threshold
+    (``conf_threshold``, 0.25: the per-class operating points belong to each file).
 
     The worst score change alone is a gross-breakage check: INT8 moves single high scores by
     ~0.1 while reporting the same findings (measured: docs/benchmarks.md). Agreement is what a
@@ -170,7 +174,7 @@ def build_variant(
             eval_config,
             fp32_report,
             providers=tensorrt_fp16_providers(folder / "trt-cache"),
-            parity_images=calibration_images,
+            parity_count=calibration_images,
         )
     folder.mkdir(parents=True, exist_ok=True)
     outcome = quantize_and_evaluate(
@@ -180,8 +184,9 @@ def build_variant(
     if dataset.images("val"):
         ops = operating_points_on_split(int8, dataset, eval_config, onnx_sha256=outcome.result.sha256)
         write_operating_points(ops, folder)
-    images = (dataset.images("val") or dataset.images("test"))[:calibration_images]
-    checked = parity(OrtPredictor.load(fp32_onnx), int8, images, eval_config)
+    checked = parity(
+        OrtPredictor.load(fp32_onnx), int8, parity_images(dataset, calibration_images), eval_config
+    )
     figures = VariantFigures.measured("int8", outcome.result.sha256, outcome.report, fp32_report, checked)
     _log_built(figures)
     return BuiltVariant(folder, figures, outcome.report, fp32_report, outcome)
@@ -213,14 +218,14 @@ def measure_variant(
     fp32_report: EvalReport,
     *,
     providers: list[Any],
-    parity_images: int = 32,
+    parity_count: int = 32,
 ) -> BuiltVariant:
     """A variant that is the fp32 graph under other execution ``providers`` (TensorRT FP16).
 
     The file is the fp32 export stamped with its variant (its own sha256, so its operating
     points and caches never mix with fp32's); it is evaluated under ``providers`` with the
     same code and test split as fp32, and its class scores compared with fp32's on the CPU on
-    the first val images.
+    the first test images (:func:`parity_images`).
     """
     import onnx
 
@@ -239,7 +244,7 @@ def measure_variant(
     sha256 = file_sha256(target)
     predictor = OrtPredictor.load(target, providers=providers)
     report = evaluate(predictor, dataset, eval_config)
-    images = (dataset.images("val") or dataset.images("test"))[:parity_images]
+    images = parity_images(dataset, parity_count)
     checked = parity(OrtPredictor.load(fp32_onnx), predictor, images, eval_config)
     if dataset.images("val"):
         ops = operating_points_on_split(predictor, dataset, eval_config, onnx_sha256=sha256)

@@ -105,8 +105,16 @@ def check_pairing(source: Dataset, response: dict[str, Any]) -> None:
 
 
 def model_version(response: dict[str, Any]) -> str:
-    """The model version as the objects name it ("unknown" when the response has none)."""
-    return str(response["model"].get("version") or "unknown")
+    """The model version as the objects name it ("unknown" when the response has none).
+
+    A serving variant other than fp32 is part of it ("3 int8"): two precisions of one version
+    find different things, so their objects must not share UIDs (the PACS would replace one
+    report with the other) and the SR's algorithm version must say which one found them. fp32
+    keeps the bare number, so objects made before variants keep their UIDs.
+    """
+    version = str(response["model"].get("version") or "unknown")
+    variant = response["model"].get("variant")
+    return version if variant in (None, "", "fp32") else f"{version} {variant}"
 
 
 def finding_tracking_uid(source: Dataset, response: dict[str, Any], index: int) -> str:

@@ -34,6 +34,7 @@ from tests.integration.delivery.gitops_helpers import (
     tiny_detector,
 )
 from training.config import EvalConfig
+from training.errors import RegistryError
 from training.predictors import OrtPredictor
 from training.quantize import quantize_int8
 from training.registry import ModelRegistry
@@ -88,6 +89,10 @@ def test_an_int8_variant_that_passes_is_served_and_named_and_one_over_the_limit_
     worse_fp32 = tiny_detector(tmp_path / "worse" / "model.onnx", score=0.8)
     worse = register_version(mlflow_server.uri, name, worse_fp32)
     attach_int8(registry, worse, worse_fp32, tmp_path / "worse", map50_drop=0.05)
+    # a version's variant files are immutable: the same file again is fine, another one is refused
+    attach_int8(registry, good, fp32, tmp_path / "good-again", map50_drop=0.004)
+    with pytest.raises(RegistryError, match=r"already carries a int8 variant.*immutable"):
+        attach_int8(registry, good, worse_fp32, tmp_path / "other", map50_drop=0.004)
 
     stack = (tmp_path / "stack").resolve()
     triton = triton_factory("staging", stack / "triton" / "staging")

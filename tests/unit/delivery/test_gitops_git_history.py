@@ -56,11 +56,13 @@ def ctx_for(root: Path) -> DeliveryContext:
     )
 
 
-def commit_version(root: Path, stage: Stage, version: str, weight: int | None = None) -> str:
+def commit_version(
+    root: Path, stage: Stage, version: str, weight: int | None = None, variant: str = "fp32"
+) -> str:
     """What promote does after its gates: write the file, commit it with a structured message."""
     before = read_stage_file(root, stage)
     content = before.model_copy(
-        update={"model_version": version, **({"canary_weight": weight} if weight else {})}
+        update={"model_version": version, "variant": variant, **({"canary_weight": weight} if weight else {})}
     )
     path = write_stage_file(root, content)
     record = DeliveryRecord(
@@ -69,6 +71,7 @@ def commit_version(root: Path, stage: Stage, version: str, weight: int | None = 
         stage=stage,
         from_version=before.model_version,
         to_version=version,
+        variant=variant,
         canary_weight=weight,
     )
     return GitOpsRepo(root).commit([path], record)
@@ -224,3 +227,55 @@ def test_canary_window_starts_at_the_commit_that_made_this_version_canary(
     commit_version(repo, "canary", "2", weight=10)  # v1's samples must not judge v2
     assert current_window(policy, repo, now=t0 + timedelta(seconds=230)).window == "30s"
     assert window_seconds("30s") == 30 and window_seconds("5m") == 300 and window_seconds("1h") == 3600
+
+
+def test_rollback_of_a_variant_change_goes_back_to_the_same_version_in_its_former_variant(repo: Path) -> None:
+    """fp32 -> int8 of one version is a model change of its own: rolling it back serves fp32 again."""
+    quiet = {"apply_local": False, "update_alias": False, "echo": lambda _: None}
+    commit_version(repo, "staging", "2")
+    commit_version(repo, "staging", "3")
+    commit_version(repo, "staging", "3", variant="int8")
+    outcome = rollback_stage(ctx_for(repo), "staging", **quiet)  # type: ignore[arg-type]
+    assert (outcome.from_version, outcome.to_version) == ("3", "3")
+    restored = read_stage_file(repo, "staging")
+    assert (restored.model_version, restored.variant) == ("3", "fp32")
+    body = git(repo, "log", "-1", "--format=%B")
+    record = parse_record(body)
+    assert record is not None and record.rolled_back_version == "3 int8"
+    assert body.startswith("rollback staging: cxr-detector 3 -> 3\n")
+    # rolled back once, int8 is not offered again: the next rollback walks on to v2
+    second = rollback_stage(ctx_for(repo), "staging", **quiet)  # type: ignore[arg-type]
+    assert second.to_version == "2" and read_stage_file(repo, "staging").variant == "fp32"
+
+
+def test_rollback_to_an_int8_version_restores_its_variant(repo: Path) -> None:
+    quiet = {"apply_local": False, "update_alias": False, "echo": lambda _: None}
+    commit_version(repo, "production", "4", variant="int8")
+    commit_version(repo, "production", "5")
+    rollback_stage(ctx_for(repo), "production", **quiet)  # type: ignore[arg-type]
+    restored = read_stage_file(repo, "production")
+    assert (restored.model_version, restored.variant) == ("4", "int8")
+    assert "Cxr-Variant: int8" in git(repo, "log", "-1", "--format=%B")
+
+
+def test_a_canary_of_a_new_variant_has_its_own_window_and_is_not_idle(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from delivery.canary_step import _nothing_to_analyse
+    from delivery.canary_window import canary_since
+
+    for key in ("GIT_AUTHOR_DATE", "GIT_COMMITTER_DATE"):  # the fp32 canary an hour ago
+        monkeypatch.setenv(key, "2026-12-01T10:00:00+00:00")
+    commit_version(repo, "production", "3")
+    commit_version(repo, "canary", "3", weight=10)
+    first = canary_since(repo)
+    for key in ("GIT_AUTHOR_DATE", "GIT_COMMITTER_DATE"):
+        monkeypatch.setenv(key, "2026-12-01T11:00:00+00:00")
+    commit_version(repo, "canary", "3", weight=10, variant="int8")
+    assert first is not None and first.hour == 10
+    since = canary_since(repo)
+    assert since is not None and since.hour == 11  # INT8 is judged from its own commit, not fp32's traffic
+    canary, production = read_stage_file(repo, "canary"), read_stage_file(repo, "production")
+    assert _nothing_to_analyse(canary, production, 10) is None  # v3 int8 vs v3 fp32: analyse it
+    same = _nothing_to_analyse(canary.model_copy(update={"variant": "fp32"}), production, 10)
+    assert same is not None and same.action == "idle"

@@ -33,9 +33,11 @@ TRIAGE = {"score": 0.83, "priority": True, "threshold": 0.5}
 
 
 def response(detections: list[dict[str, Any]], version: str = "7") -> dict[str, Any]:
+    """``version`` "7" or "7 int8": a serving variant after a space, as the gateway's model block says it."""
+    number, _, variant = version.partition(" ")
     return {
         "request_id": "r-1",
-        "model": {"name": "cxr-yolo", "version": version, "stage": "production"},
+        "model": {"name": "cxr-yolo", "version": number, "stage": "production", "variant": variant or "fp32"},
         "image": {"width": 96, "height": 80},
         "detections": detections,
     }
@@ -108,7 +110,9 @@ def test_gsps_of_an_image_without_findings_says_the_model_looked(sources: list[D
     assert [t.UnformattedTextValue for t in annotation.TextObjectSequence] == [NO_FINDING_TEXT]
 
 
-def test_same_inputs_give_the_same_uids_and_another_model_version_new_ones(sources: list[Dataset]) -> None:
+def test_same_inputs_give_the_same_uids_and_another_model_version_or_variant_new_ones(
+    sources: list[Dataset],
+) -> None:
     def uids(ds: Dataset) -> tuple[str, str]:
         return str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
 
@@ -121,6 +125,10 @@ def test_same_inputs_give_the_same_uids_and_another_model_version_new_ones(sourc
     ):
         assert uids(build("7")) == uids(build("7"))
         assert uids(build("7"))[0] != uids(build("8"))[0] and uids(build("7"))[1] != uids(build("8"))[1]
+        # INT8 of the same version finds other things: its objects must not replace fp32's at the PACS
+        assert uids(build("7"))[0] != uids(build("7 int8"))[0] and uids(build("7 int8")) == uids(
+            build("7 int8")
+        )
     gsps = [build_gsps(s, response([detection()])) for s in sources]
     assert gsps[0].SOPInstanceUID != gsps[1].SOPInstanceUID, "one GSPS per image"
     assert gsps[0].SeriesInstanceUID == gsps[1].SeriesInstanceUID, "in one series per study and model"

@@ -34,7 +34,7 @@ def test_fp16_trt_without_tensorrt_is_refused_saying_where_it_can_be_built(
 def test_a_provider_variant_is_the_stamped_fp32_graph_measured_with_its_own_operating_points(
     exported: Path, dataset: DatasetRef, tmp_path: Path
 ) -> None:
-    config = EvalConfig()
+    config = EvalConfig(conf_threshold=0.01)  # the tiny fixture model is unsure: count its weak findings
     fp32 = evaluate(OrtPredictor.load(exported), dataset, config)
     built = measure_variant(
         "fp16-trt", exported, tmp_path / "v", dataset, config, fp32, providers=["CPUExecutionProvider"]
@@ -47,7 +47,12 @@ def test_a_provider_variant_is_the_stamped_fp32_graph_measured_with_its_own_oper
     # reads on a GPU machine comes from TensorRT, not from this code
     assert built.figures.map50_drop == pytest.approx(0.0, abs=1e-9)
     assert built.figures.score_max_abs_diff == pytest.approx(0.0, abs=1e-6)
-    assert built.figures.finding_agreement == 1.0
+    assert built.figures.finding_agreement == 1.0  # of the findings counted just below
+    from training.variants import parity, parity_images
+
+    images = parity_images(dataset, 32)
+    assert images == dataset.images("test")[:32]  # never the val images INT8 is calibrated on
+    assert parity(OrtPredictor.load(exported), OrtPredictor.load(model), images, config).findings > 0
     ops = OperatingPoints.from_json((built.folder / OPERATING_POINTS_FILE).read_text())
     assert ops.onnx_sha256 == built.figures.sha256
     tags = built.figures.tags()
@@ -73,8 +78,10 @@ def test_parity_of_a_model_with_itself_is_exact_and_of_a_blind_copy_is_zero_agre
 
     model = OrtPredictor.load(exported)
     images = dataset.images("val")[:4]
-    same = parity(model, model, images, EvalConfig())
+    low = EvalConfig(conf_threshold=0.01)  # the tiny fixture model is unsure: count its weak findings
+    same = parity(model, model, images, low)
     assert (same.score_max_abs_diff, same.finding_agreement, same.images) == (0.0, 1.0, 4)
+    assert same.findings > 0
 
     class Blind:
         imgsz = model.imgsz
@@ -84,7 +91,6 @@ def test_parity_of_a_model_with_itself_is_exact_and_of_a_blind_copy_is_zero_agre
             out[:, 4:] = 0.0  # a conversion that lost every score
             return out
 
-    low = EvalConfig(conf_threshold=0.01)  # the tiny fixture model is unsure: count its weak findings
     broken = parity(model, Blind(), images, low)  # type: ignore[arg-type]
     assert broken.findings > 0 and broken.finding_agreement == 0.0
     assert broken.score_max_abs_diff > 0.0
