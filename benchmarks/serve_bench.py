@@ -49,6 +49,7 @@ from fastapi import UploadFile  # module level: FastAPI resolves the route's str
 
 if TYPE_CHECKING:
     from training.quantize import Int8Result
+    from training.variants import Parity
 
 REPO = Path(__file__).resolve().parents[1]
 IMGSZ = 640
@@ -144,16 +145,18 @@ def write_calibration_phantoms(folder: Path, count: int = 8, size: int = IMGSZ) 
     return paths
 
 
-def build_int8_variant(model: Path, out_dir: Path) -> Int8Result:
-    """The INT8 variant of ``model`` made by the training code that makes it for real models.
-
-    Returns ``training.quantize.Int8Result``: the file, and how far its outputs (all
-    rows, and the class-score rows the variant gate judges) moved from fp32.
-    """
+def build_int8_variant(model: Path, out_dir: Path) -> tuple[Int8Result, Parity]:
+    """The INT8 variant of ``model`` made by the training code that makes it for real models,
+    and its parity with fp32 as the variant gate's figures are measured (``training.variants``)."""
+    from training.config import EvalConfig
+    from training.predictors import OrtPredictor
     from training.quantize import quantize_int8
+    from training.variants import parity
 
     images = write_calibration_phantoms(out_dir / "calibration")
-    return quantize_int8(model, out_dir / "model.onnx", images)
+    result = quantize_int8(model, out_dir / "model.onnx", images)
+    checked = parity(OrtPredictor.load(model), OrtPredictor.load(result.onnx_path), images, EvalConfig())
+    return result, checked
 
 
 # ----------------------------------------------------------------------------- naive server
@@ -539,7 +542,7 @@ def run_serving_benchmarks(
     console.log("exporting YOLO11n @640 to ONNX")
     model = export_model(tmp)
     console.log("quantizing it to INT8 (training.quantize, calibrated on 8 chest phantoms)")
-    int8 = build_int8_variant(model, tmp / "int8")
+    int8, int8_parity = build_int8_variant(model, tmp / "int8")
     data = make_dicom_2048()
     env, key = gateway_env(tmp, model, offline)
     env["CXR_MAX_INFLIGHT_PER_STAGE"] = str(clients * 2)
@@ -644,6 +647,7 @@ def run_serving_benchmarks(
         {"fp32": ort_ceiling, "int8": int8_ceiling},
         naive_load["rps"],
         int8,
+        int8_parity,
     )
     results.update(variants)
     results["serving"] = {
@@ -694,17 +698,24 @@ def cpu_account(load: dict[str, Any], ort_img_s: float) -> dict[str, float | Non
 
 
 def variant_figures(
-    gateway_rps: dict[str, float], ort_ceiling: dict[str, float], naive_rps: float, int8: Int8Result
+    gateway_rps: dict[str, float],
+    ort_ceiling: dict[str, float],
+    naive_rps: float,
+    int8: Int8Result,
+    checked: Parity,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The variant keys (top level) and their details (``serving``) from the measured rates.
 
-    The parity tolerance is delivery's (``VariantPolicy().max_score_abs_diff``): the
-    bench serves a variant only if the variant gate would let it through on parity.
+    The parity limits are delivery's (``VariantPolicy`` defaults): the bench serves a variant
+    only if the variant gate would let it through on parity.
     """
     from delivery.policy import VariantPolicy
 
-    tolerance = VariantPolicy.model_validate({}).max_score_abs_diff  # the defaults
-    best = best_variant(gateway_rps, {"fp32": 0.0, "int8": int8.score_max_abs_diff}, tolerance)
+    policy = VariantPolicy.model_validate({})  # the defaults
+    tolerance = policy.max_score_abs_diff
+    passes = checked.finding_agreement >= policy.min_finding_agreement
+    score = checked.score_max_abs_diff if passes else float("inf")
+    best = best_variant(gateway_rps, {"fp32": 0.0, "int8": score}, tolerance)
     keys = {
         "gateway_vs_ort_ceiling_16c": ratio(gateway_rps["fp32"], ort_ceiling["fp32"]),
         "gateway_vs_ort_ceiling_16c_int8": ratio(gateway_rps["int8"], ort_ceiling["int8"]),
@@ -715,11 +726,12 @@ def variant_figures(
         "gateway_int8_vs_naive_16c": ratio(gateway_rps["int8"], naive_rps),
         "int8": {
             "calibration_images": int8.calibration_images,
-            "score_max_abs_diff": float(f"{int8.score_max_abs_diff:.3g}"),
+            "score_max_abs_diff": float(f"{checked.score_max_abs_diff:.3g}"),
+            "finding_agreement": round(checked.finding_agreement, 3),
             "max_abs_diff": float(f"{int8.max_abs_diff:.3g}"),
             "float_head_nodes": int8.float_nodes,
             "parity_tolerance": tolerance,
-            "parity_passes": int8.score_max_abs_diff <= tolerance,
+            "parity_passes": passes and checked.score_max_abs_diff <= tolerance,
             "map_drop": "not judged: untrained model, no labelled images",
         },
     }

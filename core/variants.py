@@ -50,6 +50,12 @@ def variant_tag(variant: Variant, figure: str) -> str:
     return f"variant_{variant.replace('-', '_')}_{figure}"
 
 
+def served_label(version: str, variant: str | None) -> str:
+    """``3``, or ``3 int8`` for a variant other than fp32: how commits, the golden table and the
+    DICOM objects name a model that serves (fp32 keeps the bare number it always had)."""
+    return version if variant in (None, "", DEFAULT_VARIANT) else f"{version} {variant}"
+
+
 def cpu_precision(variant: Variant) -> Variant:
     """What a CPU computes for ``variant``: fp16-trt is the fp32 graph, which only TensorRT runs in
     FP16, so a CPU backend answers in fp32 and must say so (a response names what computed it)."""

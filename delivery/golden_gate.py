@@ -22,7 +22,7 @@ import numpy as np
 
 from core.errors import CxrError
 from core.hashing import file_sha256
-from core.variants import DEFAULT_VARIANT, Variant
+from core.variants import DEFAULT_VARIANT, Variant, served_label
 from data_pipeline.golden import pin_path, read_pin
 from delivery.errors import DeliveryError
 from delivery.gates import GateResult
@@ -152,11 +152,6 @@ def open_golden(gitops_dir: Path, cache_dir: Path, store: object | None) -> Data
     return open_dataset_dir(folder, cache_dir / "work", required=("test",))
 
 
-def _label(version: str, variant: Variant) -> str:
-    """``v3``, or ``v3 int8`` for a variant other than the fp32 export."""
-    return f"v{version}" if variant == DEFAULT_VARIANT else f"v{version} {variant}"
-
-
 def golden_gate(
     *,
     gitops_dir: Path,
@@ -177,8 +172,8 @@ def golden_gate(
     """
     if not production:
         return _skipped("no production model yet", "a production model to compare with", True)
-    mine_label = _label(candidate, candidate_variant)
-    theirs_label = _label(production, production_variant)
+    mine_label = "v" + served_label(candidate, candidate_variant)
+    theirs_label = "v" + served_label(production, production_variant)
     if (production, production_variant) == (candidate, candidate_variant):
         return _skipped(f"{mine_label} already serves production", "a different production model", True)
     golden = open_golden(gitops_dir, cache_dir, store)

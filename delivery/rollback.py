@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from core.errors import CxrError
 from core.stage_file import StageFile, read_stage_file, write_stage_file
 from core.stages import PROMOTION_ORDER, Stage
-from core.variants import DEFAULT_VARIANT, Variant
+from core.variants import DEFAULT_VARIANT, Variant, served_label
 from delivery.context import DeliveryContext
 from delivery.errors import DeliveryError, NoPreviousVersion
 from delivery.git_repo import GitOpsRepo
@@ -34,11 +34,6 @@ class RollbackOutcome:
     commit: str
     applied: ReconcileResult | None = None
     warnings: list[str] | None = None
-
-
-def served_label(version: str, variant: Variant) -> str:
-    """``3``, or ``3 int8`` for another variant: how a rollback record names what it rolled back."""
-    return version if variant == DEFAULT_VARIANT else f"{version} {variant}"
 
 
 def _served(label: str) -> tuple[str, str]:

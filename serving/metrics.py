@@ -175,6 +175,7 @@ class GatewayMetrics:
         self.triage_studies = Counter(
             "cxr_triage_studies_total", "Analysed studies by priority flag", ["priority"], registry=r
         )
+        self._model_info_set: dict[str, tuple[str, str, str, str]] = {}
         self.model_info = Gauge(
             "cxr_model_info",
             "Model each stage serves (value 1), with its serving variant (fp32, int8, fp16-trt)",
@@ -214,8 +215,15 @@ class GatewayMetrics:
                     _remove(gauge, *sample.labels.values())
 
     def set_model_info(self, stage: str, name: str, version: str, variant: str = "fp32") -> None:
-        """One series per stage: the previous version's (or variant's) is removed."""
+        """One series per stage: the previous version's (or variant's) is removed.
+
+        Called for every request: the label set it last set per stage is kept, so an unchanged
+        model costs a dict lookup instead of a walk over the gauge's samples.
+        """
         keep = (stage, name, version, variant)
+        if self._model_info_set.get(stage) == keep:
+            return
+        self._model_info_set[stage] = keep
         for sample in next(iter(self.model_info.collect())).samples:
             labels = tuple(sample.labels[k] for k in ("stage", "model_name", "model_version", "variant"))
             if labels[0] == stage and labels != keep:

@@ -181,15 +181,8 @@ def build_variant(
         fp32_onnx, folder / "model.onnx", dataset, eval_config, calibration_images, fp32_report
     )
     int8 = OrtPredictor.load(outcome.result.onnx_path)
-    if dataset.images("val"):
-        ops = operating_points_on_split(int8, dataset, eval_config, onnx_sha256=outcome.result.sha256)
-        write_operating_points(ops, folder)
-    checked = parity(
-        OrtPredictor.load(fp32_onnx), int8, parity_images(dataset, calibration_images), eval_config
-    )
-    figures = VariantFigures.measured("int8", outcome.result.sha256, outcome.report, fp32_report, checked)
-    _log_built(figures)
-    return BuiltVariant(folder, figures, outcome.report, fp32_report, outcome)
+    measured = _Measured(variant, folder, int8, outcome.result.sha256, outcome.report)
+    return measured.finish(fp32_onnx, dataset, eval_config, fp32_report, calibration_images, outcome)
 
 
 def tensorrt_fp16_providers(cache: Path) -> list[Any]:
@@ -243,15 +236,38 @@ def measure_variant(
     onnx.save(model, str(target))
     sha256 = file_sha256(target)
     predictor = OrtPredictor.load(target, providers=providers)
-    report = evaluate(predictor, dataset, eval_config)
-    images = parity_images(dataset, parity_count)
-    checked = parity(OrtPredictor.load(fp32_onnx), predictor, images, eval_config)
-    if dataset.images("val"):
-        ops = operating_points_on_split(predictor, dataset, eval_config, onnx_sha256=sha256)
-        write_operating_points(ops, folder)
-    figures = VariantFigures.measured(variant, sha256, report, fp32_report, checked)
-    _log_built(figures)
-    return BuiltVariant(folder, figures, report, fp32_report)
+    measured = _Measured(variant, folder, predictor, sha256, evaluate(predictor, dataset, eval_config))
+    return measured.finish(fp32_onnx, dataset, eval_config, fp32_report, parity_count)
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """A built variant file, loaded and evaluated on the test split: what every variant ends with."""
+
+    variant: Variant
+    folder: Path
+    predictor: OrtPredictor
+    sha256: str
+    report: EvalReport
+
+    def finish(
+        self,
+        fp32_onnx: Path,
+        dataset: DatasetRef,
+        eval_config: EvalConfig,
+        fp32_report: EvalReport,
+        parity_count: int,
+        outcome: Int8Outcome | None = None,
+    ) -> BuiltVariant:
+        """Its own operating points (on val), parity with fp32 (on test), its figures, logged."""
+        if dataset.images("val"):
+            ops = operating_points_on_split(self.predictor, dataset, eval_config, onnx_sha256=self.sha256)
+            write_operating_points(ops, self.folder)
+        images = parity_images(dataset, parity_count)
+        checked = parity(OrtPredictor.load(fp32_onnx), self.predictor, images, eval_config)
+        figures = VariantFigures.measured(self.variant, self.sha256, self.report, fp32_report, checked)
+        _log_built(figures)
+        return BuiltVariant(self.folder, figures, self.report, fp32_report, outcome)
 
 
 def _log_built(figures: VariantFigures) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from core.variants import served_label
 from serving.dicom.uids import derived_uid
 from serving.errors import Conflict
 
@@ -112,9 +113,7 @@ def model_version(response: dict[str, Any]) -> str:
     report with the other) and the SR's algorithm version must say which one found them. fp32
     keeps the bare number, so objects made before variants keep their UIDs.
     """
-    version = str(response["model"].get("version") or "unknown")
-    variant = response["model"].get("variant")
-    return version if variant in (None, "", "fp32") else f"{version} {variant}"
+    return served_label(str(response["model"].get("version") or "unknown"), response["model"].get("variant"))
 
 
 def finding_tracking_uid(source: Dataset, response: dict[str, Any], index: int) -> str:

@@ -48,8 +48,7 @@ def test_int8_model_is_quantized_keeps_the_contract_and_scores_in_float(
     assert a.shape == b.shape
     assert result.max_abs_diff == pytest.approx(float(np.abs(a - b).max()), rel=1e-5)
     # class scores (rows 4..) stay float sigmoids: int8 moves them, not by a uint8 step over 0..imgsz
-    assert result.score_max_abs_diff == pytest.approx(float(np.abs(a[:, 4:] - b[:, 4:]).max()), abs=1e-6)
-    assert result.score_max_abs_diff < 0.2
+    assert float(np.abs(a[:, 4:] - b[:, 4:]).max()) < 0.2
     assert meta["cxr_variant"] == "int8"  # the gateway names the variant that answered from this
 
     report = evaluate(int8, dataset, EvalConfig(), split="test", latency=False)
@@ -93,7 +92,15 @@ def test_training_run_builds_the_int8_variant_only_when_asked_with_its_figures_a
     assert float(tags["variant_int8_map40_drop"]) == pytest.approx(
         fp32_report.map40 - outcome.report.map40, abs=1e-6
     )
+    from training.variants import parity, parity_images
+
+    checked = parity(
+        OrtPredictor.load(exported),
+        OrtPredictor.load(outcome.result.onnx_path),
+        parity_images(dataset, 3),
+        EvalConfig(),
+    )
     assert float(tags["variant_int8_score_max_abs_diff"]) == pytest.approx(
-        outcome.result.score_max_abs_diff, abs=1e-6
+        checked.score_max_abs_diff, abs=1e-6
     )
     assert got.figures.tags(carried="fp32,int8")["variants"] == "fp32,int8"  # rebuilt: not listed twice
