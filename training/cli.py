@@ -279,7 +279,7 @@ def tune_cmd(
         int | None, typer.Option("--workers", "-w", min=1, help="Ray workers per trial (default: recipe's)")
     ] = None,
     space: Annotated[
-        Path | None, typer.Option("--space", help="search-space YAML (fields of training.tune.TuneSpace)")
+        Path | None, typer.Option("--space", help="search-space YAML (fields of tune_space.TuneSpace)")
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="where the tuned recipe goes (default: the work dir)")
@@ -288,7 +288,8 @@ def tune_cmd(
     """Search the recipe's hyper-parameters with Ray Tune (ASHA); write the best as a new recipe."""
     settings = TrainSettings()
     _setup(settings)
-    from training.tune import load_space, tune_search
+    from training.tune import tune_search
+    from training.tune_space import load_space
 
     try:
         recipe = load_config(config)

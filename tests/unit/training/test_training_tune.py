@@ -12,19 +12,10 @@ from typer.testing import CliRunner
 from training.cli import app
 from training.config import TrainConfig, TrainSettings, load_config
 from training.errors import ConfigError
-from training.tune import (
-    TrialOutcome,
-    TuneSpace,
-    apply_trial,
-    check_budget,
-    classify,
-    load_space,
-    max_concurrent_trials,
-    pick_best,
-    search_tracking,
-    tuned_config,
-    write_tuned_config,
-)
+from training.tune import check_budget, max_concurrent_trials
+from training.tune_outcomes import TrialOutcome, classify, pick_best, write_tuned_config
+from training.tune_space import TuneSpace, apply_trial, load_space, tuned_config
+from training.tune_tracking import search_tracking
 
 pytestmark = pytest.mark.unit
 
