@@ -26,10 +26,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.config import TrainConfig, TrainSettings, load_config
 from training.dataset import DatasetRef, open_dataset_dir
+
+if TYPE_CHECKING:  # importing the evaluator loads torch: only the functions that run it do
+    from training.evaluate import EvalReport
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +79,8 @@ def build_synthetic_dataset(
 
 def heldout_dataset(root: Path, n_images: int = HELDOUT_IMAGES, seed: int = HELDOUT_SEED) -> DatasetRef:
     """Phantoms of their own seed (other patients), 85 % of them in the test split: a larger, fixed
-    evaluation set than a recipe's own 35-60-image test split, whose figure moved by 0.05-0.09
-    between patient salts. Used to compare recipes, never trained on."""
+    evaluation set than a recipe's own 35-60-image test split, whose figure moved by ~0.07 between
+    patient salts (docs/benchmarks.md). Used to compare recipes, never trained on."""
     return build_synthetic_dataset(
         root, n_images, size=1024, max_side=1024, seed=seed, val_fraction=0.0, test_fraction=0.85
     )
@@ -169,24 +172,22 @@ def train_quality(
     run = fit_distributed(config, dataset, run_name=f"bench-quality-{int(time.time())}", settings=settings)
     train_seconds = time.perf_counter() - started
     model = TorchPredictor.load(run.best_weights)
-    report = evaluate(model, dataset, config.eval, split="test")
-    found: dict[str, Any] = {}
+    found = _figures("train_quality", evaluate(model, dataset, config.eval, split="test"))
+    found["train_quality_seconds"] = round(train_seconds, 1)
     if heldout is not None:
-        held = evaluate(model, heldout, config.eval, split="test", latency=False)
-        found = {
-            "heldout_map50": round(held.map50, 4),
-            "heldout_map40": round(held.map40, 4),
-            "heldout_images": held.images,
-            "heldout_per_class_ap50": {c.class_name: round(c.ap50, 3) for c in held.per_class},
-        }
-    return found | {
-        "train_quality_map50": round(report.map50, 4),
-        "train_quality_map40": round(report.map40, 4),
-        "train_quality_map50_95": round(report.map50_95, 4),
-        "train_quality_seconds": round(train_seconds, 1),
-        "train_quality_test_images": report.images,
-        "train_quality_no_finding_auc": round(report.no_finding_auc or 0.0, 4),
-        "train_quality_per_class_ap50": {c.class_name: round(c.ap50, 3) for c in report.per_class},
+        found |= _figures("heldout", evaluate(model, heldout, config.eval, split="test", latency=False))
+    return found
+
+
+def _figures(prefix: str, report: EvalReport) -> dict[str, Any]:
+    """One evaluation's figures under ``prefix``: mAPs, image count, "No finding" AUC, per-class AP."""
+    return {
+        f"{prefix}_map50": round(report.map50, 4),
+        f"{prefix}_map40": round(report.map40, 4),
+        f"{prefix}_map50_95": round(report.map50_95, 4),
+        f"{prefix}_test_images": report.images,
+        f"{prefix}_no_finding_auc": round(report.no_finding_auc or 0.0, 4),
+        f"{prefix}_per_class_ap50": {c.class_name: round(c.ap50, 3) for c in report.per_class},
     }
 
 
