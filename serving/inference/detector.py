@@ -10,8 +10,11 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 import sqlite3
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +94,8 @@ def study_triage(replies: list[DetectionReply]) -> StudyTriage | None:
 
 
 class DetectionService:
+    MODEL_RECHECK_S = 1.0  # see _model: how often a stage whose server lags its stage file is re-asked
+
     def __init__(
         self,
         settings: ServingSettings,
@@ -127,6 +132,8 @@ class DetectionService:
         self.gate = InflightGate(settings.max_inflight_per_stage, settings.overload_retry_after_s)
         self._background: set[asyncio.Task[Any]] = set()
         self._versions: dict[str, str] = {}
+        self._rechecked: dict[str, float] = {}
+        self.clock: Callable[[], float] = time.monotonic  # tests step it
 
     # ----------------------------------------------------------------- routing state
 
@@ -143,8 +150,25 @@ class DetectionService:
         self.metrics.canary_weight.set(self.router.table.canary_weight)
 
     async def _model(self, stage: Stage) -> ServedModel:
+        """The stage's model, asking the backend again while it disagrees with the stage file.
+
+        A promotion writes the stage file before the stage's server has loaded the new model;
+        a request in between caches the old model's info, and :meth:`refresh_routing` forgets
+        only on a stage-file change. So while the cached version differs from the stage
+        file's, the cache is dropped and the backend asked again (at most once per
+        ``MODEL_RECHECK_S`` per stage: a server that never loads the version costs one
+        metadata call per interval, not one per request). The version alone is compared: a
+        CPU backend honestly reports fp32 for an fp16-trt variant.
+        """
         served = await self.backend.model(stage)
-        version = served.version or self.router.table.version(stage)
+        expected = self.router.table.version(stage)
+        if served.version and expected and served.version != expected:
+            now = self.clock()
+            if now - self._rechecked.get(stage, -math.inf) >= self.MODEL_RECHECK_S:
+                self._rechecked[stage] = now
+                self.backend.forget(stage)
+                served = await self.backend.model(stage)
+        version = served.version or expected
         if version != served.version:
             served = dataclasses.replace(served, version=version)
         self.metrics.set_model_info(stage, served.name, served.version, served.variant)
