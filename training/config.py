@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from core.settings import CoreSettings
 from training.errors import ConfigError
 
-ModelSize = Literal["yolo11n", "yolo11s", "yolo11m", "yolo11l", "yolo11x"]
+ModelSize = Literal["yolo11-slim", "yolo11n", "yolo11s", "yolo11m", "yolo11l", "yolo11x"]
+#: architectures kept in this package rather than picked from ultralytics' scales by name
+MODEL_FILES = {"yolo11-slim": Path(__file__).parent / "models" / "yolo11-slim.yaml"}
 
 
 class _Strict(BaseModel):
@@ -161,6 +163,18 @@ class TrainConfig(_Strict):
         """The same recipe at another scale (the per-worker batch stays, so the global batch grows)."""
         return self.model_copy(update={"scaling": self.scaling.model_copy(update={"num_workers": workers})})
 
+    def fine_tuning(self, base_architecture: str | None) -> TrainConfig:
+        """The recipe for fine-tuning a model of ``base_architecture``: that architecture, not the recipe's.
+
+        Fine-tuning continues the base model, as ultralytics does with ``YOLO("best.pt").train()``.
+        Built as the recipe's ``model`` instead, ultralytics would copy only the weights whose
+        shapes match (none between two widths) and the "fine-tuned" model would start from
+        scratch without a word. An unrecorded or unknown base architecture keeps the recipe's.
+        """
+        if base_architecture in get_args(ModelSize) and base_architecture != self.model:
+            return self.model_copy(update={"model": base_architecture})
+        return self
+
     def sha256(self) -> str:
         """Content hash of the recipe, the lineage tag ``config_sha256`` (key order independent)."""
         payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -171,7 +185,7 @@ class TrainConfig(_Strict):
         aug = self.augment
         opt = self.optim
         return {
-            "model": f"{self.model}.yaml",
+            "model": str(MODEL_FILES.get(self.model, f"{self.model}.yaml")),
             "imgsz": self.imgsz,
             "epochs": self.epochs,
             "batch": self.global_batch,

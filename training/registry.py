@@ -137,6 +137,15 @@ class ModelRegistry:
         log.info("event=model_registered name=%s version=%s run_id=%s", name, version.version, run_id)
         return str(version.version)
 
+    def architecture(self, version: str) -> str | None:
+        """The architecture a version was trained as (its run's ``model`` parameter); None if unrecorded."""
+        mv = self._model_version(version)
+        try:
+            params = self._client.get_run(mv.run_id).data.params
+        except Exception as exc:
+            raise self._unreachable(exc, f"reading the run of version {version}") from exc
+        return params.get("model") or None
+
     def _model_version(self, version: str) -> Any:
         from mlflow.exceptions import MlflowException
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 CONFIGS = Path(__file__).resolve().parents[3] / "training" / "configs"
 
 
-@pytest.mark.parametrize("name", ["cpu-small.yaml", "gpu-large.yaml"])
+@pytest.mark.parametrize("name", ["cpu-small.yaml", "gpu-large.yaml", "bootstrap.yaml"])
 def test_shipped_configs_load(name: str) -> None:
     config = load_config(CONFIGS / name)
     assert config.imgsz % 32 == 0
@@ -24,6 +24,22 @@ def test_shipped_configs_load(name: str) -> None:
 def test_gpu_config_is_yolo11l_at_1024_on_gpus() -> None:
     config = load_config(CONFIGS / "gpu-large.yaml")
     assert (config.model, config.imgsz, config.scaling.use_gpu) == ("yolo11l", 1024, True)
+
+
+def test_the_slim_model_is_yolo11_at_half_the_width_of_n_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ultralytics.nn.tasks import DetectionModel
+
+    monkeypatch.chdir(tmp_path)  # the packaged file, not one beside the caller
+    path = Path(str(TrainConfig(model="yolo11-slim").ultralytics_overrides()["model"]))
+    assert path.is_file() and path.is_absolute()
+    slim = DetectionModel(str(path), nc=14, verbose=False)
+    nano = DetectionModel("yolo11n.yaml", nc=14, verbose=False)
+    assert len(slim.model) == len(nano.model)  # the same layers
+    widths = [(a.shape, b.shape) for a, b in zip(slim.parameters(), nano.parameters(), strict=True)]
+    assert widths[0][0][0] * 2 == widths[0][1][0]  # the stem conv: half n's filters
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in nano.parameters()) / 3
 
 
 def test_global_batch_is_per_worker_batch_times_workers() -> None:
@@ -75,3 +91,11 @@ def test_s3_keys_fall_back_to_the_stack_credentials_file(tmp_path: Path) -> None
     )
     explicit = TrainSettings(stack_dir=tmp_path, s3_access_key="env-ak", s3_secret_key="env-sk")
     assert explicit.s3_keys() == ("env-ak", "env-sk")
+
+
+def test_fine_tuning_trains_the_base_models_architecture_not_the_recipes() -> None:
+    recipe = TrainConfig(model="yolo11n")
+    assert recipe.fine_tuning("yolo11-slim").model == "yolo11-slim"  # a slim v1 fine-tuned stays slim
+    assert recipe.fine_tuning("yolo11n") is recipe
+    assert recipe.fine_tuning(None).model == "yolo11n"  # a run that did not record it: the recipe's
+    assert recipe.fine_tuning("resnet50").model == "yolo11n"  # not an architecture this code builds
