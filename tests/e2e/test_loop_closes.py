@@ -71,9 +71,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRun]:
         run.cxr("stack", "down", check=False, timeout=120)
 
 
-def _training_config(path: Path) -> Path:
+def _training_config(path: Path, **changes: object) -> Path:
     recipe = yaml.safe_load(Path("training/configs/bootstrap.yaml").read_text())
-    recipe.update({"name": "cxr-e2e", "imgsz": 128, "epochs": 2, "batch_per_worker": 4})
+    recipe.update({"name": "cxr-e2e", "imgsz": 128, "epochs": 2, "batch_per_worker": 4, **changes})
     recipe["augment"]["close_mosaic"] = 1
     recipe["eval"]["parity_images"] = 4
     path.write_text(yaml.safe_dump(recipe))
@@ -242,7 +242,11 @@ def test_data_to_production_to_feedback_to_retrained_staging(stack: StackRun, tm
     )
 
     # [5] the retrain DAG locally: feedback merged into a new dataset version, fine-tuned
-    #     from production's weights, registered, promoted to staging by the pipeline itself
+    #     from production's weights, registered, promoted to staging by the pipeline itself; its
+    #     recipe names another architecture, and fine-tuning keeps production's
+    first_architecture = yaml.safe_load(config.read_text())["model"]
+    other = "yolo11-slim" if first_architecture == "yolo11n" else "yolo11n"
+    retrain_config = _training_config(tmp_path / "e2e-retrain.yaml", model=other)
     work = tmp_path / "pipeline"
     stack.cxr(
         "pipeline",
@@ -250,7 +254,7 @@ def test_data_to_production_to_feedback_to_retrained_staging(stack: StackRun, tm
         "--source",
         "latest",
         "--config",
-        str(config),
+        str(retrain_config),
         "--base-model",
         "production",
         "--workers",
@@ -268,6 +272,11 @@ def test_data_to_production_to_feedback_to_retrained_staging(stack: StackRun, tm
     assert summary["feedback_items"] >= 2
     v2 = str(summary["model_version"])
     assert v2 != v1.version
+    architectures = [
+        mlflow.get_run(str(mlflow.get_model_version(MODEL, v).run_id)).data.params["model"]
+        for v in (v1.version, v2)
+    ]
+    assert architectures == [first_architecture] * 2, architectures
     manifest = json.loads(_s3_manifest(env, summary["dataset_version"]))
     for feedback_id in (stored_feedback, page_feedback):
         assert any(feedback_id in obj for obj in manifest["source"]["feedback_objects"]), (
