@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from core.operating_points import OPERATING_POINTS_FILE
 from core.variants import DEFAULT_VARIANT, Variant, artifact_dir, variant_tag
-from training.config import TrainSettings
+from training.config import TrainConfig, TrainSettings
 from training.errors import RegistryError
 
 log = logging.getLogger(__name__)
@@ -308,6 +308,27 @@ def register_version(
 def download_onnx(version: str, dest: Path, settings: TrainSettings | None = None) -> Path:
     """The fp32 export of a registered version (the variants come through :class:`ModelRegistry`)."""
     return ModelRegistry.from_settings(settings).download_onnx(version, dest)
+
+
+def follow_base_architecture(config: TrainConfig, settings: TrainSettings) -> TrainConfig:
+    """``config`` for its run: fine-tuning trains the base version's architecture, not the recipe's.
+
+    The one place both fine-tuning paths (``train_and_register`` and ``cxr train tune``) ask,
+    before their MLflow runs open, so the runs' parameters and cards name what was trained
+    (:meth:`TrainConfig.fine_tuning` says why). A switch is logged.
+    """
+    if not config.base_model_version:
+        return config
+    tuned = config.fine_tuning(ModelRegistry.from_settings(settings).architecture(config.base_model_version))
+    if tuned.model != config.model:
+        log.warning(
+            "event=fine_tune_architecture base_version=%s architecture=%s recipe_model=%s "
+            "note=fine-tuning continues the base model; --base-model none trains the recipe's from scratch",
+            config.base_model_version,
+            tuned.model,
+            config.model,
+        )
+    return tuned
 
 
 def download_weights(version: str, dest: Path, settings: TrainSettings | None = None) -> Path:

@@ -35,7 +35,7 @@ from training.operating_points import (
 )
 from training.predictors import OrtPredictor, TorchPredictor
 from training.ray_trainer import DistributedRun, fit_distributed
-from training.registry import LineageTags, ModelRegistry, download_weights, register_version
+from training.registry import LineageTags, download_weights, follow_base_architecture, register_version
 from training.subgroups import run_metrics as subgroup_run_metrics
 from training.subgroups import version_tags as subgroup_tags
 from training.tracking import Tracker, git_commit
@@ -341,23 +341,6 @@ def check_test_split(data: DatasetRef, minimum: int) -> None:
         )
 
 
-def _follow_base_architecture(config: TrainConfig, settings: TrainSettings) -> TrainConfig:
-    """Fine-tuning trains the base version's architecture (:meth:`TrainConfig.fine_tuning`), logged."""
-    if not config.base_model_version:
-        return config
-    base = ModelRegistry.from_settings(settings).architecture(config.base_model_version)
-    tuned = config.fine_tuning(base)
-    if tuned.model != config.model:
-        log.warning(
-            "event=fine_tune_architecture base_version=%s architecture=%s recipe_model=%s "
-            "note=fine-tuning continues the base model; --base-model none trains the recipe's from scratch",
-            config.base_model_version,
-            tuned.model,
-            config.model,
-        )
-    return tuned
-
-
 def train_and_register(
     config: TrainConfig,
     dataset: str | Path | None = None,
@@ -375,7 +358,7 @@ def train_and_register(
     out = (settings.work_dir / run_name).resolve()
     data = resolve_dataset(ref, out, settings.dataset_cache)
     check_test_split(data, settings.min_test_images)
-    config = _follow_base_architecture(config, settings)
+    config = follow_base_architecture(config, settings)
     commit = git_commit()
     # [2] the MLflow run: any failure below marks it FAILED and nothing is registered
     tracker = Tracker(settings)

@@ -389,6 +389,9 @@ def tune_search(
     settings = settings or TrainSettings()
     t0 = time.perf_counter()
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    from training.registry import download_weights, follow_base_architecture
+
+    recipe = follow_base_architecture(recipe, settings)  # trials fine-tune the base's own network
     # [1] the job: the recipe at the search's scale, the dataset, the space made concrete
     searched = recipe.with_workers(workers) if workers is not None else recipe
     resolved = (space or TuneSpace()).resolved(recipe)
@@ -402,8 +405,6 @@ def tune_search(
     try:
         base = None
         if recipe.base_model_version:
-            from training.registry import download_weights
-
             base = download_weights(recipe.base_model_version, work / "base", settings)
         job = _Job(searched, data, settings, search_name, _registry_name(search_name), base)
         children = MlflowChildren(
