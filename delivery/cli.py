@@ -98,12 +98,20 @@ def promote(
     reason: Annotated[str, typer.Option("--reason", help="why; goes into the commit message")] = "",
     publish: PublishOpt = False,
     apply: ApplyOpt = True,
+    through: Annotated[
+        bool,
+        typer.Option(
+            "--through",
+            help="first promote to each earlier stage, in order (each its own gates and commit; "
+            "stops at the first refusal)",
+        ),
+    ] = False,
     gitops_dir: GitopsDirOpt = None,
     mlflow_uri: MlflowOpt = None,
     prometheus_url: PrometheusOpt = None,
 ) -> None:
     """Check the stage's gates, then alias + publish + edit the stage file + one git commit."""
-    from delivery.promote import PromotionRequest, promote_version
+    from delivery.promote import PromotionRequest, promote_through, promote_version
 
     with _delivery_errors():
         ctx = _context(gitops_dir, mlflow_uri, prometheus_url)
@@ -118,7 +126,7 @@ def promote(
             apply_local=apply,
         )
         with reporting(console):  # each gate's verdict: live on a terminal, event lines in logs
-            promote_version(ctx, request, echo=_echo)
+            (promote_through if through else promote_version)(ctx, request, echo=_echo)
 
 
 def _variant(value: str) -> Variant:

@@ -6,8 +6,9 @@ version → short Ray training → ONNX export with parity → registration →
 promote to staging, canary and production with ``--force`` and a stated reason
 (the floors are for real data, a fresh stack has no production model to compare
 with and no canary traffic to analyse). Every promotion is a commit in
-the stack's GitOps checkout, exactly as later promotions are. Each step runs as
-a ``cxr`` sub-process so its progress shows and its memory is returned.
+the stack's GitOps checkout, exactly as later promotions are (the three in one
+``cxr promote --through``). Each step runs as a ``cxr`` sub-process so its progress
+shows and its memory is returned.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dotenv import dotenv_values
@@ -46,26 +48,44 @@ def _env(settings: StackSettings) -> dict[str, str]:
     return env
 
 
-def _cxr(settings: StackSettings, step: str, *args: str) -> None:
-    """One ``cxr`` sub-process as a ``bootstrap_step``: its own progress shows (no spinner over it)."""
+def _cxr(settings: StackSettings, step: str, *args: str, log: Path | None = None) -> None:
+    """One ``cxr`` sub-process as a ``bootstrap_step``: its own progress shows (no spinner over it).
+
+    With ``log`` it runs beside another step: its output goes to that file instead of over the
+    other's progress, and the caller reports it.
+    """
     command = [str(settings.python), "-m", "cxr.cli", *args]
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as out:
+            result = subprocess.run(
+                command, env=_env(settings), stdout=out, stderr=subprocess.STDOUT, check=False
+            )
+        if result.returncode != 0:
+            raise _failed(step, result.returncode, args, f"; its output is in {log}")
+        return
     label = f"bootstrap {step}: cxr {' '.join(args[:2])}"
     with reporting() as progress, progress.task("bootstrap_step", label, spinner=False, step=step) as task:
         result = subprocess.run(command, env=_env(settings), check=False)
         if result.returncode != 0:
             task.done("failed", exit_code=result.returncode)
-            rerun = f"cxr {' '.join(args)}"
-            raise BootstrapFailed(
-                f"bootstrap step {step!r} failed (exit {result.returncode}); rerun it with: {rerun}"
-            )
+            raise _failed(step, result.returncode, args)
 
 
-def _phantoms(settings: StackSettings, step: str, out: Path, n_images: int, seed: int) -> None:
+def _failed(step: str, code: int, args: tuple[str, ...], where: str = "") -> BootstrapFailed:
+    return BootstrapFailed(
+        f"bootstrap step {step!r} failed (exit {code}{where}); rerun it with: cxr {' '.join(args)}"
+    )
+
+
+def _phantoms(
+    settings: StackSettings, step: str, out: Path, n_images: int, seed: int, log: Path | None = None
+) -> None:
     """``cxr data synth`` into ``out`` unless an earlier (interrupted) bootstrap already made them."""
     if (out / "annotations.csv").exists():
         return
     args = ["--out", str(out), "--n-images", str(n_images), "--seed", str(seed), "--size", "1024"]
-    _cxr(settings, step, "data", "synth", *args)
+    _cxr(settings, step, "data", "synth", *args, log=log)
 
 
 def registered_versions(mlflow_uri: str) -> list[str]:
@@ -89,9 +109,17 @@ def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> st
             )
         return None
     work = settings.state / "bootstrap"
-    ensure_golden_set(settings, env, work)
     synth = work / "synth"
-    _phantoms(settings, "synth", synth, BOOTSTRAP_IMAGES, BOOTSTRAP_SEED)
+    golden_log = work / "golden.log"
+    # The golden set and the training phantoms are independent until the training ingest, which
+    # needs the golden pin. Side by side on two cores, each fills the other's idle moments (process
+    # starts, the single-threaded report, the upload, the pin commit): docs/benchmarks.md.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bootstrap-golden") as pool:
+        golden = pool.submit(ensure_golden_set, settings, env, work, golden_log)
+        _phantoms(settings, "synth", synth, BOOTSTRAP_IMAGES, BOOTSTRAP_SEED)
+        label = f"bootstrap golden set (built beside the phantoms; output in {golden_log})"
+        with reporting() as progress, progress.task("bootstrap_step", label, step="golden"):
+            golden.result()
     summary_dir = work / "pipeline"
     _cxr(
         settings,
@@ -113,15 +141,17 @@ def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> st
     )
     summary = json.loads((summary_dir / "summary.json").read_text())
     version = str(summary["model_version"])
-    for stage in PROMOTION_ORDER:
-        _cxr(settings, f"promote-{stage}", "promote", version, "--to", stage, "--force", "--reason", REASON)
+    last = PROMOTION_ORDER[-1]
+    _cxr(settings, "promote", "promote", version, "--to", last, "--through", "--force", "--reason", REASON)
     with reporting() as progress, progress.task("bootstrap_step", "gateway ready", step="ready") as task:
         wait_ready(env["CXR_GATEWAY_URL"], timeout_s)
         task.done("healthy", f"serving {MODEL_NAME} v{version}", model_version=version)
     return version
 
 
-def ensure_golden_set(settings: StackSettings, env: dict[str, str], work: Path) -> None:
+def ensure_golden_set(
+    settings: StackSettings, env: dict[str, str], work: Path, log: Path | None = None
+) -> None:
     """Build, publish and pin (by a commit in the stack's checkout) a golden set of phantoms, once.
 
     Its own seed gives it its own patients; it is built before the first training dataset, whose
@@ -133,7 +163,7 @@ def ensure_golden_set(settings: StackSettings, env: dict[str, str], work: Path) 
     if read_pin(Path(env["CXR_GITOPS_DIR"])) is not None:
         return
     golden = work / "golden"
-    _phantoms(settings, "golden-synth", golden, GOLDEN_IMAGES, GOLDEN_SEED)
+    _phantoms(settings, "golden-synth", golden, GOLDEN_IMAGES, GOLDEN_SEED, log)
     _cxr(
         settings,
         "golden-build",
@@ -148,6 +178,7 @@ def ensure_golden_set(settings: StackSettings, env: dict[str, str], work: Path) 
         str(work / "datasets"),
         "--upload",
         "yes",
+        log=log,
     )
 
 

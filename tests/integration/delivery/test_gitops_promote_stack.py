@@ -22,7 +22,7 @@ from data_pipeline.store import ObjectStore
 from delivery.context import DeliveryContext
 from delivery.errors import GateFailed
 from delivery.messages import parse_record
-from delivery.promote import PromotionRequest, promote_version
+from delivery.promote import PromotionRequest, promote_through, promote_version
 from delivery.reconcile import reconcile_stage
 from delivery.rollback import rollback_stage
 from tests.integration.delivery.gitops_helpers import git, init_gitops_repo, register_version, tiny_detector
@@ -100,13 +100,23 @@ def test_promote_rollback_and_revert_drive_registry_store_git_and_triton(
         )
         return promote_version(ctx, request, registry=registry, store=private_store, echo=lines.append)
 
-    # [1] v1 through staging and canary; production by force (no canary traffic exists in this test)
-    promote(v1, "staging")
-    out = promote(v1, "canary")
-    assert out.applied is not None and out.applied.action == "loaded"
+    # [1] v1 through staging, canary and production in one call (`cxr promote --through`, the
+    # bootstrap's); production's canary analysis fails (no canary traffic here) and is forced
+    outcomes = promote_through(
+        ctx,
+        PromotionRequest(
+            version=v1, to="production", force=True, reason="first model, approved in change ticket CX-1"
+        ),
+        registry=registry,
+        store=private_store,
+        echo=lines.append,
+    )
+    assert [o.record.stage for o in outcomes if o.record] == ["staging", "canary", "production"]
+    assert [o.record.forced for o in outcomes if o.record] == [False, False, True]  # only where a gate failed
+    applied = outcomes[1].applied
+    assert applied is not None and applied.action == "loaded"
     assert model_version_in_triton(canary_triton.http_url, model_name) == v1
     assert any(line.startswith("- latency budget: pass") for line in lines)
-    out = promote(v1, "production", force=True, reason="first model, approved in change ticket CX-1")
     body = git(root, "log", "-1", "--format=%B")
     assert "Cxr-Forced: true" in body and "Cxr-Reason: first model, approved in change ticket CX-1" in body
     assert "canary analysis: FAIL" in body  # the overridden gate is on record

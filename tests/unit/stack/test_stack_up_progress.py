@@ -119,3 +119,18 @@ def test_each_bootstrap_step_is_reported_with_its_outcome(
     assert re.fullmatch(
         r"event=bootstrap_step_done step=golden-build state=failed seconds=\d+\.\d exit_code=3", lines[3]
     )
+
+
+def test_a_step_run_beside_another_writes_its_output_to_its_log_and_names_it_when_it_fails(
+    settings: StackSettings, tmp_path: Path
+) -> None:
+    """The golden set is built while the phantoms are drawn: its output must not cover theirs."""
+    from stack import bootstrap
+
+    log = tmp_path / "logs" / "golden.log"
+    out = io.StringIO()
+    with reporting(Console(file=out), live=False):
+        with pytest.raises(bootstrap.BootstrapFailed, match=rf"its output is in {re.escape(str(log))}"):
+            bootstrap._cxr(settings, "golden-synth", "data", "synth", "--n-images", "not-a-number", log=log)
+    assert "Usage: python -m cxr.cli data synth" in log.read_text()  # the real `cxr` process's own error
+    assert out.getvalue() == ""  # nothing over the other step's progress
