@@ -129,8 +129,8 @@ def test_a_step_run_beside_another_writes_its_output_to_its_log_and_names_it_whe
 
     log = tmp_path / "logs" / "golden.log"
     out = io.StringIO()
-    with reporting(Console(file=out), live=False):
-        with pytest.raises(bootstrap.BootstrapFailed, match=rf"its output is in {re.escape(str(log))}"):
-            bootstrap._cxr(settings, "golden-synth", "data", "synth", "--n-images", "not-a-number", log=log)
+    failed = pytest.raises(bootstrap.BootstrapFailed, match=rf"its output is in {re.escape(str(log))}")
+    with reporting(Console(file=out), live=False), failed:
+        bootstrap._cxr(settings, "golden-synth", "data", "synth", "--n-images", "not-a-number", log=log)
     assert "Usage: python -m cxr.cli data synth" in log.read_text()  # the real `cxr` process's own error
     assert out.getvalue() == ""  # nothing over the other step's progress
