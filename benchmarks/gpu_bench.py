@@ -367,6 +367,10 @@ def training_step(
 # ------------------------------------------------------------------------------ main
 
 
+#: ultralytics' settings folder when the caller names none; removed when the process exits
+_SCRATCH: list[tempfile.TemporaryDirectory[str]] = []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results-gpu.json"))
@@ -378,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.wheels is not None:
         install_wheels(args.wheels)
     os.environ.setdefault("YOLO_OFFLINE", "1")  # closed network: ultralytics must not look anything up
-    os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="cxr-yolo-"))
+    if "YOLO_CONFIG_DIR" not in os.environ:  # setdefault(..., mkdtemp()) left an empty folder per call
+        _SCRATCH.append(tempfile.TemporaryDirectory(prefix="cxr-yolo-"))
+        os.environ["YOLO_CONFIG_DIR"] = _SCRATCH[-1].name
     env = environment()
     plan_only = args.dry_run or not env.get("cuda")
     results: dict[str, Any] = {

@@ -264,7 +264,10 @@ def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resume
             "samples": sorted(trainer.seen_files),
         }
         trainer.seen_files.clear()
-        with tempfile.TemporaryDirectory(prefix="cxr-ckpt-") as tmp:
+        # in the rank's run folder, not /tmp: a worker killed mid-report (a failure Ray recovers
+        # from) leaves its ~20 MB where the run's own files are, not in /tmp for good
+        Path(trainer.save_dir).mkdir(parents=True, exist_ok=True)  # ultralytics makes it on rank 0 only
+        with tempfile.TemporaryDirectory(prefix="cxr-ckpt-", dir=trainer.save_dir) as tmp:
             out = Path(tmp)
             (out / AUDIT_PATTERN.format(rank=rank)).write_text(json.dumps(audit))
             if rank == 0:

@@ -26,9 +26,10 @@ def studies() -> tuple[bytes, ...]:
     from data_pipeline.synth import SynthConfig, generate
 
     count = int(os.environ.get("CXR_LOAD_IMAGES", "4"))
-    out = Path(tempfile.mkdtemp(prefix="cxr-load-"))
-    generate(SynthConfig(n_images=count, seed=11, size=512, workers=1), out)
-    return tuple(p.read_bytes() for p in sorted((out / "dicom").glob("*.dicom")))
+    with tempfile.TemporaryDirectory(prefix="cxr-load-") as tmp:  # the bytes are kept, not the files
+        out = Path(tmp)
+        generate(SynthConfig(n_images=count, seed=11, size=512, workers=1), out)
+        return tuple(p.read_bytes() for p in sorted((out / "dicom").glob("*.dicom")))
 
 
 @lru_cache(maxsize=1)
