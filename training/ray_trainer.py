@@ -400,6 +400,10 @@ def ray_init_kwargs(
         "log_to_driver": True,
         "configure_logging": True,
         "logging_level": logging.WARNING,
+        # Ray starts one idle worker per CPU at init for tasks; Train's controller and workers are
+        # actors in processes of their own, so on two cores those idle workers' imports only
+        # compete with them (docs/benchmarks.md, "Ray's own start and stop")
+        "_system_config": {"enable_worker_prestart": False, "prestart_worker_first_driver": False},
     }
 
 
@@ -513,6 +517,9 @@ def fit_distributed(
     import ray
 
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # before Ray starts: its workers inherit it
+    # Train's controller polls its workers every 2 s by default, so it saw a finished run up to
+    # 2 s late; a poll is one small call per worker (Ray passes this to the controller)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     scaling = config.scaling
     work_dir = (settings.work_dir / run_name).resolve()
     started = _ray_init(settings, scaling.cpus_per_worker * scaling.num_workers)

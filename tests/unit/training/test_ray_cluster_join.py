@@ -37,6 +37,7 @@ def test_alone_starts_a_local_ray_sized_for_the_workers() -> None:
     assert "address" not in kwargs
     assert kwargs["num_cpus"] == 4 and kwargs["include_dashboard"] is False
     assert kwargs["logging_level"] == logging.WARNING
+    assert kwargs["_system_config"]["enable_worker_prestart"] is False  # no idle task workers on 2 cores
     assert ray_init_kwargs(1.0, configured_address="", environ={}, cpu_count=8)["num_cpus"] == 8
 
 

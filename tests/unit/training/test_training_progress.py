@@ -49,6 +49,7 @@ def _trainer(tmp_path: Path, epoch: int) -> _Trainer:
         last=tmp_path / "last.pt",
         best=tmp_path / "best.pt",
         csv=tmp_path / "results.csv",
+        save_dir=tmp_path / "rank0",
     )
 
 
