@@ -103,7 +103,7 @@ def promote(
         typer.Option(
             "--through",
             help="first promote to each earlier stage, in order (each its own gates and commit; "
-            "stops at the first refusal)",
+            "stops at the first refusal; --force applies to every stage)",
         ),
     ] = False,
     gitops_dir: GitopsDirOpt = None,

@@ -275,11 +275,22 @@ def promote_through(
     ``cxr promote V --to production --through``: what the first-run bootstrap does with v1. One
     process instead of one ``cxr promote`` per stage: each of those paid Python's start and
     mlflow's import (~4 s on the 2-core reference machine) for ~3 s of work. It stops at the
-    first refusal (:class:`GateFailed`), the earlier stages staying promoted, exactly as the
-    same commands run one after the other would.
+    first refusal (:class:`GateFailed`, whose message then names the stages already promoted),
+    the earlier stages staying promoted, exactly as the same commands run one after the other
+    would. ``force`` (with its one reason) applies to every stage's gates.
     """
+    _check_request(request)
     stages = PROMOTION_ORDER[: PROMOTION_ORDER.index(request.to) + 1]
-    return [promote_version(ctx, replace(request, to=stage), **kwargs) for stage in stages]  # type: ignore[arg-type]
+    outcomes: list[PromotionOutcome] = []
+    for stage in stages:
+        try:
+            outcomes.append(promote_version(ctx, replace(request, to=stage), **kwargs))  # type: ignore[arg-type]
+        except GateFailed as exc:
+            if not outcomes:
+                raise
+            done = ", ".join(stages[: len(outcomes)])
+            raise GateFailed(f"{exc} (promoted before it by --through: {done})") from exc
+    return outcomes
 
 
 def promote_version(

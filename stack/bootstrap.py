@@ -116,10 +116,22 @@ def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> st
     # starts, the single-threaded report, the upload, the pin commit): docs/benchmarks.md.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bootstrap-golden") as pool:
         golden = pool.submit(ensure_golden_set, settings, env, work, golden_log)
-        _phantoms(settings, "synth", synth, BOOTSTRAP_IMAGES, BOOTSTRAP_SEED)
+        synth_error: BaseException | None = None
+        try:
+            _phantoms(settings, "synth", synth, BOOTSTRAP_IMAGES, BOOTSTRAP_SEED)
+        except BaseException as exc:  # Ctrl-C included: the golden build is waited for, on screen
+            synth_error = exc
         label = f"bootstrap golden set (built beside the phantoms; output in {golden_log})"
-        with reporting() as progress, progress.task("bootstrap_step", label, step="golden"):
-            golden.result()
+        with reporting() as progress, progress.task("bootstrap_step", label, step="golden") as task:
+            golden_error = golden.exception()
+            if golden_error is not None:
+                task.done("failed")
+    if synth_error is not None:
+        if golden_error is not None:
+            synth_error.add_note(f"the golden set failed too: {golden_error}")
+        raise synth_error
+    if golden_error is not None:
+        raise golden_error
     summary_dir = work / "pipeline"
     _cxr(
         settings,

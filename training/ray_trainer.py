@@ -264,8 +264,9 @@ def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resume
             "samples": sorted(trainer.seen_files),
         }
         trainer.seen_files.clear()
-        # in the rank's run folder, not /tmp: a worker killed mid-report (a failure Ray recovers
-        # from) leaves its ~20 MB where the run's own files are, not in /tmp for good
+        # in the run's folder (the rank's own; after a resume, rank 0's, which ultralytics reads back
+        # from last.pt), not /tmp: a worker killed mid-report (a failure Ray recovers from) leaves
+        # its ~20 MB with the run's files, not in /tmp for good
         Path(trainer.save_dir).mkdir(parents=True, exist_ok=True)  # ultralytics makes it on rank 0 only
         with tempfile.TemporaryDirectory(prefix="cxr-ckpt-", dir=trainer.save_dir) as tmp:
             out = Path(tmp)
@@ -518,7 +519,8 @@ def fit_distributed(
 
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # before Ray starts: its workers inherit it
     # Train's controller polls its workers every 2 s by default, so it saw a finished run up to
-    # 2 s late; a poll is one small call per worker (Ray passes this to the controller)
+    # 2 s late; a poll is one small call per worker. Ray passes this to the controller wherever it
+    # runs, so a cluster's RayJob polls at 0.5 s too (as cheap there)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     scaling = config.scaling
     work_dir = (settings.work_dir / run_name).resolve()

@@ -151,6 +151,17 @@ def test_promote_rollback_and_revert_drive_registry_store_git_and_triton(
     with pytest.raises(GateFailed, match=r"mAP@0\.5"):
         promote(weak, "canary")
     assert git(root, "rev-parse", "HEAD") == head
+    # ... and `--through` stops there too, its message naming the stage it promoted before it
+    with pytest.raises(GateFailed, match=r"mAP@0\.5.*\(promoted before it by --through: staging\)$"):
+        promote_through(
+            ctx,
+            PromotionRequest(version=weak, to="canary", apply_local=False, publish=True),
+            registry=registry,
+            store=private_store,
+            echo=lines.append,
+        )
+    assert read_stage_file(root, "staging").model_version == weak
+    assert read_stage_file(root, "canary").model_version == v2
 
     # [5] rollback: v1 back in the file, in a new commit, and in the Triton
     rolled = rollback_stage(ctx, "canary", reason="test rollback", registry=registry, echo=lines.append)

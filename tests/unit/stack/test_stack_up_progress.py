@@ -134,3 +134,32 @@ def test_a_step_run_beside_another_writes_its_output_to_its_log_and_names_it_whe
         bootstrap._cxr(settings, "golden-synth", "data", "synth", "--n-images", "not-a-number", log=log)
     assert "Usage: python -m cxr.cli data synth" in log.read_text()  # the real `cxr` process's own error
     assert out.getvalue() == ""  # nothing over the other step's progress
+
+
+def test_when_the_phantoms_fail_the_golden_set_is_waited_for_and_both_errors_are_kept(
+    settings: StackSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stack import bootstrap
+
+    monkeypatch.setenv("CXR_MLFLOW_URI", "http://127.0.0.1:9")
+    monkeypatch.setattr(bootstrap, "registered_versions", lambda uri: [])
+    golden_ran: list[str] = []
+
+    def golden(*args: object) -> None:
+        golden_ran.append("done")
+        raise bootstrap.BootstrapFailed("bootstrap step 'golden-build' failed (exit 1)")
+
+    def phantoms(*args: object) -> None:
+        raise bootstrap.BootstrapFailed("bootstrap step 'synth' failed (exit 2)")
+
+    monkeypatch.setattr(bootstrap, "ensure_golden_set", golden)
+    monkeypatch.setattr(bootstrap, "_phantoms", phantoms)
+    out = io.StringIO()
+    with reporting(Console(file=out), live=False), pytest.raises(bootstrap.BootstrapFailed) as failed:
+        bootstrap.ensure_served_model(settings)
+    assert "'synth' failed" in str(failed.value)  # the step that failed first is the one reported
+    assert failed.value.__notes__ == [
+        "the golden set failed too: bootstrap step 'golden-build' failed (exit 1)"
+    ]
+    assert golden_ran == ["done"]
+    assert "event=bootstrap_step_done step=golden state=failed" in out.getvalue()
