@@ -246,6 +246,27 @@ def _placement_registry(name: str) -> Any:
     return PlacementGroups.options(name=name).remote()  # type: ignore[attr-defined]
 
 
+def _remove_unregistered_groups() -> None:
+    """Remove the placement groups this search's job still holds once the search is over.
+
+    A trial Tune stops while its Train run is still starting (the budget ran out, ASHA) leaves a
+    placement group its worker never got to register, and Ray keeps a group whose creator was
+    killed (seen in CI: one CPU still reserved 30 s after the search). Only this job's groups are
+    touched: a PlacementGroupID ends with the JobID of the driver whose actors created it.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    for group_id, info in ray.util.placement_group_table().items():
+        if group_id.endswith(job) and info.get("state") != "REMOVED":
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+                log.info("event=tune_pg_removed_unregistered group=%s", group_id[:12])
+            except Exception as exc:  # removed meanwhile
+                log.debug("event=tune_pg_remove_skipped error=%s", exc)
+
+
 def max_concurrent_trials(config: TrainConfig, trials: int, cluster: Mapping[str, float]) -> int:
     """How many Train runs fit at once: the limiting resource over what one trial's workers need."""
     scaling = config.scaling
@@ -357,6 +378,7 @@ def _run_tuner(
                     remove_placement_group(group)
                 except Exception as exc:  # already removed by its run or the callback
                     log.debug("event=tune_pg_remove_skipped error=%s", exc)
+            _remove_unregistered_groups()
             ray.kill(registry)
         finally:
             if started:
