@@ -518,10 +518,6 @@ def fit_distributed(
     import ray
 
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # before Ray starts: its workers inherit it
-    # Train's controller polls its workers every 2 s by default, so it saw a finished run up to
-    # 2 s late; a poll is one small call per worker. Ray passes this to the controller wherever it
-    # runs, so a cluster's RayJob polls at 0.5 s too (as cheap there)
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     scaling = config.scaling
     work_dir = (settings.work_dir / run_name).resolve()
     started = _ray_init(settings, scaling.cpus_per_worker * scaling.num_workers)

@@ -238,21 +238,17 @@ def _placement_registry(name: str) -> Any:
         def pop(self, trial_id: str) -> list[Any]:
             return self.groups.pop(trial_id, [])
 
-        def pop_all(self) -> list[Any]:
-            groups = [g for gs in self.groups.values() for g in gs]
-            self.groups.clear()
-            return groups
-
     return PlacementGroups.options(name=name).remote()  # type: ignore[attr-defined]
 
 
-def _remove_unregistered_groups() -> None:
-    """Remove the placement groups this search's job still holds once the search is over.
+def _remove_job_groups() -> None:
+    """Remove every placement group this search's job still holds once the search is over.
 
-    A trial Tune stops while its Train run is still starting (the budget ran out, ASHA) leaves a
-    placement group its worker never got to register, and Ray keeps a group whose creator was
-    killed (seen in CI: one CPU still reserved 30 s after the search). Only this job's groups are
-    touched: a PlacementGroupID ends with the JobID of the driver whose actors created it.
+    The registered ones (trials still running when the search ended) and those a worker never got
+    to register: a trial Tune stops while its Train run is still starting (the budget ran out,
+    ASHA), since Ray keeps a group whose creator was killed (seen in CI: one CPU still reserved
+    30 s after the search). Only this job's groups are touched: a PlacementGroupID ends with the
+    JobID of the driver whose actors created it.
     """
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -262,7 +258,7 @@ def _remove_unregistered_groups() -> None:
         if group_id.endswith(job) and info.get("state") != "REMOVED":
             try:
                 remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
-                log.info("event=tune_pg_removed_unregistered group=%s", group_id[:12])
+                log.info("event=tune_pg_removed group=%s", group_id[:12])
             except Exception as exc:  # removed meanwhile
                 log.debug("event=tune_pg_remove_skipped error=%s", exc)
 
@@ -320,7 +316,6 @@ def _run_tuner(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
-    from ray.util.placement_group import remove_placement_group
 
     from training.ray_trainer import _ray_init
 
@@ -373,12 +368,7 @@ def _run_tuner(
         return tuner.fit()
     finally:
         try:
-            for group in ray.get(registry.pop_all.remote()):
-                try:
-                    remove_placement_group(group)
-                except Exception as exc:  # already removed by its run or the callback
-                    log.debug("event=tune_pg_remove_skipped error=%s", exc)
-            _remove_unregistered_groups()
+            _remove_job_groups()
             ray.kill(registry)
         finally:
             if started:
