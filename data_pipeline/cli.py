@@ -165,6 +165,7 @@ def ingest(
             feedback=feedback,
             console=console,
             exclude_patients=held_out_patients(settings, store),
+            cache_dir=settings.cache_dir(),
         )
     assert build.quality is not None
     build.quality.render(Console())
@@ -221,7 +222,7 @@ def golden_build(
     """Build a golden set (every image in its test split, never LATEST) and pin it."""
     from data_pipeline.golden import GoldenError, commit_pin, describe, pin_path, write_pin
     from data_pipeline.ingest import build_dataset
-    from data_pipeline.versioning import publish
+    from data_pipeline.versioning import publish, seed_cache
 
     settings = _settings()
     with _friendly_errors():
@@ -245,6 +246,7 @@ def golden_build(
             )
         if store is not None:
             publish(build.path, build.version, store, latest=False)  # never what training picks up
+            seed_cache(build.path, build.version, settings.cache_dir())  # the next ingest reads its patients
         if pin:
             write_pin(settings.gitops_dir, described)
             sha = commit_pin(settings.gitops_dir, described) if commit else None

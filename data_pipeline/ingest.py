@@ -54,7 +54,14 @@ from data_pipeline.report import (
 )
 from data_pipeline.split import SPLITS, SplitConfig, merge_groups, split_groups
 from data_pipeline.store import ObjectStore
-from data_pipeline.versioning import MANIFEST, compute_version, file_listing, publish, sha256_text
+from data_pipeline.versioning import (
+    MANIFEST,
+    compute_version,
+    file_listing,
+    publish,
+    seed_cache,
+    sha256_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +116,7 @@ def build_dataset(
     console: Console | None = None,
     golden: bool = False,
     exclude_patients: frozenset[str] = frozenset(),
+    cache_dir: Path | None = None,
 ) -> DatasetBuild:
     """Turn a VinDr-layout folder (+ feedback from S3) into ``<out_dir>/<version>/`` and publish it.
 
@@ -117,6 +125,8 @@ def build_dataset(
     ``golden``: every image goes to the test split (an evaluation-only set, data_pipeline/golden.py).
     ``exclude_patients``: images of these (salted) patients enter no split: the golden set's
     patients, so no model ever trains or is tuned on them.
+    ``cache_dir``: a published version is also placed in this fetch cache (hard links,
+    :func:`~data_pipeline.versioning.seed_cache`), so fetching it next on this machine reads no store.
     """
     started = time.perf_counter()
     dicom_dir, annotations_csv, out_dir = Path(dicom_dir), Path(annotations_csv), Path(out_dir)
@@ -165,7 +175,7 @@ def build_dataset(
         report=target / REPORT_DIR / INDEX if (target / REPORT_DIR / INDEX).is_file() else None,
     )
     # [8] publish to the store, then time and log the whole build
-    return _publish_and_log(build, store, started, len(keep))
+    return _publish_and_log(build, store, started, len(keep), cache_dir)
 
 
 @dataclass(frozen=True)
@@ -372,11 +382,14 @@ def _move_into_place(staging: Path, target: Path) -> tuple[Path, bool]:
 
 
 def _publish_and_log(
-    build: DatasetBuild, store: ObjectStore | None, started: float, n_images: int
+    build: DatasetBuild, store: ObjectStore | None, started: float, n_images: int, cache_dir: Path | None
 ) -> DatasetBuild:
-    """Upload to ``datasets/<version>/`` when there is a store, then time the build and log one line."""
+    """Upload to ``datasets/<version>/`` when there is a store (and seed ``cache_dir`` with it), then
+    time the build and log one line."""
     if store is not None:
         publish(build.path, build.version, store, latest=not build.manifest["source"].get("golden", False))
+        if cache_dir is not None:
+            seed_cache(build.path, build.version, cache_dir)
         build.published = True
     build.seconds = time.perf_counter() - started
     log.info(

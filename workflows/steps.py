@@ -355,6 +355,8 @@ def build_dataset(
             store=store,
             feedback=include_feedback,
             exclude_patients=held_out_patients(data_settings(), store),  # the golden set's patients
+            # the train step fetches it next: on one machine (the local runner) from this copy
+            cache_dir=data_settings().cache_dir(),
         )
     except DataPipelineError as exc:
         raise StepFailed("build-dataset", str(exc)) from exc

@@ -43,9 +43,12 @@ def test_ingest_uploads_and_fetch_downloads_the_same_version(
         settings=_settings(),
         store=store,
         feedback=False,
+        cache_dir=tmp_path / "seeded",
     )
     assert build.published
     assert build.version in list_versions(store)
+    # the published version is also in the fetch cache it was given (the local runner's train step)
+    assert verify(tmp_path / "seeded" / build.version)["version"] == build.version
 
     fetched = fetch_dataset(build.version, tmp_path / "cache", store)
     manifest = verify(fetched)

@@ -114,3 +114,28 @@ def test_blank_and_undecodable_images_are_reported_and_left_out(phantoms: Path, 
     assert {"blank0000", "broken0000"} <= set(report["excluded"])
     assert "blank0000" not in build.manifest["images"]
     assert any(r["image_id"] == "broken0000" for r in report["quarantined_rows"])
+
+
+def test_a_seeded_cache_is_what_fetch_returns_without_a_store(phantoms: Path, tmp_path: Path) -> None:
+    """The local runner's train step fetches the version its build step just published: from disk."""
+    from data_pipeline.store import ObjectStore
+    from data_pipeline.versioning import fetch_dataset, seed_cache
+
+    build = build_dataset(
+        phantoms / "dicom", phantoms / "annotations.csv", tmp_path / "out", settings=_settings()
+    )
+    cache = tmp_path / "cache"
+    seeded = seed_cache(build.path, build.version, cache)
+    assert seeded == cache / build.version
+    assert verify(seeded)["version"] == build.version
+    image = next((seeded / "images").rglob("*.png"))
+    twin = build.path / image.relative_to(seeded)
+    assert image.stat().st_ino == twin.stat().st_ino  # hard-linked, not copied
+    # data.yaml is rewritten per folder: a copy pointing at the cache, the build's own untouched
+    assert (seeded / "data.yaml").stat().st_ino != (build.path / "data.yaml").stat().st_ino
+    assert yaml.safe_load((seeded / "data.yaml").read_text())["path"] == str(seeded.resolve())
+    assert yaml.safe_load((build.path / "data.yaml").read_text())["path"] == str(build.path.resolve())
+    assert seed_cache(build.path, build.version, cache) is None  # already there: left alone
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no staging left behind
+    unreachable = ObjectStore("http://127.0.0.1:9", "k", "s", timeout_s=1.0, retries=0)
+    assert fetch_dataset(build.version, cache, unreachable) == seeded

@@ -163,3 +163,27 @@ def test_when_the_phantoms_fail_the_golden_set_is_waited_for_and_both_errors_are
     ]
     assert golden_ran == ["done"]
     assert "event=bootstrap_step_done step=golden state=failed" in out.getvalue()
+
+
+def test_the_promotion_runs_in_this_process_with_the_stack_env_and_names_its_command_when_refused(
+    settings: StackSettings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No sub-process start for a light step; the stack's settings reach it, and leave with it."""
+    import os
+
+    from stack import bootstrap
+
+    gitops = tmp_path / "not-a-checkout"
+    settings.env_file.parent.mkdir(parents=True, exist_ok=True)
+    settings.env_file.write_text(f"CXR_GITOPS_DIR={gitops}\nCXR_MLFLOW_URI=http://127.0.0.1:9\n")
+    before = dict(os.environ)
+    out = io.StringIO()
+    refused = pytest.raises(bootstrap.BootstrapFailed, match=r"rerun it with: cxr promote 7 --to production")
+    with reporting(Console(file=out), live=False), refused:
+        bootstrap._promote(settings, "7")
+    shown = "".join(capsys.readouterr().out.split())  # rich wraps (and folds a long path) at 80
+    assert f"{gitops}isnotinsideagitrepository" in shown  # the env file's setting reached it
+    assert dict(os.environ) == before  # the stack's env was this call's only
+    assert re.search(
+        r"event=bootstrap_step_done step=promote state=failed seconds=\S+ exit_code=1", out.getvalue()
+    )
