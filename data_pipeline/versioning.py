@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,11 +111,22 @@ def fetch_dataset(version: str, cache_dir: Path, store: ObjectStore | None = Non
     if not store.exists(prefix + MANIFEST):
         known = ", ".join(list_versions(store)[-5:]) or "none"
         raise DatasetNotFound(f"dataset version {version} is not in {store.endpoint} (recent: {known})")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=cache_dir))
-    try:
+
+    def download(staging: Path) -> None:
         store.download_prefix(prefix, staging)
         verify(staging)
+
+    _into_cache(target, download)
+    log.info("event=dataset_fetched version=%s path=%s", version, target)
+    return target
+
+
+def _into_cache(target: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a staging folder beside ``target``, then rename it into place (all or nothing)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        fill(staging)
         if target.exists():  # another process finished first; theirs is as good as ours
             shutil.rmtree(staging)
         else:
@@ -124,8 +135,6 @@ def fetch_dataset(version: str, cache_dir: Path, store: ObjectStore | None = Non
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _rewrite_data_yaml(target)
-    log.info("event=dataset_fetched version=%s path=%s", version, target)
-    return target
 
 
 def seed_cache(dataset_dir: Path, version: str, cache_dir: Path) -> Path | None:
@@ -141,22 +150,15 @@ def seed_cache(dataset_dir: Path, version: str, cache_dir: Path) -> Path | None:
     target = Path(cache_dir) / version
     if (target / MANIFEST).exists() or target.resolve() == Path(dataset_dir).resolve():
         return None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
-    try:
+
+    def link(staging: Path) -> None:
         shutil.copytree(dataset_dir, staging, dirs_exist_ok=True, copy_function=_link_or_copy)
         for rel in MACHINE_LOCAL:
             if (dataset_dir / rel).is_file():
                 (staging / rel).unlink()
                 shutil.copy2(dataset_dir / rel, staging / rel)
-        if target.exists():  # a fetch finished first; its copy is as good as ours
-            shutil.rmtree(staging)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _rewrite_data_yaml(target)
+
+    _into_cache(target, link)
     log.info("event=dataset_cache_seeded version=%s path=%s", version, target)
     return target
 
