@@ -146,6 +146,12 @@ def test_local_run_goes_from_synthetic_dicoms_to_a_staging_promotion(
     version = client.get_model_version(pipeline_env["model_name"], summary.model_version)
     assert version.tags["dataset_version"] == summary.dataset_version
     assert version.run_id == summary.run_id
+    # the train step read the version from the fetch cache the build step seeded (hard links), not
+    # downloaded back from the store it had just been uploaded to
+    built = options.work_dir / "datasets" / summary.dataset_version
+    cached = tmp_path / "stack" / "datasets" / summary.dataset_version
+    image = next((cached / "images" / "train").glob("*.png"))
+    assert image.stat().st_ino == (built / image.relative_to(cached)).stat().st_ino
     assert {"map50", "map40"} <= set(summary.metrics)
     # promoted by one commit that set the staging stage file to the new version
     assert summary.promoted and summary.commit
