@@ -31,6 +31,7 @@ from core.progress import BarHandle, FieldValue, reporting
 from training.config import TrainConfig, TrainSettings
 from training.dataset import DatasetRef
 from training.errors import DistributedTrainingError
+from training.ray_worker_setup import quiet_local_ray_workers
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +406,14 @@ def ray_init_kwargs(
         # actors in processes of their own, so on two cores those idle workers' imports only
         # compete with them (docs/benchmarks.md, "Ray's own start and stop")
         "_system_config": {"enable_worker_prestart": False, "prestart_worker_first_driver": False},
+        # without the dashboard Train's placement-group cleaner warns every 2 s (ray_worker_setup.py)
+        "runtime_env": {"worker_process_setup_hook": _hook_path(quiet_local_ray_workers)},
     }
+
+
+def _hook_path(hook: Callable[[], None]) -> str:
+    """A setup hook by module path: Ray imports it in each worker rather than unpickling a function."""
+    return f"{hook.__module__}.{hook.__qualname__}"
 
 
 def _ray_init(settings: TrainSettings, cpus_needed: float) -> bool:

@@ -41,6 +41,29 @@ def test_alone_starts_a_local_ray_sized_for_the_workers() -> None:
     assert ray_init_kwargs(1.0, configured_address="", environ={}, cpu_count=8)["num_cpus"] == 8
 
 
+def test_a_local_ray_quiets_the_placement_group_cleaner_that_cannot_work_without_a_dashboard() -> None:
+    """Ray imports the hook by path in each worker: it must resolve, and raise only that logger's level."""
+    import importlib
+
+    from training.ray_worker_setup import PLACEMENT_GROUP_CLEANER_LOGGER
+
+    hook = ray_init_kwargs(2.0, configured_address=None, environ={}, cpu_count=2)["runtime_env"][
+        "worker_process_setup_hook"
+    ]
+    module, _, name = hook.rpartition(".")
+    cleaner = logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER)
+    before = cleaner.level
+    try:
+        getattr(importlib.import_module(module), name)()
+        assert cleaner.getEffectiveLevel() == logging.ERROR
+        assert logging.getLogger("ray.train").level != logging.ERROR  # the rest of Train's log is kept
+    finally:
+        cleaner.setLevel(before)
+    # a cluster has its dashboard, so its cleaner works and is left alone
+    joined = ray_init_kwargs(2.0, configured_address="ray://head:10001", environ={}, cpu_count=2)
+    assert "runtime_env" not in joined
+
+
 def test_ray_address_local_still_starts_ray_here() -> None:
     kwargs = ray_init_kwargs(2.0, configured_address=None, environ={"RAY_ADDRESS": "local"}, cpu_count=2)
     assert kwargs["num_cpus"] == 2 and "address" not in kwargs
