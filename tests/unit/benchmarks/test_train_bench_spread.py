@@ -1,0 +1,47 @@
+"""Recipes are compared over training seeds: ``seed_spread`` trains each seed on ONE dataset, then sums up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import train_bench
+
+pytestmark = pytest.mark.unit
+
+
+def test_each_seed_trains_the_same_dataset_with_the_recipe_overrides_and_the_spread_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[int] = []
+    trained: list[dict[str, Any]] = []
+    dataset = object()
+    # the seed-0/1/2/3 held-out figures of the bootstrap recipe (docs/benchmarks.md)
+    figures = {0: (0.305, 0.302), 1: (0.251, 0.243), 2: (0.253, 0.257), 3: (0.317, 0.264)}
+
+    def build(root: Path, n_images: int, size: int, max_side: int, seed: int = 0) -> object:
+        built.append(seed)
+        return dataset
+
+    def train(root: Path, n_images: int, overrides: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        assert kw["dataset"] is dataset and kw["seed"] == 1  # the phantoms' seed, not the training one
+        trained.append(overrides)
+        test, held = figures[overrides["seed"]]
+        return {"train_quality_map50": test, "heldout_map50": held}
+
+    monkeypatch.setattr(train_bench, "build_synthetic_dataset", build)
+    monkeypatch.setattr(train_bench, "train_quality", train)
+    found = train_bench.seed_spread(
+        tmp_path, 400, {"optim": {"lrf": 0.1}}, [0, 1, 2, 3], recipe="bootstrap.yaml", data_seed=1
+    )
+    assert built == [1]  # the dataset is built once for all seeds
+    assert trained == [{"optim": {"lrf": 0.1}, "seed": s} for s in (0, 1, 2, 3)]
+    assert [run["seed"] for run in found["runs"]] == [0, 1, 2, 3]
+    assert found["heldout_map50_mean"] == 0.2665 and found["heldout_map50_sd"] == 0.0252
+    assert found["train_quality_map50_mean"] == 0.2815
+
+
+def test_one_value_has_no_spread() -> None:
+    assert train_bench.mean_and_sd([0.3]) == (0.3, 0.0)
