@@ -389,7 +389,7 @@ def _publish_and_log(
     if store is not None:
         publish(build.path, build.version, store, latest=not build.manifest["source"].get("golden", False))
         if cache_dir is not None:
-            seed_cache(build.path, build.version, cache_dir)
+            seed_cache(build.path, build.version, cache_dir, check=build.reused)
         build.published = True
     build.seconds = time.perf_counter() - started
     log.info(

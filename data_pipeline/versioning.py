@@ -122,52 +122,79 @@ def fetch_dataset(version: str, cache_dir: Path, store: ObjectStore | None = Non
 
 
 def _into_cache(target: Path, fill: Callable[[Path], None]) -> None:
-    """Fill a staging folder beside ``target``, then rename it into place (all or nothing)."""
+    """Fill a staging folder beside ``target``, then rename it into place (all or nothing).
+
+    Its ``data.yaml`` points at ``target`` before the rename, so no reader ever sees it point
+    elsewhere; a process that finished the same version first wins, and ours is dropped.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         fill(staging)
-        if target.exists():  # another process finished first; theirs is as good as ours
+        _rewrite_data_yaml(staging, points_to=target)
+        if not (target / MANIFEST).exists():
+            try:
+                staging.rename(target)
+            except OSError as exc:  # ENOTEMPTY: another process renamed its copy in between
+                if not (target / MANIFEST).exists():
+                    raise DatasetIntegrityError(
+                        f"{target} exists without its {MANIFEST} (an interrupted copy?): "
+                        "delete that folder and fetch again"
+                    ) from exc
+        if staging.exists():  # theirs is as good as ours
             shutil.rmtree(staging)
-        else:
-            staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _rewrite_data_yaml(target)
 
 
-def seed_cache(dataset_dir: Path, version: str, cache_dir: Path) -> Path | None:
+#: the folders of a version big enough to link rather than copy: the images, and their labels
+#: beside them. Nothing rewrites these in place; the report, data.yaml and the manifest are copied
+#: (``cxr data report`` may redraw a report where it lies, and must not redraw the other copy).
+LINKED_FOLDERS = ("images", "labels")
+
+
+def seed_cache(dataset_dir: Path, version: str, cache_dir: Path, *, check: bool = False) -> Path | None:
     """Put a version just built and published into the fetch cache, as :func:`fetch_dataset` would.
 
     The build folder holds the very bytes just uploaded, so the next fetch of this version on this
     machine (the local runner's train step right after its build, the next ingest reading the
     golden set) need not download them back: 2-3 s of the first ``make up`` for 400 phantoms.
-    Files are hard-linked where the file system allows (a version's files are never written
-    again); the machine-local ``data.yaml`` is copied, because fetching rewrites it in place.
-    Returns the cache folder, or None when it was already there (or is the build folder itself).
+    Images and labels are hard-linked (:data:`LINKED_FOLDERS`); the rest is copied. ``check``
+    verifies the files against the manifest first, as a fetch would (for a build folder that was
+    reused rather than written just now).
+
+    Only a saving, never a failure: across file systems (where linking would turn into copying
+    the whole version) or on any error it logs why and returns None, and the next fetch downloads
+    as before. Returns the cache folder, or None when it was not seeded (or already there).
     """
-    target = Path(cache_dir) / version
-    if (target / MANIFEST).exists() or target.resolve() == Path(dataset_dir).resolve():
+    dataset_dir, target = Path(dataset_dir), Path(cache_dir) / version
+    if (target / MANIFEST).exists() or target.resolve() == dataset_dir.resolve():
         return None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if os.stat(dataset_dir).st_dev != os.stat(target.parent).st_dev:
+            log.info("event=dataset_cache_not_seeded version=%s reason=another_file_system", version)
+            return None
+        if check:
+            verify(dataset_dir)
 
-    def link(staging: Path) -> None:
-        shutil.copytree(dataset_dir, staging, dirs_exist_ok=True, copy_function=_link_or_copy)
-        for rel in MACHINE_LOCAL:
-            if (dataset_dir / rel).is_file():
-                (staging / rel).unlink()
-                shutil.copy2(dataset_dir / rel, staging / rel)
+        def link(staging: Path) -> None:
+            for item in dataset_dir.iterdir():
+                if item.is_dir() and item.name in LINKED_FOLDERS:
+                    shutil.copytree(item, staging / item.name, copy_function=os.link)
+                elif item.is_dir():
+                    shutil.copytree(item, staging / item.name)
+                else:
+                    shutil.copy2(item, staging / item.name)
 
-    _into_cache(target, link)
+        _into_cache(target, link)
+    except (OSError, DatasetIntegrityError) as exc:
+        log.warning("event=dataset_cache_not_seeded version=%s reason=%r", version, exc)
+        return None
     log.info("event=dataset_cache_seeded version=%s path=%s", version, target)
     return target
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or one without hard links
-        shutil.copy2(src, dst)
 
 
 def verify(dataset_dir: Path) -> dict[str, Any]:
@@ -191,12 +218,13 @@ def verify(dataset_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _rewrite_data_yaml(dataset_dir: Path) -> None:
+def _rewrite_data_yaml(dataset_dir: Path, points_to: Path | None = None) -> None:
+    """Point ``data.yaml``'s ``path`` at the folder it will be read from (this one by default)."""
     path = dataset_dir / "data.yaml"
     if not path.exists():
         return
     data = yaml.safe_load(path.read_text())
-    resolved = str(dataset_dir.resolve())
+    resolved = str((points_to or dataset_dir).resolve())
     if data.get("path") != resolved:
         data["path"] = resolved
         path.write_text(yaml.safe_dump(data, sort_keys=False))

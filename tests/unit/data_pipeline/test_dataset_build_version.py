@@ -131,11 +131,43 @@ def test_a_seeded_cache_is_what_fetch_returns_without_a_store(phantoms: Path, tm
     image = next((seeded / "images").rglob("*.png"))
     twin = build.path / image.relative_to(seeded)
     assert image.stat().st_ino == twin.stat().st_ino  # hard-linked, not copied
-    # data.yaml is rewritten per folder: a copy pointing at the cache, the build's own untouched
-    assert (seeded / "data.yaml").stat().st_ino != (build.path / "data.yaml").stat().st_ino
+    # what may be rewritten in place is copied: data.yaml (pointing at the cache), the report
+    for rel in (
+        "data.yaml",
+        next(p for p in (seeded / "report").rglob("*") if p.is_file()).relative_to(seeded),
+    ):
+        assert (seeded / rel).stat().st_ino != (build.path / rel).stat().st_ino
     assert yaml.safe_load((seeded / "data.yaml").read_text())["path"] == str(seeded.resolve())
     assert yaml.safe_load((build.path / "data.yaml").read_text())["path"] == str(build.path.resolve())
     assert seed_cache(build.path, build.version, cache) is None  # already there: left alone
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no staging left behind
     unreachable = ObjectStore("http://127.0.0.1:9", "k", "s", timeout_s=1.0, retries=0)
     assert fetch_dataset(build.version, cache, unreachable) == seeded
+
+
+def test_seeding_is_a_saving_never_a_failure_and_never_seeds_a_damaged_build(
+    phantoms: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from data_pipeline.versioning import MANIFEST, _into_cache, seed_cache
+
+    build = build_dataset(
+        phantoms / "dicom", phantoms / "annotations.csv", tmp_path / "out", settings=_settings()
+    )
+    label = next((build.path / "labels").rglob("*.txt"))
+    label.write_text(label.read_text() + "0 0.5 0.5 0.1 0.1\n")  # a reused build folder edited by hand
+    assert seed_cache(build.path, build.version, tmp_path / "cache", check=True) is None
+    assert "dataset_cache_not_seeded" in caplog.text and "sha256 differs" in caplog.text
+    assert not (tmp_path / "cache" / build.version).exists()
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
+
+    # another process renames its copy into place while ours is being filled: theirs stands
+    target = tmp_path / "race" / build.version
+
+    def theirs_first(staging: Path) -> None:
+        (staging / "mine").write_text("x")
+        target.mkdir(parents=True)
+        (target / MANIFEST).write_text("{}")
+
+    _into_cache(target, theirs_first)
+    assert sorted(p.name for p in target.iterdir()) == [MANIFEST]
+    assert [p.name for p in target.parent.iterdir()] == [build.version]

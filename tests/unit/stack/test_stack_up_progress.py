@@ -187,3 +187,22 @@ def test_the_promotion_runs_in_this_process_with_the_stack_env_and_names_its_com
     assert re.search(
         r"event=bootstrap_step_done step=promote state=failed seconds=\S+ exit_code=1", out.getvalue()
     )
+
+
+def test_an_unexpected_error_in_the_promotion_is_a_bootstrap_failure_with_the_rerun_command(
+    settings: StackSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a sub-process any crash was an exit code; in this process it must not escape as a traceback."""
+    from delivery import cli as delivery_cli
+    from stack import bootstrap
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("stage file not writable")
+
+    monkeypatch.setattr(delivery_cli, "promote", crash)
+    out = io.StringIO()
+    with reporting(Console(file=out), live=False), pytest.raises(bootstrap.BootstrapFailed) as failed:
+        bootstrap._promote(settings, "3")
+    assert "OSError: stage file not writable" in str(failed.value)
+    assert "rerun it with: cxr promote 3 --to production --through" in str(failed.value)
+    assert "event=bootstrap_step_done step=promote state=failed" in out.getvalue()

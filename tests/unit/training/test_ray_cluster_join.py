@@ -42,23 +42,33 @@ def test_alone_starts_a_local_ray_sized_for_the_workers() -> None:
 
 
 def test_a_local_ray_quiets_the_placement_group_cleaner_that_cannot_work_without_a_dashboard() -> None:
-    """Ray imports the hook by path in each worker: it must resolve, and raise only that logger's level."""
+    """Ray imports the hook by path in each worker: it must resolve, and drop that one warning only."""
     import importlib
 
-    from training.ray_worker_setup import PLACEMENT_GROUP_CLEANER_LOGGER
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
 
+    from training.ray_worker_setup import PLACEMENT_GROUP_CLEANER_LOGGER, UNREACHABLE_STATE_API
+
+    assert placement_group_cleaner.logger.name == PLACEMENT_GROUP_CLEANER_LOGGER  # the installed Ray's
+    assert UNREACHABLE_STATE_API in Path(placement_group_cleaner.__file__).read_text()
     hook = ray_init_kwargs(2.0, configured_address=None, environ={}, cpu_count=2)["runtime_env"][
         "worker_process_setup_hook"
     ]
     module, _, name = hook.rpartition(".")
     cleaner = logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER)
-    before = cleaner.level
+    before = list(cleaner.filters)
     try:
         getattr(importlib.import_module(module), name)()
-        assert cleaner.getEffectiveLevel() == logging.ERROR
-        assert logging.getLogger("ray.train").level != logging.ERROR  # the rest of Train's log is kept
+
+        def record(message: str) -> logging.LogRecord:
+            return cleaner.makeRecord(cleaner.name, logging.WARNING, __file__, 0, message, (), None)
+
+        assert not cleaner.filter(
+            record(UNREACHABLE_STATE_API + ". State API may be temporarily unavailable.")
+        )
+        assert cleaner.filter(record("Controller actor is dead. Cleaning up placement group"))
     finally:
-        cleaner.setLevel(before)
+        cleaner.filters[:] = before
     # a cluster has its dashboard, so its cleaner works and is left alone
     joined = ray_init_kwargs(2.0, configured_address="ray://head:10001", environ={}, cpu_count=2)
     assert "runtime_env" not in joined
