@@ -222,7 +222,7 @@ def golden_build(
     """Build a golden set (every image in its test split, never LATEST) and pin it."""
     from data_pipeline.golden import GoldenError, commit_pin, describe, pin_path, write_pin
     from data_pipeline.ingest import build_dataset
-    from data_pipeline.versioning import publish, seed_cache
+    from data_pipeline.versioning import publish
 
     settings = _settings()
     with _friendly_errors():
@@ -245,8 +245,8 @@ def golden_build(
                 f"CXR_GOLDEN_MIN_IMAGES={settings.golden_min_images}: too few to tell two models apart"
             )
         if store is not None:
-            publish(build.path, build.version, store, latest=False)  # never what training picks up
-            seed_cache(build.path, build.version, settings.cache_dir())  # the next ingest reads its patients
+            # never what training picks up; cached here, where the next ingest reads its patients
+            publish(build.path, build.version, store, latest=False, cache_dir=settings.cache_dir())
         if pin:
             write_pin(settings.gitops_dir, described)
             sha = commit_pin(settings.gitops_dir, described) if commit else None

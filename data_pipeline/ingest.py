@@ -59,7 +59,6 @@ from data_pipeline.versioning import (
     compute_version,
     file_listing,
     publish,
-    seed_cache,
     sha256_text,
 )
 
@@ -387,9 +386,8 @@ def _publish_and_log(
     """Upload to ``datasets/<version>/`` when there is a store (and seed ``cache_dir`` with it), then
     time the build and log one line."""
     if store is not None:
-        publish(build.path, build.version, store, latest=not build.manifest["source"].get("golden", False))
-        if cache_dir is not None:
-            seed_cache(build.path, build.version, cache_dir, check=build.reused)
+        golden = build.manifest["source"].get("golden", False)
+        publish(build.path, build.version, store, latest=not golden, cache_dir=cache_dir)
         build.published = True
     build.seconds = time.perf_counter() - started
     log.info(

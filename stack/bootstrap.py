@@ -202,8 +202,9 @@ def _stack_environ(settings: StackSettings) -> Iterator[None]:
     Only the keys the env file adds or changes are touched, and put back one by one (the
     environment is never empty, even for a moment).
     """
-    saved = {key: os.environ.get(key) for key in _env(settings)}
-    os.environ.update(_env(settings))
+    stack_env = _env(settings)
+    saved = {key: os.environ.get(key) for key in stack_env}
+    os.environ.update(stack_env)
     try:
         yield
     finally:
