@@ -137,6 +137,34 @@ def ray_epoch_ratio(root: Path, *, n_images: int = 192, imgsz: int = 256, epochs
     }
 
 
+def channels_last_ratio(
+    root: Path, *, n_images: int = 200, epochs: int = 4, rounds: int = 2
+) -> dict[str, Any]:
+    """Median epoch time of the bootstrap recipe, channels-last CPU workers / NCHW ones, alternated.
+
+    ``rounds`` pairs, each run a fresh Ray Train fit on the same phantoms, so drift on a shared
+    machine falls on both sides; the steady epochs (first and last dropped) of each side are pooled.
+    """
+    dataset = build_synthetic_dataset(root / "layout", n_images, size=1024, max_side=1024, seed=1)
+    settings = TrainSettings(stack_dir=root / "stack", ray_storage_dir=root / "ray")
+    recipe = load_config(CONFIGS / "bootstrap.yaml").model_dump()
+    medians: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for channels_last in (False, True):
+            config = TrainConfig.model_validate(
+                _merged(recipe, {"epochs": epochs, "scaling": {"channels_last": channels_last}})
+            )
+            label = "nhwc" if channels_last else "nchw"
+            medians[channels_last].append(_median_epoch(config, dataset, settings, label))
+    nchw, nhwc = statistics.median(medians[False]), statistics.median(medians[True])
+    return {
+        "channels_last_epoch_ratio": round(nhwc / nchw, 3),
+        "channels_last_epoch_seconds": round(nhwc, 2),
+        "nchw_epoch_seconds": round(nchw, 2),
+        "channels_last_train_images": len(dataset.images("train")),
+    }
+
+
 def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in overrides.items():
@@ -244,6 +272,7 @@ def run_training_benchmarks() -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cxr-train-bench-") as tmp:
         root = Path(tmp)
         results = ray_epoch_ratio(root)
+        results.update(channels_last_ratio(root))
         if os.environ.get("CXR_BENCH_TRAIN_QUALITY", "1") != "0":
             results.update(train_quality(root))
     return results
@@ -263,6 +292,10 @@ if __name__ == "__main__":
     # model, recipe overridden, also evaluated on the held-out phantoms; the patient salt is fixed so
     # that reruns get the same split (CXR_PATIENT_SALT overrides it). SEEDS (e.g. 0,1,2,3) trains once
     # per training seed and adds mean and sd: compare recipes that way (seed_spread).
+    # `python -m benchmarks.train_bench channels_last`: the CPU workers' memory layout, side by side
+    elif len(sys.argv) > 1 and sys.argv[1] == "channels_last":
+        with tempfile.TemporaryDirectory(prefix="cxr-train-layout-") as tmp:
+            print(json.dumps(channels_last_ratio(Path(tmp)), indent=2))
     elif len(sys.argv) > 1 and sys.argv[1] == "bootstrap":
         from stack.bootstrap import BOOTSTRAP_IMAGES, BOOTSTRAP_SEED
 

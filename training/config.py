@@ -65,6 +65,20 @@ class AugmentConfig(_Strict):
     mixup: float = Field(default=0.0, ge=0, le=1)
 
 
+class LossConfig(_Strict):
+    """Ultralytics' loss gains, and its class weighting (``cls_pw``) for findings the data has few of.
+
+    mAP is a mean over classes, so a class with few boxes counts as much as a common one;
+    ``cls_pw`` weights each class's classification loss by its inverse frequency in the
+    training split raised to that power (0 off, 1 full inverse frequency).
+    """
+
+    box: float = Field(default=7.5, ge=0)
+    cls: float = Field(default=0.5, ge=0)
+    dfl: float = Field(default=1.5, ge=0)
+    cls_pw: float = Field(default=0.0, ge=0, le=1)
+
+
 class ScalingConfig(_Strict):
     """Ray Train scaling: N data-parallel workers, each with its own shard."""
 
@@ -73,6 +87,13 @@ class ScalingConfig(_Strict):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads per CPU worker")
+    channels_last: bool = Field(
+        default=True,
+        description=(
+            "CPU workers train the model in channels-last (NHWC) memory: oneDNN's convolutions skip "
+            "their layout reorders (ultralytics does so only on CUDA; measured in docs/benchmarks.md)"
+        ),
+    )
 
 
 class CheckpointConfig(_Strict):
@@ -143,6 +164,7 @@ class TrainConfig(_Strict):
     dataset: str | None = Field(default=None, description="dataset version or folder; --dataset overrides")
     optim: OptimConfig = OptimConfig()
     augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
     scaling: ScalingConfig = ScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
@@ -184,6 +206,7 @@ class TrainConfig(_Strict):
         """Arguments for ultralytics' trainer; ``batch`` is GLOBAL: ultralytics divides it by world size."""
         aug = self.augment
         opt = self.optim
+        loss = self.loss
         return {
             "model": str(MODEL_FILES.get(self.model, f"{self.model}.yaml")),
             "imgsz": self.imgsz,
@@ -214,6 +237,10 @@ class TrainConfig(_Strict):
             "translate": aug.translate,
             "scale": aug.scale,
             "mixup": aug.mixup,
+            "box": loss.box,
+            "cls": loss.cls,
+            "dfl": loss.dfl,
+            "cls_pw": loss.cls_pw,
             "val": self.val_every_epoch,
             "amp": self.scaling.use_gpu,
             "plots": False,

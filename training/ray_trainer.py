@@ -369,7 +369,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             log.info("event=resume rank=%d from_epoch=%d", rank, resumed_from)
 
     # [3] train; every epoch ends in the reporter (checkpoint + metrics to Ray, MLflow on rank 0)
-    trainer = RayDetectionTrainer(overrides, world_size=world_size, device=device)
+    trainer = RayDetectionTrainer(
+        overrides, world_size=world_size, device=device, channels_last=bool(cfg.get("channels_last", False))
+    )
     trainer.add_callback("on_fit_epoch_end", _make_epoch_reporter(cfg, rank, world_size, resumed_from))
     trainer.train()
 
@@ -487,6 +489,7 @@ def make_trainer(
         "mlflow_uri": settings.mlflow_uri,
         "mlflow_run_id": mlflow_run_id,
         "torch_threads": scaling.torch_threads,
+        "channels_last": scaling.channels_last,
         "use_gpu": scaling.use_gpu,
         **(loop_extras or {}),
     }

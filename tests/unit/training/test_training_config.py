@@ -98,3 +98,13 @@ def test_fine_tuning_trains_the_base_models_architecture_not_the_recipes() -> No
     assert recipe.fine_tuning("yolo11n") is recipe
     assert recipe.fine_tuning(None).model == "yolo11n"  # a run that did not record it: the recipe's
     assert recipe.fine_tuning("resnet50").model == "yolo11n"  # not an architecture this code builds
+
+
+def test_every_override_is_an_ultralytics_argument_and_the_loss_section_reaches_it() -> None:
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    overrides = TrainConfig(loss={"cls": 1.0, "cls_pw": 0.5}).ultralytics_overrides()
+    assert set(overrides) <= set(DEFAULT_CFG_DICT), set(overrides) - set(DEFAULT_CFG_DICT)
+    assert (overrides["box"], overrides["cls"], overrides["dfl"], overrides["cls_pw"]) == (7.5, 1.0, 1.5, 0.5)
+    with pytest.raises(ValueError, match="cls_pw"):
+        TrainConfig(loss={"cls_pw": 1.5})
