@@ -102,6 +102,18 @@ class CheckpointConfig(_Strict):
     s3_prefix: str = "checkpoints"
     num_to_keep: int = Field(default=2, ge=1)
     max_failures: int = Field(default=2, ge=1)
+    every_epochs: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "checkpoint every N epochs and at the last (metrics are still reported every epoch): "
+            "a failure redoes at most N-1 epochs, and N-1 of N epochs skip writing and uploading one"
+        ),
+    )
+
+    def due(self, epoch: int, epochs: int) -> bool:
+        """Whether the epoch just finished (0-based ``epoch`` of ``epochs``) leaves a checkpoint."""
+        return (epoch + 1) % self.every_epochs == 0 or epoch + 1 >= epochs
 
 
 class EvalConfig(_Strict):

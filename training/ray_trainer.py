@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from core.progress import BarHandle, FieldValue, reporting
-from training.config import TrainConfig, TrainSettings
+from training.config import CheckpointConfig, TrainConfig, TrainSettings
 from training.dataset import DatasetRef
 from training.errors import DistributedTrainingError
 from training.ray_worker_setup import quiet_local_ray_workers
@@ -255,8 +255,19 @@ def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resume
 
     from training.ultralytics_ddp import parameters_sha256
 
+    every = CheckpointConfig.model_validate(cfg.get("checkpoint", {}))
+
     def report(trainer: Any) -> None:
+        started = time.perf_counter()
         metrics = _epoch_metrics(trainer, resumed_from, world_size)
+        # every rank decides alike (the same epoch numbers), so a checkpoint holds every rank's audit;
+        # rank 0 also keeps the epoch ultralytics stops early at (its stop flag reaches the others later)
+        if not (every.due(trainer.epoch, trainer.epochs) or (rank == 0 and trainer.stop)):
+            trainer.seen_files.clear()
+            _rank0_epoch_end(cfg, rank, world_size, trainer, metrics)
+            ray.train.report(metrics)
+            _log_reported(rank, trainer.epoch, started, checkpoint=False)
+            return
         audit = {
             "rank": rank,
             "world_size": world_size,
@@ -278,24 +289,45 @@ def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resume
                         shutil.copyfile(src, out / Path(src).name)
                 state = {"epoch": trainer.epoch, "epochs": trainer.epochs, "metrics": metrics}
                 (out / STATE_FILE).write_text(json.dumps(state))
-                log.info(
-                    "event=epoch_end epoch=%d/%d world_size=%d %s",
-                    trainer.epoch + 1,
-                    trainer.epochs,
-                    world_size,
-                    " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" in k),
-                )
-                _log_epoch_to_mlflow(cfg["mlflow_uri"], cfg["mlflow_run_id"], metrics, trainer.epoch)
-                _post_epoch(
-                    cfg.get(PROGRESS_QUEUE), epoch_message(trainer.epoch + 1, trainer.epochs, metrics)
-                )
+            _rank0_epoch_end(cfg, rank, world_size, trainer, metrics)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(str(out)),
                 checkpoint_dir_name=f"epoch_{trainer.epoch:04d}",
             )
+        _log_reported(rank, trainer.epoch, started, checkpoint=True)
 
     return report
+
+
+def _rank0_epoch_end(
+    cfg: dict[str, Any], rank: int, world_size: int, trainer: Any, metrics: dict[str, float]
+) -> None:
+    """Rank 0's share of an epoch's end, checkpointed or not: the log line, MLflow, the driver's bar."""
+    if rank != 0:
+        return
+    log.info(
+        "event=epoch_end epoch=%d/%d world_size=%d %s",
+        trainer.epoch + 1,
+        trainer.epochs,
+        world_size,
+        " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" in k),
+    )
+    _log_epoch_to_mlflow(cfg["mlflow_uri"], cfg["mlflow_run_id"], metrics, trainer.epoch)
+    _post_epoch(cfg.get(PROGRESS_QUEUE), epoch_message(trainer.epoch + 1, trainer.epochs, metrics))
+
+
+def _log_reported(rank: int, epoch: int, started: float, *, checkpoint: bool) -> None:
+    """How long rank 0's report of an epoch took (ranks wait for each other in it): a checkpoint's cost."""
+    if rank != 0:
+        return
+    log.info(
+        "event=epoch_reported rank=%d epoch=%d checkpoint=%d seconds=%.2f",
+        rank,
+        epoch + 1,
+        int(checkpoint),
+        time.perf_counter() - started,
+    )
 
 
 def _node_local_inputs(cfg: dict[str, Any], save_dir: Path) -> dict[str, str]:
@@ -469,7 +501,8 @@ def make_trainer(
     A Tune trial passes Tune's report callback in ``callbacks``, and a ``train_loop`` that wraps
     :func:`train_loop_per_worker` with ``loop_extras`` of its own (see :mod:`training.tune`).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig as RayCheckpointConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -490,6 +523,7 @@ def make_trainer(
         "mlflow_run_id": mlflow_run_id,
         "torch_threads": scaling.torch_threads,
         "channels_last": scaling.channels_last,
+        "checkpoint": config.checkpoint.model_dump(),
         "use_gpu": scaling.use_gpu,
         **(loop_extras or {}),
     }
@@ -509,7 +543,7 @@ def make_trainer(
             storage_path=storage.path,
             storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
+            checkpoint_config=RayCheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
             callbacks=list(callbacks) or None,
         ),
     )

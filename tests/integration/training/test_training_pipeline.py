@@ -38,7 +38,9 @@ def test_two_workers_train_in_sync_on_disjoint_shards_and_register_a_traceable_v
     settings = train_settings(mlflow_server.uri)
     progress = io.StringIO()
     with reporting(Console(file=progress), live=False):  # as `cxr train run` writes to a log
-        outcome = train_and_register(tiny_recipe(), tiny_dataset_dir, workers=2, settings=settings)
+        # checkpoints every 2nd epoch: epoch 1 reports its metrics without one, epoch 2 (the last) has one
+        recipe = tiny_recipe(checkpoint={"every_epochs": 2})
+        outcome = train_and_register(recipe, tiny_dataset_dir, workers=2, settings=settings)
 
     # [0] progress: one line per epoch from rank 0 through Ray's queue, then each stage after it
     lines = progress.getvalue().splitlines()
@@ -61,6 +63,9 @@ def test_two_workers_train_in_sync_on_disjoint_shards_and_register_a_traceable_v
     train_images = {p.name for p in (tiny_dataset_dir / "images" / "train").iterdir()}
     assert {Path(s).name for s in shard0 | shard1} == train_images
     assert any(ckpt.rglob("last.pt"))
+    run_ckpts = tmp_path / "run_ckpts"
+    s3_store.store().download_prefix(prefix.rsplit("/", 1)[0] + "/", run_ckpts)
+    assert {p.name for p in run_ckpts.rglob("epoch_*") if p.is_dir()} == {"epoch_0001"}
 
     # [2] the MLflow run: per-epoch metrics from rank 0, lineage, artifacts
     client = MlflowClient(tracking_uri=mlflow_server.uri)

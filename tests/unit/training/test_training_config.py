@@ -108,3 +108,11 @@ def test_every_override_is_an_ultralytics_argument_and_the_loss_section_reaches_
     assert (overrides["box"], overrides["cls"], overrides["dfl"], overrides["cls_pw"]) == (7.5, 1.0, 1.5, 0.5)
     with pytest.raises(ValueError, match="cls_pw"):
         TrainConfig(loss={"cls_pw": 1.5})
+
+
+def test_checkpoints_fall_every_n_epochs_and_always_at_the_last() -> None:
+    from training.config import CheckpointConfig
+
+    every3 = CheckpointConfig(every_epochs=3)
+    assert [e + 1 for e in range(8) if every3.due(e, 8)] == [3, 6, 8]
+    assert [e + 1 for e in range(4) if CheckpointConfig().due(e, 4)] == [1, 2, 3, 4]
