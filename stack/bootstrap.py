@@ -31,8 +31,8 @@ from stack.config import StackSettings
 
 MODEL_NAME = "cxr-detector"
 BOOTSTRAP_CONFIG = Path("training") / "configs" / "bootstrap.yaml"
-#: a test split of ~60 (>= 30, CXR_MIN_TEST_IMAGES) at the default 15 %; more phantoms and fewer epochs
-#: than before learn more in the same training time (training/configs/bootstrap.yaml)
+#: a test split of ~60 (>= 30, CXR_MIN_TEST_IMAGES) at the default 15 %; 400 phantoms learnt more than
+#: more epochs on fewer (training/configs/bootstrap.yaml, docs/benchmarks.md "The first model")
 BOOTSTRAP_IMAGES = 400
 BOOTSTRAP_SEED = 1
 GOLDEN_IMAGES = 100  # CXR_GOLDEN_MIN_IMAGES' default: the smallest set that tells two models apart

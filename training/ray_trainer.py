@@ -3,13 +3,15 @@
 The driver only builds a ``TorchTrainer``; each worker runs
 :func:`train_loop_per_worker`, which hands one rank of the process group to
 ultralytics' own trainer (see :mod:`training.ultralytics_ddp` for why the
-trainer and not a hand-written loop). Each epoch every rank reports to Ray:
-rank 0 with ultralytics' ``last.pt``/``best.pt`` (weights, EMA, optimizer,
-epoch) and the metrics CSV, every rank with an audit file naming the images
-it trained on and the hash of its parameters. Ray merges them into one
-checkpoint directory in the object store; after a worker dies, Ray restarts
-the group (``FailureConfig``) and each rank resumes from that checkpoint
-through ultralytics' own ``resume``.
+trainer and not a hand-written loop). Each epoch every rank reports its
+metrics to Ray; every ``checkpoint.every_epochs`` epochs and at the last (or an
+early stop) the report carries a checkpoint: rank 0's ultralytics
+``last.pt``/``best.pt`` (weights, EMA, optimizer, epoch) and the metrics CSV,
+every rank's audit file naming the images it trained on and the hash of its
+parameters. Ray merges them into one checkpoint directory in the object store;
+after a worker dies, Ray restarts the group (``FailureConfig``) and each rank
+resumes from the latest checkpoint through ultralytics' own ``resume``,
+redoing (and reporting again) the epochs since.
 """
 
 from __future__ import annotations
@@ -250,7 +252,7 @@ def epoch_progress(run_name: str, epochs: int, workers: int) -> Iterator[Any]:
 
 
 def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resumed_from: int) -> Any:
-    """The ``on_fit_epoch_end`` callback: audit, checkpoint and report to Ray (all ranks), log (rank 0)."""
+    """The ``on_fit_epoch_end`` callback: report to Ray (all ranks; audit + checkpoint when due), log."""
     import ray.train
 
     from training.ultralytics_ddp import parameters_sha256
@@ -260,9 +262,9 @@ def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resume
     def report(trainer: Any) -> None:
         started = time.perf_counter()
         metrics = _epoch_metrics(trainer, resumed_from, world_size)
-        # every rank decides alike (the same epoch numbers), so a checkpoint holds every rank's audit;
-        # rank 0 also keeps the epoch ultralytics stops early at (its stop flag reaches the others later)
-        if not (every.due(trainer.epoch, trainer.epochs) or (rank == 0 and trainer.stop)):
+        # every rank decides alike, so a checkpoint holds every rank's audit: the same epoch numbers,
+        # and rank 0's early-stop flag (ultralytics shares it with the others only after this callback)
+        if not (every.due(trainer.epoch, trainer.epochs) or _stopping(trainer, world_size)):
             trainer.seen_files.clear()
             _rank0_epoch_end(cfg, rank, world_size, trainer, metrics)
             ray.train.report(metrics)
@@ -298,6 +300,16 @@ def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resume
         _log_reported(rank, trainer.epoch, started, checkpoint=True)
 
     return report
+
+
+def _stopping(trainer: Any, world_size: int) -> bool:
+    """Rank 0's ``trainer.stop`` (early stopping, time limit), the same on every rank."""
+    import torch.distributed as dist
+
+    stop = [bool(trainer.stop)]
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(stop, src=0)
+    return stop[0]
 
 
 def _rank0_epoch_end(
@@ -400,9 +412,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             resumed_from = done_epoch + 1
             log.info("event=resume rank=%d from_epoch=%d", rank, resumed_from)
 
-    # [3] train; every epoch ends in the reporter (checkpoint + metrics to Ray, MLflow on rank 0)
+    # [3] train; every epoch ends in the reporter (metrics to Ray, a checkpoint when due, MLflow on rank 0)
     trainer = RayDetectionTrainer(
-        overrides, world_size=world_size, device=device, channels_last=bool(cfg.get("channels_last", False))
+        overrides, world_size=world_size, device=device, channels_last=bool(cfg["channels_last"])
     )
     trainer.add_callback("on_fit_epoch_end", _make_epoch_reporter(cfg, rank, world_size, resumed_from))
     trainer.train()

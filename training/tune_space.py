@@ -124,8 +124,13 @@ def scaled_augment(augment: AugmentConfig, strength: float) -> AugmentConfig:
 
 
 def apply_trial(recipe: TrainConfig, params: Mapping[str, Any]) -> TrainConfig:
-    """The recipe with one trial's values; validation runs every epoch because ASHA needs the metric."""
+    """The recipe with one trial's values; validation runs every epoch because ASHA needs the metric.
+
+    Checkpoints fall every epoch too: ASHA or the budget may stop a trial at any epoch, and the
+    trial's outcome names the checkpoint of its last reported result.
+    """
     data = recipe.model_dump(mode="json")
+    data["checkpoint"]["every_epochs"] = 1
     data["imgsz"] = int(params["imgsz"])
     data["epochs"] = int(params["epochs"])
     data["val_every_epoch"] = True
@@ -138,5 +143,9 @@ def tuned_config(recipe: TrainConfig, params: Mapping[str, Any]) -> TrainConfig:
     """The recipe to train next: the best trial's values on the recipe's own scale, renamed ``-tuned``."""
     config = apply_trial(recipe, params)
     return config.model_copy(
-        update={"name": f"{recipe.name}-tuned", "val_every_epoch": recipe.val_every_epoch}
+        update={
+            "name": f"{recipe.name}-tuned",
+            "val_every_epoch": recipe.val_every_epoch,
+            "checkpoint": recipe.checkpoint,
+        }
     )

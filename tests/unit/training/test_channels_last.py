@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -15,12 +16,15 @@ pytestmark = pytest.mark.unit
 
 
 def _bare_trainer(channels_last: bool, device: str = "cpu") -> Any:
-    """The trainer's own hooks on a real model, without the dataset its constructor checks."""
+    """The trainer's own constructor and hooks on a real model; ultralytics' constructor (which
+    checks a dataset) is skipped."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.nn.tasks import DetectionModel
 
-    trainer: Any = RayDetectionTrainer.__new__(RayDetectionTrainer)
-    trainer._cpu_channels_last = channels_last and torch.device(device).type == "cpu"
-    trainer.seen_files = []
+    with mock.patch.object(DetectionTrainer, "__init__", lambda self, overrides: None):
+        trainer: Any = RayDetectionTrainer(
+            {}, world_size=2, device=torch.device(device), channels_last=channels_last
+        )
     trainer.data = {"nc": 14, "names": {i: str(i) for i in range(14)}}
     trainer.args = SimpleNamespace()
     trainer.model = DetectionModel(str(MODEL_FILES["yolo11-slim"]), nc=14, verbose=False)

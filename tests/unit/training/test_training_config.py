@@ -116,3 +116,12 @@ def test_checkpoints_fall_every_n_epochs_and_always_at_the_last() -> None:
     every3 = CheckpointConfig(every_epochs=3)
     assert [e + 1 for e in range(8) if every3.due(e, 8)] == [3, 6, 8]
     assert [e + 1 for e in range(4) if CheckpointConfig().due(e, 4)] == [1, 2, 3, 4]
+
+
+def test_tune_trials_checkpoint_every_epoch_and_the_tuned_recipe_keeps_the_recipes_cadence() -> None:
+    from training.tune_space import apply_trial, tuned_config
+
+    recipe = TrainConfig(checkpoint={"every_epochs": 4})
+    params = {"imgsz": 160, "epochs": 8, "lr0": 0.002, "augment_strength": 1.0}
+    assert apply_trial(recipe, params).checkpoint.every_epochs == 1  # ASHA stops trials at any epoch
+    assert tuned_config(recipe, params).checkpoint.every_epochs == 4
