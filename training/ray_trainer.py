@@ -255,51 +255,71 @@ def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resume
     """The ``on_fit_epoch_end`` callback: report to Ray (all ranks; audit + checkpoint when due), log."""
     import ray.train
 
-    from training.ultralytics_ddp import parameters_sha256
-
-    every = CheckpointConfig.model_validate(cfg.get("checkpoint", {}))
+    every = CheckpointConfig.model_validate(cfg["checkpoint"])
 
     def report(trainer: Any) -> None:
         started = time.perf_counter()
         metrics = _epoch_metrics(trainer, resumed_from, world_size)
         # every rank decides alike, so a checkpoint holds every rank's audit: the same epoch numbers,
         # and rank 0's early-stop flag (ultralytics shares it with the others only after this callback)
-        if not (every.due(trainer.epoch, trainer.epochs) or _stopping(trainer, world_size)):
-            trainer.seen_files.clear()
-            _rank0_epoch_end(cfg, rank, world_size, trainer, metrics)
-            ray.train.report(metrics)
-            _log_reported(rank, trainer.epoch, started, checkpoint=False)
-            return
-        audit = {
-            "rank": rank,
-            "world_size": world_size,
-            "epoch": trainer.epoch,
-            "parameters_sha256": parameters_sha256(trainer.model),
-            "samples": sorted(trainer.seen_files),
-        }
-        trainer.seen_files.clear()
-        # in the run's folder (the rank's own; after a resume, rank 0's, which ultralytics reads back
-        # from last.pt), not /tmp: a worker killed mid-report (a failure Ray recovers from) leaves
-        # its ~20 MB with the run's files, not in /tmp for good
-        Path(trainer.save_dir).mkdir(parents=True, exist_ok=True)  # ultralytics makes it on rank 0 only
-        with tempfile.TemporaryDirectory(prefix="cxr-ckpt-", dir=trainer.save_dir) as tmp:
-            out = Path(tmp)
-            (out / AUDIT_PATTERN.format(rank=rank)).write_text(json.dumps(audit))
-            if rank == 0:
-                for src in (trainer.last, trainer.best, trainer.csv):
-                    if Path(src).exists():
-                        shutil.copyfile(src, out / Path(src).name)
-                state = {"epoch": trainer.epoch, "epochs": trainer.epochs, "metrics": metrics}
-                (out / STATE_FILE).write_text(json.dumps(state))
-            _rank0_epoch_end(cfg, rank, world_size, trainer, metrics)
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(str(out)),
-                checkpoint_dir_name=f"epoch_{trainer.epoch:04d}",
+        due = every.due(trainer.epoch, trainer.epochs) or _stopping(trainer, world_size)
+        if rank == 0:
+            log.info(
+                "event=epoch_end epoch=%d/%d world_size=%d %s",
+                trainer.epoch + 1,
+                trainer.epochs,
+                world_size,
+                " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" in k),
             )
-        _log_reported(rank, trainer.epoch, started, checkpoint=True)
+            _log_epoch_to_mlflow(cfg["mlflow_uri"], cfg["mlflow_run_id"], metrics, trainer.epoch)
+            _post_epoch(cfg.get(PROGRESS_QUEUE), epoch_message(trainer.epoch + 1, trainer.epochs, metrics))
+        if due:
+            with _checkpoint(trainer, rank, world_size, metrics) as checkpoint:
+                ray.train.report(
+                    metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{trainer.epoch:04d}"
+                )
+        else:
+            ray.train.report(metrics)
+        trainer.seen_files.clear()
+        if rank == 0:  # the ranks wait for each other in the report: this is what a checkpoint costs
+            log.info(
+                "event=epoch_reported epoch=%d checkpoint=%d seconds=%.2f",
+                trainer.epoch + 1,
+                int(due),
+                time.perf_counter() - started,
+            )
 
     return report
+
+
+@contextmanager
+def _checkpoint(trainer: Any, rank: int, world_size: int, metrics: dict[str, float]) -> Iterator[Any]:
+    """This rank's share of a Ray checkpoint: its audit; on rank 0 also the weights, the CSV and the state."""
+    import ray.train
+
+    from training.ultralytics_ddp import parameters_sha256
+
+    audit = {
+        "rank": rank,
+        "world_size": world_size,
+        "epoch": trainer.epoch,
+        "parameters_sha256": parameters_sha256(trainer.model),
+        "samples": sorted(trainer.seen_files),
+    }
+    # in the run's folder (the rank's own; after a resume, rank 0's, which ultralytics reads back
+    # from last.pt), not /tmp: a worker killed mid-report (a failure Ray recovers from) leaves
+    # its ~20 MB with the run's files, not in /tmp for good
+    Path(trainer.save_dir).mkdir(parents=True, exist_ok=True)  # ultralytics makes it on rank 0 only
+    with tempfile.TemporaryDirectory(prefix="cxr-ckpt-", dir=trainer.save_dir) as tmp:
+        out = Path(tmp)
+        (out / AUDIT_PATTERN.format(rank=rank)).write_text(json.dumps(audit))
+        if rank == 0:
+            for src in (trainer.last, trainer.best, trainer.csv):
+                if Path(src).exists():
+                    shutil.copyfile(src, out / Path(src).name)
+            state = {"epoch": trainer.epoch, "epochs": trainer.epochs, "metrics": metrics}
+            (out / STATE_FILE).write_text(json.dumps(state))
+        yield ray.train.Checkpoint.from_directory(str(out))
 
 
 def _stopping(trainer: Any, world_size: int) -> bool:
@@ -310,36 +330,6 @@ def _stopping(trainer: Any, world_size: int) -> bool:
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(stop, src=0)
     return stop[0]
-
-
-def _rank0_epoch_end(
-    cfg: dict[str, Any], rank: int, world_size: int, trainer: Any, metrics: dict[str, float]
-) -> None:
-    """Rank 0's share of an epoch's end, checkpointed or not: the log line, MLflow, the driver's bar."""
-    if rank != 0:
-        return
-    log.info(
-        "event=epoch_end epoch=%d/%d world_size=%d %s",
-        trainer.epoch + 1,
-        trainer.epochs,
-        world_size,
-        " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" in k),
-    )
-    _log_epoch_to_mlflow(cfg["mlflow_uri"], cfg["mlflow_run_id"], metrics, trainer.epoch)
-    _post_epoch(cfg.get(PROGRESS_QUEUE), epoch_message(trainer.epoch + 1, trainer.epochs, metrics))
-
-
-def _log_reported(rank: int, epoch: int, started: float, *, checkpoint: bool) -> None:
-    """How long rank 0's report of an epoch took (ranks wait for each other in it): a checkpoint's cost."""
-    if rank != 0:
-        return
-    log.info(
-        "event=epoch_reported rank=%d epoch=%d checkpoint=%d seconds=%.2f",
-        rank,
-        epoch + 1,
-        int(checkpoint),
-        time.perf_counter() - started,
-    )
 
 
 def _node_local_inputs(cfg: dict[str, Any], save_dir: Path) -> dict[str, str]:
