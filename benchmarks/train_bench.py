@@ -6,6 +6,11 @@ of their median epoch times (2 workers / 1 worker; the goal on 2 cores is
 <= 0.7). Epoch times come from ultralytics' own results.csv, skipping the first
 epoch (warm-up) and the last (it validates).
 
+``channels_last_epoch_ratio``, ``fused_optimizer_epoch_ratio``,
+``sparse_checkpoint_epoch_ratio``: the bootstrap recipe's epoch with one CPU
+training choice on / off, fits alternated in one run (``EPOCH_RATIOS``; each
+also alone as ``python -m benchmarks.train_bench NAME``).
+
 ``train_quality_map50``: ``training/configs/cpu-small.yaml`` on the default
 synthetic dataset (300 phantoms), evaluated on its test split with the same
 code as ``cxr train evaluate``; the goal is mAP@0.5 >= 0.5. It takes ~15 min on
@@ -137,41 +142,82 @@ def ray_epoch_ratio(root: Path, *, n_images: int = 192, imgsz: int = 256, epochs
     }
 
 
-def channels_last_ratio(
-    root: Path, *, n_images: int = 200, epochs: int = 4, rounds: int = 2
-) -> dict[str, Any]:
-    """Median epoch time of the bootstrap recipe, channels-last CPU workers / NCHW ones, alternated.
+def _alternated_epochs(
+    root: Path,
+    variants: dict[str, dict[str, Any]],
+    *,
+    n_images: int = 200,
+    epochs: int = 4,
+    rounds: int = 2,
+) -> tuple[dict[str, float], int]:
+    """Median steady epoch of the bootstrap recipe under each of ``variants`` (overrides), alternated.
 
-    At 256 px with a checkpoint every epoch, as the figure in docs/benchmarks.md was measured
-    (the recipe has since moved to 160 px and sparser checkpoints). ``rounds`` pairs, each run a
-    fresh Ray Train fit on the same phantoms, so drift on a shared machine falls on both sides; the
-    steady epochs (first and last dropped) of each side are pooled.
+    ``rounds`` rounds, each a fresh Ray Train fit per variant on the same phantoms, so drift on a
+    shared machine falls on every side; the steady epochs (first and last dropped) of each side
+    are pooled. Returns the medians by label and the number of training images.
     """
     dataset = build_synthetic_dataset(root / "layout", n_images, size=1024, max_side=1024, seed=1)
     settings = TrainSettings(stack_dir=root / "stack", ray_storage_dir=root / "ray")
     recipe = load_config(CONFIGS / "bootstrap.yaml").model_dump()
-    medians: dict[bool, list[float]] = {False: [], True: []}
+    medians: dict[str, list[float]] = {label: [] for label in variants}
     for _ in range(rounds):
-        for channels_last in (False, True):
-            config = TrainConfig.model_validate(
-                _merged(
-                    recipe,
-                    {
-                        "imgsz": 256,
-                        "epochs": epochs,
-                        "checkpoint": {"every_epochs": 1},
-                        "scaling": {"channels_last": channels_last},
-                    },
-                )
-            )
-            label = "nhwc" if channels_last else "nchw"
-            medians[channels_last].append(_median_epoch(config, dataset, settings, label))
-    nchw, nhwc = statistics.median(medians[False]), statistics.median(medians[True])
+        for label, overrides in variants.items():
+            config = TrainConfig.model_validate(_merged(recipe, {"epochs": epochs, **overrides}))
+            medians[label].append(_median_epoch(config, dataset, settings, label))
+    return {label: statistics.median(v) for label, v in medians.items()}, len(dataset.images("train"))
+
+
+def channels_last_ratio(root: Path) -> dict[str, Any]:
+    """Channels-last CPU workers / NCHW ones: at 256 px with a checkpoint every epoch, as the figure
+    in docs/benchmarks.md was measured (the recipe has since moved to 160 px, sparser checkpoints)."""
+    pinned = {"imgsz": 256, "checkpoint": {"every_epochs": 1}}
+    seconds, images = _alternated_epochs(
+        root,
+        {
+            "nchw": {**pinned, "scaling": {"channels_last": False}},
+            "nhwc": {**pinned, "scaling": {"channels_last": True}},
+        },
+    )
     return {
-        "channels_last_epoch_ratio": round(nhwc / nchw, 3),
-        "channels_last_epoch_seconds": round(nhwc, 2),
-        "nchw_epoch_seconds": round(nchw, 2),
-        "channels_last_train_images": len(dataset.images("train")),
+        "channels_last_epoch_ratio": round(seconds["nhwc"] / seconds["nchw"], 3),
+        "channels_last_epoch_seconds": round(seconds["nhwc"], 2),
+        "nchw_epoch_seconds": round(seconds["nchw"], 2),
+        "channels_last_train_images": images,
+    }
+
+
+def fused_optimizer_ratio(root: Path) -> dict[str, Any]:
+    """Fused optimizer steps / torch's per-parameter loop on CPU workers, the bootstrap recipe as is.
+
+    Its steady epochs write no checkpoint (every 4th epoch of 4), so they time the steps alone.
+    """
+    seconds, images = _alternated_epochs(
+        root,
+        {"loop": {"scaling": {"fused_optimizer": False}}, "fused": {"scaling": {"fused_optimizer": True}}},
+    )
+    return {
+        "fused_optimizer_epoch_ratio": round(seconds["fused"] / seconds["loop"], 3),
+        "fused_optimizer_epoch_seconds": round(seconds["fused"], 2),
+        "loop_optimizer_epoch_seconds": round(seconds["loop"], 2),
+        "fused_optimizer_train_images": images,
+    }
+
+
+def sparse_checkpoint_ratio(root: Path) -> dict[str, Any]:
+    """Epochs of the bootstrap recipe writing no checkpoint / writing one every epoch.
+
+    A written checkpoint is ultralytics' ``last.pt``/``best.pt`` (skipped on the other epochs
+    since the trainer writes them only when due) plus the Ray report that uploads them; here to a
+    local folder, so S3's own share is not in the figure.
+    """
+    seconds, images = _alternated_epochs(
+        root, {"every": {"checkpoint": {"every_epochs": 1}}, "sparse": {"checkpoint": {"every_epochs": 4}}}
+    )
+    return {
+        "sparse_checkpoint_epoch_ratio": round(seconds["sparse"] / seconds["every"], 3),
+        "sparse_checkpoint_epoch_seconds": round(seconds["sparse"], 2),
+        "every_checkpoint_epoch_seconds": round(seconds["every"], 2),
+        "sparse_checkpoint_train_images": images,
     }
 
 
@@ -277,12 +323,21 @@ def _figures(prefix: str, report: EvalReport) -> dict[str, Any]:
     }
 
 
+#: the side-by-side epoch ratios, by the name ``python -m benchmarks.train_bench NAME`` runs one alone
+EPOCH_RATIOS = {
+    "channels_last": channels_last_ratio,
+    "fused_optimizer": fused_optimizer_ratio,
+    "sparse_checkpoint": sparse_checkpoint_ratio,
+}
+
+
 def run_training_benchmarks() -> dict[str, Any]:
     """Entry point called by ``benchmarks/run.py``."""
     with tempfile.TemporaryDirectory(prefix="cxr-train-bench-") as tmp:
         root = Path(tmp)
         results = ray_epoch_ratio(root)
-        results.update(channels_last_ratio(root))
+        for ratio in EPOCH_RATIOS.values():
+            results.update(ratio(root))
         if os.environ.get("CXR_BENCH_TRAIN_QUALITY", "1") != "0":
             results.update(train_quality(root))
     return results
@@ -303,9 +358,10 @@ if __name__ == "__main__":
     # that reruns get the same split (CXR_PATIENT_SALT overrides it). SEEDS (e.g. 0,1,2,3) trains once
     # per training seed and adds mean and sd: compare recipes that way (seed_spread).
     # `python -m benchmarks.train_bench channels_last`: the CPU workers' memory layout, side by side
-    elif len(sys.argv) > 1 and sys.argv[1] == "channels_last":
-        with tempfile.TemporaryDirectory(prefix="cxr-train-layout-") as tmp:
-            print(json.dumps(channels_last_ratio(Path(tmp)), indent=2))
+    # `... train_bench fused_optimizer` and `... sparse_checkpoint`: the two other CPU epoch costs, likewise
+    elif len(sys.argv) > 1 and sys.argv[1] in EPOCH_RATIOS:
+        with tempfile.TemporaryDirectory(prefix=f"cxr-train-{sys.argv[1]}-") as tmp:
+            print(json.dumps(EPOCH_RATIOS[sys.argv[1]](Path(tmp)), indent=2))
     elif len(sys.argv) > 1 and sys.argv[1] == "bootstrap":
         from stack.bootstrap import BOOTSTRAP_IMAGES, BOOTSTRAP_SEED
 

@@ -94,6 +94,13 @@ class ScalingConfig(_Strict):
             "their layout reorders (ultralytics does so only on CUDA; measured in docs/benchmarks.md)"
         ),
     )
+    fused_optimizer: bool = Field(
+        default=True,
+        description=(
+            "CPU workers step SGD, Adam and AdamW with torch's fused kernel instead of a Python loop over "
+            "parameters (ultralytics fuses only on CUDA; measured in docs/benchmarks.md)"
+        ),
+    )
 
 
 class CheckpointConfig(_Strict):
@@ -126,6 +133,13 @@ class EvalConfig(_Strict):
     parity_max_map_diff: float = Field(default=0.005, ge=0)
     latency_repeats: int = Field(default=10, ge=1)
     opset: int | None = Field(default=None, description="ONNX opset; None lets ultralytics choose")
+    onnx_simplify: bool = Field(
+        default=False,
+        description=(
+            "run onnxslim over the exported graph (ultralytics' default); ONNX Runtime folds the same "
+            "graph at load, and the slimming made the export ~5x slower (training/export.py)"
+        ),
+    )
     int8: bool = Field(
         default=False,
         description="also build the INT8 serving variant, measured vs fp32 (served only when promoted)",

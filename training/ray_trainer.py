@@ -404,7 +404,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     # [3] train; every epoch ends in the reporter (metrics to Ray, a checkpoint when due, MLflow on rank 0)
     trainer = RayDetectionTrainer(
-        overrides, world_size=world_size, device=device, channels_last=bool(cfg["channels_last"])
+        overrides,
+        world_size=world_size,
+        device=device,
+        channels_last=bool(cfg["channels_last"]),
+        fused_optimizer=bool(cfg["fused_optimizer"]),
+        checkpoints=CheckpointConfig.model_validate(cfg["checkpoint"]),
     )
     trainer.add_callback("on_fit_epoch_end", _make_epoch_reporter(cfg, rank, world_size, resumed_from))
     trainer.train()
@@ -525,6 +530,7 @@ def make_trainer(
         "mlflow_run_id": mlflow_run_id,
         "torch_threads": scaling.torch_threads,
         "channels_last": scaling.channels_last,
+        "fused_optimizer": scaling.fused_optimizer,
         "checkpoint": config.checkpoint.model_dump(),
         "use_gpu": scaling.use_gpu,
         **(loop_extras or {}),

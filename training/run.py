@@ -96,6 +96,7 @@ def _evaluate_and_export(
         parity_images,
         max_abs_diff=config.eval.parity_max_abs_diff,
         opset=config.eval.opset,
+        simplify=config.eval.onnx_simplify,
     )
     onnx_report = evaluate(OrtPredictor.load(export.onnx_path), dataset, config.eval)
     map_diff = max(

@@ -16,7 +16,7 @@ from training.config import EvalConfig
 from training.dataset import DatasetRef, open_dataset_dir
 from training.errors import ParityError
 from training.evaluate import detections, evaluate, preprocess
-from training.export import check_parity
+from training.export import check_parity, export_onnx
 from training.predictors import OrtPredictor, TorchPredictor
 
 pytestmark = pytest.mark.unit
@@ -41,6 +41,17 @@ def test_parity_on_dataset_images_is_within_1e3(
     tiny_checkpoint: Path, exported: Path, dataset: DatasetRef
 ) -> None:
     diff = check_parity(tiny_checkpoint, exported, dataset.images("val")[:4], max_abs_diff=1e-3)
+    assert 0 <= diff <= 1e-3
+
+
+def test_onnxslim_runs_only_when_the_recipe_asks(
+    tiny_checkpoint: Path, exported: Path, tmp_path: Path, dataset: DatasetRef
+) -> None:
+    assert EvalConfig().onnx_simplify is False  # ONNX Runtime folds the graph at load (training/export.py)
+    slimmed = export_onnx(tiny_checkpoint, tmp_path, simplify=True)
+    nodes = {p: len(onnx.load(str(p)).graph.node) for p in (exported, slimmed)}
+    assert nodes[slimmed] < nodes[exported]  # the default export was not slimmed, and slimming works
+    diff = check_parity(tiny_checkpoint, slimmed, dataset.images("val")[:2], max_abs_diff=1e-3)
     assert 0 <= diff <= 1e-3
 
 
