@@ -237,6 +237,7 @@ def train_quality(
     seed: int = 0,
     heldout: DatasetRef | None = None,
     dataset: DatasetRef | None = None,
+    phantom_size: int = 1024,
 ) -> dict[str, Any]:
     """The CPU recipe (``overrides`` merged into it) on the default synthetic dataset: test mAP, per-class AP.
 
@@ -254,7 +255,9 @@ def train_quality(
     if overrides:
         config = TrainConfig.model_validate(_merged(config.model_dump(), overrides))
     if dataset is None:
-        dataset = build_synthetic_dataset(root / "quality", n_images, size=1024, max_side=1024, seed=seed)
+        dataset = build_synthetic_dataset(
+            root / "quality", n_images, size=phantom_size, max_side=1024, seed=seed
+        )
     settings = TrainSettings(stack_dir=root / "stack", ray_storage_dir=root / "ray")
     started = time.perf_counter()
     run = fit_distributed(config, dataset, run_name=f"bench-quality-{int(time.time())}", settings=settings)
@@ -276,6 +279,7 @@ def seed_spread(
     recipe: str,
     data_seed: int,
     heldout: DatasetRef | None = None,
+    phantom_size: int = 1024,
 ) -> dict[str, Any]:
     """The same recipe trained once per TRAINING seed on one dataset: each run's figures, mean and sd.
 
@@ -283,7 +287,9 @@ def seed_spread(
     (docs/benchmarks.md), as much as any recipe change tried; a change is worth adopting only when
     it moves the mean by clearly more than that spread, so recipes are compared on several seeds.
     """
-    dataset = build_synthetic_dataset(root / "quality", n_images, size=1024, max_side=1024, seed=data_seed)
+    dataset = build_synthetic_dataset(
+        root / "quality", n_images, size=phantom_size, max_side=1024, seed=data_seed
+    )
     runs = []
     for seed in seeds:
         log.info("event=seed_spread_run seed=%d of=%s", seed, ",".join(map(str, seeds)))
@@ -356,21 +362,23 @@ if __name__ == "__main__":
     # `python -m benchmarks.train_bench bootstrap '{"epochs": 16}' [N_IMAGES] [SEEDS]`: make up's first
     # model, recipe overridden, also evaluated on the held-out phantoms; the patient salt is fixed so
     # that reruns get the same split (CXR_PATIENT_SALT overrides it). SEEDS (e.g. 0,1,2,3) trains once
-    # per training seed and adds mean and sd: compare recipes that way (seed_spread).
+    # per training seed and adds mean and sd: compare recipes that way (seed_spread). A fifth argument
+    # sets the phantoms' side (default: make up's, stack/bootstrap.py PHANTOM_SIZE; held out: 1024).
     # `python -m benchmarks.train_bench channels_last`: the CPU workers' memory layout, side by side
     # `... train_bench fused_optimizer` and `... sparse_checkpoint`: the two other CPU epoch costs, likewise
     elif len(sys.argv) > 1 and sys.argv[1] in EPOCH_RATIOS:
         with tempfile.TemporaryDirectory(prefix=f"cxr-train-{sys.argv[1]}-") as tmp:
             print(json.dumps(EPOCH_RATIOS[sys.argv[1]](Path(tmp)), indent=2))
     elif len(sys.argv) > 1 and sys.argv[1] == "bootstrap":
-        from stack.bootstrap import BOOTSTRAP_IMAGES, BOOTSTRAP_SEED
+        from stack.bootstrap import BOOTSTRAP_IMAGES, BOOTSTRAP_SEED, PHANTOM_SIZE
 
         os.environ.setdefault("CXR_PATIENT_SALT", "train-bench-bootstrap")
         with tempfile.TemporaryDirectory(prefix="cxr-train-bootstrap-") as tmp:
             extra = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
             n_images = int(sys.argv[3]) if len(sys.argv) > 3 else BOOTSTRAP_IMAGES
+            size = int(sys.argv[5]) if len(sys.argv) > 5 else PHANTOM_SIZE
             heldout = heldout_dataset(Path(tmp) / "heldout")
-            if len(sys.argv) > 4:
+            if len(sys.argv) > 4 and sys.argv[4]:
                 seeds = [int(s) for s in sys.argv[4].split(",")]
                 found = seed_spread(
                     Path(tmp),
@@ -380,10 +388,17 @@ if __name__ == "__main__":
                     recipe="bootstrap.yaml",
                     data_seed=BOOTSTRAP_SEED,
                     heldout=heldout,
+                    phantom_size=size,
                 )
             else:
                 found = train_quality(
-                    Path(tmp), n_images, extra, recipe="bootstrap.yaml", seed=BOOTSTRAP_SEED, heldout=heldout
+                    Path(tmp),
+                    n_images,
+                    extra,
+                    recipe="bootstrap.yaml",
+                    seed=BOOTSTRAP_SEED,
+                    heldout=heldout,
+                    phantom_size=size,
                 )
             print(json.dumps(found, indent=2))
     else:

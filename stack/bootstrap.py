@@ -35,6 +35,11 @@ BOOTSTRAP_CONFIG = Path("training") / "configs" / "bootstrap.yaml"
 #: more epochs on fewer (training/configs/bootstrap.yaml, docs/benchmarks.md "The first model")
 BOOTSTRAP_IMAGES = 400
 BOOTSTRAP_SEED = 1
+#: the phantoms' side in pixels. The generator draws anatomy and findings on a canvas of at most
+#: 512 px and scales it up (data_pipeline/synth.py), so 1024 px phantoms held no more of either
+#: while costing four times the pixels to write, encode, ingest and cache; the bootstrap trains at
+#: a fraction of either size (training/configs/bootstrap.yaml; docs/benchmarks.md)
+PHANTOM_SIZE = 512
 GOLDEN_IMAGES = 100  # CXR_GOLDEN_MIN_IMAGES' default: the smallest set that tells two models apart
 GOLDEN_SEED = 7  # not the training phantoms' seed: other patients, other images
 REASON = "bootstrap: first model of a new one-machine stack (no production model or canary traffic yet)"
@@ -86,7 +91,7 @@ def _phantoms(
     """``cxr data synth`` into ``out`` unless an earlier (interrupted) bootstrap already made them."""
     if (out / "annotations.csv").exists():
         return
-    args = ["--out", str(out), "--n-images", str(n_images), "--seed", str(seed), "--size", "1024"]
+    args = ["--out", str(out), "--n-images", str(n_images), "--seed", str(seed), "--size", str(PHANTOM_SIZE)]
     _cxr(settings, step, "data", "synth", *args, log=log)
 
 
