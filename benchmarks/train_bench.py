@@ -167,23 +167,30 @@ def _alternated_epochs(
     return {label: statistics.median(v) for label, v in medians.items()}, len(dataset.images("train"))
 
 
+def _epoch_ratio(
+    root: Path, name: str, base: tuple[str, dict[str, Any]], variant: dict[str, Any]
+) -> dict[str, Any]:
+    """Median steady epoch with ``variant``'s overrides / with ``base``'s (a label and overrides)."""
+    base_label, base_overrides = base
+    seconds, images = _alternated_epochs(root, {base_label: base_overrides, name: variant})
+    return {
+        f"{name}_epoch_ratio": round(seconds[name] / seconds[base_label], 3),
+        f"{name}_epoch_seconds": round(seconds[name], 2),
+        f"{base_label}_epoch_seconds": round(seconds[base_label], 2),
+        f"{name}_train_images": images,
+    }
+
+
 def channels_last_ratio(root: Path) -> dict[str, Any]:
     """Channels-last CPU workers / NCHW ones: at 256 px with a checkpoint every epoch, as the figure
     in docs/benchmarks.md was measured (the recipe has since moved to 160 px, sparser checkpoints)."""
     pinned = {"imgsz": 256, "checkpoint": {"every_epochs": 1}}
-    seconds, images = _alternated_epochs(
+    return _epoch_ratio(
         root,
-        {
-            "nchw": {**pinned, "scaling": {"channels_last": False}},
-            "nhwc": {**pinned, "scaling": {"channels_last": True}},
-        },
+        "channels_last",
+        ("nchw", {**pinned, "scaling": {"channels_last": False}}),
+        {**pinned, "scaling": {"channels_last": True}},
     )
-    return {
-        "channels_last_epoch_ratio": round(seconds["nhwc"] / seconds["nchw"], 3),
-        "channels_last_epoch_seconds": round(seconds["nhwc"], 2),
-        "nchw_epoch_seconds": round(seconds["nchw"], 2),
-        "channels_last_train_images": images,
-    }
 
 
 def fused_optimizer_ratio(root: Path) -> dict[str, Any]:
@@ -191,16 +198,12 @@ def fused_optimizer_ratio(root: Path) -> dict[str, Any]:
 
     Its steady epochs write no checkpoint (every 4th epoch of 4), so they time the steps alone.
     """
-    seconds, images = _alternated_epochs(
+    return _epoch_ratio(
         root,
-        {"loop": {"scaling": {"fused_optimizer": False}}, "fused": {"scaling": {"fused_optimizer": True}}},
+        "fused_optimizer",
+        ("loop_optimizer", {"scaling": {"fused_optimizer": False}}),
+        {"scaling": {"fused_optimizer": True}},
     )
-    return {
-        "fused_optimizer_epoch_ratio": round(seconds["fused"] / seconds["loop"], 3),
-        "fused_optimizer_epoch_seconds": round(seconds["fused"], 2),
-        "loop_optimizer_epoch_seconds": round(seconds["loop"], 2),
-        "fused_optimizer_train_images": images,
-    }
 
 
 def sparse_checkpoint_ratio(root: Path) -> dict[str, Any]:
@@ -210,15 +213,12 @@ def sparse_checkpoint_ratio(root: Path) -> dict[str, Any]:
     since the trainer writes them only when due) plus the Ray report that uploads them; here to a
     local folder, so S3's own share is not in the figure.
     """
-    seconds, images = _alternated_epochs(
-        root, {"every": {"checkpoint": {"every_epochs": 1}}, "sparse": {"checkpoint": {"every_epochs": 4}}}
+    return _epoch_ratio(
+        root,
+        "sparse_checkpoint",
+        ("every_checkpoint", {"checkpoint": {"every_epochs": 1}}),
+        {"checkpoint": {"every_epochs": 4}},
     )
-    return {
-        "sparse_checkpoint_epoch_ratio": round(seconds["sparse"] / seconds["every"], 3),
-        "sparse_checkpoint_epoch_seconds": round(seconds["sparse"], 2),
-        "every_checkpoint_epoch_seconds": round(seconds["every"], 2),
-        "sparse_checkpoint_train_images": images,
-    }
 
 
 def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
