@@ -23,6 +23,7 @@ not the object store.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -142,6 +143,12 @@ def ray_epoch_ratio(root: Path, *, n_images: int = 192, imgsz: int = 256, epochs
     }
 
 
+@functools.cache
+def _epoch_dataset(root: Path, n_images: int) -> DatasetRef:
+    """The epoch ratios' phantoms, built once per run of the suite (each ratio used to rebuild them)."""
+    return build_synthetic_dataset(root / "layout", n_images, size=1024, max_side=1024, seed=1)
+
+
 def _alternated_epochs(
     root: Path,
     variants: dict[str, dict[str, Any]],
@@ -156,7 +163,7 @@ def _alternated_epochs(
     shared machine falls on every side; the steady epochs (first and last dropped) of each side
     are pooled. Returns the medians by label and the number of training images.
     """
-    dataset = build_synthetic_dataset(root / "layout", n_images, size=1024, max_side=1024, seed=1)
+    dataset = _epoch_dataset(root, n_images)
     settings = TrainSettings(stack_dir=root / "stack", ray_storage_dir=root / "ray")
     recipe = load_config(CONFIGS / "bootstrap.yaml").model_dump()
     medians: dict[str, list[float]] = {label: [] for label in variants}

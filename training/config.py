@@ -137,7 +137,7 @@ class EvalConfig(_Strict):
         default=False,
         description=(
             "run onnxslim over the exported graph (ultralytics' default); ONNX Runtime folds the same "
-            "graph at load, and the slimming made the export ~5x slower (training/export.py)"
+            "graph at load, and the slimming tripled the export's time (training/export.py)"
         ),
     )
     int8: bool = Field(

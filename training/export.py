@@ -96,10 +96,10 @@ def export_onnx(weights: Path, out_dir: Path, *, opset: int | None = None, simpl
     """``best.pt`` -> ``out_dir/model.onnx`` (dynamic batch, contract in metadata).
 
     ``simplify`` runs onnxslim over the graph, as ultralytics does by default. Off here: ONNX
-    Runtime folds the same constants and fuses the same nodes when it loads a session, so the
-    served latency is the same, while onnxslim's shape inference made the export five times
-    slower (slim YOLO11 at 160 px: 7.0-7.4 s against 1.35-1.4 s; ORT at batch 1 on one thread
-    6.9-7.4 ms slimmed, 6.8-7.1 ms not; docs/benchmarks.md).
+    Runtime folds constants and fuses nodes itself when it loads a session, while onnxslim's
+    shape inference tripled the export's time in ``make up`` (the bootstrap model: 7.8 s against
+    2.8-3.3 s; the runs' ``ort_latency_ms_b1`` 5.1 ms slimmed, 5.7-5.8 ms not, one run each:
+    docs/benchmarks.md).
     """
     from ultralytics import YOLO
 

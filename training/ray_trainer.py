@@ -255,14 +255,12 @@ def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resume
     """The ``on_fit_epoch_end`` callback: report to Ray (all ranks; audit + checkpoint when due), log."""
     import ray.train
 
-    every = CheckpointConfig.model_validate(cfg["checkpoint"])
-
     def report(trainer: Any) -> None:
         started = time.perf_counter()
         metrics = _epoch_metrics(trainer, resumed_from, world_size)
-        # every rank decides alike, so a checkpoint holds every rank's audit: the same epoch numbers,
+        # every rank decides alike, so a checkpoint holds every rank's audit: the trainer's cadence,
         # and rank 0's early-stop flag (ultralytics shares it with the others only after this callback)
-        due = every.due(trainer.epoch, trainer.epochs) or _stopping(trainer, world_size)
+        due = trainer.checkpoint_due() or _stopping(trainer, world_size)
         if rank == 0:
             log.info(
                 "event=epoch_end epoch=%d/%d world_size=%d %s",

@@ -100,8 +100,8 @@ class RayDetectionTrainer(DetectionTrainer):
         super().__init__(overrides=overrides)
         self._cpu_channels_last = channels_last and device.type == "cpu"
         self._cpu_fused_optimizer = fused_optimizer and device.type == "cpu"
-        #: the run's checkpoint cadence; None writes ultralytics' weights every epoch, as it does itself
-        self._checkpoints = checkpoints
+        #: the run's checkpoint cadence (default: every epoch, ultralytics' own writes)
+        self.checkpoints = checkpoints or CheckpointConfig()
         # [1] ultralytics counts devices to decide on DDP; here the world is Ray's worker group.
         self.world_size = world_size
         self.ddp = False  # never spawn ultralytics' own torch.distributed.run subprocesses
@@ -145,11 +145,11 @@ class RayDetectionTrainer(DetectionTrainer):
         """[7] On CPU, the same optimizer and parameter groups, stepped by torch's fused kernel.
 
         Ultralytics passes ``fused=True`` only on CUDA; on CPU torch then loops over the ~250
-        parameter tensors in Python, which took 27 ms of every step of the slim YOLO11 against
-        5 ms fused (AdamW, one thread; SGD 8.9 vs 2.0 ms), a fifth of a 160 px step. The fused
-        kernel computes the same update (within float rounding). ``fused`` must be given to the
-        constructor, so the optimizer is rebuilt from ultralytics' groups without their
-        ``fused``/``foreach`` entries, which would override the constructor's choice.
+        parameter tensors in Python, and an epoch of the bootstrap recipe takes ~1.2x as long
+        (``python -m benchmarks.train_bench fused_optimizer``). The fused kernel computes the same
+        update (within float rounding). ``fused`` must be given to the constructor, so the
+        optimizer is rebuilt from ultralytics' groups without their ``fused``/``foreach``
+        entries, which would override the constructor's choice.
         """
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
         if self._cpu_fused_optimizer and type(optimizer) in _FUSABLE_ON_CPU:
@@ -160,19 +160,25 @@ class RayDetectionTrainer(DetectionTrainer):
             optimizer = type(optimizer)(groups, fused=True)
         return optimizer
 
+    def checkpoint_due(self, stopping: bool = False) -> bool:
+        """Whether the epoch just finished leaves a checkpoint: every N epochs, the last, or a stop.
+
+        The one decision both the epoch reporter (what Ray gets) and :meth:`save_model` (what
+        ultralytics writes) follow; the reporter passes rank 0's stop flag, shared by all ranks.
+        """
+        return stopping or self.checkpoints.due(self.epoch, self.epochs)
+
     def save_model(self) -> bool:
         """[6] Write ``last.pt``/``best.pt`` only on epochs whose report carries a checkpoint.
 
         Ultralytics writes both every epoch (a deep copy of the EMA and of the optimizer state,
-        pickled, written twice); the epoch reporter copies them into a Ray checkpoint only when one is due
-        (``checkpoint.every_epochs``, the last epoch, rank 0's stop, which is already set here),
-        so the other writes were read by nobody. A recipe that validates every epoch keeps every
-        write: its ``best.pt`` may come from any epoch. Resuming reads the Ray checkpoint, never
-        this rank's folder.
+        pickled, written twice); the epoch reporter copies them into a Ray checkpoint only when
+        :meth:`checkpoint_due` (here on rank 0, whose stop flag is already set), so the other
+        writes were read by nobody. A recipe that validates every epoch keeps every write: its
+        ``best.pt`` may come from any epoch. Resuming reads the Ray checkpoint, never this
+        rank's folder.
         """
-        if self._checkpoints is None or self.args.val or self.stop:
-            return bool(super().save_model())
-        if self._checkpoints.due(self.epoch, self.epochs):
+        if self.args.val or self.checkpoint_due(bool(self.stop)):
             return bool(super().save_model())
         return False
 

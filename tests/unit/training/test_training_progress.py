@@ -34,6 +34,9 @@ class _Trainer(SimpleNamespace):
     def label_loss_items(self, tloss: Any) -> dict[str, float]:
         return dict(LOSSES)
 
+    def checkpoint_due(self, stopping: bool = False) -> bool:
+        return True
+
 
 def _trainer(tmp_path: Path, epoch: int) -> _Trainer:
     return _Trainer(
@@ -68,7 +71,7 @@ def test_rank_0s_epoch_callback_sends_the_epoch_to_the_driver(
     monkeypatch.setattr(ray.train, "report", lambda metrics, **_: reported.append(metrics))
     monkeypatch.setattr(ray.train.Checkpoint, "from_directory", staticmethod(lambda path: path))
     sent: queue.Queue[dict[str, Any]] = queue.Queue()
-    cfg = {"mlflow_uri": "", "mlflow_run_id": "", "checkpoint": {}, PROGRESS_QUEUE: sent}
+    cfg = {"mlflow_uri": "", "mlflow_run_id": "", PROGRESS_QUEUE: sent}
     callback = ray_trainer._make_epoch_reporter(cfg, rank, world_size=2, resumed_from=0)
     callback(_trainer(tmp_path, epoch=1))
     assert reported and reported[0]["val/mAP50"] == 0.125  # Ray still gets every metric
@@ -98,7 +101,7 @@ def test_a_lost_queue_never_stops_training(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(ray.train, "report", lambda metrics, **_: None)
     monkeypatch.setattr(ray.train.Checkpoint, "from_directory", staticmethod(lambda path: path))
-    cfg = {"mlflow_uri": "", "mlflow_run_id": "", "checkpoint": {}, PROGRESS_QUEUE: Gone()}
+    cfg = {"mlflow_uri": "", "mlflow_run_id": "", PROGRESS_QUEUE: Gone()}
     ray_trainer._make_epoch_reporter(cfg, 0, world_size=1, resumed_from=0)(_trainer(tmp_path, epoch=0))
 
 
