@@ -17,6 +17,7 @@ from dotenv import dotenv_values
 
 from core.offline import apply_offline_env
 from cxr.demo import demo
+from cxr.exit import exit_process
 from data_pipeline.cli import app as data_app
 from delivery import cli as gitops_cli
 from delivery.cluster_fit.cli import app as cluster_app
@@ -59,7 +60,10 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug lo
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as done:  # how Typer ends every command, successful or not
+        exit_process(done.code)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,9 @@ def detections(raw: np.ndarray, cfg: EvalConfig, conf: float = 0.001) -> list[np
     import torch
     from ultralytics.utils.nms import non_max_suppression
 
+    # Ultralytics' own NMS loop, not torchvision's kernel (which it takes when torchvision is
+    # imported): the same boxes, ~0.7 s more per 60 images, but importing torchvision costs
+    # 2.6-4 s here (it imports torch._dynamo), more than a check stage or a golden gate saves.
     # No time limit: ultralytics stops NMS after 2 s + 0.05 s/image and drops the rest of the batch,
     # which makes a metric (and a promotion gate) depend on how busy the machine is. The work is
     # bounded by count instead: the 3,000 best candidates per image (of at most 300 kept), so a
@@ -207,6 +210,30 @@ def measure_latency(predictor: Predictor, sample: np.ndarray, batch: int, repeat
     return float(statistics.median(times))
 
 
+def _draw_figures(
+    plots_dir: Path,
+    recall_grid: np.ndarray,
+    precision_curves: np.ndarray,
+    ap: np.ndarray,
+    classes: np.ndarray,
+    names: Mapping[int, str],
+    confusion: Any,
+) -> None:
+    """The precision-recall curve and the normalised confusion matrix, ultralytics' own figures.
+
+    Not ``ap_per_class(plot=True)``: that also draws F1-, precision- and recall-confidence
+    curves nobody here reads (the operating points are chosen from the data, not a figure),
+    and each of ultralytics' 250 dpi figures costs a second or more of the check stage.
+    """
+    from ultralytics.utils.metrics import plot_pr_curve
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    if len(classes):  # rows of ap / precision_curves are ``classes``, as ap_per_class names them
+        present = {row: names[int(c)] for row, c in enumerate(classes) if int(c) in names}
+        plot_pr_curve(recall_grid, precision_curves, ap, plots_dir / "PR_curve.png", present)
+    confusion.plot(normalize=True, save_dir=plots_dir)
+
+
 def evaluate(
     predictor: Predictor,
     dataset: DatasetRef,
@@ -267,11 +294,8 @@ def evaluate(
     conf = np.concatenate(confs)
     pred_cls = np.concatenate(pcls)
     target_cls = np.concatenate(tcls)
-    plot = plots_dir is not None
-    if plots_dir is not None:
-        plots_dir.mkdir(parents=True, exist_ok=True)
-    _, _, _, _, _, ap, classes, *_ = ap_per_class(
-        tp, conf, pred_cls, target_cls, plot=plot, save_dir=plots_dir or Path(), names=names
+    _, _, _, _, _, ap, classes, *_, recall_grid, precision_curves = ap_per_class(
+        tp, conf, pred_cls, target_cls, names=names
     )
     per_class = []
     for row, cid in enumerate(classes):
@@ -292,7 +316,7 @@ def evaluate(
             )
         )
     if plots_dir is not None:
-        confusion.plot(normalize=True, save_dir=plots_dir)
+        _draw_figures(plots_dir, recall_grid, precision_curves, ap, classes, names, confusion)
     report = EvalReport(
         backend=predictor.backend,
         split=split,

@@ -1,0 +1,53 @@
+"""Leave a finished ``cxr`` command without Python's interpreter teardown.
+
+Once a command has returned, CPython still finalizes every module and frees every object
+one by one before the process ends: ~0.8 s for a process that imported torch alone, and
+2-5 s for one that also loaded Ray, ultralytics and ONNX Runtime (a training run, the
+local pipeline; ``make up`` waits for several such processes in a row). That memory is
+the operating system's to reclaim anyway. So :func:`exit_process` does the part of a
+normal exit that can lose or leave something (it lets running non-daemon threads finish by
+taking the normal exit, runs the ``atexit`` handlers: logging's flush, temporary
+directories, multiprocessing's children, Ray's shutdown, ...; flushes stdout and stderr)
+and then ends the process with ``os._exit``. There is no public API for the ``atexit``
+half; ``atexit._run_exitfuncs`` is what the interpreter itself calls.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import sys
+import threading
+from typing import NoReturn
+
+
+def exit_status(code: str | int | None) -> int:
+    """``SystemExit.code`` as a process status: None is 0, a message is 1 (printed first)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _threads_still_working() -> bool:
+    main = threading.main_thread()
+    return any(t is not main and t.is_alive() and not t.daemon for t in threading.enumerate())
+
+
+def exit_process(code: str | int | None) -> NoReturn:
+    """End the process with ``code`` (a ``SystemExit.code``), skipping the module teardown.
+
+    Falls back to an ordinary ``sys.exit`` while a non-daemon thread still runs: Python
+    joins those before exiting, and cutting one short could lose what it was writing.
+    """
+    if _threads_still_working():
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    status = exit_status(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: no reader left
+            stream.flush()
+    os._exit(status)
