@@ -1,15 +1,17 @@
 """Leave a finished ``cxr`` command without Python's interpreter teardown.
 
 Once a command has returned, CPython still finalizes every module and frees every object
-one by one before the process ends: ~0.8 s for a process that imported torch alone, and
-2-5 s for one that also loaded Ray, ultralytics and ONNX Runtime (a training run, the
-local pipeline; ``make up`` waits for several such processes in a row). That memory is
-the operating system's to reclaim anyway. So :func:`exit_process` does the part of a
-normal exit that can lose or leave something (it lets running non-daemon threads finish by
-taking the normal exit, runs the ``atexit`` handlers: logging's flush, temporary
-directories, multiprocessing's children, Ray's shutdown, ...; flushes stdout and stderr)
-and then ends the process with ``os._exit``. There is no public API for the ``atexit``
-half; ``atexit._run_exitfuncs`` is what the interpreter itself calls.
+one by one before the process ends. For a process that loaded torch, Ray, ultralytics and
+ONNX Runtime that took 2-3 s after ``cxr train run``'s last line, and 5.5 s for ``make up``'s
+pipeline process (docs/benchmarks.md, thirteenth session), and ``make up`` waits for several
+such processes in a row. That memory is the operating system's to reclaim anyway.
+
+So :func:`exit_process` does the part of a normal exit that can lose or leave something: it
+takes the normal exit while a non-daemon thread still runs (Python joins those), runs the
+``atexit`` handlers (logging's flush, temporary directories, multiprocessing's children,
+Ray's shutdown, ...) and flushes stdout and stderr; then it ends the process with
+``os._exit``. There is no public API for the ``atexit`` half: ``atexit._run_exitfuncs`` is
+what the interpreter itself calls.
 """
 
 from __future__ import annotations

@@ -122,9 +122,9 @@ def detections(raw: np.ndarray, cfg: EvalConfig, conf: float = 0.001) -> list[np
     import torch
     from ultralytics.utils.nms import non_max_suppression
 
-    # Ultralytics' own NMS loop, not torchvision's kernel (which it takes when torchvision is
-    # imported): the same boxes, ~0.7 s more per 60 images, but importing torchvision costs
-    # 2.6-4 s here (it imports torch._dynamo), more than a check stage or a golden gate saves.
+    # Ultralytics' own NMS loop, not torchvision's kernel (which it takes once torchvision is
+    # imported): the same boxes, but importing torchvision (it imports torch._dynamo) cost the
+    # training process more than the check stage's evaluations gained (docs/benchmarks.md).
     # No time limit: ultralytics stops NMS after 2 s + 0.05 s/image and drops the rest of the batch,
     # which makes a metric (and a promotion gate) depend on how busy the machine is. The work is
     # bounded by count instead: the 3,000 best candidates per image (of at most 300 kept), so a
