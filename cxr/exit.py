@@ -17,7 +17,6 @@ what the interpreter itself calls.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import sys
 import threading
@@ -30,13 +29,32 @@ def exit_status(code: str | int | None) -> int:
         return 0
     if isinstance(code, int):
         return code & 0xFF
-    print(code, file=sys.stderr)
+    if sys.stderr is not None:
+        print(code, file=sys.stderr)
     return 1
 
 
 def _threads_still_working() -> bool:
     main = threading.main_thread()
     return any(t is not main and t.is_alive() and not t.daemon for t in threading.enumerate())
+
+
+def _flush_standard_streams() -> bool:
+    """Flush stdout and stderr as the interpreter does at exit; False when one could not be written.
+
+    A closed or missing stream is skipped, as CPython skips it; a full disk or a reader gone
+    away is a failure the exit status must show (CPython exits 120 then).
+    """
+    ok = True
+    streams = {id(s): s for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__) if s is not None}
+    for stream in streams.values():
+        if getattr(stream, "closed", False):
+            continue
+        try:
+            stream.flush()
+        except OSError:
+            ok = False
+    return ok
 
 
 def exit_process(code: str | int | None) -> NoReturn:
@@ -47,9 +65,8 @@ def exit_process(code: str | int | None) -> NoReturn:
     """
     if _threads_still_working():
         sys.exit(code)
+    status = exit_status(code)  # a message first, then the handlers, as the interpreter orders them
     atexit._run_exitfuncs()
-    status = exit_status(code)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: no reader left
-            stream.flush()
+    if not _flush_standard_streams() and status == 0:
+        status = 120
     os._exit(status)

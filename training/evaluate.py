@@ -6,7 +6,8 @@ So this module runs the serving path (square letterbox, raw head, NMS,
 boxes back to original pixels) and then reuses ultralytics' own building
 blocks for the statistics: ``box_iou``, the validator's greedy
 ``match_predictions`` (here with thresholds 0.5..0.95 plus 0.4),
-``ap_per_class`` (PR curves) and ``ConfusionMatrix`` (its plot).
+``ap_per_class`` (the PR statistics; of its figures only the PR curve is
+drawn, with ``plot_pr_curve``) and ``ConfusionMatrix`` (its plot).
 """
 
 from __future__ import annotations

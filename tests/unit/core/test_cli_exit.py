@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _python(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         cwd=REPO,
@@ -76,12 +77,65 @@ def test_a_running_thread_gets_the_normal_exit_and_finishes(tmp_path: Path) -> N
     assert (tmp_path / "thread").read_text() == "finished"
 
 
-def test_the_cxr_command_keeps_its_exit_codes(tmp_path: Path) -> None:
-    ok = subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "--help"], cwd=REPO, capture_output=True, check=False
+#: a module global whose finalizer leaves a file: it runs only if the interpreter tears modules down
+TEARDOWN_SENTINEL = """
+import os
+from pathlib import Path
+class Sentinel:
+    def __del__(self, _open=open, _path=str(Path(os.environ["OUT"]) / "torn-down")):
+        _open(_path, "w").write("finalized")
+sentinel = Sentinel()
+"""
+
+
+def test_the_interpreter_teardown_is_skipped_and_would_have_run(tmp_path: Path) -> None:
+    plain = _python(TEARDOWN_SENTINEL + "import sys; sys.exit(0)", tmp_path / "plain")
+    fast = _python(
+        TEARDOWN_SENTINEL + "from cxr.exit import exit_process; exit_process(0)", tmp_path / "fast"
     )
-    assert ok.returncode == 0 and b"stack" in ok.stdout
-    unknown = subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "no-such-command"], cwd=REPO, capture_output=True, check=False
+    assert plain.returncode == 0 and fast.returncode == 0, fast.stderr
+    assert (tmp_path / "plain" / "torn-down").exists()  # the sentinel does see a teardown
+    assert not (tmp_path / "fast" / "torn-down").exists()
+
+
+def test_the_cxr_command_exits_fast_with_its_exit_codes(tmp_path: Path) -> None:
+    def cxr(*args: str) -> subprocess.CompletedProcess[str]:
+        return _python(
+            TEARDOWN_SENTINEL + f"import sys; sys.argv = ['cxr', *{list(args)!r}]\n"
+            "from cxr.cli import main; main()",
+            tmp_path,
+        )
+
+    ok = cxr("--help")
+    assert ok.returncode == 0 and "stack" in ok.stdout
+    assert not (tmp_path / "torn-down").exists()
+    unknown = cxr("no-such-command")
+    assert unknown.returncode == 2 and "No such command" in unknown.stderr
+
+
+def test_output_that_cannot_be_written_fails_the_exit(tmp_path: Path) -> None:
+    """A full disk under ``cxr ... > out.json`` must not look like success (CPython exits 120)."""
+    code = "import sys; from cxr.exit import exit_process; sys.stdout.write('x' * 100); exit_process(0)"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            check=False,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+    assert result.returncode == 120
+
+
+def test_missing_standard_streams_are_skipped(tmp_path: Path) -> None:
+    code = "from cxr.exit import exit_process; exit_process(0)"
+    result = subprocess.run(
+        ["/bin/sh", "-c", f'exec "{sys.executable}" -c "{code}" >&- 2>&-'],
+        cwd=REPO,
+        timeout=120,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
     )
-    assert unknown.returncode == 2 and b"No such command" in unknown.stderr
+    assert result.returncode == 0
