@@ -97,7 +97,7 @@ def export_onnx(weights: Path, out_dir: Path, *, opset: int | None = None, simpl
 
     ``simplify`` runs onnxslim over the graph, as ultralytics does by default. Off here: ONNX
     Runtime folds constants and fuses nodes itself when it loads a session, while onnxslim's
-    shape inference tripled the export's time in ``make up`` (the bootstrap model: 7.8 s against
+    shape inference made the export slower in ``make up`` (the bootstrap model: 7.8 s against
     2.8-3.3 s; the runs' ``ort_latency_ms_b1`` 5.1 ms slimmed, 5.7-5.8 ms not, one run each:
     docs/benchmarks.md).
     """
