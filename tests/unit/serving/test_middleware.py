@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from serving.gateway.middleware import ObserveMiddleware
+
+pytestmark = pytest.mark.unit
 
 
 def _audit_entry(client: TestClient, request_id: str) -> dict[str, Any]:
