@@ -16,6 +16,10 @@ synthetic dataset (300 phantoms), evaluated on its test split with the same
 code as ``cxr train evaluate``; the goal is mAP@0.5 >= 0.5. It takes ~15 min on
 2 cores: set ``CXR_BENCH_TRAIN_QUALITY=0`` to skip it.
 
+``pass_seconds_yolo11-slim``, ``pass_seconds_yolo11n``: one forward and backward pass of each CPU
+recipe's network (batch 4, 256 px, one thread), taken first: how fast the cores were in this run,
+since the training seconds above move between days (``python -m benchmarks.train_bench pass``).
+
 Checkpoints go to a local folder here (not S3) so the figures measure compute,
 not the object store.
 """
@@ -228,6 +232,44 @@ def sparse_checkpoint_ratio(root: Path) -> dict[str, Any]:
     )
 
 
+def pass_seconds(
+    models: Sequence[str] = ("yolo11-slim", "yolo11n"), *, imgsz: int = 256, batch: int = 4, repeats: int = 10
+) -> dict[str, Any]:
+    """Seconds of one forward and backward pass per network, one thread, random input: the cores' speed.
+
+    Why: these two-core machines compute at different speeds on different days (the same
+    ``quality`` run trained in 566 s on 2026-12-04 and 1100 s on 2026-12-06, docs/benchmarks.md),
+    so training seconds compare only within one run of the machine. This figure, taken beside
+    them, tells how fast the cores were; it needs no data, no Ray and no MLflow. Median of
+    ``repeats`` passes after two warm-up passes; the two networks are the CPU recipes' ones.
+    """
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+
+    from training.config import MODEL_FILES
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a CPU rank trains (scaling.torch_threads: 1)
+    found: dict[str, Any] = {"pass_imgsz": imgsz, "pass_batch": batch}
+    try:
+        for name in models:
+            model = DetectionModel(str(MODEL_FILES.get(name, f"{name}.yaml")), nc=14, verbose=False)
+            model.train()
+            images = torch.rand(batch, 3, imgsz, imgsz)
+            times = []
+            for i in range(repeats + 2):
+                started = time.perf_counter()
+                outputs = model(images)
+                outputs = outputs.values() if isinstance(outputs, dict) else outputs
+                sum(o.float().sum() for o in outputs if torch.is_tensor(o)).backward()
+                if i >= 2:
+                    times.append(time.perf_counter() - started)
+            found[f"pass_seconds_{name}"] = round(statistics.median(times), 3)
+    finally:
+        torch.set_num_threads(threads)
+    return found
+
+
 def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in overrides.items():
@@ -348,7 +390,8 @@ def run_training_benchmarks() -> dict[str, Any]:
     """Entry point called by ``benchmarks/run.py``."""
     with tempfile.TemporaryDirectory(prefix="cxr-train-bench-") as tmp:
         root = Path(tmp)
-        results = ray_epoch_ratio(root)
+        results = pass_seconds()
+        results.update(ray_epoch_ratio(root))
         for ratio in EPOCH_RATIOS.values():
             results.update(ratio(root))
         if os.environ.get("CXR_BENCH_TRAIN_QUALITY", "1") != "0":
@@ -373,6 +416,9 @@ if __name__ == "__main__":
     # sets the phantoms' side (default: make up's, stack/bootstrap.py PHANTOM_SIZE; held out: 1024).
     # `python -m benchmarks.train_bench channels_last`: the CPU workers' memory layout, side by side
     # `... train_bench fused_optimizer` and `... sparse_checkpoint`: the two other CPU epoch costs, likewise
+    # `python -m benchmarks.train_bench pass`: how fast this machine's cores are today (pass_seconds)
+    elif len(sys.argv) > 1 and sys.argv[1] == "pass":
+        print(json.dumps(pass_seconds(), indent=2))
     elif len(sys.argv) > 1 and sys.argv[1] in EPOCH_RATIOS:
         with tempfile.TemporaryDirectory(prefix=f"cxr-train-{sys.argv[1]}-") as tmp:
             print(json.dumps(EPOCH_RATIOS[sys.argv[1]](Path(tmp)), indent=2))

@@ -1,4 +1,5 @@
-"""Recipes are compared over training seeds: ``seed_spread`` trains each seed on ONE dataset, then sums up."""
+"""Recipes are compared over training seeds (``seed_spread`` trains each seed on ONE dataset, then sums
+up), and the machine's speed is taken beside them (``pass_seconds``)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,14 @@ def test_each_seed_trains_the_same_dataset_with_the_recipe_overrides_and_the_spr
 
 def test_one_value_has_no_spread() -> None:
     assert train_bench.mean_and_sd([0.3]) == (0.3, 0.0)
+
+
+def test_the_machine_speed_probe_times_each_cpu_network_and_restores_the_thread_count() -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    found = train_bench.pass_seconds(("yolo11-slim", "yolo11n"), imgsz=64, batch=1, repeats=2)
+    assert torch.get_num_threads() == threads
+    slim, nano = found["pass_seconds_yolo11-slim"], found["pass_seconds_yolo11n"]
+    assert 0 < slim < 10 and 0 < nano < 10
+    assert (found["pass_imgsz"], found["pass_batch"]) == (64, 1)
