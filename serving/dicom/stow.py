@@ -21,6 +21,7 @@ from pydicom.sequence import Sequence
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from serving.dicom.headers import instance_uids
 from serving.errors import InvalidImage, InvalidRequest, ServingError, UnsupportedMediaType
 from serving.inference.cpu_pool import CpuPool
 from serving.inference.detector import DetectionReply, DetectionService
@@ -146,22 +147,6 @@ def stow_status(outcomes: list[StowOutcome]) -> int:
     if failed == 0:
         return 200
     return 409 if failed == len(outcomes) else 202
-
-
-def instance_uids(data: bytes) -> tuple[str, str, str]:
-    """SOP Class, SOP Instance and Study UIDs through the guarded reader (blocking: run in the pool)."""
-    from data_pipeline.dicom_io import read_header
-    from data_pipeline.errors import ImageDecodeError
-
-    try:
-        ds = read_header(data)
-    except ImageDecodeError:
-        return "", "", ""  # the detector refuses it with the reason; the status names no UIDs
-    return (
-        str(ds.get("SOPClassUID", "")),
-        str(ds.get("SOPInstanceUID", "")),
-        str(ds.get("StudyInstanceUID", "")),
-    )
 
 
 @dataclass

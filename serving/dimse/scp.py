@@ -16,15 +16,24 @@ pynetdicom does the protocol. What this module decides:
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    DEFAULT_TRANSFER_SYNTAXES,
+    StoragePresentationContexts,
+    evt,
+)
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from serving.dicom.headers import instance_uids  # the one guarded header read STOW-RS uses too
 from serving.dicom.sop_classes import RADIOGRAPH_SOP_CLASSES
 from serving.dimse.spool import InstanceSpool
+from serving.dimse.transport import BoundedAssociationServer, BoundedRequestHandler
 
 log = logging.getLogger("cxr.dimse")
 
@@ -45,12 +54,14 @@ class ScpConfig:
     allowed_aes: tuple[str, ...] = ()
     max_associations: int = 8
     max_instance_bytes: int = 64 * 1024 * 1024
+    # our maximum PDU receive length, advertised at association: pynetdicom's default (16 KiB)
+    # makes a 2 MiB radiograph 128 PDUs, each costing the sender and us a round of the state
+    # machine; 1 MiB is also the longest PDU the socket reads from any peer (transport.py)
+    max_pdu_bytes: int = 1024 * 1024
 
 
 def check_instance(data: bytes, sop_class: str, sop_uid: str) -> tuple[int, str]:
     """(status, study UID): the guarded reader's verdict on one received instance (blocking)."""
-    from serving.dicom.stow import instance_uids  # the one guarded header read STOW-RS uses too
-
     read_class, read_uid, study = instance_uids(data)
     if not (read_class or read_uid or study):
         log.info("dimse_store_refused reason=unreadable")
@@ -72,13 +83,23 @@ class StorageScp:
         self.spool = spool
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_associations = config.max_associations
+        self.ae.maximum_pdu_size = config.max_pdu_bytes
         self.ae.require_called_aet = True
         if config.allowed_aes:
             self.ae.require_calling_aet = list(config.allowed_aes)
         self.ae.add_supported_context(Verification)
         for context in StoragePresentationContexts:
             assert context.abstract_syntax is not None
-            self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            # every transfer syntax for what we analyse; the uncompressed ones (every sender has
+            # Implicit VR Little Endian, PS3.5 10.1) for the rest, which only ever gets 0x0122.
+            # pynetdicom deep-copies this table for every association: all 121 classes with
+            # all syntaxes took ~110 ms a copy, on every association Orthanc opens
+            syntaxes = (
+                ALL_TRANSFER_SYNTAXES
+                if context.abstract_syntax in RADIOGRAPH_SOP_CLASSES
+                else DEFAULT_TRANSFER_SYNTAXES
+            )
+            self.ae.add_supported_context(context.abstract_syntax, syntaxes)
         self._server: Any = None
 
     def handle_store(self, event: Any) -> int:
@@ -114,9 +135,21 @@ class StorageScp:
 
     def start(self) -> None:
         handlers: list[Any] = [(evt.EVT_C_STORE, self.handle_store)]
-        self._server = self.ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=handlers
+        # AE.start_server with our request handler, whose sockets bound what a peer can send
+        server = self.ae.make_server(
+            (self.config.host, self.config.port),
+            evt_handlers=handlers,
+            server_class=BoundedAssociationServer,
+            request_handler=BoundedRequestHandler,
         )
+        assert isinstance(server, BoundedAssociationServer)
+        server.max_pdu_bytes = self.config.max_pdu_bytes
+        # up to twice the instance limit, an instance is received whole and refused with a status
+        # its sender logs (handle_store); a peer sending more loses its connection mid-message
+        server.max_message_bytes = 2 * self.config.max_instance_bytes + self.config.max_pdu_bytes
+        self.ae._servers.append(server)  # as start_server does: the server's shutdown() removes it
+        threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True).start()
+        self._server = server
         log.info(
             "dimse_scp_listening ae_title=%s host=%s port=%d allowed_aes=%s",
             self.config.ae_title,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,4 +107,40 @@ def test_non_image_and_malformed_datasets_get_failure_statuses_and_the_scp_keeps
     assert scp.spool.depth()[1] == before[1]  # nothing refused was spooled
     assert c_echo("127.0.0.1", scp.config.port, "CXR", calling_ae="PACS")
     assert _store(scp, _radiograph()) == 0x0000
+    assert scp.spool.depth()[1] == before[1] + 1
+
+
+def test_a_pdu_claiming_more_than_the_limit_closes_that_connection_only(scp: StorageScp) -> None:
+    """A 4 GiB PDU length must not be read (pynetdicom alone would read until memory runs out)."""
+    with socket.create_connection(("127.0.0.1", scp.config.port), timeout=10) as raw:
+        raw.sendall(
+            struct.pack(">BBL", 0x01, 0, 0xFFFF_FFF0) + b"\0" * 4096
+        )  # an A-ASSOCIATE-RQ that never ends
+        raw.settimeout(10)
+        try:
+            closed = raw.recv(65536) == b""
+        except ConnectionResetError:
+            closed = True
+    assert closed
+    assert c_echo("127.0.0.1", scp.config.port, "CXR", calling_ae="PACS")
+
+
+def test_a_dataset_far_over_the_limit_ends_its_association_and_nothing_is_spooled(scp: StorageScp) -> None:
+    before = scp.spool.depth()
+    huge = _radiograph()
+    huge.PixelData = b"\0" * (
+        3 * scp.config.max_instance_bytes
+    )  # in 1 MiB PDUs: each one is under the PDU limit
+    huge.Rows = huge.Columns = 2449
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(str(huge.SOPClassUID), [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", scp.config.port, ae_title="CXR")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(huge)
+    finally:
+        assoc.release()
+    assert "Status" not in status  # no answer: the SCP closed the connection mid-dataset
+    assert scp.spool.depth() == before
+    assert _store(scp, _radiograph()) == 0x0000  # the SCP goes on serving
     assert scp.spool.depth()[1] == before[1] + 1
