@@ -92,8 +92,8 @@ class StorageScp:
             assert context.abstract_syntax is not None
             # every transfer syntax for what we analyse; the uncompressed ones (every sender has
             # Implicit VR Little Endian, PS3.5 10.1) for the rest, which only ever gets 0x0122.
-            # pynetdicom deep-copies this table for every association: all 121 classes with
-            # all syntaxes took ~110 ms a copy, on every association Orthanc opens
+            # pynetdicom deep-copies this table for every association: all syntaxes for all
+            # 121 classes made it 5,404 entries, 648 this way
             syntaxes = (
                 ALL_TRANSFER_SYNTAXES
                 if context.abstract_syntax in RADIOGRAPH_SOP_CLASSES
