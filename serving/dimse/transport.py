@@ -50,6 +50,7 @@ class BoundedAssociationSocket(AssociationSocket):
     max_message_bytes: int
     _pdu_type: int
     _message_bytes: int
+    _body_next: bool
 
     @classmethod
     def adopt(cls, sock: AssociationSocket, max_pdu_bytes: int, max_message_bytes: int) -> None:
@@ -65,6 +66,7 @@ class BoundedAssociationSocket(AssociationSocket):
         sock.max_message_bytes = max_message_bytes
         sock._pdu_type = 0
         sock._message_bytes = 0
+        sock._body_next = False  # pynetdicom reads each PDU as its 6-byte header, then its body
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Exactly ``nr_bytes`` (fewer only when the peer closed), or :class:`PeerLimitExceeded`."""
@@ -74,10 +76,13 @@ class BoundedAssociationSocket(AssociationSocket):
             )
             raise PeerLimitExceeded(f"a PDU of {nr_bytes} bytes is over the SCP's {self.max_pdu_bytes}")
         data = self._read(nr_bytes)
-        if nr_bytes == _HEADER and len(data) == _HEADER:
-            self._pdu_type = data[0]
-        elif self._pdu_type == _P_DATA_TF:
-            self._count_fragments(data)
+        if not self._body_next:
+            self._pdu_type = data[0] if data else 0
+            self._body_next = True
+        else:
+            self._body_next = False
+            if self._pdu_type == _P_DATA_TF:
+                self._count_fragments(data)
         return data
 
     def _read(self, nr_bytes: int) -> bytearray:

@@ -144,3 +144,25 @@ def test_a_dataset_far_over_the_limit_ends_its_association_and_nothing_is_spoole
     assert scp.spool.depth() == before
     assert _store(scp, _radiograph()) == 0x0000  # the SCP goes on serving
     assert scp.spool.depth()[1] == before[1] + 1
+
+
+def test_many_instances_in_one_association_are_each_measured_on_their_own(scp: StorageScp) -> None:
+    """The message limit counts one command or dataset at a time, not the association's total."""
+    before = scp.spool.depth()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(str(_radiograph().SOPClassUID), [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", scp.config.port, ae_title="CXR")
+    assert assoc.is_established
+    statuses = []
+    try:
+        for _ in range(4):  # 4 x ~1.9 MB: over the connection-level limit (2 x 2 MB + 1 MiB) together
+            ds = _radiograph()
+            ds.PixelData = b"\0" * (1376 * 1376)
+            ds.Rows = ds.Columns = 1376
+            ds.BitsAllocated = ds.BitsStored = 8
+            ds.HighBit = 7
+            statuses.append(int(assoc.send_c_store(ds).Status))
+    finally:
+        assoc.release()
+    assert statuses == [0x0000] * 4
+    assert scp.spool.depth()[1] == before[1] + 4
