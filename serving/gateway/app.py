@@ -168,6 +168,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.detector.refresh_routing(force=True)
         await asyncio.to_thread(warm_up)
+        if state.sendback is not None and state.sendback.destinations:
+            await asyncio.to_thread(state.sendback.warm_up)
         tasks = [asyncio.create_task(_housekeeping(state))]
         if state.sendback is not None:
             tasks.append(asyncio.create_task(state.sendback.run()))

@@ -82,6 +82,40 @@ class SendBack:
             return []
         return study_objects(items, triage, capture_pixels=pixels or None)
 
+    def warm_up(self) -> None:
+        """Build (not queue) a one-image study's SR and presentation state from a made-up header.
+
+        highdicom loads its tables of the standard (IODs, modules, attributes) on the first
+        object it builds, and the modules it needs are imported then: without this, the first
+        study sent back after a start paid for both on top of its own objects. Run by the
+        gateway's startup, before it is ready.
+        """
+        from pydicom.dataset import Dataset
+        from pydicom.uid import generate_uid
+
+        from serving.dicom.sr import with_study_attributes
+        from serving.dicom.study_objects import dataset_bytes, study_objects
+
+        header = Dataset()
+        header.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR
+        header.SOPInstanceUID, header.StudyInstanceUID, header.SeriesInstanceUID = (
+            generate_uid() for _ in range(3)
+        )
+        header.Modality, header.Rows, header.Columns, header.SamplesPerPixel = "CR", 8, 8, 1
+        header.PhotometricInterpretation, header.PixelRepresentation = "MONOCHROME2", 0
+        header.BitsAllocated, header.BitsStored, header.HighBit = 16, 12, 11
+        header = with_study_attributes(header)  # the patient and study attributes, present and empty
+        response = {
+            "request_id": "warm-up",
+            "model": {"name": "warm-up", "version": "0", "stage": "none", "variant": "fp32"},
+            "image": {"width": 8, "height": 8},
+            "detections": [
+                {"class_id": 0, "class_name": "warm-up", "confidence": 0.5, "box": [1.0, 1.0, 4.0, 4.0]}
+            ],
+        }
+        for ds in study_objects([(header, response)], {"score": 0.5, "priority": False, "threshold": 0.5}):
+            dataset_bytes(ds)
+
     def _queue(self, objects: list[Any], destinations: list[PacsDestination]) -> int:
         from serving.dicom.study_objects import dataset_bytes
 
