@@ -1,8 +1,8 @@
 """The UIDs of a received instance, read by the one guarded reader: STOW-RS and the DIMSE SCP.
 
 A module of its own so that the SCP, which needs only this, does not import the detector
-(ONNX Runtime, SciPy: ~2.5 s) with ``serving.dicom.stow``; it did so lazily on its first
-C-STORE, which then waited those seconds for its status.
+(ONNX Runtime, SciPy: ~2.5 s by ``python -X importtime``) with ``serving.dicom.stow``; it
+did so lazily on its first C-STORE, which then waited those seconds for its status.
 """
 
 from __future__ import annotations
