@@ -15,9 +15,13 @@ The overlay file is the truth, not a database: after a promote, a rollback or a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,11 +57,29 @@ def fetch_onnx(
     folder = cache / version if variant == DEFAULT_VARIANT else cache / version / variant
     target = folder / "model.onnx"
     if not target.exists():
-        downloaded = registry.download_onnx(version, folder / "download", variant)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        downloaded.replace(target)
+        with _download_folder(folder) as tmp:
+            registry.download_onnx(version, tmp, variant).replace(target)
     _fetch_operating_points(registry, version, target.parent, variant)
     return target
+
+
+@contextlib.contextmanager
+def _download_folder(folder: Path) -> Iterator[Path]:
+    """A download folder of this call's own beside ``folder``'s files, removed afterwards.
+
+    The reconcile watcher and a ``cxr promote`` fetch the same version at the same moment
+    (the pipeline promotes to staging, then the next stage is asked for at once). MLflow
+    writes a download in place, so with one shared folder one fetcher renamed a file the
+    other was still writing: a truncated ONNX in the cache ("Protobuf parsing failed" in the
+    golden gate). Each fetcher now downloads into its own folder and renames the finished
+    file into place, atomically; the second rename puts the same bytes there again.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="download-", dir=folder))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fetch_operating_points(registry: ModelRegistry, version: str, folder: Path, variant: Variant) -> None:
@@ -66,12 +88,13 @@ def _fetch_operating_points(registry: ModelRegistry, version: str, folder: Path,
     absent = folder / f"{OPERATING_POINTS_FILE}.absent"
     if path.exists() or absent.exists():
         return
-    downloaded = registry.download_operating_points(version, folder / "download", variant)
-    if downloaded is None:
-        log.info("operating_points_absent version=%s: global threshold, raw confidences", version)
-        absent.touch()
-    else:
-        downloaded.replace(path)
+    with _download_folder(folder) as tmp:
+        downloaded = registry.download_operating_points(version, tmp, variant)
+        if downloaded is None:
+            log.info("operating_points_absent version=%s: global threshold, raw confidences", version)
+            absent.touch()
+        else:
+            downloaded.replace(path)
 
 
 def _stage_prefix(stage: str) -> str:

@@ -332,3 +332,48 @@ def test_only_triton_tolerates_the_gpu_taint_and_cpu_pods_ask_modestly(
     gateway = pod_spec(find(production, "Deployment", "cxr-gateway-production"))["containers"][0]
     cpu = str(gateway["resources"]["requests"]["cpu"])
     assert (float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)) <= 2
+
+
+def test_two_processes_fetching_one_version_at_once_leave_a_whole_onnx_in_the_cache(tmp_path: Path) -> None:
+    """The reconcile watcher and a promote fetch a new version together; MLflow writes downloads in place.
+
+    With one shared download folder, one fetcher renamed the file the other was still writing:
+    a truncated ONNX in the cache. Here the two downloads interleave chunk by chunk.
+    """
+    import threading
+
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    both_writing = threading.Barrier(2, timeout=10)
+
+    class SlowRegistry:
+        def download_onnx(self, version: str, dest: Path, variant: str = "fp32") -> Path:
+            dest.mkdir(parents=True, exist_ok=True)
+            out = dest / "onnx" / "model.onnx"
+            out.parent.mkdir(exist_ok=True)
+            with out.open("wb") as fh:
+                fh.write(payload[:1000])
+                both_writing.wait()  # both fetchers are mid-download now
+                fh.write(payload[1000:])
+            both_writing.wait()  # and both finished before either renames
+            return out
+
+        def download_operating_points(self, version: str, dest: Path, variant: str = "fp32") -> None:
+            return None
+
+    errors: list[BaseException] = []
+    targets: list[Path] = []
+
+    def fetch() -> None:
+        try:
+            targets.append(rec.fetch_onnx(SlowRegistry(), "7", tmp_path / "cache"))  # type: ignore[arg-type]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert len(set(targets)) == 1 and targets[0].read_bytes() == payload
+    assert [p.name for p in targets[0].parent.iterdir() if p.name.startswith("download")] == []
