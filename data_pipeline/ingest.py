@@ -14,10 +14,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ import pandas as pd
 from rich.console import Console
 
 from core.hashing import file_sha256
+from core.scratch import scratch_dir
 from data_pipeline.annotations import (
     COORDS,
     AnnotationTable,
@@ -94,16 +92,6 @@ def _workers(settings: DataSettings) -> int:
         return os.cpu_count() or 1
 
 
-@contextmanager
-def _staging(out_dir: Path) -> Iterator[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def build_dataset(
     dicom_dir: Path,
     annotations_csv: Path,
@@ -136,7 +124,7 @@ def build_dataset(
     images = find_images(dicom_dir)
     feedback_objects: list[str] = []
 
-    with _staging(out_dir) as staging:
+    with scratch_dir(out_dir, ".staging-") as staging:
         # [2] radiologists' feedback (rows and images) joins them when there is a store to read it from
         if store is not None and feedback:
             table, feedback_objects = _merge_feedback(store, staging, table, images)

@@ -15,19 +15,16 @@ The overlay file is the truth, not a database: after a promote, a rollback or a 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core.errors import CxrError
 from core.operating_points import OPERATING_POINTS_FILE
+from core.scratch import scratch_dir
 from core.stage_file import read_stage_file
 from core.stages import PROMOTION_ORDER, Stage
 from core.variants import DEFAULT_VARIANT, Variant
@@ -56,30 +53,17 @@ def fetch_onnx(
     """
     folder = cache / version if variant == DEFAULT_VARIANT else cache / version / variant
     target = folder / "model.onnx"
+    # A download folder of this call's own (core.scratch): the reconcile watcher and a
+    # `cxr promote` fetch the same version at the same moment (the pipeline promotes to staging,
+    # then the next stage is asked for at once). MLflow writes a download in place, so with one
+    # shared folder one fetcher renamed a file the other was still writing: a truncated ONNX in
+    # the cache ("Protobuf parsing failed" in the golden gate). Each fetcher renames its finished
+    # file into place, atomically; the second rename puts the same bytes there again.
     if not target.exists():
-        with _download_folder(folder) as tmp:
+        with scratch_dir(folder, "download-") as tmp:
             registry.download_onnx(version, tmp, variant).replace(target)
     _fetch_operating_points(registry, version, target.parent, variant)
     return target
-
-
-@contextlib.contextmanager
-def _download_folder(folder: Path) -> Iterator[Path]:
-    """A download folder of this call's own beside ``folder``'s files, removed afterwards.
-
-    The reconcile watcher and a ``cxr promote`` fetch the same version at the same moment
-    (the pipeline promotes to staging, then the next stage is asked for at once). MLflow
-    writes a download in place, so with one shared folder one fetcher renamed a file the
-    other was still writing: a truncated ONNX in the cache ("Protobuf parsing failed" in the
-    golden gate). Each fetcher now downloads into its own folder and renames the finished
-    file into place, atomically; the second rename puts the same bytes there again.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="download-", dir=folder))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fetch_operating_points(registry: ModelRegistry, version: str, folder: Path, variant: Variant) -> None:
@@ -88,7 +72,7 @@ def _fetch_operating_points(registry: ModelRegistry, version: str, folder: Path,
     absent = folder / f"{OPERATING_POINTS_FILE}.absent"
     if path.exists() or absent.exists():
         return
-    with _download_folder(folder) as tmp:
+    with scratch_dir(folder, "download-") as tmp:
         downloaded = registry.download_operating_points(version, tmp, variant)
         if downloaded is None:
             log.info("operating_points_absent version=%s: global threshold, raw confidences", version)
