@@ -284,13 +284,25 @@ def triton_env(triton_venv: Path) -> dict[str, str]:
 
 
 def triton_component(
-    state: Path, stage: str, host: str, http_port: int, triton_venv: Path, repo: Path | None = None
+    state: Path,
+    stage: str,
+    host: str,
+    http_port: int,
+    triton_venv: Path,
+    repo: Path | None = None,
+    python: Path | None = None,
 ) -> Component:
     binary, _ = triton_paths(triton_venv)
     backends = prepare_triton_backends(state, triton_venv)
     repository = repo or state / "triton" / stage
     repository.mkdir(parents=True, exist_ok=True)
+    # the launcher kills the stubs a killed Triton left behind, then execs the server (triton_launch.py)
     command = [
+        str(python or sys.executable),
+        "-m",
+        "stack.triton_launch",
+        str(backends),
+        "--",
         str(binary),
         f"--model-repository={repository}",
         f"--backend-directory={backends}",

@@ -23,6 +23,7 @@ from core.credentials import ORTHANC_USERNAME, StackCredentials
 from core.offline import apply_offline_env, offline_env
 from core.progress import reporting
 from core.stages import STAGES
+from stack import triton_launch
 from stack.components import (
     Component,
     ComponentFailed,
@@ -157,7 +158,9 @@ def build_components(settings: StackSettings, creds: StackCredentials) -> list[C
         ),
     ]
     components += [
-        triton_component(state, stage, host, settings.triton_http_port(stage), settings.triton_venv)
+        triton_component(
+            state, stage, host, settings.triton_http_port(stage), settings.triton_venv, python=settings.python
+        )
         for stage in STAGES
     ]
     if orthanc_skipped(settings) is None:
@@ -314,6 +317,7 @@ def down(settings: StackSettings) -> list[int]:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
             survivors.append(pid)
+    triton_launch.reap(settings.state / "triton-backends")  # stubs of a Triton killed earlier
     _clean_triton_leftovers()
     return survivors
 

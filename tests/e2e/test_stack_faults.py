@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -79,9 +80,35 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         run.cxr("stack", "down", check=False, timeout=120)
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, parent, ...); [] when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _stubs_of(pid: int) -> list[int]:
+    """The Python backend stubs whose parent is ``pid`` (a Triton)."""
+    stubs = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            comm = (entry / "comm").read_text()
+        except OSError:
+            continue
+        if comm.startswith("triton_python") and _stat(entry.name)[1:2] == [str(pid)]:
+            stubs.append(int(entry.name))
+    return stubs
+
+
 def test_killed_production_triton_fails_fast_with_503_then_heals_without_the_gateway(served: Served) -> None:
+    from stack.triton_launch import orphaned_stubs
+
     gateway_pid = served.pid("gateway")
-    os.kill(served.pid("triton-production"), signal.SIGKILL)
+    triton_pid = served.pid("triton-production")
+    stubs = _stubs_of(triton_pid)
+    assert stubs, "production's Triton runs its model in a Python backend stub"
+    os.kill(triton_pid, signal.SIGKILL)
     statuses: list[int] = []
     with served.client() as client:
         deadline = time.monotonic() + 90
@@ -109,6 +136,9 @@ def test_killed_production_triton_fails_fast_with_503_then_heals_without_the_gat
                 assert resp.status_code in (200, 503), resp.text
     assert 503 in statuses and statuses[-1] == 200, statuses
     assert served.pid("gateway") == gateway_pid  # healed by supervisord + reconcile, gateway untouched
+    # the killed Triton's stubs did not outlive it (they would hold its model and shared memory)
+    assert [pid for pid in stubs if _stat(pid)[:1] not in ([], ["Z"])] == []
+    assert orphaned_stubs(served.run.state / "triton-backends") == []
 
 
 def test_store_down_keeps_detection_and_spools_feedback_across_a_gateway_kill(served: Served) -> None:

@@ -110,7 +110,9 @@ def test_build_components_with_defaults_includes_the_scp_probed_by_c_echo(
         assert config.stat().st_mode & 0o777 == 0o600
 
 
-def _fake_triton(state: Path, stage: str, host: str, port: int, venv: Path) -> object:
+def _fake_triton(
+    state: Path, stage: str, host: str, port: int, venv: Path, python: Path | None = None
+) -> object:
     from stack.components import Component
 
     return Component(f"triton-{stage}", ["true"], f"http://{host}:{port}/v2/health/live", ports=(port,))
