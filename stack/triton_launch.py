@@ -32,20 +32,29 @@ def _parent_pid(pid: str) -> int:
     return int(stat.rsplit(")", 1)[1].split()[1])  # after "(comm)": state, then the parent's PID
 
 
-def orphaned_stubs(backends: Path) -> list[int]:
-    """PIDs of stubs run from ``backends`` whose parent is not a running ``tritonserver``."""
+def stub_parents(backends: Path) -> dict[int, int]:
+    """The live stubs run from ``backends``: their PID and their parent's (a zombie has no exe: left out)."""
     stub = (backends / "python" / STUB_NAME).resolve()
-    found = []
+    found = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            if Path(os.readlink(entry / "exe")) != stub:
-                continue
-            parent = _parent_pid(entry.name)
-            parent_exe = Path(os.readlink(f"/proc/{parent}/exe")).name if parent > 1 else ""
+            if Path(os.readlink(entry / "exe")) == stub:
+                found[int(entry.name)] = _parent_pid(entry.name)
         except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
             continue
+    return found
+
+
+def orphaned_stubs(backends: Path) -> list[int]:
+    """PIDs of stubs run from ``backends`` whose parent is not a running ``tritonserver``."""
+    found = []
+    for pid, parent in stub_parents(backends).items():
+        try:
+            parent_exe = Path(os.readlink(f"/proc/{parent}/exe")).name if parent > 1 else ""
+        except OSError:  # the parent is gone too
+            parent_exe = ""
         if parent_exe != "tritonserver":
-            found.append(int(entry.name))
+            found.append(pid)
     return found
 
 
@@ -67,9 +76,7 @@ def main(argv: list[str]) -> None:
     if len(argv) < 3 or argv[1] != "--":
         sys.exit("usage: python -m stack.triton_launch BACKENDS_DIR -- TRITONSERVER [ARGS...]")
     backends, command = Path(argv[0]), argv[2:]
-    killed = reap(backends)
-    if killed:
-        print(f"killed {len(killed)} Python backend stub(s) a stopped Triton left behind", file=sys.stderr)
+    reap(backends)  # its warning reaches the Triton's log through logging's last-resort handler
     os.execv(command[0], command)
 
 

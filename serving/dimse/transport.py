@@ -114,10 +114,13 @@ class BoundedAssociationSocket(AssociationSocket):
 
 
 class BoundedAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server holding the limits its :class:`BoundedRequestHandler` applies."""
+    """pynetdicom's threaded server holding the limits its :class:`BoundedRequestHandler` applies.
 
-    max_pdu_bytes: int = 1024 * 1024
-    max_message_bytes: int = 128 * 1024 * 1024
+    Set by :meth:`serving.dimse.scp.StorageScp.start` from its ``ScpConfig``, the one place they are chosen.
+    """
+
+    max_pdu_bytes: int
+    max_message_bytes: int
 
 
 class BoundedRequestHandler(RequestHandler):

@@ -13,12 +13,12 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
 from stack.supervisor import Supervisor
+from stack.triton_launch import orphaned_stubs, stub_parents
 from tests.fixtures.stack import StackRun, api_keys, client_env, stack_env
 from tests.integration.delivery.gitops_helpers import register_version, tiny_detector
 from tests.unit.serving.serving_support import make_dicom
@@ -80,33 +80,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         run.cxr("stack", "down", check=False, timeout=120)
 
 
-def _stat(pid: int | str) -> list[str]:
-    """The fields of /proc/PID/stat after the command name (state, parent, ...); [] when it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return []
-
-
-def _stubs_of(pid: int) -> list[int]:
-    """The Python backend stubs whose parent is ``pid`` (a Triton)."""
-    stubs = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            comm = (entry / "comm").read_text()
-        except OSError:
-            continue
-        if comm.startswith("triton_python") and _stat(entry.name)[1:2] == [str(pid)]:
-            stubs.append(int(entry.name))
-    return stubs
-
-
 def test_killed_production_triton_fails_fast_with_503_then_heals_without_the_gateway(served: Served) -> None:
-    from stack.triton_launch import orphaned_stubs
-
     gateway_pid = served.pid("gateway")
     triton_pid = served.pid("triton-production")
-    stubs = _stubs_of(triton_pid)
+    backends = served.run.state / "triton-backends"
+    stubs = [pid for pid, parent in stub_parents(backends).items() if parent == triton_pid]
     assert stubs, "production's Triton runs its model in a Python backend stub"
     os.kill(triton_pid, signal.SIGKILL)
     statuses: list[int] = []
@@ -137,8 +115,8 @@ def test_killed_production_triton_fails_fast_with_503_then_heals_without_the_gat
     assert 503 in statuses and statuses[-1] == 200, statuses
     assert served.pid("gateway") == gateway_pid  # healed by supervisord + reconcile, gateway untouched
     # the killed Triton's stubs did not outlive it (they would hold its model and shared memory)
-    assert [pid for pid in stubs if _stat(pid)[:1] not in ([], ["Z"])] == []
-    assert orphaned_stubs(served.run.state / "triton-backends") == []
+    assert set(stubs).isdisjoint(stub_parents(backends))
+    assert orphaned_stubs(backends) == []
 
 
 def test_store_down_keeps_detection_and_spools_feedback_across_a_gateway_kill(served: Served) -> None:
