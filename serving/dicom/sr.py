@@ -6,7 +6,9 @@ polyline on ITS source image, the finding as a coded concept, the model's
 confidence as a numeric measurement, and the algorithm's name and version; an
 image-level "No finding" group for an image without boxes (an image missing from
 the report would be ambiguous); and, when triage ran, a study-level group with
-the abnormality score and the priority it led to. Built with highdicom.
+the abnormality score and the priority it led to. The content is built with
+highdicom's templates; the document around it by ``serving.dicom.sr_document``
+(highdicom's own document, without its re-checks of that content).
 
 The UIDs are derived from the model version and the source images, so sending
 the same result again replaces the report at the PACS instead of duplicating it.
@@ -26,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from core.variants import served_label
+from serving.dicom.sr_document import comprehensive_sr
 from serving.dicom.uids import derived_uid
 from serving.errors import Conflict
 
@@ -144,6 +147,20 @@ def build_study_sr(
     ``triage`` (``{"score", "priority", "threshold"}``) adds a study-level group;
     without it the report holds the per-image findings only.
     """
+    return comprehensive_sr(**study_sr_arguments(sources, responses, triage, manufacturer=manufacturer))
+
+
+def study_sr_arguments(
+    sources: list[Dataset],
+    responses: list[dict[str, Any]],
+    triage: dict[str, Any] | None = None,
+    *,
+    manufacturer: str = "CXR Detect",
+) -> dict[str, Any]:
+    """The arguments of the study's SR document: ``hd.sr.ComprehensiveSR`` takes the same ones.
+
+    The content is a fresh tree from highdicom's TID 1500 templates on every call.
+    """
     if not sources or len(sources) != len(responses):
         raise ValueError("a study SR needs one detection response per source image, and at least one")
     sources = [with_study_attributes(s) for s in sources]
@@ -173,18 +190,18 @@ def build_study_sr(
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
     )
-    return hd.sr.ComprehensiveSR(
-        evidence=sources,
-        content=report,
-        series_number=SR_SERIES_NUMBER,
-        series_instance_uid=derived_uid(str(sources[0].StudyInstanceUID), *versions, "sr-series"),
-        sop_instance_uid=derived_uid(*versions, *source_uids, "sr"),
-        instance_number=1,
-        manufacturer=manufacturer,
-        series_description=f"CXR Detect {model['name']} v{', '.join(versions)}"[:64],
-        is_complete=True,
-        is_final=False,
-    )
+    return {
+        "evidence": sources,
+        "content": report,
+        "series_number": SR_SERIES_NUMBER,
+        "series_instance_uid": derived_uid(str(sources[0].StudyInstanceUID), *versions, "sr-series"),
+        "sop_instance_uid": derived_uid(*versions, *source_uids, "sr"),
+        "instance_number": 1,
+        "manufacturer": manufacturer,
+        "series_description": f"CXR Detect {model['name']} v{', '.join(versions)}"[:64],
+        "is_complete": True,
+        "is_final": False,
+    }
 
 
 def _image_groups(
