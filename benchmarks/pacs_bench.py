@@ -15,6 +15,12 @@ model of ``serve_bench``), which sends SR + GSPS back to Orthanc by STOW-RS.
 
 The two alternate ``ROUNDS`` times; each figure is the sum of images over the sum of time.
 Run alone: ``python -m benchmarks.pacs_bench``; in ``make bench`` as the ``pacs`` suite.
+
+``sr_document_vs_highdicom`` (also alone: ``python -m benchmarks.pacs_bench sr``): the study
+SR of two phantoms built by ``serving.dicom.sr_document`` over the same built by
+``highdicom.sr.ComprehensiveSR`` (the same file, see that module), alternated in one process,
+with three boxes an image; and the milliseconds of one study's whole send-back bundle (SR and
+two GSPS, built and written) with none and with three boxes an image.
 """
 
 from __future__ import annotations
@@ -168,6 +174,69 @@ def roundtrip_round(orthanc: Any, images: list[bytes], timeout_s: float = 240.0)
     return sum(len(g) for g in studies), elapsed
 
 
+def _study_response(source: Any, boxes: int) -> dict[str, Any]:
+    """A detection response for ``source`` with ``boxes`` boxes of different findings."""
+    detections = [
+        {
+            "class_id": i,
+            "class_name": f"finding {i}",
+            "confidence": 0.9,
+            "box": [40.0 * i, 50.0, 40.0 * i + 90, 160.0],
+        }
+        for i in range(boxes)
+    ]
+    return {
+        "model": {"name": "cxr-yolo", "version": "1", "variant": "fp32"},
+        "image": {"sop_instance_uid": str(source.SOPInstanceUID)},
+        "detections": detections,
+    }
+
+
+def sr_document_ratio(study: list[bytes], repeats: int = 15) -> dict[str, Any]:
+    """Our SR document over highdicom's, and one study's send-back bundle in ms (see the module doc)."""
+    import statistics
+
+    import highdicom as hd
+
+    from serving.dicom.sr import source_header, study_sr_arguments
+    from serving.dicom.sr_document import comprehensive_sr
+    from serving.dicom.study_objects import dataset_bytes, study_objects
+
+    sources = [source_header(data) for data in study]
+
+    def timed(build: Any, boxes: int) -> float:
+        responses = [_study_response(s, boxes) for s in sources]
+        start = time.perf_counter()
+        build(responses)
+        return time.perf_counter() - start
+
+    def ours(responses: list[dict[str, Any]]) -> None:
+        dataset_bytes(comprehensive_sr(**study_sr_arguments(sources, responses)))
+
+    def theirs(responses: list[dict[str, Any]]) -> None:
+        dataset_bytes(hd.sr.ComprehensiveSR(**study_sr_arguments(sources, responses)))
+
+    def bundle(responses: list[dict[str, Any]]) -> None:
+        triage = {"score": 0.5, "priority": False, "threshold": 0.6}
+        [dataset_bytes(o) for o in study_objects(list(zip(sources, responses, strict=True)), triage)]
+
+    for build in (ours, theirs, bundle):  # highdicom's tables and the imports, once
+        timed(build, 1)
+    ours_s, theirs_s, none_s, three_s = [], [], [], []
+    for _ in range(repeats):
+        ours_s.append(timed(ours, 3))
+        theirs_s.append(timed(theirs, 3))
+        none_s.append(timed(bundle, 0))
+        three_s.append(timed(bundle, 3))
+    return {
+        "sr_document_vs_highdicom": round(statistics.median(ours_s) / statistics.median(theirs_s), 3),
+        "send_back_bundle_ms": {
+            "no_box": round(1000 * statistics.median(none_s), 1),
+            "three_boxes_an_image": round(1000 * statistics.median(three_s), 1),
+        },
+    }
+
+
 def run_pacs_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="cxr-pacs-bench-") as tmp:
@@ -187,6 +256,8 @@ def run_pacs_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
     console.log("exporting YOLO11n @640 and rendering phantoms")
     model = export_model(workdir)
     images = phantoms(workdir / "phantoms")
+    console.log("the study SR: ours against highdicom's constructor")
+    documents = sr_document_ratio(as_studies(images)[0])
     password = secrets.token_urlsafe(16)
     http_port, dicom_port, scp_port = _free_port(), _free_port(), _free_port()
     orthanc_comp = orthanc_component(
@@ -250,7 +321,9 @@ def run_pacs_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
     detect_rate, trip_rate = detect_n / detect_s, trip_n / trip_s
     return {
         "pacs_roundtrip_vs_detect": round(trip_rate / detect_rate, 3),
+        "sr_document_vs_highdicom": documents["sr_document_vs_highdicom"],
         "pacs": {
+            "send_back_bundle_ms": documents["send_back_bundle_ms"],
             "images": len(images),
             "studies": STUDIES,
             "rounds": ROUNDS,
@@ -269,6 +342,15 @@ def run_pacs_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
     }
 
 
+def _sr_alone() -> dict[str, Any]:
+    from data_pipeline.synth import SynthConfig, generate
+
+    with tempfile.TemporaryDirectory(prefix="cxr-sr-bench-") as tmp:
+        generate(SynthConfig(n_images=IMAGES_PER_STUDY, seed=19, size=1024, workers=1), Path(tmp))
+        images = [p.read_bytes() for p in sorted((Path(tmp) / "dicom").glob("*.dicom"))]
+    return sr_document_ratio(as_studies(images)[0])
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s level=%(levelname)s %(message)s")
-    print(json.dumps(run_pacs_benchmarks(), indent=2))
+    print(json.dumps(_sr_alone() if sys.argv[1:] == ["sr"] else run_pacs_benchmarks(), indent=2))
