@@ -4,10 +4,10 @@ Why not ``highdicom.sr.ComprehensiveSR`` itself: its constructor re-checks a con
 that highdicom's own templates have just built and checked. It deep-copies the tree and parses
 the copy back into content-item objects, then searches the whole tree three times (image and
 composite references for the evidence, SCOORD3D items the IOD forbids), building a
-``ContentItem`` and a ``CodedConcept`` for every node on every search. That was 64 of the 83 ms
-of a two-image study's report without findings and 149 of 206 ms with three boxes an image on
-this project's machine (one-off timing), more than one image's inference at batch 4, paid
-for every study sent back to a PACS.
+``ContentItem`` and a ``CodedConcept`` for every node on every search, for every study sent
+back to a PACS. Built and written, the SR of a two-image study with three boxes an image takes
+0.47 of highdicom's time this way (``python -m benchmarks.pacs_bench sr``,
+``sr_document_vs_highdicom``; docs/benchmarks.md).
 
 This module makes the same dataset, attribute for attribute, from highdicom's public pieces:
 ``highdicom.SOPClass`` for the Patient, Study, Series, Equipment and SOP Common modules (and
