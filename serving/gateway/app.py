@@ -190,6 +190,11 @@ def create_app(
         version="0.1.0",
         description="Chest X-ray findings: DICOM/PNG/JPEG in; boxes in original pixels and DICOM SR out.",
         lifespan=lifespan,
+        # Closed network: FastAPI's own OpenTelemetry adds OTLP exporters at startup when the
+        # environment says FASTAPI_OTEL_AUTO_CONFIGURE=true, and would send request spans and
+        # exception messages (which may quote a header value) to whatever endpoint the environment
+        # names. The explicit value wins over the variable; Prometheus is the gateway's telemetry.
+        telemetry={"auto_configure": False},
     )
     app.state.cxr = state
     _install_error_handlers(app)

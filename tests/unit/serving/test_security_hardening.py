@@ -304,3 +304,27 @@ def test_rate_limiter_forgets_refilled_buckets_past_its_size_bound() -> None:
     for i in range(50):
         slow.check(f"10.0.0.{i}")
     assert len(slow._buckets) <= 10  # none refills: the oldest go
+
+
+def test_fastapis_own_telemetry_exports_nothing_whatever_the_environment_says(
+    onnx_model: Path,
+    api_keys: tuple[Path, dict[str, str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """FASTAPI_OTEL_AUTO_CONFIGURE=true with an OTLP endpoint off the machine: the gateway ignores it.
+
+    Without the gateway's explicit setting, FastAPI's startup sets up OTLP exporters for that
+    endpoint. Here the exporter package is absent, so FastAPI logs that the set-up failed and
+    goes on (the assertion that fails without the setting); with the package installed, request
+    spans and exception messages would leave the hospital's network.
+    """
+    from serving.gateway.app import create_app
+
+    monkeypatch.setenv("FASTAPI_OTEL_AUTO_CONFIGURE", "true")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://203.0.113.9:4318")
+    app = create_app(_settings(onnx_model, api_keys, tmp_path), use_store=False)
+    with caplog.at_level(logging.WARNING), TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+    assert not [r for r in caplog.records if "telemetry" in r.getMessage().lower()]
