@@ -82,6 +82,9 @@ def offline_env(state_dir: Path) -> dict[str, str]:
         # (KubeRay pods in the cluster do not get this variable.)
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # FastAPI >= 0.165 adds OTLP exporters at startup when this is "true" (MLflow's server is
+        # a FastAPI app); "false" overrides an inherited "true" for every process the stack starts
+        "FASTAPI_OTEL_AUTO_CONFIGURE": "false",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "DO_NOT_TRACK": "1",
         "HF_HUB_OFFLINE": "1",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -65,6 +66,28 @@ def test_offline_env_switches_off_every_known_phone_home(tmp_path: Path) -> None
     font_dir = Path(env["YOLO_CONFIG_DIR"]) / "Ultralytics"
     assert (font_dir / "Arial.ttf").stat().st_size > 10_000  # a real TTF, so no download
     assert json.loads((font_dir / "settings.json").read_text())["sync"] is False
+
+
+def test_a_fastapi_app_under_the_stacks_environment_sets_up_no_telemetry_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An inherited FASTAPI_OTEL_AUTO_CONFIGURE=true is overridden for the stack's processes.
+
+    MLflow's server is a plain ``FastAPI()`` app: with "true" and an endpoint in its environment,
+    its startup would set up OTLP export (here it logs that it failed: the exporter is absent).
+    """
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setenv("FASTAPI_OTEL_AUTO_CONFIGURE", "true")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://203.0.113.9:4318")
+    for key, value in offline_env(tmp_path).items():  # as a component's env is laid over os.environ
+        monkeypatch.setenv(key, value)
+    app = FastAPI()
+    app.get("/ping")(lambda: "pong")
+    with caplog.at_level(logging.WARNING), TestClient(app) as client:
+        assert client.get("/ping").json() == "pong"
+    assert not [r for r in caplog.records if "telemetry" in r.getMessage().lower()]
 
 
 def test_triton_ports_follow_the_design_contract() -> None:
