@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.offline import offline_env
+from stack.triton_launch import STUB_NAME, backends_dir
 
 
 class ComponentFailed(RuntimeError):
@@ -256,16 +257,16 @@ def triton_paths(triton_venv: Path) -> tuple[Path, Path]:
 def prepare_triton_backends(state: Path, triton_venv: Path) -> Path:
     """Backend folder holding the bundled Python backend plus a stub for this Python."""
     _, root = triton_paths(triton_venv)
-    backends = state / "triton-backends"
+    backends = backends_dir(state)
     python_dir = backends / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     src = root / "backends" / "python"
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
         if not (python_dir / name).exists():
             shutil.copy2(src / name, python_dir / name)
-    stub = python_dir / "triton_python_backend_stub"
+    stub = python_dir / STUB_NAME
     if not stub.exists():
-        shutil.copy2(root / "python_backend_stubs" / "3.11" / "triton_python_backend_stub", stub)
+        shutil.copy2(root / "python_backend_stubs" / "3.11" / STUB_NAME, stub)
         stub.chmod(0o755)
     return backends
 

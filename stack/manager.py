@@ -317,7 +317,7 @@ def down(settings: StackSettings) -> list[int]:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
             survivors.append(pid)
-    triton_launch.reap(settings.state / "triton-backends")  # stubs of a Triton killed earlier
+    triton_launch.reap(triton_launch.backends_dir(settings.state))  # stubs of a Triton killed earlier
     _clean_triton_leftovers()
     return survivors
 

@@ -27,6 +27,11 @@ log = logging.getLogger("cxr.stack")
 STUB_NAME = "triton_python_backend_stub"
 
 
+def backends_dir(state: Path) -> Path:
+    """The stack's Triton backend folder (stack.components fills it; its stubs run from there)."""
+    return state / "triton-backends"
+
+
 def _parent_pid(pid: str) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[1])  # after "(comm)": state, then the parent's PID

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from stack.supervisor import Supervisor
-from stack.triton_launch import orphaned_stubs, stub_parents
+from stack.triton_launch import backends_dir, orphaned_stubs, stub_parents
 from tests.fixtures.stack import StackRun, api_keys, client_env, stack_env
 from tests.integration.delivery.gitops_helpers import register_version, tiny_detector
 from tests.unit.serving.serving_support import make_dicom
@@ -83,7 +83,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 def test_killed_production_triton_fails_fast_with_503_then_heals_without_the_gateway(served: Served) -> None:
     gateway_pid = served.pid("gateway")
     triton_pid = served.pid("triton-production")
-    backends = served.run.state / "triton-backends"
+    backends = backends_dir(served.run.state)
     stubs = [pid for pid, parent in stub_parents(backends).items() if parent == triton_pid]
     assert stubs, "production's Triton runs its model in a Python backend stub"
     os.kill(triton_pid, signal.SIGKILL)
