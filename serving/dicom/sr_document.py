@@ -12,7 +12,8 @@ back to a PACS. Built and written, the SR of a two-image study with three boxes 
 This module makes the same dataset, attribute for attribute, from highdicom's public pieces:
 ``highdicom.SOPClass`` for the Patient, Study, Series, Equipment and SOP Common modules (and
 its ``copy_patient_and_study_information``, meant for writers of SOP classes), the SR Document
-General module's flags and evidence as ``_SR`` sets them, and the content tree's root as is.
+General module's flags as ``_SR`` sets them, the evidence grouped by highdicom's
+``collect_evidence``, and the content tree's root as is.
 What it leaves out are the checks that cannot fail for the trees ``serving.dicom.sr`` builds:
 every image item references one of the ``evidence`` datasets (the tree is made from them), and
 no SCOORD3D item exists (none is made). ``tests/unit/serving/test_sr_document.py`` holds the
@@ -23,10 +24,10 @@ the document shows there.
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 from collections.abc import Sequence
 
 import highdicom as hd
+from highdicom.sr.utils import collect_evidence
 from pydicom.dataset import Dataset
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
 
@@ -82,7 +83,15 @@ def comprehensive_sr(
     document.PreliminaryFlag = "FINAL" if is_final else "PRELIMINARY"
     for tag, value in content[0].items():
         document[tag] = value
-    same_study, other_studies = _evidence(evidence, str(document.StudyInstanceUID))
+    # highdicom's own grouping of the evidence (study, series, instance; this study's apart).
+    # It also checks that every image the tree references is in the evidence, by searching the
+    # tree; given an empty tree it skips that search (two of the constructor's three), which
+    # cannot fail for trees built from the evidence (serving.dicom.sr)
+    no_tree = Dataset()
+    no_tree.ContentSequence = []
+    same_study, other_studies = collect_evidence(
+        evidence, no_tree, study_instance_uid=document.StudyInstanceUID
+    )
     if same_study:
         document.CurrentRequestedProcedureEvidenceSequence = same_study
     if other_studies:
@@ -92,44 +101,6 @@ def comprehensive_sr(
     document.copy_patient_and_study_information(first)
     document.ContributingEquipmentSequence = _contributing_equipment(first)
     return document
-
-
-def _evidence(evidence: Sequence[Dataset], study_uid: str) -> tuple[list[Dataset], list[Dataset]]:
-    """Hierarchical references (study, series, instance) of the evidence, this study's apart.
-
-    The grouping and order of ``highdicom.sr.utils.collect_evidence``: first
-    appearance of each study and series, duplicates of an instance skipped.
-    """
-    groups: dict[bool, dict[tuple[str, str], list[Dataset]]] = {
-        True: defaultdict(list),
-        False: defaultdict(list),
-    }
-    seen: set[str] = set()
-    for ds in evidence:
-        if ds.SOPInstanceUID in seen:
-            continue
-        seen.add(ds.SOPInstanceUID)
-        item = Dataset()
-        item.ReferencedSOPClassUID = ds.SOPClassUID
-        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-        groups[ds.StudyInstanceUID == study_uid][(ds.StudyInstanceUID, ds.SeriesInstanceUID)].append(item)
-    return _references(groups[True]), _references(groups[False])
-
-
-def _references(collection: dict[tuple[str, str], list[Dataset]]) -> list[Dataset]:
-    studies: dict[str, list[Dataset]] = defaultdict(list)
-    for (study_uid, series_uid), instances in collection.items():
-        series = Dataset()
-        series.SeriesInstanceUID = series_uid
-        series.ReferencedSOPSequence = instances
-        studies[study_uid].append(series)
-    items = []
-    for study_uid, series_items in studies.items():
-        study = Dataset()
-        study.StudyInstanceUID = study_uid
-        study.ReferencedSeriesSequence = series_items
-        items.append(study)
-    return items
 
 
 def _contributing_equipment(source: Dataset) -> list[hd.ContributingEquipment]:
