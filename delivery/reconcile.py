@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from core.errors import CxrError
 from core.operating_points import OPERATING_POINTS_FILE
 from core.scratch import scratch_dir
@@ -33,6 +35,8 @@ from delivery.errors import ReconcileError
 from training.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
+
+LOCK_TIMEOUT_S = 300.0  # a reconcile waits for Triton at most 120 s, after a download
 
 
 @dataclass(frozen=True)
@@ -213,21 +217,64 @@ def reconcile_stage(
     ``build_local``: write the repository into the one-machine stack's folder (Python-backend
     variant, CPU); off when that Triton reads a repository someone else writes. The cluster does
     not come here: :func:`publish_stage` publishes and the Tritons poll.
+
+    The stack's watcher and a `cxr promote` / `canary step` reconcile the same stage at the same
+    moment after every promotion; unserialised, one rebuilt the repository folder while Triton
+    loaded the other's. So a stage is reconciled under a file lock, and its file is read inside
+    it: the second to come finds the work done ("unchanged") rather than undoing it with what it
+    read before.
     """
+    url = triton_url or ctx.triton_url(stage)
+    if url is None:
+        raise ReconcileError(f"no Triton address for stage {stage}; set CXR_TRITON_{stage.upper()}_URL")
+    applied = _applied_file(ctx, stage, url)
+    applied.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(applied.with_suffix(".lock"), timeout=LOCK_TIMEOUT_S):
+            return _reconcile_locked(
+                ctx,
+                stage,
+                url,
+                applied,
+                registry=registry,
+                repo_dir=repo_dir,
+                force=force,
+                build_local=build_local,
+            )
+    except Timeout as exc:
+        raise ReconcileError(
+            f"another reconcile of stage {stage} held its lock for over {LOCK_TIMEOUT_S:.0f} s; try again"
+        ) from exc
+
+
+def _reconcile_locked(
+    ctx: DeliveryContext,
+    stage: Stage,
+    url: str,
+    applied: Path,
+    *,
+    registry: ModelRegistry | None,
+    repo_dir: Path | None,
+    force: bool,
+    build_local: bool,
+) -> ReconcileResult:
     from serving.inference.triton_repo import TritonAdmin, build_repository
 
     start = time.monotonic()
     wanted = read_stage_file(ctx.gitops_dir, stage)
-    url = triton_url or ctx.triton_url(stage)
-    if url is None:
-        raise ReconcileError(f"no Triton address for stage {stage}; set CXR_TRITON_{stage.upper()}_URL")
     repo = repo_dir or ctx.local_repo_root / stage
     admin = TritonAdmin(url, timeout_s=60.0)
     try:
         # a new variant of the same version is a change too: its file differs
         same = applied_version(ctx, stage, url) == (wanted.model_version, wanted.variant)
-        # a restarted Triton forgets what it loaded: "unchanged" only while it still serves it
-        if not force and same and (not wanted.model_version or admin.is_ready(wanted.model_name)):
+        # "unchanged" only while Triton serves that very version (its numeric version directory):
+        # a restarted Triton forgets what it loaded, and one that kept an older version after a
+        # failed load still answers "ready" for the model's name
+        if (
+            not force
+            and same
+            and (not wanted.model_version or admin.is_ready(wanted.model_name, wanted.model_version))
+        ):
             return ReconcileResult(stage, wanted.model_version, "unchanged", 0.0)
         if not wanted.model_version:
             if admin.is_ready(wanted.model_name):
@@ -247,8 +294,11 @@ def reconcile_stage(
                     precision=wanted.variant,
                 )
             admin.load(wanted.model_name)
-            if not admin.wait_ready(wanted.model_name, timeout_s=120.0):
-                raise ReconcileError(f"Triton {url} did not report {wanted.model_name} ready within 120 s")
+            if not admin.wait_ready(wanted.model_name, timeout_s=120.0, version=wanted.model_version):
+                raise ReconcileError(
+                    f"Triton {url} did not report {wanted.model_name} "
+                    f"v{wanted.model_version} ready within 120 s"
+                )
             action = "loaded"
     except CxrError:
         raise
@@ -259,9 +309,7 @@ def reconcile_stage(
         ) from exc
     finally:
         admin.close()
-    path = _applied_file(ctx, stage, url)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
+    applied.write_text(
         json.dumps({"stage": stage, "model_version": wanted.model_version, "variant": wanted.variant})
     )
     seconds = time.monotonic() - start

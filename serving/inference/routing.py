@@ -1,8 +1,8 @@
 """Which stage answers a request: canary weight, stickiness, shadow, override.
 
 The stage files under ``k8s/overlays/<stage>/model.yaml`` are the GitOps truth
-(written only by ``promote``); the gateway re-reads them when they change on
-disk, so a promotion or rollback commit takes effect without a restart.
+(written only by ``promote``); the gateway re-reads them when their text changes
+on disk, so a promotion or rollback commit takes effect without a restart.
 Assignment is sticky by StudyInstanceUID so one study never mixes models.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import StageFileError
-from core.stage_file import read_stage_file
+from core.stage_file import StageFile, parse_stage_file, stage_file_path
 from core.stages import STAGES, Stage
 from core.variants import DEFAULT_VARIANT
 
@@ -56,11 +56,9 @@ class RouteDecision:
     reason: str
 
 
-def _read_stage(gitops_dir: Path, stage: Stage) -> StageModel | None:
-    """The delivery package's validated reader; a stage without a file serves nothing."""
-    data = read_stage_file(gitops_dir, stage)
+def _stage_model(data: StageFile) -> StageModel:
     return StageModel(
-        stage=stage,
+        stage=data.stage,
         model_name=data.model_name,
         model_version=data.model_version,
         canary_weight=int(data.canary_weight or 0),
@@ -78,29 +76,52 @@ class Router:
         self.gitops_dir = gitops_dir
         self.shadow_fraction = shadow_fraction
         self.poll_s = poll_s
-        self._mtimes: dict[str, float] = {}
+        self._texts: dict[Stage, str | None] = {}
         self._checked = 0.0
         self.table = RoutingTable()
         self.reload()
 
-    def _files(self) -> list[Path]:
-        return [self.gitops_dir / "k8s" / "overlays" / s / "model.yaml" for s in STAGES]
-
-    def _stamp(self) -> dict[str, float]:
-        return {str(p): p.stat().st_mtime if p.exists() else -1.0 for p in self._files()}
-
-    def reload(self) -> RoutingTable:
-        stages: dict[Stage, StageModel] = {}
+    def _read_texts(self) -> dict[Stage, str | OSError | None]:
+        """Each stage file's text as it is now (None: no file; the error: unreadable)."""
+        texts: dict[Stage, str | OSError | None] = {}
         for stage in STAGES:
             try:
-                entry = _read_stage(self.gitops_dir, stage)
-            except (OSError, StageFileError) as exc:
-                log.warning("routing_file_unreadable stage=%s error=%s", stage, exc)
-                entry = self.table.stages.get(stage)
+                texts[stage] = stage_file_path(self.gitops_dir, stage).read_text(encoding="utf-8")
+            except FileNotFoundError:
+                texts[stage] = None
+            except OSError as exc:
+                texts[stage] = exc
+        return texts
+
+    def _parse(self, texts: dict[Stage, str | OSError | None]) -> None:
+        """The table from the very texts that become the stamp.
+
+        The stamp is the text, not the file's mtime: an mtime taken after reading could belong
+        to a promotion written in between (its change then never seen), and two writes within
+        one tick of the kernel's coarse clock share an mtime. Either left the gateway on the
+        old version for good, answering with a version the stage's Triton no longer served.
+        An unreadable file keeps the stage's last entry and is read again at the next poll.
+        """
+        stages: dict[Stage, StageModel] = {}
+        stamp: dict[Stage, str | None] = {}
+        for stage, text in texts.items():
+            entry = self.table.stages.get(stage)
+            path = stage_file_path(self.gitops_dir, stage)
+            if isinstance(text, OSError):
+                log.warning("routing_file_unreadable stage=%s error=%s", stage, text)
+            else:
+                stamp[stage] = text
+                try:
+                    parsed = (
+                        StageFile(stage=stage) if text is None else parse_stage_file(text, stage, str(path))
+                    )
+                    entry = _stage_model(parsed)
+                except StageFileError as exc:
+                    log.warning("routing_file_unreadable stage=%s error=%s", stage, exc)
             if entry is not None:
                 stages[stage] = entry
         self.table = RoutingTable(stages=stages)
-        self._mtimes = self._stamp()
+        self._texts = stamp
         self._checked = time.monotonic()
         log.info(
             "routing_reloaded production=%s canary=%s weight=%d staging=%s",
@@ -109,16 +130,20 @@ class Router:
             self.table.canary_weight,
             self.table.version("staging"),
         )
+
+    def reload(self) -> RoutingTable:
+        self._parse(self._read_texts())
         return self.table
 
     def maybe_reload(self) -> bool:
-        """Re-read the files when any changed; cheap enough per request (stats at most every poll_s)."""
+        """Re-read the files when any changed; three small reads at most every poll_s."""
         now = time.monotonic()
         if now - self._checked < self.poll_s:
             return False
         self._checked = now
-        if self._stamp() != self._mtimes:
-            self.reload()
+        texts = self._read_texts()
+        if texts != self._texts:
+            self._parse(texts)
             return True
         return False
 

@@ -241,16 +241,19 @@ class TritonAdmin:
         self._client.unload_model(model_name)
         log.info("triton_unload url=%s model=%s", self.url, model_name)
 
-    def is_ready(self, model_name: str = "cxr-detector") -> bool:
+    def is_ready(self, model_name: str = "cxr-detector", version: str = "") -> bool:
+        """Whether the model (with ``version``: that numeric version directory) serves requests."""
         try:
-            return bool(self._client.is_model_ready(model_name))
+            return bool(self._client.is_model_ready(model_name, version))
         except Exception:
             return False
 
-    def wait_ready(self, model_name: str = "cxr-detector", timeout_s: float = 60.0) -> bool:
+    def wait_ready(
+        self, model_name: str = "cxr-detector", timeout_s: float = 60.0, version: str = ""
+    ) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.is_ready(model_name):
+            if self.is_ready(model_name, version):
                 return True
             time.sleep(0.1)
         return False

@@ -3,13 +3,16 @@
 Proves: each promotion is one structured commit touching the stage file only; the MLflow alias
 and the s3:// Triton repository follow; the canary stage's real Triton loads the promoted
 version; ``rollback`` and ``git revert`` bring the previous version back and the Triton follows
-the file; a failed gate changes nothing; ``--force --reason`` goes into the commit.
+the file; a failed gate changes nothing; ``--force --reason`` goes into the commit; a Triton
+serving another version than last applied is reloaded; two reconciles of one stage at once load
+it once.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +26,9 @@ from delivery.context import DeliveryContext
 from delivery.errors import GateFailed
 from delivery.messages import parse_record
 from delivery.promote import PromotionRequest, promote_through, promote_version
-from delivery.reconcile import reconcile_stage
+from delivery.reconcile import fetch_onnx, reconcile_stage
 from delivery.rollback import rollback_stage
+from serving.inference.triton_repo import TritonAdmin, build_repository
 from tests.integration.delivery.gitops_helpers import git, init_gitops_repo, register_version, tiny_detector
 from training.registry import ModelRegistry
 
@@ -178,3 +182,29 @@ def test_promote_rollback_and_revert_drive_registry_store_git_and_triton(
     assert result.action == "loaded"
     assert model_version_in_triton(canary_triton.http_url, model_name) == v2
     assert reconcile_stage(ctx, "canary", registry=registry).action == "unchanged"
+
+    # [7] a Triton that serves another version than this machine last applied is not "unchanged":
+    # v1 loaded behind the reconciler's back (as a failed load leaves the older version serving)
+    build_repository(
+        fetch_onnx(registry, v1, ctx.onnx_cache),
+        ctx.local_repo_root / "canary",
+        variant="python",
+        model_name=model_name,
+        version=int(v1),
+        model_version=v1,
+    )
+    admin = TritonAdmin(canary_triton.http_url)
+    admin.load(model_name)
+    admin.close()
+    assert model_version_in_triton(canary_triton.http_url, model_name) == v1
+    assert reconcile_stage(ctx, "canary", registry=registry).action == "loaded"
+    assert model_version_in_triton(canary_triton.http_url, model_name) == v2
+
+    # [8] the stack's watcher and a promote reconcile the same stage at once: one loads, the
+    # other waits for it and finds the stage served (before the lock, both rebuilt and loaded)
+    git(root, "revert", "--no-edit", "HEAD")  # the revert of the revert: v1 again
+    assert read_stage_file(root, "canary").model_version == v1
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda _: reconcile_stage(ctx, "canary", registry=registry).action, range(2)))
+    assert sorted(both) == ["loaded", "unchanged"], both
+    assert model_version_in_triton(canary_triton.http_url, model_name) == v1

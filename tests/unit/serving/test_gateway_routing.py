@@ -62,13 +62,67 @@ def test_routing_file_change_is_picked_up_without_restart(tmp_path: Path) -> Non
     write_stage_files(tmp_path, production="3", canary="4", weight=0)
     router = _router(tmp_path)
     assert router.table.canary_weight == 0
+    assert not router.maybe_reload()  # nothing changed: nothing re-parsed
     write_stage_files(tmp_path, production="3", canary="4", weight=100)
-    canary_file = tmp_path / "k8s" / "overlays" / "canary" / "model.yaml"
-    stat = canary_file.stat()
-    os.utime(canary_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert router.maybe_reload()
     assert router.table.canary_weight == 100
     assert router.decide("x").stage == "canary"
+
+
+def test_a_change_that_keeps_the_files_mtime_is_still_seen(tmp_path: Path) -> None:
+    """Two writes within one tick of the kernel's coarse clock share an mtime."""
+    write_stage_files(tmp_path, production="3")
+    router = _router(tmp_path)
+    files = sorted((tmp_path / "k8s" / "overlays").glob("*/model.yaml"))
+    before = [f.stat() for f in files]
+    write_stage_files(tmp_path, production="4")
+    for f, stat in zip(files, before, strict=True):
+        os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert router.maybe_reload()
+    assert router.table.version("production") == "4"
+
+
+def test_a_promotion_written_while_the_gateway_reads_the_files_is_seen_at_the_next_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The e2e loop once kept answering with the old version for minutes after a promotion.
+
+    The promotion's files landed between the gateway's read of the production file and its
+    note of what it had read; the note then matched the new files, so the gateway never read
+    them again. Here the promotion is written from inside the first file's parse.
+    """
+    import core.stage_file
+
+    write_stage_files(tmp_path, production="3", canary="4", weight=50)
+    router = _router(tmp_path)
+    real_load = core.stage_file.yaml.safe_load
+    promoted: list[bool] = []
+
+    def load_then_promote(text: str) -> object:
+        data = real_load(text)
+        if not promoted:  # a `cxr canary step` promoting v4, as the gateway parses v3's file
+            promoted.append(True)
+            write_stage_files(tmp_path, production="4", canary="", weight=0)
+        return data
+
+    monkeypatch.setattr(core.stage_file.yaml, "safe_load", load_then_promote)
+    router.reload()
+    assert promoted and router.table.version("production") == "3"  # what it read, before the write
+    assert router.maybe_reload()
+    assert router.table.version("production") == "4" and router.table.canary_weight == 0
+
+
+def test_an_unreadable_stage_file_keeps_the_last_entry_and_is_read_again(tmp_path: Path) -> None:
+    write_stage_files(tmp_path, production="3")
+    router = _router(tmp_path)
+    production = tmp_path / "k8s" / "overlays" / "production" / "model.yaml"
+    production.write_text("stage: [unclosed\n")
+    assert router.maybe_reload()
+    assert router.table.version("production") == "3"
+    assert not router.maybe_reload()  # the same broken text is not parsed again
+    write_stage_files(tmp_path, production="5")
+    assert router.maybe_reload()
+    assert router.table.version("production") == "5"
 
 
 def test_bucket_is_uniform_over_0_to_99() -> None:
