@@ -1,10 +1,10 @@
 """Where a long command leaves the machine's cores idle: busy share per second, idle core-seconds per window.
 
 ``python -m benchmarks.cpu_trace SECONDS [WINDOW] [-- COMMAND ...]`` samples the whole machine's CPU
-(psutil) once a second. With a command it starts it, traces until it exits (or SECONDS pass) and
-prints its exit status; without one it traces SECONDS of whatever runs. It prints one line per
-WINDOW seconds (default 10): the mean busy share of all cores and the core-seconds left idle,
-then the total.
+(psutil) once a second. With a command it starts it, traces until it exits (or SECONDS pass: it
+is then left running, and said so) and prints its exit status; without one it traces SECONDS of
+whatever runs. It prints one line per WINDOW seconds (default 10): the mean busy share of all
+cores and the core-seconds left idle, then the total.
 
 Why: on two shared cores a phase that keeps one core idle (single-threaded work, waits on a
 server or a process start) is where overlapping the next step can still win time; a phase at
@@ -75,15 +75,21 @@ def render(rows: Iterable[Window], cores: int) -> str:
 def main(argv: Sequence[str]) -> int:
     import psutil
 
-    if not argv or not argv[0].isdigit():
-        print(__doc__, file=sys.stderr)
-        return 2
-    seconds = int(argv[0])
     rest = list(argv[1:])
     command = rest[rest.index("--") + 1 :] if "--" in rest else []
-    width = int(rest[0]) if rest and rest[0] != "--" else 10
+    options = rest[: rest.index("--")] if "--" in rest else rest
+    numbers = [argv[0], *options] if argv else []
+    if not numbers or len(numbers) > 2 or not all(n.isdigit() and int(n) > 0 for n in numbers):
+        print(__doc__, file=sys.stderr)
+        return 2
+    seconds = int(numbers[0])
+    width = int(numbers[1]) if len(numbers) > 1 else 10
     cores = psutil.cpu_count() or 1
-    proc = subprocess.Popen(command) if command else None
+    try:
+        proc = subprocess.Popen(command) if command else None
+    except OSError as exc:
+        print(f"cannot start {command[0]!r}: {exc}", file=sys.stderr)
+        return 2
     busy = sample(seconds, proc)
     print(render(windows(busy, cores, width), cores))
     if proc is not None:

@@ -95,12 +95,29 @@ def parse_stage_file(text: str, stage: Stage, source: str = "model.yaml") -> Sta
     return parsed
 
 
+def read_stage_text(gitops_dir: Path, stage: Stage) -> str | None:
+    """A stage file's text; None when there is no file (the stage serves nothing).
+
+    :class:`StageFileError` when it is not UTF-8; an ``OSError`` when it cannot be read.
+    """
+    path = stage_file_path(gitops_dir, stage)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as exc:
+        raise StageFileError(f"{path} is not UTF-8 text: {exc}") from exc
+
+
+def stage_file_from_text(text: str | None, stage: Stage, source: str = "model.yaml") -> StageFile:
+    """What :func:`read_stage_text` gave, validated: no file means the stage serves nothing."""
+    return StageFile(stage=stage) if text is None else parse_stage_file(text, stage, source)
+
+
 def read_stage_file(gitops_dir: Path, stage: Stage) -> StageFile:
     """Read and validate a stage's model file; a missing file means the stage serves nothing."""
-    path = stage_file_path(gitops_dir, stage)
-    if not path.exists():
-        return StageFile(stage=stage)
-    return parse_stage_file(path.read_text(encoding="utf-8"), stage, str(path))
+    text = read_stage_text(gitops_dir, stage)
+    return stage_file_from_text(text, stage, str(stage_file_path(gitops_dir, stage)))
 
 
 def render_stage_file(content: StageFile) -> str:

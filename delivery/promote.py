@@ -387,7 +387,8 @@ def promote_version(
             label = f"{request.to} Triton loads v{request.version}"
             with reporting() as progress, progress.task("promote_apply", label, stage=request.to):
                 outcome.applied = reconcile_stage(ctx, request.to, registry=reg)
-            echo(f"{request.to} Triton now serves v{request.version} ({outcome.applied.seconds:.1f} s)")
+            served = outcome.applied.model_version or "nothing"  # its file, read under the stage's lock
+            echo(f"{request.to} Triton now serves v{served} ({outcome.applied.seconds:.1f} s)")
         except CxrError as exc:
             outcome.warnings.append(f"local stack not updated: {exc}")
             echo(f"warning: local stack not updated ({exc}); run `python -m delivery reconcile`")

@@ -36,7 +36,9 @@ from training.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
-LOCK_TIMEOUT_S = 300.0  # a reconcile waits for Triton at most 120 s, after a download
+#: how long a reconcile waits for another one of the same stage: that one's load (up to 60 s) and
+#: readiness (up to 120 s), after a download from MLflow
+LOCK_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,11 @@ def _applied_file(ctx: DeliveryContext, stage: Stage, url: str) -> Path:
     return ctx.stack_dir.resolve() / "gitops" / f"applied-{stage}-{safe}.json"
 
 
+def stage_lock_path(ctx: DeliveryContext, stage: Stage) -> Path:
+    """The lock one machine's reconciles of ``stage`` take turns on (:func:`reconcile_stage`)."""
+    return ctx.stack_dir.resolve() / "gitops" / f"reconcile-{stage}.lock"
+
+
 def applied_version(ctx: DeliveryContext, stage: Stage, url: str) -> tuple[str, str] | None:
     """(version, variant) this machine last made the stage's Triton at ``url`` serve (None: never)."""
     path = _applied_file(ctx, stage, url)
@@ -215,22 +222,25 @@ def reconcile_stage(
     """Make the stage's one-machine Triton serve the version its file names (no-op when it already does).
 
     ``build_local``: write the repository into the one-machine stack's folder (Python-backend
-    variant, CPU); off when that Triton reads a repository someone else writes. The cluster does
-    not come here: :func:`publish_stage` publishes and the Tritons poll.
+    variant, CPU); off when that Triton reads a repository someone else writes, which must name
+    its version folder after the registry version, as :func:`build_repository` is called here and
+    in :func:`publish_stage` (readiness is asked of that version). The cluster does not come here:
+    :func:`publish_stage` publishes and the Tritons poll.
 
     The stack's watcher and a `cxr promote` / `canary step` reconcile the same stage at the same
     moment after every promotion; unserialised, one rebuilt the repository folder while Triton
-    loaded the other's. So a stage is reconciled under a file lock, and its file is read inside
-    it: the second to come finds the work done ("unchanged") rather than undoing it with what it
-    read before.
+    loaded the other's. So a stage is reconciled under a file lock of its own (whatever spelling
+    of the Triton address each caller has), and its file is read inside it: the second to come
+    finds the work done ("unchanged") rather than undoing it with what it read before.
     """
     url = triton_url or ctx.triton_url(stage)
     if url is None:
         raise ReconcileError(f"no Triton address for stage {stage}; set CXR_TRITON_{stage.upper()}_URL")
     applied = _applied_file(ctx, stage, url)
-    applied.parent.mkdir(parents=True, exist_ok=True)
+    lock = stage_lock_path(ctx, stage)
     try:
-        with FileLock(applied.with_suffix(".lock"), timeout=LOCK_TIMEOUT_S):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(lock, timeout=LOCK_TIMEOUT_S):
             return _reconcile_locked(
                 ctx,
                 stage,
@@ -244,6 +254,10 @@ def reconcile_stage(
     except Timeout as exc:
         raise ReconcileError(
             f"another reconcile of stage {stage} held its lock for over {LOCK_TIMEOUT_S:.0f} s; try again"
+        ) from exc
+    except OSError as exc:  # the lock or the applied record: the caller's commit stands, it says so
+        raise ReconcileError(
+            f"cannot reconcile stage {stage}: {exc} (the stack folder {lock.parent} must be writable)"
         ) from exc
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import StageFileError
-from core.stage_file import StageFile, parse_stage_file, stage_file_path
+from core.stage_file import StageFile, read_stage_text, stage_file_from_text, stage_file_path
 from core.stages import STAGES, Stage
 from core.variants import DEFAULT_VARIANT
 
@@ -71,57 +71,57 @@ def bucket_of(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % 100
 
 
+@dataclass(frozen=True)
+class _Unreadable:
+    """A stage file that could not be read, by its error: the same error is the same stamp."""
+
+    error: str
+
+
 class Router:
     def __init__(self, gitops_dir: Path, *, shadow_fraction: float = 0.0, poll_s: float = 2.0) -> None:
         self.gitops_dir = gitops_dir
         self.shadow_fraction = shadow_fraction
         self.poll_s = poll_s
-        self._texts: dict[Stage, str | None] = {}
+        self._texts: dict[Stage, str | _Unreadable | None] = {}
         self._checked = 0.0
         self.table = RoutingTable()
         self.reload()
 
-    def _read_texts(self) -> dict[Stage, str | OSError | None]:
-        """Each stage file's text as it is now (None: no file; the error: unreadable)."""
-        texts: dict[Stage, str | OSError | None] = {}
+    def _read_texts(self) -> dict[Stage, str | _Unreadable | None]:
+        """Each stage file's text as it is now (None: no file)."""
+        texts: dict[Stage, str | _Unreadable | None] = {}
         for stage in STAGES:
             try:
-                texts[stage] = stage_file_path(self.gitops_dir, stage).read_text(encoding="utf-8")
-            except FileNotFoundError:
-                texts[stage] = None
-            except OSError as exc:
-                texts[stage] = exc
+                texts[stage] = read_stage_text(self.gitops_dir, stage)
+            except (OSError, StageFileError) as exc:
+                texts[stage] = _Unreadable(f"{type(exc).__name__}: {exc}")
         return texts
 
-    def _parse(self, texts: dict[Stage, str | OSError | None]) -> None:
+    def _parse(self, texts: dict[Stage, str | _Unreadable | None]) -> None:
         """The table from the very texts that become the stamp.
 
         The stamp is the text, not the file's mtime: an mtime taken after reading could belong
         to a promotion written in between (its change then never seen), and two writes within
         one tick of the kernel's coarse clock share an mtime. Either left the gateway on the
         old version for good, answering with a version the stage's Triton no longer served.
-        An unreadable file keeps the stage's last entry and is read again at the next poll.
+        A file that cannot be read or parsed keeps the stage's last entry; it is parsed again
+        (and warned about again) when its text or its error changes.
         """
         stages: dict[Stage, StageModel] = {}
-        stamp: dict[Stage, str | None] = {}
         for stage, text in texts.items():
             entry = self.table.stages.get(stage)
-            path = stage_file_path(self.gitops_dir, stage)
-            if isinstance(text, OSError):
-                log.warning("routing_file_unreadable stage=%s error=%s", stage, text)
-            else:
-                stamp[stage] = text
-                try:
-                    parsed = (
-                        StageFile(stage=stage) if text is None else parse_stage_file(text, stage, str(path))
-                    )
-                    entry = _stage_model(parsed)
-                except StageFileError as exc:
-                    log.warning("routing_file_unreadable stage=%s error=%s", stage, exc)
+            try:
+                if isinstance(text, _Unreadable):
+                    raise StageFileError(text.error)
+                source = str(stage_file_path(self.gitops_dir, stage))
+                entry = _stage_model(stage_file_from_text(text, stage, source))
+            except StageFileError as exc:
+                log.warning("routing_file_unreadable stage=%s error=%s", stage, exc)
             if entry is not None:
                 stages[stage] = entry
         self.table = RoutingTable(stages=stages)
-        self._texts = stamp
+        self._texts = texts
         self._checked = time.monotonic()
         log.info(
             "routing_reloaded production=%s canary=%s weight=%d staging=%s",

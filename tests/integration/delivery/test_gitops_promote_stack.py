@@ -194,8 +194,10 @@ def test_promote_rollback_and_revert_drive_registry_store_git_and_triton(
         model_version=v1,
     )
     admin = TritonAdmin(canary_triton.http_url)
-    admin.load(model_name)
-    admin.close()
+    try:
+        admin.load(model_name)
+    finally:
+        admin.close()
     assert model_version_in_triton(canary_triton.http_url, model_name) == v1
     assert reconcile_stage(ctx, "canary", registry=registry).action == "loaded"
     assert model_version_in_triton(canary_triton.http_url, model_name) == v2

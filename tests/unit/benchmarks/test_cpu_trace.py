@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from benchmarks.cpu_trace import main, render, windows
+from benchmarks import cpu_trace
+from benchmarks.cpu_trace import render, windows
 
 pytestmark = pytest.mark.unit
 
@@ -20,13 +24,33 @@ def test_windows_sum_idle_core_seconds_and_keep_a_short_last_window() -> None:
     assert "   2-   4 s   50.0%          2.0" in text
 
 
-def test_a_traced_command_runs_and_its_exit_status_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["5", "1", "--", "python3", "-c", "raise SystemExit(3)"]) == 0
+def test_a_traced_command_runs_and_its_exit_status_is_printed(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def until_it_exits(seconds: int, proc: subprocess.Popen[bytes] | None) -> list[float]:
+        assert seconds == 5 and proc is not None
+        proc.wait()  # the real sampler polls it once a second; here no second passes
+        return [0.5, 1.0]
+
+    monkeypatch.setattr(cpu_trace, "sample", until_it_exits)
+    monkeypatch.setattr("psutil.cpu_count", lambda *args, **kwargs: 2)
+    assert cpu_trace.main(["5", "1", "--", sys.executable, "-c", "raise SystemExit(3)"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[-1] == "command: exit status 3"
-    assert "total:" in out
+    assert "total: 1.0 of 4 core-s idle over 2 s" in out
 
 
-def test_without_seconds_it_prints_its_usage(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 2
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["ten"], ["60", "0"], ["60", "x", "--", "true"], ["60", "10", "3"]],
+)
+def test_arguments_that_are_not_positive_whole_seconds_print_the_usage(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cpu_trace.main(argv) == 2
     assert "python -m benchmarks.cpu_trace" in capsys.readouterr().err
+
+
+def test_a_command_that_does_not_exist_is_said_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cpu_trace.main(["5", "--", "/nonexistent/cxr-no-such-command"]) == 2
+    assert "cannot start '/nonexistent/cxr-no-such-command'" in capsys.readouterr().err

@@ -112,7 +112,7 @@ def test_a_promotion_written_while_the_gateway_reads_the_files_is_seen_at_the_ne
     assert router.table.version("production") == "4" and router.table.canary_weight == 0
 
 
-def test_an_unreadable_stage_file_keeps_the_last_entry_and_is_read_again(tmp_path: Path) -> None:
+def test_an_invalid_stage_file_keeps_the_last_entry_and_is_read_again(tmp_path: Path) -> None:
     write_stage_files(tmp_path, production="3")
     router = _router(tmp_path)
     production = tmp_path / "k8s" / "overlays" / "production" / "model.yaml"
@@ -123,6 +123,23 @@ def test_an_unreadable_stage_file_keeps_the_last_entry_and_is_read_again(tmp_pat
     write_stage_files(tmp_path, production="5")
     assert router.maybe_reload()
     assert router.table.version("production") == "5"
+
+
+@pytest.mark.parametrize("damage", ["not utf-8", "a folder"])
+def test_a_stage_file_that_cannot_be_read_keeps_the_gateway_serving(tmp_path: Path, damage: str) -> None:
+    """Bytes that are not UTF-8, or a folder where the file belongs: a warning, not a failed request."""
+    write_stage_files(tmp_path, production="3", canary="4", weight=10)
+    router = _router(tmp_path)
+    canary = tmp_path / "k8s" / "overlays" / "canary" / "model.yaml"
+    canary.unlink()
+    if damage == "not utf-8":
+        canary.write_bytes(b"stage: canary\nmodel_version: '\xff\xfe'\n")
+    else:
+        canary.mkdir()
+    assert router.maybe_reload()
+    assert router.table.version("canary") == "4" and router.table.canary_weight == 10
+    assert not router.maybe_reload()  # the same error is the same stamp: not parsed again
+    assert Router(tmp_path).table.version("production") == "3"  # a gateway still starts
 
 
 def test_bucket_is_uniform_over_0_to_99() -> None:
