@@ -236,7 +236,6 @@ def reconcile_stage(
     url = triton_url or ctx.triton_url(stage)
     if url is None:
         raise ReconcileError(f"no Triton address for stage {stage}; set CXR_TRITON_{stage.upper()}_URL")
-    applied = _applied_file(ctx, stage, url)
     lock = stage_lock_path(ctx, stage)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +244,6 @@ def reconcile_stage(
                 ctx,
                 stage,
                 url,
-                applied,
                 registry=registry,
                 repo_dir=repo_dir,
                 force=force,
@@ -265,7 +263,6 @@ def _reconcile_locked(
     ctx: DeliveryContext,
     stage: Stage,
     url: str,
-    applied: Path,
     *,
     registry: ModelRegistry | None,
     repo_dir: Path | None,
@@ -323,7 +320,7 @@ def _reconcile_locked(
         ) from exc
     finally:
         admin.close()
-    applied.write_text(
+    _applied_file(ctx, stage, url).write_text(  # beside the stage's lock: its folder exists
         json.dumps({"stage": stage, "model_version": wanted.model_version, "variant": wanted.variant})
     )
     seconds = time.monotonic() - start

@@ -111,13 +111,14 @@ class Router:
         stages: dict[Stage, StageModel] = {}
         for stage, text in texts.items():
             entry = self.table.stages.get(stage)
-            try:
-                if isinstance(text, _Unreadable):
-                    raise StageFileError(text.error)
-                source = str(stage_file_path(self.gitops_dir, stage))
-                entry = _stage_model(stage_file_from_text(text, stage, source))
-            except StageFileError as exc:
-                log.warning("routing_file_unreadable stage=%s error=%s", stage, exc)
+            if isinstance(text, _Unreadable):
+                log.warning("routing_file_unreadable stage=%s error=%s", stage, text.error)
+            else:
+                try:
+                    source = str(stage_file_path(self.gitops_dir, stage))
+                    entry = _stage_model(stage_file_from_text(text, stage, source))
+                except StageFileError as exc:
+                    log.warning("routing_file_unreadable stage=%s error=%s", stage, exc)
             if entry is not None:
                 stages[stage] = entry
         self.table = RoutingTable(stages=stages)
