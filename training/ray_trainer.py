@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 AUDIT_PATTERN = "rank_{rank}.json"
 PROGRESS_QUEUE = "progress_queue"  # the train loop's config key of the driver's epoch queue
+#: the train loop's config key of a prelaunched run's inputs (training/prelaunch.py): the workers
+#: start, import and join the process group, then wait there for the rest of their config
+RUN_INPUTS = "run_inputs"
+#: what the driver sends instead of inputs when the run it prelaunched will not train after all
+RUN_CANCELLED = "cancelled"
+#: how long a prelaunched worker waits for its inputs (the data steps before train take minutes)
+RUN_INPUTS_TIMEOUT_S = 3600.0
 # the numbers of an epoch worth a progress line (Ray metric name -> field of the train_epoch event)
 EPOCH_FIELDS = {
     "train/box_loss": "box_loss",
@@ -356,6 +363,47 @@ def _node_local_inputs(cfg: dict[str, Any], save_dir: Path) -> dict[str, str]:
     return updates
 
 
+class RunInputs:
+    """A zero-CPU actor holding a prelaunched run's inputs: every rank, and a rank Ray restarts, reads them.
+
+    Not a queue: a queue hands each item to one reader, and a worker group restarted after a
+    failure must read the same inputs again.
+    """
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._given = asyncio.Event()
+        self._inputs: dict[str, Any] = {}
+
+    async def get(self) -> dict[str, Any]:
+        await self._given.wait()
+        return self._inputs
+
+    def put(self, inputs: dict[str, Any]) -> None:
+        self._inputs = inputs
+        self._given.set()
+
+
+def await_run_inputs(cfg: dict[str, Any], rank: int) -> dict[str, Any] | None:
+    """``cfg`` with a prelaunched run's inputs merged in, once the driver sends them; None: cancelled.
+
+    A config without :data:`RUN_INPUTS` (every run but a prelaunched one) is returned as it is.
+    """
+    handle = cfg.get(RUN_INPUTS)
+    if handle is None:
+        return cfg
+    import ray
+
+    started = time.perf_counter()
+    inputs: dict[str, Any] = ray.get(handle.get.remote(), timeout=RUN_INPUTS_TIMEOUT_S)
+    if RUN_CANCELLED in inputs:
+        log.info("event=prelaunch_cancelled rank=%d reason=%s", rank, inputs[RUN_CANCELLED])
+        return None
+    log.info("event=prelaunch_inputs rank=%d waited_s=%.1f", rank, time.perf_counter() - started)
+    return {**cfg, **inputs}
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """One Ray Train worker = one DDP rank running ultralytics' trainer."""
     import ray.train
@@ -371,6 +419,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from training.ultralytics_ddp import RayDetectionTrainer, bind_ultralytics_rank
 
     bind_ultralytics_rank(rank, local_rank, world_size)
+    # a prelaunched run (training/prelaunch.py) gets its dataset, MLflow run and recipe only now
+    awaited = await_run_inputs(cfg, rank)
+    if awaited is None:
+        return
+    cfg = awaited
     torch.set_num_threads(int(cfg["torch_threads"]))
     device = ray.train.torch.get_device() if cfg["use_gpu"] else torch.device("cpu")
 
@@ -455,7 +508,7 @@ def _hook_path(hook: Callable[[], None]) -> str:
     return f"{hook.__module__}.{hook.__qualname__}"
 
 
-def _ray_init(settings: TrainSettings, cpus_needed: float) -> bool:
+def ray_init(settings: TrainSettings, cpus_needed: float) -> bool:
     """Start (or join) Ray; returns whether this call started it and must shut it down."""
     import ray
 
@@ -489,9 +542,41 @@ def ray_storage(config: TrainConfig, settings: TrainSettings) -> RayStorage:
     return RayStorage(path, s3_filesystem(settings), "s3://")
 
 
-def make_trainer(
+def run_loop_inputs(
     config: TrainConfig,
     dataset: DatasetRef,
+    *,
+    run_name: str,
+    settings: TrainSettings,
+    mlflow_run_id: str = "",
+    base_weights: Path | None = None,
+) -> dict[str, Any]:
+    """What the train loop needs of one run: recipe, dataset, run folder and MLflow run (picklable)."""
+    scaling = config.scaling
+    work_dir = (settings.work_dir / run_name).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    overrides = config.ultralytics_overrides()
+    if base_weights is not None:
+        overrides["pretrained"] = str(base_weights)
+    return {
+        "overrides": overrides,
+        "data_yaml": str(dataset.data_yaml.resolve()),
+        "dataset_version": dataset.version,
+        "base_model_version": config.base_model_version or "",
+        "work_dir": str(work_dir),
+        "mlflow_uri": settings.mlflow_uri,
+        "mlflow_run_id": mlflow_run_id,
+        "torch_threads": scaling.torch_threads,
+        "channels_last": scaling.channels_last,
+        "fused_optimizer": scaling.fused_optimizer,
+        "checkpoint": config.checkpoint.model_dump(),
+        "use_gpu": scaling.use_gpu,
+    }
+
+
+def make_trainer(
+    config: TrainConfig,
+    dataset: DatasetRef | None,
     *,
     run_name: str,
     settings: TrainSettings,
@@ -505,6 +590,8 @@ def make_trainer(
 
     A Tune trial passes Tune's report callback in ``callbacks``, and a ``train_loop`` that wraps
     :func:`train_loop_per_worker` with ``loop_extras`` of its own (see :mod:`training.tune`).
+    Without a ``dataset`` the run is prelaunched (:mod:`training.prelaunch`): its workers wait for
+    :func:`run_loop_inputs` from the :class:`RunInputs` actor that ``loop_extras`` names.
     """
     from ray.train import CheckpointConfig as RayCheckpointConfig
     from ray.train import FailureConfig, RunConfig
@@ -513,24 +600,22 @@ def make_trainer(
 
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # pyarrow must never probe cloud metadata
     scaling = config.scaling
-    work_dir = (settings.work_dir / run_name).resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    overrides = config.ultralytics_overrides()
-    if base_weights is not None:
-        overrides["pretrained"] = str(base_weights)
+    inputs = (
+        {}  # prelaunched: the inputs come later, through ``loop_extras``' RUN_INPUTS
+        if dataset is None
+        else run_loop_inputs(
+            config,
+            dataset,
+            run_name=run_name,
+            settings=settings,
+            mlflow_run_id=mlflow_run_id,
+            base_weights=base_weights,
+        )
+    )
     loop_config = {
-        "overrides": overrides,
-        "data_yaml": str(dataset.data_yaml.resolve()),
-        "dataset_version": dataset.version,
-        "base_model_version": config.base_model_version or "",
-        "work_dir": str(work_dir),
-        "mlflow_uri": settings.mlflow_uri,
-        "mlflow_run_id": mlflow_run_id,
         "torch_threads": scaling.torch_threads,
-        "channels_last": scaling.channels_last,
-        "fused_optimizer": scaling.fused_optimizer,
-        "checkpoint": config.checkpoint.model_dump(),
         "use_gpu": scaling.use_gpu,
+        **inputs,
         **(loop_extras or {}),
     }
     resources = {"CPU": scaling.cpus_per_worker}
@@ -571,7 +656,7 @@ def fit_distributed(
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # before Ray starts: its workers inherit it
     scaling = config.scaling
     work_dir = (settings.work_dir / run_name).resolve()
-    started = _ray_init(settings, scaling.cpus_per_worker * scaling.num_workers)
+    started = ray_init(settings, scaling.cpus_per_worker * scaling.num_workers)
     t0 = time.perf_counter()
     try:
         with epoch_progress(run_name, config.epochs, scaling.num_workers) as queue:
@@ -597,22 +682,35 @@ def fit_distributed(
                 raise DistributedTrainingError(
                     f"Ray Train run {run_name} failed (max_failures={config.checkpoint.max_failures}): {exc}"
                 ) from exc
-        if result.checkpoint is None:
-            raise DistributedTrainingError(f"Ray Train run {run_name} finished without a checkpoint")
-        local = work_dir / "final_checkpoint"
-        if local.exists():
-            shutil.rmtree(local)
-        result.checkpoint.to_directory(str(local))
+        local = final_checkpoint(result, work_dir, run_name)
     finally:
         if started:
             ray.shutdown()
+    return distributed_run(run_name, local, storage, result, scaling.num_workers, time.perf_counter() - t0)
+
+
+def final_checkpoint(result: Any, work_dir: Path, run_name: str) -> Path:
+    """The fit's last checkpoint, copied from Ray's storage into ``<work_dir>/final_checkpoint``."""
+    if result.checkpoint is None:
+        raise DistributedTrainingError(f"Ray Train run {run_name} finished without a checkpoint")
+    local = work_dir / "final_checkpoint"
+    if local.exists():
+        shutil.rmtree(local)
+    result.checkpoint.to_directory(str(local))
+    return local
+
+
+def distributed_run(
+    run_name: str, local: Path, storage: RayStorage, result: Any, world_size: int, seconds: float
+) -> DistributedRun:
+    """The driver's summary of a finished fit, read from the checkpoint's state file."""
     state = json.loads((local / STATE_FILE).read_text())
     return DistributedRun(
         run_name=run_name,
         checkpoint_dir=local,
         checkpoint_uri=storage.uri(run_name, Path(result.checkpoint.path).name),
         epochs_completed=int(state["epoch"]) + 1,
-        world_size=scaling.num_workers,
+        world_size=world_size,
         metrics={k: float(v) for k, v in state.get("metrics", {}).items()},
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
     )

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from training.operating_points import (
     write_operating_points,
 )
 from training.predictors import OrtPredictor, TorchPredictor
+from training.prelaunch import PrelaunchedFit, make_run_name
 from training.ray_trainer import DistributedRun, fit_distributed
 from training.registry import LineageTags, download_weights, follow_base_architecture, register_version
 from training.subgroups import run_metrics as subgroup_run_metrics
@@ -61,11 +60,6 @@ class TrainOutcome:
     results_csv: Path | None = None
     eval_report: EvalReport | None = None
     extra: dict[str, str] = field(default_factory=dict)
-
-
-def make_run_name(config: TrainConfig) -> str:
-    """Unique, sortable, and the same string for Ray and MLflow."""
-    return f"{config.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 
 def _plot_results(csv: Path, out_dir: Path) -> None:
@@ -143,12 +137,20 @@ class _Results:
 
 
 def _fit(
-    config: TrainConfig, data: DatasetRef, run_name: str, settings: TrainSettings, run_id: str, out: Path
+    config: TrainConfig,
+    data: DatasetRef,
+    run_name: str,
+    settings: TrainSettings,
+    run_id: str,
+    out: Path,
+    prelaunched: PrelaunchedFit | None = None,
 ) -> DistributedRun:
     """Fetch the base model's weights when fine-tuning, then train with Ray, epochs logged to ``run_id``."""
     base = None
     if config.base_model_version:
         base = download_weights(config.base_model_version, out / "base", settings)
+    if prelaunched is not None:
+        return prelaunched.run(config, data, mlflow_run_id=run_id, base_weights=base)
     return fit_distributed(
         config,
         data,
@@ -348,14 +350,19 @@ def train_and_register(
     workers: int | None = None,
     *,
     settings: TrainSettings | None = None,
+    prelaunched: PrelaunchedFit | None = None,
 ) -> TrainOutcome:
-    """Train ``config`` (with ``workers`` Ray workers if given) on ``dataset`` and register the result."""
+    """Train ``config`` (with ``workers`` Ray workers if given) on ``dataset`` and register the result.
+
+    With ``prelaunched`` (:func:`prelaunch`) the run trains on the workers already started, under
+    their run name; the caller cancels them if this fails before training.
+    """
     settings = settings or TrainSettings()
     # [1] the job: recipe (with the workers override), dataset, one run name for Ray and MLflow
     if workers is not None:
         config = config.with_workers(workers)
     ref = dataset_ref(config.dataset, dataset)
-    run_name = make_run_name(config)
+    run_name = prelaunched.run_name if prelaunched is not None else make_run_name(config)
     out = (settings.work_dir / run_name).resolve()
     data = resolve_dataset(ref, out, settings.dataset_cache)
     check_test_split(data, settings.min_test_images)
@@ -368,7 +375,7 @@ def train_and_register(
         with reporting() as progress:  # the command's reporter: epochs as a bar, then each stage
             report_link = _log_dataset_report(tracker, data, settings)
             # [3] train with Ray (the epoch bar), then evaluate, export with parity, quantize and plot
-            dist = _fit(config, data, run_name, settings, tracker.run_id, out)
+            dist = _fit(config, data, run_name, settings, tracker.run_id, out, prelaunched)
             label = "evaluate on test, export ONNX with parity, operating points"
             with progress.task("train_stage", label, spinner=False, stage="check", run=run_name) as check:
                 results = _check_trained(config, data, dist, out)

@@ -317,10 +317,10 @@ def _run_tuner(
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from training.ray_trainer import _ray_init
+    from training.ray_trainer import ray_init
 
     scaling = job.recipe.scaling
-    started = _ray_init(job.settings, scaling.cpus_per_worker * scaling.num_workers)
+    started = ray_init(job.settings, scaling.cpus_per_worker * scaling.num_workers)
     registry = _placement_registry(job.registry)
     try:
         concurrent = max_concurrent_trials(job.recipe, trials, ray.cluster_resources())

@@ -34,6 +34,13 @@ class WorkflowSettings(CoreSettings):
         default="production",
         description="fine-tune from: 'production' (that stage's version, if any), 'none', or a version",
     )
+    prelaunch_training: bool = Field(
+        default=True,
+        description=(
+            "the local runner starts the train step's Ray workers at the start of a run, beside the data "
+            "steps, where Ray is local (training/prelaunch.py); false: they start in the train step"
+        ),
+    )
     feedback_threshold: int = Field(
         default=50, ge=1, description="feedback items since the last dataset version that trigger a retrain"
     )

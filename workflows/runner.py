@@ -85,6 +85,7 @@ class _StepActions:
         self.store = store
         self.summary = summary
         self.state: dict[str, Any] = {}
+        self.prelaunched: Any = None  # training.prelaunch.PrelaunchedFit, started by prelaunch()
 
     def by_name(self) -> dict[str, Callable[[], str]]:
         """Each step of :data:`STEP_ORDER` and the action that runs it."""
@@ -127,6 +128,22 @@ class _StepActions:
         self.summary.dataset_version, self.summary.n_images = result.version, result.n_images
         return f"version {result.version[:12]} ({result.n_images} images)"
 
+    def prelaunch(self) -> None:
+        """Start the train step's Ray workers now, so their start overlaps the data steps (one machine)."""
+        options = self.options
+        self.prelaunched = steps.prelaunch_train(
+            options.training_config,
+            base_model=options.base_model,
+            epochs=options.epochs,
+            workers=options.workers,
+            settings=self.settings,
+        )
+
+    def close(self) -> None:
+        """Cancel prelaunched workers the run did not train on (a step before train failed)."""
+        if self.prelaunched is not None:
+            self.prelaunched.cancel(f"the run ended at step {self.summary.failed_step or 'none'}")
+
     def train(self) -> str:
         """Train, and save the hand-off record where the cluster's evaluate step would look for it."""
         options, summary = self.options, self.summary
@@ -138,6 +155,7 @@ class _StepActions:
             workers=options.workers,
             run_name=options.run_name,
             settings=self.settings,
+            prelaunched=self.prelaunched,
         )
         steps.save_handoff(self.store, self.settings, options.run_name, "train", trained)
         self.state["trained"] = trained
@@ -234,15 +252,23 @@ def run_pipeline(
     summary = PipelineSummary(run_name=options.run_name, steps=[StepRecord(name=n) for n in STEP_ORDER])
     records = {r.name: r for r in summary.steps}
     # [1] one action per DAG step, sharing the run's hand-offs in memory
-    actions = _StepActions(options, settings, store, summary).by_name()
+    step_actions = _StepActions(options, settings, store, summary)
+    actions = step_actions.by_name()
     options.work_dir.mkdir(parents=True, exist_ok=True)
-    # [2] the steps in the DAG's order; the first failure ends the run
+    # [2] the steps in the DAG's order; the first failure ends the run. The train step's Ray
+    # workers start first, beside the data steps (training/prelaunch.py), when the run trains
+    # with a Ray of its own and the settings allow it
     with reporting(console) as progress:
-        for index, name in enumerate(STEP_ORDER, start=1):
-            record = records[name]
-            _run_step(index, record, actions[name], summary, progress)
-            if record.status == "failed":
-                break
+        if settings.prelaunch_training:
+            step_actions.prelaunch()
+        try:
+            for index, name in enumerate(STEP_ORDER, start=1):
+                record = records[name]
+                _run_step(index, record, actions[name], summary, progress)
+                if record.status == "failed":
+                    break
+        finally:
+            step_actions.close()
     # [3] the outcome, also written beside the run's files
     summary.succeeded = summary.failed_step is None
     (options.work_dir / "summary.json").write_text(summary.model_dump_json(indent=2))

@@ -34,6 +34,8 @@ from workflows.errors import HandoffMissing, PipelineError, SourceNotFound, Step
 
 if TYPE_CHECKING:
     from data_pipeline.store import ObjectStore
+    from training.config import TrainConfig
+    from training.prelaunch import PrelaunchedFit
     from training.registry import VersionFacts
 
 log = logging.getLogger(__name__)
@@ -390,6 +392,39 @@ def resolve_base_model(base_model: str, gitops_dir: Path) -> str | None:
     return choice
 
 
+def train_config(
+    config_path: Path, *, base_model: str, epochs: int, settings: WorkflowSettings
+) -> TrainConfig:
+    """The train step's recipe: the config file, the base model to fine-tune, the epochs override (>0)."""
+    from training.config import load_config
+
+    base_version = resolve_base_model(base_model, settings.gitops_dir)
+    config = load_config(Path(config_path))
+    updates: dict[str, Any] = {"base_model_version": base_version}
+    if epochs > 0:
+        updates["epochs"] = epochs
+    return config.model_copy(update=updates)
+
+
+def prelaunch_train(
+    config_path: Path, *, base_model: str, epochs: int, workers: int, settings: WorkflowSettings
+) -> PrelaunchedFit | None:
+    """Start the train step's Ray workers now, beside the data steps (None where Ray is not local).
+
+    The local runner's overlap (training/prelaunch.py says why); a recipe that cannot be read
+    is left for the train step to report.
+    """
+    from training.errors import TrainingError
+    from training.prelaunch import prelaunch
+
+    try:
+        config = train_config(config_path, base_model=base_model, epochs=epochs, settings=settings)
+        return prelaunch(config, workers)
+    except (TrainingError, PipelineError) as exc:
+        log.info("event=prelaunch_skipped reason=%s", exc)
+        return None
+
+
 def train(
     dataset_version: str,
     *,
@@ -399,24 +434,22 @@ def train(
     workers: int,
     run_name: str,
     settings: WorkflowSettings,
+    prelaunched: PrelaunchedFit | None = None,
 ) -> TrainResult:
     """Train under Ray Train on ``dataset_version`` (fine-tuning ``base_model``); log and register in MLflow.
+
+    ``prelaunched``: the workers :func:`prelaunch_train` started at the beginning of a local run.
 
     ``training.run.train_and_register`` keeps evaluation, ONNX export + parity
     and registration in the same process as training because export and parity
     need the trained weights in memory; the later steps read and check each of
     those results on their own, so a failure names the step that broke.
     """
-    from training.config import load_config
     from training.errors import TrainingError
     from training.run import train_and_register
 
-    base_version = resolve_base_model(base_model, settings.gitops_dir)
-    config = load_config(Path(config_path))
-    updates: dict[str, Any] = {"base_model_version": base_version}
-    if epochs > 0:
-        updates["epochs"] = epochs
-    config = config.model_copy(update=updates)
+    config = train_config(config_path, base_model=base_model, epochs=epochs, settings=settings)
+    base_version = config.base_model_version
     log.info(
         "event=train_start run=%s dataset=%s base_model=%s epochs=%d workers=%d",
         run_name,
@@ -426,7 +459,7 @@ def train(
         workers,
     )
     try:
-        outcome = train_and_register(config, dataset_version, workers)
+        outcome = train_and_register(config, dataset_version, workers, prelaunched=prelaunched)
     except TrainingError as exc:
         raise StepFailed("train", str(exc)) from exc
     metrics = {k: float(v) for k, v in dict(outcome.metrics).items() if isinstance(v, int | float)}

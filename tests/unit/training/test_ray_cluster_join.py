@@ -83,7 +83,7 @@ def test_inside_a_ray_job_it_joins_the_cluster_without_resource_arguments(
     monkeypatch: pytest.MonkeyPatch, captured_init: list[dict[str, Any]]
 ) -> None:
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # what Ray sets for a job's entrypoint
-    assert ray_trainer._ray_init(TrainSettings(), cpus_needed=8.0) is True
+    assert ray_trainer.ray_init(TrainSettings(), cpus_needed=8.0) is True
     assert captured_init == [{"address": "auto", "log_to_driver": True}]
     # Ray refuses these when joining a cluster (ValueError), whatever their value
     forbidden = {"num_cpus", "num_gpus", "resources", "object_store_memory", "labels"}
@@ -95,12 +95,12 @@ def test_cxr_ray_address_names_the_cluster_and_wins(
 ) -> None:
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
     monkeypatch.setenv("CXR_RAY_ADDRESS", "ray://ray-head:10001")
-    ray_trainer._ray_init(TrainSettings(), cpus_needed=8.0)
+    ray_trainer.ray_init(TrainSettings(), cpus_needed=8.0)
     assert captured_init == [{"address": "ray://ray-head:10001", "log_to_driver": True}]
 
 
 def test_without_an_address_the_local_start_is_unchanged(captured_init: list[dict[str, Any]]) -> None:
-    ray_trainer._ray_init(TrainSettings(), cpus_needed=1.0)
+    ray_trainer.ray_init(TrainSettings(), cpus_needed=1.0)
     (kwargs,) = captured_init
     assert kwargs["num_cpus"] == max(1, os.cpu_count() or 1) and "address" not in kwargs
 

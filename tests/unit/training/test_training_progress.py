@@ -216,7 +216,7 @@ def test_fit_distributed_moves_the_bar_with_each_epoch_rank_0_sends(
         return Trainer(loop_extras), ray_trainer.RayStorage(str(tmp_path / "ckpt"), None, "file://")
 
     monkeypatch.setattr(ray.util.queue, "Queue", make_queue)
-    monkeypatch.setattr(ray_trainer, "_ray_init", lambda settings, cpus: False)
+    monkeypatch.setattr(ray_trainer, "ray_init", lambda settings, cpus: False)
     monkeypatch.setattr(ray_trainer, "make_trainer", make_trainer)
     monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
     out = io.StringIO()
