@@ -5,6 +5,7 @@ registered model with lineage -> promotion commit to staging. Tiny sizes keep it
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import shutil
 import subprocess
@@ -87,7 +88,7 @@ def pipeline_env(
 
 
 def test_local_run_goes_from_synthetic_dicoms_to_a_staging_promotion(
-    pipeline_env: dict[str, Any], tmp_path: Path
+    pipeline_env: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from core.stage_file import read_stage_file
     from data_pipeline.versioning import latest_version
@@ -133,12 +134,16 @@ def test_local_run_goes_from_synthetic_dicoms_to_a_staging_promotion(
         work_dir=tmp_path / "work",
     )
     console = Console(record=True, width=140)
+    caplog.set_level(logging.INFO)
     summary = run_pipeline(options, WorkflowSettings(), store=pipeline_env["store"], console=console)
     console.print(summary_table(summary))
     shown = console.export_text()
 
     assert summary.succeeded, f"{summary.failed_step}: {summary.error}\n{shown}"
     assert [s.status for s in summary.steps] == ["ok"] * 8
+    # the train step trained on the Ray workers started beside the data steps (training/prelaunch.py)
+    assert "event=prelaunch_start" in caplog.text and "prelaunched=1" in caplog.text
+    assert "prelaunch_cancelled" not in caplog.text
     # the dataset version is the one published, and the model carries it as lineage
     assert summary.dataset_version == latest_version(pipeline_env["store"])
     assert summary.base_model_version is None
@@ -166,3 +171,43 @@ def test_local_run_goes_from_synthetic_dicoms_to_a_staging_promotion(
         assert needle in shown
     saved = json.loads((options.work_dir / "summary.json").read_text())
     assert saved["model_version"] == summary.model_version and saved["promoted"] is True
+
+
+def test_a_run_that_fails_before_training_ends_its_prelaunched_ray_workers(
+    pipeline_env: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """validate fails (an annotated image has no file): the workers started at the run's start never
+    train, and the Ray the run started is shut down, so nothing of it outlives the command."""
+    import ray
+
+    from workflows.runner import RunOptions, run_pipeline
+
+    source = tmp_path / "broken"
+    (source / "dicom").mkdir(parents=True)
+    (source / "dicom" / "a.dicom").write_bytes(b"DICM")
+    (source / "annotations.csv").write_text(
+        "image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max\n"
+        "a,No finding,14,R1,,,,\nb,No finding,14,R1,,,,\n"
+    )
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_TRAINING))
+    options = RunOptions(
+        source=str(source),
+        training_config=config,
+        base_model="none",
+        epochs=0,
+        workers=1,
+        include_feedback=False,
+        promote=False,
+        run_name="it-broken",
+        work_dir=tmp_path / "work",
+    )
+    caplog.set_level(logging.INFO)
+    summary = run_pipeline(
+        options, WorkflowSettings(), store=pipeline_env["store"], console=Console(width=140)
+    )
+    assert summary.failed_step == "validate" and "no file" in (summary.error or "")
+    assert "event=prelaunch_start" in caplog.text
+    assert "event=prelaunch_cancelled" in caplog.text and "the run ended at step validate" in caplog.text
+    assert not ray.is_initialized()
+    assert not list((tmp_path / "stack").glob("training/*/rank0/weights"))  # nothing trained

@@ -127,6 +127,9 @@ def test_run_stops_at_the_failing_step_and_says_which_and_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
+    monkeypatch.setenv(
+        "CXR_PRELAUNCH_TRAINING", "false"
+    )  # no Ray here: tests/unit/workflows/test_runner_prelaunch.py
     work = tmp_path / "work"
     result = CliRunner().invoke(
         app, ["run", "--source", str(tmp_path / "nowhere"), "--no-feedback", "--work-dir", str(work)]
