@@ -11,6 +11,7 @@ all splits (:func:`golden_patients`), so nothing leaks into training by patient.
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,6 +121,24 @@ def golden_patients(dataset_dir: Path) -> frozenset[str]:
     return frozenset(
         str(meta["patient"]) for meta in (manifest.get("images") or {}).values() if meta.get("patient")
     )
+
+
+def wait_for_pin(gitops_dir: Path, timeout_s: float, poll_s: float = 0.2) -> GoldenPin:
+    """The golden pin, waiting up to ``timeout_s`` for a build running beside this one to commit it.
+
+    The first ``make up`` builds its golden set and its first training dataset side by side
+    (stack/bootstrap.py): the training build needs the golden patients only to split, so it
+    decodes and fuses meanwhile and waits here.
+    """
+    deadline = time.monotonic() + timeout_s
+    while (pin := read_pin(gitops_dir)) is None:
+        if time.monotonic() >= deadline:
+            raise GoldenError(
+                f"no golden set was pinned in {pin_path(gitops_dir)} within {timeout_s:.0f} s; its patients "
+                "must be kept out of this dataset: build it first (`cxr data golden build`)"
+            )
+        time.sleep(poll_s)
+    return pin
 
 
 def held_out_patients(settings: DataSettings, store: ObjectStore | None) -> frozenset[str]:

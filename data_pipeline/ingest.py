@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def build_dataset(
     feedback: bool = True,
     console: Console | None = None,
     golden: bool = False,
-    exclude_patients: frozenset[str] = frozenset(),
+    exclude_patients: frozenset[str] | Callable[[], frozenset[str]] = frozenset(),
     cache_dir: Path | None = None,
 ) -> DatasetBuild:
     """Turn a VinDr-layout folder (+ feedback from S3) into ``<out_dir>/<version>/`` and publish it.
@@ -111,7 +112,8 @@ def build_dataset(
     ``feedback``) and the version is uploaded to ``datasets/<version>/``.
     ``golden``: every image goes to the test split (an evaluation-only set, data_pipeline/golden.py).
     ``exclude_patients``: images of these (salted) patients enter no split: the golden set's
-    patients, so no model ever trains or is tuned on them.
+    patients, so no model ever trains or is tuned on them. A callable is called only when the
+    split needs them, after decoding and fusion (a golden set still being built can finish meanwhile).
     ``cache_dir``: a published version is also placed in this fetch cache (hard links,
     :func:`~data_pipeline.versioning.seed_cache`), so fetching it next on this machine reads no store.
     """
@@ -137,7 +139,8 @@ def build_dataset(
         unannotated = sorted(set(images) - annotated)
         report = _quality(settings, decoded.results, decoded.ok, fused, decoded.sizes, table, unannotated)
         keep, fused = _usable_images(decoded, report, fused, dicom_dir)
-        keep, fused, held_out = _without_patients(keep, fused, decoded.ok, exclude_patients, dicom_dir)
+        excluded = exclude_patients() if callable(exclude_patients) else exclude_patients
+        keep, fused, held_out = _without_patients(keep, fused, decoded.ok, excluded, dicom_dir)
         # [5] split by patient, move images + labels into their split, derive the content version
         split = {i: "test" for i in keep} if golden else _split(keep, fused, decoded.ok, report, settings)
         entries, image_meta = _write_split(staging, all_dir, keep, split, fused, decoded.ok)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,6 +44,10 @@ PHANTOM_SIZE = 512
 GOLDEN_IMAGES = 100  # CXR_GOLDEN_MIN_IMAGES' default: the smallest set that tells two models apart
 GOLDEN_SEED = 7  # not the training phantoms' seed: other patients, other images
 REASON = "bootstrap: first model of a new one-machine stack (no production model or canary traffic yet)"
+#: how long the first training dataset's split may wait for the golden set built beside it
+GOLDEN_WAIT_S = 600
+#: how long an interrupted ``cxr`` sub-process may take to clean up (a cancelled Ray's start and stop)
+INTERRUPT_WAIT_S = 180
 
 
 class BootstrapFailed(RuntimeError):
@@ -77,6 +82,60 @@ def _cxr(settings: StackSettings, step: str, *args: str, log: Path | None = None
         if result.returncode != 0:
             task.done("failed", exit_code=result.returncode)
             raise _failed(step, result.returncode, args)
+
+
+def _wait_golden(golden: Future[None], log: Path) -> BaseException | None:
+    """Wait, on screen, for the golden set built beside the phantoms; its error, or None."""
+    label = f"bootstrap golden set (built beside the phantoms; output in {log})"
+    with (
+        reporting() as progress,
+        progress.task("bootstrap_step", label, spinner=False, step="golden") as task,
+    ):
+        error = golden.exception()
+        if error is not None:
+            task.done("failed")
+    return error
+
+
+def _run_pipeline_beside(
+    settings: StackSettings, args: tuple[str, ...], wait_golden: Callable[[], BaseException | None]
+) -> None:
+    """``cxr pipeline run`` started now, while ``wait_golden`` waits for the golden set it needs at its split.
+
+    A golden set that fails interrupts the pipeline (SIGINT: it cancels its prelaunched Ray
+    workers and ends, training/prelaunch.py) and its error is raised; so is a pipeline that fails.
+    """
+    command = [str(settings.python), "-m", "cxr.cli", *args]
+    label = f"bootstrap pipeline: cxr {' '.join(args[:2])}"
+    with (
+        reporting() as progress,
+        progress.task("bootstrap_step", label, spinner=False, step="pipeline") as task,
+    ):
+        pipeline = subprocess.Popen(command, env=_env(settings))
+        try:
+            golden_error = wait_golden()
+        except BaseException:
+            _interrupt(pipeline)
+            raise
+        if golden_error is not None:
+            _interrupt(pipeline)
+            task.done("failed", exit_code=pipeline.returncode)
+            raise golden_error
+        code = pipeline.wait()
+        if code != 0:
+            task.done("failed", exit_code=code)
+            raise _failed("pipeline", code, args)
+
+
+def _interrupt(process: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C for a ``cxr`` sub-process (it cleans up: a prelaunched Ray is shut down), then kill it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=INTERRUPT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _failed(step: str, code: int, args: tuple[str, ...], where: str = "") -> BootstrapFailed:
@@ -118,31 +177,8 @@ def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> st
     work = settings.state / "bootstrap"
     synth = work / "synth"
     golden_log = work / "golden.log"
-    # The golden set and the training phantoms are independent until the training ingest, which
-    # needs the golden pin. Side by side on two cores, each fills the other's idle moments (process
-    # starts, the single-threaded report, the upload, the pin commit): docs/benchmarks.md.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bootstrap-golden") as pool:
-        golden = pool.submit(ensure_golden_set, settings, env, work, golden_log)
-        synth_error: BaseException | None = None
-        try:
-            _phantoms(settings, "synth", synth, BOOTSTRAP_IMAGES, BOOTSTRAP_SEED)
-        except BaseException as exc:  # Ctrl-C included: the golden build is waited for, on screen
-            synth_error = exc
-        label = f"bootstrap golden set (built beside the phantoms; output in {golden_log})"
-        with reporting() as progress, progress.task("bootstrap_step", label, step="golden") as task:
-            golden_error = golden.exception()
-            if golden_error is not None:
-                task.done("failed")
-    if synth_error is not None:
-        if golden_error is not None:
-            synth_error.add_note(f"the golden set failed too: {golden_error}")
-        raise synth_error
-    if golden_error is not None:
-        raise golden_error
     summary_dir = work / "pipeline"
-    _cxr(
-        settings,
-        "pipeline",
+    pipeline_args = (
         "pipeline",
         "run",
         "--source",
@@ -157,7 +193,24 @@ def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> st
         "bootstrap",
         "--work-dir",
         str(summary_dir),
+        "--golden-wait",
+        str(GOLDEN_WAIT_S),
     )
+    # The golden set and the training phantoms are independent until the training dataset's split,
+    # which needs the golden pin. Side by side on two cores, each fills the other's idle moments
+    # (process starts, the single-threaded report, the upload, the pin commit), and the pipeline
+    # starts as soon as its phantoms exist: its Ray workers start, and its data steps decode and
+    # fuse, while the golden set finishes (docs/benchmarks.md).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bootstrap-golden") as pool:
+        golden = pool.submit(ensure_golden_set, settings, env, work, golden_log)
+        try:
+            _phantoms(settings, "synth", synth, BOOTSTRAP_IMAGES, BOOTSTRAP_SEED)
+        except BaseException as exc:  # Ctrl-C included: the golden build is waited for, on screen
+            golden_error = _wait_golden(golden, golden_log)
+            if golden_error is not None:
+                exc.add_note(f"the golden set failed too: {golden_error}")
+            raise
+        _run_pipeline_beside(settings, pipeline_args, lambda: _wait_golden(golden, golden_log))
     summary = json.loads((summary_dir / "summary.json").read_text())
     version = str(summary["model_version"])
     _promote(settings, version)

@@ -42,6 +42,7 @@ from training.ray_trainer import (
     epoch_progress,
     final_checkpoint,
     make_trainer,
+    progress_queue,
     ray_init,
     run_loop_inputs,
 )
@@ -95,6 +96,7 @@ class PrelaunchedFit:
         self.settings = settings
         self._ready = threading.Event()  # set once the inputs actor exists, or the launch failed
         self._inputs: Any = None
+        self._queue: Any = None
         self._storage: RayStorage | None = None
         self._result: Any = None
         self._error: BaseException | None = None
@@ -115,6 +117,7 @@ class PrelaunchedFit:
             scaling = self.config.scaling
             self._started_ray = ray_init(self.settings, scaling.cpus_per_worker * scaling.num_workers)
             self._inputs = ray.remote(num_cpus=0)(RunInputs).remote()
+            self._queue = progress_queue()  # its process starts now too, not when the epochs begin
             trainer, self._storage = make_trainer(
                 self.config,
                 None,
@@ -164,7 +167,7 @@ class PrelaunchedFit:
                 ) from self._error
             t0 = time.perf_counter()
             scaling = config.scaling
-            with epoch_progress(self.run_name, config.epochs, scaling.num_workers) as queue:
+            with epoch_progress(self.run_name, config.epochs, scaling.num_workers, self._queue) as queue:
                 inputs = run_loop_inputs(
                     config,
                     dataset,

@@ -211,20 +211,29 @@ def feed_bar(
         show_epoch(bar, message)
 
 
+def progress_queue() -> Any:
+    """The zero-CPU Ray queue actor rank 0 sends its epochs through; None when Ray refuses one."""
+    from ray.util.queue import Queue
+
+    try:
+        return Queue(actor_options={"num_cpus": 0})
+    except Exception as exc:  # progress is a nicety: train without it
+        log.warning("event=epoch_progress_unavailable error=%s", exc)
+        return None
+
+
 @contextmanager
-def epoch_progress(run_name: str, epochs: int, workers: int) -> Iterator[Any]:
+def epoch_progress(run_name: str, epochs: int, workers: int, queue: Any = None) -> Iterator[Any]:
     """A bar of ``epochs`` on the command's reporter, fed by rank 0 through a Ray queue (yielded).
 
     The queue is a zero-CPU actor of the driver's, so it works the same when the workers run on
     other nodes (the RayJob's GPU pods); without one (a Ray that refuses it) the bar only ends.
+    ``queue``: one made earlier (:func:`progress_queue`, a prelaunched run's), else one is made now.
     """
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Empty
 
-    try:
-        queue: Any = Queue(actor_options={"num_cpus": 0})
-    except Exception as exc:  # progress is a nicety: train without it
-        log.warning("event=epoch_progress_unavailable error=%s", exc)
-        queue = None
+    if queue is None:
+        queue = progress_queue()
 
     stop = threading.Event()
     lost: list[Exception] = []

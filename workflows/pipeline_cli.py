@@ -107,6 +107,15 @@ def run(
     work_dir: Annotated[
         Path | None, typer.Option("--work-dir", help="default: <stack>/pipeline/<run name>")
     ] = None,
+    golden_wait: Annotated[
+        float,
+        typer.Option(
+            "--golden-wait",
+            min=0.0,
+            help="seconds the dataset's split waits for a golden set being built beside this run to be "
+            "pinned (the first `make up` does this); 0: use the pin as it is now",
+        ),
+    ] = 0.0,
 ) -> None:
     """Run every step of the retrain DAG on this machine, in the DAG's order, against the stack."""
     from workflows.run_lock import BUSY_EXIT_CODE, PipelineBusy, pipeline_lock
@@ -125,6 +134,7 @@ def run(
         promote=promote,
         run_name=name,
         work_dir=work_dir or settings.stack_dir / "pipeline" / name,
+        golden_wait_s=golden_wait,
     )
     try:
         with pipeline_lock(settings.stack_dir, name), _errors():

@@ -44,6 +44,8 @@ class RunOptions:
     promote: bool
     run_name: str
     work_dir: Path
+    #: > 0: a golden set is being built beside this run; the dataset's split waits this long for its pin
+    golden_wait_s: float = 0.0
 
 
 class StepRecord(BaseModel):
@@ -124,6 +126,7 @@ class _StepActions:
             include_feedback=self.options.include_feedback,
             store=self.store,
             settings=self.settings,
+            golden_wait_s=self.options.golden_wait_s,
         )
         self.summary.dataset_version, self.summary.n_images = result.version, result.n_images
         return f"version {result.version[:12]} ({result.n_images} images)"

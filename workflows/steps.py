@@ -337,16 +337,24 @@ def build_dataset(
     include_feedback: bool,
     store: ObjectStore,
     settings: WorkflowSettings,
+    golden_wait_s: float = 0.0,
 ) -> DatasetResult:
     """Build (or find: versions are content hashes) the dataset version and upload it to the store.
 
     The version's manifest lists the feedback items merged into it; the hourly
     trigger (:func:`check_feedback`) counts only feedback that arrived after.
+    ``golden_wait_s`` > 0: a golden set is being built beside this run (the first ``make up``);
+    the split waits that long for its pin instead of finding none.
     """
     from data_pipeline.config import get_settings as data_settings
     from data_pipeline.errors import DataPipelineError
-    from data_pipeline.golden import held_out_patients
+    from data_pipeline.golden import held_out_patients, wait_for_pin
     from data_pipeline.ingest import build_dataset as build
+
+    def golden_patients() -> frozenset[str]:
+        if golden_wait_s > 0:
+            wait_for_pin(data_settings().gitops_dir, golden_wait_s)
+        return held_out_patients(data_settings(), store)
 
     try:
         built = build(
@@ -356,7 +364,7 @@ def build_dataset(
             settings=data_settings(),
             store=store,
             feedback=include_feedback,
-            exclude_patients=held_out_patients(data_settings(), store),  # the golden set's patients
+            exclude_patients=golden_patients,  # the golden set's, read (or waited for) at the split
             # the train step fetches it next: on one machine (the local runner) from this copy
             cache_dir=data_settings().cache_dir(),
         )

@@ -19,6 +19,7 @@ from data_pipeline.golden import (
     golden_patients,
     held_out_patients,
     read_pin,
+    wait_for_pin,
     write_pin,
 )
 from data_pipeline.ingest import build_dataset
@@ -85,6 +86,47 @@ def test_a_golden_set_is_test_only_and_its_patients_enter_no_later_split(
         == golden.manifest["counts"]["images"]["test"]
     )
     assert built.version != golden.version
+
+
+def test_a_split_waits_for_a_golden_set_pinned_while_the_build_runs(
+    sets: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The first `make up` builds both side by side: the training build reads the golden patients
+    only at its split, waiting for the pin (stack/bootstrap.py, `cxr pipeline run --golden-wait`)."""
+    import threading
+
+    golden_src, _, mixed = sets
+    settings = _settings(tmp_path)
+    golden = build_dataset(
+        golden_src / "dicom", golden_src / "annotations.csv", tmp_path / "ds", settings=settings, golden=True
+    )
+    assert read_pin(tmp_path) is None
+    pinning = threading.Timer(0.5, write_pin, args=(tmp_path, describe(golden.path)))
+    asked: list[str] = []
+
+    def patients_at_the_split() -> frozenset[str]:
+        asked.append(wait_for_pin(tmp_path, timeout_s=60).version)
+        return golden_patients(golden.path)
+
+    pinning.start()
+    built = build_dataset(
+        mixed / "dicom",
+        mixed / "annotations.csv",
+        tmp_path / "ds",
+        settings=settings,
+        exclude_patients=patients_at_the_split,
+    )
+    assert asked == [golden.version]
+    leaked = set().union(*_patients_by_split(built.path).values()) & golden_patients(golden.path)
+    assert not leaked, "a golden patient leaked into a split"
+    assert built.manifest["source"]["golden_patient_images_excluded"] > 0
+
+
+def test_waiting_for_a_pin_that_never_comes_names_the_file_and_the_command(tmp_path: Path) -> None:
+    with pytest.raises(
+        GoldenError, match=r"no golden set was pinned in .*golden.* within 0 s.*cxr data golden build"
+    ):
+        wait_for_pin(tmp_path, timeout_s=0.05, poll_s=0.01)
 
 
 def test_the_pin_round_trips_and_refuses_a_normal_dataset(

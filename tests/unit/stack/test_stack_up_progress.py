@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -163,6 +165,62 @@ def test_when_the_phantoms_fail_the_golden_set_is_waited_for_and_both_errors_are
     ]
     assert golden_ran == ["done"]
     assert "event=bootstrap_step_done step=golden state=failed" in out.getvalue()
+
+
+REAL_POPEN = subprocess.Popen  # bootstrap.subprocess is this module: patched below, kept here
+
+
+def _fake_pipeline(monkeypatch: pytest.MonkeyPatch, code: str) -> list[subprocess.Popen[bytes]]:
+    """``cxr pipeline run`` stood in for by a Python process running ``code``."""
+    from stack import bootstrap
+
+    started: list[subprocess.Popen[bytes]] = []
+
+    def popen(command: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        assert command[1:3] == ["-m", "cxr.cli"] and "--golden-wait" in command
+        started.append(REAL_POPEN([sys.executable, "-c", code]))
+        return started[-1]
+
+    monkeypatch.setattr(bootstrap.subprocess, "Popen", popen)
+    return started
+
+
+def test_a_golden_set_that_fails_interrupts_the_pipeline_started_beside_it(
+    settings: StackSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stack import bootstrap
+
+    # a pipeline that would wait a minute for the pin, as the real one would wait for GOLDEN_WAIT_S
+    started = _fake_pipeline(monkeypatch, "import time; time.sleep(60)")
+    golden_error = bootstrap.BootstrapFailed("bootstrap step 'golden-build' failed (exit 1)")
+    args = ("pipeline", "run", "--golden-wait", "600")
+    out = io.StringIO()
+    with (
+        reporting(Console(file=out), live=False),
+        pytest.raises(bootstrap.BootstrapFailed, match="golden-build"),
+    ):
+        bootstrap._run_pipeline_beside(settings, args, lambda: golden_error)
+    assert started[0].returncode is not None  # interrupted (Ctrl-C), not left waiting
+    assert re.search(r"event=bootstrap_step_done step=pipeline state=failed", out.getvalue())
+
+
+def test_the_pipeline_beside_the_golden_set_reports_its_own_failure(
+    settings: StackSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stack import bootstrap
+
+    _fake_pipeline(monkeypatch, "raise SystemExit(4)")
+    args = ("pipeline", "run", "--golden-wait", "600")
+    with (
+        reporting(Console(file=io.StringIO()), live=False),
+        pytest.raises(
+            bootstrap.BootstrapFailed, match=r"'pipeline' failed \(exit 4\); rerun it with: cxr pipeline"
+        ),
+    ):
+        bootstrap._run_pipeline_beside(settings, args, lambda: None)
+    _fake_pipeline(monkeypatch, "pass")
+    with reporting(Console(file=io.StringIO()), live=False):
+        bootstrap._run_pipeline_beside(settings, args, lambda: None)
 
 
 def test_the_promotion_runs_in_this_process_with_the_stack_env_and_names_its_command_when_refused(
