@@ -95,6 +95,8 @@ class PrelaunchedFit:
         self.run_name = run_name
         self.settings = settings
         self._ready = threading.Event()  # set once the inputs actor exists, or the launch failed
+        self._fitted = threading.Event()  # set once the fit returned (trained, cancelled or failed)
+        self._released = threading.Event()  # set by _close once Ray is shut down: the thread may end
         self._inputs: Any = None
         self._queue: Any = None
         self._storage: RayStorage | None = None
@@ -110,7 +112,14 @@ class PrelaunchedFit:
         return self
 
     def _launch(self) -> None:
-        """The thread: start Ray, the inputs actor and the fit; the workers then wait for :meth:`run`."""
+        """The thread: start Ray, the inputs actor and the fit; the workers then wait for :meth:`run`.
+
+        The thread outlives the fit until :meth:`_close` has shut Ray down: the processes
+        ``ray.init`` starts ask Linux to kill them when their parent ends (``PR_SET_PDEATHSIG``),
+        and that parent is the thread that started them, not the process. Ending with the fit
+        left the driver's ``ray.shutdown`` talking to a dead GCS (a 5 s timeout, in the first
+        ``make up``).
+        """
         try:
             import ray
 
@@ -128,12 +137,17 @@ class PrelaunchedFit:
         except Exception as exc:  # reported by run(), which the train step calls
             self._error = exc
             self._ready.set()
+            self._fitted.set()
+            self._released.wait()
             return
         self._ready.set()
         try:
             self._result = trainer.fit()
         except Exception as exc:
             self._error = exc
+        finally:
+            self._fitted.set()
+            self._released.wait()
 
     def _same_job(self, config: TrainConfig) -> None:
         """The train step's recipe may differ only in what the inputs carry (model, base version)."""
@@ -183,7 +197,7 @@ class PrelaunchedFit:
                     scaling.num_workers,
                     config.global_batch,
                 )
-                self._thread.join()
+                self._fitted.wait()
             if self._error is not None:
                 raise DistributedTrainingError(
                     f"Ray Train run {self.run_name} failed (max_failures={config.checkpoint.max_failures}): "
@@ -204,22 +218,28 @@ class PrelaunchedFit:
         if self._closed:
             return
         self._ready.wait(timeout=CANCEL_WAIT_S)
-        if self._inputs is not None and self._thread.is_alive():
+        if self._inputs is not None and not self._fitted.is_set():
             try:
                 import ray
 
                 ray.get(self._inputs.put.remote({RUN_CANCELLED: reason}), timeout=30)
             except Exception as exc:  # Ray already going: the shutdown below ends the workers too
                 log.warning("event=prelaunch_cancel_unsent run=%s error=%s", self.run_name, exc)
-            self._thread.join(timeout=CANCEL_WAIT_S)
+            self._fitted.wait(timeout=CANCEL_WAIT_S)
         log.info("event=prelaunch_cancelled run=%s reason=%s", self.run_name, reason)
         self._close()
 
     def _close(self) -> None:
+        """Shut down the Ray this run started, then let its thread end (see :meth:`_launch`)."""
         if self._closed:
             return
         self._closed = True
-        if self._started_ray:
-            import ray
+        try:
+            if self._started_ray:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+        finally:
+            self._released.set()
+            if self._thread.ident is not None:
+                self._thread.join(timeout=30)
