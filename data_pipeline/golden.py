@@ -89,7 +89,10 @@ def write_pin(gitops_dir: Path, pin: GoldenPin) -> Path:
         "# The golden set promotion gates evaluate candidate and production on (data_pipeline/golden.py).\n"
         "# Changing it changes the yardstick: review it like a gate threshold.\n"
     )
-    path.write_text(header + yaml.safe_dump(pin.model_dump(), sort_keys=False))
+    # atomically: the first training build polls for this file while it is written (wait_for_pin)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(header + yaml.safe_dump(pin.model_dump(), sort_keys=False))
+    tmp.replace(path)
     return path
 
 

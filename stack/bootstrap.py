@@ -46,8 +46,9 @@ GOLDEN_SEED = 7  # not the training phantoms' seed: other patients, other images
 REASON = "bootstrap: first model of a new one-machine stack (no production model or canary traffic yet)"
 #: how long the first training dataset's split may wait for the golden set built beside it
 GOLDEN_WAIT_S = 600
-#: how long an interrupted ``cxr`` sub-process may take to clean up (a cancelled Ray's start and stop)
-INTERRUPT_WAIT_S = 180
+#: how long an interrupted ``cxr`` sub-process may take to clean up: a prelaunched run's cancel waits
+#: for Ray to start and for its workers to end (training/prelaunch.py CANCEL_WAIT_S, twice) and stops Ray
+INTERRUPT_WAIT_S = 330
 
 
 class BootstrapFailed(RuntimeError):
@@ -114,8 +115,8 @@ def _run_pipeline_beside(
         pipeline = subprocess.Popen(command, env=_env(settings))
         try:
             golden_error = wait_golden()
-        except BaseException:
-            _interrupt(pipeline)
+        except BaseException:  # Ctrl-C: it reached the pipeline too (one foreground process group)
+            _wait_or_kill(pipeline)
             raise
         if golden_error is not None:
             _interrupt(pipeline)
@@ -128,14 +129,19 @@ def _run_pipeline_beside(
 
 
 def _interrupt(process: subprocess.Popen[bytes]) -> None:
-    """Ctrl-C for a ``cxr`` sub-process (it cleans up: a prelaunched Ray is shut down), then kill it."""
+    """Ctrl-C for a ``cxr`` sub-process (it cleans up: a prelaunched Ray is shut down), then wait."""
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=INTERRUPT_WAIT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    _wait_or_kill(process)
+
+
+def _wait_or_kill(process: subprocess.Popen[bytes]) -> None:
+    """Give an interrupted ``cxr`` sub-process the time its clean-up may take, then kill it."""
+    try:
+        process.wait(timeout=INTERRUPT_WAIT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _failed(step: str, code: int, args: tuple[str, ...], where: str = "") -> BootstrapFailed:

@@ -1,6 +1,6 @@
 """Start a run's Ray workers before its dataset exists, so that their start overlaps the data steps.
 
-Why: on two cores, starting Ray Train took ~38 s of the first ``make up`` before its first
+Why: on two cores, starting Ray Train took ~30 s of the first ``make up`` before its first
 epoch (``ray.init``; Train's controller, placement group and two worker actors; the process
 group; the workers' imports of torch and ultralytics), all of it after the dataset build, and
 none of it needs the dataset (docs/benchmarks.md, "The train step's start beside the data
@@ -44,6 +44,7 @@ from training.ray_trainer import (
     make_trainer,
     progress_queue,
     ray_init,
+    ray_init_kwargs,
     run_loop_inputs,
 )
 
@@ -79,8 +80,8 @@ def prelaunch(
 def ray_is_local(settings: TrainSettings, environ: Mapping[str, str] | None = None) -> bool:
     """True when training would start its own Ray here (no cluster address in the settings or env)."""
     env = os.environ if environ is None else environ
-    address = env.get("RAY_ADDRESS", "").strip()
-    return not settings.ray_address and address in {"", "local"}
+    kwargs = ray_init_kwargs(1.0, configured_address=settings.ray_address, environ=env, cpu_count=1)
+    return "address" not in kwargs
 
 
 class PrelaunchedFit:
@@ -104,6 +105,7 @@ class PrelaunchedFit:
         self._error: BaseException | None = None
         self._started_ray = False
         self._closed = False
+        self._lock = threading.Lock()  # _started_ray and _closed, between the thread and _close
         self._thread = threading.Thread(target=self._launch, name=f"prelaunch-{run_name}", daemon=True)
 
     def start(self) -> PrelaunchedFit:
@@ -124,7 +126,13 @@ class PrelaunchedFit:
             import ray
 
             scaling = self.config.scaling
-            self._started_ray = ray_init(self.settings, scaling.cpus_per_worker * scaling.num_workers)
+            started = ray_init(self.settings, scaling.cpus_per_worker * scaling.num_workers)
+            with self._lock:
+                self._started_ray, closed = started, self._closed
+            if closed:  # cancelled while Ray started: _close could not shut it down, so shut it here
+                if started:
+                    ray.shutdown()
+                raise DistributedTrainingError(f"run {self.run_name} was cancelled while Ray started")
             self._inputs = ray.remote(num_cpus=0)(RunInputs).remote()
             self._queue = progress_queue()  # its process starts now too, not when the epochs begin
             trainer, self._storage = make_trainer(
@@ -231,11 +239,13 @@ class PrelaunchedFit:
 
     def _close(self) -> None:
         """Shut down the Ray this run started, then let its thread end (see :meth:`_launch`)."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            started = self._started_ray
         try:
-            if self._started_ray:
+            if started:
                 import ray
 
                 ray.shutdown()

@@ -45,8 +45,6 @@ PROGRESS_QUEUE = "progress_queue"  # the train loop's config key of the driver's
 RUN_INPUTS = "run_inputs"
 #: what the driver sends instead of inputs when the run it prelaunched will not train after all
 RUN_CANCELLED = "cancelled"
-#: how long a prelaunched worker waits for its inputs (the data steps before train take minutes)
-RUN_INPUTS_TIMEOUT_S = 3600.0
 # the numbers of an epoch worth a progress line (Ray metric name -> field of the train_epoch event)
 EPOCH_FIELDS = {
     "train/box_loss": "box_loss",
@@ -405,7 +403,9 @@ def await_run_inputs(cfg: dict[str, Any], rank: int) -> dict[str, Any] | None:
     import ray
 
     started = time.perf_counter()
-    inputs: dict[str, Any] = ray.get(handle.get.remote(), timeout=RUN_INPUTS_TIMEOUT_S)
+    # no timeout: the data steps before train may take hours on real data, and the driver always
+    # ends the wait, with inputs, a cancellation, or the Ray shutdown that ends this worker too
+    inputs: dict[str, Any] = ray.get(handle.get.remote())
     if RUN_CANCELLED in inputs:
         log.info("event=prelaunch_cancelled rank=%d reason=%s", rank, inputs[RUN_CANCELLED])
         return None
@@ -523,6 +523,7 @@ def ray_init(settings: TrainSettings, cpus_needed: float) -> bool:
 
     if ray.is_initialized():
         return False
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # before Ray starts: its workers inherit it
     kwargs = ray_init_kwargs(
         cpus_needed, configured_address=settings.ray_address, environ=os.environ, cpu_count=os.cpu_count()
     )
@@ -662,7 +663,6 @@ def fit_distributed(
     """Train ``config`` on ``dataset`` with ``config.scaling.num_workers`` Ray workers; block until done."""
     import ray
 
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # before Ray starts: its workers inherit it
     scaling = config.scaling
     work_dir = (settings.work_dir / run_name).resolve()
     started = ray_init(settings, scaling.cpus_per_worker * scaling.num_workers)

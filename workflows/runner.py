@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 from rich.console import Console
@@ -27,6 +27,9 @@ from workflows import steps
 from workflows.config import WorkflowSettings
 from workflows.errors import PipelineError
 from workflows.retrain import STEP_ORDER
+
+if TYPE_CHECKING:
+    from training.prelaunch import PrelaunchedFit
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ class _StepActions:
         self.store = store
         self.summary = summary
         self.state: dict[str, Any] = {}
-        self.prelaunched: Any = None  # training.prelaunch.PrelaunchedFit, started by prelaunch()
+        self.prelaunched: PrelaunchedFit | None = None  # started by prelaunch()
 
     def by_name(self) -> dict[str, Callable[[], str]]:
         """Each step of :data:`STEP_ORDER` and the action that runs it."""
@@ -145,7 +148,9 @@ class _StepActions:
     def close(self) -> None:
         """Cancel prelaunched workers the run did not train on (a step before train failed)."""
         if self.prelaunched is not None:
-            self.prelaunched.cancel(f"the run ended at step {self.summary.failed_step or 'none'}")
+            failed = self.summary.failed_step
+            # no failed step: the train step ran (a no-op then) or the run was interrupted
+            self.prelaunched.cancel(f"the run ended at step {failed}" if failed else "the run stopped")
 
     def train(self) -> str:
         """Train, and save the hand-off record where the cluster's evaluate step would look for it."""

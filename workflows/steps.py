@@ -352,8 +352,7 @@ def build_dataset(
     from data_pipeline.ingest import build_dataset as build
 
     def golden_patients() -> frozenset[str]:
-        if golden_wait_s > 0:
-            wait_for_pin(data_settings().gitops_dir, golden_wait_s)
+        wait_for_pin(data_settings().gitops_dir, golden_wait_s)
         return held_out_patients(data_settings(), store)
 
     try:
@@ -364,7 +363,10 @@ def build_dataset(
             settings=data_settings(),
             store=store,
             feedback=include_feedback,
-            exclude_patients=golden_patients,  # the golden set's, read (or waited for) at the split
+            # the golden set's patients; when it is being built beside this run, read at the split
+            exclude_patients=golden_patients
+            if golden_wait_s > 0
+            else held_out_patients(data_settings(), store),
             # the train step fetches it next: on one machine (the local runner) from this copy
             cache_dir=data_settings().cache_dir(),
         )
@@ -419,17 +421,17 @@ def prelaunch_train(
 ) -> PrelaunchedFit | None:
     """Start the train step's Ray workers now, beside the data steps (None where Ray is not local).
 
-    The local runner's overlap (training/prelaunch.py says why); a recipe that cannot be read
-    is left for the train step to report.
+    The local runner's overlap (training/prelaunch.py says why). Whatever stops it (a recipe or
+    base model that cannot be read, a bad setting) is logged and left for the train step to
+    report, naming itself, as without the prelaunch.
     """
-    from training.errors import TrainingError
     from training.prelaunch import prelaunch
 
     try:
         config = train_config(config_path, base_model=base_model, epochs=epochs, settings=settings)
         return prelaunch(config, workers)
-    except (TrainingError, PipelineError) as exc:
-        log.info("event=prelaunch_skipped reason=%s", exc)
+    except Exception as exc:  # only a head start: the train step reads the recipe again and names the error
+        log.warning("event=prelaunch_skipped error=%s: %s", type(exc).__name__, exc)
         return None
 
 

@@ -135,7 +135,9 @@ def test_local_run_goes_from_synthetic_dicoms_to_a_staging_promotion(
     )
     console = Console(record=True, width=140)
     caplog.set_level(logging.INFO)
-    summary = run_pipeline(options, WorkflowSettings(), store=pipeline_env["store"], console=console)
+    summary = run_pipeline(
+        options, WorkflowSettings(prelaunch_training=True), store=pipeline_env["store"], console=console
+    )
     console.print(summary_table(summary))
     shown = console.export_text()
 
@@ -203,9 +205,8 @@ def test_a_run_that_fails_before_training_ends_its_prelaunched_ray_workers(
         work_dir=tmp_path / "work",
     )
     caplog.set_level(logging.INFO)
-    summary = run_pipeline(
-        options, WorkflowSettings(), store=pipeline_env["store"], console=Console(width=140)
-    )
+    settings = WorkflowSettings(prelaunch_training=True)  # whatever this machine's environment says
+    summary = run_pipeline(options, settings, store=pipeline_env["store"], console=Console(width=140))
     assert summary.failed_step == "validate" and "no file" in (summary.error or "")
     assert "event=prelaunch_start" in caplog.text
     assert "event=prelaunch_cancelled" in caplog.text and "the run ended at step validate" in caplog.text

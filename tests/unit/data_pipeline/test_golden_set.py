@@ -100,15 +100,18 @@ def test_a_split_waits_for_a_golden_set_pinned_while_the_build_runs(
     golden = build_dataset(
         golden_src / "dicom", golden_src / "annotations.csv", tmp_path / "ds", settings=settings, golden=True
     )
-    assert read_pin(tmp_path) is None
-    pinning = threading.Timer(0.5, write_pin, args=(tmp_path, describe(golden.path)))
     asked: list[str] = []
 
     def patients_at_the_split() -> frozenset[str]:
-        asked.append(wait_for_pin(tmp_path, timeout_s=60).version)
+        assert read_pin(tmp_path) is None  # not pinned yet when the split asks: it has to wait
+        pinning = threading.Timer(0.3, write_pin, args=(tmp_path, describe(golden.path)))
+        pinning.start()
+        try:
+            asked.append(wait_for_pin(tmp_path, timeout_s=60).version)
+        finally:
+            pinning.cancel()
         return golden_patients(golden.path)
 
-    pinning.start()
     built = build_dataset(
         mixed / "dicom",
         mixed / "annotations.csv",

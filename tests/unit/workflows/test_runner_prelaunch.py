@@ -111,7 +111,7 @@ def test_the_train_step_gets_the_prelaunched_workers(
     assert summary.succeeded
     assert seen["train_got"] is fake
     # the real fit closes itself once trained; the runner's cancel after the run is then a no-op
-    assert fake.cancelled == ["the run ended at step none"]
+    assert fake.cancelled == ["the run stopped"]
 
 
 def test_no_prelaunch_when_the_settings_turn_it_off(
