@@ -1,16 +1,17 @@
 """Start a run's Ray workers before its dataset exists, so that their start overlaps the data steps.
 
-Why: on two cores, starting Ray Train took ~30 s of the first ``make up`` before its first
-epoch (``ray.init``; Train's controller, placement group and two worker actors; the process
-group; the workers' imports of torch and ultralytics), all of it after the dataset build, and
-none of it needs the dataset (docs/benchmarks.md, "The train step's start beside the data
-steps"). So the local runner (``cxr pipeline run``, :mod:`workflows.runner`) prelaunches the
-run as its first act: a thread of this process starts Ray and fits a ``TorchTrainer`` whose
-workers, once started, wait at a :class:`~training.ray_trainer.RunInputs` actor. The train step
-then hands them what only it knows (dataset version, MLflow run, the recipe with its base
-weights, the progress queue: :func:`~training.ray_trainer.run_loop_inputs`) and waits for the
-fit as :func:`~training.ray_trainer.fit_distributed` would. A run that fails before its train
-step cancels the workers (they end without training) and shuts its Ray down.
+Why: on two cores, starting Ray Train took 30 s of the first ``make up`` (from the train step's
+start to the workers' train function: ``ray.init``; Train's controller, placement group and two
+worker actors; the process group; the workers' imports of torch and ultralytics), all of it
+after the dataset build, and none of it needs the dataset (docs/benchmarks.md, "The train step's
+start beside the data steps"). So the local runner (``cxr pipeline run``,
+:mod:`workflows.runner`) prelaunches the run as its first act: a thread of this process starts
+Ray and fits a ``TorchTrainer`` whose workers, once started, wait at a
+:class:`~training.ray_trainer.RunInputs` actor. The train step then hands them what only it
+knows (dataset version, MLflow run, the recipe with its base weights, the progress queue:
+:func:`~training.ray_trainer.run_loop_inputs`) and waits for the fit as
+:func:`~training.ray_trainer.fit_distributed` would. A run that fails before its train step
+cancels the workers (they end without training) and shuts its Ray down.
 
 Only where Ray is local: on a cluster (``CXR_RAY_ADDRESS`` or ``RAY_ADDRESS``) the workers
 would hold the cluster's GPUs idle for as long as the data steps take, and the cluster's steps
@@ -41,6 +42,7 @@ from training.ray_trainer import (
     distributed_run,
     epoch_progress,
     final_checkpoint,
+    fit_failed,
     make_trainer,
     progress_queue,
     ray_init,
@@ -207,10 +209,7 @@ class PrelaunchedFit:
                 )
                 self._fitted.wait()
             if self._error is not None:
-                raise DistributedTrainingError(
-                    f"Ray Train run {self.run_name} failed (max_failures={config.checkpoint.max_failures}): "
-                    f"{self._error}"
-                ) from self._error
+                raise fit_failed(self.run_name, config, self._error) from self._error
             assert self._storage is not None  # set before the fit started
             work_dir = (self.settings.work_dir / self.run_name).resolve()
             local = final_checkpoint(self._result, work_dir, self.run_name)

@@ -622,12 +622,7 @@ def make_trainer(
             base_weights=base_weights,
         )
     )
-    loop_config = {
-        "torch_threads": scaling.torch_threads,
-        "use_gpu": scaling.use_gpu,
-        **inputs,
-        **(loop_extras or {}),
-    }
+    loop_config = {**inputs, **(loop_extras or {})}
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker or 1.0
@@ -688,14 +683,19 @@ def fit_distributed(
             try:
                 result = trainer.fit()
             except Exception as exc:  # Ray wraps the worker's exception; keep its message for the person
-                raise DistributedTrainingError(
-                    f"Ray Train run {run_name} failed (max_failures={config.checkpoint.max_failures}): {exc}"
-                ) from exc
+                raise fit_failed(run_name, config, exc) from exc
         local = final_checkpoint(result, work_dir, run_name)
     finally:
         if started:
             ray.shutdown()
     return distributed_run(run_name, local, storage, result, scaling.num_workers, time.perf_counter() - t0)
+
+
+def fit_failed(run_name: str, config: TrainConfig, cause: BaseException) -> DistributedTrainingError:
+    """A failed fit, with Ray's message (it names the worker's exception) for the person."""
+    return DistributedTrainingError(
+        f"Ray Train run {run_name} failed (max_failures={config.checkpoint.max_failures}): {cause}"
+    )
 
 
 def final_checkpoint(result: Any, work_dir: Path, run_name: str) -> Path:

@@ -14,23 +14,12 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.fixtures.ray_workers import ray_train_workers
 from training.config import TrainConfig, TrainSettings
 from training.dataset import open_dataset_dir
 from training.ray_trainer import fit_distributed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _train_workers() -> list[psutil.Process]:
-    """This test's Ray Train worker processes (descendants titled ``ray::RayTrainWorker...``)."""
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if any("RayTrainWorker" in part for part in proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
 
 
 def _kill_after_second_checkpoint(store: Any, prefix: str, killed: list[int], deadline: float) -> None:
@@ -46,7 +35,7 @@ def _kill_after_second_checkpoint(store: Any, prefix: str, killed: list[int], de
         names = store.list_prefix(prefix)
         written = any(name.endswith("epoch_0002/state.json") for name in names)
         if written and not any("/epoch_0000/" in name for name in names):
-            workers = _train_workers()
+            workers = ray_train_workers()
             if workers:
                 victim = workers[-1]
                 os.kill(victim.pid, signal.SIGKILL)

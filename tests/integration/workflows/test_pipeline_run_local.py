@@ -15,13 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from data_pipeline.store import ObjectStore
+from tests.fixtures.ray_workers import ray_train_workers
 from workflows.config import WorkflowSettings, get_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -216,21 +216,9 @@ def test_a_run_that_fails_before_training_ends_its_prelaunched_ray_workers(
     # the cancelled workers are gone; the Ray the run started is shut down (in `make test` the
     # training tests' session Ray may be up already: the run joined it and leaves it to them)
     deadline = time.monotonic() + 60
-    while _ray_train_workers() and time.monotonic() < deadline:
+    while ray_train_workers() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _ray_train_workers()
+    assert not ray_train_workers()
     if not ray_was_up:
         assert not ray.is_initialized()
     assert not list((tmp_path / "stack").glob("training/*/rank0/weights"))  # nothing trained
-
-
-def _ray_train_workers() -> list[psutil.Process]:
-    """This process's Ray Train worker processes (titled ``ray::RayTrainWorker...``)."""
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if any("RayTrainWorker" in part for part in proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
