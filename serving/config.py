@@ -160,13 +160,16 @@ class ServingSettings(CoreSettings):
     )
     dimse_max_associations: int = Field(default=8, ge=1, description="concurrent DIMSE associations")
     study_settle_seconds: float = Field(
-        default=5.0, gt=0, description="a DIMSE study is analysed when no instance arrived for this long"
+        default=5.0,
+        gt=0,
+        description="a DIMSE study is complete (results sent back) once no instance arrived for this long",
     )
     dimse_forward_concurrency: int = Field(
-        default=4, ge=1, le=32, description="settled DIMSE studies handed to the gateway at once"
+        default=4, ge=1, le=32, description="DIMSE studies the SCP has a gateway request open for at once"
     )
     dimse_gateway_url: str = Field(
-        default="http://127.0.0.1:8080", description="the gateway the SCP hands settled studies to (STOW-RS)"
+        default="http://127.0.0.1:8080",
+        description="the gateway the SCP hands images (STOW-RS) and settled studies to",
     )
     dimse_api_key: str = Field(
         default="", description="the SCP's key for the gateway; empty: the pacs key of credentials.json"

@@ -1,16 +1,29 @@
-"""Hands settled studies from the spool to the gateway's STOW-RS route, the one detection path.
+"""Hands spooled studies to the gateway: each image as it arrives, the study's results once it settles.
 
-A study is analysed when no instance of it has arrived for ``CXR_STUDY_SETTLE_SECONDS``.
-It is then POSTed to ``/dicomweb/studies/{study}?send_back=true`` as ``multipart/related``,
-in as few requests as the gateway's limits allow (64 parts, ``CXR_MAX_BODY_BYTES``), so
-routing by StudyInstanceUID, metrics, audit, the worklist and the send-back to the PACS are
-exactly those of a STOW-RS upload: there is no second code path.
+Two steps per study, both through the gateway's own routes, so routing by StudyInstanceUID,
+metrics, audit, the worklist and the send-back to the PACS are exactly those of a STOW-RS
+upload: there is no second code path.
 
-The spool keeps a study until the gateway has answered for all of it. The gateway
-down, overloaded or refusing our key: the study stays and is retried with backoff (an
-operator sees it in ``make status``). The gateway answered (200, 202, or 409 when no
-instance could be analysed): the study leaves the spool; refused instances are named by
-count in the log, never by UID.
+1. **Analysis, on arrival.** Instances the gateway has not answered for are POSTed to
+   ``/dicomweb/studies/{study}?send_back=false`` as ``multipart/related`` as soon as they are
+   spooled (the SCP's write wakes the forwarder), in as few requests as the gateway's limits
+   allow (64 parts, ``CXR_MAX_BODY_BYTES``). An image's detections do not depend on the rest of
+   its study, so the gateway need not sit idle while a modality is still sending.
+2. **Results, on settling.** Once no instance of the study has arrived for
+   ``CXR_STUDY_SETTLE_SECONDS`` and every one has been answered for,
+   ``POST /v1/studies/{study}/send-back`` builds the study's SR and presentation states from
+   every image the gateway analysed for it and queues them for the PACS. The study-level
+   outputs (the SR, its triage) therefore always cover the whole study, as before; what
+   changed (nineteenth session) is that the images no longer wait for the settle time before
+   their inference, which cost a burst of studies the first settle time with the gateway idle
+   (docs/benchmarks.md, "PACS round trip").
+
+The spool keeps a study until the gateway has sent its results back. The gateway down,
+overloaded or refusing our key: the study stays and is retried with backoff (an operator
+sees it in ``make status``). Instances the gateway answered for (200, 202, or 409 when none
+could be analysed) are not sent again; refused ones are named by count in the log, never by
+UID. A study none of whose images could be analysed has nothing to send back (404) and
+leaves the spool.
 """
 
 from __future__ import annotations
@@ -92,15 +105,15 @@ class Forwarder:
         body, content_type = related_body([f.read_bytes() for f in files])
         return client.post(
             f"/dicomweb/studies/{study.study_uid}",
-            params={"send_back": "true"},
+            params={"send_back": "false"},  # the study's results go back once it settles (send_back)
             content=body,
             headers={"Content-Type": content_type},
         )
 
-    def forward(self, client: httpx.Client, study: SpooledStudy) -> bool:
-        """Send one study; True when the gateway answered for every instance (the spool may drop it)."""
+    def analyse(self, client: httpx.Client, study: SpooledStudy) -> bool:
+        """Hand the study's pending instances to the gateway; True when it answered for all of them."""
         stored = failed = 0
-        for files in batches(study.files, self.max_body_bytes):
+        for files in batches(study.pending, self.max_body_bytes):
             try:
                 response = self._post(client, study, files)
             except httpx.HTTPError as exc:
@@ -112,16 +125,52 @@ class Forwarder:
             body = response.json()
             stored += len(body.get("00081199", {}).get("Value", []))  # ReferencedSOPSequence
             failed += len(body.get("00081198", {}).get("Value", []))  # FailedSOPSequence
-        log.info("dimse_study_forwarded instances=%d stored=%d failed=%d", len(study.files), stored, failed)
+            self.spool.mark_analysed(study, files)
+        log.info(
+            "dimse_instances_analysed instances=%d stored=%d failed=%d", len(study.pending), stored, failed
+        )
         return True
+
+    def send_back(self, client: httpx.Client, study: SpooledStudy) -> bool:
+        """Ask the gateway to send the settled study's results back; True when the spool may drop it."""
+        try:
+            response = client.post(f"/v1/studies/{study.study_uid}/send-back")
+        except httpx.HTTPError as exc:
+            log.warning("dimse_forward_retry reason=unreachable error_type=%s", type(exc).__name__)
+            return False
+        if response.status_code == 404:  # no image of it could be analysed: nothing to send back
+            log.info("dimse_study_forwarded instances=%d analysed=0 objects_queued=0", len(study.files))
+            return True
+        if response.status_code != 200:
+            log.warning("dimse_forward_retry reason=gateway_status status=%d", response.status_code)
+            return False
+        body = response.json()
+        log.info(
+            "dimse_study_forwarded instances=%d analysed=%d objects_queued=%d",
+            len(study.files),
+            int(body.get("images") or 0),
+            int(body.get("objects_queued") or 0),
+        )
+        return True
+
+    def forward(self, client: httpx.Client, study: SpooledStudy) -> bool:
+        """One step for ``study``: analyse what is pending, else send its results back.
+
+        True when the step succeeded: the pending instances were answered for, or the study's
+        results were queued and the study left the spool.
+        """
+        if study.pending:
+            return self.analyse(client, study)
+        if self.send_back(client, study):
+            self.spool.remove(study)
+            return True
+        return False
 
     def _attempt(self, client: httpx.Client, study: SpooledStudy, now: float) -> bool:
         key = study.folder.name
         try:
             try:
                 forwarded = self.forward(client, study)
-                if forwarded:
-                    self.spool.remove(study)
             except Exception as exc:  # in the pool nobody would see it: say it, and retry later
                 log.warning("dimse_forward_error error_type=%s", type(exc).__name__)
                 forwarded = False
@@ -137,19 +186,30 @@ class Forwarder:
         finally:
             with self._lock:
                 self._inflight.discard(key)
+            self.spool.changed.set()  # a slot is free: look again now, not at the next poll
+
+    def due(self, now: float) -> list[SpooledStudy]:
+        """Studies with a step to take: pending instances at once, a settled study's send-back.
+
+        Settled studies first (each finishes a study: its results reach the PACS sooner), then
+        by first arrival.
+        """
+        studies = self.spool.studies()
+        settled = [s for s in studies if not s.pending and now - s.last_arrival >= self.settle_s]
+        return settled + [s for s in studies if s.pending]
 
     def run_once(self, client: httpx.Client, now: float | None = None) -> int:
-        """Start forwarding settled, due studies into free slots (at most ``concurrency`` in flight).
+        """Start the due steps (:meth:`due`) into free slots (at most ``concurrency`` in flight).
 
-        Returns how many were started; they finish in the pool, each freeing its slot for the
-        next settled study at once.
+        Returns how many were started; they finish in the pool, each freeing its slot (and waking
+        the loop) for the next step at once. One step per study at a time.
         """
         now = time.time() if now is None else now
         if self._pool is None:
             workers = max(1, self.concurrency)
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dimse-fwd")
         started = 0
-        for study in self.spool.settled(self.settle_s, now):
+        for study in self.due(now):
             key = study.folder.name
             with self._lock:
                 if len(self._inflight) >= self.concurrency:
@@ -167,12 +227,14 @@ class Forwarder:
         with httpx.Client(
             base_url=self.gateway_url, headers=headers, timeout=self.timeout_s, limits=limits, trust_env=False
         ) as client:
+            wake = self.spool.changed
             while not self._stop.is_set():
+                wake.clear()  # before looking: a write or a freed slot from now on wakes the next look
                 try:
                     self.run_once(client)
                 except Exception as exc:  # the loop must outlive any one study
                     log.warning("dimse_forward_error error_type=%s", type(exc).__name__)
-                self._stop.wait(min(0.2, self.settle_s / 4))
+                wake.wait(min(0.2, self.settle_s / 4))  # else the settle clock's resolution
             if self._pool is not None:  # let forwards in flight finish before the client closes
                 self._pool.shutdown(wait=True)
                 self._pool = None
@@ -183,5 +245,6 @@ class Forwarder:
 
     def stop(self) -> None:
         self._stop.set()
+        self.spool.changed.set()
         if self._thread is not None:
             self._thread.join(timeout=10)

@@ -1,7 +1,11 @@
 """The SCP's durable spool: every received instance is on disk before C-STORE answers Success.
 
 Layout: ``<root>/studies/<study key>/<instance key>.dcm`` plus ``study_uid`` (the UID in
-plain text, needed to address the study on the gateway). Keys are sha256 prefixes of the
+plain text, needed to address the study on the gateway), and per instance the gateway has
+analysed an empty ``<instance key>.<inode>-<mtime ns>.analysed`` marker. The marker names the
+copy it is for: an instance sent again replaces the ``.dcm`` (a new file) and is analysed again. A
+marker lost in a crash costs a second analysis of that image, never a result, so markers are
+not fsync'd. Keys are sha256 prefixes of the
 UIDs, so a hostile UID never becomes a path. A file is written to a temp name, fsync'd,
 renamed into place and the folder fsync'd: after Success, a crash or power cut loses
 nothing, and a restarted SCP finds every study still waiting (the settle clock is the
@@ -36,12 +40,27 @@ def _fsync_dir(path: Path) -> None:
 
 @dataclass(frozen=True)
 class SpooledStudy:
-    """One study waiting in the spool: its UID, its instance files and when the last arrived."""
+    """One study waiting in the spool: its UID, its instance files, which of them still await
+    analysis (``pending``), and when the first and the last arrived."""
 
     study_uid: str
     folder: Path
     files: tuple[Path, ...]
     last_arrival: float
+    pending: tuple[Path, ...] = ()
+    first_arrival: float = 0.0
+    # each file's copy when listed (inode and mtime): the analysed marker names the copy it was made for
+    stamps: tuple[str, ...] = ()
+
+
+def _marker(instance: Path, stamp: str) -> Path:
+    return instance.with_name(f"{instance.stem}.{stamp}.analysed")
+
+
+def _stamp(instance: Path) -> tuple[str, float]:
+    """(which copy of the instance this is, its arrival time); FileNotFoundError once removed."""
+    st = instance.stat()
+    return f"{st.st_ino}-{st.st_mtime_ns}", st.st_mtime
 
 
 class InstanceSpool:
@@ -50,6 +69,8 @@ class InstanceSpool:
         self.studies_dir = root / "studies"
         self.studies_dir.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
+        # set by every write: the forwarder hands a new instance to the gateway at once
+        self.changed = threading.Event()
         for tmp in self.studies_dir.glob("*/.tmp-*"):  # a write the crash interrupted: never acknowledged
             tmp.unlink(missing_ok=True)
 
@@ -72,29 +93,78 @@ class InstanceSpool:
             _fsync_dir(folder)
             if new_folder:
                 _fsync_dir(self.studies_dir)
-            return target
+        self.changed.set()
+        return target
 
     def studies(self) -> list[SpooledStudy]:
+        """Every study waiting, the one whose first instance arrived first first (handed over in order)."""
         out = []
-        for folder in sorted(self.studies_dir.iterdir()):
-            uid_file = folder / "study_uid"
-            files = tuple(sorted(folder.glob("*.dcm")))
-            if not folder.is_dir() or not uid_file.exists() or not files:
+        for folder in self.studies_dir.iterdir():
+            try:
+                study_uid = (folder / "study_uid").read_text().strip()
+            except (FileNotFoundError, NotADirectoryError):  # not a study, or handed over meanwhile
                 continue
-            last = max(f.stat().st_mtime for f in files)
-            out.append(SpooledStudy(uid_file.read_text().strip(), folder, files, last))
-        return out
+            files, stamps, arrivals = [], [], []
+            for f in sorted(folder.glob("*.dcm")):
+                try:
+                    stamp, arrival = _stamp(f)
+                except FileNotFoundError:  # handed over and removed while listing
+                    continue
+                files.append(f)
+                stamps.append(stamp)
+                arrivals.append(arrival)
+            if not files:
+                continue
+            markers = {m.name for m in folder.glob("*.analysed")}
+            pending = tuple(
+                f for f, stamp in zip(files, stamps, strict=True) if _marker(f, stamp).name not in markers
+            )
+            out.append(
+                SpooledStudy(
+                    study_uid,
+                    folder,
+                    tuple(files),
+                    max(arrivals),
+                    pending=pending,
+                    first_arrival=min(arrivals),
+                    stamps=tuple(stamps),
+                )
+            )
+        return sorted(out, key=lambda s: (s.first_arrival, s.folder.name))
 
     def settled(self, settle_s: float, now: float | None = None) -> list[SpooledStudy]:
         """Studies with no new instance for ``settle_s`` seconds: ready to be analysed."""
         now = time.time() if now is None else now
         return [s for s in self.studies() if now - s.last_arrival >= settle_s]
 
+    def mark_analysed(self, study: SpooledStudy, files: list[Path]) -> None:
+        """Note that the gateway has answered for ``files`` (as listed in ``study``): not sent again.
+
+        A file replaced since it was listed (the instance sent again) keeps no marker of its new
+        copy, so the new copy is analysed too.
+        """
+        stamp = dict(zip(study.files, study.stamps, strict=True))
+        with self.lock:
+            for f in files:
+                if f.exists() and f in stamp:
+                    _marker(f, stamp[f]).touch()
+
     def remove(self, study: SpooledStudy) -> None:
-        """Drop the instances that were handed over; the folder goes only if nothing new arrived."""
+        """Drop the instances that were handed over; the folder goes only if nothing new arrived.
+
+        An instance replaced after ``study`` was listed (sent again meanwhile) stays, unanalysed.
+        """
+        stamp = dict(zip(study.files, study.stamps, strict=True))
         with self.lock:
             for f in study.files:
+                try:
+                    if f in stamp and _stamp(f)[0] != stamp[f]:
+                        continue
+                except FileNotFoundError:
+                    pass
                 f.unlink(missing_ok=True)
+                for marker in study.folder.glob(f"{f.stem}.*.analysed"):
+                    marker.unlink(missing_ok=True)
             if not any(study.folder.glob("*.dcm")):
                 for leftover in study.folder.iterdir():
                     leftover.unlink(missing_ok=True)

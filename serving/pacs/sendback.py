@@ -25,6 +25,7 @@ from serving.pacs.outbox import Outbox, OutboxItem
 from serving.pacs.senders import Sender, group, make_sender
 from serving.pacs_destinations import PacsDestination
 from serving.results import ResultRecord, ResultStore
+from serving.triage.worklist import StudyTriage
 
 log = logging.getLogger(__name__)
 
@@ -170,24 +171,50 @@ class SendBack:
         queued = 0
         for study_replies in by_study.values():
             records = {r.record.request_id: r.record for r in study_replies}
-            triage = study_triage(study_replies)
-            if triage is not None:
-                for rid in triage.result_ids:
-                    if rid not in records:
-                        try:
-                            records[rid] = await self.cpu.run(results.get, rid, tenant)
-                        except ServingError:
-                            continue  # expired: the SR covers the images still held
-            # an instance sent again (a PACS resend) has a newer result: one image, the latest answer,
-            # so the SR is the same object as before and the PACS keeps one copy
-            latest: dict[str, ResultRecord] = {}
-            for record in sorted(records.values(), key=lambda r: r.created):
-                latest[str(record.response.get("image", {}).get("sop_instance_uid") or record.request_id)] = (
-                    record
-                )
-            ordered = list(latest.values())
-            queued += await self.study(ordered, triage.as_dict() if triage else None, destinations)
+            objects, _ = await self._known_study(
+                records, study_triage(study_replies), destinations, results, tenant
+            )
+            queued += objects
         return queued
+
+    async def settled_study(
+        self, triage: StudyTriage, destinations: list[PacsDestination], results: ResultStore, tenant: str
+    ) -> tuple[int, int]:
+        """Send back a study analysed earlier, image by image (the DIMSE SCP's study once it settled).
+
+        The same objects :meth:`replies` would build for the study's last upload: every image
+        the worklist holds for it, with the worklist's triage. Returns (objects queued, images
+        they cover); an image analysed twice (sent again) counts once, with its latest result.
+        """
+        if not destinations:
+            return 0, 0
+        return await self._known_study({}, triage, destinations, results, tenant)
+
+    async def _known_study(
+        self,
+        records: dict[str, ResultRecord],
+        triage: StudyTriage | None,
+        destinations: list[PacsDestination],
+        results: ResultStore,
+        tenant: str,
+    ) -> tuple[int, int]:
+        """:meth:`study` of ``records`` and the study's other images the worklist knows: (objects, images)."""
+        if triage is not None:
+            for rid in triage.result_ids:
+                if rid not in records:
+                    try:
+                        records[rid] = await self.cpu.run(results.get, rid, tenant)
+                    except ServingError:
+                        continue  # expired: the SR covers the images still held
+        # an instance sent again (a PACS resend) has a newer result: one image, the latest answer,
+        # so the SR is the same object as before and the PACS keeps one copy
+        latest: dict[str, ResultRecord] = {}
+        for record in sorted(records.values(), key=lambda r: r.created):
+            latest[str(record.response.get("image", {}).get("sop_instance_uid") or record.request_id)] = (
+                record
+            )
+        queued = await self.study(list(latest.values()), triage.as_dict() if triage else None, destinations)
+        return queued, len(latest)
 
     # ----------------------------------------------------------------- delivery
 

@@ -1,4 +1,4 @@
-"""``POST /v1/studies/{study_uid}/analyze``: pull a study from the PACS, analyse it, send results back."""
+"""One study's PACS routes: pull and analyse it (``/analyze``), send its results back (``/send-back``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from serving.errors import InvalidImage
+from serving.errors import InvalidImage, NotFound
 from serving.gateway.deps import PacsDep, StateDep
 from serving.gateway.routes.dicomweb import base_url
 from serving.inference.detector import study_triage
@@ -57,6 +57,42 @@ async def analyze_study(
         "triage": study.as_dict() if study else None,
         "results": [r.record.response for r in replies],
         "failed": sum(o.failure_reason is not None for o in result.outcomes),
+        "sent_to": sent_to,
+        "objects_queued": queued,
+    }
+    return JSONResponse(body)
+
+
+@router.post("/{study_uid}/send-back", summary="Send a study's results, as analysed so far, back to the PACS")
+async def send_back_study(
+    study_uid: str, request: Request, state: StateDep, principal: PacsDep
+) -> JSONResponse:
+    """The study's SR and presentation states, built from every image the gateway analysed for it.
+
+    The DIMSE SCP hands each image over as it arrives (STOW-RS with ``send_back=false``) and
+    calls this once the study settled (``serving/dimse/forwarder.py``): the objects cover the
+    whole study, with the worklist's triage, exactly as a STOW-RS upload of the study with
+    ``send_back=true`` would have built them. 404 when no image of the study was analysed here.
+    """
+    check_uid(study_uid, "the study UID")
+    triage = None
+    if state.worklist is not None:
+        triage = await state.cpu.run(state.worklist.get, principal.tenant, study_uid)
+    if triage is None:
+        raise NotFound("no image of this study was analysed by this gateway (or its results expired)")
+    request.state.study_uid = study_uid  # the audit line keeps its keyed hash, never the UID
+    sent_to: list[str] = []
+    queued = images = 0
+    if state.sendback is not None:
+        destinations = state.sendback.choose(principal.tenant, True)
+        queued, images = await state.sendback.settled_study(
+            triage, destinations, state.results, principal.tenant
+        )
+        sent_to = [d.name for d in destinations]
+    body = {
+        "study_uid": study_uid,
+        "triage": triage.as_dict(),
+        "images": images,  # those the objects cover (0 when nothing is sent back)
         "sent_to": sent_to,
         "objects_queued": queued,
     }

@@ -10,6 +10,7 @@ study, and that they reference the source images.
 from __future__ import annotations
 
 import io
+import re
 import signal
 import sys
 import time
@@ -288,14 +289,24 @@ def _c_store(port: int, data: list[bytes]) -> list[int]:
         assoc.release()
 
 
+def _analysed(log: Path) -> int:
+    """Instances the SCP's log says the gateway answered for (its ``dimse_instances_analysed`` lines)."""
+    return sum(int(n) for n in re.findall(r"dimse_instances_analysed instances=(\d+)", log.read_text()))
+
+
 def test_a_study_acknowledged_before_a_crash_is_analysed_after_the_restart(pacs: RoundTrip) -> None:
     study = generate_uid()
     datasets = [make_dicom(160, 128, seed=10 + i, study_uid=study) for i in range(2)]
     sources = [str(pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID) for d in datasets]
-    first = pacs.scp("scp-crash", CXR_STUDY_SETTLE_SECONDS="3600")  # would wait an hour to analyse
+    first = pacs.scp("scp-crash", CXR_STUDY_SETTLE_SECONDS="3600")  # would wait an hour to send back
     first.start(timeout=60)
     try:
         assert _c_store(pacs.scp_port, datasets) == [0, 0]
+        # the images are analysed as they arrive, long before the study settles ...
+        deadline = time.monotonic() + 60
+        while _analysed(pacs.root / "scp-crash.log") < 2:
+            assert time.monotonic() < deadline, "the SCP did not hand the images over on arrival"
+            time.sleep(0.1)
     finally:
         assert first.proc is not None
         first.proc.send_signal(signal.SIGKILL)  # no clean shutdown: the spool is all that is left
@@ -307,6 +318,8 @@ def test_a_study_acknowledged_before_a_crash_is_analysed_after_the_restart(pacs:
         _check_results(_results(pacs.orthanc.client, study, 2), sources)
     finally:
         second.stop()
+    # ... and the restarted SCP knew it: it only sent the study's results back, analysing nothing again
+    assert "dimse_instances_analysed" not in (pacs.root / "scp-restarted.log").read_text()
     # the SCP logs what it did, never which patient's study it did it to
     for log, event in (("scp-crash.log", "dimse_store_ok"), ("scp-restarted.log", "dimse_study_forwarded")):
         text = (pacs.root / log).read_text()

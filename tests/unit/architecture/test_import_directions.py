@@ -49,7 +49,8 @@ SERVING_ALLOWED: dict[str, set[str]] = {
     "dicom": {"<root>", "inference"},  # the STOW use case runs each part through inference
     "feedback": {"<root>", "dicom"},
     "observability": {"<root>"},
-    "pacs": {"<root>", "dicom", "inference"},  # send-back builds DICOM objects of detection replies
+    # send-back builds DICOM objects of detection replies, or of a study the worklist knows
+    "pacs": {"<root>", "dicom", "inference", "triage"},
     "dimse": {"<root>", "dicom"},  # its own process: hands studies to the gateway over HTTP
     "gateway": {"<root>", "dicom", "inference", "feedback", "triage", "pacs"},
     "cli": {"<root>", "gateway"},

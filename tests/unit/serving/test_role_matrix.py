@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
+from pydicom.uid import generate_uid
 
 from serving.gateway.auth import Role
 from tests.unit.serving.serving_support import make_dicom, stow_body
@@ -21,6 +22,16 @@ Call = Callable[[TestClient, dict[str, str], str], Response]
 def _stow(c: TestClient, h: dict[str, str], rid: str) -> Response:
     body, ctype = stow_body(make_dicom(seed=5))
     return c.post("/dicomweb/studies", content=body, headers={**h, "Content-Type": ctype})
+
+
+def _send_back(c: TestClient, h: dict[str, str], rid: str) -> Response:
+    """A study's image analysed (STOW-RS, nothing sent back), then its results asked for, as the SCP does."""
+    study = generate_uid()
+    body, ctype = stow_body(make_dicom(seed=6, study_uid=study))
+    c.post(
+        "/dicomweb/studies", params={"send_back": "false"}, content=body, headers={**h, "Content-Type": ctype}
+    )
+    return c.post(f"/v1/studies/{study}/send-back", headers=h)
 
 
 def _feedback(c: TestClient, h: dict[str, str], rid: str) -> Response:
@@ -50,6 +61,7 @@ ROUTES: dict[str, tuple[Role, Call]] = {
         ),
     ),
     "POST /dicomweb/studies": (Role.pacs, _stow),
+    "POST /v1/studies/{uid}/send-back": (Role.pacs, _send_back),
     "GET /v1/results/{id}": (Role.pacs, lambda c, h, rid: c.get(f"/v1/results/{rid}", headers=h)),
     "GET /v1/results/{id}/sr": (Role.pacs, lambda c, h, rid: c.get(f"/v1/results/{rid}/sr", headers=h)),
     "GET /v1/results/{id}/preview.png": (

@@ -1,0 +1,145 @@
+"""The SCP's forwarder against an in-process gateway: images analysed on arrival, results once settled."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
+
+from serving.config import ServingSettings
+from serving.dimse.forwarder import Forwarder
+from serving.dimse.spool import InstanceSpool
+from serving.gateway.auth import hash_key
+from serving.pacs.outbox import Outbox
+from tests.unit.serving.serving_support import make_dicom, onnx_settings
+
+pytestmark = pytest.mark.unit
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    onnx_model: Path, gitops_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TestClient, ServingSettings]]:
+    """A gateway whose one PACS destination is down: what it sends back stays in its outbox to be read."""
+    from serving.gateway.app import create_app
+
+    root = tmp_path_factory.mktemp("forwarder")
+    key = f"cxr_pacs_{uuid.uuid4().hex}"
+    entry = {"id": "scp", "role": "pacs", "sha256": hash_key(key), "tenant": "hospital"}
+    (root / "keys.json").write_text(json.dumps({"keys": [entry]}))
+    down = {"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/dicom-web", "callers": ["*"]}
+    settings = onnx_settings(
+        onnx_model,
+        root / "keys.json",
+        root,
+        gitops_dir=gitops_dir,
+        pacs_destinations=[down],
+        outbox_retry_s=3600,  # one failed try, then the items wait for the test to read them
+    )
+    with TestClient(create_app(settings, use_store=False), raise_server_exceptions=False) as client:
+        client.headers["Authorization"] = f"Bearer {key}"  # the SCP's client carries its key the same way
+        yield client, settings
+
+
+def _spool_study(spool: InstanceSpool, images: int, seed: int) -> tuple[str, list[str]]:
+    study = generate_uid()
+    sops = []
+    for i in range(images):
+        data = make_dicom(seed=seed + i, study_uid=study)
+        sop = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+        spool.write(study, sop, data)
+        sops.append(sop)
+    return study, sops
+
+
+def _sent_back(settings: ServingSettings, sops: list[str]) -> dict[str, int]:
+    """SOP classes of the outbox items built from the ``sops`` sources, counted."""
+    counts: dict[str, int] = {}
+    for item in Outbox(settings.resolved_outbox_dir).items():
+        ds = pydicom.dcmread(item.folder / "object.dcm", stop_before_pixels=True)
+        referenced = {
+            str(ref.ReferencedSOPInstanceUID)
+            for series in ds.get("ReferencedSeriesSequence", [])
+            for ref in series.ReferencedImageSequence
+        } | {
+            str(ref.ReferencedSOPInstanceUID)
+            for evidence in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+            for series in evidence.ReferencedSeriesSequence
+            for ref in series.ReferencedSOPSequence
+        }
+        if referenced and referenced <= set(sops):
+            counts[item.sop_class_uid] = counts.get(item.sop_class_uid, 0) + 1
+    return counts
+
+
+def test_images_are_analysed_on_arrival_and_the_study_is_sent_back_once_settled(
+    gateway: tuple[TestClient, ServingSettings], tmp_path: Path
+) -> None:
+    client, settings = gateway
+    spool = InstanceSpool(tmp_path)
+    forwarder = Forwarder(spool, gateway_url="", api_key="", settle_s=5.0)
+    _, sops = _spool_study(spool, 2, seed=21)
+    now = time.time()
+    [arrived] = forwarder.due(now)  # not settled, but its images are due at once
+    assert len(arrived.pending) == 2
+    assert forwarder.forward(client, arrived)
+    [analysed] = spool.studies()
+    assert analysed.pending == () and len(analysed.files) == 2  # kept until its results are out
+    assert _sent_back(settings, sops) == {}  # nothing goes back before the study settles
+    assert forwarder.due(now) == []
+    [settled] = forwarder.due(now + 10)
+    assert forwarder.forward(client, settled)
+    assert spool.studies() == []
+    # one SR covering both images, one presentation state per image: as a STOW-RS of the whole study
+    assert _sent_back(settings, sops) == {SR_CLASS: 1, GSPS_CLASS: 2}
+
+
+def test_an_instance_sent_again_is_analysed_again_and_one_that_arrives_late_is_kept(
+    gateway: tuple[TestClient, ServingSettings], tmp_path: Path
+) -> None:
+    client, _ = gateway
+    spool = InstanceSpool(tmp_path)
+    forwarder = Forwarder(spool, gateway_url="", api_key="", settle_s=5.0)
+    study, sops = _spool_study(spool, 1, seed=31)
+    [first] = spool.studies()
+    assert forwarder.forward(client, first)
+    assert spool.studies()[0].pending == ()
+    spool.write(study, sops[0], make_dicom(seed=32, study_uid=study))  # the PACS resends it (a new copy)
+    [resent] = spool.studies()
+    assert len(resent.pending) == 1
+    # a copy replaced after the listing the forwarder acted on is neither marked nor removed
+    spool.write(study, sops[0], make_dicom(seed=33, study_uid=study))
+    spool.mark_analysed(resent, list(resent.pending))
+    spool.remove(resent)
+    [kept] = spool.studies()
+    assert len(kept.files) == 1 and len(kept.pending) == 1
+
+
+def test_a_study_with_no_analysed_image_has_nothing_to_send_back(
+    gateway: tuple[TestClient, ServingSettings], tmp_path: Path
+) -> None:
+    client, _ = gateway
+    response = client.post(f"/v1/studies/{generate_uid()}/send-back")
+    assert response.status_code == 404 and response.json()["error"]["code"]
+    assert client.post("/v1/studies/1.2.abc/send-back").status_code in (400, 422)
+    # the forwarder takes 404 as done: a study whose every image was refused leaves the spool
+    spool = InstanceSpool(tmp_path)
+    spool.write("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2", b"not a dicom at all")
+    forwarder = Forwarder(spool, gateway_url="", api_key="", settle_s=0.0)
+    [study] = spool.studies()
+    assert forwarder.forward(client, study)  # analysed: the gateway answered (the instance failed)
+    [study] = spool.studies()
+    assert study.pending == ()
+    assert forwarder.forward(client, study)
+    assert spool.studies() == []
