@@ -208,6 +208,9 @@ class Forwarder:
         if self._pool is None:
             workers = max(1, self.concurrency)
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dimse-fwd")
+        with self._lock:
+            if len(self._inflight) >= self.concurrency:
+                return 0  # every slot busy: a store woke us, the next freed slot will look again
         started = 0
         for study in self.due(now):
             key = study.folder.name

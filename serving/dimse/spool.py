@@ -71,6 +71,7 @@ class InstanceSpool:
         self.lock = threading.Lock()
         # set by every write: the forwarder hands a new instance to the gateway at once
         self.changed = threading.Event()
+        self._uids: dict[str, str] = {}  # study folder -> its UID, read once (the file never changes)
         for tmp in self.studies_dir.glob("*/.tmp-*"):  # a write the crash interrupted: never acknowledged
             tmp.unlink(missing_ok=True)
 
@@ -97,40 +98,60 @@ class InstanceSpool:
         return target
 
     def studies(self) -> list[SpooledStudy]:
-        """Every study waiting, the one whose first instance arrived first first (handed over in order)."""
+        """Every study waiting, the one whose first instance arrived first first (handed over in order).
+
+        Listed on every store and every finished hand-over, so one ``scandir`` per folder and a
+        cache of the (immutable) study UID files: with pathlib globs and reads, 40 waiting studies
+        cost 3.4 ms a listing, ~10 ms of the SCP's CPU per image in a burst (docs/benchmarks.md).
+        """
         out = []
-        for folder in self.studies_dir.iterdir():
+        with os.scandir(self.studies_dir) as folders:
+            entries = [e for e in folders if e.is_dir(follow_symlinks=False)]
+        for entry in entries:
+            study = self._study(Path(entry.path))
+            if study is not None:
+                out.append(study)
+        return sorted(out, key=lambda s: (s.first_arrival, s.folder.name))
+
+    def _study(self, folder: Path) -> SpooledStudy | None:
+        study_uid = self._uids.get(folder.name)
+        if study_uid is None:
             try:
                 study_uid = (folder / "study_uid").read_text().strip()
             except (FileNotFoundError, NotADirectoryError):  # not a study, or handed over meanwhile
-                continue
-            files, stamps, arrivals = [], [], []
-            for f in sorted(folder.glob("*.dcm")):
-                try:
-                    stamp, arrival = _stamp(f)
-                except FileNotFoundError:  # handed over and removed while listing
-                    continue
-                files.append(f)
-                stamps.append(stamp)
-                arrivals.append(arrival)
-            if not files:
-                continue
-            markers = {m.name for m in folder.glob("*.analysed")}
-            pending = tuple(
-                f for f, stamp in zip(files, stamps, strict=True) if _marker(f, stamp).name not in markers
-            )
-            out.append(
-                SpooledStudy(
-                    study_uid,
-                    folder,
-                    tuple(files),
-                    max(arrivals),
-                    pending=pending,
-                    first_arrival=min(arrivals),
-                    stamps=tuple(stamps),
-                )
-            )
-        return sorted(out, key=lambda s: (s.first_arrival, s.folder.name))
+                return None
+            self._uids[folder.name] = study_uid
+        found: list[tuple[Path, str, float]] = []
+        markers = set()
+        try:
+            with os.scandir(folder) as names:
+                for name in names:
+                    if name.name.endswith(".dcm"):
+                        try:
+                            st = name.stat(follow_symlinks=False)
+                        except FileNotFoundError:  # handed over and removed while listing
+                            continue
+                        found.append((Path(name.path), f"{st.st_ino}-{st.st_mtime_ns}", st.st_mtime))
+                    elif name.name.endswith(".analysed"):
+                        markers.add(name.name)
+        except FileNotFoundError:
+            return None
+        if not found:
+            return None
+        found.sort()
+        files = tuple(f for f, _, _ in found)
+        stamps = tuple(stamp for _, stamp, _ in found)
+        arrivals = [arrival for _, _, arrival in found]
+        pending = tuple(f for f, stamp, _ in found if _marker(f, stamp).name not in markers)
+        return SpooledStudy(
+            study_uid,
+            folder,
+            files,
+            max(arrivals),
+            pending=pending,
+            first_arrival=min(arrivals),
+            stamps=stamps,
+        )
 
     def settled(self, settle_s: float, now: float | None = None) -> list[SpooledStudy]:
         """Studies with no new instance for ``settle_s`` seconds: ready to be analysed."""
@@ -169,6 +190,7 @@ class InstanceSpool:
                 for leftover in study.folder.iterdir():
                     leftover.unlink(missing_ok=True)
                 study.folder.rmdir()
+                self._uids.pop(study.folder.name, None)
 
     def depth(self) -> tuple[int, int]:
         """(studies, instances) waiting."""
