@@ -52,6 +52,12 @@ def gateway(
         yield client, settings
 
 
+@pytest.fixture
+def forwarder(tmp_path: Path) -> Forwarder:
+    """A forwarder over an empty spool of its own, studies settling after 5 s."""
+    return Forwarder(InstanceSpool(tmp_path), gateway_url="", api_key="", settle_s=5.0)
+
+
 def _spool_study(spool: InstanceSpool, images: int, seed: int) -> tuple[str, list[str]]:
     study = generate_uid()
     sops = []
@@ -84,11 +90,10 @@ def _sent_back(settings: ServingSettings, sops: list[str]) -> dict[str, int]:
 
 
 def test_images_are_analysed_on_arrival_and_the_study_is_sent_back_once_settled(
-    gateway: tuple[TestClient, ServingSettings], tmp_path: Path
+    gateway: tuple[TestClient, ServingSettings], forwarder: Forwarder
 ) -> None:
     client, settings = gateway
-    spool = InstanceSpool(tmp_path)
-    forwarder = Forwarder(spool, gateway_url="", api_key="", settle_s=5.0)
+    spool = forwarder.spool
     _, sops = _spool_study(spool, 2, seed=21)
     now = time.time()
     [arrived] = forwarder.due(now)  # not settled, but its images are due at once
@@ -106,11 +111,10 @@ def test_images_are_analysed_on_arrival_and_the_study_is_sent_back_once_settled(
 
 
 def test_an_instance_sent_again_is_analysed_again_and_one_that_arrives_late_is_kept(
-    gateway: tuple[TestClient, ServingSettings], tmp_path: Path
+    gateway: tuple[TestClient, ServingSettings], forwarder: Forwarder
 ) -> None:
     client, _ = gateway
-    spool = InstanceSpool(tmp_path)
-    forwarder = Forwarder(spool, gateway_url="", api_key="", settle_s=5.0)
+    spool = forwarder.spool
     study, sops = _spool_study(spool, 1, seed=31)
     [first] = spool.studies()
     assert forwarder.forward(client, first)
