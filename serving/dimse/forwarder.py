@@ -22,8 +22,9 @@ The spool keeps a study until the gateway has sent its results back. The gateway
 overloaded or refusing our key: the study stays and is retried with backoff (an operator
 sees it in ``make status``). Instances the gateway answered for (200, 202, or 409 when none
 could be analysed) are not sent again; refused ones are named by count in the log, never by
-UID. A study none of whose images could be analysed has nothing to send back (404) and
-leaves the spool.
+UID. A send-back answered 404 (the gateway knows no analysed image of the study) sends the
+images once more, in case the gateway lost them; a second 404 means none of them could be
+analysed, and the study leaves the spool.
 """
 
 from __future__ import annotations
@@ -138,7 +139,10 @@ class Forwarder:
         except httpx.HTTPError as exc:
             log.warning("dimse_forward_retry reason=unreachable error_type=%s", type(exc).__name__)
             return False
-        if response.status_code == 404:  # no image of it could be analysed: nothing to send back
+        if response.status_code == 404:  # the gateway knows no analysed image of the study
+            if self.spool.forget_analysed(study):  # once: it may have lost them (its worklist wiped)
+                log.warning("dimse_study_unknown action=analyse_again instances=%d", len(study.files))
+                return False
             log.info("dimse_study_forwarded instances=%d analysed=0 objects_queued=0", len(study.files))
             return True
         if response.status_code != 200:
@@ -157,7 +161,8 @@ class Forwarder:
         """One step for ``study``: analyse what is pending, else send its results back.
 
         True when the step succeeded: the pending instances were answered for, or the study's
-        results were queued and the study left the spool.
+        results were queued and the study left the spool. False when it is to be retried (after a
+        backoff), e.g. its images are to be analysed again.
         """
         if study.pending:
             return self.analyse(client, study)

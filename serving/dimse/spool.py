@@ -170,6 +170,23 @@ class InstanceSpool:
                 if f.exists() and f in stamp:
                     _marker(f, stamp[f]).touch()
 
+    def forget_analysed(self, study: SpooledStudy) -> bool:
+        """Clear the study's analysed markers, once: its images go to the gateway again.
+
+        For a gateway that answered 404 to the study's send-back although it had answered for
+        its images (its worklist lost or purged): the images are analysed again rather than the
+        study dropped without results. False when this was done before for the study (its
+        images were then all refused: the 404 is the gateway's last word).
+        """
+        flag = study.folder / "analysed-again"
+        with self.lock:
+            if flag.exists():
+                return False
+            flag.touch()
+            for marker in study.folder.glob("*.analysed"):
+                marker.unlink(missing_ok=True)
+        return True
+
     def remove(self, study: SpooledStudy) -> None:
         """Drop the instances that were handed over; the folder goes only if nothing new arrived.
 

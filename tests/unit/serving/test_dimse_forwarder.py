@@ -137,13 +137,33 @@ def test_a_study_with_no_analysed_image_has_nothing_to_send_back(
     response = client.post(f"/v1/studies/{generate_uid()}/send-back")
     assert response.status_code == 404 and response.json()["error"]["code"]
     assert client.post("/v1/studies/1.2.abc/send-back").status_code in (400, 422)
-    # the forwarder takes 404 as done: a study whose every image was refused leaves the spool
+    # a study whose every image is refused leaves the spool, after one more try of its images
     spool = InstanceSpool(tmp_path)
     spool.write("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2", b"not a dicom at all")
     forwarder = Forwarder(spool, gateway_url="", api_key="", settle_s=0.0)
+    for _ in range(2):
+        [study] = spool.studies()
+        assert forwarder.forward(client, study)  # analysed: the gateway answered (the instance failed)
+        [study] = spool.studies()
+        assert study.pending == ()
+        done = forwarder.forward(client, study)  # 404
+    assert done and spool.studies() == []
+
+
+def test_a_study_the_gateway_forgot_is_analysed_again_not_dropped(
+    gateway: tuple[TestClient, ServingSettings], forwarder: Forwarder
+) -> None:
+    """The images were answered for, then the gateway lost them (its worklist wiped): no result lost."""
+    client, settings = gateway
+    spool = forwarder.spool
+    _, sops = _spool_study(spool, 2, seed=41)
     [study] = spool.studies()
-    assert forwarder.forward(client, study)  # analysed: the gateway answered (the instance failed)
+    spool.mark_analysed(study, list(study.files))  # as if analysed by a gateway that forgot since
     [study] = spool.studies()
-    assert study.pending == ()
+    assert not forwarder.forward(client, study)  # 404: the images go again, the study stays
+    [study] = spool.studies()
+    assert len(study.pending) == 2
     assert forwarder.forward(client, study)
+    assert forwarder.forward(client, spool.studies()[0])
     assert spool.studies() == []
+    assert _sent_back(settings, sops) == {SR_CLASS: 1, GSPS_CLASS: 2}
