@@ -80,11 +80,23 @@ class NotFound(ServingError):
     code = "not_found"
 
 
+class StudyNotAnalysed(NotFound):
+    """404: no image of the study was analysed by this gateway (all refused, or its worklist lost)."""
+
+    code = "study_not_analysed"
+
+
 class Conflict(ServingError):
     """409: the request conflicts with what is stored (e.g. SR of a non-DICOM input)."""
 
     status = 409
     code = "conflict"
+
+
+class StudyResultsMissing(Conflict):
+    """409: the study's images were analysed, but none of their results or sources is still held."""
+
+    code = "study_results_missing"
 
 
 class RateLimited(ServingError):

@@ -18,13 +18,17 @@ upload: there is no second code path.
    their inference, which cost a burst of studies the first settle time with the gateway idle
    (docs/benchmarks.md, "PACS round trip").
 
-The spool keeps a study until the gateway has sent its results back. The gateway down,
+The spool keeps a study until the gateway has queued its results for the PACS. The gateway down,
 overloaded or refusing our key: the study stays and is retried with backoff (an operator
 sees it in ``make status``). Instances the gateway answered for (200, 202, or 409 when none
 could be analysed) are not sent again; refused ones are named by count in the log, never by
-UID. A send-back answered 404 (the gateway knows no analysed image of the study) sends the
-images once more, in case the gateway lost them; a second 404 means none of them could be
-analysed, and the study leaves the spool.
+UID. A send-back answered ``study_not_analysed`` (404: the gateway knows no analysed image of
+the study) or ``study_results_missing`` (409: it no longer holds their results) sends the
+images once more, in case the gateway lost them; the same answer again means none of them can
+be analysed, and the study leaves the spool. Any other refusal (a proxy's 404, an older
+gateway without the route) is retried with backoff: an acknowledged image is never dropped on
+a guess. The SCP must reach one gateway, or gateways sharing their worklist and results: the
+send-back is built from what the gateway that answers it has analysed.
 """
 
 from __future__ import annotations
@@ -62,6 +66,14 @@ def related_body(parts: list[bytes]) -> tuple[bytes, str]:
     return b"".join(chunks), f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
+def _error_code(response: httpx.Response) -> str:
+    """The gateway's error code (``{"error": {"code"}}``); empty for any other body (a proxy's 404)."""
+    try:
+        return str(response.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
 def batches(files: tuple[Path, ...], max_bytes: int, max_parts: int = _MAX_PARTS) -> list[list[Path]]:
     """Files grouped into requests under the part and byte limits (one file per request at worst)."""
     out: list[list[Path]] = []
@@ -97,7 +109,7 @@ class Forwarder:
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
-    # studies being forwarded now: a new settled study starts as soon as a slot frees, not when the
+    # studies with a step in flight now: the next step starts as soon as a slot frees, not when the
     # slowest of a batch is done (a batch would hold three idle slots behind one big study)
     _inflight: set[str] = field(default_factory=set)
     _pool: ThreadPoolExecutor | None = None
@@ -139,11 +151,18 @@ class Forwarder:
         except httpx.HTTPError as exc:
             log.warning("dimse_forward_retry reason=unreachable error_type=%s", type(exc).__name__)
             return False
-        if response.status_code == 404:  # the gateway knows no analysed image of the study
-            if self.spool.forget_analysed(study):  # once: it may have lost them (its worklist wiped)
-                log.warning("dimse_study_unknown action=analyse_again instances=%d", len(study.files))
+        code = _error_code(response) if response.status_code in (404, 409) else ""
+        if code in ("study_not_analysed", "study_results_missing"):  # it holds nothing to send back
+            if self.spool.forget_analysed(study):  # once: send the images again (it may have lost them)
+                log.warning(
+                    "dimse_study_unknown code=%s action=analyse_again instances=%d", code, len(study.files)
+                )
                 return False
-            log.info("dimse_study_forwarded instances=%d analysed=0 objects_queued=0", len(study.files))
+            log.info(
+                "dimse_study_forwarded instances=%d analysed=0 objects_queued=0 code=%s",
+                len(study.files),
+                code,
+            )
             return True
         if response.status_code != 200:
             log.warning("dimse_forward_retry reason=gateway_status status=%d", response.status_code)
@@ -225,7 +244,13 @@ class Forwarder:
                 if key in self._inflight or self._next_try.get(key, 0.0) > now:
                     continue
                 self._inflight.add(key)
-            self._pool.submit(self._attempt, client, study, now)
+            # the listing may predate a step that finished since: act on the study as it is now
+            fresh = self.spool.study(study.folder)
+            if fresh is None or not (fresh.pending or now - fresh.last_arrival >= self.settle_s):
+                with self._lock:
+                    self._inflight.discard(key)
+                continue
+            self._pool.submit(self._attempt, client, fresh, now)
             started += 1
         return started
 

@@ -10,7 +10,8 @@ pynetdicom does the protocol. What this module decides:
   instead of an association it cannot use;
 - that an instance is only acknowledged once the guarded reader has parsed its header,
   its UIDs match the request, and it is fsync'd in the spool (``spool.py``): Success means
-  "it cannot be lost". Analysis happens later, per study, in ``forwarder.py``.
+  "it cannot be lost". The forwarder (``forwarder.py``) then hands it to the gateway at once,
+  and the study's results are sent back once it settled.
 """
 
 from __future__ import annotations

@@ -91,6 +91,8 @@ class InstanceSpool:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
+            for marker in folder.glob(f"{target.stem}.*.analysed"):  # a new copy: analysed afresh
+                marker.unlink(missing_ok=True)
             _fsync_dir(folder)
             if new_folder:
                 _fsync_dir(self.studies_dir)
@@ -108,12 +110,13 @@ class InstanceSpool:
         with os.scandir(self.studies_dir) as folders:
             entries = [e for e in folders if e.is_dir(follow_symlinks=False)]
         for entry in entries:
-            study = self._study(Path(entry.path))
+            study = self.study(Path(entry.path))
             if study is not None:
                 out.append(study)
         return sorted(out, key=lambda s: (s.first_arrival, s.folder.name))
 
-    def _study(self, folder: Path) -> SpooledStudy | None:
+    def study(self, folder: Path) -> SpooledStudy | None:
+        """The study in ``folder`` as it is now; None once handed over (or not a study)."""
         study_uid = self._uids.get(folder.name)
         if study_uid is None:
             try:
@@ -154,7 +157,7 @@ class InstanceSpool:
         )
 
     def settled(self, settle_s: float, now: float | None = None) -> list[SpooledStudy]:
-        """Studies with no new instance for ``settle_s`` seconds: ready to be analysed."""
+        """Studies with no new instance for ``settle_s`` seconds: complete, their results due."""
         now = time.time() if now is None else now
         return [s for s in self.studies() if now - s.last_arrival >= settle_s]
 
@@ -167,8 +170,12 @@ class InstanceSpool:
         stamp = dict(zip(study.files, study.stamps, strict=True))
         with self.lock:
             for f in files:
-                if f.exists() and f in stamp:
-                    _marker(f, stamp[f]).touch()
+                try:
+                    current = _stamp(f)[0]
+                except FileNotFoundError:
+                    continue
+                if stamp.get(f) == current:
+                    _marker(f, current).touch()
 
     def forget_analysed(self, study: SpooledStudy) -> bool:
         """Clear the study's analysed markers, once: its images go to the gateway again.
@@ -182,9 +189,12 @@ class InstanceSpool:
         with self.lock:
             if flag.exists():
                 return False
-            flag.touch()
             for marker in study.folder.glob("*.analysed"):
                 marker.unlink(missing_ok=True)
+            _fsync_dir(study.folder)  # the markers are gone before the flag says the retry was given
+            with open(flag, "wb") as fh:
+                os.fsync(fh.fileno())
+            _fsync_dir(study.folder)
         return True
 
     def remove(self, study: SpooledStudy) -> None:

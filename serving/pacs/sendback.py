@@ -184,7 +184,8 @@ class SendBack:
 
         The same objects :meth:`replies` would build for the study's last upload: every image
         the worklist holds for it, with the worklist's triage. Returns (objects queued, images
-        they cover); an image analysed twice (sent again) counts once, with its latest result.
+        they cover: those whose result and source are still held); an image analysed twice (sent
+        again) counts once, with its latest result.
         """
         if not destinations:
             return 0, 0
@@ -214,7 +215,9 @@ class SendBack:
                 record
             )
         queued = await self.study(list(latest.values()), triage.as_dict() if triage else None, destinations)
-        return queued, len(latest)
+        # the images the objects can cover: a record past source retention is left out by build()
+        buildable = sum(r.source is not None and r.source_format == "dicom" for r in latest.values())
+        return queued, buildable
 
     # ----------------------------------------------------------------- delivery
 

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from serving.errors import InvalidImage, NotFound
+from serving.errors import InvalidImage, StudyNotAnalysed, StudyResultsMissing
 from serving.gateway.deps import PacsDep, StateDep
 from serving.gateway.routes.dicomweb import base_url
 from serving.inference.detector import study_triage
@@ -72,15 +72,18 @@ async def send_back_study(
     The DIMSE SCP hands each image over as it arrives (STOW-RS with ``send_back=false``) and
     calls this once the study settled (``serving/dimse/forwarder.py``): the objects cover the
     whole study, with the worklist's triage, exactly as a STOW-RS upload of the study with
-    ``send_back=true`` would have built them. 404 when no image of the study was analysed here.
+    ``send_back=true`` would have built them. 404 ``study_not_analysed`` when no image of the
+    study was analysed here; 409 ``study_results_missing`` when none of them can be built any
+    more (results or sources past retention). Either way the caller holds the images and can
+    send them again.
     """
     check_uid(study_uid, "the study UID")
+    request.state.study_uid = study_uid  # the audit line keeps its keyed hash, never the UID
     triage = None
     if state.worklist is not None:
         triage = await state.cpu.run(state.worklist.get, principal.tenant, study_uid)
     if triage is None:
-        raise NotFound("no image of this study was analysed by this gateway (or its results expired)")
-    request.state.study_uid = study_uid  # the audit line keeps its keyed hash, never the UID
+        raise StudyNotAnalysed("no image of this study was analysed by this gateway (or its results expired)")
     sent_to: list[str] = []
     queued = images = 0
     if state.sendback is not None:
@@ -88,6 +91,11 @@ async def send_back_study(
         queued, images = await state.sendback.settled_study(
             triage, destinations, state.results, principal.tenant
         )
+        if destinations and not images:
+            raise StudyResultsMissing(
+                f"the study's {triage.images} analysed image(s) are no longer held here "
+                "(results or sources expired): send the images again"
+            )
         sent_to = [d.name for d in destinations]
     body = {
         "study_uid": study_uid,

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.unit
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+OTHER_TENANT_KEY = f"cxr_pacs_{uuid.uuid4().hex}"
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,11 @@ def gateway(
 
     root = tmp_path_factory.mktemp("forwarder")
     key = f"cxr_pacs_{uuid.uuid4().hex}"
-    entry = {"id": "scp", "role": "pacs", "sha256": hash_key(key), "tenant": "hospital"}
-    (root / "keys.json").write_text(json.dumps({"keys": [entry]}))
+    entries = [
+        {"id": "scp", "role": "pacs", "sha256": hash_key(key), "tenant": "hospital"},
+        {"id": "other", "role": "pacs", "sha256": hash_key(OTHER_TENANT_KEY), "tenant": "elsewhere"},
+    ]
+    (root / "keys.json").write_text(json.dumps({"keys": entries}))
     down = {"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/dicom-web", "callers": ["*"]}
     settings = onnx_settings(
         onnx_model,
@@ -135,7 +139,7 @@ def test_a_study_with_no_analysed_image_has_nothing_to_send_back(
 ) -> None:
     client, _ = gateway
     response = client.post(f"/v1/studies/{generate_uid()}/send-back")
-    assert response.status_code == 404 and response.json()["error"]["code"]
+    assert response.status_code == 404 and response.json()["error"]["code"] == "study_not_analysed"
     assert client.post("/v1/studies/1.2.abc/send-back").status_code in (400, 422)
     # a study whose every image is refused leaves the spool, after one more try of its images
     spool = InstanceSpool(tmp_path)
@@ -167,3 +171,35 @@ def test_a_study_the_gateway_forgot_is_analysed_again_not_dropped(
     assert forwarder.forward(client, spool.studies()[0])
     assert spool.studies() == []
     assert _sent_back(settings, sops) == {SR_CLASS: 1, GSPS_CLASS: 2}
+
+
+def test_another_tenants_key_cannot_send_a_study_back(
+    gateway: tuple[TestClient, ServingSettings], forwarder: Forwarder
+) -> None:
+    client, settings = gateway
+    study, sops = _spool_study(forwarder.spool, 1, seed=51)
+    assert forwarder.forward(client, forwarder.spool.studies()[0])  # analysed under "hospital"
+    other = client.post(
+        f"/v1/studies/{study}/send-back", headers={"Authorization": f"Bearer {OTHER_TENANT_KEY}"}
+    )
+    assert other.status_code == 404 and other.json()["error"]["code"] == "study_not_analysed"
+    assert _sent_back(settings, sops) == {}
+
+
+def test_a_404_that_is_not_the_gateways_answer_is_retried_never_taken_as_done(forwarder: Forwarder) -> None:
+    """A proxy, or a gateway without the route, answers 404 too: the acknowledged images must stay."""
+    import httpx
+
+    spool = forwarder.spool
+    _spool_study(spool, 2, seed=61)
+    [study] = spool.studies()
+    spool.mark_analysed(study, list(study.files))
+    [study] = spool.studies()
+    answers = iter([httpx.Response(404, text="Not Found"), httpx.Response(404, json={"detail": "Not Found"})])
+    with httpx.Client(
+        transport=httpx.MockTransport(lambda request: next(answers)), base_url="http://gw"
+    ) as proxy:
+        for _ in range(2):
+            assert not forwarder.forward(proxy, study)
+    [kept] = spool.studies()
+    assert len(kept.files) == 2 and kept.pending == ()  # nothing dropped, nothing to analyse again
