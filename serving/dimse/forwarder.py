@@ -219,8 +219,13 @@ class Forwarder:
         by first arrival.
         """
         studies = self.spool.studies()
-        settled = [s for s in studies if not s.pending and now - s.last_arrival >= self.settle_s]
-        return settled + [s for s in studies if s.pending]
+        return [s for s in studies if not s.pending and self._is_due(s, now)] + [
+            s for s in studies if s.pending
+        ]
+
+    def _is_due(self, study: SpooledStudy, now: float) -> bool:
+        """Pending instances are due at once; a study with none, once it settled."""
+        return bool(study.pending) or now - study.last_arrival >= self.settle_s
 
     def run_once(self, client: httpx.Client, now: float | None = None) -> int:
         """Start the due steps (:meth:`due`) into free slots (at most ``concurrency`` in flight).
@@ -246,7 +251,7 @@ class Forwarder:
                 self._inflight.add(key)
             # the listing may predate a step that finished since: act on the study as it is now
             fresh = self.spool.study(study.folder)
-            if fresh is None or not (fresh.pending or now - fresh.last_arrival >= self.settle_s):
+            if fresh is None or not self._is_due(fresh, now):
                 with self._lock:
                     self._inflight.discard(key)
                 continue

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,20 +46,27 @@ class SpooledStudy:
     folder: Path
     files: tuple[Path, ...]
     last_arrival: float
-    pending: tuple[Path, ...] = ()
-    first_arrival: float = 0.0
+    pending: tuple[Path, ...]
+    first_arrival: float
     # each file's copy when listed (inode and mtime): the analysed marker names the copy it was made for
-    stamps: tuple[str, ...] = ()
+    stamps: tuple[str, ...]
 
 
 def _marker(instance: Path, stamp: str) -> Path:
     return instance.with_name(f"{instance.stem}.{stamp}.analysed")
 
 
-def _stamp(instance: Path) -> tuple[str, float]:
-    """(which copy of the instance this is, its arrival time); FileNotFoundError once removed."""
-    st = instance.stat()
-    return f"{st.st_ino}-{st.st_mtime_ns}", st.st_mtime
+def _copy_id(st: os.stat_result) -> str:
+    """Which copy of an instance a stat describes: a resend is a new file (inode) written later (mtime)."""
+    return f"{st.st_ino}-{st.st_mtime_ns}"
+
+
+def _current_copy(instance: Path) -> str | None:
+    """The copy of ``instance`` on disk now; None once removed."""
+    try:
+        return _copy_id(instance.stat())
+    except FileNotFoundError:
+        return None
 
 
 class InstanceSpool:
@@ -104,7 +110,8 @@ class InstanceSpool:
 
         Listed on every store and every finished hand-over, so one ``scandir`` per folder and a
         cache of the (immutable) study UID files: with pathlib globs and reads, 40 waiting studies
-        cost 3.4 ms a listing, ~10 ms of the SCP's CPU per image in a burst (docs/benchmarks.md).
+        cost 3.4 ms a listing (1.5 ms now), and the SCP's CPU per image in a burst rose from ~15 to
+        ~20 ms (docs/benchmarks.md, "Images analysed on arrival").
         """
         out = []
         with os.scandir(self.studies_dir) as folders:
@@ -134,7 +141,7 @@ class InstanceSpool:
                             st = name.stat(follow_symlinks=False)
                         except FileNotFoundError:  # handed over and removed while listing
                             continue
-                        found.append((Path(name.path), f"{st.st_ino}-{st.st_mtime_ns}", st.st_mtime))
+                        found.append((Path(name.path), _copy_id(st), st.st_mtime))
                     elif name.name.endswith(".analysed"):
                         markers.add(name.name)
         except FileNotFoundError:
@@ -156,34 +163,26 @@ class InstanceSpool:
             stamps=stamps,
         )
 
-    def settled(self, settle_s: float, now: float | None = None) -> list[SpooledStudy]:
-        """Studies with no new instance for ``settle_s`` seconds: complete, their results due."""
-        now = time.time() if now is None else now
-        return [s for s in self.studies() if now - s.last_arrival >= settle_s]
-
     def mark_analysed(self, study: SpooledStudy, files: list[Path]) -> None:
         """Note that the gateway has answered for ``files`` (as listed in ``study``): not sent again.
 
         A file replaced since it was listed (the instance sent again) keeps no marker of its new
         copy, so the new copy is analysed too.
         """
-        stamp = dict(zip(study.files, study.stamps, strict=True))
+        listed = dict(zip(study.files, study.stamps, strict=True))
         with self.lock:
             for f in files:
-                try:
-                    current = _stamp(f)[0]
-                except FileNotFoundError:
-                    continue
-                if stamp.get(f) == current:
+                current = _current_copy(f)
+                if current is not None and listed.get(f) == current:
                     _marker(f, current).touch()
 
     def forget_analysed(self, study: SpooledStudy) -> bool:
         """Clear the study's analysed markers, once: its images go to the gateway again.
 
-        For a gateway that answered 404 to the study's send-back although it had answered for
-        its images (its worklist lost or purged): the images are analysed again rather than the
-        study dropped without results. False when this was done before for the study (its
-        images were then all refused: the 404 is the gateway's last word).
+        For a gateway whose send-back answer says it holds nothing of the study although it had
+        answered for its images (its worklist lost, or the results expired): the images are
+        analysed again rather than the study dropped without results. False when this was done
+        before for the study (its images were then all refused: the answer is the gateway's last word).
         """
         flag = study.folder / "analysed-again"
         with self.lock:
@@ -202,14 +201,12 @@ class InstanceSpool:
 
         An instance replaced after ``study`` was listed (sent again meanwhile) stays, unanalysed.
         """
-        stamp = dict(zip(study.files, study.stamps, strict=True))
+        listed = dict(zip(study.files, study.stamps, strict=True))
         with self.lock:
             for f in study.files:
-                try:
-                    if f in stamp and _stamp(f)[0] != stamp[f]:
-                        continue
-                except FileNotFoundError:
-                    pass
+                current = _current_copy(f)
+                if current is not None and current != listed[f]:
+                    continue  # sent again since the listing: that copy is still to be analysed
                 f.unlink(missing_ok=True)
                 for marker in study.folder.glob(f"{f.stem}.*.analysed"):
                     marker.unlink(missing_ok=True)

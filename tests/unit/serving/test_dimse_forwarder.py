@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from serving.config import ServingSettings
 from serving.dimse.forwarder import Forwarder
-from serving.dimse.spool import InstanceSpool
+from serving.dimse.spool import InstanceSpool, SpooledStudy
 from serving.gateway.auth import hash_key
 from serving.pacs.outbox import Outbox
 from tests.unit.serving.serving_support import make_dicom, onnx_settings
@@ -70,6 +70,16 @@ def _spool_study(spool: InstanceSpool, images: int, seed: int) -> tuple[str, lis
         sop = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
         spool.write(study, sop, data)
         sops.append(sop)
+    return study, sops
+
+
+def _answered_study(spool: InstanceSpool, images: int, seed: int) -> tuple[SpooledStudy, list[str]]:
+    """A spooled study whose images are marked answered for, without the gateway having seen them."""
+    _, sops = _spool_study(spool, images, seed)
+    [study] = spool.studies()
+    spool.mark_analysed(study, list(study.files))
+    [study] = spool.studies()
+    assert study.pending == ()
     return study, sops
 
 
@@ -160,10 +170,7 @@ def test_a_study_the_gateway_forgot_is_analysed_again_not_dropped(
     """The images were answered for, then the gateway lost them (its worklist wiped): no result lost."""
     client, settings = gateway
     spool = forwarder.spool
-    _, sops = _spool_study(spool, 2, seed=41)
-    [study] = spool.studies()
-    spool.mark_analysed(study, list(study.files))  # as if analysed by a gateway that forgot since
-    [study] = spool.studies()
+    study, sops = _answered_study(spool, 2, seed=41)  # as if analysed by a gateway that forgot since
     assert not forwarder.forward(client, study)  # 404: the images go again, the study stays
     [study] = spool.studies()
     assert len(study.pending) == 2
@@ -191,10 +198,7 @@ def test_a_404_that_is_not_the_gateways_answer_is_retried_never_taken_as_done(fo
     import httpx
 
     spool = forwarder.spool
-    _spool_study(spool, 2, seed=61)
-    [study] = spool.studies()
-    spool.mark_analysed(study, list(study.files))
-    [study] = spool.studies()
+    study, _ = _answered_study(spool, 2, seed=61)
     answers = iter([httpx.Response(404, text="Not Found"), httpx.Response(404, json={"detail": "Not Found"})])
     with httpx.Client(
         transport=httpx.MockTransport(lambda request: next(answers)), base_url="http://gw"

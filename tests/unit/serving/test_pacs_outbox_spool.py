@@ -27,9 +27,9 @@ def test_spool_keeps_instances_per_study_and_settles_by_newest_arrival(tmp_path:
     [study_a, _] = sorted(spool.studies(), key=lambda s: s.study_uid)
     assert study_a.study_uid == "1.2.3" and len(study_a.files) == 2
     assert spool.depth() == (2, 3)
-    # the second instance of 1.2.3 just arrived: neither study has settled for 5 s
-    assert spool.settled(5.0) == []
-    assert sorted(s.study_uid for s in spool.settled(5.0, now=time.time() + 10)) == ["1.2.3", "1.2.4"]
+    # the settle clock is the newest arrival: the second instance of 1.2.3 just arrived
+    assert time.time() - study_a.last_arrival < 5.0 and study_a.first_arrival <= old + 1
+    assert [s.study_uid for s in spool.studies()] == ["1.2.3", "1.2.4"]  # the oldest first
     # a hostile UID never becomes a path
     assert all(len(f.stem) == 32 for f in study_a.files)
 
