@@ -28,9 +28,12 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from core.variants import served_label
+from serving.dicom.iod_lookups import memoize_highdicom_lookups
 from serving.dicom.sr_document import comprehensive_sr
 from serving.dicom.uids import derived_uid
 from serving.errors import Conflict
+
+memoize_highdicom_lookups()  # the SR's and presentation states' builders ask them per object
 
 # Private coding scheme for the 14 VinDr findings: no single standard code
 # system covers all of them (e.g. "Other lesion"), so each keeps its VinDr id.

@@ -1,0 +1,63 @@
+"""highdicom's two IOD table lookups, each answered once per argument set.
+
+Why: building a study's SR and presentation states asks highdicom, ~15 times for a two-image
+study, whether an attribute is part of an IOD (``is_attribute_in_iod``: ``SOPClass`` checks
+ContentDate and ContentTime for its own class; every referenced image is checked for pixel
+data and frames, ``does_iod_have_pixel_data``). Each call walks every attribute of every module
+of the IOD in the standard's tables, ~0.3 ms, for an answer that depends only on its arguments
+and tables loaded once: 4.7 of the 23.6 ms a two-image study's objects took to build and
+write (docs/benchmarks.md, "highdicom's IOD lookups, once per argument set").
+
+highdicom has no cache of its own for them, and its modules import the two functions by name,
+so :func:`memoize_highdicom_lookups` puts the memoized versions under those names in every
+highdicom module that holds them (its ``_standard_utils`` too, so a module imported later gets
+them as well). Hand-written because no library offers it; the answers are the functions' own
+(``tests/unit/serving/test_iod_lookups.py`` holds them equal).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import highdicom._standard_utils as _standard_utils
+
+#: The distinct (attribute, SOP class) questions kept; the SOP classes we build or reference
+#: are a handful, so this only bounds a process that sees unusual ones.
+CACHE_SIZE = 1024
+
+_NAMES = ("is_attribute_in_iod", "does_iod_have_pixel_data")
+
+
+def _memoized(original: Callable[..., bool]) -> Callable[..., bool]:
+    """``original`` answering each (args, excluded path elements) once; its errors are not cached."""
+
+    @functools.lru_cache(maxsize=CACHE_SIZE)
+    def cached(*key: Any) -> bool:
+        *args, exclude = key
+        return original(*args) if exclude is None else original(*args, exclude_path_elements=list(exclude))
+
+    @functools.wraps(original)
+    def lookup(*args: str, exclude_path_elements: Sequence[str] | None = None) -> bool:
+        exclude = None if exclude_path_elements is None else tuple(exclude_path_elements)
+        return cached(*(str(a) for a in args), exclude)
+
+    lookup.cache_info = cached.cache_info  # type: ignore[attr-defined]
+    lookup.__wrapped_original__ = original  # type: ignore[attr-defined]
+    return lookup
+
+
+def memoize_highdicom_lookups() -> dict[str, Callable[..., bool]]:
+    """Install the memoized lookups (once per process; later calls find them installed)."""
+    installed: dict[str, Callable[..., bool]] = {}
+    for name in _NAMES:
+        current = getattr(_standard_utils, name)
+        original = getattr(current, "__wrapped_original__", current)
+        memo = current if original is not current else _memoized(original)
+        installed[name] = memo
+        for module_name, module in list(sys.modules.items()):
+            if module_name.split(".")[0] == "highdicom" and getattr(module, name, None) is original:
+                setattr(module, name, memo)
+    return installed
