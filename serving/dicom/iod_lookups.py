@@ -18,8 +18,9 @@ them as well). Hand-written because no library offers it; the answers are the fu
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import highdicom._standard_utils as _standard_utils
@@ -31,18 +32,25 @@ CACHE_SIZE = 1024
 _NAMES = ("is_attribute_in_iod", "does_iod_have_pixel_data")
 
 
+def _hashable(value: Any) -> Any:
+    """A sequence of path elements as a tuple, a UID as its plain str (the same question), None as is."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return None if value is None else str(value)
+
+
 def _memoized(original: Callable[..., bool]) -> Callable[..., bool]:
-    """``original`` answering each (args, excluded path elements) once; its errors are not cached."""
+    """``original`` answering each set of arguments once (however passed); its errors are not cached."""
+    signature = inspect.signature(original)
 
     @functools.lru_cache(maxsize=CACHE_SIZE)
-    def cached(*key: Any) -> bool:
-        *args, exclude = key
-        return original(*args) if exclude is None else original(*args, exclude_path_elements=list(exclude))
+    def cached(key: tuple[tuple[str, Any], ...]) -> bool:
+        return original(**{name: list(value) if isinstance(value, tuple) else value for name, value in key})
 
     @functools.wraps(original)
-    def lookup(*args: str, exclude_path_elements: Sequence[str] | None = None) -> bool:
-        exclude = None if exclude_path_elements is None else tuple(exclude_path_elements)
-        return cached(*(str(a) for a in args), exclude)
+    def lookup(*args: Any, **kwargs: Any) -> bool:
+        bound = signature.bind(*args, **kwargs)
+        return cached(tuple((name, _hashable(value)) for name, value in bound.arguments.items()))
 
     lookup.cache_info = cached.cache_info  # type: ignore[attr-defined]
     lookup.__wrapped_original__ = original  # type: ignore[attr-defined]

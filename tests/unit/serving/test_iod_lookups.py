@@ -46,6 +46,7 @@ def test_the_memoized_answers_are_highdicoms(lookups: dict, sop_class: str) -> N
         expected = in_iod.__wrapped_original__(attribute, sop_class)
         assert in_iod(attribute, sop_class) is expected
         assert in_iod(attribute, UID(sop_class)) is expected  # a UID asks the same question as its str
+        assert in_iod(attribute=attribute, sop_class_uid=sop_class) is expected  # by keyword too
         excluded = ["SharedFunctionalGroupsSequence"]
         assert in_iod(attribute, sop_class, exclude_path_elements=excluded) is in_iod.__wrapped_original__(
             attribute, sop_class, exclude_path_elements=excluded
