@@ -404,8 +404,11 @@ if __name__ == "__main__":
     from core.offline import apply_offline_env
 
     apply_offline_env(Path(os.environ.get("CXR_STACK_DIR", ".stack")))
-    # `python -m benchmarks.train_bench quality '{"epochs": 35}'`: the quality run alone, recipe overridden
+    # `python -m benchmarks.train_bench quality '{"epochs": 35}'`: the quality run alone, recipe overridden;
+    # the patient salt is fixed (CXR_PATIENT_SALT overrides it), so reruns and recipes are compared on
+    # the same split of the 300 phantoms (each run had its own before: a class's AP moved with it)
     if len(sys.argv) > 1 and sys.argv[1] == "quality":
+        os.environ.setdefault("CXR_PATIENT_SALT", "train-bench-quality")
         with tempfile.TemporaryDirectory(prefix="cxr-train-quality-") as tmp:
             extra = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
             print(json.dumps(train_quality(Path(tmp), overrides=extra), indent=2))
