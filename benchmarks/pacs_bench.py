@@ -342,7 +342,7 @@ def run_pacs_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
             "roundtrip_img_s": round(trip_rate, 2),
             # each process's CPU (user + system) per image in each timed phase: where the round trip's
             # cost beyond /v1/detect goes (the detect phase's SCP and Orthanc figures are idle noise;
-            # since 2026-12-06 the round trip's excludes the untimed upload of the study to Orthanc)
+            # the round trip's leave out the untimed upload of the studies to Orthanc)
             "cpu_ms_per_image": cpu_ms,
             "image": "1024x1024 phantom DICOM (data_pipeline.synth)",
         },

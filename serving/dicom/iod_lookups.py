@@ -4,9 +4,10 @@ Why: building a study's SR and presentation states asks highdicom, ~15 times for
 study, whether an attribute is part of an IOD (``is_attribute_in_iod``: ``SOPClass`` checks
 ContentDate and ContentTime for its own class; every referenced image is checked for pixel
 data and frames, ``does_iod_have_pixel_data``). Each call walks every attribute of every module
-of the IOD in the standard's tables, ~0.3 ms, for an answer that depends only on its arguments
-and tables loaded once: 4.7 of the 23.6 ms a two-image study's objects took to build and
-write (docs/benchmarks.md, "highdicom's IOD lookups, once per argument set").
+of the IOD in the standard's tables, for an answer that depends only on its arguments and
+tables loaded once. Answered once, a two-image study's objects took 21.7-22.4 ms to build and
+write instead of 27.4-29.1 (``send_back_bundle_ms`` of ``python -m benchmarks.pacs_bench``;
+docs/benchmarks.md, "highdicom's IOD lookups, once per argument set").
 
 highdicom has no cache of its own for them, and its modules import the two functions by name,
 so :func:`memoize_highdicom_lookups` puts the memoized versions under those names in every

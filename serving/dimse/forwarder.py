@@ -13,10 +13,9 @@ upload: there is no second code path.
    ``CXR_STUDY_SETTLE_SECONDS`` and every one has been answered for,
    ``POST /v1/studies/{study}/send-back`` builds the study's SR and presentation states from
    every image the gateway analysed for it and queues them for the PACS. The study-level
-   outputs (the SR, its triage) therefore always cover the whole study, as before; what
-   changed (nineteenth session) is that the images no longer wait for the settle time before
-   their inference, which cost a burst of studies the first settle time with the gateway idle
-   (docs/benchmarks.md, "PACS round trip").
+   outputs (the SR, its triage) therefore always cover the whole study, while the images'
+   inference does not wait for the settle time (waiting left the gateway idle for the first
+   settle time of every burst of studies: docs/benchmarks.md, "PACS round trip").
 
 The spool keeps a study until the gateway has queued its results for the PACS. The gateway down,
 overloaded or refusing our key: the study stays and is retried with backoff (an operator
@@ -218,10 +217,8 @@ class Forwarder:
         Settled studies first (each finishes a study: its results reach the PACS sooner), then
         by first arrival.
         """
-        studies = self.spool.studies()
-        return [s for s in studies if not s.pending and self._is_due(s, now)] + [
-            s for s in studies if s.pending
-        ]
+        due = [s for s in self.spool.studies() if self._is_due(s, now)]
+        return sorted(due, key=lambda s: bool(s.pending))  # stable: by first arrival within each
 
     def _is_due(self, study: SpooledStudy, now: float) -> bool:
         """Pending instances are due at once; a study with none, once it settled."""

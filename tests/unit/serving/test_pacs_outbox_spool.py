@@ -21,15 +21,16 @@ def test_spool_keeps_instances_per_study_and_settles_by_newest_arrival(tmp_path:
     spool = InstanceSpool(tmp_path)
     a1 = spool.write("1.2.3", "1.2.3.1", b"one")
     spool.write("1.2.3", "1.2.3.2", b"two")
-    spool.write("1.2.4", "1.2.4.1", b"three")
+    b1 = spool.write("1.2.4", "1.2.4.1", b"three")
     old = time.time() - 60
     os.utime(a1, (old, old))
+    os.utime(b1, (old - 60, old - 60))  # 1.2.4 began first, although its UID sorts second
     [study_a, _] = sorted(spool.studies(), key=lambda s: s.study_uid)
     assert study_a.study_uid == "1.2.3" and len(study_a.files) == 2
     assert spool.depth() == (2, 3)
     # the settle clock is the newest arrival: the second instance of 1.2.3 just arrived
     assert time.time() - study_a.last_arrival < 5.0 and study_a.first_arrival <= old + 1
-    assert [s.study_uid for s in spool.studies()] == ["1.2.3", "1.2.4"]  # the oldest first
+    assert [s.study_uid for s in spool.studies()] == ["1.2.4", "1.2.3"]  # the first to arrive first
     # a hostile UID never becomes a path
     assert all(len(f.stem) == 32 for f in study_a.files)
 
