@@ -18,11 +18,16 @@ arrives while its study is being handed over is never removed unsent.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from serving.dicom.headers import instance_uids  # the one guarded header read
+
+log = logging.getLogger("cxr.dimse")
 
 
 def _key(uid: str) -> str:
@@ -50,6 +55,26 @@ class SpooledStudy:
     first_arrival: float
     # each file's copy when listed (inode and mtime): the analysed marker names the copy it was made for
     stamps: tuple[str, ...]
+
+
+def _write_durably(folder: Path, target: Path, data: bytes) -> None:
+    """``data`` at ``target`` by a temp file fsync'd and renamed: a reader sees all of it or no file.
+
+    The folder's own fsync (which makes the name durable) is the caller's, once per write.
+    """
+    tmp = folder / f".tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+
+
+def _has_content(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def _marker(instance: Path, stamp: str) -> Path:
@@ -80,27 +105,54 @@ class InstanceSpool:
         self._uids: dict[str, str] = {}  # study folder -> its UID, read once (the file never changes)
         for tmp in self.studies_dir.glob("*/.tmp-*"):  # a write the crash interrupted: never acknowledged
             tmp.unlink(missing_ok=True)
+        self._repair_uid_files()
+
+    def _repair_uid_files(self) -> None:
+        """Give back its UID file to a study folder whose file is missing or empty, from its instances.
+
+        An older SCP wrote the file in place and never fsync'd it, so a crash could leave it empty
+        beside acknowledged instances; such a study was never listed again (:meth:`study`). The UID
+        comes from an instance's header through the guarded reader, and is used only when its key
+        is the folder's own name.
+        """
+        repaired = unreadable = 0
+        for folder in self.studies_dir.iterdir():
+            if not folder.is_dir() or _has_content(folder / "study_uid"):
+                continue
+            study_uid = ""
+            for instance in sorted(folder.glob("*.dcm")):
+                found = instance_uids(instance.read_bytes())[2]
+                if found and _key(found) == folder.name:
+                    study_uid = found
+                    break
+            if study_uid:
+                _write_durably(folder, folder / "study_uid", study_uid.encode())
+                _fsync_dir(folder)
+                repaired += 1
+            elif any(folder.glob("*.dcm")):
+                unreadable += 1
+        if repaired or unreadable:  # folder names are hashes: nothing identifying in the line
+            log.warning("dimse_spool_uid_repaired studies=%d unreadable=%d", repaired, unreadable)
 
     def write(self, study_uid: str, sop_uid: str, data: bytes) -> Path:
         """Store one instance durably (blocking). A second copy of the same instance replaces the first."""
         with self.lock:
             folder = self.studies_dir / _key(study_uid)
-            new_folder = not folder.exists()
             folder.mkdir(parents=True, exist_ok=True)
             uid_file = folder / "study_uid"
-            if not uid_file.exists():
-                uid_file.write_text(study_uid)
+            new_uid = not _has_content(uid_file)  # a new study, or a file a failed or older write left
+            if new_uid:
+                # whole or absent: the forwarder lists folders without this lock, and a UID file it
+                # found empty (opened, not yet written) had sent the study to the gateway without its
+                # UID. Durable before any instance is: POSIX orders no two renames
+                _write_durably(folder, uid_file, study_uid.encode())
+                _fsync_dir(folder)
             target = folder / f"{_key(sop_uid)}.dcm"
-            tmp = folder / f".tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
+            _write_durably(folder, target, data)
             for marker in folder.glob(f"{target.stem}.*.analysed"):  # a new copy: analysed afresh
                 marker.unlink(missing_ok=True)
             _fsync_dir(folder)
-            if new_folder:
+            if new_uid:  # the folder's own name, also when a first try failed after creating it
                 _fsync_dir(self.studies_dir)
         self.changed.set()
         return target
@@ -129,6 +181,8 @@ class InstanceSpool:
             try:
                 study_uid = (folder / "study_uid").read_text().strip()
             except (FileNotFoundError, NotADirectoryError):  # not a study, or handed over meanwhile
+                return None
+            if not study_uid:  # not written yet (an older SCP wrote it in place): cache no UID until it is
                 return None
             self._uids[folder.name] = study_uid
         found: list[tuple[Path, str, float]] = []

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from serving.dicom.stow import split_related
@@ -144,3 +146,80 @@ def test_a_stow_destination_that_fails_is_tried_once_per_delivery_pass(tmp_path:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_study_listed_before_its_uid_is_written_is_skipped_not_remembered_empty(tmp_path: Path) -> None:
+    """A listing that found the UID file empty (another writer's moment between creating and filling
+    it) once cached the empty UID: the study then went to the gateway as ``/dicomweb/studies/``, was
+    redirected, and was retried for ever."""
+    spool = InstanceSpool(tmp_path)
+    folder = spool.studies_dir / "a-study"
+    folder.mkdir()
+    (folder / "study_uid").write_text("")
+    (folder / "0.dcm").write_bytes(b"first")
+    assert spool.studies() == []  # not a study yet: its UID is not there
+    (folder / "study_uid").write_text("1.2.3")
+    [study] = spool.studies()
+    assert study.study_uid == "1.2.3"
+
+
+def test_the_uid_file_is_written_whole_and_made_durable_before_the_first_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serving.dimse import spool as spool_module
+
+    spool = InstanceSpool(tmp_path)
+    steps: list[str] = []
+    real_replace, real_fsync_dir = os.replace, spool_module._fsync_dir
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(dst).is_relative_to(tmp_path):  # os.replace is the process's: others may call it meanwhile
+            steps.append(Path(dst).name if Path(dst).name == "study_uid" else "instance")
+            uid_file = Path(dst).with_name("study_uid")
+            assert not uid_file.exists() or uid_file.read_text() == "1.2.3"  # never there half-written
+        real_replace(src, dst)
+
+    def fsync_dir(path: Path) -> None:
+        steps.append("fsync " + ("studies" if path == spool.studies_dir else "study"))
+        real_fsync_dir(path)
+
+    monkeypatch.setattr("serving.dimse.spool.os.replace", replace)
+    monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+    spool.write("1.2.3", "1.2.3.1", b"one")
+    spool.write("1.2.3", "1.2.3.2", b"two")
+    assert steps == [
+        "study_uid", "fsync study",  # the UID's name durable before any instance's
+        "instance", "fsync study", "fsync studies",  # the first instance, then the study folder's name
+        "instance", "fsync study",
+    ]  # fmt: skip
+    assert not list(spool.studies_dir.glob("*/.tmp-*"))
+
+
+def _instance(study: str, seed: int) -> tuple[str, bytes]:
+    from tests.unit.serving.serving_support import make_dicom
+
+    data = make_dicom(32, 32, study_uid=study, seed=seed)
+    return pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID, data
+
+
+def test_a_uid_file_an_older_scp_left_empty_is_repaired_at_start_and_by_the_next_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = InstanceSpool(tmp_path)
+    for study, seed in (("1.2.826.0.1.7", 1), ("1.2.826.0.1.8", 2)):
+        sop, data = _instance(study, seed)
+        spool.write(study, sop, data)
+    first, second = sorted(spool.studies_dir.iterdir(), key=lambda f: (f / "study_uid").read_text())
+    (first / "study_uid").write_text("")  # written in place, lost in a crash
+    (second / "study_uid").unlink()
+    broken = spool.studies_dir / ("0" * 32)  # instances whose header names another study, or none
+    broken.mkdir()
+    (broken / "x.dcm").write_bytes(b"not dicom")
+    with caplog.at_level("WARNING", logger="cxr.dimse"):
+        again = InstanceSpool(tmp_path)
+    assert sorted(s.study_uid for s in again.studies()) == ["1.2.826.0.1.7", "1.2.826.0.1.8"]
+    assert "dimse_spool_uid_repaired studies=2 unreadable=1" in caplog.text
+    (first / "study_uid").write_text("")  # the next instance of the study, without a restart
+    sop, data = _instance("1.2.826.0.1.7", 3)
+    again.write("1.2.826.0.1.7", sop, data)
+    assert (first / "study_uid").read_text() == "1.2.826.0.1.7"
