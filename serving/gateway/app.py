@@ -195,6 +195,10 @@ def create_app(
         # exception messages (which may quote a header value) to whatever endpoint the environment
         # names. The explicit value wins over the variable; Prometheus is the gateway's telemetry.
         telemetry={"auto_configure": False},
+        # a path off by a trailing slash is a JSON 404 like any unknown path. Starlette's default
+        # answers it with a 307 to the other spelling on the Host header's host, before any key is
+        # checked; and it turned a study addressed with an empty UID into a silent redirect
+        redirect_slashes=False,
     )
     app.state.cxr = state
     _install_error_handlers(app)

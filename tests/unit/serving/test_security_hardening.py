@@ -236,6 +236,25 @@ def test_stow_retrieve_urls_never_echo_the_host_header(onnx_client: TestClient, 
     assert "evil" not in r.text
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/dicomweb/studies/"), ("GET", "/v1/models/"), ("GET", "/healthz/"), ("POST", "/v1/detect/")],
+)
+def test_a_trailing_slash_is_a_json_404_not_a_redirect_to_the_host_header(
+    onnx_client: TestClient, keys: dict[str, str], method: str, path: str
+) -> None:
+    """Starlette answered these with a 307 to the same path on the Host header's host, before any
+    key was checked; a client that follows it goes elsewhere, and an empty study UID looked routed."""
+    r = onnx_client.request(
+        method,
+        path,
+        headers={"Authorization": f"Bearer {keys['pacs']}", "Host": "evil.example"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 404 and "location" not in r.headers
+    assert r.json()["error"]["code"] == "not_found" and "evil" not in r.text
+
+
 def test_page_static_files_and_api_answers_carry_the_security_headers(onnx_client: TestClient) -> None:
     for path in ("/", "/static/review.js", "/static/review.css", "/v1/models", "/healthz", "/nope"):
         headers = onnx_client.get(path).headers
