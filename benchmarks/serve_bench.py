@@ -58,8 +58,14 @@ IMGSZ = 640
 # ----------------------------------------------------------------------------- inputs
 
 
-def export_model(out_dir: Path, imgsz: int = IMGSZ) -> Path:
-    """YOLO11n with 14 classes exported to ONNX (dynamic batch) plus the cxr_contract metadata."""
+def export_model(
+    out_dir: Path, imgsz: int = IMGSZ, *, simplify: bool = True, prepare: Callable[[Any], None] | None = None
+) -> Path:
+    """YOLO11n with 14 classes exported to ONNX (dynamic batch) plus the cxr_contract metadata.
+
+    ``prepare`` gets the ultralytics model before the export (the serving tests' helper sets its
+    weights there); seed torch before calling for the same weights every time.
+    """
     import onnx
     import yaml
     from ultralytics import YOLO
@@ -68,13 +74,19 @@ def export_model(out_dir: Path, imgsz: int = IMGSZ) -> Path:
     from data_pipeline.classes import CLASS_NAMES
     from serving.contract import ModelContract
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load((ROOT / "cfg" / "models" / "11" / "yolo11.yaml").read_text())
     cfg["nc"] = len(CLASS_NAMES)
     cfg_path = out_dir / "yolo11n-cxr.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     model = YOLO(str(cfg_path))
     model.model.names = dict(enumerate(CLASS_NAMES))  # type: ignore[union-attr]
-    exported = Path(model.export(format="onnx", imgsz=imgsz, dynamic=True, simplify=True, verbose=False))
+    if prepare is not None:
+        prepare(model)
+    # ultralytics names the export after a yaml-built model's file NAME, in the working directory
+    # (a stray ONNX in the repository root); a path of its own keeps it in out_dir
+    model.model.pt_path = str(out_dir / "yolo11n-cxr.pt")  # type: ignore[union-attr]
+    exported = Path(model.export(format="onnx", imgsz=imgsz, dynamic=True, simplify=simplify, verbose=False))
     proto = onnx.load(str(exported))
     entry = proto.metadata_props.add()
     entry.key = "cxr_contract"

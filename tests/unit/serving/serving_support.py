@@ -25,47 +25,32 @@ ROLES = ("pacs", "radiologist", "operator", "admin")
 
 def export_test_model(out_dir: Path, imgsz: int = IMGSZ, seed: int = 0) -> Path:
     """Export an untrained YOLO11n (14 classes) to ONNX with the cxr_contract metadata."""
-    import onnx
     import torch
-    import yaml
-    from ultralytics import YOLO
-    from ultralytics.utils import ROOT
 
-    from data_pipeline.classes import CLASS_NAMES
-    from serving.contract import ModelContract
+    from benchmarks.serve_bench import export_model
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = yaml.safe_load((ROOT / "cfg" / "models" / "11" / "yolo11.yaml").read_text())
-    cfg["nc"] = len(CLASS_NAMES)
-    cfg_path = out_dir / "yolo11n-cxr.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    torch.manual_seed(seed)
-    model = YOLO(str(cfg_path))
-    model.model.names = dict(enumerate(CLASS_NAMES))
-    head = model.model.model[-1]
-    with torch.no_grad():
-        for module in model.model.modules():  # spread BN statistics: fresh ones give near-constant features
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_var.uniform_(0.3, 1.0)
-                module.running_mean.normal_(0.0, 0.1)
-        for seq in head.cv3:
-            last = seq[-1]
-            last.bias.uniform_(-6.0, 0.0)
-            last.weight.normal_(0.0, 1.0)
-        for seq in head.cv2:  # box distribution: favour small distances so boxes stay inside the image
-            last = seq[-1]
-            bins = head.reg_max
-            ramp = -0.6 * torch.arange(bins, dtype=last.bias.dtype).repeat(4)
-            last.bias.copy_(ramp + torch.empty_like(ramp).uniform_(-1.0, 1.0))
-            last.weight.normal_(0.0, 0.3)
-    path = Path(model.export(format="onnx", imgsz=imgsz, dynamic=True, simplify=False, verbose=False))
-    target = out_dir / "model.onnx"
-    proto = onnx.load(str(path))
-    contract = ModelContract(imgsz=(imgsz, imgsz), class_names=tuple(CLASS_NAMES))
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "cxr_contract", contract.to_json()
-    onnx.save(proto, str(target))
-    return target
+    def spread_scores(model: Any) -> None:
+        head = model.model.model[-1]
+        with torch.no_grad():
+            for (
+                module
+            ) in model.model.modules():  # spread BN statistics: fresh ones give near-constant features
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.running_var.uniform_(0.3, 1.0)
+                    module.running_mean.normal_(0.0, 0.1)
+            for seq in head.cv3:
+                last = seq[-1]
+                last.bias.uniform_(-6.0, 0.0)
+                last.weight.normal_(0.0, 1.0)
+            for seq in head.cv2:  # box distribution: favour small distances so boxes stay inside the image
+                last = seq[-1]
+                bins = head.reg_max
+                ramp = -0.6 * torch.arange(bins, dtype=last.bias.dtype).repeat(4)
+                last.bias.copy_(ramp + torch.empty_like(ramp).uniform_(-1.0, 1.0))
+                last.weight.normal_(0.0, 0.3)
+
+    torch.manual_seed(seed)  # the network's initial weights, then the spread above: the same model each time
+    return export_model(out_dir, imgsz, simplify=False, prepare=spread_scores)
 
 
 def write_keys(path: Path) -> dict[str, str]:
