@@ -17,10 +17,13 @@ four fictional detector vendors) and ViewPosition (PA, or AP as from a bedside
 unit), so per-subgroup evaluation and its promotion gate run on something that
 really differs. ONE subgroup is harder on purpose: images from
 ``HARD_MANUFACTURER`` (an "old CR reader") have findings drawn at a fraction of
-their contrast and a stronger quantum noise, so its lesions are fainter and a
-model detects fewer of them. That is the failure subgroup reporting exists to
-catch (a scanner the training set under-serves); a test checks the signal is
-weaker, and the gate tests check such a gap refuses a promotion.
+their contrast and a stronger quantum noise, so its lesions are fainter. That is
+the failure subgroup reporting exists to catch (a scanner the training set
+under-serves); a test checks the signal is weaker, and the gate tests check
+such a gap refuses a promotion, with predictions made to miss that vendor. A
+model the CPU recipe trained does worst on it, but at 256 px the downscale
+averages much of the noise away: on the held-out phantoms its mAP@0.4 was
+0.00-0.03 below the overall figure the gate compares with (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -57,3 +57,22 @@ def test_the_machine_speed_probe_times_each_cpu_network_and_restores_the_thread_
     slim, nano = found["pass_seconds_yolo11-slim"], found["pass_seconds_yolo11n"]
     assert 0 < slim < 10 and 0 < nano < 10
     assert (found["pass_imgsz"], found["pass_batch"]) == (64, 1)
+
+
+def test_the_figures_carry_each_subgroups_map_beside_its_class_matched_reference() -> None:
+    from training.evaluate import EvalReport
+    from training.subgroups import SubgroupMetrics
+
+    groups = [
+        SubgroupMetrics(
+            attribute="vendor", value="Dunmore", images=12, instances=9, map40=0.21234, reference_map40=0.5
+        ),
+        SubgroupMetrics(attribute="sex", value="F", images=30, instances=0, map40=None, reference_map40=None),
+    ]
+    report = EvalReport(
+        backend="torch", split="test", images=48, instances=60, imgsz=256, map50=0.44731, map50_95=0.2,
+        map40=0.46, conf_threshold=0.25, precision=0.5, recall=0.4, per_class=[], subgroups=groups,
+    )  # fmt: skip
+    found = train_bench._figures("q", report)
+    assert found["q_map50"] == 0.4473
+    assert found["q_subgroup_map40"] == {"vendor=Dunmore": [12, 0.212, 0.5], "sex=F": [30, None, None]}
