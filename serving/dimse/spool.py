@@ -21,10 +21,10 @@ import hashlib
 import logging
 import os
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.durable import fsync_dir, replace_durably
 from serving.dicom.headers import instance_uids  # the one guarded header read
 
 log = logging.getLogger("cxr.dimse")
@@ -32,14 +32,6 @@ log = logging.getLogger("cxr.dimse")
 
 def _key(uid: str) -> str:
     return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:32]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -55,19 +47,6 @@ class SpooledStudy:
     first_arrival: float
     # each file's copy when listed (inode and mtime): the analysed marker names the copy it was made for
     stamps: tuple[str, ...]
-
-
-def _write_durably(folder: Path, target: Path, data: bytes) -> None:
-    """``data`` at ``target`` by a temp file fsync'd and renamed: a reader sees all of it or no file.
-
-    The folder's own fsync (which makes the name durable) is the caller's, once per write.
-    """
-    tmp = folder / f".tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
 
 
 def _has_content(path: Path) -> bool:
@@ -126,8 +105,8 @@ class InstanceSpool:
                     study_uid = found
                     break
             if study_uid:
-                _write_durably(folder, folder / "study_uid", study_uid.encode())
-                _fsync_dir(folder)
+                replace_durably(folder, folder / "study_uid", study_uid.encode())
+                fsync_dir(folder)
                 repaired += 1
             elif any(folder.glob("*.dcm")):
                 unreadable += 1
@@ -145,15 +124,15 @@ class InstanceSpool:
                 # whole or absent: the forwarder lists folders without this lock, and a UID file it
                 # found empty (opened, not yet written) had sent the study to the gateway without its
                 # UID. Durable before any instance is: POSIX orders no two renames
-                _write_durably(folder, uid_file, study_uid.encode())
-                _fsync_dir(folder)
+                replace_durably(folder, uid_file, study_uid.encode())
+                fsync_dir(folder)
             target = folder / f"{_key(sop_uid)}.dcm"
-            _write_durably(folder, target, data)
+            replace_durably(folder, target, data)
             for marker in folder.glob(f"{target.stem}.*.analysed"):  # a new copy: analysed afresh
                 marker.unlink(missing_ok=True)
-            _fsync_dir(folder)
+            fsync_dir(folder)
             if new_uid:  # the folder's own name, also when a first try failed after creating it
-                _fsync_dir(self.studies_dir)
+                fsync_dir(self.studies_dir)
         self.changed.set()
         return target
 
@@ -244,10 +223,10 @@ class InstanceSpool:
                 return False
             for marker in study.folder.glob("*.analysed"):
                 marker.unlink(missing_ok=True)
-            _fsync_dir(study.folder)  # the markers are gone before the flag says the retry was given
+            fsync_dir(study.folder)  # the markers are gone before the flag says the retry was given
             with open(flag, "wb") as fh:
                 os.fsync(fh.fileno())
-            _fsync_dir(study.folder)
+            fsync_dir(study.folder)
         return True
 
     def remove(self, study: SpooledStudy) -> None:

@@ -2,7 +2,7 @@
 
 Feedback is what the next dataset version is built from, so losing it is
 worse than delaying it: when the store is down, each submission is written to
-a local spool directory (atomically: a temp dir renamed into place) and a
+a local spool directory (a temp dir, fsync'd and renamed into place: ``core.durable``) and a
 background loop delivers it once the store answers again. The feedback id
 makes every submission idempotent, whether it is retried by the browser or
 redelivered from the spool.
@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from core.durable import publish_dir, write_synced
 from data_pipeline.classes import CLASS_NAMES, NO_FINDING, NO_FINDING_ID
 from serving.dicom.deid import deidentify_dicom, reencode_png
 from serving.errors import InvalidRequest
@@ -218,6 +219,8 @@ class FeedbackSpool:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        for tmp in root.glob(".tmp-*") if root.is_dir() else ():  # a put a crash cut short: never answered
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _dir(self, feedback_id: str) -> Path:
         return self.root / feedback_id
@@ -226,25 +229,28 @@ class FeedbackSpool:
         return (self._dir(feedback_id) / "objects.json").exists()
 
     def put(self, feedback_id: str, objects: dict[str, bytes]) -> None:
+        """Keep the objects until the store takes them (blocking); durable when it returns, since
+        the radiologist is then told the feedback is kept."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-{feedback_id}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         index = {}
         for i, (key, data) in enumerate(objects.items()):
             name = f"{i:03d}.bin"
-            (tmp / name).write_bytes(data)
+            write_synced(tmp / name, data)
             index[key] = name
-        (tmp / "objects.json").write_text(json.dumps(index))
-        target = self._dir(feedback_id)
-        if target.exists():
+        write_synced(tmp / "objects.json", json.dumps(index).encode())
+        if not publish_dir(tmp, self._dir(feedback_id)):  # spooled before: the same feedback id
             shutil.rmtree(tmp)
-            return
-        tmp.rename(target)
 
     def pending(self) -> list[str]:
         if not self.root.exists():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / "objects.json").exists())
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if not p.name.startswith(".tmp-") and p.is_dir() and (p / "objects.json").exists()
+        )
 
     def load(self, feedback_id: str) -> dict[str, bytes]:
         folder = self._dir(feedback_id)

@@ -1,8 +1,9 @@
 """The durable outbox: result objects wait on disk until their PACS has them.
 
 The same pattern as the feedback spool (``serving/feedback/service.py``): an item is a
-folder (``object.dcm`` + ``meta.json``) written under a temp name and renamed into place
-before anything is sent, so a crash or a PACS outage loses nothing. An item's id is a
+folder (``object.dcm`` + ``meta.json``) written under a temp name, fsync'd and renamed into
+place durably (``core.durable``) before the caller is answered, so a crash, a power cut or a
+PACS outage loses nothing. An item's id is a
 hash of (destination, SOP Instance UID); the objects' UIDs are derived from their source
 and model version (``serving/dicom/uids.py``), so analysing the same study again, or a
 retry after a send whose answer was lost, never makes a second copy at the PACS.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import threading
 import time
@@ -24,6 +24,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from core.durable import publish_dir, replace_durably, write_synced
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,7 @@ class Outbox:
             return False
         tmp = self.root / f".tmp-{iid}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        with open(tmp / "object.dcm", "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_synced(tmp / "object.dcm", data)
         now = time.time()
         meta = {
             "destination": destination,
@@ -76,22 +75,19 @@ class Outbox:
             "next_attempt": now,
             "created": now,
         }
-        self._write_meta(tmp, meta)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # queued meanwhile by another request: the same object, keep one
+        write_synced(tmp / "meta.json", json.dumps(meta).encode())
+        # durable before the caller answers: the SCP drops its copy of a study once its send-back
+        # is answered, and a start removes the ".tmp-" folder that a rename lost in a crash leaves
+        if not publish_dir(tmp, final):  # queued meanwhile by another request: the same object, keep one
             shutil.rmtree(tmp, ignore_errors=True)
             return False
         return True
 
     @staticmethod
     def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
-        tmp = folder / "meta.json.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(meta, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / "meta.json")
+        """A retry's new meta, replacing the old whole (not fsync'd in its folder: a crash costs an
+        earlier retry time, never the item)."""
+        replace_durably(folder, folder / "meta.json", json.dumps(meta).encode())
 
     def items(self) -> list[OutboxItem]:
         out = []

@@ -150,3 +150,23 @@ def test_without_a_store_feedback_is_spooled_once_and_survives_a_new_service(tmp
     assert set(loaded) == set(expected)
     key = f"feedback/{stored_id}/annotations.csv"
     assert loaded[key] == expected[key]
+
+
+def test_spooled_feedback_is_on_disk_when_put_returns_and_a_cut_short_put_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.unit.core.durable_support import Steps
+
+    root = tmp_path / "spool"
+    spool = FeedbackSpool(root)
+    recorder = Steps(tmp_path, monkeypatch)
+    spool.put("fb1", {"feedback/fb1/annotations.csv": b"rows", "feedback/fb1/image.png": b"png"})
+    assert recorder.steps == [
+        "fsync spool/tmp/000.bin", "fsync spool/tmp/001.bin", "fsync spool/tmp/objects.json",
+        "fsync spool/tmp", "rename spool/tmp -> spool/fb1", "fsync spool",
+    ]  # fmt: skip
+    cut_short = root / ".tmp-fb2-0000"  # a crash between the index and the rename: never answered
+    cut_short.mkdir()
+    (cut_short / "objects.json").write_text("{}")
+    assert spool.pending() == ["fb1"]
+    assert FeedbackSpool(root).pending() == ["fb1"] and not cut_short.exists()

@@ -170,7 +170,7 @@ def test_the_uid_file_is_written_whole_and_made_durable_before_the_first_instanc
 
     spool = InstanceSpool(tmp_path)
     steps: list[str] = []
-    real_replace, real_fsync_dir = os.replace, spool_module._fsync_dir
+    real_replace, real_fsync_dir = os.replace, spool_module.fsync_dir
 
     def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
         if Path(dst).is_relative_to(tmp_path):  # os.replace is the process's: others may call it meanwhile
@@ -184,7 +184,7 @@ def test_the_uid_file_is_written_whole_and_made_durable_before_the_first_instanc
         real_fsync_dir(path)
 
     monkeypatch.setattr("serving.dimse.spool.os.replace", replace)
-    monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(spool_module, "fsync_dir", fsync_dir)
     spool.write("1.2.3", "1.2.3.1", b"one")
     spool.write("1.2.3", "1.2.3.2", b"two")
     assert steps == [
@@ -223,3 +223,21 @@ def test_a_uid_file_an_older_scp_left_empty_is_repaired_at_start_and_by_the_next
     sop, data = _instance("1.2.826.0.1.7", 3)
     again.write("1.2.826.0.1.7", sop, data)
     assert (first / "study_uid").read_text() == "1.2.826.0.1.7"
+
+
+def test_an_object_is_durable_in_the_outbox_when_put_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.unit.core.durable_support import Steps
+
+    box = Outbox(tmp_path)
+    recorder = Steps(tmp_path, monkeypatch)
+    assert box.put("orthanc", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr")
+    iid = recorder.steps[-2].rsplit(" ", 1)[1]
+    # the object and its meta on disk, their names in the folder, then the folder's own name: a
+    # rename not yet on disk would leave a ".tmp-" folder that the next start deletes
+    assert recorder.steps == [
+        "fsync tmp/object.dcm", "fsync tmp/meta.json", "fsync tmp", f"rename tmp -> {iid}", "fsync .",
+    ]  # fmt: skip
+    assert not box.put("orthanc", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr")
+    assert not list(tmp_path.glob(".tmp-*"))

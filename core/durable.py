@@ -1,0 +1,62 @@
+"""Files and folders that survive a crash or a power cut once the call that wrote them returns.
+
+What a caller has acknowledged (a C-STORE answered Success, a study's send-back answered 200,
+feedback answered "spooled") must still be on disk after the machine loses power. A rename is
+atomic but not durable until the folder holding the new name is fsync'd, and a file's bytes
+are not durable until the file is: each helper here does both, in the order POSIX needs.
+
+Hand-written (a dozen lines of ``os`` calls): no maintained library does fsync'd renames of
+folders, and ``atomicwrites`` (files only) is archived.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in ``path`` (files created, renamed or removed there) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """``data`` at ``path`` with its bytes on disk; its name is durable once its folder is fsync'd."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def replace_durably(folder: Path, target: Path, data: bytes) -> None:
+    """``data`` at ``target`` (in ``folder``) by a temp file fsync'd and renamed: a reader sees all or none.
+
+    The folder's own fsync (which makes the new name durable) is the caller's, once per batch of writes.
+    """
+    tmp = folder / f".tmp-{uuid.uuid4().hex}"
+    write_synced(tmp, data)
+    os.replace(tmp, target)
+
+
+def publish_dir(tmp: Path, final: Path) -> bool:
+    """Rename the fully written folder ``tmp`` to ``final`` durably; False (nothing renamed) when
+    ``final`` is already there.
+
+    The files in ``tmp`` must have been written with :func:`write_synced`; their names in ``tmp``
+    are made durable first, then the rename in the parent. Any other failure raises ``OSError``.
+    """
+    fsync_dir(tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    fsync_dir(final.parent)
+    return True

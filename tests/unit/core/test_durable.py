@@ -1,0 +1,61 @@
+"""core.durable: what each helper makes durable, and in which order (a power cut cannot be staged
+in a test, so the order of the fsyncs and the rename is what is checked)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from core import durable
+from tests.unit.core.durable_support import Steps
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_published_folder_has_its_files_then_its_names_then_its_own_name_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = Steps(tmp_path, monkeypatch)
+    tmp = tmp_path / ".tmp-item"
+    tmp.mkdir()
+    durable.write_synced(tmp / "object.dcm", b"data")
+    assert durable.publish_dir(tmp, tmp_path / "item")
+    assert recorder.steps == ["fsync tmp/object.dcm", "fsync tmp", "rename tmp -> item", "fsync ."]
+    assert (tmp_path / "item" / "object.dcm").read_bytes() == b"data"
+
+
+def test_publishing_onto_an_existing_folder_renames_nothing_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "item").mkdir()
+    (tmp_path / "item" / "object.dcm").write_bytes(b"first")
+    tmp = tmp_path / ".tmp-item"
+    tmp.mkdir()
+    durable.write_synced(tmp / "object.dcm", b"second")
+    assert not durable.publish_dir(tmp, tmp_path / "item")
+    assert (tmp_path / "item" / "object.dcm").read_bytes() == b"first" and tmp.exists()
+
+
+def test_any_other_failure_to_publish_raises(tmp_path: Path) -> None:
+    tmp = tmp_path / ".tmp-item"
+    tmp.mkdir()
+    with pytest.raises(FileNotFoundError):
+        durable.publish_dir(tmp, tmp_path / "missing" / "item")
+
+
+def test_a_replaced_file_is_whole_and_synced_before_its_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = Steps(tmp_path, monkeypatch)
+    seen: list[str] = []
+    real_replace = os.replace
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        seen.append(Path(src).read_text())
+        real_replace(src, dst)
+
+    monkeypatch.setattr(durable.os, "replace", replace)
+    (tmp_path / "uid").write_text("old")
+    durable.replace_durably(tmp_path, tmp_path / "uid", b"1.2.3")
+    assert recorder.steps == ["fsync tmp"] and seen == ["1.2.3"]
+    assert (tmp_path / "uid").read_text() == "1.2.3" and not list(tmp_path.glob(".tmp-*"))
