@@ -1,7 +1,11 @@
 """Detection results: the JSON a client gets, kept for the SR, the review page and feedback.
 
 A result is written to a local directory (temp file + rename) BEFORE its
-response goes out, so a gateway killed right after answering loses nothing;
+response goes out, so a gateway killed right after answering loses nothing (not
+fsync'd: a power cut may lose the last few, whose callers hold the JSON already,
+and the DIMSE SCP, which keeps a study until its send-back is answered, sends the
+images of a study the gateway lost again; what a PACS is owed is in the fsync'd
+outbox, ``serving/pacs/outbox.py``);
 recent results also stay in memory (the review page asks for the preview and
 SR right after detecting), and a background copy goes to the S3 store under
 ``results/<request_id>/`` for other replicas. The source image is kept beside
