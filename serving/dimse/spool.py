@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.durable import fsync_dir, replace_durably
+from core.durable import fsync_dir, replace_durably, write_synced
 from serving.dicom.headers import instance_uids  # the one guarded header read
 
 log = logging.getLogger("cxr.dimse")
@@ -224,8 +224,7 @@ class InstanceSpool:
             for marker in study.folder.glob("*.analysed"):
                 marker.unlink(missing_ok=True)
             fsync_dir(study.folder)  # the markers are gone before the flag says the retry was given
-            with open(flag, "wb") as fh:
-                os.fsync(fh.fileno())
+            write_synced(flag, b"")
             fsync_dir(study.folder)
         return True
 
