@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -44,19 +45,50 @@ def replace_durably(folder: Path, target: Path, data: bytes) -> None:
     os.replace(tmp, target)
 
 
+def make_dirs(path: Path) -> None:
+    """``path`` and its missing parents, each new folder's name durable in its parent."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)  # another process may create it meanwhile: the same folder
+        fsync_dir(folder.parent)
+
+
 def publish_dir(tmp: Path, final: Path) -> bool:
-    """Rename the fully written folder ``tmp`` to ``final`` durably; False (nothing renamed) when
-    ``final`` is already there.
+    """Rename the fully written folder ``tmp`` to ``final`` durably; False (nothing renamed, ``tmp``
+    left to the caller) when ``final`` already holds something.
 
     The files in ``tmp`` must have been written with :func:`write_synced`; their names in ``tmp``
-    are made durable first, then the rename in the parent. Any other failure raises ``OSError``.
+    are made durable first, then the rename in the parent. An empty ``final`` is replaced (it held
+    no item). On False the parent is fsync'd too: the folder already there may be another
+    writer's, renamed but not yet made durable, and the caller is about to answer "already
+    there". Any other failure raises ``OSError``.
     """
     fsync_dir(tmp)
     try:
         os.rename(tmp, final)
     except OSError as exc:
-        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            return False
-        raise
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        fsync_dir(final.parent)
+        return False
     fsync_dir(final.parent)
     return True
+
+
+def discard_dir(folder: Path) -> None:
+    """Remove ``folder`` so that no crash can leave part of it under its own name.
+
+    It is first renamed to a ``.tmp-`` sibling (one atomic step: a listing sees the whole item or
+    nothing), then deleted; a crash in between leaves a ``.tmp-`` folder, which the owners of
+    these folders skip when listing and delete when they start. A plain ``rmtree`` cut short
+    could leave an item's index without its data, listed and failing on every pass.
+    """
+    grave = folder.with_name(f".tmp-del-{uuid.uuid4().hex}")
+    try:
+        os.rename(folder, grave)
+    except FileNotFoundError:  # removed meanwhile
+        return
+    shutil.rmtree(grave, ignore_errors=True)

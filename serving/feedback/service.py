@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from core.durable import publish_dir, write_synced
+from core.durable import discard_dir, fsync_dir, make_dirs, publish_dir, write_synced
 from data_pipeline.classes import CLASS_NAMES, NO_FINDING, NO_FINDING_ID
 from serving.dicom.deid import deidentify_dicom, reencode_png
 from serving.errors import InvalidRequest
@@ -215,32 +215,44 @@ def build_objects(
 
 
 class FeedbackSpool:
-    """Local directory of feedback the store did not take yet; one folder per feedback id."""
+    """Local directory of feedback the store did not take yet; one folder per feedback id.
+
+    One gateway process owns the folder: a start removes the ``.tmp-`` folders in it (puts a
+    crash cut short, removals a crash interrupted), which would race another process's put.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        for tmp in root.glob(".tmp-*") if root.is_dir() else ():  # a put a crash cut short: never answered
+        for tmp in root.glob(".tmp-*") if root.is_dir() else ():
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _dir(self, feedback_id: str) -> Path:
         return self.root / feedback_id
 
     def contains(self, feedback_id: str) -> bool:
-        return (self._dir(feedback_id) / "objects.json").exists()
+        if not (self._dir(feedback_id) / "objects.json").exists():
+            return False
+        fsync_dir(self.root)  # the caller answers "duplicate": the first put's rename durable before that
+        return True
 
     def put(self, feedback_id: str, objects: dict[str, bytes]) -> None:
         """Keep the objects until the store takes them (blocking); durable when it returns, since
         the radiologist is then told the feedback is kept."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.root)
         tmp = self.root / f".tmp-{feedback_id}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        index = {}
-        for i, (key, data) in enumerate(objects.items()):
-            name = f"{i:03d}.bin"
-            write_synced(tmp / name, data)
-            index[key] = name
-        write_synced(tmp / "objects.json", json.dumps(index).encode())
-        if not publish_dir(tmp, self._dir(feedback_id)):  # spooled before: the same feedback id
+        try:
+            index = {}
+            for i, (key, data) in enumerate(objects.items()):
+                name = f"{i:03d}.bin"
+                write_synced(tmp / name, data)
+                index[key] = name
+            write_synced(tmp / "objects.json", json.dumps(index).encode())
+            published = publish_dir(tmp, self._dir(feedback_id))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if not published:  # spooled before: the same feedback id
             shutil.rmtree(tmp)
 
     def pending(self) -> list[str]:
@@ -258,7 +270,7 @@ class FeedbackSpool:
         return {key: (folder / name).read_bytes() for key, name in index.items()}
 
     def remove(self, feedback_id: str) -> None:
-        shutil.rmtree(self._dir(feedback_id), ignore_errors=True)
+        discard_dir(self._dir(feedback_id))
 
     def depth(self) -> int:
         return len(self.pending())

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.durable import publish_dir, replace_durably, write_synced
+from core.durable import discard_dir, fsync_dir, make_dirs, publish_dir, replace_durably, write_synced
 
 
 @dataclass(frozen=True)
@@ -52,36 +52,45 @@ class Outbox:
         self.root = root
         self.retry_s = retry_s
         self.max_backoff_s = max_backoff_s
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.root)
         self._lock = threading.Lock()
-        for tmp in self.root.glob(".tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        # what a crash cut short: puts never answered, items being removed, a retry's new meta
+        for tmp in [*self.root.glob(".tmp-*"), *self.root.glob("*/.tmp-*")]:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
     def put(self, destination: str, sop_class_uid: str, sop_instance_uid: str, data: bytes) -> bool:
         """Queue one object for one destination (blocking); False when it is already queued."""
         iid = item_id(destination, sop_instance_uid)
         final = self.root / iid
-        if final.exists():
+        if final.exists():  # its writer may not have made the rename durable yet: before answering
+            fsync_dir(self.root)
             return False
         tmp = self.root / f".tmp-{iid}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        write_synced(tmp / "object.dcm", data)
-        now = time.time()
-        meta = {
-            "destination": destination,
-            "sop_class_uid": sop_class_uid,
-            "sop_instance_uid": sop_instance_uid,
-            "attempts": 0,
-            "next_attempt": now,
-            "created": now,
-        }
-        write_synced(tmp / "meta.json", json.dumps(meta).encode())
-        # durable before the caller answers: the SCP drops its copy of a study once its send-back
-        # is answered, and a start removes the ".tmp-" folder that a rename lost in a crash leaves
-        if not publish_dir(tmp, final):  # queued meanwhile by another request: the same object, keep one
+        try:
+            write_synced(tmp / "object.dcm", data)
+            now = time.time()
+            meta = {
+                "destination": destination,
+                "sop_class_uid": sop_class_uid,
+                "sop_instance_uid": sop_instance_uid,
+                "attempts": 0,
+                "next_attempt": now,
+                "created": now,
+            }
+            write_synced(tmp / "meta.json", json.dumps(meta).encode())
+            # durable before the caller answers: the SCP drops its copy of a study once its
+            # send-back is answered, and a start removes the ".tmp-" folder a lost rename leaves
+            published = publish_dir(tmp, final)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            return False
-        return True
+            raise
+        if not published:  # queued meanwhile by another request: the same object, keep one
+            shutil.rmtree(tmp, ignore_errors=True)
+        return published
 
     @staticmethod
     def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
@@ -118,7 +127,7 @@ class Outbox:
 
     def delivered(self, item: OutboxItem) -> None:
         with self._lock:
-            shutil.rmtree(item.folder, ignore_errors=True)
+            discard_dir(item.folder)
 
     def failed(self, item: OutboxItem, now: float | None = None) -> float:
         """Record a failed attempt; returns the delay before the next one."""

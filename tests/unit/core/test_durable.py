@@ -59,3 +59,36 @@ def test_a_replaced_file_is_whole_and_synced_before_its_rename(
     durable.replace_durably(tmp_path, tmp_path / "uid", b"1.2.3")
     assert recorder.steps == ["fsync tmp"] and seen == ["1.2.3"]
     assert (tmp_path / "uid").read_text() == "1.2.3" and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_publishing_onto_an_existing_folder_makes_that_folder_durable_before_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "item").mkdir()
+    (tmp_path / "item" / "object.dcm").write_bytes(b"first")  # another writer's, maybe not yet durable
+    tmp = tmp_path / ".tmp-item"
+    tmp.mkdir()
+    recorder = Steps(tmp_path, monkeypatch)
+    assert not durable.publish_dir(tmp, tmp_path / "item")
+    assert recorder.steps == ["fsync tmp", "fsync ."]
+
+
+def test_new_folders_are_made_durable_in_their_parents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = Steps(tmp_path, monkeypatch)
+    durable.make_dirs(tmp_path / "a" / "b")
+    assert recorder.steps == ["fsync .", "fsync a"] and (tmp_path / "a" / "b").is_dir()
+    recorder.steps.clear()
+    durable.make_dirs(tmp_path / "a" / "b")
+    assert recorder.steps == []
+
+
+def test_a_discarded_folder_leaves_its_name_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "item").mkdir()
+    (tmp_path / "item" / "meta.json").write_text("{}")
+    monkeypatch.setattr(durable.shutil, "rmtree", lambda *a, **k: None)  # a crash before the deletion
+    durable.discard_dir(tmp_path / "item")
+    [left] = tmp_path.iterdir()
+    assert left.name.startswith(".tmp-del-")  # skipped by listings, deleted by the next start
+    durable.discard_dir(tmp_path / "item")  # gone already: nothing to do

@@ -162,6 +162,7 @@ def test_spooled_feedback_is_on_disk_when_put_returns_and_a_cut_short_put_is_dro
     recorder = Steps(tmp_path, monkeypatch)
     spool.put("fb1", {"feedback/fb1/annotations.csv": b"rows", "feedback/fb1/image.png": b"png"})
     assert recorder.steps == [
+        "fsync .",  # the spool folder itself, made by the first put
         "fsync spool/tmp/000.bin", "fsync spool/tmp/001.bin", "fsync spool/tmp/objects.json",
         "fsync spool/tmp", "rename spool/tmp -> spool/fb1", "fsync spool",
     ]  # fmt: skip
@@ -170,3 +171,20 @@ def test_spooled_feedback_is_on_disk_when_put_returns_and_a_cut_short_put_is_dro
     (cut_short / "objects.json").write_text("{}")
     assert spool.pending() == ["fb1"]
     assert FeedbackSpool(root).pending() == ["fb1"] and not cut_short.exists()
+
+
+def test_a_removal_a_crash_cut_short_leaves_nothing_listed_and_is_cleared_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core import durable
+
+    root = tmp_path / "spool"
+    spool = FeedbackSpool(root)
+    spool.put("fb1", {"feedback/fb1/annotations.csv": b"rows", "feedback/fb1/image.png": b"png"})
+    spool.put("fb2", {"feedback/fb2/annotations.csv": b"rows"})
+    with monkeypatch.context() as crash:  # the crash: renamed, nothing deleted yet
+        crash.setattr(durable.shutil, "rmtree", lambda *a, **k: None)
+        spool.remove("fb1")
+    # listed whole or not at all: an index without its files would stop every delivery pass
+    assert spool.pending() == ["fb2"] and spool.load("fb2")
+    assert FeedbackSpool(root).pending() == ["fb2"] and [p.name for p in root.iterdir()] == ["fb2"]

@@ -228,16 +228,75 @@ def test_a_uid_file_an_older_scp_left_empty_is_repaired_at_start_and_by_the_next
 def test_an_object_is_durable_in_the_outbox_when_put_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from serving.pacs.outbox import item_id
     from tests.unit.core.durable_support import Steps
 
     box = Outbox(tmp_path)
     recorder = Steps(tmp_path, monkeypatch)
     assert box.put("orthanc", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr")
-    iid = recorder.steps[-2].rsplit(" ", 1)[1]
+    iid = item_id("orthanc", "1.2.9")
     # the object and its meta on disk, their names in the folder, then the folder's own name: a
     # rename not yet on disk would leave a ".tmp-" folder that the next start deletes
     assert recorder.steps == [
         "fsync tmp/object.dcm", "fsync tmp/meta.json", "fsync tmp", f"rename tmp -> {iid}", "fsync .",
     ]  # fmt: skip
+    recorder.steps.clear()
     assert not box.put("orthanc", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr")
+    assert recorder.steps == ["fsync ."], "'already queued' only once the first put's rename is on disk"
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_an_object_queued_by_another_request_meanwhile_is_kept_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serving.pacs import outbox as outbox_module
+    from serving.pacs.outbox import item_id
+
+    box = Outbox(tmp_path)
+    real_write = outbox_module.write_synced
+
+    def write_then_race(path: Path, data: bytes) -> None:
+        real_write(path, data)
+        if path.name == "meta.json":  # the other request's rename lands between our check and ours
+            other = tmp_path / item_id("orthanc", "1.2.9")
+            other.mkdir(exist_ok=True)
+            (other / "object.dcm").write_bytes(b"theirs")
+
+    monkeypatch.setattr(outbox_module, "write_synced", write_then_race)
+    assert not box.put("orthanc", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"ours")
+    assert [p.name for p in tmp_path.iterdir()] == [item_id("orthanc", "1.2.9")], "no .tmp- folder left"
+    assert (tmp_path / item_id("orthanc", "1.2.9") / "object.dcm").read_bytes() == b"theirs"
+
+
+def test_a_put_that_fails_leaves_no_temp_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.pacs import outbox as outbox_module
+
+    box = Outbox(tmp_path)
+
+    def full_disk(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outbox_module, "write_synced", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        box.put("orthanc", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_delivery_a_crash_cut_short_is_not_listed_and_is_cleared_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core import durable
+
+    box = Outbox(tmp_path)
+    box.put("orthanc", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr")
+    box.put("orthanc", "1.2.840.10008.5.1.4.1.1.11.1", "1.2.10", b"pr")
+    [first] = [i for i in box.items() if i.sop_instance_uid == "1.2.9"]
+    (first.folder / ".tmp-meta").write_text("{}")  # a retry's meta a crash left half-way
+    with monkeypatch.context() as crash:  # the crash: renamed, nothing deleted yet
+        crash.setattr(durable.shutil, "rmtree", lambda *a, **k: None)
+        box.delivered(first)
+    # an item is listed whole or not at all: its meta without its object failed every pass
+    assert [i.sop_instance_uid for i in box.items()] == ["1.2.10"]
+    [second] = Outbox(tmp_path).items()
+    assert second.sop_instance_uid == "1.2.10" and [p.name for p in tmp_path.iterdir()] == [second.item_id]
+    assert sorted(p.name for p in second.folder.iterdir()) == ["meta.json", "object.dcm"]
