@@ -6,6 +6,7 @@ import io
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -300,3 +301,67 @@ def test_a_delivery_a_crash_cut_short_is_not_listed_and_is_cleared_at_start(
     [second] = Outbox(tmp_path).items()
     assert second.sop_instance_uid == "1.2.10" and [p.name for p in tmp_path.iterdir()] == [second.item_id]
     assert sorted(p.name for p in second.folder.iterdir()) == ["meta.json", "object.dcm"]
+
+
+def _sendback(tmp_path: Path, sender: object) -> object:
+    from serving.config import ServingSettings
+    from serving.inference.cpu_pool import CpuPool
+    from serving.metrics import GatewayMetrics
+    from serving.pacs.sendback import SendBack
+
+    settings = ServingSettings(
+        stack_dir=tmp_path,
+        outbox_retry_s=2.0,
+        outbox_max_backoff_s=8.0,
+        pacs_destinations=[{"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/dicom-web"}],
+    )
+    return SendBack(settings, GatewayMetrics(), CpuPool(1), sender_factory=lambda d: sender)
+
+
+class _Pacs:
+    """A PACS that takes everything when up and nothing when down, counting the batches offered."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.batches: list[int] = []
+
+    def send(self, items: list[object]) -> set[str]:
+        self.batches.append(len(items))
+        return {i.item_id for i in items} if self.up else set()  # type: ignore[attr-defined]
+
+
+def test_a_pacs_that_takes_nothing_is_held_whole_not_offered_every_object_each_pass(tmp_path: Path) -> None:
+    pacs = _Pacs()
+    sendback: Any = _sendback(tmp_path, pacs)
+    for i in range(100):  # four batches of up to 32
+        sendback.outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", f"1.2.{i}", b"sr")
+    now = time.time()
+    assert sendback.deliver_due(now) == 0
+    assert pacs.batches == [32], (
+        "one batch refused: the other 68 objects are not offered to a PACS that is down"
+    )
+    untouched = [i for i in sendback.outbox.items() if i.attempts == 0]
+    assert len(untouched) == 68, "and their items are not rewritten"
+    assert sendback.next_pass_in(sendback.outbox.items(), now) == pytest.approx(2.0)
+    assert sendback.deliver_due(now + 1.0) == 0 and pacs.batches == [32], "held: nothing offered"
+    assert sendback.deliver_due(now + 2.5) == 0 and pacs.batches == [32, 32]
+    assert sendback.next_pass_in(sendback.outbox.items(), now + 2.5) == pytest.approx(4.0), "the hold doubles"
+    pacs.up = True
+    assert sendback.deliver_due(now + 7.0) == 100 and pacs.batches == [32, 32, 32, 32, 32, 4]
+    assert sendback.outbox.items() == [] and sendback.next_pass_in([], now + 7.0) is None
+
+
+def test_a_pacs_that_refuses_one_object_is_not_held(tmp_path: Path) -> None:
+    class RefusesOne(_Pacs):
+        def send(self, items: list[object]) -> set[str]:
+            self.batches.append(len(items))
+            return {i.item_id for i in items if i.sop_instance_uid != "1.2.0"}  # type: ignore[attr-defined]
+
+    pacs = RefusesOne()
+    sendback: Any = _sendback(tmp_path, pacs)
+    for i in range(40):
+        sendback.outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", f"1.2.{i}", b"sr")
+    now = time.time()
+    assert sendback.deliver_due(now) == 39 and pacs.batches == [32, 8]
+    [left] = sendback.outbox.items()
+    assert left.attempts == 1 and sendback.next_pass_in([left], now) == pytest.approx(2.0)
