@@ -35,12 +35,12 @@ def write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def replace_durably(folder: Path, target: Path, data: bytes) -> None:
-    """``data`` at ``target`` (in ``folder``) by a temp file fsync'd and renamed: a reader sees all or none.
+def replace_durably(target: Path, data: bytes) -> None:
+    """``data`` at ``target`` by a temp file beside it, fsync'd and renamed: a reader sees all or none.
 
     The folder's own fsync (which makes the new name durable) is the caller's, once per batch of writes.
     """
-    tmp = folder / f".tmp-{uuid.uuid4().hex}"
+    tmp = target.with_name(f".tmp-{uuid.uuid4().hex}")
     write_synced(tmp, data)
     os.replace(tmp, target)
 

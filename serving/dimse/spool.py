@@ -105,7 +105,7 @@ class InstanceSpool:
                     study_uid = found
                     break
             if study_uid:
-                replace_durably(folder, folder / "study_uid", study_uid.encode())
+                replace_durably(folder / "study_uid", study_uid.encode())
                 fsync_dir(folder)
                 repaired += 1
             elif any(folder.glob("*.dcm")):
@@ -124,10 +124,10 @@ class InstanceSpool:
                 # whole or absent: the forwarder lists folders without this lock, and a UID file it
                 # found empty (opened, not yet written) had sent the study to the gateway without its
                 # UID. Durable before any instance is: POSIX orders no two renames
-                replace_durably(folder, uid_file, study_uid.encode())
+                replace_durably(uid_file, study_uid.encode())
                 fsync_dir(folder)
             target = folder / f"{_key(sop_uid)}.dcm"
-            replace_durably(folder, target, data)
+            replace_durably(target, data)
             for marker in folder.glob(f"{target.stem}.*.analysed"):  # a new copy: analysed afresh
                 marker.unlink(missing_ok=True)
             fsync_dir(folder)

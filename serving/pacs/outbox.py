@@ -96,7 +96,7 @@ class Outbox:
     def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
         """A retry's new meta, replacing the old whole (not fsync'd in its folder: a crash costs an
         earlier retry time, never the item)."""
-        replace_durably(folder, folder / "meta.json", json.dumps(meta).encode())
+        replace_durably(folder / "meta.json", json.dumps(meta).encode())
 
     def items(self) -> list[OutboxItem]:
         out = []
@@ -146,8 +146,9 @@ class Outbox:
                 self._write_meta(item.folder, meta)
         return delay
 
-    def depth(self) -> dict[str, int]:
+    def depth(self, items: list[OutboxItem] | None = None) -> dict[str, int]:
+        """Items per destination, of ``items`` (a listing in hand), else listed now."""
         counts: dict[str, int] = {}
-        for item in self.items():
+        for item in self.items() if items is None else items:
             counts[item.destination] = counts.get(item.destination, 0) + 1
         return counts

@@ -229,9 +229,7 @@ class SendBack:
         return self._senders.get(name)
 
     def _set_depth(self, items: list[OutboxItem]) -> None:
-        depth: dict[str, int] = {}
-        for item in items:
-            depth[item.destination] = depth.get(item.destination, 0) + 1
+        depth = self.outbox.depth(items)
         for name in set(self.destinations) | set(depth):
             self.metrics.outbox_depth.labels(name).set(depth.get(name, 0))
 
@@ -243,15 +241,13 @@ class SendBack:
 
         A destination whose PACS took nothing of a batch is held: its other items wait, unsent and
         untouched, until the hold ends (``CXR_OUTBOX_RETRY_S`` doubling up to
-        ``CXR_OUTBOX_MAX_BACKOFF_S``, per destination). Without it, a PACS that is down was offered
-        every waiting object in batches on each pass, and each refusal rewrote its item: with a
-        backlog of 3000 objects the loop took a third of a core for as long as the PACS was down.
+        ``CXR_OUTBOX_MAX_BACKOFF_S``, per destination), instead of every waiting object being
+        offered to a PACS that is down on each pass, each refusal rewriting its item.
         """
         now = time.time() if now is None else now
         listed = self.outbox.items() if items is None else items
         due = [i for i in listed if i.next_attempt <= now and not self._held(i.destination, now)]
         delivered = 0
-        gone: set[str] = set()
         for name, batch_items in group(due).items():
             sender = self._sender(name)
             if sender is None:  # a destination removed from the settings: keep its items, say so now and then
@@ -268,7 +264,6 @@ class SendBack:
                 for item in batch:
                     if item.item_id in accepted:
                         self.outbox.delivered(item)
-                        gone.add(item.item_id)
                         self.metrics.outbox_sent.labels(name, "delivered").inc()
                         delivered += 1
                     else:
@@ -284,7 +279,6 @@ class SendBack:
                 self._hold[name] = (now + delay, failures)
                 log.info("pacs_destination_held destination=%s seconds=%.1f", name, delay)
                 break  # its other items wait for the hold: not offered to a PACS that is down
-        self._set_depth([i for i in listed if i.item_id not in gone])
         return delivered
 
     def next_pass_in(self, items: list[OutboxItem], now: float) -> float | None:
@@ -301,15 +295,14 @@ class SendBack:
     async def run(self) -> None:
         """The delivery loop: woken by :meth:`study`, else when something is next due (at most 1 s)."""
         self._wake = asyncio.Event()
-        self._set_depth(await asyncio.to_thread(self.outbox.items))
         while True:
             try:
                 items = await asyncio.to_thread(self.outbox.items)  # one listing per pass, off the loop
+                self._set_depth(items)  # what is left after the last pass, also when nothing is due
                 now = time.time()
                 wait = self.next_pass_in(items, now)
-                if wait == 0.0:
+                if wait == 0.0:  # then look again at once: what failed has its time, a refusing PACS its hold
                     await asyncio.to_thread(self.deliver_due, now, items)
-                    wait = 0.0  # look again: what failed now has its next time, a refusing PACS its hold
             except Exception as exc:  # keep the loop alive whatever the disk or a PACS does
                 log.warning("pacs_outbox_error error_type=%s", type(exc).__name__)
                 wait = 1.0

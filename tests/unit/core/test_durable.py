@@ -56,7 +56,7 @@ def test_a_replaced_file_is_whole_and_synced_before_its_rename(
 
     monkeypatch.setattr(durable.os, "replace", replace)
     (tmp_path / "uid").write_text("old")
-    durable.replace_durably(tmp_path, tmp_path / "uid", b"1.2.3")
+    durable.replace_durably(tmp_path / "uid", b"1.2.3")
     assert recorder.steps == ["fsync tmp"] and seen == ["1.2.3"]
     assert (tmp_path / "uid").read_text() == "1.2.3" and not list(tmp_path.glob(".tmp-*"))
 

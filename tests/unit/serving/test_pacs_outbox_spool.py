@@ -6,7 +6,6 @@ import io
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -14,7 +13,9 @@ import pytest
 from serving.dicom.stow import split_related
 from serving.dimse.forwarder import batches, related_body
 from serving.dimse.spool import InstanceSpool
-from serving.pacs.outbox import Outbox
+from serving.pacs.outbox import Outbox, OutboxItem
+from serving.pacs.sendback import SendBack
+from serving.pacs.senders import Sender
 from serving.pacs_destinations import PacsDestination
 
 pytestmark = pytest.mark.unit
@@ -303,11 +304,10 @@ def test_a_delivery_a_crash_cut_short_is_not_listed_and_is_cleared_at_start(
     assert sorted(p.name for p in second.folder.iterdir()) == ["meta.json", "object.dcm"]
 
 
-def _sendback(tmp_path: Path, sender: object) -> object:
+def _sendback(tmp_path: Path, sender: Sender) -> SendBack:
     from serving.config import ServingSettings
     from serving.inference.cpu_pool import CpuPool
     from serving.metrics import GatewayMetrics
-    from serving.pacs.sendback import SendBack
 
     settings = ServingSettings(
         stack_dir=tmp_path,
@@ -325,14 +325,14 @@ class _Pacs:
         self.up = False
         self.batches: list[int] = []
 
-    def send(self, items: list[object]) -> set[str]:
+    def send(self, items: list[OutboxItem]) -> set[str]:
         self.batches.append(len(items))
-        return {i.item_id for i in items} if self.up else set()  # type: ignore[attr-defined]
+        return {i.item_id for i in items} if self.up else set()
 
 
 def test_a_pacs_that_takes_nothing_is_held_whole_not_offered_every_object_each_pass(tmp_path: Path) -> None:
     pacs = _Pacs()
-    sendback: Any = _sendback(tmp_path, pacs)
+    sendback = _sendback(tmp_path, pacs)
     for i in range(100):  # four batches of up to 32
         sendback.outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", f"1.2.{i}", b"sr")
     now = time.time()
@@ -353,15 +353,17 @@ def test_a_pacs_that_takes_nothing_is_held_whole_not_offered_every_object_each_p
 
 def test_a_pacs_that_refuses_one_object_is_not_held(tmp_path: Path) -> None:
     class RefusesOne(_Pacs):
-        def send(self, items: list[object]) -> set[str]:
+        def send(self, items: list[OutboxItem]) -> set[str]:
             self.batches.append(len(items))
-            return {i.item_id for i in items if i.sop_instance_uid != "1.2.0"}  # type: ignore[attr-defined]
+            return {i.item_id for i in items if i.sop_instance_uid != "1.2.0"}
 
     pacs = RefusesOne()
-    sendback: Any = _sendback(tmp_path, pacs)
+    sendback = _sendback(tmp_path, pacs)
     for i in range(40):
         sendback.outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", f"1.2.{i}", b"sr")
     now = time.time()
     assert sendback.deliver_due(now) == 39 and pacs.batches == [32, 8]
     [left] = sendback.outbox.items()
     assert left.attempts == 1 and sendback.next_pass_in([left], now) == pytest.approx(2.0)
+    sendback.outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.99", b"sr")
+    assert sendback.deliver_due(now + 0.1) == 1, "not held: a new object is offered at once"
