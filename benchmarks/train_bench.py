@@ -7,7 +7,7 @@ of their median epoch times (2 workers / 1 worker; the goal on 2 cores is
 epoch (warm-up) and the last (it validates).
 
 ``channels_last_epoch_ratio``, ``fused_optimizer_epoch_ratio``,
-``sparse_checkpoint_epoch_ratio``: the bootstrap recipe's epoch with one CPU
+``sparse_checkpoint_epoch_ratio``, ``cpu_bf16_epoch_ratio``: the bootstrap recipe's epoch with one CPU
 training choice on / off, fits alternated in one run (``EPOCH_RATIOS``; each
 also alone as ``python -m benchmarks.train_bench NAME``).
 
@@ -388,10 +388,25 @@ def _rounded(value: float | None) -> float | None:
 
 
 #: the side-by-side epoch ratios, by the name ``python -m benchmarks.train_bench NAME`` runs one alone
+def cpu_bf16_ratio(root: Path) -> dict[str, Any]:
+    """Epochs with the network's forward in bfloat16 / in fp32, at ``cpu-small.yaml``'s network, size
+    and batch (the recipe that turns it on). At the bootstrap recipe's own (the slim network, 160 px,
+    batch 4) the ratio was 1.03: too little work per convolution for AMX to pay. Where the cores
+    have no native bfloat16 the option falls back to fp32 and the ratio is ~1."""
+    small = {"model": "yolo11n", "imgsz": 256, "batch_per_worker": 8, "optim": {"nbs": 16}}
+    return _epoch_ratio(
+        root,
+        "cpu_bf16",
+        ("fp32", {**small, "scaling": {"cpu_bf16": False}}),
+        {**small, "scaling": {"cpu_bf16": True}},
+    )
+
+
 EPOCH_RATIOS = {
     "channels_last": channels_last_ratio,
     "fused_optimizer": fused_optimizer_ratio,
     "sparse_checkpoint": sparse_checkpoint_ratio,
+    "cpu_bf16": cpu_bf16_ratio,
 }
 
 
@@ -430,7 +445,7 @@ if __name__ == "__main__":
     # per training seed and adds mean and sd: compare recipes that way (seed_spread). A fifth argument
     # sets the phantoms' side (default: make up's, stack/bootstrap.py PHANTOM_SIZE; held out: 1024).
     # `python -m benchmarks.train_bench channels_last`: the CPU workers' memory layout, side by side
-    # `... train_bench fused_optimizer` and `... sparse_checkpoint`: the two other CPU epoch costs, likewise
+    # `... train_bench fused_optimizer`, `... sparse_checkpoint`, `... cpu_bf16`: other CPU epoch costs, alike
     # `python -m benchmarks.train_bench pass`: how fast this machine's cores are today (pass_seconds)
     elif len(sys.argv) > 1 and sys.argv[1] == "pass":
         print(json.dumps(pass_seconds(), indent=2))

@@ -101,6 +101,13 @@ class ScalingConfig(_Strict):
             "parameters (ultralytics fuses only on CUDA; measured in docs/benchmarks.md)"
         ),
     )
+    cpu_bf16: bool = Field(
+        default=False,
+        description=(
+            "CPU workers run forward and loss under bfloat16 autocast where the cores compute bfloat16 "
+            "natively (AMX / AVX512-BF16; fp32 elsewhere). Weights, optimizer and EMA stay fp32"
+        ),
+    )
 
 
 class CheckpointConfig(_Strict):

@@ -469,6 +469,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         device=device,
         channels_last=bool(cfg["channels_last"]),
         fused_optimizer=bool(cfg["fused_optimizer"]),
+        cpu_bf16=bool(cfg.get("cpu_bf16", False)),
         checkpoints=CheckpointConfig.model_validate(cfg["checkpoint"]),
     )
     trainer.add_callback("on_fit_epoch_end", _make_epoch_reporter(cfg, rank, world_size, resumed_from))
@@ -579,6 +580,7 @@ def run_loop_inputs(
         "torch_threads": scaling.torch_threads,
         "channels_last": scaling.channels_last,
         "fused_optimizer": scaling.fused_optimizer,
+        "cpu_bf16": scaling.cpu_bf16,
         "checkpoint": config.checkpoint.model_dump(),
         "use_gpu": scaling.use_gpu,
     }

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from training.config import MODEL_FILES, CheckpointConfig
-from training.ultralytics_ddp import RayDetectionTrainer
+from training.ultralytics_ddp import _ULTRALYTICS_AUTOCAST, RayDetectionTrainer, cpu_computes_bf16
 
 pytestmark = pytest.mark.unit
 
@@ -125,3 +125,80 @@ def test_a_recipe_that_validates_every_epoch_keeps_every_write() -> None:
     trainer = _bare_trainer()  # no cadence given: ultralytics' own behaviour
     trainer.args = SimpleNamespace(val=False)
     assert _saved_epochs(trainer, 3) == [0, 1, 2]
+
+
+def _bf16_trainer(cpu_bf16: bool, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """A trainer built with ``cpu_bf16``; also the overrides it handed to ultralytics' constructor."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    handed: dict[str, Any] = {}
+    with mock.patch.object(DetectionTrainer, "__init__", lambda self, overrides: handed.update(overrides)):
+        trainer: Any = RayDetectionTrainer(
+            {"amp": False}, world_size=2, device=torch.device(device), cpu_bf16=cpu_bf16
+        )
+    trainer.args = SimpleNamespace(amp=handed["amp"])
+    trainer.amp = handed["amp"] not in (False, "fp32")
+    return trainer, handed
+
+
+def _loop_precision(trainer: Any) -> tuple[torch.dtype, set[torch.dtype], bool]:
+    """What ultralytics' training loop computes in, as the trainer runs it: the network's
+    convolutions' output dtype, the dtypes the loss criterion is given, and whether autocast is
+    still on inside the criterion.
+
+    ultralytics' ``_do_train`` is replaced by its forward step: the ``autocast`` helper its module
+    imported, called as the loop calls it, around a real model's ``loss`` on a batch (the
+    criterion, which needs labels, replaced by a recorder).
+    """
+    import ultralytics.engine.trainer as ultralytics_trainer
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel(str(MODEL_FILES["yolo11-slim"]), nc=14, verbose=False).train()
+    convs: list[torch.dtype] = []
+    first_layer: Any = model.model[0]
+    first_layer.register_forward_hook(lambda module, args, out: convs.append(out.dtype))
+    given: set[torch.dtype] = set()
+    autocast_in_criterion: list[bool] = []
+
+    def criterion(preds: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        given.update(t.dtype for t in (preds["boxes"], preds["scores"], *preds["feats"]))
+        autocast_in_criterion.append(torch.is_autocast_enabled("cpu"))
+        return preds["scores"].sum(), {}
+
+    model.criterion = criterion
+
+    def forward_step(self: Any) -> None:
+        precision = torch.bfloat16 if self.args.amp == "bf16" else self.amp
+        with ultralytics_trainer.autocast(precision, device="cpu"):
+            model({"img": torch.rand(1, 3, 64, 64)})
+
+    with mock.patch.object(DetectionTrainer, "_do_train", forward_step):
+        trainer._do_train()
+    return convs[0], given, autocast_in_criterion[0]
+
+
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no native bfloat16 arithmetic")
+def test_cpu_bf16_runs_the_network_in_bfloat16_and_its_loss_in_fp32() -> None:
+    trainer, handed = _bf16_trainer(cpu_bf16=True)
+    assert handed["amp"] == "bf16"  # ultralytics' own switch: no loss scaler, no fp16 check
+    # ultralytics' helper alone refuses bfloat16 on a CPU; the trainer's loop gets it
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        _ULTRALYTICS_AUTOCAST(torch.bfloat16, device="cpu")
+    conv, given, autocast_in_criterion = _loop_precision(trainer)
+    assert conv == torch.bfloat16
+    # the loss sees fp32 predictions with autocast off (in bfloat16 the recipe learnt less a second)
+    assert given == {torch.float32}
+    assert autocast_in_criterion is False
+
+
+def test_without_cpu_bf16_the_training_step_stays_fp32() -> None:
+    trainer, handed = _bf16_trainer(cpu_bf16=False)
+    assert handed["amp"] is False
+    assert _loop_precision(trainer) == (torch.float32, {torch.float32}, False)
+
+
+def test_cpu_bf16_is_ignored_on_a_gpu_rank_and_on_cores_without_bf16() -> None:
+    assert _bf16_trainer(cpu_bf16=True, device="cuda")[1]["amp"] is False
+    with mock.patch("training.ultralytics_ddp.cpu_computes_bf16", return_value=False):
+        assert _bf16_trainer(cpu_bf16=True)[1]["amp"] is False
