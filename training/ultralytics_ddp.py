@@ -138,11 +138,15 @@ class RayDetectionTrainer(DetectionTrainer):
         cpu_bf16: bool = False,
         checkpoints: CheckpointConfig | None = None,
     ) -> None:
-        #: [8] forward and loss in bfloat16 on CPU cores that compute it natively
-        self.cpu_bf16 = cpu_bf16 and device.type == "cpu" and cpu_computes_bf16()
-        if self.cpu_bf16:
+        if cpu_bf16 and device.type == "cpu" and cpu_computes_bf16():
             overrides = {**overrides, "amp": "bf16"}
         super().__init__(overrides=overrides)
+        # A resumed run keeps its checkpoint's ``amp``, whatever this rank was asked; on cores
+        # without native bfloat16 it goes on in fp32 (ultralytics' loop would raise).
+        if device.type == "cpu" and self.args.amp == "bf16" and not cpu_computes_bf16():
+            self.args.amp = False
+        #: [8] the network's forward in bfloat16 on CPU cores that compute it natively
+        self.cpu_bf16 = device.type == "cpu" and self.args.amp == "bf16"
         self._cpu_channels_last = channels_last and device.type == "cpu"
         self._cpu_fused_optimizer = fused_optimizer and device.type == "cpu"
         #: the run's checkpoint cadence (default: every epoch, ultralytics' own writes)

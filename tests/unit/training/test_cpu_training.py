@@ -22,7 +22,10 @@ def _bare_trainer(channels_last: bool = False, device: str = "cpu", **options: A
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.nn.tasks import DetectionModel
 
-    with mock.patch.object(DetectionTrainer, "__init__", lambda self, overrides: None):
+    def constructor(self: Any, overrides: dict[str, Any]) -> None:
+        self.args = SimpleNamespace(amp=False)
+
+    with mock.patch.object(DetectionTrainer, "__init__", constructor):
         trainer: Any = RayDetectionTrainer(
             {}, world_size=2, device=torch.device(device), channels_last=channels_last, **options
         )
@@ -127,17 +130,27 @@ def test_a_recipe_that_validates_every_epoch_keeps_every_write() -> None:
     assert _saved_epochs(trainer, 3) == [0, 1, 2]
 
 
-def _bf16_trainer(cpu_bf16: bool, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """A trainer built with ``cpu_bf16``; also the overrides it handed to ultralytics' constructor."""
+def _bf16_trainer(
+    cpu_bf16: bool, device: str = "cpu", checkpoint_amp: str | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """A trainer built with ``cpu_bf16``; also the overrides it handed to ultralytics' constructor.
+
+    ``checkpoint_amp``: ultralytics' constructor resumes a run whose checkpoint says this ``amp``
+    (a resume keeps the checkpoint's, whatever the overrides say).
+    """
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     handed: dict[str, Any] = {}
-    with mock.patch.object(DetectionTrainer, "__init__", lambda self, overrides: handed.update(overrides)):
+
+    def constructor(self: Any, overrides: dict[str, Any]) -> None:
+        handed.update(overrides)
+        self.args = SimpleNamespace(amp=overrides["amp"] if checkpoint_amp is None else checkpoint_amp)
+
+    with mock.patch.object(DetectionTrainer, "__init__", constructor):
         trainer: Any = RayDetectionTrainer(
             {"amp": False}, world_size=2, device=torch.device(device), cpu_bf16=cpu_bf16
         )
-    trainer.args = SimpleNamespace(amp=handed["amp"])
-    trainer.amp = handed["amp"] not in (False, "fp32")
+    trainer.amp = trainer.args.amp not in (False, "fp32")
     return trainer, handed
 
 
@@ -202,3 +215,13 @@ def test_cpu_bf16_is_ignored_on_a_gpu_rank_and_on_cores_without_bf16() -> None:
     assert _bf16_trainer(cpu_bf16=True, device="cuda")[1]["amp"] is False
     with mock.patch("training.ultralytics_ddp.cpu_computes_bf16", return_value=False):
         assert _bf16_trainer(cpu_bf16=True)[1]["amp"] is False
+
+
+def test_a_resumed_run_keeps_its_checkpoints_precision_where_the_cores_allow() -> None:
+    resumed, _ = _bf16_trainer(cpu_bf16=False, checkpoint_amp="bf16")
+    assert resumed.cpu_bf16 is cpu_computes_bf16()
+    with mock.patch("training.ultralytics_ddp.cpu_computes_bf16", return_value=False):
+        elsewhere, _ = _bf16_trainer(cpu_bf16=True, checkpoint_amp="bf16")
+    # ultralytics' loop would raise on a bfloat16 ``amp`` here: the run goes on in fp32
+    assert (elsewhere.args.amp, elsewhere.cpu_bf16) == (False, False)
+    assert _loop_precision(elsewhere) == (torch.float32, {torch.float32}, False)
