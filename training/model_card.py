@@ -40,6 +40,13 @@ def _dataset_report(link: DatasetReportLink | None) -> str:
     )
 
 
+def _precision(config: TrainConfig) -> str:
+    """The recipe's training precision when it is not plain fp32 (``scaling.cpu_bf16``)."""
+    if config.scaling.cpu_bf16 and not config.scaling.use_gpu:
+        return "; the network's forward in bfloat16 on CPUs that compute it natively (fp32 elsewhere)"
+    return ""
+
+
 def _auc(report: EvalReport) -> str:
     """The image-level AUC (highest confidence per image) or why there is none."""
     return f"{report.no_finding_auc:.4f}" if report.no_finding_auc is not None else "n/a (one kind of image)"
@@ -101,7 +108,7 @@ cleared for diagnosis, and must never report to a patient or replace a radiologi
         config.augment.mosaic
     }
   (closed for the last {config.augment.close_mosaic} epochs), horizontal flip p={config.augment.fliplr},
-  no vertical flip. Recipe sha256 `{config.sha256()}`, code `{git_commit}`.
+  no vertical flip{_precision(config)}. Recipe sha256 `{config.sha256()}`, code `{git_commit}`.
 
 ## Training data
 Dataset version `{dataset.version}`: {data_kind}. Split by patient into train / val / test.

@@ -52,7 +52,10 @@ def test_killed_worker_resumes_from_s3_checkpoint_with_epoch_count_intact(
     ray_session: None,
 ) -> None:
     settings = train_settings()
-    config = tiny_recipe(epochs=6, checkpoint={"max_failures": 2, "num_to_keep": 2}).with_workers(2)
+    # in bfloat16 where the cores have it (these do): the resumed run must go on in its checkpoint's precision
+    config = tiny_recipe(
+        epochs=6, checkpoint={"max_failures": 2, "num_to_keep": 2}, scaling={"cpu_bf16": True}
+    ).with_workers(2)
     dataset = open_dataset_dir(tiny_dataset_dir, settings.work_dir)
     run_name = f"resume-{int(time.time())}"
     killed: list[int] = []
@@ -74,3 +77,9 @@ def test_killed_worker_resumes_from_s3_checkpoint_with_epoch_count_intact(
     assert [int(float(e)) for e in epochs] == [1, 2, 3, 4, 5, 6]
     state = json.loads((run.checkpoint_dir / "state.json").read_text())
     assert state["epoch"] + 1 == state["epochs"] == 6
+    import torch
+
+    from training.ultralytics_ddp import cpu_computes_bf16
+
+    last = torch.load(run.checkpoint_dir / "last.pt", map_location="cpu", weights_only=False)
+    assert last["train_args"]["amp"] == ("bf16" if cpu_computes_bf16() else False)

@@ -50,7 +50,7 @@ def built_dataset(tmp_path_factory: pytest.TempPathFactory) -> DatasetRef:
     return open_dataset_dir(built.path, tmp_path_factory.mktemp("work"))
 
 
-def _card(dataset: DatasetRef, link: DatasetReportLink | None) -> str:
+def _card(dataset: DatasetRef, link: DatasetReportLink | None, config: TrainConfig | None = None) -> str:
     report = EvalReport(
         backend="onnx",
         split="test",
@@ -66,7 +66,7 @@ def _card(dataset: DatasetRef, link: DatasetReportLink | None) -> str:
         per_class=[],
     )
     return render_model_card(
-        config=TrainConfig(imgsz=64),
+        config=config or TrainConfig(imgsz=64),
         dataset=dataset,
         run_name="run",
         git_commit="abc",
@@ -103,3 +103,12 @@ def test_a_version_without_a_report_is_said_so_on_the_card(tmp_path: Path) -> No
     assert _log_dataset_report(tracker, dataset, TrainSettings()) is None  # type: ignore[arg-type]
     assert tracker.logged == []
     assert "No dataset report" in _card(dataset, None)
+
+
+def test_the_card_says_when_the_network_trained_in_bfloat16(tmp_path: Path) -> None:
+    from tests.unit.training.tiny_dataset import build_tiny_dataset
+
+    dataset = open_dataset_dir(build_tiny_dataset(tmp_path / "tiny"), tmp_path / "work")
+    bf16 = TrainConfig.model_validate({"imgsz": 64, "scaling": {"cpu_bf16": True}})
+    assert "forward in bfloat16" in _card(dataset, None, bf16)
+    assert "bfloat16" not in _card(dataset, None)
