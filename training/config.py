@@ -104,8 +104,9 @@ class ScalingConfig(_Strict):
     cpu_bf16: bool = Field(
         default=False,
         description=(
-            "CPU workers run forward and loss under bfloat16 autocast where the cores compute bfloat16 "
-            "natively (AMX / AVX512-BF16; fp32 elsewhere). Weights, optimizer and EMA stay fp32"
+            "CPU workers run the network's forward under bfloat16 autocast where the cores compute "
+            "bfloat16 natively (AMX / AVX512-BF16; fp32 elsewhere). The loss, weights, optimizer and "
+            "EMA stay fp32"
         ),
     )
 

@@ -42,8 +42,14 @@ def cpu_computes_bf16() -> bool:
     """Whether this CPU has native bfloat16 arithmetic (AMX or AVX512-BF16) that oneDNN uses.
 
     Elsewhere bfloat16 autocast is emulated and slower than fp32, so [8] falls back to fp32.
+    Not ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``: that says yes on any AVX-512 core,
+    where oneDNN emulates bfloat16 (a convolution's pass ~3x slower than fp32, a review's check
+    with ``ONEDNN_MAX_CPU_ISA=AVX512_CORE``).
     """
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(
+        torch.backends.mkldnn.is_available()
+        and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    )
 
 
 _ULTRALYTICS_AUTOCAST = ultralytics_trainer.autocast
@@ -166,9 +172,16 @@ class RayDetectionTrainer(DetectionTrainer):
             torch.cuda.set_device(self.device)
 
     def _setup_train(self) -> None:
-        """[3] Wrap DDP so CPU ranks pass ``device_ids=None`` (see :class:`_CpuSafeDDP`)."""
+        """[3] Wrap DDP so CPU ranks pass ``device_ids=None`` (see :class:`_CpuSafeDDP`).
+
+        [8] Ultralytics then broadcasts rank 0's ``amp`` to every rank. A CPU rank keeps its own
+        decision instead: where rank 0 trains in bfloat16 and this rank's cores cannot, the
+        broadcast would have this rank autocast in emulated bfloat16, the loss included.
+        """
         with mock.patch.object(torch.nn.parallel, "DistributedDataParallel", _CpuSafeDDP):
             super()._setup_train()
+        if self.device.type == "cpu":
+            self.amp = self.cpu_bf16
 
     def _do_train(self) -> None:
         """[8] Ultralytics' loop with the network's forward in bfloat16 on CPU cores that compute it.

@@ -3,6 +3,7 @@ fused optimizer steps, and ultralytics' weights written only on epochs that leav
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from unittest import mock
@@ -225,3 +226,33 @@ def test_a_resumed_run_keeps_its_checkpoints_precision_where_the_cores_allow() -
     # ultralytics' loop would raise on a bfloat16 ``amp`` here: the run goes on in fp32
     assert (elsewhere.args.amp, elsewhere.cpu_bf16) == (False, False)
     assert _loop_precision(elsewhere) == (torch.float32, {torch.float32}, False)
+
+
+def test_a_cpu_rank_keeps_its_own_precision_after_rank_0s_broadcast() -> None:
+    """Ultralytics' ``_setup_train`` broadcasts rank 0's ``amp``; on cores without bfloat16 this
+    rank must not autocast (it would emulate bfloat16, the loss included)."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    with mock.patch("training.ultralytics_ddp.cpu_computes_bf16", return_value=False):
+        trainer, _ = _bf16_trainer(cpu_bf16=True)
+    trainer.device = torch.device("cpu")
+
+    def rank_0_trains_in_bf16(self: Any) -> None:
+        self.amp = True  # what the broadcast from a bfloat16 rank 0 leaves here
+
+    with mock.patch.object(DetectionTrainer, "_setup_train", rank_0_trains_in_bf16):
+        trainer._setup_train()
+    assert trainer.amp is False
+    assert _loop_precision(trainer) == (torch.float32, {torch.float32}, False)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo")
+def test_native_bf16_is_what_the_kernel_reports_of_the_cores() -> None:
+    """AMX or AVX512-BF16 in the CPU flags: not any AVX-512 core (oneDNN emulates bfloat16 there)."""
+    flags = {
+        flag
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("flags")
+        for flag in line.split(":", 1)[1].split()
+    }
+    assert cpu_computes_bf16() is bool({"amx_bf16", "avx512_bf16"} & flags)
