@@ -7,9 +7,9 @@ of their median epoch times (2 workers / 1 worker; the goal on 2 cores is
 epoch (warm-up) and the last (it validates).
 
 ``channels_last_epoch_ratio``, ``fused_optimizer_epoch_ratio``,
-``sparse_checkpoint_epoch_ratio``, ``cpu_bf16_epoch_ratio``: the bootstrap recipe's epoch with one CPU
-training choice on / off, fits alternated in one run (``EPOCH_RATIOS``; each
-also alone as ``python -m benchmarks.train_bench NAME``).
+``sparse_checkpoint_epoch_ratio``, ``cpu_bf16_epoch_ratio``: the bootstrap recipe's epoch (the
+last at ``cpu-small.yaml``'s network, size and batch) with one CPU training choice on / off, fits
+alternated in one run (``EPOCH_RATIOS``; each also alone as ``python -m benchmarks.train_bench NAME``).
 
 ``train_quality_map50``: ``training/configs/cpu-small.yaml`` on the default
 synthetic dataset (300 phantoms), evaluated on its test split with the same
@@ -388,13 +388,18 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-#: the side-by-side epoch ratios, by the name ``python -m benchmarks.train_bench NAME`` runs one alone
 def cpu_bf16_ratio(root: Path) -> dict[str, Any]:
     """Epochs with the network's forward in bfloat16 / in fp32, at ``cpu-small.yaml``'s network, size
     and batch (the recipe that turns it on). At the bootstrap recipe's own (the slim network, 160 px,
     batch 4) the ratio was 1.03: too little work per convolution for AMX to pay. Where the cores
     have no native bfloat16 the option falls back to fp32 and the ratio is ~1."""
-    small = {"model": "yolo11n", "imgsz": 256, "batch_per_worker": 8, "optim": {"nbs": 16}}
+    recipe = load_config(CONFIGS / "cpu-small.yaml")
+    small = {
+        "model": recipe.model,
+        "imgsz": recipe.imgsz,
+        "batch_per_worker": recipe.batch_per_worker,
+        "optim": {"nbs": recipe.optim.nbs},
+    }
     return _epoch_ratio(
         root,
         "cpu_bf16",
@@ -403,6 +408,7 @@ def cpu_bf16_ratio(root: Path) -> dict[str, Any]:
     )
 
 
+#: the side-by-side epoch ratios, by the name ``python -m benchmarks.train_bench NAME`` runs one alone
 EPOCH_RATIOS = {
     "channels_last": channels_last_ratio,
     "fused_optimizer": fused_optimizer_ratio,

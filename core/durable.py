@@ -78,6 +78,41 @@ def publish_dir(tmp: Path, final: Path) -> bool:
     return True
 
 
+def publish_files(final: Path, files: dict[str, bytes]) -> bool:
+    """A new folder ``final`` holding ``files`` (name -> bytes), whole and durable, or nothing.
+
+    Written in a ``.tmp-`` sibling and published with :func:`publish_dir`; False (nothing
+    changed) when ``final`` already holds something. The temp folder never outlives the call,
+    whatever fails: the owners delete ``.tmp-`` leftovers only at start (a crash's).
+    """
+    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        for name, data in files.items():
+            write_synced(tmp / name, data)
+        published = publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not published:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return published
+
+
+def discard_leftovers(root: Path, *patterns: str) -> None:
+    """Delete what a crash left under ``root`` (``.tmp-`` files and folders matching ``patterns``).
+
+    Only at start, by the one process that owns ``root``: at any other time these are another
+    call's writes in progress.
+    """
+    for pattern in patterns:
+        for leftover in root.glob(pattern):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
 def discard_dir(folder: Path) -> None:
     """Remove ``folder`` so that no crash can leave part of it under its own name.
 

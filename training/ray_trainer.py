@@ -469,7 +469,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         device=device,
         channels_last=bool(cfg["channels_last"]),
         fused_optimizer=bool(cfg["fused_optimizer"]),
-        cpu_bf16=bool(cfg.get("cpu_bf16", False)),
+        cpu_bf16=bool(cfg["cpu_bf16"]),
         checkpoints=CheckpointConfig.model_validate(cfg["checkpoint"]),
     )
     trainer.add_callback("on_fit_epoch_end", _make_epoch_reporter(cfg, rank, world_size, resumed_from))

@@ -144,15 +144,16 @@ class RayDetectionTrainer(DetectionTrainer):
         cpu_bf16: bool = False,
         checkpoints: CheckpointConfig | None = None,
     ) -> None:
-        if cpu_bf16 and device.type == "cpu" and cpu_computes_bf16():
+        native_bf16 = device.type == "cpu" and cpu_computes_bf16()
+        if cpu_bf16 and native_bf16:
             overrides = {**overrides, "amp": "bf16"}
         super().__init__(overrides=overrides)
-        # A resumed run keeps its checkpoint's ``amp``, whatever this rank was asked; on cores
+        # A resumed run keeps its checkpoint's ``amp``, whatever this rank was asked; on CPU cores
         # without native bfloat16 it goes on in fp32 (ultralytics' loop would raise).
-        if device.type == "cpu" and self.args.amp == "bf16" and not cpu_computes_bf16():
+        if device.type == "cpu" and self.args.amp == "bf16" and not native_bf16:
             self.args.amp = False
         #: [8] the network's forward in bfloat16 on CPU cores that compute it natively
-        self.cpu_bf16 = device.type == "cpu" and self.args.amp == "bf16"
+        self.cpu_bf16 = native_bf16 and self.args.amp == "bf16"
         self._cpu_channels_last = channels_last and device.type == "cpu"
         self._cpu_fused_optimizer = fused_optimizer and device.type == "cpu"
         #: the run's checkpoint cadence (default: every epoch, ultralytics' own writes)
@@ -188,7 +189,8 @@ class RayDetectionTrainer(DetectionTrainer):
 
         Ultralytics has ``amp="bf16"`` (no loss scaler, no fp16 check) but its ``autocast`` helper
         raises unless the device is CUDA, so the loop gets one that allows the CPU. On these cores
-        (AMX) an epoch of ``cpu-small.yaml`` took 0.68 of the fp32 time (5.07 s against 7.45 s).
+        (AMX) an epoch at ``cpu-small.yaml``'s shape took 0.672 of the fp32 time
+        (``python -m benchmarks.train_bench cpu_bf16``).
         The loss is computed in fp32 outside autocast: with it in bfloat16, as ultralytics does on
         CUDA, 75 epochs learnt no more than 50 fp32 ones in the same time (held-out mAP@0.5 0.382
         both), with it in fp32 they gave 0.444 (docs/benchmarks.md). Weights, gradients, the

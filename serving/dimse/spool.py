@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.durable import fsync_dir, replace_durably, write_synced
+from core.durable import discard_leftovers, fsync_dir, replace_durably, write_synced
 from serving.dicom.headers import instance_uids  # the one guarded header read
 
 log = logging.getLogger("cxr.dimse")
@@ -82,8 +82,7 @@ class InstanceSpool:
         # set by every write: the forwarder hands a new instance to the gateway at once
         self.changed = threading.Event()
         self._uids: dict[str, str] = {}  # study folder -> its UID, read once (the file never changes)
-        for tmp in self.studies_dir.glob("*/.tmp-*"):  # a write the crash interrupted: never acknowledged
-            tmp.unlink(missing_ok=True)
+        discard_leftovers(self.studies_dir, "*/.tmp-*")  # writes a crash interrupted: never acknowledged
         self._repair_uid_files()
 
     def _repair_uid_files(self) -> None:

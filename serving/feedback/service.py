@@ -16,8 +16,6 @@ import hmac
 import io
 import json
 import logging
-import shutil
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from core.durable import discard_dir, fsync_dir, make_dirs, publish_dir, write_synced
+from core.durable import discard_dir, discard_leftovers, fsync_dir, make_dirs, publish_files
 from data_pipeline.classes import CLASS_NAMES, NO_FINDING, NO_FINDING_ID
 from serving.dicom.deid import deidentify_dicom, reencode_png
 from serving.errors import InvalidRequest
@@ -223,8 +221,7 @@ class FeedbackSpool:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        for tmp in root.glob(".tmp-*") if root.is_dir() else ():
-            shutil.rmtree(tmp, ignore_errors=True)
+        discard_leftovers(root, ".tmp-*")
 
     def _dir(self, feedback_id: str) -> Path:
         return self.root / feedback_id
@@ -239,21 +236,10 @@ class FeedbackSpool:
         """Keep the objects until the store takes them (blocking); durable when it returns, since
         the radiologist is then told the feedback is kept."""
         make_dirs(self.root)
-        tmp = self.root / f".tmp-{feedback_id}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            index = {}
-            for i, (key, data) in enumerate(objects.items()):
-                name = f"{i:03d}.bin"
-                write_synced(tmp / name, data)
-                index[key] = name
-            write_synced(tmp / "objects.json", json.dumps(index).encode())
-            published = publish_dir(tmp, self._dir(feedback_id))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if not published:  # spooled before: the same feedback id
-            shutil.rmtree(tmp)
+        names = {key: f"{i:03d}.bin" for i, key in enumerate(objects)}
+        files = {names[key]: data for key, data in objects.items()}
+        files["objects.json"] = json.dumps(names).encode()
+        publish_files(self._dir(feedback_id), files)  # False: spooled before, the same feedback id
 
     def pending(self) -> list[str]:
         if not self.root.exists():

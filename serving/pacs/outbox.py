@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.durable import discard_dir, fsync_dir, make_dirs, publish_dir, replace_durably, write_synced
+from core.durable import discard_dir, discard_leftovers, fsync_dir, make_dirs, publish_files, replace_durably
 
 
 @dataclass(frozen=True)
@@ -55,11 +53,7 @@ class Outbox:
         make_dirs(self.root)
         self._lock = threading.Lock()
         # what a crash cut short: puts never answered, items being removed, a retry's new meta
-        for tmp in [*self.root.glob(".tmp-*"), *self.root.glob("*/.tmp-*")]:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
+        discard_leftovers(self.root, ".tmp-*", "*/.tmp-*")
 
     def put(self, destination: str, sop_class_uid: str, sop_instance_uid: str, data: bytes) -> bool:
         """Queue one object for one destination (blocking); False when it is already queued."""
@@ -68,29 +62,18 @@ class Outbox:
         if final.exists():  # its writer may not have made the rename durable yet: before answering
             fsync_dir(self.root)
             return False
-        tmp = self.root / f".tmp-{iid}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            write_synced(tmp / "object.dcm", data)
-            now = time.time()
-            meta = {
-                "destination": destination,
-                "sop_class_uid": sop_class_uid,
-                "sop_instance_uid": sop_instance_uid,
-                "attempts": 0,
-                "next_attempt": now,
-                "created": now,
-            }
-            write_synced(tmp / "meta.json", json.dumps(meta).encode())
-            # durable before the caller answers: the SCP drops its copy of a study once its
-            # send-back is answered, and a start removes the ".tmp-" folder a lost rename leaves
-            published = publish_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if not published:  # queued meanwhile by another request: the same object, keep one
-            shutil.rmtree(tmp, ignore_errors=True)
-        return published
+        now = time.time()
+        meta = {
+            "destination": destination,
+            "sop_class_uid": sop_class_uid,
+            "sop_instance_uid": sop_instance_uid,
+            "attempts": 0,
+            "next_attempt": now,
+            "created": now,
+        }
+        # durable before the caller answers: the SCP drops its copy of a study once its send-back
+        # is answered. False: queued meanwhile by another request, the same object; keep one
+        return publish_files(final, {"object.dcm": data, "meta.json": json.dumps(meta).encode()})
 
     @staticmethod
     def _write_meta(folder: Path, meta: dict[str, Any]) -> None:

@@ -13,11 +13,13 @@ from typing import Any
 
 import psutil
 import pytest
+import torch
 
 from tests.fixtures.ray_workers import ray_train_workers
 from training.config import TrainConfig, TrainSettings
 from training.dataset import open_dataset_dir
 from training.ray_trainer import fit_distributed
+from training.ultralytics_ddp import cpu_computes_bf16
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -77,9 +79,5 @@ def test_killed_worker_resumes_from_s3_checkpoint_with_epoch_count_intact(
     assert [int(float(e)) for e in epochs] == [1, 2, 3, 4, 5, 6]
     state = json.loads((run.checkpoint_dir / "state.json").read_text())
     assert state["epoch"] + 1 == state["epochs"] == 6
-    import torch
-
-    from training.ultralytics_ddp import cpu_computes_bf16
-
     last = torch.load(run.checkpoint_dir / "last.pt", map_location="cpu", weights_only=False)
     assert last["train_args"]["amp"] == ("bf16" if cpu_computes_bf16() else False)

@@ -92,3 +92,38 @@ def test_a_discarded_folder_leaves_its_name_at_once(tmp_path: Path, monkeypatch:
     [left] = tmp_path.iterdir()
     assert left.name.startswith(".tmp-del-")  # skipped by listings, deleted by the next start
     durable.discard_dir(tmp_path / "item")  # gone already: nothing to do
+
+
+def test_published_files_are_on_disk_before_their_folder_and_no_temp_folder_outlives_the_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = Steps(tmp_path, monkeypatch)
+    assert durable.publish_files(tmp_path / "item", {"a.bin": b"1", "index.json": b"{}"})
+    assert recorder.steps == [
+        "fsync tmp/a.bin",
+        "fsync tmp/index.json",
+        "fsync tmp",
+        "rename tmp -> item",
+        "fsync .",
+    ]
+    assert not durable.publish_files(tmp_path / "item", {"a.bin": b"2"})  # already there: untouched
+    assert (tmp_path / "item" / "a.bin").read_bytes() == b"1"
+
+    def full_disk(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(durable, "write_synced", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        durable.publish_files(tmp_path / "other", {"a.bin": b"3"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["item"]
+
+
+def test_leftovers_of_a_crash_are_deleted_files_and_folders_alike(tmp_path: Path) -> None:
+    (tmp_path / ".tmp-put").mkdir()
+    (tmp_path / ".tmp-put" / "object.dcm").write_bytes(b"x")
+    (tmp_path / "item").mkdir()
+    (tmp_path / "item" / ".tmp-meta").write_text("{}")
+    (tmp_path / "item" / "meta.json").write_text("{}")
+    durable.discard_leftovers(tmp_path, ".tmp-*", "*/.tmp-*")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["item", "item/meta.json"]
+    durable.discard_leftovers(tmp_path / "missing", ".tmp-*")  # a root not made yet: nothing to do

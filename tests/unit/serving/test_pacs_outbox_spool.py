@@ -251,11 +251,11 @@ def test_an_object_is_durable_in_the_outbox_when_put_returns(
 def test_an_object_queued_by_another_request_meanwhile_is_kept_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from serving.pacs import outbox as outbox_module
+    from core import durable  # where the outbox's files are written
     from serving.pacs.outbox import item_id
 
     box = Outbox(tmp_path)
-    real_write = outbox_module.write_synced
+    real_write = durable.write_synced
 
     def write_then_race(path: Path, data: bytes) -> None:
         real_write(path, data)
@@ -264,21 +264,21 @@ def test_an_object_queued_by_another_request_meanwhile_is_kept_once(
             other.mkdir(exist_ok=True)
             (other / "object.dcm").write_bytes(b"theirs")
 
-    monkeypatch.setattr(outbox_module, "write_synced", write_then_race)
+    monkeypatch.setattr(durable, "write_synced", write_then_race)
     assert not box.put("orthanc", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"ours")
     assert [p.name for p in tmp_path.iterdir()] == [item_id("orthanc", "1.2.9")], "no .tmp- folder left"
     assert (tmp_path / item_id("orthanc", "1.2.9") / "object.dcm").read_bytes() == b"theirs"
 
 
 def test_a_put_that_fails_leaves_no_temp_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from serving.pacs import outbox as outbox_module
+    from core import durable  # where the outbox's files are written
 
     box = Outbox(tmp_path)
 
     def full_disk(path: Path, data: bytes) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(outbox_module, "write_synced", full_disk)
+    monkeypatch.setattr(durable, "write_synced", full_disk)
     with pytest.raises(OSError, match="No space"):
         box.put("orthanc", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr")
     assert list(tmp_path.iterdir()) == []
