@@ -21,6 +21,16 @@ SR of two phantoms built by ``serving.dicom.sr_document`` over the same built by
 ``highdicom.sr.ComprehensiveSR`` (the same file, see that module), alternated in one process,
 with three boxes an image; and the milliseconds of one study's whole send-back bundle (SR and
 two GSPS, built and written) with none and with three boxes an image.
+
+``pacs_roundtrip_ceiling``: the ratio the CPU account allows if the gateway's round trip cost it
+no more than ``/v1/detect`` does (its send-back free): ``/v1/detect``'s CPU an image over that plus
+the SCP's and Orthanc's in the round trip. On these two shared cores the measured ratio follows the
+CPU ratio, so a goal above this figure is out of reach whatever the gateway does.
+
+``python -m benchmarks.pacs_bench scp``: the storage SCP alone (no gateway, no forwarder) in a process
+of its own, fed by a pynetdicom SCU: its CPU per received image (pynetdicom's protocol, the guarded
+header read, the fsync'd spool), the same with the store handler doing nothing (pynetdicom alone),
+and its CPU per second while an association is open and idle (pynetdicom's polling loops).
 """
 
 from __future__ import annotations
@@ -97,10 +107,10 @@ class CpuAccount:
         return {name: round(1000 * s / items, 1) for name, s in self.seconds.items()} if items else {}
 
 
-def phantoms(out: Path) -> list[bytes]:
+def phantoms(out: Path, n_images: int = STUDIES * IMAGES_PER_STUDY) -> list[bytes]:
     from data_pipeline.synth import SynthConfig, generate
 
-    generate(SynthConfig(n_images=STUDIES * IMAGES_PER_STUDY, seed=19, size=1024, workers=1), out)
+    generate(SynthConfig(n_images=n_images, seed=19, size=1024, workers=1), out)
     return [p.read_bytes() for p in sorted((out / "dicom").glob("*.dicom"))]
 
 
@@ -330,6 +340,7 @@ def run_pacs_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
         # the gateway's own CPU an image, /v1/detect over the round trip: the ratio's bound where the
         # PACS and the SCP have cores of their own (a cluster); here all three share two cores
         "pacs_gateway_cpu_vs_detect": round(cpu_ms["detect"]["gateway"] / cpu_ms["roundtrip"]["gateway"], 3),
+        "pacs_roundtrip_ceiling": roundtrip_ceiling(cpu_ms),
         "sr_document_vs_highdicom": documents["sr_document_vs_highdicom"],
         "pacs": {
             "send_back_bundle_ms": documents["send_back_bundle_ms"],
@@ -349,6 +360,86 @@ def run_pacs_benchmarks(workdir: Path | None = None) -> dict[str, Any]:
     }
 
 
+def roundtrip_ceiling(cpu_ms: dict[str, dict[str, float]]) -> float | None:
+    """The ratio with the gateway's round trip as cheap as ``/v1/detect`` (module doc)."""
+    detect = sum(cpu_ms["detect"].values())
+    others = sum(ms for name, ms in cpu_ms["roundtrip"].items() if name != "gateway")
+    return round(detect / (cpu_ms["detect"]["gateway"] + others), 3) if detect else None
+
+
+def _scp_server(port: int, spool_dir: str, mode: str) -> None:
+    """The SCP alone for :func:`scp_alone` (``scp-server PORT DIR MODE``); ``noop``: store nothing."""
+    import threading
+
+    import serving.dicom.headers  # noqa: F401 - the first store's imports, out of the figure
+    from serving.dimse.scp import SUCCESS, ScpConfig, StorageScp
+    from serving.dimse.spool import InstanceSpool
+
+    scp = StorageScp(ScpConfig("CXR", "127.0.0.1", port), InstanceSpool(Path(spool_dir)))
+    if mode == "noop":
+        scp.handle_store = lambda event: SUCCESS  # type: ignore[method-assign]
+    scp.start()
+    print("ready", flush=True)
+    threading.Event().wait()
+
+
+def scp_alone(n_images: int = 40, repeats: int = 2, idle_s: float = 3.0) -> dict[str, Any]:
+    """CPU of the SCP process per received image, and per second of an idle association (module doc)."""
+    import pydicom
+    from pynetdicom import AE
+
+    from benchmarks.serve_bench import _free_port, process_cpu_s
+
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # a line per association and store
+    found: dict[str, Any] = {"scp_images": n_images * repeats}
+    with tempfile.TemporaryDirectory(prefix="cxr-scp-bench-") as tmp:
+        images = phantoms(Path(tmp) / "phantoms", n_images)
+        files = []
+        for i, data in enumerate(images):
+            (Path(tmp) / f"{i}.dcm").write_bytes(data)
+            files.append(Path(tmp) / f"{i}.dcm")
+        pairs = set()
+        for data in images:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            pairs.add((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+        for mode in ("spool", "noop"):
+            port = _free_port()
+            spool = Path(tmp) / f"spool-{mode}"
+            server = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.pacs_bench", "scp-server", str(port), str(spool), mode],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                start_new_session=True,
+            )
+            try:
+                assert server.stdout is not None
+                server.stdout.readline()
+                ae = AE("BENCH")
+                for sop_class, syntax in sorted(pairs):  # a context per pair: the SCP accepts one syntax each
+                    ae.add_requested_context(sop_class, [syntax])
+                assoc = ae.associate("127.0.0.1", port, ae_title="CXR")
+                if not assoc.is_established:
+                    raise RuntimeError("the SCP refused the benchmark's association")
+                before = process_cpu_s(server.pid)
+                for _ in range(repeats):
+                    for f in files:
+                        status = assoc.send_c_store(f)
+                        if not status or int(status.Status) != 0:
+                            raise RuntimeError(f"C-STORE refused: {status}")
+                received = process_cpu_s(server.pid)
+                time.sleep(idle_s)
+                idle = process_cpu_s(server.pid)
+                assoc.release()
+            finally:
+                server.kill()
+                server.wait()
+            per_image = (received - before) / (n_images * repeats)
+            found[f"scp_{mode}_cpu_ms_per_image"] = round(1000 * per_image, 1)
+            if mode == "spool":
+                found["scp_idle_association_cpu_ms_per_s"] = round(1000 * (idle - received) / idle_s, 1)
+    return found
+
+
 def _sr_alone() -> dict[str, Any]:
     from data_pipeline.synth import SynthConfig, generate
 
@@ -360,4 +451,9 @@ def _sr_alone() -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s level=%(levelname)s %(message)s")
-    print(json.dumps(_sr_alone() if sys.argv[1:] == ["sr"] else run_pacs_benchmarks(), indent=2))
+    if sys.argv[1:2] == ["scp-server"]:
+        _scp_server(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    elif sys.argv[1:] == ["scp"]:
+        print(json.dumps(scp_alone(), indent=2))
+    else:
+        print(json.dumps(_sr_alone() if sys.argv[1:] == ["sr"] else run_pacs_benchmarks(), indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.pacs_bench import as_studies, sr_document_ratio
+from benchmarks.pacs_bench import as_studies, roundtrip_ceiling, scp_alone, sr_document_ratio
 from tests.unit.serving.serving_support import make_dicom
 
 pytestmark = pytest.mark.unit
@@ -17,3 +17,23 @@ def test_the_sr_figures_come_from_one_study_built_both_ways() -> None:
     bundle = figures["send_back_bundle_ms"]
     assert bundle["no_box"] > 0.0
     assert bundle["three_boxes_an_image"] > 0.0
+
+
+def test_the_ceiling_is_detect_cpu_over_detect_plus_what_the_scp_and_the_pacs_add() -> None:
+    cpu_ms = {
+        "detect": {"gateway": 120.0, "scp": 0.2, "orthanc": 0.6},
+        "roundtrip": {"gateway": 150.0, "scp": 19.0, "orthanc": 8.0},
+    }
+    # the gateway's own round-trip cost (150) does not enter: the ceiling assumes it equal to detect's
+    assert roundtrip_ceiling(cpu_ms) == round(120.8 / (120.0 + 19.0 + 8.0), 3)
+    assert roundtrip_ceiling({"detect": {"gateway": 0.0}, "roundtrip": {"gateway": 1.0}}) is None
+
+
+def test_the_scp_alone_receives_real_c_stores_and_counts_its_own_cpu() -> None:
+    figures = scp_alone(n_images=2, repeats=1, idle_s=0.2)
+    assert figures["scp_images"] == 2
+    # a real SCP process took both images (scp_alone raises on a refused store); /proc counts CPU in
+    # 10 ms ticks, so two images' few milliseconds may read as 0
+    assert figures["scp_spool_cpu_ms_per_image"] >= 0.0
+    assert figures["scp_noop_cpu_ms_per_image"] >= 0.0
+    assert figures["scp_idle_association_cpu_ms_per_s"] >= 0.0
