@@ -413,7 +413,8 @@ def scp_alone(n_images: int = 40, repeats: int = 2, idle_s: float = 3.0) -> dict
             )
             try:
                 assert server.stdout is not None
-                server.stdout.readline()
+                if server.stdout.readline().strip() != b"ready":  # it exited: its error is on stderr
+                    raise RuntimeError(f"the SCP did not start (exit code {server.wait()})")
                 ae = AE("BENCH")
                 for sop_class, syntax in sorted(pairs):  # a context per pair: the SCP accepts one syntax each
                     ae.add_requested_context(sop_class, [syntax])
