@@ -54,7 +54,8 @@ def build(settings: ServingSettings) -> tuple[StorageScp, Forwarder]:
     return scp, forwarder
 
 
-def main() -> None:
+def configure_logging() -> None:
+    """The SCP process's logging: ours at INFO, the libraries' per-request lines off, UIDs kept out."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # their INFO lines quote UIDs (pynetdicom's requests, httpx's URLs with the study): not in our logs
     for noisy in ("pynetdicom", "httpx", "httpcore"):
@@ -62,6 +63,10 @@ def main() -> None:
     from serving import logsafe
 
     logsafe.install()
+
+
+def main() -> None:
+    configure_logging()
     settings = ServingSettings()
     scp, forwarder = build(settings)
     stop = threading.Event()
