@@ -10,7 +10,8 @@ them and overrides only what Ray already does. Both ways were measured to
 work on this machine (see PLATFORM-NOTES); the subclass needs four small
 overrides, each explained below, and nothing else of ultralytics is patched
 (plus four for CPU speed: [5] channels-last memory, [6] weights written only
-when a checkpoint will carry them, [7] fused optimizer steps, [8] bfloat16 autocast).
+when a checkpoint will carry them, [7] fused optimizer steps, [8] bfloat16 autocast;
+and [9] rank 0's ``last.pt`` sent to the other ranks for ultralytics' NaN recovery).
 
 Data parallelism stays ultralytics' own DDP path: with ``RANK``/``WORLD_SIZE``
 set, ``build_dataloader`` puts a ``DistributedSampler`` (same seed on every
@@ -22,6 +23,7 @@ gradients over the process group Ray created (gloo on CPU, NCCL on GPU).
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from typing import Any
 from unittest import mock
@@ -265,6 +267,39 @@ class RayDetectionTrainer(DetectionTrainer):
         if self.args.val or self.checkpoint_due(bool(self.stop)):
             return bool(super().save_model())
         return False
+
+    def _handle_nan_recovery(self, epoch: int) -> bool:
+        """[9] Ultralytics' NaN recovery on every rank, after rank 0 sent its ``last.pt`` to the others.
+
+        Ultralytics restores each rank from ``last.pt`` in the rank's own folder, as in its own DDP
+        where all ranks share one. Here each rank has a folder of its own and only rank 0 writes
+        there (:meth:`save_model`), so a non-finite loss made every other rank raise and Ray restart
+        the whole group from its last checkpoint. Rank 0 now decides as ultralytics' method does
+        (its own loss or fitness not finite, past the first epoch) and, when it will recover,
+        broadcasts the file; the others write it as their own ``last.pt``. Ultralytics' method then
+        runs unchanged on every rank and restores all of them from the same file.
+        """
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            self._share_last_checkpoint(epoch)
+        return bool(super()._handle_nan_recovery(epoch))
+
+    def _share_last_checkpoint(self, epoch: int) -> None:
+        """[9] Rank 0's ``last.pt`` written on every rank when the recovery will need it (collective)."""
+        rank = torch.distributed.get_rank()
+        payload: list[Any] = [None]
+        if rank == 0:
+            # ultralytics' own test of rank 0's epoch (trainer._handle_nan_recovery), which it
+            # then broadcasts: the file goes only where that method will read it
+            loss_nan = self.loss is not None and not bool(torch.isfinite(self.loss).all())
+            fitness_nan = self.fitness is not None and not math.isfinite(float(self.fitness))
+            if (loss_nan or fitness_nan) and epoch != self.start_epoch and self.last.exists():
+                payload = [self.last.read_bytes()]
+        torch.distributed.broadcast_object_list(payload, 0)
+        if rank != 0 and payload[0] is not None:
+            self.last.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.last.with_name(f"{self.last.name}.partial")
+            partial.write_bytes(payload[0])
+            partial.replace(self.last)
 
     def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Record which images this rank drew, then ultralytics' own preprocessing."""
