@@ -273,33 +273,40 @@ class RayDetectionTrainer(DetectionTrainer):
 
         Ultralytics restores each rank from ``last.pt`` in the rank's own folder, as in its own DDP
         where all ranks share one. Here each rank has a folder of its own and only rank 0 writes
-        there (:meth:`save_model`), so a non-finite loss made every other rank raise and Ray restart
-        the whole group from its last checkpoint. Rank 0 now decides as ultralytics' method does
-        (its own loss or fitness not finite, past the first epoch) and, when it will recover,
-        broadcasts the file; the others write it as their own ``last.pt``. Ultralytics' method then
-        runs unchanged on every rank and restores all of them from the same file.
+        ``last.pt`` during a run (:meth:`save_model`); the others hold none, or, after a resume,
+        the checkpoint the run resumed from. So a non-finite loss made them raise (and Ray restart
+        the group from its last checkpoint) or restore older weights than rank 0 did. Rank 0 now
+        decides as ultralytics' method will (its own loss or fitness not finite, ``epoch`` not the
+        run's first, fewer than three recoveries in a row) and then broadcasts its file, or that it
+        has none; the others write it as their own ``last.pt``, or remove theirs. Ultralytics'
+        method then runs unchanged on every rank: all restore from the same file, or all raise.
         """
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             self._share_last_checkpoint(epoch)
         return bool(super()._handle_nan_recovery(epoch))
 
     def _share_last_checkpoint(self, epoch: int) -> None:
-        """[9] Rank 0's ``last.pt`` written on every rank when the recovery will need it (collective)."""
+        """[9] Rank 0's ``last.pt``, or its absence, on every rank when the recovery will read it."""
         rank = torch.distributed.get_rank()
-        payload: list[Any] = [None]
+        payload: list[Any] = [None]  # None: no recovery this epoch; b"": rank 0 has no last.pt
         if rank == 0:
-            # ultralytics' own test of rank 0's epoch (trainer._handle_nan_recovery), which it
-            # then broadcasts: the file goes only where that method will read it
+            # ultralytics' own tests of rank 0's epoch (trainer._handle_nan_recovery), which it then
+            # broadcasts: the file goes only where that method will read it
             loss_nan = self.loss is not None and not bool(torch.isfinite(self.loss).all())
             fitness_nan = self.fitness is not None and not math.isfinite(float(self.fitness))
-            if (loss_nan or fitness_nan) and epoch != self.start_epoch and self.last.exists():
-                payload = [self.last.read_bytes()]
+            will_load = epoch != self.start_epoch and self.nan_recovery_attempts < 3
+            if (loss_nan or fitness_nan) and will_load:
+                payload = [self.last.read_bytes() if self.last.exists() else b""]
         torch.distributed.broadcast_object_list(payload, 0)
-        if rank != 0 and payload[0] is not None:
-            self.last.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.last.with_name(f"{self.last.name}.partial")
-            partial.write_bytes(payload[0])
-            partial.replace(self.last)
+        if rank == 0 or payload[0] is None:
+            return
+        if not payload[0]:
+            self.last.unlink(missing_ok=True)  # then every rank raises, as rank 0 does
+            return
+        self.last.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.last.with_name(f"{self.last.name}.partial")
+        partial.write_bytes(payload[0])
+        partial.replace(self.last)
 
     def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Record which images this rank drew, then ultralytics' own preprocessing."""

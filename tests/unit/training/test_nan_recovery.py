@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -51,60 +53,96 @@ def _rank_trainer(rank: int, folder: Path) -> Any:
     return trainer
 
 
-def _write_rank0_checkpoint(trainer: Any) -> None:
+def _write_checkpoint(trainer: Any, value: float) -> None:
     ema = copy.deepcopy(trainer.ema.ema)
     with torch.no_grad():
         for p in ema.parameters():
-            p.fill_(CHECKPOINT_BIAS)
-    trainer.last.parent.mkdir(parents=True)
+            p.fill_(value)
+    trainer.last.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
         {"ema": ema.half(), "updates": 7, "optimizer": trainer.optimizer.state_dict(), "best_fitness": 0.5},
         trainer.last,
     )
 
 
-def _rank_main(rank: int, folder: str, loss: float, epoch: int) -> None:
+#: name -> (rank 0's loss, rank 0's fitness, epoch, rank 0 has last.pt, rank 1's own last.pt)
+CASES: dict[str, tuple[float, float | None, int, bool, bool]] = {
+    "nan_loss": (float("nan"), None, 3, True, False),
+    "nan_fitness": (0.5, float("nan"), 3, True, False),
+    "rank1_holds_an_older_checkpoint": (float("nan"), None, 3, True, True),  # as after a resume
+    "finite": (0.5, 0.2, 3, True, False),
+    "first_epoch": (float("nan"), None, 0, True, False),
+    "rank0_has_none": (float("nan"), None, 3, False, True),
+}
+STALE_VALUE = 0.75  # every weight of the EMA in rank 1's own, older last.pt
+
+
+def _rank_main(rank: int, folder: str) -> None:
+    """Every case on one process group of two ranks; each rank writes what it saw per case."""
     import ultralytics.engine.trainer as ultralytics_trainer
 
+    torch.set_num_threads(1)
     root = Path(folder)
-    dist.init_process_group("gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=2)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     ultralytics_trainer.RANK = rank  # read from the environment when ultralytics was imported
-    trainer = _rank_trainer(rank, root)
-    if rank == 0:
-        _write_rank0_checkpoint(trainer)
-    trainer.loss = torch.tensor(loss if rank == 0 else 1.0)  # ultralytics judges rank 0's loss
-    try:
-        outcome: dict[str, Any] = {"recovered": trainer._handle_nan_recovery(epoch)}
-        first = next(trainer.model.parameters())
-        outcome["weights_from_checkpoint"] = bool(torch.all(first == CHECKPOINT_BIAS))
-        outcome["ema_updates"] = trainer.ema.updates
-    except RuntimeError as exc:
-        outcome = {"error": str(exc)}
-    (root / f"outcome{rank}.json").write_text(json.dumps(outcome))
+    outcomes: dict[str, Any] = {}
+    for name, (loss, fitness, epoch, rank0_file, rank1_file) in CASES.items():
+        trainer = _rank_trainer(rank, root / name)
+        if rank == 0 and rank0_file:
+            _write_checkpoint(trainer, CHECKPOINT_BIAS)
+        if rank == 1 and rank1_file:
+            _write_checkpoint(trainer, STALE_VALUE)
+        trainer.loss = torch.tensor(loss if rank == 0 else 1.0)  # ultralytics judges rank 0's epoch
+        trainer.fitness = fitness if rank == 0 else None
+        try:
+            outcome: dict[str, Any] = {"recovered": trainer._handle_nan_recovery(epoch)}
+            first = next(trainer.model.parameters())
+            outcome["weights"] = float(first.flatten()[0]) if outcome["recovered"] else None
+            outcome["ema_updates"] = trainer.ema.updates
+        except RuntimeError as exc:
+            outcome = {"error": str(exc)}
+        outcomes[name] = outcome
+    (root / f"outcome{rank}.json").write_text(json.dumps(outcomes))
     dist.destroy_process_group()
 
 
-def _run(tmp_path: Path, loss: float, epoch: int = 3) -> list[dict[str, Any]]:
-    mp.spawn(_rank_main, args=(str(tmp_path), loss, epoch), nprocs=2, join=True)
-    return [json.loads((tmp_path / f"outcome{r}.json").read_text()) for r in (0, 1)]
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("nan-recovery")
+    with mock.patch.dict(os.environ, {"GLOO_SOCKET_IFNAME": "lo"}):  # loopback only; the children inherit it
+        mp.spawn(_rank_main, args=(str(root),), nprocs=2, join=True)
+    return root, [json.loads((root / f"outcome{r}.json").read_text()) for r in (0, 1)]
 
 
-def test_a_nan_loss_restores_every_rank_from_rank_0s_last_checkpoint(tmp_path: Path) -> None:
-    outcomes = _run(tmp_path, loss=float("nan"))
-    for outcome in outcomes:  # ultralytics' own recovery ran on both ranks, from the same file
-        assert outcome == {"recovered": True, "weights_from_checkpoint": True, "ema_updates": 7}
-    assert (tmp_path / "rank1" / "weights" / "last.pt").read_bytes() == (
-        tmp_path / "rank0" / "weights" / "last.pt"
-    ).read_bytes()
+def _last(root: Path, case: str, rank: int) -> Path:
+    return root / case / f"rank{rank}" / "weights" / "last.pt"
 
 
-def test_a_finite_loss_sends_nothing_and_recovers_nothing(tmp_path: Path) -> None:
-    outcomes = _run(tmp_path, loss=0.5)
-    assert [o["recovered"] for o in outcomes] == [False, False]
-    assert not (tmp_path / "rank1" / "weights" / "last.pt").exists()
+@pytest.mark.parametrize("case", ["nan_loss", "nan_fitness", "rank1_holds_an_older_checkpoint"])
+def test_a_non_finite_epoch_restores_every_rank_from_rank_0s_last_checkpoint(
+    outcomes: tuple[Path, list[dict[str, Any]]], case: str
+) -> None:
+    root, by_rank = outcomes
+    for outcome in by_rank:  # ultralytics' own recovery ran on both ranks, from rank 0's file
+        assert outcome[case] == {"recovered": True, "weights": CHECKPOINT_BIAS, "ema_updates": 7}
+    assert _last(root, case, 1).read_bytes() == _last(root, case, 0).read_bytes()
 
 
-def test_on_the_first_epoch_ultralytics_goes_on_and_nothing_is_sent(tmp_path: Path) -> None:
-    outcomes = _run(tmp_path, loss=float("nan"), epoch=0)
-    assert [o["recovered"] for o in outcomes] == [False, False]
-    assert not (tmp_path / "rank1" / "weights" / "last.pt").exists()
+@pytest.mark.parametrize("case", ["finite", "first_epoch"])
+def test_when_ultralytics_does_not_recover_nothing_is_sent(
+    outcomes: tuple[Path, list[dict[str, Any]]], case: str
+) -> None:
+    root, by_rank = outcomes
+    assert [o[case]["recovered"] for o in by_rank] == [False, False]
+    assert not _last(root, case, 1).exists()
+
+
+def test_when_rank_0_has_no_checkpoint_every_rank_raises_alike(
+    outcomes: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    root, by_rank = outcomes
+    # rank 1's own older last.pt is not restored from: the group fails together and Ray restarts it
+    assert all("no valid last.pt" in o["rank0_has_none"].get("error", "") for o in by_rank)
+    assert not _last(root, "rank0_has_none", 1).exists()
