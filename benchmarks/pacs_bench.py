@@ -419,10 +419,7 @@ def scp_alone(n_images: int = 40, repeats: int = 2, idle_s: float = 3.0) -> dict
     found: dict[str, Any] = {"scp_images": n_images * repeats}
     with tempfile.TemporaryDirectory(prefix="cxr-scp-bench-") as tmp:
         images = phantoms(Path(tmp) / "phantoms", n_images)
-        files = []
-        for i, data in enumerate(images):
-            (Path(tmp) / f"{i}.dcm").write_bytes(data)
-            files.append(Path(tmp) / f"{i}.dcm")
+        files = sorted((Path(tmp) / "phantoms" / "dicom").glob("*.dicom"))  # what phantoms() read
         pairs = set()
         for data in images:
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)

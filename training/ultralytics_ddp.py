@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.nn.tasks import BaseModel
 
+from core.durable import replace_durably
 from training.config import CheckpointConfig
 
 #: torch optimizers whose fused kernel runs on CPU (ultralytics picks among these by the recipe's name)
@@ -304,9 +305,7 @@ class RayDetectionTrainer(DetectionTrainer):
             self.last.unlink(missing_ok=True)  # then every rank raises, as rank 0 does
             return
         self.last.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.last.with_name(f"{self.last.name}.partial")
-        partial.write_bytes(payload[0])
-        partial.replace(self.last)
+        replace_durably(self.last, payload[0])  # whole or absent when ultralytics reads it
 
     def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Record which images this rank drew, then ultralytics' own preprocessing."""

@@ -31,12 +31,12 @@ def test_the_ceiling_is_detect_cpu_over_detect_plus_what_the_scp_and_the_pacs_ad
 
 def test_the_scp_alone_receives_real_c_stores_and_counts_its_own_cpu() -> None:
     figures = scp_alone(n_images=2, repeats=1, idle_s=0.2)
-    assert figures["scp_images"] == 2
     # a real SCP process spooled both images, and the do-nothing handler none (scp_alone raises on a
-    # refused store)
+    # refused store); the CPU figures themselves are /proc's 10 ms ticks, too coarse for two images
     assert figures["scp_spool_spooled"] == 2
     assert figures["scp_noop_spooled"] == 0
-    # /proc counts CPU in 10 ms ticks, so two images' few milliseconds may read as 0
-    assert figures["scp_spool_cpu_ms_per_image"] >= 0.0
-    assert figures["scp_noop_cpu_ms_per_image"] >= 0.0
-    assert figures["scp_idle_association_cpu_ms_per_s"] >= 0.0
+    assert {
+        "scp_spool_cpu_ms_per_image",
+        "scp_noop_cpu_ms_per_image",
+        "scp_idle_association_cpu_ms_per_s",
+    } <= set(figures)
