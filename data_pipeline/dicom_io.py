@@ -177,7 +177,7 @@ def decode_bytes(
     except Exception as exc:  # the last line of defence: libraries raise anything on hostile input
         # the type only: library messages may quote element values (patient data)
         log.warning("event=decode_failed error_type=%s", type(exc).__name__)
-        raise CorruptImage(f"could not decode image ({type(exc).__name__}: {exc})") from exc
+        raise CorruptImage(f"could not decode image ({type(exc).__name__})") from exc
 
 
 # ---------------------------------------------------------------------------- PNG / JPEG

@@ -93,6 +93,24 @@ class Conflict(ServingError):
     code = "conflict"
 
 
+class StudyPatientMismatch(Conflict):
+    """409: an image names a study that this gateway holds for another patient (a reused StudyInstanceUID).
+
+    Merging it would put one patient's findings into another's SR, triage score and worklist row.
+    The message names no UID and no patient value: it reaches the client and, through a STOW-RS
+    answer, the PACS.
+    """
+
+    code = "study_patient_mismatch"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(
+            message
+            or "the image's StudyInstanceUID is already held for another patient (another PatientID); "
+            "a study UID must name one patient's examination: ask the PACS administrator to correct the study"
+        )
+
+
 class StudyResultsMissing(Conflict):
     """409: the study's images were analysed, but none of their results or sources is still held."""
 
@@ -139,3 +157,13 @@ class PacsUnavailable(ServingError):
 
     status = 502
     code = "pacs_unavailable"
+
+
+class FeedbackIdReused(Conflict):
+    """409: a feedback_id this key already sent for this result comes back with a different body.
+
+    A retry sends the same body; new corrections need a new feedback_id. The message names no
+    value of the feedback (it may carry free text).
+    """
+
+    code = "feedback_id_reused"

@@ -296,7 +296,11 @@ def sr_bytes(source_dicom: bytes, response: dict[str, Any]) -> bytes:
     try:
         sr = build_sr(source, response)
     except (ValueError, TypeError, AttributeError) as exc:
-        raise Conflict(f"an SR cannot be built for this source DICOM: {exc}") from exc
+        # the type only: highdicom's and pydicom's messages quote the offending value (a birth date)
+        raise Conflict(
+            f"an SR cannot be built for this source DICOM ({type(exc).__name__}): one of its patient or "
+            "study attributes is not valid for its value representation; correct the source in the PACS"
+        ) from exc
     buf = io.BytesIO()
     sr.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

@@ -50,7 +50,11 @@ def study_objects(
                 for (source, response), pixels in zip(items, capture_pixels, strict=True)
             ]
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise Conflict(f"the result objects cannot be built for this study: {exc}") from exc
+        # the type only: highdicom's and pydicom's messages quote the offending value (a birth date)
+        raise Conflict(
+            f"the result objects cannot be built for this study ({type(exc).__name__}): one of its "
+            "patient or study attributes is not valid for its value representation; correct the source"
+        ) from exc
     return objects
 
 

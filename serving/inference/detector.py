@@ -22,7 +22,14 @@ from core.stages import Stage
 from core.triage import is_priority
 from serving.config import ServingSettings
 from serving.contract import Detection
-from serving.errors import BackendError, GatewayTimeout, InputLimitExceeded, ModelNotReady, ServingError
+from serving.errors import (
+    BackendError,
+    GatewayTimeout,
+    InputLimitExceeded,
+    ModelNotReady,
+    ServingError,
+    StudyPatientMismatch,
+)
 from serving.inference.backend import InferenceBackend, ServedModel
 from serving.inference.cpu_pool import CpuPool
 from serving.inference.drift import DriftMonitor
@@ -45,6 +52,11 @@ class DetectionReply:
     sop_uid: str | None
     # the study's triage over every image seen so far (None: no study UID, or no worklist)
     study: StudyTriage | None = None
+
+
+def _patient_key(upload: DecodedUpload) -> str:
+    """The worklist's patient key of an image: its salted PatientID hash, "" when it carries none."""
+    return upload.image.patient_hash or ""
 
 
 def new_request_id() -> str:
@@ -201,7 +213,7 @@ class DetectionService:
         """
         try:
             replies = await asyncio.wait_for(
-                self._detect(payloads, conf, forced), timeout=self.settings.request_timeout_s
+                self._detect(payloads, conf, forced, tenant), timeout=self.settings.request_timeout_s
             )
         except TimeoutError as exc:
             raise GatewayTimeout(
@@ -234,7 +246,7 @@ class DetectionService:
             last = group[-1].outcome
             try:
                 study = await self.cpu.run(
-                    worklist.record,
+                    functools.partial(worklist.record, patient_key=_patient_key(last.upload)),
                     tenant,
                     study_uid,
                     [r.record.request_id for r in group],
@@ -243,6 +255,11 @@ class DetectionService:
                     last.stage,
                     threshold,
                 )
+            except StudyPatientMismatch:
+                # another request of another patient took the study UID since _check_study_patients:
+                # this one's results are journalled but never merged, answered or sent back
+                log.warning("study_patient_mismatch_refused images=%d after=inference", len(group))
+                raise
             except (OSError, sqlite3.Error) as exc:
                 log.warning("worklist_record_failed error_type=%s error=%s", type(exc).__name__, exc)
                 continue
@@ -251,8 +268,30 @@ class DetectionService:
             for reply in group:
                 reply.study = study
 
+    async def _check_study_patients(self, uploads: list[DecodedUpload], tenant: str) -> None:
+        """Refuse, before inference, images whose study UID names another patient's study.
+
+        Within the request (two patients' images under one StudyInstanceUID) and against the
+        worklist's row for the study. A worklist that cannot be read does not fail the detection
+        (as in :meth:`_triage`); :meth:`WorklistStore.record` checks again when merging.
+        """
+        keys: dict[str, set[str]] = {}
+        for up in uploads:
+            if up.image.study_uid:
+                keys.setdefault(up.image.study_uid, set()).add(_patient_key(up))
+        for study_uid, found in keys.items():
+            stored = None
+            if self.worklist is not None:
+                try:
+                    stored = await self.cpu.run(self.worklist.patient_key, tenant, study_uid)
+                except (OSError, sqlite3.Error) as exc:
+                    log.warning("worklist_read_failed error_type=%s", type(exc).__name__)
+            if len(found) > 1 or (stored is not None and stored not in found):
+                log.warning("study_patient_mismatch_refused images=%d after=decode", len(uploads))
+                raise StudyPatientMismatch()
+
     async def _detect(
-        self, payloads: list[bytes], conf: float | None, forced: Stage | None
+        self, payloads: list[bytes], conf: float | None, forced: Stage | None, tenant: str
     ) -> list[DetectionReply]:
         self.refresh_routing()
         # conf None: each stage's model applies its own per-class operating points (pipeline._post)
@@ -263,6 +302,7 @@ class DetectionService:
         except InputLimitExceeded as exc:
             self.metrics.input_refused.labels(exc.limit).inc()
             raise
+        await self._check_study_patients(uploads, tenant)
         groups: dict[Stage, list[int]] = {}
         shadows: list[int] = []
         for i, up in enumerate(uploads):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from serving.config import ServingSettings
-from serving.errors import ServingError
+from serving.errors import ServingError, StudyPatientMismatch
 from serving.inference.cpu_pool import CpuPool
 from serving.inference.detector import DetectionReply, study_triage
 from serving.metrics import GatewayMetrics
@@ -59,11 +59,16 @@ class SendBack:
     # ----------------------------------------------------------------- choosing and queueing
 
     def choose(self, tenant: str, send_back: bool | None) -> list[PacsDestination]:
-        """Destinations for one upload: all when asked, none when refused, else those serving the caller."""
+        """Destinations for one upload of ``tenant``: none when refused, else those serving the tenant.
+
+        Asked for (``send_back=true``), every destination serving the tenant; not said, those of
+        them that take its uploads without asking (``auto``). Never a PACS of another tenant: the
+        objects carry the patient's identity.
+        """
         if send_back is False:
             return []
-        every = list(self.destinations.values())
-        return every if send_back else [d for d in every if d.serves(tenant)]
+        serving = [d for d in self.destinations.values() if d.serves(tenant)]
+        return serving if send_back else [d for d in serving if d.auto]
 
     def build(self, records: list[ResultRecord], triage: dict[str, Any] | None) -> list[Any]:
         """The study's objects (blocking): SR, one GSPS per image, burned-in captures when configured."""
@@ -76,6 +81,10 @@ class SendBack:
             if record.source is None or record.source_format != "dicom":
                 continue  # past source retention, or not a DICOM: nothing a PACS object can reference
             items.append((source_header(record.source), record.response))
+            if str(items[-1][0].get("PatientID", "")) != str(items[0][0].get("PatientID", "")):
+                # the worklist refuses such images (StudyPatientMismatch); rows of an older gateway
+                # may still hold them: one SR must never carry two patients' findings
+                raise StudyPatientMismatch()
             if self.settings.pacs_secondary_capture:
                 from serving.inference.pipeline import decode_upload
 

@@ -12,6 +12,11 @@ IMMEDIATE`` transaction (two images of one study recorded at once cannot lose ea
 Study UIDs identify a patient's examination: they are stored (the worklist must name the study)
 but never logged, and every query is scoped to the caller's tenant, so a key of another tenant
 never sees a study, exactly as for results.
+
+A study UID is not trusted to name one patient (a modality bug or a forged instance can reuse it):
+each row keeps the salted hash of its PatientID (``patient_key``, "" when the images carry none),
+and an image of another patient is refused (:class:`StudyPatientMismatch`) instead of being merged
+into the row, whose result ids the PACS send-back turns into one SR.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from core.triage import is_priority, study_score
+from serving.errors import StudyPatientMismatch
 
 #: the most studies one listing returns
 MAX_LIST = 500
@@ -43,6 +49,7 @@ CREATE TABLE IF NOT EXISTS studies (
     stage TEXT NOT NULL,
     first_seen REAL NOT NULL,
     last_seen REAL NOT NULL,
+    patient_key TEXT,
     PRIMARY KEY (tenant, study_uid)
 );
 CREATE INDEX IF NOT EXISTS studies_by_time ON studies (tenant, last_seen);
@@ -130,6 +137,9 @@ class WorklistStore:
                     with sqlite3.connect(self.path, timeout=30) as setup:
                         setup.execute("PRAGMA journal_mode=WAL")
                         setup.executescript(_SCHEMA)
+                        columns = {row[1] for row in setup.execute("PRAGMA table_info(studies)")}
+                        if "patient_key" not in columns:  # a worklist of an older gateway: NULL = not known
+                            setup.execute("ALTER TABLE studies ADD COLUMN patient_key TEXT")
                     setup.close()
                     self._ready = True
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -149,13 +159,17 @@ class WorklistStore:
         stage: str,
         threshold: float,
         *,
+        patient_key: str | None = None,
         now: datetime | None = None,
     ) -> StudyTriage:
         """Merge newly analysed images into the study's row and return the study's triage.
 
         The score is the maximum over the images seen so far (old and new), the result ids their
         union in arrival order, the flag decided with ``threshold`` (the current setting), and
-        model version and stage are the latest call's.
+        model version and stage are the latest call's. ``patient_key`` (the images' salted
+        PatientID hash, "" for none; None: not known, not checked) must equal the row's, else
+        :class:`StudyPatientMismatch` is raised and the row is left as it was; a row of an older
+        gateway (no key) takes the first key it is given.
         """
         seen = _epoch(now or datetime.now(UTC))
         with self._connect() as conn:
@@ -164,6 +178,10 @@ class WorklistStore:
                 old = conn.execute(
                     "SELECT * FROM studies WHERE tenant = ? AND study_uid = ?", (tenant, study_uid)
                 ).fetchone()
+                stored_key = old["patient_key"] if old is not None else None
+                if patient_key is not None and stored_key is not None and stored_key != patient_key:
+                    raise StudyPatientMismatch()
+                key = stored_key if stored_key is not None else patient_key
                 ids = list(json.loads(old["result_ids"])) if old is not None else []
                 ids += [r for r in result_ids if r not in ids]
                 previous = [float(old["score"])] if old is not None else []
@@ -171,8 +189,8 @@ class WorklistStore:
                 first = float(old["first_seen"]) if old is not None else seen
                 conn.execute(
                     "INSERT OR REPLACE INTO studies (tenant, study_uid, score, priority, threshold, "
-                    "result_ids, model_version, stage, first_seen, last_seen) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "result_ids, model_version, stage, first_seen, last_seen, patient_key) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         tenant,
                         study_uid,
@@ -184,6 +202,7 @@ class WorklistStore:
                         stage,
                         first,
                         max(seen, first),
+                        key,
                     ),
                 )
                 row = conn.execute(
@@ -194,6 +213,14 @@ class WorklistStore:
                 conn.execute("ROLLBACK")
                 raise
         return _row(row)
+
+    def patient_key(self, tenant: str, study_uid: str) -> str | None:
+        """The salted PatientID hash the study's row holds ("" for none), None when not known."""
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT patient_key FROM studies WHERE tenant = ? AND study_uid = ?", (tenant, study_uid)
+            ).fetchone()
+        return None if row is None else row["patient_key"]
 
     def get(self, tenant: str, study_uid: str) -> StudyTriage | None:
         """The study's triage, or None when this tenant has no such study."""

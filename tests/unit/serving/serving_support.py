@@ -79,6 +79,7 @@ def make_dicom(
     with_pixels: bool = True,
     frames: int = 1,
     photometric: str = "MONOCHROME2",
+    patient_id: str = "MRN-0042",
 ) -> bytes:
     """A valid single-frame DX DICOM (12-bit, windowed) with patient data to de-identify."""
     meta = FileMetaDataset()
@@ -91,7 +92,7 @@ def make_dicom(
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.PatientName = "Doe^Jane"
-    ds.PatientID = "MRN-0042"
+    ds.PatientID = patient_id
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "F"
     ds.StudyDate = "20260101"

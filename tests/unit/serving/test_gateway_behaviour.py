@@ -151,3 +151,20 @@ def test_sr_of_a_deidentified_dicom_without_type2_patient_attributes(
     assert sr_reply.status_code == 200, sr_reply.text
     sr = hd.sr.srread(io.BytesIO(sr_reply.content))
     assert sr.StudyInstanceUID == ds.StudyInstanceUID and sr.PatientBirthDate == ""
+
+
+def test_an_sr_that_cannot_be_built_is_a_409_that_quotes_no_patient_value(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """highdicom's message quotes the offending value ("Unable to convert '1980-02-03' to 'DA'")."""
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(seed=10)))
+    ds.PatientBirthDate = "1980-02-03"  # not a DA: pydicom keeps the string, highdicom refuses it
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    headers = {"Authorization": f"Bearer {keys['pacs']}", "Content-Type": "application/dicom"}
+    r = onnx_client.post("/v1/detect", content=buf.getvalue(), headers=headers)
+    assert r.status_code == 200, r.text
+    sr_reply = onnx_client.get(f"/v1/results/{r.json()['request_id']}/sr", headers=headers)
+    assert sr_reply.status_code == 409, sr_reply.text
+    assert sr_reply.json()["error"]["code"] == "conflict"
+    assert "1980" not in sr_reply.text and "value representation" in sr_reply.text

@@ -115,6 +115,30 @@ def test_destinations_validate_and_choose_callers() -> None:
         PacsDestination(name="x", kind="dimse", ae_title="A" * 17, host="h", port=104)
 
 
+def test_send_back_never_chooses_a_pacs_of_another_tenant(tmp_path: Path) -> None:
+    """The objects carry the patient's identity: asking (send_back=true) reaches only the caller's PACS."""
+    from serving.config import ServingSettings
+    from serving.inference.cpu_pool import CpuPool
+    from serving.metrics import GatewayMetrics
+
+    destinations = [
+        {"name": "west", "kind": "stow", "url": "http://127.0.0.1:9/w", "callers": ["west"]},
+        {"name": "east", "kind": "stow", "url": "http://127.0.0.1:9/e", "callers": ["east"]},
+        {"name": "east-asked", "kind": "stow", "url": "http://127.0.0.1:9/a", "callers": ["east"]}
+        | {"auto": False},
+        {"name": "shared", "kind": "stow", "url": "http://127.0.0.1:9/s", "callers": ["*"]},
+    ]
+    settings = ServingSettings(stack_dir=tmp_path, pacs_destinations=destinations)
+    back = SendBack(settings, GatewayMetrics(), CpuPool(1))
+    names = lambda tenant, asked: sorted(d.name for d in back.choose(tenant, asked))  # noqa: E731
+    assert names("west", True) == ["shared", "west"]
+    assert names("west", None) == ["shared", "west"]
+    assert names("east", True) == ["east", "east-asked", "shared"]
+    assert names("east", None) == ["east", "shared"]
+    assert names("east", False) == []
+    assert names("north", True) == ["shared"]
+
+
 def test_a_stow_destination_that_fails_is_tried_once_per_delivery_pass(tmp_path: Path) -> None:
     """The outbox owns the retries: dicomweb-client's own (5 attempts, ~15 s) would hold the loop."""
     import threading
@@ -367,3 +391,26 @@ def test_a_pacs_that_refuses_one_object_is_not_held(tmp_path: Path) -> None:
     assert left.attempts == 1 and sendback.next_pass_in([left], now) == pytest.approx(2.0)
     sendback.outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.99", b"sr")
     assert sendback.deliver_due(now + 0.1) == 1, "not held: a new object is offered at once"
+
+
+def test_one_sr_is_never_built_from_two_patients_images(tmp_path: Path) -> None:
+    """A worklist row of an older gateway may hold two patients' results under one study UID."""
+    from pydicom.uid import generate_uid
+
+    from serving.errors import StudyPatientMismatch
+    from serving.results import ResultRecord
+    from tests.unit.serving.serving_support import make_dicom
+
+    back = _sendback(tmp_path, _Pacs())
+    study = generate_uid()
+    response = {
+        "request_id": "r",
+        "model": {"name": "m", "version": "1", "stage": "production", "variant": "fp32"},
+        "image": {"width": 96, "height": 80},
+        "detections": [],
+    }
+    alice = ResultRecord("a", response, "dicom", make_dicom(seed=1, study_uid=study, patient_id="ALICE-1"))
+    bob = ResultRecord("b", response, "dicom", make_dicom(seed=2, study_uid=study, patient_id="BOB-2"))
+    assert back.build([alice], None)  # one patient: its SR and presentation state
+    with pytest.raises(StudyPatientMismatch):
+        back.build([alice, bob], None)

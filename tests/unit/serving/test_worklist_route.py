@@ -153,3 +153,53 @@ def test_worklist_needs_a_radiologist_and_bounds_its_window(
     for query in ("?hours=0", "?hours=100000", "?limit=0", "?limit=100000"):
         r = _worklist(client, keys["a-rad"], query)
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", query
+
+
+def test_an_image_of_another_patient_under_a_known_study_uid_is_refused_not_merged(
+    gateway: tuple[TestClient, dict[str, str]],
+) -> None:
+    """A reused StudyInstanceUID (a modality bug, a forged instance) must not cross patients.
+
+    Merged, Bob's findings would join Alice's worklist row, raise her triage score and go into
+    the one SR the PACS send-back builds from that row's results.
+    """
+    client, keys = gateway
+    study = generate_uid()
+    alice = _detect(client, keys["a-pacs"], make_dicom(seed=8, study_uid=study, patient_id="ALICE-1"))
+    headers = {"X-API-Key": keys["a-pacs"], "Content-Type": "application/dicom"}
+    bob = make_dicom(seed=9, study_uid=study, patient_id="BOB-2")
+    r = client.post("/v1/detect", content=bob, headers=headers)
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "study_patient_mismatch"
+    assert "BOB" not in r.text and "ALICE" not in r.text and study not in r.text
+    # by STOW-RS too: the instance fails alone, the PACS is told
+    body, content_type = stow_body(bob)
+    r = client.post(
+        f"/dicomweb/studies/{study}", content=body, headers={**headers, "Content-Type": content_type}
+    )
+    assert r.status_code == 409, r.text
+    [entry] = [s for s in _worklist(client, keys["a-rad"]).json()["studies"] if s["study_uid"] == study]
+    assert entry["result_ids"] == [alice["request_id"]]
+    # the same patient's next image still merges
+    again = _detect(client, keys["a-pacs"], make_dicom(seed=10, study_uid=study, patient_id="ALICE-1"))
+    [entry] = [s for s in _worklist(client, keys["a-rad"]).json()["studies"] if s["study_uid"] == study]
+    assert entry["result_ids"] == [alice["request_id"], again["request_id"]]
+
+
+def test_two_patients_under_one_new_study_uid_in_one_request_are_refused(
+    gateway: tuple[TestClient, dict[str, str]],
+) -> None:
+    client, keys = gateway
+    study = generate_uid()
+    dcm = "application/dicom"
+    alice = make_dicom(seed=11, study_uid=study, patient_id="ALICE")
+    bob = make_dicom(seed=12, study_uid=study, patient_id="BOB")
+    r = client.post(
+        "/v1/detect/batch",
+        files=[("file", ("a.dcm", alice, dcm)), ("file", ("b.dcm", bob, dcm))],
+        headers={"X-API-Key": keys["a-pacs"]},
+    )
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "study_patient_mismatch"
+    assert all(s["study_uid"] != study for s in _worklist(client, keys["a-rad"]).json()["studies"])

@@ -92,3 +92,42 @@ def test_concurrent_records_of_one_study_lose_no_image(tmp_path: Path) -> None:
         t.join()
     study = store.get("a", "s")
     assert study is not None and study.images == 12 and study.score == pytest.approx(11 / 20)
+
+
+def test_an_image_of_another_patient_is_refused_and_leaves_the_row_as_it_was(tmp_path: Path) -> None:
+    from serving.errors import StudyPatientMismatch
+
+    store = WorklistStore(tmp_path / "w.sqlite")
+    store.record("a", "1.2.3", ["r1"], [0.2], "7", "production", 0.5, patient_key="k-alice", now=_at(0))
+    with pytest.raises(StudyPatientMismatch):
+        store.record("a", "1.2.3", ["r2"], [0.9], "7", "production", 0.5, patient_key="k-bob", now=_at(1))
+    with pytest.raises(StudyPatientMismatch):  # no PatientID is not "the same patient" either
+        store.record("a", "1.2.3", ["r3"], [0.9], "7", "production", 0.5, patient_key="", now=_at(1))
+    row = store.get("a", "1.2.3")
+    assert row is not None and row.result_ids == ("r1",) and row.score == pytest.approx(0.2)
+    store.record("a", "1.2.3", ["r4"], [0.4], "7", "production", 0.5, patient_key="k-alice", now=_at(2))
+    assert store.patient_key("a", "1.2.3") == "k-alice"
+    assert store.patient_key("b", "1.2.3") is None  # another tenant's worklist knows no such study
+
+
+def test_an_older_gateways_worklist_gains_the_patient_key_and_adopts_the_first_one(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "w.sqlite"
+    with sqlite3.connect(path) as old:  # the schema before patient keys
+        old.execute(
+            "CREATE TABLE studies (tenant TEXT NOT NULL, study_uid TEXT NOT NULL, score REAL NOT NULL, "
+            "priority INTEGER NOT NULL, threshold REAL NOT NULL, result_ids TEXT NOT NULL, "
+            "model_version TEXT NOT NULL, stage TEXT NOT NULL, first_seen REAL NOT NULL, "
+            "last_seen REAL NOT NULL, PRIMARY KEY (tenant, study_uid))"
+        )
+        old.execute(
+            "INSERT INTO studies VALUES ('a', '1.2.3', 0.3, 0, 0.5, '[\"r1\"]', '7', 'production', ?, ?)",
+            (_at(0).timestamp(), _at(0).timestamp()),
+        )
+    old.close()
+    store = WorklistStore(path)
+    assert store.patient_key("a", "1.2.3") is None
+    merged = store.record("a", "1.2.3", ["r2"], [0.1], "7", "production", 0.5, patient_key="k1", now=_at(1))
+    assert merged.result_ids == ("r1", "r2")
+    assert store.patient_key("a", "1.2.3") == "k1"
