@@ -19,8 +19,11 @@ class PacsDestination(BaseModel):
 
     ``kind: stow`` needs ``url`` (the DICOMweb root, e.g. ``http://pacs:8042/dicom-web``) and may carry
     ``headers`` (e.g. ``{"Authorization": "Basic ..."}``); ``kind: dimse`` needs ``ae_title``, ``host``
-    and ``port`` (we call as ``calling_ae``). ``callers``: tenants whose STOW-RS uploads are sent back
-    here without asking (``*`` for every caller); a request can always ask with ``send_back=true``.
+    and ``port`` (we call as ``calling_ae``). ``callers``: the tenants whose results may go to this
+    PACS (``*`` for every caller): the SR and presentation states carry the patient's identity, so a
+    request never sends them to a PACS of another tenant, not even when it asks (``send_back=true``).
+    ``auto`` (default true): their STOW-RS uploads are sent back here without asking; false: only
+    when the request asks with ``send_back=true``.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -32,6 +35,7 @@ class PacsDestination(BaseModel):
     port: int = Field(default=0, ge=0, le=65535)
     calling_ae: str = "CXR"
     callers: list[str] = Field(default_factory=list)
+    auto: bool = True
     timeout_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
@@ -47,5 +51,5 @@ class PacsDestination(BaseModel):
         return self
 
     def serves(self, tenant: str) -> bool:
-        """Whether uploads of ``tenant`` are sent back here when the request does not say."""
+        """Whether results of ``tenant`` may be sent back here (asked for, or ``auto``)."""
         return "*" in self.callers or tenant in self.callers

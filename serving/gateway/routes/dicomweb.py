@@ -48,8 +48,8 @@ def base_url(request: Request, configured: str) -> str:
 
 
 _SEND_BACK = Query(
-    description="send the SR and presentation states back to every configured PACS (true), to none "
-    "(false); default: the destinations configured for this caller (CXR_PACS_DESTINATIONS callers)",
+    description="send the SR and presentation states back to every PACS serving this caller's tenant "
+    "(true; CXR_PACS_DESTINATIONS callers), to none (false); default: those of them with auto true",
 )
 
 

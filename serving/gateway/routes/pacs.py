@@ -24,7 +24,11 @@ async def analyze_study(
     state: StateDep,
     principal: PacsDep,
     send_back: Annotated[
-        bool, Query(description="send SR + presentation states to every configured PACS (default true)")
+        bool,
+        Query(
+            description="send SR + presentation states to every PACS serving the caller's tenant "
+            "(default true)"
+        ),
     ] = True,
 ) -> JSONResponse:
     """QIDO-RS + WADO-RS from ``CXR_PACS_DICOMWEB_URL``, then the STOW-RS path for each radiograph."""
