@@ -18,6 +18,19 @@ Hand-written, a few lines over pynetdicom's own ``AssociationSocket``, because p
 no such limit to configure. It also reads straight into one preallocated buffer per PDU
 (``recv_into``) instead of pynetdicom's 4 KiB ``recv`` calls joined one by one: with the
 1 MiB PDUs the SCP advertises, a PDU is up to 256 of those calls.
+
+A peer that stops sending in the middle of a PDU is bounded too. pynetdicom's acceptor
+sockets have no timeout (its requestor sockets get the network timeout), and its DUL thread
+only starts a read once the socket is readable, then reads the PDU whole: a peer that sends
+a header and then nothing keeps that thread in ``recv`` forever. Its ACSE and network
+timeouts cannot end such an association, because ending one waits for that thread; each
+stalled peer holds one of the ``max_associations`` slots, and a few of them lock every
+modality out. So a gap of more than the timeout inside a PDU (the ACSE timeout until the
+first PDU is in, the network timeout after it) ends the read as if the peer had closed. A
+peer that is idle *between* PDUs is never read from and is pynetdicom's to end (its
+network timeout). A large C-STORE arriving slowly but steadily is not cut: the timeout is
+for one gap, not for a whole PDU. The same timeout bounds our sends, so a peer that stops
+reading our responses loses its connection the same way (pynetdicom's send closes on error).
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ class BoundedAssociationSocket(AssociationSocket):
     _pdu_type: int
     _message_bytes: int
     _body_next: bool
+    _first_pdu_in: bool
 
     @classmethod
     def adopt(cls, sock: AssociationSocket, max_pdu_bytes: int, max_message_bytes: int) -> None:
@@ -67,9 +81,28 @@ class BoundedAssociationSocket(AssociationSocket):
         sock._pdu_type = 0
         sock._message_bytes = 0
         sock._body_next = False  # pynetdicom reads each PDU as its 6-byte header, then its body
+        sock._first_pdu_in = False
+        sock._set_stall_timeout()
+
+    def _set_stall_timeout(self) -> None:
+        """The longest gap a read waits for the peer's next bytes, from the association's timeouts.
+
+        Until the first PDU (the A-ASSOCIATE-RQ) is in, the shorter of the ACSE and network
+        timeouts: pynetdicom gives up waiting for the request after the ACSE timeout, so a
+        longer wait would only hold the slot. After it, the network timeout, pynetdicom's own
+        "no data for this long" (the ACSE timeout where that one is unset). ``None`` for both
+        keeps the socket blocking, as pynetdicom leaves it.
+        """
+        assert self.socket is not None
+        acse, network = self.assoc.acse_timeout, self.assoc.network_timeout
+        if self._first_pdu_in:
+            timeout = network if network is not None else acse
+        else:
+            timeout = min((t for t in (acse, network) if t is not None), default=None)
+        self.socket.settimeout(timeout)
 
     def recv(self, nr_bytes: int) -> bytearray:
-        """Exactly ``nr_bytes`` (fewer only when the peer closed), or :class:`PeerLimitExceeded`."""
+        """Exactly ``nr_bytes`` (fewer when the peer closed or stalled), or :class:`PeerLimitExceeded`."""
         if nr_bytes > self.max_pdu_bytes:
             log.warning(
                 "dimse_peer_refused reason=pdu_too_large bytes=%d limit=%d", nr_bytes, self.max_pdu_bytes
@@ -83,17 +116,36 @@ class BoundedAssociationSocket(AssociationSocket):
             self._body_next = False
             if self._pdu_type == _P_DATA_TF:
                 self._count_fragments(data)
+            if not self._first_pdu_in and len(data) == nr_bytes:
+                self._first_pdu_in = True
+                self._set_stall_timeout()
         return data
 
     def _read(self, nr_bytes: int) -> bytearray:
+        """Exactly ``nr_bytes``, or fewer when the peer closed or went silent mid-PDU.
+
+        A silence longer than the socket's timeout (:meth:`_set_stall_timeout`) is answered as
+        a close is: pynetdicom, given a short read, closes the connection (its Evt17) and ends
+        the association cleanly. Raising instead would close it too, but with a traceback
+        logged for what is only a stalled peer.
+        """
         sock = self.socket
         assert sock is not None
         buf = bytearray(nr_bytes)
         view = memoryview(buf)
         got = 0
         while got < nr_bytes:
-            n = sock.recv_into(view[got:])
-            if n == 0:  # the peer closed: what we have, as pynetdicom's own recv returns it
+            try:
+                n = sock.recv_into(view[got:])
+            except TimeoutError:
+                log.warning(
+                    "dimse_peer_refused reason=stalled_mid_pdu bytes=%d of=%d timeout_s=%s",
+                    got,
+                    nr_bytes,
+                    sock.gettimeout(),
+                )
+                n = 0
+            if n == 0:  # the peer closed (or stalled): what we have, as pynetdicom's own recv returns it
                 del view
                 return buf[:got]
             got += n

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,6 +126,51 @@ def test_a_pdu_claiming_more_than_the_limit_closes_that_connection_only(scp: Sto
             closed = True
     assert closed
     assert c_echo("127.0.0.1", scp.config.port, "CXR", calling_ae="PACS")
+
+
+def test_peers_that_stall_mid_pdu_lose_their_association_slots_within_the_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stalled peers filling every slot must not lock modalities out past the ACSE/network timeout.
+
+    Without a timeout on the accepted socket, pynetdicom's DUL thread waits in ``recv`` for the
+    rest of a PDU forever, and its own timeouts cannot end an association whose DUL is stuck.
+    """
+    caplog.set_level(logging.ERROR, logger="pynetdicom")  # c_echo mutes it; a traceback must show
+    caplog.set_level(logging.WARNING, logger="cxr.dimse")
+    timeout = 1.0
+    scp = StorageScp(ScpConfig("CXR", "127.0.0.1", free_port(), max_associations=2), InstanceSpool(tmp_path))
+    scp.ae.acse_timeout = scp.ae.network_timeout = timeout
+    scp.start()
+    port = scp.config.port
+    stalled = [
+        struct.pack(">BBL", 0x01, 0, 100)[:3],  # half of an A-ASSOCIATE-RQ's header
+        struct.pack(">BBL", 0x01, 0, 100) + b"\0" * 10,  # the header, then 10 of its 100 bytes
+        b"",  # connects and never sends (one more than the slots: pynetdicom counts it too)
+    ]
+    peers = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in stalled]
+    try:
+        for peer, data in zip(peers, stalled, strict=True):
+            peer.sendall(data)
+        started = time.monotonic()
+        while len(scp.ae.active_associations) < len(peers) and time.monotonic() < started + timeout:
+            time.sleep(0.01)
+        assert len(scp.ae.active_associations) == len(peers)  # every slot is taken (and one more)
+        deadline = started + 3 * timeout  # ~1 timeout expected; the rest is room for a busy machine
+        while scp.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        freed_after = time.monotonic() - started
+        assert not scp.ae.active_associations, f"slots still held after {freed_after:.1f} s"
+        for peer in peers:  # each connection was closed by the SCP, not left half-open
+            with contextlib.suppress(ConnectionResetError):
+                assert peer.recv(1) == b""
+        assert c_echo("127.0.0.1", port, "CXR", calling_ae="MODALITY")
+    finally:
+        for peer in peers:
+            peer.close()
+        scp.stop()
+    assert caplog.text.count("reason=stalled_mid_pdu") == 2
+    assert not [r for r in caplog.records if r.exc_info], "a stalled peer is a clean close, not a traceback"
 
 
 def test_a_dataset_far_over_the_limit_ends_its_association_and_nothing_is_spooled(scp: StorageScp) -> None:
