@@ -7,7 +7,6 @@ and a sha256 of the key. Nothing here may block.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -42,28 +41,39 @@ async def get_principal(
 ) -> Principal:
     """Authenticate the API key, then charge the key's rate limit.
 
-    Each missing or unknown key costs the client address a token of its own
-    bucket (CXR_AUTH_FAIL_RATE_PER_S, CXR_AUTH_FAIL_BURST); once it is empty
-    every request from there is a 429 before its key is even looked at, so
-    guessing keys is no faster than the refill.
+    The key is looked up first, always: a valid key is never refused by the
+    failure limiter, only by its own rate limit. Checking the failure bucket
+    before the lookup let one client with a stale key lock every key out of
+    its address, and behind the cluster ingress every client shares one
+    address, so one broken integration refused PACS, DIMSE forwarding and the
+    radiologists alike.
+
+    Only a failed attempt (missing, malformed or unknown key) touches the
+    bucket of its client address (CXR_AUTH_FAIL_RATE_PER_S, CXR_AUTH_FAIL_BURST):
+    it takes a token and is a 401, or, once the bucket is empty, a 429 with
+    Retry-After. The bucket stays keyed by address, not by key, so a client
+    cycling through many keys shares one bucket; a success does not
+    refill it, or one valid key would reset the count for guesses at others.
+    Past the burst a right guess gets 200 where a wrong one gets 429, so
+    the limiter throttles and surfaces failed-auth traffic rather than hiding
+    which key is valid; that is safe only while keys are long random tokens
+    (the stack makes 192-bit ones), never short shared secrets.
     """
     if state.keys is None:
         principal = Principal(key_id="anonymous", role=Role.admin)
     else:
-        address = request.client.host if request.client else "unknown"
-        try:
-            state.auth_failures.check(address, charge=False)
-        except RateLimited as exc:
-            raise RateLimited(
-                f"too many requests with a missing or unknown API key from {address}; "
-                f"retry in {exc.retry_after_s} s",
-                retry_after_s=exc.retry_after_s,
-            ) from None
         try:
             principal = state.keys.authenticate(extract_key(authorization, x_api_key))
         except Unauthorized:
-            with contextlib.suppress(RateLimited):
+            address = request.client.host if request.client else "unknown"
+            try:
                 state.auth_failures.check(address)
+            except RateLimited as exc:
+                raise RateLimited(
+                    f"too many requests with a missing or unknown API key from {address}; "
+                    f"retry in {exc.retry_after_s} s",
+                    retry_after_s=exc.retry_after_s,
+                ) from None
             raise
     request.state.principal = principal
     state.limiter.check(principal.key_id)
