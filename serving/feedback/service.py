@@ -5,7 +5,9 @@ worse than delaying it: when the store is down, each submission is written to
 a local spool directory (a temp dir, fsync'd and renamed into place: ``core.durable``) and a
 background loop delivers it once the store answers again. The feedback id
 makes every submission idempotent, whether it is retried by the browser or
-redelivered from the spool.
+redelivered from the spool; the same feedback id with another body is refused (409), never
+taken for a retry. Every box is checked against the result's image before anything is kept: a
+box the data pipeline would quarantine is feedback lost after the radiologist was told it was kept.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hmac
 import io
 import json
 import logging
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,12 +29,15 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from core.durable import discard_dir, discard_leftovers, fsync_dir, make_dirs, publish_files
 from data_pipeline.classes import CLASS_NAMES, NO_FINDING, NO_FINDING_ID
 from serving.dicom.deid import deidentify_dicom, reencode_png
-from serving.errors import InvalidRequest
+from serving.errors import FeedbackIdReused, InvalidRequest
 from serving.results import BlobStore, ResultRecord
 
 log = logging.getLogger(__name__)
 
 VINDR_COLUMNS = ("image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max")
+# how far past the image's right/bottom edge a box may reach (client rounding); it is clamped to the
+# edge in the rows. Within data_pipeline.annotations.EDGE_TOLERANCE_PX, so no kept box is quarantined.
+EDGE_TOLERANCE_PX = 1.0
 
 
 class BoxReview(BaseModel):
@@ -41,6 +47,11 @@ class BoxReview(BaseModel):
     action: Literal["accept", "reject", "adjust"]
     box: list[float] | None = Field(default=None, description="new [x_min, y_min, x_max, y_max] for 'adjust'")
     class_id: int | None = Field(default=None, ge=0, lt=NO_FINDING_ID)
+
+    @field_validator("box")
+    @classmethod
+    def _box_valid(cls, box: list[float] | None) -> list[float] | None:
+        return None if box is None else _check_box(box)
 
     @model_validator(mode="after")
     def _adjust_has_box(self) -> BoxReview:
@@ -53,6 +64,11 @@ class NewBox(BaseModel):
     class_id: int = Field(ge=0, lt=NO_FINDING_ID)
     box: list[float]
 
+    @field_validator("box")
+    @classmethod
+    def _box_valid(cls, box: list[float]) -> list[float]:
+        return _check_box(box)
+
 
 class FeedbackIn(BaseModel):
     """Body of ``POST /v1/feedback``."""
@@ -64,27 +80,70 @@ class FeedbackIn(BaseModel):
     no_finding: bool = False
     comment: str = Field(default="", max_length=4000)
 
-    @field_validator("new_boxes")
-    @classmethod
-    def _boxes_valid(cls, boxes: list[NewBox]) -> list[NewBox]:
-        for b in boxes:
-            _check_box(b.box)
-        return boxes
-
     @model_validator(mode="after")
     def _consistent(self) -> FeedbackIn:
         if self.no_finding and (self.new_boxes or any(r.action != "reject" for r in self.reviews)):
             raise ValueError("'no_finding' cannot be combined with accepted, adjusted or new boxes")
-        for r in self.reviews:
-            if r.box is not None:
-                _check_box(r.box)
         return self
 
 
-def _check_box(box: list[float]) -> None:
+def _check_box(box: list[float]) -> list[float]:
+    """The shape of one box, alone (``check_against_result`` places it on the image)."""
+    if len(box) == 4 and not all(math.isfinite(v) for v in box):
+        # 1e309 parses as inf: it would be clamped to a zero-area box, and inf is not JSON
+        raise ValueError(f"box {box} has a value that is not a finite number")
     if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]) or min(box) < 0:
         raise ValueError(
             f"box {box} must be [x_min, y_min, x_max, y_max] with x_min < x_max, y_min < y_max, >= 0"
+        )
+    return box
+
+
+def _clamped(box: list[float], width: float, height: float) -> tuple[float, float, float, float]:
+    """The box as its CSV row holds it: clamped to the image, rounded to 0.1 px."""
+    x0, y0, x1, y1 = (min(v, limit) for v, limit in zip(box, (width, height, width, height), strict=True))
+    return round(x0, 1), round(y0, 1), round(x1, 1), round(y1, 1)
+
+
+def _image_size(record: ResultRecord) -> tuple[float, float]:
+    return float(record.response["image"]["width"]), float(record.response["image"]["height"])
+
+
+def check_against_result(fb: FeedbackIn, record: ResultRecord) -> None:
+    """400 for what the result cannot hold: a review of a detection it lacks, a box off its image.
+
+    Each kept box must lie in [0, width] x [0, height] (``EDGE_TOLERANCE_PX`` past the far edges)
+    and keep an area once clamped and rounded: a box the data pipeline quarantines is lost feedback.
+    """
+    dets = record.detections
+    for r in fb.reviews:
+        if r.index >= len(dets):
+            raise InvalidRequest(
+                f"review index {r.index} is out of range: the result has {len(dets)} detections"
+            )
+    width, height = _image_size(record)
+    boxes = [(f"reviews[{i}] (detection {r.index})", r.box) for i, r in enumerate(fb.reviews)]
+    boxes += [(f"new_boxes[{i}]", nb.box) for i, nb in enumerate(fb.new_boxes)]
+    for where, box in boxes:
+        if box is not None:
+            _check_box_on_image(where, box, width, height)
+
+
+def _check_box_on_image(where: str, box: list[float], width: float, height: float) -> None:
+    try:
+        _check_box(box)
+    except ValueError as exc:
+        raise InvalidRequest(f"{where}: {exc}") from None
+    size = f"{width:g}x{height:g}"
+    if box[2] > width + EDGE_TOLERANCE_PX or box[3] > height + EDGE_TOLERANCE_PX:
+        raise InvalidRequest(
+            f"{where}: box {box} reaches outside the {size} image; boxes are in the original image's "
+            f"pixels, x within 0..{width:g} and y within 0..{height:g}"
+        )
+    x0, y0, x1, y1 = _clamped(box, width, height)
+    if not (x0 < x1 and y0 < y1):
+        raise InvalidRequest(
+            f"{where}: box {box} has no area inside the {size} image (clamped to it and rounded to 0.1 px)"
         )
 
 
@@ -97,28 +156,24 @@ class FeedbackReceipt:
 
 def rows_for(fb: FeedbackIn, record: ResultRecord, image_id: str, rad_id: str) -> list[dict[str, Any]]:
     """VinDr rows: accepted + adjusted + new boxes; a single 'No finding' row when none remain."""
+    check_against_result(fb, record)
     dets = record.detections
     by_index = {r.index: r for r in fb.reviews}
-    for idx in by_index:
-        if idx >= len(dets):
-            raise InvalidRequest(f"review index {idx} is out of range: the result has {len(dets)} detections")
     rows: list[dict[str, Any]] = []
-    width = float(record.response["image"]["width"])
-    height = float(record.response["image"]["height"])
+    width, height = _image_size(record)
 
     def add(class_id: int, box: list[float]) -> None:
-        x0, y0 = min(box[0], width), min(box[1], height)
-        x1, y1 = min(box[2], width), min(box[3], height)
+        x0, y0, x1, y1 = _clamped(box, width, height)
         rows.append(
             {
                 "image_id": image_id,
                 "class_name": CLASS_NAMES[class_id],
                 "class_id": class_id,
                 "rad_id": rad_id,
-                "x_min": round(x0, 1),
-                "y_min": round(y0, 1),
-                "x_max": round(x1, 1),
-                "y_max": round(y1, 1),
+                "x_min": x0,
+                "y_min": y0,
+                "x_max": x1,
+                "y_max": y1,
             }
         )
 
@@ -158,18 +213,45 @@ def to_csv(rows: list[dict[str, Any]]) -> bytes:
 
 
 def feedback_id_for(fb: FeedbackIn, rad_id: str, secret: str) -> str:
-    """The stored item's id, made here: an HMAC of the caller's key id and its idempotency key.
+    """The stored item's id, made here: an HMAC of the caller's key id, the result and its idempotency key.
 
     The client's ``feedback_id`` (else the submission's content) only makes a
-    retry idempotent for the same key; it is never a storage name, so another
-    key reusing it cannot shadow or overwrite anyone's feedback. Keyed with the
-    install secret because the body names the result (``request_id``): an
-    unkeyed hash could be recomputed from the results store to link a
-    de-identified feedback back to its identified source.
+    retry idempotent for the same key and the same result (``request_id``): the
+    same feedback_id sent for another result is another feedback, never its
+    duplicate. It is never a storage name, so another key reusing it cannot
+    shadow or overwrite anyone's feedback. Keyed with the install secret because
+    the body names the result: an unkeyed hash could be recomputed from the
+    results store to link a de-identified feedback back to its identified source.
+
+    Upgrade: ids of a client feedback_id were once made without the result
+    (token ``id``). What was stored or spooled under them stays where it is and
+    is read and delivered as before (an id is only the item's folder name); a
+    retry that crosses the upgrade, of a submission sent before it, gets the new
+    id and is kept a second time (the same rows under two ids; nothing lost).
+    Ids made from the content (no feedback_id) are unchanged.
     """
-    token = f"id\x00{fb.feedback_id}" if fb.feedback_id else f"body\x00{fb.model_dump_json()}"
+    if fb.feedback_id:  # a feedback_id has no NUL (its pattern), so the token reads one way only
+        token = f"result-id\x00{fb.request_id}\x00{fb.feedback_id}"
+    else:
+        token = f"body\x00{fb.model_dump_json()}"
     digest = hmac.new(secret.encode(), f"{rad_id}\x00{token}".encode(), hashlib.sha256).hexdigest()
     return f"fb-{digest[:32]}"
+
+
+def submission_digest(fb: FeedbackIn, secret: str) -> str:
+    """Keyed hash of the whole body, kept in ``feedback.json``: a retry must send the same body.
+
+    Keyed for the reason the id is; it tells nothing the id does not.
+    """
+    token = f"submission\x00{fb.model_dump_json()}"
+    return hmac.new(secret.encode(), token.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _submission_in(marker: bytes) -> str:
+    """The body digest a ``feedback.json`` holds; "" for items kept before it was recorded."""
+    meta = json.loads(marker)
+    value = meta.get("submission", "") if isinstance(meta, dict) else ""
+    return value if isinstance(value, str) else ""
 
 
 def build_objects(
@@ -193,8 +275,10 @@ def build_objects(
         image_name = f"{image_id}.png"
     rows = rows_for(fb, record, image_id, rad_id)
     # nothing that leads back to the identified source: no request id, no source UIDs, no free text
+    # (the submission digest is keyed with the install secret, like the id)
     meta = {
         "feedback_id": feedback_id,
+        "submission": submission_digest(fb, seed),
         "rad_id": rad_id,
         "model": record.response.get("model"),
         "image_id": image_id,
@@ -250,6 +334,12 @@ class FeedbackSpool:
             if not p.name.startswith(".tmp-") and p.is_dir() and (p / "objects.json").exists()
         )
 
+    def read(self, feedback_id: str, key: str) -> bytes:
+        """One object of a spooled feedback (``KeyError``/``OSError`` when it is not, or no longer, there)."""
+        folder = self._dir(feedback_id)
+        index = json.loads((folder / "objects.json").read_text())
+        return (folder / index[key]).read_bytes()
+
     def load(self, feedback_id: str) -> dict[str, bytes]:
         folder = self._dir(feedback_id)
         index = json.loads((folder / "objects.json").read_text())
@@ -284,15 +374,16 @@ class FeedbackService:
 
     def submit(self, fb: FeedbackIn, record: ResultRecord, rad_id: str) -> FeedbackReceipt:
         """Blocking (run it in a worker thread)."""
+        check_against_result(fb, record)  # a 400 before anything is looked up, spooled or stored
         feedback_id = feedback_id_for(fb, rad_id, self.seed)
-        if self.spool.contains(feedback_id):
+        held = self._held_submission(feedback_id)
+        if held is not None:
+            if held and held != submission_digest(fb, self.seed):
+                raise FeedbackIdReused(
+                    "this feedback_id was already sent for this result with a different body; a retry "
+                    "must send the same body, and new or changed corrections need a new feedback_id"
+                )
             return FeedbackReceipt(feedback_id, "duplicate", 0)
-        if self.store is not None:
-            try:
-                if self.store.exists(f"feedback/{feedback_id}/feedback.json"):
-                    return FeedbackReceipt(feedback_id, "duplicate", 0)
-            except Exception as exc:
-                log.warning("feedback_store_unreachable feedback_id=%s error=%s", feedback_id, exc)
         objects = build_objects(fb, record, rad_id=rad_id, seed=self.seed, feedback_id=feedback_id)
         rows = to_csv_rows_count(objects)
         if self.store is not None:
@@ -304,6 +395,31 @@ class FeedbackService:
                 log.warning("feedback_spooled feedback_id=%s reason=%s", feedback_id, exc)
         self.spool.put(feedback_id, objects)
         return FeedbackReceipt(feedback_id, "spooled", rows)
+
+    def _held_submission(self, feedback_id: str) -> str | None:
+        """None when no feedback is kept under the id, else its body digest ("" when unknown:
+        kept before digests were recorded, or a store that listed it but did not return it)."""
+        marker = f"feedback/{feedback_id}/feedback.json"
+        if self.spool.contains(feedback_id):
+            try:
+                return _submission_in(self.spool.read(feedback_id, marker))
+            except (OSError, KeyError, ValueError):
+                if self.spool.contains(feedback_id):
+                    return ""  # held, its marker unreadable: answered as before, a duplicate
+                # else delivered and removed meanwhile: the store holds it now
+        if self.store is None:
+            return None
+        try:
+            if not self.store.exists(marker):
+                return None
+        except Exception as exc:
+            log.warning("feedback_store_unreachable feedback_id=%s error=%s", feedback_id, exc)
+            return None
+        try:
+            return _submission_in(self.store.get_bytes(marker))
+        except Exception as exc:
+            log.warning("feedback_marker_unreadable feedback_id=%s error=%s", feedback_id, exc)
+            return ""
 
     def deliver_spooled(self) -> int:
         """Upload what the spool holds; stops at the first failure (the store is still down)."""

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from serving.errors import InvalidRequest
+from serving.errors import FeedbackIdReused, InvalidRequest
 from serving.feedback.service import (
     FeedbackIn,
     FeedbackService,
     FeedbackSpool,
+    NewBox,
     build_objects,
     feedback_id_for,
     rows_for,
@@ -133,6 +138,8 @@ def test_a_client_feedback_id_is_an_idempotency_key_per_caller_never_a_storage_n
     mine, theirs = feedback_id_for(fb, "rad-a", "k"), feedback_id_for(fb, "rad-b", "k")
     assert mine == feedback_id_for(FeedbackIn(request_id="r1", feedback_id="fb1"), "rad-a", "k")
     assert mine != theirs and "fb1" not in mine
+    another_result = FeedbackIn(request_id="r2", feedback_id="fb1")
+    assert mine != feedback_id_for(another_result, "rad-a", "k")
 
 
 def test_without_a_store_feedback_is_spooled_once_and_survives_a_new_service(tmp_path: Path) -> None:
@@ -188,3 +195,170 @@ def test_a_removal_a_crash_cut_short_leaves_nothing_listed_and_is_cleared_at_sta
     # listed whole or not at all: an index without its files would stop every delivery pass
     assert spool.pending() == ["fb2"] and spool.load("fb2")
     assert FeedbackSpool(root).pending() == ["fb2"] and [p.name for p in root.iterdir()] == ["fb2"]
+
+
+class _MemoryStore:
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
+        self.objects[key] = data
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.objects[key]
+
+    def exists(self, key: str) -> bool:
+        return key in self.objects
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        return [k for k in self.objects if k.startswith(prefix)]
+
+    def delete_prefix(self, prefix: str) -> int:
+        gone = self.list_prefix(prefix)
+        for key in gone:
+            del self.objects[key]
+        return len(gone)
+
+
+def test_a_stored_feedback_takes_the_same_body_as_a_duplicate_and_refuses_another(tmp_path: Path) -> None:
+    store = _MemoryStore()
+    service = FeedbackService(store, FeedbackSpool(tmp_path / "spool"), "salt")
+    fb = FeedbackIn(request_id="r1", feedback_id="fb1", new_boxes=[NewBox(class_id=8, box=[1, 2, 20, 30])])
+    source = make_dicom()
+    first = service.submit(fb, _record(source), "rad")
+    assert first.status == "stored"
+    kept = dict(store.objects)
+    assert service.submit(fb, _record(source), "rad").status == "duplicate"
+    with pytest.raises(FeedbackIdReused):
+        service.submit(
+            FeedbackIn(request_id="r1", feedback_id="fb1", no_finding=True), _record(source), "rad"
+        )
+    assert store.objects == kept  # the first body is what stays
+    marker = f"feedback/{first.feedback_id}/feedback.json"
+    meta = json.loads(store.objects[marker])
+    del meta["submission"]  # as kept before the body's digest was recorded: a retry stays a duplicate
+    store.objects[marker] = json.dumps(meta).encode()
+    again = FeedbackIn(request_id="r1", feedback_id="fb1", no_finding=True)
+    assert service.submit(again, _record(source), "rad").status == "duplicate"
+
+
+# --- through the gateway ------------------------------------------------------------------------
+
+
+def _detect(client: TestClient, keys: dict[str, str], seed: int) -> dict[str, Any]:
+    made = client.post(
+        "/v1/detect",
+        content=make_dicom(seed=seed),
+        headers={"Authorization": f"Bearer {keys['pacs']}", "Content-Type": "application/dicom"},
+    )
+    assert made.status_code == 200, made.text
+    result: dict[str, Any] = made.json()
+    return result
+
+
+def _post_feedback(client: TestClient, keys: dict[str, str], body: dict[str, Any] | bytes) -> Any:
+    headers = {"Authorization": f"Bearer {keys['radiologist']}"}
+    if isinstance(body, bytes):
+        return client.post(
+            "/v1/feedback", content=body, headers={**headers, "Content-Type": "application/json"}
+        )
+    return client.post("/v1/feedback", json=body, headers=headers)
+
+
+def _spooled(client: TestClient) -> list[str]:
+    return client.app.state.cxr.feedback.spool.pending()  # type: ignore[attr-defined]
+
+
+def test_one_feedback_id_sent_for_two_results_keeps_both(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    first, second = _detect(onnx_client, keys, 301), _detect(onnx_client, keys, 302)
+    feedback_id = uuid.uuid4().hex
+    replies = [
+        _post_feedback(
+            onnx_client,
+            keys,
+            {
+                "request_id": result["request_id"],
+                "feedback_id": feedback_id,
+                "new_boxes": [{"class_id": 3, "box": [10, 10, 40, 30]}],
+            },
+        )
+        for result in (first, second)
+    ]
+    assert [r.status_code for r in replies] == [202, 202], [r.text for r in replies]  # spooled: no store
+    assert [r.json()["status"] for r in replies] == ["spooled", "spooled"]
+    ids = [r.json()["feedback_id"] for r in replies]
+    assert ids[0] != ids[1] and set(ids) <= set(_spooled(onnx_client))
+
+
+def test_the_same_feedback_id_and_body_again_is_a_duplicate(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    result = _detect(onnx_client, keys, 303)
+    body = {"request_id": result["request_id"], "feedback_id": uuid.uuid4().hex, "no_finding": True}
+    first = _post_feedback(onnx_client, keys, body)
+    assert first.status_code == 202 and first.json()["status"] == "spooled", first.text
+    spooled = _spooled(onnx_client)
+    again = _post_feedback(onnx_client, keys, body)
+    assert again.status_code == 200 and again.json()["status"] == "duplicate", again.text
+    assert again.json()["feedback_id"] == first.json()["feedback_id"] and _spooled(onnx_client) == spooled
+
+
+def test_the_same_feedback_id_with_another_body_is_a_409_and_the_first_is_kept(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    result = _detect(onnx_client, keys, 304)
+    body = {"request_id": result["request_id"], "feedback_id": uuid.uuid4().hex, "no_finding": True}
+    first = _post_feedback(onnx_client, keys, body)
+    assert first.status_code == 202, first.text
+    spool = onnx_client.app.state.cxr.feedback.spool  # type: ignore[attr-defined]
+    kept = spool.load(first.json()["feedback_id"])
+    spooled = _spooled(onnx_client)
+    changed = {**body, "no_finding": False, "new_boxes": [{"class_id": 3, "box": [10, 10, 40, 30]}]}
+    reply = _post_feedback(onnx_client, keys, changed)
+    assert reply.status_code == 409, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "feedback_id_reused" and "new feedback_id" in error["message"]
+    assert result["request_id"] not in error["message"] and body["feedback_id"] not in error["message"]
+    assert _spooled(onnx_client) == spooled and spool.load(first.json()["feedback_id"]) == kept
+
+
+@pytest.mark.parametrize(
+    ("kind", "where"),
+    [
+        ("new-box-off-the-image", "new_boxes"),
+        ("new-box-past-the-bottom", "new_boxes"),
+        ("new-box-infinite", "new_boxes"),
+        ("new-box-no-width", "new_boxes"),
+        ("new-box-on-the-far-edge-only", "new_boxes"),
+        ("adjusted-box-off-the-image", "reviews"),
+        ("adjusted-box-infinite", "reviews"),
+        ("adjusted-box-no-height", "reviews"),
+    ],
+)
+def test_a_box_off_the_image_not_finite_or_without_area_is_a_400_and_nothing_is_kept(
+    onnx_client: TestClient, keys: dict[str, str], kind: str, where: str
+) -> None:
+    result = _detect(onnx_client, keys, 305)
+    assert result["detections"], "the test image needs a detection to adjust"
+    w, h = result["image"]["width"], result["image"]["height"]
+    box = {
+        "off-the-image": f"[{w + 50}, {h + 50}, {w + 100}, {h + 100}]",
+        "past-the-bottom": f"[1, 1, 10, {h + 5}]",
+        "infinite": "[0, 0, 1e309, 1e309]",
+        "no-width": "[10, 10, 10, 20]",
+        "on-the-far-edge-only": f"[{w}, 1, {w + 0.5}, 10]",
+        "no-height": "[10, 10, 20, 10]",
+    }[kind.split("-", 2)[2]]
+    if where == "new_boxes":
+        part = f'"new_boxes": [{{"class_id": 3, "box": {box}}}]'
+    else:
+        part = f'"reviews": [{{"index": 0, "action": "adjust", "box": {box}}}]'
+    raw = f'{{"request_id": "{result["request_id"]}", "feedback_id": "{uuid.uuid4().hex}", {part}}}'
+    spooled = _spooled(onnx_client)
+    reply = _post_feedback(onnx_client, keys, raw.encode())
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "invalid_request" and where in error["message"] and "box" in error["message"]
+    assert _spooled(onnx_client) == spooled
