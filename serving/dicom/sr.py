@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +34,8 @@ from serving.dicom.iod_lookups import memoize_highdicom_lookups
 from serving.dicom.sr_document import comprehensive_sr
 from serving.dicom.uids import derived_uid
 from serving.errors import Conflict
+
+log = logging.getLogger(__name__)
 
 memoize_highdicom_lookups()  # the SR's and presentation states' builders ask them per object
 
@@ -53,6 +57,12 @@ _REFERENCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "S
 #: Type 2 attributes of the Patient and General Study modules the SR copies from its evidence.
 #: DICOM requires them present (maybe empty), but de-identified exports such as VinDr-CXR
 #: drop them; the SR then carries them empty, as the standard allows, instead of failing.
+#: the copied date and time attributes highdicom parses: DICOM's own format (PS3.5 6.2), and a real date
+_DATE_TIME = {
+    "PatientBirthDate": (r"\d{8}", "DA"),
+    "StudyDate": (r"\d{8}", "DA"),
+    "StudyTime": (r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?", "TM"),
+}
 _TYPE2_COPIED = (
     "PatientName",
     "PatientID",
@@ -101,14 +111,51 @@ def source_header(data: bytes) -> Dataset:
     for keyword in _TYPE2_COPIED:
         if keyword not in ds:
             setattr(ds, keyword, "")
+    blank_unusable_values(ds)
     return ds
+
+
+def _usable(keyword: str, value: str) -> bool:
+    """Whether highdicom can copy ``value`` of ``keyword`` into a derived object (empty always can)."""
+    from pydicom.valuerep import DA, TM
+
+    if not value:
+        return True
+    if keyword == "PatientSex":
+        return value in ("M", "F", "O")
+    pattern, parse = _DATE_TIME[keyword]
+    if not re.fullmatch(pattern, value):
+        return False
+    try:
+        (DA if parse == "DA" else TM)(value)
+    except ValueError:
+        return False
+    return True
+
+
+def blank_unusable_values(ds: Dataset) -> list[str]:
+    """Empty the copied Type 2 values that are not valid for their VR; returns their keywords.
+
+    A modality that writes ``PatientSex`` "Male" or ``StudyDate`` "2020-01-01" made highdicom refuse
+    every object of the study, so the PACS got no result at all. Type 2 allows the value empty:
+    the derived objects carry it so (the patient is still named by PatientID and PatientName) and
+    the source keeps its own. The log line names the attributes, never their values.
+    """
+    blanked = [k for k in (*_DATE_TIME, "PatientSex") if not _usable(k, str(ds.get(k, "") or ""))]
+    for keyword in blanked:
+        setattr(ds, keyword, "")
+    if blanked:
+        log.info("sr_source_values_blanked attributes=%s", ",".join(blanked))
+    return blanked
 
 
 def check_pairing(source: Dataset, response: dict[str, Any]) -> None:
     """A response naming an image other than its source is a pairing bug: boxes would go astray."""
     named = (response.get("image") or {}).get("sop_instance_uid")
     if named and str(named) != str(source.SOPInstanceUID):
-        raise ValueError("a detection response is paired with a source DICOM of another SOP Instance UID")
+        # a Conflict, not a ValueError: the builders' callers quote no ValueError's text (library
+        # messages quote values), and this one must reach the caller as it is
+        raise Conflict("a detection response is paired with a source DICOM of another SOP Instance UID")
 
 
 def model_version(response: dict[str, Any]) -> str:

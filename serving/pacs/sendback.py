@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from serving.config import ServingSettings
-from serving.errors import ServingError, StudyPatientMismatch
+from serving.errors import Conflict, ServingError, StudyPatientMismatch
 from serving.inference.cpu_pool import CpuPool
 from serving.inference.detector import DetectionReply, study_triage
 from serving.metrics import GatewayMetrics
@@ -80,7 +80,12 @@ class SendBack:
         for record in records:
             if record.source is None or record.source_format != "dicom":
                 continue  # past source retention, or not a DICOM: nothing a PACS object can reference
-            items.append((source_header(record.source), record.response))
+            try:
+                header = source_header(record.source)
+            except Conflict as exc:  # e.g. no SeriesInstanceUID: no object can reference this image
+                log.warning("pacs_sendback_image_left_out code=%s", exc.code)  # the others still go
+                continue
+            items.append((header, record.response))
             if str(items[-1][0].get("PatientID", "")) != str(items[0][0].get("PatientID", "")):
                 # the worklist refuses such images (StudyPatientMismatch); rows of an older gateway
                 # may still hold them: one SR must never carry two patients' findings

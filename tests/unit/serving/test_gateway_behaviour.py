@@ -153,18 +153,33 @@ def test_sr_of_a_deidentified_dicom_without_type2_patient_attributes(
     assert sr.StudyInstanceUID == ds.StudyInstanceUID and sr.PatientBirthDate == ""
 
 
-def test_an_sr_that_cannot_be_built_is_a_409_that_quotes_no_patient_value(
+def test_an_sr_of_a_source_with_values_invalid_for_their_vr_carries_them_empty(
     onnx_client: TestClient, keys: dict[str, str]
 ) -> None:
-    """highdicom's message quotes the offending value ("Unable to convert '1980-02-03' to 'DA'")."""
+    """Such values made highdicom refuse every object of the study: the PACS got no result at all."""
     ds = pydicom.dcmread(io.BytesIO(make_dicom(seed=10)))
-    ds.PatientBirthDate = "1980-02-03"  # not a DA: pydicom keeps the string, highdicom refuses it
+    ds.PatientBirthDate, ds.PatientSex, ds.StudyTime = "1980-02-03", "Male", "10:10"
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     headers = {"Authorization": f"Bearer {keys['pacs']}", "Content-Type": "application/dicom"}
     r = onnx_client.post("/v1/detect", content=buf.getvalue(), headers=headers)
     assert r.status_code == 200, r.text
     sr_reply = onnx_client.get(f"/v1/results/{r.json()['request_id']}/sr", headers=headers)
-    assert sr_reply.status_code == 409, sr_reply.text
-    assert sr_reply.json()["error"]["code"] == "conflict"
-    assert "1980" not in sr_reply.text and "value representation" in sr_reply.text
+    assert sr_reply.status_code == 200, sr_reply.text
+    sr = hd.sr.srread(io.BytesIO(sr_reply.content))
+    assert (sr.PatientBirthDate, sr.PatientSex, sr.StudyTime) == ("", "", "")
+    assert sr.PatientID == ds.PatientID and sr.StudyDate == ds.StudyDate
+
+
+def test_an_sr_build_error_quotes_no_library_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """highdicom's messages quote the offending value ("Unable to convert '1980-02-03' to 'DA'")."""
+    from serving.dicom import sr
+    from serving.errors import Conflict
+
+    def refuse(*_: object) -> None:
+        raise ValueError("Unable to convert '1980-02-03' to 'DA' object")
+
+    monkeypatch.setattr(sr, "build_sr", refuse)
+    with pytest.raises(Conflict) as caught:
+        sr.sr_bytes(make_dicom(seed=11), {"detections": []})
+    assert "1980" not in caught.value.message and "ValueError" in caught.value.message

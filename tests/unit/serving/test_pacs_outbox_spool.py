@@ -414,3 +414,28 @@ def test_one_sr_is_never_built_from_two_patients_images(tmp_path: Path) -> None:
     assert back.build([alice], None)  # one patient: its SR and presentation state
     with pytest.raises(StudyPatientMismatch):
         back.build([alice, bob], None)
+
+
+def test_an_image_no_object_can_reference_is_left_out_and_the_others_go(tmp_path: Path) -> None:
+    """A source without SeriesInstanceUID used to fail the whole study's objects."""
+    from pydicom.uid import generate_uid
+
+    from serving.results import ResultRecord
+    from tests.unit.serving.serving_support import make_dicom
+
+    back = _sendback(tmp_path, _Pacs())
+    study = generate_uid()
+    response = {
+        "request_id": "r",
+        "model": {"name": "m", "version": "1", "stage": "production", "variant": "fp32"},
+        "image": {"width": 96, "height": 80},
+        "detections": [],
+    }
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(seed=3, study_uid=study)))
+    del ds.SeriesInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    good = ResultRecord("a", response, "dicom", make_dicom(seed=4, study_uid=study))
+    bad = ResultRecord("b", response, "dicom", buf.getvalue())
+    objects = back.build([bad, good], None)
+    assert [str(o.Modality) for o in objects] == ["SR", "PR"]  # the good image's SR and presentation state
