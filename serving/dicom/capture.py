@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
 from serving.dicom.sr import check_pairing, check_referencable, model_version, with_study_attributes
-from serving.dicom.uids import derived_uid
+from serving.dicom.uids import derived_uid, source_parts
 
 #: Series number of the captures: fixed so a PACS lists them in one place of every study.
 CAPTURE_SERIES_NUMBER = 992
@@ -52,9 +52,9 @@ def build_burned_capture(
         photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=derived_uid(str(source.StudyInstanceUID), version, "capture-series"),
+        series_instance_uid=derived_uid(*source_parts(source)[:2], version, "capture-series"),
         series_number=CAPTURE_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(str(source.SOPInstanceUID), version, "capture"),
+        sop_instance_uid=derived_uid(*source_parts(source), version, "capture"),
         instance_number=int(source.get("InstanceNumber") or 1),
         manufacturer=manufacturer,
         patient_orientation=placeholder_orientation,

@@ -28,7 +28,7 @@ from serving.dicom.sr import (
     model_version,
     with_study_attributes,
 )
-from serving.dicom.uids import derived_uid
+from serving.dicom.uids import derived_uid, source_parts
 
 #: Series number of the presentation states: fixed so a PACS lists them in one place of every study.
 GSPS_SERIES_NUMBER = 991
@@ -61,12 +61,11 @@ def build_gsps(source: Dataset, response: dict[str, Any], *, manufacturer: str =
         graphic_objects=graphics or None,
         text_objects=texts,
     )
-    sop_uid = str(source.SOPInstanceUID)
     return hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[source],
-        series_instance_uid=derived_uid(str(source.StudyInstanceUID), version, "gsps-series"),
+        series_instance_uid=derived_uid(*source_parts(source)[:2], version, "gsps-series"),
         series_number=GSPS_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(sop_uid, version, "gsps"),
+        sop_instance_uid=derived_uid(*source_parts(source), version, "gsps"),
         instance_number=int(source.get("InstanceNumber") or 1),
         manufacturer=manufacturer,
         manufacturer_model_name=str(model["name"])[:64],

@@ -32,7 +32,7 @@ from pydicom.sr.codedict import codes
 from core.variants import served_label
 from serving.dicom.iod_lookups import memoize_highdicom_lookups
 from serving.dicom.sr_document import comprehensive_sr
-from serving.dicom.uids import derived_uid
+from serving.dicom.uids import derived_uid, source_parts
 from serving.errors import Conflict
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def model_version(response: dict[str, Any]) -> str:
 
 def finding_tracking_uid(source: Dataset, response: dict[str, Any], index: int) -> str:
     """The tracking UID of the ``index``-th box: the SR's ROI and the GSPS outline of that box share it."""
-    return derived_uid(str(source.SOPInstanceUID), model_version(response), "finding", str(index))
+    return derived_uid(*source_parts(source), model_version(response), "finding", str(index))
 
 
 def closed_box(box: Sequence[float]) -> np.ndarray:
@@ -244,8 +244,8 @@ def study_sr_arguments(
         "evidence": sources,
         "content": report,
         "series_number": SR_SERIES_NUMBER,
-        "series_instance_uid": derived_uid(str(sources[0].StudyInstanceUID), *versions, "sr-series"),
-        "sop_instance_uid": derived_uid(*versions, *source_uids, "sr"),
+        "series_instance_uid": derived_uid(*source_parts(sources[0])[:2], *versions, "sr-series"),
+        "sop_instance_uid": derived_uid(*versions, *source_parts(sources[0])[:2], *source_uids, "sr"),
         "instance_number": 1,
         "manufacturer": manufacturer,
         "series_description": f"CXR Detect {model['name']} v{', '.join(versions)}"[:64],

@@ -81,6 +81,30 @@ def test_uids_are_valid_deterministic_and_keep_part_boundaries() -> None:
     assert derived_uid("ab", "c") != derived_uid("a", "bc")
 
 
+def test_objects_of_two_patients_whose_sources_share_a_sop_uid_get_their_own_uids() -> None:
+    """A reused SOP Instance UID must not give patient B's objects the UIDs of patient A's.
+
+    Else the outbox takes B's object for A's, already queued, and drops it, or the PACS replaces
+    A's object with B's. The same source analysed again keeps its UIDs (a retry is idempotent).
+    """
+    alice = source_header(make_dicom(seed=1, study_uid=STUDY, patient_id="ALICE"))
+    bob = pydicom.dcmread(io.BytesIO(make_dicom(seed=2, study_uid=STUDY, patient_id="BOB")))
+    bob.SOPInstanceUID = alice.SOPInstanceUID
+    buf = io.BytesIO()
+    bob.save_as(buf, enforce_file_format=True)
+    bob = source_header(buf.getvalue())
+    answer = response([detection()])
+    for build in (build_gsps, build_sr):
+        a, b = build(alice, answer), build(bob, answer)
+        assert a.SOPInstanceUID != b.SOPInstanceUID
+        assert build(alice, answer).SOPInstanceUID == a.SOPInstanceUID
+    capture = np.zeros((80, 96), dtype=np.uint8)
+    assert (
+        build_burned_capture(alice, capture, answer).SOPInstanceUID
+        != build_burned_capture(bob, capture, answer).SOPInstanceUID
+    )
+
+
 def test_gsps_references_its_source_and_outlines_each_box_in_pixel_units(sources: list[Dataset]) -> None:
     second = detection([50.0, 5.0, 90.0, 30.0], class_id=3, name="Cardiomegaly")
     ds = roundtrip(build_gsps(sources[0], response([detection(), second])))
