@@ -203,7 +203,7 @@ class StowService:
         async def one(data: bytes) -> tuple[StowOutcome, DetectionReply | None]:
             async with gate:
                 sop_class, sop_uid, study_uid = await self.cpu.run(instance_uids, data)
-                if study and study_uid and study_uid != study:
+                if study and study_uid != study:  # an instance without a StudyInstanceUID is not of it
                     return StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_NOT_SUPPORTED), None
                 try:
                     [reply] = await self.detector.detect([data], tenant=tenant)

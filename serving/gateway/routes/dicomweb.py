@@ -102,4 +102,7 @@ async def stow_study(
     principal: PacsDep,
     send_back: Annotated[bool | None, _SEND_BACK] = None,
 ) -> JSONResponse:
+    from serving.pacs.pull import check_uid
+
+    check_uid(study, "the study UID in the path")  # it becomes the study's worklist key and its URL
     return await _store(request, state, principal, study, send_back)

@@ -147,6 +147,36 @@ def test_malformed_stow_gets_4xx(
     assert r.status_code == status, r.text
 
 
+def test_stow_into_a_study_checks_its_uid_and_refuses_instances_without_one(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """The path's UID becomes the study's worklist key: a bad one is a 400, and an instance naming
+    no study is not taken as one of it (C122), while one of the study is stored."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from tests.unit.serving.serving_support import stow_body
+
+    headers = {"Authorization": f"Bearer {keys['pacs']}"}
+    body, ctype = stow_body(make_dicom(seed=12))
+    r = onnx_client.post(
+        "/dicomweb/studies/" + "9" * 200, content=body, headers={**headers, "Content-Type": ctype}
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", r.text
+    study = generate_uid()
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(seed=13, study_uid=study)))
+    del ds.StudyInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    body, ctype = stow_body(buf.getvalue(), make_dicom(seed=14, study_uid=study))
+    headers["Content-Type"] = ctype
+    r = onnx_client.post(f"/dicomweb/studies/{study}", content=body, headers=headers)
+    assert r.status_code == 202, r.text
+    [failed] = r.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xC122]
+    assert len(r.json()["00081199"]["Value"]) == 1
+
+
 def test_bad_query_parameters_get_422_json(onnx_client: TestClient, keys: dict[str, str]) -> None:
     r = onnx_client.post(
         "/v1/detect?conf=7",
