@@ -94,3 +94,77 @@ def test_radiologist_rejects_a_box_draws_one_and_submits_feedback_that_lands_in_
     x0, y0, x1, y1 = (float(drawn[-1][k]) for k in ("x_min", "y_min", "x_max", "y_max"))
     assert 50 <= x0 < x1 <= 180 and 60 <= y0 < y1 <= 170  # 20%..50% of 320 wide, 30%..60% of 256 high
     assert (tmp_path / "review.png").stat().st_size > 10_000
+
+
+def test_a_retry_after_a_lost_reply_and_a_double_click_store_the_feedback_once(tmp_path: Path) -> None:
+    """The feedback id is drawn once per shown result: a retry after a reply lost on the way back
+    gets "duplicate", not a second copy; Submit is disabled while a submission is in flight and after
+    it was stored, until the review changes (then it is a new feedback, with a new id)."""
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    settings, keys = review_gateway(tmp_path, conf_threshold=0.6)
+    app = create_app(settings, use_store=False)  # no store: every feedback lands in the gateway's spool
+    spool = app.state.cxr.feedback.spool
+    upload = tmp_path / "chest.dcm"
+    upload.write_bytes(make_dicom(320, 256, seed=7))
+
+    with LiveServer(app, free_port()) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server.url + "/")
+        page.fill("#api-key", keys["radiologist"])
+        page.set_input_files("#file", str(upload))
+        page.click("#detect")
+        expect(page.locator("#status")).to_contain_text("request ", timeout=60_000)
+        submit, feedback_status = page.locator("#submit"), page.locator("#feedback-status")
+        page.fill("#comment", "first look")
+
+        # 1. the gateway keeps the feedback but its reply is lost on the way back (a proxy's 502)
+        sent: list[dict[str, Any]] = []
+        kept: list[int] = []
+
+        def lose_reply(route: Any) -> None:
+            sent.append(json.loads(route.request.post_data or "{}"))
+            kept.append(route.fetch().status)
+            lost = '{"error": {"message": "bad gateway"}}'
+            route.fulfill(status=502, content_type="application/json", body=lost)
+
+        page.route("**/v1/feedback", lose_reply)
+        submit.click()
+        expect(feedback_status).to_have_class("error")
+        expect(feedback_status).to_contain_text("502")
+        assert kept == [202] and len(spool.pending()) == 1
+        page.unroute("**/v1/feedback")
+        expect(submit).to_be_enabled()
+        # the reviewer retries: the same feedback id, so the gateway does not keep it twice
+        with page.expect_request(lambda r: r.url.endswith("/v1/feedback")) as retry:
+            submit.click()
+        expect(feedback_status).to_have_class("ok")
+        assert json.loads(retry.value.post_data or "{}")["feedback_id"] == sent[0]["feedback_id"]
+        expect(feedback_status).to_contain_text("already stored")
+        assert len(spool.pending()) == 1
+        expect(submit).to_be_disabled()  # stored: nothing to send until the review changes
+
+        # 2. a change after that is a new feedback; a double click while it is in flight sends it once
+        page.fill("#comment", "second look")
+        expect(submit).to_be_enabled()
+        held: list[Any] = []
+        page.route("**/v1/feedback", lambda route: held.append(route))  # answered below
+        submit.dblclick()
+        for _ in range(100):
+            if held:
+                break
+            page.wait_for_timeout(50)
+        page.wait_for_timeout(300)  # time for a second request, if the page sends one
+        expect(submit).to_be_disabled()
+        assert len(held) == 1
+        second = json.loads(held[0].request.post_data or "{}")
+        assert second["feedback_id"] != sent[0]["feedback_id"] and second["comment"] == "second look"
+        for route in held:
+            route.continue_()
+        expect(feedback_status).to_have_class("ok")
+        expect(feedback_status).to_contain_text("feedback spooled: ")
+        expect(submit).to_be_disabled()
+        browser.close()
+    assert len(spool.pending()) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -85,3 +86,94 @@ def test_a_priority_study_is_listed_first_and_clicking_it_opens_its_images_in_th
         browser.close()
     assert not failed, failed
     assert not [m for m in console_errors if "Content Security Policy" in m], console_errors
+
+
+def test_a_study_whose_image_fails_or_answers_late_leaves_nothing_of_the_previous_study_shown(
+    tmp_path: Path,
+) -> None:
+    """Study A is open; study B's source is past its retention (/pixels 404): the viewer must not keep
+    A's image, boxes and result under B's name, nor post feedback to A. Then A is opened again and
+    study C right after it while A's image is still on its way: A's late reply is dropped."""
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    settings, keys = review_gateway(tmp_path, conf_threshold=0.6, triage_threshold=0.5)
+    app = create_app(settings, use_store=False)
+    with LiveServer(app, free_port()) as server, sync_playwright() as pw:
+        rids = []
+        for seed in (1, 2, 3):
+            r = httpx.post(
+                server.url + "/v1/detect",
+                content=make_png(320, 256, seed=seed),
+                headers={"X-API-Key": keys["pacs"], "Content-Type": "image/png"},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            rids.append(r.json()["request_id"])
+        uids = {"A": "1.2.826.0.1.7101", "B": "1.2.826.0.1.7102", "C": "1.2.826.0.1.7103"}
+        worklist, now = app.state.cxr.worklist, datetime.now(UTC)
+        for i, name in enumerate("ABC"):
+            seen = now - timedelta(minutes=i + 1)
+            worklist.record("default", uids[name], [rids[i]], [0.2], "1", "production", 0.5, now=seen)
+        # B's source image is past its retention: its result still answers, its /pixels a 404
+        results = app.state.cxr.results
+        results.get(rids[1], "default").created -= results.retention.sources + timedelta(minutes=1)
+        gone = httpx.get(
+            f"{server.url}/v1/results/{rids[1]}/pixels", headers={"X-API-Key": keys["radiologist"]}
+        )
+        assert gone.status_code == 404, gone.text
+
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(server.url + "/")
+        page.fill("#api-key", keys["radiologist"])
+        page.click("#worklist-refresh")
+
+        def study(name: str) -> Any:
+            return page.locator(f'#worklist li.study[data-study-uid="{uids[name]}"]')
+
+        status, submit = page.locator("#status"), page.locator("#submit")
+        canvas_size = "() => [document.getElementById('view').width, document.getElementById('view').height]"
+        shown_id = "() => state.result && state.result.request_id"
+
+        study("A").click()
+        expect(status).to_contain_text(f"request {rids[0]}")
+        expect(submit).to_be_enabled()
+        assert page.evaluate(canvas_size) != [1, 1]
+        expect(page.locator("#model-info")).to_contain_text("model ")
+        assert page.locator("#detections li").count() >= 1  # A's boxes, listed and drawn
+        assert page.evaluate("() => document.getElementById('overlay').childElementCount") >= 1
+
+        study("B").click()
+        expect(status).to_have_class("error")
+        expect(status).to_contain_text("404")
+        expect(status).to_contain_text("no longer kept")
+        assert rids[0] not in (status.text_content() or "")
+        expect(submit).to_be_disabled()
+        assert page.evaluate(shown_id) is None
+        assert page.evaluate(canvas_size) == [1, 1]  # A's image is gone
+        assert page.evaluate("() => document.getElementById('overlay').childElementCount") == 0
+        expect(page.locator("#detections li")).to_have_count(0)
+        expect(page.locator("#model-info")).to_have_text("")
+        expect(study("B")).to_have_class("study open")
+        expect(page.locator("#study-position")).to_have_text("image 1 of 1")
+
+        # A again, then C while A's image is still on its way; A's reply comes in last
+        held: list[Any] = []
+        page.route(f"**/v1/results/{rids[0]}/pixels", lambda route: held.append(route))  # answered below
+        study("A").click()
+        for _ in range(100):
+            if held:
+                break
+            page.wait_for_timeout(50)
+        assert len(held) == 1
+        study("C").click()
+        expect(status).to_contain_text(f"request {rids[2]}")
+        with page.expect_event("requestfinished", lambda r: r.url.endswith(f"/{rids[0]}/pixels")):
+            held[0].continue_()
+        page.wait_for_timeout(500)  # time for the page to read A's late reply (and drop it)
+        expect(status).to_contain_text(f"request {rids[2]}")
+        assert page.evaluate(shown_id) == rids[2]
+        expect(study("C")).to_have_class("study open")
+        expect(submit).to_be_enabled()
+        browser.close()

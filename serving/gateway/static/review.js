@@ -27,6 +27,8 @@ const state = {
   view: { scale: 1, x: 0, y: 0, fitted: true }, // screen = image px * scale + (x, y), in CSS px
   tool: "window", toolBefore: "window", drag: null, renderQueued: false,
   saliency: { route: null, shown: false, urls: new Map() }, // urls: "id|box" -> object URL of its map
+  load: 0, // number of the latest load (detection, study, image): a reply of an earlier one is dropped
+  feedback: null, // the shown result's feedback (see newFeedback)
 };
 
 function apiKey() { return $("api-key").value.trim(); }
@@ -44,7 +46,8 @@ function init() {
   CLASS_NAMES.forEach((name, i) => $("new-class").add(new Option(`${i} ${name}`, String(i))));
   $("upload-form").addEventListener("submit", (e) => { e.preventDefault(); detect(); });
   $("submit").addEventListener("click", submitFeedback);
-  $("no-finding").addEventListener("change", draw);
+  $("no-finding").addEventListener("change", () => { reviewChanged(); draw(); });
+  $("comment").addEventListener("input", reviewChanged);
   const viewport = $("viewport");
   viewport.addEventListener("pointerdown", startDrag);
   viewport.addEventListener("pointermove", moveDrag);
@@ -70,27 +73,73 @@ function init() {
 async function detect() {
   const file = $("file").files[0];
   if (!file) { setStatus("status", "choose a DICOM, PNG or JPEG file first", "error"); return; }
+  const load = beginLoad();
+  state.study = null; renderStudyNav(); markOpenStudy(null);
   setStatus("status", "detecting…");
-  setStatus("feedback-status", "");
   const form = new FormData();
   form.append("file", file);
-  const resp = await fetch("/v1/detect", { method: "POST", headers: headers(), body: form });
-  if (!resp.ok) { setStatus("status", await errorText(resp), "error"); return; }
-  const result = await resp.json();
-  state.study = null; renderStudyNav();
-  await showResult(result);
+  let result;
+  try {
+    const resp = await fetch("/v1/detect", { method: "POST", headers: headers(), body: form });
+    if (!resp.ok) { loadFailed(load, `detection failed: ${await errorText(resp)}`); return; }
+    result = await resp.json();
+  } catch (err) { loadFailed(load, `detection failed: ${err.message}`); return; }
+  if (isCurrent(load)) await showResult(result, load);
   loadWorklist();
 }
 
-// Shows one result (fresh from /v1/detect or opened from the worklist), fitted to the viewer.
-async function showResult(result) {
-  const resp = await fetch(`/v1/results/${encodeURIComponent(result.request_id)}/pixels`, { headers: headers() });
-  if (!resp.ok) { setStatus("status", await errorText(resp), "error"); return; }
-  const pixels = readPixels(resp.headers, await resp.arrayBuffer());
+// ------------------------------------------------------------------ opening a result
+// Each load (a detection, a worklist study, Previous/Next) first clears what was shown and takes
+// the next number; its replies are dropped once a later load has begun, so a slow reply never paints
+// one patient's image under another's name, and a failed load leaves nothing of the previous study.
+
+function beginLoad() {
+  state.load += 1;
+  clearResult();
+  return state.load;
+}
+
+function isCurrent(load) { return load === state.load; }
+
+// The failure of a load, in the status line (the server's message: ids, never patient data).
+function loadFailed(load, text) { if (isCurrent(load)) setStatus("status", text, "error"); }
+
+function clearResult() {
   hideSaliency(); forgetSaliency();
+  Object.assign(state, {
+    result: null, pixels: null, win: null, verdicts: [], newBoxes: [], selected: -1, drag: null, feedback: null,
+  });
+  const canvas = $("view");
+  canvas.width = 1; canvas.height = 1; // a resize clears the canvas
+  canvas.getContext("2d").clearRect(0, 0, 1, 1);
+  delete canvas.dataset.window;
+  Object.assign($("stage").style, { width: "0px", height: "0px" });
+  $("overlay").replaceChildren(); $("overlay").removeAttribute("viewBox");
+  $("saliency").removeAttribute("src");
+  $("detections").replaceChildren(); $("new-boxes").replaceChildren();
+  $("model-info").textContent = ""; $("zoom-level").textContent = "";
+  const readout = $("window-level");
+  readout.textContent = ""; delete readout.dataset.center; delete readout.dataset.width;
+  $("no-finding").checked = false; $("comment").value = "";
+  setStatus("feedback-status", "");
+  updateSubmit();
+}
+
+// Shows one result (fresh from /v1/detect or opened from the worklist), fitted to the viewer, unless
+// a later load began meanwhile.
+async function showResult(result, load) {
+  let pixels;
+  try {
+    const resp = await fetch(`/v1/results/${encodeURIComponent(result.request_id)}/pixels`, { headers: headers() });
+    if (!isCurrent(load)) return;
+    if (!resp.ok) { loadFailed(load, `the image could not be shown: ${await errorText(resp)}`); return; }
+    pixels = readPixels(resp.headers, await resp.arrayBuffer());
+  } catch (err) { loadFailed(load, `the image could not be shown: ${err.message}`); return; }
+  if (!isCurrent(load)) return;
   Object.assign(state, {
     result, pixels, verdicts: result.detections.map(() => "accept"), newBoxes: [], drag: null,
     selected: result.detections.length ? 0 : -1, win: { center: pixels.voi.center, width: pixels.voi.width },
+    feedback: newFeedback(),
   });
   const canvas = $("view");
   canvas.width = pixels.cols; canvas.height = pixels.rows;
@@ -103,7 +152,7 @@ async function showResult(result) {
   $("model-info").textContent = `model ${result.model.name} v${result.model.version} (${result.model.stage}) · ` +
     `${width}×${height}${total}${triage}`;
   $("no-finding").checked = false;
-  $("submit").disabled = false;
+  updateSubmit();
   setStatus("status", `${result.detections.length} finding(s) · request ${result.request_id}`);
   renderImage(); renderLists(); fit();
   showSaliencyButton();
@@ -287,6 +336,7 @@ function endDrag(e) {
     if (box[2] - box[0] >= 2 && box[3] - box[1] >= 2) {
       state.newBoxes.push({ class_id: Number($("new-class").value), box });
       $("no-finding").checked = false;
+      reviewChanged();
       setTool(state.toolBefore); // "new box" draws one box
     }
     renderLists(); draw();
@@ -342,6 +392,7 @@ function selectStep(delta) {
 }
 function setVerdict(i, action) {
   if (i < 0 || i >= state.verdicts.length) return;
+  if (state.verdicts[i] !== action) reviewChanged();
   state.verdicts[i] = action;
   renderLists(); draw();
 }
@@ -445,10 +496,12 @@ async function loadWorklist() {
 
 async function openStudy(study) {
   state.study = { uid: study.study_uid, ids: study.result_ids, index: 0 };
-  document.querySelectorAll("#worklist li.study").forEach((li) => {
-    li.classList.toggle("open", li.dataset.studyUid === study.study_uid);
-  });
+  markOpenStudy(study.study_uid);
   await openResult(0);
+}
+
+function markOpenStudy(uid) {
+  document.querySelectorAll("#worklist li.study").forEach((li) => li.classList.toggle("open", li.dataset.studyUid === uid));
 }
 
 async function stepStudy(delta) {
@@ -459,14 +512,20 @@ async function stepStudy(delta) {
 }
 
 async function openResult(index) {
+  const load = beginLoad();
   state.study.index = index;
   renderStudyNav();
   const id = state.study.ids[index];
+  const what = `image ${index + 1} of ${state.study.ids.length} could not be opened`;
   setStatus("status", "loading…");
-  setStatus("feedback-status", "");
-  const resp = await fetch(`/v1/results/${encodeURIComponent(id)}`, { headers: headers() });
-  if (!resp.ok) { setStatus("status", await errorText(resp), "error"); return; }
-  await showResult(await resp.json());
+  let result;
+  try {
+    const resp = await fetch(`/v1/results/${encodeURIComponent(id)}`, { headers: headers() });
+    if (!isCurrent(load)) return;
+    if (!resp.ok) { loadFailed(load, `${what}: ${await errorText(resp)}`); return; }
+    result = await resp.json();
+  } catch (err) { loadFailed(load, `${what}: ${err.message}`); return; }
+  if (isCurrent(load)) await showResult(result, load);
 }
 
 function renderStudyNav() {
@@ -513,7 +572,7 @@ function renderLists() {
     li.append(label(`${CLASS_NAMES[b.class_id]} [${b.box.map((v) => v.toFixed(0)).join(", ")}]`));
     const remove = document.createElement("button");
     remove.textContent = "Remove"; remove.type = "button";
-    remove.onclick = () => { state.newBoxes.splice(i, 1); renderLists(); draw(); };
+    remove.onclick = () => { state.newBoxes.splice(i, 1); reviewChanged(); renderLists(); draw(); };
     li.append(remove);
     added.append(li);
   });
@@ -561,22 +620,83 @@ function draw() {
   if (state.drag && state.drag.mode === "draw" && state.drag.current) svg.append(svgBox(dragBox(), "new drawing", null));
 }
 
+// ------------------------------------------------------------------ feedback
+// One feedback per shown result: its feedback_id is drawn when the result is shown and sent again on
+// every retry, so the gateway's idempotency check answers "duplicate" to a retry after a lost reply
+// instead of storing the same boxes twice. Submit is disabled while a submission is in flight and,
+// once the gateway took it, until the review changes.
+
+// firstBody: what the first try sent; a retry that differs and gets "duplicate" was not stored as sent.
+function newFeedback() { return { id: randomId(), inFlight: false, sent: false, editedInFlight: false, firstBody: null }; }
+
+// 128 random bits in hex (crypto.randomUUID exists only in a secure context: https or localhost).
+function randomId() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function updateSubmit() {
+  const fb = state.feedback;
+  $("submit").disabled = !state.result || !fb || fb.inFlight || fb.sent;
+}
+
+// A verdict, a box, "no finding" or the comment changed.
+function reviewChanged() {
+  const fb = state.feedback;
+  if (!fb) return;
+  if (fb.inFlight) fb.editedInFlight = true;
+  // A change after the gateway took the feedback makes a NEW feedback with its own id: the reviewer
+  // corrects their review, and the gateway keeps both (the stored one is not replaced).
+  if (fb.sent) { state.feedback = newFeedback(); updateSubmit(); }
+}
+
 async function submitFeedback() {
+  const fb = state.feedback;
+  if (!state.result || !fb || fb.inFlight || fb.sent) return;
+  fb.inFlight = true; fb.editedInFlight = false;
+  updateSubmit();
+  setStatus("feedback-status", "sending…");
   const noFinding = $("no-finding").checked;
   const body = {
     request_id: state.result.request_id,
-    feedback_id: `${state.result.request_id}-${Date.now()}`,
+    feedback_id: fb.id, // the same on a retry: the gateway stores it once
     reviews: state.verdicts.map((action, index) => ({ index, action: noFinding ? "reject" : action })),
     new_boxes: noFinding ? [] : state.newBoxes,
     no_finding: noFinding,
     comment: $("comment").value,
   };
-  const resp = await fetch("/v1/feedback", {
-    method: "POST", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify(body),
-  });
-  if (!resp.ok) { setStatus("feedback-status", await errorText(resp), "error"); return; }
-  const receipt = await resp.json();
-  setStatus("feedback-status", `feedback ${receipt.status}: ${receipt.feedback_id} (${receipt.rows} rows)`, "ok");
+  const payload = JSON.stringify(body);
+  if (fb.firstBody === null) fb.firstBody = payload;
+  let text; let ok = false; let unsent = false;
+  try {
+    const resp = await fetch("/v1/feedback", {
+      method: "POST", headers: headers({ "Content-Type": "application/json" }), body: payload,
+    });
+    if (resp.ok) {
+      const receipt = await resp.json();
+      ok = true;
+      unsent = receipt.status === "duplicate" && payload !== fb.firstBody; // an earlier try was kept
+      text = receipt.status === "duplicate"
+        ? `feedback already stored: ${receipt.feedback_id} (not stored again)`
+        : `feedback ${receipt.status}: ${receipt.feedback_id} (${receipt.rows} rows)`;
+    } else {
+      text = await errorText(resp);
+    }
+  } catch (err) { text = err.message; }
+  fb.inFlight = false;
+  if (state.feedback !== fb) return; // another result was opened meanwhile
+  if (!ok) {
+    // the gateway may have stored it before the reply was lost: a retry sends the same id
+    setStatus("feedback-status", `feedback not confirmed: ${text} · Submit again to retry`, "error");
+    updateSubmit();
+    return;
+  }
+  fb.sent = true;
+  if (fb.editedInFlight || unsent) { // the kept feedback may lack the latest changes: they are a new feedback
+    state.feedback = newFeedback();
+    text += " · your latest changes may not be in it: submit again to send them";
+  }
+  setStatus("feedback-status", text, "ok");
+  updateSubmit();
 }
 
 init();
