@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -341,9 +342,30 @@ class FeedbackSpool:
         return (folder / index[key]).read_bytes()
 
     def load(self, feedback_id: str) -> dict[str, bytes]:
+        """A spooled feedback's objects; ``ValueError``/``OSError`` when its folder cannot be read as one.
+
+        The index names files of its own folder only: a damaged one naming another path is refused,
+        never followed (it would upload whatever file it named to the store).
+        """
         folder = self._dir(feedback_id)
         index = json.loads((folder / "objects.json").read_text())
+        if not isinstance(index, dict) or not all(
+            isinstance(k, str) and isinstance(n, str) and Path(n).name == n and n not in ("", ".", "..")
+            for k, n in index.items()
+        ):
+            raise ValueError("the spooled feedback's index is damaged")
         return {key: (folder / name).read_bytes() for key, name in index.items()}
+
+    def set_aside(self, feedback_id: str) -> Path:
+        """Move an unreadable item out of the queue into ``.unreadable/`` (kept for an operator)."""
+        aside = self.root / ".unreadable"
+        make_dirs(aside)
+        target = aside / feedback_id
+        if target.exists():
+            discard_dir(target)
+        os.replace(self._dir(feedback_id), target)
+        fsync_dir(self.root)
+        return target
 
     def remove(self, feedback_id: str) -> None:
         discard_dir(self._dir(feedback_id))
@@ -422,13 +444,27 @@ class FeedbackService:
             return ""
 
     def deliver_spooled(self) -> int:
-        """Upload what the spool holds; stops at the first failure (the store is still down)."""
+        """Upload what the spool holds; stops at the first upload failure (the store is still down).
+
+        An item that cannot be read (a damaged index, a lost file) is set aside instead: stopping
+        there would hold every later feedback back for ever.
+        """
         if self.store is None:
             return 0
         delivered = 0
         for feedback_id in self.spool.pending():
             try:
-                upload(self.store, self.spool.load(feedback_id))
+                objects = self.spool.load(feedback_id)
+            except (OSError, ValueError) as exc:  # this item is damaged, not the store down: the others go
+                self.spool.set_aside(feedback_id)
+                log.warning(
+                    "feedback_spool_item_set_aside feedback_id=%s error_type=%s dir=.unreadable",
+                    feedback_id,
+                    type(exc).__name__,
+                )
+                continue
+            try:
+                upload(self.store, objects)
             except Exception as exc:
                 log.info("feedback_spool_retry_later pending=%d error=%s", self.spool.depth(), exc)
                 break

@@ -362,3 +362,22 @@ def test_a_box_off_the_image_not_finite_or_without_area_is_a_400_and_nothing_is_
     error = reply.json()["error"]
     assert error["code"] == "invalid_request" and where in error["message"] and "box" in error["message"]
     assert _spooled(onnx_client) == spooled
+
+
+def test_a_damaged_spooled_feedback_is_set_aside_and_the_others_are_delivered(tmp_path: Path) -> None:
+    """Stopping at the damaged item held every later feedback back for ever."""
+    root = tmp_path / "spool"
+    spool = FeedbackSpool(root)
+    spool.put("fb1", {"feedback/fb1/annotations.csv": b"rows1"})
+    spool.put("fb2", {"feedback/fb2/annotations.csv": b"rows2"})
+    spool.put("fb3", {"feedback/fb3/annotations.csv": b"rows3"})
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not feedback")
+    (root / "fb1" / "objects.json").write_text(json.dumps({"feedback/fb1/x.csv": str(secret)}))  # elsewhere
+    (root / "fb2" / "objects.json").write_text("{not json")
+    store = _MemoryStore()
+    service = FeedbackService(store, spool, "salt")
+    assert service.deliver_spooled() == 1
+    assert store.objects == {"feedback/fb3/annotations.csv": b"rows3"}  # the named file was never read
+    assert spool.pending() == []
+    assert sorted(p.name for p in (root / ".unreadable").iterdir()) == ["fb1", "fb2"]
