@@ -164,6 +164,18 @@ class ServingSettings(CoreSettings):
         gt=0,
         description="a DIMSE study is complete (results sent back) once no instance arrived for this long",
     )
+    study_max_wait_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="a DIMSE study that never settles is sent back once its first instance is this old "
+        "(CXR_STUDY_MAX_WAIT_SECONDS); later instances form its next round",
+    )
+    dimse_max_study_instances: int = Field(
+        default=500,
+        ge=1,
+        description="instances of one study the SCP spool holds; a new one beyond gets 0xA700 "
+        "(CXR_DIMSE_MAX_STUDY_INSTANCES)",
+    )
     dimse_forward_concurrency: int = Field(
         default=4, ge=1, le=32, description="DIMSE studies the SCP has a gateway request open for at once"
     )
@@ -187,7 +199,12 @@ class ServingSettings(CoreSettings):
     pacs_dicomweb_headers: dict[str, str] = Field(
         default_factory=dict, description="headers for the pull PACS, e.g. Authorization (JSON object)"
     )
-    pacs_max_study_instances: int = Field(default=64, ge=1, description="largest study a pull analyses")
+    pacs_max_study_instances: int = Field(
+        default=64,
+        ge=1,
+        description="largest study a pull analyses, and the most images (the latest) a study's worklist "
+        "row, and so its send-back, covers",
+    )
     outbox_dir: Path | None = Field(
         default=None, description="results waiting for a PACS; default <stack>/outbox"
     )

@@ -246,7 +246,11 @@ class DetectionService:
             last = group[-1].outcome
             try:
                 study = await self.cpu.run(
-                    functools.partial(worklist.record, patient_key=_patient_key(last.upload)),
+                    functools.partial(
+                        worklist.record,
+                        patient_key=_patient_key(last.upload),
+                        max_results=self.settings.pacs_max_study_instances,
+                    ),
                     tenant,
                     study_uid,
                     [r.record.request_id for r in group],

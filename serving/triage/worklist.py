@@ -160,6 +160,7 @@ class WorklistStore:
         threshold: float,
         *,
         patient_key: str | None = None,
+        max_results: int | None = None,
         now: datetime | None = None,
     ) -> StudyTriage:
         """Merge newly analysed images into the study's row and return the study's triage.
@@ -169,7 +170,9 @@ class WorklistStore:
         model version and stage are the latest call's. ``patient_key`` (the images' salted
         PatientID hash, "" for none; None: not known, not checked) must equal the row's, else
         :class:`StudyPatientMismatch` is raised and the row is left as it was; a row of an older
-        gateway (no key) takes the first key it is given.
+        gateway (no key) takes the first key it is given. ``max_results``: the row keeps the latest
+        that many result ids (a PACS resending a study for ever grew the row, and the send-back loads
+        every result it names), the score still over every image seen.
         """
         seen = _epoch(now or datetime.now(UTC))
         with self._connect() as conn:
@@ -183,7 +186,10 @@ class WorklistStore:
                     raise StudyPatientMismatch()
                 key = stored_key if stored_key is not None else patient_key
                 ids = list(json.loads(old["result_ids"])) if old is not None else []
-                ids += [r for r in result_ids if r not in ids]
+                known = set(ids)
+                ids += [r for r in result_ids if r not in known]
+                if max_results is not None and len(ids) > max_results:
+                    ids = ids[-max_results:]
                 previous = [float(old["score"])] if old is not None else []
                 score = study_score([*previous, *image_scores])
                 first = float(old["first_seen"]) if old is not None else seen

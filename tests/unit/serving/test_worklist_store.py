@@ -131,3 +131,12 @@ def test_an_older_gateways_worklist_gains_the_patient_key_and_adopts_the_first_o
     merged = store.record("a", "1.2.3", ["r2"], [0.1], "7", "production", 0.5, patient_key="k1", now=_at(1))
     assert merged.result_ids == ("r1", "r2")
     assert store.patient_key("a", "1.2.3") == "k1"
+
+
+def test_a_row_keeps_the_latest_results_up_to_its_bound_and_the_score_over_all(tmp_path: Path) -> None:
+    """A PACS resending a study for ever grew the row, and the send-back loads every result it names."""
+    store = WorklistStore(tmp_path / "w.sqlite")
+    store.record("a", "1.2.3", ["r0"], [0.9], "7", "production", 0.5, max_results=3, now=_at(0))
+    for i in range(1, 6):
+        row = store.record("a", "1.2.3", [f"r{i}"], [0.1], "7", "production", 0.5, max_results=3, now=_at(i))
+    assert row.result_ids == ("r3", "r4", "r5") and row.score == pytest.approx(0.9)
