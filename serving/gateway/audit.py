@@ -4,6 +4,13 @@ Hospitals must show who sent what to the model and what came back. Study and
 SOP UIDs are identifiers of a patient's exam, so only salted hashes of them are
 written; the key id (not the key) names the caller.
 
+Every access to a result names it: ``result_ids`` lists every result a request
+created, read, listed or sent to a PACS (``result_id`` repeats it when there is
+exactly one), and ``study_hashes`` the keyed hashes of every study it touched
+or disclosed (``study_hash`` when there is exactly one). Both lists are bounded
+by the routes' own limits (32 files a batch, 64 parts a STOW, 500 studies a
+worklist listing, each naming at most ``CXR_PACS_MAX_STUDY_INSTANCES`` results).
+
 The file is on by default (``<stack_dir>/serving/audit.jsonl``) and rotated by
 size through a :class:`logging.handlers.RotatingFileHandler` on a logger of its
 own that does not propagate, so audit lines never mix with ``gateway.log``.
@@ -33,8 +40,10 @@ class AuditEntry:
     method: str
     status: int
     result_id: str | None = None
+    result_ids: list[str] | None = None
     tenant: str | None = None
     study_hash: str | None = None
+    study_hashes: list[str] | None = None
     sop_hash: str | None = None
     model_version: str | None = None
     stage: str | None = None

@@ -1,4 +1,4 @@
-"""The gateway's one middleware: request id, security headers, declared-size check, metrics, audit line.
+"""The gateway's one middleware: request id, security and cache headers, size check, metrics, audit line.
 
 Written as a plain ASGI middleware, not with ``@app.middleware("http")``:
 Starlette's ``BaseHTTPMiddleware`` runs every request's app in a second task
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -39,6 +40,14 @@ SECURITY_HEADERS = {
 }
 # FastAPI's Swagger/ReDoc pages run an inline script and load their assets from a CDN.
 DOCS_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc"}
+# Answers carry results, pixels and study lists of a tenant: no browser or proxy keeps them
+# (the review page fetches with its key header, which no-store does not hinder). Routes may say
+# more; only the review page and its static files may be cached.
+NO_STORE = "no-store"
+
+
+def _cacheable(path: str) -> bool:
+    return path == "/" or path.startswith("/static/")
 
 
 def error_body(code: str, message: str, request_id: str) -> dict[str, Any]:
@@ -57,6 +66,11 @@ def _request_id(incoming: str) -> str:
     if 0 < len(incoming) <= 64 and incoming.replace("-", "").isalnum():
         return incoming
     return uuid.uuid4().hex
+
+
+def _named(one: str | None, many: Iterable[str | None] | None) -> list[str]:
+    """What a route named: ``many`` then ``one``, in order, each once, without empties."""
+    return list(dict.fromkeys(x for x in (*(many or ()), one) if x))
 
 
 class ObserveMiddleware:
@@ -87,6 +101,8 @@ class ObserveMiddleware:
                 for name, value in SECURITY_HEADERS.items():
                     if name != "Content-Security-Policy" or scope.get("path") not in DOCS_PATHS:
                         headers.setdefault(name, value)
+                if not _cacheable(str(scope.get("path", ""))):
+                    headers.setdefault("Cache-Control", NO_STORE)
             await send(message)
 
         limit = self.state.settings.max_body_bytes
@@ -124,7 +140,13 @@ class ObserveMiddleware:
         principal = request_state.get("principal")
         salt = state.secret
         # every access to a result names it: the route's {request_id}, or what the route set
-        result_id = request_state.get("result_id") or scope.get("path_params", {}).get("request_id")
+        result_ids = _named(
+            request_state.get("result_id") or scope.get("path_params", {}).get("request_id"),
+            request_state.get("result_ids"),
+        )
+        # studies by keyed hash only: the UIDs never reach the line
+        study_uids = _named(request_state.get("study_uid"), request_state.get("study_uids"))
+        study_hashes = [h for h in (uid_hash(uid, salt) for uid in study_uids) if h]
         state.audit.write(
             AuditEntry(
                 time=now_iso(),
@@ -134,9 +156,11 @@ class ObserveMiddleware:
                 route=path,
                 method=scope.get("method", ""),
                 status=status,
-                result_id=result_id,
+                result_id=result_ids[0] if len(result_ids) == 1 else None,
+                result_ids=result_ids or None,
                 tenant=getattr(principal, "tenant", None),
-                study_hash=uid_hash(request_state.get("study_uid"), salt),
+                study_hash=study_hashes[0] if len(study_hashes) == 1 else None,
+                study_hashes=study_hashes or None,
                 sop_hash=uid_hash(request_state.get("sop_uid"), salt),
                 model_version=request_state.get("model_version"),
                 stage=request_state.get("stage"),

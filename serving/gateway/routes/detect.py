@@ -103,4 +103,6 @@ async def detect_batch(
     replies = await state.detector.detect(payloads, conf=conf, forced=forced, tenant=principal.tenant)
     request.state.detections = sum(len(r.outcome.detections) for r in replies)
     request.state.stage = replies[0].outcome.stage if replies else None
+    request.state.result_ids = [r.record.request_id for r in replies]  # the audit line names each result
+    request.state.study_uids = [r.study_uid for r in replies]  # kept as keyed hashes, never the UIDs
     return JSONResponse({"results": [r.record.response for r in replies]})

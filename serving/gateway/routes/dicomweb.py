@@ -47,6 +47,11 @@ def base_url(request: Request, configured: str) -> str:
     return f"{scheme}://{host}:{port}{root}"
 
 
+def sent_back_ids(replies: list[DetectionReply]) -> list[str]:
+    """The results a send-back of ``replies`` builds on: each study's images the worklist holds."""
+    return [rid for reply in replies if reply.study is not None for rid in reply.study.result_ids]
+
+
 _SEND_BACK = Query(
     description="send the SR and presentation states back to every PACS serving this caller's tenant "
     "(true; CXR_PACS_DESTINATIONS callers), to none (false); default: those of them with auto true",
@@ -60,10 +65,16 @@ async def _store(
     instances = await state.stow.split(request.headers.get("content-type", ""), body)
     del body
 
+    named: list[str] = []  # the audit line names every result stored, even when a later instance fails
+    studies: list[str | None] = []  # and every study, as its keyed hash
+    request.state.result_ids, request.state.study_uids = named, studies
+
     def stored(reply: DetectionReply) -> None:
         request.state.stage = reply.outcome.stage
         request.state.model_version = reply.outcome.model.version
         request.state.study_uid = reply.study_uid  # the audit line keeps its keyed hash, never the UID
+        named.append(reply.record.request_id)
+        studies.append(reply.study_uid)
 
     result = await state.stow.store(
         instances,
@@ -77,7 +88,8 @@ async def _store(
     if state.sendback is not None:
         destinations = state.sendback.choose(principal.tenant, send_back)
         if destinations and result.replies:
-            await state.sendback.replies(result.replies, destinations, state.results, principal.tenant)
+            if await state.sendback.replies(result.replies, destinations, state.results, principal.tenant):
+                named.extend(sent_back_ids(result.replies))  # the studies' earlier results went too
             headers["X-CXR-Sent-Back"] = ",".join(d.name for d in destinations)
     return JSONResponse(
         result.body(), status_code=result.status, media_type="application/dicom+json", headers=headers

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from serving.errors import InvalidImage, StudyNotAnalysed, StudyResultsMissing
 from serving.gateway.deps import PacsDep, StateDep
-from serving.gateway.routes.dicomweb import base_url
+from serving.gateway.routes.dicomweb import base_url, sent_back_ids
 from serving.inference.detector import study_triage
 from serving.pacs.pull import PacsPull, check_uid
 
@@ -46,6 +46,7 @@ async def analyze_study(
     if not replies:
         raise InvalidImage(f"none of the study's {len(result.outcomes)} radiographs could be analysed")
     request.state.study_uid = study_uid
+    request.state.result_ids = [r.record.request_id for r in replies]  # the audit line names each result
     request.state.detections = result.detections
     request.state.stage = replies[-1].outcome.stage
     request.state.model_version = replies[-1].outcome.model.version
@@ -54,6 +55,8 @@ async def analyze_study(
     if state.sendback is not None and send_back:
         destinations = state.sendback.choose(principal.tenant, True)
         queued = await state.sendback.replies(replies, destinations, state.results, principal.tenant)
+        if queued:
+            request.state.result_ids += sent_back_ids(replies)  # the study's earlier results went too
         sent_to = [d.name for d in destinations]
     study = study_triage(replies)
     body = {
@@ -101,6 +104,8 @@ async def send_back_study(
                 "(results or sources expired): send the images again"
             )
         sent_to = [d.name for d in destinations]
+        if queued:
+            request.state.result_ids = list(triage.result_ids)  # the results the objects are built from
     body = {
         "study_uid": study_uid,
         "triage": triage.as_dict(),

@@ -19,6 +19,10 @@ from serving.inference.saliency import SaliencyService
 
 router = APIRouter(prefix="/v1/results", tags=["results"])
 
+#: every answer here is an identified result or its pixels: never kept by a browser or proxy
+#: (a cached copy outlives the key that fetched it and is not told apart by the auth header)
+NO_STORE = "no-store"
+
 PREVIEW_MAX_SIDE = 1024
 
 
@@ -65,7 +69,7 @@ def render_pixels(source: bytes) -> tuple[bytes, dict[str, str]]:
 @router.get("/{request_id}")
 async def get_result(request_id: str, state: StateDep, principal: PacsDep) -> JSONResponse:
     record = await state.cpu.run(state.results.get, request_id, principal.tenant)
-    return JSONResponse(record.response)
+    return JSONResponse(record.response, headers={"Cache-Control": NO_STORE})
 
 
 @router.get(
@@ -85,7 +89,10 @@ async def get_sr(request_id: str, state: StateDep, principal: PacsDep) -> Respon
     return Response(
         body,
         media_type="application/dicom",
-        headers={"Content-Disposition": f'attachment; filename="{request_id}-sr.dcm"'},
+        headers={
+            "Content-Disposition": f'attachment; filename="{request_id}-sr.dcm"',
+            "Cache-Control": NO_STORE,
+        },
     )
 
 
@@ -99,7 +106,7 @@ async def get_preview(request_id: str, state: StateDep, principal: RadiologistDe
             f"the source image of '{request_id}' is no longer kept (CXR_SOURCE_RETENTION_HOURS); detect again"
         )
     png = await state.cpu.run(render_preview, record.source)
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+    return Response(png, media_type="image/png", headers={"Cache-Control": NO_STORE})
 
 
 @router.get(
@@ -118,7 +125,7 @@ async def get_pixels(request_id: str, state: StateDep, principal: RadiologistDep
     return Response(
         body,
         media_type="application/octet-stream",
-        headers={**headers, "Cache-Control": "private, max-age=300"},
+        headers={**headers, "Cache-Control": NO_STORE},
     )
 
 
@@ -152,5 +159,5 @@ async def get_saliency(
     return Response(
         image.png,
         media_type="image/png",
-        headers={**image.headers(), "Cache-Control": "private, max-age=300"},
+        headers={**image.headers(), "Cache-Control": NO_STORE},
     )

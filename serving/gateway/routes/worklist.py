@@ -2,7 +2,8 @@
 
 Each entry names the study's results (``result_ids``), which the review page opens through
 ``GET /v1/results/{id}``; those accesses are audited one by one like any other. The listing itself
-is audited by the middleware as a request to this route with the caller's key; study UIDs never
+is audited by the middleware as a request to this route with the caller's key, naming every result
+it listed (``result_ids``) and every study by its keyed hash (``study_hashes``); study UIDs never
 enter the audit log or the gateway's log.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from serving.errors import NotFound
@@ -26,6 +27,7 @@ MAX_HOURS = 24 * 7
 
 @router.get("/worklist", summary="Recently analysed studies, priority first, then oldest first")
 async def worklist(
+    request: Request,
     state: StateDep,
     principal: RadiologistDep,
     hours: Annotated[
@@ -41,6 +43,9 @@ async def worklist(
     window = hours if hours is not None else state.settings.worklist_hours
     since = datetime.now(UTC) - timedelta(hours=window)
     studies = await state.cpu.run(state.worklist.list, principal.tenant, since, limit)
+    # the audit line names what the listing disclosed: each result, each study as its keyed hash
+    request.state.result_ids = [rid for s in studies for rid in s.result_ids]
+    request.state.study_uids = [s.study_uid for s in studies]
     body: dict[str, Any] = {
         "studies": [s.to_json() for s in studies],
         "threshold": state.settings.triage_threshold,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -19,7 +21,7 @@ from serving.dimse.forwarder import Forwarder
 from serving.dimse.spool import InstanceSpool, SpooledStudy
 from serving.gateway.auth import hash_key
 from serving.pacs.outbox import Outbox
-from tests.unit.serving.serving_support import make_dicom, onnx_settings
+from tests.unit.serving.serving_support import make_dicom, onnx_settings, stow_body
 
 pytestmark = pytest.mark.unit
 
@@ -191,6 +193,50 @@ def test_another_tenants_key_cannot_send_a_study_back(
     )
     assert other.status_code == 404 and other.json()["error"]["code"] == "study_not_analysed"
     assert _sent_back(settings, sops) == {}
+
+
+def _audited(client: TestClient, response: Any) -> dict[str, Any]:
+    lines = client.app.state.cxr.audit.path.read_text().splitlines()  # type: ignore[attr-defined]
+    rid = response.headers["X-Request-ID"]
+    return next(e for e in map(json.loads, lines) if e["request_id"] == rid)
+
+
+def _stow(client: TestClient, send_back: str, *parts: bytes) -> tuple[Any, list[str]]:
+    body, ctype = stow_body(*parts)
+    r = client.post(f"/dicomweb/studies?send_back={send_back}", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 200, r.text
+    return r, re.findall(r"/v1/results/([0-9a-f]{32})/sr", r.text)
+
+
+def test_a_send_back_is_audited_naming_the_results_it_sent_and_the_study_by_hash(
+    gateway: tuple[TestClient, ServingSettings],
+) -> None:
+    """Who received result X: the line of the send-back names every result its objects are built from."""
+    client, _ = gateway
+    study = generate_uid()
+    stowed, made = _stow(
+        client, "false", make_dicom(seed=61, study_uid=study), make_dicom(seed=62, study_uid=study)
+    )
+    assert sorted(_audited(client, stowed)["result_ids"]) == sorted(made) and len(made) == 2
+    sent = client.post(f"/v1/studies/{study}/send-back")
+    assert sent.status_code == 200 and sent.json()["objects_queued"] > 0, sent.text
+    entry = _audited(client, sent)
+    assert sorted(entry["result_ids"]) == sorted(made) and entry["result_id"] is None
+    assert entry["study_hashes"] == [entry["study_hash"]] and entry["study_hash"]
+    assert study not in client.app.state.cxr.audit.path.read_text()  # type: ignore[attr-defined]
+
+
+def test_a_stow_sent_back_is_audited_naming_the_studys_earlier_results_it_sent_too(
+    gateway: tuple[TestClient, ServingSettings],
+) -> None:
+    client, _ = gateway
+    study = generate_uid()
+    _, earlier = _stow(client, "false", make_dicom(seed=63, study_uid=study))
+    sent, made = _stow(client, "true", make_dicom(seed=64, study_uid=study))
+    assert sent.headers.get("X-CXR-Sent-Back") == "pacs"
+    entry = _audited(client, sent)
+    assert entry["result_ids"][: len(made)] == made  # what it created first, then what else went back
+    assert sorted(entry["result_ids"]) == sorted(made + earlier)
 
 
 def test_a_404_that_is_not_the_gateways_answer_is_retried_never_taken_as_done(forwarder: Forwarder) -> None:

@@ -22,9 +22,10 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
+from pydicom.uid import generate_uid
 
 from serving.config import ServingSettings
-from serving.gateway.audit import AuditEntry, AuditLog, now_iso
+from serving.gateway.audit import AuditEntry, AuditLog, now_iso, uid_hash
 from serving.gateway.routes.review import STATIC_DIR
 from serving.limits import RateLimiter
 from tests.unit.serving.serving_support import make_dicom, onnx_settings, stow_body, write_stage_files
@@ -134,6 +135,99 @@ def test_every_access_to_a_result_is_audited_with_its_result_id(
     assert entries[3]["key_id"] == "radiologist-1"
     principal_tenant = getattr(onnx_client.app.state.cxr.keys.authenticate(keys["pacs"]), "tenant", None)  # type: ignore[attr-defined]
     assert all(e["tenant"] == principal_tenant for e in entries)
+
+
+def _study_hash(client: TestClient, uid: str) -> str | None:
+    return uid_hash(uid, client.app.state.cxr.secret)  # type: ignore[attr-defined]
+
+
+def test_a_batch_is_audited_naming_every_result_and_study_it_created(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    studies = [generate_uid(), generate_uid()]
+    files = [
+        ("file", (f"{i}.dcm", make_dicom(seed=70 + i, study_uid=uid), "application/dicom"))
+        for i, uid in enumerate(studies)
+    ]
+    r = onnx_client.post("/v1/detect/batch", files=files, headers={"X-API-Key": keys["pacs"]})
+    assert r.status_code == 200, r.text
+    made = [x["request_id"] for x in r.json()["results"]]
+    entry = _audited(onnx_client, r)
+    assert entry["route"] == "/v1/detect/batch" and len(made) == 2
+    assert entry["result_ids"] == made and entry["result_id"] is None  # one id only when there is one
+    assert entry["study_hashes"] == [_study_hash(onnx_client, uid) for uid in studies]
+    assert r.headers["Cache-Control"] == "no-store"
+    audit = onnx_client.app.state.cxr.audit.path.read_text()  # type: ignore[attr-defined]
+    assert not any(uid in audit for uid in studies)
+
+
+def test_a_stow_is_audited_naming_the_result_of_every_instance(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    study = generate_uid()
+    body, ctype = stow_body(make_dicom(seed=74, study_uid=study), make_dicom(seed=75, study_uid=study))
+    r = onnx_client.post(
+        "/dicomweb/studies?send_back=false",
+        content=body,
+        headers={"X-API-Key": keys["pacs"], "Content-Type": ctype},
+    )
+    assert r.status_code == 200, r.text
+    made = re.findall(r"/v1/results/([0-9a-f]{32})/sr", r.text)  # each instance's RetrieveURL
+    entry = _audited(onnx_client, r)
+    assert len(made) == 2 and sorted(entry["result_ids"]) == sorted(made)
+    assert entry["result_id"] is None
+    assert entry["study_hashes"] == [_study_hash(onnx_client, study)] == [entry["study_hash"]]
+    assert study not in onnx_client.app.state.cxr.audit.path.read_text()  # type: ignore[attr-defined]
+
+
+def test_a_worklist_listing_is_audited_naming_its_results_and_study_hashes_never_a_uid(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    study = generate_uid()
+    made = onnx_client.post(
+        "/v1/detect",
+        content=make_dicom(seed=76, study_uid=study),
+        headers={"X-API-Key": keys["pacs"], "Content-Type": "application/dicom"},
+    )
+    assert made.status_code == 200, made.text
+    r = onnx_client.get("/v1/worklist?limit=500", headers={"X-API-Key": keys["radiologist"]})
+    assert r.status_code == 200, r.text
+    listed = r.json()["studies"]
+    assert study in [s["study_uid"] for s in listed]
+    entry = _audited(onnx_client, r)
+    assert entry["route"] == "/v1/worklist"
+    assert entry["result_ids"] == [rid for s in listed for rid in s["result_ids"]]
+    assert made.json()["request_id"] in entry["result_ids"]
+    assert entry["study_hashes"] == [_study_hash(onnx_client, s["study_uid"]) for s in listed]
+    audit = onnx_client.app.state.cxr.audit.path.read_text()  # type: ignore[attr-defined]
+    assert not any(s["study_uid"] in audit for s in listed)
+    assert r.headers["Cache-Control"] == "no-store"
+
+
+def test_identified_results_and_pixels_are_never_cached(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """A browser must keep no identified pixels on disk, nor serve them to the next key (no Vary on auth)."""
+    pacs = {"X-API-Key": keys["pacs"]}
+    radiologist = {"X-API-Key": keys["radiologist"]}
+    made = onnx_client.post(
+        "/v1/detect", content=make_dicom(seed=77), headers={**pacs, "Content-Type": "application/dicom"}
+    )
+    assert made.status_code == 200, made.text
+    rid = made.json()["request_id"]
+    answers = {
+        "detect": made,
+        "result": onnx_client.get(f"/v1/results/{rid}", headers=pacs),
+        "sr": onnx_client.get(f"/v1/results/{rid}/sr", headers=pacs),
+        "preview": onnx_client.get(f"/v1/results/{rid}/preview.png", headers=radiologist),
+        "pixels": onnx_client.get(f"/v1/results/{rid}/pixels", headers=radiologist),
+        "missing": onnx_client.get("/v1/results/no-such-result", headers=pacs),
+    }
+    assert [a.status_code for a in answers.values()] == [200] * 5 + [404]
+    assert {name: a.headers.get("Cache-Control") for name, a in answers.items()} == dict.fromkeys(
+        answers, "no-store"
+    )
+    assert "no-store" not in onnx_client.get("/").headers.get("Cache-Control", "")  # the page itself may be
 
 
 def test_stack_status_names_the_audit_log_its_size_and_lines(
