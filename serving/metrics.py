@@ -161,8 +161,14 @@ class GatewayMetrics:
         )
         self.outbox_sent = Counter(
             "cxr_pacs_outbox_sent_total",
-            "Result objects sent to a PACS, by outcome (delivered|retry|rejected)",
+            "Result objects sent to a PACS, by outcome (delivered|retry|refused)",
             ["destination", "outcome"],
+            registry=r,
+        )
+        self.outbox_dead_letters = Gauge(
+            "cxr_pacs_outbox_dead_letters",
+            "Result objects a PACS refused for good, kept in the outbox's dead-letter folder",
+            ["destination"],
             registry=r,
         )
         self.triage_score = Histogram(

@@ -10,13 +10,17 @@ retry after a send whose answer was lost, never makes a second copy at the PACS.
 
 Delivery retries with exponential backoff per item (``CXR_OUTBOX_RETRY_S`` doubling up to
 ``CXR_OUTBOX_MAX_BACKOFF_S``); nothing is ever dropped, and the depth per destination is a
-metric with an alert (``CXRPacsOutboxBacklog``).
+metric with an alert (``CXRPacsOutboxBacklog``). An object its PACS refused for good (a SOP
+class it does not store, an object it cannot understand: ``serving/pacs/senders.py``) is
+moved whole to the ``dead-letter/`` folder beside the items, out of delivery but kept for an
+operator, who moves it back to retry it or deletes it (docs/pacs.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -45,15 +49,19 @@ def item_id(destination: str, sop_instance_uid: str) -> str:
     return hashlib.sha256(f"{destination}\0{sop_instance_uid}".encode()).hexdigest()[:40]
 
 
+DEAD_LETTER = "dead-letter"  # under the outbox root: item ids are hex, never this name
+
+
 class Outbox:
     def __init__(self, root: Path, *, retry_s: float = 2.0, max_backoff_s: float = 300.0) -> None:
         self.root = root
         self.retry_s = retry_s
         self.max_backoff_s = max_backoff_s
         make_dirs(self.root)
+        self.dead_letter = root / DEAD_LETTER  # made on the first refusal
         self._lock = threading.Lock()
         # what a crash cut short: puts never answered, items being removed, a retry's new meta
-        discard_leftovers(self.root, ".tmp-*", "*/.tmp-*")
+        discard_leftovers(self.root, ".tmp-*", "*/.tmp-*", f"{DEAD_LETTER}/*/.tmp-*")
 
     def put(self, destination: str, sop_class_uid: str, sop_instance_uid: str, data: bytes) -> bool:
         """Queue one object for one destination (blocking); False when it is already queued."""
@@ -82,9 +90,18 @@ class Outbox:
         replace_durably(folder / "meta.json", json.dumps(meta).encode())
 
     def items(self) -> list[OutboxItem]:
+        """The items waiting for delivery (not the dead letters)."""
+        return self._list(self.root)
+
+    def dead_letters(self) -> list[OutboxItem]:
+        """The items a PACS refused for good, kept for an operator in ``dead-letter/``."""
+        return self._list(self.dead_letter) if self.dead_letter.is_dir() else []
+
+    @staticmethod
+    def _list(root: Path) -> list[OutboxItem]:
         out = []
-        for folder in sorted(self.root.iterdir()):
-            if folder.name.startswith(".tmp-") or not folder.is_dir():
+        for folder in sorted(root.iterdir()):
+            if folder.name.startswith(".tmp-") or folder.name == DEAD_LETTER or not folder.is_dir():
                 continue
             try:
                 meta = json.loads((folder / "meta.json").read_text())
@@ -128,6 +145,35 @@ class Outbox:
             if item.folder.exists():
                 self._write_meta(item.folder, meta)
         return delay
+
+    def refused(self, item: OutboxItem, reason: str, now: float | None = None) -> None:
+        """Move an item its PACS refused for good to ``dead-letter/``, whole, with why and when in its meta.
+
+        Out of delivery (its destination's other items keep flowing), kept on disk: an operator
+        moves the folder back into the outbox to send it again (e.g. once the PACS stores that SOP
+        class), or deletes it. A dead letter of the same object from an earlier refusal is replaced.
+        """
+        now = time.time() if now is None else now
+        meta = {
+            "destination": item.destination,
+            "sop_class_uid": item.sop_class_uid,
+            "sop_instance_uid": item.sop_instance_uid,
+            "attempts": item.attempts + 1,
+            "next_attempt": now,  # moved back by an operator: due at once
+            "created": item.created,
+            "refused": {"reason": reason, "at": now},
+        }
+        target = self.dead_letter / item.item_id
+        with self._lock:
+            if not item.folder.exists():  # delivered or moved meanwhile
+                return
+            self._write_meta(item.folder, meta)
+            make_dirs(self.dead_letter)
+            if target.exists():
+                discard_dir(target)
+            os.rename(item.folder, target)
+            fsync_dir(self.dead_letter)  # the new name first: a crash between leaves it in one place
+            fsync_dir(self.root)
 
     def depth(self, items: list[OutboxItem] | None = None) -> dict[str, int]:
         """Items per destination, of ``items`` (a listing in hand), else listed now."""

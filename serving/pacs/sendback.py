@@ -22,7 +22,7 @@ from serving.inference.cpu_pool import CpuPool
 from serving.inference.detector import DetectionReply, study_triage
 from serving.metrics import GatewayMetrics
 from serving.pacs.outbox import Outbox, OutboxItem
-from serving.pacs.senders import Sender, group, make_sender
+from serving.pacs.senders import Sender, Sent, group, make_sender
 from serving.pacs_destinations import PacsDestination
 from serving.results import ResultRecord, ResultStore
 from serving.triage.worklist import StudyTriage
@@ -242,10 +242,18 @@ class SendBack:
             self._senders[name] = self._sender_factory(self.destinations[name])
         return self._senders.get(name)
 
-    def _set_depth(self, items: list[OutboxItem]) -> None:
+    def _set_depth(self, items: list[OutboxItem], dead: list[OutboxItem] | None = None) -> None:
         depth = self.outbox.depth(items)
         for name in set(self.destinations) | set(depth):
             self.metrics.outbox_depth.labels(name).set(depth.get(name, 0))
+        if dead is not None:
+            refused = self.outbox.depth(dead)
+            for name in set(self.destinations) | set(refused):
+                self.metrics.outbox_dead_letters.labels(name).set(refused.get(name, 0))
+
+    def _listing(self) -> tuple[list[OutboxItem], list[OutboxItem]]:
+        """The items waiting and the dead letters (blocking: off the event loop)."""
+        return self.outbox.items(), self.outbox.dead_letters()
 
     def _held(self, name: str, now: float) -> bool:
         return self._hold.get(name, (0.0, 0))[0] > now
@@ -253,10 +261,13 @@ class SendBack:
     def deliver_due(self, now: float | None = None, items: list[OutboxItem] | None = None) -> int:
         """One pass over the items due (of ``items``, else listed now; blocking); returns the delivered.
 
-        A destination whose PACS took nothing of a batch is held: its other items wait, unsent and
-        untouched, until the hold ends (``CXR_OUTBOX_RETRY_S`` doubling up to
-        ``CXR_OUTBOX_MAX_BACKOFF_S``, per destination), instead of every waiting object being
-        offered to a PACS that is down on each pass, each refusal rewriting its item.
+        Per item: what the PACS accepted is removed, what it refused for good (a SOP class it does
+        not store, an object it cannot understand) moves to the outbox's dead letters, the rest is
+        retried with backoff. A destination whose PACS answered nothing of a batch (down, aborted,
+        out of resources) is held: its other items wait, unsent and untouched, until the hold ends
+        (``CXR_OUTBOX_RETRY_S`` doubling up to ``CXR_OUTBOX_MAX_BACKOFF_S``, per destination),
+        instead of every waiting object being offered to a PACS that is down on each pass, each
+        refusal rewriting its item. A refusal for good does not hold it: its other objects go.
         """
         now = time.time() if now is None else now
         listed = self.outbox.items() if items is None else items
@@ -271,19 +282,20 @@ class SendBack:
             for start in range(0, len(batch_items), _BATCH):
                 batch = batch_items[start : start + _BATCH]
                 try:
-                    accepted = sender.send(batch)
+                    sent = sender.send(batch)
                 except Exception as exc:  # a sender bug must not stop delivery to other PACS
                     log.warning("pacs_send_error destination=%s error_type=%s", name, type(exc).__name__)
-                    accepted = set()
+                    sent = Sent()
+                if not isinstance(sent, Sent):  # a sender that only says what was accepted
+                    sent = Sent(accepted=set(sent))
                 for item in batch:
-                    if item.item_id in accepted:
-                        self.outbox.delivered(item)
-                        self.metrics.outbox_sent.labels(name, "delivered").inc()
-                        delivered += 1
-                    else:
-                        self.outbox.failed(item, now)
-                        self.metrics.outbox_sent.labels(name, "retry").inc()
-                if accepted:
+                    try:
+                        delivered += self._settle(name, item, sent, now)
+                    except OSError as exc:  # this item's bookkeeping: the others' outcomes still count
+                        log.warning(
+                            "pacs_outbox_error destination=%s error_type=%s", name, type(exc).__name__
+                        )
+                if sent.accepted or sent.refused:  # the PACS answered: not down
                     self._hold.pop(name, None)
                     continue
                 failures = self._hold.get(name, (0.0, 0))[1] + 1
@@ -294,6 +306,27 @@ class SendBack:
                 log.info("pacs_destination_held destination=%s seconds=%.1f", name, delay)
                 break  # its other items wait for the hold: not offered to a PACS that is down
         return delivered
+
+    def _settle(self, name: str, item: OutboxItem, sent: Sent, now: float) -> int:
+        """Record what the PACS made of one item; 1 when delivered."""
+        if item.item_id in sent.accepted:
+            self.outbox.delivered(item)
+            self.metrics.outbox_sent.labels(name, "delivered").inc()
+            return 1
+        if item.item_id in sent.refused:
+            self.outbox.refused(item, sent.refused[item.item_id], now)
+            self.metrics.outbox_sent.labels(name, "refused").inc()
+            # the SOP class and why only: an instance UID is patient data's key
+            log.warning(
+                "pacs_outbox_dead_letter destination=%s sop_class=%s reason=%s",
+                name,
+                item.sop_class_uid,
+                sent.refused[item.item_id],
+            )
+            return 0
+        self.outbox.failed(item, now)
+        self.metrics.outbox_sent.labels(name, "retry").inc()
+        return 0
 
     def next_pass_in(self, items: list[OutboxItem], now: float) -> float | None:
         """Seconds until something is due: an item's retry time, or a held destination's end of hold."""
@@ -311,8 +344,8 @@ class SendBack:
         self._wake = asyncio.Event()
         while True:
             try:
-                items = await asyncio.to_thread(self.outbox.items)  # one listing per pass, off the loop
-                self._set_depth(items)  # what is left after the last pass, also when nothing is due
+                items, dead = await asyncio.to_thread(self._listing)  # one listing per pass, off the loop
+                self._set_depth(items, dead)  # what is left after the last pass, also when nothing is due
                 now = time.time()
                 wait = self.next_pass_in(items, now)
                 if wait == 0.0:  # then look again at once: what failed has its time, a refusing PACS its hold

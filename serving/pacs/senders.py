@@ -1,15 +1,20 @@
 """Sending result objects to one PACS: DICOMweb STOW-RS (dicomweb-client) or DIMSE C-STORE (pynetdicom).
 
-A sender takes a batch of outbox items for its destination and says which were
-accepted; everything else stays in the outbox for the next attempt. Warnings
-(e.g. Orthanc's "already stored", B000-B0FF "coercion of data elements") count as
-delivered: the PACS has the object.
+A sender takes a batch of outbox items for its destination and says, per item, which the
+PACS accepted and which it refused for good (:class:`Sent`); everything else stays in the
+outbox for the next attempt. Warnings (e.g. Orthanc's "already stored", B000-B0FF "coercion
+of data elements") count as delivered: the PACS has the object. A refusal for good is one
+that sending the same object again cannot change: no accepted presentation context for its
+SOP class, or a failure status saying the PACS does not store that SOP class or cannot
+understand the object (:func:`refused_for_good`). A PACS that is down, out of resources or
+aborts is not that: its items are retried.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pydicom
@@ -21,10 +26,30 @@ from serving.pacs_destinations import PacsDestination
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Sent:
+    """What a PACS made of one batch, per item id; an item in neither is retried later."""
+
+    accepted: set[str] = field(default_factory=set)
+    # item id -> why, for the log and the dead letter's meta: never an instance UID or patient data
+    refused: dict[str, str] = field(default_factory=dict)
+
+
 class Sender(Protocol):
-    def send(self, items: list[OutboxItem]) -> set[str]:
-        """Item ids the PACS accepted (blocking)."""
+    def send(self, items: list[OutboxItem]) -> Sent | set[str]:
+        """What the PACS accepted and refused for good (blocking); a plain set: the accepted only."""
         ...
+
+
+def refused_for_good(code: int) -> bool:
+    """A C-STORE / STOW-RS failure status that sending the same object again cannot change.
+
+    0x0117 invalid SOP instance, 0x0122 SOP class not supported, A9xx data set does not match
+    the SOP class, Cxxx cannot understand (C122: transfer syntax not supported). Not A7xx
+    (out of resources), 0x0110 (processing failure), 0x0124 (not authorized: a setting the PACS
+    administrator can change), nor anything unknown: those are retried.
+    """
+    return code in (0x0117, 0x0122) or 0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF
 
 
 class _TimeoutSession(requests.Session):
@@ -66,17 +91,59 @@ class StowSender:
         self.destination = destination
         self.client = dicomweb_client(destination.url, dict(destination.headers), destination.timeout_s)
 
-    def send(self, items: list[OutboxItem]) -> set[str]:
-        datasets = [pydicom.dcmread(i.folder / "object.dcm") for i in items]  # our own objects
+    def send(self, items: list[OutboxItem]) -> Sent:
+        name = self.destination.name
+        datasets, offered = [], []
+        for item in items:  # our own objects; one unreadable on disk must not cost the others
+            try:
+                datasets.append(pydicom.dcmread(item.folder / "object.dcm"))
+                offered.append(item)
+            except Exception as exc:
+                log.warning("pacs_send_error destination=%s error_type=%s", name, type(exc).__name__)
+        if not offered:
+            return Sent()
+        stored: set[str] | None = None  # 200 / 202: every instance not listed as failed was stored
         try:
             response = self.client.store_instances(datasets)
+        except requests.HTTPError as exc:
+            # 409 (nothing stored) or another 4xx may say per instance why (FailedSOPSequence); a 5xx
+            # is a PACS that is down, whatever its body says
+            status = exc.response.status_code if exc.response is not None else 0
+            response = _stow_body(exc.response) if 400 <= status < 500 else None
+            if response is None:
+                log.info("pacs_send_failed destination=%s status=%d", name, status)
+                return Sent()
+            stored = {
+                str(r.get("ReferencedSOPInstanceUID")) for r in response.get("ReferencedSOPSequence", [])
+            }
         except (requests.RequestException, OSError) as exc:
-            log.info(
-                "pacs_send_failed destination=%s error_type=%s", self.destination.name, type(exc).__name__
-            )
-            return set()
-        failed = {str(f.ReferencedSOPInstanceUID) for f in response.get("FailedSOPSequence", [])}
-        return {i.item_id for i in items if i.sop_instance_uid not in failed}
+            log.info("pacs_send_failed destination=%s error_type=%s", name, type(exc).__name__)
+            return Sent()
+        failed: dict[str, int] = {}
+        for f in response.get("FailedSOPSequence", []):
+            reason = f.get("FailureReason")
+            failed[str(f.get("ReferencedSOPInstanceUID"))] = int(reason) if reason is not None else -1
+        sent = Sent()
+        for item in offered:
+            code = failed.get(item.sop_instance_uid)
+            if code is None:
+                if stored is None or item.sop_instance_uid in stored:
+                    sent.accepted.add(item.item_id)
+            elif refused_for_good(code):
+                sent.refused[item.item_id] = f"failure_reason=0x{code:04X}"
+            else:
+                log.info("pacs_send_refused destination=%s status=0x%04X", name, code & 0xFFFF)
+        return sent
+
+
+def _stow_body(response: requests.Response | None) -> Any:
+    """The Store Instances Response of a refused STOW-RS request, or None when it carries none."""
+    if response is None or "json" not in response.headers.get("Content-Type", ""):
+        return None
+    try:
+        return pydicom.Dataset.from_json(response.json())
+    except Exception:  # not DICOM JSON: an error page
+        return None
 
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -93,7 +160,7 @@ class DimseSender:
     def __init__(self, destination: PacsDestination) -> None:
         self.destination = destination
 
-    def send(self, items: list[OutboxItem]) -> set[str]:
+    def send(self, items: list[OutboxItem]) -> Sent:
         from pynetdicom import AE
 
         d = self.destination
@@ -104,19 +171,40 @@ class DimseSender:
         assoc = ae.associate(d.host, d.port, ae_title=d.ae_title)
         if not assoc.is_established:
             log.info("pacs_send_failed destination=%s reason=association_refused", d.name)
-            return set()
-        accepted: set[str] = set()
+            return Sent()
+        sent = Sent()
         try:
+            # a SOP class whose context the PACS rejected (e.g. no Comprehensive SR): send_c_store
+            # would raise ValueError for each of its objects, whatever the next association offers
+            takes = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
             for item in items:
-                status = assoc.send_c_store(item.folder / "object.dcm")
+                if item.sop_class_uid not in takes:
+                    sent.refused[item.item_id] = "no_presentation_context"
+                    continue
+                if not assoc.is_established:  # aborted mid-batch: the rest is retried
+                    log.info("pacs_send_failed destination=%s reason=association_aborted", d.name)
+                    break
+                try:
+                    status = assoc.send_c_store(item.folder / "object.dcm")
+                except Exception as exc:  # this object only: what the PACS said of the others stands
+                    log.warning("pacs_send_error destination=%s error_type=%s", d.name, type(exc).__name__)
+                    continue
+                if not status or "Status" not in status:
+                    # no answer (timeout, abort, an invalid response): pynetdicom is ending the
+                    # association, so the rest waits for the next one instead of its own timeout
+                    log.info("pacs_send_failed destination=%s reason=no_response", d.name)
+                    break
+                code = int(status.Status)
                 if _ok(status):
-                    accepted.add(item.item_id)
-                else:
-                    code = int(status.Status) if status and "Status" in status else -1
+                    sent.accepted.add(item.item_id)
+                elif refused_for_good(code):
+                    sent.refused[item.item_id] = f"status=0x{code:04X}"
+                else:  # e.g. out of resources: worth another try
                     log.info("pacs_send_refused destination=%s status=0x%04X", d.name, code & 0xFFFF)
         finally:
-            assoc.release()
-        return accepted
+            if assoc.is_established:
+                assoc.release()
+        return sent
 
 
 def make_sender(destination: PacsDestination) -> Sender:

@@ -144,7 +144,7 @@ def test_a_stow_destination_that_fails_is_tried_once_per_delivery_pass(tmp_path:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from serving.pacs.senders import StowSender
+    from serving.pacs.senders import Sent, StowSender
     from tests.unit.serving.serving_support import make_dicom
 
     hits: list[str] = []
@@ -167,7 +167,7 @@ def test_a_stow_destination_that_fails_is_tried_once_per_delivery_pass(tmp_path:
         sender = StowSender(PacsDestination(name="pacs", kind="stow", url=url))
         box = Outbox(tmp_path)
         box.put("pacs", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.11", make_dicom(32, 32, seed=1))
-        assert sender.send(box.due()) == set()
+        assert sender.send(box.due()) == Sent(), "a PACS that is down: nothing stored, nothing refused"
         assert len(hits) == 1
     finally:
         server.shutdown()

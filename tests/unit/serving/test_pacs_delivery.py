@@ -1,0 +1,370 @@
+"""Delivery from the outbox, per object: what a PACS stored goes, what it refuses for good is set aside.
+
+A PACS that does not store one SOP class (an older one without Comprehensive SR) used to wedge
+its destination: pynetdicom raised for the SR's rejected presentation context, the whole batch
+was marked failed (the objects already stored included), the destination was held, and the same
+first batch failed on every pass. Here against a real pynetdicom storage SCP and a real HTTP
+STOW-RS server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from serving.pacs.outbox import Outbox
+from serving.pacs.sendback import SendBack
+
+pytestmark = pytest.mark.unit
+
+CR = "1.2.840.10008.5.1.4.1.1.1"
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+def _sendback(tmp_path: Path, destination: dict[str, Any]) -> SendBack:
+    from serving.config import ServingSettings
+    from serving.inference.cpu_pool import CpuPool
+    from serving.metrics import GatewayMetrics
+
+    settings = ServingSettings(
+        stack_dir=tmp_path,
+        outbox_retry_s=2.0,
+        outbox_max_backoff_s=8.0,
+        pacs_destinations=[{"name": "pacs", "callers": ["*"], "timeout_s": 10.0} | destination],
+    )
+    return SendBack(settings, GatewayMetrics(), CpuPool(1))
+
+
+def _queue_study(back: SendBack, images: int = 2) -> list[Any]:
+    """A real study's objects (one SR, one GSPS per image) queued for the destination ``pacs``."""
+    from pydicom.uid import generate_uid
+
+    from serving.results import ResultRecord
+    from tests.unit.serving.serving_support import make_dicom
+
+    study = generate_uid()
+    response = {
+        "request_id": "r",
+        "model": {"name": "m", "version": "1", "stage": "production", "variant": "fp32"},
+        "image": {"width": 96, "height": 80},
+        "detections": [
+            {"class_id": 0, "class_name": "Nodule/Mass", "confidence": 0.8, "box": [4, 4, 30, 30]}
+        ],
+    }
+    records = [
+        ResultRecord(f"r{i}", response, "dicom", make_dicom(seed=i, study_uid=study)) for i in range(images)
+    ]
+    objects = back.build(records, None)
+    assert sorted(str(o.SOPClassUID) for o in objects) == [GSPS] * images + [COMPREHENSIVE_SR]
+    assert back._queue(objects, list(back.destinations.values())) == len(objects)
+    return objects
+
+
+def _sample(back: SendBack, name: str, **labels: str) -> float:
+    return back.metrics.registry.get_sample_value(name, {"destination": "pacs", **labels}) or 0.0
+
+
+# ----------------------------------------------------------------------------- DIMSE
+
+
+class _Scp:
+    """A pynetdicom storage SCP on 127.0.0.1 taking CR and GSPS, not Comprehensive SR."""
+
+    def __init__(self, on_store: Callable[[Any, int], int] | None = None, sop_classes: tuple = (CR, GSPS)):
+        from pynetdicom import AE, evt
+
+        self.stored: list[str] = []  # SOP classes of the objects it stored
+        self.associations = 0
+        self._on_store = on_store or (lambda event, n: 0x0000)
+        ae = AE(ae_title="PACS")
+        for uid in sop_classes:
+            ae.add_supported_context(uid)
+        handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_ESTABLISHED, self._established)]
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+        self.port = self.server.server_address[1]
+
+    def _established(self, event: Any) -> None:
+        self.associations += 1
+
+    def _store(self, event: Any) -> int:
+        status = self._on_store(event, len(self.stored))
+        if status == 0x0000:
+            self.stored.append(str(event.request.AffectedSOPClassUID))
+        return status
+
+    def destination(self) -> dict[str, Any]:
+        return {"kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": self.port}
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@contextmanager
+def _scp(**kwargs: Any) -> Iterator[_Scp]:
+    scp = _Scp(**kwargs)
+    try:
+        yield scp
+    finally:
+        scp.close()
+
+
+def test_a_dimse_pacs_without_comprehensive_sr_takes_the_presentation_states_and_the_sr_is_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with _scp() as scp:
+        back = _sendback(tmp_path, scp.destination())
+        objects = _queue_study(back, images=2)
+        now = time.time()
+        with caplog.at_level(logging.INFO, logger="serving.pacs"):
+            assert back.deliver_due(now) == 2, "the PACS stored both presentation states"
+        assert sorted(scp.stored) == [GSPS, GSPS]
+        assert back.outbox.items() == [], "nothing left to retry: the SR is not offered again"
+        [dead] = back.outbox.dead_letters()
+        assert dead.sop_class_uid == COMPREHENSIVE_SR and dead.destination == "pacs"
+        meta = json.loads((dead.folder / "meta.json").read_text())
+        assert meta["refused"]["reason"] == "no_presentation_context"
+        assert (dead.folder / "object.dcm").read_bytes(), "kept on disk for an operator"
+        assert not back._held("pacs", now), "a SOP class the PACS does not store does not hold it"
+        assert _sample(back, "cxr_pacs_outbox_sent_total", outcome="delivered") == 2
+        assert _sample(back, "cxr_pacs_outbox_sent_total", outcome="refused") == 1
+        assert _sample(back, "cxr_pacs_outbox_sent_total", outcome="retry") == 0
+        back._set_depth(*back._listing())
+        assert _sample(back, "cxr_pacs_outbox_dead_letters") == 1
+        assert _sample(back, "cxr_pacs_outbox_depth") == 0
+        # the log names the destination and the SOP class, never an instance UID (patient data's key)
+        ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("serving.pacs"))
+        assert f"pacs_outbox_dead_letter destination=pacs sop_class={COMPREHENSIVE_SR}" in ours
+        for ds in objects:
+            assert str(ds.SOPInstanceUID) not in ours and str(ds.StudyInstanceUID) not in ours
+        associations = scp.associations
+        assert back.deliver_due(now + 1000.0) == 0, "a second pass offers nothing again"
+        assert scp.associations == associations and sorted(scp.stored) == [GSPS, GSPS]
+
+
+def test_a_dimse_association_aborted_mid_batch_keeps_what_was_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom raises RuntimeError for a C-STORE after an abort: the earlier objects still count."""
+    from pynetdicom.association import Association
+
+    real_send = Association.send_c_store
+
+    def send_c_store(self: Association, *args: Any, **kwargs: Any) -> Any:
+        status = real_send(self, *args, **kwargs)
+        deadline = time.monotonic() + 5.0
+        while not status and self.is_established and time.monotonic() < deadline:
+            time.sleep(0.01)  # no answer: let the abort land before the next call, as it does on a slow link
+        return status
+
+    monkeypatch.setattr(Association, "send_c_store", send_c_store)
+    aborting = True
+
+    def on_store(event: Any, stored: int) -> int:
+        if aborting and stored == 1:  # the second object: the PACS goes away before it answers
+            event.assoc.abort()
+            return 0xA700
+        return 0x0000
+
+    with _scp(on_store=on_store, sop_classes=(CR, GSPS, COMPREHENSIVE_SR)) as scp:
+        back = _sendback(tmp_path, scp.destination())
+        _queue_study(back, images=3)
+        now = time.time()
+        assert back.deliver_due(now) == 1, "the object stored before the abort is delivered"
+        left = back.outbox.items()
+        assert len(left) == 3 and all(i.attempts == 1 for i in left), "the rest is retried"
+        assert back.outbox.dead_letters() == [], "an abort is not a refusal"
+        assert not back._held("pacs", now), "the PACS took something: not held"
+        aborting = False
+        assert back.deliver_due(now + 2.5) == 3 and back.outbox.items() == []
+        assert len(scp.stored) == 4
+
+
+def test_a_dimse_status_retrying_cannot_change_is_set_aside_and_out_of_resources_is_retried(
+    tmp_path: Path,
+) -> None:
+    full = True
+
+    def on_store(event: Any, stored: int) -> int:
+        if str(event.request.AffectedSOPClassUID) == COMPREHENSIVE_SR:
+            return 0xC000  # cannot understand: the same answer every time
+        return 0xA700 if full else 0x0000  # out of resources: worth another try
+
+    with _scp(on_store=on_store, sop_classes=(CR, GSPS, COMPREHENSIVE_SR)) as scp:
+        back = _sendback(tmp_path, scp.destination())
+        _queue_study(back, images=2)
+        now = time.time()
+        assert back.deliver_due(now) == 0
+        assert [i.sop_class_uid for i in back.outbox.items()] == [GSPS, GSPS], "the SR is not retried"
+        [dead] = back.outbox.dead_letters()
+        assert dead.sop_class_uid == COMPREHENSIVE_SR
+        assert json.loads((dead.folder / "meta.json").read_text())["refused"]["reason"] == "status=0xC000"
+        assert not back._held("pacs", now), "the PACS answered: its items back off one by one"
+        full = False
+        assert back.deliver_due(now + 2.5) == 2 and back.outbox.items() == []
+        assert len(back.outbox.dead_letters()) == 1
+
+
+def test_a_dimse_pacs_that_is_down_is_held_and_nothing_is_set_aside(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    back = _sendback(tmp_path, {"kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": port})
+    _queue_study(back, images=1)
+    now = time.time()
+    assert back.deliver_due(now) == 0
+    assert back.outbox.dead_letters() == [] and len(back.outbox.items()) == 2
+    assert back._held("pacs", now + 1.0)
+
+
+# ----------------------------------------------------------------------------- STOW-RS
+
+
+@contextmanager
+def _stow_pacs(answer: Callable[[list[tuple[str, str]]], tuple[int, bytes, str]]) -> Iterator[list[int]]:
+    """A STOW-RS server on 127.0.0.1: ``answer`` gets (SOP class, SOP instance) per part received."""
+    from serving.dicom.stow import split_related
+
+    batches: list[int] = []
+
+    class Pacs(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            parts = split_related(self.headers["Content-Type"], body)
+            received = []
+            for part in parts:
+                ds = pydicom.dcmread(io.BytesIO(part), stop_before_pixels=True)
+                received.append((str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+            batches.append(len(received))
+            status, payload, content_type = answer(received)
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Pacs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        batches.append(server.server_address[1])  # the port first; the batch sizes after it
+        yield batches
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _refusing(reasons: dict[str, int]) -> Callable[[list[tuple[str, str]]], tuple[int, bytes, str]]:
+    """A PACS answering each instance by its SOP class: a failure reason, else stored (200/202/409)."""
+    from serving.dicom.stow import StowOutcome, stow_response, stow_status
+
+    def answer(received: list[tuple[str, str]]) -> tuple[int, bytes, str]:
+        outcomes = [StowOutcome(cls, uid, failure_reason=reasons.get(cls)) for cls, uid in received]
+        body = json.dumps(stow_response(outcomes, None)).encode()
+        return stow_status(outcomes), body, "application/dicom+json"
+
+    return answer
+
+
+def _stow(port: int) -> dict[str, Any]:
+    return {"kind": "stow", "url": f"http://127.0.0.1:{port}/dicom-web"}
+
+
+def test_a_stow_pacs_that_fails_the_sr_in_a_202_delivers_the_rest_and_sets_the_sr_aside(
+    tmp_path: Path,
+) -> None:
+    with _stow_pacs(_refusing({COMPREHENSIVE_SR: 0x0122})) as seen:
+        back = _sendback(tmp_path, _stow(seen.pop(0)))
+        _queue_study(back, images=2)
+        now = time.time()
+        assert back.deliver_due(now) == 2 and seen == [3]
+        assert back.outbox.items() == [] and not back._held("pacs", now), "the SR is not retried"
+        [dead] = back.outbox.dead_letters()
+        assert dead.sop_class_uid == COMPREHENSIVE_SR
+        assert json.loads((dead.folder / "meta.json").read_text())["refused"]["reason"] == (
+            "failure_reason=0x0122"
+        )
+        assert back.deliver_due(now + 1000.0) == 0 and seen == [3], "a second pass offers nothing again"
+
+
+def test_a_stow_409_says_per_instance_what_is_set_aside_and_what_is_retried(tmp_path: Path) -> None:
+    """409: nothing stored. The SR's SOP class is not stored there (for good), the PACS is out of
+    resources for the presentation states (worth another try)."""
+    with _stow_pacs(_refusing({COMPREHENSIVE_SR: 0xA900, GSPS: 0xA700})) as seen:
+        back = _sendback(tmp_path, _stow(seen.pop(0)))
+        _queue_study(back, images=2)
+        now = time.time()
+        assert back.deliver_due(now) == 0 and seen == [3]
+        assert not back._held("pacs", now), "the PACS answered: its items back off one by one"
+        left = back.outbox.items()
+        assert [i.sop_class_uid for i in left] == [GSPS, GSPS] and all(i.attempts == 1 for i in left)
+        assert [i.sop_class_uid for i in back.outbox.dead_letters()] == [COMPREHENSIVE_SR]
+
+
+def test_a_stow_pacs_out_of_resources_for_everything_is_held_and_nothing_is_set_aside(tmp_path: Path) -> None:
+    with _stow_pacs(_refusing({COMPREHENSIVE_SR: 0xA700, GSPS: 0xA700})) as seen:
+        back = _sendback(tmp_path, _stow(seen.pop(0)))
+        _queue_study(back, images=1)
+        now = time.time()
+        assert back.deliver_due(now) == 0
+        assert back.outbox.dead_letters() == [] and len(back.outbox.items()) == 2
+        assert back._held("pacs", now + 1.0)
+
+
+def test_a_stow_pacs_answering_5xx_is_held_whatever_its_body_says(tmp_path: Path) -> None:
+    def down(received: list[tuple[str, str]]) -> tuple[int, bytes, str]:
+        _, body, ctype = _refusing({COMPREHENSIVE_SR: 0xC000, GSPS: 0xC000})(received)
+        return 503, body, ctype
+
+    with _stow_pacs(down) as seen:
+        back = _sendback(tmp_path, _stow(seen.pop(0)))
+        _queue_study(back, images=1)
+        now = time.time()
+        assert back.deliver_due(now) == 0
+        assert back.outbox.dead_letters() == [] and len(back.outbox.items()) == 2
+        assert back._held("pacs", now + 1.0)
+
+
+# ----------------------------------------------------------------------------- the dead letters on disk
+
+
+def test_a_dead_letter_is_kept_across_restarts_and_an_operator_requeues_it_by_moving_it_back(
+    tmp_path: Path,
+) -> None:
+    box = Outbox(tmp_path)
+    box.put("pacs", COMPREHENSIVE_SR, "1.2.9", b"sr")
+    box.put("pacs", GSPS, "1.2.10", b"pr")
+    [sr] = [i for i in box.items() if i.sop_instance_uid == "1.2.9"]
+    box.refused(sr, "no_presentation_context")
+    assert [i.sop_instance_uid for i in box.items()] == ["1.2.10"]
+    assert box.depth() == {"pacs": 1}
+    [dead] = Outbox(tmp_path).dead_letters()  # a restarted gateway
+    assert dead.item_id == sr.item_id and dead.data() == b"sr"
+    assert dead.folder == tmp_path / "dead-letter" / sr.item_id
+    # analysed again meanwhile: queued again, refused again: one dead letter, the newer one
+    assert box.put("pacs", COMPREHENSIVE_SR, "1.2.9", b"sr2")
+    [again] = [i for i in box.items() if i.sop_instance_uid == "1.2.9"]
+    box.refused(again, "no_presentation_context")
+    [dead] = box.dead_letters()
+    assert dead.data() == b"sr2"
+    # the operator's retry: the folder moved back into the outbox is due at once
+    dead.folder.rename(tmp_path / dead.item_id)
+    assert box.dead_letters() == []
+    [back] = [i for i in box.due() if i.sop_instance_uid == "1.2.9"]
+    assert back.data() == b"sr2"
+    assert not list(tmp_path.rglob(".tmp-*"))
