@@ -28,21 +28,35 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_synced(path: Path, data: bytes) -> None:
-    """``data`` at ``path`` with its bytes on disk; its name is durable once its folder is fsync'd."""
+    """``data`` at ``path`` with its bytes on disk; its name is durable once its folder is fsync'd.
+
+    A write that fails once the file is open (a full disk: ``ENOSPC`` from the write, the flush or
+    the fsync) removes the partial file before raising: no half-written file is left behind.
+    """
     with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        try:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
 
 def replace_durably(target: Path, data: bytes) -> None:
     """``data`` at ``target`` by a temp file beside it, fsync'd and renamed: a reader sees all or none.
 
     The folder's own fsync (which makes the new name durable) is the caller's, once per batch of writes.
+    The temp file never outlives a failed call: on a full disk every refused write would otherwise
+    leave one, making the disk fuller until the owner's next start deletes them.
     """
     tmp = target.with_name(f".tmp-{uuid.uuid4().hex}")
-    write_synced(tmp, data)
-    os.replace(tmp, target)
+    try:
+        write_synced(tmp, data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def make_dirs(path: Path) -> None:

@@ -16,13 +16,22 @@ upload: there is no second code path.
    outputs (the SR, its triage) therefore always cover the whole study, while the images'
    inference does not wait for the settle time (waiting left the gateway idle for the first
    settle time of every burst of studies: docs/benchmarks.md, "PACS round trip").
+   A study that never settles (a sender resending an instance within the settle time, forever)
+   is sent back all the same once its first arrival is ``CXR_STUDY_MAX_WAIT_SECONDS`` old: what
+   arrived so far is analysed and its results queued in one step. Instances arriving after the
+   send-back was asked for stay in the spool as the study's next round (as do late instances of a
+   settled study): analysed at once, and the study's results sent again once that round settles
+   or is as old, each time over every image of the study the gateway analysed.
 
 The spool keeps a study until the gateway has queued its results for the PACS. The gateway down,
 overloaded or refusing our key: the study stays and is retried with backoff (an operator
 sees it in ``make status``). Instances the gateway answered for (200, 202, or 409 when none
 could be analysed) are not sent again; refused ones are named by count in the log, never by
-UID. A send-back answered ``study_not_analysed`` (404: the gateway knows no analysed image of
-the study) or ``study_results_missing`` (409: it no longer holds their results) sends the
+UID. A 413 for a request of one instance is the gateway's last word on that instance (it is over
+``CXR_MAX_BODY_BYTES`` with the multipart framing: the SCP refuses such instances, but one may
+have been spooled under a larger limit): it counts as failed, never retried. A send-back
+answered ``study_not_analysed`` (404: the gateway knows no analysed image of the study) or
+``study_results_missing`` (409: it no longer holds their results) sends the
 images once more, in case the gateway lost them; the same answer again means none of them can
 be analysed, and the study leaves the spool. Any other refusal (a proxy's 404, an older
 gateway without the route) is retried with backoff: an acknowledged image is never dropped on
@@ -65,6 +74,16 @@ def related_body(parts: list[bytes]) -> tuple[bytes, str]:
     return b"".join(chunks), f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
+def largest_instance(max_body_bytes: int) -> int:
+    """The largest instance one request can carry to a gateway taking ``max_body_bytes`` bodies.
+
+    Measured on :func:`related_body` itself (its boundary has a fixed length): 111 bytes of
+    framing for one part. The SCP refuses larger instances before answering Success, since the
+    gateway would refuse every request carrying them (413).
+    """
+    return max_body_bytes - len(related_body([b""])[0])
+
+
 def _error_code(response: httpx.Response) -> str:
     """The gateway's error code (``{"error": {"code"}}``); empty for any other body (a proxy's 404)."""
     try:
@@ -97,6 +116,8 @@ class Forwarder:
     gateway_url: str
     api_key: str
     settle_s: float
+    # a study that never settles is sent back once its first arrival is this old (what arrived so far)
+    max_wait_s: float = 300.0
     max_body_bytes: int = 64 * 1024 * 1024
     retry_s: float = 2.0
     max_backoff_s: float = 60.0
@@ -124,13 +145,18 @@ class Forwarder:
 
     def analyse(self, client: httpx.Client, study: SpooledStudy) -> bool:
         """Hand the study's pending instances to the gateway; True when it answered for all of them."""
-        stored = failed = 0
+        stored = failed = too_large = 0
         for files in batches(study.pending, self.max_body_bytes):
             try:
                 response = self._post(client, study, files)
             except httpx.HTTPError as exc:
                 log.warning("dimse_forward_retry reason=unreachable error_type=%s", type(exc).__name__)
                 return False
+            if response.status_code == 413 and len(files) == 1:
+                # one instance over the gateway's body limit: refused the same way every time
+                too_large += 1
+                self.spool.mark_analysed(study, files)
+                continue
             if response.status_code not in (200, 202, 409):
                 log.warning("dimse_forward_retry reason=gateway_status status=%d", response.status_code)
                 return False
@@ -138,8 +164,13 @@ class Forwarder:
             stored += len(body.get("00081199", {}).get("Value", []))  # ReferencedSOPSequence
             failed += len(body.get("00081198", {}).get("Value", []))  # FailedSOPSequence
             self.spool.mark_analysed(study, files)
+        if too_large:
+            log.warning("dimse_instances_refused reason=too_large status=413 instances=%d", too_large)
         log.info(
-            "dimse_instances_analysed instances=%d stored=%d failed=%d", len(study.pending), stored, failed
+            "dimse_instances_analysed instances=%d stored=%d failed=%d",
+            len(study.pending),
+            stored,
+            failed + too_large,
         )
         return True
 
@@ -175,15 +206,21 @@ class Forwarder:
         )
         return True
 
-    def forward(self, client: httpx.Client, study: SpooledStudy) -> bool:
+    def forward(self, client: httpx.Client, study: SpooledStudy, now: float | None = None) -> bool:
         """One step for ``study``: analyse what is pending, else send its results back.
 
+        A study waiting longer than ``max_wait_s`` (:meth:`overdue`) has both in one step: a
+        sender resending its instances would otherwise keep one pending at every look.
         True when the step succeeded: the pending instances were answered for, or the study's
         results were queued and the study left the spool. False when it is to be retried (after a
         backoff), e.g. its images are to be analysed again.
         """
+        now = time.time() if now is None else now
         if study.pending:
-            return self.analyse(client, study)
+            if not self.analyse(client, study):
+                return False
+            if not self.overdue(study, now):
+                return True  # its results go back once it settles
         if self.send_back(client, study):
             self.spool.remove(study)
             return True
@@ -193,7 +230,7 @@ class Forwarder:
         key = study.folder.name
         try:
             try:
-                forwarded = self.forward(client, study)
+                forwarded = self.forward(client, study, now)
             except Exception as exc:  # in the pool nobody would see it: say it, and retry later
                 log.warning("dimse_forward_error error_type=%s", type(exc).__name__)
                 forwarded = False
@@ -212,7 +249,7 @@ class Forwarder:
             self.spool.changed.set()  # a slot is free: look again now, not at the next poll
 
     def due(self, now: float) -> list[SpooledStudy]:
-        """Studies with a step to take: pending instances at once, a settled study's send-back.
+        """Studies with a step to take: pending instances at once, a settled or overdue study's send-back.
 
         Settled studies first (each finishes a study: its results reach the PACS sooner), then
         by first arrival.
@@ -220,9 +257,13 @@ class Forwarder:
         due = [s for s in self.spool.studies() if self._is_due(s, now)]
         return sorted(due, key=lambda s: bool(s.pending))  # stable: by first arrival within each
 
+    def overdue(self, study: SpooledStudy, now: float) -> bool:
+        """The study (its current round) began ``max_wait_s`` ago: sent back even if it never settles."""
+        return now - study.first_arrival >= self.max_wait_s
+
     def _is_due(self, study: SpooledStudy, now: float) -> bool:
-        """Pending instances are due at once; a study with none, once it settled."""
-        return bool(study.pending) or now - study.last_arrival >= self.settle_s
+        """Pending instances are due at once; a study with none, once it settled or is overdue."""
+        return bool(study.pending) or now - study.last_arrival >= self.settle_s or self.overdue(study, now)
 
     def run_once(self, client: httpx.Client, now: float | None = None) -> int:
         """Start the due steps (:meth:`due`) into free slots (at most ``concurrency`` in flight).

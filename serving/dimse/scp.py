@@ -10,8 +10,12 @@ pynetdicom does the protocol. What this module decides:
   instead of an association it cannot use;
 - that an instance is only acknowledged once the guarded reader has parsed its header,
   its UIDs match the request, and it is fsync'd in the spool (``spool.py``): Success means
-  "it cannot be lost". The forwarder (``forwarder.py``) then hands it to the gateway at once,
-  and the study's results are sent back once it settled.
+  "it cannot be lost". An instance the forwarder could not hand to the gateway (over
+  ``max_instance_bytes``: the gateway's body limit less the multipart framing, ``service.py``)
+  or a new instance of a study that already has the spool's maximum waiting is refused with
+  0xA700 instead: acknowledged, it would wait in the spool for ever. The forwarder
+  (``forwarder.py``) then hands it to the gateway at once, and the study's results are sent
+  back once it settled.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from serving.dicom.headers import instance_uids  # the one guarded header read STOW-RS uses too
 from serving.dicom.sop_classes import RADIOGRAPH_SOP_CLASSES
-from serving.dimse.spool import InstanceSpool
+from serving.dimse.spool import InstanceSpool, StudyFull
 from serving.dimse.transport import BoundedAssociationServer, BoundedRequestHandler
 
 log = logging.getLogger("cxr.dimse")
@@ -54,6 +58,8 @@ class ScpConfig:
     port: int
     allowed_aes: tuple[str, ...] = ()
     max_associations: int = 8
+    # the largest instance acknowledged: one the forwarder can post to the gateway in one body
+    # (service.py sets it from CXR_MAX_BODY_BYTES with forwarder.largest_instance)
     max_instance_bytes: int = 64 * 1024 * 1024
     # our maximum PDU receive length, advertised at association: pynetdicom's default (16 KiB)
     # makes a 2 MiB radiograph 128 PDUs, each costing the sender and us a round of the state
@@ -120,6 +126,11 @@ class StorageScp:
             if status != SUCCESS:
                 return status
             self.spool.write(study, sop_uid, data)
+        except StudyFull as exc:  # counts only: the study's UID stays out of the log
+            log.warning(
+                "dimse_store_refused reason=study_full instances=%d limit=%d", exc.instances, exc.limit
+            )
+            return OUT_OF_RESOURCES
         except OSError as exc:
             log.warning("dimse_store_failed reason=spool_write error_type=%s", type(exc).__name__)
             return OUT_OF_RESOURCES

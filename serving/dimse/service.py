@@ -9,7 +9,7 @@ import threading
 from core.credentials import read_credentials
 from core.errors import CredentialsError
 from serving.config import ServingSettings
-from serving.dimse.forwarder import Forwarder
+from serving.dimse.forwarder import Forwarder, largest_instance
 from serving.dimse.scp import ScpConfig, StorageScp
 from serving.dimse.spool import InstanceSpool
 
@@ -31,7 +31,9 @@ def gateway_key(settings: ServingSettings) -> str:
 
 
 def build(settings: ServingSettings) -> tuple[StorageScp, Forwarder]:
-    spool = InstanceSpool(settings.resolved_dimse_spool_dir)
+    spool = InstanceSpool(
+        settings.resolved_dimse_spool_dir, max_study_instances=settings.dimse_max_study_instances
+    )
     scp = StorageScp(
         ScpConfig(
             ae_title=settings.dimse_ae_title,
@@ -39,7 +41,9 @@ def build(settings: ServingSettings) -> tuple[StorageScp, Forwarder]:
             port=settings.dimse_port,
             allowed_aes=tuple(settings.dimse_allowed_aes),
             max_associations=settings.dimse_max_associations,
-            max_instance_bytes=settings.max_body_bytes,
+            # what the forwarder can post in one body: an instance the gateway refuses (413) every
+            # time must never be acknowledged
+            max_instance_bytes=largest_instance(settings.max_body_bytes),
         ),
         spool,
     )
@@ -48,6 +52,7 @@ def build(settings: ServingSettings) -> tuple[StorageScp, Forwarder]:
         gateway_url=settings.dimse_gateway_url,
         api_key=gateway_key(settings),
         settle_s=settings.study_settle_seconds,
+        max_wait_s=settings.study_max_wait_seconds,
         max_body_bytes=settings.max_body_bytes,
         concurrency=settings.dimse_forward_concurrency,
     )

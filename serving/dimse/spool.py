@@ -9,7 +9,13 @@ not fsync'd. Keys are sha256 prefixes of the
 UIDs, so a hostile UID never becomes a path. A file is written to a temp name, fsync'd,
 renamed into place and the folder fsync'd: after Success, a crash or power cut loses
 nothing, and a restarted SCP finds every study still waiting (the settle clock is the
-newest file's mtime, so it survives the restart too).
+newest file's mtime, so it survives the restart too). A study's first arrival is the mtime of its
+``study_uid`` file (written once, with its first instance), so an instance sent again and again
+does not move it (the forwarder's maximum wait counts from it); when the forwarder hands a study
+over while later instances keep its folder, that mtime is set to the earliest of them: they are
+the study's next round. A write that fails leaves neither a temp file nor, for a study's first
+instance, the folder: a folder without an instance is never listed, so it would never be removed.
+At most ``max_study_instances`` instances wait per study (:class:`StudyFull` beyond).
 
 One lock orders the SCP's writes against the forwarder's deletions, so an instance that
 arrives while its study is being handed over is never removed unsent.
@@ -17,6 +23,7 @@ arrives while its study is being handed over is never removed unsent.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -34,6 +41,15 @@ def _key(uid: str) -> str:
     return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:32]
 
 
+class StudyFull(Exception):
+    """The study already has ``limit`` instances waiting: a new one is refused (the SCP answers 0xA700)."""
+
+    def __init__(self, instances: int, limit: int) -> None:
+        super().__init__(f"{instances} instances of the study wait, at most {limit}")
+        self.instances = instances
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class SpooledStudy:
     """One study waiting in the spool: its UID, its instance files, which of them still await
@@ -44,6 +60,8 @@ class SpooledStudy:
     files: tuple[Path, ...]
     last_arrival: float
     pending: tuple[Path, ...]
+    # the study's (or its current round's) first instance: the study_uid file's mtime, or an
+    # instance's if older; an instance sent again does not move it
     first_arrival: float
     # each file's copy when listed (inode and mtime): the analysed marker names the copy it was made for
     stamps: tuple[str, ...]
@@ -65,6 +83,18 @@ def _copy_id(st: os.stat_result) -> str:
     return f"{st.st_ino}-{st.st_mtime_ns}"
 
 
+def _instance_names(folder: Path) -> set[str]:
+    with os.scandir(folder) as names:
+        return {name.name for name in names if name.name.endswith(".dcm")}
+
+
+def _remove_folder(folder: Path) -> None:
+    """Delete a study folder that holds no instance, whatever else it holds (UID, markers, flag)."""
+    for leftover in folder.iterdir():
+        leftover.unlink(missing_ok=True)
+    folder.rmdir()
+
+
 def _current_copy(instance: Path) -> str | None:
     """The copy of ``instance`` on disk now; None once removed."""
     try:
@@ -74,8 +104,9 @@ def _current_copy(instance: Path) -> str | None:
 
 
 class InstanceSpool:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_study_instances: int = 500) -> None:
         self.root = root
+        self.max_study_instances = max_study_instances
         self.studies_dir = root / "studies"
         self.studies_dir.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
@@ -83,7 +114,16 @@ class InstanceSpool:
         self.changed = threading.Event()
         self._uids: dict[str, str] = {}  # study folder -> its UID, read once (the file never changes)
         discard_leftovers(self.studies_dir, "*/.tmp-*")  # writes a crash interrupted: never acknowledged
+        self._discard_empty_folders()
         self._repair_uid_files()
+
+    def _discard_empty_folders(self) -> None:
+        """Delete study folders without an instance (a crash between creating one and its first
+        instance): never listed, so nothing else would ever remove them. Only at start."""
+        for folder in self.studies_dir.iterdir():
+            if folder.is_dir() and not _instance_names(folder):
+                with contextlib.suppress(OSError):
+                    _remove_folder(folder)
 
     def _repair_uid_files(self) -> None:
         """Give back its UID file to a study folder whose file is missing or empty, from its instances.
@@ -113,27 +153,50 @@ class InstanceSpool:
             log.warning("dimse_spool_uid_repaired studies=%d unreadable=%d", repaired, unreadable)
 
     def write(self, study_uid: str, sop_uid: str, data: bytes) -> Path:
-        """Store one instance durably (blocking). A second copy of the same instance replaces the first."""
+        """Store one instance durably (blocking). A second copy of the same instance replaces the first.
+
+        Raises :class:`StudyFull` for a new instance of a study that has ``max_study_instances``
+        waiting, and ``OSError`` when the disk refuses the write: then nothing of this call is
+        left, and a study folder that held no instance before it is removed.
+        """
         with self.lock:
             folder = self.studies_dir / _key(study_uid)
             folder.mkdir(parents=True, exist_ok=True)
-            uid_file = folder / "study_uid"
-            new_uid = not _has_content(uid_file)  # a new study, or a file a failed or older write left
-            if new_uid:
-                # whole or absent: the forwarder lists folders without this lock, and a UID file it
-                # found empty (opened, not yet written) had sent the study to the gateway without its
-                # UID. Durable before any instance is: POSIX orders no two renames
-                replace_durably(uid_file, study_uid.encode())
-                fsync_dir(folder)
             target = folder / f"{_key(sop_uid)}.dcm"
-            replace_durably(target, data)
-            for marker in folder.glob(f"{target.stem}.*.analysed"):  # a new copy: analysed afresh
-                marker.unlink(missing_ok=True)
-            fsync_dir(folder)
-            if new_uid:  # the folder's own name, also when a first try failed after creating it
-                fsync_dir(self.studies_dir)
+            held = _instance_names(folder)
+            if target.name not in held and len(held) >= self.max_study_instances:
+                raise StudyFull(len(held), self.max_study_instances)
+            try:
+                self._write(folder, target, study_uid, data, first=not held)
+            except BaseException:
+                if not held and not _instance_names(folder):
+                    with contextlib.suppress(OSError):  # the write's own error is the one to report
+                        _remove_folder(folder)
+                    self._uids.pop(folder.name, None)
+                raise
         self.changed.set()
         return target
+
+    def _write(self, folder: Path, target: Path, study_uid: str, data: bytes, *, first: bool) -> None:
+        """The instance, and the study's UID file if missing, durable in ``folder`` (under the lock)."""
+        uid_file = folder / "study_uid"
+        new_uid = not _has_content(uid_file)  # a new study, or a file a failed or older write left
+        if new_uid:
+            # whole or absent: the forwarder lists folders without this lock, and a UID file it
+            # found empty (opened, not yet written) had sent the study to the gateway without its
+            # UID. Durable before any instance is: POSIX orders no two renames
+            replace_durably(uid_file, study_uid.encode())
+            fsync_dir(folder)
+        elif first:  # a UID file some failed write left: the study's first arrival is this one
+            os.utime(uid_file)
+        replace_durably(target, data)
+        for marker in folder.glob(f"{target.stem}.*.analysed"):  # a new copy: analysed afresh
+            marker.unlink(missing_ok=True)
+        fsync_dir(folder)
+        # the folder's own name: whenever it held no instance before this one, whoever created it or
+        # its UID file (a first try that failed after writing the UID, a crash's leftover)
+        if new_uid or first:
+            fsync_dir(self.studies_dir)
 
     def studies(self) -> list[SpooledStudy]:
         """Every study waiting, the one whose first instance arrived first first (handed over in order).
@@ -165,10 +228,14 @@ class InstanceSpool:
             self._uids[folder.name] = study_uid
         found: list[tuple[Path, str, float]] = []
         markers = set()
+        started = float("inf")  # the study_uid file's mtime: when the study (its current round) began
         try:
             with os.scandir(folder) as names:
                 for name in names:
-                    if name.name.endswith(".dcm"):
+                    if name.name == "study_uid":
+                        with contextlib.suppress(FileNotFoundError):
+                            started = name.stat(follow_symlinks=False).st_mtime
+                    elif name.name.endswith(".dcm"):
                         try:
                             st = name.stat(follow_symlinks=False)
                         except FileNotFoundError:  # handed over and removed while listing
@@ -191,7 +258,7 @@ class InstanceSpool:
             files,
             max(arrivals),
             pending=pending,
-            first_arrival=min(arrivals),
+            first_arrival=min(started, *arrivals),
             stamps=stamps,
         )
 
@@ -231,6 +298,8 @@ class InstanceSpool:
         """Drop the instances that were handed over; the folder goes only if nothing new arrived.
 
         An instance replaced after ``study`` was listed (sent again meanwhile) stays, unanalysed.
+        What stays is the study's next round: its first arrival (the UID file's mtime) is set to
+        the earliest of it. Not fsync'd: lost in a crash, the next round is only sent back sooner.
         """
         listed = dict(zip(study.files, study.stamps, strict=True))
         with self.lock:
@@ -241,11 +310,14 @@ class InstanceSpool:
                 f.unlink(missing_ok=True)
                 for marker in study.folder.glob(f"{f.stem}.*.analysed"):
                     marker.unlink(missing_ok=True)
-            if not any(study.folder.glob("*.dcm")):
-                for leftover in study.folder.iterdir():
-                    leftover.unlink(missing_ok=True)
-                study.folder.rmdir()
+            # under the lock: nothing else removes an instance meanwhile
+            kept = [f.stat().st_mtime_ns for f in study.folder.glob("*.dcm")]
+            if not kept:
+                _remove_folder(study.folder)
                 self._uids.pop(study.folder.name, None)
+            else:  # arrived after the listing: the study's next round, which begins with the first of them
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(study.folder / "study_uid", ns=(min(kept), min(kept)))
 
     def depth(self) -> tuple[int, int]:
         """(studies, instances) waiting."""

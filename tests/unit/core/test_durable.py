@@ -3,6 +3,7 @@ in a test, so the order of the fsyncs and the rename is what is checked)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -127,3 +128,29 @@ def test_leftovers_of_a_crash_are_deleted_files_and_folders_alike(tmp_path: Path
     durable.discard_leftovers(tmp_path, ".tmp-*", "*/.tmp-*")
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["item", "item/meta.json"]
     durable.discard_leftovers(tmp_path / "missing", ".tmp-*")  # a root not made yet: nothing to do
+
+
+def test_a_write_the_disk_refuses_leaves_no_temp_or_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a full disk every refused write left its ``.tmp-`` file until the owner's next start."""
+    (tmp_path / "uid").write_bytes(b"old")
+    real_fsync = os.fsync
+
+    def full_disk(fd: int) -> None:  # the bytes written so far are refused when they reach the disk
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(tmp_path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(durable.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        durable.replace_durably(tmp_path / "uid", b"1.2.3")
+    with pytest.raises(OSError, match="No space"):
+        durable.write_synced(tmp_path / "flag", b"")
+    assert [p.name for p in tmp_path.iterdir()] == ["uid"] and (tmp_path / "uid").read_bytes() == b"old"
+    monkeypatch.undo()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "x").write_bytes(b"x")
+    with pytest.raises(OSError):  # the rename refused: a folder holds the name
+        durable.replace_durably(tmp_path / "folder", b"1.2.3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "uid"]
