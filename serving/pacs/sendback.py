@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -207,6 +208,25 @@ class SendBack:
             return 0, 0
         return await self._known_study({}, triage, destinations, results, tenant)
 
+    def _fetch_header_only(self, results: ResultStore, rid: str, tenant: str) -> ResultRecord:
+        """A stored result with its source cut to the header the objects are built from (blocking).
+
+        A study's row names up to CXR_PACS_MAX_STUDY_INSTANCES results, each source up to
+        CXR_MAX_BODY_BYTES: held whole, one send-back could hold gigabytes of pixels it never
+        reads. Kept whole only when burned-in captures are configured (they draw on the pixels).
+        """
+        record = results.get(rid, tenant)
+        if record.source is None or record.source_format != "dicom" or self.settings.pacs_secondary_capture:
+            return record
+        from serving.dicom.sr import source_header
+        from serving.dicom.study_objects import dataset_bytes
+
+        try:
+            header = source_header(record.source)
+        except Conflict:
+            return record  # build() leaves it out and says why
+        return dataclasses.replace(record, source=dataset_bytes(header))
+
     async def _known_study(
         self,
         records: dict[str, ResultRecord],
@@ -220,7 +240,7 @@ class SendBack:
             for rid in triage.result_ids:
                 if rid not in records:
                     try:
-                        records[rid] = await self.cpu.run(results.get, rid, tenant)
+                        records[rid] = await self.cpu.run(self._fetch_header_only, results, rid, tenant)
                     except ServingError:
                         continue  # expired: the SR covers the images still held
         # an instance sent again (a PACS resend) has a newer result: one image, the latest answer,

@@ -439,3 +439,32 @@ def test_an_image_no_object_can_reference_is_left_out_and_the_others_go(tmp_path
     bad = ResultRecord("b", response, "dicom", buf.getvalue())
     objects = back.build([bad, good], None)
     assert [str(o.Modality) for o in objects] == ["SR", "PR"]  # the good image's SR and presentation state
+
+
+def test_a_send_back_holds_a_stored_results_header_not_its_pixels(tmp_path: Path) -> None:
+    """The study's earlier results are read back header-only: the objects are the same, the bytes few."""
+    from datetime import timedelta
+
+    from pydicom.uid import generate_uid
+
+    from serving.results import ResultRecord, ResultStore, Retention
+    from tests.unit.serving.serving_support import make_dicom
+
+    back = _sendback(tmp_path, _Pacs())
+    store = ResultStore(
+        None, local_dir=tmp_path / "results", retention=Retention(timedelta(days=1), timedelta(days=1))
+    )
+    study = generate_uid()
+    source = make_dicom(512, 512, seed=5, study_uid=study)
+    response = {
+        "request_id": "r",
+        "model": {"name": "m", "version": "1", "stage": "production", "variant": "fp32"},
+        "image": {"width": 512, "height": 512},
+        "detections": [{"class_id": 0, "class_name": "x", "confidence": 0.5, "box": [1.0, 1.0, 40.0, 40.0]}],
+    }
+    store.journal(ResultRecord("r1", response, "dicom", source, tenant="t"))
+    light = back._fetch_header_only(store, "r1", "t")
+    assert light.source is not None and len(light.source) < len(source) // 10
+    full, header_only = back.build([store.get("r1", "t")], None), back.build([light], None)
+    assert [str(o.SOPInstanceUID) for o in full] == [str(o.SOPInstanceUID) for o in header_only]
+    assert [o.ContentSequence for o in full[:1]] == [o.ContentSequence for o in header_only[:1]]
