@@ -48,6 +48,13 @@ class PacsDestination(BaseModel):
             for ae in (self.ae_title, self.calling_ae):
                 if not _AE.match(ae) or "\\" in ae:
                     raise ValueError(f"destination '{self.name}': '{ae}' is not a valid AE title")
+        if not self.callers:
+            # an empty list once meant "only when a request asks"; now it would mean "never", silently
+            raise ValueError(
+                f"destination '{self.name}': callers is empty, so no tenant's results would ever go there; "
+                'list the tenants (API keys\' tenants) it serves, or ["*"] for every caller; add '
+                '"auto": false to send only when a request asks (send_back=true)'
+            )
         return self
 
     def serves(self, tenant: str) -> bool:

@@ -37,4 +37,9 @@ def derived_uid(*parts: str) -> str:
 
 def source_parts(source: Dataset) -> tuple[str, str, str]:
     """What names a source image for the UIDs derived from it: PatientID, study and SOP Instance UIDs."""
-    return (str(source.get("PatientID", "") or ""), str(source.StudyInstanceUID), str(source.SOPInstanceUID))
+    return (patient_id(source), str(source.StudyInstanceUID), str(source.SOPInstanceUID))
+
+
+def patient_id(source: Dataset) -> str:
+    """The source's PatientID as the worklist compares it (``hash_patient_id`` strips it too)."""
+    return str(source.get("PatientID", "") or "").strip()

@@ -356,16 +356,24 @@ class FeedbackSpool:
             raise ValueError("the spooled feedback's index is damaged")
         return {key: (folder / name).read_bytes() for key, name in index.items()}
 
-    def set_aside(self, feedback_id: str) -> Path:
-        """Move an unreadable item out of the queue into ``.unreadable/`` (kept for an operator)."""
+    def set_aside(self, feedback_id: str) -> bool:
+        """Move an unreadable item out of the queue into ``.unreadable/`` (kept for an operator).
+
+        False when the item is no longer there (another pass delivered and removed it).
+        """
+        if not self._dir(feedback_id).is_dir():
+            return False
         aside = self.root / ".unreadable"
         make_dirs(aside)
         target = aside / feedback_id
         if target.exists():
             discard_dir(target)
-        os.replace(self._dir(feedback_id), target)
+        try:
+            os.replace(self._dir(feedback_id), target)
+        except FileNotFoundError:
+            return False
         fsync_dir(self.root)
-        return target
+        return True
 
     def remove(self, feedback_id: str) -> None:
         discard_dir(self._dir(feedback_id))
@@ -455,14 +463,23 @@ class FeedbackService:
         for feedback_id in self.spool.pending():
             try:
                 objects = self.spool.load(feedback_id)
-            except (OSError, ValueError) as exc:  # this item is damaged, not the store down: the others go
-                self.spool.set_aside(feedback_id)
+            except (ValueError, FileNotFoundError, IsADirectoryError) as exc:
+                # this item is damaged (not the disk or the store failing for now): the others go
+                if not self.spool.set_aside(feedback_id):
+                    continue  # gone meanwhile (delivered by another pass): nothing to set aside
                 log.warning(
                     "feedback_spool_item_set_aside feedback_id=%s error_type=%s dir=.unreadable",
                     feedback_id,
                     type(exc).__name__,
                 )
                 continue
+            except OSError as exc:  # the disk failing for now (EIO, EMFILE...): the next pass tries again
+                log.info(
+                    "feedback_spool_retry_later pending=%d error_type=%s",
+                    self.spool.depth(),
+                    type(exc).__name__,
+                )
+                break
             try:
                 upload(self.store, objects)
             except Exception as exc:

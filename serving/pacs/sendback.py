@@ -75,6 +75,7 @@ class SendBack:
         """The study's objects (blocking): SR, one GSPS per image, burned-in captures when configured."""
         from serving.dicom.sr import source_header
         from serving.dicom.study_objects import study_objects
+        from serving.dicom.uids import patient_id
 
         items = []
         pixels = []
@@ -87,7 +88,7 @@ class SendBack:
                 log.warning("pacs_sendback_image_left_out code=%s", exc.code)  # the others still go
                 continue
             items.append((header, record.response))
-            if str(items[-1][0].get("PatientID", "")) != str(items[0][0].get("PatientID", "")):
+            if patient_id(items[-1][0]) != patient_id(items[0][0]):
                 # the worklist refuses such images (StudyPatientMismatch); rows of an older gateway
                 # may still hold them: one SR must never carry two patients' findings
                 raise StudyPatientMismatch()

@@ -139,7 +139,11 @@ class WorklistStore:
                         setup.executescript(_SCHEMA)
                         columns = {row[1] for row in setup.execute("PRAGMA table_info(studies)")}
                         if "patient_key" not in columns:  # a worklist of an older gateway: NULL = not known
-                            setup.execute("ALTER TABLE studies ADD COLUMN patient_key TEXT")
+                            try:
+                                setup.execute("ALTER TABLE studies ADD COLUMN patient_key TEXT")
+                            except sqlite3.OperationalError as exc:  # another process added it first
+                                if "duplicate column" not in str(exc):
+                                    raise
                     setup.close()
                     self._ready = True
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)

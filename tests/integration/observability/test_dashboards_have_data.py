@@ -15,6 +15,7 @@ answers like its registered validation split from one that does not.
 from __future__ import annotations
 
 import io
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -270,8 +271,18 @@ def observed_stack(
         "CXR_PREDICTION_DRIFT_MIN_DETECTIONS": str(PREDICTION_MIN_DETECTIONS),
         "CXR_ROUTING_POLL_S": "0.5",
         "CXR_SPOOL_DIR": str(root / "spool"),
-        # a PACS that is never asked (no callers): its outbox depth series exists, at 0
-        "CXR_PACS_DESTINATIONS": '[{"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/dicom-web"}]',
+        # a PACS that is never asked (no request says send_back=true): its outbox depth series exists, at 0
+        "CXR_PACS_DESTINATIONS": json.dumps(
+            [
+                {
+                    "name": "pacs",
+                    "kind": "stow",
+                    "url": "http://127.0.0.1:9/dicom-web",
+                    "callers": ["*"],
+                    "auto": False,
+                }
+            ]
+        ),
         **{f"CXR_TRITON_{s.upper()}_URL": t.http_url for s, t in tritons.items()},
     }
     port = free_port()

@@ -105,7 +105,7 @@ class _Scp:
         return status
 
     def destination(self) -> dict[str, Any]:
-        return {"kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": self.port}
+        return {"kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": self.port, "callers": ["*"]}
 
     def close(self) -> None:
         self.server.shutdown()
@@ -222,7 +222,9 @@ def test_a_dimse_pacs_that_is_down_is_held_and_nothing_is_set_aside(tmp_path: Pa
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    back = _sendback(tmp_path, {"kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": port})
+    back = _sendback(
+        tmp_path, {"kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": port, "callers": ["*"]}
+    )
     _queue_study(back, images=1)
     now = time.time()
     assert back.deliver_due(now) == 0
@@ -282,7 +284,7 @@ def _refusing(reasons: dict[str, int]) -> Callable[[list[tuple[str, str]]], tupl
 
 
 def _stow(port: int) -> dict[str, Any]:
-    return {"kind": "stow", "url": f"http://127.0.0.1:{port}/dicom-web"}
+    return {"kind": "stow", "url": f"http://127.0.0.1:{port}/dicom-web", "callers": ["*"]}
 
 
 def test_a_stow_pacs_that_fails_the_sr_in_a_202_delivers_the_rest_and_sets_the_sr_aside(

@@ -108,11 +108,13 @@ def test_destinations_validate_and_choose_callers() -> None:
     assert stow.serves("west") and not stow.serves("east")
     assert PacsDestination(name="all", kind="stow", url="https://p/dw", callers=["*"]).serves("east")
     with pytest.raises(ValueError, match="needs an http"):
-        PacsDestination(name="x", kind="stow", url="ftp://p")
+        PacsDestination(name="x", kind="stow", url="ftp://p", callers=["*"])
     with pytest.raises(ValueError, match="needs ae_title"):
-        PacsDestination(name="x", kind="dimse", host="127.0.0.1")
+        PacsDestination(name="x", kind="dimse", host="127.0.0.1", callers=["*"])
     with pytest.raises(ValueError, match="not a valid AE"):
-        PacsDestination(name="x", kind="dimse", ae_title="A" * 17, host="h", port=104)
+        PacsDestination(name="x", kind="dimse", ae_title="A" * 17, host="h", port=104, callers=["*"])
+    with pytest.raises(ValueError, match="callers is empty"):  # it once meant "when asked"; now "never"
+        PacsDestination(name="x", kind="stow", url="https://p/dw")
 
 
 def test_send_back_never_chooses_a_pacs_of_another_tenant(tmp_path: Path) -> None:
@@ -164,7 +166,7 @@ def test_a_stow_destination_that_fails_is_tried_once_per_delivery_pass(tmp_path:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
-        sender = StowSender(PacsDestination(name="pacs", kind="stow", url=url))
+        sender = StowSender(PacsDestination(name="pacs", kind="stow", url=url, callers=["*"]))
         box = Outbox(tmp_path)
         box.put("pacs", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.11", make_dicom(32, 32, seed=1))
         assert sender.send(box.due()) == Sent(), "a PACS that is down: nothing stored, nothing refused"
@@ -337,7 +339,9 @@ def _sendback(tmp_path: Path, sender: Sender) -> SendBack:
         stack_dir=tmp_path,
         outbox_retry_s=2.0,
         outbox_max_backoff_s=8.0,
-        pacs_destinations=[{"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/dicom-web"}],
+        pacs_destinations=[
+            {"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/dicom-web", "callers": ["*"]}
+        ],
     )
     return SendBack(settings, GatewayMetrics(), CpuPool(1), sender_factory=lambda d: sender)
 

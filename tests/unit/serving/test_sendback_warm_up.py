@@ -20,7 +20,9 @@ def test_warm_up_builds_objects_and_queues_nothing(tmp_path: Path) -> None:
 
     settings = ServingSettings(
         stack_dir=tmp_path,
-        pacs_destinations=[{"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/dicom-web"}],
+        pacs_destinations=[
+            {"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/dicom-web", "callers": ["*"]}
+        ],
     )
     sendback = SendBack(settings, GatewayMetrics(), CpuPool(1))
     sendback.warm_up()
@@ -40,7 +42,9 @@ def test_the_gateway_warms_the_send_back_before_it_is_ready_only_when_it_sends_b
     calls: list[int] = []
     monkeypatch.setattr(SendBack, "warm_up", lambda self: calls.append(1))
     write_stage_files(tmp_path / "gitops", production="1")
-    dests = [{"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/dicom-web"}][:destinations]
+    dests = [{"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/dicom-web", "callers": ["*"]}][
+        :destinations
+    ]
     app = create_app(
         onnx_settings(onnx_model, api_keys[0], tmp_path, pacs_destinations=dests), use_store=False
     )
