@@ -250,6 +250,7 @@ class DetectionService:
                         worklist.record,
                         patient_key=_patient_key(last.upload),
                         max_results=self.settings.pacs_max_study_instances,
+                        sop_uids=[r.sop_uid or "" for r in group],
                     ),
                     tenant,
                     study_uid,

@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS studies (
     first_seen REAL NOT NULL,
     last_seen REAL NOT NULL,
     patient_key TEXT,
+    result_sops TEXT,
     PRIMARY KEY (tenant, study_uid)
 );
 CREATE INDEX IF NOT EXISTS studies_by_time ON studies (tenant, last_seen);
@@ -104,6 +105,17 @@ def _epoch(value: datetime) -> float:
     return value.timestamp()
 
 
+def _pairs(row: sqlite3.Row | None) -> list[tuple[str, str]]:
+    """(result id, SOP Instance UID or "") of a row; a row of an older gateway has no SOP UIDs."""
+    if row is None:
+        return []
+    ids = [str(r) for r in json.loads(row["result_ids"])]
+    sops = json.loads(row["result_sops"]) if row["result_sops"] else []
+    if len(sops) != len(ids):
+        sops = [""] * len(ids)
+    return list(zip(ids, (str(s) for s in sops), strict=True))
+
+
 def _row(row: sqlite3.Row) -> StudyTriage:
     return StudyTriage(
         study_uid=row["study_uid"],
@@ -138,9 +150,12 @@ class WorklistStore:
                         setup.execute("PRAGMA journal_mode=WAL")
                         setup.executescript(_SCHEMA)
                         columns = {row[1] for row in setup.execute("PRAGMA table_info(studies)")}
-                        if "patient_key" not in columns:  # a worklist of an older gateway: NULL = not known
+                        # a worklist of an older gateway: NULL = not known
+                        for column in ("patient_key", "result_sops"):
+                            if column in columns:
+                                continue
                             try:
-                                setup.execute("ALTER TABLE studies ADD COLUMN patient_key TEXT")
+                                setup.execute(f"ALTER TABLE studies ADD COLUMN {column} TEXT")
                             except sqlite3.OperationalError as exc:  # another process added it first
                                 if "duplicate column" not in str(exc):
                                     raise
@@ -165,6 +180,7 @@ class WorklistStore:
         *,
         patient_key: str | None = None,
         max_results: int | None = None,
+        sop_uids: Sequence[str] | None = None,
         now: datetime | None = None,
     ) -> StudyTriage:
         """Merge newly analysed images into the study's row and return the study's triage.
@@ -174,9 +190,11 @@ class WorklistStore:
         model version and stage are the latest call's. ``patient_key`` (the images' salted
         PatientID hash, "" for none; None: not known, not checked) must equal the row's, else
         :class:`StudyPatientMismatch` is raised and the row is left as it was; a row of an older
-        gateway (no key) takes the first key it is given. ``max_results``: the row keeps the latest
-        that many result ids (a PACS resending a study for ever grew the row, and the send-back loads
-        every result it names), the score still over every image seen.
+        gateway (no key) takes the first key it is given. ``sop_uids`` (one per result, "" when
+        unknown): a result of an image the row already holds replaces that image's earlier one, so a
+        resent image counts once. ``max_results``: the row keeps the latest that many images' results
+        (a PACS resending a study for ever grew the row, and the send-back loads every result it
+        names), the score still over every image seen.
         """
         seen = _epoch(now or datetime.now(UTC))
         with self._connect() as conn:
@@ -189,18 +207,25 @@ class WorklistStore:
                 if patient_key is not None and stored_key is not None and stored_key != patient_key:
                     raise StudyPatientMismatch()
                 key = stored_key if stored_key is not None else patient_key
-                ids = list(json.loads(old["result_ids"])) if old is not None else []
-                known = set(ids)
-                ids += [r for r in result_ids if r not in known]
-                if max_results is not None and len(ids) > max_results:
-                    ids = ids[-max_results:]
+                pairs = _pairs(old)
+                known = {rid for rid, _ in pairs}
+                for rid, sop in zip(result_ids, sop_uids or [""] * len(result_ids), strict=True):
+                    if rid in known:
+                        continue
+                    if sop:  # the image sent again: its latest result stands for it
+                        pairs = [(r, s) for r, s in pairs if s != sop]
+                    pairs.append((rid, sop))
+                    known.add(rid)
+                if max_results is not None and len(pairs) > max_results:
+                    pairs = pairs[-max_results:]
+                ids = [rid for rid, _ in pairs]
                 previous = [float(old["score"])] if old is not None else []
                 score = study_score([*previous, *image_scores])
                 first = float(old["first_seen"]) if old is not None else seen
                 conn.execute(
                     "INSERT OR REPLACE INTO studies (tenant, study_uid, score, priority, threshold, "
-                    "result_ids, model_version, stage, first_seen, last_seen, patient_key) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "result_ids, model_version, stage, first_seen, last_seen, patient_key, result_sops) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         tenant,
                         study_uid,
@@ -213,6 +238,7 @@ class WorklistStore:
                         first,
                         max(seen, first),
                         key,
+                        json.dumps([sop for _, sop in pairs]),
                     ),
                 )
                 row = conn.execute(

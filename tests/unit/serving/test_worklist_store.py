@@ -140,3 +140,29 @@ def test_a_row_keeps_the_latest_results_up_to_its_bound_and_the_score_over_all(t
     for i in range(1, 6):
         row = store.record("a", "1.2.3", [f"r{i}"], [0.1], "7", "production", 0.5, max_results=3, now=_at(i))
     assert row.result_ids == ("r3", "r4", "r5") and row.score == pytest.approx(0.9)
+
+
+def test_a_resent_image_counts_once_and_resends_never_push_the_studys_other_images_out(
+    tmp_path: Path,
+) -> None:
+    store = WorklistStore(tmp_path / "w.sqlite")
+    store.record(
+        "a", "1.2.3", ["rA", "rB"], [0.2, 0.9], "7", "production", 0.5, sop_uids=["A", "B"], now=_at(0)
+    )
+    store.record(
+        "a", "1.2.3", ["rC"], [0.1], "7", "production", 0.5, sop_uids=["C"], max_results=3, now=_at(1)
+    )
+    for i in range(10):  # image A sent again and again
+        row = store.record(
+            "a",
+            "1.2.3",
+            [f"rA{i}"],
+            [0.1],
+            "7",
+            "production",
+            0.5,
+            sop_uids=["A"],
+            max_results=3,
+            now=_at(2 + i),
+        )
+    assert row.result_ids == ("rB", "rC", "rA9") and row.images == 3 and row.score == pytest.approx(0.9)
