@@ -168,3 +168,52 @@ def test_a_retry_after_a_lost_reply_and_a_double_click_store_the_feedback_once(t
         expect(submit).to_be_disabled()
         browser.close()
     assert len(spool.pending()) == 2
+
+
+def test_a_changed_review_after_a_lost_reply_is_kept_as_a_new_feedback_not_refused_for_ever(
+    tmp_path: Path,
+) -> None:
+    """The gateway kept the first try (its reply lost), the reviewer then changed the review: the
+    same id with another body is a 409 feedback_id_reused, so the page takes the first as stored
+    and sends the changes as a new feedback instead of retrying a refused id."""
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    settings, keys = review_gateway(tmp_path, conf_threshold=0.6)
+    app = create_app(settings, use_store=False)
+    spool = app.state.cxr.feedback.spool
+    upload = tmp_path / "chest.dcm"
+    upload.write_bytes(make_dicom(320, 256, seed=7))
+
+    with LiveServer(app, free_port()) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server.url + "/")
+        page.fill("#api-key", keys["radiologist"])
+        page.set_input_files("#file", str(upload))
+        page.click("#detect")
+        expect(page.locator("#status")).to_contain_text("request ", timeout=60_000)
+        submit, feedback_status = page.locator("#submit"), page.locator("#feedback-status")
+        page.fill("#comment", "first look")
+
+        def lose_reply(route: Any) -> None:
+            route.fetch()  # the gateway keeps it
+            route.fulfill(status=502, content_type="application/json", body='{"error": {"message": "x"}}')
+
+        page.route("**/v1/feedback", lose_reply)
+        submit.click()
+        expect(feedback_status).to_have_class("error")
+        page.unroute("**/v1/feedback")
+        page.fill("#comment", "second look")  # changed before the retry: the same id, another body
+        with page.expect_response(lambda r: r.url.endswith("/v1/feedback")) as refused:
+            submit.click()
+        assert refused.value.status == 409
+        expect(feedback_status).to_contain_text("already stored")
+        expect(submit).to_be_enabled()  # the changes are a new feedback, with a new id
+        with page.expect_request(lambda r: r.url.endswith("/v1/feedback")) as again:
+            submit.click()
+        expect(feedback_status).to_contain_text("feedback spooled: ")
+        assert json.loads(again.value.post_data or "{}")["comment"] == "second look"
+        expect(submit).to_be_disabled()
+        browser.close()
+    assert len(spool.pending()) == 2

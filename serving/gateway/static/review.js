@@ -649,6 +649,12 @@ function reviewChanged() {
   if (fb.sent) { state.feedback = newFeedback(); updateSubmit(); }
 }
 
+// Whether a 409 says the feedback id was already used with another body (the body is read only then).
+async function reusedId(resp) {
+  const answer = await resp.clone().json().catch(() => ({}));
+  return ((answer || {}).error || {}).code === "feedback_id_reused";
+}
+
 async function submitFeedback() {
   const fb = state.feedback;
   if (!state.result || !fb || fb.inFlight || fb.sent) return;
@@ -678,6 +684,11 @@ async function submitFeedback() {
       text = receipt.status === "duplicate"
         ? `feedback already stored: ${receipt.feedback_id} (not stored again)`
         : `feedback ${receipt.status}: ${receipt.feedback_id} (${receipt.rows} rows)`;
+    } else if (resp.status === 409 && (await reusedId(resp))) {
+      // an earlier try of this feedback id was stored (its reply lost) and the review changed since:
+      // that one is kept, the changes become a new feedback below (retrying the id would be refused)
+      ok = true; unsent = true;
+      text = "an earlier version of this feedback was already stored";
     } else {
       text = await errorText(resp);
     }
