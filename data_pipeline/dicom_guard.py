@@ -5,9 +5,9 @@ pydicom trusts its input: it follows sequences as deep as the file nests them
 reads as many elements as the bytes hold, inflates Deflated Explicit VR Little
 Endian with one unbounded ``zlib.decompress``, and lets a JPEG codestream
 allocate whatever its own frame header declares. pydicom has no hook for any
-of these limits, so a small iterative walk over the raw element headers
-(hand-written for that reason; ~100 lines, no recursion, no value decoding)
-measures the stream first:
+of these limits, so an iterative walk over the raw element headers
+(hand-written for that reason; no recursion, no value decoding) measures the
+stream first:
 
 - sequence nesting depth and the number of elements, at every level;
 - element lengths that point past the end of the data (sizes that lie), and
@@ -25,7 +25,23 @@ implicit VR, and the file meta group, an inflated dataset and every sequence
 item of an explicit-VR parent take the encoding their first element shows
 (implicit items are allowed, PS3.5 6.2.2). A walk that kept the encoding it
 was told could be steered by a fake header inside a value over elements
-pydicom then parses (100,000 of them in 866 KB).
+pydicom then parses (100,000 of them in 866 KB). For the same reason it takes
+an element for a sequence exactly where pydicom will parse one (an SQ, a UN
+of undefined length, a UN shorter than 64 KiB or an implicit element that the
+data dictionary, or the private dictionary through the element's creator,
+calls SQ), bounds implicit-VR text by the dictionary's VR, lets pydicom's own
+file meta reader give the transfer syntax, and guesses the byte order of a
+file without one as pydicom does.
+
+Some structures pydicom reads in ways no header walk can follow: a leading
+command group (read whole, before the dataset), an undefined length on
+anything but a sequence or Pixel Data (read as bytes up to the first
+delimiter found by a byte scan, also the fallback for encapsulated pixel data
+without its delimiter), anything but an item inside a sequence, a length
+running past the end of the sequence or item holding it (pydicom reads a
+defined-length sequence apart, from its own bytes). No real file has them, so
+the walk refuses them as :class:`CorruptImage` with a message naming the
+structure, rather than guessing.
 
 Only then does pydicom read the dataset. Each refusal is a
 :class:`DicomLimitExceeded` naming the setting that bounds it, so the gateway
@@ -34,6 +50,7 @@ can answer a 4xx that tells an integrator which limit the file broke.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import warnings
@@ -41,10 +58,12 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.datadict import dictionary_VR
+import pydicom.uid
+from pydicom.datadict import dictionary_VR, private_dictionaries, private_dictionary_VR
 from pydicom.dataset import Dataset, FileDataset
-from pydicom.filereader import read_dataset, read_partial
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_partial
 from pydicom.tag import BaseTag
+from pydicom.values import converters
 
 from data_pipeline.errors import CorruptImage, UnsupportedImage
 
@@ -53,10 +72,7 @@ _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
-_BULK_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"UN"})
 _PIXEL_DATA = 0x7FE00010
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_BE = "1.2.840.10008.1.2.2"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _RLE = "1.2.840.10008.1.2.5"
 # first-level attributes of the Image Pixel module, read from the raw stream
@@ -106,17 +122,41 @@ class StreamFacts:
 
 
 @dataclass
-class _Open:
-    """One open sequence or item while walking: where it ends (None: delimited) and its encoding.
+class _Creators:
+    """The private creators of one dataset (the top level or one item), as pydicom looks private VRs up.
 
-    For a sequence, ``explicit`` is the encoding pydicom hands to its items (each explicit
-    item is re-checked, see :func:`_first_element_explicit`); for an item, the one it is read in.
+    pydicom (``hooks._private_vr_for_tag``) finds an implicit or UN private element's VR through its
+    creator in the same dataset, wherever that creator stands; the walk meets the elements in file
+    order, so an element met before its creator waits in ``waiting`` (tag, length) until it comes.
+    A name of None is a creator value pydicom may decode otherwise than ASCII would.
     """
 
-    is_sequence: bool
+    names: dict[int, str | None] = field(default_factory=dict)
+    waiting: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+
+
+@dataclass
+class _Open:
+    """One open sequence, item or encapsulated value while walking.
+
+    ``end`` is where it ends (None: delimited); ``bound`` the nearest end of it or of any enclosing
+    one (None: the end of the data), which nothing inside may cross. For a sequence, ``explicit``
+    is the encoding pydicom hands to its items (each explicit item is re-checked, see
+    :func:`_first_element_explicit`); for an item, the one it is read in.
+    """
+
+    kind: str  # "sequence", "item" or "fragments" (encapsulated bytes: items hold no elements)
     end: int | None
     explicit: bool
-    fragments: bool = False  # encapsulated pixel data: its items hold codestream bytes, not elements
+    bound: int | None
+    creators: _Creators | None = None  # items only
+
+
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQUENCE_END = 0xFFFEE0DD
+#: VRs whose values are bulk bytes, not text (pydicom's private dictionary spells one "OB_OW")
+_BULK = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB_OW"})
 
 
 def _u16(data: bytes, pos: int, little: bool) -> int:
@@ -127,16 +167,17 @@ def _u32(data: bytes, pos: int, little: bool) -> int:
     return int.from_bytes(data[pos : pos + 4], "little" if little else "big")
 
 
-def _first_element_explicit(data: bytes, pos: int, told: bool, *, item: bool = False) -> bool:
+def _first_element_explicit(data: bytes, pos: int, told: bool, *, item: bool = False, end: int = -1) -> bool:
     """Whether pydicom reads the dataset (or sequence item) starting at ``pos`` as explicit VR.
 
     pydicom (``read_dataset`` -> ``_is_implicit_vr``) trusts the first
     element over the encoding it was told (the transfer syntax, explicit for
     the file meta, the parent's for an item): two bytes A-Z where the VR would
     be read as explicit, anything else as implicit. It keeps ``told`` with
-    fewer than two such bytes, and never reads an implicit parent's item as explicit.
+    fewer than two such bytes before ``end`` (the end of the bytes it reads from),
+    and never reads an implicit parent's item as explicit.
     """
-    if (item and not told) or pos + 6 > len(data):
+    if (item and not told) or pos + 6 > (len(data) if end < 0 else end):
         return told
     return _looks_explicit(data, pos)
 
@@ -157,14 +198,131 @@ def _element_header(data: bytes, pos: int, explicit: bool, little: bool) -> tupl
     return None, _u32(data, pos + 4, little), 8
 
 
-def _implicit_is_sequence(tag: int, length: int) -> bool:
-    """Implicit VR has no VR on the wire: the data dictionary (or an undefined length) says SQ."""
-    if length == _UNDEFINED:
-        return True
+def _undefined_is_sequence(data: bytes, pos: int, tag: int, vr: bytes | None, little: bool) -> bool:
+    """Whether pydicom reads an undefined-length value at ``pos`` as a sequence rather than as bytes.
+
+    ``data_element_generator``: an explicit SQ, or UN (``infer_sq_for_un_vr``); with no VR, what the
+    data dictionary says (``_dictionary_vr_fast``, the same table as ``dictionary_VR``), or for a
+    tag it lacks, whether the value starts with an item tag.
+    """
+    if vr is not None:
+        return vr in (b"SQ", b"UN")
     try:
         return str(dictionary_VR(tag)) == "SQ"
     except KeyError:
-        return False
+        return data[pos : pos + 4] == (b"\xfe\xff\x00\xe0" if little else b"\xff\xfe\xe0\x00")
+
+
+def _read_as(tag: int, vr: bytes | None, length: int, creators: _Creators) -> str:
+    """The VR pydicom converts a defined-length element with when it is accessed (``hooks.raw_element_vr``).
+
+    No VR (implicit): the data dictionary's, a private element's through its creator, UL for a
+    group length, else UN. An explicit UN: a private element's through its creator, a standard
+    one's from the dictionary when shorter than 0xFFFF bytes (``replace_un_with_known_vr``), so an
+    SQ sent as UN is a sequence pydicom parses when the element is read.
+    """
+    group, element = tag >> 16, tag & 0xFFFF
+    if vr is None:
+        try:
+            return str(dictionary_VR(tag))
+        except KeyError:
+            if group % 2:
+                return _private_vr(tag, length, creators)
+            return "UL" if element == 0 else "UN"
+    name = vr.decode("latin-1")
+    if name == "UN":
+        if group % 2:
+            return _private_vr(tag, length, creators)
+        if length < 0xFFFF:
+            try:
+                return str(dictionary_VR(tag))
+            except KeyError:
+                pass
+    return name
+
+
+def _private_vr(tag: int, length: int, creators: _Creators) -> str:
+    """A private element's VR as pydicom finds it (``hooks._private_vr_for_tag``): through its creator."""
+    element = tag & 0xFFFF
+    if 0x0010 <= element < 0x0100:
+        return "LO"
+    if not element & 0xFF00:
+        return "UN"
+    owner = (tag & 0xFFFF0000) | (element >> 8)
+    if owner not in creators.names:
+        creators.waiting.setdefault(owner, []).append((tag, length))
+        return "UN"
+    return _private_dictionary_vr(tag, creators.names[owner])
+
+
+def _private_dictionary_vr(tag: int, creator: str | None) -> str:
+    """The private dictionary's VR for ``tag`` under ``creator`` (UN when it has none).
+
+    A creator whose bytes pydicom may decode to another name (not plain ASCII, several values) is
+    refused where some private dictionary would make the element a sequence: the walk cannot tell
+    whether pydicom builds one.
+    """
+    if creator is not None:
+        try:
+            return str(private_dictionary_VR(tag, creator))
+        except KeyError:
+            return "UN"
+    group, element = f"{tag >> 16:04X}", f"{tag & 0xFFFF:04X}"
+    keys = {group + element, f"{group}xx{element[2:]}", f"{group[:2]}xxxx{element[2:]}"}  # get_private_entry
+    if keys & _private_sequence_keys():
+        raise CorruptImage(
+            f"DICOM private element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has a private creator that "
+            "is not plain ASCII text, and pydicom's private dictionary reads it as a sequence for some "
+            "creator"
+        )
+    return "UN"
+
+
+@functools.cache
+def _private_sequence_keys() -> frozenset[str]:
+    """Every private dictionary key (tag pattern) that some creator's dictionary gives VR SQ."""
+    return frozenset(
+        key for entries in private_dictionaries.values() for key, e in entries.items() if e[0] == "SQ"
+    )
+
+
+def _creator_name(raw: bytes, vr: bytes | None) -> str | None:
+    """The private creator pydicom looks up: LO text, trailing NULs and spaces stripped (``convert_text``).
+
+    None for a value other decodings or VRs could turn into another name (or several values).
+    """
+    if vr not in (None, b"LO", b"UN"):
+        return None
+    text = raw.rstrip(b"\x00 ")
+    if any(b < 0x20 or b > 0x7E or b == 0x5C for b in text):
+        return None
+    return text.decode("ascii")
+
+
+def _check_text(tag: int, read_as: str, length: int, limits: DicomLimits) -> None:
+    """Non-bulk values (text, numbers) over CXR_DICOM_MAX_TEXT_BYTES: explicit or implicit VR alike."""
+    if length > limits.max_text_bytes and not any(part in _BULK for part in read_as.split(" or ")):
+        raise DicomLimitExceeded(
+            "CXR_DICOM_MAX_TEXT_BYTES",
+            f"DICOM element ({tag >> 16:04X},{tag & 0xFFFF:04X}) holds {length} bytes of text",
+        )
+
+
+def _add_creator(tag: int, name: str | None, creators: _Creators, limits: DicomLimits) -> None:
+    """Record a private creator; its elements met before it are checked now, as pydicom will read them."""
+    if tag in creators.names and creators.names[tag] != name:
+        raise CorruptImage(
+            f"DICOM private creator ({tag >> 16:04X},{tag & 0xFFFF:04X}) is given twice with different values"
+        )
+    creators.names[tag] = name
+    for element, length in creators.waiting.pop(tag, []):
+        read_as = _private_dictionary_vr(element, name)
+        if read_as == "SQ":
+            raise CorruptImage(
+                f"DICOM private element ({element >> 16:04X},{element & 0xFFFF:04X}) comes before its "
+                "private creator, which makes pydicom read it as a sequence: the file is not in tag order"
+            )
+        _check_text(element, read_as, length, limits)
 
 
 def walk(
@@ -182,86 +340,144 @@ def walk(
     fill, where pydicom is told to stop too) or at the first top-level element
     of another group when ``stop_at_group`` is given (the file meta group).
     Pixel Data is stepped over (fragments by their item lengths).
+
+    Where pydicom's reading of a structure depends on more than its headers (a
+    delimiter searched for byte by byte, a length crossing the end of the
+    sequence or item holding it), the walk refuses the file with
+    :class:`CorruptImage` instead of guessing: real files have none of these.
     """
     facts = StreamFacts()
     stack: list[_Open] = []
+    top_creators = _Creators()
     pos, size = start, len(data)
     while True:
-        while stack and stack[-1].end is not None and pos >= stack[-1].end:
+        while stack and stack[-1].end is not None and pos == stack[-1].end:
             stack.pop()
-        if pos + 8 > size:
+        bound = stack[-1].bound if stack else None
+        if bound is not None and pos >= bound:
+            raise CorruptImage(_past_end(stack[-1]))
+        limit = size if bound is None else bound
+        if pos + 8 > limit:
+            if stack:
+                raise CorruptImage(_past_end(stack[-1]) if bound is not None else _unclosed(stack[-1]))
             return facts, pos
-        enc_explicit = stack[-1].explicit if stack else explicit
+        context = stack[-1].kind if stack else "item"
         group = _u16(data, pos, little)
         element = _u16(data, pos + 2, little)
         tag = (group << 16) | element
-        if not stack and stop_at_group is not None and group != stop_at_group:
-            return facts, pos
-        if not stack and group == 0 and pos > start:
-            return facts, pos  # zero fill / command group: pydicom is told to stop here too
-        facts.elements += 1
-        if facts.elements > limits.max_elements:
-            raise DicomLimitExceeded(
-                "CXR_DICOM_MAX_ELEMENTS", f"DICOM holds more than {limits.max_elements} elements"
-            )
-        if group == 0xFFFE:  # item / delimiters: always tag + 4-byte length
+        if context != "item":  # a sequence or encapsulated value, not a dataset
+            # pydicom reads a tag and a 4-byte length here, no VR (read_sequence_item, encapsulated values)
+            _count(facts, limits)
             length = _u32(data, pos + 4, little)
             pos += 8
-            if element == 0xE000:
-                if not stack or not stack[-1].is_sequence:
-                    raise CorruptImage("DICOM has an item outside any sequence: the file is garbled")
-                end = None if length == _UNDEFINED else pos + length
-                if end is not None and end > size:
-                    raise CorruptImage(_lying_length(tag, length, size - pos))
-                if stack[-1].fragments:
-                    if end is None:
-                        raise CorruptImage("encapsulated pixel data has a fragment of undefined length")
-                    pos = end
-                    continue
-                item_explicit = _first_element_explicit(data, pos, stack[-1].explicit, item=True)
-                stack.append(_Open(False, end, item_explicit))
-            elif element == 0xE00D:
-                if stack and not stack[-1].is_sequence:
-                    stack.pop()
-            elif element == 0xE0DD:
-                if stack and not stack[-1].is_sequence:
-                    stack.pop()  # an undelimited item closed by its sequence's delimiter
-                if stack and stack[-1].is_sequence:
-                    stack.pop()
+            if tag == _SEQUENCE_END:
+                closed = stack.pop()
+                # pydicom parses a defined-length sequence's bytes alone: the rest of them it never reads
+                if closed.end is not None:
+                    pos = closed.end
+                continue
+            if tag != _ITEM:
+                raise CorruptImage(
+                    f"DICOM {_NAMES[context]} holds ({group:04X},{element:04X}) where an item belongs: "
+                    "pydicom would read it as an item (or scan for a delimiter) where the walk cannot follow"
+                )
+            end = None if length == _UNDEFINED else pos + length
+            if end is not None and end > limit:
+                raise CorruptImage(_crossing(tag, length, limit - pos, bound is None))
+            if context == "fragments":
+                if end is None:
+                    raise CorruptImage("encapsulated pixel data has a fragment of undefined length")
+                pos = end
+                continue
+            item_explicit = _first_element_explicit(data, pos, stack[-1].explicit, item=True, end=limit)
+            stack.append(_Open("item", end, item_explicit, bound if end is None else end, _Creators()))
             continue
+        if not stack and stop_at_group is not None and group != stop_at_group:
+            return facts, pos
+        if not stack and group == 0:
+            if pos == start:
+                # pydicom reads a leading command group (as a command set) before the dataset, with no
+                # stop_when: a walk stopping here saw none of the dataset pydicom then reads whole
+                raise CorruptImage(
+                    f"DICOM has a command group ({group:04X},{element:04X}) in a stored instance: a network "
+                    "message or zero fill, not a DICOM file (PS3.10)"
+                )
+            return facts, pos  # zero fill / command group: pydicom is told to stop here too
+        _count(facts, limits)
+        enc_explicit = stack[-1].explicit if stack else explicit
         vr, length, header = _element_header(data, pos, enc_explicit, little)
+        if group == 0xFFFE:
+            if tag == _ITEM_END and stack and pos + header <= limit:
+                pos += header  # pydicom reads the delimiter's header like any element's and ends the item
+                stack.pop()
+                continue
+            raise CorruptImage(
+                f"DICOM has ({group:04X},{element:04X}) where a data element belongs: an item or delimiter "
+                "outside any sequence, or a sequence delimiter inside an item"
+            )
         pos += header
         if not stack and tag == _PIXEL_DATA:
             facts.pixel_offset, facts.pixel_length = pos, length  # walked on: pydicom reads what follows too
-        if tag == _PIXEL_DATA:
-            is_sequence = False  # undefined length: encapsulated fragments, whatever the VR encoding
-        else:
-            is_sequence = vr == b"SQ" if vr is not None else _implicit_is_sequence(tag, length)
-        if is_sequence or length == _UNDEFINED:
-            # SQ, UN of undefined length (pydicom reads it as SQ) or nested encapsulated pixel data
-            depth = sum(o.is_sequence for o in stack) + 1
-            facts.max_depth = max(facts.max_depth, depth)
-            if depth > limits.max_depth:
-                raise DicomLimitExceeded(
-                    "CXR_DICOM_MAX_DEPTH", f"DICOM sequences are nested deeper than {limits.max_depth} levels"
+        creators = stack[-1].creators if stack and stack[-1].creators is not None else top_creators
+        if length == _UNDEFINED:
+            is_sequence = _undefined_is_sequence(data, pos, tag, vr, little)
+            if tag == _PIXEL_DATA and is_sequence:
+                raise CorruptImage("DICOM Pixel Data is encoded as a sequence (VR SQ or UN): not an image")
+            if tag != _PIXEL_DATA and not is_sequence:
+                # pydicom reads it as bytes up to the first sequence delimiter it finds, in an item or not
+                raise CorruptImage(
+                    f"DICOM element ({group:04X},{element:04X}) has an undefined length on a non-sequence "
+                    "element other than Pixel Data"
                 )
-            end = None if length == _UNDEFINED else pos + length
-            if end is not None and end > size:
-                raise CorruptImage(_lying_length(tag, length, size - pos))
-            fragments = not is_sequence and (tag == _PIXEL_DATA or vr not in (None, b"UN"))
-            # pydicom reads the items in the dataset's encoding and re-checks each (UN included)
-            stack.append(_Open(True, end, enc_explicit, fragments))
-            continue
-        if pos + length > size:
-            raise CorruptImage(_lying_length(tag, length, size - pos))
-        if vr is not None and vr not in _BULK_VRS and length > limits.max_text_bytes:
-            raise DicomLimitExceeded(
-                "CXR_DICOM_MAX_TEXT_BYTES",
-                f"DICOM element ({group:04X},{element:04X}) holds {length} bytes of text",
+            _open(
+                stack,
+                facts,
+                limits,
+                _Open("sequence" if is_sequence else "fragments", None, enc_explicit, bound),
             )
+            if group % 2 and 0x0010 <= element < 0x0100:
+                _add_creator(tag, None, creators, limits)
+            continue
+        if pos + length > limit:
+            raise CorruptImage(_crossing(tag, length, limit - pos, bound is None))
+        read_as = _read_as(tag, vr, length, creators)
+        if read_as == "SQ":
+            if tag == _PIXEL_DATA:
+                raise CorruptImage("DICOM Pixel Data is encoded as a sequence (VR SQ or UN): not an image")
+            # pydicom parses it (an SQ, or a UN or implicit element its dictionaries call SQ) when it is
+            # read, its items in this dataset's encoding, each re-checked
+            _open(stack, facts, limits, _Open("sequence", pos + length, enc_explicit, pos + length))
+            if group % 2 and 0x0010 <= element < 0x0100:
+                _add_creator(tag, None, creators, limits)
+            continue
+        _check_text(tag, read_as, length, limits)
+        if group % 2 and 0x0010 <= element < 0x0100:
+            _add_creator(tag, _creator_name(data[pos : pos + length], vr), creators, limits)
         if not stack and tag in _PIXEL_MODULE:
             facts.pixel[_PIXEL_MODULE[tag]] = _pixel_value(data[pos : pos + length], tag, little)
         pos += length
+
+
+_NAMES = {"sequence": "sequence", "fragments": "encapsulated pixel data"}
+
+
+def _count(facts: StreamFacts, limits: DicomLimits) -> None:
+    facts.elements += 1
+    if facts.elements > limits.max_elements:
+        raise DicomLimitExceeded(
+            "CXR_DICOM_MAX_ELEMENTS", f"DICOM holds more than {limits.max_elements} elements"
+        )
+
+
+def _open(stack: list[_Open], facts: StreamFacts, limits: DicomLimits, opened: _Open) -> None:
+    """Enter a sequence (or encapsulated value): one level deeper."""
+    depth = sum(o.kind != "item" for o in stack) + 1
+    facts.max_depth = max(facts.max_depth, depth)
+    if depth > limits.max_depth:
+        raise DicomLimitExceeded(
+            "CXR_DICOM_MAX_DEPTH", f"DICOM sequences are nested deeper than {limits.max_depth} levels"
+        )
+    stack.append(opened)
 
 
 def _pixel_value(raw: bytes, tag: int, little: bool) -> int:
@@ -278,6 +494,29 @@ def _lying_length(tag: int, length: int, left: int) -> str:
         f"DICOM element ({tag >> 16:04X},{tag & 0xFFFF:04X}) says {length} bytes but only {max(left, 0)} "
         "remain: the file is truncated or its lengths are wrong"
     )
+
+
+def _crossing(tag: int, length: int, left: int, at_end_of_data: bool) -> str:
+    """A length past the data (truncated) or past the sequence or item holding it (pydicom reads it apart)."""
+    if at_end_of_data:
+        return _lying_length(tag, length, left)
+    return (
+        f"DICOM element ({tag >> 16:04X},{tag & 0xFFFF:04X}) says {length} bytes but only {max(left, 0)} "
+        "remain in the sequence or item holding it: an element's length runs past the end of its "
+        "sequence item"
+    )
+
+
+def _past_end(opened: _Open) -> str:
+    return (
+        f"DICOM {opened.kind if opened.kind != 'fragments' else 'encapsulated value'} runs past the end of "
+        "the sequence or item holding it: an element's length runs past the end of its sequence item"
+    )
+
+
+def _unclosed(opened: _Open) -> str:
+    name = {"sequence": "a sequence", "item": "a sequence item", "fragments": "encapsulated pixel data"}
+    return f"DICOM ends inside {name[opened.kind]} that has no delimiter: the file is truncated"
 
 
 # ---------------------------------------------------------------------------- pixel size
@@ -369,46 +608,82 @@ def check_codestream(data: bytes, facts: StreamFacts, transfer_syntax: str, limi
 
 @dataclass
 class _Layout:
-    """Where the dataset starts and how it is encoded, from the file meta (or a guess without one)."""
+    """Where the dataset starts and how pydicom reads it, from the file meta (or its guess without one)."""
 
     start: int
     transfer_syntax: str
     explicit: bool
     little: bool
+    deflated: bool = False
 
 
-def _layout(data: bytes, sniffed: bool, limits: DicomLimits) -> _Layout:
-    meta_start = 132 if sniffed else 0
+#: a non-group-0002 element header: pydicom's file meta reader stops at it without reading a value
+_META_STOP = b"\x08\x00\x00\x00\x00\x00\x00\x00"
+
+
+def _layout(data: bytes, limits: DicomLimits) -> _Layout:
+    """Mirror ``read_partial``: the preamble, the file meta, then the transfer syntax pydicom acts on.
+
+    The meta is walked (bounded like the dataset) and then read by pydicom's own file meta
+    reader, on those bytes only: the Transfer Syntax UID it gives (the last of several, whitespace
+    stripped from both ends but a leading NUL kept, bytes when its VR is OB, after the re-read it
+    makes when the lowest meta element has an unknown VR) is the very value ``read_partial`` then
+    compares, so the walk cannot disagree with pydicom on the dataset's encoding. A meta pydicom
+    ends elsewhere than the walk, or with more elements than it counted, is refused.
+    """
+    meta_start = 132 if data[128:132] == b"DICM" else 0  # read_preamble(force=True)
+    end, syntax = meta_start, None
     if data[meta_start : meta_start + 2] == b"\x02\x00":
         meta_explicit = _first_element_explicit(data, meta_start, True)
         meta, end = walk(
             data, meta_start, explicit=meta_explicit, little=True, limits=limits, stop_at_group=0x0002
         )
-        del meta
-        ts = _meta_transfer_syntax(data, meta_start, end, meta_explicit)
-        if ts == _DEFLATED:
-            return _Layout(end, ts, explicit=True, little=True)
-        # pydicom trusts the first element over the meta when they disagree: so does the walk
-        return _Layout(end, ts, explicit=_looks_explicit(data, end), little=ts != _EXPLICIT_BE)
-    explicit = _looks_explicit(data, meta_start)
-    return _Layout(meta_start, "1.2.840.10008.1.2.1" if explicit else _IMPLICIT_LE, explicit, True)
+        fp = io.BytesIO(data[meta_start:end] + _META_STOP)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                file_meta = _read_file_meta_info(fp)
+                syntax = file_meta.get("TransferSyntaxUID")
+        except Exception as exc:
+            raise CorruptImage(f"DICOM file meta cannot be read ({type(exc).__name__})") from exc
+        if fp.tell() != end - meta_start or len(file_meta._dict) > meta.elements:
+            raise CorruptImage("DICOM file meta group is not where its element lengths put it: garbled")
+    return _dataset_layout(data, end, syntax)
+
+
+def _dataset_layout(data: bytes, start: int, syntax: Any) -> _Layout:
+    """The encoding ``read_partial`` picks for the dataset at ``start``, from the meta's transfer syntax.
+
+    Without one it guesses from the first element: explicit VR if the VR bytes are a VR pydicom
+    converts, and big endian then if the group read little endian is 0x0400 or more.
+    """
+    explicit, little = False, True
+    if start + 8 > len(data):
+        pass  # pydicom reads nothing: its command-set read takes the last bytes and finds no element
+    elif syntax is None:
+        if data[start + 4 : start + 6].decode("latin-1") in converters:
+            explicit = True
+            little = _u16(data, start, True) < 0x0400
+    elif syntax == pydicom.uid.ImplicitVRLittleEndian:
+        pass
+    elif syntax == pydicom.uid.ExplicitVRBigEndian:
+        explicit, little = True, False
+    elif syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return _Layout(start, _DEFLATED, explicit=True, little=True, deflated=True)
+    elif syntax in pydicom.uid.PrivateTransferSyntaxes:
+        registered = pydicom.uid.PrivateTransferSyntaxes[pydicom.uid.PrivateTransferSyntaxes.index(syntax)]
+        explicit, little = not registered.is_implicit_VR, registered.is_little_endian
+    else:  # Explicit VR Little Endian and every other (encapsulated) syntax
+        explicit = True
+    name = str(syntax) if isinstance(syntax, str) else ""
+    # pydicom trusts the first element over the meta when they disagree: so does the walk
+    return _Layout(start, name, explicit=_first_element_explicit(data, start, explicit), little=little)
 
 
 def _looks_explicit(data: bytes, pos: int) -> bool:
     """Whether the element at ``pos`` carries a VR (two upper-case letters after the tag)."""
     vr = data[pos + 4 : pos + 6]
     return len(vr) == 2 and vr.isalpha() and vr.isupper()
-
-
-def _meta_transfer_syntax(data: bytes, start: int, end: int, explicit: bool) -> str:
-    pos = start
-    while pos + 8 <= end:
-        element = _u16(data, pos + 2, True)
-        _, length, header = _element_header(data, pos, explicit, True)
-        if element == 0x0010:
-            return data[pos + header : pos + header + length].decode("ascii", "replace").strip("\x00 ")
-        pos += header + length
-    return "1.2.840.10008.1.2.1"
 
 
 def inflate(raw: bytes, limits: DicomLimits) -> bytes:
@@ -452,9 +727,12 @@ def read_guarded(
     Raises :class:`DicomLimitExceeded` (a limit), :class:`CorruptImage` (the
     bytes lie about themselves) or lets pydicom's own errors through for the
     caller to classify (the walk already bounded what pydicom will do).
+    ``sniffed`` is kept for callers; whether a preamble is there is decided
+    as pydicom decides it ("DICM" at byte 128), so the two cannot disagree.
     """
-    layout = _layout(data, sniffed, limits)
-    if layout.transfer_syntax == _DEFLATED:
+    del sniffed
+    layout = _layout(data, limits)
+    if layout.deflated:
         body = inflate(data[layout.start :], limits)
         # pydicom trusts the first element over the transfer syntax here too (``_is_implicit_vr``)
         facts, _ = walk(body, 0, explicit=_first_element_explicit(body, 0, True), little=True, limits=limits)
@@ -470,7 +748,8 @@ def read_guarded(
                 is_little_endian=True,
                 stop_when=_stop_at_command_group,
             )
-        ds = FileDataset("", inner, preamble=data[:128] if sniffed else None, file_meta=meta.file_meta)
+        preamble = data[:128] if data[128:132] == b"DICM" else None
+        ds = FileDataset("", inner, preamble=preamble, file_meta=meta.file_meta)
         return GuardedDataset(ds, facts, layout.transfer_syntax)
     facts, _ = walk(data, layout.start, explicit=layout.explicit, little=layout.little, limits=limits)
     check_declared_size(facts, limits)

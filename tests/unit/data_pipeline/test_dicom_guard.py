@@ -18,7 +18,7 @@ from pydicom import dcmread
 from data_pipeline import dicom_guard, hostile
 from data_pipeline.config import DataSettings
 from data_pipeline.dicom_guard import DicomLimitExceeded, DicomLimits
-from data_pipeline.dicom_io import decode_bytes, read_header
+from data_pipeline.dicom_io import decode_bytes, read_dicom, read_header
 from data_pipeline.errors import CorruptImage, ImageDecodeError
 
 pytestmark = pytest.mark.unit
@@ -312,3 +312,334 @@ def test_a_real_implicit_item_in_an_explicit_file_is_read_with_exact_counts() ->
     assert read.ReferencedSOPClassUID == klass.rstrip(b"\x00").decode()
     assert read.ReferencedImageSequence[0].ReferencedSOPInstanceUID == instance.rstrip(b"\x00").decode()
     assert decode_bytes(data, salt="s", limits=LIMITS).rows == 64
+
+
+# ---------------------------------------------------------------------------- structures pydicom reads apart
+
+
+def _built(ds: Any) -> int:
+    """Every element pydicom builds, all levels (iterating converts each raw element, sequences included)."""
+    return sum(1 + sum(_built(item) for item in e.value) if e.VR == "SQ" else 1 for e in ds)
+
+
+def _meta(*elements: bytes) -> bytes:
+    """Preamble, "DICM" and the given file meta elements, without a group length (pydicom needs none)."""
+    return b"\x00" * 128 + b"DICM" + b"".join(elements)
+
+
+def _tag(group: int, elem: int, length: int) -> bytes:
+    """An item or delimiter: a tag and a 4-byte length, no VR."""
+    return struct.pack("<HHI", group, elem, length)
+
+
+_SOP_CLASS = b"1.2.840.10008.5.1.4.1.1.1.1\x00"
+
+
+def test_a_command_group_before_the_dataset_is_refused() -> None:
+    """pydicom reads leading (0000,eeee) elements as a command set and then the whole dataset.
+
+    The walk stopped at the second one (zero fill ends a dataset there), so nothing behind it was counted.
+    Without a group length, the gateway's zero-fill check never looks where the dataset starts.
+    """
+    data = (
+        _meta(hostile.element(0x0002, 0x0010, b"UI", hostile.EXPLICIT_LE.encode()))
+        + hostile.element(0x0000, 0x0000, b"UL", struct.pack("<I", 0))
+        + hostile.element(0x0000, 0x0002, b"UI", b"1\x00")
+        + hostile.header()
+        + _flat(3000, explicit=True)
+    )
+    assert len(dcmread(io.BytesIO(data), force=True)) > 3000  # the premise: pydicom builds them all
+    with pytest.raises(CorruptImage, match=r"command group \(0000,0000\) in a stored instance"):
+        read_header(data, DicomLimits(max_elements=300))
+
+
+def _sequence_holding_an_overlong_element() -> bytes:
+    """A defined-length SQ whose item's element runs past the SQ: pydicom parses the SQ's bytes alone."""
+    hidden = _flat(3000, explicit=True)
+    inner = hostile.element(0x0009, 0x1002, b"OB", b"", length=len(hidden))
+    item = _tag(0xFFFE, 0xE000, len(inner)) + inner
+    return (
+        hostile.file_meta(hostile.EXPLICIT_LE)
+        + hostile.header()
+        + hostile.element(0x0008, 0x1115, b"SQ", item)
+        + hidden
+    )
+
+
+def _sequence_delimited_early() -> bytes:
+    """A defined-length SQ ended early by a delimiter: pydicom leaves the rest of its bytes unread.
+
+    Walked on, those bytes are a fake header stepping over the elements pydicom reads after the SQ.
+    """
+    hidden = _flat(3000, explicit=True)
+    value = (
+        _tag(0xFFFE, 0xE000, 0)
+        + _tag(0xFFFE, 0xE0DD, 0)
+        + hostile.element(0x0009, 0x1002, b"OB", b"", length=len(hidden))
+    )
+    return (
+        hostile.file_meta(hostile.EXPLICIT_LE)
+        + hostile.header()
+        + hostile.element(0x0008, 0x1115, b"SQ", value)
+        + hidden
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "refusal", "match"),
+    [
+        (_sequence_holding_an_overlong_element, CorruptImage, "runs past the end of its sequence item"),
+        (_sequence_delimited_early, DicomLimitExceeded, "CXR_DICOM_MAX_ELEMENTS"),
+    ],
+    ids=["element-past-the-sq", "delimiter-inside-a-defined-sq"],
+)
+def test_a_defined_length_sequence_is_walked_within_its_own_bytes(
+    make: Callable[[], bytes], refusal: type[Exception], match: str
+) -> None:
+    """pydicom reads a defined-length SQ's value as bytes and goes on after it, whatever its items say."""
+    data = make()
+    assert _built(dcmread(io.BytesIO(data), force=True)) > 3000  # the premise
+    with pytest.raises(refusal, match=match):
+        read_header(data, DicomLimits(max_elements=300))
+
+
+def test_an_undefined_length_on_a_non_sequence_element_is_refused() -> None:
+    """Implicit (0010,0010) of undefined length: pydicom reads bytes up to the first sequence delimiter.
+
+    The walk took it for a sequence, and an element in its item stepped past that delimiter over the
+    elements pydicom reads next.
+    """
+    hidden = _flat(3000, explicit=False)
+    item = _tag(0xFFFE, 0xE000, 8) + _implicit(0x0009, 0x1002, b"", length=8 + len(hidden))
+    data = (
+        hostile.file_meta("1.2.840.10008.1.2")
+        + _implicit(0x0008, 0x0016, _SOP_CLASS)
+        + _implicit(0x0010, 0x0010, b"", length=hostile.UNDEFINED)
+        + item
+        + _tag(0xFFFE, 0xE0DD, 0)
+        + hidden
+    )
+    assert len(dcmread(io.BytesIO(data), force=True)) > 3000  # the premise
+    with pytest.raises(
+        CorruptImage, match="undefined length on a non-sequence element other than Pixel Data"
+    ):
+        read_header(data, DicomLimits(max_elements=300))
+
+
+def _un_sequence(body: bytes) -> bytes:
+    """ReferencedSeriesSequence sent as explicit UN of defined length: one implicit item holding ``body``."""
+    return hostile.element(0x0008, 0x1115, b"UN", _tag(0xFFFE, 0xE000, len(body)) + body)
+
+
+def test_a_sequence_sent_as_un_is_walked_as_the_sequence_pydicom_reads() -> None:
+    """pydicom converts a UN element shorter than 64 KiB to its dictionary VR: an SQ it parses when read.
+
+    Real files carry these (a node that did not know the tag re-encoded it); the walk had skipped the value.
+    """
+    plain = hostile.file_meta(hostile.EXPLICIT_LE) + hostile.header()
+    data = plain + _un_sequence(_flat(3000, explicit=False))
+    assert len(dcmread(io.BytesIO(data), force=True).ReferencedSeriesSequence[0]) == 3000  # the premise
+    with pytest.raises(DicomLimitExceeded, match="CXR_DICOM_MAX_ELEMENTS"):
+        read_header(data, DicomLimits(max_elements=300))
+    real = plain + _un_sequence(_implicit(0x0008, 0x1150, _SOP_CLASS)) + hostile.native_pixels()
+    guarded = dicom_guard.read_guarded(real, sniffed=True, limits=LIMITS)
+    baseline = dicom_guard.read_guarded(plain + hostile.native_pixels(), sniffed=True, limits=LIMITS)
+    assert (guarded.facts.elements, guarded.facts.max_depth) == (baseline.facts.elements + 3, 1)
+    assert guarded.dataset.ReferencedSeriesSequence[0].ReferencedSOPClassUID == _SOP_CLASS[:-1].decode()
+
+
+def _ge_thumbnail(body: bytes, *, creator_first: bool = True) -> bytes:
+    """An implicit-VR file with GE's private (0009,1010) "GE IIS Thumbnail Sequence" holding ``body``.
+
+    Implicit VR says nothing of it: pydicom's private dictionary makes it an SQ through its creator.
+    """
+    creator = _implicit(0x0009, 0x0010, b"GEIIS ")
+    thumbnail = _implicit(0x0009, 0x1010, _tag(0xFFFE, 0xE000, len(body)) + body)
+    private = creator + thumbnail if creator_first else thumbnail + creator
+    return hostile.file_meta("1.2.840.10008.1.2") + _implicit(0x0008, 0x0016, _SOP_CLASS) + private
+
+
+def test_a_private_sequence_pydicom_knows_is_walked_as_one() -> None:
+    """An element met before its creator is refused: pydicom finds the creator wherever it stands."""
+    for creator_first in (True, False):
+        data = _ge_thumbnail(_flat(3000, explicit=False), creator_first=creator_first)
+        assert len(dcmread(io.BytesIO(data), force=True)[0x0009, 0x1010].value[0]) == 3000  # the premise
+        with pytest.raises(ImageDecodeError) as caught:
+            read_header(data, DicomLimits(max_elements=300))
+        if creator_first:
+            assert (
+                isinstance(caught.value, DicomLimitExceeded)
+                and caught.value.limit == "CXR_DICOM_MAX_ELEMENTS"
+            )
+        else:
+            assert isinstance(caught.value, CorruptImage) and "before its private creator" in str(
+                caught.value
+            )
+    small = dicom_guard.read_guarded(_ge_thumbnail(_flat(2, explicit=False)), sniffed=True, limits=LIMITS)
+    # the SOP class, the creator, the SQ, its item and the item's 2 elements, one level deep
+    assert (small.facts.elements, small.facts.max_depth) == (6, 1)
+
+
+def test_implicit_vr_text_is_bounded_like_explicit_text() -> None:
+    """Implicit VR has no VR on the wire: the dictionary's (LT here) is what pydicom decodes it as."""
+    data = (
+        hostile.file_meta("1.2.840.10008.1.2")
+        + _implicit(0x0008, 0x0016, _SOP_CLASS)
+        + _implicit(0x0020, 0x4000, b"A" * 100_000)
+    )
+    assert len(dcmread(io.BytesIO(data), force=True).ImageComments) == 100_000  # the premise
+    with pytest.raises(DicomLimitExceeded, match="CXR_DICOM_MAX_TEXT_BYTES"):
+        read_header(data, DicomLimits(max_text_bytes=1 << 16))
+
+
+def _little_endian_hides_from_big(*, big: bool) -> bytes:
+    """A dataset whose first element is 65,536 bytes read one way and 256 read the other.
+
+    Read in the other byte order, a fake header 256 bytes in steps over the 3,000 elements that
+    follow the value in the order the dataset is written in (``big``: those are big endian).
+    """
+    order = ">" if big else "<"
+    hidden = b"".join(
+        struct.pack(f"{order}HH", 0x0011, 0x1000 + i) + b"LO" + struct.pack(f"{order}H", 0)
+        for i in range(3000)
+    )
+    if big:  # big endian: a 256-byte value, the elements, then an OB filling up to where LE reading jumps
+        value = b"\x00" * 256
+        fill = (1 << 16) - 256 - len(hidden) - 12
+        tail = (
+            hidden
+            + struct.pack(">HH", 0x0011, 0x3000)
+            + b"OB\x00\x00"
+            + struct.pack(">I", fill)
+            + bytes(fill)
+        )
+        return struct.pack(">HH", 0x0009, 0x1001) + b"OB\x00\x00" + b"\x00\x00\x01\x00" + value + tail
+    value = bytearray(1 << 16)
+    value[256:268] = (
+        struct.pack(">HH", 0x0009, 0x1002) + b"OB\x00\x00" + struct.pack(">I", len(value) - 268 + len(hidden))
+    )
+    return struct.pack("<HH", 0x0009, 0x1001) + b"OB\x00\x00" + b"\x00\x00\x01\x00" + bytes(value) + hidden
+
+
+def test_without_a_transfer_syntax_the_dataset_is_read_in_the_byte_order_pydicom_guesses() -> None:
+    """No (0002,0010): pydicom guesses explicit VR from a known VR, and big endian from a group >= 0x0400."""
+    data = _meta(hostile.element(0x0002, 0x0001, b"OB", b"\x00\x01")) + _little_endian_hides_from_big(
+        big=True
+    )
+    ds = dcmread(io.BytesIO(data), force=True)
+    assert not ds.is_little_endian and len(ds) > 3000  # the premise
+    with pytest.raises(DicomLimitExceeded, match="CXR_DICOM_MAX_ELEMENTS"):
+        read_header(data, DicomLimits(max_elements=300))
+
+
+_BIG_ENDIAN = b"1.2.840.10008.1.2.2"
+
+
+@pytest.mark.parametrize(
+    ("meta", "big"),
+    [
+        (hostile.element(0x0002, 0x0010, b"UI", b"\x00" + _BIG_ENDIAN), False),
+        (hostile.element(0x0002, 0x0010, b"UI", b"\t" + _BIG_ENDIAN + b"\n"), True),
+        (
+            hostile.element(0x0002, 0x0010, b"UI", _BIG_ENDIAN)
+            + hostile.element(0x0002, 0x0010, b"UI", hostile.EXPLICIT_LE.encode()),
+            False,
+        ),
+        (hostile.element(0x0002, 0x0010, b"OB", _BIG_ENDIAN), False),
+    ],
+    ids=["leading-nul", "tab-and-newline", "the-last-of-two", "ob-value"],
+)
+@pytest.mark.filterwarnings("ignore")  # pydicom warns of the odd meta it reads anyway
+def test_the_transfer_syntax_is_the_value_pydicom_compares(meta: bytes, big: bool) -> None:
+    """pydicom's UID keeps a leading NUL but strips whitespace (tab, newline) from both ends, keeps the
+    last of two (0002,0010), and compares an OB value as bytes (no match: explicit little endian).
+
+    The walk stripped NULs and spaces only and took the first: each of these it read in the other byte
+    order, where a fake header hides 3,000 elements.
+    """
+    data = _meta(hostile.element(0x0002, 0x0001, b"OB", b"\x00\x01"), meta) + _little_endian_hides_from_big(
+        big=big
+    )
+    ds = dcmread(io.BytesIO(data), force=True)
+    assert ds.is_little_endian is not big and len(ds) > 3000  # the premise
+    with pytest.raises(DicomLimitExceeded, match="CXR_DICOM_MAX_ELEMENTS"):
+        read_header(data, DicomLimits(max_elements=300))
+
+
+def test_an_item_delimiter_before_the_dataset_is_refused() -> None:
+    """pydicom's command-set read takes "OB" in the delimiter's length for a VR: 12 bytes, the walk 8.
+
+    The 4 bytes between were a tag to the walk, and the dataset's first tag its length: 65,544 bytes
+    stepping over everything pydicom reads.
+    """
+    rest = hostile.element(0x0008, 0x0001, b"OB", b"") + hostile.header() + _flat(3000, explicit=True)
+    fill = 65_544 + 4 - len(rest) - 12
+    data = (
+        hostile.file_meta(hostile.EXPLICIT_LE)
+        + _tag(0xFFFE, 0xE00D, 0)[:4]
+        + b"OB\x00\x00"
+        + struct.pack("<HH", 0x0009, 0x0001)
+        + rest
+        + hostile.element(0x0011, 0x3000, b"OB", bytes(fill))
+    )
+    assert len(dcmread(io.BytesIO(data), force=True)) > 3000  # the premise
+    with pytest.raises(CorruptImage, match=r"\(FFFE,E00D\) where a data element belongs"):
+        read_header(data, DicomLimits(max_elements=300))
+
+
+def test_a_sequence_holding_something_other_than_items_is_refused() -> None:
+    """pydicom reads any tag where an item belongs as an item header; the walk read it as an element."""
+    hidden = _flat(3000, explicit=True)
+    data = (
+        hostile.file_meta(hostile.EXPLICIT_LE)
+        + hostile.header()
+        + struct.pack("<HH", 0x0008, 0x1115)
+        + b"SQ\x00\x00"
+        + struct.pack("<I", hostile.UNDEFINED)
+        + _tag(0x0009, 0x0000, len(hidden))
+        + hidden
+        + _tag(0xFFFE, 0xE0DD, 0)
+    )
+    assert _built(dcmread(io.BytesIO(data), force=True)) > 3000  # the premise
+    with pytest.raises(CorruptImage, match="where an item belongs"):
+        read_header(data, DicomLimits(max_elements=300))
+
+
+def test_encapsulated_pixel_data_without_its_delimiter_is_refused() -> None:
+    """pydicom then scans the value byte by byte for a delimiter: one inside a fragment ends it there.
+
+    What follows that delimiter in the fragment, which the walk stepped over, pydicom reads as elements.
+    """
+    jpeg = hostile.tiny_jpeg()
+    fragment = jpeg + b"\x00" * (len(jpeg) % 2) + _tag(0xFFFE, 0xE0DD, 0) + _flat(3000, explicit=True)
+    data = (
+        hostile.file_meta(hostile.JPEG_BASELINE)
+        + hostile.header(8, 8, bits=8)
+        + struct.pack("<HH", 0x7FE0, 0x0010)
+        + b"OB\x00\x00"
+        + struct.pack("<I", hostile.UNDEFINED)
+        + _tag(0xFFFE, 0xE000, 0)
+        + _tag(0xFFFE, 0xE000, len(fragment))
+        + fragment
+    )
+    assert len(dcmread(io.BytesIO(data), force=True)) > 3000  # the premise
+    with pytest.raises(CorruptImage, match="ends inside encapsulated pixel data"):
+        read_dicom(data, DicomLimits(max_elements=300))
+
+
+def test_pixel_data_sent_as_a_sequence_is_refused() -> None:
+    """Pixel Data with VR SQ is a sequence to pydicom; the walk stepped over its items as fragments."""
+    hidden = _flat(3000, explicit=True)
+    data = (
+        hostile.file_meta(hostile.RLE)
+        + hostile.header()
+        + struct.pack("<HH", 0x7FE0, 0x0010)
+        + b"SQ\x00\x00"
+        + struct.pack("<I", hostile.UNDEFINED)
+        + _tag(0xFFFE, 0xE000, len(hidden))
+        + hidden
+        + _tag(0xFFFE, 0xE0DD, 0)
+    )
+    assert len(dcmread(io.BytesIO(data), force=True).PixelData[0]) == 3000  # the premise
+    with pytest.raises(CorruptImage, match="Pixel Data is encoded as a sequence"):
+        read_dicom(data, DicomLimits(max_elements=300))
