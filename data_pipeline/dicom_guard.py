@@ -194,6 +194,12 @@ def _element_header(data: bytes, pos: int, explicit: bool, little: bool) -> tupl
     if vr is not None and vr in _LONG_VRS:
         return vr, _u32(data, pos + 8, little), 12
     if vr is not None and b"AA" <= vr <= b"ZZ":
+        if vr.decode() not in converters:
+            # pydicom reads the element, then raises NotImplementedError when its value is used
+            # (a 500 wherever a header is read): refused here, where the message can say why
+            raise CorruptImage(
+                f"an element has the value representation {vr.decode()!r}, which DICOM does not define"
+            )
         return vr, _u16(data, pos + 6, little), 8
     return None, _u32(data, pos + 4, little), 8
 
@@ -527,6 +533,29 @@ def check_declared_size(facts: StreamFacts, limits: DicomLimits) -> None:
     p = facts.pixel
     rows, cols = p.get("rows", 0), p.get("cols", 0)
     frames, samples, bits = max(p.get("frames", 1), 1), max(p.get("samples", 1), 1), p.get("bits", 16) or 16
+    _check_sizes(rows, cols, frames, samples, bits, limits)
+
+
+def check_parsed_size(ds: Dataset, limits: DicomLimits) -> None:
+    """The same limits on the values pydicom parsed, just before its pixel decoder runs.
+
+    The walk reads Rows, Columns and NumberOfFrames from the raw bytes as their usual VRs; sent
+    as others (NumberOfFrames as US 1024, Rows as UL 0x10001, NumberOfFrames "1e3") pydicom reads
+    other numbers than the walk did, and would decode every frame it declares.
+    """
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CorruptImage(
+            f"the image size attributes are not single whole numbers ({type(exc).__name__})"
+        ) from None
+    _check_sizes(rows, cols, max(frames, 1), max(samples, 1), bits, limits)
+
+
+def _check_sizes(rows: int, cols: int, frames: int, samples: int, bits: int, limits: DicomLimits) -> None:
     if rows * cols > limits.max_pixels:
         raise DicomLimitExceeded(
             "CXR_DICOM_MAX_PIXELS", f"DICOM declares {cols}x{rows} pixels, more than {limits.max_pixels}"

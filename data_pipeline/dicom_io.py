@@ -33,7 +33,7 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset
 
-from data_pipeline.dicom_guard import DicomLimits, read_guarded
+from data_pipeline.dicom_guard import DicomLimits, check_parsed_size, read_guarded
 from data_pipeline.errors import CorruptImage, ImageDecodeError, UnrecognisedImage, UnsupportedImage
 
 log = logging.getLogger(__name__)
@@ -330,6 +330,7 @@ def _decode_dicom(
     with _maybe(timer, "decode"):
         ds = _read_dataset(data, sniffed, limits)
         rows, cols, photometric = _check_header(ds)
+        check_parsed_size(ds, limits)  # as pydicom read the sizes, not only as the walk did
         raw = _pixel_array(ds, photometric)
     with _maybe(timer, "voi"):
         color = photometric not in _MONO

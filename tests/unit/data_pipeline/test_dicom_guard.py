@@ -643,3 +643,39 @@ def test_pixel_data_sent_as_a_sequence_is_refused() -> None:
     assert len(dcmread(io.BytesIO(data), force=True).PixelData[0]) == 3000  # the premise
     with pytest.raises(CorruptImage, match="Pixel Data is encoded as a sequence"):
         read_dicom(data, DicomLimits(max_elements=300))
+
+
+def _frames_as_us(frames: int) -> bytes:
+    """A valid 64x64 DX whose NumberOfFrames is sent as US: the walk reads it as text (IS)."""
+    head = hostile.header()
+    frames_us = hostile.element(0x0028, 0x0008, b"US", struct.pack("<H", frames))
+    at = head.index(struct.pack("<HH", 0x0028, 0x0010))  # before Rows: in tag order
+    return (
+        hostile.file_meta(hostile.EXPLICIT_LE) + head[:at] + frames_us + head[at:] + hostile.native_pixels()
+    )
+
+
+def test_sizes_pydicom_reads_otherwise_than_the_walk_are_checked_again_before_decoding() -> None:
+    """NumberOfFrames as US 1024 (or Rows as UL): pydicom reads 1024 frames where the walk read 1."""
+    data = _frames_as_us(1024)
+    assert int(dcmread(io.BytesIO(data)).NumberOfFrames) == 1024  # what the decoder would be told
+    with pytest.raises(DicomLimitExceeded) as refused:
+        decode_bytes(data, salt="s", limits=LIMITS)
+    assert refused.value.limit == "CXR_DICOM_MAX_FRAMES"
+    decode_bytes(_frames_as_us(1), salt="s", limits=LIMITS)  # the same file with one frame decodes
+
+
+def test_an_element_of_a_value_representation_dicom_does_not_define_is_refused_by_the_walk() -> None:
+    """pydicom reads it, then raises NotImplementedError when its value is used: a 500 in STOW-RS."""
+    from serving.dicom.headers import instance_uids
+
+    head = hostile.header()
+    bad = struct.pack("<HH", 0x0008, 0x0016) + b"QQ" + struct.pack("<H", 4) + b"1.2\x00"
+    data = (
+        hostile.file_meta(hostile.EXPLICIT_LE) + bad + head[head.index(struct.pack("<HH", 0x0008, 0x0018)) :]
+    )
+    with pytest.raises(NotImplementedError):
+        dcmread(io.BytesIO(data)).get("SOPClassUID")
+    with pytest.raises(CorruptImage, match="'QQ'"):
+        read_header(data, LIMITS)
+    assert instance_uids(data) == ("", "", "")
