@@ -19,10 +19,12 @@ def instance_uids(data: bytes) -> tuple[str, str, str]:
     """
     try:
         ds = read_header(data)
+        return (
+            str(ds.get("SOPClassUID", "")),
+            str(ds.get("SOPInstanceUID", "")),
+            str(ds.get("StudyInstanceUID", "")),
+        )
     except ImageDecodeError:
         return "", "", ""
-    return (
-        str(ds.get("SOPClassUID", "")),
-        str(ds.get("SOPInstanceUID", "")),
-        str(ds.get("StudyInstanceUID", "")),
-    )
+    except Exception:  # a value pydicom converts only when read (a UI of a wrong length...): unreadable
+        return "", "", ""

@@ -107,11 +107,16 @@ def source_header(data: bytes) -> Dataset:
         ds = read_header(data)
     except ImageDecodeError as exc:
         raise Conflict(f"the source DICOM cannot be read for an SR: {exc}") from exc
-    check_referencable(ds)
-    for keyword in _TYPE2_COPIED:
-        if keyword not in ds:
-            setattr(ds, keyword, "")
-    blank_unusable_values(ds)
+    try:
+        check_referencable(ds)
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        blank_unusable_values(ds)
+    except Conflict:
+        raise
+    except Exception as exc:  # a value pydicom reads only now (a number of the wrong length...)
+        raise Conflict(f"the source DICOM's header cannot be read for an SR ({type(exc).__name__})") from None
     return ds
 
 
@@ -342,7 +347,9 @@ def sr_bytes(source_dicom: bytes, response: dict[str, Any]) -> bytes:
     source = source_header(source_dicom)
     try:
         sr = build_sr(source, response)
-    except (ValueError, TypeError, AttributeError) as exc:
+    except Conflict:
+        raise
+    except Exception as exc:  # highdicom and pydicom raise many types on a value they cannot take
         # the type only: highdicom's and pydicom's messages quote the offending value (a birth date)
         raise Conflict(
             f"an SR cannot be built for this source DICOM ({type(exc).__name__}): one of its patient or "

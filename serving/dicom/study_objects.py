@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from serving.dicom.capture import build_burned_capture
 from serving.dicom.gsps import build_gsps
 from serving.dicom.sr import build_study_sr, check_referencable
-from serving.errors import Conflict
+from serving.errors import Conflict, ServingError
 
 
 def study_objects(
@@ -49,7 +49,9 @@ def study_objects(
                 build_burned_capture(source, pixels, response)
                 for (source, response), pixels in zip(items, capture_pixels, strict=True)
             ]
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+    except ServingError:
+        raise
+    except Exception as exc:  # highdicom and pydicom raise many types on a value they cannot take
         # the type only: highdicom's and pydicom's messages quote the offending value (a birth date)
         raise Conflict(
             f"the result objects cannot be built for this study ({type(exc).__name__}): one of its "
