@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS studies (
     last_seen REAL NOT NULL,
     patient_key TEXT,
     result_sops TEXT,
+    result_scores TEXT,
+    evicted_score REAL,
     PRIMARY KEY (tenant, study_uid)
 );
 CREATE INDEX IF NOT EXISTS studies_by_time ON studies (tenant, last_seen);
@@ -105,15 +107,25 @@ def _epoch(value: datetime) -> float:
     return value.timestamp()
 
 
-def _pairs(row: sqlite3.Row | None) -> list[tuple[str, str]]:
-    """(result id, SOP Instance UID or "") of a row; a row of an older gateway has no SOP UIDs."""
+def _entries(row: sqlite3.Row | None) -> list[tuple[str, str, float | None]]:
+    """(result id, SOP Instance UID or "", image score or None) of a row's kept results.
+
+    A row of an older gateway has no SOP UIDs (every image then counts as its own) and no
+    scores per result (None: the row's score stands for them).
+    """
     if row is None:
         return []
     ids = [str(r) for r in json.loads(row["result_ids"])]
     sops = json.loads(row["result_sops"]) if row["result_sops"] else []
+    scores = json.loads(row["result_scores"]) if row["result_scores"] else []
     if len(sops) != len(ids):
         sops = [""] * len(ids)
-    return list(zip(ids, (str(s) for s in sops), strict=True))
+    if len(scores) != len(ids):
+        scores = [None] * len(ids)
+    return [
+        (rid, str(sop), None if score is None else float(score))
+        for rid, sop, score in zip(ids, sops, scores, strict=True)
+    ]
 
 
 def _row(row: sqlite3.Row) -> StudyTriage:
@@ -151,11 +163,16 @@ class WorklistStore:
                         setup.executescript(_SCHEMA)
                         columns = {row[1] for row in setup.execute("PRAGMA table_info(studies)")}
                         # a worklist of an older gateway: NULL = not known
-                        for column in ("patient_key", "result_sops"):
+                        for column, kind in (
+                            ("patient_key", "TEXT"),
+                            ("result_sops", "TEXT"),
+                            ("result_scores", "TEXT"),
+                            ("evicted_score", "REAL"),
+                        ):
                             if column in columns:
                                 continue
                             try:
-                                setup.execute(f"ALTER TABLE studies ADD COLUMN {column} TEXT")
+                                setup.execute(f"ALTER TABLE studies ADD COLUMN {column} {kind}")
                             except sqlite3.OperationalError as exc:  # another process added it first
                                 if "duplicate column" not in str(exc):
                                     raise
@@ -185,16 +202,17 @@ class WorklistStore:
     ) -> StudyTriage:
         """Merge newly analysed images into the study's row and return the study's triage.
 
-        The score is the maximum over the images seen so far (old and new), the result ids their
-        union in arrival order, the flag decided with ``threshold`` (the current setting), and
-        model version and stage are the latest call's. ``patient_key`` (the images' salted
+        The score is the maximum over the study's images (an image's latest result only, and
+        images the cap dropped included), the result ids their union in arrival order, the flag
+        decided with ``threshold`` (the current setting), and model version and stage are the
+        latest call's. ``patient_key`` (the images' salted
         PatientID hash, "" for none; None: not known, not checked) must equal the row's, else
         :class:`StudyPatientMismatch` is raised and the row is left as it was; a row of an older
         gateway (no key) takes the first key it is given. ``sop_uids`` (one per result, "" when
         unknown): a result of an image the row already holds replaces that image's earlier one, so a
         resent image counts once. ``max_results``: the row keeps the latest that many images' results
         (a PACS resending a study for ever grew the row, and the send-back loads every result it
-        names), the score still over every image seen.
+        names).
         """
         seen = _epoch(now or datetime.now(UTC))
         with self._connect() as conn:
@@ -207,25 +225,39 @@ class WorklistStore:
                 if patient_key is not None and stored_key is not None and stored_key != patient_key:
                     raise StudyPatientMismatch()
                 key = stored_key if stored_key is not None else patient_key
-                pairs = _pairs(old)
-                known = {rid for rid, _ in pairs}
-                for rid, sop in zip(result_ids, sop_uids or [""] * len(result_ids), strict=True):
+                entries = _entries(old)
+                known = {rid for rid, _, _ in entries}
+                sops = sop_uids or [""] * len(result_ids)
+                for rid, sop, image in zip(result_ids, sops, image_scores, strict=True):
                     if rid in known:
                         continue
                     if sop:  # the image sent again: its latest result stands for it
-                        pairs = [(r, s) for r, s in pairs if s != sop]
-                    pairs.append((rid, sop))
+                        entries = [e for e in entries if e[1] != sop]
+                    entries.append((rid, sop, float(image)))
                     known.add(rid)
-                if max_results is not None and len(pairs) > max_results:
-                    pairs = pairs[-max_results:]
-                ids = [rid for rid, _ in pairs]
-                previous = [float(old["score"])] if old is not None else []
-                score = study_score([*previous, *image_scores])
+                # images the cap drops still count for the score (an urgent finding is never forgotten);
+                # a result replaced by its image's newer one does not (a corrected resend, a new model)
+                evicted = (
+                    [float(old["evicted_score"])]
+                    if old is not None and old["evicted_score"] is not None
+                    else []
+                )
+                if max_results is not None and len(entries) > max_results:
+                    evicted += [e[2] for e in entries[:-max_results] if e[2] is not None]
+                    entries = entries[-max_results:]
+                ids = [rid for rid, _, _ in entries]
+                kept = [e[2] for e in entries]
+                if any(k is None for k in kept):  # an older gateway's results: its score stands for them
+                    previous = [float(old["score"])] if old is not None else []
+                    score = study_score([*previous, *image_scores, *evicted])
+                else:
+                    score = study_score([*(k for k in kept if k is not None), *evicted])
+                evicted_score = max(evicted) if evicted else None
                 first = float(old["first_seen"]) if old is not None else seen
                 conn.execute(
                     "INSERT OR REPLACE INTO studies (tenant, study_uid, score, priority, threshold, "
-                    "result_ids, model_version, stage, first_seen, last_seen, patient_key, result_sops) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "result_ids, model_version, stage, first_seen, last_seen, patient_key, result_sops, "
+                    "result_scores, evicted_score) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         tenant,
                         study_uid,
@@ -238,7 +270,9 @@ class WorklistStore:
                         first,
                         max(seen, first),
                         key,
-                        json.dumps([sop for _, sop in pairs]),
+                        json.dumps([sop for _, sop, _ in entries]),
+                        json.dumps([image for _, _, image in entries]),
+                        evicted_score,
                     ),
                 )
                 row = conn.execute(

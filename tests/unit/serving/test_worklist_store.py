@@ -166,3 +166,29 @@ def test_a_resent_image_counts_once_and_resends_never_push_the_studys_other_imag
             now=_at(2 + i),
         )
     assert row.result_ids == ("rB", "rC", "rA9") and row.images == 3 and row.score == pytest.approx(0.9)
+
+
+def test_an_images_newer_result_replaces_its_score_but_an_image_the_cap_drops_still_counts(
+    tmp_path: Path,
+) -> None:
+    """A corrected resend (or a new model) lowers the study's score with the image's new result; an
+    urgent image pushed out of the capped row is never forgotten."""
+    store = WorklistStore(tmp_path / "w.sqlite")
+    store.record("a", "s1", ["rA", "rB"], [0.9, 0.2], "7", "production", 0.5, sop_uids=["A", "B"], now=_at(0))
+    row = store.record("a", "s1", ["rA2"], [0.1], "8", "production", 0.5, sop_uids=["A"], now=_at(1))
+    assert row.result_ids == ("rB", "rA2") and row.score == pytest.approx(0.2) and not row.priority
+    store.record("a", "s2", ["u"], [0.95], "7", "production", 0.5, sop_uids=["U"], max_results=2, now=_at(0))
+    for i in range(3):
+        row = store.record(
+            "a",
+            "s2",
+            [f"n{i}"],
+            [0.1],
+            "7",
+            "production",
+            0.5,
+            sop_uids=[f"N{i}"],
+            max_results=2,
+            now=_at(1 + i),
+        )
+    assert row.result_ids == ("n1", "n2") and row.score == pytest.approx(0.95) and row.priority
