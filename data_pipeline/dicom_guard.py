@@ -382,6 +382,10 @@ def walk(
                 if closed.end is not None:
                     pos = closed.end
                 continue
+            if tag == _ITEM_END and length == 0 and context == "sequence":
+                # a stray item delimiter after a defined-length item (a vendor quirk DCMTK warns of):
+                # pydicom reads it as an empty item, and so does the walk
+                continue
             if tag != _ITEM:
                 raise CorruptImage(
                     f"DICOM {_NAMES[context]} holds ({group:04X},{element:04X}) where an item belongs: "

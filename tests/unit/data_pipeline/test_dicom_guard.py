@@ -679,3 +679,26 @@ def test_an_element_of_a_value_representation_dicom_does_not_define_is_refused_b
     with pytest.raises(CorruptImage, match="'QQ'"):
         read_header(data, LIMITS)
     assert instance_uids(data) == ("", "", "")
+
+
+def test_a_stray_item_delimiter_after_a_defined_length_item_is_read_as_pydicom_reads_it() -> None:
+    """A vendor quirk (DCMTK warns "found (fffe,e00d) instead of item tag"): pydicom reads it as an
+    empty item, so it is not refused; an item delimiter claiming a length still is."""
+    item_body = hostile.element(0x0008, 0x1150, b"UI", _SOP_CLASS.rstrip(b"\x00"))
+    sequence = (
+        struct.pack("<HH", 0x0008, 0x1115)
+        + b"SQ\x00\x00"
+        + struct.pack("<I", hostile.UNDEFINED)
+        + _tag(0xFFFE, 0xE000, len(item_body))
+        + item_body
+        + _tag(0xFFFE, 0xE00D, 0)
+        + _tag(0xFFFE, 0xE0DD, 0)
+    )
+    head = hostile.header()
+    at = head.index(struct.pack("<HH", 0x0010, 0x0010))  # in tag order: (0008,1115) before the patient
+    data = hostile.file_meta(hostile.EXPLICIT_LE) + head[:at] + sequence + head[at:]
+    assert len(dcmread(io.BytesIO(data)).ReferencedSeriesSequence) == 2  # pydicom: the item and an empty one
+    assert len(read_header(data, LIMITS).ReferencedSeriesSequence) == 2
+    claiming = data.replace(_tag(0xFFFE, 0xE00D, 0), _tag(0xFFFE, 0xE00D, 8) + b"\x00" * 8)
+    with pytest.raises(CorruptImage, match="where an item belongs"):
+        read_header(claiming, LIMITS)
