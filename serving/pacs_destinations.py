@@ -48,12 +48,12 @@ class PacsDestination(BaseModel):
             for ae in (self.ae_title, self.calling_ae):
                 if not _AE.match(ae) or "\\" in ae:
                     raise ValueError(f"destination '{self.name}': '{ae}' is not a valid AE title")
-        if not self.callers:
+        if not [c for c in self.callers if c.strip()]:
             # an empty list once meant "only when a request asks"; now it would mean "never", silently
             raise ValueError(
                 f"destination '{self.name}': callers is empty, so no tenant's results would ever go there; "
-                'list the tenants (API keys\' tenants) it serves, or ["*"] for every caller; add '
-                '"auto": false to send only when a request asks (send_back=true)'
+                'list the tenants (API keys\' tenants) whose PACS it is (["*"] only where every '
+                'tenant\'s results may go there); add "auto": false to send only when a request asks'
             )
         return self
 

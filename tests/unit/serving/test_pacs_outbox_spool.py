@@ -115,6 +115,8 @@ def test_destinations_validate_and_choose_callers() -> None:
         PacsDestination(name="x", kind="dimse", ae_title="A" * 17, host="h", port=104, callers=["*"])
     with pytest.raises(ValueError, match="callers is empty"):  # it once meant "when asked"; now "never"
         PacsDestination(name="x", kind="stow", url="https://p/dw")
+    with pytest.raises(ValueError, match="callers is empty"):
+        PacsDestination(name="x", kind="stow", url="https://p/dw", callers=[" "])
 
 
 def test_send_back_never_chooses_a_pacs_of_another_tenant(tmp_path: Path) -> None:
