@@ -16,12 +16,13 @@ the same result again replaces the report at the PACS instead of duplicating it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import highdicom as hd
@@ -33,7 +34,7 @@ from core.variants import served_label
 from serving.dicom.iod_lookups import memoize_highdicom_lookups
 from serving.dicom.sr_document import comprehensive_sr
 from serving.dicom.uids import derived_uid, source_parts
-from serving.errors import Conflict
+from serving.errors import Conflict, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -343,18 +344,28 @@ def _triage_group(
     )
 
 
+@contextlib.contextmanager
+def refusing_unbuildable(what: str) -> Iterator[None]:
+    """Turn what highdicom or pydicom raise on a value they cannot take into a :class:`Conflict`.
+
+    They raise many types (ValueError, TypeError, KeyError, pydicom's own), and their messages
+    quote the offending value (a birth date): the Conflict names the type only.
+    """
+    try:
+        yield
+    except ServingError:
+        raise
+    except Exception as exc:
+        raise Conflict(
+            f"{what} cannot be built ({type(exc).__name__}): one of its patient or study attributes "
+            "is not valid for its value representation; correct the source in the PACS"
+        ) from exc
+
+
 def sr_bytes(source_dicom: bytes, response: dict[str, Any]) -> bytes:
     source = source_header(source_dicom)
-    try:
+    with refusing_unbuildable("an SR for this source DICOM"):
         sr = build_sr(source, response)
-    except Conflict:
-        raise
-    except Exception as exc:  # highdicom and pydicom raise many types on a value they cannot take
-        # the type only: highdicom's and pydicom's messages quote the offending value (a birth date)
-        raise Conflict(
-            f"an SR cannot be built for this source DICOM ({type(exc).__name__}): one of its patient or "
-            "study attributes is not valid for its value representation; correct the source in the PACS"
-        ) from exc
     buf = io.BytesIO()
     sr.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

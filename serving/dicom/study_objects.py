@@ -17,8 +17,8 @@ from pydicom.dataset import Dataset
 
 from serving.dicom.capture import build_burned_capture
 from serving.dicom.gsps import build_gsps
-from serving.dicom.sr import build_study_sr, check_referencable
-from serving.errors import Conflict, ServingError
+from serving.dicom.sr import build_study_sr, check_referencable, refusing_unbuildable
+from serving.errors import Conflict
 
 
 def study_objects(
@@ -41,7 +41,7 @@ def study_objects(
     responses = [response for _, response in items]
     for source in sources:
         check_referencable(source)
-    try:
+    with refusing_unbuildable("the result objects of this study"):
         objects = [build_study_sr(sources, responses, triage)]
         objects += [build_gsps(source, response) for source, response in items]
         if capture_pixels is not None:
@@ -49,14 +49,6 @@ def study_objects(
                 build_burned_capture(source, pixels, response)
                 for (source, response), pixels in zip(items, capture_pixels, strict=True)
             ]
-    except ServingError:
-        raise
-    except Exception as exc:  # highdicom and pydicom raise many types on a value they cannot take
-        # the type only: highdicom's and pydicom's messages quote the offending value (a birth date)
-        raise Conflict(
-            f"the result objects cannot be built for this study ({type(exc).__name__}): one of its "
-            "patient or study attributes is not valid for its value representation; correct the source"
-        ) from exc
     return objects
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,19 +98,16 @@ def test_radiologist_rejects_a_box_draws_one_and_submits_feedback_that_lands_in_
     assert (tmp_path / "review.png").stat().st_size > 10_000
 
 
-def test_a_retry_after_a_lost_reply_and_a_double_click_store_the_feedback_once(tmp_path: Path) -> None:
-    """The feedback id is drawn once per shown result: a retry after a reply lost on the way back
-    gets "duplicate", not a second copy; Submit is disabled while a submission is in flight and after
-    it was stored, until the review changes (then it is a new feedback, with a new id)."""
-    require_chromium()
+@contextlib.contextmanager
+def _detected(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
+    """A radiologist's page showing a detected DICOM, and the gateway's feedback spool (no store:
+    every feedback lands there)."""
     from playwright.sync_api import expect, sync_playwright
 
     settings, keys = review_gateway(tmp_path, conf_threshold=0.6)
-    app = create_app(settings, use_store=False)  # no store: every feedback lands in the gateway's spool
-    spool = app.state.cxr.feedback.spool
+    app = create_app(settings, use_store=False)
     upload = tmp_path / "chest.dcm"
     upload.write_bytes(make_dicom(320, 256, seed=7))
-
     with LiveServer(app, free_port()) as server, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -117,6 +116,18 @@ def test_a_retry_after_a_lost_reply_and_a_double_click_store_the_feedback_once(t
         page.set_input_files("#file", str(upload))
         page.click("#detect")
         expect(page.locator("#status")).to_contain_text("request ", timeout=60_000)
+        yield page, app.state.cxr.feedback.spool
+        browser.close()
+
+
+def test_a_retry_after_a_lost_reply_and_a_double_click_store_the_feedback_once(tmp_path: Path) -> None:
+    """The feedback id is drawn once per shown result: a retry after a reply lost on the way back
+    gets "duplicate", not a second copy; Submit is disabled while a submission is in flight and after
+    it was stored, until the review changes (then it is a new feedback, with a new id)."""
+    require_chromium()
+    from playwright.sync_api import expect
+
+    with _detected(tmp_path) as (page, spool):
         submit, feedback_status = page.locator("#submit"), page.locator("#feedback-status")
         page.fill("#comment", "first look")
 
@@ -166,7 +177,6 @@ def test_a_retry_after_a_lost_reply_and_a_double_click_store_the_feedback_once(t
         expect(feedback_status).to_have_class("ok")
         expect(feedback_status).to_contain_text("feedback spooled: ")
         expect(submit).to_be_disabled()
-        browser.close()
     assert len(spool.pending()) == 2
 
 
@@ -177,22 +187,9 @@ def test_a_changed_review_after_a_lost_reply_is_kept_as_a_new_feedback_not_refus
     same id with another body is a 409 feedback_id_reused, so the page takes the first as stored
     and sends the changes as a new feedback instead of retrying a refused id."""
     require_chromium()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    settings, keys = review_gateway(tmp_path, conf_threshold=0.6)
-    app = create_app(settings, use_store=False)
-    spool = app.state.cxr.feedback.spool
-    upload = tmp_path / "chest.dcm"
-    upload.write_bytes(make_dicom(320, 256, seed=7))
-
-    with LiveServer(app, free_port()) as server, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(server.url + "/")
-        page.fill("#api-key", keys["radiologist"])
-        page.set_input_files("#file", str(upload))
-        page.click("#detect")
-        expect(page.locator("#status")).to_contain_text("request ", timeout=60_000)
+    with _detected(tmp_path) as (page, spool):
         submit, feedback_status = page.locator("#submit"), page.locator("#feedback-status")
         page.fill("#comment", "first look")
 
@@ -215,5 +212,4 @@ def test_a_changed_review_after_a_lost_reply_is_kept_as_a_new_feedback_not_refus
         expect(feedback_status).to_contain_text("feedback spooled: ")
         assert json.loads(again.value.post_data or "{}")["comment"] == "second look"
         expect(submit).to_be_disabled()
-        browser.close()
     assert len(spool.pending()) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import pydicom
@@ -134,6 +135,18 @@ def test_detect_with_format_sr_returns_a_tid1500_report_of_the_boxes(
     assert selected_from.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source_uid
 
 
+def _sr_of(client: TestClient, keys: dict[str, str], ds: pydicom.Dataset) -> Any:
+    """The SR the gateway builds for ``ds``: detected, then fetched from ``/v1/results/{id}/sr``."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    headers = {"Authorization": f"Bearer {keys['pacs']}", "Content-Type": "application/dicom"}
+    r = client.post("/v1/detect", content=buf.getvalue(), headers=headers)
+    assert r.status_code == 200, r.text
+    sr_reply = client.get(f"/v1/results/{r.json()['request_id']}/sr", headers=headers)
+    assert sr_reply.status_code == 200, sr_reply.text
+    return hd.sr.srread(io.BytesIO(sr_reply.content))
+
+
 def test_sr_of_a_deidentified_dicom_without_type2_patient_attributes(
     onnx_client: TestClient, keys: dict[str, str]
 ) -> None:
@@ -142,14 +155,7 @@ def test_sr_of_a_deidentified_dicom_without_type2_patient_attributes(
     dropped = ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "AccessionNumber", "StudyTime")
     for keyword in dropped:
         delattr(ds, keyword)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    headers = {"Authorization": f"Bearer {keys['pacs']}", "Content-Type": "application/dicom"}
-    r = onnx_client.post("/v1/detect", content=buf.getvalue(), headers=headers)
-    assert r.status_code == 200, r.text
-    sr_reply = onnx_client.get(f"/v1/results/{r.json()['request_id']}/sr", headers=headers)
-    assert sr_reply.status_code == 200, sr_reply.text
-    sr = hd.sr.srread(io.BytesIO(sr_reply.content))
+    sr = _sr_of(onnx_client, keys, ds)
     assert sr.StudyInstanceUID == ds.StudyInstanceUID and sr.PatientBirthDate == ""
 
 
@@ -159,14 +165,7 @@ def test_an_sr_of_a_source_with_values_invalid_for_their_vr_carries_them_empty(
     """Such values made highdicom refuse every object of the study: the PACS got no result at all."""
     ds = pydicom.dcmread(io.BytesIO(make_dicom(seed=10)))
     ds.PatientBirthDate, ds.PatientSex, ds.StudyTime = "1980-02-03", "Male", "10:10"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    headers = {"Authorization": f"Bearer {keys['pacs']}", "Content-Type": "application/dicom"}
-    r = onnx_client.post("/v1/detect", content=buf.getvalue(), headers=headers)
-    assert r.status_code == 200, r.text
-    sr_reply = onnx_client.get(f"/v1/results/{r.json()['request_id']}/sr", headers=headers)
-    assert sr_reply.status_code == 200, sr_reply.text
-    sr = hd.sr.srread(io.BytesIO(sr_reply.content))
+    sr = _sr_of(onnx_client, keys, ds)
     assert (sr.PatientBirthDate, sr.PatientSex, sr.StudyTime) == ("", "", "")
     assert sr.PatientID == ds.PatientID and sr.StudyDate == ds.StudyDate
 

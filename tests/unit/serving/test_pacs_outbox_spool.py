@@ -6,6 +6,7 @@ import io
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -399,6 +400,16 @@ def test_a_pacs_that_refuses_one_object_is_not_held(tmp_path: Path) -> None:
     assert sendback.deliver_due(now + 0.1) == 1, "not held: a new object is offered at once"
 
 
+def _answer(width: int = 96, height: int = 80, *boxes: list[float]) -> dict[str, Any]:
+    """A detection response of the contract's shape, for a source of ``width`` x ``height``."""
+    return {
+        "request_id": "r",
+        "model": {"name": "m", "version": "1", "stage": "production", "variant": "fp32"},
+        "image": {"width": width, "height": height},
+        "detections": [{"class_id": 0, "class_name": "x", "confidence": 0.5, "box": b} for b in boxes],
+    }
+
+
 def test_one_sr_is_never_built_from_two_patients_images(tmp_path: Path) -> None:
     """A worklist row of an older gateway may hold two patients' results under one study UID."""
     from pydicom.uid import generate_uid
@@ -409,12 +420,7 @@ def test_one_sr_is_never_built_from_two_patients_images(tmp_path: Path) -> None:
 
     back = _sendback(tmp_path, _Pacs())
     study = generate_uid()
-    response = {
-        "request_id": "r",
-        "model": {"name": "m", "version": "1", "stage": "production", "variant": "fp32"},
-        "image": {"width": 96, "height": 80},
-        "detections": [],
-    }
+    response = _answer()
     alice = ResultRecord("a", response, "dicom", make_dicom(seed=1, study_uid=study, patient_id="ALICE-1"))
     bob = ResultRecord("b", response, "dicom", make_dicom(seed=2, study_uid=study, patient_id="BOB-2"))
     assert back.build([alice], None)  # one patient: its SR and presentation state
@@ -431,12 +437,7 @@ def test_an_image_no_object_can_reference_is_left_out_and_the_others_go(tmp_path
 
     back = _sendback(tmp_path, _Pacs())
     study = generate_uid()
-    response = {
-        "request_id": "r",
-        "model": {"name": "m", "version": "1", "stage": "production", "variant": "fp32"},
-        "image": {"width": 96, "height": 80},
-        "detections": [],
-    }
+    response = _answer()
     ds = pydicom.dcmread(io.BytesIO(make_dicom(seed=3, study_uid=study)))
     del ds.SeriesInstanceUID
     buf = io.BytesIO()
@@ -462,12 +463,7 @@ def test_a_send_back_holds_a_stored_results_header_not_its_pixels(tmp_path: Path
     )
     study = generate_uid()
     source = make_dicom(512, 512, seed=5, study_uid=study)
-    response = {
-        "request_id": "r",
-        "model": {"name": "m", "version": "1", "stage": "production", "variant": "fp32"},
-        "image": {"width": 512, "height": 512},
-        "detections": [{"class_id": 0, "class_name": "x", "confidence": 0.5, "box": [1.0, 1.0, 40.0, 40.0]}],
-    }
+    response = _answer(512, 512, [1.0, 1.0, 40.0, 40.0])
     store.journal(ResultRecord("r1", response, "dicom", source, tenant="t"))
     light = back._fetch_header_only(store, "r1", "t")
     assert light.source is not None and len(light.source) < len(source) // 10
