@@ -19,14 +19,11 @@ from pydicom.uid import generate_uid
 from serving.config import ServingSettings
 from serving.dimse.forwarder import Forwarder
 from serving.dimse.spool import InstanceSpool, SpooledStudy
-from serving.gateway.auth import hash_key
-from serving.pacs.outbox import Outbox
-from tests.unit.serving.serving_support import make_dicom, onnx_settings, stow_body
+from tests.unit.serving.dimse_support import GSPS_CLASS, SR_CLASS, down_pacs_gateway, sent_back
+from tests.unit.serving.serving_support import make_dicom, stow_body
 
 pytestmark = pytest.mark.unit
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
-GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
 OTHER_TENANT_KEY = f"cxr_pacs_{uuid.uuid4().hex}"
 
 
@@ -34,28 +31,10 @@ OTHER_TENANT_KEY = f"cxr_pacs_{uuid.uuid4().hex}"
 def gateway(
     onnx_model: Path, gitops_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[TestClient, ServingSettings]]:
-    """A gateway whose one PACS destination is down: what it sends back stays in its outbox to be read."""
-    from serving.gateway.app import create_app
-
+    """A gateway whose one PACS destination is down, with a pacs key of another tenant too."""
     root = tmp_path_factory.mktemp("forwarder")
-    key = f"cxr_pacs_{uuid.uuid4().hex}"
-    entries = [
-        {"id": "scp", "role": "pacs", "sha256": hash_key(key), "tenant": "hospital"},
-        {"id": "other", "role": "pacs", "sha256": hash_key(OTHER_TENANT_KEY), "tenant": "elsewhere"},
-    ]
-    (root / "keys.json").write_text(json.dumps({"keys": entries}))
-    down = {"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/dicom-web", "callers": ["*"]}
-    settings = onnx_settings(
-        onnx_model,
-        root / "keys.json",
-        root,
-        gitops_dir=gitops_dir,
-        pacs_destinations=[down],
-        outbox_retry_s=3600,  # one failed try, then the items wait for the test to read them
-    )
-    with TestClient(create_app(settings, use_store=False), raise_server_exceptions=False) as client:
-        client.headers["Authorization"] = f"Bearer {key}"  # the SCP's client carries its key the same way
-        yield client, settings
+    with down_pacs_gateway(onnx_model, gitops_dir, root, other_keys={OTHER_TENANT_KEY: "elsewhere"}) as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -85,26 +64,6 @@ def _answered_study(spool: InstanceSpool, images: int, seed: int) -> tuple[Spool
     return study, sops
 
 
-def _sent_back(settings: ServingSettings, sops: list[str]) -> dict[str, int]:
-    """SOP classes of the outbox items built from the ``sops`` sources, counted."""
-    counts: dict[str, int] = {}
-    for item in Outbox(settings.resolved_outbox_dir).items():
-        ds = pydicom.dcmread(item.folder / "object.dcm", stop_before_pixels=True)
-        referenced = {
-            str(ref.ReferencedSOPInstanceUID)
-            for series in ds.get("ReferencedSeriesSequence", [])
-            for ref in series.ReferencedImageSequence
-        } | {
-            str(ref.ReferencedSOPInstanceUID)
-            for evidence in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
-            for series in evidence.ReferencedSeriesSequence
-            for ref in series.ReferencedSOPSequence
-        }
-        if referenced and referenced <= set(sops):
-            counts[item.sop_class_uid] = counts.get(item.sop_class_uid, 0) + 1
-    return counts
-
-
 def test_images_are_analysed_on_arrival_and_the_study_is_sent_back_once_settled(
     gateway: tuple[TestClient, ServingSettings], forwarder: Forwarder
 ) -> None:
@@ -117,13 +76,13 @@ def test_images_are_analysed_on_arrival_and_the_study_is_sent_back_once_settled(
     assert forwarder.forward(client, arrived)
     [analysed] = spool.studies()
     assert analysed.pending == () and len(analysed.files) == 2  # kept until its results are out
-    assert _sent_back(settings, sops) == {}  # nothing goes back before the study settles
+    assert sent_back(settings, sops) == {}  # nothing goes back before the study settles
     assert forwarder.due(now) == []
     [settled] = forwarder.due(now + 10)
     assert forwarder.forward(client, settled)
     assert spool.studies() == []
     # one SR covering both images, one presentation state per image: as a STOW-RS of the whole study
-    assert _sent_back(settings, sops) == {SR_CLASS: 1, GSPS_CLASS: 2}
+    assert sent_back(settings, sops) == {SR_CLASS: 1, GSPS_CLASS: 2}
 
 
 def test_an_instance_sent_again_is_analysed_again_and_one_that_arrives_late_is_kept(
@@ -179,7 +138,7 @@ def test_a_study_the_gateway_forgot_is_analysed_again_not_dropped(
     assert forwarder.forward(client, study)
     assert forwarder.forward(client, spool.studies()[0])
     assert spool.studies() == []
-    assert _sent_back(settings, sops) == {SR_CLASS: 1, GSPS_CLASS: 2}
+    assert sent_back(settings, sops) == {SR_CLASS: 1, GSPS_CLASS: 2}
 
 
 def test_another_tenants_key_cannot_send_a_study_back(
@@ -192,7 +151,7 @@ def test_another_tenants_key_cannot_send_a_study_back(
         f"/v1/studies/{study}/send-back", headers={"Authorization": f"Bearer {OTHER_TENANT_KEY}"}
     )
     assert other.status_code == 404 and other.json()["error"]["code"] == "study_not_analysed"
-    assert _sent_back(settings, sops) == {}
+    assert sent_back(settings, sops) == {}
 
 
 def _audited(client: TestClient, response: Any) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,14 +29,10 @@ from serving.dimse.forwarder import Forwarder, related_body
 from serving.dimse.scp import ScpConfig, StorageScp
 from serving.dimse.service import build
 from serving.dimse.spool import InstanceSpool
-from serving.gateway.auth import hash_key
-from serving.pacs.outbox import Outbox
-from tests.unit.serving.serving_support import make_dicom, onnx_settings
+from tests.unit.serving.dimse_support import GSPS_CLASS, SR_CLASS, down_pacs_gateway, sent_back
+from tests.unit.serving.serving_support import make_dicom
 
 pytestmark = pytest.mark.unit
-
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
-GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 @pytest.fixture(scope="module")
@@ -45,49 +40,13 @@ def gateway(
     onnx_model: Path, gitops_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[TestClient, ServingSettings]]:
     """An in-process gateway whose one PACS is down: what it sends back stays in its outbox to be read."""
-    from serving.gateway.app import create_app
-
-    root = tmp_path_factory.mktemp("limits")
-    key = f"cxr_pacs_{uuid.uuid4().hex}"
-    entries = [{"id": "scp", "role": "pacs", "sha256": hash_key(key), "tenant": "hospital"}]
-    (root / "keys.json").write_text(json.dumps({"keys": entries}))
-    down = {"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/dicom-web", "callers": ["*"]}
-    settings = onnx_settings(
-        onnx_model,
-        root / "keys.json",
-        root,
-        gitops_dir=gitops_dir,
-        pacs_destinations=[down],
-        outbox_retry_s=3600,
-    )
-    with TestClient(create_app(settings, use_store=False), raise_server_exceptions=False) as client:
-        client.headers["Authorization"] = f"Bearer {key}"
-        yield client, settings
+    with down_pacs_gateway(onnx_model, gitops_dir, tmp_path_factory.mktemp("limits")) as pair:
+        yield pair
 
 
 def _instance(study: str, seed: int) -> tuple[str, bytes]:
     data = make_dicom(seed=seed, study_uid=study)
     return str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID), data
-
-
-def _sent_back(settings: ServingSettings, sops: list[str]) -> dict[str, int]:
-    """SOP classes of the outbox items built from the ``sops`` sources only, counted."""
-    counts: dict[str, int] = {}
-    for item in Outbox(settings.resolved_outbox_dir).items():
-        ds = pydicom.dcmread(item.folder / "object.dcm", stop_before_pixels=True)
-        referenced = {
-            str(ref.ReferencedSOPInstanceUID)
-            for series in ds.get("ReferencedSeriesSequence", [])
-            for ref in series.ReferencedImageSequence
-        } | {
-            str(ref.ReferencedSOPInstanceUID)
-            for evidence in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
-            for series in evidence.ReferencedSeriesSequence
-            for ref in series.ReferencedSOPSequence
-        }
-        if referenced and referenced <= set(sops):
-            counts[item.sop_class_uid] = counts.get(item.sop_class_uid, 0) + 1
-    return counts
 
 
 def _began_long_ago(spool: InstanceSpool, seconds: float) -> None:
@@ -120,7 +79,7 @@ def test_a_study_that_never_settles_is_sent_back_once_its_first_arrival_is_old_e
     assert time.time() - waiting.last_arrival < 5.0  # never settled
     assert forwarder.forward(client, waiting)
     assert spool.studies() == []
-    assert _sent_back(settings, sops) == {SR_CLASS: 1, GSPS_CLASS: 2}
+    assert sent_back(settings, sops) == {SR_CLASS: 1, GSPS_CLASS: 2}
 
 
 def test_instances_arriving_while_an_overdue_study_is_sent_back_form_its_next_round(
@@ -137,7 +96,7 @@ def test_instances_arriving_while_an_overdue_study_is_sent_back_form_its_next_ro
     resent_at = time.time()
     spool.write(study, sop, data)  # sent again (a new copy) while the study is handed over
     assert forwarder.forward(client, overdue)
-    assert _sent_back(settings, [sop]) == {SR_CLASS: 1, GSPS_CLASS: 1}
+    assert sent_back(settings, [sop]) == {SR_CLASS: 1, GSPS_CLASS: 1}
     # the new copy stays: the study's next round, which began with it (not 600 s ago: not overdue)
     [later] = spool.studies()
     assert len(later.pending) == 1 and later.first_arrival >= resent_at - 1
