@@ -20,6 +20,21 @@ from tests.unit.serving.serving_support import (
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 
+def _three_results(url: str, key: str) -> list[str]:
+    """Three real results of PNG uploads (no study: only the worklist rows a test makes are listed)."""
+    rids = []
+    for seed in (1, 2, 3):
+        r = httpx.post(
+            url + "/v1/detect",
+            content=make_png(320, 256, seed=seed),
+            headers={"X-API-Key": key, "Content-Type": "image/png"},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        rids.append(r.json()["request_id"])
+    return rids
+
+
 def test_a_priority_study_is_listed_first_and_clicking_it_opens_its_images_in_the_viewer(
     tmp_path: Path,
 ) -> None:
@@ -30,16 +45,7 @@ def test_a_priority_study_is_listed_first_and_clicking_it_opens_its_images_in_th
     app = create_app(settings, use_store=False)
     with LiveServer(app, free_port()) as server, sync_playwright() as pw:
         # three real results (PNGs carry no study, so only the rows made below are listed) ...
-        rids = []
-        for seed in (1, 2, 3):
-            r = httpx.post(
-                server.url + "/v1/detect",
-                content=make_png(320, 256, seed=seed),
-                headers={"X-API-Key": keys["pacs"], "Content-Type": "image/png"},
-                timeout=60,
-            )
-            assert r.status_code == 200, r.text
-            rids.append(r.json()["request_id"])
+        rids = _three_results(server.url, keys["pacs"])
         # ... grouped into an older normal study and a newer priority one of two images
         worklist = app.state.cxr.worklist
         now = datetime.now(UTC)
@@ -100,16 +106,7 @@ def test_a_study_whose_image_fails_or_answers_late_leaves_nothing_of_the_previou
     settings, keys = review_gateway(tmp_path, conf_threshold=0.6, triage_threshold=0.5)
     app = create_app(settings, use_store=False)
     with LiveServer(app, free_port()) as server, sync_playwright() as pw:
-        rids = []
-        for seed in (1, 2, 3):
-            r = httpx.post(
-                server.url + "/v1/detect",
-                content=make_png(320, 256, seed=seed),
-                headers={"X-API-Key": keys["pacs"], "Content-Type": "image/png"},
-                timeout=60,
-            )
-            assert r.status_code == 200, r.text
-            rids.append(r.json()["request_id"])
+        rids = _three_results(server.url, keys["pacs"])
         uids = {"A": "1.2.826.0.1.7101", "B": "1.2.826.0.1.7102", "C": "1.2.826.0.1.7103"}
         worklist, now = app.state.cxr.worklist, datetime.now(UTC)
         for i, name in enumerate("ABC"):
