@@ -36,7 +36,7 @@ class GoldenError(DataPipelineError):
 class GoldenPin(BaseModel):
     """What ``training/golden.yaml`` holds: the version, and what it was when it was pinned."""
 
-    version: str
+    version: str = Field(pattern=r"^[0-9a-f]{16}$", description="a dataset version (VERSION_PATTERN)")
     images: int = Field(ge=1)
     patients: int = Field(ge=1)
     findings: dict[str, int] = Field(default_factory=dict, description="boxes per class")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -58,6 +59,24 @@ def file_listing(dataset_dir: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+#: what :func:`compute_version` makes: the only form a version read from outside may take
+VERSION_PATTERN = re.compile(r"[0-9a-f]{16}")
+
+
+def checked_version(version: str, where: str) -> str:
+    """``version`` when it is a dataset version's form, else :class:`DatasetNotFound`.
+
+    A version becomes a folder name under the cache (and a store prefix): one read from the store
+    (``datasets/LATEST``), a manifest or an MLflow tag must not name another path (``../x``, ``/x``).
+    """
+    if not VERSION_PATTERN.fullmatch(version):
+        raise DatasetNotFound(
+            f"{where} names dataset version {version[:40]!r}, which is not a version "
+            "(16 lowercase hex digits, as `cxr data ingest` makes them)"
+        )
+    return version
+
+
 def version_prefix(version: str) -> str:
     return f"{DATASETS_PREFIX}{version}/"
 
@@ -91,11 +110,12 @@ def list_versions(store: ObjectStore) -> list[str]:
 def latest_version(store: ObjectStore) -> str:
     """The version the last ingest published."""
     try:
-        return store.get_bytes(LATEST).decode().strip()
+        latest = store.get_bytes(LATEST).decode(errors="replace").strip()
     except StoreError as exc:
         raise DatasetNotFound(
             f"no dataset published yet in {store.endpoint} (run `cxr data ingest`)"
         ) from exc
+    return checked_version(latest, f"{store.endpoint}'s {LATEST}")
 
 
 def fetch_dataset(version: str, cache_dir: Path, store: ObjectStore | None = None) -> Path:
@@ -107,6 +127,7 @@ def fetch_dataset(version: str, cache_dir: Path, store: ObjectStore | None = Non
     store = store or ObjectStore.from_env()
     if version == "latest":
         version = latest_version(store)
+    checked_version(version, "the dataset reference")
     cache_dir = Path(cache_dir)
     target = cache_dir / version
     if (target / MANIFEST).exists():

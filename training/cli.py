@@ -116,6 +116,14 @@ def _registered_onnx(
     ref = dataset or version.tags.get("dataset_version")
     if not ref:
         raise TrainingError(f"version {model_version} has no dataset_version tag; pass --dataset")
+    if not dataset:  # a tag names a published version, never a folder (only --dataset may)
+        from data_pipeline.errors import DatasetNotFound
+        from data_pipeline.versioning import checked_version
+
+        try:
+            checked_version(ref, f"version {model_version}'s dataset_version tag")
+        except DatasetNotFound as exc:
+            raise TrainingError(str(exc)) from None
     data = resolve_dataset(ref, work, settings.dataset_cache)
     return data, registry.download_onnx(model_version, work / "model")
 

@@ -169,8 +169,10 @@ def test_latest_source_is_the_folder_the_latest_dataset_was_built_from(server: A
         "annotations": str(src / "annotations.csv"),
         "feedback_objects": [],
     }
-    store.put_bytes(version_prefix("v1") + MANIFEST, json.dumps({"version": "v1", "source": source}).encode())
-    store.put_bytes(LATEST, b"v1")
+    version = "00000000000000a1"
+    manifest = {"version": version, "source": source}
+    store.put_bytes(version_prefix(version) + MANIFEST, json.dumps(manifest).encode())
+    store.put_bytes(LATEST, version.encode())
     staged = steps.ingest("latest", dest=None, include_feedback=False, store=store).staged
     assert (staged.dicom_dir, staged.annotations_csv) == (src / "dicom", src / "annotations.csv")
     (src / "annotations.csv").unlink()  # built on another machine: say so instead of failing later

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -171,3 +172,26 @@ def test_seeding_is_a_saving_never_a_failure_and_never_seeds_a_damaged_build(
     _into_cache(target, theirs_first)
     assert sorted(p.name for p in target.iterdir()) == [MANIFEST]
     assert [p.name for p in target.parent.iterdir()] == [build.version]
+
+
+def test_a_version_read_from_outside_never_names_another_path(tmp_path: Path) -> None:
+    """datasets/LATEST, a manifest or an MLflow tag become a folder name under the cache."""
+    from data_pipeline.errors import DatasetNotFound
+    from data_pipeline.versioning import checked_version, fetch_dataset, latest_version
+
+    class _Store:
+        endpoint = "s3://test"
+
+        def __init__(self, latest: bytes) -> None:
+            self.latest = latest
+
+        def get_bytes(self, key: str) -> bytes:
+            return self.latest
+
+    for hostile in (b"../../outside", b"/home/u/x", b"0123456789abcdef/../x", b""):
+        with pytest.raises(DatasetNotFound, match="not a version"):
+            latest_version(cast(Any, _Store(hostile)))
+        with pytest.raises(DatasetNotFound, match="not a version"):
+            fetch_dataset("latest", tmp_path / "cache", cast(Any, _Store(hostile)))
+    assert not (tmp_path / "outside").exists()
+    assert checked_version("0123456789abcdef", "x") == "0123456789abcdef"
