@@ -124,8 +124,8 @@ def up(
         f"{orthanc_line}"
         f"MLflow   http://{settings.host}:{settings.mlflow_port}/\n"
         f"S3       http://{settings.host}:{settings.s3_port}/\n"
-        f"API keys and S3 keys: {settings.credentials_file} (mode 0600); e.g. radiologist key "
-        f"{creds['api_keys']['radiologist']}"
+        f"API keys and S3 keys: {settings.credentials_file} (mode 0600): paste the radiologist key "
+        "from there into the review page (a key printed here would stay in logs and scrollback)"
     )
 
 

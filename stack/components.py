@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.offline import offline_env
+from stack.credentials import write_private
 from stack.triton_launch import STUB_NAME, backends_dir
 
 
@@ -169,8 +170,7 @@ def s3_component(
     data = state / "s3"
     data.mkdir(parents=True, exist_ok=True)
     identities = state / "s3-identities.json"
-    identities.write_text(json.dumps(s3_identities(creds)))
-    identities.chmod(0o600)
+    write_private(identities, json.dumps(s3_identities(creds)))  # the S3 keys: 0600 from the start
     weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed") or "weed"
     command = [
         weed,

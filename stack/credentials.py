@@ -19,17 +19,39 @@ import secrets
 from pathlib import Path
 
 from core.credentials import StackCredentials, parse_credentials
+from core.durable import fsync_dir
 from core.install_secret import SECRET_FILE
 
 ROLES: tuple[str, ...] = ("pacs", "radiologist", "operator", "admin")
 
 
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    path.chmod(0o600)
+def write_private(path: Path, text: str) -> None:
+    """``text`` at ``path``, mode 0600 from its first byte, all or nothing, and only when it changed.
+
+    ``credentials.json`` holds the install's de-identification secret and is written on every
+    ``up`` and ``status``: truncated in place, a full disk or a crash mid-write left it empty or
+    garbled, and a gateway then fell back to another secret (pseudonyms changed silently). A temp
+    file beside it (created 0600, never readable by others), fsync'd and renamed, cannot.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = text.encode()
+    try:
+        if path.read_bytes() == data and (path.stat().st_mode & 0o777) == 0o600:
+            return
+    except OSError:
+        pass
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def hash_key(key: str) -> str:
@@ -51,15 +73,15 @@ def load_or_create(credentials_file: Path, api_keys_file: Path) -> StackCredenti
         deid_secret=old.deid_secret or earlier or secrets.token_hex(32),
         orthanc_password=old.orthanc_password or secrets.token_urlsafe(24),
     )
-    _write_private(credentials_file, json.dumps(creds.to_json(), indent=2) + "\n")
+    write_private(credentials_file, json.dumps(creds.to_json(), indent=2) + "\n")
     hashed = {
         "keys": [{"id": role, "role": role, "sha256": hash_key(key)} for role, key in creds.api_keys.items()]
     }
-    _write_private(api_keys_file, json.dumps(hashed, indent=2) + "\n")
+    write_private(api_keys_file, json.dumps(hashed, indent=2) + "\n")
     return creds
 
 
 def write_env_file(path: Path, env: dict[str, str]) -> None:
     """The stack's ``CXR_*`` variables for CLI commands run beside it (mode 0600)."""
     lines = [f"{key}={value}" for key, value in sorted(env.items())]
-    _write_private(path, "\n".join(lines) + "\n")
+    write_private(path, "\n".join(lines) + "\n")

@@ -20,6 +20,7 @@ from typing import Any, cast
 from supervisor.xmlrpc import SupervisorTransport
 
 from stack.components import Component
+from stack.credentials import write_private
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,8 @@ class Supervisor:
             return False
 
     def write_config(self, components: list[Component]) -> None:
-        self.config.write_text(render_config(self.state, components))
-        self.config.chmod(0o600)
+        # it holds the S3 secret and Orthanc's auth header in environment= lines: 0600 from the start
+        write_private(self.config, render_config(self.state, components))
 
     def start(self) -> None:
         """Start supervisord (it daemonizes) and wait until its RPC answers."""

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,3 +147,36 @@ def test_a_component_is_up_only_when_its_later_endpoints_listen_too() -> None:
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+def test_secret_files_are_private_from_their_first_byte_and_replaced_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """credentials.json holds the de-identification secret: written in place it was world-readable
+    for a moment (write_text, then chmod) and, cut short, left empty or garbled."""
+    import os
+
+    from stack import credentials
+
+    target = tmp_path / "state" / "credentials.json"
+    modes: list[int] = []
+    real_replace = os.replace
+
+    def watch(src: Any, dst: Any) -> None:
+        modes.append(os.stat(src).st_mode & 0o777)  # the file as it is before it takes the name
+        real_replace(src, dst)
+
+    monkeypatch.setattr(credentials.os, "replace", watch)
+    credentials.write_private(target, '{"a": 1}\n')
+    assert modes == [0o600] and (target.stat().st_mode & 0o777) == 0o600
+    credentials.write_private(target, '{"a": 1}\n')
+    assert modes == [0o600], "unchanged: not written again"
+
+    def full_disk(src: Any, dst: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(credentials.os, "replace", full_disk)
+    with pytest.raises(OSError):
+        credentials.write_private(target, '{"a": 2}\n')
+    assert target.read_text() == '{"a": 1}\n'  # the old file whole, and no temp file left
+    assert [p.name for p in target.parent.iterdir()] == ["credentials.json"]
