@@ -109,13 +109,16 @@ def commit_pin(gitops_dir: Path, pin: GoldenPin) -> str | None:
     except (InvalidGitRepositoryError, NoSuchPathError):
         return None
     repo.index.add([str(PIN_FILE)])
-    if repo.head.is_valid() and not repo.index.diff("HEAD"):
+    if repo.head.is_valid() and not repo.index.diff("HEAD", paths=[str(PIN_FILE)]):
         return None  # the same pin again: nothing to commit
-    commit = repo.index.commit(
+    message = (
         f"pin golden set {pin.version} ({pin.images} images, {pin.patients} patients)\n\n"
         "Promotion gates compare candidate and production on this set (data_pipeline/golden.py)."
     )
-    return commit.hexsha
+    # the git binary with the pin's path only: the index's commit took whatever else was staged
+    # (a half-edited stage file) into the pin's commit, and skipped the repository's hooks
+    repo.git.commit("-m", message, "--", str(PIN_FILE))
+    return str(repo.head.commit.hexsha)
 
 
 def golden_patients(dataset_dir: Path) -> frozenset[str]:

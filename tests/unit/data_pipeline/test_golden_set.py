@@ -176,6 +176,8 @@ def test_cli_builds_pins_and_shows_a_golden_set_and_refuses_a_tiny_one(
     with repo.config_writer() as config:
         config.set_value("user", "name", "Golden Test")
         config.set_value("user", "email", "golden@example.org")
+    (tmp_path / "half-edited.yaml").write_text("stage: not reviewed yet\n")
+    repo.index.add(["half-edited.yaml"])  # staged by the person, not part of the pin
     monkeypatch.setenv("CXR_GITOPS_DIR", str(tmp_path))
     monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
     monkeypatch.setenv("CXR_MAX_SIDE", "128")
@@ -192,6 +194,6 @@ def test_cli_builds_pins_and_shows_a_golden_set_and_refuses_a_tiny_one(
     pin = read_pin(tmp_path)
     assert pin is not None and pin.version in built.output
     assert repo.head.commit.message.startswith(f"pin golden set {pin.version}")
-    assert "training/golden.yaml" in repo.head.commit.stats.files
+    assert list(repo.head.commit.stats.files) == ["training/golden.yaml"]  # the pin, nothing staged beside
     shown = CliRunner().invoke(app, ["golden", "show"])
     assert shown.exit_code == 0 and pin.version in shown.output
