@@ -97,7 +97,10 @@ def golden_results(onnx: Path, golden: DatasetRef, cache_dir: Path, version: str
     """Every golden image's matched detections for one model, computed once per model and golden set.
 
     The cache key holds the ONNX file's sha256 as well as the version number, so a registry that
-    was reset (same number, different model) never serves stale results.
+    was reset (same number, different model) never serves stale results. That holds because
+    ``onnx`` is the version's own file: ``cxr promote`` passes what :func:`delivery.onnx_cache.fetch_onnx`
+    returns, cached per model name and sha256 and checked against the version's lineage tag (a
+    file that differs is refused before it gets here), not a file cached under the version number.
     """
     from training.evaluate import evaluate
     from training.predictors import OrtPredictor
@@ -168,7 +171,10 @@ def golden_gate(
     """Candidate vs production on the pinned golden set: the verdict, its table, the comparison.
 
     Each side is a version AND the serving variant it is (or would be) served as: INT8 of the
-    version production serves in fp32 is a candidate like any other.
+    version production serves in fp32 is a candidate like any other. ``onnx_for`` gives a side's
+    file; ``cxr promote``'s is :func:`delivery.onnx_cache.fetch_onnx`, whose
+    :class:`~delivery.onnx_cache.OnnxIntegrityError` (bytes other than the lineage tag's) ends
+    the gate before either model is evaluated.
     """
     if not production:
         return _skipped("no production model yet", "a production model to compare with", True)

@@ -3,9 +3,11 @@
 The overlay file is the truth, not a database: after a promote, a rollback or a plain
 ``git revert``, the stage's Triton must serve the version its file names (or nothing).
 
-- One machine: :func:`reconcile_stage` fetches the named version's ONNX from MLflow, rebuilds the
-  stage's local repository (Python-backend variant, CPU) and (re)loads it through Triton's
-  repository API (explicit model control), or unloads the model when the stage names none.
+- One machine: :func:`reconcile_stage` fetches the named version's ONNX from MLflow (cached per
+  model name and sha256, and refused unless its bytes match the version's lineage tag:
+  :mod:`delivery.onnx_cache`), rebuilds the stage's local repository (Python-backend variant,
+  CPU) and (re)loads it through Triton's repository API (explicit model control), or unloads the
+  model when the stage names none.
 - Cluster: :func:`publish_stage` runs as each overlay's ArgoCD ``Sync`` hook and only *publishes*
   the cluster variant (ONNX Runtime on the GPU with TensorRT FP16) to ``s3://<bucket>/triton/<stage>/``.
   It calls no Triton: every replica of the stage polls that repository
@@ -25,13 +27,12 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from core.errors import CxrError
-from core.operating_points import OPERATING_POINTS_FILE
-from core.scratch import scratch_dir
 from core.stage_file import read_stage_file
 from core.stages import PROMOTION_ORDER, Stage
 from core.variants import DEFAULT_VARIANT, Variant
 from delivery.context import DeliveryContext
 from delivery.errors import ReconcileError
+from delivery.onnx_cache import fetch_onnx
 from training.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -47,44 +48,6 @@ class ReconcileResult:
     model_version: str
     action: str  # one machine: "loaded" | "unloaded" | "unchanged"; cluster: "published" | "unpublished"
     seconds: float
-
-
-def fetch_onnx(
-    registry: ModelRegistry, version: str, cache: Path, variant: Variant = DEFAULT_VARIANT
-) -> Path:
-    """The version's ONNX of ``variant``, downloaded once into the cache, its operating points beside it.
-
-    The repository builder takes ``operating_points.json`` from beside the ONNX into the model
-    config, so every repository built from the cache carries the thresholds of that very file.
-    """
-    folder = cache / version if variant == DEFAULT_VARIANT else cache / version / variant
-    target = folder / "model.onnx"
-    # A download folder of this call's own (core.scratch): the reconcile watcher and a
-    # `cxr promote` fetch the same version at the same moment (the pipeline promotes to staging,
-    # then the next stage is asked for at once). MLflow writes a download in place, so with one
-    # shared folder one fetcher renamed a file the other was still writing: a truncated ONNX in
-    # the cache ("Protobuf parsing failed" in the golden gate). Each fetcher renames its finished
-    # file into place, atomically; the second rename puts the same bytes there again.
-    if not target.exists():
-        with scratch_dir(folder, "download-") as tmp:
-            registry.download_onnx(version, tmp, variant).replace(target)
-    _fetch_operating_points(registry, version, target.parent, variant)
-    return target
-
-
-def _fetch_operating_points(registry: ModelRegistry, version: str, folder: Path, variant: Variant) -> None:
-    """Once per version: its artifact, or a marker that it has none (trained before operating points)."""
-    path = folder / OPERATING_POINTS_FILE
-    absent = folder / f"{OPERATING_POINTS_FILE}.absent"
-    if path.exists() or absent.exists():
-        return
-    with scratch_dir(folder, "download-") as tmp:
-        downloaded = registry.download_operating_points(version, tmp, variant)
-        if downloaded is None:
-            log.info("operating_points_absent version=%s: global threshold, raw confidences", version)
-            absent.touch()
-        else:
-            downloaded.replace(path)
 
 
 def _stage_prefix(stage: str) -> str:

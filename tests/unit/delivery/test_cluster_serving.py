@@ -20,9 +20,11 @@ from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import model_config_pb2 as mc
 from typer.testing import CliRunner
 
+from core.hashing import file_sha256
 from core.stage_file import StageFile, write_stage_file
 from delivery import reconcile as rec
 from delivery.context import DeliveryContext
+from training.registry import VersionFacts
 
 pytestmark = pytest.mark.unit
 
@@ -83,11 +85,18 @@ class FakeStore:
 
 
 class FakeRegistry:
+    model_name = MODEL
+    tracking_uri = "http://mlflow.invalid"
+
     def __init__(self, models: dict[str, Path]) -> None:
         self.models = models
         self.operating_points: dict[str, str] = {}  # version -> artifact JSON (none: trained before them)
         self.asked: list[str] = []
         self.variants: list[str] = []  # the serving variant of each ONNX download
+
+    def facts(self, version: str) -> VersionFacts:
+        """Each version's lineage tag records its fp32 file (the other variants carry no hash tag here)."""
+        return VersionFacts(version, {"onnx_sha256": file_sha256(self.models[version])})
 
     def download_onnx(self, version: str, dest: Path, variant: str = "fp32") -> Path:
         self.variants.append(variant)
@@ -200,7 +209,6 @@ def test_a_stage_that_names_no_version_is_emptied_so_its_tritons_unload(cluster:
 
 
 def test_published_repository_carries_the_versions_operating_points(cluster: Any) -> None:
-    from core.hashing import file_sha256
     from core.operating_points import CONFIG_PARAMETER, OperatingPoints
 
     ctx, store, registry = cluster
@@ -340,12 +348,19 @@ def test_two_processes_fetching_one_version_at_once_leave_a_whole_onnx_in_the_ca
     With one shared download folder, one fetcher renamed the file the other was still writing:
     a truncated ONNX in the cache. Here the two downloads interleave chunk by chunk.
     """
+    import hashlib
     import threading
 
     payload = bytes(range(256)) * 4096  # 1 MiB
     both_writing = threading.Barrier(2, timeout=10)
 
     class SlowRegistry:
+        model_name = MODEL
+        tracking_uri = "http://mlflow.invalid"
+
+        def facts(self, version: str) -> VersionFacts:
+            return VersionFacts(version, {"onnx_sha256": hashlib.sha256(payload).hexdigest()})
+
         def download_onnx(self, version: str, dest: Path, variant: str = "fp32") -> Path:
             dest.mkdir(parents=True, exist_ok=True)
             out = dest / "onnx" / "model.onnx"

@@ -1,7 +1,9 @@
-"""The one-machine reconcile: "unchanged" means that very version served; one reconcile of a stage at a time.
+"""The one-machine reconcile: "unchanged" means that very version served; one reconcile of a stage at a time;
+it builds only from the ONNX bytes the version's lineage tag records.
 
 Triton is a stand-in here (its real counterpart: tests/integration/delivery/test_gitops_promote_stack.py,
-steps [7] and [8]); the repository is someone else's (``build_local=False``), so no ONNX is needed.
+steps [7] and [8]); the repository is someone else's (``build_local=False``), so no ONNX is needed,
+or (the ONNX cache's tests) a recorder of what would have been built from which bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import delivery.reconcile as rec
 from core.stage_file import StageFile, write_stage_file
 from delivery.context import DeliveryContext
 from delivery.errors import ReconcileError
+from delivery.onnx_cache import OnnxIntegrityError
+from tests.unit.delivery.registry_support import TaggedRegistry, sha256
 
 pytestmark = pytest.mark.unit
 
@@ -99,3 +103,110 @@ def test_an_unwritable_stack_folder_is_a_reconcile_error_not_a_traceback(ctx: De
     ctx.stack_dir.write_text("a file where the stack folder belongs")
     with pytest.raises(ReconcileError, match=r"cannot reconcile stage canary: .*must be writable"):
         _reconcile(ctx)
+
+
+# ---------------------------------------------------------- the ONNX it builds from (delivery/onnx_cache.py)
+
+
+@pytest.fixture
+def built(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str, bytes]]:
+    """Each repository the reconcile builds: (model name, version, variant, the ONNX bytes put in it)."""
+    builds: list[tuple[str, str, str, bytes]] = []
+
+    def build_repository(onnx: Path, repo: Path, **kw: Any) -> Path:
+        builds.append((kw["model_name"], kw["model_version"], kw["precision"], onnx.read_bytes()))
+        FakeTriton.repository = kw["model_version"]
+        return repo / kw["model_name"]
+
+    monkeypatch.setattr("serving.inference.triton_repo.build_repository", build_repository)
+    return builds
+
+
+def _build(ctx: DeliveryContext, registry: TaggedRegistry) -> Any:
+    return rec.reconcile_stage(ctx, "canary", registry=registry, force=True)  # type: ignore[arg-type]
+
+
+def test_reconcile_builds_from_the_bytes_the_lineage_tag_records_cached_by_name_and_hash(
+    ctx: DeliveryContext, built: list[tuple[str, str, str, bytes]]
+) -> None:
+    registry = TaggedRegistry().register("3", b"model A")
+    assert _build(ctx, registry).action == "loaded"
+    assert built == [(MODEL, "3", "fp32", b"model A")] and FakeTriton.loads == ["3"]
+    cached = rec.fetch_onnx(registry, "3", ctx.onnx_cache)  # type: ignore[arg-type]
+    assert cached.read_bytes() == b"model A"
+    assert cached.relative_to(ctx.onnx_cache).parts[:2] == (MODEL, sha256(b"model A"))  # name, then hash
+    assert registry.downloads == [("3", "fp32")]  # downloaded once
+    assert [p.name for p in cached.parent.iterdir() if not p.name.startswith("operating_points")] == [
+        "model.onnx"
+    ]  # no download folder or temp file left beside it
+
+
+def test_a_cached_file_of_another_model_name_or_registry_is_not_reused(
+    ctx: DeliveryContext, built: list[tuple[str, str, str, bytes]]
+) -> None:
+    _build(ctx, TaggedRegistry().register("3", b"model A"))
+    # the registry was reset: version 3 is another model now, at the same address
+    _build(ctx, TaggedRegistry().register("3", b"model C after a reset"))
+    # the stage file names another registered model, whose version 3 is its own
+    write_stage_file(
+        ctx.gitops_dir, StageFile(stage="canary", model_name="cxr-other", model_version="3", canary_weight=10)
+    )
+    _build(ctx, TaggedRegistry("cxr-other").register("3", b"model D"))
+    # versions without a hash tag (before onnx_sha256 existed) are cached per registry and version
+    _build(ctx, TaggedRegistry("cxr-other", "http://a.invalid").register("3", b"untagged E", tagged=False))
+    _build(ctx, TaggedRegistry("cxr-other", "http://b.invalid").register("3", b"untagged F", tagged=False))
+    assert [b[3] for b in built] == [
+        b"model A",
+        b"model C after a reset",
+        b"model D",
+        b"untagged E",
+        b"untagged F",
+    ]
+    assert built[2][0] == built[3][0] == "cxr-other"
+
+
+def test_a_download_whose_bytes_differ_from_the_tag_is_refused_and_nothing_is_served(
+    ctx: DeliveryContext, built: list[tuple[str, str, str, bytes]]
+) -> None:
+    registry = TaggedRegistry().register("3", b"registered")
+    registry.swap("3", b"swapped in the artifact store")
+    with pytest.raises(OnnxIntegrityError) as refused:
+        _build(ctx, registry)
+    message = str(refused.value)
+    assert f"{MODEL} v3" in message
+    assert sha256(b"registered")[:12] in message
+    assert sha256(b"swapped in the artifact store")[:12] in message
+    assert "re-register" in message and "artifact store" in message
+    assert built == [] and FakeTriton.loads == []
+    assert list(ctx.onnx_cache.rglob("*.onnx")) == []  # nothing cached either
+    assert not list((ctx.stack_dir / "gitops").glob("applied-canary-*.json"))
+
+
+def test_a_cached_file_that_no_longer_matches_its_tag_is_fetched_again_never_served(
+    ctx: DeliveryContext, built: list[tuple[str, str, str, bytes]]
+) -> None:
+    registry = TaggedRegistry().register("3", b"registered")
+    _build(ctx, registry)
+    cached = rec.fetch_onnx(registry, "3", ctx.onnx_cache)  # type: ignore[arg-type]
+    cached.write_bytes(b"damaged")
+    _build(ctx, registry)  # downloaded again: the registered bytes
+    assert [b[3] for b in built] == [b"registered", b"registered"]
+    cached.write_bytes(b"damaged")
+    registry.swap("3", b"swapped")  # and the store's copy no longer matches either: refused
+    with pytest.raises(OnnxIntegrityError):
+        _build(ctx, registry)
+    assert len(built) == 2 and not cached.exists()
+
+
+def test_a_variant_is_checked_against_its_own_sha256_tag(
+    ctx: DeliveryContext, built: list[tuple[str, str, str, bytes]]
+) -> None:
+    registry = TaggedRegistry().register("3", b"fp32 export").register("3", b"int8 file", "int8")
+    write_stage_file(
+        ctx.gitops_dir, StageFile(stage="canary", model_version="3", variant="int8", canary_weight=10)
+    )
+    _build(ctx, registry)
+    assert built == [(MODEL, "3", "int8", b"int8 file")]
+    registry.swap("3", b"another int8 file", "int8")
+    with pytest.raises(OnnxIntegrityError, match=r"variant_int8_sha256"):
+        rec.fetch_onnx(registry, "3", ctx.onnx_cache / "fresh", "int8")  # type: ignore[arg-type]
