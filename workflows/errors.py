@@ -23,3 +23,7 @@ class StepFailed(PipelineError):
 
 class HandoffMissing(PipelineError):
     """A cluster step ran before the step whose result it reads (or that step's record was lost)."""
+
+
+class ParameterError(PipelineError):
+    """A workflow parameter is not of the form its step accepts (``check-parameters`` refuses it)."""

@@ -28,6 +28,7 @@ from rich.console import Console
 from core.errors import CxrError, StageFileError
 from core.stages import as_stage
 from workflows.config import WorkflowSettings, get_settings
+from workflows.parameters import TRAIN_STEP_ENV
 
 console = Console(highlight=False)
 app = typer.Typer(
@@ -208,6 +209,30 @@ def schedule(
 # --------------------------------------------------------------------------- steps (Argo)
 
 
+@step_app.command("check-parameters")
+def step_check_parameters(
+    training_config: Annotated[str, typer.Option("--training-config")],
+    base_model: Annotated[str, typer.Option("--base-model")],
+    epochs: Annotated[str, typer.Option("--epochs")],
+    workers: Annotated[str, typer.Option("--workers")],
+    outputs: OutputsOpt = None,
+) -> None:
+    """Refuse training parameters the train step's RayJob must not receive; output the checked values.
+
+    Every value is read as text, so a bad one gets this step's message, not a usage error.
+    """
+    from workflows.parameters import check_train_parameters
+
+    with _errors():
+        checked = check_train_parameters(
+            training_config=training_config, base_model=base_model, epochs=epochs, workers=workers
+        )
+    _write_outputs(outputs, checked.outputs())
+    console.print(
+        "parameters ok: " + " ".join(f"{k}={v}" for k, v in checked.outputs().items()), markup=False
+    )
+
+
 @step_app.command("ingest")
 def step_ingest(
     source: Annotated[str, typer.Option("--source")],
@@ -270,15 +295,29 @@ def step_build_dataset(
 
 @step_app.command("train")
 def step_train(
-    dataset_version: Annotated[str, typer.Option("--dataset-version")],
-    config: Annotated[Path, typer.Option("--config")],
-    run_name: RunNameOpt,
-    base_model: Annotated[str, typer.Option("--base-model")] = "production",
-    epochs: Annotated[int, typer.Option("--epochs")] = 0,
-    workers: Annotated[int, typer.Option("--workers", min=1)] = 2,
+    dataset_version: Annotated[
+        str, typer.Option("--dataset-version", envvar=TRAIN_STEP_ENV["dataset-version"])
+    ],
+    config: Annotated[Path, typer.Option("--config", envvar=TRAIN_STEP_ENV["training-config"])],
+    run_name: Annotated[
+        str,
+        typer.Option(
+            "--run-name",
+            envvar=TRAIN_STEP_ENV["run-name"],
+            help="the workflow's name; keys the hand-off records",
+        ),
+    ],
+    base_model: Annotated[
+        str, typer.Option("--base-model", envvar=TRAIN_STEP_ENV["base-model"])
+    ] = "production",
+    epochs: Annotated[int, typer.Option("--epochs", envvar=TRAIN_STEP_ENV["epochs"])] = 0,
+    workers: Annotated[int, typer.Option("--workers", min=1, envvar=TRAIN_STEP_ENV["workers"])] = 2,
     outputs: OutputsOpt = None,
 ) -> None:
-    """Train (inside the RayJob) and leave the result for the next steps in the store."""
+    """Train (inside the RayJob) and leave the result for the next steps in the store.
+
+    The RayJob's fixed entrypoint gives no options: each comes from its ``CXR_TRAIN_STEP_*`` variable.
+    """
     from workflows import steps
 
     settings = get_settings()

@@ -3,12 +3,15 @@
 Three objects, rendered to ``k8s/workflows/`` by :mod:`workflows.render` and
 synced into the cluster by ArgoCD:
 
-- WorkflowTemplate ``cxr-retrain``: the DAG
-  ``ingest >> validate >> build-dataset >> train >> evaluate >> export >> register >> promote-to-staging``.
+- WorkflowTemplate ``cxr-retrain``: the DAG ``check-parameters >> ingest >> validate >>
+  build-dataset >> train >> evaluate >> export >> register >> promote-to-staging``.
   Every step is the project image running ``cxr pipeline step <name>``, i.e. the
   same function of :mod:`workflows.steps` that ``cxr pipeline run`` calls on one
   machine. ``train`` is a KubeRay ``RayJob`` created as a resource template (N
-  GPU workers) that Argo watches until it succeeds or fails.
+  GPU workers) that Argo watches until it succeeds or fails. Argo pastes parameters into
+  that manifest as text, so it gets only what ``check-parameters`` checked and handed on
+  (:mod:`workflows.parameters`), and its entrypoint is a fixed command reading them from
+  the head's environment: no value is ever part of a shell string.
 - CronWorkflow ``cxr-retrain-weekly``: submits the template every week.
 - CronWorkflow ``cxr-retrain-on-feedback``: every hour counts radiologists'
   feedback items newer than the last dataset version and submits the template
@@ -55,6 +58,7 @@ from hera.workflows import (
 from hera.workflows import models as m
 
 from workflows.config import WorkflowSettings
+from workflows.parameters import CHECKED_PARAMETERS, MAX_WORKERS, TRAIN_STEP_ENV
 
 TEMPLATE_NAME = "cxr-retrain"
 WEEKLY_NAME = "cxr-retrain-weekly"
@@ -115,7 +119,10 @@ GITOPS_MOUNT = "/etc/cxr/gitops"
 PRODUCTION_STAGE_CONFIGMAP = "cxr-model-production"
 PRODUCTION_STAGE_DIR = f"{GITOPS_MOUNT}/k8s/overlays/production"
 
-# The order of the DAG; the local runner (workflows.pipeline_cli) walks the same list.
+# The cluster DAG's first step: it refuses bad training parameters before hours of data steps, and
+# hands the train step the checked values (the local runner passes them as Python values: no check).
+CHECK_STEP = "check-parameters"
+# The order of the DAG after CHECK_STEP; the local runner (workflows.pipeline_cli) walks the same list.
 STEP_ORDER = (
     "ingest",
     "validate",
@@ -294,12 +301,17 @@ def _ray_head_group(
 
     It runs the job's entrypoint, so it also gets production's stage file (the base model of a
     fine-tune) under ``CXR_GITOPS_DIR``; the ConfigMap is optional: without a production release
-    yet the folder is empty, the stage serves nothing and training starts from scratch.
+    yet the folder is empty, the stage serves nothing and training starts from scratch. And the
+    entrypoint's options, each in its own quoted env value (:func:`_train_step_env`).
     """
     head = {
         "name": "ray-head",
         "image": settings.image,
-        "env": [*copy.deepcopy(env), {"name": "CXR_GITOPS_DIR", "value": GITOPS_MOUNT}],
+        "env": [
+            *copy.deepcopy(env),
+            {"name": "CXR_GITOPS_DIR", "value": GITOPS_MOUNT},
+            *_train_step_env(),
+        ],
         "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
         "securityContext": container,
         "volumeMounts": [
@@ -357,7 +369,7 @@ def _ray_worker_group(
         "groupName": "gpu",
         "replicas": "__WORKERS__",
         "minReplicas": 1,
-        "maxReplicas": 16,
+        "maxReplicas": MAX_WORKERS,
         "rayStartParams": {},
         "template": template,
     }
@@ -382,22 +394,35 @@ def _ray_submitter(
     return _ray_pod(settings, "ray-submitter", [submitter], pod, restartPolicy="Never")
 
 
+# The RayJob's entrypoint (a shell command line on the head): fixed, its options come from the
+# head's environment (TRAIN_STEP_ENV), so no parameter value is ever parsed by a shell.
+TRAIN_ENTRYPOINT = "cxr pipeline step train"
+
+
+def _train_step_env() -> list[dict[str, str]]:
+    """The train step's inputs (and the workflow's name) as the head's env, one quoted scalar each.
+
+    Argo pastes the values in as text: the DAG passes this step only values ``check-parameters``
+    checked (plain tokens, no quote, no newline) and the dataset version build-dataset computed.
+    """
+    return [
+        {
+            "name": env,
+            "value": "{{workflow.name}}" if name == "run-name" else f"{{{{inputs.parameters.{name}}}}}",
+        }
+        for name, env in TRAIN_STEP_ENV.items()
+    ]
+
+
 def rayjob_manifest(settings: WorkflowSettings) -> str:
     """The KubeRay RayJob the ``train`` step creates: one CPU head, N GPU workers, a submitter pod.
 
     Returned as text because Argo substitutes ``{{...}}`` in the manifest before
-    parsing it; ``replicas`` must end up an integer, so that placeholder is
-    written unquoted (invalid YAML until Argo fills it in, by design).
+    parsing it. Every placeholder is a quoted scalar but ``replicas``, which must end
+    up an integer, so is written unquoted (invalid YAML until Argo fills it in, by
+    design): it is ``check-parameters``' ``workers`` output, a number it checked.
+    The entrypoint is :data:`TRAIN_ENTRYPOINT`, the same whatever the parameters.
     """
-    train_cmd = (
-        "cxr pipeline step train"
-        " --dataset-version {{inputs.parameters.dataset-version}}"
-        " --config {{inputs.parameters.training-config}}"
-        " --base-model {{inputs.parameters.base-model}}"
-        " --epochs {{inputs.parameters.epochs}}"
-        " --workers {{inputs.parameters.workers}}"
-        " --run-name {{workflow.name}}"
-    )
     # One pod and one container securityContext shared by every pod: the dump writes each once (as
     # YAML anchors). The env is the steps' (the head's copy adds CXR_GITOPS_DIR).
     env = _env_models(settings)
@@ -412,7 +437,7 @@ def rayjob_manifest(settings: WorkflowSettings) -> str:
             "labels": {**LABELS, "workflows.argoproj.io/workflow": "{{workflow.name}}"},
         },
         "spec": {
-            "entrypoint": train_cmd,
+            "entrypoint": TRAIN_ENTRYPOINT,
             "submissionMode": "K8sJobMode",
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 3600,
@@ -442,7 +467,7 @@ def _parameters(settings: WorkflowSettings) -> list[Parameter]:
         Parameter(
             name="training-config",
             value=settings.cluster_training_config,
-            description="training config file inside the image",
+            description="training config file inside the image (a repository-relative .yaml path)",
         ),
         Parameter(
             name="base-model",
@@ -452,14 +477,19 @@ def _parameters(settings: WorkflowSettings) -> list[Parameter]:
         Parameter(
             name="epochs", value="0", description="override the config's epochs (0 = keep the config's)"
         ),
-        Parameter(name="workers", value=str(settings.ray_gpu_workers), description="Ray GPU workers"),
+        Parameter(
+            name="workers",
+            value=str(settings.ray_gpu_workers),
+            description=f"Ray GPU workers (1-{MAX_WORKERS})",
+        ),
         Parameter(name="include-feedback", value="true", description="merge radiologists' feedback"),
     ]
 
 
 class _RetrainSteps(NamedTuple):
-    """The DAG's step templates in :data:`STEP_ORDER`, so the wiring can name each one."""
+    """The DAG's step templates (:data:`CHECK_STEP`, then :data:`STEP_ORDER`), so the wiring can name each."""
 
+    check: Container
     ingest: Container
     validate: Container
     build: Container
@@ -502,6 +532,27 @@ def _retrain_workflow(settings: WorkflowSettings) -> WorkflowTemplate:
             ),
         ],
         security_context=_pod_security(),
+    )
+
+
+def _check_parameters_step(settings: WorkflowSettings) -> Container:
+    """Refuse training parameters the RayJob must not receive; hand on the checked values.
+
+    Each parameter is a separate argument (as every step gets them); a refused one fails the
+    workflow at once with a message naming it, never retried (only a lost pod is).
+    """
+    names = CHECKED_PARAMETERS
+    args = [arg for name in names for arg in (f"--{name}", f"{{{{inputs.parameters.{name}}}}}")]
+    return _step(
+        settings,
+        CHECK_STEP,
+        [*args, "--outputs", OUTPUTS_DIR],
+        inputs=[Parameter(name=name) for name in names],
+        outputs=[_out(name) for name in names],
+        retry=_pod_error_retry(),
+        deadline_s=300,
+        cpu="500m",
+        memory="1Gi",
     )
 
 
@@ -703,8 +754,15 @@ def _exit_handler(settings: WorkflowSettings) -> None:
 
 
 def _retrain_dag(steps: _RetrainSteps) -> None:
-    """The ``retrain`` DAG: call each step with its hand-offs and chain them in :data:`STEP_ORDER`."""
+    """The ``retrain`` DAG: call each step with its hand-offs, chain CHECK_STEP and :data:`STEP_ORDER`.
+
+    The train step gets its parameters from ``check-parameters``' outputs, never the workflow's.
+    """
     with DAG(name="retrain"):
+        t_check = _task(
+            steps.check,
+            arguments={name: f"{{{{workflow.parameters.{name}}}}}" for name in CHECKED_PARAMETERS},
+        )
         t_ingest = _task(
             steps.ingest,
             arguments={
@@ -724,10 +782,7 @@ def _retrain_dag(steps: _RetrainSteps) -> None:
             steps.train,
             arguments={
                 "dataset-version": t_build.get_parameter("dataset-version").value,
-                "training-config": "{{workflow.parameters.training-config}}",
-                "base-model": "{{workflow.parameters.base-model}}",
-                "epochs": "{{workflow.parameters.epochs}}",
-                "workers": "{{workflow.parameters.workers}}",
+                **{name: t_check.get_parameter(name).value for name in CHECKED_PARAMETERS},
             },
         )
         t_evaluate = _task(steps.evaluate)
@@ -736,6 +791,7 @@ def _retrain_dag(steps: _RetrainSteps) -> None:
         t_promote = _task(
             steps.promote, arguments={"model-version": t_register.get_parameter("model-version").value}
         )
+        t_check >> t_ingest
         # Hera types `a >> b` as `Task | list[Task]`, which mypy will not chain.
         t_ingest >> t_validate >> t_build >> t_train >> t_evaluate >> t_export >> t_register >> t_promote  # type: ignore[operator]
 
@@ -744,8 +800,10 @@ def build_retrain_template(settings: WorkflowSettings) -> WorkflowTemplate:
     """WorkflowTemplate ``cxr-retrain``: the whole retrain DAG."""
     # [1] the workflow-level spec; each template made inside it registers itself, in this order
     with _retrain_workflow(settings) as wt:
-        # [2] the step templates in STEP_ORDER: data, train (a KubeRay RayJob), model, promotion
+        # [2] the step templates: the parameter check, then STEP_ORDER: data, train (a KubeRay RayJob),
+        # model, promotion
         steps = _RetrainSteps(
+            _check_parameters_step(settings),
             _ingest_step(settings),
             _validate_step(settings),
             _build_dataset_step(settings),
@@ -755,7 +813,7 @@ def build_retrain_template(settings: WorkflowSettings) -> WorkflowTemplate:
         )
         # [3] the onExit handler that records how the run ended
         _exit_handler(settings)
-        # [4] the retrain DAG: each step's hand-offs, chained in STEP_ORDER
+        # [4] the retrain DAG: each step's hand-offs, chained: CHECK_STEP, then STEP_ORDER
         _retrain_dag(steps)
     return wt
 

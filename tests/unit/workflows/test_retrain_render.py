@@ -22,10 +22,12 @@ from typer.testing import CliRunner
 from delivery.cluster_fit.pod_security import restricted_problems
 from delivery.cluster_fit.tree import parse_manifest, rayjob_pod_templates, workflow_pod_templates
 from workflows.config import WorkflowSettings
+from workflows.parameters import TRAIN_STEP_ENV
 from workflows.pipeline_cli import app, step_app
 from workflows.render import ARGO_DIR, drifted_files, render_all
 from workflows.retrain import (
     ARTIFACT_REPOSITORIES,
+    CHECK_STEP,
     GIT_EGRESS_LABELS,
     POD_LABELS,
     RAY_LABELS,
@@ -137,11 +139,12 @@ def test_kustomization_lists_every_rendered_object(settings: WorkflowSettings) -
     assert kustomization["namespace"] == settings.namespace
 
 
-def test_retrain_dag_runs_the_steps_in_the_local_runners_order() -> None:
+def test_retrain_dag_checks_its_parameters_then_runs_the_steps_in_the_local_runners_order() -> None:
     obj = _objects()["cxr-retrain.yaml"]
     tasks = _template(obj, "retrain")["dag"]["tasks"]
     order = [t["name"] for t in tasks]
-    assert tuple(order) == STEP_ORDER
+    assert tuple(order) == (CHECK_STEP, *STEP_ORDER)
+    assert "depends" not in tasks[0]
     for previous, task in zip(order, tasks[1:], strict=False):
         assert task["depends"] == previous
 
@@ -160,7 +163,7 @@ def test_every_container_step_runs_an_existing_cxr_pipeline_step_command() -> No
                 assert cmd[3] == template["name"] and cmd[3] in commands, cmd
                 seen.add(cmd[3])
     assert {"ingest", "validate", "build-dataset", "evaluate", "export", "register"} <= seen
-    assert {"promote-to-staging", "record-exit", "check-feedback"} <= seen
+    assert {"promote-to-staging", "record-exit", "check-feedback", "check-parameters"} <= seen
 
 
 def test_infrastructure_steps_retry_with_backoff_and_every_step_has_a_deadline() -> None:
@@ -233,19 +236,20 @@ def test_train_step_creates_a_rayjob_with_n_gpu_workers_and_waits_for_its_status
     assert worker["replicas"] == 3  # an integer, as the CRD schema wants
     limits = worker["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "1"
-    assert rayjob["spec"]["entrypoint"].startswith("cxr pipeline step train ")
+    assert rayjob["spec"]["entrypoint"] == "cxr pipeline step train"
 
 
-def test_rayjob_entrypoint_passes_only_options_the_train_command_accepts() -> None:
-    manifest = rayjob_manifest(WorkflowSettings())
-    entrypoint = next(line for line in manifest.splitlines() if "entrypoint:" in line)
-    options = set(re.findall(r"(--[a-z-]+)", entrypoint))
+def test_rayjob_head_env_gives_every_required_option_of_the_train_command() -> None:
+    """The fixed entrypoint passes no option: the head's CXR_TRAIN_STEP_* env gives them."""
+    rayjob = parse_manifest(rayjob_manifest(WorkflowSettings()))
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    given = {e["name"] for e in head["env"] if e["name"].startswith("CXR_TRAIN_STEP_")}
     group = typer.main.get_command(app)
     train = group.commands["step"].commands["train"]  # type: ignore[attr-defined]
-    accepted = {opt for param in train.params for opt in param.opts}
-    required = {opt for param in train.params if param.required for opt in param.opts}
-    assert options <= accepted, options - accepted
-    assert required <= options, required - options
+    by_env = {param.envvar: param for param in train.params if param.envvar}
+    assert given == set(TRAIN_STEP_ENV.values()) <= set(by_env), given - set(by_env)
+    required = {param.name for param in train.params if param.required}
+    assert required <= {by_env[env].name for env in given}, required
 
 
 def test_weekly_cron_submits_the_retrain_template() -> None:
