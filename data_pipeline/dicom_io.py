@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -75,7 +76,7 @@ class DecodedImage:
     """A radiograph ready for display or a model.
 
     ``pixels`` is float32 (rows, cols) in 0..1, bone bright. ``patient_hash`` is a
-    salted sha256 of PatientID: the raw ID never leaves this object (it remains
+    salted sha256 of PatientID (:func:`patient_key`): the raw ID never leaves this object (it remains
     only inside ``dataset``, which callers must not persist or log).
     """
 
@@ -103,11 +104,50 @@ class DecodedImage:
         return np.asarray(cv2.convertScaleAbs(self.pixels, alpha=255.0))
 
 
+# DeidentificationMethod (0012,0063) of the feedback images the gateway de-identifies
+# (serving/dicom/deid.py writes this value; it is here because the pipeline reads it back)
+GATEWAY_DEIDENTIFICATION_METHOD = "PS3.15 Annex E Basic Application Level Confidentiality Profile"
+_PATIENT_KEY = re.compile(r"[0-9a-f]{16}")
+
+
 def hash_patient_id(patient_id: str | None, salt: str) -> str | None:
-    """Salted sha256 (first 16 hex) of a PatientID, or None when there is none."""
+    """The patient key of an identified PatientID: salted sha256 (first 16 hex), None when there is none.
+
+    The gateway's feedback de-identification (``serving.dicom.deid``) writes this same
+    key, made with the install's secret, as the de-identified PatientID, and
+    :func:`patient_key` takes such an ID as it is. So a source image and the
+    feedback image made from it fall into one patient group (one split, and the
+    golden set's exclusion catches both) whether the pipeline reads the original
+    or the de-identified copy, provided ``CXR_PATIENT_SALT`` and the gateway's
+    ``CXR_DEID_SECRET`` are the same secret (both unset: the install's own).
+    The key of an identified ID is unchanged by this, so pinned golden sets, dataset
+    splits and the gateway's worklist keep theirs. Feedback de-identified before
+    (PatientID then HMAC-SHA256(secret, PatientID)) cannot be linked to its source.
+    """
     if patient_id is None or not str(patient_id).strip():
         return None
     return hashlib.sha256(f"{salt}\x00{str(patient_id).strip()}".encode()).hexdigest()[:16]
+
+
+def patient_key(ds: Dataset, salt: str) -> str | None:
+    """The group key of the patient in ``ds`` (None: no PatientID), the same identified or de-identified.
+
+    A dataset the gateway de-identified (its DeidentificationMethod, and a PatientID of
+    16 lowercase hex) already holds :func:`hash_patient_id` of the real PatientID:
+    it is taken as it is. Any other PatientID, of identified sources and of files
+    de-identified elsewhere (VinDr's), is hashed. PatientIdentityRemoved is not asked:
+    an image kept with its burned-in annotation (the operator's choice) says NO.
+    """
+    patient_id = _str_or_none(ds.get("PatientID"))
+    method = ds.get("DeidentificationMethod")
+    if (
+        patient_id is not None
+        and isinstance(method, str)
+        and method.strip() == GATEWAY_DEIDENTIFICATION_METHOD
+        and _PATIENT_KEY.fullmatch(patient_id)
+    ):
+        return patient_id
+    return hash_patient_id(patient_id, salt)
 
 
 def sniff_format(data: bytes) -> SourceFormat | None:
@@ -352,7 +392,7 @@ def _decode_dicom(
         study_uid=_str_or_none(ds.get("StudyInstanceUID")),
         series_uid=_str_or_none(ds.get("SeriesInstanceUID")),
         sop_uid=_str_or_none(ds.get("SOPInstanceUID")),
-        patient_hash=hash_patient_id(_str_or_none(ds.get("PatientID")), salt),
+        patient_hash=patient_key(ds, salt),
         converted_from_color=color,
         bits_stored=bits_stored,
         dataset=ds,

@@ -120,6 +120,12 @@ class ServingSettings(CoreSettings):
         description="secret behind feedback pseudonyms and audit hashes (CXR_DEID_SECRET); empty: the "
         "install's own (credentials.json, else generated into <stack_dir>/install_secret)",
     )
+    feedback_allow_burned_in: bool = Field(
+        default=False,
+        description="keep feedback on DICOMs whose pixels may identify the patient (BurnedInAnnotation or "
+        "RecognizableVisualFeatures YES, Secondary Capture), labelled PatientIdentityRemoved NO "
+        "(CXR_FEEDBACK_ALLOW_BURNED_IN); default: refused with 422, since no pixel data are cleaned",
+    )
     drift_window: int = 200
     drift_min_samples: int = 20
     prediction_drift_window: int = Field(

@@ -19,25 +19,39 @@ must not travel with them. The profile is applied as written, with no option:
   (Referenced/Source Image Sequence) -> U, the sequence kept with its UIDs
   replaced. C (clean) would count as X: no cleaning is implemented. K is not
   in the table (nothing is kept on purpose beyond what it leaves out).
-- **PatientID and PatientName** become one pseudonym, the first 16 hex of
-  HMAC-SHA256(secret, PatientID): the same patient stays one patient within an
-  install, and the value is never guessable without the install's secret
-  (:mod:`core.install_secret`).
+- **PatientID and PatientName** become one pseudonym: the data pipeline's
+  patient key of the PatientID made with the install's secret
+  (:func:`data_pipeline.dicom_io.hash_patient_id`, 16 hex of a salted SHA-256).
+  The same patient stays one patient within an install, the value is never
+  guessable without the secret (:mod:`core.install_secret`), and the pipeline
+  puts the feedback image into the patient group of its source
+  (:func:`data_pipeline.dicom_io.patient_key`). An empty (or blank) or absent
+  PatientID gives no pseudonym: both are left empty, since one pseudonym of
+  "no ID" would make every anonymous patient the same patient.
 - **Private attributes** (odd groups, their creators included) are removed:
   the safe-list of private tags is empty. Curve groups (50xx) and overlay
   data/comments (60xx,3000/4000) are removed, as the table says.
 - **No options**: dates and times get their basic action (no shifting, no
   "Retain Longitudinal Temporal Information"), pixel data are not cleaned
   (no "Clean Pixel Data"). The labels say exactly that: PatientIdentityRemoved
-  YES, DeidentificationMethodCodeSequence holding only 113100, and a
-  DeidentificationMethod naming the profile.
+  YES, DeidentificationMethodCodeSequence holding only 113100, a
+  DeidentificationMethod naming the profile, and LongitudinalTemporalInformationModified
+  REMOVED (PS3.15 E.2: "shall be added to the Dataset with a Value of REMOVED if
+  none of the Retain Longitudinal Temporal Information Options is applied").
+- **Pixels that may identify** are refused, since none are cleaned: a source
+  whose BurnedInAnnotation or RecognizableVisualFeatures is YES, or a Secondary
+  Capture (a screen capture by nature, SOP classes 1.2.840.10008.5.1.4.1.1.7*),
+  raises :class:`PixelsMayIdentify` (422) unless the operator allows such images
+  (``CXR_FEEDBACK_ALLOW_BURNED_IN``); one kept that way says PatientIdentityRemoved
+  NO, since its pixels were not de-identified.
 - Elements whose VR is UN (their content cannot be inspected) and the file
   meta beyond the transfer syntax and SOP class/instance are not carried over;
   the 128-byte preamble is zeroed.
 
 Any failure raises :class:`DeidentificationFailed` (a 422 whose message names
 no element value), never a 500. PNG/JPEG uploads are re-encoded from pixels,
-which drops any text chunks or EXIF.
+which drops any text chunks or EXIF; their pixels are not cleaned either, and
+nothing in a PNG/JPEG says whether text is burned in.
 """
 
 from __future__ import annotations
@@ -47,6 +61,7 @@ import hmac
 import importlib
 import io
 import uuid
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
@@ -67,6 +82,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from data_pipeline.dicom_io import GATEWAY_DEIDENTIFICATION_METHOD, hash_patient_id, read_dicom
 from serving.errors import InvalidImage
 
 Action = Literal["X", "Z", "D", "U"]
@@ -86,13 +102,19 @@ RESOLVED_ACTIONS: dict[str, Action] = {
     "X_Z_U_STAR_TAGS": "U",
 }
 BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
-DEIDENTIFICATION_METHOD = "PS3.15 Annex E Basic Application Level Confidentiality Profile"
+# the pipeline recognises this service's pseudonyms by it (data_pipeline.dicom_io.patient_key)
+DEIDENTIFICATION_METHOD = GATEWAY_DEIDENTIFICATION_METHOD
 MAX_DEPTH = 32
 
 PATIENT_ID = 0x00100020
 PATIENT_NAME = 0x00100010
 SOP_INSTANCE_UID = 0x00080018
 LONGITUDINAL_TEMPORAL_MODIFIED = 0x00280303
+BURNED_IN_ANNOTATION = 0x00280301
+RECOGNIZABLE_VISUAL_FEATURES = 0x00280302
+SOP_CLASS_UID = 0x00080016
+MEDIA_STORAGE_SOP_CLASS_UID = 0x00020002
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame kinds, .7.1 to .7.4
 DUMMY_TEXT = "ANONYMIZED"
 _DUMMY_BY_VR: dict[str, Any] = {
     "DA": "19000101",
@@ -117,6 +139,17 @@ _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
 class DeidentificationFailed(InvalidImage):
     """422: the DICOM could not be de-identified (and so is not stored); the message holds no value."""
+
+
+class PixelsMayIdentify(DeidentificationFailed):
+    """422: the source's pixels may show who the patient is, and no pixel data are cleaned here.
+
+    Raised for BurnedInAnnotation or RecognizableVisualFeatures YES and for Secondary
+    Capture, unless the operator allows them (``CXR_FEEDBACK_ALLOW_BURNED_IN``).
+    The message names the reason, never an element value.
+    """
+
+    code = "pixels_may_identify"
 
 
 @dataclass(frozen=True)
@@ -166,9 +199,12 @@ def replace_uid(uid: str, secret: str) -> str:
     return f"2.25.{uuid.UUID(bytes=_hmac(secret, uid.encode())[:16], version=4).int}"
 
 
-def patient_pseudonym(patient_id: bytes, secret: str) -> str:
-    """What PatientID and PatientName become: 16 hex of HMAC-SHA256(secret, PatientID)."""
-    return _hmac(secret, patient_id).hex()[:16]
+def patient_pseudonym(patient_id: str, secret: str) -> str:
+    """What PatientID and PatientName become: the pipeline's patient key made with the install's secret.
+
+    "" for an empty or blank ID: no pseudonym is shared by every patient without one.
+    """
+    return hash_patient_id(patient_id, secret) or ""
 
 
 def _raw_bytes(elem: DataElement | RawDataElement) -> bytes:
@@ -207,6 +243,44 @@ def _uids(elem: DataElement | RawDataElement) -> list[str]:
     return [part.strip(" \x00") for part in text.split("\\")]
 
 
+def _patient_id(ds: Dataset) -> str:
+    """PatientID as the data pipeline reads it (pydicom's value in the dataset's character set)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = ds.get("PatientID")
+    except Exception:  # a value pydicom cannot convert: its bytes, as text
+        value = _raw_bytes(ds.get_item(PATIENT_ID)).decode("latin-1")
+    return "" if value is None else str(value)
+
+
+def _says_yes(ds: Dataset, tag: int) -> bool:
+    elem = ds.get_item(tag)
+    return elem is not None and _raw_bytes(elem).strip(b" \x00").upper() == b"YES"
+
+
+def _is_secondary_capture(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    found = [ds.get_item(SOP_CLASS_UID), meta.get_item(MEDIA_STORAGE_SOP_CLASS_UID) if meta else None]
+    uids = ["".join(_uids(elem)) for elem in found if elem is not None]
+    return any(uid == SECONDARY_CAPTURE or uid.startswith(SECONDARY_CAPTURE + ".") for uid in uids)
+
+
+def identifying_pixels(ds: Dataset) -> str | None:
+    """Why the pixels of ``ds`` may show who the patient is (no element value), None when nothing says so.
+
+    Only what the dataset declares is known: an image whose BurnedInAnnotation is
+    absent or wrong is taken at its word.
+    """
+    if _says_yes(ds, BURNED_IN_ANNOTATION):
+        return "the image declares burned-in annotation (text in its pixels)"
+    if _says_yes(ds, RECOGNIZABLE_VISUAL_FEATURES):
+        return "the image declares recognizable visual features"
+    if _is_secondary_capture(ds):
+        return "the image is a Secondary Capture (a screen capture, which may show text)"
+    return None
+
+
 class _Deidentifier:
     def __init__(self, secret: str) -> None:
         if not secret:
@@ -220,9 +294,8 @@ class _Deidentifier:
     def dataset(self, ds: Dataset, pseudonym: str, depth: int) -> None:
         if depth > MAX_DEPTH:
             raise DeidentificationFailed(f"sequences nest deeper than {MAX_DEPTH} levels")
-        own_id = ds.get_item(PATIENT_ID)
-        if own_id is not None:
-            pseudonym = patient_pseudonym(_raw_bytes(own_id).strip(b" \x00"), self.secret)
+        if ds.get_item(PATIENT_ID) is not None:
+            pseudonym = patient_pseudonym(_patient_id(ds), self.secret)
         for tag in list(ds.keys()):
             self.element(ds, BaseTag(tag), pseudonym, depth)
 
@@ -231,7 +304,7 @@ class _Deidentifier:
             # private (creators too), retired group lengths, command or file meta groups inside a dataset
             del ds[tag]
             return
-        if tag in (PATIENT_ID, PATIENT_NAME):
+        if tag in (PATIENT_ID, PATIENT_NAME):  # no pseudonym (no PatientID): emptied, as Z says
             ds[tag] = DataElement(tag, "LO" if tag == PATIENT_ID else "PN", pseudonym)
             return
         elem = ds.get_item(tag)
@@ -266,14 +339,16 @@ class _Deidentifier:
             self.dataset(item, pseudonym, depth + 1)
 
 
-def _label(ds: Dataset) -> None:
-    ds.PatientIdentityRemoved = "YES"
+def _label(ds: Dataset, *, pixels_identify: bool) -> None:
+    # YES says the identity is gone from the attributes and the pixels: not so for pixels kept as they are
+    ds.PatientIdentityRemoved = "NO" if pixels_identify else "YES"
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = BASIC_PROFILE_CODE
     ds.DeidentificationMethodCodeSequence = Sequence([code])
     ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
-    if LONGITUDINAL_TEMPORAL_MODIFIED in ds:  # set by an earlier tool's option; none is applied here
-        del ds[LONGITUDINAL_TEMPORAL_MODIFIED]
+    # PS3.15 E.2: added as REMOVED when no Retain Longitudinal Temporal Information option is applied
+    # (an earlier tool's MODIFIED or UNMODIFIED no longer holds: the dates got their basic action)
+    ds[LONGITUDINAL_TEMPORAL_MODIFIED] = DataElement(LONGITUDINAL_TEMPORAL_MODIFIED, "CS", "REMOVED")
 
 
 def _transfer_syntax(ds: Dataset) -> str:
@@ -307,14 +382,23 @@ def _file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:
     return meta
 
 
-def deidentify_dataset(ds: Dataset, secret: str) -> Dataset:
-    """Apply the profile to ``ds`` in place (see the module docstring) and return it."""
+def deidentify_dataset(ds: Dataset, secret: str, *, allow_burned_in: bool = False) -> Dataset:
+    """Apply the profile to ``ds`` in place (see the module docstring) and return it.
+
+    Raises :class:`PixelsMayIdentify` when :func:`identifying_pixels` finds a reason
+    and ``allow_burned_in`` (``CXR_FEEDBACK_ALLOW_BURNED_IN``) is not set.
+    """
+    reason = identifying_pixels(ds)
+    if reason is not None and not allow_burned_in:
+        raise PixelsMayIdentify(
+            f"{reason}: its pixels may show who the patient is and this gateway does not clean pixel "
+            "data, so the feedback was not kept (an operator may allow such images: "
+            "CXR_FEEDBACK_ALLOW_BURNED_IN)"
+        )
     transfer_syntax = _transfer_syntax(ds)
     worker = _Deidentifier(secret)
-    top_id = ds.get_item(PATIENT_ID)
-    pseudonym = patient_pseudonym(_raw_bytes(top_id).strip(b" \x00") if top_id else b"", secret)
-    worker.dataset(ds, pseudonym, 0)
-    _label(ds)
+    worker.dataset(ds, "", 0)  # the top level's PatientID sets the pseudonym; none: names are emptied
+    _label(ds, pixels_identify=reason is not None)
     ds.file_meta = _file_meta(ds, transfer_syntax)
     return ds
 
@@ -323,23 +407,22 @@ def _without_values(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def deidentify_dicom(data: bytes, secret: str) -> tuple[bytes, str]:
+def deidentify_dicom(data: bytes, secret: str, *, allow_burned_in: bool = False) -> tuple[bytes, str]:
     """De-identified DICOM bytes and the new SOPInstanceUID (used as the feedback image id).
 
     Raises :class:`DeidentificationFailed` for anything that cannot be read,
-    de-identified or written back; its message names no element value.
+    de-identified or written back, :class:`PixelsMayIdentify` (one of them) for pixels
+    that may identify unless ``allow_burned_in``; the message names no element value.
     """
     if not secret:
         raise ValueError("de-identification needs the install's secret")
     try:
-        from data_pipeline.dicom_io import read_dicom
-
         ds = read_dicom(data)  # the one guarded reader, as every entry point
         if SOP_INSTANCE_UID not in ds:  # an id of its own, stable for the same bytes (replaced again as U)
             ds[SOP_INSTANCE_UID] = DataElement(
                 SOP_INSTANCE_UID, "UI", replace_uid(hashlib.sha256(data).hexdigest(), secret)
             )
-        deidentify_dataset(ds, secret)
+        deidentify_dataset(ds, secret, allow_burned_in=allow_burned_in)
         ds.preamble = b"\x00" * 128
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=False)

@@ -256,16 +256,26 @@ def _submission_in(marker: bytes) -> str:
 
 
 def build_objects(
-    fb: FeedbackIn, record: ResultRecord, *, rad_id: str, seed: str, feedback_id: str
+    fb: FeedbackIn,
+    record: ResultRecord,
+    *,
+    rad_id: str,
+    seed: str,
+    feedback_id: str,
+    allow_burned_in: bool = False,
 ) -> dict[str, bytes]:
-    """Every object of one feedback, keyed by its S3 name (CSV, de-identified image, metadata)."""
+    """Every object of one feedback, keyed by its S3 name (CSV, de-identified image, metadata).
+
+    A DICOM whose pixels may identify the patient (burned-in annotation, Secondary Capture) is
+    refused with 422 before anything is kept, unless ``allow_burned_in`` (CXR_FEEDBACK_ALLOW_BURNED_IN).
+    """
     if record.source is None:
         raise InvalidRequest(
             f"the source image of '{record.request_id}' is no longer available; detect again"
         )
     prefix = f"feedback/{feedback_id}"
     if record.source_format == "dicom":
-        image, new_uid = deidentify_dicom(record.source, seed)
+        image, new_uid = deidentify_dicom(record.source, seed, allow_burned_in=allow_burned_in)
         image_id = hashlib.sha256(new_uid.encode()).hexdigest()[:32]
         image_name = f"{image_id}.dcm"
     else:
@@ -397,10 +407,13 @@ def upload(store: BlobStore, objects: dict[str, bytes]) -> None:
 class FeedbackService:
     """Store-or-spool, and the redelivery pass the app runs periodically."""
 
-    def __init__(self, store: BlobStore | None, spool: FeedbackSpool, seed: str) -> None:
+    def __init__(
+        self, store: BlobStore | None, spool: FeedbackSpool, seed: str, *, allow_burned_in: bool = False
+    ) -> None:
         self.store = store
         self.spool = spool
         self.seed = seed
+        self.allow_burned_in = allow_burned_in  # CXR_FEEDBACK_ALLOW_BURNED_IN
 
     def submit(self, fb: FeedbackIn, record: ResultRecord, rad_id: str) -> FeedbackReceipt:
         """Blocking (run it in a worker thread)."""
@@ -414,7 +427,14 @@ class FeedbackService:
                     "must send the same body, and new or changed corrections need a new feedback_id"
                 )
             return FeedbackReceipt(feedback_id, "duplicate", 0)
-        objects = build_objects(fb, record, rad_id=rad_id, seed=self.seed, feedback_id=feedback_id)
+        objects = build_objects(
+            fb,
+            record,
+            rad_id=rad_id,
+            seed=self.seed,
+            feedback_id=feedback_id,
+            allow_burned_in=self.allow_burned_in,
+        )
         rows = to_csv_rows_count(objects)
         if self.store is not None:
             try:

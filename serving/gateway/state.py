@@ -131,7 +131,12 @@ def build_state(
         settings, backend, router, metrics, results, drift, cpu=cpu, worklist=worklist
     )
     secret = resolve_install_secret(settings.deid_secret, settings.stack_dir)
-    feedback = FeedbackService(store, FeedbackSpool(settings.resolved_spool_dir), secret)
+    feedback = FeedbackService(
+        store,
+        FeedbackSpool(settings.resolved_spool_dir),
+        secret,
+        allow_burned_in=settings.feedback_allow_burned_in,
+    )
     return GatewayState(
         settings=settings,
         keys=keys,

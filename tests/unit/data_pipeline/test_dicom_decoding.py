@@ -246,6 +246,30 @@ def test_metadata_is_returned_and_patient_id_only_as_salted_hash() -> None:
     assert "PixelData" not in decoded.dataset  # type: ignore[operator]
 
 
+def test_a_source_and_its_deidentified_feedback_image_share_one_patient_key() -> None:
+    """The split groups by patient key: the gateway's pseudonym must lead to the source's group."""
+    from serving.dicom.deid import deidentify_dicom
+
+    source = _bytes(_dicom(_raw(), patient_id="PAT-123"))
+    feedback, _ = deidentify_dicom(source, "site-a")  # the gateway of the same install
+    identified, pseudonymised = decode_bytes(source, salt="site-a"), decode_bytes(feedback, salt="site-a")
+    assert pseudonymised.dataset is not None and pseudonymised.dataset.PatientID != "PAT-123"
+    assert pseudonymised.patient_hash == identified.patient_hash == hash_patient_id("PAT-123", "site-a")
+    other, _ = deidentify_dicom(_bytes(_dicom(_raw(), patient_id="PAT-124")), "site-a")
+    assert decode_bytes(other, salt="site-a").patient_hash != identified.patient_hash
+
+
+def test_a_patient_id_is_taken_as_a_key_only_from_the_gateways_deidentification() -> None:
+    key_like = hash_patient_id("PAT-123", "site-a") or ""
+    elsewhere = _dicom(_raw(), patient_id=key_like)  # 16 hex, but no gateway label: an ID to hash
+    elsewhere.PatientIdentityRemoved = "YES"
+    elsewhere.DeidentificationMethod = "Another tool's profile"
+    assert decode_bytes(_bytes(elsewhere), salt="site-a").patient_hash == hash_patient_id(key_like, "site-a")
+    labelled = _dicom(_raw(), patient_id="MRN 0042")  # the label, but no key: hashed as it is
+    labelled.DeidentificationMethod = "PS3.15 Annex E Basic Application Level Confidentiality Profile"
+    assert decode_bytes(_bytes(labelled), salt="site-a").patient_hash == hash_patient_id("MRN 0042", "site-a")
+
+
 def test_truncated_dicom_is_a_corrupt_image() -> None:
     data = _bytes(_dicom(_raw()))
     with pytest.raises(CorruptImage):

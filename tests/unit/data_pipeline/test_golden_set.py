@@ -88,6 +88,41 @@ def test_a_golden_set_is_test_only_and_its_patients_enter_no_later_split(
     assert built.version != golden.version
 
 
+def test_the_golden_exclusion_catches_a_feedback_image_of_a_golden_patient(
+    sets: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """A radiologist's feedback on a golden patient's image arrives de-identified (its PatientID a
+    pseudonym): it must still be known as that patient, or it would train on a golden patient."""
+    from serving.dicom.deid import deidentify_dicom
+
+    golden_src, other, _ = sets
+    settings = _settings(tmp_path)
+    golden = build_dataset(
+        golden_src / "dicom", golden_src / "annotations.csv", tmp_path / "ds", settings=settings, golden=True
+    )
+    source = sorted((golden_src / "dicom").iterdir())[0]
+    # the gateway and the pipeline of one install share its secret (CXR_DEID_SECRET / CXR_PATIENT_SALT)
+    deidentified, _ = deidentify_dicom(source.read_bytes(), settings.resolved_patient_salt())
+    incoming = tmp_path / "incoming"
+    shutil.copytree(other / "dicom", incoming / "dicom")
+    (incoming / "dicom" / f"fb-{source.stem}.dcm").write_bytes(deidentified)
+    rows = pd.read_csv(golden_src / "annotations.csv")
+    feedback_rows = rows[rows["image_id"] == source.stem].assign(image_id=f"fb-{source.stem}")
+    pd.concat([pd.read_csv(other / "annotations.csv"), feedback_rows]).to_csv(
+        incoming / "annotations.csv", index=False
+    )
+
+    built = build_dataset(
+        incoming / "dicom",
+        incoming / "annotations.csv",
+        tmp_path / "ds",
+        settings=settings,
+        exclude_patients=golden_patients(golden.path),
+    )
+    assert f"fb-{source.stem}" not in built.manifest["images"], "a golden patient's feedback was kept"
+    assert built.manifest["source"]["golden_patient_images_excluded"] == 1
+
+
 def test_a_split_waits_for_a_golden_set_pinned_while_the_build_runs(
     sets: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

@@ -26,17 +26,21 @@ from pydicom.sequence import Sequence
 
 from core.install_secret import resolve_install_secret
 from data_pipeline.config import DataSettings
+from data_pipeline.dicom_io import decode_bytes, hash_patient_id
 from serving.config import ServingSettings
 from serving.dicom.deid import (
     BASIC_PROFILE_CODE,
     DEIDENTIFICATION_METHOD,
     DeidentificationFailed,
+    PixelsMayIdentify,
     action_table,
     deidentify_dataset,
     deidentify_dicom,
     patient_pseudonym,
 )
 from serving.errors import InvalidImage
+from serving.feedback.service import FeedbackIn, FeedbackService, FeedbackSpool
+from serving.results import ResultRecord
 from tests.unit.serving.serving_support import make_dicom
 
 pytestmark = pytest.mark.unit
@@ -215,7 +219,15 @@ def test_labels_name_the_basic_profile_and_nothing_else() -> None:
     assert codes == [BASIC_PROFILE_CODE] == [("113100", "DCM", "Basic Application Confidentiality Profile")]
     assert ds.DeidentificationMethod == DEIDENTIFICATION_METHOD
     assert "Basic Application Level Confidentiality Profile" in ds.DeidentificationMethod
-    assert "LongitudinalTemporalInformationModified" not in ds  # no option applied, none claimed
+    # no Retain Longitudinal option applied: REMOVED, whatever an earlier tool (MODIFIED) said
+    assert ds.LongitudinalTemporalInformationModified == "REMOVED"
+
+
+def test_longitudinal_temporal_information_modified_is_added_as_removed() -> None:
+    """PS3.15 E.2: added with the value REMOVED when no Retain Longitudinal option is applied."""
+    ds = _read(deidentify_dicom(make_dicom(seed=8), "install-one")[0])
+    assert ds.LongitudinalTemporalInformationModified == "REMOVED"
+    assert ds[0x00280303].VR == "CS"
 
 
 def test_dates_get_their_basic_action_not_a_shift() -> None:
@@ -241,7 +253,8 @@ def test_pseudonyms_and_uids_are_stable_in_an_install_and_differ_between_install
     b1 = _read(deidentify_dicom(first, "install-two")[0])
     assert a1.StudyInstanceUID == a_other.StudyInstanceUID != study  # two images, still one study
     assert a1.SOPInstanceUID != a_other.SOPInstanceUID
-    assert a1.PatientID == a1.PatientName == patient_pseudonym(b"MRN-0042", "install-one")
+    assert a1.PatientID == a1.PatientName == patient_pseudonym("MRN-0042", "install-one")
+    assert a1.PatientID == hash_patient_id("MRN-0042", "install-one")  # the pipeline's patient key
     assert a1.PatientID == a_other.PatientID  # one patient stays one patient
     assert len(a1.PatientID) == 16 and "MRN" not in a1.PatientID
     for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
@@ -276,6 +289,99 @@ def test_the_table_is_the_librarys_latest_with_every_code_resolved() -> None:
     assert table.action(0x00081140) == "U"  # Referenced Image Sequence (X/Z/U*)
     assert table.action(0x60024000) == table.action(0x50103000) == "X"  # overlays, curves
     assert table.action(CONTAINER) is None
+
+
+def _bytes_of(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False)
+    return buf.getvalue()
+
+
+def _dicom_with(seed: int = 9, **attributes: object) -> bytes:
+    """make_dicom's DX image with some attributes set (None: removed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(io.BytesIO(make_dicom(seed=seed)))
+        for keyword, value in attributes.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        return _bytes_of(ds)
+
+
+@pytest.mark.parametrize("empty", ["", "   "])
+def test_an_empty_patient_id_stays_empty_and_is_no_pseudonym_shared_by_every_anonymous_patient(
+    empty: str,
+) -> None:
+    first = _read(deidentify_dicom(_dicom_with(PatientID=empty, seed=11), "install-one")[0])
+    second = _read(deidentify_dicom(_dicom_with(PatientID=empty, seed=12), "install-one")[0])
+    for ds in (first, second):
+        assert ds.PatientID == "" and ds.PatientName == ""  # Doe^Jane emptied, not given a pseudonym
+        assert decode_bytes(_bytes_of(ds), salt="install-one").patient_hash is None  # no patient group
+    assert patient_pseudonym(empty, "install-one") == ""
+
+
+def test_without_a_patient_id_the_patient_name_is_emptied_not_pseudonymised() -> None:
+    ds = _read(deidentify_dicom(_dicom_with(PatientID=None), "install-one")[0])
+    assert "PatientID" not in ds and ds.PatientName == ""
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"BurnedInAnnotation": "YES"},
+        {"RecognizableVisualFeatures": "YES"},
+        {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"},  # Secondary Capture: a screen capture
+        {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7.4"},  # Multi-frame True Color Secondary Capture
+    ],
+    ids=["burned-in", "recognizable-features", "secondary-capture", "multiframe-secondary-capture"],
+)
+def test_a_source_whose_pixels_may_identify_is_refused_with_a_422_naming_no_value(
+    attributes: dict[str, str],
+) -> None:
+    source = _dicom_with(9, **attributes)
+    with pytest.raises(PixelsMayIdentify) as caught:
+        deidentify_dicom(source, "install-one")
+    assert isinstance(caught.value, DeidentificationFailed) and caught.value.status == 422
+    assert caught.value.code == "pixels_may_identify"
+    assert "CXR_FEEDBACK_ALLOW_BURNED_IN" in caught.value.message
+    for value in ("MRN-0042", "Doe", "1.2.840.10008", "YES"):
+        assert value not in caught.value.message
+
+
+def test_an_image_of_another_visible_light_class_is_no_secondary_capture() -> None:
+    source = _dicom_with(SOPClassUID="1.2.840.10008.5.1.4.1.1.77.1.4")  # VL Photographic: not 1.1.7*
+    assert _read(deidentify_dicom(source, "install-one")[0]).PatientIdentityRemoved == "YES"
+
+
+def test_burned_in_pixels_kept_by_the_operator_say_the_identity_was_not_removed() -> None:
+    source = _dicom_with(BurnedInAnnotation="YES")
+    ds = _read(deidentify_dicom(source, "install-one", allow_burned_in=True)[0])
+    assert ds.PatientIdentityRemoved == "NO" and ds.BurnedInAnnotation == "YES"
+    assert ds.PatientID == patient_pseudonym("MRN-0042", "install-one")
+    assert ServingSettings.model_fields["feedback_allow_burned_in"].default is False
+
+
+def _source_record(source: bytes) -> ResultRecord:
+    response = {
+        "request_id": "r1",
+        "model": {"name": "cxr-detector", "version": "3", "stage": "production"},
+        "image": {"width": 96, "height": 80},
+        "detections": [],
+        "timings_ms": {},
+    }
+    return ResultRecord("r1", response, "dicom", source)
+
+
+def test_feedback_on_a_burned_in_source_is_refused_and_nothing_is_kept(tmp_path: Path) -> None:
+    source, fb = _dicom_with(BurnedInAnnotation="YES"), FeedbackIn(request_id="r1", no_finding=True)
+    refusing = FeedbackService(None, FeedbackSpool(tmp_path / "a"), "install-one")
+    with pytest.raises(PixelsMayIdentify):
+        refusing.submit(fb, _source_record(source), "rad")
+    assert refusing.spool.pending() == []
+    allowing = FeedbackService(None, FeedbackSpool(tmp_path / "b"), "install-one", allow_burned_in=True)
+    assert allowing.submit(fb, _source_record(source), "rad").status == "spooled"
 
 
 # --- the per-install secret -------------------------------------------------------------------
@@ -321,6 +427,7 @@ def test_the_gateway_resolves_the_secret_once_from_its_stack(onnx_client: TestCl
     state = onnx_client.app.state.cxr  # type: ignore[attr-defined]
     assert state.secret == resolve_install_secret("", state.settings.stack_dir)
     assert state.feedback.seed == state.secret
+    assert state.feedback.allow_burned_in is state.settings.feedback_allow_burned_in is False
 
 
 # --- through the gateway ------------------------------------------------------------------------
@@ -354,3 +461,22 @@ def test_feedback_for_a_dicom_with_an_invalid_study_date_is_accepted(
     assert "request_id" not in meta and made.json()["request_id"] not in json.dumps(meta)
     image = next(data for key, data in objects.items() if key.endswith(".dcm"))
     assert b"20231399" not in image and b"MRN-0042" not in image
+
+
+def test_the_gateway_answers_feedback_on_a_burned_in_source_with_a_422(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    made = onnx_client.post(
+        "/v1/detect",
+        content=_dicom_with(BurnedInAnnotation="YES", seed=78),
+        headers={"Authorization": f"Bearer {keys['pacs']}", "Content-Type": "application/dicom"},
+    )
+    assert made.status_code == 200, made.text
+    reply = onnx_client.post(
+        "/v1/feedback",
+        json={"request_id": made.json()["request_id"], "feedback_id": uuid.uuid4().hex, "no_finding": True},
+        headers={"Authorization": f"Bearer {keys['radiologist']}"},
+    )
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error"]["code"] == "pixels_may_identify"
+    assert "MRN-0042" not in reply.text
