@@ -7,16 +7,20 @@ and the reconciler read them; Kustomize turns each into the stage's ConfigMap in
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.durable import fsync_dir, make_dirs, replace_durably
 from core.errors import StageFileError
 from core.stages import PROMOTION_ORDER, Stage
 from core.variants import DEFAULT_VARIANT, Variant
 
 DEFAULT_MODEL_NAME = "cxr-detector"
+#: an MLflow version number: ASCII digits only (``str.isdigit`` also accepts "²" and "٣")
+VERSION_PATTERN = re.compile(r"[0-9]+")
 
 _HEADER = (
     "# Model served by the {stage} stage: the only file `cxr promote` / `cxr rollback` edit.\n"
@@ -47,7 +51,7 @@ class StageFile(BaseModel):
     @field_validator("model_version")
     @classmethod
     def _version_is_number(cls, value: str) -> str:
-        if value and not value.isdigit():
+        if value and not VERSION_PATTERN.fullmatch(value):
             raise ValueError(f"model_version must be an MLflow version number or empty, got {value!r}")
         return value
 
@@ -134,11 +138,26 @@ def render_stage_file(content: StageFile) -> str:
     return "".join(lines)
 
 
-def write_stage_file(gitops_dir: Path, content: StageFile) -> Path:
-    """Write a stage's model file atomically (readers polling it never see half a file)."""
-    path = stage_file_path(gitops_dir, content.stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(render_stage_file(content), encoding="utf-8")
-    tmp.replace(path)
+def write_stage_text(gitops_dir: Path, stage: Stage, text: str | None) -> Path:
+    """Put ``text`` at the stage's model file durably, or remove the file when ``text`` is None.
+
+    The text goes to a temp file of its own (a unique name beside the file), is fsync'd and
+    renamed over the file, and the folder is fsync'd: readers polling it never see half a file,
+    two writers never share a temp file, and what returns is on disk. This is also how a
+    delivery command puts back the text it read when its commit fails.
+    """
+    path = stage_file_path(gitops_dir, stage)
+    if text is None:
+        path.unlink(missing_ok=True)
+        if path.parent.is_dir():
+            fsync_dir(path.parent)
+        return path
+    make_dirs(path.parent)
+    replace_durably(path, text.encode("utf-8"))
+    fsync_dir(path.parent)
     return path
+
+
+def write_stage_file(gitops_dir: Path, content: StageFile) -> Path:
+    """Write a stage's model file atomically and durably (:func:`write_stage_text`)."""
+    return write_stage_text(gitops_dir, content.stage, render_stage_file(content))

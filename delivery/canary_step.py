@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from core.errors import CxrError
-from core.stage_file import StageFile, read_stage_file, write_stage_file
+from core.stage_file import StageFile, read_stage_file
 from delivery import canary as canary_analysis
 from delivery.canary_window import analyze_current_canary
 from delivery.context import DeliveryContext
@@ -73,10 +73,27 @@ def step(
     analysis: canary_analysis.CanaryAnalysis | None = None,
     echo: Callable[[str], None] = print,
 ) -> StepOutcome:
-    """Analyse the running canary and make the one move the verdict calls for."""
+    """Analyse the running canary and make the one move the verdict calls for.
+
+    The whole step holds the checkout's delivery lock (:meth:`GitOpsRepo.delivery_lock`): the move
+    is decided on the stage files as read at [1], and no ``promote`` or ``rollback`` may change them
+    before it is committed (the rollback or promotion it makes runs inside the same lock).
+    """
     opts = _Options(push, remote, publish, apply_local, update_alias, registry, store, echo)
-    # [1] what the stage files say now
     repo = GitOpsRepo(ctx.gitops_dir)
+    with repo.delivery_lock("cxr canary step", echo=echo):
+        return _step_locked(ctx, repo, analysis, opts)
+
+
+def _step_locked(
+    ctx: DeliveryContext,
+    repo: GitOpsRepo,
+    analysis: canary_analysis.CanaryAnalysis | None,
+    opts: _Options,
+) -> StepOutcome:
+    """:func:`step` under the delivery lock."""
+    echo = opts.echo
+    # [1] what the stage files say now
     ctx = DeliveryContext(**{**ctx.__dict__, "gitops_dir": repo.root})
     policy = load_policy(repo.root)
     canary = read_stage_file(repo.root, "canary")
@@ -169,7 +186,7 @@ def _increase(
         canary_weight=target,
         details=[f"Canary weight {weight}% -> {target}%.", *result.lines()],
     )
-    sha = repo.commit([write_stage_file(repo.root, new)], record)
+    sha = repo.commit_stage_files([new], record)
     opts.echo(f"committed {sha[:12]}: {record.subject()}")
     if opts.push:
         repo.push(opts.remote)

@@ -110,7 +110,7 @@ def promote(
     mlflow_uri: MlflowOpt = None,
     prometheus_url: PrometheusOpt = None,
 ) -> None:
-    """Check the stage's gates, then alias + publish + edit the stage file + one git commit."""
+    """Check the stage's gates, then publish + alias + edit the stage file + one git commit."""
     from delivery.promote import PromotionRequest, promote_through, promote_version
 
     with _delivery_errors():

@@ -32,3 +32,7 @@ class PrometheusError(DeliveryError):
 
 class ReconcileError(DeliveryError):
     """A stage's Triton could not be made to serve the version named in its stage file."""
+
+
+class DeliveryLocked(DeliveryError):
+    """Another delivery command held the repository's delivery lock for longer than one waits."""

@@ -1,9 +1,11 @@
-"""``promote``: gates, then the MLflow alias, the published repository, the stage file and one commit.
+"""``promote``: gates, then the published repository, the MLflow alias, the stage file and one commit.
 
 Every side effect that can fail on someone else's server (registry, store) happens before the
 commit, so a failed promotion leaves git untouched; the commit is last because ArgoCD (and the
-one-machine reconciler) act on it. The local Triton is reconciled after the commit: if it is
-down the commit still stands and ``python -m delivery reconcile`` catches up.
+one-machine reconciler) act on it. A commit that fails puts the stage files back as they were
+and the alias back where it was (:func:`_promote_locked` says why in this order), so a retry
+promotes again. The local Triton is reconciled after the commit: if it is down the commit still
+stands and ``python -m delivery reconcile`` catches up.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from core.errors import CxrError
 from core.progress import Reporter, reporting
-from core.stage_file import StageFile, read_stage_file, write_stage_file
+from core.stage_file import VERSION_PATTERN, StageFile, read_stage_file
 from core.stages import PROMOTION_ORDER, Stage
 from core.variants import DEFAULT_VARIANT, VARIANTS, Variant
 from data_pipeline.classes import CLASS_NAMES
@@ -82,7 +84,7 @@ def _check_request(request: PromotionRequest) -> None:
         raise DeliveryError(f"unknown stage {request.to!r}; use one of {', '.join(PROMOTION_ORDER)}")
     if request.variant not in VARIANTS:
         raise DeliveryError(f"unknown variant {request.variant!r}; use one of {', '.join(VARIANTS)}")
-    if not request.version.isdigit():
+    if not VERSION_PATTERN.fullmatch(request.version):
         raise DeliveryError(f"version must be an MLflow version number like 3, got {request.version!r}")
     if request.force and not request.reason.strip():
         raise DeliveryError("--force needs --reason TEXT: the reason goes into the commit for reviewers")
@@ -302,11 +304,66 @@ def promote_version(
     analysis: canary_analysis.CanaryAnalysis | None = None,
     echo: Callable[[str], None] = print,
 ) -> PromotionOutcome:
-    """Run the whole promotion; raises :class:`GateFailed` (nothing changed) when a gate fails unforced."""
+    """Run the whole promotion; raises :class:`GateFailed` (nothing changed) when a gate fails unforced.
+
+    From its first read of a stage file to its commit and push it holds the checkout's delivery
+    lock (:meth:`GitOpsRepo.delivery_lock`), so no ``canary step`` or ``rollback`` writes the
+    stage files in between; the local Triton follows after the lock is released.
+    """
     _check_request(request)
     repo = GitOpsRepo(ctx.gitops_dir)
     policy = load_policy(repo.root)
     ctx = DeliveryContext(**{**ctx.__dict__, "gitops_dir": repo.root})
+    with repo.delivery_lock(f"cxr promote {request.version} --to {request.to}", echo=echo):
+        outcome, reg = _promote_locked(ctx, repo, policy, request, registry, store, analysis, echo)
+    if outcome.commit is None or outcome.record is None:
+        return outcome
+
+    # [4] the one-machine stack follows the file (in the cluster ArgoCD + the Sync hook do this)
+    if request.apply_local:
+        try:
+            label = f"{request.to} Triton loads v{request.version}"
+            with reporting() as progress, progress.task("promote_apply", label, stage=request.to):
+                outcome.applied = reconcile_stage(ctx, request.to, registry=reg)
+            served = outcome.applied.model_version or "nothing"  # its file, read under the stage's lock
+            echo(f"{request.to} Triton now serves v{served} ({outcome.applied.seconds:.1f} s)")
+        except CxrError as exc:
+            outcome.warnings.append(f"local stack not updated: {exc}")
+            echo(f"warning: local stack not updated ({exc}); run `python -m delivery reconcile`")
+    log.info(
+        "promoted model=%s version=%s stage=%s commit=%s forced=%s",
+        outcome.record.model_name,
+        request.version,
+        request.to,
+        outcome.commit[:12],
+        outcome.record.forced,
+    )
+    return outcome
+
+
+def _promote_locked(
+    ctx: DeliveryContext,
+    repo: GitOpsRepo,
+    policy: DeliveryPolicy,
+    request: PromotionRequest,
+    registry: ModelRegistry | None,
+    store: object | None,
+    analysis: canary_analysis.CanaryAnalysis | None,
+    echo: Callable[[str], None],
+) -> tuple[PromotionOutcome, ModelRegistry]:
+    """Gates, registry, stage files, commit and push: the promotion's part under the delivery lock.
+
+    The MLflow alias moves after everything else that can fail before the commit (the model card,
+    the published repository) and immediately before the commit, and back to the version the
+    stage file still names if the commit fails (:func:`_alias_back`). That order leaves no half
+    state on either failure: a registry that refuses the alias stops the promotion before git
+    changes (git is what ArgoCD and the stack act on, and a commit once pushed cannot be taken
+    back quietly), and a refused commit leaves the stage files as they were
+    (:meth:`GitOpsRepo.commit_stage_files`) and the alias where it was. Moving the alias only after
+    the commit would instead leave it behind whenever the registry failed then, and a retry would
+    find the file already changed ("nothing to commit") and never move it. What remains is a crash
+    between the alias and the commit; the stage file is then unchanged, so the retry redoes both.
+    """
     current = read_stage_file(ctx.gitops_dir, request.to)
     reg = registry or ModelRegistry(ctx.mlflow_uri, current.model_name)
 
@@ -338,11 +395,10 @@ def promote_version(
     files = _next_files(ctx, request, policy)
     if all(f == read_stage_file(ctx.gitops_dir, f.stage) for f in files):
         echo(f"{request.to} already serves v{request.version} ({request.variant}): nothing to commit")
-        return PromotionOutcome(report, None, None)
+        return PromotionOutcome(report, None, None), reg
 
-    # [1] registry alias and the golden comparison on the version (its tag and model card),
+    # [1] the golden comparison on the version (its tag and model card),
     # [2] published repository: before the commit, so a failure changes nothing
-    reg.set_alias(request.to, request.version)
     if golden is not None and golden.comparison is not None:
         _record_comparison(reg, request, golden)
     if request.publish:
@@ -359,7 +415,7 @@ def promote_version(
             request.variant,
         )
 
-    # [3] the stage file(s) and one commit
+    # [3] the registry alias, then the stage file(s) and one commit (the alias moves back if it fails)
     record = DeliveryRecord(
         action="promote",
         model_name=current.model_name,
@@ -373,31 +429,28 @@ def promote_version(
         details=report.lines()
         + ([f"Canary weight reset to 0 (v{request.version} now in production)."] if len(files) > 1 else []),
     )
-    paths = [write_stage_file(ctx.gitops_dir, f) for f in files]
-    sha = repo.commit(paths, record)
+    reg.set_alias(request.to, request.version)
+    try:
+        sha = repo.commit_stage_files(files, record)
+    except BaseException as exc:
+        _alias_back(reg, request, current.model_version, exc)
+        raise
     echo(f"committed {sha[:12]}: {record.subject()}")
-    outcome = PromotionOutcome(report, sha, record)
     if request.push:
         repo.push(request.remote)
         echo(f"pushed to {request.remote}")
+    return PromotionOutcome(report, sha, record), reg
 
-    # [4] the one-machine stack follows the file (in the cluster ArgoCD + the Sync hook do this)
-    if request.apply_local:
-        try:
-            label = f"{request.to} Triton loads v{request.version}"
-            with reporting() as progress, progress.task("promote_apply", label, stage=request.to):
-                outcome.applied = reconcile_stage(ctx, request.to, registry=reg)
-            served = outcome.applied.model_version or "nothing"  # its file, read under the stage's lock
-            echo(f"{request.to} Triton now serves v{served} ({outcome.applied.seconds:.1f} s)")
-        except CxrError as exc:
-            outcome.warnings.append(f"local stack not updated: {exc}")
-            echo(f"warning: local stack not updated ({exc}); run `python -m delivery reconcile`")
-    log.info(
-        "promoted model=%s version=%s stage=%s commit=%s forced=%s",
-        current.model_name,
-        request.version,
-        request.to,
-        sha[:12],
-        record.forced,
-    )
-    return outcome
+
+def _alias_back(reg: ModelRegistry, request: PromotionRequest, previous: str, failure: BaseException) -> None:
+    """After a failed commit, the stage's alias back on ``previous``: the version its file still names."""
+    try:
+        reg.set_alias(request.to, previous)
+    except CxrError as exc:
+        log.error("alias_not_moved_back stage=%s version=%s error=%s", request.to, request.version, exc)
+        if isinstance(failure, CxrError):
+            raise DeliveryError(
+                f"{failure}; and the MLflow alias {request.to} could not be moved back from "
+                f"v{request.version} to v{previous or 'none'} ({exc}): promote again once git commits "
+                "(the stage file is unchanged)"
+            ) from failure

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from core.errors import CxrError
-from core.stage_file import StageFile, read_stage_file, write_stage_file
+from core.stage_file import StageFile, read_stage_file
 from core.stages import PROMOTION_ORDER, Stage
 from core.variants import DEFAULT_VARIANT, Variant, served_label
 from delivery.context import DeliveryContext
@@ -82,46 +82,53 @@ def rollback_stage(
     action: str = "rollback",
     echo: Callable[[str], None] = print,
 ) -> RollbackOutcome:
-    """Write the previous version into the stage file (canary weight 0) and commit it."""
+    """Write the previous version into the stage file (canary weight 0) and commit it.
+
+    Under the checkout's delivery lock from reading the stage file to the commit, the push and the
+    alias (:meth:`GitOpsRepo.delivery_lock`). The alias moves only after the commit succeeded: a
+    rollback must not wait on the registry, and a failed commit (the stage file put back by
+    :meth:`GitOpsRepo.commit_stage_files`) then leaves nothing moved, so a retry rolls back the
+    same version again instead of one further.
+    """
     if stage not in PROMOTION_ORDER:
         raise DeliveryError(f"unknown stage {stage!r}; use one of {', '.join(PROMOTION_ORDER)}")
     repo = GitOpsRepo(ctx.gitops_dir)
     ctx = DeliveryContext(**{**ctx.__dict__, "gitops_dir": repo.root})
-    current = read_stage_file(repo.root, stage)
-    if not current.model_version:
-        raise NoPreviousVersion(f"{stage} serves nothing; there is nothing to roll back")
-    target, variant = previous_served(repo, stage, current)
-    update: dict[str, object] = {"model_version": target, "variant": variant}
-    if stage == "canary":
-        update["canary_weight"] = 0  # no production traffic to a canary being rolled back
-    new = current.model_copy(update=update)
-    record = DeliveryRecord(
-        action="rollback",
-        model_name=current.model_name,
-        stage=stage,
-        from_version=current.model_version,
-        to_version=target,
-        variant=variant if target else "",
-        canary_weight=new.canary_weight if stage == "canary" else None,
-        reason=reason,
-        rolled_back_version=served_label(current.model_version, current.variant),
-        details=details
-        or [
-            f"Rolled back by {action}: v{served_label(current.model_version, current.variant)} -> "
-            f"v{served_label(target, variant) if target else 'none'}."
-        ],
-    )
-    path = write_stage_file(repo.root, new)
-    sha = repo.commit([path], record)
-    echo(f"committed {sha[:12]}: {record.subject()}")
-    outcome = RollbackOutcome(stage, current.model_version, target, sha, warnings=[])
-    if push:
-        repo.push(remote)
-    if update_alias:
-        try:  # the alias follows the file ("" removes it); the commit stands either way
-            (registry or ModelRegistry(ctx.mlflow_uri, current.model_name)).set_alias(stage, target)
-        except CxrError as exc:
-            outcome.warnings = [*(outcome.warnings or []), f"MLflow alias not moved: {exc}"]
+    with repo.delivery_lock(f"cxr rollback --stage {stage}", echo=echo):
+        current = read_stage_file(repo.root, stage)
+        if not current.model_version:
+            raise NoPreviousVersion(f"{stage} serves nothing; there is nothing to roll back")
+        target, variant = previous_served(repo, stage, current)
+        update: dict[str, object] = {"model_version": target, "variant": variant}
+        if stage == "canary":
+            update["canary_weight"] = 0  # no production traffic to a canary being rolled back
+        new = current.model_copy(update=update)
+        record = DeliveryRecord(
+            action="rollback",
+            model_name=current.model_name,
+            stage=stage,
+            from_version=current.model_version,
+            to_version=target,
+            variant=variant if target else "",
+            canary_weight=new.canary_weight if stage == "canary" else None,
+            reason=reason,
+            rolled_back_version=served_label(current.model_version, current.variant),
+            details=details
+            or [
+                f"Rolled back by {action}: v{served_label(current.model_version, current.variant)} -> "
+                f"v{served_label(target, variant) if target else 'none'}."
+            ],
+        )
+        sha = repo.commit_stage_files([new], record)
+        echo(f"committed {sha[:12]}: {record.subject()}")
+        outcome = RollbackOutcome(stage, current.model_version, target, sha, warnings=[])
+        if push:
+            repo.push(remote)
+        if update_alias:
+            try:  # the alias follows the file ("" removes it); the commit stands either way
+                (registry or ModelRegistry(ctx.mlflow_uri, current.model_name)).set_alias(stage, target)
+            except CxrError as exc:
+                outcome.warnings = [*(outcome.warnings or []), f"MLflow alias not moved: {exc}"]
     if apply_local:
         try:
             outcome.applied = reconcile_stage(ctx, stage, registry=registry)

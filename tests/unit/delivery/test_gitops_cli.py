@@ -79,7 +79,10 @@ class _Registry:
         return VersionFacts(version, dict(self.tags))
 
     def set_alias(self, alias: str, version: str) -> None:
-        self.aliases[alias] = version
+        if version:
+            self.aliases[alias] = version
+        else:  # as MLflow: no version removes the alias
+            self.aliases.pop(alias, None)
 
 
 @pytest.fixture
@@ -216,3 +219,44 @@ def test_an_unknown_variant_lists_the_valid_ones(stage_repo: Path) -> None:
     )
     assert result.exit_code == 1
     assert "unknown serving variant 'fp8'; use one of fp32, int8, fp16-trt" in result.output
+
+
+_PASSING = {"parity_max_abs_diff": "1e-05", "map50": "0.5", "map40": "0.4"}
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
+def test_a_promotion_whose_commit_fails_moves_nothing_and_the_retry_promotes(stage_repo: Path) -> None:
+    """A refused commit once left v4 in the file and the alias: the retry said 'nothing to commit'."""
+    from core.stage_file import read_stage_file
+
+    _Registry.tags = dict(_PASSING)
+    hook = stage_repo / _git(stage_repo, "rev-parse", "--git-path", "hooks/pre-commit").strip()
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text("#!/bin/sh\necho 'refused by the review policy' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    head = _head(stage_repo)
+    refused = _promote_variant(stage_repo, "fp32")
+    assert refused.exit_code == 1 and "refused by the review policy" in " ".join(refused.output.split())
+    assert read_stage_file(stage_repo, "staging").model_version == ""  # what HEAD and the gateway say
+    assert _git(stage_repo, "status", "--porcelain", "--", "k8s") == ""  # nothing left staged either
+    assert _Registry.aliases == {} and _head(stage_repo) == head  # the alias moved back
+    hook.unlink()
+    retried = _promote_variant(stage_repo, "fp32")
+    assert retried.exit_code == 0, retried.output
+    assert "committed" in retried.stdout and "nothing to commit" not in retried.stdout
+    assert read_stage_file(stage_repo, "staging").model_version == "4" and _head(stage_repo) != head
+    assert _Registry.aliases == {"staging": "4"}
+
+
+def test_a_version_of_unicode_digits_is_refused_before_anything_happens(stage_repo: Path) -> None:
+    _Registry.tags = dict(_PASSING)
+    head = _head(stage_repo)
+    result = runner.invoke(
+        app, ["promote", "\u00b2", "--to", "staging", "--no-apply", "--gitops-dir", str(stage_repo)]
+    )
+    assert result.exit_code == 1
+    assert "version must be an MLflow version number" in result.output
+    assert _head(stage_repo) == head and _Registry.aliases == {}

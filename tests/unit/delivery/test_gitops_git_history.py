@@ -7,7 +7,10 @@ the integration tests cover those against real servers).
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from delivery.canary import CanaryAnalysis, Check
 from delivery.canary_step import step
 from delivery.canary_window import current_window, window_seconds
 from delivery.context import DeliveryContext
-from delivery.errors import GitOpsRepoError, NoPreviousVersion
+from delivery.errors import DeliveryError, GitOpsRepoError, NoPreviousVersion
 from delivery.git_repo import GitOpsRepo
 from delivery.messages import DeliveryRecord, parse_record
 from delivery.policy import CanaryPolicy
@@ -279,3 +282,164 @@ def test_a_canary_of_a_new_variant_has_its_own_window_and_is_not_idle(
     assert _nothing_to_analyse(canary, production, 10) is None  # v3 int8 vs v3 fp32: analyse it
     same = _nothing_to_analyse(canary.model_copy(update={"variant": "fp32"}), production, 10)
     assert same is not None and same.action == "idle"
+
+
+# --- a commit that fails changes nothing; two commands never interleave ---------------------------
+
+QUIET = {"apply_local": False, "update_alias": False, "echo": lambda _: None}
+
+
+def refuse_commits(root: Path) -> Path:
+    """A pre-commit hook that refuses every commit; delete the returned file to allow them again."""
+    hook = root / git(root, "rev-parse", "--git-path", "hooks/pre-commit").strip()
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text("#!/bin/sh\necho 'refused by the review policy' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    return hook
+
+
+def hold_index_lock(root: Path) -> Path:
+    """What another git command in the checkout holds while it runs."""
+    lock = root / ".git" / "index.lock"
+    lock.write_text("")
+    return lock
+
+
+def forget_identity(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No user.name/user.email anywhere git looks, and no guessing one from the host."""
+    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "EMAIL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(root.parent / "no-global-gitconfig"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    git(root, "config", "--unset", "user.name")
+    git(root, "config", "--unset", "user.email")
+    git(root, "config", "user.useConfigOnly", "true")
+
+
+def break_commits(how: str, root: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Make the next commit fail the way ``how`` says; returns what repairs it."""
+    if how == "hook":
+        return refuse_commits(root).unlink
+    if how == "index lock":
+        return hold_index_lock(root).unlink
+
+    def restore_identity() -> None:
+        git(root, "config", "user.name", "Test Promoter")
+        git(root, "config", "user.email", "promoter@example.org")
+
+    forget_identity(root, monkeypatch)
+    return restore_identity
+
+
+def stage_files_as_in_head(root: Path) -> bool:
+    """The working tree and the index name exactly what HEAD does, for every stage file."""
+    return git(root, "status", "--porcelain", "--", "k8s").strip() == ""
+
+
+@pytest.mark.parametrize("how", ["hook", "index lock", "no identity"])
+def test_a_rollback_whose_commit_fails_changes_nothing_and_the_retry_rolls_back_the_same_version(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    for version in ("1", "2", "3"):
+        commit_version(repo, "production", version)
+    head = git(repo, "rev-parse", "HEAD")
+    repair = break_commits(how, repo, monkeypatch)
+    with pytest.raises(GitOpsRepoError, match=r"git commit of k8s/overlays/production/model\.yaml failed"):
+        rollback_stage(ctx_for(repo), "production", **QUIET)  # type: ignore[arg-type]
+    assert read_stage_file(repo, "production").model_version == "3"  # what HEAD and the gateway serve
+    repair()
+    assert stage_files_as_in_head(repo) and git(repo, "rev-parse", "HEAD") == head
+    outcome = rollback_stage(ctx_for(repo), "production", **QUIET)  # type: ignore[arg-type]
+    assert (outcome.from_version, outcome.to_version) == ("3", "2")  # not one further, to v1
+    assert read_stage_file(repo, "production").model_version == "2" and stage_files_as_in_head(repo)
+
+
+def test_a_canary_step_whose_commit_fails_keeps_the_weight_and_the_retry_raises_it_once(repo: Path) -> None:
+    commit_version(repo, "production", "1")
+    commit_version(repo, "canary", "2", weight=10)
+    hook = refuse_commits(repo)
+    with pytest.raises(GitOpsRepoError, match="refused by the review policy"):
+        step(ctx_for(repo), analysis=analysis("pass"), apply_local=False, echo=lambda _: None)
+    assert read_stage_file(repo, "canary").canary_weight == 10 and stage_files_as_in_head(repo)
+    hook.unlink()
+    outcome = step(ctx_for(repo), analysis=analysis("pass"), apply_local=False, echo=lambda _: None)
+    assert (outcome.action, outcome.weight_before, outcome.weight_after) == ("increase", 10, 50)
+    assert read_stage_file(repo, "canary").canary_weight == 50
+
+
+def test_a_first_stage_file_whose_commit_fails_is_removed_again(repo: Path) -> None:
+    """A stage file that did not exist before the failed commit does not exist after it."""
+    git(repo, "rm", "-q", "k8s/overlays/staging/model.yaml")
+    git(repo, "commit", "-q", "-m", "staging serves nothing")
+    hook = refuse_commits(repo)
+    record = DeliveryRecord("promote", "cxr-detector", "staging", "", "4")
+    with pytest.raises(GitOpsRepoError):
+        GitOpsRepo(repo).commit_stage_files([StageFile(stage="staging", model_version="4")], record)
+    assert not (repo / "k8s/overlays/staging/model.yaml").exists() and stage_files_as_in_head(repo)
+    hook.unlink()
+    GitOpsRepo(repo).commit_stage_files([StageFile(stage="staging", model_version="4")], record)
+    assert read_stage_file(repo, "staging").model_version == "4" and stage_files_as_in_head(repo)
+
+
+def test_a_delivery_command_waits_for_the_lock_a_bounded_time_then_names_it(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit_version(repo, "production", "1")
+    commit_version(repo, "production", "2")
+    head = git(repo, "rev-parse", "HEAD")
+    monkeypatch.setattr("delivery.git_repo.LOCK_TIMEOUT_S", 0.3, raising=False)
+    lock = repo / ".git" / "cxr-delivery.lock"
+    with open(lock, "a+") as held:  # another process's command (flock is per open file)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242: cxr promote 5 --to production\n")
+        held.flush()
+        with pytest.raises(DeliveryError) as refused:
+            rollback_stage(ctx_for(repo), "production", **QUIET)  # type: ignore[arg-type]
+        message = str(refused.value)
+        assert str(lock) in message and "pid 4242: cxr promote 5 --to production" in message
+        assert read_stage_file(repo, "production").model_version == "2"
+        assert git(repo, "rev-parse", "HEAD") == head
+    assert rollback_stage(ctx_for(repo), "production", **QUIET).to_version == "1"  # type: ignore[arg-type]
+
+
+def file_at(root: Path, rev: str, stage: Stage) -> StageFile:
+    from core.stage_file import parse_stage_file
+
+    return parse_stage_file(git(root, "show", f"{rev}:k8s/overlays/{stage}/model.yaml"), stage)
+
+
+def test_a_rollback_during_a_canary_step_waits_for_it_and_neither_move_is_lost(repo: Path) -> None:
+    """The step read canary v2 at 10 %; a rollback then must not be overwritten by the step's 50 %."""
+    commit_version(repo, "production", "1")
+    commit_version(repo, "canary", "2", weight=10)
+    step_has_read, rollback_went = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def step_echo(_: str) -> None:  # first called with the analysis: the step has read the files
+        if not step_has_read.is_set():
+            step_has_read.set()
+            rollback_went.wait(timeout=30)  # the rollback waits for the lock (or, unlocked, commits)
+
+    def run_step() -> None:
+        try:
+            step(ctx_for(repo), analysis=analysis("pass"), apply_local=False, echo=step_echo)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    stepper = threading.Thread(target=run_step)
+    stepper.start()
+    assert step_has_read.wait(timeout=30)
+    quiet = {**QUIET, "echo": lambda _: rollback_went.set()}
+    rollback_stage(ctx_for(repo), "canary", **quiet)  # type: ignore[arg-type]
+    stepper.join(timeout=30)
+    assert not stepper.is_alive() and not errors
+    assert git(repo, "log", "-2", "--format=%s").splitlines() == [
+        "rollback canary: cxr-detector 2 -> none",
+        "canary step: cxr-detector 2 weight 50%",
+    ]
+    assert read_stage_file(repo, "canary") == StageFile(stage="canary", model_version="", canary_weight=0)
+    for rev in ("HEAD", "HEAD~1"):  # each commit holds the file its message describes
+        record = parse_record(git(repo, "log", "-1", "--format=%B", rev))
+        content = file_at(repo, rev, "canary")
+        assert record is not None
+        assert (content.model_version, content.canary_weight) == (record.to_version, record.canary_weight)

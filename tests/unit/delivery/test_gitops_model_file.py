@@ -53,6 +53,8 @@ def test_unquoted_integer_version_is_read_as_text(tmp_path: Path) -> None:
     ("stage", "text", "message"),
     [
         ("production", "stage: production\nmodel_version: latest\n", "model_version"),
+        ("production", 'stage: production\nmodel_version: "\u00b2"\n', "model_version"),  # "²".isdigit()
+        ("staging", 'stage: staging\nmodel_version: "\u0663"\n', "model_version"),  # Arabic-Indic 3
         ("production", "stage: production\ncanary_weight: 10\n", "canary file only"),
         ("canary", "stage: canary\ncanary_weight: 150\n", "canary_weight"),
         ("production", "stage: staging\n", "lives in the 'production' overlay"),
@@ -81,3 +83,16 @@ def test_committed_overlay_files_are_valid() -> None:
     root = Path(__file__).resolve().parents[3]
     for stage in ("staging", "canary", "production"):
         assert read_stage_file(root, stage).stage == stage
+
+
+def test_writing_a_stage_file_never_touches_another_writers_temp_file(tmp_path: Path) -> None:
+    """Two writers once shared ``model.yaml.tmp``: one could move the other's half-written text."""
+    path = stage_file_path(tmp_path, "canary")
+    path.parent.mkdir(parents=True)
+    theirs = path.with_suffix(".yaml.tmp")
+    theirs.write_text("stage: canary\nmodel_ver")  # another writer, mid-write
+    written = StageFile(stage="canary", model_version="5", canary_weight=10)
+    write_stage_file(tmp_path, written)
+    assert read_stage_file(tmp_path, "canary") == written
+    assert theirs.read_text() == "stage: canary\nmodel_ver"  # theirs is still theirs to finish
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.yaml", "model.yaml.tmp"]  # no leftovers
