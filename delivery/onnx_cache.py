@@ -40,6 +40,7 @@ from core.operating_points import OPERATING_POINTS_FILE
 from core.scratch import scratch_dir
 from core.variants import DEFAULT_VARIANT, Variant, variant_tag
 from delivery.errors import DeliveryError
+from training.errors import RegistryUnreachable
 from training.registry import ONNX_FILE, ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 #: the lineage tag holding the fp32 export's sha256 (training/registry.py ``LineageTags``)
 ONNX_SHA256_TAG = "onnx_sha256"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: beside a cached file: which variant it is (a sha256-named folder does not say; cached_offline needs it)
+VARIANT_FILE = "variant"
 
 
 class OnnxIntegrityError(DeliveryError):
@@ -114,7 +117,13 @@ def fetch_onnx(
     recorded) is cached per (model name, registry, version, variant) and served unverified (the
     module docstring).
     """
-    expected = recorded_sha256(registry, version, variant)
+    try:
+        expected = recorded_sha256(registry, version, variant)
+    except RegistryUnreachable:
+        held = cached_offline(cache, registry, version, variant)
+        if held is None:
+            raise
+        return held
     folder = cache_folder(cache, registry, version, variant, expected)
     target = folder / ONNX_FILE
     if expected and target.exists() and file_sha256(target) != expected:
@@ -144,8 +153,39 @@ def fetch_onnx(
                     sha256_tag(variant),
                 )
             _install(downloaded, target)
+    if not (folder / VARIANT_FILE).exists():
+        (folder / VARIANT_FILE).write_text(variant)  # which variant the file is, for cached_offline
     _fetch_operating_points(registry, version, folder, variant)
     return target
+
+
+def cached_offline(cache: Path, registry: ModelRegistry, version: str, variant: Variant) -> Path | None:
+    """The version's cached ``variant`` file while MLflow does not answer, or None.
+
+    Serving must not stop because the registry is down (a Triton restarted, a rollback to a cached
+    version): a file in the cache whose bytes still equal the sha256 its folder is named after (the
+    tag it was checked against when it was fetched) is used, with a warning. A version fetched
+    without a tag, or a file that no longer matches, is not: MLflow must answer for those.
+    """
+    where = hashlib.sha256(registry.tracking_uri.encode()).hexdigest()[:12]
+    model = cache / _safe_name(registry.model_name)
+    for target in sorted(model.glob(f"*/{where}-v{version}/{ONNX_FILE}")):
+        folder = target.parent
+        sha = folder.parent.name
+        marker = folder / VARIANT_FILE
+        if not _SHA256.fullmatch(sha) or not marker.exists() or marker.read_text().strip() != variant:
+            continue
+        if file_sha256(target) == sha:
+            log.warning(
+                "onnx_cache_offline model=%s version=%s variant=%s sha256=%s: MLflow unreachable, "
+                "serving the cached file checked against its tag when fetched",
+                registry.model_name,
+                version,
+                variant,
+                sha[:12],
+            )
+            return target
+    return None
 
 
 def _fetch_operating_points(registry: ModelRegistry, version: str, folder: Path, variant: Variant) -> None:

@@ -29,5 +29,9 @@ class RegistryError(TrainingError):
     """The MLflow registry lacks the requested model or version, or refused a write."""
 
 
+class RegistryUnreachable(RegistryError):
+    """MLflow did not answer (down, or a connection error): a caller may fall back on what it holds."""
+
+
 class DistributedTrainingError(TrainingError):
     """Ray Train gave up on the run (after its configured retries)."""

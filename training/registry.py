@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from core.operating_points import OPERATING_POINTS_FILE
 from core.variants import DEFAULT_VARIANT, Variant, artifact_dir, variant_tag
 from training.config import TrainConfig, TrainSettings
-from training.errors import RegistryError
+from training.errors import RegistryError, RegistryUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ModelRegistry:
         self._reachable = True
 
     def _unreachable(self, exc: Exception, what: str) -> RegistryError:
-        return RegistryError(
+        return RegistryUnreachable(
             f"MLflow at {self.tracking_uri} failed while {what}: {exc}. "
             "Is the stack up (`cxr stack status`) and CXR_MLFLOW_URI right?"
         )

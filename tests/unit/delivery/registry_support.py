@@ -28,6 +28,7 @@ class TaggedRegistry:
         self.files: dict[tuple[str, str], bytes] = {}
         self.tags: dict[str, dict[str, str]] = {}
         self.downloads: list[tuple[str, str]] = []
+        self.offline = False  # MLflow down: every question raises RegistryUnreachable
 
     def register(
         self, version: str, data: bytes, variant: str = DEFAULT_VARIANT, *, tagged: bool = True
@@ -44,6 +45,10 @@ class TaggedRegistry:
         self.files[(version, variant)] = data
 
     def facts(self, version: str) -> VersionFacts:
+        if self.offline:
+            from training.errors import RegistryUnreachable
+
+            raise RegistryUnreachable(f"MLflow at {self.tracking_uri} failed while reading version {version}")
         return VersionFacts(version, dict(self.tags.get(version, {})))
 
     def download_onnx(self, version: str, dest: Path, variant: str = DEFAULT_VARIANT) -> Path:

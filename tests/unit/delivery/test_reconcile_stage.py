@@ -136,8 +136,9 @@ def test_reconcile_builds_from_the_bytes_the_lineage_tag_records_cached_by_name_
     assert cached.read_bytes() == b"model A"
     assert cached.relative_to(ctx.onnx_cache).parts[:2] == (MODEL, sha256(b"model A"))  # name, then hash
     assert registry.downloads == [("3", "fp32")]  # downloaded once
-    assert [p.name for p in cached.parent.iterdir() if not p.name.startswith("operating_points")] == [
-        "model.onnx"
+    assert sorted(p.name for p in cached.parent.iterdir() if not p.name.startswith("operating_points")) == [
+        "model.onnx",
+        "variant",
     ]  # no download folder or temp file left beside it
 
 
@@ -210,3 +211,24 @@ def test_a_variant_is_checked_against_its_own_sha256_tag(
     registry.swap("3", b"another int8 file", "int8")
     with pytest.raises(OnnxIntegrityError, match=r"variant_int8_sha256"):
         rec.fetch_onnx(registry, "3", ctx.onnx_cache / "fresh", "int8")  # type: ignore[arg-type]
+
+
+def test_while_mlflow_is_down_a_cached_file_that_still_matches_its_tag_is_served(
+    ctx: DeliveryContext, built: list[tuple[str, str, str, bytes]]
+) -> None:
+    """A Triton restarted or a rollback while the registry is down must not leave a stage serving
+    nothing when the version's checked file is in the cache; what the cache cannot vouch for is not served."""
+    from training.errors import RegistryUnreachable
+
+    registry = TaggedRegistry().register("3", b"model A").register("4", b"model B")
+    cached = rec.fetch_onnx(registry, "3", ctx.onnx_cache)  # type: ignore[arg-type]
+    registry.offline = True
+    assert rec.fetch_onnx(registry, "3", ctx.onnx_cache) == cached  # type: ignore[arg-type]
+    assert registry.downloads == [("3", "fp32")]
+    with pytest.raises(RegistryUnreachable):  # never fetched: nothing to serve
+        rec.fetch_onnx(registry, "4", ctx.onnx_cache)  # type: ignore[arg-type]
+    with pytest.raises(RegistryUnreachable):  # another variant of a cached version: not this file
+        rec.fetch_onnx(registry, "3", ctx.onnx_cache, "int8")  # type: ignore[arg-type]
+    cached.write_bytes(b"damaged")
+    with pytest.raises(RegistryUnreachable):  # no longer the checked bytes: not served
+        rec.fetch_onnx(registry, "3", ctx.onnx_cache)  # type: ignore[arg-type]
