@@ -243,7 +243,10 @@ class WorklistStore:
                     else []
                 )
                 if max_results is not None and len(entries) > max_results:
-                    evicted += [e[2] for e in entries[:-max_results] if e[2] is not None]
+                    dropped = entries[:-max_results]
+                    evicted += [e[2] for e in dropped if e[2] is not None]
+                    if old is not None and any(e[2] is None for e in dropped):
+                        evicted.append(float(old["score"]))  # an older row: its score stood for them
                     entries = entries[-max_results:]
                 ids = [rid for rid, _, _ in entries]
                 kept = [e[2] for e in entries]

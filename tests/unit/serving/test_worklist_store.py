@@ -131,6 +131,12 @@ def test_an_older_gateways_worklist_gains_the_patient_key_and_adopts_the_first_o
     merged = store.record("a", "1.2.3", ["r2"], [0.1], "7", "production", 0.5, patient_key="k1", now=_at(1))
     assert merged.result_ids == ("r1", "r2")
     assert store.patient_key("a", "1.2.3") == "k1"
+    # the older row's score (0.3) stood for r1: pushed out by the cap, it still counts
+    for i in range(2):
+        capped = store.record(
+            "a", "1.2.3", [f"n{i}"], [0.1], "7", "production", 0.5, sop_uids=[f"N{i}"], max_results=2
+        )
+    assert capped.result_ids == ("n0", "n1") and capped.score == pytest.approx(0.3)
 
 
 def test_a_row_keeps_the_latest_results_up_to_its_bound_and_the_score_over_all(tmp_path: Path) -> None:
