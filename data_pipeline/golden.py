@@ -102,7 +102,7 @@ def commit_pin(gitops_dir: Path, pin: GoldenPin) -> str | None:
     The pin is a reviewed change like a gate threshold: committing it here gives the review and
     the history one place (push and open a merge request as for any promotion).
     """
-    from git import InvalidGitRepositoryError, NoSuchPathError, Repo
+    from git import GitCommandError, InvalidGitRepositoryError, NoSuchPathError, Repo
 
     try:
         repo = Repo(gitops_dir)
@@ -117,7 +117,15 @@ def commit_pin(gitops_dir: Path, pin: GoldenPin) -> str | None:
     )
     # the git binary with the pin's path only: the index's commit took whatever else was staged
     # (a half-edited stage file) into the pin's commit, and skipped the repository's hooks
-    repo.git.commit("-m", message, "--", str(PIN_FILE))
+    try:
+        repo.git.commit("-m", message, "--", str(PIN_FILE))
+    except GitCommandError as exc:
+        # no identity, a hook refusing it: the pin is written, left staged, and said so
+        raise GoldenError(
+            f"{pin_path(gitops_dir)} is written and staged but git refused to commit it "
+            f"({(exc.stderr or '').strip()[:200] or exc.status}); set user.name and user.email "
+            f"(git config) or fix the hook, then commit it: git -C {gitops_dir} commit -- {PIN_FILE}"
+        ) from None
     return str(repo.head.commit.hexsha)
 
 

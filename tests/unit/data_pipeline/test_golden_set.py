@@ -232,3 +232,20 @@ def test_cli_builds_pins_and_shows_a_golden_set_and_refuses_a_tiny_one(
     assert list(repo.head.commit.stats.files) == ["training/golden.yaml"]  # the pin, nothing staged beside
     shown = CliRunner().invoke(app, ["golden", "show"])
     assert shown.exit_code == 0 and pin.version in shown.output
+
+
+def test_a_pin_git_refuses_to_commit_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    """The git binary commits the pin now (with the repository's hooks): a refusal names what to do."""
+    from data_pipeline.golden import GoldenPin, commit_pin
+
+    repo = Repo.init(tmp_path)
+    with repo.config_writer() as config:
+        config.set_value("user", "name", "Golden Test")
+        config.set_value("user", "email", "golden@example.org")
+    hook = tmp_path / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\necho 'refused by review policy' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    pin = GoldenPin(version="0123456789abcdef", images=10, patients=10)
+    write_pin(tmp_path, pin)
+    with pytest.raises(GoldenError, match=r"refused by review policy.*commit -- training/golden\.yaml"):
+        commit_pin(tmp_path, pin)
