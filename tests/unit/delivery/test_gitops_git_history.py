@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -443,3 +444,23 @@ def test_a_rollback_during_a_canary_step_waits_for_it_and_neither_move_is_lost(r
         content = file_at(repo, rev, "canary")
         assert record is not None
         assert (content.model_version, content.canary_weight) == (record.to_version, record.canary_weight)
+
+
+def test_an_interrupt_after_the_commit_finished_leaves_the_committed_files(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C once git has committed: putting the old text back would leave the tree naming another
+    version than HEAD, and every retry would find "nothing to commit"."""
+    real_commit = GitOpsRepo.commit
+
+    def commit_then_interrupt(self: GitOpsRepo, *args: Any, **kwargs: Any) -> str:
+        real_commit(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GitOpsRepo, "commit", commit_then_interrupt)
+    head = git(repo, "rev-parse", "HEAD")
+    record = DeliveryRecord("promote", "cxr-detector", "staging", "", "4")
+    with pytest.raises(KeyboardInterrupt):
+        GitOpsRepo(repo).commit_stage_files([StageFile(stage="staging", model_version="4")], record)
+    assert git(repo, "rev-parse", "HEAD") != head
+    assert read_stage_file(repo, "staging").model_version == "4" and stage_files_as_in_head(repo)
