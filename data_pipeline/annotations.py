@@ -7,6 +7,11 @@ silently dropped: it goes to the quarantine table (line number, reason, raw
 values) that the quality report lists, and the run fails when too many rows
 are bad (``CXR_MAX_BAD_ROW_FRACTION``), because then the file is wrong, not a
 few rows.
+
+The file comes from outside, and the quarantine ships inside the dataset version:
+it keeps the VinDr columns only (an added ``patient_name`` column stays behind)
+and clips every cell (:data:`MAX_CELL_CHARS`). A value no number can hold (``inf``,
+``1e30`` as a class id) is a bad row like any other, never a crash.
 """
 
 from __future__ import annotations
@@ -38,6 +43,24 @@ COLUMNS: tuple[str, ...] = (
 COORDS: list[str] = ["x_min", "y_min", "x_max", "y_max"]
 #: Coordinates may overshoot the image by this many pixels (readers' tools round outward).
 EDGE_TOLERANCE_PX = 2.0
+#: A reader id: VinDr's R1..R17, the gateway's key ids ("radiologist-1"). Nothing a spreadsheet runs as a
+#: formula (annotations_readers.csv is opened in one): no leading = + - @, no spaces, quotes or brackets.
+RAD_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+#: Longest cell value (and quoted value inside a reason) a quarantine row keeps: it ships in the version.
+MAX_CELL_CHARS = 200
+MAX_REASON_VALUE_CHARS = 40
+_OUT_OF_RANGE = "class_id outside 0..14"
+
+
+def clip(value: object, limit: int = MAX_CELL_CHARS) -> str:
+    """``value`` as text, cut to ``limit`` characters (with a note of how much went)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}...(+{len(text) - limit} chars)"
+
+
+def _quoted(value: object) -> str:
+    """A value from the file as a reason quotes it: short, repr'd."""
+    return repr(clip(value, MAX_REASON_VALUE_CHARS))
 
 
 def _name_matches_id(df: pd.DataFrame) -> pd.Series:
@@ -57,6 +80,10 @@ def _no_finding_has_no_box(df: pd.DataFrame) -> pd.Series:
     return (df["class_id"] != NO_FINDING_ID) | df[COORDS].isna().all(axis=1)
 
 
+def _rad_id_ok(df: pd.DataFrame) -> pd.Series:
+    return df["rad_id"].str.fullmatch(RAD_ID_PATTERN).fillna(False).astype(bool)
+
+
 SCHEMA = pa.DataFrameSchema(
     {
         "image_id": pa.Column(str, pa.Check.str_length(min_value=1), nullable=False),
@@ -70,6 +97,11 @@ SCHEMA = pa.DataFrameSchema(
         pa.Check(_coords_ok, name="box_present_and_ordered", error="finding needs x_min<x_max, y_min<y_max"),
         pa.Check(
             _no_finding_has_no_box, name="no_finding_without_box", error="'No finding' must have no box"
+        ),
+        pa.Check(
+            _rad_id_ok,
+            name="rad_id_format",
+            error="rad_id must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
         ),
     ],
     strict=False,
@@ -138,18 +170,25 @@ def parse_frame(raw: pd.DataFrame, source: str = "<frame>") -> AnnotationTable:
         }
     )
     reasons: dict[int, list[str]] = {}
-    class_num = pd.to_numeric(raw["class_id"].astype(str).str.strip(), errors="coerce")
-    bad_id = class_num.isna() | (class_num != np.floor(class_num))
-    for i in np.flatnonzero(bad_id.to_numpy()):
-        reasons.setdefault(int(i), []).append(f"class_id {raw['class_id'].iloc[i]!r} is not an integer")
-    df["class_id"] = class_num.where(~bad_id, -1).astype("Int64")
+    class_text = raw["class_id"].astype(str).str.strip()
+    # float64 whatever the text: 1e30, inf or a 400-digit number must not reach the Int64 cast below
+    class_num = pd.to_numeric(class_text, errors="coerce").astype("float64")
+    integral = np.isfinite(class_num) & (class_num == np.floor(class_num))
+    in_range = integral & class_num.between(0, NO_FINDING_ID)
+    for i in np.flatnonzero(~integral.to_numpy()):
+        reasons.setdefault(int(i), []).append(f"class_id {_quoted(class_text.iloc[i])} is not an integer")
+    for i in np.flatnonzero((integral & ~in_range).to_numpy()):
+        reasons.setdefault(int(i), []).append(_OUT_OF_RANGE)
+    df["class_id"] = class_num.where(in_range, -1).astype("Int64")
     for col in COORDS:
         text = raw[col].astype(str).str.strip()
-        values = pd.to_numeric(text, errors="coerce")
+        values = pd.to_numeric(text, errors="coerce").astype("float64")
         unparsable = values.isna() & text.ne("") & text.str.lower().ne("nan")
         for i in np.flatnonzero(unparsable.to_numpy()):
-            reasons.setdefault(int(i), []).append(f"{col} {text.iloc[i]!r} is not a number")
-        df[col] = values.astype(float)
+            reasons.setdefault(int(i), []).append(f"{col} {_quoted(text.iloc[i])} is not a number")
+        for i in np.flatnonzero(np.isinf(values.to_numpy())):
+            reasons.setdefault(int(i), []).append(f"{col} {_quoted(text.iloc[i])} is not a finite number")
+        df[col] = values
     df.loc[df["rad_id"].eq(""), "rad_id"] = "unknown"
 
     try:
@@ -166,9 +205,9 @@ def parse_frame(raw: pd.DataFrame, source: str = "<frame>") -> AnnotationTable:
     bad = np.zeros(len(df), dtype=bool)
     if reasons:
         bad[list(reasons)] = True
-    quarantine = raw.loc[bad].copy()
-    quarantine.insert(0, "reason", ["; ".join(reasons[int(i)]) for i in np.flatnonzero(bad)])
-    quarantine.insert(0, "line", lines[bad])
+    quarantine = _quarantine_rows(
+        raw.loc[bad], lines[bad], ["; ".join(reasons[int(i)]) for i in np.flatnonzero(bad)]
+    )
     good = df.loc[~bad].copy()
     good["class_id"] = good["class_id"].astype(int)
     good.insert(0, "line", lines[~bad])
@@ -182,12 +221,27 @@ def parse_frame(raw: pd.DataFrame, source: str = "<frame>") -> AnnotationTable:
     return table
 
 
+def _quarantine_rows(rows: pd.DataFrame, lines: np.ndarray, reasons: list[str]) -> pd.DataFrame:
+    """Quarantine table: line, reason, then the VinDr columns only, every text clipped.
+
+    It ships inside the version (quality_report.json): a column the file added (a patient's name)
+    or a megabyte cell must not travel with it.
+    """
+    out = pd.DataFrame(
+        {"line": np.asarray(lines, dtype=np.int64), "reason": [clip(r, 4 * MAX_CELL_CHARS) for r in reasons]}
+    )
+    for col in COLUMNS:
+        values = rows[col].tolist()
+        out[col] = [clip(v) if isinstance(v, str) else v for v in values]
+    return out
+
+
 def _describe(check: str) -> str:
     for c in SCHEMA.checks:
         if c.name == check:
             return str(c.error)
     if check.startswith("isin"):
-        return "class_id outside 0..14"
+        return _OUT_OF_RANGE
     if "str_length" in check:
         return "image_id is empty"
     return check
@@ -217,8 +271,7 @@ def check_inside_images(table: AnnotationTable, sizes: Mapping[str, tuple[int, i
     if not bad.any():
         return table
     reasons = np.where(unknown.to_numpy(), "image not found or not decodable", "box outside the image")
-    moved = df.loc[bad].copy()
-    moved.insert(1, "reason", reasons[bad])
+    moved = _quarantine_rows(df.loc[bad], df.loc[bad, "line"].to_numpy(), reasons[bad].tolist())
     quarantine = pd.concat([table.quarantine, moved], ignore_index=True).sort_values("line", kind="stable")
     return AnnotationTable(
         frame=df.loc[~bad].reset_index(drop=True),
@@ -246,3 +299,19 @@ def merge_tables(
         total_rows=base.total_rows + extra.total_rows,
         source=f"{base.source}+{extra.source}",
     )
+
+
+def combine_tables(tables: list[AnnotationTable], source: str) -> AnnotationTable:
+    """One table of several checked ones (feedback items), rows kept as they are (no replacing)."""
+    frames = [t.frame for t in tables if len(t.frame)]
+    quarantines = [t.quarantine for t in tables if len(t.quarantine)]
+    return AnnotationTable(
+        frame=pd.concat(frames, ignore_index=True) if frames else parse_frame(_no_rows()).frame,
+        quarantine=pd.concat(quarantines, ignore_index=True) if quarantines else _empty_quarantine(),
+        total_rows=sum(t.total_rows for t in tables),
+        source=source,
+    )
+
+
+def _no_rows() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="str") for c in COLUMNS})

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from core.errors import CxrError
 from data_pipeline.config import DataSettings
@@ -33,6 +34,15 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 log = logging.getLogger(__name__)
+
+
+def _plain(value: object) -> Text:
+    """Text from files, paths, settings or errors, printed as is: ``[/x]`` in it is not rich markup."""
+    return Text(str(value))
+
+
+def _error_line(message: object, label: str = "error:", style: str = "bold red") -> Text:
+    return Text.assemble((label, style), " ", str(message))
 
 
 @app.callback()
@@ -53,7 +63,7 @@ def _settings(**overrides: object) -> DataSettings:
         return DataSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        console.print(f"[bold red]error:[/] invalid setting (CXR_* variable or option): {problems}")
+        console.print(_error_line(f"invalid setting (CXR_* variable or option): {problems}"))
         raise typer.Exit(2) from exc
 
 
@@ -62,7 +72,7 @@ def _friendly_errors() -> Iterator[None]:
     try:
         yield
     except CxrError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(_error_line(exc))
         raise typer.Exit(1) from exc
 
 
@@ -99,7 +109,7 @@ def synth(
     syntaxes: dict[str, int] = {}
     for case in result.cases:
         syntaxes[case.transfer_syntax] = syntaxes.get(case.transfer_syntax, 0) + 1
-    table = Table(title=f"synthetic set in {out}")
+    table = Table(title=_plain(f"synthetic set in {out}"))
     table.add_column("item")
     table.add_column("value", justify="right")
     table.add_row("images", str(len(result.cases)))
@@ -170,16 +180,16 @@ def ingest(
     assert build.quality is not None
     build.quality.render(Console())
     counts = build.manifest["counts"]
-    table = Table(title=f"dataset {build.version}")
+    table = Table(title=_plain(f"dataset {build.version}"))
     table.add_column("item")
     table.add_column("value", justify="right")
     for split_name, n in counts["images"].items():
         table.add_row(f"images {split_name}", str(n))
-    table.add_row("path", str(build.path))
+    table.add_row("path", _plain(build.path))
     table.add_row(
         "published to S3", f"{settings.s3_bucket}/datasets/{build.version}/" if build.published else "no"
     )
-    table.add_row("report", str(build.report) if build.report else "none (see the log)")
+    table.add_row("report", _plain(build.report) if build.report else "none (see the log)")
     table.add_row("reused existing build", str(build.reused))
     table.add_row("seconds", f"{build.seconds:.1f}")
     table.add_row("images/s", f"{build.images_per_second:.1f}")
@@ -202,7 +212,7 @@ def _store(settings: DataSettings, upload: str) -> ObjectStore | None:
     except StoreError as exc:
         if upload == "yes":
             raise
-        console.print(f"[yellow]S3 not reachable, building locally only:[/] {exc}")
+        console.print(_error_line(exc, "S3 not reachable, building locally only:", "yellow"))
         return None
 
 
@@ -251,7 +261,7 @@ def golden_build(
             write_pin(settings.gitops_dir, described)
             sha = commit_pin(settings.gitops_dir, described) if commit else None
             if sha:
-                console.print(f"committed the pin in {settings.gitops_dir}: {sha[:12]}")
+                console.print(_plain(f"committed the pin in {settings.gitops_dir}: {sha[:12]}"))
     _show_pin(described, pin_path(settings.gitops_dir) if pin else None)
     typer.echo(build.version)
 
@@ -273,16 +283,16 @@ def golden_show() -> None:
 
 
 def _show_pin(pin: GoldenPin, path: Path | None) -> None:
-    table = Table(title=f"golden set {pin.version}")
+    table = Table(title=_plain(f"golden set {pin.version}"))
     table.add_column("item")
     table.add_column("value", justify="right")
     table.add_row("images", str(pin.images))
     table.add_row("patients", str(pin.patients))
     table.add_row("no-finding images", str(pin.no_finding_images))
     for name, n in sorted(pin.findings.items()):
-        table.add_row(f"boxes {name}", str(n))
-    table.add_row("pinned in", str(path) if path else "not pinned (--no-pin)")
-    table.add_row("pinned at", pin.pinned_at)
+        table.add_row(_plain(f"boxes {name}"), str(n))
+    table.add_row("pinned in", _plain(path) if path else "not pinned (--no-pin)")
+    table.add_row("pinned at", _plain(pin.pinned_at))
     Console().print(table)
 
 
@@ -318,7 +328,7 @@ def validate(
         table = load_annotations(annotations)
         if dicom_dir is not None:
             table = check_inside_images(table, read_sizes(dicom_dir, table.image_ids()))
-        summary = Table(title=f"{annotations}")
+        summary = Table(title=_plain(annotations))
         summary.add_column("item")
         summary.add_column("value", justify="right")
         summary.add_row("rows", str(table.total_rows))
@@ -331,7 +341,7 @@ def validate(
             bad.add_column("image_id")
             bad.add_column("reason")
             for row in table.quarantine.head(20).itertuples(index=False):
-                bad.add_row(str(row.line), str(getattr(row, "image_id", ""))[:16], str(row.reason))
+                bad.add_row(str(row.line), _plain(str(getattr(row, "image_id", ""))[:16]), _plain(row.reason))
             Console().print(bad)
         table.enforce(settings.max_bad_row_fraction)
     typer.echo("ok" if not len(table.quarantine) else f"ok with {len(table.quarantine)} quarantined rows")
@@ -375,7 +385,7 @@ def report(
         if not folder.is_dir():
             folder = fetch_dataset(version, cache_dir or settings.cache_dir())
         summary = build_report(load_version(folder, annotations), out, console=console)
-    table = Table(title=f"dataset report {summary.version}")
+    table = Table(title=_plain(f"dataset report {summary.version}"))
     table.add_column("item")
     table.add_column("value", justify="right")
     table.add_row("images", str(summary.images))

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import pickle
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -50,6 +52,11 @@ def progress_bar(console: Console | None) -> Progress:
     )
 
 
+Work = Callable[[ImageJob], ImageResult]
+#: The error of an image whose worker process died (a codec's segfault, the kernel's OOM killer).
+CRASHED = "decoder crashed (the worker process died)"
+
+
 def run_images(
     jobs: list[ImageJob],
     workers: int,
@@ -57,8 +64,14 @@ def run_images(
     *,
     executor: str = "process",
     description: str = "decode + export",
+    work: Work = process_image,
 ) -> list[ImageResult]:
-    """Run :func:`process_image` over ``jobs``; a rich progress bar when ``console`` is given."""
+    """Run :func:`process_image` over ``jobs``; a rich progress bar when ``console`` is given.
+
+    Every job gets a result: an exception, or a worker process that dies, makes that job's
+    ``error`` (its image is quarantined), never the end of the run. ``work`` replaces
+    :func:`process_image` (a module-level function: it is pickled to the workers).
+    """
     if executor == "ray":
         return run_images_ray(jobs, workers, console, description)
     results: list[ImageResult] = []
@@ -67,18 +80,92 @@ def run_images(
         with progress:
             task = progress.add_task(description, total=len(jobs))
             for job in jobs:
-                results.append(process_image(job))
+                results.append(_run_one(work, job))
                 progress.advance(task)
         return sorted(results, key=lambda r: r.image_id)
-    # every job is submitted (so every worker forked) before the progress thread starts
-    with ProcessPoolExecutor(max_workers=workers, initializer=init_worker, mp_context=pool_context()) as pool:
-        futures = [pool.submit(process_image, job) for job in jobs]
-        with progress:
-            task = progress.add_task(description, total=len(jobs))
-            for future in as_completed(futures):
-                results.append(future.result())
-                progress.advance(task)
+    with progress:
+        task = progress.add_task(description, total=len(jobs))
+        results = _run_pools(jobs, workers, work, lambda: progress.advance(task))
     return sorted(results, key=lambda r: r.image_id)
+
+
+def _run_one(work: Work, job: ImageJob) -> ImageResult:
+    try:
+        return work(job)
+    except Exception as exc:
+        return _failed(job, exc)
+
+
+def _failed(job: ImageJob, exc: BaseException) -> ImageResult:
+    log.warning("event=image_failed image_id=%r error_type=%s", job.image_id[:64], type(exc).__name__)
+    return ImageResult(image_id=job.image_id, error=f"{type(exc).__name__} while processing the image")
+
+
+def _run_pools(
+    jobs: list[ImageJob], workers: int, work: Work, advance: Callable[[], None]
+) -> list[ImageResult]:
+    """``jobs`` in a process pool; when a worker dies, the rest go on in a fresh one.
+
+    A pool hands jobs out in order, so the job that killed a worker is among the first unfinished
+    ones (those in flight: one running per worker, ``workers + 1`` queued). Those few are run again
+    one at a time, where a crash names its job; the others go to a new pool of ``workers``.
+    """
+    results: list[ImageResult] = []
+    queue = list(jobs)
+    while queue:
+        done, left = _pool_round(queue, workers, work, advance)
+        results.extend(done)
+        if not left:
+            break
+        log.warning("event=image_pool_broken unfinished=%d", len(left))
+        in_flight = 2 * workers + 1
+        results.extend(_isolate(left[:in_flight], work, advance))
+        queue = left[in_flight:]
+    return results
+
+
+def _isolate(jobs: list[ImageJob], work: Work, advance: Callable[[], None]) -> list[ImageResult]:
+    """Run ``jobs`` in one-worker pools: the first unfinished job of a broken one is the one that crashed."""
+    results: list[ImageResult] = []
+    while jobs:
+        done, left = _pool_round(jobs, 1, work, advance)
+        results.extend(done)
+        if not left:
+            break
+        crashed, jobs = left[0], left[1:]
+        log.warning("event=image_worker_crashed image_id=%r", crashed.image_id[:64])
+        results.append(ImageResult(image_id=crashed.image_id, error=CRASHED))
+        advance()
+    return results
+
+
+def _pool_round(
+    jobs: list[ImageJob], workers: int, work: Work, advance: Callable[[], None]
+) -> tuple[list[ImageResult], list[ImageJob]]:
+    """One pool over ``jobs``: the results, and the jobs left unfinished (in order) if the pool broke."""
+    results: dict[int, ImageResult] = {}
+    with ProcessPoolExecutor(max_workers=workers, initializer=init_worker, mp_context=pool_context()) as pool:
+        futures: dict[Future[ImageResult], int] = {}
+        try:
+            for i, job in enumerate(jobs):
+                futures[pool.submit(work, job)] = i
+        except BrokenProcessPool:
+            pass  # a worker died while jobs were still handed out: the rest are left for the next pool
+        for future in as_completed(futures):
+            i = futures[future]
+            try:
+                results[i] = future.result()
+            except BrokenProcessPool:
+                break
+            except Exception as exc:  # the work raised, or its result did not pickle
+                results[i] = _failed(jobs[i], exc)
+            advance()
+    for future, i in futures.items():  # finished between the break and the pool's shutdown
+        if i not in results and future.done() and not future.cancelled() and future.exception() is None:
+            results[i] = future.result()
+            advance()
+    left = [job for i, job in enumerate(jobs) if i not in results]
+    return list(results.values()), left
 
 
 def _ray_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,8 @@ as a Ray Data ``map`` over the 15k VinDr images.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +19,25 @@ import numpy as np
 import yaml
 
 from data_pipeline.classes import CLASS_NAMES
-from data_pipeline.dicom_io import StageTimer, decode_file
-from data_pipeline.errors import ImageDecodeError
+from data_pipeline.dicom_guard import DicomLimits
+from data_pipeline.dicom_io import DecodedImage, StageTimer, decode_bytes
+from data_pipeline.errors import CorruptImage, ImageDecodeError, UnsupportedImage
 from data_pipeline.geometry import resize_longest, xyxy_to_yolo
 from data_pipeline.quality import ImageStats, image_stats
 from data_pipeline.subgroups import subgroup_attributes
 
+log = logging.getLogger(__name__)
+
 HIST_BINS = 64
 IMAGE_SUFFIXES = (".dicom", ".dcm", ".png", ".jpg", ".jpeg")
+#: Bytes a file may have beyond its decoded pixels: the header and codecs that grow noisy pixels a little.
+FILE_SLACK_BYTES = 16 * 1024 * 1024
+
+
+def max_file_bytes(limits: DicomLimits) -> int:
+    """The largest image file read at all: the decoded-pixel limit (``CXR_DICOM_MAX_PIXEL_BYTES``)
+    plus a quarter (an encoding may be larger than raw noise) plus :data:`FILE_SLACK_BYTES`."""
+    return limits.max_pixel_bytes + limits.max_pixel_bytes // 4 + FILE_SLACK_BYTES
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,7 @@ class ImageJob:
     max_side: int
     png_compression: int
     salt: str
+    max_bytes: int = 0  # largest file read; 0: :func:`max_file_bytes` of the CXR_DICOM_* settings
 
 
 @dataclass
@@ -77,12 +91,60 @@ def init_worker() -> None:
 
 
 def process_image(job: ImageJob) -> ImageResult:
-    """Decode, window, resize (longer side ``max_side``), PNG-encode and write one image."""
+    """Decode, window, resize (longer side ``max_side``), PNG-encode and write one image.
+
+    Never raises for what a file holds: any failure becomes the result's ``error`` (the image is
+    quarantined as a decode failure), so one bad file cannot end an ingest of thousands.
+    """
     timer = StageTimer()
     try:
-        decoded = decode_file(job.source, salt=job.salt, timer=timer)
+        return _process(job, timer)
     except ImageDecodeError as exc:
         return ImageResult(image_id=job.image_id, error=f"{type(exc).__name__}: {exc}", timings=timer.seconds)
+    except Exception as exc:  # MemoryError, a codec's own errors, a full disk: the type only (no values)
+        log.warning("event=image_failed image_id=%r error_type=%s", job.image_id[:64], type(exc).__name__)
+        return ImageResult(
+            image_id=job.image_id,
+            error=f"{type(exc).__name__} while processing the image",
+            timings=timer.seconds,
+        )
+
+
+def read_image_file(path: str | Path, max_bytes: int) -> bytes:
+    """A file's bytes, refused (:class:`UnsupportedImage`) above ``max_bytes`` before it is read whole."""
+    name = Path(path).name
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise UnsupportedImage(f"{name}: file of {size} bytes exceeds the {max_bytes}-byte limit")
+            data = handle.read(max_bytes + 1)  # a pipe or a growing file has no honest size
+    except FileNotFoundError as exc:
+        raise CorruptImage(f"{name}: file not found") from exc
+    except OSError as exc:
+        raise CorruptImage(f"{name}: cannot be read ({exc.strerror})") from exc
+    if len(data) > max_bytes:
+        raise UnsupportedImage(f"{name}: file exceeds the {max_bytes}-byte limit")
+    return data
+
+
+def _decode(job: ImageJob, timer: StageTimer) -> DecodedImage:
+    max_bytes = job.max_bytes
+    if not max_bytes:
+        from data_pipeline.config import get_settings
+
+        max_bytes = max_file_bytes(get_settings().dicom_limits())
+    with timer.stage("read"):
+        data = read_image_file(job.source, max_bytes)
+    try:
+        return decode_bytes(data, salt=job.salt, timer=timer)
+    except ImageDecodeError as exc:
+        exc.args = (f"{Path(job.source).name}: {exc}",)  # in place, as decode_file names the file
+        raise
+
+
+def _process(job: ImageJob, timer: StageTimer) -> ImageResult:
+    decoded = _decode(job, timer)
     with timer.stage("voi"):
         full_u8 = decoded.to_uint8()
     with timer.stage("resize"):

@@ -6,6 +6,12 @@ Layout (written by the gateway, ``serving/feedback/service.py``; :func:`put_feed
 - ``feedback/<feedback_id>/<image_id>.<dcm|dicom|png|jpg>``: the (de-identified) image;
 - ``feedback/<feedback_id>/feedback.json``: written last; only items that have it are complete
   and get merged, so a half-uploaded correction never enters a dataset.
+
+What the store holds came from outside, so each item is judged on its own, whole: its rows must all
+be valid and all name the image the item itself holds (a correction is a reading of that image, and
+may not relabel an image of the DICOM folder or of another item). An item that fails, or cannot be
+read, is left out and logged by its id (no values), without counting against the annotations CSV's
+bad-row limit: one hostile item must not stop every build.
 """
 
 from __future__ import annotations
@@ -13,30 +19,51 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass
+import re
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from data_pipeline.annotations import COLUMNS, AnnotationTable, parse_frame
-from data_pipeline.errors import AnnotationError
-from data_pipeline.export import IMAGE_SUFFIXES, find_images
-from data_pipeline.store import ObjectStore
+from core.hashing import file_sha256
+from data_pipeline.annotations import (
+    COLUMNS,
+    AnnotationTable,
+    check_inside_images,
+    combine_tables,
+    parse_frame,
+)
+from data_pipeline.dicom_guard import DicomLimits
+from data_pipeline.errors import AnnotationError, ImageDecodeError, StoreError
+from data_pipeline.export import IMAGE_SUFFIXES, max_file_bytes
+from data_pipeline.store import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
 FEEDBACK_PREFIX = "feedback/"
 FEEDBACK_MARKER = "feedback.json"
 FEEDBACK_CSV = "annotations.csv"
+#: An item's id and its image's name (file stem): the gateway's ``fb-<hex>`` and 32 hex digits.
+#: Never a path (``..``), a spreadsheet formula or rich markup.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+#: Largest feedback CSV read (the gateway's come from a body of at most CXR_MAX_FEEDBACK_BYTES, 1 MiB).
+MAX_CSV_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
 class FeedbackBatch:
-    """Feedback rows (validated), the images that came with them, and the CSV keys merged."""
+    """Feedback rows (validated), the images that came with them, the CSV keys merged, and the
+    items left out (feedback id -> why)."""
 
     table: AnnotationTable
     images: dict[str, Path]
     objects: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+class _Refused(Exception):
+    """One feedback item is left out; the message is a fixed text (no values from the item)."""
 
 
 def put_feedback(
@@ -72,38 +99,144 @@ def complete_items(names: list[str]) -> list[str]:
     return sorted(ids)
 
 
-def collect_feedback(store: ObjectStore, work_dir: Path) -> FeedbackBatch | None:
-    """Download and validate every complete feedback item; None when there is none."""
-    names = store.list_prefix(FEEDBACK_PREFIX)
-    frames: list[pd.DataFrame] = []
-    csv_keys: list[str] = []
+def collect_feedback(
+    store: ObjectStore,
+    work_dir: Path,
+    *,
+    reserved: Collection[str] = (),
+    limits: DicomLimits | None = None,
+) -> FeedbackBatch | None:
+    """Download and check every complete feedback item; None when there is none.
+
+    ``reserved``: image ids an item may not use (the DICOM folder's: their labels are the readers').
+    ``limits``: the DICOM limits; an item's image larger than :func:`max_file_bytes` is not fetched.
+    """
+    listing = {o.name: o for o in store.list_objects(FEEDBACK_PREFIX)}
     image_dir = Path(work_dir) / "feedback-images"
-    for feedback_id in complete_items(names):
-        prefix = f"{FEEDBACK_PREFIX}{feedback_id}/"
-        key = prefix + FEEDBACK_CSV
-        if key not in names:
-            log.warning("event=feedback_without_rows id=%s", feedback_id)
+    max_image = max_file_bytes(limits or DicomLimits())
+    tables: list[AnnotationTable] = []
+    images: dict[str, Path] = {}
+    csv_keys: list[str] = []
+    skipped: dict[str, str] = {}
+    for feedback_id in complete_items(list(listing)):
+        if not SAFE_NAME.fullmatch(feedback_id):
+            log.warning("event=feedback_item_skipped id=%r reason=unusable item id", feedback_id[:64])
             continue
         try:
-            frame = pd.read_csv(io.BytesIO(store.get_bytes(key)), dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-            log.warning("event=feedback_unreadable key=%s error=%s", key, exc)
+            table, item_images = _collect_item(
+                store, feedback_id, listing, image_dir, set(reserved), images, max_image, limits
+            )
+        except _Refused as exc:
+            skipped[feedback_id] = str(exc)
+            log.warning("event=feedback_item_skipped id=%s reason=%s", feedback_id, exc)
             continue
-        if not all(c in frame.columns for c in COLUMNS):
-            log.warning("event=feedback_bad_header key=%s columns=%s", key, list(frame.columns))
-            continue
-        frames.append(frame[list(COLUMNS)])
-        csv_keys.append(key)
-        for name in names:
-            if name.startswith(prefix) and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                target = image_dir / feedback_id / Path(name).name
-                if not target.exists():
-                    store.get_file(name, target)
-    if not frames:
+        tables.append(table)
+        images.update(item_images)
+        csv_keys.append(f"{FEEDBACK_PREFIX}{feedback_id}/{FEEDBACK_CSV}")
+    if not tables and not skipped:
         return None
-    table = parse_frame(pd.concat(frames, ignore_index=True), source="s3:feedback")
-    images = find_images(image_dir) if image_dir.exists() else {}
+    table = combine_tables(tables, source="s3:feedback")
     log.info(
-        "event=feedback_collected items=%d rows=%d images=%d", len(csv_keys), table.total_rows, len(images)
+        "event=feedback_collected items=%d skipped=%d rows=%d images=%d",
+        len(csv_keys),
+        len(skipped),
+        table.total_rows,
+        len(images),
     )
-    return FeedbackBatch(table=table, images=images, objects=csv_keys)
+    return FeedbackBatch(table=table, images=images, objects=csv_keys, skipped=skipped)
+
+
+def _collect_item(
+    store: ObjectStore,
+    feedback_id: str,
+    listing: dict[str, ObjectInfo],
+    image_dir: Path,
+    reserved: set[str],
+    taken: dict[str, Path],
+    max_image: int,
+    limits: DicomLimits | None,
+) -> tuple[AnnotationTable, dict[str, Path]]:
+    """One item's checked rows and its image(s); raises :class:`_Refused` when it must be left out."""
+    prefix = f"{FEEDBACK_PREFIX}{feedback_id}/"
+    frame = _item_rows(store, listing.get(prefix + FEEDBACK_CSV))
+    table = parse_frame(frame, source=f"s3:{prefix}{FEEDBACK_CSV}")
+    if len(table.quarantine):
+        raise _Refused(f"{len(table.quarantine)} of {table.total_rows} rows invalid")
+    stored = _item_images(listing, prefix)
+    if set(table.frame["image_id"]) != set(stored):
+        raise _Refused("rows and the item's image differ (a row names another image)")
+    if set(stored) & reserved:
+        raise _Refused("its image id is an image of the DICOM folder")
+    paths: dict[str, Path] = {}
+    for image_id, info in stored.items():
+        if info.size > max_image:
+            raise _Refused(f"image of {info.size} bytes exceeds the {max_image}-byte limit")
+        target = image_dir / feedback_id / Path(info.name).name
+        try:
+            if not target.exists():
+                store.get_file(info.name, target)
+            size = target.stat().st_size
+        except (StoreError, OSError) as exc:
+            raise _Refused(f"image unreadable ({type(exc).__name__})") from exc
+        if size > max_image:  # the object changed since the listing
+            raise _Refused(f"image exceeds the {max_image}-byte limit")
+        if image_id in taken and file_sha256(taken[image_id]) != file_sha256(target):
+            raise _Refused("its image id is another item's image with other pixels")
+        paths[image_id] = target
+    table = _inside_own_image(table, paths, limits)
+    return table, paths
+
+
+def _item_rows(store: ObjectStore, info: ObjectInfo | None) -> pd.DataFrame:
+    if info is None:
+        raise _Refused("no annotations.csv")
+    if info.size > MAX_CSV_BYTES:
+        raise _Refused(f"annotations.csv of {info.size} bytes exceeds {MAX_CSV_BYTES}")
+    try:
+        data = store.get_bytes(info.name)
+        if len(data) > MAX_CSV_BYTES:  # the object changed since the listing
+            raise _Refused(f"annotations.csv exceeds {MAX_CSV_BYTES} bytes")
+        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    except StoreError as exc:
+        raise _Refused("annotations.csv unreadable (store)") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise _Refused(f"annotations.csv is not a readable CSV ({type(exc).__name__})") from exc
+    if not all(c in frame.columns for c in COLUMNS):
+        raise _Refused("annotations.csv lacks VinDr columns")
+    if frame.empty:
+        raise _Refused("annotations.csv has no rows")
+    return frame[list(COLUMNS)]
+
+
+def _item_images(listing: dict[str, ObjectInfo], prefix: str) -> dict[str, ObjectInfo]:
+    """The item's own image files (directly under its prefix), by image id; ambiguous names refused."""
+    found: dict[str, ObjectInfo] = {}
+    for name, info in listing.items():
+        rel = name[len(prefix) :] if name.startswith(prefix) else ""
+        if not rel or "/" in rel or Path(rel).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        stem = Path(rel).stem
+        if not SAFE_NAME.fullmatch(stem) or stem in found:
+            raise _Refused("image name unusable or ambiguous")
+        found[stem] = info
+    if not found:
+        raise _Refused("no image")
+    return found
+
+
+def _inside_own_image(
+    table: AnnotationTable, paths: dict[str, Path], limits: DicomLimits | None
+) -> AnnotationTable:
+    """Every box inside the item's image (header sizes; no pixels decoded here)."""
+    from data_pipeline.dicom_io import read_size
+
+    sizes: dict[str, tuple[int, int]] = {}
+    for image_id, path in paths.items():
+        try:
+            sizes[image_id] = read_size(path, limits)
+        except ImageDecodeError as exc:
+            raise _Refused(f"image unreadable ({type(exc).__name__})") from exc
+    checked = check_inside_images(table, sizes)
+    if len(checked.quarantine):
+        raise _Refused(f"{len(checked.quarantine)} of {table.total_rows} rows outside the image")
+    return checked

@@ -38,8 +38,15 @@ from data_pipeline.config import DataSettings
 from data_pipeline.drift import build_reference
 from data_pipeline.errors import AnnotationError, EmptyDatasetError
 from data_pipeline.executors import run_images
-from data_pipeline.export import ImageJob, ImageResult, find_images, write_data_yaml, yolo_label_text
-from data_pipeline.feedback import collect_feedback
+from data_pipeline.export import (
+    ImageJob,
+    ImageResult,
+    find_images,
+    max_file_bytes,
+    write_data_yaml,
+    yolo_label_text,
+)
+from data_pipeline.feedback import FeedbackBatch, collect_feedback
 from data_pipeline.fusion import FusionConfig, fuse_annotations
 from data_pipeline.quality import QualityReport, check_images, check_labels, near_duplicate_groups
 from data_pipeline.report import (
@@ -124,17 +131,17 @@ def build_dataset(
     # [1] the new studies: annotation rows and the images they may refer to
     table = load_annotations(annotations_csv)
     images = find_images(dicom_dir)
-    feedback_objects: list[str] = []
+    batch: FeedbackBatch | None = None
 
     with scratch_dir(out_dir, ".staging-") as staging:
-        # [2] radiologists' feedback (rows and images) joins them when there is a store to read it from
+        # [2] radiologists' feedback (rows and images), item by item, when there is a store to read it from
         if store is not None and feedback:
-            table, feedback_objects = _merge_feedback(store, staging, table, images)
+            batch = _collect_feedback(store, staging, images, settings)
         # [3] decode the annotated images (box checks need their sizes), then check and fuse the boxes
-        annotated = set(table.image_ids())
+        annotated = set(table.image_ids()) | set(batch.table.image_ids() if batch else [])
         all_dir = staging / "_all"
         decoded = _decode_annotated(sorted(annotated & set(images)), images, all_dir, settings, console)
-        table, fused = _check_and_fuse(table, decoded.sizes, settings)
+        table, fused = _check_and_fuse(table, batch.table if batch else None, decoded.sizes, settings)
         # [4] the quality checks decide which images enter the dataset
         unannotated = sorted(set(images) - annotated)
         report = _quality(settings, decoded.results, decoded.ok, fused, decoded.sizes, table, unannotated)
@@ -150,7 +157,7 @@ def build_dataset(
         readers = readers_frame(table.frame, keep)
         _write_side_files(staging, keep, decoded.ok, fused, report, readers)
         report_seconds = _write_report(version, staging, image_meta, console)
-        source = _source(dicom_dir, annotations_csv, table, feedback_objects)
+        source = _source(dicom_dir, annotations_csv, table, batch)
         source.update({"golden": golden, "golden_patient_images_excluded": held_out})
         _write_manifest(staging, version, settings, source, split_counts(split, fused), image_meta, report)
         # [7] into <out>/<version>/ in one rename, unless an identical build is already there
@@ -179,17 +186,17 @@ class _Decoded:
     wall: float
 
 
-def _merge_feedback(
-    store: ObjectStore, staging: Path, table: AnnotationTable, images: dict[str, Path]
-) -> tuple[AnnotationTable, list[str]]:
-    """Radiologists' corrections enter like new studies: rows into the table, images into ``images``."""
-    batch = collect_feedback(store, staging)
-    if batch is None:
-        return table, []
-    table = merge_tables(table, batch.table)
-    for image_id, path in batch.images.items():
-        images.setdefault(image_id, path)
-    return table, batch.objects
+def _collect_feedback(
+    store: ObjectStore, staging: Path, images: dict[str, Path], settings: DataSettings
+) -> FeedbackBatch | None:
+    """Radiologists' corrections enter like new studies: their images join ``images``, their rows
+    (checked item by item, never naming an image of the DICOM folder) are merged after the checks."""
+    limits = settings.dicom_limits()
+    batch = collect_feedback(store, staging, reserved=frozenset(images), limits=limits)
+    if batch is not None:
+        for image_id, path in batch.images.items():
+            images.setdefault(image_id, path)
+    return batch
 
 
 def _decode_annotated(
@@ -209,6 +216,7 @@ def _decode_annotated(
             settings.max_side,
             settings.png_compression,
             settings.resolved_patient_salt(),
+            max_file_bytes(settings.dicom_limits()),
         )
         for i in image_ids
     ]
@@ -221,11 +229,20 @@ def _decode_annotated(
 
 
 def _check_and_fuse(
-    table: AnnotationTable, sizes: dict[str, tuple[int, int]], settings: DataSettings
+    table: AnnotationTable,
+    feedback: AnnotationTable | None,
+    sizes: dict[str, tuple[int, int]],
+    settings: DataSettings,
 ) -> tuple[AnnotationTable, pd.DataFrame]:
-    """Quarantine boxes outside their image, stop on too many bad rows, fuse the readers' boxes (WBF)."""
+    """Quarantine boxes outside their image, stop on too many bad rows, fuse the readers' boxes (WBF).
+
+    The bad-row limit judges the annotations CSV alone: feedback items were checked one by one, and
+    a bad one left out, so they neither trip the limit nor dilute it.
+    """
     table = check_inside_images(table, sizes)
     table.enforce(settings.max_bad_row_fraction)
+    if feedback is not None and feedback.total_rows:
+        table = merge_tables(table, check_inside_images(feedback, sizes))
     fusion_config = FusionConfig(
         settings.wbf_iou_thr, settings.min_readers, settings.wbf_skip_box_thr, settings.min_reader_share
     )
@@ -319,15 +336,17 @@ def _write_report(
 
 
 def _source(
-    dicom_dir: Path, annotations_csv: Path, table: AnnotationTable, feedback_objects: list[str]
+    dicom_dir: Path, annotations_csv: Path, table: AnnotationTable, batch: FeedbackBatch | None
 ) -> dict[str, Any]:
-    """The manifest's lineage: where the images and annotations came from, and which feedback objects."""
+    """The manifest's lineage: where the images and annotations came from, which feedback objects
+    were merged and which feedback items were left out (id -> the fixed reason)."""
     return {
         "dicom_dir": str(dicom_dir.resolve()),
         "annotations": str(annotations_csv.resolve()),
         "annotations_sha256": file_sha256(annotations_csv),
         "annotation_rows": table.total_rows,
-        "feedback_objects": feedback_objects,
+        "feedback_objects": batch.objects if batch else [],
+        "feedback_skipped": dict(sorted(batch.skipped.items())) if batch else {},
     }
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from data_pipeline.annotations import COORDS
 from data_pipeline.classes import NO_FINDING_ID
@@ -105,15 +106,19 @@ class QualityReport:
         return out
 
     def render(self, console: Console, max_ids: int = 5) -> None:
-        """A rich table: check, count, first failing ids."""
+        """A rich table: check, count, first failing ids.
+
+        Ids are file stems and reasons quote CSV cells: they go in as :class:`~rich.text.Text`, so a
+        ``[/x]`` in a name is printed, never parsed as markup.
+        """
         table = Table(title=f"Quality report ({self.n_images} images)")
         table.add_column("check")
         table.add_column("count", justify="right")
         table.add_column("examples (ids / lines)")
 
-        def ids(items: list[str]) -> str:
+        def ids(items: list[str]) -> Text:
             more = f" … +{len(items) - max_ids}" if len(items) > max_ids else ""
-            return ", ".join(i[:12] for i in items[:max_ids]) + more
+            return Text(", ".join(str(i)[:12] for i in items[:max_ids]) + more)
 
         for name, items in sorted(self.image_failures.items()):
             table.add_row(f"image: {name}", str(len(items)), ids(items))

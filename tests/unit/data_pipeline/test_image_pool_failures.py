@@ -1,0 +1,134 @@
+"""One bad file is one quarantined image, never the end of an ingest.
+
+A file above the size limit is refused before it is read; any exception while processing an image
+becomes that image's error (with its type); a worker process that dies (a codec's segfault, the OOM
+killer) costs the job it was running, and the other jobs finish in a fresh pool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import data_pipeline.executors as executors
+import data_pipeline.export as export
+from data_pipeline.config import get_settings
+from data_pipeline.export import ImageJob, process_image
+from data_pipeline.quality import ImageStats
+
+pytestmark = pytest.mark.unit
+
+
+def _png(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    cv2.imwrite(str(path), rng.integers(20, 235, (48, 64), dtype=np.uint8))
+    return path
+
+
+def _jobs(tmp_path: Path, names: list[str]) -> list[ImageJob]:
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    return [
+        ImageJob(name, str(_png(src / f"{name}.png", i)), str(out / f"{name}.png"), 32, 1, "salt")
+        for i, name in enumerate(names)
+    ]
+
+
+@pytest.fixture
+def small_file_limit(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """CXR_DICOM_MAX_PIXEL_BYTES at its smallest: files over ~17 MiB are refused."""
+    monkeypatch.setenv("CXR_DICOM_MAX_PIXEL_BYTES", "1024")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(
+    tmp_path: Path, small_file_limit: None
+) -> None:
+    [job] = _jobs(tmp_path, ["big"])
+    with open(job.source, "r+b") as handle:
+        handle.truncate(64 * 1024 * 1024)  # sparse: costs no disk
+    result = process_image(job)
+    assert result.error is not None and "exceeds" in result.error, result.error
+    assert "decode" not in result.timings
+
+
+def test_an_exception_while_processing_an_image_is_its_error_not_the_runs_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = _jobs(tmp_path, ["a", "b", "c"])
+    real = export.image_stats
+
+    def stats(image_id: str, pixels: np.ndarray, width: int, height: int) -> ImageStats:
+        if image_id == "b":
+            raise MemoryError
+        return real(image_id, pixels, width, height)
+
+    monkeypatch.setattr(export, "image_stats", stats)
+    results = executors.run_images(jobs, 1, None)
+    by_id = {r.image_id: r for r in results}
+    assert by_id["a"].error is None and by_id["c"].error is None
+    assert by_id["b"].error is not None and by_id["b"].error.startswith("MemoryError")
+
+
+def test_a_job_whose_output_cannot_be_written_is_its_error(tmp_path: Path) -> None:
+    [job] = _jobs(tmp_path, ["a"])
+    gone = ImageJob(job.image_id, job.source, str(tmp_path / "missing" / "a.png"), 32, 1, "salt")
+    result = process_image(gone)
+    assert result.error is not None and result.error.startswith("FileNotFoundError")
+
+
+# Run in a fresh interpreter: its workers are forked (so they see the patched stage; the real pool's
+# forkserver would not), and forking this test process, with whatever threads earlier tests left, could
+# deadlock a child. The patched stage kills the worker as a codec's segfault or the OOM killer would.
+_CRASH_SCRIPT = """
+import json, multiprocessing, os, signal, sys
+import data_pipeline.executors as executors
+import data_pipeline.export as export
+from data_pipeline.export import ImageJob
+
+real = export.image_stats
+crash = set(sys.argv[2].split(","))
+
+def stats(image_id, pixels, width, height):
+    if image_id in crash:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(image_id, pixels, width, height)
+
+export.image_stats = stats
+executors.pool_context = lambda: multiprocessing.get_context("fork")
+jobs = [ImageJob(**job) for job in json.loads(sys.argv[1])]
+results = executors.run_images(jobs, 3, None)
+print(json.dumps({r.image_id: [r.error, r.width] for r in results}))
+"""
+
+
+def test_a_worker_that_dies_costs_its_own_image_and_the_others_finish(tmp_path: Path) -> None:
+    names = [f"img{i:02d}" for i in range(12)]
+    jobs = _jobs(tmp_path, names)
+    root = Path(__file__).resolve().parents[3]
+    run = subprocess.run(
+        [sys.executable, "-c", _CRASH_SCRIPT, json.dumps([asdict(j) for j in jobs]), "img03,img09"],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "CXR_STACK_DIR": str(tmp_path / "stack")},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    by_id = json.loads(run.stdout.strip().splitlines()[-1])
+    assert sorted(by_id) == names
+    assert by_id["img03"][0] == by_id["img09"][0] == "decoder crashed (the worker process died)"
+    assert all(by_id[n] == [None, 64] for n in names if n not in {"img03", "img09"})
+    assert all(Path(j.dest).exists() for j in jobs if j.image_id not in {"img03", "img09"})
