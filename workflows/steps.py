@@ -205,7 +205,11 @@ def _ids_of(feedback_objects: list[str]) -> set[str]:
 
 
 def _consumed_feedback(store: ObjectStore) -> tuple[str | None, set[str]]:
-    """The latest dataset version and the feedback ids its manifest says it merged."""
+    """The latest dataset version and the feedback ids its manifest says it merged or skipped.
+
+    A skipped item (no image of its own, junk rows: data_pipeline/feedback.py) was judged once;
+    counted as new for ever, one such item would keep asking for a retrain.
+    """
     from data_pipeline.errors import DatasetNotFound
     from data_pipeline.versioning import MANIFEST, latest_version, version_prefix
 
@@ -214,7 +218,8 @@ def _consumed_feedback(store: ObjectStore) -> tuple[str | None, set[str]]:
     except DatasetNotFound:
         return None, set()
     manifest = json.loads(store.get_bytes(version_prefix(version) + MANIFEST))
-    return version, _ids_of(manifest.get("source", {}).get("feedback_objects", []))
+    source = manifest.get("source", {})
+    return version, _ids_of(source.get("feedback_objects", [])) | set(source.get("feedback_skipped", {}))
 
 
 def latest_source(store: ObjectStore) -> StagedData:

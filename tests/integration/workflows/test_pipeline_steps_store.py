@@ -46,11 +46,14 @@ def _feedback(store: Any, feedback_id: str, *, complete: bool = True) -> str:
     return csv_key
 
 
-def _publish_manifest(store: Any, version: str, feedback_objects: list[str]) -> None:
+def _publish_manifest(
+    store: Any, version: str, feedback_objects: list[str], skipped: dict[str, str] | None = None
+) -> None:
     """What data_pipeline.versioning.publish leaves: the manifest, then datasets/LATEST."""
     from data_pipeline.versioning import LATEST, MANIFEST, version_prefix
 
-    manifest = {"version": version, "source": {"feedback_objects": feedback_objects}}
+    source = {"feedback_objects": feedback_objects, "feedback_skipped": skipped or {}}
+    manifest = {"version": version, "source": source}
     store.put_bytes(version_prefix(version) + MANIFEST, json.dumps(manifest).encode())
     store.put_bytes(LATEST, version.encode())
 
@@ -64,9 +67,17 @@ def test_feedback_trigger_counts_only_complete_items_newer_than_the_latest_datas
     first = steps.check_feedback(threshold=3, store=store, settings=settings)
     assert (first.new_items, first.should_retrain, first.last_dataset_version) == (3, True, None)
 
-    _publish_manifest(store, "v-abc", keys[:2])  # a dataset version merged two of them
+    _publish_manifest(store, "00000000000000ab", keys[:2])  # a dataset version merged two of them
     after = steps.check_feedback(threshold=3, store=store, settings=settings)
-    assert (after.new_items, after.should_retrain, after.last_dataset_version) == (1, False, "v-abc")
+    assert (after.new_items, after.should_retrain, after.last_dataset_version) == (
+        1,
+        False,
+        "00000000000000ab",
+    )
+    # one it skipped (no image of its own) was judged: not new for ever
+    _publish_manifest(store, "00000000000000ac", keys[:2], {"fb-2": "it holds no image"})
+    judged = steps.check_feedback(threshold=1, store=store, settings=settings)
+    assert (judged.new_items, judged.should_retrain) == (0, False)
 
 
 def test_check_feedback_command_writes_argo_output_files(server: Any, tmp_path: Path) -> None:
