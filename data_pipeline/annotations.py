@@ -45,7 +45,9 @@ COORDS: list[str] = ["x_min", "y_min", "x_max", "y_max"]
 EDGE_TOLERANCE_PX = 2.0
 #: A reader id: VinDr's R1..R17, the gateway's key ids ("radiologist-1"). Nothing a spreadsheet runs as a
 #: formula (annotations_readers.csv is opened in one): no leading = + - @, no spaces, quotes or brackets.
-RAD_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+#: a reader id: no control character, at most 128, and a first character no spreadsheet takes for a
+#: formula (= + - @); the gateway writes its API key's id here, which may hold "@", "." or spaces
+RAD_ID_PATTERN = r"[A-Za-z0-9_][^\x00-\x1f\x7f]{0,127}"
 #: Longest cell value (and quoted value inside a reason) a quarantine row keeps: it ships in the version.
 MAX_CELL_CHARS = 200
 MAX_REASON_VALUE_CHARS = 40

@@ -35,7 +35,7 @@ from data_pipeline.annotations import (
     parse_frame,
 )
 from data_pipeline.dicom_guard import DicomLimits
-from data_pipeline.errors import AnnotationError, ImageDecodeError, StoreError
+from data_pipeline.errors import AnnotationError, ImageDecodeError
 from data_pipeline.export import IMAGE_SUFFIXES, max_file_bytes
 from data_pipeline.store import ObjectInfo, ObjectStore
 
@@ -46,7 +46,7 @@ FEEDBACK_MARKER = "feedback.json"
 FEEDBACK_CSV = "annotations.csv"
 #: An item's id and its image's name (file stem): the gateway's ``fb-<hex>`` and 32 hex digits.
 #: Never a path (``..``), a spreadsheet formula or rich markup.
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")  # never "." or "..": no leading dot
 #: Largest feedback CSV read (the gateway's come from a body of at most CXR_MAX_FEEDBACK_BYTES, 1 MiB).
 MAX_CSV_BYTES = 16 * 1024 * 1024
 
@@ -120,6 +120,9 @@ def collect_feedback(
     skipped: dict[str, str] = {}
     for feedback_id in complete_items(list(listing)):
         if not SAFE_NAME.fullmatch(feedback_id):
+            # listed as skipped (the manifest is JSON: any string is data there), so the retrain
+            # trigger counts it as judged instead of new for ever
+            skipped[feedback_id] = "unusable item id"
             log.warning("event=feedback_item_skipped id=%r reason=unusable item id", feedback_id[:64])
             continue
         try:
@@ -172,12 +175,11 @@ def _collect_item(
         if info.size > max_image:
             raise _Refused(f"image of {info.size} bytes exceeds the {max_image}-byte limit")
         target = image_dir / feedback_id / Path(info.name).name
-        try:
-            if not target.exists():
-                store.get_file(info.name, target)
-            size = target.stat().st_size
-        except (StoreError, OSError) as exc:
-            raise _Refused(f"image unreadable ({type(exc).__name__})") from exc
+        # a store or disk failing (StoreError, OSError) fails the build, to be retried: taken for a
+        # bad item it would be listed as skipped, and the retrain trigger would never count it again
+        if not target.exists():
+            store.get_file(info.name, target)
+        size = target.stat().st_size
         if size > max_image:  # the object changed since the listing
             raise _Refused(f"image exceeds the {max_image}-byte limit")
         if image_id in taken and file_sha256(taken[image_id]) != file_sha256(target):
@@ -197,8 +199,6 @@ def _item_rows(store: ObjectStore, info: ObjectInfo | None) -> pd.DataFrame:
         if len(data) > MAX_CSV_BYTES:  # the object changed since the listing
             raise _Refused(f"annotations.csv exceeds {MAX_CSV_BYTES} bytes")
         frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
-    except StoreError as exc:
-        raise _Refused("annotations.csv unreadable (store)") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, ValueError) as exc:
         raise _Refused(f"annotations.csv is not a readable CSV ({type(exc).__name__})") from exc
     if not all(c in frame.columns for c in COLUMNS):

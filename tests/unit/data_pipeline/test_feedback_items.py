@@ -170,17 +170,19 @@ def test_a_feedback_item_with_an_infinite_class_id_is_skipped(phantoms: Path, tm
     assert batch.table.frame.empty and batch.images == {}
 
 
-def test_an_unreadable_feedback_item_is_skipped_without_failing_the_build(
+def test_a_store_failing_while_feedback_is_read_fails_the_build_to_be_retried(
     phantoms: Path, tmp_path: Path
 ) -> None:
-    store = MemoryStore()
-    put_feedback(store, "fb-lost", _rows("fbimage0002"), image=_a_dicom(phantoms))
-    put_feedback(store, "fb-gone", _rows("fbimage0003"), image=_a_dicom(phantoms))
-    put_feedback(store, "fb-good", _rows("fbimage0001"), image=_a_dicom(phantoms))
-    store.broken = {"feedback/fb-lost/annotations.csv", "feedback/fb-gone/fbimage0003.dcm"}
-    build = _build(phantoms, tmp_path / "out", store)
-    assert build.manifest["source"]["feedback_objects"] == ["feedback/fb-good/annotations.csv"]
-    assert sorted(build.manifest["source"]["feedback_skipped"]) == ["fb-gone", "fb-lost"]
+    """Not a bad item: taken for one, it would be listed as skipped and never counted again."""
+    from data_pipeline.errors import StoreError
+
+    for broken in ("feedback/fb-lost/annotations.csv", "feedback/fb-lost/fbimage0002.dcm"):
+        store = MemoryStore()
+        put_feedback(store, "fb-lost", _rows("fbimage0002"), image=_a_dicom(phantoms))
+        put_feedback(store, "fb-good", _rows("fbimage0001"), image=_a_dicom(phantoms))
+        store.broken = {broken}
+        with pytest.raises(StoreError):
+            _build(phantoms, tmp_path / broken.replace("/", "_"), store)
 
 
 def test_bad_feedback_rows_do_not_count_toward_the_csvs_bad_row_limit(phantoms: Path, tmp_path: Path) -> None:
@@ -210,5 +212,6 @@ def test_an_item_named_like_a_path_is_never_a_folder(tmp_path: Path) -> None:
     store.put_bytes("feedback/../x.png", b"\x89PNG\r\n\x1a\n")
     store.put_bytes("feedback/../feedback.json", b"{}")
     work = tmp_path / "work"
-    assert collect_feedback(cast(Any, store), work) is None
+    batch = collect_feedback(cast(Any, store), work)
+    assert batch is not None and batch.skipped == {"..": "unusable item id"} and not batch.images
     assert not (work / "x.png").exists() and not (tmp_path / "x.png").exists()
