@@ -27,13 +27,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes, mode: int = 0o666) -> None:
     """``data`` at ``path`` with its bytes on disk; its name is durable once its folder is fsync'd.
 
     A write that fails once the file is open (a full disk: ``ENOSPC`` from the write, the flush or
     the fsync) removes the partial file before raising: no half-written file is left behind.
+    ``mode`` (less the umask) is the file's from its creation: a secret is never readable by others.
     """
-    with open(path, "wb") as fh:
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as fh:
         try:
             fh.write(data)
             fh.flush()
@@ -43,7 +44,7 @@ def write_synced(path: Path, data: bytes) -> None:
             raise
 
 
-def replace_durably(target: Path, data: bytes) -> None:
+def replace_durably(target: Path, data: bytes, mode: int = 0o666) -> None:
     """``data`` at ``target`` by a temp file beside it, fsync'd and renamed: a reader sees all or none.
 
     The folder's own fsync (which makes the new name durable) is the caller's, once per batch of writes.
@@ -52,7 +53,7 @@ def replace_durably(target: Path, data: bytes) -> None:
     """
     tmp = target.with_name(f".tmp-{uuid.uuid4().hex}")
     try:
-        write_synced(tmp, data)
+        write_synced(tmp, data, mode)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

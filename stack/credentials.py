@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 from pathlib import Path
 
 from core.credentials import StackCredentials, parse_credentials
-from core.durable import fsync_dir
+from core.durable import fsync_dir, replace_durably
 from core.install_secret import SECRET_FILE
 
 ROLES: tuple[str, ...] = ("pacs", "radiologist", "operator", "admin")
@@ -40,17 +39,7 @@ def write_private(path: Path, text: str) -> None:
             return
     except OSError:
         pass
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_durably(path, data, mode=0o600)
     fsync_dir(path.parent)
 
 

@@ -156,6 +156,7 @@ def test_secret_files_are_private_from_their_first_byte_and_replaced_whole(
     for a moment (write_text, then chmod) and, cut short, left empty or garbled."""
     import os
 
+    from core import durable
     from stack import credentials
 
     target = tmp_path / "state" / "credentials.json"
@@ -166,7 +167,7 @@ def test_secret_files_are_private_from_their_first_byte_and_replaced_whole(
         modes.append(os.stat(src).st_mode & 0o777)  # the file as it is before it takes the name
         real_replace(src, dst)
 
-    monkeypatch.setattr(credentials.os, "replace", watch)
+    monkeypatch.setattr(durable.os, "replace", watch)
     credentials.write_private(target, '{"a": 1}\n')
     assert modes == [0o600] and (target.stat().st_mode & 0o777) == 0o600
     credentials.write_private(target, '{"a": 1}\n')
@@ -175,7 +176,7 @@ def test_secret_files_are_private_from_their_first_byte_and_replaced_whole(
     def full_disk(src: Any, dst: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(credentials.os, "replace", full_disk)
+    monkeypatch.setattr(durable.os, "replace", full_disk)
     with pytest.raises(OSError):
         credentials.write_private(target, '{"a": 2}\n')
     assert target.read_text() == '{"a": 1}\n'  # the old file whole, and no temp file left
