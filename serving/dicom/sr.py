@@ -108,16 +108,12 @@ def source_header(data: bytes) -> Dataset:
         ds = read_header(data)
     except ImageDecodeError as exc:
         raise Conflict(f"the source DICOM cannot be read for an SR: {exc}") from exc
-    try:
+    with refusing_unbuildable("an SR of this source DICOM"):  # values pydicom converts only now
         check_referencable(ds)
         for keyword in _TYPE2_COPIED:
             if keyword not in ds:
                 setattr(ds, keyword, "")
         blank_unusable_values(ds)
-    except Conflict:
-        raise
-    except Exception as exc:  # a value pydicom reads only now (a number of the wrong length...)
-        raise Conflict(f"the source DICOM's header cannot be read for an SR ({type(exc).__name__})") from None
     return ds
 
 

@@ -131,10 +131,7 @@ def check_against_result(fb: FeedbackIn, record: ResultRecord) -> None:
 
 
 def _check_box_on_image(where: str, box: list[float], width: float, height: float) -> None:
-    try:
-        _check_box(box)
-    except ValueError as exc:
-        raise InvalidRequest(f"{where}: {exc}") from None
+    """``box`` (its shape already checked when the body was parsed: ``_check_box``) on the image."""
     size = f"{width:g}x{height:g}"
     if box[2] > width + EDGE_TOLERANCE_PX or box[3] > height + EDGE_TOLERANCE_PX:
         raise InvalidRequest(
@@ -345,14 +342,8 @@ class FeedbackSpool:
             if not p.name.startswith(".tmp-") and p.is_dir() and (p / "objects.json").exists()
         )
 
-    def read(self, feedback_id: str, key: str) -> bytes:
-        """One object of a spooled feedback (``KeyError``/``OSError`` when it is not, or no longer, there)."""
-        folder = self._dir(feedback_id)
-        index = json.loads((folder / "objects.json").read_text())
-        return (folder / index[key]).read_bytes()
-
-    def load(self, feedback_id: str) -> dict[str, bytes]:
-        """A spooled feedback's objects; ``ValueError``/``OSError`` when its folder cannot be read as one.
+    def _index(self, feedback_id: str) -> tuple[Path, dict[str, str]]:
+        """A spooled feedback's folder and index (object key -> file name); ``ValueError``/``OSError``.
 
         The index names files of its own folder only: a damaged one naming another path is refused,
         never followed (it would upload whatever file it named to the store).
@@ -364,6 +355,16 @@ class FeedbackSpool:
             for k, n in index.items()
         ):
             raise ValueError("the spooled feedback's index is damaged")
+        return folder, index
+
+    def read(self, feedback_id: str, key: str) -> bytes:
+        """One object of a spooled feedback (``KeyError``/``OSError`` when it is not, or no longer, there)."""
+        folder, index = self._index(feedback_id)
+        return (folder / index[key]).read_bytes()
+
+    def load(self, feedback_id: str) -> dict[str, bytes]:
+        """A spooled feedback's objects; ``ValueError``/``OSError`` when its folder cannot be read as one."""
+        folder, index = self._index(feedback_id)
         return {key: (folder / name).read_bytes() for key, name in index.items()}
 
     def set_aside(self, feedback_id: str) -> bool:

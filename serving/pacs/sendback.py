@@ -307,8 +307,6 @@ class SendBack:
                 except Exception as exc:  # a sender bug must not stop delivery to other PACS
                     log.warning("pacs_send_error destination=%s error_type=%s", name, type(exc).__name__)
                     sent = Sent()
-                if not isinstance(sent, Sent):  # a sender that only says what was accepted
-                    sent = Sent(accepted=set(sent))
                 for item in batch:
                     try:
                         delivered += self._settle(name, item, sent, now)

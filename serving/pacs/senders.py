@@ -36,8 +36,8 @@ class Sent:
 
 
 class Sender(Protocol):
-    def send(self, items: list[OutboxItem]) -> Sent | set[str]:
-        """What the PACS accepted and refused for good (blocking); a plain set: the accepted only."""
+    def send(self, items: list[OutboxItem]) -> Sent:
+        """What the PACS accepted and refused for good (blocking)."""
         ...
 
 

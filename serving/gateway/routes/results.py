@@ -19,10 +19,6 @@ from serving.inference.saliency import SaliencyService
 
 router = APIRouter(prefix="/v1/results", tags=["results"])
 
-#: every answer here is an identified result or its pixels: never kept by a browser or proxy
-#: (a cached copy outlives the key that fetched it and is not told apart by the auth header)
-NO_STORE = "no-store"
-
 PREVIEW_MAX_SIDE = 1024
 
 
@@ -69,7 +65,7 @@ def render_pixels(source: bytes) -> tuple[bytes, dict[str, str]]:
 @router.get("/{request_id}")
 async def get_result(request_id: str, state: StateDep, principal: PacsDep) -> JSONResponse:
     record = await state.cpu.run(state.results.get, request_id, principal.tenant)
-    return JSONResponse(record.response, headers={"Cache-Control": NO_STORE})
+    return JSONResponse(record.response)
 
 
 @router.get(
@@ -91,7 +87,6 @@ async def get_sr(request_id: str, state: StateDep, principal: PacsDep) -> Respon
         media_type="application/dicom",
         headers={
             "Content-Disposition": f'attachment; filename="{request_id}-sr.dcm"',
-            "Cache-Control": NO_STORE,
         },
     )
 
@@ -106,7 +101,7 @@ async def get_preview(request_id: str, state: StateDep, principal: RadiologistDe
             f"the source image of '{request_id}' is no longer kept (CXR_SOURCE_RETENTION_HOURS); detect again"
         )
     png = await state.cpu.run(render_preview, record.source)
-    return Response(png, media_type="image/png", headers={"Cache-Control": NO_STORE})
+    return Response(png, media_type="image/png")
 
 
 @router.get(
@@ -125,7 +120,7 @@ async def get_pixels(request_id: str, state: StateDep, principal: RadiologistDep
     return Response(
         body,
         media_type="application/octet-stream",
-        headers={**headers, "Cache-Control": NO_STORE},
+        headers=headers,
     )
 
 
@@ -159,5 +154,5 @@ async def get_saliency(
     return Response(
         image.png,
         media_type="image/png",
-        headers={**image.headers(), "Cache-Control": NO_STORE},
+        headers=image.headers(),
     )

@@ -240,9 +240,9 @@ def _full_disk_for(monkeypatch: pytest.MonkeyPatch, victim: bytes) -> None:
     """The disk fills up while ``victim`` is written: part of it lands in its temp file, then ENOSPC."""
     real = durable.write_synced
 
-    def write(path: Path, data: bytes) -> None:
+    def write(path: Path, data: bytes, mode: int = 0o666) -> None:
         if data != victim:
-            return real(path, data)
+            return real(path, data, mode)
         with open(path, "wb") as fh:
             fh.write(data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")

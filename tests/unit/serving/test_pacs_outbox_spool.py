@@ -16,7 +16,7 @@ from serving.dimse.forwarder import batches, related_body
 from serving.dimse.spool import InstanceSpool
 from serving.pacs.outbox import Outbox, OutboxItem
 from serving.pacs.sendback import SendBack
-from serving.pacs.senders import Sender
+from serving.pacs.senders import Sender, Sent
 from serving.pacs_destinations import PacsDestination
 
 pytestmark = pytest.mark.unit
@@ -356,9 +356,9 @@ class _Pacs:
         self.up = False
         self.batches: list[int] = []
 
-    def send(self, items: list[OutboxItem]) -> set[str]:
+    def send(self, items: list[OutboxItem]) -> Sent:
         self.batches.append(len(items))
-        return {i.item_id for i in items} if self.up else set()
+        return Sent(accepted={i.item_id for i in items} if self.up else set())
 
 
 def test_a_pacs_that_takes_nothing_is_held_whole_not_offered_every_object_each_pass(tmp_path: Path) -> None:
@@ -384,9 +384,9 @@ def test_a_pacs_that_takes_nothing_is_held_whole_not_offered_every_object_each_p
 
 def test_a_pacs_that_refuses_one_object_is_not_held(tmp_path: Path) -> None:
     class RefusesOne(_Pacs):
-        def send(self, items: list[OutboxItem]) -> set[str]:
+        def send(self, items: list[OutboxItem]) -> Sent:
             self.batches.append(len(items))
-            return {i.item_id for i in items if i.sop_instance_uid != "1.2.0"}
+            return Sent(accepted={i.item_id for i in items if i.sop_instance_uid != "1.2.0"})
 
     pacs = RefusesOne()
     sendback = _sendback(tmp_path, pacs)
