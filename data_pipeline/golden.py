@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from data_pipeline.errors import DataPipelineError, StoreError
-from data_pipeline.versioning import MANIFEST
+from data_pipeline.versioning import DATASET_VERSION_PATTERN, MANIFEST
 
 if TYPE_CHECKING:
     from data_pipeline.config import DataSettings
@@ -36,7 +36,7 @@ class GoldenError(DataPipelineError):
 class GoldenPin(BaseModel):
     """What ``training/golden.yaml`` holds: the version, and what it was when it was pinned."""
 
-    version: str = Field(pattern=r"^[0-9a-f]{16}$", description="a dataset version (VERSION_PATTERN)")
+    version: str = Field(pattern=f"^{DATASET_VERSION_PATTERN.pattern}$", description="a dataset version")
     images: int = Field(ge=1)
     patients: int = Field(ge=1)
     findings: dict[str, int] = Field(default_factory=dict, description="boxes per class")

@@ -60,7 +60,7 @@ def file_listing(dataset_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 #: what :func:`compute_version` makes: the only form a version read from outside may take
-VERSION_PATTERN = re.compile(r"[0-9a-f]{16}")
+DATASET_VERSION_PATTERN = re.compile(r"[0-9a-f]{16}")
 
 
 def checked_version(version: str, where: str) -> str:
@@ -69,7 +69,7 @@ def checked_version(version: str, where: str) -> str:
     A version becomes a folder name under the cache (and a store prefix): one read from the store
     (``datasets/LATEST``), a manifest or an MLflow tag must not name another path (``../x``, ``/x``).
     """
-    if not VERSION_PATTERN.fullmatch(version):
+    if not DATASET_VERSION_PATTERN.fullmatch(version):
         raise DatasetNotFound(
             f"{where} names dataset version {version[:40]!r}, which is not a version "
             "(16 lowercase hex digits, as `cxr data ingest` makes them)"

@@ -140,12 +140,12 @@ class GitOpsRepo:
                 index_before = self._index_entries(rel)
             except git.GitCommandError as exc:
                 raise GitOpsRepoError(f"cannot read the git index: {(exc.stderr or '').strip()}") from exc
-            head_before = self._head_sha()
+            head_before = self.head_sha()
             try:
                 paths = [write_stage_file(self.root, f) for f in files]
                 return self.commit(paths, record)
             except BaseException as exc:
-                head_now = self._head_sha()
+                head_now = self.head_sha()
                 if head_now and head_now != head_before:
                     # the commit itself finished (Ctrl-C or an error after it): the files are what
                     # HEAD holds now; putting the old text back would leave every retry with
@@ -164,13 +164,6 @@ class GitOpsRepo:
                     f"{exc}; and putting the stage files back failed ({'; '.join(problems)}): "
                     f"run `git checkout HEAD -- {' '.join(rel)}` in {self.root}"
                 ) from exc
-
-    def _head_sha(self) -> str:
-        """HEAD's sha, "" before the first commit (or when it cannot be read)."""
-        try:
-            return str(self._repo.head.commit.hexsha) if self._repo.head.is_valid() else ""
-        except (ValueError, git.GitCommandError):
-            return ""
 
     def _index_entries(self, rel: list[str]) -> dict[str, str]:
         """The index's ``mode,sha`` of each path it holds (``git ls-files --stage``)."""
@@ -242,7 +235,11 @@ class GitOpsRepo:
         log.info("gitops_push remote=%s branch=%s", remote, branch)
 
     def head_sha(self) -> str:
-        return self._repo.head.commit.hexsha
+        """HEAD's sha, "" before the first commit (or when it cannot be read)."""
+        try:
+            return str(self._repo.head.commit.hexsha) if self._repo.head.is_valid() else ""
+        except (ValueError, git.GitCommandError):
+            return ""
 
     def history(self, stage: Stage) -> Iterator[HistoryEntry]:
         """Commits that changed the stage file, newest first, with the file's content after each."""

@@ -34,7 +34,7 @@ import os
 import re
 from pathlib import Path
 
-from core.durable import fsync_dir, make_dirs
+from core.durable import fsync_dir, make_dirs, replace_durably
 from core.hashing import file_sha256
 from core.operating_points import OPERATING_POINTS_FILE
 from core.scratch import scratch_dir
@@ -82,8 +82,13 @@ def _safe_name(name: str) -> str:
 
 def cache_folder(cache: Path, registry: ModelRegistry, version: str, variant: Variant, sha256: str) -> Path:
     """Where the version's ``variant`` file lives in the cache (see the module docstring)."""
-    where = hashlib.sha256(registry.tracking_uri.encode()).hexdigest()[:12]
-    return cache / _safe_name(registry.model_name) / (sha256 or f"untagged-{variant}") / f"{where}-v{version}"
+    model = cache / _safe_name(registry.model_name)
+    return model / (sha256 or f"untagged-{variant}") / _version_dir(registry, version)
+
+
+def _version_dir(registry: ModelRegistry, version: str) -> str:
+    """The last level of :func:`cache_folder`: the registry (a hash of its address) and the version."""
+    return f"{hashlib.sha256(registry.tracking_uri.encode()).hexdigest()[:12]}-v{version}"
 
 
 def _mismatch(registry: ModelRegistry, version: str, variant: Variant, expected: str, actual: str) -> str:
@@ -153,8 +158,9 @@ def fetch_onnx(
                     sha256_tag(variant),
                 )
             _install(downloaded, target)
-    if not (folder / VARIANT_FILE).exists():
-        (folder / VARIANT_FILE).write_text(variant)  # which variant the file is, for cached_offline
+    if not (folder / VARIANT_FILE).exists():  # which variant the file is, for cached_offline
+        replace_durably(folder / VARIANT_FILE, variant.encode())
+        fsync_dir(folder)
     _fetch_operating_points(registry, version, folder, variant)
     return target
 
@@ -167,9 +173,8 @@ def cached_offline(cache: Path, registry: ModelRegistry, version: str, variant: 
     tag it was checked against when it was fetched) is used, with a warning. A version fetched
     without a tag, or a file that no longer matches, is not: MLflow must answer for those.
     """
-    where = hashlib.sha256(registry.tracking_uri.encode()).hexdigest()[:12]
     model = cache / _safe_name(registry.model_name)
-    for target in sorted(model.glob(f"*/{where}-v{version}/{ONNX_FILE}")):
+    for target in sorted(model.glob(f"*/{_version_dir(registry, version)}/{ONNX_FILE}")):
         folder = target.parent
         sha = folder.parent.name
         marker = folder / VARIANT_FILE

@@ -10,6 +10,7 @@ stands and ``python -m delivery reconcile`` catches up.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -40,8 +41,9 @@ from delivery.git_repo import GitOpsRepo
 from delivery.golden_gate import GATE_NAME, GoldenVerdict, golden_gate
 from delivery.latency import measure_onnx_latency
 from delivery.messages import DeliveryRecord
+from delivery.onnx_cache import fetch_onnx
 from delivery.policy import DeliveryPolicy, load_policy
-from delivery.reconcile import ReconcileResult, fetch_onnx, publish_repository, reconcile_stage
+from delivery.reconcile import ReconcileResult, publish_repository, reconcile_stage
 from training.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -367,6 +369,7 @@ def _promote_locked(
     current = read_stage_file(ctx.gitops_dir, request.to)
     reg = registry or ModelRegistry(ctx.mlflow_uri, current.model_name)
 
+    @functools.cache  # one registry look-up and one hash of the file per promotion, not per gate
     def onnx_for(version: str, variant: Variant) -> Path:
         return fetch_onnx(reg, version, ctx.onnx_cache, variant)  # downloaded once into the cache
 
