@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import re
 import time
 import warnings
@@ -161,6 +162,34 @@ def sniff_format(data: bytes) -> SourceFormat | None:
     return None
 
 
+#: Bytes a file may have beyond its decoded pixels: the header and codecs that grow noisy pixels a little.
+FILE_SLACK_BYTES = 16 * 1024 * 1024
+
+
+def max_file_bytes(limits: DicomLimits) -> int:
+    """The largest image file read at all: the decoded-pixel limit (``CXR_DICOM_MAX_PIXEL_BYTES``)
+    plus a quarter (an encoding may be larger than raw noise) plus :data:`FILE_SLACK_BYTES`."""
+    return limits.max_pixel_bytes + limits.max_pixel_bytes // 4 + FILE_SLACK_BYTES
+
+
+def read_image_file(path: str | Path, max_bytes: int) -> bytes:
+    """A file's bytes, refused (:class:`UnsupportedImage`) above ``max_bytes`` before it is read whole."""
+    name = Path(path).name
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise UnsupportedImage(f"{name}: file of {size} bytes exceeds the {max_bytes}-byte limit")
+            data = handle.read(max_bytes + 1)  # a pipe or a growing file has no honest size
+    except FileNotFoundError as exc:
+        raise CorruptImage(f"{name}: file not found") from exc
+    except OSError as exc:
+        raise CorruptImage(f"{name}: cannot be read ({exc.strerror})") from exc
+    if len(data) > max_bytes:
+        raise UnsupportedImage(f"{name}: file exceeds the {max_bytes}-byte limit")
+    return data
+
+
 def decode_file(
     path: str | Path,
     *,
@@ -168,14 +197,13 @@ def decode_file(
     timer: StageTimer | None = None,
     limits: DicomLimits | None = None,
 ) -> DecodedImage:
-    """Read and decode one file; see :func:`decode_bytes`."""
-    try:
-        with _maybe(timer, "read"):
-            data = Path(path).read_bytes()
-    except FileNotFoundError as exc:
-        raise CorruptImage(f"{path}: file not found") from exc
-    except OSError as exc:
-        raise CorruptImage(f"{path}: cannot be read ({exc.strerror})") from exc
+    """Read (at most :func:`max_file_bytes`) and decode one file; see :func:`decode_bytes`."""
+    if limits is None:
+        from data_pipeline.config import get_settings
+
+        limits = get_settings().dicom_limits()
+    with _maybe(timer, "read"):
+        data = read_image_file(path, max_file_bytes(limits))
     try:
         return decode_bytes(data, salt=salt, timer=timer, limits=limits)
     except ImageDecodeError as exc:
@@ -645,8 +673,8 @@ def read_size(path: str | Path, limits: DicomLimits | None = None) -> tuple[int,
         from data_pipeline.config import get_settings
 
         limits = get_settings().dicom_limits()
+    data = read_image_file(path, max_file_bytes(limits))  # its errors name the file already
     try:
-        data = path.read_bytes()
         kind = sniff_format(data[:132])
         if kind in ("png", "jpeg"):
             with Image.open(io.BytesIO(data)) as img:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +18,8 @@ import numpy as np
 import yaml
 
 from data_pipeline.classes import CLASS_NAMES
-from data_pipeline.dicom_guard import DicomLimits
-from data_pipeline.dicom_io import DecodedImage, StageTimer, decode_bytes
-from data_pipeline.errors import CorruptImage, ImageDecodeError, UnsupportedImage
+from data_pipeline.dicom_io import DecodedImage, StageTimer, decode_bytes, max_file_bytes, read_image_file
+from data_pipeline.errors import ImageDecodeError
 from data_pipeline.geometry import resize_longest, xyxy_to_yolo
 from data_pipeline.quality import ImageStats, image_stats
 from data_pipeline.subgroups import subgroup_attributes
@@ -30,14 +28,6 @@ log = logging.getLogger(__name__)
 
 HIST_BINS = 64
 IMAGE_SUFFIXES = (".dicom", ".dcm", ".png", ".jpg", ".jpeg")
-#: Bytes a file may have beyond its decoded pixels: the header and codecs that grow noisy pixels a little.
-FILE_SLACK_BYTES = 16 * 1024 * 1024
-
-
-def max_file_bytes(limits: DicomLimits) -> int:
-    """The largest image file read at all: the decoded-pixel limit (``CXR_DICOM_MAX_PIXEL_BYTES``)
-    plus a quarter (an encoding may be larger than raw noise) plus :data:`FILE_SLACK_BYTES`."""
-    return limits.max_pixel_bytes + limits.max_pixel_bytes // 4 + FILE_SLACK_BYTES
 
 
 @dataclass(frozen=True)
@@ -108,24 +98,6 @@ def process_image(job: ImageJob) -> ImageResult:
             error=f"{type(exc).__name__} while processing the image",
             timings=timer.seconds,
         )
-
-
-def read_image_file(path: str | Path, max_bytes: int) -> bytes:
-    """A file's bytes, refused (:class:`UnsupportedImage`) above ``max_bytes`` before it is read whole."""
-    name = Path(path).name
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > max_bytes:
-                raise UnsupportedImage(f"{name}: file of {size} bytes exceeds the {max_bytes}-byte limit")
-            data = handle.read(max_bytes + 1)  # a pipe or a growing file has no honest size
-    except FileNotFoundError as exc:
-        raise CorruptImage(f"{name}: file not found") from exc
-    except OSError as exc:
-        raise CorruptImage(f"{name}: cannot be read ({exc.strerror})") from exc
-    if len(data) > max_bytes:
-        raise UnsupportedImage(f"{name}: file exceeds the {max_bytes}-byte limit")
-    return data
 
 
 def _decode(job: ImageJob, timer: StageTimer) -> DecodedImage:

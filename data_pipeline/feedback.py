@@ -35,8 +35,9 @@ from data_pipeline.annotations import (
     parse_frame,
 )
 from data_pipeline.dicom_guard import DicomLimits
+from data_pipeline.dicom_io import max_file_bytes
 from data_pipeline.errors import AnnotationError, ImageDecodeError
-from data_pipeline.export import IMAGE_SUFFIXES, max_file_bytes
+from data_pipeline.export import IMAGE_SUFFIXES
 from data_pipeline.store import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)

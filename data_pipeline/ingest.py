@@ -35,6 +35,7 @@ from data_pipeline.annotations import (
 )
 from data_pipeline.classes import CLASS_NAMES, NO_FINDING_ID
 from data_pipeline.config import DataSettings
+from data_pipeline.dicom_io import max_file_bytes
 from data_pipeline.drift import build_reference
 from data_pipeline.errors import AnnotationError, EmptyDatasetError
 from data_pipeline.executors import run_images
@@ -42,7 +43,6 @@ from data_pipeline.export import (
     ImageJob,
     ImageResult,
     find_images,
-    max_file_bytes,
     write_data_yaml,
     yolo_label_text,
 )

@@ -702,3 +702,34 @@ def test_a_stray_item_delimiter_after_a_defined_length_item_is_read_as_pydicom_r
     claiming = data.replace(_tag(0xFFFE, 0xE00D, 0), _tag(0xFFFE, 0xE00D, 8) + b"\x00" * 8)
     with pytest.raises(CorruptImage, match="where an item belongs"):
         read_header(claiming, LIMITS)
+
+
+@pytest.mark.parametrize("reader", ["decode_file", "read_size"])
+def test_a_file_larger_than_the_limit_is_refused_before_it_is_read(
+    tmp_path: Any, reader: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """decode_file and read_size read at most max_file_bytes (they had read any file whole)."""
+    from data_pipeline import dicom_io
+    from data_pipeline.errors import UnsupportedImage
+
+    limits = DicomLimits()
+    cap = dicom_io.max_file_bytes(limits)
+    huge = tmp_path / "huge.dcm"
+    huge.write_bytes(hostile.valid())
+    os.truncate(huge, cap + 1)  # sparse: the size a hostile export would claim
+    reads: list[int] = []
+    real_open = open
+
+    def counting_open(*args: Any, **kwargs: Any) -> Any:
+        handle = real_open(*args, **kwargs)
+        real_read = handle.read
+        handle.read = lambda n=-1: reads.append(n) or real_read(n)
+        return handle
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    with pytest.raises(UnsupportedImage, match=rf"huge\.dcm: file of {cap + 1} bytes exceeds"):
+        getattr(dicom_io, reader)(huge, limits=limits)
+    assert reads == [], "refused from its size, before any byte is read"
+    monkeypatch.undo()
+    os.truncate(huge, len(hostile.valid()))
+    assert getattr(dicom_io, reader)(huge, limits=limits)  # the same file within the limit is read
