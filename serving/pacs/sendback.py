@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serving.config import ServingSettings
 from serving.errors import Conflict, ServingError, StudyPatientMismatch
@@ -27,6 +27,9 @@ from serving.pacs.senders import Sender, Sent, group, make_sender
 from serving.pacs_destinations import PacsDestination
 from serving.results import ResultRecord, ResultStore
 from serving.triage.worklist import StudyTriage
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,17 @@ class SendBack:
         serving = [d for d in self.destinations.values() if d.serves(tenant)]
         return serving if send_back else [d for d in serving if d.auto]
 
-    def build(self, records: list[ResultRecord], triage: dict[str, Any] | None) -> list[Any]:
-        """The study's objects (blocking): SR, one GSPS per image, burned-in captures when configured."""
+    def build(
+        self,
+        records: list[ResultRecord],
+        triage: dict[str, Any] | None,
+        headers: dict[str, Dataset] | None = None,
+    ) -> list[Any]:
+        """The study's objects (blocking): SR, one GSPS per image, burned-in captures when configured.
+
+        ``headers``: source headers read already, by request id (:meth:`_fetch_header_only`); the
+        other records' sources are read here.
+        """
         from serving.dicom.sr import source_header
         from serving.dicom.study_objects import study_objects
         from serving.dicom.uids import patient_id
@@ -80,21 +92,24 @@ class SendBack:
         items = []
         pixels = []
         for record in records:
-            if record.source is None or record.source_format != "dicom":
-                continue  # past source retention, or not a DICOM: nothing a PACS object can reference
-            try:
-                header = source_header(record.source)
-            except Conflict as exc:  # e.g. no SeriesInstanceUID: no object can reference this image
-                log.warning("pacs_sendback_image_left_out code=%s", exc.code)  # the others still go
-                continue
+            header = (headers or {}).get(record.request_id)
+            if header is None:
+                if record.source is None or record.source_format != "dicom":
+                    continue  # past source retention, or not a DICOM: nothing a PACS object can reference
+                try:
+                    header = source_header(record.source)
+                except Conflict as exc:  # e.g. no SeriesInstanceUID: no object can reference this image
+                    log.warning("pacs_sendback_image_left_out code=%s", exc.code)  # the others still go
+                    continue
             items.append((header, record.response))
             if patient_id(items[-1][0]) != patient_id(items[0][0]):
                 # the worklist refuses such images (StudyPatientMismatch); rows of an older gateway
                 # may still hold them: one SR must never carry two patients' findings
                 raise StudyPatientMismatch()
-            if self.settings.pacs_secondary_capture:
+            if self.settings.pacs_secondary_capture:  # then no header was read ahead: the source is whole
                 from serving.inference.pipeline import decode_upload
 
+                assert record.source is not None
                 image, _ = decode_upload(record.source)
                 pixels.append(image.to_uint8())
         if not items:
@@ -153,12 +168,13 @@ class SendBack:
         records: list[ResultRecord],
         triage: dict[str, Any] | None,
         destinations: list[PacsDestination],
+        headers: dict[str, Dataset] | None = None,
     ) -> int:
         """Build and queue one study's objects for each destination; returns the objects queued."""
         if not destinations or not records:
             return 0
         try:
-            objects = await self.cpu.run(self.build, records, triage)
+            objects = await self.cpu.run(self.build, records, triage, headers)
         except ServingError as exc:  # e.g. a source an SR cannot reference: the caller still gets its JSON
             log.warning("pacs_sendback_skipped code=%s", exc.code)
             return 0
@@ -209,24 +225,27 @@ class SendBack:
             return 0, 0
         return await self._known_study({}, triage, destinations, results, tenant)
 
-    def _fetch_header_only(self, results: ResultStore, rid: str, tenant: str) -> ResultRecord:
-        """A stored result with its source cut to the header the objects are built from (blocking).
+    def _fetch_header_only(
+        self, results: ResultStore, rid: str, tenant: str
+    ) -> tuple[ResultRecord, Dataset | None]:
+        """A stored result without its source, and the source's header the objects are built from
+        (blocking); (the result, None) when the source is gone, not a DICOM, or needed whole.
 
         A study's row names up to CXR_PACS_MAX_STUDY_INSTANCES results, each source up to
         CXR_MAX_BODY_BYTES: held whole, one send-back could hold gigabytes of pixels it never
         reads. Kept whole only when burned-in captures are configured (they draw on the pixels).
+        The header is handed to :meth:`build` parsed (it was read twice, ~3.5 ms an image).
         """
         record = results.get(rid, tenant)
         if record.source is None or record.source_format != "dicom" or self.settings.pacs_secondary_capture:
-            return record
+            return record, None
         from serving.dicom.sr import source_header
-        from serving.dicom.study_objects import dataset_bytes
 
         try:
             header = source_header(record.source)
         except Conflict:
-            return record  # build() leaves it out and says why
-        return dataclasses.replace(record, source=dataset_bytes(header))
+            return record, None  # build() leaves it out and says why
+        return dataclasses.replace(record, source=None), header
 
     async def _known_study(
         self,
@@ -237,13 +256,17 @@ class SendBack:
         tenant: str,
     ) -> tuple[int, int]:
         """:meth:`study` of ``records`` and the study's other images the worklist knows: (objects, images)."""
+        headers: dict[str, Dataset] = {}
         if triage is not None:
             for rid in triage.result_ids:
                 if rid not in records:
                     try:
-                        records[rid] = await self.cpu.run(self._fetch_header_only, results, rid, tenant)
+                        record, header = await self.cpu.run(self._fetch_header_only, results, rid, tenant)
                     except ServingError:
                         continue  # expired: the SR covers the images still held
+                    records[rid] = record
+                    if header is not None:
+                        headers[rid] = header
         # an instance sent again (a PACS resend) has a newer result: one image, the latest answer,
         # so the SR is the same object as before and the PACS keeps one copy
         latest: dict[str, ResultRecord] = {}
@@ -251,9 +274,14 @@ class SendBack:
             latest[str(record.response.get("image", {}).get("sop_instance_uid") or record.request_id)] = (
                 record
             )
-        queued = await self.study(list(latest.values()), triage.as_dict() if triage else None, destinations)
+        queued = await self.study(
+            list(latest.values()), triage.as_dict() if triage else None, destinations, headers
+        )
         # the images the objects can cover: a record past source retention is left out by build()
-        buildable = sum(r.source is not None and r.source_format == "dicom" for r in latest.values())
+        buildable = sum(
+            r.request_id in headers or (r.source is not None and r.source_format == "dicom")
+            for r in latest.values()
+        )
         return queued, buildable
 
     # ----------------------------------------------------------------- delivery

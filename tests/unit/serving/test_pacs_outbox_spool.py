@@ -468,8 +468,8 @@ def test_a_send_back_holds_a_stored_results_header_not_its_pixels(tmp_path: Path
     source = make_dicom(512, 512, seed=5, study_uid=study)
     response = _answer(512, 512, [1.0, 1.0, 40.0, 40.0])
     store.journal(ResultRecord("r1", response, "dicom", source, tenant="t"))
-    light = back._fetch_header_only(store, "r1", "t")
-    assert light.source is not None and len(light.source) < len(source) // 10
-    full, header_only = back.build([store.get("r1", "t")], None), back.build([light], None)
+    light, header = back._fetch_header_only(store, "r1", "t")
+    assert light.source is None and header is not None and "PixelData" not in header
+    full, header_only = back.build([store.get("r1", "t")], None), back.build([light], None, {"r1": header})
     assert [str(o.SOPInstanceUID) for o in full] == [str(o.SOPInstanceUID) for o in header_only]
     assert [o.ContentSequence for o in full[:1]] == [o.ContentSequence for o in header_only[:1]]
