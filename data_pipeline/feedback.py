@@ -113,6 +113,9 @@ def collect_feedback(
     ``limits``: the DICOM limits; an item's image larger than :func:`max_file_bytes` is not fetched.
     """
     listing = {o.name: o for o in store.list_objects(FEEDBACK_PREFIX)}
+    by_item: dict[str, dict[str, ObjectInfo]] = {}  # each item's objects: one pass, not one per item
+    for name, info in listing.items():
+        by_item.setdefault(name[len(FEEDBACK_PREFIX) :].split("/", 1)[0], {})[name] = info
     image_dir = Path(work_dir) / "feedback-images"
     max_image = max_file_bytes(limits or DicomLimits())
     tables: list[AnnotationTable] = []
@@ -128,7 +131,7 @@ def collect_feedback(
             continue
         try:
             table, item_images = _collect_item(
-                store, feedback_id, listing, image_dir, set(reserved), images, max_image, limits
+                store, feedback_id, by_item[feedback_id], image_dir, set(reserved), images, max_image, limits
             )
         except _Refused as exc:
             skipped[feedback_id] = str(exc)
@@ -153,20 +156,21 @@ def collect_feedback(
 def _collect_item(
     store: ObjectStore,
     feedback_id: str,
-    listing: dict[str, ObjectInfo],
+    objects: dict[str, ObjectInfo],
     image_dir: Path,
     reserved: set[str],
     taken: dict[str, Path],
     max_image: int,
     limits: DicomLimits | None,
 ) -> tuple[AnnotationTable, dict[str, Path]]:
-    """One item's checked rows and its image(s); raises :class:`_Refused` when it must be left out."""
+    """One item's checked rows and its image(s) (``objects``: the item's, by key); raises
+    :class:`_Refused` when it must be left out."""
     prefix = f"{FEEDBACK_PREFIX}{feedback_id}/"
-    frame = _item_rows(store, listing.get(prefix + FEEDBACK_CSV))
+    frame = _item_rows(store, objects.get(prefix + FEEDBACK_CSV))
     table = parse_frame(frame, source=f"s3:{prefix}{FEEDBACK_CSV}")
     if len(table.quarantine):
         raise _Refused(f"{len(table.quarantine)} of {table.total_rows} rows invalid")
-    stored = _item_images(listing, prefix)
+    stored = _item_images(objects, prefix)
     if set(table.frame["image_id"]) != set(stored):
         raise _Refused("rows and the item's image differ (a row names another image)")
     if set(stored) & reserved:
@@ -209,10 +213,10 @@ def _item_rows(store: ObjectStore, info: ObjectInfo | None) -> pd.DataFrame:
     return frame[list(COLUMNS)]
 
 
-def _item_images(listing: dict[str, ObjectInfo], prefix: str) -> dict[str, ObjectInfo]:
+def _item_images(objects: dict[str, ObjectInfo], prefix: str) -> dict[str, ObjectInfo]:
     """The item's own image files (directly under its prefix), by image id; ambiguous names refused."""
     found: dict[str, ObjectInfo] = {}
-    for name, info in listing.items():
+    for name, info in objects.items():
         rel = name[len(prefix) :] if name.startswith(prefix) else ""
         if not rel or "/" in rel or Path(rel).suffix.lower() not in IMAGE_SUFFIXES:
             continue
