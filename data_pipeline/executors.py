@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import pickle
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -73,7 +74,7 @@ def run_images(
     :func:`process_image` (a module-level function: it is pickled to the workers).
     """
     if executor == "ray":
-        return run_images_ray(jobs, workers, console, description)
+        return run_images_ray(jobs, workers, console, description, work)
     results: list[ImageResult] = []
     progress = progress_bar(console)
     if workers <= 1 or len(jobs) < 4:
@@ -168,27 +169,59 @@ def _pool_round(
     return list(results.values()), left
 
 
-def _ray_row(row: dict[str, Any]) -> dict[str, Any]:
+#: Jobs per Ray Data block: a worker that dies loses its block's results, which are then run again here.
+RAY_BLOCK_JOBS = 16
+
+
+def _ray_row(row: dict[str, Any], work: Work = process_image) -> dict[str, Any]:
     # ImageResult nests a dataclass and variable-length lists; a pickled blob keeps the
     # Arrow schema of the Ray dataset trivial (one binary column) and the round trip exact.
     init_worker()
-    return {"image_id": row["image_id"], "result": pickle.dumps(process_image(ImageJob(**row)))}
+    return {"image_id": row["image_id"], "result": pickle.dumps(_run_one(work, ImageJob(**row)))}
 
 
 def run_images_ray(
-    jobs: list[ImageJob], workers: int, console: Console | None, description: str = "decode + export (ray)"
+    jobs: list[ImageJob],
+    workers: int,
+    console: Console | None,
+    description: str = "decode + export (ray)",
+    work: Work = process_image,
 ) -> list[ImageResult]:
-    """The same work as Ray Data ``map``; starts a local Ray (``workers`` CPUs) unless one is running."""
+    """The same work as Ray Data ``map``; starts a local Ray (``workers`` CPUs) unless one is running.
+
+    A worker process that dies (a codec's segfault, the OOM killer) would be retried by Ray Data for
+    ever (its tasks' default ``max_retries`` is -1: one hostile file hung the ingest). Its task is
+    not retried here and its block is dropped (``max_errored_blocks``); the jobs of dropped blocks,
+    at most :data:`RAY_BLOCK_JOBS` each, then run in this machine's process pools, which give the
+    job that kills its worker :data:`CRASHED` and finish the others.
+    """
     import ray
+    from ray.data import DataContext
 
     if not ray.is_initialized():
         ray.init(num_cpus=workers or None, include_dashboard=False, log_to_driver=False)
-    dataset = ray.data.from_items([asdict(job) for job in jobs]).map(_ray_row)
+    context = DataContext.get_current()
+    errored_blocks, context.max_errored_blocks = context.max_errored_blocks, -1
+    items = ray.data.from_items(
+        [asdict(job) for job in jobs], override_num_blocks=max(1, -(-len(jobs) // RAY_BLOCK_JOBS))
+    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates the free remote arguments without naming a way to pass max_retries
+        warnings.simplefilter("ignore", DeprecationWarning)
+        dataset = items.map(_ray_row, fn_kwargs={"work": work}, max_retries=0)
     results: list[ImageResult] = []
     with progress_bar(console) as progress:
         task = progress.add_task(description, total=len(jobs))
-        for row in dataset.iter_rows():
-            results.append(pickle.loads(row["result"]))
-            progress.advance(task)
+        try:
+            for row in dataset.iter_rows():
+                results.append(pickle.loads(row["result"]))
+                progress.advance(task)
+        finally:
+            context.max_errored_blocks = errored_blocks
+        done = {r.image_id for r in results}
+        left = [job for job in jobs if job.image_id not in done]
+        if left:
+            log.warning("event=ray_blocks_failed jobs=%d", len(left))
+            results.extend(_run_pools(left, max(workers, 1), work, lambda: progress.advance(task)))
     log.info("event=ray_images_done images=%d", len(results))
     return sorted(results, key=lambda r: r.image_id)

@@ -34,3 +34,59 @@ def test_ray_data_executor_builds_the_same_version_as_the_process_pool(tmp_path:
         if started_here:
             ray.shutdown()
     assert distributed.version == local.version
+
+
+# A fresh interpreter: the patched work kills its worker as a codec's segfault or the OOM killer
+# would; Ray pickles it by value (it is __main__'s), and the local pools that finish the dropped
+# blocks fork (the real forkserver could not import __main__'s function).
+_CRASH_SCRIPT = """
+import json, multiprocessing, os, signal, sys
+import ray
+import data_pipeline.executors as executors
+from data_pipeline.export import ImageJob, process_image
+
+crash = set(sys.argv[2].split(","))
+
+def work(job):
+    if job.image_id in crash:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return process_image(job)
+
+executors.pool_context = lambda: multiprocessing.get_context("fork")
+executors.RAY_BLOCK_JOBS = 4
+jobs = [ImageJob(**job) for job in json.loads(sys.argv[1])]
+try:
+    results = executors.run_images(jobs, 2, None, executor="ray", work=work)
+finally:
+    ray.shutdown()
+print(json.dumps({r.image_id: [r.error, r.width] for r in results}))
+"""
+
+
+def test_a_ray_worker_that_dies_costs_its_own_image_and_the_others_finish(tmp_path: Path) -> None:
+    """Ray Data retried a task whose worker died for ever: one such file hung the ingest."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    from tests.unit.data_pipeline.test_image_pool_failures import _jobs
+
+    pytest.importorskip("ray")
+    names = [f"img{i:02d}" for i in range(12)]
+    jobs = _jobs(tmp_path, names)
+    root = Path(__file__).resolve().parents[3]
+    run = subprocess.run(
+        [sys.executable, "-c", _CRASH_SCRIPT, json.dumps([asdict(j) for j in jobs]), "img05"],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "CXR_STACK_DIR": str(tmp_path / "stack")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    by_id = json.loads(run.stdout.strip().splitlines()[-1])
+    assert sorted(by_id) == names
+    assert by_id["img05"][0] == "decoder crashed (the worker process died)"
+    assert all(by_id[n] == [None, 64] for n in names if n != "img05")
