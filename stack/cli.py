@@ -141,7 +141,11 @@ def down() -> None:
 def status() -> None:
     """Show each component's process state and health."""
     settings = StackSettings()
-    rows = manager.status(settings)
+    try:
+        rows = manager.status(settings)
+    except manager.StackError as exc:
+        console.print(f"[red]stack status failed:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
     if not rows:
         console.print("stack is not running (`make up` starts it)")
         raise typer.Exit(3)

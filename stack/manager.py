@@ -277,15 +277,15 @@ def wait_in_order(
                     waited = wait_component(
                         comp, timeout=settings.health_timeout_s, alive=alive, log_file=log_file
                     )
+                    if comp.name == "s3":
+                        ensure_buckets(
+                            f"http://{settings.host}:{settings.s3_port}",
+                            S3Credentials(creds.s3_access_key, creds.s3_secret_key),
+                            (settings.s3_bucket, settings.mlflow_bucket),
+                        )
                 except ComponentFailed as exc:
                     task.done("failed", str(exc).splitlines()[0])
                     raise StackError(f"component {exc}") from exc
-                if comp.name == "s3":
-                    ensure_buckets(
-                        f"http://{settings.host}:{settings.s3_port}",
-                        S3Credentials(creds.s3_access_key, creds.s3_secret_key),
-                        (settings.s3_bucket, settings.mlflow_bucket),
-                    )
                 task.done("healthy", f"after {waited:.1f} s of waiting", url=comp.health_url)
 
 
@@ -294,13 +294,19 @@ def status(settings: StackSettings) -> list[ComponentStatus]:
     if not supervisor.running():
         return []
     creds = load_or_create(settings.credentials_file, settings.api_keys_file)
-    components = {c.name: c for c in build_components(settings, creds)}
+    try:
+        components = {c.name: c for c in build_components(settings, creds)}
+    except ComponentFailed as exc:
+        raise StackError(str(exc)) from exc
     rows = []
     for proc in supervisor.processes():
         comp = components.get(proc.name)
         url = comp.health_url or "" if comp else ""
-        # A component without a health endpoint (the reconcile watcher) is healthy while running.
-        healthy = comp.healthy() if comp and url else proc.state == "RUNNING"
+        if comp and url:
+            # Only while supervisord runs it: a FATAL gateway's port may be answered by a stray process.
+            healthy = proc.state in {"STARTING", "RUNNING"} and comp.healthy()
+        else:  # no health endpoint (the reconcile watcher): healthy while running
+            healthy = proc.state == "RUNNING"
         rows.append(ComponentStatus(proc.name, proc.state, proc.pid, healthy, url))
     return rows
 

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from core.stages import Stage
+from core.stages import STAGES, Stage
 from core.triage import is_priority
+from core.variants import DEFAULT_VARIANT
 from serving.config import ServingSettings
 from serving.contract import Detection
 from serving.errors import (
@@ -185,6 +186,35 @@ class DetectionService:
             served = dataclasses.replace(served, version=version)
         self.metrics.set_model_info(stage, served.name, served.version, served.variant)
         return served
+
+    async def publish_stage_state(self) -> None:
+        """Each stage's readiness and model as of now, for a scrape of ``/metrics``.
+
+        ``/readyz`` sets ``cxr_stage_ready`` only for ``CXR_SERVING_STAGES`` and only when
+        something calls it, and ``cxr_model_info`` followed requests: a Triton that died after
+        the last probe kept reading ready, and CxrStageNotReady had no model to join with.
+        """
+        self.refresh_routing()
+        await asyncio.gather(*(self._publish_stage(stage) for stage in STAGES))
+
+    async def _publish_stage(self, stage: Stage) -> None:
+        """A ready stage with a version assigned names what its server holds; any other, what git assigns
+        it (an empty version: nothing assigned, unready by design)."""
+        ready = await self.backend.ready(stage)
+        self.metrics.stage_ready.labels(stage).set(1 if ready else 0)
+        entry = self.router.table.stages.get(stage)
+        if ready and entry is not None and entry.model_version:
+            try:
+                await self._model(stage)
+                return
+            except ServingError:
+                pass
+        self.metrics.set_model_info(
+            stage,
+            self.settings.model_name,
+            entry.model_version if entry else "",
+            entry.variant if entry else DEFAULT_VARIANT,
+        )
 
     async def served_model(self, stage: Stage) -> ServedModel:
         """The model ``stage`` serves now, with the version a detection's response would name."""

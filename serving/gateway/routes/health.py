@@ -30,5 +30,6 @@ async def readyz(state: StateDep) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(state: StateDep) -> Response:
+    await state.detector.publish_stage_state()  # readiness as of this scrape, every stage
     state.metrics.spool_depth.set(state.feedback.spool.depth())
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
