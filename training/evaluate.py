@@ -118,8 +118,15 @@ def _batches(samples: Iterator[_Sample], size: int) -> Iterator[list[_Sample]]:
         yield batch
 
 
-def detections(raw: np.ndarray, cfg: EvalConfig, conf: float = 0.001) -> list[np.ndarray]:
-    """Raw head output -> per image (n, 6) [x0, y0, x1, y1, conf, cls] in INPUT pixels (ultralytics NMS)."""
+def detections(
+    raw: np.ndarray, cfg: EvalConfig, conf: float = 0.001, *, multi_label: bool = True
+) -> list[np.ndarray]:
+    """Raw head output -> per image (n, 6) [x0, y0, x1, y1, conf, cls] in INPUT pixels (ultralytics NMS).
+
+    ``multi_label``: every class above ``conf`` on an anchor is a detection, as ultralytics'
+    validator counts them for mAP; False keeps each anchor's best class only, which is what the
+    gateway serves (serving/inference/postprocess.py) and so what operating points are chosen on.
+    """
     import torch
     from ultralytics.utils.nms import non_max_suppression
 
@@ -134,7 +141,7 @@ def detections(raw: np.ndarray, cfg: EvalConfig, conf: float = 0.001) -> list[np
         torch.from_numpy(raw),
         conf_thres=conf,
         iou_thres=cfg.nms_iou,
-        multi_label=True,
+        multi_label=multi_label,
         max_det=300,
         max_nms=3000,
         max_time_img=float("inf"),
@@ -244,11 +251,14 @@ def evaluate(
     plots_dir: Path | None = None,
     latency: bool = True,
     results: list[ImageResult] | None = None,
+    multi_label: bool = True,
 ) -> EvalReport:
     """Run ``predictor`` on every image of ``split`` and compute the report.
 
     ``results``, when given, receives every image's matched detections at IoU 0.4 (in image
     order) for a paired comparison with another model on the same images (training/paired.py).
+    ``multi_label`` as in :func:`detections`: the default is ultralytics' mAP; False measures the
+    detections the gateway would serve (one class per anchor).
     """
     import torch
     from ultralytics.utils.metrics import ConfusionMatrix, ap_per_class
@@ -262,7 +272,7 @@ def evaluate(
     per_image: list[ImageResult] = []  # also grouped by subgroup below
     for batch in _batches(_samples(dataset, split, predictor.imgsz), BATCH):
         raw = predictor(np.stack([s.tensor for s in batch]))
-        for sample, pred in zip(batch, detections(raw, cfg), strict=True):
+        for sample, pred in zip(batch, detections(raw, cfg, multi_label=multi_label), strict=True):
             n_images += 1
             first = sample.tensor if first is None else first
             pred = pred.copy()

@@ -223,9 +223,14 @@ def operating_points_on_split(
     onnx_sha256: str = "",
     split: str = "val",
 ) -> OperatingPoints:
-    """Evaluate ``predictor`` (the exported model: what is served) on ``split`` and choose its points."""
+    """Evaluate ``predictor`` (the exported model: what is served) on ``split`` and choose its points.
+
+    The detections are the gateway's, one class per anchor (its best): with ultralytics' mAP
+    counting (every class above 0.001 on an anchor), a runner-up class the gateway never serves
+    counted towards its class's sensitivity, calibration and the prediction-drift reference.
+    """
     results: list[ImageResult] = []
-    evaluate(predictor, dataset, cfg, split=split, latency=False, results=results)
+    evaluate(predictor, dataset, cfg, split=split, latency=False, results=results, multi_label=False)
     ops = build_operating_points(
         results,
         predictor.class_names,

@@ -133,12 +133,24 @@ def paired_bootstrap(
     instances = {int(c): int(sum((r.gt_cls == c).sum() for r in candidate)) for c in classes}
 
     def diff(indices: list[int]) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-        ap_c = _ap([candidate[i] for i in indices], classes)
+        """mAP difference and per-class differences on the images ``indices``.
+
+        A class without a ground-truth box among those images has no AP (NaN, not 0): a resample
+        that happens to draw none of its patients says nothing about it. Counting it as "both 0,
+        difference 0" pulled every per-class interval towards 0 and averaged the resample's mAP over
+        classes it did not hold (the full-set mAP averages over classes present, as ultralytics does).
+        """
+        sample = [candidate[i] for i in indices]
+        ap_c = _ap(sample, classes)
         ap_r = _ap([reference[i] for i in indices], classes)
-        return float(ap_c.mean() - ap_r.mean()) if len(classes) else 0.0, ap_c - ap_r, ap_c, ap_r
+        present = np.isin(classes, np.concatenate([r.gt_cls for r in sample] or [np.zeros(0)]))
+        per_class = np.where(present, ap_c - ap_r, np.nan)
+        overall = float(per_class[present].mean()) if present.any() else float("nan")
+        return overall, per_class, ap_c, ap_r
 
     full = list(range(len(candidate)))
     overall, per_class, ap_c, ap_r = diff(full)
+    overall = 0.0 if np.isnan(overall) else overall  # no box at all: nothing differs (non_inferior refuses)
     rng = np.random.default_rng(seed)
     overall_samples = np.empty(resamples)
     class_samples = np.empty((resamples, len(classes)))
@@ -146,14 +158,12 @@ def paired_bootstrap(
         drawn = rng.integers(0, len(groups), size=len(groups))
         indices = [i for g in drawn for i in groups[g]]
         overall_samples[k], class_samples[k], _, _ = diff(indices)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(overall_samples, [tail, 100 - tail])
-    c_low, c_high = np.percentile(class_samples, [tail, 100 - tail], axis=0) if len(classes) else ([], [])
+    low, high = _interval(overall_samples, overall, confidence)
+    bounds = [_interval(class_samples[:, j], float(per_class[j]), confidence) for j in range(len(classes))]
     return PairedComparison(
         overall=Interval(overall, float(low), float(high)),
         per_class={
-            int(c): Interval(float(per_class[j]), float(c_low[j]), float(c_high[j]))
-            for j, c in enumerate(classes)
+            int(c): Interval(float(per_class[j]), bounds[j][0], bounds[j][1]) for j, c in enumerate(classes)
         },
         instances=instances,
         patients=len(groups),
@@ -164,6 +174,20 @@ def paired_bootstrap(
             "reference": {int(c): float(ap_r[j]) for j, c in enumerate(classes)},
         },
     )
+
+
+def _interval(samples: np.ndarray, estimate: float, confidence: float) -> tuple[float, float]:
+    """Percentile interval over the resamples where the figure is defined (not NaN).
+
+    When no resample defined it (too few resamples to draw the class's patients), the full-set
+    estimate is the only measurement there is, so the interval collapses onto it.
+    """
+    defined = samples[~np.isnan(samples)]
+    if defined.size == 0:
+        return estimate, estimate
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(defined, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 @dataclass(frozen=True)
@@ -177,7 +201,20 @@ class NonInferiority:
 def non_inferior(
     comparison: PairedComparison, *, margin: float = 0.0, min_instances: int = 10
 ) -> NonInferiority:
-    """Lower CI bound of the mAP difference >= -margin, and the same for every class with enough boxes."""
+    """Lower CI bound of the mAP difference >= -margin, and the same for every class with enough boxes.
+
+    An evaluated set without a single ground-truth box measures no AP at all: its "difference 0,
+    CI [0, 0]" is the absence of evidence, so it refuses rather than passing any candidate (one
+    that boxes every normal radiograph included).
+    """
+    if not sum(comparison.instances.values()):
+        return NonInferiority(
+            False,
+            [
+                f"the {comparison.patients} patients' images hold no ground-truth box: mAP@0.4 is undefined "
+                "and nothing shows the candidate non-inferior; evaluate on a set with findings"
+            ],
+        )
     reasons = []
     overall = comparison.overall
     if overall.low < -margin:

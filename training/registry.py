@@ -11,6 +11,7 @@ alias). It lives in ``training`` because training writes the versions and sits b
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,28 @@ ONNX_ARTIFACT_DIR = "onnx"
 ONNX_FILE = "model.onnx"
 WEIGHTS_ARTIFACT = "weights/best.pt"
 MODEL_DESCRIPTION = "Chest X-ray finding detector (YOLO11, 14 VinDr-CXR classes), ONNX for Triton."
+#: MLflow's column for a model version's description (``model_versions.description``, VARCHAR(5000))
+DESCRIPTION_LIMIT = 5000
+TRUNCATION_NOTE = (
+    "\n\n... (cut to MLflow's 5000-character description limit: the full card is the run's "
+    "`model_card.md` artifact)\n"
+)
+
+
+def fit_description(card: str, keep_tail: str = "") -> str:
+    """``card`` + ``keep_tail`` within MLflow's limit on a version's description.
+
+    The full model card (operating points and subgroup tables included) runs past 5000 characters;
+    SQLite (the one-machine stack) stores it anyway, but the cluster's PostgreSQL refuses the write,
+    so a finished training would fail to register. The card is cut with a note pointing at the
+    run's ``model_card.md`` artifact; ``keep_tail`` (a section delivery records, read by a
+    reviewer) is kept whole and the card before it is cut instead.
+    """
+    if len(card) + len(keep_tail) <= DESCRIPTION_LIMIT:
+        return card + keep_tail
+    tail = keep_tail[: DESCRIPTION_LIMIT // 2]
+    room = DESCRIPTION_LIMIT - len(tail) - len(TRUNCATION_NOTE)
+    return card[:room].rstrip() + TRUNCATION_NOTE + tail
 
 
 class LineageTags(BaseModel):
@@ -130,7 +153,7 @@ class ModelRegistry:
                 source=f"{run.info.artifact_uri}/{ONNX_ARTIFACT_DIR}",
                 run_id=run_id,
                 tags={**tags.as_tags(), **(run_tags or {})},
-                description=model_card,
+                description=fit_description(model_card),
             )
         except MlflowException as exc:
             raise RegistryError(f"cannot register a version of {name} from run {run_id}: {exc}") from exc
@@ -149,9 +172,17 @@ class ModelRegistry:
     def _model_version(self, version: str) -> Any:
         from mlflow.exceptions import MlflowException
 
+        # MLflow answers a version that is not a number ("v3", "3.0", "") with INVALID_PARAMETER_VALUE,
+        # which below would read as "MLflow failed: is the stack up?", a RegistryUnreachable that
+        # callers take as licence to fall back on a cached model; it is the caller's typo instead.
+        if not re.fullmatch(r"[0-9]+", str(version).strip()):
+            raise RegistryError(
+                f"{self.model_name} version {str(version)!r} is not a version number: MLflow numbers "
+                "versions 1, 2, 3 ... (pass e.g. `--model-version 3`, not `v3`)"
+            )
         self._ensure_reachable(f"reading version {version}")
         try:
-            return self._client.get_model_version(self.model_name, str(version))
+            return self._client.get_model_version(self.model_name, str(version).strip())
         except MlflowException as exc:
             if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
                 raise RegistryError(
@@ -182,7 +213,7 @@ class ModelRegistry:
         if start >= 0:
             end = card.find("\n## ", start + len(heading))
             card = card[:start].rstrip() + ("\n\n" + card[end + 1 :] if end >= 0 else "")
-        card = f"{card.rstrip()}\n\n{heading}\n{body.strip()}\n"
+        card = fit_description(card.rstrip(), f"\n\n{heading}\n{body.strip()}\n")
         try:
             self._client.update_model_version(self.model_name, str(version), description=card)
             for key, value in tags.items():

@@ -302,3 +302,40 @@ def test_training_writes_them_beside_the_onnx_and_into_the_card(
             return []
 
     assert _operating_points(config, NoVal(), export) is None  # type: ignore[arg-type]
+
+
+class SecondOpinionOracle(NoisyOracle):
+    """Every true box's anchor also scores "Aortic enlargement" (class 0, never in the tiny dataset)
+    at 0.5: the gateway keeps only an anchor's best class (serving/inference/postprocess.py)."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        out = super().__call__(batch)
+        found = out[:, 5:, :].max(axis=1) >= 0.9  # the anchors holding a true box (classes 1..13)
+        out[:, 4, :] = np.where(found, 0.5, out[:, 4, :])
+        return out
+
+
+def test_operating_points_see_the_detections_the_gateway_serves_one_class_per_anchor(
+    dataset: DatasetRef,
+) -> None:
+    """The thresholds, calibration and drift reference are chosen on what the gateway would answer:
+    a runner-up class on an anchor is never served, so it must not count as a class-0 detection."""
+    from serving.inference.postprocess import to_detections
+    from training.evaluate import preprocess
+
+    cfg = EvalConfig(calibration="none")
+    ops = operating_points_on_split(SecondOpinionOracle(dataset, "val", 64), dataset, cfg, split="val")
+    served = 0
+    replay = SecondOpinionOracle(dataset, "val", 64)
+    for image in dataset.images("val"):
+        tensor, params = preprocess(image, 64)
+        raw = replay(tensor[None])[0]
+        answers = to_detections(
+            raw, params, tuple(CLASS_NAMES), conf_threshold=None, iou_threshold=cfg.nms_iou, max_det=300,
+            operating_points=ops,
+        )  # fmt: skip
+        served += sum(d.class_id == 0 for d in answers)
+    assert served == 0
+    assert ops.prediction_reference is not None
+    assert ops.prediction_reference.classes[0].detections == served  # was one per true box
+    assert next(c for c in ops.classes if c.class_id == 0).samples == 0  # nor calibrated on them

@@ -99,3 +99,56 @@ def test_models_evaluated_on_different_images_cannot_be_compared(
         paired_bootstrap(a, a[1:], patient_of)
     with pytest.raises(PairingError, match="no patient"):
         paired_bootstrap(a, a, {})
+
+
+def _rare_class_golden(
+    candidate_finds_common: bool, candidate_finds_rare: bool
+) -> tuple[list[ImageResult], list[ImageResult], dict[str, str]]:
+    """20 patients, one image each: class 0 on every image, class 1 on patient 0's image only.
+
+    The reference finds every box; the candidate finds the boxes the flags say.
+    """
+    candidate, reference, patient_of = [], [], {}
+    for p in range(20):
+        image = f"img{p}"
+        patient_of[image] = f"patient-{p}"
+        gt = np.array([0, 1]) if p == 0 else np.array([0])
+        reference.append(
+            ImageResult(image, np.ones(len(gt), bool), np.full(len(gt), 0.9), gt.astype(float), gt)
+        )
+        found = [candidate_finds_common] + ([candidate_finds_rare] if p == 0 else [])
+        candidate.append(ImageResult(image, np.array(found), np.full(len(gt), 0.9), gt.astype(float), gt))
+    return candidate, reference, patient_of
+
+
+def test_a_resample_without_a_class_does_not_count_as_no_difference_for_it() -> None:
+    """Every resample that holds the rare class shows the candidate missing it: its CI stays below 0."""
+    candidate, reference, patient_of = _rare_class_golden(
+        candidate_finds_common=True, candidate_finds_rare=False
+    )
+    comparison = paired_bootstrap(candidate, reference, patient_of, resamples=400, seed=0)
+    rare = comparison.per_class[1]
+    assert rare.diff < -0.9
+    assert rare.high < 0  # was 0.0: the ~36 % of resamples without patient 0 counted as "difference 0"
+
+
+def test_a_resample_s_map_averages_only_the_classes_it_holds() -> None:
+    """The candidate misses every common box (AP diff -1) and matches the rare one: a resample without
+    the rare class has an mAP difference of -1, not the -0.5 of averaging in an absent class."""
+    candidate, reference, patient_of = _rare_class_golden(
+        candidate_finds_common=False, candidate_finds_rare=True
+    )
+    comparison = paired_bootstrap(candidate, reference, patient_of, resamples=400, seed=0)
+    assert comparison.overall.diff == pytest.approx(-0.5, abs=0.01)
+    assert comparison.overall.low == pytest.approx(-1.0, abs=0.01)
+
+
+def test_a_set_without_any_box_cannot_show_non_inferiority() -> None:
+    """No ground truth: a 0.0 difference is no evidence; a candidate boxing every image must not pass."""
+    patient_of = {f"img{p}": f"patient-{p}" for p in range(10)}
+    none = np.zeros(0, dtype=int)
+    reference = [ImageResult(i, np.zeros(0, bool), np.zeros(0), np.zeros(0), none) for i in patient_of]
+    noisy = [ImageResult(i, np.zeros(1, bool), np.array([0.95]), np.array([3.0]), none) for i in patient_of]
+    comparison = paired_bootstrap(noisy, reference, patient_of, resamples=50, seed=0)
+    verdict = non_inferior(comparison, margin=0.05, min_instances=10)
+    assert not verdict.passed and "no ground-truth box" in verdict.reasons[0]
