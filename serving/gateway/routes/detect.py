@@ -70,12 +70,20 @@ async def detect(
     format: Annotated[Literal["json", "sr"], Query(description="json, or sr for a DICOM SR")] = "json",
     x_cxr_stage: Annotated[str | None, Header(description="operators: force a stage")] = None,
 ) -> Response:
+    """One radiograph's findings: the DESIGN.md JSON, or with ``format=sr`` its DICOM SR.
+
+    ``X-CXR-Result-ID`` names the stored result in either format. The SR body carries no
+    ``request_id``, and ``X-Request-ID`` is only the correlation id (the client's own when it
+    sent one), so without this header a ``format=sr`` caller could never address the result it
+    just made: not ``GET /v1/results/{id}``, its preview, nor feedback on it.
+    """
     forced = forced_stage(request, x_cxr_stage)
     [payload] = await image_payloads(request, state.settings.max_body_bytes)
     [reply] = await state.detector.detect([payload], conf=conf, forced=forced, tenant=principal.tenant)
     _annotate(request, reply)
     model = reply.outcome.model
     headers = {
+        "X-CXR-Result-ID": reply.record.request_id,
         "X-CXR-Stage": reply.outcome.stage,
         "X-CXR-Model-Version": model.version,
         "X-CXR-Model-Variant": model.variant,
@@ -84,6 +92,8 @@ async def detect(
         if reply.record.source_format != "dicom":
             raise Conflict("format=sr needs a DICOM input: an SR must reference a DICOM source image")
         body = await state.cpu.run(sr_bytes, payload, reply.record.response)
+        # the same document GET /v1/results/{id}/sr serves (RFC 9110 8.7: Content-Location)
+        headers["Content-Location"] = f"/v1/results/{reply.record.request_id}/sr"
         return Response(body, media_type="application/dicom", headers=headers)
     return JSONResponse(reply.record.response, headers=headers)
 

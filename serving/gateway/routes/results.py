@@ -20,6 +20,20 @@ from serving.inference.saliency import SaliencyService
 router = APIRouter(prefix="/v1/results", tags=["results"])
 
 PREVIEW_MAX_SIDE = 1024
+#: the VOI LUT functions of PS3.3 C.11.2.1.3 that :func:`data_pipeline.dicom_io.window` applies
+VOI_FUNCTIONS = frozenset({"LINEAR", "LINEAR_EXACT", "SIGMOID"})
+
+
+def voi_function(value: str) -> str:
+    """The VOILUTFunction to name in ``X-CXR-Window-Function``: one of :data:`VOI_FUNCTIONS`.
+
+    The value comes from the uploaded DICOM, so it is whatever a client wrote: a byte such as
+    0xB5 decodes to a character whose upper case is not Latin-1 (micro sign -> Greek capital
+    mu), and a header value that Latin-1 cannot encode made ``GET .../pixels`` a 500. Any other
+    value is named ``LINEAR``, which is what :func:`~data_pipeline.dicom_io.window` (the preview
+    and the model's input) applies for it, so the review page keeps drawing what the decoder shows.
+    """
+    return value if value in VOI_FUNCTIONS else "LINEAR"
 
 
 def render_preview(source: bytes) -> bytes:
@@ -56,7 +70,7 @@ def render_pixels(source: bytes) -> tuple[bytes, dict[str, str]]:
         "X-CXR-Value-Intercept": repr(lo),
         "X-CXR-Window-Center": repr(image.window.center),
         "X-CXR-Window-Width": repr(image.window.width),
-        "X-CXR-Window-Function": image.window.function,
+        "X-CXR-Window-Function": voi_function(image.window.function),
         "X-CXR-Invert": "1" if image.invert else "0",
     }
     return codes.tobytes(), headers

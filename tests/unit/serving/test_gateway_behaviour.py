@@ -135,6 +135,28 @@ def test_detect_with_format_sr_returns_a_tid1500_report_of_the_boxes(
     assert selected_from.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source_uid
 
 
+def test_detect_with_format_sr_names_the_result_it_stored_so_the_caller_can_address_it(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """The SR holds no request_id and X-Request-ID is the correlation id: the result had no name."""
+    headers = {"Authorization": f"Bearer {keys['pacs']}", "Content-Type": "application/dicom"}
+    r = onnx_client.post(
+        "/v1/detect?format=sr", content=make_dicom(seed=81), headers={**headers, "X-Request-ID": "corr-81"}
+    )
+    assert r.status_code == 200, r.text
+    rid = r.headers["X-CXR-Result-ID"]
+    assert rid != r.headers["X-Request-ID"] == "corr-81"
+    assert r.headers["Content-Location"] == f"/v1/results/{rid}/sr"
+    stored = onnx_client.get(f"/v1/results/{rid}", headers=headers)
+    assert stored.status_code == 200 and stored.json()["request_id"] == rid
+    again = onnx_client.get(r.headers["Content-Location"], headers=headers)
+    assert again.status_code == 200  # the same SR instance (its UIDs derive from the source and model)
+    uid = pydicom.dcmread(io.BytesIO(again.content)).SOPInstanceUID
+    assert uid == pydicom.dcmread(io.BytesIO(r.content)).SOPInstanceUID
+    as_json = onnx_client.post("/v1/detect", content=make_dicom(seed=82), headers=headers)
+    assert as_json.headers["X-CXR-Result-ID"] == as_json.json()["request_id"]
+
+
 def _sr_of(client: TestClient, keys: dict[str, str], ds: pydicom.Dataset) -> Any:
     """The SR the gateway builds for ``ds``: detected, then fetched from ``/v1/results/{id}/sr``."""
     buf = io.BytesIO()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset
 
 from data_pipeline.dicom_io import decode_bytes, window
@@ -79,3 +80,37 @@ def test_large_images_are_sent_at_most_1024_px_a_side() -> None:
     body, headers = render_pixels(_bytes(_dicom(_raw(shape=(2050, 1400)))))
     assert (int(headers["X-CXR-Rows"]), int(headers["X-CXR-Columns"])) == (1024, 699)
     assert len(body) == 1024 * 699 * 2
+
+
+def _voi_function(raw: bytes) -> bytes:
+    """A windowed DICOM whose VOILUTFunction holds ``raw``: bytes the client chose, not a defined term."""
+    ds = _dicom(_raw(), width=1000)
+    ds.add_new(0x00281056, "CS", raw.decode("latin-1"))
+    return _bytes(ds)
+
+
+@pytest.mark.parametrize("raw", [b"LIN\xb5", b"\xff", b"GAMMA"])
+def test_a_voi_function_that_is_no_defined_term_is_named_linear_as_the_decoder_applies_it(raw: bytes) -> None:
+    source = _voi_function(raw)
+    body, headers = render_pixels(source)
+    assert headers["X-CXR-Window-Function"] == "LINEAR"
+    for value in headers.values():
+        value.encode("latin-1")  # what an HTTP header can carry; raised for the upper-cased micro sign
+    np.testing.assert_allclose(_windowed(body, headers), decode_bytes(source, salt="s").pixels, atol=2e-4)
+
+
+def test_pixels_of_a_dicom_with_a_non_latin1_voi_function_are_served_not_a_500(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """'µ' (0xB5) upper-cases to a Greek capital that no HTTP header can carry: the route answered 500."""
+    detected = onnx_client.post(
+        "/v1/detect",
+        content=_voi_function(b"LIN\xb5"),
+        headers={"X-API-Key": keys["pacs"], "Content-Type": "application/dicom"},
+    )
+    assert detected.status_code == 200, detected.text
+    r = onnx_client.get(
+        f"/v1/results/{detected.json()['request_id']}/pixels", headers={"X-API-Key": keys["radiologist"]}
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["X-CXR-Window-Function"] == "LINEAR"

@@ -119,3 +119,27 @@ def test_an_idle_gateway_names_the_model_each_ready_stage_serves(tmp_path: Path)
             if value == 1.0
         }
     assert info == {"production": "7", "canary": "", "staging": ""}
+
+
+def test_readyz_503_carries_the_error_object_of_every_5xx_naming_the_stage_that_is_down(
+    tmp_path: Path,
+) -> None:
+    """DESIGN.md: every 4xx/5xx is the error object; /readyz's 503 had none."""
+    from serving.gateway.app import create_app
+
+    keys = tmp_path / "keys.json"
+    write_keys(keys)
+    settings = onnx_settings(
+        tmp_path / "unused.onnx", keys, tmp_path, routing_poll_s=0.0, serving_stages=["production", "canary"]
+    )
+    write_stage_files(settings.gitops_dir, production="7", canary="8", weight=10)
+    server = SwitchableServer(up={"production"})
+    with TestClient(create_app(settings, backend=server, use_store=False)) as client:
+        r = client.get("/readyz")
+    assert r.status_code == 503
+    body = r.json()
+    assert body["ready"] is False and body["stages"] == {"production": True, "canary": False}
+    assert set(body["error"]) == {"code", "message", "request_id"}
+    assert body["error"]["code"] == "not_ready" and "canary" in body["error"]["message"]
+    assert "production" not in body["error"]["message"]
+    assert body["error"]["request_id"] == r.headers["X-Request-ID"]
