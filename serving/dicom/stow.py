@@ -21,6 +21,7 @@ from pydicom.sequence import Sequence
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from data_pipeline.dicom_io import sniff_format
 from serving.dicom.headers import instance_uids
 from serving.errors import InvalidImage, InvalidRequest, ServingError, UnsupportedMediaType
 from serving.inference.cpu_pool import CpuPool
@@ -202,6 +203,12 @@ class StowService:
 
         async def one(data: bytes) -> tuple[StowOutcome, DetectionReply | None]:
             async with gate:
+                if sniff_format(data[:132]) in ("png", "jpeg"):
+                    # a part declared application/dicom holding a picture: the detector reads PNG and JPEG
+                    # (POST /v1/detect takes them), but a STOW-RS instance must be DICOM; stored, it was
+                    # reported as SOP Instance 0.0 with a RetrieveURL whose SR could never be built
+                    log.info("stow_instance_rejected code=not_dicom")
+                    return StowOutcome("", "", failure_reason=FAILURE_CANNOT_UNDERSTAND), None
                 sop_class, sop_uid, study_uid = await self.cpu.run(instance_uids, data)
                 if study and study_uid != study:  # an instance without a StudyInstanceUID is not of it
                     return StowOutcome(sop_class, sop_uid, failure_reason=FAILURE_NOT_SUPPORTED), None

@@ -177,6 +177,22 @@ def test_stow_into_a_study_checks_its_uid_and_refuses_instances_without_one(
     assert len(r.json()["00081199"]["Value"]) == 1
 
 
+def test_a_stow_part_holding_a_png_fails_alone_and_stores_no_result(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """The detector reads PNG (for /v1/detect); a STOW-RS instance must be DICOM (C000, nothing stored)."""
+    from tests.unit.serving.serving_support import stow_body
+
+    body, ctype = stow_body(make_png(), make_dicom(seed=15))
+    headers = {"Authorization": f"Bearer {keys['pacs']}", "Content-Type": ctype}
+    r = onnx_client.post("/dicomweb/studies", content=body, headers=headers)
+    assert r.status_code == 202, r.text
+    [failed] = r.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xC000]
+    [stored] = r.json()["00081199"]["Value"]
+    assert stored["00081190"]["Value"][0].endswith("/sr")
+
+
 def test_bad_query_parameters_get_422_json(onnx_client: TestClient, keys: dict[str, str]) -> None:
     r = onnx_client.post(
         "/v1/detect?conf=7",
