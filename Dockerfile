@@ -33,7 +33,10 @@ COPY --from=build /opt/venv /opt/venv
 COPY k8s/ /app/k8s/
 COPY training/configs/ /app/training/configs/
 WORKDIR /app
+# HOME=/tmp: every `cxr` command writes ~/ray_bootstrap_config.yaml first (core/offline.py), and
+# the pods run with a read-only root where only /tmp (an emptyDir, or compose's tmpfs) is writable.
 ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp \
     PYTHONUNBUFFERED=1 \
     YOLO_OFFLINE=1 \
     YOLO_CONFIG_DIR=/tmp/ultralytics \

@@ -1,0 +1,363 @@
+"""What k8s/, k8s/workflows and docker-compose.yaml run fits the code inside the project image.
+
+Each container of the project image is read the way it will start: the Dockerfile's ENTRYPOINT,
+ENV, WORKDIR and user, then the manifest's command, args, envFrom and env over them. The checks
+hold it against the code: every ``CXR_*`` variable is a settings field (or a CLI option's
+envvar) with a valid value, every command parses with the Typer app it names, servers listen
+where their Services and probes look, the folders the code writes at start-up are writable, and
+each client's MLflow Host header is one the server admits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+from unittest import mock
+from urllib.parse import urlsplit
+
+import pytest
+import typer
+import yaml
+from mlflow.server.security_utils import is_allowed_host_header
+from pydantic_settings import BaseSettings
+from typer.exceptions import TyperException
+
+from cxr.cli import app as cxr_app
+from data_pipeline.config import DataSettings
+from delivery.cli import app as delivery_app
+from delivery.cluster_fit.tree import Tree, load_tree, parse_manifest
+from serving.config import ServingSettings
+from stack.config import StackSettings
+from training.config import TrainSettings
+from workflows.config import WorkflowSettings
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[3]
+PROJECT_IMAGE = "ghcr.io/cxr-detect/cxr-detect:"
+SETTINGS: tuple[type[BaseSettings], ...] = (
+    ServingSettings,
+    DataSettings,
+    TrainSettings,
+    WorkflowSettings,
+    StackSettings,
+)
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass(frozen=True)
+class Image:
+    """What the Dockerfile's runtime stage gives every container of the project image."""
+
+    entrypoint: list[str]
+    env: dict[str, str]
+    workdir: str
+    home: str  # the passwd home of the image's user, HOME when nothing sets it
+
+
+@dataclass
+class Box:
+    """One project-image container as a deployment starts it."""
+
+    where: str
+    argv: list[str]
+    env: dict[str, str | None]  # None: from a Secret or the downward API (a value only at run time)
+    read_only: bool
+    writable: list[str]  # mount paths of writable volumes (emptyDir, PVC, tmpfs, named volume)
+    ports: dict[str, int] = field(default_factory=dict)
+    probe_ports: set[str | int] = field(default_factory=set)
+
+    def runs_project_code(self) -> bool:
+        return self.argv[:1] == ["cxr"] or self.argv[:2] == ["python", "-m"]
+
+
+def read_image() -> Image:
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    runtime = text.split(" AS runtime", 1)[1]
+    env: dict[str, str] = {}
+    for line in re.findall(r"^ENV (.+)$", runtime, flags=re.M):
+        env.update(dict(part.split("=", 1) for part in shlex.split(line)))
+    entrypoint = yaml.safe_load(re.findall(r"^ENTRYPOINT (.+)$", runtime, flags=re.M)[-1])
+    workdir = re.findall(r"^WORKDIR (\S+)$", runtime, flags=re.M)[-1]
+    user = re.search(r"useradd [^&\n]*--create-home[^&\n]*?\s(\w+)\s*$", runtime, flags=re.M)
+    assert user, "the runtime stage creates its user with a home"
+    return Image(entrypoint, env, workdir, f"/home/{user.group(1)}")
+
+
+def _k8s_boxes(tree: Tree, image: Image) -> Iterator[Box]:
+    config_maps = {o.name: o.doc.get("data", {}) for o in tree.of_kind("ConfigMap")}
+    secrets = {
+        str(o.doc["spec"]["target"]["name"]): [d["secretKey"] for d in o.doc["spec"].get("data", [])]
+        for o in tree.of_kind("ExternalSecret")
+    }
+    for pod in tree.pods:
+        volumes = {v["name"]: v for v in pod.spec.get("volumes", [])}
+        for c in pod.containers():
+            if not str(c.get("image", "")).startswith(PROJECT_IMAGE):
+                continue
+            env: dict[str, str | None] = dict(image.env)
+            for src in c.get("envFrom", []):
+                if "configMapRef" in src:
+                    env.update(config_maps.get(src["configMapRef"]["name"], {}))
+                if "secretRef" in src:
+                    env.update(dict.fromkeys(secrets.get(src["secretRef"]["name"], [])))
+            for e in c.get("env", []):
+                env[e["name"]] = e.get("value") if "valueFrom" not in e else None
+            argv = [*c["command"], *c.get("args", [])] if "command" in c else [*image.entrypoint]
+            if "command" not in c:
+                argv += c.get("args", [])
+            if " RayJob " in pod.owner and "command" not in c:
+                argv = ["ray", "start"]  # KubeRay gives the Ray pods their command
+            writable = [
+                m["mountPath"]
+                for m in c.get("volumeMounts", [])
+                if not m.get("readOnly")
+                and any(k in volumes.get(m["name"], {}) for k in ("emptyDir", "persistentVolumeClaim"))
+            ]
+            probes = [
+                c.get(p, {}).get("httpGet", {}) for p in ("startupProbe", "livenessProbe", "readinessProbe")
+            ]
+            yield Box(
+                f"{pod.owner} container {c.get('name', '?')}",
+                [str(a) for a in argv],
+                env,
+                bool((c.get("securityContext") or {}).get("readOnlyRootFilesystem")),
+                writable,
+                {p.get("name", str(p["containerPort"])): int(p["containerPort"]) for p in c.get("ports", [])},
+                {p["port"] for p in probes if p},
+            )
+
+
+def _compose_boxes(image: Image) -> Iterator[Box]:
+    compose = yaml.safe_load((REPO / "docker-compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        if not str(service.get("image", "")).startswith(PROJECT_IMAGE):
+            continue
+        argv = [*(service.get("entrypoint") or image.entrypoint), *service.get("command", [])]
+        env: dict[str, str | None] = {
+            **image.env,
+            **{k: str(v) for k, v in service.get("environment", {}).items()},
+        }
+        writable = [*service.get("tmpfs", [])]
+        writable += [v.split(":")[1] for v in service.get("volumes", []) if not v.endswith(":ro")]
+        yield Box(f"docker-compose.yaml service {name}", argv, env, bool(service.get("read_only")), writable)
+
+
+@pytest.fixture(scope="module")
+def image() -> Image:
+    return read_image()
+
+
+@pytest.fixture(scope="module")
+def tree() -> Tree:
+    return load_tree(REPO)
+
+
+@pytest.fixture(scope="module")
+def boxes(tree: Tree, image: Image) -> list[Box]:
+    found = [*_k8s_boxes(tree, image), *_compose_boxes(image)]
+    assert len(found) >= 20, [b.where for b in found]
+    return found
+
+
+def _command(argv: list[str]) -> tuple[Any, list[str]] | None:
+    """The Click command an argv runs, with the arguments left for it; None for a foreign program."""
+    if argv[:1] == ["cxr"]:
+        group, rest = typer.main.get_command(cxr_app), argv[1:]
+    elif argv[:3] == ["python", "-m", "delivery"]:
+        group, rest = typer.main.get_command(delivery_app), argv[3:]
+    elif argv[:2] == ["python", "-m"]:
+        pytest.fail(f"no Typer app known for `python -m {argv[2]}`: add it to _command")
+    else:
+        return None
+    cmd: Any = group  # Typer's own Click: a group has .commands
+    while hasattr(cmd, "commands"):
+        sub = cmd.commands.get(rest[0]) if rest else None
+        assert sub is not None, f"`{' '.join(argv)}`: no command {rest[:1]} under {cmd.name}"
+        cmd, rest = sub, rest[1:]
+    return cmd, rest
+
+
+def _parse(argv: list[str], env: dict[str, str | None]) -> dict[str, Any] | None:
+    found = _command(argv)
+    if found is None:
+        return None
+    cmd, rest = found
+    # what kubelet and Argo substitute before the process starts
+    rest = [re.sub(r"\$\((\w+)\)", lambda m: str(env.get(m.group(1)) or "staging"), a) for a in rest]
+    rest = [re.sub(r"\{\{[^}]*\}\}", "1", a) for a in rest]
+    return cmd.make_context(cmd.name, rest).params
+
+
+def _cli_envvars() -> set[str]:
+    names: set[str] = set()
+
+    def walk(cmd: Any) -> None:
+        for param in cmd.params:
+            envvar = getattr(param, "envvar", None)
+            names.update([envvar] if isinstance(envvar, str) else envvar or [])
+        if hasattr(cmd, "commands"):
+            for sub in cmd.commands.values():
+                walk(sub)
+
+    walk(typer.main.get_command(cxr_app))
+    return names
+
+
+def _setting_names() -> set[str]:
+    return {f"CXR_{name.upper()}" for cls in SETTINGS for name in cls.model_fields}
+
+
+def _cxr_env(box: Box) -> dict[str, str]:
+    """The box's CXR_* values as settings would read them (run-time values as a stand-in)."""
+    out = {}
+    for key, value in box.env.items():
+        if key.startswith("CXR_"):
+            out[key] = "run-time-value" if value is None else re.sub(r"\{\{[^}]*\}\}", "1", value)
+    return out
+
+
+def test_every_cxr_variable_a_deployment_sets_is_read_by_the_code(boxes: list[Box]) -> None:
+    """A name no settings class (or CLI option) reads is silently ignored: a typo looks configured."""
+    known = _setting_names() | _cli_envvars()
+    problems = []
+    for box in boxes:
+        for key in _cxr_env(box):
+            substituted = any(f"$({key})" in a for a in box.argv)  # kubelet expands it in the command
+            if key not in known and not substituted:
+                problems.append(f"{box.where}: {key} is read by no settings class or CLI option")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_cxr_value_a_deployment_sets_is_valid_for_every_settings_class(boxes: list[Box]) -> None:
+    problems = []
+    for box in boxes:
+        env = _cxr_env(box)
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+        with mock.patch.dict(os.environ, {**clean, **env}, clear=True):
+            for cls in SETTINGS:
+                try:
+                    cls()
+                except ValueError as exc:
+                    problems.append(f"{box.where}: {cls.__name__}: {exc}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_project_command_parses_with_the_typer_app_it_names(boxes: list[Box]) -> None:
+    parsed = 0
+    for box in boxes:
+        if box.runs_project_code():
+            try:
+                _parse(box.argv, box.env)
+            except TyperException as exc:
+                pytest.fail(f"{box.where}: `{' '.join(box.argv)}`: {exc.format_message()}")
+            parsed += 1
+    assert parsed >= 15
+
+
+def test_the_gateway_listens_where_its_service_and_probes_look_not_on_loopback(boxes: list[Box]) -> None:
+    """``cxr serve`` binds 127.0.0.1 unless told otherwise; probes and the Service reach the pod IP."""
+    gateways = [b for b in boxes if b.argv[:2] == ["cxr", "serve"]]
+    assert {b.where.split()[0] for b in gateways} >= {
+        "Deployment/cxr-gateway-production",
+        "docker-compose.yaml",
+    }
+    for box in gateways:
+        params = _parse(box.argv, box.env)
+        assert params is not None
+        assert params["host"] not in LOOPBACK, f"{box.where}: `{' '.join(box.argv)}` binds {params['host']}"
+        if box.ports:  # a pod: its named port, and every probe through it, is where uvicorn listens
+            assert box.ports.get("http") == params["port"], (box.where, box.ports, params["port"])
+            assert box.probe_ports <= {"http", params["port"]}, (box.where, box.probe_ports)
+
+
+def _under(path: str, mounts: list[str]) -> bool:
+    p = PurePosixPath(path)
+    return any(p == PurePosixPath(m) or PurePosixPath(m) in p.parents for m in mounts)
+
+
+def test_what_the_code_writes_at_start_lies_on_a_writable_volume_under_a_read_only_root(
+    boxes: list[Box], image: Image
+) -> None:
+    """Every ``cxr`` command prepares CXR_STACK_DIR, YOLO_CONFIG_DIR and a marker in HOME first
+    (core/offline.py): on a read-only root each must be on a mounted volume or the pod crashes."""
+    problems = []
+    checked = 0
+    for box in boxes:
+        if not (box.read_only and box.runs_project_code()):
+            continue
+        checked += 1
+        stack_dir = str(box.env.get("CXR_STACK_DIR") or ".stack")
+        wanted = {
+            "CXR_STACK_DIR": str(PurePosixPath(image.workdir) / stack_dir),
+            "HOME": str(box.env.get("HOME") or image.home),
+            "YOLO_CONFIG_DIR": str(box.env.get("YOLO_CONFIG_DIR") or PurePosixPath(stack_dir) / "yolo"),
+        }
+        problems += [
+            f"{box.where}: {name}={path} is on the read-only root (writable: {box.writable})"
+            for name, path in wanted.items()
+            if not _under(path, box.writable)
+        ]
+    assert checked >= 10
+    assert not problems, "\n".join(problems)
+
+
+def test_a_container_given_the_object_store_address_is_given_its_keys(boxes: list[Box]) -> None:
+    """Without CXR_S3_ACCESS_KEY/_SECRET_KEY the store client falls back to the stack's
+    credentials.json, which no pod has: every read (a golden set, a dataset) is refused."""
+    problems = [
+        f"{box.where}: CXR_S3_ENDPOINT without {key}"
+        for box in boxes
+        if "CXR_S3_ENDPOINT" in box.env and box.runs_project_code()
+        for key in ("CXR_S3_ACCESS_KEY", "CXR_S3_SECRET_KEY")
+        if key not in box.env
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def _mlflow_allowed_hosts(argv: list[str]) -> list[str]:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--allowed-hosts"):
+            value = arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
+            return [h.strip() for h in value.split(",")]
+    return []
+
+
+def _host_header(url: str) -> str:
+    """The Host header an HTTP client sends for ``url`` (the port unless it is the scheme's default)."""
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}[parts.scheme]
+    host = str(parts.hostname)
+    return host if parts.port in (None, default) else f"{host}:{parts.port}"
+
+
+@pytest.mark.parametrize("deployment", ["k8s", "docker-compose.yaml"])
+def test_mlflow_admits_the_host_header_of_every_client(
+    boxes: list[Box], tree: Tree, image: Image, deployment: str
+) -> None:
+    """MLflow answers 403 to a Host header --allowed-hosts does not list; a header carries the port."""
+    mine = [b for b in boxes if b.where.startswith("docker-compose.yaml") == (deployment != "k8s")]
+    servers = [b for b in mine if b.argv[:2] == ["mlflow", "server"]]
+    assert len(servers) == 1, [b.where for b in servers]
+    allowed = _mlflow_allowed_hosts(servers[0].argv)
+    assert allowed, f"{servers[0].where}: no --allowed-hosts (MLflow then admits only localhost)"
+    urls = {str(b.env["CXR_MLFLOW_URI"]) for b in mine if b.env.get("CXR_MLFLOW_URI")}
+    if deployment == "k8s":
+        urls.add(WorkflowSettings().cluster_mlflow_uri)
+        for obj in tree.of_kind("WorkflowTemplate"):  # the RayJob's pods
+            for template in obj.doc["spec"]["templates"]:
+                if "resource" in template:
+                    text = yaml.safe_dump(parse_manifest(template["resource"]["manifest"]))
+                    urls.update(re.findall(r"value: (http://mlflow[^\s'\"]*)", text))
+    assert len(urls) >= 1
+    refused = [
+        f"{url} (Host: {_host_header(url)})"
+        for url in sorted(urls)
+        if not is_allowed_host_header(allowed, _host_header(url))
+    ]
+    assert not refused, f"{servers[0].where} --allowed-hosts={','.join(allowed)} refuses {refused}"
