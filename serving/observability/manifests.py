@@ -23,6 +23,7 @@ COMMON_LABELS = {"app.kubernetes.io/part-of": "cxr-detect", "release": "kube-pro
 #: Labels the delivery manifests (k8s/base) put on the Services to be scraped.
 GATEWAY_SELECTOR = {"app.kubernetes.io/name": "cxr-gateway"}
 TRITON_SELECTOR = {"app.kubernetes.io/name": "triton"}
+MLFLOW_EXPORTER_SELECTOR = {"app.kubernetes.io/name": "mlflow-exporter"}
 #: Service label carrying the stage of a Triton; copied into the ``stage`` label of its series.
 STAGE_SERVICE_LABEL = "cxr.io/stage"
 
@@ -55,7 +56,7 @@ def _sanitize(label: str) -> str:
 
 
 def service_monitors() -> list[dict[str, Any]]:
-    """One ServiceMonitor for the gateway(s) and one for the Triton servers of all stages."""
+    """ServiceMonitors: the gateway(s), the Triton servers of all stages, the MLflow exporter."""
     gateway = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
@@ -92,7 +93,20 @@ def service_monitors() -> list[dict[str, Any]]:
             ],
         },
     }
-    return [gateway, triton]
+    # training runs and registry versions (k8s/base/mlflow/exporter.yaml): the training alerts,
+    # CxrProductionModelStale and the training dashboard read these series
+    mlflow_exporter = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {"name": "cxr-mlflow-exporter", "labels": dict(COMMON_LABELS)},
+        "spec": {
+            "selector": {"matchLabels": dict(MLFLOW_EXPORTER_SELECTOR)},
+            "namespaceSelector": {"any": True},
+            # each scrape reads MLflow (runs, versions); its series change per run, not per second
+            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "60s"}],
+        },
+    }
+    return [gateway, triton, mlflow_exporter]
 
 
 def kustomization(rule_names: list[str]) -> dict[str, Any]:

@@ -361,3 +361,30 @@ def test_mlflow_admits_the_host_header_of_every_client(
         if not is_allowed_host_header(allowed, _host_header(url))
     ]
     assert not refused, f"{servers[0].where} --allowed-hosts={','.join(allowed)} refuses {refused}"
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_the_series_the_alerts_read_from_the_mlflow_exporter_are_scraped_in_the_cluster(tree: Tree) -> None:
+    """CxrProductionModelStale and the training alerts read cxr_registry_* / cxr_training_*, which only
+    `cxr observability mlflow-exporter` exports: the local stack ran it, the cluster did not."""
+    rules = (REPO / "k8s/monitoring/rules/cxr-alerts.yaml").read_text()
+    assert re.search(r"\bcxr_(registry|training)_\w+", rules), "the rules read the exporter's series"
+    services = tree.of_kind("Service")
+    scraped: list[list[str]] = []
+    for monitor in tree.of_kind("ServiceMonitor"):
+        selector = monitor.doc["spec"]["selector"].get("matchLabels", {})
+        ports = {e["port"] for e in monitor.doc["spec"]["endpoints"]}
+        for service in services:
+            if not _selects(selector, service.doc["metadata"].get("labels", {})):
+                continue
+            if not ports & {p.get("name") for p in service.doc["spec"]["ports"]}:
+                continue
+            for pod in tree.pods:
+                if _selects(service.doc["spec"].get("selector", {}), pod.labels):
+                    scraped += [[*c.get("command", []), *c.get("args", [])] for c in pod.containers()]
+    assert any("mlflow-exporter" in argv for argv in scraped), (
+        "no ServiceMonitor scrapes a pod running `cxr observability mlflow-exporter`"
+    )

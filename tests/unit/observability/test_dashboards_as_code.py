@@ -85,7 +85,7 @@ def test_kustomize_builds_sidecar_configmaps_for_every_dashboard() -> None:
     assert out.returncode == 0, out.stderr
     docs = list(yaml.safe_load_all(out.stdout))
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds.count("PrometheusRule") == 2 and kinds.count("ServiceMonitor") == 2
+    assert kinds.count("PrometheusRule") == 2 and kinds.count("ServiceMonitor") == 3
     configmaps = [d for d in docs if d["kind"] == "ConfigMap"]
     assert {cm["metadata"]["name"] for cm in configmaps} == {f"{uid}-dashboard" for uid in REQUIRED}
     for cm in configmaps:
