@@ -16,7 +16,18 @@ RAW_IMAGE_TYPES = ("application/dicom", "image/png", "image/jpeg", "image/jpg", 
 
 
 async def read_body(request: Request, limit: int, setting: str = "CXR_MAX_BODY_BYTES") -> bytes:
-    """The whole body, refused with 413 past ``limit`` bytes; ``setting`` names the knob that sets it."""
+    """The whole body, refused with 413 past ``limit`` bytes; ``setting`` names the knob that sets it.
+
+    A compressed body (``Content-Encoding: gzip``, ...) is refused with 415 (RFC 9110 15.5.16)
+    naming the encoding: it was read as the image itself and refused as unrecognised content, a
+    message that sent the client looking at the file. Not inflated here: a body that inflates past
+    every limit after they were checked is the bomb the guarded reader exists to stop.
+    """
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding '{encoding[:32]}' is not accepted: send the body uncompressed"
+        )
     declared = request.headers.get("content-length")
     if declared is not None:
         try:

@@ -193,6 +193,25 @@ def test_a_stow_part_holding_a_png_fails_alone_and_stores_no_result(
     assert stored["00081190"]["Value"][0].endswith("/sr")
 
 
+def test_a_compressed_body_is_refused_naming_its_encoding(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """It was read as the image and refused as unrecognised content, which said nothing of gzip."""
+    import gzip
+
+    r = onnx_client.post(
+        "/v1/detect",
+        content=gzip.compress(make_dicom()),
+        headers={
+            "Authorization": f"Bearer {keys['pacs']}",
+            "Content-Type": "application/dicom",
+            "Content-Encoding": "gzip",
+        },
+    )
+    assert r.status_code == 415, r.text
+    assert "Content-Encoding 'gzip'" in r.json()["error"]["message"]
+
+
 def test_bad_query_parameters_get_422_json(onnx_client: TestClient, keys: dict[str, str]) -> None:
     r = onnx_client.post(
         "/v1/detect?conf=7",
