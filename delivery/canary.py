@@ -56,10 +56,18 @@ def build_queries(window: str) -> dict[str, str]:
     c_dpi, p_dpi = _detections_per_image(c, window), _detections_per_image(p, window)
     c_5xx = _sum_increase("cxr_gateway_requests_total", f'stage="{c}",status=~"5.."', window)
     p_5xx = _sum_increase("cxr_gateway_requests_total", f'stage="{p}",status=~"5.."', window)
+    # A request routed to a canary that cannot answer is served by production (the gateway's
+    # fallback) and counted there; only cxr_gateway_rejected_total{reason="stage_unavailable"}
+    # remembers the canary. Counted as the canary's requests and errors: without it a canary that
+    # is down had no traffic of its own, was judged "inconclusive" at every step, and was never
+    # rolled back.
+    c_down = _sum_increase("cxr_gateway_rejected_total", f'stage="{c}",reason="stage_unavailable"', window)
+    c_served = _sum_increase("cxr_gateway_requests_total", f'stage="{c}"', window)
+    c_requests = f"({c_served} + {c_down})"
     return {
-        "canary-requests": f'sum(increase(cxr_gateway_requests_total{{stage="{c}"}}[{window}]))',
+        "canary-requests": c_requests,
         "production-requests": f'sum(increase(cxr_gateway_requests_total{{stage="{p}"}}[{window}]))',
-        "error-rate": (f'{c_5xx} / sum(increase(cxr_gateway_requests_total{{stage="{c}"}}[{window}]))'),
+        "error-rate": f"({c_5xx} + {c_down}) / {c_requests}",
         "production-error-rate": (
             f'{p_5xx} / sum(increase(cxr_gateway_requests_total{{stage="{p}"}}[{window}]))'
         ),

@@ -37,6 +37,7 @@ class Behaviour:
     detections: int = 2
     confidence: float = 0.6
     latency_s: float = 0.05
+    down: bool = False  # the gateway falls back to production and counts the canary unavailable
 
 
 class FakeGatewayTraffic:
@@ -52,6 +53,7 @@ class FakeGatewayTraffic:
         self.images = Counter("cxr_images_processed", "", ["stage", "model_version"], registry=r)
         self.detections = Counter("cxr_detections", "", ["stage", "model_version", "class_name"], registry=r)
         self.confidence = Histogram("cxr_detection_confidence", "", ["stage"], registry=r)
+        self.rejected = Counter("cxr_gateway_rejected", "", ["stage", "reason"], registry=r)
         self.behaviours = {"production": Behaviour(), "canary": canary}
         self.port = free_port()
         self.server, self.thread = start_http_server(self.port, addr="127.0.0.1", registry=r)
@@ -61,6 +63,9 @@ class FakeGatewayTraffic:
 
     def _one(self, stage: str) -> None:
         b = self.behaviours[stage]
+        if b.down:  # as DetectionService._run_stage: counted unavailable, served by production
+            self.rejected.labels(stage, "stage_unavailable").inc()
+            stage, b = "production", self.behaviours["production"]
         version = "2" if stage == "canary" else "1"
         self.requests.labels("/v1/detect", "200", stage).inc()
         self.duration.labels("/v1/detect", stage).observe(b.latency_s)
@@ -82,7 +87,7 @@ class FakeGatewayTraffic:
 
 def wait_for_samples(url: str, minimum: int, timeout_s: float = 60.0) -> None:
     """Poll Prometheus until the window holds enough scrapes for rate() (no fixed sleep)."""
-    query = 'count_over_time(cxr_gateway_requests_total{stage="canary"}[30s])'
+    query = 'count_over_time(cxr_gateway_requests_total{stage="production"}[30s])'
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         result = httpx.get(f"{url}/api/v1/query", params={"query": query}, timeout=5).json()["data"]["result"]
@@ -98,6 +103,7 @@ def scenarios(prometheus_factory: Any) -> Iterator[dict[str, Any]]:
         "healthy": Behaviour(detections=2, confidence=0.62, latency_s=0.05),
         "blind": Behaviour(detections=0),
         "slow": Behaviour(latency_s=2.0),
+        "down": Behaviour(down=True),
     }
     traffic = {name: FakeGatewayTraffic(b) for name, b in canaries.items()}
     servers = {name: prometheus_factory([f"127.0.0.1:{t.port}"]) for name, t in traffic.items()}
@@ -131,6 +137,17 @@ def test_slow_canary_fails_on_p95_latency_ratio(scenarios: dict[str, str]) -> No
     assert result.verdict == "fail"
     ratio = next(c for c in result.checks if c.name == "p95 latency canary/production")
     assert ratio.value is not None and ratio.value > 10
+
+
+def test_a_canary_that_is_down_fails_instead_of_waiting_inconclusive_for_ever(
+    scenarios: dict[str, str],
+) -> None:
+    """Its requests were served by production and counted there: it had no traffic of its own."""
+    result = analyze(scenarios["down"], POLICY)
+    assert result.verdict == "fail", result.lines()
+    assert result.canary_requests >= POLICY.min_requests
+    checks = {c.name: c for c in result.checks}
+    assert checks["5xx rate"].value == pytest.approx(1.0) and checks["5xx rate"].passed is False
 
 
 def test_too_much_required_traffic_is_inconclusive(scenarios: dict[str, str]) -> None:
