@@ -26,7 +26,7 @@ from serving.contract import Detection
 from serving.errors import InputLimitExceeded, InvalidImage, Overloaded, UnsupportedMediaType
 from serving.inference.backend import InferenceBackend, ServedModel
 from serving.inference.cpu_pool import CpuPool
-from serving.inference.postprocess import to_detections
+from serving.inference.postprocess import finite_class_scores, to_detections
 from serving.inference.preprocess import PreparedImage, prepare, stack
 from serving.metrics import GatewayMetrics
 
@@ -164,6 +164,7 @@ class Pipeline:
         A version without operating points keeps the global CXR_CONF_THRESHOLD and raw scores. The
         triage score (:func:`core.triage.head_image_score`) looks at every candidate, whatever
         threshold drops boxes from the answer, and is calibrated like the confidences returned.
+        Anchors with a non-finite value are left out of both (an fp16 engine can overflow).
         """
         start = time.perf_counter()
         ops = model.operating_points
@@ -181,7 +182,8 @@ class Pipeline:
             )
             for i, up in enumerate(uploads)
         ]
-        scores = [head_image_score(outputs[i][4:], ops) for i in range(len(uploads))]
+        # non-finite anchors count for the triage no more than for the boxes (postprocess.finite_anchors)
+        scores = [head_image_score(finite_class_scores(outputs[i]), ops) for i in range(len(uploads))]
         return result, scores, (time.perf_counter() - start) * 1000
 
     async def infer(

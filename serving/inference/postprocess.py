@@ -23,6 +23,25 @@ from serving.contract import Detection
 MAX_NMS_CANDIDATES = 30000
 
 
+def finite_anchors(pred: np.ndarray) -> np.ndarray:
+    """(A,) bool: the anchors of a (4+nc, A) head output whose box and class scores are all finite.
+
+    An fp16 engine (the ``fp16-trt`` variant) or a broken export can overflow to inf or NaN. Such an
+    anchor is not a candidate at all: a NaN box would reach the JSON answer (which then fails to
+    render), an inf width becomes a box over the whole image, and an inf score is no confidence.
+    """
+    return np.asarray(np.isfinite(pred).all(axis=0))
+
+
+def finite_class_scores(pred: np.ndarray) -> np.ndarray:
+    """The class scores (nc, A) of a head output, 0 for every anchor :func:`finite_anchors` refuses.
+
+    What the triage score (``core.triage.head_image_score``) must read, so it never ranks a study by
+    an anchor that NMS dropped as non-finite.
+    """
+    return np.where(finite_anchors(pred), pred[4:], np.float32(0.0))
+
+
 def nms_one(
     pred: np.ndarray,
     conf_threshold: float | np.ndarray,
@@ -32,6 +51,8 @@ def nms_one(
     calibrated_by: OperatingPoints | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(4+nc, A) output of one image -> (boxes xyxy in model input px, raw confidences, class ids).
+
+    Anchors with a non-finite box or score are never candidates (:func:`finite_anchors`).
 
     ``conf_threshold``: one threshold (kept when the score is above it), or one per class id
     (kept when the raw score is at least its class's, the operating points' rule). With
@@ -49,6 +70,7 @@ def nms_one(
         keep = calibrated_by.calibrate(conf, cls) > conf_threshold
     else:
         keep = conf > conf_threshold
+    keep &= finite_anchors(pred)  # an inf score passes any threshold: refuse it explicitly
     if not keep.any():
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
     xywh = pred[:4, keep].T

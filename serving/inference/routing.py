@@ -71,6 +71,16 @@ def bucket_of(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % 100
 
 
+def unit_of(key: str) -> float:
+    """A point in [0, 1), stable like :func:`bucket_of` but not rounded to whole percent.
+
+    The shadow share is a fraction (``CXR_SHADOW_FRACTION``), not a percent: compared with a
+    bucket it was rounded to whole percent (half to even), so 0.004 shadowed nothing at all and
+    0.025 shadowed 2 %.
+    """
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
 @dataclass(frozen=True)
 class _Unreadable:
     """A stage file that could not be read, by its error: the same error is the same stamp."""
@@ -157,6 +167,6 @@ class Router:
         shadow = (
             self.shadow_fraction > 0
             and bool(self.table.version("staging"))
-            and bucket_of("shadow:" + sticky_key) < round(self.shadow_fraction * 100)
+            and unit_of("shadow:" + sticky_key) < self.shadow_fraction
         )
         return RouteDecision(stage=stage, shadow=shadow, reason=f"bucket={bucket} weight={weight}")

@@ -93,6 +93,43 @@ def test_drift_score_is_exported_once_the_window_is_full(
     assert float(line.split()[-1]) > 0.1
 
 
+def test_input_drift_of_images_like_the_training_data_stays_below_the_alert_level() -> None:
+    """The window holds intensities only: the dataset's class frequencies must not be scored against it."""
+    import numpy as np
+
+    from serving.inference.drift import DriftMonitor
+
+    rng = np.random.default_rng(0)
+    n = 400
+    reference = build_reference(
+        intensity_means=rng.normal(0.5, 0.05, n).clip(0, 1).tolist(),
+        intensity_stds=rng.normal(0.2, 0.02, n).clip(0, 0.5).tolist(),
+        widths=[1024] * n,
+        heights=[1024] * n,
+        class_ids=rng.integers(0, 14, 300).tolist(),  # a dataset with findings, as every real one has
+        boxes_norm=np.tile([[0.1, 0.1, 0.3, 0.3]], (300, 1)),
+        pixel_histogram=[1] * 64,
+        n_images=n,
+    )
+
+    def scores(mean: float) -> list[float]:
+        seen: list[float] = []
+        monitor = DriftMonitor(
+            window=200,
+            min_samples=50,
+            on_score=lambda _stage, score: seen.append(score),
+            reference_loader=lambda _version: reference,
+        )
+        for m, s in zip(rng.normal(mean, 0.05, 200), rng.normal(0.2, 0.02, 200), strict=True):
+            monitor.observe(
+                "production", mean=float(m), std=float(s), width=1024, height=1024, dataset_version="d"
+            )
+        return seen
+
+    assert scores(0.5) and max(scores(0.5)) < 0.25  # the same distribution: was 5.8 on every window
+    assert min(scores(0.8)) > 0.25  # darker images still drift
+
+
 def test_audit_log_has_one_line_per_request_and_no_phi(onnx_client: TestClient, keys: dict[str, str]) -> None:
     source = make_dicom(seed=42)
     ds = pydicom.dcmread(io.BytesIO(source))

@@ -58,6 +58,17 @@ def test_shadow_fraction_applies_only_when_staging_serves(tmp_path: Path) -> Non
     assert abs(share - 0.25) < 0.03
 
 
+@pytest.mark.parametrize("fraction", [0.004, 0.025])
+def test_shadow_share_is_the_configured_fraction_not_a_rounded_percent(
+    tmp_path: Path, fraction: float
+) -> None:
+    write_stage_files(tmp_path, production="3", staging="5")
+    router = _router(tmp_path, shadow_fraction=fraction)
+    n = 40_000
+    share = sum(router.decide(f"s{i}").shadow for i in range(n)) / n
+    assert share == pytest.approx(fraction, rel=0.15)  # was 0 and 0.02
+
+
 def test_routing_file_change_is_picked_up_without_restart(tmp_path: Path) -> None:
     write_stage_files(tmp_path, production="3", canary="4", weight=0)
     router = _router(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -113,3 +114,40 @@ def test_head_score_equals_the_best_calibrated_box_after_nms_at_the_floor(seed: 
     )
     assert boxes
     assert head_image_score(pred[4:], ops) == pytest.approx(max(d.confidence for d in boxes), abs=1e-6)
+
+
+def _non_finite_head() -> np.ndarray:
+    """A real 0.95 finding (anchor 0) beside anchors an overflowing fp16 engine could emit."""
+    pred = _head({0: [(3, 0.95)], 1: [(3, np.inf)], 2: [(5, 0.8)], 3: [(6, 0.7)]})
+    pred[0, 2] = np.nan  # a NaN box with a plausible score
+    pred[2, 3] = np.inf  # an infinitely wide box
+    return pred
+
+
+def test_a_non_finite_model_output_never_reaches_the_answer() -> None:
+    import json
+
+    kept = to_detections(
+        _non_finite_head(), PARAMS, CLASS_NAMES, conf_threshold=0.25, iou_threshold=0.7, max_det=300
+    )
+    assert [(d.class_id, round(d.confidence, 2)) for d in kept] == [(3, 0.95)]
+    assert all(np.isfinite(d.box).all() for d in kept)
+    json.dumps([d.to_json() for d in kept], allow_nan=False)  # what the JSON response needs
+
+
+def test_a_non_finite_anchor_does_not_hide_its_classs_real_finding_from_the_triage(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from serving.contract import ModelContract
+    from serving.inference.backend import ServedModel
+    from serving.inference.pipeline import Pipeline
+    from tests.unit.serving.serving_support import onnx_settings
+
+    settings = onnx_settings(tmp_path / "unused.onnx", tmp_path / "keys.json", tmp_path, conf_threshold=0.25)
+    pipeline = Pipeline(settings, backend=None, metrics=None, cpu=None)  # type: ignore[arg-type]
+    upload = SimpleNamespace(prepared=SimpleNamespace(params=PARAMS, source_size=(128, 128)))
+    model = ServedModel(name="m", version="1", contract=ModelContract(class_names=CLASS_NAMES))
+    uploads: list[Any] = [upload]
+    detections, scores, _ = pipeline._post(_non_finite_head()[None], uploads, model, None)
+    assert [d.class_id for d in detections[0]] == [3]
+    assert scores == [pytest.approx(0.95)]  # the inf anchor of class 3 used to drop the class: 0.8
