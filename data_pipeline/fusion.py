@@ -122,11 +122,14 @@ def fuse_annotations(
     image_codes, image_index = pd.factorize(frame["image_id"], sort=True)
     image_names = np.asarray(image_index, dtype=object)
     n_images = len(image_names)
-    order = np.argsort(image_codes, kind="stable")
+    all_rads = pd.factorize(frame["rad_id"], sort=True)[0].astype(np.int64)
+    all_classes = frame["class_id"].to_numpy(dtype=np.int64)
+    all_coords = frame[COORDS].to_numpy(dtype=np.float64)
+    order = _canonical_order(image_codes, all_rads, all_classes, all_coords)
     codes = image_codes[order]
-    class_ids = frame["class_id"].to_numpy(dtype=np.int64)[order]
-    coords = frame[COORDS].to_numpy(dtype=np.float64)[order]
-    rad_codes = pd.factorize(frame["rad_id"])[0][order].astype(np.int64)
+    class_ids = all_classes[order]
+    coords = all_coords[order]
+    rad_codes = all_rads[order]
 
     # readers per image, vectorised: each (image, reader) pair gets a local index 0..n-1
     n_rad = int(rad_codes.max()) + 1
@@ -204,6 +207,22 @@ def fuse_annotations(
         int((labels_all == NO_FINDING_ID).sum()),
     )
     return result
+
+
+def _canonical_order(
+    image_codes: np.ndarray, rad_codes: np.ndarray, class_ids: np.ndarray, coords: np.ndarray
+) -> np.ndarray:
+    """Row order by image, reader, class, then coordinates: whatever order the CSV rows came in.
+
+    WBF clusters greedily, box by box, in input order (all scores tie at 1.0), and a box that
+    overlaps two others joins whichever cluster formed first; readers are WBF's "models" in
+    the order of their codes. With the file's row order (and reader codes by first appearance)
+    the same readings in another row order fused into other boxes, or other reader counts
+    (2 of 3 against 3 of 3), so the labels and the dataset version depended on row order.
+    ``rad_codes`` must come from a sorted factorize, so they too ignore the file's order.
+    """
+    x_min, y_min, x_max, y_max = coords.T
+    return np.lexsort((y_max, x_max, y_min, x_min, class_ids, rad_codes, image_codes))
 
 
 def fused_boxes_by_image(fused: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -130,10 +130,18 @@ def commit_pin(gitops_dir: Path, pin: GoldenPin) -> str | None:
 
 
 def golden_patients(dataset_dir: Path) -> frozenset[str]:
-    """The salted patient ids of a golden version: ingest keeps their images out of every split."""
+    """The patients of a golden version, as split group keys: ingest keeps their images out of every split.
+
+    A salted patient id, or ``image:<image_id>`` for an image without a PatientID (a PNG or JPEG, a
+    header without one: :func:`~data_pipeline.split.group_key`). Only patient ids were returned,
+    so such golden images went into the next training set when they came again.
+    """
+    from data_pipeline.split import group_key  # here: the split module loads scikit-learn
+
     manifest = json.loads((Path(dataset_dir) / MANIFEST).read_text())
     return frozenset(
-        str(meta["patient"]) for meta in (manifest.get("images") or {}).values() if meta.get("patient")
+        group_key(str(name), meta.get("patient") or None)
+        for name, meta in (manifest.get("images") or {}).items()
     )
 
 

@@ -58,7 +58,7 @@ from data_pipeline.report import (
     readers_frame,
     split_counts,
 )
-from data_pipeline.split import SPLITS, SplitConfig, merge_groups, split_groups
+from data_pipeline.split import SPLITS, SplitConfig, group_key, merge_groups, split_groups
 from data_pipeline.store import ObjectStore
 from data_pipeline.versioning import (
     MANIFEST,
@@ -118,7 +118,8 @@ def build_dataset(
     ``store``: when given, feedback rows are merged from ``feedback/`` (if
     ``feedback``) and the version is uploaded to ``datasets/<version>/``.
     ``golden``: every image goes to the test split (an evaluation-only set, data_pipeline/golden.py).
-    ``exclude_patients``: images of these (salted) patients enter no split: the golden set's
+    ``exclude_patients``: images of these (salted) patients enter no split (split group keys,
+    :func:`~data_pipeline.split.group_key`, so also images without a PatientID): the golden set's
     patients, so no model ever trains or is tuned on them. A callable is called only when the
     split needs them, after decoding and fusion (a golden set still being built can finish meanwhile).
     ``cache_dir``: a published version is also placed in this fetch cache (hard links,
@@ -155,7 +156,7 @@ def build_dataset(
         version = compute_version(entries, settings.version_config())
         # [6] the files that ship with every version, its report, the manifest (which lists them) last
         readers = readers_frame(table.frame, keep)
-        _write_side_files(staging, keep, decoded.ok, fused, report, readers)
+        _write_side_files(staging, keep, split, decoded.ok, fused, report, readers)
         report_seconds = _write_report(version, staging, image_meta, console)
         source = _source(dicom_dir, annotations_csv, table, batch)
         source.update({"golden": golden, "golden_patient_images_excluded": held_out})
@@ -270,10 +271,14 @@ def _without_patients(
     patients: frozenset[str],
     dicom_dir: Path,
 ) -> tuple[list[str], pd.DataFrame, int]:
-    """Drop the images of held-out (golden) patients; returns what is left and how many went."""
+    """Drop the images of held-out (golden) patients; returns what is left and how many went.
+
+    ``patients`` holds split group keys (:func:`~data_pipeline.split.group_key`): an image without
+    a PatientID is matched by its own key, or a golden image without one was trained on.
+    """
     if not patients:
         return keep, fused, 0
-    left = [i for i in keep if ok[i].patient_hash not in patients]
+    left = [i for i in keep if group_key(i, ok[i].patient_hash) not in patients]
     if not left:
         raise EmptyDatasetError(
             f"every usable image in {dicom_dir} belongs to a golden-set patient ({len(keep)} images): "
@@ -291,7 +296,7 @@ def _split(
 ) -> dict[str, str]:
     """Image id -> split, by patient and near-duplicate group, so no patient is in two splits."""
     labels = _labels_by_image(fused)
-    groups = merge_groups({i: ok[i].patient_hash or f"image:{i}" for i in keep}, report.duplicate_groups)
+    groups = merge_groups({i: group_key(i, ok[i].patient_hash) for i in keep}, report.duplicate_groups)
     return split_groups(
         groups, labels, SplitConfig(settings.val_fraction, settings.test_fraction, settings.split_seed)
     )
@@ -300,6 +305,7 @@ def _split(
 def _write_side_files(
     staging: Path,
     keep: list[str],
+    split: dict[str, str],
     ok: dict[str, ImageResult],
     fused: pd.DataFrame,
     report: QualityReport,
@@ -310,7 +316,7 @@ def _write_side_files(
     The readers' rows (before fusion) are what the report's reader agreement is computed from,
     kept so that ``cxr data report`` can redraw it from the version alone.
     """
-    reference = _reference(keep, ok, fused)
+    reference = _reference(keep, split, ok, fused)
     (staging / "quality_report.json").write_text(json.dumps(report.to_dict(), indent=1, sort_keys=True))
     (staging / "reference_stats.json").write_text(json.dumps(reference, sort_keys=True))
     fused.to_csv(staging / "annotations_fused.csv", index=False, float_format="%.2f")
@@ -454,12 +460,12 @@ def _write_split(
     split: dict[str, str],
     fused: pd.DataFrame,
     ok: dict[str, ImageResult],
-) -> tuple[list[tuple[str, str, str]], dict[str, dict[str, Any]]]:
+) -> tuple[list[tuple[str, ...]], dict[str, dict[str, Any]]]:
     for name in SPLITS:
         (staging / "images" / name).mkdir(parents=True, exist_ok=True)
         (staging / "labels" / name).mkdir(parents=True, exist_ok=True)
     by_image = {str(k): g for k, g in fused.groupby("image_id", sort=False)}
-    entries: list[tuple[str, str, str]] = []
+    entries: list[tuple[str, ...]] = []
     meta: dict[str, dict[str, Any]] = {}
     for image_id in keep:
         name = split[image_id]
@@ -475,7 +481,6 @@ def _write_split(
         (staging / "labels" / name / f"{image_id}.txt").write_text(text)
         (all_dir / f"{image_id}.png").rename(staging / "images" / name / f"{image_id}.png")
         label_sha = sha256_text(text)
-        entries.append((name, result.png_sha256, label_sha))
         meta[image_id] = {
             "split": name,
             "width": result.width,
@@ -489,10 +494,33 @@ def _write_split(
             # Characteristics" option, narrowed (data_pipeline/subgroups.py); nothing else identifying
             "subgroups": result.subgroups,
         }
+        entries.append((name, result.png_sha256, label_sha, _identity_sha(image_id, meta[image_id])))
     return entries, meta
 
 
-def _reference(keep: list[str], ok: dict[str, ImageResult], fused: pd.DataFrame) -> dict[str, Any]:
+def _identity_sha(image_id: str, meta: dict[str, Any]) -> str:
+    """Hash of what the manifest says of an image beyond its pixels and label: its id, patient key,
+    subgroups and original size, so they count in the version.
+
+    A build whose version exists reuses that folder and its manifest. Pixels and labels alone made
+    the version, so a rebuild after PatientID or PatientSex corrections in the headers (a golden set:
+    all test, whatever the patients) kept the old manifest, and the golden hold-out read stale patients.
+    """
+    keys = ("patient", "subgroups", "width", "height")
+    return sha256_text(json.dumps({"image_id": image_id, **{k: meta[k] for k in keys}}, sort_keys=True))
+
+
+def _reference(
+    keep: list[str], split: dict[str, str], ok: dict[str, ImageResult], fused: pd.DataFrame
+) -> dict[str, Any]:
+    """Drift reference statistics of the TRAIN split: what a model trained on this version learned from.
+
+    The gateway scores its window against "the training data" (serving/inference/drift.py); the
+    reference was drawn from every image, val and test included. A version without train images
+    (a golden set, all test) describes all of its images.
+    """
+    keep = [i for i in keep if split.get(i) == "train"] or keep
+    fused = fused[fused["image_id"].isin(set(keep))]
     boxes = fused[fused["class_id"] != NO_FINDING_ID]
     w = boxes["image_id"].map(lambda i: ok[i].width).to_numpy(dtype=np.float64)
     h = boxes["image_id"].map(lambda i: ok[i].height).to_numpy(dtype=np.float64)

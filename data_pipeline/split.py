@@ -33,6 +33,16 @@ class SplitConfig:
     seed: int = 42
 
 
+def group_key(image_id: str, patient_hash: str | None) -> str:
+    """The group one image is split with: its salted patient, else the image alone (``image:<id>``).
+
+    One definition for the split and for the golden set's hold-out (:func:`data_pipeline.golden.
+    golden_patients`), so an image without a PatientID (a PNG, a header without one) is held out
+    by the same key it is grouped by.
+    """
+    return patient_hash or f"image:{image_id}"
+
+
 def merge_groups(groups: Mapping[str, str], linked: Sequence[Sequence[str]]) -> dict[str, str]:
     """Put images that must stay together (near duplicates) into one group (the smallest group id)."""
     result = dict(groups)
@@ -65,6 +75,11 @@ def split_groups(
         for cid in labels.get(image_id, {NO_FINDING_ID}):
             y[index[groups[image_id]], cid] = 1
     y = y[:, y.any(axis=0)] if y.any() else np.ones((len(group_ids), 1), dtype=np.int8)
+    if y.shape[1] == 1:
+        # every group has the same one label (all "No finding", or one finding only): iterstrat takes a
+        # single column for a binary target and refuses it, so the build stopped; a column of zeros
+        # keeps it a multilabel target without changing what is stratified
+        y = np.hstack([y, np.zeros_like(y)])
 
     assignment = np.array(["train"] * len(group_ids), dtype=object)
     n = len(group_ids)

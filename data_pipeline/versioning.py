@@ -1,11 +1,12 @@
 """Content-hashed dataset versions: compute, publish to S3, fetch into a local cache.
 
 A version is the sha256 (first 16 hex) of the sorted (split, image content
-hash, label hash) triples plus the pipeline's own configuration, so the same
-inputs give the same version on any machine and any change of pixels,
-labels, split or settings gives a new one. ``manifest.json`` is uploaded
-LAST: its presence in S3 means the version is complete, and fetching checks
-every file against the hashes it lists.
+hash, label hash, image identity hash) entries plus the pipeline's own
+configuration, so the same inputs give the same version on any machine and
+any change of pixels, labels, split, image id, patient key, subgroups or
+settings gives a new one. ``manifest.json`` is uploaded LAST: its presence in
+S3 means the version is complete, and fetching checks every file against the
+hashes it lists.
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ LATEST = "datasets/LATEST"
 MACHINE_LOCAL = frozenset({"data.yaml"})
 
 
-def compute_version(entries: Iterable[tuple[str, str, str]], config: Mapping[str, Any]) -> str:
-    """sha256 over sorted (split, image_sha256, label_sha256) and the config; 16 hex chars."""
+def compute_version(entries: Iterable[tuple[str, ...]], config: Mapping[str, Any]) -> str:
+    """sha256 over the sorted entries and the config; 16 hex chars.
+
+    An entry is (split, image_sha256, label_sha256, identity_sha256): the last hashes what the
+    manifest keeps of the image besides its bytes (id, patient key, subgroups, size; ingest's
+    ``_identity_sha``), since a build with an existing version reuses that version's manifest.
+    """
     payload = json.dumps(
         {"entries": sorted(list(e) for e in entries), "config": config}, sort_keys=True, separators=(",", ":")
     )

@@ -55,6 +55,36 @@ def test_a_changed_setting_gives_a_new_version(phantoms: Path, tmp_path: Path) -
     assert a.version != b.version
 
 
+def test_corrected_patient_headers_give_a_new_version_not_the_old_manifest(
+    phantoms: Path, tmp_path: Path
+) -> None:
+    """Same pixels and labels, other PatientID and PatientSex: a golden set (all test whatever the
+    patients) kept its version, reused the old folder, and held out the old patients."""
+    import shutil
+
+    import pydicom
+
+    from data_pipeline.golden import golden_patients
+
+    dicom = tmp_path / "dicom"
+    shutil.copytree(phantoms / "dicom", dicom)
+    settings = _settings()
+    before = build_dataset(
+        dicom, phantoms / "annotations.csv", tmp_path / "ds", settings=settings, golden=True
+    )
+    for path in dicom.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.PatientID = f"corrected-{ds.PatientID}"
+        ds.PatientSex = "O"
+        ds.save_as(path)
+    after = build_dataset(
+        dicom, phantoms / "annotations.csv", tmp_path / "ds", settings=settings, golden=True
+    )
+    assert after.version != before.version and not after.reused
+    assert not golden_patients(after.path) & golden_patients(before.path)
+    assert {m["subgroups"]["sex"] for m in after.manifest["images"].values()} == {"O"}
+
+
 def test_layout_is_a_valid_yolo_dataset_with_manifest_and_reports(phantoms: Path, tmp_path: Path) -> None:
     build = build_dataset(phantoms / "dicom", phantoms / "annotations.csv", tmp_path, settings=_settings())
     root = build.path
@@ -79,6 +109,17 @@ def test_layout_is_a_valid_yolo_dataset_with_manifest_and_reports(phantoms: Path
     verify(root)
     meta = next(iter(build.manifest["images"].values()))
     assert meta["width"] == 256 and max(meta["out_width"], meta["out_height"]) == 128
+
+
+def test_the_drift_reference_describes_the_train_split_only(phantoms: Path, tmp_path: Path) -> None:
+    """The gateway compares production with the training data: val and test images are no part of it."""
+    build = build_dataset(phantoms / "dicom", phantoms / "annotations.csv", tmp_path, settings=_settings())
+    reference = json.loads((build.path / "reference_stats.json").read_text())
+    train = [m for m in build.manifest["images"].values() if m["split"] == "train"]
+    assert 0 < len(train) < len(build.manifest["images"])
+    assert reference["n_images"] == len(train)
+    boxes = build.manifest["counts"]["boxes_per_class"]["train"]
+    assert reference["n_boxes"] == sum(n for name, n in boxes.items() if name != "No finding")
 
 
 def test_patients_never_cross_splits_in_a_build(phantoms: Path, tmp_path: Path) -> None:

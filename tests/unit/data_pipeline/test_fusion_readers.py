@@ -104,6 +104,24 @@ def test_by_default_a_box_needs_half_of_the_images_readers() -> None:
     assert sorted(kept_all["class_id"].tolist()) == [3, 8]
 
 
+def test_the_row_order_of_the_file_does_not_change_the_fused_boxes() -> None:
+    """Three readers' boxes in a chain (R1 overlaps R2, R2 overlaps R3, R1 barely R3): WBF clusters
+    greedily in input order, so each row order used to give other boxes or other reader counts."""
+    import itertools
+
+    rows = (
+        _rows([(8, 100.0, 100.0, 200.0, 200.0)], "R1")
+        + _rows([(8, 125.0, 100.0, 225.0, 200.0)], "R2")
+        + _rows([(8, 150.0, 100.0, 250.0, 200.0)], "R3")
+    )
+    results = set()
+    for perm in itertools.permutations(rows):
+        fused = fuse_annotations(_frame(list(perm)), FusionConfig(), {"img": (1000, 1000)})
+        cols = ["class_id", "x_min", "y_min", "x_max", "y_max", "n_readers"]
+        results.add(fused[cols].round(3).to_csv(index=False))
+    assert len(results) == 1, results
+
+
 @pytest.mark.parametrize(
     ("readers", "share", "needed"), [(1, 0.5, 1), (2, 0.5, 1), (3, 0.5, 2), (5, 0.5, 3), (3, 0.0, 1)]
 )

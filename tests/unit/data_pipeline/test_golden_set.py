@@ -88,6 +88,40 @@ def test_a_golden_set_is_test_only_and_its_patients_enter_no_later_split(
     assert built.version != golden.version
 
 
+def test_golden_images_without_a_patient_id_enter_no_later_split(
+    sets: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """A golden image whose header has no PatientID (or a PNG) is its own patient: the golden set
+    held out only PatientIDs, so the same images came back in the next training set."""
+    import pydicom
+
+    golden_src, _, mixed = sets
+    anonymous = tmp_path / "anonymous"
+    shutil.copytree(mixed / "dicom", anonymous)
+    for path in anonymous.iterdir():
+        ds = pydicom.dcmread(path)
+        del ds.PatientID
+        ds.save_as(path)
+    golden_dir = tmp_path / "golden"
+    golden_dir.mkdir()
+    for path in (golden_src / "dicom").iterdir():
+        shutil.copy2(anonymous / path.name, golden_dir / path.name)
+    settings = _settings(tmp_path)
+    golden = build_dataset(
+        golden_dir, golden_src / "annotations.csv", tmp_path / "ds", settings=settings, golden=True
+    )
+    held_out = golden_patients(golden.path)
+    assert len(held_out) == len(golden.manifest["images"])
+
+    built = build_dataset(
+        anonymous, mixed / "annotations.csv", tmp_path / "ds", settings=settings, exclude_patients=held_out
+    )
+    leaked = set(built.manifest["images"]) & set(golden.manifest["images"])
+    assert not leaked, f"golden images without a PatientID leaked into a split: {sorted(leaked)}"
+    assert built.manifest["source"]["golden_patient_images_excluded"] == len(golden.manifest["images"])
+    assert len(built.manifest["images"]) > 0
+
+
 def test_the_golden_exclusion_catches_a_feedback_image_of_a_golden_patient(
     sets: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

@@ -68,6 +68,16 @@ def test_tiny_sets_still_get_validation_and_test_images() -> None:
     assert {"train", "val", "test"} <= set(split.values())
 
 
+@pytest.mark.parametrize("label", [14, 3])
+def test_a_set_whose_images_all_share_one_label_still_splits(label: int) -> None:
+    """All "No finding" (a batch of normal studies) or one finding only: iterstrat refused the single
+    label column as a binary target and the build stopped with a ValueError."""
+    groups = {f"i{k}": f"p{k}" for k in range(20)}
+    split = split_groups(groups, {i: {label} for i in groups}, SplitConfig())
+    assert set(split.values()) == {"train", "val", "test"}
+    assert split == split_groups(groups, {i: {label} for i in groups}, SplitConfig())
+
+
 def test_near_duplicates_are_merged_into_one_group() -> None:
     groups = {"a": "p1", "b": "p2", "c": "p3"}
     merged = merge_groups(groups, [["a", "c"]])
