@@ -55,58 +55,43 @@ def _sanitize(label: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in label)
 
 
+def _service_monitor(
+    name: str, selector: dict[str, str], port: str, endpoint: dict[str, Any]
+) -> dict[str, Any]:
+    """A ServiceMonitor of ours: the labels the Prometheus selects, Services in any namespace."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {"name": name, "labels": dict(COMMON_LABELS)},
+        "spec": {
+            "selector": {"matchLabels": dict(selector)},
+            "namespaceSelector": {"any": True},
+            "endpoints": [{"port": port, "path": "/metrics", **endpoint}],
+        },
+    }
+
+
 def service_monitors() -> list[dict[str, Any]]:
     """ServiceMonitors: the gateway(s), the Triton servers of all stages, the MLflow exporter."""
-    gateway = {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "ServiceMonitor",
-        "metadata": {"name": "cxr-gateway", "labels": dict(COMMON_LABELS)},
-        "spec": {
-            "selector": {"matchLabels": dict(GATEWAY_SELECTOR)},
-            "namespaceSelector": {"any": True},
-            # The gateway labels its own series with `stage` (the routing decision);
-            # honorLabels keeps them rather than renaming them exported_stage.
-            "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s", "honorLabels": True}],
-        },
-    }
-    triton = {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "ServiceMonitor",
-        "metadata": {"name": "cxr-triton", "labels": dict(COMMON_LABELS)},
-        "spec": {
-            "selector": {"matchLabels": dict(TRITON_SELECTOR)},
-            "namespaceSelector": {"any": True},
-            "endpoints": [
-                {
-                    "port": "metrics",
-                    "path": "/metrics",
-                    "interval": "15s",
-                    "relabelings": [
-                        {
-                            "sourceLabels": [
-                                f"__meta_kubernetes_service_label_{_sanitize(STAGE_SERVICE_LABEL)}"
-                            ],
-                            "targetLabel": "stage",
-                        }
-                    ],
-                }
-            ],
-        },
-    }
-    # training runs and registry versions (k8s/base/mlflow/exporter.yaml): the training alerts,
-    # CxrProductionModelStale and the training dashboard read these series
-    mlflow_exporter = {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "ServiceMonitor",
-        "metadata": {"name": "cxr-mlflow-exporter", "labels": dict(COMMON_LABELS)},
-        "spec": {
-            "selector": {"matchLabels": dict(MLFLOW_EXPORTER_SELECTOR)},
-            "namespaceSelector": {"any": True},
-            # each scrape reads MLflow (runs, versions); its series change per run, not per second
-            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "60s"}],
-        },
-    }
-    return [gateway, triton, mlflow_exporter]
+    stage_label = f"__meta_kubernetes_service_label_{_sanitize(STAGE_SERVICE_LABEL)}"
+    return [
+        # The gateway labels its own series with `stage` (the routing decision);
+        # honorLabels keeps them rather than renaming them exported_stage.
+        _service_monitor("cxr-gateway", GATEWAY_SELECTOR, "http", {"interval": "15s", "honorLabels": True}),
+        _service_monitor(
+            "cxr-triton",
+            TRITON_SELECTOR,
+            "metrics",
+            {
+                "interval": "15s",
+                "relabelings": [{"sourceLabels": [stage_label], "targetLabel": "stage"}],
+            },
+        ),
+        # training runs and registry versions (k8s/base/mlflow/exporter.yaml): the training alerts,
+        # CxrProductionModelStale and the training dashboard read these series; each scrape reads
+        # MLflow (runs, versions), and its series change per run, not per second
+        _service_monitor("cxr-mlflow-exporter", MLFLOW_EXPORTER_SELECTOR, "metrics", {"interval": "60s"}),
+    ]
 
 
 def kustomization(rule_names: list[str]) -> dict[str, Any]:
