@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class DriftMonitor:
         on_score: Callable[[str, float], None],
         reference_file: Path | None = None,
         reference_loader: ReferenceLoader | None = None,
+        reference_retry_s: float = 60.0,
     ) -> None:
         self.window = window
         self.min_samples = min_samples
@@ -54,22 +56,36 @@ class DriftMonitor:
         self._refs: dict[str, dict[str, Any] | None] = {}
         self._reference_file = reference_file
         self._loader = reference_loader
+        #: a reference that failed to load (the store down) is asked for again after this long
+        self.reference_retry_s = reference_retry_s
+        self._retry_at: dict[str, float] = {}
         self._since_score: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _reference(self, dataset_version: str) -> dict[str, Any] | None:
+        """The dataset's reference statistics, loaded once; None when it has none.
+
+        A load that fails (the store briefly down) is not remembered as "no reference": it was,
+        and drift went unscored for that dataset version until the gateway restarted. It is
+        tried again after ``reference_retry_s``.
+        """
         key = dataset_version or "_file"
-        if key not in self._refs:
-            ref: dict[str, Any] | None = None
-            try:
-                if self._reference_file is not None and self._reference_file.exists():
-                    ref = json.loads(self._reference_file.read_text())
-                elif dataset_version and self._loader is not None:
-                    ref = self._loader(dataset_version)
-            except Exception as exc:  # no reference = no drift score, never a failed request
-                log.warning("drift_reference_unavailable dataset=%s error=%s", dataset_version, exc)
-            self._refs[key] = ref
-        return self._refs[key]
+        if key in self._refs:
+            return self._refs[key]
+        if time.monotonic() < self._retry_at.get(key, 0.0):
+            return None
+        ref: dict[str, Any] | None = None
+        try:
+            if self._reference_file is not None and self._reference_file.exists():
+                ref = json.loads(self._reference_file.read_text())
+            elif dataset_version and self._loader is not None:
+                ref = self._loader(dataset_version)
+        except Exception as exc:  # no reference = no drift score, never a failed request
+            log.warning("drift_reference_unavailable dataset=%s error=%s", dataset_version, exc)
+            self._retry_at[key] = time.monotonic() + self.reference_retry_s
+            return None
+        self._refs[key] = ref
+        return ref
 
     def observe(
         self,

@@ -130,6 +130,41 @@ def test_input_drift_of_images_like_the_training_data_stays_below_the_alert_leve
     assert min(scores(0.8)) > 0.25  # darker images still drift
 
 
+def test_a_reference_that_failed_to_load_is_tried_again_not_given_up_for_good() -> None:
+    """One store outage while the reference loaded left drift unscored until the gateway restarted."""
+    from serving.inference.drift import DriftMonitor
+
+    reference = build_reference(
+        intensity_means=[0.5] * 100,
+        intensity_stds=[0.2] * 100,
+        widths=[1024] * 100,
+        heights=[1024] * 100,
+        class_ids=[],
+        boxes_norm=[],
+        pixel_histogram=[1] * 64,
+        n_images=100,
+    )
+    calls: list[str] = []
+
+    def loader(version: str) -> dict[str, Any]:
+        calls.append(version)
+        if len(calls) == 1:
+            raise OSError("store unreachable")
+        return reference
+
+    seen: list[float] = []
+    monitor = DriftMonitor(
+        window=20,
+        min_samples=10,
+        on_score=lambda _stage, score: seen.append(score),
+        reference_loader=loader,
+        reference_retry_s=0.0,
+    )
+    for _ in range(20):
+        monitor.observe("production", mean=0.5, std=0.2, width=1024, height=1024, dataset_version="d")
+    assert calls == ["d", "d"] and len(seen) == 1, "the first window unscored, the second scored"
+
+
 def test_audit_log_has_one_line_per_request_and_no_phi(onnx_client: TestClient, keys: dict[str, str]) -> None:
     source = make_dicom(seed=42)
     ds = pydicom.dcmread(io.BytesIO(source))
