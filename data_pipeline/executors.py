@@ -202,17 +202,17 @@ def run_images_ray(
         ray.init(num_cpus=workers or None, include_dashboard=False, log_to_driver=False)
     context = DataContext.get_current()
     errored_blocks, context.max_errored_blocks = context.max_errored_blocks, -1
-    items = ray.data.from_items(
-        [asdict(job) for job in jobs], override_num_blocks=max(1, -(-len(jobs) // RAY_BLOCK_JOBS))
-    )
-    with warnings.catch_warnings():
-        # Ray 2.60 deprecates the free remote arguments without naming a way to pass max_retries
-        warnings.simplefilter("ignore", DeprecationWarning)
-        dataset = items.map(_ray_row, fn_kwargs={"work": work}, max_retries=0)
     results: list[ImageResult] = []
     with progress_bar(console) as progress:
         task = progress.add_task(description, total=len(jobs))
-        try:
+        try:  # the context is the process's: put back whatever happens
+            items = ray.data.from_items(
+                [asdict(job) for job in jobs], override_num_blocks=max(1, -(-len(jobs) // RAY_BLOCK_JOBS))
+            )
+            with warnings.catch_warnings():
+                # Ray 2.60 deprecates the free remote arguments without naming a way to pass max_retries
+                warnings.simplefilter("ignore", DeprecationWarning)
+                dataset = items.map(_ray_row, fn_kwargs={"work": work}, max_retries=0)
             for row in dataset.iter_rows():
                 results.append(pickle.loads(row["result"]))
                 progress.advance(task)

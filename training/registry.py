@@ -36,22 +36,38 @@ TRUNCATION_NOTE = (
     "\n\n... (cut to MLflow's 5000-character description limit: the full card is the run's "
     "`model_card.md` artifact)\n"
 )
+#: the most a description keeps of the sections recorded after the card (:meth:`ModelRegistry.record_section`)
+TAIL_LIMIT = DESCRIPTION_LIMIT * 3 // 4
 
 
-def fit_description(card: str, keep_tail: str = "") -> str:
+def fit_description(card: str, keep_tail: str = "", *, cut: bool = False) -> str:
     """``card`` + ``keep_tail`` within MLflow's limit on a version's description.
 
     The full model card (operating points and subgroup tables included) runs past 5000 characters;
     SQLite (the one-machine stack) stores it anyway, but the cluster's PostgreSQL refuses the write,
     so a finished training would fail to register. The card is cut with a note pointing at the
-    run's ``model_card.md`` artifact; ``keep_tail`` (a section delivery records, read by a
-    reviewer) is kept whole and the card before it is cut instead.
+    run's ``model_card.md`` artifact; ``keep_tail`` (the sections delivery records, read by a
+    reviewer) is kept whole and the card before it is cut instead. Past :data:`TAIL_LIMIT` the
+    tail loses its oldest (first) ``## `` sections whole, never a part of one. ``cut``: ``card``
+    was cut already (it keeps its note even when it would now fit).
     """
-    if len(card) + len(keep_tail) <= DESCRIPTION_LIMIT:
+    if not cut and len(card) + len(keep_tail) <= DESCRIPTION_LIMIT:
         return card + keep_tail
-    tail = keep_tail[: DESCRIPTION_LIMIT // 2]
+    tail = keep_tail
+    while len(tail) > TAIL_LIMIT and (next_section := tail.find("\n\n## ", 1)) > 0:
+        tail = tail[next_section:]
+    tail = tail[:TAIL_LIMIT]  # one section longer than the limit alone
     room = DESCRIPTION_LIMIT - len(tail) - len(TRUNCATION_NOTE)
     return card[:room].rstrip() + TRUNCATION_NOTE + tail
+
+
+def _without_section(text: str, heading: str) -> str:
+    """``text`` without the ``## `` section that starts at ``heading`` (unchanged when there is none)."""
+    start = text.find(heading)
+    if start < 0:
+        return text
+    end = text.find("\n## ", start + len(heading))
+    return text[:start].rstrip() + ("\n\n" + text[end + 1 :] if end >= 0 else "")
 
 
 class LineageTags(BaseModel):
@@ -208,12 +224,11 @@ class ModelRegistry:
         from mlflow.exceptions import MlflowException
 
         mv = self._model_version(version)
-        card = str(mv.description or "")
-        start = card.find(heading)
-        if start >= 0:
-            end = card.find("\n## ", start + len(heading))
-            card = card[:start].rstrip() + ("\n\n" + card[end + 1 :] if end >= 0 else "")
-        card = fit_description(card.rstrip(), f"\n\n{heading}\n{body.strip()}\n")
+        # a card cut to the limit: the sections recorded since follow its note, and are kept whole
+        card, note, recorded = str(mv.description or "").partition(TRUNCATION_NOTE)
+        card, recorded = _without_section(card, heading), _without_section(recorded, heading)
+        section = f"\n\n{heading}\n{body.strip()}\n"
+        card = fit_description(card.rstrip(), recorded.rstrip() + section, cut=bool(note))
         try:
             self._client.update_model_version(self.model_name, str(version), description=card)
             for key, value in tags.items():

@@ -209,6 +209,8 @@ class DetectionService:
                 return
             except ServingError:
                 pass
+            except Exception as exc:  # e.g. a malformed model config: a scrape must still answer
+                log.warning("stage_model_unreadable stage=%s error=%s", stage, exc)
         self.metrics.set_model_info(
             stage,
             self.settings.model_name,

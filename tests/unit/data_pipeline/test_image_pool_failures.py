@@ -132,3 +132,26 @@ def test_a_worker_that_dies_costs_its_own_image_and_the_others_finish(tmp_path: 
     assert by_id["img03"][0] == by_id["img09"][0] == "decoder crashed (the worker process died)"
     assert all(by_id[n] == [None, 64] for n in names if n not in {"img03", "img09"})
     assert all(Path(j.dest).exists() for j in jobs if j.image_id not in {"img03", "img09"})
+
+
+def test_the_ray_path_restores_ray_datas_errored_block_limit_when_it_cannot_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """max_errored_blocks is Ray Data's process-wide setting: left at -1 (drop failed blocks
+    silently) after a failure here, every later Ray Data job of the process dropped its blocks."""
+    ray = pytest.importorskip("ray")
+    from ray.data import DataContext
+
+    from data_pipeline.executors import run_images_ray
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no Ray Data today")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray.data, "from_items", refuse)
+    context = DataContext.get_current()
+    before = context.max_errored_blocks
+    monkeypatch.setattr(context, "max_errored_blocks", before)  # put back whatever this test finds
+    with pytest.raises(RuntimeError, match="no Ray Data"):
+        run_images_ray([ImageJob("a", "a.dcm", "a.png", 64, 1, "salt")], 1, None)
+    assert context.max_errored_blocks == before

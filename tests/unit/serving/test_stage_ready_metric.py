@@ -143,3 +143,33 @@ def test_readyz_503_carries_the_error_object_of_every_5xx_naming_the_stage_that_
     assert body["error"]["code"] == "not_ready" and "canary" in body["error"]["message"]
     assert "production" not in body["error"]["message"]
     assert body["error"]["request_id"] == r.headers["X-Request-ID"]
+
+
+class MalformedStagingServer(SwitchableServer):
+    """Staging's Triton holds a model whose config the gateway cannot read (a malformed contract)."""
+
+    async def model(self, stage: Stage) -> ServedModel:
+        if stage == "staging":
+            raise ValueError("cxr_contract is not JSON")
+        return await super().model(stage)
+
+
+def test_a_stage_whose_model_cannot_be_read_does_not_take_the_whole_scrape_down(tmp_path: Path) -> None:
+    """/metrics asks every stage's backend at each scrape: one stage's unreadable model config
+    answered 500 for the scrape, and every gateway series (production's included) went missing."""
+    from serving.gateway.app import create_app
+
+    keys = tmp_path / "keys.json"
+    write_keys(keys)
+    settings = onnx_settings(tmp_path / "unused.onnx", keys, tmp_path, routing_poll_s=0.0)
+    write_stage_files(settings.gitops_dir, production="7", staging="9")
+    server = MalformedStagingServer(up={"production", "canary", "staging"})
+    with TestClient(create_app(settings, backend=server, use_store=False)) as client:
+        assert client.get("/metrics").status_code == 200
+        info = {
+            dict(labels)["stage"]: dict(labels)["model_version"]
+            for labels, value in _samples(client, "cxr_model_info").items()
+            if value == 1.0
+        }
+    assert info["production"] == "7"
+    assert info["staging"] == "9"  # what git assigns it, as for any stage whose model is not known

@@ -59,3 +59,41 @@ def test_a_model_card_longer_than_mlflows_description_column_still_registers_wit
     recorded = client.get_model_version("cxr-detector", version).description
     assert len(recorded) <= DESCRIPTION_LIMIT
     assert recorded.rstrip().endswith(body.strip())  # the section a reviewer reads is kept whole
+
+
+def _golden_section(stage: str) -> str:
+    """About the size of delivery's golden table: a verdict line and one row per class."""
+    rows = "".join(f"| class {i:02d} ({stage}) | 12 | +0.0100 | [-0.0200, +0.0400] |\n" for i in range(14))
+    return f"mAP@0.4 v3 - v2 = +0.0100 ({stage})\n\n| class | instances | Δ AP@0.4 | 95% CI |\n{rows}"
+
+
+def test_each_stages_recorded_section_survives_the_next_promotion_of_a_cut_card(tmp_path: Path) -> None:
+    """staging, canary, production: each promotion records its golden table. The card before
+    the new section was cut from its end, where the previous promotions' tables are."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = ModelRegistry(uri, "cxr-detector")
+    client = registry._client
+    run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "art")))
+    card = "# cxr-detector\n" + "".join(f"| {i} | finding | 0.500 |\n" for i in range(400))
+    version = registry.register(run.info.run_id, _lineage(), card)
+    for stage in ("staging", "canary", "production"):
+        heading = f"## Golden set comparison (promotion to {stage})"
+        registry.record_section(version, heading, _golden_section(stage), tags={})
+    recorded = client.get_model_version("cxr-detector", version).description
+    assert len(recorded) <= DESCRIPTION_LIMIT
+    assert recorded.startswith("# cxr-detector")
+    assert recorded.count("model_card.md") == 1
+    for stage in ("staging", "canary", "production"):
+        heading = f"## Golden set comparison (promotion to {stage})"
+        assert f"{heading}\n{_golden_section(stage).strip()}\n" in recorded, stage
+
+
+def test_recorded_sections_past_the_tail_limit_go_whole_oldest_first() -> None:
+    from training.registry import TRUNCATION_NOTE, fit_description
+
+    sections = [f"\n\n## Section {i}\n" + f"| row {i} |\n" * 120 for i in range(5)]
+    fitted = fit_description("# card\n" + "x" * 6000, "".join(sections))
+    assert len(fitted) <= DESCRIPTION_LIMIT and fitted.count(TRUNCATION_NOTE) == 1
+    kept = [s for s in sections if s in fitted]
+    assert kept == sections[-len(kept) :] and kept  # the newest, each whole
+    assert fitted.endswith(sections[-1]) and fitted.count("## Section") == len(kept)  # none cut in two
