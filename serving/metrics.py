@@ -85,7 +85,7 @@ class GatewayMetrics:
         )
         self.housekeeping_runs = Counter(
             "cxr_gateway_retention_purged_total",
-            "Results and identified source images deleted by the retention job",
+            "Results, identified source images and PACS dead letters deleted by the retention job",
             ["kind"],
             registry=r,
         )

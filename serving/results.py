@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import threading
 import uuid
 from collections import OrderedDict
@@ -176,20 +177,28 @@ class ResultStore:
         final = self._local / record.request_id
         tmp = self._local / f".tmp-{record.request_id}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
-        if record.source is not None:
-            (tmp / f"source.{_EXT.get(record.source_format, 'bin')}").write_bytes(record.source)
-        (tmp / "result.json").write_text(json.dumps(record.meta()))
-        os.replace(tmp, final)  # ids are server-made UUIDs: the target never exists
+        try:
+            if record.source is not None:
+                (tmp / f"source.{_EXT.get(record.source_format, 'bin')}").write_bytes(record.source)
+            (tmp / "result.json").write_text(json.dumps(record.meta()))
+            os.replace(tmp, final)  # ids are server-made UUIDs: the target never exists
+        except BaseException:
+            # the temp folder holds the identified source and is never a result: a failed write (a
+            # full disk) must not leave it behind, where no retention would ever find it
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def persist(self, record: ResultRecord) -> None:
         """Copy to S3 (blocking: call from a worker thread). Failures are logged, not raised."""
         if self._store is None:
             return
         prefix = f"results/{record.request_id}"
+        source_stored = False
         try:
             if record.source is not None:
                 ext = _EXT.get(record.source_format, "bin")
                 self._store.put_bytes(f"{prefix}/source.{ext}", record.source)
+                source_stored = True
             self._store.put_bytes(
                 f"{prefix}/result.json", json.dumps(record.meta()).encode(), "application/json"
             )
@@ -197,6 +206,20 @@ class ResultStore:
             log.warning(
                 "result_persist_failed request_id=%s error_type=%s", record.request_id, type(exc).__name__
             )
+            if source_stored:
+                self._drop_undated_source(prefix)
+
+    def _drop_undated_source(self, prefix: str) -> None:
+        """Delete a source copied to S3 whose ``result.json`` did not follow (blocking).
+
+        :func:`purge_expired` dates a stored result by its ``result.json`` and leaves what has none
+        alone, so such a source, identified patient data, would outlive every retention.
+        """
+        assert self._store is not None
+        try:
+            self._store.delete_prefix(f"{prefix}/source.")
+        except Exception as exc:
+            log.warning("result_source_orphaned prefix=%s error_type=%s", prefix, type(exc).__name__)
 
     def purge(self, now: datetime | None = None) -> PurgeReport:
         """Delete sources past their retention and results past theirs, locally and in S3 (blocking)."""
@@ -305,13 +328,27 @@ def _record(request_id: str, meta: dict[str, Any], source: bytes | None) -> Resu
 
 
 def _purge_local(root: Path, retention: Retention, now: datetime, report: PurgeReport) -> None:
+    """Apply the retention to the journal's folders, also those that are no readable result.
+
+    A ``.tmp-`` folder is a journal write a crash cut short (it holds the identified source, never a
+    result); a folder whose ``result.json`` cannot be read (not fsync'd: a power cut can empty it)
+    is never served. Neither can be dated by its ``created``, so both are dated by the folder's
+    mtime, which is never before the write began: their sources go no sooner than a result's would.
+    A ``.tmp-`` folder past the source retention goes whole (a write in progress is milliseconds old).
+    """
     for folder in root.iterdir():
-        if not folder.is_dir() or folder.name.startswith(".tmp-"):
+        modified = _mtime(folder)
+        if modified is None:  # not a folder, or renamed meanwhile (a journal write finishing)
+            continue
+        if folder.name.startswith(".tmp-"):
+            if now - modified > retention.sources:
+                report.sources += any(folder.glob("source.*"))
+                shutil.rmtree(folder, ignore_errors=True)
             continue
         try:
             created = datetime.fromisoformat(json.loads((folder / "result.json").read_text())["created"])
-        except (OSError, ValueError, KeyError):
-            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            created = modified
         if now - created > retention.results:
             shutil.rmtree(folder, ignore_errors=True)
             report.results += 1
@@ -349,6 +386,15 @@ def purge_expired(
             store.delete_prefix(f"results/{request_id}/source.")
             report.sources += 1
     return report
+
+
+def _mtime(folder: Path) -> datetime | None:
+    """When ``folder`` last changed; None when it is not (or no longer) a folder."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return datetime.fromtimestamp(st.st_mtime, UTC) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _safe_id(request_id: str) -> bool:

@@ -59,10 +59,13 @@ def retention_summary(settings: StackSettings) -> str:
     if not path.exists():
         return "retention job: has not run yet"
     run = json.loads(path.read_text())
+    dead = run.get("dead_letters_deleted", 0)  # absent in a record of an older gateway
     return (
         f"retention job: last run {run['last_run']}, deleted {run['sources_deleted']} source images "
         f"(kept {run['source_retention_hours']:g} h) and {run['results_deleted']} results "
-        f"(kept {run['results_retention_days']} d), every {run['interval_s']:g} s"
+        f"(kept {run['results_retention_days']} d)"
+        + (f" and {dead} PACS dead letters" if dead else "")
+        + f", every {run['interval_s']:g} s"
     )
 
 

@@ -112,14 +112,24 @@ def run_retention(state: GatewayState) -> None:
     """
     started = datetime.now(UTC)
     report = state.results.purge(started)
+    results_retention = timedelta(days=state.settings.results_retention_days)
     if state.worklist is not None:  # a study leaves the worklist with its results
-        state.worklist.purge(started - timedelta(days=state.settings.results_retention_days))
+        state.worklist.purge(started - results_retention)
+    dead_letters = 0
+    if state.sendback is not None:  # objects a PACS refused for good carry the patient's identity
+        dead_letters = state.sendback.outbox.purge_dead_letters(
+            results_retention.total_seconds(), started.timestamp()
+        )
+        if dead_letters:
+            log.info("pacs_dead_letters_purged objects=%d", dead_letters)
     state.metrics.housekeeping_runs.labels("results").inc(report.results)
     state.metrics.housekeeping_runs.labels("sources").inc(report.sources)
+    state.metrics.housekeeping_runs.labels("dead_letters").inc(dead_letters)
     record = {
         "last_run": started.isoformat(timespec="seconds"),
         "results_deleted": report.results,
         "sources_deleted": report.sources,
+        "dead_letters_deleted": dead_letters,
         "source_retention_hours": state.settings.source_retention_hours,
         "results_retention_days": state.settings.results_retention_days,
         "interval_s": state.settings.housekeeping_interval_s,

@@ -13,7 +13,10 @@ Delivery retries with exponential backoff per item (``CXR_OUTBOX_RETRY_S`` doubl
 metric with an alert (``CXRPacsOutboxBacklog``). An object its PACS refused for good (a SOP
 class it does not store, an object it cannot understand: ``serving/pacs/senders.py``) is
 moved whole to the ``dead-letter/`` folder beside the items, out of delivery but kept for an
-operator, who moves it back to retry it or deletes it (docs/pacs.md).
+operator, who moves it back to retry it or deletes it (docs/pacs.md). A dead letter carries the
+patient's name, ID and birth date, so it is kept no longer than the result it was built from: the
+gateway's retention job deletes those queued more than ``CXR_RESULTS_RETENTION_DAYS`` ago
+(:meth:`Outbox.purge_dead_letters`).
 """
 
 from __future__ import annotations
@@ -174,6 +177,35 @@ class Outbox:
             os.rename(item.folder, target)
             fsync_dir(self.dead_letter)  # the new name first: a crash between leaves it in one place
             fsync_dir(self.root)
+
+    def purge_dead_letters(self, max_age_s: float, now: float | None = None) -> int:
+        """Delete the dead letters queued more than ``max_age_s`` ago (blocking); returns how many.
+
+        Out of delivery, a dead letter would otherwise stay until an operator acts: identified
+        patient data (the SR's and presentation states' patient module) kept for ever. Dated by
+        when the object was first queued (``created``), as its result is; one whose meta cannot be
+        read is dated by its folder's mtime, which is never earlier. Items waiting for delivery are
+        never touched here: nothing a PACS may still take is dropped.
+        """
+        now = time.time() if now is None else now
+        if not self.dead_letter.is_dir():
+            return 0
+        purged = 0
+        for folder in sorted(self.dead_letter.iterdir()):
+            if folder.name.startswith(".tmp-") or not folder.is_dir():
+                continue
+            with self._lock:  # read and removed as one: a refusal may replace it with a newer object
+                try:
+                    created = float(json.loads((folder / "meta.json").read_text())["created"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    try:
+                        created = folder.stat().st_mtime
+                    except OSError:  # moved back or deleted meanwhile by an operator
+                        continue
+                if now - created > max_age_s:
+                    discard_dir(folder)
+                    purged += 1
+        return purged
 
     def depth(self, items: list[OutboxItem] | None = None) -> dict[str, int]:
         """Items per destination, of ``items`` (a listing in hand), else listed now."""

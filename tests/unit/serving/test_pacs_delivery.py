@@ -370,3 +370,25 @@ def test_a_dead_letter_is_kept_across_restarts_and_an_operator_requeues_it_by_mo
     [back] = [i for i in box.due() if i.sop_instance_uid == "1.2.9"]
     assert back.data() == b"sr2"
     assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_dead_letters_older_than_the_retention_are_deleted_and_waiting_items_never_are(
+    tmp_path: Path,
+) -> None:
+    box = Outbox(tmp_path)
+    for uid in ("1.2.9", "1.2.10", "1.2.11"):
+        box.put("pacs", COMPREHENSIVE_SR, uid, b"sr with the patient's name")
+    old, new, waiting = sorted(box.items(), key=lambda i: i.sop_instance_uid)
+    box.refused(old, "no_presentation_context")
+    box.refused(new, "no_presentation_context")
+    month = 30 * 86400.0
+    aged = box.dead_letter / old.item_id / "meta.json"
+    aged.write_text(json.dumps({**json.loads(aged.read_text()), "created": time.time() - month - 60}))
+    damaged = box.dead_letter / new.item_id / "meta.json"
+    damaged.write_text("")  # dated by its folder's mtime instead: now
+    assert box.purge_dead_letters(month) == 1
+    assert [d.item_id for d in box.dead_letters()] == [] and (box.dead_letter / new.item_id).is_dir()
+    assert [i.item_id for i in box.items()] == [waiting.item_id], "what a PACS may still take stays"
+    assert box.purge_dead_letters(month, now=time.time() + month + 1) == 1
+    assert not (box.dead_letter / new.item_id).exists()
+    assert [i.item_id for i in box.items()] == [waiting.item_id]

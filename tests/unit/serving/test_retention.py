@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -60,3 +63,108 @@ def test_the_retention_job_runs_at_start_and_stack_status_shows_it(
     assert sr.status_code == 404 and "CXR_SOURCE_RETENTION_HOURS" in sr.json()["error"]["message"]
     line = retention_summary(StackSettings(stack_dir=state.settings.stack_dir))
     assert "retention job: last run" in line and "source images" in line
+
+
+def _age(path: Path, age: timedelta) -> None:
+    when = (datetime.now(UTC) - age).timestamp()
+    os.utime(path, (when, when))
+
+
+def test_a_journal_write_cut_short_leaves_no_identified_source_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ResultStore(None, local_dir=tmp_path)
+
+    def disk_full(*_args: object, **_kwargs: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)  # the source is written, result.json is not
+    with pytest.raises(OSError):
+        store.journal(ResultRecord("r1", {"request_id": "r1"}, "dicom", b"DICM-bytes", tenant="t"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_journal_leftovers_and_unreadable_results_lose_their_source_after_its_retention(
+    tmp_path: Path,
+) -> None:
+    retention = Retention(timedelta(days=30), timedelta(hours=24))
+    crashed = tmp_path / ".tmp-r1-0123abcd"  # a journal write a kill -9 cut short: never renamed
+    crashed.mkdir()
+    (crashed / "source.dcm").write_bytes(b"DICM-bytes")
+    _age(crashed, timedelta(hours=25))
+    writing = tmp_path / ".tmp-r2-0123abcd"  # a write in progress now: not touched
+    writing.mkdir()
+    (writing / "source.dcm").write_bytes(b"DICM-bytes")
+    emptied = tmp_path / "r3"  # result.json is not fsync'd: a power cut can leave it empty
+    emptied.mkdir()
+    (emptied / "result.json").write_text("")
+    (emptied / "source.dcm").write_bytes(b"DICM-bytes")
+    _age(emptied, timedelta(hours=25))
+    report = ResultStore(None, local_dir=tmp_path, retention=retention).purge()
+    assert not crashed.exists()
+    assert (writing / "source.dcm").exists()
+    assert not (emptied / "source.dcm").exists()
+    assert report.sources == 2
+    _age(emptied, timedelta(days=31))
+    ResultStore(None, local_dir=tmp_path, retention=retention).purge()
+    assert not emptied.exists()
+
+
+class _FlakyStore:
+    """An object store whose puts of ``result.json`` fail (a timeout between the two puts)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
+        if key.endswith("/result.json"):
+            raise TimeoutError("the store stopped answering")
+        self.objects[key] = data
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.objects[key]
+
+    def exists(self, key: str) -> bool:
+        return key in self.objects
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        return sorted(k for k in self.objects if k.startswith(prefix))
+
+    def delete_prefix(self, prefix: str) -> int:
+        gone = self.list_prefix(prefix)
+        for key in gone:
+            del self.objects[key]
+        return len(gone)
+
+
+def test_a_source_copied_to_the_store_without_its_result_json_is_not_left_there(tmp_path: Path) -> None:
+    store = _FlakyStore()
+    results = ResultStore(store, local_dir=tmp_path)
+    results.persist(ResultRecord("r1", {"request_id": "r1"}, "dicom", b"DICM-bytes", tenant="t"))
+    # purge_expired dates a stored result by its result.json: without one, a source would stay for ever
+    assert store.objects == {}
+
+
+def test_the_retention_job_deletes_pacs_dead_letters_older_than_the_results_retention(
+    onnx_client: TestClient,
+) -> None:
+    from serving.gateway.app import run_retention
+
+    state = onnx_client.app.state.cxr  # type: ignore[attr-defined]
+    outbox = state.sendback.outbox
+    outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr of a patient")
+    outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.11.1", "1.2.10", b"pr of a patient")
+    old, new = sorted(outbox.items(), key=lambda i: i.sop_instance_uid)
+    days = state.settings.results_retention_days
+    outbox.refused(old, "no_presentation_context")
+    outbox.refused(new, "no_presentation_context")
+    meta = json.loads((outbox.dead_letter / old.item_id / "meta.json").read_text())
+    meta["created"] -= (days + 1) * 86400  # queued longer ago than its result is kept
+    (outbox.dead_letter / old.item_id / "meta.json").write_text(json.dumps(meta))
+    try:
+        run_retention(state)
+        assert [d.item_id for d in outbox.dead_letters()] == [new.item_id]
+        status = json.loads((state.settings.resolved_results_dir.parent / "retention.json").read_text())
+        assert status["dead_letters_deleted"] == 1
+    finally:  # the app is shared by the module's tests: leave its outbox as it was
+        shutil.rmtree(outbox.dead_letter, ignore_errors=True)
