@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import typer
 from dotenv import dotenv_values
+from pydantic import ValidationError
 
 from core.offline import apply_offline_env
 from cxr.demo import demo
@@ -59,11 +61,27 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug lo
     apply_offline_env(stack_dir)
 
 
+def settings_error(exc: ValidationError) -> str | None:
+    """One line naming each bad ``CXR_*`` variable, when ``exc`` is a settings class's; else None."""
+    if not exc.title.endswith("Settings"):
+        return None
+    problems = "; ".join(
+        f"CXR_{'__'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+    )
+    return f"error: invalid setting (CXR_* variable or the stack's stack.env): {problems}"
+
+
 def main() -> None:
     try:
         app()
     except SystemExit as done:  # how Typer ends every command, successful or not
         exit_process(done.code)
+    except ValidationError as exc:  # a settings class read a bad CXR_* value: no traceback for that
+        line = settings_error(exc)
+        if line is None:  # a model inside a command: a bug, keep its traceback
+            raise
+        print(line, file=sys.stderr)
+        exit_process(2)
 
 
 if __name__ == "__main__":

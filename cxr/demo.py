@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.credentials import credentials_path, read_credentials
+from core.errors import CxrError
 from core.settings import CoreSettings
 
 console = Console()
@@ -192,7 +193,7 @@ def demo(
     """Send synthetic studies through the running stack; write SRs and overlays to OUT."""
     try:
         rows = run_demo(out, n_images, conf, seed)
-    except DemoError as exc:
+    except (DemoError, CxrError) as exc:  # CxrError: e.g. a garbled credentials.json
         console.print(f"[red]demo failed:[/] {exc}")
         raise typer.Exit(1) from exc
     table = Table(title="Findings per image")
@@ -210,7 +211,7 @@ def demo(
     files = sorted((out / "studies" / "dicom").glob("*.dicom"))[:2]
     try:
         trip = pacs_round_trip(files)
-    except DemoError as exc:
+    except (DemoError, CxrError) as exc:  # CxrError: e.g. a garbled credentials.json
         console.print(f"[red]PACS round trip failed:[/] {exc}")
         raise typer.Exit(1) from exc
     if trip is None:

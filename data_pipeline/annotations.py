@@ -149,6 +149,8 @@ def read_csv(path: Path) -> pd.DataFrame:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except FileNotFoundError as exc:
         raise AnnotationError(f"annotations file {path} not found") from exc
+    except OSError as exc:  # a folder, or a file this user cannot read
+        raise AnnotationError(f"annotations file {path} cannot be read ({exc.strerror})") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise AnnotationError(f"{path} is not a readable CSV: {exc}") from exc
     missing = [c for c in COLUMNS if c not in raw.columns]

@@ -23,7 +23,7 @@ from rich.text import Text
 
 from core.errors import CxrError
 from data_pipeline.config import DataSettings
-from data_pipeline.errors import StoreError
+from data_pipeline.errors import AnnotationError, StoreError
 
 if TYPE_CHECKING:
     from data_pipeline.golden import GoldenPin
@@ -325,6 +325,9 @@ def validate(
 
     settings = _settings()
     with _friendly_errors():
+        if dicom_dir is not None and not dicom_dir.is_dir():
+            what = "is not a folder" if dicom_dir.exists() else "does not exist"
+            raise AnnotationError(f"image folder {dicom_dir} {what}")
         table = load_annotations(annotations)
         if dicom_dir is not None:
             table = check_inside_images(table, read_sizes(dicom_dir, table.image_ids()))

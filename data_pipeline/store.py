@@ -53,7 +53,10 @@ class ObjectStore:
         timeout_s: float = 30.0,
         retries: int = 2,
     ) -> None:
-        parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+        try:  # urlparse raises on "http://[::1" (an unclosed IPv6 bracket)
+            parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+        except ValueError as exc:
+            raise StoreError(f"S3 endpoint {endpoint!r} is not a URL like http://127.0.0.1:8333") from exc
         if not parsed.hostname:
             raise StoreError(f"S3 endpoint {endpoint!r} is not a URL like http://127.0.0.1:8333")
         self.endpoint = endpoint
@@ -68,14 +71,19 @@ class ObjectStore:
             ),
             maxsize=8,
         )
-        self._client = Minio(
-            parsed.netloc,
-            access_key=access_key or None,
-            secret_key=secret_key or None,
-            secure=parsed.scheme == "https",
-            region=region,
-            http_client=http,
-        )
+        try:
+            self._client = Minio(
+                parsed.netloc,
+                access_key=access_key or None,
+                secret_key=secret_key or None,
+                secure=parsed.scheme == "https",
+                region=region,
+                http_client=http,
+            )
+        except ValueError as exc:  # "invalid port", "username in endpoint is not allowed", ...
+            raise StoreError(
+                f"S3 endpoint {endpoint!r} is not a URL like http://127.0.0.1:8333 ({exc})"
+            ) from exc
 
     # ------------------------------------------------------------------ construction
 

@@ -113,11 +113,26 @@ def list_versions(store: ObjectStore) -> list[str]:
     return sorted({n.split("/")[1] for n in names if n.endswith("/" + MANIFEST) and n.count("/") == 2})
 
 
+def _missing(exc: StoreError) -> bool:
+    """True when the store answered that the object (or its bucket) is not there."""
+    from minio.error import S3Error
+
+    cause = exc.__cause__
+    return isinstance(cause, S3Error) and cause.code in (
+        "NoSuchKey",
+        "NoSuchObject",
+        "ResourceNotFound",
+        "NoSuchBucket",
+    )
+
+
 def latest_version(store: ObjectStore) -> str:
     """The version the last ingest published."""
     try:
         latest = store.get_bytes(LATEST).decode(errors="replace").strip()
     except StoreError as exc:
+        if not _missing(exc):  # unreachable or refused: its own message says so, not "nothing published"
+            raise
         raise DatasetNotFound(
             f"no dataset published yet in {store.endpoint} (run `cxr data ingest`)"
         ) from exc

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,6 +22,9 @@ from core.progress import reporting
 from core.stages import PROMOTION_ORDER, as_stage
 from core.variants import DEFAULT_VARIANT, VARIANTS, Variant, parse_variant
 from delivery.errors import DeliveryError, GateFailed
+
+if TYPE_CHECKING:
+    from delivery.policy import CanaryPolicy
 
 console = Console(highlight=False)
 canary_app = typer.Typer(
@@ -177,12 +180,24 @@ def analyze(
         ctx = _context(gitops_dir, prometheus_url=prometheus_url)
         policy = load_policy(ctx.gitops_dir).canary
         if window:
-            result = run_analysis(ctx.prometheus_url, policy.model_copy(update={"window": window}))
+            result = run_analysis(ctx.prometheus_url, _with_window(policy, window))
         else:
             result = analyze_current_canary(ctx.prometheus_url, policy, ctx.gitops_dir)
         for line in result.lines():
             _echo(line)
         raise typer.Exit({"pass": 0, "fail": GATE_EXIT, "inconclusive": 4}[result.verdict])
+
+
+def _with_window(policy: CanaryPolicy, window: str) -> CanaryPolicy:
+    """The policy with ``--window``, validated as the policy file's own (model_copy checks nothing)."""
+    from pydantic import ValidationError
+
+    from delivery.policy import CanaryPolicy
+
+    try:
+        return CanaryPolicy.model_validate({**policy.model_dump(), "window": window})
+    except ValidationError as exc:
+        raise DeliveryError(f"--window {window!r} is not a PromQL range like 5m, 30s or 1h") from exc
 
 
 @canary_app.command("step")
@@ -208,7 +223,7 @@ def reconcile(
         list[str] | None, typer.Option("--stage", help="stage(s) to follow (default: all)")
     ] = None,
     watch: Annotated[bool, typer.Option("--watch", help="keep following the files (poll)")] = False,
-    poll_s: Annotated[float, typer.Option("--poll-s")] = 2.0,
+    poll_s: Annotated[float, typer.Option("--poll-s", min=0.1, help="seconds between polls")] = 2.0,
     publish: Annotated[
         bool,
         typer.Option(

@@ -13,13 +13,24 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from core.offline import apply_offline_env
+from serving.errors import ServingError
 
 
 class BackendName(StrEnum):
     triton = "triton"
     onnx = "onnx"
+
+
+class LogLevel(StrEnum):
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+    trace = "trace"
 
 
 def serve(
@@ -28,8 +39,8 @@ def serve(
     ] = BackendName.triton,
     model: Annotated[Path | None, typer.Option(help="ONNX file for --backend onnx")] = None,
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port")] = 8080,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port")] = 8080,
+    log_level: Annotated[LogLevel, typer.Option(help="uvicorn log level")] = LogLevel.info,
 ) -> None:
     """Serve the detection gateway (REST, DICOMweb STOW-RS, review page, /metrics)."""
     import uvicorn
@@ -60,14 +71,22 @@ def serve(
             f"[red]API keys file {keys_file} is missing:[/red] run `cxr stack up` or set CXR_API_KEYS_FILE"
         )
         raise typer.Exit(2)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # logging has no TRACE level: uvicorn's own (below DEBUG) is for its loggers only
+    level_name = LogLevel(log_level).value  # a plain string too, for callers of this function
+    level = "DEBUG" if level_name == "trace" else level_name.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        # the app gets this settings object itself, not environment variables to read again
+        gateway = create_app(settings)
+    except ServingError as exc:  # e.g. --model names a file ONNX Runtime cannot load
+        console.print(f"[red]cannot start the gateway:[/red] {escape(exc.message)}")
+        raise typer.Exit(2) from exc
     console.print(f"gateway on http://{host}:{port} backend={backend.value}")
-    # the app gets this settings object itself, not environment variables to read again
     uvicorn.run(
-        create_app(settings),
+        gateway,
         host=host,
         port=port,
-        log_level=log_level,
+        log_level=level_name,
         access_log=False,
         timeout_graceful_shutdown=10,
     )

@@ -165,7 +165,7 @@ def logs(
     component: Annotated[
         str | None, typer.Argument(help="s3, mlflow, triton-production, gateway, ...")
     ] = None,
-    lines: Annotated[int, typer.Option("--lines", "-n")] = 40,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=1, help="last lines of each log")] = 40,
 ) -> None:
     """Print the last lines of a component's log (all logs when none is named)."""
     try:

@@ -128,12 +128,19 @@ def _registered_onnx(
     return data, registry.download_onnx(model_version, work / "model")
 
 
+def _known_split(value: str) -> str:
+    """Refused before the model and dataset are downloaded, not after (an unknown split has no images)."""
+    if value not in ("train", "val", "test"):
+        raise typer.BadParameter(f"{value!r} is not a split: use train, val or test")
+    return value
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     model_version: Annotated[
         str, typer.Option("--model-version", "-m", help="registered cxr-detector version")
     ],
-    split: Annotated[str, typer.Option("--split", help="train | val | test")] = "test",
+    split: Annotated[str, typer.Option("--split", callback=_known_split, help="train | val | test")] = "test",
     dataset: Annotated[
         str | None, typer.Option("--dataset", "-d", help="default: the version's dataset_version tag")
     ] = None,

@@ -288,11 +288,14 @@ class TrainConfig(_Strict):
 def load_config(path: Path) -> TrainConfig:
     """Read a recipe YAML; a missing file or a wrong key is a :class:`ConfigError` naming the problem."""
     if not path.is_file():
-        raise ConfigError(f"training config {path} does not exist (see training/configs/ for examples)")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"training config {path} {what} (see training/configs/ for examples)")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"training config {path} is not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"training config {path} cannot be read ({exc.strerror})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"training config {path} must be a mapping, got {type(raw).__name__}")
     try:

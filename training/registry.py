@@ -117,11 +117,19 @@ class ModelRegistry:
     """Registry calls against one tracking server (the URI is explicit: no global MLflow state)."""
 
     def __init__(self, tracking_uri: str, model_name: str) -> None:
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
         self.model_name = model_name
-        self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        try:
+            self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        except (MlflowException, ValueError) as exc:  # "mlflow:5000" reads as a folder, "http://[x" as no URL
+            reason = str(exc).split(". ")[0]  # MLflow's file-store notice runs on for a paragraph
+            raise RegistryError(
+                f"MLflow tracking URI {tracking_uri!r} cannot be used ({reason}); "
+                "set CXR_MLFLOW_URI (or --mlflow-uri) to the server's http:// address"
+            ) from exc
         self._reachable = False
 
     @classmethod

@@ -111,8 +111,10 @@ def load_space(path: Path) -> TuneSpace:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
         return TuneSpace.model_validate(raw)
-    except (yaml.YAMLError, ValidationError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, ValidationError) as exc:
         raise ConfigError(f"search space {path} is invalid:\n{exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"search space {path} cannot be read ({exc.strerror})") from exc
 
 
 def scaled_augment(augment: AugmentConfig, strength: float) -> AugmentConfig:

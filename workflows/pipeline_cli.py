@@ -28,7 +28,7 @@ from rich.console import Console
 from core.errors import CxrError, StageFileError
 from core.stages import as_stage
 from workflows.config import WorkflowSettings, get_settings
-from workflows.parameters import TRAIN_STEP_ENV
+from workflows.parameters import MAX_EPOCHS, TRAIN_STEP_ENV
 
 console = Console(highlight=False)
 app = typer.Typer(
@@ -96,7 +96,9 @@ def run(
     base_model: Annotated[
         str | None, typer.Option("--base-model", help="'production' (fine-tune), 'none', or a version")
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="override the config's epochs (0 = keep)")] = 0,
+    epochs: Annotated[
+        int, typer.Option("--epochs", min=0, max=MAX_EPOCHS, help="override the config's epochs (0 = keep)")
+    ] = 0,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray Train workers")] = 2,
     include_feedback: Annotated[
         bool, typer.Option("--feedback/--no-feedback", help="merge radiologists' feedback from the store")
@@ -119,6 +121,7 @@ def run(
     ] = 0.0,
 ) -> None:
     """Run every step of the retrain DAG on this machine, in the DAG's order, against the stack."""
+    from workflows import steps
     from workflows.run_lock import BUSY_EXIT_CODE, PipelineBusy, pipeline_lock
     from workflows.runner import RunOptions, run_pipeline, summary_table
 
@@ -137,6 +140,10 @@ def run(
         work_dir=work_dir or settings.stack_dir / "pipeline" / name,
         golden_wait_s=golden_wait,
     )
+    with _errors():  # a recipe or base model the train step would refuse: before any data step runs
+        steps.train_config(
+            options.training_config, base_model=options.base_model, epochs=epochs, settings=settings
+        )
     try:
         with pipeline_lock(settings.stack_dir, name), _errors():
             summary = run_pipeline(options, settings, console=console)

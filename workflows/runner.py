@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import CxrError
 from core.progress import Reporter, reporting
 from workflows import steps
 from workflows.config import WorkflowSettings
@@ -240,7 +241,10 @@ def _run_step(
             record.status, record.detail = "failed", str(exc)
             summary.failed_step, summary.error = name, str(exc)
         except Exception as exc:  # another package's error: still end the run naming the step
-            log.exception("event=step_error step=%s", name)
+            if isinstance(exc, CxrError):  # expected (a store down, a bad file): its message says it all
+                log.error("event=step_error step=%s error=%s: %s", name, type(exc).__name__, exc)
+            else:
+                log.exception("event=step_error step=%s", name)
             record.status, record.detail = "failed", f"{type(exc).__name__}: {exc}"
             summary.failed_step, summary.error = name, record.detail
         record.seconds = round(task.seconds, 2)

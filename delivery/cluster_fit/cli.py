@@ -23,6 +23,11 @@ def check_cmd(
     ] = None,
 ) -> None:
     """Render k8s/, read iac/ and the tables, and report every part that does not fit another."""
+    unknown = sorted(set(only or []) - set(CHECKS))
+    if unknown:  # else nothing would run and the command would report "0 misfits"
+        raise typer.BadParameter(
+            f"unknown check(s) {', '.join(unknown)}; use {', '.join(CHECKS)}", param_hint="'--only'"
+        )
     try:
         tree, findings = check_tree(root.resolve(), only)
     except RenderError as exc:

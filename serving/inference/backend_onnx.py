@@ -53,11 +53,17 @@ class OnnxBackend:
         # on 2 cores that computed 22.2 img/s against 14.4 for one 2-thread session running
         # them in turn (`ort_parallelism` in benchmarks/serve_bench.py), and no spinning
         # thread steals the CPU that decoding the next upload needs.
-        self._session = ort_session(model_path, threads=threads or 1, spin=False)
-        self._solo_session = ort_session(model_path, threads=threads, spin=True)
+        try:
+            self._session = ort_session(model_path, threads=threads or 1, spin=False)
+            self._solo_session = ort_session(model_path, threads=threads, spin=True)
+            meta = dict(self._session.get_modelmeta().custom_metadata_map)
+            contract = contract_from_metadata(meta)
+        except Exception as exc:  # ORT's own exceptions share no base: not ONNX, a broken graph, bad metadata
+            raise ModelNotReady(
+                f"ONNX model {model_path} cannot be loaded ({type(exc).__name__}: {exc}); "
+                "pass --model the model.onnx a training run exported"
+            ) from exc
         self._inflight = 0
-        meta = dict(self._session.get_modelmeta().custom_metadata_map)
-        contract = contract_from_metadata(meta)
         digest = file_sha256(model_path)
         version = meta.get("cxr_model_version") or f"local-{digest[:12]}"
         # the thresholds and calibrator training chose for this very file, when they are beside it

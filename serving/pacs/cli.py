@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.credentials import read_credentials
+from core.errors import CredentialsError
 from core.settings import CoreSettings
 
 app = typer.Typer(help="The PACS round trip: pull a study by DICOMweb, analyse it, send results back.")
@@ -21,7 +22,10 @@ def _pacs_key() -> str:
     key = os.environ.get("CXR_API_KEY", "")
     if key:
         return key
-    creds = read_credentials(CoreSettings().stack_dir)
+    try:
+        creds = read_credentials(CoreSettings().stack_dir)
+    except CredentialsError as exc:
+        raise typer.BadParameter(f"no pacs key: {exc}") from exc
     if creds is None or "pacs" not in creds.api_keys:
         raise typer.BadParameter("no pacs key: set CXR_API_KEY or start the stack (`make up`) first")
     return creds.api_keys["pacs"]
@@ -32,9 +36,19 @@ def analyze(
     study_uid: Annotated[str, typer.Argument(help="StudyInstanceUID of a study the PACS holds")],
     send_back: Annotated[bool, typer.Option(help="send SR + presentation states to the PACS")] = True,
     gateway: Annotated[str, typer.Option(envvar="CXR_GATEWAY_URL")] = "http://127.0.0.1:8080",
-    timeout_s: Annotated[float, typer.Option(help="how long to wait for the whole study")] = 300.0,
+    timeout_s: Annotated[
+        float, typer.Option(min=1.0, help="how long to wait for the whole study (seconds)")
+    ] = 300.0,
 ) -> None:
     """Pull STUDY_UID from CXR_PACS_DICOMWEB_URL (QIDO-RS/WADO-RS), analyse it, send results back."""
+    from pydicom.uid import UID
+
+    if not study_uid or len(study_uid) > 64 or not UID(study_uid).is_valid:
+        # it goes into the URL's path: "../x" would reach another route of the gateway
+        raise typer.BadParameter(
+            f"{study_uid!r} is not a DICOM UID (digits and dots, at most 64 characters)",
+            param_hint="'STUDY_UID'",
+        )
     headers = {"Authorization": f"Bearer {_pacs_key()}"}
     try:
         with console.status(f"pulling and analysing the study through {gateway} ..."):

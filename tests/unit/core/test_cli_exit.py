@@ -139,3 +139,34 @@ def test_missing_standard_streams_are_skipped(tmp_path: Path) -> None:
         env={"PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0
+
+
+def test_a_bad_cxr_variable_is_one_line_naming_it_not_a_traceback(tmp_path: Path) -> None:
+    """Settings classes outside the data package read CXR_* before any try: main() answers for them."""
+    result = _python(
+        f"""
+        import os, sys
+        os.environ.update(CXR_STACK_DIR={str(tmp_path / "stack")!r}, CXR_GATEWAY_PORT="eighty")
+        sys.argv = ["cxr", "stack", "status"]
+        from cxr.cli import main; main()
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "CXR_GATEWAY_PORT" in result.stderr and "valid integer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_with_a_garbled_credentials_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from cxr.cli import app
+
+    monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path))
+    (tmp_path / "credentials.json").write_text("{garbled")
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert "demo failed" in result.output and "is unreadable" in " ".join(result.output.split())
+    assert isinstance(result.exception, SystemExit), result.exception

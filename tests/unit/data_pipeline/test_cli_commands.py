@@ -65,3 +65,55 @@ def test_ingest_of_a_missing_folder_is_one_error_line(tmp_path: Path) -> None:
     )
     assert result.exit_code == 1
     assert "does not exist" in _text(result.output)
+
+
+def test_a_folder_or_a_file_in_the_wrong_place_is_one_error_line(tmp_path: Path) -> None:
+    """--annotations naming a folder, --out naming a file, --dicom-dir naming nothing: no traceback."""
+    runner = CliRunner()
+    env = {"CXR_STACK_DIR": str(tmp_path / "stack")}
+    csv = tmp_path / "a.csv"
+    csv.write_text(HEADER + "a,No finding,14,R1,,,,\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    cases = {
+        "cannot be read": ["validate", "--annotations", str(tmp_path)],
+        "image folder": ["validate", "--annotations", str(csv), "--dicom-dir", str(tmp_path / "nope")],
+        "is a file, not a folder": ["synth", "--out", str(csv), "--n-images", "1", "--size", "64"],
+    }
+    ingest = ["ingest", "--dicom-dir", str(images), "--annotations", str(csv), "--upload", "no"]
+    cases["is a file, not a folder "] = [*ingest, "--out", str(csv)]
+    for expected, args in cases.items():
+        result = runner.invoke(app, args, env=env)
+        text = _text(result.output)
+        assert result.exit_code == 1, (args, result.output)
+        assert expected.strip() in text and "Traceback" not in text, (args, text)
+        assert isinstance(result.exception, SystemExit), (args, result.exception)
+    # the missing image folder is named, not blamed on every row of the CSV
+    result = runner.invoke(app, cases["image folder"], env=env)
+    assert "does not exist" in _text(result.output) and "quarantined" not in result.output
+
+
+def test_fetch_latest_with_the_store_down_says_so_not_that_nothing_was_published(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["fetch", "latest", "--cache-dir", str(tmp_path / "cache")],
+        env={
+            "CXR_STACK_DIR": str(tmp_path / "stack"),
+            "CXR_S3_ENDPOINT": "http://127.0.0.1:9",
+            "CXR_S3_ACCESS_KEY": "k",
+            "CXR_S3_SECRET_KEY": "s",
+        },
+    )
+    text = _text(result.output)
+    assert result.exit_code == 1
+    assert "unreachable" in text and "no dataset published" not in text
+
+
+def test_an_s3_endpoint_that_is_no_url_is_one_error_line(tmp_path: Path) -> None:
+    for endpoint in ("http://[::1", "http://127.0.0.1:port"):
+        result = CliRunner().invoke(
+            app, ["buckets"], env={"CXR_STACK_DIR": str(tmp_path), "CXR_S3_ENDPOINT": endpoint}
+        )
+        assert result.exit_code == 1, (endpoint, result.output)
+        assert "is not a URL like" in _text(result.output), (endpoint, result.output)
+        assert isinstance(result.exception, SystemExit), (endpoint, result.exception)

@@ -260,3 +260,54 @@ def test_a_version_of_unicode_digits_is_refused_before_anything_happens(stage_re
     assert result.exit_code == 1
     assert "version must be an MLflow version number" in result.output
     assert _head(stage_repo) == head and _Registry.aliases == {}
+
+
+def test_a_malformed_canary_window_is_refused_before_prometheus_is_asked(repo: Path) -> None:
+    # model_copy validates nothing: "5x" (or a PromQL fragment) reached the queries as it was typed
+    result = runner.invoke(
+        canary_app,
+        ["analyze", "--window", "5x", "--gitops-dir", str(repo), "--prometheus-url", "http://127.0.0.1:9"],
+    )
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "--window '5x' is not a PromQL range" in text and "unreachable" not in text
+    assert isinstance(result.exception, SystemExit), result.exception
+
+
+def test_a_negative_poll_interval_is_a_usage_error(repo: Path) -> None:
+    result = runner.invoke(app, ["reconcile", "--watch", "--poll-s", "-1", "--gitops-dir", str(repo)])
+    assert result.exit_code == 2, result.output
+    assert "--poll-s" in result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+
+
+def test_an_mlflow_uri_that_is_no_server_address_fails_the_promotion_with_one_line(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    result = runner.invoke(
+        app,
+        [
+            "promote",
+            "3",
+            "--to",
+            "staging",
+            "--no-apply",
+            "--gitops-dir",
+            str(repo),
+            "--mlflow-uri",
+            "mlflow",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    assert "MLflow tracking URI 'mlflow' cannot be used" in " ".join(result.output.split())
+    assert isinstance(result.exception, SystemExit), result.exception
+
+
+def test_cluster_check_refuses_an_unknown_check_name() -> None:
+    from delivery.cluster_fit.cli import app as cluster_app
+
+    result = runner.invoke(cluster_app, ["--only", "rbca"])  # one command: Typer drops its name
+    assert result.exit_code == 2, result.output  # it ran nothing and reported "0 misfits", exit 0
+    assert "unknown check(s) rbca" in " ".join(result.output.replace("│", " ").split())

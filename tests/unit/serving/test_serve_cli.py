@@ -49,3 +49,60 @@ def test_serve_refuses_the_onnx_backend_without_a_model(monkeypatch: pytest.Monk
     with pytest.raises(typer.Exit) as exc:
         serve(backend=BackendName.onnx, model=None, host="127.0.0.1", port=18080, log_level="warning")
     assert exc.value.exit_code == 2
+
+
+def _flat(output: str) -> str:
+    """Typer's error box wraps at the terminal width: words without the box and the line breaks."""
+    return " ".join(output.replace("│", " ").split())
+
+
+def test_serve_options_out_of_range_or_unloadable_are_one_error_line(
+    api_keys: tuple[Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    keys_file, _ = api_keys
+    monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
+    monkeypatch.setenv("CXR_API_KEYS_FILE", str(keys_file))
+    monkeypatch.setenv("CXR_STORE_RESULTS", "false")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: pytest.fail("nothing may be served"))
+    not_onnx = tmp_path / "weights.pt"
+    not_onnx.write_bytes(b"\x80\x02not a protobuf" * 8)
+    for args, expected in (
+        # the path itself may be wrapped by the console mid-name (a long tmp path under xdist)
+        (["--backend", "onnx", "--model", str(not_onnx)], "cannot be loaded"),
+        (["--port", "99999"], "--port"),
+        (["--log-level", "loud"], "--log-level"),
+    ):
+        result = CliRunner().invoke(app, ["serve", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert expected in _flat(result.output), (args, result.output)
+        assert isinstance(result.exception, SystemExit), (args, result.exception)
+
+
+def test_pacs_analyze_refuses_bad_input_and_a_garbled_credentials_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from cxr.cli import app  # the pacs app alone is one command: Typer would drop its name
+
+    monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path))
+    monkeypatch.setenv("CXR_GATEWAY_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("CXR_API_KEY", raising=False)
+    (tmp_path / "credentials.json").write_text("{garbled")
+    result = CliRunner().invoke(app, ["pacs", "analyze", "1.2.3"])
+    assert result.exit_code == 2 and "is unreadable" in _flat(result.output)
+    assert isinstance(result.exception, SystemExit), result.exception
+    monkeypatch.setenv("CXR_API_KEY", "k")
+    for args, expected in (
+        (["1.2.3", "--timeout-s", "-1"], "--timeout-s"),
+        (["../../v1/feedback"], "is not a DICOM UID"),  # would reach another route of the gateway
+    ):
+        result = CliRunner().invoke(app, ["pacs", "analyze", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert expected in _flat(result.output), (args, result.output)
+        assert isinstance(result.exception, SystemExit), (args, result.exception)

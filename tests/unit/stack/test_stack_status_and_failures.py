@@ -105,3 +105,16 @@ def test_stack_status_names_a_missing_triton_environment_instead_of_a_traceback(
     assert result.exit_code == 1
     assert not isinstance(result.exception, ComponentFailed), result.exception
     assert "Triton's environment is missing" in result.output
+
+
+def test_logs_refuses_a_line_count_below_one(settings: StackSettings) -> None:
+    """-n 0 printed the whole log and -n -5 all but its first 5 lines, exit 0."""
+    logs = settings.state / "logs"
+    logs.mkdir(parents=True)
+    (logs / "gateway.log").write_text("".join(f"{i}\n" for i in range(100)))
+    for lines in ("0", "-5"):
+        result = CliRunner().invoke(stack_app, ["logs", "gateway", "-n", lines])
+        assert result.exit_code == 2, (lines, result.output)
+        assert "--lines" in result.output
+    result = CliRunner().invoke(stack_app, ["logs", "gateway", "-n", "2"])
+    assert result.exit_code == 0 and result.output.split()[-2:] == ["98", "99"]

@@ -38,3 +38,40 @@ def test_epoch_table_shows_one_row_per_epoch(tmp_path: Path) -> None:
     table = epoch_table(csv)
     assert table.row_count == 3
     assert [c.header for c in table.columns] == ["epoch", "box", "mAP50", "s"]
+
+
+def test_a_config_that_is_no_text_or_a_folder_is_one_error_line(tmp_path: Path) -> None:
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"\x80\xb7\xff\x00" * 64)  # e.g. weights passed where the recipe goes
+    recipe = Path("training/configs/cpu-small.yaml")
+    for args, expected in (
+        (["run", "--config", str(binary)], "not valid YAML"),
+        (["run", "--config", str(tmp_path)], "is not a file"),
+        (["tune", "--config", str(recipe), "--space", str(binary)], "is invalid"),
+    ):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert expected in result.output, (args, result.output)
+        assert isinstance(result.exception, SystemExit), (args, result.exception)
+
+
+def test_an_mlflow_uri_that_is_no_server_address_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # MLflow would read "mlflow-host" as a folder here
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in ("mlflow-host", "http://[::1"):
+        monkeypatch.setenv("CXR_MLFLOW_URI", uri)
+        result = CliRunner().invoke(app, ["evaluate", "--model-version", "3"])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2, (uri, result.output)
+        assert f"MLflow tracking URI '{uri}' cannot be used" in text, text
+        assert isinstance(result.exception, SystemExit), (uri, result.exception)
+
+
+def test_an_unknown_split_is_refused_before_mlflow_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_MLFLOW_URI", "http://127.0.0.1:9")
+    result = CliRunner().invoke(app, ["evaluate", "--model-version", "3", "--split", "tset"])
+    assert result.exit_code == 2
+    assert "use train, val or test" in " ".join(result.output.split())
+    assert "MLflow" not in result.output

@@ -195,3 +195,48 @@ def test_run_reports_each_step_with_its_state_and_time(
     assert "event=" not in shown
     assert re.search(r"✓ \[1/8\] ingest \(\d+\.\d s\) ingest done", shown), shown
     assert re.search(r"- \[8/8\] promote-to-staging \(\d+\.\d s\) not asked", shown), shown
+
+
+def test_run_refuses_a_bad_recipe_base_model_or_epochs_before_any_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They reached the train step only after ingest, validate and the dataset build."""
+    monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
+    monkeypatch.setenv("CXR_PRELAUNCH_TRAINING", "false")
+    work = tmp_path / "work"
+    base = ["run", "--source", str(_source(tmp_path / "src")), "--no-feedback", "--work-dir", str(work)]
+    for extra, code, expected in (
+        (["--config", str(tmp_path / "nope.yaml")], 1, "does not exist"),
+        (["--base-model", "prod"], 1, "base model must be 'production'"),
+        (["--epochs", "-1"], 2, "--epochs"),
+    ):
+        result = CliRunner().invoke(app, [*base, *extra])
+        assert result.exit_code == code, (extra, result.output)
+        assert expected in " ".join(result.output.replace("│", " ").split()), (extra, result.output)
+        assert not work.exists(), extra  # no step ran
+
+
+def test_an_expected_error_of_another_package_is_logged_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The store being down is a message (the summary shows it), not a page of urllib3 frames."""
+    import logging
+
+    from core.progress import reporting
+    from data_pipeline.errors import StoreError
+    from workflows.runner import PipelineSummary, StepRecord, _run_step
+
+    def store_down() -> str:
+        raise StoreError("S3 http://127.0.0.1:9 unreachable; is the stack running (`cxr stack up`)?")
+
+    def bug() -> str:
+        raise KeyError("x")
+
+    summary = PipelineSummary(run_name="r", steps=[StepRecord(name=n) for n in STEP_ORDER])
+    with reporting(Console(file=io.StringIO())) as progress, caplog.at_level(logging.ERROR):
+        _run_step(1, summary.steps[0], store_down, summary, progress)
+        _run_step(2, summary.steps[1], bug, summary, progress)
+    records = [r for r in caplog.records if "step_error" in r.getMessage()]
+    assert [r.exc_info is not None for r in records] == [False, True]  # a bug keeps its traceback
+    assert "unreachable" in records[0].getMessage()
+    assert summary.steps[0].status == "failed" and "is the stack running" in str(summary.steps[0].detail)
