@@ -37,7 +37,7 @@ from data_pipeline.classes import CLASS_NAMES, NO_FINDING_ID
 from data_pipeline.config import DataSettings
 from data_pipeline.dicom_io import max_file_bytes
 from data_pipeline.drift import build_reference
-from data_pipeline.errors import AnnotationError, DataPipelineError, EmptyDatasetError
+from data_pipeline.errors import AnnotationError, EmptyDatasetError
 from data_pipeline.executors import run_images
 from data_pipeline.export import (
     ImageJob,
@@ -48,6 +48,7 @@ from data_pipeline.export import (
 )
 from data_pipeline.feedback import FeedbackBatch, collect_feedback
 from data_pipeline.fusion import FusionConfig, fuse_annotations
+from data_pipeline.output import ensure_output_folder
 from data_pipeline.quality import QualityReport, check_images, check_labels, near_duplicate_groups
 from data_pipeline.report import (
     INDEX,
@@ -130,14 +131,7 @@ def build_dataset(
     if not dicom_dir.is_dir():
         what = "is not a folder" if dicom_dir.exists() else "does not exist"
         raise AnnotationError(f"image folder {dicom_dir} {what}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataPipelineError(f"output {out_dir} is a file, not a folder: pass --out a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a place this user cannot write
-        raise DataPipelineError(
-            f"cannot create the output folder {out_dir} ({exc.strerror}): pass --out a folder you can write"
-        ) from exc
+    ensure_output_folder(out_dir)
     # [1] the new studies: annotation rows and the images they may refer to
     table = load_annotations(annotations_csv)
     images = find_images(dicom_dir)

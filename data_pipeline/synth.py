@@ -52,7 +52,7 @@ from pydicom.uid import (
 
 from data_pipeline.annotations import COLUMNS
 from data_pipeline.classes import ALL_LABELS, CLASS_NAMES, NO_FINDING, NO_FINDING_ID
-from data_pipeline.errors import DataPipelineError
+from data_pipeline.output import ensure_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -635,14 +635,7 @@ def generate(
     """Write ``out_dir/dicom/*.dicom``, ``annotations.csv`` (readers) and ``truth.csv`` (ground truth)."""
     out_dir = Path(out_dir)
     dicom_dir = out_dir / "dicom"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataPipelineError(f"output {out_dir} is a file, not a folder: pass --out a folder")
-    try:
-        dicom_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a place this user cannot write
-        raise DataPipelineError(
-            f"cannot create the output folder {dicom_dir} ({exc.strerror}): pass --out a folder you can write"
-        ) from exc
+    ensure_output_folder(out_dir, dicom_dir)
     patients = _patients(config)
     workers = config.workers or (len(_available_cpus()) or 1)
     chunk = 4
