@@ -65,28 +65,10 @@ print(json.dumps({r.image_id: [r.error, r.width] for r in results}))
 
 def test_a_ray_worker_that_dies_costs_its_own_image_and_the_others_finish(tmp_path: Path) -> None:
     """Ray Data retried a task whose worker died for ever: one such file hung the ingest."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from dataclasses import asdict
-
-    from tests.unit.data_pipeline.test_image_pool_failures import _jobs
+    from tests.unit.data_pipeline.test_image_pool_failures import _jobs, run_crash_script
 
     pytest.importorskip("ray")
     names = [f"img{i:02d}" for i in range(12)]
-    jobs = _jobs(tmp_path, names)
-    root = Path(__file__).resolve().parents[3]
-    run = subprocess.run(
-        [sys.executable, "-c", _CRASH_SCRIPT, json.dumps([asdict(j) for j in jobs]), "img05"],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root), "CXR_STACK_DIR": str(tmp_path / "stack")},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    by_id = json.loads(run.stdout.strip().splitlines()[-1])
-    assert sorted(by_id) == names
+    by_id = run_crash_script(_CRASH_SCRIPT, _jobs(tmp_path, names), ["img05"], tmp_path, timeout=300)
     assert by_id["img05"][0] == "decoder crashed (the worker process died)"
     assert all(by_id[n] == [None, 64] for n in names if n != "img05")

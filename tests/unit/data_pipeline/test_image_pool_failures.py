@@ -114,21 +114,30 @@ print(json.dumps({r.image_id: [r.error, r.width] for r in results}))
 """
 
 
-def test_a_worker_that_dies_costs_its_own_image_and_the_others_finish(tmp_path: Path) -> None:
-    names = [f"img{i:02d}" for i in range(12)]
-    jobs = _jobs(tmp_path, names)
+def run_crash_script(
+    script: str, jobs: list[ImageJob], crash: list[str], tmp_path: Path, timeout: float
+) -> dict[str, list[object]]:
+    """Run ``script`` (which kills the worker of each image in ``crash``) over ``jobs`` in a fresh
+    interpreter; image id -> [error, width] of every result it printed."""
     root = Path(__file__).resolve().parents[3]
     run = subprocess.run(
-        [sys.executable, "-c", _CRASH_SCRIPT, json.dumps([asdict(j) for j in jobs]), "img03,img09"],
+        [sys.executable, "-c", script, json.dumps([asdict(j) for j in jobs]), ",".join(crash)],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root), "CXR_STACK_DIR": str(tmp_path / "stack")},
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=timeout,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    by_id = json.loads(run.stdout.strip().splitlines()[-1])
-    assert sorted(by_id) == names
+    by_id: dict[str, list[object]] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert sorted(by_id) == sorted(j.image_id for j in jobs)
+    return by_id
+
+
+def test_a_worker_that_dies_costs_its_own_image_and_the_others_finish(tmp_path: Path) -> None:
+    names = [f"img{i:02d}" for i in range(12)]
+    jobs = _jobs(tmp_path, names)
+    by_id = run_crash_script(_CRASH_SCRIPT, jobs, ["img03", "img09"], tmp_path, timeout=180)
     assert by_id["img03"][0] == by_id["img09"][0] == "decoder crashed (the worker process died)"
     assert all(by_id[n] == [None, 64] for n in names if n not in {"img03", "img09"})
     assert all(Path(j.dest).exists() for j in jobs if j.image_id not in {"img03", "img09"})

@@ -199,3 +199,29 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class MemoryStore:
+    """The ObjectStore calls the results and feedback code makes, in memory (unit tests; the
+    integration tests run the real SeaweedFS). Subclass it to make one call fail."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
+        self.objects[key] = data
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.objects[key]
+
+    def exists(self, key: str) -> bool:
+        return key in self.objects
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        return sorted(k for k in self.objects if k.startswith(prefix))
+
+    def delete_prefix(self, prefix: str) -> int:
+        gone = self.list_prefix(prefix)
+        for key in gone:
+            del self.objects[key]
+        return len(gone)

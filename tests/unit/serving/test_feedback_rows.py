@@ -25,7 +25,7 @@ from serving.feedback.service import (
     rows_for,
 )
 from serving.results import ResultRecord
-from tests.unit.serving.serving_support import make_dicom, make_png
+from tests.unit.serving.serving_support import MemoryStore, make_dicom, make_png
 
 pytestmark = pytest.mark.unit
 
@@ -197,31 +197,8 @@ def test_a_removal_a_crash_cut_short_leaves_nothing_listed_and_is_cleared_at_sta
     assert FeedbackSpool(root).pending() == ["fb2"] and [p.name for p in root.iterdir()] == ["fb2"]
 
 
-class _MemoryStore:
-    def __init__(self) -> None:
-        self.objects: dict[str, bytes] = {}
-
-    def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
-        self.objects[key] = data
-
-    def get_bytes(self, key: str) -> bytes:
-        return self.objects[key]
-
-    def exists(self, key: str) -> bool:
-        return key in self.objects
-
-    def list_prefix(self, prefix: str) -> list[str]:
-        return [k for k in self.objects if k.startswith(prefix)]
-
-    def delete_prefix(self, prefix: str) -> int:
-        gone = self.list_prefix(prefix)
-        for key in gone:
-            del self.objects[key]
-        return len(gone)
-
-
 def test_a_stored_feedback_takes_the_same_body_as_a_duplicate_and_refuses_another(tmp_path: Path) -> None:
-    store = _MemoryStore()
+    store = MemoryStore()
     service = FeedbackService(store, FeedbackSpool(tmp_path / "spool"), "salt")
     fb = FeedbackIn(request_id="r1", feedback_id="fb1", new_boxes=[NewBox(class_id=8, box=[1, 2, 20, 30])])
     source = make_dicom()
@@ -375,7 +352,7 @@ def test_a_damaged_spooled_feedback_is_set_aside_and_the_others_are_delivered(tm
     secret.write_bytes(b"not feedback")
     (root / "fb1" / "objects.json").write_text(json.dumps({"feedback/fb1/x.csv": str(secret)}))  # elsewhere
     (root / "fb2" / "objects.json").write_text("{not json")
-    store = _MemoryStore()
+    store = MemoryStore()
     service = FeedbackService(store, spool, "salt")
     assert service.deliver_spooled() == 1
     assert store.objects == {"feedback/fb3/annotations.csv": b"rows3"}  # the named file was never read

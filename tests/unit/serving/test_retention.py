@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.results import ResultRecord, ResultStore, Retention
-from tests.unit.serving.serving_support import make_dicom
+from tests.unit.serving.serving_support import MemoryStore, make_dicom
 
 pytestmark = pytest.mark.unit
 
@@ -110,31 +110,13 @@ def test_journal_leftovers_and_unreadable_results_lose_their_source_after_its_re
     assert not emptied.exists()
 
 
-class _FlakyStore:
+class _FlakyStore(MemoryStore):
     """An object store whose puts of ``result.json`` fail (a timeout between the two puts)."""
-
-    def __init__(self) -> None:
-        self.objects: dict[str, bytes] = {}
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
         if key.endswith("/result.json"):
             raise TimeoutError("the store stopped answering")
-        self.objects[key] = data
-
-    def get_bytes(self, key: str) -> bytes:
-        return self.objects[key]
-
-    def exists(self, key: str) -> bool:
-        return key in self.objects
-
-    def list_prefix(self, prefix: str) -> list[str]:
-        return sorted(k for k in self.objects if k.startswith(prefix))
-
-    def delete_prefix(self, prefix: str) -> int:
-        gone = self.list_prefix(prefix)
-        for key in gone:
-            del self.objects[key]
-        return len(gone)
+        super().put_bytes(key, data, content_type)
 
 
 def test_a_source_copied_to_the_store_without_its_result_json_is_not_left_there(tmp_path: Path) -> None:
