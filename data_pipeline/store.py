@@ -39,6 +39,18 @@ class ObjectInfo:
     size: int
 
 
+def is_missing(exc: StoreError) -> bool:
+    """True when the store answered that the object (or its bucket) is not there, as opposed to
+    being unreachable or refusing the request."""
+    cause = exc.__cause__
+    return isinstance(cause, S3Error) and cause.code in (
+        "NoSuchKey",
+        "NoSuchObject",
+        "ResourceNotFound",
+        "NoSuchBucket",
+    )
+
+
 class ObjectStore:
     """One bucket of an S3 endpoint, with the few operations the project needs."""
 
@@ -158,8 +170,7 @@ class ObjectStore:
             with self._errors(f"look up {key}"):
                 stat = self._client.stat_object(self.bucket, key)
         except StoreError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, S3Error) and cause.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+            if is_missing(exc):
                 return False
             raise
         meta = {k.lower(): v for k, v in (stat.metadata or {}).items()}

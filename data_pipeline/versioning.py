@@ -26,7 +26,7 @@ import yaml
 
 from core.hashing import file_sha256
 from data_pipeline.errors import DatasetIntegrityError, DatasetNotFound, StoreError
-from data_pipeline.store import ObjectStore
+from data_pipeline.store import ObjectStore, is_missing
 
 log = logging.getLogger(__name__)
 
@@ -113,25 +113,12 @@ def list_versions(store: ObjectStore) -> list[str]:
     return sorted({n.split("/")[1] for n in names if n.endswith("/" + MANIFEST) and n.count("/") == 2})
 
 
-def _missing(exc: StoreError) -> bool:
-    """True when the store answered that the object (or its bucket) is not there."""
-    from minio.error import S3Error
-
-    cause = exc.__cause__
-    return isinstance(cause, S3Error) and cause.code in (
-        "NoSuchKey",
-        "NoSuchObject",
-        "ResourceNotFound",
-        "NoSuchBucket",
-    )
-
-
 def latest_version(store: ObjectStore) -> str:
     """The version the last ingest published."""
     try:
         latest = store.get_bytes(LATEST).decode(errors="replace").strip()
     except StoreError as exc:
-        if not _missing(exc):  # unreachable or refused: its own message says so, not "nothing published"
+        if not is_missing(exc):  # unreachable or refused: its own message says so, not "nothing published"
             raise
         raise DatasetNotFound(
             f"no dataset published yet in {store.endpoint} (run `cxr data ingest`)"
