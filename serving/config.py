@@ -220,6 +220,23 @@ class ServingSettings(CoreSettings):
         default=0.5, ge=0.0, le=1.0, description="a study with abnormality score >= this is flagged priority"
     )
     worklist_hours: float = Field(default=24.0, gt=0, description="GET /v1/worklist shows this many hours")
+    worklist_url: str = Field(
+        default="",
+        repr=False,  # it holds the database password
+        description="PostgreSQL the worklist lives in, shared by every gateway replica "
+        "(postgresql://USER:PASSWORD@HOST:PORT/DB); empty: a SQLite file under <stack_dir>/serving",
+    )
+    worklist_timeout_s: float = Field(
+        default=5.0, gt=0, le=60, description="longest wait for a worklist database connection"
+    )
+
+    @field_validator("worklist_url")
+    @classmethod
+    def _worklist_url(cls, value: str) -> str:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            # the value is not echoed: it may hold a password
+            raise ValueError("CXR_WORKLIST_URL must be a postgresql:// URL (or empty for a SQLite file)")
+        return value
 
     @field_validator("shadow_fraction")
     @classmethod

@@ -152,6 +152,13 @@ class BackendError(ServingError):
     code = "backend_error"
 
 
+class WorklistUnavailable(ServingError):
+    """503: the worklist's database (its SQLite file, or the cluster's PostgreSQL) cannot be used."""
+
+    status = 503
+    code = "worklist_unavailable"
+
+
 class PacsUnavailable(ServingError):
     """The configured PACS did not answer, or answered with an error: retry later."""
 

@@ -76,7 +76,7 @@ def _runtime_contents(tree: Tree) -> list[Finding]:
     texts = [
         " ".join(str(x) for x in [*c.get("command", []), *c.get("args", [])])
         + " "
-        + " ".join(str(e.get("value", "")) for e in c.get("env", []))
+        + " ".join(str(e.get("value", "")) for e in c.get("env", []) if e.get("name") != "CXR_WORKLIST_URL")
         for pod in tree.pods
         for c in pod.containers()
         if str(c.get("image", "")).startswith(PROJECT_REGISTRY)
@@ -103,4 +103,20 @@ def _runtime_contents(tree: Tree) -> list[Finding]:
                 Finding(CHECK, "Dockerfile", f"MLflow's postgresql URI needs {driver}, not in the image")
             )
             break
+    # the gateway's shared worklist: a libpq URL that psycopg (3) and its pool open, not SQLAlchemy's
+    worklist = any(
+        e.get("name") == "CXR_WORKLIST_URL" and e.get("value")
+        for pod in tree.pods
+        for c in pod.containers()
+        if str(c.get("image", "")).startswith(PROJECT_REGISTRY)
+        for e in c.get("env", [])
+    )
+    cluster_extra = re.search(r"^cluster = \[(.*)\]$", pyproject, re.MULTILINE)
+    needed = {"psycopg[binary]", "psycopg-pool"}
+    held = set(re.findall(r'"([^"]+)"', cluster_extra.group(1))) if cluster_extra else set()
+    if worklist and (not needed <= held or '".[cluster]"' not in dockerfile):
+        missing = ", ".join(sorted(needed - held)) or "the cluster extra"
+        out.append(
+            Finding(CHECK, "Dockerfile", f"the gateway's worklist URL needs {missing}, not in the image")
+        )
     return out

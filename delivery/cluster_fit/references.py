@@ -105,6 +105,7 @@ def check(tree: Tree) -> list[Finding]:
     out += _ingresses(tree, services, secrets)
     out += _storage(tree)
     out += _secret_stores(tree)
+    out += _secret_sources(tree)
     out += _service_selectors(tree, pods)
     return out
 
@@ -136,6 +137,39 @@ def _secret_stores(tree: Tree) -> list[Finding]:
         known = cluster_stores if ref.get("kind") == "ClusterSecretStore" else stores
         if ref.get("name") not in known:
             out.append(Finding(CHECK, obj.ref(), f"{ref.get('kind')} {ref.get('name')} is defined nowhere"))
+    return out
+
+
+#: where the Ansible argocd role writes the values behind the ExternalSecrets (the source namespace)
+_SECRET_SOURCE = "iac/ansible/roles/argocd/tasks/secrets.yml"
+#: source keys a site provides itself (its own certificate), which no playbook can generate
+_SITE_PROVIDED = {"cxr-gateway-tls"}
+
+
+def _secret_sources(tree: Tree) -> list[Finding]:
+    """Every source key an ExternalSecret of ``cxr-secrets`` reads must be one Ansible writes.
+
+    Without it the ExternalSecret never syncs, and every pod that reads its target waits in
+    CreateContainerConfigError. Read by name from the role's Secret documents (``{name: X}`` in its
+    loop, ``'name': 'X'`` in the push key's Jinja); the keys a site brings are listed above.
+    """
+    source = tree.root / _SECRET_SOURCE
+    if not source.exists():
+        return []
+    text = source.read_text()
+    written = set(re.findall(r"\{name: (cxr-[\w-]+)\}", text)) | set(
+        re.findall(r"'name': '(cxr-[\w-]+)'", text)
+    )
+    out = []
+    for obj in tree.of_kind("ExternalSecret"):
+        if obj.doc.get("spec", {}).get("secretStoreRef", {}).get("name") != "cxr-secrets":
+            continue
+        for item in obj.doc.get("spec", {}).get("data", []):
+            key = str(item.get("remoteRef", {}).get("key", ""))
+            if key and key not in written | _SITE_PROVIDED:
+                out.append(
+                    Finding(CHECK, obj.ref(), f"reads source key {key}, which {_SECRET_SOURCE} never writes")
+                )
     return out
 
 

@@ -193,6 +193,8 @@ def create_app(
                     await task
             await state.detector.close()
             await state.backend.close()
+            if state.worklist is not None:
+                state.worklist.close()
             state.audit.close()
 
     app = FastAPI(

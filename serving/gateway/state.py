@@ -29,6 +29,7 @@ from serving.metrics import GatewayMetrics
 from serving.pacs.sendback import SendBack
 from serving.results import BlobStore, ResultStore, Retention
 from serving.triage.worklist import WorklistStore
+from serving.triage.worklist_db import PostgresWorklistDb
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,11 @@ def build_state(
         reference_loader=load_reference,
     )
     cpu = CpuPool(settings.worker_threads)
-    worklist = WorklistStore(settings.resolved_worklist_db)
+    worklist = WorklistStore(
+        PostgresWorklistDb(settings.worklist_url, timeout_s=settings.worklist_timeout_s)
+        if settings.worklist_url
+        else settings.resolved_worklist_db
+    )
     detector = DetectionService(
         settings, backend, router, metrics, results, drift, cpu=cpu, worklist=worklist
     )

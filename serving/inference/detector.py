@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import logging
 import math
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from serving.errors import (
     ModelNotReady,
     ServingError,
     StudyPatientMismatch,
+    WorklistUnavailable,
 )
 from serving.inference.backend import InferenceBackend, ServedModel
 from serving.inference.cpu_pool import CpuPool
@@ -297,7 +297,7 @@ class DetectionService:
                 # this one's results are journalled but never merged, answered or sent back
                 log.warning("study_patient_mismatch_refused images=%d after=inference", len(group))
                 raise
-            except (OSError, sqlite3.Error) as exc:
+            except WorklistUnavailable as exc:
                 log.warning("worklist_record_failed error_type=%s error=%s", type(exc).__name__, exc)
                 continue
             self.metrics.triage_score.labels(last.stage).observe(study.score)
@@ -321,7 +321,7 @@ class DetectionService:
             if self.worklist is not None:
                 try:
                     stored = await self.cpu.run(self.worklist.patient_key, tenant, study_uid)
-                except (OSError, sqlite3.Error) as exc:
+                except WorklistUnavailable as exc:
                     log.warning("worklist_read_failed error_type=%s", type(exc).__name__)
             if len(found) > 1 or (stored is not None and stored not in found):
                 log.warning("study_patient_mismatch_refused images=%d after=decode", len(uploads))

@@ -4,10 +4,11 @@ A study arrives image by image (one STOW-RS part or one DIMSE instance per detec
 at once; :meth:`WorklistStore.record` merges each call into the study's row, so the row always
 holds the score over every image seen so far (core/triage.py: the maximum of the image scores).
 
-Stored with the standard library's sqlite3 in WAL mode beside the result journal: the worklist is
-small (one row per study and retention window), must survive a restart, and is written from the
-gateway's worker threads, so every call opens its own connection and a merge is one ``BEGIN
-IMMEDIATE`` transaction (two images of one study recorded at once cannot lose each other).
+Stored in a SQLite file beside the result journal on one machine, and in the cluster's PostgreSQL
+shared by every gateway replica (``CXR_WORKLIST_URL``; serving/triage/worklist_db.py says why):
+the worklist is small (one row per study and retention window), must survive a restart, and is
+written from the gateway's worker threads; a merge is one transaction holding the study's lock (two
+images of one study recorded at once, by two threads or two replicas, cannot lose each other).
 
 Study UIDs identify a patient's examination: they are stored (the worklist must name the study)
 but never logged, and every query is scoped to the caller's tenant, so a key of another tenant
@@ -22,10 +23,7 @@ into the row, whose result ids the PACS send-back turns into one SR.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,30 +31,22 @@ from typing import Any
 
 from core.triage import is_priority, study_score
 from serving.errors import StudyPatientMismatch
+from serving.triage.worklist_db import Row, SqliteWorklistDb, WorklistDb
 
 #: the most studies one listing returns
 MAX_LIST = 500
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS studies (
-    tenant TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    score REAL NOT NULL,
-    priority INTEGER NOT NULL,
-    threshold REAL NOT NULL,
-    result_ids TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    stage TEXT NOT NULL,
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    patient_key TEXT,
-    result_sops TEXT,
-    result_scores TEXT,
-    evicted_score REAL,
-    PRIMARY KEY (tenant, study_uid)
-);
-CREATE INDEX IF NOT EXISTS studies_by_time ON studies (tenant, last_seen);
-"""
+_SELECT = "SELECT * FROM studies WHERE tenant = ? AND study_uid = ?"
+_WRITTEN = (
+    "tenant, study_uid, score, priority, threshold, result_ids, model_version, stage, first_seen, "
+    "last_seen, patient_key, result_sops, result_scores, evicted_score"
+)
+#: one statement for both databases (SQLite >= 3.24 and PostgreSQL share ON CONFLICT ... DO UPDATE)
+_UPSERT = (
+    f"INSERT INTO studies ({_WRITTEN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (tenant, study_uid) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _WRITTEN.split(", ")[2:])
+)
 
 
 @dataclass(frozen=True)
@@ -107,7 +97,7 @@ def _epoch(value: datetime) -> float:
     return value.timestamp()
 
 
-def _entries(row: sqlite3.Row | None) -> list[tuple[str, str, float | None]]:
+def _entries(row: Row | None) -> list[tuple[str, str, float | None]]:
     """(result id, SOP Instance UID or "", image score or None) of a row's kept results.
 
     A row of an older gateway has no SOP UIDs (every image then counts as its own) and no
@@ -128,7 +118,7 @@ def _entries(row: sqlite3.Row | None) -> list[tuple[str, str, float | None]]:
     ]
 
 
-def _row(row: sqlite3.Row) -> StudyTriage:
+def _row(row: Row) -> StudyTriage:
     return StudyTriage(
         study_uid=row["study_uid"],
         score=float(row["score"]),
@@ -143,47 +133,15 @@ def _row(row: sqlite3.Row) -> StudyTriage:
 
 
 class WorklistStore:
-    """Studies with their triage, in one SQLite file; safe to call from several threads."""
+    """Studies with their triage, in a :class:`~serving.triage.worklist_db.WorklistDb`; thread-safe."""
 
-    def __init__(self, path: Path) -> None:
-        """Nothing is created until the first call, so building a gateway touches no disk."""
-        self.path = path
-        self._ready = False
-        self._init_lock = threading.Lock()
+    def __init__(self, db: WorklistDb | Path) -> None:
+        """A path is a SQLite file (one machine); nothing is created or connected until the first call."""
+        self.db: WorklistDb = SqliteWorklistDb(db) if isinstance(db, Path) else db
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        """One connection per call (sqlite3 connections must not cross threads), closed after it."""
-        if not self._ready:
-            with self._init_lock:
-                if not self._ready:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    with sqlite3.connect(self.path, timeout=30) as setup:
-                        setup.execute("PRAGMA journal_mode=WAL")
-                        setup.executescript(_SCHEMA)
-                        columns = {row[1] for row in setup.execute("PRAGMA table_info(studies)")}
-                        # a worklist of an older gateway: NULL = not known
-                        for column, kind in (
-                            ("patient_key", "TEXT"),
-                            ("result_sops", "TEXT"),
-                            ("result_scores", "TEXT"),
-                            ("evicted_score", "REAL"),
-                        ):
-                            if column in columns:
-                                continue
-                            try:
-                                setup.execute(f"ALTER TABLE studies ADD COLUMN {column} {kind}")
-                            except sqlite3.OperationalError as exc:  # another process added it first
-                                if "duplicate column" not in str(exc):
-                                    raise
-                    setup.close()
-                    self._ready = True
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        try:
-            yield conn
-        finally:
-            conn.close()
+    def close(self) -> None:
+        """Release the database's connections (the gateway's shutdown)."""
+        self.db.close()
 
     def record(
         self,
@@ -215,93 +173,76 @@ class WorklistStore:
         names).
         """
         seen = _epoch(now or datetime.now(UTC))
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                old = conn.execute(
-                    "SELECT * FROM studies WHERE tenant = ? AND study_uid = ?", (tenant, study_uid)
-                ).fetchone()
-                stored_key = old["patient_key"] if old is not None else None
-                if patient_key is not None and stored_key is not None and stored_key != patient_key:
-                    raise StudyPatientMismatch()
-                key = stored_key if stored_key is not None else patient_key
-                entries = _entries(old)
-                known = {rid for rid, _, _ in entries}
-                sops = sop_uids or [""] * len(result_ids)
-                for rid, sop, image in zip(result_ids, sops, image_scores, strict=True):
-                    if rid in known:
-                        continue
-                    if sop:  # the image sent again: its latest result stands for it
-                        entries = [e for e in entries if e[1] != sop]
-                    entries.append((rid, sop, float(image)))
-                    known.add(rid)
-                # images the cap drops still count for the score (an urgent finding is never forgotten);
-                # a result replaced by its image's newer one does not (a corrected resend, a new model)
-                evicted = (
-                    [float(old["evicted_score"])]
-                    if old is not None and old["evicted_score"] is not None
-                    else []
-                )
-                if max_results is not None and len(entries) > max_results:
-                    dropped = entries[:-max_results]
-                    evicted += [e[2] for e in dropped if e[2] is not None]
-                    if old is not None and any(e[2] is None for e in dropped):
-                        evicted.append(float(old["score"]))  # an older row: its score stood for them
-                    entries = entries[-max_results:]
-                ids = [rid for rid, _, _ in entries]
-                kept = [e[2] for e in entries]
-                if any(k is None for k in kept):  # an older gateway's results: its score stands for them
-                    previous = [float(old["score"])] if old is not None else []
-                    score = study_score([*previous, *image_scores, *evicted])
-                else:
-                    score = study_score([*(k for k in kept if k is not None), *evicted])
-                evicted_score = max(evicted) if evicted else None
-                first = float(old["first_seen"]) if old is not None else seen
-                conn.execute(
-                    "INSERT OR REPLACE INTO studies (tenant, study_uid, score, priority, threshold, "
-                    "result_ids, model_version, stage, first_seen, last_seen, patient_key, result_sops, "
-                    "result_scores, evicted_score) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        tenant,
-                        study_uid,
-                        score,
-                        int(is_priority(score, threshold)),
-                        threshold,
-                        json.dumps(ids),
-                        model_version,
-                        stage,
-                        first,
-                        max(seen, first),
-                        key,
-                        json.dumps([sop for _, sop, _ in entries]),
-                        json.dumps([image for _, _, image in entries]),
-                        evicted_score,
-                    ),
-                )
-                row = conn.execute(
-                    "SELECT * FROM studies WHERE tenant = ? AND study_uid = ?", (tenant, study_uid)
-                ).fetchone()
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self.db.locked(json.dumps([tenant, study_uid])) as execute:
+            found = execute(_SELECT, (tenant, study_uid))
+            old = found[0] if found else None
+            stored_key = old["patient_key"] if old is not None else None
+            if patient_key is not None and stored_key is not None and stored_key != patient_key:
+                raise StudyPatientMismatch()
+            key = stored_key if stored_key is not None else patient_key
+            entries = _entries(old)
+            known = {rid for rid, _, _ in entries}
+            sops = sop_uids or [""] * len(result_ids)
+            for rid, sop, image in zip(result_ids, sops, image_scores, strict=True):
+                if rid in known:
+                    continue
+                if sop:  # the image sent again: its latest result stands for it
+                    entries = [e for e in entries if e[1] != sop]
+                entries.append((rid, sop, float(image)))
+                known.add(rid)
+            # images the cap drops still count for the score (an urgent finding is never forgotten);
+            # a result replaced by its image's newer one does not (a corrected resend, a new model)
+            evicted = (
+                [float(old["evicted_score"])] if old is not None and old["evicted_score"] is not None else []
+            )
+            if max_results is not None and len(entries) > max_results:
+                dropped = entries[:-max_results]
+                evicted += [e[2] for e in dropped if e[2] is not None]
+                if old is not None and any(e[2] is None for e in dropped):
+                    evicted.append(float(old["score"]))  # an older row: its score stood for them
+                entries = entries[-max_results:]
+            ids = [rid for rid, _, _ in entries]
+            kept = [e[2] for e in entries]
+            if any(k is None for k in kept):  # an older gateway's results: its score stands for them
+                previous = [float(old["score"])] if old is not None else []
+                score = study_score([*previous, *image_scores, *evicted])
+            else:
+                score = study_score([*(k for k in kept if k is not None), *evicted])
+            evicted_score = max(evicted) if evicted else None
+            first = float(old["first_seen"]) if old is not None else seen
+            execute(
+                _UPSERT,
+                (
+                    tenant,
+                    study_uid,
+                    score,
+                    int(is_priority(score, threshold)),
+                    threshold,
+                    json.dumps(ids),
+                    model_version,
+                    stage,
+                    first,
+                    max(seen, first),
+                    key,
+                    json.dumps([sop for _, sop, _ in entries]),
+                    json.dumps([image for _, _, image in entries]),
+                    evicted_score,
+                ),
+            )
+            [row] = execute(_SELECT, (tenant, study_uid))
         return _row(row)
 
     def patient_key(self, tenant: str, study_uid: str) -> str | None:
         """The salted PatientID hash the study's row holds ("" for none), None when not known."""
-        with self._connect() as conn:
-            row = conn.execute(
-                "SELECT patient_key FROM studies WHERE tenant = ? AND study_uid = ?", (tenant, study_uid)
-            ).fetchone()
-        return None if row is None else row["patient_key"]
+        rows = self.db.query(
+            "SELECT patient_key FROM studies WHERE tenant = ? AND study_uid = ?", (tenant, study_uid)
+        )
+        return None if not rows else rows[0]["patient_key"]
 
     def get(self, tenant: str, study_uid: str) -> StudyTriage | None:
         """The study's triage, or None when this tenant has no such study."""
-        with self._connect() as conn:
-            row = conn.execute(
-                "SELECT * FROM studies WHERE tenant = ? AND study_uid = ?", (tenant, study_uid)
-            ).fetchone()
-        return _row(row) if row is not None else None
+        rows = self.db.query(_SELECT, (tenant, study_uid))
+        return _row(rows[0]) if rows else None
 
     def list(self, tenant: str, since: datetime, limit: int = 100) -> list[StudyTriage]:
         """The tenant's studies analysed since ``since``: priority first, then oldest first.
@@ -311,18 +252,15 @@ class WorklistStore:
         down the list and leave it unread; the score only decides the class, not the order in it.
         """
         limit = max(1, min(int(limit), MAX_LIST))
-        with self._connect() as conn:
-            rows = conn.execute(
-                "SELECT * FROM studies WHERE tenant = ? AND last_seen >= ? "
-                "ORDER BY priority DESC, first_seen ASC, study_uid ASC LIMIT ?",
-                (tenant, _epoch(since), limit),
-            ).fetchall()
+        rows = self.db.query(
+            "SELECT * FROM studies WHERE tenant = ? AND last_seen >= ? "
+            "ORDER BY priority DESC, first_seen ASC, study_uid ASC LIMIT ?",
+            (tenant, _epoch(since), limit),
+        )
         return [_row(r) for r in rows]
 
     def purge(self, before: datetime) -> int:
         """Delete studies last analysed before ``before`` (the results' retention); returns how many."""
-        if not self._ready and not self.path.exists():
+        if not self.db.created():
             return 0
-        with self._connect() as conn:
-            cursor = conn.execute("DELETE FROM studies WHERE last_seen < ?", (_epoch(before),))
-            return int(cursor.rowcount)
+        return self.db.execute("DELETE FROM studies WHERE last_seen < ?", (_epoch(before),))

@@ -114,6 +114,21 @@ SEEDS: dict[str, tuple[Seed, str, str]] = {
         "references",
         "ClusterSecretStore cxr-secrets is defined nowhere",
     ),
+    "a-secret-source-ansible-never-writes": (
+        lambda r: _edit(
+            r,
+            "iac/ansible/roles/argocd/tasks/secrets.yml",
+            "metadata: {name: cxr-worklist-db}",
+            "metadata: {}",
+        ),
+        "references",
+        "reads source key cxr-worklist-db, which iac/ansible/roles/argocd/tasks/secrets.yml never writes",
+    ),
+    "a-worklist-url-without-its-pool": (
+        lambda r: _edit(r, "pyproject.toml", '"psycopg-pool"]', "]"),
+        "images",
+        "the gateway's worklist URL needs psycopg-pool, not in the image",
+    ),
     "a-claim-without-storage-class": (
         lambda r: _edit(
             r, "k8s/base/minio/statefulset.yaml", "storageClassName: cxr-local", "volumeMode: Filesystem"

@@ -203,3 +203,42 @@ def test_two_patients_under_one_new_study_uid_in_one_request_are_refused(
     assert r.status_code == 409, r.text
     assert r.json()["error"]["code"] == "study_patient_mismatch"
     assert all(s["study_uid"] != study for s in _worklist(client, keys["a-rad"]).json()["studies"])
+
+
+def test_a_worklist_database_that_is_down_fails_the_listing_with_503_not_the_detection(
+    onnx_model: Path, gitops_dir: Path, tmp_path: Path
+) -> None:
+    """The cluster's worklist is PostgreSQL (CXR_WORKLIST_URL): down, a detection still answers (its
+    results are stored) and the listing says what is wrong, in bounded time, naming no password."""
+    import time
+
+    from serving.gateway.app import create_app
+
+    keys = {"pacs": f"cxr_p_{uuid.uuid4().hex}", "rad": f"cxr_r_{uuid.uuid4().hex}"}
+    (tmp_path / "keys.json").write_text(
+        json.dumps(
+            {
+                "keys": [
+                    {"id": "p", "role": "pacs", "sha256": hash_key(keys["pacs"])},
+                    {"id": "r", "role": "radiologist", "sha256": hash_key(keys["rad"])},
+                ]
+            }
+        )
+    )
+    settings = onnx_settings(
+        onnx_model,
+        tmp_path / "keys.json",
+        tmp_path,
+        gitops_dir=gitops_dir,
+        worklist_url="postgresql://cxr:s3cret-pw@127.0.0.1:1/worklist",
+        worklist_timeout_s=1,
+    )
+    with TestClient(create_app(settings, use_store=False), raise_server_exceptions=False) as client:
+        started = time.monotonic()
+        body = _detect(client, keys["pacs"], make_dicom(seed=8, study_uid=generate_uid()))
+        assert body["detections"] is not None and "triage" in body
+        r = _worklist(client, keys["rad"])
+        took = time.monotonic() - started
+    assert r.status_code == 503 and r.json()["error"]["code"] == "worklist_unavailable", r.text
+    assert "s3cret-pw" not in r.text
+    assert took < 5  # one wait of 1 s for the database, then failing fast: not one wait per call

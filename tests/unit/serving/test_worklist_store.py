@@ -15,6 +15,13 @@ pytestmark = pytest.mark.unit
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 
 
+@pytest.fixture
+def store(tmp_path: Path) -> WorklistStore:
+    """The store under test: a SQLite file here; tests/integration/serving/test_worklist_postgres.py
+    runs these same tests on PostgreSQL, the cluster's backend."""
+    return WorklistStore(tmp_path / "w.sqlite")
+
+
 def _at(minutes: float) -> datetime:
     return T0 + timedelta(minutes=minutes)
 
@@ -24,8 +31,7 @@ def _record(store: WorklistStore, study: str, score: float, minutes: float, tena
     return store.record(tenant, study, [rid], [score], "7", "production", 0.5, now=_at(minutes))
 
 
-def test_record_merges_a_studys_images_keeping_the_max_score_and_every_result(tmp_path: Path) -> None:
-    store = WorklistStore(tmp_path / "w.sqlite")
+def test_record_merges_a_studys_images_keeping_the_max_score_and_every_result(store: WorklistStore) -> None:
     first = store.record("a", "1.2.3", ["r1"], [0.3], "7", "production", 0.5, now=_at(0))
     assert (first.score, first.priority, first.images) == (pytest.approx(0.3), False, 1)
     second = store.record("a", "1.2.3", ["r2", "r3"], [0.8, 0.1], "8", "canary", 0.5, now=_at(5))
@@ -39,8 +45,7 @@ def test_record_merges_a_studys_images_keeping_the_max_score_and_every_result(tm
     assert third.as_dict() == {"score": 0.8, "priority": True, "threshold": 0.5}
 
 
-def test_list_puts_priority_first_then_the_longest_waiting(tmp_path: Path) -> None:
-    store = WorklistStore(tmp_path / "w.sqlite")
+def test_list_puts_priority_first_then_the_longest_waiting(store: WorklistStore) -> None:
     _record(store, "normal-old", 0.1, 0)
     _record(store, "urgent-new", 0.95, 30)
     _record(store, "urgent-old", 0.6, 10)
@@ -51,8 +56,7 @@ def test_list_puts_priority_first_then_the_longest_waiting(tmp_path: Path) -> No
     assert [s.study_uid for s in store.list("a", _at(-60), limit=2)] == ["urgent-old", "urgent-new"]
 
 
-def test_list_shows_only_the_hours_window(tmp_path: Path) -> None:
-    store = WorklistStore(tmp_path / "w.sqlite")
+def test_list_shows_only_the_hours_window(store: WorklistStore) -> None:
     _record(store, "yesterday", 0.9, -24 * 60)
     _record(store, "today", 0.2, 0)
     assert [s.study_uid for s in store.list("a", _at(-60))] == ["today"]
@@ -60,8 +64,7 @@ def test_list_shows_only_the_hours_window(tmp_path: Path) -> None:
     assert {s.study_uid for s in store.list("a", _at(-60))} == {"today", "yesterday"}
 
 
-def test_another_tenant_never_sees_a_study(tmp_path: Path) -> None:
-    store = WorklistStore(tmp_path / "w.sqlite")
+def test_another_tenant_never_sees_a_study(store: WorklistStore) -> None:
     _record(store, "1.2.3", 0.9, 0, tenant="a")
     assert store.list("b", _at(-60)) == []
     assert store.get("b", "1.2.3") is None
@@ -71,17 +74,15 @@ def test_another_tenant_never_sees_a_study(tmp_path: Path) -> None:
     assert store.get("a", "1.2.3").score == pytest.approx(0.9)  # type: ignore[union-attr]
 
 
-def test_purge_drops_studies_last_seen_before_the_cutoff(tmp_path: Path) -> None:
-    store = WorklistStore(tmp_path / "w.sqlite")
-    assert store.purge(_at(0)) == 0 and not (tmp_path / "w.sqlite").exists()  # nothing made to purge
+def test_purge_drops_studies_last_seen_before_the_cutoff(store: WorklistStore) -> None:
+    assert store.purge(_at(0)) == 0
     _record(store, "old", 0.9, 0)
     _record(store, "new", 0.9, 60)
     assert store.purge(_at(30)) == 1
     assert store.get("a", "old") is None and store.get("a", "new") is not None
 
 
-def test_concurrent_records_of_one_study_lose_no_image(tmp_path: Path) -> None:
-    store = WorklistStore(tmp_path / "w.sqlite")
+def test_concurrent_records_of_one_study_lose_no_image(store: WorklistStore) -> None:
     threads = [
         threading.Thread(target=store.record, args=("a", "s", [f"r{i}"], [i / 20], "7", "production", 0.5))
         for i in range(12)
@@ -94,10 +95,9 @@ def test_concurrent_records_of_one_study_lose_no_image(tmp_path: Path) -> None:
     assert study is not None and study.images == 12 and study.score == pytest.approx(11 / 20)
 
 
-def test_an_image_of_another_patient_is_refused_and_leaves_the_row_as_it_was(tmp_path: Path) -> None:
+def test_an_image_of_another_patient_is_refused_and_leaves_the_row_as_it_was(store: WorklistStore) -> None:
     from serving.errors import StudyPatientMismatch
 
-    store = WorklistStore(tmp_path / "w.sqlite")
     store.record("a", "1.2.3", ["r1"], [0.2], "7", "production", 0.5, patient_key="k-alice", now=_at(0))
     with pytest.raises(StudyPatientMismatch):
         store.record("a", "1.2.3", ["r2"], [0.9], "7", "production", 0.5, patient_key="k-bob", now=_at(1))
@@ -108,6 +108,11 @@ def test_an_image_of_another_patient_is_refused_and_leaves_the_row_as_it_was(tmp
     store.record("a", "1.2.3", ["r4"], [0.4], "7", "production", 0.5, patient_key="k-alice", now=_at(2))
     assert store.patient_key("a", "1.2.3") == "k-alice"
     assert store.patient_key("b", "1.2.3") is None  # another tenant's worklist knows no such study
+
+
+def test_a_purge_before_any_study_creates_no_file(tmp_path: Path) -> None:
+    assert WorklistStore(tmp_path / "w.sqlite").purge(_at(0)) == 0
+    assert not (tmp_path / "w.sqlite").exists()
 
 
 def test_an_older_gateways_worklist_gains_the_patient_key_and_adopts_the_first_one(tmp_path: Path) -> None:
@@ -139,9 +144,8 @@ def test_an_older_gateways_worklist_gains_the_patient_key_and_adopts_the_first_o
     assert capped.result_ids == ("n0", "n1") and capped.score == pytest.approx(0.3)
 
 
-def test_a_row_keeps_the_latest_results_up_to_its_bound_and_the_score_over_all(tmp_path: Path) -> None:
+def test_a_row_keeps_the_latest_results_up_to_its_bound_and_the_score_over_all(store: WorklistStore) -> None:
     """A PACS resending a study for ever grew the row, and the send-back loads every result it names."""
-    store = WorklistStore(tmp_path / "w.sqlite")
     store.record("a", "1.2.3", ["r0"], [0.9], "7", "production", 0.5, max_results=3, now=_at(0))
     for i in range(1, 6):
         row = store.record("a", "1.2.3", [f"r{i}"], [0.1], "7", "production", 0.5, max_results=3, now=_at(i))
@@ -149,9 +153,8 @@ def test_a_row_keeps_the_latest_results_up_to_its_bound_and_the_score_over_all(t
 
 
 def test_a_resent_image_counts_once_and_resends_never_push_the_studys_other_images_out(
-    tmp_path: Path,
+    store: WorklistStore,
 ) -> None:
-    store = WorklistStore(tmp_path / "w.sqlite")
     store.record(
         "a", "1.2.3", ["rA", "rB"], [0.2, 0.9], "7", "production", 0.5, sop_uids=["A", "B"], now=_at(0)
     )
@@ -175,11 +178,10 @@ def test_a_resent_image_counts_once_and_resends_never_push_the_studys_other_imag
 
 
 def test_an_images_newer_result_replaces_its_score_but_an_image_the_cap_drops_still_counts(
-    tmp_path: Path,
+    store: WorklistStore,
 ) -> None:
     """A corrected resend (or a new model) lowers the study's score with the image's new result; an
     urgent image pushed out of the capped row is never forgotten."""
-    store = WorklistStore(tmp_path / "w.sqlite")
     store.record("a", "s1", ["rA", "rB"], [0.9, 0.2], "7", "production", 0.5, sop_uids=["A", "B"], now=_at(0))
     row = store.record("a", "s1", ["rA2"], [0.1], "8", "production", 0.5, sop_uids=["A"], now=_at(1))
     assert row.result_ids == ("rB", "rA2") and row.score == pytest.approx(0.2) and not row.priority
