@@ -77,6 +77,9 @@ def build_queries(window: str) -> dict[str, str]:
             f"abs(({_mean('cxr_detection_confidence', c, window)}) - "
             f"({_mean('cxr_detection_confidence', p, window)}))"
         ),
+        # The gateway runs a CXR_SHADOW_FRACTION share of the canary's images on production too
+        # (DetectionService._shadow): the F1 of the two answers. No series when it mirrors none:
+        # "no data", not judged.
         "agreement": _mean("cxr_shadow_agreement", c, window),
     }
 

@@ -52,7 +52,14 @@ class CanaryPolicy(BaseModel):
     max_p95_ratio: float = Field(1.5, gt=0, description="canary p95 latency / production p95 latency")
     max_detection_shift: float = Field(0.5, ge=0, description="relative change of detections per image")
     max_confidence_shift: float = Field(0.15, ge=0, le=1, description="absolute change of mean confidence")
-    min_agreement: float = Field(0.5, ge=0, le=1, description="mean shadow/online agreement, when measured")
+    min_agreement: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="mean agreement (F1) of the canary's answers with production's on the same images "
+        "(cxr_shadow_agreement{stage=canary}); not judged when the gateway mirrors none "
+        "(CXR_SHADOW_FRACTION 0)",
+    )
     weights: list[int] = Field(default_factory=lambda: [10, 50, 100])
 
     @field_validator("weights")

@@ -142,7 +142,8 @@ class GatewayMetrics:
         )
         self.shadow_agreement = Histogram(
             "cxr_shadow_agreement",
-            "Agreement (F1 at IoU 0.5) of the shadow stage with the served answer",
+            "Agreement (F1 at IoU 0.5) of a mirrored answer with the served one: stage=staging, "
+            "staging's shadow; stage=canary, production's answer to an image the canary served",
             ["stage"],
             buckets=_UNIT_BUCKETS,
             registry=r,

@@ -342,11 +342,14 @@ class DetectionService:
         await self._check_study_patients(uploads, tenant)
         groups: dict[Stage, list[int]] = {}
         shadows: list[int] = []
+        mirrors: list[int] = []
         for i, up in enumerate(uploads):
             decision = self.router.decide(up.sticky_key, forced)
             groups.setdefault(decision.stage, []).append(i)
             if decision.shadow:
                 shadows.append(i)
+            if decision.canary_mirror:
+                mirrors.append(i)
         outcomes: dict[int, InferenceOutcome] = {}
         for stage, idxs in groups.items():
             stage_uploads = [uploads[i] for i in idxs]
@@ -358,6 +361,10 @@ class DetectionService:
             replies.append(self._record(new_request_id(), up, outcomes[i], at_operating_points=conf is None))
         for i in shadows:
             self.spawn(self._shadow(uploads[i], outcomes[i], conf))
+        for i in mirrors:
+            # a canary that could not answer fell back to production: there is no canary answer to judge
+            if outcomes[i].stage == "canary":
+                self.spawn(self._shadow(uploads[i], outcomes[i], conf, run_on="production", judged="canary"))
         return replies
 
     async def _run_stage(
@@ -458,16 +465,39 @@ class DetectionService:
         record = ResultRecord(request_id, response, up.image.source_format, up.data)
         return DetectionReply(record, outcome, up.image.study_uid, up.image.sop_uid)
 
-    async def _shadow(self, upload: DecodedUpload, served: InferenceOutcome, conf: float | None) -> None:
-        """Mirror to staging; the answer is discarded, only its agreement is recorded."""
+    async def _shadow(
+        self,
+        upload: DecodedUpload,
+        served: InferenceOutcome,
+        conf: float | None,
+        *,
+        run_on: Stage = "staging",
+        judged: Stage = "staging",
+    ) -> None:
+        """Mirror to ``run_on``; the answer is discarded, only its agreement is recorded as ``judged``'s.
+
+        Two mirrors, both a ``CXR_SHADOW_FRACTION`` share (:meth:`Router.decide`):
+
+        - staging: the candidate's answer against the one served (production's or the canary's),
+          ``cxr_shadow_agreement{stage="staging"}``;
+        - production, of a request the canary served: the canary's answer against production's
+          on the same image, ``cxr_shadow_agreement{stage="canary"}``, which the canary analysis
+          judges (``delivery/canary.py``, policy ``min_agreement``).
+
+        The mirror runs after the reply is built and never changes it. It takes one slot of
+        ``run_on``'s in-flight bound and is dropped, not queued, when none is free: mirroring
+        must not push production past its limit. Its phase timings, images and detections are
+        not counted as the stage's (they served no one).
+        """
         try:
-            model = await self._model("staging")
+            model = await self._model(run_on)
             [up] = await self.pipeline.reprepare([upload], model)
-            [outcome] = await self.pipeline.infer("staging", model, [up], conf, observe=False)
+            with self.gate.enter(run_on):
+                [outcome] = await self.pipeline.infer(run_on, model, [up], conf, observe=False)
             score = agreement(served.detections, outcome.detections)
-            self.metrics.shadow_agreement.labels("staging").observe(score)
+            self.metrics.shadow_agreement.labels(judged).observe(score)
         except Exception as exc:  # a broken shadow must never affect anyone
-            log.info("shadow_failed error=%s", exc)
+            log.info("shadow_failed stage=%s run_on=%s error=%s", judged, run_on, exc)
 
     async def close(self) -> None:
         for task in list(self._background):

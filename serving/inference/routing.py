@@ -51,9 +51,18 @@ class RoutingTable:
 
 @dataclass(frozen=True)
 class RouteDecision:
+    """Where a request goes, and which of the ``CXR_SHADOW_FRACTION`` mirrors it is sampled for.
+
+    ``shadow``: also run on staging (its agreement with the served answer is staging's).
+    ``canary_mirror``: routed to the canary, so also run on production (the canary's served
+    answer against production's is the canary's agreement). One sample decides both, so a
+    study is mirrored whole or not at all.
+    """
+
     stage: Stage
     shadow: bool
     reason: str
+    canary_mirror: bool = False
 
 
 def _stage_model(data: StageFile) -> StageModel:
@@ -158,15 +167,20 @@ class Router:
             return True
         return False
 
+    def sampled(self, sticky_key: str) -> bool:
+        """Whether the study is in the ``CXR_SHADOW_FRACTION`` share that is mirrored."""
+        return self.shadow_fraction > 0 and unit_of("shadow:" + sticky_key) < self.shadow_fraction
+
     def decide(self, sticky_key: str, forced: Stage | None = None) -> RouteDecision:
         if forced is not None:
             return RouteDecision(stage=forced, shadow=False, reason="override")
         bucket = bucket_of(sticky_key)
         weight = self.table.canary_weight
         stage: Stage = "canary" if bucket < weight else "production"
-        shadow = (
-            self.shadow_fraction > 0
-            and bool(self.table.version("staging"))
-            and unit_of("shadow:" + sticky_key) < self.shadow_fraction
+        sampled = self.sampled(sticky_key)
+        return RouteDecision(
+            stage=stage,
+            shadow=sampled and bool(self.table.version("staging")),
+            reason=f"bucket={bucket} weight={weight}",
+            canary_mirror=sampled and stage == "canary",
         )
-        return RouteDecision(stage=stage, shadow=shadow, reason=f"bucket={bucket} weight={weight}")

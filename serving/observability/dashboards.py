@@ -252,7 +252,9 @@ MODEL_DRIFT = DashboardSpec(
         ),
         PanelSpec(
             "Shadow agreement with the served answer",
-            "F1 at IoU 0.5 of the shadow stage (staging) against what the client received.",
+            "F1 at IoU 0.5 of a mirrored answer against what the client received, for a "
+            "CXR_SHADOW_FRACTION share of requests. staging: its shadow answer; canary: production's "
+            "answer to an image the canary served (the agreement `cxr canary analyze` judges).",
             (
                 _q(
                     "histogram_quantile(0.5, sum by (stage, le) "

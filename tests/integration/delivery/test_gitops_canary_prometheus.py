@@ -2,8 +2,9 @@
 
 The exporter is prometheus_client in this process, emitting exactly the gateway's metric names
 and labels while a thread plays traffic for both stages; Prometheus (Debian's binary, from the
-shared fixture) scrapes it. Three canaries run side by side, each with its own Prometheus: a
-healthy one, one that never detects anything, and one that is slow.
+shared fixture) scrapes it. Canaries run side by side, each with its own Prometheus: a healthy
+one, one that never detects anything, one that is slow, one that is down, and one that finds as
+many boxes as production, as sure of them, but elsewhere (only the agreement catches it).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Behaviour:
     confidence: float = 0.6
     latency_s: float = 0.05
     down: bool = False  # the gateway falls back to production and counts the canary unavailable
+    # F1 of its answer against production's on the same image (the gateway's production mirror)
+    agreement: float = 1.0
 
 
 class FakeGatewayTraffic:
@@ -54,6 +57,7 @@ class FakeGatewayTraffic:
         self.detections = Counter("cxr_detections", "", ["stage", "model_version", "class_name"], registry=r)
         self.confidence = Histogram("cxr_detection_confidence", "", ["stage"], registry=r)
         self.rejected = Counter("cxr_gateway_rejected", "", ["stage", "reason"], registry=r)
+        self.agreement = Histogram("cxr_shadow_agreement", "", ["stage"], registry=r)
         self.behaviours = {"production": Behaviour(), "canary": canary}
         self.port = free_port()
         self.server, self.thread = start_http_server(self.port, addr="127.0.0.1", registry=r)
@@ -73,6 +77,8 @@ class FakeGatewayTraffic:
         for _ in range(b.detections):
             self.detections.labels(stage, version, "Cardiomegaly").inc()
             self.confidence.labels(stage).observe(b.confidence)
+        if stage == "canary":  # CXR_SHADOW_FRACTION 1: each image the canary served also ran on production
+            self.agreement.labels(stage).observe(b.agreement)
 
     def _play(self) -> None:
         while not self._stop.is_set():  # 50 % canary: the weight-50 step of the issue
@@ -100,10 +106,11 @@ def wait_for_samples(url: str, minimum: int, timeout_s: float = 60.0) -> None:
 @pytest.fixture(scope="module")
 def scenarios(prometheus_factory: Any) -> Iterator[dict[str, Any]]:
     canaries = {
-        "healthy": Behaviour(detections=2, confidence=0.62, latency_s=0.05),
-        "blind": Behaviour(detections=0),
+        "healthy": Behaviour(detections=2, confidence=0.62, latency_s=0.05, agreement=0.9),
+        "blind": Behaviour(detections=0, agreement=0.0),
         "slow": Behaviour(latency_s=2.0),
         "down": Behaviour(down=True),
+        "elsewhere": Behaviour(agreement=0.2),
     }
     traffic = {name: FakeGatewayTraffic(b) for name, b in canaries.items()}
     servers = {name: prometheus_factory([f"127.0.0.1:{t.port}"]) for name, t in traffic.items()}
@@ -122,6 +129,8 @@ def test_healthy_canary_passes_with_real_numbers(scenarios: dict[str, str]) -> N
     assert checks["5xx rate"].value == 0.0
     assert checks["detections per image shift"].value == pytest.approx(0.0, abs=0.05)
     assert checks["mean confidence shift"].value == pytest.approx(0.02, abs=0.01)
+    assert checks["shadow/online agreement"].value == pytest.approx(0.9)
+    assert checks["shadow/online agreement"].passed is True
 
 
 def test_canary_that_detects_nothing_fails_on_detections_per_image(scenarios: dict[str, str]) -> None:
@@ -148,6 +157,24 @@ def test_a_canary_that_is_down_fails_instead_of_waiting_inconclusive_for_ever(
     assert result.canary_requests >= POLICY.min_requests
     checks = {c.name: c for c in result.checks}
     assert checks["5xx rate"].value == pytest.approx(1.0) and checks["5xx rate"].passed is False
+
+
+def test_a_canary_whose_boxes_disagree_with_production_fails_on_agreement_alone(
+    scenarios: dict[str, str],
+) -> None:
+    """As many boxes as production, as confident, elsewhere: was "no data" (n/a) and passed."""
+    result = analyze(scenarios["elsewhere"], POLICY)
+    assert result.verdict == "fail", result.lines()
+    failed = {c.name: c for c in result.checks if c.passed is False}
+    assert set(failed) == {"shadow/online agreement"}, result.lines()
+    assert failed["shadow/online agreement"].value == pytest.approx(0.2)
+
+
+def test_a_canary_that_is_down_has_no_agreement_to_judge(scenarios: dict[str, str]) -> None:
+    """Its requests were served by production: nothing was mirrored, so the check is n/a, not 1 or 0."""
+    checks = {c.name: c for c in analyze(scenarios["down"], POLICY).checks}
+    assert checks["shadow/online agreement"].value is None
+    assert checks["shadow/online agreement"].passed is None
 
 
 def test_too_much_required_traffic_is_inconclusive(scenarios: dict[str, str]) -> None:

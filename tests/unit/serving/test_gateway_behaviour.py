@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,10 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 
+from core.stages import Stage
 from data_pipeline.drift import build_reference
 from serving.config import ServingSettings
+from serving.errors import BackendError
 from serving.gateway.app import create_app
 from tests.unit.serving.serving_support import make_dicom, onnx_settings, write_stage_files
 
@@ -59,6 +63,119 @@ def test_shadow_requests_record_agreement_without_changing_the_answer(
                 break
         assert 'cxr_shadow_agreement_count{stage="staging"} 3.0' in metrics
         assert 'cxr_shadow_agreement_sum{stage="staging"} 3.0' in metrics
+
+
+def _metric(metrics: str, prefix: str) -> float | None:
+    """The value of the one sample whose line starts with ``prefix`` (None: no such sample)."""
+    values = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(prefix)]
+    assert len(values) <= 1, values
+    return values[0] if values else None
+
+
+def _drained(client: TestClient) -> None:
+    """Wait until the detector's background work (shadows, mirrors, drift) has run."""
+    detector = client.app.state.cxr.detector  # type: ignore[attr-defined]
+    for _ in range(200):
+        if not detector._background:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{len(detector._background)} background tasks still running")
+
+
+def test_canary_served_requests_are_mirrored_to_production_and_judged_as_the_canary_agreement(
+    onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """The canary analysis reads cxr_shadow_agreement{stage="canary"}: it was never observed, so
+    its agreement check said "no data" for every canary and could not fail one."""
+    gitops = tmp_path / "gitops"
+    write_stage_files(gitops, production="3", canary="4", weight=0)
+    app = create_app(_settings(onnx_model, api_keys, tmp_path, shadow_fraction=1.0), use_store=False)
+    h = {"Authorization": f"Bearer {api_keys[1]['pacs']}", "Content-Type": "application/dicom"}
+    with TestClient(app) as client:
+        for seed in range(3):  # production serves: nothing to judge the canary by
+            r = client.post("/v1/detect", content=make_dicom(seed=seed), headers=h)
+            assert r.status_code == 200 and r.json()["model"]["stage"] == "production"
+        _drained(client)
+        assert 'cxr_shadow_agreement_count{stage="canary"}' not in client.get("/metrics").text
+
+        write_stage_files(gitops, production="3", canary="4", weight=100)
+        for seed in range(3):
+            r = client.post("/v1/detect", content=make_dicom(seed=seed), headers=h)
+            assert r.status_code == 200 and r.json()["model"]["stage"] == "canary"
+        _drained(client)
+        metrics = client.get("/metrics").text
+    # the same model behind both stages: the canary agrees with production perfectly
+    assert _metric(metrics, 'cxr_shadow_agreement_count{stage="canary"}') == 3.0
+    assert _metric(metrics, 'cxr_shadow_agreement_sum{stage="canary"}') == 3.0
+    assert 'cxr_shadow_agreement_count{stage="staging"}' not in metrics  # no staging version: no shadow
+    # the mirror served no one: production's images are the three it answered
+    served = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("cxr_images_processed_total{") and 'stage="production"' in line
+    ]
+    assert sum(served) == 3.0
+
+
+def test_a_failing_production_mirror_does_not_touch_the_canary_reply(
+    onnx_model: Path,
+    api_keys: tuple[Path, dict[str, str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    write_stage_files(tmp_path / "gitops", production="3", canary="4", weight=100)
+    app = create_app(_settings(onnx_model, api_keys, tmp_path, shadow_fraction=1.0), use_store=False)
+    h = {"Authorization": f"Bearer {api_keys[1]['pacs']}", "Content-Type": "application/dicom"}
+    source = make_dicom(seed=4)
+    with TestClient(app) as client:
+        healthy = client.post("/v1/detect", content=source, headers=h)
+        assert healthy.status_code == 200
+        _drained(client)
+        backend = client.app.state.cxr.backend  # type: ignore[attr-defined]
+        infer = backend.infer
+        calls: list[str] = []
+
+        async def production_down(stage: Stage, batch: Any) -> Any:
+            calls.append(stage)
+            if stage == "production":
+                raise BackendError("production Triton answered 500")
+            return await infer(stage, batch)
+
+        monkeypatch.setattr(backend, "infer", production_down)
+        with caplog.at_level(logging.INFO, logger="serving.inference.detector"):
+            r = client.post("/v1/detect", content=source, headers=h)
+            _drained(client)
+        metrics = client.get("/metrics").text
+    assert r.status_code == 200 and r.json()["model"]["stage"] == "canary"
+    assert r.json()["detections"] == healthy.json()["detections"]
+    assert calls == ["canary", "production"], "the canary answers, then production runs in the background"
+    assert any("shadow_failed stage=canary run_on=production" in rec.getMessage() for rec in caplog.records)
+    assert _metric(metrics, 'cxr_shadow_agreement_count{stage="canary"}') == 1.0  # the healthy one only
+    # the mirror's failure is nobody's error: no production rejection, no fallback
+    assert not [x for x in metrics.splitlines() if x.startswith("cxr_gateway_rejected_total{")]
+    canary_ok = 'cxr_gateway_requests_total{route="/v1/detect",stage="canary",status="200"}'
+    assert _metric(metrics, canary_ok) == 2.0
+
+
+def test_the_production_mirror_is_dropped_not_queued_when_production_is_at_its_in_flight_limit(
+    onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_stage_files(tmp_path / "gitops", production="3", canary="4", weight=100)
+    app = create_app(_settings(onnx_model, api_keys, tmp_path, shadow_fraction=1.0), use_store=False)
+    h = {"Authorization": f"Bearer {api_keys[1]['pacs']}", "Content-Type": "application/dicom"}
+    with TestClient(app) as client:
+        detector = client.app.state.cxr.detector  # type: ignore[attr-defined]
+        detector.gate.current["production"] = detector.gate.limit  # production's patients fill it
+        with caplog.at_level(logging.INFO, logger="serving.inference.detector"):
+            r = client.post("/v1/detect", content=make_dicom(seed=5), headers=h)
+            _drained(client)
+        assert detector.gate.current["production"] == detector.gate.limit
+        metrics = client.get("/metrics").text
+    assert r.status_code == 200 and r.json()["model"]["stage"] == "canary"
+    assert any("shadow_failed stage=canary run_on=production" in rec.getMessage() for rec in caplog.records)
+    assert 'cxr_shadow_agreement_count{stage="canary"}' not in metrics
+    assert not [x for x in metrics.splitlines() if x.startswith("cxr_gateway_rejected_total{")]
 
 
 def test_drift_score_is_exported_once_the_window_is_full(

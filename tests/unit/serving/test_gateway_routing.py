@@ -58,6 +58,19 @@ def test_shadow_fraction_applies_only_when_staging_serves(tmp_path: Path) -> Non
     assert abs(share - 0.25) < 0.03
 
 
+def test_canary_requests_are_sampled_for_the_production_mirror_at_the_shadow_fraction(tmp_path: Path) -> None:
+    """Staging or not: the canary's agreement with production is what the canary analysis judges."""
+    write_stage_files(tmp_path, production="3", canary="4", weight=50, staging="")
+    router = _router(tmp_path, shadow_fraction=0.25)
+    decisions = [router.decide(f"s{i}") for i in range(8000)]
+    assert not any(d.canary_mirror for d in decisions if d.stage == "production")
+    canary = [d for d in decisions if d.stage == "canary"]
+    assert abs(sum(d.canary_mirror for d in canary) / len(canary) - 0.25) < 0.03
+    assert not any(d.shadow for d in decisions)  # no staging version: no staging shadow
+    assert not _router(tmp_path, shadow_fraction=1.0).decide("s1", forced="canary").canary_mirror
+    assert not any(_router(tmp_path).decide(f"s{i}").canary_mirror for i in range(200))  # fraction 0
+
+
 @pytest.mark.parametrize("fraction", [0.004, 0.025])
 def test_shadow_share_is_the_configured_fraction_not_a_rounded_percent(
     tmp_path: Path, fraction: float
