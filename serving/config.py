@@ -115,6 +115,12 @@ class ServingSettings(CoreSettings):
     )
     spool_dir: Path | None = None
     spool_retry_s: float = 5.0
+    ephemeral_disk: bool = Field(
+        default=False,
+        description="the gateway's disk dies with it (a cluster pod's emptyDir): when it stops, hand its "
+        "queued PACS objects, spooled feedback and audit log to the object store, and adopt the PACS "
+        "objects other replicas handed off (CXR_EPHEMERAL_DISK; serving/gateway/handoff.py)",
+    )
     deid_secret: str = Field(
         default="",
         description="secret behind feedback pseudonyms and audit hashes (CXR_DEID_SECRET); empty: the "

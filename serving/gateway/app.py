@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving import logsafe
 from serving.config import ServingSettings
 from serving.errors import InputLimitExceeded, ServingError
+from serving.gateway import handoff
 from serving.gateway.middleware import INTERNAL_ERROR, ObserveMiddleware, error_body
 from serving.gateway.routes import admin, detect, dicomweb, feedback, health, pacs, results, review, worklist
 from serving.gateway.routes.review import STATIC_DIR
@@ -152,6 +153,11 @@ async def _housekeeping(state: GatewayState) -> None:
             except Exception as exc:
                 log.warning("retention_job_error error_type=%s", type(exc).__name__)
         try:
+            if await asyncio.to_thread(handoff.adopt, state) and state.sendback is not None:
+                state.sendback.wake()
+        except Exception as exc:  # the store down: the handed-off objects wait there
+            log.warning("pacs_outbox_adopt_error error_type=%s", type(exc).__name__)
+        try:
             if state.feedback.spool.depth():
                 delivered = await asyncio.to_thread(state.feedback.deliver_spooled)
                 if delivered:
@@ -196,6 +202,8 @@ def create_app(
             if state.worklist is not None:
                 state.worklist.close()
             state.audit.close()
+            # a replica whose disk dies with it hands on its queued PACS objects, feedback, audit log
+            await asyncio.to_thread(handoff.hand_on, state)
 
     app = FastAPI(
         title="CXR Detect gateway",

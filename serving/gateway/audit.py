@@ -86,6 +86,17 @@ class AuditLog:
         if self._handler is not None:
             self._handler.close()
 
+    def files(self) -> list[Path]:
+        """The log and its rotated backups that exist, oldest last (``audit.jsonl``, ``.1``, ``.2``, ...)."""
+        if self.path is None:
+            return []
+        found = [self.path] if self.path.exists() else []
+        n = 1
+        while (backup := self.path.with_name(f"{self.path.name}.{n}")).exists():
+            found.append(backup)
+            n += 1
+        return found
+
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")

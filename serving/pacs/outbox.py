@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ def item_id(destination: str, sop_instance_uid: str) -> str:
 
 
 DEAD_LETTER = "dead-letter"  # under the outbox root: item ids are hex, never this name
+_ITEM_ID = re.compile(r"[0-9a-f]{40}")
 
 
 class Outbox:
@@ -85,6 +87,34 @@ class Outbox:
         # durable before the caller answers: the SCP drops its copy of a study once its send-back
         # is answered. False: queued meanwhile by another request, the same object; keep one
         return publish_files(final, {"object.dcm": data, "meta.json": json.dumps(meta).encode()})
+
+    def adopt(self, iid: str, data: bytes, meta: dict[str, Any], *, dead: bool = False) -> bool:
+        """Take in an item another gateway replica handed off (serving/pacs/handoff.py), under its id.
+
+        Durable before the caller deletes the handed-off copy. A waiting item is due at once (its
+        attempts kept), a dead letter stays out of delivery. False when this outbox already holds
+        it (adopted before, or the same object queued here): one copy per object and destination.
+        """
+        if not _ITEM_ID.fullmatch(iid):
+            raise ValueError("not an outbox item id")
+        destination, sop_instance_uid = str(meta["destination"]), str(meta["sop_instance_uid"])
+        if item_id(destination, sop_instance_uid) != iid:
+            raise ValueError("the item id does not name its destination and SOP Instance UID")
+        record: dict[str, Any] = {
+            "destination": destination,
+            "sop_class_uid": str(meta["sop_class_uid"]),
+            "sop_instance_uid": sop_instance_uid,
+            "attempts": int(meta.get("attempts", 0)),
+            "next_attempt": float(meta.get("next_attempt", time.time())) if dead else time.time(),
+            "created": float(meta.get("created", time.time())),
+        }
+        if dead and isinstance(meta.get("refused"), dict):
+            record["refused"] = meta["refused"]
+        root = self.dead_letter if dead else self.root
+        make_dirs(root)
+        if (self.root / iid).exists() or (self.dead_letter / iid).exists():
+            return False
+        return publish_files(root / iid, {"object.dcm": data, "meta.json": json.dumps(record).encode()})
 
     @staticmethod
     def _write_meta(folder: Path, meta: dict[str, Any]) -> None:

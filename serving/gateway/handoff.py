@@ -1,0 +1,79 @@
+"""What a gateway replica whose disk dies with it hands on when it stops (``CXR_EPHEMERAL_DISK``).
+
+In the cluster the gateway's ``CXR_STACK_DIR`` is its pod's emptyDir and the HPA scales replicas
+in and out; the worklist is shared (serving/triage/worklist_db.py) and results are copied to the
+object store after each answer, but three things lived only on the pod's disk:
+
+- **PACS objects waiting for their PACS**: handed to the object store and adopted by a running
+  replica (serving/pacs/handoff.py), which delivers them;
+- **spooled feedback** (the object store was down when it came): its home is that store, so one
+  more delivery is tried; what the store still refuses stays, and is lost with the pod (logged);
+- **the audit log**: its files are copied to ``audit/<pod>/<time>/`` in the object store, where an
+  operator's audit trail collects every replica's (no identifier is in it: serving/gateway/audit.py).
+
+On one machine the disk outlives the gateway, so nothing of this runs (the setting's default).
+A pod killed without its grace period (a node lost) still loses what it held: the Deployment's
+``terminationGracePeriodSeconds`` bounds the handing on, and each step logs what it moved.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from serving.pacs import handoff as pacs_handoff
+
+if TYPE_CHECKING:
+    from serving.gateway.state import GatewayState
+
+log = logging.getLogger("cxr.gateway")
+
+
+def hand_on(state: GatewayState) -> None:
+    """Everything the replica's disk holds that must outlive it, to the object store (blocking).
+
+    Called once the gateway has stopped taking requests and its delivery loop has ended, after the
+    audit log is closed (its last line written). Each step runs even when an earlier one failed.
+    """
+    store = state.store
+    if not state.settings.ephemeral_disk:
+        return
+    if store is None:
+        log.warning("handoff_impossible reason=no_object_store")
+        return
+    if state.sendback is not None:
+        try:
+            pacs_handoff.hand_off(state.sendback.outbox, store)
+        except Exception as exc:
+            log.warning("pacs_outbox_handoff_error error_type=%s", type(exc).__name__)
+    try:
+        if state.feedback.spool.depth():
+            delivered = state.feedback.deliver_spooled()
+            left = state.feedback.spool.depth()
+            log.log(
+                logging.WARNING if left else logging.INFO,
+                "feedback_spool_flushed delivered=%d left=%d",
+                delivered,
+                left,
+            )
+    except Exception as exc:
+        log.warning("feedback_spool_flush_error error_type=%s", type(exc).__name__)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    for path in state.audit.files():
+        try:
+            store.put_bytes(
+                f"audit/{socket.gethostname()}/{stamp}/{path.name}", path.read_bytes(), "application/x-ndjson"
+            )
+        except Exception as exc:
+            log.warning("audit_handoff_failed file=%s error_type=%s", path.name, type(exc).__name__)
+
+
+def adopt(state: GatewayState) -> int:
+    """PACS objects other replicas handed off, into this replica's outbox (blocking); how many.
+
+    The caller wakes the delivery loop (on the event loop: its event is not thread-safe)."""
+    if not state.settings.ephemeral_disk or state.store is None or state.sendback is None:
+        return 0
+    return pacs_handoff.adopt(state.sendback.outbox, state.store)

@@ -1,0 +1,126 @@
+"""A replica's queued PACS objects outlive it: handed to the object store when it stops, adopted by another.
+
+In the cluster the outbox is on the pod's emptyDir; a scaled-in pod took the objects its PACS had
+not yet taken with it (docs/cluster.md). Here the outbox functions, then two gateways built on one
+store: the first stops with an object queued, the second adopts it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.gateway.auth import hash_key
+from serving.pacs import handoff
+from serving.pacs.outbox import Outbox
+from tests.unit.serving.serving_support import MemoryStore, onnx_settings
+
+pytestmark = pytest.mark.unit
+
+SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+def _queued(outbox: Outbox) -> dict[str, tuple[str, str, int]]:
+    return {i.item_id: (i.destination, i.sop_instance_uid, i.attempts) for i in outbox.items()}
+
+
+def test_a_stopping_replicas_objects_and_dead_letters_are_adopted_whole_by_another(tmp_path: Path) -> None:
+    store = MemoryStore()
+    leaving, staying = Outbox(tmp_path / "a"), Outbox(tmp_path / "b")
+    for n in range(2):
+        leaving.put("pacs", SR, f"1.2.3.{n}", f"object {n}".encode())
+    [first, _] = leaving.items()
+    leaving.failed(first, now=time.time() + 3600)  # retried later: handed off with its attempts
+    leaving.put("pacs", SR, "1.2.3.9", b"refused object")
+    [refused] = [i for i in leaving.items() if i.sop_instance_uid == "1.2.3.9"]
+    leaving.refused(refused, "the PACS stores no such class")
+    before = _queued(leaving)
+
+    assert handoff.hand_off(leaving, store) == 3
+    assert leaving.items() == [] and leaving.dead_letters() == []
+    assert all(k.startswith(handoff.PREFIX) for k in store.objects)
+
+    assert handoff.adopt(staying, store) == 3
+    assert _queued(staying) == before and store.objects == {}
+    assert all(i.next_attempt <= time.time() for i in staying.items())  # due at once on the new replica
+    [dead] = staying.dead_letters()
+    assert dead.sop_instance_uid == "1.2.3.9" and dead.data() == b"refused object"
+    assert json.loads((dead.folder / "meta.json").read_text())["refused"]["reason"]
+    assert {i.data() for i in staying.items()} == {b"object 0", b"object 1"}
+    assert handoff.adopt(staying, store) == 0
+
+
+def test_an_object_the_store_refuses_stays_in_the_outbox(tmp_path: Path) -> None:
+    class Refusing(MemoryStore):
+        def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
+            if data == b"object 1":
+                raise OSError("store full")
+            super().put_bytes(key, data, content_type)
+
+    outbox = Outbox(tmp_path / "a")
+    for n in range(2):
+        outbox.put("pacs", SR, f"1.2.3.{n}", f"object {n}".encode())
+    assert handoff.hand_off(outbox, Refusing()) == 1
+    assert [i.data() for i in outbox.items()] == [b"object 1"]
+
+
+def test_an_item_without_its_meta_or_under_a_forged_id_is_not_taken_in(tmp_path: Path) -> None:
+    store = MemoryStore()
+    outbox = Outbox(tmp_path / "a")
+    store.put_bytes(f"{handoff.PREFIX}{'a' * 40}/object.dcm", b"still being written")
+    meta = {"destination": "pacs", "sop_class_uid": SR, "sop_instance_uid": "1.2.3", "attempts": 0}
+    store.put_bytes(f"{handoff.PREFIX}{'b' * 40}/object.dcm", b"x")
+    store.put_bytes(f"{handoff.PREFIX}{'b' * 40}/meta.json", json.dumps(meta).encode())
+    store.put_bytes(f"{handoff.PREFIX}..%2f/meta.json", json.dumps(meta).encode())
+    assert handoff.adopt(outbox, store) == 0
+    assert outbox.items() == [] and len(store.objects) == 4  # left for the writer, or an operator
+
+
+def test_a_gateway_with_an_ephemeral_disk_hands_on_when_it_stops_and_another_adopts(
+    onnx_model: Path, gitops_dir: Path, tmp_path: Path
+) -> None:
+    from serving.gateway.app import create_app
+
+    key = f"cxr_p_{uuid.uuid4().hex}"
+    (tmp_path / "keys.json").write_text(
+        json.dumps({"keys": [{"id": "p", "role": "pacs", "sha256": hash_key(key)}]})
+    )
+    store = MemoryStore()
+
+    def settings(name: str):  # type: ignore[no-untyped-def]
+        return onnx_settings(
+            onnx_model,
+            tmp_path / "keys.json",
+            tmp_path / name,
+            gitops_dir=gitops_dir,
+            ephemeral_disk=True,
+            spool_retry_s=0.05,
+            pacs_destinations=[
+                {"name": "pacs", "kind": "stow", "url": "http://127.0.0.1:9/", "callers": ["*"]}
+            ],
+        )
+
+    leaving = create_app(settings("a"), store=store)
+    with TestClient(leaving) as client:
+        client.get("/v1/models", headers={"X-API-Key": key})  # refused to this role, and audited
+        outbox = leaving.state.cxr.sendback.outbox
+        outbox.put("pacs", SR, "1.2.3.4", b"an SR its PACS has not taken yet")
+    assert outbox.items() == []
+    audit = [k for k in store.objects if k.startswith("audit/")]
+    assert audit and b"/v1/models" in store.objects[audit[0]]
+
+    staying = create_app(settings("b"), store=store)
+    with TestClient(staying):
+        adopted = staying.state.cxr.sendback.outbox
+        deadline = time.monotonic() + 30
+        while not adopted.items() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [i.sop_instance_uid for i in adopted.items()] == ["1.2.3.4"]
+        assert not any(k.startswith(handoff.PREFIX) for k in store.objects)
+    # and it hands the object on again when it stops in turn: its PACS never took it
+    assert any(k.startswith(handoff.PREFIX) for k in store.objects) and adopted.items() == []
