@@ -143,8 +143,10 @@ class Pipeline:
         return list(uploads)
 
     async def reprepare(self, uploads: list[DecodedUpload], model: ServedModel) -> list[DecodedUpload]:
-        """Letterbox again only when ``model`` takes another input size than the uploads were prepared for."""
-        if all(u.prepared.params.dst == model.contract.size for u in uploads):
+        """Letterbox again only when ``model`` takes another input (size or fill) than the uploads were
+        prepared for: a shadow or canary version whose contract pads with another value must not see
+        the other version's padding."""
+        if all(u.prepared.fits(model.contract) for u in uploads):
             return uploads
         out = []
         for up in uploads:

@@ -25,6 +25,11 @@ class PreparedImage:
     intensity_mean: float
     intensity_std: float
     source_size: tuple[int, int]  # (width, height) of the ORIGINAL image, where boxes are reported
+    pad_value: int = 114  # the letterbox's fill: a model whose contract says another needs its own input
+
+    def fits(self, contract: ModelContract) -> bool:
+        """Whether this input is what ``contract``'s model takes (its size and its letterbox fill)."""
+        return self.params.dst == contract.size and self.pad_value == contract.pad_value
 
 
 def prepare(gray_uint8: np.ndarray, contract: ModelContract, max_side: int = 0) -> PreparedImage:
@@ -52,6 +57,7 @@ def prepare(gray_uint8: np.ndarray, contract: ModelContract, max_side: int = 0) 
         intensity_mean=mean,
         intensity_std=std,
         source_size=source_size,
+        pad_value=contract.pad_value,
     )
 
 

@@ -101,3 +101,25 @@ def test_large_image_is_shrunk_like_the_dataset_and_boxes_come_back_in_original_
     for det, j in zip(sorted(ours, key=lambda d: -d.confidence), order, strict=True):
         np.testing.assert_allclose(det.box, theirs[j], atol=1.0 * max(scale_x, scale_y))
         assert det.box[2] <= 2400 and det.box[3] <= 1800
+
+
+def test_an_upload_is_prepared_again_for_a_model_that_pads_with_another_value() -> None:
+    """A shadow or canary version whose contract pads with another value must see its own padding."""
+    import asyncio
+    import dataclasses
+    from types import SimpleNamespace
+
+    from serving.contract import ModelContract
+    from serving.inference.cpu_pool import CpuPool
+    from serving.inference.pipeline import DecodedUpload, Pipeline
+
+    img = _gray(300, 200, seed=5)
+    grey, black = ModelContract(imgsz=(256, 256)), ModelContract(imgsz=(256, 256), pad_value=0)
+    prepared = prepare(img, grey)
+    image = SimpleNamespace(to_uint8=lambda: img)
+    upload = DecodedUpload(b"", image, prepared, "k", {})  # type: ignore[arg-type]
+    pipeline = Pipeline(SimpleNamespace(max_side=0), backend=None, metrics=None, cpu=CpuPool(1))  # type: ignore[arg-type]
+    [same] = asyncio.run(pipeline.reprepare([upload], SimpleNamespace(contract=dataclasses.replace(grey))))  # type: ignore[arg-type]
+    assert same is upload
+    [again] = asyncio.run(pipeline.reprepare([upload], SimpleNamespace(contract=black)))  # type: ignore[arg-type]
+    assert again.prepared.tensor[0, 0, 0] == 0.0 and prepared.tensor[0, 0, 0] == np.float32(114 / 255)
