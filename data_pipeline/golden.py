@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,19 +130,38 @@ def commit_pin(gitops_dir: Path, pin: GoldenPin) -> str | None:
     return str(repo.head.commit.hexsha)
 
 
-def golden_patients(dataset_dir: Path) -> frozenset[str]:
+class HeldOut(frozenset[str]):
+    """The golden set's split group keys, and the perceptual hashes of its images.
+
+    A frozenset of the keys, so every caller that held out patients still does; ``phashes`` lets
+    ingest also hold out a copy of a golden image filed under another patient (re-exported or
+    re-anonymised: the same pixels, another PatientID), which the keys alone let into training.
+    A golden version built before its manifest kept the hashes has none (patients only).
+    """
+
+    phashes: tuple[str, ...]
+
+    def __new__(cls, keys: Iterable[str] = (), phashes: Iterable[str] = ()) -> HeldOut:
+        held = super().__new__(cls, keys)
+        held.phashes = tuple(phashes)
+        return held
+
+
+def golden_patients(dataset_dir: Path) -> HeldOut:
     """The patients of a golden version, as split group keys: ingest keeps their images out of every split.
 
     A salted patient id, or ``image:<image_id>`` for an image without a PatientID (a PNG or JPEG, a
     header without one: :func:`~data_pipeline.split.group_key`). Only patient ids were returned,
-    so such golden images went into the next training set when they came again.
+    so such golden images went into the next training set when they came again. With them, the
+    images' perceptual hashes (:class:`HeldOut`).
     """
     from data_pipeline.split import group_key  # here: the split module loads scikit-learn
 
     manifest = json.loads((Path(dataset_dir) / MANIFEST).read_text())
-    return frozenset(
-        group_key(str(name), meta.get("patient") or None)
-        for name, meta in (manifest.get("images") or {}).items()
+    images = (manifest.get("images") or {}).items()
+    return HeldOut(
+        (group_key(str(name), meta.get("patient") or None) for name, meta in images),
+        (str(meta["phash"]) for _, meta in images if meta.get("phash")),
     )
 
 
@@ -163,7 +183,7 @@ def wait_for_pin(gitops_dir: Path, timeout_s: float, poll_s: float = 0.2) -> Gol
     return pin
 
 
-def held_out_patients(settings: DataSettings, store: ObjectStore | None) -> frozenset[str]:
+def held_out_patients(settings: DataSettings, store: ObjectStore | None) -> HeldOut:
     """The pinned golden set's patients (none when nothing is pinned), fetched if not cached.
 
     A pin whose version cannot be read is an error, not an empty set: building anyway could
@@ -173,7 +193,7 @@ def held_out_patients(settings: DataSettings, store: ObjectStore | None) -> froz
 
     pin = read_pin(settings.gitops_dir)
     if pin is None:
-        return frozenset()
+        return HeldOut()
     cached = settings.cache_dir() / pin.version
     try:
         folder = (

@@ -49,7 +49,7 @@ from data_pipeline.export import (
 from data_pipeline.feedback import FeedbackBatch, collect_feedback
 from data_pipeline.fusion import FusionConfig, fuse_annotations
 from data_pipeline.output import ensure_output_folder
-from data_pipeline.quality import QualityReport, check_images, check_labels, near_duplicate_groups
+from data_pipeline.quality import QualityReport, check_images, check_labels, near_any, near_duplicate_groups
 from data_pipeline.report import (
     INDEX,
     READERS_CSV,
@@ -151,7 +151,9 @@ def build_dataset(
         report = _quality(settings, decoded.results, decoded.ok, fused, decoded.sizes, table, unannotated)
         keep, fused = _usable_images(decoded, report, fused, dicom_dir)
         excluded = exclude_patients() if callable(exclude_patients) else exclude_patients
-        keep, fused, held_out = _without_patients(keep, fused, decoded.ok, excluded, dicom_dir)
+        keep, fused, held_out = _without_patients(
+            keep, fused, decoded.ok, excluded, dicom_dir, settings.quality.duplicate_max_distance
+        )
         # [5] split by patient, move images + labels into their split, derive the content version
         split = {i: "test" for i in keep} if golden else _split(keep, fused, decoded.ok, report, settings)
         entries, image_meta = _write_split(staging, all_dir, keep, split, fused, decoded.ok)
@@ -273,15 +275,24 @@ def _without_patients(
     ok: dict[str, ImageResult],
     patients: frozenset[str],
     dicom_dir: Path,
+    max_distance: int = 0,
 ) -> tuple[list[str], pd.DataFrame, int]:
-    """Drop the images of held-out (golden) patients; returns what is left and how many went.
+    """Drop the images of held-out (golden) patients and copies of golden images; returns what is
+    left and how many went.
 
     ``patients`` holds split group keys (:func:`~data_pipeline.split.group_key`): an image without
-    a PatientID is matched by its own key, or a golden image without one was trained on.
+    a PatientID is matched by its own key, or a golden image without one was trained on. When it is
+    a :class:`~data_pipeline.golden.HeldOut` with perceptual hashes, an image within
+    ``max_distance`` bits of a golden image (``CXR_QUALITY__DUPLICATE_MAX_DISTANCE``, as the split's
+    near duplicates) goes too, whatever patient it is filed under.
     """
-    if not patients:
+    phashes = getattr(patients, "phashes", ())
+    if not patients and not phashes:
         return keep, fused, 0
-    left = [i for i in keep if group_key(i, ok[i].patient_hash) not in patients]
+    copies = near_any(
+        {i: stats.phash for i in keep if (stats := ok[i].stats) is not None}, phashes, max_distance
+    )
+    left = [i for i in keep if group_key(i, ok[i].patient_hash) not in patients and i not in copies]
     if not left:
         raise EmptyDatasetError(
             f"every usable image in {dicom_dir} belongs to a golden-set patient ({len(keep)} images): "
@@ -493,6 +504,9 @@ def _write_split(
             "sha256": result.png_sha256,
             "label_sha256": label_sha,
             "patient": result.patient_hash,
+            # the golden hold-out's near-duplicate check (data_pipeline/golden.py HeldOut): not in the
+            # version's identity, a function of the pixels already counted
+            "phash": result.stats.phash if result.stats is not None else "",
             # sex, age BAND (not the age), manufacturer, view: PS3.15 Annex E's "Retain Patient
             # Characteristics" option, narrowed (data_pipeline/subgroups.py); nothing else identifying
             "subgroups": result.subgroups,

@@ -11,7 +11,7 @@ group on one side so the same picture cannot leak from train into test.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -157,14 +157,36 @@ def check_images(stats: list[ImageStats], thresholds: QualityThresholds) -> dict
     return failures
 
 
+def _words(phashes: Sequence[str]) -> np.ndarray:
+    """Each 64-hex-char hash as 4 uint64 words, so XOR + popcount stays vectorised."""
+    return np.array([[int(h[k : k + 16], 16) for k in range(0, 64, 16)] for h in phashes], dtype=np.uint64)
+
+
+def near_any(candidates: Mapping[str, str], references: Sequence[str], max_distance: int) -> set[str]:
+    """Ids of ``candidates`` (id -> perceptual hash) within ``max_distance`` bits of any reference hash.
+
+    The golden set's hold-out (data_pipeline/ingest.py): a copy of a golden image under another
+    patient (re-exported, re-anonymised) is the same image, and must not be trained on either.
+    """
+    refs = [h for h in references if len(h) == 64]
+    if not candidates or not refs:
+        return set()
+    ids = list(candidates)
+    hashes, ref_words = _words([candidates[i] for i in ids]), _words(refs)
+    near: set[str] = set()
+    chunk = 2048
+    for start in range(0, len(hashes), chunk):
+        block = hashes[start : start + chunk]
+        dist = np.bitwise_count(block[:, None, :] ^ ref_words[None, :, :]).sum(axis=2)
+        near.update(ids[start + r] for r in np.nonzero((dist <= max_distance).any(axis=1))[0])
+    return near
+
+
 def near_duplicate_groups(stats: list[ImageStats], max_distance: int) -> list[list[str]]:
     """Groups (connected components) of images whose perceptual hashes differ in <= max_distance bits."""
     if len(stats) < 2:
         return []
-    # each hash as 4 uint64 words, so XOR + popcount stays vectorised
-    hashes = np.array(
-        [[int(s.phash[k : k + 16], 16) for k in range(0, 64, 16)] for s in stats], dtype=np.uint64
-    )
+    hashes = _words([s.phash for s in stats])
     ids = [s.image_id for s in stats]
     parent = list(range(len(ids)))
 

@@ -122,6 +122,44 @@ def test_golden_images_without_a_patient_id_enter_no_later_split(
     assert len(built.manifest["images"]) > 0
 
 
+def test_a_copy_of_a_golden_image_filed_under_another_patient_enters_no_split(
+    sets: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Re-exported or re-anonymised, a golden image comes back with another PatientID and new UIDs:
+    held out by patient only, the same pixels were trained on."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    golden_src, other, _ = sets
+    settings = _settings(tmp_path)
+    golden = build_dataset(
+        golden_src / "dicom", golden_src / "annotations.csv", tmp_path / "ds", settings=settings, golden=True
+    )
+    held_out = golden_patients(golden.path)
+    assert len(held_out.phashes) == len(golden.manifest["images"])
+    incoming = tmp_path / "incoming"
+    shutil.copytree(other / "dicom", incoming)
+    rows = [pd.read_csv(other / "annotations.csv")]
+    golden_rows = pd.read_csv(golden_src / "annotations.csv")
+    copies = []
+    for path in sorted((golden_src / "dicom").iterdir())[:4]:
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientName = f"REEXPORT-{path.stem}", "Someone^Else"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (generate_uid() for _ in range(3))
+        copy = f"copy-{path.stem}"
+        ds.save_as(incoming / f"{copy}{path.suffix}")
+        rows.append(golden_rows[golden_rows["image_id"] == path.stem].assign(image_id=copy))
+        copies.append(copy)
+    pd.concat(rows).to_csv(tmp_path / "incoming.csv", index=False)
+
+    built = build_dataset(
+        incoming, tmp_path / "incoming.csv", tmp_path / "ds", settings=settings, exclude_patients=held_out
+    )
+    assert not set(copies) & set(built.manifest["images"]), "a copy of a golden image was put in a split"
+    assert built.manifest["source"]["golden_patient_images_excluded"] == len(copies)
+    assert len(built.manifest["images"]) > 0
+
+
 def test_the_golden_exclusion_catches_a_feedback_image_of_a_golden_patient(
     sets: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
