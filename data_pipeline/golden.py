@@ -11,6 +11,7 @@ all splits (:func:`golden_patients`), so nothing leaks into training by patient.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -22,6 +23,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from data_pipeline.errors import DataPipelineError, StoreError
 from data_pipeline.versioning import DATASET_VERSION_PATTERN, MANIFEST
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from data_pipeline.config import DataSettings
@@ -159,10 +162,18 @@ def golden_patients(dataset_dir: Path) -> HeldOut:
 
     manifest = json.loads((Path(dataset_dir) / MANIFEST).read_text())
     images = (manifest.get("images") or {}).items()
-    return HeldOut(
+    held = HeldOut(
         (group_key(str(name), meta.get("patient") or None) for name, meta in images),
         (str(meta["phash"]) for _, meta in images if meta.get("phash")),
     )
+    if len(held.phashes) < len(images):
+        log.warning(
+            "golden_holdout_by_patient_only version=%s images_without_hash=%d: copies of these golden "
+            "images filed under other patients are not held out",
+            manifest.get("version", "?"),
+            len(images) - len(held.phashes),
+        )
+    return held
 
 
 def wait_for_pin(gitops_dir: Path, timeout_s: float, poll_s: float = 0.2) -> GoldenPin:
