@@ -36,6 +36,10 @@ TRUNCATION_NOTE = (
     "\n\n... (cut to MLflow's 5000-character description limit: the full card is the run's "
     "`model_card.md` artifact)\n"
 )
+#: between a card that is whole and the sections recorded after it (an HTML comment: MLflow's page
+#: does not show it). A cut card's note separates them; without a mark, sections recorded while the
+#: card still fitted were read back as card text and cut from its end by the next section.
+SECTIONS_MARK = "\n\n<!-- sections recorded after registration -->"
 #: the most a description keeps of the sections recorded after the card (:meth:`ModelRegistry.record_section`)
 TAIL_LIMIT = DESCRIPTION_LIMIT * 3 // 4
 
@@ -51,8 +55,9 @@ def fit_description(card: str, keep_tail: str = "", *, cut: bool = False) -> str
     tail loses its oldest (first) ``## `` sections whole, never a part of one. ``cut``: ``card``
     was cut already (it keeps its note even when it would now fit).
     """
-    if not cut and len(card) + len(keep_tail) <= DESCRIPTION_LIMIT:
-        return card + keep_tail
+    mark = SECTIONS_MARK if keep_tail else ""
+    if not cut and len(card) + len(mark) + len(keep_tail) <= DESCRIPTION_LIMIT:
+        return card + mark + keep_tail
     tail = keep_tail
     while len(tail) > TAIL_LIMIT and (next_section := tail.find("\n\n## ", 1)) > 0:
         tail = tail[next_section:]
@@ -233,7 +238,10 @@ class ModelRegistry:
 
         mv = self._model_version(version)
         # a card cut to the limit: the sections recorded since follow its note, and are kept whole
-        card, note, recorded = str(mv.description or "").partition(TRUNCATION_NOTE)
+        description = str(mv.description or "")
+        card, note, recorded = description.partition(TRUNCATION_NOTE)
+        if not note:  # a whole card: the sections recorded since follow the mark
+            card, _, recorded = description.partition(SECTIONS_MARK)
         card, recorded = _without_section(card, heading), _without_section(recorded, heading)
         section = f"\n\n{heading}\n{body.strip()}\n"
         card = fit_description(card.rstrip(), recorded.rstrip() + section, cut=bool(note))

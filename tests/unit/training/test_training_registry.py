@@ -88,6 +88,28 @@ def test_each_stages_recorded_section_survives_the_next_promotion_of_a_cut_card(
         assert f"{heading}\n{_golden_section(stage).strip()}\n" in recorded, stage
 
 
+def test_sections_recorded_while_the_card_fitted_survive_the_cut_a_later_section_makes(
+    tmp_path: Path,
+) -> None:
+    """A card that fits with its first sections, then one section more than fits: the earlier
+    sections were read back as card text and cut from its end."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = ModelRegistry(uri, "cxr-detector")
+    client = registry._client
+    run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "art")))
+    card = "# cxr-detector\n" + "".join(f"| {i} | finding | 0.500 |\n" for i in range(120))
+    version = registry.register(run.info.run_id, _lineage(), card)
+    assert "model_card.md" not in client.get_model_version("cxr-detector", version).description
+    for stage in ("staging", "canary", "production"):
+        heading = f"## Golden set comparison (promotion to {stage})"
+        registry.record_section(version, heading, _golden_section(stage), tags={})
+    recorded = client.get_model_version("cxr-detector", version).description
+    assert len(recorded) <= DESCRIPTION_LIMIT and recorded.count("model_card.md") == 1
+    for stage in ("staging", "canary", "production"):
+        heading = f"## Golden set comparison (promotion to {stage})"
+        assert f"{heading}\n{_golden_section(stage).strip()}\n" in recorded, stage
+
+
 def test_recorded_sections_past_the_tail_limit_go_whole_oldest_first() -> None:
     from training.registry import TRUNCATION_NOTE, fit_description
 
