@@ -364,6 +364,20 @@ CANARY = DashboardSpec(
             (_q('stage:cxr_detection_confidence:mean5m{stage=~"canary|production"}', "{{stage}}"),),
             unit="percentunit",
         ),
+        PanelSpec(
+            "Canary agreement with production",
+            "Mean F1 at IoU 0.5 of the canary's served answer against production's on the same image, "
+            "for a CXR_SHADOW_FRACTION share of the canary's requests: the figure `cxr canary analyze` "
+            "judges against policy min_agreement.",
+            (
+                _q(
+                    f'sum(rate(cxr_shadow_agreement_sum{{stage="canary"}}[{RATE}])) / '
+                    f'sum(rate(cxr_shadow_agreement_count{{stage="canary"}}[{RATE}]))',
+                    "agreement",
+                ),
+            ),
+            unit="percentunit",
+        ),
     ),
 )
 
