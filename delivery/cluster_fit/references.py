@@ -142,8 +142,9 @@ def _secret_stores(tree: Tree) -> list[Finding]:
 
 #: where the Ansible argocd role writes the values behind the ExternalSecrets (the source namespace)
 _SECRET_SOURCE = "iac/ansible/roles/argocd/tasks/secrets.yml"
-#: source keys a site provides itself (its own certificate), which no playbook can generate
-_SITE_PROVIDED = {"cxr-gateway-tls"}
+#: source keys a site provides itself (its own certificate, its PACS's credentials), which no
+#: playbook can generate
+_SITE_PROVIDED = {"cxr-gateway-tls", "cxr-pacs-credentials"}
 
 
 def _secret_sources(tree: Tree) -> list[Finding]:
@@ -162,10 +163,13 @@ def _secret_sources(tree: Tree) -> list[Finding]:
     )
     out = []
     for obj in tree.of_kind("ExternalSecret"):
-        if obj.doc.get("spec", {}).get("secretStoreRef", {}).get("name") != "cxr-secrets":
+        spec = obj.doc.get("spec", {})
+        if spec.get("secretStoreRef", {}).get("name") != "cxr-secrets":
             continue
-        for item in obj.doc.get("spec", {}).get("data", []):
-            key = str(item.get("remoteRef", {}).get("key", ""))
+        # named properties (data) and whole source keys (dataFrom extract)
+        keys = [str(item.get("remoteRef", {}).get("key", "")) for item in spec.get("data", [])]
+        keys += [str(item.get("extract", {}).get("key", "")) for item in spec.get("dataFrom", [])]
+        for key in keys:
             if key and key not in written | _SITE_PROVIDED:
                 out.append(
                     Finding(CHECK, obj.ref(), f"reads source key {key}, which {_SECRET_SOURCE} never writes")

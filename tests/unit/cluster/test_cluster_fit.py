@@ -86,6 +86,23 @@ def _edit(root: Path, path: str, old: str, new: str, count: int = 1) -> None:
 
 Seed = Callable[[Path], None]
 
+
+def _switch_on_pacs_credentials(root: Path, source_key: str = "cxr-pacs-credentials") -> None:
+    """What a site whose PACS needs credentials does: list the opt-in ExternalSecret (dataFrom)."""
+    _edit(
+        root,
+        "k8s/overlays/production/kustomization.yaml",
+        "  # - pacs-credentials.yaml",
+        "  - pacs-credentials.yaml",
+    )
+    _edit(
+        root,
+        "k8s/overlays/production/pacs-credentials.yaml",
+        "key: cxr-pacs-credentials",
+        f"key: {source_key}",
+    )
+
+
 SEEDS: dict[str, tuple[Seed, str, str]] = {
     "an-unsynced-folder": (
         lambda r: _edit(
@@ -123,6 +140,28 @@ SEEDS: dict[str, tuple[Seed, str, str]] = {
         ),
         "references",
         "reads source key cxr-worklist-db, which iac/ansible/roles/argocd/tasks/secrets.yml never writes",
+    ),
+    "a-dimse-key-ansible-never-writes": (
+        lambda r: _edit(
+            r, "iac/ansible/roles/argocd/tasks/secrets.yml", "metadata: {name: cxr-dimse}", "metadata: {}"
+        ),
+        "references",
+        "reads source key cxr-dimse, which iac/ansible/roles/argocd/tasks/secrets.yml never writes",
+    ),
+    "a-dimse-scp-pointed-at-a-gateway-port-that-does-not-exist": (
+        lambda r: _edit(
+            r,
+            "k8s/base/dimse/statefulset.yaml",
+            "cxr-gateway-production.cxr.svc.cluster.local:8080",
+            "cxr-gateway-production.cxr.svc.cluster.local:80",
+        ),
+        "references",
+        "Service cxr-gateway-production port 80 does not exist",
+    ),
+    "a-whole-source-key-nobody-writes": (
+        lambda r: _switch_on_pacs_credentials(r, "cxr-pacs-creds"),
+        "references",
+        "reads source key cxr-pacs-creds, which iac/ansible/roles/argocd/tasks/secrets.yml never writes",
     ),
     "a-worklist-url-without-its-pool": (
         lambda r: _edit(r, "pyproject.toml", '"psycopg-pool"]', "]"),
@@ -193,6 +232,31 @@ SEEDS: dict[str, tuple[Seed, str, str]] = {
         "network",
         "blocked by the NetworkPolicies (port 8001)",
     ),
+    "a-gateway-that-cannot-send-back-over-dimse": (
+        lambda r: _edit(
+            r,
+            "k8s/base/network/gateway-networkpolicy.yaml",
+            "        - port: 104\n          protocol: TCP\n",
+            "",
+        ),
+        "network",
+        "blocked by the NetworkPolicies (port 104)",
+    ),
+    "a-dimse-scp-the-pacs-cannot-reach": (
+        lambda r: _edit(r, "k8s/base/network/dimse-networkpolicy.yaml", "- port: 11112", "- port: 104"),
+        "network",
+        "blocked by the NetworkPolicies (port 11112)",
+    ),
+    "a-pacs-rule-that-opens-the-api-server": (
+        lambda r: _edit(
+            r,
+            "k8s/base/network/gateway-networkpolicy.yaml",
+            "except: [10.42.0.0/16, 10.96.0.0/12]",
+            "except: [10.42.0.0/16]",
+        ),
+        "network",
+        "gateway to the api server through the pacs rule (the service subnet is no pacs): allowed",
+    ),
     "one-gpu-node-too-few": (
         lambda r: _edit(
             r,
@@ -247,3 +311,14 @@ def test_a_seeded_defect_is_caught_by_its_check(seed: str, tmp_path: Path) -> No
     caught = [f.line() for f in findings if f.check == check and expected in f.line()]
     others = [f.line() for f in findings if f.check == check]
     assert caught, f"[{check}] did not catch {seed}; it reported: {others}"
+
+
+def test_a_site_that_switches_on_its_pacs_credentials_still_fits(tmp_path: Path) -> None:
+    """pacs-credentials.yaml ships commented out of the production overlay; a site whose PACS needs
+    credentials uncomments it, and the tree must fit then too (its source key is the site's own)."""
+    root = _copy_tree(tmp_path / "tree")
+    _switch_on_pacs_credentials(root)
+    tree, findings = check_tree(root)
+    assert [f.line() for f in findings] == []
+    names = {o.doc["spec"]["target"]["name"] for o in tree.of_kind("ExternalSecret")}
+    assert "cxr-pacs-credentials" in names

@@ -264,3 +264,82 @@ def test_the_reachability_table_names_pods_that_render(all_objects: list[tuple[s
                 assert any(end["labels"].items() <= labels.items() for labels in pods), (edge["name"], end)
     kustomization = yaml.safe_load((REACHABILITY.parent / "kustomization.yaml").read_text())
     assert REACHABILITY.name not in kustomization["resources"]
+
+
+# The per-site stand-ins of reachability.yaml and the blocks the PACS rules must keep out
+PACS = ipaddress.ip_address("10.20.30.50")
+VPC = ipaddress.ip_network("10.42.0.0/16")  # Terraform's vpc_cidr: the nodes
+SERVICES = ipaddress.ip_network("10.96.0.0/12")  # kubeadm's serviceSubnet: 10.96.0.1 is the API server
+
+
+def _pacs_blocks(rules: list[dict[str, Any]], peers: str) -> list[dict[str, Any]]:
+    return [peer["ipBlock"] for rule in rules for peer in rule.get(peers, []) if "ipBlock" in peer]
+
+
+def _admits(block: dict[str, Any], addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return addr in ipaddress.ip_network(block["cidr"]) and not any(
+        addr in ipaddress.ip_network(e) for e in block.get("except", [])
+    )
+
+
+def test_the_dimse_scp_takes_dicom_only_from_the_pacs_and_calls_only_the_gateway(
+    all_objects: list[tuple[str, dict[str, Any]]],
+) -> None:
+    policy = _policies(all_objects)["cxr-dimse"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "cxr-dimse"}}
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    (ingress,) = policy["spec"]["ingress"]
+    assert [p["port"] for p in ingress["ports"]] == [11112]
+    assert [list(peer) for peer in ingress["from"]] == [["ipBlock"]], "only the PACS network calls in"
+    (egress,) = policy["spec"]["egress"]
+    assert egress["to"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "cxr-gateway"}}}]
+    assert [p["port"] for p in egress["ports"]] == [8080]
+    gateway = _policies(all_objects)["cxr-gateway"]
+    callers = [peer for rule in gateway["spec"]["ingress"] for peer in rule["from"]]
+    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "cxr-dimse"}}} in callers
+
+
+def test_the_pacs_blocks_admit_the_pacs_and_neither_the_cluster_nor_the_api_server(
+    all_objects: list[tuple[str, dict[str, Any]]],
+) -> None:
+    """Both per-site PACS rules (C-STORE in to the SCP, results out of the gateway) name the hospital
+    network: not the VPC (the nodes), not the Service subnet (10.96.0.1:443 is the Kubernetes API)."""
+    policies = _policies(all_objects)
+    scp_in = _pacs_blocks(policies["cxr-dimse"]["spec"]["ingress"], "from")
+    gateway_out = _pacs_blocks(policies["cxr-gateway"]["spec"]["egress"], "to")
+    assert scp_in and gateway_out
+    for block in [*scp_in, *gateway_out]:
+        assert _admits(block, PACS), block
+        assert ipaddress.ip_network(block["cidr"]) != ipaddress.ip_network("0.0.0.0/0"), block
+        for inside in (VPC, SERVICES):
+            assert any(inside.subnet_of(ipaddress.ip_network(e)) for e in block.get("except", [])), (
+                block,
+                inside,
+            )
+    assert scp_in == gateway_out, "keep the two PACS blocks equal (docs/cluster.md), or say why not"
+
+
+def test_the_reachability_table_holds_the_pacs_round_trip() -> None:
+    """The cluster-fit check proves what the table asks: here, that the PACS round trip is asked for."""
+    table = yaml.safe_load(REACHABILITY.read_text())
+
+    def edges(verdict: str) -> set[tuple[str, str, int]]:
+        def end(e: dict[str, Any]) -> str:
+            return str(e["ip"]) if "ip" in e else str(e["labels"].get("app.kubernetes.io/name"))
+
+        return {(end(e["from"]), end(e["to"]), int(e["port"])) for e in table[verdict]}
+
+    allowed, denied = edges("must_allow"), edges("must_deny")
+    assert {
+        (str(PACS), "cxr-dimse", 11112),
+        ("cxr-dimse", "cxr-gateway", 8080),
+        ("cxr-gateway", str(PACS), 443),
+        ("cxr-gateway", str(PACS), 104),
+    } <= allowed
+    assert {
+        ("cxr-dimse", "1.1.1.1", 443),
+        ("cxr-dimse", "postgres", 5432),
+        ("cxr-dimse", "minio", 9000),
+        ("1.1.1.1", "cxr-dimse", 11112),
+        ("cxr-gateway", "10.96.0.1", 443),
+    } <= denied

@@ -70,7 +70,9 @@ class Box:
     read_only: bool
     writable: list[str]  # mount paths of writable volumes (emptyDir, PVC, tmpfs, named volume)
     ports: dict[str, int] = field(default_factory=dict)
-    probe_ports: set[str | int] = field(default_factory=set)
+    probe_ports: set[str | int] = field(default_factory=set)  # httpGet and tcpSocket probes
+    durable: list[str] = field(default_factory=list)  # mount paths of volume claims (outlive the pod)
+    labels: dict[str, str] = field(default_factory=dict)  # the pod's
 
     def runs_project_code(self) -> bool:
         return self.argv[:1] == ["cxr"] or self.argv[:2] == ["python", "-m"]
@@ -95,8 +97,14 @@ def _k8s_boxes(tree: Tree, image: Image) -> Iterator[Box]:
         str(o.doc["spec"]["target"]["name"]): [d["secretKey"] for d in o.doc["spec"].get("data", [])]
         for o in tree.of_kind("ExternalSecret")
     }
+    # a StatefulSet's claims are volumes of its pods, by the claim template's name
+    claims = {
+        o.ref(): {t["metadata"]["name"] for t in o.doc["spec"].get("volumeClaimTemplates", [])}
+        for o in tree.of_kind("StatefulSet")
+    }
     for pod in tree.pods:
         volumes = {v["name"]: v for v in pod.spec.get("volumes", [])}
+        volumes.update({name: {"persistentVolumeClaim": {}} for name in claims.get(pod.owner, ())})
         for c in pod.containers():
             if not str(c.get("image", "")).startswith(PROJECT_IMAGE):
                 continue
@@ -119,8 +127,15 @@ def _k8s_boxes(tree: Tree, image: Image) -> Iterator[Box]:
                 if not m.get("readOnly")
                 and any(k in volumes.get(m["name"], {}) for k in ("emptyDir", "persistentVolumeClaim"))
             ]
+            durable = [
+                m["mountPath"]
+                for m in c.get("volumeMounts", [])
+                if not m.get("readOnly") and "persistentVolumeClaim" in volumes.get(m["name"], {})
+            ]
             probes = [
-                c.get(p, {}).get("httpGet", {}) for p in ("startupProbe", "livenessProbe", "readinessProbe")
+                c.get(p, {}).get(how, {})
+                for p in ("startupProbe", "livenessProbe", "readinessProbe")
+                for how in ("httpGet", "tcpSocket")
             ]
             yield Box(
                 f"{pod.owner} container {c.get('name', '?')}",
@@ -130,6 +145,8 @@ def _k8s_boxes(tree: Tree, image: Image) -> Iterator[Box]:
                 writable,
                 {p.get("name", str(p["containerPort"])): int(p["containerPort"]) for p in c.get("ports", [])},
                 {p["port"] for p in probes if p},
+                durable,
+                dict(pod.labels),
             )
 
 
@@ -165,12 +182,30 @@ def boxes(tree: Tree, image: Image) -> list[Box]:
     return found
 
 
+#: ``python -m`` modules whose main() parses no arguments: each reads only its settings, so an
+#: argument given to it would be silently ignored (it looks configured and is not)
+SETTINGS_ONLY_MODULES: dict[str, type[BaseSettings]] = {"serving.dimse": ServingSettings}
+
+
+def _settings_only(module: str) -> Any:
+    """A module of SETTINGS_ONLY_MODULES as the Click command it amounts to: one taking no arguments."""
+    app = typer.Typer(add_completion=False)
+
+    @app.command(name=module)
+    def main() -> None:  # pragma: no cover - parsed, never run
+        """Reads its CXR_* settings only."""
+
+    return typer.main.get_command(app)
+
+
 def _command(argv: list[str]) -> tuple[Any, list[str]] | None:
     """The Click command an argv runs, with the arguments left for it; None for a foreign program."""
     if argv[:1] == ["cxr"]:
         group, rest = typer.main.get_command(cxr_app), argv[1:]
     elif argv[:3] == ["python", "-m", "delivery"]:
         group, rest = typer.main.get_command(delivery_app), argv[3:]
+    elif argv[:2] == ["python", "-m"] and argv[2] in SETTINGS_ONLY_MODULES:
+        group, rest = _settings_only(argv[2]), argv[3:]
     elif argv[:2] == ["python", "-m"]:
         pytest.fail(f"no Typer app known for `python -m {argv[2]}`: add it to _command")
     else:
@@ -388,3 +423,158 @@ def test_the_series_the_alerts_read_from_the_mlflow_exporter_are_scraped_in_the_
     assert any("mlflow-exporter" in argv for argv in scraped), (
         "no ServiceMonitor scrapes a pod running `cxr observability mlflow-exporter`"
     )
+
+
+# ------------------------------------------------------------------- the DIMSE storage SCP
+
+
+def _settings_of(box: Box, cls: type[BaseSettings] = ServingSettings) -> Any:
+    """The settings the box's process reads (Secret values as a stand-in string)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    with mock.patch.dict(os.environ, {**clean, **_cxr_env(box)}, clear=True):
+        return cls()
+
+
+def _dimse_scps(boxes: list[Box]) -> list[Box]:
+    scps = [
+        b for b in boxes if b.argv == ["python", "-m", "serving.dimse"] and not b.where.startswith("docker")
+    ]
+    assert [b.where.split()[0] for b in scps] == ["StatefulSet/cxr-dimse-production"], (
+        "the cluster runs one DIMSE storage SCP, beside the production gateway"
+    )
+    return scps
+
+
+def _services_selecting(tree: Tree, labels: dict[str, str]) -> list[dict[str, Any]]:
+    return [
+        o.doc
+        for o in tree.of_kind("Service")
+        if o.namespace == "cxr" and _selects(o.doc["spec"].get("selector") or {}, labels)
+    ]
+
+
+def test_a_settings_only_module_is_refused_an_argument_it_would_ignore() -> None:
+    """`python -m serving.dimse` reads no argv: `--port 104` would look configured and change nothing."""
+    assert _parse(["python", "-m", "serving.dimse"], {}) == {}
+    with pytest.raises(TyperException):
+        _parse(["python", "-m", "serving.dimse", "--port", "104"], {})
+
+
+def test_the_dimse_scp_listens_on_the_pod_address_where_its_service_and_probes_look(
+    boxes: list[Box], tree: Tree
+) -> None:
+    """The SCP binds 127.0.0.1 unless told otherwise; the Service and kubelet's probes reach the pod IP,
+    and the hospital network reaches it through a node port that keeps the PACS's address."""
+    for box in _dimse_scps(boxes):
+        settings = _settings_of(box)
+        assert settings.dimse_host not in LOOPBACK, f"{box.where}: CXR_DIMSE_HOST={settings.dimse_host}"
+        assert box.ports.get("dicom") == settings.dimse_port, (box.where, box.ports, settings.dimse_port)
+        assert box.probe_ports and box.probe_ports <= {"dicom", settings.dimse_port}, box.probe_ports
+        services = _services_selecting(tree, box.labels)
+        assert services, f"{box.where}: no Service selects the SCP"
+        for service in services:
+            for port in service["spec"]["ports"]:
+                assert port["targetPort"] in ("dicom", settings.dimse_port), (service["metadata"], port)
+        outside = [s for s in services if s["spec"].get("type") in ("NodePort", "LoadBalancer")]
+        assert outside, "no Service takes the SCP's port out of the cluster to the hospital's PACS"
+        # Cluster would masquerade the caller to a node address: the NetworkPolicy's PACS block
+        # could then not tell the PACS from anything else
+        assert all(s["spec"].get("externalTrafficPolicy") == "Local" for s in outside)
+
+
+def test_the_dimse_spool_is_on_a_volume_claim_because_success_means_it_cannot_be_lost(
+    boxes: list[Box],
+) -> None:
+    """C-STORE Success is answered once the instance is fsync'd in the spool: on an emptyDir it would
+    go with the pod, after the PACS was told it was stored."""
+    for box in _dimse_scps(boxes):
+        spool = str(_settings_of(box).resolved_dimse_spool_dir)
+        assert _under(spool, box.durable), (
+            f"{box.where}: spool {spool} is not on a volume claim {box.durable}"
+        )
+
+
+def test_the_dimse_scp_hands_images_to_a_service_port_that_reaches_the_gateway(
+    boxes: list[Box], tree: Tree
+) -> None:
+    """CXR_DIMSE_GATEWAY_URL names a Service of namespace cxr whose port leads to where `cxr serve`
+    listens in the pods it selects (the gateway replicas share worklist and results: any may answer)."""
+    gateways = {b.where.rsplit(" container ", 1)[0]: b for b in boxes if b.argv[:2] == ["cxr", "serve"]}
+    for box in _dimse_scps(boxes):
+        url = urlsplit(_settings_of(box).dimse_gateway_url)
+        assert url.scheme == "http" and url.hostname and url.port, url
+        name, _, rest = url.hostname.partition(".")
+        assert rest in ("", "cxr", "cxr.svc", "cxr.svc.cluster.local"), f"{url.hostname}: not namespace cxr"
+        service = next(
+            (o.doc for o in tree.of_kind("Service") if o.name == name and o.namespace == "cxr"), None
+        )
+        assert service is not None, f"{box.where}: no Service {name}"
+        port = next((p for p in service["spec"]["ports"] if p["port"] == url.port), None)
+        assert port is not None, f"Service {name} has no port {url.port}"
+        selected = [
+            gateways[p.owner]
+            for p in tree.pods
+            if p.owner in gateways and _selects(service["spec"].get("selector") or {}, p.labels)
+        ]
+        assert selected, f"Service {name} selects no gateway pod"
+        for gateway in selected:
+            listening = _parse(gateway.argv, gateway.env)
+            assert listening is not None
+            target = port.get("targetPort", port["port"])
+            assert gateway.ports.get(str(target), target) == listening["port"], (name, port, gateway.ports)
+
+
+def test_the_dimse_scp_calls_with_the_pacs_key_whose_hash_the_gateway_holds(
+    boxes: list[Box], tree: Tree
+) -> None:
+    """The key comes from a Secret (never a literal), which Ansible fills from the same file as the
+    pacs hash in cxr-gateway: another key would be refused with 401, each study spooled for ever."""
+    for box in _dimse_scps(boxes):
+        assert "CXR_DIMSE_API_KEY" in box.env and box.env["CXR_DIMSE_API_KEY"] is None, box.where
+    (source,) = [
+        item["remoteRef"]
+        for o in tree.of_kind("ExternalSecret")
+        if o.doc["spec"]["target"]["name"] == "cxr-dimse"
+        for item in o.doc["spec"].get("data", [])
+        if item["secretKey"] == "api_key"
+    ]
+    assert source == {"key": "cxr-dimse", "property": "api_key"}
+    role = REPO / "iac/ansible/roles/argocd"
+    assert "pacs" in yaml.safe_load((role / "defaults/main.yml").read_text())["argocd_gateway_roles"]
+    tasks = yaml.safe_load((role / "tasks/secrets.yml").read_text())
+    documents = [doc for task in tasks for doc in task.get("loop", []) if isinstance(doc, dict)]
+    hashed = next(d for d in documents if d["metadata"]["name"] == "cxr-gateway")
+    assert "argocd_api_key_entries" in hashed["stringData"]["api_keys.json"]
+    hashing = next(t for t in tasks if "argocd_api_key_entries" in t.get("ansible.builtin.set_fact", {}))
+    fact = " ".join(hashing["ansible.builtin.set_fact"]["argocd_api_key_entries"].split())
+    clear = " ".join(
+        next(d for d in documents if d["metadata"]["name"] == "cxr-dimse")["stringData"]["api_key"].split()
+    )
+    # the same password lookup, with the role's item fixed to pacs
+    lookup = re.search(r"lookup\('ansible\.builtin\.password', .*?\)", fact)
+    assert lookup, fact
+    assert lookup.group(0).replace("'/api-key-' ~ item", "'/api-key-pacs'") in clear, (lookup.group(0), clear)
+
+
+def test_the_cluster_scp_lists_the_calling_aes_it_accepts(boxes: list[Box]) -> None:
+    """An empty list admits any calling AE (the one-machine stack, on loopback); a cluster install,
+    open to the hospital network, lists its PACS and modalities (shared/DESIGN.md)."""
+    for box in _dimse_scps(boxes):
+        settings = _settings_of(box)
+        assert settings.dimse_allowed_aes, f"{box.where}: CXR_DIMSE_ALLOWED_AES is empty (any AE)"
+        assert box.env.get("CXR_DIMSE_ALLOWED_AES") is not None, "a site value from git, not a Secret"
+
+
+def test_the_gateway_reads_the_sites_pacs_destinations_and_the_scp_its_ae_title(
+    boxes: list[Box], tree: Tree
+) -> None:
+    """One per-site place (the production overlay's cxr-pacs ConfigMap) gives the gateway where results
+    go back (default: nowhere) and the SCP its AE title and allowed callers."""
+    (pacs,) = [o for o in tree.of_kind("ConfigMap") if o.name.startswith("cxr-pacs-production")]
+    data = pacs.doc["data"]
+    assert {"CXR_PACS_DESTINATIONS", "CXR_DIMSE_AE_TITLE", "CXR_DIMSE_ALLOWED_AES"} <= set(data)
+    gateway = next(b for b in boxes if b.where.startswith("Deployment/cxr-gateway-production"))
+    assert gateway.env.get("CXR_PACS_DESTINATIONS") == data["CXR_PACS_DESTINATIONS"]
+    assert _settings_of(gateway).pacs_destinations == []  # the default until a site lists its PACS
+    for box in _dimse_scps(boxes):
+        assert box.env.get("CXR_DIMSE_AE_TITLE") == data["CXR_DIMSE_AE_TITLE"]

@@ -52,8 +52,8 @@ EXPECTED_RESOURCES = {
     "aws_cloudwatch_log_group": 1,
     "aws_flow_log": 1,
     "aws_security_group": 2,
-    "aws_vpc_security_group_ingress_rule": 4,
-    "aws_vpc_security_group_egress_rule": 4,
+    "aws_vpc_security_group_ingress_rule": 5,
+    "aws_vpc_security_group_egress_rule": 8,
     "aws_key_pair": 1,
     "aws_instance": 5,
     "aws_ebs_volume": 4,
@@ -198,15 +198,24 @@ def test_plan_gpu_worker_count_and_type_follow_the_variables(plan: Callable[...,
 
 
 def test_only_ssh_and_the_kube_api_are_open_and_only_to_the_admin_cidr(default_plan: dict[str, Any]) -> None:
-    """From outside: admins reach SSH and the API; the hospital network only the gateway's HTTPS NodePort."""
+    """From outside: admins reach SSH and the API; the hospital network only the gateway's HTTPS
+    NodePort, and the PACS only the DIMSE SCP's NodePort."""
     ingress = _after(default_plan, "aws_vpc_security_group_ingress_rule")
     external = [r for r in ingress if r.get("cidr_ipv4")]
     clients = default_plan["variables"]["client_cidrs"]["value"]
     https = default_plan["variables"]["ingress_https_node_port"]["value"]
+    pacs = default_plan["variables"]["pacs_cidrs"]["value"]
+    dimse = default_plan["variables"]["dimse_node_port"]["value"]
     assert sorted((r["from_port"], r["to_port"], r["cidr_ipv4"]) for r in external) == sorted(
-        [(22, 22, ADMIN_CIDR), (6443, 6443, ADMIN_CIDR), *[(https, https, c) for c in clients]]
+        [
+            (22, 22, ADMIN_CIDR),
+            (6443, 6443, ADMIN_CIDR),
+            *[(https, https, c) for c in clients],
+            *[(dimse, dimse, c) for c in pacs],
+        ]
     )
     assert "0.0.0.0/0" not in clients and https == 30443  # ingress-nginx's nodePorts.https
+    assert "0.0.0.0/0" not in pacs
     internal = [r for r in ingress if not r.get("cidr_ipv4")]
     assert len(internal) == 1 and internal[0]["ip_protocol"] == "-1"  # node-to-node, by security group
     egress = _after(default_plan, "aws_vpc_security_group_egress_rule")
@@ -216,6 +225,35 @@ def test_only_ssh_and_the_kube_api_are_open_and_only_to_the_admin_cidr(default_p
     ssh_out = [(r["from_port"], r["to_port"], r["cidr_ipv4"]) for r in egress if r.get("from_port") == 22]
     assert ssh_out == [(22, 22, default_plan["variables"]["git_ssh_cidrs"]["value"][0])]
     assert ssh_out[0][2] != "0.0.0.0/0"
+
+
+def _k8s_doc(path: str, kind: str) -> dict[str, Any]:
+    return next(d for d in yaml.safe_load_all((REPO_ROOT / path).read_text()) if d and d["kind"] == kind)
+
+
+def test_the_pacs_reaches_the_dimse_node_port_and_the_nodes_reach_only_the_pacs_ports(
+    default_plan: dict[str, Any],
+) -> None:
+    """The PACS round trip leaves the VPC only through its own holes: in on the SCP's NodePort (the
+    one k8s/base/dimse/service.yaml fixes), out to the PACS network on the ports the gateway's
+    NetworkPolicy opens; neither to or from the whole internet."""
+    variables = {k: v["value"] for k, v in default_plan["variables"].items()}
+    service = _k8s_doc("k8s/base/dimse/service.yaml", "Service")
+    assert service["spec"]["type"] == "NodePort"
+    assert [p["nodePort"] for p in service["spec"]["ports"]] == [variables["dimse_node_port"]]
+    egress = _after(default_plan, "aws_vpc_security_group_egress_rule")
+    pacs_out = {(r["from_port"], r["cidr_ipv4"]) for r in egress if r["from_port"] in variables["pacs_ports"]}
+    assert pacs_out == {(port, c) for port in variables["pacs_ports"] for c in variables["pacs_cidrs"]}
+    assert all(r["from_port"] == r["to_port"] for r in egress)
+    policy = _k8s_doc("k8s/base/network/gateway-networkpolicy.yaml", "NetworkPolicy")
+    opened = {
+        p["port"]
+        for rule in policy["spec"]["egress"]
+        if any("ipBlock" in peer for peer in rule["to"])
+        for p in rule["ports"]
+    }
+    # every PACS port the gateway may use gets through the security group (443: open anywhere)
+    assert opened - {443} == set(variables["pacs_ports"]), opened
 
 
 def test_nodes_are_hardened_and_gpu_workers_stay_private(default_plan: dict[str, Any]) -> None:
@@ -326,6 +364,7 @@ def test_unsafe_or_malformed_variables_are_refused_with_readable_messages(
         "system_worker_instance_type": ("g5.2xlarge", "must be a CPU instance type"),
         "system_worker_count": ("0", "need an untainted node"),
         "git_ssh_cidrs": ('["0.0.0.0/0"]', "SSH egress to the whole internet"),
+        "pacs_cidrs": ('["0.0.0.0/0"]', "pacs_cidrs must be valid CIDRs of the hospital network"),
     }
     variables = {**PLAN_VARS, **{k: v for k, (v, _) in bad.items()}}
     args = [a for k, v in variables.items() for a in ("-var", f"{k}={v}")]

@@ -26,6 +26,10 @@ module "cluster" {
 
   ingress_https_node_port = var.ingress_https_node_port
 
+  pacs_cidrs      = var.pacs_cidrs
+  dimse_node_port = var.dimse_node_port
+  pacs_ports      = var.pacs_ports
+
   control_plane_instance_type  = var.control_plane_instance_type
   system_worker_instance_type  = var.system_worker_instance_type
   system_worker_count          = var.system_worker_count

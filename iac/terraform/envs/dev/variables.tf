@@ -114,3 +114,26 @@ variable "ingress_https_node_port" {
   type        = number
   default     = 30443
 }
+
+variable "pacs_cidrs" {
+  description = "CIDRs of the hospital's PACS and modalities: they reach the DIMSE storage SCP on its NodePort (var.dimse_node_port) on the nodes, and the gateway sends results back to (and pulls studies from) the PACS on var.pacs_ports. Default: the private network 10.0.0.0/8 behind the site VPN, as for client_cidrs; keep the NetworkPolicies' PACS blocks (k8s/base/network/dimse-networkpolicy.yaml, gateway-networkpolicy.yaml) inside it. Empty = no PACS traffic in or out."
+  type        = list(string)
+  default     = ["10.0.0.0/8"]
+
+  validation {
+    condition     = alltrue([for c in var.pacs_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
+    error_message = "pacs_cidrs must be valid CIDRs of the hospital network, never 0.0.0.0/0 (patient images must not face the internet)."
+  }
+}
+
+variable "dimse_node_port" {
+  description = "The NodePort of the DIMSE storage SCP (k8s/base/dimse/service.yaml nodePort), where the PACS sends studies by C-STORE."
+  type        = number
+  default     = 31112
+}
+
+variable "pacs_ports" {
+  description = "TCP ports the nodes may reach on var.pacs_cidrs: the PACS's DIMSE (104, 4242, 11112) and DICOMweb over HTTP (8042); HTTPS (443) is open anywhere already. The same ports as the gateway's PACS rule (k8s/base/network/gateway-networkpolicy.yaml)."
+  type        = list(number)
+  default     = [104, 4242, 8042, 11112]
+}

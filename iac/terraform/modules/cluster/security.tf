@@ -1,12 +1,14 @@
 # Least privilege on the wire:
 # - from outside: only SSH (22) and the Kubernetes API (6443) on the control
 #   plane, and only from var.admin_cidrs; the gateway's HTTPS through the
-#   ingress controller's NodePort on the nodes, only from var.client_cidrs;
+#   ingress controller's NodePort on the nodes, only from var.client_cidrs; the DIMSE storage
+#   SCP's NodePort, only from var.pacs_cidrs (the PACS and modalities);
 # - inside: nodes talk to each other freely (kubelet, CNI overlay, NodePorts,
 #   NCCL between Ray workers) through one self-referencing "nodes" group;
 # - out: HTTPS/HTTP to fetch packages, images and drivers (through the NAT for
 #   private nodes), SSH (22) to the git server only (var.git_ssh_cidrs: ArgoCD
-#   pulls and the promotion jobs push over SSH) and anything inside the VPC.
+#   pulls and the promotion jobs push over SSH), the PACS's DIMSE and DICOMweb ports on
+#   var.pacs_cidrs only (results sent back, the pull) and anything inside the VPC.
 #   DNS and NTP go to the VPC resolver / Amazon Time Sync, which security
 #   groups do not filter.
 
@@ -114,6 +116,32 @@ resource "aws_vpc_security_group_ingress_rule" "clients_https" {
   ip_protocol       = "tcp"
   from_port         = var.ingress_https_node_port
   to_port           = var.ingress_https_node_port
+
+  tags = local.tags
+}
+
+resource "aws_vpc_security_group_ingress_rule" "pacs_dimse" {
+  for_each = toset(var.pacs_cidrs)
+
+  security_group_id = aws_security_group.nodes.id
+  description       = "The DIMSE storage SCP (C-STORE NodePort) from the PACS and modalities"
+  cidr_ipv4         = each.value
+  ip_protocol       = "tcp"
+  from_port         = var.dimse_node_port
+  to_port           = var.dimse_node_port
+
+  tags = local.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "nodes_pacs" {
+  for_each = { for pair in setproduct(var.pacs_cidrs, var.pacs_ports) : "${pair[0]}:${pair[1]}" => pair }
+
+  security_group_id = aws_security_group.nodes.id
+  description       = "The PACS: results sent back (C-STORE, STOW-RS) and the DICOMweb pull"
+  cidr_ipv4         = each.value[0]
+  ip_protocol       = "tcp"
+  from_port         = each.value[1]
+  to_port           = each.value[1]
 
   tags = local.tags
 }
