@@ -32,12 +32,25 @@ def _base(iid: str, dead: bool) -> str:
 def hand_off(outbox: Outbox, store: BlobStore) -> int:
     """Move every waiting object and dead letter of ``outbox`` to the store (blocking); how many.
 
-    An item is removed here only once both its files are stored; one the store refuses stays (and
-    the error is raised after the others were tried), so nothing is lost that was not handed on.
+    Adoption into ``outbox`` ends first (one in progress is waited for). An item is removed here
+    only once both its files are stored; one the store refuses stays (and is logged). The outbox is
+    listed again until a pass finds nothing left to move: a delivery pass still running in its
+    thread may have moved an item to the dead letters meanwhile.
     """
+    outbox.close_adoption()
     moved, failed = 0, 0
-    for dead, items in ((False, outbox.items()), (True, outbox.dead_letters())):
-        for item in items:
+    tried: set[tuple[str, bool]] = set()
+    while True:
+        todo = [
+            (dead, item)
+            for dead, items in ((False, outbox.items()), (True, outbox.dead_letters()))
+            for item in items
+            if (item.item_id, dead) not in tried
+        ]
+        if not todo:
+            break
+        for dead, item in todo:
+            tried.add((item.item_id, dead))
             base = _base(item.item_id, dead)
             try:
                 meta = (item.folder / "meta.json").read_bytes()
@@ -69,14 +82,22 @@ def adopt(outbox: Outbox, store: BlobStore) -> int:
         try:
             meta = json.loads(store.get_bytes(f"{base}/meta.json"))
             data = store.get_bytes(f"{base}/object.dcm")
-            if outbox.adopt(iid, data, meta, dead=dead):
-                adopted += 1
         except Exception as exc:
-            # adopted by another replica meanwhile (gone), the store failing (tried again next pass),
-            # or not an outbox item (left where it is for an operator, never half taken in)
+            # adopted by another replica meanwhile (gone), or the store failing (tried again next pass)
             log.warning("pacs_outbox_adopt_skipped error_type=%s", type(exc).__name__)
             continue
-        store.delete_prefix(f"{base}/")
+        # taken in and its stored copy deleted as one against this replica's own hand-off
+        with outbox.adoption() as open_:
+            if not open_:  # this replica is stopping: the item stays in the store for another
+                break
+            try:
+                if outbox.adopt(iid, data, meta, dead=dead):
+                    adopted += 1
+            except Exception as exc:
+                # not an outbox item (left where it is for an operator, never half taken in)
+                log.warning("pacs_outbox_adopt_skipped error_type=%s", type(exc).__name__)
+                continue
+            store.delete_prefix(f"{base}/")
     if adopted:
         log.info("pacs_outbox_adopted objects=%d", adopted)
     return adopted

@@ -27,6 +27,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,9 @@ class Outbox:
         make_dirs(self.root)
         self.dead_letter = root / DEAD_LETTER  # made on the first refusal
         self._lock = threading.Lock()
+        # one adoption at a time against the hand-off (serving/pacs/handoff.py): once handed off, none
+        self._adoption = threading.Lock()
+        self._handed_off = False
         # what a crash cut short: puts never answered, items being removed, a retry's new meta
         discard_leftovers(self.root, ".tmp-*", "*/.tmp-*", f"{DEAD_LETTER}/*/.tmp-*")
 
@@ -115,6 +120,23 @@ class Outbox:
         if (self.root / iid).exists() or (self.dead_letter / iid).exists():
             return False
         return publish_files(root / iid, {"object.dcm": data, "meta.json": json.dumps(record).encode()})
+
+    @contextmanager
+    def adoption(self) -> Iterator[bool]:
+        """Held while one handed-off item is taken in and its copy in the store deleted; yields False
+        once this outbox is being handed off itself (the item is left in the store for another).
+
+        A replica's housekeeping adopts in a thread that cancelling it does not stop: without this,
+        an item it took in after the hand-off had listed the outbox, its stored copy then deleted,
+        stayed only on the disk that dies with the pod.
+        """
+        with self._adoption:
+            yield not self._handed_off
+
+    def close_adoption(self) -> None:
+        """No adoption from now on; returns once the one in progress (if any) has finished."""
+        with self._adoption:
+            self._handed_off = True
 
     @staticmethod
     def _write_meta(folder: Path, meta: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ worklist that cannot be reached fails the request (``GET /v1/worklist``) or not 
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from serving.errors import WorklistUnavailable
+
+log = logging.getLogger("cxr.worklist")
 
 Row = Mapping[str, Any]
 #: run one statement inside a transaction: (sql, params) -> the rows it returned
@@ -154,6 +157,33 @@ def _pg(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
+def _split_url(url: str) -> tuple[str, str | None]:
+    """``url`` as a libpq connection string without its password, and the password (None: libpq's
+    own sources, ``PGPASSWORD`` or a password file).
+
+    Refused, without repeating it, when libpq cannot parse it or reads a host with an ``@`` in it:
+    a password with an unencoded ``%`` or ``@``, which libpq's messages would then quote.
+    """
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    refused = WorklistUnavailable(
+        "CXR_WORKLIST_URL cannot be read as a PostgreSQL URL (its text is not repeated: it may hold "
+        "a password; percent-encode the password's special characters, e.g. %40 for @, %25 for %)"
+    )
+    # raised outside the except block: the parser's message (quoting the part it could not read)
+    # is not even kept as the refusal's context
+    params: dict[str, Any] | None
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        params = None
+    if params is None or any("@" in str(params.get(k) or "") for k in ("host", "hostaddr", "port", "dbname")):
+        raise refused
+    password = params.pop("password", None)
+    return make_conninfo("", **params), None if password is None else str(password)
+
+
 class PostgresWorklistDb:
     """One PostgreSQL database shared by every gateway replica, through a small connection pool.
 
@@ -163,35 +193,67 @@ class PostgresWorklistDb:
     64-bit hash of tenant and study UID): row locks cannot serialise two first images of one study,
     whose row does not exist yet. The table is created under a lock too, as every replica starts at
     once.
+
+    Every wait is bounded by ``timeout_s``, on the server too: a lock (a replica frozen or cut off
+    inside a merge keeps its study's lock), a statement, a transaction left idle by a client that
+    vanished. A pooled connection is checked before it is lent, so the connections a restart or a
+    failover killed cost no call. The password travels apart from the URL's text, which is parsed
+    here: libpq's messages, which psycopg_pool's worker logs, quote a part of it they cannot parse.
     """
 
     def __init__(self, url: str, *, timeout_s: float = 5.0, max_connections: int = 8) -> None:
-        self._url = url
+        self._conninfo, self._password = _split_url(url)
         self._timeout_s = timeout_s
         self._max = max_connections
         self._pool: Any = None
         self._lock = threading.Lock()
         self._ready = False
+        self._closed = False
         self._down_until = 0.0
+        # the pool's package now, not at the first detection: an image without it fails at start
+        import psycopg_pool  # noqa: F401
+
+    def _configure(self, conn: Any) -> None:
+        """Each new connection's server-side limits (milliseconds), before the pool lends it."""
+        limit = str(max(1, round(self._timeout_s * 1000)))
+        conn.execute(
+            "SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false), "
+            "set_config('idle_in_transaction_session_timeout', %s, false)",
+            (limit, limit, limit),
+        )
 
     def _connection(self) -> Any:
         from psycopg.rows import dict_row
         from psycopg_pool import ConnectionPool
 
         with self._lock:
+            if self._closed:  # a thread still running at shutdown must not open a pool nobody closes
+                raise WorklistUnavailable("the worklist is closed: the gateway is stopping")
             if self._pool is None:
+                seconds = max(1, round(self._timeout_s))
+                kwargs: dict[str, Any] = {
+                    "autocommit": True,
+                    "row_factory": dict_row,
+                    "connect_timeout": seconds,
+                    "application_name": "cxr-gateway-worklist",
+                    # a server that vanished (no FIN: a node lost) is noticed, not waited for
+                    "keepalives": 1,
+                    "keepalives_idle": seconds,
+                    "keepalives_interval": seconds,
+                    "keepalives_count": 3,
+                    "tcp_user_timeout": seconds * 4000,
+                }
+                if self._password is not None:
+                    kwargs["password"] = self._password
                 self._pool = ConnectionPool(
-                    self._url,
+                    self._conninfo,
                     min_size=1,
                     max_size=self._max,
                     timeout=self._timeout_s,
                     open=False,
-                    kwargs={
-                        "autocommit": True,
-                        "row_factory": dict_row,
-                        "connect_timeout": max(1, round(self._timeout_s)),
-                        "application_name": "cxr-gateway-worklist",
-                    },
+                    configure=self._configure,
+                    check=ConnectionPool.check_connection,
+                    kwargs=kwargs,
                 )
                 self._pool.open(wait=False)
         return self._pool.connection()
@@ -209,14 +271,19 @@ class PostgresWorklistDb:
                     self._ready = True
                 yield conn
         except psycopg.Error as exc:
-            if isinstance(exc, psycopg.OperationalError):  # psycopg_pool's PoolTimeout among them
-                # a database that is down costs one wait, then fails fast for as long again: each
-                # detection asks the worklist twice, and must not wait twice per request while it is down
+            if isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None:
+                # no connection (psycopg_pool's PoolTimeout among them): a database that is down
+                # costs one wait, then fails fast for as long again: each detection asks the worklist
+                # twice, and must not wait twice per request while it is down. Not so for an error
+                # the server answered (a lock waited too long: it is up) or a value it cannot take
+                # (a NUL in a hostile DICOM's study UID): one study's trouble is not every study's
                 self._down_until = time.monotonic() + self._timeout_s
-            # the message names the error, never the URL (it holds the password)
+            # the detail (server, role, error; never the URL: it holds the password) goes to the
+            # operator's log; the client learns only that the worklist is unavailable
             first = (str(exc).splitlines() or [""])[0]
+            log.warning("worklist_db_error error_type=%s error=%s", type(exc).__name__, first)
             raise WorklistUnavailable(
-                f"the worklist database cannot be used ({type(exc).__name__}: {first})"
+                f"the worklist database cannot be used right now ({type(exc).__name__}); retry later"
             ) from exc
 
     @staticmethod
@@ -249,6 +316,7 @@ class PostgresWorklistDb:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None

@@ -40,6 +40,8 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
 def _run_hook(server: PostgresServer, password: str) -> subprocess.CompletedProcess[str]:
     hook = _container("k8s/base/postgres/worklist-db-job.yaml")
     assert hook["command"] == ["/bin/bash", "-c"]
+    command_line = hook["args"][0].split("<<", 1)[0]
+    assert "WORKLIST_PASSWORD" not in command_line  # never in psql's argv, which ps shows
     env = {
         **os.environ,
         **_env(hook),

@@ -96,3 +96,104 @@ def test_a_database_that_is_down_is_unavailable_in_bounded_time_and_names_no_pas
         assert "s3cret-pw" not in str(err.value) and err.value.status == 503
     finally:
         store.close()
+
+
+def test_a_merge_behind_a_study_lock_a_hung_replica_holds_gives_up_in_bounded_time(database: str) -> None:
+    """A replica frozen (or cut off) inside a merge keeps its transaction and the study's advisory
+    lock: every other merge of that study waited for ever, each holding one of the gateway's
+    worker threads, and a detection waits for its merge after its own time limit. Bounded, that
+    one study's merge fails and the worklist stays usable for every other study."""
+    import json
+
+    import psycopg
+
+    store = WorklistStore(PostgresWorklistDb(database, timeout_s=1))
+    try:
+        store.get("a", "1.2.3")  # the table exists
+        with psycopg.connect(database) as hung:
+            hung.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (json.dumps(["a", "1.2.3"]),)
+            )
+            outcome: list[object] = []
+
+            def merge() -> None:
+                try:
+                    outcome.append(store.record("a", "1.2.3", ["r1"], [0.3], "7", "production", 0.5))
+                except WorklistUnavailable as exc:
+                    outcome.append(exc)
+
+            waiting = threading.Thread(target=merge, daemon=True)
+            started = time.monotonic()
+            waiting.start()
+            waiting.join(10)
+            assert not waiting.is_alive(), "the merge still waits for the hung replica's lock"
+            assert time.monotonic() - started < 5
+            assert isinstance(outcome[0], WorklistUnavailable) and outcome[0].status == 503
+            # a lock that waited too long is that study's trouble: the database is not down
+            assert store.record("a", "4.5.6", ["r2"], [0.9], "7", "production", 0.5).images == 1
+            hung.rollback()
+        assert store.record("a", "1.2.3", ["r1"], [0.3], "7", "production", 0.5).images == 1
+    finally:
+        store.close()
+
+
+def test_a_database_restart_fails_no_call_once_it_is_back(
+    postgres_server: PostgresServer, database: str
+) -> None:
+    """The pool's idle connections die with a restart (or a failover): each failed one call, and
+    that failure then made the replica treat a database that is up as down for a while."""
+    import psycopg
+
+    store = WorklistStore(PostgresWorklistDb(database))
+    try:
+        store.record("a", "1.2.3", ["r1"], [0.3], "7", "production", 0.5)
+        with psycopg.connect(postgres_server.url(), autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'cxr-gateway-worklist'"
+            )
+        for _ in range(3):
+            study = store.get("a", "1.2.3")
+            assert study is not None and study.images == 1
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://cxr:pa%zzSECRET@127.0.0.1:1/worklist",  # a password not percent-encoded
+        "postgresql://cxr:pa@ssSECRET@127.0.0.1:1/worklist",
+    ],
+)
+def test_a_url_whose_password_is_not_encoded_never_reaches_the_log(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """psycopg_pool's background worker logs why each connection failed, with libpq's message,
+    which quotes the part of the URL it could not parse: here, the password."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG):
+        try:
+            store = WorklistStore(PostgresWorklistDb(url, timeout_s=1))
+            with pytest.raises(WorklistUnavailable) as err:
+                store.get("a", "1.2.3")
+            time.sleep(1.5)  # the pool's worker retries meanwhile
+            store.close()
+        except WorklistUnavailable as exc:  # refused before any connection: as good
+            err = pytest.ExceptionInfo.from_exception(exc)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "SECRET" not in logged and "SECRET" not in str(err.value)
+    assert "SECRET" not in repr(err.value.__cause__) and "SECRET" not in repr(err.value.__context__)
+
+
+def test_a_study_uid_postgresql_cannot_store_fails_that_merge_only(database: str) -> None:
+    """A hostile DICOM's StudyInstanceUID with a NUL in it (SQLite stores it, PostgreSQL's text
+    cannot): that merge is unavailable, and the next study's merge is not failed fast with it."""
+    store = WorklistStore(PostgresWorklistDb(database))
+    try:
+        with pytest.raises(WorklistUnavailable):
+            store.record("a", "1.2.3\x004", ["r1"], [0.3], "7", "production", 0.5)
+        assert store.record("a", "1.2.3", ["r2"], [0.3], "7", "production", 0.5).images == 1
+    finally:
+        store.close()

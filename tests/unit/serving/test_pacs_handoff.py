@@ -124,3 +124,37 @@ def test_a_gateway_with_an_ephemeral_disk_hands_on_when_it_stops_and_another_ado
         assert not any(k.startswith(handoff.PREFIX) for k in store.objects)
     # and it hands the object on again when it stops in turn: its PACS never took it
     assert any(k.startswith(handoff.PREFIX) for k in store.objects) and adopted.items() == []
+
+
+def test_an_adoption_still_running_when_the_replica_hands_off_loses_nothing(tmp_path: Path) -> None:
+    """The stopping replica's housekeeping is cancelled, but its adopting thread runs on: an item it
+    took in after the hand-off listed the outbox, its handed-off copy then deleted, was left only on
+    the disk that dies with the pod."""
+    import threading
+
+    fetched, release = threading.Event(), threading.Event()
+
+    class Slow(MemoryStore):
+        def get_bytes(self, key: str) -> bytes:
+            data = super().get_bytes(key)
+            if key.endswith("object.dcm"):
+                fetched.set()
+                assert release.wait(10)
+            return data
+
+    store = Slow()
+    other = Outbox(tmp_path / "other")
+    other.put("pacs", SR, "1.2.3.7", b"an SR of a replica stopped before")
+    assert handoff.hand_off(other, store) == 1
+    stopping = Outbox(tmp_path / "stopping")
+    adopting = threading.Thread(target=handoff.adopt, args=(stopping, store))
+    adopting.start()
+    assert fetched.wait(10)  # its housekeeping is taking the item in: now the replica stops
+    handoff.hand_off(stopping, store)
+    release.set()
+    adopting.join(10)
+    assert not adopting.is_alive()
+    assert stopping.items() == [], "an item is left on the stopping replica's disk"
+    running = Outbox(tmp_path / "running")  # a replica still running takes it from the store
+    assert handoff.adopt(running, store) == 1
+    assert [i.data() for i in running.items()] == [b"an SR of a replica stopped before"]
