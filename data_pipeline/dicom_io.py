@@ -417,14 +417,31 @@ def _decode_dicom(
         photometric=photometric,
         source_format="dicom",
         pixel_spacing=spacing,
-        study_uid=_str_or_none(ds.get("StudyInstanceUID")),
-        series_uid=_str_or_none(ds.get("SeriesInstanceUID")),
-        sop_uid=_str_or_none(ds.get("SOPInstanceUID")),
+        study_uid=_uid_or_none(ds, "StudyInstanceUID"),
+        series_uid=_uid_or_none(ds, "SeriesInstanceUID"),
+        sop_uid=_uid_or_none(ds, "SOPInstanceUID"),
         patient_hash=patient_key(ds, salt),
         converted_from_color=color,
         bits_stored=bits_stored,
         dataset=ds,
     )
+
+
+#: a UID as the header gives it: digits and dots, 64 at most (PS3.5 9.1). Looser than pydicom's
+#: ``UID.is_valid`` (which refuses a component with a leading zero, which modalities do write).
+_UID_VALUE = re.compile(r"[0-9.]{1,64}")
+
+
+def _uid_or_none(ds: Dataset, keyword: str) -> str | None:
+    """A study, series or instance UID of the header, None when absent; anything else is refused.
+
+    These UIDs key the worklist, the study's send-back and the objects derived from the image, and a
+    hostile one (kilobytes, a NUL, a path) went into all of them unchecked.
+    """
+    value = _str_or_none(ds.get(keyword))
+    if value is not None and not _UID_VALUE.fullmatch(value):
+        raise CorruptImage(f"{keyword} is not a DICOM UID (digits and dots, at most 64 characters)")
+    return value
 
 
 def _str_or_none(value: object) -> str | None:

@@ -733,3 +733,31 @@ def test_a_file_larger_than_the_limit_is_refused_before_it_is_read(
     monkeypatch.undo()
     os.truncate(huge, len(hostile.valid()))
     assert getattr(dicom_io, reader)(huge, limits=limits)  # the same file within the limit is read
+
+
+@pytest.mark.parametrize(
+    "uid",
+    ["1.2." + "3" * 80, "1.2.3/../../etc", "1.2.3 OR 1=1", "1.2.3\x01", "x" * 10],
+)
+def test_a_study_uid_that_is_not_a_uid_is_refused_by_the_reader(uid: str) -> None:
+    """The study, series and instance UIDs key the worklist, the send-back and derived objects."""
+    from pydicom.dataset import Dataset
+
+    from data_pipeline.dicom_io import _uid_or_none
+
+    ds = Dataset()
+    ds.StudyInstanceUID = "1.02.3"  # a leading zero: invalid by the letter, written by real modalities
+    assert _uid_or_none(ds, "StudyInstanceUID") == "1.02.3"
+    ds.StudyInstanceUID = uid
+    with pytest.raises(CorruptImage, match="StudyInstanceUID is not a DICOM UID"):
+        _uid_or_none(ds, "StudyInstanceUID")
+    with pytest.raises(CorruptImage, match="StudyInstanceUID is not a DICOM UID"):
+        decode_bytes(_with_study_uid(hostile.valid(), uid))
+
+
+def _with_study_uid(data: bytes, uid: str) -> bytes:
+    ds = dcmread(io.BytesIO(data))
+    ds.StudyInstanceUID = uid
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
