@@ -34,7 +34,7 @@ Row = Mapping[str, Any]
 Execute = Callable[[str, Sequence[object]], list[Row]]
 
 _COLUMNS = (
-    "tenant {text} NOT NULL, study_uid {text} NOT NULL, score {real} NOT NULL, priority INTEGER NOT NULL, "
+    "tenant {key} NOT NULL, study_uid {key} NOT NULL, score {real} NOT NULL, priority INTEGER NOT NULL, "
     "threshold {real} NOT NULL, result_ids {text} NOT NULL, model_version {text} NOT NULL, "
     "stage {text} NOT NULL, first_seen {real} NOT NULL, last_seen {real} NOT NULL, patient_key {text}, "
     "result_sops {text}, result_scores {text}, evicted_score {real}, PRIMARY KEY (tenant, study_uid)"
@@ -87,7 +87,9 @@ class SqliteWorklistDb:
         with sqlite3.connect(self.path, timeout=30) as setup:
             setup.execute("PRAGMA journal_mode=WAL")
             setup.execute(
-                "CREATE TABLE IF NOT EXISTS studies (" + _COLUMNS.format(text="TEXT", real="REAL") + ")"
+                "CREATE TABLE IF NOT EXISTS studies ("
+                + _COLUMNS.format(key="TEXT", text="TEXT", real="REAL")
+                + ")"
             )
             setup.execute(_INDEX)
             columns = {row[1] for row in setup.execute("PRAGMA table_info(studies)")}
@@ -292,7 +294,9 @@ class PostgresWorklistDb:
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('cxr-worklist-schema', 0))")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS studies ("
-                + _COLUMNS.format(text="TEXT", real="DOUBLE PRECISION")
+                # the keys compare byte by byte, as in SQLite: the listing's tie-break on study UID
+                # is the same on both, not the server locale's (which ignores the dots)
+                + _COLUMNS.format(key='TEXT COLLATE "C"', text="TEXT", real="DOUBLE PRECISION")
                 + ")"
             )
             conn.execute(_INDEX)
