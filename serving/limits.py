@@ -73,9 +73,15 @@ class InflightGate:
         self.current: dict[str, int] = {}
 
     @contextmanager
-    def enter(self, stage: str, weight: int = 1) -> Iterator[None]:
+    def enter(self, stage: str, weight: int = 1, *, share: float = 1.0) -> Iterator[None]:
+        """One more inference of ``stage`` in flight, or :class:`Overloaded`.
+
+        ``share``: enter only while the stage is below that fraction of its limit. Mirrored work
+        (a shadow, the canary's production mirror) uses half, so it never takes the slots a real
+        request would have had near the limit.
+        """
         now = self.current.get(stage, 0)
-        if now + weight > self.limit:
+        if now + weight > self.limit * share:
             raise Overloaded(
                 f"stage '{stage}' has {now} requests in flight (limit {self.limit}); retry later",
                 retry_after_s=self.retry_after_s,

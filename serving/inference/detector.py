@@ -485,14 +485,15 @@ class DetectionService:
           judges (``delivery/canary.py``, policy ``min_agreement``).
 
         The mirror runs after the reply is built and never changes it. It takes one slot of
-        ``run_on``'s in-flight bound and is dropped, not queued, when none is free: mirroring
-        must not push production past its limit. Its phase timings, images and detections are
+        ``run_on``'s in-flight bound, only while the stage is below half of it, and is dropped, not
+        queued, otherwise: mirroring must neither push production past its limit nor take the slots
+        real requests need near it. Its phase timings, images and detections are
         not counted as the stage's (they served no one).
         """
         try:
             model = await self._model(run_on)
             [up] = await self.pipeline.reprepare([upload], model)
-            with self.gate.enter(run_on):
+            with self.gate.enter(run_on, share=0.5):  # never the slots a real request needs
                 [outcome] = await self.pipeline.infer(run_on, model, [up], conf, observe=False)
             score = agreement(served.detections, outcome.detections)
             self.metrics.shadow_agreement.labels(judged).observe(score)

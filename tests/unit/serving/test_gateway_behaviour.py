@@ -158,19 +158,21 @@ def test_a_failing_production_mirror_does_not_touch_the_canary_reply(
     assert _metric(metrics, canary_ok) == 2.0
 
 
-def test_the_production_mirror_is_dropped_not_queued_when_production_is_at_its_in_flight_limit(
+def test_the_production_mirror_is_dropped_not_queued_once_production_is_half_full(
     onnx_model: Path, api_keys: tuple[Path, dict[str, str]], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Mirrored work never takes the in-flight slots production's own requests need near its limit."""
     write_stage_files(tmp_path / "gitops", production="3", canary="4", weight=100)
     app = create_app(_settings(onnx_model, api_keys, tmp_path, shadow_fraction=1.0), use_store=False)
     h = {"Authorization": f"Bearer {api_keys[1]['pacs']}", "Content-Type": "application/dicom"}
     with TestClient(app) as client:
         detector = client.app.state.cxr.detector  # type: ignore[attr-defined]
-        detector.gate.current["production"] = detector.gate.limit  # production's patients fill it
+        busy = -(-detector.gate.limit // 2)  # production's patients take half its slots
+        detector.gate.current["production"] = busy
         with caplog.at_level(logging.INFO, logger="serving.inference.detector"):
             r = client.post("/v1/detect", content=make_dicom(seed=5), headers=h)
             _drained(client)
-        assert detector.gate.current["production"] == detector.gate.limit
+        assert detector.gate.current["production"] == busy
         metrics = client.get("/metrics").text
     assert r.status_code == 200 and r.json()["model"]["stage"] == "canary"
     assert any("shadow_failed stage=canary run_on=production" in rec.getMessage() for rec in caplog.records)
