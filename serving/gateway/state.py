@@ -128,7 +128,13 @@ def build_state(
     )
     cpu = CpuPool(settings.worker_threads)
     worklist = WorklistStore(
-        PostgresWorklistDb(settings.worklist_url, timeout_s=settings.worklist_timeout_s)
+        PostgresWorklistDb(
+            settings.worklist_url,
+            timeout_s=settings.worklist_timeout_s,
+            # every worklist call runs on a worker thread, plus the retention job's: no call waits
+            # for a connection, and 12 replicas stay well inside PostgreSQL's 100 beside MLflow
+            max_connections=settings.worker_threads + 1,
+        )
         if settings.worklist_url
         else settings.resolved_worklist_db
     )
