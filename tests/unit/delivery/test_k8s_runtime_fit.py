@@ -10,9 +10,12 @@ each client's MLflow Host header is one the server admits.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -32,7 +35,10 @@ from data_pipeline.config import DataSettings
 from delivery.cli import app as delivery_app
 from delivery.cluster_fit.tree import Tree, load_tree, parse_manifest
 from serving.config import ServingSettings
+from serving.dimse.scp import ScpConfig, StorageScp
+from serving.dimse.spool import InstanceSpool
 from stack.config import StackSettings
+from tests.fixtures.servers import free_port
 from training.config import TrainSettings
 from workflows.config import WorkflowSettings
 
@@ -578,3 +584,79 @@ def test_the_gateway_reads_the_sites_pacs_destinations_and_the_scp_its_ae_title(
     assert _settings_of(gateway).pacs_destinations == []  # the default until a site lists its PACS
     for box in _dimse_scps(boxes):
         assert box.env.get("CXR_DIMSE_AE_TITLE") == data["CXR_DIMSE_AE_TITLE"]
+
+
+def _scp_template(tree: Tree) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The SCP's StatefulSet and its one container, as the production overlay renders them."""
+    (sts,) = [o.doc for o in tree.of_kind("StatefulSet") if o.name == "cxr-dimse-production"]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    return sts, container
+
+
+def test_kubelets_tcp_probes_leave_the_scp_most_of_its_association_slots(
+    boxes: list[Box], tree: Tree, tmp_path: Path
+) -> None:
+    """kubelet's tcpSocket probe connects and closes without a byte of DICOM. pynetdicom holds such a
+    connection as an association until its ACSE timer ends it, and refuses one beyond
+    CXR_DIMSE_MAX_ASSOCIATIONS ("local limit exceeded"): probes every 10 s and 20 s held ~5 of the 8
+    slots a PACS and its modalities share. Shown on the SCP itself, then counted for the manifest."""
+    scp = StorageScp(
+        ScpConfig("CXR", "127.0.0.1", free_port(), allowed_aes=("PACS",)), InstanceSpool(tmp_path)
+    )
+    scp.start()
+    try:
+        socket.create_connection(("127.0.0.1", scp.config.port), timeout=5).close()  # what kubelet does
+        deadline = time.monotonic() + 5
+        while not scp.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.01)
+        left = time.monotonic()
+        while time.monotonic() < left + 1.0:  # the prober is long gone; the slot stays taken
+            assert len(scp.ae.active_associations) == 1
+            time.sleep(0.05)
+        held_s = scp.ae.acse_timeout
+    finally:
+        scp.stop()  # the held slot's thread (a daemon) ends with its timer
+    assert held_s and held_s >= 30
+    (box,) = _dimse_scps(boxes)
+    slots = _settings_of(box).dimse_max_associations
+    _, container = _scp_template(tree)
+    held = {
+        probe: math.ceil(held_s / container[probe].get("periodSeconds", 10))
+        for probe in ("readinessProbe", "livenessProbe")  # the startup probe stops at its first success
+        if "tcpSocket" in container.get(probe, {})
+    }
+    assert sum(held.values()) <= slots // 4, (
+        f"the SCP's TCP probes hold {held} of its {slots} association slots ({held_s} s each)"
+    )
+
+
+def test_a_reverted_scp_setting_replaces_the_pod_it_crashed_without_a_manual_delete(tree: Tree) -> None:
+    """Every pacs.env commit rolls the SCP (its ConfigMap's name is hashed). One that crashes it (an AE
+    list that is no JSON) leaves a pod that never turns Ready; under the default OrderedReady the
+    StatefulSet controller replaces no such pod, so the revert would wait for someone to delete it
+    (Kubernetes' "forced rollback"). Parallel lets the revert replace it."""
+    sts, container = _scp_template(tree)
+    reads = [s["configMapRef"]["name"] for s in container.get("envFrom", []) if "configMapRef" in s]
+    assert any(name.startswith("cxr-pacs-production-") for name in reads), reads
+    assert sts["spec"].get("replicas", 1) == 1
+    assert sts["spec"].get("podManagementPolicy", "OrderedReady") == "Parallel"
+
+
+def test_a_node_port_service_is_not_said_to_have_a_health_check_node_port(tree: Tree) -> None:
+    """Kubernetes allocates spec.healthCheckNodePort only to a Service of type LoadBalancer with
+    externalTrafficPolicy Local: a site's balancer told to health-check it on the SCP's NodePort
+    Service checks a port nothing serves, and marks every node down."""
+    node_ports = [o for o in tree.of_kind("Service") if o.doc["spec"].get("type") == "NodePort"]
+    assert any(o.name == "cxr-dimse-production" for o in node_ports)
+    assert not any("healthCheckNodePort" in o.doc["spec"] for o in node_ports)
+    texts = {
+        "k8s/base/dimse/service.yaml": (REPO / "k8s/base/dimse/service.yaml").read_text(),
+        "docs/cluster.md": (REPO / "docs/cluster.md").read_text(),
+    }
+    # "its health check on the Service's healthCheckNodePort", "healthCheckNodePort as its health check"
+    advice = re.compile(
+        r"health[ -]check[^.]*?\b(on|at)\b[^.]*?healthCheckNodePort|healthCheckNodePort\W+as its health",
+        re.I | re.S,
+    )
+    wrong = [name for name, text in texts.items() if advice.search(text)]
+    assert not wrong, f"{wrong} tell a balancer to check the NodePort Service's healthCheckNodePort"
