@@ -77,3 +77,8 @@ def test_the_hook_makes_the_gateways_role_and_database_and_the_gateway_uses_them
         store.close()
     with pytest.raises(psycopg.OperationalError):  # the first password no longer works
         psycopg.connect(here, password="first-pw").close()
+    other = url._replace(
+        netloc=f"{url.username}@{postgres_server.host}:{postgres_server.port}", path="/postgres"
+    ).geturl()
+    with pytest.raises(psycopg.OperationalError, match="permission denied"):  # its database only
+        psycopg.connect(other, password="rotated-pw").close()
