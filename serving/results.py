@@ -145,9 +145,15 @@ class ResultStore:
         cache_items: int = 256,
         cache_bytes: int = 512 * 1024 * 1024,
         retention: Retention | None = None,
+        local_until_stored: bool = False,
     ) -> None:
+        """``local_until_stored``: the journal holds a result only until its copy in ``store`` is made
+        (``CXR_EPHEMERAL_DISK``). A cluster pod's disk is a small emptyDir that dies with the pod; a
+        day of identified sources (15 MiB a radiograph) outgrew it within some dozens of images, and
+        kubelet evicts such a pod without its grace period, its queued PACS objects with it."""
         self._store = store
         self._local = local_dir
+        self._local_until_stored = local_until_stored and store is not None
         self._cache: OrderedDict[str, ResultRecord] = OrderedDict()
         self._cache_items = cache_items
         self._cache_bytes = cache_bytes
@@ -208,6 +214,28 @@ class ResultStore:
             )
             if source_stored:
                 self._drop_undated_source(prefix)
+            return
+        if self._local_until_stored and self._local is not None and _safe_id(record.request_id):
+            shutil.rmtree(self._local / record.request_id, ignore_errors=True)
+
+    def persist_journal(self) -> int:
+        """Copy every result the journal still holds to the store (blocking); how many were tried.
+
+        With ``local_until_stored`` the journal holds only what a copy has not reached yet (the store
+        was down): a gateway whose disk dies with it calls this when it stops, and the retention job
+        retries it. Idempotent: the same keys, the same bytes.
+        """
+        if self._store is None or self._local is None or not self._local.exists():
+            return 0
+        tried = 0
+        for folder in sorted(self._local.iterdir()):
+            if folder.name.startswith(".tmp-") or not _safe_id(folder.name):
+                continue
+            record = self._read_local(folder.name)
+            if record is not None:
+                self.persist(record)
+                tried += 1
+        return tried
 
     def _drop_undated_source(self, prefix: str) -> None:
         """Delete a source copied to S3 whose ``result.json`` did not follow (blocking).
@@ -248,6 +276,8 @@ class ResultStore:
         without one would never be purged. False when not kept; the caller then recomputes later.
         """
         if self._local is None or not _safe_id(request_id) or not _safe_id(name):
+            return False
+        if self._local_until_stored:  # the folder goes once stored: a derived file would race it
             return False
         folder = self._local / request_id
         if not (folder / "result.json").exists():

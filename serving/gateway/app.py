@@ -112,6 +112,8 @@ def run_retention(state: GatewayState) -> None:
     job last ran and what it deleted without asking the gateway.
     """
     started = datetime.now(UTC)
+    if state.settings.ephemeral_disk:  # results whose copy the store missed: tried again
+        state.results.persist_journal()
     report = state.results.purge(started)
     results_retention = timedelta(days=state.settings.results_retention_days)
     if state.worklist is not None:  # a study leaves the worklist with its results

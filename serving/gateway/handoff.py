@@ -2,8 +2,10 @@
 
 In the cluster the gateway's ``CXR_STACK_DIR`` is its pod's emptyDir and the HPA scales replicas
 in and out; the worklist is shared (serving/triage/worklist_db.py) and results are copied to the
-object store after each answer, but three things lived only on the pod's disk:
+object store after each answer (the journal keeps a result only until that copy is made:
+serving/results.py ``local_until_stored``), but these lived only on the pod's disk:
 
+- **results whose copy failed** (the store was down): copied now;
 - **PACS objects waiting for their PACS**: handed to the object store and adopted by a running
   replica (serving/pacs/handoff.py), which delivers them;
 - **spooled feedback** (the object store was down when it came): its home is that store, so one
@@ -43,6 +45,10 @@ def hand_on(state: GatewayState) -> None:
     if store is None:
         log.warning("handoff_impossible reason=no_object_store")
         return
+    try:  # results whose copy the store missed (it was down): the journal holds only those here
+        state.results.persist_journal()
+    except Exception as exc:
+        log.warning("results_handoff_error error_type=%s", type(exc).__name__)
     if state.sendback is not None:
         try:
             pacs_handoff.hand_off(state.sendback.outbox, store)

@@ -112,6 +112,7 @@ def build_state(
             results=timedelta(days=settings.results_retention_days),
             sources=timedelta(hours=settings.source_retention_hours),
         ),
+        local_until_stored=settings.ephemeral_disk,
     )
 
     def load_reference(dataset_version: str) -> dict[str, Any] | None:

@@ -150,3 +150,32 @@ def test_the_retention_job_deletes_pacs_dead_letters_older_than_the_results_rete
         assert status["dead_letters_deleted"] == 1
     finally:  # the app is shared by the module's tests: leave its outbox as it was
         shutil.rmtree(outbox.dead_letter, ignore_errors=True)
+
+
+def test_on_an_ephemeral_disk_the_journal_holds_a_result_only_until_the_store_has_it(tmp_path: Path) -> None:
+    """A cluster pod's emptyDir (1 GiB) filled with a day of identified sources within some dozens of
+    radiographs, and kubelet evicts such a pod without its grace period."""
+
+    class Flaky(MemoryStore):
+        down = True
+
+        def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
+            if self.down:
+                raise OSError("store down")
+            super().put_bytes(key, data, content_type)
+
+    store = Flaky()
+    results = ResultStore(store, local_dir=tmp_path, local_until_stored=True)
+    stored, missed = (ResultRecord(rid, {"request_id": rid}, "dicom", b"DICM", tenant="t") for rid in "ab")
+    for record in (stored, missed):
+        results.journal(record)
+    results.persist(missed)  # the store is down: the journal keeps it
+    store.down = False
+    results.persist(stored)
+    assert not (tmp_path / "a").exists() and (tmp_path / "b" / "source.dcm").exists()
+    assert not results.keep_derived("a", "saliency", b"png")  # never beside a folder that goes
+    fresh = ResultStore(store, local_dir=tmp_path, local_until_stored=True)  # nothing in memory
+    assert fresh.get("a", "t").source == b"DICM"  # read back from the store
+
+    assert fresh.persist_journal() == 1  # what the store missed, when it is back (or at the stop)
+    assert not (tmp_path / "b").exists() and store.objects["results/b/source.dcm"] == b"DICM"
