@@ -319,8 +319,18 @@ class Forwarder:
         self._thread = threading.Thread(target=self._loop, name="dimse-forwarder", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> int:
+        """Start no new step; wait up to ``timeout_s`` for those in flight; how many are still running.
+
+        One still running is cut when the process ends: its study stays in the spool, whole, and is
+        handed over again at the next start (an image the gateway answered for meanwhile is analysed
+        once more; a send-back asked twice queues the same objects, which the PACS stores once).
+        """
         self._stop.set()
         self.spool.changed.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=max(0.0, timeout_s))
+            if self._thread.is_alive():
+                with self._lock:
+                    return max(1, len(self._inflight))
+        return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +172,23 @@ class StorageScp:
         )
 
     def stop(self) -> None:
+        """No new association from now on; those in progress go on (:meth:`end_associations`)."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def end_associations(self, grace_s: float) -> int:
+        """Give the associations in progress ``grace_s`` to end, then abort the rest; how many were aborted.
+
+        A stopped server only stops accepting: an association a modality held open went on storing
+        (and answering Success) after the SCP said it had stopped, and its thread kept the process
+        alive until the modality let go, past any stop timeout, to be killed. An aborted sender has no
+        Success for the instance it was sending, so it sends it again; what was answered is spooled.
+        """
+        deadline = time.monotonic() + grace_s
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self.ae.active_associations
+        for assoc in left:
+            assoc.abort()
+        return len(left)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 
 from core.credentials import read_credentials
 from core.errors import CredentialsError
@@ -14,6 +16,11 @@ from serving.dimse.scp import ScpConfig, StorageScp
 from serving.dimse.spool import InstanceSpool
 
 log = logging.getLogger("cxr.dimse")
+
+#: how long a stopping SCP gives the associations and gateway requests in progress to finish: within
+#: the 10 s ``cxr stack down`` waits (supervisord's stopwaitsecs is 20 s, a pod's grace 30 s) before
+#: they kill it. Associations get the first half.
+STOP_GRACE_S = 8.0
 
 
 def gateway_key(settings: ServingSettings) -> str:
@@ -82,6 +89,14 @@ def main() -> None:
     forwarder.start()
     scp.start()
     stop.wait()
+    deadline = time.monotonic() + STOP_GRACE_S
     scp.stop()
-    forwarder.stop()
-    log.info("dimse_scp_stopped")
+    aborted = scp.end_associations(STOP_GRACE_S / 2)
+    cut = forwarder.stop(timeout_s=deadline - time.monotonic())
+    log.info("dimse_scp_stopped associations_aborted=%d forwards_cut=%d", aborted, cut)
+    if cut:
+        # a request to the gateway still waiting for its answer: its pool thread would hold the
+        # interpreter's exit until the answer or the client's timeout (120 s), past any stop timeout.
+        # What it was doing is in the spool, durably (Forwarder.stop)
+        logging.shutdown()
+        os._exit(0)
