@@ -344,6 +344,10 @@ def gateway_component(host: str, port: int, python: Path, env: dict[str, str]) -
         "--port",
         str(port),
         "--no-access-log",
+        # as `cxr serve` (10 s there): an open request holds the stop 5 s at most, then the lifespan's
+        # shutdown runs (supervisord kills at 20 s, `cxr stack down` at 10 s)
+        "--timeout-graceful-shutdown",
+        "5",
     ]
     return Component(
         name="gateway", command=command, health_url=f"http://{host}:{port}/healthz", env=env, ports=(port,)

@@ -157,8 +157,9 @@ async def _housekeeping(state: GatewayState) -> None:
         try:
             if await asyncio.to_thread(handoff.adopt, state) and state.sendback is not None:
                 state.sendback.wake()
-        except Exception as exc:  # the store down: the handed-off objects wait there
-            log.warning("pacs_outbox_adopt_error error_type=%s", type(exc).__name__)
+            await asyncio.to_thread(handoff.ship_audit, state)
+        except Exception as exc:  # the store down: the handed-off objects wait there, the audit here
+            log.warning("handoff_pass_error error_type=%s", type(exc).__name__)
         try:
             if state.feedback.spool.depth():
                 delivered = await asyncio.to_thread(state.feedback.deliver_spooled)
@@ -199,13 +200,16 @@ def create_app(
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await state.detector.close()
-            await state.backend.close()
-            if state.worklist is not None:
-                state.worklist.close()
-            state.audit.close()
-            # a replica whose disk dies with it hands on its queued PACS objects, feedback, audit log
-            await asyncio.to_thread(handoff.hand_on, state)
+            try:
+                await state.detector.close()
+                await state.backend.close()
+                if state.worklist is not None:
+                    state.worklist.close()
+                state.audit.close()
+            finally:
+                # a replica whose disk dies with it hands on its queued PACS objects, results the store
+                # missed, feedback and audit log, whatever closing the rest did
+                await asyncio.to_thread(handoff.hand_on, state)
 
     app = FastAPI(
         title="CXR Detect gateway",

@@ -19,10 +19,12 @@ One gateway process writes it (rotation is not safe across processes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import logging.handlers
+import os
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -85,6 +87,28 @@ class AuditLog:
     def close(self) -> None:
         if self._handler is not None:
             self._handler.close()
+
+    def take_rotated(self) -> list[Path]:
+        """The rotated files, moved out of the rotation's way for shipping (blocking); oldest first.
+
+        Renamed under the handler's own lock (the one a rotation holds), so a rotation cannot rename
+        a file being shipped; files an earlier call took and whose shipping failed come again. The
+        caller deletes each once the store holds it. Where the disk dies with the gateway (a cluster
+        pod) the rotation would otherwise delete the oldest lines after ``backups`` rotations.
+        """
+        if self.path is None or self._handler is None:
+            return []
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        with self._handler.lock or contextlib.nullcontext():
+            n = 1
+            while self.path.with_name(f"{self.path.name}.{n}").exists():
+                n += 1
+            for k in range(n - 1, 0, -1):  # the oldest (highest number) first, so names sort by age
+                os.replace(
+                    self.path.with_name(f"{self.path.name}.{k}"),
+                    self.path.with_name(f"{self.path.name}.shipping-{stamp}-{n - k:03d}"),
+                )
+        return sorted(self.path.parent.glob(f"{self.path.name}.shipping-*"))
 
     def files(self) -> list[Path]:
         """The log and its rotated backups that exist, oldest last (``audit.jsonl``, ``.1``, ``.2``, ...)."""

@@ -10,7 +10,8 @@ serving/results.py ``local_until_stored``), but these lived only on the pod's di
   replica (serving/pacs/handoff.py), which delivers them;
 - **spooled feedback** (the object store was down when it came): its home is that store, so one
   more delivery is tried; what the store still refuses stays, and is lost with the pod (logged);
-- **the audit log**: its files are copied to ``audit/<pod>/<time>/`` in the object store, where an
+- **the audit log**: each rotated file goes to ``audit/<pod>/`` in the object store as it rotates
+  (:func:`ship_audit`, every housekeeping pass), and the current one when the gateway stops, where an
   operator's audit trail collects every replica's (no identifier is in it: serving/gateway/audit.py).
 
 On one machine the disk outlives the gateway, so nothing of this runs (the setting's default).
@@ -66,14 +67,36 @@ def hand_on(state: GatewayState) -> None:
             )
     except Exception as exc:
         log.warning("feedback_spool_flush_error error_type=%s", type(exc).__name__)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    for path in state.audit.files():
+    ship_audit(state, final=True)
+
+
+def ship_audit(state: GatewayState, *, final: bool = False) -> int:
+    """Rotated audit files to ``audit/<pod>/`` in the object store, each deleted here once stored
+    (blocking); with ``final``, the current file too (the gateway has stopped writing it). How many.
+
+    Each housekeeping pass ships what rotated since the last: on a disk that dies with the pod the
+    rotation would otherwise delete the oldest lines after ``CXR_AUDIT_BACKUPS`` rotations, and a pod
+    evicted without its grace period would take every line with it.
+    """
+    store = state.store
+    if not state.settings.ephemeral_disk or store is None:
+        return 0
+    host = socket.gethostname()
+    shipped = 0
+    files = [(p, p.name) for p in state.audit.take_rotated()]
+    if final and state.audit.path is not None and state.audit.path.exists():
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        files.append((state.audit.path, f"{state.audit.path.name}.final-{stamp}"))
+    for path, name in files:
         try:
-            store.put_bytes(
-                f"audit/{socket.gethostname()}/{stamp}/{path.name}", path.read_bytes(), "application/x-ndjson"
-            )
-        except Exception as exc:
-            log.warning("audit_handoff_failed file=%s error_type=%s", path.name, type(exc).__name__)
+            store.put_bytes(f"audit/{host}/{name}", path.read_bytes(), "application/x-ndjson")
+        except Exception as exc:  # kept here: the next pass (or the stop) tries it again
+            log.warning("audit_ship_failed file=%s error_type=%s", name, type(exc).__name__)
+            continue
+        if path != state.audit.path:
+            path.unlink(missing_ok=True)
+        shipped += 1
+    return shipped
 
 
 def adopt(state: GatewayState) -> int:

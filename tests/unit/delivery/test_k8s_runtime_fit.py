@@ -660,3 +660,19 @@ def test_a_node_port_service_is_not_said_to_have_a_health_check_node_port(tree: 
     )
     wrong = [name for name, text in texts.items() if advice.search(text)]
     assert not wrong, f"{wrong} tell a balancer to check the NodePort Service's healthCheckNodePort"
+
+
+def test_a_stopping_gateway_keeps_serving_while_it_leaves_the_endpoints_then_has_time_to_hand_on() -> None:
+    """uvicorn closes its listener at SIGTERM; the endpoints learn of the stop a moment later."""
+    import yaml as _yaml
+
+    doc = _yaml.safe_load((REPO / "k8s" / "base" / "gateway" / "deployment.yaml").read_text())
+    spec = doc["spec"]["template"]["spec"]
+    [gateway] = spec["containers"]
+    command = gateway["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pause = float(command[1])
+    graceful = 10  # `cxr serve`'s timeout_graceful_shutdown (serving/cli.py)
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    assert env.get("CXR_EPHEMERAL_DISK") == "true"
+    assert spec["terminationGracePeriodSeconds"] >= pause + graceful + 30  # and 30 s for the hand-off

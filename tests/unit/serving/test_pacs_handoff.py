@@ -158,3 +158,42 @@ def test_an_adoption_still_running_when_the_replica_hands_off_loses_nothing(tmp_
     running = Outbox(tmp_path / "running")  # a replica still running takes it from the store
     assert handoff.adopt(running, store) == 1
     assert [i.data() for i in running.items()] == [b"an SR of a replica stopped before"]
+
+
+def test_rotated_audit_files_go_to_the_store_as_they_rotate_and_the_current_one_at_the_stop(
+    tmp_path: Path,
+) -> None:
+    """On a disk that dies with the pod, the rotation deleted the oldest lines after its backups."""
+    from types import SimpleNamespace
+
+    from serving.gateway.audit import AuditEntry, AuditLog
+    from serving.gateway.handoff import ship_audit
+
+    audit = AuditLog(tmp_path / "audit.jsonl", max_bytes=700, backups=3)  # ~2 lines a file
+    store = MemoryStore()
+    state = SimpleNamespace(settings=SimpleNamespace(ephemeral_disk=True), store=store, audit=audit)
+
+    def write(n: int) -> None:
+        audit.write(
+            AuditEntry(
+                time="t",
+                request_id=f"req-{n:04d}",
+                key_id="k",
+                role="pacs",
+                route="/x",
+                method="GET",
+                status=200,
+            )
+        )
+
+    shipped = 0
+    for n in range(40):  # many more rotations than backups
+        write(n)
+        if n % 3 == 2:
+            shipped += ship_audit(state)  # type: ignore[arg-type]
+    audit.close()
+    shipped += ship_audit(state, final=True)  # type: ignore[arg-type]
+    lines = b"".join(store.objects[k] for k in sorted(store.objects)).decode().splitlines()
+    assert shipped == len(store.objects) and all(k.startswith("audit/") for k in store.objects)
+    assert sorted(json.loads(line)["request_id"] for line in lines) == [f"req-{n:04d}" for n in range(40)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.jsonl"]  # shipped files deleted here
