@@ -228,13 +228,21 @@ class ResultStore:
         if self._store is None or self._local is None or not self._local.exists():
             return 0
         tried = 0
+        now = datetime.now(UTC)
         for folder in sorted(self._local.iterdir()):
             if folder.name.startswith(".tmp-") or not _safe_id(folder.name):
                 continue
             record = self._read_local(folder.name)
-            if record is not None:
-                self.persist(record)
-                tried += 1
+            if record is None:  # not a result, or stored and gone meanwhile (the answer's own copy)
+                continue
+            # past its retention: never copied to a store whose purge may already have run (the
+            # stop's hand-off has no purge after it); the local purge deletes it here
+            if now - record.created > self.retention.results:
+                continue
+            if now - record.created > self.retention.sources:
+                record.source = None
+            self.persist(record)
+            tried += 1
         return tried
 
     def _drop_undated_source(self, prefix: str) -> None:
@@ -330,7 +338,16 @@ class ResultStore:
             return None
         fmt = str(meta.get("source_format", "dicom"))
         source_file = folder / f"source.{_EXT.get(fmt, 'bin')}"
-        source = source_file.read_bytes() if source_file.exists() else None
+        try:
+            source: bytes | None = source_file.read_bytes()
+        except FileNotFoundError:
+            source = None
+        except OSError:
+            return None
+        if source is None and not (folder / "result.json").exists():
+            # the folder went after its result.json was read (stored meanwhile, ``local_until_stored``):
+            # not a result without its source, which the cache would then keep; the store has it whole
+            return None
         return _record(request_id, meta, source)
 
     def _read_store(self, request_id: str) -> ResultRecord | None:

@@ -179,3 +179,49 @@ def test_on_an_ephemeral_disk_the_journal_holds_a_result_only_until_the_store_ha
 
     assert fresh.persist_journal() == 1  # what the store missed, when it is back (or at the stop)
     assert not (tmp_path / "b").exists() and store.objects["results/b/source.dcm"] == b"DICM"
+
+
+def test_a_journal_folder_going_while_it_is_read_is_read_from_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``local_until_stored`` the answer's own copy deletes the folder once stored: a read that
+    found its result.json and then no source returned the result without its source (cached so:
+    saliency 404, a send-back without the image), and the retention job's or the stop's
+    persist_journal raised on the source that went, leaving the rest of the journal uncopied."""
+    store = MemoryStore()
+    results = ResultStore(store, local_dir=tmp_path, local_until_stored=True)
+    record = ResultRecord("a", {"request_id": "a"}, "dicom", b"DICM", tenant="t")
+    results.journal(record)
+    store.put_bytes("results/a/source.dcm", b"DICM")  # the answer's copy, about to delete the folder
+    store.put_bytes("results/a/result.json", json.dumps(record.meta()).encode())
+    real_read_text = Path.read_text
+
+    def read_then_the_copy_deletes(path: Path, *args: object, **kwargs: object) -> str:
+        text = real_read_text(path, *args, **kwargs)  # type: ignore[arg-type]
+        if path.name == "result.json":
+            shutil.rmtree(path.parent)
+        return text
+
+    monkeypatch.setattr(Path, "read_text", read_then_the_copy_deletes)
+    fresh = ResultStore(store, local_dir=tmp_path, local_until_stored=True)  # nothing in memory
+    assert fresh.get("a", "t").source == b"DICM"
+    results.journal(ResultRecord("b", {"request_id": "b"}, "dicom", b"DICM", tenant="t"))
+    assert ResultStore(store, local_dir=tmp_path, local_until_stored=True).persist_journal() == 0
+
+
+def test_persist_journal_copies_nothing_past_its_retention(tmp_path: Path) -> None:
+    """The stop's hand-off has no purge after it: an expired result (or a source past its hours) the
+    journal still held went back to a store whose purge had deleted it, identified data included."""
+    store = MemoryStore()
+    retention = Retention(timedelta(days=30), timedelta(hours=24))
+    results = ResultStore(store, local_dir=tmp_path, retention=retention, local_until_stored=True)
+    now = datetime.now(UTC)
+    ages = {"fresh": timedelta(0), "day-old": timedelta(hours=25), "old": timedelta(days=31)}
+    for rid, age in ages.items():
+        results.journal(ResultRecord(rid, {"request_id": rid}, "dicom", b"DICM", now - age, "t"))
+    results.persist_journal()
+    assert sorted(store.objects) == [
+        "results/day-old/result.json",
+        "results/fresh/result.json",
+        "results/fresh/source.dcm",
+    ]
