@@ -46,15 +46,17 @@ def hand_on(state: GatewayState) -> None:
     if store is None:
         log.warning("handoff_impossible reason=no_object_store")
         return
-    try:  # results whose copy the store missed (it was down): the journal holds only those here
-        state.results.persist_journal()
-    except Exception as exc:
-        log.warning("results_handoff_error error_type=%s", type(exc).__name__)
+    # the PACS objects first: nothing else holds them, and the grace period may not cover a long
+    # journal copied again against a slow store
     if state.sendback is not None:
         try:
             pacs_handoff.hand_off(state.sendback.outbox, store)
         except Exception as exc:
             log.warning("pacs_outbox_handoff_error error_type=%s", type(exc).__name__)
+    try:  # results whose copy the store missed (it was down): the journal holds only those here
+        state.results.persist_journal()
+    except Exception as exc:
+        log.warning("results_handoff_error error_type=%s", type(exc).__name__)
     try:
         if state.feedback.spool.depth():
             delivered = state.feedback.deliver_spooled()
