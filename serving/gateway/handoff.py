@@ -37,8 +37,10 @@ log = logging.getLogger("cxr.gateway")
 def hand_on(state: GatewayState) -> None:
     """Everything the replica's disk holds that must outlive it, to the object store (blocking).
 
-    Called once the gateway has stopped taking requests and its delivery loop has ended, after the
-    audit log is closed (its last line written). Each step runs even when an earlier one failed.
+    Called once the gateway has stopped taking requests and its delivery task is cancelled, after
+    the audit log is closed (its last line written). A delivery still running in its thread may send
+    an object this also hands on: the PACS stores its SOP Instance UID once. Each step runs even
+    when an earlier one failed.
     """
     store = state.store
     if not state.settings.ephemeral_disk:
