@@ -24,6 +24,7 @@ from core.hashing import file_sha256
 from core.stage_file import StageFile, write_stage_file
 from delivery import reconcile as rec
 from delivery.context import DeliveryContext
+from tests.unit.serving.serving_support import MemoryStore
 from training.registry import VersionFacts
 
 pytestmark = pytest.mark.unit
@@ -53,12 +54,16 @@ def tiny_onnx(path: Path) -> Path:
     return path
 
 
-class FakeStore:
+class FakeStore(MemoryStore):
     """The slice of ObjectStore publishing uses; records every write and delete in order."""
 
     def __init__(self) -> None:
-        self.objects: dict[str, bytes] = {}
+        super().__init__()
         self.log: list[tuple[str, str]] = []
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
+        super().put_bytes(key, data, content_type)
+        self.log.append(("put", key))
 
     def upload_dir(self, directory: Path, prefix: str, *, skip: set[str] | None = None) -> int:
         prefix = prefix.rstrip("/") + "/"
@@ -67,21 +72,16 @@ class FakeStore:
             rel = path.relative_to(directory).as_posix()
             if skip and rel in skip:
                 continue
-            if self.objects.get(prefix + rel) != path.read_bytes():  # unchanged: not re-sent
-                self.objects[prefix + rel] = path.read_bytes()
-                self.log.append(("put", prefix + rel))
+            data = path.read_bytes()
+            if self.objects.get(prefix + rel) != data:  # unchanged: not re-sent
+                self.put_bytes(prefix + rel, data)
                 sent += 1
         return sent
 
-    def list_prefix(self, prefix: str) -> list[str]:
-        return sorted(k for k in self.objects if k.startswith(prefix))
-
     def delete_prefix(self, prefix: str) -> int:
         gone = self.list_prefix(prefix)
-        for key in gone:
-            del self.objects[key]
-            self.log.append(("delete", key))
-        return len(gone)
+        self.log.extend(("delete", key) for key in gone)
+        return super().delete_prefix(prefix)
 
 
 class FakeRegistry:
