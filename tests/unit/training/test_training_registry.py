@@ -67,45 +67,33 @@ def _golden_section(stage: str) -> str:
     return f"mAP@0.4 v3 - v2 = +0.0100 ({stage})\n\n| class | instances | Δ AP@0.4 | 95% CI |\n{rows}"
 
 
-def test_each_stages_recorded_section_survives_the_next_promotion_of_a_cut_card(tmp_path: Path) -> None:
-    """staging, canary, production: each promotion records its golden table. The card before
-    the new section was cut from its end, where the previous promotions' tables are."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    registry = ModelRegistry(uri, "cxr-detector")
-    client = registry._client
-    run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "art")))
-    card = "# cxr-detector\n" + "".join(f"| {i} | finding | 0.500 |\n" for i in range(400))
-    version = registry.register(run.info.run_id, _lineage(), card)
-    for stage in ("staging", "canary", "production"):
-        heading = f"## Golden set comparison (promotion to {stage})"
-        registry.record_section(version, heading, _golden_section(stage), tags={})
-    recorded = client.get_model_version("cxr-detector", version).description
-    assert len(recorded) <= DESCRIPTION_LIMIT
-    assert recorded.startswith("# cxr-detector")
-    assert recorded.count("model_card.md") == 1
-    for stage in ("staging", "canary", "production"):
-        heading = f"## Golden set comparison (promotion to {stage})"
-        assert f"{heading}\n{_golden_section(stage).strip()}\n" in recorded, stage
-
-
-def test_sections_recorded_while_the_card_fitted_survive_the_cut_a_later_section_makes(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("rows", "cut_at_registration"),
+    [
+        (400, True),  # cut already: each new section was cut from the card's end, where the others were
+        (120, False),  # fits with its first section: the next overflowing one read the earlier as card text
+    ],
+)
+def test_each_stages_recorded_section_survives_the_next_promotion(
+    tmp_path: Path, rows: int, cut_at_registration: bool
 ) -> None:
-    """A card that fits with its first sections, then one section more than fits: the earlier
-    sections were read back as card text and cut from its end."""
+    """staging, canary, production: each promotion records its golden table, and all three stay."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     registry = ModelRegistry(uri, "cxr-detector")
     client = registry._client
     run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "art")))
-    card = "# cxr-detector\n" + "".join(f"| {i} | finding | 0.500 |\n" for i in range(120))
+    card = "# cxr-detector\n" + "".join(f"| {i} | finding | 0.500 |\n" for i in range(rows))
     version = registry.register(run.info.run_id, _lineage(), card)
-    assert "model_card.md" not in client.get_model_version("cxr-detector", version).description
-    for stage in ("staging", "canary", "production"):
+    registered = client.get_model_version("cxr-detector", version).description
+    assert ("model_card.md" in registered) == cut_at_registration
+    stages = ("staging", "canary", "production")
+    for stage in stages:
         heading = f"## Golden set comparison (promotion to {stage})"
         registry.record_section(version, heading, _golden_section(stage), tags={})
     recorded = client.get_model_version("cxr-detector", version).description
-    assert len(recorded) <= DESCRIPTION_LIMIT and recorded.count("model_card.md") == 1
-    for stage in ("staging", "canary", "production"):
+    assert len(recorded) <= DESCRIPTION_LIMIT and recorded.startswith("# cxr-detector")
+    assert recorded.count("model_card.md") == 1
+    for stage in stages:
         heading = f"## Golden set comparison (promotion to {stage})"
         assert f"{heading}\n{_golden_section(stage).strip()}\n" in recorded, stage
 
