@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -60,8 +60,8 @@ class WorklistDb(Protocol):
         """One write (autocommitted); the rows it touched."""
         ...
 
-    def locked(self, key: str) -> Any:
-        """A context manager: a transaction holding ``key``'s lock, yielding an :data:`Execute`."""
+    def locked(self, key: str) -> AbstractContextManager[Execute]:
+        """A transaction holding ``key``'s lock, yielding an :data:`Execute`."""
         ...
 
     def created(self) -> bool:
