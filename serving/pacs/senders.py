@@ -3,7 +3,8 @@
 A sender takes a batch of outbox items for its destination and says, per item, which the
 PACS accepted and which it refused for good (:class:`Sent`); everything else stays in the
 outbox for the next attempt. Warnings (e.g. Orthanc's "already stored", B000-B0FF "coercion
-of data elements") count as delivered: the PACS has the object. A refusal for good is one
+of data elements") count as delivered: the PACS has the object, and so does 0x0111 "duplicate SOP
+instance" (:func:`already_stored`). A refusal for good is one
 that sending the same object again cannot change: no accepted presentation context for its
 SOP class, or a failure status saying the PACS does not store that SOP class or cannot
 understand the object (:func:`refused_for_good`). A PACS that is down, out of resources or
@@ -50,6 +51,20 @@ def refused_for_good(code: int) -> bool:
     administrator can change), nor anything unknown: those are retried.
     """
     return code in (0x0117, 0x0122) or 0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF
+
+
+DUPLICATE_SOP_INSTANCE = 0x0111
+
+
+def already_stored(code: int) -> bool:
+    """0x0111 (PS3.7 "duplicate SOP instance"): the PACS holds an object under this SOP Instance UID.
+
+    Ours are derived from the source and the model version (serving/dicom/uids.py: the same UID is
+    the same object), so the PACS holds what we sent: an answer lost on the way, or an object sent
+    twice after a replica handed its outbox on (serving/pacs/handoff.py). Some PACS refuse a resent
+    instance with it instead of storing it again; retrying it would never end in anything else.
+    """
+    return code == DUPLICATE_SOP_INSTANCE
 
 
 class _TimeoutSession(requests.Session):
@@ -129,6 +144,9 @@ class StowSender:
             if code is None:
                 if stored is None or item.sop_instance_uid in stored:
                     sent.accepted.add(item.item_id)
+            elif already_stored(code):
+                sent.accepted.add(item.item_id)
+                log.info("pacs_send_duplicate destination=%s", name)
             elif refused_for_good(code):
                 sent.refused[item.item_id] = f"failure_reason=0x{code:04X}"
             else:
@@ -197,6 +215,9 @@ class DimseSender:
                 code = int(status.Status)
                 if _ok(status):
                     sent.accepted.add(item.item_id)
+                elif already_stored(code):
+                    sent.accepted.add(item.item_id)
+                    log.info("pacs_send_duplicate destination=%s", d.name)
                 elif refused_for_good(code):
                     sent.refused[item.item_id] = f"status=0x{code:04X}"
                 else:  # e.g. out of resources: worth another try

@@ -216,6 +216,26 @@ def test_a_dimse_status_retrying_cannot_change_is_set_aside_and_out_of_resources
         assert len(back.outbox.dead_letters()) == 1
 
 
+def test_a_pacs_that_already_holds_an_instance_and_says_so_has_it_delivered(tmp_path: Path) -> None:
+    """0x0111 "duplicate SOP instance", the answer of some PACS to an object sent twice (an answer
+    lost, or a hand-off between replicas): ours are the same object under the same UID, so the
+    PACS holds it. Before, DIMSE retried it for ever and STOW-RS too; neither is a dead letter."""
+
+    def on_store(event: Any, stored: int) -> int:
+        return 0x0111 if str(event.request.AffectedSOPClassUID) == COMPREHENSIVE_SR else 0x0000
+
+    with _scp(on_store=on_store, sop_classes=(CR, GSPS, COMPREHENSIVE_SR)) as scp:
+        back = _sendback(tmp_path / "dimse", scp.destination())
+        _queue_study(back, images=2)
+        assert back.deliver_due(time.time()) == 3
+        assert back.outbox.items() == [] and back.outbox.dead_letters() == []
+    with _stow_pacs(_refusing({COMPREHENSIVE_SR: 0x0111})) as seen:
+        back = _sendback(tmp_path / "stow", _stow(seen.pop(0)))
+        _queue_study(back, images=2)
+        assert back.deliver_due(time.time()) == 3 and seen == [3]
+        assert back.outbox.items() == [] and back.outbox.dead_letters() == []
+
+
 def test_a_dimse_pacs_that_is_down_is_held_and_nothing_is_set_aside(tmp_path: Path) -> None:
     import socket
 
