@@ -125,6 +125,7 @@ def run_retention(state: GatewayState) -> None:
         )
         if dead_letters:
             log.info("pacs_dead_letters_purged objects=%d", dead_letters)
+        handoff.purge_rejected(state, results_retention.total_seconds(), started.timestamp())
     state.metrics.housekeeping_runs.labels("results").inc(report.results)
     state.metrics.housekeeping_runs.labels("sources").inc(report.sources)
     state.metrics.housekeeping_runs.labels("dead_letters").inc(dead_letters)

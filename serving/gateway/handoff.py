@@ -109,4 +109,19 @@ def adopt(state: GatewayState) -> int:
     The caller wakes the delivery loop (on the event loop: its event is not thread-safe)."""
     if not state.settings.ephemeral_disk or state.store is None or state.sendback is None:
         return 0
-    return pacs_handoff.adopt(state.sendback.outbox, state.store)
+    return pacs_handoff.adopt(state.sendback.outbox, state.store, unclaimed=state.handoff_unclaimed)
+
+
+def purge_rejected(state: GatewayState, max_age_s: float, now: float) -> int:
+    """Handed-off PACS items no replica could adopt, set aside more than ``max_age_s`` ago, deleted
+    (blocking; the retention job's, as for dead letters: they may carry the patient's identity)."""
+    if not state.settings.ephemeral_disk or state.store is None:
+        return 0
+    try:
+        days = pacs_handoff.purge_rejected(state.store, max_age_s, now)
+    except Exception as exc:  # the store down: the next run tries again
+        log.warning("pacs_handoff_purge_error error_type=%s", type(exc).__name__)
+        return 0
+    if days:
+        log.info("pacs_handoff_rejected_purged folders=%d", days)
+    return days

@@ -58,6 +58,8 @@ class GatewayState:
     worklist: WorklistStore | None = None
     # SR + presentation states back to the PACS through the durable outbox (serving/pacs)
     sendback: SendBack | None = None
+    # handed-off PACS items seen incomplete, and since when (serving/pacs/handoff.py ``adopt``)
+    handoff_unclaimed: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -10,12 +10,20 @@ PACS gets the same SOP Instance UID twice, which it stores once (the outbox's ow
 serving/pacs/outbox.py). The objects carry the patient's identity, as the results already in the
 same store do; adopted dead letters keep their ``created`` time, so the retention job purges them
 as it would have on their first replica.
+
+What cannot be adopted is set aside once, not warned about on every pass for ever: an item whose
+meta is not an outbox item's (not JSON, a forged id, fields missing), and an item still missing one
+of its two files (its replica killed between the two writes) once :data:`UNCLAIMED_AFTER_S` have passed, are
+moved to ``handoff/rejected/<when>/`` for an operator, and deleted with the results of their day by
+the retention job (:func:`purge_rejected`): they may carry the patient's identity too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from datetime import UTC, datetime
 
 from serving.pacs.outbox import DEAD_LETTER, Outbox
 from serving.results import BlobStore
@@ -23,6 +31,12 @@ from serving.results import BlobStore
 log = logging.getLogger("cxr.pacs")
 
 PREFIX = "handoff/outbox/"
+REJECTED = "handoff/rejected/"
+# a hand-off writes an object and its meta one after the other: an object alone for this long has
+# lost its writer, not waiting for it
+UNCLAIMED_AFTER_S = 900.0
+_STAMP = "%Y%m%dT%H%M%SZ"
+_WHOLE = {"object.dcm", "meta.json"}
 
 
 def _base(iid: str, dead: bool) -> str:
@@ -66,25 +80,56 @@ def hand_off(outbox: Outbox, store: BlobStore) -> int:
     return moved
 
 
-def adopt(outbox: Outbox, store: BlobStore) -> int:
-    """Take every whole handed-off item into ``outbox``, then delete it from the store; how many."""
-    whole: set[tuple[str, bool]] = set()
-    for key in store.list_prefix(PREFIX):
+def _groups(keys: list[str]) -> dict[tuple[str, bool], set[str]]:
+    """The handed-off keys by item (id, dead letter) -> the file names found under it."""
+    groups: dict[tuple[str, bool], set[str]] = {}
+    for key in keys:
         parts = key[len(PREFIX) :].split("/")
-        dead = parts[0] == DEAD_LETTER
+        dead = parts[0] == DEAD_LETTER and len(parts) > 1
         if dead:
             parts = parts[1:]
-        if len(parts) == 2 and parts[1] == "meta.json":
-            whole.add((parts[0], dead))
+        # an item is <id>/<file>; anything else is foreign and set aside as a whole
+        name = parts[1] if len(parts) == 2 else ""
+        groups.setdefault((parts[0], dead), set()).add(name)
+    return groups
+
+
+def adopt(
+    outbox: Outbox, store: BlobStore, *, unclaimed: dict[str, float] | None = None, now: float | None = None
+) -> int:
+    """Take every whole handed-off item into ``outbox``, then delete it from the store; how many.
+
+    ``unclaimed`` (kept by the caller between passes) remembers when each item missing a file was
+    first seen; one still incomplete after :data:`UNCLAIMED_AFTER_S` is set aside, as is an item
+    whose meta is not an outbox item's.
+    """
+    now = time.time() if now is None else now
+    groups = _groups(store.list_prefix(PREFIX))
+    partial = {_base(iid, dead) for (iid, dead), names in groups.items() if not names >= _WHOLE}
+    if unclaimed is not None:
+        for base in set(unclaimed) - partial:
+            del unclaimed[base]  # made whole, adopted, or set aside by another replica
     adopted = 0
-    for iid, dead in sorted(whole):
+    for iid, dead in sorted(groups):
         base = _base(iid, dead)
+        if base in partial:
+            if unclaimed is not None and now - unclaimed.setdefault(base, now) >= UNCLAIMED_AFTER_S:
+                _reject(store, base, "incomplete", now)
+                unclaimed.pop(base, None)
+            continue
         try:
-            meta = json.loads(store.get_bytes(f"{base}/meta.json"))
+            raw = store.get_bytes(f"{base}/meta.json")
             data = store.get_bytes(f"{base}/object.dcm")
         except Exception as exc:
             # adopted by another replica meanwhile (gone), or the store failing (tried again next pass)
             log.warning("pacs_outbox_adopt_skipped error_type=%s", type(exc).__name__)
+            continue
+        try:
+            meta = json.loads(raw)
+            if not isinstance(meta, dict):
+                raise ValueError("the meta is not an object")
+        except ValueError:
+            _reject(store, base, "meta_not_json", now)
             continue
         # taken in and its stored copy deleted as one against this replica's own hand-off
         with outbox.adoption() as open_:
@@ -93,11 +138,46 @@ def adopt(outbox: Outbox, store: BlobStore) -> int:
             try:
                 if outbox.adopt(iid, data, meta, dead=dead):
                     adopted += 1
-            except Exception as exc:
-                # not an outbox item (left where it is for an operator, never half taken in)
+            except (ValueError, KeyError, TypeError):
+                _reject(store, base, "not_an_outbox_item", now)  # never half taken in
+                continue
+            except Exception as exc:  # this replica's disk failing: left for the next pass, or another
                 log.warning("pacs_outbox_adopt_skipped error_type=%s", type(exc).__name__)
                 continue
             store.delete_prefix(f"{base}/")
     if adopted:
         log.info("pacs_outbox_adopted objects=%d", adopted)
     return adopted
+
+
+def _reject(store: BlobStore, base: str, reason: str, now: float) -> None:
+    """Move what is under ``base`` to ``handoff/rejected/<when>/`` (copied, then deleted)."""
+    stamp = datetime.fromtimestamp(now, UTC).strftime(_STAMP)
+    try:
+        keys = [k for k in store.list_prefix(base) if k == base or k.startswith(f"{base}/")]
+        for key in keys:
+            store.put_bytes(f"{REJECTED}{stamp}/{key[len(PREFIX) :]}", store.get_bytes(key))
+        if any(k != base for k in keys):
+            store.delete_prefix(f"{base}/")
+        # a key with no folder: deleted by its own name only when no other key begins with it
+        if base in keys and store.list_prefix(base) == [base]:
+            store.delete_prefix(base)
+    except Exception as exc:  # the store failing, or another replica moved it first: next pass
+        log.warning("pacs_outbox_reject_failed error_type=%s", type(exc).__name__)
+        return
+    log.warning("pacs_outbox_handoff_rejected reason=%s objects=%d", reason, len(keys))
+
+
+def purge_rejected(store: BlobStore, max_age_s: float, now: float | None = None) -> int:
+    """Delete the items set aside more than ``max_age_s`` ago (blocking); how many days' folders."""
+    now = time.time() if now is None else now
+    purged = 0
+    for stamp in sorted({k[len(REJECTED) :].split("/")[0] for k in store.list_prefix(REJECTED)}):
+        try:
+            when = datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC).timestamp()
+        except ValueError:  # not ours: left for a person
+            continue
+        if now - when > max_age_s:
+            store.delete_prefix(f"{REJECTED}{stamp}/")
+            purged += 1
+    return purged

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from serving.gateway.auth import hash_key
 from serving.pacs import handoff
-from serving.pacs.outbox import Outbox
+from serving.pacs.outbox import Outbox, item_id
 from tests.unit.serving.serving_support import MemoryStore, onnx_settings
 
 pytestmark = pytest.mark.unit
@@ -69,16 +69,47 @@ def test_an_object_the_store_refuses_stays_in_the_outbox(tmp_path: Path) -> None
     assert [i.data() for i in outbox.items()] == [b"object 1"]
 
 
-def test_an_item_without_its_meta_or_under_a_forged_id_is_not_taken_in(tmp_path: Path) -> None:
+def test_what_cannot_be_adopted_is_set_aside_once_and_purged_with_its_day(tmp_path: Path) -> None:
+    """Before, such items stayed under the hand-off prefix for ever, read and warned about on every
+    pass of every replica, and no retention reached them (they may carry the patient's identity)."""
     store = MemoryStore()
     outbox = Outbox(tmp_path / "a")
-    store.put_bytes(f"{handoff.PREFIX}{'a' * 40}/object.dcm", b"still being written")
     meta = {"destination": "pacs", "sop_class_uid": SR, "sop_instance_uid": "1.2.3", "attempts": 0}
-    store.put_bytes(f"{handoff.PREFIX}{'b' * 40}/object.dcm", b"x")
-    store.put_bytes(f"{handoff.PREFIX}{'b' * 40}/meta.json", json.dumps(meta).encode())
+    writing = f"{handoff.PREFIX}{item_id('pacs', '1.2.9')}"
+    forged, garbled = (f"{handoff.PREFIX}{c * 40}" for c in "bc")
+    store.put_bytes(f"{writing}/object.dcm", b"its meta is still being written")
+    store.put_bytes(f"{forged}/object.dcm", b"x")
+    store.put_bytes(f"{forged}/meta.json", json.dumps(meta).encode())  # the id names another object
+    store.put_bytes(f"{garbled}/object.dcm", b"y")
+    store.put_bytes(f"{garbled}/meta.json", b"{not json")
     store.put_bytes(f"{handoff.PREFIX}..%2f/meta.json", json.dumps(meta).encode())
-    assert handoff.adopt(outbox, store) == 0
-    assert outbox.items() == [] and len(store.objects) == 4  # left for the writer, or an operator
+    unclaimed: dict[str, float] = {}
+    t0 = time.time()
+
+    assert handoff.adopt(outbox, store, unclaimed=unclaimed, now=t0) == 0
+    assert outbox.items() == []
+    left = sorted(k for k in store.objects if k.startswith(handoff.PREFIX))
+    assert left == sorted([f"{writing}/object.dcm", f"{handoff.PREFIX}..%2f/meta.json"]), "they wait"
+    rejected = sorted(k.split("/", 3)[3] for k in store.objects if k.startswith(handoff.REJECTED))
+    assert rejected == [f"{c * 40}/{f}" for c in "bc" for f in ("meta.json", "object.dcm")]
+
+    # its writer finishing in time makes it whole: adopted, not set aside
+    store.put_bytes(f"{writing}/meta.json", json.dumps({**meta, "sop_instance_uid": "1.2.9"}).encode())
+    assert handoff.adopt(outbox, store, unclaimed=unclaimed, now=t0 + 60) == 1
+    assert [i.sop_instance_uid for i in outbox.items()] == ["1.2.9"]
+    assert list(unclaimed) == [f"{handoff.PREFIX}..%2f"]
+
+    # one left incomplete past the writer's time is set aside too
+    later = t0 + handoff.UNCLAIMED_AFTER_S + 1
+    assert handoff.adopt(outbox, store, unclaimed=unclaimed, now=later) == 0
+    assert not any(k.startswith(handoff.PREFIX) for k in store.objects) and unclaimed == {}
+
+    # the retention job deletes them with their day's results; a folder that is not a time stays
+    store.put_bytes(f"{handoff.REJECTED}not-a-time/x", b"foreign")
+    day = 86400.0
+    assert handoff.purge_rejected(store, 30 * day, later + day) == 0
+    assert handoff.purge_rejected(store, 30 * day, later + 31 * day) == 2
+    assert sorted(store.objects) == [f"{handoff.REJECTED}not-a-time/x"]
 
 
 def test_a_gateway_with_an_ephemeral_disk_hands_on_when_it_stops_and_another_adopts(
