@@ -186,6 +186,43 @@ def _split_url(url: str) -> tuple[str, str | None]:
     return make_conninfo("", **params), None if password is None else str(password)
 
 
+class Throttle(logging.Filter):
+    """At most one record per message template every ``every_s`` seconds; the next says how many went.
+
+    psycopg_pool's worker logs each failed reconnection (backing off from one second), in every
+    replica, for as long as the database is down: the gateway's own ``worklist_db_error`` already
+    says so once per failing window, so the pool's repeats only bury other lines.
+    """
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key, now = str(record.msg), self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.every_s:
+                self._dropped[key] = self._dropped.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            dropped = self._dropped.pop(key, 0)
+        if dropped:
+            text = record.getMessage()
+            record.msg, record.args = (
+                "%s (%d like it in the last %ds not logged)",
+                (text, dropped, round(self.every_s)),
+            )
+        return True
+
+
+_POOL_LOG = Throttle()
+
+
 class PostgresWorklistDb:
     """One PostgreSQL database shared by every gateway replica, through a small connection pool.
 
@@ -214,6 +251,10 @@ class PostgresWorklistDb:
         self._down_until = 0.0
         # the pool's package now, not at the first detection: an image without it fails at start
         import psycopg_pool  # noqa: F401
+
+        pool_log = logging.getLogger("psycopg.pool")
+        if _POOL_LOG not in pool_log.filters:
+            pool_log.addFilter(_POOL_LOG)
 
     def _configure(self, conn: Any) -> None:
         """Each new connection's server-side limits (milliseconds), before the pool lends it."""

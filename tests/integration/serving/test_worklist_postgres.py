@@ -167,11 +167,15 @@ def test_a_database_restart_fails_no_call_once_it_is_back(
     ],
 )
 def test_a_url_whose_password_is_not_encoded_never_reaches_the_log(
-    url: str, caplog: pytest.LogCaptureFixture
+    url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """psycopg_pool's background worker logs why each connection failed, with libpq's message,
     which quotes the part of the URL it could not parse: here, the password."""
     import logging
+
+    from serving.triage import worklist_db
+
+    monkeypatch.setattr(worklist_db._POOL_LOG, "every_s", 0.0)  # every line the pool logs is read here
 
     with caplog.at_level(logging.DEBUG):
         try:

@@ -200,3 +200,35 @@ def test_an_images_newer_result_replaces_its_score_but_an_image_the_cap_drops_st
             now=_at(1 + i),
         )
     assert row.result_ids == ("n1", "n2") and row.score == pytest.approx(0.95) and row.priority
+
+
+def test_the_pools_reconnection_warnings_are_throttled_and_count_what_they_held_back() -> None:
+    """With the cluster's worklist database down, psycopg_pool logged each failed reconnection, about
+    once a second in every replica; the gateway's own worklist_db_error already says it is down."""
+    import logging
+
+    from serving.triage.worklist_db import PostgresWorklistDb, Throttle
+
+    now = [0.0]
+    throttle = Throttle(every_s=60, clock=lambda: now[0])
+
+    def record(text: str) -> logging.LogRecord:
+        return logging.LogRecord(
+            "psycopg.pool", logging.WARNING, __file__, 1, "error connecting in %r: %s", ("pool-1", text), None
+        )
+
+    assert throttle.filter(record("refused"))
+    for second in range(1, 30):
+        now[0] = float(second)
+        assert not throttle.filter(record("refused"))
+    assert throttle.filter(logging.LogRecord("psycopg.pool", logging.WARNING, __file__, 1, "other", (), None))
+    now[0] = 61.0
+    later = record("refused 100%")
+    assert throttle.filter(later)
+    assert (
+        later.getMessage()
+        == "error connecting in 'pool-1': refused 100% (29 like it in the last 60s not logged)"
+    )
+
+    PostgresWorklistDb("postgresql://cxr@127.0.0.1:1/worklist").close()  # building one installs it
+    assert any(isinstance(f, Throttle) for f in logging.getLogger("psycopg.pool").filters)
