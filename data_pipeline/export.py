@@ -151,14 +151,16 @@ def yolo_label_text(class_ids: np.ndarray, boxes_xyxy: np.ndarray, width: int, h
     """YOLO label file content; normalized to the image, so valid for any resize keeping aspect.
 
     Six decimals and a fixed order make the text (and its hash, part of the
-    dataset version) identical across runs and machines.
+    dataset version) identical across runs and machines. A box with a side under one
+    pixel of the original is left out: it marks no region (the quality report lists it as
+    ``tiny_box``), and at six decimals the thinnest would be written as a side of 0.000000.
     """
     if len(class_ids) == 0:
         return ""
     yolo = xyxy_to_yolo(boxes_xyxy, width, height)
     lines = []
     for cid, (cx, cy, w, h) in sorted(zip(class_ids.tolist(), yolo.tolist(), strict=True)):
-        if w <= 0 or h <= 0:
+        if w * width < 1 or h * height < 1:
             continue
         lines.append(f"{int(cid)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
     return "\n".join(lines) + ("\n" if lines else "")
