@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, model_validator
 
 from serving.errors import Forbidden, Unauthorized
 
@@ -43,6 +43,22 @@ class KeyEntry(BaseModel):
 
 class KeyFile(BaseModel):
     keys: list[KeyEntry]
+
+    @model_validator(mode="after")
+    def _ids_unique(self) -> KeyFile:
+        """One id, one key: the rate limit, the audit line and feedback's ``rad_id`` know a caller by it.
+
+        Two keys under one id (each site's stack names its keys ``<role>-1``, so merged files repeat
+        them) shared one rate-limit bucket across tenants and were one caller in the audit log.
+        """
+        seen: set[str] = set()
+        for entry in self.keys:
+            if entry.id in seen:
+                raise ValueError(
+                    f"key id '{entry.id}' is used by more than one key; give each key its own id"
+                )
+            seen.add(entry.id)
+        return self
 
 
 @dataclass(frozen=True)

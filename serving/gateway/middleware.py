@@ -20,7 +20,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import PayloadTooLarge
-from serving.gateway.audit import AuditEntry, now_iso, uid_hash
+from serving.gateway.audit import AuditEntry, audited_id, now_iso, uid_hash
 from serving.gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,9 @@ class ObserveMiddleware:
         limit = self.state.settings.max_body_bytes
         declared = _header(scope, b"content-length")
         try:
-            if declared.isdigit() and int(declared) > limit:
+            # ASCII digits only: "²".isdigit() is True, but int("²") fails (a 500); the route's
+            # reader answers any other value 400
+            if declared.isascii() and declared.isdigit() and int(declared) > limit:
                 exc = PayloadTooLarge(
                     f"body of {declared} bytes exceeds the {limit}-byte limit (CXR_MAX_BODY_BYTES)"
                 )
@@ -139,11 +141,13 @@ class ObserveMiddleware:
         state.metrics.request_duration.labels(path, stage).observe(elapsed)
         principal = request_state.get("principal")
         salt = state.secret
-        # every access to a result names it: the route's {request_id}, or what the route set
-        result_ids = _named(
+        # every access to a result names it: the route's {request_id}, or what the route set; an id
+        # from outside that cannot name a result (a UID, a name) only as its keyed hash
+        named = _named(
             request_state.get("result_id") or scope.get("path_params", {}).get("request_id"),
             request_state.get("result_ids"),
         )
+        result_ids = list(dict.fromkeys(audited_id(rid, salt) for rid in named))
         # studies by keyed hash only: the UIDs never reach the line
         study_uids = _named(request_state.get("study_uid"), request_state.get("study_uids"))
         study_hashes = [h for h in (uid_hash(uid, salt) for uid in study_uids) if h]

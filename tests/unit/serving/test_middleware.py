@@ -67,3 +67,46 @@ def test_an_unexpected_error_is_a_json_500_with_its_request_id_and_audited(onnx_
     assert "a bug" not in r.text  # no internals leak to the client
     entry = _audit_entry(onnx_client, body["request_id"])
     assert entry["status"] == 500 and entry["route"] == "/boom"
+
+
+def test_a_content_length_of_non_ascii_digits_is_a_400_not_a_500(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """``"²".isdigit()`` is True but ``int("²")`` fails: the size check made that header a 500.
+
+    Sent straight to the ASGI app: uvicorn's HTTP parsers refuse such a header before the app
+    sees it, another server or proxy in front need not.
+    """
+    import asyncio
+
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/feedback",
+        "raw_path": b"/v1/feedback",
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+        "headers": [
+            (b"content-length", "²".encode("latin-1")),
+            (b"x-api-key", keys["radiologist"].encode()),
+            (b"content-type", b"application/json"),
+        ],
+    }
+    body = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return body.pop(0) if body else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(onnx_client.app(scope, receive, send))  # type: ignore[arg-type]
+    assert sent[0]["status"] == 400
+    error = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"]
+    assert error["code"] == "invalid_request" and "Content-Length" in error["message"]

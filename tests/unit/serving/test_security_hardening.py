@@ -137,6 +137,38 @@ def test_every_access_to_a_result_is_audited_with_its_result_id(
     assert all(e["tenant"] == principal_tenant for e in entries)
 
 
+def test_an_id_from_outside_that_cannot_name_a_result_reaches_the_audit_line_only_as_a_keyed_hash(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """A client that puts a StudyInstanceUID, a patient's name or 5,000 characters where a result id
+    goes (the path, a feedback body) gets its 404, audited, but the value never reaches the line in clear.
+
+    Before: the audit line held ``result_id: "1.2.840..."`` (the UID in clear), ``"DOE^JOHN"``,
+    and the whole 5,000-character path segment, on every refused attempt, also without a key.
+    """
+    pacs = {"X-API-Key": keys["pacs"]}
+    uid, name, long = generate_uid(), "DOE^JOHN 1980", "a" * 5000
+    refused = [
+        onnx_client.get(f"/v1/results/{uid}", headers=pacs),
+        onnx_client.get(f"/v1/results/{uid}/sr"),  # 401: audited with what it asked for
+        onnx_client.get(f"/v1/results/{name}/pixels", headers={"X-API-Key": keys["radiologist"]}),
+        onnx_client.get(f"/v1/results/{long}", headers=pacs),
+        onnx_client.post(
+            "/v1/feedback",
+            json={"request_id": uid, "no_finding": True},
+            headers={"X-API-Key": keys["radiologist"]},
+        ),
+    ]
+    assert [r.status_code for r in refused] == [404, 401, 404, 404, 404]
+    entries = [_audited(onnx_client, r) for r in refused]
+    salt = onnx_client.app.state.cxr.secret  # type: ignore[attr-defined]
+    expected = [f"hashed:{uid_hash(v, salt)}" for v in (uid, uid, name, long, uid)]
+    assert [e["result_id"] for e in entries] == expected
+    assert [e["status"] for e in entries] == [404, 401, 404, 404, 404]
+    audit = onnx_client.app.state.cxr.audit.path.read_text()  # type: ignore[attr-defined]
+    assert uid not in audit and "DOE^JOHN" not in audit and long not in audit
+
+
 def _study_hash(client: TestClient, uid: str) -> str | None:
     return uid_hash(uid, client.app.state.cxr.secret)  # type: ignore[attr-defined]
 
@@ -418,6 +450,29 @@ def test_bad_keys_past_the_auth_failure_burst_get_429_but_valid_keys_from_that_a
         again = client.get("/v1/models", headers={"X-API-Key": "guess-again"})
         assert again.status_code == 429 and int(again.headers["Retry-After"]) >= 1
         assert client.get("/v1/models").status_code == 429
+
+
+def test_a_keys_file_naming_one_key_id_twice_is_refused_at_load(tmp_path: Path) -> None:
+    """The key id is what the rate limit, the audit line and feedback's ``rad_id`` know a caller by.
+
+    Before: a file with ``pacs-1`` in two tenants (each site's stack names its keys ``<role>-1``)
+    loaded, and the two sites shared one rate-limit bucket: hospital-a's three requests left
+    hospital-b's first one a 429 naming ``pacs-1``; their audit lines named one key for two keys.
+    """
+    from serving.gateway.auth import KeyStore, hash_key
+
+    entries = [
+        {"id": "pacs-1", "role": "pacs", "sha256": hash_key(f"key-{t}"), "tenant": f"hospital-{t}"}
+        for t in "ab"
+    ]
+    path = tmp_path / "api_keys.json"
+    path.write_text(json.dumps({"keys": entries}))
+    with pytest.raises(ValueError, match="'pacs-1'"):
+        KeyStore.from_file(path)
+    entries[1]["id"] = "pacs-2"
+    path.write_text(json.dumps({"keys": entries}))
+    store = KeyStore.from_file(path)
+    assert [store.authenticate(f"key-{t}").tenant for t in "ab"] == ["hospital-a", "hospital-b"]
 
 
 def test_rate_limiter_forgets_refilled_buckets_past_its_size_bound() -> None:
