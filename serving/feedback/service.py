@@ -85,6 +85,15 @@ class FeedbackIn(BaseModel):
     def _consistent(self) -> FeedbackIn:
         if self.no_finding and (self.new_boxes or any(r.action != "reject" for r in self.reviews)):
             raise ValueError("'no_finding' cannot be combined with accepted, adjusted or new boxes")
+        # one verdict per detection: two (reject, then accept) were both stored, and the training
+        # rows kept whichever came last
+        seen: set[int] = set()
+        for review in self.reviews:
+            if review.index in seen:
+                raise ValueError(
+                    f"detection {review.index} is reviewed more than once; send one review per detection"
+                )
+            seen.add(review.index)
         return self
 
 

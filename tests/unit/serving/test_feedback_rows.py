@@ -79,8 +79,17 @@ def test_all_rejected_or_no_finding_gives_one_no_finding_row() -> None:
         {"request_id": "r1", "no_finding": True, "new_boxes": [{"class_id": 1, "box": [1, 1, 5, 5]}]},
         {"request_id": "r1", "reviews": [{"index": 0, "action": "adjust"}]},
         {"request_id": "r1", "feedback_id": "../../etc"},
+        # two verdicts on one detection: both were stored, the training rows kept the last
+        {"request_id": "r1", "reviews": [{"index": 0, "action": "reject"}, {"index": 0, "action": "accept"}]},
     ],
-    ids=["inverted-box", "class-14-box", "no-finding-plus-box", "adjust-without-change", "path-in-id"],
+    ids=[
+        "inverted-box",
+        "class-14-box",
+        "no-finding-plus-box",
+        "adjust-without-change",
+        "path-in-id",
+        "one-detection-twice",
+    ],
 )
 def test_inconsistent_feedback_is_refused(body: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
