@@ -36,7 +36,7 @@ from pynetdicom import (
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from serving.dicom.headers import instance_uids  # the one guarded header read STOW-RS uses too
+from serving.dicom.headers import instance_header  # the one guarded header read STOW-RS uses too
 from serving.dicom.sop_classes import RADIOGRAPH_SOP_CLASSES
 from serving.dimse.spool import InstanceSpool, StudyFull
 from serving.dimse.transport import BoundedAssociationServer, BoundedRequestHandler
@@ -68,19 +68,23 @@ class ScpConfig:
     max_pdu_bytes: int = 1024 * 1024
 
 
-def check_instance(data: bytes, sop_class: str, sop_uid: str) -> tuple[int, str]:
-    """(status, study UID): the guarded reader's verdict on one received instance (blocking)."""
-    read_class, read_uid, study = instance_uids(data)
+def check_instance(data: bytes, sop_class: str, sop_uid: str) -> tuple[int, str, str]:
+    """(status, study UID, patient): the guarded reader's verdict on one received instance (blocking).
+
+    The patient (PatientID, IssuerOfPatientID) is what the spool keeps apart: two patients'
+    instances under one SOP Instance UID (:meth:`InstanceSpool.write`).
+    """
+    read_class, read_uid, study, patient = instance_header(data)
     if not (read_class or read_uid or study):
         log.info("dimse_store_refused reason=unreadable")
-        return CANNOT_UNDERSTAND, ""
+        return CANNOT_UNDERSTAND, "", ""
     if read_class != sop_class or read_uid != sop_uid:
         log.info("dimse_store_refused reason=uids_do_not_match_request")
-        return DOES_NOT_MATCH_SOP_CLASS, ""
+        return DOES_NOT_MATCH_SOP_CLASS, "", ""
     if not study or not UID(study).is_valid:
         log.info("dimse_store_refused reason=no_valid_study_uid")
-        return DOES_NOT_MATCH_SOP_CLASS, ""
-    return SUCCESS, study
+        return DOES_NOT_MATCH_SOP_CLASS, "", ""
+    return SUCCESS, study, patient
 
 
 class StorageScp:
@@ -119,14 +123,18 @@ class StorageScp:
             if sop_class not in RADIOGRAPH_SOP_CLASSES:
                 log.info("dimse_store_refused reason=sop_class_not_supported sop_class=%s", sop_class[:64])
                 return SOP_CLASS_NOT_SUPPORTED
-            data = event.encoded_dataset(include_meta=True)
-            if len(data) > self.config.max_instance_bytes:
-                log.info("dimse_store_refused reason=too_large bytes=%d", len(data))
+            # measured as received first: encoding copies the dataset (the join with the file meta), so
+            # refusing one of up to twice the limit (the transport's) held it twice, in every association
+            with request.DataSet.getbuffer() as received:
+                size = received.nbytes
+            data = b"" if size > self.config.max_instance_bytes else event.encoded_dataset(include_meta=True)
+            if size > self.config.max_instance_bytes or len(data) > self.config.max_instance_bytes:
+                log.info("dimse_store_refused reason=too_large bytes=%d", max(size, len(data)))
                 return OUT_OF_RESOURCES
-            status, study = check_instance(data, sop_class, sop_uid)
+            status, study, patient = check_instance(data, sop_class, sop_uid)
             if status != SUCCESS:
                 return status
-            self.spool.write(study, sop_uid, data)
+            self.spool.write(study, sop_uid, data, patient=patient)
         except StudyFull as exc:  # counts only: the study's UID stays out of the log
             log.warning(
                 "dimse_store_refused reason=study_full instances=%d limit=%d", exc.instances, exc.limit

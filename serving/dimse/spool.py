@@ -5,17 +5,18 @@ plain text, needed to address the study on the gateway), and per instance the ga
 analysed an empty ``<instance key>.<inode>-<mtime ns>.analysed`` marker. The marker names the
 copy it is for: an instance sent again replaces the ``.dcm`` (a new file) and is analysed again. A
 marker lost in a crash costs a second analysis of that image, never a result, so markers are
-not fsync'd. Keys are sha256 prefixes of the
-UIDs, so a hostile UID never becomes a path. A file is written to a temp name, fsync'd,
-renamed into place and the folder fsync'd: after Success, a crash or power cut loses
-nothing, and a restarted SCP finds every study still waiting (the settle clock is the
-newest file's mtime, so it survives the restart too). A study's first arrival is the mtime of its
+not fsync'd. Keys are sha256 prefixes of the UIDs (an instance's with its patient), so a hostile
+UID never becomes a path. A file is written to a temp name, fsync'd, renamed into place and the
+folder fsync'd: after Success, a crash or power cut loses nothing, and a restarted SCP finds
+every study still waiting (the settle clock is the newest file's mtime, so it survives the
+restart too). A study's first arrival is the mtime of its
 ``study_uid`` file (written once, with its first instance), so an instance sent again and again
 does not move it (the forwarder's maximum wait counts from it); when the forwarder hands a study
 over while later instances keep its folder, that mtime is set to the earliest of them: they are
 the study's next round. A write that fails leaves neither a temp file nor, for a study's first
 instance, the folder: a folder without an instance is never listed, so it would never be removed.
-At most ``max_study_instances`` instances wait per study (:class:`StudyFull` beyond).
+At most ``max_study_instances`` instances wait per study (:class:`StudyFull` beyond), and no
+write leaves the disk with less than ``min_free_bytes`` free (:class:`SpoolDiskLow`).
 
 One lock orders the SCP's writes against the forwarder's deletions, so an instance that
 arrives while its study is being handed over is never removed unsent.
@@ -24,9 +25,12 @@ arrives while its study is being handed over is never removed unsent.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import json
 import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +42,26 @@ log = logging.getLogger("cxr.dimse")
 
 
 def _key(uid: str) -> str:
-    return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:32]
+    # every character counts: with "replace", the non-ASCII SOP Instance UIDs "1.2.\u00e9" and "1.2.\u00fc"
+    # (the SCP spools invalid UIDs as read, STOW-RS takes them) had one key, and the second replaced the
+    # first, acknowledged. ASCII UIDs keep their keys
+    return hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _instance_key(sop_uid: str, patient: str) -> str:
+    """An instance's file name: its SOP Instance UID and its patient (see :meth:`InstanceSpool.write`)."""
+    return _key(sop_uid) if not patient else _key(json.dumps([sop_uid, patient]))
+
+
+#: free space the spool leaves on its disk: on the one-machine stack the stack's disk (``<stack>/dimse``),
+#: where the gateway's outbox keeps the results it answered for. A sender of many studies (or one the gateway
+#: cannot take, waiting for ever) filled it to the last byte, and results already acknowledged to the
+#: PACS could no longer be queued; the SCP answers 0xA700 first (``SpoolDiskLow``)
+DISK_RESERVE_BYTES = 256 * 1024 * 1024
+
+
+class SpoolDiskLow(OSError):
+    """The write would leave less than the spool's disk reserve free: refused (the SCP answers 0xA700)."""
 
 
 class StudyFull(Exception):
@@ -104,9 +127,12 @@ def _current_copy(instance: Path) -> str | None:
 
 
 class InstanceSpool:
-    def __init__(self, root: Path, max_study_instances: int = 500) -> None:
+    def __init__(
+        self, root: Path, max_study_instances: int = 500, min_free_bytes: int = DISK_RESERVE_BYTES
+    ) -> None:
         self.root = root
         self.max_study_instances = max_study_instances
+        self.min_free_bytes = min_free_bytes
         self.studies_dir = root / "studies"
         self.studies_dir.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
@@ -152,17 +178,25 @@ class InstanceSpool:
         if repaired or unreadable:  # folder names are hashes: nothing identifying in the line
             log.warning("dimse_spool_uid_repaired studies=%d unreadable=%d", repaired, unreadable)
 
-    def write(self, study_uid: str, sop_uid: str, data: bytes) -> Path:
+    def write(self, study_uid: str, sop_uid: str, data: bytes, *, patient: str = "") -> Path:
         """Store one instance durably (blocking). A second copy of the same instance replaces the first.
 
+        The same instance is the same SOP Instance UID of the same ``patient`` (the SCP passes the
+        instance's PatientID and IssuerOfPatientID): an instance of another patient that reuses the UID
+        (a colliding or broken sender) is kept beside it, not written over an acknowledged instance, and
+        the gateway, which refuses one patient's image in another's study, has the last word on both.
+
         Raises :class:`StudyFull` for a new instance of a study that has ``max_study_instances``
-        waiting, and ``OSError`` when the disk refuses the write: then nothing of this call is
-        left, and a study folder that held no instance before it is removed.
+        waiting, :class:`SpoolDiskLow` (before writing anything) when it would leave less than
+        ``min_free_bytes`` free, and ``OSError`` when the disk refuses the write: then nothing of
+        this call is left, and a study folder that held no instance before it is removed.
         """
         with self.lock:
+            if shutil.disk_usage(self.studies_dir).free - len(data) < self.min_free_bytes:
+                raise SpoolDiskLow(errno.ENOSPC, f"the spool leaves {self.min_free_bytes} bytes free")
             folder = self.studies_dir / _key(study_uid)
             folder.mkdir(parents=True, exist_ok=True)
-            target = folder / f"{_key(sop_uid)}.dcm"
+            target = folder / f"{_instance_key(sop_uid, patient)}.dcm"
             held = _instance_names(folder)
             if target.name not in held and len(held) >= self.max_study_instances:
                 raise StudyFull(len(held), self.max_study_instances)
@@ -318,6 +352,9 @@ class InstanceSpool:
             else:  # arrived after the listing: the study's next round, which begins with the first of them
                 with contextlib.suppress(FileNotFoundError):
                     os.utime(study.folder / "study_uid", ns=(min(kept), min(kept)))
+                # the round's own retry (forget_analysed): the flag of this one had dropped the next
+                # round, unsent, at the gateway's first study_not_analysed or study_results_missing
+                (study.folder / "analysed-again").unlink(missing_ok=True)
 
     def depth(self) -> tuple[int, int]:
         """(studies, instances) waiting."""

@@ -214,3 +214,17 @@ def test_many_instances_in_one_association_are_each_measured_on_their_own(scp: S
         assoc.release()
     assert statuses == [0x0000] * 4
     assert scp.spool.depth()[1] == before[1] + 4
+
+
+def test_two_patients_under_one_sop_instance_uid_are_both_kept_over_the_wire(scp: StorageScp) -> None:
+    """A colliding sender stores another patient's image under an acknowledged image's study and SOP
+    Instance UIDs: the acknowledged one stays in the spool (it was written over, never analysed)."""
+    study, sop = generate_uid(), generate_uid()
+    for patient in ("A-1", "B-2"):
+        ds = pydicom.dcmread(io.BytesIO(make_dicom(64, 64, study_uid=study, patient_id=patient)))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+        assert _store(scp, ds, calling="PACS" if patient == "A-1" else "MODALITY") == 0x0000
+    [spooled] = [s for s in scp.spool.studies() if s.study_uid == study]
+    patients = sorted(str(pydicom.dcmread(f, stop_before_pixels=True).PatientID) for f in spooled.files)
+    assert patients == ["A-1", "B-2"]
+    scp.spool.remove(spooled)

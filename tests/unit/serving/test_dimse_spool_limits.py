@@ -143,7 +143,11 @@ def test_the_dimse_service_takes_the_new_limits_from_the_settings(tmp_path: Path
 def _event(data: bytes) -> Any:
     """What pynetdicom hands the C-STORE handler, for one received instance."""
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    request = SimpleNamespace(AffectedSOPClassUID=ds.SOPClassUID, AffectedSOPInstanceUID=ds.SOPInstanceUID)
+    request = SimpleNamespace(
+        AffectedSOPClassUID=ds.SOPClassUID,
+        AffectedSOPInstanceUID=ds.SOPInstanceUID,
+        DataSet=io.BytesIO(data[132:]),  # pynetdicom's: the dataset as received (here with its file meta)
+    )
     return SimpleNamespace(
         request=request,
         encoded_dataset=lambda include_meta: data,
