@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import time
@@ -56,8 +57,18 @@ class DetectionReply:
 
 
 def _patient_key(upload: DecodedUpload) -> str:
-    """The worklist's patient key of an image: its salted PatientID hash, "" when it carries none."""
-    return upload.image.patient_hash or ""
+    """The worklist's patient key of an image: its salted PatientID hash, "" when it carries none.
+
+    With an IssuerOfPatientID, the key covers it too: two hospitals' patient 1234 are two patients,
+    and a study UID reused across them must not merge their images into one row and one SR (the
+    storage SCP keeps them apart the same way). Without one, the key is the PatientID hash alone.
+    """
+    key = upload.image.patient_hash or ""
+    ds = upload.image.dataset
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip() if ds is not None else ""
+    if key and issuer:
+        key = hashlib.sha256(f"{key}\x00{issuer}".encode()).hexdigest()[:16]
+    return key
 
 
 def new_request_id() -> str:

@@ -187,6 +187,34 @@ def test_an_image_of_another_patient_under_a_known_study_uid_is_refused_not_merg
     assert entry["result_ids"] == [alice["request_id"], again["request_id"]]
 
 
+def test_one_patient_id_of_two_issuers_under_one_study_uid_is_two_patients(
+    gateway: tuple[TestClient, dict[str, str]],
+) -> None:
+    """PatientID 1234 of hospital A and of hospital B are two patients: before, the key was the
+    PatientID alone, and B's image under A's reused study UID joined A's row and SR."""
+    import io
+
+    import pydicom
+
+    def issued(seed: int, study: str, issuer: str) -> bytes:
+        ds = pydicom.dcmread(io.BytesIO(make_dicom(seed=seed, study_uid=study, patient_id="1234")))
+        if issuer:
+            ds.IssuerOfPatientID = issuer
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    client, keys = gateway
+    study = generate_uid()
+    first = _detect(client, keys["a-pacs"], issued(13, study, "HOSPITAL-A"))
+    headers = {"X-API-Key": keys["a-pacs"], "Content-Type": "application/dicom"}
+    r = client.post("/v1/detect", content=issued(14, study, "HOSPITAL-B"), headers=headers)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "study_patient_mismatch", r.text
+    again = _detect(client, keys["a-pacs"], issued(15, study, "HOSPITAL-A"))  # the same patient merges
+    [entry] = [s for s in _worklist(client, keys["a-rad"]).json()["studies"] if s["study_uid"] == study]
+    assert entry["result_ids"] == [first["request_id"], again["request_id"]]
+
+
 def test_two_patients_under_one_new_study_uid_in_one_request_are_refused(
     gateway: tuple[TestClient, dict[str, str]],
 ) -> None:
