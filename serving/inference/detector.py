@@ -41,7 +41,7 @@ from serving.inference.routing import Router
 from serving.limits import InflightGate
 from serving.metrics import GatewayMetrics
 from serving.results import ResultRecord, ResultStore, build_response
-from serving.triage.worklist import StudyTriage, WorklistStore
+from serving.triage.worklist import StudyTriage, WorklistStore, same_patient
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,17 @@ class DetectionReply:
 def _patient_key(upload: DecodedUpload) -> str:
     """The worklist's patient key of an image: its salted PatientID hash, "" when it carries none.
 
-    With an IssuerOfPatientID, the key covers it too: two hospitals' patient 1234 are two patients,
-    and a study UID reused across them must not merge their images into one row and one SR (the
-    storage SCP keeps them apart the same way). Without one, the key is the PatientID hash alone.
+    With an IssuerOfPatientID, the key covers it too (``<PatientID hash>/<hash with the issuer>``):
+    two hospitals' patient 1234 are two patients, and a study UID reused across them must not merge
+    their images into one row and one SR (the storage SCP keeps them apart the same way). Without
+    one, the key is the PatientID hash alone (:func:`serving.triage.worklist.same_patient`).
     """
     key = upload.image.patient_hash or ""
     ds = upload.image.dataset
     issuer = str(ds.get("IssuerOfPatientID", "") or "").strip() if ds is not None else ""
     if key and issuer:
-        key = hashlib.sha256(f"{key}\x00{issuer}".encode()).hexdigest()[:16]
+        with_issuer = hashlib.sha256(f"{key}\x00{issuer}".encode()).hexdigest()[:16]
+        key = f"{key}/{with_issuer}"
     return key
 
 
@@ -334,7 +336,7 @@ class DetectionService:
                     stored = await self.cpu.run(self.worklist.patient_key, tenant, study_uid)
                 except WorklistUnavailable as exc:
                     log.warning("worklist_read_failed error_type=%s", type(exc).__name__)
-            if len(found) > 1 or (stored is not None and stored not in found):
+            if len(found) > 1 or (stored is not None and not same_patient(stored, next(iter(found)))):
                 log.warning("study_patient_mismatch_refused images=%d after=decode", len(uploads))
                 raise StudyPatientMismatch()
 

@@ -87,6 +87,17 @@ class StudyTriage:
         }
 
 
+def same_patient(stored: str, key: str) -> bool:
+    """Whether an image's patient key (serving/inference/detector.py) is the row's patient.
+
+    A key with an IssuerOfPatientID is ``<PatientID hash>/<hash with the issuer>``. A row written
+    before the issuer counted holds the PatientID hash alone: it still takes its patient's images
+    (and keeps its key), so a study in flight at the upgrade is not refused for the rest of its
+    window; any other difference is another patient.
+    """
+    return stored == key or (bool(stored) and "/" not in stored and key.startswith(f"{stored}/"))
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value is not None else None
 
@@ -177,7 +188,11 @@ class WorklistStore:
             found = execute(_SELECT, (tenant, study_uid))
             old = found[0] if found else None
             stored_key = old["patient_key"] if old is not None else None
-            if patient_key is not None and stored_key is not None and stored_key != patient_key:
+            if (
+                patient_key is not None
+                and stored_key is not None
+                and not same_patient(stored_key, patient_key)
+            ):
                 raise StudyPatientMismatch()
             key = stored_key if stored_key is not None else patient_key
             entries = _entries(old)

@@ -110,6 +110,25 @@ def test_an_image_of_another_patient_is_refused_and_leaves_the_row_as_it_was(sto
     assert store.patient_key("b", "1.2.3") is None  # another tenant's worklist knows no such study
 
 
+def test_a_patient_key_with_an_issuer_is_its_own_patient_but_a_row_from_before_issuers_takes_it(
+    store: WorklistStore,
+) -> None:
+    """Keys with an IssuerOfPatientID are ``<PatientID hash>/<with issuer>``: another issuer is another
+    patient; a row written before the issuer counted (the PatientID hash alone) takes its patient's
+    next images instead of refusing them for the rest of the study's window."""
+    from serving.errors import StudyPatientMismatch
+    from serving.triage.worklist import same_patient
+
+    store.record("a", "1.2.3", ["r1"], [0.2], "7", "production", 0.5, patient_key="h/issuer-a", now=_at(0))
+    for other in ("h/issuer-b", "h", "g/issuer-a"):
+        with pytest.raises(StudyPatientMismatch):
+            store.record("a", "1.2.3", ["r2"], [0.9], "7", "production", 0.5, patient_key=other, now=_at(1))
+    store.record("a", "1.2.4", ["r3"], [0.2], "7", "production", 0.5, patient_key="h", now=_at(0))
+    store.record("a", "1.2.4", ["r4"], [0.2], "7", "production", 0.5, patient_key="h/issuer-a", now=_at(1))
+    assert store.patient_key("a", "1.2.4") == "h"  # the row keeps its key
+    assert not same_patient("", "/x") and not same_patient("h", "hh/x") and same_patient("", "")
+
+
 def test_a_purge_before_any_study_creates_no_file(tmp_path: Path) -> None:
     assert WorklistStore(tmp_path / "w.sqlite").purge(_at(0)) == 0
     assert not (tmp_path / "w.sqlite").exists()
