@@ -44,9 +44,10 @@ must not travel with them. The profile is applied as written, with no option:
   raises :class:`PixelsMayIdentify` (422) unless the operator allows such images
   (``CXR_FEEDBACK_ALLOW_BURNED_IN``); one kept that way says PatientIdentityRemoved
   NO, since its pixels were not de-identified.
-- Elements whose VR is UN (their content cannot be inspected) and the file
-  meta beyond the transfer syntax and SOP class/instance are not carried over;
-  the 128-byte preamble is zeroed.
+- Elements whose VR is UN (their content cannot be inspected), standard sequences
+  sent under another VR than SQ (their items are opaque bytes, see :func:`_hides_items`)
+  and the file meta beyond the transfer syntax and SOP class/instance are not
+  carried over; the 128-byte preamble is zeroed.
 
 Any failure raises :class:`DeidentificationFailed` (a 422 whose message names
 no element value), never a 500. PNG/JPEG uploads are re-encoded from pixels,
@@ -230,6 +231,20 @@ def _vr_of(elem: DataElement | RawDataElement, tag: int) -> str:
     return vr.split(" or ")[0]
 
 
+def _hides_items(tag: int, vr: str) -> bool:
+    """A standard sequence encoded under another VR than SQ (UN aside, which :func:`_vr_of` reads as SQ).
+
+    Its items are then bytes pydicom does not parse, so the walk cannot reach the attributes
+    inside them (a PatientID, a name): like UN content, it cannot be inspected and is not kept.
+    """
+    if vr == "SQ":
+        return False
+    try:
+        return str(dictionary_VR(tag)) == "SQ"
+    except KeyError:
+        return False
+
+
 def _dummy(vr: str) -> Any:
     if vr == "SQ":
         return Sequence([Dataset()])
@@ -321,7 +336,7 @@ class _Deidentifier:
                 ds[tag] = DataElement(tag, vr, [self.uid(u) for u in _uids(elem)])
             else:
                 ds[tag] = DataElement(tag, vr, _dummy(vr))
-        elif vr == "UN":
+        elif vr == "UN" or _hides_items(int(tag), vr):
             del ds[tag]  # content that cannot be inspected (and U of an unknown VR)
         elif action == "U" and vr == "UI":
             ds[tag] = DataElement(tag, vr, [self.uid(u) for u in _uids(elem)])

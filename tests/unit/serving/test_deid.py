@@ -22,6 +22,8 @@ from fastapi.testclient import TestClient
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
 from core.install_secret import resolve_install_secret
@@ -308,6 +310,41 @@ def _dicom_with(seed: int = 9, **attributes: object) -> bytes:
             else:
                 setattr(ds, keyword, value)
         return _bytes_of(ds)
+
+
+def _item_bytes(item: Dataset) -> bytes:
+    """One sequence item (explicit VR little endian, defined length), as a sequence's value holds it."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, item)
+    return b"\xfe\xff\x00\xe0" + len(fp.getvalue()).to_bytes(4, "little") + fp.getvalue()
+
+
+@pytest.mark.parametrize("vr", ["OB", "UT", "UN"])
+def test_a_standard_sequence_sent_under_another_vr_does_not_carry_its_items_out(vr: str) -> None:
+    """Annex E protects a listed attribute also inside an item: a sequence's items hide behind a wrong VR.
+
+    Source Patient Group Identification Sequence is not in the table, so its items are walked
+    (K: cleaned); sent as UN it is read as the sequence it is, sent as OB or UT its items are
+    bytes pydicom does not parse, and the other patient's PatientID and name inside must not
+    leave with them.
+    """
+    other = Dataset()
+    other.PatientID, other.PatientName = "GROUPMRN-77", "Roe^GROUPXQ"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(io.BytesIO(make_dicom(seed=13)))
+        ds.add(DataElement(0x00100026, "OB", _item_bytes(other)))
+        source = _bytes_of(ds).replace(b"\x10\x00\x26\x00OB", b"\x10\x00\x26\x00" + vr.encode())
+    assert b"GROUPMRN-77" in source and b"\x10\x00\x26\x00" + vr.encode() in source
+    out = deidentify_dicom(source, "install-one")[0]
+    assert b"GROUPMRN-77" not in out and b"GROUPXQ" not in out
+    group = _read(out).get(0x00100026)  # the element (a keyword would give its value)
+    if vr == "UN":  # read as the sequence it is: walked, the other patient pseudonymised
+        assert group.VR == "SQ"
+        assert group.value[0].PatientID == patient_pseudonym("GROUPMRN-77", "install-one")
+    else:
+        assert group is None
 
 
 @pytest.mark.parametrize("empty", ["", "   "])
