@@ -16,8 +16,9 @@ must not travel with them. The profile is applied as written, with no option:
   HMAC-SHA256(secret, uid), so one UID maps to one new UID within an install
   (two images of a study stay one study) and to another in the next install.
   Combined codes take the strictest: X/Z, X/D, X/Z/D -> X; Z/D -> Z; X/Z/U*
-  (Referenced/Source Image Sequence) -> U, the sequence kept with its UIDs
-  replaced. C (clean) would count as X: no cleaning is implemented. K is not
+  (Referenced/Source Image Sequence) -> X: the profile keeps such a sequence (Z, or
+  U of its UIDs) only where the IOD requires it, which it is not in the images
+  feedback keeps (a training image needs no reference to its siblings). C (clean) would count as X: no cleaning is implemented. K is not
   in the table (nothing is kept on purpose beyond what it leaves out).
 - **PatientID and PatientName** become one pseudonym: the data pipeline's
   patient key of the PatientID made with the install's secret
@@ -100,7 +101,7 @@ RESOLVED_ACTIONS: dict[str, Action] = {
     "X_Z_TAGS": "X",
     "X_D_TAGS": "X",
     "X_Z_D_TAGS": "X",
-    "X_Z_U_STAR_TAGS": "U",
+    "X_Z_U_STAR_TAGS": "X",
 }
 BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
 # the pipeline recognises this service's pseudonyms by it (data_pipeline.dicom_io.patient_key)
