@@ -24,19 +24,19 @@ upload: there is no second code path.
    or is as old, each time over every image of the study the gateway analysed.
 
 The spool keeps a study until the gateway has queued its results for the PACS. The gateway down,
-overloaded or refusing our key: the study stays and is retried with backoff (an operator
-sees it in ``make status``). Instances the gateway answered for (200, 202, or 409 when none
-could be analysed) are not sent again; refused ones are named by count in the log, never by
-UID. A 413 for a request of one instance is the gateway's last word on that instance (it is over
-``CXR_MAX_BODY_BYTES`` with the multipart framing: the SCP refuses such instances, but one may
-have been spooled under a larger limit): it counts as failed, never retried. A send-back
-answered ``study_not_analysed`` (404: the gateway knows no analysed image of the study) or
-``study_results_missing`` (409: it no longer holds their results) sends the
-images once more, in case the gateway lost them; the same answer again means none of them can
-be analysed, and the study leaves the spool. Any other refusal (a proxy's 404, an older
-gateway without the route) is retried with backoff: an acknowledged image is never dropped on
-a guess. The SCP must reach one gateway, or gateways sharing their worklist and results: the
-send-back is built from what the gateway that answers it has analysed.
+overloaded or refusing our key: the study stays and is retried with backoff (an operator sees it
+in ``make status``). Instances the gateway answered for (200, 202, or 409 when none could be
+analysed, with its Store Instances Response: a proxy's 409 is retried) are not sent again;
+refused ones are named by count in the log, never by UID. A 413 for a request of one instance is
+the gateway's last word on that instance (it is over ``CXR_MAX_BODY_BYTES`` with the multipart
+framing: the SCP refuses such instances, but one may have been spooled under a larger limit): it
+counts as failed, never retried. A send-back answered ``study_not_analysed`` (404: the gateway
+knows no analysed image of the study) or ``study_results_missing`` (409: it no longer holds
+their results) sends the images once more, in case the gateway lost them; the same answer again
+means none of them can be analysed, and the study leaves the spool. Any other refusal (a proxy's
+404, an older gateway without the route) is retried with backoff: an acknowledged image is never
+dropped on a guess. The SCP must reach one gateway, or gateways sharing their worklist and
+results: the send-back is built from what the gateway that answers it has analysed.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -82,6 +83,22 @@ def largest_instance(max_body_bytes: int) -> int:
     gateway would refuse every request carrying them (413).
     """
     return max_body_bytes - len(related_body([b""])[0])
+
+
+def _stow_answer(response: httpx.Response) -> dict[str, Any] | None:
+    """The gateway's Store Instances Response (DICOM JSON), or None when the body is not one.
+
+    A 409 counts as the gateway's answer only with its FailedSOPSequence: a proxy's or a load
+    balancer's 409 (an error page, or JSON of its own) would otherwise mark the images analysed
+    unanalysed, and the study would leave the spool with them.
+    """
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or (response.status_code == 409 and "00081198" not in body):
+        return None
+    return body
 
 
 def _error_code(response: httpx.Response) -> str:
@@ -160,7 +177,10 @@ class Forwarder:
             if response.status_code not in (200, 202, 409):
                 log.warning("dimse_forward_retry reason=gateway_status status=%d", response.status_code)
                 return False
-            body = response.json()
+            body = _stow_answer(response)
+            if body is None:  # a proxy's 409 or error page: not the gateway's word on these images
+                log.warning("dimse_forward_retry reason=not_a_stow_answer status=%d", response.status_code)
+                return False
             stored += len(body.get("00081199", {}).get("Value", []))  # ReferencedSOPSequence
             failed += len(body.get("00081198", {}).get("Value", []))  # FailedSOPSequence
             self.spool.mark_analysed(study, files)

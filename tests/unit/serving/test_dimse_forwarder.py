@@ -212,3 +212,28 @@ def test_a_404_that_is_not_the_gateways_answer_is_retried_never_taken_as_done(fo
             assert not forwarder.forward(proxy, study)
     [kept] = spool.studies()
     assert len(kept.files) == 2 and kept.pending == ()  # nothing dropped, nothing to analyse again
+
+
+def test_a_409_that_is_not_the_gateways_stow_answer_is_retried_never_taken_as_analysed(
+    forwarder: Forwarder,
+) -> None:
+    """The gateway's 409 carries the FailedSOPSequence; a proxy's or load balancer's does not.
+    Before, any 409 marked the images analysed: unanalysed, and dropped with the study later."""
+    import httpx
+
+    spool = forwarder.spool
+    _spool_study(spool, 2, seed=71)
+    [study] = spool.studies()
+    answers = iter(
+        [
+            httpx.Response(409, text="<html>Conflict</html>"),
+            httpx.Response(409, json={"error": {"code": "conflict", "message": "upstream"}}),
+        ]
+    )
+    with httpx.Client(
+        transport=httpx.MockTransport(lambda request: next(answers)), base_url="http://gw"
+    ) as proxy:
+        for _ in range(2):
+            assert not forwarder.analyse(proxy, study)
+    [kept] = spool.studies()
+    assert len(kept.pending) == 2  # still to be analysed
