@@ -48,6 +48,10 @@ EDGE_TOLERANCE_PX = 2.0
 #: a reader id: no control character, at most 128, and a first character no spreadsheet takes for a
 #: formula (= + - @); the gateway writes its API key's id here, which may hold "@", "." or spaces
 RAD_ID_PATTERN = r"[A-Za-z0-9_][^\x00-\x1f\x7f]{0,127}"
+#: An image id (a file stem): no control character, and a first character no spreadsheet takes for a
+#: formula. It goes as it is into the version's annotations_readers.csv and annotations_fused.csv, and a
+#: file of that stem in the DICOM folder is all it takes to get there.
+IMAGE_ID_PATTERN = r"[^=+\-@\x00-\x1f\x7f][^\x00-\x1f\x7f]*"
 #: Longest cell value (and quoted value inside a reason) a quarantine row keeps: it ships in the version.
 MAX_CELL_CHARS = 200
 MAX_REASON_VALUE_CHARS = 40
@@ -82,6 +86,10 @@ def _no_finding_has_no_box(df: pd.DataFrame) -> pd.Series:
     return (df["class_id"] != NO_FINDING_ID) | df[COORDS].isna().all(axis=1)
 
 
+def _image_id_ok(df: pd.DataFrame) -> pd.Series:
+    return df["image_id"].str.fullmatch(IMAGE_ID_PATTERN).fillna(False).astype(bool)
+
+
 def _rad_id_ok(df: pd.DataFrame) -> pd.Series:
     return df["rad_id"].str.fullmatch(RAD_ID_PATTERN).fillna(False).astype(bool)
 
@@ -99,6 +107,11 @@ SCHEMA = pa.DataFrameSchema(
         pa.Check(_coords_ok, name="box_present_and_ordered", error="finding needs x_min<x_max, y_min<y_max"),
         pa.Check(
             _no_finding_has_no_box, name="no_finding_without_box", error="'No finding' must have no box"
+        ),
+        pa.Check(
+            _image_id_ok,
+            name="image_id_format",
+            error="image_id must not start with = + - @ (a spreadsheet formula) nor hold control characters",
         ),
         pa.Check(
             _rad_id_ok,

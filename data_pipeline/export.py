@@ -181,13 +181,33 @@ def write_data_yaml(dataset_dir: Path) -> Path:
     return path
 
 
-def find_images(directory: Path) -> dict[str, Path]:
-    """image_id (file stem) -> path for every radiograph file in ``directory`` (recursively)."""
-    found: dict[str, Path] = {}
+def image_files(directory: Path) -> dict[str, list[Path]]:
+    """image_id (file stem) -> every radiograph file in ``directory`` (recursively) of that stem, sorted."""
+    found: dict[str, list[Path]] = {}
     for path in sorted(Path(directory).rglob("*")):
         if path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or path.suffix == ""):
-            found.setdefault(path.stem, path)
+            found.setdefault(path.stem, []).append(path)
     return found
+
+
+def find_images(directory: Path) -> dict[str, Path]:
+    """image_id (file stem) -> path for every radiograph file in ``directory`` (recursively) whose stem
+    names that one file.
+
+    An id that names two files (two sites' exports merged, ``x.dcm`` beside ``x.dicom``) is left out
+    (:func:`ambiguity`): the first file in sorted order took the CSV's rows, perhaps another patient's
+    image, and the other was never read, with nothing in any report.
+    """
+    return {image_id: paths[0] for image_id, paths in image_files(directory).items() if len(paths) == 1}
+
+
+def ambiguity(directory: Path, paths: list[Path]) -> str:
+    """Why an image id naming several files under ``directory`` labels none of them."""
+    names = ", ".join(p.relative_to(directory).as_posix() for p in paths[:3])
+    more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+    return (
+        f"image id names {len(paths)} files ({names}{more}): rename all but one, so each id names one image"
+    )
 
 
 def read_sizes(directory: Path, image_ids: list[str] | None = None) -> dict[str, tuple[int, int]]:

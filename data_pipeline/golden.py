@@ -134,19 +134,25 @@ def commit_pin(gitops_dir: Path, pin: GoldenPin) -> str | None:
 
 
 class HeldOut(frozenset[str]):
-    """The golden set's split group keys, and the perceptual hashes of its images.
+    """The golden set's split group keys, and the perceptual hashes and study keys of its images.
 
     A frozenset of the keys, so every caller that held out patients still does; ``phashes`` lets
     ingest also hold out a copy of a golden image filed under another patient (re-exported or
     re-anonymised: the same pixels, another PatientID), which the keys alone let into training.
     A golden version built before its manifest kept the hashes has none (patients only).
+    ``studies``: salted StudyInstanceUIDs (ingest's ``_study_key``), so another view of a golden
+    study whose PatientID was blanked or changed is held out too.
     """
 
     phashes: tuple[str, ...]
+    studies: frozenset[str]
 
-    def __new__(cls, keys: Iterable[str] = (), phashes: Iterable[str] = ()) -> HeldOut:
+    def __new__(
+        cls, keys: Iterable[str] = (), phashes: Iterable[str] = (), studies: Iterable[str] = ()
+    ) -> HeldOut:
         held = super().__new__(cls, keys)
         held.phashes = tuple(phashes)
+        held.studies = frozenset(studies)
         return held
 
 
@@ -165,6 +171,7 @@ def golden_patients(dataset_dir: Path) -> HeldOut:
     held = HeldOut(
         (group_key(str(name), meta.get("patient") or None) for name, meta in images),
         (str(meta["phash"]) for _, meta in images if meta.get("phash")),
+        (str(meta["study"]) for _, meta in images if meta.get("study")),
     )
     if len(held.phashes) < len(images):
         log.warning(

@@ -35,14 +35,15 @@ from data_pipeline.annotations import (
 )
 from data_pipeline.classes import CLASS_NAMES, NO_FINDING_ID
 from data_pipeline.config import DataSettings
-from data_pipeline.dicom_io import max_file_bytes
+from data_pipeline.dicom_io import hash_patient_id, max_file_bytes
 from data_pipeline.drift import build_reference
 from data_pipeline.errors import AnnotationError, EmptyDatasetError
 from data_pipeline.executors import run_images
 from data_pipeline.export import (
     ImageJob,
     ImageResult,
-    find_images,
+    ambiguity,
+    image_files,
     write_data_yaml,
     yolo_label_text,
 )
@@ -59,7 +60,7 @@ from data_pipeline.report import (
     readers_frame,
     split_counts,
 )
-from data_pipeline.split import SPLITS, SplitConfig, group_key, merge_groups, split_groups
+from data_pipeline.split import SPLITS, SplitConfig, group_key, linked_by, merge_groups, split_groups
 from data_pipeline.store import ObjectStore
 from data_pipeline.versioning import (
     MANIFEST,
@@ -134,29 +135,36 @@ def build_dataset(
     ensure_output_folder(out_dir)
     # [1] the new studies: annotation rows and the images they may refer to
     table = load_annotations(annotations_csv)
-    images = find_images(dicom_dir)
+    files = image_files(dicom_dir)
+    images = {i: paths[0] for i, paths in files.items() if len(paths) == 1}
+    # an id naming two files labels neither (export.find_images): a decode failure naming the files
+    ambiguous = {i: ambiguity(dicom_dir, paths) for i, paths in files.items() if len(paths) > 1}
     batch: FeedbackBatch | None = None
 
     with scratch_dir(out_dir, ".staging-") as staging:
         # [2] radiologists' feedback (rows and images), item by item, when there is a store to read it from
         if store is not None and feedback:
-            batch = _collect_feedback(store, staging, images, settings)
+            batch = _collect_feedback(store, staging, images, settings, frozenset(files))
         # [3] decode the annotated images (box checks need their sizes), then check and fuse the boxes
         annotated = set(table.image_ids()) | set(batch.table.image_ids() if batch else [])
         all_dir = staging / "_all"
         decoded = _decode_annotated(sorted(annotated & set(images)), images, all_dir, settings, console)
+        decoded.results.extend(
+            ImageResult(i, error=why) for i, why in sorted(ambiguous.items()) if i in annotated
+        )
         table, fused = _check_and_fuse(table, batch.table if batch else None, decoded.sizes, settings)
         # [4] the quality checks decide which images enter the dataset
-        unannotated = sorted(set(images) - annotated)
+        unannotated = sorted(set(images) - annotated - set(ambiguous))
         report = _quality(settings, decoded.results, decoded.ok, fused, decoded.sizes, table, unannotated)
         keep, fused = _usable_images(decoded, report, fused, dicom_dir)
         excluded = exclude_patients() if callable(exclude_patients) else exclude_patients
+        studies = {i: _study_key(decoded.ok[i], settings.resolved_patient_salt()) for i in keep}
         keep, fused, held_out = _without_patients(
-            keep, fused, decoded.ok, excluded, dicom_dir, settings.quality.duplicate_max_distance
+            keep, fused, decoded.ok, excluded, dicom_dir, settings.quality.duplicate_max_distance, studies
         )
         # [5] split by patient, move images + labels into their split, derive the content version
         split = {i: "test" for i in keep} if golden else _split(keep, fused, decoded.ok, report, settings)
-        entries, image_meta = _write_split(staging, all_dir, keep, split, fused, decoded.ok)
+        entries, image_meta = _write_split(staging, all_dir, keep, split, fused, decoded.ok, studies)
         shutil.rmtree(all_dir)
         version = compute_version(entries, settings.version_config())
         # [6] the files that ship with every version, its report, the manifest (which lists them) last
@@ -193,12 +201,17 @@ class _Decoded:
 
 
 def _collect_feedback(
-    store: ObjectStore, staging: Path, images: dict[str, Path], settings: DataSettings
+    store: ObjectStore,
+    staging: Path,
+    images: dict[str, Path],
+    settings: DataSettings,
+    reserved: frozenset[str],
 ) -> FeedbackBatch | None:
     """Radiologists' corrections enter like new studies: their images join ``images``, their rows
-    (checked item by item, never naming an image of the DICOM folder) are merged after the checks."""
+    (checked item by item, never naming an id of the DICOM folder, ``reserved``) are merged after the
+    checks."""
     limits = settings.dicom_limits()
-    batch = collect_feedback(store, staging, reserved=frozenset(images), limits=limits)
+    batch = collect_feedback(store, staging, reserved=reserved, limits=limits)
     if batch is not None:
         for image_id, path in batch.images.items():
             images.setdefault(image_id, path)
@@ -276,6 +289,7 @@ def _without_patients(
     patients: frozenset[str],
     dicom_dir: Path,
     max_distance: int = 0,
+    studies: dict[str, str] | None = None,
 ) -> tuple[list[str], pd.DataFrame, int]:
     """Drop the images of held-out (golden) patients and copies of golden images; returns what is
     left and how many went.
@@ -284,14 +298,18 @@ def _without_patients(
     a PatientID is matched by its own key, or a golden image without one was trained on. When it is
     a :class:`~data_pipeline.golden.HeldOut` with perceptual hashes, an image within
     ``max_distance`` bits of a golden image (``CXR_QUALITY__DUPLICATE_MAX_DISTANCE``, as the split's
-    near duplicates) goes too, whatever patient it is filed under.
+    near duplicates) goes too, whatever patient it is filed under. With its study keys (``studies``:
+    image id -> :func:`_study_key`), an image of a golden study goes too: another view of it whose
+    PatientID was blanked or changed on export is the same patient, and had no key to be caught by.
     """
     phashes = getattr(patients, "phashes", ())
+    golden_studies = frozenset(getattr(patients, "studies", ()))
     if not patients and not phashes:
         return keep, fused, 0
     copies = near_any(
         {i: stats.phash for i in keep if (stats := ok[i].stats) is not None}, phashes, max_distance
     )
+    copies.update(i for i, key in (studies or {}).items() if key and key in golden_studies)
     left = [i for i in keep if group_key(i, ok[i].patient_hash) not in patients and i not in copies]
     if not left:
         raise EmptyDatasetError(
@@ -308,9 +326,12 @@ def _split(
     report: QualityReport,
     settings: DataSettings,
 ) -> dict[str, str]:
-    """Image id -> split, by patient and near-duplicate group, so no patient is in two splits."""
+    """Image id -> split, by patient, study and near-duplicate group, so no patient is in two splits."""
     labels = _labels_by_image(fused)
-    groups = merge_groups({i: group_key(i, ok[i].patient_hash) for i in keep}, report.duplicate_groups)
+    studies = linked_by({i: ok[i].study_uid for i in keep})
+    groups = merge_groups(
+        {i: group_key(i, ok[i].patient_hash) for i in keep}, report.duplicate_groups + studies
+    )
     return split_groups(
         groups, labels, SplitConfig(settings.val_fraction, settings.test_fraction, settings.split_seed)
     )
@@ -474,6 +495,7 @@ def _write_split(
     split: dict[str, str],
     fused: pd.DataFrame,
     ok: dict[str, ImageResult],
+    studies: dict[str, str],
 ) -> tuple[list[tuple[str, ...]], dict[str, dict[str, Any]]]:
     for name in SPLITS:
         (staging / "images" / name).mkdir(parents=True, exist_ok=True)
@@ -504,6 +526,8 @@ def _write_split(
             "sha256": result.png_sha256,
             "label_sha256": label_sha,
             "patient": result.patient_hash,
+            # the salted StudyInstanceUID: the golden hold-out catches other views of a golden study by it
+            "study": studies[image_id],
             # the golden hold-out's near-duplicate check (data_pipeline/golden.py HeldOut): not in the
             # version's identity, a function of the pixels already counted
             "phash": result.stats.phash if result.stats is not None else "",
@@ -523,8 +547,14 @@ def _identity_sha(image_id: str, meta: dict[str, Any]) -> str:
     the version, so a rebuild after PatientID or PatientSex corrections in the headers (a golden set:
     all test, whatever the patients) kept the old manifest, and the golden hold-out read stale patients.
     """
-    keys = ("patient", "subgroups", "width", "height")
+    keys = ("patient", "study", "subgroups", "width", "height")
     return sha256_text(json.dumps({"image_id": image_id, **{k: meta[k] for k in keys}}, sort_keys=True))
+
+
+def _study_key(result: ImageResult, salt: str) -> str:
+    """The salted StudyInstanceUID of an image, as a patient key is salted ("" without one): the
+    manifest keeps it for the golden hold-out, never the UID itself."""
+    return hash_patient_id(result.study_uid, salt) or ""
 
 
 def _reference(

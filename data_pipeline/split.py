@@ -2,7 +2,7 @@
 
 Two radiographs of one patient in train and test inflate every metric, so the
 unit of splitting is the group: the salted PatientID hash, else the image id,
-with near-duplicate images merged into one group. Groups are stratified on
+with near-duplicate images and images of one study merged into one group. Groups are stratified on
 class presence with iterative stratification (``iterstrat``'s
 ``MultilabelStratifiedShuffleSplit``) so rare findings land in every split;
 the seed makes it deterministic.
@@ -44,18 +44,40 @@ def group_key(image_id: str, patient_hash: str | None) -> str:
 
 
 def merge_groups(groups: Mapping[str, str], linked: Sequence[Sequence[str]]) -> dict[str, str]:
-    """Put images that must stay together (near duplicates) into one group (the smallest group id)."""
-    result = dict(groups)
+    """Put images that must stay together (near duplicates, one study) into one group (the smallest
+    group id of those linked, transitively).
+
+    A union-find over group ids: linking every multi-image study rescanned every image once per link
+    (15k images in 5k two-view studies: 75M steps).
+    """
+    parent = {g: g for g in groups.values()}
+
+    def find(g: str) -> str:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
     for images in linked:
-        present = [i for i in images if i in result]
-        if len(present) < 2:
-            continue
-        old = {result[i] for i in present}
-        target = min(old)
-        for image_id, group in result.items():
-            if group in old:
-                result[image_id] = target
-    return result
+        present = [groups[i] for i in images if i in groups]
+        for other in present[1:]:
+            a, b = find(present[0]), find(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {image_id: find(group) for image_id, group in groups.items()}
+
+
+def linked_by(values: Mapping[str, str | None]) -> list[list[str]]:
+    """Image ids that share a value (a StudyInstanceUID), one list per value held by two or more.
+
+    A study is one patient's visit: its views are one patient whatever their PatientID says (blanked on
+    one view by an export, mistyped or re-keyed on another), so they are split as one group.
+    """
+    by_value: dict[str, list[str]] = {}
+    for image_id, value in values.items():
+        if value:
+            by_value.setdefault(value, []).append(image_id)
+    return [sorted(ids) for _, ids in sorted(by_value.items()) if len(ids) > 1]
 
 
 def split_groups(

@@ -236,3 +236,49 @@ def test_a_version_read_from_outside_never_names_another_path(tmp_path: Path) ->
             fetch_dataset("latest", tmp_path / "cache", cast(Any, _Store(hostile)))
     assert not (tmp_path / "outside").exists()
     assert checked_version("0123456789abcdef", "x") == "0123456789abcdef"
+
+
+def test_images_of_one_study_share_a_split_when_some_lack_a_patient_id(
+    phantoms: Path, tmp_path: Path
+) -> None:
+    """A study is one patient: a view whose PatientID was blanked (or mistyped) on export, but whose
+    StudyInstanceUID names the same study, was split alone, so one patient's study went to train and test."""
+    import shutil
+
+    import pydicom
+
+    dicom_dir = tmp_path / "dicom"
+    dicom_dir.mkdir()
+    files = sorted((phantoms / "dicom").iterdir())
+    pairs = []
+    for k, (a, b) in enumerate(zip(files[0::2], files[1::2], strict=False)):
+        first, second = pydicom.dcmread(a), pydicom.dcmread(b)
+        second.StudyInstanceUID = first.StudyInstanceUID
+        second.PatientID = "" if k % 2 else f" {first.PatientID.lower()}"
+        shutil.copy2(a, dicom_dir / a.name)
+        second.save_as(dicom_dir / b.name)
+        pairs.append((a.stem, b.stem))
+    build = build_dataset(dicom_dir, phantoms / "annotations.csv", tmp_path / "out", settings=_settings())
+    images = build.manifest["images"]
+    split = [(images[a]["split"], images[b]["split"]) for a, b in pairs if a in images and b in images]
+    assert len(split) >= 5 and {s for pair in split for s in pair} >= {"train", "test"}
+    assert all(x == y for x, y in split), f"one study in two splits: {split}"
+
+
+def test_an_image_id_that_names_two_files_labels_neither(phantoms: Path, tmp_path: Path) -> None:
+    """Two sites' exports merged into one folder, two files with one stem: the CSV's rows for that id
+    went silently to whichever file sorted first (here another patient's image), the other was dropped."""
+    import shutil
+
+    files = sorted((phantoms / "dicom").iterdir())
+    dicom_dir = tmp_path / "dicom"
+    shutil.copytree(phantoms / "dicom", dicom_dir / "siteB")
+    (dicom_dir / "siteA").mkdir()
+    shutil.copy2(files[1], dicom_dir / "siteA" / files[0].name)  # another patient's image, files[0]'s name
+    settings = _settings(max_bad_row_fraction=0.5)  # its rows are 6 of 54: tiny phantoms, few rows
+    build = build_dataset(dicom_dir, phantoms / "annotations.csv", tmp_path / "out", settings=settings)
+    assert files[0].stem not in build.manifest["images"]
+    report = json.loads((build.path / "quality_report.json").read_text())
+    reason = report["decode_failures"][files[0].stem]
+    assert "2 files" in reason and f"siteA/{files[0].name}" in reason and f"siteB/{files[0].name}" in reason
+    assert {r["image_id"] for r in report["quarantined_rows"]} == {files[0].stem}

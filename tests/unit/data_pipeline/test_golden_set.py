@@ -160,6 +160,40 @@ def test_a_copy_of_a_golden_image_filed_under_another_patient_enters_no_split(
     assert len(built.manifest["images"]) > 0
 
 
+def test_another_view_of_a_golden_study_without_a_patient_id_enters_no_split(
+    sets: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """A lateral of a golden PA study, exported later with its PatientID blanked: other pixels (no
+    near duplicate), no patient key, but the golden study's StudyInstanceUID. It is that patient."""
+    import pydicom
+
+    golden_src, other, _ = sets
+    settings = _settings(tmp_path)
+    golden = build_dataset(
+        golden_src / "dicom", golden_src / "annotations.csv", tmp_path / "ds", settings=settings, golden=True
+    )
+    incoming = tmp_path / "incoming"
+    shutil.copytree(other / "dicom", incoming)
+    views = []
+    for source, view in zip(
+        sorted((golden_src / "dicom").iterdir())[:3], sorted(incoming.iterdir())[:3], strict=True
+    ):
+        ds = pydicom.dcmread(view)
+        ds.StudyInstanceUID, ds.PatientID = pydicom.dcmread(source).StudyInstanceUID, ""
+        ds.save_as(view)
+        views.append(view.stem)
+
+    built = build_dataset(
+        incoming,
+        other / "annotations.csv",
+        tmp_path / "ds",
+        settings=settings,
+        exclude_patients=golden_patients(golden.path),
+    )
+    assert not set(views) & set(built.manifest["images"]), "a view of a golden study was put in a split"
+    assert built.manifest["source"]["golden_patient_images_excluded"] == len(views)
+
+
 def test_the_golden_exclusion_catches_a_feedback_image_of_a_golden_patient(
     sets: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

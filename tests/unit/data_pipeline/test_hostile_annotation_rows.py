@@ -151,3 +151,22 @@ def test_the_quality_report_prints_bracketed_ids_as_text() -> None:
     out = io.StringIO()
     report.render(Console(file=out, width=200))
     assert "[/x]" in out.getvalue() and "[bold]y" in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "image_id",
+    ['"=HYPERLINK(""http://evil.example/x"",""click"")"', "=1+1", "+cmd", "-2+3", "@SUM(A1)", '"a\rb"'],
+)
+def test_an_image_id_a_spreadsheet_could_run_is_a_quarantined_row(tmp_path: Path, image_id: str) -> None:
+    """The image id goes into annotations_readers.csv and annotations_fused.csv of the version as it
+    is (a file of that stem in the DICOM folder is all it takes), which are opened in spreadsheets."""
+    table = load_annotations(_csv(tmp_path, GOOD + f"{image_id},Cardiomegaly,3,R1,10,20,100,200\n"))
+    assert table.frame["image_id"].tolist() == ["a"]
+    assert "image_id must" in table.quarantine["reason"].iloc[0]
+
+
+def test_vindr_and_feedback_image_ids_still_pass(tmp_path: Path) -> None:
+    ids = ["000434271f63a053c4128a0ba6352c7f", "fb-3f2a9c", "case_01.v2", "1.2.840.113619.2.55", "a b"]
+    table = load_annotations(_csv(tmp_path, "".join(f"{i},No finding,14,R1,,,,\n" for i in ids)))
+    assert table.quarantine.empty
+    assert table.frame["image_id"].tolist() == ids
