@@ -18,8 +18,9 @@ must not travel with them. The profile is applied as written, with no option:
   Combined codes take the strictest: X/Z, X/D, X/Z/D -> X; Z/D -> Z; X/Z/U*
   (Referenced/Source Image Sequence) -> X: the profile keeps such a sequence (Z, or
   U of its UIDs) only where the IOD requires it, which it is not in the images
-  feedback keeps (a training image needs no reference to its siblings). C (clean) would count as X: no cleaning is implemented. K is not
-  in the table (nothing is kept on purpose beyond what it leaves out).
+  feedback keeps (a training image needs no reference to its siblings). C (clean)
+  would count as X: no cleaning is implemented. K is not in the table (nothing is
+  kept on purpose beyond what it leaves out).
 - **PatientID and PatientName** become one pseudonym: the data pipeline's
   patient key of the PatientID made with the install's secret
   (:func:`data_pipeline.dicom_io.hash_patient_id`, 16 hex of a salted SHA-256).
