@@ -22,6 +22,9 @@ async def read_body(request: Request, limit: int, setting: str = "CXR_MAX_BODY_B
     naming the encoding: it was read as the image itself and refused as unrecognised content, a
     message that sent the client looking at the file. Not inflated here: a body that inflates past
     every limit after they were checked is the bomb the guarded reader exists to stop.
+
+    The body is not kept on the request: a caller that splits it (STOW-RS) or parses a form out of
+    it drops it then, and its images alone are held while they are analysed, not twice the body.
     """
     encoding = request.headers.get("content-encoding", "").strip().lower()
     if encoding not in ("", "identity"):
@@ -47,22 +50,23 @@ async def read_body(request: Request, limit: int, setting: str = "CXR_MAX_BODY_B
             chunks.append(chunk)
     except ClientDisconnect as exc:
         raise InvalidRequest("client disconnected before the body was complete") from exc
-    body = b"".join(chunks)
-    request._body = body  # lets request.form() parse what was already read
-    return body
+    return b"".join(chunks)
 
 
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def form_files(request: Request, field: str, *, max_files: int) -> list[bytes]:
-    """Files of one multipart field (already size-checked by :func:`read_body`)."""
+async def form_files(request: Request, body: bytes, field: str, *, max_files: int) -> list[bytes]:
+    """Files of one multipart field of ``body`` (already size-checked by :func:`read_body`)."""
+    request._body = body  # what request.form() parses: the stream was already read
     try:
         form = await request.form(max_files=max_files, max_fields=32)
     except Exception as exc:  # starlette raises HTTPException/MultiPartException on broken bodies
         detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
         raise InvalidRequest(f"malformed multipart/form-data body: {detail}") from exc
+    finally:
+        del request._body  # parsed: its files are in the form, the body need not outlive this
     items = [v for v in form.getlist(field) if isinstance(v, UploadFile)]
     if not items:
         names = ", ".join(sorted(set(form.keys()))) or "none"
@@ -77,7 +81,7 @@ async def image_payloads(
     kind = media_type(request)
     body = await read_body(request, limit)
     if kind == "multipart/form-data":
-        return await form_files(request, field, max_files=max_files)
+        return await form_files(request, body, field, max_files=max_files)
     if kind in RAW_IMAGE_TYPES or kind == "":
         return [body]
     raise UnsupportedMediaType(

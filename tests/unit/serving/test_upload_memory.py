@@ -1,0 +1,88 @@
+"""What an upload holds while its images are analysed: the images, not the request body beside them.
+
+``read_body`` kept the whole body on the request (``request._body``, for ``request.form()``), so
+the STOW-RS route's ``del body`` after splitting freed nothing: a 64 MiB STOW-RS request held its
+body and its split instances, twice its size, for as long as its instances were analysed; a
+multipart ``/v1/detect`` held its body beside the file parsed out of it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.unit.serving.serving_support import make_dicom, stow_body
+
+pytestmark = pytest.mark.unit
+
+
+def _spy_body(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[bytes]:
+    """Every body ``read_body`` returns in ``module``, kept here (one reference of its own)."""
+    bodies: list[bytes] = []
+    real = module.read_body
+
+    async def spy(*args: Any, **kwargs: Any) -> bytes:
+        body: bytes = await real(*args, **kwargs)
+        bodies.append(body)
+        return body
+
+    monkeypatch.setattr(module, "read_body", spy)
+    return bodies
+
+
+def _holders(held: list[bytes]) -> int:
+    """References to ``held[-1]`` besides ``held``: counted against an object only a list holds."""
+    control = [bytes(bytearray(b"control"))]
+    return sys.getrefcount(held[-1]) - sys.getrefcount(control[-1])
+
+
+def test_a_stow_request_does_not_hold_its_body_while_its_instances_are_analysed(
+    onnx_client: TestClient, keys: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serving.gateway.routes import dicomweb
+
+    bodies = _spy_body(monkeypatch, dicomweb)
+    stow = onnx_client.app.state.cxr.stow  # type: ignore[attr-defined]
+    real_store = stow.store
+    held: list[int] = []
+
+    async def store(instances: list[bytes], **kwargs: Any) -> Any:
+        held.append(_holders(bodies))
+        return await real_store(instances, **kwargs)
+
+    monkeypatch.setattr(stow, "store", store)
+    body, ctype = stow_body(make_dicom(seed=81), make_dicom(seed=82))
+    r = onnx_client.post(
+        "/dicomweb/studies",
+        content=body,
+        headers={"Authorization": f"Bearer {keys['pacs']}", "Content-Type": ctype},
+    )
+    assert r.status_code == 200, r.text
+    assert held == [0]
+
+
+def test_a_multipart_detect_does_not_hold_its_body_beside_the_parsed_file(
+    onnx_client: TestClient, keys: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serving.gateway import uploads
+
+    bodies = _spy_body(monkeypatch, uploads)
+    detector = onnx_client.app.state.cxr.detector  # type: ignore[attr-defined]
+    real_detect = detector.detect
+    held: list[int] = []
+
+    async def detect(payloads: list[bytes], **kwargs: Any) -> Any:
+        held.append(_holders(bodies))
+        return await real_detect(payloads, **kwargs)
+
+    monkeypatch.setattr(detector, "detect", detect)
+    r = onnx_client.post(
+        "/v1/detect",
+        files={"file": ("x.dcm", make_dicom(seed=83), "application/dicom")},
+        headers={"Authorization": f"Bearer {keys['pacs']}"},
+    )
+    assert r.status_code == 200, r.text
+    assert held == [0]
