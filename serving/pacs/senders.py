@@ -80,9 +80,17 @@ class _TimeoutSession(requests.Session):
 
 
 def dicomweb_session(timeout_s: float) -> requests.Session:
-    """A session for dicomweb-client that never proxies (closed network) and times out."""
+    """A session for dicomweb-client that never proxies nor follows a redirect (closed network), and
+    times out.
+
+    A PACS answering a STOW-RS with a redirect would have had the results, with the patient's
+    identity and the destination's auth header, sent on to whatever host it named; with no
+    redirect allowed, requests raises before sending anything, and the objects wait in the
+    outbox (the destination's URL is the setting to correct).
+    """
     session = _TimeoutSession(timeout_s)
     session.trust_env = False  # HTTP(S)_PROXY must not route a hospital's images off site
+    session.max_redirects = 0
     return session
 
 

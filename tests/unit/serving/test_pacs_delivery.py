@@ -307,6 +307,36 @@ def _stow(port: int) -> dict[str, Any]:
     return {"kind": "stow", "url": f"http://127.0.0.1:{port}/dicom-web", "callers": ["*"]}
 
 
+def test_a_stow_pacs_answering_a_redirect_has_nothing_sent_on_and_its_objects_wait(tmp_path: Path) -> None:
+    """Before, requests followed a 307 to the host it named, sending the study's objects (the
+    patient's identity) and the destination's auth header there."""
+    with _stow_pacs(_refusing({})) as elsewhere:
+        other = elsewhere.pop(0)
+
+        class Redirecting(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(307)
+                self.send_header("Location", f"http://127.0.0.1:{other}/dicom-web/studies")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            back = _sendback(tmp_path, _stow(server.server_address[1]))
+            _queue_study(back, images=1)
+            assert back.deliver_due(time.time()) == 0
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert elsewhere == [], "the objects went to the host the redirect named"
+        assert len(back.outbox.items()) == 2 and back.outbox.dead_letters() == []
+
+
 def test_a_stow_pacs_that_fails_the_sr_in_a_202_delivers_the_rest_and_sets_the_sr_aside(
     tmp_path: Path,
 ) -> None:
