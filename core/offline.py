@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 # A TTF that ultralytics accepts in place of Arial.ttf, which it would otherwise
@@ -67,8 +68,47 @@ def prepare_yolo_config_dir(config_dir: Path) -> Path:
     return config_dir
 
 
+#: Loopback as proxy exclusion lists name it (a host, not a CIDR: gRPC's C core matches hosts only).
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+_PROXY_EXCLUSION_LISTS = ("NO_PROXY", "no_proxy", "no_grpc_proxy")
+
+
+def _no_proxy_with_loopback(environ: Mapping[str, str]) -> str:
+    """The caller's proxy exclusions (``NO_PROXY`` and ``no_proxy`` together) plus loopback.
+
+    A hospital machine often has a proxy in its environment (``http_proxy``) and its own
+    ``no_proxy`` list. requests, httpx and urllib read the lowercase list when both exist, and
+    gRPC's C core (tritonclient's channel to Triton) reads only lowercase names: with loopback in
+    neither list, a request to a server of this stack on 127.0.0.1 travels through the proxy,
+    off this machine. Keeping the caller's entries means their own exclusions still hold.
+    """
+    entries: list[str] = []
+    for raw in (environ.get("NO_PROXY", ""), environ.get("no_proxy", ""), ",".join(_LOOPBACK_NAMES)):
+        for entry in (part.strip() for part in raw.split(",")):
+            if entry and entry not in entries:
+                entries.append(entry)
+    return ",".join(entries)
+
+
+def _proxy_exclusions(environ: Mapping[str, str]) -> dict[str, str]:
+    """Loopback in every proxy exclusion list a library here reads (see :func:`_no_proxy_with_loopback`).
+
+    gRPC reads ``no_grpc_proxy`` instead of ``no_proxy`` when it is set, so a caller's one gets
+    loopback too; an unset one stays unset.
+    """
+    merged = _no_proxy_with_loopback(environ)
+    lists = {"NO_PROXY": merged, "no_proxy": merged}
+    if "no_grpc_proxy" in environ:
+        lists["no_grpc_proxy"] = _no_proxy_with_loopback({"NO_PROXY": environ["no_grpc_proxy"]})
+    return lists
+
+
 def offline_env(state_dir: Path) -> dict[str, str]:
-    """Environment variables that switch off telemetry and online checks."""
+    """Environment variables that switch off telemetry and online checks.
+
+    The proxy exclusions start from this process's own (``os.environ``): a component's
+    environment is laid over the one it inherits, so its lists must keep what was there.
+    """
     yolo_dir = prepare_yolo_config_dir(state_dir / "yolo")
     return {
         "YOLO_OFFLINE": "1",
@@ -89,7 +129,7 @@ def offline_env(state_dir: Path) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "HF_HUB_OFFLINE": "1",
         "GIT_PYTHON_REFRESH": "quiet",
-        "NO_PROXY": "127.0.0.1,localhost",
+        **_proxy_exclusions(os.environ),
     }
 
 
@@ -101,10 +141,17 @@ def ensure_ray_bootstrap_marker(home: Path | None = None) -> None:
 
 
 def apply_offline_env(state_dir: Path) -> dict[str, str]:
-    """Apply :func:`offline_env` to this process without overriding explicit settings."""
+    """Apply :func:`offline_env` to this process without overriding explicit settings.
+
+    The proxy exclusion lists are the one exception to "set only what is unset": they are
+    replaced by the caller's entries plus loopback, which drops nothing the caller set.
+    """
     env = offline_env(state_dir)
     for key, value in env.items():
-        os.environ.setdefault(key, value)
+        if key in _PROXY_EXCLUSION_LISTS:
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)
     # A caller's own YOLO_CONFIG_DIR wins, so make sure that one is prepared too.
     prepare_yolo_config_dir(Path(os.environ["YOLO_CONFIG_DIR"]))
     ensure_ray_bootstrap_marker()

@@ -1,0 +1,179 @@
+"""A proxy in the environment never stands between this stack's processes and their loopback servers.
+
+Hospital machines often carry ``http_proxy`` (and a ``no_proxy`` of their own) for the few
+things allowed out. Without loopback in the exclusion list each client library reads, a call
+to MLflow, the gateway or Triton on 127.0.0.1 travels to that proxy: off this machine, with a
+patient's image in it. The "proxy" here is a recording server on loopback, so nothing leaves.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from core.offline import apply_offline_env, offline_env
+from tests.fixtures.servers import HOST, REPO_ROOT
+
+pytestmark = pytest.mark.unit
+
+PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+EXCLUSION_VARS = ("NO_PROXY", "no_proxy", "no_grpc_proxy")
+#: the caller's own exclusion lists, as a hospital's login scripts might set them
+CALLER_LISTS = [
+    pytest.param({"no_proxy": ".hospital.example"}, id="lowercase-list"),
+    pytest.param({"NO_PROXY": ".hospital.example"}, id="uppercase-list"),
+    pytest.param({}, id="no-list"),
+]
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _RecordingServer(http.server.ThreadingHTTPServer):
+    """Notes who connected, whatever they then send (a GET, a proxy's CONNECT, gRPC's HTTP/2 preface)."""
+
+    def __init__(self) -> None:
+        super().__init__((HOST, 0), _Answer)
+        self.seen: list[str] = []
+
+    def verify_request(self, request: object, client_address: object) -> bool:
+        self.seen.append(repr(client_address))
+        return True
+
+
+@contextmanager
+def _recording_server() -> Iterator[tuple[str, list[str]]]:
+    server = _RecordingServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"{HOST}:{server.server_address[1]}", server.seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def proxy_and_target(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[list[str], str, list[str]]]:
+    """(what the proxy saw, the target's host:port, what the target saw); the proxy is in the env."""
+    with _recording_server() as (proxy, proxy_seen), _recording_server() as (target, target_seen):
+        for var in PROXY_VARS:
+            monkeypatch.setenv(var, f"http://{proxy}")
+        for var in EXCLUSION_VARS:
+            monkeypatch.delenv(var, raising=False)
+        yield proxy_seen, target, target_seen
+
+
+def _until(seen: list[str], timeout: float = 5.0) -> list[str]:
+    """Poll until a server noted a request (gRPC connects in the background)."""
+    deadline = time.monotonic() + timeout
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return seen
+
+
+def _grpc_dial(target: str) -> None:
+    import grpc
+
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=0.5)  # the target speaks no HTTP/2: never ready
+    except grpc.FutureTimeoutError:
+        pass
+    finally:
+        channel.close()
+
+
+def _requests_get(target: str) -> None:
+    import requests
+
+    assert requests.get(f"http://{target}/health", timeout=5).status_code == 200
+
+
+def _httpx_get(target: str) -> None:
+    import httpx
+
+    assert httpx.get(f"http://{target}/health", timeout=5).status_code == 200
+
+
+def _urllib_get(target: str) -> None:
+    with urllib.request.urlopen(f"http://{target}/health", timeout=5) as response:
+        assert response.status == 200
+
+
+CLIENTS: dict[str, Callable[[str], None]] = {
+    "requests (MLflow's client)": _requests_get,
+    "httpx (the gateway, training's health check)": _httpx_get,
+    "urllib": _urllib_get,
+    "gRPC (tritonclient.grpc)": _grpc_dial,
+}
+
+
+@pytest.mark.parametrize("caller_lists", CALLER_LISTS)
+@pytest.mark.parametrize("client", list(CLIENTS))
+def test_a_cli_process_reaches_loopback_servers_directly_whatever_proxy_the_environment_names(
+    proxy_and_target: tuple[list[str], str, list[str]],
+    caller_lists: dict[str, str],
+    client: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Each ``cxr`` command applies the closed-network env to itself, then talks to the stack."""
+    proxy_seen, target, target_seen = proxy_and_target
+    for var, value in caller_lists.items():
+        monkeypatch.setenv(var, value)
+    apply_offline_env(tmp_path)
+    CLIENTS[client](target)
+    assert _until(target_seen), f"{client} never reached the loopback server"
+    assert proxy_seen == [], f"{client} went through the proxy: {proxy_seen}"
+    for var, value in caller_lists.items():  # the caller's own exclusions still hold
+        assert value in os.environ[var].split(",")
+
+
+_CHILD = """
+import sys
+sys.path[:0] = [{repo!r}]
+from tests.unit.core.test_offline_proxy import CLIENTS
+for name, client in CLIENTS.items():
+    client({target!r})
+"""
+
+
+@pytest.mark.parametrize("caller_lists", CALLER_LISTS)
+def test_a_stack_component_reaches_loopback_servers_directly_under_an_inherited_proxy(
+    proxy_and_target: tuple[list[str], str, list[str]],
+    caller_lists: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A component's env is ``offline_env`` laid over what supervisord inherited from ``cxr stack up``."""
+    proxy_seen, target, target_seen = proxy_and_target
+    for var, value in caller_lists.items():
+        monkeypatch.setenv(var, value)
+    component_env = {**os.environ, **offline_env(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD.format(repo=str(REPO_ROOT), target=target)],
+        env=component_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _until(target_seen)
+    assert proxy_seen == [], f"a component went through the proxy: {proxy_seen}"
