@@ -11,7 +11,8 @@ work on this machine (see PLATFORM-NOTES); the subclass needs four small
 overrides, each explained below, and nothing else of ultralytics is patched
 (plus four for CPU speed: [5] channels-last memory, [6] weights written only
 when a checkpoint will carry them, [7] fused optimizer steps, [8] bfloat16 autocast;
-and [9] rank 0's ``last.pt`` sent to the other ranks for ultralytics' NaN recovery).
+[9] rank 0's ``last.pt`` sent to the other ranks for ultralytics' NaN recovery; and [10] the GPU AMP
+check without its download of pretrained weights).
 
 Data parallelism stays ultralytics' own DDP path: with ``RANK``/``WORLD_SIZE``
 set, ``build_dataloader`` puts a ``DistributedSampler`` (same seed on every
@@ -57,6 +58,25 @@ def cpu_computes_bf16() -> bool:
 
 _ULTRALYTICS_AUTOCAST = ultralytics_trainer.autocast
 _ULTRALYTICS_LOSS = BaseModel.loss
+_ULTRALYTICS_CHECK_AMP = ultralytics_trainer.check_amp
+
+
+def _check_amp_offline(model: torch.nn.Module) -> bool:
+    """[10] Ultralytics' AMP check on a GPU, without its download: the closed network.
+
+    The check compares a pretrained ``yolo26n.pt``'s detections in fp32 and fp16, fetching the
+    weights from github.com on first use; ``YOLO_OFFLINE`` does not stop that (it is consulted
+    only after a download failed), so every GPU training run tried to reach the internet. Here
+    loading those weights fails as it does offline (ultralytics then skips the comparison and
+    keeps AMP), and the check's other half, its list of GPUs that misbehave under AMP, still runs.
+    """
+    import ultralytics
+
+    def offline(*_args: Any, **_kwargs: Any) -> Any:
+        raise ConnectionError("no download on a closed network")
+
+    with mock.patch.object(ultralytics, "YOLO", offline):
+        return bool(_ULTRALYTICS_CHECK_AMP(model))
 
 
 def _autocast_with_cpu_bf16(enabled: bool | torch.dtype, device: str = "cuda") -> Any:
@@ -176,13 +196,17 @@ class RayDetectionTrainer(DetectionTrainer):
             torch.cuda.set_device(self.device)
 
     def _setup_train(self) -> None:
-        """[3] Wrap DDP so CPU ranks pass ``device_ids=None`` (see :class:`_CpuSafeDDP`).
+        """[3] Wrap DDP so CPU ranks pass ``device_ids=None`` (see :class:`_CpuSafeDDP`); [10] the AMP
+        check without its download (:func:`_check_amp_offline`).
 
         [8] Ultralytics then broadcasts rank 0's ``amp`` to every rank. A CPU rank keeps its own
         decision instead: where rank 0 trains in bfloat16 and this rank's cores cannot, the
         broadcast would have this rank autocast in emulated bfloat16, the loss included.
         """
-        with mock.patch.object(torch.nn.parallel, "DistributedDataParallel", _CpuSafeDDP):
+        with (
+            mock.patch.object(torch.nn.parallel, "DistributedDataParallel", _CpuSafeDDP),
+            mock.patch.object(ultralytics_trainer, "check_amp", _check_amp_offline),
+        ):
             super()._setup_train()
         if self.device.type == "cpu":
             self.amp = self.cpu_bf16
