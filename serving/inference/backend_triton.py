@@ -76,7 +76,12 @@ class TritonBackend:
             from tritonclient.grpc.aio import InferenceServerClient
 
             url = self._settings.triton_grpc_url(stage)
-            self._clients[stage] = [InferenceServerClient(url) for _ in range(self._pool_size)]
+            # never through a proxy, whatever the environment names (the closed network): Triton is
+            # this stack's or this cluster's own server, and the channel carries the images
+            args = [("grpc.enable_http_proxy", 0)]
+            self._clients[stage] = [
+                InferenceServerClient(url, channel_args=args) for _ in range(self._pool_size)
+            ]
             self._cycle[stage] = itertools.cycle(self._clients[stage])
         return next(self._cycle[stage])
 

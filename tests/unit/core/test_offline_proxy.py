@@ -177,3 +177,31 @@ def test_a_stack_component_reaches_loopback_servers_directly_under_an_inherited_
     assert result.returncode == 0, result.stderr[-2000:]
     assert _until(target_seen)
     assert proxy_seen == [], f"a component went through the proxy: {proxy_seen}"
+
+
+def test_the_gateways_triton_channel_ignores_any_proxy_even_without_an_exclusion_list(
+    proxy_and_target: tuple[list[str], str, list[str]], tmp_path: Path
+) -> None:
+    """Belt and braces for the channel that carries the images: a process started without the
+    offline environment (no exclusion list at all) still dials Triton directly."""
+    import asyncio
+
+    from serving.config import ServingSettings
+    from serving.inference.backend_triton import TritonBackend
+
+    proxy_seen, target, target_seen = proxy_and_target
+    host, _, port = target.rpartition(":")  # the gRPC port is the HTTP one plus 1
+    settings = ServingSettings(stack_dir=tmp_path, triton_production_url=f"{host}:{int(port) - 1}")
+    backend = TritonBackend(settings, pool_size=1)
+
+    async def dial() -> None:
+        client = backend._client("production")
+        try:
+            await client.is_server_live(client_timeout=0.5)
+        except Exception:
+            pass  # the target speaks no gRPC: only who it reached counts
+        finally:
+            await client.close()
+
+    asyncio.run(dial())
+    assert _until(target_seen) and proxy_seen == []
