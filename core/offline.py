@@ -129,6 +129,9 @@ def offline_env(state_dir: Path) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "HF_HUB_OFFLINE": "1",
         "GIT_PYTHON_REFRESH": "quiet",
+        # boto3/pyarrow without keys ask the cloud's metadata address (169.254.169.254) for some:
+        # off this machine; training set it for itself only, the stack's other processes did not
+        "AWS_EC2_METADATA_DISABLED": "true",
         **_proxy_exclusions(os.environ),
     }
 

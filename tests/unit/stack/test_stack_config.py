@@ -64,6 +64,7 @@ def test_offline_env_switches_off_every_known_phone_home(tmp_path: Path) -> None
     assert env["YOLO_OFFLINE"] == "1"
     assert env["RAY_USAGE_STATS_ENABLED"] == "0"
     assert env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert env["AWS_EC2_METADATA_DISABLED"] == "true"  # no probe of the cloud's metadata address
     font_dir = Path(env["YOLO_CONFIG_DIR"]) / "Ultralytics"
     assert (font_dir / "Arial.ttf").stat().st_size > 10_000  # a real TTF, so no download
     assert json.loads((font_dir / "settings.json").read_text())["sync"] is False
