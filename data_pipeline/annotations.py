@@ -156,8 +156,23 @@ def _empty_quarantine() -> pd.DataFrame:
     return pd.DataFrame({"line": pd.Series(dtype="int64"), "reason": pd.Series(dtype="str")})
 
 
+#: Largest annotation CSV read. pandas holds every cell as a Python string, ~10x the file in memory:
+#: VinDr-CXR's 15,000 images by 3 readers are ~5 MiB, so this leaves room for datasets 50x larger
+#: while a wrong file (an image archive, a log) fails at once instead of exhausting the machine.
+MAX_CSV_BYTES = 256 * 1024 * 1024
+
+
 def read_csv(path: Path) -> pd.DataFrame:
     """Read the raw CSV as strings (typing happens in :func:`parse_frame` so errors keep their lines)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0  # missing or unreadable: pandas says which, below
+    if size > MAX_CSV_BYTES:
+        raise AnnotationError(
+            f"annotations file {path} is {size} bytes, over the {MAX_CSV_BYTES}-byte limit: "
+            "is it the VinDr-CXR CSV? Split a larger one and ingest it in parts"
+        )
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except FileNotFoundError as exc:

@@ -170,3 +170,17 @@ def test_vindr_and_feedback_image_ids_still_pass(tmp_path: Path) -> None:
     table = load_annotations(_csv(tmp_path, "".join(f"{i},No finding,14,R1,,,,\n" for i in ids)))
     assert table.quarantine.empty
     assert table.frame["image_id"].tolist() == ids
+
+
+def test_an_annotations_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """pandas holds every cell as a string (~10x the file): a wrong file given as the CSV (an
+    archive, a log) was read whole, exhausting the machine before any row was checked. The file
+    here is sparse: nothing is written or read."""
+    from data_pipeline.annotations import MAX_CSV_BYTES
+    from data_pipeline.errors import AnnotationError
+
+    path = _csv(tmp_path, GOOD)
+    with path.open("r+b") as f:
+        f.truncate(MAX_CSV_BYTES + 1)
+    with pytest.raises(AnnotationError, match=r"over the \d+-byte limit"):
+        load_annotations(path)
