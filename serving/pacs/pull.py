@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 _STUDY, _SERIES, _SOP, _CLASS = "0020000D", "0020000E", "00080018", "00080016"
 _QIDO_PAGES = 16  # pages of a study's QIDO-RS answer read at most: 16 x 4 x CXR_PACS_MAX_STUDY_INSTANCES
+#: a pulled study holds at most this many CXR_MAX_BODY_BYTES in all (a chest study is 1-3 images
+#: of ~15 MiB; the default allows 256 MiB)
+STUDY_BODIES = 4
 _QIDO_ENTRY_BYTES = 16 * 1024  # generous for one instance's DICOM JSON (a PACS adds its default fields)
 
 
@@ -200,9 +203,24 @@ class PacsPull:
         return parts[0]
 
     def fetch_study(self, study_uid: str) -> list[bytes]:
-        """Every radiograph of the study (blocking: run it in the worker pool)."""
+        """Every radiograph of the study (blocking: run it in the worker pool).
+
+        At most :data:`STUDY_BODIES` times ``CXR_MAX_BODY_BYTES`` in all: the study is held whole
+        until it is analysed, and CXR_PACS_MAX_STUDY_INSTANCES instances each up to the body limit
+        would be 64 x 64 MiB, 4 GiB for one request.
+        """
         study_uid = check_uid(study_uid, "the study UID")
         instances = self.instances(study_uid)
-        data = [self.retrieve(study_uid, i) for i in instances]
+        limit = STUDY_BODIES * self.max_bytes
+        data: list[bytes] = []
+        total = 0
+        for instance in instances:
+            data.append(self.retrieve(study_uid, instance))
+            total += len(data[-1])
+            if total > limit:
+                raise PayloadTooLarge(
+                    f"the study's radiographs are over {limit} bytes in all ({STUDY_BODIES} x "
+                    "CXR_MAX_BODY_BYTES), more than one pull holds: send it by STOW-RS or DIMSE instead"
+                )
         log.info("pacs_pull_fetched instances=%d bytes=%d", len(data), sum(len(d) for d in data))
         return data

@@ -235,3 +235,27 @@ def test_a_pulled_instance_of_another_study_or_patient_is_never_analysed_into_th
     analysed = [res["image"].get("sop_instance_uid") for res in r.json()["results"]]
     assert uids["other-study"] not in analysed
     assert len(analysed) == 1 and r.json()["failed"] == 2  # one patient's image: whichever came first
+
+
+def test_a_study_over_its_bytes_in_all_is_refused_before_it_is_held_whole() -> None:
+    """Before, a pull held every instance (up to CXR_PACS_MAX_STUDY_INSTANCES x the body limit,
+    4 GiB by default) before analysing any; now at most STUDY_BODIES x CXR_MAX_BODY_BYTES."""
+    from serving.pacs.pull import STUDY_BODIES
+
+    part = b"x" * 3500  # five of them pass 4 x 4096 bytes, each is within 4096
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n--b--\r\n"
+    listed = [_entry(f"1.2.8.{i}") for i in range(STUDY_BODIES + 2)]
+    fetched: list[str] = []
+
+    def pacs_answer(h: BaseHTTPRequestHandler) -> None:
+        if "/instances/" in h.path:
+            fetched.append(h.path)
+            _answer(h, body, 'multipart/related; type="application/dicom"; boundary=b')
+        else:
+            _answer(h, json.dumps(listed).encode())
+
+    with _server(pacs_answer) as (pacs, _):
+        pull = _pull(pacs, max_body_bytes=4096)
+        with pytest.raises(PayloadTooLarge, match="in all"):
+            pull.fetch_study(STUDY)
+    assert len(fetched) == STUDY_BODIES + 1  # stopped at the first instance past the bound
