@@ -97,7 +97,10 @@ def choose_threshold(
         return ThresholdChoice(
             float(c[ends[pick]]), "sensitivity", float(recall[pick]), float(precision[pick]), met, note
         )
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    # F1 = 2 TP / (kept + boxes), one correctly rounded division: equal F1s are equal floats, so
+    # argmax keeps the documented tie rule (the highest threshold). 2PR / (P + R) rounds each tie
+    # differently (4/6, 4/6 vs 5/9, 5/6) and let round-off pick a lower threshold, more false alarms.
+    f1 = 2 * tp[ends] / (kept[ends] + instances)
     pick = int(np.argmax(f1))
     return ThresholdChoice(float(c[ends[pick]]), "f1", float(recall[pick]), float(precision[pick]))
 

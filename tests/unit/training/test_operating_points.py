@@ -80,6 +80,15 @@ def test_f1_rule_picks_the_f1_maximum() -> None:
     assert choice.precision == pytest.approx(4 / 6)
 
 
+def test_f1_rule_takes_the_highest_threshold_of_an_exact_f1_tie() -> None:
+    # six boxes; at 0.4: 4 of 6 kept are hits (P 4/6, R 4/6), at 0.1: 5 of 9 (P 5/9, R 5/6): F1 2/3 both
+    conf = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    hits = np.array([True, False, True, False, True, True, False, False, True])
+    choice = _choose(target="f1", conf=conf, correct=hits, instances=6)
+    assert choice.threshold == pytest.approx(0.4)  # was 0.1: round-off broke the tie, 3 more false alarms
+    assert choice.precision == pytest.approx(4 / 6) and choice.sensitivity == pytest.approx(4 / 6)
+
+
 def test_tied_scores_are_kept_or_dropped_together() -> None:
     choice = _choose(conf=np.array([0.5, 0.5, 0.5]), correct=np.array([True, False, True]), instances=2)
     assert choice.threshold == pytest.approx(0.5) and choice.precision == pytest.approx(2 / 3)
