@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -83,6 +84,33 @@ def test_every_alert_has_severity_summary_and_runbook_in_the_catalogue() -> None
             anchor = rule.annotations["runbook_url"].split("#", 1)[1]
             assert anchor == rule.name.lower(), rule.name
             assert f"### {rule.name}\n" in catalogue, f"{rule.name} has no runbook section in docs/metrics.md"
+
+
+def _cluster_jobs() -> set[str]:
+    """The jobs of the ServiceMonitors' targets: the operator names each after its Service."""
+    suffixes = [
+        yaml.safe_load(kustomization.read_text()).get("nameSuffix", "")
+        for kustomization in sorted((REPO / "k8s" / "overlays").glob("*/kustomization.yaml"))
+    ]
+    assert suffixes, "no overlays"
+    return {f"{name}{suffix}" for name in ("cxr-gateway", "triton") for suffix in suffixes} | {
+        "mlflow-exporter"  # k8s/shared: no suffix
+    }
+
+
+def test_scrape_target_down_pages_for_every_cxr_job_and_no_other() -> None:
+    alerts = [rule for path in rule_files(RULES) for rule in load_rule_file(path).alerts]
+    rule = next(rule for rule in alerts if rule.name == "CxrScrapeTargetDown")
+    matcher = re.search(r'up\{job=~"([^"]+)"\} == 0', rule.expr)
+    assert matcher, f"CxrScrapeTargetDown must select CXR's jobs: {rule.expr}"
+    compose = yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text())
+    local = {config["job_name"] for config in compose["scrape_configs"]}
+    assert local == {"gateway", "triton", "mlflow-exporter"}  # the one-machine stack's names too
+    for job in local | _cluster_jobs():
+        assert re.fullmatch(matcher[1], job), f"a down {job} target would not page"
+    # what a kube-prometheus-stack scrapes beside us (kubeadm's scheduler and etcd are down by default)
+    for job in ("kube-scheduler", "kube-etcd", "kube-controller-manager", "kube-proxy", "node-exporter"):
+        assert not re.fullmatch(matcher[1], job), job
 
 
 def test_prometheus_rule_objects_carry_exactly_the_rule_file_groups() -> None:
