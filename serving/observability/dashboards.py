@@ -27,6 +27,11 @@ PanelKind = Literal["timeseries", "stat", "table"]
 #: Where a panel can show data: everywhere, or only on a cluster with GPUs / Argo.
 Availability = Literal["everywhere", "gpu", "argo"]
 
+#: the Prometheus jobs of CXR's own targets: one-machine configs name them gateway, triton and
+#: mlflow-exporter; in the cluster a job is the Service's name with the overlay's suffix. The alert
+#: CxrScrapeTargetDown selects the same (tests/unit/observability/test_alert_rules.py holds them equal)
+CXR_SCRAPE_JOBS = "(cxr-)?gateway(-.+)?|triton(-.+)?|mlflow-exporter(-.+)?"
+
 
 @dataclass(frozen=True)
 class Query:
@@ -142,8 +147,10 @@ SERVICE_OVERVIEW = DashboardSpec(
         ),
         PanelSpec(
             "Scrape targets up",
-            "Every gateway and Triton Prometheus scrapes; 0 means it is down or unreachable.",
-            (_q("up", "{{job}} {{instance}}"),),
+            "Every gateway, Triton and MLflow exporter scraped; 0 means it is down or unreachable.",
+            # CXR's jobs only, as CxrScrapeTargetDown selects them: in the cluster the shared
+            # Prometheus scrapes every other target too
+            (_q(f'up{{job=~"{CXR_SCRAPE_JOBS}"}}', "{{job}} {{instance}}"),),
             kind="stat",
         ),
     ),

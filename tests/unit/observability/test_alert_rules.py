@@ -111,6 +111,9 @@ def test_scrape_target_down_pages_for_every_cxr_job_and_no_other() -> None:
     # what a kube-prometheus-stack scrapes beside us (kubeadm's scheduler and etcd are down by default)
     for job in ("kube-scheduler", "kube-etcd", "kube-controller-manager", "kube-proxy", "node-exporter"):
         assert not re.fullmatch(matcher[1], job), job
+    from serving.observability.dashboards import CXR_SCRAPE_JOBS
+
+    assert matcher[1] == CXR_SCRAPE_JOBS, "the 'Scrape targets up' panel shows other jobs than the alert"
 
 
 def test_prometheus_rule_objects_carry_exactly_the_rule_file_groups() -> None:
