@@ -162,8 +162,17 @@ def _upper(name: str, value: float | None, limit: float, required: bool) -> Chec
     return Check(name, value, f"<= {limit:g}", value <= limit)
 
 
-def judge(values: dict[str, float | None], policy: CanaryPolicy) -> CanaryAnalysis:
-    """Turn the query results into a verdict (pure: unit-tested without Prometheus)."""
+def judge(
+    values: dict[str, float | None], policy: CanaryPolicy, canary_weight: int | None = None
+) -> CanaryAnalysis:
+    """Turn the query results into a verdict (pure: unit-tested without Prometheus).
+
+    ``canary_weight`` 100: the gateway routes every request to the canary, so production serving
+    none in the window is expected, not a reason to wait. The comparisons were judged at the
+    lower weights; here the canary's own checks decide. Judged "inconclusive" instead, the last
+    step of the ladder never passed once the window held only traffic at 100 (the CronJob runs
+    every twice the window), and the canary kept all of production's traffic for good.
+    """
     canary_requests = values.get("canary-requests") or 0.0
     production_requests = values.get("production-requests") or 0.0
     error_rate = values.get("error-rate")
@@ -199,8 +208,10 @@ def judge(values: dict[str, float | None], policy: CanaryPolicy) -> CanaryAnalys
         return CanaryAnalysis(
             "fail", window, canary_requests, production_requests, checks, "thresholds exceeded"
         )
+    takes_all = canary_weight is not None and canary_weight >= 100
     if (
-        production_requests < policy.min_requests
+        not takes_all
+        and production_requests < policy.min_requests
         and error_rate is not None
         and error_rate <= policy.max_error_rate
     ):
@@ -218,11 +229,11 @@ def judge(values: dict[str, float | None], policy: CanaryPolicy) -> CanaryAnalys
     )
 
 
-def analyze(prometheus_url: str, policy: CanaryPolicy) -> CanaryAnalysis:
-    """Run every query against Prometheus now and judge the canary."""
+def analyze(prometheus_url: str, policy: CanaryPolicy, canary_weight: int | None = None) -> CanaryAnalysis:
+    """Run every query against Prometheus now and judge the canary at ``canary_weight`` (:func:`judge`)."""
     client = PrometheusClient(prometheus_url)
     values = {name: client.scalar(query) for name, query in build_queries(policy.window).items()}
-    result = judge(values, policy)
+    result = judge(values, policy, canary_weight)
     log.info(
         "canary_analysis verdict=%s window=%s canary_requests=%.0f production_requests=%.0f %s",
         result.verdict,

@@ -115,6 +115,8 @@ def _step_locked(
             weight_after=weight,
         )
     # [3] the one move it calls for
+    if opts.push:  # before its commit: one that cannot be pushed is a move ArgoCD never sees
+        repo.check_push(opts.remote)
     if result.verdict == "fail":
         return _roll_back(ctx, result, weight, opts)
     target = next_weight(weight, policy.canary.weights)

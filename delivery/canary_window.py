@@ -42,7 +42,8 @@ def canary_since(gitops_dir: Path) -> datetime | None:
     served = (current.model_version, current.variant)
     since: datetime | None = None
     for entry in repo.history("canary"):  # newest first: walk back while the same model serves
-        if (entry.content.model_version, entry.content.variant) != served:
+        # an unreadable revision ends the walk too: what served then is unknown, so not counted
+        if entry.content is None or (entry.content.model_version, entry.content.variant) != served:
             break
         since = entry.committed_at
     return since
@@ -60,5 +61,6 @@ def current_window(policy: CanaryPolicy, gitops_dir: Path, now: datetime | None 
 
 
 def analyze_current_canary(prometheus_url: str, policy: CanaryPolicy, gitops_dir: Path) -> CanaryAnalysis:
-    """The analysis every delivery step runs: over the window this canary version has served."""
-    return analyze(prometheus_url, current_window(policy, gitops_dir))
+    """The analysis every delivery step runs: at the canary's weight, over the window it has served."""
+    weight = read_stage_file(GitOpsRepo(gitops_dir).root, "canary").canary_weight
+    return analyze(prometheus_url, current_window(policy, gitops_dir), weight)

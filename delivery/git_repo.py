@@ -27,7 +27,7 @@ from pathlib import Path
 
 import git
 
-from core.errors import CxrError
+from core.errors import CxrError, StageFileError
 from core.stage_file import (
     StageFile,
     parse_stage_file,
@@ -57,10 +57,15 @@ _held_guard = threading.Lock()
 
 @dataclass(frozen=True)
 class HistoryEntry:
-    """One commit that touched a stage file, with the file as it was after that commit."""
+    """One commit that touched a stage file, with the file as it was after that commit.
+
+    ``content`` is None where that commit left no valid stage file (a hand edit to garbage, fixed
+    by a later commit): it named no model, so callers skip it or stop at it, but one bad commit in
+    the past must not make every later rollback and canary analysis of the stage fail.
+    """
 
     sha: str
-    content: StageFile
+    content: StageFile | None
     record: DeliveryRecord | None
     committed_at: datetime
 
@@ -217,14 +222,25 @@ class GitOpsRepo:
         log.info("gitops_commit sha=%s action=%s stage=%s", sha[:12], record.action, record.stage)
         return sha
 
-    def push(self, remote: str = "origin") -> None:
-        """Push the current branch; a rejected push leaves the local commit for a person to rebase."""
+    def check_push(self, remote: str = "origin") -> str:
+        """The branch :meth:`push` would push to ``remote``, or why it cannot: call it before committing.
+
+        A delivery command with ``--push`` checks this first: found only at the push, a detached
+        HEAD or a missing remote left the commit made (and the alias moved), and the retry the
+        error asked for then promoted nothing ("nothing to commit") or rolled back one version
+        further than asked.
+        """
         try:
             branch = self._repo.active_branch.name
         except TypeError as exc:
             raise GitOpsRepoError("HEAD is detached; check out the branch ArgoCD watches first") from exc
         if remote not in [r.name for r in self._repo.remotes]:
             raise GitOpsRepoError(f"no git remote named {remote!r}; add it or drop --push")
+        return branch
+
+    def push(self, remote: str = "origin") -> None:
+        """Push the current branch; a rejected push leaves the local commit for a person to rebase."""
+        branch = self.check_push(remote)
         try:
             self._repo.git.push(remote, f"HEAD:refs/heads/{branch}")
         except git.GitCommandError as exc:
@@ -242,19 +258,26 @@ class GitOpsRepo:
             return ""
 
     def history(self, stage: Stage) -> Iterator[HistoryEntry]:
-        """Commits that changed the stage file, newest first, with the file's content after each."""
+        """Commits that changed the stage file, newest first, with the file's content after each
+        (None for a revision that is no valid stage file, see :class:`HistoryEntry`)."""
         rel = self._relative(self.stage_path(stage))
         if not self._repo.head.is_valid():
             return
         for commit in self._repo.iter_commits(paths=rel):
             try:
-                text = (commit.tree / rel).data_stream.read().decode("utf-8")
+                # not UTF-8: replaced, so it reads as the unreadable revision it is, not a traceback
+                text = (commit.tree / rel).data_stream.read().decode("utf-8", errors="replace")
             except KeyError:  # the commit deleted the file
                 continue
             message = commit.message if isinstance(commit.message, str) else commit.message.decode()
+            try:
+                content: StageFile | None = parse_stage_file(text, stage, f"{rel}@{commit.hexsha[:12]}")
+            except StageFileError as exc:
+                log.warning("gitops_history_unreadable sha=%s error=%s", commit.hexsha[:12], exc)
+                content = None
             yield HistoryEntry(
                 sha=commit.hexsha,
-                content=parse_stage_file(text, stage, f"{rel}@{commit.hexsha[:12]}"),
+                content=content,
                 record=parse_record(message),
                 committed_at=commit.committed_datetime,
             )

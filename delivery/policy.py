@@ -62,6 +62,15 @@ class CanaryPolicy(BaseModel):
     )
     weights: list[int] = Field(default_factory=lambda: [10, 50, 100])
 
+    @field_validator("window")
+    @classmethod
+    def _positive(cls, value: str) -> str:
+        # Prometheus refuses a zero range ("duration must be greater than 0") at every analysis:
+        # said here, where the policy is read, instead of by each `canary step` against Prometheus
+        if int(value[:-1]) == 0:
+            raise ValueError("window must be longer than 0, e.g. 5m")
+        return value
+
     @field_validator("weights")
     @classmethod
     def _increasing(cls, value: list[int]) -> list[int]:
@@ -122,5 +131,5 @@ def load_policy(gitops_dir: Path) -> DeliveryPolicy:
         return DeliveryPolicy()
     try:
         return DeliveryPolicy.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    except (yaml.YAMLError, ValidationError) as exc:
+    except (yaml.YAMLError, ValidationError, UnicodeDecodeError) as exc:  # not UTF-8: no traceback either
         raise DeliveryError(f"{path} is invalid, fix it before promoting: {exc}") from exc

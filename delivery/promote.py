@@ -317,6 +317,8 @@ def promote_version(
     policy = load_policy(repo.root)
     ctx = DeliveryContext(**{**ctx.__dict__, "gitops_dir": repo.root})
     with repo.delivery_lock(f"cxr promote {request.version} --to {request.to}", echo=echo):
+        if request.push:  # before the gates and the alias: a push that cannot happen changes nothing
+            repo.check_push(request.remote)
         outcome, reg = _promote_locked(ctx, repo, policy, request, registry, store, analysis, echo)
     if outcome.commit is None or outcome.record is None:
         return outcome

@@ -53,12 +53,14 @@ def previous_served(repo: GitOpsRepo, stage: Stage, current: StageFile) -> tuple
     for entry in repo.history(stage):
         if entry.record and entry.record.action == "rollback" and entry.record.rolled_back_version:
             rejected.add(_served(entry.record.rolled_back_version))
+        if entry.content is None:  # a hand edit git holds but nothing could serve: never a target
+            continue
         served = (entry.content.model_version, entry.content.variant)
         if served == now:
             seen_current = True
             continue
         if seen_current and served not in rejected:
-            return entry.content.model_version, entry.content.variant
+            return served
     if seen_current:
         return "", DEFAULT_VARIANT
     raise NoPreviousVersion(
@@ -95,6 +97,8 @@ def rollback_stage(
     repo = GitOpsRepo(ctx.gitops_dir)
     ctx = DeliveryContext(**{**ctx.__dict__, "gitops_dir": repo.root})
     with repo.delivery_lock(f"cxr rollback --stage {stage}", echo=echo):
+        if push:  # before the commit: a retry after one made would roll back one version further
+            repo.check_push(remote)
         current = read_stage_file(repo.root, stage)
         if not current.model_version:
             raise NoPreviousVersion(f"{stage} serves nothing; there is nothing to roll back")

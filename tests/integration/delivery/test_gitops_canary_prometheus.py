@@ -41,6 +41,8 @@ class Behaviour:
     down: bool = False  # the gateway falls back to production and counts the canary unavailable
     # F1 of its answer against production's on the same image (the gateway's production mirror)
     agreement: float = 1.0
+    # weight 100: every request goes to the canary; production's series exist from before, flat
+    takes_all: bool = False
 
 
 class FakeGatewayTraffic:
@@ -59,6 +61,12 @@ class FakeGatewayTraffic:
         self.rejected = Counter("cxr_gateway_rejected", "", ["stage", "reason"], registry=r)
         self.agreement = Histogram("cxr_shadow_agreement", "", ["stage"], registry=r)
         self.behaviours = {"production": Behaviour(), "canary": canary}
+        if canary.takes_all:  # production served before the weight reached 100: its series exist
+            self.requests.labels("/v1/detect", "200", "production")
+            self.duration.labels("/v1/detect", "production")
+            self.images.labels("production", "1")
+            self.detections.labels("production", "1", "Cardiomegaly")
+            self.confidence.labels("production")
         self.port = free_port()
         self.server, self.thread = start_http_server(self.port, addr="127.0.0.1", registry=r)
         self._stop = threading.Event()
@@ -82,7 +90,8 @@ class FakeGatewayTraffic:
 
     def _play(self) -> None:
         while not self._stop.is_set():  # 50 % canary: the weight-50 step of the issue
-            self._one("production")
+            if not self.behaviours["canary"].takes_all:
+                self._one("production")
             self._one("canary")
             self._stop.wait(0.05)
 
@@ -111,6 +120,7 @@ def scenarios(prometheus_factory: Any) -> Iterator[dict[str, Any]]:
         "slow": Behaviour(latency_s=2.0),
         "down": Behaviour(down=True),
         "elsewhere": Behaviour(agreement=0.2),
+        "all traffic": Behaviour(agreement=0.9, takes_all=True),
     }
     traffic = {name: FakeGatewayTraffic(b) for name, b in canaries.items()}
     servers = {name: prometheus_factory([f"127.0.0.1:{t.port}"]) for name, t in traffic.items()}
@@ -175,6 +185,19 @@ def test_a_canary_that_is_down_has_no_agreement_to_judge(scenarios: dict[str, st
     checks = {c.name: c for c in analyze(scenarios["down"], POLICY).checks}
     assert checks["shadow/online agreement"].value is None
     assert checks["shadow/online agreement"].passed is None
+
+
+def test_a_healthy_canary_at_weight_100_passes_without_production_traffic(scenarios: dict[str, str]) -> None:
+    """At 100 % production serves nothing: judged "inconclusive" for that, the ladder's last step
+    never passed and the canary kept all of production's traffic for good."""
+    result = analyze(scenarios["all traffic"], POLICY, canary_weight=100)
+    assert result.verdict == "pass", result.lines()
+    assert result.production_requests == 0 and result.canary_requests >= POLICY.min_requests
+    checks = {c.name: c for c in result.checks}
+    assert checks["5xx rate"].passed is True and checks["shadow/online agreement"].passed is True
+    assert checks["p95 latency canary/production"].value is None  # nothing to compare with
+    # below 100 the same numbers are a production that lost its traffic: wait, as before
+    assert analyze(scenarios["all traffic"], POLICY, canary_weight=50).verdict == "inconclusive"
 
 
 def test_too_much_required_traffic_is_inconclusive(scenarios: dict[str, str]) -> None:

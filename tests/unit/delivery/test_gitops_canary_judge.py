@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from delivery.canary import build_queries, judge
 from delivery.canary_step import next_weight
-from delivery.policy import CanaryPolicy
+from delivery.errors import DeliveryError
+from delivery.policy import POLICY_FILE, CanaryPolicy, load_policy
 
 pytestmark = pytest.mark.unit
 
@@ -91,3 +94,23 @@ def test_weight_ladder_climbs_then_stops_at_100() -> None:
 def test_policy_rejects_a_ladder_that_never_reaches_100() -> None:
     with pytest.raises(ValueError, match="up to 100"):
         CanaryPolicy(weights=[10, 50])
+
+
+@pytest.mark.parametrize("window", ["0s", "0m", "00h"])
+def test_policy_refuses_an_empty_window_prometheus_would_refuse_at_every_analysis(window: str) -> None:
+    with pytest.raises(ValueError, match="window must be longer than 0"):
+        CanaryPolicy(window=window)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"canary:\n  window: 0s\n", b"canary:\n  max_error_rate: .nan\n", b"canary: {window: \xff5m}\n"],
+)
+def test_a_policy_file_with_an_empty_window_nan_or_not_utf8_is_one_clear_error(
+    tmp_path: Path, text: bytes
+) -> None:
+    path = tmp_path / POLICY_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(text)
+    with pytest.raises(DeliveryError, match=r"delivery-policy\.yaml is invalid, fix it before promoting"):
+        load_policy(tmp_path)

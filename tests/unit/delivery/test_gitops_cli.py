@@ -251,6 +251,29 @@ def test_a_promotion_whose_commit_fails_moves_nothing_and_the_retry_promotes(sta
     assert _Registry.aliases == {"staging": "4"}
 
 
+def test_a_promotion_that_cannot_push_moves_nothing_and_the_retry_pushes(
+    stage_repo: Path, tmp_path: Path
+) -> None:
+    """`--push` without the remote was found after the commit and the alias: the retry the error
+    asked for ("add it or drop --push") then said "nothing to commit" and never pushed."""
+    from core.stage_file import read_stage_file
+
+    _Registry.tags = dict(_PASSING)
+    head = _head(stage_repo)
+    args = ["promote", "4", "--to", "staging", "--push", "--no-apply", "--gitops-dir", str(stage_repo)]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "no git remote named 'origin'" in refused.output
+    assert _head(stage_repo) == head and _Registry.aliases == {}
+    assert read_stage_file(stage_repo, "staging").model_version == ""
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
+    _git(stage_repo, "remote", "add", "origin", str(remote))
+    retried = runner.invoke(app, args)
+    assert retried.exit_code == 0, retried.output
+    assert "pushed to origin" in retried.stdout and _Registry.aliases == {"staging": "4"}
+    assert _git(remote, "rev-parse", "main") == _head(stage_repo) != head
+
+
 def test_a_version_of_unicode_digits_is_refused_before_anything_happens(stage_repo: Path) -> None:
     _Registry.tags = dict(_PASSING)
     head = _head(stage_repo)

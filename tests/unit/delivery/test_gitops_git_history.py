@@ -464,3 +464,96 @@ def test_an_interrupt_after_the_commit_finished_leaves_the_committed_files(
         GitOpsRepo(repo).commit_stage_files([StageFile(stage="staging", model_version="4")], record)
     assert git(repo, "rev-parse", "HEAD") != head
     assert read_stage_file(repo, "staging").model_version == "4" and stage_files_as_in_head(repo)
+
+
+@pytest.mark.parametrize("how", ["no remote", "detached HEAD"])
+def test_a_rollback_that_cannot_push_commits_nothing_and_the_retry_rolls_back_the_same_version(
+    repo: Path, tmp_path: Path, how: str
+) -> None:
+    """Found only at the push, the rollback was already committed: the retry the error asked for
+    then rolled production back one version further (v3 -> v2, then v2 -> v1)."""
+    for version in ("1", "2", "3"):
+        commit_version(repo, "production", version)
+    head = git(repo, "rev-parse", "HEAD").strip()
+    remote = tmp_path / "remote.git"
+    git(tmp_path, "init", "-q", "--bare", str(remote))
+    if how == "detached HEAD":
+        git(repo, "remote", "add", "origin", str(remote))
+        git(repo, "checkout", "-q", "--detach")
+    with pytest.raises(GitOpsRepoError, match=r"no git remote named 'origin'|HEAD is detached"):
+        rollback_stage(ctx_for(repo), "production", push=True, **QUIET)  # type: ignore[arg-type]
+    assert git(repo, "rev-parse", "HEAD").strip() == head and stage_files_as_in_head(repo)
+    if how == "detached HEAD":
+        git(repo, "checkout", "-q", "main")
+    else:
+        git(repo, "remote", "add", "origin", str(remote))
+    outcome = rollback_stage(ctx_for(repo), "production", push=True, **QUIET)  # type: ignore[arg-type]
+    assert (outcome.from_version, outcome.to_version) == ("3", "2")
+    assert git(remote, "rev-parse", "main") == git(repo, "rev-parse", "HEAD")
+
+
+def test_a_canary_step_that_cannot_push_moves_nothing(repo: Path) -> None:
+    commit_version(repo, "production", "1")
+    commit_version(repo, "canary", "2", weight=10)
+    head = git(repo, "rev-parse", "HEAD")
+    with pytest.raises(GitOpsRepoError, match="no git remote named 'origin'"):
+        step(ctx_for(repo), analysis=analysis("pass"), push=True, apply_local=False, echo=lambda _: None)
+    assert git(repo, "rev-parse", "HEAD") == head and read_stage_file(repo, "canary").canary_weight == 10
+
+
+def commit_by_hand(root: Path, stage: Stage, text: str | bytes, message: str) -> None:
+    path = root / "k8s" / "overlays" / stage / "model.yaml"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    git(root, "commit", "-q", "-am", message)
+
+
+def test_a_garbage_revision_in_the_past_does_not_block_rollback_or_the_canary_window(repo: Path) -> None:
+    """A stage file once committed as garbage by hand (and fixed by a later commit) made every
+    rollback and every canary analysis of that stage fail on the old revision's parse error."""
+    commit_version(repo, "production", "1")
+    commit_version(repo, "production", "2")
+    commit_by_hand(repo, "production", "stage: production\nmodel_version: [oops\n", "hand edit")
+    commit_by_hand(repo, "production", 'stage: production\nmodel_version: "3"\n', "fix the hand edit")
+    outcome = rollback_stage(ctx_for(repo), "production", **QUIET)  # type: ignore[arg-type]
+    assert (outcome.from_version, outcome.to_version) == ("3", "2")
+
+    t0 = datetime.now(UTC)
+    commit_version(repo, "canary", "4", weight=10)
+    commit_by_hand(repo, "canary", b"stage: canary\nmodel_version: \xff\n", "not UTF-8")
+    commit_by_hand(repo, "canary", 'stage: canary\nmodel_version: "4"\ncanary_weight: 10\n', "fixed")
+    policy = CanaryPolicy(window="1h")
+    # the window starts at the fix: what the canary served during the garbage revision is unknown
+    fixed_at = GitOpsRepo(repo)._repo.head.commit.committed_datetime
+    window = current_window(policy, repo, now=fixed_at + timedelta(seconds=30)).window
+    assert window == "30s" and fixed_at >= t0.replace(microsecond=0)
+
+
+def test_a_healthy_canary_at_weight_100_is_judged_on_its_own_numbers_not_kept_waiting(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What Prometheus answers once every request goes to the canary (production's counters flat:
+    its rates and p95 are 0/0): the last step waited "inconclusive" at every run, for good."""
+    from delivery.canary import PrometheusClient, build_queries
+    from delivery.canary_window import analyze_current_canary
+
+    at_100: dict[str, float | None] = {
+        "canary-requests": 600.0,
+        "production-requests": 0.0,
+        "error-rate": 0.0,
+        "production-error-rate": None,
+        "p95-latency-ratio": None,
+        "detection-shift": None,
+        "confidence-shift": None,
+        "agreement": 0.9,
+    }
+    by_query = {query: at_100[name] for name, query in build_queries("5m").items()}
+    monkeypatch.setattr(PrometheusClient, "scalar", lambda self, query: by_query[query])
+    policy = CanaryPolicy(window="5m")
+    old = datetime.now(UTC) - timedelta(hours=1)
+    monkeypatch.setenv("GIT_COMMITTER_DATE", old.isoformat())  # the window is the policy's 5m
+    commit_version(repo, "production", "1")
+    commit_version(repo, "canary", "2", weight=50)
+    assert analyze_current_canary("http://prometheus", policy, repo).verdict == "inconclusive"
+    commit_version(repo, "canary", "2", weight=100)
+    result = analyze_current_canary("http://prometheus", policy, repo)
+    assert result.verdict == "pass", result.lines()
