@@ -19,7 +19,11 @@ from core.credentials import resolve_s3_keys
 class CoreSettings(BaseSettings):
     """Where the stack's state and servers are (env prefix ``CXR_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
+    # A refused value is never quoted in the error: pydantic echoes ``input_value`` by default, and
+    # a wrong CXR_WORKLIST_URL (its password), CXR_PACS_DESTINATIONS (their Authorization headers)
+    # or any other secret-bearing setting would reach the console and the component's log in clear.
+    # Subclasses' own ``model_config`` is merged with this one, so every package's settings keep it.
+    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore", hide_input_in_errors=True)
 
     stack_dir: Path = Path(".stack")
     s3_endpoint: str = "http://127.0.0.1:8333"

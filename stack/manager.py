@@ -230,7 +230,10 @@ def _preflight(settings: StackSettings, components: list[Component]) -> None:
 def up(settings: StackSettings) -> list[ComponentStatus]:
     """Start (or complete) the stack and wait until every component is healthy."""
     state = settings.state
-    state.mkdir(parents=True, exist_ok=True)
+    # the stack's state holds identified radiographs (the result journal, the DIMSE spool, the
+    # outbox, Orthanc's storage): the owner's alone, also when an earlier version made it 0755
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state.chmod(0o700)
     apply_offline_env(state)
     creds = load_or_create(settings.credentials_file, settings.api_keys_file)
     write_env_file(settings.env_file, {**client_env(settings, creds), **pacs_env(settings, creds)})

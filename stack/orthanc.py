@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from stack.components import Component, http_ok
+from stack.credentials import write_private
 
 log = logging.getLogger("cxr.stack")
 
@@ -237,10 +238,9 @@ def orthanc_component(
         dicomweb_servers=dicomweb_servers,
     )
     config_file = state_dir / "orthanc.json"
-    fd = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(config, handle, indent=2)
-    config_file.chmod(0o600)
+    # a temp file created 0600 and renamed over the old one: the password never lands in a file
+    # an earlier run (or a copy) left readable by others, and Orthanc never reads half a file
+    write_private(config_file, json.dumps(config, indent=2))
     health = f"http://{host}:{http_port}/system"
     return Component(
         name="orthanc",

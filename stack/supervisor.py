@@ -31,20 +31,25 @@ class ProcessState:
     description: str
 
 
-def _quote(value: str) -> str:
-    """One ``environment=`` value as supervisord reads it back.
+def _quote(name: str, value: str) -> str:
+    """The ``environment=`` value of variable ``name`` as supervisord reads it back.
 
     supervisord splits the line with a non-POSIX shlex (no backslash escapes: a quote
     ends the token) and then strips quotes from both ends; it expands %(name)s, so a
     literal % is doubled. A value holding double quotes (JSON settings such as
     CXR_PACS_DESTINATIONS) therefore goes in single quotes, and one that starts or ends
-    with a quote, or holds both kinds, cannot be passed at all: refuse it clearly.
+    with a quote, or holds both kinds, cannot be passed at all: refuse it clearly, by the
+    variable's name only: these values are secrets (S3 keys, PACS Authorization headers), and the
+    message reaches the console and logs of ``cxr stack up``.
     """
     escaped = value.replace("%", "%%")
     if '"' not in value:
         return f'"{escaped}"'
     if "'" in value or value[:1] in "\"'" or value[-1:] in "\"'":
-        raise ValueError(f"supervisord cannot carry this environment value: {value[:40]}...")
+        raise ValueError(
+            f"supervisord cannot carry the value of {name}: it starts or ends with a quote, or holds "
+            "both single and double quotes"
+        )
     return f"'{escaped}'"
 
 
@@ -63,6 +68,9 @@ def render_config(state: Path, components: list[Component]) -> str:
         f"directory={Path.cwd()}",
         "logfile_maxbytes=5MB",
         "logfile_backups=1",
+        # every component inherits it: what they write (results, spools, logs, databases) is the
+        # owner's alone, whatever the login shell's umask
+        "umask=077",
         "",
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
@@ -72,7 +80,7 @@ def render_config(state: Path, components: list[Component]) -> str:
         "",
     ]
     for comp in components:
-        env = ",".join(f"{k}={_quote(v)}" for k, v in sorted(comp.env.items()))
+        env = ",".join(f"{k}={_quote(k, v)}" for k, v in sorted(comp.env.items()))
         sections += [
             f"[program:{comp.name}]",
             "command=" + " ".join(_shell_word(w) for w in comp.command),
