@@ -316,8 +316,20 @@ class ResultStore:
         if age > self.retention.results:
             raise NotFound(f"result '{request_id}' is older than the retention period")
         if age > self.retention.sources:
-            record.source = None
+            self._drop_source(record)
         return record
+
+    def _drop_source(self, record: ResultRecord) -> None:
+        """Forget ``record``'s source, and its bytes in the cache's count when the cache holds it.
+
+        The record is the cached object itself: dropping its source without the count left the
+        bytes counted for ever (an eviction subtracts what the record holds then, nothing), and
+        the count, past ``cache_bytes`` after enough of them, kept the cache down to one result.
+        """
+        with self._lock:
+            if record.source is not None and self._cache.get(record.request_id) is record:
+                self._bytes -= len(record.source)
+            record.source = None
 
     def _lookup(self, request_id: str) -> ResultRecord | None:
         with self._lock:
@@ -367,7 +379,7 @@ class ResultStore:
 
 
 def _record(request_id: str, meta: dict[str, Any], source: bytes | None) -> ResultRecord:
-    created = datetime.fromisoformat(meta.get("created", datetime.now(UTC).isoformat()))
+    created = _created(meta.get("created", datetime.now(UTC).isoformat()))
     fmt = str(meta.get("source_format", "dicom"))
     return ResultRecord(
         request_id, meta["response"], fmt, source, created, str(meta.get("tenant", "default"))
@@ -393,7 +405,7 @@ def _purge_local(root: Path, retention: Retention, now: datetime, report: PurgeR
                 shutil.rmtree(folder, ignore_errors=True)
             continue
         try:
-            created = datetime.fromisoformat(json.loads((folder / "result.json").read_text())["created"])
+            created = _created(json.loads((folder / "result.json").read_text())["created"])
         except (OSError, ValueError, KeyError, TypeError):
             created = modified
         if now - created > retention.results:
@@ -421,7 +433,7 @@ def purge_expired(
     for request_id in ids:
         try:
             meta = json.loads(store.get_bytes(f"results/{request_id}/result.json"))
-            created = datetime.fromisoformat(meta["created"])
+            created = _created(meta["created"])
         except Exception:  # half-written or foreign objects: leave them for a person to look at
             continue
         if now - created > retention.results:
@@ -444,5 +456,27 @@ def _mtime(folder: Path) -> datetime | None:
     return datetime.fromtimestamp(st.st_mtime, UTC) if stat.S_ISDIR(st.st_mode) else None
 
 
+def _created(value: Any) -> datetime:
+    """A ``created`` as written in ``result.json``, always with a zone (``ValueError``/``TypeError``).
+
+    The gateway writes UTC with its offset; a time without one (another writer, an older one) is
+    taken as UTC. Compared as it was with the aware ``now``, it raised ``TypeError`` outside the
+    guards, and one such result stopped the whole purge: every other result and identified source,
+    of every tenant, then outlived its retention.
+    """
+    created = datetime.fromisoformat(value)
+    return created if created.tzinfo is not None else created.replace(tzinfo=UTC)
+
+
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
 def _safe_id(request_id: str) -> bool:
-    return 0 < len(request_id) <= 64 and all(c.isalnum() or c in "-_" for c in request_id)
+    """An id (or derived name) that may name a journal folder, a file and an S3 key: ASCII only.
+
+    ``str.isalnum`` also takes non-ASCII letters and digits (U+00E9, fullwidth U+FF21, U+0661): 64 of them
+    can pass NAME_MAX (255 bytes; a lookup then raised instead of finding nothing), and filesystems
+    that normalise names (NFD on HFS+, casefolded ext4) list such a name in another form than the
+    one written. The server's ids are UUID hex and its derived names ``[A-Za-z0-9_-]``.
+    """
+    return 0 < len(request_id) <= 64 and all(c in _ID_CHARS for c in request_id)

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from core.durable import discard_dir, discard_leftovers, fsync_dir, make_dirs, publish_files
 from data_pipeline.classes import CLASS_NAMES, NO_FINDING, NO_FINDING_ID
 from serving.dicom.deid import deidentify_dicom, reencode_png
-from serving.errors import FeedbackIdReused, InvalidRequest
+from serving.errors import FeedbackIdReused, InvalidRequest, NotFound, Overloaded
 from serving.results import BlobStore, ResultRecord
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ VINDR_COLUMNS = ("image_id", "class_name", "class_id", "rad_id", "x_min", "y_min
 # how far past the image's right/bottom edge a box may reach (client rounding); it is clamped to the
 # edge in the rows. Within data_pipeline.annotations.EDGE_TOLERANCE_PX, so no kept box is quarantined.
 EDGE_TOLERANCE_PX = 1.0
+#: free space the spool leaves on its disk (the stack's, where the results journal is written before each
+#: answer and the PACS outbox queues what a PACS is owed): a store down for days grew the spool by an
+#: image a feedback until the disk was full, and detection then failed with the journal's write
+SPOOL_DISK_RESERVE_BYTES = 256 * 1024 * 1024
 
 
 class BoxReview(BaseModel):
@@ -275,9 +280,10 @@ def build_objects(
     A DICOM whose pixels may identify the patient (burned-in annotation, Secondary Capture) is
     refused with 422 before anything is kept, unless ``allow_burned_in`` (CXR_FEEDBACK_ALLOW_BURNED_IN).
     """
-    if record.source is None:
-        raise InvalidRequest(
-            f"the source image of '{record.request_id}' is no longer available; detect again"
+    if record.source is None:  # docs/security.md "Retention": a 404 naming the setting, as the SR's
+        raise NotFound(
+            f"the source image of '{record.request_id}' is no longer kept (CXR_SOURCE_RETENTION_HOURS); "
+            "detect again"
         )
     prefix = f"feedback/{feedback_id}"
     if record.source_format == "dicom":
@@ -320,8 +326,9 @@ class FeedbackSpool:
     crash cut short, removals a crash interrupted), which would race another process's put.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = SPOOL_DISK_RESERVE_BYTES) -> None:
         self.root = root
+        self.min_free_bytes = min_free_bytes
         discard_leftovers(root, ".tmp-*")
 
     def _dir(self, feedback_id: str) -> Path:
@@ -335,8 +342,19 @@ class FeedbackSpool:
 
     def put(self, feedback_id: str, objects: dict[str, bytes]) -> None:
         """Keep the objects until the store takes them (blocking); durable when it returns, since
-        the radiologist is then told the feedback is kept."""
+        the radiologist is then told the feedback is kept.
+
+        :class:`Overloaded` (503, nothing kept) when the put would leave less than ``min_free_bytes``
+        free on the spool's disk: the radiologist sends it again later, and the disk stays usable."""
         make_dirs(self.root)
+        size = sum(len(data) for data in objects.values())
+        if shutil.disk_usage(self.root).free - size < self.min_free_bytes:
+            log.warning("feedback_spool_disk_low pending=%d bytes=%d", self.depth(), size)
+            raise Overloaded(
+                "the object store is unreachable and the feedback spool's disk is nearly full: the "
+                "feedback was not kept; send it again later",
+                retry_after_s=60,
+            )
         names = {key: f"{i:03d}.bin" for i, key in enumerate(objects)}
         files = {names[key]: data for key, data in objects.items()}
         files["objects.json"] = json.dumps(names).encode()
@@ -510,15 +528,44 @@ class FeedbackService:
                     type(exc).__name__,
                 )
                 break
+            # a spooled retry whose look-up found the store unreachable may be of a feedback the store took
+            # before (its answer lost): the same body is a duplicate, never sent again; another body (the
+            # feedback_id reused) is the 409 that look-up could not give. Sent, it replaced the kept rows.
             try:
-                upload(self.store, objects)
+                held = self._held_in_store(feedback_id)
+                if held is None:
+                    upload(self.store, objects)
             except Exception as exc:
                 log.info("feedback_spool_retry_later pending=%d error=%s", self.spool.depth(), exc)
                 break
+            try:
+                spooled = _submission_in(objects.get(f"feedback/{feedback_id}/feedback.json", b"{}"))
+            except ValueError:
+                spooled = ""
+            if held and spooled and held != spooled:
+                if self.spool.set_aside(feedback_id):
+                    log.warning(
+                        "feedback_spool_item_set_aside feedback_id=%s reason=%s dir=.unreadable",
+                        feedback_id,
+                        "feedback_id_reused",
+                    )
+                continue
             self.spool.remove(feedback_id)
             delivered += 1
             log.info("feedback_delivered_from_spool feedback_id=%s", feedback_id)
         return delivered
+
+    def _held_in_store(self, feedback_id: str) -> str | None:
+        """The body digest of a feedback the store holds under ``feedback_id`` ("" when unknown), None
+        when it holds none; raises when the store cannot be asked."""
+        assert self.store is not None
+        marker = f"feedback/{feedback_id}/feedback.json"
+        if not self.store.exists(marker):
+            return None
+        try:
+            return _submission_in(self.store.get_bytes(marker))
+        except ValueError:
+            return ""
 
 
 def to_csv_rows_count(objects: dict[str, bytes]) -> int:

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from serving.errors import FeedbackIdReused, InvalidRequest
+from serving.errors import FeedbackIdReused, InvalidRequest, NotFound, Overloaded
 from serving.feedback.service import (
     FeedbackIn,
     FeedbackService,
@@ -367,3 +367,99 @@ def test_a_damaged_spooled_feedback_is_set_aside_and_the_others_are_delivered(tm
     assert store.objects == {"feedback/fb3/annotations.csv": b"rows3"}  # the named file was never read
     assert spool.pending() == []
     assert sorted(p.name for p in (root / ".unreadable").iterdir()) == ["fb1", "fb2"]
+
+
+def test_feedback_on_a_result_whose_source_was_purged_is_a_404_naming_the_setting_and_keeps_nothing(
+    tmp_path: Path,
+) -> None:
+    """docs/security.md "Retention": after a source is gone its SR and feedback answer 404 naming the
+    setting; feedback answered 400 "no longer available", which names nothing to change."""
+    store = MemoryStore()
+    spool = FeedbackSpool(tmp_path / "spool")
+    record = _record(make_dicom())
+    record.source = None  # purged after CXR_SOURCE_RETENTION_HOURS
+    with pytest.raises(NotFound, match="CXR_SOURCE_RETENTION_HOURS") as refused:
+        FeedbackService(store, spool, "salt").submit(
+            FeedbackIn(request_id="r1", no_finding=True), record, "rad"
+        )
+    assert refused.value.status == 404
+    assert store.objects == {} and spool.pending() == []
+
+
+def test_a_store_down_long_fills_the_spool_only_to_its_disk_reserve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool grew by an image a feedback while the store was down, until the disk (the results
+    journal's and the PACS outbox's too) was full. Below the reserve it answers 503 and keeps nothing."""
+    from serving.feedback import service as feedback_service
+
+    class Down(MemoryStore):
+        def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
+            raise OSError("store down")
+
+    spool = FeedbackSpool(tmp_path / "spool", min_free_bytes=1024)
+    service = FeedbackService(Down(), spool, "salt")
+    source = make_dicom()
+    assert (
+        service.submit(FeedbackIn(request_id="r1", feedback_id="a"), _record(source), "rad").status
+        == "spooled"
+    )
+    real = feedback_service.shutil.disk_usage
+    monkeypatch.setattr(
+        feedback_service.shutil, "disk_usage", lambda p: real(p)._replace(free=len(source) + 1024)
+    )
+    with pytest.raises(Overloaded) as refused:
+        service.submit(FeedbackIn(request_id="r1", feedback_id="b"), _record(source), "rad")
+    assert refused.value.status == 503 and refused.value.retry_after_s
+    assert len(spool.pending()) == 1 and [p.name for p in spool.root.iterdir()] == spool.pending()
+    # a retry of what the spool holds is still the duplicate it is
+    assert (
+        service.submit(FeedbackIn(request_id="r1", feedback_id="a"), _record(source), "rad").status
+        == "duplicate"
+    )
+
+
+def test_a_spooled_retry_of_a_feedback_the_store_holds_never_replaces_it(tmp_path: Path) -> None:
+    """A retry whose look-up found the store unreachable is spooled; its delivery put its objects over
+    the kept feedback's: another body under the same feedback_id (a 409 when the store answers)
+    replaced the kept rows. The same body is not sent again; another is set aside for an operator."""
+
+    class Flaky(MemoryStore):
+        down = False
+
+        def _check(self) -> None:
+            if self.down:
+                raise OSError("store down")
+
+        def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
+            self._check()
+            super().put_bytes(key, data, content_type)
+
+        def exists(self, key: str) -> bool:
+            self._check()
+            return super().exists(key)
+
+    store = Flaky()
+    spool = FeedbackSpool(tmp_path / "spool")
+    service = FeedbackService(store, spool, "salt")
+    source = make_dicom()
+    first = FeedbackIn(request_id="r1", feedback_id="fb1", new_boxes=[NewBox(class_id=8, box=[1, 2, 20, 30])])
+    assert service.submit(first, _record(source), "rad").status == "stored"  # its answer lost
+    kept = dict(store.objects)
+    store.down = True
+    assert service.submit(first, _record(source), "rad").status == "spooled"  # the retry
+    other = FeedbackIn(request_id="r1", feedback_id="fb2", no_finding=True)
+    assert service.submit(other, _record(source), "rad").status == "spooled"
+    store.down = False
+    assert service.deliver_spooled() == 2 and spool.pending() == []
+    assert {k: v for k, v in store.objects.items() if k in kept} == kept  # the retry sent nothing
+
+    store.down = True  # the same feedback_id with another body, while the store cannot say 409
+    reused = FeedbackIn(request_id="r1", feedback_id="fb1", no_finding=True)
+    assert service.submit(reused, _record(source), "rad").status == "spooled"
+    store.down = False
+    service.deliver_spooled()
+    assert {k: v for k, v in store.objects.items() if k in kept} == kept  # the first body stays
+    assert spool.pending() == [] and [p.name for p in (spool.root / ".unreadable").iterdir()] == [
+        feedback_id_for(reused, "rad", "salt")
+    ]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from serving.errors import NotFound
 from serving.results import ResultRecord, ResultStore, Retention
 from tests.unit.serving.serving_support import MemoryStore, make_dicom
 
@@ -225,3 +226,70 @@ def test_persist_journal_copies_nothing_past_its_retention(tmp_path: Path) -> No
         "results/fresh/result.json",
         "results/fresh/source.dcm",
     ]
+
+
+def test_a_source_dropped_when_read_past_its_retention_frees_its_bytes_in_the_cache() -> None:
+    """``get`` dropped the cached record's source but not its bytes from the count: an eviction then
+    subtracted nothing, and the count, stuck past ``cache_bytes``, kept the cache down to one result."""
+    results = ResultStore(None, cache_bytes=10)  # memory only: an evicted result is gone
+    now = datetime.now(UTC)
+    results.journal(ResultRecord("old", {}, "dicom", b"DICM-1", now - timedelta(hours=25), "t"))
+    assert results.get("old", "t").source is None  # past its source retention
+    results.journal(ResultRecord("new", {}, "dicom", b"DICM-2", now, "t"))  # 6 bytes of 10 in the cache
+    assert results.get("old", "t").response == {} and results.get("new", "t").source == b"DICM-2"
+
+
+class _CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    def get_bytes(self, key: str) -> bytes:
+        self.asked.append(key)
+        return super().get_bytes(key)
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    ["caf\u00e9", "\uff21" * 32, "\u0661\u0662\u0663", "\U0001d7d8" * 64, "a\u0301"],
+    ids=["latin-e-acute", "fullwidth-A", "arabic-indic-digits", "64-math-digits", "combining-accent"],
+)
+def test_a_result_id_that_is_not_ascii_names_no_folder_and_no_object(tmp_path: Path, request_id: str) -> None:
+    """Ids are the server's UUID hex; ``str.isalnum`` took non-ASCII letters and digits too. 64 of
+    U+1D7D8 are 256 bytes, past NAME_MAX: ``keep_derived`` raised instead of answering False, and
+    a filesystem that normalises names (HFS+ NFD) lists 'cafe\u0301' for the 'caf\u00e9' written, an
+    id the same check refused."""
+    store = _CountingStore()
+    results = ResultStore(store, local_dir=tmp_path)
+    with pytest.raises(NotFound):
+        results.get(request_id, "t")
+    assert store.asked == []
+    assert results.keep_derived(request_id, "saliency", b"png") is False
+    assert results.derived(request_id, "saliency") is None
+    assert results.keep_derived("0123abcd" * 4, "saliency-g16-all", b"png") is False  # no result: False
+
+
+def test_a_result_json_dated_without_a_zone_does_not_stop_the_purge(tmp_path: Path) -> None:
+    """A ``created`` without an offset (another writer's) raised TypeError against the aware ``now``
+    outside the guards: one such result stopped the whole purge, and every other result's identified
+    source, of every tenant, outlived its retention. It is taken as UTC."""
+    now = datetime.now(UTC)
+    store = MemoryStore()
+    undated = {"response": {}, "created": (now - timedelta(days=40)).replace(tzinfo=None).isoformat()}
+    store.put_bytes("results/aaa/result.json", json.dumps(undated).encode())
+    store.put_bytes("results/aaa/source.dcm", b"DICM")
+    old = ResultRecord("zzz", {}, "dicom", b"DICM", now - timedelta(hours=25), "other-tenant")
+    store.put_bytes("results/zzz/result.json", json.dumps(old.meta()).encode())
+    store.put_bytes("results/zzz/source.dcm", b"DICM")
+    (tmp_path / "aaa").mkdir()
+    (tmp_path / "aaa" / "result.json").write_text(json.dumps(undated))
+    (tmp_path / "aaa" / "source.dcm").write_bytes(b"DICM")
+    ResultStore(None, local_dir=tmp_path).journal(old)
+    report = ResultStore(store, local_dir=tmp_path).purge(now)
+    assert sorted(store.objects) == ["results/zzz/result.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zzz"]
+    assert not (tmp_path / "zzz" / "source.dcm").exists()
+    assert (report.results, report.sources) == (2, 2)
+    fresh = {"response": {}, "created": now.replace(tzinfo=None).isoformat(), "tenant": "t"}
+    store.put_bytes("results/bbb/result.json", json.dumps(fresh).encode())
+    assert ResultStore(store).get("bbb", "t").response == {}  # read as UTC, not a 500
