@@ -13,6 +13,7 @@ lines anywhere else; the result is a :class:`PipelineSummary`.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,9 +108,16 @@ class _StepActions:
         }
 
     def ingest(self) -> str:
-        """Stage the source (an S3 source is downloaded under the work dir) for the next two steps."""
+        """Stage the source (an S3 source is downloaded under the work dir) for the next two steps.
+
+        Into an empty folder, as each Argo pod stages: a re-run under the same name would otherwise
+        keep the first try's files (``download_prefix`` keeps a file of the object's size, and one
+        the source deleted) and build the dataset from studies the source no longer holds.
+        """
         options = self.options
         dest = options.work_dir / "staged" if options.source.startswith("s3://") else None
+        if dest is not None:
+            shutil.rmtree(dest, ignore_errors=True)
         result = steps.ingest(
             options.source, dest=dest, include_feedback=options.include_feedback, store=self.store
         )

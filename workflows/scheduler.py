@@ -157,6 +157,7 @@ class Scheduler:
         # missed past startingDeadlineSeconds), as Argo's controller treats them after a restart.
         since = min(previous.updated_at, now) if previous else now
         self._due = {s.name: s.next_fire(since) for s in schedules}
+        self._last_tick = now
         if previous and previous.running and not _alive(previous.pid):
             self._close_stale(previous.running, now)
 
@@ -165,6 +166,9 @@ class Scheduler:
     def tick(self) -> None:
         """Reap a finished run, fire what is due, write the status file."""
         now = self.clock()
+        if now < self._last_tick:
+            self._clock_stepped_back(now)
+        self._last_tick = now
         self._reap(now)
         for schedule in self.schedules:
             due = self._due[schedule.name]
@@ -172,6 +176,17 @@ class Scheduler:
                 self._due[schedule.name] = schedule.next_fire(now)
                 self._fire(schedule, due, now)
         self._write(now)
+
+    def _clock_stepped_back(self, now: datetime) -> None:
+        """Fire times computed from a clock that was ahead (NTP's step, a clock set by hand) would hold
+        every schedule back by the step: take the next fire time from the corrected clock instead, but
+        never the fire time that last fired again (a small step back just after a fire)."""
+        log.warning("event=clock_stepped_back by_s=%.0f", (self._last_tick - now).total_seconds())
+        for schedule in self.schedules:
+            due = schedule.next_fire(now)
+            if due == self.states[schedule.name].last_fire:
+                due = schedule.next_fire(due)
+            self._due[schedule.name] = due
 
     def seconds_to_next(self) -> float:
         """Seconds until the earliest fire time (never negative)."""

@@ -240,3 +240,66 @@ def test_an_expected_error_of_another_package_is_logged_without_a_traceback(
     assert [r.exc_info is not None for r in records] == [False, True]  # a bug keeps its traceback
     assert "unreachable" in records[0].getMessage()
     assert summary.steps[0].status == "failed" and "is the stack running" in str(summary.steps[0].detail)
+
+
+class _MemoryStore:
+    """An ObjectStore whose bucket is a dict: the real ``download_prefix`` over in-memory objects."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.bucket, self.objects = "cxr", objects
+
+    def list_objects(self, prefix: str) -> list[object]:
+        from data_pipeline.store import ObjectInfo
+
+        return [ObjectInfo(k, len(v)) for k, v in sorted(self.objects.items()) if k.startswith(prefix)]
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        return [k for k in sorted(self.objects) if k.startswith(prefix)]
+
+    def get_file(self, key: str, dest: Path) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(self.objects[key])
+        return dest
+
+    def download_prefix(self, prefix: str, dest: Path) -> list[Path]:
+        from data_pipeline.store import ObjectStore
+
+        return ObjectStore.download_prefix(self, prefix, dest)  # type: ignore[arg-type]
+
+
+def test_a_rerun_under_the_same_name_stages_the_s3_source_as_it_is_now(
+    tmp_path: Path, settings: WorkflowSettings
+) -> None:
+    """`cxr pipeline run --run-name X` again after a crash: the staged studies are the source's current
+    ones, never a file left from the first try (one the source replaced by a same-size one, or deleted),
+    as each Argo pod stages into an empty folder."""
+    from workflows.runner import PipelineSummary, RunOptions, _StepActions
+
+    csv = (HEADER + "a,No finding,14,R1,,,,\nb,No finding,14,R1,,,,\n").encode()
+    store = _MemoryStore(
+        {
+            "incoming/dicom/a.dicom": b"DICM-old",
+            "incoming/dicom/b.dicom": b"DICM",
+            "incoming/annotations.csv": csv,
+        }
+    )
+    options = RunOptions(
+        source="s3://cxr/incoming",
+        training_config=Path("training/configs/cpu-small.yaml"),
+        base_model="none",
+        epochs=0,
+        workers=1,
+        include_feedback=False,
+        promote=False,
+        run_name="again",
+        work_dir=tmp_path / "again",
+    )
+    _StepActions(options, settings, store, PipelineSummary(run_name="again")).ingest()  # the crashed try
+    store.objects["incoming/dicom/a.dicom"] = b"DICM-new"  # re-exported: same size, other pixels
+    del store.objects["incoming/dicom/b.dicom"]
+    store.objects["incoming/annotations.csv"] = (HEADER + "a,No finding,14,R1,,,,\n").encode()
+    actions = _StepActions(options, settings, store, PipelineSummary(run_name="again"))
+    assert actions.ingest().startswith("1 images")
+    staged = actions.state["staged"]
+    assert (staged.dicom_dir / "a.dicom").read_bytes() == b"DICM-new"
+    assert sorted(p.name for p in staged.dicom_dir.iterdir()) == ["a.dicom"]

@@ -282,3 +282,32 @@ def test_a_second_scheduler_for_the_same_stack_is_refused(tmp_path: Path) -> Non
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def test_a_clock_stepped_back_resumes_the_schedule_from_the_corrected_time(tmp_path: Path) -> None:
+    """A clock a day ahead (no RTC, NTP not yet synced) then corrected: the next fire time is the one
+    after the corrected time, not a day away; a fire time that already fired does not fire again."""
+    clock = FakeClock(T0 + timedelta(days=1))  # the scheduler starts with the clock a day ahead
+    scheduler = Scheduler(
+        [_schedule()],
+        tmp_path / "stack",
+        command_for=lambda schedule, run_name: _python("print('retrain')"),
+        count_feedback=lambda threshold: pytest.fail("no count"),
+        clock=clock,
+    )
+    clock.now = T0 + timedelta(days=1, seconds=31)  # 02:00 of the wrong day: it fires
+    scheduler.tick()
+    _until_finished(scheduler)
+    clock.now = T0  # NTP steps the clock back a day: 01:59:30
+    scheduler.tick()
+    assert _status(tmp_path).schedules["cxr-retrain-weekly"].next_run == datetime(2026, 12, 7, 2, tzinfo=UTC)
+    clock.now = datetime(2026, 12, 7, 2, 0, 1, tzinfo=UTC)
+    scheduler.tick()
+    _until_finished(scheduler)
+    assert _status(tmp_path).schedules["cxr-retrain-weekly"].runs_started == 2
+
+    # a small step back just after a fire: that fire time is not fired a second time
+    clock.now = datetime(2026, 12, 7, 1, 59, 55, tzinfo=UTC)
+    scheduler.tick()
+    state = _status(tmp_path).schedules["cxr-retrain-weekly"]
+    assert state.next_run == datetime(2026, 12, 7, 2, 1, tzinfo=UTC) and state.runs_started == 2
