@@ -632,7 +632,9 @@ def _train_step(settings: WorkflowSettings) -> Resource:
             Parameter(name="workers"),
         ],
         outputs=[Parameter(name="rayjob-name", value_from=m.ValueFrom(json_path="{.metadata.name}"))],
-        retry_strategy=_pod_error_retry(),
+        # no retry: the RayJob is created under a generated name, so a retry after its watcher pod
+        # was lost would start a second training beside the first, both writing the run's train.json
+        # and each registering a model version. A lost watcher fails the run; it is started again.
         active_deadline_seconds=settings.train_deadline_s + TRAIN_STEP_GRACE_S,
     )
 

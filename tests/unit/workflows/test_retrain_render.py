@@ -178,6 +178,8 @@ def test_infrastructure_steps_retry_with_backoff_and_every_step_has_a_deadline()
         assert int(retry["limit"]) >= 2 and retry["backoff"]["duration"], name
     # a data error must stay failed instead of being retried
     assert _template(obj, "validate")["retryStrategy"]["retryPolicy"] == "OnError"
+    # creating the RayJob is not idempotent (a generated name): a retry would train twice
+    assert "retryStrategy" not in _template(obj, "train")
 
 
 def test_failure_is_recorded_by_an_exit_handler() -> None:
