@@ -22,6 +22,8 @@ class ServedModel:
     """The model a stage serves right now: its contract, registry identity and operating points.
 
     ``operating_points`` None: a version trained before them (global threshold, raw scores).
+    ``server_version``: the server's own id of the version described (Triton's numeric version
+    directory; "" where the backend has none), so an inference can ask for that very version.
     """
 
     name: str
@@ -29,6 +31,7 @@ class ServedModel:
     contract: ModelContract
     operating_points: OperatingPoints | None = None
     variant: str = DEFAULT_VARIANT  # serving precision (core/variants.py): fp32, int8, fp16-trt
+    server_version: str = ""
 
 
 class InferenceBackend(Protocol):
@@ -36,8 +39,12 @@ class InferenceBackend(Protocol):
         """The stage's model; raises ModelNotReady when none is loaded or reachable."""
         ...
 
-    async def infer(self, stage: Stage, batch: np.ndarray) -> np.ndarray:
+    async def infer(self, stage: Stage, batch: np.ndarray, model: ServedModel | None = None) -> np.ndarray:
         """(N, 3, S, S) float32 -> (N, 4 + classes, anchors) float32.
+
+        ``model``: the model the caller prepared ``batch`` for and will name in its answer; the
+        backend runs that very version or fails (ModelNotReady), never another one it has since
+        loaded. None: whatever the stage serves now.
 
         Failures are typed :mod:`serving.errors`: Overloaded, GatewayTimeout, ModelNotReady
         or BackendError; callers never read their messages to tell them apart.

@@ -85,7 +85,8 @@ class OnnxBackend:
         session = self._solo_session if alone else self._session
         return np.asarray(session.run([c.output_name], {c.input_name: batch})[0], dtype=np.float32)
 
-    async def infer(self, stage: Stage, batch: np.ndarray) -> np.ndarray:
+    async def infer(self, stage: Stage, batch: np.ndarray, model: ServedModel | None = None) -> np.ndarray:
+        # one model for every stage, never swapped: ``model`` is always this one
         # "alone" counts runs submitted, queued ones included: under load the next run is
         # usually already waiting, and a spinning all-core run would then compete with it.
         self._inflight += 1  # only the event loop's thread touches it

@@ -89,12 +89,17 @@ class TritonBackend:
         if stage in self._models:
             return self._models[stage]
         name = self._settings.model_name
+        # the loaded version BEFORE the config: a swap in between pins the old version with the new
+        # config, which Triton then refuses (no longer loaded), rather than answering from a model
+        # the response does not name; the other order could pin the new version to the old config
         try:
-            cfg = await self._client(stage).get_model_config(
-                name, as_json=True, client_timeout=self._settings.triton_timeout_s
-            )
+            client = self._client(stage)
+            timeout = self._settings.triton_timeout_s
+            meta = await client.get_model_metadata(name, as_json=True, client_timeout=timeout)
+            cfg = await client.get_model_config(name, as_json=True, client_timeout=timeout)
         except Exception as exc:
             raise _map_error(stage, exc, self._settings.overload_retry_after_s) from exc
+        loaded = [v for v in meta.get("versions", []) if str(v).isdigit()]
         params = {
             k: v.get("string_value", "") for k, v in cfg.get("config", {}).get("parameters", {}).items()
         }
@@ -109,6 +114,7 @@ class TritonBackend:
             contract=contract,
             operating_points=operating_points_from(params),
             variant=params.get(VARIANT_METADATA_KEY) or DEFAULT_VARIANT,
+            server_version=str(max(loaded, key=int)) if loaded else "",
         )
         self._models[stage] = served
         log.info(
@@ -116,10 +122,13 @@ class TritonBackend:
         )
         return served
 
-    async def infer(self, stage: Stage, batch: np.ndarray) -> np.ndarray:
+    async def infer(self, stage: Stage, batch: np.ndarray, model: ServedModel | None = None) -> np.ndarray:
+        """Infer on ``model``'s very version (its config was read with it), not on whatever Triton
+        loaded since: a promotion swaps the version under a request that read the old config, and
+        the answer was then named, thresholded and calibrated as the old version's."""
         from tritonclient.grpc import InferInput, InferRequestedOutput
 
-        served = await self.model(stage)
+        served = model or await self.model(stage)
         c = served.contract
         inp = InferInput(c.input_name, list(batch.shape), "FP32")
         inp.set_data_from_numpy(batch)
@@ -127,6 +136,7 @@ class TritonBackend:
             result = await self._client(stage).infer(
                 served.name,
                 [inp],
+                model_version=served.server_version,
                 outputs=[InferRequestedOutput(c.output_name)],
                 client_timeout=self._settings.triton_timeout_s,
             )

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -75,6 +76,23 @@ def decode_upload(
     if min(image.rows, image.cols) < 8:
         raise InvalidImage(f"{image.cols}x{image.rows} is too small to be a radiograph (min 8 px a side)")
     return image, (time.perf_counter() - start) * 1000
+
+
+async def _all_or_none(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every call's result; when one fails, the others are cancelled AND awaited before it is raised.
+
+    ``asyncio.gather`` raises the first failure while the other chunks are still at the backend:
+    the caller's in-flight slot (:class:`serving.limits.InflightGate`) was then given back with
+    inferences still running, so the per-stage bound no longer held.
+    """
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class Pipeline:
@@ -211,7 +229,7 @@ class Pipeline:
         # copying a 640 px image into a batch tensor is ~5 MB of memory traffic: not on the event loop
         batches = await asyncio.gather(*(self.cpu.run(stack, [u.prepared for u in c]) for c in chunks))
         # Triton refuses batches above the model's max_batch_size: send chunks, concurrently
-        parts = await asyncio.gather(*(self.backend.infer(stage, batch) for batch in batches))
+        parts = await _all_or_none([self.backend.infer(stage, batch, model) for batch in batches])
         outputs = np.concatenate(parts) if len(parts) > 1 else parts[0]
         infer_ms = (time.perf_counter() - start) * 1000
         detections, scores, post_ms = await self.cpu.run(self._post, outputs, uploads, model, conf)

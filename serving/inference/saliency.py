@@ -325,7 +325,7 @@ class SaliencyService:
         backend = self.detector.backend
 
         async def infer(batch: np.ndarray) -> np.ndarray:
-            return await backend.infer(stage, batch)
+            return await backend.infer(stage, batch, served)
 
         maps = await occlusion_maps(
             prepared,

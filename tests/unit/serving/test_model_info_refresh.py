@@ -40,7 +40,7 @@ class LaggingServer:
             self._cache[stage] = ServedModel(name="cxr-detector", version=self.loaded, contract=CONTRACT)
         return self._cache[stage]
 
-    async def infer(self, stage: Stage, batch: np.ndarray) -> np.ndarray:
+    async def infer(self, stage: Stage, batch: np.ndarray, model: ServedModel | None = None) -> np.ndarray:
         raise NotImplementedError
 
     async def ready(self, stage: Stage) -> bool:

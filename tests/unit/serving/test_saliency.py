@@ -100,7 +100,7 @@ class ContrastDetector:
         contract = ModelContract(imgsz=(INPUT, INPUT), class_names=tuple(CLASS_NAMES))
         return ServedModel(name="contrast", version=self.version, contract=contract)
 
-    async def infer(self, stage: Stage, batch: np.ndarray) -> np.ndarray:
+    async def infer(self, stage: Stage, batch: np.ndarray, model: ServedModel | None = None) -> np.ndarray:
         self.calls += 1
         if self.delay_s:
             await asyncio.sleep(self.delay_s)

@@ -38,7 +38,7 @@ class SwitchableServer:
             raise ModelNotReady(f"stage '{stage}' has no model ready")
         return ServedModel(name="cxr-detector", version="7", contract=CONTRACT)
 
-    async def infer(self, stage: Stage, batch: np.ndarray) -> np.ndarray:
+    async def infer(self, stage: Stage, batch: np.ndarray, model: ServedModel | None = None) -> np.ndarray:
         raise NotImplementedError
 
     async def ready(self, stage: Stage) -> bool:
