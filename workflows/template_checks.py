@@ -27,10 +27,12 @@ _MODELS: dict[str, Any] = {
     "CronWorkflow": m.CronWorkflow,
     "Workflow": m.Workflow,
 }
-_INPUT_REF = re.compile(r"\{\{inputs\.parameters\.([A-Za-z0-9_-]+)\}\}")
-_WF_PARAM_REF = re.compile(r"\{\{workflow\.parameters\.([A-Za-z0-9_-]+)\}\}")
+# Argo accepts spaces inside the braces ("{{ inputs.parameters.x }}"): a misspelt reference written
+# so must be caught too
+_INPUT_REF = re.compile(r"\{\{\s*inputs\.parameters\.([A-Za-z0-9_-]+)\s*\}\}")
+_WF_PARAM_REF = re.compile(r"\{\{\s*workflow\.parameters\.([A-Za-z0-9_-]+)\s*\}\}")
 _TASK_OUT_REF = re.compile(
-    r"\{\{tasks\.([A-Za-z0-9_-]+)\.outputs\.(parameters|artifacts)\.([A-Za-z0-9_-]+)\}\}"
+    r"\{\{\s*tasks\.([A-Za-z0-9_-]+)\.outputs\.(parameters|artifacts)\.([A-Za-z0-9_-]+)\s*\}\}"
 )
 DEFAULT_REPOSITORY_ANNOTATION = "workflows.argoproj.io/default-artifact-repository"
 _REPOSITORY_KINDS = {"s3", "gcs", "azure", "oss", "hdfs", "artifactory", "http", "git", "raw"}

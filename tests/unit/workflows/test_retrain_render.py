@@ -128,9 +128,11 @@ def test_reference_checks_catch_a_missing_template_and_an_undeclared_input() -> 
     obj = _objects()["cxr-retrain.yaml"]
     obj["spec"]["onExit"] = "nope"
     _template(obj, "validate")["container"]["args"].append("{{inputs.parameters.surprise}}")
+    _template(obj, "validate")["container"]["args"].append("{{ inputs.parameters.spaced }}")  # Argo reads it
     problems = check_object(obj)
     assert "onExit names a missing template 'nope'" in problems
     assert "template 'validate' reads input 'surprise' it does not declare" in problems
+    assert "template 'validate' reads input 'spaced' it does not declare" in problems
 
 
 def test_kustomization_lists_every_rendered_object(settings: WorkflowSettings) -> None:
