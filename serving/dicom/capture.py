@@ -60,6 +60,11 @@ def build_burned_capture(
         patient_orientation=placeholder_orientation,
         series_description=f"NOT FOR PRIMARY DIAGNOSIS - CXR Detect boxes v{version}"[:64],
     )
+    # from_ref_dataset copies only the patient's name, ID, birth date and sex: without the rest of
+    # the Patient and Study modules (IssuerOfPatientID, other IDs, study description...), as the
+    # SR and presentation states carry them, a PACS that tells patients apart by ID and issuer
+    # could file the capture under another patient, or refuse it as not matching the study
+    sc.copy_patient_and_study_information(source)
     # Downscaling keeps the orientation; an unknown one stays empty (Type 2) rather than guessed.
     sc.PatientOrientation = source.get("PatientOrientation", "")
     sc.ImageType = ["DERIVED", "SECONDARY"]

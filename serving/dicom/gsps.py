@@ -8,17 +8,21 @@ viewer moves them together; an image without boxes still gets a GSPS that says
 so, so the reader can tell "looked and found nothing" from "never analysed".
 
 Only the header of the source is needed (Rows, Columns, SamplesPerPixel, UIDs,
-window): highdicom copies the VOI window from it, so the image opens with the
-same contrast as without the presentation state.
+window or VOI LUT): its VOI transformation is copied, so the image opens with the
+same contrast as without the presentation state, and the same polarity: a viewer
+applying a presentation state ignores the image's Photometric Interpretation
+(PS3.4 N.2.1.4), so a MONOCHROME1 image gets Presentation LUT Shape INVERSE.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from serving.dicom.sr import (
     check_pairing,
@@ -76,8 +80,69 @@ def build_gsps(source: Dataset, response: dict[str, Any], *, manufacturer: str =
         graphic_annotations=[annotation],
         graphic_layers=[layer],
         graphic_groups=groups or None,
+        voi_lut_transformations=_source_voi(source),
+        presentation_lut_transformation=_presentation_lut(source),
         series_description=f"CXR Detect boxes v{version}"[:64],
     )
+
+
+_VOI_FUNCTIONS = {v.value for v in hd.VOILUTFunctionValues}
+
+
+def _presentation_lut(source: Dataset) -> hd.PresentationLUTTransformation:
+    """INVERSE for a MONOCHROME1 source, else IDENTITY (highdicom's default whatever the source).
+
+    The presentation state's pipeline replaces the image's Photometric Interpretation: with
+    IDENTITY a MONOCHROME1 radiograph (most CR, many DX) showed inverted, bone dark, as soon as
+    a viewer applied our boxes.
+    """
+    inverse = str(source.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
+    shape = hd.PresentationLUTShapeValues.INVERSE if inverse else hd.PresentationLUTShapeValues.IDENTITY
+    return hd.PresentationLUTTransformation(presentation_lut_shape=shape)
+
+
+def _source_voi(source: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
+    """The source's own VOI transformation, as the image shows without the presentation state.
+
+    Not highdicom's copy of it, which broke three ways: it refuses an image carrying both a
+    window and a VOI LUT Sequence (DICOM allows both; many CR and DX do), and its ValueError
+    refused the whole study's result objects, SR included; it split a single window explanation
+    ("NORMAL") into one value per character; and it rewrote a 12-bit VOI LUT's descriptor to 16
+    bits, so a viewer read the LUT's output on a 16 times larger scale: the image nearly black.
+    The window is kept when both are present (what most viewers apply by default); a LUT is copied
+    item for item. None: the source has neither, and the presentation state none either.
+    """
+    if _has_value(source, "WindowCenter") and _has_value(source, "WindowWidth"):
+
+        def values(keyword: str) -> Any:
+            value = source[keyword].value
+            return list(value) if isinstance(value, MultiValue) else value
+
+        # a term DICOM does not define (a vendor's own) is applied as LINEAR, the default, as the
+        # decoder does (data_pipeline/dicom_io.py): highdicom refused it, and with it the study's objects
+        function = str(source.get("VOILUTFunction", "") or "").strip().upper()
+        voi = hd.pr.SoftcopyVOILUTTransformation(
+            window_center=values("WindowCenter"),
+            window_width=values("WindowWidth"),
+            voi_lut_function=function if function in _VOI_FUNCTIONS else None,
+        )
+        if _has_value(source, "WindowCenterWidthExplanation"):
+            voi.WindowCenterWidthExplanation = source.WindowCenterWidthExplanation
+        return [voi]
+    if _has_value(source, "VOILUTSequence"):
+        placeholder = hd.VOILUT(first_mapped_value=0, lut_data=np.zeros(2, np.uint16))  # replaced below
+        voi = hd.pr.SoftcopyVOILUTTransformation(voi_luts=[placeholder])
+        voi.VOILUTSequence = copy.deepcopy(source.VOILUTSequence)
+        return [voi]
+    return None
+
+
+def _has_value(source: Dataset, keyword: str) -> bool:
+    """Whether ``keyword`` is present with a value (an empty one is as good as absent, a 0 is not)."""
+    if keyword not in source:
+        return False
+    element = source[keyword]
+    return len(element.value) > 0 if element.VR == "SQ" else element.VM > 0
 
 
 def _annotations(

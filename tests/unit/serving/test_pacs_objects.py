@@ -8,6 +8,7 @@ in-memory dataset.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any, cast
 
 import highdicom as hd
@@ -15,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, GrayscaleSoftcopyPresentationStateStorage
+from pydicom.uid import UID, GrayscaleSoftcopyPresentationStateStorage, ImplicitVRLittleEndian
 
 from serving.dicom.capture import build_burned_capture
 from serving.dicom.gsps import NO_FINDING_TEXT, build_gsps
@@ -71,6 +72,24 @@ def displayed(seed: int) -> np.ndarray:
     """A mid-grey 8-bit rendering of the source, so a white or black outline changes the pixels."""
     pixels = pydicom.dcmread(io.BytesIO(make_dicom(seed=seed, study_uid=STUDY))).pixel_array
     return np.full(pixels.shape, 128, dtype=np.uint8)
+
+
+def edited_source(edit: Callable[[pydicom.FileDataset], None]) -> Dataset:
+    """The header of a source DICOM changed by ``edit`` before it is written, read as the service reads it."""
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(seed=1, study_uid=STUDY)))
+    edit(ds)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return source_header(buf.getvalue())
+
+
+def voi_lut(bits: int = 12) -> Dataset:
+    """A VOI LUT Sequence item: 4096 entries of ``bits`` bits each, as CR images carry it."""
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, bits]
+    item.LUTExplanation = "NORMAL"
+    item.LUTData = np.linspace(0, 2**bits - 1, 4096).astype("<u2").tobytes()
+    return item
 
 
 def test_uids_are_valid_deterministic_and_keep_part_boundaries() -> None:
@@ -132,6 +151,76 @@ def test_gsps_of_an_image_without_findings_says_the_model_looked(sources: list[D
     annotation = ds.GraphicAnnotationSequence[0]
     assert "GraphicObjectSequence" not in annotation
     assert [t.UnformattedTextValue for t in annotation.TextObjectSequence] == [NO_FINDING_TEXT]
+
+
+def test_gsps_of_a_monochrome1_image_inverts_the_presentation_lut_so_the_image_keeps_its_polarity(
+    sources: list[Dataset],
+) -> None:
+    """A viewer applying a presentation state ignores the image's Photometric Interpretation (PS3.4 N.2.1.4).
+
+    With IDENTITY, a MONOCHROME1 radiograph (most CR) showed with bone dark once our boxes were on.
+    """
+
+    def monochrome1(ds: pydicom.FileDataset) -> None:
+        ds.PhotometricInterpretation = "MONOCHROME1"
+
+    inverted = roundtrip(build_gsps(edited_source(monochrome1), response([detection()])))
+    assert inverted.PresentationLUTShape == "INVERSE"
+    assert roundtrip(build_gsps(sources[0], response([detection()]))).PresentationLUTShape == "IDENTITY"
+
+
+def test_an_image_with_both_a_window_and_a_voi_lut_gets_its_objects_with_its_window() -> None:
+    """DICOM allows both (many CR and DX carry both); highdicom's copy refused them, and the study."""
+
+    def both(ds: pydicom.FileDataset) -> None:
+        ds.VOILUTSequence = [voi_lut()]
+        ds.WindowCenterWidthExplanation = "NORMAL"
+        ds.VOILUTFunction = "SIGMOID"
+
+    source = edited_source(both)
+    sr, gsps = study_objects([(source, response([detection()]))], TRIAGE)
+    (voi,) = roundtrip(gsps).SoftcopyVOILUTSequence
+    assert (voi.WindowCenter, voi.WindowWidth, voi.VOILUTFunction) == (2000, 3000, "SIGMOID")
+    assert voi.WindowCenterWidthExplanation == "NORMAL", "one explanation, not one per character"
+    assert roundtrip(sr).SOPClassUID.name == "Comprehensive SR Storage"
+
+
+@pytest.mark.parametrize(
+    ("centers", "widths", "explanations"),
+    [(2000, 3000, "NORMAL"), ([2000, 1500], [3000, 1000], ["NORMAL", "HARD"])],
+    ids=["one-window", "two-windows"],
+)
+def test_gsps_keeps_the_sources_window_explanations_one_per_window(
+    centers: Any, widths: Any, explanations: Any
+) -> None:
+    """highdicom's copy split one explanation into one value per character ("N\\O\\R\\M\\A\\L")."""
+
+    def explained(ds: pydicom.FileDataset) -> None:
+        ds.WindowCenter, ds.WindowWidth, ds.WindowCenterWidthExplanation = centers, widths, explanations
+
+    (voi,) = roundtrip(build_gsps(edited_source(explained), response([]))).SoftcopyVOILUTSequence
+    assert voi.WindowCenterWidthExplanation == explanations
+    assert voi.WindowCenter == centers and voi.WindowWidth == widths
+
+
+@pytest.mark.parametrize("implicit_vr", [False, True], ids=["explicit-vr", "implicit-vr"])
+def test_gsps_of_an_image_with_a_voi_lut_only_copies_the_lut_as_the_source_has_it(implicit_vr: bool) -> None:
+    """A 12-bit LUT keeps 12 bits in its descriptor: read as 16, its output is on a 16x scale (black)."""
+
+    def lut_only(ds: pydicom.FileDataset) -> None:
+        del ds.WindowCenter, ds.WindowWidth
+        ds.VOILUTSequence = [voi_lut()]
+        if implicit_vr:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+
+    source = edited_source(lut_only)
+    (voi,) = roundtrip(build_gsps(source, response([detection()]))).SoftcopyVOILUTSequence
+    (lut,) = voi.VOILUTSequence
+    assert "WindowCenter" not in voi
+    assert list(lut.LUTDescriptor) == [4096, 0, 12] and lut.LUTExplanation == "NORMAL"
+    expected = np.frombuffer(voi_lut().LUTData, "<u2")
+    data = lut.LUTData
+    assert np.array_equal(np.frombuffer(data, "<u2") if isinstance(data, bytes) else np.array(data), expected)
 
 
 def test_same_inputs_give_the_same_uids_and_another_model_version_or_variant_new_ones(
@@ -217,6 +306,42 @@ def test_capture_is_marked_derived_and_has_the_boxes_burned_in(sources: list[Dat
     assert (image[y0 + 8 : y1 - 8, x0 + 8 : x1 - 8] == 128).all(), "the inside stays the image"
 
 
+def test_every_object_carries_the_sources_patient_and_study_identity_exactly(sources: list[Dataset]) -> None:
+    """A PACS files an object by the patient's ID and issuer and by the study: the capture lacked the issuer.
+
+    A PACS serving several issuers (hospitals of a group) then filed it under another patient,
+    or refused it as not matching its study.
+    """
+
+    def identity(ds: pydicom.FileDataset) -> None:
+        ds.IssuerOfPatientID = "HOSP-A"
+        other = Dataset()
+        other.PatientID, other.IssuerOfPatientID, other.TypeOfPatientID = "X-7", "HOSP-B", "TEXT"
+        ds.OtherPatientIDsSequence = [other]
+        ds.StudyDescription = "XR CHEST PA AND LATERAL"
+
+    source = edited_source(identity)
+    items = [(source, response([detection()]))]
+    keywords = (
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyDescription",
+    )
+    for ds in map(roundtrip, study_objects(items, TRIAGE, capture_pixels=[displayed(1)])):
+        assert {k: ds.get(k) for k in keywords} == {k: source.get(k) for k in keywords}, ds.Modality
+        assert ds.OtherPatientIDsSequence[0].IssuerOfPatientID == "HOSP-B", ds.Modality
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID and ds.Modality in ("SR", "PR", "OT")
+
+
 def test_capture_is_downscaled_to_1024_with_its_boxes() -> None:
     big = source_header(make_dicom(width=2048, height=1600, study_uid=STUDY, with_pixels=False))
     box = [400.0, 400.0, 1200.0, 1000.0]
@@ -253,3 +378,15 @@ def test_a_source_without_uids_or_a_mismatched_response_is_a_conflict(sources: l
     mismatched["image"]["sop_instance_uid"] = sources[1].SOPInstanceUID
     with pytest.raises(Conflict, match="another SOP Instance UID"):
         study_objects([(sources[0], mismatched)], None)
+
+
+def test_a_vendors_own_voi_lut_function_is_applied_as_linear_not_a_refused_study() -> None:
+    """A VOILUTFunction DICOM does not define (a vendor's term) made highdicom refuse the GSPS, and
+    with it every object of the study; the decoder already applies such a term as LINEAR."""
+
+    def vendor_function(ds: pydicom.FileDataset) -> None:
+        ds.VOILUTFunction = "VENDOR_CURVE"
+
+    ds = roundtrip(build_gsps(edited_source(vendor_function), response([detection()])))
+    [voi] = ds.SoftcopyVOILUTSequence
+    assert voi.get("VOILUTFunction", "LINEAR") == "LINEAR" and "WindowCenter" in voi
