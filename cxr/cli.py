@@ -54,8 +54,17 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug lo
     )
     stack_dir = Path(os.environ.get("CXR_STACK_DIR", ".stack"))
     env_file = stack_dir / "stack.env"
-    if env_file.exists():
-        for key, value in dotenv_values(env_file).items():
+    if env_file.is_file():
+        try:
+            values = dotenv_values(env_file)
+        except (OSError, UnicodeDecodeError) as exc:  # every command read it: a traceback before each
+            typer.echo(
+                f"error: the stack's settings file {env_file} cannot be read ({exc}): "
+                "run `cxr stack up` to write it again, or delete it",
+                err=True,
+            )
+            raise typer.Exit(2) from exc
+        for key, value in values.items():
             if value is not None:
                 os.environ.setdefault(key, value)
     apply_offline_env(stack_dir)

@@ -188,7 +188,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="where SRs, overlays and JSON results go")] = Path("demo-out"),
     n_images: Annotated[int, typer.Option(min=1, max=50)] = 4,
     conf: Annotated[float, typer.Option(min=0.0, max=1.0, help="confidence threshold")] = 0.1,
-    seed: Annotated[int, typer.Option()] = 2026,
+    seed: Annotated[int, typer.Option(min=0, help="phantoms' seed (numpy's: not negative)")] = 2026,
 ) -> None:
     """Send synthetic studies through the running stack; write SRs and overlays to OUT."""
     try:

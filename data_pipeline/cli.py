@@ -35,6 +35,11 @@ app = typer.Typer(
 console = Console(stderr=True)
 log = logging.getLogger(__name__)
 
+# 50x VinDr-CXR's 18,000 images; and the largest square the DICOM guard's default
+# CXR_DICOM_MAX_PIXELS (50 M) lets ingest read: a bigger phantom would be refused there anyway
+SYNTH_MAX_IMAGES = 1_000_000
+SYNTH_MAX_SIDE = 7071
+
 
 def _plain(value: object) -> Text:
     """Text from files, paths, settings or errors, printed as is: ``[/x]`` in it is not rich markup."""
@@ -79,11 +84,14 @@ def _friendly_errors() -> Iterator[None]:
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="output folder (gets dicom/, annotations.csv, truth.csv)")],
-    n_images: Annotated[int, typer.Option(min=1, help="number of radiographs")] = 200,
-    seed: Annotated[int, typer.Option(help="same seed, same files")] = 0,
+    # bounds, so a typo is a usage error and not a traceback deep in numpy or OpenCV (a negative
+    # seed; a side past OpenCV's int), or a loop that never ends (10**20 images)
+    n_images: Annotated[int, typer.Option(min=1, max=SYNTH_MAX_IMAGES, help="number of radiographs")] = 200,
+    seed: Annotated[int, typer.Option(min=0, help="same seed, same files")] = 0,
     readers: Annotated[int, typer.Option(min=1, help="simulated radiologists per image")] = 3,
     size: Annotated[
-        int | None, typer.Option(min=64, help="square side in px (default: 1800-3000 random)")
+        int | None,
+        typer.Option(min=64, max=SYNTH_MAX_SIDE, help="square side in px (default: 1800-3000 random)"),
     ] = None,
     no_finding_fraction: Annotated[float, typer.Option(min=0, max=1)] = 0.35,
     compressed_fraction: Annotated[float, typer.Option(min=0, max=1, help="share RLE/JPEG-LS/J2K")] = 0.2,

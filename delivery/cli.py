@@ -74,14 +74,26 @@ def _delivery_errors() -> Iterator[None]:
 
 
 def _context(
-    gitops_dir: Path | None, mlflow_uri: str | None = None, prometheus_url: str | None = None
+    gitops_dir: Path | None,
+    mlflow_uri: str | None = None,
+    prometheus_url: str | None = None,
+    *,
+    asks_prometheus: bool = False,
 ) -> Any:
+    """The delivery context; ``asks_prometheus``: its Prometheus address is checked first.
+
+    httpx's ``InvalidURL`` (``http://[::1``) is no ``HTTPError``, so the canary client let it
+    through as a traceback; a wrong scheme read as "unreachable, is the stack up?".
+    """
     from core.offline import apply_offline_env
+    from core.urls import http_url
     from delivery.context import DeliveryContext
 
     ctx = DeliveryContext.from_settings(
         gitops_dir=gitops_dir, mlflow_uri=mlflow_uri, prometheus_url=prometheus_url
     )
+    if asks_prometheus:
+        http_url(ctx.prometheus_url, "--prometheus-url / CXR_PROMETHEUS_URL", "http://127.0.0.1:9090")
     apply_offline_env(ctx.stack_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return ctx
@@ -117,7 +129,8 @@ def promote(
     from delivery.promote import PromotionRequest, promote_through, promote_version
 
     with _delivery_errors():
-        ctx = _context(gitops_dir, mlflow_uri, prometheus_url)
+        # only production's gate reads the canary's metrics (--through reaches it too)
+        ctx = _context(gitops_dir, mlflow_uri, prometheus_url, asks_prometheus=as_stage(to) == "production")
         request = PromotionRequest(
             version=version,
             to=as_stage(to),
@@ -177,7 +190,7 @@ def analyze(
     from delivery.policy import load_policy
 
     with _delivery_errors():
-        ctx = _context(gitops_dir, prometheus_url=prometheus_url)
+        ctx = _context(gitops_dir, prometheus_url=prometheus_url, asks_prometheus=True)
         policy = load_policy(ctx.gitops_dir).canary
         if window:
             result = run_analysis(ctx.prometheus_url, _with_window(policy, window))
@@ -213,7 +226,7 @@ def step(
     from delivery.canary_step import step as run_step
 
     with _delivery_errors():
-        ctx = _context(gitops_dir, mlflow_uri, prometheus_url)
+        ctx = _context(gitops_dir, mlflow_uri, prometheus_url, asks_prometheus=True)
         outcome = run_step(ctx, push=push, publish=publish, apply_local=apply, echo=_echo)
         _echo(f"canary step: {outcome.action}: {outcome.message}")
 

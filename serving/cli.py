@@ -50,7 +50,8 @@ def serve(
 
     console = Console(stderr=True)
     if model is not None and not model.is_file():
-        console.print(f"[red]ONNX model {model} does not exist[/red]")
+        what = "is a folder, not a file" if model.is_dir() else "does not exist"
+        console.print(f"[red]ONNX model {escape(str(model))} {what}:[/red] pass --model the model.onnx file")
         raise typer.Exit(2)
     # the options override their CXR_* variables; everything else comes from the environment
     overrides: dict[str, object] = {"backend": backend.value}
@@ -71,6 +72,8 @@ def serve(
             f"[red]API keys file {keys_file} is missing:[/red] run `cxr stack up` or set CXR_API_KEYS_FILE"
         )
         raise typer.Exit(2)
+    if settings.auth_enabled:
+        _check_keys_file(keys_file, console)
     # logging has no TRACE level: uvicorn's own (below DEBUG) is for its loggers only
     level_name = LogLevel(log_level).value  # a plain string too, for callers of this function
     level = "DEBUG" if level_name == "trace" else level_name.upper()
@@ -90,6 +93,24 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+
+
+def _check_keys_file(path: Path, console: Console) -> None:
+    """Read the keys file once before the app: garbled JSON, bytes that are no UTF-8 or a folder
+    ended ``create_app`` in a ``ValueError`` or ``IsADirectoryError`` traceback."""
+    from serving.gateway.auth import KeyStore
+
+    try:
+        KeyStore.from_file(path)
+    except ValueError as exc:  # names the file and what is wrong with it
+        console.print(f"[red]{escape(str(exc))}:[/red] fix it, or run `cxr stack up` to write a new one")
+        raise typer.Exit(2) from exc
+    except OSError as exc:
+        console.print(
+            f"[red]API keys file {escape(str(path))} cannot be read ({escape(exc.strerror or str(exc))}):"
+            "[/red] set CXR_API_KEYS_FILE to the stack's api_keys.json"
+        )
+        raise typer.Exit(2) from exc
 
 
 app = typer.Typer(help="CXR Detect serving gateway", no_args_is_help=True, add_completion=False)

@@ -168,8 +168,16 @@ def logs(
     lines: Annotated[int, typer.Option("--lines", "-n", min=1, help="last lines of each log")] = 40,
 ) -> None:
     """Print the last lines of a component's log (all logs when none is named)."""
+    settings = StackSettings()
+    folder = settings.state / "logs"
+    if component is None and not any(folder.glob("*.log")):  # printed nothing and exited 0
+        console.print(
+            f"no logs in {escape(str(folder))}: the stack has not run here "
+            "(start it with `make up`, or set CXR_STACK_DIR to its folder)"
+        )
+        raise typer.Exit(1)
     try:
-        console.print(manager.logs(StackSettings(), component, lines), markup=False, highlight=False)
+        console.print(manager.logs(settings, component, lines), markup=False, highlight=False)
     except manager.StackError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(2) from exc

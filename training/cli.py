@@ -63,6 +63,24 @@ def epoch_table(results_csv: Path) -> Table:
     return table
 
 
+def _output_file(value: Path | None) -> Path | None:
+    """Refuse ``--out`` naming a folder, or a place under a file, before the work.
+
+    The file is written last: ``tune`` raised ``IsADirectoryError`` (a traceback) after its whole
+    search, with the search's parent run marked FAILED and its best recipe nowhere.
+    """
+    if value is None:
+        return value
+    if value.is_dir():
+        raise typer.BadParameter(f"{value} is a folder: pass the path of the file to write")
+    for parent in value.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise typer.BadParameter(f"{parent} is a file, so {value} cannot be written under it")
+            break
+    return value
+
+
 def _fail(exc: CxrError) -> typer.Exit:
     console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
     return typer.Exit(code=2)
@@ -144,7 +162,9 @@ def evaluate_cmd(
     dataset: Annotated[
         str | None, typer.Option("--dataset", "-d", help="default: the version's dataset_version tag")
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="write the report JSON here")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", callback=_output_file, help="write the report JSON here")
+    ] = None,
 ) -> None:
     """Evaluate a registered version's ONNX model (mAP@0.5, VinDr mAP@0.4, per class, latency)."""
     settings = TrainSettings()
@@ -177,6 +197,7 @@ def evaluate_cmd(
         f"ORT {report.latency_ms_b1:.2f} ms/img (b1), {report.latency_ms_b8:.2f} ms/img (b8)"
     )
     if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)  # as tune's --out: a new folder is no reason to fail
         out.write_text(json.dumps(report.model_dump(mode="json"), indent=2))
         console.print(f"report: {out}")
 
@@ -297,7 +318,10 @@ def tune_cmd(
         Path | None, typer.Option("--space", help="search-space YAML (fields of tune_space.TuneSpace)")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="where the tuned recipe goes (default: the work dir)")
+        Path | None,
+        typer.Option(
+            "--out", "-o", callback=_output_file, help="where the tuned recipe goes (default: the work dir)"
+        ),
     ] = None,
 ) -> None:
     """Search the recipe's hyper-parameters with Ray Tune (ASHA); write the best as a new recipe."""

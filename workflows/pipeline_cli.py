@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -65,6 +66,47 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(1) from exc
 
 
+def _ensure_folder(folder: Path, option: str) -> None:
+    """Create ``folder`` before any work, or say why not in one line.
+
+    An option naming a file (or a place under one, or one this user cannot write) raised
+    ``FileExistsError`` or ``NotADirectoryError`` with a traceback from deep in the command.
+    """
+    from workflows.errors import PipelineError
+
+    if folder.exists() and not folder.is_dir():
+        raise PipelineError(f"{option} {folder} is a file, not a folder: pass a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(
+            f"cannot create {option} {folder} ({exc.strerror or exc}): pass a folder you can write"
+        ) from exc
+
+
+def _run_name(value: str | None) -> str | None:
+    """One folder name: it names ``<stack>/pipeline/<run name>`` and the hand-off records' S3 prefix,
+    and ``../x`` put both outside their place."""
+    if value is not None and (not _RUN_NAME.fullmatch(value) or set(value) == {"."}):
+        raise typer.BadParameter(
+            f"{value!r} is not a run name: letters, digits, '.', '_' and '-' (at most 200), e.g. retrain-7"
+        )
+    return value
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def _source(value: str) -> str:
+    """A URL of another scheme read as a folder path: "dataset source ftp:/x is not a directory"."""
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme != "s3":
+        raise typer.BadParameter(
+            f"{value!r}: the source is a folder, s3://bucket/prefix or 'latest', not a {scheme}:// URL"
+        )
+    return value
+
+
 def _write_outputs(outputs: Path | None, values: dict[str, object], record: BaseModel | None = None) -> None:
     """Each value as its own file (Argo's valueFrom.path), plus the whole record as result.json."""
     if outputs is None:
@@ -86,6 +128,7 @@ def run(
         str,
         typer.Option(
             "--source",
+            callback=_source,
             help="folder with dicom/ + annotations.csv, s3://bucket/prefix, or 'latest' (the folder the "
             "latest dataset version was built from: same studies + new feedback)",
         ),
@@ -106,7 +149,9 @@ def run(
     promote: Annotated[
         bool, typer.Option("--promote/--no-promote", help="promote the new version to staging")
     ] = True,
-    run_name: Annotated[str | None, typer.Option("--run-name", help="default: local-<UTC timestamp>")] = None,
+    run_name: Annotated[
+        str | None, typer.Option("--run-name", callback=_run_name, help="default: local-<UTC timestamp>")
+    ] = None,
     work_dir: Annotated[
         Path | None, typer.Option("--work-dir", help="default: <stack>/pipeline/<run name>")
     ] = None,
@@ -146,6 +191,7 @@ def run(
         )
     try:
         with pipeline_lock(settings.stack_dir, name), _errors():
+            _ensure_folder(options.work_dir, "--work-dir")
             summary = run_pipeline(options, settings, console=console)
     except PipelineBusy as exc:  # one retrain at a time (workflows/run_lock.py); the scheduler reads the code
         console.print(f"error: {exc}", style="bold red", markup=False)
@@ -180,6 +226,8 @@ def render(
             raise typer.Exit(1)
         console.print(f"{target} matches workflows/retrain.py", markup=False)
         return
+    with _errors():
+        _ensure_folder(target, "--out-dir")
     for path in write_all(settings, target):
         console.print(f"wrote {path}", markup=False)
 

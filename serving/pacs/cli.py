@@ -8,11 +8,13 @@ from typing import Annotated
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.credentials import read_credentials
 from core.errors import CredentialsError
 from core.settings import CoreSettings
+from core.urls import AddressError, http_url
 
 app = typer.Typer(help="The PACS round trip: pull a study by DICOMweb, analyse it, send results back.")
 console = Console()
@@ -21,6 +23,12 @@ console = Console()
 def _pacs_key() -> str:
     key = os.environ.get("CXR_API_KEY", "")
     if key:
+        # an HTTP header carries ASCII only: httpx raised UnicodeEncodeError with a traceback
+        if not (key.isascii() and key.isprintable()):
+            raise typer.BadParameter(
+                "CXR_API_KEY holds characters an API key never has (non-ASCII, spaces or control "
+                "characters): copy the pacs key from the stack's credentials.json again"
+            )
         return key
     try:
         creds = read_credentials(CoreSettings().stack_dir)
@@ -37,7 +45,9 @@ def analyze(
     send_back: Annotated[bool, typer.Option(help="send SR + presentation states to the PACS")] = True,
     gateway: Annotated[str, typer.Option(envvar="CXR_GATEWAY_URL")] = "http://127.0.0.1:8080",
     timeout_s: Annotated[
-        float, typer.Option(min=1.0, help="how long to wait for the whole study (seconds)")
+        # the socket's limit: 1e308 raised OverflowError from deep in the connection, a traceback
+        float,
+        typer.Option(min=1.0, max=86400.0, help="how long to wait for the whole study (seconds)"),
     ] = 300.0,
 ) -> None:
     """Pull STUDY_UID from CXR_PACS_DICOMWEB_URL (QIDO-RS/WADO-RS), analyse it, send results back."""
@@ -49,6 +59,10 @@ def analyze(
             f"{study_uid!r} is not a DICOM UID (digits and dots, at most 64 characters)",
             param_hint="'STUDY_UID'",
         )
+    try:
+        gateway = http_url(gateway, "--gateway / CXR_GATEWAY_URL", "http://127.0.0.1:8080").rstrip("/")
+    except AddressError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--gateway'") from exc
     headers = {"Authorization": f"Bearer {_pacs_key()}"}
     try:
         with console.status(f"pulling and analysing the study through {gateway} ..."):
@@ -59,8 +73,14 @@ def analyze(
                 timeout=timeout_s,
                 trust_env=False,
             )
+    except httpx.ConnectError as exc:  # nothing listens there: the usual cause is a stack not started
+        console.print(
+            f"[red]the gateway at {escape(gateway)} did not answer:[/] {escape(str(exc))}; "
+            "start the stack with `make up` (or point --gateway / CXR_GATEWAY_URL at the gateway)"
+        )
+        raise typer.Exit(1) from exc
     except httpx.HTTPError as exc:
-        console.print(f"[red]the gateway at {gateway} did not answer:[/] {exc}")
+        console.print(f"[red]the gateway at {escape(gateway)} did not answer:[/] {escape(str(exc))}")
         raise typer.Exit(1) from exc
     if response.status_code != 200:
         try:
@@ -69,11 +89,19 @@ def analyze(
             message = response.text[:300]
         console.print(f"[red]analysis refused ({response.status_code}):[/] {message}")
         raise typer.Exit(1)
-    body = response.json()
+    try:
+        body = response.json()
+        results = body["results"]
+    except (ValueError, KeyError, TypeError) as exc:  # --gateway names some other server
+        console.print(
+            f"[red]{escape(gateway)} answered 200 but not with a study analysis:[/] is --gateway "
+            "(CXR_GATEWAY_URL) the CXR Detect gateway?"
+        )
+        raise typer.Exit(1) from exc
     table = Table(title=f"Study {study_uid}")
     for col in ("image", "model", "findings"):
         table.add_column(col)
-    for result in body["results"]:
+    for result in results:
         model = f"{result['model']['name']} v{result['model']['version']} ({result['model']['stage']})"
         findings = ", ".join(f"{d['class_name']} {d['confidence']:.2f}" for d in result["detections"])
         table.add_row(result["image"].get("sop_instance_uid", "")[-20:], model, findings or "no finding")

@@ -117,3 +117,17 @@ def test_an_s3_endpoint_that_is_no_url_is_one_error_line(tmp_path: Path) -> None
         assert result.exit_code == 1, (endpoint, result.output)
         assert "is not a URL like" in _text(result.output), (endpoint, result.output)
         assert isinstance(result.exception, SystemExit), (endpoint, result.exception)
+
+
+def test_synth_refuses_a_negative_seed_or_an_absurd_size_as_usage_errors(tmp_path: Path) -> None:
+    """numpy raised ValueError for a negative seed, OpenCV a cv2.error for a side past its int, and
+    10**20 images never finished listing patients: each was a traceback or a hang, not a usage line."""
+    for args, option in (
+        (["--seed", "-5"], "--seed"),
+        (["--size", "99999999999"], "--size"),
+        (["--n-images", "99999999999999999999"], "--n-images"),
+    ):
+        result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "s"), "--workers", "1", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert f"Invalid value for '{option}'" in result.output, (args, result.output)
+        assert not (tmp_path / "s").exists()

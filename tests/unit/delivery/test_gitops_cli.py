@@ -334,3 +334,21 @@ def test_cluster_check_refuses_an_unknown_check_name() -> None:
     result = runner.invoke(cluster_app, ["--only", "rbca"])  # one command: Typer drops its name
     assert result.exit_code == 2, result.output  # it ran nothing and reported "0 misfits", exit 0
     assert "unknown check(s) rbca" in " ".join(result.output.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://[::1", "Invalid IPv6 URL"),  # httpx.InvalidURL is no HTTPError: it was a traceback
+        ("ftp://127.0.0.1:9090", "must start with http:// or https://"),  # was "unreachable, stack up?"
+    ],
+)
+def test_canary_analyze_names_a_prometheus_address_that_is_no_http_url(
+    repo: Path, url: str, why: str
+) -> None:
+    result = runner.invoke(app, ["canary", "analyze", "--prometheus-url", url, "--gitops-dir", str(repo)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert f"--prometheus-url / CXR_PROMETHEUS_URL {url!r} is not a server address" in text, text
+    assert why in text
+    assert isinstance(result.exception, SystemExit), result.exception

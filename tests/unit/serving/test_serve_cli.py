@@ -106,3 +106,44 @@ def test_pacs_analyze_refuses_bad_input_and_a_garbled_credentials_file(
         assert result.exit_code == 2, (args, result.output)
         assert expected in _flat(result.output), (args, result.output)
         assert isinstance(result.exception, SystemExit), (args, result.exception)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"{bad", "is not valid"),  # was a ValueError traceback from create_app
+        (b"\xff\xfe\x00\x80", "is not valid"),
+        (None, "cannot be read (Is a directory)"),  # a folder: was IsADirectoryError
+    ],
+)
+def test_an_api_keys_file_that_cannot_be_read_is_one_line_before_the_app(
+    content: bytes | None, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    keys = tmp_path / "api_keys.json"
+    if content is None:
+        keys.mkdir()
+    else:
+        keys.write_bytes(content)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"never loaded: the keys file is read first")
+    monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
+    monkeypatch.setenv("CXR_API_KEYS_FILE", str(keys))
+    result = CliRunner().invoke(app, ["serve", "--backend", "onnx", "--model", str(model)])
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split()), result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+
+
+def test_a_model_option_naming_a_folder_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
+    result = CliRunner().invoke(app, ["serve", "--backend", "onnx", "--model", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is a folder, not a file" in " ".join(result.output.split())

@@ -118,3 +118,13 @@ def test_logs_refuses_a_line_count_below_one(settings: StackSettings) -> None:
         assert "--lines" in result.output
     result = CliRunner().invoke(stack_app, ["logs", "gateway", "-n", "2"])
     assert result.exit_code == 0 and result.output.split()[-2:] == ["98", "99"]
+
+
+def test_logs_of_a_stack_that_never_ran_says_so_instead_of_printing_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
+    result = CliRunner().invoke(stack_app, ["logs"])
+    assert result.exit_code == 1, result.output  # was 0 with empty output
+    text = " ".join(result.output.split())
+    assert "the stack has not run here" in text and "make up" in text

@@ -75,3 +75,21 @@ def test_an_unknown_split_is_refused_before_mlflow_is_asked(monkeypatch: pytest.
     assert result.exit_code == 2
     assert "use train, val or test" in " ".join(result.output.split())
     assert "MLflow" not in result.output
+
+
+def test_an_out_file_that_cannot_be_written_is_refused_before_the_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is written last: a folder there was an IsADirectoryError traceback after the whole
+    search (tune) or evaluation, with the result nowhere."""
+    monkeypatch.setenv("CXR_MLFLOW_URI", "http://127.0.0.1:9")  # never reached: --out is checked first
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    recipe = "training/configs/cpu-small.yaml"
+    for command in (["tune", "--config", recipe], ["evaluate", "--model-version", "3"]):
+        for out, expected in ((tmp_path, "is a folder"), (a_file / "r.json", "is a file")):
+            result = CliRunner().invoke(app, [*command, "--out", str(out)])
+            assert result.exit_code == 2, (command, out, result.output)
+            text = " ".join(result.output.replace("│", " ").split())
+            assert expected in text, (command, out, result.output)
+            assert "MLflow" not in result.output

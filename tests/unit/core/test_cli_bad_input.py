@@ -1,0 +1,39 @@
+"""The root ``cxr`` command and the shared address check: bad input is one line, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from core.urls import AddressError, http_url
+from cxr.cli import app
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_stack_env_that_is_no_utf8_is_one_line_not_a_traceback_before_every_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    (stack / "stack.env").write_bytes(b"\xff\xfeCXR_S3_BUCKET=x\n")
+    monkeypatch.setenv("CXR_STACK_DIR", str(stack))
+    result = CliRunner().invoke(app, ["stack", "status"])
+    assert result.exit_code == 2, result.output  # was UnicodeDecodeError from python-dotenv
+    assert "the stack's settings file" in result.output and "cannot be read" in result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+
+
+@pytest.mark.parametrize(
+    "value", ["http://[::1", "http://h:99999", "http://h:port", "ftp://h", "h:8080", "http://", ""]
+)
+def test_an_address_that_is_no_http_url_is_refused_with_its_setting(value: str) -> None:
+    with pytest.raises(AddressError, match="CXR_X_URL"):
+        http_url(value, "CXR_X_URL", "http://127.0.0.1:1")
+
+
+def test_an_http_or_https_address_passes_unchanged() -> None:
+    for value in ("http://127.0.0.1:8080", "https://gw.example.org/", "http://[::1]:9090"):
+        assert http_url(value, "CXR_X_URL", "http://127.0.0.1:1") == value
