@@ -297,7 +297,12 @@ def observed_stack(
     )
     exporter.start(timeout=60)
 
-    targets = [f"{HOST}:{port}", f"{HOST}:{exporter_port}", *(t.metrics_url for t in tritons.values())]
+    # the job names the stack gives them (stack/manager.py): panels and alerts select by them
+    targets = {
+        "gateway": [f"{HOST}:{port}"],
+        "mlflow-exporter": [f"{HOST}:{exporter_port}"],
+        "triton": [t.metrics_url for t in tritons.values()],
+    }
     prometheus = prometheus_factory(targets, rule_files(RULES_DIR))
     client = PrometheusClient(prometheus.url)
     try:
