@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,13 +93,11 @@ class FeedbackIn(BaseModel):
             raise ValueError("'no_finding' cannot be combined with accepted, adjusted or new boxes")
         # one verdict per detection: two (reject, then accept) were both stored, and the training
         # rows kept whichever came last
-        seen: set[int] = set()
-        for review in self.reviews:
-            if review.index in seen:
-                raise ValueError(
-                    f"detection {review.index} is reviewed more than once; send one review per detection"
-                )
-            seen.add(review.index)
+        twice = sorted(i for i, n in Counter(r.index for r in self.reviews).items() if n > 1)
+        if twice:
+            raise ValueError(
+                f"detection {twice[0]} is reviewed more than once; send one review per detection"
+            )
         return self
 
 

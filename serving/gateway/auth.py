@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections import Counter
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -51,13 +52,9 @@ class KeyFile(BaseModel):
         Two keys under one id (each site's stack names its keys ``<role>-1``, so merged files repeat
         them) shared one rate-limit bucket across tenants and were one caller in the audit log.
         """
-        seen: set[str] = set()
-        for entry in self.keys:
-            if entry.id in seen:
-                raise ValueError(
-                    f"key id '{entry.id}' is used by more than one key; give each key its own id"
-                )
-            seen.add(entry.id)
+        twice = sorted(i for i, n in Counter(entry.id for entry in self.keys).items() if n > 1)
+        if twice:
+            raise ValueError(f"key id '{twice[0]}' is used by more than one key; give each key its own id")
         return self
 
 
