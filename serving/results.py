@@ -215,7 +215,7 @@ class ResultStore:
             if source_stored:
                 self._drop_undated_source(prefix)
             return
-        if self._local_until_stored and self._local is not None and _safe_id(record.request_id):
+        if self._local_until_stored and self._local is not None and is_result_id(record.request_id):
             shutil.rmtree(self._local / record.request_id, ignore_errors=True)
 
     def persist_journal(self) -> int:
@@ -230,7 +230,7 @@ class ResultStore:
         tried = 0
         now = datetime.now(UTC)
         for folder in sorted(self._local.iterdir()):
-            if folder.name.startswith(".tmp-") or not _safe_id(folder.name):
+            if folder.name.startswith(".tmp-") or not is_result_id(folder.name):
                 continue
             record = self._read_local(folder.name)
             if record is None:  # not a result, or stored and gone meanwhile (the answer's own copy)
@@ -283,7 +283,7 @@ class ResultStore:
         Only where this gateway journalled the result (its ``result.json`` is here): a folder
         without one would never be purged. False when not kept; the caller then recomputes later.
         """
-        if self._local is None or not _safe_id(request_id) or not _safe_id(name):
+        if self._local is None or not is_result_id(request_id) or not is_result_id(name):
             return False
         if self._local_until_stored:  # the folder goes once stored: a derived file would race it
             return False
@@ -297,7 +297,7 @@ class ResultStore:
 
     def derived(self, request_id: str, name: str) -> bytes | None:
         """What :meth:`keep_derived` kept, or None (blocking; callers check the source is still kept)."""
-        if self._local is None or not _safe_id(request_id) or not _safe_id(name):
+        if self._local is None or not is_result_id(request_id) or not is_result_id(name):
             return None
         try:
             return (self._local / request_id / f"derived-{name}").read_bytes()
@@ -307,7 +307,7 @@ class ResultStore:
     def get(self, request_id: str, tenant: str) -> ResultRecord:
         """The caller's result, from memory, the local journal, else S3 (blocking)."""
         missing = NotFound(f"no result with request_id '{request_id}' (expired, never stored or not yours)")
-        if not _safe_id(request_id):
+        if not is_result_id(request_id):
             raise missing
         record = self._lookup(request_id)
         if record is None or record.tenant != tenant:
@@ -471,7 +471,7 @@ def _created(value: Any) -> datetime:
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
-def _safe_id(request_id: str) -> bool:
+def is_result_id(request_id: str) -> bool:
     """An id (or derived name) that may name a journal folder, a file and an S3 key: ASCII only.
 
     ``str.isalnum`` also takes non-ASCII letters and digits (U+00E9, fullwidth U+FF21, U+0661): 64 of them

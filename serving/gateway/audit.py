@@ -25,10 +25,11 @@ import json
 import logging
 import logging.handlers
 import os
-import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from serving.results import is_result_id
 
 log = logging.getLogger("cxr.audit")
 
@@ -60,11 +61,6 @@ def uid_hash(uid: str | None, salt: str) -> str | None:
     return hashlib.sha256(f"{salt}\x00{uid}".encode()).hexdigest()[:16]
 
 
-#: what can name a result: the ids the gateway makes (``uuid4().hex``) and whatever else the result
-#: store would look up (at most 64 of ``[A-Za-z0-9_-]``); ASCII only, unlike ``str.isalnum``
-RESULT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
 def audited_id(value: str, salt: str) -> str:
     """A result id as the audit line names it: as it is when it can name a result, else keyed-hashed.
 
@@ -73,7 +69,7 @@ def audited_id(value: str, salt: str) -> str:
     every refused attempt. No such value can name a result, so the line keeps only its keyed hash
     (``hashed:`` + :func:`uid_hash`): repeated probes with one value still show as one value.
     """
-    if RESULT_ID.fullmatch(value):
+    if is_result_id(value):  # what the result store would look up, as it is
         return value
     return f"hashed:{uid_hash(value, salt)}"
 
