@@ -136,11 +136,11 @@ def test_a_failing_production_mirror_does_not_touch_the_canary_reply(
         infer = backend.infer
         calls: list[str] = []
 
-        async def production_down(stage: Stage, batch: Any) -> Any:
+        async def production_down(stage: Stage, batch: Any, model: Any = None) -> Any:
             calls.append(stage)
             if stage == "production":
                 raise BackendError("production Triton answered 500")
-            return await infer(stage, batch)
+            return await infer(stage, batch, model)
 
         monkeypatch.setattr(backend, "infer", production_down)
         with caplog.at_level(logging.INFO, logger="serving.inference.detector"):
