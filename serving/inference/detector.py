@@ -402,8 +402,21 @@ class DetectionService:
         return await self._infer_bounded(stage, first_model, uploads, conf)
 
     async def _infer_bounded(
-        self, stage: Stage, model: ServedModel, uploads: list[DecodedUpload], conf: float | None
+        self,
+        stage: Stage,
+        model: ServedModel,
+        uploads: list[DecodedUpload],
+        conf: float | None,
+        *,
+        retry_swap: bool = True,
     ) -> list[InferenceOutcome]:
+        """Infer on ``model``'s very version; once more on the stage's new one if it was swapped.
+
+        The backend refuses a version no longer loaded rather than let another answer under its name
+        (backend_triton.py). When a promotion swapped it between this request's config read and its
+        inference, the request is prepared again for the model the stage serves now and answered by
+        it, named after it: a promotion costs no request a 503.
+        """
         uploads = await self.pipeline.reprepare(uploads, model)
         try:
             with self.gate.enter(stage, len(uploads)):
@@ -413,10 +426,23 @@ class DetectionService:
                 finally:
                     self.metrics.inflight.labels(stage).dec(len(uploads))
         except ServingError as exc:
-            self.metrics.rejected.labels(stage, exc.code).inc()
             if isinstance(exc, ModelNotReady):
                 self.backend.forget(stage)
+                if retry_swap and model.server_version:
+                    swapped = await self._swapped_model(stage, model)
+                    if swapped is not None:
+                        log.info("model_swapped stage=%s version=%s", stage, swapped.version)
+                        return await self._infer_bounded(stage, swapped, uploads, conf, retry_swap=False)
+            self.metrics.rejected.labels(stage, exc.code).inc()
             raise
+
+    async def _swapped_model(self, stage: Stage, model: ServedModel) -> ServedModel | None:
+        """The stage's model now, when it is another loaded version than ``model``'s; else None."""
+        try:
+            now = await self._model(stage)
+        except ServingError:
+            return None
+        return now if now.server_version and now.server_version != model.server_version else None
 
     def _record(
         self,

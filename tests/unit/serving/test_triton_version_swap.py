@@ -129,3 +129,26 @@ def test_a_detection_is_never_named_after_a_version_that_did_not_answer_it(tmp_p
 
     asyncio.run(scenario())
     detector.cpu.close()
+
+
+def test_a_promotion_between_a_requests_config_read_and_its_inference_costs_it_no_503(
+    tmp_path: Path,
+) -> None:
+    """The detector prepares the request again for the stage's new version and answers with it,
+    named after it (the version that answered), instead of refusing it with ModelNotReady."""
+    settings = _settings(tmp_path)
+    server = SwappingTriton()
+    backend = _backend(settings, server)
+    detector = build_state(settings, backend=backend, use_store=False).detector
+
+    async def scenario() -> list[str]:
+        model = await detector._model("production")  # this request read version 7's config
+        uploads = await detector.pipeline.decode([make_png()], model, "production")
+        server.swap("2", "8")  # then the promotion loads 8 (Triton's 2) and unloads 7
+        write_stage_files(settings.gitops_dir, production="8")
+        outcomes = await detector._infer_bounded("production", model, uploads, None)
+        return [o.model.version for o in outcomes]
+
+    assert asyncio.run(scenario()) == ["8"]
+    assert server.answered_by == ["8"]
+    detector.cpu.close()
