@@ -17,6 +17,16 @@ import shutil
 import uuid
 from pathlib import Path
 
+#: free space a spool leaves on its disk when it takes something it has to keep: the DIMSE spool and
+#: the feedback spool share the stack's disk with the result journal (written before each answer)
+#: and the PACS outbox (what a PACS is owed); filling it to the last byte failed those instead
+DISK_RESERVE_BYTES = 256 * 1024 * 1024
+
+
+def leaves_reserve(folder: Path, size: int, reserve: int = DISK_RESERVE_BYTES) -> bool:
+    """Whether writing ``size`` more bytes under ``folder`` leaves at least ``reserve`` free there."""
+    return shutil.disk_usage(folder).free - size >= reserve
+
 
 def fsync_dir(path: Path) -> None:
     """Make the names in ``path`` (files created, renamed or removed there) durable."""

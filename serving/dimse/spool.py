@@ -30,12 +30,18 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.durable import discard_leftovers, fsync_dir, replace_durably, write_synced
+from core.durable import (
+    DISK_RESERVE_BYTES,
+    discard_leftovers,
+    fsync_dir,
+    leaves_reserve,
+    replace_durably,
+    write_synced,
+)
 from serving.dicom.headers import instance_uids  # the one guarded header read
 
 log = logging.getLogger("cxr.dimse")
@@ -51,13 +57,6 @@ def _key(uid: str) -> str:
 def _instance_key(sop_uid: str, patient: str) -> str:
     """An instance's file name: its SOP Instance UID and its patient (see :meth:`InstanceSpool.write`)."""
     return _key(sop_uid) if not patient else _key(json.dumps([sop_uid, patient]))
-
-
-#: free space the spool leaves on its disk: on the one-machine stack the stack's disk (``<stack>/dimse``),
-#: where the gateway's outbox keeps the results it answered for. A sender of many studies (or one the gateway
-#: cannot take, waiting for ever) filled it to the last byte, and results already acknowledged to the
-#: PACS could no longer be queued; the SCP answers 0xA700 first (``SpoolDiskLow``)
-DISK_RESERVE_BYTES = 256 * 1024 * 1024
 
 
 class SpoolDiskLow(OSError):
@@ -192,7 +191,7 @@ class InstanceSpool:
         this call is left, and a study folder that held no instance before it is removed.
         """
         with self.lock:
-            if shutil.disk_usage(self.studies_dir).free - len(data) < self.min_free_bytes:
+            if not leaves_reserve(self.studies_dir, len(data), self.min_free_bytes):
                 raise SpoolDiskLow(errno.ENOSPC, f"the spool leaves {self.min_free_bytes} bytes free")
             folder = self.studies_dir / _key(study_uid)
             folder.mkdir(parents=True, exist_ok=True)

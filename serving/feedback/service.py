@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +28,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from core.durable import discard_dir, discard_leftovers, fsync_dir, make_dirs, publish_files
+from core.durable import (
+    DISK_RESERVE_BYTES,
+    discard_dir,
+    discard_leftovers,
+    fsync_dir,
+    leaves_reserve,
+    make_dirs,
+    publish_files,
+)
 from data_pipeline.classes import CLASS_NAMES, NO_FINDING, NO_FINDING_ID
 from serving.dicom.deid import deidentify_dicom, reencode_png
 from serving.errors import FeedbackIdReused, InvalidRequest, NotFound, Overloaded
@@ -41,10 +48,6 @@ VINDR_COLUMNS = ("image_id", "class_name", "class_id", "rad_id", "x_min", "y_min
 # how far past the image's right/bottom edge a box may reach (client rounding); it is clamped to the
 # edge in the rows. Within data_pipeline.annotations.EDGE_TOLERANCE_PX, so no kept box is quarantined.
 EDGE_TOLERANCE_PX = 1.0
-#: free space the spool leaves on its disk (the stack's, where the results journal is written before each
-#: answer and the PACS outbox queues what a PACS is owed): a store down for days grew the spool by an
-#: image a feedback until the disk was full, and detection then failed with the journal's write
-SPOOL_DISK_RESERVE_BYTES = 256 * 1024 * 1024
 
 
 class BoxReview(BaseModel):
@@ -325,7 +328,7 @@ class FeedbackSpool:
     crash cut short, removals a crash interrupted), which would race another process's put.
     """
 
-    def __init__(self, root: Path, min_free_bytes: int = SPOOL_DISK_RESERVE_BYTES) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = DISK_RESERVE_BYTES) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
         discard_leftovers(root, ".tmp-*")
@@ -347,7 +350,7 @@ class FeedbackSpool:
         free on the spool's disk: the radiologist sends it again later, and the disk stays usable."""
         make_dirs(self.root)
         size = sum(len(data) for data in objects.values())
-        if shutil.disk_usage(self.root).free - size < self.min_free_bytes:
+        if not leaves_reserve(self.root, size, self.min_free_bytes):
             log.warning("feedback_spool_disk_low pending=%d bytes=%d", self.depth(), size)
             raise Overloaded(
                 "the object store is unreachable and the feedback spool's disk is nearly full: the "

@@ -391,7 +391,7 @@ def test_a_store_down_long_fills_the_spool_only_to_its_disk_reserve(
 ) -> None:
     """The spool grew by an image a feedback while the store was down, until the disk (the results
     journal's and the PACS outbox's too) was full. Below the reserve it answers 503 and keeps nothing."""
-    from serving.feedback import service as feedback_service
+    from core import durable
 
     class Down(MemoryStore):
         def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
@@ -404,10 +404,8 @@ def test_a_store_down_long_fills_the_spool_only_to_its_disk_reserve(
         service.submit(FeedbackIn(request_id="r1", feedback_id="a"), _record(source), "rad").status
         == "spooled"
     )
-    real = feedback_service.shutil.disk_usage
-    monkeypatch.setattr(
-        feedback_service.shutil, "disk_usage", lambda p: real(p)._replace(free=len(source) + 1024)
-    )
+    real = durable.shutil.disk_usage
+    monkeypatch.setattr(durable.shutil, "disk_usage", lambda p: real(p)._replace(free=len(source) + 1024))
     with pytest.raises(Overloaded) as refused:
         service.submit(FeedbackIn(request_id="r1", feedback_id="b"), _record(source), "rad")
     assert refused.value.status == 503 and refused.value.retry_after_s
