@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from tests.unit.serving.serving_support import MemoryStore
 from workflows import steps
 from workflows.config import WorkflowSettings
 from workflows.errors import PipelineError, SourceNotFound, StepFailed
@@ -242,19 +243,19 @@ def test_an_expected_error_of_another_package_is_logged_without_a_traceback(
     assert summary.steps[0].status == "failed" and "is the stack running" in str(summary.steps[0].detail)
 
 
-class _MemoryStore:
-    """An ObjectStore whose bucket is a dict: the real ``download_prefix`` over in-memory objects."""
+class _MemoryStore(MemoryStore):
+    """The serving tests' in-memory store with what the real ``download_prefix`` calls besides."""
+
+    bucket = "cxr"
 
     def __init__(self, objects: dict[str, bytes]) -> None:
-        self.bucket, self.objects = "cxr", objects
+        super().__init__()
+        self.objects.update(objects)
 
     def list_objects(self, prefix: str) -> list[object]:
         from data_pipeline.store import ObjectInfo
 
-        return [ObjectInfo(k, len(v)) for k, v in sorted(self.objects.items()) if k.startswith(prefix)]
-
-    def list_prefix(self, prefix: str) -> list[str]:
-        return [k for k in sorted(self.objects) if k.startswith(prefix)]
+        return [ObjectInfo(k, len(self.objects[k])) for k in self.list_prefix(prefix)]
 
     def get_file(self, key: str, dest: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
