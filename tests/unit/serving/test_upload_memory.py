@@ -48,21 +48,29 @@ def _holders(held: list[bytes]) -> int:
     return sum(1 for referrer in gc.get_referrers(body) if holds(referrer))
 
 
+def _holders_when_called(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, bodies: list[bytes]
+) -> list[int]:
+    """:func:`_holders` of the last body, each time the coroutine method ``owner.name`` is called
+    (the step that analyses the images)."""
+    real = getattr(owner, name)
+    held: list[int] = []
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        held.append(_holders(bodies))
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return held
+
+
 def test_a_stow_request_does_not_hold_its_body_while_its_instances_are_analysed(
     onnx_client: TestClient, keys: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from serving.gateway.routes import dicomweb
 
     bodies = _spy_body(monkeypatch, dicomweb)
-    stow = onnx_client.app.state.cxr.stow  # type: ignore[attr-defined]
-    real_store = stow.store
-    held: list[int] = []
-
-    async def store(instances: list[bytes], **kwargs: Any) -> Any:
-        held.append(_holders(bodies))
-        return await real_store(instances, **kwargs)
-
-    monkeypatch.setattr(stow, "store", store)
+    held = _holders_when_called(monkeypatch, onnx_client.app.state.cxr.stow, "store", bodies)  # type: ignore[attr-defined]
     body, ctype = stow_body(make_dicom(seed=81), make_dicom(seed=82))
     r = onnx_client.post(
         "/dicomweb/studies",
@@ -79,15 +87,7 @@ def test_a_multipart_detect_does_not_hold_its_body_beside_the_parsed_file(
     from serving.gateway import uploads
 
     bodies = _spy_body(monkeypatch, uploads)
-    detector = onnx_client.app.state.cxr.detector  # type: ignore[attr-defined]
-    real_detect = detector.detect
-    held: list[int] = []
-
-    async def detect(payloads: list[bytes], **kwargs: Any) -> Any:
-        held.append(_holders(bodies))
-        return await real_detect(payloads, **kwargs)
-
-    monkeypatch.setattr(detector, "detect", detect)
+    held = _holders_when_called(monkeypatch, onnx_client.app.state.cxr.detector, "detect", bodies)  # type: ignore[attr-defined]
     r = onnx_client.post(
         "/v1/detect",
         files={"file": ("x.dcm", make_dicom(seed=83), "application/dicom")},
