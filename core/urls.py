@@ -1,4 +1,4 @@
-"""The one check of a server address a person typed (an option or a ``CXR_*_URL`` variable).
+"""Server addresses a person typed (an option, a ``CXR_*_URL``): checked once, shown without credentials.
 
 httpx raises ``InvalidURL`` for ``http://[::1`` or a port above 65535, and that is no
 ``httpx.HTTPError``: the commands that catch only the latter ended in a traceback. A wrong
@@ -38,3 +38,9 @@ def http_url(value: str, setting: str, example: str) -> str:
     if problem is not None:
         raise AddressError(f"{setting} {value!r} is not a server address like {example} ({problem})")
     return value
+
+
+def redacted(url: str) -> str:
+    """``url`` without its ``user:password@``: a message naming a server reaches the caller and the log."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()

@@ -22,11 +22,11 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from pydicom.uid import UID
 
+from core.urls import redacted
 from serving.config import ServingSettings
 from serving.dicom.sop_classes import RADIOGRAPH_SOP_CLASSES
 from serving.dicom.stow import split_related
@@ -53,12 +53,6 @@ def check_uid(value: str, what: str) -> str:
     if not value or len(value) > 64 or not UID(value).is_valid:
         raise InvalidRequest(f"{what} is not a valid DICOM UID (digits and dots, at most 64 characters)")
     return value
-
-
-def redacted(url: str) -> str:
-    """``url`` without its user:password: an error message reaches the caller and the log."""
-    parts = urlsplit(url)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 @dataclass(frozen=True)
