@@ -337,6 +337,13 @@ def validate(
             what = "is not a folder" if dicom_dir.exists() else "does not exist"
             raise AnnotationError(f"image folder {dicom_dir} {what}")
         table = load_annotations(annotations)
+        if not table.total_rows:
+            # "ok" here would pass a file that labels no image: an export that wrote its header and
+            # stopped, or the wrong file; ingest would then build a dataset of no annotated image
+            raise AnnotationError(
+                f"{annotations} has no annotation rows, only a header: export the readers' rows "
+                "(one per box, or a 'No finding' row per image) and validate again"
+            )
         if dicom_dir is not None:
             table = check_inside_images(table, read_sizes(dicom_dir, table.image_ids()))
         summary = Table(title=_plain(annotations))

@@ -35,6 +35,17 @@ def test_validate_passes_a_clean_file_and_fails_a_bad_one_with_line_numbers(tmp_
     assert "class_name does not match class_id" in _text(result.output)
 
 
+def test_validate_refuses_a_file_with_a_header_and_no_rows(tmp_path: Path) -> None:
+    """A header alone labels no image: "ok" would pass an export that stopped after its first line."""
+    empty = tmp_path / "empty.csv"
+    empty.write_text(HEADER)
+    result = CliRunner().invoke(
+        app, ["validate", "--annotations", str(empty)], env={"CXR_STACK_DIR": str(tmp_path / "stack")}
+    )
+    assert result.exit_code == 1, result.output
+    assert "no annotation rows" in _text(result.output) and "Traceback" not in result.output
+
+
 def test_invalid_setting_is_reported_without_a_traceback(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app,
