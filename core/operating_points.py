@@ -167,7 +167,9 @@ class OperatingPoints(BaseModel):
         """Calibrated confidence of each raw score, by its class's calibrator (float64)."""
         s = np.asarray(scores, dtype=np.float64)
         c = np.asarray(classes).astype(np.int64)
-        out = self.calibrator.apply(s)
+        # a copy: the identity calibrator returns its input, and the per-class writes below must
+        # never reach the caller's array (np.asarray does not copy a float64 one)
+        out = np.array(self.calibrator.apply(s), dtype=np.float64, copy=True)
         for point in self.classes:
             if point.calibrator is None:
                 continue

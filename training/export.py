@@ -139,6 +139,10 @@ def check_parity(weights: Path, onnx_path: Path, images: list[Path], *, max_abs_
         raise ParityError(f"ONNX imgsz {ort_model.imgsz} differs from the checkpoint's {torch_model.imgsz}")
     batch = np.stack([preprocess(p, torch_model.imgsz)[0] for p in images])
     expected = torch_model(batch)
+    # the reference must be finite too: |NaN - x| is NaN, and ``NaN > limit`` is False, so a broken
+    # checkpoint would otherwise "pass" parity and register parity_max_abs_diff=nan
+    if not np.isfinite(expected).all():
+        raise ParityError("PyTorch output has NaN/Inf values on the parity images: the checkpoint is broken")
     got_batch = ort_model(batch)
     got_single = np.concatenate([ort_model(batch[i : i + 1]) for i in range(len(batch))])
     for label, got in (("batch", got_batch), ("single", got_single)):
@@ -150,7 +154,7 @@ def check_parity(weights: Path, onnx_path: Path, images: list[Path], *, max_abs_
             raise ParityError(f"ONNX output ({label}) has NaN/Inf values: the export is broken")
     diff = float(max(np.abs(expected - got_batch).max(), np.abs(expected - got_single).max()))
     log.info("event=parity images=%d max_abs_diff=%.3g limit=%.3g", len(images), diff, max_abs_diff)
-    if diff > max_abs_diff:
+    if not diff <= max_abs_diff:  # written so that a NaN difference fails too
         raise ParityError(
             f"ONNX export of {weights.name} differs from PyTorch by {diff:.3g} (limit {max_abs_diff:.3g}) "
             f"on {len(images)} dataset images; refusing to register it"

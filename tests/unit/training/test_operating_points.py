@@ -11,6 +11,7 @@ import pytest
 from core.operating_points import (
     OPERATING_POINTS_FILE,
     Calibrator,
+    ClassOperatingPoint,
     OperatingPoints,
     OperatingPointsError,
 )
@@ -348,3 +349,22 @@ def test_operating_points_see_the_detections_the_gateway_serves_one_class_per_an
     assert ops.prediction_reference is not None
     assert ops.prediction_reference.classes[0].detections == served  # was one per true box
     assert next(c for c in ops.classes if c.class_id == 0).samples == 0  # nor calibrated on them
+
+
+def test_calibrate_returns_a_new_array_and_leaves_the_callers_scores_alone() -> None:
+    """An identity global calibrator with a per-class one used to write into the caller's float64 array."""
+    own = Calibrator(method="temperature", temperature=2.0)
+    point = ClassOperatingPoint(
+        class_id=0,
+        class_name="a",
+        threshold=0.3,
+        rule="f1",
+        instances=1,
+        calibrated_threshold=0.3,
+        calibrator=own,
+    )
+    ops = OperatingPoints(fallback_threshold=0.25, classes=[point])
+    scores = np.array([0.9, 0.9])
+    out = ops.calibrate(scores, np.array([0, 1]))
+    assert out[0] == pytest.approx(0.75) and out[1] == 0.9
+    assert scores.tolist() == [0.9, 0.9]

@@ -100,3 +100,31 @@ def test_pytorch_and_onnx_evaluations_agree_within_0005(
     assert abs(torch_report.map50 - onnx_report.map50) <= 0.005
     assert abs(torch_report.map40 - onnx_report.map40) <= 0.005
     assert abs(torch_report.map50_95 - onnx_report.map50_95) <= 0.005
+
+
+class _Fixed:
+    """A stand-in predictor that answers every batch with one fixed raw output per image."""
+
+    imgsz = 64
+    class_names = ("a",)
+
+    def __init__(self, row: np.ndarray) -> None:
+        self.row = row
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return np.repeat(self.row[None], len(batch), axis=0)
+
+
+def test_a_non_finite_pytorch_reference_fails_parity_instead_of_passing_with_nan(
+    dataset: DatasetRef, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """|NaN - x| is NaN and ``NaN > limit`` is False: a broken reference must not read as parity."""
+    good = np.ones((5, 8), dtype=np.float32)
+    broken = good.copy()
+    broken[4, 0] = np.nan
+    monkeypatch.setattr(TorchPredictor, "load", classmethod(lambda cls, path: _Fixed(broken)))
+    monkeypatch.setattr(OrtPredictor, "load", classmethod(lambda cls, path, *a, **k: _Fixed(good)))
+    with pytest.raises(ParityError, match="PyTorch"):
+        check_parity(
+            tmp_path / "best.pt", tmp_path / "model.onnx", dataset.images("val")[:2], max_abs_diff=1e-3
+        )
