@@ -92,6 +92,11 @@ def serve(
         log_level=level_name,
         access_log=False,
         timeout_graceful_shutdown=10,
+        # uvicorn by default believes X-Forwarded-For/-Proto from 127.0.0.1: on the one-machine stack
+        # every caller is on loopback, so a key guesser could name a new client address per request
+        # and never meet the failed-login limit. Behind a proxy the public URL is a setting
+        # (CXR_PUBLIC_BASE_URL) and the limit is per proxy address, which errs on the safe side.
+        proxy_headers=False,
     )
 
 

@@ -42,6 +42,8 @@ def test_serve_builds_the_app_from_its_options_without_touching_the_environment(
     assert settings.onnx_model == onnx_model.resolve()
     assert served["port"] == 18080
     assert dict(os.environ) == before
+    # a caller's X-Forwarded-For would otherwise be its client address for the failed-login limit
+    assert uvicorn.Config(served.pop("app"), **served).proxy_headers is False
 
 
 def test_serve_refuses_the_onnx_backend_without_a_model(monkeypatch: pytest.MonkeyPatch) -> None:
