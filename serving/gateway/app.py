@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import logsafe
 from serving.config import ServingSettings
-from serving.errors import InputLimitExceeded, ServingError
+from serving.errors import InputLimitExceeded, ServingError, Unauthorized
 from serving.gateway import handoff
 from serving.gateway.middleware import INTERNAL_ERROR, ObserveMiddleware, error_body
 from serving.gateway.routes import admin, detect, dicomweb, feedback, health, pacs, results, review, worklist
@@ -48,7 +48,9 @@ def _request_id(request: Request) -> str:
 def _install_error_handlers(app: FastAPI) -> None:
     async def serving_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServingError)
-        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else {}
+        if isinstance(exc, Unauthorized):  # RFC 9110 15.5.2: a 401 names the scheme that authenticates
+            headers["WWW-Authenticate"] = 'Bearer realm="cxr-detect"'
         if exc.status >= 500:
             log.warning("request_failed code=%s message=%s", exc.code, exc.message)
         body = error_body(exc.code, exc.message, _request_id(request))

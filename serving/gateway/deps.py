@@ -80,6 +80,18 @@ async def get_principal(
     return principal
 
 
+def charge_images(state: GatewayState, principal: Principal, images: int) -> None:
+    """One rate-limit token per image a request runs through a model; :func:`get_principal` took the first.
+
+    Every route that analyses several images in one call (a batch, a STOW-RS, a study pull) pays
+    for each, or the cheapest of them is a way around the limit: a STOW-RS of 64 instances cost
+    one token where a batch of 32 cost 32. Capped at the burst, so the refusal is a 429 with a
+    finite Retry-After, never a request that can never pass.
+    """
+    if images > 1:
+        state.limiter.check(principal.key_id, cost=min(images - 1, state.limiter.burst))
+
+
 def require(role: Role) -> Callable[[Principal], Awaitable[Principal]]:
     async def dependency(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
         principal.require(role)

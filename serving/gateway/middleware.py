@@ -68,6 +68,24 @@ def _request_id(incoming: str) -> str:
     return uuid.uuid4().hex
 
 
+def _declared_over(declared: str, limit: int) -> bool:
+    """Whether a Content-Length of ASCII digits names more than ``limit`` bytes; other values: the route's.
+
+    ASCII only: ``"²".isdigit()`` is True but ``int("²")`` fails. Compared by length before ``int``:
+    Python refuses ``int()`` of more than 4300 digits (ValueError), which made such a header a 500
+    here; the route's reader answers any value that is not a number with a 400.
+    """
+    if not (declared.isascii() and declared.isdigit()):
+        return False
+    digits = declared.lstrip("0") or "0"
+    return len(digits) > len(str(limit)) or int(digits) > limit
+
+
+def _shown(declared: str) -> str:
+    """A declared length as an error message quotes it: a value of thousands of digits is not echoed."""
+    return declared if len(declared) <= 20 else f"{declared[:20]}... ({len(declared)} digits)"
+
+
 def _named(one: str | None, many: Iterable[str | None] | None) -> list[str]:
     """What a route named: ``many`` then ``one``, in order, each once, without empties."""
     return list(dict.fromkeys(x for x in (*(many or ()), one) if x))
@@ -108,11 +126,9 @@ class ObserveMiddleware:
         limit = self.state.settings.max_body_bytes
         declared = _header(scope, b"content-length")
         try:
-            # ASCII digits only: "²".isdigit() is True, but int("²") fails (a 500); the route's
-            # reader answers any other value 400
-            if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            if _declared_over(declared, limit):
                 exc = PayloadTooLarge(
-                    f"body of {declared} bytes exceeds the {limit}-byte limit (CXR_MAX_BODY_BYTES)"
+                    f"body of {_shown(declared)} bytes exceeds the {limit}-byte limit (CXR_MAX_BODY_BYTES)"
                 )
                 await JSONResponse(error_body(exc.code, exc.message, rid), status_code=exc.status)(
                     scope, receive, send_with_id

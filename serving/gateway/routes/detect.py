@@ -11,7 +11,7 @@ from core.stages import STAGES, Stage
 from serving.dicom.sr import sr_bytes
 from serving.errors import Conflict, InvalidRequest
 from serving.gateway.auth import Role
-from serving.gateway.deps import PacsDep, StateDep
+from serving.gateway.deps import PacsDep, StateDep, charge_images
 from serving.gateway.uploads import image_payloads
 from serving.inference.detector import DetectionReply
 
@@ -108,8 +108,7 @@ async def detect_batch(
 ) -> JSONResponse:
     forced = forced_stage(request, x_cxr_stage)
     payloads = await image_payloads(request, state.settings.max_body_bytes, max_files=32)
-    if len(payloads) > 1:  # one token per image: get_principal charged the first
-        state.limiter.check(principal.key_id, cost=min(len(payloads) - 1, state.limiter.burst))
+    charge_images(state, principal, len(payloads))
     replies = await state.detector.detect(payloads, conf=conf, forced=forced, tenant=principal.tenant)
     request.state.detections = sum(len(r.outcome.detections) for r in replies)
     request.state.stage = replies[0].outcome.stage if replies else None

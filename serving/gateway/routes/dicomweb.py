@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from serving.gateway.auth import Principal
-from serving.gateway.deps import PacsDep, StateDep
+from serving.gateway.deps import PacsDep, StateDep, charge_images
 from serving.gateway.state import GatewayState
 from serving.gateway.uploads import read_body
 from serving.inference.detector import DetectionReply
@@ -64,6 +64,7 @@ async def _store(
     body = await read_body(request, state.settings.max_body_bytes)
     instances = await state.stow.split(request.headers.get("content-type", ""), body)
     del body
+    charge_images(state, principal, len(instances))  # each instance is a detection, as in a batch
 
     named: list[str] = []  # the audit line names every result stored, even when a later instance fails
     studies: list[str | None] = []  # and every study, as its keyed hash

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from serving.errors import InvalidImage, StudyNotAnalysed, StudyResultsMissing
-from serving.gateway.deps import PacsDep, StateDep
+from serving.gateway.deps import PacsDep, StateDep, charge_images
 from serving.gateway.routes.dicomweb import base_url, sent_back_ids
 from serving.inference.detector import study_triage
 from serving.pacs.pull import PacsPull, check_uid
@@ -33,20 +33,25 @@ async def analyze_study(
 ) -> JSONResponse:
     """QIDO-RS + WADO-RS from ``CXR_PACS_DICOMWEB_URL``, then the STOW-RS path for each radiograph."""
     check_uid(study_uid, "the study UID")
+    # the audit line names the study (as its keyed hash) whether or not the pull or analysis succeeds
+    request.state.study_uid = study_uid
     pull = PacsPull(state.settings)
     instances = await asyncio.to_thread(pull.fetch_study, study_uid)  # network: not the CPU pool
+    charge_images(state, principal, len(instances))  # each radiograph is a detection, as in a batch
+    # every result as it is stored, as STOW-RS does: a 503 on a later image still names the earlier ones
+    named: list[str] = []
+    request.state.result_ids = named
     result = await state.stow.store(
         instances,
         study=study_uid,
         tenant=principal.tenant,
         base_url=base_url(request, state.settings.public_base_url),
+        on_stored=lambda reply: named.append(reply.record.request_id),
     )
     del instances
     replies = result.replies
     if not replies:
         raise InvalidImage(f"none of the study's {len(result.outcomes)} radiographs could be analysed")
-    request.state.study_uid = study_uid
-    request.state.result_ids = [r.record.request_id for r in replies]  # the audit line names each result
     request.state.detections = result.detections
     request.state.stage = replies[-1].outcome.stage
     request.state.model_version = replies[-1].outcome.model.version
@@ -56,7 +61,7 @@ async def analyze_study(
         destinations = state.sendback.choose(principal.tenant, True)
         queued = await state.sendback.replies(replies, destinations, state.results, principal.tenant)
         if queued:
-            request.state.result_ids += sent_back_ids(replies)  # the study's earlier results went too
+            named.extend(sent_back_ids(replies))  # the study's earlier results went too
         sent_to = [d.name for d in destinations]
     study = study_triage(replies)
     body = {
