@@ -21,6 +21,9 @@ from core.variants import DEFAULT_VARIANT, Variant
 DEFAULT_MODEL_NAME = "cxr-detector"
 #: an MLflow version number: ASCII digits only (``str.isdigit`` also accepts "²" and "٣")
 VERSION_PATTERN = re.compile(r"[0-9]+")
+#: a registered model's name: it becomes a folder of the published Triton repository and an
+#: unquoted line of the file, so no path separator, no "." or ".." alone, no space or line break
+MODEL_NAME_PATTERN = re.compile(r"(?!\.{1,2}\Z)[A-Za-z0-9_.-]{1,128}\Z")
 
 _HEADER = (
     "# Model served by the {stage} stage: the only file `cxr promote` / `cxr rollback` edit.\n"
@@ -47,6 +50,13 @@ class StageFile(BaseModel):
         if value is None:
             return ""
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("model_name")
+    @classmethod
+    def _name_is_safe(cls, value: str) -> str:
+        if not MODEL_NAME_PATTERN.match(value):
+            raise ValueError(f"model_name must be letters, digits, '.', '_' or '-', got {value!r}")
+        return value
 
     @field_validator("model_version")
     @classmethod

@@ -23,7 +23,7 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600}
 
 def window_seconds(window: str) -> int:
     """``30s`` / ``5m`` / ``1h`` in seconds (the policy validates the pattern)."""
-    match = re.fullmatch(r"(\d+)([smh])", window)
+    match = re.fullmatch(r"([0-9]+)([smh])", window)
     if match is None:
         raise ValueError(f"window {window!r} is not like 30s, 5m or 1h")
     return int(match.group(1)) * _UNIT_S[match.group(2)]

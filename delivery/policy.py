@@ -46,7 +46,7 @@ class CanaryPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    window: str = Field("5m", pattern=r"^\d+[smh]$", description="PromQL range of the comparison")
+    window: str = Field("5m", pattern=r"^[0-9]+[smh]$", description="PromQL range of the comparison")
     min_requests: int = Field(50, ge=1, description="fewer canary requests in the window: inconclusive")
     max_error_rate: float = Field(0.02, ge=0, le=1, description="5xx share of canary requests")
     max_p95_ratio: float = Field(1.5, gt=0, description="canary p95 latency / production p95 latency")

@@ -90,7 +90,36 @@ def _repository(tree: Tree) -> list[Finding]:
         for where, url in urls
         if url.rstrip("/").endswith(OWN_REPO) and url != given
     ]
+    ours = {project for _, project, url in _sources(tree) if url.rstrip("/").endswith(OWN_REPO)}
     for project in tree.of_kind("AppProject"):
-        if given not in project.doc.get("spec", {}).get("sourceRepos", []):
+        if project.name in ours and given not in project.doc.get("spec", {}).get("sourceRepos", []):
             out.append(Finding(CHECK, project.ref(), f"does not allow the repository {given}"))
+    return out + _projects(tree)
+
+
+def _sources(tree: Tree) -> list[tuple[str, str, str]]:
+    """(where, project, repoURL) of every Application and ApplicationSet template."""
+    specs = [(o.ref(), o.doc.get("spec", {})) for o in tree.of_kind("Application")]
+    specs += [
+        (o.ref(), o.doc.get("spec", {}).get("template", {}).get("spec", {}))
+        for o in tree.of_kind("ApplicationSet")
+    ]
+    return [
+        (where, str(s.get("project", "default")), str(s.get("source", {}).get("repoURL", "")))
+        for where, s in specs
+    ]
+
+
+def _projects(tree: Tree) -> list[Finding]:
+    """Every Application sits in a project of ours that admits its repository, never in ``default``
+    (Argo CD's own, which admits any repository, namespace and kind unless k8s/argocd locks it)."""
+    projects = {p.name: p.doc.get("spec", {}) for p in tree.of_kind("AppProject")}
+    out = []
+    for where, name, url in _sources(tree):
+        if name == "default":
+            out.append(Finding(CHECK, where, "is in Argo CD's default project, which admits anything"))
+        elif name not in projects:
+            out.append(Finding(CHECK, where, f"names the project {name}, which k8s/argocd does not define"))
+        elif url not in projects[name].get("sourceRepos", []):
+            out.append(Finding(CHECK, where, f"syncs {url}, which its project {name} does not allow"))
     return out

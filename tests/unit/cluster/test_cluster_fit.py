@@ -121,6 +121,23 @@ SEEDS: dict[str, tuple[Seed, str, str]] = {
         "sync",
         "but Ansible gives Argo CD credentials for git@",
     ),
+    "an-add-on-in-argo-cds-open-default-project": (
+        lambda r: _edit(
+            r, "k8s/platform/ingress-nginx.yaml", "project: cxr-platform-charts", "project: default"
+        ),
+        "sync",
+        "Application/ingress-nginx (k8s/platform): is in Argo CD's default project",
+    ),
+    "an-add-on-from-a-repository-its-project-does-not-allow": (
+        lambda r: _edit(
+            r,
+            "k8s/platform/ingress-nginx.yaml",
+            "https://kubernetes.github.io/ingress-nginx",
+            "https://charts.example.org/ingress-nginx",
+        ),
+        "sync",
+        "which its project cxr-platform-charts does not allow",
+    ),
     "waves-without-rolling-sync": (
         lambda r: _edit(r, "k8s/argocd/applicationset.yaml", "type: RollingSync", "type: AllAtOnce"),
         "sync",

@@ -102,6 +102,13 @@ def test_policy_refuses_an_empty_window_prometheus_would_refuse_at_every_analysi
         CanaryPolicy(window=window)
 
 
+@pytest.mark.parametrize("window", ["\u0665m", "\uff15m", "5m\n"])  # Arabic-Indic 5, fullwidth 5
+def test_policy_refuses_a_window_in_digits_promql_does_not_read(window: str) -> None:
+    """``\\d`` matched any Unicode digit: an Arabic-Indic 5m passed, then went to Prometheus in each query."""
+    with pytest.raises(ValueError, match="window"):
+        CanaryPolicy(window=window)
+
+
 @pytest.mark.parametrize(
     "text",
     [b"canary:\n  window: 0s\n", b"canary:\n  max_error_rate: .nan\n", b"canary: {window: \xff5m}\n"],

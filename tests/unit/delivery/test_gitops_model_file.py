@@ -55,6 +55,11 @@ def test_unquoted_integer_version_is_read_as_text(tmp_path: Path) -> None:
         ("production", "stage: production\nmodel_version: latest\n", "model_version"),
         ("production", 'stage: production\nmodel_version: "\u00b2"\n', "model_version"),  # "²".isdigit()
         ("staging", 'stage: staging\nmodel_version: "\u0663"\n', "model_version"),  # Arabic-Indic 3
+        # the name becomes a folder of the published Triton repository and a line of the file
+        ("production", 'stage: production\nmodel_name: "../../canary/x"\n', "model_name"),
+        ("production", 'stage: production\nmodel_name: "x\\nmodel_version: \\"9\\""\n', "model_name"),
+        ("production", 'stage: production\nmodel_name: ""\n', "model_name"),
+        ("production", 'stage: production\nmodel_name: ".."\n', "model_name"),
         ("production", "stage: production\ncanary_weight: 10\n", "canary file only"),
         ("canary", "stage: canary\ncanary_weight: 150\n", "canary_weight"),
         ("production", "stage: staging\n", "lives in the 'production' overlay"),

@@ -100,10 +100,12 @@ def test_every_object_is_core_or_a_known_custom_resource_with_required_fields(
         if key not in CUSTOM_REQUIRED:
             problems.append(f"{path}: unexpected custom resource {key}")
             continue
+        # Argo CD's default project, locked, lists its repositories and destinations empty on purpose
+        locked = obj["kind"] == "AppProject" and obj["metadata"]["name"] == "default"
         problems += [
             f"{path} {obj['kind']}/{obj['metadata']['name']}: missing {f}"
             for f in CUSTOM_REQUIRED[key]
-            if not field(obj, f)
+            if field(obj, f) is None or not (field(obj, f) or locked)
         ]
     assert not problems, "\n".join(problems)
 
@@ -172,6 +174,54 @@ def test_applicationset_syncs_every_stage_automatically_with_prune_and_self_heal
         assert (REPO / path / "kustomization.yaml").exists()
     assert appset["spec"]["template"]["spec"]["syncPolicy"]["automated"] == {"prune": True, "selfHeal": True}
     assert {"group": "", "kind": "Secret"} in project["spec"]["namespaceResourceBlacklist"]
+
+
+def test_every_application_sits_in_a_project_of_ours_that_admits_exactly_it(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Argo CD's built-in ``default`` project admits any repository, any namespace and any kind
+    (a ClusterRoleBinding to cluster-admin included): an Application in it, or one a commit adds to
+    k8s/platform, walks around every limit of cxr-detect. So no Application uses it, ``default``
+    itself admits nothing, the app of apps may create Applications but no cluster role, and each
+    project names its repositories and namespaces (no wildcards) and holds the Applications in it."""
+    argocd = rendered["k8s/argocd"]
+    projects = {o["metadata"]["name"]: o["spec"] for o in argocd if o["kind"] == "AppProject"}
+    default = projects.get("default")
+    assert default is not None, "k8s/argocd leaves Argo CD's default project open"
+    assert not default.get("sourceRepos") and not default.get("destinations")
+    assert not default.get("clusterResourceWhitelist")
+    assert {"group": "*", "kind": "*"} in default.get("namespaceResourceBlacklist", [])
+    held: list[tuple[str, dict[str, Any], set[str]]] = [
+        (o["metadata"]["name"], o["spec"], {o["spec"]["destination"]["namespace"]})
+        for o in [*argocd, *rendered["k8s/platform"]]
+        if o["kind"] == "Application"
+    ]
+    for appset in (o for o in argocd if o["kind"] == "ApplicationSet"):
+        elements = appset["spec"]["generators"][0]["list"]["elements"]
+        held.append(
+            (
+                appset["metadata"]["name"],
+                appset["spec"]["template"]["spec"],
+                {e["namespace"] for e in elements},
+            )
+        )
+    assert len(held) > 8
+    for name, spec, namespaces in held:
+        assert spec["project"] != "default", f"{name} is in Argo CD's unrestricted default project"
+        project = projects.get(spec["project"])
+        assert project is not None, f"{name}: project {spec['project']} is not defined in k8s/argocd"
+        assert spec["source"]["repoURL"] in project["sourceRepos"], name
+        allowed = {(d["server"], d["namespace"]) for d in project["destinations"]}
+        assert {(spec["destination"]["server"], ns) for ns in namespaces} <= allowed, name
+    for name, project in projects.items():
+        assert "*" not in project.get("sourceRepos", []), name
+        assert all("*" not in d["namespace"] and "*" not in d["server"] for d in project["destinations"]), (
+            name
+        )
+    app_of_apps = projects[next(spec["project"] for n, spec, _ in held if n == "cxr-platform")]
+    kinds = {k["kind"] for k in app_of_apps.get("clusterResourceWhitelist", [])}
+    assert kinds and not kinds & {"*", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+    assert {"group": "argoproj.io", "kind": "Application"} in app_of_apps["namespaceResourceWhitelist"]
 
 
 def test_platform_pins_every_helm_chart_to_an_exact_version(

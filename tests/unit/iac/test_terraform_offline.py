@@ -381,6 +381,30 @@ def test_unsafe_or_malformed_variables_are_refused_with_readable_messages(
         assert message in said, variable
 
 
+def test_a_cidr_that_spells_the_internet_another_way_is_refused(
+    planned_root: Path, tf_env: dict[str, str]
+) -> None:
+    """``!= "0.0.0.0/0"`` was the whole check: two /1 blocks are the internet too, and ``10.0.0.0/0``
+    (which the provider refuses only with its own message) means the same."""
+    bad = {
+        "admin_cidrs": '["10.0.0.0/0"]',  # SSH and the API server open to the internet
+        "git_ssh_cidrs": '["10.1.2.3/0"]',
+        "client_cidrs": '["0.0.0.0/1"]',
+        "pacs_cidrs": '["128.0.0.0/1"]',
+    }
+    for variable, value in bad.items():
+        args = [a for k, v in {**PLAN_VARS, variable: value}.items() for a in ("-var", f"{k}={v}")]
+        proc = _run(
+            ["terraform", "plan", "-input=false", "-lock=false", "-refresh=false", "-no-color", *args],
+            planned_root,
+            tf_env,
+            ok=False,
+        )
+        said = " ".join((proc.stdout + proc.stderr).replace("│", " ").split())
+        assert proc.returncode != 0, f"{variable}={value} was accepted"
+        assert f"{variable} must" in said and "no wider than /8" in said, said[-2000:]
+
+
 @pytest.mark.slow
 def test_checkov_passes_with_only_the_commented_skips(tmp_path: Path, tf_env: dict[str, str]) -> None:
     checkov = lint_tool("checkov")

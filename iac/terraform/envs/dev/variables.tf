@@ -104,8 +104,8 @@ variable "client_cidrs" {
   default     = ["10.0.0.0/8"]
 
   validation {
-    condition     = alltrue([for c in var.client_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
-    error_message = "client_cidrs must be valid CIDRs of the hospital network, never 0.0.0.0/0 (patient images must not face the internet)."
+    condition     = alltrue([for c in var.client_cidrs : try(cidrsubnet(c, 0, 0) == c && tonumber(split("/", c)[1]) >= 8, false)])
+    error_message = "client_cidrs must be valid CIDRs of the hospital network, written as network addresses and no wider than /8, never 0.0.0.0/0 (patient images must not face the internet)."
   }
 }
 
@@ -121,8 +121,8 @@ variable "pacs_cidrs" {
   default     = ["10.0.0.0/8"]
 
   validation {
-    condition     = alltrue([for c in var.pacs_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
-    error_message = "pacs_cidrs must be valid CIDRs of the hospital network, never 0.0.0.0/0 (patient images must not face the internet)."
+    condition     = alltrue([for c in var.pacs_cidrs : try(cidrsubnet(c, 0, 0) == c && tonumber(split("/", c)[1]) >= 8, false)])
+    error_message = "pacs_cidrs must be valid CIDRs of the hospital network, written as network addresses and no wider than /8, never 0.0.0.0/0 (patient images must not face the internet)."
   }
 }
 

@@ -50,8 +50,8 @@ variable "admin_cidrs" {
   type        = list(string)
 
   validation {
-    condition     = length(var.admin_cidrs) > 0 && alltrue([for c in var.admin_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
-    error_message = "admin_cidrs must hold at least one valid CIDR, and never 0.0.0.0/0 (SSH and the API server would face the internet)."
+    condition     = length(var.admin_cidrs) > 0 && alltrue([for c in var.admin_cidrs : try(cidrsubnet(c, 0, 0) == c && tonumber(split("/", c)[1]) >= 8, false)])
+    error_message = "admin_cidrs must hold at least one valid CIDR, written as its network address and no wider than /8, and never 0.0.0.0/0 (SSH and the API server would face the internet)."
   }
 }
 
@@ -61,8 +61,8 @@ variable "git_ssh_cidrs" {
   default     = ["10.0.0.0/8"]
 
   validation {
-    condition     = alltrue([for c in var.git_ssh_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
-    error_message = "git_ssh_cidrs must be valid CIDRs of the git server, never 0.0.0.0/0 (SSH egress to the whole internet)."
+    condition     = alltrue([for c in var.git_ssh_cidrs : try(cidrsubnet(c, 0, 0) == c && tonumber(split("/", c)[1]) >= 8, false)])
+    error_message = "git_ssh_cidrs must be valid CIDRs of the git server, written as network addresses and no wider than /8, never 0.0.0.0/0 (SSH egress to the whole internet)."
   }
 }
 
@@ -240,8 +240,8 @@ variable "client_cidrs" {
   default     = ["10.0.0.0/8"]
 
   validation {
-    condition     = alltrue([for c in var.client_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
-    error_message = "client_cidrs must be valid CIDRs of the hospital network, never 0.0.0.0/0 (patient images must not face the internet)."
+    condition     = alltrue([for c in var.client_cidrs : try(cidrsubnet(c, 0, 0) == c && tonumber(split("/", c)[1]) >= 8, false)])
+    error_message = "client_cidrs must be valid CIDRs of the hospital network, written as network addresses and no wider than /8, never 0.0.0.0/0 (patient images must not face the internet)."
   }
 }
 
@@ -257,8 +257,8 @@ variable "pacs_cidrs" {
   default     = ["10.0.0.0/8"]
 
   validation {
-    condition     = alltrue([for c in var.pacs_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
-    error_message = "pacs_cidrs must be valid CIDRs of the hospital network, never 0.0.0.0/0 (patient images must not face the internet)."
+    condition     = alltrue([for c in var.pacs_cidrs : try(cidrsubnet(c, 0, 0) == c && tonumber(split("/", c)[1]) >= 8, false)])
+    error_message = "pacs_cidrs must be valid CIDRs of the hospital network, written as network addresses and no wider than /8, never 0.0.0.0/0 (patient images must not face the internet)."
   }
 }
 
