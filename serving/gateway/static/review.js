@@ -18,6 +18,7 @@ const COLORS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4"
 const SVG_NS = "http://www.w3.org/2000/svg";
 const ZOOM_STEP = 1.25;
 const TOOLS = { window: "tool-window", pan: "tool-pan", draw: "tool-box" };
+const WORKLIST_REFRESH_MS = 30_000;
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -28,6 +29,8 @@ const state = {
   tool: "window", toolBefore: "window", drag: null, renderQueued: false,
   saliency: { route: null, shown: false, urls: new Map() }, // urls: "id|box" -> object URL of its map
   load: 0, // number of the latest load (detection, study, image): a reply of an earlier one is dropped
+  worklistLoad: 0, // number of the latest worklist listing: an earlier one answering late is dropped
+  keyRefused: false, // the worklist answered 401/403: no timed refresh until the key changes
   feedback: null, // the shown result's feedback (see newFeedback)
 };
 
@@ -40,9 +43,20 @@ async function errorText(resp) {
   catch { return `${resp.status} ${resp.statusText}`; }
 }
 
+// Another key may be another reader or tenant, and no key is a reader who left: nothing the previous
+// key opened (its worklist, the shown image and its unsent review) stays on screen.
+function keyChanged() {
+  sessionStorage.setItem("cxr-key", apiKey());
+  state.keyRefused = false;
+  beginLoad();
+  state.study = null; renderStudyNav();
+  setStatus("status", "");
+  loadWorklist();
+}
+
 function init() {
   $("api-key").value = sessionStorage.getItem("cxr-key") || "";
-  $("api-key").addEventListener("change", () => { sessionStorage.setItem("cxr-key", apiKey()); loadWorklist(); });
+  $("api-key").addEventListener("change", keyChanged);
   CLASS_NAMES.forEach((name, i) => $("new-class").add(new Option(`${i} ${name}`, String(i))));
   $("upload-form").addEventListener("submit", (e) => { e.preventDefault(); detect(); });
   $("submit").addEventListener("click", submitFeedback);
@@ -65,6 +79,11 @@ function init() {
   document.addEventListener("keydown", onKey);
   setTool("window");
   $("worklist-refresh").addEventListener("click", loadWorklist);
+  // studies arrive from the PACS while the page is open: the list follows without a click
+  // (not with a refused key: each try would count against this address's auth-failure limit)
+  const refresh = () => { if (!document.hidden && !state.keyRefused) loadWorklist(); };
+  setInterval(refresh, WORKLIST_REFRESH_MS);
+  document.addEventListener("visibilitychange", refresh);
   $("prev-image").addEventListener("click", () => stepStudy(-1));
   $("next-image").addEventListener("click", () => stepStudy(1));
   if (apiKey()) loadWorklist();
@@ -148,7 +167,7 @@ async function showResult(result, load) {
   $("overlay").setAttribute("viewBox", `0 0 ${width} ${height}`);
   const total = result.timings_ms.total === undefined ? "" : ` · ${result.timings_ms.total.toFixed(0)} ms`;
   const triage = result.triage
-    ? ` · triage ${result.triage.score.toFixed(2)}${result.triage.priority ? " (priority)" : ""}` : "";
+    ? ` · triage ${scoreText(result.triage.score)}${result.triage.priority ? " (priority)" : ""}` : "";
   $("model-info").textContent = `model ${result.model.name} v${result.model.version} (${result.model.stage}) · ` +
     `${width}×${height}${total}${triage}`;
   $("no-finding").checked = false;
@@ -471,24 +490,57 @@ async function toggleSaliency() {
 
 // ----------------------------------------------------------------- worklist
 
+// Scores shown cut (not rounded) to 2 decimals: 0.4996 is below a 0.5 threshold and must not read 0.50.
+function scoreText(score) { return (Math.floor(Math.round(score * 1e4) / 100) / 100).toFixed(2); }
+
+// When a study came in: the time of day, with the date unless it is today (the list spans days).
+function seenText(iso) {
+  const seen = new Date(iso);
+  const time = seen.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  if (seen.toDateString() === new Date().toDateString()) return time;
+  return `${seen.toLocaleDateString([], { day: "numeric", month: "short" })} ${time}`;
+}
+
+// The list is what the gateway answered last for this key, or empty with the reason: a failed or
+// superseded listing never leaves an older list (maybe another key's) on screen as if it were current.
 async function loadWorklist() {
-  if (!apiKey()) return;
-  const resp = await fetch("/v1/worklist", { headers: headers() });
-  if (!resp.ok) { setStatus("worklist-status", await errorText(resp), "error"); return; }
-  const body = await resp.json();
-  const list = $("worklist"); list.replaceChildren();
+  const load = ++state.worklistLoad;
+  const current = () => load === state.worklistLoad;
+  const fail = (text) => {
+    if (current()) { $("worklist").replaceChildren(); setStatus("worklist-status", text, "error"); }
+  };
+  if (!apiKey()) { $("worklist").replaceChildren(); setStatus("worklist-status", ""); return; }
+  let body;
+  try {
+    const resp = await fetch("/v1/worklist", { headers: headers() });
+    if (!resp.ok) {
+      if (current()) state.keyRefused = resp.status === 401 || resp.status === 403;
+      fail(`worklist: ${await errorText(resp)}`); return;
+    }
+    state.keyRefused = false;
+    body = await resp.json();
+  } catch (err) { fail(`worklist: ${err.message}`); return; }
+  if (current()) renderWorklist(body);
+}
+
+function renderWorklist(body) {
+  const list = $("worklist");
+  const focused = list.contains(document.activeElement) ? document.activeElement.dataset.studyUid : null;
+  list.replaceChildren();
   body.studies.forEach((study) => {
     const li = document.createElement("li");
     li.className = study.priority ? "study priority" : "study";
+    li.classList.toggle("open", !!state.study && state.study.uid === study.study_uid);
     li.dataset.studyUid = study.study_uid;
     li.tabIndex = 0;
     li.title = `study ${study.study_uid}`;
-    const seen = new Date(study.first_seen).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
     if (study.priority) li.append(label("PRIORITY"));
-    li.append(label(`${study.score.toFixed(2)} · ${study.images} image${study.images === 1 ? '' : 's'} · ${seen} · …${study.study_uid.slice(-8)}`));
+    li.append(label(`${scoreText(study.score)} · ${study.images} image${study.images === 1 ? '' : 's'} · ` +
+      `${seenText(study.first_seen)} · …${study.study_uid.slice(-8)}`));
     li.addEventListener("click", () => openStudy(study));
     li.addEventListener("keydown", (e) => { if (e.key === "Enter") openStudy(study); });
     list.append(li);
+    if (study.study_uid === focused) li.focus({ preventScroll: true }); // a refresh keeps the keyboard's place
   });
   setStatus("worklist-status",
     `${body.studies.length} ${body.studies.length === 1 ? 'study' : 'studies'} in the last ${body.hours} h · priority at score ≥ ${body.threshold}`);
