@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import logsafe
@@ -214,7 +215,14 @@ def create_app(
                 # missed, feedback and audit log, whatever closing the rest did
                 await asyncio.to_thread(handoff.hand_on, state)
 
-    app = FastAPI(
+    # FastAPI's own /docs and /redoc load Swagger UI and ReDoc (and Google's fonts) from CDNs: on a
+    # closed network the pages stay blank, and each load names the gateway to a host outside it.
+    # fastapi-offline serves the same pages with the assets from its wheel (/static-offline-docs).
+    app = FastAPIOffline(
+        # Swagger UI would send the schema to validator.swagger.io for its badge
+        swagger_ui_parameters={"validatorUrl": None},
+        # ReDoc 2.5 cannot read this schema (it stops at the "$defs" pydantic writes); Swagger UI can
+        redoc_url=None,
         title="CXR Detect gateway",
         version="0.1.0",
         description="Chest X-ray findings: DICOM/PNG/JPEG in; boxes in original pixels and DICOM SR out.",

@@ -38,16 +38,23 @@ SECURITY_HEADERS = {
         "frame-ancestors 'none'; form-action 'self'"
     ),
 }
-# FastAPI's Swagger/ReDoc pages run an inline script and load their assets from a CDN.
-DOCS_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc"}
+# The Swagger UI page starts with an inline script (FastAPI writes it); its assets are this
+# server's (fastapi-offline), so nothing may load from elsewhere.
+DOCS_PATHS = {"/docs", "/docs/oauth2-redirect"}
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
 # Answers carry results, pixels and study lists of a tenant: no browser or proxy keeps them
 # (the review page fetches with its key header, which no-store does not hinder). Routes may say
-# more; only the review page and its static files may be cached.
+# more; only the pages and their static files may be kept, and only revalidated (no-cache): an
+# upgrade's review.js is then the next load's, not a stale copy's for hours.
 NO_STORE = "no-store"
+REVALIDATE = "no-cache"
 
 
 def _cacheable(path: str) -> bool:
-    return path == "/" or path.startswith("/static/")
+    return path in ("/", *DOCS_PATHS) or path.startswith(("/static/", "/static-offline-docs/"))
 
 
 def error_body(code: str, message: str, request_id: str) -> dict[str, Any]:
@@ -116,11 +123,12 @@ class ObserveMiddleware:
                 status = int(message["status"])
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = rid
+                path = str(scope.get("path", ""))
                 for name, value in SECURITY_HEADERS.items():
-                    if name != "Content-Security-Policy" or scope.get("path") not in DOCS_PATHS:
-                        headers.setdefault(name, value)
-                if not _cacheable(str(scope.get("path", ""))):
-                    headers.setdefault("Cache-Control", NO_STORE)
+                    if name == "Content-Security-Policy" and path in DOCS_PATHS:
+                        value = DOCS_CSP
+                    headers.setdefault(name, value)
+                headers.setdefault("Cache-Control", REVALIDATE if _cacheable(path) else NO_STORE)
             await send(message)
 
         limit = self.state.settings.max_body_bytes

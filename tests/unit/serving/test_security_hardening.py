@@ -388,7 +388,17 @@ def test_page_static_files_and_api_answers_carry_the_security_headers(onnx_clien
         assert headers["X-Frame-Options"] == "DENY", path
         csp = headers["Content-Security-Policy"]
         assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "object-src 'none'" in csp
-    assert "Content-Security-Policy" not in onnx_client.get("/docs").headers  # Swagger runs inline script
+    # Swagger UI runs FastAPI's inline start-up script, and still loads nothing from elsewhere
+    docs = onnx_client.get("/docs")
+    assert "'unsafe-inline'" in docs.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in docs.headers["Content-Security-Policy"]
+    assert "'unsafe-inline'" not in onnx_client.get("/").headers["Content-Security-Policy"]
+    assert not re.search(r"(src|href)=['\"]https?:", docs.text), "the docs page names an outside asset"
+    assert onnx_client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
+    # pages and their files may be kept but are revalidated (an upgrade's review.js is the next load's)
+    for path in ("/", "/static/review.js", "/docs"):
+        assert onnx_client.get(path).headers["Cache-Control"] == "no-cache", path
+    assert onnx_client.get("/v1/models").headers["Cache-Control"] == "no-store"
 
 
 def test_the_review_page_needs_no_inline_code_and_builds_no_html_from_data() -> None:
