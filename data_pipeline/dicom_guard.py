@@ -62,6 +62,7 @@ import pydicom.uid
 from pydicom.datadict import dictionary_VR, private_dictionaries, private_dictionary_VR
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_partial
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.values import converters
 
@@ -590,34 +591,90 @@ def first_fragment(data: bytes, offset: int, cap: int = 1 << 16) -> bytes:
     return b""
 
 
-def codestream_size(fragment: bytes) -> tuple[int, int, int] | None:
-    """(rows, cols, components) a JPEG, JPEG-LS or JPEG 2000 codestream declares; None if unreadable."""
+_SOC_SIZ = b"\xff\x4f\xff\x51"
+_JP2_MAGIC = (b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\r\n\x87\n")  # openjpeg's MAGIC_NUMBERS for JP2
+
+
+def j2k_codestream(fragment: bytes) -> bytes | None:
+    """The JPEG 2000 codestream a decoder reads from ``fragment``; None if it finds none there.
+
+    openjpeg (and Pillow) tell the format by the first bytes: a raw codestream starts with SOC + SIZ,
+    a JP2 file (non-conformant in DICOM, PS3.5 A.4.4, but written by some encoders) is read box by
+    box up to its first top-level ``jp2c`` box. A SOC + SIZ found anywhere else (inside an XML or
+    UUID box before ``jp2c``) is not the header the decoder sizes the image by: it was taken for it,
+    so a decoy 8x8 SIZ let a 566-byte JP2 decode 6000x6000 pixels behind an 8x8 header.
+    """
+    if fragment[:4] == _SOC_SIZ:
+        return fragment
+    if not fragment.startswith(_JP2_MAGIC):
+        return None
+    pos = 0
+    while pos + 8 <= len(fragment):
+        length, head = int.from_bytes(fragment[pos : pos + 4], "big"), 8
+        if length == 1:  # XLBox: an 8-byte length follows the type
+            length, head = int.from_bytes(fragment[pos + 8 : pos + 16], "big"), 16
+        if fragment[pos + 4 : pos + 8] == b"jp2c":
+            stream = fragment[pos + head :]
+            return stream if stream[:4] == _SOC_SIZ else None
+        if length < head:  # 0 runs to the end of the file; less than a header never ends
+            return None
+        pos += length
+    return None
+
+
+def codestream_size(fragment: bytes) -> tuple[int, int, int, int] | None:
+    """(rows, cols, components, bits per sample) a JPEG, JPEG-LS or JPEG 2000 codestream declares.
+
+    None if unreadable. The bits are the largest precision of any component.
+    """
     from pydicom.pixels.utils import _get_jpg_parameters  # pydicom's own SOF parser (private, pinned)
 
     if fragment[:2] == b"\xff\xd8":
         info: dict[str, Any] = _get_jpg_parameters(fragment)
         if "height" in info:
-            return int(info["height"]), int(info["width"]), int(info["components"])
+            return int(info["height"]), int(info["width"]), int(info["components"]), int(info["precision"])
         return None
-    start = fragment.find(b"\xff\x4f\xff\x51")  # J2K SOC + SIZ (raw codestream or inside a jp2c box)
-    if start < 0 or len(fragment) < start + 42:
+    stream = j2k_codestream(fragment)
+    if stream is None or len(stream) < 42:
         return None
-    width = (
-        struct.unpack(">I", fragment[start + 8 : start + 12])[0]
-        - struct.unpack(">I", fragment[start + 16 : start + 20])[0]
-    )
-    height = (
-        struct.unpack(">I", fragment[start + 12 : start + 16])[0]
-        - struct.unpack(">I", fragment[start + 20 : start + 24])[0]
-    )
-    components = struct.unpack(">H", fragment[start + 40 : start + 42])[0]
-    return height, width, components
+    width = struct.unpack(">I", stream[8:12])[0] - struct.unpack(">I", stream[16:20])[0]
+    height = struct.unpack(">I", stream[12:16])[0] - struct.unpack(">I", stream[20:24])[0]
+    components = struct.unpack(">H", stream[40:42])[0]
+    ssiz = stream[42 : 42 + 3 * components : 3]  # Ssiz of each component: precision - 1, sign in bit 7
+    if len(ssiz) < components:
+        return None
+    return height, width, components, max(((b & 0x7F) + 1 for b in ssiz), default=0)
+
+
+def _encapsulated_syntax(transfer_syntax: str) -> bool:
+    try:
+        return bool(pydicom.uid.UID(transfer_syntax).is_encapsulated)
+    except ValueError:  # not a transfer syntax pydicom knows: it has no decoder for it either
+        return False
 
 
 def check_codestream(data: bytes, facts: StreamFacts, transfer_syntax: str, limits: DicomLimits) -> None:
-    """Encapsulated pixel data must declare the size the header declares (decoders allocate by it)."""
-    if facts.pixel_offset is None or facts.pixel_length != _UNDEFINED or transfer_syntax == _RLE:
-        return  # native pixels (size checked by pydicom against the header) or RLE (sized by the header)
+    """Encapsulated pixel data must declare the image the header declares (decoders allocate by it).
+
+    Its rows, columns and samples must be the header's, and no sample wider than Bits Allocated:
+    a decoder allocates what the codestream says, so a 4-component 16-bit codestream behind an 8-bit
+    grey header decoded 8x the bytes CXR_DICOM_MAX_PIXEL_BYTES had bounded.
+
+    pydicom parses the items of a compressed syntax's Pixel Data whatever its length, so a
+    defined-length value (PS3.5 A.4 requires undefined length) hid its codestream from this check:
+    a 1 KB JPEG of 20000x20000 behind an 8x8 header decoded 400 MB (2 GB peak) before failing.
+    """
+    if facts.pixel_offset is None:
+        return
+    if facts.pixel_length != _UNDEFINED:
+        if _encapsulated_syntax(transfer_syntax):
+            raise CorruptImage(
+                f"Pixel Data of compressed transfer syntax {transfer_syntax} has a defined length: "
+                "compressed frames must be encapsulated in an undefined-length Pixel Data (PS3.5 A.4)"
+            )
+        return  # native pixels (size checked by pydicom against the header)
+    if transfer_syntax == _RLE:
+        return  # RLE: sized by the header
     fragment = first_fragment(data, facts.pixel_offset)
     if not fragment:
         raise CorruptImage("encapsulated pixel data has no fragment: the file is truncated or garbled")
@@ -626,13 +683,46 @@ def check_codestream(data: bytes, facts: StreamFacts, transfer_syntax: str, limi
         raise CorruptImage(
             f"compressed pixel data ({transfer_syntax}) has no readable JPEG / JPEG 2000 frame header"
         )
-    rows, cols, components = size
-    want = (facts.pixel.get("rows", 0), facts.pixel.get("cols", 0))
-    if (rows, cols) != want or components > 4:
+    rows, cols, components, precision = size
+    p = facts.pixel
+    want = (p.get("rows", 0), p.get("cols", 0), max(p.get("samples", 1), 1))
+    bits = p.get("bits", 16) or 16
+    if (rows, cols, components) != want or precision > bits:
         raise DicomLimitExceeded(
             "CXR_DICOM_MAX_PIXELS",
-            f"compressed frame declares {cols}x{rows}x{components}, the header {want[1]}x{want[0]}: "
-            "refused before decoding",
+            f"compressed frame declares {cols}x{rows}x{components} of {precision} bits, the header "
+            f"{want[1]}x{want[0]}x{want[2]} of {bits} bits: refused before decoding",
+        )
+
+
+#: (7FE0,0001) Extended Offset Table: where pydicom's decoder starts each frame (PS3.3 C.7.6.3.1.8)
+_EXTENDED_OFFSETS = 0x7FE00001
+
+
+def check_extended_offsets(ds: Dataset) -> None:
+    """pydicom's first decoded frame must start at the first fragment, the one :func:`check_codestream` read.
+
+    With an Extended Offset Table pydicom reads frame 1 from the byte its first offset names,
+    whichever fragment (or part of one) that is: a checked 8x8 JPEG first, a 20000x20000 one second
+    and an offset to it decoded 400 MB (2 GB peak) behind an 8x8 header. The standard's first
+    offset is 0, the first fragment; any other is refused.
+    """
+    if _EXTENDED_OFFSETS not in ds:
+        return
+    try:
+        value = ds[_EXTENDED_OFFSETS].value
+    except Exception as exc:  # a value pydicom cannot convert: its decoder cannot use it either
+        raise CorruptImage(f"the Extended Offset Table cannot be read ({type(exc).__name__})") from None
+    if isinstance(value, bytes | bytearray):
+        first: object = int.from_bytes(value[:8], "little") if len(value) >= 8 else 0
+    elif isinstance(value, list | tuple | MultiValue):
+        first = value[0] if value else 0
+    else:
+        first = value
+    if first not in (0, None):
+        raise CorruptImage(
+            "the Extended Offset Table's first frame does not start at the first fragment "
+            "(PS3.3 C.7.6.3.1.8: its first offset is 0)"
         )
 
 
@@ -792,4 +882,6 @@ def read_guarded(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = read_partial(io.BytesIO(data), stop_when=stop, force=True)
+    if not stop_before_pixels:
+        check_extended_offsets(ds)
     return GuardedDataset(ds, facts, layout.transfer_syntax)

@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import re
+import struct
 import time
 import warnings
 from collections.abc import Iterator
@@ -488,8 +490,61 @@ def _ts_name(ts: object) -> str:
     return getattr(ts, "name", None) or str(ts or "unknown transfer syntax")
 
 
+#: entries a palette color LUT may have at most (PS3.3 C.7.6.3.1.5: a descriptor's 0 means 2^16)
+_PALETTE_ENTRIES = 1 << 16
+_SEGMENTED_LUTS = (
+    "SegmentedRedPaletteColorLookupTableData",
+    "SegmentedGreenPaletteColorLookupTableData",
+    "SegmentedBluePaletteColorLookupTableData",
+    "SegmentedAlphaPaletteColorLookupTableData",
+)
+
+
+def _check_segmented_palette(ds: Dataset) -> None:
+    """Refuse segmented palette LUTs expanding past any palette's 65,536 entries, before pydicom expands them.
+
+    pydicom (``_expand_segmented_lut``) builds a Python list of every entry with no bound: a linear
+    segment is 6 bytes and 65,535 entries, so a 22 KB file took 5.6 s and 1.3 GB (measured), and
+    an indirect segment re-expands earlier ones. The segments are counted here as pydicom walks
+    them (opcode, length, then the segment's words); indirect segments, which no palette in
+    pydicom's corpus uses, are refused rather than followed.
+    """
+    if _SEGMENTED_LUTS[0] not in ds:
+        return
+    try:
+        depth = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        meta = getattr(ds, "file_meta", None)
+        little = meta._tsyntax_encoding[1] if meta is not None else ds.original_encoding[1]
+    except Exception:
+        return  # pydicom refuses such a descriptor or encoding itself, before expanding anything
+    size = 1 if depth == 8 else 2
+    fmt = ("<" if little is not False else ">") + ("B" if size == 1 else "H")
+    for keyword in _SEGMENTED_LUTS:
+        data = ds.get(keyword)
+        if not isinstance(data, bytes):
+            continue
+        words, pos, entries, segments = len(data) // size, 0, 0, 0
+        while pos + 1 < words:
+            opcode, length = (struct.unpack_from(fmt, data, (pos + i) * size)[0] for i in (0, 1))
+            if opcode == 2:
+                raise UnsupportedImage(
+                    "palette color lookup table with indirect segments is not supported: send the image "
+                    "as RGB or MONOCHROME2"
+                )
+            if opcode not in (0, 1):
+                return  # pydicom raises on an unknown segment type
+            entries, segments = entries + length, segments + 1
+            if entries > _PALETTE_ENTRIES or segments > _PALETTE_ENTRIES:
+                raise CorruptImage(
+                    f"segmented palette color lookup table ({keyword}) expands past the "
+                    f"{_PALETTE_ENTRIES} entries a palette holds (PS3.3 C.7.9.2): the table is corrupt"
+                )
+            pos += 2 + (length if opcode == 0 else 1)
+
+
 def _color_to_gray(raw: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     if photometric == "PALETTE COLOR":
+        _check_segmented_palette(ds)
         rgb = pydicom.pixels.apply_color_lut(raw, ds).astype(np.float32)
         scale = 65535.0 if rgb.max() > 255 else 255.0
     else:
@@ -510,11 +565,31 @@ def _modality_values(raw: np.ndarray, ds: Dataset) -> np.ndarray:
     values = raw.astype(np.float32)
     slope = _float_or(ds.get("RescaleSlope"), 1.0)
     intercept = _float_or(ds.get("RescaleIntercept"), 0.0)
+    _check_rescale(slope, intercept, raw.dtype)
     if slope != 1.0:
         values *= np.float32(slope)
     if intercept != 0.0:
         values += np.float32(intercept)
     return values
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_rescale(slope: float, intercept: float, dtype: np.dtype) -> None:
+    """Refuse a Rescale Slope / Intercept that maps the stored values to no image at all.
+
+    NaN or infinite values, or a product past float32, made every pixel NaN: the windowed image
+    came out blank, and the detector answered 200 with no findings for a header error. A slope of
+    0 maps every pixel to the intercept: the same blank image.
+    """
+    stored = float(max(abs(np.iinfo(dtype).min), np.iinfo(dtype).max)) if dtype.kind in "iu" else 0.0
+    extreme = abs(slope) * stored + abs(intercept)
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0 or extreme > _FLOAT32_MAX:
+        raise CorruptImage(
+            f"Rescale Slope {slope!r} and Intercept {intercept!r} (0028,1053/1052) map the stored pixel "
+            "values to no finite image: the header is wrong (the slope must be a finite non-zero number)"
+        )
 
 
 def _display_pipeline(raw: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:

@@ -204,6 +204,78 @@ def deflate_bomb(inflated: int) -> bytes:
     return file_meta(DEFLATED) + b"".join(parts)
 
 
+def _jpeg_with_sof(rows: int, cols: int) -> bytes:
+    jpg = bytearray(tiny_jpeg())
+    sof = jpg.find(b"\xff\xc0")
+    struct.pack_into(">HH", jpg, sof + 5, rows & 0xFFFF, cols & 0xFFFF)
+    return bytes(jpg)
+
+
+def _fragment_item(fragment: bytes) -> bytes:
+    pad = b"\x00" * (len(fragment) % 2)
+    return struct.pack("<HHI", 0xFFFE, 0xE000, len(fragment) + len(pad)) + fragment + pad
+
+
+def defined_length_jpeg(sof_rows: int, sof_cols: int) -> bytes:
+    """A JPEG bomb in Pixel Data of a defined length: pydicom parses its items as if undefined."""
+    items = struct.pack("<HHI", 0xFFFE, 0xE000, 0) + _fragment_item(_jpeg_with_sof(sof_rows, sof_cols))
+    return file_meta(JPEG_BASELINE) + header(8, 8, bits=8) + element(0x7FE0, 0x0010, b"OB", items)
+
+
+def extended_offset_jpeg(sof_rows: int, sof_cols: int) -> bytes:
+    """An honest 8x8 JPEG first, a huge one second, and an Extended Offset Table naming the second."""
+    first = _fragment_item(tiny_jpeg())
+    bomb = _jpeg_with_sof(sof_rows, sof_cols)
+    table = element(0x7FE0, 0x0001, b"OV", struct.pack("<Q", len(first)))
+    table += element(0x7FE0, 0x0002, b"OV", struct.pack("<Q", len(bomb)))
+    pixels = (
+        struct.pack("<HH", 0x7FE0, 0x0010)
+        + b"OB\x00\x00"
+        + struct.pack("<I", UNDEFINED)
+        + struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+        + first
+        + _fragment_item(bomb)
+        + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    )
+    return file_meta(JPEG_BASELINE) + header(8, 8, bits=8) + table + pixels
+
+
+def jp2_decoy(width: int, height: int) -> bytes:
+    """A JP2 file: an XML box holds an 8x8 SIZ before the codestream box declaring ``width`` x ``height``."""
+
+    def box(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(body)) + kind + body
+
+    def siz(w: int, h: int) -> bytes:
+        return (
+            b"\xff\x4f\xff\x51"
+            + struct.pack(">HHIIIIIIIIH", 41, 0, w, h, 0, 0, w, h, 0, 0, 1)
+            + b"\x07\x01\x01"
+        )
+
+    jp2 = (
+        box(b"jP  ", b"\r\n\x87\n")
+        + box(b"ftyp", b"jp2 \x00\x00\x00\x00jp2 ")
+        + box(b"jp2h", box(b"ihdr", struct.pack(">IIHBBBB", 8, 8, 1, 7, 7, 0, 0)))
+        + box(b"xml ", siz(8, 8))
+        + box(b"jp2c", siz(width, height) + b"\xff\x93" + b"\x00" * 64 + b"\xff\xd9")
+    )
+    return file_meta(J2K) + header(8, 8, bits=8) + encapsulated(jp2)
+
+
+def palette_segmented_bomb(segments: int) -> bytes:
+    """PALETTE COLOR whose segmented LUTs (6 bytes a segment) expand to 65,535 entries a segment."""
+    words = [0, 1, 0] + [1, 65535, 0xFFFF] * segments  # one discrete entry, then linear ramps
+    lut = struct.pack(f"<{len(words)}H", *words)
+    mono = element(0x0028, 0x0004, b"CS", b"MONOCHROME2")
+    body = header(bits=8).replace(mono, element(0x0028, 0x0004, b"CS", b"PALETTE COLOR"))
+    for elem in (0x1101, 0x1102, 0x1103):
+        body += element(0x0028, elem, b"US", struct.pack("<HHH", 0, 0, 16))
+    for elem in (0x1221, 0x1222, 0x1223):
+        body += element(0x0028, elem, b"OW", lut)
+    return file_meta(EXPLICIT_LE) + body + element(0x7FE0, 0x0010, b"OB", b"\x05" * 64 * 64)
+
+
 def truncated(data: bytes, at: int) -> bytes:
     return data[: max(0, min(at, len(data)))]
 
@@ -251,6 +323,10 @@ def corpus(seed: int = 0, *, mutations: int = 40) -> list[HostileCase]:
         ("j2k-siz-60000x60000", lambda: j2k_bomb(60000, 60000)),
         ("rle-lying-segments", lambda: rle_lie(4096, 4096)),
         ("deflate-bomb-200MiB", lambda: deflate_bomb(200 << 20)),
+        ("jpeg-defined-length-20000x20000", lambda: defined_length_jpeg(20000, 20000)),
+        ("jpeg-extended-offset-20000x20000", lambda: extended_offset_jpeg(20000, 20000)),
+        ("jp2-decoy-siz-60000x60000", lambda: jp2_decoy(60000, 60000)),
+        ("palette-segmented-lut-1000", lambda: palette_segmented_bomb(1000)),
         ("invalid-vr", lambda: invalid_vr(seed)),
         ("invalid-dates", invalid_dates),
         ("zeros-after-dicm", lambda: b"\x00" * 128 + b"DICM" + b"\x00" * (1 << 20)),

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from data_pipeline.dicom_io import sniff_format
@@ -59,6 +59,7 @@ def split_related(content_type: str, body: bytes, *, max_parts: int = 64) -> lis
     parts: list[_Part] = []
     header_field: list[bytes] = []
     header_value: list[bytes] = []
+    ended: list[bool] = []
 
     def on_part_begin() -> None:
         if len(parts) >= max_parts:
@@ -80,21 +81,31 @@ def split_related(content_type: str, body: bytes, *, max_parts: int = 64) -> lis
         header_field.clear()
         header_value.clear()
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_part_data": on_part_data,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-        },
-    )
     try:
+        # FormParserError (a ValueError) too: a boundary over 256 bytes is refused by the constructor,
+        # and reached the gateway's catch-all as a 500
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": on_part_begin,
+                "on_part_data": on_part_data,
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": on_header_end,
+                "on_end": lambda: ended.append(True),
+            },
+        )
         parser.write(body)
         parser.finalize()
-    except MultipartParseError as exc:
+    except FormParserError as exc:
         raise InvalidRequest(f"malformed multipart/related body: {exc}") from exc
+    if not ended:
+        # python-multipart's finalize() does not check this: a body cut short came back as its parts
+        # minus the bytes it held back for a boundary, each then failed as a DICOM it "cannot understand"
+        raise InvalidRequest(
+            "multipart/related body ends without its closing boundary '--<boundary>--' (RFC 2046 5.1.1): "
+            "the request is truncated"
+        )
     instances = []
     for i, part in enumerate(parts):
         ctype = part.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()

@@ -420,3 +420,36 @@ def test_read_size_uses_headers_only(tmp_path: pytest.TempPathFactory) -> None:
     path = tmp_path / "x.dicom"  # type: ignore[operator]
     path.write_bytes(_bytes(_dicom(_raw(shape=(30, 70)))))
     assert read_size(path) == (70, 30)
+
+
+@pytest.mark.parametrize(
+    ("slope", "intercept"),
+    [("nan", "0"), ("inf", "0"), ("1e300", "0"), ("1e36", "0"), ("0", "0"), ("1", "nan")],
+    ids=["slope-nan", "slope-inf", "slope-1e300", "slope-past-float32", "slope-zero", "intercept-nan"],
+)
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_a_rescale_that_maps_the_pixels_to_no_image_is_refused(slope: str, intercept: str) -> None:
+    """It decoded to an all-NaN (or flat) image, which the detector answered with no findings."""
+    ds = _dicom(_raw())
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    with pytest.raises(CorruptImage, match="Rescale Slope"):
+        decode_bytes(_bytes(ds), salt="s")
+
+
+def _palette(lut_words: list[int]) -> bytes:
+    ds = _dicom(np.full((8, 8), 5, np.uint16), bits=8, photometric="PALETTE COLOR", center=None, width=None)
+    for colour in ("Red", "Green", "Blue"):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"Segmented{colour}PaletteColorLookupTableData", np.array(lut_words, "<u2").tobytes())
+    return _bytes(ds)
+
+
+def test_segmented_palettes_are_bounded_before_pydicom_expands_them() -> None:
+    """pydicom expands each 6-byte linear segment into 65,535 list entries: 22 KB took 1.3 GB and 5.6 s."""
+    ramp = [0, 1, 0, 1, 255, 65535]  # one discrete entry, then a 255-entry linear ramp: 256 entries
+    decoded = decode_bytes(_palette(ramp), salt="s")
+    assert decoded.converted_from_color and decoded.pixels.shape == (8, 8)
+    with pytest.raises(CorruptImage, match="65536 entries"):
+        decode_bytes(_palette([0, 1, 0, 1, 65535, 65535, 1, 65535, 0]), salt="s")
+    with pytest.raises(UnsupportedImage, match="indirect"):
+        decode_bytes(_palette([0, 1, 0, 2, 1, 0, 0]), salt="s")

@@ -761,3 +761,85 @@ def _with_study_uid(data: bytes, uid: str) -> bytes:
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def _no_decoding(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record any call of pydicom's pixel decoder: a refusal must come before it."""
+    import pydicom.pixels
+
+    calls: list[int] = []
+    real = pydicom.pixels.pixel_array
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", recording)
+    return calls
+
+
+def test_a_compressed_frame_in_defined_length_pixel_data_is_refused_before_decoding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pydicom parses items out of a defined-length value too; the codestream check skipped it (2 GB peak)."""
+    calls = _no_decoding(monkeypatch)
+    with pytest.raises(CorruptImage, match="defined length"):
+        decode_bytes(hostile.defined_length_jpeg(2000, 2000), salt="s", limits=LIMITS)
+    assert calls == []
+
+
+def test_an_extended_offset_table_cannot_send_the_decoder_past_the_checked_fragment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first frame pydicom decodes starts where the EOT says: only the first fragment was checked."""
+    calls = _no_decoding(monkeypatch)
+    with pytest.raises(CorruptImage, match="Extended Offset Table"):
+        decode_bytes(hostile.extended_offset_jpeg(2000, 2000), salt="s", limits=LIMITS)
+    assert calls == []
+
+
+def test_a_jp2_siz_outside_the_codestream_box_is_not_taken_for_the_frame_header() -> None:
+    """openjpeg sizes a JP2 by its jp2c box's SIZ; a decoy SIZ in an XML box before it passed the check."""
+    with pytest.raises(DicomLimitExceeded, match="60000x60000") as caught:
+        decode_bytes(hostile.jp2_decoy(60000, 60000), salt="s", limits=LIMITS)
+    assert caught.value.limit == "CXR_DICOM_MAX_PIXELS"
+    assert dicom_guard.j2k_codestream(b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00" * 8) is None
+    import pydicom.data
+
+    real_jp2 = pydicom.data.get_testdata_file("GDCMJ2K_TextGBR.dcm")  # a JP2-wrapped frame from GDCM
+    assert real_jp2 is not None
+    with open(real_jp2, "rb") as handle:
+        assert decode_bytes(handle.read(), salt="s", limits=LIMITS).pixels.shape == (400, 400)
+
+
+def _jpeg(mode: str) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (8, 8), 128 if mode == "L" else (128, 64, 32)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _j2k(precision: int) -> bytes:
+    siz = struct.pack(">HHIIIIIIIIH", 41, 0, 8, 8, 0, 0, 8, 8, 0, 0, 1) + bytes([precision - 1, 1, 1])
+    return b"\xff\x4f\xff\x51" + siz + b"\xff\x93" + b"\x00" * 64 + b"\xff\xd9"
+
+
+@pytest.mark.parametrize(
+    ("syntax", "codestream", "declares"),
+    [(hostile.JPEG_BASELINE, _jpeg("RGB"), "8x8x3 of 8 bits"), (hostile.J2K, _j2k(16), "8x8x1 of 16 bits")],
+    ids=["jpeg-3-samples", "j2k-16-bits"],
+)
+def test_a_codestream_with_more_samples_or_bits_than_the_header_is_refused_before_decoding(
+    monkeypatch: pytest.MonkeyPatch, syntax: str, codestream: bytes, declares: str
+) -> None:
+    """Decoders allocate what the codestream declares: more samples or bits than the 8-bit grey header
+    multiplied the decoded bytes CXR_DICOM_MAX_PIXEL_BYTES had bounded."""
+    calls = _no_decoding(monkeypatch)
+    data = hostile.file_meta(syntax) + hostile.header(8, 8, bits=8) + hostile.encapsulated(codestream)
+    with pytest.raises(DicomLimitExceeded, match=declares):
+        decode_bytes(data, salt="s", limits=LIMITS)
+    assert calls == []
+    grey = hostile.file_meta(syntax) + hostile.header(8, 8, bits=8) + hostile.encapsulated(_jpeg("L"))
+    if syntax == hostile.JPEG_BASELINE:  # the same frame with the header's one grey sample decodes
+        assert decode_bytes(grey, salt="s", limits=LIMITS).pixels.shape == (8, 8)

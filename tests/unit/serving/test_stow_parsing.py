@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pydicom
 import pytest
+from fastapi.testclient import TestClient
 
 from serving.dicom.stow import StowOutcome, split_related, stow_response, stow_status
 from serving.errors import InvalidRequest, UnsupportedMediaType
@@ -47,3 +48,40 @@ def test_response_lists_stored_and_failed_instances_with_status() -> None:
     assert ds.ReferencedSOPSequence[0].RetrieveURL == "http://gw/v1/results/a/sr"
     assert ds.FailedSOPSequence[0].FailureReason == 0xC000
     assert (stow_status([ok]), stow_status([ok, bad]), stow_status([bad])) == (200, 202, 409)
+
+
+@pytest.mark.parametrize(
+    ("ctype", "body", "match"),
+    [
+        (
+            f'multipart/related; type="application/dicom"; boundary={"B" * 300}',
+            b"--" + b"B" * 300,
+            "Boundary",
+        ),
+        (CT, _body(b"x")[: -len(b"--XyZ--\r\n")], "closing boundary"),
+        (CT, _body(b"x")[:-12], "closing boundary"),
+    ],
+    ids=["boundary-over-256-bytes", "no-closing-boundary", "cut-inside-the-part"],
+)
+def test_a_body_the_multipart_parser_cannot_finish_is_a_400(ctype: str, body: bytes, match: str) -> None:
+    """A long boundary raised python-multipart's FormParserError (a 500); a body cut short came back as
+    its parts less the bytes held back for a boundary, each failed as a DICOM the server cannot understand."""
+    with pytest.raises(InvalidRequest, match=match):
+        split_related(ctype, body)
+
+
+def test_a_closing_boundary_without_its_final_crlf_ends_the_body() -> None:
+    assert split_related(CT, _body(b"x")[:-2]) == [b"x"]
+
+
+def test_the_gateway_answers_an_over_long_boundary_with_a_400_problem(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    ctype = f'multipart/related; type="application/dicom"; boundary={"B" * 300}'
+    r = onnx_client.post(
+        "/dicomweb/studies",
+        content=b"--" + b"B" * 300 + b"\r\n\r\nx\r\n--" + b"B" * 300 + b"--\r\n",
+        headers={"Authorization": f"Bearer {keys['pacs']}", "Content-Type": ctype},
+    )
+    assert r.status_code == 400, r.text
+    assert "Boundary" in r.json()["error"]["message"]
