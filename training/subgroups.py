@@ -155,6 +155,16 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
+#: characters that make Markdown of a value: a vendor's name is the DICOM's, i.e. anyone's text
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>|~])")  # what marks up text within a line; "40-49" stays
+
+
+def _md(value: str) -> str:
+    """A subgroup value as literal Markdown text (the Manufacturer comes from outside: "[x](url)"
+    or "<img ...>" in it became a link or markup in the model card)."""
+    return _MARKDOWN.sub(r"\\\1", value)
+
+
 def markdown_rows(
     metrics: Sequence[SubgroupMetrics],
     max_gap: float = DEFAULT_MAX_GAP,
@@ -173,9 +183,8 @@ def markdown_rows(
         else:
             flag = "**yes**" if m.flagged(max_gap, min_images) else "no"
         gap = "n/a" if m.gap is None else f"{m.gap:+.4f}"
-        value = m.value.replace("|", "\\|")
         rows.append(
-            f"| {m.attribute} | {value} | {m.images} | {m.instances} | {_fmt(m.map40)} "
+            f"| {m.attribute} | {_md(m.value)} | {m.images} | {m.instances} | {_fmt(m.map40)} "
             f"| {_fmt(m.reference_map40)} | {gap} | {flag} |"
         )
     return rows
@@ -218,7 +227,7 @@ def card_section(
     flagged = [m for m in metrics if m.flagged(max_gap, min_images)]
     verdict = (
         f"**{len(flagged)} subgroup(s) more than {max_gap:g} below overall**: "
-        + ", ".join(f"{m.attribute}={m.value} ({m.gap:+.4f})" for m in flagged)
+        + ", ".join(f"{m.attribute}={_md(m.value)} ({m.gap:+.4f})" for m in flagged)
         if flagged
         else f"No subgroup with at least {min_images} images is more than {max_gap:g} below overall."
     )

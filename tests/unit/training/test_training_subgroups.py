@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -151,6 +152,25 @@ def test_the_card_section_flags_the_subgroup_beyond_the_gap() -> None:
     assert "| Good | 90 | 99 | 0.4500 | 0.4000 | -0.0500 | no |" in section
     assert "1 subgroup(s) more than 0.1 below overall" in section
     assert "Not measured" in card_section([])
+
+
+def test_a_vendor_name_from_the_dicom_is_text_in_the_card_not_markup() -> None:
+    """Manufacturer is the DICOM's (anyone's) text: a link or an HTML tag in it stays literal."""
+    value = "[Acme](http://evil.example) <img src=x> *CR*|x"
+    metrics = [
+        SubgroupMetrics(
+            attribute="manufacturer", value=value, images=30, instances=40, map40=0.1, reference_map40=0.4
+        ),
+        SubgroupMetrics(
+            attribute="age_band", value="40-49", images=30, instances=40, map40=0.4, reference_map40=0.4
+        ),
+    ]
+    section = card_section(metrics, max_gap=0.1, min_images=20)
+    escaped = r"\[Acme\](http://evil.example) \<img src=x\> \*CR\*\|x"
+    assert f"| manufacturer | {escaped} | 30 |" in section
+    assert f"manufacturer={escaped} (+0.3000)" in section
+    assert not re.search(r"(?<!\\)[<\[]", section.split("| --- |")[-1]), "unescaped markup in the rows"
+    assert "| age_band | 40-49 |" in section
 
 
 def test_evaluate_reports_the_subgroup_a_model_fails(tiny_dataset_dir: Path, tmp_path: Path) -> None:
