@@ -237,7 +237,14 @@ class StowService:
             rid = reply.record.request_id
             return StowOutcome(sop_class, sop_uid, retrieve_url=f"{base_url}/v1/results/{rid}/sr"), reply
 
-        done = await asyncio.gather(*(one(data) for data in instances))
+        # every instance ends before the request does, even when one is refused 503: gather's
+        # first exception would answer while the others still ran, and a result stored after the
+        # answer was on no audit line (and its SR RetrieveURL reached no caller)
+        ended = await asyncio.gather(*(one(data) for data in instances), return_exceptions=True)
+        for item in ended:
+            if isinstance(item, BaseException):
+                raise item
+        done = [item for item in ended if not isinstance(item, BaseException)]
         outcomes = [outcome for outcome, _ in done]
         replies = [reply for _, reply in done if reply is not None]
         detections = sum(len(r.outcome.detections) for r in replies)

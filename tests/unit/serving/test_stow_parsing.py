@@ -85,3 +85,44 @@ def test_the_gateway_answers_an_over_long_boundary_with_a_400_problem(
     )
     assert r.status_code == 400, r.text
     assert "Boundary" in r.json()["error"]["message"]
+
+
+def test_a_503_answers_only_once_every_instance_of_the_request_has_finished() -> None:
+    """A stage refusing one instance (503) must not answer before the request's other instances end:
+    one stored after the answer was on no audit line (``on_stored`` came after the line was written)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serving.dicom.stow import StowService
+    from serving.errors import Overloaded
+    from serving.inference.cpu_pool import CpuPool
+    from tests.unit.serving.serving_support import make_dicom
+
+    first, second = make_dicom(seed=1), make_dicom(seed=2)
+
+    class Detector:
+        async def detect(self, payloads: list[bytes], **_: object) -> list[object]:
+            if payloads[0] == first:
+                raise Overloaded("stage busy", retry_after_s=1)
+            await asyncio.sleep(0.2)  # still analysing when its sibling is refused
+            return [SimpleNamespace(record=SimpleNamespace(request_id="r2"), outcome=None)]
+
+    stored: list[str] = []
+    cpu = CpuPool(2)
+    service = StowService(Detector(), cpu)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        with pytest.raises(Overloaded):
+            await service.store(
+                [first, second],
+                study=None,
+                tenant="t",
+                base_url="http://x",
+                on_stored=lambda reply: stored.append(reply.record.request_id),
+            )
+        assert stored == ["r2"], "the answer went before the other instance was stored"
+
+    try:
+        asyncio.run(run())
+    finally:
+        cpu.close()
