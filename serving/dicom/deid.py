@@ -386,8 +386,15 @@ def _transfer_syntax(ds: Dataset) -> str:
 
 
 def _file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:
-    """Only what a reader needs: SOP class and instance (replaced) and the transfer syntax."""
+    """Only what a reader needs: SOP class and instance (replaced) and the transfer syntax.
+
+    With the group length and version PS3.10 7.1 makes Type 1: the file is written without pydicom's
+    enforced file format (which would add them), and without them a validator (dciodvfy) or a strict
+    reader refused the file meta. pydicom sets the group length's value as it writes the group.
+    """
     meta = FileMetaDataset()
+    meta.FileMetaInformationGroupLength = 0
+    meta.FileMetaInformationVersion = b"\x00\x01"
     old = getattr(ds, "file_meta", None)
     sop_class = old.get_item(0x00020002) if old is not None else None
     sop_class = sop_class if sop_class is not None else ds.get_item(0x00080016)

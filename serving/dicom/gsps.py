@@ -108,33 +108,37 @@ def _source_voi(source: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | N
     window and a VOI LUT Sequence (DICOM allows both; many CR and DX do), and its ValueError
     refused the whole study's result objects, SR included; it split a single window explanation
     ("NORMAL") into one value per character; and it rewrote a 12-bit VOI LUT's descriptor to 16
-    bits, so a viewer read the LUT's output on a 16 times larger scale: the image nearly black.
-    The window is kept when both are present (what most viewers apply by default); a LUT is copied
-    item for item. None: the source has neither, and the presentation state none either.
+    bits, so a viewer read the LUT's output on a 16 times larger scale: the image nearly black
+    (PS3.3 C.11.2.1.1 allows 8 to 16 bits in a presentation state).
+    The window is kept when both are present (what most viewers apply by default). One transformation
+    only: PS3.3 C.11.8 allows a presentation state one window pair, or a VOI LUT Sequence of one item,
+    per image, where the image may offer several alternatives; the first is the viewers' default.
+    None: the source has neither, and the presentation state none either.
     """
     if _has_value(source, "WindowCenter") and _has_value(source, "WindowWidth"):
-
-        def values(keyword: str) -> Any:
-            value = source[keyword].value
-            return list(value) if isinstance(value, MultiValue) else value
-
         # a term DICOM does not define (a vendor's own) is applied as LINEAR, the default, as the
         # decoder does (data_pipeline/dicom_io.py): highdicom refused it, and with it the study's objects
         function = str(source.get("VOILUTFunction", "") or "").strip().upper()
         voi = hd.pr.SoftcopyVOILUTTransformation(
-            window_center=values("WindowCenter"),
-            window_width=values("WindowWidth"),
+            window_center=_first(source, "WindowCenter"),
+            window_width=_first(source, "WindowWidth"),
             voi_lut_function=function if function in _VOI_FUNCTIONS else None,
         )
         if _has_value(source, "WindowCenterWidthExplanation"):
-            voi.WindowCenterWidthExplanation = source.WindowCenterWidthExplanation
+            voi.WindowCenterWidthExplanation = _first(source, "WindowCenterWidthExplanation")
         return [voi]
     if _has_value(source, "VOILUTSequence"):
         placeholder = hd.VOILUT(first_mapped_value=0, lut_data=np.zeros(2, np.uint16))  # replaced below
         voi = hd.pr.SoftcopyVOILUTTransformation(voi_luts=[placeholder])
-        voi.VOILUTSequence = copy.deepcopy(source.VOILUTSequence)
+        voi.VOILUTSequence = [copy.deepcopy(source.VOILUTSequence[0])]
         return [voi]
     return None
+
+
+def _first(source: Dataset, keyword: str) -> Any:
+    """The first value of a (possibly multi-valued) attribute of ``source``."""
+    value = source[keyword].value
+    return value[0] if isinstance(value, MultiValue) else value
 
 
 def _has_value(source: Dataset, keyword: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import UID
 
 from core.install_secret import resolve_install_secret
 from data_pipeline.config import DataSettings
@@ -230,6 +232,36 @@ def test_longitudinal_temporal_information_modified_is_added_as_removed() -> Non
     ds = _read(deidentify_dicom(make_dicom(seed=8), "install-one")[0])
     assert ds.LongitudinalTemporalInformationModified == "REMOVED"
     assert ds[0x00280303].VR == "CS"
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"], ids=["explicit", "implicit"]
+)
+def test_the_deidentified_file_has_the_file_meta_group_length_and_version(transfer_syntax: str) -> None:
+    """PS3.10 7.1: (0002,0000) and (0002,0001) are Type 1; dciodvfy reported both missing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = pydicom.dcmread(io.BytesIO(make_dicom(seed=9)))
+    source.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+    buf = io.BytesIO()
+    source.save_as(buf, enforce_file_format=True)
+    out = deidentify_dicom(buf.getvalue(), "install-one")[0]
+    meta = _read(out).file_meta
+    assert meta.FileMetaInformationVersion == b"\x00\x01"
+    assert meta.FileMetaInformationGroupLength == _meta_group_end(out) - 144  # after DICM and (0002,0000)
+    assert meta.TransferSyntaxUID == transfer_syntax
+
+
+def _meta_group_end(data: bytes) -> int:
+    """Where the file meta group (explicit VR little endian, after preamble and DICM) ends, counted here."""
+    offset = 132
+    while struct.unpack_from("<H", data, offset)[0] == 0x0002:
+        vr = data[offset + 4 : offset + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            offset += 12 + struct.unpack_from("<I", data, offset + 8)[0]
+        else:
+            offset += 8 + struct.unpack_from("<H", data, offset + 6)[0]
+    return offset
 
 
 def test_dates_get_their_basic_action_not_a_shift() -> None:

@@ -185,22 +185,44 @@ def test_an_image_with_both_a_window_and_a_voi_lut_gets_its_objects_with_its_win
     assert roundtrip(sr).SOPClassUID.name == "Comprehensive SR Storage"
 
 
-@pytest.mark.parametrize(
-    ("centers", "widths", "explanations"),
-    [(2000, 3000, "NORMAL"), ([2000, 1500], [3000, 1000], ["NORMAL", "HARD"])],
-    ids=["one-window", "two-windows"],
-)
-def test_gsps_keeps_the_sources_window_explanations_one_per_window(
-    centers: Any, widths: Any, explanations: Any
-) -> None:
+def test_gsps_keeps_the_sources_window_explanation_whole() -> None:
     """highdicom's copy split one explanation into one value per character ("N\\O\\R\\M\\A\\L")."""
 
     def explained(ds: pydicom.FileDataset) -> None:
-        ds.WindowCenter, ds.WindowWidth, ds.WindowCenterWidthExplanation = centers, widths, explanations
+        ds.WindowCenter, ds.WindowWidth, ds.WindowCenterWidthExplanation = 2000, 3000, "NORMAL"
 
     (voi,) = roundtrip(build_gsps(edited_source(explained), response([]))).SoftcopyVOILUTSequence
-    assert voi.WindowCenterWidthExplanation == explanations
-    assert voi.WindowCenter == centers and voi.WindowWidth == widths
+    assert voi.WindowCenterWidthExplanation == "NORMAL"
+    assert voi.WindowCenter == 2000 and voi.WindowWidth == 3000
+
+
+def test_gsps_of_an_image_with_several_windows_applies_one_the_first_with_its_explanation() -> None:
+    """PS3.3 C.11.8: no more than one window pair (or one VOI LUT item) per image in a presentation state.
+
+    The source's several windows are alternatives a viewer offers; a presentation state applies one,
+    and the first is the one viewers apply by default. dcmpschk refused the GSPS that copied all of them.
+    """
+
+    def two_windows(ds: pydicom.FileDataset) -> None:
+        ds.WindowCenter, ds.WindowWidth = [2000, 1500], [3000, 1000]
+        ds.WindowCenterWidthExplanation = ["NORMAL", "HARD"]
+
+    (voi,) = roundtrip(build_gsps(edited_source(two_windows), response([]))).SoftcopyVOILUTSequence
+    assert voi["WindowCenter"].VM == voi["WindowWidth"].VM == voi["WindowCenterWidthExplanation"].VM == 1
+    assert (voi.WindowCenter, voi.WindowWidth, voi.WindowCenterWidthExplanation) == (2000, 3000, "NORMAL")
+
+
+def test_gsps_of_an_image_with_several_voi_luts_applies_one_the_first() -> None:
+    """PS3.3 C.11.8: a VOI LUT Sequence of a single item per image (the source may offer several)."""
+
+    def two_luts(ds: pydicom.FileDataset) -> None:
+        del ds.WindowCenter, ds.WindowWidth
+        harder = voi_lut()
+        harder.LUTExplanation = "HARDER"
+        ds.VOILUTSequence = [voi_lut(), harder]
+
+    (voi,) = roundtrip(build_gsps(edited_source(two_luts), response([]))).SoftcopyVOILUTSequence
+    assert [lut.LUTExplanation for lut in voi.VOILUTSequence] == ["NORMAL"]
 
 
 @pytest.mark.parametrize("implicit_vr", [False, True], ids=["explicit-vr", "implicit-vr"])
