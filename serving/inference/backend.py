@@ -24,6 +24,8 @@ class ServedModel:
     ``operating_points`` None: a version trained before them (global threshold, raw scores).
     ``server_version``: the server's own id of the version described (Triton's numeric version
     directory; "" where the backend has none), so an inference can ask for that very version.
+    ``max_batch_size``: the most images the server takes in one call (Triton's model config;
+    0: no limit of its own, as in-process ONNX Runtime).
     """
 
     name: str
@@ -32,6 +34,16 @@ class ServedModel:
     operating_points: OperatingPoints | None = None
     variant: str = DEFAULT_VARIANT  # serving precision (core/variants.py): fp32, int8, fp16-trt
     server_version: str = ""
+    max_batch_size: int = 0
+
+    def batch_size(self, configured: int) -> int:
+        """Images per inference call: ``CXR_MAX_BACKEND_BATCH``, never above what the server takes.
+
+        Triton refuses a request of more images than the config's ``max_batch_size`` (INVALID_ARG):
+        a repository built with a smaller one than the gateway's setting failed every larger batch.
+        """
+        size = max(1, configured)
+        return min(size, self.max_batch_size) if self.max_batch_size > 0 else size
 
 
 class InferenceBackend(Protocol):

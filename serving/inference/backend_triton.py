@@ -63,6 +63,14 @@ def _map_error(stage: Stage, exc: Exception, retry_after_s: int) -> ServingError
     return BackendError(f"stage '{stage}' inference failed: {text}")
 
 
+def _max_batch_size(config: dict[str, Any]) -> int:
+    """The model config's ``max_batch_size`` (0 when absent or unreadable: no limit known)."""
+    try:
+        return max(0, int(config.get("max_batch_size", 0) or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 class TritonBackend:
     def __init__(self, settings: ServingSettings, *, pool_size: int = 2) -> None:
         self._settings = settings
@@ -115,6 +123,7 @@ class TritonBackend:
             operating_points=operating_points_from(params),
             variant=params.get(VARIANT_METADATA_KEY) or DEFAULT_VARIANT,
             server_version=str(max(loaded, key=int)) if loaded else "",
+            max_batch_size=_max_batch_size(cfg.get("config", {})),
         )
         self._models[stage] = served
         log.info(
@@ -141,8 +150,13 @@ class TritonBackend:
                 client_timeout=self._settings.triton_timeout_s,
             )
         except Exception as exc:
-            self._models.pop(stage, None)
-            raise _map_error(stage, exc, self._settings.overload_retry_after_s) from exc
+            error = _map_error(stage, exc, self._settings.overload_retry_after_s)
+            # a version gone or a model that refused the input: its config is read again. A full
+            # queue or a deadline says nothing about the model, and dropping it there made every
+            # refused request cost the overloaded server two more calls (metadata and config).
+            if isinstance(error, ModelNotReady | BackendError):
+                self._models.pop(stage, None)
+            raise error from exc
         out = result.as_numpy(c.output_name)
         if out is None or out.shape[0] != batch.shape[0]:
             raise BackendError(f"stage '{stage}' returned no '{c.output_name}' output for the batch")

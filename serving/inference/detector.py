@@ -418,8 +418,11 @@ class DetectionService:
         it, named after it: a promotion costs no request a 503.
         """
         uploads = await self.pipeline.reprepare(uploads, model)
+        # a batch of more images than the stage's bound takes all of it (it runs when the stage is
+        # idle): weighed by its image count, it was refused with "retry later" even by an idle stage
+        weight = max(1, min(len(uploads), self.gate.limit))
         try:
-            with self.gate.enter(stage, len(uploads)):
+            with self.gate.enter(stage, weight):
                 self.metrics.inflight.labels(stage).inc(len(uploads))
                 try:
                     return await self.pipeline.infer(stage, model, uploads, conf)

@@ -223,12 +223,12 @@ class Pipeline:
         ``observe=False`` (the shadow mirror, which serves no one) leaves the phase
         histogram alone; the outcomes carry their timings either way.
         """
-        size = max(1, self.settings.max_backend_batch)
+        size = model.batch_size(self.settings.max_backend_batch)
         chunks = [uploads[i : i + size] for i in range(0, len(uploads), size)]
         start = time.perf_counter()
         # copying a 640 px image into a batch tensor is ~5 MB of memory traffic: not on the event loop
         batches = await asyncio.gather(*(self.cpu.run(stack, [u.prepared for u in c]) for c in chunks))
-        # Triton refuses batches above the model's max_batch_size: send chunks, concurrently
+        # Triton refuses batches above the model's max_batch_size: send chunks of at most it, concurrently
         parts = await _all_or_none([self.backend.infer(stage, batch, model) for batch in batches])
         outputs = np.concatenate(parts) if len(parts) > 1 else parts[0]
         infer_ms = (time.perf_counter() - start) * 1000

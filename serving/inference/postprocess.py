@@ -133,6 +133,10 @@ def to_detections(
         width, height = source_size
         source[:, [0, 2]] = (source[:, [0, 2]] * (width / params.src_w)).clip(0, width)
         source[:, [1, 3]] = (source[:, [1, 3]] * (height / params.src_h)).clip(0, height)
+    # a box that lies in the letterbox's padding (or past the input's edge) clips to a line on the
+    # image's border: no finding of this image at all, and a zero-area region in the answer and SR
+    inside = (source[:, 2] > source[:, 0]) & (source[:, 3] > source[:, 1])
+    source, shown, conf, cls = source[inside], shown[inside], conf[inside], cls[inside]
     return [
         Detection(
             class_id=int(c),

@@ -102,7 +102,12 @@ def box_scores(outputs: np.ndarray, targets: list[Target]) -> np.ndarray:
     """(n, B): each target's best ``IoU(anchor box, target) x anchor's class score`` per output.
 
     ``outputs``: (n, 4 + classes, anchors), boxes as cx, cy, w, h in input pixels (the raw head).
+    An anchor with a non-finite value scores nothing, as it is no candidate for detection either
+    (``postprocess.finite_anchors``): an fp16 engine's one overflow made a NaN of the whole map,
+    its PNG and its ``X-CXR-Saliency-Peak``.
     """
+    finite = np.isfinite(outputs).all(axis=1)  # (n, anchors)
+    outputs = np.where(finite[:, None, :], outputs, np.float32(0.0))
     xywh = outputs[:, :4, :].astype(np.float32, copy=False)
     x0, x1 = xywh[:, 0] - xywh[:, 2] / 2, xywh[:, 0] + xywh[:, 2] / 2
     y0, y1 = xywh[:, 1] - xywh[:, 3] / 2, xywh[:, 1] + xywh[:, 3] / 2
@@ -332,7 +337,7 @@ class SaliencyService:
             targets,
             infer,
             grid=grid,
-            batch=self.settings.max_backend_batch,
+            batch=served.batch_size(self.settings.max_backend_batch),
             fill=served.contract.pad_value / 255.0,
             run=self.cpu.run,
         )

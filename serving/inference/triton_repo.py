@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from core.errors import CxrError
 from core.operating_points import CONFIG_PARAMETER
 from core.variants import DEFAULT_VARIANT, VARIANT_METADATA_KEY, cpu_precision
 from core.variants import Variant as Precision
@@ -67,6 +68,54 @@ class RepositoryOptions:
         if variant == CLUSTER:
             return cls(max_batch_size=max_batch_size, gpu=True, tensorrt_fp16=precision == "fp16-trt")
         return cls(max_batch_size=max_batch_size)
+
+
+class ModelGraphMismatch(CxrError):
+    """The ONNX graph is not what the config written for it would tell Triton it is."""
+
+
+def _dims(value_info: object) -> list[int | str]:
+    """A graph input's or output's dims: a fixed size as an int, a named or unknown one as a str."""
+    shape = value_info.type.tensor_type.shape  # type: ignore[attr-defined]
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
+
+
+def check_graph(onnx_path: Path, contract: ModelContract, max_batch_size: int) -> None:
+    """Refuse a graph whose tensors are not the ones :func:`render_config` declares for it.
+
+    The config is written from the contract (tensor names, FP32, a batch axis up to
+    ``max_batch_size``), not from the graph: a graph with other tensor names, another type or a
+    fixed batch still loaded in the Python backend and then failed inferences; a fixed batch of 1
+    only once the dynamic batcher merged two requests, i.e. under load. (Rows per anchor are the
+    exporter's check, ``training/export.py``.)
+    """
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    tensors = {
+        "input": {i.name: i for i in graph.input if i.name not in initializers},
+        "output": {o.name: o for o in graph.output},
+    }
+    problems = []
+    for kind, name in (("input", contract.input_name), ("output", contract.output_name)):
+        tensor = tensors[kind].get(name)
+        if tensor is None:
+            problems.append(f"no {kind} '{name}' (the graph's: {sorted(tensors[kind])})")
+            continue
+        elem = tensor.type.tensor_type.elem_type
+        if elem != onnx.TensorProto.FLOAT:
+            problems.append(f"{kind} '{name}' is {onnx.TensorProto.DataType.Name(elem)}, not FLOAT")
+        dims = _dims(tensor)
+        if max_batch_size > 0 and dims and isinstance(dims[0], int) and dims[0] > 0:
+            problems.append(
+                f"{kind} '{name}' has a fixed batch of {dims[0]} (dims {dims}): export it dynamic"
+            )
+    if problems:
+        raise ModelGraphMismatch(
+            f"{onnx_path} does not match its model contract: {'; '.join(problems)}; "
+            "serve the model.onnx `cxr train` exported (training/export.py checks these)"
+        )
 
 
 def _pbtxt_string(value: str) -> str:
@@ -179,11 +228,13 @@ def build_repository(
     Without ``options`` the variant's defaults apply (:meth:`RepositoryOptions.for_variant`).
     ``precision``: the serving variant ``onnx_path`` is (fp32, int8, fp16-trt), named in the
     config's ``cxr_variant`` parameter, which the gateway reports with each answer.
+    A graph whose tensors differ from the contract's is refused (:func:`check_graph`).
     """
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model {onnx_path} does not exist")
     opts = options or RepositoryOptions.for_variant(variant, max_batch_size, precision)  # explicit win
     contract = contract_from_metadata(read_onnx_metadata(onnx_path))
+    check_graph(onnx_path, contract, opts.max_batch_size)  # before anything of the old model is removed
     model_dir = repo_dir / model_name
     if model_dir.exists():
         shutil.rmtree(model_dir)

@@ -17,7 +17,7 @@ import pytest
 from core.stages import Stage
 from data_pipeline.classes import CLASS_NAMES
 from serving.contract import ModelContract
-from serving.errors import BackendError
+from serving.errors import BackendError, Overloaded
 from serving.gateway.state import build_state
 from serving.inference.backend import ServedModel
 from serving.inference.detector import DetectionService
@@ -107,3 +107,29 @@ def test_a_cancelled_request_gives_its_slots_back(tmp_path: Path) -> None:
             detector.cpu.close()
 
     assert asyncio.run(scenario()) == (0, 0)
+
+
+def test_a_batch_larger_than_the_stage_bound_runs_on_an_idle_stage_instead_of_retry_later(
+    tmp_path: Path,
+) -> None:
+    """Weighed by its image count, a batch above CXR_MAX_INFLIGHT_PER_STAGE was refused with a 503
+    "retry later" even by an idle stage, on every retry; it takes the whole bound instead."""
+
+    async def scenario() -> tuple[int, int, int]:
+        server = SlowServer(fail_first=False)
+        server.release.set()
+        keys = tmp_path / "keys.json"
+        write_keys(keys)
+        settings = onnx_settings(tmp_path / "unused.onnx", keys, tmp_path, max_inflight_per_stage=2)
+        write_stage_files(settings.gitops_dir, production="7")
+        detector = build_state(settings, backend=server, use_store=False).detector
+        try:
+            replies = await detector.detect([make_png(seed=i) for i in range(3)])
+            # and it still needs the whole bound: one slot taken, it is refused
+            with detector.gate.enter("production"), pytest.raises(Overloaded):
+                await detector.detect([make_png(seed=i) for i in range(3)])
+            return len(replies), detector.gate.current.get("production", 0), server.running
+        finally:
+            detector.cpu.close()
+
+    assert asyncio.run(scenario()) == (3, 0, 0)

@@ -334,3 +334,32 @@ def test_the_map_goes_with_the_source_image(phantom: Phantom) -> None:
     assert not derived.exists()
     gone = _saliency(phantom, rid)  # the in-memory copy is not served either
     assert gone.status_code == 404 and "no longer kept" in gone.json()["error"]["message"]
+
+
+def test_an_anchor_that_overflowed_scores_nothing_and_leaves_the_map_finite() -> None:
+    """An fp16 engine can overflow an anchor to inf or NaN; detection drops such anchors, and one of
+    them in one occluded run made the whole map, its PNG and its peak NaN."""
+    out = np.zeros((2, 4 + 2, 3), np.float32)
+    out[:, :4] = np.array([[10, 10, 10, 10], [12, 10, 10, 10], [50, 50, 10, 10]], np.float32).T
+    out[:, 5] = [0.5, 0.9, 0.2]
+    out[1, 0, 2] = np.nan  # the far anchor of the second run overflowed
+    out[1, 5, 2] = np.inf
+    scores = box_scores(out, [Target((7, 5, 17, 15), 1)])
+    assert np.isfinite(scores).all()
+    assert scores[:, 0] == pytest.approx([0.9, 0.9])
+
+    params = letterbox_params(64, 64, 64)
+    prepared = prepare(np.full((64, 64), 100, np.uint8), ModelContract(imgsz=(64, 64)))
+    assert prepared.params == params
+
+    async def infer(batch: np.ndarray) -> np.ndarray:
+        head = np.zeros((batch.shape[0], 4 + 2, 2), np.float32)
+        head[:, :4, 0] = [[32, 32, 20, 20]]
+        head[:, 5, 0] = batch[:, 0, 32, 32]  # hiding the centre lowers the score
+        head[:, :, 1] = np.nan if batch.shape[0] > 1 else 0.0  # the occluded runs carry an overflow
+        return head
+
+    maps = asyncio.run(
+        occlusion_maps(prepared, [Target((22, 22, 42, 42), 1)], infer, grid=4, batch=9, fill=0.0)
+    )
+    assert np.isfinite(maps).all() and maps.max() > 0

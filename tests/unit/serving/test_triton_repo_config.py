@@ -51,3 +51,43 @@ def test_tensorrt_fp16_block_only_for_gpu_onnxruntime(onnx_model: Path, tmp_path
 def test_missing_onnx_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_repository(tmp_path / "nope.onnx", tmp_path / "repo")
+
+
+def _graph(path: Path, *, input_name: str = "images", batch: int | str = "batch", elem: int = 1) -> Path:
+    """A tiny ONNX whose tensors look like the detector's (only its interface matters to the builder)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from serving.contract import ModelContract
+
+    image = helper.make_tensor_value_info(input_name, elem, [batch, 3, "height", "width"])
+    out = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [batch, 18, "anchors"])
+    node = helper.make_node("ReduceMean", [input_name], ["output0"], keepdims=1)
+    model = helper.make_model(helper.make_graph([node], "g", [image], [out]))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "cxr_contract", ModelContract(imgsz=(128, 128)).to_json()
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_graph_that_matches_its_contract_builds(tmp_path: Path) -> None:
+    assert (build_repository(_graph(tmp_path / "m.onnx"), tmp_path / "repo") / "config.pbtxt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"batch": 1}, "fixed batch of 1"),  # dynamic=False: fails once the batcher merges requests
+        ({"input_name": "input"}, "no input 'images'"),  # the config would name a tensor it lacks
+        ({"elem": 10}, "FLOAT16, not FLOAT"),  # a half-precision graph under a TYPE_FP32 config
+    ],
+)
+def test_a_graph_unlike_the_config_written_for_it_is_refused(
+    tmp_path: Path, kwargs: dict[str, object], says: str
+) -> None:
+    from serving.inference.triton_repo import ModelGraphMismatch
+
+    onnx_path = _graph(tmp_path / "m.onnx", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ModelGraphMismatch, match=says):
+        build_repository(onnx_path, tmp_path / "repo")
+    assert not (tmp_path / "repo" / "cxr-detector").exists()
