@@ -261,7 +261,9 @@ class Forwarder:
                 return True
             with self._lock:
                 n = self._failures[key] = self._failures.get(key, 0) + 1
-                self._next_try[key] = now + min(self.retry_s * 2 ** (n - 1), self.max_backoff_s)
+                # the exponent bounded: a float, it overflowed past ~1024 failures (17 h of a gateway
+                # down), no next try was set, and the study was retried at once, over and over
+                self._next_try[key] = now + min(self.retry_s * 2.0 ** min(n - 1, 64), self.max_backoff_s)
             return False
         finally:
             with self._lock:
@@ -278,12 +280,22 @@ class Forwarder:
         return sorted(due, key=lambda s: bool(s.pending))  # stable: by first arrival within each
 
     def overdue(self, study: SpooledStudy, now: float) -> bool:
-        """The study (its current round) began ``max_wait_s`` ago: sent back even if it never settles."""
-        return now - study.first_arrival >= self.max_wait_s
+        """The study (its current round) began ``max_wait_s`` ago: sent back even if it never settles.
+
+        Also when it "began" more than ``max_wait_s`` ahead of ``now``: arrivals are file mtimes, and a
+        study spooled while the clock was ahead (a wrong RTC at boot, stepped back by NTP) neither
+        settled nor was overdue until the clock caught up with them, hours or days later.
+        """
+        return not -self.max_wait_s <= now - study.first_arrival < self.max_wait_s
 
     def _is_due(self, study: SpooledStudy, now: float) -> bool:
         """Pending instances are due at once; a study with none, once it settled or is overdue."""
         return bool(study.pending) or now - study.last_arrival >= self.settle_s or self.overdue(study, now)
+
+    def _backing_off(self, key: str, now: float) -> bool:
+        """Whether the study's retry time is still ahead (under ``_lock``). One further ahead than the
+        longest backoff was set before the clock stepped back: over, not waited for as long as the step."""
+        return now < self._next_try.get(key, 0.0) <= now + self.max_backoff_s
 
     def run_once(self, client: httpx.Client, now: float | None = None) -> int:
         """Start the due steps (:meth:`due`) into free slots (at most ``concurrency`` in flight).
@@ -304,7 +316,7 @@ class Forwarder:
             with self._lock:
                 if len(self._inflight) >= self.concurrency:
                     break
-                if key in self._inflight or self._next_try.get(key, 0.0) > now:
+                if key in self._inflight or self._backing_off(key, now):
                     continue
                 self._inflight.add(key)
             # the listing may predate a step that finished since: act on the study as it is now

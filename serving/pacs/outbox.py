@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,16 @@ class OutboxItem:
 
 def item_id(destination: str, sop_instance_uid: str) -> str:
     return hashlib.sha256(f"{destination}\0{sop_instance_uid}".encode()).hexdigest()[:40]
+
+
+def backoff(first_s: float, failures: int, max_s: float) -> float:
+    """``first_s`` doubled per failure before the last (``failures`` >= 1), at most ``max_s``.
+
+    The exponent is bounded: ``first_s * 2**n`` is a float, and past n ~ 1024 (a PACS down for 3.5 days
+    at the 5-minute cap) it raised OverflowError, so no retry time was written and the item was offered
+    again on every pass.
+    """
+    return min(first_s * 2.0 ** min(max(failures - 1, 0), 64), max_s)
 
 
 DEAD_LETTER = "dead-letter"  # under the outbox root: item ids are hex, never this name
@@ -145,8 +155,17 @@ class Outbox:
         replace_durably(folder / "meta.json", json.dumps(meta).encode())
 
     def items(self) -> list[OutboxItem]:
-        """The items waiting for delivery (not the dead letters)."""
-        return self._list(self.root)
+        """The items waiting for delivery (not the dead letters).
+
+        A retry time further ahead than the longest backoff was written by a clock since stepped back
+        (e.g. a wrong RTC at boot, corrected by NTP): retry times are wall-clock, to outlive a restart,
+        so without this such an item waited as long as the step, days or years. It is due within
+        ``max_backoff_s`` instead, as no retry was ever scheduled later than that.
+        """
+        latest = time.time() + self.max_backoff_s
+        return [
+            i if i.next_attempt <= latest else replace(i, next_attempt=latest) for i in self._list(self.root)
+        ]
 
     def dead_letters(self) -> list[OutboxItem]:
         """The items a PACS refused for good, kept for an operator in ``dead-letter/``."""
@@ -158,12 +177,11 @@ class Outbox:
         for folder in sorted(root.iterdir()):
             if folder.name.startswith(".tmp-") or folder.name == DEAD_LETTER or not folder.is_dir():
                 continue
+            # a meta that is JSON but not an item's (``null``, a field missing) is skipped as an unreadable
+            # one is: raised from here, it failed every delivery pass and hand-off, for every destination
             try:
                 meta = json.loads((folder / "meta.json").read_text())
-            except (OSError, ValueError):
-                continue
-            out.append(
-                OutboxItem(
+                item = OutboxItem(
                     folder.name,
                     folder,
                     str(meta["destination"]),
@@ -173,7 +191,9 @@ class Outbox:
                     float(meta["next_attempt"]),
                     float(meta["created"]),
                 )
-            )
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            out.append(item)
         return out
 
     def due(self, now: float | None = None) -> list[OutboxItem]:
@@ -187,7 +207,7 @@ class Outbox:
     def failed(self, item: OutboxItem, now: float | None = None) -> float:
         """Record a failed attempt; returns the delay before the next one."""
         now = time.time() if now is None else now
-        delay = min(self.retry_s * 2**item.attempts, self.max_backoff_s)
+        delay = backoff(self.retry_s, item.attempts + 1, self.max_backoff_s)
         meta = {
             "destination": item.destination,
             "sop_class_uid": item.sop_class_uid,

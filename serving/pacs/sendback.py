@@ -22,7 +22,7 @@ from serving.errors import Conflict, ServingError, StudyPatientMismatch
 from serving.inference.cpu_pool import CpuPool
 from serving.inference.detector import DetectionReply, study_triage
 from serving.metrics import GatewayMetrics
-from serving.pacs.outbox import Outbox, OutboxItem
+from serving.pacs.outbox import Outbox, OutboxItem, backoff
 from serving.pacs.senders import Sender, Sent, group, make_sender
 from serving.pacs_destinations import PacsDestination
 from serving.results import ResultRecord, ResultStore
@@ -59,6 +59,9 @@ class SendBack:
         self._wake: asyncio.Event | None = None
         # destination -> (held until, refused passes in a row): a PACS that took nothing waits as a whole
         self._hold: dict[str, tuple[float, int]] = {}
+        # destinations whose gauges the last listing set from objects (_set_depth)
+        self._gauged: set[str] = set()
+        self._gauged_dead: set[str] = set()
 
     # ----------------------------------------------------------------- choosing and queueing
 
@@ -292,20 +295,30 @@ class SendBack:
         return self._senders.get(name)
 
     def _set_depth(self, items: list[OutboxItem], dead: list[OutboxItem] | None = None) -> None:
+        """The gauges from a listing: every configured destination, and every one that had objects.
+
+        A destination removed from the settings is gauged while it has objects, and set to 0 once they
+        are gone (an operator deleted them): left at its last value, its alert fired until a restart.
+        """
         depth = self.outbox.depth(items)
-        for name in set(self.destinations) | set(depth):
+        for name in set(self.destinations) | set(depth) | self._gauged:
             self.metrics.outbox_depth.labels(name).set(depth.get(name, 0))
+        self._gauged = set(depth)
         if dead is not None:
             refused = self.outbox.depth(dead)
-            for name in set(self.destinations) | set(refused):
+            for name in set(self.destinations) | set(refused) | self._gauged_dead:
                 self.metrics.outbox_dead_letters.labels(name).set(refused.get(name, 0))
+            self._gauged_dead = set(refused)
 
     def _listing(self) -> tuple[list[OutboxItem], list[OutboxItem]]:
         """The items waiting and the dead letters (blocking: off the event loop)."""
         return self.outbox.items(), self.outbox.dead_letters()
 
     def _held(self, name: str, now: float) -> bool:
-        return self._hold.get(name, (0.0, 0))[0] > now
+        """Whether ``name``'s hold lasts past ``now``. A hold is never set longer than the maximum
+        backoff: one ending further ahead was set before the clock stepped back, and is over."""
+        until = self._hold.get(name, (0.0, 0))[0]
+        return now < until <= now + self.settings.outbox_max_backoff_s
 
     def deliver_due(self, now: float | None = None, items: list[OutboxItem] | None = None) -> int:
         """One pass over the items due (of ``items``, else listed now; blocking); returns the delivered.
@@ -346,9 +359,7 @@ class SendBack:
                     self._hold.pop(name, None)
                     continue
                 failures = self._hold.get(name, (0.0, 0))[1] + 1
-                delay = min(
-                    self.settings.outbox_retry_s * 2 ** (failures - 1), self.settings.outbox_max_backoff_s
-                )
+                delay = backoff(self.settings.outbox_retry_s, failures, self.settings.outbox_max_backoff_s)
                 self._hold[name] = (now + delay, failures)
                 log.info("pacs_destination_held destination=%s seconds=%.1f", name, delay)
                 break  # its other items wait for the hold: not offered to a PACS that is down

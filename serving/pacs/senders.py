@@ -132,6 +132,8 @@ class StowSender:
             # 409 (nothing stored) or another 4xx may say per instance why (FailedSOPSequence); a 5xx
             # is a PACS that is down, whatever its body says
             status = exc.response.status_code if exc.response is not None else 0
+            if status == 413:
+                return self._too_large(offered)
             response = _stow_body(exc.response) if 400 <= status < 500 else None
             if response is None:
                 log.info("pacs_send_failed destination=%s status=%d", name, status)
@@ -161,6 +163,21 @@ class StowSender:
                 log.info("pacs_send_refused destination=%s status=0x%04X", name, code & 0xFFFF)
         return sent
 
+    def _too_large(self, offered: list[OutboxItem]) -> Sent:
+        """A 413 (the PACS's or its proxy's body limit): each half of the batch again, one object at last.
+
+        A batch of 32 objects is refused whole by a limit (nginx's default is 1 MiB) that each of them
+        fits: answered as a PACS that is down, the same batch was offered again, and the destination
+        held, for ever. An object refused alone is over the limit itself, which resending cannot
+        change: set aside (an operator moves it back once the limit is raised).
+        """
+        if len(offered) == 1:
+            return Sent(refused={offered[0].item_id: "http_status=413"})
+        log.info("pacs_send_split destination=%s status=413 objects=%d", self.destination.name, len(offered))
+        half = len(offered) // 2
+        first, second = self.send(offered[:half]), self.send(offered[half:])
+        return Sent(accepted=first.accepted | second.accepted, refused=first.refused | second.refused)
+
 
 def _stow_body(response: requests.Response | None) -> Any:
     """The Store Instances Response of a refused STOW-RS request, or None when it carries none."""
@@ -173,6 +190,7 @@ def _stow_body(response: requests.Response | None) -> Any:
 
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_IMPLICIT_LE = "1.2.840.10008.1.2"
 
 
 def _ok(status: Any) -> bool:
@@ -193,7 +211,10 @@ class DimseSender:
         ae = AE(ae_title=d.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = d.timeout_s
         for sop_class in sorted({i.sop_class_uid for i in items}):
-            ae.add_requested_context(sop_class, [_EXPLICIT_LE])
+            # Implicit VR Little Endian too: the one syntax every SCP must take (PS3.5 10.1). Offered
+            # Explicit only, a PACS without it accepted no context and was held for ever. pynetdicom
+            # re-encodes our Explicit VR objects for whichever of the two the PACS accepts
+            ae.add_requested_context(sop_class, [_EXPLICIT_LE, _IMPLICIT_LE])
         assoc = ae.associate(d.host, d.port, ae_title=d.ae_title)
         if not assoc.is_established:
             log.info("pacs_send_failed destination=%s reason=association_refused", d.name)

@@ -237,3 +237,56 @@ def test_a_409_that_is_not_the_gateways_stow_answer_is_retried_never_taken_as_an
             assert not forwarder.analyse(proxy, study)
     [kept] = spool.studies()
     assert len(kept.pending) == 2  # still to be analysed
+
+
+def test_a_gateway_down_for_a_day_keeps_the_studys_backoff_capped_instead_of_overflowing(
+    forwarder: Forwarder,
+) -> None:
+    """``retry_s * 2**(n-1)`` is a float: past ~1024 failures (17 h at the 60 s cap) it raised
+    OverflowError in the pool, no next try was set, and the loop retried the study at once, again and
+    again, spinning against a gateway still down."""
+    import httpx
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    _spool_study(forwarder.spool, 1, seed=81)
+    [study] = forwarder.spool.studies()
+    key = study.folder.name
+    forwarder._failures[key] = 5000
+    now = time.time()
+    with httpx.Client(transport=httpx.MockTransport(down), base_url="http://gw") as client:
+        assert not forwarder._attempt(client, study, now)
+    assert forwarder._failures[key] == 5001
+    assert forwarder._next_try[key] == pytest.approx(now + forwarder.max_backoff_s)
+
+
+def test_a_study_received_before_the_clock_stepped_back_is_not_held_for_the_step(
+    forwarder: Forwarder,
+) -> None:
+    """Arrivals are file mtimes (they outlive a restart). Spooled while the clock was a day ahead (a bad
+    RTC at boot, then NTP), a study neither settled nor was overdue until the clock caught up; and a
+    retry time set then held it as long. Neither waits more than the maximum wait / backoff now."""
+    import os
+
+    _spool_study(forwarder.spool, 1, seed=91)
+    [study] = forwarder.spool.studies()
+    ahead = time.time() + 86400.0
+    for path in [*study.folder.iterdir()]:
+        os.utime(path, (ahead, ahead))
+    [study] = forwarder.spool.studies()
+    forwarder.spool.mark_analysed(study, list(study.files))  # the marker names the copy as it is now
+    now = time.time()
+    [study] = forwarder.spool.studies()
+    assert study.pending == () and study.first_arrival >= ahead
+    assert [s.folder for s in forwarder.due(now)] == [study.folder], "its send-back is due"
+    assert forwarder.overdue(study, now)
+    forwarder._next_try[study.folder.name] = ahead  # a retry time set while the clock was ahead
+    started: list[Any] = []
+
+    class Pool:
+        def submit(self, *args: Any) -> None:
+            started.append(args)
+
+    forwarder._pool = Pool()  # type: ignore[assignment]
+    assert forwarder.run_once(None, now) == 1  # type: ignore[arg-type]

@@ -165,3 +165,56 @@ def test_the_spool_leaves_its_disk_reserve_to_the_gateway(
     assert scp.handle_store(_event(make_dicom(seed=11))) == 0xA700
     assert len(scp.spool.studies()) == 1
     assert len(list(scp.spool.studies_dir.iterdir())) == 1  # nothing of the refused one, not even its folder
+
+
+def _association_request(port: int, calling_ae: bytes) -> bytes:
+    """A real A-ASSOCIATE-RQ for the SCP on ``port``, its calling AE title replaced by raw bytes."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+
+    pdu = A_ASSOCIATE_RQ()
+    pdu.called_ae_title, pdu.calling_ae_title = "CXR", "GOOD"
+    request = bytearray(pdu.encode())
+    request[26:42] = calling_ae.ljust(16)[:16]  # PS3.8 9.3.2: bytes 27-42 are the calling AE title
+    return bytes(request)
+
+
+def test_a_calling_ae_title_with_control_characters_cannot_forge_lines_in_the_scps_log(
+    tmp_path: Path,
+) -> None:
+    """pynetdicom refuses such a title while decoding the request, and logs it raw at ERROR, in its
+    message and its traceback: a newline forged log lines ("INJECT ..." as a line of its own), an escape
+    sequence reached the operator's terminal, from any peer that can connect, allowed AE or not."""
+    import logging
+    import socket
+    import time
+
+    from serving.dimse.service import configure_logging
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    scp = StorageScp(ScpConfig("CXR", "127.0.0.1", port, allowed_aes=("PACS",)), InstanceSpool(tmp_path))
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.extend(self.format(record).split("\n"))
+
+    handler = Collect()
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        configure_logging()
+        scp.start()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as peer:
+            peer.sendall(_association_request(port, b"EVIL\nINJECT\x1b[31m"))
+            peer.recv(1)  # the SCP's answer: an abort
+        deadline = time.monotonic() + 5.0
+        while not any("Calling AE Title" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        scp.stop()
+        root.removeHandler(handler)
+    assert any("Calling AE Title" in line for line in lines), "pynetdicom's refusal is still logged"
+    assert not [line for line in lines if line.startswith("INJECT") or "\x1b" in line]

@@ -82,15 +82,20 @@ def _sample(back: SendBack, name: str, **labels: str) -> float:
 class _Scp:
     """A pynetdicom storage SCP on 127.0.0.1 taking CR and GSPS, not Comprehensive SR."""
 
-    def __init__(self, on_store: Callable[[Any, int], int] | None = None, sop_classes: tuple = (CR, GSPS)):
-        from pynetdicom import AE, evt
+    def __init__(
+        self,
+        on_store: Callable[[Any, int], int] | None = None,
+        sop_classes: tuple = (CR, GSPS),
+        transfer_syntaxes: list[str] | None = None,
+    ):
+        from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 
         self.stored: list[str] = []  # SOP classes of the objects it stored
         self.associations = 0
         self._on_store = on_store or (lambda event, n: 0x0000)
         ae = AE(ae_title="PACS")
         for uid in sop_classes:
-            ae.add_supported_context(uid)
+            ae.add_supported_context(uid, transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES)
         handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_ESTABLISHED, self._established)]
         self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
         self.port = self.server.server_address[1]
@@ -250,6 +255,20 @@ def test_a_dimse_pacs_that_is_down_is_held_and_nothing_is_set_aside(tmp_path: Pa
     assert back.deliver_due(now) == 0
     assert back.outbox.dead_letters() == [] and len(back.outbox.items()) == 2
     assert back._held("pacs", now + 1.0)
+
+
+def test_a_dimse_pacs_taking_only_implicit_vr_little_endian_stores_everything(tmp_path: Path) -> None:
+    """Implicit VR Little Endian is the one transfer syntax every DICOM SCP must take (PS3.5 10.1).
+    Only Explicit VR Little Endian was proposed: such a PACS accepted no context, the association
+    never carried anything, and the destination was held for ever."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    with _scp(sop_classes=(CR, GSPS, COMPREHENSIVE_SR), transfer_syntaxes=[ImplicitVRLittleEndian]) as scp:
+        back = _sendback(tmp_path, scp.destination())
+        _queue_study(back, images=2)
+        assert back.deliver_due(time.time()) == 3
+        assert sorted(scp.stored) == sorted([COMPREHENSIVE_SR, GSPS, GSPS])
+        assert back.outbox.items() == [] and back.outbox.dead_letters() == []
 
 
 # ----------------------------------------------------------------------------- STOW-RS
@@ -442,3 +461,24 @@ def test_dead_letters_older_than_the_retention_are_deleted_and_waiting_items_nev
     assert box.purge_dead_letters(month, now=time.time() + month + 1) == 1
     assert not (box.dead_letter / new.item_id).exists()
     assert [i.item_id for i in box.items()] == [waiting.item_id]
+
+
+def test_a_stow_pacs_whose_body_limit_a_batch_exceeds_takes_the_objects_that_fit(tmp_path: Path) -> None:
+    """A proxy in front of the PACS with a body limit (nginx: 1 MiB) answers 413 to a batch however small
+    each object is: the destination was held, and the same batch offered again, for ever. The batch is
+    split until each object goes alone; an object the PACS refuses even alone is set aside."""
+
+    def limited(received: list[tuple[str, str]]) -> tuple[int, bytes, str]:
+        if len(received) > 1 or received[0][0] == COMPREHENSIVE_SR:  # the SR is "too large" even alone
+            return 413, b"<html>413 Request Entity Too Large</html>", "text/html"
+        return _refusing({})(received)
+
+    with _stow_pacs(limited) as seen:
+        back = _sendback(tmp_path, _stow(seen.pop(0)))
+        _queue_study(back, images=2)
+        now = time.time()
+        assert back.deliver_due(now) == 2
+        assert back.outbox.items() == [] and not back._held("pacs", now)
+        [dead] = back.outbox.dead_letters()
+        assert dead.sop_class_uid == COMPREHENSIVE_SR
+        assert json.loads((dead.folder / "meta.json").read_text())["refused"]["reason"] == "http_status=413"

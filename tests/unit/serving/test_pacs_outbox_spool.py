@@ -473,3 +473,88 @@ def test_a_send_back_holds_a_stored_results_header_not_its_pixels(tmp_path: Path
     full, header_only = back.build([store.get("r1", "t")], None), back.build([light], None, {"r1": header})
     assert [str(o.SOPInstanceUID) for o in full] == [str(o.SOPInstanceUID) for o in header_only]
     assert [o.ContentSequence for o in full[:1]] == [o.ContentSequence for o in header_only[:1]]
+
+
+def test_a_pacs_down_for_days_keeps_its_backoff_capped_instead_of_overflowing(tmp_path: Path) -> None:
+    """``retry_s * 2**attempts`` is a float: past ~1024 failures (3.5 days at the 5-minute cap) it raised
+    OverflowError, so the item's next try was never written, the pass died, and the loop offered the
+    same batch again every second, for ever, to a PACS still down."""
+    import dataclasses
+
+    pacs = _Pacs()
+    sendback = _sendback(tmp_path, pacs)
+    sendback.outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.1", b"sr")
+    now = time.time()
+    [item] = sendback.outbox.items()
+    assert sendback.outbox.failed(dataclasses.replace(item, attempts=5000), now) == 8.0
+    [item] = sendback.outbox.items()
+    assert item.attempts == 5001 and item.next_attempt == pytest.approx(now + 8.0)
+    sendback._hold["pacs"] = (0.0, 5000)  # held that many passes in a row
+    assert sendback.deliver_due(now + 10.0) == 0 and pacs.batches == [1]
+    assert sendback._hold["pacs"][0] == pytest.approx(now + 18.0), "held for the capped backoff"
+
+
+def test_one_item_with_a_broken_meta_does_not_stop_delivery_of_every_other(tmp_path: Path) -> None:
+    """A meta.json that is JSON but not an item's (``null``, a field missing: a disk error, an operator's
+    edit) raised KeyError/TypeError from the listing: every pass failed, for every destination."""
+    pacs = _Pacs()
+    pacs.up = True
+    sendback = _sendback(tmp_path, pacs)
+    for i in range(3):
+        sendback.outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", f"1.2.{i}", b"sr")
+    broken, missing, good = sendback.outbox.items()
+    (broken.folder / "meta.json").write_text("null")
+    (missing.folder / "meta.json").write_text('{"destination": "pacs"}')
+    assert [i.item_id for i in sendback.outbox.items()] == [good.item_id]
+    assert sendback.deliver_due(time.time()) == 1 and pacs.batches == [1]
+
+
+def test_a_retry_time_a_clock_stepped_back_left_far_ahead_is_not_waited_for(tmp_path: Path) -> None:
+    """Retry times are wall-clock (they outlive a restart). A clock set ahead (a bad RTC at boot), then
+    stepped back by NTP, left items due days or years ahead: no retry is ever further off than the
+    maximum backoff, so one further off is due within that."""
+    import json
+
+    box = Outbox(tmp_path, retry_s=2.0, max_backoff_s=300.0)
+    box.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.1", b"sr")
+    [item] = box.items()
+    meta = json.loads((item.folder / "meta.json").read_text())
+    meta["next_attempt"] = time.time() + 365 * 86400.0  # scheduled while the clock was a year ahead
+    (item.folder / "meta.json").write_text(json.dumps(meta))
+    now = time.time()
+    [item] = box.items()
+    assert item.next_attempt <= now + 300.0 + 1.0
+    assert [i.item_id for i in box.due(now + 301.0)] == [item.item_id]
+
+
+def test_a_removed_destinations_gauges_fall_to_zero_once_its_objects_are_gone(tmp_path: Path) -> None:
+    """The gauges were set only for configured destinations and those with items: a removed destination's
+    stayed at its last value once an operator deleted its objects, its backlog alert firing for ever."""
+    pacs = _Pacs()
+    sendback = _sendback(tmp_path, pacs)
+    sendback.outbox.put("old-pacs", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.1", b"sr")
+    sendback._set_depth(*sendback._listing())
+
+    def depth() -> float | None:
+        return sendback.metrics.registry.get_sample_value(
+            "cxr_pacs_outbox_depth", {"destination": "old-pacs"}
+        )
+
+    assert depth() == 1.0
+    [item] = sendback.outbox.items()
+    sendback.outbox.delivered(item)  # the operator gave them up
+    sendback._set_depth(*sendback._listing())
+    assert depth() == 0.0
+
+
+def test_a_destination_held_before_the_clock_stepped_back_is_not_held_for_the_step(tmp_path: Path) -> None:
+    pacs = _Pacs()
+    pacs.up = True
+    sendback = _sendback(tmp_path, pacs)
+    sendback.outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.1", b"sr")
+    now = time.time()
+    sendback._hold["pacs"] = (now + 86400.0, 3)  # set while the clock was a day ahead
+    assert not sendback._held("pacs", now)
+    assert sendback.deliver_due(now) == 1 and pacs.batches == [1]
+    sendback._hold["pacs"] = (now + 5.0, 1)
+    assert sendback._held("pacs", now), "a hold within the maximum backoff stands"
