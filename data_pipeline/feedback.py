@@ -22,6 +22,7 @@ import logging
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -73,8 +74,12 @@ def put_feedback(
     rows: pd.DataFrame,
     image: bytes | None = None,
     image_ext: str = "dcm",
+    received: str = "",
 ) -> str:
-    """Store one correction in the gateway's layout (marker last); returns the CSV key."""
+    """Store one correction in the gateway's layout (marker last); returns the CSV key.
+
+    ``received``: when it was submitted (ISO 8601 UTC, as the gateway writes it); default now.
+    """
     missing = [c for c in COLUMNS if c not in rows.columns]
     if missing:
         raise AnnotationError(f"feedback rows lack columns {missing}")
@@ -85,7 +90,12 @@ def put_feedback(
     if image is not None:
         for image_id in image_ids:
             store.put_bytes(f"{prefix}{image_id}.{image_ext.lstrip('.')}", image)
-    marker = {"feedback_id": feedback_id, "image_ids": image_ids, "rows": len(rows)}
+    marker = {
+        "feedback_id": feedback_id,
+        "image_ids": image_ids,
+        "rows": len(rows),
+        "received": received or datetime.now(UTC).isoformat(),
+    }
     store.put_bytes(prefix + FEEDBACK_MARKER, json.dumps(marker).encode(), content_type="application/json")
     return key
 
@@ -118,9 +128,8 @@ def collect_feedback(
         by_item.setdefault(name[len(FEEDBACK_PREFIX) :].split("/", 1)[0], {})[name] = info
     image_dir = Path(work_dir) / "feedback-images"
     max_image = max_file_bytes(limits or DicomLimits())
-    tables: list[AnnotationTable] = []
+    tables: dict[str, AnnotationTable] = {}  # feedback id -> its rows, in id order
     images: dict[str, Path] = {}
-    csv_keys: list[str] = []
     skipped: dict[str, str] = {}
     for feedback_id in complete_items(list(listing)):
         if not SAFE_NAME.fullmatch(feedback_id):
@@ -137,12 +146,16 @@ def collect_feedback(
             skipped[feedback_id] = str(exc)
             log.warning("event=feedback_item_skipped id=%s reason=%s", feedback_id, exc)
             continue
-        tables.append(table)
+        tables[feedback_id] = table
         images.update(item_images)
-        csv_keys.append(f"{FEEDBACK_PREFIX}{feedback_id}/{FEEDBACK_CSV}")
+    for feedback_id in _superseded(store, tables, by_item):
+        del tables[feedback_id]
+        skipped[feedback_id] = SUPERSEDED
+        log.info("event=feedback_item_superseded id=%s", feedback_id)
+    csv_keys = [f"{FEEDBACK_PREFIX}{feedback_id}/{FEEDBACK_CSV}" for feedback_id in tables]
     if not tables and not skipped:
         return None
-    table = combine_tables(tables, source="s3:feedback")
+    table = combine_tables(list(tables.values()), source="s3:feedback")
     log.info(
         "event=feedback_collected items=%d skipped=%d rows=%d images=%d",
         len(csv_keys),
@@ -151,6 +164,49 @@ def collect_feedback(
         len(images),
     )
     return FeedbackBatch(table=table, images=images, objects=csv_keys, skipped=skipped)
+
+
+#: why an older item of an image and reader is left out (:func:`_superseded`)
+SUPERSEDED = "superseded by a later correction of its image by its reader"
+#: largest feedback.json read for its submission time (the gateway's are a few kB)
+MAX_MARKER_BYTES = 256 * 1024
+
+
+def _superseded(
+    store: ObjectStore, tables: dict[str, AnnotationTable], by_item: dict[str, dict[str, ObjectInfo]]
+) -> list[str]:
+    """Items whose image a later item of the same reader corrected again; sorted ids.
+
+    An item is one reader's complete reading of its image, and the gateway names the image by its
+    source: a radiologist correcting an image twice makes two items of one image id. Merged, both
+    readings counted as that reader's boxes, so a box the second correction moved or removed
+    stayed in the labels. The item submitted last (``received`` in its ``feedback.json``, then the
+    larger id) is that reader's reading; other readers' items of the image stay (fused as readers).
+    """
+    owners: dict[tuple[str, str], list[str]] = {}
+    for feedback_id, table in tables.items():
+        for pair in set(zip(table.frame["image_id"], table.frame["rad_id"], strict=True)):
+            owners.setdefault((str(pair[0]), str(pair[1])), []).append(feedback_id)
+    contested = [ids for ids in owners.values() if len(ids) > 1]
+    received = {i: _received(store, by_item[i].get(_marker_key(i))) for ids in contested for i in ids}
+    latest = [max(ids, key=lambda i: (received[i], i)) for ids in contested]
+    return sorted({i for ids in contested for i in ids} - set(latest))
+
+
+def _marker_key(feedback_id: str) -> str:
+    return f"{FEEDBACK_PREFIX}{feedback_id}/{FEEDBACK_MARKER}"
+
+
+def _received(store: ObjectStore, info: ObjectInfo | None) -> str:
+    """An item's submission time as its marker says (ISO 8601 UTC text), "" when it says none."""
+    if info is None or info.size > MAX_MARKER_BYTES:
+        return ""
+    try:
+        meta = json.loads(store.get_bytes(info.name))
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    value = meta.get("received") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else ""
 
 
 def _collect_item(

@@ -225,6 +225,22 @@ def _canonical_order(
     return np.lexsort((y_max, x_max, y_min, x_min, class_ids, rad_codes, image_codes))
 
 
+def no_consensus_images(fused: pd.DataFrame, config: FusionConfig) -> list[str]:
+    """Images fusion labelled "No finding" although too few of their readers said so; sorted ids.
+
+    An image whose readers mostly drew findings, but no finding reached the reader threshold (three
+    readers, three different findings), got the same empty label file as a normal chest: a negative
+    that contradicts every reader. It has no trustworthy label either way, so the build leaves it
+    out and the quality report lists it (``label.no_consensus``). "No finding" stands when at least
+    :meth:`FusionConfig.required_readers` of the image's readers said it, as a box needs as many.
+    """
+    if fused.empty:
+        return []
+    none = fused[fused["class_id"] == NO_FINDING_ID]
+    needed = none["readers_on_image"].map(lambda n: config.required_readers(int(n)))
+    return sorted({str(i) for i in none.loc[none["n_readers"] < needed, "image_id"]})
+
+
 def fused_boxes_by_image(fused: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """image_id -> (class_ids, xyxy boxes) of real findings (No finding rows give empty arrays)."""
     result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -244,4 +260,5 @@ __all__ = [
     "fuse_annotations",
     "fuse_image",
     "fused_boxes_by_image",
+    "no_consensus_images",
 ]

@@ -48,7 +48,7 @@ from data_pipeline.export import (
     yolo_label_text,
 )
 from data_pipeline.feedback import FeedbackBatch, collect_feedback
-from data_pipeline.fusion import FusionConfig, fuse_annotations
+from data_pipeline.fusion import FusionConfig, fuse_annotations, no_consensus_images
 from data_pipeline.output import ensure_output_folder
 from data_pipeline.quality import QualityReport, check_images, check_labels, near_any, near_duplicate_groups
 from data_pipeline.report import (
@@ -262,10 +262,13 @@ def _check_and_fuse(
     table.enforce(settings.max_bad_row_fraction)
     if feedback is not None and feedback.total_rows:
         table = merge_tables(table, check_inside_images(feedback, sizes))
-    fusion_config = FusionConfig(
+    return table, fuse_annotations(table.frame, _fusion_config(settings), sizes)
+
+
+def _fusion_config(settings: DataSettings) -> FusionConfig:
+    return FusionConfig(
         settings.wbf_iou_thr, settings.min_readers, settings.wbf_skip_box_thr, settings.min_reader_share
     )
-    return table, fuse_annotations(table.frame, fusion_config, sizes)
 
 
 def _usable_images(
@@ -420,15 +423,29 @@ def _write_manifest(
 
 
 def _move_into_place(staging: Path, target: Path) -> tuple[Path, bool]:
-    """Rename staging to ``target`` so a crash never leaves half a version; reuse an identical one."""
-    reused = (target / MANIFEST).exists()
-    if not reused:
-        if target.exists():
-            shutil.rmtree(target)  # a partial folder from an older crash
-        staging.rename(target)
+    """Rename staging to ``target`` so a crash never leaves half a version; reuse an identical one.
+
+    Two builds of one version into one folder (the retrain cron and a person's ``cxr data ingest``)
+    race: the second saw no manifest, then removed the first's finished version as "a partial
+    folder" or failed its own rename on the non-empty folder, while the first was publishing from
+    it. The rename alone decides: it fails on a non-empty ``target``, and one with a manifest is an
+    identical build that won (the version is the content), reused as it is.
+    """
+    if not (target / MANIFEST).exists():
+        try:
+            staging.rename(target)
+        except OSError:
+            if (target / MANIFEST).exists():  # another build of this version finished first
+                return target, True
+            # a partial folder from an older crash: set aside (atomically) before removing
+            aside = staging.with_name(f"{staging.name}-partial")
+            target.rename(aside)
+            shutil.rmtree(aside)
+            staging.rename(target)
         write_data_yaml(target)  # data.yaml's path now points at the final folder
         staging.mkdir()  # so the context manager has something to remove
-    return target, reused
+        return target, False
+    return target, True
 
 
 def _publish_and_log(
@@ -476,11 +493,15 @@ def _quality(
         image_failures=image_failures,
         duplicate_groups=near_duplicate_groups(stats, settings.quality.duplicate_max_distance),
         decode_failures={r.image_id: r.error or "" for r in results if r.error is not None},
-        label_failures=check_labels(fused, sizes, settings.quality),
+        label_failures={
+            **check_labels(fused, sizes, settings.quality),
+            "no_consensus": no_consensus_images(fused, _fusion_config(settings)),
+        },
         quarantined_rows=json.loads(table.quarantine.to_json(orient="records")),
         unannotated_images=unannotated,
     )
-    excluded = set(report.decode_failures)
+    # no label to train on, whatever exclude_failed_images says (fusion.no_consensus_images)
+    excluded = set(report.decode_failures) | set(report.label_failures["no_consensus"])
     if settings.exclude_failed_images:
         for ids in image_failures.values():
             excluded.update(ids)

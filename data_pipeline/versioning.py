@@ -147,12 +147,37 @@ def fetch_dataset(version: str, cache_dir: Path, store: ObjectStore | None = Non
         raise DatasetNotFound(f"dataset version {version} is not in {store.endpoint} (recent: {known})")
 
     def download(staging: Path) -> None:
-        store.download_prefix(prefix, staging)
+        _download_listed(store, prefix, staging)
         verify(staging)
 
     _into_cache(target, download)
     log.info("event=dataset_fetched version=%s path=%s", version, target)
     return target
+
+
+def _download_listed(store: ObjectStore, prefix: str, staging: Path) -> None:
+    """The manifest, then exactly the files it lists (what :func:`verify` then checks).
+
+    Every object under the prefix was downloaded, and only the listed ones checked: an image and
+    label placed in ``images/train/`` in the store after publishing were trained on unchecked.
+    A listed path that would leave the folder (``../x``) is refused, never written.
+    """
+    store.get_file(prefix + MANIFEST, staging / MANIFEST)
+    try:
+        files = json.loads((staging / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetIntegrityError(f"{prefix}{MANIFEST} is not a dataset manifest ({exc!r:.80})") from exc
+    for rel in files:
+        if not _inside(rel):
+            raise DatasetIntegrityError(f"{prefix}{MANIFEST} lists {rel[:80]!r}, a path outside the version")
+        store.get_file(prefix + rel, staging / rel)
+
+
+def _inside(rel: object) -> bool:
+    """True when ``rel`` is a relative path that stays inside the version's folder."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
+        return False
+    return ".." not in Path(rel).parts and rel != MANIFEST
 
 
 def _into_cache(target: Path, fill: Callable[[Path], None]) -> None:
@@ -230,17 +255,23 @@ def seed_cache(dataset_dir: Path, version: str, cache_dir: Path) -> Path | None:
 
 
 def verify(dataset_dir: Path) -> dict[str, Any]:
-    """Check every file against the manifest; raises :class:`DatasetIntegrityError` listing mismatches."""
+    """Check every file against the manifest, and that images/ and labels/ hold no other file;
+    raises :class:`DatasetIntegrityError` listing mismatches."""
     manifest = json.loads((dataset_dir / MANIFEST).read_text())
     problems = []
     for rel, meta in manifest["files"].items():
         if rel in MACHINE_LOCAL:
             continue
         path = dataset_dir / rel
-        if not path.exists():
+        if not _inside(rel):
+            problems.append(f"{rel[:80]}: a path outside the version")
+        elif not path.exists():
             problems.append(f"{rel}: missing")
         elif file_sha256(path) != meta["sha256"]:
             problems.append(f"{rel}: sha256 differs")
+    # what training reads is every file in these folders (ultralytics globs images/<split>/):
+    # one the manifest does not list was never checked, nor counted in the version
+    problems += [f"{rel}: not in the manifest" for rel in _unlisted(dataset_dir, manifest["files"])]
     if problems:
         raise DatasetIntegrityError(
             f"dataset {manifest.get('version')} at {dataset_dir} is damaged ({len(problems)} files): "
@@ -248,6 +279,14 @@ def verify(dataset_dir: Path) -> dict[str, Any]:
             + ". Delete the folder and fetch again."
         )
     return manifest
+
+
+def _unlisted(dataset_dir: Path, listed: Mapping[str, Any]) -> list[str]:
+    """Files under :data:`LINKED_FOLDERS` (images, labels) that the manifest does not list."""
+    found = (p for folder in LINKED_FOLDERS for p in sorted((dataset_dir / folder).rglob("*")))
+    return [
+        rel for p in found if p.is_file() and (rel := p.relative_to(dataset_dir).as_posix()) not in listed
+    ]
 
 
 def _rewrite_data_yaml(dataset_dir: Path, points_to: Path | None = None) -> None:

@@ -282,3 +282,152 @@ def test_an_image_id_that_names_two_files_labels_neither(phantoms: Path, tmp_pat
     reason = report["decode_failures"][files[0].stem]
     assert "2 files" in reason and f"siteA/{files[0].name}" in reason and f"siteB/{files[0].name}" in reason
     assert {r["image_id"] for r in report["quarantined_rows"]} == {files[0].stem}
+
+
+def test_an_image_whose_readers_all_found_something_but_agree_on_nothing_is_not_trained_as_normal(
+    phantoms: Path, tmp_path: Path
+) -> None:
+    """Three readers, three different findings: no box reaches 2 of 3, and fusion wrote the image's
+    "No finding" row (0 of 3 readers said it), an empty label file: a normal chest to train on."""
+    import pandas as pd
+
+    from data_pipeline.annotations import COLUMNS
+
+    rows = pd.read_csv(phantoms / "annotations.csv", dtype=str, keep_default_na=False)
+    target = sorted(rows["image_id"].unique())[0]
+    disagree = pd.DataFrame(
+        [
+            (target, CLASS_NAMES[0], 0, "R1", 10, 10, 60, 60),
+            (target, CLASS_NAMES[3], 3, "R2", 100, 100, 200, 200),
+            (target, CLASS_NAMES[7], 7, "R3", 150, 20, 220, 90),
+        ],
+        columns=list(COLUMNS),
+    ).astype(str)
+    csv = tmp_path / "annotations.csv"
+    pd.concat([rows[rows["image_id"] != target], disagree]).to_csv(csv, index=False)
+    build = build_dataset(phantoms / "dicom", csv, tmp_path / "out", settings=_settings())
+    assert target not in build.manifest["images"]
+    assert not any((build.path / "labels" / s / f"{target}.txt").exists() for s in ("train", "val", "test"))
+    assert build.quality is not None and build.quality.label_failures["no_consensus"] == [target]
+    assert build.manifest["quality"]["label.no_consensus"] == 1
+
+
+def test_a_version_built_twice_at_once_into_one_folder_is_reused_not_removed(
+    phantoms: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other build renames its identical version into place between this build's "is there a
+    manifest?" and its own rename: this one removed the other's finished folder (which the other
+    was publishing from) or failed on the non-empty folder."""
+    import shutil
+
+    first = build_dataset(
+        phantoms / "dicom", phantoms / "annotations.csv", tmp_path / "a", settings=_settings()
+    )
+    real_rename = Path.rename
+    won: list[Path] = []
+
+    def racing_rename(self: Path, target: Any) -> Path:
+        target = Path(target)
+        if not won and target.name == first.version and self.name.startswith(".staging-"):
+            won.append(target)  # the other build finishes first
+            shutil.copytree(first.path, target)
+            (target / "theirs").write_text("")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", racing_rename)
+    second = build_dataset(
+        phantoms / "dicom", phantoms / "annotations.csv", tmp_path / "b", settings=_settings()
+    )
+    assert won and second.version == first.version and second.reused
+    assert (second.path / "theirs").exists()  # the winner's folder, untouched
+    verify(second.path)
+
+
+class _DictStore:
+    """A published version's objects in a dict, read the way :class:`ObjectStore` reads them."""
+
+    endpoint = "memory://"
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+
+    def exists(self, key: str) -> bool:
+        return key in self.objects
+
+    def list_objects(self, prefix: str) -> list[Any]:
+        from data_pipeline.store import ObjectInfo
+
+        return [ObjectInfo(k, len(v)) for k, v in sorted(self.objects.items()) if k.startswith(prefix)]
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        return [o.name for o in self.list_objects(prefix)]
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.objects[key]
+
+    def get_file(self, key: str, dest: Path) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(self.objects[key])
+        return dest
+
+    def download_prefix(self, prefix: str, dest: Path) -> list[Path]:
+        from data_pipeline.store import ObjectStore
+
+        return ObjectStore.download_prefix(cast(Any, self), prefix, dest)
+
+
+def _published(build: Any) -> dict[str, bytes]:
+    prefix = f"datasets/{build.version}/"
+    return {
+        prefix + p.relative_to(build.path).as_posix(): p.read_bytes()
+        for p in sorted(build.path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_fetch_refuses_an_image_or_label_the_manifest_does_not_list(phantoms: Path, tmp_path: Path) -> None:
+    """Fetch downloaded every object under the version's prefix and checked only the manifest's
+    files: an image and label slipped into images/train/ in the store were trained on, unchecked."""
+    from data_pipeline.errors import DatasetIntegrityError
+    from data_pipeline.versioning import fetch_dataset
+
+    build = build_dataset(
+        phantoms / "dicom", phantoms / "annotations.csv", tmp_path / "a", settings=_settings()
+    )
+    objects = _published(build)
+    prefix = f"datasets/{build.version}/"
+    some_png = next(v for k, v in objects.items() if k.endswith(".png"))
+    objects[prefix + "images/train/planted.png"] = some_png
+    objects[prefix + "labels/train/planted.txt"] = b"0 0.5 0.5 0.2 0.2\n"
+    try:
+        fetched = fetch_dataset(build.version, tmp_path / "cache", cast(Any, _DictStore(objects)))
+    except DatasetIntegrityError:
+        return  # refused: fine
+    assert not (fetched / "images" / "train" / "planted.png").exists()
+    assert not (fetched / "labels" / "train" / "planted.txt").exists()
+
+
+def test_verify_names_an_unlisted_image_in_a_local_version(phantoms: Path, tmp_path: Path) -> None:
+    from data_pipeline.errors import DatasetIntegrityError
+
+    build = build_dataset(
+        phantoms / "dicom", phantoms / "annotations.csv", tmp_path / "a", settings=_settings()
+    )
+    (build.path / "labels" / "train" / "planted.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    with pytest.raises(DatasetIntegrityError, match=r"planted\.txt: not in the manifest"):
+        verify(build.path)
+
+
+def test_fetch_refuses_a_truncated_object(phantoms: Path, tmp_path: Path) -> None:
+    from data_pipeline.errors import DatasetIntegrityError
+    from data_pipeline.versioning import fetch_dataset
+
+    build = build_dataset(
+        phantoms / "dicom", phantoms / "annotations.csv", tmp_path / "a", settings=_settings()
+    )
+    objects = _published(build)
+    key = next(k for k in objects if k.endswith(".png"))
+    objects[key] = objects[key][: len(objects[key]) // 2]
+    with pytest.raises(DatasetIntegrityError, match="sha256 differs"):
+        fetch_dataset(build.version, tmp_path / "cache", cast(Any, _DictStore(objects)))
+    assert not (tmp_path / "cache" / build.version).exists()

@@ -215,3 +215,26 @@ def test_an_item_named_like_a_path_is_never_a_folder(tmp_path: Path) -> None:
     batch = collect_feedback(cast(Any, store), work)
     assert batch is not None and batch.skipped == {"..": "unusable item id"} and not batch.images
     assert not (work / "x.png").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_a_radiologists_later_correction_of_an_image_replaces_the_earlier_one(
+    phantoms: Path, tmp_path: Path
+) -> None:
+    """The gateway names a feedback image by its (de-identified) source, so a radiologist who
+    corrects one image twice makes two items of one image id: both sets of rows were merged as one
+    reader's, and the box the second correction moved (or removed, "No finding") stayed a label."""
+    image = _a_dicom(phantoms)
+    store = MemoryStore()
+    first = _rows("fbimage0001", x_min=20.0, y_min=30.0, x_max=120.0, y_max=140.0)
+    moved = _rows("fbimage0001", x_min=130.0, y_min=130.0, x_max=200.0, y_max=210.0)
+    other_reader = _rows("fbimage0001", rad_id="radiologist-2")
+    put_feedback(store, "fb-b-first", first, image=image, received="2025-01-01T10:00:00+00:00")
+    put_feedback(store, "fb-a-later", moved, image=image, received="2025-01-02T10:00:00+00:00")
+    put_feedback(store, "fb-c-other", other_reader, image=image, received="2025-01-01T09:00:00+00:00")
+    batch = collect_feedback(cast(Any, store), tmp_path)
+    assert batch is not None
+    rows = batch.table.frame.sort_values("rad_id")
+    assert rows["rad_id"].tolist() == ["radiologist-1", "radiologist-2"]
+    assert rows["x_min"].tolist() == [130.0, 20.0]
+    assert batch.skipped == {"fb-b-first": "superseded by a later correction of its image by its reader"}
+    assert batch.objects == ["feedback/fb-a-later/annotations.csv", "feedback/fb-c-other/annotations.csv"]
