@@ -148,6 +148,19 @@ def _infra_retry(limit: int = 3) -> RetryStrategy:
     )
 
 
+def _retrain_mutex() -> m.Synchronization:
+    """The mutex ``cxr-retrain``: one retrain at a time in the namespace, the others queue behind it.
+
+    The feedback CronWorkflow holds it too: a retrain counts its feedback as consumed only once its
+    build-dataset step has published a version (hours in), so a check beside it would count the same
+    items again and queue a second full training on the same data. Holding the mutex, the check waits
+    for the running retrain (and ``concurrencyPolicy: Forbid`` skips the fires meanwhile), as the
+    one-machine scheduler skips a fire while a retrain runs; the retrain it submits waits the seconds
+    until the check workflow ends.
+    """
+    return m.Synchronization(mutexes=[m.Mutex(name=TEMPLATE_NAME)])
+
+
 def _pod_error_retry() -> RetryStrategy:
     """Retry only when the pod itself was lost (node gone, eviction): a real failure must stay failed."""
     return RetryStrategy(
@@ -522,7 +535,7 @@ def _retrain_workflow(settings: WorkflowSettings) -> WorkflowTemplate:
         ),
         arguments=_parameters(settings),
         active_deadline_seconds=36 * 3600,
-        synchronization=m.Synchronization(mutexes=[m.Mutex(name=TEMPLATE_NAME)]),
+        synchronization=_retrain_mutex(),
         pod_gc=m.PodGC(strategy="OnPodSuccess"),
         ttl_strategy=m.TTLStrategy(seconds_after_success=7 * 24 * 3600, seconds_after_failure=14 * 24 * 3600),
         volumes=[
@@ -869,7 +882,9 @@ def build_feedback_cron(settings: WorkflowSettings) -> CronWorkflow:
         entrypoint="check-and-submit",
         service_account_name=settings.service_account,
         pod_metadata=_pod_metadata(),
+        # counts from the start, not while it waits for the mutex (a Pending workflow has not started)
         active_deadline_seconds=1800,
+        synchronization=_retrain_mutex(),
         arguments=[
             Parameter(
                 name="threshold",

@@ -93,9 +93,14 @@ def mlflow_exporter(
     port: int = typer.Option(9105, help="Port of /metrics."),
     mlflow_uri: str = typer.Option("", help="MLflow tracking URI (default: CXR_MLFLOW_URI)."),
     experiment: str = typer.Option("cxr-detector", help="MLflow experiment of the training runs."),
-    model_name: str = typer.Option("cxr-detector", help="Registered model name."),
+    model_name: str = typer.Option("", help="Registered model name (default: CXR_REGISTERED_MODEL)."),
 ) -> None:
-    """Expose training runs and registry versions from MLflow as Prometheus metrics."""
+    """Expose training runs and registry versions from MLflow as Prometheus metrics.
+
+    The model is the one training registers into (``CXR_REGISTERED_MODEL``, core's setting): a
+    fixed name read a model that did not exist once that setting changed, exported no versions
+    while reporting MLflow up, and CxrProductionModelStale could not fire.
+    """
     from core.offline import apply_offline_env
     from serving.config import ServingSettings
     from serving.observability.mlflow_exporter import serve
@@ -103,7 +108,7 @@ def mlflow_exporter(
     settings = ServingSettings()
     apply_offline_env(settings.stack_dir)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-    serve(mlflow_uri or settings.mlflow_uri, host, port, experiment, model_name)
+    serve(mlflow_uri or settings.mlflow_uri, host, port, experiment, model_name or settings.registered_model)
 
 
 @app.command()

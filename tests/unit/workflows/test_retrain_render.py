@@ -276,6 +276,22 @@ def test_feedback_cron_submits_only_when_the_threshold_is_reached(settings: Work
     assert submitted["spec"]["workflowTemplateRef"]["name"] == "cxr-retrain"
 
 
+def test_feedback_check_waits_for_a_running_retrain_so_it_cannot_submit_the_same_feedback_twice() -> None:
+    """A retrain counts its feedback as consumed only once build-dataset publishes a version, hours in.
+
+    The hourly check must not run beside a retrain (weekly, feedback or by hand): it would count
+    the same items again and queue a second full training on the same data. Holding the retrain
+    template's own mutex, the check waits for the running retrain (concurrencyPolicy Forbid skips
+    the fires meanwhile), as the one-machine scheduler skips a fire while a retrain runs.
+    """
+    template = _objects()["cxr-retrain.yaml"]["spec"]
+    cron = _objects()["cxr-retrain-on-feedback.yaml"]["spec"]
+    retrain_mutexes = template["synchronization"]["mutexes"]
+    assert retrain_mutexes
+    assert cron["concurrencyPolicy"] == "Forbid"
+    assert cron["workflowSpec"].get("synchronization", {}).get("mutexes") == retrain_mutexes
+
+
 def test_feedback_threshold_setting_reaches_the_rendered_cron(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CXR_FEEDBACK_THRESHOLD", "7")
     cron = build_all(WorkflowSettings())["cxr-retrain-on-feedback.yaml"].to_dict()
