@@ -46,6 +46,8 @@ class Component:
     # How to ask ``health_url`` when a plain GET cannot (a C-ECHO, a login); ``health_url``
     # then only names the endpoint for ``status`` and the logs.
     probe: Callable[[], bool] | None = field(default=None, compare=False)
+    # seconds alive before supervisord counts a start as good (its ``startsecs``)
+    startsecs: int = 1
 
     def healthy(self) -> bool:
         """One health check now: the probe when there is one, else a GET of ``health_url``."""
@@ -377,6 +379,14 @@ def dimse_component(host: str, port: int, ae_title: str, python: Path, env: dict
     )
 
 
+#: ``startsecs`` of a component without a health endpoint. supervisord restarts a process that
+#: lived ``startsecs`` for ever, so with 1 s one that fails after its start-up (the scheduler on a bad
+#: CXR_SCHEDULER_CRON exits after 1.7 s) looped for ever, RUNNING a second at a time, and ``make
+#: status``, having only that state to go by, called it healthy whenever it looked then. One that
+#: must live 5 s runs out of retries and goes FATAL, which ``make up`` and ``make status`` report.
+UNWATCHED_STARTSECS = 5
+
+
 def reconcile_component(python: Path, env: dict[str, str]) -> Component:
     """The local twin of ArgoCD: keeps each stage's Triton on the version its file names.
 
@@ -384,7 +394,9 @@ def reconcile_component(python: Path, env: dict[str, str]) -> Component:
     makes the one-machine stack follow it, as ArgoCD's sync does in the cluster.
     """
     command = [str(python), "-m", "delivery", "reconcile", "--watch"]
-    return Component(name="reconcile", command=command, health_url=None, env=env)
+    return Component(
+        name="reconcile", command=command, health_url=None, env=env, startsecs=UNWATCHED_STARTSECS
+    )
 
 
 def scheduler_component(python: Path, env: dict[str, str]) -> Component:
@@ -395,7 +407,9 @@ def scheduler_component(python: Path, env: dict[str, str]) -> Component:
     (workflows/scheduler.py). Healthy while running, like ``reconcile``.
     """
     command = [str(python), "-m", "workflows", "schedule"]
-    return Component(name="scheduler", command=command, health_url=None, env=env)
+    return Component(
+        name="scheduler", command=command, health_url=None, env=env, startsecs=UNWATCHED_STARTSECS
+    )
 
 
 def mlflow_exporter_component(host: str, port: int, python: Path, env: dict[str, str]) -> Component:

@@ -267,10 +267,15 @@ def wait_in_order(
     with reporting() as progress:
         for comp in components:
             with progress.task("stack_component", comp.name, component=comp.name) as task:
-                if comp.health_url is None:
-                    task.done("started", "no health endpoint: running under supervisord")
-                    continue
                 log_file = settings.state / "logs" / f"{comp.name}.log"
+                if comp.health_url is None:
+                    try:
+                        waited = _wait_running(supervisor, comp, settings.health_timeout_s, log_file)
+                    except ComponentFailed as exc:
+                        task.done("failed", str(exc).splitlines()[0])
+                        raise StackError(f"component {exc}") from exc
+                    task.done("started", f"running under supervisord after {waited:.1f} s of waiting")
+                    continue
 
                 def alive(name: str = comp.name) -> bool:
                     proc = supervisor.process_state(name)
@@ -292,6 +297,25 @@ def wait_in_order(
                 task.done("healthy", f"after {waited:.1f} s of waiting", url=comp.health_url)
 
 
+def _wait_running(supervisor: Supervisor, comp: Component, timeout: float, log_file: Path) -> float:
+    """Wait until supervisord counts ``comp``'s start as good (alive ``startsecs``): seconds waited.
+
+    All a component without a health endpoint has to show; one that dies at start-up ends FATAL
+    once its retries are spent (:data:`~stack.components.UNWATCHED_STARTSECS`), named here with its
+    log tail instead of "started" and a crash loop behind it.
+    """
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        proc = supervisor.process_state(comp.name)
+        if proc is not None and proc.state == "RUNNING":
+            return time.monotonic() - start
+        if proc is None or proc.state in {"FATAL", "EXITED", "STOPPED"}:
+            state = proc.state if proc is not None else "unknown to supervisord"
+            raise ComponentFailed(f"{comp.name} did not keep running ({state}).{log_tail(log_file)}")
+        time.sleep(0.2)
+    raise ComponentFailed(f"{comp.name} not running after {timeout:.0f} s.{log_tail(log_file)}")
+
+
 def status(settings: StackSettings) -> list[ComponentStatus]:
     supervisor = Supervisor(settings.state)
     if not supervisor.running():
@@ -308,7 +332,7 @@ def status(settings: StackSettings) -> list[ComponentStatus]:
         if comp and url:
             # Only while supervisord runs it: a FATAL gateway's port may be answered by a stray process.
             healthy = proc.state in {"STARTING", "RUNNING"} and comp.healthy()
-        else:  # no health endpoint (the reconcile watcher): healthy while running
+        else:  # no health endpoint (reconcile, scheduler): healthy while running, each start 5 s alive
             healthy = proc.state == "RUNNING"
         rows.append(ComponentStatus(proc.name, proc.state, proc.pid, healthy, url))
     return rows

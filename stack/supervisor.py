@@ -87,7 +87,7 @@ def render_config(state: Path, components: list[Component]) -> str:
             f"directory={comp.cwd or Path.cwd()}",
             "autostart=true",
             "autorestart=true",
-            "startsecs=1",
+            f"startsecs={comp.startsecs}",
             "startretries=3",
             f"stopsignal={comp.stop_signal}",
             "stopwaitsecs=20",
