@@ -33,6 +33,9 @@ class CoreSettings(BaseSettings):
     s3_bucket: str = "cxr"
     mlflow_uri: str = "http://127.0.0.1:5000"
     registered_model: str = Field(default="cxr-detector", description="MLflow model training registers into")
+    mlflow_experiment: str = Field(
+        default="cxr-detector", description="MLflow experiment of the training runs (the exporter reads it)"
+    )
     gitops_dir: Path = Field(
         default=Path("."),
         description="git checkout holding k8s/overlays (promote commits, the gateway reads)",

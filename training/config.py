@@ -307,7 +307,6 @@ def load_config(path: Path) -> TrainConfig:
 class TrainSettings(CoreSettings):
     """Where this machine's servers are (the stack fields come from core); read once per command."""
 
-    mlflow_experiment: str = "cxr-detector"
     train_work_dir: Path | None = None
     dataset_cache_dir: Path | None = None
     ray_address: str | None = None

@@ -92,14 +92,17 @@ def mlflow_exporter(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(9105, help="Port of /metrics."),
     mlflow_uri: str = typer.Option("", help="MLflow tracking URI (default: CXR_MLFLOW_URI)."),
-    experiment: str = typer.Option("cxr-detector", help="MLflow experiment of the training runs."),
+    experiment: str = typer.Option(
+        "", help="MLflow experiment of the training runs (default: CXR_MLFLOW_EXPERIMENT)."
+    ),
     model_name: str = typer.Option("", help="Registered model name (default: CXR_REGISTERED_MODEL)."),
 ) -> None:
     """Expose training runs and registry versions from MLflow as Prometheus metrics.
 
-    The model is the one training registers into (``CXR_REGISTERED_MODEL``, core's setting): a
-    fixed name read a model that did not exist once that setting changed, exported no versions
-    while reporting MLflow up, and CxrProductionModelStale could not fire.
+    The model and the experiment are those training uses (``CXR_REGISTERED_MODEL`` and
+    ``CXR_MLFLOW_EXPERIMENT``, core's settings): fixed names read nothing once a setting changed,
+    exported no versions or runs while reporting MLflow up, and CxrProductionModelStale and the
+    training alerts could not fire.
     """
     from core.offline import apply_offline_env
     from serving.config import ServingSettings
@@ -108,7 +111,13 @@ def mlflow_exporter(
     settings = ServingSettings()
     apply_offline_env(settings.stack_dir)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-    serve(mlflow_uri or settings.mlflow_uri, host, port, experiment, model_name or settings.registered_model)
+    serve(
+        mlflow_uri or settings.mlflow_uri,
+        host,
+        port,
+        experiment or settings.mlflow_experiment,
+        model_name or settings.registered_model,
+    )
 
 
 @app.command()
