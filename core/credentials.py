@@ -75,7 +75,8 @@ def read_credentials(stack_dir: Path) -> StackCredentials | None:
     try:
         return parse_credentials(json.loads(path.read_text()))
     except (OSError, ValueError) as exc:
-        raise CredentialsError(f"{path} is unreadable ({exc}); re-run `cxr stack up`") from exc
+        # not "re-run stack up": that refuses it too, rather than replace the secrets it holds
+        raise CredentialsError(f"{path} is unreadable ({exc}); repair it or restore a backup") from exc
 
 
 def resolve_s3_keys(access_key: str, secret_key: str, stack_dir: Path) -> tuple[str, str]:

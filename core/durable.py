@@ -144,11 +144,15 @@ def discard_dir(folder: Path) -> None:
     It is first renamed to a ``.tmp-`` sibling (one atomic step: a listing sees the whole item or
     nothing), then deleted; a crash in between leaves a ``.tmp-`` folder, which the owners of
     these folders skip when listing and delete when they start. A plain ``rmtree`` cut short
-    could leave an item's index without its data, listed and failing on every pass.
+    could leave an item's index without its data, listed and failing on every pass. The rename
+    is made durable (the parent fsync'd) before the first deletion: POSIX does not order a
+    rename before later unlinks in another folder, so a power cut could otherwise keep the
+    deletions of the item's files but not its new name.
     """
     grave = folder.with_name(f".tmp-del-{uuid.uuid4().hex}")
     try:
         os.rename(folder, grave)
     except FileNotFoundError:  # removed meanwhile
         return
+    fsync_dir(folder.parent)
     shutil.rmtree(grave, ignore_errors=True)

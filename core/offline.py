@@ -17,6 +17,8 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from core.durable import replace_durably
+
 # A TTF that ultralytics accepts in place of Arial.ttf, which it would otherwise
 # download on first plot. DejaVu ships with matplotlib, a dependency already.
 _FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
@@ -31,8 +33,28 @@ def _bundled_font() -> Path | None:
     return font if font.exists() else None
 
 
+#: ultralytics' switches for what leaves the machine (sync: usage events and crash reports) or logs
+#: elsewhere (mlflow: our own tracking logs to MLflow; ultralytics' callback would duplicate it)
+_OFFLINE_SETTINGS: dict[str, object] = {
+    "sync": False,
+    "clearml": False,
+    "comet": False,
+    "dvc": False,
+    "mlflow": False,
+    "raytune": False,
+    "tensorboard": False,
+    "wandb": False,
+    "vscode_msg": False,
+    "openvino_msg": False,
+}
+
+
 def prepare_yolo_config_dir(config_dir: Path) -> Path:
-    """Create ultralytics' config dir with fonts and offline settings, idempotently."""
+    """Create ultralytics' config dir with fonts and offline settings, idempotently.
+
+    A ``settings.json`` already there (a caller's own ``YOLO_CONFIG_DIR``, which ultralytics may
+    have filled with its defaults) keeps its other values but has the switches turned off.
+    """
     target = config_dir / "Ultralytics"
     target.mkdir(parents=True, exist_ok=True)
     font = _bundled_font()
@@ -42,29 +64,30 @@ def prepare_yolo_config_dir(config_dir: Path) -> Path:
             if not dest.exists():
                 shutil.copyfile(font, dest)
     settings = target / "settings.json"
-    if not settings.exists():
-        # Every key of ultralytics' settings schema (v0.0.8), so it never rewrites the
-        # file with its defaults (sync and the third-party loggers on).
-        values = {
-            "settings_version": "0.0.8",
-            "datasets_dir": str(config_dir / "datasets"),
-            "weights_dir": str(config_dir / "weights"),
-            "runs_dir": str(config_dir / "runs"),
-            "uuid": "cxr-offline",
-            "sync": False,
-            "api_key": "",
-            "openai_api_key": "",
-            "clearml": False,
-            "comet": False,
-            "dvc": False,
-            "mlflow": False,  # our own tracking logs to MLflow; ultralytics' callback would duplicate it
-            "raytune": False,
-            "tensorboard": False,
-            "wandb": False,
-            "vscode_msg": False,
-            "openvino_msg": False,
-        }
-        settings.write_text(json.dumps(values, indent=2) + "\n")
+    # Every key of ultralytics' settings schema (v0.0.8), so it never rewrites the
+    # file with its defaults (sync and the third-party loggers on).
+    values: dict[str, object] = {
+        "settings_version": "0.0.8",
+        "datasets_dir": str(config_dir / "datasets"),
+        "weights_dir": str(config_dir / "weights"),
+        "runs_dir": str(config_dir / "runs"),
+        "uuid": "cxr-offline",
+        "api_key": "",
+        "openai_api_key": "",
+        **_OFFLINE_SETTINGS,
+    }
+    try:
+        existing = json.loads(settings.read_text())
+    except (OSError, ValueError):
+        existing = None
+    if isinstance(existing, dict):
+        # A file ultralytics (or a person) wrote first keeps its folders but gets the switches off:
+        # its own defaults have sync and every logger on, and "only when missing" left them so.
+        if all(existing.get(key) == value for key, value in _OFFLINE_SETTINGS.items()):
+            return config_dir
+        values = {**existing, **_OFFLINE_SETTINGS}
+    # whole or not at all: ultralytics resets a file it cannot parse to its defaults (sync on)
+    replace_durably(settings, (json.dumps(values, indent=2) + "\n").encode())
     return config_dir
 
 

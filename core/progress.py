@@ -36,6 +36,8 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 FieldValue = str | int | float | bool | None
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL, C1: what could move a cursor or colour a log
+#: the same less newline and tab, which rich lays out itself; rich drops BEL and CR but passes ESC
+_TERMINAL_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _NEEDS_QUOTES = re.compile(r'[\s"=]')
 _GOOD = {"ok", "pass", "healthy", "done", "started"}
 _SO_SO = {"skipped", "warn"}
@@ -54,6 +56,16 @@ def format_value(key: str, value: FieldValue) -> str:
     if text == "" or _NEEDS_QUOTES.search(text):
         return json.dumps(text, ensure_ascii=False)  # quotes and backslashes escaped; still one line
     return text
+
+
+def _printable(text: str) -> str:
+    """``text`` without the control characters a terminal would obey.
+
+    A label or detail often carries text from outside (an exception's message, a server's
+    answer, a file name): an ESC in it would otherwise reach the operator's terminal as an escape
+    sequence (clear the screen, retitle the window, write the clipboard with OSC 52).
+    """
+    return _TERMINAL_CONTROL.sub(" ", text)
 
 
 def format_event(event: str, fields: dict[str, FieldValue]) -> str:
@@ -98,8 +110,8 @@ class Reporter:
         if text is None:
             shown = " ".join(f"{k}={format_value(k, v)}" for k, v in fields.items() if v is not None)
             text = f"[bold]{escape(event)}[/] {escape(shown)}"
-        with self._lock:
-            self.console.print(text, highlight=False, soft_wrap=True)  # above a live display, if any
+        with self._lock:  # above a live display, if any
+            self.console.print(_printable(text), highlight=False, soft_wrap=True)
 
     @contextmanager
     def task(
@@ -176,12 +188,12 @@ class Reporter:
                 )
                 self._progress.start()
             self._shown += 1
-            return self._progress.add_task(description, total=total, count=count, info="")
+            return self._progress.add_task(_printable(description), total=total, count=count, info="")
 
     def _update(self, task_id: TaskID, completed: int, count: str, info: str) -> None:
         with self._lock:
             if self._progress is not None:
-                self._progress.update(task_id, completed=completed, count=count, info=info)
+                self._progress.update(task_id, completed=completed, count=count, info=_printable(info))
 
     def _hide(self, task_id: TaskID) -> None:
         """Remove a row; the live display stops with its last row, so plain output follows undisturbed."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from core.credentials import StackCredentials, parse_credentials
 from core.durable import fsync_dir, replace_durably
+from core.errors import CredentialsError
 from core.install_secret import SECRET_FILE
 
 ROLES: tuple[str, ...] = ("pacs", "radiologist", "operator", "admin")
@@ -48,8 +49,21 @@ def hash_key(key: str) -> str:
 
 
 def load_or_create(credentials_file: Path, api_keys_file: Path) -> StackCredentials:
-    """Read the stack's secrets, generating any that are missing (idempotent)."""
-    old = parse_credentials(json.loads(credentials_file.read_text()) if credentials_file.exists() else {})
+    """Read the stack's secrets, generating any that are missing (idempotent).
+
+    Raises :class:`CredentialsError` (and writes nothing) when the file exists but cannot be read
+    or holds no JSON object: regenerating would replace the install's de-identification secret
+    (every pseudonym changes) and keys that clients still hold, with no way back.
+    """
+    data: object = {}
+    if credentials_file.exists():
+        try:
+            data = json.loads(credentials_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise CredentialsError(f"{credentials_file} cannot be read ({exc}); repair it") from exc
+        if not isinstance(data, dict):
+            raise CredentialsError(f"{credentials_file} holds no JSON object; repair it")
+    old = parse_credentials(data)
     # an install that ran before this key existed keeps the secret its gateway generated
     generated = credentials_file.parent / SECRET_FILE
     earlier = generated.read_text().strip() if generated.exists() else ""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.credentials import ORTHANC_USERNAME, StackCredentials
+from core.errors import CredentialsError
 from core.offline import apply_offline_env, offline_env
 from core.progress import reporting
 from core.stages import STAGES
@@ -227,6 +228,14 @@ def _preflight(settings: StackSettings, components: list[Component]) -> None:
                 )
 
 
+def _credentials(settings: StackSettings) -> StackCredentials:
+    """The stack's secrets; a file that cannot be read is a :class:`StackError` (one line, no traceback)."""
+    try:
+        return load_or_create(settings.credentials_file, settings.api_keys_file)
+    except CredentialsError as exc:
+        raise StackError(str(exc)) from exc
+
+
 def up(settings: StackSettings) -> list[ComponentStatus]:
     """Start (or complete) the stack and wait until every component is healthy."""
     state = settings.state
@@ -235,7 +244,7 @@ def up(settings: StackSettings) -> list[ComponentStatus]:
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
     state.chmod(0o700)
     apply_offline_env(state)
-    creds = load_or_create(settings.credentials_file, settings.api_keys_file)
+    creds = _credentials(settings)
     write_env_file(settings.env_file, {**client_env(settings, creds), **pacs_env(settings, creds)})
     ensure_checkout(Path.cwd(), settings.gitops_checkout)
     try:
@@ -320,7 +329,7 @@ def status(settings: StackSettings) -> list[ComponentStatus]:
     supervisor = Supervisor(settings.state)
     if not supervisor.running():
         return []
-    creds = load_or_create(settings.credentials_file, settings.api_keys_file)
+    creds = _credentials(settings)
     try:
         components = {c.name: c for c in build_components(settings, creds)}
     except ComponentFailed as exc:

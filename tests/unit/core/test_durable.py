@@ -95,6 +95,26 @@ def test_a_discarded_folder_leaves_its_name_at_once(tmp_path: Path, monkeypatch:
     durable.discard_dir(tmp_path / "item")  # gone already: nothing to do
 
 
+def test_a_discarded_folders_new_name_is_durable_before_its_files_are_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "item").mkdir()
+    (tmp_path / "item" / "meta.json").write_text("{}")
+    recorder = Steps(tmp_path, monkeypatch)
+    real_rmtree = durable.shutil.rmtree
+
+    def rmtree(path: Path, ignore_errors: bool = False) -> None:
+        recorder.steps.append(f"rmtree {recorder.name(Path(path))}")
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(durable.shutil, "rmtree", rmtree)
+    durable.discard_dir(tmp_path / "item")
+    # without the fsync, a power cut could keep the deletions of its files but not the rename:
+    # the item under its own name, part of it gone (its index without its data)
+    assert recorder.steps == ["rename item -> tmp", "fsync .", "rmtree tmp"]
+    assert not list(tmp_path.iterdir())
+
+
 def test_published_files_are_on_disk_before_their_folder_and_no_temp_folder_outlives_the_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

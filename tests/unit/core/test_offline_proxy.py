@@ -9,6 +9,7 @@ patient's image in it. The "proxy" here is a recording server on loopback, so no
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -205,3 +206,28 @@ def test_the_gateways_triton_channel_ignores_any_proxy_even_without_an_exclusion
 
     asyncio.run(dial())
     assert _until(target_seen) and proxy_seen == []
+
+
+def test_a_yolo_settings_file_ultralytics_wrote_first_gets_sync_and_its_loggers_turned_off(
+    tmp_path: Path,
+) -> None:
+    """A caller's own YOLO_CONFIG_DIR often already holds ultralytics' defaults: sync and loggers on."""
+    from core.offline import prepare_yolo_config_dir
+
+    settings = tmp_path / "Ultralytics" / "settings.json"
+    settings.parent.mkdir()
+    defaults = {
+        "settings_version": "0.0.8",
+        "runs_dir": "/data/runs",
+        "sync": True,
+        "mlflow": True,
+        "comet": True,
+    }
+    settings.write_text(json.dumps(defaults))
+    prepare_yolo_config_dir(tmp_path)
+    written = json.loads(settings.read_text())
+    assert written["sync"] is False and written["mlflow"] is False and written["comet"] is False
+    assert written["runs_dir"] == "/data/runs"  # the caller's own values stay
+    mtime = settings.stat().st_mtime_ns
+    prepare_yolo_config_dir(tmp_path)
+    assert settings.stat().st_mtime_ns == mtime  # already offline: not written again

@@ -112,6 +112,24 @@ def test_markup_in_labels_is_shown_not_interpreted_on_a_terminal() -> None:
     assert "[1/8] ingest [bold]x[/bold]" in shown.splitlines()[-1] and "[red]detail[/red]" in shown
 
 
+def test_control_sequences_in_labels_and_details_never_reach_a_terminal() -> None:
+    """An exception's message or a server's answer in a label or detail cannot drive the terminal.
+
+    Rich drops BEL and CR but passes ESC: an OSC sequence (set the title, write the clipboard) or a
+    CSI one (clear the screen, hide text) from outside would reach the operator's terminal.
+    """
+    out = io.StringIO()
+    reporter = Reporter(Console(file=out, force_terminal=True, width=200, color_system=None))
+    osc = "\x1b]52;c;cm0gLXJmIH4=\x07"  # write "rm -rf ~" to the clipboard
+    with reporter.task("step", f"label{osc}", spinner=False) as task:
+        task.done("failed", f"detail {HOSTILE}", reason=osc)
+    reporter.event("note", f"text{osc}\x1b[2J")
+    reporter.event("note", None, value=HOSTILE)
+    shown = out.getvalue()
+    assert "\x1b" not in shown and "\x9b" not in shown, repr(shown)
+    assert "label ]52;c;cm0gLXJmIH4=" in shown and "fake event=x" in shown  # shown, not obeyed
+
+
 def test_text_empty_shows_nothing_on_a_terminal_but_logs_the_line() -> None:
     live, live_out = terminal()
     live.event("promote_gate", "", gate="onnx parity", verdict="pass")

@@ -128,3 +128,20 @@ def test_logs_of_a_stack_that_never_ran_says_so_instead_of_printing_nothing(
     assert result.exit_code == 1, result.output  # was 0 with empty output
     text = " ".join(result.output.split())
     assert "the stack has not run here" in text and "make up" in text
+
+
+def test_a_credentials_file_the_stack_cannot_read_ends_up_and_status_with_one_line(
+    settings: StackSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file holds the install's de-identification secret: refused, never replaced (stack/credentials.py),
+    and said in one line, not a CredentialsError traceback."""
+    settings.state.mkdir(parents=True)
+    settings.credentials_file.write_text("[]")
+    monkeypatch.setattr(_Supervisor, "states", {"gateway": "RUNNING"})
+    monkeypatch.setattr(manager, "Supervisor", _Supervisor)
+    for command in (["up", "--no-bootstrap"], ["status"]):
+        result = CliRunner().invoke(stack_app, command)
+        assert result.exit_code == 1, (command, result.output)
+        assert isinstance(result.exception, SystemExit), (command, result.exception)
+        assert "holds no JSON object" in " ".join(result.output.split()), result.output
+    assert settings.credentials_file.read_text() == "[]"
