@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 from core.progress import BarHandle, FieldValue, reporting
@@ -45,6 +46,8 @@ PROGRESS_QUEUE = "progress_queue"  # the train loop's config key of the driver's
 RUN_INPUTS = "run_inputs"
 #: what the driver sends instead of inputs when the run it prelaunched will not train after all
 RUN_CANCELLED = "cancelled"
+#: how long rank 0's last epochs may take to reach MLflow after training (see :class:`EpochLog`)
+EPOCH_LOG_FLUSH_S = 60.0
 # the numbers of an epoch worth a progress line (Ray metric name -> field of the train_epoch event)
 EPOCH_FIELDS = {
     "train/box_loss": "box_loss",
@@ -141,7 +144,9 @@ def _epoch_metrics(trainer: Any, resumed_from: int, world_size: int) -> dict[str
     return metrics
 
 
-def _log_epoch_to_mlflow(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+def _log_epoch_to_mlflow(
+    uri: str, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None
+) -> None:
     """Per-epoch metrics from rank 0 into the driver's run; an MLflow outage must not stop training."""
     if not run_id:
         return
@@ -149,12 +154,55 @@ def _log_epoch_to_mlflow(uri: str, run_id: str, metrics: dict[str, float], step:
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         MlflowClient(tracking_uri=uri).log_batch(
             run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()]
         )
     except Exception as exc:  # tracking is best effort while the weights keep going to S3
         log.warning("event=mlflow_epoch_log_failed run_id=%s error=%s", run_id, exc)
+
+
+class EpochLog:
+    """Rank 0's per-epoch metrics into the driver's MLflow run, sent by a thread of their own.
+
+    Sent from the epoch callback itself, an MLflow that was down held every epoch for minutes:
+    the client retries a refused connection 7 times, backing off (over 4 minutes per epoch,
+    measured against a closed port), and the other ranks wait for rank 0 at the next report or
+    all-reduce, so the whole group stalled. The thread sends the epochs in order, each stamped
+    with the time its epoch ended; :meth:`close` waits a bounded time for the last ones.
+    """
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self._uri, self._run_id = uri, run_id
+        self._pending: SimpleQueue[tuple[dict[str, float], int, int] | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def post(self, metrics: Mapping[str, float], step: int) -> None:
+        """Queue one epoch's metrics; never waits on MLflow."""
+        if not self._run_id:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._send_all, name="mlflow-epochs", daemon=True)
+            self._thread.start()
+        self._pending.put((dict(metrics), step, int(time.time() * 1000)))
+
+    def _send_all(self) -> None:
+        while (item := self._pending.get()) is not None:
+            metrics, step, stamp = item
+            _log_epoch_to_mlflow(self._uri, self._run_id, metrics, step, stamp)
+
+    def close(self, timeout: float) -> bool:
+        """Send what is queued, waiting at most ``timeout`` seconds; False: epochs left unsent."""
+        if self._thread is None:
+            return True
+        self._pending.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():  # MLflow still down: the run's weights and Ray's metrics have them
+            log.warning(
+                "event=mlflow_epoch_log_unsent run_id=%s pending=%d", self._run_id, self._pending.qsize()
+            )
+            return False
+        return True
 
 
 def epoch_message(epoch: int, epochs: int, metrics: Mapping[str, float]) -> dict[str, Any]:
@@ -265,9 +313,17 @@ def epoch_progress(run_name: str, epochs: int, workers: int, queue: Any = None) 
                 queue.shutdown()
 
 
-def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resumed_from: int) -> Any:
-    """The ``on_fit_epoch_end`` callback: report to Ray (all ranks; audit + checkpoint when due), log."""
+def _make_epoch_reporter(
+    cfg: dict[str, Any], rank: int, world_size: int, resumed_from: int, epoch_log: EpochLog | None = None
+) -> Any:
+    """The ``on_fit_epoch_end`` callback: report to Ray (all ranks; audit + checkpoint when due), log.
+
+    ``epoch_log``: where rank 0's epochs go to MLflow (the caller closes it); else one of its own.
+    """
     import ray.train
+
+    if rank == 0 and epoch_log is None:
+        epoch_log = EpochLog(cfg["mlflow_uri"], cfg["mlflow_run_id"])
 
     def report(trainer: Any) -> None:
         started = time.perf_counter()
@@ -283,7 +339,8 @@ def _make_epoch_reporter(cfg: dict[str, Any], rank: int, world_size: int, resume
                 world_size,
                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" in k),
             )
-            _log_epoch_to_mlflow(cfg["mlflow_uri"], cfg["mlflow_run_id"], metrics, trainer.epoch)
+            if epoch_log is not None:
+                epoch_log.post(metrics, trainer.epoch)
             _post_epoch(cfg.get(PROGRESS_QUEUE), epoch_message(trainer.epoch + 1, trainer.epochs, metrics))
         if due:
             with _checkpoint(trainer, rank, world_size, metrics) as checkpoint:
@@ -472,8 +529,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         cpu_bf16=bool(cfg["cpu_bf16"]),
         checkpoints=CheckpointConfig.model_validate(cfg["checkpoint"]),
     )
-    trainer.add_callback("on_fit_epoch_end", _make_epoch_reporter(cfg, rank, world_size, resumed_from))
-    trainer.train()
+    epoch_log = EpochLog(cfg["mlflow_uri"], cfg["mlflow_run_id"]) if rank == 0 else None
+    reporter = _make_epoch_reporter(cfg, rank, world_size, resumed_from, epoch_log)
+    trainer.add_callback("on_fit_epoch_end", reporter)
+    try:
+        trainer.train()
+    finally:  # the last epochs reach MLflow before the driver reads the run, unless MLflow is down
+        if epoch_log is not None:
+            epoch_log.close(timeout=EPOCH_LOG_FLUSH_S)
 
 
 # --------------------------------------------------------------------------- driver side

@@ -241,3 +241,47 @@ def test_an_epoch_without_validation_shows_no_map() -> None:
     assert "map50" not in epoch_message(3, 20, skipped)["metrics"]
     validated = {**skipped, "val/mAP50": 0.0, "val/box_loss": 1.9}
     assert epoch_message(3, 20, validated)["metrics"]["map50"] == 0.0
+
+
+def test_an_mlflow_that_hangs_never_holds_the_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With MLflow down the client retries for minutes; the epoch (and every rank waiting on rank 0)
+    goes on, and the epoch reaches MLflow once it answers again."""
+    import ray.train
+    from mlflow.tracking import MlflowClient
+
+    answering = threading.Event()
+    logged: list[tuple[str, int]] = []
+
+    def log_batch(self: Any, run_id: str, metrics: Any = (), **_: Any) -> None:
+        answering.wait(timeout=30)
+        logged.extend((m.key, m.step) for m in metrics if m.key == "epoch")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **_: None)
+    monkeypatch.setattr(ray.train.Checkpoint, "from_directory", staticmethod(lambda path: path))
+    cfg = {"mlflow_uri": "http://127.0.0.1:9", "mlflow_run_id": "run-1", PROGRESS_QUEUE: None}
+    epoch_log = ray_trainer.EpochLog("http://127.0.0.1:9", "run-1")
+    callback = ray_trainer._make_epoch_reporter(cfg, 0, world_size=2, resumed_from=0, epoch_log=epoch_log)
+    epochs = threading.Thread(target=lambda: [callback(_trainer(tmp_path, epoch=e)) for e in (0, 1)])
+    epochs.start()
+    epochs.join(timeout=5)
+    hung = epochs.is_alive()
+    answering.set()
+    epochs.join()
+    assert not hung, "the epoch callback waited on MLflow"
+    assert epoch_log.close(timeout=10)
+    assert logged == [("epoch", 0), ("epoch", 1)]  # in order, at the epochs' steps
+
+
+def test_closing_the_epoch_log_gives_up_on_an_mlflow_still_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    released = threading.Event()
+    monkeypatch.setattr(MlflowClient, "log_batch", lambda *_a, **_k: released.wait(timeout=30))
+    epoch_log = ray_trainer.EpochLog("http://127.0.0.1:9", "run-1")
+    epoch_log.post({"epoch": 1.0}, 0)
+    try:
+        assert epoch_log.close(timeout=0.2) is False
+    finally:
+        released.set()
+    assert ray_trainer.EpochLog("http://127.0.0.1:9", "").close(timeout=0) is True  # nothing to send
