@@ -129,5 +129,5 @@ clean: down ## Stop the stack and remove its state and caches (keeps the environ
 	rm -rf .stack demo-out .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 .PHONY: distclean
-distclean: clean ## clean, and remove both environments.
+distclean: clean ## clean, and remove the three environments.
 	rm -rf $(VENV) $(TRITON_VENV) $(LINT_VENV)

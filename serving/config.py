@@ -218,7 +218,7 @@ class ServingSettings(CoreSettings):
         "row, and so its send-back, covers",
     )
     outbox_dir: Path | None = Field(
-        default=None, description="results waiting for a PACS; default <stack>/outbox"
+        default=None, description="results waiting for a PACS; default <stack>/serving/outbox"
     )
     outbox_retry_s: float = Field(default=2.0, gt=0, description="first retry delay; doubles per failure")
     outbox_max_backoff_s: float = Field(default=300.0, gt=0, description="longest delay between retries")
