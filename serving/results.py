@@ -160,6 +160,8 @@ class ResultStore:
         self._bytes = 0
         self.retention = retention or Retention()
         self._lock = threading.Lock()
+        # stored sources the last purge found without a result.json (see :func:`purge_expired`)
+        self._undated: set[str] = set()
 
     def remember(self, record: ResultRecord) -> None:
         with self._lock:
@@ -248,8 +250,8 @@ class ResultStore:
     def _drop_undated_source(self, prefix: str) -> None:
         """Delete a source copied to S3 whose ``result.json`` did not follow (blocking).
 
-        :func:`purge_expired` dates a stored result by its ``result.json`` and leaves what has none
-        alone, so such a source, identified patient data, would outlive every retention.
+        :func:`purge_expired` dates a stored result by its ``result.json``: such a source, identified
+        patient data, would wait for the retention job to find it undated on two runs; deleted now.
         """
         assert self._store is not None
         try:
@@ -264,7 +266,7 @@ class ResultStore:
         if self._local is not None and self._local.exists():
             _purge_local(self._local, self.retention, now, report)
         if self._store is not None:
-            purge_expired(self._store, self.retention, now, report)
+            purge_expired(self._store, self.retention, now, report, undated=self._undated)
         with self._lock:
             for rid, record in list(self._cache.items()):
                 if now - record.created > self.retention.results:
@@ -423,13 +425,28 @@ def _purge_local(root: Path, retention: Retention, now: datetime, report: PurgeR
 
 
 def purge_expired(
-    store: BlobStore, retention: Retention, now: datetime | None = None, report: PurgeReport | None = None
+    store: BlobStore,
+    retention: Retention,
+    now: datetime | None = None,
+    report: PurgeReport | None = None,
+    *,
+    undated: set[str] | None = None,
 ) -> PurgeReport:
-    """Delete stored results and sources past their retention in S3 (blocking)."""
+    """Delete stored results and sources past their retention in S3 (blocking).
+
+    ``undated``: the ids whose source an earlier run found stored without a ``result.json``, updated
+    in place (the caller keeps it between runs; None: such sources are left alone). A gateway killed
+    between a result's two puts, or a store that failed the ``result.json`` and then the clean-up
+    (:meth:`ResultStore._drop_undated_source`), leaves a source nothing can date: identified pixels
+    kept for ever. One still without its ``result.json`` a run later is deleted; a copy in progress
+    takes milliseconds, the runs are ``CXR_HOUSEKEEPING_INTERVAL_S`` apart.
+    """
     now = now or datetime.now(UTC)
     report = report or PurgeReport()
     names = store.list_prefix("results/")
     ids = sorted({name.split("/")[1] for name in names if name.count("/") >= 2})
+    if undated is not None:
+        _purge_undated(store, names, undated, report)
     for request_id in ids:
         try:
             meta = json.loads(store.get_bytes(f"results/{request_id}/result.json"))
@@ -445,6 +462,31 @@ def purge_expired(
             store.delete_prefix(f"results/{request_id}/source.")
             report.sources += 1
     return report
+
+
+def _purge_undated(store: BlobStore, names: list[str], undated: set[str], report: PurgeReport) -> None:
+    """Delete the stored sources that two runs in a row found without a ``result.json`` (blocking).
+
+    ``undated`` is updated to the ids found so in this run and not deleted (the next run's candidates).
+    """
+    dated, with_source = set(), set()  # one pass over the names: a store holds thousands of results
+    for name in names:
+        parts = name.split("/")
+        if len(parts) == 3 and parts[2] == "result.json":
+            dated.add(parts[1])
+        elif len(parts) == 3 and parts[2].startswith("source."):
+            with_source.add(parts[1])
+    found = with_source - dated
+    for request_id in sorted(found & undated):
+        try:
+            store.delete_prefix(f"results/{request_id}/source.")
+        except Exception as exc:  # the store failing now: the next run tries again
+            log.warning("result_source_orphaned request_id=%s error_type=%s", request_id, type(exc).__name__)
+            continue
+        found.discard(request_id)
+        report.sources += 1
+    undated.clear()
+    undated.update(found)
 
 
 def _mtime(folder: Path) -> datetime | None:

@@ -20,7 +20,10 @@ import json
 import logging
 import math
 import os
+import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -444,11 +447,42 @@ class FeedbackService:
         self.spool = spool
         self.seed = seed
         self.allow_burned_in = allow_burned_in  # CXR_FEEDBACK_ALLOW_BURNED_IN
+        # feedback ids being submitted, each with its lock and how many submissions hold or wait on it
+        self._busy: dict[str, tuple[threading.Lock, int]] = {}
+        self._busy_lock = threading.Lock()
+
+    @contextmanager
+    def _one_at_a_time(self, feedback_id: str) -> Iterator[None]:
+        """Hold ``feedback_id``'s lock: its look-up and its upload (or spool) are one step.
+
+        Two bodies sent at once under one feedback_id both found nothing kept and were both uploaded
+        (each answered "stored"), and the store kept the last object of each: one body's rows beside
+        the other's ``feedback.json``. The second now waits and finds the first (a duplicate or the
+        409). Per gateway process: replicas sharing a store can still race (no conditional put).
+        """
+        with self._busy_lock:
+            lock, users = self._busy.get(feedback_id, (threading.Lock(), 0))
+            self._busy[feedback_id] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._busy_lock:
+                lock, users = self._busy[feedback_id]
+                if users == 1:
+                    del self._busy[feedback_id]
+                else:
+                    self._busy[feedback_id] = (lock, users - 1)
 
     def submit(self, fb: FeedbackIn, record: ResultRecord, rad_id: str) -> FeedbackReceipt:
         """Blocking (run it in a worker thread)."""
         check_against_result(fb, record)  # a 400 before anything is looked up, spooled or stored
         feedback_id = feedback_id_for(fb, rad_id, self.seed)
+        with self._one_at_a_time(feedback_id):
+            return self._submit(fb, record, rad_id, feedback_id)
+
+    def _submit(self, fb: FeedbackIn, record: ResultRecord, rad_id: str, feedback_id: str) -> FeedbackReceipt:
+        """What :meth:`submit` does once it holds the feedback id's lock."""
         held = self._held_submission(feedback_id)
         if held is not None:
             if held and held != submission_digest(fb, self.seed):

@@ -25,11 +25,12 @@ import json
 import logging
 import logging.handlers
 import os
+import re
+import sys
+import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-
-from serving.results import is_result_id
 
 log = logging.getLogger("cxr.audit")
 
@@ -62,20 +63,46 @@ def uid_hash(uid: str | None, salt: str) -> str | None:
 
 
 def audited_id(value: str, salt: str) -> str:
-    """A result id as the audit line names it: as it is when it can name a result, else keyed-hashed.
+    """A result id as the audit line names it: as it is when it has the server's form, else keyed-hashed.
 
     Result ids also come from outside (the path, a feedback body), and a client that puts a
     StudyInstanceUID, a patient's name or megabytes there would have them written in clear on
-    every refused attempt. No such value can name a result, so the line keeps only its keyed hash
-    (``hashed:`` + :func:`uid_hash`): repeated probes with one value still show as one value.
+    every refused attempt. The server makes every result id as ``uuid4().hex`` (32 lowercase hex,
+    serving/inference/detector.py ``new_request_id``); any other value names no result, so the line
+    keeps only its keyed hash (``hashed:`` + :func:`uid_hash`): repeated probes with one value still
+    show as one value. Not merely "could name a journal folder" (:func:`serving.results.is_result_id`):
+    PatientIDs and accession numbers are mostly letters and digits (``PAT0012345``) and passed that.
     """
-    if is_result_id(value):  # what the result store would look up, as it is
+    if _SERVER_ID.fullmatch(value):
         return value
     return f"hashed:{uid_hash(value, salt)}"
 
 
+#: the form of every result id the server makes (``uuid.uuid4().hex``)
+_SERVER_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class _AuditFileHandler(logging.handlers.RotatingFileHandler):
+    """The rotating file handler, keeping a failed write's error for :meth:`AuditLog.write`.
+
+    ``logging`` reports a handler's failure (ENOSPC on a full disk, EIO) by printing a traceback and
+    the record (the audit line) to stderr and returning: the caller never knew a line was lost.
+    """
+
+    error: BaseException | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.error = sys.exc_info()[1]
+
+
 class AuditLog:
-    """Appends JSON lines to a size-rotated file (when a path is given) and, at debug, to ``cxr.audit``."""
+    """Appends JSON lines to a size-rotated file (when a path is given) and, at debug, to ``cxr.audit``.
+
+    A line the file cannot take (a full disk) is counted in ``failed_writes`` and makes ``available``
+    False until a line is written again; the gateway's log says so once per failing spell
+    (``audit_write_failed``, then ``audit_write_recovered``), never with the line. The gateway answers
+    before its line is written, so refusing work while ``available`` is False is the caller's choice.
+    """
 
     def __init__(self, path: Path | None, *, max_bytes: int = 50 * 1024 * 1024, backups: int = 10) -> None:
         self.path = path
@@ -83,12 +110,14 @@ class AuditLog:
         # hierarchy, so nothing configured on the root (or a second app) ever sees it.
         self._logger = logging.Logger(f"cxr.audit.file:{path}", logging.INFO)
         self._logger.propagate = False
-        self._handler: logging.Handler | None = None
+        self._handler: _AuditFileHandler | None = None
+        self.available = True
+        self.failed_writes = 0
+        self._failing_since = 0  # ``failed_writes`` when the current failing spell began
+        self._write_lock = threading.Lock()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.handlers.RotatingFileHandler(
-                path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
-            )
+            handler = _AuditFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
             handler.setFormatter(logging.Formatter("%(message)s"))
             self._logger.addHandler(handler)
             self._handler = handler
@@ -96,8 +125,27 @@ class AuditLog:
     def write(self, entry: AuditEntry) -> None:
         line = json.dumps(asdict(entry), separators=(",", ":"))
         log.debug(line)
-        if self._handler is not None:
+        if self._handler is None:
+            return
+        with self._write_lock:
+            self._handler.error = None
             self._logger.info(line)
+            error, self._handler.error = self._handler.error, None
+            if error is not None:
+                self.failed_writes += 1
+                if self.available:
+                    self.available = False
+                    self._failing_since = self.failed_writes - 1
+                    log.warning(
+                        "audit_write_failed error_type=%s errno=%s",
+                        type(error).__name__,
+                        getattr(error, "errno", None),
+                    )
+            elif not self.available:
+                self.available = True
+                log.warning(
+                    "audit_write_recovered failed_writes=%d", self.failed_writes - self._failing_since
+                )
 
     def close(self) -> None:
         if self._handler is not None:

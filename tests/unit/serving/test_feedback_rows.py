@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -461,3 +462,53 @@ def test_a_spooled_retry_of_a_feedback_the_store_holds_never_replaces_it(tmp_pat
     assert spool.pending() == [] and [p.name for p in (spool.root / ".unreadable").iterdir()] == [
         feedback_id_for(reused, "rad", "salt")
     ]
+
+
+class _SlowStore(MemoryStore):
+    """A store whose first ``annotations.csv`` put waits until the test lets it go (a slow upload)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
+        if key.endswith("annotations.csv") and not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(10)
+        super().put_bytes(key, data, content_type)
+
+
+def test_two_bodies_sent_at_once_under_one_feedback_id_keep_one_and_refuse_the_other(tmp_path: Path) -> None:
+    """The look-up and the upload were not one step: a second body under the same feedback_id sent
+    while the first was being uploaded found nothing kept, was uploaded too and answered "stored",
+    and the store kept whichever object came last of each (the rows of one body, the feedback.json of
+    the other). The second now waits for the first and is the 409 a retry after it would get."""
+    store = _SlowStore()
+    service = FeedbackService(store, FeedbackSpool(tmp_path / "spool"), "salt")
+    source = make_dicom()
+    first = FeedbackIn(request_id="r1", feedback_id="fb1", new_boxes=[NewBox(class_id=8, box=[1, 2, 20, 30])])
+    second = FeedbackIn(request_id="r1", feedback_id="fb1", no_finding=True)
+    outcome: dict[str, object] = {}
+
+    def send(name: str, fb: FeedbackIn) -> None:
+        try:
+            outcome[name] = service.submit(fb, _record(source), "rad").status
+        except FeedbackIdReused as exc:
+            outcome[name] = exc
+
+    a = threading.Thread(target=send, args=("first", first))
+    a.start()
+    assert store.entered.wait(10)
+    b = threading.Thread(target=send, args=("second", second))
+    b.start()
+    b.join(1.0)  # returns at once where nothing orders the two; else waits for the first
+    store.release.set()
+    a.join(10)
+    b.join(10)
+    assert outcome["first"] == "stored"
+    assert isinstance(outcome["second"], FeedbackIdReused)
+    fid = feedback_id_for(first, "rad", "salt")
+    rows = list(csv.DictReader(io.StringIO(store.objects[f"feedback/{fid}/annotations.csv"].decode())))
+    meta = json.loads(store.objects[f"feedback/{fid}/feedback.json"])
+    assert meta["no_finding"] is False and {r["class_id"] for r in rows} >= {"8"}

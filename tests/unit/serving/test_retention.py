@@ -293,3 +293,45 @@ def test_a_result_json_dated_without_a_zone_does_not_stop_the_purge(tmp_path: Pa
     fresh = {"response": {}, "created": now.replace(tzinfo=None).isoformat(), "tenant": "t"}
     store.put_bytes("results/bbb/result.json", json.dumps(fresh).encode())
     assert ResultStore(store).get("bbb", "t").response == {}  # read as UTC, not a 500
+
+
+class _CrashingStore(MemoryStore):
+    """An object store whose ``result.json`` puts fail and whose deletes fail too: the gateway killed
+    between a result's two puts, or the store gone before the orphaned source could be deleted."""
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
+        if key.endswith("/result.json"):
+            raise TimeoutError("the store stopped answering")
+        super().put_bytes(key, data, content_type)
+
+    def delete_prefix(self, prefix: str) -> int:
+        raise TimeoutError("the store stopped answering")
+
+
+def test_a_source_left_in_the_store_without_its_result_json_is_purged_by_a_later_retention_run(
+    tmp_path: Path,
+) -> None:
+    """A source whose ``result.json`` never reached the store (a crash between the two puts, or the
+    store failing the put and then the clean-up) cannot be dated, and the purge left it for ever:
+    identified pixels outliving every retention. Seen without a ``result.json`` by two runs (a copy
+    in progress takes milliseconds, the runs are an interval apart), it is deleted."""
+    crashing = _CrashingStore()
+    ResultStore(crashing, local_dir=tmp_path).persist(ResultRecord("r1", {}, "dicom", b"DICM", tenant="t"))
+    assert list(crashing.objects) == ["results/r1/source.dcm"]  # the orphan the crash leaves
+    store = MemoryStore()
+    store.objects = dict(crashing.objects)
+    results = ResultStore(store, local_dir=tmp_path)
+    results.persist(ResultRecord("r2", {}, "dicom", b"DICM", tenant="t"))  # a whole, fresh result
+    results.purge()  # the first run sees it: it may be a copy in progress
+    assert "results/r1/source.dcm" in store.objects
+    store.put_bytes("results/r3/source.dcm", b"DICM")  # a copy starting just before the second run
+    report = results.purge()
+    assert sorted(store.objects) == [
+        "results/r2/result.json",
+        "results/r2/source.dcm",
+        "results/r3/source.dcm",
+    ]
+    assert report.sources == 1
+    store.put_bytes("results/r3/result.json", json.dumps(ResultRecord("r3", {}, "dicom").meta()).encode())
+    results.purge()  # its result.json came: a result like any other, its source kept
+    assert "results/r3/source.dcm" in store.objects

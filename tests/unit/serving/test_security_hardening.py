@@ -9,6 +9,7 @@ Host header, no CSP/X-Frame-Options/nosniff, HTML built with innerHTML, a
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -90,6 +91,46 @@ def test_audit_log_rotates_by_size_and_keeps_the_configured_backups(tmp_path: Pa
     assert json.loads(path.read_text().splitlines()[-1])["request_id"] == "r199"
 
 
+class _FullDisk(io.StringIO):
+    """A stream whose flush fails as a full disk's does (ENOSPC) until ``full`` is unset."""
+
+    full = True
+
+    def flush(self) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_an_audit_line_the_disk_cannot_take_is_never_lost_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full disk failed every audit write inside ``logging``'s handler, which printed a traceback
+    (and the line) to stderr and returned: the gateway went on serving results with nothing audited,
+    and no caller could know. The log now says it is failing (``available``, ``failed_writes``, one
+    ``audit_write_failed`` line in the gateway's log, never the audit line itself), and says when it
+    writes again."""
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    audit.write(AuditEntry(now_iso(), "before", None, None, "/x", "GET", 200))
+    assert audit.available and audit.failed_writes == 0
+    handler = audit._handler
+    assert isinstance(handler, logging.StreamHandler)
+    disk = _FullDisk()
+    working = handler.setStream(disk)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="cxr.audit"):
+        for i in range(3):
+            audit.write(AuditEntry(now_iso(), f"lost-{i}", "pacs-1", "pacs", "/v1/results/{x}", "GET", 200))
+        assert not audit.available and audit.failed_writes == 3
+        assert [r.getMessage() for r in caplog.records] == ["audit_write_failed error_type=OSError errno=28"]
+        disk.full = False  # space freed
+        handler.setStream(working)
+        audit.write(AuditEntry(now_iso(), "after", None, None, "/x", "GET", 200))
+    assert audit.available
+    assert caplog.records[-1].getMessage() == "audit_write_recovered failed_writes=3"
+    assert "lost-" not in capsys.readouterr().err
+    audit.close()
+    assert [json.loads(line)["request_id"] for line in audit.path.read_text().splitlines()][-1] == "after"
+
+
 def test_two_audit_logs_do_not_write_into_each_other_or_the_root_logger(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -129,7 +170,9 @@ def test_every_access_to_a_result_is_audited_with_its_result_id(
     assert [r.status_code for r in reads][:4] == [200] * 4 and reads[4].status_code == 404
     assert reads[5].status_code in (200, 202), reads[5].text
     entries = [_audited(onnx_client, r) for r in reads]
-    assert [e["result_id"] for e in entries] == [result_id] * 4 + ["no-such-result", result_id]
+    salt = onnx_client.app.state.cxr.secret  # type: ignore[attr-defined]
+    probe = f"hashed:{uid_hash('no-such-result', salt)}"  # no server-made id: never in clear
+    assert [e["result_id"] for e in entries] == [result_id] * 4 + [probe, result_id]
     assert entries[2]["key_id"] == "radiologist-1" and entries[5]["route"] == "/v1/feedback"
     assert entries[3]["route"] == "/v1/results/{request_id}/pixels"
     assert entries[3]["key_id"] == "radiologist-1"
@@ -167,6 +210,25 @@ def test_an_id_from_outside_that_cannot_name_a_result_reaches_the_audit_line_onl
     assert [e["status"] for e in entries] == [404, 401, 404, 404, 404]
     audit = onnx_client.app.state.cxr.audit.path.read_text()  # type: ignore[attr-defined]
     assert uid not in audit and "DOE^JOHN" not in audit and long not in audit
+
+
+def test_a_patient_id_or_accession_number_put_where_a_result_id_goes_is_never_audited_in_clear(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """PatientIDs and accession numbers are mostly letters and digits: ``PAT0012345`` passed the
+    "could name a result" test (1-64 of ``[A-Za-z0-9_-]``) and was written in clear on the refused
+    attempt of an integration that put it where a result id goes. Only the server's own form (32
+    lowercase hex, ``uuid4().hex``) can name a result; anything else is written as its keyed hash."""
+    pacs = {"X-API-Key": keys["pacs"]}
+    refused = [onnx_client.get(f"/v1/results/{value}", headers=pacs) for value in ("PAT0012345", "19800203")]
+    assert [r.status_code for r in refused] == [404, 404]
+    salt = onnx_client.app.state.cxr.secret  # type: ignore[attr-defined]
+    entries = [_audited(onnx_client, r) for r in refused]
+    assert [e["result_id"] for e in entries] == [
+        f"hashed:{uid_hash(v, salt)}" for v in ("PAT0012345", "19800203")
+    ]
+    audit = onnx_client.app.state.cxr.audit.path.read_text()  # type: ignore[attr-defined]
+    assert "PAT0012345" not in audit and "19800203" not in audit
 
 
 def _study_hash(client: TestClient, uid: str) -> str | None:
