@@ -69,8 +69,12 @@ def _header(scope: Scope, name: bytes) -> str:
 
 
 def _request_id(incoming: str) -> str:
-    """The client's ``X-Request-ID`` when it is a plain token (<= 64 chars), else a new one."""
-    if 0 < len(incoming) <= 64 and incoming.replace("-", "").isalnum():
+    """The client's ``X-Request-ID`` when it is a plain ASCII token (<= 64 chars), else a new one.
+
+    ASCII: ``isalnum`` also takes "é" and "ª" (the header is read as Latin-1), so a name put there
+    reached every log line and the audit log as it was.
+    """
+    if 0 < len(incoming) <= 64 and incoming.isascii() and incoming.replace("-", "").isalnum():
         return incoming
     return uuid.uuid4().hex
 
