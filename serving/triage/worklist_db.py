@@ -314,6 +314,10 @@ class PostgresWorklistDb:
                     self._ready = True
                 yield conn
         except psycopg.Error as exc:
+            if isinstance(exc, psycopg.errors.UndefinedTable):
+                # a database recreated empty (restored, or a new instance behind the same name):
+                # the table is made again on the next call, not only after a gateway restart
+                self._ready = False
             if isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None:
                 # no connection (psycopg_pool's PoolTimeout among them): a database that is down
                 # costs one wait, then fails fast for as long again: each detection asks the worklist

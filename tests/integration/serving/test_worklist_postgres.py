@@ -201,3 +201,21 @@ def test_a_study_uid_postgresql_cannot_store_fails_that_merge_only(database: str
         assert store.record("a", "1.2.3", ["r2"], [0.3], "7", "production", 0.5).images == 1
     finally:
         store.close()
+
+
+def test_a_database_restored_without_the_table_gets_it_back_after_one_failed_call(database: str) -> None:
+    """A database recreated empty (restored from an older dump, a new instance behind the same
+    name): the table was created once per process, so every call failed until a gateway restart."""
+    import psycopg
+
+    store = WorklistStore(PostgresWorklistDb(database))
+    try:
+        store.record("a", "1.2.3", ["r1"], [0.3], "7", "production", 0.5)
+        with psycopg.connect(database, autocommit=True) as admin:
+            admin.execute("DROP TABLE studies")
+        with pytest.raises(WorklistUnavailable):  # this call learns the table is gone
+            store.get("a", "1.2.3")
+        assert store.record("a", "1.2.4", ["r2"], [0.3], "7", "production", 0.5).images == 1
+        assert store.get("a", "1.2.3") is None  # what the old database held is gone with it
+    finally:
+        store.close()
