@@ -154,6 +154,11 @@ class GatewayMetrics:
         self.spool_depth = Gauge(
             "cxr_feedback_spool_depth", "Feedback items waiting on local disk", registry=r
         )
+        self.audit_lost = Counter(
+            "cxr_gateway_audit_lines_lost_total",
+            "Audit log lines the file could not take (a full or failing disk)",
+            registry=r,
+        )
         self.outbox_depth = Gauge(
             "cxr_pacs_outbox_depth",
             "Result objects waiting to be sent to a PACS",

@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -104,8 +105,16 @@ class AuditLog:
     before its line is written, so refusing work while ``available`` is False is the caller's choice.
     """
 
-    def __init__(self, path: Path | None, *, max_bytes: int = 50 * 1024 * 1024, backups: int = 10) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        max_bytes: int = 50 * 1024 * 1024,
+        backups: int = 10,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         self.path = path
+        self._on_lost = on_lost  # called per line lost (the gateway counts them for an alert)
         # Not registered with logging.getLogger: one logger per instance, outside the
         # hierarchy, so nothing configured on the root (or a second app) ever sees it.
         self._logger = logging.Logger(f"cxr.audit.file:{path}", logging.INFO)
@@ -133,6 +142,8 @@ class AuditLog:
             error, self._handler.error = self._handler.error, None
             if error is not None:
                 self.failed_writes += 1
+                if self._on_lost is not None:
+                    self._on_lost()
                 if self.available:
                     self.available = False
                     self._failing_since = self.failed_writes - 1

@@ -165,7 +165,10 @@ def build_state(
         feedback=feedback,
         limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
         audit=AuditLog(
-            settings.resolved_audit_log, max_bytes=settings.audit_max_bytes, backups=settings.audit_backups
+            settings.resolved_audit_log,
+            max_bytes=settings.audit_max_bytes,
+            backups=settings.audit_backups,
+            on_lost=metrics.audit_lost.inc,
         ),
         secret=secret,
         auth_failures=RateLimiter(settings.auth_fail_rate_per_s, settings.auth_fail_burst),

@@ -131,6 +131,31 @@ def test_an_audit_line_the_disk_cannot_take_is_never_lost_silently(
     assert [json.loads(line)["request_id"] for line in audit.path.read_text().splitlines()][-1] == "after"
 
 
+def test_the_gateway_counts_audit_lines_lost_for_its_alert(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """``cxr_gateway_audit_lines_lost_total`` (CxrAuditLinesLost) counts each access the file missed."""
+    audit = onnx_client.app.state.cxr.audit  # type: ignore[attr-defined]
+    handler = audit._handler
+    lost = "cxr_gateway_audit_lines_lost_total "
+
+    def count() -> float:
+        text = onnx_client.get("/metrics").text
+        return float(next(line for line in text.splitlines() if line.startswith(lost))[len(lost) :])
+
+    before = count()
+    disk = _FullDisk()
+    working = handler.setStream(disk)
+    try:
+        onnx_client.get("/v1/models", headers={"Authorization": f"Bearer {keys['operator']}"})
+        assert count() == before + 1  # the line of /v1/models
+    finally:
+        disk.full = False  # space freed (setStream flushes the stream it replaces)
+        handler.setStream(working)
+    onnx_client.get("/v1/models", headers={"Authorization": f"Bearer {keys['operator']}"})
+    assert audit.available
+
+
 def test_two_audit_logs_do_not_write_into_each_other_or_the_root_logger(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
