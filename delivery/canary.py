@@ -162,6 +162,28 @@ def _upper(name: str, value: float | None, limit: float, required: bool) -> Chec
     return Check(name, value, f"<= {limit:g}", value <= limit)
 
 
+#: how unlikely the canary's 5xx count must be under ``max_error_rate`` to fail it below min_requests
+_ERRORS_ALPHA = 0.01
+
+
+def errors_conclusive(requests: float, error_rate: float, max_error_rate: float) -> bool:
+    """Whether this many 5xx among so few requests already shows the rate above ``max_error_rate``.
+
+    ``min_requests`` keeps a handful of requests from deciding a canary's fate, but it also kept
+    a canary that answered every one of its 40 requests with a 5xx "inconclusive", at its weight,
+    for as long as traffic stayed low. A one-sided binomial test says when the count alone is
+    conclusive: the chance of at least this many errors at ``max_error_rate`` is below 1 %
+    (3 of 10 requests at the default 2 %; a single error never is).
+    """
+    n = round(requests)  # increase() extrapolates: counts come back fractional
+    errors = min(round(error_rate * requests), n)
+    if n <= 0 or errors <= 0:
+        return False
+    p = max_error_rate
+    at_least = 1.0 - sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(errors))
+    return at_least < _ERRORS_ALPHA
+
+
 def judge(
     values: dict[str, float | None], policy: CanaryPolicy, canary_weight: int | None = None
 ) -> CanaryAnalysis:
@@ -172,6 +194,9 @@ def judge(
     lower weights; here the canary's own checks decide. Judged "inconclusive" instead, the last
     step of the ladder never passed once the window held only traffic at 100 (the CronJob runs
     every twice the window), and the canary kept all of production's traffic for good.
+
+    Below ``min_requests`` the verdict is "inconclusive" unless the 5xx count is already
+    conclusive (:func:`errors_conclusive`): then it fails, and ``canary step`` rolls it back.
     """
     canary_requests = values.get("canary-requests") or 0.0
     production_requests = values.get("production-requests") or 0.0
@@ -196,6 +221,16 @@ def judge(
         checks.append(Check("production 5xx rate (context)", production_errors, "informational", None))
     window = policy.window
     if canary_requests < policy.min_requests:
+        if error_rate is not None and errors_conclusive(canary_requests, error_rate, policy.max_error_rate):
+            return CanaryAnalysis(
+                "fail",
+                window,
+                canary_requests,
+                production_requests,
+                checks,
+                f"5xx already conclusive on {canary_requests:.0f} requests "
+                f"(p < {_ERRORS_ALPHA:g} that the rate is within {policy.max_error_rate:g})",
+            )
         return CanaryAnalysis(
             "inconclusive",
             window,

@@ -91,23 +91,26 @@ def staging_gates(candidate: VersionFacts, policy: GatePolicy) -> list[GateResul
 def _subgroup_text(m: SubgroupMetrics) -> str:
     return (
         f"{m.attribute}={m.value} mAP@0.4 {m.map40:.3f} vs {m.reference_map40:.3f} overall "
-        f"(gap {m.gap:+.3f}, {m.images} images)"
+        f"(gap {m.gap:+.3f}, {m.images} images, {m.instances} boxes)"
     )
 
 
 def subgroup_gate(candidate: VersionFacts, policy: GatePolicy) -> GateResult:
-    """No subgroup (sex, age band, manufacturer, view) with enough test images is more than
-    ``max_subgroup_gap`` below overall mAP@0.4 (class-matched, training/subgroups.py).
+    """No subgroup (sex, age band, manufacturer, view) with enough test images AND boxes is more
+    than ``max_subgroup_gap`` below overall mAP@0.4 (class-matched, training/subgroups.py).
 
     A model can clear every floor on average and still fail one scanner or one group of
     patients; this is where that stops a promotion, or (``subgroup_action: warn``) passes it
     with a WARN a reviewer sees in the commit. Versions registered before training measured
-    subgroups carry no tag and pass as "not measured"; groups below ``min_subgroup_images`` are
-    too noisy to judge and are only reported on the model card.
+    subgroups carry no tag and pass as "not measured". Groups below ``min_subgroup_images`` or
+    ``min_subgroup_boxes`` are too noisy to judge and are only reported on the model card: a
+    group's mAP averages the classes with a box in it, so 20 images with one or two boxes of a
+    class score that class 0 or 1 by chance, and the image count alone let luck refuse (or pass)
+    a promotion.
     """
     name = "subgroup mAP@0.4 gap"
-    gap, least = policy.max_subgroup_gap, policy.min_subgroup_images
-    expected = f"no subgroup of >= {least} images more than {gap:g} below overall"
+    gap, least, boxes = policy.max_subgroup_gap, policy.min_subgroup_images, policy.min_subgroup_boxes
+    expected = f"no subgroup of >= {least} images and >= {boxes} boxes more than {gap:g} below overall"
     raw = candidate.tags.get(SUBGROUP_TAG)
     if raw is None:
         return GateResult(name, True, "not measured (the version has no subgroup figures)", expected)
@@ -115,11 +118,14 @@ def subgroup_gate(candidate: VersionFacts, policy: GatePolicy) -> GateResult:
     groups = decode_tag(raw)
     if groups is None:
         return GateResult(name, warn, f"tag {SUBGROUP_TAG!r} is unreadable", expected, warning=warn)
-    judged = [m for m in groups if m.gap is not None and m.images >= least]
+    judged = [m for m in groups if m.gap is not None and m.images >= least and m.instances >= boxes]
     skipped = len(groups) - len(judged)
     if not judged:
         return GateResult(
-            name, True, f"no subgroup measured on >= {least} images ({skipped} smaller)", expected
+            name,
+            True,
+            f"no subgroup measured on >= {least} images and >= {boxes} boxes ({skipped} smaller)",
+            expected,
         )
     worst = sorted(judged, key=lambda m: -(m.gap or 0.0))
     flagged = [m for m in worst if (m.gap or 0.0) > gap + 1e-12]
@@ -130,7 +136,7 @@ def subgroup_gate(candidate: VersionFacts, policy: GatePolicy) -> GateResult:
         more = f"; and {len(flagged) - 3} more" if len(flagged) > 3 else ""
         observed = f"{len(flagged)} of {len(judged)} subgroups beyond the gap: {listed}{more}"
     if skipped:
-        observed += f"; {skipped} not judged (fewer than {least} images or no boxes)"
+        observed += f"; {skipped} not judged (fewer than {least} images or {boxes} boxes)"
     if flagged and warn:
         return GateResult(name, True, observed, expected, warning=True)
     return GateResult(name, not flagged, observed, expected)

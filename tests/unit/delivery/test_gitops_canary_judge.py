@@ -44,6 +44,21 @@ def test_too_little_canary_traffic_is_inconclusive_not_pass() -> None:
     assert "5 < 20" in result.reason
 
 
+def test_a_canary_failing_every_request_fails_even_with_little_traffic() -> None:
+    # 40 requests, all 5xx, under min_requests 50: was "inconclusive" at every step, never rolled back
+    result = judge(healthy(**{"canary-requests": 40.0, "error-rate": 1.0}), CanaryPolicy())
+    assert result.verdict == "fail" and "conclusive" in result.reason
+    assert "5xx rate" in result.summary()
+    three_of_ten = judge(healthy(**{"canary-requests": 10.0, "error-rate": 0.3}), CanaryPolicy())
+    assert three_of_ten.verdict == "fail"
+
+
+def test_one_error_among_few_requests_stays_inconclusive() -> None:
+    for requests, rate in ((10.0, 0.1), (40.0, 0.05), (5.0, 0.0)):
+        result = judge(healthy(**{"canary-requests": requests, "error-rate": rate}), CanaryPolicy())
+        assert result.verdict == "inconclusive", (requests, rate, result.reason)
+
+
 @pytest.mark.parametrize(
     ("metric", "value", "check"),
     [

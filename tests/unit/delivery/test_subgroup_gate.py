@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from delivery.gates import GateReport, VersionFacts, staging_gates, subgroup_gate
@@ -13,7 +14,7 @@ from training.subgroups import SUBGROUP_TAG, SubgroupMetrics, encode_tag
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[3]
-POLICY = GatePolicy(max_subgroup_gap=0.1, min_subgroup_images=20)
+POLICY = GatePolicy(max_subgroup_gap=0.1, min_subgroup_images=20, min_subgroup_boxes=40)
 
 
 def group(value: str, images: int, map40: float, reference: float = 0.40) -> SubgroupMetrics:
@@ -86,3 +87,70 @@ def test_the_committed_policy_judges_subgroups_and_fails_by_default() -> None:
     )
     with pytest.raises(ValueError, match="subgroup_action"):
         GatePolicy(subgroup_action="ignore")  # type: ignore[arg-type]
+
+
+def test_a_subgroup_with_enough_images_but_few_boxes_is_not_judged() -> None:
+    # 25 images, 30 boxes over many classes: each class's AP is 0 or 1 by chance
+    noisy = SubgroupMetrics(
+        attribute="age_band", value="80-89", images=25, instances=30, map40=0.15, reference_map40=0.40
+    )
+    result = subgroup_gate(facts(group("Big", 100, 0.40), noisy), GatePolicy())
+    assert result.passed and "1 not judged" in result.observed and "50 boxes" in result.observed
+    judged = subgroup_gate(facts(noisy), GatePolicy(min_subgroup_boxes=30))
+    assert not judged.passed and "30 boxes" in judged.observed
+
+
+def _simulated_splits(reps: int) -> list[tuple[list[SubgroupMetrics], list[SubgroupMetrics]]]:
+    """Subgroup figures of ``reps`` 200-image phantom-like test splits (35 % without findings, else
+    1-4 of 14 classes, recall 0.7, ~1 false positive per image), grouped by sex, 7 age bands, 4
+    vendors and view: a model as good on every group as overall (no real gap), and the same model
+    losing a third of its detections on vendor D (a real gap, D's figures only)."""
+    from training.paired import ImageResult
+    from training.subgroups import subgroup_metrics
+
+    out = []
+    for seed in range(reps):
+        rng = np.random.default_rng(seed)
+        results, attributes = [], {}
+        for i in range(200):
+            n = 0 if rng.random() < 0.35 else int(rng.choice([1, 1, 2, 2, 3, 4]))
+            gt = rng.choice(14, size=n, replace=False) if n else np.zeros(0, int)
+            hit = gt[rng.random(n) < 0.7]
+            fp = int(rng.poisson(1.0))
+            correct = np.r_[np.ones(len(hit), bool), np.zeros(fp, bool)]
+            conf = np.r_[rng.beta(4, 2, len(hit)), rng.beta(2, 3, fp)]
+            cls = np.r_[hit, rng.integers(0, 14, fp)].astype(float)
+            results.append(ImageResult(f"i{i}", correct, conf, cls, np.asarray(gt, int)))
+            attributes[f"i{i}"] = {
+                "sex": str(rng.choice(["F", "M"])),
+                "age_band": str(rng.choice([f"{d}0-{d}9" for d in range(2, 9)])),
+                "manufacturer": str(rng.choice(["A", "B", "C", "D"])),
+                "view": str(rng.choice(["PA", "AP"], p=[0.7, 0.3])),
+            }
+        worse = [
+            ImageResult(
+                r.image_id, r.correct & (rng.random(len(r.correct)) < 0.67), r.conf, r.pred_cls, r.gt_cls
+            )
+            if attributes[r.image_id]["manufacturer"] == "D"
+            else r
+            for r in results
+        ]
+        bad = [
+            m for m in subgroup_metrics(worse, attributes) if (m.attribute, m.value) == ("manufacturer", "D")
+        ]
+        out.append((subgroup_metrics(results, attributes), bad))
+    return out
+
+
+def test_a_model_without_a_subgroup_gap_is_rarely_refused_by_chance_and_a_real_gap_is_caught() -> None:
+    splits = _simulated_splits(reps=40)
+
+    def rates(policy: GatePolicy) -> tuple[float, float]:
+        refused = np.mean([not subgroup_gate(facts(*fair), policy).passed for fair, _ in splits])
+        caught = np.mean([not subgroup_gate(facts(*bad), policy).passed for _, bad in splits])
+        return float(refused), float(caught)
+
+    by_images_only, caught_before = rates(GatePolicy(min_subgroup_boxes=0))
+    refused, caught = rates(GatePolicy())
+    assert by_images_only > 0.25  # judged by images alone: a third of fair models refused, by luck
+    assert refused <= 0.1 and caught >= caught_before - 0.05 and caught >= 0.8, (refused, caught)
