@@ -118,7 +118,7 @@ def subgroup_gate(candidate: VersionFacts, policy: GatePolicy) -> GateResult:
     groups = decode_tag(raw)
     if groups is None:
         return GateResult(name, warn, f"tag {SUBGROUP_TAG!r} is unreadable", expected, warning=warn)
-    judged = [m for m in groups if m.gap is not None and m.images >= least and m.instances >= boxes]
+    judged = [m for m in groups if m.judged(least, boxes)]
     skipped = len(groups) - len(judged)
     if not judged:
         return GateResult(

@@ -14,11 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from delivery.errors import DeliveryError
-from training.subgroups import DEFAULT_MAX_GAP, DEFAULT_MIN_IMAGES
+from training.subgroups import DEFAULT_MAX_GAP, DEFAULT_MIN_BOXES, DEFAULT_MIN_IMAGES
 
 POLICY_FILE = Path("k8s") / "delivery-policy.yaml"
-#: boxes a subgroup needs before the gate judges its gap (GatePolicy.min_subgroup_boxes says why)
-DEFAULT_MIN_SUBGROUP_BOXES = 50
 
 
 class GatePolicy(BaseModel):
@@ -46,7 +44,7 @@ class GatePolicy(BaseModel):
     # as often (~88 %); 80 boxes would cut chance to ~1 % but miss that vendor 3 times in 4
     # (tests/unit/delivery/test_subgroup_gate.py simulates both).
     min_subgroup_boxes: int = Field(
-        DEFAULT_MIN_SUBGROUP_BOXES,
+        DEFAULT_MIN_BOXES,
         ge=0,
         description="subgroups with fewer ground-truth boxes are reported, not judged (their mAP is noise)",
     )

@@ -31,6 +31,9 @@ SUBGROUP_TAG = "subgroups_map40"
 #: defaults of the gate's policy (delivery/policy.py imports them) and of the model card's flag
 DEFAULT_MAX_GAP = 0.1
 DEFAULT_MIN_IMAGES = 20
+#: and ground-truth boxes: a group's mAP averages the classes with a box in it, so a group of 20
+#: phantom images (~30 boxes, 1-3 a class) scores each class 0 or 1 by luck (delivery/policy.py)
+DEFAULT_MIN_BOXES = 50
 _TAG_LIMIT = 5000  # MLflow's limit on a tag value
 _METRIC_UNSAFE = re.compile(r"[^\w.\- ]")  # MLflow metric names: alphanumerics, _ - . space and /
 
@@ -52,10 +55,19 @@ class SubgroupMetrics(BaseModel):
             return None
         return self.reference_map40 - self.map40
 
-    def flagged(self, max_gap: float = DEFAULT_MAX_GAP, min_images: int = DEFAULT_MIN_IMAGES) -> bool:
-        """Worse than overall by more than ``max_gap`` on at least ``min_images`` images."""
+    def judged(self, min_images: int = DEFAULT_MIN_IMAGES, min_boxes: int = DEFAULT_MIN_BOXES) -> bool:
+        """Measured on enough images and boxes for its gap to be more than chance."""
+        return self.gap is not None and self.images >= min_images and self.instances >= min_boxes
+
+    def flagged(
+        self,
+        max_gap: float = DEFAULT_MAX_GAP,
+        min_images: int = DEFAULT_MIN_IMAGES,
+        min_boxes: int = DEFAULT_MIN_BOXES,
+    ) -> bool:
+        """Worse than overall by more than ``max_gap``, judged (:meth:`judged`)."""
         gap = self.gap
-        return gap is not None and self.images >= min_images and gap > max_gap + 1e-12
+        return gap is not None and self.judged(min_images, min_boxes) and gap > max_gap + 1e-12
 
     def metric_prefix(self, split: str = "test") -> str:
         """``test/subgroup/<attribute>/<value>``, with characters MLflow refuses replaced by ``_``."""
@@ -169,6 +181,7 @@ def markdown_rows(
     metrics: Sequence[SubgroupMetrics],
     max_gap: float = DEFAULT_MAX_GAP,
     min_images: int = DEFAULT_MIN_IMAGES,
+    min_boxes: int = DEFAULT_MIN_BOXES,
 ) -> list[str]:
     """Table rows for the model card: attribute, value, images, mAP@0.4, gap vs overall, flagged."""
     rows = [
@@ -180,8 +193,10 @@ def markdown_rows(
             flag = "not measured (no boxes)"
         elif m.images < min_images:
             flag = "too few images"
+        elif m.instances < min_boxes:
+            flag = "too few boxes"
         else:
-            flag = "**yes**" if m.flagged(max_gap, min_images) else "no"
+            flag = "**yes**" if m.flagged(max_gap, min_images, min_boxes) else "no"
         gap = "n/a" if m.gap is None else f"{m.gap:+.4f}"
         rows.append(
             f"| {m.attribute} | {_md(m.value)} | {m.images} | {m.instances} | {_fmt(m.map40)} "
@@ -216,6 +231,7 @@ def card_section(
     metrics: Sequence[SubgroupMetrics],
     max_gap: float = DEFAULT_MAX_GAP,
     min_images: int = DEFAULT_MIN_IMAGES,
+    min_boxes: int = DEFAULT_MIN_BOXES,
 ) -> str:
     """The model card's "Subgroups" section (markdown, ending with a blank line)."""
     head = "## Subgroups (ONNX, mAP@0.4 per sex, age band, manufacturer and view position)\n"
@@ -224,18 +240,20 @@ def card_section(
             f"{head}Not measured: the dataset's manifest records no subgroup attributes "
             "(built before the data pipeline kept them, or from PNG/JPEG without DICOM headers).\n\n"
         )
-    flagged = [m for m in metrics if m.flagged(max_gap, min_images)]
+    flagged = [m for m in metrics if m.flagged(max_gap, min_images, min_boxes)]
     verdict = (
         f"**{len(flagged)} subgroup(s) more than {max_gap:g} below overall**: "
         + ", ".join(f"{m.attribute}={_md(m.value)} ({m.gap:+.4f})" for m in flagged)
         if flagged
-        else f"No subgroup with at least {min_images} images is more than {max_gap:g} below overall."
+        else f"No subgroup with at least {min_images} images and {min_boxes} boxes is more than "
+        f"{max_gap:g} below overall."
     )
-    table = "\n".join(markdown_rows(metrics, max_gap, min_images))
+    table = "\n".join(markdown_rows(metrics, max_gap, min_images, min_boxes))
     return (
         f'{head}Each group\'s mAP averages the classes with boxes in that group; "overall, same classes" '
         "is the whole split's AP over those classes, and the gap is that minus the group's "
         f"(positive: worse). Flagged at the default gate threshold (gap > {max_gap:g} with at least "
-        f"{min_images} images); the promotion gate applies the committed delivery policy.\n"
+        f"{min_images} images and {min_boxes} boxes); the promotion gate applies the committed "
+        "delivery policy.\n"
         f"{verdict}\n\n{table}\n\n"
     )

@@ -59,9 +59,10 @@ def test_a_vendor_whose_findings_are_all_missed_is_far_below_overall() -> None:
     assert vendors["Bad"].reference_map40 == pytest.approx(0.5, abs=0.02)
     assert vendors["Bad"].gap == pytest.approx(0.5, abs=0.02)
     assert vendors["Good"].gap == pytest.approx(-0.5, abs=0.02)
-    assert vendors["Bad"].flagged(max_gap=0.1, min_images=4)
-    assert not vendors["Bad"].flagged(max_gap=0.1, min_images=5)  # too few images to judge
-    assert not vendors["Good"].flagged(max_gap=0.1, min_images=1)
+    assert vendors["Bad"].flagged(max_gap=0.1, min_images=4, min_boxes=1)
+    assert not vendors["Bad"].flagged(max_gap=0.1, min_images=5, min_boxes=1)  # too few images to judge
+    assert not vendors["Bad"].flagged(max_gap=0.1, min_images=4)  # nor boxes, by default (its AP is luck)
+    assert not vendors["Good"].flagged(max_gap=0.1, min_images=1, min_boxes=1)
     # every image has sex F: that group is the whole set, no gap; absent attributes are "unknown"
     assert _by(metrics, "sex")["F"].gap == pytest.approx(0.0, abs=1e-9)
     assert set(_by(metrics, "view")) == {"unknown"} and _by(metrics, "view")["unknown"].images == 8
@@ -136,10 +137,13 @@ def test_metric_names_are_ones_mlflow_accepts() -> None:
 def test_the_card_section_flags_the_subgroup_beyond_the_gap() -> None:
     metrics = [
         SubgroupMetrics(
-            attribute="manufacturer", value="Bad", images=30, instances=40, map40=0.1, reference_map40=0.4
+            attribute="manufacturer", value="Bad", images=30, instances=60, map40=0.1, reference_map40=0.4
         ),
         SubgroupMetrics(
             attribute="manufacturer", value="Tiny", images=3, instances=3, map40=0.0, reference_map40=0.4
+        ),
+        SubgroupMetrics(
+            attribute="manufacturer", value="Sparse", images=30, instances=12, map40=0.0, reference_map40=0.4
         ),
         SubgroupMetrics(
             attribute="manufacturer", value="Good", images=90, instances=99, map40=0.45, reference_map40=0.4
@@ -147,8 +151,9 @@ def test_the_card_section_flags_the_subgroup_beyond_the_gap() -> None:
     ]
     section = card_section(metrics, max_gap=0.1, min_images=20)
     assert section.startswith("## Subgroups")
-    assert "| manufacturer | Bad | 30 | 40 | 0.1000 | 0.4000 | +0.3000 | **yes** |" in section
+    assert "| manufacturer | Bad | 30 | 60 | 0.1000 | 0.4000 | +0.3000 | **yes** |" in section
     assert "| Tiny | 3 | 3 | 0.0000 | 0.4000 | +0.4000 | too few images |" in section
+    assert "| Sparse | 30 | 12 | 0.0000 | 0.4000 | +0.4000 | too few boxes |" in section
     assert "| Good | 90 | 99 | 0.4500 | 0.4000 | -0.0500 | no |" in section
     assert "1 subgroup(s) more than 0.1 below overall" in section
     assert "Not measured" in card_section([])
@@ -159,7 +164,7 @@ def test_a_vendor_name_from_the_dicom_is_text_in_the_card_not_markup() -> None:
     value = "[Acme](http://evil.example) <img src=x> *CR*|x"
     metrics = [
         SubgroupMetrics(
-            attribute="manufacturer", value=value, images=30, instances=40, map40=0.1, reference_map40=0.4
+            attribute="manufacturer", value=value, images=30, instances=60, map40=0.1, reference_map40=0.4
         ),
         SubgroupMetrics(
             attribute="age_band", value="40-49", images=30, instances=40, map40=0.4, reference_map40=0.4
