@@ -179,9 +179,24 @@ def errors_conclusive(requests: float, error_rate: float, max_error_rate: float)
     errors = min(round(error_rate * requests), n)
     if n <= 0 or errors <= 0:
         return False
-    p = max_error_rate
-    at_least = 1.0 - sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(errors))
-    return at_least < _ERRORS_ALPHA
+    return _binomial_at_least(errors, n, max_error_rate) < _ERRORS_ALPHA
+
+
+def _binomial_at_least(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed term by term in log space.
+
+    ``math.comb(n, k) * p**k`` overflows a float from n ~ 1030 (a ``min_requests`` of a few thousand
+    made ``canary analyze`` crash), and ``1 - P(X < k)`` loses the small tail to cancellation.
+    """
+    if k <= 0 or p >= 1:
+        return 1.0
+    if p <= 0:
+        return 0.0
+    log_p, log_q, log_n = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    return math.fsum(
+        math.exp(log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q)
+        for i in range(k, n + 1)
+    )
 
 
 def judge(

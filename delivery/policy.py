@@ -59,7 +59,11 @@ class CanaryPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     window: str = Field("5m", pattern=r"^[0-9]+[smh]$", description="PromQL range of the comparison")
-    min_requests: int = Field(50, ge=1, description="fewer canary requests in the window: inconclusive")
+    min_requests: int = Field(
+        50,
+        ge=1,
+        description="fewer canary requests in the window: inconclusive, unless their 5xx already fail it",
+    )
     max_error_rate: float = Field(0.02, ge=0, le=1, description="5xx share of canary requests")
     max_p95_ratio: float = Field(1.5, gt=0, description="canary p95 latency / production p95 latency")
     max_detection_shift: float = Field(0.5, ge=0, description="relative change of detections per image")

@@ -80,17 +80,13 @@ def _repository(tree: Tree) -> list[Finding]:
         if group_vars.exists()
         else ""
     )
-    urls = [(o.ref(), str(o.doc["spec"]["source"].get("repoURL", ""))) for o in tree.of_kind("Application")]
-    urls += [
-        (o.ref(), str(o.doc["spec"]["template"]["spec"]["source"].get("repoURL", "")))
-        for o in tree.of_kind("ApplicationSet")
-    ]
+    own = [source for source in _sources(tree) if source[2].rstrip("/").endswith(OWN_REPO)]
     out = [
         Finding(CHECK, where, f"syncs {url}, but Ansible gives Argo CD credentials for {given}")
-        for where, url in urls
-        if url.rstrip("/").endswith(OWN_REPO) and url != given
+        for where, _, url in own
+        if url != given
     ]
-    ours = {project for _, project, url in _sources(tree) if url.rstrip("/").endswith(OWN_REPO)}
+    ours = {project for _, project, _ in own}
     for project in tree.of_kind("AppProject"):
         if project.name in ours and given not in project.doc.get("spec", {}).get("sourceRepos", []):
             out.append(Finding(CHECK, project.ref(), f"does not allow the repository {given}"))

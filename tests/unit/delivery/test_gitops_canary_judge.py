@@ -59,6 +59,16 @@ def test_one_error_among_few_requests_stays_inconclusive() -> None:
         assert result.verdict == "inconclusive", (requests, rate, result.reason)
 
 
+def test_the_few_requests_test_holds_for_a_high_min_requests() -> None:
+    """``math.comb(n, k) * p**k`` overflowed a float from n ~ 1030: a site with min_requests 5000 had
+    ``canary analyze`` crash with OverflowError on 1500 requests, half of them 5xx."""
+    policy = CanaryPolicy(min_requests=5000)
+    failing = judge(healthy(**{"canary-requests": 1500.0, "error-rate": 0.5}), policy)
+    assert failing.verdict == "fail" and "conclusive" in failing.reason
+    at_the_limit = judge(healthy(**{"canary-requests": 1500.0, "error-rate": 0.02}), policy)
+    assert at_the_limit.verdict == "inconclusive"
+
+
 @pytest.mark.parametrize(
     ("metric", "value", "check"),
     [
