@@ -35,7 +35,7 @@ from core.errors import CredentialsError
 SECRET_FILE = "install_secret"
 
 
-def _read_file(path: Path) -> str:
+def read_secret_file(path: Path) -> str:
     """The secret in ``path``; "" when there is no such file.
 
     Raises :class:`CredentialsError` when the file is there but cannot be read, or is empty: only
@@ -76,7 +76,7 @@ def _generate(path: Path) -> str:
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    return _read_file(path) or secret
+    return read_secret_file(path) or secret
 
 
 def resolve_install_secret(explicit: str, stack_dir: Path) -> str:
@@ -98,7 +98,7 @@ def resolve_install_secret(explicit: str, stack_dir: Path) -> str:
     if creds is not None and creds.deid_secret:
         return creds.deid_secret
     path = stack_dir / SECRET_FILE
-    existing = _read_file(path)
+    existing = read_secret_file(path)
     if existing:
         return existing
     if garbled is not None:

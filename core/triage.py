@@ -24,6 +24,7 @@ above the floor; :func:`head_image_score` therefore needs no second NMS.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -43,6 +44,16 @@ def image_score(confidences: Iterable[float] | np.ndarray) -> float:
 def study_score(image_scores: Iterable[float]) -> float:
     """A study's score: the highest of its images' scores (0.0 for a study without images)."""
     return image_score(image_scores)
+
+
+def shown_score(score: float) -> float:
+    """The score as answers carry it: 4 decimals, cut, not rounded.
+
+    Rounded, 0.49996 read 0.5 beside a priority threshold of 0.5 while the study was not
+    priority (the flag compares the unrounded score). ``round(..., 9)`` first takes off the
+    float noise of the scaling (0.7 * 1e4 is 6999.999999999999), which a cut would turn into 0.6999.
+    """
+    return math.floor(round(score * 1e4, 9)) / 1e4
 
 
 def is_priority(score: float, threshold: float) -> bool:

@@ -60,12 +60,15 @@ def _masked(value: str) -> str:
 def redacted(url: str) -> str:
     """``url`` without its ``user:password@``: a message naming a server reaches the caller and the log.
 
-    Never raises: a value that is no valid URL (``urlsplit`` refuses it) is shown by :func:`_masked`.
+    Never raises: a value that is no valid URL (``urlsplit`` refuses it) is shown by :func:`_masked`, and
+    so is one with an ``@`` after what urllib took for its host: ``user:password@host`` (urllib reads
+    "user" as a scheme), or a password with a ``/``, ``?`` or ``#`` in it, at which urllib ends the host
+    part (``http://user:pa/ss@host``: host "user", the password in the path).
     """
     try:
         parts = urlsplit(url)
-        if parts.scheme and not parts.netloc:  # ``user:password@host``: urllib reads "user" as a scheme
-            return _masked(url)
-        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     except ValueError:
         return _masked(url)
+    if "@" in url and "@" not in parts.netloc:
+        return _masked(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()

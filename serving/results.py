@@ -35,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.triage import shown_score
 from serving.contract import Detection
 from serving.errors import NotFound
 
@@ -116,7 +117,7 @@ def build_response(
         "timings_ms": {k: round(v, 3) for k, v in timings_ms.items()},
     }
     if triage is not None:
-        response["triage"] = {"score": round(triage[0], 4), "priority": bool(triage[1])}
+        response["triage"] = {"score": shown_score(triage[0]), "priority": bool(triage[1])}
     return response
 
 

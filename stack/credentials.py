@@ -20,7 +20,7 @@ from pathlib import Path
 from core.credentials import StackCredentials, parse_credentials
 from core.durable import fsync_dir, replace_durably
 from core.errors import CredentialsError
-from core.install_secret import SECRET_FILE
+from core.install_secret import SECRET_FILE, read_secret_file
 
 ROLES: tuple[str, ...] = ("pacs", "radiologist", "operator", "admin")
 
@@ -65,8 +65,8 @@ def load_or_create(credentials_file: Path, api_keys_file: Path) -> StackCredenti
             raise CredentialsError(f"{credentials_file} holds no JSON object; repair it")
     old = parse_credentials(data)
     # an install that ran before this key existed keeps the secret its gateway generated
-    generated = credentials_file.parent / SECRET_FILE
-    earlier = generated.read_text().strip() if generated.exists() else ""
+    # (an empty or unreadable one is an error, as for the gateway: a new secret changes every pseudonym)
+    earlier = "" if old.deid_secret else read_secret_file(credentials_file.parent / SECRET_FILE)
     creds = StackCredentials(
         s3_access_key=old.s3_access_key or "cxr" + secrets.token_hex(8),
         s3_secret_key=old.s3_secret_key or secrets.token_urlsafe(30),

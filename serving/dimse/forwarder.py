@@ -53,6 +53,7 @@ from typing import Any
 import httpx
 
 from serving.dimse.spool import InstanceSpool, SpooledStudy
+from serving.pacs.outbox import backoff
 
 log = logging.getLogger("cxr.dimse")
 
@@ -261,9 +262,9 @@ class Forwarder:
                 return True
             with self._lock:
                 n = self._failures[key] = self._failures.get(key, 0) + 1
-                # the exponent bounded: a float, it overflowed past ~1024 failures (17 h of a gateway
+                # bounded: ``retry_s * 2 ** (n - 1)`` overflowed past ~1024 failures (17 h of a gateway
                 # down), no next try was set, and the study was retried at once, over and over
-                self._next_try[key] = now + min(self.retry_s * 2.0 ** min(n - 1, 64), self.max_backoff_s)
+                self._next_try[key] = now + backoff(self.retry_s, n, self.max_backoff_s)
             return False
         finally:
             with self._lock:

@@ -85,7 +85,10 @@ class OneLine(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format: the handler reports it at emit, not in the logging call
+            return True
         if _CONTROL.search(message):
             record.msg, record.args = _escaped(message), ()
         if record.exc_info and record.exc_info[1] is not None and not record.exc_text:

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from core.triage import is_priority, study_score
+from core.triage import is_priority, shown_score, study_score
 from serving.errors import StudyPatientMismatch
 from serving.triage.worklist_db import Row, SqliteWorklistDb, WorklistDb
 
@@ -70,13 +70,13 @@ class StudyTriage:
 
     def as_dict(self) -> dict[str, Any]:
         """The triage the SR and the PACS send-back carry: ``{"score", "priority", "threshold"}``."""
-        return {"score": round(self.score, 4), "priority": self.priority, "threshold": self.threshold}
+        return {"score": shown_score(self.score), "priority": self.priority, "threshold": self.threshold}
 
     def to_json(self) -> dict[str, Any]:
         """One entry of ``GET /v1/worklist``."""
         return {
             "study_uid": self.study_uid,
-            "score": round(self.score, 4),
+            "score": shown_score(self.score),
             "priority": self.priority,
             "images": self.images,
             "result_ids": list(self.result_ids),

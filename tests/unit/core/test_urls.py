@@ -41,6 +41,11 @@ def test_a_refused_address_without_credentials_is_shown_as_typed_with_urllibs_re
         ("http://host/x", "http://host/x"),
         (f"http://user:{SECRET}@[::1", "http://***@[::1"),  # urlsplit refuses it: no ValueError here
         (f"user:{SECRET}@host:8080", "***@host:8080"),  # urllib reads "user" as the scheme
+        # a "/", "?" or "#" in the password: urllib ends the host there, the password was shown whole
+        (f"http://user:{SECRET[:3]}/{SECRET[3:]}@pacs:8042/dicom-web", "http://***@pacs:8042/dicom-web"),
+        (f"https://user:12/{SECRET}@pacs/dicom-web", "https://***@pacs/dicom-web"),
+        (f"http://user:{SECRET[:3]}?{SECRET[3:]}@pacs/x", "http://***@pacs/x"),
+        (f"http://user:{SECRET[:3]}#{SECRET[3:]}@pacs/x", "http://***@pacs/x"),
     ],
 )
 def test_redacted_drops_the_credentials_of_any_value_and_never_raises(url: str, shown: str) -> None:

@@ -218,3 +218,24 @@ def test_a_calling_ae_title_with_control_characters_cannot_forge_lines_in_the_sc
         root.removeHandler(handler)
     assert any("Calling AE Title" in line for line in lines), "pynetdicom's refusal is still logged"
     assert not [line for line in lines if line.startswith("INJECT") or "\x1b" in line]
+
+
+def test_a_record_whose_format_does_not_fit_its_args_never_raises_into_the_logging_call() -> None:
+    """``logging`` reports such a record itself (handleError) and the caller goes on; the filter that
+    escapes control characters formats the message first, and raised from inside ``log.error``."""
+    import io
+    import logging
+
+    from serving.dimse.service import OneLine
+
+    handler = logging.StreamHandler(io.StringIO())
+    handler.addFilter(OneLine())
+    logger = logging.Logger("cxr.test.one-line")
+    logger.addHandler(handler)
+    raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False  # no stderr traceback
+    try:
+        logger.error("peer %d", "not a number")  # raised TypeError here
+        logger.error("peer %s", "EVIL\nINJECT")
+    finally:
+        logging.raiseExceptions = raise_exceptions
+    assert handler.stream.getvalue() == "peer EVIL\\x0aINJECT\n"

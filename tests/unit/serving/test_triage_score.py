@@ -151,3 +151,12 @@ def test_a_non_finite_anchor_does_not_hide_its_classs_real_finding_from_the_tria
     detections, scores, _ = pipeline._post(_non_finite_head()[None], uploads, model, None)
     assert [d.class_id for d in detections[0]] == [3]
     assert scores == [pytest.approx(0.95)]  # the inf anchor of class 3 used to drop the class: 0.8
+
+
+@pytest.mark.parametrize(
+    ("score", "shown"), [(0.49996, 0.4999), (0.5, 0.5), (0.7, 0.7), (0.12345, 0.1234), (1.0, 1.0)]
+)
+def test_a_shown_score_is_cut_never_rounded_up(score: float, shown: float) -> None:
+    from core.triage import shown_score
+
+    assert shown_score(score) == shown

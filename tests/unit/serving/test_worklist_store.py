@@ -254,3 +254,13 @@ def test_the_pools_reconnection_warnings_are_throttled_and_count_what_they_held_
         pool_log.removeFilter(installed)
     PostgresWorklistDb("postgresql://cxr@127.0.0.1:1/worklist").close()  # building one installs it
     assert any(isinstance(f, Throttle) for f in pool_log.filters)
+
+
+def test_a_score_just_below_the_threshold_never_reads_as_reaching_it(store: WorklistStore) -> None:
+    """Rounded to 4 decimals, 0.49996 read 0.5 in the worklist and the SR beside a 0.5 threshold and
+    no priority flag; the scores are cut instead (core/triage.py ``shown_score``)."""
+    study = store.record("a", "1.2.9", ["r1"], [0.49996], "7", "production", 0.5, now=_at(0))
+    assert not study.priority
+    assert study.as_dict()["score"] == 0.4999 and study.to_json()["score"] == 0.4999
+    exact = store.record("a", "1.2.10", ["r2"], [0.7], "7", "production", 0.5, now=_at(0))
+    assert exact.as_dict()["score"] == 0.7  # float noise of the scaling is not cut to 0.6999
