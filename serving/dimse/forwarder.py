@@ -52,8 +52,8 @@ from typing import Any
 
 import httpx
 
+from core.backoff import backoff
 from serving.dimse.spool import InstanceSpool, SpooledStudy
-from serving.pacs.outbox import backoff
 
 log = logging.getLogger("cxr.dimse")
 

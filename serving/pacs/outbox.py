@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from core.backoff import backoff
 from core.durable import discard_dir, discard_leftovers, fsync_dir, make_dirs, publish_files, replace_durably
 
 
@@ -53,16 +54,6 @@ class OutboxItem:
 
 def item_id(destination: str, sop_instance_uid: str) -> str:
     return hashlib.sha256(f"{destination}\0{sop_instance_uid}".encode()).hexdigest()[:40]
-
-
-def backoff(first_s: float, failures: int, max_s: float) -> float:
-    """``first_s`` doubled per failure before the last (``failures`` >= 1), at most ``max_s``.
-
-    The exponent is bounded: ``first_s * 2**n`` is a float, and past n ~ 1024 (a PACS down for 3.5 days
-    at the 5-minute cap) it raised OverflowError, so no retry time was written and the item was offered
-    again on every pass.
-    """
-    return min(first_s * 2.0 ** min(max(failures - 1, 0), 64), max_s)
 
 
 DEAD_LETTER = "dead-letter"  # under the outbox root: item ids are hex, never this name

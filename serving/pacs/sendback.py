@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from core.backoff import backoff
 from serving.config import ServingSettings
 from serving.errors import Conflict, ServingError, StudyPatientMismatch
 from serving.inference.cpu_pool import CpuPool
 from serving.inference.detector import DetectionReply, study_triage
 from serving.metrics import GatewayMetrics
-from serving.pacs.outbox import Outbox, OutboxItem, backoff
+from serving.pacs.outbox import Outbox, OutboxItem
 from serving.pacs.senders import Sender, Sent, group, make_sender
 from serving.pacs_destinations import PacsDestination
 from serving.results import ResultRecord, ResultStore
