@@ -35,7 +35,8 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 
 FieldValue = str | int | float | bool | None
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL, C1: what could move a cursor or colour a log
+#: C0, DEL, C1: what could move a cursor or colour a log (also serving/logsafe.py's OneLine)
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: the same less newline and tab, which rich lays out itself; rich drops BEL and CR but passes ESC
 _TERMINAL_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _NEEDS_QUOTES = re.compile(r'[\s"=]')
@@ -52,7 +53,7 @@ def format_value(key: str, value: FieldValue) -> str:
     elif isinstance(value, float):
         text = f"{value:.1f}" if key == "seconds" or key.endswith("_s") else f"{value:.4g}"
     else:
-        text = _CONTROL.sub(" ", str(value))
+        text = CONTROL_CHARS.sub(" ", str(value))
     if text == "" or _NEEDS_QUOTES.search(text):
         return json.dumps(text, ensure_ascii=False)  # quotes and backslashes escaped; still one line
     return text

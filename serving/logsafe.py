@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import logging
 import re
+import traceback
+
+from core.progress import CONTROL_CHARS
 
 # warnings.formatwarning: "<file>:<line>: <Category>: <message>\n  <source line>\n"
 _WARNING = re.compile(r"^(?P<file>.*?):(?P<line>\d+): (?P<category>[A-Za-z_][\w.]*): ")
@@ -50,6 +53,36 @@ class WithholdValues(logging.Filter):
         record.exc_text = None
         record.stack_info = None
         setattr(record, "cxr_withheld", True)  # noqa: B010  (LogRecord declares no such field)
+        return True
+
+
+def _escaped(text: str) -> str:
+    return CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class OneLine(logging.Filter):
+    """Escapes control characters in a record's message and in its exception's, in place.
+
+    A peer's bytes reach the log before any check of ours: pynetdicom refuses a calling AE title with
+    control characters while decoding the A-ASSOCIATE-RQ and logs it raw at ERROR, in its message and
+    its traceback, from any peer that can connect. A newline there forged log lines, an escape sequence
+    reached the operator's terminal. The traceback keeps its own lines; its exception's text is escaped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format: the handler reports it at emit, not in the logging call
+            return True
+        if CONTROL_CHARS.search(message):
+            record.msg, record.args = _escaped(message), ()
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            exc = record.exc_info[1]
+            if CONTROL_CHARS.search(str(exc)):
+                trace = "".join(traceback.format_tb(exc.__traceback__))
+                record.exc_text = (
+                    f"Traceback (most recent call last):\n{trace}{type(exc).__name__}: {_escaped(str(exc))}"
+                )
         return True
 
 

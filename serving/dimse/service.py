@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import threading
 import time
-import traceback
 
 from core.credentials import read_credentials
 from core.errors import CredentialsError
@@ -16,6 +14,7 @@ from serving.config import ServingSettings
 from serving.dimse.forwarder import Forwarder, largest_instance
 from serving.dimse.scp import ScpConfig, StorageScp
 from serving.dimse.spool import InstanceSpool
+from serving.logsafe import OneLine
 
 log = logging.getLogger("cxr.dimse")
 
@@ -66,39 +65,6 @@ def build(settings: ServingSettings) -> tuple[StorageScp, Forwarder]:
         concurrency=settings.dimse_forward_concurrency,
     )
     return scp, forwarder
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _escaped(text: str) -> str:
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-class OneLine(logging.Filter):
-    """Escapes control characters in a record's message and in its exception's, in place.
-
-    A peer's bytes reach the log before any check of ours: pynetdicom refuses a calling AE title with
-    control characters while decoding the A-ASSOCIATE-RQ and logs it raw at ERROR, in its message and
-    its traceback, from any peer that can connect. A newline there forged log lines, an escape sequence
-    reached the operator's terminal. The traceback keeps its own lines; its exception's text is escaped.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a bad format: the handler reports it at emit, not in the logging call
-            return True
-        if _CONTROL.search(message):
-            record.msg, record.args = _escaped(message), ()
-        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
-            exc = record.exc_info[1]
-            if _CONTROL.search(str(exc)):
-                trace = "".join(traceback.format_tb(exc.__traceback__))
-                record.exc_text = (
-                    f"Traceback (most recent call last):\n{trace}{type(exc).__name__}: {_escaped(str(exc))}"
-                )
-        return True
 
 
 def configure_logging() -> None:

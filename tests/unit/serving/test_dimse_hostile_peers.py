@@ -226,7 +226,7 @@ def test_a_record_whose_format_does_not_fit_its_args_never_raises_into_the_loggi
     import io
     import logging
 
-    from serving.dimse.service import OneLine
+    from serving.logsafe import OneLine
 
     handler = logging.StreamHandler(io.StringIO())
     handler.addFilter(OneLine())
