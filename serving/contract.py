@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from data_pipeline.classes import CLASS_NAMES
 from serving.errors import ModelNotReady
@@ -71,7 +72,11 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
     """metadata_props of an ONNX file, without loading its weights into memory twice."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    return metadata_of(onnx.load(str(path), load_external_data=False))
+
+
+def metadata_of(model: Any) -> dict[str, str]:
+    """metadata_props of a loaded ONNX ``ModelProto``."""
     return {prop.key: prop.value for prop in model.metadata_props}
 
 

@@ -24,14 +24,17 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from core.errors import CxrError
 from core.operating_points import CONFIG_PARAMETER
 from core.variants import DEFAULT_VARIANT, VARIANT_METADATA_KEY, cpu_precision
 from core.variants import Variant as Precision
-from serving.contract import ModelContract, contract_from_metadata, read_onnx_metadata
+from serving.contract import ModelContract, contract_from_metadata, metadata_of
 from serving.inference.operating_points import beside as operating_points_beside
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,9 @@ def _dims(value_info: object) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
 
 
-def check_graph(onnx_path: Path, contract: ModelContract, max_batch_size: int) -> None:
+def check_graph(
+    model: onnx.ModelProto, onnx_path: Path, contract: ModelContract, max_batch_size: int
+) -> None:
     """Refuse a graph whose tensors are not the ones :func:`render_config` declares for it.
 
     The config is written from the contract (tensor names, FP32, a batch axis up to
@@ -91,7 +96,7 @@ def check_graph(onnx_path: Path, contract: ModelContract, max_batch_size: int) -
     """
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    graph = model.graph
     initializers = {init.name for init in graph.initializer}
     tensors = {
         "input": {i.name: i for i in graph.input if i.name not in initializers},
@@ -233,8 +238,11 @@ def build_repository(
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model {onnx_path} does not exist")
     opts = options or RepositoryOptions.for_variant(variant, max_batch_size, precision)  # explicit win
-    contract = contract_from_metadata(read_onnx_metadata(onnx_path))
-    check_graph(onnx_path, contract, opts.max_batch_size)  # before anything of the old model is removed
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)  # read once: contract and graph
+    contract = contract_from_metadata(metadata_of(model))
+    check_graph(model, onnx_path, contract, opts.max_batch_size)  # before anything of the old model goes
     model_dir = repo_dir / model_name
     if model_dir.exists():
         shutil.rmtree(model_dir)
