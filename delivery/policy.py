@@ -36,13 +36,10 @@ class GatePolicy(BaseModel):
     min_subgroup_images: int = Field(
         DEFAULT_MIN_IMAGES, ge=1, description="subgroups with fewer test images are reported, not judged"
     )
-    # 50: a model with no real subgroup gap, judged on groups of 20 images (a test split of 200
-    # phantom-like images, 14 classes, ~15 groups), was refused by chance in 35-40 % of promotions:
-    # a 20-image group holds ~30 boxes, 1-3 per class, each class's AP 0 or 1 by luck, and the
-    # spread of its gap (0.09) is the threshold itself. From 50 boxes chance refusals fall to
-    # 7-10 % and a vendor of 50 images that really lost a third of its detections is still caught
-    # as often (~88 %); 80 boxes would cut chance to ~1 % but miss that vendor 3 times in 4
-    # (tests/unit/delivery/test_subgroup_gate.py simulates both).
+    # 50: judged on groups of 20 images alone, a model with no real subgroup gap was refused by
+    # chance in 40 % of simulated promotions (a 20-image group holds ~30 boxes, 1-3 a class, each
+    # class's AP 0 or 1 by luck); from 50 boxes in 7.5 %, with a real gap still caught as often
+    # (87.5 %); 80 boxes: 0 % by chance, but 22.5 % caught (docs/evaluation.md has the command).
     min_subgroup_boxes: int = Field(
         DEFAULT_MIN_BOXES,
         ge=0,
@@ -105,9 +102,9 @@ class GoldenPolicy(BaseModel):
     )
     # The default is issue 18's 0.0; the committed policy (k8s/delivery-policy.yaml) sets 0.05. At 0,
     # "CI low >= 0" asks the candidate to be proven at least as good, a superiority test that
-    # refused every candidate whose results differed at all from production's (100 % of equally
-    # good retrains on 100 golden images, 10 % at 0.03, none at 0.05:
-    # tests/unit/delivery/test_golden_decision.py); only an identical model passes it.
+    # refused every candidate whose results differed at all from production's (all simulated equal
+    # retrains at 0, 5 % at 0.03, none at 0.05: docs/evaluation.md has the command); only an
+    # identical model passes it.
     margin: float = Field(0.0, ge=0, le=1, description="non-inferiority margin: CI low >= -margin")
     min_class_instances: int = Field(10, ge=1, description="classes with fewer golden boxes are not judged")
     resamples: int = Field(1000, ge=100, le=100_000, description="bootstrap resamples over patients")
