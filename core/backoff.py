@@ -12,3 +12,12 @@ def backoff(first_s: float, failures: int, max_s: float) -> float:
     again on every pass.
     """
     return min(first_s * 2.0 ** min(max(failures - 1, 0), 64), max_s)
+
+
+def still_waiting(until: float, now: float, max_s: float) -> bool:
+    """Whether a wait set to end at ``until`` (wall clock) lasts past ``now``.
+
+    No wait is ever set longer than ``max_s``: one ending further ahead was set before the clock
+    stepped back (a wrong RTC at boot, corrected by NTP) and is over, not waited for as long as the step.
+    """
+    return now < until <= now + max_s

@@ -52,7 +52,7 @@ from typing import Any
 
 import httpx
 
-from core.backoff import backoff
+from core.backoff import backoff, still_waiting
 from serving.dimse.spool import InstanceSpool, SpooledStudy
 
 log = logging.getLogger("cxr.dimse")
@@ -294,9 +294,8 @@ class Forwarder:
         return bool(study.pending) or now - study.last_arrival >= self.settle_s or self.overdue(study, now)
 
     def _backing_off(self, key: str, now: float) -> bool:
-        """Whether the study's retry time is still ahead (under ``_lock``). One further ahead than the
-        longest backoff was set before the clock stepped back: over, not waited for as long as the step."""
-        return now < self._next_try.get(key, 0.0) <= now + self.max_backoff_s
+        """Whether the study's retry time is still ahead (under ``_lock``; :func:`still_waiting`)."""
+        return still_waiting(self._next_try.get(key, 0.0), now, self.max_backoff_s)
 
     def run_once(self, client: httpx.Client, now: float | None = None) -> int:
         """Start the due steps (:meth:`due`) into free slots (at most ``concurrency`` in flight).

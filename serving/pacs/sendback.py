@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from core.backoff import backoff
+from core.backoff import backoff, still_waiting
 from serving.config import ServingSettings
 from serving.errors import Conflict, ServingError, StudyPatientMismatch
 from serving.inference.cpu_pool import CpuPool
@@ -316,10 +316,8 @@ class SendBack:
         return self.outbox.items(), self.outbox.dead_letters()
 
     def _held(self, name: str, now: float) -> bool:
-        """Whether ``name``'s hold lasts past ``now``. A hold is never set longer than the maximum
-        backoff: one ending further ahead was set before the clock stepped back, and is over."""
-        until = self._hold.get(name, (0.0, 0))[0]
-        return now < until <= now + self.settings.outbox_max_backoff_s
+        """Whether ``name``'s hold lasts past ``now`` (:func:`still_waiting`)."""
+        return still_waiting(self._hold.get(name, (0.0, 0))[0], now, self.settings.outbox_max_backoff_s)
 
     def deliver_due(self, now: float | None = None, items: list[OutboxItem] | None = None) -> int:
         """One pass over the items due (of ``items``, else listed now; blocking); returns the delivered.
