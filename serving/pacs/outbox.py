@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -35,6 +36,8 @@ from typing import Any
 
 from core.backoff import backoff
 from core.durable import discard_dir, discard_leftovers, fsync_dir, make_dirs, publish_files, replace_durably
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ def item_id(destination: str, sop_instance_uid: str) -> str:
 
 
 DEAD_LETTER = "dead-letter"  # under the outbox root: item ids are hex, never this name
+UNREADABLE = "(unreadable)"  # the destination gauged for items whose meta cannot be read: no name has "("
 _ITEM_ID = re.compile(r"[0-9a-f]{40}")
 
 
@@ -71,6 +75,8 @@ class Outbox:
         # one adoption at a time against the hand-off (serving/pacs/handoff.py): once handed off, none
         self._adoption = threading.Lock()
         self._handed_off = False
+        # folders under the root and under dead-letter/ whose meta the last listing could not read
+        self.unreadable: dict[Path, set[str]] = {}
         # what a crash cut short: puts never answered, items being removed, a retry's new meta
         discard_leftovers(self.root, ".tmp-*", "*/.tmp-*", f"{DEAD_LETTER}/*/.tmp-*")
 
@@ -160,11 +166,23 @@ class Outbox:
 
     def dead_letters(self) -> list[OutboxItem]:
         """The items a PACS refused for good, kept for an operator in ``dead-letter/``."""
-        return self._list(self.dead_letter) if self.dead_letter.is_dir() else []
+        if not self.dead_letter.is_dir():
+            self.unreadable.pop(self.dead_letter, None)
+            return []
+        return self._list(self.dead_letter)
 
-    @staticmethod
-    def _list(root: Path) -> list[OutboxItem]:
-        out = []
+    def unreadable_count(self) -> int:
+        """Folders, waiting or dead letters, whose meta the last listings could not read."""
+        return sum(len(names) for names in self.unreadable.values())
+
+    def _list(self, root: Path) -> list[OutboxItem]:
+        """The items under ``root``; the folders whose meta is unreadable go to :attr:`unreadable`.
+
+        Such a folder cannot be delivered (its destination is in the meta) nor dated: it stays for an
+        operator, gauged as a dead letter of destination :data:`UNREADABLE` (alert
+        ``CxrPacsOutboxDeadLetter``) and logged once. Before, it was skipped without a word, for ever.
+        """
+        out, unreadable = [], set()
         for folder in sorted(root.iterdir()):
             if folder.name.startswith(".tmp-") or folder.name == DEAD_LETTER or not folder.is_dir():
                 continue
@@ -182,9 +200,18 @@ class Outbox:
                     float(meta["next_attempt"]),
                     float(meta["created"]),
                 )
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                unreadable.add(folder.name)
+                if folder.name not in self.unreadable.get(root, set()):
+                    log.warning(
+                        "pacs_outbox_unreadable folder=%s item=%s error_type=%s",
+                        "dead-letter" if root == self.dead_letter else "outbox",
+                        folder.name[:40] if _ITEM_ID.fullmatch(folder.name) else "(not an item id)",
+                        type(exc).__name__,
+                    )
                 continue
             out.append(item)
+        self.unreadable[root] = unreadable
         return out
 
     def due(self, now: float | None = None) -> list[OutboxItem]:

@@ -23,7 +23,7 @@ from serving.errors import Conflict, ServingError, StudyPatientMismatch
 from serving.inference.cpu_pool import CpuPool
 from serving.inference.detector import DetectionReply, study_triage
 from serving.metrics import GatewayMetrics
-from serving.pacs.outbox import Outbox, OutboxItem
+from serving.pacs.outbox import UNREADABLE, Outbox, OutboxItem
 from serving.pacs.senders import Sender, Sent, group, make_sender
 from serving.pacs_destinations import PacsDestination
 from serving.results import ResultRecord, ResultStore
@@ -307,6 +307,8 @@ class SendBack:
         self._gauged = set(depth)
         if dead is not None:
             refused = self.outbox.depth(dead)
+            if unreadable := self.outbox.unreadable_count():  # no destination to name: an operator's
+                refused[UNREADABLE] = unreadable
             for name in set(self.destinations) | set(refused) | self._gauged_dead:
                 self.metrics.outbox_dead_letters.labels(name).set(refused.get(name, 0))
             self._gauged_dead = set(refused)

@@ -117,14 +117,25 @@ class StowSender:
     def send(self, items: list[OutboxItem]) -> Sent:
         name = self.destination.name
         datasets, offered = [], []
+        unreadable: dict[str, str] = {}
         for item in items:  # our own objects; one unreadable on disk must not cost the others
             try:
                 datasets.append(pydicom.dcmread(item.folder / "object.dcm"))
                 offered.append(item)
             except Exception as exc:
+                # set aside: reading it again gives the same, so it was retried for ever, and a batch
+                # of nothing else answered as "PACS down" held the whole destination
                 log.warning("pacs_send_error destination=%s error_type=%s", name, type(exc).__name__)
+                unreadable[item.item_id] = f"object_unreadable={type(exc).__name__}"
         if not offered:
-            return Sent()
+            return Sent(refused=unreadable)
+        sent = self._store(offered, datasets)
+        sent.refused.update(unreadable)
+        return sent
+
+    def _store(self, offered: list[OutboxItem], datasets: list[Any]) -> Sent:
+        """One STOW-RS request of ``datasets`` (those of ``offered``), and what the PACS made of each."""
+        name = self.destination.name
         stored: set[str] | None = None  # 200 / 202: every instance not listed as failed was stored
         try:
             response = self.client.store_instances(datasets)
@@ -132,9 +143,9 @@ class StowSender:
             # 409 (nothing stored) or another 4xx may say per instance why (FailedSOPSequence); a 5xx
             # is a PACS that is down, whatever its body says
             status = exc.response.status_code if exc.response is not None else 0
-            if status == 413:
-                return self._too_large(offered)
             response = _stow_body(exc.response) if 400 <= status < 500 else None
+            if status == 413 or (status == 400 and response is None):
+                return self._split(offered, datasets, status)
             if response is None:
                 log.info("pacs_send_failed destination=%s status=%d", name, status)
                 return Sent()
@@ -163,19 +174,25 @@ class StowSender:
                 log.info("pacs_send_refused destination=%s status=0x%04X", name, code & 0xFFFF)
         return sent
 
-    def _too_large(self, offered: list[OutboxItem]) -> Sent:
-        """A 413 (the PACS's or its proxy's body limit): each half of the batch again, one object at last.
+    def _split(self, offered: list[OutboxItem], datasets: list[Any], status: int) -> Sent:
+        """A 413 or a bare 400: each half of the batch again, one object at last.
 
-        A batch of 32 objects is refused whole by a limit (nginx's default is 1 MiB) that each of them
-        fits: answered as a PACS that is down, the same batch was offered again, and the destination
-        held, for ever. An object refused alone is over the limit itself, which resending cannot
-        change: set aside (an operator moves it back once the limit is raised).
+        413 (the PACS's or its proxy's body limit): a batch of 32 objects is refused whole by a limit
+        (nginx's default is 1 MiB) that each of them fits. 400 without a Store Instances Response: the
+        PACS could not read the request, which one object it cannot parse is enough for. Answered as a
+        PACS that is down, the same batch was offered again and the destination held, for ever, every
+        other study's results with it. An object refused alone is what the PACS refuses, which
+        resending cannot change: set aside (an operator moves it back once the PACS is fixed). A 404,
+        401 or 403 is a setting an admin fixes, for every object alike: held, as before.
         """
         if len(offered) == 1:
-            return Sent(refused={offered[0].item_id: "http_status=413"})
-        log.info("pacs_send_split destination=%s status=413 objects=%d", self.destination.name, len(offered))
+            return Sent(refused={offered[0].item_id: f"http_status={status}"})
+        log.info(
+            "pacs_send_split destination=%s status=%d objects=%d", self.destination.name, status, len(offered)
+        )
         half = len(offered) // 2
-        first, second = self.send(offered[:half]), self.send(offered[half:])
+        first = self._store(offered[:half], datasets[:half])
+        second = self._store(offered[half:], datasets[half:])
         return Sent(accepted=first.accepted | second.accepted, refused=first.refused | second.refused)
 
 
@@ -235,6 +252,12 @@ class DimseSender:
                     status = assoc.send_c_store(item.folder / "object.dcm")
                 except Exception as exc:  # this object only: what the PACS said of the others stands
                     log.warning("pacs_send_error destination=%s error_type=%s", d.name, type(exc).__name__)
+                    if not assoc.is_established:  # pynetdicom raises once the association is gone
+                        break
+                    # on a live association, this object (pynetdicom reads and encodes the file:
+                    # unreadable, no context for its transfer syntax): retried, the same object
+                    # raised the same, for ever. Set aside for an operator
+                    sent.refused[item.item_id] = f"send_error={type(exc).__name__}"
                     continue
                 if not status or "Status" not in status:
                     # no answer (timeout, abort, an invalid response): pynetdicom is ending the

@@ -482,3 +482,114 @@ def test_a_stow_pacs_whose_body_limit_a_batch_exceeds_takes_the_objects_that_fit
         [dead] = back.outbox.dead_letters()
         assert dead.sop_class_uid == COMPREHENSIVE_SR
         assert json.loads((dead.folder / "meta.json").read_text())["refused"]["reason"] == "http_status=413"
+
+
+# ----------------------------------------------------------------------------- what no retry can change
+
+
+def test_a_bare_stow_400_sets_aside_the_object_the_pacs_cannot_read_and_the_rest_goes(tmp_path: Path) -> None:
+    """A PACS that cannot parse one object answers 400 to its whole request, without a Store
+    Instances Response. Before, that was a PACS that is down: the destination was held and the same
+    batch offered again, for ever, so no other study's results reached that PACS either."""
+
+    def picky(received: list[tuple[str, str]]) -> tuple[int, bytes, str]:
+        if any(cls == COMPREHENSIVE_SR for cls, _ in received):
+            return 400, b"<html>400 Bad Request</html>", "text/html"
+        return _refusing({})(received)
+
+    with _stow_pacs(picky) as seen:
+        back = _sendback(tmp_path, _stow(seen.pop(0)))
+        _queue_study(back, images=2)
+        now = time.time()
+        assert back.deliver_due(now) == 2, "both presentation states reached the PACS"
+        assert back.outbox.items() == [] and not back._held("pacs", now)
+        [dead] = back.outbox.dead_letters()
+        assert dead.sop_class_uid == COMPREHENSIVE_SR
+        assert json.loads((dead.folder / "meta.json").read_text())["refused"]["reason"] == "http_status=400"
+
+
+def test_a_stow_404_is_a_setting_to_fix_so_everything_waits_and_nothing_is_set_aside(tmp_path: Path) -> None:
+    """A wrong URL answers 404 to every object alike: splitting or setting aside would empty the
+    outbox into dead letters for an admin's typo."""
+    with _stow_pacs(lambda received: (404, b"not found", "text/plain")) as seen:
+        back = _sendback(tmp_path, _stow(seen.pop(0)))
+        _queue_study(back, images=2)
+        now = time.time()
+        assert back.deliver_due(now) == 0 and seen == [3], "one request, not split"
+        assert back.outbox.dead_letters() == [] and len(back.outbox.items()) == 3
+        assert back._held("pacs", now + 1.0)
+
+
+def _spoil(back: SendBack, sop_class: str) -> None:
+    """Overwrite the queued object of ``sop_class`` (one only) with bytes that are not DICOM."""
+    [item] = [i for i in back.outbox.items() if i.sop_class_uid == sop_class]
+    (item.folder / "object.dcm").write_bytes(b"not a DICOM file at all")
+
+
+@pytest.mark.parametrize("kind", ["stow", "dimse"])
+def test_an_object_unreadable_on_disk_is_set_aside_and_never_holds_its_destination(
+    tmp_path: Path, kind: str
+) -> None:
+    """Before, it was retried for ever (reading it again gives the same), and once it was due alone
+    (its own backoff) STOW-RS sent nothing, which held the whole destination as if its PACS were down."""
+    with _stow_pacs(_refusing({})) as seen, _scp(sop_classes=(CR, GSPS, COMPREHENSIVE_SR)) as scp:
+        port = seen.pop(0)
+        back = _sendback(tmp_path, _stow(port) if kind == "stow" else scp.destination())
+        _queue_study(back, images=1)
+        _spoil(back, COMPREHENSIVE_SR)
+        now = time.time()
+        assert back.deliver_due(now) == 1, "the presentation state went"
+        assert back.outbox.items() == [] and not back._held("pacs", now)
+        [dead] = back.outbox.dead_letters()
+        reason = json.loads((dead.folder / "meta.json").read_text())["refused"]["reason"]
+        assert dead.sop_class_uid == COMPREHENSIVE_SR and reason.split("=")[0] in {
+            "object_unreadable",
+            "send_error",
+        }
+        # alone in its batch, as when it is due after its backoff: set aside, and nothing is held
+        _queue_study(back, images=1)
+        for item in back.outbox.items():
+            if item.sop_class_uid == GSPS:
+                back.outbox.delivered(item)
+        _spoil(back, COMPREHENSIVE_SR)
+        later = time.time()
+        assert back.deliver_due(later) == 0
+        assert back.outbox.items() == [] and len(back.outbox.dead_letters()) == 2
+        assert not back._held("pacs", later)
+
+
+def test_an_item_whose_meta_cannot_be_read_is_gauged_as_a_dead_letter_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, it was skipped without a word or a metric: never delivered, never seen."""
+    with _stow_pacs(_refusing({})) as seen:
+        back = _sendback(tmp_path, _stow(seen.pop(0)))
+        _queue_study(back, images=1)
+        [waiting, _] = back.outbox.items()
+        (waiting.folder / "meta.json").write_text("{")
+        with caplog.at_level(logging.WARNING, logger="serving.pacs"):
+            for _ in range(3):  # three passes of the delivery loop
+                back._set_depth(*back._listing())
+        lines = [r.getMessage() for r in caplog.records if "pacs_outbox_unreadable" in r.getMessage()]
+        assert lines == [
+            f"pacs_outbox_unreadable folder=outbox item={waiting.item_id} error_type=JSONDecodeError"
+        ]
+        assert _sample(back, "cxr_pacs_outbox_depth") == 1
+        assert (
+            back.metrics.registry.get_sample_value(
+                "cxr_pacs_outbox_dead_letters", {"destination": "(unreadable)"}
+            )
+            == 1
+        )
+        # an operator deletes it: the gauge falls back to 0 instead of firing its alert for ever
+        discard = waiting.folder
+        for f in discard.iterdir():
+            f.unlink()
+        discard.rmdir()
+        back._set_depth(*back._listing())
+        assert (
+            back.metrics.registry.get_sample_value(
+                "cxr_pacs_outbox_dead_letters", {"destination": "(unreadable)"}
+            )
+            == 0
+        )
