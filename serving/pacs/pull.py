@@ -196,15 +196,17 @@ class PacsPull:
             ) from exc
         return parts[0]
 
-    def fetch_study(self, study_uid: str) -> list[bytes]:
-        """Every radiograph of the study (blocking: run it in the worker pool).
+    def fetch_study(self, study_uid: str, listed: list[RemoteInstance] | None = None) -> list[bytes]:
+        """Every radiograph of the study, of ``listed`` (:meth:`instances`) if given (blocking: run it
+        in the worker pool). The gateway lists first, to charge the caller per radiograph before any
+        is fetched: a pull refused by the rate limit costs the PACS nothing.
 
         At most :data:`STUDY_BODIES` times ``CXR_MAX_BODY_BYTES`` in all: the study is held whole
         until it is analysed, and CXR_PACS_MAX_STUDY_INSTANCES instances each up to the body limit
         would be 64 x 64 MiB, 4 GiB for one request.
         """
         study_uid = check_uid(study_uid, "the study UID")
-        instances = self.instances(study_uid)
+        instances = self.instances(study_uid) if listed is None else listed
         limit = STUDY_BODIES * self.max_bytes
         data: list[bytes] = []
         total = 0

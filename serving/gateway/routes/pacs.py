@@ -36,8 +36,10 @@ async def analyze_study(
     # the audit line names the study (as its keyed hash) whether or not the pull or analysis succeeds
     request.state.study_uid = study_uid
     pull = PacsPull(state.settings)
-    instances = await asyncio.to_thread(pull.fetch_study, study_uid)  # network: not the CPU pool
-    charge_images(state, principal, len(instances))  # each radiograph is a detection, as in a batch
+    listed = await asyncio.to_thread(pull.instances, study_uid)  # network: not the CPU pool
+    # each radiograph is a detection, as in a batch; charged before the fetch, which a refusal spares
+    charge_images(state, principal, len(listed))
+    instances = await asyncio.to_thread(pull.fetch_study, study_uid, listed)
     # every result as it is stored, as STOW-RS does: a 503 on a later image still names the earlier ones
     named: list[str] = []
     request.state.result_ids = named

@@ -59,13 +59,21 @@ def test_a_stow_costs_one_rate_limit_token_per_instance_like_a_batch(
 class _FakePull:
     """Stands in for :class:`serving.pacs.pull.PacsPull`: the study's instances, no PACS needed."""
 
-    instances: list[bytes] = []
+    bodies: list[bytes] = []
+    fetched: list[str] = []  # the studies whose instances were retrieved
 
     def __init__(self, settings: Any) -> None:
         pass
 
-    def fetch_study(self, study_uid: str) -> list[bytes]:
-        return list(self.instances)
+    def instances(self, study_uid: str) -> list[Any]:
+        from serving.pacs.pull import RemoteInstance
+
+        cr = "1.2.840.10008.5.1.4.1.1.1"
+        return [RemoteInstance("1.2.3", f"1.2.3.{i}", cr) for i in range(len(self.bodies))]
+
+    def fetch_study(self, study_uid: str, listed: list[Any] | None = None) -> list[bytes]:
+        self.fetched.append(study_uid)
+        return list(self.bodies)
 
 
 @pytest.fixture()
@@ -73,6 +81,7 @@ def fake_pacs(monkeypatch: pytest.MonkeyPatch) -> type[_FakePull]:
     import serving.gateway.routes.pacs as pacs_route
 
     monkeypatch.setattr(pacs_route, "PacsPull", _FakePull)
+    monkeypatch.setattr(_FakePull, "fetched", [])
     return _FakePull
 
 
@@ -80,10 +89,11 @@ def test_a_study_pull_costs_one_rate_limit_token_per_instance(
     onnx_client: TestClient, keys: dict[str, str], tight_limit: None, fake_pacs: type[_FakePull]
 ) -> None:
     study = generate_uid()
-    fake_pacs.instances = [make_dicom(seed=100 + i, study_uid=study) for i in range(4)]
+    fake_pacs.bodies = [make_dicom(seed=100 + i, study_uid=study) for i in range(4)]
     r = onnx_client.post(f"/v1/studies/{study}/analyze?send_back=false", headers={"X-API-Key": keys["pacs"]})
     assert r.status_code == 429, r.text[:200]
     assert r.json()["error"]["code"] == "rate_limited"
+    assert fake_pacs.fetched == [], "refused before any instance was retrieved from the PACS"
 
 
 def test_a_study_pull_that_fails_midway_is_audited_naming_the_study_and_the_result_it_stored(
@@ -100,7 +110,7 @@ def test_a_study_pull_that_fails_midway_is_audited_naming_the_study_and_the_resu
     from serving.gateway.app import create_app
 
     study = generate_uid()
-    fake_pacs.instances = [make_dicom(seed=110, study_uid=study), make_dicom(seed=111, study_uid=study)]
+    fake_pacs.bodies = [make_dicom(seed=110, study_uid=study), make_dicom(seed=111, study_uid=study)]
     settings = onnx_settings(onnx_model, api_keys[0], tmp_path, audit_log=tmp_path / "audit.jsonl")
     write_stage_files(tmp_path / "gitops", production="1")
     stored: list[str] = []
@@ -110,7 +120,7 @@ def test_a_study_pull_that_fails_midway_is_audited_naming_the_study_and_the_resu
         first_done = asyncio.Event()
 
         async def detect(payloads: list[bytes], **kw: Any) -> list[DetectionReply]:
-            if not stored and not first_done.is_set() and payloads[0] == fake_pacs.instances[0]:
+            if not stored and not first_done.is_set() and payloads[0] == fake_pacs.bodies[0]:
                 replies: list[DetectionReply] = await original(payloads, **kw)
                 stored.append(replies[0].record.request_id)
                 first_done.set()
