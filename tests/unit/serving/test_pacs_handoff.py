@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from serving.gateway.auth import hash_key
 from serving.pacs import handoff
 from serving.pacs.outbox import Outbox, item_id
-from tests.unit.serving.serving_support import MemoryStore, onnx_settings
+from tests.unit.serving.serving_support import MemoryStore, make_dicom, onnx_settings
 
 pytestmark = pytest.mark.unit
 
@@ -140,7 +140,8 @@ def test_a_gateway_with_an_ephemeral_disk_hands_on_when_it_stops_and_another_ado
     with TestClient(leaving) as client:
         client.get("/v1/models", headers={"X-API-Key": key})  # refused to this role, and audited
         outbox = leaving.state.cxr.sendback.outbox
-        outbox.put("pacs", SR, "1.2.3.4", b"an SR its PACS has not taken yet")
+        # a readable object (one that is not would be set aside at once): its PACS is down
+        outbox.put("pacs", SR, "1.2.3.4", make_dicom(seed=1))
     assert outbox.items() == []
     audit = [k for k in store.objects if k.startswith("audit/")]
     assert audit and b"/v1/models" in store.objects[audit[0]]
