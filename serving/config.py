@@ -188,6 +188,24 @@ class ServingSettings(CoreSettings):
         description="instances of one study the SCP spool holds; a new one beyond gets 0xA700 "
         "(CXR_DIMSE_MAX_STUDY_INSTANCES)",
     )
+    dimse_max_spool_instances: int = Field(
+        default=20_000,
+        ge=1,
+        description="instances the SCP spool holds in all; a new one beyond gets 0xA700 "
+        "(CXR_DIMSE_MAX_SPOOL_INSTANCES)",
+    )
+    dimse_max_spool_studies: int = Field(
+        default=2_000,
+        ge=1,
+        description="studies the SCP spool holds; an instance of a new one beyond gets 0xA700 "
+        "(CXR_DIMSE_MAX_SPOOL_STUDIES)",
+    )
+    dimse_min_free_inodes: int = Field(
+        default=20_000,
+        ge=0,
+        description="free inodes the SCP spool leaves on its file system: 0xA700 below "
+        "(CXR_DIMSE_MIN_FREE_INODES; not checked where the file system counts none)",
+    )
     dimse_forward_concurrency: int = Field(
         default=4, ge=1, le=32, description="DIMSE studies the SCP has a gateway request open for at once"
     )

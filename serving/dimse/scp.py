@@ -13,7 +13,10 @@ pynetdicom does the protocol. What this module decides:
   "it cannot be lost". An instance the forwarder could not hand to the gateway (over
   ``max_instance_bytes``: the gateway's body limit less the multipart framing, ``service.py``)
   or a new instance of a study that already has the spool's maximum waiting is refused with
-  0xA700 instead: acknowledged, it would wait in the spool for ever. The forwarder
+  0xA700 instead: acknowledged, it would wait in the spool for ever. So is any instance while the
+  spool is full (its disk's byte or inode reserve, or its maximum of instances or studies): that
+  is logged once when the spell of refusals begins and once when the spool takes instances again,
+  not per instance (a sender retrying at once would write a line per try). The forwarder
   (``forwarder.py``) then hands it to the gateway at once, and the study's results are sent
   back once it settled.
 """
@@ -38,7 +41,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from serving.dicom.headers import instance_header  # the one guarded header read STOW-RS uses too
 from serving.dicom.sop_classes import RADIOGRAPH_SOP_CLASSES
-from serving.dimse.spool import InstanceSpool, StudyFull
+from serving.dimse.spool import InstanceSpool, SpoolFull, StudyFull
 from serving.dimse.transport import BoundedAssociationServer, BoundedRequestHandler
 
 log = logging.getLogger("cxr.dimse")
@@ -113,6 +116,31 @@ class StorageScp:
             )
             self.ae.add_supported_context(context.abstract_syntax, syntaxes)
         self._server: Any = None
+        # instances refused since the spool was found full (0: it has room); one log line per spell
+        self._spell_lock = threading.Lock()
+        self._refused = 0
+
+    def _refuse_full(self, exc: SpoolFull) -> int:
+        """0xA700 for an instance the spool has no room for; the spell's first refusal is logged."""
+        with self._spell_lock:
+            self._refused += 1
+            first = self._refused == 1
+        if first:  # counts only: nothing of the instance or its sender
+            log.warning("dimse_spool_full reason=%s held=%d limit=%d", exc.reason, exc.held, exc.limit)
+        return OUT_OF_RESOURCES
+
+    def _end_spell(self) -> None:
+        """After an instance was stored: the spell of refusals ends once the spool has room again.
+
+        For a new study, the strictest case: an instance sent again, or one more of a study already
+        waiting, can be stored while new studies are still refused, and ended no spell.
+        """
+        if not self._refused or self.spool.full() is not None:
+            return
+        with self._spell_lock:
+            refused, self._refused = self._refused, 0
+        if refused:
+            log.info("dimse_spool_has_room refused=%d", refused)
 
     def handle_store(self, event: Any) -> int:
         """One C-STORE: refuse with a status, or spool durably and answer Success."""
@@ -140,6 +168,8 @@ class StorageScp:
                 "dimse_store_refused reason=study_full instances=%d limit=%d", exc.instances, exc.limit
             )
             return OUT_OF_RESOURCES
+        except SpoolFull as exc:
+            return self._refuse_full(exc)
         except OSError as exc:
             log.warning("dimse_store_failed reason=spool_write error_type=%s", type(exc).__name__)
             return OUT_OF_RESOURCES
@@ -152,6 +182,7 @@ class StorageScp:
             RADIOGRAPH_SOP_CLASSES[sop_class].replace(" ", "_"),
             len(data),
         )
+        self._end_spell()
         return SUCCESS
 
     def start(self) -> None:

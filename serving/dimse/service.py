@@ -40,7 +40,11 @@ def gateway_key(settings: ServingSettings) -> str:
 
 def build(settings: ServingSettings) -> tuple[StorageScp, Forwarder]:
     spool = InstanceSpool(
-        settings.resolved_dimse_spool_dir, max_study_instances=settings.dimse_max_study_instances
+        settings.resolved_dimse_spool_dir,
+        max_study_instances=settings.dimse_max_study_instances,
+        max_instances=settings.dimse_max_spool_instances,
+        max_studies=settings.dimse_max_spool_studies,
+        min_free_inodes=settings.dimse_min_free_inodes,
     )
     scp = StorageScp(
         ScpConfig(

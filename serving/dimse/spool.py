@@ -16,7 +16,13 @@ over while later instances keep its folder, that mtime is set to the earliest of
 the study's next round. A write that fails leaves neither a temp file nor, for a study's first
 instance, the folder: a folder without an instance is never listed, so it would never be removed.
 At most ``max_study_instances`` instances wait per study (:class:`StudyFull` beyond), and no
-write leaves the disk with less than ``min_free_bytes`` free (:class:`SpoolDiskLow`).
+write leaves the disk with less than ``min_free_bytes`` free (:class:`SpoolDiskLow`). Bytes are
+not the only bound: a sender of many tiny instances (each one-instance study is a folder, its UID
+file, the instance and its marker) ran the file system out of inodes with bytes to spare, and made
+the forwarder's listing (every folder, on every store) ever longer. So the whole spool holds at
+most ``max_instances`` instances in ``max_studies`` studies, and no write leaves the file system
+with fewer than ``min_free_inodes`` free inodes (:class:`SpoolFull`). Those counts are kept as
+the spool writes and removes (counted from the disk at start): a C-STORE lists nothing.
 
 One lock orders the SCP's writes against the forwarder's deletions, so an instance that
 arrives while its study is being handed over is never removed unsent.
@@ -30,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +66,26 @@ def _instance_key(sop_uid: str, patient: str) -> str:
     return _key(sop_uid) if not patient else _key(json.dumps([sop_uid, patient]))
 
 
-class SpoolDiskLow(OSError):
+class SpoolFull(OSError):
+    """The spool has no room for a new instance: refused (the SCP answers 0xA700).
+
+    ``reason`` names the bound reached: ``instances`` or ``studies`` (``held`` of at most ``limit``
+    wait), ``inodes`` (``held`` free inodes would be left, under a reserve of ``limit``) or
+    ``disk_bytes`` (:class:`SpoolDiskLow`).
+    """
+
+    def __init__(self, reason: str, held: int, limit: int) -> None:
+        super().__init__(errno.ENOSPC, f"the spool is full: {reason} {held}, limit {limit}")
+        self.reason = reason
+        self.held = held
+        self.limit = limit
+
+
+class SpoolDiskLow(SpoolFull):
     """The write would leave less than the spool's disk reserve free: refused (the SCP answers 0xA700)."""
+
+    def __init__(self, free: int, limit: int) -> None:
+        super().__init__("disk_bytes", free, limit)
 
 
 class StudyFull(Exception):
@@ -117,6 +142,13 @@ def _remove_folder(folder: Path) -> None:
     folder.rmdir()
 
 
+def _free_inodes(folder: Path) -> int | None:
+    """Inodes an unprivileged writer may still create on ``folder``'s file system; None where the file
+    system reports no inode count (``f_files`` 0: btrfs, some network and FUSE file systems)."""
+    st = os.statvfs(folder)
+    return None if st.f_files == 0 else st.f_favail
+
+
 def _current_copy(instance: Path) -> str | None:
     """The copy of ``instance`` on disk now; None once removed."""
     try:
@@ -127,11 +159,21 @@ def _current_copy(instance: Path) -> str | None:
 
 class InstanceSpool:
     def __init__(
-        self, root: Path, max_study_instances: int = 500, min_free_bytes: int = DISK_RESERVE_BYTES
+        self,
+        root: Path,
+        max_study_instances: int = 500,
+        min_free_bytes: int = DISK_RESERVE_BYTES,
+        *,
+        max_instances: int = 20_000,
+        max_studies: int = 2_000,
+        min_free_inodes: int = 20_000,
     ) -> None:
         self.root = root
         self.max_study_instances = max_study_instances
         self.min_free_bytes = min_free_bytes
+        self.max_instances = max_instances
+        self.max_studies = max_studies
+        self.min_free_inodes = min_free_inodes
         self.studies_dir = root / "studies"
         self.studies_dir.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
@@ -141,6 +183,8 @@ class InstanceSpool:
         discard_leftovers(self.studies_dir, "*/.tmp-*")  # writes a crash interrupted: never acknowledged
         self._discard_empty_folders()
         self._repair_uid_files()
+        # what the spool holds, kept by write and remove under the lock: the room check lists nothing
+        self._studies, self._instances = self._count_held()
 
     def _discard_empty_folders(self) -> None:
         """Delete study folders without an instance (a crash between creating one and its first
@@ -177,6 +221,41 @@ class InstanceSpool:
         if repaired or unreadable:  # folder names are hashes: nothing identifying in the line
             log.warning("dimse_spool_uid_repaired studies=%d unreadable=%d", repaired, unreadable)
 
+    def _count_held(self) -> tuple[int, int]:
+        """(studies, instances) on disk: folders with an instance, and their instances. Only at start."""
+        studies = instances = 0
+        with os.scandir(self.studies_dir) as folders:
+            for entry in folders:
+                if entry.is_dir(follow_symlinks=False):
+                    held = len(_instance_names(Path(entry.path)))
+                    studies += held > 0
+                    instances += held
+        return studies, instances
+
+    @property
+    def held(self) -> tuple[int, int]:
+        """(studies, instances) waiting, as counted by the spool (no listing)."""
+        return self._studies, self._instances
+
+    def full(self, size: int = 0, *, new_study: bool = True, new_instance: bool = True) -> SpoolFull | None:
+        """Why an instance of ``size`` bytes would be refused now (for a new study, by default); None: room.
+
+        A resent instance (``new_instance`` False) replaces its copy: it adds nothing to the counts,
+        but its copy is written beside the old one first, so the bytes and inodes are checked all the same.
+        """
+        if not leaves_reserve(self.studies_dir, size, self.min_free_bytes):
+            return SpoolDiskLow(shutil.disk_usage(self.studies_dir).free, self.min_free_bytes)
+        if new_instance and self._instances >= self.max_instances:
+            return SpoolFull("instances", self._instances, self.max_instances)
+        if new_study and self._studies >= self.max_studies:
+            return SpoolFull("studies", self._studies, self.max_studies)
+        free = _free_inodes(self.studies_dir)
+        # a new study's folder, UID file, instance and marker; an instance and its marker otherwise
+        needed = 4 if new_study else 2
+        if free is not None and free - needed < self.min_free_inodes:
+            return SpoolFull("inodes", free, self.min_free_inodes)
+        return None
+
     def write(self, study_uid: str, sop_uid: str, data: bytes, *, patient: str = "") -> Path:
         """Store one instance durably (blocking). A second copy of the same instance replaces the first.
 
@@ -186,19 +265,25 @@ class InstanceSpool:
         the gateway, which refuses one patient's image in another's study, has the last word on both.
 
         Raises :class:`StudyFull` for a new instance of a study that has ``max_study_instances``
-        waiting, :class:`SpoolDiskLow` (before writing anything) when it would leave less than
-        ``min_free_bytes`` free, and ``OSError`` when the disk refuses the write: then nothing of
-        this call is left, and a study folder that held no instance before it is removed.
+        waiting, :class:`SpoolFull` (before writing anything) when the spool has no room for it
+        (:meth:`full`: :class:`SpoolDiskLow` for the byte reserve), and ``OSError`` when the disk
+        refuses the write: then nothing of this call is left, and a study folder that held no
+        instance before it is removed.
         """
         with self.lock:
-            if not leaves_reserve(self.studies_dir, len(data), self.min_free_bytes):
-                raise SpoolDiskLow(errno.ENOSPC, f"the spool leaves {self.min_free_bytes} bytes free")
             folder = self.studies_dir / _key(study_uid)
-            folder.mkdir(parents=True, exist_ok=True)
             target = folder / f"{_instance_key(sop_uid, patient)}.dcm"
-            held = _instance_names(folder)
-            if target.name not in held and len(held) >= self.max_study_instances:
+            try:
+                held = _instance_names(folder)
+            except FileNotFoundError:
+                held = set()
+            new_instance = target.name not in held
+            if new_instance and len(held) >= self.max_study_instances:
                 raise StudyFull(len(held), self.max_study_instances)
+            refused = self.full(len(data), new_study=not held, new_instance=new_instance)
+            if refused is not None:
+                raise refused
+            folder.mkdir(parents=True, exist_ok=True)
             try:
                 self._write(folder, target, study_uid, data, first=not held)
             except BaseException:
@@ -207,6 +292,10 @@ class InstanceSpool:
                         _remove_folder(folder)
                     self._uids.pop(folder.name, None)
                 raise
+            finally:  # a write that failed after its rename left the instance: counted, as it is on disk
+                if new_instance and target.exists():
+                    self._instances += 1
+                    self._studies += not held
         self.changed.set()
         return target
 
@@ -336,15 +425,21 @@ class InstanceSpool:
         """
         listed = dict(zip(study.files, study.stamps, strict=True))
         with self.lock:
+            removed = 0
             for f in study.files:
                 current = _current_copy(f)
                 if current is not None and current != listed[f]:
                     continue  # sent again since the listing: that copy is still to be analysed
-                f.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+                    removed += 1
                 for marker in study.folder.glob(f"{f.stem}.*.analysed"):
                     marker.unlink(missing_ok=True)
             # under the lock: nothing else removes an instance meanwhile
             kept = [f.stat().st_mtime_ns for f in study.folder.glob("*.dcm")]
+            self._instances = max(0, self._instances - removed)
+            if removed and not kept:
+                self._studies = max(0, self._studies - 1)
             if not kept:
                 _remove_folder(study.folder)
                 self._uids.pop(study.folder.name, None)

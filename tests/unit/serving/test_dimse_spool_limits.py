@@ -315,3 +315,179 @@ def test_a_study_folder_without_an_instance_is_removed_at_start(tmp_path: Path) 
     (stray / "study_uid").write_text("1.2.4")
     again = InstanceSpool(tmp_path)
     assert not stray.exists() and [s.study_uid for s in again.studies()] == ["1.2.3"]
+
+
+# --- 4. a spool of many tiny instances -----------------------------------------------------------
+# Bytes were its only bound: a sender of many small instances (each one-instance study a folder, a UID
+# file, the instance and its marker) ran the file system out of inodes with bytes to spare, and made
+# the forwarder's listing of every folder, on every store, ever longer.
+
+
+def _statvfs_with(monkeypatch: pytest.MonkeyPatch, files: int, favail: int) -> None:
+    """The spool's file system reports ``favail`` free inodes of ``files`` (0: it counts none)."""
+    real = os.statvfs
+
+    class Reported:
+        def __init__(self, st: os.statvfs_result) -> None:
+            self._st = st
+            self.f_files, self.f_favail, self.f_ffree = files, favail, favail
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._st, name)
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Reported(real(path)))
+
+
+def test_the_spool_counts_what_it_holds_as_it_goes_and_from_the_disk_at_start(tmp_path: Path) -> None:
+    spool = InstanceSpool(tmp_path)
+    spool.write("1.2.3", "1.2.3.1", b"one")
+    spool.write("1.2.3", "1.2.3.2", b"two")
+    spool.write("1.2.3", "1.2.3.1", b"one again")  # replaces its copy: nothing more held
+    spool.write("1.2.4", "1.2.4.1", b"three")
+    assert spool.held == spool.depth() == (2, 3)
+    [first, second] = sorted(spool.studies(), key=lambda s: s.study_uid)
+    spool.write("1.2.3", "1.2.3.3", b"late")  # arrives during the hand-over: stays
+    spool.remove(first)
+    spool.remove(second)
+    assert spool.held == spool.depth() == (1, 1)
+    spool.write("1.2.5", "1.2.5.1", b"four")
+    assert InstanceSpool(tmp_path).held == spool.held == (2, 2)  # a restarted SCP counts the disk
+
+
+def test_a_full_spool_refuses_new_instances_and_studies_with_out_of_resources_logged_once_a_spell(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = ServingSettings(
+        stack_dir=tmp_path, dimse_api_key="k", dimse_max_spool_instances=3, dimse_max_spool_studies=2
+    )
+    scp, _ = build(settings)
+    spool = scp.spool
+    study = generate_uid()
+    first, second = (_instance(study, seed) for seed in (101, 102))
+    other = make_dicom(seed=103)
+    with caplog.at_level(logging.INFO, logger="cxr.dimse"):
+        assert [scp.handle_store(_event(d)) for d in (first[1], second[1], other)] == [0x0000] * 3
+        # three instances held: anything new is refused, however many times it is tried
+        refused = [make_dicom(seed=104 + i) for i in range(5)] + [make_dicom(seed=110, study_uid=study)]
+        assert [scp.handle_store(_event(d)) for d in refused] == [0xA700] * 6
+        assert scp.handle_store(_event(first[1])) == 0x0000  # sent again: replaces its copy
+        assert scp.handle_store(_event(make_dicom(seed=111))) == 0xA700
+    assert caplog.text.count("dimse_spool_full") == 1
+    assert "dimse_spool_full reason=instances held=3 limit=3" in caplog.text
+    assert "dimse_spool_has_room" not in caplog.text  # the resend stored, the spool still full
+    assert study not in caplog.text and first[0] not in caplog.text
+    assert spool.held == spool.depth() == (2, 3)
+    # the forwarder hands a study over: room for one instance, which the waiting study takes
+    [done] = [s for s in spool.studies() if s.study_uid != study]
+    spool.remove(done)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cxr.dimse"):
+        assert scp.handle_store(_event(make_dicom(seed=112, study_uid=study))) == 0x0000
+        assert [scp.handle_store(_event(make_dicom(seed=113 + i))) for i in range(2)] == [0xA700] * 2
+    assert "dimse_spool_full" not in caplog.text  # full again at once: the same spell goes on
+    assert "dimse_spool_has_room" not in caplog.text
+    [done] = spool.studies()
+    spool.remove(done)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cxr.dimse"):
+        assert scp.handle_store(_event(make_dicom(seed=115))) == 0x0000
+        assert scp.handle_store(_event(make_dicom(seed=116))) == 0x0000
+    assert caplog.text.count("dimse_spool_has_room refused=9") == 1  # the spell's refusals, once
+    assert "dimse_spool_full" not in caplog.text
+    assert spool.held == spool.depth() == (2, 2)
+
+
+def test_the_spool_refuses_a_new_study_beyond_its_study_cap(tmp_path: Path) -> None:
+    from serving.dimse.spool import SpoolFull
+
+    spool = InstanceSpool(tmp_path, max_studies=1)
+    spool.write("1.2.3", "1.2.3.1", b"one")
+    with pytest.raises(SpoolFull) as refused:
+        spool.write("1.2.4", "1.2.4.1", b"two")
+    assert (refused.value.reason, refused.value.held, refused.value.limit) == ("studies", 1, 1)
+    spool.write("1.2.3", "1.2.3.2", b"three")  # another instance of the study waiting: room
+    assert spool.held == (1, 2)
+    assert [p.name for p in spool.studies_dir.iterdir()] == [spool.studies()[0].folder.name]
+
+
+def test_the_spool_leaves_an_inode_reserve_where_its_file_system_counts_inodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Plenty of bytes, few inodes left: refused with 0xA700 and nothing written, not even a folder."""
+    scp, _ = build(ServingSettings(stack_dir=tmp_path, dimse_api_key="k", dimse_min_free_inodes=1000))
+    _statvfs_with(monkeypatch, files=1_000_000, favail=1003)  # a new study needs 4
+    with caplog.at_level(logging.INFO, logger="cxr.dimse"):
+        assert [scp.handle_store(_event(make_dicom(seed=120 + i))) for i in range(3)] == [0xA700] * 3
+    assert list(scp.spool.studies_dir.iterdir()) == [] and scp.spool.held == (0, 0)
+    assert caplog.text.count("dimse_spool_full reason=inodes held=1003 limit=1000") == 1
+    _statvfs_with(monkeypatch, files=0, favail=0)  # a file system that counts no inodes: not checked
+    assert scp.handle_store(_event(make_dicom(seed=123))) == 0x0000
+    _statvfs_with(monkeypatch, files=1_000_000, favail=500_000)
+    assert scp.handle_store(_event(make_dicom(seed=124))) == 0x0000
+    assert scp.spool.held == (2, 2)
+
+
+def test_the_dimse_service_takes_the_spool_bounds_from_the_settings(tmp_path: Path) -> None:
+    settings = ServingSettings(
+        stack_dir=tmp_path,
+        dimse_api_key="k",
+        dimse_max_spool_instances=11,
+        dimse_max_spool_studies=5,
+        dimse_min_free_inodes=77,
+    )
+    scp, _ = build(settings)
+    assert (scp.spool.max_instances, scp.spool.max_studies, scp.spool.min_free_inodes) == (11, 5, 77)
+    defaults = ServingSettings(stack_dir=tmp_path)
+    assert defaults.dimse_max_spool_instances >= defaults.dimse_max_study_instances
+    assert defaults.dimse_min_free_inodes > 0
+
+
+def test_the_scp_refuses_over_the_network_when_the_spool_is_full_and_serves_again_once_it_has_room(
+    tmp_path: Path,
+) -> None:
+    """On loopback, through pynetdicom: the sender gets 0xA700 in an association that stays up, C-ECHO
+    still answers, and once the forwarder handed a study over the same association stores again."""
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    settings = ServingSettings(
+        stack_dir=tmp_path, dimse_api_key="k", dimse_port=port, dimse_max_spool_studies=2
+    )
+    scp, _ = build(settings)
+    spool = scp.spool
+    modality = AE(ae_title="MODALITY")
+    modality.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1")  # DX for presentation
+    modality.add_requested_context(Verification)
+    scp.start()
+    try:
+        assoc = modality.associate("127.0.0.1", port, ae_title="CXR")
+        assert assoc.is_established
+        try:
+
+            def store(seed: int) -> int:
+                return int(assoc.send_c_store(pydicom.dcmread(io.BytesIO(make_dicom(seed=seed)))).Status)
+
+            assert [store(seed) for seed in (131, 132)] == [0x0000, 0x0000]
+            assert [store(seed) for seed in (133, 134, 135)] == [0xA700] * 3
+            assert assoc.is_established
+            assert int(assoc.send_c_echo().Status) == 0x0000
+            spool.remove(spool.studies()[0])  # handed over: room for one study
+            assert store(136) == 0x0000
+            assert store(137) == 0xA700
+        finally:
+            assoc.release()
+        again = modality.associate("127.0.0.1", port, ae_title="CXR")  # a new association is served
+        assert again.is_established
+        try:
+            assert int(again.send_c_echo().Status) == 0x0000
+        finally:
+            again.release()
+    finally:
+        scp.stop()
+        scp.end_associations(1.0)
+    assert spool.held == spool.depth() == (2, 2)
