@@ -1,6 +1,9 @@
 """The MLflow model registry: the one client training, delivery and the pipeline steps use.
 
-Training only ever CREATES versions (:meth:`ModelRegistry.register`). Aliases (``staging``,
+Training only ever CREATES versions (:meth:`ModelRegistry.register`), each marked incomplete
+(:data:`INCOMPLETE_TAG`) until the run that made it has finished, and withdrawn when that run fails
+after registering (:meth:`ModelRegistry.withdraw`); every read of a version refuses one still
+marked, so a run that failed or died after registering leaves no usable model. Aliases (``staging``,
 ``canary``, ``production``) are the delivery pipeline's decision (``cxr promote``), made after
 gates and review; they mirror the overlay files so the MLflow UI shows what serves where, and the
 files stay the truth (a ``git revert`` wins; the next promote, rollback or reconcile re-points the
@@ -30,6 +33,11 @@ ONNX_ARTIFACT_DIR = "onnx"
 ONNX_FILE = "model.onnx"
 WEIGHTS_ARTIFACT = "weights/best.pt"
 MODEL_DESCRIPTION = "Chest X-ray finding detector (YOLO11, 14 VinDr-CXR classes), ONNX for Triton."
+#: on a version from its creation until the training run that registered it has finished
+#: (:func:`complete_version`); a version that still carries it was left by a run that failed, or died,
+#: after registering and before its withdrawal could delete it: every read of it is refused
+INCOMPLETE_TAG = "registration"
+INCOMPLETE = "incomplete"
 #: MLflow's column for a model version's description (``model_versions.description``, VARCHAR(5000))
 DESCRIPTION_LIMIT = 5000
 TRUNCATION_NOTE = (
@@ -163,9 +171,19 @@ class ModelRegistry:
     # ------------------------------------------------------------------ versions
 
     def register(
-        self, run_id: str, tags: LineageTags, model_card: str, run_tags: dict[str, str] | None = None
+        self,
+        run_id: str,
+        tags: LineageTags,
+        model_card: str,
+        run_tags: dict[str, str] | None = None,
+        *,
+        incomplete: bool = False,
     ) -> str:
-        """Register the run's ONNX artifact as a new version; returns the version number."""
+        """Register the run's ONNX artifact as a new version; returns the version number.
+
+        ``incomplete``: created with :data:`INCOMPLETE_TAG` (in the same call, so no version is ever
+        without it), refused by every read until :meth:`complete` clears it.
+        """
         from mlflow.exceptions import MlflowException
 
         name = self.model_name
@@ -175,19 +193,61 @@ class ModelRegistry:
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc):  # a parallel run created it first: fine
                 raise RegistryError(f"cannot create registered model {name}: {exc}") from exc
+        marker = {INCOMPLETE_TAG: INCOMPLETE} if incomplete else {}
         try:
             run = self._client.get_run(run_id)
             version = self._client.create_model_version(
                 name,
                 source=f"{run.info.artifact_uri}/{ONNX_ARTIFACT_DIR}",
                 run_id=run_id,
-                tags={**tags.as_tags(), **(run_tags or {})},
+                tags={**tags.as_tags(), **(run_tags or {}), **marker},
                 description=fit_description(model_card),
             )
         except MlflowException as exc:
             raise RegistryError(f"cannot register a version of {name} from run {run_id}: {exc}") from exc
-        log.info("event=model_registered name=%s version=%s run_id=%s", name, version.version, run_id)
+        log.info(
+            "event=model_registered name=%s version=%s run_id=%s incomplete=%s",
+            name,
+            version.version,
+            run_id,
+            incomplete,
+        )
         return str(version.version)
+
+    def complete(self, version: str) -> None:
+        """Clear the version's :data:`INCOMPLETE_TAG`: its run has finished, the version may be used."""
+        try:
+            self._client.delete_model_version_tag(self.model_name, str(version), INCOMPLETE_TAG)
+        except Exception as exc:  # MlflowException or a connection error
+            raise self._unreachable(exc, f"marking version {version} complete") from exc
+        log.info("event=model_version_complete name=%s version=%s", self.model_name, version)
+
+    def withdraw(self, version: str, run_id: str) -> None:
+        """Delete a version whose run failed after registering it; never raises (it runs on a failure).
+
+        Where the delete fails too (MLflow down), the version keeps, or is given again,
+        :data:`INCOMPLETE_TAG`, which every read refuses; the log line names it for deleting by hand.
+        """
+        name = self.model_name
+        try:
+            self._client.delete_model_version(name, str(version))
+        except Exception as exc:
+            try:  # the tag may have been cleared already (the failure came after :meth:`complete`)
+                self._client.set_model_version_tag(name, str(version), INCOMPLETE_TAG, INCOMPLETE)
+                marked = True
+            except Exception:
+                marked = False
+            log.error(
+                "event=model_version_withdraw_failed name=%s version=%s run_id=%s marked_incomplete=%s "
+                "error=%s note=delete it in the MLflow UI",
+                name,
+                version,
+                run_id,
+                marked,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
+            return
+        log.warning("event=model_version_withdrawn name=%s version=%s run_id=%s", name, version, run_id)
 
     def architecture(self, version: str) -> str | None:
         """The architecture a version was trained as (its run's ``model`` parameter); None if unrecorded."""
@@ -211,7 +271,7 @@ class ModelRegistry:
             )
         self._ensure_reachable(f"reading version {version}")
         try:
-            return self._client.get_model_version(self.model_name, str(version).strip())
+            mv = self._client.get_model_version(self.model_name, str(version).strip())
         except MlflowException as exc:
             if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
                 raise RegistryError(
@@ -221,6 +281,13 @@ class ModelRegistry:
             raise self._unreachable(exc, f"reading version {version}") from exc
         except Exception as exc:  # connection errors surface as requests/urllib3 exceptions
             raise self._unreachable(exc, f"reading version {version}") from exc
+        if (mv.tags or {}).get(INCOMPLETE_TAG) == INCOMPLETE:  # not RegistryUnreachable: no cache fallback
+            raise RegistryError(
+                f"{self.model_name} version {version} is incomplete: MLflow run {mv.run_id} registered it "
+                "and then failed (or has not finished), so it is not a usable model; use another "
+                "version, and delete this one in the MLflow UI"
+            )
+        return mv
 
     def facts(self, version: str) -> VersionFacts:
         """Lineage tags of a registered version; an unknown version is a clear error."""
@@ -363,8 +430,27 @@ def register_version(
     model_card: str,
     run_tags: dict[str, str] | None = None,
 ) -> str:
-    """Register a training run's ONNX as a new version of the settings' registered model."""
-    return ModelRegistry.from_settings(settings).register(run_id, tags, model_card, run_tags)
+    """Register a training run's ONNX as a new version of the settings' registered model.
+
+    The version is incomplete (refused by every read) until :func:`complete_version`; a run that
+    fails before then calls :func:`withdraw_version`.
+    """
+    return ModelRegistry.from_settings(settings).register(run_id, tags, model_card, run_tags, incomplete=True)
+
+
+def complete_version(settings: TrainSettings, version: str) -> None:
+    """The run that registered ``version`` has finished: the version may be used."""
+    ModelRegistry.from_settings(settings).complete(version)
+
+
+def withdraw_version(settings: TrainSettings, version: str, run_id: str) -> None:
+    """The run that registered ``version`` failed: delete it (or leave it refused); never raises."""
+    try:
+        registry = ModelRegistry.from_settings(settings)
+    except RegistryError as exc:  # cannot happen after a registration with the same settings; say so anyway
+        log.error("event=model_version_withdraw_failed version=%s run_id=%s error=%s", version, run_id, exc)
+        return
+    registry.withdraw(version, run_id)
 
 
 def download_onnx(version: str, dest: Path, settings: TrainSettings | None = None) -> Path:

@@ -4,7 +4,9 @@ Steps, in order: resolve the dataset, open the MLflow run, train with Ray,
 evaluate the best weights on the test split, export ONNX and prove parity
 (raw outputs and mAP), evaluate the ONNX model (with latency), log artifacts,
 register the version with its lineage tags and model card. Any failure marks
-the MLflow run FAILED and nothing is registered.
+the MLflow run FAILED and leaves nothing registered: the version is usable only once the run has
+FINISHED, and a failure after its creation deletes it (or, where MLflow cannot, leaves it marked
+incomplete, which every read of it refuses: training/registry.py).
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ from training.operating_points import (
 from training.predictors import OrtPredictor, TorchPredictor
 from training.prelaunch import PrelaunchedFit, make_run_name
 from training.ray_trainer import DistributedRun, fit_distributed
-from training.registry import LineageTags, download_weights, follow_base_architecture, register_version
+from training.registry import (
+    LineageTags,
+    complete_version,
+    download_weights,
+    follow_base_architecture,
+    register_version,
+    withdraw_version,
+)
 from training.subgroups import run_metrics as subgroup_run_metrics
 from training.subgroups import version_tags as subgroup_tags
 from training.tracking import Tracker, git_commit
@@ -305,7 +314,10 @@ def _register(
     card: str,
     run_name: str,
 ) -> str:
-    """Register the version with its card and lineage tags (dataset, commit, config/ONNX hashes, mAP)."""
+    """Register the version with its card and lineage tags (dataset, commit, config/ONNX hashes, mAP).
+
+    The version is incomplete (refused by every read) until :func:`complete_version`.
+    """
     lineage = LineageTags(
         dataset_version=data.version,
         git_commit=commit,
@@ -368,9 +380,10 @@ def train_and_register(
     check_test_split(data, settings.min_test_images)
     config = follow_base_architecture(config, settings)
     commit = git_commit()
-    # [2] the MLflow run: any failure below marks it FAILED and nothing is registered
+    # [2] the MLflow run: any failure below marks it FAILED and withdraws the version it registered
     tracker = Tracker(settings)
     tracker.start(run_name, config, data, commit)
+    version = ""
     try:
         with reporting() as progress:  # the command's reporter: epochs as a bar, then each stage
             report_link = _log_dataset_report(tracker, data, settings)
@@ -391,7 +404,11 @@ def train_and_register(
                 artifact_uri = tracker.artifact_uri()
                 reg.done("ok", f"{settings.registered_model} v{version}", model_version=version)
         tracker.end("FINISHED")
+        # [5] the last step: only a version whose run FINISHED may be used (a crash before leaves it refused)
+        complete_version(settings, version)
     except BaseException:
+        if version:  # first: ending the run needs MLflow too, and may fail as well
+            withdraw_version(settings, version, tracker.run_id)
         tracker.end("FAILED")
         raise
     return TrainOutcome(
