@@ -25,7 +25,9 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from core.errors import CxrError
 from core.progress import reporting
+from core.stage_file import read_stage_file
 from core.stages import PROMOTION_ORDER
 from stack.components import http_ok
 from stack.config import StackSettings
@@ -161,10 +163,42 @@ def _phantoms(
 
 
 def registered_versions(mlflow_uri: str) -> list[str]:
+    """The usable versions: not one a failed training run left marked incomplete (training/registry.py),
+    which every read refuses. Counted, such a leftover (a first ``make up`` killed while registering)
+    skipped the bootstrap on every later ``make up``, and the stack served nothing for good."""
     from mlflow import MlflowClient
 
+    from training.registry import INCOMPLETE, INCOMPLETE_TAG
+
     client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
-    return [v.version for v in client.search_model_versions(f"name='{MODEL_NAME}'")]
+    return [
+        v.version
+        for v in client.search_model_versions(f"name='{MODEL_NAME}'")
+        if (v.tags or {}).get(INCOMPLETE_TAG) != INCOMPLETE
+    ]
+
+
+def _skipped(settings: StackSettings, versions: list[str]) -> tuple[str, str | None]:
+    """Why the bootstrap did not run, and what to do when production serves nothing; and what
+    production serves ("" nothing, None unknown).
+
+    A first ``make up`` whose promotion failed (the error named the command) leaves a registered
+    version and no production model; the next ``make up`` skipped the bootstrap with only the
+    versions' numbers, and the gateway answered 503 with nothing on screen saying why.
+    """
+    line = f"[yellow]-[/] bootstrap skipped: {MODEL_NAME} has versions {', '.join(versions)}"
+    try:
+        production = read_stage_file(settings.gitops_checkout, PROMOTION_ORDER[-1])
+    except (OSError, CxrError):  # not readable here: the stack's own checks say so
+        return line, None
+    if production.serves:
+        return line, production.model_version
+    newest = max(versions, key=lambda v: int(v) if v.isdigit() else -1)
+    return (
+        f"{line}, but production serves none. To serve the newest: "
+        f"cxr promote {newest} --to production --through --force --reason '...'",
+        "",
+    )
 
 
 def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> str | None:
@@ -172,12 +206,14 @@ def ensure_served_model(settings: StackSettings, timeout_s: float = 180.0) -> st
     env = _env(settings)
     versions = registered_versions(env["CXR_MLFLOW_URI"])
     if versions:
+        text, production = _skipped(settings, versions)
         with reporting() as progress:
             progress.event(
                 "bootstrap_skipped",
-                f"[yellow]-[/] bootstrap skipped: {MODEL_NAME} has versions {', '.join(versions)}",
+                text,
                 reason="registry-has-versions",
                 versions=",".join(versions),
+                production=None if production is None else production or "none",
             )
         return None
     work = settings.state / "bootstrap"
