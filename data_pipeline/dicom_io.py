@@ -16,6 +16,7 @@ surfaces as :class:`~data_pipeline.errors.UnsupportedImage` or
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -174,11 +175,16 @@ def max_file_bytes(limits: DicomLimits) -> int:
     return limits.max_pixel_bytes + limits.max_pixel_bytes // 4 + FILE_SLACK_BYTES
 
 
-def read_image_file(path: str | Path, max_bytes: int) -> bytes:
-    """A file's bytes, refused (:class:`UnsupportedImage`) above ``max_bytes`` before it is read whole."""
+def read_image_file(path: str | Path, max_bytes: int, *, follow_symlinks: bool = True) -> bytes:
+    """A file's bytes, refused (:class:`UnsupportedImage`) above ``max_bytes`` before it is read whole.
+
+    ``follow_symlinks=False``: a symbolic link is refused (:class:`UnsupportedImage`) when opened,
+    not only when listed: one that replaced the listed file meanwhile is not followed either.
+    """
     name = Path(path).name
+    flags = os.O_RDONLY | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
-        with open(path, "rb") as handle:
+        with open(os.open(path, flags), "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size > max_bytes:
                 raise UnsupportedImage(f"{name}: file of {size} bytes exceeds the {max_bytes}-byte limit")
@@ -186,6 +192,8 @@ def read_image_file(path: str | Path, max_bytes: int) -> bytes:
     except FileNotFoundError as exc:
         raise CorruptImage(f"{name}: file not found") from exc
     except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise UnsupportedImage(f"{name}: a symbolic link, not followed") from exc
         raise CorruptImage(f"{name}: cannot be read ({exc.strerror})") from exc
     if len(data) > max_bytes:
         raise UnsupportedImage(f"{name}: file exceeds the {max_bytes}-byte limit")

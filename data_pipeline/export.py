@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def _decode(job: ImageJob, timer: StageTimer) -> DecodedImage:
 
         max_bytes = max_file_bytes(get_settings().dicom_limits())
     with timer.stage("read"):
-        data = read_image_file(job.source, max_bytes)
+        data = read_image_file(job.source, max_bytes, follow_symlinks=False)  # scan_image_folder's rule
     try:
         return decode_bytes(data, salt=job.salt, timer=timer)
     except ImageDecodeError as exc:
@@ -181,13 +182,89 @@ def write_data_yaml(dataset_dir: Path) -> Path:
     return path
 
 
-def image_files(directory: Path) -> dict[str, list[Path]]:
-    """image_id (file stem) -> every radiograph file in ``directory`` (recursively) of that stem, sorted."""
-    found: dict[str, list[Path]] = {}
-    for path in sorted(Path(directory).rglob("*")):
-        if path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or path.suffix == ""):
-            found.setdefault(path.stem, []).append(path)
-    return found
+_NOT_FOLLOWED = (
+    "links in the image folder are not followed (one can point at another patient's files or anywhere "
+    "on the machine); copy the files into the folder instead"
+)
+#: why an entry of an image folder is not read (:func:`scan_image_folder`), by the key it is logged with
+REFUSALS = {
+    "symlink": f"a symbolic link: {_NOT_FOLLOWED}",
+    "symlink_to_folder": f"a symbolic link to a folder: {_NOT_FOLLOWED}",
+    "not_regular_file": "not a regular file (a pipe, socket or device): only files are read",
+    "unlistable_folder": "a folder that cannot be listed",
+}
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """What :func:`scan_image_folder` found under an image folder."""
+
+    #: image id (file stem) -> every radiograph file of that stem, sorted
+    files: dict[str, list[Path]]
+    #: path relative to the folder -> why it was not read: a symbolic link (to a file or a folder,
+    #: never followed), something not a regular file, a folder that cannot be listed
+    refused: dict[str, str]
+    #: image id -> why it labels nothing: the id a refused file would have named (its rows cannot be
+    #: told to belong to any other file of that stem either, as :func:`ambiguity` has it)
+    refused_ids: dict[str, str]
+
+
+def _image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES or path.suffix == ""
+
+
+def scan_image_folder(directory: Path) -> ImageFolder:
+    """The radiograph files under ``directory`` (recursively), and the entries it refused.
+
+    Symbolic links are never followed, neither to files nor to folders: each is refused, listed
+    with its reason (:data:`REFUSALS`) and counted in one log line, and an image id it names labels
+    nothing (an ingest reports it as a decode failure). A link can point at any file this process
+    may read, and the ingest then trained on it and shipped its pixels in the dataset. So is
+    anything that is no regular file under an image's name (reading a pipe blocks). ``directory``
+    itself may be a link: the caller named it.
+    """
+    root = Path(directory)
+    files: dict[str, list[Path]] = {}
+    refused: dict[str, str] = {}
+    refused_ids: dict[str, str] = {}
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            refused[folder.relative_to(root).as_posix()] = f"{REFUSALS['unlistable_folder']} ({exc.strerror})"
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_symlink():
+                # a stat of the target tells which kind of link it is; nothing behind it is read
+                key = "symlink_to_folder" if os.path.isdir(path) else "symlink"
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append(path)
+                continue
+            elif entry.is_file(follow_symlinks=False):
+                if _image_name(path):
+                    files.setdefault(path.stem, []).append(path)
+                continue
+            elif _image_name(path):
+                key = "not_regular_file"
+            else:
+                continue
+            rel = path.relative_to(root).as_posix()
+            refused[rel] = REFUSALS[key]
+            if key != "symlink_to_folder" and _image_name(path):
+                refused_ids.setdefault(path.stem, f"{rel} is {REFUSALS[key]}")
+    if refused:  # one line, however many: a folder of links is refused whole
+        log.warning(
+            "event=image_files_refused folder=%s count=%d first=%r", root, len(refused), min(refused)[:200]
+        )
+    return ImageFolder(
+        files={i: sorted(paths) for i, paths in sorted(files.items())},
+        refused=dict(sorted(refused.items())),
+        refused_ids=dict(sorted(refused_ids.items())),
+    )
 
 
 def find_images(directory: Path) -> dict[str, Path]:
@@ -196,9 +273,15 @@ def find_images(directory: Path) -> dict[str, Path]:
 
     An id that names two files (two sites' exports merged, ``x.dcm`` beside ``x.dicom``) is left out
     (:func:`ambiguity`): the first file in sorted order took the CSV's rows, perhaps another patient's
-    image, and the other was never read, with nothing in any report.
+    image, and the other was never read, with nothing in any report. So is an id a refused entry
+    names (:func:`scan_image_folder`: a symbolic link is never followed).
     """
-    return {image_id: paths[0] for image_id, paths in image_files(directory).items() if len(paths) == 1}
+    folder = scan_image_folder(directory)
+    return {
+        image_id: paths[0]
+        for image_id, paths in folder.files.items()
+        if len(paths) == 1 and image_id not in folder.refused_ids
+    }
 
 
 def ambiguity(directory: Path, paths: list[Path]) -> str:

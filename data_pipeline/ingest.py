@@ -43,7 +43,7 @@ from data_pipeline.export import (
     ImageJob,
     ImageResult,
     ambiguity,
-    image_files,
+    scan_image_folder,
     write_data_yaml,
     yolo_label_text,
 )
@@ -135,27 +135,32 @@ def build_dataset(
     ensure_output_folder(out_dir)
     # [1] the new studies: annotation rows and the images they may refer to
     table = load_annotations(annotations_csv)
-    files = image_files(dicom_dir)
-    images = {i: paths[0] for i, paths in files.items() if len(paths) == 1}
-    # an id naming two files labels neither (export.find_images): a decode failure naming the files
-    ambiguous = {i: ambiguity(dicom_dir, paths) for i, paths in files.items() if len(paths) > 1}
+    folder = scan_image_folder(dicom_dir)
+    files, refused = folder.files, folder.refused_ids
+    images = {i: paths[0] for i, paths in files.items() if len(paths) == 1 and i not in refused}
+    # an id naming two files labels neither (export.find_images), nor one naming a symbolic link (never
+    # followed: it may point at another patient's file or anywhere) or something else refused by the
+    # scan: a decode failure naming the files, the scan's refusals listed in the quality report
+    unusable = {i: ambiguity(dicom_dir, paths) for i, paths in files.items() if len(paths) > 1} | refused
     batch: FeedbackBatch | None = None
 
     with scratch_dir(out_dir, ".staging-") as staging:
         # [2] radiologists' feedback (rows and images), item by item, when there is a store to read it from
         if store is not None and feedback:
-            batch = _collect_feedback(store, staging, images, settings, frozenset(files))
+            batch = _collect_feedback(store, staging, images, settings, frozenset(files) | frozenset(refused))
         # [3] decode the annotated images (box checks need their sizes), then check and fuse the boxes
         annotated = set(table.image_ids()) | set(batch.table.image_ids() if batch else [])
         all_dir = staging / "_all"
         decoded = _decode_annotated(sorted(annotated & set(images)), images, all_dir, settings, console)
         decoded.results.extend(
-            ImageResult(i, error=why) for i, why in sorted(ambiguous.items()) if i in annotated
+            ImageResult(i, error=why) for i, why in sorted(unusable.items()) if i in annotated
         )
         table, fused = _check_and_fuse(table, batch.table if batch else None, decoded.sizes, settings)
         # [4] the quality checks decide which images enter the dataset
-        unannotated = sorted(set(images) - annotated - set(ambiguous))
-        report = _quality(settings, decoded.results, decoded.ok, fused, decoded.sizes, table, unannotated)
+        unannotated = sorted(set(images) - annotated - set(unusable))
+        report = _quality(
+            settings, decoded.results, decoded.ok, fused, decoded.sizes, table, unannotated, folder.refused
+        )
         keep, fused = _usable_images(decoded, report, fused, dicom_dir)
         excluded = exclude_patients() if callable(exclude_patients) else exclude_patients
         studies = {i: _study_key(decoded.ok[i], settings.resolved_patient_salt()) for i in keep}
@@ -484,6 +489,7 @@ def _quality(
     sizes: dict[str, tuple[int, int]],
     table: AnnotationTable,
     unannotated: list[str],
+    refused_files: dict[str, str],
 ) -> QualityReport:
     stats = [r.stats for r in ok.values() if r.stats is not None]
     image_failures = check_images(stats, settings.quality)
@@ -499,6 +505,7 @@ def _quality(
         },
         quarantined_rows=json.loads(table.quarantine.to_json(orient="records")),
         unannotated_images=unannotated,
+        refused_files=refused_files,
     )
     # no label to train on, whatever exclude_failed_images says (fusion.no_consensus_images)
     excluded = set(report.decode_failures) | set(report.label_failures["no_consensus"])

@@ -88,6 +88,9 @@ class QualityReport:
     quarantined_rows: list[dict[str, Any]] = field(default_factory=list)
     unannotated_images: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
+    #: entries of the image folder that were not read, path -> why (a symbolic link, never followed;
+    #: data_pipeline/export.py ``scan_image_folder``)
+    refused_files: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -103,6 +106,7 @@ class QualityReport:
         out["rows.quarantined"] = len(self.quarantined_rows)
         out["image.unannotated"] = len(self.unannotated_images)
         out["image.excluded"] = len(self.excluded)
+        out["file.refused"] = len(self.refused_files)
         return out
 
     def render(self, console: Console, max_ids: int = 5) -> None:
@@ -139,6 +143,11 @@ class QualityReport:
         )
         table.add_row("image: unannotated", str(len(self.unannotated_images)), ids(self.unannotated_images))
         table.add_row("image: excluded from dataset", str(len(self.excluded)), ids(self.excluded))
+        table.add_row(
+            "file: refused, not read",
+            str(len(self.refused_files)),
+            ids(list(self.refused_files)),
+        )
         console.print(table)
 
 

@@ -256,9 +256,18 @@ def seed_cache(dataset_dir: Path, version: str, cache_dir: Path) -> Path | None:
 
 def verify(dataset_dir: Path) -> dict[str, Any]:
     """Check every file against the manifest, and that images/ and labels/ hold no other file;
-    raises :class:`DatasetIntegrityError` listing mismatches."""
+    raises :class:`DatasetIntegrityError` listing mismatches.
+
+    The caches ultralytics leaves in a folder it trained from are removed first
+    (:func:`drop_trainer_caches`): a folder someone trained from still verifies, and what verifies
+    is all that training then reads.
+    """
     manifest = json.loads((dataset_dir / MANIFEST).read_text())
     problems = []
+    try:
+        drop_trainer_caches(dataset_dir, manifest["files"])
+    except OSError as exc:  # left in place, it would be trusted by the next training: damage
+        problems.append(f"an ultralytics cache that cannot be removed ({exc.strerror}: {exc.filename})")
     for rel, meta in manifest["files"].items():
         if rel in MACHINE_LOCAL:
             continue
@@ -279,6 +288,49 @@ def verify(dataset_dir: Path) -> dict[str, Any]:
             + ". Delete the folder and fetch again."
         )
     return manifest
+
+
+#: what ultralytics writes into a dataset folder it trains from (folder, pattern), as of 8.4:
+#: ``labels/<split>.cache``, the label cache of each split (data/dataset.py ``get_labels``: an
+#: ``np.save`` of a pickled dict; ``.cache.npy`` is where older versions wrote it before a rename), and
+#: ``images/<split>/<stem>.npy``, an image's pixels (data/base.py ``cache_images_to_disk``, with
+#: ``cache="disk"``; ``load_image`` reads one in place of its PNG whatever the cache mode).
+TRAINER_CACHES = (("labels", "*.cache"), ("labels", "*.cache.npy"), ("images", "*/*.npy"))
+
+
+def drop_trainer_caches(dataset_dir: Path, listed: Mapping[str, Any]) -> list[str]:
+    """Remove the caches ultralytics wrote into a version folder (:data:`TRAINER_CACHES`) that the
+    manifest does not list; returns their paths, relative to the folder.
+
+    Training from a build folder (``--dataset DIR``) or a fetched one leaves ``labels/train.cache``
+    there, so :func:`verify` called the folder damaged and :func:`seed_cache` skipped it. Listing
+    such a file as harmless would not do: ultralytics trusts a label cache whose hash matches the
+    label and image files' paths, sizes and mtimes, never their bytes, so a cache edited to carry
+    other boxes (mtimes are easily set) is trained on while every label file still verifies; and
+    it is a pickle, which ultralytics loads with ``allow_pickle=True``, so it cannot be checked
+    here without running what it holds. An ``.npy`` beside an image replaces the PNG's pixels the
+    same way. Each is derived from files the manifest checks, and ultralytics rebuilds a missing
+    one from them at the next training start (one scan of the labels), so removing it is the sound
+    fix: what verifies is then all that training reads. A file of the same name the manifest
+    lists is checked like any other, never removed. Raises :class:`OSError` when one cannot be
+    removed (:func:`verify` reports that as damage).
+    """
+    dropped: list[str] = []
+    for folder, pattern in TRAINER_CACHES:
+        for path in sorted((dataset_dir / folder).glob(pattern)):
+            rel = path.relative_to(dataset_dir).as_posix()
+            if rel in listed or not (path.is_symlink() or path.is_file()):
+                continue
+            path.unlink()
+            dropped.append(rel)
+    if dropped:
+        log.info(
+            "event=dataset_trainer_cache_removed path=%s files=%d first=%s",
+            dataset_dir,
+            len(dropped),
+            ",".join(dropped[:3]),
+        )
+    return dropped
 
 
 def _unlisted(dataset_dir: Path, listed: Mapping[str, Any]) -> list[str]:

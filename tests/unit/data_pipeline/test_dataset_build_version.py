@@ -418,6 +418,58 @@ def test_verify_names_an_unlisted_image_in_a_local_version(phantoms: Path, tmp_p
         verify(build.path)
 
 
+def test_a_folder_trained_from_verifies_and_its_label_cache_never_carries_unchecked_labels(
+    phantoms: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Training from a build folder left ultralytics' labels/train.cache beside the label folders:
+    verify called the folder damaged and seed_cache skipped it. Ultralytics trusts that cache on the
+    label and image files' paths, sizes and mtimes alone, so it is removed, never let through."""
+    import logging
+
+    from ultralytics.data.dataset import DATASET_CACHE_VERSION, YOLODataset
+    from ultralytics.data.utils import load_dataset_cache_file, save_dataset_cache_file
+
+    from data_pipeline.errors import DatasetIntegrityError
+    from data_pipeline.versioning import seed_cache
+
+    build = build_dataset(
+        phantoms / "dicom", phantoms / "annotations.csv", tmp_path / "out", settings=_settings()
+    )
+    names = {"names": dict(enumerate(CLASS_NAMES)), "channels": 3}
+
+    def trained_labels() -> dict[str, list[int]]:
+        """What ultralytics trains on in images/train (as its trainer builds the dataset)."""
+        ds = YOLODataset(img_path=str(build.path / "images" / "train"), imgsz=64, augment=False, data=names)
+        return {Path(lb["im_file"]).stem: sorted(lb["cls"].ravel().astype(int).tolist()) for lb in ds.labels}
+
+    checked = trained_labels()
+    cache = build.path / "labels" / "train.cache"
+    assert cache.is_file() and any(checked.values())
+    # the cache edited to carry other boxes: ultralytics still trusts it, every label file still verifies
+    edited = load_dataset_cache_file(cache)
+    for label in edited["labels"]:
+        label["cls"] = (label["cls"] + 1) % 14
+    save_dataset_cache_file("", cache, edited, DATASET_CACHE_VERSION)
+    assert trained_labels() != checked
+    image = next((build.path / "images" / "train").glob("*.png"))
+    np.save(image.with_suffix(".npy"), np.zeros((8, 8, 3), np.uint8))  # cache="disk": read for the PNG
+
+    with caplog.at_level(logging.INFO, logger="data_pipeline.versioning"):
+        assert verify(build.path)["version"] == build.version
+    assert not cache.exists() and not image.with_suffix(".npy").exists()
+    assert "event=dataset_trainer_cache_removed" in caplog.text and "files=2" in caplog.text
+    assert trained_labels() == checked  # rebuilt from the checked label files
+    # and the folder trained from (its cache written again) is seeded into the fetch cache
+    assert cache.is_file()
+    seeded = seed_cache(build.path, build.version, tmp_path / "cache")
+    assert seeded == tmp_path / "cache" / build.version
+    assert not (seeded / "labels" / "train.cache").exists() and not cache.exists()
+    # only ultralytics' own files go: any other file beside the labels is still damage
+    (build.path / "labels" / "train" / "x.cache").write_bytes(b"")
+    with pytest.raises(DatasetIntegrityError, match=r"labels/train/x\.cache: not in the manifest"):
+        verify(build.path)
+
+
 def test_fetch_refuses_a_truncated_object(phantoms: Path, tmp_path: Path) -> None:
     from data_pipeline.errors import DatasetIntegrityError
     from data_pipeline.versioning import fetch_dataset
