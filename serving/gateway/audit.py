@@ -225,7 +225,12 @@ class AuditLog:
             self._syncer.join(timeout=10.0)
         self.sync()
         if self._handler is not None:
-            self._handler.close()
+            try:
+                self._handler.close()
+            except OSError as exc:
+                # the file buffer still held what a full disk refused (lines already counted lost):
+                # raised, it failed the gateway's shutdown with a traceback, whatever came after it
+                log.warning("audit_close_failed error_type=%s errno=%s", type(exc).__name__, exc.errno)
 
     def take_rotated(self) -> list[Path]:
         """The rotated files, moved out of the rotation's way for shipping (blocking); oldest first.

@@ -66,3 +66,34 @@ def test_a_rotation_syncs_the_file_it_renames_away(tmp_path: Path, synced: list[
         assert str(path) in synced, "the rotated file was renamed away unsynced"
     finally:
         audit.close()
+
+
+def test_closing_on_a_full_disk_says_so_in_one_line_and_does_not_raise(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Measured on a 16 KiB tmpfs: the buffer kept the text the disk refused, the close flushed it
+    again, and the OSError failed the gateway's shutdown (app.py's lifespan) with a traceback."""
+    import errno
+    import logging
+
+    audit = AuditLog(tmp_path / "audit.jsonl", sync_every_s=3600.0)
+    audit.write(_entry(1))
+    handler = audit._handler
+    assert handler is not None and handler.stream is not None
+    real = handler.stream
+
+    class Full:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def flush(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            real.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    handler.stream = Full()  # type: ignore[assignment]
+    with caplog.at_level(logging.WARNING, logger="cxr.audit"):
+        audit.close()
+    assert [r.getMessage() for r in caplog.records] == ["audit_close_failed error_type=OSError errno=28"]
