@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from delivery.cluster_fit import images, monitoring, network, pod_security, rbac, references, scheduling, sync
+from delivery.cluster_fit import (
+    images,
+    monitoring,
+    network,
+    offline,
+    pod_security,
+    rbac,
+    references,
+    scheduling,
+    sync,
+)
 from delivery.cluster_fit.findings import Finding
 from delivery.cluster_fit.tree import Tree, load_tree
 
@@ -18,6 +28,7 @@ CHECKS: dict[str, Callable[[Tree], list[Finding]]] = {
     "network": network.check,
     "images": images.check,
     "monitoring": monitoring.check,
+    "offline": offline.check,
 }
 
 

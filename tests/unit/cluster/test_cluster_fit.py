@@ -306,6 +306,44 @@ SEEDS: dict[str, tuple[Seed, str, str]] = {
         "monitoring",
         "Prometheus never scrapes it",
     ),
+    "a-gateway-any-monitoring-pod-may-call": (
+        lambda r: _edit(
+            r,
+            "k8s/base/network/gateway-networkpolicy.yaml",
+            "          podSelector:\n            matchLabels:\n"
+            "              app.kubernetes.io/name: prometheus\n",
+            "",
+        ),
+        "network",
+        "grafana to the gateway (its api port; only prometheus scrapes /metrics there): allowed",
+    ),
+    "a-grafana-that-checks-for-plugin-updates": (
+        lambda r: _edit(
+            r,
+            "k8s/platform/kube-prometheus-stack.yaml",
+            "check_for_plugin_updates: false",
+            "check_for_plugin_updates: true",
+        ),
+        "offline",
+        "grafana.ini [analytics] check_for_plugin_updates is True, not false",
+    ),
+    "a-grafana-that-publishes-snapshots": (
+        lambda r: _edit(
+            r, "k8s/platform/kube-prometheus-stack.yaml", "            snapshots:\n", "            other:\n"
+        ),
+        "offline",
+        "grafana.ini [snapshots] external_enabled is None, not false",
+    ),
+    "a-minio-that-checks-for-updates": (
+        lambda r: _edit(r, "k8s/base/minio/statefulset.yaml", 'value: "off"', 'value: "on"'),
+        "offline",
+        "container minio does not set MINIO_UPDATE=off",
+    ),
+    "an-image-with-ray-usage-stats-on": (
+        lambda r: _edit(r, "Dockerfile", "RAY_USAGE_STATS_ENABLED=0", "RAY_USAGE_STATS_ENABLED=1"),
+        "offline",
+        "ENV RAY_USAGE_STATS_ENABLED is '1', not '0'",
+    ),
     "a-chart-monitor-without-the-label": (
         lambda r: _edit(
             r,
