@@ -51,6 +51,9 @@ VINDR_COLUMNS = ("image_id", "class_name", "class_id", "rad_id", "x_min", "y_min
 # how far past the image's right/bottom edge a box may reach (client rounding); it is clamped to the
 # edge in the rows. Within data_pipeline.annotations.EDGE_TOLERANCE_PX, so no kept box is quarantined.
 EDGE_TOLERANCE_PX = 1.0
+# most boxes one feedback may add (the model's default CXR_MAX_DETECTIONS): the data pipeline fuses an
+# image's boxes pairwise (WBF), so the 20,000 a 1 MiB body holds cost it ~10 s per feedback, quadratically
+MAX_NEW_BOXES = 300
 
 
 class BoxReview(BaseModel):
@@ -89,7 +92,7 @@ class FeedbackIn(BaseModel):
     request_id: str = Field(min_length=1, max_length=64)
     feedback_id: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     reviews: list[BoxReview] = Field(default_factory=list)
-    new_boxes: list[NewBox] = Field(default_factory=list)
+    new_boxes: list[NewBox] = Field(default_factory=list, max_length=MAX_NEW_BOXES)
     no_finding: bool = False
     comment: str = Field(default="", max_length=4000)
 
@@ -109,10 +112,12 @@ class FeedbackIn(BaseModel):
 
 def _check_box(box: list[float]) -> list[float]:
     """The shape of one box, alone (``check_against_result`` places it on the image)."""
-    if len(box) == 4 and not all(math.isfinite(v) for v in box):
+    if len(box) != 4:  # not echoed: a "box" of 100,000 numbers made a 0.6 MB error message
+        raise ValueError(f"a box has {len(box)} numbers; it must be [x_min, y_min, x_max, y_max]")
+    if not all(math.isfinite(v) for v in box):
         # 1e309 parses as inf: it would be clamped to a zero-area box, and inf is not JSON
         raise ValueError(f"box {box} has a value that is not a finite number")
-    if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]) or min(box) < 0:
+    if not (box[0] < box[2] and box[1] < box[3]) or min(box) < 0:
         raise ValueError(
             f"box {box} must be [x_min, y_min, x_max, y_max] with x_min < x_max, y_min < y_max, >= 0"
         )
@@ -292,8 +297,12 @@ def build_objects(
         )
     prefix = f"feedback/{feedback_id}"
     if record.source_format == "dicom":
-        image, new_uid = deidentify_dicom(record.source, seed, allow_burned_in=allow_burned_in)
-        image_id = hashlib.sha256(new_uid.encode()).hexdigest()[:32]
+        image, _ = deidentify_dicom(record.source, seed, allow_burned_in=allow_burned_in)
+        # named by its bytes, not by its SOP Instance UID alone: an upload bearing another's UID (another
+        # tenant's, a re-send with a changed header) is another image, and the data pipeline refuses a
+        # second item that names an image id with other bytes. The same source makes the same bytes.
+        # (Items kept before were named by the UID: a correction crossing the upgrade is a second image.)
+        image_id = hashlib.sha256(image).hexdigest()[:32]
         image_name = f"{image_id}.dcm"
     else:
         from data_pipeline.dicom_io import decode_bytes

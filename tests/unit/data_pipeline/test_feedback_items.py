@@ -19,7 +19,7 @@ import pytest
 from data_pipeline.annotations import COLUMNS
 from data_pipeline.config import DataSettings
 from data_pipeline.errors import StoreError
-from data_pipeline.feedback import collect_feedback, put_feedback
+from data_pipeline.feedback import CROWDED, MAX_IMAGE_ROWS, collect_feedback, put_feedback
 from data_pipeline.ingest import build_dataset
 from data_pipeline.store import ObjectInfo
 from data_pipeline.synth import SynthConfig, generate
@@ -238,3 +238,43 @@ def test_a_radiologists_later_correction_of_an_image_replaces_the_earlier_one(
     assert rows["x_min"].tolist() == [130.0, 20.0]
     assert batch.skipped == {"fb-b-first": "superseded by a later correction of its image by its reader"}
     assert batch.objects == ["feedback/fb-a-later/annotations.csv", "feedback/fb-c-other/annotations.csv"]
+
+
+def test_a_feedback_json_nested_too_deep_to_parse_leaves_the_build_running(
+    phantoms: Path, tmp_path: Path
+) -> None:
+    """An item's ``feedback.json`` is read for its submission time when a reader corrected an image
+    twice. One of 200,000 ``[`` (under the 256 KiB marker limit) raised RecursionError, which is no
+    ValueError: collect_feedback failed, and with it every dataset build while the object stayed."""
+    image = _a_dicom(phantoms)
+    store = MemoryStore()
+    put_feedback(
+        store, "fb-a-nested", _rows("fbimage0001"), image=image, received="2025-01-02T10:00:00+00:00"
+    )
+    put_feedback(store, "fb-b-plain", _rows("fbimage0001"), image=image, received="2025-01-01T10:00:00+00:00")
+    store.objects["feedback/fb-a-nested/feedback.json"] = b"[" * 200_000
+    batch = collect_feedback(cast(Any, store), tmp_path)
+    assert batch is not None  # the nested marker says no time: the other item, which does, is the later
+    assert batch.objects == ["feedback/fb-b-plain/annotations.csv"]
+    assert batch.skipped == {"fb-a-nested": "superseded by a later correction of its image by its reader"}
+
+
+def test_an_image_with_more_feedback_rows_than_fusion_can_take_is_left_out_whole(
+    phantoms: Path, tmp_path: Path
+) -> None:
+    """Fusing an image's boxes (WBF) grows with their square: a crafted 16 MiB annotations.csv holds
+    ~300,000 boxes of one image (~40 min of fusion, ~45 s already for 40,000), and so do a few items of
+    the same image under other readers' names. All were merged. The items of such an image are left
+    out whole (a few hundred rows is what the gateway writes); the other images' items stay."""
+    image = _a_dicom(phantoms)
+    over, half = MAX_IMAGE_ROWS + 1, MAX_IMAGE_ROWS // 2 + 1
+    store = MemoryStore()
+    put_feedback(store, "fb-one-big", _rows("fbimage0001", over), image=image)
+    put_feedback(store, "fb-two-a", _rows("fbimage0002", half, rad_id="radiologist-1"), image=image)
+    put_feedback(store, "fb-two-b", _rows("fbimage0002", half, rad_id="radiologist-2"), image=image)
+    put_feedback(store, "fb-good", _rows("fbimage0003"), image=image)
+    batch = collect_feedback(cast(Any, store), tmp_path)
+    assert batch is not None
+    assert batch.skipped == {i: CROWDED for i in ("fb-one-big", "fb-two-a", "fb-two-b")}
+    assert batch.objects == ["feedback/fb-good/annotations.csv"]
+    assert sorted(batch.images) == ["fbimage0003"] and batch.table.total_rows == 1

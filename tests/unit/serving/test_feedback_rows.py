@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from serving.errors import FeedbackIdReused, InvalidRequest, NotFound, Overloaded
 from serving.feedback.service import (
+    MAX_NEW_BOXES,
     FeedbackIn,
     FeedbackService,
     FeedbackSpool,
@@ -124,6 +125,48 @@ def test_dicom_image_is_deidentified_with_remapped_uids_and_csv_uses_its_id() ->
     assert pydicom.dcmread(io.BytesIO(again[dcm_key])).StudyInstanceUID == deid.StudyInstanceUID  # consistent
     rows = list(csv.DictReader(io.StringIO(objects["feedback/f1/annotations.csv"].decode())))
     assert {r["image_id"] for r in rows} == {Path(dcm_key).stem}
+
+
+def _with_sop_instance_uid(source: bytes, uid: str, patient_id: str) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(source))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.PatientID = patient_id
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_two_images_under_one_sop_instance_uid_are_two_feedback_images_and_the_pipeline_keeps_both(
+    tmp_path: Path,
+) -> None:
+    """The image id was a hash of the (remapped) SOP Instance UID alone. Another tenant's upload that
+    bears this tenant's UID, or a re-send with a changed header, made another image under the same id,
+    and the data pipeline refused whichever item sorted second ("another item's image with other
+    pixels"): one radiologist's kept (202) feedback knocked out by another's. Now an image is named by
+    its de-identified bytes; the same source still makes the same id (a later correction replaces)."""
+    from data_pipeline.feedback import collect_feedback
+    from tests.unit.data_pipeline.test_feedback_items import MemoryStore as PipelineStore
+
+    uid = pydicom.uid.generate_uid()
+    mine = _with_sop_instance_uid(make_dicom(seed=1), uid, "MRN-1")
+    theirs = _with_sop_instance_uid(make_dicom(seed=2), uid, "MRN-2")
+    fb = FeedbackIn(request_id="r1", no_finding=True)
+    store = PipelineStore()
+    names: dict[str, str] = {}
+    for rad_id, source, feedback_id in (
+        ("rad-a", mine, "fb-a"),
+        ("rad-b", theirs, "fb-b"),
+        ("rad-a", mine, ""),
+    ):
+        objects = build_objects(fb, _record(source), rad_id=rad_id, seed="salt", feedback_id=feedback_id)
+        names[feedback_id] = next(k for k in objects if k.endswith(".dcm")).rsplit("/", 1)[1]
+        if feedback_id:
+            store.objects.update(objects)
+    assert names["fb-a"] != names["fb-b"] and names["fb-a"] == names[""]  # the same source: the same id
+    batch = collect_feedback(store, tmp_path)  # type: ignore[arg-type]
+    assert batch is not None and batch.skipped == {}
+    assert batch.objects == ["feedback/fb-a/annotations.csv", "feedback/fb-b/annotations.csv"]
+    assert len(batch.images) == 2
 
 
 def test_png_feedback_is_reencoded_from_pixels() -> None:
@@ -349,6 +392,40 @@ def test_a_box_off_the_image_not_finite_or_without_area_is_a_400_and_nothing_is_
     error = reply.json()["error"]
     assert error["code"] == "invalid_request" and where in error["message"] and "box" in error["message"]
     assert _spooled(onnx_client) == spooled
+
+
+def test_more_new_boxes_than_a_feedback_may_add_is_a_400_naming_the_limit_and_nothing_is_kept(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """A 1 MiB body holds 20,000 new boxes: all were kept (202), and the data pipeline's fusion of an
+    image's boxes grows with their square (~10 s for 20,000, ~45 s for 40,000 on one image)."""
+    result = _detect(onnx_client, keys, 306)
+    many = {"class_id": 3, "box": [10, 10, 40, 30]}
+    spooled = _spooled(onnx_client)
+    for n in (MAX_NEW_BOXES + 1, 20_000):
+        reply = _post_feedback(
+            onnx_client, keys, {"request_id": result["request_id"], "new_boxes": [many] * n}
+        )
+        assert reply.status_code == 400, reply.text
+        message = reply.json()["error"]["message"]
+        assert "new_boxes" in message and f"at most {MAX_NEW_BOXES} items" in message
+    assert _spooled(onnx_client) == spooled
+    at_limit = _post_feedback(
+        onnx_client, keys, {"request_id": result["request_id"], "new_boxes": [many] * MAX_NEW_BOXES}
+    )
+    assert at_limit.status_code in (200, 202), at_limit.text
+
+
+def test_a_box_of_many_numbers_is_a_short_400_that_does_not_echo_them(
+    onnx_client: TestClient, keys: dict[str, str]
+) -> None:
+    """The 400 quoted the whole list: a "box" of 100,000 numbers came back as a 0.6 MB message."""
+    result = _detect(onnx_client, keys, 307)
+    body = {"request_id": result["request_id"], "new_boxes": [{"class_id": 3, "box": [1.5] * 100_000}]}
+    reply = _post_feedback(onnx_client, keys, body)
+    assert reply.status_code == 400
+    message = reply.json()["error"]["message"]
+    assert "new_boxes.0.box" in message and "100000 numbers" in message and len(message) < 300
 
 
 def test_a_damaged_spooled_feedback_is_set_aside_and_the_others_are_delivered(tmp_path: Path) -> None:
