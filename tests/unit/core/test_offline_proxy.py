@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,15 +50,33 @@ class _Answer(http.server.BaseHTTPRequestHandler):
 
 
 class _RecordingServer(http.server.ThreadingHTTPServer):
-    """Notes who connected, whatever they then send (a GET, a proxy's CONNECT, gRPC's HTTP/2 preface)."""
+    """Notes who connected and the first line they sent (a GET, a proxy's CONNECT, gRPC's HTTP/2
+    preface), whatever they then send."""
 
     def __init__(self) -> None:
         super().__init__((HOST, 0), _Answer)
         self.seen: list[str] = []
 
-    def verify_request(self, request: object, client_address: object) -> bool:
-        self.seen.append(repr(client_address))
+    def verify_request(self, request: Any, client_address: object) -> bool:
+        request.settimeout(2.0)
+        try:
+            first = request.recv(256, socket.MSG_PEEK).split(b"\r\n", 1)[0].decode("latin-1")
+        except OSError:
+            first = "(nothing sent)"
+        finally:
+            request.settimeout(None)
+        self.seen.append(f"{client_address!r} {first}")
         return True
+
+
+def _through(proxy_seen: list[str], target: str) -> list[str]:
+    """What the proxy was asked for ``target`` (a CONNECT or a GET naming it).
+
+    Not every connection the proxy saw: a gRPC subchannel of an earlier test in this process,
+    closed but still reconnecting in the background, dials its old port, which the OS may have
+    given this test's proxy (seen once in CI: gRPC "went through the proxy" with the env right).
+    """
+    return [line for line in proxy_seen if target in line]
 
 
 @contextmanager
@@ -142,7 +162,7 @@ def test_a_cli_process_reaches_loopback_servers_directly_whatever_proxy_the_envi
     apply_offline_env(tmp_path)
     CLIENTS[client](target)
     assert _until(target_seen), f"{client} never reached the loopback server"
-    assert proxy_seen == [], f"{client} went through the proxy: {proxy_seen}"
+    assert _through(proxy_seen, target) == [], f"{client} went through the proxy: {proxy_seen}"
     for var, value in caller_lists.items():  # the caller's own exclusions still hold
         assert value in os.environ[var].split(",")
 
@@ -177,7 +197,7 @@ def test_a_stack_component_reaches_loopback_servers_directly_under_an_inherited_
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert _until(target_seen)
-    assert proxy_seen == [], f"a component went through the proxy: {proxy_seen}"
+    assert _through(proxy_seen, target) == [], f"a component went through the proxy: {proxy_seen}"
 
 
 def test_the_gateways_triton_channel_ignores_any_proxy_even_without_an_exclusion_list(
@@ -205,7 +225,7 @@ def test_the_gateways_triton_channel_ignores_any_proxy_even_without_an_exclusion
             await client.close()
 
     asyncio.run(dial())
-    assert _until(target_seen) and proxy_seen == []
+    assert _until(target_seen) and _through(proxy_seen, target) == []
 
 
 def test_a_yolo_settings_file_ultralytics_wrote_first_gets_sync_and_its_loggers_turned_off(
