@@ -270,8 +270,16 @@ def submission_digest(fb: FeedbackIn, secret: str) -> str:
 
 
 def _submission_in(marker: bytes) -> str:
-    """The body digest a ``feedback.json`` holds; "" for items kept before it was recorded."""
-    meta = json.loads(marker)
+    """The body digest a ``feedback.json`` holds; "" for items kept before it was recorded.
+
+    :class:`ValueError` for one that is no JSON, nested too deep included: json raises
+    RecursionError for ``[[[...``, which the spool's delivery took for a store that cannot be asked
+    and retried, behind it, every later feedback for ever.
+    """
+    try:
+        meta = json.loads(marker)
+    except RecursionError as exc:
+        raise ValueError("feedback.json is nested too deep to read") from exc
     value = meta.get("submission", "") if isinstance(meta, dict) else ""
     return value if isinstance(value, str) else ""
 

@@ -589,3 +589,37 @@ def test_two_bodies_sent_at_once_under_one_feedback_id_keep_one_and_refuse_the_o
     rows = list(csv.DictReader(io.StringIO(store.objects[f"feedback/{fid}/annotations.csv"].decode())))
     meta = json.loads(store.objects[f"feedback/{fid}/feedback.json"])
     assert meta["no_finding"] is False and {r["class_id"] for r in rows} >= {"8"}
+
+
+def test_a_feedback_json_nested_too_deep_in_the_store_does_not_stall_the_spool(tmp_path: Path) -> None:
+    """json raises RecursionError for ``[[[...``: the delivery took it for a store that cannot be
+    asked, stopped there, and every feedback spooled after it waited for ever."""
+
+    class Down(MemoryStore):
+        down = False
+
+        def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
+            if self.down:
+                raise OSError("store down")
+            super().put_bytes(key, data, content_type)
+
+        def exists(self, key: str) -> bool:
+            if self.down:
+                raise OSError("store down")
+            return super().exists(key)
+
+    store = Down()
+    spool = FeedbackSpool(tmp_path / "spool")
+    service = FeedbackService(store, spool, "salt")
+    source = make_dicom()
+    store.down = True
+    crafted = FeedbackIn(request_id="r1", feedback_id="fb1", no_finding=True)
+    later = FeedbackIn(request_id="r1", feedback_id="fb2", no_finding=True)
+    assert service.submit(crafted, _record(source), "rad").status == "spooled"
+    assert service.submit(later, _record(source), "rad").status == "spooled"
+    # meanwhile an object nested too deep to parse appears under the first one's id in the bucket
+    store.objects[f"feedback/{feedback_id_for(crafted, 'rad', 'salt')}/feedback.json"] = b"[" * 200_000
+    store.down = False
+    service.deliver_spooled()
+    assert spool.pending() == [], "the spool stopped at the unreadable object"
+    assert f"feedback/{feedback_id_for(later, 'rad', 'salt')}/feedback.json" in store.objects
