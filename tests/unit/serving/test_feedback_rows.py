@@ -495,27 +495,30 @@ def test_a_store_down_long_fills_the_spool_only_to_its_disk_reserve(
     )
 
 
+class _FlakyStore(MemoryStore):
+    """The store, unreachable for puts and look-ups while ``down``."""
+
+    down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise OSError("store down")
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
+        self._check()
+        super().put_bytes(key, data, content_type)
+
+    def exists(self, key: str) -> bool:
+        self._check()
+        return super().exists(key)
+
+
 def test_a_spooled_retry_of_a_feedback_the_store_holds_never_replaces_it(tmp_path: Path) -> None:
     """A retry whose look-up found the store unreachable is spooled; its delivery put its objects over
     the kept feedback's: another body under the same feedback_id (a 409 when the store answers)
     replaced the kept rows. The same body is not sent again; another is set aside for an operator."""
 
-    class Flaky(MemoryStore):
-        down = False
-
-        def _check(self) -> None:
-            if self.down:
-                raise OSError("store down")
-
-        def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
-            self._check()
-            super().put_bytes(key, data, content_type)
-
-        def exists(self, key: str) -> bool:
-            self._check()
-            return super().exists(key)
-
-    store = Flaky()
+    store = _FlakyStore()
     spool = FeedbackSpool(tmp_path / "spool")
     service = FeedbackService(store, spool, "salt")
     source = make_dicom()
@@ -595,20 +598,7 @@ def test_a_feedback_json_nested_too_deep_in_the_store_does_not_stall_the_spool(t
     """json raises RecursionError for ``[[[...``: the delivery took it for a store that cannot be
     asked, stopped there, and every feedback spooled after it waited for ever."""
 
-    class Down(MemoryStore):
-        down = False
-
-        def put_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
-            if self.down:
-                raise OSError("store down")
-            super().put_bytes(key, data, content_type)
-
-        def exists(self, key: str) -> bool:
-            if self.down:
-                raise OSError("store down")
-            return super().exists(key)
-
-    store = Down()
+    store = _FlakyStore()
     spool = FeedbackSpool(tmp_path / "spool")
     service = FeedbackService(store, spool, "salt")
     source = make_dicom()
