@@ -73,7 +73,14 @@ def run_demo(out: Path, n_images: int, conf: float, seed: int) -> list[dict[str,
     from data_pipeline.synth import SynthConfig, generate
 
     access = StackAccess.from_stack()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():  # was FileExistsError from mkdir, a traceback
+        raise DemoError(f"--out {out} is a file, not a folder: pass a folder for the SRs and overlays")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DemoError(
+            f"cannot create --out {out} ({exc.strerror or exc}): pass a folder you can write"
+        ) from exc
     studies = out / "studies"
     generate(SynthConfig(n_images=n_images, seed=seed, size=1024, workers=1), studies)
     files = sorted((studies / "dicom").glob("*.dicom"))

@@ -40,11 +40,24 @@ step_app = typer.Typer(
 )
 app.add_typer(step_app, name="step")
 
+
+def _outputs_folder(value: Path | None) -> Path | None:
+    """Checked before the step's work: a file there raised ``FileExistsError`` from ``mkdir``, after it."""
+    if value is not None and value.exists() and not value.is_dir():
+        raise typer.BadParameter(
+            f"{value} is a file, not a folder: pass the folder to write the outputs into"
+        )
+    return value
+
+
 OutputsOpt = Annotated[
     Path | None,
-    typer.Option("--outputs", help="folder to write output parameters into, one file each (Argo)"),
+    typer.Option(
+        "--outputs",
+        callback=_outputs_folder,
+        help="folder to write output parameters into, one file each (Argo)",
+    ),
 ]
-RunNameOpt = Annotated[str, typer.Option("--run-name", help="the workflow's name; keys the hand-off records")]
 
 
 def _setup(settings: WorkflowSettings) -> None:
@@ -97,6 +110,20 @@ def _run_name(value: str | None) -> str | None:
 _RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
+def _step_run_name(value: str) -> str:
+    """A step's run name keys its hand-off records (``pipelines/<run name>/``): ``../x`` was refused by the
+    store client only, reported as "S3 unreachable ... is the stack running?"."""
+    return _run_name(value) or value
+
+
+RunNameOpt = Annotated[
+    str,
+    typer.Option(
+        "--run-name", callback=_step_run_name, help="the workflow's name; keys the hand-off records"
+    ),
+]
+
+
 def _source(value: str) -> str:
     """A URL of another scheme read as a folder path: "dataset source ftp:/x is not a directory"."""
     scheme, sep, _ = value.partition("://")
@@ -111,12 +138,21 @@ def _write_outputs(outputs: Path | None, values: dict[str, object], record: Base
     """Each value as its own file (Argo's valueFrom.path), plus the whole record as result.json."""
     if outputs is None:
         return
-    outputs.mkdir(parents=True, exist_ok=True)
-    for name, value in values.items():
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        (outputs / name).write_text(text)
-    if record is not None:
-        (outputs / "result.json").write_text(record.model_dump_json(indent=2))
+    from workflows.errors import PipelineError
+
+    try:
+        outputs.mkdir(parents=True, exist_ok=True)
+        for name, value in values.items():
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            (outputs / name).write_text(text)
+        if record is not None:
+            (outputs / "result.json").write_text(record.model_dump_json(indent=2))
+    except OSError as exc:  # was a traceback, after the step's work was done
+        with _errors():
+            raise PipelineError(
+                f"cannot write the outputs into --outputs {outputs} ({exc.strerror or exc}): "
+                "pass a folder you can write"
+            ) from exc
 
 
 # --------------------------------------------------------------------------- run
@@ -359,6 +395,7 @@ def step_train(
         typer.Option(
             "--run-name",
             envvar=TRAIN_STEP_ENV["run-name"],
+            callback=_step_run_name,
             help="the workflow's name; keys the hand-off records",
         ),
     ],

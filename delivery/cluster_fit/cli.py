@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from delivery.cluster_fit.inputs import RenderError
 from delivery.cluster_fit.run import CHECKS, check_tree, report_lines
-from delivery.cluster_fit.tree import RenderError
 
 app = typer.Typer(help="Check the cluster path's parts against each other", no_args_is_help=True)
 console = Console()

@@ -10,9 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
-
 from delivery.cluster_fit.findings import Finding
+from delivery.cluster_fit.inputs import read_mapping
 from delivery.cluster_fit.tree import Tree
 
 CHECK = "images"
@@ -36,7 +35,7 @@ def _named_images(tree: Tree) -> list[tuple[str, str]]:
     found = [(w, i) for w, i in found if i != "argoexec"]
     compose = tree.root / "docker-compose.yaml"
     if compose.exists():
-        services = (yaml.safe_load(compose.read_text()) or {}).get("services", {})
+        services = read_mapping(compose).get("services", {})
         found += [
             (f"docker-compose service {n}", str(s["image"])) for n, s in services.items() if "image" in s
         ]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from delivery.cluster_fit.inputs import read_hcl, read_yaml
 
 GROUP_VARS = "iac/ansible/inventory/group_vars"
 TERRAFORM_VARIABLES = "iac/terraform/envs/dev/variables.tf"
@@ -48,13 +48,10 @@ def _unquote(value: Any) -> Any:
 
 def terraform_defaults(root: Path) -> dict[str, Any]:
     """Variable name -> default, from the environment's variables.tf (python-hcl2)."""
-    import hcl2
-
     path = root / TERRAFORM_VARIABLES
     if not path.exists():
         return {}
-    with path.open() as handle:
-        parsed = hcl2.load(handle)
+    parsed = read_hcl(path)
     defaults = {}
     for block in parsed.get("variable", []):
         for name, body in block.items():
@@ -88,7 +85,7 @@ def load_node_pools(root: Path) -> list[NodePool]:
     defaults = terraform_defaults(root)
     pools = []
     for path in sorted((root / GROUP_VARS).glob("*.yml")):
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path) or {}
         if isinstance(data, dict) and data.get("node_pool"):
             pools.append(_pool(data, defaults))
     return pools

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from delivery.cluster_fit.findings import Finding
+from delivery.cluster_fit.inputs import read_mapping
 from delivery.cluster_fit.tree import Tree
 
 CHECK = "sync"
@@ -38,7 +37,7 @@ def _included(root: Path) -> set[str]:
     """Folders some kustomization lists as a resource (so they are deployed through it)."""
     included = set()
     for kfile in (root / "k8s").rglob("kustomization.yaml"):
-        data = yaml.safe_load(kfile.read_text()) or {}
+        data = read_mapping(kfile)
         for res in data.get("resources", []) or []:
             target = (kfile.parent / str(res)).resolve()
             if target.is_dir():
@@ -75,11 +74,7 @@ def check(tree: Tree) -> list[Finding]:
 def _repository(tree: Tree) -> list[Finding]:
     """The repository Argo CD is given credentials for is the one every Application syncs."""
     group_vars = tree.root / "iac/ansible/inventory/group_vars/all.yml"
-    given = (
-        str((yaml.safe_load(group_vars.read_text()) or {}).get("argocd_repo_url", ""))
-        if group_vars.exists()
-        else ""
-    )
+    given = str(read_mapping(group_vars).get("argocd_repo_url", "")) if group_vars.exists() else ""
     own = [source for source in _sources(tree) if source[2].rstrip("/").endswith(OWN_REPO)]
     out = [
         Finding(CHECK, where, f"syncs {url}, but Ansible gives Argo CD credentials for {given}")

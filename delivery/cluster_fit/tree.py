@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from delivery.cluster_fit.inputs import RenderError, read_yaml
 from delivery.cluster_fit.nodes import NodePool, load_node_pools
 
 # Every folder Argo CD (or the Ansible bootstrap) applies, rendered as it would.
@@ -35,10 +36,6 @@ NAMESPACE = "cxr"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet")
 PERMISSIONS_FILE = "workflows/permissions.yaml"
 REACHABILITY_FILE = "k8s/base/network/reachability.yaml"
-
-
-class RenderError(RuntimeError):
-    """A folder does not render; the checks cannot run on what is not there."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +112,7 @@ def render(root: Path, folder: str) -> list[K8sObject]:
 def _load_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
-    data = yaml.safe_load(path.read_text())
+    data = read_yaml(path)
     return data if isinstance(data, dict) else {}
 
 

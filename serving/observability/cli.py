@@ -90,7 +90,7 @@ def cluster_only_panels() -> set[tuple[str, str]]:
 @app.command("mlflow-exporter")
 def mlflow_exporter(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(9105, help="Port of /metrics."),
+    port: int = typer.Option(9105, min=1, max=65535, help="Port of /metrics."),
     mlflow_uri: str = typer.Option("", help="MLflow tracking URI (default: CXR_MLFLOW_URI)."),
     experiment: str = typer.Option(
         "", help="MLflow experiment of the training runs (default: CXR_MLFLOW_EXPERIMENT)."
@@ -111,20 +111,43 @@ def mlflow_exporter(
     settings = ServingSettings()
     apply_offline_env(settings.stack_dir)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-    serve(
-        mlflow_uri or settings.mlflow_uri,
-        host,
-        port,
-        experiment or settings.mlflow_experiment,
-        model_name or settings.registered_model,
-    )
+    try:
+        serve(
+            mlflow_uri or settings.mlflow_uri,
+            host,
+            port,
+            experiment or settings.mlflow_experiment,
+            model_name or settings.registered_model,
+        )
+    except ObservabilityError as exc:
+        raise _fail(exc) from exc
+
+
+def _png_file(value: Path) -> Path:
+    """Checked before any query: matplotlib took the format from the name, so ``report.txt`` was a
+    ``ValueError`` traceback, and ``report`` or a folder ``DIR`` became ``report.png``/``DIR.png`` while
+    the command said it wrote ``report``/``DIR``."""
+    if value.is_dir():
+        raise typer.BadParameter(
+            f"{value} is a folder: pass the PNG file to write, e.g. {value / 'report.png'}"
+        )
+    if value.suffix.lower() != ".png":
+        raise typer.BadParameter(f"{value} does not end in .png: pass the PNG file to write, e.g. report.png")
+    return value
+
+
+def _positive_minutes(value: float) -> float:
+    """0 or less asked Prometheus for a range that ends before it starts."""
+    if not value > 0:
+        raise typer.BadParameter(f"must be above 0 minutes, got {value:g}")
+    return value
 
 
 @app.command()
 def report(
-    out: Path = typer.Option(Path("cxr-report.png"), "--out", help="PNG file to write."),
+    out: Path = typer.Option(Path("cxr-report.png"), "--out", callback=_png_file, help="PNG file to write."),
     prometheus: str = typer.Option("http://127.0.0.1:9090", "--prometheus", help="Prometheus base URL."),
-    minutes: float = typer.Option(60.0, help="How far back to plot."),
+    minutes: float = typer.Option(60.0, callback=_positive_minutes, help="How far back to plot."),
 ) -> None:
     """Plot the key series (traffic, errors, latency, drift, Triton) into one PNG, for use without Grafana."""
     from serving.observability.prometheus_api import PrometheusClient

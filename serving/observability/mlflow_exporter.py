@@ -21,6 +21,8 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from serving.observability.errors import ObservabilityError
+
 log = logging.getLogger(__name__)
 
 #: Metrics of the latest finished run exported as cxr_training_last_run_metric{metric=...}:
@@ -155,7 +157,13 @@ def serve(tracking_uri: str, host: str, port: int, experiment: str, model_name: 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     registry = CollectorRegistry()
     registry.register(MlflowCollector(tracking_uri, experiment=experiment, model_name=model_name))
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:  # a port in use, an address not of this machine: was a traceback
+        raise ObservabilityError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass --host an address of this "
+            "machine and --port a free port (is another exporter already running?)"
+        ) from exc
     log.info("mlflow_exporter_started url=http://%s:%d/metrics mlflow=%s", host, port, tracking_uri)
     try:
         while thread.is_alive():

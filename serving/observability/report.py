@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.observability.errors import ObservabilityError
 from serving.observability.prometheus_api import PrometheusClient
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,15 @@ def render_report(client: PrometheusClient, out: Path, minutes: float = 60.0) ->
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(f"CXR Detect, last {minutes:g} min ({client.url})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=90, format="png")  # not guessed from the name: "report" became report.png
+    except OSError as exc:  # a traceback, after every query had been answered
+        raise ObservabilityError(
+            f"cannot write the report to {out} ({exc.strerror or exc}): pass --out a PNG file you can write"
+        ) from exc
+    finally:
+        plt.close(fig)
     log.info(
         "report_written path=%s panels=%d empty=%d",
         out,

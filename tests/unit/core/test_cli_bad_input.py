@@ -37,3 +37,26 @@ def test_an_address_that_is_no_http_url_is_refused_with_its_setting(value: str) 
 def test_an_http_or_https_address_passes_unchanged() -> None:
     for value in ("http://127.0.0.1:8080", "https://gw.example.org/", "http://[::1]:9090"):
         assert http_url(value, "CXR_X_URL", "http://127.0.0.1:1") == value
+
+
+@pytest.mark.parametrize(
+    ("under", "expected"), [("", "is a file, not a folder"), ("sub", "cannot create --out")]
+)
+def test_demo_into_a_file_or_under_one_is_one_error_line(
+    under: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    keys = '{"s3": {"access_key": "a", "secret_key": "b"}, "api_keys": {"pacs": "p", "radiologist": "r"}}'
+    (stack / "credentials.json").write_text(keys)
+    monkeypatch.setenv("CXR_STACK_DIR", str(stack))
+    monkeypatch.setenv("CXR_GATEWAY_URL", "http://127.0.0.1:9")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    result = CliRunner().invoke(
+        app, ["demo", "--out", str(a_file / under if under else a_file), "--n-images", "1"]
+    )
+    assert result.exit_code == 1, result.output  # was FileExistsError / NotADirectoryError from mkdir
+    assert expected in " ".join(result.output.split()), result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert a_file.read_text() == "x"

@@ -69,3 +69,39 @@ def test_run_refuses_a_run_name_or_source_it_cannot_use(
     assert result.exit_code == 2, result.output
     assert expected in _text(result.output), result.output
     assert not (tmp_path / "stack").exists()
+
+
+_CHECK_ARGS = ["step", "check-parameters", "--training-config", "training/configs/cpu-small.yaml"]
+_CHECK_ARGS += ["--base-model", "none", "--epochs", "1", "--workers", "1"]
+
+
+def test_a_step_refuses_outputs_that_name_a_file_before_its_work(tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    result = CliRunner().invoke(app, [*_CHECK_ARGS, "--outputs", str(a_file)])
+    assert result.exit_code == 2, result.output  # was FileExistsError from mkdir, after the step's work
+    assert "is a file, not a folder" in _text(result.output), result.output
+    assert "parameters ok" not in result.output  # refused before the step ran
+    assert a_file.read_text() == "x"
+
+
+def test_a_step_that_cannot_write_its_outputs_says_so_in_one_line(tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    result = CliRunner().invoke(app, [*_CHECK_ARGS, "--outputs", str(a_file / "sub")])
+    assert result.exit_code == 1, result.output  # was NotADirectoryError with a traceback
+    assert "cannot write the outputs into --outputs" in _text(result.output), result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", ".."])
+def test_a_step_refuses_a_run_name_that_is_no_folder_name(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # was "S3 ... unreachable ... is the stack running?" (the store client's ValueError), or a nested key
+    monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
+    monkeypatch.setenv("CXR_S3_ENDPOINT", "http://127.0.0.1:9")
+    result = CliRunner().invoke(app, ["step", "record-exit", "--run-name", name, "--status", "Failed"])
+    assert result.exit_code == 2, result.output
+    assert "is not a run name" in _text(result.output), result.output
+    assert "unreachable" not in result.output
