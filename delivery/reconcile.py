@@ -27,7 +27,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from core.errors import CxrError
-from core.stage_file import read_stage_file
+from core.stage_file import StageFile, read_stage_file, stage_file_path
 from core.stages import PROMOTION_ORDER, Stage
 from core.variants import DEFAULT_VARIANT, Variant
 from delivery.context import DeliveryContext
@@ -48,6 +48,23 @@ class ReconcileResult:
     model_version: str
     action: str  # one machine: "loaded" | "unloaded" | "unchanged"; cluster: "published" | "unpublished"
     seconds: float
+
+
+def _followed(ctx: DeliveryContext, stage: Stage) -> StageFile:
+    """The stage file to follow; :class:`ReconcileError` when its overlay folder is not there.
+
+    A missing file means "the stage serves nothing", so a ``CXR_GITOPS_DIR`` or ``--gitops-dir``
+    naming a folder that does not exist (a typo, an unmounted volume) read as "every stage serves
+    nothing": the reconcile unloaded (the cluster's: unpublished) every stage's model, production's
+    included, and reported success. Every GitOps checkout has the overlay folder of each stage.
+    """
+    overlay = stage_file_path(ctx.gitops_dir, stage).parent
+    if not overlay.is_dir():
+        raise ReconcileError(
+            f"{overlay} is not there: {ctx.gitops_dir} is not a GitOps checkout (check CXR_GITOPS_DIR "
+            f"or --gitops-dir); nothing was loaded or unloaded for stage {stage}"
+        )
+    return read_stage_file(ctx.gitops_dir, stage)
 
 
 def _stage_prefix(stage: str) -> str:
@@ -125,7 +142,7 @@ def publish_stage(
     already there writes nothing.
     """
     start = time.monotonic()
-    wanted = read_stage_file(ctx.gitops_dir, stage)
+    wanted = _followed(ctx, stage)
     if store is None:
         from data_pipeline.store import ObjectStore
 
@@ -235,7 +252,7 @@ def _reconcile_locked(
     from serving.inference.triton_repo import TritonAdmin, build_repository
 
     start = time.monotonic()
-    wanted = read_stage_file(ctx.gitops_dir, stage)
+    wanted = _followed(ctx, stage)
     repo = repo_dir or ctx.local_repo_root / stage
     admin = TritonAdmin(url, timeout_s=60.0)
     try:
@@ -251,6 +268,9 @@ def _reconcile_locked(
         ):
             return ReconcileResult(stage, wanted.model_version, "unchanged", 0.0)
         if not wanted.model_version:
+            # asked first: is_ready answers False for a Triton that does not answer at all, which was
+            # reported (and recorded) as "unloaded", every later run then "unchanged" without asking
+            admin.require_live()
             if admin.is_ready(wanted.model_name):
                 admin.unload(wanted.model_name)
             action = "unloaded"

@@ -300,6 +300,11 @@ class TritonAdmin:
         self._client.unload_model(model_name)
         log.info("triton_unload url=%s model=%s", self.url, model_name)
 
+    def require_live(self) -> None:
+        """Raise unless the server answers that it is live (a connection error raises as it is)."""
+        if not self._client.is_server_live():
+            raise RuntimeError(f"Triton at {self.url} answers but is not live")
+
     def is_ready(self, model_name: str = "cxr-detector", version: str = "") -> bool:
         """Whether the model (with ``version``: that numeric version directory) serves requests."""
         try:

@@ -44,6 +44,9 @@ class FakeTriton:
     def unload(self, model_name: str = MODEL) -> None:
         FakeTriton.served.pop(model_name, None)
 
+    def require_live(self) -> None:
+        pass
+
     def is_ready(self, model_name: str = MODEL, version: str = "") -> bool:
         served = FakeTriton.served.get(model_name)
         return served is not None and (not version or served == version)
@@ -232,3 +235,54 @@ def test_while_mlflow_is_down_a_cached_file_that_still_matches_its_tag_is_served
     cached.write_bytes(b"damaged")
     with pytest.raises(RegistryUnreachable):  # no longer the checked bytes: not served
         rec.fetch_onnx(registry, "3", ctx.onnx_cache)  # type: ignore[arg-type]
+
+
+def test_a_gitops_dir_that_is_not_there_unloads_and_unpublishes_nothing(ctx: DeliveryContext) -> None:
+    """A missing stage file means "serves nothing": a CXR_GITOPS_DIR naming no folder (a typo) read as
+    "no stage serves anything", and the reconcile unloaded every stage's model and said so, exit 0."""
+    FakeTriton.repository = "3"
+    assert _reconcile(ctx).action == "loaded"
+    typo = DeliveryContext(
+        gitops_dir=ctx.gitops_dir.parent / "gitopz",
+        mlflow_uri=ctx.mlflow_uri,
+        prometheus_url=ctx.prometheus_url,
+        stack_dir=ctx.stack_dir,
+        triton_urls=ctx.triton_urls,
+    )
+    with pytest.raises(ReconcileError, match="not a GitOps checkout"):
+        rec.reconcile_stage(typo, "canary", build_local=False)
+    assert FakeTriton.served == {MODEL: "3"}, "the stage's model was unloaded"
+
+    class Store:
+        deleted: list[str] = []
+
+        def delete_prefix(self, prefix: str) -> int:
+            self.deleted.append(prefix)
+            return 1
+
+    store = Store()
+    with pytest.raises(ReconcileError, match="not a GitOps checkout"):
+        rec.publish_stage(typo, "production", store=store)
+    assert store.deleted == [], "every replica of the stage would have unloaded its model"
+
+
+def test_a_stage_naming_nothing_whose_triton_does_not_answer_is_an_error_not_unloaded(tmp_path: Path) -> None:
+    """Triton's readiness call answers False for a server that does not answer at all: the stage was
+    reported (and recorded) "unloaded", and every later reconcile "unchanged" without asking again."""
+    import socket
+
+    write_stage_file(tmp_path / "gitops", StageFile(stage="staging"))
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = DeliveryContext(
+        gitops_dir=tmp_path / "gitops",
+        mlflow_uri="http://mlflow.invalid",
+        prometheus_url="http://prometheus.invalid",
+        stack_dir=tmp_path / "stack",
+        triton_urls=(("staging", f"127.0.0.1:{port}"),),
+    )
+    for _ in range(2):
+        with pytest.raises(ReconcileError, match="is the stack up"):
+            rec.reconcile_stage(ctx, "staging", build_local=False)
+    assert rec.applied_version(ctx, "staging", f"127.0.0.1:{port}") is None
