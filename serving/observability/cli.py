@@ -47,9 +47,19 @@ def render(
     console.print(f"{len(written)} file(s) rewritten" if written else "nothing to do: files are up to date")
 
 
+def _prometheus_url(given: str) -> str:
+    """``--prometheus``, else the stack's CXR_PROMETHEUS_URL (as ``cxr canary`` reads it); both commands
+    asked 127.0.0.1:9090 whatever the setting said."""
+    from serving.config import ServingSettings
+
+    return given or ServingSettings().prometheus_url
+
+
 @app.command("check-dashboards")
 def check_dashboards(
-    prometheus: str = typer.Option("http://127.0.0.1:9090", "--prometheus", help="Prometheus base URL."),
+    prometheus: str = typer.Option(
+        "", "--prometheus", help="Prometheus base URL (default: CXR_PROMETHEUS_URL)."
+    ),
     rate_interval: str = typer.Option("1m", help="Window standing in for Grafana's $__rate_interval."),
     include_cluster_only: bool = typer.Option(
         False, help="Also require data for panels that only a cluster can fill (GPU, Argo)."
@@ -63,7 +73,7 @@ def check_dashboards(
     skip = set() if include_cluster_only else cluster_only_panels()
     queries = [q for spec in DASHBOARDS for q in extract_queries(dashboard_json(spec)) if q.key not in skip]
     try:
-        with PrometheusClient(prometheus) as client:
+        with PrometheusClient(_prometheus_url(prometheus)) as client:
             results = run_queries(client, queries, rate_interval)
     except ObservabilityError as exc:
         raise _fail(exc) from exc
@@ -146,7 +156,9 @@ def _positive_minutes(value: float) -> float:
 @app.command()
 def report(
     out: Path = typer.Option(Path("cxr-report.png"), "--out", callback=_png_file, help="PNG file to write."),
-    prometheus: str = typer.Option("http://127.0.0.1:9090", "--prometheus", help="Prometheus base URL."),
+    prometheus: str = typer.Option(
+        "", "--prometheus", help="Prometheus base URL (default: CXR_PROMETHEUS_URL)."
+    ),
     minutes: float = typer.Option(60.0, callback=_positive_minutes, help="How far back to plot."),
 ) -> None:
     """Plot the key series (traffic, errors, latency, drift, Triton) into one PNG, for use without Grafana."""
@@ -155,7 +167,7 @@ def report(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     try:
-        with PrometheusClient(prometheus) as client:
+        with PrometheusClient(_prometheus_url(prometheus)) as client:
             summary = render_report(client, out, minutes)
     except ObservabilityError as exc:
         raise _fail(exc) from exc

@@ -107,3 +107,28 @@ def test_exporter_on_a_port_in_use_says_so_in_one_line(monkeypatch: pytest.Monke
     assert result.exit_code == 1, result.output  # was OSError: [Errno 98] with a traceback
     assert f"cannot listen on 127.0.0.1:{port}" in _text(result.output), result.output
     assert isinstance(result.exception, SystemExit), result.exception
+
+
+@pytest.mark.parametrize("command", [["report"], ["check-dashboards"]])
+def test_prometheus_defaults_to_the_stacks_setting(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both asked 127.0.0.1:9090 whatever CXR_PROMETHEUS_URL said (``cxr canary`` reads it)."""
+    asked: list[str] = []
+
+    class Recording(_AnsweringPrometheus):
+        def __init__(self, url: str, timeout: float = 10.0) -> None:
+            asked.append(url)
+            super().__init__(url, timeout)
+
+        def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
+            return [({"stage": "production"}, 1.0)]
+
+    monkeypatch.setattr("serving.observability.prometheus_api.PrometheusClient", Recording)
+    monkeypatch.setenv("CXR_PROMETHEUS_URL", "http://127.0.0.1:19999")
+    monkeypatch.chdir(tmp_path)
+    CliRunner().invoke(app, command)
+    assert asked == ["http://127.0.0.1:19999"]
+    asked.clear()
+    CliRunner().invoke(app, [*command, "--prometheus", "http://127.0.0.1:29999"])
+    assert asked == ["http://127.0.0.1:29999"]
