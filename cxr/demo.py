@@ -20,6 +20,7 @@ import httpx
 import typer
 from PIL import Image, ImageDraw
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.credentials import credentials_path, read_credentials
@@ -201,7 +202,7 @@ def demo(
     try:
         rows = run_demo(out, n_images, conf, seed)
     except (DemoError, CxrError) as exc:  # CxrError: e.g. a garbled credentials.json
-        console.print(f"[red]demo failed:[/] {exc}")
+        console.print(f"[red]demo failed:[/] {escape(str(exc))}")
         raise typer.Exit(1) from exc
     table = Table(title="Findings per image")
     for col in ("image", "via", "model", "findings"):
@@ -219,7 +220,7 @@ def demo(
     try:
         trip = pacs_round_trip(files)
     except (DemoError, CxrError) as exc:  # CxrError: e.g. a garbled credentials.json
-        console.print(f"[red]PACS round trip failed:[/] {exc}")
+        console.print(f"[red]PACS round trip failed:[/] {escape(str(exc))}")
         raise typer.Exit(1) from exc
     if trip is None:
         console.print(

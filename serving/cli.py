@@ -60,7 +60,7 @@ def serve(
     try:
         settings = ServingSettings(**overrides)  # type: ignore[arg-type]
     except ValueError as exc:
-        console.print(f"[red]invalid gateway settings:[/red] {exc}")
+        console.print(f"[red]invalid gateway settings:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
     if settings.backend == "onnx" and settings.onnx_model is None:
         console.print("[red]--backend onnx needs --model PATH (or CXR_ONNX_MODEL)[/red]")

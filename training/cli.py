@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.errors import CxrError
@@ -82,7 +83,7 @@ def _output_file(value: Path | None) -> Path | None:
 
 
 def _fail(exc: CxrError) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     return typer.Exit(code=2)
 
 
