@@ -22,6 +22,7 @@ goes to ``<stack>/scheduler/runs/<run name>.log``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -174,7 +175,14 @@ class Scheduler:
             due = self._due[schedule.name]
             if now >= due:
                 self._due[schedule.name] = schedule.next_fire(now)
-                self._fire(schedule, due, now)
+                try:
+                    self._fire(schedule, due, now)
+                except Exception as exc:  # a runs/ folder it cannot write, a lock file it cannot open
+                    # Raised out of run_forever, it ended the scheduler: its shutdown killed the retrain
+                    # going on, and the restart fired this fire time again (the status file still said
+                    # it was due), failing the same way until supervisord gave the scheduler up.
+                    log.exception("event=schedule_fire_failed schedule=%s", schedule.name)
+                    self._skip(self.states[schedule.name], f"could not fire: {type(exc).__name__}: {exc}")
         self._write(now)
 
     def _clock_stepped_back(self, now: datetime) -> None:
@@ -274,7 +282,8 @@ class Scheduler:
                     command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
                 )
         except OSError as exc:
-            log_file.write_text(f"could not start {command}: {exc}\n")
+            with contextlib.suppress(OSError):  # the log file may be what could not be opened
+                log_file.write_text(f"could not start {command}: {exc}\n")
             record.finished_at, record.outcome = now, "failed"
             log.error("event=scheduled_run_failed_to_start schedule=%s error=%r", schedule.name, str(exc))
             return
@@ -339,10 +348,13 @@ class Scheduler:
         """Replace the status file in one rename, so a reader never sees half of it."""
         status = self.snapshot()
         status.updated_at = now
-        self.status_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.status_file.with_suffix(".json.tmp")
-        tmp.write_text(status.model_dump_json(indent=2))
-        os.replace(tmp, self.status_file)
+        try:
+            self.status_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(status.model_dump_json(indent=2))
+            os.replace(tmp, self.status_file)
+        except OSError as exc:  # a full disk: the next pass writes it again; the retrain goes on meanwhile
+            log.error("event=scheduler_status_not_written path=%s error=%r", self.status_file, str(exc))
 
 
 def _alive(pid: int) -> bool:

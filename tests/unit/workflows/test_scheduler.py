@@ -311,3 +311,59 @@ def test_a_clock_stepped_back_resumes_the_schedule_from_the_corrected_time(tmp_p
     scheduler.tick()
     state = _status(tmp_path).schedules["cxr-retrain-weekly"]
     assert state.next_run == datetime(2026, 12, 7, 2, 1, tzinfo=UTC) and state.runs_started == 2
+
+
+def test_a_fire_that_cannot_start_its_run_is_recorded_and_the_scheduler_fires_again(tmp_path: Path) -> None:
+    """A runs/ folder it cannot write raised out of tick(), ending the scheduler (and, restarted, the
+    same fire time failed again until supervisord gave it up): now the fire is a recorded skip."""
+    scheduler, clock = _scheduler(tmp_path, _python("print('retrain')"))
+    runs = status_path(tmp_path / "stack").parent / "runs"
+    runs.parent.mkdir(parents=True)
+    runs.write_text("not a folder")  # the run's log cannot be created
+    clock.now = datetime(2026, 12, 7, 2, tzinfo=UTC)
+    scheduler.tick()
+    state = _status(tmp_path).schedules["cxr-retrain-weekly"]
+    assert scheduler.running is None and (state.runs_started, state.fires_skipped) == (0, 1)
+    assert "could not fire: FileExistsError" in (state.last_skip or "")
+    assert state.next_run == datetime(2026, 12, 7, 2, 1, tzinfo=UTC)
+
+    runs.unlink()  # fixed: the next fire time runs
+    clock.now = datetime(2026, 12, 7, 2, 1, tzinfo=UTC)
+    scheduler.tick()
+    _until_finished(scheduler)
+    last = _status(tmp_path).schedules["cxr-retrain-weekly"].last_run
+    assert last is not None and last.outcome == "succeeded"
+
+
+def test_a_status_file_that_cannot_be_written_does_not_stop_the_running_retrain(tmp_path: Path) -> None:
+    """A failed status write (a full disk) raised out of tick(), and run_forever's shutdown killed the
+    retrain going on; now the run goes on and the next pass writes the status."""
+    gate = tmp_path / "gate"
+    scheduler, clock = _scheduler(tmp_path, _gated(gate))
+    clock.now = datetime(2026, 12, 7, 2, tzinfo=UTC)
+    scheduler.tick()
+    assert scheduler.running is not None
+    blocker = status_path(tmp_path / "stack").with_suffix(".json.tmp")
+    blocker.mkdir()  # the status cannot be written
+    clock.now = datetime(2026, 12, 7, 2, 1, tzinfo=UTC)
+    stop = threading.Event()
+    thread = threading.Thread(target=run_forever, args=(scheduler, 0.05, stop))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while scheduler.states["cxr-retrain-weekly"].fires_skipped == 0:  # the 02:01 pass, its write failed
+            assert time.monotonic() < deadline and thread.is_alive(), "the scheduler stopped"
+            time.sleep(0.02)
+        assert thread.is_alive() and scheduler.running is not None
+        blocker.rmdir()
+        gate.touch()
+        deadline = time.monotonic() + 60
+        while (last := _status(tmp_path).schedules["cxr-retrain-weekly"].last_run) is None or (
+            last.outcome == "running"
+        ):
+            assert time.monotonic() < deadline, "the run did not finish"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert last.outcome == "succeeded" and last.exit_code == 0
