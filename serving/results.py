@@ -267,7 +267,10 @@ class ResultStore:
         if self._local is not None and self._local.exists():
             _purge_local(self._local, self.retention, now, report)
         if self._store is not None:
-            purge_expired(self._store, self.retention, now, report, undated=self._undated)
+            try:
+                purge_expired(self._store, self.retention, now, report, undated=self._undated)
+            except Exception as exc:  # the store down: the next run tries again; the rest goes now
+                log.warning("results_store_purge_failed error_type=%s", type(exc).__name__)
         with self._lock:
             for rid, record in list(self._cache.items()):
                 if now - record.created > self.retention.results:
@@ -416,13 +419,16 @@ def _purge_local(root: Path, retention: Retention, now: datetime, report: PurgeR
             report.results += 1
             continue
         if now - created > retention.sources:
-            sources = list(folder.glob("source.*"))
-            for source in sources:
-                source.unlink(missing_ok=True)
-            report.sources += bool(sources)
-            # computed from the source: gone with it, also when written after the source went
-            for derived in [*folder.glob("derived-*"), *folder.glob(".tmp-derived-*")]:
-                derived.unlink(missing_ok=True)
+            try:
+                sources = list(folder.glob("source.*"))
+                for source in sources:
+                    source.unlink(missing_ok=True)
+                report.sources += bool(sources)
+                # computed from the source: gone with it, also when written after the source went
+                for derived in [*folder.glob("derived-*"), *folder.glob(".tmp-derived-*")]:
+                    derived.unlink(missing_ok=True)
+            except OSError as exc:  # one folder the disk refuses keeps no other past its retention
+                log.warning("result_source_purge_failed error_type=%s", type(exc).__name__)
 
 
 def purge_expired(
@@ -454,14 +460,18 @@ def purge_expired(
             created = _created(meta["created"])
         except Exception:  # half-written or foreign objects: leave them for a person to look at
             continue
-        if now - created > retention.results:
-            store.delete_prefix(f"results/{request_id}/")
-            report.results += 1
-        elif now - created > retention.sources and any(
-            n.startswith(f"results/{request_id}/source.") for n in names
-        ):
-            store.delete_prefix(f"results/{request_id}/source.")
-            report.sources += 1
+        # one object the store fails to delete must not keep every result after it past its retention
+        try:
+            if now - created > retention.results:
+                store.delete_prefix(f"results/{request_id}/")
+                report.results += 1
+            elif now - created > retention.sources and any(
+                n.startswith(f"results/{request_id}/source.") for n in names
+            ):
+                store.delete_prefix(f"results/{request_id}/source.")
+                report.sources += 1
+        except Exception as exc:  # the next run tries again
+            log.warning("result_purge_failed error_type=%s", type(exc).__name__)
     return report
 
 

@@ -120,7 +120,10 @@ def run_retention(state: GatewayState) -> None:
     report = state.results.purge(started)
     results_retention = timedelta(days=state.settings.results_retention_days)
     if state.worklist is not None:  # a study leaves the worklist with its results
-        state.worklist.purge(started - results_retention)
+        try:
+            state.worklist.purge(started - results_retention)
+        except Exception as exc:  # its database down: the next run tries again; dead letters go now
+            log.warning("worklist_purge_failed error_type=%s", type(exc).__name__)
     dead_letters = 0
     if state.sendback is not None:  # objects a PACS refused for good carry the patient's identity
         dead_letters = state.sendback.outbox.purge_dead_letters(

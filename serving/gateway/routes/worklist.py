@@ -41,7 +41,10 @@ async def worklist(
     if state.worklist is None:
         raise NotFound("this gateway keeps no worklist (its state was built without one)")
     window = hours if hours is not None else state.settings.worklist_hours
-    since = datetime.now(UTC) - timedelta(hours=window)
+    now = datetime.now(UTC)
+    # never a study past the results' retention, as for its results: the retention job runs hourly
+    # (and a database it cannot reach keeps its rows), a read must not wait for it
+    since = max(now - timedelta(hours=window), now - timedelta(days=state.settings.results_retention_days))
     studies = await state.cpu.run(state.worklist.list, principal.tenant, since, limit)
     # the audit line names what the listing disclosed: each result, each study as its keyed hash
     request.state.result_ids = [rid for s in studies for rid in s.result_ids]
