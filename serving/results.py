@@ -312,9 +312,9 @@ class ResultStore:
 
     def get(self, request_id: str, tenant: str) -> ResultRecord:
         """The caller's result, from memory, the local journal, else S3 (blocking)."""
+        if not is_result_id(request_id):  # not quoted: 5,000 characters, a NUL or look-alikes came back
+            raise NotFound("no result with that request_id: it is not an id this server gives")
         missing = NotFound(f"no result with request_id '{request_id}' (expired, never stored or not yours)")
-        if not is_result_id(request_id):
-            raise missing
         record = self._lookup(request_id)
         if record is None or record.tenant != tenant:
             raise missing

@@ -165,3 +165,15 @@ def test_a_401_names_the_bearer_scheme_in_www_authenticate(onnx_client: TestClie
         assert r.status_code == 401
         assert r.headers.get("WWW-Authenticate", "").startswith("Bearer"), r.headers
         assert r.json()["error"]["code"] == "unauthorized"
+
+
+@pytest.mark.parametrize("rid", ["x" * 5000, "abc\u0000def", "\uff21" * 40])
+def test_a_result_id_the_server_never_gives_is_a_404_that_does_not_quote_it(
+    onnx_client: TestClient, keys: dict[str, str], rid: str
+) -> None:
+    """The 404 quoted whatever came in: 5,000 characters, a NUL, full-width look-alikes back to the caller."""
+    from urllib.parse import quote
+
+    r = onnx_client.get(f"/v1/results/{quote(rid)}", headers={"X-API-Key": keys["radiologist"]})
+    assert r.status_code == 404, r.text[:200]
+    assert len(r.text) < 500 and rid not in r.text and "not an id this server gives" in r.text
