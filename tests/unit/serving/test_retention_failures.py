@@ -51,6 +51,19 @@ def _stored(store: MemoryStore, rid: str, created: datetime) -> None:
     store.put_bytes(f"results/{rid}/result.json", json.dumps(record.meta()).encode())
 
 
+def _outbox_with_an_old_dead_letter(tmp_path: Path) -> Outbox:
+    """An outbox holding one dead letter (a patient's SR) queued 31 days ago."""
+    outbox = Outbox(tmp_path / "outbox")
+    outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr of a patient")
+    [item] = outbox.items()
+    outbox.refused(item, "no_presentation_context")
+    meta_file = outbox.dead_letter / item.item_id / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["created"] -= 31 * 86400
+    meta_file.write_text(json.dumps(meta))
+    return outbox
+
+
 def test_one_stored_result_the_store_cannot_delete_keeps_no_other_past_its_retention() -> None:
     now = datetime.now(UTC)
     store = _OneObjectStuck("aaa-first")  # sorted first: the purge met it before every other result
@@ -84,14 +97,7 @@ def test_an_object_store_that_is_down_stops_neither_the_local_purge_nor_the_work
     worklist = WorklistStore(settings.resolved_worklist_db)
     worklist.record("t", "1.2.3.4", ["old"], [0.9], "1", "production", 0.5, now=now - timedelta(days=31))
     worklist.record("t", "1.2.3.5", ["new"], [0.9], "1", "production", 0.5, now=now)
-    outbox = Outbox(tmp_path / "outbox")
-    outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr of a patient")
-    [item] = outbox.items()
-    outbox.refused(item, "no_presentation_context")
-    meta_file = outbox.dead_letter / item.item_id / "meta.json"
-    meta = json.loads(meta_file.read_text())
-    meta["created"] -= 31 * 86400
-    meta_file.write_text(json.dumps(meta))
+    outbox = _outbox_with_an_old_dead_letter(tmp_path)
     state = SimpleNamespace(
         settings=settings,
         results=results,
@@ -119,14 +125,7 @@ def test_a_worklist_database_that_is_down_does_not_keep_pacs_dead_letters_past_t
             raise WorklistUnavailable("the worklist database cannot be used right now (OperationalError)")
 
     settings = ServingSettings(stack_dir=tmp_path)
-    outbox = Outbox(tmp_path / "outbox")
-    outbox.put("pacs", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.9", b"sr of a patient")
-    [item] = outbox.items()
-    outbox.refused(item, "no_presentation_context")
-    meta_file = outbox.dead_letter / item.item_id / "meta.json"
-    meta = json.loads(meta_file.read_text())
-    meta["created"] -= 31 * 86400
-    meta_file.write_text(json.dumps(meta))
+    outbox = _outbox_with_an_old_dead_letter(tmp_path)
     state = SimpleNamespace(
         settings=settings,
         results=ResultStore(None, local_dir=settings.resolved_results_dir, retention=RETENTION),

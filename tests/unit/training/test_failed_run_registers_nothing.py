@@ -17,10 +17,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import training.run as run_module
+from tests.unit.training.test_training_registry import _lineage
 from training.config import TrainConfig, TrainSettings
 from training.dataset import DatasetRef
 from training.errors import RegistryError, RegistryUnreachable
-from training.registry import LineageTags, ModelRegistry
+from training.registry import ModelRegistry
 from training.tracking import Tracker
 
 pytestmark = pytest.mark.unit
@@ -43,17 +44,7 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TrainSettings:
     report = SimpleNamespace(map50=0.5, subgroups=[])
     export = SimpleNamespace(onnx_path=tmp_path / "model.onnx")
     results = SimpleNamespace(onnx_report=report, operating_points=None, int8=None, export=export)
-    lineage = LineageTags(
-        dataset_version=data.version,
-        git_commit="c" * 40,
-        config_sha256="a" * 64,
-        onnx_sha256="b" * 64,
-        map50=0.5,
-        map40=0.6,
-        parity_max_abs_diff=1e-5,
-        imgsz=64,
-        classes=14,
-    )
+    lineage = _lineage()  # its dataset_version is data.version's
 
     def register(settings: TrainSettings, run_id: str, *_: Any) -> str:  # the real registration path
         return run_module.register_version(settings, run_id, lineage, "# card", run_tags={"run_name": "r"})
