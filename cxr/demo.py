@@ -82,18 +82,18 @@ def run_demo(out: Path, n_images: int, conf: float, seed: int) -> list[dict[str,
         raise DemoError(
             f"cannot create --out {out} ({exc.strerror or exc}): pass a folder you can write"
         ) from exc
-    studies = out / "studies"
-    generate(SynthConfig(n_images=n_images, seed=seed, size=1024, workers=1), studies)
-    files = sorted((studies / "dicom").glob("*.dicom"))
     headers = {"Authorization": f"Bearer {access.pacs_key}"}
     rows: list[dict[str, Any]] = []
     with httpx.Client(base_url=access.gateway, headers=headers, timeout=60) as client:
-        try:
+        try:  # before the phantoms: a stack that is down was said so only after drawing them
             client.get("/healthz").raise_for_status()
         except httpx.HTTPError as exc:
             raise DemoError(
                 f"the gateway at {access.gateway} does not answer ({exc}): run `make up`"
             ) from exc
+        studies = out / "studies"
+        generate(SynthConfig(n_images=n_images, seed=seed, size=1024, workers=1), studies)
+        files = sorted((studies / "dicom").glob("*.dicom"))
         for path in files:
             resp = client.post(
                 "/v1/detect",

@@ -60,3 +60,20 @@ def test_demo_into_a_file_or_under_one_is_one_error_line(
     assert expected in " ".join(result.output.split()), result.output
     assert isinstance(result.exception, SystemExit), result.exception
     assert a_file.read_text() == "x"
+
+
+def test_demo_against_a_stack_that_is_down_says_so_before_drawing_any_phantom(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway was asked only after the phantoms were drawn and written (seconds of work, files left)."""
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    keys = '{"s3": {"access_key": "a", "secret_key": "b"}, "api_keys": {"pacs": "p", "radiologist": "r"}}'
+    (stack / "credentials.json").write_text(keys)
+    monkeypatch.setenv("CXR_STACK_DIR", str(stack))
+    monkeypatch.setenv("CXR_GATEWAY_URL", "http://127.0.0.1:9")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--n-images", "1"])
+    assert result.exit_code == 1, result.output
+    assert "does not answer" in " ".join(result.output.split()) and "make up" in result.output
+    assert not (out / "studies").exists(), "phantoms were drawn for a stack that is down"
