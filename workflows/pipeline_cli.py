@@ -254,10 +254,19 @@ def render(
     settings = get_settings()
     target = out_dir or ARGO_DIR
     if check:
+        if not target.is_dir():  # was "out of date ...: run `cxr pipeline render`", for a typo
+            console.print(
+                f"error: {target} is not a folder: pass --out-dir the folder of the rendered YAML",
+                style="bold red",
+                markup=False,
+            )
+            raise typer.Exit(2)
         drifted = drifted_files(settings, target)
         if drifted:
             console.print(
-                f"out of date in {target}: {', '.join(drifted)}; run `cxr pipeline render`", style="red"
+                f"out of date in {target}: {', '.join(drifted)}; run `cxr pipeline render`",
+                style="red",
+                markup=False,
             )
             raise typer.Exit(1)
         console.print(f"{target} matches workflows/retrain.py", markup=False)

@@ -29,6 +29,13 @@ def test_render_into_a_file_or_under_one_is_one_error_line(tmp_path: Path) -> No
         assert isinstance(result.exception, SystemExit), result.exception
 
 
+def test_a_render_check_of_a_folder_that_is_not_there_says_so(tmp_path: Path) -> None:
+    """It said "out of date in ...: run `cxr pipeline render`" for a typo in --out-dir."""
+    result = CliRunner().invoke(app, ["render", "--check", "--out-dir", str(tmp_path / "nowhere" / "[/x]")])
+    assert result.exit_code == 2, result.output
+    assert "is not a folder" in _text(result.output) and "out of date" not in result.output, result.output
+
+
 def test_run_refuses_a_work_dir_that_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CXR_STACK_DIR", str(tmp_path / "stack"))
     a_file = tmp_path / "a-file"
