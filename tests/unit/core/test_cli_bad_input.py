@@ -39,18 +39,23 @@ def test_an_http_or_https_address_passes_unchanged() -> None:
         assert http_url(value, "CXR_X_URL", "http://127.0.0.1:1") == value
 
 
-@pytest.mark.parametrize(
-    ("under", "expected"), [("", "is a file, not a folder"), ("sub", "cannot create --out")]
-)
-def test_demo_into_a_file_or_under_one_is_one_error_line(
-    under: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def stack_that_is_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stack folder with its keys, and a gateway address nothing answers on."""
     stack = tmp_path / "stack"
     stack.mkdir()
     keys = '{"s3": {"access_key": "a", "secret_key": "b"}, "api_keys": {"pacs": "p", "radiologist": "r"}}'
     (stack / "credentials.json").write_text(keys)
     monkeypatch.setenv("CXR_STACK_DIR", str(stack))
     monkeypatch.setenv("CXR_GATEWAY_URL", "http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize(
+    ("under", "expected"), [("", "is a file, not a folder"), ("sub", "cannot create --out")]
+)
+def test_demo_into_a_file_or_under_one_is_one_error_line(
+    under: str, expected: str, tmp_path: Path, stack_that_is_down: None
+) -> None:
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     result = CliRunner().invoke(
@@ -63,15 +68,9 @@ def test_demo_into_a_file_or_under_one_is_one_error_line(
 
 
 def test_demo_against_a_stack_that_is_down_says_so_before_drawing_any_phantom(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, stack_that_is_down: None
 ) -> None:
     """The gateway was asked only after the phantoms were drawn and written (seconds of work, files left)."""
-    stack = tmp_path / "stack"
-    stack.mkdir()
-    keys = '{"s3": {"access_key": "a", "secret_key": "b"}, "api_keys": {"pacs": "p", "radiologist": "r"}}'
-    (stack / "credentials.json").write_text(keys)
-    monkeypatch.setenv("CXR_STACK_DIR", str(stack))
-    monkeypatch.setenv("CXR_GATEWAY_URL", "http://127.0.0.1:9")
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--n-images", "1"])
     assert result.exit_code == 1, result.output
