@@ -354,8 +354,10 @@ class ResultStore:
             meta = json.loads((folder / "result.json").read_text())
         except (OSError, ValueError):
             return None
-        fmt = str(meta.get("source_format", "dicom"))
-        source_file = folder / f"source.{_EXT.get(fmt, 'bin')}"
+        record = _record(request_id, meta)
+        if record is None:
+            return None
+        source_file = folder / f"source.{_EXT.get(record.source_format, 'bin')}"
         try:
             source: bytes | None = source_file.read_bytes()
         except FileNotFoundError:
@@ -366,7 +368,8 @@ class ResultStore:
             # the folder went after its result.json was read (stored meanwhile, ``local_until_stored``):
             # not a result without its source, which the cache would then keep; the store has it whole
             return None
-        return _record(request_id, meta, source)
+        record.source = source
+        return record
 
     def _read_store(self, request_id: str) -> ResultRecord | None:
         if self._store is None:
@@ -376,20 +379,31 @@ class ResultStore:
             meta = json.loads(self._store.get_bytes(f"{prefix}/result.json"))
         except Exception:
             return None
-        fmt = str(meta.get("source_format", "dicom"))
+        record = _record(request_id, meta)
+        if record is None:
+            return None
         try:
-            source: bytes | None = self._store.get_bytes(f"{prefix}/source.{_EXT.get(fmt, 'bin')}")
+            record.source = self._store.get_bytes(f"{prefix}/source.{_EXT.get(record.source_format, 'bin')}")
         except Exception:
-            source = None
-        return _record(request_id, meta, source)
+            record.source = None
+        return record
 
 
-def _record(request_id: str, meta: dict[str, Any], source: bytes | None) -> ResultRecord:
-    created = _created(meta.get("created", datetime.now(UTC).isoformat()))
+def _record(request_id: str, meta: Any) -> ResultRecord | None:
+    """The record a ``result.json`` describes; None for one that is no result (never served).
+
+    JSON of another shape (``[]``, no ``response``, a ``created`` that is no time) raised out of the
+    read, a 500 for any caller of any tenant; one without ``created`` was dated "now" on every read,
+    so reads never found it expired. The retention job dates such a folder by its mtime.
+    """
+    if not isinstance(meta, dict) or not isinstance(meta.get("response"), dict):
+        return None
+    try:
+        created = _created(meta["created"])
+    except (KeyError, ValueError, TypeError):
+        return None
     fmt = str(meta.get("source_format", "dicom"))
-    return ResultRecord(
-        request_id, meta["response"], fmt, source, created, str(meta.get("tenant", "default"))
-    )
+    return ResultRecord(request_id, meta["response"], fmt, None, created, str(meta.get("tenant", "default")))
 
 
 def _purge_local(root: Path, retention: Retention, now: datetime, report: PurgeReport) -> None:
