@@ -71,17 +71,11 @@ def draw_overlay(source_png: bytes, detections: list[dict[str, Any]], out: Path)
 def run_demo(out: Path, n_images: int, conf: float, seed: int) -> list[dict[str, Any]]:
     from dicomweb_client.api import DICOMwebClient
 
+    from data_pipeline.output import ensure_output_folder
     from data_pipeline.synth import SynthConfig, generate
 
     access = StackAccess.from_stack()
-    if out.exists() and not out.is_dir():  # was FileExistsError from mkdir, a traceback
-        raise DemoError(f"--out {out} is a file, not a folder: pass a folder for the SRs and overlays")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DemoError(
-            f"cannot create --out {out} ({exc.strerror or exc}): pass a folder you can write"
-        ) from exc
+    ensure_output_folder(out)  # a file or an unwritable place: one line (CxrError), not a traceback
     headers = {"Authorization": f"Bearer {access.pacs_key}"}
     rows: list[dict[str, Any]] = []
     with httpx.Client(base_url=access.gateway, headers=headers, timeout=60) as client:

@@ -51,7 +51,7 @@ def stack_that_is_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("under", "expected"), [("", "is a file, not a folder"), ("sub", "cannot create --out")]
+    ("under", "expected"), [("", "is a file, not a folder"), ("sub", "cannot create the output folder")]
 )
 def test_demo_into_a_file_or_under_one_is_one_error_line(
     under: str, expected: str, tmp_path: Path, stack_that_is_down: None
