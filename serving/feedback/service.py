@@ -52,7 +52,8 @@ VINDR_COLUMNS = ("image_id", "class_name", "class_id", "rad_id", "x_min", "y_min
 # edge in the rows. Within data_pipeline.annotations.EDGE_TOLERANCE_PX, so no kept box is quarantined.
 EDGE_TOLERANCE_PX = 1.0
 # most boxes one feedback may add (the model's default CXR_MAX_DETECTIONS): the data pipeline fuses an
-# image's boxes pairwise (WBF), so the 20,000 a 1 MiB body holds cost it ~10 s per feedback, quadratically
+# image's boxes (WBF, faster-growing than the count: data_pipeline/feedback.py MAX_IMAGE_ROWS has the
+# times), and a 1 MiB body holds 20,000 of them
 MAX_NEW_BOXES = 300
 
 
